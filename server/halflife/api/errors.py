@@ -1,0 +1,95 @@
+"""gRPC errors as `google.rpc.Status`, with `BadRequest` field violations.
+
+Servicer methods raise `ApiError`; the `translate_errors` decorator turns it
+into a rich status, so every handler reports bad input the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Awaitable, Callable, Iterable, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+log = logging.getLogger(__name__)
+
+FieldViolation = tuple[str, str]  # (field path, e.g. "inputs[3]", description)
+
+
+class ApiError(Exception):
+    """An error the caller should see, with its gRPC status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, violations: Iterable[FieldViolation] = ()):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.violations = list(violations)
+
+    def to_status(self) -> grpc.Status:
+        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        if self.violations:
+            bad_request = error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+                    for field, description in self.violations
+                ]
+            )
+            detail = any_pb2.Any()
+            detail.Pack(bad_request)
+            status.details.append(detail)
+        return rpc_status.to_status(status)
+
+
+def invalid_argument(violations: Iterable[FieldViolation], message: str | None = None) -> ApiError:
+    violations = list(violations)
+    if message is None:
+        first = violations[0]
+        more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
+        message = f"{first[0]}: {first[1]}{more}"
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message, violations)
+
+
+def not_found(message: str, violations: Iterable[FieldViolation] = ()) -> ApiError:
+    return ApiError(grpc.StatusCode.NOT_FOUND, message, violations)
+
+
+def resource_exhausted(message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+def unavailable(message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.UNAVAILABLE, message)
+
+
+def deadline_exceeded(message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+
+
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable])
+
+
+def translate_errors(handler: Handler) -> Handler:
+    """Wraps an async servicer method: ApiError becomes its rich status;
+    anything unexpected becomes INTERNAL (logged with its traceback), and the
+    server keeps serving."""
+
+    @functools.wraps(handler)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        try:
+            return await handler(self, request, context)
+        except ApiError as error:
+            await context.abort_with_status(error.to_status())
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("unexpected error in %s", handler.__qualname__)
+            await context.abort_with_status(
+                ApiError(grpc.StatusCode.INTERNAL, "internal error; see the server log").to_status()
+            )
+
+    return wrapper  # type: ignore[return-value]
+

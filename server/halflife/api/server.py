@@ -1,0 +1,160 @@
+"""The gRPC server: services, health, reflection, options and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from halflife.api.embedding import EmbeddingServicer
+from halflife.embedding.batcher import BatchingConfig, DynamicBatcher
+from halflife.embedding.engine import EmbeddingEngine
+from halflife.v1 import embedding_pb2, embedding_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = Path("var/models/all-MiniLM-L6-v2")
+DEFAULT_DATA_DIR = Path("var/data")
+MiB = 1 << 20
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port (tests)
+    model_dir: Path = DEFAULT_MODEL_DIR
+    data_dir: Path = DEFAULT_DATA_DIR
+    variant: str | None = None  # default: the manifest's choice for the provider
+    provider: str = "auto"
+    intra_op_threads: int | None = None  # default: physical cores
+    batching: BatchingConfig = dataclasses.field(default_factory=BatchingConfig)
+    max_concurrent_rpcs: int = 1024
+    max_message_bytes: int = 64 * MiB  # above gRPC's 4 MiB default: 256 long inputs or big catalogue batches
+    grace_seconds: float = 30.0  # in-flight RPCs get this long to finish on shutdown
+    reuse_port: bool = False  # True only when several worker processes share the port
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            # Keepalive: ping idle connections so dead peers are noticed.
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            # Ping enforcement: clients pinging more often than every 10 s are
+            # told off (GOAWAY after 2 strikes) instead of burning CPU.
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 2),
+            # Explicit: a second server on the same port is an error, not a silent share.
+            ("grpc.so_reuseport", int(self.reuse_port)),
+        ]
+
+
+def service_names() -> list[str]:
+    return [
+        embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
+        health.SERVICE_NAME,
+        reflection.SERVICE_NAME,
+    ]
+
+
+class HalflifeServer:
+    """Starts listening at once (health NOT_SERVING), then loads and warms the
+    model and flips health to SERVING."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.port: int | None = None
+        self.engine: EmbeddingEngine | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._embedding = EmbeddingServicer()
+        self._batcher: DynamicBatcher | None = None
+
+    async def start(self) -> int:
+        """Binds, serves health and reflection, loads the model; returns the port.
+
+        Raises (after closing the port) when the model cannot be loaded.
+        """
+        config = self.config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        server = grpc.aio.server(options=config.grpc_options(), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+        embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(self._embedding, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(service_names(), server)
+        for name in ("", *service_names()[:1]):
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {config.host}:{config.port}")
+        self._server = server
+        await server.start()
+        log.info("listening on %s:%d (health NOT_SERVING while the model loads)", config.host, self.port)
+        try:
+            await self._load_model()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        for name in ("", *service_names()[:1]):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving on %s:%d", config.host, self.port)
+        return self.port
+
+    async def _load_model(self) -> None:
+        config = self.config
+        engine = await asyncio.to_thread(
+            EmbeddingEngine.load,
+            config.model_dir,
+            variant=config.variant,
+            provider=config.provider,
+            intra_op_threads=config.intra_op_threads,
+        )
+        await asyncio.to_thread(engine.warm_up)
+        manifest = engine.manifest
+        log.info(
+            "loaded %s from %s: variant %s (%s), %d-d, %s pooling, max %d tokens, provider %s",
+            manifest.model_id,
+            config.model_dir,
+            engine.variant.name,
+            engine.variant.precision,
+            manifest.dimension,
+            manifest.pooling,
+            manifest.max_input_tokens,
+            engine.provider,
+        )
+        self._batcher = DynamicBatcher(engine.forward, config.batching)
+        self._batcher.start()
+        self.engine = engine
+        self._embedding.attach(engine, self._batcher)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops taking calls, lets in-flight ones finish within `grace` seconds."""
+        grace = self.config.grace_seconds if grace is None else grace
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self._batcher is not None:
+            await self._batcher.stop()
+            self._batcher = None
+        self._embedding.close()
+
+
+async def serve(config: ServerConfig) -> None:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    server = HalflifeServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    await stop.wait()
+    log.info("shutting down: finishing in-flight calls (up to %.0f s)", config.grace_seconds)
+    await server.stop()
+    log.info("stopped")

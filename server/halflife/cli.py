@@ -1,0 +1,130 @@
+"""`halflife` command line: export a model, serve it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from halflife.embedding.manifest import ManifestError
+
+EXIT_FAILURE = 1
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "export",
+        help="convert a Hugging Face model to a validated ONNX model directory",
+        description="Export a Hugging Face transformer to ONNX (fp32 O2, fp16, int8), validate "
+        "every variant against PyTorch and write a self-describing model directory.",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face model directory (default: the bundled all-MiniLM-L6-v2)",
+    )
+    parser.add_argument("--output", required=True, type=Path, help="model directory to write")
+    parser.add_argument("--model-id", default=None, help="name recorded in the manifest (default: from the model)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset, at least 18 (default 18)")
+    parser.add_argument(
+        "--pooling",
+        choices=("auto", "mean", "last_token", "cls"),
+        default="auto",
+        help="auto: mean for encoders, last_token for causal decoders",
+    )
+    parser.add_argument("--max-input-tokens", type=int, default=None, help="default: from the model's configs")
+    parser.add_argument("--force", action="store_true", help="replace an existing model directory")
+    parser.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    try:
+        from halflife_export.exporter import ExportError, ExportOptions, export_model
+    except ImportError as exc:
+        raise SystemExit(
+            f"halflife export: error: the export stack is not installed ({exc.name}); "
+            "install it with `pip install 'halflife[export]'` (or `make install`)"
+        ) from None
+    options = ExportOptions(
+        model=args.model,
+        output=args.output,
+        model_id=args.model_id,
+        opset=args.opset,
+        pooling=args.pooling,
+        max_input_tokens=args.max_input_tokens,
+        force=args.force,
+    )
+    try:
+        export_model(options)
+    except ExportError as exc:
+        print(f"halflife export: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    from halflife.api.server import DEFAULT_DATA_DIR, DEFAULT_MODEL_DIR
+
+    parser = commands.add_parser("serve", help="serve the gRPC API", description="Serve Halflife's gRPC API.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help=f"default {DEFAULT_DATA_DIR}")
+    parser.add_argument(
+        "--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help=f"exported model (default {DEFAULT_MODEL_DIR})"
+    )
+    parser.add_argument("--variant", default=None, help="ONNX variant from the manifest (default: per provider)")
+    parser.add_argument(
+        "--provider", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA where usable, else CPU"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="padded tokens per model batch")
+    parser.add_argument("--max-queued-inputs", type=int, default=None, help="queue size before RESOURCE_EXHAUSTED")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from halflife.api.server import ServerConfig, serve
+    from halflife.embedding.batcher import BatchingConfig
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    batching = BatchingConfig()
+    overrides = {"max_batch_tokens": args.max_batch_tokens, "max_queued_inputs": args.max_queued_inputs}
+    batching = dataclasses.replace(batching, **{k: v for k, v in overrides.items() if v is not None})
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        model_dir=args.model_dir,
+        data_dir=args.data_dir,
+        variant=args.variant,
+        provider=args.provider,
+        intra_op_threads=args.threads,
+        batching=batching,
+    )
+    try:
+        asyncio.run(serve(config))
+    except (ManifestError, OSError) as exc:
+        print(f"halflife serve: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="halflife", description="Halflife: real-time interest recommendations.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_export(commands)
+    _add_serve(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Dynamic batching of concurrent embedding requests (in the manner of TEI).
+
+Requests queue up while the model is busy; when it frees up, the worker takes
+the waiting requests in arrival order (up to a window of tokens), sorts their
+inputs by length and runs them in batches bounded by a token budget, padding
+counted. There is no timer: an idle queue runs a lone request at once, and a
+busy one naturally batches whatever arrived during the previous run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+Forward = Callable[[Sequence[np.ndarray]], np.ndarray]
+
+
+class QueueFullError(Exception):
+    """The batcher already holds its maximum of queued inputs."""
+
+
+class DeadlineExpiredError(Exception):
+    """The request's deadline passed before its inputs were computed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_tokens: int = 16384  # padded tokens per forward pass
+    max_batch_size: int = 256  # inputs per forward pass
+    max_queued_inputs: int = 8192  # beyond this, submit() raises QueueFullError
+    window_batches: int = 4  # how many batches' worth of tokens one round sorts together
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    ids: Sequence[np.ndarray]
+    future: asyncio.Future
+    deadline: float | None  # loop.time() seconds; None: no deadline
+    out: np.ndarray | None = None
+    remaining: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(i) for i in self.ids)
+
+
+class DynamicBatcher:
+    """Batches `forward` calls across concurrent `submit` calls.
+
+    forward: n token-id arrays -> (n, dim) float32. It runs on one worker
+    thread, off the event loop, one batch at a time (the model itself uses
+    all cores).
+    """
+
+    def __init__(self, forward: Forward, config: BatchingConfig = BatchingConfig()):
+        self._forward = forward
+        self.config = config
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._queued_inputs = 0
+        self._wakeup = asyncio.Event()
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="halflife-model")
+        self._worker: asyncio.Task | None = None
+        self.batches_run = 0  # for tests and metrics
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name="halflife-batcher")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+        for job in self._jobs:
+            if not job.future.done():
+                job.future.cancel()
+        self._jobs.clear()
+        self._executor.shutdown(wait=True)
+
+    @property
+    def queued_inputs(self) -> int:
+        return self._queued_inputs
+
+    async def submit(self, ids: Sequence[np.ndarray], deadline: float | None = None) -> np.ndarray:
+        """Embeds the token-id arrays `ids`; returns (len(ids), dim) float32.
+
+        deadline: in `loop.time()` seconds. Raises QueueFullError at once when
+        the queue is full, DeadlineExpiredError when the deadline passes first.
+        Cancelling the caller drops its inputs before they are computed.
+        """
+        if not ids:
+            raise ValueError("nothing to embed")
+        if self._queued_inputs + len(ids) > self.config.max_queued_inputs:
+            raise QueueFullError(
+                f"embedding queue full ({self._queued_inputs} inputs waiting, max {self.config.max_queued_inputs})"
+            )
+        job = _Job(ids=ids, future=asyncio.get_running_loop().create_future(), deadline=deadline, remaining=len(ids))
+        self._jobs.append(job)
+        self._queued_inputs += len(ids)
+        self._wakeup.set()
+        try:
+            return await job.future
+        finally:
+            if not job.future.done():  # the caller was cancelled
+                job.future.cancel()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._jobs:
+                for batch in self._plan(self._take_window(loop.time())):
+                    batch = [(job, i) for job, i in batch if not job.future.done()]
+                    if not batch:
+                        continue  # every caller in it went away: skip the compute
+                    try:
+                        vectors = await loop.run_in_executor(
+                            self._executor, self._forward, [job.ids[i] for job, i in batch]
+                        )
+                    except Exception as exc:  # a model failure fails its callers, not the worker
+                        for job, _ in batch:
+                            if not job.future.done():
+                                job.future.set_exception(exc)
+                        continue
+                    self.batches_run += 1
+                    self._scatter(batch, vectors)
+
+    def _take_window(self, now: float) -> list[_Job]:
+        """Pops waiting jobs in arrival order, up to a window of tokens; fails
+        those whose deadline already passed and skips cancelled ones."""
+        budget = self.config.max_batch_tokens * self.config.window_batches
+        window: list[_Job] = []
+        tokens = 0
+        while self._jobs and (not window or tokens < budget):
+            job = self._jobs.popleft()
+            self._queued_inputs -= len(job.ids)
+            if job.future.done():
+                continue
+            if job.deadline is not None and now >= job.deadline:
+                job.future.set_exception(DeadlineExpiredError("deadline passed while queued"))
+                continue
+            window.append(job)
+            tokens += job.tokens
+        return window
+
+    def _plan(self, jobs: list[_Job]) -> list[list[tuple[_Job, int]]]:
+        """Sorts the window's inputs by length and cuts them into batches whose
+        padded size (inputs x longest input) fits the token budget."""
+        items = [(len(ids), job, i) for job in jobs for i, ids in enumerate(job.ids)]
+        items.sort(key=lambda item: item[0])
+        batches: list[list[tuple[_Job, int]]] = []
+        current: list[tuple[_Job, int]] = []
+        for length, job, i in items:
+            padded = (len(current) + 1) * max(length, 1)  # sorted: this input is the longest
+            if current and (padded > self.config.max_batch_tokens or len(current) >= self.config.max_batch_size):
+                batches.append(current)
+                current = []
+            current.append((job, i))
+        if current:
+            batches.append(current)
+        return batches
+
+    @staticmethod
+    def _scatter(batch: list[tuple[_Job, int]], vectors: np.ndarray) -> None:
+        for row, (job, i) in enumerate(batch):
+            if job.future.done():
+                continue
+            if job.out is None:
+                job.out = np.empty((len(job.ids), vectors.shape[1]), dtype=np.float32)
+            job.out[i] = vectors[row]
+            job.remaining -= 1
+            if job.remaining == 0:
+                job.future.set_result(job.out)

@@ -1,0 +1,211 @@
+"""The embedding engine: an exported model directory on onnxruntime.
+
+Knows tokens, tensors and vectors; nothing of users, requests or gRPC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from halflife.embedding.manifest import Manifest, ManifestError, load_manifest, verify_file
+from halflife.embedding.pooling import pool
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+
+
+class InputsTooLongError(ValueError):
+    """Some inputs exceed the model's max input tokens and truncation was not asked for."""
+
+    def __init__(self, too_long: list[tuple[int, int]], max_tokens: int):
+        self.too_long = too_long  # (input index, token count)
+        self.max_tokens = max_tokens
+        first = ", ".join(f"inputs[{i}] has {n} tokens" for i, n in too_long[:3])
+        super().__init__(f"{first} (max {max_tokens}; set truncate to cut them)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedInputs:
+    """Token ids of a list of texts, ready for `EmbeddingEngine.forward`."""
+
+    ids: list[np.ndarray]  # one (tokens,) int64 array per text, special tokens included
+    token_counts: np.ndarray  # (n,) int32, tokens the model sees (after truncation)
+    truncated: np.ndarray  # (n,) bool
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyperthreads share execution units,
+    so more intra-op threads than this only add contention)."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = set()
+    try:
+        physical_id = "0"
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    physical_id = value.strip()
+                elif key == "core id":
+                    cores.add((physical_id, value.strip()))
+    except OSError:
+        pass
+    return max(1, min(allowed, len(cores) or allowed))
+
+
+def _resolve_provider(requested: str) -> str:
+    available = ort.get_available_providers()
+    if requested == "cuda":
+        if CUDA not in available:
+            raise ManifestError(
+                f"--provider cuda asked for, but this onnxruntime offers only {available} "
+                "(install onnxruntime-gpu: `make install-gpu`)"
+            )
+        return CUDA
+    if requested == "cpu":
+        return CPU
+    if requested != "auto":
+        raise ManifestError(f"unknown provider {requested!r}; expected one of {PROVIDER_CHOICES}")
+    return CUDA if CUDA in available else CPU
+
+
+class EmbeddingEngine:
+    """Tokenizes texts and runs one ONNX variant of an exported model."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        model_dir: Path,
+        variant_name: str,
+        session: ort.InferenceSession,
+        tokenizer_path: Path,
+    ):
+        self.manifest = manifest
+        self.model_dir = model_dir
+        self.variant = manifest.variant(variant_name)
+        self._session = session
+        # Two tokenizers, because truncation is tokenizer state and tokenize()
+        # runs on several threads: one never truncates (to count tokens), one
+        # always truncates, keeping the closing special tokens in place.
+        self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        # The shipped tokenizer.json may fix padding/truncation (all-MiniLM pads
+        # to 128): the engine pads each batch itself.
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
+        self._truncating_tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self._truncating_tokenizer.no_padding()
+        self._truncating_tokenizer.enable_truncation(manifest.max_input_tokens)
+        self._input_names = [i.name for i in session.get_inputs()]
+        self._output_name = session.get_outputs()[0].name
+        # The provider onnxruntime actually placed the model on, which can be
+        # CPU even when CUDA was asked for (e.g. missing CUDA libraries).
+        self.provider = session.get_providers()[0]
+        self._use_io_binding = self.provider == CUDA
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        *,
+        variant: str | None = None,
+        provider: str = "auto",
+        intra_op_threads: int | None = None,
+    ) -> EmbeddingEngine:
+        """Loads `model_dir` (verifying checksums) on the best or the given provider.
+
+        variant: a name from the manifest; default: the manifest's default for
+        the provider. provider: "auto" (CUDA where usable, else CPU), "cpu" or "cuda".
+        """
+        model_dir = Path(model_dir)
+        manifest = load_manifest(model_dir)
+        wanted = _resolve_provider(provider)
+        variant_name = variant or manifest.default_variants.get(wanted) or manifest.default_variants[CPU]
+        chosen = manifest.variant(variant_name)
+        onnx_path = verify_file(model_dir, chosen.file, chosen.sha256)
+        tokenizer_path = verify_file(model_dir, manifest.tokenizer_file, manifest.tokenizer_sha256)
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads or physical_cores()
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        providers = [CUDA, CPU] if wanted == CUDA else [CPU]
+        session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
+        if wanted == CUDA and session.get_providers()[0] != CUDA:
+            log.warning("CUDA was requested but onnxruntime fell back to %s", session.get_providers()[0])
+        return cls(manifest, model_dir, variant_name, session, tokenizer_path)
+
+    @property
+    def dimension(self) -> int:
+        return self.manifest.dimension
+
+    @property
+    def max_input_tokens(self) -> int:
+        return self.manifest.max_input_tokens
+
+    def tokenize(self, texts: Sequence[str], truncate: bool = False) -> TokenizedInputs:
+        """Token ids of `texts`; raises InputsTooLongError unless `truncate`."""
+        limit = self.max_input_tokens
+        encodings = self._tokenizer.encode_batch(list(texts))
+        ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+        counts = np.fromiter((len(i) for i in ids), dtype=np.int32, count=len(ids))
+        too_long = np.flatnonzero(counts > limit)
+        if too_long.size and not truncate:
+            raise InputsTooLongError([(int(i), int(counts[i])) for i in too_long], limit)
+        if too_long.size:
+            cut = self._truncating_tokenizer.encode_batch([texts[i] for i in too_long])
+            for i, encoding in zip(too_long, cut):
+                ids[i] = np.asarray(encoding.ids, dtype=np.int64)
+            counts[too_long] = [len(ids[i]) for i in too_long]
+        truncated = np.zeros(len(ids), dtype=bool)
+        truncated[too_long] = True
+        return TokenizedInputs(ids=ids, token_counts=counts, truncated=truncated)
+
+    def forward(self, ids: Sequence[np.ndarray]) -> np.ndarray:
+        """Runs one padded batch and pools it.
+
+        ids: n arrays of token ids (any lengths). Returns (n, dim) float32,
+        pooled but not normalised.
+        """
+        lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
+        width = max(int(lengths.max()), 1)
+        mask = np.arange(width)[None, :] < lengths[:, None]
+        input_ids = np.full(mask.shape, self.manifest.pad_token_id, dtype=np.int64)
+        input_ids[mask] = np.concatenate(ids) if len(ids) else []
+        attention_mask = mask.astype(np.int64)
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "token_type_ids" in self._input_names:
+            feeds["token_type_ids"] = np.zeros_like(input_ids)
+        if "position_ids" in self._input_names:
+            feeds["position_ids"] = np.broadcast_to(np.arange(width, dtype=np.int64), input_ids.shape).copy()
+        feeds = {name: feeds[name] for name in self._input_names}
+        hidden = self._run(feeds)
+        return pool(hidden, attention_mask, self.manifest.pooling)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        if not self._use_io_binding:
+            return self._session.run([self._output_name], feeds)[0]
+        # On CUDA, IO binding lets onnxruntime copy inputs once and allocate the
+        # output on the device, instead of staging through extra host buffers.
+        binding = self._session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        binding.bind_output(self._output_name, "cuda")
+        self._session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def warm_up(self) -> None:
+        """Runs a few batch shapes so the first real request pays no set-up cost."""
+        for batch, tokens in ((1, 8), (8, 32), (4, min(self.max_input_tokens, 128))):
+            self.forward([np.full(tokens, self.manifest.pad_token_id + 1, dtype=np.int64)] * batch)

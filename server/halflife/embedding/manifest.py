@@ -1,0 +1,133 @@
+"""The model directory's manifest: what `halflife export` writes and the server reads.
+
+A model directory is self-describing: ONNX variants, `tokenizer.json` and
+`manifest.json`, which records where the model came from, how to pool it and,
+per variant, its checksum, precision, intended execution providers and how
+well it matched the PyTorch model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class ManifestError(Exception):
+    """The model directory is missing, malformed or fails its checksums."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """Agreement of a variant's embeddings with the PyTorch model's."""
+
+    sentences: int
+    max_abs_diff: float
+    min_cosine: float
+    mean_cosine: float
+    threshold: float
+    passed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str  # e.g. "fp32-o2"
+    file: str  # relative to the model directory
+    sha256: str
+    precision: str  # "fp32" | "fp16" | "int8"
+    optimization: str  # e.g. "O2", "none"
+    execution_providers: tuple[str, ...]  # the providers it is meant for
+    validation: Validation
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    model_id: str
+    source: dict[str, Any]  # path, model_type, architecture, weights sha256
+    dimension: int
+    pooling: str
+    normalize: bool
+    max_input_tokens: int
+    opset: int
+    tokenizer_file: str
+    tokenizer_sha256: str
+    default_variants: dict[str, str]  # execution provider -> variant name
+    variants: tuple[Variant, ...]
+    input_names: tuple[str, ...]
+    pad_token_id: int
+    tooling: dict[str, str] = dataclasses.field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def variant(self, name: str) -> Variant:
+        for variant in self.variants:
+            if variant.name == name:
+                return variant
+        known = ", ".join(v.name for v in self.variants)
+        raise ManifestError(f"no variant {name!r} in the manifest (have: {known})")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        data = dict(data)
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ManifestError(
+                f"manifest format_version {data.get('format_version')!r} is not {FORMAT_VERSION}; "
+                "re-export the model with this version of halflife"
+            )
+        data["variants"] = tuple(
+            Variant(
+                **{
+                    **v,
+                    "execution_providers": tuple(v["execution_providers"]),
+                    "validation": Validation(**v["validation"]),
+                }
+            )
+            for v in data["variants"]
+        )
+        data["input_names"] = tuple(data["input_names"])
+        return cls(**data)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_manifest(model_dir: Path) -> Manifest:
+    """Reads `model_dir/manifest.json`; raises ManifestError with a clear message."""
+    path = Path(model_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(
+            f"{path} not found: {model_dir} is not an exported model directory "
+            "(create one with `halflife export --output DIR`, or `make model`)"
+        )
+    try:
+        return Manifest.from_dict(json.loads(path.read_text()))
+    except ManifestError:
+        raise
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ManifestError(f"{path} is malformed: {exc}") from exc
+
+
+def verify_file(model_dir: Path, file: str, expected_sha256: str) -> Path:
+    """Checks a model file against its recorded checksum; returns its path."""
+    path = Path(model_dir) / file
+    if not path.is_file():
+        raise ManifestError(f"{path} is listed in the manifest but missing")
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise ManifestError(
+            f"{path} fails its checksum (sha256 {actual[:12]}..., manifest says "
+            f"{expected_sha256[:12]}...): the file was changed or truncated; re-export the model"
+        )
+    return path
