@@ -1,0 +1,11 @@
+"""Typed Python client for Halflife's gRPC API (sync and asyncio).
+
+    from halflife_client import HalflifeClient
+    with HalflifeClient("127.0.0.1:50051") as client:
+        vectors = client.embed(["running shoes", "trail jacket"])  # (2, 384) float32
+"""
+
+from halflife_client.client import AsyncHalflifeClient, HalflifeClient, ModelInfo
+from halflife_client.errors import field_violations, rich_status
+
+__all__ = ["AsyncHalflifeClient", "HalflifeClient", "ModelInfo", "field_violations", "rich_status"]

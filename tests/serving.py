@@ -1,0 +1,47 @@
+"""Runs a real Halflife gRPC server on 127.0.0.1 in a background thread, for tests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from halflife.api.server import HalflifeServer, ServerConfig
+
+START_TIMEOUT_S = 120
+
+
+class ServerThread:
+    """A HalflifeServer on its own event loop in a daemon thread."""
+
+    def __init__(self, config: ServerConfig):
+        config.host = "127.0.0.1"
+        self.server = HalflifeServer(config)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="halflife-test-server", daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(START_TIMEOUT_S)
+        return self
+
+    def start_in_background(self):
+        """Starts without waiting for the model: returns the start future."""
+        self._thread.start()
+        return asyncio.run_coroutine_threadsafe(self.server.start(), self._loop)
+
+    def stop(self, grace: float = 5.0) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result(grace + 30)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(30)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,153 @@
+"""DynamicBatcher against a fake model whose speed the test controls."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from halflife.embedding.batcher import BatchingConfig, DeadlineExpiredError, DynamicBatcher, QueueFullError
+
+DIM = 4
+
+
+class GatedModel:
+    """forward() returns each input's length and first id as a vector, and
+    blocks until the test opens the gate; records every batch it saw."""
+
+    def __init__(self, open_gate: bool = True):
+        self.gate = threading.Event()
+        if open_gate:
+            self.gate.set()
+        self.batches: list[list[int]] = []  # first id of each input, per batch
+        self.started = threading.Event()
+
+    def forward(self, ids):
+        self.started.set()
+        assert self.gate.wait(10), "test forgot to open the gate"
+        self.batches.append([int(i[0]) for i in ids])
+        return np.array([[len(i), i[0], 0, 0] for i in ids], dtype=np.float32)
+
+
+def tokens(first_id: int, length: int) -> np.ndarray:
+    return np.full(length, first_id, dtype=np.int64)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_results_map_back_to_their_requests_in_order():
+    async def main():
+        model = GatedModel()
+        batcher = DynamicBatcher(model.forward)
+        batcher.start()
+        requests = [[tokens(r * 10 + i, 1 + (r + i) % 7) for i in range(r % 3 + 1)] for r in range(20)]
+        results = await asyncio.gather(*(batcher.submit(ids) for ids in requests))
+        await batcher.stop()
+        return requests, results
+
+    requests, results = run(main())
+    for ids, vectors in zip(requests, results):
+        assert vectors.shape == (len(ids), DIM)
+        np.testing.assert_array_equal(vectors[:, 0], [len(i) for i in ids])
+        np.testing.assert_array_equal(vectors[:, 1], [i[0] for i in ids])
+
+
+def test_concurrent_requests_share_batches_sorted_by_length_within_budget():
+    async def main():
+        model = GatedModel(open_gate=False)
+        batcher = DynamicBatcher(model.forward, BatchingConfig(max_batch_tokens=64, max_batch_size=8))
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit([tokens(0, 4)]))
+        await asyncio.to_thread(model.started.wait, 5)  # the model is now busy with `first`
+        lengths = [9, 3, 12, 5, 7, 2, 16, 4, 6, 8]
+        rest = [asyncio.ensure_future(batcher.submit([tokens(100 + n, n)])) for n in lengths]
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        await asyncio.gather(first, *rest)
+        await batcher.stop()
+        return model.batches, lengths
+
+    batches, lengths = run(main())
+    assert batches[0] == [0]  # the idle queue ran the lone request at once
+    queued = batches[1:]
+    # The 10 queued requests were batched together, not run one by one.
+    assert len(queued) < len(lengths)
+    flat = [first_id - 100 for batch in queued for first_id in batch]
+    assert flat == sorted(lengths)  # length-sorted to cut padding
+    for batch in queued:
+        assert len(batch) * max(first_id - 100 for first_id in batch) <= 64  # padded tokens within budget
+        assert len(batch) <= 8
+
+
+def test_full_queue_is_refused_at_once():
+    async def main():
+        model = GatedModel(open_gate=False)
+        batcher = DynamicBatcher(model.forward, BatchingConfig(max_queued_inputs=3))
+        batcher.start()
+        busy = asyncio.ensure_future(batcher.submit([tokens(1, 2)]))
+        await asyncio.to_thread(model.started.wait, 5)
+        waiting = asyncio.ensure_future(batcher.submit([tokens(2, 2), tokens(3, 2)]))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError):
+            await batcher.submit([tokens(4, 2), tokens(5, 2)])
+        model.gate.set()
+        await asyncio.gather(busy, waiting)
+        # Once drained, the queue takes work again.
+        await batcher.submit([tokens(6, 2), tokens(7, 2)])
+        await batcher.stop()
+
+    run(main())
+
+
+def test_cancelled_and_expired_requests_are_dropped_before_compute():
+    async def main():
+        model = GatedModel(open_gate=False)
+        batcher = DynamicBatcher(model.forward)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        busy = asyncio.ensure_future(batcher.submit([tokens(1, 2)]))
+        await asyncio.to_thread(model.started.wait, 5)
+        cancelled = asyncio.ensure_future(batcher.submit([tokens(2, 2)]))
+        expired = asyncio.ensure_future(batcher.submit([tokens(3, 2)], deadline=loop.time() + 0.01))
+        alive = asyncio.ensure_future(batcher.submit([tokens(4, 2)], deadline=loop.time() + 30))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        model.gate.set()
+        await busy
+        await alive
+        with pytest.raises(DeadlineExpiredError):
+            await expired
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await batcher.stop()
+        return model.batches
+
+    batches = run(main())
+    seen = [first_id for batch in batches for first_id in batch]
+    assert 4 in seen and 1 in seen
+    assert 2 not in seen and 3 not in seen
+
+
+def test_a_model_failure_fails_only_its_callers_and_the_worker_lives_on():
+    calls = {"n": 0}
+
+    def flaky(ids):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("model exploded")
+        return np.ones((len(ids), DIM), dtype=np.float32)
+
+    async def main():
+        batcher = DynamicBatcher(flaky)
+        batcher.start()
+        with pytest.raises(RuntimeError, match="exploded"):
+            await batcher.submit([tokens(1, 3)])
+        ok = await batcher.submit([tokens(2, 3)])
+        await batcher.stop()
+        return ok
+
+    assert run(main()).shape == (1, DIM)

