@@ -1,0 +1,13 @@
+"""Halflife's numerical core: pure, vectorized NumPy, no I/O.
+
+- `decay`: forward-decayed accumulators (exact, order-independent time decay)
+  and Elasticsearch `function_score` decay kernels.
+- `profiles`: a user's decayed profile (with negative feedback) and the
+  multi-interest (PinnerSage-style) profile.
+- `ranking`: cosine scores, masked top-k, freshness, MMR, query blending,
+  decayed popularity.
+- `describe`: nearest labels and items per interest cluster.
+
+State objects keep only NumPy arrays and expose `to_arrays()`/`from_arrays()`
+so storage code can persist them (np.savez, tobytes) without knowing them.
+"""

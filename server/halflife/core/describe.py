@@ -1,0 +1,43 @@
+"""Interests in words: the labels and items nearest each interest cluster, pure NumPy."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from halflife.core.ranking import batch_top_k, normalize
+
+
+class ClusterDescription(NamedTuple):
+    """Per cluster, best first. Slots past the eligible items hold index -1
+    and similarity -inf (only when an item mask leaves fewer than m).
+
+    label_indices, label_scores: (K, n); item_indices, item_scores: (K, m).
+    """
+
+    label_indices: np.ndarray
+    label_scores: np.ndarray
+    item_indices: np.ndarray
+    item_scores: np.ndarray
+
+
+def describe_clusters(
+    centroids: np.ndarray,
+    labels: np.ndarray,
+    items: np.ndarray,
+    n_labels: int = 5,
+    n_items: int = 5,
+    item_allowed=None,
+) -> ClusterDescription:
+    """Top-n labels and top-m items by cosine for each cluster.
+
+    centroids: (K, d) (normalised here); labels: (L, d) and items: (N, d),
+    both normalised; item_allowed: (N,) or (K, N) bool, e.g. to hide items the
+    user has already seen. One GEMM plus one argpartition for labels and for
+    items.
+    """
+    c = normalize(centroids)
+    label_idx, label_sim = batch_top_k(c @ np.asarray(labels, dtype=np.float32).T, n_labels)
+    item_idx, item_sim = batch_top_k(c @ np.asarray(items, dtype=np.float32).T, n_items, item_allowed)
+    return ClusterDescription(label_idx, label_sim, item_idx, item_sim)

@@ -1,0 +1,440 @@
+"""User profiles from forward-decayed events, pure NumPy.
+
+`ProfileState`: one decayed profile vector per user plus a separate negative
+one (dislikes, skips). `MultiInterestState`: up to K interest clusters per
+user (PinnerSage-style), each with its own decayed vector, importance and
+trend. Both keep their state as plain arrays (`to_arrays`/`from_arrays`), so
+storage can persist them with np.savez or tobytes.
+
+Methods that add events mutate the state in place. All sums are float64 and
+stored against a shared landmark (see `halflife.core.decay`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from halflife.core.decay import (
+    SAFE_EXPONENT,
+    EventTypes,
+    decay_factors,
+    decay_rates,
+    forward_weights,
+    landmark_for,
+    rate_one_hot,
+)
+from halflife.core.ranking import cosine_scores, normalize
+
+DAY = 86400.0
+TREND_HALF_LIVES = (7 * DAY, 90 * DAY)  # short and long horizon of a cluster's trend
+TREND_BAND = 0.05  # |trend| above this is "rising"/"fading", else "steady"
+
+_EPS = 1e-300
+
+
+def _check_rates(types: EventTypes, rates: np.ndarray) -> None:
+    if not np.array_equal(types.rates, rates):
+        raise ValueError("event types' half-lives do not match the state's decay rates")
+
+
+def _scalar(arrays, name: str) -> float:
+    return float(np.asarray(arrays[name]))
+
+
+@dataclass
+class ProfileState:
+    """One user's decayed profile, positive and negative, against one landmark.
+
+    rates: (R,) distinct decay rates (EventTypes.rates); landmark: NaN while
+    empty; sums / neg_sums: (R, d) float64 forward-decayed Σ|w|·e^{λ(t_i-L)}·v;
+    masses / neg_masses: (R,) the same without v (decayed total weight).
+    Events with negative type weight go to the negative side only, weight 0
+    events are ignored.
+    """
+
+    rates: np.ndarray
+    landmark: float
+    sums: np.ndarray
+    masses: np.ndarray
+    neg_sums: np.ndarray
+    neg_masses: np.ndarray
+
+    @classmethod
+    def empty(cls, types: EventTypes, dim: int) -> "ProfileState":
+        r = types.rates.shape[0]
+        return cls(
+            types.rates.copy(),
+            float("nan"),
+            np.zeros((r, dim)),
+            np.zeros(r),
+            np.zeros((r, dim)),
+            np.zeros(r),
+        )
+
+    @property
+    def dim(self) -> int:
+        return self.sums.shape[1]
+
+    def _rebase(self, new_landmark: float) -> None:
+        if not np.isnan(self.landmark) and new_landmark != self.landmark:
+            f = decay_factors(self.rates, self.landmark, new_landmark)
+            self.sums *= f[:, None]
+            self.neg_sums *= f[:, None]
+            self.masses *= f
+            self.neg_masses *= f
+        self.landmark = float(new_landmark)
+
+    def add(self, types: EventTypes, type_ids, times, vectors, bound: float = SAFE_EXPONENT) -> None:
+        """Adds a batch of events in any order (late ones included).
+
+        type_ids: (n,) ints into `types`; times: (n,) seconds; vectors: (n, d).
+        """
+        _check_rates(types, self.rates)
+        type_ids = np.asarray(type_ids, dtype=np.int64)
+        if type_ids.size == 0:
+            return
+        times = np.asarray(times, dtype=np.float64)
+        vectors = np.asarray(vectors, dtype=np.float64)
+        w = types.weights[type_ids]
+        r_idx = types.rate_index[type_ids]
+        self._rebase(landmark_for(self.landmark, times, float(self.rates.max()), bound))
+        coeffs = forward_weights(times, self.rates[r_idx], np.abs(w), self.landmark)
+        n_rates = self.rates.shape[0]
+        # Positive and negative sides in one (2R, n) @ (n, d) GEMM.
+        one_hot = np.concatenate(
+            [
+                rate_one_hot(r_idx, np.where(w > 0, coeffs, 0.0), n_rates),
+                rate_one_hot(r_idx, np.where(w < 0, coeffs, 0.0), n_rates),
+            ]
+        )
+        both = one_hot @ vectors
+        self.sums += both[:n_rates]
+        self.neg_sums += both[n_rates:]
+        mass = one_hot.sum(axis=1)
+        self.masses += mass[:n_rates]
+        self.neg_masses += mass[n_rates:]
+
+    def _factors(self, t: float) -> np.ndarray:
+        if np.isnan(self.landmark):
+            return np.zeros_like(self.rates)
+        return decay_factors(self.rates, self.landmark, t)
+
+    def vector(self, t: float) -> np.ndarray:
+        """Decayed positive profile Σ w·2^{-(t-t_i)/h}·v at t. Returns (d,) float64."""
+        return self._factors(t) @ self.sums
+
+    def negative_vector(self, t: float) -> np.ndarray:
+        """Decayed negative profile Σ |w|·2^{-(t-t_i)/h}·v at t. Returns (d,) float64."""
+        return self._factors(t) @ self.neg_sums
+
+    def strength(self, t: float) -> float:
+        """Total decayed positive weight at t (how much we know right now)."""
+        return float(self._factors(t) @ self.masses)
+
+    def negative_strength(self, t: float) -> float:
+        return float(self._factors(t) @ self.neg_masses)
+
+    def scores(self, items: np.ndarray, t: float, beta: float = 0.5) -> np.ndarray:
+        """cos(profile, item) − β·cos(negative, item) for (N, d) normalised items."""
+        return profile_scores(self.vector(t), self.negative_vector(t), items, beta)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "rates": self.rates,
+            "landmark": np.array(self.landmark),
+            "sums": self.sums,
+            "masses": self.masses,
+            "neg_sums": self.neg_sums,
+            "neg_masses": self.neg_masses,
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "ProfileState":
+        return cls(
+            np.array(arrays["rates"], dtype=np.float64),
+            _scalar(arrays, "landmark"),
+            np.array(arrays["sums"], dtype=np.float64),
+            np.array(arrays["masses"], dtype=np.float64),
+            np.array(arrays["neg_sums"], dtype=np.float64),
+            np.array(arrays["neg_masses"], dtype=np.float64),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.to_arrays().values())
+
+
+def profile_scores(positive, negative, items: np.ndarray, beta: float = 0.5) -> np.ndarray:
+    """cos(positive, item) − β·cos(negative, item): items near disliked ones go
+    down. positive, negative: (d,) any norm (zero vectors contribute 0);
+    items: (N, d) float32 normalised. One (2, d) @ (d, N) GEMM. Returns (N,) float32."""
+    both = cosine_scores(np.stack([positive, negative]), items)
+    return both[0] - np.float32(beta) * both[1]
+
+
+@dataclass
+class MultiInterestState:
+    """Up to K interest clusters for one user (PinnerSage-style), online.
+
+    A positive event joins the cluster whose centroid (its decayed vector read
+    at the event's time, or at the newest event already seen if that is later,
+    so a late event is never compared with up-weighted "future" events) has
+    cosine >= `threshold` with it, else it starts a new cluster; past K
+    clusters the two most similar merge (their sums add). Events are assigned
+    in time order within a batch.
+
+    The decayed sums are exact and order-independent *in total* (Σ over
+    clusters of vectors, masses and trend masses is the same for any arrival
+    order); only which cluster an event lands in depends on arrival order.
+    Events with weight <= 0 are ignored here (see `ProfileState`).
+
+    Arrays (k <= K active clusters, R rates, d dims):
+      rates (R,), trend_rates (2,) for the short/long trend half-lives,
+      sums (k, R, d) float64, masses (k, R) decayed importance per rate,
+      trend (k, 2) decayed mass under the trend half-lives, counts (k,) int64,
+      last_time (k,) latest event time; landmark: NaN while empty.
+    """
+
+    rates: np.ndarray
+    trend_rates: np.ndarray
+    max_clusters: int
+    threshold: float
+    landmark: float
+    sums: np.ndarray
+    masses: np.ndarray
+    trend: np.ndarray
+    counts: np.ndarray
+    last_time: np.ndarray
+
+    @classmethod
+    def empty(
+        cls,
+        types: EventTypes,
+        dim: int,
+        max_clusters: int = 8,
+        threshold: float = 0.5,
+        trend_half_lives: tuple[float, float] = TREND_HALF_LIVES,
+    ) -> "MultiInterestState":
+        if max_clusters < 1:
+            raise ValueError("max_clusters must be at least 1")
+        r = types.rates.shape[0]
+        return cls(
+            types.rates.copy(),
+            decay_rates(np.asarray(trend_half_lives, dtype=np.float64)),
+            int(max_clusters),
+            float(threshold),
+            float("nan"),
+            np.zeros((0, r, dim)),
+            np.zeros((0, r)),
+            np.zeros((0, 2)),
+            np.zeros(0, dtype=np.int64),
+            np.zeros(0),
+        )
+
+    @property
+    def n_clusters(self) -> int:
+        return self.sums.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.sums.shape[2]
+
+    def add(self, types: EventTypes, type_ids, times, vectors, bound: float = SAFE_EXPONENT) -> None:
+        """Adds a batch of events (any order; assigned in time order).
+
+        type_ids: (n,); times: (n,) seconds; vectors: (n, d). The decayed sums
+        are vectorized per chunk; the assignment loop runs over the batch's
+        events (each assignment depends on the ones before it), each step
+        vectorized over the clusters.
+        """
+        _check_rates(types, self.rates)
+        type_ids = np.asarray(type_ids, dtype=np.int64)
+        w = types.weights[type_ids] if type_ids.size else np.zeros(0)
+        keep = w > 0
+        if not keep.any():
+            return
+        times = np.asarray(times, dtype=np.float64)[keep]
+        order = np.argsort(times, kind="stable")
+        t = times[order]
+        w = w[keep][order]
+        r_idx = types.rate_index[type_ids[keep]][order]
+        v = np.asarray(vectors, dtype=np.float64)[keep][order]
+        v_unit = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), _EPS)
+
+        rates, trend_rates = self.rates, self.trend_rates
+        max_rate = float(max(rates.max(), trend_rates.max()))
+        n_rates, dim, cap = rates.shape[0], self.dim, self.max_clusters + 1
+        # Working copies with one spare row for the cluster that forces a merge;
+        # the state is only replaced once the whole batch went through.
+        k = self.n_clusters
+        sums = np.zeros((cap, n_rates, dim))
+        masses = np.zeros((cap, n_rates))
+        trend = np.zeros((cap, 2))
+        counts = np.zeros(cap, dtype=np.int64)
+        last_time = np.full(cap, -np.inf)
+        sums[:k], masses[:k], trend[:k] = self.sums, self.masses, self.trend
+        counts[:k], last_time[:k] = self.counts, self.last_time
+        landmark = self.landmark
+        newest = float(last_time[:k].max()) if k else -np.inf
+
+        def centroids_at(t_read: float, k: int) -> np.ndarray:
+            # Directions only, so shift the exponents: no overflow for any t_read.
+            expo = -rates * (t_read - landmark)
+            c = np.einsum("krd,r->kd", sums[:k], np.exp(expo - expo.max()))
+            return normalize(c, dtype=np.float64)
+
+        i, n = 0, t.shape[0]
+        while i < n:
+            # Chunks keep every exponent within [-bound, bound]: a backfill that
+            # spans years re-bases as it goes, so early events do not underflow
+            # before they are compared with the clusters.
+            if np.isnan(landmark) or max_rate * (t[i] - landmark) > bound:
+                j = i + int(np.searchsorted(max_rate * (t[i:] - t[i]), bound, side="right"))
+                new_landmark = float(t[j - 1])
+                if not np.isnan(landmark):
+                    f = decay_factors(rates, landmark, new_landmark)
+                    sums[:k] *= f[:, None]
+                    masses[:k] *= f
+                    trend[:k] *= decay_factors(trend_rates, landmark, new_landmark)
+                landmark = new_landmark
+            else:
+                j = i + int(np.searchsorted(max_rate * (t[i:] - landmark), bound, side="right"))
+            coeffs = forward_weights(t[i:j], rates[r_idx[i:j]], w[i:j], landmark)
+            trend_coeffs = w[i:j, None] * np.exp(trend_rates * (t[i:j, None] - landmark))
+            for e in range(i, j):
+                c = -1
+                if k:
+                    cos = centroids_at(max(t[e], newest), k) @ v_unit[e]
+                    best = int(np.argmax(cos))
+                    if cos[best] >= self.threshold:
+                        c = best
+                if c < 0:
+                    c, k = k, k + 1
+                    sums[c], masses[c], trend[c], counts[c], last_time[c] = 0.0, 0.0, 0.0, 0, -np.inf
+                sums[c, r_idx[e]] += coeffs[e - i] * v[e]
+                masses[c, r_idx[e]] += coeffs[e - i]
+                trend[c] += trend_coeffs[e - i]
+                counts[c] += 1
+                last_time[c] = max(last_time[c], t[e])
+                newest = max(newest, t[e])
+                if k > self.max_clusters:
+                    cent = centroids_at(newest, k)
+                    sim = cent @ cent.T
+                    np.fill_diagonal(sim, -np.inf)
+                    a, b = sorted(np.unravel_index(int(np.argmax(sim)), sim.shape))
+                    sums[a] += sums[b]
+                    masses[a] += masses[b]
+                    trend[a] += trend[b]
+                    counts[a] += counts[b]
+                    last_time[a] = max(last_time[a], last_time[b])
+                    for arr in (sums, masses, trend, counts, last_time):
+                        arr[b : k - 1] = arr[b + 1 : k]
+                    k -= 1
+            i = j
+
+        self.landmark = landmark
+        self.sums, self.masses, self.trend = sums[:k].copy(), masses[:k].copy(), trend[:k].copy()
+        self.counts, self.last_time = counts[:k].copy(), last_time[:k].copy()
+
+    # --- reads at time t ------------------------------------------------------
+
+    def _factors(self, t: float) -> np.ndarray:
+        if np.isnan(self.landmark):
+            return np.zeros_like(self.rates)
+        return decay_factors(self.rates, self.landmark, t)
+
+    def cluster_vectors(self, t: float) -> np.ndarray:
+        """Each cluster's decayed vector sum at t. Returns (k, d) float64."""
+        return np.einsum("krd,r->kd", self.sums, self._factors(t))
+
+    def centroids(self, t: float) -> np.ndarray:
+        """L2-normalised cluster centroids at t. Returns (k, d) float32."""
+        return normalize(self.cluster_vectors(t))
+
+    def importances(self, t: float) -> np.ndarray:
+        """Decayed importance Σ w·2^{-(t-t_i)/h} per cluster at t. Returns (k,) float64."""
+        return self.masses @ self._factors(t)
+
+    def total_vector(self, t: float) -> np.ndarray:
+        """Σ over clusters of the decayed vectors (independent of assignment). (d,)"""
+        return self.cluster_vectors(t).sum(axis=0) if self.n_clusters else np.zeros(self.dim)
+
+    def total_mass(self, t: float) -> float:
+        return float(self.importances(t).sum())
+
+    def trends(self, t: float) -> np.ndarray:
+        """Short-horizon share of the user's decayed mass minus long-horizon
+        share, per cluster, at t. Returns (k,) float64 in [-1, 1]."""
+        if self.n_clusters == 0:
+            return np.zeros(0)
+        decayed = self.trend * decay_factors(self.trend_rates, self.landmark, t)
+        shares = decayed / np.maximum(decayed.sum(axis=0, keepdims=True), _EPS)
+        return shares[:, 0] - shares[:, 1]
+
+    def trend_labels(self, t: float, band: float = TREND_BAND) -> np.ndarray:
+        """"rising" above +band, "fading" below -band, else "steady". (k,) str."""
+        trend = self.trends(t)
+        return np.where(trend > band, "rising", np.where(trend < -band, "fading", "steady"))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "rates": self.rates,
+            "trend_rates": self.trend_rates,
+            "max_clusters": np.array(self.max_clusters, dtype=np.int64),
+            "threshold": np.array(self.threshold),
+            "landmark": np.array(self.landmark),
+            "sums": self.sums,
+            "masses": self.masses,
+            "trend": self.trend,
+            "counts": self.counts,
+            "last_time": self.last_time,
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "MultiInterestState":
+        return cls(
+            np.array(arrays["rates"], dtype=np.float64),
+            np.array(arrays["trend_rates"], dtype=np.float64),
+            int(np.asarray(arrays["max_clusters"])),
+            _scalar(arrays, "threshold"),
+            _scalar(arrays, "landmark"),
+            np.array(arrays["sums"], dtype=np.float64),
+            np.array(arrays["masses"], dtype=np.float64),
+            np.array(arrays["trend"], dtype=np.float64),
+            np.array(arrays["counts"], dtype=np.int64),
+            np.array(arrays["last_time"], dtype=np.float64),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the state's arrays in bytes (what storage will hold)."""
+        return sum(a.nbytes for a in self.to_arrays().values())
+
+
+INTEREST_MODES = ("sum", "max")
+
+
+def interest_scores(
+    items: np.ndarray, centroids: np.ndarray, importances, mode: str = "sum", alpha: float = 1.0
+) -> np.ndarray:
+    """Item scores from per-interest cosines weighted by importance share.
+
+    items: (N, d) float32 normalised; centroids: (K, d) normalised;
+    importances: (K,) >= 0. "sum": Σ_c share_c·cos_c (a smooth mix);
+    "max": max_c share_c^α·cos_c (an item needs to fit one interest well;
+    α < 1 flattens the shares so minor interests still surface).
+    One (N, d) @ (d, K) GEMM. Returns (N,) float32; zeros when K = 0.
+    """
+    if mode not in INTEREST_MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {INTEREST_MODES}")
+    items = np.asarray(items, dtype=np.float32)
+    imp = np.asarray(importances, dtype=np.float64)
+    if imp.shape[0] == 0:
+        return np.zeros(items.shape[0], dtype=np.float32)
+    share = (imp / max(float(imp.sum()), _EPS)).astype(np.float32)
+    cos = items @ np.asarray(centroids, dtype=np.float32).T
+    if mode == "sum":
+        return cos @ share
+    return (cos * share**np.float32(alpha)).max(axis=1)

@@ -1,0 +1,200 @@
+"""Ranking primitives, pure NumPy: cosine scores, masked top-k, freshness,
+MMR diversity, query blending and decayed popularity.
+
+Item matrices are (N, d) float32 with L2-normalised rows, so a cosine is a
+dot product and a whole catalogue is scored with one GEMV/GEMM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from halflife.core.decay import LN2, SAFE_EXPONENT, decay_factors, landmark_for
+
+
+def normalize(vectors, eps: float = 1e-12, dtype=np.float32) -> np.ndarray:
+    """Scales to unit L2 norm along the last axis; all-zero rows stay zero.
+
+    Decayed sums can be tiny (1e-200 is a fine direction), so rows are first
+    divided by their largest entry: squaring them would underflow to 0.
+    vectors: (d,) or (..., d). Returns `dtype` (float32 by default), same shape.
+    """
+    v = np.asarray(vectors)
+    if not np.issubdtype(v.dtype, np.floating):
+        v = v.astype(np.float64)
+    peak = np.abs(v).max(axis=-1, keepdims=True)
+    v = v / np.where(peak > 0, peak, 1)
+    norms = np.linalg.norm(v, axis=-1, keepdims=True)
+    return (v / np.maximum(norms, eps)).astype(dtype, copy=False)
+
+
+def cosine_scores(queries, items: np.ndarray) -> np.ndarray:
+    """Cosine of each query with every item: one GEMV/GEMM in float32.
+
+    queries: (d,) or (B, d), any norm (normalised here; zero queries score 0);
+    items: (N, d) float32, rows already normalised. Returns (N,) or (B, N).
+    """
+    return normalize(queries) @ np.asarray(items, dtype=np.float32).T
+
+
+def _excluded(scores: np.ndarray, allowed) -> np.ndarray:
+    # -inf and NaN scores count as excluded too, so a masked item (set to
+    # -inf) can never tie with, and displace, a legitimately scored one.
+    bad = ~(scores > -np.inf)
+    if allowed is not None:
+        bad |= ~np.asarray(allowed, dtype=bool)
+    return bad
+
+
+def top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
+    """The k best items, best first.
+
+    scores: (N,); allowed: (N,) bool or None. Items not allowed (and -inf/NaN
+    scores) are never returned, so fewer than k come back when fewer remain.
+    Returns (indices (m,) int64, scores (m,)) with m = min(k, #eligible).
+    """
+    scores = np.asarray(scores)
+    bad = _excluded(scores, allowed)
+    masked = np.where(bad, -np.inf, scores)
+    m = min(int(k), int(scores.shape[0] - np.count_nonzero(bad)))
+    if m <= 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=scores.dtype)
+    if m < masked.shape[0]:
+        idx = np.argpartition(-masked, m - 1)[:m]
+    else:
+        idx = np.arange(masked.shape[0])
+    idx = idx[np.argsort(-masked[idx], kind="stable")]
+    return idx.astype(np.int64), scores[idx]
+
+
+def batch_top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise `top_k` for (B, N) scores, vectorized (one argpartition).
+
+    allowed: (B, N), (N,) (same mask for every row) or None. Returns
+    (indices (B, k') int64, scores (B, k')) with k' = min(k, N), best first;
+    slots beyond a row's eligible items hold index -1 and score -inf.
+    """
+    scores = np.asarray(scores)
+    b, n = scores.shape
+    kk = min(int(k), n)
+    if kk <= 0:
+        return np.empty((b, 0), dtype=np.int64), np.empty((b, 0), dtype=scores.dtype)
+    bad = _excluded(scores, None if allowed is None else np.broadcast_to(allowed, scores.shape))
+    masked = np.where(bad, -np.inf, scores)
+    if kk < n:
+        idx = np.argpartition(-masked, kk - 1, axis=1)[:, :kk]
+    else:
+        idx = np.broadcast_to(np.arange(n), (b, n))
+    part = np.take_along_axis(masked, idx, axis=1)
+    order = np.argsort(-part, axis=1, kind="stable")
+    idx = np.take_along_axis(idx, order, axis=1).astype(np.int64)
+    out = np.take_along_axis(part, order, axis=1)
+    empty = np.take_along_axis(bad, idx, axis=1)
+    idx[empty] = -1
+    out[empty] = -np.inf
+    return idx, out
+
+
+def freshness(create_times, t: float, half_life_seconds: float) -> np.ndarray:
+    """Multiplier 2^{-age/h} per item; unknown (NaN) create times and items
+    from the future (clock skew) get 1. create_times: (N,). Returns (N,) float32."""
+    c = np.asarray(create_times, dtype=np.float64)
+    age = np.maximum(0.0, t - c)
+    out = np.exp(-(LN2 / half_life_seconds) * age)
+    return np.where(np.isnan(c), 1.0, out).astype(np.float32)
+
+
+def mmr(relevance, vectors, k: int, lam: float = 0.7) -> np.ndarray:
+    """Maximal Marginal Relevance (Carbonell & Goldstein 1998) re-ranking.
+
+    Picks k times argmax λ·rel_i − (1−λ)·max_{j chosen} cos(v_i, v_j), each
+    step one GEMV against the last pick. relevance: (M,) over candidates
+    (e.g. a top_k result); vectors: (M, d) normalised. The first pick is the
+    most relevant; λ = 1 gives plain relevance order.
+    Returns (min(k, M),) int64 indices into the candidates, in pick order.
+    """
+    rel = np.asarray(relevance, dtype=np.float64)
+    vecs = np.asarray(vectors, dtype=np.float32)
+    m = rel.shape[0]
+    k = min(int(k), m)
+    max_sim = np.full(m, -np.inf)  # no similarity yet; the first pick uses relevance alone
+    taken = np.zeros(m, dtype=bool)
+    picks = np.empty(k, dtype=np.int64)
+    for step in range(k):
+        gain = lam * rel - (1.0 - lam) * max_sim if step else rel.copy()
+        gain[taken] = -np.inf
+        pick = int(np.argmax(gain))
+        picks[step] = pick
+        taken[pick] = True
+        np.maximum(max_sim, vecs @ vecs[pick], out=max_sim)
+    return picks
+
+
+def blend_query(profile, query, w: float) -> np.ndarray:
+    """normalise(normalise(profile)·(1−w) + normalise(query)·w): steers a
+    profile towards a search query. A zero profile gives the query alone.
+    profile, query: (d,). Returns (d,) float32."""
+    return normalize(normalize(profile) * (1.0 - w) + normalize(query) * w)
+
+
+def popularity_counts(item_index, n_items: int, weights=None) -> np.ndarray:
+    """Plain (undecayed) popularity: summed weights per item. Returns (N,) float64."""
+    return np.bincount(np.asarray(item_index, dtype=np.int64), weights=weights, minlength=n_items).astype(np.float64)
+
+
+@dataclass
+class DecayedCounts:
+    """Forward-decayed per-item counter ("trending"): counts_j = Σ w·e^{λ(t_i-L)}
+    over item j's events; read at t as e^{-λ(t-L)}·counts. Exact and
+    arrival-order independent like `decay.add_events`; methods mutate in place.
+
+    rate: λ = ln2/h; landmark: NaN while empty; counts: (N,) float64.
+    """
+
+    rate: float
+    landmark: float
+    counts: np.ndarray
+
+    @classmethod
+    def empty(cls, n_items: int, half_life_seconds: float) -> "DecayedCounts":
+        return cls(LN2 / half_life_seconds, float("nan"), np.zeros(n_items, dtype=np.float64))
+
+    def rebase(self, new_landmark: float) -> None:
+        """Moves the landmark (forward): counts *= e^{-λ(L'-L)}."""
+        if not np.isnan(self.landmark):
+            self.counts *= float(decay_factors(np.array([self.rate]), self.landmark, new_landmark)[0])
+        self.landmark = float(new_landmark)
+
+    def add(self, item_index, times, weights=None, bound: float = SAFE_EXPONENT) -> None:
+        """Adds events (item_index, times, weights: (n,); weights default 1)."""
+        item_index = np.asarray(item_index, dtype=np.int64)
+        times = np.asarray(times, dtype=np.float64)
+        if item_index.size == 0:
+            return
+        new_landmark = landmark_for(self.landmark, times, self.rate, bound)
+        if new_landmark != self.landmark:
+            self.rebase(new_landmark)
+        coeffs = np.exp(self.rate * (times - self.landmark))
+        if weights is not None:
+            coeffs = coeffs * np.asarray(weights, dtype=np.float64)
+        self.counts += np.bincount(item_index, weights=coeffs, minlength=self.counts.shape[0])
+
+    def resize(self, n_items: int) -> None:
+        """Grows the catalogue (new items start at 0)."""
+        if n_items > self.counts.shape[0]:
+            self.counts = np.concatenate([self.counts, np.zeros(n_items - self.counts.shape[0])])
+
+    def read(self, t: float) -> np.ndarray:
+        """Decayed counts at time t. Returns (N,) float64."""
+        if np.isnan(self.landmark):
+            return np.zeros_like(self.counts)
+        return self.counts * np.exp(-self.rate * (t - self.landmark))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"rate": np.array(self.rate), "landmark": np.array(self.landmark), "counts": self.counts}
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "DecayedCounts":
+        return cls(float(arrays["rate"]), float(arrays["landmark"]), np.array(arrays["counts"], dtype=np.float64))

@@ -1,0 +1,300 @@
+"""Profiles: single vector with negative feedback, and the multi-interest state."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from halflife.core.decay import EventTypes
+from halflife.core.profiles import (
+    MultiInterestState,
+    ProfileState,
+    interest_scores,
+    profile_scores,
+)
+from halflife.core.ranking import normalize
+
+HOUR = 3600.0
+DAY = 24 * HOUR
+YEAR = 365 * DAY
+T0 = 1.7e9
+
+# click, like, purchase, skip, dislike
+TYPES = EventTypes.from_dict(
+    {
+        "click": (1.0, 14 * DAY),
+        "like": (2.0, 30 * DAY),
+        "purchase": (4.0, 90 * DAY),
+        "skip": (-0.5, 1 * DAY),
+        "dislike": (-2.0, 30 * DAY),
+    }
+)
+POSITIVE = [0, 1, 2]
+
+
+def _topics(rng, n_topics, dim):
+    return normalize(rng.normal(size=(n_topics, dim)))
+
+
+def _near(rng, center, n, noise=0.15):
+    return normalize(center + noise * rng.normal(size=(n, center.shape[0])) / np.sqrt(center.shape[0]) * 4)
+
+
+def _brute(type_ids, times, vectors, t, sign):
+    w = TYPES.weights[type_ids]
+    keep = w > 0 if sign > 0 else w < 0
+    c = np.where(keep, np.abs(w) * np.exp2(-(t - times) / TYPES.half_lives[type_ids]), 0.0)
+    return c @ vectors, c.sum()
+
+
+def _rel(a, b):
+    return np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b)
+
+
+# --- single profile -----------------------------------------------------------
+
+
+def test_profile_matches_brute_force_and_splits_negative_events():
+    rng = np.random.default_rng(0)
+    n, dim = 3000, 16
+    times = T0 + rng.uniform(0, 2 * YEAR, n)
+    type_ids = rng.integers(0, 5, n)
+    vectors = rng.normal(size=(n, dim))
+    state = ProfileState.empty(TYPES, dim)
+    perm = rng.permutation(n)
+    landmarks = []
+    for chunk in np.array_split(perm[np.argsort(times[perm] + rng.exponential(5 * DAY, n))], 40):
+        state.add(TYPES, type_ids[chunk], times[chunk], vectors[chunk])
+        landmarks.append(state.landmark)
+    assert np.count_nonzero(np.diff(landmarks)) > 5
+    for t in (times.max(), times.max() + 2 * DAY):
+        pos, pos_mass = _brute(type_ids, times, vectors, t, +1)
+        neg, neg_mass = _brute(type_ids, times, vectors, t, -1)
+        assert _rel(state.vector(t), pos) < 1e-9
+        assert _rel(state.negative_vector(t), neg) < 1e-9
+        assert state.strength(t) == pytest.approx(pos_mass, rel=1e-9)
+        assert state.negative_strength(t) == pytest.approx(neg_mass, rel=1e-9)
+
+
+def test_empty_profile_reads_zero():
+    state = ProfileState.empty(TYPES, 4)
+    np.testing.assert_array_equal(state.vector(T0), np.zeros(4))
+    assert state.strength(T0) == 0.0
+    state.add(TYPES, [], [], np.zeros((0, 4)))
+    assert np.isnan(state.landmark)
+
+
+def test_mismatched_event_types_are_rejected():
+    other = EventTypes(np.array([1.0]), np.array([3 * DAY]))
+    with pytest.raises(ValueError):
+        ProfileState.empty(TYPES, 4).add(other, [0], [T0], np.ones((1, 4)))
+
+
+def test_negative_feedback_pushes_down_items_near_disliked_ones():
+    rng = np.random.default_rng(1)
+    dim = 32
+    liked, disliked, other = _topics(rng, 3, dim)
+    state = ProfileState.empty(TYPES, dim)
+    # Likes on one topic, with some clicks that drift towards the disliked one.
+    state.add(TYPES, np.zeros(20, int), T0 + np.arange(20) * HOUR, _near(rng, liked, 20))
+    state.add(TYPES, np.zeros(5, int), T0 + np.arange(5) * HOUR, _near(rng, 0.5 * liked + 0.5 * disliked, 5))
+    state.add(TYPES, np.full(10, 4), T0 + np.arange(10) * HOUR, _near(rng, disliked, 10))
+    near_disliked = _near(rng, disliked, 50)
+    near_liked = _near(rng, liked, 50)
+    t = T0 + DAY
+    plain = state.scores(near_disliked, t, beta=0.0)
+    pushed = state.scores(near_disliked, t, beta=0.5)
+    assert np.all(pushed < plain - 0.3)
+    # Items far from the disliked topic barely move.
+    liked_drop = state.scores(near_liked, t, beta=0.0) - state.scores(near_liked, t, beta=0.5)
+    assert np.all(np.abs(liked_drop) < 0.15)
+    # And the disliked items fall below unrelated ones.
+    unrelated = state.scores(_near(rng, other, 50), t, beta=0.5)
+    assert pushed.mean() < unrelated.mean()
+    # A zero negative profile changes nothing.
+    np.testing.assert_allclose(
+        profile_scores(state.vector(t), np.zeros(dim), near_liked, 0.9), state.scores(near_liked, t, 0.0), atol=1e-6
+    )
+
+
+def test_profile_arrays_roundtrip_through_npz():
+    rng = np.random.default_rng(2)
+    state = ProfileState.empty(TYPES, 8)
+    state.add(TYPES, rng.integers(0, 5, 50), T0 + rng.uniform(0, 10 * DAY, 50), rng.normal(size=(50, 8)))
+    buf = io.BytesIO()
+    np.savez(buf, **state.to_arrays())
+    buf.seek(0)
+    back = ProfileState.from_arrays(np.load(buf))
+    t = T0 + 11 * DAY
+    np.testing.assert_array_equal(back.vector(t), state.vector(t))
+    np.testing.assert_array_equal(back.negative_vector(t), state.negative_vector(t))
+    assert back.landmark == state.landmark
+    assert state.nbytes == 8 * (4 + 1 + 4 * 8 * 2 + 4 * 2)
+
+
+# --- multi-interest -----------------------------------------------------------
+
+
+def _topic_stream(rng, centers, per_topic, span, start=T0, noise=0.15):
+    vecs, times, topic = [], [], []
+    for k, c in enumerate(centers):
+        vecs.append(_near(rng, c, per_topic, noise))
+        times.append(start + rng.uniform(0, span, per_topic))
+        topic.append(np.full(per_topic, k))
+    return np.concatenate(vecs), np.concatenate(times), np.concatenate(topic)
+
+
+def test_two_separated_topics_make_two_clusters():
+    rng = np.random.default_rng(3)
+    dim = 32
+    centers = _topics(rng, 2, dim)
+    vecs, times, topic = _topic_stream(rng, centers, 60, 30 * DAY)
+    state = MultiInterestState.empty(TYPES, dim, max_clusters=8, threshold=0.5)
+    perm = rng.permutation(len(times))
+    for chunk in np.array_split(perm, 7):
+        state.add(TYPES, rng.choice(POSITIVE, len(chunk)), times[chunk], vecs[chunk])
+    assert state.n_clusters == 2
+    assert sorted(state.counts) == [60, 60]
+    cent = state.centroids(times.max())
+    assert cent.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(cent, axis=1), 1.0, atol=1e-6)
+    sim = cent @ centers.T
+    assert np.all(sim.max(axis=1) > 0.95)
+    assert set(np.argmax(sim, axis=1)) == {0, 1}
+    assert state.last_time.max() == times.max()
+
+
+def test_more_topics_than_k_merge():
+    rng = np.random.default_rng(4)
+    dim = 32
+    centers = _topics(rng, 5, dim)
+    vecs, times, _ = _topic_stream(rng, centers, 20, 10 * DAY)
+    state = MultiInterestState.empty(TYPES, dim, max_clusters=3, threshold=0.5)
+    state.add(TYPES, np.zeros(len(times), int), times, vecs)
+    assert state.n_clusters == 3
+    assert state.counts.sum() == 100
+    # Merging adds sums, so the totals are still the exact decayed sums.
+    t = times.max()
+    want = (np.exp2(-(t - times) / (14 * DAY))[:, None] * vecs).sum(0)
+    assert _rel(state.total_vector(t), want) < 1e-10
+    assert state.total_mass(t) == pytest.approx(np.exp2(-(t - times) / (14 * DAY)).sum(), rel=1e-10)
+
+
+def test_shifted_interest_dominates_and_trends():
+    rng = np.random.default_rng(5)
+    dim = 32
+    old, new = _topics(rng, 2, dim)
+    days_old = np.arange(300) * DAY
+    days_new = (300 + np.arange(30)) * DAY
+    vecs = np.concatenate([_near(rng, old, 300), _near(rng, new, 30)])
+    times = T0 + np.concatenate([days_old, days_new])
+    state = MultiInterestState.empty(TYPES, dim, max_clusters=4, threshold=0.5)
+    state.add(TYPES, np.zeros(len(times), int), times, vecs)  # clicks, 14-day half-life
+    assert state.n_clusters == 2
+    t = T0 + 330 * DAY
+    which_new = int(np.argmax(state.centroids(t) @ new))
+    which_old = 1 - which_new
+    imp = state.importances(t)
+    assert imp[which_new] > 3 * imp[which_old]
+    trends = state.trends(t)
+    labels = state.trend_labels(t)
+    assert labels[which_new] == "rising" and labels[which_old] == "fading"
+    assert trends[which_new] > 0.5 and trends.sum() == pytest.approx(0.0, abs=1e-12)
+    # Before the shift, the old topic was the user's only interest and steady.
+    before = MultiInterestState.empty(TYPES, dim, max_clusters=4, threshold=0.5)
+    before.add(TYPES, np.zeros(300, int), times[:300], vecs[:300])
+    assert list(before.trend_labels(T0 + 300 * DAY)) == ["steady"]
+    # Scoring by interest: an item on the new topic beats one on the old.
+    items = normalize(np.stack([new, old]))
+    for mode in ("sum", "max"):
+        s = interest_scores(items, state.centroids(t), imp, mode=mode)
+        assert s[0] > s[1]
+
+
+def test_decayed_sums_do_not_depend_on_arrival_order():
+    rng = np.random.default_rng(6)
+    dim = 16
+    centers = _topics(rng, 6, dim)
+    vecs, times, _ = _topic_stream(rng, centers, 50, 2 * YEAR)
+    type_ids = rng.choice([0, 1, 2, 3, 4], len(times))  # negatives are ignored here
+    t = times.max() + DAY
+    totals = []
+    for seed in range(3):
+        r = np.random.default_rng(100 + seed)
+        state = MultiInterestState.empty(TYPES, dim, max_clusters=4, threshold=0.6)
+        perm = r.permutation(len(times))
+        for chunk in np.array_split(perm, 9):
+            state.add(TYPES, type_ids[chunk], times[chunk], vecs[chunk])
+        trend = state.trend.sum(0) * np.exp(-state.trend_rates * (t - state.landmark))
+        totals.append((state.total_vector(t), state.total_mass(t), trend, state.counts.sum()))
+    pos = np.isin(type_ids, POSITIVE)
+    w = TYPES.weights[type_ids] * np.exp2(-(t - times) / TYPES.half_lives[type_ids]) * pos
+    for vec, mass, trend, count in totals:
+        assert _rel(vec, w @ vecs) < 1e-9
+        assert mass == pytest.approx(w.sum(), rel=1e-9)
+        assert _rel(trend, totals[0][2]) < 1e-9
+        assert count == pos.sum()
+
+
+def test_backfill_over_years_with_fast_decay_still_clusters():
+    # A 1-hour half-life over three years: without chunked re-basing the early
+    # events would underflow to zero and each would start its own cluster.
+    types = EventTypes(np.array([1.0]), np.array([HOUR]))
+    rng = np.random.default_rng(7)
+    dim = 16
+    centers = _topics(rng, 2, dim)
+    vecs, times, _ = _topic_stream(rng, centers, 200, 3 * YEAR, noise=0.05)
+    state = MultiInterestState.empty(types, dim, max_clusters=6, threshold=0.5)
+    state.add(types, np.zeros(len(times), int), times, vecs)
+    assert state.n_clusters == 2
+    assert sorted(state.counts) == [200, 200]
+    assert np.all(np.isfinite(state.sums))
+
+
+def test_negative_events_are_ignored_by_interests():
+    state = MultiInterestState.empty(TYPES, 4)
+    state.add(TYPES, [3, 4], [T0, T0 + 1], np.eye(4)[:2])
+    assert state.n_clusters == 0 and np.isnan(state.landmark)
+    assert state.centroids(T0).shape == (0, 4)
+    scores = interest_scores(np.eye(4, dtype=np.float32), state.centroids(T0), state.importances(T0))
+    assert scores.tolist() == [0.0] * 4
+
+
+def test_interest_state_arrays_roundtrip_and_nbytes():
+    rng = np.random.default_rng(8)
+    dim = 8
+    vecs, times, _ = _topic_stream(rng, _topics(rng, 3, dim), 10, 5 * DAY)
+    state = MultiInterestState.empty(TYPES, dim, max_clusters=5)
+    state.add(TYPES, np.ones(len(times), int), times, vecs)
+    buf = io.BytesIO()
+    np.savez(buf, **state.to_arrays())
+    buf.seek(0)
+    back = MultiInterestState.from_arrays(np.load(buf))
+    t = times.max()
+    np.testing.assert_array_equal(back.centroids(t), state.centroids(t))
+    np.testing.assert_array_equal(back.importances(t), state.importances(t))
+    assert (back.max_clusters, back.threshold) == (5, state.threshold)
+    k, r = state.n_clusters, TYPES.rates.shape[0]
+    assert state.nbytes == 8 * (k * r * dim + k * r + 2 * k + k + k + r + 2 + 3)
+    # Adding more after a round trip continues the same way.
+    more_t = times.max() + np.arange(3) * HOUR
+    state.add(TYPES, [0, 0, 0], more_t, vecs[:3])
+    back.add(TYPES, [0, 0, 0], more_t, vecs[:3])
+    np.testing.assert_allclose(back.total_vector(t + DAY), state.total_vector(t + DAY), rtol=1e-12)
+
+
+def test_interest_scores_formulas():
+    rng = np.random.default_rng(9)
+    dim, n, k = 16, 40, 3
+    items = normalize(rng.normal(size=(n, dim)))
+    cent = normalize(rng.normal(size=(k, dim)))
+    imp = np.array([3.0, 1.0, 0.5])
+    share = imp / imp.sum()
+    cos = items.astype(np.float64) @ cent.T.astype(np.float64)
+    np.testing.assert_allclose(interest_scores(items, cent, imp, "sum"), cos @ share, atol=1e-5)
+    max_scores = interest_scores(items, cent, imp, "max", alpha=0.5)
+    np.testing.assert_allclose(max_scores, (cos * share**0.5).max(1), atol=1e-5)
+    with pytest.raises(ValueError):
+        interest_scores(items, cent, imp, "mean")

@@ -1,0 +1,178 @@
+"""Ranking primitives: cosine, masked top-k, freshness, MMR, blending, popularity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from halflife.core.ranking import (
+    DecayedCounts,
+    batch_top_k,
+    blend_query,
+    cosine_scores,
+    freshness,
+    mmr,
+    normalize,
+    popularity_counts,
+    top_k,
+)
+
+HOUR = 3600.0
+DAY = 24 * HOUR
+T0 = 1.7e9
+
+
+def test_normalize_survives_tiny_vectors():
+    v = np.array([[3e-200, 4e-200], [0.0, 0.0]])
+    np.testing.assert_allclose(normalize(v), [[0.6, 0.8], [0.0, 0.0]], rtol=1e-6)
+    assert normalize(np.array([2.0, 0.0])).dtype == np.float32
+
+
+def test_cosine_scores_single_and_batch():
+    rng = np.random.default_rng(0)
+    items = normalize(rng.normal(size=(100, 16)))
+    q = rng.normal(size=(3, 16)) * 7.0
+    want = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ items.T.astype(np.float64)
+    got = cosine_scores(q, items)
+    assert got.shape == (3, 100) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(cosine_scores(q[1], items), want[1], atol=1e-5)
+    np.testing.assert_array_equal(cosine_scores(np.zeros(16), items), np.zeros(100, np.float32))
+
+
+@pytest.mark.parametrize("k", [1, 10, 99, 100, 500])
+def test_top_k_matches_full_argsort(k):
+    rng = np.random.default_rng(k)
+    s = rng.normal(size=100).astype(np.float32)
+    idx, sc = top_k(s, k)
+    want = np.argsort(-s)[:k]
+    np.testing.assert_array_equal(idx, want)
+    np.testing.assert_array_equal(sc, s[want])
+
+
+def test_top_k_respects_mask_and_returns_fewer():
+    rng = np.random.default_rng(1)
+    s = rng.normal(size=1000)
+    allowed = rng.random(1000) < 0.3
+    idx, sc = top_k(s, 50, allowed)
+    eligible = np.flatnonzero(allowed)
+    np.testing.assert_array_equal(idx, eligible[np.argsort(-s[eligible])][:50])
+    assert allowed[idx].all()
+    # Only 4 allowed: 4 come back, even though masked items score higher.
+    allowed = np.zeros(1000, bool)
+    allowed[[3, 500, 7, 999]] = True
+    s[~allowed] += 100.0
+    idx, sc = top_k(s, 10, allowed)
+    assert sorted(idx) == [3, 7, 500, 999] and np.all(np.diff(sc) <= 0)
+    assert top_k(s, 10, np.zeros(1000, bool))[0].size == 0
+    assert top_k(s, 0)[0].size == 0
+
+
+def test_top_k_never_returns_minus_inf_or_nan():
+    s = np.array([0.5, -np.inf, np.nan, 0.1, -np.inf])
+    idx, sc = top_k(s, 5)
+    np.testing.assert_array_equal(idx, [0, 3])
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "shared", "per_row"])
+def test_batch_top_k_equals_per_row(mask_kind):
+    rng = np.random.default_rng(2)
+    b, n, k = 7, 300, 20
+    s = rng.normal(size=(b, n)).astype(np.float32)
+    allowed = {"none": None, "shared": rng.random(n) < 0.5, "per_row": rng.random((b, n)) < 0.5}[mask_kind]
+    if mask_kind == "per_row":
+        allowed[3] = False
+        allowed[3, :5] = True  # a row with fewer than k eligible items
+    idx, sc = batch_top_k(s, k, allowed)
+    assert idx.shape == (b, k)
+    for row in range(b):
+        row_mask = None if allowed is None else np.broadcast_to(allowed, s.shape)[row]
+        want_idx, want_sc = top_k(s[row], k, row_mask)
+        m = want_idx.size
+        np.testing.assert_array_equal(idx[row, :m], want_idx)
+        np.testing.assert_array_equal(sc[row, :m], want_sc)
+        assert np.all(idx[row, m:] == -1) and np.all(sc[row, m:] == -np.inf)
+    if mask_kind == "per_row":
+        assert (idx[3] >= 0).sum() == 5
+
+
+def test_freshness():
+    h = 10 * DAY
+    created = np.array([T0, T0 - h, T0 - 3 * h, np.nan, T0 + DAY])
+    np.testing.assert_allclose(freshness(created, T0, h), [1.0, 0.5, 0.125, 1.0, 1.0], rtol=1e-6)
+
+
+def test_mmr_with_lambda_one_is_relevance_order():
+    rng = np.random.default_rng(3)
+    s = rng.normal(size=500)
+    items = normalize(rng.normal(size=(500, 16)))
+    cand, rel = top_k(s, 40)
+    picks = mmr(rel, items[cand], 20, lam=1.0)
+    np.testing.assert_array_equal(cand[picks], cand[:20])
+
+
+def test_mmr_diversifies_near_duplicates():
+    rng = np.random.default_rng(4)
+    a, b = normalize(rng.normal(size=(2, 32)))
+    vecs = normalize(np.stack([a, a + 0.01 * rng.normal(size=32), a + 0.01 * rng.normal(size=32), b]))
+    rel = np.array([1.0, 0.99, 0.98, 0.7])
+    assert mmr(rel, vecs, 2, lam=1.0).tolist() == [0, 1]
+    assert mmr(rel, vecs, 2, lam=0.5).tolist() == [0, 3]
+    assert sorted(mmr(rel, vecs, 10, lam=0.5).tolist()) == [0, 1, 2, 3]  # at most M picks
+
+
+def test_mmr_step_matches_definition():
+    rng = np.random.default_rng(5)
+    vecs = normalize(rng.normal(size=(30, 8)))
+    rel = rng.random(30)
+    lam = 0.6
+    picks = mmr(rel, vecs, 10, lam)
+    chosen = [int(np.argmax(rel))]
+    sim = vecs.astype(np.float64) @ vecs.T.astype(np.float64)
+    while len(chosen) < 10:
+        rest = [i for i in range(30) if i not in chosen]
+        gains = [lam * rel[i] - (1 - lam) * max(sim[i, j] for j in chosen) for i in rest]
+        chosen.append(rest[int(np.argmax(gains))])
+    assert picks.tolist() == chosen
+
+
+def test_blend_query():
+    rng = np.random.default_rng(6)
+    p, q = rng.normal(size=(2, 8))
+    np.testing.assert_allclose(blend_query(p, q, 0.0), normalize(p), atol=1e-6)
+    np.testing.assert_allclose(blend_query(p, q, 1.0), normalize(q), atol=1e-6)
+    np.testing.assert_allclose(blend_query(np.zeros(8), q, 0.3), normalize(q), atol=1e-6)
+    mid = blend_query(p * 100, q, 0.5)  # norms do not matter
+    assert np.linalg.norm(mid) == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(mid, normalize(normalize(p) + normalize(q)), atol=1e-6)
+
+
+def test_popularity_counts():
+    idx = np.array([0, 2, 2, 5, 2])
+    np.testing.assert_array_equal(popularity_counts(idx, 6), [1, 0, 3, 0, 0, 1])
+    np.testing.assert_array_equal(popularity_counts(idx, 6, np.array([1, 1, 2, 1, 0.5])), [1, 0, 3.5, 0, 0, 1])
+
+
+def test_decayed_counts_match_brute_force():
+    rng = np.random.default_rng(7)
+    n_items, n = 50, 5000
+    half_life = 6 * HOUR
+    times = T0 + rng.uniform(0, 120 * DAY, n)
+    items = rng.integers(0, n_items, n)
+    weights = rng.uniform(0.5, 2.0, n)
+    counter = DecayedCounts.empty(n_items, half_life)
+    # Mostly in order, some a week late.
+    order = np.argsort(times + rng.exponential(HOUR, n) + (rng.random(n) < 0.05) * 7 * DAY)
+    landmarks = []
+    for chunk in np.array_split(order, 200):
+        counter.add(items[chunk], times[chunk], weights[chunk])
+        landmarks.append(counter.landmark)
+    assert np.count_nonzero(np.diff(landmarks)) >= 5  # every ~18 days of event time
+    t = times.max() + HOUR
+    want = np.bincount(items, weights * np.exp2(-(t - times) / half_life), n_items)
+    np.testing.assert_allclose(counter.read(t), want, rtol=1e-9)
+    back = DecayedCounts.from_arrays(counter.to_arrays())
+    np.testing.assert_array_equal(back.read(t), counter.read(t))
+    counter.resize(60)
+    assert counter.read(t).shape == (60,) and counter.read(t)[50:].sum() == 0
+    assert DecayedCounts.empty(3, DAY).read(T0).tolist() == [0.0, 0.0, 0.0]
