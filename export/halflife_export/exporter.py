@@ -106,7 +106,10 @@ def export_model(options: ExportOptions) -> Manifest:
     _quiet_libraries()
     source = _resolve_source(options)
     pooling = _choose_pooling(options.pooling, source.kind)
+    max_tokens = _resolve_max_input_tokens(options.max_input_tokens, source)
     output = Path(options.output)
+    if output.resolve() == source.path.resolve() or output.resolve() in source.path.resolve().parents:
+        raise ExportError(f"--output {output} would replace the source model itself; choose another directory")
     _check_output(output, options.force)
 
     progress = _Progress(5, options.progress)
@@ -118,7 +121,6 @@ def export_model(options: ExportOptions) -> Manifest:
         variants = progress.run("optimising fp32 graph (O2) and converting to fp16", _float_variants, raw, source, staging)
         variants += progress.run("quantising to int8 (dynamic, per channel)", _int8_variant, staging / variants[0][1], staging)
         tokenizer_file = progress.run("writing tokenizer.json", _write_tokenizer, source, staging)
-        max_tokens = options.max_input_tokens or _max_input_tokens(source)
         draft = _draft_manifest(source, options, pooling, max_tokens, variants, tokenizer_file, staging, raw)
         manifest = progress.run("validating every variant against PyTorch", _validate, draft, source, staging)
         _report(manifest, progress.sink)
@@ -318,6 +320,29 @@ def _write_tokenizer(source: _Source, staging: Path) -> str:
     return target.name
 
 
+def _position_limit(config) -> int | None:
+    """Tokens the position table holds, or None where the config does not say."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not positions:
+        return None
+    # RoBERTa-family position ids start after the padding index.
+    offset = 2 if config.model_type in {"roberta", "xlm-roberta", "camembert", "longformer"} else 0
+    return int(positions) - offset
+
+
+def _resolve_max_input_tokens(requested: int | None, source: _Source) -> int:
+    if requested is None:
+        return _max_input_tokens(source)
+    if requested < 1:
+        raise ExportError(f"--max-input-tokens {requested} must be at least 1")
+    limit = _position_limit(source.config)
+    if limit is not None and requested > limit:
+        raise ExportError(
+            f"--max-input-tokens {requested} is more than {source.model_id} has positions for ({limit})"
+        )
+    return requested
+
+
 def _max_input_tokens(source: _Source) -> int:
     """The longest input the model was trained for: sentence-transformers'
     max_seq_length where given, else the position table (and tokenizer) limit."""
@@ -326,11 +351,9 @@ def _max_input_tokens(source: _Source) -> int:
     st_config = source.path / "sentence_bert_config.json"
     if st_config.is_file():
         limits.append(int(json.loads(st_config.read_text())["max_seq_length"]))
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    positions = _position_limit(config)
     if positions:
-        # RoBERTa-family position ids start after the padding index.
-        offset = 2 if config.model_type in {"roberta", "xlm-roberta", "camembert", "longformer"} else 0
-        limits.append(int(positions) - offset)
+        limits.append(positions)
     tok_config = source.path / "tokenizer_config.json"
     if tok_config.is_file():
         model_max = json.loads(tok_config.read_text()).get("model_max_length")
@@ -457,9 +480,15 @@ def _validate(draft: Manifest, source: _Source, staging: Path) -> Manifest:
 
 
 def _publish(staging: Path, output: Path) -> None:
-    if output.exists():
-        shutil.rmtree(output)
+    """Swaps the finished directory in; a crash at any point leaves either the
+    old model or the new one whole (the old one under a `.old-` name at worst)."""
+    if not output.exists():
+        os.replace(staging, output)
+        return
+    retired = staging.parent / f".old-{output.name}"
+    os.replace(output, retired)
     os.replace(staging, output)
+    shutil.rmtree(retired)
 
 
 def _report(manifest: Manifest, sink: Callable[[str], None]) -> None:

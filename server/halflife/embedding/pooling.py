@@ -33,7 +33,12 @@ def last_token_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     seq = mask.shape[1]
     # Index of the last 1 in each row: seq - 1 - argmax over the reversed row.
     last = seq - 1 - np.argmax(mask[:, ::-1], axis=1)
-    return hidden[np.arange(hidden.shape[0]), last].astype(np.float32)
+    pooled = hidden[np.arange(hidden.shape[0]), last].astype(np.float32)
+    # A row with no real token (e.g. an empty text on a tokenizer that adds no
+    # special tokens) would otherwise pick a padded position, whose state
+    # depends on the batch: give zeros, as mean_pool does.
+    pooled[~mask.astype(bool).any(axis=1)] = 0.0
+    return pooled
 
 
 def cls_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -1,0 +1,392 @@
+"""`halflife export` on tiny random models: the manifest, the served path against
+an independent PyTorch reference, and the CLI's error paths."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tiny_models  # noqa: E402
+
+from halflife import cli  # noqa: E402
+from halflife.embedding.engine import CPU, CUDA, EmbeddingEngine  # noqa: E402
+from halflife.embedding.manifest import ManifestError, load_manifest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ERROR_PREFIX = "halflife export: error:"
+
+# kind -> what its manifest must say
+EXPECTED = {
+    "bert": dict(model_type="bert", kind="encoder", pooling="mean", pad_token_id=0),
+    "gpt2": dict(model_type="gpt2", kind="decoder", pooling="last_token", pad_token_id=0),
+    "roberta": dict(model_type="roberta", kind="encoder", pooling="mean", pad_token_id=1),
+}
+
+# Not the exporter's validation sentences; the last one is truncated.
+SENTENCES = [
+    "the cat sat on the mat",
+    "A woman is playing a guitar while the crowd cheers!",
+    "x",
+    "Revenue and costs: the quarterly report, week 12.",
+    "many tokens across long inputs test padding and attention masks " * 8,
+]
+
+
+@pytest.fixture(scope="module", params=sorted(EXPECTED))
+def exported(request, tmp_path_factory):
+    """(kind, source dir, exported dir, returned Manifest); each model exported once."""
+    src, out, manifest = tiny_models.exported(request.param, tmp_path_factory)
+    return request.param, src, out, manifest
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- the manifest
+
+
+def test_manifest(exported):
+    kind, src, out, manifest = exported
+    expected = EXPECTED[kind]
+    on_disk = load_manifest(out)
+    assert on_disk == manifest
+    assert json.loads((out / "manifest.json").read_text()) == json.loads(manifest.to_json())
+
+    assert manifest.format_version == 1
+    assert manifest.model_id == kind  # the source directory's name
+    assert manifest.source["model_type"] == expected["model_type"]
+    assert manifest.source["kind"] == expected["kind"]
+    assert manifest.source["path"] == str(src)
+    assert manifest.source["weights_sha256"] == {"model.safetensors": sha256(src / "model.safetensors")}
+    assert manifest.pooling == expected["pooling"]
+    assert manifest.pad_token_id == expected["pad_token_id"]
+    assert manifest.dimension == 32
+    # 64 positions for all three (RoBERTa: 66 position embeddings less its offset of 2).
+    assert manifest.max_input_tokens == tiny_models.MAX_POSITIONS
+    assert manifest.opset >= 18
+    assert manifest.normalize is True
+    assert set(manifest.tooling) >= {"halflife", "torch", "transformers", "optimum", "onnx", "onnxruntime"}
+
+
+def test_manifest_files_and_checksums(exported):
+    import onnx
+
+    kind, src, out, manifest = exported
+    assert manifest.tokenizer_file == "tokenizer.json"
+    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    assert manifest.tokenizer_sha256 == sha256(out / "tokenizer.json")
+    names = [v.name for v in manifest.variants]
+    assert len(set(names)) == len(names)
+    assert names[0] in ("fp32-o2", "fp32") and {"fp16", "int8"} <= set(names)
+    listed = {"manifest.json", "tokenizer.json"}
+    for variant in manifest.variants:
+        path = out / variant.file
+        assert path.is_file(), variant
+        assert variant.sha256 == sha256(path), variant.name
+        listed.add(variant.file)
+        model = onnx.load(str(path), load_external_data=False)
+        assert [i.name for i in model.graph.input] == list(manifest.input_names)
+        default_domain = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+        assert default_domain and default_domain[0] >= manifest.opset
+    # Nothing else in the directory: no temp files, no raw export left behind.
+    assert {p.name for p in out.iterdir()} == listed
+    precisions = {v.name: v.precision for v in manifest.variants}
+    assert precisions["fp16"] == "fp16" and precisions["int8"] == "int8" and precisions[names[0]] == "fp32"
+    inputs = set(manifest.input_names)
+    assert {"input_ids", "attention_mask"} <= inputs
+    if kind == "bert":
+        assert "token_type_ids" in inputs
+
+
+def test_manifest_validation_and_defaults(exported):
+    kind, src, out, manifest = exported
+    for variant in manifest.variants:
+        val = variant.validation
+        assert val.sentences == 12
+        assert np.isfinite([val.min_cosine, val.mean_cosine, val.max_abs_diff]).all()
+        assert val.min_cosine <= val.mean_cosine <= 1.0 + 1e-9
+        if variant.precision == "int8":
+            assert val.threshold == 0.99
+            assert val.passed == (val.min_cosine >= 0.99)
+        else:
+            assert val.threshold == 0.999
+            assert val.passed and val.min_cosine >= 0.999, variant
+    by_name = {v.name: v for v in manifest.variants}
+    assert set(manifest.default_variants) == {CPU, CUDA}
+    fp32 = manifest.variants[0].name
+    assert manifest.default_variants[CPU] == ("int8" if by_name["int8"].validation.passed else fp32)
+    assert manifest.default_variants[CUDA] == "fp16"
+    for provider, name in manifest.default_variants.items():
+        assert provider in by_name[name].execution_providers
+
+
+# ---------------------------------------------------------------- the served path
+
+
+def torch_reference(src: Path, sentences, pooling: str, max_tokens: int) -> np.ndarray:
+    """Embeddings computed here, independently of halflife: transformers'
+    AutoModel, one unpadded sentence at a time, pooled with torch, L2-normalised."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    model = AutoModel.from_pretrained(src).eval()
+    rows = []
+    with torch.no_grad():
+        for sentence in sentences:
+            ids = tokenizer(sentence, truncation=True, max_length=max_tokens)["input_ids"]
+            assert len(ids) <= max_tokens
+            states = model(input_ids=torch.tensor([ids])).last_hidden_state[0].double()
+            vector = states.mean(dim=0) if pooling == "mean" else states[-1]
+            rows.append((vector / vector.norm()).numpy())
+    return np.stack(rows)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    return np.einsum("nd,nd->n", a, b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module")
+def reference(exported):
+    kind, src, out, manifest = exported
+    return torch_reference(src, SENTENCES, EXPECTED[kind]["pooling"], manifest.max_input_tokens)
+
+
+@pytest.mark.parametrize("variant,bar", [(None, 0.99), ("fp32-o2", 0.999), ("fp16", 0.999), ("int8", 0.99)])
+def test_served_embeddings_match_pytorch(exported, reference, variant, bar):
+    kind, src, out, manifest = exported
+    engine = EmbeddingEngine.load(out, variant=variant, provider="cpu", intra_op_threads=1)
+    assert engine.provider == CPU
+    assert engine.dimension == 32
+    if variant is None:
+        assert engine.variant.name == manifest.default_variants[CPU]
+    tokens = engine.tokenize(SENTENCES, truncate=True)
+    assert tokens.truncated.tolist() == [False] * (len(SENTENCES) - 1) + [True]
+    pooled = engine.forward(tokens.ids)
+    assert pooled.shape == (len(SENTENCES), 32) and pooled.dtype == np.float32
+    served = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+    cos = cosines(served, reference)
+    assert cos.min() >= bar, (kind, variant, cos)
+    if variant == "fp32-o2":
+        assert np.abs(served - reference).max() < 1e-4
+
+
+def test_pooling_choice_matters(exported, reference):
+    # The reference must be sensitive to pooling, or the test above proves little.
+    kind, src, out, manifest = exported
+    other = "last_token" if EXPECTED[kind]["pooling"] == "mean" else "mean"
+    wrong = torch_reference(src, SENTENCES[:2], other, manifest.max_input_tokens)
+    assert cosines(wrong, reference[:2]).min() < 0.99
+
+
+def test_tampered_variant_is_refused(exported, tmp_path):
+    kind, src, out, manifest = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    path = copy / manifest.variant("int8").file
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="fails its checksum"):
+        EmbeddingEngine.load(copy, variant="int8", provider="cpu")
+    EmbeddingEngine.load(copy, variant="fp16", provider="cpu")  # the others still load
+
+
+# ---------------------------------------------------------------- CLI error paths
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    return {kind: tiny_models.source(kind, tmp_path_factory) for kind in ("bert", "gpt2", "t5")}
+
+
+def assert_one_line_error(rc, err, out="", code=(1,), contains=""):
+    assert rc in code, err
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(ERROR_PREFIX)]
+    assert len(errors) == 1, err
+    assert lines[-1] == errors[0], err  # the last thing printed, on one line
+    assert contains in errors[0], errors[0]
+    return errors[0]
+
+
+def run_cli(argv, capsys):
+    try:
+        rc = cli.main(argv)
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def _bad_model(tmp_path, sources):
+    return ["--model", str(tmp_path / "no-such-model")], "is not a Hugging Face model directory"
+
+
+def _garbage_config(tmp_path, sources):
+    bad = tmp_path / "garbage"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    return ["--model", str(bad)], "cannot read the model config"
+
+
+def _t5(tmp_path, sources):
+    return ["--model", str(sources["t5"])], "unsupported architecture 't5'"
+
+
+def _opset17(tmp_path, sources):
+    return ["--model", str(sources["bert"]), "--opset", "17"], "--opset 17 is too old"
+
+
+def _cls_for_decoder(tmp_path, sources):
+    return ["--model", str(sources["gpt2"]), "--pooling", "cls"], "wrong for a causal decoder"
+
+
+def _mean_for_decoder(tmp_path, sources):
+    return ["--model", str(sources["gpt2"]), "--pooling", "mean"], "wrong for a causal decoder"
+
+
+def _bad_pooling_choice(tmp_path, sources):
+    return ["--model", str(sources["bert"]), "--pooling", "max"], "invalid choice"
+
+
+ERROR_CASES = {
+    "bad-model-path": (_bad_model, (1,)),
+    "garbage-config": (_garbage_config, (1,)),
+    "unsupported-t5": (_t5, (1,)),
+    "opset-17": (_opset17, (1,)),
+    "cls-for-decoder": (_cls_for_decoder, (1,)),
+    "mean-for-decoder": (_mean_for_decoder, (1,)),
+    "pooling-not-a-choice": (_bad_pooling_choice, (2,)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_cli_errors(case, tmp_path, sources, capsys):
+    make, code = ERROR_CASES[case]
+    args, message = make(tmp_path, sources)
+    output = tmp_path / "out"
+    rc, out, err = run_cli(["export", *args, "--output", str(output)], capsys)
+    assert_one_line_error(rc, err, out, code, message)
+    assert not output.exists()
+
+
+def test_cli_output_under_a_file(tmp_path, sources, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    output = blocker / "model"
+    rc, out, err = run_cli(["export", "--model", str(sources["bert"]), "--output", str(output)], capsys)
+    assert_one_line_error(rc, err, out, contains=f"cannot write to {blocker}")
+    assert blocker.read_text() == "not a directory"
+
+
+def test_cli_output_under_proc(tmp_path, sources, capsys):
+    output = Path("/proc/halflife-test-no-such-dir/model")
+    rc, out, err = run_cli(["export", "--model", str(sources["bert"]), "--output", str(output)], capsys)
+    assert_one_line_error(rc, err, out, contains="cannot write to /proc/halflife-test-no-such-dir")
+
+
+def test_cli_output_is_a_file(tmp_path, sources, capsys):
+    output = tmp_path / "model"
+    output.write_text("precious")
+    rc, out, err = run_cli(["export", "--model", str(sources["bert"]), "--output", str(output), "--force"], capsys)
+    assert_one_line_error(rc, err, out, contains="exists and is not a directory")
+    assert output.read_text() == "precious"
+
+
+def test_cli_non_empty_output_needs_force(tmp_path, sources, capsys):
+    output = tmp_path / "model"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    rc, out, err = run_cli(["export", "--model", str(sources["bert"]), "--output", str(output)], capsys)
+    assert_one_line_error(rc, err, out, contains="is not empty; pass --force")
+    assert [p.name for p in output.iterdir()] == ["keep.txt"]
+    assert (output / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "case,code,message",
+    [("opset-17", 1, "--opset 17 is too old"), ("unsupported-t5", 1, "unsupported architecture 't5'"),
+     ("pooling-not-a-choice", 2, "invalid choice")],
+)  # fmt: skip
+def test_cli_errors_in_a_real_process(case, code, message, tmp_path, sources):
+    """The same errors through `python -m halflife.cli`, warnings and all."""
+    make, _ = ERROR_CASES[case]
+    args, _ = make(tmp_path, sources)
+    output = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "default"}
+    result = subprocess.run(
+        [sys.executable, "-m", "halflife.cli", "export", *args, "--output", str(output)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_one_line_error(result.returncode, result.stderr, result.stdout, (code,), message)
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("value", ["-5", "1000"])
+def test_cli_rejects_impossible_max_input_tokens(value, tmp_path, sources, capsys):
+    output = tmp_path / "out"
+    argv = ["export", "--model", str(sources["bert"]), "--output", str(output), f"--max-input-tokens={value}"]
+    rc, out, err = run_cli(argv, capsys)
+    assert_one_line_error(rc, err, out, (1, 2), "--max-input-tokens")
+    assert not output.exists()
+
+
+# ---------------------------------------------------------------- validation failure
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["fresh-output", "force-over-a-good-export"])
+def test_validation_failure_refuses_and_writes_nothing(existing, tmp_path, sources, capsys, monkeypatch, tmp_path_factory):
+    """The ONNX variants are compared with a PyTorch model whose weights differ
+    (another seed): exactly what validation exists to catch."""
+    import halflife_export.exporter as exporter
+
+    impostor = tiny_models.make_tiny_bert(tmp_path / "impostor", seed=tiny_models.SEED + 1)
+    real_reference = exporter.reference_embeddings
+    calls = []
+
+    def reference_from_other_weights(source_path, sentences, pooling, max_tokens):
+        calls.append(source_path)
+        return real_reference(impostor, sentences, pooling, max_tokens)
+
+    monkeypatch.setattr(exporter, "reference_embeddings", reference_from_other_weights)
+
+    parent = tmp_path / "models"
+    output = parent / "model"
+    argv = ["export", "--model", str(sources["bert"]), "--output", str(output)]
+    if existing:
+        _, good, _ = tiny_models.exported("bert", tmp_path_factory)
+        shutil.copytree(good, output)
+        argv.append("--force")
+        before = {p.name: p.read_bytes() for p in output.iterdir()}
+    rc, out, err = run_cli(argv, capsys)
+
+    assert calls == [sources["bert"]]
+    line = assert_one_line_error(rc, err, out, contains="validation failed for")
+    assert "fp32-o2" in line and "fp16" in line and "nothing written" in line
+    assert "FAILED" in err  # the per-variant table was shown before refusing
+    if existing:
+        assert {p.name: p.read_bytes() for p in output.iterdir()} == before
+        assert sorted(p.name for p in parent.iterdir()) == ["model"]
+    else:
+        assert not output.exists()
+        assert list(parent.iterdir()) == []  # no staging directory left behind
