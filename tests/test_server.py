@@ -94,7 +94,7 @@ def test_concurrent_requests_are_batched_and_identical_to_unbatched(live_server)
     texts = [f"user {i} likes {'jazz' if i % 2 else 'hiking'} and item number {i * 7}" for i in range(48)]
     with HalflifeClient(live_server.address) as client:
         alone = np.stack([client.embed([t])[0] for t in texts])
-        batcher = live_server.server._batcher
+        batcher = live_server.server.backend.batcher
         before = batcher.batches_run
         with concurrent.futures.ThreadPoolExecutor(32) as pool:
             together = np.stack(list(pool.map(lambda t: client.embed([t])[0], texts)))

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import datetime as dt
 import logging
 import sys
 from pathlib import Path
+
+import grpc
 
 from halflife.embedding.manifest import ManifestError
 
@@ -81,16 +85,22 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="padded tokens per model batch")
     parser.add_argument("--max-queued-inputs", type=int, default=None, help="queue size before RESOURCE_EXHAUSTED")
+    parser.add_argument("--config", type=Path, default=None, help="TOML file of decay, weights and ranking settings")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     parser.set_defaults(run=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from halflife.api.server import ServerConfig, serve
+    from halflife.config import ConfigError, load_config
     from halflife.embedding.batcher import BatchingConfig
+    from halflife.storage.base import StoreError
 
+    try:
+        halflife_config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"halflife serve: error: config: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     batching = BatchingConfig()
     overrides = {"max_batch_tokens": args.max_batch_tokens, "max_queued_inputs": args.max_queued_inputs}
@@ -104,13 +114,90 @@ def _run_serve(args: argparse.Namespace) -> int:
         provider=args.provider,
         intra_op_threads=args.threads,
         batching=batching,
+        halflife=halflife_config,
     )
     try:
         asyncio.run(serve(config))
-    except (ManifestError, OSError) as exc:
+    except (ManifestError, StoreError, OSError) as exc:
         print(f"halflife serve: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
+
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def _timestamp(value: str) -> dt.datetime:
+    """ISO 8601 (naive = UTC) or unix seconds."""
+    try:
+        return dt.datetime.fromtimestamp(float(value), tz=dt.timezone.utc)
+    except ValueError:
+        pass
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time or unix seconds: {value!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+def _add_client_commands(commands: argparse._SubParsersAction) -> None:
+    load = commands.add_parser("load-movielens", help="load a MovieLens directory into a running server")
+    load.add_argument("directory", type=Path, help="e.g. ../shared/data/ml-latest-small")
+    load.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
+    load.add_argument("--batch-size", type=int, default=500, help="events per RecordEvents call (default 500)")
+    load.set_defaults(run=_run_load)
+
+    recommend = commands.add_parser("recommend", help="show a user's recommendations, explained")
+    recommend.add_argument("user_id")
+    recommend.add_argument("--limit", type=int, default=10)
+    recommend.add_argument("--as-of", type=_timestamp, default=None, help="ISO time or unix seconds (default now)")
+    recommend.add_argument("--query", default="", help="text blended into the profile")
+    recommend.add_argument("--target", default=DEFAULT_TARGET)
+    recommend.set_defaults(run=_run_recommend)
+
+    profile = commands.add_parser("profile", help="show a user's interests in words")
+    profile.add_argument("user_id")
+    profile.add_argument("--as-of", type=_timestamp, default=None, help="ISO time or unix seconds (default now)")
+    profile.add_argument("--target", default=DEFAULT_TARGET)
+    profile.set_defaults(run=_run_profile)
+
+
+def _client_command(name: str, fn, *args) -> int:
+    """Runs a client command; gRPC and file errors become one line on stderr."""
+    from halflife_client import field_violations
+
+    try:
+        fn(*args)
+    except grpc.RpcError as error:
+        details = "; ".join(f"{field}: {text}" for field, text in field_violations(error)) or error.details()
+        print(f"halflife {name}: error: {error.code().name}: {details}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (OSError, KeyError) as exc:
+        print(f"halflife {name}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+def _run_load(args: argparse.Namespace) -> int:
+    from halflife.commands import load_movielens
+
+    def run():
+        totals = load_movielens(args.directory, args.target, args.batch_size)
+        print(", ".join(f"{key.replace('_', ' ')}: {value}" for key, value in totals.items()))
+
+    return _client_command("load-movielens", run)
+
+
+def _run_recommend(args: argparse.Namespace) -> int:
+    from halflife.commands import show_recommendations
+
+    return _client_command("recommend", show_recommendations, args.user_id, args.target, args.limit, args.as_of, args.query)
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from halflife.commands import show_profile
+
+    return _client_command("profile", show_profile, args.user_id, args.target, args.as_of)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_export(commands)
     _add_serve(commands)
+    _add_client_commands(commands)
     return parser
 
 

@@ -1,5 +1,9 @@
 """HalflifeClient and AsyncHalflifeClient: Python values in, NumPy arrays out.
 
+Items and events are passed as plain values (`Item`, `Event` dataclasses or
+the generated messages); times are `datetime`s (naive ones are taken as UTC).
+Recommendations and profiles come back as the generated, typed messages.
+
 Every call has a deadline (the client's `timeout` unless given per call), and
 calls that fail with UNAVAILABLE (server restarting, connection dropped) are
 retried with exponential backoff by gRPC itself; no other status is retried,
@@ -9,13 +13,24 @@ so a rejected request is never silently re-sent.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import grpc
 import numpy as np
+from google.protobuf import timestamp_pb2
 
-from halflife.v1 import embedding_pb2, embedding_pb2_grpc
+from halflife.v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
+    embedding_pb2,
+    embedding_pb2_grpc,
+    interest_pb2,
+    interest_pb2_grpc,
+    recommend_pb2,
+    recommend_pb2_grpc,
+)
 
 DEFAULT_TIMEOUT_S = 10.0
 MiB = 1 << 20
@@ -24,7 +39,12 @@ _RETRY_SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
             {
-                "name": [{"service": "halflife.v1.EmbeddingService"}],
+                "name": [
+                    {"service": "halflife.v1.EmbeddingService"},
+                    {"service": "halflife.v1.CatalogService"},
+                    {"service": "halflife.v1.InterestService"},
+                    {"service": "halflife.v1.RecommendService"},
+                ],
                 "retryPolicy": {
                     "maxAttempts": 4,
                     "initialBackoff": "0.1s",
@@ -56,6 +76,89 @@ class ModelInfo:
     max_inputs_per_request: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Item:
+    id: str
+    text: str = ""
+    categories: Sequence[str] = ()
+    attributes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    create_time: dt.datetime | None = None
+    vector: Sequence[float] | np.ndarray | None = None
+
+    def to_proto(self) -> catalog_pb2.Item:
+        item = catalog_pb2.Item(id=self.id, text=self.text, categories=list(self.categories), attributes=dict(self.attributes))
+        if self.create_time is not None:
+            item.create_time.CopyFrom(to_timestamp(self.create_time))
+        if self.vector is not None:
+            item.vector.extend(np.asarray(self.vector, dtype=np.float32).tolist())
+        return item
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    event_id: str
+    user_id: str
+    type: int  # interest_pb2.EVENT_TYPE_*
+    item_id: str = ""
+    text: str = ""
+    value: float | None = None
+    event_time: dt.datetime | None = None  # None: the server's clock
+
+    def to_proto(self) -> interest_pb2.Event:
+        event = interest_pb2.Event(
+            event_id=self.event_id, user_id=self.user_id, type=self.type, item_id=self.item_id, text=self.text
+        )
+        if self.value is not None:
+            event.value = self.value
+        if self.event_time is not None:
+            event.event_time.CopyFrom(to_timestamp(self.event_time))
+        return event
+
+
+def to_timestamp(when: dt.datetime) -> timestamp_pb2.Timestamp:
+    """A Timestamp from a datetime (naive datetimes are UTC)."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
+
+
+def _protos(values, message_type):
+    return [v if isinstance(v, message_type) else v.to_proto() for v in values]
+
+
+def _recommend_request(user_id, limit, as_of, include_seen, query, explain, diversity, item_filter):
+    request = recommend_pb2.RecommendRequest(
+        user_id=user_id, limit=limit, include_seen=include_seen, query=query, explain=explain, diversity=diversity
+    )
+    if as_of is not None:
+        request.as_of_time.CopyFrom(to_timestamp(as_of))
+    if item_filter is not None:
+        request.filter.CopyFrom(item_filter)
+    return request
+
+
+def _similar_request(item_id, text, limit, item_filter):
+    if (item_id is None) == (text is None):
+        raise ValueError("give exactly one of item_id and text")
+    request = recommend_pb2.SimilarItemsRequest(limit=limit)
+    if item_id is not None:
+        request.item_id = item_id
+    else:
+        request.text = text
+    if item_filter is not None:
+        request.filter.CopyFrom(item_filter)
+    return request
+
+
+def _profile_request(user_id, as_of, items_per_interest):
+    request = interest_pb2.GetProfileRequest(user_id=user_id, items_per_interest=items_per_interest)
+    if as_of is not None:
+        request.as_of_time.CopyFrom(to_timestamp(as_of))
+    return request
+
+
 def _model_info(response: embedding_pb2.GetModelInfoResponse) -> ModelInfo:
     return ModelInfo(**{f.name: getattr(response, f.name) for f in dataclasses.fields(ModelInfo)})
 
@@ -77,6 +180,9 @@ class HalflifeClient:
         self._channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.timeout = timeout
         self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
+        self._catalog = catalog_pb2_grpc.CatalogServiceStub(self._channel)
+        self._interest = interest_pb2_grpc.InterestServiceStub(self._channel)
+        self._recommend = recommend_pb2_grpc.RecommendServiceStub(self._channel)
 
     def embed(
         self, texts: Sequence[str], *, truncate: bool = False, normalize: bool = True, timeout: float | None = None
@@ -89,6 +195,47 @@ class HalflifeClient:
         return _model_info(
             self._embedding.GetModelInfo(embedding_pb2.GetModelInfoRequest(), timeout=timeout or self.timeout)
         )
+
+    def upsert_items(self, items: Sequence[Item | catalog_pb2.Item], *, timeout: float | None = None):
+        """Creates or replaces items; returns (created, updated)."""
+        response = self._catalog.UpsertItems(
+            catalog_pb2.UpsertItemsRequest(items=_protos(items, catalog_pb2.Item)), timeout=timeout or self.timeout
+        )
+        return response.created_count, response.updated_count
+
+    def delete_items(self, ids: Sequence[str], *, timeout: float | None = None) -> int:
+        return self._catalog.DeleteItems(catalog_pb2.DeleteItemsRequest(ids=list(ids)), timeout=timeout or self.timeout).deleted_count
+
+    def get_items(self, ids: Sequence[str], *, include_vectors: bool = False, timeout: float | None = None):
+        request = catalog_pb2.GetItemsRequest(ids=list(ids), include_vectors=include_vectors)
+        return list(self._catalog.GetItems(request, timeout=timeout or self.timeout).items)
+
+    def record_events(self, events: Sequence[Event | interest_pb2.Event], *, timeout: float | None = None):
+        """Records events durably; returns (accepted, duplicates)."""
+        response = self._interest.RecordEvents(
+            interest_pb2.RecordEventsRequest(events=_protos(events, interest_pb2.Event)), timeout=timeout or self.timeout
+        )
+        return response.accepted_count, response.duplicate_count
+
+    def profile(self, user_id: str, *, as_of: dt.datetime | None = None, items_per_interest: int = 0, timeout: float | None = None):
+        return self._interest.GetProfile(_profile_request(user_id, as_of, items_per_interest), timeout=timeout or self.timeout)
+
+    def delete_user(self, user_id: str, *, timeout: float | None = None) -> int:
+        return self._interest.DeleteUser(interest_pb2.DeleteUserRequest(user_id=user_id), timeout=timeout or self.timeout).deleted_event_count
+
+    def recommend(
+        self, user_id: str, limit: int = 10, *, as_of: dt.datetime | None = None, include_seen: bool = False,
+        query: str = "", explain: bool = False, diversity: float = 0.0,
+        item_filter: recommend_pb2.ItemFilter | None = None, timeout: float | None = None,
+    ) -> recommend_pb2.RecommendResponse:
+        request = _recommend_request(user_id, limit, as_of, include_seen, query, explain, diversity, item_filter)
+        return self._recommend.Recommend(request, timeout=timeout or self.timeout)
+
+    def similar_items(
+        self, *, item_id: str | None = None, text: str | None = None, limit: int = 10,
+        item_filter: recommend_pb2.ItemFilter | None = None, timeout: float | None = None,
+    ) -> recommend_pb2.SimilarItemsResponse:
+        return self._recommend.SimilarItems(_similar_request(item_id, text, limit, item_filter), timeout=timeout or self.timeout)
 
     def close(self) -> None:
         self._channel.close()
@@ -107,6 +254,9 @@ class AsyncHalflifeClient:
         self._channel = channel or grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.timeout = timeout
         self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
+        self._catalog = catalog_pb2_grpc.CatalogServiceStub(self._channel)
+        self._interest = interest_pb2_grpc.InterestServiceStub(self._channel)
+        self._recommend = recommend_pb2_grpc.RecommendServiceStub(self._channel)
 
     async def embed(
         self, texts: Sequence[str], *, truncate: bool = False, normalize: bool = True, timeout: float | None = None
@@ -120,6 +270,47 @@ class AsyncHalflifeClient:
         return _model_info(
             await self._embedding.GetModelInfo(embedding_pb2.GetModelInfoRequest(), timeout=timeout or self.timeout)
         )
+
+    async def upsert_items(self, items: Sequence[Item | catalog_pb2.Item], *, timeout: float | None = None):
+        """Creates or replaces items; returns (created, updated)."""
+        response = await self._catalog.UpsertItems(
+            catalog_pb2.UpsertItemsRequest(items=_protos(items, catalog_pb2.Item)), timeout=timeout or self.timeout
+        )
+        return response.created_count, response.updated_count
+
+    async def delete_items(self, ids: Sequence[str], *, timeout: float | None = None) -> int:
+        return (await self._catalog.DeleteItems(catalog_pb2.DeleteItemsRequest(ids=list(ids)), timeout=timeout or self.timeout)).deleted_count
+
+    async def get_items(self, ids: Sequence[str], *, include_vectors: bool = False, timeout: float | None = None):
+        request = catalog_pb2.GetItemsRequest(ids=list(ids), include_vectors=include_vectors)
+        return list((await self._catalog.GetItems(request, timeout=timeout or self.timeout)).items)
+
+    async def record_events(self, events: Sequence[Event | interest_pb2.Event], *, timeout: float | None = None):
+        """Records events durably; returns (accepted, duplicates)."""
+        response = await self._interest.RecordEvents(
+            interest_pb2.RecordEventsRequest(events=_protos(events, interest_pb2.Event)), timeout=timeout or self.timeout
+        )
+        return response.accepted_count, response.duplicate_count
+
+    async def profile(self, user_id: str, *, as_of: dt.datetime | None = None, items_per_interest: int = 0, timeout: float | None = None):
+        return await self._interest.GetProfile(_profile_request(user_id, as_of, items_per_interest), timeout=timeout or self.timeout)
+
+    async def delete_user(self, user_id: str, *, timeout: float | None = None) -> int:
+        return (await self._interest.DeleteUser(interest_pb2.DeleteUserRequest(user_id=user_id), timeout=timeout or self.timeout)).deleted_event_count
+
+    async def recommend(
+        self, user_id: str, limit: int = 10, *, as_of: dt.datetime | None = None, include_seen: bool = False,
+        query: str = "", explain: bool = False, diversity: float = 0.0,
+        item_filter: recommend_pb2.ItemFilter | None = None, timeout: float | None = None,
+    ) -> recommend_pb2.RecommendResponse:
+        request = _recommend_request(user_id, limit, as_of, include_seen, query, explain, diversity, item_filter)
+        return await self._recommend.Recommend(request, timeout=timeout or self.timeout)
+
+    async def similar_items(
+        self, *, item_id: str | None = None, text: str | None = None, limit: int = 10,
+        item_filter: recommend_pb2.ItemFilter | None = None, timeout: float | None = None,
+    ) -> recommend_pb2.SimilarItemsResponse:
+        return await self._recommend.SimilarItems(_similar_request(item_id, text, limit, item_filter), timeout=timeout or self.timeout)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -15,6 +15,8 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from halflife.embedding.batcher import DeadlineExpiredError, QueueFullError
+
 log = logging.getLogger(__name__)
 
 FieldViolation = tuple[str, str]  # (field path, e.g. "inputs[3]", description)
@@ -73,8 +75,9 @@ Handler = TypeVar("Handler", bound=Callable[..., Awaitable])
 
 
 def translate_errors(handler: Handler) -> Handler:
-    """Wraps an async servicer method: ApiError becomes its rich status;
-    anything unexpected becomes INTERNAL (logged with its traceback), and the
+    """Wraps an async servicer method: ApiError becomes its rich status, a
+    full embedding queue RESOURCE_EXHAUSTED, an expired deadline
+    DEADLINE_EXCEEDED; anything unexpected becomes INTERNAL (logged with its traceback), and the
     server keeps serving."""
 
     @functools.wraps(handler)
@@ -83,6 +86,12 @@ def translate_errors(handler: Handler) -> Handler:
             return await handler(self, request, context)
         except ApiError as error:
             await context.abort_with_status(error.to_status())
+        except QueueFullError as error:
+            await context.abort_with_status(resource_exhausted(f"{error}; retry with backoff").to_status())
+        except DeadlineExpiredError:
+            await context.abort_with_status(
+                deadline_exceeded("the deadline passed before the inputs were computed").to_status()
+            )
         except grpc.aio.AbortError:
             raise
         except Exception:

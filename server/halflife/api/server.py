@@ -12,10 +12,26 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from halflife.api.backend import Backend
+from halflife.api.catalog import CatalogServicer
 from halflife.api.embedding import EmbeddingServicer
+from halflife.api.interest import InterestServicer
+from halflife.api.recommend import RecommendServicer
+from halflife.config import Config
 from halflife.embedding.batcher import BatchingConfig, DynamicBatcher
 from halflife.embedding.engine import EmbeddingEngine
-from halflife.v1 import embedding_pb2, embedding_pb2_grpc
+from halflife.interest.engine import InterestEngine
+from halflife.storage.sqlite import SqliteStore
+from halflife.v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
+    embedding_pb2,
+    embedding_pb2_grpc,
+    interest_pb2,
+    interest_pb2_grpc,
+    recommend_pb2,
+    recommend_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +50,7 @@ class ServerConfig:
     provider: str = "auto"
     intra_op_threads: int | None = None  # default: physical cores
     batching: BatchingConfig = dataclasses.field(default_factory=BatchingConfig)
+    halflife: Config = dataclasses.field(default_factory=Config)  # decay, weights, ranking (--config)
     max_concurrent_rpcs: int = 1024
     max_message_bytes: int = 64 * MiB  # above gRPC's 4 MiB default: 256 long inputs or big catalogue batches
     grace_seconds: float = 30.0  # in-flight RPCs get this long to finish on shutdown
@@ -56,53 +73,77 @@ class ServerConfig:
         ]
 
 
+# The API's services, each with its proto module and registration function.
+API_SERVICES = (
+    (embedding_pb2, "EmbeddingService", embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, EmbeddingServicer),
+    (catalog_pb2, "CatalogService", catalog_pb2_grpc.add_CatalogServiceServicer_to_server, CatalogServicer),
+    (interest_pb2, "InterestService", interest_pb2_grpc.add_InterestServiceServicer_to_server, InterestServicer),
+    (recommend_pb2, "RecommendService", recommend_pb2_grpc.add_RecommendServiceServicer_to_server, RecommendServicer),
+)
+
+
+def api_service_names() -> list[str]:
+    return [module.DESCRIPTOR.services_by_name[name].full_name for module, name, _, _ in API_SERVICES]
+
+
 def service_names() -> list[str]:
-    return [
-        embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
-        health.SERVICE_NAME,
-        reflection.SERVICE_NAME,
-    ]
+    return [*api_service_names(), health.SERVICE_NAME, reflection.SERVICE_NAME]
 
 
 class HalflifeServer:
-    """Starts listening at once (health NOT_SERVING), then loads and warms the
-    model and flips health to SERVING."""
+    """Starts listening at once (health NOT_SERVING), then loads the model,
+    the store and the catalogue, and flips health to SERVING."""
 
     def __init__(self, config: ServerConfig):
         self.config = config
         self.port: int | None = None
-        self.engine: EmbeddingEngine | None = None
+        self.backend = Backend()
+        self.store: SqliteStore | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
-        self._embedding = EmbeddingServicer()
-        self._batcher: DynamicBatcher | None = None
+        self._servicers = [servicer(self.backend) for _, _, _, servicer in API_SERVICES]
+
+    @property
+    def engine(self) -> EmbeddingEngine | None:
+        return self.backend.embedding
+
+    @property
+    def interest(self) -> InterestEngine | None:
+        return self.backend.interest
+
+    async def _set_health(self, status) -> None:
+        for name in ("", *api_service_names()):
+            await self._health.set(name, status)
 
     async def start(self) -> int:
-        """Binds, serves health and reflection, loads the model; returns the port.
+        """Binds, serves health and reflection, loads everything; returns the port.
 
-        Raises (after closing the port) when the model cannot be loaded.
+        Raises (after closing the port) when the model or the store cannot be loaded.
         """
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         server = grpc.aio.server(options=config.grpc_options(), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
-        embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(self._embedding, server)
+        for (_, _, register, _), servicer in zip(API_SERVICES, self._servicers):
+            register(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(service_names(), server)
-        for name in ("", *service_names()[:1]):
-            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = server.add_insecure_port(f"{config.host}:{config.port}")
         if self.port == 0:
             raise OSError(f"cannot bind {config.host}:{config.port}")
         self._server = server
         await server.start()
-        log.info("listening on %s:%d (health NOT_SERVING while the model loads)", config.host, self.port)
+        log.info("listening on %s:%d (health NOT_SERVING while loading)", config.host, self.port)
         try:
             await self._load_model()
+            self.store = await asyncio.to_thread(SqliteStore, config.data_dir)
+            self.backend.interest = await asyncio.to_thread(
+                InterestEngine, config.halflife, self.store, self.backend.embedding.dimension, self.backend.embed_blocking
+            )
         except BaseException:
             await self.stop(grace=0)
             raise
-        for name in ("", *service_names()[:1]):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving on %s:%d", config.host, self.port)
         return self.port
 
@@ -128,10 +169,9 @@ class HalflifeServer:
             manifest.max_input_tokens,
             engine.provider,
         )
-        self._batcher = DynamicBatcher(engine.forward, config.batching)
-        self._batcher.start()
-        self.engine = engine
-        self._embedding.attach(engine, self._batcher)
+        batcher = DynamicBatcher(engine.forward, config.batching)
+        batcher.start()
+        self.backend.attach(engine, batcher, asyncio.get_running_loop())
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking calls, lets in-flight ones finish within `grace` seconds."""
@@ -140,10 +180,12 @@ class HalflifeServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
-        if self._batcher is not None:
-            await self._batcher.stop()
-            self._batcher = None
-        self._embedding.close()
+        if self.backend.batcher is not None:
+            await self.backend.batcher.stop()
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
+            self.store = None
+        self.backend.close()
 
 
 async def serve(config: ServerConfig) -> None:

@@ -1,0 +1,46 @@
+"""What the servicers call: set once the model is loaded, UNAVAILABLE before."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from typing import Sequence
+
+import numpy as np
+
+from halflife.api.errors import unavailable
+from halflife.embedding.batcher import DynamicBatcher
+from halflife.embedding.engine import EmbeddingEngine
+from halflife.embedding.pooling import l2_normalize
+from halflife.interest.engine import InterestEngine
+
+
+class Backend:
+    def __init__(self) -> None:
+        self.embedding: EmbeddingEngine | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.interest: InterestEngine | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Tokenization runs here, off the event loop (the tokenizers library
+        # releases the GIL while it works).
+        self.tokenize_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="halflife-tokenize")
+
+    def attach(self, embedding: EmbeddingEngine, batcher: DynamicBatcher, loop: asyncio.AbstractEventLoop) -> None:
+        self.embedding, self.batcher, self._loop = embedding, batcher, loop
+
+    def close(self) -> None:
+        self.tokenize_pool.shutdown(wait=False)
+
+    def ready(self) -> Backend:
+        if self.embedding is None or self.batcher is None or self.interest is None:
+            raise unavailable("the server is still loading; retry shortly")
+        return self
+
+    def embed_blocking(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit embeddings of texts, truncated to the model's limit, from a
+        worker thread: the work joins the server's shared dynamic batches.
+        Returns (len(texts), dim) float32."""
+        assert self.embedding is not None and self.batcher is not None and self._loop is not None
+        tokens = self.embedding.tokenize(list(texts), truncate=True)
+        future = asyncio.run_coroutine_threadsafe(self.batcher.submit(tokens.ids), self._loop)
+        return l2_normalize(future.result())

@@ -1,0 +1,112 @@
+"""CatalogService: validates items and hands them to the interest engine."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+
+from halflife.api.backend import Backend
+from halflife.api.errors import not_found, translate_errors
+from halflife.api.validation import Violations, to_timestamp
+from halflife.interest.engine import ItemInput
+from halflife.v1 import catalog_pb2, catalog_pb2_grpc
+
+MAX_ITEMS_PER_REQUEST = 1000
+MAX_CATEGORIES = 64
+MAX_CATEGORY_BYTES = 128
+MAX_ATTRIBUTES = 64
+
+
+def _item_input(item: catalog_pb2.Item, field: str, dim: int, now: float, violations: Violations) -> ItemInput | None:
+    before = len(violations.items)
+    violations.identifier(item.id, f"{field}.id")
+    violations.text(item.text, f"{field}.text")
+    vector = None
+    if item.vector:
+        vector = np.asarray(item.vector, dtype=np.float32)
+        if vector.shape[0] != dim:
+            violations.add(f"{field}.vector", f"has {vector.shape[0]} values; the model's dimension is {dim}")
+        elif not np.isfinite(vector).all():
+            violations.add(f"{field}.vector", "holds NaN or infinite values")
+        elif not np.any(vector):
+            violations.add(f"{field}.vector", "is all zeros: it has no direction")
+    elif not item.text.strip():
+        violations.add(f"{field}.text", "is required when no vector is given")
+    if len(item.categories) > MAX_CATEGORIES:
+        violations.add(f"{field}.categories", f"holds {len(item.categories)} categories; at most {MAX_CATEGORIES}")
+    for j, category in enumerate(item.categories):
+        if not category or len(category.encode()) > MAX_CATEGORY_BYTES:
+            violations.add(f"{field}.categories[{j}]", f"must be 1 to {MAX_CATEGORY_BYTES} bytes")
+    if len(item.attributes) > MAX_ATTRIBUTES:
+        violations.add(f"{field}.attributes", f"holds {len(item.attributes)} entries; at most {MAX_ATTRIBUTES}")
+    create_time = violations.timestamp(item, "create_time", f"{field}.create_time", now)
+    if len(violations.items) > before:
+        return None
+    return ItemInput(
+        id=item.id,
+        text=item.text,
+        categories=tuple(dict.fromkeys(item.categories)),
+        attributes=dict(item.attributes),
+        create_time=create_time,
+        vector=vector,
+    )
+
+
+def _check_ids(ids, violations: Violations) -> None:
+    if violations.count(ids, "ids", MAX_ITEMS_PER_REQUEST):
+        for i, item_id in enumerate(ids):
+            violations.identifier(item_id, f"ids[{i}]")
+    violations.raise_if_any()
+
+
+class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+
+    @translate_errors
+    async def UpsertItems(self, request: catalog_pb2.UpsertItemsRequest, context: grpc.aio.ServicerContext):
+        interest = self._backend.ready().interest
+        violations = Violations()
+        items = []
+        if violations.count(request.items, "items", MAX_ITEMS_PER_REQUEST):
+            seen: dict[str, int] = {}
+            for i, item in enumerate(request.items):
+                if item.id in seen:
+                    violations.add(f"items[{i}].id", f"repeats items[{seen[item.id]}].id {item.id!r}")
+                seen.setdefault(item.id, i)
+                items.append(_item_input(item, f"items[{i}]", interest.dim, interest.now(), violations))
+        violations.raise_if_any()
+        created, updated = await asyncio.to_thread(interest.upsert_items, items)
+        return catalog_pb2.UpsertItemsResponse(created_count=created, updated_count=updated)
+
+    @translate_errors
+    async def DeleteItems(self, request: catalog_pb2.DeleteItemsRequest, context: grpc.aio.ServicerContext):
+        interest = self._backend.ready().interest
+        violations = Violations()
+        _check_ids(request.ids, violations)
+        deleted = await asyncio.to_thread(interest.delete_items, list(request.ids))
+        return catalog_pb2.DeleteItemsResponse(deleted_count=deleted)
+
+    @translate_errors
+    async def GetItems(self, request: catalog_pb2.GetItemsRequest, context: grpc.aio.ServicerContext):
+        interest = self._backend.ready().interest
+        violations = Violations()
+        _check_ids(request.ids, violations)
+        found = await asyncio.to_thread(interest.get_items, list(request.ids))
+        missing = [(f"ids[{i}]", f"no item {item_id!r}") for i, item_id in enumerate(request.ids) if item_id not in found]
+        if missing:
+            raise not_found(f"{len(missing)} of the items do not exist", missing)
+        items = []
+        for item_id in request.ids:
+            record = found[item_id]
+            item = catalog_pb2.Item(
+                id=record.id, text=record.text, categories=record.categories, attributes=dict(record.attributes)
+            )
+            if record.create_time is not None:
+                item.create_time.CopyFrom(to_timestamp(record.create_time))
+            if request.include_vectors:
+                item.vector.extend(record.vector.tolist())
+            items.append(item)
+        return catalog_pb2.GetItemsResponse(items=items)

@@ -1,0 +1,121 @@
+"""InterestService: validates events, hands them to the interest engine, renders profiles."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import grpc
+
+from halflife.api.backend import Backend
+from halflife.api.errors import not_found, translate_errors
+from halflife.api.validation import Violations, to_timestamp
+from halflife.interest.engine import RATE, EventInput, UnknownItemsError
+from halflife.v1 import interest_pb2, interest_pb2_grpc
+
+MAX_EVENTS_PER_REQUEST = 1000
+MAX_ITEMS_PER_INTEREST = 20
+TRENDS = {
+    "rising": interest_pb2.TREND_RISING,
+    "steady": interest_pb2.TREND_STEADY,
+    "fading": interest_pb2.TREND_FADING,
+}
+_EVENT_TYPES = set(interest_pb2.EventType.values()) - {interest_pb2.EVENT_TYPE_UNSPECIFIED}
+
+
+def _event_input(event: interest_pb2.Event, field: str, now: float, violations: Violations) -> EventInput | None:
+    before = len(violations.items)
+    violations.identifier(event.event_id, f"{field}.event_id")
+    violations.identifier(event.user_id, f"{field}.user_id")
+    if event.type not in _EVENT_TYPES:
+        name = "EVENT_TYPE_UNSPECIFIED" if event.type == 0 else f"unknown value {event.type}"
+        violations.add(f"{field}.type", f"must be a known event type, got {name}")
+    if not event.item_id and not event.text.strip():
+        violations.add(f"{field}.item_id", "an event needs an item_id, a text, or both")
+    if event.item_id:
+        violations.identifier(event.item_id, f"{field}.item_id")
+    violations.text(event.text, f"{field}.text")
+    value = event.value if event.HasField("value") else None
+    if value is not None:
+        violations.finite(value, f"{field}.value")
+    elif event.type == RATE:
+        violations.add(f"{field}.value", "EVENT_TYPE_RATE needs the rating in value")
+    event_time = violations.timestamp(event, "event_time", f"{field}.event_time", now)
+    if len(violations.items) > before:
+        return None
+    return EventInput(
+        event_id=event.event_id,
+        user_id=event.user_id,
+        type=event.type,
+        item_id=event.item_id or None,
+        text=event.text or None,
+        value=value,
+        event_time=now if event_time is None else event_time,
+    )
+
+
+class InterestServicer(interest_pb2_grpc.InterestServiceServicer):
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+
+    @translate_errors
+    async def RecordEvents(self, request: interest_pb2.RecordEventsRequest, context: grpc.aio.ServicerContext):
+        interest = self._backend.ready().interest
+        violations = Violations()
+        events = []
+        if violations.count(request.events, "events", MAX_EVENTS_PER_REQUEST):
+            now = interest.now()
+            events = [_event_input(e, f"events[{i}]", now, violations) for i, e in enumerate(request.events)]
+        violations.raise_if_any()
+        try:
+            accepted, duplicates = await asyncio.to_thread(interest.record_events, events)
+        except UnknownItemsError as error:
+            raise not_found(
+                f"{len(error.missing)} events refer to unknown items; nothing was recorded",
+                [(f"events[{i}].item_id", f"no item {item_id!r} in the catalogue") for i, item_id in error.missing],
+            ) from None
+        return interest_pb2.RecordEventsResponse(accepted_count=accepted, duplicate_count=duplicates)
+
+    @translate_errors
+    async def GetProfile(self, request: interest_pb2.GetProfileRequest, context: grpc.aio.ServicerContext):
+        interest = self._backend.ready().interest
+        violations = Violations()
+        violations.identifier(request.user_id, "user_id")
+        as_of = violations.timestamp(request, "as_of_time", "as_of_time", interest.now())
+        if not 0 <= request.items_per_interest <= MAX_ITEMS_PER_INTEREST:
+            violations.add("items_per_interest", f"must be between 0 and {MAX_ITEMS_PER_INTEREST}")
+        violations.raise_if_any()
+        profile = await asyncio.to_thread(
+            interest.profile, request.user_id, as_of, request.items_per_interest or None
+        )
+        response = interest_pb2.GetProfileResponse(
+            user_id=profile.user_id,
+            negative_strength=profile.negative_strength,
+            event_counts=[
+                interest_pb2.EventTypeCount(type=t, count=n) for t, n in sorted(profile.event_counts.items())
+            ],
+        )
+        if profile.last_event_time is not None:
+            response.last_event_time.CopyFrom(to_timestamp(profile.last_event_time))
+        for view in profile.interests:
+            message = response.interests.add(
+                interest_id=view.interest_id,
+                strength=view.strength,
+                share=view.share,
+                trend=TRENDS[view.trend],
+                event_count=view.event_count,
+                labels=[interest_pb2.InterestLabel(label=l, similarity=s) for l, s in view.labels],
+                top_items=[interest_pb2.InterestItem(item_id=i, text=t, similarity=s) for i, t, s in view.top_items],
+            )
+            if math.isfinite(view.last_event_time):
+                message.last_event_time.CopyFrom(to_timestamp(view.last_event_time))
+        return response
+
+    @translate_errors
+    async def DeleteUser(self, request: interest_pb2.DeleteUserRequest, context: grpc.aio.ServicerContext):
+        interest = self._backend.ready().interest
+        violations = Violations()
+        violations.identifier(request.user_id, "user_id")
+        violations.raise_if_any()
+        deleted = await asyncio.to_thread(interest.delete_user, request.user_id)
+        return interest_pb2.DeleteUserResponse(deleted_event_count=deleted)

@@ -1,0 +1,77 @@
+"""Request validation: collects every field violation, then fails once with all of them."""
+
+from __future__ import annotations
+
+import math
+from typing import Sized
+
+from google.protobuf import timestamp_pb2
+
+from halflife.api.errors import invalid_argument
+
+MAX_ID_BYTES = 256
+MAX_TEXT_BYTES = 32 * 1024
+MAX_FUTURE_SECONDS = 24 * 3600.0  # event times may run ahead of our clock by at most a day
+
+
+class Violations:
+    """Field violations of one request, in the order found."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append((field, description))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise invalid_argument(self.items)
+
+    def count(self, values: Sized, field: str, maximum: int, minimum: int = 1) -> bool:
+        n = len(values)
+        if n < minimum:
+            self.add(field, f"must hold at least {minimum} element{'s' if minimum > 1 else ''}")
+            return False
+        if n > maximum:
+            self.add(field, f"holds {n} elements; at most {maximum} per request")
+            return False
+        return True
+
+    def identifier(self, value: str, field: str) -> None:
+        if not value:
+            self.add(field, "must not be empty")
+        elif len(value.encode()) > MAX_ID_BYTES:
+            self.add(field, f"is {len(value.encode())} bytes long; at most {MAX_ID_BYTES}")
+
+    def text(self, value: str, field: str) -> None:
+        if len(value.encode()) > MAX_TEXT_BYTES:
+            self.add(field, f"is {len(value.encode())} bytes long; at most {MAX_TEXT_BYTES}")
+
+    def finite(self, value: float, field: str) -> None:
+        if not math.isfinite(value):
+            self.add(field, f"must be a finite number, got {value}")
+
+    def limit(self, value: int, field: str, maximum: int) -> None:
+        if not 1 <= value <= maximum:
+            self.add(field, f"must be between 1 and {maximum}, got {value}")
+
+    def timestamp(self, message, name: str, field: str, now: float) -> float | None:
+        """Seconds of the Timestamp field `name` of `message`; None when unset.
+        Times before 1970 or more than a day ahead of `now` are violations."""
+        if not message.HasField(name):
+            return None
+        stamp: timestamp_pb2.Timestamp = getattr(message, name)
+        if not 0 <= stamp.nanos < 1_000_000_000:
+            self.add(field, f"nanos must be in [0, 1e9), got {stamp.nanos}")
+            return None
+        seconds = stamp.seconds + stamp.nanos / 1e9
+        if seconds < 0:
+            self.add(field, "is before 1970-01-01")
+        elif seconds > now + MAX_FUTURE_SECONDS:
+            self.add(field, "is more than 24 hours in the future")
+        return seconds
+
+
+def to_timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    whole = math.floor(seconds)
+    return timestamp_pb2.Timestamp(seconds=int(whole), nanos=int(round((seconds - whole) * 1e9)) % 1_000_000_000)

@@ -1,0 +1,209 @@
+"""Decay, weights and ranking settings: documented defaults, overridable by a TOML file (`--config`).
+
+Every key is optional; an unknown key, a wrong type or an out-of-range value
+fails at start with a message naming the key (e.g. `event_types.view.weight`).
+See docs/configuration.md for the meaning of each setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from halflife.core.decay import EventTypes
+
+DAY = 86400.0
+
+# Internal event types: the API's EventType values 1..11 in order, then the
+# two a rating maps to when it is not positive (low = negative feedback,
+# mid = no signal). Index i holds API value i + 1.
+EVENT_TYPE_NAMES = (
+    "view",
+    "click",
+    "like",
+    "add_to_cart",
+    "purchase",
+    "rate",
+    "review",
+    "search",
+    "share",
+    "dislike",
+    "skip",
+    "rate_low",
+    "rate_mid",
+)
+
+
+class ConfigError(ValueError):
+    """The config file is invalid; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EventTypeConfig:
+    weight: float  # negative: negative feedback
+    half_life_days: float  # inf: never decays
+
+
+# Defaults: three half-lives (a week for browsing signals, a quarter for
+# deliberate ones, half a year for purchases), so each profile keeps only
+# three decayed accumulators.
+DEFAULT_EVENT_TYPES = {
+    "view": EventTypeConfig(1.0, 7.0),
+    "click": EventTypeConfig(1.5, 7.0),
+    "like": EventTypeConfig(3.0, 90.0),
+    "add_to_cart": EventTypeConfig(3.0, 7.0),
+    "purchase": EventTypeConfig(5.0, 180.0),
+    "rate": EventTypeConfig(3.0, 90.0),
+    "review": EventTypeConfig(3.0, 90.0),
+    "search": EventTypeConfig(1.0, 7.0),
+    "share": EventTypeConfig(2.0, 90.0),
+    "dislike": EventTypeConfig(-3.0, 90.0),
+    "skip": EventTypeConfig(-0.5, 7.0),
+    "rate_low": EventTypeConfig(-2.0, 90.0),
+    "rate_mid": EventTypeConfig(0.0, 90.0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RatingConfig:
+    positive_min: float = 4.0  # rating >= this: a positive "rate" event
+    negative_max: float = 2.0  # rating <= this: "rate_low" (negative feedback); between: "rate_mid"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    mode: str = "multi"  # "multi" (interest clusters) or "single" (one decayed vector)
+    max_interests: int = 8  # K
+    cluster_threshold: float = 0.5  # cosine to join an existing interest
+    combine: str = "sum"  # how interests' similarities combine: "sum" or "max"
+    negative_weight: float = 0.5  # beta: score -= beta * cos(negative profile, item)
+    cache_users: int = 10_000  # profiles kept in memory; others are rebuilt from the event log
+
+
+@dataclasses.dataclass(frozen=True)
+class RankingConfig:
+    max_limit: int = 1000
+    trending_half_life_days: float = 7.0
+    freshness_half_life_days: float = math.inf  # inf: no freshness decay
+    query_weight: float = 0.5  # share of a request's query text in the blended profile
+    labels_per_interest: int = 3
+    items_per_interest: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    event_types: dict[str, EventTypeConfig] = dataclasses.field(default_factory=lambda: dict(DEFAULT_EVENT_TYPES))
+    ratings: RatingConfig = RatingConfig()
+    profile: ProfileConfig = ProfileConfig()
+    ranking: RankingConfig = RankingConfig()
+
+    def decay_types(self) -> EventTypes:
+        """The numerical core's view: weight and half-life (seconds) per internal type."""
+        return EventTypes(
+            np.array([self.event_types[n].weight for n in EVENT_TYPE_NAMES]),
+            np.array([self.event_types[n].half_life_days * DAY for n in EVENT_TYPE_NAMES]),
+            EVENT_TYPE_NAMES,
+        )
+
+
+def _number(value: Any, key: str, *, minimum: float | None = None, positive: bool = False, integer: bool = False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected {'an integer' if integer else 'a number'}, got {value!r}")
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{key}: must not be NaN")
+    if positive and not value > 0:
+        raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{key}: must be at least {minimum}, got {value!r}")
+    if not integer and math.isinf(value) and not positive:
+        raise ConfigError(f"{key}: must be finite")
+    return value
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _table(data: dict, key: str) -> dict:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a table")
+    return value
+
+
+def _reject_unknown(table: dict, known, prefix: str) -> None:
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(known))})")
+
+
+def _section(cls, table: dict, prefix: str, checks: dict[str, Any]):
+    """Builds a frozen dataclass section from a TOML table, checking each key."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    _reject_unknown(table, fields, prefix)
+    values = {}
+    for name, value in table.items():
+        check = checks[name]
+        values[name] = check(value, prefix + name)
+    return cls(**values)
+
+
+def parse_config(data: dict) -> Config:
+    """A Config from parsed TOML; raises ConfigError naming the bad key."""
+    _reject_unknown(data, {f.name for f in dataclasses.fields(Config)}, "")
+    event_types = dict(DEFAULT_EVENT_TYPES)
+    types_table = _table(data, "event_types")
+    _reject_unknown(types_table, EVENT_TYPE_NAMES, "event_types.")
+    for name, table in types_table.items():
+        prefix = f"event_types.{name}."
+        if not isinstance(table, dict):
+            raise ConfigError(f"event_types.{name}: expected a table")
+        _reject_unknown(table, {"weight", "half_life_days"}, prefix)
+        base = event_types[name]
+        event_types[name] = EventTypeConfig(
+            weight=float(_number(table.get("weight", base.weight), prefix + "weight")),
+            half_life_days=float(_number(table.get("half_life_days", base.half_life_days), prefix + "half_life_days", positive=True)),
+        )
+    ratings = _section(RatingConfig, _table(data, "ratings"), "ratings.", {
+        "positive_min": lambda v, k: float(_number(v, k)),
+        "negative_max": lambda v, k: float(_number(v, k)),
+    })
+    if ratings.negative_max >= ratings.positive_min:
+        raise ConfigError("ratings.negative_max: must be below ratings.positive_min")
+    profile = _section(ProfileConfig, _table(data, "profile"), "profile.", {
+        "mode": lambda v, k: _choice(v, k, ("multi", "single")),
+        "max_interests": lambda v, k: _number(v, k, minimum=1, integer=True),
+        "cluster_threshold": lambda v, k: float(_number(v, k, minimum=-1.0)),
+        "combine": lambda v, k: _choice(v, k, ("sum", "max")),
+        "negative_weight": lambda v, k: float(_number(v, k, minimum=0.0)),
+        "cache_users": lambda v, k: _number(v, k, minimum=1, integer=True),
+    })
+    ranking = _section(RankingConfig, _table(data, "ranking"), "ranking.", {
+        "max_limit": lambda v, k: _number(v, k, minimum=1, integer=True),
+        "trending_half_life_days": lambda v, k: float(_number(v, k, positive=True)),
+        "freshness_half_life_days": lambda v, k: float(_number(v, k, positive=True)),
+        "query_weight": lambda v, k: float(_number(v, k, minimum=0.0)),
+        "labels_per_interest": lambda v, k: _number(v, k, minimum=0, integer=True),
+        "items_per_interest": lambda v, k: _number(v, k, minimum=0, integer=True),
+    })
+    return Config(event_types=event_types, ratings=ratings, profile=profile, ranking=ranking)
+
+
+def load_config(path: Path | None) -> Config:
+    """Defaults, overridden by the TOML file at `path` when given."""
+    if path is None:
+        return Config()
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data)

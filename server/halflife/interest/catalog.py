@@ -1,0 +1,144 @@
+"""The in-memory catalogue: one normalised float32 matrix that ranking scores in one product.
+
+Rows are stable item slots, append-only: an update rewrites its row in
+place, a delete marks the row dead (masked out of every ranking) and frees the
+id; a re-created id gets a new row. Per-row statistics kept elsewhere (e.g.
+popularity) therefore never leak from a deleted item to a new one. Dead rows
+cost memory until restart, when the index is rebuilt from the store.
+Not thread-safe by itself: the interest engine serialises access.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from halflife.storage.base import ItemRecord
+
+
+class CatalogIndex:
+    """Item vectors (rows, dim) with ids, texts, categories and create times."""
+
+    def __init__(self, dim: int, capacity: int = 1024):
+        self.dim = dim
+        self._matrix = np.zeros((capacity, dim), dtype=np.float32)
+        self._alive = np.zeros(capacity, dtype=bool)
+        self._create_times = np.full(capacity, np.nan)
+        self.size = 0  # rows in use (alive or dead)
+        self.ids: list[str | None] = []
+        self.texts: list[str] = []
+        self.categories: list[tuple[str, ...]] = []
+        self.row_of: dict[str, int] = {}
+        self._category_rows: dict[str, set[int]] = {}
+        self._category_masks: dict[str, np.ndarray] = {}  # cache, invalidated on change
+        self.version = 0  # bumped on every change (callers cache derived data by it)
+
+    # Views over the rows in use; valid until the next mutation.
+    @property
+    def vectors(self) -> np.ndarray:
+        """(size, dim) float32, unit rows (dead rows keep stale values: mask them)."""
+        return self._matrix[: self.size]
+
+    @property
+    def alive(self) -> np.ndarray:
+        """(size,) bool."""
+        return self._alive[: self.size]
+
+    @property
+    def create_times(self) -> np.ndarray:
+        """(size,) float64 unix seconds, NaN when unknown."""
+        return self._create_times[: self.size]
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self.row_of
+
+    def upsert(self, items: Iterable[ItemRecord]) -> tuple[int, int]:
+        """Inserts or replaces items; returns (created, updated)."""
+        created = updated = 0
+        for item in items:
+            row = self.row_of.get(item.id)
+            if row is None:
+                row = self._new_row()
+                self.row_of[item.id] = row
+                self.ids[row] = item.id
+                created += 1
+            else:
+                self._forget_categories(row)
+                updated += 1
+            self._matrix[row] = item.vector
+            self._alive[row] = True
+            self._create_times[row] = item.create_time if item.create_time is not None else np.nan
+            self.texts[row] = item.text
+            self.categories[row] = tuple(item.categories)
+            for category in item.categories:
+                self._category_rows.setdefault(category, set()).add(row)
+                self._category_masks.pop(category, None)
+        self.version += 1
+        return created, updated
+
+    def delete(self, ids: Iterable[str]) -> list[str]:
+        """Removes items; returns the ids that existed."""
+        deleted = []
+        for item_id in ids:
+            row = self.row_of.pop(item_id, None)
+            if row is None:
+                continue
+            self._forget_categories(row)
+            self._alive[row] = False
+            self.ids[row] = None
+            self.texts[row] = ""
+            self.categories[row] = ()
+            deleted.append(item_id)
+        self.version += 1
+        return deleted
+
+    def rows(self, ids: Sequence[str]) -> np.ndarray:
+        """Row of each id, -1 for unknown ids. Returns (len(ids),) int64."""
+        return np.fromiter((self.row_of.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+
+    def category_mask(self, categories: Iterable[str]) -> np.ndarray:
+        """(size,) bool: rows having at least one of `categories`."""
+        mask = np.zeros(self.size, dtype=bool)
+        for category in categories:
+            cached = self._category_masks.get(category)
+            if cached is None or cached.shape[0] != self.size:
+                cached = np.zeros(self.size, dtype=bool)
+                rows = self._category_rows.get(category)
+                if rows:
+                    cached[np.fromiter(rows, dtype=np.int64, count=len(rows))] = True
+                self._category_masks[category] = cached
+            mask |= cached
+        return mask
+
+    @property
+    def all_categories(self) -> list[str]:
+        return sorted(c for c, rows in self._category_rows.items() if rows)
+
+    def _new_row(self) -> int:
+        if self.size == self._matrix.shape[0]:
+            self._grow(max(1024, math.ceil(self.size * 1.5)))
+        row = self.size
+        self.size += 1
+        self.ids.append(None)
+        self.texts.append("")
+        self.categories.append(())
+        return row
+
+    def _grow(self, capacity: int) -> None:
+        matrix = np.zeros((capacity, self.dim), dtype=np.float32)
+        matrix[: self.size] = self._matrix[: self.size]
+        alive = np.zeros(capacity, dtype=bool)
+        alive[: self.size] = self._alive[: self.size]
+        times = np.full(capacity, np.nan)
+        times[: self.size] = self._create_times[: self.size]
+        self._matrix, self._alive, self._create_times = matrix, alive, times
+
+    def _forget_categories(self, row: int) -> None:
+        for category in self.categories[row]:
+            self._category_rows.get(category, set()).discard(row)
+            self._category_masks.pop(category, None)

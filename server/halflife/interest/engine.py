@@ -1,0 +1,589 @@
+"""The interest engine: catalogue, events, profiles and recommendations.
+
+Coordinates the store (durable truth), the in-memory catalogue index, the
+popularity counters and a bounded cache of user profiles, and calls the pure
+numerical core for every computation. Knows nothing of gRPC; all methods are
+blocking and thread-safe (the gRPC layer calls them from worker threads).
+
+Profiles are a deterministic function of a user's event log: a cached profile
+is built by replaying the log (events sorted by time, ties by arrival), and
+new events are applied to it on the next read. Events that arrive in time
+order extend the cached profile; a late event (older than the newest applied)
+makes the next read rebuild from the log, so the profile is always what a
+replay after a restart would give.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from halflife.config import EVENT_TYPE_NAMES, Config
+from halflife.core.describe import describe_clusters
+from halflife.core.profiles import MultiInterestState, ProfileState, interest_scores
+from halflife.core.ranking import DecayedCounts, cosine_scores, freshness, mmr, normalize, top_k
+from halflife.interest.catalog import CatalogIndex
+from halflife.storage.base import EventRecord, ItemRecord, Store
+
+log = logging.getLogger(__name__)
+
+DAY = 86400.0
+RATE = 6  # API EventType value of EVENT_TYPE_RATE
+MMR_CANDIDATES_PER_RESULT = 5  # MMR re-ranks this many times `limit` candidates
+EXPLAINED_EVENTS = 3
+
+Embedder = Callable[[Sequence[str]], np.ndarray]  # texts -> (n, dim) float32 unit rows
+
+
+class UnknownItemsError(LookupError):
+    """Events refer to items the catalogue does not have."""
+
+    def __init__(self, missing: list[tuple[int, str]]):
+        self.missing = missing  # (event index, item id)
+        super().__init__(", ".join(f"events[{i}].item_id {item!r}" for i, item in missing[:3]))
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemInput:
+    id: str
+    text: str
+    categories: tuple[str, ...] = ()
+    attributes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    create_time: float | None = None
+    vector: np.ndarray | None = None  # precomputed, normalised; None: embed `text`
+
+
+@dataclasses.dataclass(frozen=True)
+class EventInput:
+    event_id: str
+    user_id: str
+    type: int  # API EventType value, 1..11
+    item_id: str | None
+    text: str | None
+    value: float | None
+    event_time: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemFilter:
+    include_categories: tuple[str, ...] = ()
+    exclude_categories: tuple[str, ...] = ()
+    exclude_item_ids: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class EventContribution:
+    event_id: str
+    type: int
+    item_id: str | None
+    event_time: float
+    similarity: float
+    weight: float
+
+
+@dataclasses.dataclass(frozen=True)
+class InterestContribution:
+    interest_id: int
+    labels: tuple[str, ...]
+    similarity: float
+    share: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    interests: tuple[InterestContribution, ...]
+    events: tuple[EventContribution, ...]
+    score_parts: Mapping[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredItem:
+    item_id: str
+    score: float
+    explanation: Explanation | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Recommendation:
+    items: tuple[ScoredItem, ...]
+    strategy: str  # "personalized" | "trending" | "similarity"
+
+
+@dataclasses.dataclass(frozen=True)
+class InterestView:
+    interest_id: int
+    strength: float
+    share: float
+    trend: str  # "rising" | "steady" | "fading"
+    labels: tuple[tuple[str, float], ...]
+    top_items: tuple[tuple[str, str, float], ...]  # (item id, text, similarity)
+    event_count: int
+    last_event_time: float
+
+
+@dataclasses.dataclass(frozen=True)
+class UserProfile:
+    user_id: str
+    interests: tuple[InterestView, ...]
+    event_counts: Mapping[int, int]  # API EventType value -> count
+    last_event_time: float | None
+    negative_strength: float
+
+
+@dataclasses.dataclass
+class _UserState:
+    """A user's profile built from their events with seq <= max_seq, plus
+    events recorded since, applied on the next read."""
+
+    multi: MultiInterestState
+    single: ProfileState
+    seen: set[str]
+    type_counts: np.ndarray  # (len(EVENT_TYPE_NAMES),) int64, internal types
+    api_counts: collections.Counter
+    newest_time: float
+    max_seq: int
+    pending: list[EventRecord] = dataclasses.field(default_factory=list)
+
+
+class InterestEngine:
+    def __init__(self, config: Config, store: Store, dim: int, embed: Embedder, clock: Callable[[], float] = time.time):
+        self.config = config
+        self.store = store
+        self.dim = dim
+        self._embed = embed
+        self._clock = clock
+        self._types = config.decay_types()
+        self._lock = threading.RLock()  # guards everything in memory below
+        self._catalog_write = threading.Lock()  # keeps store and index in the same order
+        self.catalog = CatalogIndex(dim)
+        self._users: collections.OrderedDict[str, _UserState] = collections.OrderedDict()
+        self._trending = DecayedCounts.empty(0, config.ranking.trending_half_life_days * DAY)
+        self._labels: list[str] = []
+        self._label_vectors = np.zeros((0, dim), dtype=np.float32)
+        self._load()
+
+    def now(self) -> float:
+        """The engine's clock: unix seconds."""
+        return self._clock()
+
+    # ------------------------------------------------------------------ start
+
+    def _load(self) -> None:
+        started = time.perf_counter()
+        self.catalog.upsert(self.store.iter_items())
+        self._trending.resize(self.catalog.size)
+        positive = self._types.weights > 0
+        for types, item_ids, times in self.store.iter_events():
+            rows = self.catalog.rows([i or "" for i in item_ids])
+            keep = (rows >= 0) & positive[self._internal_types_of(types)]
+            self._trending.add(rows[keep], times[keep])
+        labels = self.store.get_labels()
+        self._set_labels(labels)
+        log.info(
+            "loaded %d items, %d labels and popularity from %d events in %.1f s",
+            len(self.catalog), len(labels), self.store.event_count(), time.perf_counter() - started,
+        )
+
+    def _internal_types_of(self, api_types: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
+        """Internal type index per event: API value - 1, except that ratings
+        map by value to rate / rate_mid / rate_low. Without values (popularity
+        rebuild), every rating counts as "rate"."""
+        internal = np.asarray(api_types, dtype=np.int64) - 1
+        if values is not None:
+            ratings = self.config.ratings
+            is_rate = internal == RATE - 1
+            low = is_rate & (values <= ratings.negative_max)
+            mid = is_rate & (values > ratings.negative_max) & (values < ratings.positive_min)
+            internal = np.where(low, EVENT_TYPE_NAMES.index("rate_low"), internal)
+            internal = np.where(mid, EVENT_TYPE_NAMES.index("rate_mid"), internal)
+        return internal
+
+    def _set_labels(self, labels: Mapping[str, np.ndarray]) -> None:
+        self._labels = sorted(labels)
+        self._label_vectors = (
+            np.stack([labels[name] for name in self._labels]).astype(np.float32)
+            if labels
+            else np.zeros((0, self.dim), dtype=np.float32)
+        )
+
+    # ---------------------------------------------------------------- catalog
+
+    def upsert_items(self, items: Sequence[ItemInput]) -> tuple[int, int]:
+        """Embeds items without a vector, stores all durably, then indexes them."""
+        to_embed = [i for i, item in enumerate(items) if item.vector is None]
+        vectors: list[np.ndarray | None] = [item.vector for item in items]
+        if to_embed:
+            embedded = self._embed([items[i].text for i in to_embed])
+            for i, vector in zip(to_embed, embedded):
+                vectors[i] = vector
+        records = [
+            ItemRecord(
+                id=item.id,
+                text=item.text,
+                categories=tuple(item.categories),
+                attributes=dict(item.attributes),
+                create_time=item.create_time,
+                vector=normalize(vector),
+            )
+            for item, vector in zip(items, vectors)
+        ]
+        self._add_labels({c for item in items for c in item.categories})
+        with self._catalog_write:
+            created, updated = self.store.upsert_items(records)
+            with self._lock:
+                self.catalog.upsert(records)
+                self._trending.resize(self.catalog.size)
+        return created, updated
+
+    def _add_labels(self, categories: set[str]) -> None:
+        with self._lock:
+            new = sorted(categories - set(self._labels))
+        if not new:
+            return
+        vectors = self._embed(new)
+        self.store.put_labels(dict(zip(new, vectors)))
+        with self._lock:
+            merged = dict(zip(self._labels, self._label_vectors))
+            merged.update(zip(new, vectors))
+            self._set_labels(merged)
+
+    def delete_items(self, ids: Sequence[str]) -> int:
+        with self._catalog_write:
+            deleted = self.store.delete_items(ids)
+            with self._lock:
+                self.catalog.delete(deleted)
+        return len(deleted)
+
+    def get_items(self, ids: Sequence[str]) -> dict[str, ItemRecord]:
+        return self.store.get_items(ids)
+
+    # ----------------------------------------------------------------- events
+
+    def record_events(self, events: Sequence[EventInput]) -> tuple[int, int]:
+        """Stores a batch durably (all or nothing); returns (accepted, duplicates).
+
+        Raises UnknownItemsError, before storing anything, when an event
+        names an item the catalogue lacks.
+        """
+        with self._lock:
+            rows = self.catalog.rows([e.item_id or "" for e in events])
+            missing = [(i, e.item_id) for i, (e, row) in enumerate(zip(events, rows)) if e.item_id and row < 0]
+            if missing:
+                raise UnknownItemsError(missing)
+            item_vectors = self.catalog.vectors[np.maximum(rows, 0)].copy()
+        texts = [i for i, e in enumerate(events) if e.text]
+        vectors = np.where((rows >= 0)[:, None], item_vectors, 0.0).astype(np.float32)
+        if texts:
+            vectors[texts] += self._embed([events[i].text for i in texts])
+        vectors = normalize(vectors)  # item and text: the direction of their sum
+        records = [
+            EventRecord(e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, vector)
+            for e, vector in zip(events, vectors)
+        ]
+        stored = self.store.record_events(records)
+        self._apply_new_events(stored)
+        return len(stored), len(events) - len(stored)
+
+    def _apply_new_events(self, stored: Sequence[EventRecord]) -> None:
+        if not stored:
+            return
+        types = self._internal_types_of(
+            np.array([e.type for e in stored]), np.array([np.nan if e.value is None else e.value for e in stored])
+        )
+        with self._lock:
+            rows = self.catalog.rows([e.item_id or "" for e in stored])
+            keep = (rows >= 0) & (self._types.weights[types] > 0)
+            self._trending.add(rows[keep], np.array([e.event_time for e in stored])[keep])
+            for event in stored:
+                state = self._users.get(event.user_id)
+                if state is not None and event.seq > state.max_seq:
+                    state.pending.append(event)
+
+    def delete_user(self, user_id: str) -> int:
+        """Erases the user's events for good and forgets their profile.
+
+        Their past contributions to item popularity stay, as anonymous counts."""
+        with self._lock:
+            deleted = self.store.delete_user(user_id)
+            self._users.pop(user_id, None)
+        return deleted
+
+    # --------------------------------------------------------------- profiles
+
+    def _build_state(self, events: Sequence[EventRecord]) -> _UserState:
+        """A profile from events (any order): replay sorted by time, ties by seq."""
+        state = _UserState(
+            multi=MultiInterestState.empty(
+                self._types, self.dim, self.config.profile.max_interests, self.config.profile.cluster_threshold
+            ),
+            single=ProfileState.empty(self._types, self.dim),
+            seen=set(),
+            type_counts=np.zeros(len(EVENT_TYPE_NAMES), dtype=np.int64),
+            api_counts=collections.Counter(),
+            newest_time=-np.inf,
+            max_seq=0,
+        )
+        self._extend(state, sorted(events, key=lambda e: e.seq))
+        return state
+
+    def _extend(self, state: _UserState, events: Sequence[EventRecord]) -> None:
+        if not events:
+            return
+        types = self._internal_types_of(
+            np.array([e.type for e in events]), np.array([np.nan if e.value is None else e.value for e in events])
+        )
+        times = np.array([e.event_time for e in events])
+        vectors = np.stack([e.vector for e in events])
+        state.multi.add(self._types, types, times, vectors)
+        state.single.add(self._types, types, times, vectors)
+        state.seen.update(e.item_id for e in events if e.item_id)
+        state.type_counts += np.bincount(types, minlength=len(EVENT_TYPE_NAMES))
+        state.api_counts.update(e.type for e in events)
+        state.newest_time = max(state.newest_time, float(times.max()))
+        state.max_seq = max(state.max_seq, max(e.seq for e in events))
+
+    def _user_state(self, user_id: str, as_of: float) -> _UserState:
+        """The user's profile including every event up to `as_of`. Call with the lock held."""
+        state = self._users.get(user_id)
+        if state is None:
+            state = self._build_state(self.store.user_events(user_id))
+            self._users[user_id] = state
+            while len(self._users) > self.config.profile.cache_users:
+                self._users.popitem(last=False)
+        else:
+            self._users.move_to_end(user_id)
+        if state.pending:
+            pending = sorted(state.pending, key=lambda e: e.seq)
+            if min(e.event_time for e in pending) < state.newest_time:
+                state = self._build_state(self.store.user_events(user_id))  # a late event: replay exactly
+                self._users[user_id] = state
+            else:
+                state.pending = []
+                self._extend(state, pending)
+        if as_of < state.newest_time:
+            # A look into the past: replay only what had happened by then.
+            return self._build_state([e for e in self.store.user_events(user_id) if e.event_time <= as_of])
+        return state
+
+    def profile(self, user_id: str, as_of: float | None = None, items_per_interest: int | None = None) -> UserProfile:
+        t = self._clock() if as_of is None else as_of
+        n_items = self.config.ranking.items_per_interest if items_per_interest is None else items_per_interest
+        with self._lock:
+            state = self._user_state(user_id, t)
+            importances = state.multi.importances(t)
+            total = float(importances.sum())
+            interests: list[InterestView] = []
+            if state.multi.n_clusters and total > 0:
+                centroids = state.multi.centroids(t)
+                trends = state.multi.trend_labels(t)
+                described = self._describe(centroids, n_items, state.seen)
+                order = np.argsort(-importances, kind="stable")
+                for rank, c in enumerate(order):
+                    labels, items = described[c]
+                    interests.append(
+                        InterestView(
+                            interest_id=rank,
+                            strength=float(importances[c]),
+                            share=float(importances[c] / total),
+                            trend=str(trends[c]),
+                            labels=labels,
+                            top_items=items,
+                            event_count=int(state.multi.counts[c]),
+                            last_event_time=float(state.multi.last_time[c]),
+                        )
+                    )
+            return UserProfile(
+                user_id=user_id,
+                interests=tuple(interests),
+                event_counts=dict(state.api_counts),
+                last_event_time=None if state.newest_time == -np.inf else state.newest_time,
+                negative_strength=state.single.negative_strength(t),
+            )
+
+    def _describe(self, centroids: np.ndarray, n_items: int, seen: set[str]):
+        """Per centroid: ((label, similarity)...), ((item id, text, similarity)...)."""
+        catalog = self.catalog
+        n_labels = self.config.ranking.labels_per_interest if len(self._labels) else 0
+        described = describe_clusters(
+            centroids,
+            self._label_vectors if n_labels else np.zeros((0, self.dim), np.float32),
+            catalog.vectors,
+            n_labels=n_labels,
+            n_items=min(n_items, catalog.size),
+            item_allowed=catalog.alive,
+        )
+        out = []
+        for c in range(centroids.shape[0]):
+            labels = tuple(
+                (self._labels[i], float(s))
+                for i, s in zip(described.label_indices[c], described.label_scores[c])
+                if i >= 0
+            )
+            items = tuple(
+                (catalog.ids[i], catalog.texts[i], float(s))
+                for i, s in zip(described.item_indices[c], described.item_scores[c])
+                if i >= 0
+            )
+            out.append((labels, items))
+        return out
+
+    # ---------------------------------------------------------- recommending
+
+    def _allowed(self, filter: ItemFilter, exclude: set[str]) -> np.ndarray:
+        """(size,) bool: alive items passing the filter and not in `exclude`. Lock held."""
+        catalog = self.catalog
+        allowed = catalog.alive.copy()
+        if filter.include_categories:
+            allowed &= catalog.category_mask(filter.include_categories)
+        if filter.exclude_categories:
+            allowed &= ~catalog.category_mask(filter.exclude_categories)
+        rows = catalog.rows(list(exclude | set(filter.exclude_item_ids)))
+        allowed[rows[rows >= 0]] = False
+        return allowed
+
+    def recommend(
+        self,
+        user_id: str,
+        limit: int,
+        *,
+        as_of: float | None = None,
+        filter: ItemFilter = ItemFilter(),
+        include_seen: bool = False,
+        query: str = "",
+        explain: bool = False,
+        diversity: float = 0.0,
+    ) -> Recommendation:
+        t = self._clock() if as_of is None else as_of
+        query_vector = self._embed([query])[0] if query else None
+        ranking = self.config.ranking
+        with self._lock:
+            state = self._user_state(user_id, t)
+            allowed = self._allowed(filter, set() if include_seen else state.seen)
+            personal = state.single.strength(t) > 0
+            parts: dict[str, np.ndarray] = {}
+            if personal:
+                parts = self._relevance(state, t)
+                strategy = "personalized"
+            else:
+                parts = {"popularity": self._trending.read(t).astype(np.float32)}
+                strategy = "trending"
+            if query_vector is not None:
+                w = ranking.query_weight
+                base = sum(parts.values())
+                parts = {name: (1 - w) * part for name, part in parts.items()}
+                parts["query"] = w * cosine_scores(query_vector, self.catalog.vectors)
+                del base
+            scores = sum(parts.values())
+            if np.isfinite(ranking.freshness_half_life_days):
+                fresh = freshness(self.catalog.create_times, t, ranking.freshness_half_life_days * DAY)
+                parts["freshness"] = fresh
+                scores = scores * fresh if strategy == "trending" else (1 + scores) / 2 * fresh
+            candidates = limit * MMR_CANDIDATES_PER_RESULT if diversity > 0 else limit
+            rows, top_scores = top_k(scores, candidates, allowed)
+            if diversity > 0 and rows.size:
+                picks = mmr(top_scores, self.catalog.vectors[rows], limit, lam=1.0 - diversity)
+                rows, top_scores = rows[picks], top_scores[picks]
+            ids = [self.catalog.ids[r] for r in rows]
+            explanations = (
+                self._explain(user_id, state, t, rows, {k: v[rows] for k, v in parts.items()})
+                if explain and personal
+                else [None] * len(rows)
+            )
+        return Recommendation(
+            items=tuple(ScoredItem(i, float(s), e) for i, s, e in zip(ids, top_scores, explanations)),
+            strategy=strategy,
+        )
+
+    def _relevance(self, state: _UserState, t: float) -> dict[str, np.ndarray]:
+        """Per-signal item scores (size,) for a user with positive events."""
+        items = self.catalog.vectors
+        profile = self.config.profile
+        if profile.mode == "multi":
+            interest = interest_scores(items, state.multi.centroids(t), state.multi.importances(t), mode=profile.combine)
+        else:
+            interest = cosine_scores(state.single.vector(t), items)
+        parts = {"interest": interest.astype(np.float32)}
+        if state.single.negative_strength(t) > 0 and profile.negative_weight > 0:
+            parts["negative"] = -np.float32(profile.negative_weight) * cosine_scores(state.single.negative_vector(t), items)
+        return parts
+
+    def _explain(self, user_id, state, t, rows, parts) -> list[Explanation]:
+        multi = state.multi
+        importances = multi.importances(t)
+        total = float(importances.sum()) or 1.0
+        centroids = multi.centroids(t)
+        described = self._describe(centroids, 0, set()) if multi.n_clusters else []
+        rank_of = {int(c): r for r, c in enumerate(np.argsort(-importances, kind="stable"))}
+        item_vectors = self.catalog.vectors[rows]
+        cluster_sims = item_vectors @ centroids.T if multi.n_clusters else np.zeros((len(rows), 0))
+        events = [e for e in self.store.user_events(user_id) if e.event_time <= t]
+        positive = [e for e in events if self._types.weights[self._internal_types_of(np.array([e.type]), np.array([np.nan if e.value is None else e.value]))[0]] > 0]
+        if positive:
+            event_vectors = np.stack([e.vector for e in positive])
+            types = self._internal_types_of(
+                np.array([e.type for e in positive]), np.array([np.nan if e.value is None else e.value for e in positive])
+            )
+            ages = t - np.array([e.event_time for e in positive])
+            weights = self._types.weights[types] * np.exp2(-ages / self._types.half_lives[types])
+            event_sims = item_vectors @ event_vectors.T  # (rows, events)
+        explanations = []
+        for j in range(len(rows)):
+            shares = importances / total
+            contrib = cluster_sims[j] * shares if multi.n_clusters else np.zeros(0)
+            interests = tuple(
+                InterestContribution(
+                    interest_id=rank_of[int(c)],
+                    labels=tuple(label for label, _ in described[c][0]),
+                    similarity=float(cluster_sims[j, c]),
+                    share=float(shares[c]),
+                )
+                for c in np.argsort(-contrib, kind="stable")[:3]
+            )
+            top_events: tuple[EventContribution, ...] = ()
+            if positive:
+                strength = weights * np.maximum(event_sims[j], 0)
+                top_events = tuple(
+                    EventContribution(
+                        positive[e].event_id, positive[e].type, positive[e].item_id, positive[e].event_time,
+                        float(event_sims[j, e]), float(weights[e]),
+                    )
+                    for e in np.argsort(-strength, kind="stable")[:EXPLAINED_EVENTS]
+                )
+            explanations.append(
+                Explanation(interests, top_events, {name: float(values[j]) for name, values in parts.items()})
+            )
+        return explanations
+
+    def similar_items(
+        self, *, item_id: str | None = None, text: str | None = None, limit: int, filter: ItemFilter = ItemFilter()
+    ) -> Recommendation:
+        """Items nearest an item (excluding itself) or a text. Raises KeyError for an unknown item."""
+        query = self._embed([text])[0] if text is not None else None
+        with self._lock:
+            exclude = set()
+            if item_id is not None:
+                row = self.catalog.row_of.get(item_id)
+                if row is None:
+                    raise KeyError(item_id)
+                query = self.catalog.vectors[row].copy()
+                exclude = {item_id}
+            scores = cosine_scores(query, self.catalog.vectors)
+            rows, top_scores = top_k(scores, limit, self._allowed(filter, exclude))
+            ids = [self.catalog.ids[r] for r in rows]
+        return Recommendation(tuple(ScoredItem(i, float(s)) for i, s in zip(ids, top_scores)), "similarity")
+
+    # ---------------------------------------------------------------- status
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "items": len(self.catalog),
+                "cached_users": len(self._users),
+                "cached_profile_bytes": sum(s.multi.nbytes + s.single.nbytes for s in self._users.values()),
+            }

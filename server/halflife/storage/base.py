@@ -1,0 +1,90 @@
+"""The storage interface: records and the `Store` protocol.
+
+The embedded default is SQLite (`halflife.storage.sqlite`); a shared store for
+multi-replica deployments implements the same protocol.
+
+Vectors are float32 and content-addressed inside a store: an item update or a
+deleted item never changes the vector an already-recorded event used, so
+replaying a user's events always rebuilds exactly the profile that was served.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Iterator, Mapping, Protocol, Sequence
+
+import numpy as np
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked (corrupt file, newer schema, I/O error)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemRecord:
+    id: str
+    text: str
+    categories: tuple[str, ...]
+    attributes: Mapping[str, str]
+    create_time: float | None  # unix seconds; None when unknown
+    vector: np.ndarray  # (dim,) float32, L2-normalised
+
+
+@dataclasses.dataclass(frozen=True)
+class EventRecord:
+    event_id: str
+    user_id: str
+    type: int  # halflife.v1.EventType value
+    item_id: str | None
+    text: str | None
+    value: float | None
+    event_time: float  # unix seconds
+    vector: np.ndarray  # (dim,) float32: what the event contributed (item's and/or text's embedding)
+    seq: int = 0  # arrival order, assigned by the store; replays follow it
+
+
+class Store(Protocol):
+    """Durable storage. Every mutating call is atomic (all or nothing) and
+    durable on return (the commit reached the disk)."""
+
+    def upsert_items(self, items: Sequence[ItemRecord]) -> tuple[int, int]:
+        """Inserts or replaces items by id; returns (created, updated)."""
+
+    def delete_items(self, ids: Sequence[str]) -> list[str]:
+        """Deletes items; returns the ids that existed. Events keep their vectors."""
+
+    def get_items(self, ids: Sequence[str]) -> dict[str, ItemRecord]:
+        """The items among `ids` that exist."""
+
+    def iter_items(self) -> Iterator[ItemRecord]:
+        """Every item, for building the in-memory catalogue at start."""
+
+    def record_events(self, events: Sequence[EventRecord]) -> list[EventRecord]:
+        """Stores the events whose event_id is new (also within the batch: the
+        first one wins); returns those, with `seq` set, in arrival order."""
+
+    def user_events(self, user_id: str) -> list[EventRecord]:
+        """A user's events in arrival (`seq`) order."""
+
+    def iter_events(self, chunk: int = 50_000) -> Iterator[tuple[np.ndarray, list[str | None], np.ndarray]]:
+        """All events in seq order, in chunks of (types (n,) int, item_ids, event_times (n,) float64),
+        without vectors: enough to rebuild item popularity at start."""
+
+    def delete_user(self, user_id: str) -> int:
+        """Erases a user's events and the vectors only they referenced; returns the event count."""
+
+    def user_count(self) -> int: ...
+
+    def event_count(self) -> int: ...
+
+    def get_labels(self) -> dict[str, np.ndarray]:
+        """Embedded label texts (catalogue categories), so a restart does not re-embed them."""
+
+    def put_labels(self, labels: Mapping[str, np.ndarray]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def as_vector(values: Iterable[float] | np.ndarray) -> np.ndarray:
+    """(dim,) float32 contiguous copy."""
+    return np.ascontiguousarray(np.asarray(values, dtype=np.float32).reshape(-1))

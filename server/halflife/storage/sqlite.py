@@ -1,0 +1,663 @@
+"""The embedded SQLite store (`<data_dir>/halflife.sqlite3`).
+
+Threads and connections
+-----------------------
+* One **writer thread** owns the only read-write connection. Every mutating
+  call (upsert_items, delete_items, record_events, delete_user, put_labels)
+  becomes a job on a queue and its caller blocks on a `Future`.
+* **Group commit**: the writer takes *everything* queued, opens one
+  transaction (``BEGIN IMMEDIATE``), runs each job inside its own
+  ``SAVEPOINT`` (a failing job is rolled back alone and its caller gets the
+  exception), commits once (one fsync with ``synchronous=FULL``) and only then
+  resolves the futures. There is no timer: a lone caller is committed at once;
+  callers that arrive while a commit is in flight share the next one.
+* **Reads** use a small pool of read-only connections (``query_only``), one
+  per concurrent reader, handed out under a lock and never used by two threads
+  at a time. WAL lets them read while the writer writes.
+
+Schema
+------
+Versioned with ``PRAGMA user_version``; `MIGRATIONS` is applied in order, in one
+transaction, at open. A file stamped with a newer version raises `StoreError`.
+
+Vectors are content-addressed (``vectors.hash`` = SHA-256 of the float32
+little-endian bytes). Items, events and labels reference vector ids; a vector
+is garbage-collected when the last reference that a delete/update removed was
+the last one anywhere (foreign keys guard against dangling references).
+
+Privacy: ``secure_delete=ON`` zeroes deleted content, and `delete_user`
+checkpoints and truncates the WAL after its commit, so the erased rows are not
+left in the database file's free pages nor in old WAL frames.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import sqlite3
+import threading
+from concurrent.futures import Future
+from hashlib import sha256
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from halflife.storage.base import EventRecord, ItemRecord, StoreError, as_vector
+
+__all__ = ["DB_NAME", "MIGRATIONS", "SCHEMA_VERSION", "SqliteStore"]
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "halflife.sqlite3"
+BUSY_TIMEOUT_MS = 10_000
+_MAX_GROUP = 256  # jobs per group commit, bounds one transaction's size and latency
+_IN_CHUNK = 500  # bound parameters per `IN (?, ...)` query (well under SQLite's limit)
+_VECTOR_DTYPE = np.dtype("<f4")
+
+
+# --------------------------------------------------------------------------- schema
+
+def _migration_1(conn: sqlite3.Connection) -> None:
+    for sql in (
+        """CREATE TABLE vectors (
+               id   INTEGER PRIMARY KEY,
+               hash BLOB NOT NULL UNIQUE,
+               data BLOB NOT NULL
+           )""",
+        """CREATE TABLE items (
+               id          TEXT PRIMARY KEY,
+               text        TEXT NOT NULL,
+               categories  TEXT NOT NULL,          -- JSON array
+               attributes  TEXT NOT NULL,          -- JSON object
+               create_time REAL,
+               vector_id   INTEGER NOT NULL REFERENCES vectors(id)
+           )""",
+        "CREATE INDEX items_vector ON items(vector_id)",
+        """CREATE TABLE events (
+               seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+               event_id   TEXT NOT NULL UNIQUE,
+               user_id    TEXT NOT NULL,
+               type       INTEGER NOT NULL,
+               item_id    TEXT,
+               text       TEXT,
+               value      REAL,
+               event_time REAL NOT NULL,
+               vector_id  INTEGER NOT NULL REFERENCES vectors(id)
+           )""",
+        "CREATE INDEX events_user_seq ON events(user_id, seq)",
+        "CREATE INDEX events_vector ON events(vector_id)",
+        """CREATE TABLE labels (
+               name      TEXT PRIMARY KEY,
+               vector_id INTEGER NOT NULL REFERENCES vectors(id)
+           )""",
+        "CREATE INDEX labels_vector ON labels(vector_id)",
+    ):
+        conn.execute(sql)
+
+
+# Append only: MIGRATIONS[i] takes the schema from version i to i + 1.
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _vector_bytes(vector: np.ndarray) -> bytes:
+    return as_vector(vector).astype(_VECTOR_DTYPE, copy=False).tobytes()
+
+
+def _vector_from(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=_VECTOR_DTYPE).astype(np.float32)
+
+
+def _chunks(seq: Sequence[Any], n: int = _IN_CHUNK) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
+
+
+def _hash(blob: bytes) -> bytes:
+    # SHA-256: twice blake2b's speed on CPUs with SHA extensions (x86 SHA-NI, ARMv8).
+    return sha256(blob).digest()
+
+
+def _intern_vectors(conn: sqlite3.Connection, blobs: Sequence[bytes], hashes: Sequence[bytes] | None = None) -> list[int]:
+    """Vector ids for `blobs`, inserting the new ones; set-based: one `IN`
+    query per 500 distinct vectors, then one executemany for the missing."""
+    if hashes is None:
+        hashes = [_hash(b) for b in blobs]
+    unique = dict(zip(hashes, blobs))
+    ids = _vector_ids(conn, list(unique))
+    if len(ids) < len(unique):
+        missing = [h for h in unique if h not in ids]
+        # Only the writer inserts, so the new rows get max(id)+1, +2, ... (rowid
+        # allocation); checked below, with a lookup as the fallback.
+        top = conn.execute("SELECT max(id) FROM vectors").fetchone()[0] or 0
+        conn.executemany("INSERT INTO vectors(hash, data) VALUES (?, ?)", [(h, unique[h]) for h in missing])
+        if conn.execute("SELECT max(id) FROM vectors").fetchone()[0] == top + len(missing):
+            ids.update(zip(missing, range(top + 1, top + 1 + len(missing))))
+        else:
+            ids.update(_vector_ids(conn, missing))
+    return [ids[h] for h in hashes]
+
+
+def _vector_ids(conn: sqlite3.Connection, hashes: Sequence[bytes]) -> dict[bytes, int]:
+    ids: dict[bytes, int] = {}
+    for chunk in _chunks(hashes):
+        sql = f"SELECT hash, id FROM vectors WHERE hash IN ({','.join('?' * len(chunk))})"
+        ids.update(conn.execute(sql, chunk))
+    return ids
+
+
+def _gc_vectors(conn: sqlite3.Connection, candidates: Sequence[int]) -> int:
+    """Deletes those of `candidates` that nothing references any more."""
+    if not candidates:
+        return 0
+    cur = conn.execute(
+        """DELETE FROM vectors
+           WHERE id IN (SELECT value FROM json_each(?))
+             AND NOT EXISTS (SELECT 1 FROM events WHERE vector_id = vectors.id)
+             AND NOT EXISTS (SELECT 1 FROM items  WHERE vector_id = vectors.id)
+             AND NOT EXISTS (SELECT 1 FROM labels WHERE vector_id = vectors.id)""",
+        (json.dumps(sorted(set(candidates))),),
+    )
+    return cur.rowcount
+
+
+def _item_from(row: tuple) -> ItemRecord:
+    id_, text, categories, attributes, create_time, data = row
+    return ItemRecord(
+        id=id_,
+        text=text,
+        categories=tuple(json.loads(categories)),
+        attributes=json.loads(attributes),
+        create_time=create_time,
+        vector=_vector_from(data),
+    )
+
+
+_ITEM_SELECT = """SELECT i.id, i.text, i.categories, i.attributes, i.create_time, v.data
+                  FROM items i JOIN vectors v ON v.id = i.vector_id"""
+
+
+def _store_error(e: BaseException) -> BaseException:
+    """SQLite errors become StoreError (with the cause kept); others pass as they are."""
+    if isinstance(e, sqlite3.Error):
+        err = StoreError(str(e))
+        err.__cause__ = e
+        return err
+    return e
+
+
+class _Job:
+    __slots__ = ("fn", "future", "after_commit")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any], after_commit: Callable[[sqlite3.Connection], None] | None):
+        self.fn = fn
+        self.future: Future = Future()
+        self.after_commit = after_commit
+
+
+_STOP = object()
+
+
+def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+    )
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA temp_store = MEMORY")  # sorts and DISTINCTs never spill user data to temp files
+    if readonly:
+        conn.execute("PRAGMA query_only = ON")
+    return conn
+
+
+# --------------------------------------------------------------------------- store
+
+class SqliteStore:
+    """`Store` on one SQLite file in WAL mode; see the module docstring."""
+
+    def __init__(self, data_dir: str | Path):
+        self.path = Path(data_dir) / DB_NAME
+        self._closed = False
+        self._lock = threading.Lock()  # guards _closed, the queue hand-off and the reader pool
+        self._queue: collections.deque = collections.deque()
+        self._wakeup = threading.Condition(self._lock)
+        self._readers: list[sqlite3.Connection] = []  # idle read connections
+        self.commit_count = 0  # transactions committed by the writer
+        self.job_count = 0  # write calls run by the writer
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = _connect(self.path, readonly=False)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"cannot open {self.path}: {e}") from e
+        try:
+            self._configure_and_migrate(self._writer)
+        except BaseException:
+            self._writer.close()
+            raise
+        self._thread = threading.Thread(target=self._run_writer, name="halflife-sqlite-writer", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ open
+
+    def _configure_and_migrate(self, conn: sqlite3.Connection) -> None:
+        try:
+            self._check_version(conn.execute("PRAGMA user_version").fetchone()[0])  # before changing anything
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{self.path}: cannot switch to WAL journal mode (got {mode!r})")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA secure_delete = ON")
+            conn.execute("PRAGMA journal_size_limit = 67108864")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                self._check_version(version)
+                for step in range(version, SCHEMA_VERSION):
+                    MIGRATIONS[step](conn)
+                if version != SCHEMA_VERSION:
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    log.info("migrated %s from schema %d to %d", self.path, version, SCHEMA_VERSION)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open {self.path}: {e}") from e
+
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {version}, newer than this "
+                f"halflife knows ({SCHEMA_VERSION}); upgrade halflife to open it"
+            )
+
+    # ------------------------------------------------------------------ writer
+
+    def _submit(self, fn: Callable[[sqlite3.Connection], Any], after_commit=None) -> Any:
+        job = _Job(fn, after_commit)
+        with self._lock:
+            if self._closed:
+                raise StoreError("store is closed")
+            self._queue.append(job)
+            self._wakeup.notify()
+        return job.future.result()
+
+    def _run_writer(self) -> None:
+        conn = self._writer
+        stop = False
+        while not stop:
+            with self._lock:
+                while not self._queue:
+                    self._wakeup.wait()
+                jobs = []
+                while self._queue and len(jobs) < _MAX_GROUP:
+                    job = self._queue.popleft()
+                    if job is _STOP:
+                        stop = True
+                        break
+                    jobs.append(job)
+            if jobs:
+                try:
+                    self._run_group(conn, jobs)
+                except BaseException as e:  # never leave a caller waiting
+                    log.exception("writer failed")
+                    try:
+                        if conn.in_transaction:
+                            conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                    for job in jobs:
+                        if not job.future.done():
+                            job.future.set_exception(StoreError(f"writer failed: {e}"))
+        conn.close()
+
+    def _run_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+        done: list[tuple[_Job, Any]] = []  # succeeded in the open transaction, not yet committed
+
+        def fail_done(exc: BaseException) -> None:
+            for job, _ in done:
+                job.future.set_exception(StoreError(f"transaction aborted: {exc}"))
+            done.clear()
+
+        for job in jobs:
+            self.job_count += 1
+            try:
+                if not conn.in_transaction:
+                    conn.execute("BEGIN IMMEDIATE")
+                conn.execute("SAVEPOINT job")
+            except sqlite3.Error as e:
+                fail_done(e)
+                job.future.set_exception(StoreError(str(e)))
+                continue
+            try:
+                result = job.fn(conn)
+                conn.execute("RELEASE job")
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                try:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                except sqlite3.Error:
+                    pass
+                if not conn.in_transaction:  # SQLite aborted the whole transaction (I/O error, full disk)
+                    fail_done(e)
+                job.future.set_exception(_store_error(e))
+                continue
+            done.append((job, result))
+        if not done:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            return
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            fail_done(e)
+            return
+        self.commit_count += 1
+        for job, result in done:
+            if job.after_commit is None:
+                job.future.set_result(result)
+        for job, result in done:  # after the others: a checkpoint must not delay them
+            if job.after_commit is not None:
+                try:
+                    job.after_commit(conn)
+                except sqlite3.Error as e:
+                    log.warning("post-commit step failed: %s", e)
+                job.future.set_result(result)
+
+    # ------------------------------------------------------------------ readers
+
+    def _acquire_reader(self) -> sqlite3.Connection:
+        with self._lock:
+            if self._closed:
+                raise StoreError("store is closed")
+            if self._readers:
+                return self._readers.pop()
+        try:
+            conn = _connect(self.path, readonly=True)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open {self.path}: {e}") from e
+        return conn
+
+    def _release_reader(self, conn: sqlite3.Connection) -> None:
+        with self._lock:
+            if not self._closed:
+                self._readers.append(conn)
+                return
+        conn.close()
+
+    def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        conn = self._acquire_reader()
+        try:
+            return fn(conn)
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from e
+        finally:
+            self._release_reader(conn)
+
+    # ------------------------------------------------------------------ items
+
+    def upsert_items(self, items: Sequence[ItemRecord]) -> tuple[int, int]:
+        latest = {item.id: item for item in items}  # the last one of an id wins
+        if not latest:
+            return (0, 0)
+        blobs = [_vector_bytes(item.vector) for item in latest.values()]
+        rows = [
+            (
+                item.id,
+                item.text,
+                json.dumps(list(item.categories)),
+                json.dumps(dict(item.attributes), sort_keys=True),
+                None if item.create_time is None else float(item.create_time),
+            )
+            for item in latest.values()
+        ]
+
+        def job(conn: sqlite3.Connection) -> tuple[int, int]:
+            old = dict(
+                conn.execute(
+                    "SELECT id, vector_id FROM items WHERE id IN (SELECT value FROM json_each(?))",
+                    (json.dumps(list(latest)),),
+                )
+            )
+            vector_ids = _intern_vectors(conn, blobs)
+            conn.executemany(
+                """INSERT INTO items(id, text, categories, attributes, create_time, vector_id)
+                   VALUES (?, ?, ?, ?, ?, ?)
+                   ON CONFLICT(id) DO UPDATE SET text = excluded.text, categories = excluded.categories,
+                       attributes = excluded.attributes, create_time = excluded.create_time,
+                       vector_id = excluded.vector_id""",
+                [row + (vid,) for row, vid in zip(rows, vector_ids)],
+            )
+            current = set(vector_ids)
+            _gc_vectors(conn, [vid for vid in old.values() if vid not in current])
+            return (len(latest) - len(old), len(old))
+
+        return self._submit(job)
+
+    def delete_items(self, ids: Sequence[str]) -> list[str]:
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
+            return []
+
+        def job(conn: sqlite3.Connection) -> list[str]:
+            doomed = conn.execute(
+                "SELECT id, vector_id FROM items WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(wanted),),
+            ).fetchall()
+            conn.execute("DELETE FROM items WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(wanted),))
+            _gc_vectors(conn, [vid for _, vid in doomed])
+            found = {id_ for id_, _ in doomed}
+            return [id_ for id_ in wanted if id_ in found]
+
+        return self._submit(job)
+
+    def get_items(self, ids: Sequence[str]) -> dict[str, ItemRecord]:
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
+            return {}
+
+        def read(conn: sqlite3.Connection) -> dict[str, ItemRecord]:
+            rows = conn.execute(
+                _ITEM_SELECT + " WHERE i.id IN (SELECT value FROM json_each(?))", (json.dumps(wanted),)
+            )
+            return {row[0]: _item_from(row) for row in rows}
+
+        return self._read(read)
+
+    def iter_items(self) -> Iterator[ItemRecord]:
+        conn = self._acquire_reader()
+        try:
+            cur = conn.execute(_ITEM_SELECT + " ORDER BY i.id")
+            while rows := cur.fetchmany(1000):
+                for row in rows:
+                    yield _item_from(row)
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from e
+        finally:
+            self._release_reader(conn)
+
+    # ------------------------------------------------------------------ events
+
+    def record_events(self, events: Sequence[EventRecord]) -> list[EventRecord]:
+        first: dict[str, EventRecord] = {}
+        for event in events:
+            first.setdefault(event.event_id, event)  # the first one of an id wins
+        if not first:
+            return []
+        ids_json = json.dumps(list(first))
+        # Everything per-row is prepared here, in the caller's thread; the
+        # writer only filters, interns and runs the statements.
+        blobs = [_vector_bytes(e.vector) for e in first.values()]
+        hashes = [_hash(b) for b in blobs]
+        rows = [
+            (
+                e.event_id,
+                e.user_id,
+                int(e.type),
+                e.item_id,
+                e.text,
+                None if e.value is None else float(e.value),
+                float(e.event_time),
+            )
+            for e in first.values()
+        ]
+
+        def job(conn: sqlite3.Connection) -> tuple[int, Sequence[int]]:
+            stored = conn.execute(
+                "SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?))", (ids_json,)
+            ).fetchall()
+            keep = range(len(rows))
+            if stored:
+                seen = {row[0] for row in stored}
+                keep = [i for i, row in enumerate(rows) if row[0] not in seen]
+                if not keep:
+                    return 0, []
+            vector_ids = _intern_vectors(conn, [blobs[i] for i in keep], [hashes[i] for i in keep])
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+            before = row[0] if row else 0
+            conn.executemany(
+                """INSERT INTO events(event_id, user_id, type, item_id, text, value, event_time, vector_id)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                [rows[i] + (vid,) for i, vid in zip(keep, vector_ids)],
+            )
+            after = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()[0]
+            if after - before != len(keep):  # AUTOINCREMENT hands one writer consecutive seqs
+                raise StoreError(f"unexpected seq range {before}..{after} for {len(keep)} events")
+            return before, keep
+
+        before, keep = self._submit(job)
+        unique = list(first.values())
+        out = []
+        for seq, i in enumerate(keep, start=before + 1):  # dataclasses.replace is ~10x slower
+            e = unique[i]
+            out.append(EventRecord(e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, e.vector, seq))
+        return out
+
+    def user_events(self, user_id: str) -> list[EventRecord]:
+        def read(conn: sqlite3.Connection) -> list[EventRecord]:
+            rows = conn.execute(
+                """SELECT e.seq, e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, v.data
+                   FROM events e JOIN vectors v ON v.id = e.vector_id
+                   WHERE e.user_id = ? ORDER BY e.seq""",
+                (user_id,),
+            )
+            return [
+                EventRecord(
+                    event_id=event_id,
+                    user_id=uid,
+                    type=type_,
+                    item_id=item_id,
+                    text=text,
+                    value=value,
+                    event_time=event_time,
+                    vector=_vector_from(data),
+                    seq=seq,
+                )
+                for seq, event_id, uid, type_, item_id, text, value, event_time, data in rows
+            ]
+
+        return self._read(read)
+
+    def iter_events(self, chunk: int = 50_000) -> Iterator[tuple[np.ndarray, list[str | None], np.ndarray]]:
+        conn = self._acquire_reader()
+        try:
+            cur = conn.execute("SELECT type, item_id, event_time FROM events ORDER BY seq")
+            while rows := cur.fetchmany(chunk):
+                types, item_ids, times = zip(*rows)
+                yield np.array(types, dtype=np.int64), list(item_ids), np.array(times, dtype=np.float64)
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from e
+        finally:
+            self._release_reader(conn)
+
+    def delete_user(self, user_id: str) -> int:
+        def job(conn: sqlite3.Connection) -> int:
+            vector_ids = [
+                row[0]
+                for row in conn.execute("SELECT DISTINCT vector_id FROM events WHERE user_id = ?", (user_id,))
+            ]
+            count = conn.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
+            _gc_vectors(conn, vector_ids)
+            return count
+
+        return self._submit(job, after_commit=self._truncate_wal)
+
+    def _truncate_wal(self, conn: sqlite3.Connection) -> None:
+        """Copies the WAL into the database and truncates it, so that the
+        pre-delete page images in old WAL frames are gone too."""
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            log.warning("WAL checkpoint after delete_user was blocked by a reader; it completes later")
+
+    def checkpoint(self) -> None:
+        """Checkpoints and truncates the WAL (on the writer thread)."""
+        self._submit(lambda conn: None, after_commit=self._truncate_wal)
+
+    def user_count(self) -> int:
+        return self._read(lambda c: c.execute("SELECT COUNT(DISTINCT user_id) FROM events").fetchone()[0])
+
+    def event_count(self) -> int:
+        return self._read(lambda c: c.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+    # ------------------------------------------------------------------ labels
+
+    def get_labels(self) -> dict[str, np.ndarray]:
+        def read(conn: sqlite3.Connection) -> dict[str, np.ndarray]:
+            rows = conn.execute("SELECT l.name, v.data FROM labels l JOIN vectors v ON v.id = l.vector_id")
+            return {name: _vector_from(data) for name, data in rows}
+
+        return self._read(read)
+
+    def put_labels(self, labels: Mapping[str, np.ndarray]) -> None:
+        names = list(labels)
+        if not names:
+            return
+        blobs = [_vector_bytes(labels[name]) for name in names]
+
+        def job(conn: sqlite3.Connection) -> None:
+            old = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT vector_id FROM labels WHERE name IN (SELECT value FROM json_each(?))",
+                    (json.dumps(names),),
+                )
+            ]
+            vector_ids = _intern_vectors(conn, blobs)
+            conn.executemany(
+                "INSERT INTO labels(name, vector_id) VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET vector_id = excluded.vector_id",
+                zip(names, vector_ids),
+            )
+            _gc_vectors(conn, old)
+
+        self._submit(job)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.append(_STOP)  # after every job already queued
+            self._wakeup.notify()
+            idle, self._readers = self._readers, []
+        self._thread.join()
+        for conn in idle:
+            conn.close()
+
+    def __enter__(self) -> "SqliteStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,428 @@
+"""The SQLite store: items, content-addressed vectors, idempotent group-committed
+events, durability across kill -9, erasure (down to the file's bytes), schema."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import halflife
+from halflife.storage import sqlite as sqlite_mod
+from halflife.storage.base import EventRecord, ItemRecord, StoreError
+from halflife.storage.sqlite import DB_NAME, SCHEMA_VERSION, SqliteStore
+
+DIM = 16
+RNG = np.random.default_rng(1234)
+
+
+def vec() -> np.ndarray:
+    v = RNG.standard_normal(DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def item(id_: str, vector: np.ndarray | None = None, **kw) -> ItemRecord:
+    return ItemRecord(
+        id=id_,
+        text=kw.get("text", f"text of {id_}"),
+        categories=kw.get("categories", ("books", "sci-fi")),
+        attributes=kw.get("attributes", {"author": "Le Guin", "lang": "en"}),
+        create_time=kw.get("create_time", 1_700_000_000.5),
+        vector=vec() if vector is None else vector,
+    )
+
+
+def event(event_id: str, user_id: str = "u1", vector: np.ndarray | None = None, **kw) -> EventRecord:
+    return EventRecord(
+        event_id=event_id,
+        user_id=user_id,
+        type=kw.get("type", 1),
+        item_id=kw.get("item_id", "i1"),
+        text=kw.get("text"),
+        value=kw.get("value"),
+        event_time=kw.get("event_time", 1_700_000_100.25),
+        vector=vec() if vector is None else vector,
+    )
+
+
+def raw(tmp_path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(tmp_path / DB_NAME)
+
+
+def count(tmp_path: Path, sql: str, *args) -> int:
+    with raw(tmp_path) as conn:
+        return conn.execute(sql, args).fetchone()[0]
+
+
+@pytest.fixture()
+def store(tmp_path):
+    s = SqliteStore(tmp_path)
+    yield s
+    s.close()
+
+
+def hold_writer(store: SqliteStore):
+    """Blocks the writer thread inside a job until the returned event is set."""
+    gate, started = threading.Event(), threading.Event()
+
+    def blocker(conn):
+        started.set()
+        assert gate.wait(10)
+
+    t = threading.Thread(target=store._submit, args=(blocker,))
+    t.start()
+    assert started.wait(10)
+    return gate, t
+
+
+# --------------------------------------------------------------------------- open / schema
+
+def test_open_sets_pragmas_and_schema(store, tmp_path):
+    conn = store._writer
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert conn.execute("PRAGMA secure_delete").fetchone()[0] == 1
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] > 0
+    assert count(tmp_path, "PRAGMA user_version") == SCHEMA_VERSION
+
+
+def test_reopen_keeps_data(tmp_path):
+    v = vec()
+    with SqliteStore(tmp_path) as s:
+        s.upsert_items([item("a", v)])
+        s.record_events([event("e1", vector=v)])
+        s.put_labels({"books": v})
+    with SqliteStore(tmp_path) as s:
+        assert np.array_equal(s.get_items(["a"])["a"].vector, v)
+        assert [e.event_id for e in s.user_events("u1")] == ["e1"]
+        assert np.array_equal(s.get_labels()["books"], v)
+        assert s.record_events([event("e2")])[0].seq == 2
+
+
+def test_newer_schema_is_refused(tmp_path):
+    SqliteStore(tmp_path).close()
+    with raw(tmp_path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="newer"):
+        SqliteStore(tmp_path)
+
+
+def test_failed_migration_leaves_the_file_untouched(tmp_path, monkeypatch):
+    SqliteStore(tmp_path).close()
+
+    def add_table_then_fail(conn):
+        conn.execute("CREATE TABLE half_done (x)")
+        raise sqlite3.OperationalError("boom")
+
+    monkeypatch.setattr(sqlite_mod, "MIGRATIONS", sqlite_mod.MIGRATIONS + [add_table_then_fail])
+    monkeypatch.setattr(sqlite_mod, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    with pytest.raises(StoreError, match="boom"):
+        SqliteStore(tmp_path)
+    assert count(tmp_path, "PRAGMA user_version") == SCHEMA_VERSION
+    assert count(tmp_path, "SELECT COUNT(*) FROM sqlite_master WHERE name = 'half_done'") == 0
+
+
+def test_not_a_database(tmp_path):
+    (tmp_path / DB_NAME).write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError):
+        SqliteStore(tmp_path)
+
+
+def test_closed_store_refuses_calls(tmp_path):
+    s = SqliteStore(tmp_path)
+    s.close()
+    s.close()  # idempotent
+    with pytest.raises(StoreError, match="closed"):
+        s.record_events([event("e1")])
+    with pytest.raises(StoreError, match="closed"):
+        s.event_count()
+
+
+# --------------------------------------------------------------------------- items
+
+def test_items_upsert_get_delete_iter(store, tmp_path):
+    a, b = item("a"), item("b", create_time=None, categories=(), attributes={})
+    assert store.upsert_items([a, b]) == (2, 0)
+    a2 = item("a", text="new text", categories=("films",))
+    assert store.upsert_items([a2, item("c")]) == (1, 1)
+
+    got = store.get_items(["a", "b", "missing"])
+    assert set(got) == {"a", "b"}
+    assert got["a"].text == "new text" and got["a"].categories == ("films",)
+    assert got["a"].attributes == {"author": "Le Guin", "lang": "en"}
+    assert got["a"].create_time == 1_700_000_000.5
+    assert got["b"].create_time is None and got["b"].categories == () and got["b"].attributes == {}
+    assert np.array_equal(got["a"].vector, a2.vector)
+    assert got["a"].vector.dtype == np.float32
+
+    assert sorted(i.id for i in store.iter_items()) == ["a", "b", "c"]
+    assert store.delete_items(["c", "nope", "a"]) == ["c", "a"]
+    assert store.delete_items(["c"]) == []
+    assert [i.id for i in store.iter_items()] == ["b"]
+    # the replaced and the deleted items' vectors are collected
+    assert count(tmp_path, "SELECT COUNT(*) FROM vectors") == 1
+
+
+def test_vectors_round_trip_bit_exactly(store):
+    weird = np.array([0.0, -0.0, 1e-45, -1e-45, np.inf, -np.inf, 3.4028235e38, np.nan], dtype=np.float32)
+    payload_nan = np.frombuffer(np.uint32(0x7FC0_1234).tobytes(), dtype=np.float32)
+    vectors = {f"i{k}": RNG.standard_normal(384).astype(np.float32) for k in range(20)}
+    vectors["weird"] = np.concatenate([weird, payload_nan])
+    store.upsert_items([item(k, v) for k, v in vectors.items()])
+    got = store.get_items(list(vectors))
+    for k, v in vectors.items():
+        assert got[k].vector.tobytes() == v.tobytes()
+    store.record_events([event("e", vector=vectors["weird"])])
+    assert store.user_events("u1")[0].vector.tobytes() == vectors["weird"].tobytes()
+
+
+def test_event_keeps_the_vector_it_was_recorded_with(store, tmp_path):
+    old, new = vec(), vec()
+    store.upsert_items([item("i1", old)])
+    store.record_events([event("e1", vector=old, item_id="i1")])
+    assert store.upsert_items([item("i1", new)]) == (0, 1)
+    assert np.array_equal(store.get_items(["i1"])["i1"].vector, new)
+    assert np.array_equal(store.user_events("u1")[0].vector, old)
+    assert count(tmp_path, "SELECT COUNT(*) FROM vectors") == 2
+    assert store.delete_items(["i1"]) == ["i1"]
+    assert np.array_equal(store.user_events("u1")[0].vector, old)
+    assert count(tmp_path, "SELECT COUNT(*) FROM vectors") == 1  # `new` went with the item
+
+
+def test_identical_vectors_are_stored_once(store, tmp_path):
+    shared = vec()
+    store.upsert_items([item("a", shared), item("b", shared.copy())])
+    store.record_events([event(f"e{k}", vector=shared.copy()) for k in range(50)])
+    store.put_labels({"x": shared})
+    assert count(tmp_path, "SELECT COUNT(*) FROM vectors") == 1
+
+
+def test_labels(store, tmp_path):
+    assert store.get_labels() == {}
+    a, b, c = vec(), vec(), vec()
+    store.put_labels({"books": a, "films": b})
+    store.put_labels({"films": c})
+    got = store.get_labels()
+    assert set(got) == {"books", "films"}
+    assert np.array_equal(got["books"], a) and np.array_equal(got["films"], c)
+    assert count(tmp_path, "SELECT COUNT(*) FROM vectors") == 2
+
+
+# --------------------------------------------------------------------------- events
+
+def test_record_events_seq_and_readback(store):
+    batch = [event(f"e{k}", user_id=f"u{k % 3}", value=k * 0.5 if k % 2 else None, text="hi" if k == 4 else None)
+             for k in range(10)]
+    stored = store.record_events(batch)
+    assert [e.seq for e in stored] == list(range(1, 11))
+    assert [e.event_id for e in stored] == [e.event_id for e in batch]
+    more = store.record_events([event("f0", user_id="u1")])
+    assert more[0].seq == 11
+
+    u1 = store.user_events("u1")
+    assert [e.event_id for e in u1] == ["e1", "e4", "e7", "f0"]
+    assert [e.seq for e in u1] == sorted(e.seq for e in u1)
+    e4 = u1[1]
+    assert (e4.user_id, e4.type, e4.item_id, e4.text, e4.value, e4.event_time) == ("u1", 1, "i1", "hi", None, 1_700_000_100.25)
+    assert np.array_equal(e4.vector, batch[4].vector)
+    assert u1[0].value == 0.5
+    assert store.user_events("nobody") == []
+    assert store.user_count() == 3 and store.event_count() == 11
+
+
+def test_record_events_is_idempotent(store, tmp_path):
+    batch = [event(f"e{k}") for k in range(5)]
+    assert len(store.record_events(batch)) == 5
+    assert store.record_events(batch) == []  # re-sent: nothing new
+    # duplicates inside a batch: the first one wins; stored ones are skipped
+    dup = [event("n1", value=1.0), event("e0"), event("n1", value=2.0), event("n2")]
+    stored = store.record_events(dup)
+    assert [(e.event_id, e.seq) for e in stored] == [("n1", 6), ("n2", 7)]
+    assert stored[0].value == 1.0
+    assert store.event_count() == 7
+    assert [e.value for e in store.user_events("u1") if e.event_id == "n1"] == [1.0]
+    assert count(tmp_path, "SELECT COUNT(*) FROM vectors") == 7  # skipped events left no vectors
+    assert store.record_events([]) == []
+
+
+def test_failing_batch_leaves_nothing(store, tmp_path):
+    store.record_events([event("before")])
+    bad = [event(f"b{k}") for k in range(10)]
+    bad[6] = event("b6", user_id=None)  # NOT NULL violation after six rows went in
+    with pytest.raises(StoreError, match="NOT NULL"):
+        store.record_events(bad)
+    assert store.event_count() == 1
+    assert count(tmp_path, "SELECT COUNT(*) FROM vectors") == 1
+    # the ids of the failed batch are still free
+    assert len(store.record_events([e for e in bad if e.user_id])) == 9
+
+
+def test_failing_batch_fails_alone_inside_a_group(store):
+    gate, blocker = hold_writer(store)
+    results: dict[int, object] = {}
+
+    def send(k: int, batch: list[EventRecord]) -> None:
+        try:
+            results[k] = store.record_events(batch)
+        except Exception as e:  # noqa: BLE001
+            results[k] = e
+
+    batches = [[event(f"t{k}-{j}", user_id=f"u{k}") for j in range(5)] for k in range(4)]
+    batches[2][3] = event("t2-3", user_id=None)
+    threads = [threading.Thread(target=send, args=(k, b)) for k, b in enumerate(batches)]
+    for t in threads:
+        t.start()
+    while len(store._queue) < 4:
+        time.sleep(0.001)
+    commits = store.commit_count
+    gate.set()
+    for t in threads + [blocker]:
+        t.join(10)
+    assert store.commit_count == commits + 2  # the blocker's group, then one group for all four
+    assert isinstance(results[2], StoreError)
+    assert all(len(results[k]) == 5 for k in (0, 1, 3))
+    assert store.event_count() == 15 and store.user_events("u2") == []
+
+
+def test_concurrent_record_events_land_once_and_group(store):
+    threads_n, batches_n, size = 8, 25, 20
+    returned: list[list[str]] = [[] for _ in range(threads_n)]
+    barrier = threading.Barrier(threads_n)
+
+    def worker(t: int) -> None:
+        barrier.wait()
+        for b in range(batches_n):
+            # every batch also re-sends two events of the neighbouring thread's same batch
+            batch = [event(f"c{t}-{b}-{j}", user_id=f"u{t}") for j in range(size)]
+            batch += [event(f"c{(t + 1) % threads_n}-{b}-{j}", user_id=f"u{(t + 1) % threads_n}") for j in range(2)]
+            returned[t] += [e.event_id for e in store.record_events(batch)]
+
+    seen_counts: list[int] = []
+    stop = threading.Event()
+
+    def reader() -> None:  # reads run on their own connections while the writer writes
+        while not stop.is_set():
+            seen_counts.append(store.event_count())
+
+    commits = store.commit_count
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(threads_n)]
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    stop.set()
+    watcher.join(10)
+    assert seen_counts and seen_counts == sorted(seen_counts)  # never a torn or reordered view
+    everything = [eid for r in returned for eid in r]
+    assert len(everything) == len(set(everything)) == threads_n * batches_n * size
+    assert store.event_count() == threads_n * batches_n * size
+    for t in range(threads_n):
+        seqs = [e.seq for e in store.user_events(f"u{t}")]
+        assert len(seqs) == batches_n * size and seqs == sorted(seqs)
+    assert store.commit_count - commits < threads_n * batches_n  # callers shared commits
+
+
+def test_iter_events_chunks(store):
+    store.record_events([event(f"e{k}", type=k % 4, item_id=None if k == 3 else f"i{k}", event_time=float(k))
+                         for k in range(25)])
+    chunks = list(store.iter_events(chunk=10))
+    assert [len(c[1]) for c in chunks] == [10, 10, 5]
+    types = np.concatenate([c[0] for c in chunks])
+    times = np.concatenate([c[2] for c in chunks])
+    items = [i for c in chunks for i in c[1]]
+    assert types.tolist() == [k % 4 for k in range(25)]
+    assert times.dtype == np.float64 and times.tolist() == [float(k) for k in range(25)]
+    assert items[3] is None and items[4] == "i4"
+
+
+# --------------------------------------------------------------------------- delete_user
+
+def test_delete_user_erases_rows_vectors_and_bytes(store, tmp_path):
+    marker = "zebra-privacy-marker-91723"
+    user = "user-privacy-7f3a9c"
+    shared, own = vec(), vec()
+    store.upsert_items([item("i1", shared)])
+    store.record_events([event(f"p{k}", user_id=user, vector=own if k % 2 else shared,
+                               text=f"{marker} review {k}") for k in range(40)])
+    store.record_events([event(f"o{k}", user_id="other", vector=shared) for k in range(20)])
+    store.record_events([event("p-last", user_id=user, vector=vec(), text=marker)])
+    store.checkpoint()
+
+    def file_bytes() -> bytes:
+        return b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith(DB_NAME))
+
+    before = file_bytes()
+    assert marker.encode() in before and user.encode() in before and own.tobytes() in before
+
+    assert store.delete_user(user) == 41
+    assert store.user_events(user) == []
+    assert count(tmp_path, "SELECT COUNT(*) FROM events WHERE user_id = ?", user) == 0
+    assert count(tmp_path, "SELECT COUNT(*) FROM vectors") == 1  # only `shared` survives
+    assert len(store.user_events("other")) == 20
+    assert np.array_equal(store.get_items(["i1"])["i1"].vector, shared)
+    assert store.user_count() == 1 and store.event_count() == 20
+
+    after = file_bytes()  # db and -wal, as delete_user left them (it checkpoints itself)
+    assert marker.encode() not in after
+    assert user.encode() not in after
+    assert own.tobytes() not in after
+    assert store.delete_user(user) == 0
+
+
+# --------------------------------------------------------------------------- kill -9
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from halflife.storage.base import EventRecord
+    from halflife.storage.sqlite import SqliteStore
+
+    store = SqliteStore(sys.argv[1])
+    rng = np.random.default_rng(0)
+    b = 0
+    while True:
+        batch = [EventRecord(f"k{b}-{j}", f"u{j % 7}", 1, f"i{j}", None, None, 1.0,
+                             rng.standard_normal(32).astype(np.float32)) for j in range(50)]
+        store.record_events(batch)
+        print(batch[-1].event_id, flush=True)
+        b += 1
+    """
+)
+
+
+def test_acknowledged_events_survive_kill_9(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(halflife.__path__[0]).parent), os.environ.get("PYTHONPATH", "")]))
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    acked: list[str] = []
+    try:
+        for _ in range(8):
+            line = child.stdout.readline()
+            assert line, child.stderr.read()
+            acked.append(line.strip())
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        child.stdout.close()
+        child.stderr.close()
+    assert child.returncode == -signal.SIGKILL
+    with SqliteStore(tmp_path) as s:
+        present = {e.event_id for u in range(7) for e in s.user_events(f"u{u}")}
+        for last in acked:
+            b = int(last[1:].split("-")[0])
+            assert {f"k{b}-{j}" for j in range(50)} <= present
+        assert s.event_count() % 50 == 0  # whole batches only
