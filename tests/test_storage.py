@@ -101,11 +101,9 @@ def test_reopen_keeps_data(tmp_path):
     with SqliteStore(tmp_path) as s:
         s.upsert_items([item("a", v)])
         s.record_events([event("e1", vector=v)])
-        s.put_labels({"books": v})
     with SqliteStore(tmp_path) as s:
         assert np.array_equal(s.get_items(["a"])["a"].vector, v)
         assert [e.event_id for e in s.user_events("u1")] == ["e1"]
-        assert np.array_equal(s.get_labels()["books"], v)
         assert s.record_events([event("e2")])[0].seq == 2
 
 
@@ -203,19 +201,7 @@ def test_identical_vectors_are_stored_once(store, tmp_path):
     shared = vec()
     store.upsert_items([item("a", shared), item("b", shared.copy())])
     store.record_events([event(f"e{k}", vector=shared.copy()) for k in range(50)])
-    store.put_labels({"x": shared})
     assert count(tmp_path, "SELECT COUNT(*) FROM vectors") == 1
-
-
-def test_labels(store, tmp_path):
-    assert store.get_labels() == {}
-    a, b, c = vec(), vec(), vec()
-    store.put_labels({"books": a, "films": b})
-    store.put_labels({"films": c})
-    got = store.get_labels()
-    assert set(got) == {"books", "films"}
-    assert np.array_equal(got["books"], a) and np.array_equal(got["films"], c)
-    assert count(tmp_path, "SELECT COUNT(*) FROM vectors") == 2
 
 
 # --------------------------------------------------------------------------- events

@@ -19,7 +19,7 @@ MAX_CATEGORY_BYTES = 128
 MAX_ATTRIBUTES = 64
 
 
-def _item_input(item: catalog_pb2.Item, field: str, dim: int, now: float, violations: Violations) -> ItemInput | None:
+def _item_input(item: catalog_pb2.Item, field: str, dim: int, violations: Violations) -> ItemInput | None:
     before = len(violations.items)
     violations.identifier(item.id, f"{field}.id")
     violations.text(item.text, f"{field}.text")
@@ -41,7 +41,7 @@ def _item_input(item: catalog_pb2.Item, field: str, dim: int, now: float, violat
             violations.add(f"{field}.categories[{j}]", f"must be 1 to {MAX_CATEGORY_BYTES} bytes")
     if len(item.attributes) > MAX_ATTRIBUTES:
         violations.add(f"{field}.attributes", f"holds {len(item.attributes)} entries; at most {MAX_ATTRIBUTES}")
-    create_time = violations.timestamp(item, "create_time", f"{field}.create_time", now)
+    create_time = violations.timestamp(item, "create_time", f"{field}.create_time", None)
     if len(violations.items) > before:
         return None
     return ItemInput(
@@ -76,7 +76,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                 if item.id in seen:
                     violations.add(f"items[{i}].id", f"repeats items[{seen[item.id]}].id {item.id!r}")
                 seen.setdefault(item.id, i)
-                items.append(_item_input(item, f"items[{i}]", interest.dim, interest.now(), violations))
+                items.append(_item_input(item, f"items[{i}]", interest.dim, violations))
         violations.raise_if_any()
         created, updated = await asyncio.to_thread(interest.upsert_items, items)
         return catalog_pb2.UpsertItemsResponse(created_count=created, updated_count=updated)

@@ -12,6 +12,9 @@ from halflife.api.errors import invalid_argument
 MAX_ID_BYTES = 256
 MAX_TEXT_BYTES = 32 * 1024
 MAX_FUTURE_SECONDS = 24 * 3600.0  # event times may run ahead of our clock by at most a day
+# google.protobuf.Timestamp's valid range.
+MIN_TIMESTAMP_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
+MAX_TIMESTAMP_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
 
 
 class Violations:
@@ -55,19 +58,25 @@ class Violations:
         if not 1 <= value <= maximum:
             self.add(field, f"must be between 1 and {maximum}, got {value}")
 
-    def timestamp(self, message, name: str, field: str, now: float) -> float | None:
+    def timestamp(self, message, name: str, field: str, now: float | None) -> float | None:
         """Seconds of the Timestamp field `name` of `message`; None when unset.
-        Times before 1970 or more than a day ahead of `now` are violations."""
+
+        With `now` (event and as-of times): before 1970 or more than a day
+        ahead of `now` is a violation. Without (e.g. an item's publication
+        date, which may be 1931): any time Timestamp itself allows."""
         if not message.HasField(name):
             return None
         stamp: timestamp_pb2.Timestamp = getattr(message, name)
         if not 0 <= stamp.nanos < 1_000_000_000:
             self.add(field, f"nanos must be in [0, 1e9), got {stamp.nanos}")
             return None
+        if not MIN_TIMESTAMP_SECONDS <= stamp.seconds <= MAX_TIMESTAMP_SECONDS:
+            self.add(field, "is outside 0001-01-01 .. 9999-12-31")
+            return None
         seconds = stamp.seconds + stamp.nanos / 1e9
-        if seconds < 0:
+        if now is not None and seconds < 0:
             self.add(field, "is before 1970-01-01")
-        elif seconds > now + MAX_FUTURE_SECONDS:
+        elif now is not None and seconds > now + MAX_FUTURE_SECONDS:
             self.add(field, "is more than 24 hours in the future")
         return seconds
 

@@ -29,15 +29,19 @@ def describe_clusters(
     n_labels: int = 5,
     n_items: int = 5,
     item_allowed=None,
+    label_origin=None,
 ) -> ClusterDescription:
     """Top-n labels and top-m items by cosine for each cluster.
 
     centroids: (K, d) (normalised here); labels: (L, d) and items: (N, d),
     both normalised; item_allowed: (N,) or (K, N) bool, e.g. to hide items the
-    user has already seen. One GEMM plus one argpartition for labels and for
-    items.
+    user has already seen; label_origin: (d,) or None, subtracted from the
+    centroids before they meet the labels, for labels that are directions
+    from that origin (e.g. centred on the catalogue mean). One GEMM plus one
+    argpartition for labels and for items.
     """
     c = normalize(centroids)
-    label_idx, label_sim = batch_top_k(c @ np.asarray(labels, dtype=np.float32).T, n_labels)
+    to_labels = c if label_origin is None else normalize(np.asarray(centroids) - label_origin)
+    label_idx, label_sim = batch_top_k(to_labels @ np.asarray(labels, dtype=np.float32).T, n_labels)
     item_idx, item_sim = batch_top_k(c @ np.asarray(items, dtype=np.float32).T, n_items, item_allowed)
     return ClusterDescription(label_idx, label_sim, item_idx, item_sim)

@@ -166,6 +166,8 @@ class InterestEngine:
         self._trending = DecayedCounts.empty(0, config.ranking.trending_half_life_days * DAY)
         self._labels: list[str] = []
         self._label_vectors = np.zeros((0, dim), dtype=np.float32)
+        self._catalog_mean = np.zeros(dim, dtype=np.float32)
+        self._labels_version = -1
         self._load()
 
     def now(self) -> float:
@@ -183,11 +185,9 @@ class InterestEngine:
             rows = self.catalog.rows([i or "" for i in item_ids])
             keep = (rows >= 0) & positive[self._internal_types_of(types)]
             self._trending.add(rows[keep], times[keep])
-        labels = self.store.get_labels()
-        self._set_labels(labels)
         log.info(
-            "loaded %d items, %d labels and popularity from %d events in %.1f s",
-            len(self.catalog), len(labels), self.store.event_count(), time.perf_counter() - started,
+            "loaded %d items and popularity from %d events in %.1f s",
+            len(self.catalog), self.store.event_count(), time.perf_counter() - started,
         )
 
     def _internal_types_of(self, api_types: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
@@ -204,13 +204,27 @@ class InterestEngine:
             internal = np.where(mid, EVENT_TYPE_NAMES.index("rate_mid"), internal)
         return internal
 
-    def _set_labels(self, labels: Mapping[str, np.ndarray]) -> None:
-        self._labels = sorted(labels)
-        self._label_vectors = (
-            np.stack([labels[name] for name in self._labels]).astype(np.float32)
-            if labels
-            else np.zeros((0, self.dim), dtype=np.float32)
-        )
+    def _label_space(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Category labels as directions in item space: (names, (L, d) unit
+        vectors, (d,) catalogue mean). Lock held.
+
+        A label is the mean of its items' vectors, centred on the catalogue
+        mean and normalised. Measured on MovieLens, embedding the bare word
+        ("Film-Noir") lands far from item texts and names every interest
+        alike; member centroids name them by what they hold. Recomputed only
+        when the catalogue changed."""
+        if self._labels_version != self.catalog.version:
+            catalog = self.catalog
+            names = catalog.all_categories
+            alive = catalog.alive
+            mean = catalog.vectors[alive].mean(axis=0) if alive.any() else np.zeros(self.dim, np.float32)
+            vectors = np.zeros((len(names), self.dim), dtype=np.float32)
+            for k, name in enumerate(names):
+                members = catalog.category_mask([name]) & alive
+                vectors[k] = catalog.vectors[members].mean(axis=0) - mean
+            self._labels, self._label_vectors, self._catalog_mean = names, normalize(vectors), mean
+            self._labels_version = catalog.version
+        return self._labels, self._label_vectors, self._catalog_mean
 
     # ---------------------------------------------------------------- catalog
 
@@ -233,25 +247,12 @@ class InterestEngine:
             )
             for item, vector in zip(items, vectors)
         ]
-        self._add_labels({c for item in items for c in item.categories})
         with self._catalog_write:
             created, updated = self.store.upsert_items(records)
             with self._lock:
                 self.catalog.upsert(records)
                 self._trending.resize(self.catalog.size)
         return created, updated
-
-    def _add_labels(self, categories: set[str]) -> None:
-        with self._lock:
-            new = sorted(categories - set(self._labels))
-        if not new:
-            return
-        vectors = self._embed(new)
-        self.store.put_labels(dict(zip(new, vectors)))
-        with self._lock:
-            merged = dict(zip(self._labels, self._label_vectors))
-            merged.update(zip(new, vectors))
-            self._set_labels(merged)
 
     def delete_items(self, ids: Sequence[str]) -> int:
         with self._catalog_write:
@@ -382,7 +383,7 @@ class InterestEngine:
             if state.multi.n_clusters and total > 0:
                 centroids = state.multi.centroids(t)
                 trends = state.multi.trend_labels(t)
-                described = self._describe(centroids, n_items, state.seen)
+                described = self._describe(centroids, n_items)
                 order = np.argsort(-importances, kind="stable")
                 for rank, c in enumerate(order):
                     labels, items = described[c]
@@ -406,22 +407,24 @@ class InterestEngine:
                 negative_strength=state.single.negative_strength(t),
             )
 
-    def _describe(self, centroids: np.ndarray, n_items: int, seen: set[str]):
-        """Per centroid: ((label, similarity)...), ((item id, text, similarity)...)."""
+    def _describe(self, centroids: np.ndarray, n_items: int):
+        """Per centroid: ((label, similarity)...), ((item id, text, similarity)...).
+        Labels compare centred directions (see `_label_space`). Lock held."""
         catalog = self.catalog
-        n_labels = self.config.ranking.labels_per_interest if len(self._labels) else 0
+        names, label_vectors, mean = self._label_space()
         described = describe_clusters(
             centroids,
-            self._label_vectors if n_labels else np.zeros((0, self.dim), np.float32),
+            label_vectors,
             catalog.vectors,
-            n_labels=n_labels,
+            n_labels=self.config.ranking.labels_per_interest,
             n_items=min(n_items, catalog.size),
             item_allowed=catalog.alive,
+            label_origin=mean,
         )
         out = []
         for c in range(centroids.shape[0]):
             labels = tuple(
-                (self._labels[i], float(s))
+                (names[i], float(s))
                 for i, s in zip(described.label_indices[c], described.label_scores[c])
                 if i >= 0
             )
@@ -518,7 +521,7 @@ class InterestEngine:
         importances = multi.importances(t)
         total = float(importances.sum()) or 1.0
         centroids = multi.centroids(t)
-        described = self._describe(centroids, 0, set()) if multi.n_clusters else []
+        described = self._describe(centroids, 0) if multi.n_clusters else []
         rank_of = {int(c): r for r, c in enumerate(np.argsort(-importances, kind="stable"))}
         item_vectors = self.catalog.vectors[rows]
         cluster_sims = item_vectors @ centroids.T if multi.n_clusters else np.zeros((len(rows), 0))

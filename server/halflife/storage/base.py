@@ -77,11 +77,6 @@ class Store(Protocol):
 
     def event_count(self) -> int: ...
 
-    def get_labels(self) -> dict[str, np.ndarray]:
-        """Embedded label texts (catalogue categories), so a restart does not re-embed them."""
-
-    def put_labels(self, labels: Mapping[str, np.ndarray]) -> None: ...
-
     def close(self) -> None: ...
 
 

@@ -3,7 +3,7 @@
 Threads and connections
 -----------------------
 * One **writer thread** owns the only read-write connection. Every mutating
-  call (upsert_items, delete_items, record_events, delete_user, put_labels)
+  call (upsert_items, delete_items, record_events, delete_user)
   becomes a job on a queue and its caller blocks on a `Future`.
 * **Group commit**: the writer takes *everything* queued, opens one
   transaction (``BEGIN IMMEDIATE``), runs each job inside its own
@@ -21,7 +21,7 @@ Versioned with ``PRAGMA user_version``; `MIGRATIONS` is applied in order, in one
 transaction, at open. A file stamped with a newer version raises `StoreError`.
 
 Vectors are content-addressed (``vectors.hash`` = SHA-256 of the float32
-little-endian bytes). Items, events and labels reference vector ids; a vector
+little-endian bytes). Items and events reference vector ids; a vector
 is garbage-collected when the last reference that a delete/update removed was
 the last one anywhere (foreign keys guard against dangling references).
 
@@ -88,11 +88,6 @@ def _migration_1(conn: sqlite3.Connection) -> None:
            )""",
         "CREATE INDEX events_user_seq ON events(user_id, seq)",
         "CREATE INDEX events_vector ON events(vector_id)",
-        """CREATE TABLE labels (
-               name      TEXT PRIMARY KEY,
-               vector_id INTEGER NOT NULL REFERENCES vectors(id)
-           )""",
-        "CREATE INDEX labels_vector ON labels(vector_id)",
     ):
         conn.execute(sql)
 
@@ -158,8 +153,7 @@ def _gc_vectors(conn: sqlite3.Connection, candidates: Sequence[int]) -> int:
         """DELETE FROM vectors
            WHERE id IN (SELECT value FROM json_each(?))
              AND NOT EXISTS (SELECT 1 FROM events WHERE vector_id = vectors.id)
-             AND NOT EXISTS (SELECT 1 FROM items  WHERE vector_id = vectors.id)
-             AND NOT EXISTS (SELECT 1 FROM labels WHERE vector_id = vectors.id)""",
+             AND NOT EXISTS (SELECT 1 FROM items  WHERE vector_id = vectors.id)""",
         (json.dumps(sorted(set(candidates))),),
     )
     return cur.rowcount
@@ -608,39 +602,6 @@ class SqliteStore:
 
     def event_count(self) -> int:
         return self._read(lambda c: c.execute("SELECT COUNT(*) FROM events").fetchone()[0])
-
-    # ------------------------------------------------------------------ labels
-
-    def get_labels(self) -> dict[str, np.ndarray]:
-        def read(conn: sqlite3.Connection) -> dict[str, np.ndarray]:
-            rows = conn.execute("SELECT l.name, v.data FROM labels l JOIN vectors v ON v.id = l.vector_id")
-            return {name: _vector_from(data) for name, data in rows}
-
-        return self._read(read)
-
-    def put_labels(self, labels: Mapping[str, np.ndarray]) -> None:
-        names = list(labels)
-        if not names:
-            return
-        blobs = [_vector_bytes(labels[name]) for name in names]
-
-        def job(conn: sqlite3.Connection) -> None:
-            old = [
-                row[0]
-                for row in conn.execute(
-                    "SELECT vector_id FROM labels WHERE name IN (SELECT value FROM json_each(?))",
-                    (json.dumps(names),),
-                )
-            ]
-            vector_ids = _intern_vectors(conn, blobs)
-            conn.executemany(
-                "INSERT INTO labels(name, vector_id) VALUES (?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET vector_id = excluded.vector_id",
-                zip(names, vector_ids),
-            )
-            _gc_vectors(conn, old)
-
-        self._submit(job)
 
     # ------------------------------------------------------------------ lifecycle
 
