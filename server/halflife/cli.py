@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import datetime as dt
+import json
 import logging
 import sys
 from pathlib import Path
@@ -162,6 +163,46 @@ def _add_client_commands(commands: argparse._SubParsersAction) -> None:
     profile.set_defaults(run=_run_profile)
 
 
+def _add_loadtest(commands: argparse._SubParsersAction) -> None:
+    from halflife.loadtest import parse_duration
+
+    parser = commands.add_parser(
+        "loadtest",
+        help="drive an RPC with concurrent load and print a ghz-style JSON report",
+        description="An asyncio gRPC load generator with ghz's flags and JSON report (durations in ns).",
+    )
+    parser.add_argument("--call", required=True, help="e.g. halflife.v1.EmbeddingService.Embed")
+    parser.add_argument("-d", "--data", default="{}", help="request as proto3 JSON")
+    parser.add_argument("-c", "--concurrency", type=int, default=8)
+    parser.add_argument("-n", "--total", type=int, default=None, help="requests to send (default 200 without -z)")
+    parser.add_argument("-z", "--duration", type=parse_duration, default=None, help="e.g. 10s; max 600s")
+    parser.add_argument("--connections", type=int, default=1)
+    parser.add_argument("--rps", type=float, default=0.0, help="request rate limit (0: none)")
+    parser.add_argument("-t", "--timeout", type=parse_duration, default=20.0, help="per-call deadline (default 20s)")
+    parser.add_argument("--target", default=DEFAULT_TARGET)
+    parser.add_argument("--allow-remote", action="store_true", help="permit a non-loopback target")
+    parser.add_argument("-O", "--format", choices=("json", "summary"), default="json")
+    parser.set_defaults(run=_run_loadtest)
+
+
+def _run_loadtest(args: argparse.Namespace) -> int:
+    from halflife.loadtest import LoadTestError, LoadTestOptions, run_load_test, summary
+
+    total = args.total if args.total is not None or args.duration is not None else 200
+    options = LoadTestOptions(
+        call=args.call, data=args.data, target=args.target, concurrency=args.concurrency, total=total,
+        duration=args.duration, connections=args.connections, rps=args.rps, timeout=args.timeout,
+        allow_remote=args.allow_remote,
+    )
+    try:
+        report = asyncio.run(run_load_test(options))
+    except LoadTestError as exc:
+        print(f"halflife loadtest: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(report, indent=2) if args.format == "json" else summary(report))
+    return 0
+
+
 def _client_command(name: str, fn, *args) -> int:
     """Runs a client command; gRPC and file errors become one line on stderr."""
     from halflife_client import field_violations
@@ -206,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(commands)
     _add_serve(commands)
     _add_client_commands(commands)
+    _add_loadtest(commands)
     return parser
 
 
