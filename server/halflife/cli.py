@@ -171,30 +171,38 @@ def _add_loadtest(commands: argparse._SubParsersAction) -> None:
         help="drive an RPC with concurrent load and print a ghz-style JSON report",
         description="An asyncio gRPC load generator with ghz's flags and JSON report (durations in ns).",
     )
-    parser.add_argument("--call", required=True, help="e.g. halflife.v1.EmbeddingService.Embed")
-    parser.add_argument("-d", "--data", default="{}", help="request as proto3 JSON")
-    parser.add_argument("-c", "--concurrency", type=int, default=8)
+    parser.add_argument("--config", type=Path, default=None, help="a ghz JSON config (e.g. clients/ghz/*.json)")
+    parser.add_argument("--call", default=None, help="e.g. halflife.v1.EmbeddingService.Embed")
+    parser.add_argument("-d", "--data", default=None, help="request as proto3 JSON (default {})")
+    parser.add_argument("-c", "--concurrency", type=int, default=None, help="concurrent calls (default 8)")
     parser.add_argument("-n", "--total", type=int, default=None, help="requests to send (default 200 without -z)")
     parser.add_argument("-z", "--duration", type=parse_duration, default=None, help="e.g. 10s; max 600s")
-    parser.add_argument("--connections", type=int, default=1)
-    parser.add_argument("--rps", type=float, default=0.0, help="request rate limit (0: none)")
-    parser.add_argument("-t", "--timeout", type=parse_duration, default=20.0, help="per-call deadline (default 20s)")
-    parser.add_argument("--target", default=DEFAULT_TARGET)
+    parser.add_argument("--connections", type=int, default=None, help="TCP connections (default 1)")
+    parser.add_argument("--rps", type=float, default=None, help="request rate limit (default 0: none)")
+    parser.add_argument("-t", "--timeout", type=parse_duration, default=None, help="per-call deadline (default 20s)")
+    parser.add_argument("--target", default=None, help=f"server address (default {DEFAULT_TARGET})")
     parser.add_argument("--allow-remote", action="store_true", help="permit a non-loopback target")
     parser.add_argument("-O", "--format", choices=("json", "summary"), default="json")
     parser.set_defaults(run=_run_loadtest)
 
 
 def _run_loadtest(args: argparse.Namespace) -> int:
-    from halflife.loadtest import LoadTestError, LoadTestOptions, run_load_test, summary
+    from halflife.loadtest import LoadTestError, LoadTestOptions, options_from_ghz_config, run_load_test, summary
 
-    total = args.total if args.total is not None or args.duration is not None else 200
-    options = LoadTestOptions(
-        call=args.call, data=args.data, target=args.target, concurrency=args.concurrency, total=total,
-        duration=args.duration, connections=args.connections, rps=args.rps, timeout=args.timeout,
-        allow_remote=args.allow_remote,
-    )
+    flags = {
+        "call": args.call, "data": args.data, "target": args.target, "concurrency": args.concurrency,
+        "total": args.total, "duration": args.duration, "connections": args.connections, "rps": args.rps,
+        "timeout": args.timeout, "allow_remote": args.allow_remote,
+    }
     try:
+        if args.config is not None:
+            options = options_from_ghz_config(args.config, **flags)
+        elif args.call is None:
+            raise LoadTestError("give --call (or --config)")
+        else:
+            if args.total is None and args.duration is None:
+                flags["total"] = 200
+            options = LoadTestOptions(**{k: v for k, v in flags.items() if v is not None})
         report = asyncio.run(run_load_test(options))
     except LoadTestError as exc:
         print(f"halflife loadtest: error: {exc}", file=sys.stderr)

@@ -3,10 +3,14 @@
     halflife loadtest --call halflife.v1.EmbeddingService.Embed \\
         --data '{"inputs": ["hello"]}' --concurrency 32 --total 2000
 
+    halflife loadtest --config clients/ghz/recommend.json
+
 Requests are given as proto3 JSON (the mapping ghz and grpcurl use) and
 resolved against the generated descriptors, so every Halflife RPC and the
-health check can be driven. Bounded in count and time, and loopback only
-unless --allow-remote.
+health check can be driven. ghz config files work as they are, including
+ghz's per-request template variables ({{.RequestNumber}},
+{{.TimestampUnix}}, {{.TimestampUnixNano}}, {{.UUID}}). Bounded in count and
+time, and loopback only unless --allow-remote.
 """
 
 from __future__ import annotations
@@ -16,8 +20,12 @@ import collections
 import datetime as dt
 import ipaddress
 import json
+import re
 import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import grpc
 import numpy as np
@@ -52,7 +60,7 @@ class LoadTestOptions:
     allow_remote: bool = False
 
 
-def _method(call: str):
+def method_descriptor(call: str):
     service, sep, name = call.replace("/", ".").rpartition(".")
     if not sep:
         raise LoadTestError(f"--call {call!r}: expected package.Service.Method")
@@ -74,12 +82,57 @@ def _check_target(target: str, allow_remote: bool) -> None:
         raise LoadTestError(f"--target {target} is not a loopback address; pass --allow-remote to load it")
 
 
-def _request(method, data: str):
+_TEMPLATE = re.compile(r"\{\{\s*\.(RequestNumber|TimestampUnix|TimestampUnixNano|UUID)\s*\}\}")
+
+
+def _render(data: str, number: int) -> str:
+    values = {
+        "RequestNumber": lambda: str(number),
+        "TimestampUnix": lambda: str(int(time.time())),
+        "TimestampUnixNano": lambda: str(time.time_ns()),
+        "UUID": lambda: str(uuid.uuid4()),
+    }
+    return _TEMPLATE.sub(lambda m: values[m.group(1)](), data)
+
+
+def request_factory(method, data: str) -> Callable[[int], object]:
+    """Request n's message from proto3 JSON `data` (with ghz templates rendered
+    per request). Raises LoadTestError when the JSON does not fit the method."""
     request_class = message_factory.GetMessageClass(method.input_type)
+
+    def parse(text: str):
+        try:
+            return json_format.Parse(text, request_class())
+        except json_format.ParseError as exc:
+            raise LoadTestError(f"data does not fit {method.input_type.full_name}: {exc}") from None
+
+    if not _TEMPLATE.search(data):
+        fixed = parse(data)
+        return lambda n: fixed
+    parse(_render(data, 0))  # fail before the load starts, not during it
+    return lambda n: parse(_render(data, n))
+
+
+def options_from_ghz_config(path: Path, **overrides) -> LoadTestOptions:
+    """LoadTestOptions from a ghz JSON config file; keyword overrides win."""
     try:
-        return json_format.Parse(data, request_class())
-    except json_format.ParseError as exc:
-        raise LoadTestError(f"--data does not fit {method.input_type.full_name}: {exc}") from None
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise LoadTestError(f"cannot read ghz config {path}: {exc}") from None
+    duration = config.get("duration")
+    values = {
+        "call": config["call"],
+        "data": json.dumps(config.get("data", {})),
+        "target": config.get("host", LoadTestOptions.target),
+        "concurrency": config.get("concurrency", LoadTestOptions.concurrency),
+        "total": config.get("total"),
+        "duration": parse_duration(duration) if duration else None,
+        "connections": config.get("connections", LoadTestOptions.connections),
+        "rps": float(config.get("rps", 0)),
+        "timeout": parse_duration(config["timeout"]) if "timeout" in config else LoadTestOptions.timeout,
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return LoadTestOptions(**values)
 
 
 async def run_load_test(options: LoadTestOptions) -> dict:
@@ -91,8 +144,9 @@ async def run_load_test(options: LoadTestOptions) -> dict:
     total = min(options.total or MAX_TOTAL, MAX_TOTAL)
     duration = min(options.duration or MAX_DURATION_S, MAX_DURATION_S)
     _check_target(options.target, options.allow_remote)
-    method = _method(options.call)
-    request = _request(method, options.data)
+    method = method_descriptor(options.call)
+    make_request = request_factory(method, options.data)
+    request_class = message_factory.GetMessageClass(method.input_type)
     response_class = message_factory.GetMessageClass(method.output_type)
     path = f"/{method.containing_service.full_name}/{method.name}"
     channels = [
@@ -101,7 +155,7 @@ async def run_load_test(options: LoadTestOptions) -> dict:
         for i in range(options.connections)
     ]
     calls = [
-        channel.unary_unary(path, request_serializer=type(request).SerializeToString, response_deserializer=response_class.FromString)
+        channel.unary_unary(path, request_serializer=request_class.SerializeToString, response_deserializer=response_class.FromString)
         for channel in channels
     ]
     latencies: list[int] = []
@@ -121,6 +175,7 @@ async def run_load_test(options: LoadTestOptions) -> dict:
                 wait = started + n / options.rps - time.perf_counter()
                 if wait > 0:
                     await asyncio.sleep(wait)
+            request = make_request(n)
             begin = time.perf_counter_ns()
             try:
                 await call(request, timeout=options.timeout)
