@@ -321,16 +321,34 @@ def test_concurrent_record_events_land_once_and_group(store):
 
 
 def test_iter_events_chunks(store):
-    store.record_events([event(f"e{k}", type=k % 4, item_id=None if k == 3 else f"i{k}", event_time=float(k))
-                         for k in range(25)])
+    store.record_events([event(f"e{k}", user_id=f"u{k % 2}", type=k % 4, item_id=None if k == 3 else f"i{k}",
+                               value=None if k == 1 else float(k), event_time=float(k)) for k in range(25)])
     chunks = list(store.iter_events(chunk=10))
-    assert [len(c[1]) for c in chunks] == [10, 10, 5]
-    types = np.concatenate([c[0] for c in chunks])
-    times = np.concatenate([c[2] for c in chunks])
-    items = [i for c in chunks for i in c[1]]
+    assert [len(c.item_ids) for c in chunks] == [10, 10, 5]
+    seqs = np.concatenate([c.seqs for c in chunks])
+    types = np.concatenate([c.types for c in chunks])
+    times = np.concatenate([c.times for c in chunks])
+    values = np.concatenate([c.values for c in chunks])
+    items = [i for c in chunks for i in c.item_ids]
+    users = [u for c in chunks for u in c.user_ids]
+    assert seqs.tolist() == list(range(1, 26))
     assert types.tolist() == [k % 4 for k in range(25)]
     assert times.dtype == np.float64 and times.tolist() == [float(k) for k in range(25)]
     assert items[3] is None and items[4] == "i4"
+    assert users[:3] == ["u0", "u1", "u0"]
+    assert values[0] == 0.0 and np.isnan(values[1]) and values[2] == 2.0
+
+
+def test_created_seq_marks_each_incarnation_of_an_item_id(store):
+    store.upsert_items([item("a", vec())])
+    assert store.get_items(["a"])["a"].created_seq == 0
+    store.record_events([event(f"e{k}", item_id="a") for k in range(3)])
+    store.upsert_items([item("a", vec())])  # an update keeps its incarnation
+    assert store.get_items(["a"])["a"].created_seq == 0
+    store.delete_items(["a"])
+    store.upsert_items([item("a", vec())])  # re-created after events 1..3
+    assert store.get_items(["a"])["a"].created_seq == 3
+    assert [i.created_seq for i in store.iter_items()] == [3]
 
 
 # --------------------------------------------------------------------------- delete_user
@@ -412,3 +430,24 @@ def test_acknowledged_events_survive_kill_9(tmp_path):
             b = int(last[1:].split("-")[0])
             assert {f"k{b}-{j}" for j in range(50)} <= present
         assert s.event_count() % 50 == 0  # whole batches only
+
+
+def test_a_version_1_database_is_migrated_in_place(tmp_path):
+    import sqlite3
+
+    from halflife.storage import sqlite as sqlite_store
+
+    path = tmp_path / "halflife.sqlite3"
+    conn = sqlite3.connect(path)
+    sqlite_store.MIGRATIONS[0](conn)  # the schema as version 1 left it
+    blob = vec().astype("<f4").tobytes()
+    conn.execute("INSERT INTO vectors(id, hash, data) VALUES (1, x'00', ?)", (blob,))
+    conn.execute("INSERT INTO items VALUES ('old', 'an item from v1', '[]', '{}', NULL, 1)")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with SqliteStore(tmp_path) as s:
+        (old,) = s.iter_items()
+        assert old.id == "old" and old.created_seq == 0
+        assert s.record_events([event("e1", item_id="old")])[0].seq == 1
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == sqlite_store.SCHEMA_VERSION

@@ -249,6 +249,34 @@ def _run_profile(args: argparse.Namespace) -> int:
     return _client_command("profile", show_profile, args.user_id, args.target, args.as_of)
 
 
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "eval",
+        help="offline evaluation on a dataset: baselines, Halflife, tuned defaults, report",
+        description="Temporal offline evaluation (docs/evaluation.md): full-catalogue ranking, "
+        "baselines, a validation grid for the blend, test-period numbers with bootstrap CIs, plots.",
+    )
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/ml-latest-small"),
+                        help="MovieLens-shaped directory (ratings.csv, movies.csv, tags.csv)")
+    parser.add_argument("--model-dir", type=Path, default=Path("var/models/all-MiniLM-L6-v2"), help="exported model")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/eval"), help="results.json and PNGs")
+    parser.add_argument("--cache-dir", type=Path, default=Path("var/eval-cache"), help="cached item/tag vectors")
+    parser.add_argument("--target", default=None,
+                        help="also measure a running, empty server over gRPC (host:port) with its own config")
+    parser.add_argument("--write-config", type=Path, default=None, help="write the chosen settings as TOML")
+    parser.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    try:
+        from halflife.eval.runner import run
+    except ImportError as exc:
+        raise SystemExit(f"halflife eval: error: {exc}; install the eval extra: pip install 'halflife[eval]'") from None
+    logging.basicConfig(level="WARNING")
+    run(args.data, args.model_dir, args.out, args.cache_dir, target=args.target, config_out=args.write_config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="halflife", description="Halflife: real-time interest recommendations.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -256,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(commands)
     _add_client_commands(commands)
     _add_loadtest(commands)
+    _add_eval(commands)
     return parser
 
 

@@ -49,23 +49,25 @@ class EventTypeConfig:
     half_life_days: float  # inf: never decays
 
 
-# Defaults: three half-lives (a week for browsing signals, a quarter for
-# deliberate ones, half a year for purchases), so each profile keeps only
-# three decayed accumulators.
+# Defaults: a week for browsing signals, a quarter for other deliberate ones,
+# half a year for purchases; ratings and reviews (and a low rating's negative
+# feedback) a year, chosen on ml-latest-small's validation period by
+# `halflife eval` (docs/evaluation.md: 365 d beat 7/30/90 d there). Each
+# profile keeps one decayed accumulator per distinct half-life.
 DEFAULT_EVENT_TYPES = {
     "view": EventTypeConfig(1.0, 7.0),
     "click": EventTypeConfig(1.5, 7.0),
     "like": EventTypeConfig(3.0, 90.0),
     "add_to_cart": EventTypeConfig(3.0, 7.0),
     "purchase": EventTypeConfig(5.0, 180.0),
-    "rate": EventTypeConfig(3.0, 90.0),
-    "review": EventTypeConfig(3.0, 90.0),
+    "rate": EventTypeConfig(3.0, 365.0),
+    "review": EventTypeConfig(3.0, 365.0),
     "search": EventTypeConfig(1.0, 7.0),
     "share": EventTypeConfig(2.0, 90.0),
     "dislike": EventTypeConfig(-3.0, 90.0),
     "skip": EventTypeConfig(-0.5, 7.0),
-    "rate_low": EventTypeConfig(-2.0, 90.0),
-    "rate_mid": EventTypeConfig(0.0, 90.0),
+    "rate_low": EventTypeConfig(-2.0, 365.0),
+    "rate_mid": EventTypeConfig(0.0, 365.0),
 }
 
 
@@ -79,20 +81,46 @@ class RatingConfig:
 class ProfileConfig:
     mode: str = "multi"  # "multi" (interest clusters) or "single" (one decayed vector)
     max_interests: int = 8  # K
-    cluster_threshold: float = 0.5  # cosine to join an existing interest
+    cluster_threshold: float = 0.6  # cosine to join an existing interest (chosen by `halflife eval`)
     combine: str = "sum"  # how interests' similarities combine: "sum" or "max"
-    negative_weight: float = 0.5  # beta: score -= beta * cos(negative profile, item)
+    negative_weight: float = 1.0  # beta: score -= beta * cos(negative profile, item) (chosen by `halflife eval`)
     cache_users: int = 10_000  # profiles kept in memory; others are rebuilt from the event log
 
 
 @dataclasses.dataclass(frozen=True)
 class RankingConfig:
     max_limit: int = 1000
-    trending_half_life_days: float = 7.0
     freshness_half_life_days: float = math.inf  # inf: no freshness decay
     query_weight: float = 0.5  # share of a request's query text in the blended profile
     labels_per_interest: int = 3
     items_per_interest: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class BlendConfig:
+    """How a personalised score is blended from three normalised signals:
+
+        score = interest · cos-interest                (in [-1, 1]; minus negative_weight · cos(negative profile))
+              + cooccurrence · cooc / max(cooc)        (in [0, 1])
+              + popularity · pop / max(pop)            (in [0, 1])
+
+    cos-interest is the multi-interest (or single) profile's cosine with each
+    item; cooc is Σ_i a_i · sim(i, j) over the items i the user consumed,
+    with a_i their decayed affinity (event-type weight × 2^(−age /
+    affinity_half_life_days)) and sim an item co-occurrence similarity
+    (halflife.core.cooccurrence); pop is the decayed count of positive
+    events per item (popularity_half_life_days). The maxima are taken over
+    the catalogue per request, so the weights are comparable across users.
+    Defaults were chosen on the validation period of ml-latest-small by
+    `halflife eval` (docs/evaluation.md).
+    """
+
+    interest: float = 1.0
+    cooccurrence: float = 0.5
+    popularity: float = 0.1
+    similarity: str = "cosine"  # "count", "jaccard", "cosine" or "lift"
+    affinity_half_life_days: float = 365.0  # inf: no decay
+    popularity_half_life_days: float = 7.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +129,7 @@ class Config:
     ratings: RatingConfig = RatingConfig()
     profile: ProfileConfig = ProfileConfig()
     ranking: RankingConfig = RankingConfig()
+    blend: BlendConfig = BlendConfig()
 
     def decay_types(self) -> EventTypes:
         """The numerical core's view: weight and half-life (seconds) per internal type."""
@@ -111,7 +140,7 @@ class Config:
         )
 
 
-def _number(value: Any, key: str, *, minimum: float | None = None, positive: bool = False, integer: bool = False):
+def _number(value: Any, key: str, *, minimum: float | None = None, maximum: float | None = None, positive: bool = False, integer: bool = False):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise ConfigError(f"{key}: expected {'an integer' if integer else 'a number'}, got {value!r}")
     if isinstance(value, float) and math.isnan(value):
@@ -120,6 +149,8 @@ def _number(value: Any, key: str, *, minimum: float | None = None, positive: boo
         raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{key}: must be at least {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{key}: must be at most {maximum}, got {value!r}")
     if not integer and math.isinf(value) and not positive:
         raise ConfigError(f"{key}: must be finite")
     return value
@@ -187,13 +218,20 @@ def parse_config(data: dict) -> Config:
     })
     ranking = _section(RankingConfig, _table(data, "ranking"), "ranking.", {
         "max_limit": lambda v, k: _number(v, k, minimum=1, integer=True),
-        "trending_half_life_days": lambda v, k: float(_number(v, k, positive=True)),
         "freshness_half_life_days": lambda v, k: float(_number(v, k, positive=True)),
-        "query_weight": lambda v, k: float(_number(v, k, minimum=0.0)),
+        "query_weight": lambda v, k: float(_number(v, k, minimum=0.0, maximum=1.0)),
         "labels_per_interest": lambda v, k: _number(v, k, minimum=0, integer=True),
         "items_per_interest": lambda v, k: _number(v, k, minimum=0, integer=True),
     })
-    return Config(event_types=event_types, ratings=ratings, profile=profile, ranking=ranking)
+    blend = _section(BlendConfig, _table(data, "blend"), "blend.", {
+        "interest": lambda v, k: float(_number(v, k, minimum=0.0)),
+        "cooccurrence": lambda v, k: float(_number(v, k, minimum=0.0)),
+        "popularity": lambda v, k: float(_number(v, k, minimum=0.0)),
+        "similarity": lambda v, k: _choice(v, k, ("count", "jaccard", "cosine", "lift")),
+        "affinity_half_life_days": lambda v, k: float(_number(v, k, positive=True)),
+        "popularity_half_life_days": lambda v, k: float(_number(v, k, positive=True)),
+    })
+    return Config(event_types=event_types, ratings=ratings, profile=profile, ranking=ranking, blend=blend)
 
 
 def load_config(path: Path | None) -> Config:
@@ -201,9 +239,11 @@ def load_config(path: Path | None) -> Config:
     if path is None:
         return Config()
     try:
-        data = tomllib.loads(Path(path).read_text())
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path}: cannot read it: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse_config(data)

@@ -63,9 +63,13 @@ def top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=scores.dtype)
     if m < masked.shape[0]:
         idx = np.argpartition(-masked, m - 1)[:m]
+        # Every item tied with the m-th score competes for the last places, so
+        # which of them make it does not depend on argpartition's internals.
+        kth = masked[idx].min()
+        idx = np.concatenate([idx[masked[idx] > kth], np.flatnonzero(masked == kth)])
     else:
         idx = np.arange(masked.shape[0])
-    idx = idx[np.argsort(-masked[idx], kind="stable")]
+    idx = idx[np.lexsort((idx, -masked[idx]))][:m]  # best first, ties by row
     return idx.astype(np.int64), scores[idx]
 
 

@@ -25,6 +25,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from halflife.config import EVENT_TYPE_NAMES, Config
+from halflife.core.cooccurrence import Cooccurrence, cooccurrence_scores
 from halflife.core.describe import describe_clusters
 from halflife.core.profiles import MultiInterestState, ProfileState, interest_scores
 from halflife.core.ranking import DecayedCounts, cosine_scores, freshness, mmr, normalize, top_k
@@ -39,6 +40,12 @@ MMR_CANDIDATES_PER_RESULT = 5  # MMR re-ranks this many times `limit` candidates
 EXPLAINED_EVENTS = 3
 
 Embedder = Callable[[Sequence[str]], np.ndarray]  # texts -> (n, dim) float32 unit rows
+
+
+def _unit_max(values: np.ndarray) -> np.ndarray:
+    """values / max(values) as float32 (all zeros stay zeros): a signal in [0, 1]."""
+    peak = float(values.max(initial=0.0))
+    return (values / peak if peak > 0 else np.zeros_like(values)).astype(np.float32)
 
 
 class UnknownItemsError(LookupError):
@@ -149,6 +156,10 @@ class _UserState:
     newest_time: float
     max_seq: int
     pending: list[EventRecord] = dataclasses.field(default_factory=list)
+    # Positive item events, for the co-occurrence affinity: item ids, internal types, times.
+    affinity_items: list[str] = dataclasses.field(default_factory=list)
+    affinity_types: list[int] = dataclasses.field(default_factory=list)
+    affinity_times: list[float] = dataclasses.field(default_factory=list)
 
 
 class InterestEngine:
@@ -163,7 +174,16 @@ class InterestEngine:
         self._catalog_write = threading.Lock()  # keeps store and index in the same order
         self.catalog = CatalogIndex(dim)
         self._users: collections.OrderedDict[str, _UserState] = collections.OrderedDict()
-        self._trending = DecayedCounts.empty(0, config.ranking.trending_half_life_days * DAY)
+        # The blend's signals besides the profile (see config.BlendConfig):
+        # who consumed what (co-occurrence) and a decayed popularity prior,
+        # which also answers for users without a profile (cold start).
+        self._cooccurrence = Cooccurrence(0)
+        self._user_rows: dict[str, int] = {}
+        self._popularity = DecayedCounts.empty(0, config.blend.popularity_half_life_days * DAY)
+        # The same events as a log (rows, times, weights), so a look into the
+        # past (as_of before the newest event) counts only what had happened.
+        self._popularity_log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._popularity_newest = -np.inf
         self._labels: list[str] = []
         self._label_vectors = np.zeros((0, dim), dtype=np.float32)
         self._catalog_mean = np.zeros(dim, dtype=np.float32)
@@ -178,17 +198,53 @@ class InterestEngine:
 
     def _load(self) -> None:
         started = time.perf_counter()
-        self.catalog.upsert(self.store.iter_items())
-        self._trending.resize(self.catalog.size)
-        positive = self._types.weights > 0
-        for types, item_ids, times in self.store.iter_events():
-            rows = self.catalog.rows([i or "" for i in item_ids])
-            keep = (rows >= 0) & positive[self._internal_types_of(types)]
-            self._trending.add(rows[keep], times[keep])
+        items = list(self.store.iter_items())
+        self.catalog.upsert(items)
+        self._resize_blend()
+        # Events join items by id; those from before an id's current item was
+        # created concern a deleted namesake and must not count for it.
+        created_seq = np.zeros(self.catalog.size, dtype=np.int64)
+        created_seq[self.catalog.rows([item.id for item in items])] = [item.created_seq for item in items]
+        for chunk in self.store.iter_events():
+            rows = self.catalog.rows([i or "" for i in chunk.item_ids])
+            rows = np.where((rows >= 0) & (chunk.seqs > created_seq[np.maximum(rows, 0)]), rows, -1)
+            types = self._internal_types_of(chunk.types, chunk.values)
+            self._add_to_blend(rows, types, chunk.times, chunk.user_ids)
         log.info(
             "loaded %d items and popularity from %d events in %.1f s",
             len(self.catalog), self.store.event_count(), time.perf_counter() - started,
         )
+
+    def _resize_blend(self) -> None:
+        self._cooccurrence.resize(self.catalog.size)
+        self._popularity.resize(self.catalog.size)
+
+    def _add_to_blend(self, rows: np.ndarray, types: np.ndarray, times: np.ndarray, user_ids: Sequence[str]) -> None:
+        """Co-occurrence takes every item event of a non-negative type (a
+        3-star rating is still a consumption); popularity only positive ones.
+        rows: (n,) catalogue rows (-1: none); types: (n,) internal. Lock held."""
+        weights = self._types.weights[types]
+        consumed = np.flatnonzero((rows >= 0) & (weights >= 0))
+        if consumed.size:
+            user_rows = [self._user_rows.setdefault(user_ids[i], len(self._user_rows)) for i in consumed]
+            self._cooccurrence.add(user_rows, rows[consumed], times[consumed])
+        liked = (rows >= 0) & (weights > 0)
+        self._popularity.add(rows[liked], times[liked], weights[liked])
+        if liked.any():
+            self._popularity_log.append((rows[liked], times[liked], weights[liked]))
+            self._popularity_newest = max(self._popularity_newest, float(times[liked].max()))
+
+    def _popularity_at(self, t: float) -> np.ndarray:
+        """Decayed popularity at t of the live items, from events up to t
+        (deleted items count 0, as after a restart). (size,) float64. Lock held."""
+        if t >= self._popularity_newest:
+            popularity = self._popularity.read(t)
+        else:
+            rows, times, weights = (np.concatenate(c) for c in zip(*self._popularity_log))
+            keep = times <= t
+            decay = np.exp2(-(t - times[keep]) / (self.config.blend.popularity_half_life_days * DAY))
+            popularity = np.bincount(rows[keep], weights=weights[keep] * decay, minlength=self.catalog.size)
+        return np.where(self.catalog.alive, popularity, 0.0)
 
     def _internal_types_of(self, api_types: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
         """Internal type index per event: API value - 1, except that ratings
@@ -251,13 +307,15 @@ class InterestEngine:
             created, updated = self.store.upsert_items(records)
             with self._lock:
                 self.catalog.upsert(records)
-                self._trending.resize(self.catalog.size)
+                self._resize_blend()
         return created, updated
 
     def delete_items(self, ids: Sequence[str]) -> int:
         with self._catalog_write:
             deleted = self.store.delete_items(ids)
             with self._lock:
+                # Forget who consumed them, as a restart (which joins events by item id) would.
+                self._cooccurrence.remove_items(self.catalog.rows(deleted))
                 self.catalog.delete(deleted)
         return len(deleted)
 
@@ -269,15 +327,19 @@ class InterestEngine:
     def record_events(self, events: Sequence[EventInput]) -> tuple[int, int]:
         """Stores a batch durably (all or nothing); returns (accepted, duplicates).
 
-        Raises UnknownItemsError, before storing anything, when an event
-        names an item the catalogue lacks.
+        Raises UnknownItemsError, before storing anything, when a new event
+        names an item the catalogue lacks. A re-sent event stays a duplicate
+        even when its item was deleted since, so retries always get through.
         """
         with self._lock:
             rows = self.catalog.rows([e.item_id or "" for e in events])
             missing = [(i, e.item_id) for i, (e, row) in enumerate(zip(events, rows)) if e.item_id and row < 0]
+            item_vectors = self.catalog.vectors[np.maximum(rows, 0)].copy()
+        if missing:
+            stored = self.store.existing_event_ids([events[i].event_id for i, _ in missing])
+            missing = [(i, item_id) for i, item_id in missing if events[i].event_id not in stored]
             if missing:
                 raise UnknownItemsError(missing)
-            item_vectors = self.catalog.vectors[np.maximum(rows, 0)].copy()
         texts = [i for i, e in enumerate(events) if e.text]
         vectors = np.where((rows >= 0)[:, None], item_vectors, 0.0).astype(np.float32)
         if texts:
@@ -299,12 +361,17 @@ class InterestEngine:
         )
         with self._lock:
             rows = self.catalog.rows([e.item_id or "" for e in stored])
-            keep = (rows >= 0) & (self._types.weights[types] > 0)
-            self._trending.add(rows[keep], np.array([e.event_time for e in stored])[keep])
+            self._add_to_blend(rows, types, np.array([e.event_time for e in stored]), [e.user_id for e in stored])
             for event in stored:
                 state = self._users.get(event.user_id)
-                if state is not None and event.seq > state.max_seq:
+                if state is None:
+                    continue
+                if event.seq > state.max_seq:
                     state.pending.append(event)
+                else:
+                    # Committed before a batch this profile already applied,
+                    # and perhaps not read with it: rebuild from the log.
+                    del self._users[event.user_id]
 
     def delete_user(self, user_id: str) -> int:
         """Erases the user's events for good and forgets their profile.
@@ -313,6 +380,9 @@ class InterestEngine:
         with self._lock:
             deleted = self.store.delete_user(user_id)
             self._users.pop(user_id, None)
+            row = self._user_rows.pop(user_id, None)
+            if row is not None:
+                self._cooccurrence.remove_user(row)
         return deleted
 
     # --------------------------------------------------------------- profiles
@@ -347,6 +417,11 @@ class InterestEngine:
         state.type_counts += np.bincount(types, minlength=len(EVENT_TYPE_NAMES))
         state.api_counts.update(e.type for e in events)
         state.newest_time = max(state.newest_time, float(times.max()))
+        for e, k in zip(events, types.tolist()):
+            if e.item_id and self._types.weights[k] > 0:
+                state.affinity_items.append(e.item_id)
+                state.affinity_types.append(k)
+                state.affinity_times.append(e.event_time)
         state.max_seq = max(state.max_seq, max(e.seq for e in events))
 
     def _user_state(self, user_id: str, as_of: float) -> _UserState:
@@ -474,7 +549,7 @@ class InterestEngine:
                 parts = self._relevance(state, t)
                 strategy = "personalized"
             else:
-                parts = {"popularity": self._trending.read(t).astype(np.float32)}
+                parts = {"popularity": _unit_max(self._popularity_at(t))}
                 strategy = "trending"
             if query_vector is not None:
                 w = ranking.query_weight
@@ -504,17 +579,57 @@ class InterestEngine:
         )
 
     def _relevance(self, state: _UserState, t: float) -> dict[str, np.ndarray]:
-        """Per-signal item scores (size,) for a user with positive events."""
+        """Per-signal item scores (size,) for a user with positive events,
+        each already multiplied by its blend weight (config.BlendConfig):
+        "interest" (profile cosine), "negative" (−β·cosine with the negative
+        profile), "cooccurrence" and "popularity" (each divided by its maximum
+        over the catalogue, so in [0, 1]). A part whose weight is 0 is left out.
+        The weights are divided by their sum, so the blended score stays on the
+        cosine's scale and a request's query (`ranking.query_weight`) steers it
+        as much as it steers a plain profile; the ranking does not change."""
+        blend = self.config.blend
+        total = (blend.interest + blend.cooccurrence + blend.popularity) or 1.0
+        weights = {"interest": blend.interest, "negative": blend.interest,
+                   "cooccurrence": blend.cooccurrence, "popularity": blend.popularity}
+        return {name: np.float32(weights[name] / total) * signal for name, signal in self._signals(state, t).items()
+                if weights[name] > 0}
+
+    def _signals(self, state: _UserState, t: float, which: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The blend's signals before weighting (see `_relevance`); `which`
+        limits them to some names (None: those with a non-zero weight). Lock held."""
         items = self.catalog.vectors
-        profile = self.config.profile
-        if profile.mode == "multi":
-            interest = interest_scores(items, state.multi.centroids(t), state.multi.importances(t), mode=profile.combine)
-        else:
-            interest = cosine_scores(state.single.vector(t), items)
-        parts = {"interest": interest.astype(np.float32)}
-        if state.single.negative_strength(t) > 0 and profile.negative_weight > 0:
+        profile, blend = self.config.profile, self.config.blend
+        if which is None:
+            which = [n for n in ("interest", "cooccurrence", "popularity") if getattr(blend, n) > 0] + ["negative"]
+        parts: dict[str, np.ndarray] = {}
+        if "interest" in which:
+            if profile.mode == "multi":
+                interest = interest_scores(items, state.multi.centroids(t), state.multi.importances(t), mode=profile.combine)
+            else:
+                interest = cosine_scores(state.single.vector(t), items)
+            parts["interest"] = interest.astype(np.float32)
+        if "negative" in which and state.single.negative_strength(t) > 0 and profile.negative_weight > 0:
             parts["negative"] = -np.float32(profile.negative_weight) * cosine_scores(state.single.negative_vector(t), items)
+        if "cooccurrence" in which:
+            parts["cooccurrence"] = _unit_max(self._affinity_scores(state, t))
+        if "popularity" in which:
+            parts["popularity"] = _unit_max(self._popularity_at(t))
         return parts
+
+    def _affinity_scores(self, state: _UserState, t: float) -> np.ndarray:
+        """Σ_i a_i · sim(i, j): the user's decayed per-item affinity (event
+        weight × 2^(−age/h), events up to t) through item co-occurrence. (size,)"""
+        blend = self.config.blend
+        times = np.array(state.affinity_times, dtype=np.float64)
+        rows = self.catalog.rows(state.affinity_items)
+        keep = (rows >= 0) & (times <= t)
+        if not keep.any():
+            return np.zeros(self.catalog.size)
+        types = np.array(state.affinity_types, dtype=np.int64)[keep]
+        decay = np.exp2(-(t - times[keep]) / (blend.affinity_half_life_days * DAY))
+        items, at = np.unique(rows[keep], return_inverse=True)
+        affinity = np.bincount(at, weights=self._types.weights[types] * decay, minlength=items.size)
+        return cooccurrence_scores(self._cooccurrence.as_of(t), items, affinity, blend.similarity)
 
     def _explain(self, user_id, state, t, rows, parts) -> list[Explanation]:
         multi = state.multi

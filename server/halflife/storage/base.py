@@ -28,6 +28,10 @@ class ItemRecord:
     attributes: Mapping[str, str]
     create_time: float | None  # unix seconds; None when unknown
     vector: np.ndarray  # (dim,) float32, L2-normalised
+    # Set by the store when the id is created (not on updates): the last event
+    # seq at that moment. Events at or below it concern an earlier item that
+    # had this id and was deleted, so they must not count for this one.
+    created_seq: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +45,18 @@ class EventRecord:
     event_time: float  # unix seconds
     vector: np.ndarray  # (dim,) float32: what the event contributed (item's and/or text's embedding)
     seq: int = 0  # arrival order, assigned by the store; replays follow it
+
+
+@dataclasses.dataclass(frozen=True)
+class EventColumns:
+    """A chunk of the event log as parallel columns, n events."""
+
+    seqs: np.ndarray  # (n,) int64
+    types: np.ndarray  # (n,) int64, API EventType values
+    item_ids: list[str | None]
+    user_ids: list[str]
+    values: np.ndarray  # (n,) float64, NaN where none
+    times: np.ndarray  # (n,) float64 unix seconds
 
 
 class Store(Protocol):
@@ -63,12 +79,15 @@ class Store(Protocol):
         """Stores the events whose event_id is new (also within the batch: the
         first one wins); returns those, with `seq` set, in arrival order."""
 
+    def existing_event_ids(self, event_ids: Sequence[str]) -> set[str]:
+        """Those of `event_ids` already stored."""
+
     def user_events(self, user_id: str) -> list[EventRecord]:
         """A user's events in arrival (`seq`) order."""
 
-    def iter_events(self, chunk: int = 50_000) -> Iterator[tuple[np.ndarray, list[str | None], np.ndarray]]:
-        """All events in seq order, in chunks of (types (n,) int, item_ids, event_times (n,) float64),
-        without vectors: enough to rebuild item popularity at start."""
+    def iter_events(self, chunk: int = 50_000) -> Iterator[EventColumns]:
+        """All events in seq order, in chunks, without vectors: what rebuilding
+        popularity and co-occurrence at start needs."""
 
     def delete_user(self, user_id: str) -> int:
         """Erases a user's events and the vectors only they referenced; returns the event count."""

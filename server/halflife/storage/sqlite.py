@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from halflife.storage.base import EventRecord, ItemRecord, StoreError, as_vector
+from halflife.storage.base import EventColumns, EventRecord, ItemRecord, StoreError, as_vector
 
 __all__ = ["DB_NAME", "MIGRATIONS", "SCHEMA_VERSION", "SqliteStore"]
 
@@ -92,8 +92,14 @@ def _migration_1(conn: sqlite3.Connection) -> None:
         conn.execute(sql)
 
 
+def _migration_2(conn: sqlite3.Connection) -> None:
+    # Which events belong to which incarnation of an item id (ItemRecord.created_seq);
+    # rows from before the migration keep 0: all their events count, as before.
+    conn.execute("ALTER TABLE items ADD COLUMN created_seq INTEGER NOT NULL DEFAULT 0")
+
+
 # Append only: MIGRATIONS[i] takes the schema from version i to i + 1.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -160,7 +166,7 @@ def _gc_vectors(conn: sqlite3.Connection, candidates: Sequence[int]) -> int:
 
 
 def _item_from(row: tuple) -> ItemRecord:
-    id_, text, categories, attributes, create_time, data = row
+    id_, text, categories, attributes, create_time, data, created_seq = row
     return ItemRecord(
         id=id_,
         text=text,
@@ -168,10 +174,11 @@ def _item_from(row: tuple) -> ItemRecord:
         attributes=json.loads(attributes),
         create_time=create_time,
         vector=_vector_from(data),
+        created_seq=created_seq,
     )
 
 
-_ITEM_SELECT = """SELECT i.id, i.text, i.categories, i.attributes, i.create_time, v.data
+_ITEM_SELECT = """SELECT i.id, i.text, i.categories, i.attributes, i.create_time, v.data, i.created_seq
                   FROM items i JOIN vectors v ON v.id = i.vector_id"""
 
 
@@ -424,13 +431,14 @@ class SqliteStore:
                 )
             )
             vector_ids = _intern_vectors(conn, blobs)
+            last_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
             conn.executemany(
-                """INSERT INTO items(id, text, categories, attributes, create_time, vector_id)
-                   VALUES (?, ?, ?, ?, ?, ?)
+                """INSERT INTO items(id, text, categories, attributes, create_time, vector_id, created_seq)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT(id) DO UPDATE SET text = excluded.text, categories = excluded.categories,
                        attributes = excluded.attributes, create_time = excluded.create_time,
                        vector_id = excluded.vector_id""",
-                [row + (vid,) for row, vid in zip(rows, vector_ids)],
+                [row + (vid, last_seq) for row, vid in zip(rows, vector_ids)],
             )
             current = set(vector_ids)
             _gc_vectors(conn, [vid for vid in old.values() if vid not in current])
@@ -471,7 +479,7 @@ class SqliteStore:
     def iter_items(self) -> Iterator[ItemRecord]:
         conn = self._acquire_reader()
         try:
-            cur = conn.execute(_ITEM_SELECT + " ORDER BY i.id")
+            cur = conn.execute(_ITEM_SELECT + " ORDER BY i.rowid")
             while rows := cur.fetchmany(1000):
                 for row in rows:
                     yield _item_from(row)
@@ -537,6 +545,20 @@ class SqliteStore:
             out.append(EventRecord(e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, e.vector, seq))
         return out
 
+    def existing_event_ids(self, event_ids: Sequence[str]) -> set[str]:
+        """Those of `event_ids` already stored."""
+        wanted = list(dict.fromkeys(event_ids))
+        if not wanted:
+            return set()
+
+        def read(conn: sqlite3.Connection) -> set[str]:
+            rows = conn.execute(
+                "SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?))", (json.dumps(wanted),)
+            )
+            return {row[0] for row in rows}
+
+        return self._read(read)
+
     def user_events(self, user_id: str) -> list[EventRecord]:
         def read(conn: sqlite3.Connection) -> list[EventRecord]:
             rows = conn.execute(
@@ -562,13 +584,20 @@ class SqliteStore:
 
         return self._read(read)
 
-    def iter_events(self, chunk: int = 50_000) -> Iterator[tuple[np.ndarray, list[str | None], np.ndarray]]:
+    def iter_events(self, chunk: int = 50_000) -> Iterator[EventColumns]:
         conn = self._acquire_reader()
         try:
-            cur = conn.execute("SELECT type, item_id, event_time FROM events ORDER BY seq")
+            cur = conn.execute("SELECT seq, type, item_id, user_id, value, event_time FROM events ORDER BY seq")
             while rows := cur.fetchmany(chunk):
-                types, item_ids, times = zip(*rows)
-                yield np.array(types, dtype=np.int64), list(item_ids), np.array(times, dtype=np.float64)
+                seqs, types, item_ids, user_ids, values, times = zip(*rows)
+                yield EventColumns(
+                    seqs=np.array(seqs, dtype=np.int64),
+                    types=np.array(types, dtype=np.int64),
+                    item_ids=list(item_ids),
+                    user_ids=list(user_ids),
+                    values=np.array([np.nan if v is None else v for v in values], dtype=np.float64),
+                    times=np.array(times, dtype=np.float64),
+                )
         except sqlite3.Error as e:
             raise StoreError(str(e)) from e
         finally:

@@ -1,0 +1,56 @@
+"""Item and user-text vectors for the evaluation, cached on disk.
+
+A cache file is keyed by the model manifest's sha256, the variant and the
+sha256 of the texts, so a re-run never re-embeds the catalogue, and a new
+model or changed texts never reuse stale vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+BATCH = 64
+
+
+def _texts_hash(texts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for text in texts:
+        h.update(text.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def manifest_hash(model_dir: Path) -> str:
+    return hashlib.sha256((Path(model_dir) / "manifest.json").read_bytes()).hexdigest()[:16]
+
+
+def embed_texts(
+    texts: Sequence[str], model_dir: Path, variant: str | None, cache_dir: Path, what: str = "texts"
+) -> np.ndarray:
+    """(len(texts), dim) float32 unit rows, from the cache when present."""
+    from halflife.embedding.engine import EmbeddingEngine
+    from halflife.embedding.pooling import l2_normalize
+
+    model_dir = Path(model_dir)
+    key = f"{manifest_hash(model_dir)}-{variant or 'default'}-{_texts_hash(texts)}"
+    path = Path(cache_dir) / f"{what}-{key}.npy"
+    if path.is_file():
+        return np.load(path)
+    engine = EmbeddingEngine.load(model_dir, variant=variant, provider="cpu")
+    # Sorting by length keeps padding (and time) low; the order is restored below.
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = np.zeros((len(texts), engine.dimension), dtype=np.float32)
+    for start in tqdm(range(0, len(texts), BATCH), desc=f"embedding {what} ({variant or 'default'})", unit="batch"):
+        rows = order[start : start + BATCH]
+        tokens = engine.tokenize([texts[i] for i in rows], truncate=True)
+        out[rows] = l2_normalize(engine.forward(tokens.ids))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, out)
+    tmp.replace(path)
+    return out

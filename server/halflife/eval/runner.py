@@ -1,0 +1,563 @@
+"""`halflife eval`: baselines, Halflife through the InterestEngine (or a
+running server), the validation grid, test numbers, plots and the report.
+
+Protocol (docs/evaluation.md): the rating-time quantiles q80 and q90 split
+train / validation / test. Validation queries every warm user with a
+positive rating in [q80, q90) at t = q80; test does the same for [q90, end)
+at t = q90; the second split holds out each user's last 5 ratings. Every
+method sees only events before t (the engine's store is filled with exactly
+those, through `record_events`), ranks the whole catalogue, and has the
+user's consumed items removed the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from halflife.config import DEFAULT_EVENT_TYPES, BlendConfig, Config, EventTypeConfig, ProfileConfig
+from halflife.eval import baselines as B
+from halflife.eval.data import RATING, EvalData, Query, global_cut, leave_last_out, load_eval_data, seen_before, time_quantiles
+from halflife.eval.embeddings import embed_texts
+from halflife.eval.metrics import METRICS, bootstrap_ci, bootstrap_ratio_ci, coverage, ndcg, query_metrics, ranking_from_scores, ranks_of
+
+RATE, REVIEW = 6, 7
+
+# The settings before this evaluation (embedding profile only, 90-day
+# half-lives): the grid starts here, so a re-run reproduces the same search
+# whatever the shipped defaults are now.
+PREVIOUS_DEFAULT = Config(
+    event_types={**DEFAULT_EVENT_TYPES, **{n: EventTypeConfig(DEFAULT_EVENT_TYPES[n].weight, 90.0)
+                                           for n in ("rate", "review", "rate_low", "rate_mid")}},
+    profile=ProfileConfig(cluster_threshold=0.5, negative_weight=0.5),
+    blend=BlendConfig(interest=1.0, cooccurrence=0.0, popularity=0.0, similarity="cosine",
+                      affinity_half_life_days=90.0, popularity_half_life_days=30.0),
+)
+SEED = 0
+BATCH = 5000
+
+
+# ------------------------------------------------------------------ engine path
+
+
+def _embedder(texts: Sequence[str], vectors: np.ndarray) -> Callable[[Sequence[str]], np.ndarray]:
+    index = {t: i for i, t in enumerate(texts)}
+    return lambda batch: vectors[[index[t] for t in batch]]
+
+
+def _event_inputs(data: EvalData, start: int, stop: int):
+    from halflife.interest.engine import EventInput
+
+    out = []
+    for n in range(start, stop):
+        text = data.kinds[n] != RATING
+        out.append(EventInput(
+            event_id=f"e{n}", user_id=str(data.users[n]), type=REVIEW if text else RATE,
+            item_id=data.item_ids[data.items[n]], text=str(data.texts[n]) if text else None,
+            value=None if text else float(data.values[n]), event_time=float(data.times[n]),
+        ))
+    return out
+
+
+class EngineBackend:
+    """An in-process InterestEngine over a SqliteStore in a temp dir."""
+
+    def __init__(self, data: EvalData, item_vectors: np.ndarray, tag_texts, tag_vectors, config: Config, directory: Path):
+        from halflife.interest.engine import InterestEngine, ItemInput
+        from halflife.storage.sqlite import SqliteStore
+
+        self.data, self.directory = data, Path(directory)
+        self.embed = _embedder(tag_texts, tag_vectors)
+        self.store = SqliteStore(self.directory)
+        self.engine = InterestEngine(config, self.store, item_vectors.shape[1], self.embed)
+        if not len(self.engine.catalog):
+            self.engine.upsert_items([
+                ItemInput(id=i, text=t, categories=c, create_time=ct, vector=v)
+                for i, t, c, ct, v in zip(data.item_ids, data.item_texts, data.item_categories, data.item_create_times, item_vectors)
+            ])
+        self.row = {item_id: r for r, item_id in enumerate(data.item_ids)}
+        self.n = self.store.event_count()
+
+    def advance(self, t: float) -> None:
+        stop = self.data.before(t)
+        for start in range(self.n, stop, BATCH):
+            self.engine.record_events(_event_inputs(self.data, start, min(start + BATCH, stop)))
+        self.n = max(self.n, stop)
+
+    def reopen(self, config: Config) -> "EngineBackend":
+        """A fresh engine with another config over the same store (rebuilt at start)."""
+        from halflife.interest.engine import InterestEngine
+
+        other = object.__new__(EngineBackend)
+        other.__dict__.update(self.__dict__)
+        other.engine = InterestEngine(config, self.store, self.engine.dim, self.embed)
+        return other
+
+    def ranking(self, q: Query) -> np.ndarray:
+        rec = self.engine.recommend(q.user, self.data.n_items, as_of=q.t, include_seen=True)
+        return np.array([self.row[i.item_id] for i in rec.items], dtype=np.int64)
+
+    def signals(self, q: Query, which: Sequence[str]) -> dict[str, np.ndarray]:
+        e = self.engine
+        with e._lock:
+            state = e._user_state(q.user, q.t)
+            if state.single.strength(q.t) <= 0:
+                return {}
+            return self._to_data_rows(e._signals(state, q.t, which))
+
+    def popularity(self, t: float) -> np.ndarray:
+        with self.engine._lock:
+            return self._to_data_rows(self.engine._signals(None, t, ("popularity",)))["popularity"]
+
+    def _to_data_rows(self, signals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Engine catalogue rows (a reopened engine orders items by id) to the dataset's rows."""
+        rows = self.engine.catalog.rows(self.data.item_ids)
+        return {name: values[rows] for name, values in signals.items()}
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class RemoteBackend:
+    """A running server over gRPC (halflife_client): the deployed path. The
+    server must start empty; items (embedded by the server) and events
+    before each query time are sent through the public API."""
+
+    def __init__(self, data: EvalData, target: str):
+        from halflife_client import HalflifeClient
+
+        self.data, self.client = data, HalflifeClient(target, timeout=600)
+        self.row = {item_id: r for r, item_id in enumerate(data.item_ids)}
+        from halflife_client import Item
+
+        items = [Item(id=i, text=t, categories=list(c), create_time=_utc(ct) if ct is not None else None)
+                 for i, t, c, ct in zip(data.item_ids, data.item_texts, data.item_categories, data.item_create_times)]
+        for start in tqdm(range(0, len(items), 256), desc="upserting items (server embeds)"):
+            self.client.upsert_items(items[start : start + 256])
+        self.n = 0
+
+    def advance(self, t: float) -> None:
+        from halflife_client import Event
+
+        stop = self.data.before(t)
+        for start in range(self.n, stop, 1000):
+            events = [Event(event_id=e.event_id, user_id=e.user_id, type=e.type, item_id=e.item_id, text=e.text,
+                            value=e.value, event_time=_utc(e.event_time))
+                      for e in _event_inputs(self.data, start, min(start + 1000, stop))]
+            self.client.record_events(events)
+        self.n = max(self.n, stop)
+
+    def ranking(self, q: Query, limit: int = 1000) -> np.ndarray:
+        # The server caps a list at ranking.max_limit (1000): ranks beyond it count as misses.
+        rec = self.client.recommend(q.user, limit, as_of=_utc(q.t), include_seen=True)
+        return np.array([self.row[i.item_id] for i in rec.items], dtype=np.int64)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _utc(seconds: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(seconds, tz=dt.timezone.utc)
+
+
+# ----------------------------------------------------------------- evaluation
+
+
+@dataclasses.dataclass
+class Result:
+    per_user: dict[str, np.ndarray]  # metric -> (users,)
+    top10: list[np.ndarray]
+
+    def summary(self, n_items: int) -> dict:
+        out = {m: bootstrap_ci(v, seed=SEED) for m, v in self.per_user.items()}
+        out["coverage@10"] = coverage(self.top10, n_items)
+        out["users"] = int(len(self.top10))
+        return out
+
+
+def _score_queries(data: EvalData, queries: list[Query], rank_fn: Callable[[Query, np.ndarray], np.ndarray]) -> Result:
+    per = {m: [] for m in METRICS}
+    tops = []
+    for q in queries:
+        seen = seen_before(data, q.user, q.t)
+        order = rank_fn(q, seen)
+        order = order[~seen[order]]
+        for m, v in query_metrics(ranks_of(order, q.relevant, data.n_items)).items():
+            per[m].append(v)
+        tops.append(order[:10])
+    return Result({m: np.array(v) for m, v in per.items()}, tops)
+
+
+def evaluate_baselines(data: EvalData, vectors: np.ndarray, queries: list[Query], desc: str) -> dict[str, Result]:
+    """Every baseline on `queries` (sorted by t), the history advancing with t."""
+    history = B.History(data, vectors)
+    per = {name: {m: [] for m in METRICS} for name in B.BASELINES}
+    tops = {name: [] for name in B.BASELINES}
+    for q in tqdm(queries, desc=f"baselines ({desc})", unit="user"):
+        history.advance(q.t)
+        seen = seen_before(data, q.user, q.t)
+        for name, fn in B.BASELINES.items():
+            order = ranking_from_scores(fn(history, q.user, q.t), seen)
+            for m, v in query_metrics(ranks_of(order, q.relevant, data.n_items)).items():
+                per[name][m].append(v)
+            tops[name].append(order[:10])
+    return {name: Result({m: np.array(v) for m, v in per[name].items()}, tops[name]) for name in B.BASELINES}
+
+
+def evaluate_backend(backend, queries: list[Query], desc: str) -> Result:
+    def rank(q: Query, seen: np.ndarray) -> np.ndarray:
+        backend.advance(q.t)
+        return backend.ranking(q)
+
+    return _score_queries(backend.data, list(tqdm(queries, desc=desc, unit="user", leave=False)), rank)
+
+
+# ------------------------------------------------------------------ the grid
+
+
+def with_types(config: Config, half_life: float | None = None, **weights_and_lives) -> Config:
+    """Config whose rate / review / rate_low types get one half-life (days)
+    and/or per-type (weight, half-life) overrides like review=(3.0, 90.0)."""
+    types = dict(config.event_types)
+    if half_life is not None:
+        for name in ("rate", "review", "rate_low", "rate_mid"):
+            types[name] = EventTypeConfig(types[name].weight, half_life)
+    for name, (w, h) in weights_and_lives.items():
+        types[name] = EventTypeConfig(w, h)
+    return dataclasses.replace(config, event_types=types)
+
+
+def _val_ndcg(signals: list[dict[str, np.ndarray]], seen: list[np.ndarray], queries: list[Query], weights: dict[str, float], n_items: int) -> float:
+    vals = []
+    for sig, s, q in zip(signals, seen, queries):
+        score = np.zeros(n_items, dtype=np.float32)
+        for name, w in weights.items():
+            if w and name in sig:
+                score += np.float32(w) * sig[name]
+        score[s] = -np.inf
+        top = np.argpartition(-score, 10)[:10]
+        top = top[np.argsort(-score[top], kind="stable")]
+        vals.append(ndcg(ranks_of(top, q.relevant, n_items), 10))
+    return float(np.mean(vals))
+
+
+@dataclasses.dataclass
+class GridOutcome:
+    config: Config
+    val_ndcg: float
+    trace: list[dict]
+    half_life_curve: dict[str, list[tuple[float, float]]]
+    weight_curves: dict[str, list[tuple[float, float]]]
+
+
+def tune(val_backend: EngineBackend, queries: list[Query], base: Config) -> GridOutcome:
+    """Coordinate search on the validation period. Profile settings (event
+    types, mode, K, threshold) each need an engine; the blend's signals are
+    additive, so the engine's own `_signals` are computed once per setting and
+    the weights searched over them in NumPy."""
+    data = val_backend.data
+    n = data.n_items
+    seen = [seen_before(data, q.user, q.t) for q in queries]
+    trace: list[dict] = []
+
+    profile_cache: dict[str, list[dict]] = {}
+
+    def profile_signals(key: str, config: Config) -> list[dict]:
+        if key not in profile_cache:
+            b = val_backend.reopen(config)
+            profile_cache[key] = [b.signals(q, ("interest", "negative")) for q in queries]
+        return profile_cache[key]
+
+    # Profile settings: one half-life for every rating/tag type, mode, K, threshold, combine, type weights.
+    half_lives = (7.0, 30.0, 90.0, 365.0, 3650.0)
+    profiles: dict[str, Config] = {}
+    for h in half_lives:
+        profiles[f"hl={h:g}"] = with_types(base, h)
+    # Co-occurrence and popularity signals (independent of the profile settings).
+    cooc: dict[str, list[dict]] = {}
+    b0 = val_backend.reopen(base)
+    for sim in ("cosine", "lift"):
+        for ah in (30.0, 365.0, 3650.0):
+            b0.engine.config = dataclasses.replace(base, blend=dataclasses.replace(base.blend, similarity=sim, affinity_half_life_days=ah))
+            cooc[f"{sim}/{ah:g}"] = [b0.signals(q, ("cooccurrence",)) for q in queries]
+    pops: dict[str, list[dict]] = {}
+    for ph in (7.0, 30.0, 365.0, 3650.0):
+        b = val_backend.reopen(dataclasses.replace(base, blend=dataclasses.replace(base.blend, popularity_half_life_days=ph)))
+        pops[f"{ph:g}"] = [{"popularity": b.popularity(q.t)} for q in queries]
+
+    def score(choice: dict) -> float:
+        prof = profile_signals(choice["profile"], profiles[choice["profile"]])
+        merged = [
+            {"interest": p.get("interest", np.zeros(n, np.float32)),
+             "negative": p.get("negative", np.zeros(n, np.float32)) / np.float32(base.profile.negative_weight or 1.0),
+             "cooccurrence": c.get("cooccurrence", np.zeros(n, np.float32)), "popularity": o["popularity"]}
+            for p, c, o in zip(prof, cooc[choice["cooc"]], pops[choice["pop"]])
+        ]
+        value = _val_ndcg(merged, seen, queries, {"interest": choice["w_i"], "negative": choice["w_i"] * choice["beta"],
+                                                   "cooccurrence": choice["w_c"], "popularity": choice["w_p"]}, n)
+        trace.append({**choice, "val_ndcg10": value})
+        return value
+
+    space = {
+        "profile": list(profiles), "beta": [0.0, 0.25, 0.5, 1.0], "cooc": list(cooc),
+        "w_c": [0.0, 0.25, 0.5, 1.0, 2.0, 4.0], "pop": list(pops), "w_p": [0.0, 0.05, 0.1, 0.25, 0.5, 1.0],
+        "w_i": [0.0, 0.25, 0.5, 1.0],
+    }
+    best = {"profile": "hl=90", "beta": 0.5, "cooc": "cosine/365", "w_c": 1.0, "pop": "30", "w_p": 0.1, "w_i": 1.0}
+    best_value = score(best)
+    for _ in range(2):
+        for key, options in space.items():
+            for option in options:
+                candidate = {**best, key: option}
+                value = score(candidate)
+                if value > best_value + 1e-9:
+                    best, best_value = candidate, value
+
+    # Extra profile settings around the winner: mode, K, threshold, combine, per-type weights.
+    h = float(best["profile"].split("=")[1])
+    winner = profiles[best["profile"]]
+    extras = {
+        "single": dataclasses.replace(winner, profile=dataclasses.replace(winner.profile, mode="single")),
+        "K=4": dataclasses.replace(winner, profile=dataclasses.replace(winner.profile, max_interests=4)),
+        "K=16": dataclasses.replace(winner, profile=dataclasses.replace(winner.profile, max_interests=16)),
+        "thr=0.4": dataclasses.replace(winner, profile=dataclasses.replace(winner.profile, cluster_threshold=0.4)),
+        "thr=0.6": dataclasses.replace(winner, profile=dataclasses.replace(winner.profile, cluster_threshold=0.6)),
+        "combine=max": dataclasses.replace(winner, profile=dataclasses.replace(winner.profile, combine="max")),
+    }
+    weight_options = {"rate": (1.0, 3.0, 6.0), "review": (0.0, 1.0, 3.0, 6.0), "rate_low": (0.0, -1.0, -2.0, -4.0)}
+    for name, options in weight_options.items():
+        for w in options:
+            extras[f"{name}.weight={w:g}"] = with_types(winner, None, **{name: (w, h)})
+    extras["review.half_life=7"] = with_types(winner, None, review=(winner.event_types["review"].weight, 7.0))
+    extras["review.half_life=3650"] = with_types(winner, None, review=(winner.event_types["review"].weight, 3650.0))
+    profiles.update(extras)
+    for key in extras:
+        value = score({**best, "profile": key})
+        if value > best_value + 1e-9:
+            best, best_value = {**best, "profile": key}, value
+
+    # Curves for the plots (everything else at the chosen values).
+    half_life_curve = {
+        "blend": [(hh, score({**best, "profile": f"hl={hh:g}"})) for hh in half_lives],
+        "embedding only": [(hh, score({**best, "profile": f"hl={hh:g}", "w_c": 0.0, "w_p": 0.0, "w_i": 1.0})) for hh in half_lives],
+    }
+    weight_curves = {name: [(w, score({**best, "profile": f"{name}.weight={w:g}"})) for w in options]
+                     for name, options in weight_options.items()}
+
+    chosen = profiles[best["profile"]]
+    sim, ah = best["cooc"].split("/")
+    chosen = dataclasses.replace(
+        chosen,
+        profile=dataclasses.replace(chosen.profile, negative_weight=best["beta"]),
+        blend=BlendConfig(interest=best["w_i"], cooccurrence=best["w_c"], popularity=best["w_p"], similarity=sim,
+                          affinity_half_life_days=float(ah), popularity_half_life_days=float(best["pop"])),
+    )
+    return GridOutcome(chosen, best_value, trace, half_life_curve, weight_curves)
+
+
+# --------------------------------------------------------------------- main
+
+
+def _fmt(ci) -> str:
+    return f"{ci[0]:.3f} [{ci[1]:.3f}, {ci[2]:.3f}]"
+
+
+def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target: str | None = None,
+        config_out: Path | None = None) -> dict:
+    started = time.perf_counter()
+    np.random.seed(SEED)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = load_eval_data(data_dir)
+    q80, q90 = time_quantiles(data, 0.8, 0.9)
+    tag_texts = sorted(set(data.texts[data.kinds != RATING].tolist()))
+    vec = {v: embed_texts(data.item_texts, model_dir, v, cache_dir, "items") for v in (None, "int8")}
+    tags = {v: embed_texts(tag_texts, model_dir, v, cache_dir, "tags") for v in (None, "int8")}
+    val_q = global_cut(data, q80, q90)
+    test_q = global_cut(data, q90, math.inf)
+    test_all_q = global_cut(data, q90, math.inf, warm_only=False)
+    loo_q = leave_last_out(data, 5)
+    report: dict = {"split": {"q80": q80, "q90": q90, "val_users": len(val_q), "test_users": len(test_q),
+                              "test_users_incl_cold": len(test_all_q), "loo_users": len(loo_q)}}
+
+    results: dict[str, dict[str, Result]] = {"test": {}, "test_all": {}, "loo": {}, "val": {}}
+    results["val"].update(evaluate_baselines(data, vec[None], val_q, "validation"))
+    results["test"].update(evaluate_baselines(data, vec[None], test_q, "test"))
+    results["test_all"].update(evaluate_baselines(data, vec[None], test_all_q, "test, incl. cold users"))
+    results["loo"].update(evaluate_baselines(data, vec[None], loo_q, "leave-last-5"))
+
+    with tempfile.TemporaryDirectory(prefix="halflife-eval-") as tmp:
+        tmp = Path(tmp)
+        base = PREVIOUS_DEFAULT
+        val = EngineBackend(data, vec[None], tag_texts, tags[None], base, tmp / "val")
+        val.advance(q80)
+        outcome = tune(val, val_q, base)
+        chosen = outcome.config
+        results["val"]["Halflife (chosen, engine)"] = evaluate_backend(val.reopen(chosen), val_q, "validation check")
+        val.close()
+
+        test = EngineBackend(data, vec[None], tag_texts, tags[None], chosen, tmp / "test")
+        test.advance(q90)
+        no_tags = data.without_texts()
+        test_nt = EngineBackend(no_tags, vec[None], tag_texts, tags[None], chosen, tmp / "test-notags")
+        test_nt.advance(q90)
+        test_i8 = EngineBackend(data, vec["int8"], tag_texts, tags["int8"], chosen, tmp / "test-int8")
+        test_i8.advance(q90)
+        bl = chosen.blend
+        shipped = Config()
+        variants = {
+            "Halflife default (blend)": (test, shipped),
+            "− co-occurrence": (test, dataclasses.replace(chosen, blend=dataclasses.replace(bl, cooccurrence=0.0))),
+            "− popularity prior": (test, dataclasses.replace(chosen, blend=dataclasses.replace(bl, popularity=0.0))),
+            "− embedding interest": (test, dataclasses.replace(chosen, blend=dataclasses.replace(bl, interest=0.0))),
+            "− negative feedback": (test, dataclasses.replace(chosen, profile=dataclasses.replace(chosen.profile, negative_weight=0.0))),
+            "single-interest": (test, dataclasses.replace(chosen, profile=dataclasses.replace(chosen.profile, mode="single"))),
+            "multi-interest": (test, dataclasses.replace(chosen, profile=dataclasses.replace(chosen.profile, mode="multi"))),
+            "previous event-type settings (90 d)": (test, dataclasses.replace(chosen, event_types=PREVIOUS_DEFAULT.event_types)),
+            "per-type half-lives (review 7 d)": (test, with_types(chosen, None, review=(chosen.event_types["review"].weight, 7.0))),
+            "without tag-text events": (test_nt, chosen),
+            "int8 model": (test_i8, chosen),
+            "embedding only (previous default)": (test, PREVIOUS_DEFAULT),
+        }
+        for name, (backend, config) in tqdm(variants.items(), desc="Halflife variants (test)"):
+            results["test"][name] = evaluate_backend(backend.reopen(config), test_q, name)
+        results["test_all"]["Halflife default (blend)"] = evaluate_backend(test.reopen(shipped), test_all_q, "incl. cold")
+        for b in (test, test_nt, test_i8):
+            b.close()
+
+        loo = EngineBackend(data, vec[None], tag_texts, tags[None], shipped, tmp / "loo")
+        results["loo"]["Halflife default (blend)"] = evaluate_backend(loo, loo_q, "leave-last-5 (streaming)")
+        interest_plot_data = _interest_history(loo, data, q90)
+        loo.close()
+
+    if target:
+        remote = RemoteBackend(data, target)
+        results["test"][f"Halflife via gRPC ({target})"] = evaluate_backend(remote, test_q, "gRPC")
+        remote.close()
+
+    seconds = time.perf_counter() - started
+    summary = {split: {name: r.summary(data.n_items) for name, r in rs.items()} for split, rs in results.items()}
+    best_name = max(B.BASELINES, key=lambda nm: summary["test"][nm]["NDCG@10"][0])
+    ratios = {split: bootstrap_ratio_ci(results[split]["Halflife default (blend)"].per_user["NDCG@10"],
+                                        results[split][best_name if split == "test" else max(B.BASELINES, key=lambda nm: summary[split][nm]["NDCG@10"][0])].per_user["NDCG@10"], seed=SEED)
+              for split in ("test", "loo")}
+    report.update({
+        "chosen_config": _config_dict(chosen), "chosen_is_shipped_default": _config_dict(chosen) == _config_dict(Config()), "val_ndcg10_grid": outcome.val_ndcg, "best_baseline_test": best_name,
+        "ratio_vs_best_baseline": ratios, "seconds": seconds, "metrics": summary, "grid_trace": outcome.trace,
+        "half_life_curve": outcome.half_life_curve, "weight_curves": outcome.weight_curves,
+    })
+    (out_dir / "results.json").write_text(json.dumps(report, indent=1, default=float))
+    _plots(report, interest_plot_data, out_dir)
+    write_tables(report, out_dir)
+    if config_out:
+        config_out.write_text(_config_toml(chosen))
+    print(_table(summary["test"]))
+    print(f"test NDCG@10 ratio vs {best_name}: {_fmt(ratios['test'])}; leave-last-5: {_fmt(ratios['loo'])}; {seconds:.0f} s")
+    return report
+
+
+def _config_dict(c: Config) -> dict:
+    return {"event_types": {n: dataclasses.asdict(t) for n, t in c.event_types.items() if n in ("rate", "review", "rate_low", "rate_mid")},
+            "profile": dataclasses.asdict(c.profile), "blend": dataclasses.asdict(c.blend)}
+
+
+def _config_toml(c: Config) -> str:
+    d = _config_dict(c)
+    lines = []
+    for name, t in d["event_types"].items():
+        lines += [f"[event_types.{name}]", f"weight = {t['weight']}", f"half_life_days = {t['half_life_days']}", ""]
+    for section in ("profile", "blend"):
+        lines.append(f"[{section}]")
+        for k, v in d[section].items():
+            lines.append(f"{k} = {json.dumps(v) if isinstance(v, str) else v}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _table(summary: dict) -> str:
+    head = "| method | users | " + " | ".join(METRICS) + " | coverage@10 |\n|---|---|" + "---|" * (len(METRICS) + 1)
+    rows = [f"| {name} | {s['users']} | " + " | ".join(_fmt(s[m]) for m in METRICS) + f" | {s['coverage@10']:.3f} |"
+            for name, s in summary.items()]
+    return "\n".join([head] + rows)
+
+
+def _interest_history(backend: EngineBackend, data: EvalData, until: float):
+    """One real user's interests over time: the user with the most rating days before `until`."""
+    e = backend.engine
+    mask = (data.kinds == RATING) & (data.times < until)
+    users, counts = np.unique(data.users[mask], return_counts=True)
+    days = {u: len(np.unique((data.times[mask][data.users[mask] == u] // 86400))) for u in users[np.argsort(-counts)[:30]]}
+    user = max(days, key=days.get)
+    times = data.times[mask][data.users[mask] == user]
+    points = np.linspace(times.min() + 86400, min(times.max() + 180 * 86400, until), 24)
+    series = []
+    for t in points:
+        p = e.profile(user, as_of=float(t), items_per_interest=0)
+        series.append((float(t), [(i.labels[0][0] if i.labels else "?", i.strength, i.trend) for i in p.interests]))
+    return {"user": user, "series": series}
+
+
+def _plots(report: dict, interest: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in report["half_life_curve"].items():
+        x, y = zip(*curve)
+        ax.plot(x, y, marker="o", label=name)
+    ax.set_xscale("log"); ax.set_xlabel("profile half-life (days, all rating/tag types)"); ax.set_ylabel("validation NDCG@10")
+    ax.set_title("NDCG@10 against half-life (validation)"); ax.legend(); fig.tight_layout(); fig.savefig(out / "ndcg_vs_half_life.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in report["weight_curves"].items():
+        x, y = zip(*curve)
+        ax.plot(x, y, marker="o", label=f"{name} weight")
+    ax.set_xlabel("event-type weight"); ax.set_ylabel("validation NDCG@10"); ax.set_title("Per-event-type weight sensitivity (validation)")
+    ax.legend(); fig.tight_layout(); fig.savefig(out / "event_type_weights.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labels: dict[str, list] = {}
+    for k, (t, interests) in enumerate(interest["series"]):
+        per: dict[str, float] = {}
+        for label, strength, _ in interests:
+            per[label] = per.get(label, 0.0) + strength
+        for label, s in per.items():
+            labels.setdefault(label, [np.nan] * len(interest["series"]))[k] = s
+    when = [dt.datetime.fromtimestamp(t, tz=dt.timezone.utc) for t, _ in interest["series"]]
+    for label, ys in sorted(labels.items(), key=lambda kv: -np.nanmax(kv[1]))[:8]:
+        ax.plot(when, ys, marker=".", label=label)
+    last = {label: trend for label, _, trend in interest["series"][-1][1]}
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylabel("decayed interest strength (symlog)"); ax.set_title(f"MovieLens user {interest['user']}: interests over time (final trend: "
+                                                              + ", ".join(f"{k} {v}" for k, v in list(last.items())[:3]) + ")", fontsize=8)
+    ax.legend(fontsize=7); fig.autofmt_xdate(); fig.tight_layout(); fig.savefig(out / "user_interests.png", dpi=120)
+    plt.close(fig)
+
+
+def write_tables(report: dict, out: Path) -> None:
+    """bench/results/eval/tables.md: every method × metric (mean [95% CI]) per split."""
+    titles = {
+        "test": "Test period (global cut at q90, warm users)",
+        "test_all": "Test period including cold-start users",
+        "loo": "Second split: per-user leave-last-5-out by time (streaming)",
+        "val": "Validation period (global cut at q80; used for tuning)",
+    }
+    parts = [f"Run time: {report['seconds']:.0f} s. Best baseline on test: {report['best_baseline_test']}. "
+             f"Chosen config equals the shipped default: {report.get('chosen_is_shipped_default')}."]
+    for split in ("test", "loo", "test_all", "val"):
+        parts += ["", f"### {titles[split]}", "", _table(report["metrics"][split])]
+    r = report["ratio_vs_best_baseline"]
+    parts += ["", f"NDCG@10 ratio, default / best baseline (paired bootstrap): test {_fmt(r['test'])}, leave-last-5 {_fmt(r['loo'])}"]
+    (out / "tables.md").write_text("\n".join(parts) + "\n")

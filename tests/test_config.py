@@ -1,0 +1,172 @@
+"""halflife.config: defaults, overrides, and errors that name the key; `halflife serve --config`."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from halflife.config import (
+    DEFAULT_EVENT_TYPES,
+    EVENT_TYPE_NAMES,
+    Config,
+    ConfigError,
+    EventTypeConfig,
+    ProfileConfig,
+    RankingConfig,
+    RatingConfig,
+    load_config,
+    parse_config,
+)
+
+
+def test_defaults():
+    assert load_config(None) == Config() == parse_config({})
+    config = Config()
+    assert set(config.event_types) == set(EVENT_TYPE_NAMES)
+    assert config.event_types["view"] == EventTypeConfig(1.0, 7.0)
+    assert config.event_types["dislike"].weight < 0 and config.event_types["rate_low"].weight < 0
+    assert config.event_types["rate_mid"].weight == 0
+    assert config.ratings == RatingConfig(positive_min=4.0, negative_max=2.0)
+    assert config.profile == ProfileConfig()
+    assert config.ranking == RankingConfig()
+    assert math.isinf(config.ranking.freshness_half_life_days)
+    types = config.decay_types()
+    assert list(types.weights) == [DEFAULT_EVENT_TYPES[n].weight for n in EVENT_TYPE_NAMES]
+    assert types.half_lives[EVENT_TYPE_NAMES.index("like")] == 90 * 86400
+
+
+def test_overriding_an_event_type_keeps_the_rest(tmp_path):
+    path = tmp_path / "halflife.toml"
+    path.write_text(
+        "[event_types.view]\nweight = 0.25\n\n"
+        "[event_types.purchase]\nhalf_life_days = inf\n\n"
+        "[ratings]\npositive_min = 3.5\n\n"
+        '[profile]\nmode = "single"\nmax_interests = 4\n\n'
+        "[ranking]\nfreshness_half_life_days = 30\nquery_weight = 0.25\n"
+    )
+    config = load_config(path)
+    assert config.event_types["view"] == EventTypeConfig(0.25, 7.0)  # half-life kept
+    assert config.event_types["purchase"] == EventTypeConfig(5.0, math.inf)  # weight kept
+    assert {n: t for n, t in config.event_types.items() if n not in ("view", "purchase")} == {
+        n: t for n, t in DEFAULT_EVENT_TYPES.items() if n not in ("view", "purchase")
+    }
+    assert config.ratings == RatingConfig(positive_min=3.5, negative_max=2.0)
+    assert config.profile == ProfileConfig(mode="single", max_interests=4)
+    assert config.ranking == RankingConfig(freshness_half_life_days=30.0, query_weight=0.25)
+    assert isinstance(config.ranking.freshness_half_life_days, float)
+    assert DEFAULT_EVENT_TYPES["view"] == EventTypeConfig(1.0, 7.0)  # the defaults were not mutated
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"unknown": 1}, "unknown"),
+        ({"event_types": {"glance": {"weight": 1.0}}}, "event_types.glance"),
+        ({"event_types": {"view": {"wieght": 1.0}}}, "event_types.view.wieght"),
+        ({"profile": {"k": 3}}, "profile.k"),
+        ({"ranking": {"limit": 3}}, "ranking.limit"),
+        ({"event_types": {"view": {"weight": "heavy"}}}, "event_types.view.weight"),
+        ({"event_types": {"view": {"weight": True}}}, "event_types.view.weight"),
+        ({"event_types": {"view": 1.0}}, "event_types.view"),
+        ({"event_types": 3}, "event_types"),
+        ({"ratings": []}, "ratings"),
+        ({"profile": {"max_interests": "8"}}, "profile.max_interests"),
+        ({"profile": {"max_interests": 8.0}}, "profile.max_interests"),
+        ({"profile": {"max_interests": 0}}, "profile.max_interests"),
+        ({"profile": {"mode": "both"}}, "profile.mode"),
+        ({"profile": {"combine": "mean"}}, "profile.combine"),
+        ({"profile": {"negative_weight": -0.5}}, "profile.negative_weight"),
+        ({"profile": {"cache_users": 0}}, "profile.cache_users"),
+        ({"event_types": {"like": {"half_life_days": -1}}}, "event_types.like.half_life_days"),
+        ({"event_types": {"like": {"half_life_days": 0}}}, "event_types.like.half_life_days"),
+        ({"event_types": {"like": {"half_life_days": math.nan}}}, "event_types.like.half_life_days"),
+        ({"event_types": {"like": {"weight": math.inf}}}, "event_types.like.weight"),
+        ({"blend": {"popularity_half_life_days": -7}}, "blend.popularity_half_life_days"),
+        ({"ranking": {"max_limit": 0}}, "ranking.max_limit"),
+        ({"ranking": {"query_weight": -0.1}}, "ranking.query_weight"),
+        ({"ranking": {"labels_per_interest": -1}}, "ranking.labels_per_interest"),
+        ({"ratings": {"negative_max": 4.0}}, "ratings.negative_max"),
+        ({"ratings": {"negative_max": 3.0, "positive_min": 2.5}}, "ratings.negative_max"),
+        ({"ratings": {"positive_min": "4"}}, "ratings.positive_min"),
+    ],
+)
+def test_invalid_settings_name_the_key(data, key):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert str(caught.value).startswith(f"{key}:"), str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_query_weight_above_one_is_refused():
+    with pytest.raises(ConfigError, match=r"^ranking\.query_weight:"):
+        parse_config({"ranking": {"query_weight": 1.5}})
+
+
+def test_load_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[profile\nmode = ")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(broken)
+
+
+@pytest.mark.parametrize("kind", ["directory", "binary"])
+def test_unreadable_config_files_are_config_errors(tmp_path, kind):
+    if kind == "directory":
+        path = tmp_path / "conf.d"
+        path.mkdir()
+    else:
+        path = tmp_path / "latin1.toml"
+        path.write_bytes(b"# caf\xe9\n")
+    with pytest.raises(ConfigError, match=str(path.name)):
+        load_config(path)
+
+
+def serve_with_config(path: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    # The config is read before the model: a missing model directory is never reached.
+    return subprocess.run(
+        [sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--config", str(path),
+         "--model-dir", str(tmp_path / "no-model"), "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    "toml, key",
+    [
+        ("[event_types.view]\nhalf_life_days = -1\n", "event_types.view.half_life_days"),
+        ("[profile]\nmax_interests = 'many'\n", "profile.max_interests"),
+        ("[ranking]\nnot_a_setting = 1\n", "ranking.not_a_setting"),
+        ("[ratings]\nnegative_max = 5.0\n", "ratings.negative_max"),
+    ],
+)
+def test_serve_with_a_bad_config_exits_1_naming_the_key(tmp_path, toml, key):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    result = serve_with_config(path, tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"halflife serve: error: config: {key}:"), lines[0]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert not (tmp_path / "data").exists()  # nothing was started
+
+
+def test_serve_with_a_missing_or_broken_config_file(tmp_path):
+    result = serve_with_config(tmp_path / "missing.toml", tmp_path)
+    assert result.returncode == 1 and "not found" in result.stderr and "Traceback" not in result.stderr
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[profile\n")
+    result = serve_with_config(broken, tmp_path)
+    assert result.returncode == 1 and "not valid TOML" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_with_a_directory_as_config_exits_1_without_traceback(tmp_path):
+    result = serve_with_config(tmp_path, tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

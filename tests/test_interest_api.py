@@ -1,0 +1,1235 @@
+"""CatalogService, InterestService and RecommendService over a real gRPC server
+on 127.0.0.1 with the real model: every RPC, the validation matrix (batches
+are atomic), durability across restarts and `kill -9`, real-time interest
+drift, negative feedback, late events and user deletion.
+
+Times are fixed (T0 in 2024, passed as as_of_time), so nothing depends on the
+wall clock except the "more than a day in the future" check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import math
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import timestamp_pb2
+
+from halflife.api.server import ServerConfig
+from halflife.config import BlendConfig, Config
+from halflife.v1 import catalog_pb2, interest_pb2, recommend_pb2
+from halflife_client import HalflifeClient, Item, field_violations, to_timestamp
+from tests.serving import ServerThread
+
+T0 = dt.datetime(2024, 6, 1, tzinfo=dt.timezone.utc)
+DAY = dt.timedelta(days=1)
+DIM = 384
+
+VIEW = interest_pb2.EVENT_TYPE_VIEW
+CLICK = interest_pb2.EVENT_TYPE_CLICK
+LIKE = interest_pb2.EVENT_TYPE_LIKE
+PURCHASE = interest_pb2.EVENT_TYPE_PURCHASE
+RATE = interest_pb2.EVENT_TYPE_RATE
+SEARCH = interest_pb2.EVENT_TYPE_SEARCH
+DISLIKE = interest_pb2.EVENT_TYPE_DISLIKE
+PERSONALIZED = recommend_pb2.STRATEGY_PERSONALIZED
+TRENDING = recommend_pb2.STRATEGY_TRENDING
+RISING, STEADY, FADING = interest_pb2.TREND_RISING, interest_pb2.TREND_STEADY, interest_pb2.TREND_FADING
+
+SCIFI, ROMCOM, COOKING, SPORTS, GARDENING = "science fiction", "romantic comedy", "cooking", "sports", "gardening"
+TOPICS = {
+    SCIFI: [
+        "Sci-fi space movie: a starship crew explores a distant galaxy",
+        "Sci-fi space movie: astronauts stranded on Mars",
+        "Sci-fi space movie: aliens invade Earth from outer space",
+        "Sci-fi space movie: a space station orbiting Jupiter",
+        "Sci-fi space movie: time travel aboard a spaceship",
+        "Sci-fi space movie: robots rebel on a space colony",
+        "Sci-fi space movie: smugglers race across the galaxy",
+        "Sci-fi space movie: first contact with an alien starship",
+    ],
+    ROMCOM: [
+        "Romantic comedy: two strangers fall in love in Paris",
+        "Romantic comedy: a wedding planner falls for the groom",
+        "Romantic comedy: best friends realize they are in love",
+        "Romantic comedy: a dating app mix-up leads to love",
+        "Romantic comedy: a holiday romance in a snowy town",
+        "Romantic comedy: rival bookshop owners fall in love",
+        "Romantic comedy: a fake engagement turns into love",
+        "Romantic comedy: love at first sight on a train",
+    ],
+    COOKING: [
+        "Cooking show: easy pasta recipes for weeknight dinners",
+        "Cooking show: baking sourdough bread at home",
+        "Cooking show: a vegetarian curry recipe",
+        "Cooking show: grilling steak and barbecue tips",
+        "Cooking show: quick healthy breakfast recipes",
+        "Cooking show: French pastry and dessert techniques",
+    ],
+    SPORTS: [
+        "Sports broadcast: football world cup final",
+        "Sports broadcast: marathon running race",
+        "Sports broadcast: basketball playoffs game",
+        "Sports broadcast: tennis grand slam match",
+        "Sports broadcast: cycling race in the mountains",
+        "Sports broadcast: swimming championship final",
+    ],
+    GARDENING: [
+        "Gardening: growing tomatoes on a balcony",
+        "Gardening: pruning roses in spring",
+        "Gardening: composting kitchen scraps",
+    ],
+}
+PREFIX = {SCIFI: "scifi", ROMCOM: "romcom", COOKING: "cook", SPORTS: "sport", GARDENING: "garden"}
+IDS = {topic: [f"{PREFIX[topic]}-{i}" for i in range(len(texts))] for topic, texts in TOPICS.items()}
+CATALOG = [
+    Item(id=item_id, text=text, categories=[topic], attributes={"topic": topic})
+    for topic, texts in TOPICS.items()
+    for item_id, text in zip(IDS[topic], texts)
+]
+TOPIC_OF = {item.id: item.categories[0] for item in CATALOG}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def ev(event_id: str, user_id: str, kind: int, item_id: str = "", *, text: str = "", value: float | None = None,
+       at: dt.datetime | None = None) -> interest_pb2.Event:
+    event = interest_pb2.Event(event_id=event_id, user_id=user_id, type=kind, item_id=item_id, text=text)
+    if value is not None:
+        event.value = value
+    if at is not None:
+        event.event_time.CopyFrom(to_timestamp(at))
+    return event
+
+
+def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call(*args, **kwargs)
+    return caught.value
+
+
+def fields(error: grpc.RpcError) -> list[str]:
+    return [field for field, _ in field_violations(error)]
+
+
+def ids(response) -> list[str]:
+    return [item.item_id for item in response.items]
+
+
+def scores(response) -> list[float]:
+    return [item.score for item in response.items]
+
+
+def assert_best_first(response) -> None:
+    s = scores(response)
+    assert s == sorted(s, reverse=True), s
+
+
+def filt(include=(), exclude=(), exclude_ids=()) -> recommend_pb2.ItemFilter:
+    return recommend_pb2.ItemFilter(
+        include_categories=list(include), exclude_categories=list(exclude), exclude_item_ids=list(exclude_ids)
+    )
+
+
+def profile_summary(profile) -> list[tuple]:
+    """What a profile says, comparable across servers and orders."""
+    return [
+        (
+            round(i.strength, 9),
+            round(i.share, 9),
+            i.trend,
+            tuple(label.label for label in i.labels),
+            tuple(item.item_id for item in i.top_items),
+            i.event_count,
+            i.last_event_time.seconds,
+        )
+        for i in profile.interests
+    ]
+
+
+def assert_same_recommendations(a, b, tol: float = 1e-6) -> None:
+    assert ids(a) == ids(b)
+    np.testing.assert_allclose(scores(a), scores(b), rtol=0, atol=tol)
+    assert getattr(a, "strategy", None) == getattr(b, "strategy", None)  # SimilarItems has none
+
+
+def start_server(model_dir: Path, data_dir: Path, config: Config | None = None) -> ServerThread:
+    """A fresh server (use as a context manager)."""
+    return ServerThread(ServerConfig(port=0, model_dir=model_dir, data_dir=data_dir, halflife=config or Config()))
+
+
+# ---------------------------------------------------------------- the shared server
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    """One server for the module, with the topic catalogue loaded. Tests use
+    their own user ids and event-id prefixes, so they do not see each other."""
+    with ServerThread(
+        ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path_factory.mktemp("interest"), halflife=Config())
+    ) as running:
+        with HalflifeClient(running.address) as client:
+            assert client.upsert_items(CATALOG) == (len(CATALOG), 0)
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with HalflifeClient(server.address, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def profile_client(model_dir, tmp_path_factory):
+    """A server scoring with the embedding profile alone (blend's co-occurrence
+    and popularity off), for the semantics of filters, queries and explanations
+    without other users' behaviour in the scores."""
+    config = Config(blend=BlendConfig(cooccurrence=0.0, popularity=0.0))
+    data_dir = tmp_path_factory.mktemp("profile-only")
+    with ServerThread(ServerConfig(port=0, model_dir=model_dir, data_dir=data_dir, halflife=config)) as running:
+        with HalflifeClient(running.address, timeout=30) as c:
+            assert c.upsert_items(CATALOG) == (len(CATALOG), 0)
+            yield c
+
+
+@pytest.fixture(scope="module")
+def vectors(client) -> dict[str, np.ndarray]:
+    items = client.get_items([item.id for item in CATALOG], include_vectors=True)
+    return {item.id: np.asarray(item.vector, dtype=np.float32) for item in items}
+
+
+def likes(user: str, items, start: dt.datetime, step: dt.timedelta = dt.timedelta(hours=1), kind: int = LIKE,
+          prefix: str | None = None):
+    return [ev(f"{prefix or user}-{kind}-{n}", user, kind, item, at=start + n * step) for n, item in enumerate(items)]
+
+
+# ================================================================ CatalogService
+
+
+def test_upsert_counts_created_and_updated_and_get_items_returns_them_in_order(client, server):
+    embedded_text = "Cooking show: slow roasted lamb with garlic"
+    given = client.embed(["Cooking show: homemade ravioli"])[0] * 3.0  # any norm: normalised on the way in
+    created = dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    first = [
+        Item(id="up-text", text=embedded_text, categories=[COOKING], attributes={"k": "v"}, create_time=created),
+        # A vector wins over the text: the text is only stored.
+        Item(id="up-vector", text="not what the vector says", categories=[COOKING], vector=given),
+    ]
+    assert client.upsert_items(first) == (2, 0)
+    new_text = "Cooking show: lamb stew for winter nights"
+    assert client.upsert_items([Item(id="up-text", text=new_text, categories=[COOKING]), Item(id="up-third", text="x")]) == (1, 1)
+
+    got = client.get_items(["up-vector", "up-third", "up-text", "up-vector"], include_vectors=True)
+    assert [item.id for item in got] == ["up-vector", "up-third", "up-text", "up-vector"]
+    by_id = {item.id: item for item in got}
+    # Replaced whole: new text, new categories, attributes and create_time gone.
+    assert by_id["up-text"].text == new_text
+    assert list(by_id["up-text"].categories) == [COOKING]
+    assert dict(by_id["up-text"].attributes) == {} and not by_id["up-text"].HasField("create_time")
+    stored = np.asarray(by_id["up-vector"].vector, dtype=np.float32)
+    assert stored.shape == (DIM,)
+    np.testing.assert_allclose(stored, given / np.linalg.norm(given), atol=1e-6)
+    embedded = np.asarray(by_id["up-text"].vector, dtype=np.float32)
+    assert float(embedded @ client.embed([new_text])[0]) > 0.9999
+    assert abs(np.linalg.norm(embedded) - 1) < 1e-5
+
+    plain = client.get_items(["up-vector"])[0]
+    assert len(plain.vector) == 0 and plain.text == "not what the vector says"
+
+    # Attributes and create_time round-trip; publication dates may be before 1970 or in the future.
+    assert client.upsert_items([first[0]]) == (0, 1)
+    again = client.get_items(["up-text"])[0]
+    assert dict(again.attributes) == {"k": "v"}
+    assert again.create_time.ToDatetime(tzinfo=dt.timezone.utc) == created
+    old, future = dt.datetime(1931, 2, 12, tzinfo=dt.timezone.utc), NOW + 400 * DAY
+    assert client.upsert_items([Item(id="up-third", text="x", create_time=old), Item(id="up-text", text="y", create_time=future)]) == (0, 2)
+    got = {item.id: item for item in client.get_items(["up-third", "up-text"])}
+    assert got["up-third"].create_time.ToDatetime(tzinfo=dt.timezone.utc) == old
+    assert got["up-text"].create_time.seconds == int(future.timestamp())
+
+    # SimilarItems finds the precomputed vector by meaning, not by its text.
+    similar = client.similar_items(text="homemade ravioli pasta", limit=3)
+    assert "up-vector" in ids(similar)
+    assert client.delete_items(["up-text", "up-vector", "up-third"]) == 3
+
+
+def test_get_items_not_found_names_each_missing_index(client):
+    error = rpc_error(client.get_items, ["scifi-0", "nope-a", "romcom-0", "nope-b"])
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert fields(error) == ["ids[1]", "ids[3]"]
+    assert "nope-a" in dict(field_violations(error))["ids[1]"]
+
+
+def test_delete_items_is_idempotent_and_deleted_items_are_never_recommended(client):
+    twins = [
+        Item(id="gone-1", text="Romantic comedy: two strangers fall in love in Rome", categories=[ROMCOM]),
+        Item(id="gone-2", text="Romantic comedy: two strangers fall in love in Paris again", categories=[ROMCOM]),
+    ]
+    assert client.upsert_items(twins) == (2, 0)
+    user = "del-user"
+    events = likes(user, ["romcom-0", "romcom-1", "gone-1"], T0 - 3 * DAY)
+    # Popularity for the doomed items, so trending would pick them too.
+    events += [ev(f"del-pop-{n}", f"del-pop-{n % 4}", VIEW, "gone-2", at=T0 - DAY) for n in range(12)]
+    assert client.record_events(events) == (len(events), 0)
+    before = client.recommend(user, 5, as_of=T0)
+    assert "gone-2" in ids(before)
+    assert ids(client.recommend("del-cold", 1, as_of=T0, item_filter=filt(include=[ROMCOM]))) == ["gone-2"]
+
+    assert client.delete_items(["gone-1", "gone-2", "gone-never-existed", "gone-1"]) == 2
+    assert client.delete_items(["gone-1", "gone-2"]) == 0
+
+    everything = client.recommend(user, 1000, as_of=T0, include_seen=True)
+    assert not {"gone-1", "gone-2"} & set(ids(everything))
+    assert len(everything.items) == len(CATALOG)
+    trending = client.recommend("del-cold", 1000, as_of=T0)
+    assert trending.strategy == TRENDING and not {"gone-1", "gone-2"} & set(ids(trending))
+    assert not {"gone-1", "gone-2"} & set(ids(client.similar_items(text=twins[0].text, limit=1000)))
+    assert not {"gone-1", "gone-2"} & set(ids(client.similar_items(item_id="romcom-0", limit=1000)))
+    error = rpc_error(client.get_items, ["romcom-0", "gone-1"])
+    assert error.code() == grpc.StatusCode.NOT_FOUND and fields(error) == ["ids[1]"]
+    # Recorded events keep their contribution; new ones on the item are refused.
+    profile = client.profile(user, as_of=T0)
+    assert sum(i.event_count for i in profile.interests) == 3
+    error = rpc_error(client.record_events, [ev("del-late", user, LIKE, "gone-1", at=T0)])
+    assert error.code() == grpc.StatusCode.NOT_FOUND and fields(error) == ["events[0].item_id"]
+
+
+# ================================================================ InterestService
+
+
+def test_resending_an_event_whose_item_was_deleted_is_a_duplicate(client):
+    assert client.upsert_items([Item(id="resend-item", text="Gardening: a soon deleted shovel")]) == (1, 0)
+    batch = [ev("resend-0", "resend-user", LIKE, "resend-item", at=T0 - DAY),
+             ev("resend-1", "resend-user", LIKE, "sport-5", at=T0 - DAY)]
+    assert client.record_events(batch) == (2, 0)
+    assert client.delete_items(["resend-item"]) == 1
+    # A client retrying the batch (its first answer was lost) must learn it is stored.
+    assert client.record_events(batch) == (0, 2)
+
+
+def test_record_events_counts_accepted_and_duplicates(client):
+    user = "idem-user"
+    batch = likes(user, IDS[SCIFI][:3], T0 - 2 * DAY)
+    assert client.record_events(batch) == (3, 0)
+    assert client.record_events(batch) == (0, 3)  # a re-sent batch is stored once
+    fresh = likes(user, IDS[SCIFI][3:5], T0 - DAY, prefix="idem-b")
+    # Duplicates within a batch: the first wins, the rest count as duplicates.
+    assert client.record_events([fresh[0], fresh[0], batch[1], fresh[1], fresh[1]]) == (2, 3)
+    profile = client.profile(user, as_of=T0)
+    assert [(c.type, c.count) for c in profile.event_counts] == [(LIKE, 5)]
+    assert sum(i.event_count for i in profile.interests) == 5
+
+
+def test_get_profile_describes_interests(client):
+    user = "prof-user"
+    events = likes(user, IDS[SCIFI][:4], T0 - 10 * DAY)
+    events += likes(user, IDS[COOKING][:3], T0 - 2 * DAY, kind=PURCHASE)
+    events += [
+        ev("prof-search", user, SEARCH, text="pasta recipes", at=T0 - 2 * DAY + dt.timedelta(hours=5)),
+        ev("prof-dislike", user, DISLIKE, "sport-0", at=T0 - DAY),
+        ev("prof-rate", user, RATE, "cook-4", value=5.0, at=T0 - 3 * DAY),
+        ev("prof-future", user, VIEW, "sport-1", at=T0 + DAY),  # after as_of: ignored
+    ]
+    assert client.record_events(events) == (len(events), 0)
+    profile = client.profile(user, as_of=T0, items_per_interest=2)
+    assert profile.user_id == user
+    counts = {c.type: c.count for c in profile.event_counts}
+    assert counts == {LIKE: 4, PURCHASE: 3, SEARCH: 1, DISLIKE: 1, RATE: 1}
+    assert [c.type for c in profile.event_counts] == sorted(counts)
+    assert profile.last_event_time.ToDatetime(tzinfo=dt.timezone.utc) == T0 - DAY
+    assert profile.negative_strength > 0
+    interests = profile.interests
+    assert len(interests) >= 2
+    strengths = [i.strength for i in interests]
+    assert strengths == sorted(strengths, reverse=True)
+    assert sum(i.share for i in interests) == pytest.approx(1.0)
+    for rank, interest in enumerate(interests):
+        assert interest.interest_id == rank
+        assert interest.share == pytest.approx(interest.strength / sum(strengths))
+        assert interest.trend in (RISING, STEADY, FADING)
+        assert len(interest.labels) == 3 and len(interest.top_items) == 2
+        sims = [label.similarity for label in interest.labels]
+        assert sims == sorted(sims, reverse=True) and all(-1 <= s <= 1.0001 for s in sims)
+        assert [i.similarity for i in interest.top_items] == sorted((i.similarity for i in interest.top_items), reverse=True)
+        assert all(item.text == next(c.text for c in CATALOG if c.id == item.item_id) for item in interest.top_items)
+        assert interest.last_event_time.seconds <= profile.last_event_time.seconds
+    # The positive events only: the dislike (negative) and the future view are not in any interest.
+    assert sum(i.event_count for i in interests) == 9
+    # The strongest interest is the recent purchases and the search: cooking.
+    assert interests[0].labels[0].label == COOKING
+    assert any(i.labels[0].label == SCIFI for i in interests)
+    # Default: 3 representative items.
+    assert all(len(i.top_items) == 3 for i in client.profile(user, as_of=T0).interests)
+    # Replaying the past: only what had happened by then.
+    past = client.profile(user, as_of=T0 - 5 * DAY)
+    assert {c.type: c.count for c in past.event_counts} == {LIKE: 4}
+    assert past.negative_strength == 0
+    # With the default clock (now), the future view counts too.
+    assert {c.type: c.count for c in client.profile(user).event_counts}[VIEW] == 1
+
+
+def test_unknown_user_has_an_empty_profile(client):
+    profile = client.profile("nobody-ever", as_of=T0)
+    assert profile.user_id == "nobody-ever"
+    assert len(profile.interests) == 0 and len(profile.event_counts) == 0
+    assert not profile.HasField("last_event_time") and profile.negative_strength == 0
+
+
+def test_ratings_map_to_positive_neutral_and_negative(client):
+    events = [
+        ev("rt-hi", "rt-high", RATE, "scifi-0", value=5.0, at=T0 - DAY),
+        ev("rt-mid", "rt-mid", RATE, "scifi-0", value=3.0, at=T0 - DAY),
+        ev("rt-lo", "rt-low", RATE, "scifi-0", value=1.0, at=T0 - DAY),
+    ]
+    assert client.record_events(events) == (3, 0)
+    high, mid, low = (client.profile(u, as_of=T0) for u in ("rt-high", "rt-mid", "rt-low"))
+    assert len(high.interests) == 1 and high.negative_strength == 0
+    assert len(mid.interests) == 0 and mid.negative_strength == 0
+    assert len(low.interests) == 0 and low.negative_strength > 0
+    assert all([(c.type, c.count) for c in p.event_counts] == [(RATE, 1)] for p in (high, mid, low))
+    assert client.recommend("rt-high", 3, as_of=T0).strategy == PERSONALIZED
+    assert client.recommend("rt-low", 3, as_of=T0).strategy == TRENDING  # no positive signal yet
+
+
+# ================================================================ RecommendService
+
+
+def test_cold_user_gets_trending_and_known_user_personalized(client):
+    # Popularity on the gardening items only (no other test touches them): 6, 3, 1 views.
+    counts = {"garden-0": 6, "garden-1": 3, "garden-2": 1}
+    events = [
+        ev(f"trend-{item}-{n}", f"trend-u{n}", VIEW, item, at=T0 - DAY)
+        for item, count in counts.items()
+        for n in range(count)
+    ]
+    assert client.record_events(events) == (10, 0)
+    cold = client.recommend("trend-cold", 3, as_of=T0, item_filter=filt(include=[GARDENING]))
+    assert cold.strategy == TRENDING
+    assert ids(cold) == ["garden-0", "garden-1", "garden-2"]
+    assert_best_first(cold)
+    assert cold.items[0].score == pytest.approx(2 * cold.items[1].score, rel=1e-5)
+    # explain is for personal recommendations: a cold user's list has none.
+    explained = client.recommend("trend-cold", 3, as_of=T0, explain=True, item_filter=filt(include=[GARDENING]))
+    assert all(not item.HasField("explanation") for item in explained.items)
+
+    warm = client.recommend("trend-u0", 3, as_of=T0)
+    assert warm.strategy == PERSONALIZED
+    assert "garden-0" not in ids(warm)  # already seen
+
+
+def _record_scifi_fan(client) -> str:
+    """Likes three sci-fi movies (recent) and one romantic comedy (older)."""
+    user = "fan"
+    events = likes(user, IDS[SCIFI][:3], T0 - 2 * DAY) + likes(user, ["romcom-0"], T0 - 20 * DAY, prefix="fan-old")
+    assert client.record_events(events) == (4, 0)
+    return user
+
+
+@pytest.fixture(scope="module")
+def scifi_fan(client) -> str:
+    return _record_scifi_fan(client)
+
+
+@pytest.fixture(scope="module")
+def profile_fan(profile_client) -> str:
+    return _record_scifi_fan(profile_client)
+
+
+def test_personalized_ranking_follows_the_profile(client, scifi_fan):
+    response = client.recommend(scifi_fan, 5, as_of=T0)
+    assert response.strategy == PERSONALIZED
+    assert len(response.items) == 5
+    assert_best_first(response)
+    assert [TOPIC_OF[i] for i in ids(response)[:3]] == [SCIFI] * 3
+    assert not set(ids(response)) & {"scifi-0", "scifi-1", "scifi-2", "romcom-0"}
+
+
+def test_filters_apply_before_top_k(profile_client, profile_fan):
+    client, scifi_fan = profile_client, profile_fan
+    seen = {"scifi-0", "scifi-1", "scifi-2", "romcom-0"}
+    unfiltered = client.recommend(scifi_fan, 10, as_of=T0)
+    assert len(unfiltered.items) == 10
+
+    no_scifi = client.recommend(scifi_fan, 10, as_of=T0, item_filter=filt(exclude=[SCIFI]))
+    assert len(no_scifi.items) == 10
+    assert all(TOPIC_OF[i] != SCIFI for i in ids(no_scifi)) and not seen & set(ids(no_scifi))
+    assert_best_first(no_scifi)
+
+    # Cooking is far from this user's interests: none would be in a plain top-6.
+    assert not any(TOPIC_OF[i] == COOKING for i in ids(client.recommend(scifi_fan, 6, as_of=T0)))
+    cooking = client.recommend(scifi_fan, 6, as_of=T0, item_filter=filt(include=[COOKING]))
+    assert sorted(ids(cooking)) == sorted(IDS[COOKING])
+
+    both = client.recommend(scifi_fan, 100, as_of=T0, item_filter=filt(include=[COOKING, SPORTS], exclude=[SPORTS]))
+    assert sorted(ids(both)) == sorted(IDS[COOKING])
+
+    top5 = ids(unfiltered)[:5]
+    rest = client.recommend(scifi_fan, 5, as_of=T0, item_filter=filt(exclude_ids=top5 + ["no-such-item"]))
+    assert ids(rest) == ids(unfiltered)[5:10]
+
+    assert len(client.recommend(scifi_fan, 5, as_of=T0, item_filter=filt(include=["no-such-category"])).items) == 0
+    # Fewer than limit only when fewer pass.
+    assert len(client.recommend(scifi_fan, 1000, as_of=T0).items) == len(CATALOG) - len(seen)
+
+
+def test_include_seen(client, scifi_fan):
+    seen = {"scifi-0", "scifi-1", "scifi-2", "romcom-0"}
+    default = client.recommend(scifi_fan, 1000, as_of=T0)
+    assert not seen & set(ids(default))
+    with_seen = client.recommend(scifi_fan, 1000, as_of=T0, include_seen=True)
+    assert seen <= set(ids(with_seen)) and len(with_seen.items) == len(CATALOG)
+    assert set(ids(with_seen)[:3]) & seen  # what you liked is the closest to your profile
+
+
+def test_query_blends_into_the_ranking(profile_client, profile_fan):
+    client, scifi_fan = profile_client, profile_fan
+    plain = client.recommend(scifi_fan, 1000, as_of=T0)
+    blended = client.recommend(scifi_fan, 1000, as_of=T0, query="easy pasta recipes for dinner", explain=True)
+    assert blended.strategy == PERSONALIZED
+    assert ids(plain).index("cook-0") > 10
+    assert ids(blended).index("cook-0") < 3
+    parts = dict(blended.items[0].explanation.score_parts)
+    assert {"interest", "query"} <= set(parts)
+    assert sum(parts.values()) == pytest.approx(blended.items[0].score, abs=1e-5)
+
+
+def test_query_steers_a_cold_users_trending_list(model_dir, tmp_path):
+    with start_server(model_dir, tmp_path) as running, HalflifeClient(running.address) as client:
+        client.upsert_items([item for item in CATALOG if item.categories[0] in (SPORTS, COOKING)])
+        # Sports twice as popular as cooking; then a cold user searches for pasta.
+        events = [ev(f"qcold-{item}-{n}", f"qcold-u{n}", VIEW, item, at=T0 - DAY) for item in IDS[SPORTS] for n in range(2)]
+        events += [ev(f"qcold-{item}", "qcold-u0", VIEW, item, at=T0 - DAY) for item in IDS[COOKING]]
+        assert client.record_events(events) == (len(events), 0)
+        assert TOPIC_OF[ids(client.recommend("qcold-cold", 1, as_of=T0))[0]] == SPORTS
+        response = client.recommend("qcold-cold", 3, as_of=T0, query="easy pasta recipes for dinner")
+        assert response.strategy == TRENDING
+        assert ids(response)[0] == "cook-0"
+
+
+def test_explain_names_interests_events_and_score_parts(profile_client, profile_fan):
+    client, scifi_fan = profile_client, profile_fan
+    response = client.recommend(scifi_fan, 4, as_of=T0, explain=True)
+    fan_events = {"fan-3-0", "fan-3-1", "fan-3-2", "fan-old-3-0"}
+    for item in response.items:
+        explanation = item.explanation
+        assert 1 <= len(explanation.interests) <= 3
+        assert all(len(c.labels) > 0 and 0 <= c.share <= 1 for c in explanation.interests)
+        assert 1 <= len(explanation.events) <= 3
+        assert {e.event_id for e in explanation.events} <= fan_events
+        assert all(e.type == LIKE and e.weight > 0 and e.event_time.seconds > 0 for e in explanation.events)
+        assert set(explanation.score_parts) == {"interest"}
+        assert explanation.score_parts["interest"] == pytest.approx(item.score, abs=1e-5)
+    top = response.items[0].explanation
+    assert top.interests[0].labels[0] == SCIFI
+    assert TOPIC_OF[top.events[0].item_id] == SCIFI
+    sims = [e.similarity for e in top.events]
+    assert all(-1 <= s <= 1.0001 for s in sims)
+    assert all(not item.HasField("explanation") for item in client.recommend(scifi_fan, 4, as_of=T0).items)
+
+
+def test_the_default_blend_adds_cooccurrence_and_popularity(client, scifi_fan):
+    # Other users who liked the fan's sci-fi films also liked sport-0: the
+    # co-occurrence signal (off in profile_client) lifts it for the fan.
+    others = [e for n in range(3) for e in likes(f"cooc-{n}", IDS[SCIFI][:2] + ["sport-0"], T0 - 5 * DAY)]
+    client.record_events(others)
+    response = client.recommend(scifi_fan, 40, as_of=T0, explain=True)
+    by_id = {item.item_id: item for item in response.items}
+    sports = by_id["sport-0"].explanation.score_parts
+    assert sports["cooccurrence"] > 0 and sports["popularity"] > 0
+    for item in response.items:
+        parts = dict(item.explanation.score_parts)
+        assert {"interest", "cooccurrence", "popularity"} <= set(parts)
+        assert sum(parts.values()) == pytest.approx(item.score, abs=1e-5)
+    rank = ids(response).index("sport-0")
+    assert rank < min(ids(response).index(i) for i in IDS[SPORTS] if i != "sport-0")
+
+
+def test_diversity_changes_the_list_and_keeps_the_filters(client, scifi_fan, vectors):
+    allowed = filt(include=[SCIFI, ROMCOM], exclude_ids=["romcom-7"])
+    plain = client.recommend(scifi_fan, 5, as_of=T0, item_filter=allowed)
+    diverse = client.recommend(scifi_fan, 5, as_of=T0, item_filter=allowed, diversity=0.9)
+    assert diverse.strategy == PERSONALIZED and len(diverse.items) == 5
+    assert ids(diverse) != ids(plain)
+    assert ids(diverse)[0] == ids(plain)[0]  # MMR's first pick is the most relevant
+    seen = {"scifi-0", "scifi-1", "scifi-2", "romcom-0"}
+    assert all(TOPIC_OF[i] in (SCIFI, ROMCOM) for i in ids(diverse))
+    assert not ({"romcom-7"} | seen) & set(ids(diverse))
+    assert len(set(ids(diverse))) == 5
+
+    def mean_pairwise(item_ids):
+        v = np.stack([vectors[i] for i in item_ids])
+        sim = v @ v.T
+        return sim[~np.eye(len(item_ids), dtype=bool)].mean()
+
+    assert mean_pairwise(ids(diverse)) < mean_pairwise(ids(plain))
+    assert ids(client.recommend(scifi_fan, 5, as_of=T0, item_filter=allowed, diversity=0.0)) == ids(plain)
+
+
+def test_similar_items(client, vectors):
+    by_item = client.similar_items(item_id="scifi-0", limit=5)
+    assert "scifi-0" not in ids(by_item) and len(by_item.items) == 5
+    assert_best_first(by_item)
+    assert all(TOPIC_OF[i] == SCIFI for i in ids(by_item)[:3])
+    for item in by_item.items:  # the score is the cosine similarity
+        assert item.score == pytest.approx(float(vectors["scifi-0"] @ vectors[item.item_id]), abs=1e-5)
+
+    by_text = client.similar_items(text="recipes for pasta dinners", limit=3)
+    assert ids(by_text)[0] == "cook-0"
+    filtered = client.similar_items(item_id="scifi-0", limit=4, item_filter=filt(include=[COOKING], exclude_ids=["cook-0"]))
+    assert len(filtered.items) == 4 and all(TOPIC_OF[i] == COOKING and i != "cook-0" for i in ids(filtered))
+
+    error = rpc_error(client.similar_items, item_id="no-such-item", limit=3)
+    assert error.code() == grpc.StatusCode.NOT_FOUND and fields(error) == ["item_id"]
+
+
+# ================================================================ validation matrix
+
+NOW = dt.datetime.now(dt.timezone.utc)
+
+
+def _ts(seconds: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=seconds)
+
+
+def _bad_event(case: str) -> interest_pb2.Event:
+    base = dict(event_id=f"bad-{case}", user_id="val-user", type=LIKE, item_id="scifi-0")
+    if case == "unknown_item":
+        base["item_id"] = "no-such-item"
+    elif case == "empty_event_id":
+        base["event_id"] = ""
+    elif case == "long_event_id":
+        base["event_id"] = "x" * 257
+    elif case == "empty_user_id":
+        base["user_id"] = ""
+    elif case in ("nan_value", "inf_value"):
+        base["value"] = math.nan if case == "nan_value" else math.inf
+    elif case == "before_1970":
+        base["event_time"] = _ts(-86400)
+    elif case == "future":
+        base["event_time"] = to_timestamp(NOW + 2 * DAY)
+    elif case == "unspecified_type":
+        base["type"] = interest_pb2.EVENT_TYPE_UNSPECIFIED
+    elif case == "unknown_type":
+        base["type"] = 99
+    elif case == "no_item_no_text":
+        base["item_id"] = ""
+        base["text"] = "   "
+    elif case == "rate_without_value":
+        base["type"] = RATE
+    elif case == "long_text":
+        base["text"] = "y" * (32 * 1024 + 1)
+    else:
+        raise AssertionError(case)
+    return interest_pb2.Event(**base)
+
+
+EVENT_CASES = {
+    "unknown_item": (grpc.StatusCode.NOT_FOUND, "events[1].item_id"),
+    "empty_event_id": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].event_id"),
+    "long_event_id": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].event_id"),
+    "empty_user_id": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].user_id"),
+    "nan_value": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].value"),
+    "inf_value": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].value"),
+    "before_1970": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].event_time"),
+    "future": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].event_time"),
+    "unspecified_type": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].type"),
+    "unknown_type": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].type"),
+    "no_item_no_text": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].item_id"),
+    "rate_without_value": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].value"),
+    "long_text": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].text"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EVENT_CASES))
+def test_invalid_event_rejects_the_whole_batch(client, case):
+    code, field = EVENT_CASES[case]
+    good = [ev(f"good-{case}-0", f"val-{case}", LIKE, "scifi-1", at=T0 - DAY),
+            ev(f"good-{case}-2", f"val-{case}", VIEW, "romcom-1", at=T0 - DAY)]
+    error = rpc_error(client.record_events, [good[0], _bad_event(case), good[1]])
+    assert error.code() == code, error.details()
+    assert fields(error) == [field], field_violations(error)
+    # Nothing was applied: the good events are new on their own.
+    assert len(client.profile(f"val-{case}", as_of=T0).event_counts) == 0
+    assert client.record_events(good) == (2, 0)
+
+
+def test_every_bad_event_is_named(client):
+    batch = [
+        ev("multi-0", "val-multi", LIKE, "scifi-0", at=T0),
+        _bad_event("nan_value"),
+        ev("multi-2", "val-multi", LIKE, "scifi-0", at=T0),
+        _bad_event("unspecified_type"),
+        _bad_event("before_1970"),
+    ]
+    error = rpc_error(client.record_events, batch)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields(error) == ["events[1].value", "events[3].type", "events[4].event_time"]
+    # Several unknown items: NOT_FOUND naming each.
+    error = rpc_error(client.record_events, [ev("multi-x", "val-multi", LIKE, "nope-1"), batch[0], ev("multi-y", "val-multi", LIKE, "nope-2")])
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert fields(error) == ["events[0].item_id", "events[2].item_id"]
+    assert client.record_events([batch[0], batch[2]]) == (2, 0)
+
+
+def test_event_batch_sizes(client):
+    error = rpc_error(client.record_events, [])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["events"]
+    batch = [ev(f"big-{n}", "val-big", VIEW, "sport-0", at=T0 - DAY) for n in range(1001)]
+    error = rpc_error(client.record_events, batch)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["events"]
+    assert "1001" in field_violations(error)[0][1]
+    assert client.record_events(batch[:1000]) == (1000, 0)
+
+
+def test_event_times_within_a_day_ahead_and_unset_are_accepted(model_dir, tmp_path):
+    # A server of its own: events at the wall clock's time would move the shared
+    # server's popularity landmark years past T0.
+    with start_server(model_dir, tmp_path) as running, HalflifeClient(running.address) as client:
+        client.upsert_items(CATALOG[:3])
+        _check_event_times(client)
+
+
+def _check_event_times(client):
+    soon = ev("time-soon", "val-time", VIEW, "scifi-1", at=NOW + dt.timedelta(hours=12))
+    unset = ev("time-unset", "val-time", VIEW, "scifi-2")
+    before = time.time()
+    assert client.record_events([soon, unset]) == (2, 0)
+    profile = client.profile("val-time", as_of=NOW + DAY)
+    assert profile.last_event_time.seconds == int((NOW + dt.timedelta(hours=12)).timestamp())
+    # The unset one got the server's clock.
+    past = client.profile("val-time", as_of=NOW + dt.timedelta(hours=1))
+    assert before - 1 <= past.last_event_time.ToSeconds() <= time.time() + 1
+
+
+def _bad_item(case: str) -> catalog_pb2.Item:
+    item = catalog_pb2.Item(id=f"bad-item-{case}", text="Cooking show: something", categories=[COOKING])
+    if case == "empty_id":
+        item.id = ""
+    elif case == "wrong_dimension":
+        item.vector.extend([0.1] * (DIM - 1))
+    elif case == "nan_vector":
+        item.vector.extend([0.1] * (DIM - 1) + [math.nan])
+    elif case == "inf_vector":
+        item.vector.extend([math.inf] + [0.1] * (DIM - 1))
+    elif case == "zero_vector":
+        item.vector.extend([0.0] * DIM)
+    elif case == "no_text_no_vector":
+        item.text = " "
+    elif case == "duplicate_id":
+        item.id = "good-item-duplicate_id"
+    elif case == "create_after_9999":
+        item.create_time.CopyFrom(_ts(253_402_300_800))
+    elif case == "create_bad_nanos":
+        item.create_time.CopyFrom(timestamp_pb2.Timestamp(seconds=5, nanos=1_000_000_000))
+    elif case == "empty_category":
+        item.categories.append("")
+    elif case == "long_text":
+        item.text = "z" * (32 * 1024 + 1)
+    else:
+        raise AssertionError(case)
+    return item
+
+
+ITEM_CASES = {
+    "empty_id": "items[1].id",
+    "wrong_dimension": "items[1].vector",
+    "nan_vector": "items[1].vector",
+    "inf_vector": "items[1].vector",
+    "zero_vector": "items[1].vector",
+    "no_text_no_vector": "items[1].text",
+    "duplicate_id": "items[1].id",
+    "create_after_9999": "items[1].create_time",
+    "create_bad_nanos": "items[1].create_time",
+    "empty_category": "items[1].categories[1]",
+    "long_text": "items[1].text",
+}
+
+
+@pytest.mark.parametrize("case", sorted(ITEM_CASES))
+def test_invalid_item_rejects_the_whole_batch(client, case):
+    good = catalog_pb2.Item(id=f"good-item-{case}", text="Gardening: watering cactus", categories=[GARDENING])
+    error = rpc_error(client.upsert_items, [good, _bad_item(case)])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields(error) == [ITEM_CASES[case]], field_violations(error)
+    assert rpc_error(client.get_items, [good.id]).code() == grpc.StatusCode.NOT_FOUND
+    assert client.upsert_items([good]) == (1, 0)
+    assert client.delete_items([good.id]) == 1
+
+
+def test_item_batch_sizes_and_id_lists(client):
+    error = rpc_error(client.upsert_items, [])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["items"]
+    many = [catalog_pb2.Item(id=f"many-{n}", vector=[1.0] + [0.0] * (DIM - 1)) for n in range(1001)]
+    error = rpc_error(client.upsert_items, many)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["items"]
+    assert rpc_error(client.get_items, ["many-0"]).code() == grpc.StatusCode.NOT_FOUND
+    for call in (client.get_items, client.delete_items):
+        for bad, expected in (([], ["ids"]), (["scifi-0", ""], ["ids[1]"]), (["x"] * 1001, ["ids"])):
+            error = rpc_error(call, bad)
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == expected
+    assert len(client.get_items(["scifi-0"])) == 1  # nothing was deleted
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(user_id="", limit=5), "user_id"),
+        (dict(user_id="fan", limit=0), "limit"),
+        (dict(user_id="fan", limit=-1), "limit"),
+        (dict(user_id="fan", limit=1001), "limit"),
+        (dict(user_id="fan", limit=5, diversity=1.5), "diversity"),
+        (dict(user_id="fan", limit=5, diversity=-0.1), "diversity"),
+        (dict(user_id="fan", limit=5, diversity=math.nan), "diversity"),
+        (dict(user_id="fan", limit=5, as_of_time=_ts(-5)), "as_of_time"),
+        (dict(user_id="fan", limit=5, filter=filt(include=[""])), "filter.include_categories[0]"),
+        (dict(user_id="fan", limit=5, filter=filt(exclude_ids=["a", ""])), "filter.exclude_item_ids[1]"),
+    ],
+)
+def test_invalid_recommend_requests(client, kwargs, field):
+    request = recommend_pb2.RecommendRequest(**kwargs)
+    error = rpc_error(client._recommend.Recommend, request, timeout=30)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields(error) == [field]
+
+
+@pytest.mark.parametrize(
+    "request_, field",
+    [
+        (recommend_pb2.SimilarItemsRequest(limit=3), "target"),
+        (recommend_pb2.SimilarItemsRequest(item_id="", limit=3), "item_id"),
+        (recommend_pb2.SimilarItemsRequest(text="  ", limit=3), "text"),
+        (recommend_pb2.SimilarItemsRequest(item_id="scifi-0", limit=0), "limit"),
+        (recommend_pb2.SimilarItemsRequest(text="space", limit=1001), "limit"),
+    ],
+)
+def test_invalid_similar_items_requests(client, request_, field):
+    error = rpc_error(client._recommend.SimilarItems, request_, timeout=30)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields(error) == [field]
+
+
+def test_invalid_profile_and_delete_user_requests(client):
+    error = rpc_error(client.profile, "")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["user_id"]
+    error = rpc_error(client.profile, "fan", items_per_interest=21)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["items_per_interest"]
+    request = interest_pb2.GetProfileRequest(user_id="fan", as_of_time=_ts(-1))
+    error = rpc_error(client._interest.GetProfile, request, timeout=30)
+    assert fields(error) == ["as_of_time"]
+    error = rpc_error(client.delete_user, "")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["user_id"]
+
+
+def test_server_keeps_serving_after_errors(client, scifi_fan):
+    for _ in range(3):
+        rpc_error(client.record_events, [_bad_event("nan_value")])
+        rpc_error(client.recommend, scifi_fan, 0)
+    assert client.recommend(scifi_fan, 2, as_of=T0).strategy == PERSONALIZED
+
+
+# ================================================================ real-time drift
+
+
+def test_interest_drifts_to_the_recent_topic(client):
+    user = "drifter"
+    old = [ev(f"drift-old-{n}", user, LIKE, IDS[SCIFI][n % 5], at=T0 - (200 + n) * DAY) for n in range(12)]
+    new = [ev(f"drift-new-{n}", user, LIKE, IDS[ROMCOM][n], at=T0 - (5 - n) * DAY) for n in range(5)]
+    assert client.record_events(old + new) == (17, 0)
+
+    response = client.recommend(user, 3, as_of=T0)
+    assert [TOPIC_OF[i] for i in ids(response)] == [ROMCOM] * 3, ids(response)
+    profile = client.profile(user, as_of=T0)
+    top = profile.interests[0]
+    assert top.labels[0].label == ROMCOM and top.trend == RISING
+    assert top.share > 0.5
+    old_interests = [i for i in profile.interests if i.labels[0].label == SCIFI]
+    assert old_interests and max(old_interests, key=lambda i: i.strength).trend == FADING
+    assert all(i.trend != RISING for i in old_interests)
+
+    # Half a year earlier, before the new topic: the same user was all sci-fi.
+    then = T0 - 190 * DAY
+    assert [TOPIC_OF[i] for i in ids(client.recommend(user, 3, as_of=then))] == [SCIFI] * 3
+    assert client.profile(user, as_of=then).interests[0].labels[0].label == SCIFI
+
+
+def test_dislikes_push_similar_items_down(client):
+    base = likes("neg-a", IDS[SCIFI][:3], T0 - 3 * DAY, prefix="neg-a-sci")
+    base += likes("neg-a", IDS[ROMCOM][:3], T0 - 3 * DAY + dt.timedelta(minutes=30), prefix="neg-a-rom")
+
+    def copy_for(user, events):
+        return [ev(e.event_id.replace("neg-a", user), user, e.type, e.item_id, at=e.event_time.ToDatetime(tzinfo=dt.timezone.utc)) for e in events]
+
+    dislikes = [ev(f"neg-b-dis-{n}", "neg-b", DISLIKE, item, at=T0 - DAY) for n, item in enumerate(["romcom-3", "romcom-4"])]
+    assert client.record_events(base + copy_for("neg-b", base) + dislikes) == (14, 0)
+
+    mask = filt(exclude_ids=["romcom-3", "romcom-4"])  # the same candidates for both users
+    plain = ids(client.recommend("neg-a", 1000, as_of=T0, item_filter=mask))
+    disliked = client.recommend("neg-b", 1000, as_of=T0, item_filter=mask, explain=True)
+    romcom_rank = lambda ranking: np.mean([r for r, i in enumerate(ranking) if TOPIC_OF[i] == ROMCOM])
+    assert romcom_rank(ids(disliked)) > romcom_rank(plain) + 1
+    assert [TOPIC_OF[i] for i in ids(disliked)[:2]] == [SCIFI] * 2
+    assert all(item.explanation.score_parts["negative"] < 0 for item in disliked.items[:3])
+    assert client.profile("neg-b", as_of=T0).negative_strength > 0
+    assert client.profile("neg-a", as_of=T0).negative_strength == 0
+
+
+# ================================================================ late and out-of-order events
+
+
+def test_late_and_out_of_order_events_give_the_same_profile(client):
+    items = IDS[SCIFI][:4] + IDS[COOKING][:3] + IDS[ROMCOM][:3] + IDS[SCIFI][4:6]
+    kinds = [LIKE, VIEW, CLICK, PURCHASE]
+    plan = [(n, items[n], kinds[n % 4], T0 - (40 - 3 * n) * DAY) for n in range(len(items))]
+
+    def events(user, order):
+        return [ev(f"{user}-{n}", user, kind, item, at=at) for n, item, kind, at in (plan[k] for k in order)]
+
+    in_order = list(range(len(plan)))
+    reverse = in_order[::-1]
+    shuffled = [5, 0, 11, 3, 8, 1, 10, 2, 7, 4, 9, 6]
+    # in order, in batches of 3, reading the profile after each batch
+    for start in range(0, len(plan), 3):
+        assert client.record_events(events("ooo-a", in_order[start : start + 3]))[0] == 3
+        client.profile("ooo-a", as_of=T0)
+        client.recommend("ooo-a", 3, as_of=T0)
+    # newest first, one at a time (every event late), reading after each, plus re-sends
+    for k in reverse:
+        assert client.record_events(events("ooo-b", [k])) == (1, 0)
+        client.profile("ooo-b", as_of=T0)
+    assert client.record_events(events("ooo-b", reverse[:4])) == (0, 4)
+    # shuffled, in two batches with a read between
+    assert client.record_events(events("ooo-c", shuffled[:6])) == (6, 0)
+    client.profile("ooo-c", as_of=T0)
+    assert client.record_events(events("ooo-c", shuffled[6:])) == (6, 0)
+    # all at once, never read before
+    assert client.record_events(events("ooo-d", shuffled[::-1])) == (12, 0)
+
+    users = ["ooo-a", "ooo-b", "ooo-c", "ooo-d"]
+    profiles = [client.profile(u, as_of=T0) for u in users]
+    reference = profile_summary(profiles[0])
+    assert len(reference) >= 2
+    for profile in profiles[1:]:
+        assert profile_summary(profile) == reference
+        assert [(c.type, c.count) for c in profile.event_counts] == [(c.type, c.count) for c in profiles[0].event_counts]
+        assert profile.last_event_time == profiles[0].last_event_time
+    recs = [client.recommend(u, 8, as_of=T0, explain=True) for u in users]
+    for rec in recs[1:]:
+        assert_same_recommendations(rec, recs[0], tol=1e-6)
+    # ... and in the past too
+    then = T0 - 20 * DAY
+    past = [client.recommend(u, 5, as_of=then) for u in users]
+    for rec in past[1:]:
+        assert_same_recommendations(rec, past[0], tol=1e-6)
+    assert profile_summary(client.profile("ooo-b", as_of=then)) == profile_summary(client.profile("ooo-a", as_of=then))
+
+
+# ================================================================ DeleteUser
+
+
+def test_delete_user_erases_everything(client):
+    user = "forget-me"
+    events = likes(user, IDS[SPORTS][:3], T0 - 2 * DAY) + [ev("forget-me-search", user, SEARCH, text="tennis", at=T0 - DAY)]
+    assert client.record_events(events) == (4, 0)
+    assert client.recommend(user, 3, as_of=T0).strategy == PERSONALIZED
+    assert len(client.profile(user, as_of=T0).interests) > 0
+
+    assert client.delete_user(user) == 4
+    profile = client.profile(user, as_of=T0)
+    assert len(profile.interests) == 0 and len(profile.event_counts) == 0
+    assert not profile.HasField("last_event_time")
+    assert client.recommend(user, 3, as_of=T0).strategy == TRENDING
+    assert client.delete_user(user) == 0
+    assert client.delete_user("never-existed") == 0
+    # Truly gone: the same event ids are new again.
+    assert client.record_events(events) == (4, 0)
+    assert client.recommend(user, 3, as_of=T0).strategy == PERSONALIZED
+
+
+# ================================================================ durability: clean restart
+
+
+def _durability_events() -> list[interest_pb2.Event]:
+    events = likes("dur-a", IDS[SCIFI][:3], T0 - 30 * DAY)
+    events += likes("dur-a", IDS[COOKING][:2], T0 - 2 * DAY, kind=PURCHASE)
+    events += [
+        ev("dur-a-search", "dur-a", SEARCH, text="french desserts", at=T0 - DAY),
+        ev("dur-a-review", "dur-a", interest_pb2.EVENT_TYPE_REVIEW, "cook-5", text="lovely pastries", at=T0 - DAY),
+        ev("dur-a-dislike", "dur-a", DISLIKE, "sport-0", at=T0 - 3 * DAY),
+        ev("dur-a-rate", "dur-a", RATE, "romcom-1", value=4.5, at=T0 - 4 * DAY),
+        ev("dur-a-deleted", "dur-a", LIKE, "dur-doomed", at=T0 - 5 * DAY),
+    ]
+    events += likes("dur-b", IDS[ROMCOM][:4], T0 - 8 * DAY, step=DAY)
+    # Distinct popularity (ties would be ordered by the catalogue's row layout: see the tie test).
+    events += [ev(f"dur-pop-{n}", f"dur-pop-{n % 3}", VIEW, IDS[SPORTS][n % 4], at=T0 - n * dt.timedelta(hours=7)) for n in range(20)]
+    return events
+
+
+def _snapshot(client) -> dict:
+    users = ["dur-a", "dur-b", "dur-cold"]
+    return {
+        "items": client.get_items([i.id for i in CATALOG], include_vectors=True),
+        "profiles": {u: client.profile(u, as_of=T0, items_per_interest=5) for u in users},
+        "past_profiles": {u: client.profile(u, as_of=T0 - 6 * DAY) for u in users},
+        "recommend": {u: client.recommend(u, 10, as_of=T0, explain=True) for u in users},
+        "past": {u: client.recommend(u, 10, as_of=T0 - 6 * DAY) for u in users},
+        "diverse": {u: client.recommend(u, 5, as_of=T0, diversity=0.5, item_filter=filt(exclude=[SPORTS])) for u in users[:2]},
+        "similar": client.similar_items(item_id="cook-1", limit=10),
+    }
+
+
+def test_restart_keeps_items_events_profiles_and_recommendations(model_dir, tmp_path):
+    data = tmp_path / "data"
+    with start_server(model_dir, data) as first, HalflifeClient(first.address, timeout=30) as client:
+        assert client.upsert_items(CATALOG + [Item(id="dur-doomed", text="Cooking show: doomed soup", categories=[COOKING])]) == (len(CATALOG) + 1, 0)
+        events = _durability_events()
+        assert client.record_events(events) == (len(events), 0)
+        assert client.delete_items(["dur-doomed"]) == 1
+        before = _snapshot(client)
+    assert before["recommend"]["dur-a"].strategy == PERSONALIZED
+    assert before["recommend"]["dur-cold"].strategy == TRENDING
+
+    with start_server(model_dir, data) as second, HalflifeClient(second.address, timeout=30) as client:
+        after = _snapshot(client)
+        # Nothing was embedded again: not the catalogue, not the labels.
+        assert second.server.backend.batcher.batches_run == 0
+        for a, b in zip(before["items"], after["items"]):
+            assert a.id == b.id and a.text == b.text and list(a.categories) == list(b.categories)
+            assert np.array_equal(np.asarray(a.vector, np.float32), np.asarray(b.vector, np.float32))
+        for user in before["profiles"]:
+            assert profile_summary(after["profiles"][user]) == profile_summary(before["profiles"][user])
+            assert after["profiles"][user].event_counts == before["profiles"][user].event_counts
+            assert after["profiles"][user].last_event_time == before["profiles"][user].last_event_time
+            assert after["profiles"][user].negative_strength == pytest.approx(before["profiles"][user].negative_strength, rel=1e-9)
+            assert profile_summary(after["past_profiles"][user]) == profile_summary(before["past_profiles"][user])
+            for kind in ("recommend", "past", "diverse"):
+                if user in before[kind]:
+                    assert_same_recommendations(after[kind][user], before[kind][user])
+            for x, y in zip(after["recommend"][user].items, before["recommend"][user].items):
+                assert [e.event_id for e in x.explanation.events] == [e.event_id for e in y.explanation.events]
+        assert_same_recommendations(after["similar"], before["similar"])
+        assert rpc_error(client.get_items, ["dur-doomed"]).code() == grpc.StatusCode.NOT_FOUND
+        # Every event is there: re-sending them gives only duplicates (but the one on the
+        # deleted item: see test_resending_an_event_whose_item_was_deleted_is_a_duplicate).
+        events = [e for e in _durability_events() if e.item_id != "dur-doomed"]
+        assert client.record_events(events) == (0, len(events))
+
+
+def test_restart_keeps_the_order_of_tied_items(model_dir, tmp_path):
+    data = tmp_path / "data"
+    items = [Item(id=f"tie-{c}", text=f"Gardening: seed packet {c}", categories=[GARDENING]) for c in "dbca"]
+    with start_server(model_dir, data) as first, HalflifeClient(first.address) as client:
+        client.upsert_items(items)  # no events yet: every item has popularity 0
+        before = client.recommend("tie-cold", 4, as_of=T0)
+    with start_server(model_dir, data) as second, HalflifeClient(second.address) as client:
+        after = client.recommend("tie-cold", 4, as_of=T0)
+    assert ids(after) == ids(before)
+
+
+def test_restart_keeps_trending_with_low_ratings(model_dir, tmp_path):
+    data = tmp_path / "data"
+    items = [Item(id=f"lr-{n}", text=f"Gardening: plant number {n}", categories=[GARDENING]) for n in range(3)]
+    events = [ev(f"lr-view-{n}", f"lr-u{n}", VIEW, "lr-0", at=T0 - DAY) for n in range(2)]
+    events += [ev(f"lr-rate-{n}", f"lr-u{n}", RATE, "lr-1", value=1.0, at=T0 - DAY) for n in range(5)]   # negative
+    events += [ev(f"lr-mid-{n}", f"lr-u{n}", RATE, "lr-2", value=3.0, at=T0 - DAY) for n in range(5)]   # no signal
+    with start_server(model_dir, data) as first, HalflifeClient(first.address) as client:
+        client.upsert_items(items)
+        client.record_events(events)
+        before = client.recommend("lr-cold", 3, as_of=T0)
+    assert ids(before)[0] == "lr-0" and before.items[1].score == 0
+    with start_server(model_dir, data) as second, HalflifeClient(second.address) as client:
+        after = client.recommend("lr-cold", 3, as_of=T0)
+    assert scores(after) == pytest.approx(scores(before))
+    assert ids(after)[0] == "lr-0"
+
+
+def test_restart_does_not_leak_popularity_to_a_recreated_item(model_dir, tmp_path):
+    data = tmp_path / "data"
+    items = [Item(id=f"rc-{n}", text=f"Gardening: seed packet {n}", categories=[GARDENING]) for n in range(2)]
+    with start_server(model_dir, data) as first, HalflifeClient(first.address) as client:
+        client.upsert_items(items)
+        client.record_events([ev(f"rc-view-{n}", f"rc-u{n}", VIEW, "rc-0", at=T0 - DAY) for n in range(5)])
+        client.record_events([ev("rc-one", "rc-u9", VIEW, "rc-1", at=T0 - DAY)])
+        client.delete_items(["rc-0"])
+        client.upsert_items(items[:1])  # a new item under the old id
+        before = client.recommend("rc-cold", 2, as_of=T0)
+    assert ids(before) == ["rc-1", "rc-0"]
+    with start_server(model_dir, data) as second, HalflifeClient(second.address) as client:
+        after = client.recommend("rc-cold", 2, as_of=T0)
+    assert_same_recommendations(after, before)
+
+
+def test_trending_replay_ignores_events_after_as_of(model_dir, tmp_path):
+    with start_server(model_dir, tmp_path) as running, HalflifeClient(running.address) as client:
+        client.upsert_items(CATALOG)
+        then = T0 - 30 * DAY
+        client.record_events([ev(f"asof-old-{n}", f"asof-u{n}", VIEW, "garden-0", at=then - DAY) for n in range(3)])
+        before = client.recommend("asof-cold", 3, as_of=then, item_filter=filt(include=[GARDENING]))
+        assert ids(before)[0] == "garden-0"
+        # Later events, after `then`: a replay of `then` must not see them.
+        client.record_events([ev(f"asof-new-{n}", f"asof-u{n}", VIEW, "garden-2", at=T0 - DAY) for n in range(30)])
+        after = client.recommend("asof-cold", 3, as_of=then, item_filter=filt(include=[GARDENING]))
+        assert all(math.isfinite(s) for s in scores(after))
+        assert_same_recommendations(after, before)
+
+
+# ================================================================ concurrency: events committed out of order
+
+
+def test_events_committed_before_a_newer_batch_are_not_lost(model_dir, tmp_path):
+    with start_server(model_dir, tmp_path / "data") as running, HalflifeClient(running.address) as client:
+        client.upsert_items(CATALOG[:10])
+        user = "race"
+        assert client.record_events([ev("race-0", user, LIKE, "scifi-0", at=T0 - 3 * DAY)]) == (1, 0)
+        client.profile(user, as_of=T0)  # the profile is cached
+        store = running.server.interest.store
+        real = store.record_events
+        committed, may_apply = threading.Event(), threading.Event()
+
+        def slow_to_apply(records):
+            stored = real(records)
+            if records[0].event_id.startswith("race-a"):
+                committed.set()
+                assert may_apply.wait(30)  # batch A is durable but not applied yet
+            return stored
+
+        store.record_events = slow_to_apply
+        try:
+            result = {}
+            batch_a = [ev(f"race-a{n}", user, LIKE, "scifi-1", at=T0 - 2 * DAY) for n in range(3)]
+            writer = threading.Thread(target=lambda: result.setdefault("a", client.record_events(batch_a)))
+            writer.start()
+            assert committed.wait(30)
+            assert client.record_events([ev("race-b", user, VIEW, "scifi-2", at=T0 - DAY)]) == (1, 0)
+            client.profile(user, as_of=T0)  # applies batch B
+            may_apply.set()
+            writer.join(30)
+            assert result["a"] == (3, 0)
+        finally:
+            may_apply.set()
+            store.record_events = real
+        counts = {c.type: c.count for c in client.profile(user, as_of=T0).event_counts}
+        assert counts == {LIKE: 4, VIEW: 1}
+
+
+# ================================================================ durability: kill -9 mid-ingest
+
+
+def _start_cli(model_dir: Path, data_dir: Path) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(model_dir),
+         "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 120
+    lines = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        found = re.search(r"serving on (127\.0\.0\.1:\d+)", line)
+        if found:
+            # Keep draining the log so the server never blocks on a full pipe.
+            threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
+            return process, found.group(1)
+    process.kill()
+    pytest.fail("server did not start:\n" + "".join(lines))
+
+
+@contextlib.contextmanager
+def _cli_server(model_dir: Path, data_dir: Path):
+    process, address = _start_cli(model_dir, data_dir)
+    try:
+        with HalflifeClient(address, timeout=30) as client:
+            yield client
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        finally:
+            process.kill()
+
+
+def _kill_batch(k: int) -> list[interest_pb2.Event]:
+    user = f"k9-u{k % 3}"
+    return [
+        ev(f"k9-{k}-{j}", user, (LIKE, VIEW, CLICK)[j], IDS[SCIFI if k % 2 else ROMCOM][(k + j) % 8],
+           at=T0 - 10 * DAY + dt.timedelta(minutes=10 * k + j))
+        for j in range(3)
+    ]
+
+
+def test_kill_9_mid_ingest_loses_no_acknowledged_event(model_dir, tmp_path):
+    data = tmp_path / "data"
+    process, address = _start_cli(model_dir, data)
+    try:
+        with HalflifeClient(address, timeout=10) as client:
+            assert client.upsert_items(CATALOG) == (len(CATALOG), 0)
+            acked: list[int] = []
+            state = {"sent": -1}
+            stop = threading.Event()
+
+            def ingest():
+                k = 0
+                while not stop.is_set():
+                    state["sent"] = k
+                    try:
+                        client.record_events(_kill_batch(k), timeout=5)
+                    except grpc.RpcError:
+                        return
+                    acked.append(k)
+                    k += 1
+
+            writer = threading.Thread(target=ingest)
+            writer.start()
+            deadline = time.monotonic() + 60
+            while len(acked) < 60 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            process.send_signal(signal.SIGKILL)
+            process.wait(30)
+            writer.join(60)
+            stop.set()
+        assert len(acked) >= 60
+        assert acked == list(range(len(acked)))
+        in_flight = state["sent"]
+        assert in_flight == len(acked)  # the one the kill interrupted
+    finally:
+        process.kill()
+        process.wait(30)
+
+    users = ["k9-u0", "k9-u1", "k9-u2"]
+    with _cli_server(model_dir, data) as client:
+        acknowledged = [e for k in acked for e in _kill_batch(k)]
+        assert client.record_events(acknowledged) == (0, len(acknowledged))
+        # The interrupted batch is all there or not at all.
+        assert client.record_events(_kill_batch(in_flight)) in ((3, 0), (0, 3))
+        first = {u: (client.recommend(u, 10, as_of=T0), client.profile(u, as_of=T0)) for u in users}
+    with _cli_server(model_dir, data) as client:
+        again = {u: (client.recommend(u, 10, as_of=T0), client.profile(u, as_of=T0)) for u in users}
+        items = client.get_items([item.id for item in CATALOG], include_vectors=True)
+    for user in users:
+        assert_same_recommendations(again[user][0], first[user][0], tol=0)
+        assert profile_summary(again[user][1]) == profile_summary(first[user][1])
+
+    # A clean server given exactly the stored events (same vectors, same order) agrees.
+    with start_server(model_dir, tmp_path / "clean") as clean, HalflifeClient(clean.address, timeout=30) as client:
+        client.upsert_items([Item(id=i.id, text=i.text, categories=list(i.categories), vector=np.asarray(i.vector)) for i in items])
+        for k in range(in_flight + 1):
+            client.record_events(_kill_batch(k))
+        for user in users:
+            expected = client.recommend(user, 10, as_of=T0)
+            assert_same_recommendations(first[user][0], expected, tol=1e-5)
+            assert [(c.type, c.count) for c in client.profile(user, as_of=T0).event_counts] == [
+                (c.type, c.count) for c in first[user][1].event_counts
+            ]
