@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class RecommendServiceStub:
-    """Ranks the catalogue for a user, or around an item or a text.
+    """Ranks the catalogue for a user, or around an item or a text. Every RPC of
+    every service returns UNAVAILABLE while the server is still loading its
+    model (retry with backoff).
     """
 
     def __init__(self, channel):
@@ -48,7 +50,9 @@ class RecommendServiceStub:
 
 
 class RecommendServiceServicer:
-    """Ranks the catalogue for a user, or around an item or a text.
+    """Ranks the catalogue for a user, or around an item or a text. Every RPC of
+    every service returns UNAVAILABLE while the server is still loading its
+    model (retry with backoff).
     """
 
     def Recommend(self, request, context):
@@ -90,7 +94,9 @@ def add_RecommendServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RecommendService:
-    """Ranks the catalogue for a user, or around an item or a text.
+    """Ranks the catalogue for a user, or around an item or a text. Every RPC of
+    every service returns UNAVAILABLE while the server is still loading its
+    model (retry with backoff).
     """
 
     @staticmethod

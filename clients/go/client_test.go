@@ -1,0 +1,151 @@
+package halflife_test
+
+import (
+	"context"
+	"math"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	halflife "github.com/halflife/halflife/clients/go"
+	pb "github.com/halflife/halflife/clients/go/halflifev1"
+)
+
+func connect(t *testing.T) (*halflife.Client, context.Context) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	c, err := halflife.Dial(ctx, address)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c, ctx
+}
+
+func dot(a, b []float32) (s float64) {
+	for i := range a {
+		s += float64(a[i]) * float64(b[i])
+	}
+	return s
+}
+
+func TestEmbed(t *testing.T) {
+	c, ctx := connect(t)
+	info, err := c.Embedding.GetModelInfo(ctx, &pb.GetModelInfoRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.ModelId != "sentence-transformers/all-MiniLM-L6-v2" || info.Dimension != 384 {
+		t.Fatalf("unexpected model %v", info)
+	}
+	v, err := c.Embed(ctx, []string{"trail running shoes", "hiking boots for the mountains", "a recipe for fresh pasta"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(v) != 3 || len(v[0]) != 384 {
+		t.Fatalf("got %d vectors of %d", len(v), len(v[0]))
+	}
+	if math.Abs(dot(v[0], v[0])-1) > 1e-4 {
+		t.Errorf("not unit length: %v", dot(v[0], v[0]))
+	}
+	if dot(v[0], v[1]) <= dot(v[0], v[2]) {
+		t.Errorf("shoes should be closer to boots than to pasta")
+	}
+}
+
+func TestCatalogEventsAndRecommendations(t *testing.T) {
+	c, ctx := connect(t)
+	t0 := time.Date(2026, 1, 5, 12, 0, 0, 0, time.UTC)
+	items := []*pb.Item{
+		{Id: "go-boots", Text: "Waterproof leather hiking boots for mountain trails", Categories: []string{"outdoor"}},
+		{Id: "go-tent", Text: "Two-person ultralight backpacking tent", Categories: []string{"outdoor", "camping"}},
+		{Id: "go-stove", Text: "Compact camping stove for backpacking trips", Categories: []string{"outdoor", "camping"}},
+		{Id: "go-novel", Text: "A detective novel set in 1920s London", Categories: []string{"books"},
+			CreateTime: halflife.Time(time.Date(1931, 6, 1, 0, 0, 0, 0, time.UTC))},
+	}
+	up, err := c.Catalog.UpsertItems(ctx, &pb.UpsertItemsRequest{Items: items})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if up.CreatedCount != 4 || up.UpdatedCount != 0 {
+		t.Fatalf("upsert: %v", up)
+	}
+	got, err := c.Catalog.GetItems(ctx, &pb.GetItemsRequest{Ids: []string{"go-novel"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Items[0].CreateTime.AsTime().Year() != 1931 || got.Items[0].Text != items[3].Text {
+		t.Fatalf("get: %v", got.Items[0])
+	}
+
+	rating := 4.5
+	events := []*pb.Event{
+		{EventId: "go-e1", UserId: "go-ana", Type: pb.EventType_EVENT_TYPE_VIEW, ItemId: "go-boots", EventTime: halflife.Time(t0)},
+		{EventId: "go-e2", UserId: "go-ana", Type: pb.EventType_EVENT_TYPE_PURCHASE, ItemId: "go-tent", EventTime: halflife.Time(t0.Add(5 * time.Minute))},
+		{EventId: "go-e3", UserId: "go-ana", Type: pb.EventType_EVENT_TYPE_RATE, ItemId: "go-boots", Value: &rating, EventTime: halflife.Time(t0.Add(6 * time.Minute))},
+	}
+	rec, err := c.Interest.RecordEvents(ctx, &pb.RecordEventsRequest{Events: events})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.AcceptedCount != 3 || rec.DuplicateCount != 0 {
+		t.Fatalf("record: %v", rec)
+	}
+	again, err := c.Interest.RecordEvents(ctx, &pb.RecordEventsRequest{Events: events[:1]})
+	if err != nil || again.DuplicateCount != 1 {
+		t.Fatalf("re-sent event: %v %v", again, err)
+	}
+
+	recs, err := c.Recommend.Recommend(ctx, &pb.RecommendRequest{
+		UserId: "go-ana", Limit: 2, AsOfTime: halflife.Time(t0.Add(10 * time.Minute)), Explain: true,
+		Filter: &pb.ItemFilter{IncludeCategories: []string{"outdoor", "books"}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if recs.Strategy != pb.Strategy_STRATEGY_PERSONALIZED || len(recs.Items) == 0 || recs.Items[0].ItemId != "go-stove" {
+		t.Fatalf("recommend: %v", recs)
+	}
+	if recs.Items[0].Explanation == nil {
+		t.Errorf("no explanation")
+	}
+	similar, err := c.Recommend.SimilarItems(ctx, &pb.SimilarItemsRequest{Target: &pb.SimilarItemsRequest_ItemId{ItemId: "go-tent"}, Limit: 1})
+	if err != nil || similar.Items[0].ItemId != "go-stove" {
+		t.Fatalf("similar: %v %v", similar, err)
+	}
+	profile, err := c.Interest.GetProfile(ctx, &pb.GetProfileRequest{UserId: "go-ana"})
+	if err != nil || len(profile.Interests) == 0 {
+		t.Fatalf("profile: %v %v", profile, err)
+	}
+	deleted, err := c.Interest.DeleteUser(ctx, &pb.DeleteUserRequest{UserId: "go-ana"})
+	if err != nil || deleted.DeletedEventCount != 3 {
+		t.Fatalf("delete user: %v %v", deleted, err)
+	}
+}
+
+func TestErrorsCarryFieldViolations(t *testing.T) {
+	c, ctx := connect(t)
+	_, err := c.Interest.RecordEvents(ctx, &pb.RecordEventsRequest{Events: []*pb.Event{
+		{EventId: "go-bad", UserId: "go-ana", Type: pb.EventType_EVENT_TYPE_UNSPECIFIED, ItemId: "x"},
+	}})
+	if status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("want INVALID_ARGUMENT, got %v", err)
+	}
+	violations := halflife.FieldViolations(err)
+	if len(violations) != 1 || violations[0].Field != "events[0].type" {
+		t.Fatalf("violations: %+v", violations)
+	}
+	_, err = c.Recommend.SimilarItems(ctx, &pb.SimilarItemsRequest{Target: &pb.SimilarItemsRequest_ItemId{ItemId: "go-ghost"}, Limit: 1})
+	if status.Code(err) != codes.NotFound {
+		t.Fatalf("want NOT_FOUND, got %v", err)
+	}
+	if v := halflife.FieldViolations(err); len(v) != 1 || v[0].Field != "item_id" {
+		t.Fatalf("violations: %+v", v)
+	}
+	if halflife.FieldViolations(nil) != nil {
+		t.Fatal("nil error has violations")
+	}
+}

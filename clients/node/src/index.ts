@@ -1,0 +1,324 @@
+/**
+ * Halflife's TypeScript client: plain values in (Dates, arrays, objects),
+ * plain arrays and typed messages out.
+ *
+ * The generated code (src/gen, by protoc-gen-es from protos/) is re-exported
+ * for callers who want the raw Connect clients: `client.raw.recommend.recommend(...)`.
+ * Errors are `ConnectError`s; `fieldViolations(error)` reads the
+ * google.rpc.BadRequest the server attaches to INVALID_ARGUMENT / NOT_FOUND.
+ */
+import { create } from "@bufbuild/protobuf";
+import { timestampDate, timestampFromDate, type Timestamp } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError, createClient, type CallOptions, type Client } from "@connectrpc/connect";
+import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+
+import { BadRequestSchema } from "./gen/google/rpc/error_details_pb.js";
+import { CatalogService, ItemSchema, type Item as ItemMessage } from "./gen/halflife/v1/catalog_pb.js";
+import { EmbeddingService, type GetModelInfoResponse } from "./gen/halflife/v1/embedding_pb.js";
+import {
+  EventSchema,
+  EventType,
+  InterestService,
+  type GetProfileResponse,
+} from "./gen/halflife/v1/interest_pb.js";
+import {
+  ItemFilterSchema,
+  RecommendService,
+  Strategy,
+  type Explanation,
+  type ScoredItem as ScoredItemMessage,
+} from "./gen/halflife/v1/recommend_pb.js";
+
+export * as catalog from "./gen/halflife/v1/catalog_pb.js";
+export * as embedding from "./gen/halflife/v1/embedding_pb.js";
+export * as interest from "./gen/halflife/v1/interest_pb.js";
+export * as recommend from "./gen/halflife/v1/recommend_pb.js";
+export { Code, ConnectError, EventType, Strategy };
+
+/** Per-call deadline unless a call passes its own `timeoutMs`. */
+export const DEFAULT_TIMEOUT_MS = 10_000;
+
+export interface ClientOptions {
+  /** Deadline of every call, in milliseconds (default 10 s). */
+  timeoutMs?: number;
+}
+
+/** An item to upsert. `text` or `vector` is required. */
+export interface ItemInput {
+  id: string;
+  text?: string;
+  categories?: string[];
+  attributes?: Record<string, string>;
+  /** Publication time, for the optional freshness decay. */
+  createTime?: Date;
+  /** Precomputed embedding of exactly `modelInfo().dimension` floats. */
+  vector?: number[];
+}
+
+/** An item as stored: plain values. */
+export interface StoredItem {
+  id: string;
+  text: string;
+  categories: string[];
+  attributes: Record<string, string>;
+  createTime?: Date;
+  /** Present when asked for with `includeVectors`. */
+  vector: number[];
+}
+
+/** Event types by lower-case name: "view", "click", "add_to_cart", ... */
+export type EventTypeName = Lowercase<Exclude<keyof typeof EventType, "UNSPECIFIED">>;
+
+/** One user action. `itemId` or `text` is required. */
+export interface EventInput {
+  /** Idempotency key: a re-sent event is stored once. */
+  eventId: string;
+  userId: string;
+  type: EventType | EventTypeName;
+  itemId?: string;
+  text?: string;
+  /** E.g. the rating of a "rate" event. */
+  value?: number;
+  /** When it happened; default: when the server received it. */
+  eventTime?: Date;
+}
+
+/** Which items may be returned. */
+export interface FilterInput {
+  includeCategories?: string[];
+  excludeCategories?: string[];
+  excludeItemIds?: string[];
+}
+
+export interface RecommendOptions {
+  /** 1 to 1000 (default 10). */
+  limit?: number;
+  /** "Now" for the recommendation; default the server's clock. */
+  asOf?: Date;
+  filter?: FilterInput;
+  includeSeen?: boolean;
+  query?: string;
+  explain?: boolean;
+  /** 0 (pure relevance, default) to 1. */
+  diversity?: number;
+  timeoutMs?: number;
+}
+
+/** A ranked item. */
+export interface ScoredItem {
+  itemId: string;
+  score: number;
+  /** Set when `explain` was asked for. */
+  explanation?: Explanation;
+}
+
+export interface Recommendations {
+  items: ScoredItem[];
+  strategy: Strategy;
+}
+
+export interface FieldViolation {
+  field: string;
+  description: string;
+}
+
+function eventType(type: EventType | EventTypeName): EventType {
+  if (typeof type === "number") return type;
+  const value = EventType[type.toUpperCase() as keyof typeof EventType];
+  if (value === undefined) throw new TypeError(`unknown event type ${JSON.stringify(type)}`);
+  return value;
+}
+
+function stamp(date: Date | undefined): Timestamp | undefined {
+  return date === undefined ? undefined : timestampFromDate(date);
+}
+
+function scored(items: ScoredItemMessage[]): ScoredItem[] {
+  return items.map((i) => ({ itemId: i.itemId, score: i.score, explanation: i.explanation }));
+}
+
+/**
+ * The (field, description) pairs of the google.rpc.BadRequest detail of a
+ * failed call, e.g. `{field: "events[0].item_id", description: "..."}`;
+ * empty when the error carries none.
+ */
+export function fieldViolations(error: unknown): FieldViolation[] {
+  const connectError = ConnectError.from(error);
+  return connectError
+    .findDetails(BadRequestSchema)
+    .flatMap((b) => b.fieldViolations.map((v) => ({ field: v.field, description: v.description })));
+}
+
+/**
+ * A connection to one Halflife server over gRPC (HTTP/2 cleartext).
+ *
+ *     const client = new HalflifeClient("127.0.0.1:50051");
+ *     const vectors = await client.embed(["trail running shoes"]);
+ *     client.close();
+ */
+export class HalflifeClient {
+  /** The generated Connect clients, for anything the wrapper does not cover. */
+  readonly raw: {
+    embedding: Client<typeof EmbeddingService>;
+    catalog: Client<typeof CatalogService>;
+    interest: Client<typeof InterestService>;
+    recommend: Client<typeof RecommendService>;
+  };
+  private readonly sessions: Http2SessionManager;
+  private readonly timeoutMs: number;
+
+  /** `address` is "host:port" (plaintext) or a full "http(s)://" URL. */
+  constructor(address: string, options: ClientOptions = {}) {
+    const baseUrl = /^https?:\/\//.test(address) ? address : `http://${address}`;
+    this.timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    this.sessions = new Http2SessionManager(baseUrl);
+    const transport = createGrpcTransport({ baseUrl, sessionManager: this.sessions });
+    this.raw = {
+      embedding: createClient(EmbeddingService, transport),
+      catalog: createClient(CatalogService, transport),
+      interest: createClient(InterestService, transport),
+      recommend: createClient(RecommendService, transport),
+    };
+  }
+
+  private opts(timeoutMs?: number): CallOptions {
+    return { timeoutMs: timeoutMs ?? this.timeoutMs };
+  }
+
+  /** Unit-length embeddings (unless `skipNormalize`), one array per text. */
+  async embed(
+    texts: string[],
+    options: { truncate?: boolean; skipNormalize?: boolean; timeoutMs?: number } = {},
+  ): Promise<number[][]> {
+    const response = await this.raw.embedding.embed(
+      { inputs: texts, truncate: options.truncate ?? false, skipNormalize: options.skipNormalize ?? false },
+      this.opts(options.timeoutMs),
+    );
+    return response.embeddings.map((e) => Array.from(e.values));
+  }
+
+  /** The loaded model: id, dimension, limits, execution provider. */
+  async modelInfo(options: { timeoutMs?: number } = {}): Promise<GetModelInfoResponse> {
+    return this.raw.embedding.getModelInfo({}, this.opts(options.timeoutMs));
+  }
+
+  /** Creates or replaces items (atomic batch of 1 to 1000). */
+  async upsertItems(items: ItemInput[], options: { timeoutMs?: number } = {}): Promise<{ created: number; updated: number }> {
+    const response = await this.raw.catalog.upsertItems(
+      {
+        items: items.map((i) =>
+          create(ItemSchema, {
+            id: i.id,
+            text: i.text ?? "",
+            categories: i.categories ?? [],
+            attributes: i.attributes ?? {},
+            createTime: stamp(i.createTime),
+            vector: i.vector ?? [],
+          }),
+        ),
+      },
+      this.opts(options.timeoutMs),
+    );
+    return { created: response.createdCount, updated: response.updatedCount };
+  }
+
+  /** Deletes items; returns how many existed. */
+  async deleteItems(ids: string[], options: { timeoutMs?: number } = {}): Promise<number> {
+    return (await this.raw.catalog.deleteItems({ ids }, this.opts(options.timeoutMs))).deletedCount;
+  }
+
+  /** Items by id, in the order of `ids` (NOT_FOUND when one is unknown). */
+  async getItems(ids: string[], options: { includeVectors?: boolean; timeoutMs?: number } = {}): Promise<StoredItem[]> {
+    const response = await this.raw.catalog.getItems(
+      { ids, includeVectors: options.includeVectors ?? false },
+      this.opts(options.timeoutMs),
+    );
+    return response.items.map((i: ItemMessage) => ({
+      id: i.id,
+      text: i.text,
+      categories: [...i.categories],
+      attributes: { ...i.attributes },
+      createTime: i.createTime ? timestampDate(i.createTime) : undefined,
+      vector: Array.from(i.vector),
+    }));
+  }
+
+  /** Records events (atomic, idempotent by eventId, durable on return). */
+  async recordEvents(
+    events: EventInput[],
+    options: { timeoutMs?: number } = {},
+  ): Promise<{ accepted: number; duplicates: number }> {
+    const response = await this.raw.interest.recordEvents(
+      {
+        events: events.map((e) =>
+          create(EventSchema, {
+            eventId: e.eventId,
+            userId: e.userId,
+            type: eventType(e.type),
+            itemId: e.itemId ?? "",
+            text: e.text ?? "",
+            value: e.value,
+            eventTime: stamp(e.eventTime),
+          }),
+        ),
+      },
+      this.opts(options.timeoutMs),
+    );
+    return { accepted: response.acceptedCount, duplicates: response.duplicateCount };
+  }
+
+  /** A user's interests at `asOf` (default now), strongest first. */
+  async profile(
+    userId: string,
+    options: { asOf?: Date; itemsPerInterest?: number; timeoutMs?: number } = {},
+  ): Promise<GetProfileResponse> {
+    return this.raw.interest.getProfile(
+      { userId, asOfTime: stamp(options.asOf), itemsPerInterest: options.itemsPerInterest ?? 0 },
+      this.opts(options.timeoutMs),
+    );
+  }
+
+  /** Erases a user; returns how many events were deleted. */
+  async deleteUser(userId: string, options: { timeoutMs?: number } = {}): Promise<bigint> {
+    return (await this.raw.interest.deleteUser({ userId }, this.opts(options.timeoutMs))).deletedEventCount;
+  }
+
+  /** Top items for a user, best first. */
+  async recommend(userId: string, options: RecommendOptions = {}): Promise<Recommendations> {
+    const response = await this.raw.recommend.recommend(
+      {
+        userId,
+        limit: options.limit ?? 10,
+        asOfTime: stamp(options.asOf),
+        filter: options.filter ? create(ItemFilterSchema, options.filter) : undefined,
+        includeSeen: options.includeSeen ?? false,
+        query: options.query ?? "",
+        explain: options.explain ?? false,
+        diversity: options.diversity ?? 0,
+      },
+      this.opts(options.timeoutMs),
+    );
+    return { items: scored(response.items), strategy: response.strategy };
+  }
+
+  /** Items most similar to a catalogue item or to a text. */
+  async similarItems(
+    target: { itemId: string } | { text: string },
+    options: { limit?: number; filter?: FilterInput; timeoutMs?: number } = {},
+  ): Promise<ScoredItem[]> {
+    const response = await this.raw.recommend.similarItems(
+      {
+        target: "itemId" in target ? { case: "itemId", value: target.itemId } : { case: "text", value: target.text },
+        limit: options.limit ?? 10,
+        filter: options.filter ? create(ItemFilterSchema, options.filter) : undefined,
+      },
+      this.opts(options.timeoutMs),
+    );
+    return scored(response.items);
+  }
+
+  /** Closes the HTTP/2 connection; the client is unusable afterwards. */
+  close(): void {
+    this.sessions.abort();
+  }
+}

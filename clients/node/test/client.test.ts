@@ -1,0 +1,153 @@
+import assert from "node:assert/strict";
+import { after, before, describe, it } from "node:test";
+
+import { Code, ConnectError, EventType, HalflifeClient, Strategy, fieldViolations } from "../src/index.js";
+import { startServer, type LiveServer } from "./server.js";
+
+const T0 = new Date("2026-01-05T12:00:00Z");
+const minutes = (n: number) => new Date(T0.getTime() + n * 60_000);
+
+const ITEMS = [
+  { id: "boots", text: "Waterproof leather hiking boots for mountain trails", categories: ["outdoor", "shoes"] },
+  { id: "tent", text: "Two-person ultralight backpacking tent", categories: ["outdoor", "camping"] },
+  { id: "stove", text: "Compact camping stove for backpacking trips", categories: ["outdoor", "camping"] },
+  { id: "novel", text: "A detective novel set in 1920s London", categories: ["books", "fiction"] },
+  { id: "cookbook", text: "Italian pasta recipes from Rome and Naples", categories: ["books", "cooking"] },
+  {
+    id: "espresso",
+    text: "Stainless steel espresso machine for home baristas",
+    categories: ["kitchen"],
+    attributes: { brand: "Acme" },
+    createTime: new Date("1931-06-01T00:00:00Z"),
+  },
+];
+
+const dot = (a: number[], b: number[]) => a.reduce((sum, x, i) => sum + x * b[i], 0);
+
+describe("HalflifeClient against a live server", () => {
+  let server: LiveServer;
+  let client: HalflifeClient;
+
+  before(async () => {
+    server = await startServer();
+    client = new HalflifeClient(server.address, { timeoutMs: 30_000 });
+  });
+
+  after(async () => {
+    client?.close();
+    await server?.stop();
+  });
+
+  it("describes the model", async () => {
+    const info = await client.modelInfo();
+    assert.equal(info.modelId, "sentence-transformers/all-MiniLM-L6-v2");
+    assert.equal(info.dimension, 384);
+    assert.equal(info.maxInputTokens, 256);
+  });
+
+  it("embeds texts into plain unit-length arrays", async () => {
+    const [shoes, boots, pasta] = await client.embed([
+      "trail running shoes",
+      "hiking boots for the mountains",
+      "a recipe for fresh pasta",
+    ]);
+    assert.ok(Array.isArray(shoes));
+    assert.equal(shoes.length, 384);
+    assert.ok(Math.abs(dot(shoes, shoes) - 1) < 1e-4);
+    assert.ok(dot(shoes, boots) > dot(shoes, pasta), "footwear is closer to footwear than to pasta");
+  });
+
+  it("upserts items and reads them back with dates", async () => {
+    assert.deepEqual(await client.upsertItems(ITEMS), { created: ITEMS.length, updated: 0 });
+    assert.deepEqual(await client.upsertItems([ITEMS[0]]), { created: 0, updated: 1 });
+    const [espresso] = await client.getItems(["espresso"], { includeVectors: true });
+    assert.equal(espresso.text, ITEMS[5].text);
+    assert.deepEqual(espresso.attributes, { brand: "Acme" });
+    assert.equal(espresso.createTime?.toISOString(), "1931-06-01T00:00:00.000Z");
+    assert.equal(espresso.vector.length, 384);
+  });
+
+  it("records events idempotently and recommends from them", async () => {
+    const events = [
+      { eventId: "e1", userId: "ana", type: "view" as const, itemId: "boots", eventTime: minutes(0) },
+      { eventId: "e2", userId: "ana", type: EventType.PURCHASE, itemId: "tent", eventTime: minutes(5) },
+      { eventId: "e3", userId: "ana", type: "search" as const, text: "camping gear", eventTime: minutes(6) },
+      { eventId: "e4", userId: "ana", type: "rate" as const, itemId: "boots", value: 4.5, eventTime: minutes(7) },
+    ];
+    assert.deepEqual(await client.recordEvents(events), { accepted: 4, duplicates: 0 });
+    assert.deepEqual(await client.recordEvents(events.slice(0, 1)), { accepted: 0, duplicates: 1 });
+
+    const recs = await client.recommend("ana", { limit: 3, asOf: minutes(10), explain: true });
+    assert.equal(recs.strategy, Strategy.PERSONALIZED);
+    assert.ok(recs.items.length > 0 && recs.items.length <= 3);
+    const ids = recs.items.map((i) => i.itemId);
+    assert.ok(!ids.includes("tent") && !ids.includes("boots"), `seen items are excluded: ${ids}`);
+    assert.equal(ids[0], "stove", `camping comes first for a camper: ${ids}`);
+    assert.ok(recs.items[0].explanation, "explanations were asked for");
+    for (let i = 1; i < recs.items.length; i++) assert.ok(recs.items[i - 1].score >= recs.items[i].score);
+
+    const profile = await client.profile("ana", { asOf: minutes(10) });
+    assert.ok(profile.interests.length > 0);
+    const cold = await client.recommend("nobody-yet", { limit: 2 });
+    assert.equal(cold.strategy, Strategy.TRENDING);
+  });
+
+  it("finds similar items", async () => {
+    const similar = await client.similarItems({ itemId: "tent" }, { limit: 2 });
+    assert.equal(similar[0].itemId, "stove");
+    const byText = await client.similarItems({ text: "crime fiction" }, { limit: 1, filter: { includeCategories: ["books"] } });
+    assert.equal(byText[0].itemId, "novel");
+  });
+
+  it("reads google.rpc.BadRequest field violations from errors", async () => {
+    await assert.rejects(client.recommend("ana", { limit: 0 }), (error: unknown) => {
+      assert.ok(error instanceof ConnectError);
+      assert.equal(error.code, Code.InvalidArgument);
+      assert.deepEqual(fieldViolations(error).map((v) => v.field), ["limit"]);
+      return true;
+    });
+    await assert.rejects(
+      client.recordEvents([
+        { eventId: "bad-1", userId: "ana", type: "click", itemId: "no-such-item" },
+        { eventId: "bad-2", userId: "", type: "click", itemId: "boots" },
+      ]),
+      (error: unknown) => {
+        assert.ok(error instanceof ConnectError);
+        assert.equal(error.code, Code.InvalidArgument);
+        assert.deepEqual(fieldViolations(error), [
+          { field: "events[1].user_id", description: "must not be empty" },
+        ]);
+        return true;
+      },
+    );
+    await assert.rejects(client.getItems(["boots", "ghost"]), (error: unknown) => {
+      assert.equal(ConnectError.from(error).code, Code.NotFound);
+      return true;
+    });
+  });
+
+  it("deletes users and items", async () => {
+    assert.equal(await client.deleteUser("ana"), 4n);
+    assert.equal(await client.deleteItems(["novel", "ghost"]), 1);
+  });
+});
+
+describe("examples/example.ts", () => {
+  it("runs against a live server", async () => {
+    const { execFile } = await import("node:child_process");
+    const { fileURLToPath } = await import("node:url");
+    const server = await startServer();
+    try {
+      const script = fileURLToPath(new URL("../examples/example.js", import.meta.url));
+      const output = await new Promise<string>((done, fail) =>
+        execFile(process.execPath, [script], { env: { ...process.env, HALFLIFE_ADDRESS: server.address }, timeout: 60_000 },
+          (error, stdout, stderr) => (error ? fail(new Error(`${error.message}\n${stderr}`)) : done(stdout))),
+      );
+      assert.match(output, /model sentence-transformers\/all-MiniLM-L6-v2: 384-d/);
+      assert.match(output, /recommended \(PERSONALIZED\): \[ 'ex-stove/);
+      assert.match(output, /rejected with InvalidArgument: \[\s*\{\s*field: 'events\[0\]\.item_id'/);
+    } finally {
+      await server.stop();
+    }
+  });
+});
