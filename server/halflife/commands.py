@@ -67,11 +67,14 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], out=sys.stdout) -> None:
-    """A plain aligned table; the last column takes what the terminal has left."""
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], out=None) -> None:
+    """A plain aligned table. On a terminal the last column takes what the
+    width leaves; into a pipe or a file nothing is cut."""
+    out = out or sys.stdout
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-    room = shutil.get_terminal_size((120, 20)).columns - sum(widths[:-1]) - 2 * (len(headers) - 1)
-    widths[-1] = max(20, min(widths[-1], room))
+    if out.isatty():
+        room = shutil.get_terminal_size().columns - sum(widths[:-1]) - 2 * (len(headers) - 1)
+        widths[-1] = max(20, min(widths[-1], room))
     line = lambda cells: "  ".join(_clip(c, w).ljust(w) for c, w in zip(cells, widths)).rstrip()
     print(line(headers), file=out)
     print("  ".join("-" * w for w in widths), file=out)

@@ -1,0 +1,136 @@
+"""The client-side CLI (load-movielens, recommend, profile) and the Python client's retries, against live servers."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from halflife.api.server import ServerConfig
+from halflife.v1 import embedding_pb2, embedding_pb2_grpc
+from halflife_client import HalflifeClient
+from tests.serving import ServerThread
+
+MOVIES = [
+    (1, "Star Voyage (1977)", "Action|Adventure|Sci-Fi"),
+    (2, "Planet of Machines (1982)", "Sci-Fi"),
+    (3, "Robots in Orbit (1999)", "Sci-Fi|Thriller"),
+    (4, "Love in Paris (1995)", "Comedy|Romance"),
+    (5, "Wedding Season (2003)", "Comedy|Romance"),
+    (6, "The Long Goodbye Kiss (2008)", "Drama|Romance"),
+    (7, "Haunted Manor (1931)", "Horror"),
+    (8, "Untitled", "(no genres listed)"),
+]
+# (user, movie, rating, unix time): user 1 moved from sci-fi (2001) to romance (2010).
+RATINGS = [(1, 1, 5.0, 978300000), (1, 2, 4.5, 978300100), (1, 4, 4.0, 1262304000), (1, 5, 5.0, 1262304100),
+           (2, 1, 4.0, 978300000), (2, 3, 1.0, 978300200), (3, 7, 2.0, 1262304000), (3, 6, 4.0, 1262304100)]
+TAGS = [(1, 5, "wonderful chemistry", 1262304200), (2, 3, "dull robots", 978300300)]
+
+
+def write_movielens(directory):
+    directory.mkdir()
+    rows = {
+        "movies.csv": (["movieId", "title", "genres"], MOVIES),
+        "ratings.csv": (["userId", "movieId", "rating", "timestamp"], RATINGS),
+        "tags.csv": (["userId", "movieId", "tag", "timestamp"], TAGS),
+    }
+    for name, (header, data) in rows.items():
+        with open(directory / name, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(data)
+    return directory
+
+
+def halflife(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "halflife.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    with ServerThread(ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path_factory.mktemp("cli"))) as running:
+        yield running
+
+
+def test_load_movielens_recommend_and_profile(server, tmp_path):
+    data = write_movielens(tmp_path / "ml")
+    loaded = halflife("load-movielens", str(data), "--target", server.address)
+    assert loaded.returncode == 0, loaded.stderr
+    assert "items created: 8" in loaded.stdout and "events accepted: 10" in loaded.stdout
+    again = halflife("load-movielens", str(data), "--target", server.address)  # idempotent
+    assert "items created: 0, items updated: 8" in again.stdout and "events duplicate: 10" in again.stdout
+
+    with HalflifeClient(server.address) as client:
+        (movie,) = client.get_items(["1"])
+        assert movie.text == "Star Voyage (1977). Genres: Action, Adventure, Sci-Fi"
+        assert list(movie.categories) == ["Action", "Adventure", "Sci-Fi"]
+        assert movie.create_time.ToDatetime().year == 1977
+        assert list(client.get_items(["8"])[0].categories) == []
+
+    shown = halflife("recommend", "1", "--target", server.address, "--limit", "3", "--as-of", "2010-01-02T00:00:00")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0] == "recommendations for user 1 (personalized)"
+    assert lines[1].split() == ["#", "item", "score", "text", "why"]
+    recommended = [line.split()[1] for line in lines[3:]]
+    assert len(recommended) == 3 and not {"1", "2", "4", "5"} & set(recommended)  # seen items excluded
+    assert "because of" in shown.stdout
+
+    profile = halflife("profile", "1", "--target", server.address, "--as-of", "1262400000")
+    assert profile.returncode == 0, profile.stderr
+    assert profile.stdout.startswith("user 1: rate 4, review 1; last event 2010-01-01T00:03:20Z")
+    first_interest = profile.stdout.splitlines()[3].split()
+    assert first_interest[:2] == ["0", "100%"] and "Romance," in first_interest  # sci-fi has decayed away
+    assert "Sci-Fi" in profile.stdout
+
+    cold = halflife("recommend", "nobody", "--target", server.address)
+    assert "(trending)" in cold.stdout.splitlines()[0]
+
+
+def test_client_commands_report_errors_in_one_line(server, tmp_path):
+    bad = halflife("recommend", "1", "--target", server.address, "--limit", "0")
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == "halflife recommend: error: INVALID_ARGUMENT: limit: must be between 1 and 1000, got 0"
+    missing = halflife("load-movielens", str(tmp_path / "nowhere"), "--target", server.address)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert missing.stderr.startswith("halflife load-movielens: error:")
+
+
+class FlakyEmbedding(embedding_pb2_grpc.EmbeddingServiceServicer):
+    """Answers UNAVAILABLE to the first two GetModelInfo calls, and always
+    INVALID_ARGUMENT to Embed; counts the attempts it sees."""
+
+    def __init__(self):
+        self.attempts = {"GetModelInfo": 0, "Embed": 0}
+
+    def GetModelInfo(self, request, context):
+        self.attempts["GetModelInfo"] += 1
+        if self.attempts["GetModelInfo"] <= 2:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+        return embedding_pb2.GetModelInfoResponse(model_id="flaky", dimension=3)
+
+    def Embed(self, request, context):
+        self.attempts["Embed"] += 1
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "never retried")
+
+
+def test_client_retries_unavailable_only():
+    flaky = FlakyEmbedding()
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
+    embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(flaky, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with HalflifeClient(f"127.0.0.1:{port}") as client:
+            assert client.model_info().model_id == "flaky"
+            assert flaky.attempts["GetModelInfo"] == 3  # two UNAVAILABLE, retried with backoff
+            with pytest.raises(grpc.RpcError) as invalid:
+                client.embed(["x"])
+            assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert flaky.attempts["Embed"] == 1
+    finally:
+        server.stop(None)
