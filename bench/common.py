@@ -1,0 +1,93 @@
+"""Shared benchmark plumbing: machine facts, timing statistics, result files.
+
+Every benchmark writes bench/results/<name>.json (raw numbers, machine,
+versions) and bench/results/<name>.md (a summary table). Machines here are
+shared and noisy: report medians and ratios against a baseline measured in
+the same run, never a lone absolute time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Sequence
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PACKAGES = ("halflife", "numpy", "onnxruntime", "grpcio", "protobuf", "tokenizers", "torch",
+            "sentence-transformers", "faiss-cpu")
+
+
+def machine() -> dict:
+    """CPU model, cores and versions, recorded with every result."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def timings(fn: Callable[[], object], *, repeat: int = 20, warmup: int = 2, min_seconds: float = 0.0) -> list[float]:
+    """Wall times (s) of `repeat` calls after `warmup` untimed ones; keeps
+    going until `min_seconds` have been spent, for very fast calls."""
+    for _ in range(warmup):
+        fn()
+    out: list[float] = []
+    started = time.perf_counter()
+    while len(out) < repeat or time.perf_counter() - started < min_seconds:
+        begin = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - begin)
+    return out
+
+
+def summary(samples: Sequence[float]) -> dict:
+    """median, p10/p90 and count of a list of seconds."""
+    ordered = sorted(samples)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return {"median_s": statistics.median(ordered), "p10_s": pick(0.1), "p90_s": pick(0.9), "n": len(ordered)}
+
+
+def write_results(name: str, results: dict, table: str, notes: str = "") -> Path:
+    """bench/results/<name>.json and .md; returns the JSON path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "machine": machine(), **results}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    m = payload["machine"]
+    header = (
+        f"# {name}\n\n{m['cpu']}, {m['usable_cores']} usable cores, Python {m['python']}, {m['date']}.\n"
+        f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}.\n\n"
+    )
+    (RESULTS / f"{name}.md").write_text(header + table.rstrip() + "\n" + (f"\n{notes.rstrip()}\n" if notes else ""))
+    return path
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(value: object) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
