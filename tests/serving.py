@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
+
+import pytest
 
 from halflife.api.server import HalflifeServer, ServerConfig
 
@@ -45,3 +52,28 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def start_cli_server(model_dir: Path, data_dir: Path, *, drain: bool = False) -> tuple[subprocess.Popen, str]:
+    """`halflife serve --port 0` in a subprocess; returns it and its address once
+    it serves. With `drain`, a thread keeps reading its log so the server never
+    blocks on a full pipe (leave it off to read the log with communicate())."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(model_dir),
+         "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    lines = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        found = re.search(r"serving on (127\.0\.0\.1:\d+)", line)
+        if found:
+            if drain:
+                threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
+            return process, found.group(1)
+    process.kill()
+    pytest.fail("server did not start:\n" + "".join(lines))

@@ -7,7 +7,7 @@ import pytest
 
 from halflife.config import Config
 from halflife.eval import baselines as B
-from halflife.eval.data import RATING, TEXT, EvalData, global_cut, leave_last_out, seen_before
+from halflife.eval.data import RATING, EvalData, global_cut, leave_last_out, seen_before
 from halflife.eval.metrics import bootstrap_ci, coverage, ndcg, query_metrics, ranking_from_scores, ranks_of
 
 DAY = 86400.0

@@ -12,10 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import math
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,7 +26,7 @@ from halflife.api.server import ServerConfig
 from halflife.config import BlendConfig, Config
 from halflife.v1 import catalog_pb2, interest_pb2, recommend_pb2
 from halflife_client import HalflifeClient, Item, field_violations, to_timestamp
-from tests.serving import ServerThread
+from tests.serving import ServerThread, start_cli_server
 
 T0 = dt.datetime(2024, 6, 1, tzinfo=dt.timezone.utc)
 DAY = dt.timedelta(days=1)
@@ -1125,31 +1122,9 @@ def test_events_committed_before_a_newer_batch_are_not_lost(model_dir, tmp_path)
 # ================================================================ durability: kill -9 mid-ingest
 
 
-def _start_cli(model_dir: Path, data_dir: Path) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(model_dir),
-         "--data-dir", str(data_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    deadline = time.monotonic() + 120
-    lines = []
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        found = re.search(r"serving on (127\.0\.0\.1:\d+)", line)
-        if found:
-            # Keep draining the log so the server never blocks on a full pipe.
-            threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
-            return process, found.group(1)
-    process.kill()
-    pytest.fail("server did not start:\n" + "".join(lines))
-
-
 @contextlib.contextmanager
 def _cli_server(model_dir: Path, data_dir: Path):
-    process, address = _start_cli(model_dir, data_dir)
+    process, address = start_cli_server(model_dir, data_dir, drain=True)
     try:
         with HalflifeClient(address, timeout=30) as client:
             yield client
@@ -1172,7 +1147,7 @@ def _kill_batch(k: int) -> list[interest_pb2.Event]:
 
 def test_kill_9_mid_ingest_loses_no_acknowledged_event(model_dir, tmp_path):
     data = tmp_path / "data"
-    process, address = _start_cli(model_dir, data)
+    process, address = start_cli_server(model_dir, data, drain=True)
     try:
         with HalflifeClient(address, timeout=10) as client:
             assert client.upsert_items(CATALOG) == (len(CATALOG), 0)

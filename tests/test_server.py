@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import re
 import shutil
 import signal
 import subprocess
@@ -26,7 +24,7 @@ from halflife.embedding.engine import EmbeddingEngine
 from halflife.v1 import embedding_pb2 as pb
 from halflife.v1 import embedding_pb2_grpc
 from halflife_client import AsyncHalflifeClient, HalflifeClient, field_violations
-from tests.serving import ServerThread
+from tests.serving import ServerThread, start_cli_server
 
 SENTENCES = [
     "hi",
@@ -247,26 +245,6 @@ def test_expired_deadline_is_not_computed(channel, live_server):
         stub(channel).Embed(pb.EmbedRequest(inputs=["word " * 250] * 256), timeout=0.05)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert len(stub(channel).Embed(pb.EmbedRequest(inputs=["after"]), timeout=10).embeddings) == 1
-
-
-def start_cli_server(model_dir: Path, data_dir: Path) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(model_dir),
-         "--data-dir", str(data_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    deadline = time.monotonic() + 120
-    lines = []
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        found = re.search(r"serving on (127\.0\.0\.1:\d+)", line)
-        if found:
-            return process, found.group(1)
-    process.kill()
-    pytest.fail("server did not start:\n" + "".join(lines))
 
 
 def test_cli_serve_logs_and_finishes_in_flight_calls_on_sigterm(model_dir, tmp_path):

@@ -553,10 +553,8 @@ class InterestEngine:
                 strategy = "trending"
             if query_vector is not None:
                 w = ranking.query_weight
-                base = sum(parts.values())
                 parts = {name: (1 - w) * part for name, part in parts.items()}
                 parts["query"] = w * cosine_scores(query_vector, self.catalog.vectors)
-                del base
             scores = sum(parts.values())
             if np.isfinite(ranking.freshness_half_life_days):
                 fresh = freshness(self.catalog.create_times, t, ranking.freshness_half_life_days * DAY)

@@ -40,7 +40,7 @@ import threading
 from concurrent.futures import Future
 from hashlib import sha256
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
