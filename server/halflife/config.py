@@ -85,6 +85,14 @@ class ProfileConfig:
     combine: str = "sum"  # how interests' similarities combine: "sum" or "max"
     negative_weight: float = 1.0  # beta: score -= beta * cos(negative profile, item) (chosen by `halflife eval`)
     cache_users: int = 10_000  # profiles kept in memory; others are rebuilt from the event log
+    # Time kernel of a single-vector profile: "half_life" (each event type's
+    # half-life, forward-decayed) or an Elasticsearch function_score kernel,
+    # "exp", "gauss" or "linear", computed exactly from the event log at read
+    # time with origin = the request's time and the parameters below.
+    kernel: str = "half_life"
+    kernel_scale_days: float = 30.0  # distance at which the kernel weighs `kernel_decay`
+    kernel_offset_days: float = 0.0  # no decay within this distance
+    kernel_decay: float = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +223,15 @@ def parse_config(data: dict) -> Config:
         "combine": lambda v, k: _choice(v, k, ("sum", "max")),
         "negative_weight": lambda v, k: float(_number(v, k, minimum=0.0)),
         "cache_users": lambda v, k: _number(v, k, minimum=1, integer=True),
+        "kernel": lambda v, k: _choice(v, k, ("half_life", "exp", "gauss", "linear")),
+        "kernel_scale_days": lambda v, k: float(_number(v, k, positive=True)),
+        "kernel_offset_days": lambda v, k: float(_number(v, k, minimum=0.0)),
+        "kernel_decay": lambda v, k: float(_number(v, k, positive=True, maximum=1.0)),
     })
+    if profile.kernel != "half_life" and profile.mode != "single":
+        raise ConfigError('profile.kernel: kernels other than "half_life" need profile.mode = "single"')
+    if profile.kernel in ("exp", "gauss") and profile.kernel_decay >= 1.0:
+        raise ConfigError("profile.kernel_decay: must be below 1 for the exp and gauss kernels")
     ranking = _section(RankingConfig, _table(data, "ranking"), "ranking.", {
         "max_limit": lambda v, k: _number(v, k, minimum=1, integer=True),
         "freshness_half_life_days": lambda v, k: float(_number(v, k, positive=True)),

@@ -112,11 +112,11 @@ class EngineBackend:
             state = e._user_state(q.user, q.t)
             if state.single.strength(q.t) <= 0:
                 return {}
-            return self._to_data_rows(e._signals(state, q.t, which))
+            return self._to_data_rows(e._signals(q.user, state, q.t, which))
 
     def popularity(self, t: float) -> np.ndarray:
         with self.engine._lock:
-            return self._to_data_rows(self.engine._signals(None, t, ("popularity",)))["popularity"]
+            return self._to_data_rows(self.engine._signals("", None, t, ("popularity",)))["popularity"]
 
     def _to_data_rows(self, signals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Engine catalogue rows (a reopened engine orders items by id) to the dataset's rows."""

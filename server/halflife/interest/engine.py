@@ -26,6 +26,7 @@ import numpy as np
 
 from halflife.config import EVENT_TYPE_NAMES, Config
 from halflife.core.cooccurrence import Cooccurrence, cooccurrence_scores
+from halflife.core.decay import es_kernel, kernel_profile
 from halflife.core.describe import describe_clusters
 from halflife.core.profiles import MultiInterestState, ProfileState, interest_scores
 from halflife.core.ranking import DecayedCounts, cosine_scores, freshness, mmr, normalize, top_k
@@ -546,7 +547,7 @@ class InterestEngine:
             personal = state.single.strength(t) > 0
             parts: dict[str, np.ndarray] = {}
             if personal:
-                parts = self._relevance(state, t)
+                parts = self._relevance(user_id, state, t)
                 strategy = "personalized"
             else:
                 parts = {"popularity": _unit_max(self._popularity_at(t))}
@@ -576,7 +577,7 @@ class InterestEngine:
             strategy=strategy,
         )
 
-    def _relevance(self, state: _UserState, t: float) -> dict[str, np.ndarray]:
+    def _relevance(self, user_id: str, state: _UserState, t: float) -> dict[str, np.ndarray]:
         """Per-signal item scores (size,) for a user with positive events,
         each already multiplied by its blend weight (config.BlendConfig):
         "interest" (profile cosine), "negative" (−β·cosine with the negative
@@ -589,10 +590,10 @@ class InterestEngine:
         total = (blend.interest + blend.cooccurrence + blend.popularity) or 1.0
         weights = {"interest": blend.interest, "negative": blend.interest,
                    "cooccurrence": blend.cooccurrence, "popularity": blend.popularity}
-        return {name: np.float32(weights[name] / total) * signal for name, signal in self._signals(state, t).items()
+        return {name: np.float32(weights[name] / total) * signal for name, signal in self._signals(user_id, state, t).items()
                 if weights[name] > 0}
 
-    def _signals(self, state: _UserState, t: float, which: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def _signals(self, user_id: str, state: _UserState, t: float, which: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The blend's signals before weighting (see `_relevance`); `which`
         limits them to some names (None: those with a non-zero weight). Lock held."""
         items = self.catalog.vectors
@@ -600,19 +601,43 @@ class InterestEngine:
         if which is None:
             which = [n for n in ("interest", "cooccurrence", "popularity") if getattr(blend, n) > 0] + ["negative"]
         parts: dict[str, np.ndarray] = {}
+        if "interest" in which or "negative" in which:
+            if profile.kernel != "half_life":
+                positive, negative = self._kernel_profiles(user_id, t)
+            else:
+                positive, negative = state.single.vector(t), state.single.negative_vector(t)
         if "interest" in which:
             if profile.mode == "multi":
                 interest = interest_scores(items, state.multi.centroids(t), state.multi.importances(t), mode=profile.combine)
             else:
-                interest = cosine_scores(state.single.vector(t), items)
+                interest = cosine_scores(positive, items)
             parts["interest"] = interest.astype(np.float32)
-        if "negative" in which and state.single.negative_strength(t) > 0 and profile.negative_weight > 0:
-            parts["negative"] = -np.float32(profile.negative_weight) * cosine_scores(state.single.negative_vector(t), items)
+        if "negative" in which and np.any(negative) and profile.negative_weight > 0:
+            parts["negative"] = -np.float32(profile.negative_weight) * cosine_scores(negative, items)
         if "cooccurrence" in which:
             parts["cooccurrence"] = _unit_max(self._affinity_scores(state, t))
         if "popularity" in which:
             parts["popularity"] = _unit_max(self._popularity_at(t))
         return parts
+
+    def _kernel_profiles(self, user_id: str, t: float) -> tuple[np.ndarray, np.ndarray]:
+        """Positive and negative profile vectors (d,) at t under the configured
+        Elasticsearch kernel (origin t), exactly from the user's log up to t.
+        Event types keep their weights; the kernel replaces their half-lives."""
+        profile = self.config.profile
+        events = [e for e in self.store.user_events(user_id) if e.event_time <= t]
+        if not events:
+            return np.zeros(self.dim), np.zeros(self.dim)
+        weights = self._types.weights[self._internal_types_of(
+            np.array([e.type for e in events]), np.array([np.nan if e.value is None else e.value for e in events])
+        )]
+        times = np.array([e.event_time for e in events])
+        vectors = np.stack([e.vector for e in events])
+        kernel = es_kernel(profile.kernel, origin=t, scale=profile.kernel_scale_days * DAY,
+                           offset=profile.kernel_offset_days * DAY, decay=profile.kernel_decay)
+        positive, negative = weights > 0, weights < 0
+        return (kernel_profile(vectors[positive], times[positive], weights[positive], kernel),
+                kernel_profile(vectors[negative], times[negative], -weights[negative], kernel))
 
     def _affinity_scores(self, state: _UserState, t: float) -> np.ndarray:
         """Σ_i a_i · sim(i, j): the user's decayed per-item affinity (event
