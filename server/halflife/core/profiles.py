@@ -425,7 +425,10 @@ def interest_scores(
     importances: (K,) >= 0. "sum": Σ_c share_c·cos_c (a smooth mix);
     "max": max_c share_c^α·cos_c (an item needs to fit one interest well;
     α < 1 flattens the shares so minor interests still surface).
-    One (N, d) @ (d, K) GEMM. Returns (N,) float32; zeros when K = 0.
+    "sum" is linear in the centroids, so it is one GEMV against their
+    share-weighted mix (Σ_c share_c·cos(c, x) = (Σ_c share_c·c)·x): the
+    catalogue is read once, as for a single profile. "max" is one
+    (N, d) @ (d, K) GEMM. Returns (N,) float32; zeros when K = 0.
     """
     if mode not in INTEREST_MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {INTEREST_MODES}")
@@ -434,7 +437,7 @@ def interest_scores(
     if imp.shape[0] == 0:
         return np.zeros(items.shape[0], dtype=np.float32)
     share = (imp / max(float(imp.sum()), _EPS)).astype(np.float32)
-    cos = items @ np.asarray(centroids, dtype=np.float32).T
+    centroids = np.asarray(centroids, dtype=np.float32)
     if mode == "sum":
-        return cos @ share
-    return (cos * share**np.float32(alpha)).max(axis=1)
+        return items @ (share @ centroids)
+    return ((items @ centroids.T) * share**np.float32(alpha)).max(axis=1)
