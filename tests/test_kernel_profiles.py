@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pytest
 
 from halflife.config import Config, ConfigError, ProfileConfig, parse_config
 from halflife.interest.engine import EventInput, InterestEngine, ItemInput
 from halflife.storage.sqlite import SqliteStore
+from tests.fakes import DIM, fake_embed
 
 DAY = 86400.0
-DIM = 16
 T = 1_700_000_000.0
 LIKE, DISLIKE = 3, 10
-
-
-def fake_embed(texts):
-    """Deterministic unit vectors per text (no model needed here)."""
-    rows = [np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)).normal(size=DIM) for t in texts]
-    rows = np.array(rows, dtype=np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
 def engine_with(config: Config, tmp_path) -> InterestEngine:
@@ -96,3 +87,4 @@ def test_kernels_other_than_half_life_need_single_mode():
     assert parse_config({"profile": {"kernel": "gauss", "mode": "single"}}).profile.kernel == "gauss"
     with pytest.raises(ConfigError, match=r"^profile\.kernel_decay:"):
         parse_config({"profile": {"kernel": "exp", "mode": "single", "kernel_decay": 1.0}})
+

@@ -208,7 +208,9 @@ class InterestEngine:
         created_seq[self.catalog.rows([item.id for item in items])] = [item.created_seq for item in items]
         for chunk in self.store.iter_events():
             rows = self.catalog.rows([i or "" for i in chunk.item_ids])
-            rows = np.where((rows >= 0) & (chunk.seqs > created_seq[np.maximum(rows, 0)]), rows, -1)
+            known = np.flatnonzero(rows >= 0)
+            stale = known[chunk.seqs[known] <= created_seq[rows[known]]]
+            rows[stale] = -1
             types = self._internal_types_of(chunk.types, chunk.values)
             self._add_to_blend(rows, types, chunk.times, chunk.user_ids)
         log.info(
@@ -335,14 +337,14 @@ class InterestEngine:
         with self._lock:
             rows = self.catalog.rows([e.item_id or "" for e in events])
             missing = [(i, e.item_id) for i, (e, row) in enumerate(zip(events, rows)) if e.item_id and row < 0]
-            item_vectors = self.catalog.vectors[np.maximum(rows, 0)].copy()
+            vectors = np.zeros((len(events), self.dim), dtype=np.float32)
+            vectors[rows >= 0] = self.catalog.vectors[rows[rows >= 0]]
         if missing:
             stored = self.store.existing_event_ids([events[i].event_id for i, _ in missing])
             missing = [(i, item_id) for i, item_id in missing if events[i].event_id not in stored]
             if missing:
                 raise UnknownItemsError(missing)
         texts = [i for i, e in enumerate(events) if e.text]
-        vectors = np.where((rows >= 0)[:, None], item_vectors, 0.0).astype(np.float32)
         if texts:
             vectors[texts] += self._embed([events[i].text for i in texts])
         vectors = normalize(vectors)  # item and text: the direction of their sum
