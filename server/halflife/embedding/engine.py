@@ -140,6 +140,11 @@ class EmbeddingEngine:
         options.intra_op_num_threads = intra_op_threads or physical_cores()
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Idle intra-op threads would busy-wait for the next batch, taking the
+        # cores the event loop and tokenizers need between batches. Measured
+        # on 2 shared cores: batch 1 in 5-7 ms instead of 17-50 ms under load,
+        # no difference on a quiet machine.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = [CUDA, CPU] if wanted == CUDA else [CPU]
         session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
         if wanted == CUDA and session.get_providers()[0] != CUDA:

@@ -1,0 +1,65 @@
+"""A minimal in-memory `Store` so the interest engine can be timed in-process
+(no SQLite, no fsync): only what InterestEngine calls."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+from halflife.storage.base import EventColumns, EventRecord, ItemRecord
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.items: dict[str, ItemRecord] = {}
+        self.events: list[EventRecord] = []
+        self.by_user: dict[str, list[EventRecord]] = {}
+        self.ids: set[str] = set()
+
+    def upsert_items(self, items: Sequence[ItemRecord]) -> tuple[int, int]:
+        created = sum(1 for i in items if i.id not in self.items)
+        for item in items:
+            self.items[item.id] = item
+        return created, len(items) - created
+
+    def delete_items(self, ids):
+        return [i for i in ids if self.items.pop(i, None) is not None]
+
+    def get_items(self, ids):
+        return {i: self.items[i] for i in ids if i in self.items}
+
+    def iter_items(self) -> Iterator[ItemRecord]:
+        return iter(list(self.items.values()))
+
+    def record_events(self, events: Sequence[EventRecord]) -> list[EventRecord]:
+        out = []
+        for e in events:
+            if e.event_id in self.ids:
+                continue
+            self.ids.add(e.event_id)
+            stored = dataclasses.replace(e, seq=len(self.events) + 1)
+            self.events.append(stored)
+            self.by_user.setdefault(e.user_id, []).append(stored)
+            out.append(stored)
+        return out
+
+    def existing_event_ids(self, event_ids):
+        return {i for i in event_ids if i in self.ids}
+
+    def user_events(self, user_id: str) -> list[EventRecord]:
+        return list(self.by_user.get(user_id, []))
+
+    def iter_events(self, chunk: int = 50_000) -> Iterator[EventColumns]:
+        return iter(())
+
+    def delete_user(self, user_id: str) -> int:
+        return len(self.by_user.pop(user_id, []))
+
+    def user_count(self) -> int:
+        return len(self.by_user)
+
+    def event_count(self) -> int:
+        return len(self.events)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,119 @@
+"""A `halflife serve` process on a free port of 127.0.0.1, for the gRPC benchmarks.
+
+    with ServerProcess() as server:            # the model in HALFLIFE_BENCH_MODEL_DIR, a temporary data dir
+        client = HalflifeClient(server.target)
+        server.rss_bytes()
+
+The load generator runs in the benchmark's own process, so it never shares
+the server's GIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+DEFAULT_MODEL_DIR = Path(os.environ.get("HALFLIFE_BENCH_MODEL_DIR", "var/models/all-MiniLM-L6-v2"))
+_SERVING = re.compile(r"serving on ([\d.]+):(\d+)")
+
+
+class ServerProcess:
+    def __init__(self, model_dir: Path | str = DEFAULT_MODEL_DIR, *, data_dir: Path | str | None = None,
+                 start_timeout: float = 120.0, env: dict[str, str] | None = None):
+        self.env = env
+        self._tmp = tempfile.TemporaryDirectory(prefix="halflife-bench-") if data_dir is None else None
+        self.data_dir = Path(self._tmp.name if self._tmp else data_dir)
+        self.model_dir = Path(model_dir)
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+        self.target = ""
+        self.log: list[str] = []
+
+    def start(self) -> "ServerProcess":
+        cmd = [sys.executable, "-m", "halflife.cli", "serve", "--port", "0",
+               "--model-dir", str(self.model_dir), "--data-dir", str(self.data_dir), "--log-level", "INFO"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                     env={**os.environ, **(self.env or {})})
+        deadline = time.monotonic() + self.start_timeout
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.log.append(line.rstrip())
+            m = _SERVING.search(line)
+            if m:
+                self.target = f"{m.group(1)}:{m.group(2)}"
+                break
+            if time.monotonic() > deadline:
+                break
+        if not self.target:
+            self.stop()
+            raise RuntimeError("server did not start:\n" + "\n".join(self.log[-30:]))
+        # Keep draining its output so the pipe never blocks the server.
+        threading.Thread(target=self._drain, daemon=True).start()
+        return self
+
+    def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.log.append(line.rstrip())
+            del self.log[:-200]
+
+    def rss_bytes(self) -> int:
+        """VmRSS of the server process, from /proc/PID/status."""
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    @property
+    def address(self) -> str:
+        return self.target
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def load_p50s(target: str, calls: list[tuple[str, str]], *, rounds: int, per_round: int) -> dict[str, list[float]]:
+    """p50 latency (s) of each (call, proto3-JSON data) at concurrency 1, per
+    round; the calls alternate round by round so that machine noise hits
+    them alike. Uses halflife.loadtest.run_load_test."""
+    from halflife.loadtest import LoadTestOptions, run_load_test
+
+    out: dict[str, list[float]] = {call: [] for call, _ in calls}
+
+    async def go() -> None:
+        for _ in range(rounds):
+            for call, data in calls:
+                report = await run_load_test(LoadTestOptions(call=call, data=data, target=target, concurrency=1,
+                                                             total=per_round))
+                if report["statusCodeDistribution"].get("OK", 0) != report["count"]:
+                    raise RuntimeError(f"{call}: {report['errorDistribution']}")
+                p50 = next(d["latency"] for d in report["latencyDistribution"] if d["percentage"] == 50)
+                out[call].append(p50 / 1e9)
+
+    asyncio.run(go())
+    return out
