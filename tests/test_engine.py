@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from halflife.config import Config
-from halflife.interest.engine import EventInput, InterestEngine
+from halflife.interest.engine import EventInput, InterestEngine, ItemInput
 from halflife.storage.sqlite import SqliteStore
 from tests.fakes import DIM, fake_embed
 
@@ -18,3 +18,48 @@ def test_a_store_with_text_events_and_no_items_reopens(tmp_path):
     first.store.close()
     again = InterestEngine(Config(), SqliteStore(tmp_path), DIM, fake_embed, clock=lambda: T)
     assert again.recommend("u", 5, as_of=T).strategy == "personalized"
+
+
+LIKE, RATE = 3, 6
+
+
+def open_engine(path) -> InterestEngine:
+    return InterestEngine(Config(), SqliteStore(path), DIM, fake_embed, clock=lambda: T)
+
+
+def cold_list(engine: InterestEngine) -> list[tuple[str, float]]:
+    result = engine.recommend("cold", 10, as_of=T)
+    assert result.strategy == "trending"
+    return [(item.item_id, round(item.score, 6)) for item in result.items]
+
+
+def test_a_restart_after_delete_user_rebuilds_the_same_popularity(tmp_path):
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(8)])
+    engine.record_events(
+        [EventInput(f"a{n}", "alice", LIKE, f"i{n % 3}", None, None, T - n * 3600) for n in range(9)]
+        + [EventInput(f"b{n}", "bob", RATE, f"i{3 + n % 4}", None, 5.0, T - DAY - n * 3600) for n in range(8)]
+        + [EventInput("b-low", "bob", RATE, "i0", None, 1.0, T - DAY)]
+    )
+    before = cold_list(engine)
+    assert before[0][0] in {"i0", "i1", "i2"}  # alice's likes are the most recent and most numerous
+    assert engine.delete_user("alice") == 9
+    after_delete = cold_list(engine)
+    assert after_delete[0][0] in {"i3", "i4", "i5", "i6"}  # only bob's high ratings count now
+    engine.store.close()
+    assert cold_list(open_engine(tmp_path)) == after_delete
+
+
+def test_a_recreated_item_starts_without_its_namesakes_events(tmp_path):
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id="x", text="old x"), ItemInput(id="y", text="y")])
+    engine.record_events([EventInput(f"e{n}", f"u{n}", LIKE, "x", None, None, T - DAY) for n in range(5)]
+                         + [EventInput("f", "v", LIKE, "y", None, None, T - DAY)])
+    engine.delete_items(["x"])
+    engine.upsert_items([ItemInput(id="x", text="new x")])
+    live = cold_list(engine)
+    assert live[0][0] == "y"
+    engine.delete_user("u0")  # its event concerned the old x: nothing to take from the new one
+    assert cold_list(engine) == live
+    engine.store.close()
+    assert cold_list(open_engine(tmp_path)) == live

@@ -26,6 +26,7 @@ class CatalogIndex:
         self._matrix = np.zeros((capacity, dim), dtype=np.float32)
         self._alive = np.zeros(capacity, dtype=bool)
         self._create_times = np.full(capacity, np.nan)
+        self._created_seq = np.zeros(capacity, dtype=np.int64)
         self.size = 0  # rows in use (alive or dead)
         self.ids: list[str | None] = []
         self.texts: list[str] = []
@@ -47,6 +48,12 @@ class CatalogIndex:
         return self._alive[: self.size]
 
     @property
+    def created_seq(self) -> np.ndarray:
+        """(size,) int64: ItemRecord.created_seq of each row's item (events at
+        or below it concern an earlier item with the same id)."""
+        return self._created_seq[: self.size]
+
+    @property
     def create_times(self) -> np.ndarray:
         """(size,) float64 unix seconds, NaN when unknown."""
         return self._create_times[: self.size]
@@ -66,6 +73,7 @@ class CatalogIndex:
                 row = self._new_row()
                 self.row_of[item.id] = row
                 self.ids[row] = item.id
+                self._created_seq[row] = item.created_seq
                 created += 1
             else:
                 self._forget_categories(row)
@@ -136,7 +144,9 @@ class CatalogIndex:
         alive[: self.size] = self._alive[: self.size]
         times = np.full(capacity, np.nan)
         times[: self.size] = self._create_times[: self.size]
-        self._matrix, self._alive, self._create_times = matrix, alive, times
+        created_seq = np.zeros(capacity, dtype=np.int64)
+        created_seq[: self.size] = self._created_seq[: self.size]
+        self._matrix, self._alive, self._create_times, self._created_seq = matrix, alive, times, created_seq
 
     def _forget_categories(self, row: int) -> None:
         for category in self.categories[row]:

@@ -199,24 +199,25 @@ class InterestEngine:
 
     def _load(self) -> None:
         started = time.perf_counter()
-        items = list(self.store.iter_items())
-        self.catalog.upsert(items)
+        self.catalog.upsert(self.store.iter_items())
         self._resize_blend()
-        # Events join items by id; those from before an id's current item was
-        # created concern a deleted namesake and must not count for it.
-        created_seq = np.zeros(self.catalog.size, dtype=np.int64)
-        created_seq[self.catalog.rows([item.id for item in items])] = [item.created_seq for item in items]
         for chunk in self.store.iter_events():
-            rows = self.catalog.rows([i or "" for i in chunk.item_ids])
-            known = np.flatnonzero(rows >= 0)
-            stale = known[chunk.seqs[known] <= created_seq[rows[known]]]
-            rows[stale] = -1
+            rows = self._current_item_rows(chunk.item_ids, chunk.seqs)
             types = self._internal_types_of(chunk.types, chunk.values)
             self._add_to_blend(rows, types, chunk.times, chunk.user_ids)
         log.info(
             "loaded %d items and popularity from %d events in %.1f s",
             len(self.catalog), self.store.event_count(), time.perf_counter() - started,
         )
+
+    def _current_item_rows(self, item_ids: Sequence[str | None], seqs: np.ndarray) -> np.ndarray:
+        """Catalogue rows of events' items, -1 where there is none or where the
+        event predates its id's current item (it concerned a deleted namesake
+        and must not count for the new one). (n,) int64. Lock held."""
+        rows = self.catalog.rows([i or "" for i in item_ids])
+        known = np.flatnonzero(rows >= 0)
+        rows[known[seqs[known] <= self.catalog.created_seq[rows[known]]]] = -1
+        return rows
 
     def _resize_blend(self) -> None:
         self._cooccurrence.resize(self.catalog.size)
@@ -308,8 +309,9 @@ class InterestEngine:
         ]
         with self._catalog_write:
             created, updated = self.store.upsert_items(records)
+            stored = self.store.get_items([r.id for r in records])  # with the store's created_seq
             with self._lock:
-                self.catalog.upsert(records)
+                self.catalog.upsert(stored[r.id] for r in records)
                 self._resize_blend()
         return created, updated
 
@@ -363,7 +365,7 @@ class InterestEngine:
             np.array([e.type for e in stored]), np.array([np.nan if e.value is None else e.value for e in stored])
         )
         with self._lock:
-            rows = self.catalog.rows([e.item_id or "" for e in stored])
+            rows = self._current_item_rows([e.item_id for e in stored], np.array([e.seq for e in stored]))
             self._add_to_blend(rows, types, np.array([e.event_time for e in stored]), [e.user_id for e in stored])
             for event in stored:
                 state = self._users.get(event.user_id)
@@ -377,10 +379,22 @@ class InterestEngine:
                     del self._users[event.user_id]
 
     def delete_user(self, user_id: str) -> int:
-        """Erases the user's events for good and forgets their profile.
-
-        Their past contributions to item popularity stay, as anonymous counts."""
+        """Erases the user's events for good and forgets their profile, their
+        co-occurrence pairs and their share of item popularity, so that the
+        engine holds what a restart over the remaining log would build."""
         with self._lock:
+            events = self.store.user_events(user_id)
+            if events:
+                rows = self._current_item_rows([e.item_id for e in events], np.array([e.seq for e in events]))
+                types = self._internal_types_of(
+                    np.array([e.type for e in events]), np.array([np.nan if e.value is None else e.value for e in events])
+                )
+                weights = self._types.weights[types]
+                liked = (rows >= 0) & (weights > 0)
+                if liked.any():  # forward-decayed sums subtract exactly
+                    times = np.array([e.event_time for e in events])
+                    self._popularity.add(rows[liked], times[liked], -weights[liked])
+                    self._popularity_log.append((rows[liked], times[liked], -weights[liked]))
             deleted = self.store.delete_user(user_id)
             self._users.pop(user_id, None)
             row = self._user_rows.pop(user_id, None)
