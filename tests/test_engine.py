@@ -63,3 +63,16 @@ def test_a_recreated_item_starts_without_its_namesakes_events(tmp_path):
     assert cold_list(engine) == live
     engine.store.close()
     assert cold_list(open_engine(tmp_path)) == live
+
+
+def test_item_events_share_the_items_stored_vector(tmp_path):
+    import sqlite3
+
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(3)])
+    count = lambda: sqlite3.connect(tmp_path / "halflife.sqlite3").execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
+    before = count()
+    engine.record_events([EventInput(f"v{n}", f"u{n}", LIKE, f"i{n % 3}", None, None, T - n) for n in range(30)])
+    assert count() == before  # 30 events, no new vectors
+    engine.record_events([EventInput("t", "u", LIKE, "i0", "a review", None, T)])
+    assert count() == before + 1  # item + text: a new direction

@@ -348,8 +348,9 @@ class InterestEngine:
                 raise UnknownItemsError(missing)
         texts = [i for i, e in enumerate(events) if e.text]
         if texts:
-            vectors[texts] += self._embed([events[i].text for i in texts])
-        vectors = normalize(vectors)  # item and text: the direction of their sum
+            # Item and text: the direction of their sum. Item-only events keep
+            # the item's stored vector bit for bit, so the store keeps one copy.
+            vectors[texts] = normalize(vectors[texts] + self._embed([events[i].text for i in texts]))
         records = [
             EventRecord(e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, vector)
             for e, vector in zip(events, vectors)
