@@ -250,19 +250,24 @@ class InterestEngine:
             popularity = np.bincount(rows[keep], weights=weights[keep] * decay, minlength=self.catalog.size)
         return np.where(self.catalog.alive, popularity, 0.0)
 
-    def _internal_types_of(self, api_types: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
+    def _record_types(self, events: Sequence[EventRecord]) -> np.ndarray:
+        """Internal type index of each recorded event (ratings mapped by value). (n,) int64."""
+        return self._internal_types_of(
+            np.array([e.type for e in events], dtype=np.int64),
+            np.array([np.nan if e.value is None else e.value for e in events], dtype=np.float64),
+        )
+
+    def _internal_types_of(self, api_types: np.ndarray, values: np.ndarray) -> np.ndarray:
         """Internal type index per event: API value - 1, except that ratings
-        map by value to rate / rate_mid / rate_low. Without values (popularity
-        rebuild), every rating counts as "rate"."""
+        map by value to rate / rate_mid / rate_low (config.ratings).
+        api_types, values: (n,) (values NaN where none). Returns (n,) int64."""
         internal = np.asarray(api_types, dtype=np.int64) - 1
-        if values is not None:
-            ratings = self.config.ratings
-            is_rate = internal == RATE - 1
-            low = is_rate & (values <= ratings.negative_max)
-            mid = is_rate & (values > ratings.negative_max) & (values < ratings.positive_min)
-            internal = np.where(low, EVENT_TYPE_NAMES.index("rate_low"), internal)
-            internal = np.where(mid, EVENT_TYPE_NAMES.index("rate_mid"), internal)
-        return internal
+        ratings = self.config.ratings
+        is_rate = internal == RATE - 1
+        low = is_rate & (values <= ratings.negative_max)
+        mid = is_rate & (values > ratings.negative_max) & (values < ratings.positive_min)
+        internal = np.where(low, EVENT_TYPE_NAMES.index("rate_low"), internal)
+        return np.where(mid, EVENT_TYPE_NAMES.index("rate_mid"), internal)
 
     def _label_space(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Category labels as directions in item space: (names, (L, d) unit
@@ -362,9 +367,7 @@ class InterestEngine:
     def _apply_new_events(self, stored: Sequence[EventRecord]) -> None:
         if not stored:
             return
-        types = self._internal_types_of(
-            np.array([e.type for e in stored]), np.array([np.nan if e.value is None else e.value for e in stored])
-        )
+        types = self._record_types(stored)
         with self._lock:
             rows = self._current_item_rows([e.item_id for e in stored], np.array([e.seq for e in stored]))
             self._add_to_blend(rows, types, np.array([e.event_time for e in stored]), [e.user_id for e in stored])
@@ -387,9 +390,7 @@ class InterestEngine:
             events = self.store.user_events(user_id)
             if events:
                 rows = self._current_item_rows([e.item_id for e in events], np.array([e.seq for e in events]))
-                types = self._internal_types_of(
-                    np.array([e.type for e in events]), np.array([np.nan if e.value is None else e.value for e in events])
-                )
+                types = self._record_types(events)
                 weights = self._types.weights[types]
                 liked = (rows >= 0) & (weights > 0)
                 if liked.any():  # forward-decayed sums subtract exactly
@@ -424,9 +425,7 @@ class InterestEngine:
     def _extend(self, state: _UserState, events: Sequence[EventRecord]) -> None:
         if not events:
             return
-        types = self._internal_types_of(
-            np.array([e.type for e in events]), np.array([np.nan if e.value is None else e.value for e in events])
-        )
+        types = self._record_types(events)
         times = np.array([e.event_time for e in events])
         vectors = np.stack([e.vector for e in events])
         state.multi.add(self._types, types, times, vectors)
@@ -645,9 +644,7 @@ class InterestEngine:
         events = [e for e in self.store.user_events(user_id) if e.event_time <= t]
         if not events:
             return np.zeros(self.dim), np.zeros(self.dim)
-        weights = self._types.weights[self._internal_types_of(
-            np.array([e.type for e in events]), np.array([np.nan if e.value is None else e.value for e in events])
-        )]
+        weights = self._types.weights[self._record_types(events)]
         times = np.array([e.event_time for e in events])
         vectors = np.stack([e.vector for e in events])
         kernel = es_kernel(profile.kernel, origin=t, scale=profile.kernel_scale_days * DAY,
@@ -681,12 +678,11 @@ class InterestEngine:
         item_vectors = self.catalog.vectors[rows]
         cluster_sims = item_vectors @ centroids.T if multi.n_clusters else np.zeros((len(rows), 0))
         events = [e for e in self.store.user_events(user_id) if e.event_time <= t]
-        positive = [e for e in events if self._types.weights[self._internal_types_of(np.array([e.type]), np.array([np.nan if e.value is None else e.value]))[0]] > 0]
+        types = self._record_types(events)
+        positive = [e for e, k in zip(events, types) if self._types.weights[k] > 0]
+        types = types[self._types.weights[types] > 0]
         if positive:
             event_vectors = np.stack([e.vector for e in positive])
-            types = self._internal_types_of(
-                np.array([e.type for e in positive]), np.array([np.nan if e.value is None else e.value for e in positive])
-            )
             ages = t - np.array([e.event_time for e in positive])
             weights = self._types.weights[types] * np.exp2(-ages / self._types.half_lives[types])
             event_sims = item_vectors @ event_vectors.T  # (rows, events)
