@@ -152,7 +152,6 @@ class _UserState:
     multi: MultiInterestState
     single: ProfileState
     seen: set[str]
-    type_counts: np.ndarray  # (len(EVENT_TYPE_NAMES),) int64, internal types
     api_counts: collections.Counter
     newest_time: float
     max_seq: int
@@ -232,11 +231,19 @@ class InterestEngine:
         if consumed.size:
             user_rows = [self._user_rows.setdefault(user_ids[i], len(self._user_rows)) for i in consumed]
             self._cooccurrence.add(user_rows, rows[consumed], times[consumed])
+        self._add_popularity(rows, types, times, sign=1.0)
+
+    def _add_popularity(self, rows: np.ndarray, types: np.ndarray, times: np.ndarray, sign: float) -> None:
+        """Adds (sign 1) or takes back (sign -1) positive item events' weights
+        in the decayed popularity and its log. Lock held."""
+        weights = self._types.weights[types]
         liked = (rows >= 0) & (weights > 0)
-        self._popularity.add(rows[liked], times[liked], weights[liked])
-        if liked.any():
-            self._popularity_log.append((rows[liked], times[liked], weights[liked]))
-            self._popularity_newest = max(self._popularity_newest, float(times[liked].max()))
+        if not liked.any():
+            return
+        rows, times, weights = rows[liked], times[liked], sign * weights[liked]
+        self._popularity.add(rows, times, weights)  # forward-decayed sums subtract exactly
+        self._popularity_log.append((rows, times, weights))
+        self._popularity_newest = max(self._popularity_newest, float(times.max()))
 
     def _popularity_at(self, t: float) -> np.ndarray:
         """Decayed popularity at t of the live items, from events up to t
@@ -390,13 +397,7 @@ class InterestEngine:
             events = self.store.user_events(user_id)
             if events:
                 rows = self._current_item_rows([e.item_id for e in events], np.array([e.seq for e in events]))
-                types = self._record_types(events)
-                weights = self._types.weights[types]
-                liked = (rows >= 0) & (weights > 0)
-                if liked.any():  # forward-decayed sums subtract exactly
-                    times = np.array([e.event_time for e in events])
-                    self._popularity.add(rows[liked], times[liked], -weights[liked])
-                    self._popularity_log.append((rows[liked], times[liked], -weights[liked]))
+                self._add_popularity(rows, self._record_types(events), np.array([e.event_time for e in events]), -1.0)
             deleted = self.store.delete_user(user_id)
             self._users.pop(user_id, None)
             row = self._user_rows.pop(user_id, None)
@@ -414,7 +415,6 @@ class InterestEngine:
             ),
             single=ProfileState.empty(self._types, self.dim),
             seen=set(),
-            type_counts=np.zeros(len(EVENT_TYPE_NAMES), dtype=np.int64),
             api_counts=collections.Counter(),
             newest_time=-np.inf,
             max_seq=0,
@@ -431,7 +431,6 @@ class InterestEngine:
         state.multi.add(self._types, types, times, vectors)
         state.single.add(self._types, types, times, vectors)
         state.seen.update(e.item_id for e in events if e.item_id)
-        state.type_counts += np.bincount(types, minlength=len(EVENT_TYPE_NAMES))
         state.api_counts.update(e.type for e in events)
         state.newest_time = max(state.newest_time, float(times.max()))
         for e, k in zip(events, types.tolist()):
