@@ -27,6 +27,16 @@ import numpy as np
 SIMILARITIES = ("count", "jaccard", "cosine", "lift")
 
 
+def _gather(ptr: np.ndarray, values: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every CSR entry of each key, vectorized: (position of the key in `keys`,
+    value) as two (m,) int64 arrays. ptr: (n + 1,) row pointers into values."""
+    starts, ends = ptr[keys], ptr[keys + 1]
+    lengths = ends - starts
+    which = np.repeat(np.arange(keys.shape[0]), lengths)
+    offsets = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return which, values[np.repeat(starts, lengths) + offsets]
+
+
 class Cooccurrence:
     """User × item incidence with on-demand co-occurrence.
 
@@ -153,21 +163,11 @@ class Cooccurrence:
 
     def _co_users(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(h index, user) for every user of every query item: two (m,) int64 arrays."""
-        ptr = self._item_ptr
-        starts, ends = ptr[items], ptr[items + 1]
-        lengths = ends - starts
-        which = np.repeat(np.arange(items.shape[0]), lengths)
-        offsets = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        return which, self._item_users[np.repeat(starts, lengths) + offsets]
+        return _gather(self._item_ptr, self._item_users, items)
 
     def _expand(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(position in `users`, item) for every item of each user: two (m,) int64 arrays."""
-        ptr = self._user_ptr
-        starts, ends = ptr[users], ptr[users + 1]
-        lengths = ends - starts
-        which = np.repeat(np.arange(users.shape[0]), lengths)
-        offsets = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        return which, self._user_items[np.repeat(starts, lengths) + offsets]
+        return _gather(self._user_ptr, self._user_items, users)
 
     def rows(self, items) -> np.ndarray:
         """C[items, :]: (h, N) float64 co-occurrence counts (diagonal included)."""
