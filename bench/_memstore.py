@@ -6,10 +6,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator, Sequence
 
-from halflife.storage.base import EventColumns, EventRecord, ItemRecord
+from halflife.storage.base import EventColumns, EventRecord, ItemRecord, StoreHead
 
 
 class MemoryStore:
+    origin = "memory"
+
     def __init__(self) -> None:
         self.items: dict[str, ItemRecord] = {}
         self.events: list[EventRecord] = []
@@ -49,8 +51,11 @@ class MemoryStore:
     def user_events(self, user_id: str) -> list[EventRecord]:
         return list(self.by_user.get(user_id, []))
 
-    def iter_events(self, chunk: int = 50_000) -> Iterator[EventColumns]:
+    def iter_events(self, chunk: int = 50_000, through_seq: int | None = None) -> Iterator[EventColumns]:
         return iter(())
+
+    def head(self) -> StoreHead:
+        return StoreHead(event_seq=len(self.events), change_version=0)
 
     def delete_user(self, user_id: str) -> int:
         return len(self.by_user.pop(user_id, []))

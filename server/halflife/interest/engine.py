@@ -11,6 +11,11 @@ new events are applied to it on the next read. Events that arrive in time
 order extend the cached profile; a late event (older than the newest applied)
 makes the next read rebuild from the log, so the profile is always what a
 replay after a restart would give.
+
+Several server processes may share one store (`halflife serve --workers N`).
+With `follow_store`, every call first catches up with what the others wrote
+(`_catch_up`): changed items from the store's change feed, then new events
+by seq, so any process answers as one that had taken every write itself.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from halflife.core.describe import describe_clusters
 from halflife.core.profiles import MultiInterestState, ProfileState, interest_scores
 from halflife.core.ranking import DecayedCounts, cosine_scores, freshness, mmr, normalize, top_k
 from halflife.interest.catalog import CatalogIndex
+from halflife.interest.watermark import EventWatermark
 from halflife.storage.base import EventRecord, ItemRecord, Store
 
 log = logging.getLogger(__name__)
@@ -163,27 +169,25 @@ class _UserState:
 
 
 class InterestEngine:
-    def __init__(self, config: Config, store: Store, dim: int, embed: Embedder, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        dim: int,
+        embed: Embedder,
+        clock: Callable[[], float] = time.time,
+        follow_store: bool = False,
+    ):
         self.config = config
         self.store = store
         self.dim = dim
         self._embed = embed
         self._clock = clock
+        self._follow_store = follow_store  # other processes write to the store too
         self._types = config.decay_types()
         self._lock = threading.RLock()  # guards everything in memory below
-        self._catalog_write = threading.Lock()  # keeps store and index in the same order
         self.catalog = CatalogIndex(dim)
         self._users: collections.OrderedDict[str, _UserState] = collections.OrderedDict()
-        # The blend's signals besides the profile (see config.BlendConfig):
-        # who consumed what (co-occurrence) and a decayed popularity prior,
-        # which also answers for users without a profile (cold start).
-        self._cooccurrence = Cooccurrence(0)
-        self._user_rows: dict[str, int] = {}
-        self._popularity = DecayedCounts.empty(0, config.blend.popularity_half_life_days * DAY)
-        # The same events as a log (rows, times, weights), so a look into the
-        # past (as_of before the newest event) counts only what had happened.
-        self._popularity_log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self._popularity_newest = -np.inf
         self._labels: list[str] = []
         self._label_vectors = np.zeros((0, dim), dtype=np.float32)
         self._catalog_mean = np.zeros(dim, dtype=np.float32)
@@ -198,16 +202,58 @@ class InterestEngine:
 
     def _load(self) -> None:
         started = time.perf_counter()
+        head = self.store.head()  # before reading: what lands after it is caught up later
+        self._changes_seen = head.change_version
+        self._events = EventWatermark(head.event_seq)
         self.catalog.upsert(self.store.iter_items())
-        self._resize_blend()
-        for chunk in self.store.iter_events():
-            rows = self._current_item_rows(chunk.item_ids, chunk.seqs)
-            types = self._internal_types_of(chunk.types, chunk.values)
-            self._add_to_blend(rows, types, chunk.times, chunk.user_ids)
+        self._rebuild_blend()
         log.info(
             "loaded %d items and popularity from %d events in %.1f s",
             len(self.catalog), self.store.event_count(), time.perf_counter() - started,
         )
+
+    def _rebuild_blend(self) -> None:
+        """The blend's signals besides the profile (see config.BlendConfig),
+        from every event up to the watermark: who consumed what
+        (co-occurrence) and a decayed popularity prior, which also answers for
+        users without a profile (cold start). Lock held (or not yet shared)."""
+        self._cooccurrence = Cooccurrence(0)
+        self._user_rows: dict[str, int] = {}
+        self._popularity = DecayedCounts.empty(0, self.config.blend.popularity_half_life_days * DAY)
+        # The same events as a log (rows, times, weights), so a look into the
+        # past (as_of before the newest event) counts only what had happened.
+        self._popularity_log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._popularity_newest = -np.inf
+        self._resize_blend()
+        for chunk in self.store.iter_events(through_seq=self._events.through):
+            rows = self._current_item_rows(chunk.item_ids, chunk.seqs)
+            types = self._internal_types_of(chunk.types, chunk.values)
+            self._add_to_blend(rows, types, chunk.times, chunk.user_ids)
+
+    def _catch_up(self) -> None:
+        """Applies what other processes sharing the store wrote since the last
+        look: item changes first (so their events find their items, as after a
+        restart), then events in seq order. Another process's user erasure
+        names no user, so it rebuilds the blend and drops cached profiles.
+        Lock held."""
+        if not self._follow_store:
+            return
+        head = self.store.head()
+        if head.change_version > self._changes_seen:
+            changes = self.store.changes_since(self._changes_seen)
+            self._changes_seen = max(c.version for c in changes) if changes else head.change_version
+            foreign = [c for c in changes if c.origin != self.store.origin]
+            self._sync_items([c.item_id for c in foreign if c.item_id is not None])
+            if any(c.item_id is None for c in foreign):
+                self._events.advance(head.event_seq)
+                self._rebuild_blend()
+                self._users.clear()
+                return
+        if head.event_seq > self._events.through:
+            events = self.store.events_between(self._events.through, head.event_seq)
+            fresh = [e for e in events if not self._events.applied(e.seq)]
+            self._events.advance(head.event_seq)
+            self._apply_events(fresh)
 
     def _current_item_rows(self, item_ids: Sequence[str | None], seqs: np.ndarray) -> np.ndarray:
         """Catalogue rows of events' items, -1 where there is none or where the
@@ -319,22 +365,39 @@ class InterestEngine:
             )
             for item, vector in zip(items, vectors)
         ]
-        with self._catalog_write:
-            created, updated = self.store.upsert_items(records)
-            stored = self.store.get_items([r.id for r in records])  # with the store's created_seq
-            with self._lock:
-                self.catalog.upsert(stored[r.id] for r in records)
-                self._resize_blend()
+        created, updated = self.store.upsert_items(records)
+        with self._lock:
+            self._catch_up()
+            self._sync_items([r.id for r in records])
         return created, updated
 
     def delete_items(self, ids: Sequence[str]) -> int:
-        with self._catalog_write:
-            deleted = self.store.delete_items(ids)
-            with self._lock:
-                # Forget who consumed them, as a restart (which joins events by item id) would.
-                self._cooccurrence.remove_items(self.catalog.rows(deleted))
-                self.catalog.delete(deleted)
+        deleted = self.store.delete_items(ids)
+        with self._lock:
+            self._catch_up()
+            self._sync_items(deleted)
         return len(deleted)
+
+    def _sync_items(self, ids: Sequence[str]) -> None:
+        """Makes the index hold what the store holds now for `ids` (so
+        concurrent writers of one id end in the store's order): current
+        versions with the store's created_seq; a deleted id, or one deleted
+        and created again, loses its row and who consumed it, as a restart
+        (which joins events by item id) would. Lock held."""
+        if not ids:
+            return
+        stored = self.store.get_items(ids)
+        rows = self.catalog.rows(ids)
+        stale = [
+            item_id for item_id, row in zip(ids, rows)
+            if row >= 0 and (item_id not in stored or stored[item_id].created_seq != self.catalog.created_seq[row])
+        ]
+        if stale:
+            self._cooccurrence.remove_items(self.catalog.rows(stale))
+            self.catalog.delete(stale)
+        if stored:
+            self.catalog.upsert(stored[i] for i in dict.fromkeys(ids) if i in stored)
+            self._resize_blend()
 
     def get_items(self, ids: Sequence[str]) -> dict[str, ItemRecord]:
         return self.store.get_items(ids)
@@ -349,6 +412,7 @@ class InterestEngine:
         even when its item was deleted since, so retries always get through.
         """
         with self._lock:
+            self._catch_up()  # items another process added since
             rows = self.catalog.rows([e.item_id or "" for e in events])
             missing = [(i, e.item_id) for i, (e, row) in enumerate(zip(events, rows)) if e.item_id and row < 0]
             vectors = np.zeros((len(events), self.dim), dtype=np.float32)
@@ -372,29 +436,42 @@ class InterestEngine:
         return len(stored), len(events) - len(stored)
 
     def _apply_new_events(self, stored: Sequence[EventRecord]) -> None:
+        """Applies a batch this process just stored, unless a catch-up
+        (another thread's) already fetched it from the log."""
+        if not stored:
+            return
+        with self._lock:
+            if self._events.applied(stored[0].seq):
+                return
+            self._events.add(stored[0].seq, stored[-1].seq)
+            self._apply_events(stored)
+
+    def _apply_events(self, stored: Sequence[EventRecord]) -> None:
+        """New events into the blend and the cached profiles. Lock held."""
         if not stored:
             return
         types = self._record_types(stored)
-        with self._lock:
-            rows = self._current_item_rows([e.item_id for e in stored], np.array([e.seq for e in stored]))
-            self._add_to_blend(rows, types, np.array([e.event_time for e in stored]), [e.user_id for e in stored])
-            for event in stored:
-                state = self._users.get(event.user_id)
-                if state is None:
-                    continue
-                if event.seq > state.max_seq:
-                    state.pending.append(event)
-                else:
-                    # Committed before a batch this profile already applied,
-                    # and perhaps not read with it: rebuild from the log.
-                    del self._users[event.user_id]
+        rows = self._current_item_rows([e.item_id for e in stored], np.array([e.seq for e in stored]))
+        self._add_to_blend(rows, types, np.array([e.event_time for e in stored]), [e.user_id for e in stored])
+        for event in stored:
+            state = self._users.get(event.user_id)
+            if state is None:
+                continue
+            if event.seq > state.max_seq:
+                state.pending.append(event)
+            else:
+                # Committed before a batch this profile already applied,
+                # and perhaps not read with it: rebuild from the log.
+                del self._users[event.user_id]
 
     def delete_user(self, user_id: str) -> int:
         """Erases the user's events for good and forgets their profile, their
         co-occurrence pairs and their share of item popularity, so that the
         engine holds what a restart over the remaining log would build."""
         with self._lock:
-            events = self.store.user_events(user_id)
+            self._catch_up()
+            # Only what this engine has counted can be taken back.
+            events = [e for e in self.store.user_events(user_id) if self._events.applied(e.seq)]
             if events:
                 rows = self._current_item_rows([e.item_id for e in events], np.array([e.seq for e in events]))
                 self._add_popularity(rows, self._record_types(events), np.array([e.event_time for e in events]), -1.0)
@@ -442,6 +519,7 @@ class InterestEngine:
 
     def _user_state(self, user_id: str, as_of: float) -> _UserState:
         """The user's profile including every event up to `as_of`. Call with the lock held."""
+        self._catch_up()
         state = self._users.get(user_id)
         if state is None:
             state = self._build_state(self.store.user_events(user_id))
@@ -719,6 +797,7 @@ class InterestEngine:
         """Items nearest an item (excluding itself) or a text. Raises KeyError for an unknown item."""
         query = self._embed([text])[0] if text is not None else None
         with self._lock:
+            self._catch_up()
             exclude = set()
             if item_id is not None:
                 row = self.catalog.row_of.get(item_id)
@@ -735,6 +814,7 @@ class InterestEngine:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
+            self._catch_up()
             return {
                 "items": len(self.catalog),
                 "cached_users": len(self._users),

@@ -59,9 +59,33 @@ class EventColumns:
     times: np.ndarray  # (n,) float64 unix seconds
 
 
+@dataclasses.dataclass(frozen=True)
+class StoreHead:
+    """How far a store's two logs reach: the newest event seq and change version issued."""
+
+    event_seq: int
+    change_version: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """An entry of the change feed: an item was upserted or deleted (`item_id`),
+    or a user was erased (`item_id` None: the feed keeps no user id)."""
+
+    version: int
+    item_id: str | None
+    origin: str  # the `Store.origin` of the instance that wrote it
+
+
 class Store(Protocol):
     """Durable storage. Every mutating call is atomic (all or nothing) and
-    durable on return (the commit reached the disk)."""
+    durable on return (the commit reached the disk).
+
+    Several processes may share one store (`halflife serve --workers N`); each
+    follows the others' writes through `head`, `changes_since` and
+    `events_between`, skipping the changes its own `origin` wrote."""
+
+    origin: str  # unique per open instance
 
     def upsert_items(self, items: Sequence[ItemRecord]) -> tuple[int, int]:
         """Inserts or replaces items by id; returns (created, updated)."""
@@ -77,7 +101,8 @@ class Store(Protocol):
 
     def record_events(self, events: Sequence[EventRecord]) -> list[EventRecord]:
         """Stores the events whose event_id is new (also within the batch: the
-        first one wins); returns those, with `seq` set, in arrival order."""
+        first one wins); returns those, with `seq` set, in arrival order. One
+        call's events get consecutive seqs and commit atomically."""
 
     def existing_event_ids(self, event_ids: Sequence[str]) -> set[str]:
         """Those of `event_ids` already stored."""
@@ -85,9 +110,18 @@ class Store(Protocol):
     def user_events(self, user_id: str) -> list[EventRecord]:
         """A user's events in arrival (`seq`) order."""
 
-    def iter_events(self, chunk: int = 50_000) -> Iterator[EventColumns]:
-        """All events in seq order, in chunks, without vectors: what rebuilding
-        popularity and co-occurrence at start needs."""
+    def iter_events(self, chunk: int = 50_000, through_seq: int | None = None) -> Iterator[EventColumns]:
+        """All events (up to `through_seq`) in seq order, in chunks, without
+        vectors: what rebuilding popularity and co-occurrence needs."""
+
+    def events_between(self, after_seq: int, through_seq: int) -> list[EventRecord]:
+        """Events with after_seq < seq <= through_seq, with vectors, in seq order."""
+
+    def head(self) -> StoreHead:
+        """The newest event seq and change version issued so far."""
+
+    def changes_since(self, version: int) -> list[Change]:
+        """Feed entries newer than `version`, oldest first; an item appears once, at its latest change."""
 
     def delete_user(self, user_id: str) -> int:
         """Erases a user's events and the vectors only they referenced; returns the event count."""

@@ -25,6 +25,12 @@ little-endian bytes). Items and events reference vector ids; a vector
 is garbage-collected when the last reference that a delete/update removed was
 the last one anywhere (foreign keys guard against dangling references).
 
+Several processes may open the same file (``halflife serve --workers N``):
+their writers take turns (``BEGIN IMMEDIATE`` waits up to the busy timeout)
+and each follows the others through ``head``, ``changes_since`` (the
+``changes`` table: one row per changed item id, one for "a user was erased")
+and ``events_between``.
+
 Privacy: ``secure_delete=ON`` zeroes deleted content, and `delete_user`
 checkpoints and truncates the WAL after its commit, so the erased rows are not
 left in the database file's free pages nor in old WAL frames.
@@ -37,6 +43,7 @@ import json
 import logging
 import sqlite3
 import threading
+import uuid
 from concurrent.futures import Future
 from hashlib import sha256
 from pathlib import Path
@@ -44,7 +51,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from halflife.storage.base import EventColumns, EventRecord, ItemRecord, StoreError, as_vector
+from halflife.storage.base import Change, EventColumns, EventRecord, ItemRecord, StoreError, StoreHead, as_vector
 
 __all__ = ["DB_NAME", "MIGRATIONS", "SCHEMA_VERSION", "SqliteStore"]
 
@@ -98,8 +105,21 @@ def _migration_2(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE items ADD COLUMN created_seq INTEGER NOT NULL DEFAULT 0")
 
 
+def _migration_3(conn: sqlite3.Connection) -> None:
+    # The change feed that worker processes sharing the file follow (Store.changes_since).
+    # One row per item id (REPLACE moves it to a new version) and at most one
+    # for user erasure, which names no user: the table stays catalogue-sized.
+    conn.execute(
+        """CREATE TABLE changes (
+               version INTEGER PRIMARY KEY AUTOINCREMENT,
+               item_id TEXT UNIQUE,                -- NULL: a user was erased
+               origin  TEXT NOT NULL
+           )"""
+    )
+
+
 # Append only: MIGRATIONS[i] takes the schema from version i to i + 1.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2, _migration_3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -132,7 +152,7 @@ def _intern_vectors(conn: sqlite3.Connection, blobs: Sequence[bytes], hashes: Se
     ids = _vector_ids(conn, list(unique))
     if len(ids) < len(unique):
         missing = [h for h in unique if h not in ids]
-        # Only the writer inserts, so the new rows get max(id)+1, +2, ... (rowid
+        # The transaction holds the write lock, so the new rows get max(id)+1, +2, ... (rowid
         # allocation); checked below, with a lookup as the fallback.
         top = conn.execute("SELECT max(id) FROM vectors").fetchone()[0] or 0
         conn.executemany("INSERT INTO vectors(hash, data) VALUES (?, ?)", [(h, unique[h]) for h in missing])
@@ -221,6 +241,7 @@ class SqliteStore:
 
     def __init__(self, data_dir: str | Path):
         self.path = Path(data_dir) / DB_NAME
+        self.origin = uuid.uuid4().hex
         self._closed = False
         self._lock = threading.Lock()  # guards _closed, the queue hand-off and the reader pool
         self._queue: collections.deque = collections.deque()
@@ -442,6 +463,7 @@ class SqliteStore:
             )
             current = set(vector_ids)
             _gc_vectors(conn, [vid for vid in old.values() if vid not in current])
+            self._log_item_changes(conn, list(latest))
             return (len(latest) - len(old), len(old))
 
         return self._submit(job)
@@ -459,6 +481,7 @@ class SqliteStore:
             conn.execute("DELETE FROM items WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(wanted),))
             _gc_vectors(conn, [vid for _, vid in doomed])
             found = {id_ for id_, _ in doomed}
+            self._log_item_changes(conn, list(found))
             return [id_ for id_ in wanted if id_ in found]
 
         return self._submit(job)
@@ -560,12 +583,18 @@ class SqliteStore:
         return self._read(read)
 
     def user_events(self, user_id: str) -> list[EventRecord]:
+        return self._read_events("e.user_id = ?", (user_id,))
+
+    def events_between(self, after_seq: int, through_seq: int) -> list[EventRecord]:
+        return self._read_events("e.seq > ? AND e.seq <= ?", (after_seq, through_seq))
+
+    def _read_events(self, where: str, params: tuple) -> list[EventRecord]:
         def read(conn: sqlite3.Connection) -> list[EventRecord]:
             rows = conn.execute(
-                """SELECT e.seq, e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, v.data
-                   FROM events e JOIN vectors v ON v.id = e.vector_id
-                   WHERE e.user_id = ? ORDER BY e.seq""",
-                (user_id,),
+                f"""SELECT e.seq, e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, v.data
+                    FROM events e JOIN vectors v ON v.id = e.vector_id
+                    WHERE {where} ORDER BY e.seq""",
+                params,
             )
             return [
                 EventRecord(
@@ -584,10 +613,13 @@ class SqliteStore:
 
         return self._read(read)
 
-    def iter_events(self, chunk: int = 50_000) -> Iterator[EventColumns]:
+    def iter_events(self, chunk: int = 50_000, through_seq: int | None = None) -> Iterator[EventColumns]:
         conn = self._acquire_reader()
         try:
-            cur = conn.execute("SELECT seq, type, item_id, user_id, value, event_time FROM events ORDER BY seq")
+            cur = conn.execute(
+                "SELECT seq, type, item_id, user_id, value, event_time FROM events WHERE seq <= ? ORDER BY seq",
+                (through_seq if through_seq is not None else 2**63 - 1,),
+            )
             while rows := cur.fetchmany(chunk):
                 seqs, types, item_ids, user_ids, values, times = zip(*rows)
                 yield EventColumns(
@@ -611,9 +643,35 @@ class SqliteStore:
             ]
             count = conn.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
             _gc_vectors(conn, vector_ids)
+            if count:
+                conn.execute("DELETE FROM changes WHERE item_id IS NULL")  # keep one erasure row
+                conn.execute("INSERT INTO changes(item_id, origin) VALUES (NULL, ?)", (self.origin,))
             return count
 
         return self._submit(job, after_commit=self._truncate_wal)
+
+    def _log_item_changes(self, conn: sqlite3.Connection, item_ids: Sequence[str]) -> None:
+        conn.executemany(
+            "INSERT OR REPLACE INTO changes(item_id, origin) VALUES (?, ?)", [(i, self.origin) for i in item_ids]
+        )
+
+    # ------------------------------------------------------------------ following other writers
+
+    def head(self) -> StoreHead:
+        def read(conn: sqlite3.Connection) -> StoreHead:
+            seqs = dict(conn.execute("SELECT name, seq FROM sqlite_sequence WHERE name IN ('events', 'changes')"))
+            return StoreHead(event_seq=seqs.get("events", 0), change_version=seqs.get("changes", 0))
+
+        return self._read(read)
+
+    def changes_since(self, version: int) -> list[Change]:
+        def read(conn: sqlite3.Connection) -> list[Change]:
+            rows = conn.execute(
+                "SELECT version, item_id, origin FROM changes WHERE version > ? ORDER BY version", (version,)
+            )
+            return [Change(*row) for row in rows]
+
+        return self._read(read)
 
     def _truncate_wal(self, conn: sqlite3.Connection) -> None:
         """Copies the WAL into the database and truncates it, so that the

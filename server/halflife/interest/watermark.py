@@ -1,0 +1,33 @@
+"""Which of the store's events an engine has applied to its in-memory state."""
+
+from __future__ import annotations
+
+
+class EventWatermark:
+    """Every event with seq <= `through` is applied (or was erased), plus
+    whole batches above it: ones this process wrote and applied as they
+    committed, while another process's batch below them is still to be fetched.
+
+    A batch committed by one store call gets consecutive seqs and commits
+    atomically, so it is always applied as a whole, by exactly one of two
+    paths: its writer's thread, or a follow-up read of the store's log.
+    """
+
+    def __init__(self, through: int):
+        self.through = through
+        self._ahead: list[tuple[int, int]] = []  # (first, last) seqs applied above `through`, sorted
+
+    def applied(self, seq: int) -> bool:
+        return seq <= self.through or any(first <= seq <= last for first, last in self._ahead)
+
+    def add(self, first: int, last: int) -> None:
+        """Marks the batch first..last applied."""
+        self._ahead.append((first, last))
+        self._ahead.sort()
+        while self._ahead and self._ahead[0][0] <= self.through + 1:
+            self.through = max(self.through, self._ahead.pop(0)[1])
+
+    def advance(self, through: int) -> None:
+        """Everything up to `through` is applied now."""
+        self.through = max(self.through, through)
+        self._ahead = [(first, last) for first, last in self._ahead if last > self.through]

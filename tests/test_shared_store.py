@@ -1,0 +1,159 @@
+"""Several engines on one store (`halflife serve --workers N`): each follows
+the others' writes and answers as a single process that took them all would,
+which is also what a restart over the store builds."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from halflife.config import Config
+from halflife.interest.engine import EventInput, InterestEngine, ItemInput
+from halflife.interest.watermark import EventWatermark
+from halflife.storage.base import StoreHead
+from halflife.storage.sqlite import SqliteStore
+from tests.fakes import DIM, fake_embed
+
+DAY = 86400.0
+T = 1_700_000_000.0
+LIKE, RATE = 3, 6
+
+
+def worker(path, follow: bool = True) -> InterestEngine:
+    return InterestEngine(Config(), SqliteStore(path), DIM, fake_embed, clock=lambda: T, follow_store=follow)
+
+
+def answers(engine: InterestEngine, users=("cold", "u0", "u1", "u2")) -> dict:
+    """What the engine says to a few users: ids and scores of their recommendations."""
+    return {
+        user: [(item.item_id, round(item.score, 5)) for item in engine.recommend(user, 10, as_of=T).items]
+        for user in users
+    }
+
+
+def restarted(path) -> dict:
+    engine = worker(path, follow=False)
+    try:
+        return answers(engine)
+    finally:
+        engine.store.close()
+
+
+@pytest.fixture
+def pair(tmp_path):
+    a, b = worker(tmp_path), worker(tmp_path)
+    yield a, b
+    a.store.close()
+    b.store.close()
+
+
+def items(ids) -> list[ItemInput]:
+    return [ItemInput(id=i, text=f"item {i}") for i in ids]
+
+
+def likes(prefix: str, user: str, item_ids, hours_ago: float = 1.0) -> list[EventInput]:
+    return [EventInput(f"{prefix}{n}", user, LIKE, i, None, None, T - hours_ago * 3600 - n) for n, i in enumerate(item_ids)]
+
+
+def test_the_change_feed_keeps_one_row_per_item_and_names_no_user(tmp_path):
+    store = SqliteStore(tmp_path)
+    from tests.test_storage import event, item
+
+    store.upsert_items([item("a"), item("b")])
+    store.upsert_items([item("a")])
+    store.delete_items(["b", "missing"])
+    assert [(c.item_id, c.origin) for c in store.changes_since(0)] == [("a", store.origin), ("b", store.origin)]
+    store.record_events([event("e1", "alice"), event("e2", "bob")])
+    store.delete_user("alice")
+    store.delete_user("bob")
+    store.delete_user("nobody")  # erased nothing: no entry
+    changes = store.changes_since(0)
+    assert [c.item_id for c in changes] == ["a", "b", None]
+    assert store.head() == StoreHead(event_seq=2, change_version=changes[-1].version)
+    assert store.changes_since(changes[-1].version) == []
+    store.record_events([event("e3", "carol"), event("e4", "dave")])
+    assert [e.event_id for e in store.events_between(2, 3)] == ["e3"]
+    assert [c.seqs.tolist() for c in store.iter_events(through_seq=3)] == [[3]]
+    store.close()
+
+
+def test_the_watermark_takes_each_batch_once():
+    mark = EventWatermark(10)
+    mark.add(21, 25)  # this process's batch, above another's 11..20 not yet fetched
+    assert mark.applied(10) and mark.applied(23) and not mark.applied(15) and mark.through == 10
+    mark.advance(25)  # the catch-up fetched 11..25 and skipped 21..25
+    assert mark.through == 25 and not mark.applied(26)
+    mark.add(26, 30)
+    assert mark.through == 30
+
+
+def test_items_and_events_written_by_one_worker_are_seen_by_the_other(pair, tmp_path):
+    a, b = pair
+    a.upsert_items(items(f"i{n}" for n in range(12)))
+    # b never saw the items being added, yet takes events about them
+    b.record_events(likes("x", "u0", ["i0", "i1", "i2"]) + likes("y", "u1", ["i3", "i4"], hours_ago=30))
+    a.record_events(likes("z", "u2", ["i0", "i5"]))
+    assert a.profile("u0").event_counts == {LIKE: 3}
+    assert answers(a) == answers(b) == restarted(tmp_path)
+    assert answers(a)["u0"][0][0] not in {"i0", "i1", "i2"}  # seen items stay out, on both
+
+
+def test_a_cached_profile_follows_the_other_workers_events(pair, tmp_path):
+    a, b = pair
+    a.upsert_items(items(f"i{n}" for n in range(12)))
+    a.record_events(likes("x", "u0", ["i0", "i1"], hours_ago=5))
+    first = answers(b)  # b caches u0's profile
+    a.record_events(likes("y", "u0", ["i6", "i7"]))  # newer: extends b's cached profile
+    a.record_events(likes("late", "u0", ["i8"], hours_ago=48))  # older: b rebuilds it
+    assert answers(b) != first
+    assert b.profile("u0").event_counts == {LIKE: 5}
+    assert answers(b) == answers(a) == restarted(tmp_path)
+
+
+def test_deleting_and_recreating_an_item_elsewhere_drops_its_namesakes_events(pair, tmp_path):
+    a, b = pair
+    a.upsert_items(items(["x", "y", "z"]))
+    a.record_events(likes("e", "u0", ["x"] * 1) + [EventInput(f"p{n}", f"p{n}", LIKE, "x", None, None, T - 60) for n in range(5)])
+    assert answers(b)["cold"][0][0] == "x"
+    b.delete_items(["x"])
+    assert "x" not in dict(answers(a)["cold"])
+    b.upsert_items([ItemInput(id="x", text="a new x")])
+    assert answers(a) == answers(b) == restarted(tmp_path)
+
+
+def test_a_user_erased_by_one_worker_is_forgotten_by_the_other(pair, tmp_path):
+    a, b = pair
+    a.upsert_items(items(f"i{n}" for n in range(8)))
+    a.record_events(likes("x", "u0", ["i0", "i1", "i2", "i0"]) + likes("y", "u1", ["i5"]))
+    before = answers(b)
+    assert before["cold"][0][0] in {"i0", "i1", "i2"}
+    assert a.delete_user("u0") == 4
+    after = answers(b)
+    assert after != before and after["u0"] == after["cold"]  # nothing left of u0, even in b's cache
+    assert after == answers(a) == restarted(tmp_path)
+
+
+def test_concurrent_writers_on_two_workers_end_as_a_restart_would(pair, tmp_path):
+    a, b = pair
+    a.upsert_items(items(f"i{n}" for n in range(20)))
+
+    def write(engine: InterestEngine, name: str) -> None:
+        for batch in range(15):
+            events = [
+                EventInput(f"{name}-{batch}-{n}", f"u{(batch + n) % 3}", RATE, f"i{(batch * 7 + n) % 20}", None,
+                           float(1 + (batch + n) % 5), T - (batch * 10 + n) * 600)
+                for n in range(10)
+            ]
+            engine.record_events(events)
+            answers(engine, ("u0",))
+
+    threads = [threading.Thread(target=write, args=(engine, f"{name}{k}"))
+               for name, engine in (("a", a), ("b", b)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+    assert a.store.event_count() == 600
+    assert answers(a) == answers(b) == restarted(tmp_path)
