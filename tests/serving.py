@@ -54,24 +54,29 @@ class ServerThread:
         self.stop()
 
 
-def start_cli_server(model_dir: Path, data_dir: Path, *, drain: bool = False) -> tuple[subprocess.Popen, str]:
-    """`halflife serve --port 0` in a subprocess; returns it and its address once
-    it serves. With `drain`, a thread keeps reading its log so the server never
-    blocks on a full pipe (leave it off to read the log with communicate())."""
+def start_cli_server(
+    model_dir: Path, data_dir: Path, *, drain: bool = False, workers: int = 1
+) -> tuple[subprocess.Popen, str]:
+    """`halflife serve --port 0 [--workers N]` in a subprocess; returns it and
+    its address once it (every worker) serves. With `drain`, a thread keeps
+    reading its log so the server never blocks on a full pipe (leave it off to
+    read the log with communicate())."""
     process = subprocess.Popen(
         [sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(model_dir),
-         "--data-dir", str(data_dir)],
+         "--data-dir", str(data_dir), "--workers", str(workers)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     deadline = time.monotonic() + START_TIMEOUT_S
     lines = []
+    serving = 0
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         if not line:
             break
         lines.append(line)
         found = re.search(r"serving on (127\.0\.0\.1:\d+)", line)
-        if found:
+        serving += bool(found)
+        if found and serving == workers:
             if drain:
                 threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
             return process, found.group(1)

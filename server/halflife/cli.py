@@ -8,6 +8,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -83,12 +84,28 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--provider", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA where usable, else CPU"
     )
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
+    parser.add_argument(
+        "--workers", type=_positive_int, default=1,
+        help="server processes sharing the port and the store (default 1); see docs/serving.md",
+    )
+    parser.add_argument(
+        "--threads", type=_positive_int, default=None,
+        help="intra-op threads per process (default: physical cores / workers)",
+    )
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="padded tokens per model batch")
     parser.add_argument("--max-queued-inputs", type=int, default=None, help="queue size before RESOURCE_EXHAUSTED")
     parser.add_argument("--config", type=Path, default=None, help="TOML file of decay, weights and ranking settings")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    # Set by `--workers N` on the processes it starts; not for direct use.
+    parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     parser.set_defaults(run=_run_serve)
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -108,7 +125,10 @@ def _run_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"halflife serve: error: config: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = "" if args.worker_index is None else f"[worker {args.worker_index}] "
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s %(levelname)s {worker}%(name)s: %(message)s")
+    if args.workers > 1:
+        return _run_workers(args)
     batching = BatchingConfig()
     overrides = {"max_batch_tokens": args.max_batch_tokens, "max_queued_inputs": args.max_queued_inputs}
     batching = dataclasses.replace(batching, **{k: v for k, v in overrides.items() if v is not None})
@@ -122,13 +142,31 @@ def _run_serve(args: argparse.Namespace) -> int:
         intra_op_threads=args.threads,
         batching=batching,
         halflife=halflife_config,
+        reuse_port=args.worker_index is not None,
+        follow_store=args.worker_index is not None,
     )
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, parent_pid=os.getppid() if args.worker_index is not None else None))
     except (ManifestError, StoreError, OSError) as exc:
         print(f"halflife serve: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
+
+
+def _run_workers(args: argparse.Namespace) -> int:
+    from halflife.embedding.engine import physical_cores
+    from halflife.storage.base import StoreError
+    from halflife.storage.sqlite import SqliteStore
+    from halflife.workers import run_workers, worker_threads
+
+    try:
+        SqliteStore(args.data_dir).close()  # migrations run once, here, before any worker opens the file
+        return run_workers(
+            args.argv[1:], args.host, args.port, args.workers, worker_threads(args.threads, args.workers, physical_cores())
+        )
+    except (StoreError, OSError) as exc:
+        print(f"halflife serve: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -295,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # `serve --workers N` starts its workers with the same flags
     return args.run(args)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class ServerConfig:
     max_message_bytes: int = 64 * MiB  # above gRPC's 4 MiB default: 256 long inputs or big catalogue batches
     grace_seconds: float = 30.0  # in-flight RPCs get this long to finish on shutdown
     reuse_port: bool = False  # True only when several worker processes share the port
+    follow_store: bool = False  # other processes write to the same store (workers)
 
     def grpc_options(self) -> list[tuple[str, int]]:
         return [
@@ -138,7 +140,8 @@ class HalflifeServer:
             await self._load_model()
             self.store = await asyncio.to_thread(SqliteStore, config.data_dir)
             self.backend.interest = await asyncio.to_thread(
-                InterestEngine, config.halflife, self.store, self.backend.embedding.dimension, self.backend.embed_blocking
+                InterestEngine, config.halflife, self.store, self.backend.embedding.dimension,
+                self.backend.embed_blocking, follow_store=config.follow_store,
             )
         except BaseException:
             await self.stop(grace=0)
@@ -188,15 +191,27 @@ class HalflifeServer:
         self.backend.close()
 
 
-async def serve(config: ServerConfig) -> None:
-    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+async def serve(config: ServerConfig, parent_pid: int | None = None) -> None:
+    """Runs until SIGTERM or SIGINT (or, for a worker, until the process with
+    `parent_pid` that started it has died), then shuts down gracefully."""
     server = HalflifeServer(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if parent_pid is not None:
+        watch = asyncio.create_task(_stop_when_orphaned(parent_pid, stop))  # noqa: F841 (kept referenced)
     await server.start()
     await stop.wait()
     log.info("shutting down: finishing in-flight calls (up to %.0f s)", config.grace_seconds)
     await server.stop()
     log.info("stopped")
+
+
+async def _stop_when_orphaned(parent_pid: int, stop: asyncio.Event) -> None:
+    """A worker whose parent was killed (SIGKILL forwards nothing) stops too."""
+    while not stop.is_set():
+        if os.getppid() != parent_pid:
+            log.warning("the process that started this worker is gone; stopping")
+            stop.set()
+        await asyncio.sleep(1.0)

@@ -1,0 +1,99 @@
+"""`halflife serve --workers N`: N server processes sharing one port.
+
+One Python process runs gRPC, protobuf and the engine's bookkeeping under
+one GIL; SO_REUSEPORT lets the kernel spread incoming connections over N
+processes instead. The parent here never creates a gRPC object: it reserves
+the port (a bound, non-listening SO_REUSEPORT socket, so `--port 0` gets one
+port for all), opens the store once so migrations run before anyone serves,
+then starts each worker as a fresh interpreter (`halflife serve` with the same
+flags plus `--worker-index`), forwards SIGTERM/SIGINT to them and waits.
+
+Workers share the SQLite store and follow each other's writes
+(`InterestEngine(follow_store=True)`). If a worker dies on its own, the others
+are stopped and the exit status is 1: a supervisor (systemd, Kubernetes)
+restarts the group, which reloads everything from the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.2
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A bound SO_REUSEPORT socket holding `port` (0: a free one) for the
+    workers, which bind it too. It never listens, so it takes no connections."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def worker_threads(requested: int | None, workers: int, cores: int) -> int:
+    """Intra-op threads per worker: as asked, else the cores split between the workers."""
+    return requested if requested is not None else max(1, cores // workers)
+
+
+def run_workers(serve_argv: Sequence[str], host: str, port: int, workers: int, threads: int) -> int:
+    """Runs `workers` copies of `halflife serve <serve_argv>` on one port until
+    SIGTERM/SIGINT (forwarded to them) or until one exits on its own. Returns
+    the exit status: 0 after a requested stop that every worker completed."""
+    with reserve_port(host, port) as reserved:
+        port = reserved.getsockname()[1]
+        log.info("starting %d workers on %s:%d, %d intra-op threads each", workers, host, port, threads)
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "halflife.cli", "serve", *serve_argv, "--port", str(port),
+                 "--threads", str(threads), "--workers", "1", "--worker-index", str(index)]
+            )
+            for index in range(workers)
+        ]
+        return _supervise(processes)
+
+
+def _supervise(processes: list[subprocess.Popen]) -> int:
+    requested: list[int] = []
+
+    def forward(signum: int, _frame) -> None:
+        requested.append(signum)
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+    failed = False
+    try:
+        while any(process.poll() is None for process in processes):
+            ended = [(i, p.returncode) for i, p in enumerate(processes) if p.returncode is not None]
+            if ended and not requested and not failed:
+                index, status = ended[0]
+                log.error("worker %d exited with status %s; stopping the others", index, status)
+                failed = True
+                for process in processes:
+                    if process.poll() is None:
+                        process.terminate()  # graceful: SIGTERM
+            time.sleep(POLL_SECONDS)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    statuses = [process.returncode for process in processes]
+    if failed or any(statuses):
+        log.error("workers exited with statuses %s", statuses)
+        return 1
+    log.info("all %d workers stopped", len(processes))
+    return 0
+

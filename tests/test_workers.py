@@ -1,0 +1,122 @@
+"""`halflife serve --workers N`: processes sharing one port and one store."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from halflife.v1 import interest_pb2, recommend_pb2
+from halflife_client import Event, HalflifeClient, Item
+from tests.serving import start_cli_server
+
+CLIENTS = 16  # connections; the kernel hashes each to a worker, so all land on one with p = 2 * 2**-16
+LIKE = interest_pb2.EVENT_TYPE_LIKE
+NOW = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def connections_by_process(pids: list[int], port: int) -> dict[int, int]:
+    """Established TCP connections to `port` held by each process (from /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # 01: ESTABLISHED
+                inodes.add(fields[9])
+    counts = {}
+    for pid in pids:
+        fds = Path(f"/proc/{pid}/fd")
+        links = [os.readlink(fd) for fd in fds.iterdir() if fd.is_symlink()]
+        counts[pid] = sum(link.startswith("socket:[") and link[8:-1] in inodes for link in links)
+    return counts
+
+
+def wait_exit(process: subprocess.Popen, seconds: float = 60) -> int:
+    try:
+        return process.wait(seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("the server did not stop")
+
+
+def test_two_workers_share_the_port_and_answer_alike(model_dir, tmp_path):
+    process, address = start_cli_server(model_dir, tmp_path / "data", drain=True, workers=2)
+    try:
+        workers = children(process.pid)
+        assert len(workers) == 2
+        # A local subchannel pool per channel: a TCP connection of its own each.
+        channels = [grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(CLIENTS)]
+        clients = [HalflifeClient(channel=channel) for channel in channels]
+        rng = np.random.default_rng(3)
+        vectors = rng.standard_normal((24, 384)).astype(np.float32)
+        assert clients[0].upsert_items([Item(id=f"i{n}", text=f"item {n}", vector=v) for n, v in enumerate(vectors)]) == (24, 0)
+        for n, client in enumerate(clients):  # writes through every connection, so through both workers
+            client.record_events([Event(f"e{n}", "u", LIKE, item_id=f"i{n}", event_time=NOW)])
+        answers = {
+            (tuple((count.type, count.count) for count in c.profile("u").event_counts),
+             tuple((r.item_id, round(r.score, 5)) for r in c.recommend("u", 5, as_of=NOW).items))
+            for c in clients
+        }
+        assert len(answers) == 1  # every connection, whichever worker serves it, says the same
+        assert dict(next(iter(answers))[0]) == {LIKE: CLIENTS}
+        held = connections_by_process(workers, int(address.rsplit(":", 1)[1]))
+        assert all(count > 0 for count in held.values()), held
+
+        assert clients[-1].delete_user("u") == CLIENTS
+        assert {len(c.profile("u").event_counts) for c in clients} == {0}  # gone on both workers
+        assert {c.recommend("u", 5, as_of=NOW).strategy for c in clients} == {recommend_pb2.STRATEGY_TRENDING}
+        for channel in channels:
+            channel.close()
+
+        process.send_signal(signal.SIGTERM)  # forwarded: both finish gracefully
+        assert wait_exit(process) == 0
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    finally:
+        process.kill()
+
+
+def test_a_dead_worker_stops_the_group_with_an_error(model_dir, tmp_path):
+    process, _ = start_cli_server(model_dir, tmp_path / "data", drain=True, workers=2)
+    try:
+        first, second = children(process.pid)
+        os.kill(first, signal.SIGKILL)
+        assert wait_exit(process) == 1  # a supervisor restarts the group
+        assert gone_within([second])
+    finally:
+        process.kill()
+
+
+def gone_within(pids: list[int], seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
+def test_workers_stop_when_their_parent_is_killed(model_dir, tmp_path):
+    process, _ = start_cli_server(model_dir, tmp_path / "data", drain=True, workers=2)
+    workers = children(process.pid)
+    process.kill()  # SIGKILL: nothing is forwarded
+    process.wait(30)
+    assert gone_within(workers)
+
+
+@pytest.mark.parametrize("flag", ["--workers", "--threads"])
+def test_worker_and_thread_counts_must_be_positive(flag):
+    result = subprocess.run(
+        [sys.executable, "-m", "halflife.cli", "serve", flag, "0"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert f"{flag}: must be at least 1, got 0" in result.stderr
