@@ -23,7 +23,7 @@ CHECK = "grpc.health.v1.Health.Check"
 
 
 def load(target: str, concurrency: int, duration: float, data: str = "{}", call: str = CHECK,
-         timeout: float = 20.0, strict: bool = True) -> dict:
+         timeout: float = 20.0, strict: bool = True, connections: int = 1) -> dict:
     """One ghz-shaped report of `call` at `concurrency` for `duration` seconds
     (after a few untimed warm-up calls). Calls still in flight at the end run
     to completion or to `timeout`. strict: raise when any call failed."""
@@ -31,7 +31,7 @@ def load(target: str, concurrency: int, duration: float, data: str = "{}", call:
                            duration=1.0, timeout=timeout)
     asyncio.run(run_load_test(warm))
     options = LoadTestOptions(call=call, data=data, target=target, concurrency=concurrency, total=None,
-                              duration=duration, timeout=timeout)
+                              duration=duration, timeout=timeout, connections=connections)
     report = asyncio.run(run_load_test(options))
     bad = {k: v for k, v in report["statusCodeDistribution"].items() if k != "OK"}
     if bad and strict:

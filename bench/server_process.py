@@ -27,8 +27,9 @@ _SERVING = re.compile(r"serving on ([\d.]+):(\d+)")
 
 class ServerProcess:
     def __init__(self, model_dir: Path | str = DEFAULT_MODEL_DIR, *, data_dir: Path | str | None = None,
-                 start_timeout: float = 120.0, env: dict[str, str] | None = None):
+                 start_timeout: float = 120.0, env: dict[str, str] | None = None, workers: int = 1):
         self.env = env
+        self.workers = workers
         self._tmp = tempfile.TemporaryDirectory(prefix="halflife-bench-") if data_dir is None else None
         self.data_dir = Path(self._tmp.name if self._tmp else data_dir)
         self.model_dir = Path(model_dir)
@@ -39,15 +40,18 @@ class ServerProcess:
 
     def start(self) -> "ServerProcess":
         cmd = [sys.executable, "-m", "halflife.cli", "serve", "--port", "0",
-               "--model-dir", str(self.model_dir), "--data-dir", str(self.data_dir), "--log-level", "INFO"]
+               "--model-dir", str(self.model_dir), "--data-dir", str(self.data_dir), "--log-level", "INFO",
+               "--workers", str(self.workers)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                      env={**os.environ, **(self.env or {})})
         deadline = time.monotonic() + self.start_timeout
         assert self.proc.stdout is not None
+        serving = 0
         for line in self.proc.stdout:
             self.log.append(line.rstrip())
             m = _SERVING.search(line)
-            if m:
+            serving += bool(m)
+            if m and serving == self.workers:  # every worker serves
                 self.target = f"{m.group(1)}:{m.group(2)}"
                 break
             if time.monotonic() > deadline:
@@ -66,7 +70,7 @@ class ServerProcess:
             del self.log[:-200]
 
     def rss_bytes(self) -> int:
-        """VmRSS of the server process, from /proc/PID/status."""
+        """VmRSS of the server process (with --workers: the parent only), from /proc/PID/status."""
         assert self.proc is not None
         with open(f"/proc/{self.proc.pid}/status") as handle:
             for line in handle:

@@ -120,3 +120,15 @@ def test_worker_and_thread_counts_must_be_positive(flag):
     )
     assert result.returncode == 2
     assert f"{flag}: must be at least 1, got 0" in result.stderr
+
+
+def test_serve_ranks_with_one_blas_thread_unless_told_otherwise(monkeypatch):
+    from halflife import cli
+
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "")  # recorded, so the teardown restores the original
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--workers", "0"])  # stops at argument checking, after the defaults are set
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    assert os.environ["OMP_NUM_THREADS"] == "3"

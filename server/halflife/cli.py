@@ -332,8 +332,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A server ranks one request at a time (the engine's lock) with a GEMV, which
+# is memory-bound: one BLAS thread reaches the bandwidth (bench/ranking.py), and
+# more only queue for the cores that gRPC and onnxruntime need; a second thread
+# measured 10x slower on a busy 2-core machine. Set before numpy loads; an
+# explicit environment setting wins.
+SERVER_BLAS_THREADS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        for name, value in SERVER_BLAS_THREADS.items():
+            os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
     args.argv = argv  # `serve --workers N` starts its workers with the same flags
     return args.run(args)

@@ -1,0 +1,119 @@
+"""When does `halflife serve --workers N` help? The same load against 1 and N workers.
+
+    python -m bench.workers [--quick] [--workers N]
+
+One server per worker count, started in turn (rounds alternate 1, N, 1, N so
+that machine noise hits both alike), each loaded with the same 10k-item
+catalogue (precomputed vectors) and 2,000 background users. Measured per run,
+with the load generator (halflife.loadtest, 8 TCP connections so SO_REUSEPORT
+spreads them) in this process on the same cores:
+
+- empty RPC (health Check) at concurrency 32: the gRPC stack alone;
+- Recommend for one user at concurrency 1 (p50) and 16 (throughput);
+- Embed of one short sentence at concurrency 32 (the dynamic batcher's case);
+- RecordEvents, batches of 500 item events from 4 streams (writers share SQLite).
+
+Workers split the cores' intra-op threads (`--threads` default: cores / N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import numpy as np
+
+from bench.common import markdown_table, write_results
+from bench.empty_rpc import CHECK, load, percentile_s
+from bench.ingest import requests_for, send
+from bench.ranking import make_events, unit_rows
+from bench.server_process import ServerProcess
+
+ITEMS = 10_000
+CONNECTIONS = 8
+RECOMMEND = "halflife.v1.RecommendService.Recommend"
+EMBED = "halflife.v1.EmbeddingService.Embed"
+SENTENCE = "a small bakery on the corner sells fresh bread every morning"
+
+
+def load_catalogue(server: ServerProcess, vectors: np.ndarray) -> None:
+    from halflife_client.client import HalflifeClient, to_timestamp
+    from halflife.v1 import catalog_pb2, interest_pb2
+    import datetime as dt
+
+    with HalflifeClient(server.target, timeout=300) as client:
+        for s in range(0, len(vectors), 1000):
+            client.upsert_items([catalog_pb2.Item(id=f"i{j}", vector=vectors[j].tolist())
+                                 for j in range(s, min(len(vectors), s + 1000))])
+        events = [interest_pb2.Event(event_id=e, user_id=u, type=t, item_id=i,
+                                     event_time=to_timestamp(dt.datetime.fromtimestamp(when, dt.timezone.utc)))
+                  for e, u, t, i, when in make_events(len(vectors), 1, time.time())]
+        for s in range(0, len(events), 500):
+            client.record_events(events[s : s + 500])
+
+
+def measure(workers: int, vectors: np.ndarray, duration: float, run_index: int) -> dict:
+    def rps(call: str, concurrency: int, data: str = "{}") -> dict:
+        report = load(server.target, concurrency, duration, data=data, call=call, connections=CONNECTIONS)
+        return {"rps": report["rps"], "p50_s": percentile_s(report, 50), "count": report["count"]}
+
+    with ServerProcess(workers=workers) as server:
+        load_catalogue(server, vectors)
+        recommend = '{"user_id": "u0", "limit": 10}'
+        out = {
+            "empty_c32": rps(CHECK, 32),
+            "recommend_c1": rps(RECOMMEND, 1, recommend),
+            "recommend_c16": rps(RECOMMEND, 16, recommend),
+            "embed_c32": rps(EMBED, 32, '{"inputs": ["%s"]}' % SENTENCE),
+        }
+        requests = requests_for(f"w{workers}r{run_index}", 20 * 500, 1000, time.time() - 86400, np.random.default_rng(run_index))
+        seconds = asyncio.run(send(server.target, requests, 4))
+        out["ingest_events_per_s"] = 20 * 500 / seconds
+    return out
+
+
+def run(quick: bool = False, workers: int = 2) -> dict:
+    duration = 2.0 if quick else 6.0
+    rounds = 1 if quick else 2
+    vectors = unit_rows(ITEMS, seed=5)
+    runs: dict[int, list[dict]] = {1: [], workers: []}
+    for r in range(rounds):
+        for count in (1, workers):
+            runs[count].append(measure(count, vectors, duration, r))
+    median = lambda count, key, field: float(np.median([run[key][field] for run in runs[count]]))
+    rows = []
+    metrics = [("empty RPC c32, RPC/s", "empty_c32", "rps"), ("Recommend c1 p50 ms", "recommend_c1", "p50_s"),
+               ("Recommend c16, RPC/s", "recommend_c16", "rps"), ("Embed 1 sentence c32, /s", "embed_c32", "rps")]
+    summary = {}
+    for label, key, field in metrics:
+        one, many = median(1, key, field), median(workers, key, field)
+        scale = 1e3 if field == "p50_s" else 1.0
+        rows.append([label, one * scale, many * scale, many / one])
+        summary[key] = {"one": one, "many": many}
+    one = float(np.median([run["ingest_events_per_s"] for run in runs[1]]))
+    many = float(np.median([run["ingest_events_per_s"] for run in runs[workers]]))
+    rows.append(["RecordEvents 4 streams, events/s", one, many, many / one])
+    summary["ingest"] = {"one": one, "many": many}
+    table = markdown_table(["load", "1 worker", f"{workers} workers", "ratio"], rows)
+    notes = (f"Medians of {rounds} run(s) per worker count, alternated; {duration:.0f} s per load; "
+             f"{CONNECTIONS} TCP connections; 10k items, 2,000 background users. The load generator runs in the "
+             "benchmark's process on the same cores as the server(s), so on a small machine it competes with "
+             "them: read the ratios, not the absolute numbers.")
+    results = {"quick": quick, "workers": workers, "rounds": rounds, "duration_s": duration,
+               "summary": summary, "runs": {str(k): v for k, v in runs.items()}}
+    write_results("workers", results, table, notes)
+    print(table)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    run(args.quick, args.workers)
+
+
+if __name__ == "__main__":
+    main()
