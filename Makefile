@@ -62,7 +62,7 @@ check-protos: install
 	done && rm -rf $$tmp && echo "generated stubs are current"
 
 # Benchmarks (bench/README.md): results in bench/results/. BENCH_ARGS=--quick for a smoke run.
-BENCHMARKS ?= empty_rpc embedding ranking ingest
+BENCHMARKS ?= empty_rpc embedding ranking ingest workers
 bench: install model
 	$(BIN)/pip install --quiet -e ".[bench]"
 	for name in $(BENCHMARKS); do \
