@@ -73,7 +73,9 @@ class ItemInput:
     vector: np.ndarray | None = None  # precomputed, normalised; None: embed `text`
 
 
-@dataclasses.dataclass(frozen=True)
+# slots: a frozen dataclass sets its fields through object.__setattr__,
+# about twice as fast on slots as on an instance dict; one is built per event.
+@dataclasses.dataclass(frozen=True, slots=True)
 class EventInput:
     event_id: str
     user_id: str

@@ -34,7 +34,9 @@ class ItemRecord:
     created_seq: int = 0
 
 
-@dataclasses.dataclass(frozen=True)
+# slots: a frozen dataclass sets its fields through object.__setattr__,
+# about twice as fast on slots as on an instance dict; one is built per event.
+@dataclasses.dataclass(frozen=True, slots=True)
 class EventRecord:
     event_id: str
     user_id: str
