@@ -1,7 +1,7 @@
 """Shared benchmark plumbing: machine facts, timing statistics, result files.
 
 Every benchmark writes bench/results/<name>.json (raw numbers, machine,
-versions) and bench/results/<name>.md (a summary table). Machines here are
+versions) and bench/results/<name>.md (summary tables and plots, PNGs beside it). Machines here are
 shared and noisy: report medians and ratios against a baseline measured in
 the same run, never a lone absolute time.
 """
@@ -82,6 +82,25 @@ def write_results(name: str, results: dict, table: str, notes: str = "") -> Path
     )
     (RESULTS / f"{name}.md").write_text(header + table.rstrip() + "\n" + (f"\n{notes.rstrip()}\n" if notes else ""))
     return path
+
+
+def save_plot(name: str, draw: Callable[[object], None], caption: str) -> str:
+    """Draws `draw(axes)` into bench/results/<name>.png (matplotlib, headless);
+    returns the markdown that shows it, for the summary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(figsize=(7, 4.2))
+    draw(axes)
+    axes.grid(alpha=0.3)
+    axes.set_title(caption, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+    plt.close(fig)
+    return f"![{caption}]({name}.png)\n"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

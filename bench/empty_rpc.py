@@ -16,7 +16,7 @@ from pathlib import Path
 
 from halflife.loadtest import LoadTestOptions, run_load_test
 
-from bench.common import markdown_table, write_results
+from bench.common import markdown_table, save_plot, write_results
 from bench.server_process import DEFAULT_MODEL_DIR, ServerProcess
 
 CHECK = "grpc.health.v1.Health.Check"
@@ -65,6 +65,16 @@ def run(model_dir: Path, quick: bool = False) -> dict:
         [32, results["c32"]["p50_s"] * 1e3, results["c32"]["p90_s"] * 1e3, round(c32["rps"]), c32["count"]],
     ]
     table = markdown_table(["concurrency", "p50 ms", "p90 ms", "RPC/s", "calls"], rows)
+
+    def plot(ax) -> None:
+        names = ["concurrency 1", "concurrency 32"]
+        for offset, (label, key) in zip((-0.2, 0.2), (("p50", "p50_s"), ("p90", "p90_s"))):
+            ax.bar([i + offset for i in range(2)], [results[c][key] * 1e3 for c in ("c1", "c32")], 0.4, label=label)
+        ax.set_xticks(range(2), [f"{n}\n{round(results[c]['rps'])} RPC/s" for n, c in zip(names, ("c1", "c32"))])
+        ax.set_ylabel("ms per call")
+        ax.legend()
+
+    table += "\n" + save_plot("empty_rpc", plot, "Health/Check latency (the cost of gRPC itself)")
     notes = ("grpc.health.v1.Health/Check against a `halflife serve` process over loopback; the load generator "
              "(halflife.loadtest, grpc.aio) runs in a second process on the same cores, so RPC/s is a floor "
              "for the server alone.")

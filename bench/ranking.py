@@ -52,7 +52,7 @@ from halflife.storage.base import ItemRecord
 
 from bench._memstore import MemoryStore
 from bench.server_process import ServerProcess, load_p50s
-from bench.common import markdown_table, summary, write_results
+from bench.common import markdown_table, save_plot, summary, write_results
 
 DIM = 384
 K = 10
@@ -323,6 +323,27 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def _plot(ax, sizes: dict) -> None:
+    """Per-query milliseconds against items, log-log: core, baselines, engine, gRPC."""
+    items = [int(n) for n in sizes]
+    series = {
+        "core, K=8 interests": [r["per_query"]["core_multi"]["median_s"] for r in sizes.values()],
+        "NumPy GEMV + argpartition": [r["per_query"]["numpy"]["median_s"] for r in sizes.values()],
+        "FAISS IndexFlatIP": [r["per_query"]["faiss"]["median_s"] for r in sizes.values()],
+        "engine.recommend (default blend)": [r["engine"]["recommend"]["median_s"] for r in sizes.values()],
+    }
+    for label, seconds in series.items():
+        ax.plot(items, [s * 1e3 for s in seconds], marker="o", label=label)
+    grpc = [(int(n), r["grpc"]["recommend_p50_s"] * 1e3) for n, r in sizes.items() if "grpc" in r]
+    if grpc:
+        ax.plot(*zip(*grpc), marker="s", linestyle="--", label="gRPC Recommend p50")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("catalogue items (384-d float32)")
+    ax.set_ylabel("ms per query (median)")
+    ax.legend(fontsize=8)
+
+
 def write(results: dict) -> None:
     ms = lambda s: s * 1e3
     sizes = results["sizes"]
@@ -369,7 +390,8 @@ def write(results: dict) -> None:
                      round(g["rss_bytes_per_item"]) if g else "-", round(g["load_items_per_s"]) if g else "-"])
     t5 = markdown_table(["items", "array bytes/item (incl. capacity slack)", "traced Python bytes/item (catalogue + blend)",
                          "server RSS bytes/item", "UpsertItems items/s"], rows)
-    table = ("## Per query (one user, k = 10)\n\n" + t1 + "\n## Batch (1,000 users)\n\n" + t2
+    table = ("## Per query (one user, k = 10)\n\n" + t1 + "\n" + save_plot("ranking", lambda ax: _plot(ax, sizes),
+                                                                          "Recommend cost vs catalogue size (k = 10)") + "\n## Batch (1,000 users)\n\n" + t2
              + "\n## InterestEngine.recommend in-process (signal costs)\n\n" + t3
              + "\n## Through gRPC (server process, concurrency 1)\n\n" + t4 + "\n## Memory per item\n\n" + t5)
     notes = (

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from bench.common import markdown_table, write_results
+from bench.common import markdown_table, save_plot, write_results
 from bench.empty_rpc import CHECK, load, percentile_s
 from bench.ingest import requests_for, send
 from bench.ranking import make_events, unit_rows
@@ -96,6 +96,16 @@ def run(quick: bool = False, workers: int = 2) -> dict:
     rows.append(["RecordEvents 4 streams, events/s", one, many, many / one])
     summary["ingest"] = {"one": one, "many": many}
     table = markdown_table(["load", "1 worker", f"{workers} workers", "ratio"], rows)
+
+    def plot(ax) -> None:
+        labels = [row[0] for row in rows]
+        ratios = [row[3] for row in rows]
+        ax.barh(labels, ratios, color=["tab:green" if r >= 1 else "tab:red" for r in ratios])
+        ax.axvline(1.0, color="black", linewidth=1)
+        ax.set_xlabel(f"{workers} workers / 1 worker (Recommend p50: lower is better; others: higher)")
+        ax.invert_yaxis()
+
+    table += "\n" + save_plot("workers", plot, f"{workers} worker processes vs 1, same load")
     notes = (f"Medians of {rounds} run(s) per worker count, alternated; {duration:.0f} s per load; "
              f"{CONNECTIONS} TCP connections; 10k items, 2,000 background users. The load generator runs in the "
              "benchmark's process on the same cores as the server(s), so on a small machine it competes with "
