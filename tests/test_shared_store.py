@@ -86,6 +86,11 @@ def test_the_watermark_takes_each_batch_once():
     assert mark.through == 25 and not mark.applied(26)
     mark.add(26, 30)
     assert mark.through == 30
+    for first in (41, 51, 61):  # batches above a gap (31..40 in flight) stay one range
+        mark.add(first, first + 9)
+    assert mark._ahead == [(41, 70)] and not mark.applied(35)
+    mark.add(31, 40)
+    assert mark.through == 70 and mark._ahead == []
 
 
 def test_items_and_events_written_by_one_worker_are_seen_by_the_other(pair, tmp_path):

@@ -22,10 +22,15 @@ class EventWatermark:
 
     def add(self, first: int, last: int) -> None:
         """Marks the batch first..last applied."""
-        self._ahead.append((first, last))
-        self._ahead.sort()
-        while self._ahead and self._ahead[0][0] <= self.through + 1:
-            self.through = max(self.through, self._ahead.pop(0)[1])
+        merged: list[tuple[int, int]] = []
+        for lo, hi in sorted([*self._ahead, (first, last)]):  # adjacent batches become one range
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        if merged[0][0] <= self.through + 1:
+            self.through = max(self.through, merged.pop(0)[1])
+        self._ahead = merged
 
     def advance(self, through: int) -> None:
         """Everything up to `through` is applied now."""
