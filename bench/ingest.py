@@ -40,7 +40,7 @@ from halflife.storage.sqlite import MIGRATIONS, SqliteStore
 from halflife.v1 import catalog_pb2, interest_pb2, interest_pb2_grpc, recommend_pb2, recommend_pb2_grpc
 
 from bench.server_process import ServerProcess
-from bench.common import markdown_table, summary, write_results
+from bench.common import markdown_table, save_plot, summary, write_results
 
 DIM = 384
 BATCH = 500
@@ -297,9 +297,27 @@ def write(results: dict) -> None:
              r["clusters"], round(r["user_state_traced_bytes"])] for n, r in results["rebuild"].items()]
     t4 = markdown_table(["user events", "miss (read + replay) ms", "SQLite read ms", "replay ms", "clusters",
                          "cached _UserState bytes (traced)"], rows)
-    table = ("## RecordEvents throughput (batches of 500, durable)\n\n" + t1
+
+    def plot_throughput(ax) -> None:
+        paths = [("raw SQLite", raw), ("gRPC, 1 stream", tp["grpc_1"]["events_per_s"]),
+                 ("gRPC, 4 streams", tp["grpc_4"]["events_per_s"])]
+        ax.bar([name for name, _ in paths], [value for _, value in paths], color=["gray", "tab:blue", "tab:blue"])
+        ax.axhline(20_000, color="tab:red", linestyle="--", label="target 20,000 events/s")
+        ax.axhline(0.5 * raw, color="tab:orange", linestyle=":", label="target 0.5x raw SQLite")
+        ax.set_ylabel("events/s (median)")
+        ax.legend(fontsize=8)
+
+    def plot_memory(ax) -> None:
+        stages = results["memory"]
+        ax.plot(range(len(stages)), [m["rss_bytes"] / 2**20 for m in stages], marker="o")
+        ax.set_xticks(range(len(stages)), [m["stage"] for m in stages], rotation=20, ha="right", fontsize=7)
+        ax.set_ylabel("server RSS MiB")
+
+    table = ("## RecordEvents throughput (batches of 500, durable)\n\n" + t1 + "\n"
+             + save_plot("ingest", plot_throughput, "RecordEvents, batches of 500 item events, durable")
              + "\n## Profile state per user (50 events, 3 rate groups, K = 8)\n\n" + t2
-             + "\n## Server memory as users grow (3 events each)\n\n" + t3
+             + "\n## Server memory as users grow (3 events each)\n\n" + t3 + "\n"
+             + save_plot("ingest_memory", plot_memory, "Server RSS as users are recorded and read")
              + f"\nRSS per recorded user (no profile cached): {results['rss_bytes_per_recorded_user']:.0f} B; "
              f"per cached profile: {results['rss_bytes_per_cached_profile']:.0f} B; "
              f"1M users extrapolated: {results['extrapolated_1m_users_rss_bytes'] / 2**30:.2f} GiB.\n"
