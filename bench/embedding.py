@@ -7,8 +7,8 @@ Three ways to embed the same sentences, measured in one run:
 - gRPC: EmbeddingService/Embed on a separate `halflife serve` process, driven
   by halflife.loadtest at concurrency 1, 8, 32, 64 with 1- and 32-sentence
   requests, short (~16 tokens) and long (~64 tokens) inputs;
-- raw onnxruntime in this process: the same variant (fp32-o2) and options as
-  the server (ORT_ENABLE_ALL, intra-op threads = physical cores), fed
+- raw onnxruntime in this process: the same variant (fp32-o2) and session
+  options as the server (`halflife.embedding.engine.session_options`), fed
   pre-tokenized padded batches of 1, 8, 32, 64, 128 (model time only);
 - sentence-transformers (PyTorch eager, CPU, same thread count) in this
   process, `encode` of max(batch, 64) sentences at batch sizes 1 .. 128.
@@ -80,19 +80,15 @@ class RawOrt:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        from halflife.embedding.engine import physical_cores
+        from halflife.embedding.engine import physical_cores, session_options
         from halflife.embedding.manifest import load_manifest
 
         manifest = load_manifest(model_dir)
         variant = manifest.variant(manifest.default_variants["CPUExecutionProvider"])
         self.variant = variant.name
         self.threads = physical_cores()
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.session = ort.InferenceSession(str(model_dir / variant.file), sess_options=options,
+        # Exactly the server's session options (threads, no idle spinning).
+        self.session = ort.InferenceSession(str(model_dir / variant.file), sess_options=session_options(self.threads),
                                             providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output = self.session.get_outputs()[0].name

@@ -64,6 +64,25 @@ def physical_cores() -> int:
     return max(1, min(allowed, len(cores) or allowed))
 
 
+def session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
+    """The onnxruntime session options the engine runs with (also what the
+    benchmark's raw-onnxruntime baseline uses, so it compares like with like).
+
+    intra_op_threads: default physical_cores().
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = intra_op_threads or physical_cores()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle intra-op threads would busy-wait for the next batch, taking the
+    # cores the event loop and tokenizers need between batches. Measured
+    # on 2 shared cores: batch 1 in 5-7 ms instead of 17-50 ms under load,
+    # no difference on a quiet machine.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def _resolve_provider(requested: str) -> str:
     available = ort.get_available_providers()
     if requested == "cuda":
@@ -135,18 +154,10 @@ class EmbeddingEngine:
         onnx_path = verify_file(model_dir, chosen.file, chosen.sha256)
         tokenizer_path = verify_file(model_dir, manifest.tokenizer_file, manifest.tokenizer_sha256)
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = intra_op_threads or physical_cores()
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Idle intra-op threads would busy-wait for the next batch, taking the
-        # cores the event loop and tokenizers need between batches. Measured
-        # on 2 shared cores: batch 1 in 5-7 ms instead of 17-50 ms under load,
-        # no difference on a quiet machine.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = [CUDA, CPU] if wanted == CUDA else [CPU]
-        session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
+        session = ort.InferenceSession(
+            str(onnx_path), sess_options=session_options(intra_op_threads), providers=providers
+        )
         if wanted == CUDA and session.get_providers()[0] != CUDA:
             log.warning("CUDA was requested but onnxruntime fell back to %s", session.get_providers()[0])
         return cls(manifest, model_dir, variant_name, session, tokenizer_path)
