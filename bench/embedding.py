@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import markdown_table, summary, timings, write_results
+from bench.common import markdown_table, save_plot, summary, timings, write_results
 from bench.empty_rpc import empty_rpc_p50, load, percentile_s
 from bench.server_process import DEFAULT_MODEL_DIR, ServerProcess, load_p50s
 
@@ -328,6 +328,22 @@ def run(model_dir: Path, quick: bool = False) -> dict:
     table = markdown_table(
         ["path", "length", "batch / inputs per request", "concurrency", "sentences/s", "p50 ms (per call)",
          "p90 ms", "x ORT ceiling", "errors"], rows)
+
+    def plot(ax) -> None:
+        """Sentences/s against concurrency for single-sentence requests, with the
+        raw ORT ceiling and sentence-transformers' best as levels."""
+        for length, color in zip(LENGTHS, ("tab:blue", "tab:orange")):
+            points = sorted((q["concurrency"], q["sentences_per_s"]) for q in grpc_points
+                            if q["length"] == length and q["inputs_per_request"] == 1)
+            ax.plot(*zip(*points), marker="o", color=color, label=f"gRPC, 1 sentence/request, {length}")
+            ax.axhline(ort_ceiling[length], color=color, linestyle="--", label=f"raw ORT best batch, {length}")
+            ax.axhline(st_best[length], color=color, linestyle=":", label=f"sentence-transformers best, {length}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent calls")
+        ax.set_ylabel("sentences/s")
+        ax.legend(fontsize=7)
+
+    table += "\n" + save_plot("embedding", plot, "Embed throughput vs concurrency (dynamic batching)")
     target_table = markdown_table(["target", "what", "measured", "ratio", "result"],
                                   [[t["id"], t["what"], t["measured"], t["ratio"], t["result"]] for t in targets])
     notes = (
