@@ -162,3 +162,18 @@ def test_concurrent_writers_on_two_workers_end_as_a_restart_would(pair, tmp_path
     assert not any(thread.is_alive() for thread in threads)
     assert a.store.event_count() == 600
     assert answers(a) == answers(b) == restarted(tmp_path)
+
+
+def test_an_erasure_overtaking_an_unapplied_batch_leaves_nothing_of_the_user(tmp_path):
+    engine = worker(tmp_path, follow=False)  # one process: the race is between its own threads
+    engine.upsert_items(items(f"i{n}" for n in range(8)))
+    engine.record_events(likes("a", "u0", ["i0", "i1"]) + likes("b", "u1", ["i5"]))
+    late, apply = [], engine._apply_new_events
+    engine._apply_new_events = late.append  # a batch committed, its thread not yet back under the lock
+    engine.record_events(likes("c", "u0", ["i2", "i2", "i3"]) + likes("d", "u2", ["i6", "i7"]))
+    engine._apply_new_events = apply
+    assert engine.delete_user("u0") == 5
+    apply(late[0])  # the thread arrives after the erasure
+    assert answers(engine) == restarted(tmp_path)
+    assert engine.profile("u2").event_counts == {LIKE: 2}  # the rest of that batch counts
+    engine.store.close()

@@ -251,10 +251,17 @@ class InterestEngine:
                 self._rebuild_blend()
                 self._users.clear()
                 return
-        if head.event_seq > self._events.through:
-            events = self.store.events_between(self._events.through, head.event_seq)
+        self._apply_committed(head.event_seq)
+
+    def _apply_committed(self, through_seq: int) -> None:
+        """Applies the committed events up to `through_seq` that are not applied
+        yet, read back from the log: other processes' batches, and this
+        process's whose writer thread has not applied them yet (it will find
+        them applied and skip them). Lock held."""
+        if through_seq > self._events.through:
+            events = self.store.events_between(self._events.through, through_seq)
             fresh = [e for e in events if not self._events.applied(e.seq)]
-            self._events.advance(head.event_seq)
+            self._events.advance(through_seq)
             self._apply_events(fresh)
 
     def _current_item_rows(self, item_ids: Sequence[str | None], seqs: np.ndarray) -> np.ndarray:
@@ -478,6 +485,10 @@ class InterestEngine:
                 rows = self._current_item_rows([e.item_id for e in events], np.array([e.seq for e in events]))
                 self._add_popularity(rows, self._record_types(events), np.array([e.event_time for e in events]), -1.0)
             deleted = self.store.delete_user(user_id)
+            # A batch committed before the erasure whose thread has not applied
+            # it yet: apply it now, without the erased rows, lest the thread
+            # count the user's events again.
+            self._apply_committed(self.store.head().event_seq)
             self._users.pop(user_id, None)
             row = self._user_rows.pop(user_id, None)
             if row is not None:
