@@ -1208,37 +1208,3 @@ def test_kill_9_mid_ingest_loses_no_acknowledged_event(model_dir, tmp_path):
             assert [(c.type, c.count) for c in client.profile(user, as_of=T0).event_counts] == [
                 (c.type, c.count) for c in first[user][1].event_counts
             ]
-
-
-def test_batch_validation_fast_path_matches_the_per_event_path():
-    """_event_inputs checks a batch as columns and falls back to the per-event
-    checks on anything odd: both must give the same events and violations."""
-    from halflife.api.interest import _event_input, _event_inputs
-    from halflife.api.validation import Violations
-
-    now = 1_800_000_000.0
-
-    def ev(i, **kw):
-        e = interest_pb2.Event(event_id=f"e{i}", user_id="u", type=interest_pb2.EVENT_TYPE_VIEW, item_id=f"i{i}")
-        e.event_time.CopyFrom(timestamp_pb2.Timestamp(seconds=1_700_000_000 + i, nanos=123_456_789))
-        for k, v in kw.items():
-            if k == "event_time":
-                e.ClearField("event_time") if v is None else e.event_time.CopyFrom(v)
-            else:
-                setattr(e, k, v)
-        return e
-
-    good = [ev(0), ev(1, text="red shoes"), ev(2, item_id="", text="a query"), ev(3, type=interest_pb2.EVENT_TYPE_RATE, value=4.5)]
-    odd = [
-        [ev(0, event_time=None)],  # no time: now
-        [ev(0, event_id="")], [ev(0, user_id="x" * 300)], [ev(0, item_id="", text="  ")], [ev(0, type=99)],
-        [ev(0, type=interest_pb2.EVENT_TYPE_RATE)], [ev(0, value=math.inf)], [ev(0, text="x" * 40_000)],
-        [ev(0, event_time=timestamp_pb2.Timestamp(seconds=-5))],
-        [ev(0, event_time=timestamp_pb2.Timestamp(seconds=int(now) + 2 * 86400))],
-        [ev(0, event_time=timestamp_pb2.Timestamp(seconds=1, nanos=-1))],
-    ]
-    for batch in [good] + [good + b for b in odd]:
-        fast, slow = Violations(), Violations()
-        got = _event_inputs(batch, now, fast)
-        want = [_event_input(e, f"events[{i}]", now, slow) for i, e in enumerate(batch)]
-        assert got == want and fast.items == slow.items
