@@ -98,6 +98,22 @@ def test_a_dead_worker_stops_the_group_with_an_error(model_dir, tmp_path):
         process.kill()
 
 
+def test_a_second_group_on_a_served_port_is_refused(model_dir, tmp_path):
+    process, address = start_cli_server(model_dir, tmp_path / "data", drain=True, workers=2)
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "halflife.cli", "serve", "--workers", "2", "--port", address.rsplit(":", 1)[1],
+             "--model-dir", str(model_dir), "--data-dir", str(tmp_path / "other")],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert second.returncode == 1
+        assert f"{address} is already being served by another process" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        process.send_signal(signal.SIGTERM)
+        wait_exit(process)
+
+
 def gone_within(pids: list[int], seconds: float = 30) -> bool:
     deadline = time.monotonic() + seconds
     while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:

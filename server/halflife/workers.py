@@ -31,12 +31,23 @@ POLL_SECONDS = 0.2
 
 def reserve_port(host: str, port: int) -> socket.socket:
     """A bound SO_REUSEPORT socket holding `port` (0: a free one) for the
-    workers, which bind it too. It never listens, so it takes no connections."""
+    workers, which bind it too. It never listens, so it takes no connections.
+
+    SO_REUSEPORT would also let this group join another one already serving
+    the port (same user), silently splitting its traffic; a listener that
+    answers a connection attempt is therefore an error."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
+        if port:
+            try:
+                socket.create_connection((host, port), timeout=1.0).close()
+            except OSError:
+                pass  # nobody listens: the port is ours
+            else:
+                raise OSError(f"{host}:{port} is already being served by another process")
     except BaseException:
         sock.close()
         raise
