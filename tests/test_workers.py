@@ -129,6 +129,17 @@ def test_workers_stop_when_their_parent_is_killed(model_dir, tmp_path):
     assert gone_within(workers)
 
 
+def test_a_missing_model_fails_once_before_any_worker_starts(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "halflife.cli", "serve", "--workers", "2", "--port", "0",
+         "--model-dir", str(tmp_path / "nope"), "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.count("is not an exported model directory") == 1
+    assert "starting" not in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("flag", ["--workers", "--threads"])
 def test_worker_and_thread_counts_must_be_positive(flag):
     result = subprocess.run(

@@ -155,16 +155,18 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _run_workers(args: argparse.Namespace) -> int:
     from halflife.embedding.engine import physical_cores
+    from halflife.embedding.manifest import load_manifest
     from halflife.storage.base import StoreError
     from halflife.storage.sqlite import SqliteStore
     from halflife.workers import run_workers, worker_threads
 
     try:
+        load_manifest(args.model_dir)  # one clear error here rather than one per worker
         SqliteStore(args.data_dir).close()  # migrations run once, here, before any worker opens the file
         return run_workers(
             args.argv[1:], args.host, args.port, args.workers, worker_threads(args.threads, args.workers, physical_cores())
         )
-    except (StoreError, OSError) as exc:
+    except (ManifestError, StoreError, OSError) as exc:
         print(f"halflife serve: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
 
