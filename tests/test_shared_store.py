@@ -177,3 +177,22 @@ def test_an_erasure_overtaking_an_unapplied_batch_leaves_nothing_of_the_user(tmp
     assert answers(engine) == restarted(tmp_path)
     assert engine.profile("u2").event_counts == {LIKE: 2}  # the rest of that batch counts
     engine.store.close()
+
+
+def test_a_write_read_back_before_another_workers_change_is_read_again(pair):
+    a, b = pair
+    a.upsert_items([ItemInput(id="x", text="x, first")])
+    read = a.store.get_items
+    raced = []
+
+    def read_then_b_writes(ids):
+        got = read(ids)
+        if not raced:  # after a's read-back, b rewrites x and one of a's readers takes that in
+            raced.append(b.upsert_items([ItemInput(id="x", text="x, from b")]))
+            a.similar_items(text="anything", limit=1)
+        return got
+
+    a.store.get_items = read_then_b_writes
+    a.upsert_items([ItemInput(id="x", text="x, from a")])
+    assert raced and a.store.get_items(["x"])["x"].text == "x, from b"  # the store's order: b last
+    assert a.catalog.texts[a.catalog.row_of["x"]] == "x, from b"
