@@ -73,6 +73,16 @@ def measure(workers: int, vectors: np.ndarray, duration: float, run_index: int) 
     return out
 
 
+# (label, summary key, measured field, higher is better)
+METRICS = [
+    ("empty RPC c32, RPC/s", "empty_c32", "rps", True),
+    ("Recommend c1 p50 ms", "recommend_c1", "p50_s", False),
+    ("Recommend c16, RPC/s", "recommend_c16", "rps", True),
+    ("Embed 1 sentence c32, /s", "embed_c32", "rps", True),
+    ("RecordEvents 4 streams, events/s", "ingest", "events_per_s", True),
+]
+
+
 def run(quick: bool = False, workers: int = 2) -> dict:
     duration = 2.0 if quick else 6.0
     rounds = 1 if quick else 2
@@ -81,40 +91,39 @@ def run(quick: bool = False, workers: int = 2) -> dict:
     for r in range(rounds):
         for count in (1, workers):
             runs[count].append(measure(count, vectors, duration, r))
-    median = lambda count, key, field: float(np.median([run[key][field] for run in runs[count]]))
+    value = lambda run, key, field: run["ingest_events_per_s"] if key == "ingest" else run[key][field]
+    summary = {key: {side: float(np.median([value(run, key, field) for run in runs[count]]))
+                     for side, count in (("one", 1), ("many", workers))}
+               for _, key, field, _ in METRICS}
+    results = {"quick": quick, "workers": workers, "rounds": rounds, "duration_s": duration,
+               "summary": summary, "runs": {str(k): v for k, v in runs.items()}}
+    write(results)
+    return results
+
+
+def write(results: dict) -> None:
+    workers, summary = results["workers"], results["summary"]
     rows = []
-    metrics = [("empty RPC c32, RPC/s", "empty_c32", "rps"), ("Recommend c1 p50 ms", "recommend_c1", "p50_s"),
-               ("Recommend c16, RPC/s", "recommend_c16", "rps"), ("Embed 1 sentence c32, /s", "embed_c32", "rps")]
-    summary = {}
-    for label, key, field in metrics:
-        one, many = median(1, key, field), median(workers, key, field)
+    for label, key, field, higher_is_better in METRICS:
+        one, many = summary[key]["one"], summary[key]["many"]
         scale = 1e3 if field == "p50_s" else 1.0
-        rows.append([label, one * scale, many * scale, many / one])
-        summary[key] = {"one": one, "many": many}
-    one = float(np.median([run["ingest_events_per_s"] for run in runs[1]]))
-    many = float(np.median([run["ingest_events_per_s"] for run in runs[workers]]))
-    rows.append(["RecordEvents 4 streams, events/s", one, many, many / one])
-    summary["ingest"] = {"one": one, "many": many}
-    table = markdown_table(["load", "1 worker", f"{workers} workers", "ratio"], rows)
+        rows.append([label, one * scale, many * scale, many / one if higher_is_better else one / many])
+    table = markdown_table(["load", "1 worker", f"{workers} workers", "gain (> 1: better)"], rows)
 
     def plot(ax) -> None:
-        labels = [row[0] for row in rows]
-        ratios = [row[3] for row in rows]
-        ax.barh(labels, ratios, color=["tab:green" if r >= 1 else "tab:red" for r in ratios])
+        gains = [row[3] for row in rows]
+        ax.barh([row[0] for row in rows], gains, color=["tab:green" if g >= 1 else "tab:red" for g in gains])
         ax.axvline(1.0, color="black", linewidth=1)
-        ax.set_xlabel(f"{workers} workers / 1 worker (Recommend p50: lower is better; others: higher)")
+        ax.set_xlabel(f"gain with {workers} workers (throughput ratio; for p50, 1 worker's over {workers}')")
         ax.invert_yaxis()
 
     table += "\n" + save_plot("workers", plot, f"{workers} worker processes vs 1, same load")
-    notes = (f"Medians of {rounds} run(s) per worker count, alternated; {duration:.0f} s per load; "
-             f"{CONNECTIONS} TCP connections; 10k items, 2,000 background users. The load generator runs in the "
-             "benchmark's process on the same cores as the server(s), so on a small machine it competes with "
+    notes = (f"Medians of {results['rounds']} run(s) per worker count, alternated; {results['duration_s']:.0f} s per "
+             f"load; {CONNECTIONS} TCP connections; 10k items, 2,000 background users. The load generator runs in "
+             "the benchmark's process on the same cores as the server(s), so on a small machine it competes with "
              "them: read the ratios, not the absolute numbers.")
-    results = {"quick": quick, "workers": workers, "rounds": rounds, "duration_s": duration,
-               "summary": summary, "runs": {str(k): v for k, v in runs.items()}}
     write_results("workers", results, table, notes)
     print(table)
-    return results
 
 
 def main() -> None:
