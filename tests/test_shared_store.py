@@ -69,7 +69,7 @@ def test_the_change_feed_keeps_one_row_per_item_and_names_no_user(tmp_path):
     store.delete_user("bob")
     store.delete_user("nobody")  # erased nothing: no entry
     changes = store.changes_since(0)
-    assert [c.item_id for c in changes] == ["a", "b", None]
+    assert [c.item_id for c in changes] == ["a", "b", None]  # one erasure row for this writer
     assert store.head() == StoreHead(event_seq=2, change_version=changes[-1].version)
     assert store.changes_since(changes[-1].version) == []
     store.record_events([event("e3", "carol"), event("e4", "dave")])
@@ -196,3 +196,19 @@ def test_a_write_read_back_before_another_workers_change_is_read_again(pair):
     a.upsert_items([ItemInput(id="x", text="x, from a")])
     assert raced and a.store.get_items(["x"])["x"].text == "x, from b"  # the store's order: b last
     assert a.catalog.texts[a.catalog.row_of["x"]] == "x, from b"
+
+
+def test_an_erasure_elsewhere_just_before_this_workers_own_is_still_seen(pair, tmp_path):
+    a, b = pair
+    a.upsert_items(items(f"i{n}" for n in range(8)))
+    a.record_events(likes("x", "u0", ["i0", "i1", "i0"]) + likes("y", "u1", ["i2"]) + likes("z", "u2", ["i5"]))
+    answers(a)  # a has counted everyone
+    erase = a.store.delete_user
+
+    def b_erases_first(user_id):  # after a caught up, before a's own erasure commits
+        b.delete_user("u0")
+        return erase(user_id)
+
+    a.store.delete_user = b_erases_first
+    assert a.delete_user("u1") == 1
+    assert answers(a) == answers(b) == restarted(tmp_path)

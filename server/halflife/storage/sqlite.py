@@ -28,7 +28,7 @@ the last one anywhere (foreign keys guard against dangling references).
 Several processes may open the same file (``halflife serve --workers N``):
 their writers take turns (``BEGIN IMMEDIATE`` waits up to the busy timeout)
 and each follows the others through ``head``, ``changes_since`` (the
-``changes`` table: one row per changed item id, one for "a user was erased")
+``changes`` table: one row per changed item id, one per writer for "a user was erased")
 and ``events_between``.
 
 Privacy: ``secure_delete=ON`` zeroes deleted content, and `delete_user`
@@ -107,8 +107,9 @@ def _migration_2(conn: sqlite3.Connection) -> None:
 
 def _migration_3(conn: sqlite3.Connection) -> None:
     # The change feed that worker processes sharing the file follow (Store.changes_since).
-    # One row per item id (REPLACE moves it to a new version) and at most one
-    # for user erasure, which names no user: the table stays catalogue-sized.
+    # One row per item id (REPLACE moves it to a new version) and one per
+    # writing instance for user erasure, which names no user: the table stays
+    # catalogue-sized.
     conn.execute(
         """CREATE TABLE changes (
                version INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -643,8 +644,8 @@ class SqliteStore:
             ]
             count = conn.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
             _gc_vectors(conn, vector_ids)
-            if count:
-                conn.execute("DELETE FROM changes WHERE item_id IS NULL")  # keep one erasure row
+            if count:  # one erasure row per writing instance: another's must not be overwritten unseen
+                conn.execute("DELETE FROM changes WHERE item_id IS NULL AND origin = ?", (self.origin,))
                 conn.execute("INSERT INTO changes(item_id, origin) VALUES (NULL, ?)", (self.origin,))
             return count
 
