@@ -239,9 +239,28 @@ def engine_inprocess(X: np.ndarray, repeat: int, trace: bool) -> dict:
 
 # --------------------------------------------------------------------------- 4. gRPC
 
+def upsert_vectors(client, X: np.ndarray) -> None:
+    """Items i0.. with the rows of X as precomputed vectors, through UpsertItems in batches of 1,000."""
+    from halflife.v1 import catalog_pb2
+
+    for s in range(0, len(X), 1000):
+        client.upsert_items([catalog_pb2.Item(id=f"i{j}", vector=X[j].tolist()) for j in range(s, min(len(X), s + 1000))])
+
+
+def record_background(client, n_items: int) -> None:
+    """make_events' users (background and u0), through RecordEvents in batches of 500."""
+    from halflife_client.client import to_timestamp
+    from halflife.v1 import interest_pb2
+
+    events = [interest_pb2.Event(event_id=e, user_id=u, type=t, item_id=i,
+                                 event_time=to_timestamp(dt.datetime.fromtimestamp(when, dt.timezone.utc)))
+              for e, u, t, i, when in make_events(n_items, 1, time.time())]
+    for s in range(0, len(events), 500):
+        client.record_events(events[s : s + 500])
+
+
 def grpc_run(X: np.ndarray, rounds: int, per_round: int, threads: int) -> dict:
-    from halflife_client.client import HalflifeClient, to_timestamp
-    from halflife.v1 import catalog_pb2, interest_pb2
+    from halflife_client.client import HalflifeClient
 
     n = X.shape[0]
     with ServerProcess(env={"OPENBLAS_NUM_THREADS": str(threads)}) as server:
@@ -249,17 +268,11 @@ def grpc_run(X: np.ndarray, rounds: int, per_round: int, threads: int) -> dict:
         time.sleep(0.5)
         rss0 = server.rss_bytes()
         began = time.perf_counter()
-        for s in range(0, n, 1000):
-            client.upsert_items([catalog_pb2.Item(id=f"i{j}", vector=X[j].tolist()) for j in range(s, min(n, s + 1000))])
+        upsert_vectors(client, X)
         load_s = time.perf_counter() - began
         gc.collect()
         rss1 = server.rss_bytes()
-        now = time.time()
-        events = [interest_pb2.Event(event_id=e, user_id=u, type=t, item_id=i,
-                                     event_time=to_timestamp(dt.datetime.fromtimestamp(when, dt.timezone.utc)))
-                  for e, u, t, i, when in make_events(n, 1, now)]
-        for s in range(0, len(events), 500):
-            client.record_events(events[s : s + 500])
+        record_background(client, n)
         client.recommend("u0", K)
         p50s = load_p50s(server.target, [(CHECK, "{}"), (RECOMMEND, '{"user_id": "u0", "limit": 10}')],
                          rounds=rounds, per_round=per_round)

@@ -27,8 +27,9 @@ import numpy as np
 from bench.common import markdown_table, save_plot, write_results
 from bench.empty_rpc import CHECK, load, percentile_s
 from bench.ingest import requests_for, send
-from bench.ranking import make_events, unit_rows
+from bench.ranking import record_background, unit_rows, upsert_vectors
 from bench.server_process import ServerProcess
+from halflife_client import HalflifeClient
 
 ITEMS = 10_000
 CONNECTIONS = 8
@@ -37,29 +38,15 @@ EMBED = "halflife.v1.EmbeddingService.Embed"
 SENTENCE = "a small bakery on the corner sells fresh bread every morning"
 
 
-def load_catalogue(server: ServerProcess, vectors: np.ndarray) -> None:
-    from halflife_client.client import HalflifeClient, to_timestamp
-    from halflife.v1 import catalog_pb2, interest_pb2
-    import datetime as dt
-
-    with HalflifeClient(server.target, timeout=300) as client:
-        for s in range(0, len(vectors), 1000):
-            client.upsert_items([catalog_pb2.Item(id=f"i{j}", vector=vectors[j].tolist())
-                                 for j in range(s, min(len(vectors), s + 1000))])
-        events = [interest_pb2.Event(event_id=e, user_id=u, type=t, item_id=i,
-                                     event_time=to_timestamp(dt.datetime.fromtimestamp(when, dt.timezone.utc)))
-                  for e, u, t, i, when in make_events(len(vectors), 1, time.time())]
-        for s in range(0, len(events), 500):
-            client.record_events(events[s : s + 500])
-
-
 def measure(workers: int, vectors: np.ndarray, duration: float, run_index: int) -> dict:
     def rps(call: str, concurrency: int, data: str = "{}") -> dict:
         report = load(server.target, concurrency, duration, data=data, call=call, connections=CONNECTIONS)
         return {"rps": report["rps"], "p50_s": percentile_s(report, 50), "count": report["count"]}
 
     with ServerProcess(workers=workers) as server:
-        load_catalogue(server, vectors)
+        with HalflifeClient(server.target, timeout=300) as client:
+            upsert_vectors(client, vectors)
+            record_background(client, len(vectors))
         recommend = '{"user_id": "u0", "limit": 10}'
         out = {
             "empty_c32": rps(CHECK, 32),
