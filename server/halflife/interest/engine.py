@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -73,10 +73,7 @@ class ItemInput:
     vector: np.ndarray | None = None  # precomputed, normalised; None: embed `text`
 
 
-# slots: a frozen dataclass sets its fields through object.__setattr__,
-# about twice as fast on slots as on an instance dict; one is built per event.
-@dataclasses.dataclass(frozen=True, slots=True)
-class EventInput:
+class EventInput(NamedTuple):  # a tuple: one is built per event (see EventRecord)
     event_id: str
     user_id: str
     type: int  # API EventType value, 1..11

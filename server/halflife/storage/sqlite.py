@@ -563,11 +563,8 @@ class SqliteStore:
 
         before, keep = self._submit(job)
         unique = list(first.values())
-        out = []
-        for seq, i in enumerate(keep, start=before + 1):  # dataclasses.replace is ~10x slower
-            e = unique[i]
-            out.append(EventRecord(e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, e.vector, seq))
-        return out
+        # EventRecord(*e[:-1], seq): twice as fast as e._replace(seq=seq).
+        return [EventRecord(*unique[i][:-1], seq) for seq, i in enumerate(keep, start=before + 1)]
 
     def existing_event_ids(self, event_ids: Sequence[str]) -> set[str]:
         """Those of `event_ids` already stored."""
