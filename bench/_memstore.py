@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterator, Sequence
 
 from halflife.storage.base import EventColumns, EventRecord, ItemRecord, StoreHead
@@ -39,7 +38,7 @@ class MemoryStore:
             if e.event_id in self.ids:
                 continue
             self.ids.add(e.event_id)
-            stored = dataclasses.replace(e, seq=len(self.events) + 1)
+            stored = e._replace(seq=len(self.events) + 1)
             self.events.append(stored)
             self.by_user.setdefault(e.user_id, []).append(stored)
             out.append(stored)
