@@ -76,3 +76,47 @@ def test_item_events_share_the_items_stored_vector(tmp_path):
     assert count() == before  # 30 events, no new vectors
     engine.record_events([EventInput("t", "u", LIKE, "i0", "a review", None, T)])
     assert count() == before + 1  # item + text: a new direction
+
+
+# Recommend and SimilarItems score the catalogue without the engine lock, so
+# that concurrent calls use every core; a delete may land in between.
+
+def _delete_first(engine: InterestEngine, item_id: str, compute):
+    """`compute` that deletes `item_id` (as another thread would) just before it runs once."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        if not calls:
+            calls.append(engine.delete_items([item_id]))
+        return compute(*args, **kwargs)
+
+    return wrapped, calls
+
+
+def test_an_item_deleted_while_the_catalogue_is_scored_is_not_recommended(tmp_path, monkeypatch):
+    from halflife.interest import engine as engine_module
+
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"hiking boots model {n}") for n in range(8)])
+    engine.record_events([EventInput("e0", "u", LIKE, "i0", None, None, T - 60)])
+    before = [i.item_id for i in engine.recommend("u", 3, as_of=T).items]
+    run, calls = _delete_first(engine, before[0], engine_module._CatalogueScan.run)
+    monkeypatch.setattr(engine_module._CatalogueScan, "run", run)
+    after = [i.item_id for i in engine.recommend("u", 3, as_of=T).items]
+    assert calls == [1]  # the delete did land mid-call
+    assert before[0] not in after and len(after) == 3
+    assert after == [i.item_id for i in engine.recommend("u", 3, as_of=T).items]  # as if called after it
+
+
+def test_an_item_deleted_while_similar_items_scores_is_not_returned(tmp_path, monkeypatch):
+    from halflife.interest import engine as engine_module
+
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"espresso machine model {n}") for n in range(8)])
+    before = [i.item_id for i in engine.similar_items(item_id="i0", limit=3).items]
+    scores, calls = _delete_first(engine, before[0], engine_module.cosine_scores)
+    monkeypatch.setattr(engine_module, "cosine_scores", scores)
+    after = [i.item_id for i in engine.similar_items(item_id="i0", limit=3).items]
+    assert calls == [1]
+    assert before[0] not in after and len(after) == 3
+    assert after == [i.item_id for i in engine.similar_items(item_id="i0", limit=3).items]

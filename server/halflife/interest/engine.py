@@ -4,6 +4,9 @@ Coordinates the store (durable truth), the in-memory catalogue index, the
 popularity counters and a bounded cache of user profiles, and calls the pure
 numerical core for every computation. Knows nothing of gRPC; all methods are
 blocking and thread-safe (the gRPC layer calls them from worker threads).
+One lock guards the in-memory state; `recommend` and `similar_items` hold it
+to read what they need and to confirm their picks, but score the catalogue
+without it (`_CatalogueScan`), so concurrent calls run on every core.
 
 Profiles are a deterministic function of a user's event log: a cached profile
 is built by replaying the log (events sorted by time, ties by arrival), and
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -165,6 +169,40 @@ class _UserState:
     affinity_items: list[str] = dataclasses.field(default_factory=list)
     affinity_types: list[int] = dataclasses.field(default_factory=list)
     affinity_times: list[float] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CatalogueScan:
+    """The signals that read every catalogue row (a GEMV each), with the
+    profile vectors they need copied out under the engine lock, so that the
+    scan itself runs after the lock is released: NumPy lets go of the GIL in
+    the product, and concurrent Recommends then use every core.
+
+    `items` is a view of the catalogue's rows. Rows are never reused, so the
+    view stays valid: a row deleted meanwhile is dropped when the results are
+    confirmed under the lock, and a row updated meanwhile scores as the old
+    or the new vector (or, while it is being copied, a mix of both) for this
+    one call, as a call just before or after the update would."""
+
+    items: np.ndarray  # (N, d) float32 unit rows
+    centroids: np.ndarray | None = None  # (K, d) interests (multi mode)
+    importances: np.ndarray | None = None  # (K,)
+    combine: str = "sum"
+    positive: np.ndarray | None = None  # (d,) the single profile (single mode)
+    negative: np.ndarray | None = None  # (d,) the negative profile, when it has mass
+    negative_weight: float = 0.0
+
+    def run(self) -> dict[str, np.ndarray]:
+        """"interest" and "negative" as in `InterestEngine._signals`, each (N,) float32."""
+        parts: dict[str, np.ndarray] = {}
+        if self.centroids is not None:
+            interest = interest_scores(self.items, self.centroids, self.importances, mode=self.combine)
+            parts["interest"] = interest.astype(np.float32, copy=False)
+        elif self.positive is not None:
+            parts["interest"] = cosine_scores(self.positive, self.items).astype(np.float32, copy=False)
+        if self.negative is not None:
+            parts["negative"] = -np.float32(self.negative_weight) * cosine_scores(self.negative, self.items)
+        return parts
 
 
 class InterestEngine:
@@ -665,27 +703,37 @@ class InterestEngine:
             state = self._user_state(user_id, t)
             allowed = self._allowed(filter, set() if include_seen else state.seen)
             personal = state.single.strength(t) > 0
-            parts: dict[str, np.ndarray] = {}
+            items, create_times = self.catalog.vectors, self.catalog.create_times
             if personal:
-                parts = self._relevance(user_id, state, t)
-                strategy = "personalized"
+                scan, signals = self._signal_sources(user_id, state, t)
             else:
-                parts = {"popularity": _unit_max(self._popularity_at(t))}
-                strategy = "trending"
-            if query_vector is not None:
-                w = ranking.query_weight
-                parts = {name: (1 - w) * part for name, part in parts.items()}
-                parts["query"] = w * cosine_scores(query_vector, self.catalog.vectors)
-            scores = sum(parts.values())
-            if np.isfinite(ranking.freshness_half_life_days):
-                fresh = freshness(self.catalog.create_times, t, ranking.freshness_half_life_days * DAY)
-                parts["freshness"] = fresh
-                scores = scores * fresh if strategy == "trending" else (1 + scores) / 2 * fresh
-            candidates = limit * MMR_CANDIDATES_PER_RESULT if diversity > 0 else limit
+                signals = {"popularity": _unit_max(self._popularity_at(t))}
+        # The passes over the whole catalogue run without the lock (see _CatalogueScan).
+        if personal:
+            parts, strategy = self._weighted({**scan.run(), **signals}), "personalized"
+        else:
+            parts, strategy = signals, "trending"
+        if query_vector is not None:
+            w = ranking.query_weight
+            parts = {name: (1 - w) * part for name, part in parts.items()}
+            parts["query"] = w * cosine_scores(query_vector, items)
+        scores = sum(parts.values())
+        if np.isfinite(ranking.freshness_half_life_days):
+            fresh = freshness(create_times, t, ranking.freshness_half_life_days * DAY)
+            parts["freshness"] = fresh
+            scores = scores * fresh if strategy == "trending" else (1 + scores) / 2 * fresh
+        candidates = limit * MMR_CANDIDATES_PER_RESULT if diversity > 0 else limit
+
+        def select(allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             rows, top_scores = top_k(scores, candidates, allowed)
             if diversity > 0 and rows.size:
-                picks = mmr(top_scores, self.catalog.vectors[rows], limit, lam=1.0 - diversity)
+                picks = mmr(top_scores, items[rows], limit, lam=1.0 - diversity)
                 rows, top_scores = rows[picks], top_scores[picks]
+            return rows, top_scores
+
+        picked = select(allowed)
+        with self._lock:
+            rows, top_scores = self._confirm(picked, allowed, select)
             ids = [self.catalog.ids[r] for r in rows]
             explanations = (
                 self._explain(user_id, state, t, rows, {k: v[rows] for k, v in parts.items()})
@@ -697,30 +745,49 @@ class InterestEngine:
             strategy=strategy,
         )
 
-    def _relevance(self, user_id: str, state: _UserState, t: float) -> dict[str, np.ndarray]:
-        """Per-signal item scores (size,) for a user with positive events,
-        each already multiplied by its blend weight (config.BlendConfig):
-        "interest" (profile cosine), "negative" (−β·cosine with the negative
-        profile), "cooccurrence" and "popularity" (each divided by its maximum
-        over the catalogue, so in [0, 1]). A part whose weight is 0 is left out.
-        The weights are divided by their sum, so the blended score stays on the
-        cosine's scale and a request's query (`ranking.query_weight`) steers it
-        as much as it steers a plain profile; the ranking does not change."""
+    def _confirm(self, picked, allowed: np.ndarray, select) -> tuple[np.ndarray, np.ndarray]:
+        """Rows picked from scores computed without the lock, checked with it
+        held: if any was deleted meanwhile, `select` picks again from the same
+        scores without the deleted rows (rows added meanwhile were never
+        candidates). picked: (rows, scores); allowed: (n,) the mask they were
+        picked under. Lock held."""
+        alive = self.catalog.alive[: allowed.shape[0]]
+        if alive[picked[0]].all():
+            return picked
+        return select(allowed & alive)
+
+    def _weighted(self, signals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The signals of a user with positive events (see `_signals`), each
+        multiplied by its blend weight (config.BlendConfig); a part whose
+        weight is 0 is left out. The weights are divided by their sum, so the
+        blended score stays on the cosine's scale and a request's query
+        (`ranking.query_weight`) steers it as much as it steers a plain
+        profile; the ranking does not change."""
         blend = self.config.blend
         total = (blend.interest + blend.cooccurrence + blend.popularity) or 1.0
         weights = {"interest": blend.interest, "negative": blend.interest,
                    "cooccurrence": blend.cooccurrence, "popularity": blend.popularity}
-        return {name: np.float32(weights[name] / total) * signal for name, signal in self._signals(user_id, state, t).items()
-                if weights[name] > 0}
+        return {name: np.float32(weights[name] / total) * signal for name, signal in signals.items() if weights[name] > 0}
 
     def _signals(self, user_id: str, state: _UserState, t: float, which: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """The blend's signals before weighting (see `_relevance`); `which`
-        limits them to some names (None: those with a non-zero weight). Lock held."""
-        items = self.catalog.vectors
+        """The blend's signals for one user before weighting, each (size,):
+        "interest" (profile cosine), "negative" (−β·cosine with the negative
+        profile), "cooccurrence" and "popularity" (each divided by its maximum
+        over the catalogue, so in [0, 1]). `which` limits them to some names
+        (None: those with a non-zero weight). Lock held."""
+        scan, signals = self._signal_sources(user_id, state, t, which)
+        return {**scan.run(), **signals}
+
+    def _signal_sources(
+        self, user_id: str, state: _UserState, t: float, which: Sequence[str] | None = None
+    ) -> tuple[_CatalogueScan, dict[str, np.ndarray]]:
+        """`_signals` in two halves: the catalogue scan ("interest",
+        "negative"), which may run after the lock is released, and the
+        others, computed now. Lock held."""
         profile, blend = self.config.profile, self.config.blend
         if which is None:
             which = [n for n in ("interest", "cooccurrence", "popularity") if getattr(blend, n) > 0] + ["negative"]
-        parts: dict[str, np.ndarray] = {}
+        scan: dict = {}
         if "interest" in which or "negative" in which:
             if profile.kernel != "half_life":
                 positive, negative = self._kernel_profiles(user_id, t)
@@ -728,17 +795,18 @@ class InterestEngine:
                 positive, negative = state.single.vector(t), state.single.negative_vector(t)
         if "interest" in which:
             if profile.mode == "multi":
-                interest = interest_scores(items, state.multi.centroids(t), state.multi.importances(t), mode=profile.combine)
+                scan.update(centroids=state.multi.centroids(t), importances=state.multi.importances(t),
+                            combine=profile.combine)
             else:
-                interest = cosine_scores(positive, items)
-            parts["interest"] = interest.astype(np.float32)
+                scan.update(positive=positive)
         if "negative" in which and np.any(negative) and profile.negative_weight > 0:
-            parts["negative"] = -np.float32(profile.negative_weight) * cosine_scores(negative, items)
+            scan.update(negative=negative, negative_weight=profile.negative_weight)
+        signals: dict[str, np.ndarray] = {}
         if "cooccurrence" in which:
-            parts["cooccurrence"] = _unit_max(self._affinity_scores(state, t))
+            signals["cooccurrence"] = _unit_max(self._affinity_scores(state, t))
         if "popularity" in which:
-            parts["popularity"] = _unit_max(self._popularity_at(t))
-        return parts
+            signals["popularity"] = _unit_max(self._popularity_at(t))
+        return _CatalogueScan(self.catalog.vectors, **scan), signals
 
     def _kernel_profiles(self, user_id: str, t: float) -> tuple[np.ndarray, np.ndarray]:
         """Positive and negative profile vectors (d,) at t under the configured
@@ -832,8 +900,12 @@ class InterestEngine:
                     raise KeyError(item_id)
                 query = self.catalog.vectors[row].copy()
                 exclude = {item_id}
-            scores = cosine_scores(query, self.catalog.vectors)
-            rows, top_scores = top_k(scores, limit, self._allowed(filter, exclude))
+            allowed, items = self._allowed(filter, exclude), self.catalog.vectors
+        scores = cosine_scores(query, items)  # without the lock, as in recommend()
+        select = functools.partial(top_k, scores, limit)  # select(allowed) -> (rows, scores)
+        picked = select(allowed)
+        with self._lock:
+            rows, top_scores = self._confirm(picked, allowed, select)
             ids = [self.catalog.ids[r] for r in rows]
         return Recommendation(tuple(ScoredItem(i, float(s)) for i, s in zip(ids, top_scores)), "similarity")
 
