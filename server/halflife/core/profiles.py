@@ -306,7 +306,8 @@ class MultiInterestState:
             for e in range(i, j):
                 c = -1
                 if k:
-                    cos = centroids_at(max(t[e], newest), k) @ v_unit[e]
+                    cent = centroids_at(max(t[e], newest), k)
+                    cos = cent @ v_unit[e]
                     best = int(np.argmax(cos))
                     if cos[best] >= self.threshold:
                         c = best
@@ -320,7 +321,10 @@ class MultiInterestState:
                 last_time[c] = max(last_time[c], t[e])
                 newest = max(newest, t[e])
                 if k > self.max_clusters:
-                    cent = centroids_at(newest, k)
+                    # Only a new cluster (event e alone) can push k past the
+                    # cap, and `newest` is now the time `cent` was read at:
+                    # the others' directions are `cent`, the new one's is e's.
+                    cent = np.vstack([cent, v_unit[e]])
                     sim = cent @ cent.T
                     np.fill_diagonal(sim, -np.inf)
                     a, b = sorted(np.unravel_index(int(np.argmax(sim)), sim.shape))
