@@ -120,3 +120,73 @@ def test_an_item_deleted_while_similar_items_scores_is_not_returned(tmp_path, mo
     assert calls == [1]
     assert before[0] not in after and len(after) == 3
     assert after == [i.item_id for i in engine.similar_items(item_id="i0", limit=3).items]
+
+
+# A missing profile is replayed from the log without the engine lock
+# (InterestEngine._cache_profile); other calls may land in the meantime.
+
+def _during_replay(engine: InterestEngine, monkeypatch, action) -> list:
+    """Runs `action` once while the engine replays a profile, as another thread would."""
+    replay, done = engine._build_state, []
+
+    def build(events):
+        if not done:
+            done.append(action())
+        return replay(events)
+
+    monkeypatch.setattr(engine, "_build_state", build)
+    return done
+
+
+def _lock_is_free(engine: InterestEngine) -> bool:
+    import threading
+
+    got: list[bool] = []
+
+    def try_lock() -> None:
+        got.append(engine._lock.acquire(timeout=5))
+        if got[-1]:
+            engine._lock.release()
+
+    thread = threading.Thread(target=try_lock)
+    thread.start()
+    thread.join(10)
+    return got == [True]
+
+
+def _profile_of(engine: InterestEngine, user: str):
+    profile = engine.profile(user, as_of=T)
+    return [(round(i.strength, 9), i.event_count) for i in profile.interests], dict(profile.event_counts)
+
+
+def test_events_recorded_while_a_profile_replays_are_in_it(tmp_path, monkeypatch):
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"trail running shoe {n}") for n in range(6)])
+    engine.record_events([EventInput(f"a{n}", "u", LIKE, f"i{n}", None, None, T - 3600.0 * (6 - n)) for n in range(3)])
+    engine._users.clear()  # a cache miss, as after a restart
+
+    def meanwhile():
+        free = _lock_is_free(engine)
+        engine.record_events([EventInput("b0", "u", LIKE, "i4", None, None, T - 60.0)])
+        return free
+
+    done = _during_replay(engine, monkeypatch, meanwhile)
+    assert engine.recommend("u", 3, as_of=T).strategy == "personalized"
+    assert done == [True]  # the replay ran, and without the lock
+    monkeypatch.undo()
+    cached = _profile_of(engine, "u")
+    assert cached[1] == {LIKE: 4}
+    engine.store.close()
+    assert cached == _profile_of(open_engine(tmp_path), "u")  # what a restart builds
+
+
+def test_a_user_erased_while_their_profile_replays_is_not_cached(tmp_path, monkeypatch):
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"camping stove {n}") for n in range(4)])
+    engine.record_events([EventInput(f"a{n}", "u", LIKE, f"i{n}", None, None, T - 3600.0 * (4 - n)) for n in range(3)])
+    engine._users.clear()
+    done = _during_replay(engine, monkeypatch, lambda: engine.delete_user("u"))
+    assert engine.recommend("u", 3, as_of=T).strategy == "trending"
+    assert done == [3]
+    monkeypatch.undo()
+    assert _profile_of(engine, "u") == ([], {})

@@ -212,3 +212,22 @@ def test_an_erasure_elsewhere_just_before_this_workers_own_is_still_seen(pair, t
     a.store.delete_user = b_erases_first
     assert a.delete_user("u1") == 1
     assert answers(a) == answers(b) == restarted(tmp_path)
+
+
+def test_a_profile_replaying_while_another_worker_erases_its_user_is_dropped(pair, tmp_path, monkeypatch):
+    a, b = pair
+    a.upsert_items(items(["x", "y", "z"]))
+    a.record_events(likes("e", "u0", ["x", "y"]))
+    replay, done = a._build_state, []
+
+    def build(events):  # the other worker erases u0, and a call on this one catches up, mid-replay
+        if not done:
+            done.append(b.delete_user("u0"))
+            a.stats()
+        return replay(events)
+
+    monkeypatch.setattr(a, "_build_state", build)
+    assert a.recommend("u0", 3, as_of=T).strategy == "trending"
+    assert done == [2]
+    monkeypatch.undo()
+    assert answers(a) == answers(b) == restarted(tmp_path)

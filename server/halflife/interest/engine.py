@@ -171,6 +171,15 @@ class _UserState:
     affinity_times: list[float] = dataclasses.field(default_factory=list)
 
 
+@dataclasses.dataclass(eq=False)
+class _Replay:
+    """A missing profile being replayed from the log without the engine lock
+    (`_cache_profile`), and what happened to its user meanwhile."""
+
+    applied: list[EventRecord] = dataclasses.field(default_factory=list)  # the user's events applied meanwhile
+    erased: bool = False  # the user was erased meanwhile: the replay is stale
+
+
 @dataclasses.dataclass(frozen=True)
 class _CatalogueScan:
     """The signals that read every catalogue row (a GEMV each), with the
@@ -226,6 +235,7 @@ class InterestEngine:
         self._catalog_write = threading.Lock()  # this process's catalogue writes: store, read back, index
         self.catalog = CatalogIndex(dim)
         self._users: collections.OrderedDict[str, _UserState] = collections.OrderedDict()
+        self._replays: dict[str, list[_Replay]] = {}  # user id -> replays in flight
         self._labels: list[str] = []
         self._label_vectors = np.zeros((0, dim), dtype=np.float32)
         self._catalog_mean = np.zeros(dim, dtype=np.float32)
@@ -286,6 +296,8 @@ class InterestEngine:
                 self._events.advance(head.event_seq)
                 self._rebuild_blend()
                 self._users.clear()
+                for replay in (r for replays in self._replays.values() for r in replays):
+                    replay.erased = True
                 return
         self._apply_committed(head.event_seq)
 
@@ -517,6 +529,8 @@ class InterestEngine:
         for event in stored:
             state = self._users.get(event.user_id)
             if state is None:
+                for replay in self._replays.get(event.user_id, ()):
+                    replay.applied.append(event)
                 continue
             if event.seq > state.max_seq:
                 state.pending.append(event)
@@ -542,6 +556,8 @@ class InterestEngine:
             # count the user's events again.
             self._apply_committed(self.store.head().event_seq)
             self._users.pop(user_id, None)
+            for replay in self._replays.get(user_id, ()):
+                replay.erased = True
             row = self._user_rows.pop(user_id, None)
             if row is not None:
                 self._cooccurrence.remove_user(row)
@@ -582,15 +598,46 @@ class InterestEngine:
                 state.affinity_times.append(e.event_time)
         state.max_seq = max(state.max_seq, max(e.seq for e in events))
 
+    def _cache_profile(self, user_id: str) -> None:
+        """Caches the user's profile if it is missing, replaying the log
+        without the lock: a 500-event replay takes ~50 ms, which would hold up
+        every other call. Events applied meanwhile become the profile's
+        pending ones; an erasure meanwhile discards the replay. Call without
+        the lock; `_user_state` still replays under it if the profile is gone
+        again by then."""
+        with self._lock:
+            if user_id in self._users:  # stale if another process erased the user: _user_state catches up
+                return
+            replay = _Replay()
+            self._replays.setdefault(user_id, []).append(replay)
+        state = None
+        try:
+            # The read sees a prefix of the log (one writer hands out seqs in
+            # commit order): events up to state.max_seq are all in it.
+            state = self._build_state(self.store.user_events(user_id))
+        finally:
+            with self._lock:
+                replays = self._replays[user_id]
+                replays.remove(replay)
+                if not replays:
+                    del self._replays[user_id]
+                if state is not None and not replay.erased and user_id not in self._users:
+                    state.pending = [e for e in replay.applied if e.seq > state.max_seq]
+                    self._cache(user_id, state)
+
+    def _cache(self, user_id: str, state: _UserState) -> None:
+        """Adds a profile to the LRU cache, evicting the least recently used. Lock held."""
+        self._users[user_id] = state
+        while len(self._users) > self.config.profile.cache_users:
+            self._users.popitem(last=False)
+
     def _user_state(self, user_id: str, as_of: float) -> _UserState:
         """The user's profile including every event up to `as_of`. Call with the lock held."""
         self._catch_up()
         state = self._users.get(user_id)
         if state is None:
             state = self._build_state(self.store.user_events(user_id))
-            self._users[user_id] = state
-            while len(self._users) > self.config.profile.cache_users:
-                self._users.popitem(last=False)
+            self._cache(user_id, state)
         else:
             self._users.move_to_end(user_id)
         if state.pending:
@@ -609,6 +656,7 @@ class InterestEngine:
     def profile(self, user_id: str, as_of: float | None = None, items_per_interest: int | None = None) -> UserProfile:
         t = self._clock() if as_of is None else as_of
         n_items = self.config.ranking.items_per_interest if items_per_interest is None else items_per_interest
+        self._cache_profile(user_id)
         with self._lock:
             state = self._user_state(user_id, t)
             importances = state.multi.importances(t)
@@ -699,6 +747,7 @@ class InterestEngine:
         t = self._clock() if as_of is None else as_of
         query_vector = self._embed([query])[0] if query else None
         ranking = self.config.ranking
+        self._cache_profile(user_id)
         with self._lock:
             state = self._user_state(user_id, t)
             allowed = self._allowed(filter, set() if include_seen else state.seen)
