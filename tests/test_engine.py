@@ -190,3 +190,22 @@ def test_a_user_erased_while_their_profile_replays_is_not_cached(tmp_path, monke
     assert done == [3]
     monkeypatch.undo()
     assert _profile_of(engine, "u") == ([], {})
+
+
+def test_an_item_deleted_while_a_profile_is_described_is_not_listed(tmp_path, monkeypatch):
+    from halflife.interest import engine as engine_module
+
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"mountain bike part {n}") for n in range(8)])
+    engine.record_events([EventInput("e0", "u", LIKE, "i0", None, None, T - 60)])
+
+    def top() -> list[str]:
+        return [item_id for item_id, _, _ in engine.profile("u", as_of=T, items_per_interest=3).interests[0].top_items]
+
+    before = top()
+    describe, calls = _delete_first(engine, before[0], engine_module.describe_clusters)
+    monkeypatch.setattr(engine_module, "describe_clusters", describe)
+    after = top()
+    assert calls == [1]
+    assert before[0] not in after and len(after) == 3
+    assert after == top()  # as if described after the delete

@@ -659,64 +659,76 @@ class InterestEngine:
         self._cache_profile(user_id)
         with self._lock:
             state = self._user_state(user_id, t)
-            importances = state.multi.importances(t)
+            multi = state.multi
+            importances = multi.importances(t)
             total = float(importances.sum())
-            interests: list[InterestView] = []
-            if state.multi.n_clusters and total > 0:
-                centroids = state.multi.centroids(t)
-                trends = state.multi.trend_labels(t)
-                described = self._describe(centroids, n_items)
-                order = np.argsort(-importances, kind="stable")
-                for rank, c in enumerate(order):
-                    labels, items = described[c]
-                    interests.append(
-                        InterestView(
-                            interest_id=rank,
-                            strength=float(importances[c]),
-                            share=float(importances[c] / total),
-                            trend=str(trends[c]),
-                            labels=labels,
-                            top_items=items,
-                            event_count=int(state.multi.counts[c]),
-                            last_event_time=float(state.multi.last_time[c]),
-                        )
-                    )
-            return UserProfile(
+            clustered = multi.n_clusters > 0 and total > 0
+            if clustered:
+                centroids, trends = multi.centroids(t), multi.trend_labels(t)
+                counts, last_times = multi.counts.copy(), multi.last_time.copy()
+            profile = UserProfile(
                 user_id=user_id,
-                interests=tuple(interests),
+                interests=(),
                 event_counts=dict(state.api_counts),
                 last_event_time=None if state.newest_time == -np.inf else state.newest_time,
                 negative_strength=state.single.negative_strength(t),
             )
+        if not clustered:
+            return profile
+        described = self._describe(centroids, n_items)  # takes the lock only around its products
+        interests = []
+        for rank, c in enumerate(np.argsort(-importances, kind="stable")):
+            labels, items = described[c]
+            interests.append(
+                InterestView(
+                    interest_id=rank,
+                    strength=float(importances[c]),
+                    share=float(importances[c] / total),
+                    trend=str(trends[c]),
+                    labels=labels,
+                    top_items=items,
+                    event_count=int(counts[c]),
+                    last_event_time=float(last_times[c]),
+                )
+            )
+        return dataclasses.replace(profile, interests=tuple(interests))
 
     def _describe(self, centroids: np.ndarray, n_items: int):
         """Per centroid: ((label, similarity)...), ((item id, text, similarity)...).
-        Labels compare centred directions (see `_label_space`). Lock held."""
-        catalog = self.catalog
-        names, label_vectors, mean = self._label_space()
-        described = describe_clusters(
-            centroids,
-            label_vectors,
-            catalog.vectors,
-            n_labels=self.config.ranking.labels_per_interest,
-            n_items=min(n_items, catalog.size),
-            item_allowed=catalog.alive,
-            label_origin=mean,
-        )
-        out = []
-        for c in range(centroids.shape[0]):
-            labels = tuple(
-                (names[i], float(s))
-                for i, s in zip(described.label_indices[c], described.label_scores[c])
-                if i >= 0
+        Labels compare centred directions (see `_label_space`). Reads the
+        catalogue and names the results with the lock held, and runs the
+        products in between without it, as `recommend` does: if an item it
+        picked was deleted meanwhile, it describes again under the lock."""
+
+        def describe(items: np.ndarray, allowed: np.ndarray):
+            return describe_clusters(
+                centroids, label_vectors, items, n_labels=self.config.ranking.labels_per_interest,
+                n_items=min(n_items, items.shape[0]), item_allowed=allowed, label_origin=mean,
             )
-            items = tuple(
-                (catalog.ids[i], catalog.texts[i], float(s))
-                for i, s in zip(described.item_indices[c], described.item_scores[c])
-                if i >= 0
-            )
-            out.append((labels, items))
-        return out
+
+        with self._lock:
+            names, label_vectors, mean = self._label_space()
+            items, allowed = self.catalog.vectors, self.catalog.alive.copy()
+        described = describe(items, allowed)
+        with self._lock:
+            catalog = self.catalog
+            picked = described.item_indices[described.item_indices >= 0]
+            if not catalog.alive[picked].all():
+                described = describe(catalog.vectors, catalog.alive)
+            out = []
+            for c in range(centroids.shape[0]):
+                labels = tuple(
+                    (names[i], float(s))
+                    for i, s in zip(described.label_indices[c], described.label_scores[c])
+                    if i >= 0
+                )
+                items = tuple(
+                    (catalog.ids[i], catalog.texts[i], float(s))
+                    for i, s in zip(described.item_indices[c], described.item_scores[c])
+                    if i >= 0
+                )
+                out.append((labels, items))
+            return out
 
     # ---------------------------------------------------------- recommending
 
