@@ -4,9 +4,11 @@ Coordinates the store (durable truth), the in-memory catalogue index, the
 popularity counters and a bounded cache of user profiles, and calls the pure
 numerical core for every computation. Knows nothing of gRPC; all methods are
 blocking and thread-safe (the gRPC layer calls them from worker threads).
-One lock guards the in-memory state; `recommend` and `similar_items` hold it
-to read what they need and to confirm their picks, but score the catalogue
-without it (`_CatalogueScan`), so concurrent calls run on every core.
+One lock guards the in-memory state; `recommend`, `similar_items` and
+`profile` hold it to read what they need and to confirm their picks, but run
+their products over the catalogue without it (`_CatalogueScan`), so
+concurrent calls run on every core; a missing profile is replayed without it
+too (`_cache_profile`).
 
 Profiles are a deterministic function of a user's event log: a cached profile
 is built by replaying the log (events sorted by time, ties by arrival), and
