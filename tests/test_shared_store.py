@@ -231,3 +231,18 @@ def test_a_profile_replaying_while_another_worker_erases_its_user_is_dropped(pai
     assert done == [2]
     monkeypatch.undo()
     assert answers(a) == answers(b) == restarted(tmp_path)
+
+
+def test_a_profile_of_events_another_worker_recorded_is_replayed_once(pair, monkeypatch):
+    a, b = pair
+    b.upsert_items(items(["x", "y", "z"]))
+    b.record_events(likes("e", "u0", ["x", "y", "z"]))
+    replay, replays = a._build_state, []
+
+    def build(events):
+        replays.append(len(events))
+        return replay(events)
+
+    monkeypatch.setattr(a, "_build_state", build)
+    assert a.recommend("u0", 3, as_of=T).strategy == "personalized"
+    assert replays == [3]

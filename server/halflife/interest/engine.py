@@ -608,7 +608,11 @@ class InterestEngine:
         the lock; `_user_state` still replays under it if the profile is gone
         again by then."""
         with self._lock:
-            if user_id in self._users:  # stale if another process erased the user: _user_state catches up
+            # Other workers' events first: applied after the read, they would
+            # already be in the replay (seq <= its max), so _apply_events would
+            # drop it and _user_state replay again, under the lock.
+            self._catch_up()
+            if user_id in self._users:
                 return
             replay = _Replay()
             self._replays.setdefault(user_id, []).append(replay)
