@@ -394,7 +394,9 @@ class InterestEngine:
             catalog = self.catalog
             names = catalog.all_categories
             alive = catalog.alive
-            mean = catalog.vectors[alive].mean(axis=0) if alive.any() else np.zeros(self.dim, np.float32)
+            # A GEMV with the mask as weights: indexing would copy every live row first (8x slower at 100k).
+            n_alive = int(alive.sum())
+            mean = alive.astype(np.float32) @ catalog.vectors / max(n_alive, 1)
             vectors = np.zeros((len(names), self.dim), dtype=np.float32)
             for k, name in enumerate(names):
                 members = catalog.category_mask([name]) & alive
