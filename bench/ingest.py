@@ -15,6 +15,9 @@
    LRU of `profile.cache_users` (10,000) and are rebuilt from the log on a miss.
 4. The miss: rebuilding the profile of a user with 50 and with 500 events
    (SQLite read + replay), in-process.
+5. Misses do not stall other calls: a cached user's Recommend latency while
+   another thread takes profile misses of 500-event users, in-process (the
+   replay runs without the engine lock).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import numpy as np
 from halflife.config import Config
 from halflife.core.profiles import MultiInterestState, ProfileState
 from halflife.core.ranking import normalize
-from halflife.interest.engine import InterestEngine
+from halflife.interest.engine import EventInput, InterestEngine
 from halflife.storage.base import EventRecord, ItemRecord
 from halflife.storage.sqlite import MIGRATIONS, SqliteStore
 from halflife.v1 import catalog_pb2, interest_pb2, interest_pb2_grpc, recommend_pb2, recommend_pb2_grpc
@@ -214,6 +217,56 @@ def rebuild_costs(counts=(50, 500), repeat: int = 10) -> dict:
     return out
 
 
+def recommend_during_misses(heavy_users: int = 20, events: int = 500, items: int = 10_000) -> dict:
+    """Recommend latency of a cached user while another thread forces profile
+    misses of `heavy_users` users with `events` events each (SQLite store).
+    One BLAS thread, as `halflife serve` runs by default."""
+    import threading
+
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(2)
+    with tempfile.TemporaryDirectory(prefix="halflife-bench-misses-") as d:
+        store = SqliteStore(d)
+        store.upsert_items([ItemRecord(f"i{j}", "", (), {}, None, v)
+                            for j, v in enumerate(normalize(rng.standard_normal((items, DIM))))])
+        engine = InterestEngine(Config(), store, DIM, embed=lambda texts: np.zeros((len(texts), DIM), np.float32))
+        now = time.time()
+        heavy = [f"h{k}" for k in range(heavy_users)]
+        for user in heavy:
+            times = now - np.sort(rng.uniform(0, 60 * 86400, events))[::-1]
+            engine.record_events([EventInput(f"{user}-{j}", user, TYPES[j % 3], f"i{rng.integers(items)}", None, None,
+                                             float(times[j])) for j in range(events)])
+        engine.record_events([EventInput(f"light-{j}", "light", TYPES[2], f"i{j}", None, None, now - 3600.0 * j)
+                              for j in range(5)])
+        engine.recommend("light", 10)  # cached from here on
+        done = threading.Event()
+
+        def misses() -> None:
+            for user in heavy:
+                with engine._lock:
+                    engine._users.pop(user, None)
+                engine.recommend(user, 10)
+            done.set()
+
+        latencies = []
+        thread = threading.Thread(target=misses)
+        with threadpool_limits(1):
+            began = time.perf_counter()
+            thread.start()
+            while not done.is_set():
+                b = time.perf_counter()
+                engine.recommend("light", 10)
+                latencies.append(time.perf_counter() - b)
+            thread.join()
+            elapsed = time.perf_counter() - began
+        store.close()
+    lat = np.array(latencies)
+    return {"heavy_users": heavy_users, "events_per_user": events, "items": items, "calls": int(lat.size),
+            "misses_s": elapsed, "p50_s": float(np.percentile(lat, 50)), "p99_s": float(np.percentile(lat, 99)),
+            "max_s": float(lat.max())}
+
+
 # --------------------------------------------------------------------------- main
 
 def run(quick: bool = False) -> dict:
@@ -272,6 +325,7 @@ def run(quick: bool = False) -> dict:
             max(0, cache - users_small - extra_reads) * per_profile
     results["profile_state"] = profile_sizes()
     results["rebuild"] = rebuild_costs()
+    results["during_misses"] = recommend_during_misses()
     write(results)
     return results
 
@@ -297,6 +351,7 @@ def write(results: dict) -> None:
              r["clusters"], round(r["user_state_traced_bytes"])] for n, r in results["rebuild"].items()]
     t4 = markdown_table(["user events", "miss (read + replay) ms", "SQLite read ms", "replay ms", "clusters",
                          "cached _UserState bytes (traced)"], rows)
+    m = results["during_misses"]
 
     def plot_throughput(ax) -> None:
         paths = [("raw SQLite", raw), ("gRPC, 1 stream", tp["grpc_1"]["events_per_s"]),
@@ -321,7 +376,11 @@ def write(results: dict) -> None:
              + f"\nRSS per recorded user (no profile cached): {results['rss_bytes_per_recorded_user']:.0f} B; "
              f"per cached profile: {results['rss_bytes_per_cached_profile']:.0f} B; "
              f"1M users extrapolated: {results['extrapolated_1m_users_rss_bytes'] / 2**30:.2f} GiB.\n"
-             + "\n## Profile cache miss (rebuild from the log, in-process)\n\n" + t4)
+             + "\n## Profile cache miss (rebuild from the log, in-process)\n\n" + t4
+             + f"\nMeanwhile, other calls go on (the replay runs without the engine lock): a cached user's Recommend "
+             f"({m['items']} items) while another thread takes {m['heavy_users']} misses of {m['events_per_user']}-event "
+             f"users ({m['misses_s']:.2f} s): {m['calls']} calls, p50 {m['p50_s'] * 1e3:.2f} ms, "
+             f"p99 {m['p99_s'] * 1e3:.2f} ms, max {m['max_s'] * 1e3:.1f} ms.\n")
     notes = (
         f"Catalogue of {results['items']} items; throughput events reference random items and 1,000 users, event "
         "times given. Raw SQLite writes the store's own schema (halflife.storage.sqlite.MIGRATIONS) with all of its "
