@@ -10,12 +10,15 @@ Not thread-safe by itself: the interest engine serialises access.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from halflife.storage.base import ItemRecord
+
+_SUM_CHUNK = 4096  # rows gathered at once for the running sums (6 MB at 384-d)
 
 
 class CatalogIndex:
@@ -34,6 +37,10 @@ class CatalogIndex:
         self.row_of: dict[str, int] = {}
         self._category_rows: dict[str, set[int]] = {}
         self._category_masks: dict[str, np.ndarray] = {}  # cache, invalidated on change
+        # Running float64 sums of the live rows' vectors, overall and per
+        # category, so that means cost O(dim) however large the catalogue.
+        self._live_sum = np.zeros(dim)
+        self._category_sums: dict[str, np.ndarray] = {}
         self.version = 0  # bumped on every change (callers cache derived data by it)
 
     # Views over the rows in use; valid until the next mutation.
@@ -67,6 +74,18 @@ class CatalogIndex:
     def upsert(self, items: Iterable[ItemRecord]) -> tuple[int, int]:
         """Inserts or replaces items; returns (created, updated)."""
         created = updated = 0
+        it = iter(items)
+        while chunk := list(itertools.islice(it, _SUM_CHUNK)):  # a store's whole catalogue streams through
+            c, u = self._upsert_chunk(chunk)
+            created, updated = created + c, updated + u
+        self.version += 1
+        return created, updated
+
+    def _upsert_chunk(self, items: list[ItemRecord]) -> tuple[int, int]:
+        replaced = sorted({self.row_of[item.id] for item in items if item.id in self.row_of})
+        self._add_to_sums(replaced, -1.0)  # their vectors as they were before this chunk
+        touched = []
+        created = updated = 0
         for item in items:
             row = self.row_of.get(item.id)
             if row is None:
@@ -78,6 +97,7 @@ class CatalogIndex:
             else:
                 self._forget_categories(row)
                 updated += 1
+            touched.append(row)
             self._matrix[row] = item.vector
             self._alive[row] = True
             self._create_times[row] = item.create_time if item.create_time is not None else np.nan
@@ -86,11 +106,13 @@ class CatalogIndex:
             for category in item.categories:
                 self._category_rows.setdefault(category, set()).add(row)
                 self._category_masks.pop(category, None)
-        self.version += 1
+        self._add_to_sums(sorted(set(touched)), 1.0)
         return created, updated
 
     def delete(self, ids: Iterable[str]) -> list[str]:
         """Removes items; returns the ids that existed."""
+        ids = list(dict.fromkeys(ids))
+        self._add_to_sums([self.row_of[i] for i in ids if i in self.row_of], -1.0)
         deleted = []
         for item_id in ids:
             row = self.row_of.pop(item_id, None)
@@ -127,6 +149,15 @@ class CatalogIndex:
     def all_categories(self) -> list[str]:
         return sorted(c for c, rows in self._category_rows.items() if rows)
 
+    def mean(self, category: str | None = None) -> np.ndarray:
+        """Mean vector of the live items, or of those in `category`: (dim,)
+        float64, zeros when there are none. O(dim): kept as running sums."""
+        if category is None:
+            count, total = len(self.row_of), self._live_sum
+        else:
+            count, total = len(self._category_rows.get(category, ())), self._category_sums.get(category)
+        return total / count if count else np.zeros(self.dim)
+
     def _new_row(self) -> int:
         if self.size == self._matrix.shape[0]:
             self._grow(max(1024, math.ceil(self.size * 1.5)))
@@ -152,3 +183,22 @@ class CatalogIndex:
         for category in self.categories[row]:
             self._category_rows.get(category, set()).discard(row)
             self._category_masks.pop(category, None)
+
+    def _add_to_sums(self, rows: Sequence[int], sign: float) -> None:
+        """Adds (sign 1) or takes out (-1) distinct live rows' current vectors
+        to or from the running sums, overall and per category: per chunk of
+        rows, one float32 gather, then one float64 reduction per category."""
+        for start in range(0, len(rows), _SUM_CHUNK):
+            chunk = rows[start : start + _SUM_CHUNK]
+            vectors = self._matrix[chunk]
+            self._live_sum += sign * np.add.reduce(vectors, axis=0, dtype=np.float64)
+            members: dict[str, list[int]] = {}
+            for k, row in enumerate(chunk):
+                for category in self.categories[row]:
+                    members.setdefault(category, []).append(k)
+            for category, ks in members.items():
+                part = sign * np.add.reduce(vectors[ks], axis=0, dtype=np.float64)
+                if category in self._category_sums:
+                    self._category_sums[category] += part
+                else:
+                    self._category_sums[category] = part

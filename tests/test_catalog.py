@@ -1,0 +1,47 @@
+"""The in-memory catalogue index."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from halflife.core.ranking import normalize
+from halflife.interest.catalog import CatalogIndex
+from halflife.storage.base import ItemRecord
+
+DIM = 16
+CATEGORIES = ("a", "b", "c", "d")
+
+
+def test_running_means_match_means_from_scratch_after_upserts_updates_and_deletes():
+    rng = np.random.default_rng(0)
+    catalog = CatalogIndex(DIM, capacity=8)  # grows on the way
+    for step in range(300):
+        item_id = f"i{rng.integers(60)}"
+        if rng.random() < 0.25:
+            catalog.delete([item_id])
+        else:
+            categories = tuple(rng.choice(CATEGORIES, size=rng.integers(0, 3), replace=False))
+            catalog.upsert([ItemRecord(item_id, "", categories, {}, None, normalize(rng.standard_normal(DIM)))])
+    live = np.flatnonzero(catalog.alive)
+    assert 0 < live.size < catalog.size  # some rows were deleted, some live
+    np.testing.assert_allclose(catalog.mean(), catalog.vectors[live].mean(axis=0), atol=1e-6)
+    for category in CATEGORIES:
+        rows = [r for r in live if category in catalog.categories[r]]
+        expected = catalog.vectors[rows].mean(axis=0) if rows else np.zeros(DIM)
+        np.testing.assert_allclose(catalog.mean(category), expected, atol=1e-6)
+    catalog.delete([catalog.ids[r] for r in live])
+    np.testing.assert_allclose(catalog.mean(), np.zeros(DIM))
+    assert catalog.all_categories == [] and not catalog.mean("a").any()
+
+
+def test_running_means_hold_for_a_bulk_upsert_that_repeats_ids_across_chunks():
+    rng = np.random.default_rng(1)
+    catalog = CatalogIndex(DIM)
+    ids = [f"i{n % 3000}" for n in range(5000)]  # 2,000 ids come twice, the second time past the first chunk
+    catalog.upsert(ItemRecord(i, "", (CATEGORIES[n % 4],), {}, None, normalize(rng.standard_normal(DIM)))
+                   for n, i in enumerate(ids))
+    assert len(catalog) == 3000 and catalog.size == 3000
+    np.testing.assert_allclose(catalog.mean(), catalog.vectors.mean(axis=0), atol=1e-6)
+    for category in CATEGORIES:
+        rows = [r for r in range(catalog.size) if category in catalog.categories[r]]
+        np.testing.assert_allclose(catalog.mean(category), catalog.vectors[rows].mean(axis=0), atol=1e-6)
