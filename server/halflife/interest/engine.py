@@ -526,10 +526,12 @@ class InterestEngine:
         rows = self._current_item_rows([e.item_id for e in stored], np.array([e.seq for e in stored]))
         self._add_to_blend(rows, types, np.array([e.event_time for e in stored]), [e.user_id for e in stored])
         for event in stored:
+            # Replays in flight take it whether or not the user is cached now:
+            # a profile cached meanwhile may still be dropped (below).
+            for replay in self._replays.get(event.user_id, ()):
+                replay.applied.append(event)
             state = self._users.get(event.user_id)
             if state is None:
-                for replay in self._replays.get(event.user_id, ()):
-                    replay.applied.append(event)
                 continue
             if event.seq > state.max_seq:
                 state.pending.append(event)
