@@ -295,3 +295,22 @@ def test_a_replay_keeps_events_applied_while_another_replays_profile_was_cached_
     assert cached[1] == {LIKE: 2}
     engine.store.close()
     assert cached == _profile_of(open_engine(tmp_path), "u")
+
+
+def test_a_user_after_an_erasure_gets_co_occurrence_of_their_own(tmp_path):
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"board game {n}") for n in range(8)])
+    for k, user in enumerate(("a", "b", "c")):
+        engine.record_events([EventInput(f"{user}{n}", user, LIKE, f"i{(3 * k + n) % 8}", None, None, T - 3600.0 * (n + 1))
+                              for n in range(3)])
+    engine.delete_user("b")
+    engine.record_events([EventInput(f"d{n}", "d", LIKE, f"i{7 - n}", None, None, T - 60.0 * (n + 1)) for n in range(2)])
+    engine.delete_user("c")  # must take only c's pairs, not the newcomer's
+
+    def answers(e: InterestEngine) -> dict:
+        return {u: [(i.item_id, round(i.score, 5)) for i in e.recommend(u, 5, as_of=T).items] for u in "abcd"}
+
+    live, pairs = answers(engine), len(engine._cooccurrence)
+    engine.store.close()
+    restarted = open_engine(tmp_path)
+    assert (live, pairs) == (answers(restarted), len(restarted._cooccurrence))

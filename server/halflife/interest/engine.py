@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import logging
 import threading
 import time
@@ -268,7 +269,10 @@ class InterestEngine:
         (co-occurrence) and a decayed popularity prior, which also answers for
         users without a profile (cold start). Lock held (or not yet shared)."""
         self._cooccurrence = Cooccurrence(0)
+        # Co-occurrence rows of users; an erased user's row is never handed out
+        # again (a new user given it would inherit the rest's pairs).
         self._user_rows: dict[str, int] = {}
+        self._next_user_row = itertools.count()
         self._popularity = DecayedCounts.empty(0, self.config.blend.popularity_half_life_days * DAY)
         # The same events as a log (rows, times, weights), so a look into the
         # past (as_of before the newest event) counts only what had happened.
@@ -334,9 +338,15 @@ class InterestEngine:
         weights = self._types.weights[types]
         consumed = np.flatnonzero((rows >= 0) & (weights >= 0))
         if consumed.size:
-            user_rows = [self._user_rows.setdefault(user_ids[i], len(self._user_rows)) for i in consumed]
+            user_rows = [self._user_row(user_ids[i]) for i in consumed]
             self._cooccurrence.add(user_rows, rows[consumed], times[consumed])
         self._add_popularity(rows, types, times, sign=1.0)
+
+    def _user_row(self, user_id: str) -> int:
+        row = self._user_rows.get(user_id)
+        if row is None:
+            row = self._user_rows[user_id] = next(self._next_user_row)
+        return row
 
     def _add_popularity(self, rows: np.ndarray, types: np.ndarray, times: np.ndarray, sign: float) -> None:
         """Adds (sign 1) or takes back (sign -1) positive item events' weights
