@@ -32,10 +32,10 @@ def answers(engine: InterestEngine, users=("cold", "u0", "u1", "u2")) -> dict:
     }
 
 
-def restarted(path) -> dict:
+def restarted(path, users=("cold", "u0", "u1", "u2")) -> dict:
     engine = worker(path, follow=False)
     try:
-        return answers(engine)
+        return answers(engine, users)
     finally:
         engine.store.close()
 
@@ -246,3 +246,45 @@ def test_a_profile_of_events_another_worker_recorded_is_replayed_once(pair, monk
     monkeypatch.setattr(a, "_build_state", build)
     assert a.recommend("u0", 3, as_of=T).strategy == "personalized"
     assert replays == [3]
+
+
+def test_two_workers_under_concurrent_writes_erasures_and_reads_end_as_a_restart_would(pair, tmp_path):
+    """Each worker records events, erases users and adds items while both
+    serve reads, all at once; afterwards both answer as a restart does."""
+    a, b = pair
+    a.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}", categories=(f"c{n % 3}",)) for n in range(30)])
+    errors: list[BaseException] = []
+
+    def run(fn) -> threading.Thread:
+        def loop() -> None:
+            try:
+                for step in range(40):
+                    fn(step)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+        return threading.Thread(target=loop)
+
+    def writer(engine: InterestEngine, tag: str, offset: float):
+        def write(step: int) -> None:
+            engine.record_events([EventInput(f"{tag}{step}-{k}", f"u{(step + k) % 4}", LIKE, f"i{(step * 7 + k) % 30}",
+                                             None, None, T - 3600.0 * (40 - step) - k - offset) for k in range(2)])
+            if step % 15 == 14:
+                engine.delete_user(f"u{(step // 15) % 4}")
+            if step % 10 == 5:
+                engine.upsert_items([ItemInput(id=f"{tag}n{step}", text=f"new {tag} {step}", categories=("c1",))])
+        return write
+
+    def reader(engine: InterestEngine):
+        def read(step: int) -> None:
+            engine.recommend(f"u{step % 4}", 5, as_of=T)
+            engine.profile(f"u{step % 4}", as_of=T)
+        return read
+
+    threads = [run(writer(a, "a", 0.0)), run(writer(b, "b", 0.5)), run(reader(a)), run(reader(b))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    users = ("cold", "u0", "u1", "u2", "u3")
+    assert answers(a, users) == answers(b, users) == restarted(tmp_path, users)
