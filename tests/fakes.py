@@ -14,3 +14,25 @@ def fake_embed(texts):
     rows = [np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)).normal(size=DIM) for t in texts]
     rows = np.array(rows, dtype=np.float32)
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def run_in_threads(steps: int, *actions) -> list[BaseException]:
+    """Runs each action(step) for step in range(steps) on a thread of its own,
+    all at once; returns what they raised (bounded: joins with a timeout)."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def loop(action) -> None:
+        try:
+            for step in range(steps):
+                action(step)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=loop, args=(action,)) for action in actions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return errors

@@ -5,7 +5,7 @@ from __future__ import annotations
 from halflife.config import Config
 from halflife.interest.engine import EventInput, InterestEngine, ItemInput
 from halflife.storage.sqlite import SqliteStore
-from tests.fakes import DIM, fake_embed
+from tests.fakes import DIM, fake_embed, run_in_threads
 
 DAY = 86400.0
 T = 1_700_000_000.0
@@ -217,22 +217,10 @@ def test_concurrent_reads_and_writes_end_as_a_restart_would(tmp_path):
     several threads at once (reads now score without the lock): nothing
     fails, no deleted item is ever returned after its delete finished, and
     the engine ends where a restart over the store ends."""
-    import threading
-
     engine = open_engine(tmp_path)
     engine.upsert_items([ItemInput(id=f"{kind}{n}", text=f"item {n}", categories=(f"c{n % 3}",))
                          for n in range(40) for kind in ("i", "d")])  # events name i*, deletes take d*
-    errors: list[BaseException] = []
     deleted: set[str] = set()
-
-    def run(fn):
-        def loop():
-            try:
-                for step in range(60):
-                    fn(step)
-            except BaseException as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-        return threading.Thread(target=loop)
 
     def catalogue(step):
         if step % 3 == 2:
@@ -256,11 +244,7 @@ def test_concurrent_reads_and_writes_end_as_a_restart_would(tmp_path):
         ids += [i for interest in engine.profile(user, as_of=T).interests for i, _, _ in interest.top_items]
         assert not gone & set(ids), gone & set(ids)
 
-    threads = [run(catalogue), run(events), run(reads), run(reads)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    errors = run_in_threads(60, catalogue, events, reads, reads)
     assert not errors, errors
 
     def answers(e: InterestEngine) -> dict:

@@ -13,7 +13,7 @@ from halflife.interest.engine import EventInput, InterestEngine, ItemInput
 from halflife.interest.watermark import EventWatermark
 from halflife.storage.base import StoreHead
 from halflife.storage.sqlite import SqliteStore
-from tests.fakes import DIM, fake_embed
+from tests.fakes import DIM, fake_embed, run_in_threads
 
 DAY = 86400.0
 T = 1_700_000_000.0
@@ -253,16 +253,6 @@ def test_two_workers_under_concurrent_writes_erasures_and_reads_end_as_a_restart
     serve reads, all at once; afterwards both answer as a restart does."""
     a, b = pair
     a.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}", categories=(f"c{n % 3}",)) for n in range(30)])
-    errors: list[BaseException] = []
-
-    def run(fn) -> threading.Thread:
-        def loop() -> None:
-            try:
-                for step in range(40):
-                    fn(step)
-            except BaseException as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-        return threading.Thread(target=loop)
 
     def writer(engine: InterestEngine, tag: str, offset: float):
         def write(step: int) -> None:
@@ -280,11 +270,7 @@ def test_two_workers_under_concurrent_writes_erasures_and_reads_end_as_a_restart
             engine.profile(f"u{step % 4}", as_of=T)
         return read
 
-    threads = [run(writer(a, "a", 0.0)), run(writer(b, "b", 0.5)), run(reader(a)), run(reader(b))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    errors = run_in_threads(40, writer(a, "a", 0.0), writer(b, "b", 0.5), reader(a), reader(b))
     assert not errors, errors
     users = ("cold", "u0", "u1", "u2", "u3")
     assert answers(a, users) == answers(b, users) == restarted(tmp_path, users)
