@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from halflife.config import Config
-from halflife.interest.engine import EventInput, InterestEngine, ItemInput
+from halflife.interest.engine import EventInput, InterestEngine, ItemInput, UnknownItemsError
 from halflife.interest.watermark import EventWatermark
 from halflife.storage.base import StoreHead
 from halflife.storage.sqlite import SqliteStore
@@ -249,15 +249,23 @@ def test_a_profile_of_events_another_worker_recorded_is_replayed_once(pair, monk
 
 
 def test_two_workers_under_concurrent_writes_erasures_and_reads_end_as_a_restart_would(pair, tmp_path):
-    """Each worker records events, erases users and adds items while both
-    serve reads, all at once; afterwards both answer as a restart does."""
+    """Each worker records events, erases users, adds items and deletes and
+    re-creates others while both serve reads, all at once; afterwards both
+    answer as a restart does."""
     a, b = pair
     a.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}", categories=(f"c{n % 3}",)) for n in range(30)])
 
     def writer(engine: InterestEngine, tag: str, offset: float):
         def write(step: int) -> None:
-            engine.record_events([EventInput(f"{tag}{step}-{k}", f"u{(step + k) % 4}", LIKE, f"i{(step * 7 + k) % 30}",
-                                             None, None, T - 3600.0 * (40 - step) - k - offset) for k in range(2)])
+            if step % 7 == 3:
+                engine.delete_items([f"i{(step * 3) % 30}"])
+            if step % 7 == 6:  # the id deleted 3 steps ago, as a new item
+                engine.upsert_items([ItemInput(id=f"i{((step - 3) * 3) % 30}", text=f"again {tag} {step}")])
+            try:
+                engine.record_events([EventInput(f"{tag}{step}-{k}", f"u{(step + k) % 4}", LIKE, f"i{(step * 7 + k) % 30}",
+                                                 None, None, T - 3600.0 * (40 - step) - k - offset) for k in range(2)])
+            except UnknownItemsError:  # one of them was deleted just now
+                pass
             if step % 15 == 14:
                 engine.delete_user(f"u{(step // 15) % 4}")
             if step % 10 == 5:

@@ -44,7 +44,7 @@ from halflife.core.profiles import MultiInterestState, ProfileState, interest_sc
 from halflife.core.ranking import DecayedCounts, cosine_scores, freshness, mmr, normalize, top_k
 from halflife.interest.catalog import CatalogIndex
 from halflife.interest.watermark import EventWatermark
-from halflife.storage.base import EventRecord, ItemRecord, Store
+from halflife.storage.base import EventRecord, ItemRecord, Store, StoreHead
 
 log = logging.getLogger(__name__)
 
@@ -293,19 +293,29 @@ class InterestEngine:
         if not self._follow_store:
             return
         head = self.store.head()
-        if head.change_version > self._changes_seen:
-            changes = self.store.changes_since(self._changes_seen)
-            self._changes_seen = max(c.version for c in changes) if changes else head.change_version
-            foreign = [c for c in changes if c.origin != self.store.origin]
-            self._sync_items([c.item_id for c in foreign if c.item_id is not None])
-            if any(c.item_id is None for c in foreign):
-                self._events.advance(head.event_seq)
-                self._rebuild_blend()
-                self._users.clear()
-                for replay in (r for replays in self._replays.values() for r in replays):
-                    replay.erased = True
-                return
-        self._apply_committed(head.event_seq)
+        if not self._catch_up_changes(head):
+            self._apply_committed(head.event_seq)
+
+    def _catch_up_changes(self, head: StoreHead) -> bool:
+        """The change-feed half of `_catch_up`: item changes and other
+        processes' erasures up to `head`. This process's own item changes are
+        synced too: one whose index update is still in flight must not leave
+        events committed after it to be applied against the old index.
+        Returns True when an erasure made it rebuild the blend from the log
+        through head (events included). Lock held."""
+        if head.change_version <= self._changes_seen:
+            return False
+        changes = self.store.changes_since(self._changes_seen)
+        self._changes_seen = max(c.version for c in changes) if changes else head.change_version
+        self._sync_items([c.item_id for c in changes if c.item_id is not None])
+        if not any(c.item_id is None and c.origin != self.store.origin for c in changes):
+            return False
+        self._events.advance(head.event_seq)
+        self._rebuild_blend()
+        self._users.clear()
+        for replay in (r for replays in self._replays.values() for r in replays):
+            replay.erased = True
+        return True
 
     def _apply_committed(self, through_seq: int) -> None:
         """Applies the committed events up to `through_seq` that are not applied
@@ -519,10 +529,15 @@ class InterestEngine:
 
     def _apply_new_events(self, stored: Sequence[EventRecord]) -> None:
         """Applies a batch this process just stored, unless a catch-up
-        (another thread's) already fetched it from the log."""
+        (another thread's) already fetched it from the log. An event counts for
+        its item's incarnation at its commit, so the index must first hold
+        every catalogue change committed before it: this process's writes in
+        flight (`_catalog_write`) and other processes' (the change feed)."""
         if not stored:
             return
-        with self._lock:
+        with self._catalog_write, self._lock:
+            if self._follow_store:
+                self._catch_up_changes(self.store.head())
             if self._events.applied(stored[0].seq):
                 return
             self._events.add(stored[0].seq, stored[-1].seq)
@@ -554,7 +569,7 @@ class InterestEngine:
         """Erases the user's events for good and forgets their profile, their
         co-occurrence pairs and their share of item popularity, so that the
         engine holds what a restart over the remaining log would build."""
-        with self._lock:
+        with self._catalog_write, self._lock:  # applies committed events: the index first (see _apply_new_events)
             self._catch_up()
             # Only what this engine has counted can be taken back.
             events = [e for e in self.store.user_events(user_id) if self._events.applied(e.seq)]
