@@ -373,3 +373,25 @@ def test_inputs_too_long_lists_every_offender(bert):
     assert f"max {limit}" in message and "truncate" in message
     # At the limit exactly is fine.
     engine.tokenize(["a " * (limit - 2)])
+
+
+def test_cuda_request_preloads_the_cuda_libraries_and_reports_a_fallback(bert, monkeypatch, caplog):
+    """Asking for CUDA loads the nvidia-* libraries first (onnxruntime would not
+    find them without LD_LIBRARY_PATH); where CUDA still cannot run, the engine
+    says which provider it really uses instead of pretending."""
+    import onnxruntime as ort
+
+    from halflife.embedding import engine as engine_module
+
+    preloads = []
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [engine_module.CUDA, engine_module.CPU])
+    monkeypatch.setattr(ort, "preload_dlls", lambda *a, **k: preloads.append(a), raising=False)
+    with caplog.at_level("WARNING", logger=engine_module.log.name):
+        engine = engine_module.EmbeddingEngine.load(bert[1], variant="fp32-o2", provider="cuda", intra_op_threads=1)
+    assert preloads == [()]
+    assert engine.provider == engine_module.CPU
+    assert "fell back to CPUExecutionProvider" in caplog.text
+
+    preloads.clear()
+    engine_module.EmbeddingEngine.load(bert[1], variant="fp32-o2", provider="cpu", intra_op_threads=1)
+    assert preloads == []

@@ -99,6 +99,15 @@ def _resolve_provider(requested: str) -> str:
     return CUDA if CUDA in available else CPU
 
 
+def _preload_cuda_libraries() -> None:
+    """Loads CUDA and cuDNN from the nvidia-* wheels installed beside
+    onnxruntime-gpu (its `cuda,cudnn` extras, or PyTorch's), which the CUDA
+    provider would not find on its own without LD_LIBRARY_PATH."""
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime-gpu >= 1.21
+    if preload is not None:
+        preload()
+
+
 class EmbeddingEngine:
     """Tokenizes texts and runs one ONNX variant of an exported model."""
 
@@ -155,6 +164,8 @@ class EmbeddingEngine:
         tokenizer_path = verify_file(model_dir, manifest.tokenizer_file, manifest.tokenizer_sha256)
 
         providers = [CUDA, CPU] if wanted == CUDA else [CPU]
+        if wanted == CUDA:
+            _preload_cuda_libraries()
         session = ort.InferenceSession(
             str(onnx_path), sess_options=session_options(intra_op_threads), providers=providers
         )
