@@ -55,7 +55,7 @@ class ServerThread:
 
 
 def start_cli_server(
-    model_dir: Path, data_dir: Path, *, drain: bool = False, workers: int = 1
+    model_dir: Path, data_dir: Path, *, drain: bool = False, workers: int = 1, extra_args: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen, str]:
     """`halflife serve --port 0 [--workers N]` in a subprocess; returns it and
     its address once it (every worker) serves. With `drain`, a thread keeps
@@ -63,7 +63,7 @@ def start_cli_server(
     read the log with communicate())."""
     process = subprocess.Popen(
         [sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(model_dir),
-         "--data-dir", str(data_dir), "--workers", str(workers)],
+         "--data-dir", str(data_dir), "--workers", str(workers), *extra_args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     deadline = time.monotonic() + START_TIMEOUT_S
