@@ -230,8 +230,7 @@ def engine_inprocess(X: np.ndarray, repeat: int, trace: bool) -> dict:
     cat = engine.catalog
     out["array_bytes_per_item"] = (
         (cat._matrix.nbytes + cat._alive.nbytes + cat._create_times.nbytes) / cat._matrix.shape[0]
-        + engine._popularity.counts.nbytes / n + engine._cooccurrence._item_counts.nbytes / n
-        + engine._cooccurrence._item_ptr.nbytes / n
+        + engine._popularity.counts.nbytes / n + engine._cooccurrence.item_counts().nbytes / n
     )
     out["matrix_capacity_rows"] = int(cat._matrix.shape[0])
     return out

@@ -1,8 +1,8 @@
 """Item co-occurrence ("people who consumed i also consumed j"), pure NumPy.
 
 `Cooccurrence` keeps the user × item incidence X (a pair is present once,
-however often it recurs) in growable arrays and computes co-occurrence on
-demand from it, C[i, j] = #users who consumed both i and j, so nothing of
+however often it recurs) as sorted 64-bit pair keys and computes co-occurrence
+on demand from it, C[i, j] = #users who consumed both i and j, so nothing of
 size N × N is ever held: a read touches only the users who share an item
 with the query and their items.
 
@@ -28,38 +28,66 @@ import numpy as np
 
 SIMILARITIES = ("count", "jaccard", "cosine", "lift")
 _ITEM_BITS = 32  # a pair's key: user << 32 | item (items < 2**32, users < 2**31)
+_LOW = (1 << _ITEM_BITS) - 1
+# New pairs wait in a small dict until this many (or 1/64 of the indexed
+# pairs, if more) have gathered, then merge into the sorted arrays in one
+# O(pairs) pass: reads scan the waiting pairs linearly, so they stay cheap,
+# and the merge's cost spreads to a few microseconds per pair.
+_MIN_MERGE = 16_384
 
 
-def _gather(ptr: np.ndarray, values: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every CSR entry of each key, vectorized: (position of the key in `keys`,
-    value) as two (m,) int64 arrays. ptr: (n + 1,) row pointers into values."""
-    starts, ends = ptr[keys], ptr[keys + 1]
-    lengths = ends - starts
-    which = np.repeat(np.arange(keys.shape[0]), lengths)
+def _swap(keys: np.ndarray) -> np.ndarray:
+    """user << 32 | item keys as item << 32 | user, and back. (n,) int64."""
+    return ((keys & _LOW) << _ITEM_BITS) | (keys >> _ITEM_BITS)
+
+
+def _spans(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flattens ranges [starts[k], starts[k] + lengths[k]): (k, index) for every
+    index in them, as two (sum(lengths),) int64 arrays."""
+    which = np.repeat(np.arange(starts.shape[0]), lengths)
     offsets = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return which, values[np.repeat(starts, lengths) + offsets]
+    return which, np.repeat(starts, lengths) + offsets
+
+
+def _ranges(sorted_keys: np.ndarray, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every entry of `sorted_keys` whose high half is one of `heads`, vectorized:
+    (position of its head in `heads`, low half) as two (m,) int64 arrays."""
+    starts = np.searchsorted(sorted_keys, heads << _ITEM_BITS)
+    which, index = _spans(starts, np.searchsorted(sorted_keys, (heads + 1) << _ITEM_BITS) - starts)
+    return which, sorted_keys[index] & _LOW
+
+
+def _matches(values: np.ndarray, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions i with values[i] in `heads` (distinct) and the position of that
+    head in `heads`: two (m,) int64 arrays."""
+    if not heads.size:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    order = np.argsort(heads)
+    found = np.minimum(np.searchsorted(heads[order], values), heads.shape[0] - 1)
+    hit = np.flatnonzero(heads[order][found] == values)
+    return hit, order[found[hit]]
 
 
 class Cooccurrence:
     """User × item incidence with on-demand co-occurrence.
 
     Users and items are dense int rows (callers map ids to rows). `add` is
-    idempotent per (user, item) pair and order-independent; reads build a
-    CSR/CSC view lazily after writes.
+    idempotent per (user, item) pair and order-independent. Each pair is held
+    once, as a 64-bit key in two sorted arrays (by user, then by item) with
+    its time: ~24 bytes a pair, and a read finds a user's items or an item's
+    users by binary search. New pairs gather in a small dict first, so a
+    write never re-sorts everything and a read after a write pays only for
+    the pairs still waiting.
     """
 
     def __init__(self, n_items: int = 0):
         self.n_items = int(n_items)
-        # pair key (user << 32 | item) -> time it first happened; int keys take
-        # about half the memory of (user, item) tuples
-        self._pairs: dict[int, float] = {}
-        self._users = np.zeros(0, dtype=np.int64)
-        self._items = np.zeros(0, dtype=np.int64)
-        self._times = np.zeros(0, dtype=np.float64)
-        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # new pairs' (users, items, times)
-        self._retimed = False
+        self._keys = np.zeros(0, dtype=np.int64)  # (P,) user << 32 | item, sorted
+        self._times = np.zeros(0, dtype=np.float64)  # (P,) when each pair first happened
+        self._item_keys = np.zeros(0, dtype=np.int64)  # (P,) item << 32 | user, sorted
+        self._waiting: dict[int, float] = {}  # new pairs not merged yet: key -> time
+        self._waiting_arrays: tuple[np.ndarray, np.ndarray] | None = None  # their (users, items), for reads
         self.newest = -np.inf
-        self._dirty = False
         self._item_counts = np.zeros(self.n_items, dtype=np.float64)
 
     def resize(self, n_items: int) -> None:
@@ -67,14 +95,13 @@ class Cooccurrence:
         if n_items > self.n_items:
             self._item_counts = np.concatenate([self._item_counts, np.zeros(n_items - self.n_items)])
             self.n_items = int(n_items)
-            self._dirty = True
 
     def add(self, user_rows, item_rows, times=None) -> int:
         """Adds (user, item) pairs: user_rows, item_rows (n,) ints (negative
         items are skipped); times (n,) seconds (default 0): a pair keeps its
         earliest time, for `as_of` reads. Returns how many pairs were new.
         Vectorized: the batch is reduced to one entry per pair, then looked up
-        in the pair map at C speed (`map`), with no Python loop per event."""
+        by binary search and in the waiting dict at C speed (`map`)."""
         users = np.asarray(user_rows, dtype=np.int64).reshape(-1)
         items = np.asarray(item_rows, dtype=np.int64).reshape(-1)
         times = np.zeros(users.shape[0]) if times is None else np.asarray(times, dtype=np.float64).reshape(-1)
@@ -86,127 +113,153 @@ class Cooccurrence:
         keys = (users << _ITEM_BITS) | items
         order = np.lexsort((times, keys))  # by pair, earliest first
         firsts = order[np.r_[True, keys[order][1:] != keys[order][:-1]]]
-        firsts.sort()  # keep arrival order
-        users, items, times, keys = users[firsts], items[firsts], times[firsts], keys[firsts]
-        known = np.fromiter(map(self._pairs.get, keys.tolist(), itertools.repeat(np.nan, keys.size)),
+        keys, times = keys[firsts], times[firsts]
+        # Pairs already indexed: a late event may move one earlier.
+        at = np.minimum(np.searchsorted(self._keys, keys), max(self._keys.size - 1, 0))
+        indexed = self._keys[at] == keys if self._keys.size else np.zeros(keys.size, dtype=bool)
+        self._times[at[indexed]] = np.minimum(self._times[at[indexed]], times[indexed])
+        keys, times = keys[~indexed], times[~indexed]
+        known = np.fromiter(map(self._waiting.get, keys.tolist(), itertools.repeat(np.nan, keys.size)),
                             dtype=np.float64, count=keys.size)
         new = np.isnan(known)
-        earlier = new | (times < known)  # a late event: the pair happened earlier than thought
-        self._pairs.update(zip(keys[earlier].tolist(), times[earlier].tolist()))
-        if (earlier & ~new).any():
-            self._retimed = self._dirty = True
+        earlier = new | (times < known)
+        self._waiting.update(zip(keys[earlier].tolist(), times[earlier].tolist()))
         if not new.any():
             return 0
-        self.resize(int(items[new].max()) + 1)
-        self._pending.append((users[new], items[new], times[new]))
-        self._item_counts += np.bincount(items[new], minlength=self.n_items)
-        self._dirty = True
+        items = keys[new] & _LOW
+        self.resize(int(items.max()) + 1)
+        self._item_counts += np.bincount(items, minlength=self.n_items)
+        self._waiting_arrays = None
+        if len(self._waiting) >= max(_MIN_MERGE, self._keys.size >> 6):
+            self._merge()
         return int(new.sum())
+
+    def _merge(self) -> None:
+        """Moves the waiting pairs into the sorted arrays: O(P + w log w)."""
+        keys = np.fromiter(self._waiting.keys(), dtype=np.int64, count=len(self._waiting))
+        times = np.fromiter(self._waiting.values(), dtype=np.float64, count=len(self._waiting))
+        order = np.argsort(keys)
+        keys, times = keys[order], times[order]
+        at = np.searchsorted(self._keys, keys)
+        self._keys, self._times = np.insert(self._keys, at, keys), np.insert(self._times, at, times)
+        by_item = np.sort(_swap(keys))
+        self._item_keys = np.insert(self._item_keys, np.searchsorted(self._item_keys, by_item), by_item)
+        self._waiting, self._waiting_arrays = {}, None
+
+    def _pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every pair's key and time (indexed, then waiting): two (P + w,) arrays."""
+        waiting_keys = np.fromiter(self._waiting.keys(), dtype=np.int64, count=len(self._waiting))
+        waiting_times = np.fromiter(self._waiting.values(), dtype=np.float64, count=len(self._waiting))
+        return np.concatenate([self._keys, waiting_keys]), np.concatenate([self._times, waiting_times])
 
     def as_of(self, t: float) -> "Cooccurrence":
         """This index restricted to pairs that had happened by t (itself when
         every pair had). A look into the past costs one pass over all pairs."""
         if t >= self.newest:
             return self
-        self._index()
-        keep = self._times <= t
+        keys, times = self._pairs()
+        keep = keys[times <= t]
         past = Cooccurrence(self.n_items)
-        past.add(self._users[keep], self._items[keep], self._times[keep])
+        past.add(keep >> _ITEM_BITS, keep & _LOW, times[times <= t])
         return past
 
     def remove_user(self, user_row: int) -> int:
         """Forgets every pair of one user (e.g. an erasure); returns how many."""
-        self._index()
-        mine = self._users == user_row
-        gone = int(mine.sum())
-        if gone:
-            np.subtract.at(self._item_counts, self._items[mine], 1.0)
-            self._pairs = {p: t for p, t in self._pairs.items() if p >> _ITEM_BITS != user_row}
-            self._users, self._items, self._times = self._users[~mine], self._items[~mine], self._times[~mine]
-            self._dirty = True
-        return gone
+        start, end = np.searchsorted(self._keys, [user_row << _ITEM_BITS, (user_row + 1) << _ITEM_BITS])
+        gone_keys = self._keys[start:end]
+        self._keys = np.delete(self._keys, np.s_[start:end])
+        self._times = np.delete(self._times, np.s_[start:end])
+        self._item_keys = np.delete(self._item_keys, np.searchsorted(self._item_keys, _swap(gone_keys)))
+        waiting = [k for k in self._waiting if k >> _ITEM_BITS == user_row]
+        return self._forget(np.concatenate([gone_keys, np.array(waiting, dtype=np.int64)]), waiting)
 
     def remove_items(self, item_rows) -> int:
         """Forgets every pair of some items (e.g. deleted ones); returns how many."""
-        rows = np.asarray(item_rows, dtype=np.int64)
+        rows = np.unique(np.asarray(item_rows, dtype=np.int64))
         rows = rows[rows >= 0]
         if not rows.size:
             return 0
-        self._index()
-        mine = np.isin(self._items, rows)
-        gone = int(mine.sum())
-        if gone:
-            self._item_counts[rows] = 0.0
-            doomed = set(rows.tolist())
-            mask = (1 << _ITEM_BITS) - 1
-            self._pairs = {p: t for p, t in self._pairs.items() if p & mask not in doomed}
-            self._users, self._items, self._times = self._users[~mine], self._items[~mine], self._times[~mine]
-            self._dirty = True
-        return gone
+        which, users = _ranges(self._item_keys, rows)
+        gone_keys = (users << _ITEM_BITS) | rows[which]
+        doomed = np.searchsorted(self._keys, gone_keys)
+        self._keys, self._times = np.delete(self._keys, doomed), np.delete(self._times, doomed)
+        self._item_keys = np.delete(self._item_keys, np.searchsorted(self._item_keys, _swap(gone_keys)))
+        rowset = set(rows.tolist())
+        waiting = [k for k in self._waiting if k & _LOW in rowset]
+        return self._forget(np.concatenate([gone_keys, np.array(waiting, dtype=np.int64)]), waiting)
+
+    def _forget(self, keys: np.ndarray, waiting: list[int]) -> int:
+        """Drops `waiting` from the dict and `keys` (all removed pairs) from the counts."""
+        for key in waiting:
+            del self._waiting[key]
+        if waiting:
+            self._waiting_arrays = None
+        np.subtract.at(self._item_counts, keys & _LOW, 1.0)
+        return int(keys.size)
 
     def __len__(self) -> int:
-        return len(self._pairs)
+        return int(self._keys.size) + len(self._waiting)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the indexed arrays (the waiting dict, at most 1/64 of them, aside)."""
+        return self._keys.nbytes + self._times.nbytes + self._item_keys.nbytes + self._item_counts.nbytes
 
     def item_counts(self) -> np.ndarray:
         """C[i, i]: users per item. Returns (N,) float64 (a view: do not modify)."""
         return self._item_counts
 
-    def _index(self) -> None:
-        if not self._dirty:
-            return
-        if self._pending:
-            users, items, times = zip(*self._pending)
-            self._users = np.concatenate([self._users, *users])
-            self._items = np.concatenate([self._items, *items])
-            self._times = np.concatenate([self._times, *times])
-            self._pending = []
-        if self._retimed:
-            keys = ((self._users << _ITEM_BITS) | self._items).tolist()
-            self._times = np.fromiter(map(self._pairs.__getitem__, keys), dtype=np.float64, count=len(keys))
-            self._retimed = False
-        n_users = int(self._users.max()) + 1 if self._users.size else 0
-        by_user = np.argsort(self._users, kind="stable")
-        self._user_items = self._items[by_user]
-        self._user_ptr = np.concatenate([[0], np.cumsum(np.bincount(self._users, minlength=n_users))])
-        by_item = np.argsort(self._items, kind="stable")
-        self._item_users = self._users[by_item]
-        self._item_ptr = np.concatenate([[0], np.cumsum(np.bincount(self._items, minlength=self.n_items))])
-        self._dirty = False
+    def _waiting_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._waiting_arrays is None:
+            keys = np.fromiter(self._waiting.keys(), dtype=np.int64, count=len(self._waiting))
+            self._waiting_arrays = (keys >> _ITEM_BITS, keys & _LOW)
+        return self._waiting_arrays
 
     def _co_users(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(h index, user) for every user of every query item: two (m,) int64 arrays."""
-        return _gather(self._item_ptr, self._item_users, items)
+        """(position in `items`, user) for every user of every query item: two (m,) int64 arrays."""
+        h, users = _ranges(self._item_keys, items)
+        waiting_users, waiting_items = self._waiting_pairs()
+        hit, where = _matches(waiting_items, items)
+        return np.concatenate([h, where]), np.concatenate([users, waiting_users[hit]])
 
     def _expand(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(position in `users`, item) for every item of each user: two (m,) int64 arrays."""
-        return _gather(self._user_ptr, self._user_items, users)
+        pos, items = _ranges(self._keys, users)
+        waiting_users, waiting_items = self._waiting_pairs()
+        hit, where = _matches(waiting_users, users)
+        return np.concatenate([pos, where]), np.concatenate([items, waiting_items[hit]])
 
     def rows(self, items) -> np.ndarray:
-        """C[items, :]: (h, N) float64 co-occurrence counts (diagonal included)."""
+        """C[items, :]: (h, N) float64 co-occurrence counts (diagonal included).
+        items: (h,) distinct rows."""
         items = np.asarray(items, dtype=np.int64)
         out = np.zeros((items.shape[0], self.n_items))
-        self._index()
-        if not self._users.size or not items.size:
+        if not len(self) or not items.size:
             return out
         h, users = self._co_users(items)
-        pos, js = self._expand(users)
-        out.reshape(-1)[:] = np.bincount(h[pos] * self.n_items + js, minlength=out.size)
+        co_users, inverse = np.unique(users, return_inverse=True)
+        pos, js = self._expand(co_users)
+        js = js[np.argsort(pos, kind="stable")]  # grouped by co-user
+        lengths = np.bincount(pos, minlength=co_users.size)
+        # every (query item, co-user) entry adds 1 to each item of that co-user
+        which, index = _spans((np.cumsum(lengths) - lengths)[inverse], lengths[inverse])
+        out.reshape(-1)[:] = np.bincount(h[which] * self.n_items + js[index], minlength=out.size)
         return out
 
     def user_weighted(self, items, weights) -> np.ndarray:
         """Σ_i weights_i · C[i, :] without materialising the rows: each co-user
         v adds (Σ of the weights of the query items v consumed) to every item
-        of v. items, weights: (h,). Returns (N,) float64 (diagonal included)."""
+        of v. items, weights: (h,), items distinct. Returns (N,) float64
+        (diagonal included)."""
         items = np.asarray(items, dtype=np.int64)
         weights = np.asarray(weights, dtype=np.float64)
-        self._index()
-        if not self._users.size or not items.size:
+        if not len(self) or not items.size:
             return np.zeros(self.n_items)
         h, users = self._co_users(items)
-        per_user = np.bincount(users, weights=weights[h])
-        co_users = np.flatnonzero(per_user)
+        co_users, inverse = np.unique(users, return_inverse=True)
+        per_user = np.bincount(inverse, weights=weights[h], minlength=co_users.size)
         pos, js = self._expand(co_users)
-        return np.bincount(js, weights=per_user[co_users][pos], minlength=self.n_items).astype(np.float64)
+        return np.bincount(js, weights=per_user[pos], minlength=self.n_items).astype(np.float64)
 
 
 def cooccurrence_scores(index: Cooccurrence, items, affinity, similarity: str = "jaccard") -> np.ndarray:
