@@ -49,23 +49,30 @@ def _spans(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndar
     return which, np.repeat(starts, lengths) + offsets
 
 
-def _ranges(sorted_keys: np.ndarray, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every entry of `sorted_keys` whose high half is one of `heads`, vectorized:
-    (position of its head in `heads`, low half) as two (m,) int64 arrays."""
-    starts = np.searchsorted(sorted_keys, heads << _ITEM_BITS)
-    which, index = _spans(starts, np.searchsorted(sorted_keys, (heads + 1) << _ITEM_BITS) - starts)
+def _pointers(sorted_keys: np.ndarray) -> np.ndarray:
+    """Where each high half's run starts in `sorted_keys`: (max high + 2,) int64,
+    so that run h is sorted_keys[ptr[h]:ptr[h + 1]] (CSR row pointers)."""
+    heads = sorted_keys >> _ITEM_BITS
+    return np.concatenate([[0], np.cumsum(np.bincount(heads, minlength=int(heads.max(initial=-1)) + 1))])
+
+
+def _ranges(ptr: np.ndarray, sorted_keys: np.ndarray, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every entry of `sorted_keys` whose high half is one of `heads` (beyond
+    `ptr`: none), vectorized: (position of its head in `heads`, low half) as
+    two (m,) int64 arrays."""
+    last = ptr.shape[0] - 1
+    starts = ptr[np.minimum(heads, last)]
+    which, index = _spans(starts, ptr[np.minimum(heads + 1, last)] - starts)
     return which, sorted_keys[index] & _LOW
 
 
 def _matches(values: np.ndarray, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions i with values[i] in `heads` (distinct) and the position of that
-    head in `heads`: two (m,) int64 arrays."""
-    if not heads.size:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    order = np.argsort(heads)
-    found = np.minimum(np.searchsorted(heads[order], values), heads.shape[0] - 1)
-    hit = np.flatnonzero(heads[order][found] == values)
-    return hit, order[found[hit]]
+    """Every (i, k) with values[i] == heads[k], as two (m,) int64 arrays."""
+    order = np.argsort(heads, kind="stable")
+    ordered = heads[order]
+    first = np.searchsorted(ordered, values, "left")
+    which, index = _spans(first, np.searchsorted(ordered, values, "right") - first)
+    return which, order[index]
 
 
 class Cooccurrence:
@@ -74,8 +81,8 @@ class Cooccurrence:
     Users and items are dense int rows (callers map ids to rows). `add` is
     idempotent per (user, item) pair and order-independent. Each pair is held
     once, as a 64-bit key in two sorted arrays (by user, then by item) with
-    its time: ~24 bytes a pair, and a read finds a user's items or an item's
-    users by binary search. New pairs gather in a small dict first, so a
+    its time (~24 bytes a pair), and CSR row pointers into both (8 bytes a
+    user and an item) find a user's items or an item's users. New pairs gather in a small dict first, so a
     write never re-sorts everything and a read after a write pays only for
     the pairs still waiting.
     """
@@ -85,6 +92,7 @@ class Cooccurrence:
         self._keys = np.zeros(0, dtype=np.int64)  # (P,) user << 32 | item, sorted
         self._times = np.zeros(0, dtype=np.float64)  # (P,) when each pair first happened
         self._item_keys = np.zeros(0, dtype=np.int64)  # (P,) item << 32 | user, sorted
+        self._user_ptr = self._item_ptr = np.zeros(1, dtype=np.int64)  # into _keys / _item_keys
         self._waiting: dict[int, float] = {}  # new pairs not merged yet: key -> time
         self._waiting_arrays: tuple[np.ndarray, np.ndarray] | None = None  # their (users, items), for reads
         self.newest = -np.inf
@@ -144,6 +152,7 @@ class Cooccurrence:
         self._keys, self._times = np.insert(self._keys, at, keys), np.insert(self._times, at, times)
         by_item = np.sort(_swap(keys))
         self._item_keys = np.insert(self._item_keys, np.searchsorted(self._item_keys, by_item), by_item)
+        self._point()
         self._waiting, self._waiting_arrays = {}, None
 
     def _pairs(self) -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +188,7 @@ class Cooccurrence:
         rows = rows[rows >= 0]
         if not rows.size:
             return 0
-        which, users = _ranges(self._item_keys, rows)
+        which, users = _ranges(self._item_ptr, self._item_keys, rows)
         gone_keys = (users << _ITEM_BITS) | rows[which]
         doomed = np.searchsorted(self._keys, gone_keys)
         self._keys, self._times = np.delete(self._keys, doomed), np.delete(self._times, doomed)
@@ -188,8 +197,13 @@ class Cooccurrence:
         waiting = [k for k in self._waiting if k & _LOW in rowset]
         return self._forget(np.concatenate([gone_keys, np.array(waiting, dtype=np.int64)]), waiting)
 
+    def _point(self) -> None:
+        self._user_ptr, self._item_ptr = _pointers(self._keys), _pointers(self._item_keys)
+
     def _forget(self, keys: np.ndarray, waiting: list[int]) -> int:
-        """Drops `waiting` from the dict and `keys` (all removed pairs) from the counts."""
+        """Drops `waiting` from the dict and `keys` (all removed pairs) from the
+        counts, once they left the sorted arrays."""
+        self._point()
         for key in waiting:
             del self._waiting[key]
         if waiting:
@@ -203,7 +217,8 @@ class Cooccurrence:
     @property
     def nbytes(self) -> int:
         """Bytes of the indexed arrays (the waiting dict, at most 1/64 of them, aside)."""
-        return self._keys.nbytes + self._times.nbytes + self._item_keys.nbytes + self._item_counts.nbytes
+        arrays = (self._keys, self._times, self._item_keys, self._user_ptr, self._item_ptr, self._item_counts)
+        return sum(a.nbytes for a in arrays)
 
     def item_counts(self) -> np.ndarray:
         """C[i, i]: users per item. Returns (N,) float64 (a view: do not modify)."""
@@ -217,14 +232,15 @@ class Cooccurrence:
 
     def _co_users(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(position in `items`, user) for every user of every query item: two (m,) int64 arrays."""
-        h, users = _ranges(self._item_keys, items)
+        h, users = _ranges(self._item_ptr, self._item_keys, items)
         waiting_users, waiting_items = self._waiting_pairs()
         hit, where = _matches(waiting_items, items)
         return np.concatenate([h, where]), np.concatenate([users, waiting_users[hit]])
 
     def _expand(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(position in `users`, item) for every item of each user: two (m,) int64 arrays."""
-        pos, items = _ranges(self._keys, users)
+        """(position in `users`, item) for every item of each user (users may
+        repeat): two (m,) int64 arrays."""
+        pos, items = _ranges(self._user_ptr, self._keys, users)
         waiting_users, waiting_items = self._waiting_pairs()
         hit, where = _matches(waiting_users, users)
         return np.concatenate([pos, where]), np.concatenate([items, waiting_items[hit]])
@@ -237,13 +253,8 @@ class Cooccurrence:
         if not len(self) or not items.size:
             return out
         h, users = self._co_users(items)
-        co_users, inverse = np.unique(users, return_inverse=True)
-        pos, js = self._expand(co_users)
-        js = js[np.argsort(pos, kind="stable")]  # grouped by co-user
-        lengths = np.bincount(pos, minlength=co_users.size)
-        # every (query item, co-user) entry adds 1 to each item of that co-user
-        which, index = _spans((np.cumsum(lengths) - lengths)[inverse], lengths[inverse])
-        out.reshape(-1)[:] = np.bincount(h[which] * self.n_items + js[index], minlength=out.size)
+        pos, js = self._expand(users)
+        out.reshape(-1)[:] = np.bincount(h[pos] * self.n_items + js, minlength=out.size)
         return out
 
     def user_weighted(self, items, weights) -> np.ndarray:
