@@ -11,8 +11,10 @@
 2. Per-user profile state: ProfileState + MultiInterestState .nbytes after 50
    events over 3 rate groups (K = 8), and the whole cached _UserState.
 3. Server RSS (/proc/PID/status VmRSS) as users with 3 events each are
-   recorded and read (Recommend): 10k, then 100k users. Profiles live in an
-   LRU of `profile.cache_users` (10,000) and are rebuilt from the log on a miss.
+   recorded and read (Recommend): 10k, 100k, then 1M users. Profiles live in
+   an LRU of `profile.cache_users` (10,000) and are rebuilt from the log on a
+   miss. At 1M users: Recommend latency (one caller) alone and while another
+   stream records events, which is when the blend's indexes change under it.
 4. The miss: rebuilding the profile of a user with 50 and with 500 events
    (SQLite read + replay), in-process.
 5. Misses do not stall other calls: a cached user's Recommend latency while
@@ -133,6 +135,34 @@ def raw_sqlite(path: Path, requests: list) -> float:
     elapsed = time.perf_counter() - began
     conn.close()
     return elapsed
+
+
+def record_users(target: str, first: int, last: int, start: float, chunk: int = 50_000) -> float:
+    """Records users first..last-1 over 4 streams, building requests a chunk of
+    users at a time (1M users' requests at once would take GBs). Returns seconds sending."""
+    return sum(asyncio.run(send(target, user_requests(a, min(a + chunk, last), start), 4))
+               for a in range(first, last, chunk))
+
+
+async def recommend_latencies(target: str, users: list[str], while_sending: list | None = None) -> dict:
+    """Recommend latency of one caller over `users`, alone or while one stream
+    sends `while_sending` (then the reads stop when the writes do)."""
+    channel = grpc.aio.insecure_channel(target)
+    stub = recommend_pb2_grpc.RecommendServiceStub(channel)
+    await asyncio.wait_for(channel.channel_ready(), 30)
+    writer = asyncio.ensure_future(send(target, while_sending, 1)) if while_sending else None
+    latencies = []
+    for user in users:
+        if writer is not None and writer.done():
+            break
+        began = time.perf_counter()
+        await stub.Recommend(recommend_pb2.RecommendRequest(user_id=user, limit=10), timeout=60)
+        latencies.append(time.perf_counter() - began)
+    if writer is not None:
+        await writer
+    await channel.close()
+    lat = np.array(latencies)
+    return {"calls": int(lat.size), "p50_s": float(np.percentile(lat, 50)), "p99_s": float(np.percentile(lat, 99))}
 
 
 async def read_users(target: str, users: list[str], concurrency: int = 4) -> float:
@@ -272,7 +302,8 @@ def recommend_during_misses(heavy_users: int = 20, events: int = 500, items: int
 def run(quick: bool = False) -> dict:
     rounds = 1 if quick else 2
     per_run = 10_000 if quick else 20_000
-    users_small, users_big, extra_reads = (2_000, 10_000, 1_000) if quick else (10_000, 100_000, 5_000)
+    users_small, users_big, users_huge, extra_reads = (
+        (2_000, 10_000, 30_000, 1_000) if quick else (10_000, 100_000, 1_000_000, 5_000))
     results: dict = {"quick": quick, "batch": BATCH, "items": N_ITEMS}
     rng = np.random.default_rng(7)
     start = time.time() - 86400.0
@@ -304,25 +335,31 @@ def run(quick: bool = False) -> dict:
             # 3. memory as users grow.
             mem = [("start (after throughput runs)", server.rss_bytes(), 0)]
             t0 = time.time() - 3600.0
-            asyncio.run(send(server.target, user_requests(0, users_small, t0), 4))
+            record_users(server.target, 0, users_small, t0)
             mem.append((f"{users_small} users recorded", server.rss_bytes(), users_small))
             read_s = asyncio.run(read_users(server.target, [f"u{i}" for i in range(users_small)]))
             mem.append((f"{users_small} users read (profiles cached)", server.rss_bytes(), users_small))
-            asyncio.run(send(server.target, user_requests(users_small, users_big, t0), 4))
+            record_users(server.target, users_small, users_big, t0)
             mem.append((f"{users_big} users recorded", server.rss_bytes(), users_big))
             asyncio.run(read_users(server.target, [f"u{i}" for i in range(users_small, users_small + extra_reads)]))
             mem.append((f"{users_big} users, {users_small + extra_reads} read (LRU holds "
                         f"{min(users_small + extra_reads, Config().profile.cache_users)})", server.rss_bytes(), users_big))
+            huge_s = record_users(server.target, users_big, users_huge, t0)
+            mem.append((f"{users_huge} users recorded", server.rss_bytes(), users_huge))
+            readers = [f"u{i}" for i in range(users_huge - extra_reads, users_huge)]
+            asyncio.run(read_users(server.target, readers))  # cached, as for the reads below
+            results["recommend_at_most_users"] = {
+                "users": users_huge,
+                "alone": asyncio.run(recommend_latencies(server.target, readers)),
+                "while_recording": asyncio.run(recommend_latencies(
+                    server.target, readers[::-1], requests_for("late", 200 * BATCH, 1000, t0 + 10, rng))),
+            }
             client.close()
         results["memory"] = [{"stage": s, "rss_bytes": b, "users": u} for s, b, u in mem]
         results["read_ms_per_user_c4"] = read_s / users_small * 1e3
-        per_user_log = (mem[3][1] - mem[2][1]) / (users_big - users_small)
-        per_profile = (mem[2][1] - mem[1][1]) / users_small
-        results["rss_bytes_per_recorded_user"] = per_user_log
-        results["rss_bytes_per_cached_profile"] = per_profile
-        cache = Config().profile.cache_users
-        results["extrapolated_1m_users_rss_bytes"] = mem[3][1] + (1_000_000 - users_big) * per_user_log + \
-            max(0, cache - users_small - extra_reads) * per_profile
+        results["record_events_per_s_to_most_users"] = (users_huge - users_big) * EVENTS_PER_USER / huge_s
+        results["rss_bytes_per_recorded_user"] = (mem[5][1] - mem[3][1]) / (users_huge - users_big)
+        results["rss_bytes_per_cached_profile"] = (mem[2][1] - mem[1][1]) / users_small
     results["profile_state"] = profile_sizes()
     results["rebuild"] = rebuild_costs()
     results["during_misses"] = recommend_during_misses()
@@ -352,6 +389,12 @@ def write(results: dict) -> None:
     t4 = markdown_table(["user events", "miss (read + replay) ms", "SQLite read ms", "replay ms", "clusters",
                          "cached _UserState bytes (traced)"], rows)
     m = results["during_misses"]
+    mem_users = [m_["users"] for m_ in results["memory"]]
+    r = results["recommend_at_most_users"]
+    t5 = markdown_table(
+        [f"Recommend at {r['users']:,} users, one caller", "calls", "p50 ms", "p99 ms"],
+        [[label, r[key]["calls"], r[key]["p50_s"] * 1e3, r[key]["p99_s"] * 1e3]
+         for key, label in (("alone", "alone"), ("while_recording", "while one stream records events"))])
 
     def plot_throughput(ax) -> None:
         paths = [("raw SQLite", raw), ("gRPC, 1 stream", tp["grpc_1"]["events_per_s"]),
@@ -374,8 +417,9 @@ def write(results: dict) -> None:
              + "\n## Server memory as users grow (3 events each)\n\n" + t3 + "\n"
              + save_plot("ingest_memory", plot_memory, "Server RSS as users are recorded and read")
              + f"\nRSS per recorded user (no profile cached): {results['rss_bytes_per_recorded_user']:.0f} B; "
-             f"per cached profile: {results['rss_bytes_per_cached_profile']:.0f} B; "
-             f"1M users extrapolated: {results['extrapolated_1m_users_rss_bytes'] / 2**30:.2f} GiB.\n"
+             f"per cached profile: {results['rss_bytes_per_cached_profile']:.0f} B. "
+             f"Recording the users from {mem_users[3]:,} to {mem_users[5]:,} ran at "
+             f"{results['record_events_per_s_to_most_users']:,.0f} events/s.\n\n" + t5 + "\n"
              + "\n## Profile cache miss (rebuild from the log, in-process)\n\n" + t4
              + f"\nMeanwhile, other calls go on (the replay runs without the engine lock): a cached user's Recommend "
              f"({m['items']} items) while another thread takes {m['heavy_users']} misses of {m['events_per_user']}-event "
@@ -387,8 +431,8 @@ def write(results: dict) -> None:
         "indexes; its rows reference one pre-inserted vector, where the store hashes and interns each event's vector. "
         "gRPC runs include the client (same 2 cores). Memory: RSS of the server process; growth per recorded user "
         "is the blend's per-user state (user row, co-occurrence pairs, popularity log), which is not bounded by the "
-        "profile cache; cached profiles are bounded by profile.cache_users. 1M users were not run: extrapolated "
-        "linearly from the 10k -> 100k growth."
+        "profile cache; cached profiles are bounded by profile.cache_users. RSS per recorded user is the slope "
+        "from 100k to 1M users."
     )
     write_results("ingest", results, table, notes)
     print(table)
