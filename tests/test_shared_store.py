@@ -198,6 +198,21 @@ def test_a_write_read_back_before_another_workers_change_is_read_again(pair):
     assert a.catalog.texts[a.catalog.row_of["x"]] == "x, from b"
 
 
+def test_a_worker_reads_the_items_it_wrote_back_once(pair):
+    """Its catch-up indexes them from the read-back (outside the engine lock)
+    instead of reading them again under the lock; the other worker's change
+    in the feed is read as before."""
+    a, b = pair
+    b.upsert_items(items(["y"]))
+    read, reads = a.store.get_items, []
+    a.store.get_items = lambda ids: reads.append(sorted(ids)) or read(ids)
+    a.upsert_items(items(["x0", "x1"]))
+    assert reads == [["x0", "x1"], ["y"]]
+    assert {"x0", "x1", "y"} <= set(a.catalog.row_of)
+    a.delete_items(["x0"])
+    assert reads[2:] == [["x0"]] and "x0" not in a.catalog.row_of
+
+
 def test_an_erasure_elsewhere_just_before_this_workers_own_is_still_seen(pair, tmp_path):
     a, b = pair
     a.upsert_items(items(f"i{n}" for n in range(8)))

@@ -184,6 +184,17 @@ class _Replay:
 
 
 @dataclasses.dataclass(frozen=True)
+class _WrittenItems:
+    """Items this process just wrote, as read back from the store once the
+    change feed stood at `version`: what the index should hold for them,
+    unless a later change to one of them shows up in the feed."""
+
+    version: int
+    ids: Sequence[str]
+    stored: Mapping[str, ItemRecord]
+
+
+@dataclasses.dataclass(frozen=True)
 class _CatalogueScan:
     """The signals that read every catalogue row (a GEMV each), with the
     profile vectors they need copied out under the engine lock, so that the
@@ -284,30 +295,39 @@ class InterestEngine:
             types = self._internal_types_of(chunk.types, chunk.values)
             self._add_to_blend(rows, types, chunk.times, chunk.user_ids)
 
-    def _catch_up(self) -> None:
+    def _catch_up(self, written: _WrittenItems | None = None) -> None:
         """Applies what other processes sharing the store wrote since the last
         look: item changes first (so their events find their items, as after a
         restart), then events in seq order. Another process's user erasure
         names no user, so it rebuilds the blend and drops cached profiles.
-        Lock held."""
+        `written`: items this process wrote, indexed among the item changes
+        without reading them again. Lock held."""
         if not self._follow_store:
             return
         head = self.store.head()
-        if not self._catch_up_changes(head):
+        if not self._catch_up_changes(head, written):
             self._apply_committed(head.event_seq)
 
-    def _catch_up_changes(self, head: StoreHead) -> bool:
+    def _catch_up_changes(self, head: StoreHead, written: _WrittenItems | None = None) -> bool:
         """The change-feed half of `_catch_up`: item changes and other
         processes' erasures up to `head`. This process's own item changes are
         synced too: one whose index update is still in flight must not leave
-        events committed after it to be applied against the old index.
-        Returns True when an erasure made it rebuild the blend from the log
-        through head (events included). Lock held."""
+        events committed after it to be applied against the old index
+        (`written`, if given, is such an update: its ids come from what it
+        read unless the feed has a later change to them). Returns True when
+        an erasure made it rebuild the blend from the log through head
+        (events included). Lock held."""
         if head.change_version <= self._changes_seen:
+            if written is not None:
+                self._apply_written(written, newer=set())
             return False
         changes = self.store.changes_since(self._changes_seen)
         self._changes_seen = max(c.version for c in changes) if changes else head.change_version
-        self._sync_items([c.item_id for c in changes if c.item_id is not None])
+        changed = [c.item_id for c in changes if c.item_id is not None]
+        if written is not None:
+            done = self._apply_written(written, {c.item_id for c in changes if c.version > written.version})
+            changed = [i for i in changed if i not in done]
+        self._sync_items(changed)
         if not any(c.item_id is None and c.origin != self.store.origin for c in changes):
             return False
         self._events.advance(head.event_seq)
@@ -456,16 +476,26 @@ class InterestEngine:
         """Brings the index up to date after this process wrote `ids`. They
         are read back outside the engine lock (1,000 items take ~10 ms that
         recommendations would otherwise wait for); `_catalog_write` keeps this
-        process's writers in store order, and if another process's change was
-        taken in meanwhile, what was read may be older: read again under the
-        lock. Call with `_catalog_write` held."""
+        process's writers in store order. Sharing the store, the read joins
+        the catch-up's item changes, ahead of the events it applies; if
+        another thread's catch-up already went past the read, the read is
+        redone under the lock. Call with `_catalog_write` held."""
         seen = self.store.head().change_version
         stored = self.store.get_items(ids)
         with self._lock:
-            self._catch_up()
+            if not self._follow_store:
+                self._apply_items(ids, stored)
+                return
             if self._changes_seen > seen:
-                stored = self.store.get_items(ids)
-            self._apply_items(ids, stored)
+                seen, stored = self._changes_seen, self.store.get_items(ids)
+            self._catch_up(_WrittenItems(seen, ids, stored))
+
+    def _apply_written(self, written: _WrittenItems, newer: set[str]) -> set[str]:
+        """Indexes the written ids that have no later change (`newer`) from
+        what was read; returns them. Lock held."""
+        current = [i for i in written.ids if i not in newer]
+        self._apply_items(current, {i: written.stored[i] for i in current if i in written.stored})
+        return set(current)
 
     def _sync_items(self, ids: Sequence[str]) -> None:
         """Makes the index hold what the store holds now for `ids`. Lock held."""
