@@ -451,3 +451,62 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
         assert old.id == "old" and old.created_seq == 0
         assert s.record_events([event("e1", item_id="old")])[0].seq == 1
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == sqlite_store.SCHEMA_VERSION
+
+
+def _reference_check(tmp_path: Path) -> None:
+    """vector_refs holds exactly each vector's events, every referenced vector
+    exists and nothing else is kept."""
+    with raw(tmp_path) as conn:
+        counted = dict(conn.execute("SELECT id, events FROM vector_refs WHERE events != 0"))
+        actual = dict(conn.execute("SELECT vector_id, COUNT(*) FROM events GROUP BY vector_id"))
+        assert counted == actual
+        assert conn.execute("SELECT COUNT(*) FROM vector_refs WHERE events < 0").fetchone()[0] == 0
+        used = {r[0] for r in conn.execute("SELECT vector_id FROM events UNION SELECT vector_id FROM items")}
+        assert {r[0] for r in conn.execute("SELECT id FROM vectors")} == used
+
+
+def test_vector_references_stay_exact_through_writes_duplicates_erasures_and_item_changes(store, tmp_path):
+    rng = np.random.default_rng(5)
+    pool = [vec() for _ in range(6)]  # shared by items and events, so vectors are reused
+    for step in range(40):
+        action = rng.integers(4)
+        if action == 0:
+            store.upsert_items([item(f"i{rng.integers(8)}", pool[rng.integers(6)]) for _ in range(3)])
+        elif action == 1:
+            store.record_events([event(f"e{rng.integers(60)}", user_id=f"u{rng.integers(4)}",
+                                       vector=pool[rng.integers(6)] if rng.random() < 0.7 else vec(),
+                                       text=None if rng.random() < 0.7 else "a review")
+                                 for _ in range(5)])  # ids repeat: duplicates are skipped
+        elif action == 2:
+            store.delete_user(f"u{rng.integers(4)}")
+        else:
+            store.delete_items([f"i{rng.integers(8)}"])
+        _reference_check(tmp_path)
+
+
+def test_a_version_3_database_moves_event_vector_references_to_counts(tmp_path):
+    path = tmp_path / DB_NAME
+    conn = sqlite3.connect(path, isolation_level=None)
+    for migrate in sqlite_mod.MIGRATIONS[:3]:
+        migrate(conn)
+    conn.execute("PRAGMA user_version = 3")
+    blobs = [vec().astype("<f4").tobytes() for _ in range(3)]
+    conn.executemany("INSERT INTO vectors(id, hash, data) VALUES (?, ?, ?)",
+                     [(k + 1, bytes([k]), b) for k, b in enumerate(blobs)])
+    conn.execute("INSERT INTO items VALUES ('i1', 'an item', '[]', '{}', NULL, 1, 0)")
+    rows = [(f"e{k}", "u1" if k < 4 else "gone", 1, "i1", None, None, 1.0 + k, 1 + k % 3) for k in range(6)]
+    conn.executemany("""INSERT INTO events(event_id, user_id, type, item_id, text, value, event_time, vector_id)
+                        VALUES (?, ?, ?, ?, ?, ?, ?, ?)""", rows)
+    conn.execute("DELETE FROM events WHERE user_id = 'gone'")  # the newest seqs: AUTOINCREMENT must not reuse them
+    conn.close()
+    with SqliteStore(tmp_path) as s:
+        assert s.head().event_seq == 6
+        assert [e.event_id for e in s.user_events("u1")] == ["e0", "e1", "e2", "e3"]
+        assert s.record_events([event("e-new", user_id="u2", item_id="i1")])[0].seq == 7
+        assert s.delete_user("u1") == 4
+    _reference_check(tmp_path)
+    with raw(tmp_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA foreign_key_list(events)").fetchall() == []
+        assert [r[1] for r in conn.execute("PRAGMA index_list(events)") if not r[1].startswith("sqlite_")] == \
+            ["events_user_seq"]
