@@ -31,9 +31,9 @@ _ITEM_BITS = 32  # a pair's key: user << 32 | item (items < 2**32, users < 2**31
 _LOW = (1 << _ITEM_BITS) - 1
 # New pairs wait in a small dict until this many (or 1/64 of the indexed
 # pairs, if more) have gathered, then merge into the sorted arrays in one
-# O(pairs) pass: reads scan the waiting pairs linearly, so they stay cheap,
-# and the merge's cost spreads to a few microseconds per pair.
-_MIN_MERGE = 16_384
+# O(pairs) pass: every read scans the waiting pairs, so they stay few, and
+# the merge's cost spreads to a few microseconds per pair.
+_MIN_MERGE = 256
 
 
 def _swap(keys: np.ndarray) -> np.ndarray:
@@ -56,6 +56,15 @@ def _pointers(sorted_keys: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(np.bincount(heads, minlength=int(heads.max(initial=-1)) + 1))])
 
 
+def _shifted(ptr: np.ndarray, heads: np.ndarray) -> np.ndarray:
+    """`ptr` (see _pointers) after inserting entries with these high halves
+    (any order), without recounting the others: O(rows + inserted)."""
+    n = max(ptr.shape[0] - 1, int(heads.max(initial=-1)) + 1)
+    ptr = np.concatenate([ptr, np.full(n + 1 - ptr.shape[0], ptr[-1])])
+    ptr[1:] += np.cumsum(np.bincount(heads, minlength=n))
+    return ptr
+
+
 def _ranges(ptr: np.ndarray, sorted_keys: np.ndarray, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every entry of `sorted_keys` whose high half is one of `heads` (beyond
     `ptr`: none), vectorized: (position of its head in `heads`, low half) as
@@ -68,6 +77,8 @@ def _ranges(ptr: np.ndarray, sorted_keys: np.ndarray, heads: np.ndarray) -> tupl
 
 def _matches(values: np.ndarray, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every (i, k) with values[i] == heads[k], as two (m,) int64 arrays."""
+    if not values.size:
+        return values, values
     order = np.argsort(heads, kind="stable")
     ordered = heads[order]
     first = np.searchsorted(ordered, values, "left")
@@ -152,7 +163,8 @@ class Cooccurrence:
         self._keys, self._times = np.insert(self._keys, at, keys), np.insert(self._times, at, times)
         by_item = np.sort(_swap(keys))
         self._item_keys = np.insert(self._item_keys, np.searchsorted(self._item_keys, by_item), by_item)
-        self._point()
+        self._user_ptr = _shifted(self._user_ptr, keys >> _ITEM_BITS)
+        self._item_ptr = _shifted(self._item_ptr, by_item >> _ITEM_BITS)
         self._waiting, self._waiting_arrays = {}, None
 
     def _pairs(self) -> tuple[np.ndarray, np.ndarray]:
@@ -267,8 +279,13 @@ class Cooccurrence:
         if not len(self) or not items.size:
             return np.zeros(self.n_items)
         h, users = self._co_users(items)
-        co_users, inverse = np.unique(users, return_inverse=True)
-        per_user = np.bincount(inverse, weights=weights[h], minlength=co_users.size)
+        if users.size and users.max() < 64 * users.size:  # dense enough: counting beats sorting
+            per_user = np.bincount(users, weights=weights[h])
+            co_users = np.flatnonzero(per_user)
+            per_user = per_user[co_users]
+        else:
+            co_users, inverse = np.unique(users, return_inverse=True)
+            per_user = np.bincount(inverse, weights=weights[h], minlength=co_users.size)
         pos, js = self._expand(co_users)
         return np.bincount(js, weights=per_user[pos], minlength=self.n_items).astype(np.float64)
 
