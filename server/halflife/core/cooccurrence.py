@@ -93,9 +93,9 @@ class Cooccurrence:
     idempotent per (user, item) pair and order-independent. Each pair is held
     once, as a 64-bit key in two sorted arrays (by user, then by item) with
     its time (~24 bytes a pair), and CSR row pointers into both (8 bytes a
-    user and an item) find a user's items or an item's users. New pairs gather in a small dict first, so a
-    write never re-sorts everything and a read after a write pays only for
-    the pairs still waiting.
+    user and an item) find a user's items or an item's users. New pairs
+    gather in a small dict first, so a write never re-sorts everything and a
+    read after a write pays only for the pairs still waiting.
     """
 
     def __init__(self, n_items: int = 0):
@@ -153,10 +153,15 @@ class Cooccurrence:
             self._merge()
         return int(new.sum())
 
+    def _waiting_keys_and_times(self) -> tuple[np.ndarray, np.ndarray]:
+        """The waiting pairs' keys and times: two (w,) arrays."""
+        n = len(self._waiting)
+        return (np.fromiter(self._waiting.keys(), dtype=np.int64, count=n),
+                np.fromiter(self._waiting.values(), dtype=np.float64, count=n))
+
     def _merge(self) -> None:
         """Moves the waiting pairs into the sorted arrays: O(P + w log w)."""
-        keys = np.fromiter(self._waiting.keys(), dtype=np.int64, count=len(self._waiting))
-        times = np.fromiter(self._waiting.values(), dtype=np.float64, count=len(self._waiting))
+        keys, times = self._waiting_keys_and_times()
         order = np.argsort(keys)
         keys, times = keys[order], times[order]
         at = np.searchsorted(self._keys, keys)
@@ -169,8 +174,7 @@ class Cooccurrence:
 
     def _pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """Every pair's key and time (indexed, then waiting): two (P + w,) arrays."""
-        waiting_keys = np.fromiter(self._waiting.keys(), dtype=np.int64, count=len(self._waiting))
-        waiting_times = np.fromiter(self._waiting.values(), dtype=np.float64, count=len(self._waiting))
+        waiting_keys, waiting_times = self._waiting_keys_and_times()
         return np.concatenate([self._keys, waiting_keys]), np.concatenate([self._times, waiting_times])
 
     def as_of(self, t: float) -> "Cooccurrence":
@@ -187,11 +191,13 @@ class Cooccurrence:
     def remove_user(self, user_row: int) -> int:
         """Forgets every pair of one user (e.g. an erasure); returns how many."""
         start, end = np.searchsorted(self._keys, [user_row << _ITEM_BITS, (user_row + 1) << _ITEM_BITS])
+        waiting = [k for k in self._waiting if k >> _ITEM_BITS == user_row]
+        if start == end and not waiting:
+            return 0
         gone_keys = self._keys[start:end]
         self._keys = np.delete(self._keys, np.s_[start:end])
         self._times = np.delete(self._times, np.s_[start:end])
         self._item_keys = np.delete(self._item_keys, np.searchsorted(self._item_keys, _swap(gone_keys)))
-        waiting = [k for k in self._waiting if k >> _ITEM_BITS == user_row]
         return self._forget(np.concatenate([gone_keys, np.array(waiting, dtype=np.int64)]), waiting)
 
     def remove_items(self, item_rows) -> int:
@@ -201,21 +207,23 @@ class Cooccurrence:
         if not rows.size:
             return 0
         which, users = _ranges(self._item_ptr, self._item_keys, rows)
+        rowset = set(rows.tolist())
+        waiting = [k for k in self._waiting if k & _LOW in rowset]
+        if not users.size and not waiting:
+            return 0
         gone_keys = (users << _ITEM_BITS) | rows[which]
         doomed = np.searchsorted(self._keys, gone_keys)
         self._keys, self._times = np.delete(self._keys, doomed), np.delete(self._times, doomed)
         self._item_keys = np.delete(self._item_keys, np.searchsorted(self._item_keys, _swap(gone_keys)))
-        rowset = set(rows.tolist())
-        waiting = [k for k in self._waiting if k & _LOW in rowset]
         return self._forget(np.concatenate([gone_keys, np.array(waiting, dtype=np.int64)]), waiting)
 
-    def _point(self) -> None:
+    def _recount_pointers(self) -> None:
         self._user_ptr, self._item_ptr = _pointers(self._keys), _pointers(self._item_keys)
 
     def _forget(self, keys: np.ndarray, waiting: list[int]) -> int:
         """Drops `waiting` from the dict and `keys` (all removed pairs) from the
         counts, once they left the sorted arrays."""
-        self._point()
+        self._recount_pointers()
         for key in waiting:
             del self._waiting[key]
         if waiting:
