@@ -212,11 +212,15 @@ def test_an_item_deleted_while_a_profile_is_described_is_not_listed(tmp_path, mo
     assert after == top()  # as if described after the delete
 
 
-def test_concurrent_reads_and_writes_end_as_a_restart_would(tmp_path):
+def test_concurrent_reads_and_writes_end_as_a_restart_would(tmp_path, monkeypatch):
     """Catalogue writes, events, erasures, recommendations and profiles from
-    several threads at once (reads now score without the lock): nothing
-    fails, no deleted item is ever returned after its delete finished, and
-    the engine ends where a restart over the store ends."""
+    several threads at once (reads now score without the lock; co-occurrence
+    merges are built without it, made frequent here): nothing fails, no
+    deleted item is ever returned after its delete finished, and the engine
+    ends where a restart over the store ends."""
+    from halflife.core import cooccurrence
+
+    monkeypatch.setattr(cooccurrence, "_MIN_MERGE", 2)
     engine = open_engine(tmp_path)
     engine.upsert_items([ItemInput(id=f"{kind}{n}", text=f"item {n}", categories=(f"c{n % 3}",))
                          for n in range(40) for kind in ("i", "d")])  # events name i*, deletes take d*

@@ -263,10 +263,13 @@ def test_a_profile_of_events_another_worker_recorded_is_replayed_once(pair, monk
     assert replays == [3]
 
 
-def test_two_workers_under_concurrent_writes_erasures_and_reads_end_as_a_restart_would(pair, tmp_path):
+def test_two_workers_under_concurrent_writes_erasures_and_reads_end_as_a_restart_would(pair, tmp_path, monkeypatch):
     """Each worker records events, erases users, adds items and deletes and
-    re-creates others while both serve reads, all at once; afterwards both
-    answer as a restart does."""
+    re-creates others while both serve reads, all at once (with frequent
+    co-occurrence merges); afterwards both answer as a restart does."""
+    from halflife.core import cooccurrence
+
+    monkeypatch.setattr(cooccurrence, "_MIN_MERGE", 2)
     a, b = pair
     a.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}", categories=(f"c{n % 3}",)) for n in range(30)])
 

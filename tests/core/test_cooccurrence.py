@@ -64,46 +64,29 @@ def test_as_of_keeps_only_pairs_that_had_happened():
     assert np.array_equal(c.as_of(5.0).rows([0])[0], [2, 2, 0])
 
 
-@pytest.mark.parametrize("merge_every", [1, 7, 10**9])
-def test_matches_a_dense_reference_through_merges_late_events_and_removals(monkeypatch, merge_every):
-    """Random batches (repeats, late events, new items), with the waiting pairs
-    merged into the sorted arrays after every batch, now and then, or never:
-    every read equals the dense incidence built from the pairs by hand."""
-    from halflife.core import cooccurrence
+def _assert_matches_dense(c: Cooccurrence, first: dict, rng, n_users: int, t: float = np.inf) -> None:
+    """Every read of c (as of t) equals the dense incidence of the pairs in
+    `first` ((user, item) -> earliest time) that had happened by t."""
+    live = {p: s for p, s in first.items() if s <= t}
+    x = np.zeros((n_users, c.n_items))
+    for u, i in live:
+        x[u, i] = 1.0
+    dense = x.T @ x
+    view = c.as_of(t)
+    assert len(view) == len(live)
+    assert np.array_equal(view.item_counts(), np.diag(dense))
+    query = rng.choice(c.n_items, min(6, c.n_items), replace=False)
+    weights = rng.random(query.size)
+    assert np.array_equal(view.rows(query), dense[query])
+    assert np.allclose(view.user_weighted(query, weights), weights @ dense[query])
 
-    monkeypatch.setattr(cooccurrence, "_MIN_MERGE", merge_every)
-    rng = np.random.default_rng(merge_every)
-    n_users, n_items = 40, 30
-    c = Cooccurrence(5)
-    first: dict[tuple[int, int], float] = {}  # (user, item) -> earliest time
 
-    def check(t=np.inf):
-        live = {p: s for p, s in first.items() if s <= t}
-        x = np.zeros((n_users, c.n_items))
-        for u, i in live:
-            x[u, i] = 1.0
-        dense = x.T @ x
-        view = c.as_of(t)
-        assert len(view) == len(live)
-        assert np.array_equal(view.item_counts(), np.diag(dense))
-        query = rng.choice(c.n_items, min(6, c.n_items), replace=False)
-        weights = rng.random(query.size)
-        assert np.array_equal(view.rows(query), dense[query])
-        assert np.allclose(view.user_weighted(query, weights), weights @ dense[query])
-
-    for step in range(60):
-        n = int(rng.integers(1, 25))
-        users = rng.integers(0, n_users, n)
-        items = rng.integers(-1, min(n_items, 5 + step), n)  # -1: skipped; the item space grows
-        times = rng.uniform(0, 100, n)
-        expected_new = len({(u, i) for u, i in zip(users, items) if i >= 0} - first.keys())
-        assert c.add(users, items, times) == expected_new
-        for u, i, t in zip(users, items, times):
-            if i >= 0:
-                first[(u, i)] = min(first.get((u, i), np.inf), t)
-        check()
-        if step % 10 == 9:
-            check(t=50.0)
+def _random_steps(c: Cooccurrence, rng, steps: int, n_users: int = 40, n_items: int = 30, after_each=None):
+    """Random batches (repeats, late events, new items) and now and then a
+    user's or two items' removal, each followed by a check against the dense
+    reference; `after_each(step)` runs between a step's write and its check."""
+    first: dict[tuple[int, int], float] = {}
+    for step in range(steps):
         if step % 15 == 14:
             user = int(rng.integers(0, n_users))
             assert c.remove_user(user) == sum(1 for u, _ in first if u == user)
@@ -111,4 +94,50 @@ def test_matches_a_dense_reference_through_merges_late_events_and_removals(monke
             doomed = rng.choice(c.n_items, 2, replace=False)
             assert c.remove_items(doomed) == sum(1 for _, i in first if i in doomed)
             first = {p: s for p, s in first.items() if p[1] not in doomed}
-            check()
+        else:
+            n = int(rng.integers(1, 25))
+            users = rng.integers(0, n_users, n)
+            items = rng.integers(-1, min(n_items, 5 + step), n)  # -1: skipped; the item space grows
+            times = rng.uniform(0, 100, n)
+            expected_new = len({(u, i) for u, i in zip(users, items) if i >= 0} - first.keys())
+            assert c.add(users, items, times) == expected_new
+            for u, i, t in zip(users, items, times):
+                if i >= 0:
+                    first[(u, i)] = min(first.get((u, i), np.inf), t)
+        if after_each is not None:
+            after_each(step)
+        _assert_matches_dense(c, first, rng, n_users)
+        _assert_matches_dense(c, first, rng, n_users, t=50.0)
+
+
+@pytest.mark.parametrize("merge_every", [1, 7, 10**9])
+def test_matches_a_dense_reference_through_merges_late_events_and_removals(monkeypatch, merge_every):
+    """Waiting pairs merged into the sorted arrays after every batch, now and
+    then, or never: every read equals the dense incidence built by hand."""
+    from halflife.core import cooccurrence
+
+    monkeypatch.setattr(cooccurrence, "_MIN_MERGE", merge_every)
+    _random_steps(Cooccurrence(5), np.random.default_rng(merge_every), 60)
+
+
+def test_background_merges_keep_what_changed_while_they_were_built(monkeypatch):
+    """A merge begun before a step and built and ended after it (new pairs,
+    late events for indexed and for taken pairs, removals, inline merges
+    meanwhile) leaves every read equal to the dense reference."""
+    from halflife.core import cooccurrence
+
+    monkeypatch.setattr(cooccurrence, "_MIN_MERGE", 3)
+    c = Cooccurrence(5)
+    pending = []
+    outcomes = []
+
+    def end_then_begin(step):  # built at once, ended only after the next step's writes
+        for merge in pending:
+            outcomes.append(c.end_merge(merge))
+        pending.clear()
+        if (merge := c.begin_merge()) is not None:
+            merge.build()
+            pending.append(merge)
+
+    _random_steps(c, np.random.default_rng(11), 90, after_each=end_then_begin)
+    assert True in outcomes and False in outcomes  # taken in, and dropped after a removal or an inline merge

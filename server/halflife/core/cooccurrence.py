@@ -22,6 +22,7 @@ item is filtered from recommendations anyway, and with it in, "count" and
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -32,8 +33,12 @@ _LOW = (1 << _ITEM_BITS) - 1
 # New pairs wait in a small dict until this many (or 1/64 of the indexed
 # pairs, if more) have gathered, then merge into the sorted arrays in one
 # O(pairs) pass: every read scans the waiting pairs, so they stay few, and
-# the merge's cost spreads to a few microseconds per pair.
+# the merge's cost spreads to a few microseconds per pair. A caller that runs
+# merges in the background (begin_merge / Merge.build / end_merge, e.g.
+# without its lock) starts one at this size; `add` merges by itself only at
+# _INLINE_FACTOR times it, when no background merge kept up.
 _MIN_MERGE = 256
+_INLINE_FACTOR = 4
 
 
 def _swap(keys: np.ndarray) -> np.ndarray:
@@ -86,6 +91,34 @@ def _matches(values: np.ndarray, heads: np.ndarray) -> tuple[np.ndarray, np.ndar
     return which, order[index]
 
 
+def _merged(keys: np.ndarray, times: np.ndarray, item_keys: np.ndarray, user_ptr: np.ndarray,
+            item_ptr: np.ndarray, new_keys: np.ndarray, new_times: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The sorted arrays and row pointers with the pairs `new_keys` (sorted,
+    none present yet) and their times inserted: O(P + w). New arrays; the
+    inputs are left as they were."""
+    at = np.searchsorted(keys, new_keys)
+    by_item = np.sort(_swap(new_keys))
+    return (np.insert(keys, at, new_keys), np.insert(times, at, new_times),
+            np.insert(item_keys, np.searchsorted(item_keys, by_item), by_item),
+            _shifted(user_ptr, new_keys >> _ITEM_BITS), _shifted(item_ptr, by_item >> _ITEM_BITS))
+
+
+@dataclasses.dataclass(eq=False)
+class Merge:
+    """A merge of the waiting pairs into the sorted arrays, whose O(P) part,
+    `build`, may run while other threads read and add (see
+    Cooccurrence.begin_merge)."""
+
+    generation: int
+    keys: np.ndarray  # (w,) the waiting pairs taken, sorted
+    times: np.ndarray  # (w,)
+    base: tuple[np.ndarray, ...]  # the indexed arrays when it began
+    result: tuple[np.ndarray, ...] | None = None
+
+    def build(self) -> None:
+        self.result = _merged(*self.base, self.keys, self.times)
+
+
 class Cooccurrence:
     """User × item incidence with on-demand co-occurrence.
 
@@ -106,6 +139,9 @@ class Cooccurrence:
         self._user_ptr = self._item_ptr = np.zeros(1, dtype=np.int64)  # into _keys / _item_keys
         self._waiting: dict[int, float] = {}  # new pairs not merged yet: key -> time
         self._waiting_arrays: tuple[np.ndarray, np.ndarray] | None = None  # their (users, items), for reads
+        self._generation = 0  # moves on every change of the sorted arrays
+        self._in_flight: Merge | None = None
+        self._retimed: list[tuple[np.ndarray, np.ndarray]] = []  # indexed pairs moved earlier meanwhile
         self.newest = -np.inf
         self._item_counts = np.zeros(self.n_items, dtype=np.float64)
 
@@ -137,6 +173,8 @@ class Cooccurrence:
         at = np.minimum(np.searchsorted(self._keys, keys), max(self._keys.size - 1, 0))
         indexed = self._keys[at] == keys if self._keys.size else np.zeros(keys.size, dtype=bool)
         self._times[at[indexed]] = np.minimum(self._times[at[indexed]], times[indexed])
+        if self._in_flight is not None and indexed.any():
+            self._retimed.append((keys[indexed], times[indexed]))
         keys, times = keys[~indexed], times[~indexed]
         known = np.fromiter(map(self._waiting.get, keys.tolist(), itertools.repeat(np.nan, keys.size)),
                             dtype=np.float64, count=keys.size)
@@ -149,9 +187,12 @@ class Cooccurrence:
         self.resize(int(items.max()) + 1)
         self._item_counts += np.bincount(items, minlength=self.n_items)
         self._waiting_arrays = None
-        if len(self._waiting) >= max(_MIN_MERGE, self._keys.size >> 6):
+        if len(self._waiting) >= _INLINE_FACTOR * self._merge_size():
             self._merge()
         return int(new.sum())
+
+    def _merge_size(self) -> int:
+        return max(_MIN_MERGE, self._keys.size >> 6)
 
     def _waiting_keys_and_times(self) -> tuple[np.ndarray, np.ndarray]:
         """The waiting pairs' keys and times: two (w,) arrays."""
@@ -160,17 +201,50 @@ class Cooccurrence:
                 np.fromiter(self._waiting.values(), dtype=np.float64, count=n))
 
     def _merge(self) -> None:
-        """Moves the waiting pairs into the sorted arrays: O(P + w log w)."""
+        """Moves the waiting pairs into the sorted arrays, here and now."""
+        job = self._begin()
+        job.build()
+        self.end_merge(job)
+
+    def begin_merge(self) -> Merge | None:
+        """A merge of the waiting pairs, if enough wait and none is in flight.
+        Call `build()` on it (the O(P) part: it only reads what it was given,
+        so it may run without the caller's lock while others read and add),
+        then `end_merge`. Call begin and end as any other method."""
+        if self._in_flight is not None or len(self._waiting) < self._merge_size():
+            return None
+        return self._begin()
+
+    def _begin(self) -> Merge:
         keys, times = self._waiting_keys_and_times()
         order = np.argsort(keys)
-        keys, times = keys[order], times[order]
-        at = np.searchsorted(self._keys, keys)
-        self._keys, self._times = np.insert(self._keys, at, keys), np.insert(self._times, at, times)
-        by_item = np.sort(_swap(keys))
-        self._item_keys = np.insert(self._item_keys, np.searchsorted(self._item_keys, by_item), by_item)
-        self._user_ptr = _shifted(self._user_ptr, keys >> _ITEM_BITS)
-        self._item_ptr = _shifted(self._item_ptr, by_item >> _ITEM_BITS)
-        self._waiting, self._waiting_arrays = {}, None
+        self._in_flight, self._retimed = Merge(
+            self._generation, keys[order], times[order],
+            (self._keys, self._times, self._item_keys, self._user_ptr, self._item_ptr)), []
+        return self._in_flight
+
+    def end_merge(self, job: Merge) -> bool:
+        """Takes a built merge in, unless the arrays changed since it began (a
+        removal or another merge): then it is dropped and its pairs keep
+        waiting. Pairs moved earlier meanwhile keep their earlier times."""
+        if job is not self._in_flight:
+            return False
+        self._in_flight = None
+        if job.generation != self._generation or job.result is None:
+            return False
+        keys, times, item_keys, user_ptr, item_ptr = job.result
+        for moved, earlier in self._retimed:
+            at = np.searchsorted(keys, moved)
+            times[at] = np.minimum(times[at], earlier)
+        self._retimed = []
+        # the taken pairs leave the dict, with any earlier time found meanwhile
+        waited = np.fromiter(map(self._waiting.pop, job.keys.tolist()), dtype=np.float64, count=job.keys.size)
+        at = np.searchsorted(keys, job.keys)
+        times[at] = np.minimum(times[at], waited)
+        self._keys, self._times, self._item_keys, self._user_ptr, self._item_ptr = keys, times, item_keys, user_ptr, item_ptr
+        self._generation += 1
+        self._waiting_arrays = None
+        return True
 
     def _pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """Every pair's key and time (indexed, then waiting): two (P + w,) arrays."""
@@ -224,6 +298,7 @@ class Cooccurrence:
         """Drops `waiting` from the dict and `keys` (all removed pairs) from the
         counts, once they left the sorted arrays."""
         self._recount_pointers()
+        self._generation += 1
         for key in waiting:
             del self._waiting[key]
         if waiting:
