@@ -3,7 +3,8 @@
 # prepare.sh lie in $STAGE_DIR: unpacks them, exports the bundled model there
 # (fp16 included, validated against PyTorch), then runs bench.py on the CUDA
 # execution provider against PyTorch CUDA fp16. Results go to $OUT.
-# Takes about 3-4 minutes. See bench/gpu/README.md.
+# Takes about 3-4 minutes. See bench/gpu/README.md. Arguments go to bench.py
+# (`--provider cpu --quick` rehearses the whole script on a CPU machine).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 STAGE_DIR=${STAGE_DIR:-/tmp/stage}
@@ -26,16 +27,18 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 # onnxruntime-gpu lives in its own folder here, away from the CUDA libraries
 # PyTorch installed, so its preload_dlls() cannot find them: point the loader there.
-nvidia_dirs=$(python3 -c 'import nvidia; print(" ".join(nvidia.__path__))')
-LD_LIBRARY_PATH=$(find $nvidia_dirs -name 'lib*.so*' -printf '%h\n' | sort -u | paste -sd:)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-export LD_LIBRARY_PATH
+if nvidia_dirs=$(python3 -c 'import nvidia; print(" ".join(nvidia.__path__))' 2>/dev/null); then
+    LD_LIBRARY_PATH=$(find $nvidia_dirs -name 'lib*.so*' -printf '%h\n' | sort -u | paste -sd:)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    export LD_LIBRARY_PATH
+fi
 code=server:export:clients/python:.
 
 # The export stack needs transformers 4.57, older than the image's: it gets its own path.
 model="$STAGE_DIR/exported"
 started=$(date +%s)
 if PYTHONPATH="$STAGE_DIR/site-export:$STAGE_DIR/site:$code" timeout 300 \
-        python3 -m halflife.cli export --model "$STAGE_DIR/hf" --output "$model" --force 2>&1 | tee "$OUT/export.log"; then
+        python3 -m halflife.cli export --model "$STAGE_DIR/hf" --output "$model" --force \
+        --model-id sentence-transformers/all-MiniLM-L6-v2 2>&1 | tee "$OUT/export.log"; then
     note="Model exported on this machine in $(( $(date +%s) - started )) s (halflife export: fp32 O2, fp16, int8, each validated against PyTorch)."
 else
     model="$STAGE_DIR/model"
