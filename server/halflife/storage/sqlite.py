@@ -24,8 +24,8 @@ Vectors are content-addressed (``vectors.hash`` = SHA-256 of the float32
 little-endian bytes). Items and events reference vector ids; a vector
 is garbage-collected when the last reference that a delete/update removed was
 the last one anywhere. Items hold theirs by foreign key; events' are counted
-in ``vector_refs`` by triggers (an index on events.vector_id cost half the
-ingest rate at millions of events: see `_migration_4`).
+in ``vector_refs`` (an index on events.vector_id cost half the ingest rate at
+millions of events: see `_migration_4`).
 
 Several processes may open the same file (``halflife serve --workers N``):
 their writers take turns (``BEGIN IMMEDIATE`` waits up to the busy timeout)
@@ -125,11 +125,13 @@ def _migration_4(conn: sqlite3.Connection) -> None:
     # Vector garbage collection asked "does any event use this vector?" through
     # the index events(vector_id), whose inserts land on a random page each
     # (one run per item vector): at 3M events that halved ingest (24k -> 11k
-    # events/s). A narrow table now counts each vector's events, kept exact by
-    # triggers on every insert and delete, whatever the code path; the index
-    # and the events -> vectors foreign key (which without the index would
-    # scan the events on every vector delete) go. The events table is rebuilt
-    # without the key; AUTOINCREMENT's high-water mark (Store.head) is kept.
+    # events/s). A narrow table now counts each vector's events: the one
+    # insert path (record_events) adds a batch's counts in one statement (a
+    # per-row trigger cost 5 us an event, the batch 1.2), and a trigger
+    # subtracts on every delete, whatever the code path. The index and the
+    # events -> vectors foreign key (which without the index would scan the
+    # events on every vector delete) go. The events table is rebuilt without
+    # the key; AUTOINCREMENT's high-water mark (Store.head) is kept.
     high = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
     for sql in (
         """CREATE TABLE events_new (
@@ -153,10 +155,6 @@ def _migration_4(conn: sqlite3.Connection) -> None:
                events INTEGER NOT NULL               -- events that use it
            )""",
         "INSERT INTO vector_refs(id, events) SELECT vector_id, COUNT(*) FROM events GROUP BY vector_id",
-        """CREATE TRIGGER events_count_vector AFTER INSERT ON events BEGIN
-               INSERT INTO vector_refs(id, events) VALUES (new.vector_id, 1)
-               ON CONFLICT(id) DO UPDATE SET events = events + 1;
-           END""",
         """CREATE TRIGGER events_uncount_vector AFTER DELETE ON events BEGIN
                UPDATE vector_refs SET events = events - 1 WHERE id = old.vector_id;
            END""",
@@ -218,6 +216,17 @@ def _vector_ids(conn: sqlite3.Connection, hashes: Sequence[bytes]) -> dict[bytes
         sql = f"SELECT hash, id FROM vectors WHERE hash IN ({','.join('?' * len(chunk))})"
         ids.update(conn.execute(sql, chunk))
     return ids
+
+
+def _count_vector_uses(conn: sqlite3.Connection, vector_ids: Sequence[int]) -> None:
+    """Adds newly stored events' vectors to vector_refs, one statement per batch
+    (the delete trigger takes them off again)."""
+    conn.execute(
+        """INSERT INTO vector_refs(id, events)
+           SELECT CAST(key AS INTEGER), value FROM json_each(?) WHERE true
+           ON CONFLICT(id) DO UPDATE SET events = events + excluded.events""",
+        (json.dumps(collections.Counter(vector_ids)),),
+    )
 
 
 def _gc_vectors(conn: sqlite3.Connection, candidates: Sequence[int]) -> int:
@@ -606,6 +615,7 @@ class SqliteStore:
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
                 [rows[i] + (vid,) for i, vid in zip(keep, vector_ids)],
             )
+            _count_vector_uses(conn, vector_ids)
             after = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()[0]
             if after - before != len(keep):  # AUTOINCREMENT hands one writer consecutive seqs
                 raise StoreError(f"unexpected seq range {before}..{after} for {len(keep)} events")
