@@ -302,3 +302,42 @@ def test_a_user_after_an_erasure_gets_co_occurrence_of_their_own(tmp_path):
     engine.store.close()
     restarted = open_engine(tmp_path)
     assert (live, pairs) == (answers(restarted), len(restarted._cooccurrence))
+
+
+def test_a_cooccurrence_merge_is_built_on_its_own_thread_while_calls_go_on(tmp_path, monkeypatch):
+    """The O(pairs) part of a merge holds neither the engine lock nor the
+    writer that made it due: while one is being built, writes and
+    recommendations complete, and its pairs count before and after."""
+    import threading
+
+    from halflife.core import cooccurrence
+
+    monkeypatch.setattr(cooccurrence, "_MIN_MERGE", 4)
+    monkeypatch.setattr(cooccurrence, "_INLINE_FACTOR", 10**6)  # only the background merge, here
+    started, release = threading.Event(), threading.Event()
+    build = cooccurrence.Merge.build
+
+    def held_build(merge):
+        started.set()
+        assert release.wait(30)
+        build(merge)
+
+    monkeypatch.setattr(cooccurrence.Merge, "build", held_build)
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(6)])
+
+    def likes(prefix, user, items):
+        return [EventInput(f"{prefix}{k}", user, LIKE, item, None, None, T - 60.0 * k) for k, item in enumerate(items)]
+
+    engine.record_events(likes("a", "u0", ["i0", "i1"]) + likes("b", "u1", ["i0", "i1", "i2"]))  # 5 pairs: due
+    assert started.wait(30)
+    engine.record_events(likes("c", "u2", ["i1", "i3"]))  # the merge is still being built
+    during = [i.item_id for i in engine.recommend("u0", 3, as_of=T).items]
+    release.set()
+    for _ in range(300):  # bounded: the merge thread ends once it has the lock again
+        if not engine._merging:
+            break
+        threading.Event().wait(0.01)
+    assert not engine._merging and len(engine._cooccurrence._keys) == 5  # merged, the later pairs still waiting
+    assert during == [i.item_id for i in engine.recommend("u0", 3, as_of=T).items]
+    assert "i2" in during  # u1's co-occurrence reached u0's recommendations while the merge was built

@@ -206,14 +206,16 @@ class Cooccurrence:
         job.build()
         self.end_merge(job)
 
+    def merge_due(self) -> bool:
+        """Enough pairs wait for a merge, and none is in flight."""
+        return self._in_flight is None and len(self._waiting) >= self._merge_size()
+
     def begin_merge(self) -> Merge | None:
-        """A merge of the waiting pairs, if enough wait and none is in flight.
-        Call `build()` on it (the O(P) part: it only reads what it was given,
-        so it may run without the caller's lock while others read and add),
-        then `end_merge`. Call begin and end as any other method."""
-        if self._in_flight is not None or len(self._waiting) < self._merge_size():
-            return None
-        return self._begin()
+        """A merge of the waiting pairs, if one is due. Call `build()` on it
+        (the O(P) part: it only reads what it was given, so it may run without
+        the caller's lock while others read and add), then `end_merge`. Call
+        begin and end as any other method."""
+        return self._begin() if self.merge_due() else None
 
     def _begin(self) -> Merge:
         keys, times = self._waiting_keys_and_times()
