@@ -159,3 +159,21 @@ def test_serve_ranks_with_one_blas_thread_unless_told_otherwise(monkeypatch):
         cli.main(["serve", "--workers", "0"])  # stops at argument checking, after the defaults are set
     assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
     assert os.environ["OMP_NUM_THREADS"] == "3"
+
+
+def test_serve_fixes_glibcs_mmap_threshold(monkeypatch):
+    """`serve` sets glibc's mmap threshold before anything big is allocated
+    (big arrays then go back to the OS when freed; see cli.SERVER_MMAP_THRESHOLD)."""
+    import platform
+
+    from halflife import cli
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt's mmap threshold is a glibc setting")
+    calls = []
+    monkeypatch.setattr(cli, "_fix_mmap_threshold", lambda: calls.append(True) or True)
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--workers", "0"])
+    assert calls == [True]
+    monkeypatch.undo()
+    assert cli._fix_mmap_threshold() is True  # glibc accepted the value
