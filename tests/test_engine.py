@@ -335,9 +335,9 @@ def test_a_cooccurrence_merge_is_built_on_its_own_thread_while_calls_go_on(tmp_p
     during = [i.item_id for i in engine.recommend("u0", 3, as_of=T).items]
     release.set()
     for _ in range(300):  # bounded: the merge thread ends once it has the lock again
-        if not engine._merging:
+        if not engine._cooccurrence.merging:
             break
         threading.Event().wait(0.01)
-    assert not engine._merging and len(engine._cooccurrence._keys) == 5  # merged, the later pairs still waiting
+    assert not engine._cooccurrence.merging and len(engine._cooccurrence._keys) == 5  # merged, the later pairs still waiting
     assert during == [i.item_id for i in engine.recommend("u0", 3, as_of=T).items]
     assert "i2" in during  # u1's co-occurrence reached u0's recommendations while the merge was built

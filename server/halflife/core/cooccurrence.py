@@ -173,7 +173,7 @@ class Cooccurrence:
         at = np.minimum(np.searchsorted(self._keys, keys), max(self._keys.size - 1, 0))
         indexed = self._keys[at] == keys if self._keys.size else np.zeros(keys.size, dtype=bool)
         self._times[at[indexed]] = np.minimum(self._times[at[indexed]], times[indexed])
-        if self._in_flight is not None and indexed.any():
+        if self.merging and indexed.any():
             self._retimed.append((keys[indexed], times[indexed]))
         keys, times = keys[~indexed], times[~indexed]
         known = np.fromiter(map(self._waiting.get, keys.tolist(), itertools.repeat(np.nan, keys.size)),
@@ -206,16 +206,19 @@ class Cooccurrence:
         job.build()
         self.end_merge(job)
 
-    def merge_due(self) -> bool:
-        """Enough pairs wait for a merge, and none is in flight."""
-        return self._in_flight is None and len(self._waiting) >= self._merge_size()
+    @property
+    def merging(self) -> bool:
+        """A merge has begun and not ended."""
+        return self._in_flight is not None
 
     def begin_merge(self) -> Merge | None:
-        """A merge of the waiting pairs, if one is due. Call `build()` on it
-        (the O(P) part: it only reads what it was given, so it may run without
-        the caller's lock while others read and add), then `end_merge`. Call
-        begin and end as any other method."""
-        return self._begin() if self.merge_due() else None
+        """A merge of the waiting pairs, if enough wait and none is in flight.
+        Call `build()` on it (the O(P) part: it only reads what it was given,
+        so it may run without the caller's lock while others read and add),
+        then `end_merge`. Call begin and end as any other method."""
+        if self.merging or len(self._waiting) < self._merge_size():
+            return None
+        return self._begin()
 
     def _begin(self) -> Merge:
         keys, times = self._waiting_keys_and_times()

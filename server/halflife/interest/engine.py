@@ -250,7 +250,6 @@ class InterestEngine:
         self.catalog = CatalogIndex(dim)
         self._users: collections.OrderedDict[str, _UserState] = collections.OrderedDict()
         self._replays: dict[str, list[_Replay]] = {}  # user id -> replays in flight
-        self._merging = False  # a co-occurrence merge thread runs (_merge_cooccurrence)
         self._labels: list[str] = []
         self._label_vectors = np.zeros((0, dim), dtype=np.float32)
         self._catalog_mean = np.zeros(dim, dtype=np.float32)
@@ -574,22 +573,27 @@ class InterestEngine:
             self._events.add(stored[0].seq, stored[-1].seq)
             self._apply_events(stored)
 
-    def _merge_cooccurrence(self) -> None:
-        """Merges the co-occurrence pairs that wait, building the new arrays
-        without the engine lock (at 3M pairs a merge copies ~70 MB: ~60 ms
-        that recommendations would otherwise wait for). Runs on its own
-        thread (see _apply_events)."""
-        with self._lock:
-            index = self._cooccurrence
-            merge = index.begin_merge()
-        try:
-            if merge is not None:
+    def _start_cooccurrence_merge(self) -> None:
+        """Begins a co-occurrence merge if one is due and builds it on its own
+        thread: at 3M pairs it copies ~70 MB (~60 ms), which neither this
+        caller nor, without the lock, any reader waits for. Lock held."""
+        index = self._cooccurrence
+        merge = index.begin_merge()
+        if merge is None:
+            return
+
+        def build() -> None:
+            try:
                 merge.build()
-        finally:
-            with self._lock:
-                if merge is not None:
+            finally:
+                with self._lock:
                     index.end_merge(merge)  # a replaced index (erasure rebuild) just drops it
-                self._merging = False
+
+        try:
+            threading.Thread(target=build, name="halflife-cooccurrence-merge", daemon=True).start()
+        except RuntimeError:
+            index.end_merge(merge)  # not built: dropped, its pairs merge inline later on
+            log.warning("no thread for a co-occurrence merge; it will run inline", exc_info=True)
 
     def _apply_events(self, stored: Sequence[EventRecord]) -> None:
         """New events into the blend and the cached profiles. Lock held."""
@@ -598,15 +602,7 @@ class InterestEngine:
         types = self._record_types(stored)
         rows = self._current_item_rows([e.item_id for e in stored], np.array([e.seq for e in stored]))
         self._add_to_blend(rows, types, np.array([e.event_time for e in stored]), [e.user_id for e in stored])
-        if not self._merging and self._cooccurrence.merge_due():
-            # Off every caller's path: neither this write nor a reader waits
-            # for it. Without a thread, the index merges inline later on.
-            try:
-                threading.Thread(target=self._merge_cooccurrence, name="halflife-cooccurrence-merge",
-                                 daemon=True).start()
-                self._merging = True
-            except RuntimeError:
-                log.warning("no thread for a co-occurrence merge; it will run inline", exc_info=True)
+        self._start_cooccurrence_merge()
         for event in stored:
             # Replays in flight take it whether or not the user is cached now:
             # a profile cached meanwhile may still be dropped (below).
