@@ -235,8 +235,9 @@ def test_concurrent_reads_and_writes_end_as_a_restart_would(tmp_path, monkeypatc
             engine.upsert_items([ItemInput(id=f"n{step}", text=f"new item {step}", categories=("c1",))])
 
     def events(step):
+        # The third event of each batch is stamped after the clock (held back until a read reaches it).
         engine.record_events([EventInput(f"e{step}-{k}", f"u{(step + k) % 5}", LIKE, f"i{(step * 7 + k) % 40}", None, None,
-                                         T - 3600.0 * (60 - step) - k) for k in range(3)])
+                                         T + 60.0 * step if k == 2 else T - 3600.0 * (60 - step) - k) for k in range(3)])
         if step % 20 == 19:
             engine.delete_user("u4")
 
@@ -252,7 +253,8 @@ def test_concurrent_reads_and_writes_end_as_a_restart_would(tmp_path, monkeypatc
     assert not errors, errors
 
     def answers(e: InterestEngine) -> dict:
-        return {u: [(i.item_id, round(i.score, 5)) for i in e.recommend(u, 10, as_of=T).items] for u in ("u0", "u1", "u4", "cold")}
+        return {(u, t): [(i.item_id, round(i.score, 5)) for i in e.recommend(u, 10, as_of=t).items]
+                for t in (T, T + 7200.0) for u in ("u0", "u1", "u4", "cold")}
 
     live = answers(engine)
     engine.store.close()
@@ -341,3 +343,48 @@ def test_a_cooccurrence_merge_is_built_on_its_own_thread_while_calls_go_on(tmp_p
     assert not engine._cooccurrence.merging and len(engine._cooccurrence._keys) == 5  # merged, the later pairs still waiting
     assert during == [i.item_id for i in engine.recommend("u0", 3, as_of=T).items]
     assert "i2" in during  # u1's co-occurrence reached u0's recommendations while the merge was built
+
+
+def test_events_stamped_ahead_of_the_clock_count_from_their_time_and_keep_reads_fast(tmp_path):
+    """Clients whose clocks run ahead stamp events after the server's now.
+    Until the clock reaches them, recommendations are those of an engine that
+    never saw them (as_of semantics), yet both blend indexes stay on their
+    fast path (before, one such event sent every read through a rebuild of
+    all pairs and all popularity: 1.3 s a call at 1M events instead of 1.2 ms);
+    once the clock passes them, and after erasures of held events, the
+    engine answers as a restart over its store would."""
+    now = [T]
+
+    def engine_at(path) -> InterestEngine:
+        return InterestEngine(Config(), SqliteStore(path), DIM, fake_embed, clock=lambda: now[0])
+
+    items = [ItemInput(id=f"i{n}", text=f"camping stove {n}") for n in range(10)]
+    past = [EventInput(f"p{u}-{k}", f"u{u}", LIKE, f"i{(u * 3 + k) % 10}", None, None, T - 3600.0 * (k + 1))
+            for u in range(4) for k in range(3)]
+    ahead = [EventInput(f"a{u}-{k}", f"u{u}", LIKE, f"i{(u * 5 + k + 1) % 10}", None, None, T + 600.0 * (k + 1))
+             for u in (1, 2, 3) for k in range(2)]
+    engine, only_past = engine_at(tmp_path / "live"), engine_at(tmp_path / "past")
+    for e in (engine, only_past):
+        e.upsert_items(items)
+        e.record_events(past)
+    engine.record_events(ahead)
+
+    def answers(e: InterestEngine, users=("u0", "u1", "u2", "cold")) -> dict:
+        return {u: [(i.item_id, round(i.score, 6)) for i in e.recommend(u, 10).items] for u in users}
+
+    assert answers(engine, ("u0", "cold")) == answers(only_past, ("u0", "cold"))
+    assert engine._cooccurrence.newest <= T and engine._popularity_newest <= T  # the fast path of both
+
+    now[0] = T + 900.0  # one held event per user is due: counted from its time on
+    live = answers(engine)
+    assert live != answers(only_past) and engine._cooccurrence.newest <= now[0]
+    engine.store.close()
+    assert answers(engine_at(tmp_path / "live")) == live
+
+    engine = engine_at(tmp_path / "live")  # u2's held event at T + 1200 is erased before it is due
+    engine.delete_user("u2")
+    engine.delete_items(["i7"])  # so is u1's pair with i7 (T + 1200 too)
+    now[0] = T + 3600.0
+    live = answers(engine, ("u0", "u1", "u3", "cold"))
+    engine.store.close()
+    assert answers(engine_at(tmp_path / "live"), ("u0", "u1", "u3", "cold")) == live

@@ -40,6 +40,7 @@ from halflife.config import EVENT_TYPE_NAMES, Config
 from halflife.core.cooccurrence import Cooccurrence, cooccurrence_scores
 from halflife.core.decay import es_kernel, kernel_profile
 from halflife.core.describe import describe_clusters
+from halflife.core.horizon import Horizon
 from halflife.core.profiles import MultiInterestState, ProfileState, interest_scores
 from halflife.core.ranking import DecayedCounts, cosine_scores, freshness, mmr, normalize, top_k
 from halflife.interest.catalog import CatalogIndex
@@ -289,6 +290,10 @@ class InterestEngine:
         # past (as_of before the newest event) counts only what had happened.
         self._popularity_log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._popularity_newest = -np.inf
+        # Entries stamped after the clock (clients whose clocks run ahead) wait
+        # here until a read reaches their time, so that reads at the clock keep
+        # the fast path of both indexes (see core/horizon.py).
+        self._blend_ahead = Horizon()
         self._resize_blend()
         for chunk in self.store.iter_events(through_seq=self._events.through):
             rows = self._current_item_rows(chunk.item_ids, chunk.seqs)
@@ -368,9 +373,47 @@ class InterestEngine:
         weights = self._types.weights[types]
         consumed = np.flatnonzero((rows >= 0) & (weights >= 0))
         if consumed.size:
-            user_rows = [self._user_row(user_ids[i]) for i in consumed]
-            self._cooccurrence.add(user_rows, rows[consumed], times[consumed])
-        self._add_popularity(rows, types, times, sign=1.0)
+            users = np.array([self._user_row(user_ids[i]) for i in consumed], dtype=np.int64)
+            self._admit_to_blend(times[consumed], users, rows[consumed], weights[consumed])
+
+    def _take_back_popularity(self, rows: np.ndarray, types: np.ndarray, times: np.ndarray) -> None:
+        """Takes erased events' weights back from popularity (their pairs go
+        with Cooccurrence.remove_user). Lock held."""
+        weights = self._types.weights[types]
+        liked = (rows >= 0) & (weights > 0)
+        if liked.any():
+            self._admit_to_blend(times[liked], np.full(int(liked.sum()), -1), rows[liked], -weights[liked])
+
+    def _admit_to_blend(self, times: np.ndarray, users: np.ndarray, items: np.ndarray, weights: np.ndarray) -> None:
+        """Blend entries, each (n,): a co-occurrence pair (users, items) where
+        users >= 0, a popularity weight where weights != 0. Those stamped after
+        the clock wait in `_blend_ahead`. Lock held."""
+        self._apply_to_blend(*self._blend_ahead.admit(self._clock(), times, users, items, weights))
+
+    def _release_blend(self, t: float) -> None:
+        """Before a read of the blend at t: the held entries stamped up to t. Lock held."""
+        due = self._blend_ahead.release(t)
+        if due is not None:
+            self._apply_to_blend(*due)
+            self._start_cooccurrence_merge()
+
+    def _apply_to_blend(self, times: np.ndarray, users: np.ndarray, items: np.ndarray, weights: np.ndarray) -> None:
+        """Blend entries (see _admit_to_blend) into the indexes. Lock held."""
+        pairs = users >= 0
+        if pairs.any():
+            self._cooccurrence.add(users[pairs], items[pairs], times[pairs])
+        counted = weights != 0
+        if counted.any():
+            rows, times, weights = items[counted], times[counted], weights[counted]
+            self._popularity.add(rows, times, weights)  # forward-decayed sums subtract exactly
+            self._popularity_log.append((rows, times, weights))
+            self._popularity_newest = max(self._popularity_newest, float(times.max()))
+
+    def _forget_held_pairs(self, drop) -> None:
+        """Held co-occurrence pairs whose (users, items) `drop` marks become
+        popularity-only entries, as Cooccurrence.remove_* forgets the indexed
+        ones. Lock held."""
+        self._blend_ahead.map_held(lambda t, u, i, w: (t, np.where(drop(u, i), -1, u), i, w))
 
     def _user_row(self, user_id: str) -> int:
         row = self._user_rows.get(user_id)
@@ -378,21 +421,10 @@ class InterestEngine:
             row = self._user_rows[user_id] = next(self._next_user_row)
         return row
 
-    def _add_popularity(self, rows: np.ndarray, types: np.ndarray, times: np.ndarray, sign: float) -> None:
-        """Adds (sign 1) or takes back (sign -1) positive item events' weights
-        in the decayed popularity and its log. Lock held."""
-        weights = self._types.weights[types]
-        liked = (rows >= 0) & (weights > 0)
-        if not liked.any():
-            return
-        rows, times, weights = rows[liked], times[liked], sign * weights[liked]
-        self._popularity.add(rows, times, weights)  # forward-decayed sums subtract exactly
-        self._popularity_log.append((rows, times, weights))
-        self._popularity_newest = max(self._popularity_newest, float(times.max()))
-
     def _popularity_at(self, t: float) -> np.ndarray:
         """Decayed popularity at t of the live items, from events up to t
         (deleted items count 0, as after a restart). (size,) float64. Lock held."""
+        self._release_blend(t)
         if t >= self._popularity_newest:
             popularity = self._popularity.read(t)
         else:
@@ -515,7 +547,9 @@ class InterestEngine:
             if row >= 0 and (item_id not in stored or stored[item_id].created_seq != self.catalog.created_seq[row])
         ]
         if stale:
-            self._cooccurrence.remove_items(self.catalog.rows(stale))
+            stale_rows = self.catalog.rows(stale)
+            self._cooccurrence.remove_items(stale_rows)
+            self._forget_held_pairs(lambda users, items: np.isin(items, stale_rows))
             self.catalog.delete(stale)
         if stored:
             self.catalog.upsert(stored[i] for i in dict.fromkeys(ids) if i in stored)
@@ -628,7 +662,7 @@ class InterestEngine:
             events = [e for e in self.store.user_events(user_id) if self._events.applied(e.seq)]
             if events:
                 rows = self._current_item_rows([e.item_id for e in events], np.array([e.seq for e in events]))
-                self._add_popularity(rows, self._record_types(events), np.array([e.event_time for e in events]), -1.0)
+                self._take_back_popularity(rows, self._record_types(events), np.array([e.event_time for e in events]))
             deleted = self.store.delete_user(user_id)
             # A batch committed before the erasure whose thread has not applied
             # it yet: apply it now, without the erased rows, lest the thread
@@ -640,6 +674,7 @@ class InterestEngine:
             row = self._user_rows.pop(user_id, None)
             if row is not None:
                 self._cooccurrence.remove_user(row)
+                self._forget_held_pairs(lambda users, items: users == row)
         return deleted
 
     # --------------------------------------------------------------- profiles
@@ -973,6 +1008,7 @@ class InterestEngine:
         """Σ_i a_i · sim(i, j): the user's decayed per-item affinity (event
         weight × 2^(−age/h), events up to t) through item co-occurrence. (size,)"""
         blend = self.config.blend
+        self._release_blend(t)
         times = np.array(state.affinity_times, dtype=np.float64)
         rows = self.catalog.rows(state.affinity_items)
         keep = (rows >= 0) & (times <= t)

@@ -1,0 +1,49 @@
+import numpy as np
+
+from halflife.core.horizon import Horizon
+
+
+def test_what_it_hands_out_is_exactly_the_entries_up_to_through_or_the_read():
+    """Random admits (with clocks behind and ahead of the entries), reads at
+    random times and forgets: every step, the entries handed out are exactly
+    those stamped up to `through`, and after a read at t >= through, up to t."""
+    rng = np.random.default_rng(7)
+    horizon, out, ids, every_time = Horizon(), [], [], []
+    next_id = 0
+    for step in range(300):
+        if rng.random() < 0.6:
+            n = int(rng.integers(0, 6))
+            times = rng.uniform(0, 100, n).round(1)
+            new_ids = np.arange(next_id, next_id + n)
+            next_id += n
+            every_time += list(zip(new_ids.tolist(), times.tolist()))
+            out.append(horizon.admit(float(rng.uniform(0, 100)), times, new_ids))
+        elif rng.random() < 0.8:
+            t = float(rng.uniform(0, 100))
+            through = horizon.through
+            released = horizon.release(t)
+            if released is not None:
+                out.append(released)
+            if t >= through:
+                handed = {i for chunk in out for i in chunk[1].tolist()}
+                assert handed == {i for i, when in every_time if when <= t}
+        else:  # forget: mark held ids negative, as an erasure of their pairs would
+            horizon.map_held(lambda times, i: (times, -np.abs(i) - 1))
+            every_time = [(i if when <= horizon.through else -abs(i) - 1, when) for i, when in every_time]
+        handed = [(i, when) for chunk in out for i, when in zip(chunk[1].tolist(), chunk[0].tolist())]
+        assert sorted(handed) == sorted((i, w) for i, w in every_time if w <= horizon.through)
+        assert len(horizon) == sum(w > horizon.through for _, w in every_time)
+        assert all(c[0].shape == c[1].shape for c in out)
+
+
+def test_entries_up_to_the_clock_pass_at_once_and_later_ones_wait_for_a_read():
+    horizon = Horizon()
+    times, ids = horizon.admit(10.0, np.array([5.0, 12.0, 9.0, 30.0]), np.array([0, 1, 2, 3]))
+    assert ids.tolist() == [0, 2] and horizon.through == 9.0 and len(horizon) == 2
+    assert horizon.release(8.0) is None  # a read into the past: the held ones are later still
+    assert horizon.release(11.0) is None  # nothing due yet
+    times, ids = horizon.release(12.0)
+    assert ids.tolist() == [1] and horizon.through == 12.0
+    # A new entry stamped before `through` always passes, whatever the clock says.
+    assert horizon.admit(0.0, np.array([11.0]), np.array([4]))[1].tolist() == [4]
+    assert len(horizon) == 1 and horizon.admit(40.0, np.zeros(0), np.zeros(0, int))[1].tolist() == [3]
