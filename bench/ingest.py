@@ -230,7 +230,7 @@ def rebuild_costs(counts=(50, 500), repeat: int = 10) -> dict:
 
             events = store.user_events(user)
             t_miss, t_read, t_build = [], [], []
-            for fn, acc in ((miss, t_miss), (read, t_read), (lambda: engine._build_state(events), t_build)):
+            for fn, acc in ((miss, t_miss), (read, t_read), (lambda: engine._build_state(events, engine.now()), t_build)):
                 fn()
                 for _ in range(repeat):
                     b = time.perf_counter()
@@ -238,7 +238,7 @@ def rebuild_costs(counts=(50, 500), repeat: int = 10) -> dict:
                     acc.append(time.perf_counter() - b)
             tracemalloc.start()
             before = tracemalloc.get_traced_memory()[0]
-            state = engine._build_state(events)
+            state = engine._build_state(events, engine.now())
             traced = tracemalloc.get_traced_memory()[0] - before
             tracemalloc.stop()
             out[str(n)] = {"miss": summary(t_miss), "read": summary(t_read), "replay": summary(t_build),

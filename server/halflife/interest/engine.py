@@ -159,8 +159,9 @@ class UserProfile:
 
 @dataclasses.dataclass
 class _UserState:
-    """A user's profile built from their events with seq <= max_seq, plus
-    events recorded since, applied on the next read."""
+    """A user's profile built from their events with seq <= max_seq, except
+    those stamped after its newest (`ahead`: a client clock running ahead),
+    plus events recorded since (`pending`), applied on the next read."""
 
     multi: MultiInterestState
     single: ProfileState
@@ -169,6 +170,10 @@ class _UserState:
     newest_time: float
     max_seq: int
     pending: list[EventRecord] = dataclasses.field(default_factory=list)
+    # Seen (seq <= max_seq) but stamped after every read so far: each later than
+    # newest_time, held until a read reaches it (a read at or after newest_time
+    # then needs no replay). In seq order.
+    ahead: list[EventRecord] = dataclasses.field(default_factory=list)
     # Positive item events, for the co-occurrence affinity: item ids, internal types, times.
     affinity_items: list[str] = dataclasses.field(default_factory=list)
     affinity_types: list[int] = dataclasses.field(default_factory=list)
@@ -679,8 +684,9 @@ class InterestEngine:
 
     # --------------------------------------------------------------- profiles
 
-    def _build_state(self, events: Sequence[EventRecord]) -> _UserState:
-        """A profile from events (any order): replay sorted by time, ties by seq."""
+    def _build_state(self, events: Sequence[EventRecord], horizon: float) -> _UserState:
+        """A profile from events (any order) stamped up to `horizon`, the rest
+        held (see _extend): replay sorted by time, ties by seq."""
         state = _UserState(
             multi=MultiInterestState.empty(
                 self._types, self.dim, self.config.profile.max_interests, self.config.profile.cluster_threshold
@@ -691,10 +697,18 @@ class InterestEngine:
             newest_time=-np.inf,
             max_seq=0,
         )
-        self._extend(state, sorted(events, key=lambda e: e.seq))
+        self._extend(state, sorted(events, key=lambda e: e.seq), horizon)
         return state
 
-    def _extend(self, state: _UserState, events: Sequence[EventRecord]) -> None:
+    def _extend(self, state: _UserState, events: Sequence[EventRecord], horizon: float) -> None:
+        """Applies the held events and `events` (in seq order, none older than
+        state.newest_time) stamped up to `horizon`; holds the later ones."""
+        events = [*state.ahead, *events]
+        if not events:
+            return
+        state.max_seq = max(state.max_seq, max(e.seq for e in events))
+        state.ahead = [e for e in events if e.event_time > horizon]
+        events = [e for e in events if e.event_time <= horizon]
         if not events:
             return
         types = self._record_types(events)
@@ -710,7 +724,6 @@ class InterestEngine:
                 state.affinity_items.append(e.item_id)
                 state.affinity_types.append(k)
                 state.affinity_times.append(e.event_time)
-        state.max_seq = max(state.max_seq, max(e.seq for e in events))
 
     def _cache_profile(self, user_id: str) -> None:
         """Caches the user's profile if it is missing, replaying the log
@@ -732,7 +745,7 @@ class InterestEngine:
         try:
             # The read sees a prefix of the log (one writer hands out seqs in
             # commit order): events up to state.max_seq are all in it.
-            state = self._build_state(self.store.user_events(user_id))
+            state = self._build_state(self.store.user_events(user_id), self._clock())
         finally:
             with self._lock:
                 replays = self._replays[user_id]
@@ -752,23 +765,26 @@ class InterestEngine:
     def _user_state(self, user_id: str, as_of: float) -> _UserState:
         """The user's profile including every event up to `as_of`. Call with the lock held."""
         self._catch_up()
+        # Events stamped after both the clock and as_of wait in state.ahead.
+        horizon = max(self._clock(), as_of)
         state = self._users.get(user_id)
         if state is None:
-            state = self._build_state(self.store.user_events(user_id))
+            state = self._build_state(self.store.user_events(user_id), horizon)
             self._cache(user_id, state)
         else:
             self._users.move_to_end(user_id)
-        if state.pending:
+        if state.pending or any(e.event_time <= horizon for e in state.ahead):
             pending = sorted(state.pending, key=lambda e: e.seq)
-            if min(e.event_time for e in pending) < state.newest_time:
-                state = self._build_state(self.store.user_events(user_id))  # a late event: replay exactly
+            if pending and min(e.event_time for e in pending) < state.newest_time:
+                state = self._build_state(self.store.user_events(user_id), horizon)  # a late event: replay exactly
                 self._users[user_id] = state
             else:
                 state.pending = []
-                self._extend(state, pending)
+                self._extend(state, pending, horizon)
         if as_of < state.newest_time:
             # A look into the past: replay only what had happened by then.
-            return self._build_state([e for e in self.store.user_events(user_id) if e.event_time <= as_of])
+            events = [e for e in self.store.user_events(user_id) if e.event_time <= as_of]
+            return self._build_state(events, as_of)
         return state
 
     def profile(self, user_id: str, as_of: float | None = None, items_per_interest: int | None = None) -> UserProfile:
