@@ -24,18 +24,18 @@ def worker(path, follow: bool = True) -> InterestEngine:
     return InterestEngine(Config(), SqliteStore(path), DIM, fake_embed, clock=lambda: T, follow_store=follow)
 
 
-def answers(engine: InterestEngine, users=("cold", "u0", "u1", "u2")) -> dict:
-    """What the engine says to a few users: ids and scores of their recommendations."""
+def answers(engine: InterestEngine, users=("cold", "u0", "u1", "u2"), at: float = T) -> dict:
+    """What the engine says to a few users at `at`: ids and scores of their recommendations."""
     return {
-        user: [(item.item_id, round(item.score, 5)) for item in engine.recommend(user, 10, as_of=T).items]
+        user: [(item.item_id, round(item.score, 5)) for item in engine.recommend(user, 10, as_of=at).items]
         for user in users
     }
 
 
-def restarted(path, users=("cold", "u0", "u1", "u2")) -> dict:
+def restarted(path, users=("cold", "u0", "u1", "u2"), at: float = T) -> dict:
     engine = worker(path, follow=False)
     try:
-        return answers(engine, users)
+        return answers(engine, users, at)
     finally:
         engine.store.close()
 
@@ -266,7 +266,9 @@ def test_a_profile_of_events_another_worker_recorded_is_replayed_once(pair, monk
 def test_two_workers_under_concurrent_writes_erasures_and_reads_end_as_a_restart_would(pair, tmp_path, monkeypatch):
     """Each worker records events, erases users, adds items and deletes and
     re-creates others while both serve reads, all at once (with frequent
-    co-occurrence merges); afterwards both answer as a restart does."""
+    co-occurrence merges, and every second event stamped after the clock);
+    afterwards both answer as a restart does, now and once the clock has
+    passed those events."""
     from halflife.core import cooccurrence
 
     monkeypatch.setattr(cooccurrence, "_MIN_MERGE", 2)
@@ -281,7 +283,8 @@ def test_two_workers_under_concurrent_writes_erasures_and_reads_end_as_a_restart
                 engine.upsert_items([ItemInput(id=f"i{((step - 3) * 3) % 30}", text=f"again {tag} {step}")])
             try:
                 engine.record_events([EventInput(f"{tag}{step}-{k}", f"u{(step + k) % 4}", LIKE, f"i{(step * 7 + k) % 30}",
-                                                 None, None, T - 3600.0 * (40 - step) - k - offset) for k in range(2)])
+                                                 None, None, T + 60.0 * step + offset if k else T - 3600.0 * (40 - step) - offset)
+                                      for k in range(2)])
             except UnknownItemsError:  # one of them was deleted just now
                 pass
             if step % 15 == 14:
@@ -300,3 +303,5 @@ def test_two_workers_under_concurrent_writes_erasures_and_reads_end_as_a_restart
     assert not errors, errors
     users = ("cold", "u0", "u1", "u2", "u3")
     assert answers(a, users) == answers(b, users) == restarted(tmp_path, users)
+    later = T + 7200.0
+    assert answers(a, users, later) == answers(b, users, later) == restarted(tmp_path, users, later)
