@@ -176,3 +176,35 @@ def test_decayed_counts_match_brute_force():
     counter.resize(60)
     assert counter.read(t).shape == (60,) and counter.read(t)[50:].sum() == 0
     assert DecayedCounts.empty(3, DAY).read(T0).tolist() == [0.0, 0.0, 0.0]
+
+
+def _reference_top_k(s, k, allowed):
+    """The definition: eligible items (allowed, above -inf, not NaN) by score, ties by row."""
+    eligible = [i for i in range(s.size) if s[i] > -np.inf and (allowed is None or allowed[i])]
+    return sorted(eligible, key=lambda i: (-s[i], i))[:k]
+
+
+def test_top_k_and_batch_top_k_match_the_definition_with_ties_nan_inf_and_masks():
+    """Random rows with many ties, NaN and -inf, masks excluding few or most
+    items, and k up to past the eligible count: both the candidate path (one
+    argpartition, no masked copy) and its fallback must return exactly the
+    definition (batch rows: the same scores; the same rows where no score ties)."""
+    rng = np.random.default_rng(11)
+    for trial in range(400):
+        b, n = int(rng.integers(1, 5)), int(rng.integers(1, 60))
+        s = rng.integers(-4, 5, size=(b, n)).astype(np.float32) if trial % 2 else rng.normal(size=(b, n)).astype(np.float32)
+        s[rng.random((b, n)) < 0.1] = np.nan
+        s[rng.random((b, n)) < 0.1] = -np.inf
+        allowed = None if trial % 3 == 0 else rng.random(n) < rng.choice([0.3, 0.95])
+        k = int(rng.integers(1, n + 3))
+        idx, sc = batch_top_k(s, k, allowed)
+        for row in range(b):
+            want = _reference_top_k(s[row], k, allowed)
+            got_idx, got_sc = top_k(s[row], k, allowed)
+            assert got_idx.tolist() == want
+            np.testing.assert_array_equal(got_sc, s[row, want])
+            m = len(want)
+            np.testing.assert_array_equal(sc[row, :m], s[row, want])
+            assert np.all(idx[row, m:] == -1) and np.all(sc[row, m:] == -np.inf)
+            if trial % 2 == 0:  # distinct scores: the same rows too
+                assert idx[row, :m].tolist() == want

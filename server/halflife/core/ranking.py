@@ -50,31 +50,67 @@ def _excluded(scores: np.ndarray, allowed) -> np.ndarray:
     return bad
 
 
+def _candidates(scores: np.ndarray, k: int, allowed) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The c = k + (masked items) best entries of each row of `scores`, found
+    by one argpartition of the scores as they are: no masked copy, no full
+    passes for the mask. When a row's c best hold at least k eligible items
+    (allowed, neither -inf nor NaN, which argpartition ranks highest), its k
+    best eligible items are among them. Returns (positions (..., c), their
+    scores, eligible (..., c) bool), or None when c >= N or some row has
+    fewer than k eligible among its candidates (callers then mask in full).
+    scores: (N,) or (B, N); allowed: (N,) bool or None."""
+    n = scores.shape[-1]
+    c = k + (0 if allowed is None else n - int(np.count_nonzero(allowed)))
+    if c >= n:
+        return None
+    positions = np.argpartition(scores, n - c, axis=-1)[..., n - c :]
+    values = np.take_along_axis(scores, positions, axis=-1)
+    eligible = values > -np.inf
+    if allowed is not None:
+        eligible &= allowed[positions]
+    if (np.count_nonzero(eligible, axis=-1) < k).any():
+        return None
+    return positions, values, eligible
+
+
 def top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
     """The k best items, best first.
 
     scores: (N,); allowed: (N,) bool or None. Items not allowed (and -inf/NaN
     scores) are never returned, so fewer than k come back when fewer remain.
-    Returns (indices (m,) int64, scores (m,)) with m = min(k, #eligible).
+    Every item tied with the k-th score competes for the last places, ties
+    going to the lower row, so the result does not depend on argpartition's
+    internals. Returns (indices (m,) int64, scores (m,)) with m = min(k, #eligible).
     """
     scores = np.asarray(scores)
-    bad = _excluded(scores, allowed)
-    # Masked in the scores' own float type: a bare -np.inf would promote
-    # float32 to float64, and partitioning doubles measured 2.5x slower at 100k.
-    masked = np.where(bad, np.asarray(-np.inf, dtype=np.result_type(scores.dtype, np.float32)), scores)
-    n = masked.shape[0]
-    m = min(int(k), int(n - np.count_nonzero(bad)))
-    if m <= 0:
+    allowed = None if allowed is None else np.asarray(allowed, dtype=bool)
+    k = int(k)
+    if k <= 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=scores.dtype)
-    if m < n:
-        idx = np.argpartition(masked, n - m)[n - m :]  # the m largest sit after n - m: no negated copy
-        # Every item tied with the m-th score competes for the last places, so
-        # which of them make it does not depend on argpartition's internals.
-        kth = masked[idx].min()
-        idx = np.concatenate([idx[masked[idx] > kth], np.flatnonzero(masked == kth)])
+    found = _candidates(scores, k, allowed)
+    if found is not None:
+        positions, values, eligible = found
+        positions, values = positions[eligible], values[eligible]
+        kth = np.partition(values, values.size - k)[values.size - k]
+        tied = np.flatnonzero(scores == kth)  # tied items beyond the candidates compete too
+        idx = np.concatenate([positions[values > kth], tied if allowed is None else tied[allowed[tied]]])
     else:
-        idx = np.arange(masked.shape[0])
-    idx = idx[np.lexsort((idx, -masked[idx]))][:m]  # best first, ties by row
+        bad = _excluded(scores, allowed)
+        # Masked in the scores' own float type: a bare -np.inf would promote
+        # float32 to float64, and partitioning doubles measured 2.5x slower at 100k.
+        masked = np.where(bad, np.asarray(-np.inf, dtype=np.result_type(scores.dtype, np.float32)), scores)
+        n = masked.shape[0]
+        m = min(k, int(n - np.count_nonzero(bad)))
+        if m <= 0:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=scores.dtype)
+        if m < n:
+            idx = np.argpartition(masked, n - m)[n - m :]  # the m largest sit after n - m: no negated copy
+            kth = masked[idx].min()
+            idx = np.concatenate([idx[masked[idx] > kth], np.flatnonzero(masked == kth)])
+        else:
+            idx = np.arange(n)
+        k = m
+    idx = idx[np.lexsort((idx, -scores[idx]))][:k]  # best first, ties by row
     return idx.astype(np.int64), scores[idx]
 
 
@@ -90,21 +126,27 @@ def batch_top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
     kk = min(int(k), n)
     if kk <= 0:
         return np.empty((b, 0), dtype=np.int64), np.empty((b, 0), dtype=scores.dtype)
-    bad = _excluded(scores, None if allowed is None else np.broadcast_to(allowed, scores.shape))
-    # In place where nothing is excluded or on our own copy: at (1000, 1M)
-    # every extra (B, N) pass is seconds.
-    masked = scores.copy() if bad.any() else scores
-    masked[bad] = -np.inf
-    if kk < n:
-        # The k largest sit after position n - k: no negated copy needed.
-        idx = np.argpartition(masked, n - kk, axis=1)[:, n - kk :]
+    shared = allowed is None or np.ndim(allowed) == 1
+    found = _candidates(scores, kk, None if allowed is None else np.asarray(allowed, dtype=bool)) if shared else None
+    if found is not None:
+        idx, part, eligible = found
+        part = np.where(eligible, part, np.asarray(-np.inf, dtype=part.dtype))
     else:
-        idx = np.broadcast_to(np.arange(n), (b, n))
-    part = np.take_along_axis(masked, idx, axis=1)
-    order = np.argsort(-part, axis=1, kind="stable")
+        bad = _excluded(scores, None if allowed is None else np.broadcast_to(allowed, scores.shape))
+        # In place where nothing is excluded or on our own copy: at (1000, 1M)
+        # every extra (B, N) pass is seconds.
+        masked = scores.copy() if bad.any() else scores
+        masked[bad] = -np.inf
+        if kk < n:
+            # The k largest sit after position n - k: no negated copy needed.
+            idx = np.argpartition(masked, n - kk, axis=1)[:, n - kk :]
+        else:
+            idx = np.broadcast_to(np.arange(n), (b, n))
+        part = np.take_along_axis(masked, idx, axis=1)
+    order = np.argsort(-part, axis=1, kind="stable")[:, :kk]
     idx = np.take_along_axis(idx, order, axis=1).astype(np.int64)
     out = np.take_along_axis(part, order, axis=1)
-    empty = np.take_along_axis(bad, idx, axis=1)
+    empty = ~(out > -np.inf)
     idx[empty] = -1
     out[empty] = -np.inf
     return idx, out
