@@ -82,7 +82,8 @@ class RawOrt:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        from halflife.embedding.engine import physical_cores, session_options
+        from halflife.cpu import physical_cores
+        from halflife.embedding.engine import session_options
         from halflife.embedding.manifest import load_manifest
 
         manifest = load_manifest(model_dir)

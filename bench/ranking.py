@@ -6,12 +6,15 @@ Catalogues of 10k, 100k and 1M random unit float32 vectors (384-d), k = 10:
 
 1. one user, in-process: the engine's scoring path (`interest_scores` with
    K = 8 centroids + `top_k` with an allowed mask) and the single-vector path
-   (`cosine_scores` + `top_k`), against FAISS IndexFlatIP and NumPy GEMV +
-   argpartition on the same matrix (target: core <= 1.2x the better);
+   (`cosine_scores` + `top_k`), each scan split into row blocks over
+   `--threads` threads as the engine does (`RowBlocks`), against FAISS
+   IndexFlatIP and NumPy GEMV + argpartition on the same matrix, each at 1
+   and at `--threads` BLAS/OpenMP threads (target: core <= 1.2x the best);
 2. 1,000 users as one GEMM (`cosine_scores` (B, d) + `batch_top_k`, in
    chunks of queries so the (b, N) score block stays <= 200 MB) against FAISS
    search of the 1,000 queries and NumPy GEMM + argpartition with the same
-   chunks (target: >= 0.8x the better throughput);
+   chunks, all at `--threads` BLAS/OpenMP threads (target: >= 0.8x the
+   better throughput);
 3. the whole `InterestEngine.recommend` in-process (default config: the blend
    with co-occurrence and popularity on) and what each blend signal costs;
 4. through gRPC: a `halflife serve` process loaded with the same vectors via
@@ -46,7 +49,8 @@ import numpy as np
 
 from halflife.config import Config
 from halflife.core.profiles import interest_scores
-from halflife.core.ranking import batch_top_k, cosine_scores, normalize, top_k
+from halflife.core.ranking import RowBlocks, batch_top_k, cosine_scores, normalize, top_k
+from halflife.cpu import physical_cores
 from halflife.interest.engine import EventInput, InterestEngine
 from halflife.storage.base import ItemRecord
 
@@ -96,7 +100,28 @@ def med(samples) -> float:
 
 # --------------------------------------------------------------------------- 1. per query
 
-def per_query(X: np.ndarray, index, rng, repeat: int) -> dict:
+class ThreadCounts:
+    """Wraps a callable so that each call first sets NumPy's BLAS and
+    FAISS's OpenMP thread counts (a ctypes call each, ~1 us)."""
+
+    def __init__(self) -> None:
+        from threadpoolctl import ThreadpoolController
+
+        self._blas = ThreadpoolController().select(user_api="blas").lib_controllers
+
+    def set(self, threads: int) -> None:
+        for lib in self._blas:
+            lib.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
+
+    def __call__(self, threads: int, fn):
+        def run():
+            self.set(threads)
+            return fn()
+        return run
+
+
+def per_query(X: np.ndarray, index, rng, repeat: int, threads: int) -> dict:
     n = X.shape[0]
     allowed = np.ones(n, dtype=bool)
     allowed[rng.choice(n, SEEN, replace=False)] = False
@@ -110,17 +135,23 @@ def per_query(X: np.ndarray, index, rng, repeat: int) -> dict:
         idx = np.argpartition(-s, K - 1)[:K]
         return idx[np.argsort(-s[idx])]
 
-    fns = {
-        "core_multi": lambda: top_k(interest_scores(X, centroids, importances), K, allowed),
-        "core_single": lambda: top_k(cosine_scores(q, X), K, allowed),
-        "faiss": lambda: index.search(q2, K),
-        "numpy": numpy_gemv,
+    blocks, with_threads = RowBlocks(threads), ThreadCounts()
+    fns = {  # the core's blocks each run on one BLAS thread, as in the server
+        "core_multi": with_threads(1, lambda: top_k(blocks(lambda r: interest_scores(r, centroids, importances), X),
+                                                    K, allowed)),
+        "core_single": with_threads(1, lambda: top_k(blocks(lambda r: cosine_scores(q, r), X), K, allowed)),
     }
+    for t in sorted({1, threads}):
+        fns[f"faiss_{t}"] = with_threads(t, lambda: index.search(q2, K))
+        fns[f"numpy_{t}"] = with_threads(t, numpy_gemv)
     # Same answer (no mask): the single-vector core vs NumPy and FAISS.
     same = bool(np.array_equal(top_k(cosine_scores(q, X), K)[0], numpy_gemv())
                 and np.array_equal(index.search(q2, K)[1][0], numpy_gemv()))
     t = interleaved(fns, repeat, warmup=2, min_seconds=1.0)
+    with_threads.set(threads)
     out = {name: summary(v) for name, v in t.items()}
+    for method in ("faiss", "numpy"):  # each at its better thread count
+        out[method] = min((out[name] for name in fns if name.startswith(method + "_")), key=lambda s: s["median_s"])
     best = min(out["faiss"]["median_s"], out["numpy"]["median_s"])
     out["best_baseline_s"] = best
     out["ratio_multi"] = out["core_multi"]["median_s"] / best
@@ -181,10 +212,12 @@ def make_events(n_items: int, seed: int, now: float) -> list[tuple[str, str, int
 
 # --------------------------------------------------------------------------- 3. engine in-process
 
-def engine_inprocess(X: np.ndarray, repeat: int, trace: bool) -> dict:
+def engine_inprocess(X: np.ndarray, repeat: int, trace: bool, threads: int) -> dict:
     n = X.shape[0]
     config = Config()
-    engine = InterestEngine(config, MemoryStore(), DIM, embed=lambda texts: np.zeros((len(texts), DIM), np.float32))
+    ThreadCounts().set(1)  # as in the server (cli.SERVER_BLAS_THREADS); its scans split over `threads`
+    engine = InterestEngine(config, MemoryStore(), DIM, embed=lambda texts: np.zeros((len(texts), DIM), np.float32),
+                            scan_threads=threads)
     records = [ItemRecord(f"i{j}", "", (), {}, None, X[j]) for j in range(n)]
     if trace:
         tracemalloc.start()
@@ -223,6 +256,7 @@ def engine_inprocess(X: np.ndarray, repeat: int, trace: bool) -> dict:
            "cooccurrence": signal("cooccurrence"), "popularity": signal("popularity"), "interest": signal("interest")}
     t = interleaved(fns, repeat, warmup=1, min_seconds=1.0)
     engine.config = config
+    ThreadCounts().set(threads)
     out = {name: summary(v) for name, v in t.items()}
     out["traced_bytes_per_item"] = traced / n if traced is not None else None
     out["cooccurrence_pairs"] = len(engine._cooccurrence)
@@ -262,7 +296,7 @@ def grpc_run(X: np.ndarray, rounds: int, per_round: int, threads: int) -> dict:
     from halflife_client.client import HalflifeClient
 
     n = X.shape[0]
-    with ServerProcess(env={"OPENBLAS_NUM_THREADS": str(threads)}) as server:
+    with ServerProcess(args=["--threads", str(threads)]) as server:  # BLAS: one thread (the server's default)
         client = HalflifeClient(server.target, timeout=300)
         time.sleep(0.5)
         rss0 = server.rss_bytes()
@@ -291,9 +325,10 @@ def grpc_run(X: np.ndarray, rounds: int, per_round: int, threads: int) -> dict:
 
 # --------------------------------------------------------------------------- main
 
-def run(quick: bool = False, threads: int = 1) -> dict:
+def run(quick: bool = False, threads: int | None = None) -> dict:
     from threadpoolctl import threadpool_limits
 
+    threads = threads or physical_cores()
     threadpool_limits(threads)  # NumPy's OpenBLAS
     faiss.omp_set_num_threads(threads)
     sizes = [10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]
@@ -307,14 +342,14 @@ def run(quick: bool = False, threads: int = 1) -> dict:
         index = faiss.IndexFlatIP(DIM)
         index.add(X)
         r: dict = {}
-        r["per_query"] = per_query(X, index, rng, repeat=7 if n >= 1_000_000 else 15)
+        r["per_query"] = per_query(X, index, rng, repeat=7 if n >= 1_000_000 else 15, threads=threads)
         print("per query", {k: v for k, v in r["per_query"].items() if "ratio" in k}, flush=True)
         big = n >= 1_000_000
         r["batch"] = batch(X, index, rng, repeat=1 if big or quick else 3, warmup=1 if n <= 10_000 else 0)
         print("batch ratio", r["batch"]["ratio"], flush=True)
         del index
         gc.collect()
-        r["engine"] = engine_inprocess(X, repeat=5 if big else 15, trace=n <= 100_000)
+        r["engine"] = engine_inprocess(X, repeat=5 if big else 15, trace=n <= 100_000, threads=threads)
         print("engine", {k: v["median_s"] for k, v in r["engine"].items() if isinstance(v, dict)}, flush=True)
         gc.collect()
         if n in grpc_sizes:
@@ -359,14 +394,18 @@ def _plot(ax, sizes: dict) -> None:
 def write(results: dict) -> None:
     ms = lambda s: s * 1e3
     sizes = results["sizes"]
+    thread_counts = sorted({1, results["threads"]})
     rows = []
     for n, r in sizes.items():
         q = r["per_query"]
-        rows.append([n, ms(q["core_multi"]["median_s"]), ms(q["core_single"]["median_s"]), ms(q["faiss"]["median_s"]),
-                     ms(q["numpy"]["median_s"]), q["ratio_multi"], verdict(q["ratio_multi"] <= 1.2), q["ratio_single"],
+        by_threads = lambda method: " / ".join(f"{ms(q[f'{method}_{t}']['median_s']):.3g}" for t in thread_counts)
+        rows.append([n, ms(q["core_multi"]["median_s"]), ms(q["core_single"]["median_s"]), by_threads("faiss"),
+                     by_threads("numpy"), q["ratio_multi"], verdict(q["ratio_multi"] <= 1.2), q["ratio_single"],
                      verdict(q["ratio_single"] <= 1.2)])
-    t1 = markdown_table(["items", "core K=8 ms", "core single ms", "FAISS ms", "NumPy ms", "K=8 / best",
-                         "target <=1.2", "single / best", "target <=1.2"], rows)
+    counts = " / ".join(map(str, thread_counts))
+    t1 = markdown_table(["items", "core K=8 ms", "core single ms", f"FAISS ms ({counts} threads)",
+                         f"NumPy ms ({counts} threads)", "K=8 / best", "target <=1.2", "single / best", "target <=1.2"],
+                        rows)
     rows = []
     for n, r in sizes.items():
         b = r["batch"]
@@ -407,9 +446,12 @@ def write(results: dict) -> None:
              + "\n## InterestEngine.recommend in-process (signal costs)\n\n" + t3
              + "\n## Through gRPC (server process, concurrency 1)\n\n" + t4 + "\n## Memory per item\n\n" + t5)
     notes = (
-        f"BLAS (OpenBLAS) and FAISS (OpenMP) threads: {results['threads']}, for every method and for the server "
-        "process (OPENBLAS_NUM_THREADS): on this shared 2-core box a second BLAS thread often waits a scheduler "
-        "slice (GEMV at 10k: ~8 ms with 2 threads vs ~0.7 ms with 1), which swamps every ratio. "
+        f"Threads: {results['threads']} (physical cores unless --threads). Per query, the core splits each scan "
+        "into row blocks on that many threads (`RowBlocks`, each block one BLAS thread), as the engine and the "
+        "server (`--threads`, BLAS at one thread) do; FAISS and NumPy run at 1 and at that many BLAS/OpenMP "
+        "threads and the better counts as the baseline. OpenBLAS's and OpenMP's own threads spin for a core, "
+        "and on this shared box a second one often waits a scheduler slice. "
+        "Batch: every method at that many BLAS/OpenMP threads. "
         "Random unit float32 vectors, 384-d; the allowed mask excludes 50 items. FAISS IndexFlatIP is unmasked "
         "(its best case). Batch: the core and NumPy score the 1,000 queries in chunks so one (b, N) block stays "
         "<= 200 MB; FAISS blocks internally. At 1M the batch is timed once per method (about 10-30 s each). "
@@ -428,8 +470,9 @@ def write(results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10k and 100k only, gRPC at 10k; under a minute")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="BLAS/OpenMP threads for every method and the server process (default 1, see README)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for every method: the core's scan blocks (in-process and the server's --threads), "
+                             "the baselines' BLAS/OpenMP threads (default: physical cores; see README)")
     args = parser.parse_args()
     run(args.quick, args.threads)
 

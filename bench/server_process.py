@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 DEFAULT_MODEL_DIR = Path(os.environ.get("HALFLIFE_BENCH_MODEL_DIR", "var/models/all-MiniLM-L6-v2"))
 _SERVING = re.compile(r"serving on ([\d.]+):(\d+)")
@@ -27,8 +28,10 @@ _SERVING = re.compile(r"serving on ([\d.]+):(\d+)")
 
 class ServerProcess:
     def __init__(self, model_dir: Path | str = DEFAULT_MODEL_DIR, *, data_dir: Path | str | None = None,
-                 start_timeout: float = 120.0, env: dict[str, str] | None = None, workers: int = 1):
+                 start_timeout: float = 120.0, env: dict[str, str] | None = None, workers: int = 1,
+                 args: Sequence[str] = ()):
         self.env = env
+        self.args = list(args)  # more `halflife serve` flags
         self.workers = workers
         self._tmp = tempfile.TemporaryDirectory(prefix="halflife-bench-") if data_dir is None else None
         self.data_dir = Path(self._tmp.name if self._tmp else data_dir)
@@ -41,7 +44,7 @@ class ServerProcess:
     def start(self) -> "ServerProcess":
         cmd = [sys.executable, "-m", "halflife.cli", "serve", "--port", "0",
                "--model-dir", str(self.model_dir), "--data-dir", str(self.data_dir), "--log-level", "INFO",
-               "--workers", str(self.workers)]
+               "--workers", str(self.workers), *self.args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                      env={**os.environ, **(self.env or {})})
         deadline = time.monotonic() + self.start_timeout

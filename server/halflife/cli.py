@@ -91,7 +91,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--threads", type=_positive_int, default=None,
-        help="intra-op threads per process (default: physical cores / workers)",
+        help="threads one request computes on, per process: onnxruntime's intra-op threads and the blocks "
+             "of a catalogue scan (default: physical cores / workers)",
     )
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="padded tokens per model batch")
     parser.add_argument("--max-queued-inputs", type=int, default=None, help="queue size before RESOURCE_EXHAUSTED")
@@ -141,6 +142,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         variant=args.variant,
         provider=args.provider,
         intra_op_threads=args.threads,
+        scan_threads=args.threads,
         batching=batching,
         halflife=halflife_config,
         reuse_port=args.worker_index is not None,
@@ -155,7 +157,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_workers(args: argparse.Namespace) -> int:
-    from halflife.embedding.engine import physical_cores
+    from halflife.cpu import physical_cores
     from halflife.embedding.manifest import load_manifest
     from halflife.storage.base import StoreError
     from halflife.storage.sqlite import SqliteStore
@@ -335,11 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# A server ranks one request at a time (the engine's lock) with a GEMV, which
-# is memory-bound: one BLAS thread reaches the bandwidth (bench/ranking.py), and
-# more only queue for the cores that gRPC and onnxruntime need; a second thread
-# measured 10x slower on a busy 2-core machine. Set before numpy loads; an
-# explicit environment setting wins.
+# OpenBLAS's threads spin for a core after each call: at 10k items, 8 concurrent
+# Recommends ran 108 calls/s with 2 of them against ~400 with 1 (2-core machine).
+# A scan that runs alone splits over cores with the engine's own threads instead
+# (core.ranking.RowBlocks, docs/serving.md). Set before numpy loads; an explicit
+# environment setting wins.
 SERVER_BLAS_THREADS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 

@@ -208,3 +208,57 @@ def test_top_k_and_batch_top_k_match_the_definition_with_ties_nan_inf_and_masks(
             assert np.all(idx[row, m:] == -1) and np.all(sc[row, m:] == -np.inf)
             if trial % 2 == 0:  # distinct scores: the same rows too
                 assert idx[row, :m].tolist() == want
+
+
+def test_row_blocks_split_a_lone_scan_over_threads_and_give_the_same_scores():
+    import threading
+
+    from halflife.core.ranking import RowBlocks
+
+    rng = np.random.default_rng(12)
+    items = normalize(rng.normal(size=(1000, 8)))
+    q = rng.normal(size=8)
+    blocks = RowBlocks(3, min_rows=100)
+    seen: list[tuple[int, int]] = []
+
+    def score(rows):
+        seen.append((threading.get_ident(), rows.shape[0]))
+        return cosine_scores(q, rows)
+
+    # BLAS may round a block's rows differently in the last bit.
+    np.testing.assert_allclose(blocks(score, items), cosine_scores(q, items), rtol=1e-6, atol=1e-7)
+    assert len(seen) == 3 and sum(n for _, n in seen) == 1000
+    threads = {ident for ident, _ in seen}
+    assert threading.get_ident() in threads and len(threads) >= 2  # the caller's, and the pool's
+    seen.clear()
+    np.testing.assert_allclose(blocks(score, items[:250]), cosine_scores(q, items[:250]), rtol=1e-6, atol=1e-7)
+    assert len(seen) == 2  # 250 rows: two blocks of at least min_rows
+    seen.clear()
+    assert blocks(score, items[:150]).shape == (150,) and len(seen) == 1
+
+
+def test_row_blocks_leave_a_scan_whole_while_another_one_runs():
+    """Concurrent calls already keep the cores busy: the second one scans on
+    its own thread instead of queueing blocks behind the first's."""
+    import threading
+
+    from halflife.core.ranking import RowBlocks
+
+    items = normalize(np.random.default_rng(13).normal(size=(400, 4)))
+    blocks = RowBlocks(2, min_rows=100)
+    inside, release, calls = threading.Event(), threading.Event(), []
+
+    def slow(rows):
+        calls.append(rows.shape[0])
+        inside.set()
+        assert release.wait(10)
+        return rows[:, 0]
+
+    first = threading.Thread(target=blocks, args=(slow, items))
+    first.start()
+    assert inside.wait(10)
+    sizes = []
+    np.testing.assert_array_equal(blocks(lambda rows: sizes.append(rows.shape[0]) or rows[:, 0], items), items[:, 0])
+    release.set()
+    first.join(10)
+    assert sizes == [400] and sorted(calls) == [200, 200]

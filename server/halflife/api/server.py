@@ -50,6 +50,7 @@ class ServerConfig:
     variant: str | None = None  # default: the manifest's choice for the provider
     provider: str = "auto"
     intra_op_threads: int | None = None  # default: physical cores
+    scan_threads: int | None = None  # threads one Recommend's catalogue scan splits over; default: physical cores
     batching: BatchingConfig = dataclasses.field(default_factory=BatchingConfig)
     halflife: Config = dataclasses.field(default_factory=Config)  # decay, weights, ranking (--config)
     max_concurrent_rpcs: int = 1024
@@ -141,7 +142,7 @@ class HalflifeServer:
             self.store = await asyncio.to_thread(SqliteStore, config.data_dir)
             self.backend.interest = await asyncio.to_thread(
                 InterestEngine, config.halflife, self.store, self.backend.embedding.dimension,
-                self.backend.embed_blocking, follow_store=config.follow_store,
+                self.backend.embed_blocking, follow_store=config.follow_store, scan_threads=config.scan_threads,
             )
         except BaseException:
             await self.stop(grace=0)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -15,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from halflife.cpu import physical_cores
 from halflife.embedding.manifest import Manifest, ManifestError, load_manifest, verify_file
 from halflife.embedding.pooling import pool
 
@@ -42,26 +42,6 @@ class TokenizedInputs:
     ids: list[np.ndarray]  # one (tokens,) int64 array per text, special tokens included
     token_counts: np.ndarray  # (n,) int32, tokens the model sees (after truncation)
     truncated: np.ndarray  # (n,) bool
-
-
-def physical_cores() -> int:
-    """Physical cores this process may run on (hyperthreads share execution units,
-    so more intra-op threads than this only add contention)."""
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    cores = set()
-    try:
-        physical_id = "0"
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "physical id":
-                    physical_id = value.strip()
-                elif key == "core id":
-                    cores.add((physical_id, value.strip()))
-    except OSError:
-        pass
-    return max(1, min(allowed, len(cores) or allowed))
 
 
 def session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:

@@ -42,7 +42,8 @@ from halflife.core.decay import es_kernel, kernel_profile
 from halflife.core.describe import describe_clusters
 from halflife.core.horizon import Horizon
 from halflife.core.profiles import MultiInterestState, ProfileState, interest_scores
-from halflife.core.ranking import DecayedCounts, cosine_scores, freshness, mmr, normalize, top_k
+from halflife.core.ranking import DecayedCounts, RowBlocks, cosine_scores, freshness, mmr, normalize, top_k
+from halflife.cpu import physical_cores
 from halflife.interest.catalog import CatalogIndex
 from halflife.interest.watermark import EventWatermark
 from halflife.storage.base import EventRecord, ItemRecord, Store, StoreHead
@@ -221,16 +222,20 @@ class _CatalogueScan:
     negative: np.ndarray | None = None  # (d,) the negative profile, when it has mass
     negative_weight: float = 0.0
 
-    def run(self) -> dict[str, np.ndarray]:
-        """"interest" and "negative" as in `InterestEngine._signals`, each (N,) float32."""
+    def run(self, blocks: RowBlocks) -> dict[str, np.ndarray]:
+        """"interest" and "negative" as in `InterestEngine._signals`, each (N,)
+        float32, each pass over the rows split into `blocks`."""
         parts: dict[str, np.ndarray] = {}
         if self.centroids is not None:
-            interest = interest_scores(self.items, self.centroids, self.importances, mode=self.combine)
+            interest = blocks(lambda rows: interest_scores(rows, self.centroids, self.importances, mode=self.combine),
+                              self.items)
             parts["interest"] = interest.astype(np.float32, copy=False)
         elif self.positive is not None:
-            parts["interest"] = cosine_scores(self.positive, self.items).astype(np.float32, copy=False)
+            parts["interest"] = blocks(lambda rows: cosine_scores(self.positive, rows), self.items).astype(
+                np.float32, copy=False)
         if self.negative is not None:
-            parts["negative"] = -np.float32(self.negative_weight) * cosine_scores(self.negative, self.items)
+            negative = blocks(lambda rows: cosine_scores(self.negative, rows), self.items)
+            parts["negative"] = -np.float32(self.negative_weight) * negative
         return parts
 
 
@@ -243,6 +248,7 @@ class InterestEngine:
         embed: Embedder,
         clock: Callable[[], float] = time.time,
         follow_store: bool = False,
+        scan_threads: int | None = None,
     ):
         self.config = config
         self.store = store
@@ -250,6 +256,7 @@ class InterestEngine:
         self._embed = embed
         self._clock = clock
         self._follow_store = follow_store  # other processes write to the store too
+        self._blocks = RowBlocks(scan_threads or physical_cores())  # one call's passes over the catalogue
         self._types = config.decay_types()
         self._lock = threading.RLock()  # guards everything in memory below
         self._catalog_write = threading.Lock()  # this process's catalogue writes: store, read back, index
@@ -905,13 +912,13 @@ class InterestEngine:
                 signals = {"popularity": _unit_max(self._popularity_at(t))}
         # The passes over the whole catalogue run without the lock (see _CatalogueScan).
         if personal:
-            parts, strategy = self._weighted({**scan.run(), **signals}), "personalized"
+            parts, strategy = self._weighted({**scan.run(self._blocks), **signals}), "personalized"
         else:
             parts, strategy = signals, "trending"
         if query_vector is not None:
             w = ranking.query_weight
             parts = {name: (1 - w) * part for name, part in parts.items()}
-            parts["query"] = w * cosine_scores(query_vector, items)
+            parts["query"] = w * self._blocks(lambda rows: cosine_scores(query_vector, rows), items)
         scores = sum(parts.values())
         if np.isfinite(ranking.freshness_half_life_days):
             fresh = freshness(create_times, t, ranking.freshness_half_life_days * DAY)
@@ -971,7 +978,7 @@ class InterestEngine:
         over the catalogue, so in [0, 1]). `which` limits them to some names
         (None: those with a non-zero weight). Lock held."""
         scan, signals = self._signal_sources(user_id, state, t, which)
-        return {**scan.run(), **signals}
+        return {**scan.run(self._blocks), **signals}
 
     def _signal_sources(
         self, user_id: str, state: _UserState, t: float, which: Sequence[str] | None = None
@@ -1097,7 +1104,7 @@ class InterestEngine:
                 query = self.catalog.vectors[row].copy()
                 exclude = {item_id}
             allowed, items = self._allowed(filter, exclude), self.catalog.vectors
-        scores = cosine_scores(query, items)  # without the lock, as in recommend()
+        scores = self._blocks(lambda rows: cosine_scores(query, rows), items)  # without the lock, as in recommend()
         select = functools.partial(top_k, scores, limit)  # select(allowed) -> (rows, scores)
         picked = select(allowed)
         with self._lock:
