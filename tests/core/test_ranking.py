@@ -212,6 +212,7 @@ def test_top_k_and_batch_top_k_match_the_definition_with_ties_nan_inf_and_masks(
 
 def test_row_blocks_split_a_lone_scan_over_threads_and_give_the_same_scores():
     import threading
+    import time
 
     from halflife.core.ranking import RowBlocks
 
@@ -223,13 +224,14 @@ def test_row_blocks_split_a_lone_scan_over_threads_and_give_the_same_scores():
 
     def score(rows):
         seen.append((threading.get_ident(), rows.shape[0]))
+        time.sleep(0.005)  # as a GEMV would, it lets go of the GIL
         return cosine_scores(q, rows)
 
     # BLAS may round a block's rows differently in the last bit.
     np.testing.assert_allclose(blocks(score, items), cosine_scores(q, items), rtol=1e-6, atol=1e-7)
-    assert len(seen) == 3 and sum(n for _, n in seen) == 1000
+    assert len(seen) == 10 and sum(n for _, n in seen) == 1000  # 3 threads x 4 blocks, at least 100 rows each
     threads = {ident for ident, _ in seen}
-    assert threading.get_ident() in threads and len(threads) >= 2  # the caller's, and the pool's
+    assert len(threads) >= 2  # blocks ran on the pool's threads (and, mostly, the caller's)
     seen.clear()
     np.testing.assert_allclose(blocks(score, items[:250]), cosine_scores(q, items[:250]), rtol=1e-6, atol=1e-7)
     assert len(seen) == 2  # 250 rows: two blocks of at least min_rows
@@ -261,4 +263,4 @@ def test_row_blocks_leave_a_scan_whole_while_another_one_runs():
     np.testing.assert_array_equal(blocks(lambda rows: sizes.append(rows.shape[0]) or rows[:, 0], items), items[:, 0])
     release.set()
     first.join(10)
-    assert sizes == [400] and sorted(calls) == [200, 200]
+    assert sizes == [400] and sum(calls) == 400 and len(calls) == 4

@@ -7,6 +7,7 @@ dot product and a whole catalogue is scored with one GEMV/GEMM.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +45,12 @@ def cosine_scores(queries, items: np.ndarray) -> np.ndarray:
     return normalize(queries) @ np.asarray(items, dtype=np.float32).T
 
 
+# Several blocks per thread, taken in turn: a thread the scheduler holds up
+# leaves its blocks to the others (at 1M items, 2 blocks on 2 cores measured
+# 87-135 ms, 8 blocks 81-89).
+_BLOCKS_PER_THREAD = 4
+
+
 class RowBlocks:
     """Scores a catalogue in row blocks on several threads.
 
@@ -75,7 +82,7 @@ class RowBlocks:
         """score(items) computed block by block; `score` must score each row
         on its own (cosine_scores, interest_scores). items: (N, d). Returns (N,)."""
         n = items.shape[0]
-        blocks = min(self.threads, n // self.min_rows)
+        blocks = min(self.threads * _BLOCKS_PER_THREAD, n // self.min_rows)
         with self._lock:
             alone = self._scanning == 0
             self._scanning += 1
@@ -83,9 +90,18 @@ class RowBlocks:
             if blocks <= 1 or self._pool is None or not alone:
                 return score(items)
             bounds = np.linspace(0, n, blocks + 1).astype(np.int64)
-            rest = [self._pool.submit(score, items[a:b]) for a, b in zip(bounds[1:-1], bounds[2:])]
-            first = score(items[: bounds[1]])
-            return np.concatenate([first, *(f.result() for f in rest)])
+            parts: list = [None] * blocks
+            taken = itertools.count()  # next() is atomic under the GIL
+
+            def work() -> None:
+                while (i := next(taken)) < blocks:
+                    parts[i] = score(items[bounds[i] : bounds[i + 1]])
+
+            helpers = [self._pool.submit(work) for _ in range(min(self.threads, blocks) - 1)]
+            work()
+            for helper in helpers:
+                helper.result()
+            return np.concatenate(parts)
         finally:
             with self._lock:
                 self._scanning -= 1
