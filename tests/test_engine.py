@@ -353,8 +353,9 @@ def test_events_stamped_ahead_of_the_clock_count_from_their_time_and_keep_reads_
     sent every read through a rebuild of all pairs and all popularity, 1.3 s
     a call at 1M events instead of 1.2 ms, and each of its user's reads
     through a replay of their log under the engine lock);
-    once the clock passes them, and after erasures of held events, the
-    engine answers as a restart over its store would."""
+    a read with as_of_time past the clock counts them without moving what
+    reads at the clock see; once the clock passes them, and after erasures
+    of held events, the engine answers as a restart over its store would."""
     now = [T]
 
     def engine_at(path) -> InterestEngine:
@@ -371,11 +372,15 @@ def test_events_stamped_ahead_of_the_clock_count_from_their_time_and_keep_reads_
         e.record_events(past)
     engine.record_events(ahead)
 
-    def answers(e: InterestEngine, users=("u0", "u1", "u2", "cold")) -> dict:
-        return {u: [(i.item_id, round(i.score, 6)) for i in e.recommend(u, 10).items] for u in users}
+    def answers(e: InterestEngine, users=("u0", "u1", "u2", "cold"), at: float | None = None) -> dict:
+        return {u: [(i.item_id, round(i.score, 6)) for i in e.recommend(u, 10, as_of=at).items] for u in users}
 
-    assert answers(engine) == answers(only_past)
-    assert engine._cooccurrence.newest <= T and engine._popularity_newest <= T  # the fast path of both
+    def fast_at_the_clock() -> bool:  # both blend indexes hold nothing after the clock
+        return engine._cooccurrence.newest <= now[0] and engine._popularity_newest <= now[0]
+
+    assert answers(engine) == answers(only_past) and fast_at_the_clock()
+    looked_ahead = answers(engine, at=T + 900.0)  # counts the events due by then, applies none
+    assert looked_ahead != answers(only_past) and fast_at_the_clock()
     replays = []
     build = engine._build_state
     engine._build_state = lambda *args: replays.append(args) or build(*args)
@@ -385,7 +390,7 @@ def test_events_stamped_ahead_of_the_clock_count_from_their_time_and_keep_reads_
 
     now[0] = T + 900.0  # one held event per user is due: counted from its time on
     live = answers(engine)
-    assert live != answers(only_past) and engine._cooccurrence.newest <= now[0]
+    assert live == looked_ahead and fast_at_the_clock()
     engine.store.close()
     assert answers(engine_at(tmp_path / "live")) == live
 

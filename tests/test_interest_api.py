@@ -1080,6 +1080,24 @@ def test_trending_replay_ignores_events_after_as_of(model_dir, tmp_path):
         assert_same_recommendations(after, before)
 
 
+def test_events_stamped_ahead_of_the_server_clock_count_from_their_time(model_dir, tmp_path):
+    """A client clock an hour ahead: its events are accepted (up to 24 h) and
+    count from their own time on, for the user's profile and for trending."""
+    now = dt.datetime.now(dt.timezone.utc)
+    ahead, later = now + dt.timedelta(hours=1), now + dt.timedelta(hours=2)
+    with start_server(model_dir, tmp_path) as running, HalflifeClient(running.address) as client:
+        client.upsert_items(CATALOG)
+        client.record_events([ev("skew-past", "skew-v", VIEW, "garden-0", at=now - DAY)]
+                             + [ev(f"skew-{n}", f"skew-u{n}", VIEW, "garden-2", at=ahead) for n in range(3)])
+        trending = lambda **at: ids(client.recommend("skew-cold", 2, item_filter=filt(include=[GARDENING]), **at))
+        assert trending()[0] == "garden-0"  # the views stamped ahead have not happened yet
+        assert trending(as_of=later)[0] == "garden-2"
+        assert client.recommend("skew-u0", 3).strategy == TRENDING
+        assert not client.profile("skew-u0").event_counts
+        assert client.recommend("skew-u0", 3, as_of=later).strategy == PERSONALIZED
+        assert trending()[0] == "garden-0"  # a look ahead leaves the present as it was
+
+
 # ================================================================ concurrency: events committed out of order
 
 

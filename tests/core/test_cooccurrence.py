@@ -141,3 +141,13 @@ def test_background_merges_keep_what_changed_while_they_were_built(monkeypatch):
 
     _random_steps(c, np.random.default_rng(11), 90, after_each=end_then_begin)
     assert True in outcomes and False in outcomes  # taken in, and dropped after a removal or an inline merge
+
+
+def test_with_pairs_is_a_copy_with_more_pairs():
+    c = index()
+    more = c.with_pairs([3, 0], [3, 2], [5.0, 6.0])
+    assert np.array_equal(c.rows([0, 1, 2, 3]), DENSE)  # the original is left as it was
+    want = Cooccurrence(4)
+    want.add([*PAIRS[0], 3, 0], [*PAIRS[1], 3, 2])
+    assert np.array_equal(more.rows([0, 1, 2, 3]), want.rows([0, 1, 2, 3]))
+    assert more.newest == 6.0 and len(more) == len(c) + 2

@@ -18,6 +18,13 @@ def test_what_it_hands_out_is_exactly_the_entries_up_to_through_or_the_read():
             next_id += n
             every_time += list(zip(new_ids.tolist(), times.tolist()))
             out.append(horizon.admit(float(rng.uniform(0, 100)), times, new_ids))
+        elif rng.random() < 0.3:  # a look ahead: what is held up to t, left held
+            t = float(rng.uniform(0, 100))
+            held = len(horizon)
+            peeked = horizon.peek(t)
+            want = sorted((i, w) for i, w in every_time if horizon.through < w <= t)
+            assert (peeked is None and not want) or sorted(zip(peeked[1].tolist(), peeked[0].tolist())) == want
+            assert len(horizon) == held
         elif rng.random() < 0.8:
             t = float(rng.uniform(0, 100))
             through = horizon.through

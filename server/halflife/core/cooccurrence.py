@@ -267,6 +267,15 @@ class Cooccurrence:
         past.add(keep >> _ITEM_BITS, keep & _LOW, times[times <= t])
         return past
 
+    def with_pairs(self, user_rows, item_rows, times) -> "Cooccurrence":
+        """A copy of this index with more pairs (add's arguments), this one
+        left as it is: one pass over all pairs."""
+        keys, own_times = self._pairs()
+        copy = Cooccurrence(self.n_items)
+        copy.add(keys >> _ITEM_BITS, keys & _LOW, own_times)
+        copy.add(user_rows, item_rows, times)
+        return copy
+
     def remove_user(self, user_row: int) -> int:
         """Forgets every pair of one user (e.g. an erasure); returns how many."""
         start, end = np.searchsorted(self._keys, [user_row << _ITEM_BITS, (user_row + 1) << _ITEM_BITS])

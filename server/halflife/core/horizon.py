@@ -50,6 +50,16 @@ class Horizon:
             return None
         return self._due(t, None)
 
+    def peek(self, t: float) -> Entries | None:
+        """The held entries stamped up to t, left held (None when there are
+        none): for a read ahead of the clock, which should not move what
+        reads at the clock see."""
+        if t < self._earliest:
+            return None
+        entries = self._held[0] if len(self._held) == 1 else tuple(np.concatenate(c) for c in zip(*self._held))
+        due = entries[0] <= t
+        return tuple(c[due] for c in entries)
+
     def map_held(self, fn: Callable[..., Entries]) -> None:
         """Replaces each held chunk (times, *columns) with fn(times, *columns),
         e.g. to forget what an erasure took back; fn keeps the times."""

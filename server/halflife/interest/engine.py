@@ -40,7 +40,7 @@ from halflife.config import EVENT_TYPE_NAMES, Config
 from halflife.core.cooccurrence import Cooccurrence, cooccurrence_scores
 from halflife.core.decay import es_kernel, kernel_profile
 from halflife.core.describe import describe_clusters
-from halflife.core.horizon import Horizon
+from halflife.core.horizon import Entries, Horizon
 from halflife.core.profiles import MultiInterestState, ProfileState, interest_scores
 from halflife.core.ranking import DecayedCounts, RowBlocks, cosine_scores, freshness, mmr, normalize, top_k
 from halflife.cpu import physical_cores
@@ -402,12 +402,16 @@ class InterestEngine:
         the clock wait in `_blend_ahead`. Lock held."""
         self._apply_to_blend(*self._blend_ahead.admit(self._clock(), times, users, items, weights))
 
-    def _release_blend(self, t: float) -> None:
-        """Before a read of the blend at t: the held entries stamped up to t. Lock held."""
-        due = self._blend_ahead.release(t)
+    def _release_blend(self, t: float) -> Entries | None:
+        """Before a read of the blend at t: applies the held entries stamped up
+        to t, or to the clock if t is later; returns those between the clock
+        and t, which such a read counts without applying them, so that reads
+        at the clock keep their fast path. Lock held."""
+        due = self._blend_ahead.release(min(t, self._clock()))
         if due is not None:
             self._apply_to_blend(*due)
             self._start_cooccurrence_merge()
+        return self._blend_ahead.peek(t)
 
     def _apply_to_blend(self, times: np.ndarray, users: np.ndarray, items: np.ndarray, weights: np.ndarray) -> None:
         """Blend entries (see _admit_to_blend) into the indexes. Lock held."""
@@ -436,15 +440,22 @@ class InterestEngine:
     def _popularity_at(self, t: float) -> np.ndarray:
         """Decayed popularity at t of the live items, from events up to t
         (deleted items count 0, as after a restart). (size,) float64. Lock held."""
-        self._release_blend(t)
+        ahead = self._release_blend(t)
         if t >= self._popularity_newest:
             popularity = self._popularity.read(t)
+            if ahead is not None:
+                times, _, rows, weights = ahead
+                popularity = popularity + self._decayed_popularity(rows, times, weights, t)
         else:
             rows, times, weights = (np.concatenate(c) for c in zip(*self._popularity_log))
             keep = times <= t
-            decay = np.exp2(-(t - times[keep]) / (self.config.blend.popularity_half_life_days * DAY))
-            popularity = np.bincount(rows[keep], weights=weights[keep] * decay, minlength=self.catalog.size)
+            popularity = self._decayed_popularity(rows[keep], times[keep], weights[keep], t)
         return np.where(self.catalog.alive, popularity, 0.0)
+
+    def _decayed_popularity(self, rows: np.ndarray, times: np.ndarray, weights: np.ndarray, t: float) -> np.ndarray:
+        """Σ weight · 2^(−(t − time)/h) per catalogue row, of entries up to t. (size,) float64."""
+        decay = np.exp2(-(t - times) / (self.config.blend.popularity_half_life_days * DAY))
+        return np.bincount(rows, weights=weights * decay, minlength=self.catalog.size)
 
     def _record_types(self, events: Sequence[EventRecord]) -> np.ndarray:
         """Internal type index of each recorded event (ratings mapped by value). (n,) int64."""
@@ -772,24 +783,26 @@ class InterestEngine:
     def _user_state(self, user_id: str, as_of: float) -> _UserState:
         """The user's profile including every event up to `as_of`. Call with the lock held."""
         self._catch_up()
-        # Events stamped after both the clock and as_of wait in state.ahead.
-        horizon = max(self._clock(), as_of)
+        # Events stamped after the clock wait in state.ahead, so that reads at
+        # the clock need no replay.
+        now = self._clock()
         state = self._users.get(user_id)
         if state is None:
-            state = self._build_state(self.store.user_events(user_id), horizon)
+            state = self._build_state(self.store.user_events(user_id), now)
             self._cache(user_id, state)
         else:
             self._users.move_to_end(user_id)
-        if state.pending or any(e.event_time <= horizon for e in state.ahead):
+        if state.pending or any(e.event_time <= now for e in state.ahead):
             pending = sorted(state.pending, key=lambda e: e.seq)
             if pending and min(e.event_time for e in pending) < state.newest_time:
-                state = self._build_state(self.store.user_events(user_id), horizon)  # a late event: replay exactly
+                state = self._build_state(self.store.user_events(user_id), now)  # a late event: replay exactly
                 self._users[user_id] = state
             else:
                 state.pending = []
-                self._extend(state, pending, horizon)
-        if as_of < state.newest_time:
-            # A look into the past: replay only what had happened by then.
+                self._extend(state, pending, now)
+        if as_of < state.newest_time or any(e.event_time <= as_of for e in state.ahead):
+            # A look into the past, or past the clock at held events: replay
+            # only what had happened by then, and leave the cache as it is.
             events = [e for e in self.store.user_events(user_id) if e.event_time <= as_of]
             return self._build_state(events, as_of)
         return state
@@ -1031,7 +1044,7 @@ class InterestEngine:
         """Σ_i a_i · sim(i, j): the user's decayed per-item affinity (event
         weight × 2^(−age/h), events up to t) through item co-occurrence. (size,)"""
         blend = self.config.blend
-        self._release_blend(t)
+        ahead = self._release_blend(t)
         times = np.array(state.affinity_times, dtype=np.float64)
         rows = self.catalog.rows(state.affinity_items)
         keep = (rows >= 0) & (times <= t)
@@ -1041,7 +1054,11 @@ class InterestEngine:
         decay = np.exp2(-(t - times[keep]) / (blend.affinity_half_life_days * DAY))
         items, at = np.unique(rows[keep], return_inverse=True)
         affinity = np.bincount(at, weights=self._types.weights[types] * decay, minlength=items.size)
-        return cooccurrence_scores(self._cooccurrence.as_of(t), items, affinity, blend.similarity)
+        index = self._cooccurrence.as_of(t)
+        if ahead is not None and (ahead[1] >= 0).any():  # a read after the clock: a copy with its pairs
+            times, users, rows, _ = ahead
+            index = index.with_pairs(users[users >= 0], rows[users >= 0], times[users >= 0])
+        return cooccurrence_scores(index, items, affinity, blend.similarity)
 
     def _explain(self, user_id, state, t, rows, parts) -> list[Explanation]:
         multi = state.multi
