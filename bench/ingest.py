@@ -13,8 +13,10 @@
 3. Server RSS (/proc/PID/status VmRSS) as users with 3 events each are
    recorded and read (Recommend): 10k, 100k, then 1M users. Profiles live in
    an LRU of `profile.cache_users` (10,000) and are rebuilt from the log on a
-   miss. At 1M users: Recommend latency (one caller) alone and while another
-   stream records events, which is when the blend's indexes change under it.
+   miss. At 1M users: Recommend latency (one caller) alone, while another
+   stream records events, which is when the blend's indexes change under it,
+   and after one event stamped an hour ahead of the server's clock (a client
+   clock running ahead), which reads at the clock must not count yet.
 4. The miss: rebuilding the profile of a user with 50 and with 500 events
    (SQLite read + replay), in-process.
 5. Misses do not stall other calls: a cached user's Recommend latency while
@@ -354,6 +356,10 @@ def run(quick: bool = False) -> dict:
                 "while_recording": asyncio.run(recommend_latencies(
                     server.target, readers[::-1], requests_for("late", 200 * BATCH, 1000, t0 + 10, rng))),
             }
+            # One client whose clock runs an hour ahead (event times may lie up to 24 h ahead).
+            asyncio.run(send(server.target, requests_for("skew", 1, 1, time.time() + 3600.0, rng), 1))
+            results["recommend_at_most_users"]["after_an_event_an_hour_ahead"] = asyncio.run(
+                recommend_latencies(server.target, readers))
             client.close()
         results["memory"] = [{"stage": s, "rss_bytes": b, "users": u} for s, b, u in mem]
         results["read_ms_per_user_c4"] = read_s / users_small * 1e3
@@ -394,7 +400,9 @@ def write(results: dict) -> None:
     t5 = markdown_table(
         [f"Recommend at {r['users']:,} users, one caller", "calls", "p50 ms", "p99 ms"],
         [[label, r[key]["calls"], r[key]["p50_s"] * 1e3, r[key]["p99_s"] * 1e3]
-         for key, label in (("alone", "alone"), ("while_recording", "while one stream records events"))])
+         for key, label in (("alone", "alone"), ("while_recording", "while one stream records events"),
+                            ("after_an_event_an_hour_ahead", "alone, after one event stamped 1 h ahead of the clock"))
+         if key in r])
 
     def plot_throughput(ax) -> None:
         paths = [("raw SQLite", raw), ("gRPC, 1 stream", tp["grpc_1"]["events_per_s"]),
