@@ -143,11 +143,14 @@ def test_background_merges_keep_what_changed_while_they_were_built(monkeypatch):
     assert True in outcomes and False in outcomes  # taken in, and dropped after a removal or an inline merge
 
 
-def test_with_pairs_is_a_copy_with_more_pairs():
+def test_pairs_until_is_a_copy_that_builds_the_past():
     c = index()
-    more = c.with_pairs([3, 0], [3, 2], [5.0, 6.0])
-    assert np.array_equal(c.rows([0, 1, 2, 3]), DENSE)  # the original is left as it was
-    want = Cooccurrence(4)
-    want.add([*PAIRS[0], 3, 0], [*PAIRS[1], 3, 2])
-    assert np.array_equal(more.rows([0, 1, 2, 3]), want.rows([0, 1, 2, 3]))
-    assert more.newest == 6.0 and len(more) == len(c) + 2
+    c.add([3, 0], [3, 2], [5.0, 6.0])
+    users, items, times = c.pairs_until(5.0)
+    assert sorted(zip(users.tolist(), items.tolist())) == sorted([*zip(*PAIRS), (3, 3)])
+    want = c.as_of(5.0).rows([0, 1, 2, 3])
+    c.add([4], [0], [1.0])  # the copy does not change with the index
+    assert users.size == 8
+    past = Cooccurrence.from_pairs(4, users, items, times)
+    assert np.array_equal(past.rows([0, 1, 2, 3]), want)
+    assert past.newest == 5.0 and len(past) == 8
