@@ -1,5 +1,6 @@
-"""Ranking primitives, pure NumPy: cosine scores, masked top-k, freshness,
-MMR diversity, query blending and decayed popularity.
+"""Ranking primitives, pure NumPy: cosine scores (split into row blocks on
+threads for one query), masked top-k, freshness, MMR diversity, query
+blending and decayed popularity.
 
 Item matrices are (N, d) float32 with L2-normalised rows, so a cosine is a
 dot product and a whole catalogue is scored with one GEMV/GEMM.
@@ -57,9 +58,10 @@ class RowBlocks:
     One query's GEMV is bound by what one core pulls from memory: 100k x 384
     float32 took 15 ms on one core of a 2-core VM and 8.4 ms split over both
     (1M: 169 vs 88 ms). NumPy's products release the GIL, so blocks on
-    separate threads run on separate cores. OpenBLAS's own threads do not
-    help here: they spin for a core and measured ~10x slower on a busy
-    2-core machine (cli.SERVER_BLAS_THREADS). Catalogues under 2 x
+    separate threads run on separate cores. OpenBLAS's own threads are no
+    substitute: they spin for a core after each call, and a server with 2
+    of them ran 8 concurrent Recommends at 108 calls/s against ~400 with 1
+    (cli.SERVER_BLAS_THREADS). Catalogues under 2 x
     `min_rows` rows stay on the calling thread, where a hand-off would cost
     more than it saves; so does a call made while another one is scanning:
     the cores are taken then, and splitting only adds hand-offs (at 100k

@@ -178,9 +178,9 @@ class _UserState:
     newest_time: float
     max_seq: int
     pending: list[EventRecord] = dataclasses.field(default_factory=list)
-    # Seen (seq <= max_seq) but stamped after every read so far: each later than
-    # newest_time, held until a read reaches it (a read at or after newest_time
-    # then needs no replay). In seq order.
+    # Seen (seq <= max_seq) but stamped after the clock when applied: each later
+    # than newest_time, held until the clock reaches it, so that reads at the
+    # clock need no replay. In seq order.
     ahead: list[EventRecord] = dataclasses.field(default_factory=list)
     # Positive item events, for the co-occurrence affinity: item ids, internal types, times.
     affinity_items: list[str] = dataclasses.field(default_factory=list)
@@ -316,8 +316,9 @@ class InterestEngine:
         self._popularity_log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._popularity_newest = -np.inf
         # Entries stamped after the clock (clients whose clocks run ahead) wait
-        # here until a read reaches their time, so that reads at the clock keep
-        # the fast path of both indexes (see core/horizon.py).
+        # here until the clock reaches their time, so that reads at the clock
+        # keep the fast path of both indexes (see core/horizon.py); a read
+        # after the clock counts them on a copy.
         self._blend_ahead = Horizon()
         self._resize_blend()
         for chunk in self.store.iter_events(through_seq=self._events.through):
