@@ -431,3 +431,21 @@ def test_a_look_into_the_past_rebuilds_the_blend_without_the_lock(tmp_path, monk
     monkeypatch.undo()
     engine.store.close()
     assert answers(open_engine(tmp_path)) == live
+
+
+def test_a_profile_holds_a_bounded_number_of_events_for_the_clock(tmp_path):
+    """Held events keep their vectors, so a profile holds at most
+    MAX_HELD_EVENTS_PER_USER of them; past that it applies them all and reads
+    at the clock replay the log, still counting only what had happened."""
+    from halflife.interest.engine import MAX_HELD_EVENTS_PER_USER
+
+    engine, only_past = open_engine(tmp_path / "live"), open_engine(tmp_path / "past")
+    past = [EventInput(f"p{n}", "u", LIKE, f"i{n}", None, None, T - DAY * (n + 1)) for n in range(3)]
+    for e in (engine, only_past):
+        e.upsert_items([ItemInput(id=f"i{n}", text=f"lantern {n}") for n in range(40)])
+        e.record_events(past)
+    answers = lambda e: [(i.item_id, round(i.score, 6)) for i in e.recommend("u", 5, as_of=T).items]
+    for k in range(MAX_HELD_EVENTS_PER_USER + 1):
+        engine.record_events([EventInput(f"a{k}", "u", LIKE, f"i{10 + k}", None, None, T + 60.0 * (k + 1))])
+        assert answers(engine) == answers(only_past)
+        assert len(engine._users["u"].ahead) == (0 if k == MAX_HELD_EVENTS_PER_USER else k + 1)

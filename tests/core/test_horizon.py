@@ -1,14 +1,16 @@
 import numpy as np
+import pytest
 
 from halflife.core.horizon import Horizon
 
 
-def test_what_it_hands_out_is_exactly_the_entries_up_to_through_or_the_read():
+@pytest.mark.parametrize("max_held", [1_000_000, 5])
+def test_what_it_hands_out_is_exactly_the_entries_up_to_through_or_the_read(max_held):
     """Random admits (with clocks behind and ahead of the entries), reads at
     random times and forgets: every step, the entries handed out are exactly
     those stamped up to `through`, and after a read at t >= through, up to t."""
     rng = np.random.default_rng(7)
-    horizon, out, ids, every_time = Horizon(), [], [], []
+    horizon, out, ids, every_time = Horizon(max_held), [], [], []
     next_id = 0
     for step in range(300):
         if rng.random() < 0.6:
@@ -39,7 +41,7 @@ def test_what_it_hands_out_is_exactly_the_entries_up_to_through_or_the_read():
             every_time = [(i if when <= horizon.through else -abs(i) - 1, when) for i, when in every_time]
         handed = [(i, when) for chunk in out for i, when in zip(chunk[1].tolist(), chunk[0].tolist())]
         assert sorted(handed) == sorted((i, w) for i, w in every_time if w <= horizon.through)
-        assert len(horizon) == sum(w > horizon.through for _, w in every_time)
+        assert len(horizon) == sum(w > horizon.through for _, w in every_time) <= max_held
         assert all(c[0].shape == c[1].shape for c in out)
 
 
@@ -54,3 +56,15 @@ def test_entries_up_to_the_clock_pass_at_once_and_later_ones_wait_for_a_read():
     # A new entry stamped before `through` always passes, whatever the clock says.
     assert horizon.admit(0.0, np.array([11.0]), np.array([4]))[1].tolist() == [4]
     assert len(horizon) == 1 and horizon.admit(40.0, np.zeros(0), np.zeros(0, int))[1].tolist() == [3]
+
+
+def test_past_max_held_everything_is_handed_out():
+    """A bound on memory (a server clock far behind its clients'): past
+    max_held entries, admit hands out every held one and `through` moves past
+    them, as if nothing had been held."""
+    horizon = Horizon(max_held=3)
+    assert horizon.admit(0.0, np.array([5.0, 6.0]), np.array([0, 1]))[1].size == 0 and len(horizon) == 2
+    assert horizon.admit(0.0, np.array([7.0]), np.array([2]))[1].size == 0 and len(horizon) == 3
+    times, ids = horizon.admit(0.0, np.array([-1.0, 8.0]), np.array([3, 4]))
+    assert sorted(ids.tolist()) == [0, 1, 2, 3, 4] and len(horizon) == 0 and horizon.through == 8.0
+    assert horizon.admit(0.0, np.array([7.5]), np.array([5]))[1].tolist() == [5]  # before `through`: at once

@@ -27,15 +27,21 @@ class Horizon:
     entries up to `through`, and a read at t >= `through` that first takes
     `release(t)` sees exactly the entries up to t.
 
-    Entries are tuples of equal-length arrays, times first."""
+    Entries are tuples of equal-length arrays, times first. At most
+    `max_held` are held: beyond that, `admit` hands out every held entry
+    (and `through` moves past them), so a server whose own clock runs behind
+    its clients' keeps a bounded memory and reads fall back to rebuilding,
+    as they did before entries were held."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_held: int = 1_000_000) -> None:
         self.through = -np.inf
+        self.max_held = max_held
         self._held: list[Entries] = []
         self._earliest = np.inf  # of the held entries
+        self._count = 0  # held entries
 
     def __len__(self) -> int:
-        return sum(chunk[0].shape[0] for chunk in self._held)
+        return self._count
 
     def admit(self, now: float, times: np.ndarray, *columns: np.ndarray) -> Entries:
         """New entries: returns those to index now, i.e. the new and held ones
@@ -63,20 +69,24 @@ class Horizon:
     def map_held(self, fn: Callable[..., Entries]) -> None:
         """Replaces each held chunk (times, *columns) with fn(times, *columns),
         e.g. to forget what an erasure took back; fn keeps the times."""
-        self._held = [fn(*chunk) for chunk in self._held]
+        self._held = [fn(*chunk) for chunk in self._held]  # same lengths: the count stands
 
     def _due(self, horizon: float, new: Entries | None) -> Entries:
         parts = [] if new is None else [new]
         if self._earliest <= horizon:
             parts += self._held
-            self._held, self._earliest = [], np.inf
+            self._held, self._earliest, self._count = [], np.inf, 0
         entries = parts[0] if len(parts) == 1 else tuple(np.concatenate(c) for c in zip(*parts))
         due = entries[0] <= horizon
         if not due.all():
             later = tuple(c[~due] for c in entries)
             self._held.append(later)
             self._earliest = min(self._earliest, float(later[0].min()))
+            self._count += later[0].shape[0]
             entries = tuple(c[due] for c in entries)
+        if self._count > self.max_held:  # the bound on memory: hand out everything
+            entries = tuple(np.concatenate(c) for c in zip(entries, *self._held))
+            self._held, self._earliest, self._count = [], np.inf, 0
         if entries[0].size:
             self.through = max(self.through, float(entries[0].max()))
         return entries

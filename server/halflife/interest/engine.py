@@ -54,6 +54,10 @@ DAY = 86400.0
 RATE = 6  # API EventType value of EVENT_TYPE_RATE
 MMR_CANDIDATES_PER_RESULT = 5  # MMR re-ranks this many times `limit` candidates
 EXPLAINED_EVENTS = 3
+# Events a cached profile holds for the clock (see _UserState.ahead), each
+# with its vector (~1.6 KB); past that, it applies them all, and reads at the
+# clock replay the user's log until the clock catches up.
+MAX_HELD_EVENTS_PER_USER = 16
 
 Embedder = Callable[[Sequence[str]], np.ndarray]  # texts -> (n, dim) float32 unit rows
 Later = Callable[[], np.ndarray]  # a signal whose work may run after the engine lock is released
@@ -318,8 +322,8 @@ class InterestEngine:
         # Entries stamped after the clock (clients whose clocks run ahead) wait
         # here until the clock reaches their time, so that reads at the clock
         # keep the fast path of both indexes (see core/horizon.py); a read
-        # after the clock counts them on a copy.
-        self._blend_ahead = Horizon()
+        # after the clock counts them on a copy. At most 1M (~32 MB) wait.
+        self._blend_ahead = Horizon(max_held=1_000_000)
         self._resize_blend()
         for chunk in self.store.iter_events(through_seq=self._events.through):
             rows = self._current_item_rows(chunk.item_ids, chunk.seqs)
@@ -741,8 +745,10 @@ class InterestEngine:
         if not events:
             return
         state.max_seq = max(state.max_seq, max(e.seq for e in events))
-        state.ahead = [e for e in events if e.event_time > horizon]
-        events = [e for e in events if e.event_time <= horizon]
+        ahead = [e for e in events if e.event_time > horizon]
+        state.ahead = ahead if len(ahead) <= MAX_HELD_EVENTS_PER_USER else []
+        if state.ahead:
+            events = [e for e in events if e.event_time <= horizon]
         if not events:
             return
         types = self._record_types(events)
