@@ -440,7 +440,9 @@ class InterestEngine:
         if counted.any():
             rows, times, weights = items[counted], times[counted], weights[counted]
             self._popularity.add(rows, times, weights)  # forward-decayed sums subtract exactly
-            self._popularity_log.append((rows, times, weights))
+            # 16 B an event instead of 24: rows fit int32, and float32 keeps a
+            # type weight to 7 digits (the log only answers looks into the past).
+            self._popularity_log.append((rows.astype(np.int32), times, weights.astype(np.float32)))
             self._popularity_newest = max(self._popularity_newest, float(times.max()))
 
     def _forget_held_pairs(self, drop) -> None:
