@@ -286,12 +286,11 @@ class Cooccurrence:
         index = cls(max(int(n_items), int(items[ok].max(initial=-1)) + 1))
         if not ok.any():
             return index
-        keys, times = _earliest_per_pair((users[ok] << _ITEM_BITS) | items[ok], times[ok])
-        (index._keys, index._times, index._item_keys, index._user_ptr,
-         index._item_ptr) = _merged(index._keys, index._times, index._item_keys, index._user_ptr, index._item_ptr,
-                                    keys, times)
-        index._item_counts = np.bincount(keys & _LOW, minlength=index.n_items).astype(np.float64)
-        index.newest = float(times.max())
+        index._keys, index._times = _earliest_per_pair((users[ok] << _ITEM_BITS) | items[ok], times[ok])
+        index._item_keys = np.sort(_swap(index._keys))
+        index._recount_pointers()
+        index._item_counts = np.bincount(index._keys & _LOW, minlength=index.n_items).astype(np.float64)
+        index.newest = float(index._times.max())
         return index
 
     def remove_user(self, user_row: int) -> int:

@@ -19,6 +19,11 @@ import numpy as np
 Entries = tuple[np.ndarray, ...]  # (times, *columns), each (n,)
 
 
+def _joined(chunks: list[Entries]) -> Entries:
+    """Chunks of entries as one."""
+    return chunks[0] if len(chunks) == 1 else tuple(np.concatenate(c) for c in zip(*chunks))
+
+
 class Horizon:
     """Splits entries into those an index holds, stamped up to `through`, and
     those held back, stamped later. Invariant: every entry stamped at or
@@ -62,7 +67,7 @@ class Horizon:
         reads at the clock see."""
         if t < self._earliest:
             return None
-        entries = self._held[0] if len(self._held) == 1 else tuple(np.concatenate(c) for c in zip(*self._held))
+        entries = _joined(self._held)
         due = entries[0] <= t
         return tuple(c[due] for c in entries)
 
@@ -76,7 +81,7 @@ class Horizon:
         if self._earliest <= horizon:
             parts += self._held
             self._held, self._earliest, self._count = [], np.inf, 0
-        entries = parts[0] if len(parts) == 1 else tuple(np.concatenate(c) for c in zip(*parts))
+        entries = _joined(parts)
         due = entries[0] <= horizon
         if not due.all():
             later = tuple(c[~due] for c in entries)
@@ -85,7 +90,7 @@ class Horizon:
             self._count += later[0].shape[0]
             entries = tuple(c[due] for c in entries)
         if self._count > self.max_held:  # the bound on memory: hand out everything
-            entries = tuple(np.concatenate(c) for c in zip(entries, *self._held))
+            entries = _joined([entries, *self._held])
             self._held, self._earliest, self._count = [], np.inf, 0
         if entries[0].size:
             self.through = max(self.through, float(entries[0].max()))
