@@ -329,11 +329,8 @@ def grpc_run(X: np.ndarray, rounds: int, per_round: int, threads: int) -> dict:
 # --------------------------------------------------------------------------- main
 
 def run(quick: bool = False, threads: int | None = None) -> dict:
-    from threadpoolctl import threadpool_limits
-
     threads = threads or physical_cores()
-    threadpool_limits(threads)  # NumPy's OpenBLAS
-    faiss.omp_set_num_threads(threads)
+    ThreadCounts().set(threads)  # NumPy's OpenBLAS and FAISS's OpenMP
     sizes = [10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]
     grpc_sizes = [10_000] if quick else [10_000, 100_000]
     rng = np.random.default_rng(42)
