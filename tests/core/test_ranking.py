@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from halflife.core import ranking
 from halflife.core.ranking import (
     DecayedCounts,
     batch_top_k,
@@ -184,19 +185,25 @@ def _reference_top_k(s, k, allowed):
     return sorted(eligible, key=lambda i: (-s[i], i))[:k]
 
 
-def test_top_k_and_batch_top_k_match_the_definition_with_ties_nan_inf_and_masks():
+@pytest.mark.parametrize("chunk", [128, 2])
+def test_top_k_and_batch_top_k_match_the_definition_with_ties_nan_inf_and_masks(chunk, monkeypatch):
     """Random rows with many ties, NaN and -inf, masks excluding few or most
-    items, and k up to past the eligible count: both the candidate path (one
+    items, and k up to past the eligible count: the chunk path (top_k only;
+    chunks of 2 make it run on these short rows), the candidate path (one
     argpartition, no masked copy) and its fallback must return exactly the
     definition (batch rows: the same scores; the same rows where no score ties)."""
+    monkeypatch.setattr(ranking, "_CHUNK", chunk)
+    near_top, narrowed = ranking._near_top, []
+    monkeypatch.setattr(ranking, "_near_top", lambda *a: narrowed.append(near_top(*a)) or narrowed[-1])
     rng = np.random.default_rng(11)
     for trial in range(400):
-        b, n = int(rng.integers(1, 5)), int(rng.integers(1, 60))
+        long = trial % 4 == 0  # long rows, small k: where chunks narrow the search
+        b, n = int(rng.integers(1, 5)), int(rng.integers(1, 400 if long else 60))
         s = rng.integers(-4, 5, size=(b, n)).astype(np.float32) if trial % 2 else rng.normal(size=(b, n)).astype(np.float32)
-        s[rng.random((b, n)) < 0.1] = np.nan
+        s[rng.random((b, n)) < (0.1 if trial % 8 else 0.002)] = np.nan
         s[rng.random((b, n)) < 0.1] = -np.inf
-        allowed = None if trial % 3 == 0 else rng.random(n) < rng.choice([0.3, 0.95])
-        k = int(rng.integers(1, n + 3))
+        allowed = None if trial % 3 == 0 else rng.random(n) < rng.choice([0.3, 0.95, 0.99])
+        k = int(rng.integers(1, 12 if long else n + 3))
         idx, sc = batch_top_k(s, k, allowed)
         for row in range(b):
             want = _reference_top_k(s[row], k, allowed)
@@ -208,6 +215,8 @@ def test_top_k_and_batch_top_k_match_the_definition_with_ties_nan_inf_and_masks(
             assert np.all(idx[row, m:] == -1) and np.all(sc[row, m:] == -np.inf)
             if trial % 2 == 0:  # distinct scores: the same rows too
                 assert idx[row, :m].tolist() == want
+    used = sum(found is not None for found in narrowed)
+    assert used >= 20 if chunk == 2 else used == 0
 
 
 def test_row_blocks_split_a_lone_scan_over_threads_and_give_the_same_scores():
