@@ -145,27 +145,42 @@ def _candidates(scores: np.ndarray, k: int, allowed) -> tuple[np.ndarray, np.nda
 
 # top_k first ranks chunks of this many scores by their maximum: a pass over
 # (N/128, 128) maxima took 0.06 ms at 100k where argpartition of the 100k
-# scores took 1.3 ms (its index array falls out of the cache).
+# scores took 0.7-1.3 ms (its index array falls out of the cache). Measured
+# top_k, k = 10, at 100k / 1M: 50 items masked 0.15 / 0.87 ms, a filter
+# allowing 20% 0.26 / 2.9 ms (a masked copy and argpartition: 3.2 / 32 ms).
 _CHUNK = 128
 
 
-def _near_top(scores: np.ndarray, c: int) -> np.ndarray | None:
-    """Positions, ascending, of a subset of `scores` that holds every score
-    at least its c-th largest: the chunks whose maximum is at least the c-th
-    largest chunk maximum (c such chunks hold c scores at least that high),
-    and the tail past the last whole chunk. None when that would not save
-    much (fewer than 8c chunks) or a chunk holds NaN. scores: (N,)."""
+def _near_top(scores: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray | None:
+    """Positions, ascending, of a subset of `scores` that holds the k best
+    eligible scores and every eligible score tied with the k-th: the chunks
+    whose best allowed score reaches the k-th largest such chunk maximum
+    (those k chunks hold k allowed scores that high; if the k-th is -inf,
+    every chunk reaches it), and the tail past the last whole chunk. Only
+    the chunks holding excluded items are masked. None when that would not
+    save much (fewer than 4k chunks) or an allowed score is NaN.
+    scores: (N,); allowed: (N,) bool or None."""
     whole = scores.shape[0] - scores.shape[0] % _CHUNK
     n_chunks = whole // _CHUNK
-    if n_chunks < 8 * c:
+    if n_chunks < 4 * k:
         return None
-    maxima = scores[:whole].reshape(n_chunks, _CHUNK).max(axis=1)
+    chunked = scores[:whole].reshape(n_chunks, _CHUNK)
+    if allowed is None:
+        maxima = chunked.max(axis=1)
+    else:
+        inside = allowed[:whole].reshape(n_chunks, _CHUNK)
+        masked = np.flatnonzero(~inside.all(axis=1))
+        if masked.size > n_chunks // 4:  # a filter, say: mask every chunk in one pass
+            maxima = np.where(inside, chunked, -np.inf).max(axis=1)
+        else:
+            maxima = chunked.max(axis=1)
+            maxima[masked] = np.where(inside[masked], chunked[masked], -np.inf).max(axis=1)
     if np.isnan(maxima).any():
         return None
-    cut = np.partition(maxima, n_chunks - c)[n_chunks - c]
+    cut = np.partition(maxima, n_chunks - k)[n_chunks - k]
     chunks = np.flatnonzero(maxima >= cut)
-    inside = (chunks[:, None] * _CHUNK + np.arange(_CHUNK)).ravel()
-    return np.concatenate([inside, np.arange(whole, scores.shape[0])])
+    positions = (chunks[:, None] * _CHUNK + np.arange(_CHUNK)).ravel()
+    return np.concatenate([positions, np.arange(whole, scores.shape[0])])
 
 
 def top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
@@ -182,11 +197,7 @@ def top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
     k = int(k)
     if k <= 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=scores.dtype)
-    # The k best eligible scores, and those tied with the k-th, are at least
-    # the (k + excluded)-th largest score, as long as that one is eligible
-    # (if it is -inf, every chunk is near the top), so they lie near the top.
-    excluded = 0 if allowed is None else scores.shape[0] - int(np.count_nonzero(allowed))
-    near = _near_top(scores, k + excluded) if scores.ndim == 1 else None
+    near = _near_top(scores, k, allowed) if scores.ndim == 1 else None
     if near is not None:
         rows, values = top_k(scores[near], k, None if allowed is None else allowed[near])
         return near[rows], values  # `near` ascends, so ties still go to the lower row
