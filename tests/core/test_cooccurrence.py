@@ -20,6 +20,7 @@ def test_rows_and_counts_match_dense():
     assert np.array_equal(c.item_counts(), np.diag(DENSE))
     assert np.array_equal(c.rows([2, 0]), DENSE[[2, 0]])
     assert np.allclose(c.user_weighted([0, 3], [1.0, 2.0]), DENSE[0] + 2 * DENSE[3])
+    assert np.allclose(c.user_weighted([0, 3], [1.0, 2.0], np.sqrt), (DENSE[0] + 2 * DENSE[3]) * np.sqrt(np.diag(DENSE)))
 
 
 @pytest.mark.parametrize("kind", ["count", "jaccard", "cosine", "lift"])
@@ -79,6 +80,7 @@ def _assert_matches_dense(c: Cooccurrence, first: dict, rng, n_users: int, t: fl
     weights = rng.random(query.size)
     assert np.array_equal(view.rows(query), dense[query])
     assert np.allclose(view.user_weighted(query, weights), weights @ dense[query])
+    assert np.allclose(view.user_weighted(query, weights, np.sqrt), weights @ dense[query] * np.sqrt(np.diag(dense)))
 
 
 def _random_steps(c: Cooccurrence, rng, steps: int, n_users: int = 40, n_items: int = 30, after_each=None):

@@ -383,10 +383,12 @@ class Cooccurrence:
         out.reshape(-1)[:] = np.bincount(h[pos] * self.n_items + js, minlength=out.size)
         return out
 
-    def user_weighted(self, items, weights) -> np.ndarray:
-        """Σ_i weights_i · C[i, :] without materialising the rows: each co-user
-        v adds (Σ of the weights of the query items v consumed) to every item
-        of v. items, weights: (h,), items distinct. Returns (N,) float64
+    def user_weighted(self, items, weights, column=None) -> np.ndarray:
+        """Σ_i weights_i · C[i, j] · column(C[j, j]) for every item j, without
+        materialising the rows: each co-user v adds (Σ of the weights of the
+        query items v consumed) to every item of v. items, weights: (h,),
+        items distinct; column: a function of (m,) item counts, or None for 1
+        (it is applied per reached item, not to all N). Returns (N,) float64
         (diagonal included)."""
         items = np.asarray(items, dtype=np.int64)
         weights = np.asarray(weights, dtype=np.float64)
@@ -401,7 +403,8 @@ class Cooccurrence:
             co_users, inverse = np.unique(users, return_inverse=True)
             per_user = np.bincount(inverse, weights=weights[h], minlength=co_users.size)
         pos, js = self._expand(co_users)
-        return np.bincount(js, weights=per_user[pos], minlength=self.n_items)  # float64 already
+        added = per_user[pos] if column is None else per_user[pos] * column(self._item_counts[js])
+        return np.bincount(js, weights=added, minlength=self.n_items)  # float64 already
 
 
 def cooccurrence_scores(index: Cooccurrence, items, affinity, similarity: str = "jaccard") -> np.ndarray:
@@ -436,11 +439,9 @@ def cooccurrence_scores(index: Cooccurrence, items, affinity, similarity: str = 
         def col(counts):
             return 1.0 / np.maximum(counts, 1.0)
     scaled = a * col(di)
-    scores = index.user_weighted(items, scaled)
-    # The column factors only where a co-user reached: at 100k items, the
-    # full passes for them took half the call.
-    reached = np.flatnonzero(scores)
-    scores[reached] *= col(d[reached])
+    # The column factors go on each co-user's items, not on all N: at 100k
+    # items, passes over the catalogue took most of the call.
+    scores = index.user_weighted(items, scaled, col)
     # C[i, i] · (scaled_i) · col_i is each query item's own term: remove it
     # (to 0 at worst, not below: rounding).
     scores[items] = np.maximum(scores[items] - scaled * di * col(di), 0.0)
