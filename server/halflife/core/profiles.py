@@ -25,7 +25,7 @@ from halflife.core.decay import (
     landmark_for,
     rate_one_hot,
 )
-from halflife.core.ranking import cosine_scores, normalize
+from halflife.core.ranking import cosine_scores, normalize, row_dots
 
 DAY = 86400.0
 TREND_HALF_LIVES = (7 * DAY, 90 * DAY)  # short and long horizon of a cluster's trend
@@ -429,10 +429,10 @@ def interest_scores(
     importances: (K,) >= 0. "sum": Σ_c share_c·cos_c (a smooth mix);
     "max": max_c share_c^α·cos_c (an item needs to fit one interest well;
     α < 1 flattens the shares so minor interests still surface).
-    "sum" is linear in the centroids, so it is one GEMV against their
-    share-weighted mix (Σ_c share_c·cos(c, x) = (Σ_c share_c·c)·x): the
-    catalogue is read once, as for a single profile. "max" is one
-    (N, d) @ (d, K) GEMM. Returns (N,) float32; zeros when K = 0.
+    "sum" is linear in the centroids, so it is one pass over the rows
+    against their share-weighted mix (Σ_c share_c·cos(c, x) = (Σ_c
+    share_c·c)·x): the catalogue is read once, as for a single profile. "max"
+    is one (N, d) @ (d, K) GEMM. Returns (N,) float32; zeros when K = 0.
     """
     if mode not in INTEREST_MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {INTEREST_MODES}")
@@ -443,5 +443,5 @@ def interest_scores(
     share = (imp / max(float(imp.sum()), _EPS)).astype(np.float32)
     centroids = np.asarray(centroids, dtype=np.float32)
     if mode == "sum":
-        return items @ (share @ centroids)
+        return row_dots(items, share @ centroids)
     return ((items @ centroids.T) * share**np.float32(alpha)).max(axis=1)

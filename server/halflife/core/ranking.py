@@ -37,13 +37,25 @@ def normalize(vectors, eps: float = 1e-12, dtype=np.float32) -> np.ndarray:
     return (v / np.maximum(norms, eps)).astype(dtype, copy=False)
 
 
+def row_dots(items: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """items @ vector, as NumPy's vecdot rather than BLAS's GEMV: OpenBLAS's
+    sgemv read 384-d float32 rows at ~11 GB/s on one core of this AMD EPYC
+    machine, vecdot at ~26 GB/s, as fast as FAISS's own loop (one core, 1M
+    rows: 131-143 ms against 59-60; 100k: 13.2 against 5.6).
+    items: (N, d); vector: (d,). Returns (N,) float32 for float32 inputs."""
+    return np.vecdot(items, vector)
+
+
 def cosine_scores(queries, items: np.ndarray) -> np.ndarray:
-    """Cosine of each query with every item: one GEMV/GEMM in float32.
+    """Cosine of each query with every item: one pass over the rows for a
+    single query (`row_dots`), one GEMM for several, in float32.
 
     queries: (d,) or (B, d), any norm (normalised here; zero queries score 0);
     items: (N, d) float32, rows already normalised. Returns (N,) or (B, N).
     """
-    return normalize(queries) @ np.asarray(items, dtype=np.float32).T
+    items = np.asarray(items, dtype=np.float32)
+    queries = normalize(queries)
+    return row_dots(items, queries) if queries.ndim == 1 else queries @ items.T
 
 
 # Several blocks per thread, taken in turn: a thread the scheduler holds up
@@ -152,35 +164,58 @@ _CHUNK = 128
 
 
 def _near_top(scores: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray | None:
-    """Positions, ascending, of a subset of `scores` that holds the k best
-    eligible scores and every eligible score tied with the k-th: the chunks
-    whose best allowed score reaches the k-th largest such chunk maximum
-    (those k chunks hold k allowed scores that high; if the k-th is -inf,
-    every chunk reaches it), and the tail past the last whole chunk. Only
-    the chunks holding excluded items are masked. None when that would not
-    save much (fewer than 4k chunks) or an allowed score is NaN.
-    scores: (N,); allowed: (N,) bool or None."""
-    whole = scores.shape[0] - scores.shape[0] % _CHUNK
+    """Per row, the chunks (ascending) that hold the row's k best eligible
+    scores and every eligible score tied with the k-th, besides the tail
+    past the last whole chunk: the k chunks with the highest best allowed
+    score (they hold k allowed scores at least the k-th such maximum, and a
+    chunk left out holds none above it). None when that would not save much
+    (fewer than 4k chunks), when a chunk left out ties with the k-th
+    maximum, or when an allowed score is NaN: callers then search every
+    score. scores: (B, N); allowed: (N,) bool or None. Returns (B, k) int64.
+    """
+    b, n = scores.shape
+    whole = n - n % _CHUNK
     n_chunks = whole // _CHUNK
     if n_chunks < 4 * k:
         return None
-    chunked = scores[:whole].reshape(n_chunks, _CHUNK)
+    chunked = scores[:, :whole].reshape(b, n_chunks, _CHUNK)
     if allowed is None:
-        maxima = chunked.max(axis=1)
+        maxima = chunked.max(axis=2)
     else:
+        # A chunk's best allowed score differs from its maximum only where
+        # the maximum is an excluded item's: those chunks are masked.
         inside = allowed[:whole].reshape(n_chunks, _CHUNK)
-        masked = np.flatnonzero(~inside.all(axis=1))
-        if masked.size > n_chunks // 4:  # a filter, say: mask every chunk in one pass
-            maxima = np.where(inside, chunked, -np.inf).max(axis=1)
-        else:
-            maxima = chunked.max(axis=1)
-            maxima[masked] = np.where(inside[masked], chunked[masked], -np.inf).max(axis=1)
+        best = chunked.argmax(axis=2)
+        maxima = np.take_along_axis(chunked, best[:, :, None], axis=2)[:, :, 0]
+        rows, chunks = np.nonzero(~inside[np.arange(n_chunks), best])
+        if rows.size > maxima.size // 4:  # a filter, say: mask every chunk in one pass
+            maxima = np.where(inside, chunked, -np.inf).max(axis=2)
+        elif rows.size:
+            maxima[rows, chunks] = np.where(inside[chunks], chunked[rows, chunks], -np.inf).max(axis=1)
     if np.isnan(maxima).any():
         return None
-    cut = np.partition(maxima, n_chunks - k)[n_chunks - k]
-    chunks = np.flatnonzero(maxima >= cut)
-    positions = (chunks[:, None] * _CHUNK + np.arange(_CHUNK)).ravel()
-    return np.concatenate([positions, np.arange(whole, scores.shape[0])])
+    chunks = np.argpartition(maxima, n_chunks - k, axis=1)[:, n_chunks - k :]
+    cut = np.take_along_axis(maxima, chunks, axis=1).min(axis=1, keepdims=True)
+    if (np.count_nonzero(maxima >= cut, axis=1) > k).any():
+        return None
+    return np.sort(chunks, axis=1)
+
+
+def _near_scores(values: np.ndarray, chunks: np.ndarray) -> np.ndarray:
+    """The values of (B, N) `values` in (B, k) `chunks`, then the tail past
+    the last whole chunk: (B, k·_CHUNK + N mod _CHUNK), rows in order."""
+    b, n = values.shape
+    whole = n - n % _CHUNK
+    inside = values[:, :whole].reshape(b, whole // _CHUNK, _CHUNK)[np.arange(b)[:, None], chunks]
+    return np.concatenate([inside.reshape(b, -1), values[:, whole:]], axis=1)
+
+
+def _near_positions(picked: np.ndarray, chunks: np.ndarray, n: int) -> np.ndarray:
+    """Positions among N of (B, m) indices into `_near_scores`' columns (-1 stays -1)."""
+    gathered = chunks.shape[1] * _CHUNK
+    chunk = np.take_along_axis(chunks, np.clip(picked // _CHUNK, 0, chunks.shape[1] - 1), axis=1)
+    tail = n - n % _CHUNK + picked - gathered
+    return np.where(picked < 0, -1, np.where(picked < gathered, chunk * _CHUNK + picked % _CHUNK, tail))
 
 
 def top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
@@ -197,10 +232,12 @@ def top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
     k = int(k)
     if k <= 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=scores.dtype)
-    near = _near_top(scores, k, allowed) if scores.ndim == 1 else None
-    if near is not None:
-        rows, values = top_k(scores[near], k, None if allowed is None else allowed[near])
-        return near[rows], values  # `near` ascends, so ties still go to the lower row
+    chunks = _near_top(scores[None], k, allowed) if scores.ndim == 1 else None
+    if chunks is not None:
+        near = _near_scores(scores[None], chunks)[0]
+        rows, values = top_k(near, k, None if allowed is None else _near_scores(allowed[None], chunks)[0])
+        # Chunks and tail keep the rows' order, so ties still go to the lower row.
+        return _near_positions(rows[None], chunks, scores.shape[0])[0], values
     found = _candidates(scores, k, allowed)
     if found is not None:
         positions, values, eligible = found
@@ -241,7 +278,13 @@ def batch_top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
     if kk <= 0:
         return np.empty((b, 0), dtype=np.int64), np.empty((b, 0), dtype=scores.dtype)
     shared = allowed is None or np.ndim(allowed) == 1
-    found = _candidates(scores, kk, None if allowed is None else np.asarray(allowed, dtype=bool)) if shared else None
+    allowed = None if allowed is None else np.asarray(allowed, dtype=bool)
+    chunks = _near_top(scores, kk, allowed) if shared else None
+    if chunks is not None:
+        near_allowed = None if allowed is None else _near_scores(np.broadcast_to(allowed, scores.shape), chunks)
+        idx, out = batch_top_k(_near_scores(scores, chunks), kk, near_allowed)
+        return _near_positions(idx, chunks, n), out
+    found = _candidates(scores, kk, allowed) if shared else None
     if found is not None:
         idx, part, eligible = found
         part = np.where(eligible, part, np.asarray(-np.inf, dtype=part.dtype))
