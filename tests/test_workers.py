@@ -177,3 +177,41 @@ def test_serve_fixes_glibcs_mmap_threshold(monkeypatch):
     assert calls == [True]
     monkeypatch.undo()
     assert cli._fix_mmap_threshold() is True  # glibc accepted the value
+
+
+_ALLOCATE_AND_FREE = """
+import ctypes, resource, sys
+import numpy as np
+from halflife import cli
+if sys.argv[1] == "serve":
+    assert cli._fix_mmap_threshold()
+else:  # the mmap threshold alone
+    ctypes.CDLL(None).mallopt(cli._M_MMAP_THRESHOLD, cli.SERVER_MMAP_THRESHOLD)
+a = np.ones(100_000)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(200):  # 800 KB temporaries, as a Recommend at 100k items makes
+    b = a * 2.0
+    c = b + 1.0
+    del b, c
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_serve_keeps_freed_arrays_under_the_threshold_mapped():
+    """With only the mmap threshold fixed, glibc's trim threshold stays at
+    128 KiB and each freed temporary is given back, so the next one faults
+    its pages in again; `serve` sets the trim threshold too."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt's thresholds are glibc settings")
+
+    def page_faults(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", _ALLOCATE_AND_FREE, mode], capture_output=True, text=True,
+                             check=True, timeout=60)
+        return int(run.stdout)
+
+    assert page_faults("mmap only") > 20_000  # ~2 x 196 pages per round
+    assert page_faults("serve") < 2_000
