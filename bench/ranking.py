@@ -40,7 +40,6 @@ import argparse  # noqa: E402
 import dataclasses
 import datetime as dt
 import gc
-import inspect
 import time
 import tracemalloc
 
@@ -256,11 +255,8 @@ def engine_inprocess(X: np.ndarray, repeat: int, trace: bool, threads: int) -> d
         def run():
             with engine._lock:
                 t = time.time()
-                state = engine._user_state("u0", t)
-                # The private signature changed over time: with or without user_id first.
-                if "user_id" in inspect.signature(engine._signals).parameters:
-                    return engine._signals("u0", state, t, [name])
-                return engine._signals(state, t, [name])
+                scan = engine._signal_sources("u0", engine._user_state("u0", t), t, [name])
+            return scan.blend(engine._blocks, engine._blend_weights())
         return run
 
     fns = {"recommend": with_config(config), "recommend_blend_off": with_config(off),

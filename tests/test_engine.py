@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
+
 from halflife.config import Config
 from halflife.interest.engine import EventInput, InterestEngine, ItemInput
 from halflife.storage.sqlite import SqliteStore
@@ -100,12 +103,46 @@ def test_an_item_deleted_while_the_catalogue_is_scored_is_not_recommended(tmp_pa
     engine.upsert_items([ItemInput(id=f"i{n}", text=f"hiking boots model {n}") for n in range(8)])
     engine.record_events([EventInput("e0", "u", LIKE, "i0", None, None, T - 60)])
     before = [i.item_id for i in engine.recommend("u", 3, as_of=T).items]
-    run, calls = _delete_first(engine, before[0], engine_module._CatalogueScan.run)
-    monkeypatch.setattr(engine_module._CatalogueScan, "run", run)
+    blend, calls = _delete_first(engine, before[0], engine_module._CatalogueScan.blend)
+    monkeypatch.setattr(engine_module._CatalogueScan, "blend", blend)
     after = [i.item_id for i in engine.recommend("u", 3, as_of=T).items]
     assert calls == [1]  # the delete did land mid-call
     assert before[0] not in after and len(after) == 3
     assert after == [i.item_id for i in engine.recommend("u", 3, as_of=T).items]  # as if called after it
+
+
+@pytest.mark.parametrize("interest", ["single", "sum", "max"])
+def test_the_blend_scored_in_row_blocks_is_the_sum_of_its_parts(interest):
+    """The scan weights and adds every signal inside each row block, linear
+    profile terms as one dot product; the explained parts are computed one
+    by one. Both must agree, and each part must be its own definition."""
+    from halflife.core.profiles import interest_scores
+    from halflife.core.ranking import RowBlocks, cosine_scores, normalize
+    from halflife.interest.engine import _CatalogueScan
+
+    rng = np.random.default_rng(5)
+    n, d = 1000, 16
+    items = normalize(rng.standard_normal((n, d)))
+    negative = rng.standard_normal(d)
+    cooccurrence = np.where(rng.random(n) < 0.1, rng.random(n) * 3, 0.0)
+    popularity = rng.random(n) * 7
+    profile = (dict(positive=rng.standard_normal(d)) if interest == "single" else
+               dict(centroids=normalize(rng.standard_normal((4, d))), importances=rng.random(4) + 0.1, combine=interest))
+    scan = _CatalogueScan(items, negative=negative, negative_weight=0.4, **profile,
+                          later={"cooccurrence": lambda: cooccurrence, "popularity": lambda: popularity})
+    weights = {"interest": 0.6, "negative": 0.6, "cooccurrence": 0.3, "popularity": 0.1}
+    blend = scan.blend(RowBlocks(3, min_rows=100), weights)  # ten blocks
+    parts = blend.parts_at(np.arange(n))
+    assert set(parts) == {"interest", "negative", "cooccurrence", "popularity"}
+    np.testing.assert_allclose(blend.scores, sum(parts.values()), atol=1e-6)
+    want_interest = (cosine_scores(profile["positive"], items) if interest == "single" else
+                     interest_scores(items, profile["centroids"], profile["importances"], mode=interest))
+    np.testing.assert_allclose(parts["interest"], 0.6 * want_interest, atol=1e-6)
+    np.testing.assert_allclose(parts["negative"], -0.6 * 0.4 * cosine_scores(negative, items), atol=1e-6)
+    np.testing.assert_allclose(parts["cooccurrence"], 0.3 * cooccurrence / cooccurrence.max(), atol=1e-6)
+    np.testing.assert_allclose(parts["popularity"], 0.1 * popularity / popularity.max(), atol=1e-6)
+    rows = rng.choice(n, 7, replace=False)
+    assert all(np.array_equal(v, parts[k][rows]) for k, v in blend.parts_at(rows).items())
 
 
 def test_an_item_deleted_while_similar_items_scores_is_not_returned(tmp_path, monkeypatch):

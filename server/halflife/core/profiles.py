@@ -437,11 +437,20 @@ def interest_scores(
     if mode not in INTEREST_MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {INTEREST_MODES}")
     items = np.asarray(items, dtype=np.float32)
-    imp = np.asarray(importances, dtype=np.float64)
-    if imp.shape[0] == 0:
+    if np.shape(importances)[0] == 0:
         return np.zeros(items.shape[0], dtype=np.float32)
-    share = (imp / max(float(imp.sum()), _EPS)).astype(np.float32)
-    centroids = np.asarray(centroids, dtype=np.float32)
     if mode == "sum":
-        return row_dots(items, share @ centroids)
-    return ((items @ centroids.T) * share**np.float32(alpha)).max(axis=1)
+        return row_dots(items, interest_mix(centroids, importances))
+    share = _shares(importances)
+    return ((items @ np.asarray(centroids, dtype=np.float32).T) * share**np.float32(alpha)).max(axis=1)
+
+
+def interest_mix(centroids: np.ndarray, importances) -> np.ndarray:
+    """Σ_c share_c·c: the one vector that `interest_scores` "sum" scores
+    rows against. centroids: (K, d); importances: (K,). Returns (d,) float32."""
+    return _shares(importances) @ np.asarray(centroids, dtype=np.float32)
+
+
+def _shares(importances) -> np.ndarray:
+    imp = np.asarray(importances, dtype=np.float64)
+    return (imp / max(float(imp.sum()), _EPS)).astype(np.float32)

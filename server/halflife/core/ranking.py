@@ -94,9 +94,11 @@ class RowBlocks:
         self._lock = threading.Lock()
         self._scanning = 0  # calls in progress
 
-    def __call__(self, score: Callable[[np.ndarray], np.ndarray], items: np.ndarray) -> np.ndarray:
-        """score(items) computed block by block; `score` must score each row
-        on its own (cosine_scores, interest_scores). items: (N, d). Returns (N,)."""
+    def __call__(self, score: Callable[..., np.ndarray], items: np.ndarray, *aligned: np.ndarray) -> np.ndarray:
+        """score(items, *aligned) computed block by block; `score` must score
+        each row on its own (cosine_scores, interest_scores). items: (N, d);
+        aligned: (N,) arrays, sliced with the rows (per-item terms that a
+        block adds while its scores are in the cache). Returns (N,)."""
         n = items.shape[0]
         blocks = min(self.threads * _BLOCKS_PER_THREAD, n // self.min_rows)
         with self._lock:
@@ -104,14 +106,15 @@ class RowBlocks:
             self._scanning += 1
         try:
             if blocks <= 1 or self._pool is None or not alone:
-                return score(items)
+                return score(items, *aligned)
             bounds = np.linspace(0, n, blocks + 1).astype(np.int64)
             parts: list = [None] * blocks
             taken = itertools.count()  # next() is atomic under the GIL
 
             def work() -> None:
                 while (i := next(taken)) < blocks:
-                    parts[i] = score(items[bounds[i] : bounds[i + 1]])
+                    rows = slice(bounds[i], bounds[i + 1])
+                    parts[i] = score(items[rows], *(column[rows] for column in aligned))
 
             helpers = [self._pool.submit(work) for _ in range(min(self.threads, blocks) - 1)]
             work()

@@ -41,8 +41,8 @@ from halflife.core.cooccurrence import Cooccurrence, cooccurrence_scores
 from halflife.core.decay import es_kernel, kernel_profile
 from halflife.core.describe import describe_clusters
 from halflife.core.horizon import Entries, Horizon
-from halflife.core.profiles import MultiInterestState, ProfileState, interest_scores
-from halflife.core.ranking import DecayedCounts, RowBlocks, cosine_scores, freshness, mmr, normalize, top_k
+from halflife.core.profiles import MultiInterestState, ProfileState, interest_mix, interest_scores
+from halflife.core.ranking import DecayedCounts, RowBlocks, cosine_scores, freshness, mmr, normalize, row_dots, top_k
 from halflife.cpu import physical_cores
 from halflife.interest.catalog import CatalogIndex
 from halflife.interest.watermark import EventWatermark
@@ -214,8 +214,8 @@ class _WrittenItems:
 
 @dataclasses.dataclass(frozen=True)
 class _CatalogueScan:
-    """The signals that read every catalogue row (a GEMV each), with the
-    profile vectors they need copied out under the engine lock, so that the
+    """The signals that read every catalogue row (a dot product per row),
+    with the profile vectors they need copied out under the engine lock, so that the
     scan itself runs after the lock is released: NumPy lets go of the GIL in
     the product, and concurrent Recommends then use every core.
 
@@ -239,21 +239,79 @@ class _CatalogueScan:
     negative_weight: float = 0.0
     later: Mapping[str, Later] = dataclasses.field(default_factory=dict)  # name -> unnormalised signal
 
-    def run(self, blocks: RowBlocks) -> dict[str, np.ndarray]:
-        """The signals as in `InterestEngine._signals`, each (N,) float32, each
-        pass over the rows split into `blocks`."""
-        parts = {name: _unit_max(signal()) for name, signal in self.later.items()}
+    def blend(self, blocks: RowBlocks, weights: Mapping[str, float]) -> _Blend:
+        """Σ weights[name] · signal (the signals as in
+        `InterestEngine._signal_sources`; the blend's other signals divided by
+        their maximum, so in [0, 1]), in one pass over the rows split into
+        `blocks`: each block adds the other signals while its scores are in
+        the cache. Linear profile terms (a single profile, "sum" interests,
+        the negative profile) make one dot product per row together."""
+        dense = []  # (name, (N,) values, factor): weight / the signal's maximum
+        for name, signal in self.later.items():
+            values = signal()
+            peak = float(values.max(initial=0.0))
+            dense.append((name, values, weights[name] / peak if peak > 0 else 0.0))
+        terms = self._profile_terms(weights)  # name -> (rows -> weighted scores, direction or None)
+        directions = [direction for _, direction in terms.values()]
+        if terms and all(d is not None for d in directions):
+            combined = np.sum(directions, axis=0, dtype=np.float32)
+            def profile(rows): return row_dots(rows, combined)
+        else:
+            def profile(rows): return sum(term(rows) for term, _ in terms.values())
+
+        def score(rows: np.ndarray, *columns: np.ndarray) -> np.ndarray:
+            out = profile(rows) if terms else np.zeros(rows.shape[0], dtype=np.float32)
+            for (_, _, factor), column in zip(dense, columns):
+                out += factor * column
+            return out
+
+        def parts_at(rows: np.ndarray) -> dict[str, np.ndarray]:
+            items = self.items[rows]
+            parts = {name: term(items) for name, (term, _) in terms.items()}
+            return parts | {name: (factor * values[rows]).astype(np.float32) for name, values, factor in dense}
+
+        scores = blocks(score, self.items, *(values for _, values, _ in dense))
+        return _Blend(scores.astype(np.float32, copy=False), parts_at)
+
+    def _profile_terms(self, weights: Mapping[str, float]) -> dict[str, tuple[Callable, np.ndarray | None]]:
+        """"interest" and "negative" as weighted scorers of rows, each with
+        the direction it scores rows against where it is linear (None:
+        "max" interests)."""
+        terms: dict[str, tuple[Callable, np.ndarray | None]] = {}
+        w = np.float32(weights.get("interest", 0.0))
         if self.centroids is not None:
-            interest = blocks(lambda rows: interest_scores(rows, self.centroids, self.importances, mode=self.combine),
-                              self.items)
-            parts["interest"] = interest.astype(np.float32, copy=False)
+            linear = self.combine == "sum"
+            terms["interest"] = (
+                lambda rows: w * interest_scores(rows, self.centroids, self.importances, mode=self.combine),
+                w * interest_mix(self.centroids, self.importances) if linear else None,
+            )
         elif self.positive is not None:
-            parts["interest"] = blocks(lambda rows: cosine_scores(self.positive, rows), self.items).astype(
-                np.float32, copy=False)
-        if self.negative is not None:
-            negative = blocks(lambda rows: cosine_scores(self.negative, rows), self.items)
-            parts["negative"] = -np.float32(self.negative_weight) * negative
-        return parts
+            terms["interest"] = (lambda rows: w * cosine_scores(self.positive, rows), w * normalize(self.positive))
+        if self.negative is not None and weights.get("negative", 0.0) > 0:
+            v = -np.float32(weights["negative"] * self.negative_weight)
+            terms["negative"] = (lambda rows: v * cosine_scores(self.negative, rows), v * normalize(self.negative))
+        return terms
+
+
+@dataclasses.dataclass(frozen=True)
+class _Blend:
+    """Blended scores over the catalogue and, for explanations, the terms
+    they sum at chosen rows."""
+
+    scores: np.ndarray  # (N,) float32
+    parts_at: Callable[[np.ndarray], dict[str, np.ndarray]]  # rows (m,) -> name -> (m,)
+
+    @classmethod
+    def of(cls, name: str, values: np.ndarray) -> "_Blend":
+        """One signal, divided by its maximum."""
+        unit = _unit_max(values)
+        return cls(unit, lambda rows: {name: unit[rows]})
+
+    def mixed(self, name: str, values: np.ndarray, weight: float) -> "_Blend":
+        """(1 − weight) · these scores + weight · values, a part of its own."""
+        parts_at = self.parts_at
+        return _Blend((1 - weight) * self.scores + weight * values,
+                      lambda rows: {n: (1 - weight) * v for n, v in parts_at(rows).items()} | {name: weight * values[rows]})
 
 
 class InterestEngine:
@@ -949,18 +1007,17 @@ class InterestEngine:
                 popularity = self._popularity_at(t)
         # The passes over the whole catalogue run without the lock (see _CatalogueScan).
         if personal:
-            parts, strategy = self._weighted(scan.run(self._blocks)), "personalized"
+            blend, strategy = scan.blend(self._blocks, self._blend_weights()), "personalized"
         else:
-            parts, strategy = {"popularity": _unit_max(popularity())}, "trending"
+            blend, strategy = _Blend.of("popularity", popularity()), "trending"
         if query_vector is not None:
-            w = ranking.query_weight
-            parts = {name: (1 - w) * part for name, part in parts.items()}
-            parts["query"] = w * self._blocks(lambda rows: cosine_scores(query_vector, rows), items)
-        scores = sum(parts.values())
+            query_scores = self._blocks(lambda rows: cosine_scores(query_vector, rows), items)
+            blend = blend.mixed("query", query_scores, ranking.query_weight)
+        scores, parts_at = blend.scores, blend.parts_at
         if np.isfinite(ranking.freshness_half_life_days):
             fresh = freshness(create_times, t, ranking.freshness_half_life_days * DAY)
-            parts["freshness"] = fresh
             scores = scores * fresh if strategy == "trending" else (1 + scores) / 2 * fresh
+            def parts_at(rows, unfresh=blend.parts_at): return unfresh(rows) | {"freshness": fresh[rows]}
         candidates = limit * MMR_CANDIDATES_PER_RESULT if diversity > 0 else limit
 
         def select(allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -975,7 +1032,7 @@ class InterestEngine:
             rows, top_scores = self._confirm(picked, allowed, select)
             ids = [self.catalog.ids[r] for r in rows]
             explanations = (
-                self._explain(user_id, state, t, rows, {k: v[rows] for k, v in parts.items()})
+                self._explain(user_id, state, t, rows, parts_at(rows))
                 if explain and personal
                 else [None] * len(rows)
             )
@@ -995,32 +1052,27 @@ class InterestEngine:
             return picked
         return select(allowed & alive)
 
-    def _weighted(self, signals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The signals of a user with positive events (see `_signals`), each
-        multiplied by its blend weight (config.BlendConfig); a part whose
-        weight is 0 is left out. The weights are divided by their sum, so the
-        blended score stays on the cosine's scale and a request's query
+    def _blend_weights(self) -> dict[str, float]:
+        """The blend's weight per signal of a user with positive events (see
+        `_signal_sources`; config.BlendConfig), the negative profile's the
+        interest's. The weights are divided by their sum, so the blended
+        score stays on the cosine's scale and a request's query
         (`ranking.query_weight`) steers it as much as it steers a plain
         profile; the ranking does not change."""
         blend = self.config.blend
         total = (blend.interest + blend.cooccurrence + blend.popularity) or 1.0
-        weights = {"interest": blend.interest, "negative": blend.interest,
-                   "cooccurrence": blend.cooccurrence, "popularity": blend.popularity}
-        return {name: np.float32(weights[name] / total) * signal for name, signal in signals.items() if weights[name] > 0}
-
-    def _signals(self, user_id: str, state: _UserState, t: float, which: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """The blend's signals for one user before weighting, each (size,):
-        "interest" (profile cosine), "negative" (−β·cosine with the negative
-        profile), "cooccurrence" and "popularity" (each divided by its maximum
-        over the catalogue, so in [0, 1]). `which` limits them to some names
-        (None: those with a non-zero weight). Lock held."""
-        return self._signal_sources(user_id, state, t, which).run(self._blocks)
+        return {"interest": blend.interest / total, "negative": blend.interest / total,
+                "cooccurrence": blend.cooccurrence / total, "popularity": blend.popularity / total}
 
     def _signal_sources(
         self, user_id: str, state: _UserState, t: float, which: Sequence[str] | None = None
     ) -> _CatalogueScan:
-        """`_signals` as what the lock must be held for, taken now, and the
-        work that may run after it is released (see _CatalogueScan). Lock held."""
+        """The blend's signals for one user: "interest" (profile cosine),
+        "negative" (−β·cosine with the negative profile), "cooccurrence" and
+        "popularity", as what the lock must be held for, taken now, and the
+        work that may run after it is released (see _CatalogueScan). `which`
+        limits them to some names (None: those with a non-zero weight). Lock
+        held."""
         profile, blend = self.config.profile, self.config.blend
         if which is None:
             which = [n for n in ("interest", "cooccurrence", "popularity") if getattr(blend, n) > 0] + ["negative"]
