@@ -158,12 +158,14 @@ def _candidates(scores: np.ndarray, k: int, allowed) -> tuple[np.ndarray, np.nda
     return positions, values, eligible
 
 
-# top_k first ranks chunks of this many scores by their maximum: a pass over
-# (N/128, 128) maxima took 0.06 ms at 100k where argpartition of the 100k
-# scores took 0.7-1.3 ms (its index array falls out of the cache). Measured
-# top_k, k = 10, at 100k / 1M: 50 items masked 0.15 / 0.87 ms, a filter
-# allowing 20% 0.26 / 2.9 ms (a masked copy and argpartition: 3.2 / 32 ms).
-_CHUNK = 128
+def _chunk_size(n: int) -> int:
+    """How many scores top_k and batch_top_k rank as one chunk, by its
+    maximum: the power of two at most sqrt(N), within 32..1024. A pass over
+    (N/128, 128) maxima took 0.06 ms at 100k, where argpartition of the 100k
+    scores took 0.7-1.3 ms (its index array falls out of the cache); with
+    1,000 rows of 10k scores, chunks of 64 took 20-22 ms, of 128 28-30 ms
+    (500 rows of 100k: 128 and 256 42 ms, 64 64-70 ms)."""
+    return 1 << min(10, max(5, int(np.log2(max(n, 1)) / 2)))
 
 
 def _near_top(scores: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray | None:
@@ -177,23 +179,23 @@ def _near_top(scores: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndar
     score. scores: (B, N); allowed: (N,) bool or None. Returns (B, k) int64.
     """
     b, n = scores.shape
-    whole = n - n % _CHUNK
-    n_chunks = whole // _CHUNK
+    size = _chunk_size(n)
+    whole = n - n % size
+    n_chunks = whole // size
     if n_chunks < 4 * k:
         return None
-    chunked = scores[:, :whole].reshape(b, n_chunks, _CHUNK)
-    if allowed is None:
-        maxima = chunked.max(axis=2)
-    else:
-        # A chunk's best allowed score differs from its maximum only where
-        # the maximum is an excluded item's: those chunks are masked.
-        inside = allowed[:whole].reshape(n_chunks, _CHUNK)
-        best = chunked.argmax(axis=2)
-        maxima = np.take_along_axis(chunked, best[:, :, None], axis=2)[:, :, 0]
-        rows, chunks = np.nonzero(~inside[np.arange(n_chunks), best])
-        if rows.size > maxima.size // 4:  # a filter, say: mask every chunk in one pass
+    chunked = scores[:, :whole].reshape(b, n_chunks, size)
+    maxima = chunked.max(axis=2)
+    if allowed is not None:
+        inside = allowed[:whole].reshape(n_chunks, size)
+        excluded = np.flatnonzero(~allowed[:whole])
+        if excluded.size > n_chunks:  # a filter, say: mask every chunk in one pass
             maxima = np.where(inside, chunked, -np.inf).max(axis=2)
-        elif rows.size:
+        elif excluded.size:
+            # A chunk's best allowed score differs from its maximum only
+            # where an excluded item holds the maximum: mask those chunks.
+            rows, at = np.nonzero(scores[:, excluded] == maxima[:, excluded // size])
+            chunks = excluded[at] // size
             maxima[rows, chunks] = np.where(inside[chunks], chunked[rows, chunks], -np.inf).max(axis=1)
     if np.isnan(maxima).any():
         return None
@@ -206,19 +208,21 @@ def _near_top(scores: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndar
 
 def _near_scores(values: np.ndarray, chunks: np.ndarray) -> np.ndarray:
     """The values of (B, N) `values` in (B, k) `chunks`, then the tail past
-    the last whole chunk: (B, k·_CHUNK + N mod _CHUNK), rows in order."""
+    the last whole chunk: (B, k·chunk size + the tail), rows in order."""
     b, n = values.shape
-    whole = n - n % _CHUNK
-    inside = values[:, :whole].reshape(b, whole // _CHUNK, _CHUNK)[np.arange(b)[:, None], chunks]
+    size = _chunk_size(n)
+    whole = n - n % size
+    inside = values[:, :whole].reshape(b, whole // size, size)[np.arange(b)[:, None], chunks]
     return np.concatenate([inside.reshape(b, -1), values[:, whole:]], axis=1)
 
 
 def _near_positions(picked: np.ndarray, chunks: np.ndarray, n: int) -> np.ndarray:
     """Positions among N of (B, m) indices into `_near_scores`' columns (-1 stays -1)."""
-    gathered = chunks.shape[1] * _CHUNK
-    chunk = np.take_along_axis(chunks, np.clip(picked // _CHUNK, 0, chunks.shape[1] - 1), axis=1)
-    tail = n - n % _CHUNK + picked - gathered
-    return np.where(picked < 0, -1, np.where(picked < gathered, chunk * _CHUNK + picked % _CHUNK, tail))
+    size = _chunk_size(n)
+    gathered = chunks.shape[1] * size
+    chunk = np.take_along_axis(chunks, np.clip(picked // size, 0, chunks.shape[1] - 1), axis=1)
+    tail = n - n % size + picked - gathered
+    return np.where(picked < 0, -1, np.where(picked < gathered, chunk * size + picked % size, tail))
 
 
 def top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
