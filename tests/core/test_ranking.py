@@ -8,6 +8,7 @@ import pytest
 from halflife.core import ranking
 from halflife.core.ranking import (
     DecayedCounts,
+    batch_search,
     batch_top_k,
     blend_query,
     cosine_scores,
@@ -274,3 +275,18 @@ def test_row_blocks_leave_a_scan_whole_while_another_one_runs():
     release.set()
     first.join(10)
     assert sizes == [400] and sum(calls) == 400 and len(calls) == 4
+
+
+def test_batch_search_in_item_tiles_answers_as_one_score_matrix():
+    """Tiles of 7 to all 300 items, masks and k past a tile's rows: the
+    same scores as batch_top_k over the whole matrix, the same rows where
+    no scores tie, -1 / -inf past the eligible items."""
+    rng = np.random.default_rng(4)
+    items = normalize(rng.standard_normal((300, 8)))
+    queries = rng.standard_normal((6, 8))
+    for max_block, k, share in [(6 * 7, 5, 1.0), (6 * 7, 12, 0.9), (6 * 50, 10, 0.5), (10**9, 10, 0.9), (6 * 7, 400, 0.02)]:
+        allowed = rng.random(300) < share
+        want_idx, want = batch_top_k(cosine_scores(queries, items), k, allowed)
+        got_idx, got = batch_search(queries, items, k, allowed, max_block=max_block)
+        np.testing.assert_allclose(got, want, atol=1e-6)
+        np.testing.assert_array_equal(got_idx, want_idx)

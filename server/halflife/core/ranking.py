@@ -316,6 +316,31 @@ def batch_top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
     return idx, out
 
 
+def batch_search(queries, items: np.ndarray, k: int, allowed=None, max_block: int = 50_000_000):
+    """`batch_top_k(cosine_scores(queries, items), k, allowed)` without the
+    whole (B, N) score matrix: all B queries go through each tile of items
+    as one GEMM (a GEMM of few queries runs below the BLAS's speed), each
+    tile keeps its k best, and the tiles' best are ranked last. max_block:
+    the most scores one (B, tile) block holds (50M: 200 MB of float32).
+    queries: (B, d); items: (N, d) unit rows; allowed: (N,) bool or None.
+    Returns (indices (B, k') int64, scores (B, k')) as batch_top_k does."""
+    queries = normalize(queries)
+    items = np.asarray(items, dtype=np.float32)
+    n = items.shape[0]
+    rows = max(int(k), max_block // max(queries.shape[0], 1))
+    picked, best = [], []
+    for start in range(0, n, rows):
+        tile = slice(start, min(n, start + rows))
+        idx, scores = batch_top_k(queries @ items[tile].T, k, None if allowed is None else np.asarray(allowed)[tile])
+        picked.append(np.where(idx >= 0, idx + start, -1))
+        best.append(scores)
+    if len(best) == 1:
+        return picked[0], best[0]
+    order, scores = batch_top_k(np.concatenate(best, axis=1), k)
+    rows_of = np.take_along_axis(np.concatenate(picked, axis=1), np.maximum(order, 0), axis=1)
+    return np.where(order >= 0, rows_of, -1), scores
+
+
 def freshness(create_times, t: float, half_life_seconds: float) -> np.ndarray:
     """Multiplier 2^{-age/h} per item; unknown (NaN) create times and items
     from the future (clock skew) get 1. create_times: (N,). Returns (N,) float32."""
