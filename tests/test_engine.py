@@ -486,3 +486,34 @@ def test_a_profile_holds_a_bounded_number_of_events_for_the_clock(tmp_path):
         engine.record_events([EventInput(f"a{k}", "u", LIKE, f"i{10 + k}", None, None, T + 60.0 * (k + 1))])
         assert answers(engine) == answers(only_past)
         assert len(engine._users["u"].ahead) == (0 if k == MAX_HELD_EVENTS_PER_USER else k + 1)
+
+
+def test_freshness_ranks_the_newer_of_two_equal_items_first_and_shows_as_a_part(tmp_path):
+    """ranking.freshness_half_life_days multiplies a personal score, moved
+    to [0, 1], and a trending one by 2^(-age/h) of the item's create_time."""
+    import dataclasses
+
+    config = Config()
+    config = dataclasses.replace(config, ranking=dataclasses.replace(config.ranking, freshness_half_life_days=10.0))
+    engine = InterestEngine(config, SqliteStore(tmp_path), DIM, fake_embed, clock=lambda: T)
+    twin = fake_embed(["hiking boots"])[0]
+    engine.upsert_items(
+        [ItemInput(id="seed", text="", vector=twin, create_time=T - 50 * DAY),
+         ItemInput(id="old-twin", text="", vector=twin, create_time=T - 40 * DAY),
+         ItemInput(id="new-twin", text="", vector=twin, create_time=T - 5 * DAY)]
+        + [ItemInput(id=f"other{n}", text=f"other thing {n}", create_time=T - 100 * DAY) for n in range(6)]
+    )
+    engine.record_events([EventInput("e0", "fan", LIKE, "seed", None, None, T - 60),
+                          EventInput("e1", "crowd1", LIKE, "old-twin", None, None, T - 60),
+                          EventInput("e2", "crowd2", LIKE, "new-twin", None, None, T - 60)])
+    personal = engine.recommend("fan", 2, as_of=T, explain=True)
+    assert [i.item_id for i in personal.items] == ["new-twin", "old-twin"]
+    for item, age in zip(personal.items, (5, 40)):
+        parts = dict(item.explanation.score_parts)
+        fresh = parts.pop("freshness")
+        assert fresh == pytest.approx(2 ** (-age / 10), rel=1e-5)
+        assert item.score == pytest.approx((1 + sum(parts.values())) / 2 * fresh, abs=1e-6)
+    trending = engine.recommend("cold", 3, as_of=T)
+    assert trending.strategy == "trending"
+    assert [i.item_id for i in trending.items] == ["new-twin", "old-twin", "seed"]
+    assert [i.score for i in trending.items] == pytest.approx([2 ** (-5 / 10), 2 ** (-40 / 10), 2 ** (-50 / 10)], rel=1e-5)

@@ -253,14 +253,16 @@ class _CatalogueScan:
             dense.append((name, values, weights[name] / peak if peak > 0 else 0.0))
         terms = self._profile_terms(weights)  # name -> (rows -> weighted scores, direction or None)
         directions = [direction for _, direction in terms.values()]
-        if terms and all(d is not None for d in directions):
-            combined = np.sum(directions, axis=0, dtype=np.float32)
-            def profile(rows): return row_dots(rows, combined)
-        else:
-            def profile(rows): return sum(term(rows) for term, _ in terms.values())
+        linear = bool(terms) and all(direction is not None for direction in directions)
+        combined = np.sum(directions, axis=0, dtype=np.float32) if linear else None
 
         def score(rows: np.ndarray, *columns: np.ndarray) -> np.ndarray:
-            out = profile(rows) if terms else np.zeros(rows.shape[0], dtype=np.float32)
+            if combined is not None:
+                out = row_dots(rows, combined)
+            elif terms:
+                out = sum(term(rows) for term, _ in terms.values())
+            else:
+                out = np.zeros(rows.shape[0], dtype=np.float32)
             for (_, _, factor), column in zip(dense, columns):
                 out += factor * column
             return out
@@ -306,6 +308,14 @@ class _Blend:
         """One signal, divided by its maximum."""
         unit = _unit_max(values)
         return cls(unit, lambda rows: {name: unit[rows]})
+
+    def freshened(self, fresh: np.ndarray, trending: bool) -> "_Blend":
+        """Scores times the items' freshness (fresh: (N,) in (0, 1]); a
+        personal score is first moved from [-1, 1] to [0, 1], so that age
+        lowers it. The freshness shows as a part of its own."""
+        parts_at = self.parts_at
+        scores = self.scores * fresh if trending else (1 + self.scores) / 2 * fresh
+        return _Blend(scores, lambda rows: parts_at(rows) | {"freshness": fresh[rows]})
 
     def mixed(self, name: str, values: np.ndarray, weight: float) -> "_Blend":
         """(1 − weight) · these scores + weight · values, a part of its own."""
@@ -1013,11 +1023,10 @@ class InterestEngine:
         if query_vector is not None:
             query_scores = self._blocks(lambda rows: cosine_scores(query_vector, rows), items)
             blend = blend.mixed("query", query_scores, ranking.query_weight)
-        scores, parts_at = blend.scores, blend.parts_at
         if np.isfinite(ranking.freshness_half_life_days):
             fresh = freshness(create_times, t, ranking.freshness_half_life_days * DAY)
-            scores = scores * fresh if strategy == "trending" else (1 + scores) / 2 * fresh
-            def parts_at(rows, unfresh=blend.parts_at): return unfresh(rows) | {"freshness": fresh[rows]}
+            blend = blend.freshened(fresh, trending=strategy == "trending")
+        scores = blend.scores
         candidates = limit * MMR_CANDIDATES_PER_RESULT if diversity > 0 else limit
 
         def select(allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1032,7 +1041,7 @@ class InterestEngine:
             rows, top_scores = self._confirm(picked, allowed, select)
             ids = [self.catalog.ids[r] for r in rows]
             explanations = (
-                self._explain(user_id, state, t, rows, parts_at(rows))
+                self._explain(user_id, state, t, rows, blend.parts_at(rows))
                 if explain and personal
                 else [None] * len(rows)
             )
