@@ -3,7 +3,8 @@ threads for one query), masked top-k, freshness, MMR diversity, query
 blending and decayed popularity.
 
 Item matrices are (N, d) float32 with L2-normalised rows, so a cosine is a
-dot product and a whole catalogue is scored with one GEMV/GEMM.
+dot product and a whole catalogue is scored with one pass over its rows
+(one query) or one GEMM (several).
 """
 
 from __future__ import annotations
@@ -67,9 +68,10 @@ _BLOCKS_PER_THREAD = 4
 class RowBlocks:
     """Scores a catalogue in row blocks on several threads.
 
-    One query's GEMV is bound by what one core pulls from memory: 100k x 384
-    float32 took 15 ms on one core of a 2-core VM and 8.4 ms split over both
-    (1M: 169 vs 88 ms). NumPy's products release the GIL, so blocks on
+    One query's pass is bound by what one core pulls from memory: 100k x 384
+    float32 took 5.6 ms on one core of a 2-core AMD EPYC VM and 4.7 ms split
+    over both (1M: 60 vs 47 ms; with the GEMV on an Intel Xeon, 15 vs 8.4 ms
+    and 169 vs 88). NumPy's loops release the GIL, so blocks on
     separate threads run on separate cores. OpenBLAS's own threads are no
     substitute: they spin for a core after each call, and a server with 2
     of them ran 8 concurrent Recommends at 108 calls/s against ~400 with 1

@@ -215,9 +215,9 @@ class _WrittenItems:
 @dataclasses.dataclass(frozen=True)
 class _CatalogueScan:
     """The signals that read every catalogue row (a dot product per row),
-    with the profile vectors they need copied out under the engine lock, so that the
-    scan itself runs after the lock is released: NumPy lets go of the GIL in
-    the product, and concurrent Recommends then use every core.
+    with the profile vectors they need copied out under the engine lock, so
+    that the scan itself runs after the lock is released: NumPy lets go of
+    the GIL in the product, and concurrent Recommends then use every core.
 
     `items` is a view of the catalogue's rows. Rows are never reused, so the
     view stays valid: a row deleted meanwhile is dropped when the results are
@@ -276,9 +276,9 @@ class _CatalogueScan:
         return _Blend(scores.astype(np.float32, copy=False), parts_at)
 
     def _profile_terms(self, weights: Mapping[str, float]) -> dict[str, tuple[Callable, np.ndarray | None]]:
-        """"interest" and "negative" as weighted scorers of rows, each with
-        the direction it scores rows against where it is linear (None:
-        "max" interests)."""
+        """The profile's terms, "interest" and "negative", as weighted
+        scorers of rows, each with the direction it scores rows against
+        where it is linear (None: "max" interests)."""
         terms: dict[str, tuple[Callable, np.ndarray | None]] = {}
         w = np.float32(weights.get("interest", 0.0))
         if self.centroids is not None:
