@@ -517,3 +517,33 @@ def test_freshness_ranks_the_newer_of_two_equal_items_first_and_shows_as_a_part(
     assert trending.strategy == "trending"
     assert [i.item_id for i in trending.items] == ["new-twin", "old-twin", "seed"]
     assert [i.score for i in trending.items] == pytest.approx([2 ** (-5 / 10), 2 ** (-40 / 10), 2 ** (-50 / 10)], rel=1e-5)
+
+
+def test_the_unweighted_signals_are_the_explained_parts_over_their_weights(tmp_path):
+    """`_signals` (what `halflife eval` blends offline) gives each signal of
+    the blend before weighting: a Recommend's explained parts are them
+    times the blend's weights, and the eval's popularity-only call works
+    without a user."""
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"camping gear {n}") for n in range(12)])
+    dislike = 10
+    events = [EventInput("u-0", "u", LIKE, "i0", None, None, T - 3 * DAY),
+              EventInput("u-1", "u", LIKE, "i1", None, None, T - DAY),
+              EventInput("u-2", "u", dislike, "i2", None, None, T - DAY)]
+    events += [EventInput(f"c{n}-{i}", f"crowd{n}", LIKE, f"i{i}", None, None, T - 2 * DAY)
+               for n in range(3) for i in (0, 3 + n, 9)]
+    engine.record_events(events)
+    response = engine.recommend("u", 6, as_of=T, explain=True)
+    with engine._lock:
+        signals = engine._signals("u", engine._user_state("u", T), T)
+        popularity = engine._signals("", None, T, ("popularity",))
+    assert set(signals) == {"interest", "negative", "cooccurrence", "popularity"}
+    assert signals["popularity"].max() == pytest.approx(1.0) and signals["cooccurrence"].max() == pytest.approx(1.0)
+    np.testing.assert_array_equal(popularity["popularity"], signals["popularity"])
+    weights = engine._blend_weights()
+    for item in response.items:
+        row = engine.catalog.row_of[item.item_id]
+        parts = item.explanation.score_parts
+        assert set(parts) == set(signals)
+        for name, part in parts.items():
+            assert part == pytest.approx(weights[name] * signals[name][row], abs=1e-6)

@@ -1073,6 +1073,17 @@ class InterestEngine:
         return {"interest": blend.interest / total, "negative": blend.interest / total,
                 "cooccurrence": blend.cooccurrence / total, "popularity": blend.popularity / total}
 
+    def _signals(self, user_id: str, state: _UserState | None, t: float,
+                 which: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The blend's signals for one user before weighting (see
+        `_signal_sources`), each (size,) float32, the co-occurrence and
+        popularity signals divided by their maximum, so in [0, 1]: what
+        `halflife eval` blends offline. `state` may be None for popularity
+        alone. Lock held."""
+        scan = self._signal_sources(user_id, state, t, which)
+        unit = dict.fromkeys(("interest", "negative", "cooccurrence", "popularity"), 1.0)
+        return scan.blend(self._blocks, unit).parts_at(np.arange(scan.items.shape[0]))
+
     def _signal_sources(
         self, user_id: str, state: _UserState, t: float, which: Sequence[str] | None = None
     ) -> _CatalogueScan:
