@@ -143,6 +143,8 @@ def test_the_blend_scored_in_row_blocks_is_the_sum_of_its_parts(interest):
     np.testing.assert_allclose(parts["popularity"], 0.1 * popularity / popularity.max(), atol=1e-6)
     rows = rng.choice(n, 7, replace=False)
     assert all(np.array_equal(v, parts[k][rows]) for k, v in blend.parts_at(rows).items())
+    whole = scan.parts(weights)  # the same terms without the blended pass
+    assert set(whole) == set(parts) and all(np.array_equal(whole[k], parts[k]) for k in parts)
 
 
 def test_an_item_deleted_while_similar_items_scores_is_not_returned(tmp_path, monkeypatch):

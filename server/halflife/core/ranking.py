@@ -328,12 +328,13 @@ def batch_search(queries, items: np.ndarray, k: int, allowed=None, max_block: in
     Returns (indices (B, k') int64, scores (B, k')) as batch_top_k does."""
     queries = normalize(queries)
     items = np.asarray(items, dtype=np.float32)
+    allowed = None if allowed is None else np.asarray(allowed, dtype=bool)
     n = items.shape[0]
     rows = max(int(k), max_block // max(queries.shape[0], 1))
     picked, best = [], []
     for start in range(0, n, rows):
         tile = slice(start, min(n, start + rows))
-        idx, scores = batch_top_k(queries @ items[tile].T, k, None if allowed is None else np.asarray(allowed)[tile])
+        idx, scores = batch_top_k(queries @ items[tile].T, k, None if allowed is None else allowed[tile])
         picked.append(np.where(idx >= 0, idx + start, -1))
         best.append(scores)
     if len(best) == 1:

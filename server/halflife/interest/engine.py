@@ -246,11 +246,7 @@ class _CatalogueScan:
         `blocks`: each block adds the other signals while its scores are in
         the cache. Linear profile terms (a single profile, "sum" interests,
         the negative profile) make one dot product per row together."""
-        dense = []  # (name, (N,) values, factor): weight / the signal's maximum
-        for name, signal in self.later.items():
-            values = signal()
-            peak = float(values.max(initial=0.0))
-            dense.append((name, values, weights[name] / peak if peak > 0 else 0.0))
+        dense = self._dense(weights)
         terms = self._profile_terms(weights)  # name -> (rows -> weighted scores, direction or None)
         directions = [direction for _, direction in terms.values()]
         linear = bool(terms) and all(direction is not None for direction in directions)
@@ -267,13 +263,28 @@ class _CatalogueScan:
                 out += factor * column
             return out
 
-        def parts_at(rows: np.ndarray) -> dict[str, np.ndarray]:
-            items = self.items[rows]
-            parts = {name: term(items) for name, (term, _) in terms.items()}
-            return parts | {name: (factor * values[rows]).astype(np.float32) for name, values, factor in dense}
-
         scores = blocks(score, self.items, *(values for _, values, _ in dense))
-        return _Blend(scores.astype(np.float32, copy=False), parts_at)
+        return _Blend(scores.astype(np.float32, copy=False), lambda rows: self._parts(rows, terms, dense))
+
+    def parts(self, weights: Mapping[str, float]) -> dict[str, np.ndarray]:
+        """Each weighted term of `blend` over the whole catalogue, apart,
+        without the blended pass. Returns name -> (N,) float32."""
+        return self._parts(slice(None), self._profile_terms(weights), self._dense(weights))
+
+    def _dense(self, weights: Mapping[str, float]) -> list[tuple[str, np.ndarray, float]]:
+        """The blend's other signals: (name, (N,) values, weight / their maximum)."""
+        dense = []
+        for name, signal in self.later.items():
+            values = signal()
+            peak = float(values.max(initial=0.0))
+            dense.append((name, values, weights[name] / peak if peak > 0 else 0.0))
+        return dense
+
+    def _parts(self, rows, terms, dense) -> dict[str, np.ndarray]:
+        """The weighted terms at `rows` (an index array, or a slice)."""
+        items = self.items[rows]
+        parts = {name: term(items) for name, (term, _) in terms.items()}
+        return parts | {name: (factor * values[rows]).astype(np.float32) for name, values, factor in dense}
 
     def _profile_terms(self, weights: Mapping[str, float]) -> dict[str, tuple[Callable, np.ndarray | None]]:
         """The profile's terms, "interest" and "negative", as weighted
@@ -1080,9 +1091,8 @@ class InterestEngine:
         popularity signals divided by their maximum, so in [0, 1]: what
         `halflife eval` blends offline. `state` may be None for popularity
         alone. Lock held."""
-        scan = self._signal_sources(user_id, state, t, which)
         unit = dict.fromkeys(("interest", "negative", "cooccurrence", "popularity"), 1.0)
-        return scan.blend(self._blocks, unit).parts_at(np.arange(scan.items.shape[0]))
+        return self._signal_sources(user_id, state, t, which).parts(unit)
 
     def _signal_sources(
         self, user_id: str, state: _UserState, t: float, which: Sequence[str] | None = None
