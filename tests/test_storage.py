@@ -226,6 +226,36 @@ def test_record_events_seq_and_readback(store):
     assert store.user_count() == 3 and store.event_count() == 11
 
 
+@pytest.mark.skipif(not hasattr(sqlite3.Connection, "setlimit"), reason="Connection.setlimit needs Python 3.11")
+def test_writes_split_into_statements_under_a_small_parameter_limit(store, tmp_path):
+    # Rows go in as multi-row INSERTs sized to SQLite's bound-parameter limit;
+    # with room for 2 event rows (8 parameters each) per statement a batch
+    # takes many statements and every row must still land once, exactly.
+    store._writer.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 17)
+    items = [item(f"i{k}") for k in range(7)]
+    store.upsert_items(items)
+    texts = ["", "nul\x00inside", "astral \U0001F600", "quote ' \" ;", None]
+    batch = [event(f"e{k}", user_id=f"u{k % 3}", item_id=f"i{k % 7}", vector=items[k % 7].vector if k % 2 else None,
+                   text=texts[k % 5], value=None if k % 4 else k / 3, event_time=1_700_000_000 + k / 7)
+             for k in range(41)]
+    stored = store.record_events(batch[:30] + batch[:5] + batch[30:])  # re-sent ones are skipped
+    assert [e.seq for e in stored] == list(range(1, 42))
+    again = {e.event_id: e for u in ("u0", "u1", "u2") for e in store.user_events(u)}
+    assert len(again) == 41
+    for sent in batch:
+        got = again[sent.event_id]
+        assert got[:7] == sent[:7] and np.array_equal(got.vector, sent.vector)
+    got_items = store.get_items([i.id for i in items])
+    for i in items:
+        got = got_items[i.id]
+        assert (got.text, got.categories, got.attributes, got.create_time) == (i.text, i.categories, i.attributes, i.create_time)
+        assert np.array_equal(got.vector, i.vector)
+    # item vectors are shared, each other event's vector is its own
+    assert count(tmp_path, "SELECT COUNT(*) FROM vectors") == 7 + 21
+    assert count(tmp_path, "SELECT SUM(events) FROM vector_refs") == 41
+    assert count(tmp_path, "SELECT COUNT(*) FROM changes WHERE item_id IS NOT NULL") == 7
+
+
 def test_record_events_is_idempotent(store, tmp_path):
     batch = [event(f"e{k}") for k in range(5)]
     assert len(store.record_events(batch)) == 5
