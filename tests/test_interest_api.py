@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 from google.protobuf import timestamp_pb2
 
+from halflife.api.interest import _event_input, _event_inputs
 from halflife.api.server import ServerConfig
+from halflife.api.validation import Violations
 from halflife.config import BlendConfig, Config
 from halflife.v1 import catalog_pb2, interest_pb2, recommend_pb2
 from halflife_client import HalflifeClient, Item, field_violations, to_timestamp
@@ -659,6 +661,37 @@ def test_invalid_event_rejects_the_whole_batch(client, case):
     # Nothing was applied: the good events are new on their own.
     assert len(client.profile(f"val-{case}", as_of=T0).event_counts) == 0
     assert client.record_events(good) == (2, 0)
+
+
+def test_the_batch_fast_path_agrees_with_the_full_event_checks():
+    # RecordEvents builds events that pass cheaper checks directly; they must
+    # accept exactly what the full checks accept, with the same values and the
+    # same violations. Random events from each field's boundary cases:
+    now = 1_750_000_000.25
+    ids = ["", "a", "x" * 64, "x" * 65, "\U0001F600" * 64, "\U0001F600" * 65, "é" * 128, "é" * 129]
+    texts = ["", "   ", "some text", "y" * 8192, "y" * 8193, "é" * 16384, "é" * 16385, "y" * (32 * 1024 + 1)]
+    times = [None, (-1, 0), (0, 0), (int(now), 5), (int(now) + 86400, 250_000_000), (int(now) + 86401, 0),
+             (253_402_300_800, 0), (10, 1_000_000_000), (10, -1)]
+    values = [None, 0.0, 4.5, math.nan, math.inf, -math.inf]
+    types = [0, VIEW, RATE, DISLIKE, 12, 99]
+    rng = np.random.default_rng(5)
+    # each field keeps an ordinary valid value 80% of the time
+    pick = lambda pool, usual: pool[rng.integers(len(pool))] if rng.random() < 0.2 else usual  # noqa: E731
+    events = []
+    for k in range(4000):
+        event = interest_pb2.Event(event_id=pick(ids, f"e{k}"), user_id=pick(ids, "u1"), item_id=pick(ids[:4], "i1"),
+                                   text=pick(texts, ""), type=pick(types, VIEW))
+        if (value := pick(values, None)) is not None:
+            event.value = value
+        if (stamp := pick(times, (int(now) - 60, 0))) is not None:
+            event.event_time.seconds, event.event_time.nanos = stamp
+        events.append(event)
+    fast, full = Violations(), Violations()
+    built = _event_inputs(events, now, fast)
+    expected = [_event_input(e, f"events[{i}]", now, full) for i, e in enumerate(events)]
+    assert [tuple(e) if e else e for e in built] == [tuple(e) if e else e for e in expected]
+    assert fast.items == full.items
+    assert 1000 < sum(e is not None for e in built) < 3000  # valid and invalid ones aplenty
 
 
 def test_every_bad_event_is_named(client):
