@@ -220,6 +220,34 @@ def test_events_recorded_while_a_profile_replays_are_in_it(tmp_path, monkeypatch
     assert cached == _profile_of(open_engine(tmp_path), "u")  # what a restart builds
 
 
+def test_a_look_into_the_past_replays_the_profile_without_the_lock(tmp_path, monkeypatch):
+    # A read before the user's newest event replays their log up to then:
+    # other calls go on meanwhile, the answers are a restart's, and the cached
+    # profile (at the clock) is left as it was.
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"kayak paddle {n}") for n in range(6)])
+    engine.record_events([EventInput(f"a{n}", "u", LIKE, f"i{n}", None, None, T - 3600.0 * (6 - n)) for n in range(5)])
+    past = T - 3600.0 * 3.5
+
+    def answers(e: InterestEngine) -> tuple:
+        profile = e.profile("u", as_of=past)
+        ranked = [(i.item_id, round(i.score, 6)) for i in e.recommend("u", 6, as_of=past, include_seen=True).items]
+        return dict(profile.event_counts), [(round(i.strength, 9), i.event_count) for i in profile.interests], ranked
+
+    before = _profile_of(engine, "u")
+    free = []
+    replay = engine._build_state
+    monkeypatch.setattr(engine, "_build_state", lambda events, horizon: free.append(_lock_is_free(engine))
+                        or replay(events, horizon))
+    live = answers(engine)
+    assert live[0] == {LIKE: 3}
+    assert free == [True, True]  # one replay each for the profile and the recommendation, both without the lock
+    monkeypatch.undo()
+    assert _profile_of(engine, "u") == before  # the cache still answers at the clock, without a replay
+    engine.store.close()
+    assert answers(open_engine(tmp_path)) == live
+
+
 def test_a_user_erased_while_their_profile_replays_is_not_cached(tmp_path, monkeypatch):
     engine = open_engine(tmp_path)
     engine.upsert_items([ItemInput(id=f"i{n}", text=f"camping stove {n}") for n in range(4)])
