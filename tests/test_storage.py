@@ -180,8 +180,8 @@ def test_vectors_round_trip_bit_exactly(store):
     got = store.get_items(list(vectors))
     for k, v in vectors.items():
         assert got[k].vector.tobytes() == v.tobytes()
-    store.record_events([event("e", vector=vectors["weird"])])
-    assert store.user_events("u1")[0].vector.tobytes() == vectors["weird"].tobytes()
+    store.record_events([event("e", vector=vectors["weird"]), event("e2", vector=vectors["i0"])])  # one batch
+    assert [e.vector.tobytes() for e in store.user_events("u1")] == [vectors["weird"].tobytes(), vectors["i0"].tobytes()]
 
 
 def test_event_keeps_the_vector_it_was_recorded_with(store, tmp_path):

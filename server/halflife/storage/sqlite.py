@@ -607,9 +607,7 @@ class SqliteStore:
         ids_json = json.dumps(list(first))
         # Everything per-row is prepared here, in the caller's thread; the
         # writer only filters, interns and runs the statements.
-        vectors = np.asarray([e.vector for e in first.values()], dtype=_VECTOR_DTYPE)  # (n, dim): one copy
-        data, size = vectors.tobytes(), vectors[0].nbytes
-        blobs = [data[k : k + size] for k in range(0, len(data), size)]
+        blobs = [_vector_bytes(e.vector) for e in first.values()]
         hashes = [_hash(b) for b in blobs]
         rows = [
             (
