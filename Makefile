@@ -35,9 +35,11 @@ install-gpu: install
 
 model: $(MODEL_DIR)/manifest.json
 
-# Exported once: the manifest is written last, so an interrupted export is redone.
-$(MODEL_DIR)/manifest.json: | $(BIN)/.installed
-	$(BIN)/halflife export --output $(MODEL_DIR)
+# Exported once, and again when the exporter changes; the manifest is
+# written last, so an interrupted export is redone. --force: this directory
+# is make's own (an export swaps the finished model in whole).
+$(MODEL_DIR)/manifest.json: export/halflife_export/*.py | $(BIN)/.installed
+	$(BIN)/halflife export --output $(MODEL_DIR) --force
 
 serve: install model
 	$(BIN)/halflife serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR) --model-dir $(MODEL_DIR)

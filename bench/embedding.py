@@ -7,7 +7,7 @@ Three ways to embed the same sentences, measured in one run:
 - gRPC: EmbeddingService/Embed on a separate `halflife serve` process, driven
   by halflife.loadtest at concurrency 1, 8, 32, 64 with 1- and 32-sentence
   requests, short (~16 tokens) and long (~64 tokens) inputs;
-- raw onnxruntime in this process: the same variant (fp32-o2) and session
+- raw onnxruntime in this process: the same variant (the CPU default) and session
   options as the server (`halflife.embedding.engine.session_options`), fed
   pre-tokenized padded batches of 1, 8, 32, 64, 128 (model time only);
 - sentence-transformers (PyTorch eager, CPU, same thread count) in this
@@ -390,7 +390,8 @@ def run(model_dir: Path, quick: bool = False) -> dict:
         + f". Raw ORT times are session.run on pre-tokenized batches (p50 = median per batch); "
         f"sentence-transformers times are encode() of max(batch, 64) sentences (tokenization included). "
         f"Empty gRPC (health Check) p50: {empty_p50 * 1e3:.3f} ms. Median tokens per sentence: {token_counts}. "
-        f"{ort.threads} intra-op threads. The load generator shares the machine's cores with the server. "
+        f"Variant {ort.variant} (the model's CPU default, served and raw alike), {ort.threads} intra-op threads. "
+        f"The load generator shares the machine's cores with the server. "
         f"Target iii-interleaved alternates raw ORT batch 1, gRPC Embed c1 and the empty RPC round by round "
         f"({c1['rounds']} rounds of {c1['calls_per_round']} calls): {c1['grpc_p50_s'] * 1e3:.2f} ms vs "
         f"{c1['raw_ort_batch1_s'] * 1e3:.2f} ms back to back, {c1['raw_ort_batch1_after_idle_s'] * 1e3:.2f} ms "

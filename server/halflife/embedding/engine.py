@@ -63,6 +63,28 @@ def session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
+def model_inputs(
+    ids: Sequence[np.ndarray], input_names: Sequence[str], pad_token_id: int
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One padded batch as the exported graph's inputs, and its attention
+    mask (for pooling). ids: n arrays of token ids (any lengths).
+    Returns ({input name: (n, longest) int64}, (n, longest) int64 mask)."""
+    # Row by row: fewer distinct NumPy calls than a vectorised mask (see
+    # EmbeddingEngine.tokenize), and a batch is at most a few hundred rows.
+    width = max(max(map(len, ids), default=0), 1)
+    input_ids = np.full((len(ids), width), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((len(ids), width), dtype=np.int64)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = seq
+        attention_mask[row, : len(seq)] = 1
+    feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "token_type_ids" in input_names:
+        feeds["token_type_ids"] = np.zeros_like(input_ids)
+    if "position_ids" in input_names:
+        feeds["position_ids"] = np.broadcast_to(np.arange(width, dtype=np.int64), input_ids.shape).copy()
+    return {name: feeds[name] for name in input_names}, attention_mask
+
+
 def _resolve_provider(requested: str) -> str:
     available = ort.get_available_providers()
     if requested == "cuda":
@@ -186,22 +208,8 @@ class EmbeddingEngine:
         ids: n arrays of token ids (any lengths). Returns (n, dim) float32,
         pooled but not normalised.
         """
-        # Row by row: fewer distinct NumPy calls than a vectorised mask (see
-        # tokenize), and a batch is at most a few hundred rows.
-        width = max(max(map(len, ids), default=0), 1)
-        input_ids = np.full((len(ids), width), self.manifest.pad_token_id, dtype=np.int64)
-        attention_mask = np.zeros((len(ids), width), dtype=np.int64)
-        for row, seq in enumerate(ids):
-            input_ids[row, : len(seq)] = seq
-            attention_mask[row, : len(seq)] = 1
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if "token_type_ids" in self._input_names:
-            feeds["token_type_ids"] = np.zeros_like(input_ids)
-        if "position_ids" in self._input_names:
-            feeds["position_ids"] = np.broadcast_to(np.arange(width, dtype=np.int64), input_ids.shape).copy()
-        feeds = {name: feeds[name] for name in self._input_names}
-        hidden = self._run(feeds)
-        return pool(hidden, attention_mask, self.manifest.pooling)
+        feeds, attention_mask = model_inputs(ids, self._input_names, self.manifest.pad_token_id)
+        return pool(self._run(feeds), attention_mask, self.manifest.pooling)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         if not self._use_io_binding:
