@@ -132,6 +132,30 @@ def test_manifest_validation_and_defaults(exported):
         assert provider in by_name[name].execution_providers
 
 
+def test_int8_quantizes_the_smoothed_matmuls_only(exported):
+    import onnx
+
+    from halflife_export import smoothquant
+
+    kind, src, out, manifest = exported
+    variant = manifest.variant("int8")
+    assert variant.optimization == f"smoothquant-a{smoothquant.ALPHA}-dynamic-per-channel"
+    graph = onnx.load(str(out / variant.file)).graph
+    readers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    smoothing = [node for node in graph.node if node.name.startswith("SmoothQuant_")]
+    assert smoothing and all(node.op_type == "Mul" for node in smoothing)
+    # Each smoothed activation is quantized on its way into the int8 MatMuls...
+    for node in smoothing:
+        assert set(readers[node.output[0]]) == {"DynamicQuantizeLinear"}, (kind, node.name)
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("MatMulInteger") + ops.count("QAttention") > 0
+    # ...and the MatMuls no LayerNorm feeds (the FFN's second one, the attention output) stay fp32.
+    assert ops.count("MatMul") > 0
+
+
 # ---------------------------------------------------------------- the served path
 
 
