@@ -81,7 +81,13 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help=f"exported model (default {DEFAULT_MODEL_DIR})"
     )
-    parser.add_argument("--variant", default=None, help="ONNX variant from the manifest (default: per provider)")
+    parser.add_argument(
+        "--variant",
+        default=None,
+        help="ONNX variant from the manifest (default: the manifest's for the provider: int8 on CPU where it "
+        "validated at export, else the fp32 graph; fp16 on CUDA). With fp32-o2 a vector does not depend on its "
+        "batch-mates (to ~1e-6)",
+    )
     parser.add_argument(
         "--provider", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA where usable, else CPU"
     )
