@@ -156,6 +156,23 @@ def test_int8_quantizes_the_smoothed_matmuls_only(exported):
     assert ops.count("MatMul") > 0
 
 
+def test_int8_falls_back_to_the_whole_graph_when_smoothing_fails(tmp_path_factory, monkeypatch, caplog):
+    from halflife_export import smoothquant
+    from halflife_export.exporter import ExportOptions, export_model
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an operator the rewrite does not know")
+
+    monkeypatch.setattr(smoothquant, "smooth", broken)
+    out = tmp_path_factory.mktemp("fallback") / "model"
+    manifest = export_model(ExportOptions(output=out, model=str(tiny_models.source("bert", tmp_path_factory)),
+                                          progress=lambda line: None))
+    int8 = manifest.variant("int8")
+    assert int8.optimization == "dynamic-per-channel" and (out / int8.file).is_file()
+    assert "SmoothQuant failed on this graph (an operator the rewrite does not know)" in caplog.text
+    assert EmbeddingEngine.load(out, variant="int8", provider="cpu").forward([np.array([1, 5, 2])]).shape == (1, 32)
+
+
 # ---------------------------------------------------------------- the served path
 
 

@@ -45,9 +45,8 @@ def block() -> onnx.ModelProto:
         weight("w_tied", (C, C)),
         weight("w_down", (HIDDEN, C)),
     ]
-    outputs = [
-        helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", "tokens", C]) for name in ("y", "b", "t1", "t2")
-    ]
+    shape = ["batch", "tokens", C]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name in ("y", "b", "t1", "t2")]
     graph = helper.make_graph(
         nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "tokens", C])],
         outputs, initializers,
