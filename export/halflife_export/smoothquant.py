@@ -16,7 +16,7 @@ must stay as it is), and only the smoothed MatMul / Attention nodes become
 int8; the rest (the FFN's second MatMul, whose GELU input no LayerNorm
 precedes, and the attention output) stay fp32.
 
-Pure graph functions on `onnx.ModelProto`; the exporter runs the
+Graph functions on `onnx.ModelProto`, without I/O; the exporter runs the
 calibration and the quantizer.
 """
 
