@@ -22,7 +22,8 @@ type EmbeddingServiceClient interface {
 	// a few large ones. An int8 model (`GetModelInfoResponse.precision`, the
 	// CPU default where it validated at export) scales its activations per
 	// batch, so one text can come back slightly different from call to call
-	// (cosine 0.999 typically, at least 0.99); fp32 and fp16 agree to ~1e-6.
+	// (cosine 0.998-0.999 typically, at least 0.99); fp32 and fp16 agree to
+	// ~1e-6.
 	Embed(ctx context.Context, in *EmbedRequest, opts ...grpc.CallOption) (*EmbedResponse, error)
 	// Describes the loaded model: id, dimension, limits, precision and the
 	// execution provider actually in use.
@@ -64,7 +65,8 @@ type EmbeddingServiceServer interface {
 	// a few large ones. An int8 model (`GetModelInfoResponse.precision`, the
 	// CPU default where it validated at export) scales its activations per
 	// batch, so one text can come back slightly different from call to call
-	// (cosine 0.999 typically, at least 0.99); fp32 and fp16 agree to ~1e-6.
+	// (cosine 0.998-0.999 typically, at least 0.99); fp32 and fp16 agree to
+	// ~1e-6.
 	Embed(context.Context, *EmbedRequest) (*EmbedResponse, error)
 	// Describes the loaded model: id, dimension, limits, precision and the
 	// execution provider actually in use.

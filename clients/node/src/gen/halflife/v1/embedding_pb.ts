@@ -225,7 +225,8 @@ export const EmbeddingService: GenService<{
    * a few large ones. An int8 model (`GetModelInfoResponse.precision`, the
    * CPU default where it validated at export) scales its activations per
    * batch, so one text can come back slightly different from call to call
-   * (cosine 0.999 typically, at least 0.99); fp32 and fp16 agree to ~1e-6.
+   * (cosine 0.998-0.999 typically, at least 0.99); fp32 and fp16 agree to
+   * ~1e-6.
    *
    * @generated from rpc halflife.v1.EmbeddingService.Embed
    */
