@@ -80,10 +80,9 @@ class RawOrt:
 
     def __init__(self, model_dir: Path):
         import onnxruntime as ort
-        from tokenizers import Tokenizer
 
         from halflife.cpu import physical_cores
-        from halflife.embedding.engine import session_options
+        from halflife.embedding.engine import load_tokenizer, session_options
         from halflife.embedding.manifest import load_manifest
 
         manifest = load_manifest(model_dir)
@@ -95,21 +94,14 @@ class RawOrt:
                                             providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output = self.session.get_outputs()[0].name
-        self.tokenizer = Tokenizer.from_file(str(model_dir / manifest.tokenizer_file))
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
+        self.tokenizer = load_tokenizer(model_dir / manifest.tokenizer_file)
         self.pad = manifest.pad_token_id
 
     def feeds(self, sentences: list[str]) -> dict[str, np.ndarray]:
+        from halflife.embedding.engine import model_inputs
+
         ids = [e.ids for e in self.tokenizer.encode_batch(sentences)]
-        width = max(len(i) for i in ids)
-        input_ids = np.full((len(ids), width), self.pad, dtype=np.int64)
-        mask = np.zeros_like(input_ids)
-        for row, i in enumerate(ids):
-            input_ids[row, : len(i)] = i
-            mask[row, : len(i)] = 1
-        all_feeds = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
-        return {name: all_feeds[name] for name in self.input_names}
+        return model_inputs(ids, self.input_names, self.pad)[0]
 
     def measure(self, sentences: list[str], batch: int, min_seconds: float, repeat: int = 5) -> dict:
         """Seconds per session.run of `batch` sentences (pre-tokenized), cycling the corpus."""

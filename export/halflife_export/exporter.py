@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from halflife.embedding.engine import CPU, CUDA, EmbeddingEngine, model_inputs, session_options
+from halflife.embedding.engine import CPU, CUDA, EmbeddingEngine, load_tokenizer, model_inputs, session_options
 from halflife.embedding.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -352,7 +352,6 @@ def _int8_variant(
             nodes = smoothquant.smooth(model, sites, peaks)
         except Exception as exc:  # a graph the rewrite does not know: plain int8 still exports
             log.warning("SmoothQuant failed on this graph (%s); quantizing the whole graph instead", exc)
-            nodes = None
         else:
             source, optimization = work / "model_smoothed.onnx", f"smoothquant-a{smoothquant.ALPHA}-dynamic-per-channel"
             onnx.save(model, str(source))
@@ -380,13 +379,10 @@ def _calibrate(
     """Per-channel max |x| of the model's outputs `names` over CALIBRATION_TEXTS
     (batches of similar lengths, as the server's batcher makes them)."""
     import onnxruntime as ort
-    from tokenizers import Tokenizer
 
     session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=[CPU])
     input_names = [i.name for i in session.get_inputs()]
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(max_tokens)
+    tokenizer = load_tokenizer(tokenizer_path, truncate_at=max_tokens)
     ids = sorted((np.array(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(list(CALIBRATION_TEXTS))), key=len)
     peaks: dict[str, np.ndarray] = {}
     for start in range(0, len(ids), 8):

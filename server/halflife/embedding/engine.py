@@ -63,6 +63,20 @@ def session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
+def load_tokenizer(path: Path | str, truncate_at: int | None = None) -> Tokenizer:
+    """The fast tokenizer at `path` with padding off (the shipped
+    tokenizer.json may pad, all-MiniLM's to 128; `model_inputs` pads each
+    batch to its longest input), truncating at `truncate_at` tokens (keeping
+    the closing special tokens) or not at all."""
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()
+    if truncate_at is None:
+        tokenizer.no_truncation()
+    else:
+        tokenizer.enable_truncation(truncate_at)
+    return tokenizer
+
+
 def model_inputs(
     ids: Sequence[np.ndarray], input_names: Sequence[str], pad_token_id: int
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -127,15 +141,9 @@ class EmbeddingEngine:
         self._session = session
         # Two tokenizers, because truncation is tokenizer state and tokenize()
         # runs on several threads: one never truncates (to count tokens), one
-        # always truncates, keeping the closing special tokens in place.
-        self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        # The shipped tokenizer.json may fix padding/truncation (all-MiniLM pads
-        # to 128): the engine pads each batch itself.
-        self._tokenizer.no_padding()
-        self._tokenizer.no_truncation()
-        self._truncating_tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        self._truncating_tokenizer.no_padding()
-        self._truncating_tokenizer.enable_truncation(manifest.max_input_tokens)
+        # always truncates.
+        self._tokenizer = load_tokenizer(tokenizer_path)
+        self._truncating_tokenizer = load_tokenizer(tokenizer_path, truncate_at=manifest.max_input_tokens)
         self._input_names = [i.name for i in session.get_inputs()]
         self._output_name = session.get_outputs()[0].name
         # The provider onnxruntime actually placed the model on, which can be
