@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -34,7 +34,6 @@ def embed_texts(
 ) -> np.ndarray:
     """(len(texts), dim) float32 unit rows, from the cache when present."""
     from halflife.embedding.engine import EmbeddingEngine
-    from halflife.embedding.pooling import l2_normalize
 
     model_dir = Path(model_dir)
     key = f"{manifest_hash(model_dir)}-{variant or 'default'}-{_texts_hash(texts)}"
@@ -42,15 +41,26 @@ def embed_texts(
     if path.is_file():
         return np.load(path)
     engine = EmbeddingEngine.load(model_dir, variant=variant, provider="cpu")
-    # Sorting by length keeps padding (and time) low; the order is restored below.
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    out = np.zeros((len(texts), engine.dimension), dtype=np.float32)
-    for start in tqdm(range(0, len(texts), BATCH), desc=f"embedding {what} ({variant or 'default'})", unit="batch"):
-        rows = order[start : start + BATCH]
-        tokens = engine.tokenize([texts[i] for i in rows], truncate=True)
-        out[rows] = l2_normalize(engine.forward(tokens.ids))
+    label = f"embedding {what} ({variant or 'default'})"
+    out = embed_sorted(engine, texts, lambda batches: tqdm(batches, desc=label, unit="batch"))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, out)
     tmp.replace(path)
+    return out
+
+
+def embed_sorted(engine, texts: Sequence[str], progress: Callable[[range], Iterable[int]] = iter) -> np.ndarray:
+    """Unit embeddings of `texts` through an EmbeddingEngine, truncated to its
+    limit, in batches of BATCH sorted by length, as the server's batcher
+    sorts them (less padding); the order is restored.
+    Returns (len(texts), dim) float32."""
+    from halflife.embedding.pooling import l2_normalize
+
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = np.zeros((len(texts), engine.dimension), dtype=np.float32)
+    for start in progress(range(0, len(texts), BATCH)):
+        rows = order[start : start + BATCH]
+        tokens = engine.tokenize([texts[i] for i in rows], truncate=True)
+        out[rows] = l2_normalize(engine.forward(tokens.ids))
     return out
