@@ -192,11 +192,13 @@ def test_top_k_and_batch_top_k_match_the_definition_with_ties_nan_inf_and_masks(
     items, and k up to past the eligible count: the chunk path (chunks of 2
     make it run on most of these short rows), the candidate path (one argpartition, no masked copy) and its fallback must
     return exactly the definition (batch rows: the same scores; the same
-    rows where no score ties)."""
+    rows where no score ties). top_k narrows by a bound from chunk maxima."""
     if chunk:
         monkeypatch.setattr(ranking, "_chunk_size", lambda n: chunk)
-    near_top, narrowed = ranking._near_top, []
-    monkeypatch.setattr(ranking, "_near_top", lambda *a: narrowed.append(near_top(*a)) or narrowed[-1])
+    narrowed = {"_near_top": [], "_at_least_kth": []}  # batch_top_k's and top_k's narrowing
+    for name, found in narrowed.items():
+        narrow = getattr(ranking, name)
+        monkeypatch.setattr(ranking, name, lambda *a, narrow=narrow, found=found: found.append(narrow(*a)) or found[-1])
     rng = np.random.default_rng(11)
     for trial in range(400):
         long = trial % 4 == 0  # long rows, small k: where chunks narrow the search
@@ -217,8 +219,8 @@ def test_top_k_and_batch_top_k_match_the_definition_with_ties_nan_inf_and_masks(
             assert np.all(idx[row, m:] == -1) and np.all(sc[row, m:] == -np.inf)
             if trial % 2 == 0:  # distinct scores: the same rows too
                 assert idx[row, :m].tolist() == want
-    used = sum(found is not None for found in narrowed)
-    assert used >= 20 or chunk is None
+    for found in narrowed.values():
+        assert sum(near is not None for near in found) >= 20 or chunk is None
 
 
 def test_row_blocks_split_a_lone_scan_over_threads_and_give_the_same_scores():

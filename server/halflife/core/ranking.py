@@ -227,6 +227,40 @@ def _near_positions(picked: np.ndarray, chunks: np.ndarray, n: int) -> np.ndarra
     return np.where(picked < 0, -1, np.where(picked < gathered, chunk * size + picked % size, tail))
 
 
+def _at_least_kth(scores: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray | None:
+    """Positions (ascending) of every score at least a bound on the k-th best
+    eligible one, the c-th highest chunk maximum: the c chunks that reach it
+    hold c distinct items at least it. With c = k + the excluded count, k of
+    those are eligible; a filter that excludes many maximises over allowed
+    scores instead (c = k). One pass over the scores for the maxima and one
+    for the positions: at 10k scores 20-30 µs, where a chunk gather and an
+    argpartition took 85-125. None when the chunks are too few for a bound,
+    a maximum is NaN, the bound is -inf, or ties put more than 16c scores at
+    it (callers then search every score). scores: (N,); allowed: (N,) bool
+    or None."""
+    n = scores.shape[0]
+    size = _chunk_size(n)
+    whole = n - n % size
+    n_chunks = whole // size
+    c = k + (0 if allowed is None else n - int(np.count_nonzero(allowed)))
+    chunked = scores[:whole].reshape(n_chunks, size)
+    if 2 * c <= n_chunks:
+        maxima = chunked.max(axis=1)
+    elif allowed is not None and 2 * k <= n_chunks:
+        c = k
+        floor = np.asarray(-np.inf, dtype=np.result_type(scores.dtype, np.float32))
+        maxima = np.where(allowed[:whole].reshape(n_chunks, size), chunked, floor).max(axis=1)
+    else:
+        return None
+    if np.isnan(maxima).any():
+        return None
+    bound = np.partition(maxima, n_chunks - c)[n_chunks - c]
+    if bound == -np.inf:
+        return None
+    near = np.flatnonzero(scores >= bound)
+    return near if near.size <= 16 * c else None
+
+
 def top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
     """The k best items, best first.
 
@@ -241,12 +275,14 @@ def top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
     k = int(k)
     if k <= 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=scores.dtype)
-    chunks = _near_top(scores[None], k, allowed) if scores.ndim == 1 else None
-    if chunks is not None:
-        near = _near_scores(scores[None], chunks)[0]
-        rows, values = top_k(near, k, None if allowed is None else _near_scores(allowed[None], chunks)[0])
-        # Chunks and tail keep the rows' order, so ties still go to the lower row.
-        return _near_positions(rows[None], chunks, scores.shape[0])[0], values
+    near = _at_least_kth(scores, k, allowed) if scores.ndim == 1 else None
+    if near is not None:
+        # A few candidates, every one above -inf and none NaN: sort them all.
+        if allowed is not None:
+            near = near[allowed[near]]
+        values = scores[near]
+        order = np.lexsort((near, -values))[:k]
+        return near[order].astype(np.int64), values[order]
     found = _candidates(scores, k, allowed)
     if found is not None:
         positions, values, eligible = found
