@@ -255,8 +255,6 @@ def _run_loadtest(args: argparse.Namespace) -> int:
         elif args.call is None:
             raise LoadTestError("give --call (or --config)")
         else:
-            if args.total is None and args.duration is None:
-                flags["total"] = 200
             options = LoadTestOptions(**{k: v for k, v in flags.items() if v is not None})
         report = asyncio.run(run_load_test(options))
     except LoadTestError as exc:

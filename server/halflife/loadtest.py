@@ -39,6 +39,7 @@ from grpc_health.v1 import health_pb2  # noqa: F401
 
 MAX_DURATION_S = 600.0
 MAX_TOTAL = 10_000_000
+DEFAULT_TOTAL = 200  # ghz's -n when neither a total nor a duration is given
 PERCENTILES = (10, 25, 50, 75, 90, 95, 99)
 
 
@@ -52,8 +53,10 @@ class LoadTestOptions:
     data: str = "{}"  # proto3 JSON of the request
     target: str = "127.0.0.1:50051"
     concurrency: int = 8
-    total: int | None = 200  # stop after this many requests...
-    duration: float | None = None  # ...or after this many seconds (whichever comes first)
+    # Stop after `total` requests or `duration` seconds, whichever comes first;
+    # neither given: DEFAULT_TOTAL requests.
+    total: int | None = None
+    duration: float | None = None
     connections: int = 1
     rps: float = 0.0  # 0: as fast as possible
     timeout: float = 20.0  # per-call deadline, seconds
@@ -137,11 +140,14 @@ def options_from_ghz_config(path: Path, **overrides) -> LoadTestOptions:
 
 async def run_load_test(options: LoadTestOptions) -> dict:
     """Runs the load; returns a ghz-shaped report (durations in nanoseconds)."""
-    if options.total is None and options.duration is None:
-        raise LoadTestError("give --total or --duration")
     if options.concurrency < 1 or options.connections < 1:
         raise LoadTestError("--concurrency and --connections must be at least 1")
-    total = min(options.total or MAX_TOTAL, MAX_TOTAL)
+    if (options.total is not None and options.total < 1) or (options.duration is not None and options.duration <= 0):
+        raise LoadTestError("--total and --duration must be positive")
+    if options.total is not None:
+        total = min(options.total, MAX_TOTAL)
+    else:
+        total = MAX_TOTAL if options.duration is not None else DEFAULT_TOTAL
     duration = min(options.duration or MAX_DURATION_S, MAX_DURATION_S)
     _check_target(options.target, options.allow_remote)
     method = method_descriptor(options.call)
