@@ -161,6 +161,23 @@ def test_serve_ranks_with_one_blas_thread_unless_told_otherwise(monkeypatch):
     assert os.environ["OMP_NUM_THREADS"] == "3"
 
 
+def test_serve_and_loadtest_run_on_uvloop_unless_it_is_missing(monkeypatch):
+    """cli.run_event_loop, which `serve` and `loadtest` run in: uvloop (a
+    dependency everywhere but Windows), else asyncio's own loop."""
+    import asyncio
+
+    from halflife import cli
+
+    async def loop_module():
+        await asyncio.sleep(0)
+        return type(asyncio.get_running_loop()).__module__
+
+    if sys.platform != "win32":
+        assert cli.run_event_loop(loop_module()).startswith("uvloop")
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import fails
+    assert cli.run_event_loop(loop_module()).startswith("asyncio")
+
+
 def test_serve_fixes_glibcs_mmap_threshold(monkeypatch):
     """`serve` sets glibc's mmap threshold before anything big is allocated
     (big arrays then go back to the OS when freed; see cli.SERVER_MMAP_THRESHOLD)."""
