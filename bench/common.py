@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PACKAGES = ("halflife", "numpy", "onnxruntime", "grpcio", "protobuf", "tokenizers", "torch",
+PACKAGES = ("halflife", "numpy", "onnxruntime", "grpcio", "uvloop", "protobuf", "tokenizers", "torch",
             "sentence-transformers", "faiss-cpu")
 
 

@@ -11,9 +11,9 @@ latencies next to the floor gRPC itself sets.
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
 
+from halflife.cli import run_event_loop
 from halflife.loadtest import LoadTestOptions, run_load_test
 
 from bench.common import markdown_table, save_plot, write_results
@@ -29,10 +29,10 @@ def load(target: str, concurrency: int, duration: float, data: str = "{}", call:
     to completion or to `timeout`. strict: raise when any call failed."""
     warm = LoadTestOptions(call=call, data=data, target=target, concurrency=min(concurrency, 4), total=8,
                            duration=1.0, timeout=timeout)
-    asyncio.run(run_load_test(warm))
-    options = LoadTestOptions(call=call, data=data, target=target, concurrency=concurrency, total=None,
-                              duration=duration, timeout=timeout, connections=connections)
-    report = asyncio.run(run_load_test(options))
+    run_event_loop(run_load_test(warm))
+    options = LoadTestOptions(call=call, data=data, target=target, concurrency=concurrency, duration=duration,
+                              timeout=timeout, connections=connections)
+    report = run_event_loop(run_load_test(options))
     bad = {k: v for k, v in report["statusCodeDistribution"].items() if k != "OK"}
     if bad and strict:
         raise RuntimeError(f"{call} at concurrency {concurrency} failed: {bad} {report['errorDistribution']}")

@@ -38,6 +38,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from halflife.cli import run_event_loop
 from halflife.config import Config
 from halflife.core.profiles import MultiInterestState, ProfileState
 from halflife.core.ranking import normalize
@@ -142,7 +143,7 @@ def raw_sqlite(path: Path, requests: list) -> float:
 def record_users(target: str, first: int, last: int, start: float, chunk: int = 50_000) -> float:
     """Records users first..last-1 over 4 streams, building requests a chunk of
     users at a time (1M users' requests at once would take GBs). Returns seconds sending."""
-    return sum(asyncio.run(send(target, user_requests(a, min(a + chunk, last), start), 4))
+    return sum(run_event_loop(send(target, user_requests(a, min(a + chunk, last), start), 4))
                for a in range(first, last, chunk))
 
 
@@ -326,7 +327,7 @@ def run(quick: bool = False) -> dict:
                     if mode == "raw_sqlite":
                         secs = raw_sqlite(tmp / "raw.sqlite3", reqs)
                     else:
-                        secs = asyncio.run(send(server.target, reqs, int(mode[-1])))
+                        secs = run_event_loop(send(server.target, reqs, int(mode[-1])))
                     tp[mode].append(per_run / secs)
                     print(mode, round(per_run / secs), "events/s", flush=True)
             results["throughput"] = {m: {"events_per_s": float(np.median(v)), "runs": v} for m, v in tp.items()}
@@ -339,26 +340,26 @@ def run(quick: bool = False) -> dict:
             t0 = time.time() - 3600.0
             record_users(server.target, 0, users_small, t0)
             mem.append((f"{users_small} users recorded", server.rss_bytes(), users_small))
-            read_s = asyncio.run(read_users(server.target, [f"u{i}" for i in range(users_small)]))
+            read_s = run_event_loop(read_users(server.target, [f"u{i}" for i in range(users_small)]))
             mem.append((f"{users_small} users read (profiles cached)", server.rss_bytes(), users_small))
             record_users(server.target, users_small, users_big, t0)
             mem.append((f"{users_big} users recorded", server.rss_bytes(), users_big))
-            asyncio.run(read_users(server.target, [f"u{i}" for i in range(users_small, users_small + extra_reads)]))
+            run_event_loop(read_users(server.target, [f"u{i}" for i in range(users_small, users_small + extra_reads)]))
             mem.append((f"{users_big} users, {users_small + extra_reads} read (LRU holds "
                         f"{min(users_small + extra_reads, Config().profile.cache_users)})", server.rss_bytes(), users_big))
             huge_s = record_users(server.target, users_big, users_huge, t0)
             mem.append((f"{users_huge} users recorded", server.rss_bytes(), users_huge))
             readers = [f"u{i}" for i in range(users_huge - extra_reads, users_huge)]
-            asyncio.run(read_users(server.target, readers))  # cached, as for the reads below
+            run_event_loop(read_users(server.target, readers))  # cached, as for the reads below
             results["recommend_at_most_users"] = {
                 "users": users_huge,
-                "alone": asyncio.run(recommend_latencies(server.target, readers)),
-                "while_recording": asyncio.run(recommend_latencies(
+                "alone": run_event_loop(recommend_latencies(server.target, readers)),
+                "while_recording": run_event_loop(recommend_latencies(
                     server.target, readers[::-1], requests_for("late", 200 * BATCH, 1000, t0 + 10, rng))),
             }
             # One client whose clock runs an hour ahead (event times may lie up to 24 h ahead).
-            asyncio.run(send(server.target, requests_for("skew", 1, 1, time.time() + 3600.0, rng), 1))
-            results["recommend_at_most_users"]["after_an_event_an_hour_ahead"] = asyncio.run(
+            run_event_loop(send(server.target, requests_for("skew", 1, 1, time.time() + 3600.0, rng), 1))
+            results["recommend_at_most_users"]["after_an_event_an_hour_ahead"] = run_event_loop(
                 recommend_latencies(server.target, readers))
             client.close()
         results["memory"] = [{"stage": s, "rss_bytes": b, "users": u} for s, b, u in mem]

@@ -10,7 +10,6 @@ the server's GIL.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -108,6 +107,7 @@ def load_p50s(target: str, calls: list[tuple[str, str]], *, rounds: int, per_rou
     """p50 latency (s) of each (call, proto3-JSON data) at concurrency 1, per
     round; the calls alternate round by round so that machine noise hits
     them alike. Uses halflife.loadtest.run_load_test."""
+    from halflife.cli import run_event_loop
     from halflife.loadtest import LoadTestOptions, run_load_test
 
     out: dict[str, list[float]] = {call: [] for call, _ in calls}
@@ -122,5 +122,5 @@ def load_p50s(target: str, calls: list[tuple[str, str]], *, rounds: int, per_rou
                 p50 = next(d["latency"] for d in report["latencyDistribution"] if d["percentage"] == 50)
                 out[call].append(p50 / 1e9)
 
-    asyncio.run(go())
+    run_event_loop(go())
     return out

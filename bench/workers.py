@@ -19,7 +19,6 @@ Workers split the cores' intra-op threads (`--threads` default: cores / N).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
 
 import numpy as np
@@ -29,6 +28,7 @@ from bench.empty_rpc import CHECK, load, percentile_s
 from bench.ingest import requests_for, send
 from bench.ranking import record_background, unit_rows, upsert_vectors
 from bench.server_process import ServerProcess
+from halflife.cli import run_event_loop
 from halflife_client import HalflifeClient
 
 ITEMS = 10_000
@@ -55,7 +55,7 @@ def measure(workers: int, vectors: np.ndarray, duration: float, run_index: int) 
             "embed_c32": rps(EMBED, 32, '{"inputs": ["%s"]}' % SENTENCE),
         }
         requests = requests_for(f"w{workers}r{run_index}", 20 * 500, 1000, time.time() - 86400, np.random.default_rng(run_index))
-        seconds = asyncio.run(send(server.target, requests, 4))
+        seconds = run_event_loop(send(server.target, requests, 4))
         out["ingest_events_per_s"] = 20 * 500 / seconds
     return out
 

@@ -236,6 +236,3 @@ def parse_duration(text: str) -> float:
             return float(text[: -len(suffix)]) * scale
     return float(text)
 
-
-def main_json(options: LoadTestOptions) -> str:
-    return json.dumps(asyncio.run(run_load_test(options)), indent=2)
