@@ -26,7 +26,7 @@ install_for_gpu_image() {
         --platform manylinux2014_x86_64 --target "$1" "${@:2}"
 }
 install_for_gpu_image "$STAGE/root/site" onnxruntime-gpu==1.31.1 grpcio==1.85.1 grpcio-health-checking==1.85.1 \
-    grpcio-reflection==1.85.1 grpcio-status==1.85.1 protobuf==7.36.2 googleapis-common-protos==1.76.0
+    grpcio-reflection==1.85.1 grpcio-status==1.85.1 protobuf==7.36.2 googleapis-common-protos==1.76.0 uvloop==0.23.0
 install_for_gpu_image "$STAGE/root/site-export" optimum==2.1.0 optimum-onnx==0.1.0 transformers==4.57.6 \
     tokenizers==0.22.2 huggingface-hub==0.36.2
 
