@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from halflife.api.server import HalflifeServer, ServerConfig
+from halflife.cli import new_event_loop
 
 START_TIMEOUT_S = 120
 
@@ -31,7 +32,7 @@ class ServerThread:
     def __init__(self, config: ServerConfig):
         config.host = "127.0.0.1"
         self.server = HalflifeServer(config)
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()  # serve's kind of loop
         self._thread = threading.Thread(target=self._loop.run_forever, name="halflife-test-server", daemon=True)
 
     @property

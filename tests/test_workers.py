@@ -162,8 +162,9 @@ def test_serve_ranks_with_one_blas_thread_unless_told_otherwise(monkeypatch):
 
 
 def test_serve_and_loadtest_run_on_uvloop_unless_it_is_missing(monkeypatch):
-    """cli.run_event_loop, which `serve` and `loadtest` run in: uvloop (a
-    dependency everywhere but Windows), else asyncio's own loop."""
+    """cli.run_event_loop, which `serve` and `loadtest` run in, and
+    cli.new_event_loop (the test servers' loop): uvloop (a dependency
+    everywhere but Windows), else asyncio's own loop."""
     import asyncio
 
     from halflife import cli
@@ -172,10 +173,17 @@ def test_serve_and_loadtest_run_on_uvloop_unless_it_is_missing(monkeypatch):
         await asyncio.sleep(0)
         return type(asyncio.get_running_loop()).__module__
 
+    def new_loop_module():
+        loop = cli.new_event_loop()
+        loop.close()
+        return type(loop).__module__
+
     if sys.platform != "win32":
         assert cli.run_event_loop(loop_module()).startswith("uvloop")
+        assert new_loop_module().startswith("uvloop")
     monkeypatch.setitem(sys.modules, "uvloop", None)  # import fails
     assert cli.run_event_loop(loop_module()).startswith("asyncio")
+    assert new_loop_module().startswith("asyncio")
 
 
 def test_serve_fixes_glibcs_mmap_threshold(monkeypatch):
