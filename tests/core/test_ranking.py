@@ -180,10 +180,14 @@ def test_decayed_counts_match_brute_force():
     assert DecayedCounts.empty(3, DAY).read(T0).tolist() == [0.0, 0.0, 0.0]
 
 
-def _reference_top_k(s, k, allowed):
-    """The definition: eligible items (allowed, above -inf, not NaN) by score, ties by row."""
+def _reference_top_k(s, k, allowed, ties=False):
+    """The definition: eligible items (allowed, above -inf, not NaN) by score,
+    ties by row; with `ties`, then every later one tied with the k-th."""
     eligible = [i for i in range(s.size) if s[i] > -np.inf and (allowed is None or allowed[i])]
-    return sorted(eligible, key=lambda i: (-s[i], i))[:k]
+    ranked = sorted(eligible, key=lambda i: (-s[i], i))
+    if ties and len(ranked) > k:
+        return ranked[:k] + [i for i in ranked[k:] if s[i] == s[ranked[k - 1]]]
+    return ranked[:k]
 
 
 @pytest.mark.parametrize("chunk", [None, 2])
@@ -214,6 +218,8 @@ def test_top_k_and_batch_top_k_match_the_definition_with_ties_nan_inf_and_masks(
             got_idx, got_sc = top_k(s[row], k, allowed)
             assert got_idx.tolist() == want
             np.testing.assert_array_equal(got_sc, s[row, want])
+            with_ties = _reference_top_k(s[row], k, allowed, ties=True)
+            assert top_k(s[row], k, allowed, ties=True)[0].tolist() == with_ties
             m = len(want)
             np.testing.assert_array_equal(sc[row, :m], s[row, want])
             assert np.all(idx[row, m:] == -1) and np.all(sc[row, m:] == -np.inf)

@@ -261,14 +261,17 @@ def _at_least_kth(scores: np.ndarray, k: int, allowed: np.ndarray | None) -> np.
     return near if near.size <= 16 * c else None
 
 
-def top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
+def top_k(scores, k: int, allowed=None, ties: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The k best items, best first.
 
     scores: (N,); allowed: (N,) bool or None. Items not allowed (and -inf/NaN
     scores) are never returned, so fewer than k come back when fewer remain.
     Every item tied with the k-th score competes for the last places, ties
     going to the lower row, so the result does not depend on argpartition's
-    internals. Returns (indices (m,) int64, scores (m,)) with m = min(k, #eligible).
+    internals. ties: also return every item past the k-th tied with it, for
+    callers that order exact ties by something other than row. Returns
+    (indices (m,) int64, scores (m,)) with m = min(k, #eligible), plus those
+    ties.
     """
     scores = np.asarray(scores)
     allowed = None if allowed is None else np.asarray(allowed, dtype=bool)
@@ -280,9 +283,7 @@ def top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
         # A few candidates, every one above -inf and none NaN: sort them all.
         if allowed is not None:
             near = near[allowed[near]]
-        values = scores[near]
-        order = np.lexsort((near, -values))[:k]
-        return near[order].astype(np.int64), values[order]
+        return _best_first(near, scores[near], k, ties)
     found = _candidates(scores, k, allowed)
     if found is not None:
         positions, values, eligible = found
@@ -306,8 +307,19 @@ def top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
         else:
             idx = np.arange(n)
         k = m
-    idx = idx[np.lexsort((idx, -scores[idx]))][:k]  # best first, ties by row
-    return idx.astype(np.int64), scores[idx]
+    return _best_first(idx, scores[idx], k, ties)
+
+
+def _best_first(idx: np.ndarray, values: np.ndarray, k: int, ties: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of eligible positions `idx` (m,) with scores `values` (m,),
+    which hold every score tied with the k-th best: best first, ties by
+    position; with `ties`, then every later one tied with the k-th."""
+    order = np.lexsort((idx, -values))
+    cut = k
+    if ties and order.size > k:
+        cut += int(np.count_nonzero(values[order[k:]] == values[order[k - 1]]))
+    order = order[:cut]
+    return idx[order].astype(np.int64), values[order]
 
 
 def batch_top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
