@@ -576,7 +576,8 @@ type RecommendResponse struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// Best first; fewer than `limit` only when fewer items pass the filters.
+	// Best first, equal scores by item_id (so every server process answers
+	// alike); fewer than `limit` only when fewer items pass the filters.
 	Items []*ScoredItem `protobuf:"bytes,1,rep,name=items,proto3" json:"items,omitempty"`
 	// How the list was produced: STRATEGY_PERSONALIZED or STRATEGY_TRENDING.
 	Strategy Strategy `protobuf:"varint,2,opt,name=strategy,proto3,enum=halflife.v1.Strategy" json:"strategy,omitempty"`
@@ -740,7 +741,8 @@ type SimilarItemsResponse struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// Most similar first; score is the cosine similarity.
+	// Most similar first, equal scores by item_id; score is the cosine
+	// similarity.
 	Items []*ScoredItem `protobuf:"bytes,1,rep,name=items,proto3" json:"items,omitempty"`
 }
 

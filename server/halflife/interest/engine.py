@@ -1063,20 +1063,15 @@ class InterestEngine:
         if np.isfinite(ranking.freshness_half_life_days):
             fresh = freshness(create_times, t, ranking.freshness_half_life_days * DAY)
             blend = blend.freshened(fresh, trending=strategy == "trending")
-        scores = blend.scores
         candidates = limit * MMR_CANDIDATES_PER_RESULT if diversity > 0 else limit
-
-        def select(allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            rows, top_scores = top_k(scores, candidates, allowed)
-            if diversity > 0 and rows.size:
-                picks = mmr(top_scores, items[rows], limit, lam=1.0 - diversity)
-                rows, top_scores = rows[picks], top_scores[picks]
-            return rows, top_scores
-
+        select = functools.partial(top_k, blend.scores, candidates, ties=True)  # select(allowed) -> (rows, scores)
         picked = select(allowed)
         with self._lock:
             rows, top_scores = self._confirm(picked, allowed, select)
-            ids = [self.catalog.ids[r] for r in rows]
+            rows, top_scores, ids = self._best_by_id(rows, top_scores, candidates)
+            if diversity > 0 and rows.size:
+                picks = mmr(top_scores, items[rows], limit, lam=1.0 - diversity)
+                rows, top_scores, ids = rows[picks], top_scores[picks], [ids[i] for i in picks]
             explanations = (
                 self._explain(user_id, state, t, rows, blend.parts_at(rows))
                 if explain and personal
@@ -1086,6 +1081,16 @@ class InterestEngine:
             items=tuple(ScoredItem(i, float(s), e) for i, s, e in zip(ids, top_scores, explanations)),
             strategy=strategy,
         )
+
+    def _best_by_id(self, rows: np.ndarray, scores: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """The `limit` best of `rows` (top_k's, every tie at the cut included),
+        best first, exact ties by item id: rows are numbered in the order this
+        process learned of its items, which differs between workers and
+        across restarts; ids do not. Returns (rows, scores, ids). Lock held."""
+        ids = [self.catalog.ids[r] for r in rows.tolist()]
+        values = scores.tolist()
+        order = sorted(range(len(ids)), key=lambda i: (-values[i], ids[i]))[:limit]
+        return rows[order], scores[order], [ids[i] for i in order]
 
     def _confirm(self, picked, allowed: np.ndarray, select) -> tuple[np.ndarray, np.ndarray]:
         """Rows picked from scores computed without the lock, checked with it
@@ -1262,11 +1267,11 @@ class InterestEngine:
                 exclude = {item_id}
             allowed, items = self._allowed(filter, exclude), self.catalog.vectors
         scores = self._blocks(lambda rows: cosine_scores(query, rows), items)  # without the lock, as in recommend()
-        select = functools.partial(top_k, scores, limit)  # select(allowed) -> (rows, scores)
+        select = functools.partial(top_k, scores, limit, ties=True)  # select(allowed) -> (rows, scores)
         picked = select(allowed)
         with self._lock:
             rows, top_scores = self._confirm(picked, allowed, select)
-            ids = [self.catalog.ids[r] for r in rows]
+            rows, top_scores, ids = self._best_by_id(rows, top_scores, limit)
         return Recommendation(tuple(ScoredItem(i, float(s)) for i, s in zip(ids, top_scores)), "similarity")
 
     # ---------------------------------------------------------------- status

@@ -304,7 +304,8 @@ export const ScoredItemSchema: GenMessage<ScoredItem> = /*@__PURE__*/
  */
 export type RecommendResponse = Message<"halflife.v1.RecommendResponse"> & {
   /**
-   * Best first; fewer than `limit` only when fewer items pass the filters.
+   * Best first, equal scores by item_id (so every server process answers
+   * alike); fewer than `limit` only when fewer items pass the filters.
    *
    * @generated from field: repeated halflife.v1.ScoredItem items = 1;
    */
@@ -385,7 +386,8 @@ export const SimilarItemsRequestSchema: GenMessage<SimilarItemsRequest> = /*@__P
  */
 export type SimilarItemsResponse = Message<"halflife.v1.SimilarItemsResponse"> & {
   /**
-   * Most similar first; score is the cosine similarity.
+   * Most similar first, equal scores by item_id; score is the cosine
+   * similarity.
    *
    * @generated from field: repeated halflife.v1.ScoredItem items = 1;
    */
