@@ -97,14 +97,14 @@ def _delete_first(engine: InterestEngine, item_id: str, compute):
 
 
 def test_an_item_deleted_while_the_catalogue_is_scored_is_not_recommended(tmp_path, monkeypatch):
-    from halflife.interest import engine as engine_module
+    from halflife.interest.blend import CatalogueScan
 
     engine = open_engine(tmp_path)
     engine.upsert_items([ItemInput(id=f"i{n}", text=f"hiking boots model {n}") for n in range(8)])
     engine.record_events([EventInput("e0", "u", LIKE, "i0", None, None, T - 60)])
     before = [i.item_id for i in engine.recommend("u", 3, as_of=T).items]
-    blend, calls = _delete_first(engine, before[0], engine_module._CatalogueScan.blend)
-    monkeypatch.setattr(engine_module._CatalogueScan, "blend", blend)
+    blend, calls = _delete_first(engine, before[0], CatalogueScan.blend)
+    monkeypatch.setattr(CatalogueScan, "blend", blend)
     after = [i.item_id for i in engine.recommend("u", 3, as_of=T).items]
     assert calls == [1]  # the delete did land mid-call
     assert before[0] not in after and len(after) == 3
@@ -118,7 +118,7 @@ def test_the_blend_scored_in_row_blocks_is_the_sum_of_its_parts(interest):
     by one. Both must agree, and each part must be its own definition."""
     from halflife.core.profiles import interest_scores
     from halflife.core.ranking import RowBlocks, cosine_scores, normalize
-    from halflife.interest.engine import _CatalogueScan
+    from halflife.interest.blend import CatalogueScan
 
     rng = np.random.default_rng(5)
     n, d = 1000, 16
@@ -128,8 +128,8 @@ def test_the_blend_scored_in_row_blocks_is_the_sum_of_its_parts(interest):
     popularity = rng.random(n) * 7
     profile = (dict(positive=rng.standard_normal(d)) if interest == "single" else
                dict(centroids=normalize(rng.standard_normal((4, d))), importances=rng.random(4) + 0.1, combine=interest))
-    scan = _CatalogueScan(items, negative=negative, negative_weight=0.4, **profile,
-                          later={"cooccurrence": lambda: cooccurrence, "popularity": lambda: popularity})
+    scan = CatalogueScan(items, negative=negative, negative_weight=0.4, **profile,
+                         later={"cooccurrence": lambda: cooccurrence, "popularity": lambda: popularity})
     weights = {"interest": 0.6, "negative": 0.6, "cooccurrence": 0.3, "popularity": 0.1}
     blend = scan.blend(RowBlocks(3, min_rows=100), weights)  # ten blocks
     parts = blend.parts_at(np.arange(n))

@@ -6,7 +6,7 @@ numerical core for every computation. Knows nothing of gRPC; all methods are
 blocking and thread-safe (the gRPC layer calls them from worker threads).
 One lock guards the in-memory state; `recommend`, `similar_items` and
 `profile` hold it to read what they need and to confirm their picks, but run
-their products over the catalogue without it (`_CatalogueScan`), so
+their products over the catalogue without it (`blend.CatalogueScan`), so
 concurrent calls run on every core; a missing profile is replayed without it
 too (`_cache_profile`).
 
@@ -41,9 +41,10 @@ from halflife.core.cooccurrence import Cooccurrence, cooccurrence_scores
 from halflife.core.decay import es_kernel, kernel_profile
 from halflife.core.describe import describe_clusters
 from halflife.core.horizon import Entries, Horizon
-from halflife.core.profiles import MultiInterestState, ProfileState, interest_mix, interest_scores
-from halflife.core.ranking import DecayedCounts, RowBlocks, cosine_scores, freshness, mmr, normalize, row_dots, top_k
+from halflife.core.profiles import MultiInterestState, ProfileState
+from halflife.core.ranking import DecayedCounts, RowBlocks, cosine_scores, freshness, mmr, normalize, top_k
 from halflife.cpu import physical_cores
+from halflife.interest.blend import Blend, CatalogueScan, Later
 from halflife.interest.catalog import CatalogIndex
 from halflife.interest.watermark import EventWatermark
 from halflife.storage.base import EventRecord, ItemRecord, Store, StoreHead
@@ -60,19 +61,12 @@ EXPLAINED_EVENTS = 3
 MAX_HELD_EVENTS_PER_USER = 16
 
 Embedder = Callable[[Sequence[str]], np.ndarray]  # texts -> (n, dim) float32 unit rows
-Later = Callable[[], np.ndarray]  # a signal whose work may run after the engine lock is released
 
 
 def _decayed_sum(rows: np.ndarray, times: np.ndarray, weights: np.ndarray, t: float, half_life: float,
                  size: int) -> np.ndarray:
     """Σ weight · 2^(−(t − time)/half_life) per row, of (n,) entries up to t. (size,) float64."""
     return np.bincount(rows, weights=weights * np.exp2(-(t - times) / half_life), minlength=size)
-
-
-def _unit_max(values: np.ndarray) -> np.ndarray:
-    """values / max(values) as float32 (all zeros stay zeros): a signal in [0, 1]."""
-    peak = float(values.max(initial=0.0))
-    return (values / peak if peak > 0 else np.zeros_like(values)).astype(np.float32)
 
 
 class UnknownItemsError(LookupError):
@@ -210,129 +204,6 @@ class _WrittenItems:
     version: int
     ids: Sequence[str]
     stored: Mapping[str, ItemRecord]
-
-
-@dataclasses.dataclass(frozen=True)
-class _CatalogueScan:
-    """The signals that read every catalogue row (a dot product per row),
-    with the profile vectors they need copied out under the engine lock, so
-    that the scan itself runs after the lock is released: NumPy lets go of
-    the GIL in the product, and concurrent Recommends then use every core.
-
-    `items` is a view of the catalogue's rows. Rows are never reused, so the
-    view stays valid: a row deleted meanwhile is dropped when the results are
-    confirmed under the lock, and a row updated meanwhile scores as the old
-    or the new vector (or, while it is being copied, a mix of both) for this
-    one call, as a call just before or after the update would.
-
-    `later` are the blend's other signals, as functions: cheap reads of the
-    present were taken under the lock, and a look into the past rebuilds
-    from copies taken under it (co-occurrence pairs, the popularity log),
-    which at 1M events held every other call up for 1.3 s."""
-
-    items: np.ndarray  # (N, d) float32 unit rows
-    centroids: np.ndarray | None = None  # (K, d) interests (multi mode)
-    importances: np.ndarray | None = None  # (K,)
-    combine: str = "sum"
-    positive: np.ndarray | None = None  # (d,) the single profile (single mode)
-    negative: np.ndarray | None = None  # (d,) the negative profile, when it has mass
-    negative_weight: float = 0.0
-    later: Mapping[str, Later] = dataclasses.field(default_factory=dict)  # name -> unnormalised signal
-
-    def blend(self, blocks: RowBlocks, weights: Mapping[str, float]) -> _Blend:
-        """Σ weights[name] · signal (the signals as in
-        `InterestEngine._signal_sources`; the blend's other signals divided by
-        their maximum, so in [0, 1]), in one pass over the rows split into
-        `blocks`: each block adds the other signals while its scores are in
-        the cache. Linear profile terms (a single profile, "sum" interests,
-        the negative profile) make one dot product per row together."""
-        dense = self._dense(weights)
-        terms = self._profile_terms(weights)  # name -> (rows -> weighted scores, direction or None)
-        directions = [direction for _, direction in terms.values()]
-        linear = bool(terms) and all(direction is not None for direction in directions)
-        combined = np.sum(directions, axis=0, dtype=np.float32) if linear else None
-
-        def score(rows: np.ndarray, *columns: np.ndarray) -> np.ndarray:
-            if combined is not None:
-                out = row_dots(rows, combined)
-            elif terms:
-                out = sum(term(rows) for term, _ in terms.values())
-            else:
-                out = np.zeros(rows.shape[0], dtype=np.float32)
-            for (_, _, factor), column in zip(dense, columns):
-                out += factor * column
-            return out
-
-        scores = blocks(score, self.items, *(values for _, values, _ in dense))
-        return _Blend(scores.astype(np.float32, copy=False), lambda rows: self._parts(rows, terms, dense))
-
-    def parts(self, weights: Mapping[str, float]) -> dict[str, np.ndarray]:
-        """Each weighted term of `blend` over the whole catalogue, apart,
-        without the blended pass. Returns name -> (N,) float32."""
-        return self._parts(slice(None), self._profile_terms(weights), self._dense(weights))
-
-    def _dense(self, weights: Mapping[str, float]) -> list[tuple[str, np.ndarray, float]]:
-        """The blend's other signals: (name, (N,) values, weight / their maximum)."""
-        dense = []
-        for name, signal in self.later.items():
-            values = signal()
-            peak = float(values.max(initial=0.0))
-            dense.append((name, values, weights[name] / peak if peak > 0 else 0.0))
-        return dense
-
-    def _parts(self, rows, terms, dense) -> dict[str, np.ndarray]:
-        """The weighted terms at `rows` (an index array, or a slice)."""
-        items = self.items[rows]
-        parts = {name: term(items) for name, (term, _) in terms.items()}
-        return parts | {name: (factor * values[rows]).astype(np.float32) for name, values, factor in dense}
-
-    def _profile_terms(self, weights: Mapping[str, float]) -> dict[str, tuple[Callable, np.ndarray | None]]:
-        """The profile's terms, "interest" and "negative", as weighted
-        scorers of rows, each with the direction it scores rows against
-        where it is linear (None: "max" interests)."""
-        terms: dict[str, tuple[Callable, np.ndarray | None]] = {}
-        w = np.float32(weights.get("interest", 0.0))
-        if self.centroids is not None:
-            linear = self.combine == "sum"
-            terms["interest"] = (
-                lambda rows: w * interest_scores(rows, self.centroids, self.importances, mode=self.combine),
-                w * interest_mix(self.centroids, self.importances) if linear else None,
-            )
-        elif self.positive is not None:
-            terms["interest"] = (lambda rows: w * cosine_scores(self.positive, rows), w * normalize(self.positive))
-        if self.negative is not None and weights.get("negative", 0.0) > 0:
-            v = -np.float32(weights["negative"] * self.negative_weight)
-            terms["negative"] = (lambda rows: v * cosine_scores(self.negative, rows), v * normalize(self.negative))
-        return terms
-
-
-@dataclasses.dataclass(frozen=True)
-class _Blend:
-    """Blended scores over the catalogue and, for explanations, the terms
-    they sum at chosen rows."""
-
-    scores: np.ndarray  # (N,) float32
-    parts_at: Callable[[np.ndarray], dict[str, np.ndarray]]  # rows (m,) -> name -> (m,)
-
-    @classmethod
-    def of(cls, name: str, values: np.ndarray) -> "_Blend":
-        """One signal, divided by its maximum."""
-        unit = _unit_max(values)
-        return cls(unit, lambda rows: {name: unit[rows]})
-
-    def freshened(self, fresh: np.ndarray, trending: bool) -> "_Blend":
-        """Scores times the items' freshness (fresh: (N,) in (0, 1]); a
-        personal score is first moved from [-1, 1] to [0, 1], so that age
-        lowers it. The freshness shows as a part of its own."""
-        parts_at = self.parts_at
-        scores = self.scores * fresh if trending else (1 + self.scores) / 2 * fresh
-        return _Blend(scores, lambda rows: parts_at(rows) | {"freshness": fresh[rows]})
-
-    def mixed(self, name: str, values: np.ndarray, weight: float) -> "_Blend":
-        """(1 − weight) · these scores + weight · values, a part of its own."""
-        parts_at = self.parts_at
-        return _Blend((1 - weight) * self.scores + weight * values,
-                      lambda rows: {n: (1 - weight) * v for n, v in parts_at(rows).items()} | {name: weight * values[rows]})
 
 
 class InterestEngine:
@@ -540,7 +411,7 @@ class InterestEngine:
         """Decayed popularity at t of the live items, from events up to t
         (deleted items count 0, as after a restart), as a function returning
         (size,) float64: the present is read now, a look into the past sums a
-        copy of the log when called (see _CatalogueScan). Lock held."""
+        copy of the log when called (see CatalogueScan). Lock held."""
         ahead = self._release_blend(t)
         half_life, size = self.config.blend.popularity_half_life_days * DAY, self.catalog.size
         if t >= self._popularity_newest:
@@ -1052,11 +923,11 @@ class InterestEngine:
                 scan = self._signal_sources(user_id, state, t)
             else:
                 popularity = self._popularity_at(t)
-        # The passes over the whole catalogue run without the lock (see _CatalogueScan).
+        # The passes over the whole catalogue run without the lock (see CatalogueScan).
         if personal:
             blend, strategy = scan.blend(self._blocks, self._blend_weights()), "personalized"
         else:
-            blend, strategy = _Blend.of("popularity", popularity()), "trending"
+            blend, strategy = Blend.of("popularity", popularity()), "trending"
         if query_vector is not None:
             query_scores = self._blocks(lambda rows: cosine_scores(query_vector, rows), items)
             blend = blend.mixed("query", query_scores, ranking.query_weight)
@@ -1127,11 +998,11 @@ class InterestEngine:
 
     def _signal_sources(
         self, user_id: str, state: _UserState, t: float, which: Sequence[str] | None = None
-    ) -> _CatalogueScan:
+    ) -> CatalogueScan:
         """The blend's signals for one user: "interest" (profile cosine),
         "negative" (−β·cosine with the negative profile), "cooccurrence" and
         "popularity", as what the lock must be held for, taken now, and the
-        work that may run after it is released (see _CatalogueScan). `which`
+        work that may run after it is released (see CatalogueScan). `which`
         limits them to some names (None: those with a non-zero weight). Lock
         held."""
         profile, blend = self.config.profile, self.config.blend
@@ -1156,7 +1027,7 @@ class InterestEngine:
             later["cooccurrence"] = self._affinity_scores(state, t)
         if "popularity" in which:
             later["popularity"] = self._popularity_at(t)
-        return _CatalogueScan(self.catalog.vectors, later=later, **scan)
+        return CatalogueScan(self.catalog.vectors, later=later, **scan)
 
     def _kernel_profiles(self, user_id: str, t: float) -> tuple[np.ndarray, np.ndarray]:
         """Positive and negative profile vectors (d,) at t under the configured
@@ -1180,7 +1051,7 @@ class InterestEngine:
         weight × 2^(−age/h), events up to t) through item co-occurrence, as a
         function returning (size,) float64: the present is read now, a look
         into the past or after the clock rebuilds the pairs of then from a
-        copy when called (see _CatalogueScan). Lock held."""
+        copy when called (see CatalogueScan). Lock held."""
         blend = self.config.blend
         ahead = self._release_blend(t)
         times = np.array(state.affinity_times, dtype=np.float64)
