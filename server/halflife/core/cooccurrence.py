@@ -50,8 +50,10 @@ def _spans(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndar
     """Flattens ranges [starts[k], starts[k] + lengths[k]): (k, index) for every
     index in them, as two (sum(lengths),) int64 arrays."""
     which = np.repeat(np.arange(starts.shape[0]), lengths)
-    offsets = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return which, np.repeat(starts, lengths) + offsets
+    # Output position p of range k holds starts[k] + (p - where range k begins):
+    # one repeat of the per-range shift, not one each of starts and beginnings.
+    shift = starts - (np.cumsum(lengths) - lengths)
+    return which, np.arange(int(lengths.sum())) + np.repeat(shift, lengths)
 
 
 def _pointers(sorted_keys: np.ndarray) -> np.ndarray:
