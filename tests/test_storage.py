@@ -93,7 +93,23 @@ def test_open_sets_pragmas_and_schema(store, tmp_path):
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert conn.execute("PRAGMA secure_delete").fetchone()[0] == 1
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] > 0
+    assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 10_000
+    assert conn.execute("PRAGMA cache_size").fetchone()[0] == -65_536  # KiB
     assert count(tmp_path, "PRAGMA user_version") == SCHEMA_VERSION
+
+
+def test_sustained_writes_keep_the_wal_bounded(store, tmp_path):
+    """The writer checkpoints as it goes: after ~12,500 pages of events the
+    WAL holds less than the checkpoint interval plus one batch, and its file
+    stays under journal_size_limit."""
+    text = "x" * 4000  # about a page per event
+    for b in range(25):
+        store.record_events([event(f"w{b}-{j}", f"u{j % 7}", text=text) for j in range(500)])
+    with raw(tmp_path) as conn:
+        busy, wal_frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert busy == 0
+    assert 0 < wal_frames < 10_000 + 600
+    assert (tmp_path / f"{DB_NAME}-wal").stat().st_size <= 64 << 20
 
 
 def test_reopen_keeps_data(tmp_path):
