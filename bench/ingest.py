@@ -344,6 +344,8 @@ def recommend_during_misses(heavy_users: int = 20, events: int = 500, items: int
 # --------------------------------------------------------------------------- main
 
 def run(quick: bool = False) -> dict:
+    from halflife_client.client import HalflifeClient
+
     rounds = 1 if quick else 2
     per_run = 10_000 if quick else 20_000
     prefill = 100_000 if quick else PREFILL
@@ -355,12 +357,10 @@ def run(quick: bool = False) -> dict:
     vecs = normalize(rng.standard_normal((N_ITEMS, DIM)))
     with tempfile.TemporaryDirectory(prefix="halflife-bench-ingest-") as tmp:
         tmp = Path(tmp)
-        # 1b. throughput at scale: a second server and raw file, both first
-        # filled with the same `prefill` events of SCALE_USERS users, whose
+        # 1a. throughput at scale: a server and raw file of their own, both
+        # first given the same `prefill` events of SCALE_USERS users, whose
         # users the timed runs then add to.
         with ServerProcess(data_dir=tmp / "server-at-scale") as server:
-            from halflife_client.client import HalflifeClient
-
             with HalflifeClient(server.target, timeout=300) as client:
                 load_catalogue(client, vecs)
             fill = requests_for("fill", prefill, SCALE_USERS, start - 3600.0, rng, users_prefix="p")
@@ -373,11 +373,9 @@ def run(quick: bool = False) -> dict:
                                   n_users=SCALE_USERS, users_prefix="p")
             results["throughput_at_scale"] = at_scale | {"stored_before": prefill, "users": SCALE_USERS}
         with ServerProcess(data_dir=tmp / "server") as server:
-            from halflife_client.client import HalflifeClient
-
             client = HalflifeClient(server.target, timeout=300)
             load_catalogue(client, vecs)
-            # 1. throughput from empty (each run's 1,000 users new to both files).
+            # 1b. throughput from empty (each run's 1,000 users new to both files).
             results["throughput"] = throughput(server.target, tmp / "raw.sqlite3", rounds, per_run, start, rng)
 
             # 3. memory as users grow.
