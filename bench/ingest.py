@@ -7,13 +7,15 @@
    reply), from 1 and from 4 concurrent client streams; against raw SQLite
    inserting the same rows into the same events table (WAL, synchronous=FULL,
    executemany, one transaction per 500) in the same run, rounds interleaved.
-   Targets: >= 20,000 events/s and >= 0.5x raw SQLite. Twice: from empty
-   files (each run's users new, so its index entries land in a fresh part of
-   events(user_id, seq)), and at scale: a second server and raw file first
+   Targets: >= 20,000 events/s and >= 0.5x raw SQLite. From empty files
+   (each run's users new, so its index entries land in a fresh part of
+   events(user_id, seq)), and at scale: another server and raw file first
    filled with the same 500,000 events of 10,000 users, whose users the runs
    then add to, as a service's returning users do. There each batch dirties
    pages all over that index, which SQLite's commit writes whole to the WAL
-   for both.
+   for both. At scale twice: with event ids that grow with time (UUIDv7,
+   ULID, snowflake ids, counters), whose index entries append, and with
+   random UUIDs (version 4), which dirty pages all over the event-id index too.
 2. Per-user profile state: ProfileState + MultiInterestState .nbytes after 50
    events over 3 rate groups (K = 8), and the whole cached _UserState.
 3. Server RSS (/proc/PID/status VmRSS) as users with 3 events each are
@@ -39,6 +41,7 @@ import sqlite3
 import tempfile
 import time
 import tracemalloc
+import uuid
 from pathlib import Path
 
 import grpc
@@ -71,10 +74,11 @@ def _ts(seconds: float):
     return to_timestamp(dt.datetime.fromtimestamp(seconds, dt.timezone.utc))
 
 
-def requests_for(prefix: str, n_events: int, n_users: int, start: float, rng,
-                 users_prefix: str | None = None) -> list[interest_pb2.RecordEventsRequest]:
+def requests_for(prefix: str, n_events: int, n_users: int, start: float, rng, users_prefix: str | None = None,
+                 random_ids: bool = False) -> list[interest_pb2.RecordEventsRequest]:
     """Batches of BATCH item-reference events, times ascending (1 ms apart),
-    from n_users users named `users_prefix` (default `prefix`) + "u" + k."""
+    from n_users users named `users_prefix` (default `prefix`) + "u" + k.
+    Event ids `prefix`-j, which grow with time, or random UUIDs (version 4)."""
     out = []
     items = rng.integers(0, N_ITEMS, n_events)
     users = rng.integers(0, n_users, n_events)
@@ -82,7 +86,8 @@ def requests_for(prefix: str, n_events: int, n_users: int, start: float, rng,
     for s in range(0, n_events, BATCH):
         req = interest_pb2.RecordEventsRequest()
         for j in range(s, min(n_events, s + BATCH)):
-            e = req.events.add(event_id=f"{prefix}-{j}", user_id=f"{who}u{users[j]}", type=TYPES[j % 3],
+            event_id = str(uuid.UUID(bytes=rng.bytes(16), version=4)) if random_ids else f"{prefix}-{j}"
+            e = req.events.add(event_id=event_id, user_id=f"{who}u{users[j]}", type=TYPES[j % 3],
                                item_id=f"i{items[j]}")
             e.event_time.CopyFrom(_ts(start + j * 1e-3))
         out.append(req)
@@ -160,7 +165,7 @@ def load_catalogue(client, vecs: np.ndarray) -> None:
 
 
 def throughput(target: str, raw_path: Path, rounds: int, per_run: int, start: float, rng, n_users: int = 1000,
-               users_prefix: str | None = None) -> dict:
+               users_prefix: str | None = None, random_ids: bool = False) -> dict:
     """RecordEvents events/s at 1 and 4 streams against raw SQLite into
     `raw_path`, rounds interleaved (gRPC x1, raw, gRPC x4), each run its own
     events of n_users users (new ones per run unless `users_prefix` names a
@@ -168,7 +173,8 @@ def throughput(target: str, raw_path: Path, rounds: int, per_run: int, start: fl
     tp: dict[str, list[float]] = {"grpc_1": [], "grpc_4": [], "raw_sqlite": []}
     for r in range(rounds):
         for mode in ("grpc_1", "raw_sqlite", "grpc_4"):
-            reqs = requests_for(f"{mode}{r}", per_run, n_users, start + r * 1000 + len(tp[mode]) * 100, rng, users_prefix)
+            reqs = requests_for(f"{mode}{r}", per_run, n_users, start + r * 1000 + len(tp[mode]) * 100, rng,
+                                users_prefix, random_ids)
             if mode == "raw_sqlite":
                 secs = raw_sqlite(raw_path, reqs)
             else:
@@ -357,21 +363,26 @@ def run(quick: bool = False) -> dict:
     vecs = normalize(rng.standard_normal((N_ITEMS, DIM)))
     with tempfile.TemporaryDirectory(prefix="halflife-bench-ingest-") as tmp:
         tmp = Path(tmp)
-        # 1a. throughput at scale: a server and raw file of their own, both
-        # first given the same `prefill` events of SCALE_USERS users, whose
-        # users the timed runs then add to.
-        with ServerProcess(data_dir=tmp / "server-at-scale") as server:
-            with HalflifeClient(server.target, timeout=300) as client:
-                load_catalogue(client, vecs)
-            fill = requests_for("fill", prefill, SCALE_USERS, start - 3600.0, rng, users_prefix="p")
-            began = time.perf_counter()
-            run_event_loop(send(server.target, fill, 4))
-            print("prefill", prefill, "events,", round(prefill / (time.perf_counter() - began)), "events/s", flush=True)
-            raw_sqlite(tmp / "raw-at-scale.sqlite3", fill)
-            del fill
-            at_scale = throughput(server.target, tmp / "raw-at-scale.sqlite3", rounds, per_run, start, rng,
-                                  n_users=SCALE_USERS, users_prefix="p")
-            results["throughput_at_scale"] = at_scale | {"stored_before": prefill, "users": SCALE_USERS}
+        # 1a. throughput at scale, with event ids that grow with time and with
+        # random ones: for each, a server and raw file of their own, both first
+        # given the same `prefill` events of SCALE_USERS users, whose users the
+        # timed runs then add to.
+        results["throughput_at_scale"] = []
+        for event_ids in ("growing", "uuid4"):
+            random_ids = event_ids == "uuid4"
+            with ServerProcess(data_dir=tmp / f"server-at-scale-{event_ids}") as server:
+                with HalflifeClient(server.target, timeout=300) as client:
+                    load_catalogue(client, vecs)
+                fill = requests_for("fill", prefill, SCALE_USERS, start - 3600.0, rng, "p", random_ids)
+                began = time.perf_counter()
+                run_event_loop(send(server.target, fill, 4))
+                print("prefill", prefill, event_ids, round(prefill / (time.perf_counter() - began)), "events/s", flush=True)
+                raw_path = tmp / f"raw-at-scale-{event_ids}.sqlite3"
+                raw_sqlite(raw_path, fill)
+                del fill
+                at_scale = throughput(server.target, raw_path, rounds, per_run, start, rng, SCALE_USERS, "p", random_ids)
+            results["throughput_at_scale"].append(
+                at_scale | {"stored_before": prefill, "users": SCALE_USERS, "event_ids": event_ids})
         with ServerProcess(data_dir=tmp / "server") as server:
             client = HalflifeClient(server.target, timeout=300)
             load_catalogue(client, vecs)
@@ -423,9 +434,9 @@ def verdict(ok: bool) -> str:
 
 def write(results: dict) -> None:
     phases = [("empty (each run: 1,000 new users)", results["throughput"])]
-    if "throughput_at_scale" in results:
-        tp = results["throughput_at_scale"]
-        phases.append((f"{tp['stored_before']:,} events of {tp['users']:,} users", tp))
+    for tp in results.get("throughput_at_scale", []):
+        ids = "ids growing with time" if tp["event_ids"] == "growing" else "random UUID ids"
+        phases.append((f"{tp['stored_before']:,} events of {tp['users']:,} users, {ids}", tp))
     rows = []
     for stored, tp in phases:
         rows.append([stored, "raw SQLite (1 writer)", round(tp["raw_sqlite"]["events_per_s"]), "-", "-", "-", "-"])
@@ -464,8 +475,9 @@ def write(results: dict) -> None:
             ax.hlines(0.5 * tp["raw_sqlite"]["events_per_s"], p - width / 2, p + 2.5 * width, color="tab:orange",
                       linestyle=":", label="target 0.5x raw SQLite" if p == 0 else None)
         ax.axhline(20_000, color="tab:red", linestyle="--", label="target 20,000 events/s")
-        ax.set_xticks([p + width for p in range(len(phases))], [f"store before: {stored}" for stored, _ in phases],
-                      fontsize=8)
+        ax.set_xticks([p + width for p in range(len(phases))], [stored.replace(", ", ",\n") for stored, _ in phases],
+                      fontsize=7)
+        ax.set_xlabel("the store before the runs", fontsize=8)
         ax.set_ylabel("events/s (median)")
         ax.legend(fontsize=8)
 
