@@ -54,9 +54,9 @@ from halflife.core.ranking import normalize
 from halflife.interest.engine import EventInput, InterestEngine
 from halflife.storage.base import EventRecord, ItemRecord
 from halflife.storage.sqlite import MIGRATIONS, WRITER_PRAGMAS, SqliteStore
-from halflife.v1 import catalog_pb2, interest_pb2, interest_pb2_grpc, recommend_pb2, recommend_pb2_grpc
+from halflife.v1 import interest_pb2, interest_pb2_grpc, recommend_pb2, recommend_pb2_grpc
 
-from bench.server_process import ServerProcess
+from bench.server_process import ServerProcess, upsert_vectors
 from bench.common import markdown_table, save_plot, summary, write_results
 
 DIM = 384
@@ -157,11 +157,6 @@ def raw_sqlite(path: Path, requests: list) -> float:
     elapsed = time.perf_counter() - began
     conn.close()
     return elapsed
-
-
-def load_catalogue(client, vecs: np.ndarray) -> None:
-    for s in range(0, N_ITEMS, 1000):
-        client.upsert_items([catalog_pb2.Item(id=f"i{j}", vector=vecs[j].tolist()) for j in range(s, s + 1000)])
 
 
 def throughput(target: str, raw_path: Path, rounds: int, per_run: int, start: float, rng, n_users: int = 1000,
@@ -372,7 +367,7 @@ def run(quick: bool = False) -> dict:
             random_ids = event_ids == "uuid4"
             with ServerProcess(data_dir=tmp / f"server-at-scale-{event_ids}") as server:
                 with HalflifeClient(server.target, timeout=300) as client:
-                    load_catalogue(client, vecs)
+                    upsert_vectors(client, vecs)
                 fill = requests_for("fill", prefill, SCALE_USERS, start - 3600.0, rng, "p", random_ids)
                 began = time.perf_counter()
                 run_event_loop(send(server.target, fill, 4))
@@ -385,7 +380,7 @@ def run(quick: bool = False) -> dict:
                 at_scale | {"stored_before": prefill, "users": SCALE_USERS, "event_ids": event_ids})
         with ServerProcess(data_dir=tmp / "server") as server:
             client = HalflifeClient(server.target, timeout=300)
-            load_catalogue(client, vecs)
+            upsert_vectors(client, vecs)
             # 1b. throughput from empty (each run's 1,000 users new to both files).
             results["throughput"] = throughput(server.target, tmp / "raw.sqlite3", rounds, per_run, start, rng)
 

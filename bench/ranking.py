@@ -55,7 +55,7 @@ from halflife.interest.engine import EventInput, InterestEngine
 from halflife.storage.base import ItemRecord
 
 from bench._memstore import MemoryStore
-from bench.server_process import ServerProcess, load_p50s
+from bench.server_process import ServerProcess, load_p50s, upsert_vectors
 from bench.common import markdown_table, save_plot, summary, write_results
 
 DIM = 384
@@ -278,14 +278,6 @@ def engine_inprocess(X: np.ndarray, repeat: int, trace: bool, threads: int) -> d
 
 
 # --------------------------------------------------------------------------- 4. gRPC
-
-def upsert_vectors(client, X: np.ndarray) -> None:
-    """Items i0.. with the rows of X as precomputed vectors, through UpsertItems in batches of 1,000."""
-    from halflife.v1 import catalog_pb2
-
-    for s in range(0, len(X), 1000):
-        client.upsert_items([catalog_pb2.Item(id=f"i{j}", vector=X[j].tolist()) for j in range(s, min(len(X), s + 1000))])
-
 
 def record_background(client, n_items: int) -> None:
     """make_events' users (background and u0), through RecordEvents in batches of 500."""

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 DEFAULT_MODEL_DIR = Path(os.environ.get("HALFLIFE_BENCH_MODEL_DIR", "var/models/all-MiniLM-L6-v2"))
 _SERVING = re.compile(r"serving on ([\d.]+):(\d+)")
 
@@ -124,3 +126,11 @@ def load_p50s(target: str, calls: list[tuple[str, str]], *, rounds: int, per_rou
 
     run_event_loop(go())
     return out
+
+
+def upsert_vectors(client, X: np.ndarray) -> None:
+    """Items i0.. with the rows of X as precomputed vectors, through UpsertItems in batches of 1,000."""
+    from halflife.v1 import catalog_pb2
+
+    for s in range(0, len(X), 1000):
+        client.upsert_items([catalog_pb2.Item(id=f"i{j}", vector=X[j].tolist()) for j in range(s, min(len(X), s + 1000))])

@@ -26,8 +26,8 @@ import numpy as np
 from bench.common import markdown_table, save_plot, write_results
 from bench.empty_rpc import CHECK, load, percentile_s
 from bench.ingest import requests_for, send
-from bench.ranking import record_background, unit_rows, upsert_vectors
-from bench.server_process import ServerProcess
+from bench.ranking import record_background, unit_rows
+from bench.server_process import ServerProcess, upsert_vectors
 from halflife.cli import run_event_loop
 from halflife_client import HalflifeClient
 
