@@ -48,14 +48,19 @@ def machine() -> dict:
     }
 
 
-def timings(fn: Callable[[], object], *, repeat: int = 20, warmup: int = 2, min_seconds: float = 0.0) -> list[float]:
+def timings(fn: Callable[[], object], *, repeat: int = 20, warmup: int = 2, min_seconds: float = 0.0,
+            pause_s: float = 0.0) -> list[float]:
     """Wall times (s) of `repeat` calls after `warmup` untimed ones; keeps
-    going until `min_seconds` have been spent, for very fast calls."""
+    going until `min_seconds` have been spent, for very fast calls. With
+    `pause_s`, each timed call follows that long a sleep: the cadence of a
+    server answering one caller, whose caches cool between calls."""
     for _ in range(warmup):
         fn()
     out: list[float] = []
     started = time.perf_counter()
     while len(out) < repeat or time.perf_counter() - started < min_seconds:
+        if pause_s:
+            time.sleep(pause_s)
         begin = time.perf_counter()
         fn()
         out.append(time.perf_counter() - begin)
