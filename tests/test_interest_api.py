@@ -25,6 +25,7 @@ from google.protobuf import timestamp_pb2
 from halflife.api.interest import _event_input, _event_inputs
 from halflife.api.server import ServerConfig
 from halflife.api.validation import Violations
+from halflife.api.validation import to_timestamp as to_pb_timestamp
 from halflife.config import BlendConfig, Config
 from halflife.v1 import catalog_pb2, interest_pb2, recommend_pb2
 from halflife_client import HalflifeClient, Item, field_violations, to_timestamp
@@ -611,6 +612,12 @@ def _bad_event(case: str) -> interest_pb2.Event:
         base["event_id"] = "x" * 257
     elif case == "empty_user_id":
         base["user_id"] = ""
+    elif case == "nul_in_event_id":
+        base["event_id"] = "bad-nul\x00id"
+    elif case == "control_in_user_id":
+        base["user_id"] = "val\tuser"
+    elif case == "nul_in_item_id":
+        base["item_id"] = "scifi-0\x00whatever"
     elif case in ("nan_value", "inf_value"):
         base["value"] = math.nan if case == "nan_value" else math.inf
     elif case == "before_1970":
@@ -638,6 +645,9 @@ EVENT_CASES = {
     "empty_event_id": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].event_id"),
     "long_event_id": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].event_id"),
     "empty_user_id": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].user_id"),
+    "nul_in_event_id": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].event_id"),
+    "control_in_user_id": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].user_id"),
+    "nul_in_item_id": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].item_id"),
     "nan_value": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].value"),
     "inf_value": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].value"),
     "before_1970": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].event_time"),
@@ -668,7 +678,8 @@ def test_the_batch_fast_path_agrees_with_the_full_event_checks():
     # accept exactly what the full checks accept, with the same values and the
     # same violations. Random events from each field's boundary cases:
     now = 1_750_000_000.25
-    ids = ["", "a", "x" * 64, "x" * 65, "\U0001F600" * 64, "\U0001F600" * 65, "é" * 128, "é" * 129]
+    ids = ["", "a", "x" * 64, "x" * 65, "\U0001F600" * 64, "\U0001F600" * 65, "é" * 128, "é" * 129, "a\x00b",
+           "\x7f", "tab\tid", "nbsp\u00a0id"]
     texts = ["", "   ", "some text", "y" * 8192, "y" * 8193, "é" * 16384, "é" * 16385, "y" * (32 * 1024 + 1)]
     times = [None, (-1, 0), (0, 0), (int(now), 5), (int(now) + 86400, 250_000_000), (int(now) + 86401, 0),
              (253_402_300_800, 0), (10, 1_000_000_000), (10, -1)]
@@ -764,6 +775,14 @@ def _bad_item(case: str) -> catalog_pb2.Item:
         item.create_time.CopyFrom(timestamp_pb2.Timestamp(seconds=5, nanos=1_000_000_000))
     elif case == "empty_category":
         item.categories.append("")
+    elif case == "nul_in_id":
+        item.id = "cook-0\x00whatever"
+    elif case == "control_in_category":
+        item.categories.append("new\nline")
+    elif case == "long_category":
+        item.categories.append("c" * 129)
+    elif case == "large_attributes":
+        item.attributes.update({f"k{n:02}": "v" * 1022 for n in range(16)})  # 16 x 1,025 bytes
     elif case == "long_text":
         item.text = "z" * (32 * 1024 + 1)
     else:
@@ -782,6 +801,10 @@ ITEM_CASES = {
     "create_after_9999": "items[1].create_time",
     "create_bad_nanos": "items[1].create_time",
     "empty_category": "items[1].categories[1]",
+    "nul_in_id": "items[1].id",
+    "control_in_category": "items[1].categories[1]",
+    "long_category": "items[1].categories[1]",
+    "large_attributes": "items[1].attributes",
     "long_text": "items[1].text",
 }
 
@@ -797,6 +820,20 @@ def test_invalid_item_rejects_the_whole_batch(client, case):
     assert client.delete_items([good.id]) == 1
 
 
+def test_stored_times_come_back_as_valid_timestamps(client):
+    # Times are stored as float seconds: the last nanosecond of 9999 reads back
+    # as 253402300800.0, past Timestamp's range, and x.9999999996 rounds up.
+    assert to_pb_timestamp(253_402_300_800.0) == timestamp_pb2.Timestamp(seconds=253_402_300_799, nanos=999_999_999)
+    assert to_pb_timestamp(1.9999999996) == timestamp_pb2.Timestamp(seconds=2)
+    assert to_pb_timestamp(-0.25) == timestamp_pb2.Timestamp(seconds=-1, nanos=750_000_000)
+    last = catalog_pb2.Item(id="last-of-9999", text="Gardening: the last day",
+                            create_time=timestamp_pb2.Timestamp(seconds=253_402_300_799, nanos=999_999_999))
+    client.upsert_items([last])
+    stamp = client.get_items([last.id])[0].create_time
+    assert stamp.ToJsonString() == "9999-12-31T23:59:59.999999999Z"
+    client.delete_items([last.id])
+
+
 def test_item_batch_sizes_and_id_lists(client):
     error = rpc_error(client.upsert_items, [])
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["items"]
@@ -805,7 +842,8 @@ def test_item_batch_sizes_and_id_lists(client):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["items"]
     assert rpc_error(client.get_items, ["many-0"]).code() == grpc.StatusCode.NOT_FOUND
     for call in (client.get_items, client.delete_items):
-        for bad, expected in (([], ["ids"]), (["scifi-0", ""], ["ids[1]"]), (["x"] * 1001, ["ids"])):
+        for bad, expected in (([], ["ids"]), (["scifi-0", ""], ["ids[1]"]), (["x"] * 1001, ["ids"]),
+                              (["scifi-0\x00whatever"], ["ids[0]"])):
             error = rpc_error(call, bad)
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == expected
     assert len(client.get_items(["scifi-0"])) == 1  # nothing was deleted
@@ -824,6 +862,11 @@ def test_item_batch_sizes_and_id_lists(client):
         (dict(user_id="fan", limit=5, as_of_time=_ts(-5)), "as_of_time"),
         (dict(user_id="fan", limit=5, filter=filt(include=[""])), "filter.include_categories[0]"),
         (dict(user_id="fan", limit=5, filter=filt(exclude_ids=["a", ""])), "filter.exclude_item_ids[1]"),
+        (dict(user_id="fan", limit=5, filter=filt(exclude_ids=["x" * 257])), "filter.exclude_item_ids[0]"),
+        (dict(user_id="fan", limit=5, filter=filt(exclude=["c" * 129])), "filter.exclude_categories[0]"),
+        (dict(user_id="fan", limit=5, filter=filt(include=["a\x00b"])), "filter.include_categories[0]"),
+        (dict(user_id="fan\x00", limit=5), "user_id"),
+        (dict(user_id="fan", limit=5, query=" \n "), "query"),
     ],
 )
 def test_invalid_recommend_requests(client, kwargs, field):

@@ -18,8 +18,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from halflife.api.embedding import _tokenize_unless_late
 from halflife.api.server import ServerConfig
-from halflife.embedding.batcher import BatchingConfig
+from halflife.embedding.batcher import BatchingConfig, DeadlineExpiredError
 from halflife.embedding.engine import EmbeddingEngine
 from halflife.v1 import embedding_pb2 as pb
 from halflife.v1 import embedding_pb2_grpc
@@ -159,6 +160,28 @@ def test_truncate_cuts_overlong_inputs(channel):
     # Truncation keeps the model's view of the text's start.
     head = stub(channel).Embed(pb.EmbedRequest(inputs=["word " * 254]), timeout=30).embeddings[0]
     assert np.dot(first.values, head.values) > 0.999
+
+
+def test_inputs_over_32_kib_are_invalid_truncated_or_not(channel):
+    # Tokenizing is linear in the text, whatever the model keeps: 10 MB took
+    # 15-27 s and held a tokenizer thread that long.
+    big = "word " * 6554  # 32,770 bytes
+    for truncate in (False, True):
+        error = call_error(channel, pb.EmbedRequest(inputs=["fine", big, big[:32 * 1024]], truncate=truncate))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        (field, description), = field_violations(error)
+        assert field == "inputs[1]" and "32770 bytes" in description
+
+
+def test_a_call_whose_deadline_passed_in_the_tokenizer_queue_is_not_tokenized():
+    class Engine:
+        def tokenize(self, inputs, truncate):
+            return ("tokenized", inputs, truncate)
+
+    with pytest.raises(DeadlineExpiredError):
+        _tokenize_unless_late(Engine(), ["x"], False, time.monotonic() - 0.001)
+    assert _tokenize_unless_late(Engine(), ["x"], True, time.monotonic() + 10) == ("tokenized", ["x"], True)
+    assert _tokenize_unless_late(Engine(), ["x"], True, None) == ("tokenized", ["x"], True)
 
 
 def test_server_keeps_serving_after_errors(channel):

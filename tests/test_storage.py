@@ -187,6 +187,20 @@ def test_items_upsert_get_delete_iter(store, tmp_path):
     assert count(tmp_path, "SELECT COUNT(*) FROM vectors") == 1
 
 
+def test_ids_with_nul_are_refused_and_never_reach_another_row(store):
+    # SQLite's json_each (3.40) cuts "a\0b" to "a": each lookup by a list of
+    # ids would then read, update or delete item "a" instead.
+    store.upsert_items([item("a")])
+    store.record_events([event("e", item_id="a")])
+    for call in (lambda: store.upsert_items([item("a\x00b")]), lambda: store.delete_items(["a\x00b"]),
+                 lambda: store.get_items(["a\x00b"]), lambda: store.existing_event_ids(["e\x00x"]),
+                 lambda: store.record_events([event("e\x00x", item_id="a")])):
+        with pytest.raises(ValueError, match="NUL"):
+            call()
+    assert list(store.get_items(["a"])) == ["a"] and store.get_items(["a"])["a"].text == "text of a"
+    assert [e.event_id for e in store.user_events("u1")] == ["e"]
+
+
 def test_vectors_round_trip_bit_exactly(store):
     weird = np.array([0.0, -0.0, 1e-45, -1e-45, np.inf, -np.inf, 3.4028235e38, np.nan], dtype=np.float32)
     payload_nan = np.frombuffer(np.uint32(0x7FC0_1234).tobytes(), dtype=np.float32)

@@ -27,7 +27,8 @@ type Item struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// Caller's id: 1 to 256 bytes of UTF-8, unique in the catalogue.
+	// Caller's id: 1 to 256 bytes of UTF-8 without control characters
+	// (U+0000 to U+001F, U+007F), unique in the catalogue.
 	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// Text the item is embedded from (title, description...). Required unless
 	// `vector` is given; at most 32 KiB. Inputs over the model's max input
@@ -35,9 +36,10 @@ type Item struct {
 	Text string `protobuf:"bytes,2,opt,name=text,proto3" json:"text,omitempty"`
 	// Categories (genres, departments...): used by recommendation filters and
 	// as the vocabulary that describes users' interests in words. At most 64,
-	// each 1 to 128 bytes.
+	// each 1 to 128 bytes without control characters.
 	Categories []string `protobuf:"bytes,3,rep,name=categories,proto3" json:"categories,omitempty"`
-	// Free-form attributes, stored and returned as given. At most 64 entries.
+	// Free-form attributes, stored and returned as given. At most 64 entries
+	// and 16 KiB of keys and values in all.
 	Attributes map[string]string `protobuf:"bytes,4,rep,name=attributes,proto3" json:"attributes,omitempty" protobuf_key:"bytes,1,opt,name=key,proto3" protobuf_val:"bytes,2,opt,name=value,proto3"`
 	// When the item was published; used by the optional freshness decay.
 	// Unset: unknown (no freshness penalty).

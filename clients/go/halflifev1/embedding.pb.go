@@ -26,7 +26,8 @@ type EmbedRequest struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// Texts to embed, 1 to 256 of them. An empty string is allowed (it embeds
+	// Texts to embed, 1 to 256 of them, each at most 32 KiB of UTF-8 (as an
+	// item's text), truncated or not. An empty string is allowed (it embeds
 	// the model's special tokens only).
 	Inputs []string `protobuf:"bytes,1,rep,name=inputs,proto3" json:"inputs,omitempty"`
 	// When true, inputs longer than the model's max input tokens are cut to

@@ -175,12 +175,13 @@ type Event struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// Caller's unique id for this event (1 to 256 bytes): the idempotency key.
+	// Caller's unique id for this event (1 to 256 bytes, no control
+	// characters): the idempotency key.
 	// Ids that grow with time (UUIDv7, ULID, snowflake ids) are the cheapest to
 	// store: once the log holds many events, random ones (UUIDv4) land all over
 	// its id index, which cost a third of the ingest rate at 500k stored events.
 	EventId string `protobuf:"bytes,1,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
-	// The user (1 to 256 bytes).
+	// The user (1 to 256 bytes, no control characters).
 	UserId string `protobuf:"bytes,2,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
 	// Required; EVENT_TYPE_UNSPECIFIED and unknown values are rejected.
 	Type EventType `protobuf:"varint,3,opt,name=type,proto3,enum=halflife.v1.EventType" json:"type,omitempty"`
@@ -394,7 +395,8 @@ type GetProfileRequest struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// The user (1 to 256 bytes). Unknown users get an empty profile.
+	// The user (1 to 256 bytes, no control characters). Unknown users get an
+	// empty profile.
 	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
 	// The moment to describe the profile at; default now. Events after it are
 	// ignored, so a past time replays history exactly.
@@ -845,7 +847,7 @@ type DeleteUserRequest struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// The user (1 to 256 bytes).
+	// The user (1 to 256 bytes, no control characters).
 	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
 }
 

@@ -87,6 +87,8 @@ type ItemFilter struct {
 	unknownFields protoimpl.UnknownFields
 
 	// Only items with at least one of these categories (empty: no restriction).
+	// Categories and ids here follow Item's rules (1 to 128 / 256 bytes, no
+	// control characters); at most 1000 of each.
 	IncludeCategories []string `protobuf:"bytes,1,rep,name=include_categories,json=includeCategories,proto3" json:"include_categories,omitempty"`
 	// No item with any of these categories.
 	ExcludeCategories []string `protobuf:"bytes,2,rep,name=exclude_categories,json=excludeCategories,proto3" json:"exclude_categories,omitempty"`
@@ -153,8 +155,8 @@ type RecommendRequest struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// The user (1 to 256 bytes). A user with no events is not an error: see
-	// STRATEGY_TRENDING.
+	// The user (1 to 256 bytes, no control characters). A user with no events
+	// is not an error: see STRATEGY_TRENDING.
 	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
 	// How many items, 1 to 1000. Required: the default 0 is INVALID_ARGUMENT.
 	Limit int32 `protobuf:"varint,2,opt,name=limit,proto3" json:"limit,omitempty"`
@@ -167,12 +169,13 @@ type RecommendRequest struct {
 	// excluded.
 	IncludeSeen bool `protobuf:"varint,5,opt,name=include_seen,json=includeSeen,proto3" json:"include_seen,omitempty"`
 	// Optional text blended into the profile (e.g. the current search box), at
-	// most 32 KiB.
+	// most 32 KiB; whitespace alone is INVALID_ARGUMENT (leave it empty).
 	Query string `protobuf:"bytes,6,opt,name=query,proto3" json:"query,omitempty"`
 	// When true, each item carries the interests and events that produced it.
 	Explain bool `protobuf:"varint,7,opt,name=explain,proto3" json:"explain,omitempty"`
 	// 0 (default) to 1: trade relevance for variety with maximal marginal
-	// relevance re-ranking. 0 is pure relevance.
+	// relevance re-ranking. 0 is pure relevance; above 0 the items come in the
+	// order the re-ranking picked them, which is not score order.
 	Diversity float64 `protobuf:"fixed64,8,opt,name=diversity,proto3" json:"diversity,omitempty"`
 }
 
@@ -577,7 +580,8 @@ type RecommendResponse struct {
 	unknownFields protoimpl.UnknownFields
 
 	// Best first, equal scores by item_id (so every server process answers
-	// alike); fewer than `limit` only when fewer items pass the filters.
+	// alike); with `diversity` above 0, in the re-ranking's order instead.
+	// Fewer than `limit` only when fewer items pass the filters.
 	Items []*ScoredItem `protobuf:"bytes,1,rep,name=items,proto3" json:"items,omitempty"`
 	// How the list was produced: STRATEGY_PERSONALIZED or STRATEGY_TRENDING.
 	Strategy Strategy `protobuf:"varint,2,opt,name=strategy,proto3,enum=halflife.v1.Strategy" json:"strategy,omitempty"`

@@ -19,8 +19,8 @@ const _ = grpc.SupportPackageIsVersion7
 type RecommendServiceClient interface {
 	// Top items for a user at `as_of_time` (default now), best first. A user
 	// with no events gets trending items and `strategy` says so. Errors:
-	// INVALID_ARGUMENT (empty user_id, limit outside 1..1000, bad filter or
-	// diversity), each with a BadRequest field violation.
+	// INVALID_ARGUMENT (bad user_id, limit outside 1..1000, bad filter, query
+	// or diversity), each with a BadRequest field violation.
 	Recommend(ctx context.Context, in *RecommendRequest, opts ...grpc.CallOption) (*RecommendResponse, error)
 	// Items most similar to an item (NOT_FOUND if unknown) or to a text.
 	SimilarItems(ctx context.Context, in *SimilarItemsRequest, opts ...grpc.CallOption) (*SimilarItemsResponse, error)
@@ -58,8 +58,8 @@ func (c *recommendServiceClient) SimilarItems(ctx context.Context, in *SimilarIt
 type RecommendServiceServer interface {
 	// Top items for a user at `as_of_time` (default now), best first. A user
 	// with no events gets trending items and `strategy` says so. Errors:
-	// INVALID_ARGUMENT (empty user_id, limit outside 1..1000, bad filter or
-	// diversity), each with a BadRequest field violation.
+	// INVALID_ARGUMENT (bad user_id, limit outside 1..1000, bad filter, query
+	// or diversity), each with a BadRequest field violation.
 	Recommend(context.Context, *RecommendRequest) (*RecommendResponse, error)
 	// Items most similar to an item (NOT_FOUND if unknown) or to a text.
 	SimilarItems(context.Context, *SimilarItemsRequest) (*SimilarItemsResponse, error)

@@ -15,8 +15,10 @@ from halflife.v1 import catalog_pb2, catalog_pb2_grpc
 
 MAX_ITEMS_PER_REQUEST = 1000
 MAX_CATEGORIES = 64
-MAX_CATEGORY_BYTES = 128
 MAX_ATTRIBUTES = 64
+# Keys and values together, so that 1,000 items of the largest kind still fit
+# one GetItems response (64 MiB by default).
+MAX_ATTRIBUTE_BYTES = 16 * 1024
 
 
 def _item_input(item: catalog_pb2.Item, field: str, dim: int, violations: Violations) -> ItemInput | None:
@@ -37,10 +39,11 @@ def _item_input(item: catalog_pb2.Item, field: str, dim: int, violations: Violat
     if len(item.categories) > MAX_CATEGORIES:
         violations.add(f"{field}.categories", f"holds {len(item.categories)} categories; at most {MAX_CATEGORIES}")
     for j, category in enumerate(item.categories):
-        if not category or len(category.encode()) > MAX_CATEGORY_BYTES:
-            violations.add(f"{field}.categories[{j}]", f"must be 1 to {MAX_CATEGORY_BYTES} bytes")
+        violations.category(category, f"{field}.categories[{j}]")
     if len(item.attributes) > MAX_ATTRIBUTES:
         violations.add(f"{field}.attributes", f"holds {len(item.attributes)} entries; at most {MAX_ATTRIBUTES}")
+    elif (size := sum(len(k.encode()) + len(v.encode()) for k, v in item.attributes.items())) > MAX_ATTRIBUTE_BYTES:
+        violations.add(f"{field}.attributes", f"hold {size} bytes of keys and values; at most {MAX_ATTRIBUTE_BYTES}")
     create_time = violations.timestamp(item, "create_time", f"{field}.create_time", None)
     if len(violations.items) > before:
         return None

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 
 from halflife.api.backend import Backend
 from halflife.api.errors import invalid_argument, translate_errors
-from halflife.embedding.engine import InputsTooLongError
+from halflife.api.validation import Violations
+from halflife.embedding.batcher import DeadlineExpiredError
+from halflife.embedding.engine import EmbeddingEngine, InputsTooLongError, TokenizedInputs
 from halflife.embedding.pooling import l2_normalize
 from halflife.v1 import embedding_pb2, embedding_pb2_grpc
 
@@ -21,6 +24,17 @@ MAX_INPUTS_PER_REQUEST = 256
 INLINE_TOKENIZE_CHARS = 512
 
 
+def _tokenize_unless_late(
+    engine: EmbeddingEngine, inputs: list[str], truncate: bool, expires: float | None
+) -> TokenizedInputs:
+    """engine.tokenize, skipped once the call's deadline (time.monotonic())
+    has passed while it waited for a tokenizer thread: an abandoned call must
+    not hold one (a long request can take ~0.1 s a text)."""
+    if expires is not None and time.monotonic() > expires:
+        raise DeadlineExpiredError("deadline passed while waiting for the tokenizer")
+    return engine.tokenize(inputs, truncate)
+
+
 class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
@@ -30,18 +44,21 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         backend = self._backend.ready()
         engine, batcher = backend.embedding, backend.batcher
         inputs = list(request.inputs)
-        if not inputs:
-            raise invalid_argument([("inputs", "must hold at least one text")])
-        if len(inputs) > MAX_INPUTS_PER_REQUEST:
-            raise invalid_argument(
-                [("inputs", f"holds {len(inputs)} texts; at most {MAX_INPUTS_PER_REQUEST} per request")]
-            )
+        violations = Violations()
+        if violations.count(inputs, "inputs", MAX_INPUTS_PER_REQUEST):
+            for i, text in enumerate(inputs):
+                violations.text(text, f"inputs[{i}]")  # tokenizing is linear in the bytes, truncated or not
+        violations.raise_if_any()
         loop = asyncio.get_running_loop()
         try:
             if sum(map(len, inputs)) <= INLINE_TOKENIZE_CHARS:
                 tokens = engine.tokenize(inputs, request.truncate)
             else:
-                tokens = await loop.run_in_executor(backend.tokenize_pool, engine.tokenize, inputs, request.truncate)
+                remaining = context.time_remaining()
+                expires = time.monotonic() + remaining if remaining is not None else None
+                tokens = await loop.run_in_executor(
+                    backend.tokenize_pool, _tokenize_unless_late, engine, inputs, request.truncate, expires
+                )
         except InputsTooLongError as error:
             raise invalid_argument(
                 [

@@ -90,6 +90,7 @@ def _event_inputs(events: Iterable[interest_pb2.Event], now: float, violations: 
             and len(item_id) <= MAX_ID_BYTES // 4
             and len(text) <= MAX_TEXT_BYTES // 4
             and type_ in _EVENT_TYPES
+            and (event_id + user_id + item_id).isprintable()  # no control characters (nor rarer ones, e.g. NBSP)
             and (item_id or text.strip())
             and (math.isfinite(value) if value is not None else type_ != RATE)
         ):

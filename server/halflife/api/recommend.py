@@ -22,13 +22,14 @@ STRATEGIES = {
 
 
 def _filter(message: recommend_pb2.ItemFilter, violations: Violations) -> ItemFilter:
-    for name in ("include_categories", "exclude_categories", "exclude_item_ids"):
+    for name, check in (("include_categories", violations.category), ("exclude_categories", violations.category),
+                        ("exclude_item_ids", violations.identifier)):
         values = getattr(message, name)
         if len(values) > MAX_ITEMS_PER_REQUEST:
             violations.add(f"filter.{name}", f"holds {len(values)} values; at most {MAX_ITEMS_PER_REQUEST}")
+            continue
         for i, value in enumerate(values):
-            if not value:
-                violations.add(f"filter.{name}[{i}]", "must not be empty")
+            check(value, f"filter.{name}[{i}]")
     return ItemFilter(
         include_categories=tuple(message.include_categories),
         exclude_categories=tuple(message.exclude_categories),
@@ -73,6 +74,8 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         as_of = violations.timestamp(request, "as_of_time", "as_of_time", interest.now())
         item_filter = _filter(request.filter, violations)
         violations.text(request.query, "query")
+        if request.query and not request.query.strip():
+            violations.add("query", "is only whitespace; leave it empty for no query")
         if not (math.isfinite(request.diversity) and 0 <= request.diversity <= 1):
             violations.add("diversity", f"must be between 0 and 1, got {request.diversity}")
         violations.raise_if_any()

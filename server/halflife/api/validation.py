@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Sized
 
 from google.protobuf import timestamp_pb2
@@ -11,6 +12,11 @@ from halflife.api.errors import invalid_argument
 
 MAX_ID_BYTES = 256
 MAX_TEXT_BYTES = 32 * 1024
+MAX_CATEGORY_BYTES = 128
+# Ids and categories are names, never text: a control character in one is a
+# client's bug, and NUL would be cut off by SQLite's JSON functions (3.40),
+# which the store looks ids up with, so "a\0b" would name item "a".
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
 MAX_FUTURE_SECONDS = 24 * 3600.0  # event times may run ahead of our clock by at most a day
 # google.protobuf.Timestamp's valid range.
 MIN_TIMESTAMP_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
@@ -41,10 +47,18 @@ class Violations:
         return True
 
     def identifier(self, value: str, field: str) -> None:
+        self._name(value, field, MAX_ID_BYTES)
+
+    def category(self, value: str, field: str) -> None:
+        self._name(value, field, MAX_CATEGORY_BYTES)
+
+    def _name(self, value: str, field: str, max_bytes: int) -> None:
         if not value:
             self.add(field, "must not be empty")
-        elif len(value.encode()) > MAX_ID_BYTES:
-            self.add(field, f"is {len(value.encode())} bytes long; at most {MAX_ID_BYTES}")
+        elif len(value.encode()) > max_bytes:
+            self.add(field, f"is {len(value.encode())} bytes long; at most {max_bytes}")
+        elif _CONTROL_CHARACTER.search(value):
+            self.add(field, "must not contain control characters (U+0000 to U+001F, U+007F)")
 
     def text(self, value: str, field: str) -> None:
         if len(value.encode()) > MAX_TEXT_BYTES:
@@ -82,5 +96,12 @@ class Violations:
 
 
 def to_timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    """A stored time (float seconds) as a Timestamp within Timestamp's range:
+    a float holds 9999-12-31T23:59:59.999999999 as 253402300800.0."""
     whole = math.floor(seconds)
-    return timestamp_pb2.Timestamp(seconds=int(whole), nanos=int(round((seconds - whole) * 1e9)) % 1_000_000_000)
+    nanos = round((seconds - whole) * 1e9)
+    if nanos == 1_000_000_000:  # x.9999999996 rounds up into the next second
+        whole, nanos = whole + 1, 0
+    if whole > MAX_TIMESTAMP_SECONDS:
+        whole, nanos = MAX_TIMESTAMP_SECONDS, 999_999_999
+    return timestamp_pb2.Timestamp(seconds=int(whole), nanos=int(nanos))

@@ -200,6 +200,14 @@ def _chunks(conn: sqlite3.Connection, seq: Sequence[Any], width: int = 1) -> Ite
         yield seq[i : i + n]
 
 
+def _ids_json(ids: Sequence[str]) -> str:
+    """`ids` as a JSON array for `json_each`, which (SQLite 3.40) cuts a string
+    at an escaped NUL: "a\\0b" would name row "a", so such an id is refused."""
+    if any("\x00" in i for i in ids):
+        raise ValueError("ids must not contain NUL characters")
+    return json.dumps(ids)
+
+
 def _hash(blob: bytes) -> bytes:
     # SHA-256: twice blake2b's speed on CPUs with SHA extensions (x86 SHA-NI, ARMv8).
     return sha256(blob).digest()
@@ -541,12 +549,13 @@ class SqliteStore:
             )
             for item in latest.values()
         ]
+        ids_json = _ids_json(list(latest))
 
         def job(conn: sqlite3.Connection) -> tuple[int, int]:
             old = dict(
                 conn.execute(
                     "SELECT id, vector_id FROM items WHERE id IN (SELECT value FROM json_each(?))",
-                    (json.dumps(list(latest)),),
+                    (ids_json,),
                 )
             )
             vector_ids = _intern_vectors(conn, blobs)
@@ -570,13 +579,14 @@ class SqliteStore:
         wanted = list(dict.fromkeys(ids))
         if not wanted:
             return []
+        wanted_json = _ids_json(wanted)
 
         def job(conn: sqlite3.Connection) -> list[str]:
             doomed = conn.execute(
                 "SELECT id, vector_id FROM items WHERE id IN (SELECT value FROM json_each(?))",
-                (json.dumps(wanted),),
+                (wanted_json,),
             ).fetchall()
-            conn.execute("DELETE FROM items WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(wanted),))
+            conn.execute("DELETE FROM items WHERE id IN (SELECT value FROM json_each(?))", (wanted_json,))
             _gc_vectors(conn, [vid for _, vid in doomed])
             found = {id_ for id_, _ in doomed}
             self._log_item_changes(conn, list(found))
@@ -588,10 +598,11 @@ class SqliteStore:
         wanted = list(dict.fromkeys(ids))
         if not wanted:
             return {}
+        wanted_json = _ids_json(wanted)
 
         def read(conn: sqlite3.Connection) -> dict[str, ItemRecord]:
             rows = conn.execute(
-                _ITEM_SELECT + " WHERE i.id IN (SELECT value FROM json_each(?))", (json.dumps(wanted),)
+                _ITEM_SELECT + " WHERE i.id IN (SELECT value FROM json_each(?))", (wanted_json,)
             )
             return {row[0]: _item_from(row) for row in rows}
 
@@ -617,7 +628,7 @@ class SqliteStore:
             first.setdefault(event.event_id, event)  # the first one of an id wins
         if not first:
             return []
-        ids_json = json.dumps(list(first))
+        ids_json = _ids_json(list(first))
         # Everything per-row is prepared here, in the caller's thread; the
         # writer only filters, interns and runs the statements.
         blobs = [_vector_bytes(e.vector) for e in first.values()]
@@ -669,10 +680,11 @@ class SqliteStore:
         wanted = list(dict.fromkeys(event_ids))
         if not wanted:
             return set()
+        wanted_json = _ids_json(wanted)
 
         def read(conn: sqlite3.Connection) -> set[str]:
             rows = conn.execute(
-                "SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?))", (json.dumps(wanted),)
+                "SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?))", (wanted_json,)
             )
             return {row[0] for row in rows}
 

@@ -30,8 +30,9 @@ class EmbeddingServiceStub:
 
     Errors (all carry a google.rpc.Status; INVALID_ARGUMENT also carries a
     google.rpc.BadRequest whose field violations name the offending input):
-    - INVALID_ARGUMENT: no inputs, too many inputs, or an input longer than the
-    model's max input tokens while `truncate` is false.
+    - INVALID_ARGUMENT: no inputs, too many inputs, an input over 32 KiB, or
+    an input longer than the model's max input tokens while `truncate` is
+    false.
     - RESOURCE_EXHAUSTED: the embedding queue is full; retry with backoff.
     - DEADLINE_EXCEEDED / CANCELLED: the call's deadline passed or the caller
     cancelled before the batch ran; nothing was computed for it.
@@ -61,8 +62,9 @@ class EmbeddingServiceServicer:
 
     Errors (all carry a google.rpc.Status; INVALID_ARGUMENT also carries a
     google.rpc.BadRequest whose field violations name the offending input):
-    - INVALID_ARGUMENT: no inputs, too many inputs, or an input longer than the
-    model's max input tokens while `truncate` is false.
+    - INVALID_ARGUMENT: no inputs, too many inputs, an input over 32 KiB, or
+    an input longer than the model's max input tokens while `truncate` is
+    false.
     - RESOURCE_EXHAUSTED: the embedding queue is full; retry with backoff.
     - DEADLINE_EXCEEDED / CANCELLED: the call's deadline passed or the caller
     cancelled before the batch ran; nothing was computed for it.
@@ -116,8 +118,9 @@ class EmbeddingService:
 
     Errors (all carry a google.rpc.Status; INVALID_ARGUMENT also carries a
     google.rpc.BadRequest whose field violations name the offending input):
-    - INVALID_ARGUMENT: no inputs, too many inputs, or an input longer than the
-    model's max input tokens while `truncate` is false.
+    - INVALID_ARGUMENT: no inputs, too many inputs, an input over 32 KiB, or
+    an input longer than the model's max input tokens while `truncate` is
+    false.
     - RESOURCE_EXHAUSTED: the embedding queue is full; retry with backoff.
     - DEADLINE_EXCEEDED / CANCELLED: the call's deadline passed or the caller
     cancelled before the batch ran; nothing was computed for it.

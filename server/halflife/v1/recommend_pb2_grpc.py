@@ -58,8 +58,8 @@ class RecommendServiceServicer:
     def Recommend(self, request, context):
         """Top items for a user at `as_of_time` (default now), best first. A user
         with no events gets trending items and `strategy` says so. Errors:
-        INVALID_ARGUMENT (empty user_id, limit outside 1..1000, bad filter or
-        diversity), each with a BadRequest field violation.
+        INVALID_ARGUMENT (bad user_id, limit outside 1..1000, bad filter, query
+        or diversity), each with a BadRequest field violation.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -21,7 +21,8 @@ export const file_halflife_v1_catalog: GenFile = /*@__PURE__*/
  */
 export type Item = Message<"halflife.v1.Item"> & {
   /**
-   * Caller's id: 1 to 256 bytes of UTF-8, unique in the catalogue.
+   * Caller's id: 1 to 256 bytes of UTF-8 without control characters
+   * (U+0000 to U+001F, U+007F), unique in the catalogue.
    *
    * @generated from field: string id = 1;
    */
@@ -39,14 +40,15 @@ export type Item = Message<"halflife.v1.Item"> & {
   /**
    * Categories (genres, departments...): used by recommendation filters and
    * as the vocabulary that describes users' interests in words. At most 64,
-   * each 1 to 128 bytes.
+   * each 1 to 128 bytes without control characters.
    *
    * @generated from field: repeated string categories = 3;
    */
   categories: string[];
 
   /**
-   * Free-form attributes, stored and returned as given. At most 64 entries.
+   * Free-form attributes, stored and returned as given. At most 64 entries
+   * and 16 KiB of keys and values in all.
    *
    * @generated from field: map<string, string> attributes = 4;
    */

@@ -19,7 +19,8 @@ export const file_halflife_v1_embedding: GenFile = /*@__PURE__*/
  */
 export type EmbedRequest = Message<"halflife.v1.EmbedRequest"> & {
   /**
-   * Texts to embed, 1 to 256 of them. An empty string is allowed (it embeds
+   * Texts to embed, 1 to 256 of them, each at most 32 KiB of UTF-8 (as an
+   * item's text), truncated or not. An empty string is allowed (it embeds
    * the model's special tokens only).
    *
    * @generated from field: repeated string inputs = 1;
@@ -209,8 +210,9 @@ export const GetModelInfoResponseSchema: GenMessage<GetModelInfoResponse> = /*@_
  *
  * Errors (all carry a google.rpc.Status; INVALID_ARGUMENT also carries a
  * google.rpc.BadRequest whose field violations name the offending input):
- * - INVALID_ARGUMENT: no inputs, too many inputs, or an input longer than the
- *   model's max input tokens while `truncate` is false.
+ * - INVALID_ARGUMENT: no inputs, too many inputs, an input over 32 KiB, or
+ *   an input longer than the model's max input tokens while `truncate` is
+ *   false.
  * - RESOURCE_EXHAUSTED: the embedding queue is full; retry with backoff.
  * - DEADLINE_EXCEEDED / CANCELLED: the call's deadline passed or the caller
  *   cancelled before the batch ran; nothing was computed for it.

@@ -21,7 +21,8 @@ export const file_halflife_v1_interest: GenFile = /*@__PURE__*/
  */
 export type Event = Message<"halflife.v1.Event"> & {
   /**
-   * Caller's unique id for this event (1 to 256 bytes): the idempotency key.
+   * Caller's unique id for this event (1 to 256 bytes, no control
+   * characters): the idempotency key.
    * Ids that grow with time (UUIDv7, ULID, snowflake ids) are the cheapest to
    * store: once the log holds many events, random ones (UUIDv4) land all over
    * its id index, which cost a third of the ingest rate at 500k stored events.
@@ -31,7 +32,7 @@ export type Event = Message<"halflife.v1.Event"> & {
   eventId: string;
 
   /**
-   * The user (1 to 256 bytes).
+   * The user (1 to 256 bytes, no control characters).
    *
    * @generated from field: string user_id = 2;
    */
@@ -142,7 +143,8 @@ export const RecordEventsResponseSchema: GenMessage<RecordEventsResponse> = /*@_
  */
 export type GetProfileRequest = Message<"halflife.v1.GetProfileRequest"> & {
   /**
-   * The user (1 to 256 bytes). Unknown users get an empty profile.
+   * The user (1 to 256 bytes, no control characters). Unknown users get an
+   * empty profile.
    *
    * @generated from field: string user_id = 1;
    */
@@ -391,7 +393,7 @@ export const GetProfileResponseSchema: GenMessage<GetProfileResponse> = /*@__PUR
  */
 export type DeleteUserRequest = Message<"halflife.v1.DeleteUserRequest"> & {
   /**
-   * The user (1 to 256 bytes).
+   * The user (1 to 256 bytes, no control characters).
    *
    * @generated from field: string user_id = 1;
    */

@@ -25,6 +25,8 @@ export const file_halflife_v1_recommend: GenFile = /*@__PURE__*/
 export type ItemFilter = Message<"halflife.v1.ItemFilter"> & {
   /**
    * Only items with at least one of these categories (empty: no restriction).
+   * Categories and ids here follow Item's rules (1 to 128 / 256 bytes, no
+   * control characters); at most 1000 of each.
    *
    * @generated from field: repeated string include_categories = 1;
    */
@@ -59,8 +61,8 @@ export const ItemFilterSchema: GenMessage<ItemFilter> = /*@__PURE__*/
  */
 export type RecommendRequest = Message<"halflife.v1.RecommendRequest"> & {
   /**
-   * The user (1 to 256 bytes). A user with no events is not an error: see
-   * STRATEGY_TRENDING.
+   * The user (1 to 256 bytes, no control characters). A user with no events
+   * is not an error: see STRATEGY_TRENDING.
    *
    * @generated from field: string user_id = 1;
    */
@@ -98,7 +100,7 @@ export type RecommendRequest = Message<"halflife.v1.RecommendRequest"> & {
 
   /**
    * Optional text blended into the profile (e.g. the current search box), at
-   * most 32 KiB.
+   * most 32 KiB; whitespace alone is INVALID_ARGUMENT (leave it empty).
    *
    * @generated from field: string query = 6;
    */
@@ -113,7 +115,8 @@ export type RecommendRequest = Message<"halflife.v1.RecommendRequest"> & {
 
   /**
    * 0 (default) to 1: trade relevance for variety with maximal marginal
-   * relevance re-ranking. 0 is pure relevance.
+   * relevance re-ranking. 0 is pure relevance; above 0 the items come in the
+   * order the re-ranking picked them, which is not score order.
    *
    * @generated from field: double diversity = 8;
    */
@@ -305,7 +308,8 @@ export const ScoredItemSchema: GenMessage<ScoredItem> = /*@__PURE__*/
 export type RecommendResponse = Message<"halflife.v1.RecommendResponse"> & {
   /**
    * Best first, equal scores by item_id (so every server process answers
-   * alike); fewer than `limit` only when fewer items pass the filters.
+   * alike); with `diversity` above 0, in the re-ranking's order instead.
+   * Fewer than `limit` only when fewer items pass the filters.
    *
    * @generated from field: repeated halflife.v1.ScoredItem items = 1;
    */
@@ -454,8 +458,8 @@ export const RecommendService: GenService<{
   /**
    * Top items for a user at `as_of_time` (default now), best first. A user
    * with no events gets trending items and `strategy` says so. Errors:
-   * INVALID_ARGUMENT (empty user_id, limit outside 1..1000, bad filter or
-   * diversity), each with a BadRequest field violation.
+   * INVALID_ARGUMENT (bad user_id, limit outside 1..1000, bad filter, query
+   * or diversity), each with a BadRequest field violation.
    *
    * @generated from rpc halflife.v1.RecommendService.Recommend
    */
