@@ -1,7 +1,9 @@
 """gRPC errors as `google.rpc.Status`, with `BadRequest` field violations.
 
 Servicer methods raise `ApiError`; the `translate_errors` decorator turns it
-into a rich status, so every handler reports bad input the same way.
+into a rich status, so every handler reports bad input the same way. Bytes
+that do not parse as the request message reach the handler as a
+`MalformedRequest` (see `parse_leniently`), so they are reported the same way.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 from typing import Awaitable, Callable, Iterable, TypeVar
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -71,17 +73,61 @@ def deadline_exceeded(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, message)
 
 
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse as its message type.
+
+    grpc.aio parses the request before the handler runs and answers a parse
+    error with UNKNOWN (and an ERROR traceback in the log); handing the
+    handler this instead lets `translate_errors` answer INVALID_ARGUMENT.
+    """
+
+    __slots__ = ("type_name", "reason")
+
+    def __init__(self, type_name: str, reason: str):
+        self.type_name = type_name  # the full proto name, e.g. "halflife.v1.EmbedRequest"
+        self.reason = reason  # protobuf's words, e.g. "Wire format was corrupt"
+
+    def to_error(self) -> ApiError:
+        # No field can be named: the bytes never became a message.
+        return invalid_argument(
+            [("", f"is not a valid {self.type_name} message: {self.reason}")],
+            message=f"the request is not a valid {self.type_name} message: {self.reason}",
+        )
+
+
+def parse_leniently(message_class: type[message.Message]) -> Callable[[bytes], message.Message | MalformedRequest]:
+    """A request deserializer that returns a `MalformedRequest` instead of raising."""
+    type_name = message_class.DESCRIPTOR.full_name
+    # upb's reasons repeat the type name; the description already names it.
+    prefix = f"Error parsing message with type '{type_name}': "
+
+    def parse(data: bytes) -> message.Message | MalformedRequest:
+        try:
+            return message_class.FromString(data)
+        # The pure-Python protobuf backend raises UnicodeDecodeError for a
+        # string field with invalid UTF-8; upb raises DecodeError for everything.
+        except (message.DecodeError, UnicodeDecodeError) as error:
+            return MalformedRequest(type_name, str(error).removeprefix(prefix))
+
+    return parse
+
+
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable])
 
 
 def translate_errors(handler: Handler) -> Handler:
-    """Wraps an async servicer method: ApiError becomes its rich status, a
-    full embedding queue RESOURCE_EXHAUSTED, an expired deadline
+    """Wraps an async servicer method: a request that did not parse
+    (`MalformedRequest`) and ApiError become INVALID_ARGUMENT / their rich
+    status, a full embedding queue RESOURCE_EXHAUSTED, an expired deadline
     DEADLINE_EXCEEDED; anything unexpected becomes INTERNAL (logged with its traceback), and the
     server keeps serving."""
 
     @functools.wraps(handler)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        if isinstance(request, MalformedRequest):
+            # The caller's fault, not ours: no traceback.
+            log.debug("malformed request to %s: %s", handler.__qualname__, request.reason)
+            await context.abort_with_status(request.to_error().to_status())
         try:
             return await handler(self, request, context)
         except ApiError as error:

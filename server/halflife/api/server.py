@@ -10,12 +10,15 @@ import signal
 from pathlib import Path
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from halflife.api.backend import Backend
 from halflife.api.catalog import CatalogServicer
 from halflife.api.embedding import EmbeddingServicer
+from halflife.api.errors import parse_leniently
 from halflife.api.interest import InterestServicer
 from halflife.api.recommend import RecommendServicer
 from halflife.config import Config
@@ -23,16 +26,7 @@ from halflife.embedding.batcher import BatchingConfig, DynamicBatcher
 from halflife.embedding.engine import EmbeddingEngine
 from halflife.interest.engine import InterestEngine
 from halflife.storage.sqlite import SqliteStore
-from halflife.v1 import (
-    catalog_pb2,
-    catalog_pb2_grpc,
-    embedding_pb2,
-    embedding_pb2_grpc,
-    interest_pb2,
-    interest_pb2_grpc,
-    recommend_pb2,
-    recommend_pb2_grpc,
-)
+from halflife.v1 import catalog_pb2, embedding_pb2, interest_pb2, recommend_pb2
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +70,41 @@ class ServerConfig:
         ]
 
 
-# The API's services, each with its proto module and registration function.
+# The API's services, each with its proto module and servicer class.
 API_SERVICES = (
-    (embedding_pb2, "EmbeddingService", embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, EmbeddingServicer),
-    (catalog_pb2, "CatalogService", catalog_pb2_grpc.add_CatalogServiceServicer_to_server, CatalogServicer),
-    (interest_pb2, "InterestService", interest_pb2_grpc.add_InterestServiceServicer_to_server, InterestServicer),
-    (recommend_pb2, "RecommendService", recommend_pb2_grpc.add_RecommendServiceServicer_to_server, RecommendServicer),
+    (embedding_pb2, "EmbeddingService", EmbeddingServicer),
+    (catalog_pb2, "CatalogService", CatalogServicer),
+    (interest_pb2, "InterestService", InterestServicer),
+    (recommend_pb2, "RecommendService", RecommendServicer),
 )
 
 
 def api_service_names() -> list[str]:
-    return [module.DESCRIPTOR.services_by_name[name].full_name for module, name, _, _ in API_SERVICES]
+    return [module.DESCRIPTOR.services_by_name[name].full_name for module, name, _ in API_SERVICES]
+
+
+def add_api_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer) -> None:
+    """Registers `servicer` for `service` as the generated `add_*_to_server`
+    does, but with a request parser that never raises: grpc.aio parses
+    requests before our handlers run and would answer bytes that are not a
+    valid message with UNKNOWN and an ERROR traceback; this way
+    `translate_errors` answers INVALID_ARGUMENT. (grpc's own health and
+    reflection services keep their generated registration and grpc's answer.)
+    """
+    handlers = {}
+    for method in service.methods:
+        if method.client_streaming or method.server_streaming:
+            raise TypeError(f"{method.full_name} streams; only unary-unary RPCs are registered here")
+        # GetMessageClass gives the generated class (tests check), as the servicers expect.
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=parse_leniently(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def service_names() -> list[str]:
@@ -104,7 +122,7 @@ class HalflifeServer:
         self.store: SqliteStore | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
-        self._servicers = [servicer(self.backend) for _, _, _, servicer in API_SERVICES]
+        self._servicers = [servicer(self.backend) for _, _, servicer in API_SERVICES]
 
     @property
     def engine(self) -> EmbeddingEngine | None:
@@ -126,8 +144,8 @@ class HalflifeServer:
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         server = grpc.aio.server(options=config.grpc_options(), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
-        for (_, _, register, _), servicer in zip(API_SERVICES, self._servicers):
-            register(servicer, server)
+        for (module, name, _), servicer in zip(API_SERVICES, self._servicers):
+            add_api_service(server, module.DESCRIPTOR.services_by_name[name], servicer)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(service_names(), server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -200,10 +218,12 @@ async def serve(config: ServerConfig, parent_pid: int | None = None) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    if parent_pid is not None:
-        watch = asyncio.create_task(_stop_when_orphaned(parent_pid, stop))  # noqa: F841 (kept referenced)
+    # Kept referenced until shutdown: the event loop holds tasks only weakly.
+    watch = asyncio.create_task(_stop_when_orphaned(parent_pid, stop)) if parent_pid is not None else None
     await server.start()
     await stop.wait()
+    if watch is not None:
+        watch.cancel()
     log.info("shutting down: finishing in-flight calls (up to %.0f s)", config.grace_seconds)
     await server.stop()
     log.info("stopped")

@@ -1,0 +1,183 @@
+"""Bytes that are not a valid request message, sent to every API RPC, get
+INVALID_ARGUMENT with a BadRequest detail, and the server keeps serving.
+
+grpc.aio parses a request before any handler runs; without the lenient parser
+the server registers (halflife.api.server.add_api_service), such bytes got
+UNKNOWN, a message naming Python classes, and an ERROR traceback in the log.
+The methods come from the service descriptors, so a new RPC is covered as
+soon as it is served.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import grpc
+import pytest
+from google.protobuf import message_factory
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
+from grpc_status import rpc_status
+
+from halflife.api.server import API_SERVICES, add_api_service
+from halflife.v1 import embedding_pb2
+
+API_METHODS: list[MethodDescriptor] = [
+    method for module, name, _ in API_SERVICES for method in module.DESCRIPTOR.services_by_name[name].methods
+]
+
+# Corrupt in the same way for every message type.
+CORRUPT_PAYLOADS = {
+    "garbage": b"\xff\xff\xff\xff\xff",  # a varint tag that never ends
+    "cut-off varint": b"\x10",  # field 2, varint, and then nothing
+    "wire type 7": b"\x0f",  # field 1 with a wire type that does not exist
+    "over-long length": b"\x0a\x7f",  # field 1, 127 bytes announced, none sent
+    "huge length": b"\x0a\xff\xff\xff\xff\x0f",  # field 1, ~4 GiB announced
+}
+BAD_UTF8 = b"\xc3\x28"  # a lead byte without its continuation byte
+
+
+def path(method: MethodDescriptor) -> str:
+    return f"/{method.containing_service.full_name}/{method.name}"
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def length_delimited(number: int, payload: bytes) -> bytes:
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def with_bad_utf8(message: Descriptor, depth: int = 3) -> bytes | None:
+    """`message` encoded with invalid UTF-8 in its first string field,
+    looking into sub-messages too; None when it has no string field."""
+    for field in message.fields:
+        if field.type == FieldDescriptor.TYPE_STRING:
+            return length_delimited(field.number, BAD_UTF8)
+    for field in message.fields:
+        if field.type == FieldDescriptor.TYPE_MESSAGE and depth > 0:
+            inner = with_bad_utf8(field.message_type, depth - 1)
+            if inner is not None:
+                return length_delimited(field.number, inner)
+    return None
+
+
+def payloads(method: MethodDescriptor) -> dict[str, bytes]:
+    bad_utf8 = with_bad_utf8(method.input_type)
+    return {**CORRUPT_PAYLOADS, **({"invalid UTF-8": bad_utf8} if bad_utf8 is not None else {})}
+
+
+def call_raw(channel: grpc.Channel, method: MethodDescriptor, payload: bytes) -> bytes:
+    # No serializers: the bytes go out, and come back, as they are.
+    return channel.unary_unary(path(method), request_serializer=None, response_deserializer=None)(payload, timeout=30)
+
+
+def bad_request(error: grpc.RpcError) -> error_details_pb2.BadRequest:
+    status = rpc_status.from_call(error)
+    assert status is not None, "no google.rpc.Status in the trailers"
+    (detail,) = status.details
+    unpacked = error_details_pb2.BadRequest()
+    assert detail.Unpack(unpacked), f"the detail is a {detail.type_url}, not a BadRequest"
+    return unpacked
+
+
+def assert_serving(channel: grpc.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    info = embedding_pb2.GetModelInfoResponse.FromString(
+        call_raw(channel, embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].methods_by_name["GetModelInfo"],
+                 embedding_pb2.GetModelInfoRequest().SerializeToString())
+    )
+    assert info.dimension == 384
+
+
+def test_every_api_rpc_is_covered():
+    # A sanity check on the iteration itself: all four services, none empty.
+    services = {method.containing_service.full_name for method in API_METHODS}
+    assert services == {
+        "halflife.v1.EmbeddingService", "halflife.v1.CatalogService",
+        "halflife.v1.InterestService", "halflife.v1.RecommendService",
+    }
+    assert "/halflife.v1.EmbeddingService/Embed" in map(path, API_METHODS)
+
+
+@pytest.mark.parametrize("method", API_METHODS, ids=path)
+def test_malformed_request_is_invalid_argument_with_a_bad_request(channel, method, caplog):
+    type_name = method.input_type.full_name
+    with caplog.at_level(logging.DEBUG):
+        for kind, payload in payloads(method).items():
+            with pytest.raises(grpc.RpcError) as caught:
+                call_raw(channel, method, payload)
+            error = caught.value
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (kind, error.code(), error.details())
+            assert type_name in error.details()
+            # Nothing of the server's Python shows through.
+            assert "class" not in error.details() and "DecodeError" not in error.details(), error.details()
+            (violation,) = bad_request(error).field_violations
+            assert violation.field == ""  # the bytes never became a message: no field to name
+            assert violation.description.startswith(f"is not a valid {type_name} message: "), violation.description
+    # The caller's mistake is not the server's error: no ERROR line, no traceback.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info] == []
+    assert_serving(channel)
+
+
+def test_bad_utf8_is_reported_as_such(channel):
+    embed = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].methods_by_name["Embed"]
+    with pytest.raises(grpc.RpcError) as caught:
+        call_raw(channel, embed, length_delimited(1, BAD_UTF8))
+    (violation,) = bad_request(caught.value).field_violations
+    assert "UTF-8" in violation.description
+
+
+def test_an_empty_message_is_parsed_and_validated_as_usual(channel):
+    # b"" is a valid EmbedRequest (all defaults): it reaches the handler, whose
+    # own validation names the field.
+    embed = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].methods_by_name["Embed"]
+    with pytest.raises(grpc.RpcError) as caught:
+        call_raw(channel, embed, b"")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in bad_request(caught.value).field_violations] == ["inputs"]
+
+
+def test_valid_requests_round_trip_through_the_registration(channel):
+    embed = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].methods_by_name["Embed"]
+    request = embedding_pb2.EmbedRequest(inputs=["still parsed", "and answered"])
+    response = embedding_pb2.EmbedResponse.FromString(call_raw(channel, embed, request.SerializeToString()))
+    assert [len(e.values) for e in response.embeddings] == [384, 384]
+    assert all(e.token_count > 0 for e in response.embeddings)
+    assert_serving(channel)
+
+
+def generated_class(message: Descriptor) -> type:
+    """The class protoc generated for `message`, from its _pb2 module."""
+    module = importlib.import_module(message.file.name.removesuffix(".proto").replace("/", ".") + "_pb2")
+    found = module
+    for part in message.full_name.removeprefix(message.file.package + ".").split("."):
+        found = getattr(found, part)
+    return found
+
+
+@pytest.mark.parametrize("method", API_METHODS, ids=path)
+def test_registration_uses_the_generated_message_classes(method):
+    # The servicers build and check the generated classes; the serializer the
+    # server registers is the response class's SerializeToString.
+    for message in (method.input_type, method.output_type):
+        assert message_factory.GetMessageClass(message) is generated_class(message)
+    assert not method.client_streaming and not method.server_streaming
+
+
+def test_a_streaming_rpc_is_refused_at_registration():
+    # Only unary-unary RPCs get the lenient parser; a streaming one must not
+    # slip in with the wrong handler kind. (Reflection's one RPC streams both ways.)
+    streaming = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+    with pytest.raises(TypeError, match="ServerReflectionInfo streams"):
+        add_api_service(None, streaming, object())
