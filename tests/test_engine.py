@@ -7,6 +7,7 @@ import pytest
 
 from halflife.config import Config
 from halflife.interest.engine import EventInput, InterestEngine, ItemInput
+from halflife.storage.base import StoreError
 from halflife.storage.sqlite import SqliteStore
 from tests.fakes import DIM, fake_embed, run_in_threads
 
@@ -51,6 +52,28 @@ def test_a_restart_after_delete_user_rebuilds_the_same_popularity(tmp_path):
     assert after_delete[0][0] in {"i3", "i4", "i5", "i6"}  # only bob's high ratings count now
     engine.store.close()
     assert cold_list(open_engine(tmp_path)) == after_delete
+
+
+def test_a_failed_delete_user_changes_nothing_and_a_retry_takes_back_once(tmp_path, monkeypatch):
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(4)])
+    engine.record_events([EventInput(f"a{n}", "alice", LIKE, "i1", None, None, T - n * 3600) for n in range(3)]
+                         + [EventInput(f"b{n}", "bob", LIKE, f"i{n % 2 * 2}", None, None, T - DAY) for n in range(4)])
+    before = cold_list(engine)
+    erase = engine.store.delete_user
+
+    def disk_full(user_id):
+        raise StoreError("database or disk is full")
+
+    monkeypatch.setattr(engine.store, "delete_user", disk_full)
+    with pytest.raises(StoreError):
+        engine.delete_user("alice")
+    assert cold_list(engine) == before  # alice's events are still stored, so still counted
+    monkeypatch.setattr(engine.store, "delete_user", erase)
+    assert engine.delete_user("alice") == 3
+    after = cold_list(engine)
+    engine.store.close()
+    assert cold_list(open_engine(tmp_path)) == after  # taken back once, as a restart rebuilds it
 
 
 def test_a_recreated_item_starts_without_its_namesakes_events(tmp_path):

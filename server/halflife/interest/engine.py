@@ -655,10 +655,10 @@ class InterestEngine:
             self._catch_up()
             # Only what this engine has counted can be taken back.
             events = [e for e in self.store.user_events(user_id) if self._events.applied(e.seq)]
+            deleted = self.store.delete_user(user_id)  # first: if it fails, memory must not change either
             if events:
                 rows = self._current_item_rows([e.item_id for e in events], np.array([e.seq for e in events]))
                 self._take_back_popularity(rows, self._record_types(events), np.array([e.event_time for e in events]))
-            deleted = self.store.delete_user(user_id)
             # A batch committed before the erasure whose thread has not applied
             # it yet: apply it now, without the erased rows, lest the thread
             # count the user's events again.
