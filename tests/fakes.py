@@ -36,3 +36,13 @@ def run_in_threads(steps: int, *actions) -> list[BaseException]:
     for thread in threads:
         thread.join(120)
     return errors
+
+
+def full_disk(store, full: bool) -> None:
+    """A real SQLITE_FULL for a SqliteStore's writer: its file may not grow
+    past the pages it has (full), or may again (not full)."""
+    def limit(conn):
+        pages = conn.execute("PRAGMA page_count").fetchone()[0] if full else 1 << 30
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+
+    store._submit(limit)

@@ -29,6 +29,7 @@ from halflife.api.validation import to_timestamp as to_pb_timestamp
 from halflife.config import BlendConfig, Config
 from halflife.v1 import catalog_pb2, interest_pb2, recommend_pb2
 from halflife_client import HalflifeClient, Item, field_violations, to_timestamp
+from tests.fakes import full_disk
 from tests.serving import ServerThread, repeat_min_cosine, start_cli_server
 
 T0 = dt.datetime(2024, 6, 1, tzinfo=dt.timezone.utc)
@@ -902,6 +903,20 @@ def test_invalid_profile_and_delete_user_requests(client):
     assert fields(error) == ["as_of_time"]
     error = rpc_error(client.delete_user, "")
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["user_id"]
+
+
+def test_a_full_disk_is_unavailable_and_a_retry_records_once(client, server):
+    events = likes("disk-full", IDS[COOKING] * 50, T0 - 2 * DAY, step=dt.timedelta(minutes=1))  # 300: new pages
+    full_disk(server.server.store, True)
+    try:
+        for _ in range(2):
+            error = rpc_error(client.record_events, events)
+            assert error.code() == grpc.StatusCode.UNAVAILABLE and "full" in error.details(), error.details()
+        assert len(client.profile("disk-full", as_of=T0).event_counts) == 0  # reads still served
+    finally:
+        full_disk(server.server.store, False)
+    assert client.record_events(events) == (300, 0)
+    assert client.record_events(events) == (0, 300)
 
 
 def test_server_keeps_serving_after_errors(client, scifi_fan):

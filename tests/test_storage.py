@@ -18,8 +18,9 @@ import pytest
 
 import halflife
 from halflife.storage import sqlite as sqlite_mod
-from halflife.storage.base import EventRecord, ItemRecord, StoreError
+from halflife.storage.base import EventRecord, ItemRecord, StoreError, StoreUnavailableError
 from halflife.storage.sqlite import DB_NAME, SCHEMA_VERSION, SqliteStore
+from tests.fakes import full_disk
 
 DIM = 16
 RNG = np.random.default_rng(1234)
@@ -311,6 +312,20 @@ def test_failing_batch_leaves_nothing(store, tmp_path):
     assert count(tmp_path, "SELECT COUNT(*) FROM vectors") == 1
     # the ids of the failed batch are still free
     assert len(store.record_events([e for e in bad if e.user_id])) == 9
+
+
+def test_a_full_disk_is_unavailable_and_stores_nothing_while_a_bad_row_is_a_plain_error(store):
+    store.record_events([event("before")])
+    full_disk(store, True)
+    batch = [event(f"f{k}", text="x" * 4000) for k in range(50)]
+    with pytest.raises(StoreUnavailableError, match="full"):
+        store.record_events(batch)
+    assert store.event_count() == 1 and store.existing_event_ids(["f0"]) == set()  # reads still work
+    full_disk(store, False)
+    assert len(store.record_events(batch)) == 50  # the retry succeeds
+    with pytest.raises(StoreError) as caught:
+        store.record_events([event("b", user_id=None)])  # NOT NULL: our bug, not the disk's
+    assert not isinstance(caught.value, StoreUnavailableError)
 
 
 def test_failing_batch_fails_alone_inside_a_group(store):

@@ -22,7 +22,8 @@ type InterestServiceClient interface {
 	// item) with a BadRequest violation per offending event, e.g.
 	// `events[7].item_id`. Idempotent by `event_id`: a re-sent event is stored
 	// once and counted in `duplicate_count`. Returns only once the events are
-	// durable on disk.
+	// durable on disk. UNAVAILABLE when the store cannot write (disk full, I/O
+	// error): nothing was recorded, and a retry is safe.
 	RecordEvents(ctx context.Context, in *RecordEventsRequest, opts ...grpc.CallOption) (*RecordEventsResponse, error)
 	// A user's interests at `as_of_time` (default: now), strongest first. A
 	// user with no events gets an empty profile, not an error.
@@ -76,7 +77,8 @@ type InterestServiceServer interface {
 	// item) with a BadRequest violation per offending event, e.g.
 	// `events[7].item_id`. Idempotent by `event_id`: a re-sent event is stored
 	// once and counted in `duplicate_count`. Returns only once the events are
-	// durable on disk.
+	// durable on disk. UNAVAILABLE when the store cannot write (disk full, I/O
+	// error): nothing was recorded, and a retry is safe.
 	RecordEvents(context.Context, *RecordEventsRequest) (*RecordEventsResponse, error)
 	// A user's interests at `as_of_time` (default: now), strongest first. A
 	// user with no events gets an empty profile, not an error.

@@ -1,5 +1,5 @@
 """Persistence behind a small interface (`Store`); nothing above it talks SQL."""
 
-from halflife.storage.base import EventColumns, EventRecord, ItemRecord, Store, StoreError
+from halflife.storage.base import EventColumns, EventRecord, ItemRecord, Store, StoreError, StoreUnavailableError
 
-__all__ = ["EventColumns", "EventRecord", "ItemRecord", "Store", "StoreError"]
+__all__ = ["EventColumns", "EventRecord", "ItemRecord", "Store", "StoreError", "StoreUnavailableError"]

@@ -20,6 +20,13 @@ class StoreError(Exception):
     """The store cannot do what was asked (corrupt file, newer schema, I/O error)."""
 
 
+class StoreUnavailableError(StoreError):
+    """The store's files cannot be written or read right now (disk full, I/O
+    error, read-only file, lock timeout), or a write failed with another one
+    in its group commit: nothing of the call was stored, and a retry may
+    succeed."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ItemRecord:
     id: str

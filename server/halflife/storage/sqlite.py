@@ -53,7 +53,16 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from halflife.storage.base import Change, EventColumns, EventRecord, ItemRecord, StoreError, StoreHead, as_vector
+from halflife.storage.base import (
+    Change,
+    EventColumns,
+    EventRecord,
+    ItemRecord,
+    StoreError,
+    StoreHead,
+    StoreUnavailableError,
+    as_vector,
+)
 
 __all__ = ["DB_NAME", "MIGRATIONS", "SCHEMA_VERSION", "WRITER_PRAGMAS", "SqliteStore"]
 
@@ -306,10 +315,22 @@ _ITEM_SELECT = """SELECT i.id, i.text, i.categories, i.attributes, i.create_time
                   FROM items i JOIN vectors v ON v.id = i.vector_id"""
 
 
-def _store_error(e: BaseException) -> BaseException:
-    """SQLite errors become StoreError (with the cause kept); others pass as they are."""
+# Primary result codes of the files and locks, not of our SQL: a retry may succeed.
+_UNAVAILABLE_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_BUSY,
+                                sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_NOMEM,
+                                sqlite3.SQLITE_PROTOCOL})
+
+
+def _store_error(e: BaseException, context: str = "") -> BaseException:
+    """SQLite errors become StoreError (with the cause kept), those of the
+    files or locks (disk full, I/O error, read-only, busy)
+    StoreUnavailableError; others pass as they are. (Python 3.10's errors
+    carry no result code: StoreError.)"""
     if isinstance(e, sqlite3.Error):
-        err = StoreError(str(e))
+        code = getattr(e, "sqlite_errorcode", None)
+        unavailable = code is not None and code & 0xFF in _UNAVAILABLE_CODES
+        kind = StoreUnavailableError if unavailable else StoreError
+        err = kind(f"{context}{e}")
         err.__cause__ = e
         return err
     return e
@@ -441,15 +462,16 @@ class SqliteStore:
                         pass
                     for job in jobs:
                         if not job.future.done():
-                            job.future.set_exception(StoreError(f"writer failed: {e}"))
+                            job.future.set_exception(_store_error(e, "writer failed: "))
         conn.close()
 
     def _run_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
         done: list[tuple[_Job, Any]] = []  # succeeded in the open transaction, not yet committed
 
         def fail_done(exc: BaseException) -> None:
+            # These jobs did nothing wrong: the transaction they shared failed.
             for job, _ in done:
-                job.future.set_exception(StoreError(f"transaction aborted: {exc}"))
+                job.future.set_exception(StoreUnavailableError(f"transaction aborted: {exc}"))
             done.clear()
 
         for job in jobs:
@@ -460,7 +482,7 @@ class SqliteStore:
                 conn.execute("SAVEPOINT job")
             except sqlite3.Error as e:
                 fail_done(e)
-                job.future.set_exception(StoreError(str(e)))
+                job.future.set_exception(_store_error(e))
                 continue
             try:
                 result = job.fn(conn)
@@ -528,7 +550,7 @@ class SqliteStore:
         try:
             return fn(conn)
         except sqlite3.Error as e:
-            raise StoreError(str(e)) from e
+            raise _store_error(e) from e
         finally:
             self._release_reader(conn)
 
@@ -616,7 +638,7 @@ class SqliteStore:
                 for row in rows:
                     yield _item_from(row)
         except sqlite3.Error as e:
-            raise StoreError(str(e)) from e
+            raise _store_error(e) from e
         finally:
             self._release_reader(conn)
 
@@ -739,7 +761,7 @@ class SqliteStore:
                     times=np.array(times, dtype=np.float64),
                 )
         except sqlite3.Error as e:
-            raise StoreError(str(e)) from e
+            raise _store_error(e) from e
         finally:
             self._release_reader(conn)
 

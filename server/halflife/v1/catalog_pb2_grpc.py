@@ -32,7 +32,9 @@ class CatalogServiceStub:
 
     Every batch is atomic: when one element is invalid, nothing in the batch is
     applied, and the error is INVALID_ARGUMENT with a google.rpc.BadRequest
-    field violation per offending element (e.g. `items[3].vector`).
+    field violation per offending element (e.g. `items[3].vector`). When the
+    store cannot write (disk full, I/O error) the error is UNAVAILABLE, nothing
+    was applied, and a retry is safe.
     """
 
     def __init__(self, channel):
@@ -65,7 +67,9 @@ class CatalogServiceServicer:
 
     Every batch is atomic: when one element is invalid, nothing in the batch is
     applied, and the error is INVALID_ARGUMENT with a google.rpc.BadRequest
-    field violation per offending element (e.g. `items[3].vector`).
+    field violation per offending element (e.g. `items[3].vector`). When the
+    store cannot write (disk full, I/O error) the error is UNAVAILABLE, nothing
+    was applied, and a retry is safe.
     """
 
     def UpsertItems(self, request, context):
@@ -124,7 +128,9 @@ class CatalogService:
 
     Every batch is atomic: when one element is invalid, nothing in the batch is
     applied, and the error is INVALID_ARGUMENT with a google.rpc.BadRequest
-    field violation per offending element (e.g. `items[3].vector`).
+    field violation per offending element (e.g. `items[3].vector`). When the
+    store cannot write (disk full, I/O error) the error is UNAVAILABLE, nothing
+    was applied, and a retry is safe.
     """
 
     @staticmethod

@@ -72,7 +72,8 @@ class InterestServiceServicer:
         item) with a BadRequest violation per offending event, e.g.
         `events[7].item_id`. Idempotent by `event_id`: a re-sent event is stored
         once and counted in `duplicate_count`. Returns only once the events are
-        durable on disk.
+        durable on disk. UNAVAILABLE when the store cannot write (disk full, I/O
+        error): nothing was recorded, and a retry is safe.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

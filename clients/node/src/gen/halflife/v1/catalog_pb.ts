@@ -227,7 +227,9 @@ export const GetItemsResponseSchema: GenMessage<GetItemsResponse> = /*@__PURE__*
  *
  * Every batch is atomic: when one element is invalid, nothing in the batch is
  * applied, and the error is INVALID_ARGUMENT with a google.rpc.BadRequest
- * field violation per offending element (e.g. `items[3].vector`).
+ * field violation per offending element (e.g. `items[3].vector`). When the
+ * store cannot write (disk full, I/O error) the error is UNAVAILABLE, nothing
+ * was applied, and a retry is safe.
  *
  * @generated from service halflife.v1.CatalogService
  */

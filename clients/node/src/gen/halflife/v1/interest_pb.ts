@@ -585,7 +585,8 @@ export const InterestService: GenService<{
    * item) with a BadRequest violation per offending event, e.g.
    * `events[7].item_id`. Idempotent by `event_id`: a re-sent event is stored
    * once and counted in `duplicate_count`. Returns only once the events are
-   * durable on disk.
+   * durable on disk. UNAVAILABLE when the store cannot write (disk full, I/O
+   * error): nothing was recorded, and a retry is safe.
    *
    * @generated from rpc halflife.v1.InterestService.RecordEvents
    */
