@@ -240,3 +240,57 @@ def test_serve_keeps_freed_arrays_under_the_threshold_mapped():
 
     assert page_faults("mmap only") > 20_000  # ~2 x 196 pages per round
     assert page_faults("serve") < 2_000
+
+
+def serve_once(model_dir: Path, data_dir: Path, port: str = "0", workers: int = 1) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "halflife.cli", "serve", "--workers", str(workers), "--port", port,
+         "--model-dir", str(model_dir), "--data-dir", str(data_dir)],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+@pytest.mark.parametrize("first_workers, second_workers", [(1, 1), (2, 1), (1, 2)])
+def test_a_second_server_on_a_data_dir_in_use_is_refused(model_dir, tmp_path, first_workers, second_workers):
+    # Only one group's workers follow each other's writes: a second server on
+    # the same files would answer from a memory that misses them.
+    process, _ = start_cli_server(model_dir, tmp_path / "data", drain=True, workers=first_workers)
+    try:
+        second = serve_once(model_dir, tmp_path / "data", workers=second_workers)
+        assert second.returncode == 1
+        assert f"is in use by another halflife serve (pid {process.pid})" in second.stderr, second.stderr
+        assert "Traceback" not in second.stderr and "starting" not in second.stderr
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert wait_exit(process) == 0
+    again, _ = start_cli_server(model_dir, tmp_path / "data", drain=True)  # free again once it stopped
+    again.send_signal(signal.SIGTERM)
+    assert wait_exit(again) == 0
+
+
+def test_a_single_server_on_a_busy_port_fails_in_one_line(model_dir, tmp_path):
+    process, address = start_cli_server(model_dir, tmp_path / "data", drain=True)
+    try:
+        second = serve_once(model_dir, tmp_path / "other", port=address.rsplit(":", 1)[1])
+        assert second.returncode == 1
+        assert f"cannot bind {address}" in second.stderr and "Traceback" not in second.stderr, second.stderr
+    finally:
+        process.send_signal(signal.SIGTERM)
+        wait_exit(process)
+
+
+def test_sigterm_while_the_workers_start_is_a_clean_stop(model_dir, tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "halflife.cli", "serve", "--workers", "2", "--port", "0",
+         "--model-dir", str(model_dir), "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        for line in process.stdout:  # bounded: the process ends or logs this within seconds
+            if "starting 2 workers" in line:
+                break
+        process.send_signal(signal.SIGTERM)  # the workers have not installed their handlers yet
+        output = process.communicate(timeout=60)[0]
+        assert process.returncode == 0, output
+    finally:
+        process.kill()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import dataclasses
 import datetime as dt
@@ -123,7 +124,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         print("halflife serve: error: onnxruntime is not installed: pip install 'halflife[cpu]' "
               "(or 'halflife[gpu]' on a CUDA machine)", file=sys.stderr)
         return EXIT_FAILURE
-    from halflife.api.server import ServerConfig, serve
+    from halflife.api.server import ServerConfig, claim_data_dir, serve
     from halflife.config import ConfigError, load_config
     from halflife.embedding.batcher import BatchingConfig
     from halflife.storage.base import StoreError
@@ -155,7 +156,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         follow_store=args.worker_index is not None,
     )
     try:
-        run_event_loop(serve(config, parent_pid=os.getppid() if args.worker_index is not None else None))
+        # A group's parent holds the data directory for its workers.
+        with claim_data_dir(args.data_dir) if args.worker_index is None else contextlib.nullcontext():
+            run_event_loop(serve(config, parent_pid=os.getppid() if args.worker_index is not None else None))
     except (ManifestError, StoreError, OSError) as exc:
         print(f"halflife serve: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -163,6 +166,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_workers(args: argparse.Namespace) -> int:
+    from halflife.api.server import claim_data_dir
     from halflife.cpu import physical_cores
     from halflife.embedding.manifest import load_manifest
     from halflife.storage.base import StoreError
@@ -171,10 +175,10 @@ def _run_workers(args: argparse.Namespace) -> int:
 
     try:
         load_manifest(args.model_dir)  # one clear error here rather than one per worker
-        SqliteStore(args.data_dir).close()  # migrations run once, here, before any worker opens the file
-        return run_workers(
-            args.argv[1:], args.host, args.port, args.workers, worker_threads(args.threads, args.workers, physical_cores())
-        )
+        with claim_data_dir(args.data_dir):  # for the workers, until they have stopped
+            SqliteStore(args.data_dir).close()  # migrations run once, here, before any worker opens the file
+            return run_workers(args.argv[1:], args.host, args.port, args.workers,
+                               worker_threads(args.threads, args.workers, physical_cores()))
     except (ManifestError, StoreError, OSError) as exc:
         print(f"halflife serve: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -35,7 +35,10 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
     SO_REUSEPORT would also let this group join another one already serving
     the port (same user), silently splitting its traffic; a listener that
-    answers a connection attempt is therefore an error."""
+    answers a connection attempt is therefore an error. Two groups started
+    within the moment their workers take to listen (~0.3 s) both pass this
+    check; with the same data directory the second is refused anyway
+    (api.server.claim_data_dir)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -63,20 +66,7 @@ def run_workers(serve_argv: Sequence[str], host: str, port: int, workers: int, t
     """Runs `workers` copies of `halflife serve <serve_argv>` on one port until
     SIGTERM/SIGINT (forwarded to them) or until one exits on its own. Returns
     the exit status: 0 after a requested stop that every worker completed."""
-    with reserve_port(host, port) as reserved:
-        port = reserved.getsockname()[1]
-        log.info("starting %d workers on %s:%d, %d intra-op threads each", workers, host, port, threads)
-        processes = [
-            subprocess.Popen(
-                [sys.executable, "-m", "halflife.cli", "serve", *serve_argv, "--port", str(port),
-                 "--threads", str(threads), "--workers", "1", "--worker-index", str(index)]
-            )
-            for index in range(workers)
-        ]
-        return _supervise(processes)
-
-
-def _supervise(processes: list[subprocess.Popen]) -> int:
+    processes: list[subprocess.Popen] = []
     requested: list[int] = []
 
     def forward(signum: int, _frame) -> None:
@@ -85,26 +75,46 @@ def _supervise(processes: list[subprocess.Popen]) -> int:
             if process.poll() is None:
                 process.send_signal(signum)
 
+    # Before the first worker starts: a stop asked for while they start must reach them all.
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
-    failed = False
     try:
-        while any(process.poll() is None for process in processes):
-            ended = [(i, p.returncode) for i, p in enumerate(processes) if p.returncode is not None]
-            if ended and not requested and not failed:
-                index, status = ended[0]
-                log.error("worker %d exited with status %s; stopping the others", index, status)
-                failed = True
-                for process in processes:
-                    if process.poll() is None:
-                        process.terminate()  # graceful: SIGTERM
-            time.sleep(POLL_SECONDS)
+        with reserve_port(host, port) as reserved:
+            port = reserved.getsockname()[1]
+            log.info("starting %d workers on %s:%d, %d intra-op threads each", workers, host, port, threads)
+            for index in range(workers):
+                if requested:
+                    break
+                processes.append(subprocess.Popen(
+                    [sys.executable, "-m", "halflife.cli", "serve", *serve_argv, "--port", str(port),
+                     "--threads", str(threads), "--workers", "1", "--worker-index", str(index)]
+                ))
+                if requested:  # it arrived while this one started
+                    processes[-1].send_signal(requested[0])
+            return _supervise(processes, requested)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _supervise(processes: list[subprocess.Popen], requested: list[int]) -> int:
+    """Waits for the workers; stops them all when one exits unasked.
+    `requested`: the signals forwarded to them so far (filled by a handler)."""
+    failed = False
+    while any(process.poll() is None for process in processes):
+        ended = [(i, p.returncode) for i, p in enumerate(processes) if p.returncode is not None]
+        if ended and not requested and not failed:
+            index, status = ended[0]
+            log.error("worker %d exited with status %s; stopping the others", index, status)
+            failed = True
+            for process in processes:
+                if process.poll() is None:
+                    process.terminate()  # graceful: SIGTERM
+        time.sleep(POLL_SECONDS)
     statuses = [process.returncode for process in processes]
-    if failed or any(statuses):
+    # A worker the forwarded signal reached before it could handle it died of it: still a requested stop.
+    stopped = {0, *(-signum for signum in requested)}
+    if failed or any(status not in stopped for status in statuses):
         log.error("workers exited with statuses %s", statuses)
         return 1
     log.info("all %d workers stopped", len(processes))
     return 0
-

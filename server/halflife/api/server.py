@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import logging
 import os
 import signal
 from pathlib import Path
+from typing import IO
 
 import grpc
 from google.protobuf import message_factory
@@ -149,9 +151,12 @@ class HalflifeServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(service_names(), server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = server.add_insecure_port(f"{config.host}:{config.port}")
+        try:  # grpcio >= 1.6x raises where older ones returned 0
+            self.port = server.add_insecure_port(f"{config.host}:{config.port}")
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind {config.host}:{config.port}")
+            raise OSError(f"cannot bind {config.host}:{config.port} (in use by another process?)")
         self._server = server
         await server.start()
         log.info("listening on %s:%d (health NOT_SERVING while loading)", config.host, self.port)
@@ -208,6 +213,36 @@ class HalflifeServer:
             await asyncio.to_thread(self.store.close)
             self.store = None
         self.backend.close()
+
+
+DATA_DIR_LOCK = "serve.lock"
+
+
+def claim_data_dir(data_dir: Path) -> IO[str]:
+    """Takes `data_dir` for this process (a single server, or the parent of
+    `--workers`) until the returned file is closed or the process ends.
+
+    Only the workers of one group follow each other's writes; a second
+    independent server on the same files would answer from a stale memory
+    (items it never indexed, users erased elsewhere). Raises OSError naming
+    the holder."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(data_dir / DATA_DIR_LOCK, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise OSError(f"{data_dir} is in use by another halflife serve ({holder}); "
+                      "one server or one --workers group per data directory") from None
+    except BaseException:
+        lock.close()
+        raise
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 async def serve(config: ServerConfig, parent_pid: int | None = None) -> None:
