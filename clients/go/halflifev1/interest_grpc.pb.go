@@ -29,7 +29,8 @@ type InterestServiceClient interface {
 	// user with no events gets an empty profile, not an error.
 	GetProfile(ctx context.Context, in *GetProfileRequest, opts ...grpc.CallOption) (*GetProfileResponse, error)
 	// Erases a user's events and profile for good (privacy requests). Unknown
-	// users are not an error.
+	// users are not an error. Their event ids go too, so an event re-sent
+	// after the erasure (a late client retry) is recorded again.
 	DeleteUser(ctx context.Context, in *DeleteUserRequest, opts ...grpc.CallOption) (*DeleteUserResponse, error)
 }
 
@@ -84,7 +85,8 @@ type InterestServiceServer interface {
 	// user with no events gets an empty profile, not an error.
 	GetProfile(context.Context, *GetProfileRequest) (*GetProfileResponse, error)
 	// Erases a user's events and profile for good (privacy requests). Unknown
-	// users are not an error.
+	// users are not an error. Their event ids go too, so an event re-sent
+	// after the erasure (a late client retry) is recorded again.
 	DeleteUser(context.Context, *DeleteUserRequest) (*DeleteUserResponse, error)
 	mustEmbedUnimplementedInterestServiceServer()
 }

@@ -89,7 +89,8 @@ class InterestServiceServicer:
 
     def DeleteUser(self, request, context):
         """Erases a user's events and profile for good (privacy requests). Unknown
-        users are not an error.
+        users are not an error. Their event ids go too, so an event re-sent
+        after the erasure (a late client retry) is recorded again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -608,7 +608,8 @@ export const InterestService: GenService<{
   },
   /**
    * Erases a user's events and profile for good (privacy requests). Unknown
-   * users are not an error.
+   * users are not an error. Their event ids go too, so an event re-sent
+   * after the erasure (a late client retry) is recorded again.
    *
    * @generated from rpc halflife.v1.InterestService.DeleteUser
    */
