@@ -724,6 +724,17 @@ def test_every_bad_event_is_named(client):
     assert client.record_events([batch[0], batch[2]]) == (2, 0)
 
 
+def test_a_thousand_unknown_items_still_fit_the_error_trailer(client):
+    # gRPC caps trailers at 16 KiB: a violation for each of 1,000 events did not fit,
+    # and the caller saw RESOURCE_EXHAUSTED about metadata instead of NOT_FOUND.
+    batch = [ev(f"lost-{n}", "val-lost", LIKE, f"no-such-item-with-a-long-name-{n:04}") for n in range(1000)]
+    error = rpc_error(client.record_events, batch)
+    assert error.code() == grpc.StatusCode.NOT_FOUND, error.details()
+    named = fields(error)
+    assert 10 < len(named) < 1000 and named == [f"events[{n}].item_id" for n in range(len(named))]
+    assert f"1000 violations; the details list the first {len(named)}" in error.details()
+
+
 def test_event_batch_sizes(client):
     error = rpc_error(client.record_events, [])
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["events"]
