@@ -100,6 +100,39 @@ def test_client_commands_report_errors_in_one_line(server, tmp_path):
     assert missing.stderr.startswith("halflife load-movielens: error:")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["serve", "--port", "70000"], "argument --port: must be 0 to 65535, got 70000"),  # gRPC would wrap it to 4464
+    (["serve", "--port=-1"], "argument --port: must be 0 to 65535, got -1"),
+    (["serve", "--max-queued-inputs", "0"], "argument --max-queued-inputs: must be at least 1, got 0"),
+    (["serve", "--max-batch-tokens", "-5"], "argument --max-batch-tokens: must be at least 1, got -5"),
+    (["load-movielens", "x", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["recommend", "1", "--as-of", "inf"], "argument --as-of: unix seconds out of range (years 1 to 9999): 'inf'"),
+    (["profile", "1", "--as-of=1e20"], "argument --as-of: unix seconds out of range (years 1 to 9999): '1e20'"),
+])
+def test_out_of_range_flags_are_usage_errors(args, message):
+    result = halflife(*args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_ctrl_c_is_one_line_and_exit_130():
+    import signal
+    import socket
+
+    with socket.socket() as silent:  # accepts connections, never speaks HTTP/2: the call waits
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "halflife.cli", "recommend", "1", "--target", f"127.0.0.1:{silent.getsockname()[1]}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        silent.settimeout(60)
+        connection, _ = silent.accept()  # the command is past its imports, in the call
+        with connection:
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130 and stderr.strip() == "halflife recommend: interrupted", stderr
+
+
 class FlakyEmbedding(embedding_pb2_grpc.EmbeddingServiceServicer):
     """Answers UNAVAILABLE to the first two GetModelInfo calls, and always
     INVALID_ARGUMENT to Embed; counts the attempts it sees."""

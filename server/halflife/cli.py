@@ -77,7 +77,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
 
     parser = commands.add_parser("serve", help="serve the gRPC API", description="Serve Halflife's gRPC API.")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
+    parser.add_argument("--port", type=_port, default=50051, help="port (default 50051; 0 picks a free one)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help=f"default {DEFAULT_DATA_DIR}")
     parser.add_argument(
         "--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help=f"exported model (default {DEFAULT_MODEL_DIR})"
@@ -101,8 +101,9 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         help="threads one request computes on, per process: onnxruntime's intra-op threads and the blocks "
              "of a catalogue scan (default: physical cores / workers)",
     )
-    parser.add_argument("--max-batch-tokens", type=int, default=None, help="padded tokens per model batch")
-    parser.add_argument("--max-queued-inputs", type=int, default=None, help="queue size before RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-batch-tokens", type=_positive_int, default=None, help="padded tokens per model batch")
+    parser.add_argument("--max-queued-inputs", type=_positive_int, default=None,
+                        help="queue size before RESOURCE_EXHAUSTED")
     parser.add_argument("--config", type=Path, default=None, help="TOML file of decay, weights and ranking settings")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     # Set by `--workers N` on the processes it starts; not for direct use.
@@ -114,6 +115,13 @@ def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:  # gRPC would wrap 70000 to 4464 and -1 to 65535
+        raise argparse.ArgumentTypeError(f"must be 0 to 65535, got {number}")
     return number
 
 
@@ -190,9 +198,14 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 def _timestamp(value: str) -> dt.datetime:
     """ISO 8601 (naive = UTC) or unix seconds."""
     try:
-        return dt.datetime.fromtimestamp(float(value), tz=dt.timezone.utc)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        try:
+            return dt.datetime.fromtimestamp(seconds, tz=dt.timezone.utc)
+        except (ValueError, OverflowError, OSError):
+            raise argparse.ArgumentTypeError(f"unix seconds out of range (years 1 to 9999): {value!r}") from None
     try:
         parsed = dt.datetime.fromisoformat(value)
     except ValueError:
@@ -204,7 +217,7 @@ def _add_client_commands(commands: argparse._SubParsersAction) -> None:
     load = commands.add_parser("load-movielens", help="load a MovieLens directory into a running server")
     load.add_argument("directory", type=Path, help="e.g. ../shared/data/ml-latest-small")
     load.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
-    load.add_argument("--batch-size", type=int, default=500, help="events per RecordEvents call (default 500)")
+    load.add_argument("--batch-size", type=_positive_int, default=500, help="events per RecordEvents call (default 500)")
     load.set_defaults(run=_run_load)
 
     recommend = commands.add_parser("recommend", help="show a user's recommendations, explained")
@@ -410,7 +423,11 @@ def main(argv: list[str] | None = None) -> int:
         _fix_mmap_threshold()
     args = build_parser().parse_args(argv)
     args.argv = argv  # `serve --workers N` starts its workers with the same flags
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C: every command's writes are atomic or idempotent, so a rerun is safe
+        print(f"halflife {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
