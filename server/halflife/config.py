@@ -148,6 +148,22 @@ class Config:
         )
 
 
+# Bounds that keep the arithmetic finite: a half-life of 1e-320 days made every
+# decay factor infinite (the server spun and never answered), a weight of 1e308
+# overflowed float32 popularity into NaN. Weights are relative; a minute is
+# shorter than any interest worth keeping.
+MIN_HALF_LIFE_DAYS = 1 / 1440
+MAX_WEIGHT = 1000.0
+
+
+def _half_life(value: Any, key: str) -> float:
+    return float(_number(value, key, positive=True, minimum=MIN_HALF_LIFE_DAYS))
+
+
+def _weight(value: Any, key: str, minimum: float = -MAX_WEIGHT) -> float:
+    return float(_number(value, key, minimum=minimum, maximum=MAX_WEIGHT))
+
+
 def _number(value: Any, key: str, *, minimum: float | None = None, maximum: float | None = None, positive: bool = False, integer: bool = False):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise ConfigError(f"{key}: expected {'an integer' if integer else 'a number'}, got {value!r}")
@@ -156,9 +172,9 @@ def _number(value: Any, key: str, *, minimum: float | None = None, maximum: floa
     if positive and not value > 0:
         raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
     if minimum is not None and value < minimum:
-        raise ConfigError(f"{key}: must be at least {minimum}, got {value!r}")
+        raise ConfigError(f"{key}: must be at least {minimum:g}, got {value!r}")
     if maximum is not None and value > maximum:
-        raise ConfigError(f"{key}: must be at most {maximum}, got {value!r}")
+        raise ConfigError(f"{key}: must be at most {maximum:g}, got {value!r}")
     if not integer and math.isinf(value) and not positive:
         raise ConfigError(f"{key}: must be finite")
     return value
@@ -207,8 +223,8 @@ def parse_config(data: dict) -> Config:
         _reject_unknown(table, {"weight", "half_life_days"}, prefix)
         base = event_types[name]
         event_types[name] = EventTypeConfig(
-            weight=float(_number(table.get("weight", base.weight), prefix + "weight")),
-            half_life_days=float(_number(table.get("half_life_days", base.half_life_days), prefix + "half_life_days", positive=True)),
+            weight=_weight(table.get("weight", base.weight), prefix + "weight"),
+            half_life_days=_half_life(table.get("half_life_days", base.half_life_days), prefix + "half_life_days"),
         )
     ratings = _section(RatingConfig, _table(data, "ratings"), "ratings.", {
         "positive_min": lambda v, k: float(_number(v, k)),
@@ -221,10 +237,10 @@ def parse_config(data: dict) -> Config:
         "max_interests": lambda v, k: _number(v, k, minimum=1, integer=True),
         "cluster_threshold": lambda v, k: float(_number(v, k, minimum=-1.0)),
         "combine": lambda v, k: _choice(v, k, ("sum", "max")),
-        "negative_weight": lambda v, k: float(_number(v, k, minimum=0.0)),
+        "negative_weight": lambda v, k: _weight(v, k, minimum=0.0),
         "cache_users": lambda v, k: _number(v, k, minimum=1, integer=True),
         "kernel": lambda v, k: _choice(v, k, ("half_life", "exp", "gauss", "linear")),
-        "kernel_scale_days": lambda v, k: float(_number(v, k, positive=True)),
+        "kernel_scale_days": _half_life,
         "kernel_offset_days": lambda v, k: float(_number(v, k, minimum=0.0)),
         "kernel_decay": lambda v, k: float(_number(v, k, positive=True, maximum=1.0)),
     })
@@ -234,18 +250,18 @@ def parse_config(data: dict) -> Config:
         raise ConfigError("profile.kernel_decay: must be below 1 for the exp and gauss kernels")
     ranking = _section(RankingConfig, _table(data, "ranking"), "ranking.", {
         "max_limit": lambda v, k: _number(v, k, minimum=1, integer=True),
-        "freshness_half_life_days": lambda v, k: float(_number(v, k, positive=True)),
+        "freshness_half_life_days": _half_life,
         "query_weight": lambda v, k: float(_number(v, k, minimum=0.0, maximum=1.0)),
         "labels_per_interest": lambda v, k: _number(v, k, minimum=0, integer=True),
         "items_per_interest": lambda v, k: _number(v, k, minimum=0, integer=True),
     })
     blend = _section(BlendConfig, _table(data, "blend"), "blend.", {
-        "interest": lambda v, k: float(_number(v, k, minimum=0.0)),
-        "cooccurrence": lambda v, k: float(_number(v, k, minimum=0.0)),
-        "popularity": lambda v, k: float(_number(v, k, minimum=0.0)),
+        "interest": lambda v, k: _weight(v, k, minimum=0.0),
+        "cooccurrence": lambda v, k: _weight(v, k, minimum=0.0),
+        "popularity": lambda v, k: _weight(v, k, minimum=0.0),
         "similarity": lambda v, k: _choice(v, k, ("count", "jaccard", "cosine", "lift")),
-        "affinity_half_life_days": lambda v, k: float(_number(v, k, positive=True)),
-        "popularity_half_life_days": lambda v, k: float(_number(v, k, positive=True)),
+        "affinity_half_life_days": _half_life,
+        "popularity_half_life_days": _half_life,
     })
     return Config(event_types=event_types, ratings=ratings, profile=profile, ranking=ranking, blend=blend)
 
