@@ -350,6 +350,20 @@ def test_cli_output_is_a_file(tmp_path, sources, capsys):
     assert output.read_text() == "precious"
 
 
+def test_force_replaces_only_a_model_directory(tmp_path, sources, capsys, monkeypatch):
+    output = tmp_path / "notes"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    rc, out, err = run_cli(["export", "--model", str(sources["bert"]), "--output", str(output), "--force"], capsys)
+    assert_one_line_error(rc, err, out, contains="is not a model directory (no manifest.json)")
+    assert (output / "notes.txt").read_text() == "mine"
+    (output / "manifest.json").write_text("{}")  # even a model directory cannot be swapped out from under us
+    monkeypatch.chdir(output)
+    rc, out, err = run_cli(["export", "--model", str(sources["bert"]), "--output", ".", "--force"], capsys)
+    assert_one_line_error(rc, err, out, contains="holds the working directory")
+    assert sorted(p.name for p in output.iterdir()) == ["manifest.json", "notes.txt"]
+
+
 def test_cli_non_empty_output_needs_force(tmp_path, sources, capsys):
     output = tmp_path / "model"
     output.mkdir()

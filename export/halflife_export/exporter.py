@@ -264,8 +264,16 @@ def _choose_pooling(requested: str, kind: str) -> str:
 def _check_output(output: Path, force: bool) -> None:
     if output.exists() and not output.is_dir():
         raise ExportError(f"--output {output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not force:
-        raise ExportError(f"--output {output} is not empty; pass --force to replace it")
+    if output.is_dir() and any(output.iterdir()):
+        if not force:
+            raise ExportError(f"--output {output} is not empty; pass --force to replace it")
+        # --force replaces a model directory, never someone's other files.
+        if not (output / MANIFEST_NAME).is_file():
+            raise ExportError(f"--output {output} is not a model directory (no {MANIFEST_NAME}); --force only "
+                              "replaces one")
+        here = Path.cwd()
+        if output.resolve() == here or output.resolve() in here.parents:
+            raise ExportError(f"--output {output} holds the working directory; it cannot be swapped out")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=output.parent):
