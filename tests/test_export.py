@@ -247,6 +247,53 @@ def test_tampered_variant_is_refused(exported, tmp_path):
     EmbeddingEngine.load(copy, variant="fp16", provider="cpu")  # the others still load
 
 
+def _edited_copy(out: Path, tmp_path: Path, edit) -> Path:
+    """A copy of an exported model directory whose manifest (a dict) `edit` changed in place."""
+    copy = tmp_path / "edited"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest, copy)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def _rewrite(copy: Path, file: str, data: bytes) -> str:
+    """Replaces `file` with `data` and returns its sha256, as a manifest would record it."""
+    (copy / file).write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _garbage_variant(manifest, copy):
+    variant = next(v for v in manifest["variants"] if v["name"] == manifest["default_variants"][CPU])
+    variant["sha256"] = _rewrite(copy, variant["file"], b"not an onnx model")
+
+
+def _garbage_tokenizer(manifest, copy):
+    manifest["tokenizer_sha256"] = _rewrite(copy, manifest["tokenizer_file"], b"{not json")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_garbage_variant, "is not a loadable ONNX model"),
+    (_garbage_tokenizer, "is not a loadable tokenizer"),
+    (lambda m, _: m.update(pooling="bogus"), "pooling 'bogus' is not one of mean, last_token, cls"),
+    (lambda m, _: m.update(default_variants={}), "names no default variant for CPUExecutionProvider"),
+    (lambda m, _: m.update(dimension=m["dimension"] + 1), "-d vectors, the manifest says"),
+])
+def test_a_consistent_but_wrong_manifest_is_a_manifest_error(exported, tmp_path, edit, message):
+    # Checksums that match files the manifest misdescribes: an audit found each
+    # of these a traceback at start, or (the dimension) INTERNAL on every upsert.
+    kind, src, out, manifest = exported
+    copy = _edited_copy(out, tmp_path, edit)
+    with pytest.raises(ManifestError, match=message):
+        EmbeddingEngine.load(copy, provider="cpu").warm_up()
+
+
+def test_a_manifest_that_is_not_an_object_names_its_file(tmp_path):
+    (tmp_path / "manifest.json").write_text("[]")
+    with pytest.raises(ManifestError, match=f"{tmp_path / 'manifest.json'} is malformed: expected a JSON object"):
+        load_manifest(tmp_path)
+
+
 # ---------------------------------------------------------------- CLI error paths
 
 

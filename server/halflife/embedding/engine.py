@@ -168,7 +168,9 @@ class EmbeddingEngine:
         model_dir = Path(model_dir)
         manifest = load_manifest(model_dir)
         wanted = _resolve_provider(provider)
-        variant_name = variant or manifest.default_variants.get(wanted) or manifest.default_variants[CPU]
+        variant_name = variant or manifest.default_variants.get(wanted) or manifest.default_variants.get(CPU)
+        if variant_name is None:
+            raise ManifestError(f"{model_dir}: the manifest names no default variant for {wanted}; pass --variant")
         chosen = manifest.variant(variant_name)
         onnx_path = verify_file(model_dir, chosen.file, chosen.sha256)
         tokenizer_path = verify_file(model_dir, manifest.tokenizer_file, manifest.tokenizer_sha256)
@@ -176,12 +178,20 @@ class EmbeddingEngine:
         providers = [CUDA, CPU] if wanted == CUDA else [CPU]
         if wanted == CUDA:
             _preload_cuda_libraries()
-        session = ort.InferenceSession(
-            str(onnx_path), sess_options=session_options(intra_op_threads), providers=providers
-        )
+        # Checksums match what the manifest says, but the manifest may be wrong
+        # too: onnxruntime and tokenizers raise their own exception types.
+        try:
+            session = ort.InferenceSession(
+                str(onnx_path), sess_options=session_options(intra_op_threads), providers=providers
+            )
+        except Exception as exc:  # noqa: BLE001
+            raise ManifestError(f"{onnx_path} is not a loadable ONNX model: {exc}") from exc
         if wanted == CUDA and session.get_providers()[0] != CUDA:
             log.warning("CUDA was requested but onnxruntime fell back to %s", session.get_providers()[0])
-        return cls(manifest, model_dir, variant_name, session, tokenizer_path)
+        try:
+            return cls(manifest, model_dir, variant_name, session, tokenizer_path)
+        except Exception as exc:  # noqa: BLE001
+            raise ManifestError(f"{tokenizer_path} is not a loadable tokenizer: {exc}") from exc
 
     @property
     def dimension(self) -> int:
@@ -234,4 +244,8 @@ class EmbeddingEngine:
     def warm_up(self) -> None:
         """Runs a few batch shapes so the first real request pays no set-up cost."""
         for batch, tokens in ((1, 8), (8, 32), (4, min(self.max_input_tokens, 128))):
-            self.forward([np.full(tokens, self.manifest.pad_token_id + 1, dtype=np.int64)] * batch)
+            vectors = self.forward([np.full(tokens, self.manifest.pad_token_id + 1, dtype=np.int64)] * batch)
+            if vectors.shape != (batch, self.dimension):  # else every item upsert fails later
+                raise ManifestError(
+                    f"{self.model_dir}: the model gives {vectors.shape[1]}-d vectors, the manifest says {self.dimension}"
+                )

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from halflife.embedding.pooling import POOLING_MODES
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -92,7 +94,10 @@ class Manifest:
             for v in data["variants"]
         )
         data["input_names"] = tuple(data["input_names"])
-        return cls(**data)
+        manifest = cls(**data)
+        if manifest.pooling not in POOLING_MODES:
+            raise ManifestError(f"pooling {manifest.pooling!r} is not one of {', '.join(POOLING_MODES)}")
+        return manifest
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -112,9 +117,12 @@ def load_manifest(model_dir: Path) -> Manifest:
             "(create one with `halflife export --output DIR`, or `make model`)"
         )
     try:
-        return Manifest.from_dict(json.loads(path.read_text()))
-    except ManifestError:
-        raise
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+        return Manifest.from_dict(data)
+    except ManifestError as exc:
+        raise ManifestError(f"{path}: {exc}") from exc
     except (ValueError, TypeError, KeyError) as exc:
         raise ManifestError(f"{path} is malformed: {exc}") from exc
 
