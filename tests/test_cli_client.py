@@ -98,6 +98,19 @@ def test_client_commands_report_errors_in_one_line(server, tmp_path):
     missing = halflife("load-movielens", str(tmp_path / "nowhere"), "--target", server.address)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert missing.stderr.startswith("halflife load-movielens: error:")
+    broken = tmp_path / "broken"
+    write_movielens(broken)
+    with open(broken / "ratings.csv", "a") as handle:
+        handle.write("1,31,2.5\n")  # a truncated last line
+    bad_csv = halflife("load-movielens", str(broken), "--target", server.address)
+    assert bad_csv.returncode == 1 and "Traceback" not in bad_csv.stderr
+    assert bad_csv.stderr.strip() == ("halflife load-movielens: error: ratings.csv line 10: 3 fields, expected 4 "
+                                      "(userId,movieId,rating,timestamp)"), bad_csv.stderr
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    bad_out = halflife("eval", "--data", str(broken), "--out", str(a_file))
+    assert bad_out.returncode == 1 and "Traceback" not in bad_out.stderr
+    assert bad_out.stderr.strip() == f"halflife eval: error: output directory {a_file}: not a directory", bad_out.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,6 +1,7 @@
 """The evaluation harness: metrics by hand, no leakage, baselines on a known answer."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -102,3 +103,78 @@ def test_baselines_on_a_known_answer():
     # trending weighs recent events: c's items (days 4-6) beat a's item 1 (day 2)
     tr = B.trending(h, "b", t)
     assert tr[3] > tr[1]
+
+
+# ------------------------------------------------ run(): paths checked before any work
+
+
+class WorkStarted(Exception):
+    pass
+
+
+@pytest.fixture()
+def eval_paths(tmp_path, monkeypatch):
+    """A tiny valid dataset, a stand-in model, and run() stopped where the work would start."""
+    from types import SimpleNamespace
+
+    from halflife.eval import runner
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "movies.csv").write_text("movieId,title,genres\n1,A (1995),Drama\n")
+    (data / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,1\n")
+    monkeypatch.setattr(runner, "load_manifest", lambda _: SimpleNamespace(variants=[SimpleNamespace(name="fp32")]))
+
+    def embed_texts(*args, **kwargs):
+        raise WorkStarted
+
+    monkeypatch.setattr(runner, "embed_texts", embed_texts)
+    file = tmp_path / "a-file"
+    file.write_text("")
+    return SimpleNamespace(data=data, model=tmp_path / "model", out=tmp_path / "new" / "out",
+                           cache=tmp_path / "new" / "cache", file=file, tmp=tmp_path)
+
+
+def run_eval(p, **changes):
+    from halflife.eval.runner import run
+
+    args = {"data_dir": p.data, "model_dir": p.model, "out_dir": p.out, "cache_dir": p.cache, "config_out": None, **changes}
+    return run(**args)
+
+
+def test_run_creates_nothing_before_the_work(eval_paths):
+    with pytest.raises(WorkStarted):
+        run_eval(eval_paths, config_out=eval_paths.tmp / "new" / "config" / "tuned.toml")
+    assert not (eval_paths.tmp / "new").exists()  # out, cache and the config's folder only when written
+
+
+@pytest.mark.parametrize("which, what", [("out_dir", "output directory"), ("cache_dir", "cache directory")])
+def test_run_rejects_an_output_directory_that_is_a_file(eval_paths, which, what):
+    with pytest.raises(NotADirectoryError, match=f"^{what} {re.escape(str(eval_paths.file))}: not a directory$"):
+        run_eval(eval_paths, **{which: eval_paths.file})
+    below = eval_paths.file / "x"
+    with pytest.raises(NotADirectoryError, match=re.escape(f"{what} {below}: {eval_paths.file} is not a directory")):
+        run_eval(eval_paths, **{which: below})
+
+
+def test_run_rejects_an_unwritable_config_path_before_the_work(eval_paths):
+    bad = eval_paths.file / "tuned.toml"
+    with pytest.raises(NotADirectoryError, match=re.escape(f"config file {bad}: {eval_paths.file} is not a directory")):
+        run_eval(eval_paths, config_out=bad)
+    with pytest.raises(IsADirectoryError, match=re.escape(f"config file {eval_paths.tmp}: is a directory")):
+        run_eval(eval_paths, config_out=eval_paths.tmp)
+    assert not eval_paths.out.exists()
+
+
+def test_run_rejects_bad_inputs_before_creating_outputs(eval_paths, monkeypatch):
+    from halflife.datasets.interactions import DatasetError
+    from halflife.eval import runner
+    from halflife.embedding.manifest import ManifestError, load_manifest
+
+    (eval_paths.data / "ratings.csv").write_text("userId,movieId,rating\n1,1,4.0\n")
+    with pytest.raises(DatasetError, match=r"^ratings.csv: no column 'timestamp' \(header: userId,movieId,rating\)$"):
+        run_eval(eval_paths)
+    monkeypatch.setattr(runner, "load_manifest", load_manifest)
+    with pytest.raises(ManifestError, match="is not an exported model directory"):
+        run_eval(eval_paths)
+    assert not eval_paths.out.exists() and not eval_paths.cache.exists()

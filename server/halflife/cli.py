@@ -282,7 +282,8 @@ def _run_loadtest(args: argparse.Namespace) -> int:
 
 
 def _client_command(name: str, fn, *args) -> int:
-    """Runs a client command; gRPC and file errors become one line on stderr."""
+    """Runs a client command; gRPC, file and dataset errors become one line on stderr."""
+    from halflife.datasets.interactions import DatasetError
     from halflife_client import field_violations
 
     try:
@@ -291,7 +292,7 @@ def _client_command(name: str, fn, *args) -> int:
         details = "; ".join(f"{field}: {text}" for field, text in field_violations(error)) or error.details()
         print(f"halflife {name}: error: {error.code().name}: {details}", file=sys.stderr)
         return EXIT_FAILURE
-    except (OSError, KeyError) as exc:
+    except (OSError, KeyError, DatasetError) as exc:
         print(f"halflife {name}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
@@ -342,8 +343,14 @@ def _run_eval(args: argparse.Namespace) -> int:
         from halflife.eval.runner import run
     except ImportError as exc:
         raise SystemExit(f"halflife eval: error: {exc}; install the eval extra: pip install 'halflife[eval]'") from None
+    from halflife.datasets.interactions import DatasetError
+
     logging.basicConfig(level="WARNING")
-    run(args.data, args.model_dir, args.out, args.cache_dir, target=args.target, config_out=args.write_config)
+    try:
+        run(args.data, args.model_dir, args.out, args.cache_dir, target=args.target, config_out=args.write_config)
+    except (DatasetError, ManifestError, OSError) as exc:
+        print(f"halflife eval: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     return 0
 
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as dt
+import math
 import re
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -100,9 +102,94 @@ def _year_start(title: str) -> float | None:
     return dt.datetime(int(found.group(1)), 1, 1, tzinfo=dt.timezone.utc).timestamp()
 
 
-def _rows(path: Path):
-    with open(path, newline="", encoding="utf-8") as handle:
-        yield from csv.DictReader(handle)
+class DatasetError(ValueError):
+    """A dataset file is missing or malformed; the message is one line naming
+    the file, the line (1-based, the header is line 1) and the column."""
+
+
+class _Csv:
+    """One CSV file as lists of strings, each row checked against the header's
+    width; `columns` must be in the header, and a row must follow unless empty_ok."""
+
+    def __init__(self, path: Path, columns: Sequence[str], empty_ok: bool = False):
+        self.path, self.name = path, path.name
+        try:
+            # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first column's name.
+            with open(path, newline="", encoding="utf-8-sig") as handle:
+                reader = csv.reader(handle)
+                self.header = next(reader, None)
+                self._check_header(columns)
+                width, rows = len(self.header), []
+                for row in reader:
+                    if len(row) != width:
+                        if not row:
+                            continue  # a blank line, skipped as csv.DictReader does
+                        raise DatasetError(f"{self.name} line {reader.line_num}: {len(row)} fields, "
+                                           f"expected {width} ({','.join(self.header)})")
+                    rows.append(row)
+        except FileNotFoundError:
+            raise DatasetError(f"{self.name}: not found in {path.parent}") from None
+        except UnicodeDecodeError:
+            raise DatasetError(self._not_utf8()) from None
+        except csv.Error as exc:  # e.g. a field over csv.field_size_limit()
+            raise DatasetError(f"{self.name} line {reader.line_num}: {exc}") from None
+        except OSError as exc:
+            raise DatasetError(f"{self.name}: cannot read: {exc.strerror}") from None
+        if not rows and not empty_ok:
+            raise DatasetError(f"{self.name}: no rows after the header")
+        self.rows = rows
+
+    def _check_header(self, columns: Sequence[str]) -> None:
+        if self.header is None:
+            raise DatasetError(f"{self.name}: empty file")
+        missing = [c for c in columns if c not in self.header]
+        if missing:
+            raise DatasetError(f"{self.name}: no column {', '.join(map(repr, missing))} (header: {','.join(self.header)})")
+
+    def _not_utf8(self) -> str:
+        # The text decoder reports offsets within its buffer; decoding the bytes finds the file offset.
+        data = self.path.read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            return f"{self.name} line {line}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        return f"{self.name}: not UTF-8"
+
+    def strings(self, column: str) -> np.ndarray:
+        i = self.header.index(column)
+        return np.array([r[i] for r in self.rows], dtype=str)
+
+    def floats(self, column: str) -> np.ndarray:
+        i = self.header.index(column)
+        try:
+            values = np.array([float(r[i]) for r in self.rows], dtype=np.float64)
+        except ValueError:
+            values = None  # find the row below, outside this handler, for a message without a chained traceback
+        if values is not None and np.isfinite(values).all():
+            return values
+        k = next(k for k, r in enumerate(self.rows) if not _is_finite_number(r[i]))
+        raise DatasetError(f"{self.name} line {self._line_of(k)}: {column} {self.rows[k][i]!r} is not a number")
+
+    def _line_of(self, k: int) -> int:
+        """The line number of rows[k]: re-read (errors only), since a quoted
+        field may span lines and blank lines are skipped."""
+        with open(self.path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            next(reader)
+            for row in reader:
+                if row:
+                    k -= 1
+                    if k < 0:
+                        return reader.line_num
+        raise AssertionError("row index beyond the file")
+
+
+def _is_finite_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _sorted_by_time(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -111,41 +198,52 @@ def _sorted_by_time(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def load_dataset(directory: str | Path, fmt: DatasetFormat = MOVIELENS) -> Dataset:
-    """Reads a dataset directory; raises FileNotFoundError or KeyError (a
-    missing column) with the file named."""
+    """Reads a dataset directory; raises DatasetError, naming the file, line
+    and column, for a missing or malformed file."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise DatasetError(f"{directory}: not a directory")
+    columns = [fmt.item_column, *fmt.text_columns] + ([fmt.category_column] if fmt.category_column else [])
+    table = _Csv(directory / fmt.items_file, columns)
+    header = table.header
+    id_at, text_at = header.index(fmt.item_column), [header.index(c) for c in fmt.text_columns]
+    category_at = header.index(fmt.category_column) if fmt.category_column else None
     items = []
-    for row in _rows(directory / fmt.items_file):
-        text = " ".join(row[c] for c in fmt.text_columns).strip()
+    for row in table.rows:
+        text = " ".join(row[i] for i in text_at).strip()
         categories: tuple[str, ...] = ()
-        if fmt.category_column:
-            raw = row[fmt.category_column]
+        if category_at is not None:
+            raw = row[category_at]
             if raw and raw != fmt.no_category:
                 categories = tuple(raw.split(fmt.category_separator))
         full_text = f"{text}. Genres: {', '.join(categories)}" if categories else text
-        items.append(CatalogItem(row[fmt.item_column], full_text, categories, _year_start(text)))
+        items.append(CatalogItem(row[id_at], full_text, categories, _year_start(text)))
 
-    rows = list(_rows(directory / fmt.interactions_file))
+    table = _Csv(directory / fmt.interactions_file, [fmt.user_column, fmt.item_column, fmt.value_column, fmt.time_column])
     interactions = Interactions(
         **_sorted_by_time(
             {
-                "users": np.array([r[fmt.user_column] for r in rows]),
-                "items": np.array([r[fmt.item_column] for r in rows]),
-                "values": np.array([float(r[fmt.value_column]) for r in rows]),
-                "times": np.array([float(r[fmt.time_column]) for r in rows]),
+                "users": table.strings(fmt.user_column),
+                "items": table.strings(fmt.item_column),
+                "values": table.floats(fmt.value_column),
+                "times": table.floats(fmt.time_column),
             }
         )
     )
     texts_path = directory / fmt.texts_file if fmt.texts_file else None
-    text_rows = list(_rows(texts_path)) if texts_path and texts_path.is_file() else []
-    texts = UserTexts(
-        **_sorted_by_time(
-            {
-                "users": np.array([r[fmt.user_column] for r in text_rows], dtype=str),
-                "items": np.array([r[fmt.item_column] for r in text_rows], dtype=str),
-                "texts": np.array([r[fmt.user_text_column] for r in text_rows], dtype=str),
-                "times": np.array([float(r[fmt.time_column]) for r in text_rows], dtype=np.float64),
-            }
+    if texts_path and texts_path.is_file():  # optional: no file, no texts
+        table = _Csv(texts_path, [fmt.user_column, fmt.item_column, fmt.user_text_column, fmt.time_column], empty_ok=True)
+        texts = UserTexts(
+            **_sorted_by_time(
+                {
+                    "users": table.strings(fmt.user_column),
+                    "items": table.strings(fmt.item_column),
+                    "texts": table.strings(fmt.user_text_column),
+                    "times": table.floats(fmt.time_column),
+                }
+            )
         )
-    )
+    else:
+        empty = np.array([], dtype=str)
+        texts = UserTexts(users=empty, items=empty, texts=empty, times=np.array([], dtype=np.float64))
     return Dataset(items=items, interactions=interactions, texts=texts)

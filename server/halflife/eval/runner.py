@@ -16,6 +16,7 @@ import dataclasses
 import datetime as dt
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -372,18 +373,42 @@ def _fmt(ci) -> str:
     return f"{ci[0]:.3f} [{ci[1]:.3f}, {ci[2]:.3f}]"
 
 
+def _check_writable(path: Path, what: str, directory: bool) -> None:
+    """Raises OSError, naming `what`, unless `path` (a directory or a file) can
+    be written or created; nothing is created here."""
+    if path.exists():
+        if path.is_dir() != directory:
+            kind = NotADirectoryError if directory else IsADirectoryError
+            raise kind(f"{what} {path}: {'not a directory' if directory else 'is a directory'}")
+        nearest = path
+    else:
+        nearest = path.parent
+        while not nearest.exists():
+            nearest = nearest.parent
+        if not nearest.is_dir():
+            raise NotADirectoryError(f"{what} {path}: {nearest} is not a directory")
+    if not os.access(nearest, os.W_OK):
+        raise PermissionError(f"{what} {path}: {nearest} is not writable")
+
+
 def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target: str | None = None,
         config_out: Path | None = None) -> dict:
+    """Raises DatasetError for a bad dataset, ManifestError for a bad model
+    directory and OSError for an output that cannot be written, before any
+    work (the run takes minutes)."""
     started = time.perf_counter()
     np.random.seed(SEED)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_writable(out_dir, "output directory", directory=True)
+    _check_writable(cache_dir, "cache directory", directory=True)
+    if config_out:
+        _check_writable(config_out, "config file", directory=False)
+    fp32 = load_manifest(model_dir).variants[0].name
     data = load_eval_data(data_dir)
     q80, q90 = time_quantiles(data, 0.8, 0.9)
     tag_texts = sorted(set(data.texts[data.kinds != RATING].tolist()))
     # Tuned and reported on the fp32 graph, the reference the defaults were
     # chosen on; the "int8 model" row is what a CPU server embeds with where
     # int8 validated (docs/evaluation.md), and so is the gRPC row.
-    fp32 = load_manifest(model_dir).variants[0].name
     vec = {v: embed_texts(data.item_texts, model_dir, v, cache_dir, "items") for v in (fp32, "int8")}
     tags = {v: embed_texts(tag_texts, model_dir, v, cache_dir, "tags") for v in (fp32, "int8")}
     val_q = global_cut(data, q80, q90)
@@ -459,10 +484,12 @@ def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target:
         "ratio_vs_best_baseline": ratios, "seconds": seconds, "metrics": summary, "grid_trace": outcome.trace,
         "half_life_curve": outcome.half_life_curve, "weight_curves": outcome.weight_curves,
     })
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no empty directory
     (out_dir / "results.json").write_text(json.dumps(report, indent=1, default=float))
     _plots(report, interest_plot_data, out_dir)
     write_tables(report, out_dir)
     if config_out:
+        config_out.parent.mkdir(parents=True, exist_ok=True)
         config_out.write_text(_config_toml(chosen))
     print(_table(summary["test"]))
     print(f"test NDCG@10 ratio vs {best_name}: {_fmt(ratios['test'])}; leave-last-5: {_fmt(ratios['loo'])}; {seconds:.0f} s")

@@ -1,0 +1,119 @@
+"""The CSV dataset loader: MovieLens loads as before, and every malformed
+file gives one DatasetError line naming the file, the line and the column."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from halflife.datasets.interactions import DatasetError, load_dataset
+
+# Where tests/test_int8_quality.py finds the development dataset.
+MOVIELENS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
+
+MOVIES = 'movieId,title,genres\n1,Toy Story (1995),Adventure|Animation\n2,"Heat, The (1995)",(no genres listed)\n'
+RATINGS = "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,2,2.5,964981247\n2,1,5.0,964982224\n"
+TAGS = "userId,movieId,tag,timestamp\n2,1,pixar,1445714994\n"
+RATINGS_HEADER = "(userId,movieId,rating,timestamp)"
+
+
+def dataset(tmp_path: Path, movies=MOVIES, ratings=RATINGS, tags=TAGS) -> Path:
+    """A tiny MovieLens-shaped directory; str is written as UTF-8, bytes as they are, None leaves the file out."""
+    for name, content in (("movies.csv", movies), ("ratings.csv", ratings), ("tags.csv", tags)):
+        if content is not None:
+            data = content.encode("utf-8") if isinstance(content, str) else content
+            (tmp_path / name).write_bytes(data)
+    return tmp_path
+
+
+def error(directory: Path) -> str:
+    with pytest.raises(DatasetError) as caught:
+        load_dataset(directory)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_tiny_dataset_loads(tmp_path):
+    ds = load_dataset(dataset(tmp_path))
+    assert [i.id for i in ds.items] == ["1", "2"]
+    assert ds.items[0].text == "Toy Story (1995). Genres: Adventure, Animation"
+    assert ds.items[1].categories == () and ds.items[1].text == "Heat, The (1995)"
+    assert ds.interactions.times.tolist() == sorted(ds.interactions.times.tolist())
+    assert ds.interactions.values.tolist() == [2.5, 5.0, 4.0]  # by time
+    assert ds.texts.texts.tolist() == ["pixar"]
+
+
+def test_blank_lines_a_byte_order_mark_and_no_tags_file_are_fine(tmp_path):
+    ds = load_dataset(dataset(tmp_path, ratings="\ufeff" + RATINGS + "\n", tags=None))
+    assert len(ds.interactions) == 3 and len(ds.texts.users) == 0
+
+
+def test_truncated_last_line(tmp_path):
+    assert error(dataset(tmp_path, ratings=RATINGS + "1,31,2.5")) == f"ratings.csv line 5: 3 fields, expected 4 {RATINGS_HEADER}"
+
+
+def test_truncated_tags_line(tmp_path):
+    assert error(dataset(tmp_path, tags=TAGS + "2,1")) == "tags.csv line 3: 2 fields, expected 4 (userId,movieId,tag,timestamp)"
+
+
+def test_extra_field(tmp_path):
+    assert error(dataset(tmp_path, ratings=RATINGS + "1,31,2.5,964982703,x\n")).startswith("ratings.csv line 5: 5 fields, expected 4")
+
+
+def test_not_a_number(tmp_path):
+    bad = RATINGS.replace("2.5", "abc")
+    assert error(dataset(tmp_path, ratings=bad)) == "ratings.csv line 3: rating 'abc' is not a number"
+
+
+def test_empty_and_non_finite_numbers(tmp_path):
+    assert error(dataset(tmp_path, ratings=RATINGS + "3,1,4.0,\n")) == "ratings.csv line 5: timestamp '' is not a number"
+    assert error(dataset(tmp_path, ratings=RATINGS + "3,1,nan,1\n")) == "ratings.csv line 5: rating 'nan' is not a number"
+    assert error(dataset(tmp_path, tags=TAGS + "3,1,x,inf\n")) == "tags.csv line 3: timestamp 'inf' is not a number"
+
+
+def test_line_numbers_count_blank_lines_and_quoted_newlines(tmp_path):
+    movies = MOVIES + '3,"Two\nLines (2001)",Drama\n\n4,x,Drama,extra\n'
+    assert error(dataset(tmp_path, movies=movies)) == "movies.csv line 7: 4 fields, expected 3 (movieId,title,genres)"
+    ratings = RATINGS.replace("\n1,1,", "\n\n1,1,", 1).replace("5.0", "five")
+    assert error(dataset(tmp_path, movies=MOVIES, ratings=ratings)) == "ratings.csv line 5: rating 'five' is not a number"
+
+
+def test_not_utf8(tmp_path):
+    movies = MOVIES.encode().replace(b"Heat", b"H\xe9at")
+    offset = movies.index(b"\xe9")
+    assert error(dataset(tmp_path, movies=movies)) == f"movies.csv line 3: not UTF-8 (byte 0xe9 at offset {offset})"
+
+
+def test_missing_column_names_the_file_the_column_and_the_header(tmp_path):
+    bad = RATINGS.replace("userId", "user")
+    assert error(dataset(tmp_path, ratings=bad)) == "ratings.csv: no column 'userId' (header: user,movieId,rating,timestamp)"
+    assert error(dataset(tmp_path, ratings=RATINGS, movies="id,name\n1,x\n")) == (
+        "movies.csv: no column 'movieId', 'title', 'genres' (header: id,name)")
+
+
+def test_empty_files(tmp_path):
+    assert error(dataset(tmp_path, ratings="")) == "ratings.csv: empty file"
+    assert error(dataset(tmp_path, ratings=RATINGS.splitlines(keepends=True)[0])) == "ratings.csv: no rows after the header"
+    assert error(dataset(tmp_path, ratings=RATINGS, tags="")) == "tags.csv: empty file"
+    assert len(load_dataset(dataset(tmp_path, tags=TAGS.splitlines(keepends=True)[0])).texts.users) == 0  # tags are optional
+
+
+def test_missing_files_and_directories(tmp_path):
+    assert error(dataset(tmp_path, ratings=None)) == f"ratings.csv: not found in {tmp_path}"
+    assert error(tmp_path / "nope") == f"{tmp_path / 'nope'}: not a directory"
+
+
+def test_csv_module_errors_name_the_line(tmp_path):
+    huge = RATINGS + '3,1,4.0,"' + "1" * 200_000 + '"\n'
+    assert error(dataset(tmp_path, ratings=huge)) == "ratings.csv line 5: field larger than field limit (131072)"
+
+
+def test_the_movielens_dataset_loads_unchanged():
+    if not (MOVIELENS / "ratings.csv").is_file():
+        pytest.skip(f"the MovieLens development dataset is not at {MOVIELENS}")
+    ds = load_dataset(MOVIELENS)
+    assert (len(ds.items), len(ds.interactions), len(ds.texts.users)) == (9742, 100836, 3683)
+    assert ds.items[0].text == "Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy"
+    assert ds.interactions.values.min() == 0.5 and ds.interactions.values.max() == 5.0
