@@ -1,14 +1,17 @@
-"""`halflife loadtest`'s stopping rules, as ghz's: -n requests, -z seconds, whichever comes first, 200 requests without either."""
+"""`halflife loadtest`'s stopping rules, as ghz's: -n requests, -z seconds, whichever comes first, 200 requests without either;
+the rate limit within them; and its checks of flags and ghz configs (one line and a non-zero exit, never a traceback)."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
+from halflife import loadtest as loadtest_module
 from halflife.api.server import ServerConfig
 from halflife.cli import main
-from halflife.loadtest import DEFAULT_TOTAL
+from halflife.loadtest import DEFAULT_TOTAL, LoadTestError, LoadTestOptions, options_from_ghz_config
 from tests.serving import ServerThread
 
 HEALTH = "grpc.health.v1.Health.Check"
@@ -45,3 +48,104 @@ def test_a_total_alone_or_first_stops_the_run(server, capsys):
 def test_bounds_that_would_send_nothing_are_refused(server, capsys, flags):
     assert main(["loadtest", "--call", HEALTH, "--target", server.address, *flags]) != 0
     assert "must be" in capsys.readouterr().err
+
+
+# Bad input: one line naming the flag or ghz key, a non-zero exit, no traceback, and no load sent.
+# The target is a closed loopback port, so a check that regressed fails fast instead of loading anything.
+CLOSED = "127.0.0.1:1"
+
+
+def refused(capsys, *args: str) -> str:
+    assert main(["loadtest", *args]) != 0
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("flags, named", [
+    (("-z", "nan"), "--duration"),
+    (("-z", "inf"), "--duration"),
+    (("--rps", "-5"), "--rps"),
+    (("--rps", "nan"), "--rps"),
+    (("--rps", "inf"), "--rps"),
+    (("-t", "0"), "--timeout"),
+    (("--timeout=-1s",), "--timeout"),
+    (("--connections", "0"), "--connections"),
+])
+def test_nonsense_flag_values_are_refused(capsys, flags, named):
+    assert named in refused(capsys, "--call", HEALTH, "--target", CLOSED, *flags)
+
+
+@pytest.mark.parametrize("config, named", [
+    ({"total": 3}, '"call"'),
+    ([1, 2], "JSON object"),
+    ({"call": 5}, '"call"'),
+    ({"call": HEALTH, "concurrency": "abc"}, '"concurrency"'),
+    ({"call": HEALTH, "concurrency": True}, '"concurrency"'),
+    ({"call": HEALTH, "total": 1.5}, '"total"'),
+    ({"call": HEALTH, "duration": "5x"}, '"duration"'),
+    ({"call": HEALTH, "duration": 5}, '"duration"'),
+    ({"call": HEALTH, "duration": "nan"}, '"duration"'),
+    ({"call": HEALTH, "timeout": "abc"}, '"timeout"'),
+    ({"call": HEALTH, "timeout": "0s"}, '"timeout"'),
+    ({"call": HEALTH, "rps": "fast"}, '"rps"'),
+    ({"call": HEALTH, "rps": -5}, '"rps"'),
+    ({"call": HEALTH, "rps": 10**400}, '"rps"'),  # a JSON integer too big for a float
+    ({"call": HEALTH, "host": 5}, '"host"'),
+    ({"call": HEALTH, "data": {"service": 5}}, '"data"'),
+], ids=lambda v: repr(v)[:60])
+def test_wrong_ghz_configs_name_the_key_and_file(tmp_path, capsys, config, named):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"host": CLOSED, **config} if isinstance(config, dict) else config))
+    err = refused(capsys, "--config", str(path))
+    assert named in err and str(path) in err
+
+
+def test_flags_fill_in_or_override_a_ghz_config(tmp_path):
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps({"total": 0, "rps": "fast"}))
+    options = options_from_ghz_config(path, call=HEALTH, total=5, rps=2.0)
+    assert (options.call, options.total, options.rps) == (HEALTH, 5, 2.0)
+    # A bad value given as a flag is named as the flag, not as the file's key.
+    with pytest.raises(LoadTestError, match="^--rps"):
+        options_from_ghz_config(path, call=HEALTH, total=5, rps=-1.0)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("total", True), ("total", 2.0), ("concurrency", None), ("duration", "10s"), ("rps", None), ("allow_remote", "no"),
+])
+def test_library_callers_get_the_same_checks(field, value):
+    with pytest.raises(LoadTestError, match=f"--{field.replace('_', '-')}"):
+        LoadTestOptions(call=HEALTH, **{field: value})
+
+
+def timed_loadtest(server, capsys, *flags: str) -> tuple[dict, float]:
+    begin = time.monotonic()
+    report = loadtest(server, capsys, *flags)
+    return report, time.monotonic() - begin
+
+
+def test_the_rate_limit_never_waits_past_the_deadline(server, capsys):
+    # Request 1 is due at 5 s, after the 1 s deadline: the run ends once request 0 is answered (was: 10 s).
+    report, elapsed = timed_loadtest(server, capsys, "-z", "1s", "--rps", "0.2", "-n", "3")
+    assert report["count"] == 1 and elapsed < 5, elapsed
+    # Without -z the deadline is MAX_DURATION_S; request 1 would be due at 10,000 s.
+    report, elapsed = timed_loadtest(server, capsys, "--rps", "0.0001", "-n", "2")
+    assert report["count"] == 1 and elapsed < 5, elapsed
+
+
+def test_the_rate_limit_still_paces(server, capsys):
+    report, elapsed = timed_loadtest(server, capsys, "--rps", "20", "-n", "10")  # due at 0, 0.05, ..., 0.45 s
+    assert report["count"] == 10 and elapsed >= 0.4, elapsed
+
+
+def test_no_more_workers_than_requests(server, capsys, monkeypatch):
+    # A million workers for one request took 10 s to start.
+    report, elapsed = timed_loadtest(server, capsys, "-c", "1000000", "-n", "1")
+    assert report["count"] == 1 and report["options"]["concurrency"] == 1 and elapsed < 5, elapsed
+    report = loadtest(server, capsys, "-c", "2", "--connections", "50", "-n", "4")
+    assert report["count"] == 4 and report["options"]["connections"] == 2
+    # With no total, MAX_CONCURRENCY caps the workers (lowered here to keep the test light).
+    monkeypatch.setattr(loadtest_module, "MAX_CONCURRENCY", 3)
+    report = loadtest(server, capsys, "-c", "1000000", "-z", "0.3s")
+    assert report["options"]["concurrency"] == 3 and report["count"] > 0

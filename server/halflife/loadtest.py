@@ -10,7 +10,9 @@ resolved against the generated descriptors, so every Halflife RPC and the
 health check can be driven. ghz config files work as they are, including
 ghz's per-request template variables ({{.RequestNumber}},
 {{.TimestampUnix}}, {{.TimestampUnixNano}}, {{.UUID}}). Bounded in count and
-time, and loopback only unless --allow-remote.
+time, and loopback only unless --allow-remote: every option is checked when
+LoadTestOptions is made (flags, ghz configs and library callers alike), and
+the run never outlasts MAX_DURATION_S, rate limit and call timeouts included.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import collections
 import datetime as dt
 import ipaddress
 import json
+import math
 import re
 import time
 import uuid
@@ -31,20 +34,50 @@ import grpc
 import numpy as np
 from google.protobuf import descriptor_pool, json_format, message_factory
 
-import halflife.v1.catalog_pb2  # noqa: F401  (registers the descriptors)
-import halflife.v1.embedding_pb2  # noqa: F401
-import halflife.v1.interest_pb2  # noqa: F401
-import halflife.v1.recommend_pb2  # noqa: F401
-from grpc_health.v1 import health_pb2  # noqa: F401
+from grpc_health.v1 import health_pb2
+from halflife.v1 import catalog_pb2, embedding_pb2, interest_pb2, recommend_pb2
+
+# Imported only to register their descriptors in the default pool (named here so linters see a use).
+_APIS = (catalog_pb2, embedding_pb2, interest_pb2, recommend_pb2, health_pb2)
 
 MAX_DURATION_S = 600.0
 MAX_TOTAL = 10_000_000
+MAX_CONCURRENCY = 10_000  # a million workers took 10 s just to start; this many is plenty for loopback
 DEFAULT_TOTAL = 200  # ghz's -n when neither a total nor a duration is given
 PERCENTILES = (10, 25, 50, 75, 90, 95, 99)
 
 
 class LoadTestError(ValueError):
     pass
+
+
+class InvalidOption(LoadTestError):
+    """A bad value for one option: says `--field problem`, and keeps the field so
+    that options_from_ghz_config can name the config key instead."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"--{field.replace('_', '-')} {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def _is_finite_number(value) -> bool:
+    # nan slips through `<= 0` checks (`-z nan` ran nothing and exited 0), so finiteness is explicit.
+    # A bool is an int but no count or rate; an int too big for a float (JSON allows one) is not finite.
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _check_whole(field: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidOption(field, f"must be a whole number of at least 1, not {value!r}")
+
+
+def _check_seconds(field: str, value) -> None:
+    if not (_is_finite_number(value) and value > 0):
+        raise InvalidOption(field, f"must be a positive, finite number of seconds, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -62,15 +95,34 @@ class LoadTestOptions:
     timeout: float = 20.0  # per-call deadline, seconds
     allow_remote: bool = False
 
+    def __post_init__(self) -> None:
+        # The one place options are checked, so every way in gives one clear line, not a traceback.
+        for field in ("call", "data", "target"):
+            if not isinstance(getattr(self, field), str):
+                raise InvalidOption(field, f"must be a string, not {getattr(self, field)!r}")
+        if not isinstance(self.allow_remote, bool):
+            raise InvalidOption("allow_remote", f"must be true or false, not {self.allow_remote!r}")
+        _check_whole("concurrency", self.concurrency)
+        _check_whole("connections", self.connections)
+        if self.total is not None:
+            _check_whole("total", self.total)
+        if self.duration is not None:
+            _check_seconds("duration", self.duration)
+        _check_seconds("timeout", self.timeout)
+        if not (_is_finite_number(self.rps) and self.rps >= 0):
+            raise InvalidOption("rps", f"must be a finite number of requests per second (0: no limit), not {self.rps!r}")
+        _check_target(self.target, self.allow_remote)
+        request_factory(method_descriptor(self.call), self.data)
+
 
 def method_descriptor(call: str):
     service, sep, name = call.replace("/", ".").rpartition(".")
     if not sep:
-        raise LoadTestError(f"--call {call!r}: expected package.Service.Method")
+        raise InvalidOption("call", f"{call!r}: expected package.Service.Method")
     try:
         return descriptor_pool.Default().FindMethodByName(f"{service}.{name}")
     except KeyError:
-        raise LoadTestError(f"--call {call!r}: no such method in Halflife's API or grpc.health.v1") from None
+        raise InvalidOption("call", f"{call!r}: no such method in Halflife's API or grpc.health.v1") from None
 
 
 def _check_target(target: str, allow_remote: bool) -> None:
@@ -82,7 +134,7 @@ def _check_target(target: str, allow_remote: bool) -> None:
     except ValueError:
         loopback = False
     if not loopback:
-        raise LoadTestError(f"--target {target} is not a loopback address; pass --allow-remote to load it")
+        raise InvalidOption("target", f"{target} is not a loopback address; pass --allow-remote to load it")
 
 
 _TEMPLATE = re.compile(r"\{\{\s*\.(RequestNumber|TimestampUnix|TimestampUnixNano|UUID)\s*\}\}")
@@ -107,7 +159,7 @@ def request_factory(method, data: str) -> Callable[[int], object]:
         try:
             return json_format.Parse(text, request_class())
         except json_format.ParseError as exc:
-            raise LoadTestError(f"data does not fit {method.input_type.full_name}: {exc}") from None
+            raise InvalidOption("data", f"does not fit {method.input_type.full_name}: {exc}") from None
 
     if not _TEMPLATE.search(data):
         fixed = parse(data)
@@ -116,40 +168,64 @@ def request_factory(method, data: str) -> Callable[[int], object]:
     return lambda n: parse(_render(data, n))
 
 
+# LoadTestOptions field -> the ghz config key it is read from.
+GHZ_KEYS = {
+    "call": "call", "data": "data", "target": "host", "concurrency": "concurrency", "total": "total",
+    "duration": "duration", "connections": "connections", "rps": "rps", "timeout": "timeout",
+}
+
+
+def _ghz_duration(path: Path, key: str, value) -> float:
+    try:
+        if isinstance(value, str):
+            return parse_duration(value)
+    except ValueError:
+        pass
+    raise LoadTestError(f'ghz config {path}: "{key}" must be a duration such as "10s" or "500ms", not {value!r}')
+
+
 def options_from_ghz_config(path: Path, **overrides) -> LoadTestOptions:
-    """LoadTestOptions from a ghz JSON config file; keyword overrides win."""
+    """LoadTestOptions from a ghz JSON config file; keyword overrides (not None) win.
+    Raises LoadTestError naming the file and key for a value of the wrong type or range."""
     try:
         config = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
         raise LoadTestError(f"cannot read ghz config {path}: {exc}") from None
-    duration = config.get("duration")
-    values = {
-        "call": config["call"],
-        "data": json.dumps(config.get("data", {})),
-        "target": config.get("host", LoadTestOptions.target),
-        "concurrency": config.get("concurrency", LoadTestOptions.concurrency),
-        "total": config.get("total"),
-        "duration": parse_duration(duration) if duration else None,
-        "connections": config.get("connections", LoadTestOptions.connections),
-        "rps": float(config.get("rps", 0)),
-        "timeout": parse_duration(config["timeout"]) if "timeout" in config else LoadTestOptions.timeout,
-    }
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return LoadTestOptions(**values)
+    if not isinstance(config, dict):
+        raise LoadTestError(f"ghz config {path}: expected a JSON object, not {type(config).__name__}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values = {}
+    for field, key in GHZ_KEYS.items():
+        if field in given or config.get(key) is None:  # JSON null: not set, as ghz reads it
+            continue
+        value = config[key]
+        if field == "data":
+            value = json.dumps(value)
+        elif field in ("duration", "timeout"):
+            value = _ghz_duration(path, key, value)
+        values[field] = value
+    values.update(given)
+    if "call" not in values:
+        raise LoadTestError(f'ghz config {path}: no "call" (give it there or with --call)')
+    try:
+        return LoadTestOptions(**values)
+    except InvalidOption as exc:
+        if exc.field not in values or exc.field in given:  # the flag's value was bad, not the file's
+            raise
+        raise LoadTestError(f'ghz config {path}: "{GHZ_KEYS[exc.field]}" {exc.problem}') from None
 
 
 async def run_load_test(options: LoadTestOptions) -> dict:
-    """Runs the load; returns a ghz-shaped report (durations in nanoseconds)."""
-    if options.concurrency < 1 or options.connections < 1:
-        raise LoadTestError("--concurrency and --connections must be at least 1")
-    if (options.total is not None and options.total < 1) or (options.duration is not None and options.duration <= 0):
-        raise LoadTestError("--total and --duration must be positive")
+    """Runs the load; returns a ghz-shaped report (durations in nanoseconds).
+    The options were checked when they were made (LoadTestOptions.__post_init__)."""
     if options.total is not None:
         total = min(options.total, MAX_TOTAL)
     else:
         total = MAX_TOTAL if options.duration is not None else DEFAULT_TOTAL
     duration = min(options.duration or MAX_DURATION_S, MAX_DURATION_S)
-    _check_target(options.target, options.allow_remote)
+    # No more workers than requests, no more connections than workers: extras only cost start-up time.
+    concurrency = min(options.concurrency, total, MAX_CONCURRENCY)
+    connections = min(options.connections, concurrency)
     method = method_descriptor(options.call)
     make_request = request_factory(method, options.data)
     request_class = message_factory.GetMessageClass(method.input_type)
@@ -158,7 +234,7 @@ async def run_load_test(options: LoadTestOptions) -> dict:
     channels = [
         # Distinct channel args keep gRPC from sharing one TCP connection.
         grpc.aio.insecure_channel(options.target, options=[("halflife.loadtest.connection", i)])
-        for i in range(options.connections)
+        for i in range(connections)
     ]
     calls = [
         channel.unary_unary(path, request_serializer=request_class.SerializeToString, response_deserializer=response_class.FromString)
@@ -170,6 +246,7 @@ async def run_load_test(options: LoadTestOptions) -> dict:
     issued = 0
     started = time.perf_counter()
     deadline = started + duration
+    hard_end = started + MAX_DURATION_S  # no call outlives the longest run either
 
     async def worker(index: int) -> None:
         nonlocal issued
@@ -178,13 +255,16 @@ async def run_load_test(options: LoadTestOptions) -> dict:
             n = issued
             issued += 1
             if options.rps > 0:
-                wait = started + n / options.rps - time.perf_counter()
+                due = started + n / options.rps
+                if due >= deadline:
+                    break  # request n, and every later one, is due after the deadline: none would be sent
+                wait = due - time.perf_counter()
                 if wait > 0:
                     await asyncio.sleep(wait)
             request = make_request(n)
             begin = time.perf_counter_ns()
             try:
-                await call(request, timeout=options.timeout)
+                await call(request, timeout=min(options.timeout, hard_end - time.perf_counter()))
                 statuses["OK"] += 1
             except grpc.aio.AioRpcError as error:
                 statuses[error.code().name] += 1
@@ -192,7 +272,7 @@ async def run_load_test(options: LoadTestOptions) -> dict:
             latencies.append(time.perf_counter_ns() - begin)
 
     try:
-        await asyncio.gather(*(worker(i) for i in range(options.concurrency)))
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
     finally:
         for channel in channels:
             await channel.close()
@@ -200,8 +280,8 @@ async def run_load_test(options: LoadTestOptions) -> dict:
     lat = np.array(latencies, dtype=np.int64)
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "options": {"call": path.lstrip("/"), "target": options.target, "concurrency": options.concurrency,
-                    "connections": options.connections, "rps": options.rps, "total": options.total,
+        "options": {"call": path.lstrip("/"), "target": options.target, "concurrency": concurrency,
+                    "connections": connections, "rps": options.rps, "total": options.total,
                     "duration": options.duration},
         "count": int(lat.size),
         "total": elapsed_ns,
