@@ -121,6 +121,8 @@ def test_client_commands_report_errors_in_one_line(server, tmp_path):
     (["load-movielens", "x", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
     (["recommend", "1", "--as-of", "inf"], "argument --as-of: unix seconds out of range (years 1 to 9999): 'inf'"),
     (["profile", "1", "--as-of=1e20"], "argument --as-of: unix seconds out of range (years 1 to 9999): '1e20'"),
+    (["recommend", "1", "--target", ""], "argument --target: must be host:port, got an empty string"),
+    (["loadtest", "--call", "grpc.health.v1.Health.Check", "--target", " "], "argument --target: must be host:port"),
 ])
 def test_out_of_range_flags_are_usage_errors(args, message):
     result = halflife(*args)

@@ -195,6 +195,13 @@ def _run_workers(args: argparse.Namespace) -> int:
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
+def _address(value: str) -> str:
+    # gRPC logs a multi-line trace of its own for an empty target before failing.
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must be host:port, got an empty string")
+    return value
+
+
 def _timestamp(value: str) -> dt.datetime:
     """ISO 8601 (naive = UTC) or unix seconds."""
     try:
@@ -216,7 +223,7 @@ def _timestamp(value: str) -> dt.datetime:
 def _add_client_commands(commands: argparse._SubParsersAction) -> None:
     load = commands.add_parser("load-movielens", help="load a MovieLens directory into a running server")
     load.add_argument("directory", type=Path, help="e.g. ../shared/data/ml-latest-small")
-    load.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
+    load.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
     load.add_argument("--batch-size", type=_positive_int, default=500, help="events per RecordEvents call (default 500)")
     load.set_defaults(run=_run_load)
 
@@ -225,13 +232,13 @@ def _add_client_commands(commands: argparse._SubParsersAction) -> None:
     recommend.add_argument("--limit", type=int, default=10)
     recommend.add_argument("--as-of", type=_timestamp, default=None, help="ISO time or unix seconds (default now)")
     recommend.add_argument("--query", default="", help="text blended into the profile")
-    recommend.add_argument("--target", default=DEFAULT_TARGET)
+    recommend.add_argument("--target", type=_address, default=DEFAULT_TARGET)
     recommend.set_defaults(run=_run_recommend)
 
     profile = commands.add_parser("profile", help="show a user's interests in words")
     profile.add_argument("user_id")
     profile.add_argument("--as-of", type=_timestamp, default=None, help="ISO time or unix seconds (default now)")
-    profile.add_argument("--target", default=DEFAULT_TARGET)
+    profile.add_argument("--target", type=_address, default=DEFAULT_TARGET)
     profile.set_defaults(run=_run_profile)
 
 
@@ -252,7 +259,7 @@ def _add_loadtest(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--connections", type=int, default=None, help="TCP connections (default 1)")
     parser.add_argument("--rps", type=float, default=None, help="request rate limit (default 0: none)")
     parser.add_argument("-t", "--timeout", type=parse_duration, default=None, help="per-call deadline (default 20s)")
-    parser.add_argument("--target", default=None, help=f"server address (default {DEFAULT_TARGET})")
+    parser.add_argument("--target", type=_address, default=None, help=f"server address (default {DEFAULT_TARGET})")
     parser.add_argument("--allow-remote", action="store_true", help="permit a non-loopback target")
     parser.add_argument("-O", "--format", choices=("json", "summary"), default="json")
     parser.set_defaults(run=_run_loadtest)
@@ -332,7 +339,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--model-dir", type=Path, default=Path("var/models/all-MiniLM-L6-v2"), help="exported model")
     parser.add_argument("--out", type=Path, default=Path("bench/results/eval"), help="results.json and PNGs")
     parser.add_argument("--cache-dir", type=Path, default=Path("var/eval-cache"), help="cached item/tag vectors")
-    parser.add_argument("--target", default=None,
+    parser.add_argument("--target", type=_address, default=None,
                         help="also measure a running, empty server over gRPC (host:port) with its own config")
     parser.add_argument("--write-config", type=Path, default=None, help="write the chosen settings as TOML")
     parser.set_defaults(run=_run_eval)
