@@ -77,7 +77,7 @@ clean:
 # ---------------------------------------------------------------- API and clients
 # buf, protoc-gen-es and the Node client's dependencies come from clients/node's
 # npm lock (no install scripts: nothing downloads a binary); protoc-gen-go and
-# protoc-gen-go-grpc from PATH (Debian: apt-get install $$(cat clients/go/apt-packages.txt)).
+# protoc-gen-go-grpc from PATH (Debian: apt-get install $$(grep -v "^#" clients/go/apt-packages.txt)).
 NODE_DIR   := clients/node
 BUF        := $(NODE_DIR)/node_modules/.bin/buf
 API_IMAGE  := build/halflife-api.binpb

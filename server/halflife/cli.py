@@ -229,16 +229,16 @@ def _add_client_commands(commands: argparse._SubParsersAction) -> None:
 
     recommend = commands.add_parser("recommend", help="show a user's recommendations, explained")
     recommend.add_argument("user_id")
-    recommend.add_argument("--limit", type=int, default=10)
+    recommend.add_argument("--limit", type=int, default=10, help="how many items (default 10)")
     recommend.add_argument("--as-of", type=_timestamp, default=None, help="ISO time or unix seconds (default now)")
     recommend.add_argument("--query", default="", help="text blended into the profile")
-    recommend.add_argument("--target", type=_address, default=DEFAULT_TARGET)
+    recommend.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=f"server (default {DEFAULT_TARGET})")
     recommend.set_defaults(run=_run_recommend)
 
     profile = commands.add_parser("profile", help="show a user's interests in words")
     profile.add_argument("user_id")
     profile.add_argument("--as-of", type=_timestamp, default=None, help="ISO time or unix seconds (default now)")
-    profile.add_argument("--target", type=_address, default=DEFAULT_TARGET)
+    profile.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=f"server (default {DEFAULT_TARGET})")
     profile.set_defaults(run=_run_profile)
 
 

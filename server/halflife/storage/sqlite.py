@@ -324,11 +324,9 @@ _UNAVAILABLE_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlit
 def _store_error(e: BaseException, context: str = "") -> BaseException:
     """SQLite errors become StoreError (with the cause kept), those of the
     files or locks (disk full, I/O error, read-only, busy)
-    StoreUnavailableError; others pass as they are. (Python 3.10's errors
-    carry no result code: StoreError.)"""
+    StoreUnavailableError; others pass as they are."""
     if isinstance(e, sqlite3.Error):
-        code = getattr(e, "sqlite_errorcode", None)
-        unavailable = code is not None and code & 0xFF in _UNAVAILABLE_CODES
+        unavailable = e.sqlite_errorcode & 0xFF in _UNAVAILABLE_CODES  # extended codes keep the primary in the low byte
         kind = StoreUnavailableError if unavailable else StoreError
         err = kind(f"{context}{e}")
         err.__cause__ = e
