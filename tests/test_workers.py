@@ -294,3 +294,20 @@ def test_sigterm_while_the_workers_start_is_a_clean_stop(model_dir, tmp_path):
         assert process.returncode == 0, output
     finally:
         process.kill()
+
+
+def test_a_worker_whose_parent_died_before_it_started_stops(model_dir, tmp_path):
+    # The worker once read its parent's pid itself: if the parent was already
+    # gone, that read gave init's pid, and the orphan served on for good.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(model_dir),
+         "--data-dir", str(tmp_path / "data"), "--worker-index", "0", "--parent-pid", str(gone.pid)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        output = worker.communicate(timeout=120)[0]
+    finally:
+        worker.kill()
+    assert worker.returncode == 0 and "worker is gone; stopping" in output, output

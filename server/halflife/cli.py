@@ -108,6 +108,9 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     # Set by `--workers N` on the processes it starts; not for direct use.
     parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    # The parent's pid, from the parent: os.getppid() read by the worker is 1 already when the
+    # parent died while the worker started, and the worker then served on, orphaned, for good.
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     parser.set_defaults(run=_run_serve)
 
 
@@ -166,7 +169,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     try:
         # A group's parent holds the data directory for its workers.
         with claim_data_dir(args.data_dir) if args.worker_index is None else contextlib.nullcontext():
-            run_event_loop(serve(config, parent_pid=os.getppid() if args.worker_index is not None else None))
+            run_event_loop(serve(config, parent_pid=args.parent_pid))
     except (ManifestError, StoreError, OSError) as exc:
         print(f"halflife serve: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -17,6 +17,7 @@ restarts the group, which reloads everything from the store.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -86,7 +87,8 @@ def run_workers(serve_argv: Sequence[str], host: str, port: int, workers: int, t
                     break
                 processes.append(subprocess.Popen(
                     [sys.executable, "-m", "halflife.cli", "serve", *serve_argv, "--port", str(port),
-                     "--threads", str(threads), "--workers", "1", "--worker-index", str(index)]
+                     "--threads", str(threads), "--workers", "1", "--worker-index", str(index),
+                     "--parent-pid", str(os.getpid())]
                 ))
                 if requested:  # it arrived while this one started
                     processes[-1].send_signal(requested[0])
