@@ -132,6 +132,33 @@ def test_cancelled_and_expired_requests_are_dropped_before_compute():
     assert 2 not in seen and 3 not in seen
 
 
+def test_a_cancelled_request_frees_its_queue_place_at_once():
+    # While the model is busy, callers that give up must not keep the queue
+    # full: their retries were refused for a whole window's run.
+    async def main():
+        model = GatedModel(open_gate=False)
+        batcher = DynamicBatcher(model.forward, BatchingConfig(max_queued_inputs=4))
+        batcher.start()
+        busy = asyncio.ensure_future(batcher.submit([tokens(1, 2)]))
+        await asyncio.to_thread(model.started.wait, 5)
+        given_up = [asyncio.ensure_future(batcher.submit([tokens(10 + n, 2)] * 2)) for n in range(2)]
+        await asyncio.sleep(0)
+        assert batcher.queued_inputs == 4
+        for call in given_up:
+            call.cancel()
+        await asyncio.gather(*given_up, return_exceptions=True)
+        assert batcher.queued_inputs == 0
+        retry = asyncio.ensure_future(batcher.submit([tokens(20, 2)] * 4))  # the whole queue, while still busy
+        await asyncio.sleep(0)
+        model.gate.set()
+        await asyncio.gather(busy, retry)
+        await batcher.stop()
+        return model.batches
+
+    seen = [first_id for batch in run(main()) for first_id in batch]
+    assert seen.count(20) == 4 and 10 not in seen and 11 not in seen
+
+
 def test_a_model_failure_fails_only_its_callers_and_the_worker_lives_on():
     calls = {"n": 0}
 

@@ -116,7 +116,8 @@ def test_client_commands_report_errors_in_one_line(server, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["serve", "--port", "70000"], "argument --port: must be 0 to 65535, got 70000"),  # gRPC would wrap it to 4464
     (["serve", "--port=-1"], "argument --port: must be 0 to 65535, got -1"),
-    (["serve", "--max-queued-inputs", "0"], "argument --max-queued-inputs: must be at least 1, got 0"),
+    (["serve", "--max-queued-inputs", "0"], "argument --max-queued-inputs: must be at least 256 (one full Embed)"),
+    (["serve", "--max-queued-inputs", "100"], "argument --max-queued-inputs: must be at least 256 (one full Embed)"),
     (["serve", "--max-batch-tokens", "-5"], "argument --max-batch-tokens: must be at least 1, got -5"),
     (["load-movielens", "x", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
     (["recommend", "1", "--as-of", "inf"], "argument --as-of: unix seconds out of range (years 1 to 9999): 'inf'"),

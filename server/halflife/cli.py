@@ -102,8 +102,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
              "of a catalogue scan (default: physical cores / workers)",
     )
     parser.add_argument("--max-batch-tokens", type=_positive_int, default=None, help="padded tokens per model batch")
-    parser.add_argument("--max-queued-inputs", type=_positive_int, default=None,
-                        help="queue size before RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-queued-inputs", type=_queue_size, default=None,
+                        help="queue size before RESOURCE_EXHAUSTED (at least one full Embed: 256)")
     parser.add_argument("--config", type=Path, default=None, help="TOML file of decay, weights and ranking settings")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     # Set by `--workers N` on the processes it starts; not for direct use.
@@ -118,6 +118,15 @@ def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _queue_size(value: str) -> int:
+    from halflife.api.embedding import MAX_INPUTS_PER_REQUEST
+
+    number = int(value)
+    if number < MAX_INPUTS_PER_REQUEST:  # a full Embed would be "queue full" forever, retries and all
+        raise argparse.ArgumentTypeError(f"must be at least {MAX_INPUTS_PER_REQUEST} (one full Embed), got {number}")
     return number
 
 

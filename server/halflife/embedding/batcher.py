@@ -161,8 +161,17 @@ class DynamicBatcher:
         try:
             return await job.future
         finally:
-            if not job.future.done():  # the caller was cancelled
+            # The caller went away (cancelled, or its deadline passed); cancelling the
+            # awaiting task has usually cancelled the future already.
+            if job.future.cancelled() or not job.future.done():
                 job.future.cancel()
+                # Free its place now, not when the worker reaches it: callers that time
+                # out and retry were refused as "queue full" for a whole window's run.
+                try:
+                    self._jobs.remove(job)  # identity (eq=False)
+                    self._queued_inputs -= len(ids)
+                except ValueError:
+                    pass  # already taken into a window, which counted it out
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
