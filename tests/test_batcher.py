@@ -39,6 +39,17 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
+async def busy_batcher(config: BatchingConfig = BatchingConfig()):
+    """A started batcher whose model is busy (gate closed) with one request,
+    first id 1: (model, batcher, that request's future)."""
+    model = GatedModel(open_gate=False)
+    batcher = DynamicBatcher(model.forward, config)
+    batcher.start()
+    busy = asyncio.ensure_future(batcher.submit([tokens(1, 2)]))
+    await asyncio.to_thread(model.started.wait, 5)
+    return model, batcher, busy
+
+
 def test_results_map_back_to_their_requests_in_order():
     async def main():
         model = GatedModel()
@@ -85,11 +96,7 @@ def test_concurrent_requests_share_batches_sorted_by_length_within_budget():
 
 def test_full_queue_is_refused_at_once():
     async def main():
-        model = GatedModel(open_gate=False)
-        batcher = DynamicBatcher(model.forward, BatchingConfig(max_queued_inputs=3))
-        batcher.start()
-        busy = asyncio.ensure_future(batcher.submit([tokens(1, 2)]))
-        await asyncio.to_thread(model.started.wait, 5)
+        model, batcher, busy = await busy_batcher(BatchingConfig(max_queued_inputs=3))
         waiting = asyncio.ensure_future(batcher.submit([tokens(2, 2), tokens(3, 2)]))
         await asyncio.sleep(0)
         with pytest.raises(QueueFullError):
@@ -105,12 +112,8 @@ def test_full_queue_is_refused_at_once():
 
 def test_cancelled_and_expired_requests_are_dropped_before_compute():
     async def main():
-        model = GatedModel(open_gate=False)
-        batcher = DynamicBatcher(model.forward)
-        batcher.start()
+        model, batcher, busy = await busy_batcher()
         loop = asyncio.get_running_loop()
-        busy = asyncio.ensure_future(batcher.submit([tokens(1, 2)]))
-        await asyncio.to_thread(model.started.wait, 5)
         cancelled = asyncio.ensure_future(batcher.submit([tokens(2, 2)]))
         expired = asyncio.ensure_future(batcher.submit([tokens(3, 2)], deadline=loop.time() + 0.01))
         alive = asyncio.ensure_future(batcher.submit([tokens(4, 2)], deadline=loop.time() + 30))
@@ -136,11 +139,7 @@ def test_a_cancelled_request_frees_its_queue_place_at_once():
     # While the model is busy, callers that give up must not keep the queue
     # full: their retries were refused for a whole window's run.
     async def main():
-        model = GatedModel(open_gate=False)
-        batcher = DynamicBatcher(model.forward, BatchingConfig(max_queued_inputs=4))
-        batcher.start()
-        busy = asyncio.ensure_future(batcher.submit([tokens(1, 2)]))
-        await asyncio.to_thread(model.started.wait, 5)
+        model, batcher, busy = await busy_batcher(BatchingConfig(max_queued_inputs=4))
         given_up = [asyncio.ensure_future(batcher.submit([tokens(10 + n, 2)] * 2)) for n in range(2)]
         await asyncio.sleep(0)
         assert batcher.queued_inputs == 4
