@@ -389,7 +389,9 @@ class InterestEngine:
         counted = weights != 0
         if counted.any():
             rows, times, weights = items[counted], times[counted], weights[counted]
-            self._popularity.add(rows, times, weights)  # forward-decayed sums subtract exactly
+            # Erasures subtract here, to float64 rounding: what an item keeps below ~1e-16 of the
+            # erased weight (events ~a year older, at a 7-day half-life) can round to 0 until a restart.
+            self._popularity.add(rows, times, weights)
             # 16 B an event instead of 24: rows fit int32, and float32 keeps a
             # type weight to 7 digits (the log only answers looks into the past).
             self._popularity_log.append((rows.astype(np.int32), times, weights.astype(np.float32)))
