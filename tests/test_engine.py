@@ -91,6 +91,25 @@ def test_a_recreated_item_starts_without_its_namesakes_events(tmp_path):
     assert cold_list(open_engine(tmp_path)) == live
 
 
+def test_a_recreated_item_gets_no_affinity_from_events_on_its_namesake(tmp_path):
+    # Alice liked the old x, deleted since; the new x is another item. Her
+    # co-occurrence affinity must not carry to it, as popularity and the
+    # pairs do not: the same as if her event had been on an unrelated item.
+    def recommend_for_alice(path, old_id):
+        engine = open_engine(path)
+        engine.upsert_items([ItemInput(id=old_id, text="old x"), ItemInput(id="y", text="y"),
+                             ItemInput(id="z", text="z")])
+        engine.record_events([EventInput("a", "alice", LIKE, old_id, None, None, T - DAY)])
+        engine.delete_items([old_id])
+        engine.upsert_items([ItemInput(id="x", text="new x")])
+        engine.record_events([EventInput(f"b{n}", "bob", LIKE, i, None, None, T - 3600) for n, i in enumerate("xy")])
+        items = engine.recommend("alice", 5, as_of=T, include_seen=True).items  # "seen" goes by id
+        engine.store.close()
+        return [(item.item_id, round(item.score, 6)) for item in items]
+
+    assert recommend_for_alice(tmp_path / "namesake", "x") == recommend_for_alice(tmp_path / "unrelated", "gone")
+
+
 def test_item_events_share_the_items_stored_vector(tmp_path):
     import sqlite3
 

@@ -184,6 +184,7 @@ class _UserState:
     affinity_items: list[str] = dataclasses.field(default_factory=list)
     affinity_types: list[int] = dataclasses.field(default_factory=list)
     affinity_times: list[float] = dataclasses.field(default_factory=list)
+    affinity_seqs: list[int] = dataclasses.field(default_factory=list)  # to tell an item from a deleted namesake
 
 
 @dataclasses.dataclass(eq=False)
@@ -718,6 +719,7 @@ class InterestEngine:
                 state.affinity_items.append(e.item_id)
                 state.affinity_types.append(k)
                 state.affinity_times.append(e.event_time)
+                state.affinity_seqs.append(e.seq)
 
     def _cache_profile(self, user_id: str) -> None:
         """Caches the user's profile if it is missing, replaying the log
@@ -1057,7 +1059,8 @@ class InterestEngine:
         blend = self.config.blend
         ahead = self._release_blend(t)
         times = np.array(state.affinity_times, dtype=np.float64)
-        rows = self.catalog.rows(state.affinity_items)
+        # As popularity and the pairs: an event on a deleted namesake counts for no item.
+        rows = self._current_item_rows(state.affinity_items, np.array(state.affinity_seqs, dtype=np.int64))
         keep = (rows >= 0) & (times <= t)
         if not keep.any():
             zeros = np.zeros(self.catalog.size)
