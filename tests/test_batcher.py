@@ -94,6 +94,23 @@ def test_concurrent_requests_share_batches_sorted_by_length_within_budget():
         assert len(batch) <= 8
 
 
+def test_a_batch_keeps_lengths_within_its_ratio():
+    # The token budget alone let texts of 8 and 60 tokens share a batch padded
+    # to 60: 3.8x the real tokens on mixed MovieLens texts.
+    async def main():
+        model, batcher, busy = await busy_batcher()
+        lengths = [41, 2, 12, 3, 40, 10, 4, 11]
+        rest = [asyncio.ensure_future(batcher.submit([tokens(100 + n, n)])) for n in lengths]
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        await asyncio.gather(busy, *rest)
+        await batcher.stop()
+        return model.batches[1:]
+
+    queued = [[first_id - 100 for first_id in batch] for batch in run(main())]
+    assert queued == [[2, 3, 4], [10, 11, 12], [40, 41]]  # each within 1.25x its shortest + 4 tokens
+
+
 def test_full_queue_is_refused_at_once():
     async def main():
         model, batcher, busy = await busy_batcher(BatchingConfig(max_queued_inputs=3))

@@ -29,12 +29,22 @@ class DeadlineExpiredError(Exception):
     """The request's deadline passed before its inputs were computed."""
 
 
+# Tokens of padding any batch may carry whatever its length ratio: texts of a
+# few tokens stay together (1.25 x 3 tokens is not a whole token more).
+PADDING_SLACK = 4
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchingConfig:
     max_batch_tokens: int = 16384  # padded tokens per forward pass
     max_batch_size: int = 256  # inputs per forward pass
     max_queued_inputs: int = 8192  # beyond this, submit() raises QueueFullError
     window_batches: int = 4  # how many batches' worth of tokens one round sorts together
+    # A batch takes inputs up to this many times its shortest one's length (+ PADDING_SLACK tokens).
+    # The token budget alone let 252 titles of 8-60 tokens share one batch padded to 60: 512 mixed
+    # MovieLens texts ran as 18,552 padded tokens for 4,915 real ones, 1.75 s; at 1.25, 6,157 and
+    # 0.52 s (int8, 2 threads). It also keeps a short text's int8 scales from long batch-mates.
+    max_length_ratio: float = 1.25
 
 
 @dataclasses.dataclass(eq=False)
@@ -214,16 +224,22 @@ class DynamicBatcher:
 
     def _plan(self, jobs: list[_Job]) -> list[list[tuple[_Job, int]]]:
         """Sorts the window's inputs by length and cuts them into batches whose
-        padded size (inputs x longest input) fits the token budget."""
+        padded size (inputs x longest input) fits the token budget and whose
+        longest input is at most `max_length_ratio` x its shortest (+ slack)."""
+        config = self.config
         items = [(len(ids), job, i) for job in jobs for i, ids in enumerate(job.ids)]
         items.sort(key=lambda item: item[0])
         batches: list[list[tuple[_Job, int]]] = []
         current: list[tuple[_Job, int]] = []
+        longest_allowed = 0
         for length, job, i in items:
             padded = (len(current) + 1) * max(length, 1)  # sorted: this input is the longest
-            if current and (padded > self.config.max_batch_tokens or len(current) >= self.config.max_batch_size):
+            if current and (padded > config.max_batch_tokens or len(current) >= config.max_batch_size
+                            or length > longest_allowed):
                 batches.append(current)
                 current = []
+            if not current:
+                longest_allowed = length * config.max_length_ratio + PADDING_SLACK
             current.append((job, i))
         if current:
             batches.append(current)
