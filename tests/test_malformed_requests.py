@@ -25,9 +25,7 @@ from grpc_status import rpc_status
 from halflife.api.server import API_SERVICES, add_api_service
 from halflife.v1 import embedding_pb2
 
-API_METHODS: list[MethodDescriptor] = [
-    method for module, name, _ in API_SERVICES for method in module.DESCRIPTOR.services_by_name[name].methods
-]
+API_METHODS: list[MethodDescriptor] = [method for service, _ in API_SERVICES for method in service.methods]
 
 # Corrupt in the same way for every message type.
 CORRUPT_PAYLOADS = {

@@ -72,17 +72,17 @@ class ServerConfig:
         ]
 
 
-# The API's services, each with its proto module and servicer class.
+# The API's services: each one's descriptor and servicer class.
 API_SERVICES = (
-    (embedding_pb2, "EmbeddingService", EmbeddingServicer),
-    (catalog_pb2, "CatalogService", CatalogServicer),
-    (interest_pb2, "InterestService", InterestServicer),
-    (recommend_pb2, "RecommendService", RecommendServicer),
+    (embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"], EmbeddingServicer),
+    (catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"], CatalogServicer),
+    (interest_pb2.DESCRIPTOR.services_by_name["InterestService"], InterestServicer),
+    (recommend_pb2.DESCRIPTOR.services_by_name["RecommendService"], RecommendServicer),
 )
 
 
 def api_service_names() -> list[str]:
-    return [module.DESCRIPTOR.services_by_name[name].full_name for module, name, _ in API_SERVICES]
+    return [service.full_name for service, _ in API_SERVICES]
 
 
 def add_api_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer) -> None:
@@ -124,7 +124,7 @@ class HalflifeServer:
         self.store: SqliteStore | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
-        self._servicers = [servicer(self.backend) for _, _, servicer in API_SERVICES]
+        self._servicers = [servicer(self.backend) for _, servicer in API_SERVICES]
 
     @property
     def engine(self) -> EmbeddingEngine | None:
@@ -146,8 +146,8 @@ class HalflifeServer:
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         server = grpc.aio.server(options=config.grpc_options(), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
-        for (module, name, _), servicer in zip(API_SERVICES, self._servicers):
-            add_api_service(server, module.DESCRIPTOR.services_by_name[name], servicer)
+        for (service, _), servicer in zip(API_SERVICES, self._servicers):
+            add_api_service(server, service, servicer)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(service_names(), server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
