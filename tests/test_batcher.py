@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -111,6 +112,43 @@ def test_a_batch_keeps_lengths_within_its_ratio():
     assert queued == [[2, 3, 4], [10, 11, 12], [40, 41]]  # each within 1.25x its shortest + 4 tokens
 
 
+def test_the_next_batch_runs_without_waiting_for_the_event_loop():
+    # The model thread plans and starts the next batch itself: when the event
+    # loop did it, the model sat idle 12% of the time at 32 callers, waiting
+    # for a loop busy with incoming calls.
+    async def main():
+        model, batcher, busy = await busy_batcher()
+        queued = asyncio.ensure_future(batcher.submit([tokens(2, 2)]))
+        await asyncio.sleep(0)  # `queued` is in the queue
+        model.gate.set()
+        deadline = time.monotonic() + 5
+        while len(model.batches) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)  # blocks the event loop on purpose
+        ran_while_blocked = len(model.batches)
+        await asyncio.gather(busy, queued)
+        await batcher.stop()
+        return ran_while_blocked
+
+    assert run(main()) == 2
+
+
+def test_stop_finishes_the_batch_in_progress_and_cancels_the_waiting_callers():
+    async def main():
+        model, batcher, busy = await busy_batcher()
+        waiting = asyncio.ensure_future(batcher.submit([tokens(2, 2)]))
+        await asyncio.sleep(0)
+        stopping = asyncio.ensure_future(batcher.stop())
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        await stopping
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return (await busy), model.batches, batcher.queued_inputs
+
+    vectors, batches, queued = run(main())
+    assert vectors.shape == (1, DIM) and batches == [[1]] and queued == 0
+
+
 def test_full_queue_is_refused_at_once():
     async def main():
         model, batcher, busy = await busy_batcher(BatchingConfig(max_queued_inputs=3))
@@ -130,10 +168,9 @@ def test_full_queue_is_refused_at_once():
 def test_cancelled_and_expired_requests_are_dropped_before_compute():
     async def main():
         model, batcher, busy = await busy_batcher()
-        loop = asyncio.get_running_loop()
         cancelled = asyncio.ensure_future(batcher.submit([tokens(2, 2)]))
-        expired = asyncio.ensure_future(batcher.submit([tokens(3, 2)], deadline=loop.time() + 0.01))
-        alive = asyncio.ensure_future(batcher.submit([tokens(4, 2)], deadline=loop.time() + 30))
+        expired = asyncio.ensure_future(batcher.submit([tokens(3, 2)], deadline=time.monotonic() + 0.01))
+        alive = asyncio.ensure_future(batcher.submit([tokens(4, 2)], deadline=time.monotonic() + 30))
         await asyncio.sleep(0.05)
         cancelled.cancel()
         model.gate.set()

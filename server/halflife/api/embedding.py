@@ -49,15 +49,13 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             for i, text in enumerate(inputs):
                 violations.text(text, f"inputs[{i}]")  # tokenizing is linear in the bytes, truncated or not
         violations.raise_if_any()
-        loop = asyncio.get_running_loop()
-        remaining = context.time_remaining()  # one reading, as a deadline on each clock below
-        deadline = loop.time() + remaining if remaining is not None else None
+        remaining = context.time_remaining()
+        expires = time.monotonic() + remaining if remaining is not None else None
         try:
             if sum(map(len, inputs)) <= INLINE_TOKENIZE_CHARS:
                 tokens = engine.tokenize(inputs, request.truncate)
             else:
-                expires = time.monotonic() + remaining if remaining is not None else None  # for the pool's thread
-                tokens = await loop.run_in_executor(
+                tokens = await asyncio.get_running_loop().run_in_executor(
                     backend.tokenize_pool, _tokenize_unless_late, engine, inputs, request.truncate, expires
                 )
         except InputsTooLongError as error:
@@ -67,7 +65,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                     for i, n in error.too_long
                 ]
             ) from None
-        vectors = await batcher.submit(tokens.ids, deadline)
+        vectors = await batcher.submit(tokens.ids, expires)
         if not request.skip_normalize:
             vectors = l2_normalize(vectors)
         return embedding_pb2.EmbedResponse(
