@@ -4,9 +4,9 @@
 
 Catalogues of 10k, 100k and 1M random unit float32 vectors (384-d), k = 10:
 
-1. one user, in-process: the engine's scoring path (`interest_scores` with
-   K = 8 centroids + `top_k` with an allowed mask) and the single-vector path
-   (`cosine_scores` + `top_k`), each scan split into row blocks over
+1. one user, in-process: the engine's scoring path (`CatalogueScan.blend`
+   of K = 8 centroids + `top_k` with an allowed mask) and its single-profile
+   path (`CatalogueScan.blend` of one vector + `top_k`), each scan split into row blocks over
    `--threads` threads as the engine does (`RowBlocks`), against FAISS
    IndexFlatIP and NumPy GEMV + argpartition on the same matrix, each at 1
    and at `--threads` BLAS/OpenMP threads, and NumPy's vecdot + argpartition
@@ -42,15 +42,16 @@ import datetime as dt
 import gc
 import time
 import tracemalloc
+from typing import Callable
 
 
 import faiss
 import numpy as np
 
 from halflife.config import Config
-from halflife.core.profiles import interest_scores
 from halflife.core.ranking import RowBlocks, batch_search, cosine_scores, normalize, top_k
 from halflife.cpu import physical_cores
+from halflife.interest.blend import CatalogueScan
 from halflife.interest.engine import EventInput, InterestEngine
 from halflife.storage.base import ItemRecord
 
@@ -119,18 +120,25 @@ class ThreadCounts:
         return run
 
 
-def core_multi(X: np.ndarray, threads: int, seed: int = 1):
-    """The engine's scoring path for one user (K = 8 random centroids, 50
-    items masked; the same for a seed), its scan in row blocks on `threads`
-    threads, each on one BLAS thread: a callable returning the top K."""
+def core_scan(X: np.ndarray, threads: int, allowed: np.ndarray, **profile) -> Callable[[], tuple]:
+    """The engine's scoring path for one user's `profile` (CatalogueScan
+    fields: centroids and importances, or positive), interest only: its scan
+    in row blocks on `threads` threads, each on one BLAS thread, then the top
+    K of the `allowed` rows. Returns a callable."""
+    blocks = RowBlocks(threads)
+    weights = {"interest": 1.0}
+    return ThreadCounts()(1, lambda: top_k(CatalogueScan(items=X, **profile).blend(blocks, weights).scores, K, allowed))
+
+
+def core_multi(X: np.ndarray, threads: int, seed: int = 1) -> Callable[[], tuple]:
+    """`core_scan` of K = 8 random centroids, 50 items masked (the same for a seed)."""
     n = X.shape[0]
     rng = np.random.default_rng(seed)
     allowed = np.ones(n, dtype=bool)
     allowed[rng.choice(n, SEEN, replace=False)] = False
     centroids = normalize(rng.standard_normal((CENTROIDS, DIM)))
     importances = rng.random(CENTROIDS) + 0.1
-    blocks = RowBlocks(threads)
-    return ThreadCounts()(1, lambda: top_k(blocks(lambda r: interest_scores(r, centroids, importances), X), K, allowed))
+    return core_scan(X, threads, allowed, centroids=centroids, importances=importances)
 
 
 def per_query(X: np.ndarray, index, rng, repeat: int, threads: int) -> dict:
@@ -153,9 +161,8 @@ def per_query(X: np.ndarray, index, rng, repeat: int, threads: int) -> dict:
     with_threads = ThreadCounts()
     fns = {}
     for t in sorted({1, threads}):
-        blocks = RowBlocks(t)  # each block on one BLAS thread, as in the server
         fns[f"core_multi_{t}"] = core_multi(X, t)
-        fns[f"core_single_{t}"] = with_threads(1, lambda b=blocks: top_k(b(lambda r: cosine_scores(q, r), X), K, allowed))
+        fns[f"core_single_{t}"] = core_scan(X, t, allowed, positive=q)
         fns[f"faiss_{t}"] = with_threads(t, lambda: index.search(q2, K))
         fns[f"numpy_{t}"] = with_threads(t, numpy_gemv)
     fns["vecdot_1"] = with_threads(1, numpy_vecdot)
