@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import time
 
@@ -231,3 +232,48 @@ def test_a_model_failure_fails_only_its_callers_and_the_worker_lives_on():
         return ok
 
     assert run(main()).shape == (1, DIM)
+
+
+def test_many_callers_that_cancel_or_expire_at_random_leave_nothing_behind():
+    # The model thread and the event loop share the queue: every caller that
+    # stays gets its own rows, the others their own error (or their rows, when
+    # computed first), and the queue empties.
+    rng = np.random.default_rng(5)
+
+    def slow_forward(ids):
+        threading.Event().wait(0.002)  # long enough for callers to queue up behind it
+        return np.array([[len(i), i[0], 0, 0] for i in ids], dtype=np.float32)
+
+    async def caller(batcher, first_id, n, kind):
+        ids = [tokens(first_id + k, 1 + (first_id + k) % 9) for k in range(n)]
+        deadline = time.monotonic() + 0.005 if kind == "expires" else None
+        call = asyncio.ensure_future(batcher.submit(ids, deadline))
+        if kind == "cancels":
+            await asyncio.sleep(float(rng.random() * 0.01))
+            call.cancel()
+        try:
+            return kind, ids, await call
+        except (asyncio.CancelledError, DeadlineExpiredError) as error:
+            return kind, ids, error
+
+    async def main():
+        batcher = DynamicBatcher(slow_forward, BatchingConfig(max_batch_tokens=64, max_batch_size=16))
+        batcher.start()
+        kinds = rng.choice(["stays", "stays", "cancels", "expires"], 300)
+        outcomes = await asyncio.gather(*(caller(batcher, c * 100, int(rng.integers(1, 5)), kind)
+                                          for c, kind in enumerate(kinds)))
+        left = batcher.queued_inputs
+        await batcher.stop()
+        return outcomes, left
+
+    outcomes, left = run(main())
+    assert left == 0
+    expected_error = {"stays": (), "cancels": asyncio.CancelledError, "expires": DeadlineExpiredError}
+    for kind, ids, outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            assert isinstance(outcome, expected_error[kind]), (kind, outcome)
+            continue
+        np.testing.assert_array_equal(outcome[:, 0], [len(i) for i in ids])
+        np.testing.assert_array_equal(outcome[:, 1], [i[0] for i in ids])
+    failed = collections.Counter(kind for kind, _, outcome in outcomes if isinstance(outcome, BaseException))
+    assert failed["cancels"] > 0 and failed["expires"] > 0  # both paths were exercised
