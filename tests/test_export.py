@@ -341,6 +341,10 @@ def _opset17(tmp_path, sources):
     return ["--model", str(sources["bert"]), "--opset", "17"], "--opset 17 is too old"
 
 
+def _opset_too_new(tmp_path, sources):
+    return ["--model", str(sources["bert"]), "--opset", "99"], "--opset 99 is newer than this PyTorch exports"
+
+
 def _cls_for_decoder(tmp_path, sources):
     return ["--model", str(sources["gpt2"]), "--pooling", "cls"], "wrong for a causal decoder"
 
@@ -358,6 +362,7 @@ ERROR_CASES = {
     "garbage-config": (_garbage_config, (1,)),
     "unsupported-t5": (_t5, (1,)),
     "opset-17": (_opset17, (1,)),
+    "opset-99": (_opset_too_new, (1,)),
     "cls-for-decoder": (_cls_for_decoder, (1,)),
     "mean-for-decoder": (_mean_for_decoder, (1,)),
     "pooling-not-a-choice": (_bad_pooling_choice, (2,)),

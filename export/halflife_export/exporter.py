@@ -148,10 +148,20 @@ class _Progress:
         return result
 
 
+def max_opset() -> int:
+    """The newest opset PyTorch's exporter writes (optimum exports through it):
+    a newer one failed after printing the whole traced graph."""
+    from torch.onnx import _constants
+
+    return getattr(_constants, "ONNX_MAX_OPSET", MIN_OPSET)
+
+
 def export_model(options: ExportOptions) -> Manifest:
     """Runs the whole export; raises ExportError with a one-line message."""
     if options.opset < MIN_OPSET:
         raise ExportError(f"--opset {options.opset} is too old; use {MIN_OPSET} or newer")
+    if options.opset > max_opset():
+        raise ExportError(f"--opset {options.opset} is newer than this PyTorch exports ({max_opset()}); use {MIN_OPSET}..{max_opset()}")
     _quiet_libraries()
     source = _resolve_source(options)
     pooling = _choose_pooling(options.pooling, source.kind)
