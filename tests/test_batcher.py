@@ -10,7 +10,13 @@ import time
 import numpy as np
 import pytest
 
-from halflife.embedding.batcher import BatchingConfig, DeadlineExpiredError, DynamicBatcher, QueueFullError
+from halflife.embedding.batcher import (
+    BatcherStoppedError,
+    BatchingConfig,
+    DeadlineExpiredError,
+    DynamicBatcher,
+    QueueFullError,
+)
 
 DIM = 4
 
@@ -277,3 +283,87 @@ def test_many_callers_that_cancel_or_expire_at_random_leave_nothing_behind():
         np.testing.assert_array_equal(outcome[:, 1], [i[0] for i in ids])
     failed = collections.Counter(kind for kind, _, outcome in outcomes if isinstance(outcome, BaseException))
     assert failed["cancels"] > 0 and failed["expires"] > 0  # both paths were exercised
+
+
+def test_a_batcher_not_running_refuses_at_once():
+    async def main():
+        batcher = DynamicBatcher(GatedModel().forward)
+        with pytest.raises(BatcherStoppedError):
+            await batcher.submit([tokens(1, 2)])  # not started
+        batcher.start()
+        assert (await batcher.submit([tokens(1, 2)])).shape == (1, DIM)
+        await batcher.stop()
+        with pytest.raises(BatcherStoppedError):
+            await batcher.submit([tokens(2, 2)])  # stopped: a late caller must not wait forever
+        batcher.start()  # and it starts again
+        result = await batcher.submit([tokens(3, 2)])
+        await batcher.stop()
+        return result
+
+    assert run(main())[0, 1] == 3
+
+
+def test_a_cancelled_stop_still_ends_the_thread_and_cancels_the_queue():
+    async def main():
+        model, batcher, busy = await busy_batcher()
+        waiting = asyncio.ensure_future(batcher.submit([tokens(2, 2)]))
+        await asyncio.sleep(0)
+        stopping = asyncio.ensure_future(batcher.stop())
+        await asyncio.sleep(0.05)
+        stopping.cancel()
+        model.gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        await busy
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        batcher.start()  # the old thread has ended: a new one serves
+        return await batcher.submit([tokens(3, 2)])
+
+    assert run(main())[0, 1] == 3
+
+
+def test_a_batcher_started_on_a_new_loop_answers_there():
+    model = GatedModel()
+    batcher = DynamicBatcher(model.forward)
+
+    async def one(first_id):
+        batcher.start()
+        return await batcher.submit([tokens(first_id, 2)])
+
+    assert run(one(1))[0, 1] == 1  # the first loop closes without stop()
+    assert run(one(2))[0, 1] == 2
+
+
+@pytest.mark.parametrize("bad_output", [np.zeros((1, DIM), np.float32), np.zeros(2, np.float32)],
+                         ids=["rows-missing", "one-dimensional"])
+def test_a_model_output_of_the_wrong_shape_fails_its_callers(bad_output):
+    async def main():
+        batcher = DynamicBatcher(lambda ids: bad_output if len(ids) == 2 else np.ones((len(ids), DIM), np.float32))
+        batcher.start()
+        with pytest.raises(ValueError, match="the model returned"):
+            await batcher.submit([tokens(1, 2), tokens(2, 2)])
+        ok = await batcher.submit([tokens(3, 2)])
+        await batcher.stop()
+        return ok
+
+    assert run(main()).shape == (1, DIM)
+
+
+def test_a_model_thread_that_dies_fails_its_callers_and_refuses_new_ones():
+    class Fatal(BaseException):
+        pass
+
+    def fatal(ids):
+        raise Fatal("not an Exception")
+
+    async def main():
+        batcher = DynamicBatcher(fatal)
+        batcher.start()
+        with pytest.raises(BatcherStoppedError, match="model thread died"):
+            await batcher.submit([tokens(1, 2)])
+        with pytest.raises(BatcherStoppedError):
+            await batcher.submit([tokens(2, 2)])
+        await batcher.stop()
+
+    run(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import shutil
@@ -266,6 +267,24 @@ def test_full_queue_answers_resource_exhausted(model_dir, tmp_path):
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue full" in error.details()
         assert len(stub(channel).Embed(pb.EmbedRequest(inputs=["a", "b"]), timeout=10).embeddings) == 2
+
+
+def test_a_stopped_model_answers_unavailable_and_the_rest_keeps_serving(model_dir, tmp_path):
+    # Calls that reach the embedding model after it stopped (a late worker
+    # thread while the server shuts down) used to wait forever.
+    from halflife_client import Item
+
+    config = ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path)
+    with ServerThread(config) as server, HalflifeClient(server.address, timeout=20) as client:
+        client.upsert_items([Item(id="a", text="a film about the sea")])
+        batcher = server.server.backend.batcher
+        asyncio.run_coroutine_threadsafe(batcher.stop(), server._loop).result(30)
+        for call in (lambda: client.embed(["hello"]), lambda: client.upsert_items([Item(id="b", text="a new film")])):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "not running" in caught.value.details()
+        assert [item.id for item in client.get_items(["a"])] == ["a"]  # no text to embed: still served
 
 
 def test_expired_deadline_is_not_computed(channel, live_server):

@@ -17,7 +17,7 @@ from google.protobuf import any_pb2, message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from halflife.embedding.batcher import DeadlineExpiredError, QueueFullError
+from halflife.embedding.batcher import BatcherStoppedError, DeadlineExpiredError, QueueFullError
 from halflife.storage.base import StoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def translate_errors(handler: Handler) -> Handler:
     (`MalformedRequest`) and ApiError become INVALID_ARGUMENT / their rich
     status, a full embedding queue RESOURCE_EXHAUSTED, an expired deadline
     DEADLINE_EXCEEDED, a store that cannot write or read now (disk full, I/O
-    error) UNAVAILABLE; anything unexpected becomes INTERNAL (logged with its traceback), and the
+    error) or an embedding model that is not running UNAVAILABLE; anything unexpected becomes INTERNAL (logged with its traceback), and the
     server keeps serving."""
 
     @functools.wraps(handler)
@@ -160,6 +160,8 @@ def translate_errors(handler: Handler) -> Handler:
             await context.abort_with_status(
                 deadline_exceeded("the deadline passed before the inputs were computed").to_status()
             )
+        except BatcherStoppedError as error:
+            await context.abort_with_status(unavailable(f"{error}; retry with backoff").to_status())
         except StoreUnavailableError as error:
             # The disk, not the caller or our code: one line in the log, no traceback.
             log.warning("%s: store unavailable: %s", handler.__qualname__, error)

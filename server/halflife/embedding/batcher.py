@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import logging
 import threading
 import time
 from typing import Callable, Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 Forward = Callable[[Sequence[np.ndarray]], np.ndarray]
 
@@ -27,6 +30,10 @@ class QueueFullError(Exception):
 
 class DeadlineExpiredError(Exception):
     """The request's deadline passed before its inputs were computed."""
+
+
+class BatcherStoppedError(Exception):
+    """The batcher is not running: not started, stopped, or its model thread died."""
 
 
 # Tokens of padding any batch may carry whatever its length ratio: texts of a
@@ -88,25 +95,29 @@ class DynamicBatcher:
         self.batches_run = 0  # for tests and metrics
 
     def start(self) -> None:
-        if self._thread is None:
-            self._loop = asyncio.get_running_loop()
+        """Starts the model thread, answering on the running loop."""
+        self._loop = asyncio.get_running_loop()  # a thread still running from an earlier loop answers here now
+        if self._thread is None or not self._thread.is_alive():
             self._stopping = False
             self._thread = threading.Thread(target=self._serve, name="halflife-model", daemon=True)
             self._thread.start()
 
     async def stop(self) -> None:
-        """Finishes the batch in progress, then cancels the callers still waiting."""
-        if self._thread is not None:
-            with self._work:
-                self._stopping = True
-                self._work.notify()
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
-        with self._lock:
-            waiting = list(self._jobs)
-            self._jobs.clear()
-            self._queued_inputs = 0
-        _cancel(waiting)
+        """Finishes the batch in progress, then cancels the callers still waiting.
+        Later submits raise BatcherStoppedError."""
+        with self._work:
+            self._stopping = True
+            self._work.notify()
+        try:
+            if self._thread is not None:
+                # Shielded: a stop that is itself cancelled still ends the thread.
+                await asyncio.shield(asyncio.to_thread(self._thread.join))
+        finally:
+            with self._lock:
+                waiting = list(self._jobs)
+                self._jobs.clear()
+                self._queued_inputs = 0
+            _cancel(waiting)
 
     @property
     def queued_inputs(self) -> int:
@@ -123,6 +134,8 @@ class DynamicBatcher:
             raise ValueError("nothing to embed")
         job = _Job(ids=ids, future=asyncio.get_running_loop().create_future(), deadline=deadline, remaining=len(ids))
         with self._work:
+            if self._stopping or self._thread is None:
+                raise BatcherStoppedError("the embedding model is not running (the server is starting or stopping)")
             if self._queued_inputs + len(ids) > self.config.max_queued_inputs:
                 raise QueueFullError(
                     f"embedding queue full ({self._queued_inputs} inputs waiting, max {self.config.max_queued_inputs})"
@@ -145,17 +158,34 @@ class DynamicBatcher:
                         pass  # already taken into a window, which counted it out
 
     def _serve(self) -> None:
-        """The model thread: takes a window of jobs, runs its batches, repeats."""
+        """The model thread: takes a window of jobs, runs its batches, repeats.
+        Should it die (a bug, or a BaseException from forward), it fails the
+        callers it holds and those queued, and the batcher refuses new ones."""
+        window: list[_Job] = []
+        try:
+            self._serve_windows(window)
+        except BaseException as exc:
+            log.exception("the model thread died")
+            with self._work:
+                self._stopping = True
+                queued = list(self._jobs)
+                self._jobs.clear()
+                self._queued_inputs = 0
+            self._post(_fail, window + queued, BatcherStoppedError(f"the model thread died: {exc!r}"))
+
+    def _serve_windows(self, window: list[_Job]) -> None:
+        """_serve's loop; `window` holds the jobs taken and not yet answered."""
         while True:
             with self._work:
                 while not self._jobs and not self._stopping:
                     self._work.wait()
                 if self._stopping:
                     return
-                window, expired = self._take_window(time.monotonic())
+                taken, expired = self._take_window(time.monotonic())
+                window[:] = taken
             if expired:
                 self._post(_fail, expired, DeadlineExpiredError("deadline passed while queued"))
-            batches = self._plan(window)
+            batches = self._plan(taken)
             for n, batch in enumerate(batches):
                 if self._stopping:
                     self._post(_cancel, [job for rest in batches[n:] for job, _ in rest])
@@ -165,6 +195,8 @@ class DynamicBatcher:
                     continue  # every caller in it went away: skip the compute
                 try:
                     vectors = self._forward([job.ids[i] for job, i in batch])
+                    if vectors.ndim != 2 or vectors.shape[0] != len(batch):
+                        raise ValueError(f"the model returned {vectors.shape} for {len(batch)} inputs")
                 except Exception as exc:  # a model failure fails its callers, not the thread
                     self._post(_fail, [job for job, _ in batch], exc)
                     continue
