@@ -287,6 +287,20 @@ def test_a_stopped_model_answers_unavailable_and_the_rest_keeps_serving(model_di
         assert [item.id for item in client.get_items(["a"])] == ["a"]  # no text to embed: still served
 
 
+def test_an_upsert_larger_than_the_queue_is_embedded_in_pieces(model_dir, tmp_path):
+    # 10 texts against a queue of 4 inputs were refused as "queue full" on every retry.
+    from halflife_client import Item
+
+    config = ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path, batching=BatchingConfig(max_queued_inputs=4))
+    texts = [f"film number {n} about the sea" for n in range(10)]
+    with ServerThread(config) as server, HalflifeClient(server.address, timeout=30) as client:
+        assert client.upsert_items([Item(id=f"i{n}", text=text) for n, text in enumerate(texts)]) == (10, 0)
+        stored = np.array([item.vector for item in client.get_items([f"i{n}" for n in range(10)], include_vectors=True)])
+        alone = np.concatenate([client.embed(texts[:4]), client.embed(texts[4:8]), client.embed(texts[8:])])
+        bar = repeat_min_cosine(client.model_info().precision)
+    assert np.sum(stored * alone, axis=1).min() >= bar  # each item got its own text's vector
+
+
 def test_expired_deadline_is_not_computed(channel, live_server):
     # A deadline too short for 256 long inputs: the call fails fast and the
     # server drops what it had not computed yet.

@@ -42,5 +42,11 @@ class Backend:
         Returns (len(texts), dim) float32."""
         assert self.embedding is not None and self.batcher is not None and self._loop is not None
         tokens = self.embedding.tokenize(list(texts), truncate=True)
-        future = asyncio.run_coroutine_threadsafe(self.batcher.submit(tokens.ids), self._loop)
-        return l2_normalize(future.result())
+        # In pieces the queue can hold: a 1,000-item upsert under a smaller
+        # --max-queued-inputs was refused as "queue full" however often retried.
+        piece = self.batcher.config.max_queued_inputs
+        vectors = [
+            asyncio.run_coroutine_threadsafe(self.batcher.submit(tokens.ids[i : i + piece]), self._loop).result()
+            for i in range(0, len(tokens.ids), piece)
+        ]
+        return l2_normalize(np.concatenate(vectors))
