@@ -367,3 +367,33 @@ def test_a_model_thread_that_dies_fails_its_callers_and_refuses_new_ones():
         await batcher.stop()
 
     run(main())
+
+
+def test_a_worker_thread_waiting_on_a_stopped_batcher_gets_batcher_stopped():
+    # Upserts embed from worker threads (Backend.embed_blocking); a stop that
+    # cancels their job must read as "stopped" (UNAVAILABLE), not INTERNAL.
+    from halflife.api.backend import Backend
+    from halflife.embedding.engine import TokenizedInputs
+
+    class Tokens:
+        def tokenize(self, texts, truncate):
+            ids = [tokens(len(text), len(text)) for text in texts]
+            return TokenizedInputs(ids=ids, token_counts=np.array([len(t) for t in texts]),
+                                   truncated=np.zeros(len(texts), bool))
+
+    async def main():
+        model, batcher, busy = await busy_batcher()
+        backend = Backend()
+        backend.attach(Tokens(), batcher, asyncio.get_running_loop())
+        worker = asyncio.ensure_future(asyncio.to_thread(backend.embed_blocking, ["abc"]))
+        while batcher.queued_inputs == 0:
+            await asyncio.sleep(0.01)
+        stopping = asyncio.ensure_future(batcher.stop())
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        await asyncio.gather(stopping, busy)
+        backend.close()
+        with pytest.raises(BatcherStoppedError, match="shutting down"):
+            await worker
+
+    run(main())

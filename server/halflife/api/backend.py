@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from halflife.api.errors import unavailable
-from halflife.embedding.batcher import DynamicBatcher
+from halflife.embedding.batcher import BatcherStoppedError, DynamicBatcher
 from halflife.embedding.engine import EmbeddingEngine
 from halflife.embedding.pooling import l2_normalize
 from halflife.interest.engine import InterestEngine
@@ -45,8 +45,11 @@ class Backend:
         # In pieces the queue can hold: a 1,000-item upsert under a smaller
         # --max-queued-inputs was refused as "queue full" however often retried.
         piece = self.batcher.config.max_queued_inputs
-        vectors = [
-            asyncio.run_coroutine_threadsafe(self.batcher.submit(tokens.ids[i : i + piece]), self._loop).result()
-            for i in range(0, len(tokens.ids), piece)
-        ]
+        try:
+            vectors = [
+                asyncio.run_coroutine_threadsafe(self.batcher.submit(tokens.ids[i : i + piece]), self._loop).result()
+                for i in range(0, len(tokens.ids), piece)
+            ]
+        except concurrent.futures.CancelledError:  # stop() cancelled it: UNAVAILABLE, not an internal error
+            raise BatcherStoppedError("the embedding model stopped (the server is shutting down)") from None
         return l2_normalize(np.concatenate(vectors))
