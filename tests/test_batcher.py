@@ -139,21 +139,34 @@ def test_the_next_batch_runs_without_waiting_for_the_event_loop():
     assert run(main()) == 2
 
 
-def test_stop_finishes_the_batch_in_progress_and_cancels_the_waiting_callers():
+@pytest.mark.parametrize("stop_cancelled", [False, True], ids=["stop", "stop-cancelled"])
+def test_stop_finishes_the_batch_in_progress_and_cancels_the_waiting_callers(stop_cancelled):
+    # Even a stop that is itself cancelled ends the thread and cancels the queue:
+    # it used to leave callers waiting and a dead thread that start() took for live.
     async def main():
         model, batcher, busy = await busy_batcher()
         waiting = asyncio.ensure_future(batcher.submit([tokens(2, 2)]))
         await asyncio.sleep(0)
         stopping = asyncio.ensure_future(batcher.stop())
         await asyncio.sleep(0.05)
+        if stop_cancelled:
+            stopping.cancel()
         model.gate.set()
-        await stopping
+        try:
+            await stopping
+        except asyncio.CancelledError:
+            assert stop_cancelled
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        return (await busy), model.batches, batcher.queued_inputs
+        done = (await busy), list(model.batches), batcher.queued_inputs
+        batcher.start()  # a new thread serves
+        again = await batcher.submit([tokens(3, 2)])
+        await batcher.stop()
+        return done, again
 
-    vectors, batches, queued = run(main())
-    assert vectors.shape == (1, DIM) and batches == [[1]] and queued == 0
+    (vectors, batches, queued), again = run(main())
+    assert vectors.shape == (1, DIM) and batches == [[1]] and queued == 0  # the waiting caller was not computed
+    assert again[0, 1] == 3
 
 
 def test_full_queue_is_refused_at_once():
@@ -299,26 +312,6 @@ def test_a_batcher_not_running_refuses_at_once():
         result = await batcher.submit([tokens(3, 2)])
         await batcher.stop()
         return result
-
-    assert run(main())[0, 1] == 3
-
-
-def test_a_cancelled_stop_still_ends_the_thread_and_cancels_the_queue():
-    async def main():
-        model, batcher, busy = await busy_batcher()
-        waiting = asyncio.ensure_future(batcher.submit([tokens(2, 2)]))
-        await asyncio.sleep(0)
-        stopping = asyncio.ensure_future(batcher.stop())
-        await asyncio.sleep(0.05)
-        stopping.cancel()
-        model.gate.set()
-        with pytest.raises(asyncio.CancelledError):
-            await stopping
-        await busy
-        with pytest.raises(asyncio.CancelledError):
-            await waiting
-        batcher.start()  # the old thread has ended: a new one serves
-        return await batcher.submit([tokens(3, 2)])
 
     assert run(main())[0, 1] == 3
 
