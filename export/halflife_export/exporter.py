@@ -160,8 +160,9 @@ def export_model(options: ExportOptions) -> Manifest:
     """Runs the whole export; raises ExportError with a one-line message."""
     if options.opset < MIN_OPSET:
         raise ExportError(f"--opset {options.opset} is too old; use {MIN_OPSET} or newer")
-    if options.opset > max_opset():
-        raise ExportError(f"--opset {options.opset} is newer than this PyTorch exports ({max_opset()}); use {MIN_OPSET}..{max_opset()}")
+    newest = max_opset()
+    if options.opset > newest:
+        raise ExportError(f"--opset {options.opset} is newer than this PyTorch exports ({newest}); use {MIN_OPSET}..{newest}")
     _quiet_libraries()
     source = _resolve_source(options)
     pooling = _choose_pooling(options.pooling, source.kind)

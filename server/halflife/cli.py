@@ -35,7 +35,9 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--output", required=True, type=Path, help="model directory to write")
     parser.add_argument("--model-id", default=None, help="name recorded in the manifest (default: from the model)")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset, from 18 to the newest PyTorch exports (23 with torch 2.13; default 18)")
+    parser.add_argument(
+        "--opset", type=int, default=18, help="ONNX opset, from 18 to the newest PyTorch exports (23 with torch 2.13; default 18)"
+    )
     parser.add_argument(
         "--pooling",
         choices=("auto", "mean", "last_token", "cls"),

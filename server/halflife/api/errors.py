@@ -141,8 +141,9 @@ def translate_errors(handler: Handler) -> Handler:
     (`MalformedRequest`) and ApiError become INVALID_ARGUMENT / their rich
     status, a full embedding queue RESOURCE_EXHAUSTED, an expired deadline
     DEADLINE_EXCEEDED, a store that cannot write or read now (disk full, I/O
-    error) or an embedding model that is not running UNAVAILABLE; anything unexpected becomes INTERNAL (logged with its traceback), and the
-    server keeps serving."""
+    error) or an embedding model that is not running UNAVAILABLE; anything
+    unexpected becomes INTERNAL (logged with its traceback), and the server
+    keeps serving."""
 
     @functools.wraps(handler)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
