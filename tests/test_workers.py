@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
+from halflife.workers import reserve_port
 from halflife.v1 import interest_pb2, recommend_pb2
 from halflife_client import Event, HalflifeClient, Item
 from tests.serving import start_cli_server
@@ -107,11 +108,24 @@ def test_a_second_group_on_a_served_port_is_refused(model_dir, tmp_path):
             capture_output=True, text=True, timeout=60,
         )
         assert second.returncode == 1
-        assert f"{address} is already being served by another process" in second.stderr
+        assert f"{address} is already being served by another" in second.stderr
         assert "Traceback" not in second.stderr
     finally:
         process.send_signal(signal.SIGTERM)
         wait_exit(process)
+
+
+def test_two_groups_started_at_once_cannot_share_a_port():
+    # Both used to pass the listener check, each before the other's workers
+    # listened, and then split the port's traffic between two data dirs.
+    with reserve_port("127.0.0.1", 0) as first:
+        port = first.getsockname()[1]
+        with pytest.raises(OSError, match=rf"127.0.0.1:{port} is already being served by another halflife "
+                                          rf"--workers group \(pid {os.getpid()}\)"):
+            with reserve_port("127.0.0.1", port):
+                pass
+    with reserve_port("127.0.0.1", port):  # released with the first group
+        pass
 
 
 def gone_within(pids: list[int], seconds: float = 30) -> bool:

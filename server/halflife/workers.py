@@ -16,46 +16,55 @@ restarts the group, which reloads everything from the store.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Sequence
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from halflife.locks import LockHeldError, hold_lock
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
 
 
-def reserve_port(host: str, port: int) -> socket.socket:
+@contextlib.contextmanager
+def reserve_port(host: str, port: int) -> Iterator[socket.socket]:
     """A bound SO_REUSEPORT socket holding `port` (0: a free one) for the
     workers, which bind it too. It never listens, so it takes no connections.
 
-    SO_REUSEPORT would also let this group join another one already serving
-    the port (same user), silently splitting its traffic; a listener that
-    answers a connection attempt is therefore an error. Two groups started
-    within the moment their workers take to listen (~0.3 s) both pass this
-    check; with the same data directory the second is refused anyway
-    (api.server.claim_data_dir)."""
+    SO_REUSEPORT would also let this group join another one serving the port
+    (same user), silently splitting its traffic. Two checks refuse that: a
+    lock file per port that a group's parent holds for its life (two groups
+    started at once both passed the second check alone, before either one's
+    workers listened), and a listener that answers a connection attempt (any
+    other server). Raises OSError."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        if port:
-            try:
-                socket.create_connection((host, port), timeout=1.0).close()
-            except OSError:
-                pass  # nobody listens: the port is ours
-            else:
-                raise OSError(f"{host}:{port} is already being served by another process")
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+        bound = sock.getsockname()[1]
+        try:
+            lock = hold_lock(Path(tempfile.gettempdir()) / f"halflife-{os.getuid()}-port-{bound}.lock")
+        except LockHeldError as held:
+            raise OSError(f"{host}:{bound} is already being served by another halflife --workers group "
+                          f"({held.holder})") from None
+        with lock:
+            if port:
+                try:
+                    socket.create_connection((host, port), timeout=1.0).close()
+                except OSError:
+                    pass  # nobody listens: the port is ours
+                else:
+                    raise OSError(f"{host}:{port} is already being served by another process")
+            yield sock
 
 
 def worker_threads(requested: int | None, workers: int, cores: int) -> int:

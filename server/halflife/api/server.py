@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import fcntl
 import logging
 import os
 import signal
@@ -27,6 +26,7 @@ from halflife.config import Config
 from halflife.embedding.batcher import BatchingConfig, DynamicBatcher
 from halflife.embedding.engine import EmbeddingEngine
 from halflife.interest.engine import InterestEngine
+from halflife.locks import LockHeldError, hold_lock
 from halflife.storage.sqlite import SqliteStore
 from halflife.v1 import catalog_pb2, embedding_pb2, interest_pb2, recommend_pb2
 
@@ -227,22 +227,11 @@ def claim_data_dir(data_dir: Path) -> IO[str]:
     (items it never indexed, users erased elsewhere). Raises OSError naming
     the holder."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(data_dir / DATA_DIR_LOCK, "a+")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        lock.close()
-        raise OSError(f"{data_dir} is in use by another halflife serve ({holder}); "
+        return hold_lock(data_dir / DATA_DIR_LOCK)
+    except LockHeldError as held:
+        raise OSError(f"{data_dir} is in use by another halflife serve ({held.holder}); "
                       "one server or one --workers group per data directory") from None
-    except BaseException:
-        lock.close()
-        raise
-    lock.truncate(0)
-    lock.write(f"pid {os.getpid()}\n")
-    lock.flush()
-    return lock
 
 
 async def serve(config: ServerConfig, parent_pid: int | None = None) -> None:
