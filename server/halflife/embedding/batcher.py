@@ -103,21 +103,22 @@ class DynamicBatcher:
             self._thread.start()
 
     async def stop(self) -> None:
-        """Finishes the batch in progress, then cancels the callers still waiting.
-        Later submits raise BatcherStoppedError."""
+        """Cancels the callers still queued and lets the batch in progress
+        finish. Later submits raise BatcherStoppedError."""
+        _cancel(self._close_queue())
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)  # cancelling this wait leaves the thread to end on its own
+
+    def _close_queue(self) -> list[_Job]:
+        """Refuses new jobs and wakes the model thread to end; returns the
+        jobs still queued, which leave the queue."""
         with self._work:
             self._stopping = True
             self._work.notify()
-        try:
-            if self._thread is not None:
-                # Shielded: a stop that is itself cancelled still ends the thread.
-                await asyncio.shield(asyncio.to_thread(self._thread.join))
-        finally:
-            with self._lock:
-                waiting = list(self._jobs)
-                self._jobs.clear()
-                self._queued_inputs = 0
-            _cancel(waiting)
+            queued = list(self._jobs)
+            self._jobs.clear()
+            self._queued_inputs = 0
+        return queued
 
     @property
     def queued_inputs(self) -> int:
@@ -163,45 +164,40 @@ class DynamicBatcher:
         callers it holds and those queued, and the batcher refuses new ones."""
         window: list[_Job] = []
         try:
-            self._serve_windows(window)
+            while True:
+                with self._work:
+                    while not self._jobs and not self._stopping:
+                        self._work.wait()
+                    if self._stopping:
+                        return
+                    window, expired = self._take_window(time.monotonic())
+                if expired:
+                    self._post(_fail, expired, DeadlineExpiredError("deadline passed while queued"))
+                self._run_window(window)
         except BaseException as exc:
             log.exception("the model thread died")
-            with self._work:
-                self._stopping = True
-                queued = list(self._jobs)
-                self._jobs.clear()
-                self._queued_inputs = 0
-            self._post(_fail, window + queued, BatcherStoppedError(f"the model thread died: {exc!r}"))
+            self._post(_fail, window + self._close_queue(), BatcherStoppedError(f"the model thread died: {exc!r}"))
 
-    def _serve_windows(self, window: list[_Job]) -> None:
-        """_serve's loop; `window` holds the jobs taken and not yet answered."""
-        while True:
-            with self._work:
-                while not self._jobs and not self._stopping:
-                    self._work.wait()
-                if self._stopping:
-                    return
-                taken, expired = self._take_window(time.monotonic())
-                window[:] = taken
-            if expired:
-                self._post(_fail, expired, DeadlineExpiredError("deadline passed while queued"))
-            batches = self._plan(taken)
-            for n, batch in enumerate(batches):
-                if self._stopping:
-                    self._post(_cancel, [job for rest in batches[n:] for job, _ in rest])
-                    return
-                batch = [(job, i) for job, i in batch if not job.future.done()]
-                if not batch:
-                    continue  # every caller in it went away: skip the compute
-                try:
-                    vectors = self._forward([job.ids[i] for job, i in batch])
-                    if vectors.ndim != 2 or vectors.shape[0] != len(batch):
-                        raise ValueError(f"the model returned {vectors.shape} for {len(batch)} inputs")
-                except Exception as exc:  # a model failure fails its callers, not the thread
-                    self._post(_fail, [job for job, _ in batch], exc)
-                    continue
-                self.batches_run += 1
-                self._post(_scatter, batch, vectors)
+    def _run_window(self, jobs: list[_Job]) -> None:
+        """Runs the jobs' batches, posting each one's results; after a stop,
+        cancels the batches not yet run instead."""
+        batches = self._plan(jobs)
+        for n, batch in enumerate(batches):
+            if self._stopping:
+                self._post(_cancel, [job for rest in batches[n:] for job, _ in rest])
+                return
+            batch = [(job, i) for job, i in batch if not job.future.done()]
+            if not batch:
+                continue  # every caller in it went away: skip the compute
+            try:
+                vectors = self._forward([job.ids[i] for job, i in batch])
+                if vectors.ndim != 2 or vectors.shape[0] != len(batch):
+                    raise ValueError(f"the model returned {vectors.shape} for {len(batch)} inputs")
+            except Exception as exc:  # a model failure fails its callers, not the thread
+                self._post(_fail, [job for job, _ in batch], exc)
+                continue
+            self.batches_run += 1
+            self._post(_scatter, batch, vectors)
 
     def _post(self, fn: Callable, *args) -> None:
         """Runs fn(*args) on the event loop."""
