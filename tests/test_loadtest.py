@@ -149,3 +149,16 @@ def test_no_more_workers_than_requests(server, capsys, monkeypatch):
     monkeypatch.setattr(loadtest_module, "MAX_CONCURRENCY", 3)
     report = loadtest(server, capsys, "-c", "1000000", "-z", "0.3s")
     assert report["options"]["concurrency"] == 3 and report["count"] > 0
+
+
+@pytest.mark.parametrize("call, data, target", [
+    ("halflife.v1.RecommendService.Recommend", '{"user_id": ""}', None),  # refused by the server: INVALID_ARGUMENT
+    (HEALTH, "{}", CLOSED),  # no server: UNAVAILABLE
+])
+def test_a_run_in_which_no_call_succeeded_exits_non_zero_after_its_report(server, capsys, call, data, target):
+    assert main(["loadtest", "--call", call, "-d", data, "-n", "4", "-c", "2", "-t", "2s",
+                 "--target", target or server.address]) != 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["count"] == 4 and "OK" not in report["statusCodeDistribution"]
+    assert captured.err.strip() == "halflife loadtest: error: none of the 4 calls succeeded"

@@ -299,6 +299,10 @@ def _run_loadtest(args: argparse.Namespace) -> int:
         print(f"halflife loadtest: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     print(json.dumps(report, indent=2) if args.format == "json" else summary(report))
+    if not report["statusCodeDistribution"].get("OK"):
+        # ghz exits 0 here; a script or CI step that load-tests a dead or refusing server should fail.
+        print(f"halflife loadtest: error: none of the {report['count']} calls succeeded", file=sys.stderr)
+        return EXIT_FAILURE
     return 0
 
 
