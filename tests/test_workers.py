@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import queue
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +17,8 @@ import grpc
 import numpy as np
 import pytest
 
-from halflife.workers import reserve_port
+from halflife import workers as workers_module
+from halflife.workers import RestartBudget, reserve_port
 from halflife.v1 import interest_pb2, recommend_pb2
 from halflife_client import Event, HalflifeClient, Item
 from tests.serving import start_cli_server
@@ -88,15 +92,122 @@ def test_two_workers_share_the_port_and_answer_alike(model_dir, tmp_path):
         process.kill()
 
 
-def test_a_dead_worker_stops_the_group_with_an_error(model_dir, tmp_path):
-    process, _ = start_cli_server(model_dir, tmp_path / "data", drain=True, workers=2)
+class LogLines:
+    """A process's output, read on a thread so that every wait is bounded."""
+
+    def __init__(self, process: subprocess.Popen):
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [self._lines.put(line) for line in process.stdout], daemon=True).start()
+
+    def wait_for(self, pattern: str, seconds: float = 60) -> re.Match:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                found = re.search(pattern, self._lines.get(timeout=left))
+            except queue.Empty:
+                break
+            if found:
+                return found
+        pytest.fail(f"no log line matching {pattern!r} within {seconds} s")
+
+
+def test_a_worker_that_dies_after_it_served_is_started_again(model_dir, tmp_path):
+    process, address = start_cli_server(model_dir, tmp_path / "data", workers=2)
+    log = LogLines(process)
     try:
         first, second = children(process.pid)
         os.kill(first, signal.SIGKILL)
-        assert wait_exit(process) == 1  # a supervisor restarts the group
+        index = log.wait_for(r"worker (\d) exited with status -9; starting it again").group(1)
+        log.wait_for(rf"\[worker {index}\] .*serving on")
+        workers = children(process.pid)
+        assert second in workers and first not in workers and len(workers) == 2
+        channels = [grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(CLIENTS)]
+        for channel in channels:  # both serve: the new one took its share of the connections
+            HalflifeClient(channel=channel).upsert_items([Item(id="i", text="an item", vector=np.eye(384, dtype=np.float32)[0])])
+        held = connections_by_process(workers, int(address.rsplit(":", 1)[1]))
+        assert all(count > 0 for count in held.values()), held
+        for channel in channels:
+            channel.close()
+        process.send_signal(signal.SIGTERM)
+        assert wait_exit(process) == 0  # the restart was no failure
+    finally:
+        process.kill()
+
+
+def test_a_worker_that_dies_before_it_serves_stops_the_group(model_dir, tmp_path):
+    """Starting it again would only fail again (a bad disk, memory too small to load): the group stops,
+    exit status 1, for a supervisor to see."""
+    process, _ = start_cli_server(model_dir, tmp_path / "data", workers=2)
+    log = LogLines(process)
+    try:
+        first, second = children(process.pid)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not (new := set(children(process.pid)) - {first, second}) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(new.pop(), signal.SIGKILL)  # within milliseconds of its start: long before it serves
+        log.wait_for(r"worker \d exited with status -9 before it served; stopping the others")
+        assert wait_exit(process) == 1
         assert gone_within([second])
     finally:
         process.kill()
+
+
+def test_a_worker_is_restarted_at_most_limit_times_within_the_window():
+    budget = RestartBudget(limit=3, window_s=300)
+    assert [budget.take(t) for t in (0, 10, 20, 30)] == [True, True, True, False]
+    assert not budget.take(299.9)
+    assert budget.take(300)  # the restart at 0 has left the window
+    assert not budget.take(305)  # 10, 20 and 300 have not
+
+
+class FakeProcess:
+    def __init__(self, returncode=None):
+        self.returncode = returncode
+        self.terminated = False
+
+    def poll(self):
+        return self.returncode
+
+    def terminate(self):
+        self.terminated = True
+        self.returncode = -signal.SIGTERM
+
+
+class FakeWorker:
+    def __init__(self, index: int, restarts: RestartBudget, returncode=None, serving: bool = True):
+        self.index, self.restarts, self.serving = index, restarts, serving
+        self.process = FakeProcess(returncode)
+
+    def check_serving(self) -> bool:
+        return self.serving
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_worker_whose_restarts_are_spent_stops_the_group(monkeypatch):
+    monkeypatch.setattr(workers_module, "POLL_SECONDS", 0)
+    spent = RestartBudget(limit=1)
+    assert spent.take(time.monotonic())
+    dead, alive = FakeWorker(0, spent, returncode=-9), FakeWorker(1, RestartBudget())
+    started = []
+    assert workers_module._supervise([dead, alive], [], lambda *args: started.append(args)) == 1
+    assert started == [] and alive.process.terminated  # not started again; the other one stopped
+
+
+def test_a_restarted_worker_keeps_its_index_and_budget(monkeypatch):
+    monkeypatch.setattr(workers_module, "POLL_SECONDS", 0)
+    budget = RestartBudget(limit=2)
+    group = [FakeWorker(0, budget, returncode=-9)]
+    started = []
+
+    def start(index, restarts):
+        started.append((index, restarts))
+        return FakeWorker(index, restarts, returncode=0)  # then stops on its own too: spent after two
+
+    assert workers_module._supervise(group, [], start) == 1
+    assert started == [(0, budget), (0, budget)]
 
 
 def test_a_second_group_on_a_served_port_is_refused(model_dir, tmp_path):

@@ -113,6 +113,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     # The parent's pid, from the parent: os.getppid() read by the worker is 1 already when the
     # parent died while the worker started, and the worker then served on, orphaned, for good.
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    # A pipe to the parent, written once the worker serves (the parent restarts only workers that served).
+    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.set_defaults(run=_run_serve)
 
 
@@ -180,7 +182,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     try:
         # A group's parent holds the data directory for its workers.
         with claim_data_dir(args.data_dir) if args.worker_index is None else contextlib.nullcontext():
-            run_event_loop(serve(config, parent_pid=args.parent_pid))
+            run_event_loop(serve(config, parent_pid=args.parent_pid, ready_fd=args.ready_fd))
     except (ManifestError, StoreError, OSError) as exc:
         print(f"halflife serve: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE

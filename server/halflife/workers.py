@@ -9,9 +9,13 @@ then starts each worker as a fresh interpreter (`halflife serve` with the same
 flags plus `--worker-index`), forwards SIGTERM/SIGINT to them and waits.
 
 Workers share the SQLite store and follow each other's writes
-(`InterestEngine(follow_store=True)`). If a worker dies on its own, the others
-are stopped and the exit status is 1: a supervisor (systemd, Kubernetes)
-restarts the group, which reloads everything from the store.
+(`InterestEngine(follow_store=True)`). Each tells the parent through a pipe
+once it serves. A worker that dies after that (a crash, an OOM kill) is
+started again, with the same index, while the others serve on; one that dies
+before it served, or a worker's RESTART_LIMIT-th restart within
+RESTART_WINDOW_S, stops the group with exit status 1 instead, since starting
+it again would only fail again: a supervisor (systemd, Kubernetes) sees the
+failure and restarts the group, which reloads everything from the store.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -33,6 +38,8 @@ from halflife.locks import LockHeldError, hold_lock
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
+RESTART_LIMIT = 3  # restarts of one worker within RESTART_WINDOW_S; its next death stops the group
+RESTART_WINDOW_S = 300.0
 
 
 @contextlib.contextmanager
@@ -72,60 +79,134 @@ def worker_threads(requested: int | None, workers: int, cores: int) -> int:
     return requested if requested is not None else max(1, cores // workers)
 
 
+class RestartBudget:
+    """At most `limit` restarts within any `window_s` seconds."""
+
+    def __init__(self, limit: int = RESTART_LIMIT, window_s: float = RESTART_WINDOW_S):
+        self.limit = limit
+        self.window_s = window_s
+        self._times: deque[float] = deque()
+
+    def take(self, now: float) -> bool:
+        """Spends one restart at time `now` (monotonic seconds); False when none is left."""
+        while self._times and now - self._times[0] >= self.window_s:
+            self._times.popleft()
+        if len(self._times) >= self.limit:
+            return False
+        self._times.append(now)
+        return True
+
+
+class _Worker:
+    """One worker process, and the pipe on which it says that it serves."""
+
+    def __init__(self, argv: Sequence[str], index: int, restarts: RestartBudget):
+        self.index = index
+        self.restarts = restarts
+        self.serving = False
+        read, write = os.pipe()
+        try:
+            self.process = subprocess.Popen([*argv, "--worker-index", str(index), "--ready-fd", str(write)],
+                                            pass_fds=(write,))
+        except BaseException:
+            os.close(read)
+            raise
+        finally:
+            os.close(write)
+        os.set_blocking(read, False)
+        self._ready: int | None = read
+
+    def check_serving(self) -> bool:
+        """Reads the pipe: True once the worker has said it serves."""
+        if self._ready is not None:
+            try:
+                said = os.read(self._ready, 1)
+            except BlockingIOError:
+                return False  # not yet
+            self.serving = bool(said)  # b"": it closed the pipe, i.e. exited, without saying so
+            os.close(self._ready)
+            self._ready = None
+        return self.serving
+
+    def close(self) -> None:
+        if self._ready is not None:
+            os.close(self._ready)
+            self._ready = None
+
+
 def run_workers(serve_argv: Sequence[str], host: str, port: int, workers: int, threads: int) -> int:
     """Runs `workers` copies of `halflife serve <serve_argv>` on one port until
-    SIGTERM/SIGINT (forwarded to them) or until one exits on its own. Returns
-    the exit status: 0 after a requested stop that every worker completed."""
-    processes: list[subprocess.Popen] = []
+    SIGTERM/SIGINT (forwarded to them), restarting one that dies after it
+    served (see the module's docstring for when the group stops instead).
+    Returns the exit status: 0 after a requested stop that every worker completed."""
+    group: list[_Worker] = []
     requested: list[int] = []
 
     def forward(signum: int, _frame) -> None:
         requested.append(signum)
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signum)
+        for worker in group:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signum)
 
     # Before the first worker starts: a stop asked for while they start must reach them all.
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         with reserve_port(host, port) as reserved:
             port = reserved.getsockname()[1]
+            argv = [sys.executable, "-m", "halflife.cli", "serve", *serve_argv, "--port", str(port),
+                    "--threads", str(threads), "--workers", "1", "--parent-pid", str(os.getpid())]
+
+            def start(index: int, restarts: RestartBudget) -> _Worker:
+                worker = _Worker(argv, index, restarts)
+                if requested:  # it arrived while this one started
+                    worker.process.send_signal(requested[0])
+                return worker
+
             log.info("starting %d workers on %s:%d, %d intra-op threads each", workers, host, port, threads)
             for index in range(workers):
                 if requested:
                     break
-                processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "halflife.cli", "serve", *serve_argv, "--port", str(port),
-                     "--threads", str(threads), "--workers", "1", "--worker-index", str(index),
-                     "--parent-pid", str(os.getpid())]
-                ))
-                if requested:  # it arrived while this one started
-                    processes[-1].send_signal(requested[0])
-            return _supervise(processes, requested)
+                group.append(start(index, RestartBudget()))
+            return _supervise(group, requested, start)
     finally:
+        for worker in group:
+            worker.close()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
-def _supervise(processes: list[subprocess.Popen], requested: list[int]) -> int:
-    """Waits for the workers; stops them all when one exits unasked.
-    `requested`: the signals forwarded to them so far (filled by a handler)."""
+def _supervise(group: list[_Worker], requested: list[int], start) -> int:
+    """Waits for the workers, starting again one that dies after it served;
+    stops them all when one cannot be. `requested`: the signals forwarded to
+    them so far (filled by a handler); `start(index, restarts)`: a new worker."""
     failed = False
-    while any(process.poll() is None for process in processes):
-        ended = [(i, p.returncode) for i, p in enumerate(processes) if p.returncode is not None]
-        if ended and not requested and not failed:
-            index, status = ended[0]
-            log.error("worker %d exited with status %s; stopping the others", index, status)
+    while True:
+        for position, worker in enumerate(group):
+            status = worker.process.poll()
+            worker.check_serving()  # after poll: a worker that has exited left its word, or EOF, in the pipe
+            if status is None or requested or failed:
+                continue
+            if worker.serving and worker.restarts.take(time.monotonic()):
+                log.error("worker %d exited with status %s; starting it again", worker.index, status)
+                worker.close()
+                group[position] = start(worker.index, worker.restarts)
+                continue
+            why = "before it served" if not worker.serving else (
+                f"after {worker.restarts.limit} restarts within {worker.restarts.window_s:.0f} s")
+            log.error("worker %d exited with status %s %s; stopping the others", worker.index, status, why)
             failed = True
-            for process in processes:
-                if process.poll() is None:
-                    process.terminate()  # graceful: SIGTERM
+            for other in group:
+                if other.process.poll() is None:
+                    other.process.terminate()  # graceful: SIGTERM
+        # Without a stop (asked for, or after a failure), every exit was handled above.
+        if (requested or failed) and all(worker.process.poll() is not None for worker in group):
+            break
         time.sleep(POLL_SECONDS)
-    statuses = [process.returncode for process in processes]
+    statuses = [worker.process.returncode for worker in group]
     # A worker the forwarded signal reached before it could handle it died of it: still a requested stop.
     stopped = {0, *(-signum for signum in requested)}
     if failed or any(status not in stopped for status in statuses):
         log.error("workers exited with statuses %s", statuses)
         return 1
-    log.info("all %d workers stopped", len(processes))
+    log.info("all %d workers stopped", len(group))
     return 0

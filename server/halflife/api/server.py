@@ -234,9 +234,10 @@ def claim_data_dir(data_dir: Path) -> IO[str]:
                       "one server or one --workers group per data directory") from None
 
 
-async def serve(config: ServerConfig, parent_pid: int | None = None) -> None:
+async def serve(config: ServerConfig, parent_pid: int | None = None, ready_fd: int | None = None) -> None:
     """Runs until SIGTERM or SIGINT (or, for a worker, until the process with
-    `parent_pid` that started it has died), then shuts down gracefully."""
+    `parent_pid` that started it has died), then shuts down gracefully. A
+    worker writes to `ready_fd`, its pipe to that parent, once it serves."""
     server = HalflifeServer(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -245,6 +246,9 @@ async def serve(config: ServerConfig, parent_pid: int | None = None) -> None:
     # Kept referenced until shutdown: the event loop holds tasks only weakly.
     watch = asyncio.create_task(_stop_when_orphaned(parent_pid, stop)) if parent_pid is not None else None
     await server.start()
+    if ready_fd is not None:
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
     await stop.wait()
     if watch is not None:
         watch.cancel()
