@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
-from halflife.storage.base import EventColumns, EventRecord, ItemRecord, StoreHead
+from halflife.storage.base import EventColumns, EventRecord, Guard, ItemRecord, StoreHead
+
+
+def _check(guard: Guard | None) -> None:
+    if guard is not None:
+        guard()
 
 
 class MemoryStore:
@@ -17,13 +22,15 @@ class MemoryStore:
         self.by_user: dict[str, list[EventRecord]] = {}
         self.ids: set[str] = set()
 
-    def upsert_items(self, items: Sequence[ItemRecord]) -> tuple[int, int]:
+    def upsert_items(self, items: Sequence[ItemRecord], guard: Guard | None = None) -> tuple[int, int]:
+        _check(guard)
         created = sum(1 for i in items if i.id not in self.items)
         for item in items:
             self.items[item.id] = item
         return created, len(items) - created
 
-    def delete_items(self, ids):
+    def delete_items(self, ids, guard: Guard | None = None):
+        _check(guard)
         return [i for i in ids if self.items.pop(i, None) is not None]
 
     def get_items(self, ids):
@@ -32,7 +39,8 @@ class MemoryStore:
     def iter_items(self) -> Iterator[ItemRecord]:
         return iter(list(self.items.values()))
 
-    def record_events(self, events: Sequence[EventRecord]) -> list[EventRecord]:
+    def record_events(self, events: Sequence[EventRecord], guard: Guard | None = None) -> list[EventRecord]:
+        _check(guard)
         out = []
         for e in events:
             if e.event_id in self.ids:
@@ -56,7 +64,8 @@ class MemoryStore:
     def head(self) -> StoreHead:
         return StoreHead(event_seq=len(self.events), change_version=0)
 
-    def delete_user(self, user_id: str) -> int:
+    def delete_user(self, user_id: str, guard: Guard | None = None) -> int:
+        _check(guard)
         return len(self.by_user.pop(user_id, []))
 
     def user_count(self) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 DIM = 16
 
 
-def fake_embed(texts):
+def fake_embed(texts, deadline=None):
     """Deterministic unit vectors per text (no model needed here)."""
     rows = [np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)).normal(size=DIM) for t in texts]
     rows = np.array(rows, dtype=np.float32)

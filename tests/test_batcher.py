@@ -10,13 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from halflife.embedding.batcher import (
-    BatcherStoppedError,
-    BatchingConfig,
-    DeadlineExpiredError,
-    DynamicBatcher,
-    QueueFullError,
-)
+from halflife.deadlines import DeadlineExpiredError
+from halflife.embedding.batcher import BatcherStoppedError, BatchingConfig, DynamicBatcher, QueueFullError
 
 DIM = 4
 

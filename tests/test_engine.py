@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from halflife.config import Config
+from halflife.deadlines import Deadline, DeadlineExpiredError
 from halflife.interest.engine import EventInput, InterestEngine, ItemInput
 from halflife.storage.base import StoreError
 from halflife.storage.sqlite import SqliteStore
@@ -62,7 +63,7 @@ def test_a_failed_delete_user_changes_nothing_and_a_retry_takes_back_once(tmp_pa
     before = cold_list(engine)
     erase = engine.store.delete_user
 
-    def disk_full(user_id):
+    def disk_full(user_id, guard=None):
         raise StoreError("database or disk is full")
 
     monkeypatch.setattr(engine.store, "delete_user", disk_full)
@@ -649,3 +650,30 @@ def test_exact_ties_go_by_item_id_whatever_order_the_items_came_in(tmp_path):
     assert answers[0]["personal"] == ["t0", "t1", "t2"]
     assert answers[0]["trending"] == ["liked", "o0"]  # one like each, at the same time
     assert answers[0]["similar"] == ["t0", "t1"]
+
+
+def test_a_write_whose_caller_gave_up_while_it_embedded_is_neither_stored_nor_applied(tmp_path):
+    deadline = Deadline()
+
+    def embed(texts, given):
+        assert given is deadline
+        deadline.cancelled = any("late" in text for text in texts)  # the caller cancels meanwhile
+        return fake_embed(texts)
+
+    engine = InterestEngine(Config(), SqliteStore(tmp_path), DIM, embed, clock=lambda: T)
+    engine.upsert_items([ItemInput(id="i1", text="first text")], deadline)
+    vector = engine.catalog.vectors[engine.catalog.row_of["i1"]].copy()
+    with pytest.raises(DeadlineExpiredError):
+        engine.upsert_items([ItemInput(id="i1", text="late text")], deadline)
+    with pytest.raises(DeadlineExpiredError):
+        engine.record_events([EventInput("e1", "u", LIKE, "i1", "a late review", None, T)], deadline)
+    assert engine.get_items(["i1"])["i1"].text == "first text"
+    assert np.array_equal(engine.catalog.vectors[engine.catalog.row_of["i1"]], vector)
+    assert engine.store.event_count() == 0 and engine.profile("u").event_counts == {}
+    engine.record_events([EventInput("e1", "u", LIKE, "i1", "a review", None, T)], deadline)
+    deadline.expires = 0.0  # long past
+    with pytest.raises(DeadlineExpiredError):
+        engine.delete_user("u", deadline)
+    with pytest.raises(DeadlineExpiredError):
+        engine.delete_items(["i1"], deadline)
+    assert engine.profile("u").event_counts == {LIKE: 1} and "i1" in engine.catalog.row_of

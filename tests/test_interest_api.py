@@ -28,7 +28,7 @@ from halflife.api.validation import Violations
 from halflife.api.validation import to_timestamp as to_pb_timestamp
 from halflife.config import BlendConfig, Config
 from halflife.v1 import catalog_pb2, interest_pb2, recommend_pb2
-from halflife_client import HalflifeClient, Item, field_violations, to_timestamp
+from halflife_client import Event, HalflifeClient, Item, field_violations, to_timestamp
 from tests.fakes import full_disk
 from tests.serving import ServerThread, repeat_min_cosine, start_cli_server
 
@@ -42,6 +42,7 @@ LIKE = interest_pb2.EVENT_TYPE_LIKE
 PURCHASE = interest_pb2.EVENT_TYPE_PURCHASE
 RATE = interest_pb2.EVENT_TYPE_RATE
 SEARCH = interest_pb2.EVENT_TYPE_SEARCH
+REVIEW = interest_pb2.EVENT_TYPE_REVIEW
 DISLIKE = interest_pb2.EVENT_TYPE_DISLIKE
 PERSONALIZED = recommend_pb2.STRATEGY_PERSONALIZED
 TRENDING = recommend_pb2.STRATEGY_TRENDING
@@ -1216,8 +1217,8 @@ def test_events_committed_before_a_newer_batch_are_not_lost(model_dir, tmp_path)
         real = store.record_events
         committed, may_apply = threading.Event(), threading.Event()
 
-        def slow_to_apply(records):
-            stored = real(records)
+        def slow_to_apply(records, guard=None):
+            stored = real(records, guard)
             if records[0].event_id.startswith("race-a"):
                 committed.set()
                 assert may_apply.wait(30)  # batch A is durable but not applied yet
@@ -1331,3 +1332,44 @@ def test_kill_9_mid_ingest_loses_no_acknowledged_event(model_dir, tmp_path):
             assert [(c.type, c.count) for c in client.profile(user, as_of=T0).event_counts] == [
                 (c.type, c.count) for c in first[user][1].event_counts
             ]
+
+
+def model_work(prefix: str, n: int = 150) -> list[str]:
+    """Texts that keep the model busy well past a 0.1 s deadline (seconds on 2 cores)."""
+    return [f"{prefix} {n}: " + "a slow film about the sea, the wind and the long road home " * 6 for n in range(n)]
+
+
+def after_the_model_did_it_too(client: HalflifeClient, texts: list[str]) -> None:
+    """Returns once work queued before now has had time to finish: the same
+    amount again, queued behind it, through a call without a deadline, then as
+    long again, for an abandoned write (the bug) to reach the store."""
+    began = time.monotonic()
+    assert client.upsert_items([Item(id=f"barrier-{n}", text=text) for n, text in enumerate(texts)])[0] >= 0
+    time.sleep(min(10.0, max(1.0, time.monotonic() - began)))
+
+
+def timed_out(call) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_an_erasure_after_a_timed_out_record_is_not_undone_by_it(server, client):
+    texts = model_work("review")
+    events = [Event(f"gave-up-{n}", "gave-up", REVIEW, text=text, event_time=T0) for n, text in enumerate(texts)]
+    with HalflifeClient(server.address, timeout=0.1) as hurried:
+        timed_out(lambda: hurried.record_events(events))
+    client.delete_user("gave-up")  # the erasure the client asks for next
+    after_the_model_did_it_too(client, texts)
+    assert client.profile("gave-up").event_counts == []  # the events did not come back once embedded
+
+
+def test_a_timed_out_upsert_never_overwrites_a_later_one(server, client):
+    texts = model_work("item")
+    with HalflifeClient(server.address, timeout=0.1) as hurried:
+        timed_out(lambda: hurried.upsert_items([Item(id=f"late-{n}", text=t, categories=["v1"]) for n, t in enumerate(texts)]))
+    rng = np.random.default_rng(5)
+    newer = [Item(id=f"late-{n}", text="v2", categories=["v2"], vector=rng.standard_normal(DIM)) for n in range(len(texts))]
+    client.upsert_items(newer)  # precomputed vectors: no model work, done at once
+    after_the_model_did_it_too(client, texts)
+    assert {tuple(item.categories) for item in client.get_items([item.id for item in newer])} == {("v2",)}

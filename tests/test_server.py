@@ -21,7 +21,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from halflife.api.embedding import _tokenize_unless_late
 from halflife.api.server import ServerConfig
-from halflife.embedding.batcher import BatchingConfig, DeadlineExpiredError
+from halflife.deadlines import Deadline, DeadlineExpiredError
+from halflife.embedding.batcher import BatchingConfig
 from halflife.embedding.engine import EmbeddingEngine
 from halflife.v1 import embedding_pb2 as pb
 from halflife.v1 import embedding_pb2_grpc
@@ -180,9 +181,9 @@ def test_a_call_whose_deadline_passed_in_the_tokenizer_queue_is_not_tokenized():
             return ("tokenized", inputs, truncate)
 
     with pytest.raises(DeadlineExpiredError):
-        _tokenize_unless_late(Engine(), ["x"], False, time.monotonic() - 0.001)
-    assert _tokenize_unless_late(Engine(), ["x"], True, time.monotonic() + 10) == ("tokenized", ["x"], True)
-    assert _tokenize_unless_late(Engine(), ["x"], True, None) == ("tokenized", ["x"], True)
+        _tokenize_unless_late(Engine(), ["x"], False, Deadline(time.monotonic() - 0.001))
+    assert _tokenize_unless_late(Engine(), ["x"], True, Deadline(time.monotonic() + 10)) == ("tokenized", ["x"], True)
+    assert _tokenize_unless_late(Engine(), ["x"], True, Deadline()) == ("tokenized", ["x"], True)
 
 
 def test_server_keeps_serving_after_errors(channel):

@@ -220,9 +220,9 @@ def test_an_erasure_elsewhere_just_before_this_workers_own_is_still_seen(pair, t
     answers(a)  # a has counted everyone
     erase = a.store.delete_user
 
-    def b_erases_first(user_id):  # after a caught up, before a's own erasure commits
+    def b_erases_first(user_id, guard=None):  # after a caught up, before a's own erasure commits
         b.delete_user("u0")
-        return erase(user_id)
+        return erase(user_id, guard)
 
     a.store.delete_user = b_erases_first
     assert a.delete_user("u1") == 1

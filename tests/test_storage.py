@@ -585,3 +585,38 @@ def test_a_version_3_database_moves_event_vector_references_to_counts(tmp_path):
         assert conn.execute("PRAGMA foreign_key_list(events)").fetchall() == []
         assert [r[1] for r in conn.execute("PRAGMA index_list(events)") if not r[1].startswith("sqlite_")] == \
             ["events_user_seq"]
+
+
+@pytest.mark.parametrize("write, args", [
+    ("upsert_items", [item("i1", text="new text"), item("i2")]),
+    ("delete_items", ["i1"]),
+    ("record_events", [event("e2")]),
+    ("delete_user", "u1"),
+])
+def test_a_write_runs_its_guard_holding_the_write_lock_and_a_refusal_stores_nothing(tmp_path, write, args):
+    store = SqliteStore(tmp_path)
+    store.upsert_items([item("i1")])
+    store.record_events([event("e1")])
+
+    def state():
+        items = {i.id: (i.text, i.vector.tobytes()) for i in store.get_items(["i1", "i2"]).values()}
+        return store.head(), items, [e.event_id for e in store.user_events("u1")]
+
+    before = state()
+    other_writer_blocked = []
+
+    def refuse() -> None:
+        with sqlite3.connect(tmp_path / DB_NAME, timeout=0) as other:
+            try:
+                other.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as error:
+                other_writer_blocked.append("locked" in str(error))
+        raise TimeoutError("the caller gave up")
+
+    with pytest.raises(TimeoutError):
+        getattr(store, write)(args, guard=refuse)
+    assert other_writer_blocked == [True]  # so a write that passes its guard commits before any later one
+    assert state() == before
+    getattr(store, write)(args, guard=lambda: None)
+    assert store.head() != before[0]
+    store.close()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 
-from halflife.api.backend import Backend
+from halflife.api.backend import Backend, deadline_of
 from halflife.api.errors import invalid_argument, translate_errors
 from halflife.api.validation import Violations
-from halflife.embedding.batcher import DeadlineExpiredError
+from halflife.deadlines import Deadline
 from halflife.embedding.engine import EmbeddingEngine, InputsTooLongError, TokenizedInputs
 from halflife.embedding.pooling import l2_normalize
 from halflife.v1 import embedding_pb2, embedding_pb2_grpc
@@ -24,14 +23,11 @@ MAX_INPUTS_PER_REQUEST = 256
 INLINE_TOKENIZE_CHARS = 512
 
 
-def _tokenize_unless_late(
-    engine: EmbeddingEngine, inputs: list[str], truncate: bool, expires: float | None
-) -> TokenizedInputs:
-    """engine.tokenize, skipped once the call's deadline (time.monotonic())
-    has passed while it waited for a tokenizer thread: an abandoned call must
-    not hold one (a long request can take ~0.1 s a text)."""
-    if expires is not None and time.monotonic() > expires:
-        raise DeadlineExpiredError("deadline passed while waiting for the tokenizer")
+def _tokenize_unless_late(engine: EmbeddingEngine, inputs: list[str], truncate: bool, deadline: Deadline) -> TokenizedInputs:
+    """engine.tokenize, skipped once the call's deadline has passed while it
+    waited for a tokenizer thread: an abandoned call must not hold one (a
+    long request can take ~0.1 s a text)."""
+    deadline.check()
     return engine.tokenize(inputs, truncate)
 
 
@@ -49,14 +45,13 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             for i, text in enumerate(inputs):
                 violations.text(text, f"inputs[{i}]")  # tokenizing is linear in the bytes, truncated or not
         violations.raise_if_any()
-        remaining = context.time_remaining()
-        expires = time.monotonic() + remaining if remaining is not None else None
+        deadline = deadline_of(context)
         try:
             if sum(map(len, inputs)) <= INLINE_TOKENIZE_CHARS:
                 tokens = engine.tokenize(inputs, request.truncate)
             else:
                 tokens = await asyncio.get_running_loop().run_in_executor(
-                    backend.tokenize_pool, _tokenize_unless_late, engine, inputs, request.truncate, expires
+                    backend.tokenize_pool, _tokenize_unless_late, engine, inputs, request.truncate, deadline
                 )
         except InputsTooLongError as error:
             raise invalid_argument(
@@ -65,7 +60,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                     for i, n in error.too_long
                 ]
             ) from None
-        vectors = await batcher.submit(tokens.ids, expires)
+        vectors = await batcher.submit(tokens.ids, deadline.expires)
         if not request.skip_normalize:
             vectors = l2_normalize(vectors)
         return embedding_pb2.EmbedResponse(

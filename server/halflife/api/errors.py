@@ -17,7 +17,8 @@ from google.protobuf import any_pb2, message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from halflife.embedding.batcher import BatcherStoppedError, DeadlineExpiredError, QueueFullError
+from halflife.deadlines import DeadlineExpiredError
+from halflife.embedding.batcher import BatcherStoppedError, QueueFullError
 from halflife.storage.base import StoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def translate_errors(handler: Handler) -> Handler:
             await context.abort_with_status(resource_exhausted(f"{error}; retry with backoff").to_status())
         except DeadlineExpiredError:
             await context.abort_with_status(
-                deadline_exceeded("the deadline passed before the inputs were computed").to_status()
+                deadline_exceeded("the deadline passed before the work was done; nothing was stored").to_status()
             )
         except BatcherStoppedError as error:
             await context.abort_with_status(unavailable(f"{error}; retry with backoff").to_status())

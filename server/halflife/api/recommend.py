@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 
 import grpc
 
-from halflife.api.backend import Backend
+from halflife.api.backend import Backend, in_thread
 from halflife.api.catalog import MAX_ITEMS_PER_REQUEST
 from halflife.api.errors import not_found, translate_errors
 from halflife.api.validation import Violations, to_timestamp
@@ -79,7 +78,8 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         if not (math.isfinite(request.diversity) and 0 <= request.diversity <= 1):
             violations.add("diversity", f"must be between 0 and 1, got {request.diversity}")
         violations.raise_if_any()
-        result = await asyncio.to_thread(
+        result = await in_thread(
+            context,
             interest.recommend,
             request.user_id,
             request.limit,
@@ -109,7 +109,8 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         item_filter = _filter(request.filter, violations)
         violations.raise_if_any()
         try:
-            result = await asyncio.to_thread(
+            result = await in_thread(
+                context,
                 interest.similar_items,
                 item_id=request.item_id if target == "item_id" else None,
                 text=request.text if target == "text" else None,

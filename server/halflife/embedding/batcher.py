@@ -19,6 +19,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from halflife.deadlines import DeadlineExpiredError
+
 log = logging.getLogger(__name__)
 
 Forward = Callable[[Sequence[np.ndarray]], np.ndarray]
@@ -26,10 +28,6 @@ Forward = Callable[[Sequence[np.ndarray]], np.ndarray]
 
 class QueueFullError(Exception):
     """The batcher already holds its maximum of queued inputs."""
-
-
-class DeadlineExpiredError(Exception):
-    """The request's deadline passed before its inputs were computed."""
 
 
 class BatcherStoppedError(Exception):

@@ -51,9 +51,9 @@ BATCH = 5000
 # ------------------------------------------------------------------ engine path
 
 
-def _embedder(texts: Sequence[str], vectors: np.ndarray) -> Callable[[Sequence[str]], np.ndarray]:
+def _embedder(texts: Sequence[str], vectors: np.ndarray) -> Callable[..., np.ndarray]:  # an engine Embedder
     index = {t: i for i, t in enumerate(texts)}
-    return lambda batch: vectors[[index[t] for t in batch]]
+    return lambda batch, deadline=None: vectors[[index[t] for t in batch]]
 
 
 def _event_inputs(data: EvalData, start: int, stop: int):

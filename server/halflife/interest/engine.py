@@ -47,7 +47,8 @@ from halflife.cpu import physical_cores
 from halflife.interest.blend import Blend, CatalogueScan, Later
 from halflife.interest.catalog import CatalogIndex
 from halflife.interest.watermark import EventWatermark
-from halflife.storage.base import EventRecord, ItemRecord, Store, StoreHead
+from halflife.deadlines import Deadline
+from halflife.storage.base import EventRecord, Guard, ItemRecord, Store, StoreHead
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,13 @@ EXPLAINED_EVENTS = 3
 # clock replay the user's log until the clock catches up.
 MAX_HELD_EVENTS_PER_USER = 16
 
-Embedder = Callable[[Sequence[str]], np.ndarray]  # texts -> (n, dim) float32 unit rows
+# (texts, the caller's deadline or None) -> (n, dim) float32 unit rows
+Embedder = Callable[[Sequence[str], Deadline | None], np.ndarray]
+
+
+def _guard(deadline: Deadline | None) -> Guard | None:
+    """A write's guard (see Store): refused once the caller stopped waiting."""
+    return None if deadline is None else deadline.check
 
 
 def _decayed_sum(rows: np.ndarray, times: np.ndarray, weights: np.ndarray, t: float, half_life: float,
@@ -472,12 +479,15 @@ class InterestEngine:
 
     # ---------------------------------------------------------------- catalog
 
-    def upsert_items(self, items: Sequence[ItemInput]) -> tuple[int, int]:
-        """Embeds items without a vector, stores all durably, then indexes them."""
+    def upsert_items(self, items: Sequence[ItemInput], deadline: Deadline | None = None) -> tuple[int, int]:
+        """Embeds items without a vector, stores all durably, then indexes
+        them. Writes nothing, and raises DeadlineExpiredError, once `deadline`
+        says the caller stopped waiting before the store's writer took it
+        (the same for every write here)."""
         to_embed = [i for i, item in enumerate(items) if item.vector is None]
         vectors: list[np.ndarray | None] = [item.vector for item in items]
         if to_embed:
-            embedded = self._embed([items[i].text for i in to_embed])
+            embedded = self._embed([items[i].text for i in to_embed], deadline)
             for i, vector in zip(to_embed, embedded):
                 vectors[i] = vector
         records = [
@@ -492,13 +502,13 @@ class InterestEngine:
             for item, vector in zip(items, vectors)
         ]
         with self._catalog_write:
-            created, updated = self.store.upsert_items(records)
+            created, updated = self.store.upsert_items(records, _guard(deadline))
             self._index_written([r.id for r in records])
         return created, updated
 
-    def delete_items(self, ids: Sequence[str]) -> int:
+    def delete_items(self, ids: Sequence[str], deadline: Deadline | None = None) -> int:
         with self._catalog_write:
-            deleted = self.store.delete_items(ids)
+            deleted = self.store.delete_items(ids, _guard(deadline))
             self._index_written(deleted)
         return len(deleted)
 
@@ -558,7 +568,7 @@ class InterestEngine:
 
     # ----------------------------------------------------------------- events
 
-    def record_events(self, events: Sequence[EventInput]) -> tuple[int, int]:
+    def record_events(self, events: Sequence[EventInput], deadline: Deadline | None = None) -> tuple[int, int]:
         """Stores a batch durably (all or nothing); returns (accepted, duplicates).
 
         Raises UnknownItemsError, before storing anything, when a new event
@@ -580,12 +590,12 @@ class InterestEngine:
         if texts:
             # Item and text: the direction of their sum. Item-only events keep
             # the item's stored vector bit for bit, so the store keeps one copy.
-            vectors[texts] = normalize(vectors[texts] + self._embed([events[i].text for i in texts]))
+            vectors[texts] = normalize(vectors[texts] + self._embed([events[i].text for i in texts], deadline))
         records = [
             EventRecord(e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, vector)
             for e, vector in zip(events, vectors)
         ]
-        stored = self.store.record_events(records)
+        stored = self.store.record_events(records, _guard(deadline))
         self._apply_new_events(stored)
         return len(stored), len(events) - len(stored)
 
@@ -650,7 +660,7 @@ class InterestEngine:
                 # and perhaps not read with it: rebuild from the log.
                 del self._users[event.user_id]
 
-    def delete_user(self, user_id: str) -> int:
+    def delete_user(self, user_id: str, deadline: Deadline | None = None) -> int:
         """Erases the user's events for good and forgets their profile, their
         co-occurrence pairs and their share of item popularity, so that the
         engine holds what a restart over the remaining log would build."""
@@ -658,7 +668,7 @@ class InterestEngine:
             self._catch_up()
             # Only what this engine has counted can be taken back.
             events = [e for e in self.store.user_events(user_id) if self._events.applied(e.seq)]
-            deleted = self.store.delete_user(user_id)  # first: if it fails, memory must not change either
+            deleted = self.store.delete_user(user_id, _guard(deadline))  # first: if it fails, memory must not change either
             if events:
                 rows = self._current_item_rows([e.item_id for e in events], np.array([e.seq for e in events]))
                 self._take_back_popularity(rows, self._record_types(events), np.array([e.event_time for e in events]))
@@ -912,9 +922,10 @@ class InterestEngine:
         query: str = "",
         explain: bool = False,
         diversity: float = 0.0,
+        deadline: Deadline | None = None,
     ) -> Recommendation:
         t = self._clock() if as_of is None else as_of
-        query_vector = self._embed([query])[0] if query else None
+        query_vector = self._embed([query], deadline)[0] if query else None
         ranking = self.config.ranking
         self._cache_profile(user_id)
         past = None if as_of is None else self._past_state(user_id, t)
@@ -1128,10 +1139,11 @@ class InterestEngine:
         return explanations
 
     def similar_items(
-        self, *, item_id: str | None = None, text: str | None = None, limit: int, filter: ItemFilter = ItemFilter()
+        self, *, item_id: str | None = None, text: str | None = None, limit: int, filter: ItemFilter = ItemFilter(),
+        deadline: Deadline | None = None,
     ) -> Recommendation:
         """Items nearest an item (excluding itself) or a text. Raises KeyError for an unknown item."""
-        query = self._embed([text])[0] if text is not None else None
+        query = self._embed([text], deadline)[0] if text is not None else None
         with self._lock:
             self._catch_up()
             exclude = set()

@@ -11,7 +11,7 @@ replaying a user's events always rebuilds exactly the profile that was served.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Iterator, Mapping, NamedTuple, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -85,9 +85,20 @@ class Change:
     origin: str  # the `Store.origin` of the instance that wrote it
 
 
+# Called by a store just before a write, inside its transaction: raising
+# refuses the write (nothing stored) and the caller gets the exception.
+Guard = Callable[[], None]
+
+
 class Store(Protocol):
     """Durable storage. Every mutating call is atomic (all or nothing) and
     durable on return (the commit reached the disk).
+
+    Every mutating call takes a `guard` (e.g. `Deadline.check`): the store
+    calls it holding the write lock, right before it writes, so a write that
+    passed its guard commits before any write that starts after that moment
+    (in this process or another one sharing the store), and one refused by it
+    stores nothing.
 
     Several processes may share one store (`halflife serve --workers N`); each
     follows the others' writes through `head`, `changes_since` and
@@ -95,10 +106,10 @@ class Store(Protocol):
 
     origin: str  # unique per open instance
 
-    def upsert_items(self, items: Sequence[ItemRecord]) -> tuple[int, int]:
+    def upsert_items(self, items: Sequence[ItemRecord], guard: Guard | None = None) -> tuple[int, int]:
         """Inserts or replaces items by id; returns (created, updated)."""
 
-    def delete_items(self, ids: Sequence[str]) -> list[str]:
+    def delete_items(self, ids: Sequence[str], guard: Guard | None = None) -> list[str]:
         """Deletes items; returns the ids that existed. Events keep their vectors."""
 
     def get_items(self, ids: Sequence[str]) -> dict[str, ItemRecord]:
@@ -107,7 +118,7 @@ class Store(Protocol):
     def iter_items(self) -> Iterator[ItemRecord]:
         """Every item, for building the in-memory catalogue at start."""
 
-    def record_events(self, events: Sequence[EventRecord]) -> list[EventRecord]:
+    def record_events(self, events: Sequence[EventRecord], guard: Guard | None = None) -> list[EventRecord]:
         """Stores the events whose event_id is new (also within the batch: the
         first one wins); returns those, with `seq` set, in arrival order. One
         call's events get consecutive seqs and commit atomically."""
@@ -131,7 +142,7 @@ class Store(Protocol):
     def changes_since(self, version: int) -> list[Change]:
         """Feed entries newer than `version`, oldest first; an item appears once, at its latest change."""
 
-    def delete_user(self, user_id: str) -> int:
+    def delete_user(self, user_id: str, guard: Guard | None = None) -> int:
         """Erases a user's events and the vectors only they referenced; returns the event count."""
 
     def user_count(self) -> int: ...

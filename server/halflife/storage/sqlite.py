@@ -57,6 +57,7 @@ from halflife.storage.base import (
     Change,
     EventColumns,
     EventRecord,
+    Guard,
     ItemRecord,
     StoreError,
     StoreHead,
@@ -425,7 +426,14 @@ class SqliteStore:
 
     # ------------------------------------------------------------------ writer
 
-    def _submit(self, fn: Callable[[sqlite3.Connection], Any], after_commit=None) -> Any:
+    def _submit(self, fn: Callable[[sqlite3.Connection], Any], after_commit=None, guard: Guard | None = None) -> Any:
+        if guard is not None:
+            write = fn
+
+            def fn(conn: sqlite3.Connection) -> Any:
+                guard()  # holding the write lock, inside the transaction (see Store)
+                return write(conn)
+
         job = _Job(fn, after_commit)
         with self._lock:
             if self._closed:
@@ -554,7 +562,7 @@ class SqliteStore:
 
     # ------------------------------------------------------------------ items
 
-    def upsert_items(self, items: Sequence[ItemRecord]) -> tuple[int, int]:
+    def upsert_items(self, items: Sequence[ItemRecord], guard: Guard | None = None) -> tuple[int, int]:
         latest = {item.id: item for item in items}  # the last one of an id wins
         if not latest:
             return (0, 0)
@@ -593,9 +601,9 @@ class SqliteStore:
             self._log_item_changes(conn, list(latest))
             return (len(latest) - len(old), len(old))
 
-        return self._submit(job)
+        return self._submit(job, guard=guard)
 
-    def delete_items(self, ids: Sequence[str]) -> list[str]:
+    def delete_items(self, ids: Sequence[str], guard: Guard | None = None) -> list[str]:
         wanted = list(dict.fromkeys(ids))
         if not wanted:
             return []
@@ -612,7 +620,7 @@ class SqliteStore:
             self._log_item_changes(conn, list(found))
             return [id_ for id_ in wanted if id_ in found]
 
-        return self._submit(job)
+        return self._submit(job, guard=guard)
 
     def get_items(self, ids: Sequence[str]) -> dict[str, ItemRecord]:
         wanted = list(dict.fromkeys(ids))
@@ -642,7 +650,7 @@ class SqliteStore:
 
     # ------------------------------------------------------------------ events
 
-    def record_events(self, events: Sequence[EventRecord]) -> list[EventRecord]:
+    def record_events(self, events: Sequence[EventRecord], guard: Guard | None = None) -> list[EventRecord]:
         first: dict[str, EventRecord] = {}
         for event in events:
             first.setdefault(event.event_id, event)  # the first one of an id wins
@@ -690,7 +698,7 @@ class SqliteStore:
                 raise StoreError(f"unexpected seq range {before}..{after} for {len(keep)} events")
             return before, keep
 
-        before, keep = self._submit(job)
+        before, keep = self._submit(job, guard=guard)
         unique = list(first.values())
         # EventRecord(*e[:-1], seq): twice as fast as e._replace(seq=seq).
         return [EventRecord(*unique[i][:-1], seq) for seq, i in enumerate(keep, start=before + 1)]
@@ -763,7 +771,7 @@ class SqliteStore:
         finally:
             self._release_reader(conn)
 
-    def delete_user(self, user_id: str) -> int:
+    def delete_user(self, user_id: str, guard: Guard | None = None) -> int:
         def job(conn: sqlite3.Connection) -> int:
             vector_ids = [
                 row[0]
@@ -776,7 +784,7 @@ class SqliteStore:
                 conn.execute("INSERT INTO changes(item_id, origin) VALUES (NULL, ?)", (self.origin,))
             return count
 
-        return self._submit(job, after_commit=self._truncate_wal)
+        return self._submit(job, after_commit=self._truncate_wal, guard=guard)
 
     def _log_item_changes(self, conn: sqlite3.Connection, item_ids: Sequence[str]) -> None:
         _insert(conn, "INSERT OR REPLACE INTO changes(item_id, origin)", [(i, self.origin) for i in item_ids])

@@ -1,0 +1,30 @@
+"""A call's deadline, as the threads that work for it see it.
+
+gRPC cancels a handler at its deadline, or when the client cancels, but not
+the worker thread the handler waits on. A `Deadline` tells that thread, the
+embedding queue and the store's writer that nobody waits for the result any
+more: work the caller gave up on is dropped, and, above all, a write it gave
+up on is not applied later, after writes it has sent since.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+
+class DeadlineExpiredError(Exception):
+    """The caller stopped waiting (its deadline passed, or it cancelled) before the work was done; it was dropped."""
+
+
+@dataclasses.dataclass
+class Deadline:
+    expires: float | None = None  # time.monotonic() seconds; None: no deadline
+    cancelled: bool = False  # set on the event loop when the caller cancels; read by threads
+
+    def check(self) -> None:
+        """Raises DeadlineExpiredError once the caller has stopped waiting."""
+        if self.cancelled:
+            raise DeadlineExpiredError("the call was cancelled")
+        if self.expires is not None and time.monotonic() > self.expires:
+            raise DeadlineExpiredError("the deadline passed")
