@@ -98,8 +98,9 @@ def render(image: Path) -> str:
 
     out = [MARKER, "", "## Reference", ""]
     out += ["Services, then messages and enums per file, in source order. Field numbers are the wire tags; "
-            "grpcurl and other JSON clients use the lowerCamelCase JSON names (`user_id` → `userId`; both are "
-            "accepted).", ""]
+            "requests in JSON may use either the proto names or the lowerCamelCase JSON names (`user_id` or "
+            "`userId`). grpcurl prints responses with the proto names and leaves out fields at their default value "
+            "(a zero count, an empty list): `-emit-defaults` shows them.", ""]
     for f in files:
         doc = comments(f)
         for si, service in enumerate(f.service):

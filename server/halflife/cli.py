@@ -357,7 +357,8 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/ml-latest-small"),
                         help="MovieLens-shaped directory (ratings.csv, movies.csv, tags.csv)")
     parser.add_argument("--model-dir", type=Path, default=Path("var/models/all-MiniLM-L6-v2"), help="exported model")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/eval"), help="results.json and PNGs")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/eval"),
+                        help="results.json and PNGs (default bench/results/eval: replaces the committed results)")
     parser.add_argument("--cache-dir", type=Path, default=Path("var/eval-cache"), help="cached item/tag vectors")
     parser.add_argument("--target", type=_address, default=None,
                         help="also measure a running, empty server over gRPC (host:port) with its own config")

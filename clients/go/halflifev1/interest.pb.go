@@ -191,7 +191,8 @@ type Event struct {
 	// Text the user wrote (search query, review, tag), at most 32 KiB. Embedded
 	// and combined with the item's vector when both are given.
 	Text string `protobuf:"bytes,5,opt,name=text,proto3" json:"text,omitempty"`
-	// Optional numeric value, e.g. the rating of EVENT_TYPE_RATE. Must be finite.
+	// Optional numeric value; required for EVENT_TYPE_RATE, whose rating it
+	// holds. Must be finite.
 	Value *float64 `protobuf:"fixed64,6,opt,name=value,proto3,oneof" json:"value,omitempty"`
 	// When it happened. Unset: the time the server received it. Rejected when
 	// before 1970 or more than 24 hours ahead of the server's clock.

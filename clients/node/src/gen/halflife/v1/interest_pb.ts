@@ -62,7 +62,8 @@ export type Event = Message<"halflife.v1.Event"> & {
   text: string;
 
   /**
-   * Optional numeric value, e.g. the rating of EVENT_TYPE_RATE. Must be finite.
+   * Optional numeric value; required for EVENT_TYPE_RATE, whose rating it
+   * holds. Must be finite.
    *
    * @generated from field: optional double value = 6;
    */
