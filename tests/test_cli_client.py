@@ -150,7 +150,8 @@ def test_ctrl_c_is_one_line_and_exit_130():
 
 
 class FlakyEmbedding(embedding_pb2_grpc.EmbeddingServiceServicer):
-    """Answers UNAVAILABLE to the first two GetModelInfo calls, and always
+    """Answers UNAVAILABLE, then CANCELLED (as a server shutting down does to a
+    call no handler took yet) to the first two GetModelInfo calls, and always
     INVALID_ARGUMENT to Embed; counts the attempts it sees."""
 
     def __init__(self):
@@ -158,8 +159,10 @@ class FlakyEmbedding(embedding_pb2_grpc.EmbeddingServiceServicer):
 
     def GetModelInfo(self, request, context):
         self.attempts["GetModelInfo"] += 1
-        if self.attempts["GetModelInfo"] <= 2:
+        if self.attempts["GetModelInfo"] == 1:
             context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+        if self.attempts["GetModelInfo"] == 2:
+            context.abort(grpc.StatusCode.CANCELLED, "shutting down")
         return embedding_pb2.GetModelInfoResponse(model_id="flaky", dimension=3)
 
     def Embed(self, request, context):
@@ -167,7 +170,7 @@ class FlakyEmbedding(embedding_pb2_grpc.EmbeddingServiceServicer):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, "never retried")
 
 
-def test_client_retries_unavailable_only():
+def test_client_retries_unavailable_and_a_servers_cancel_only():
     flaky = FlakyEmbedding()
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
     embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(flaky, server)
@@ -176,7 +179,7 @@ def test_client_retries_unavailable_only():
     try:
         with HalflifeClient(f"127.0.0.1:{port}") as client:
             assert client.model_info().model_id == "flaky"
-            assert flaky.attempts["GetModelInfo"] == 3  # two UNAVAILABLE, retried with backoff
+            assert flaky.attempts["GetModelInfo"] == 3  # UNAVAILABLE and CANCELLED, retried with backoff
             with pytest.raises(grpc.RpcError) as invalid:
                 client.embed(["x"])
             assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -6,8 +6,11 @@ Recommendations and profiles come back as the generated, typed messages.
 
 Every call has a deadline (the client's `timeout` unless given per call), and
 calls that fail with UNAVAILABLE (server restarting, connection dropped) are
-retried with exponential backoff by gRPC itself; no other status is retried,
-so a rejected request is never silently re-sent.
+retried with exponential backoff by gRPC itself, as are those a server
+shutting down answers CANCELLED: it cancels calls that had arrived but not
+reached a handler yet (grpc/grpc#41785), and every Halflife call is safe to
+repeat. No other status is retried, so a rejected request is never silently
+re-sent. (A cancel of the caller's own is never retried.)
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ _RETRY_SERVICE_CONFIG = json.dumps(
                     "initialBackoff": "0.1s",
                     "maxBackoff": "2s",
                     "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
                 },
             }
         ]
