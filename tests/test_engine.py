@@ -677,3 +677,19 @@ def test_a_write_whose_caller_gave_up_while_it_embedded_is_neither_stored_nor_ap
     with pytest.raises(DeadlineExpiredError):
         engine.delete_items(["i1"], deadline)
     assert engine.profile("u").event_counts == {LIKE: 1} and "i1" in engine.catalog.row_of
+
+
+def test_an_item_whose_vector_was_damaged_on_disk_is_left_out_at_load(tmp_path):
+    import sqlite3
+
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(4)])
+    engine.record_events([EventInput(f"e{n}", "u", LIKE, f"i{n}", None, None, T - n) for n in range(4)])
+    engine.store.close()
+    with sqlite3.connect(tmp_path / "halflife.sqlite3") as conn:
+        conn.execute("UPDATE vectors SET data = ? WHERE id = (SELECT vector_id FROM items WHERE id = 'i1')",
+                     (np.full(DIM, np.nan, dtype=np.float32).tobytes(),))
+    again = open_engine(tmp_path)
+    assert "i1" not in again.catalog.row_of and again.profile("u").event_counts == {LIKE: 3}
+    result = again.recommend("v", 3, include_seen=True)
+    assert len(result.items) == 3 and all(np.isfinite(item.score) for item in result.items)

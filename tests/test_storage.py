@@ -3,6 +3,7 @@ events, durability across kill -9, erasure (down to the file's bytes), schema.""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import sqlite3
@@ -516,7 +517,7 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
     conn = sqlite3.connect(path)
     sqlite_store.MIGRATIONS[0](conn)  # the schema as version 1 left it
     blob = vec().astype("<f4").tobytes()
-    conn.execute("INSERT INTO vectors(id, hash, data) VALUES (1, x'00', ?)", (blob,))
+    conn.execute("INSERT INTO vectors(id, hash, data) VALUES (1, ?, ?)", (hashlib.sha256(blob).digest(), blob))
     conn.execute("INSERT INTO items VALUES ('old', 'an item from v1', '[]', '{}', NULL, 1)")
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
@@ -567,7 +568,7 @@ def test_a_version_3_database_moves_event_vector_references_to_counts(tmp_path):
     conn.execute("PRAGMA user_version = 3")
     blobs = [vec().astype("<f4").tobytes() for _ in range(3)]
     conn.executemany("INSERT INTO vectors(id, hash, data) VALUES (?, ?, ?)",
-                     [(k + 1, bytes([k]), b) for k, b in enumerate(blobs)])
+                     [(k + 1, hashlib.sha256(b).digest(), b) for k, b in enumerate(blobs)])
     conn.execute("INSERT INTO items VALUES ('i1', 'an item', '[]', '{}', NULL, 1, 0)")
     rows = [(f"e{k}", "u1" if k < 4 else "gone", 1, "i1", None, None, 1.0 + k, 1 + k % 3) for k in range(6)]
     conn.executemany("""INSERT INTO events(event_id, user_id, type, item_id, text, value, event_time, vector_id)
@@ -619,4 +620,22 @@ def test_a_write_runs_its_guard_holding_the_write_lock_and_a_refusal_stores_noth
     assert state() == before
     getattr(store, write)(args, guard=lambda: None)
     assert store.head() != before[0]
+    store.close()
+
+
+def test_a_vector_damaged_on_disk_is_left_out_until_an_upsert_rewrites_it(tmp_path, caplog):
+    store = SqliteStore(tmp_path)
+    damaged, healthy = item("i1"), item("i2")
+    store.upsert_items([damaged, healthy])
+    store.record_events([event("e1", item_id="i1", vector=damaged.vector), event("e2", item_id="i2", vector=healthy.vector)])
+    with raw(tmp_path) as conn:  # bytes changed under an unchanged hash, as a bad disk page does
+        conn.execute("UPDATE vectors SET data = ? WHERE id = (SELECT vector_id FROM items WHERE id = 'i1')",
+                     (np.full(DIM, np.nan, dtype=np.float32).tobytes(),))
+    assert set(store.get_items(["i1", "i2"])) == {"i2"}
+    assert [i.id for i in store.iter_items()] == ["i2"]
+    assert [e.event_id for e in store.user_events("u1")] == ["e2"]  # the event sharing the vector too
+    assert "item 'i1': vector" in caplog.text and "damaged on disk" in caplog.text
+    store.upsert_items([damaged])  # the same vector again: its bytes are rewritten
+    assert np.array_equal(store.get_items(["i1"])["i1"].vector, damaged.vector)
+    assert [e.event_id for e in store.user_events("u1")] == ["e1", "e2"]
     store.close()

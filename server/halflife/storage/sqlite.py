@@ -223,13 +223,19 @@ def _hash(blob: bytes) -> bytes:
     return sha256(blob).digest()
 
 
-def _intern_vectors(conn: sqlite3.Connection, blobs: Sequence[bytes], hashes: Sequence[bytes] | None = None) -> list[int]:
+def _intern_vectors(conn: sqlite3.Connection, blobs: Sequence[bytes], hashes: Sequence[bytes] | None = None,
+                    rewrite: bool = False) -> list[int]:
     """Vector ids for `blobs`, inserting the new ones; set-based: one `IN`
-    query per 500 distinct vectors, then one insert for the missing."""
+    query per 500 distinct vectors, then one insert for the missing.
+    rewrite: also write the bytes of those already stored where they differ,
+    which repairs a vector damaged on disk (see `_intact`)."""
     if hashes is None:
         hashes = [_hash(b) for b in blobs]
     unique = dict(zip(hashes, blobs))
     ids = _vector_ids(conn, list(unique))
+    if rewrite and ids:
+        conn.executemany("UPDATE vectors SET data = ? WHERE id = ? AND data IS NOT ?",
+                         [(unique[h], i, unique[h]) for h, i in ids.items()])
     if len(ids) < len(unique):
         missing = [h for h in unique if h not in ids]
         # The transaction holds the write lock, so the new rows get max(id)+1, +2, ... (rowid
@@ -299,8 +305,22 @@ def _gc_vectors(conn: sqlite3.Connection, candidates: Sequence[int]) -> int:
     return cur.rowcount
 
 
-def _item_from(row: tuple) -> ItemRecord:
-    id_, text, categories, attributes, create_time, data, created_seq = row
+def _intact(data: bytes, digest: bytes, what: str, vector_id: int) -> bool:
+    """Whether a vector's bytes still match their SHA-256. A page damaged on
+    disk can pass SQLite's own checks and turn a vector into NaNs, which
+    would poison every sum it joins, so a damaged one is left out (logged)."""
+    if _hash(data) == digest:
+        return True
+    log.error("%s: vector %d no longer matches its SHA-256 (damaged on disk) and is left out; an upsert of an "
+              "item with this vector rewrites it", what, vector_id)
+    return False
+
+
+def _item_from(row: tuple) -> ItemRecord | None:
+    """An item from an `_ITEM_SELECT` row; None when its vector is damaged."""
+    id_, text, categories, attributes, create_time, data, created_seq, digest, vector_id = row
+    if not _intact(data, digest, f"item {id_!r}", vector_id):
+        return None
     return ItemRecord(
         id=id_,
         text=text,
@@ -312,7 +332,7 @@ def _item_from(row: tuple) -> ItemRecord:
     )
 
 
-_ITEM_SELECT = """SELECT i.id, i.text, i.categories, i.attributes, i.create_time, v.data, i.created_seq
+_ITEM_SELECT = """SELECT i.id, i.text, i.categories, i.attributes, i.create_time, v.data, i.created_seq, v.hash, v.id
                   FROM items i JOIN vectors v ON v.id = i.vector_id"""
 
 
@@ -586,7 +606,7 @@ class SqliteStore:
                     (ids_json,),
                 )
             )
-            vector_ids = _intern_vectors(conn, blobs)
+            vector_ids = _intern_vectors(conn, blobs, rewrite=True)
             last_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
             _insert(
                 conn,
@@ -632,7 +652,7 @@ class SqliteStore:
             rows = conn.execute(
                 _ITEM_SELECT + " WHERE i.id IN (SELECT value FROM json_each(?))", (wanted_json,)
             )
-            return {row[0]: _item_from(row) for row in rows}
+            return {item.id: item for item in map(_item_from, rows) if item is not None}
 
         return self._read(read)
 
@@ -641,8 +661,7 @@ class SqliteStore:
         try:
             cur = conn.execute(_ITEM_SELECT + " ORDER BY i.rowid")
             while rows := cur.fetchmany(1000):
-                for row in rows:
-                    yield _item_from(row)
+                yield from filter(None, map(_item_from, rows))
         except sqlite3.Error as e:
             raise _store_error(e) from e
         finally:
@@ -727,7 +746,8 @@ class SqliteStore:
     def _read_events(self, where: str, params: tuple) -> list[EventRecord]:
         def read(conn: sqlite3.Connection) -> list[EventRecord]:
             rows = conn.execute(
-                f"""SELECT e.seq, e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, v.data
+                f"""SELECT e.seq, e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, v.data,
+                           v.hash, v.id
                     FROM events e JOIN vectors v ON v.id = e.vector_id
                     WHERE {where} ORDER BY e.seq""",
                 params,
@@ -744,7 +764,8 @@ class SqliteStore:
                     vector=_vector_from(data),
                     seq=seq,
                 )
-                for seq, event_id, uid, type_, item_id, text, value, event_time, data in rows
+                for seq, event_id, uid, type_, item_id, text, value, event_time, data, digest, vector_id in rows
+                if _intact(data, digest, f"event {event_id!r}", vector_id)
             ]
 
         return self._read(read)
