@@ -77,9 +77,10 @@ class RowBlocks:
     of them ran 8 concurrent Recommends at 108 calls/s against ~400 with 1
     (cli.SERVER_BLAS_THREADS). Catalogues under 2 x
     `min_rows` rows stay on the calling thread, where a hand-off would cost
-    more than it saves (10k rows: 0.99 ms on one thread, 0.52 in 2 or 4
-    blocks; 5k rows, which the caches hold: 0.16 against 0.20); so does a
-    call made while another one is scanning:
+    more than it saves: through gRPC at 10k items, one caller's Recommend
+    took 1.75-1.90 ms p50 and 1.6 ms of server CPU on one thread against
+    1.98-2.34 and 2.0 split in two (at 20k and 40k, no difference beyond
+    the noise); so does a call made while another one is scanning:
     the cores are taken then, and splitting only adds hand-offs (at 100k
     items and 8 concurrent Recommends on 2 cores: 72-79 calls/s split
     always, 84-88 on one thread each).
@@ -89,7 +90,7 @@ class RowBlocks:
     the block it falls in.
     """
 
-    def __init__(self, threads: int, min_rows: int = 4_096):
+    def __init__(self, threads: int, min_rows: int = 8_192):
         self.threads = max(1, int(threads))
         self.min_rows = min_rows
         self._pool = ThreadPoolExecutor(self.threads - 1, "halflife-scan") if self.threads > 1 else None
