@@ -199,15 +199,26 @@ def test_a_worker_whose_restarts_are_spent_stops_the_group(monkeypatch):
 def test_a_restarted_worker_keeps_its_index_and_budget(monkeypatch):
     monkeypatch.setattr(workers_module, "POLL_SECONDS", 0)
     budget = RestartBudget(limit=2)
-    group = [FakeWorker(0, budget, returncode=-9)]
+    group = [FakeWorker(0, budget, returncode=-9), FakeWorker(1, RestartBudget())]
     started = []
 
-    def start(index, restarts):
-        started.append((index, restarts))
-        return FakeWorker(index, restarts, returncode=0)  # then stops on its own too: spent after two
+    def start(index, restarts, position):
+        started.append((index, restarts, position))
+        group[position] = FakeWorker(index, restarts, returncode=0)  # then stops on its own too: spent after two
 
     assert workers_module._supervise(group, [], start) == 1
-    assert started == [(0, budget), (0, budget)]
+    assert started == [(0, budget, 0), (0, budget, 0)] and group[1].process.terminated
+
+
+def test_a_worker_that_cannot_be_started_again_stops_the_group(monkeypatch):
+    monkeypatch.setattr(workers_module, "POLL_SECONDS", 0)
+    dead, alive = FakeWorker(0, RestartBudget(), returncode=-9), FakeWorker(1, RestartBudget())
+
+    def start(index, restarts, position):
+        raise OSError(24, "Too many open files")
+
+    assert workers_module._supervise([dead, alive], [], start) == 1  # not an escaped exception: the others stop first
+    assert alive.process.terminated
 
 
 def test_a_second_group_on_a_served_port_is_refused(model_dir, tmp_path):

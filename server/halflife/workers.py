@@ -11,11 +11,12 @@ flags plus `--worker-index`), forwards SIGTERM/SIGINT to them and waits.
 Workers share the SQLite store and follow each other's writes
 (`InterestEngine(follow_store=True)`). Each tells the parent through a pipe
 once it serves. A worker that dies after that (a crash, an OOM kill) is
-started again, with the same index, while the others serve on; one that dies
-before it served, or a worker's RESTART_LIMIT-th restart within
-RESTART_WINDOW_S, stops the group with exit status 1 instead, since starting
-it again would only fail again: a supervisor (systemd, Kubernetes) sees the
-failure and restarts the group, which reloads everything from the store.
+started again, with the same index, while the others serve on, up to
+RESTART_LIMIT times within RESTART_WINDOW_S. One that dies before it served,
+or dies again once those restarts are spent, stops the group with exit
+status 1 instead, since starting it again would only fail again: a
+supervisor (systemd, Kubernetes) sees the failure and restarts the group,
+which reloads everything from the store.
 """
 
 from __future__ import annotations
@@ -156,17 +157,23 @@ def run_workers(serve_argv: Sequence[str], host: str, port: int, workers: int, t
             argv = [sys.executable, "-m", "halflife.cli", "serve", *serve_argv, "--port", str(port),
                     "--threads", str(threads), "--workers", "1", "--parent-pid", str(os.getpid())]
 
-            def start(index: int, restarts: RestartBudget) -> _Worker:
+            def start(index: int, restarts: RestartBudget, position: int) -> None:
+                """Starts worker `index` into group[position] (appended at the end)."""
                 worker = _Worker(argv, index, restarts)
-                if requested:  # it arrived while this one started
+                if position == len(group):
+                    group.append(worker)
+                else:
+                    group[position] = worker
+                # After it is in the group: a stop that arrived while it started (which `forward`
+                # could not send it) is sent now, one that arrives later by `forward`.
+                if requested:
                     worker.process.send_signal(requested[0])
-                return worker
 
             log.info("starting %d workers on %s:%d, %d intra-op threads each", workers, host, port, threads)
             for index in range(workers):
                 if requested:
                     break
-                group.append(start(index, RestartBudget()))
+                start(index, RestartBudget(), index)
             return _supervise(group, requested, start)
     finally:
         for worker in group:
@@ -178,7 +185,8 @@ def run_workers(serve_argv: Sequence[str], host: str, port: int, workers: int, t
 def _supervise(group: list[_Worker], requested: list[int], start) -> int:
     """Waits for the workers, starting again one that dies after it served;
     stops them all when one cannot be. `requested`: the signals forwarded to
-    them so far (filled by a handler); `start(index, restarts)`: a new worker."""
+    them so far (filled by a handler); `start(index, restarts, position)`
+    puts a new worker into group[position]."""
     failed = False
     while True:
         for position, worker in enumerate(group):
@@ -186,13 +194,17 @@ def _supervise(group: list[_Worker], requested: list[int], start) -> int:
             worker.check_serving()  # after poll: a worker that has exited left its word, or EOF, in the pipe
             if status is None or requested or failed:
                 continue
+            worker.close()
             if worker.serving and worker.restarts.take(time.monotonic()):
                 log.error("worker %d exited with status %s; starting it again", worker.index, status)
-                worker.close()
-                group[position] = start(worker.index, worker.restarts)
-                continue
-            why = "before it served" if not worker.serving else (
-                f"after {worker.restarts.limit} restarts within {worker.restarts.window_s:.0f} s")
+                try:
+                    start(worker.index, worker.restarts, position)
+                    continue
+                except OSError as exc:  # no process to be had (EMFILE, ENOMEM): as if it failed to start
+                    why = f"and could not be started again ({exc})"
+            else:
+                why = "before it served" if not worker.serving else (
+                    f"after {worker.restarts.limit} restarts within {worker.restarts.window_s:.0f} s")
             log.error("worker %d exited with status %s %s; stopping the others", worker.index, status, why)
             failed = True
             for other in group:
