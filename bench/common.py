@@ -23,6 +23,13 @@ PACKAGES = ("halflife", "numpy", "onnxruntime", "grpcio", "uvloop", "protobuf", 
             "sentence-transformers", "faiss-cpu")
 
 
+def zero_embedder(dim: int) -> Callable[..., object]:
+    """An InterestEngine embedder for benchmarks that give every vector: zeros for any text."""
+    import numpy as np
+
+    return lambda texts, deadline=None: np.zeros((len(texts), dim), np.float32)
+
+
 def machine() -> dict:
     """CPU model, cores and versions, recorded with every result."""
     cpu = platform.processor() or "unknown"

@@ -57,7 +57,7 @@ from halflife.storage.sqlite import MIGRATIONS, WRITER_PRAGMAS, SqliteStore
 from halflife.v1 import interest_pb2, interest_pb2_grpc, recommend_pb2, recommend_pb2_grpc
 
 from bench.server_process import ServerProcess, upsert_vectors
-from bench.common import markdown_table, save_plot, summary, write_results
+from bench.common import markdown_table, save_plot, summary, write_results, zero_embedder
 
 DIM = 384
 BATCH = 500
@@ -261,7 +261,7 @@ def rebuild_costs(counts=(50, 500), repeat: int = 10) -> dict:
             times = now - np.sort(rng.uniform(0, 60 * 86400, n))[::-1]
             store.record_events([EventRecord(f"r{n}-{j}", f"r{n}", TYPES[j % 3], f"i{j}", None, None, float(times[j]), vecs[j])
                                  for j in range(n)])
-        engine = InterestEngine(Config(), store, DIM, embed=lambda texts, deadline=None: np.zeros((len(texts), DIM), np.float32))
+        engine = InterestEngine(Config(), store, DIM, embed=zero_embedder(DIM))
         for n in counts:
             user = f"r{n}"
 
@@ -305,7 +305,7 @@ def recommend_during_misses(heavy_users: int = 20, events: int = 500, items: int
         store = SqliteStore(d)
         store.upsert_items([ItemRecord(f"i{j}", "", (), {}, None, v)
                             for j, v in enumerate(normalize(rng.standard_normal((items, DIM))))])
-        engine = InterestEngine(Config(), store, DIM, embed=lambda texts, deadline=None: np.zeros((len(texts), DIM), np.float32))
+        engine = InterestEngine(Config(), store, DIM, embed=zero_embedder(DIM))
         now = time.time()
         heavy = [f"h{k}" for k in range(heavy_users)]
         for user in heavy:

@@ -57,7 +57,7 @@ from halflife.storage.base import ItemRecord
 
 from bench._memstore import MemoryStore
 from bench.server_process import ServerProcess, load_p50s, upsert_vectors
-from bench.common import markdown_table, save_plot, summary, timings, write_results
+from bench.common import markdown_table, save_plot, summary, timings, write_results, zero_embedder
 
 DIM = 384
 K = 10
@@ -242,7 +242,7 @@ def engine_inprocess(X: np.ndarray, repeat: int, trace: bool, threads: int) -> d
     n = X.shape[0]
     config = Config()
     ThreadCounts().set(1)  # as in the server (cli.SERVER_BLAS_THREADS); its scans split over `threads`
-    engine = InterestEngine(config, MemoryStore(), DIM, embed=lambda texts, deadline=None: np.zeros((len(texts), DIM), np.float32),
+    engine = InterestEngine(config, MemoryStore(), DIM, embed=zero_embedder(DIM),
                             scan_threads=threads)
     records = [ItemRecord(f"i{j}", "", (), {}, None, X[j]) for j in range(n)]
     if trace:

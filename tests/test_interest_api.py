@@ -27,8 +27,8 @@ from halflife.api.server import ServerConfig
 from halflife.api.validation import Violations
 from halflife.api.validation import to_timestamp as to_pb_timestamp
 from halflife.config import BlendConfig, Config
-from halflife.v1 import catalog_pb2, interest_pb2, recommend_pb2
-from halflife_client import Event, HalflifeClient, Item, field_violations, to_timestamp
+from halflife.v1 import catalog_pb2, catalog_pb2_grpc, interest_pb2, interest_pb2_grpc, recommend_pb2
+from halflife_client import HalflifeClient, Item, field_violations, to_timestamp
 from tests.fakes import full_disk
 from tests.serving import ServerThread, repeat_min_cosine, start_cli_server
 
@@ -1334,42 +1334,66 @@ def test_kill_9_mid_ingest_loses_no_acknowledged_event(model_dir, tmp_path):
             ]
 
 
-def model_work(prefix: str, n: int = 150) -> list[str]:
-    """Texts that keep the model busy well past a 0.1 s deadline (seconds on 2 cores)."""
-    return [f"{prefix} {n}: " + "a slow film about the sea, the wind and the long road home " * 6 for n in range(n)]
+
+@contextlib.contextmanager
+def embedding_held(server, monkeypatch):
+    """While inside, the server's engine embeds nothing: every text waits
+    (bounded) until the block exits, then gets a fixed unit vector. Yields an
+    Event set once a call is waiting. So a client's deadline or cancel
+    surely comes while its write is still being embedded, on any machine."""
+    engine = server.server.interest
+    waiting, release = threading.Event(), threading.Event()
+
+    def held(texts, deadline):
+        waiting.set()
+        assert release.wait(30)
+        return np.tile(np.eye(DIM, dtype=np.float32)[0], (len(texts), 1))
+
+    monkeypatch.setattr(engine, "_embed", held)
+    jobs = engine.store.job_count
+    try:
+        yield waiting
+    finally:
+        release.set()
+    deadline = time.monotonic() + 30
+    while engine.store.job_count <= jobs + 1 and time.monotonic() < deadline:  # the late write's turn has come
+        time.sleep(0.01)
 
 
-def after_the_model_did_it_too(client: HalflifeClient, texts: list[str]) -> None:
-    """Returns once work queued before now has had time to finish: the same
-    amount again, queued behind it, through a call without a deadline, then as
-    long again, for an abandoned write (the bug) to reach the store."""
-    began = time.monotonic()
-    assert client.upsert_items([Item(id=f"barrier-{n}", text=text) for n, text in enumerate(texts)])[0] >= 0
-    time.sleep(min(10.0, max(1.0, time.monotonic() - began)))
+def give_up(call, how: str) -> None:
+    """Runs the gRPC call future `call(timeout)`; gives up on it by its deadline or by cancelling it."""
+    future = call(0.3 if how == "deadline" else 30)
+    if how == "cancel":
+        time.sleep(0.1)
+        future.cancel()
+    with pytest.raises(grpc.FutureCancelledError if how == "cancel" else grpc.RpcError) as caught:
+        future.result()
+    if how == "deadline":
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-def timed_out(call) -> None:
-    with pytest.raises(grpc.RpcError) as caught:
-        call()
-    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+@pytest.mark.parametrize("how", ["deadline", "cancel"])
+def test_an_erasure_after_a_record_the_client_gave_up_on_is_not_undone_by_it(server, client, monkeypatch, how):
+    user = f"gave-up-{how}"
+    request = interest_pb2.RecordEventsRequest(
+        events=[interest_pb2.Event(event_id=f"{user}-{n}", user_id=user, type=REVIEW, text="a long review")
+                for n in range(3)])
+    with embedding_held(server, monkeypatch) as waiting, grpc.insecure_channel(server.address) as channel:
+        give_up(lambda timeout: interest_pb2_grpc.InterestServiceStub(channel).RecordEvents.future(
+            request, timeout=timeout), how)
+        assert waiting.is_set()
+        client.delete_user(user)  # the erasure the client asks for next
+    assert client.profile(user).event_counts == []  # the events did not come back once embedded
 
 
-def test_an_erasure_after_a_timed_out_record_is_not_undone_by_it(server, client):
-    texts = model_work("review")
-    events = [Event(f"gave-up-{n}", "gave-up", REVIEW, text=text, event_time=T0) for n, text in enumerate(texts)]
-    with HalflifeClient(server.address, timeout=0.1) as hurried:
-        timed_out(lambda: hurried.record_events(events))
-    client.delete_user("gave-up")  # the erasure the client asks for next
-    after_the_model_did_it_too(client, texts)
-    assert client.profile("gave-up").event_counts == []  # the events did not come back once embedded
-
-
-def test_a_timed_out_upsert_never_overwrites_a_later_one(server, client):
-    texts = model_work("item")
-    with HalflifeClient(server.address, timeout=0.1) as hurried:
-        timed_out(lambda: hurried.upsert_items([Item(id=f"late-{n}", text=t, categories=["v1"]) for n, t in enumerate(texts)]))
-    rng = np.random.default_rng(5)
-    newer = [Item(id=f"late-{n}", text="v2", categories=["v2"], vector=rng.standard_normal(DIM)) for n in range(len(texts))]
-    client.upsert_items(newer)  # precomputed vectors: no model work, done at once
-    after_the_model_did_it_too(client, texts)
-    assert {tuple(item.categories) for item in client.get_items([item.id for item in newer])} == {("v2",)}
+@pytest.mark.parametrize("how", ["deadline", "cancel"])
+def test_an_upsert_the_client_gave_up_on_never_overwrites_a_later_one(server, client, monkeypatch, how):
+    ids = [f"late-{how}-{n}" for n in range(3)]
+    request = catalog_pb2.UpsertItemsRequest(items=[catalog_pb2.Item(id=i, text="v1", categories=["v1"]) for i in ids])
+    newer = [Item(id=i, text="v2", categories=["v2"], vector=np.eye(DIM, dtype=np.float32)[1]) for i in ids]
+    with embedding_held(server, monkeypatch) as waiting, grpc.insecure_channel(server.address) as channel:
+        give_up(lambda timeout: catalog_pb2_grpc.CatalogServiceStub(channel).UpsertItems.future(
+            request, timeout=timeout), how)
+        assert waiting.is_set()
+        client.upsert_items(newer)  # precomputed vectors: nothing to embed
+    assert {tuple(item.categories) for item in client.get_items(ids)} == {("v2",)}

@@ -347,3 +347,20 @@ def test_cli_serve_refuses_a_missing_or_tampered_model(model_dir, tmp_path):
     )
     assert result.returncode == 1
     assert "fails its checksum" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_thread_waiting_on_the_model_drops_the_work_once_its_caller_cancels():
+    # The batcher sees a cancel only through the future it was handed: the
+    # waiting thread must cancel it, or a cancelled upsert is embedded in full.
+    from halflife.api.backend import ABANDON_POLL_S, _result_unless_abandoned
+
+    pending: concurrent.futures.Future = concurrent.futures.Future()
+    deadline = Deadline()
+    threading.Timer(0.1, lambda: setattr(deadline, "cancelled", True)).start()
+    began = time.monotonic()
+    with pytest.raises(DeadlineExpiredError):
+        _result_unless_abandoned(pending, deadline)
+    assert pending.cancelled() and time.monotonic() - began < 0.1 + 10 * ABANDON_POLL_S
+    done: concurrent.futures.Future = concurrent.futures.Future()
+    done.set_result("vectors")
+    assert _result_unless_abandoned(done, Deadline(time.monotonic() - 1)) == "vectors"  # done wins over late

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import time
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
-import grpc
 import numpy as np
 
 from halflife.api.errors import unavailable
-from halflife.deadlines import Deadline
+from halflife.deadlines import Deadline, DeadlineExpiredError
 from halflife.embedding.batcher import BatcherStoppedError, DynamicBatcher
 from halflife.embedding.engine import EmbeddingEngine
 from halflife.embedding.pooling import l2_normalize
@@ -53,30 +51,30 @@ class Backend:
         vectors = []
         try:
             for i in range(0, len(tokens.ids), piece):
-                if deadline is not None:
-                    deadline.check()  # a cancelled caller's next piece too
                 submitted = self.batcher.submit(tokens.ids[i : i + piece], expires)
-                vectors.append(asyncio.run_coroutine_threadsafe(submitted, self._loop).result())
+                vectors.append(_result_unless_abandoned(asyncio.run_coroutine_threadsafe(submitted, self._loop),
+                                                        deadline))
         except concurrent.futures.CancelledError:  # stop() cancelled it: UNAVAILABLE, not an internal error
             raise BatcherStoppedError("the embedding model stopped (the server is shutting down)") from None
         return l2_normalize(np.concatenate(vectors))
 
 
-def deadline_of(context: grpc.aio.ServicerContext) -> Deadline:
-    """The call's deadline (none when the client set none)."""
-    remaining = context.time_remaining()
-    return Deadline(None if remaining is None else time.monotonic() + remaining)
+# How often a thread waiting on the model looks at its caller's Deadline: a
+# cancel (which the batcher cannot see) drops the work within this long.
+ABANDON_POLL_S = 0.05
 
 
-async def in_thread(context: grpc.aio.ServicerContext, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """fn(*args, **kwargs, deadline=the call's) on a worker thread. gRPC
-    cancels the handler at the deadline or when the client cancels, but not
-    the thread: the deadline tells it, and the store's writer, that the
-    caller stopped waiting, so that a write the caller gave up on is not
-    applied later, after the writes it has sent since."""
-    deadline = deadline_of(context)
-    try:
-        return await asyncio.to_thread(fn, *args, **kwargs, deadline=deadline)
-    except asyncio.CancelledError:
-        deadline.cancelled = True
-        raise
+def _result_unless_abandoned(future: concurrent.futures.Future, deadline: Deadline | None):
+    """future.result(); once `deadline` says the caller stopped waiting,
+    cancels the work (the batcher then skips what it has not computed) and
+    raises DeadlineExpiredError."""
+    while True:
+        try:
+            return future.result(timeout=None if deadline is None else ABANDON_POLL_S)
+        except TimeoutError:
+            try:
+                deadline.check()
+            except DeadlineExpiredError:
+                future.cancel()
+                raise
+

@@ -7,7 +7,8 @@ import asyncio
 import grpc
 import numpy as np
 
-from halflife.api.backend import Backend, in_thread
+from halflife.api.backend import Backend
+from halflife.api.calls import run_with_deadline
 from halflife.api.errors import not_found, translate_errors
 from halflife.api.validation import Violations, to_timestamp
 from halflife.interest.engine import ItemInput
@@ -81,7 +82,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                 seen.setdefault(item.id, i)
                 items.append(_item_input(item, f"items[{i}]", interest.dim, violations))
         violations.raise_if_any()
-        created, updated = await in_thread(context, interest.upsert_items, items)
+        created, updated = await run_with_deadline(context, interest.upsert_items, items)
         return catalog_pb2.UpsertItemsResponse(created_count=created, updated_count=updated)
 
     @translate_errors
@@ -89,7 +90,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         interest = self._backend.ready().interest
         violations = Violations()
         _check_ids(request.ids, violations)
-        deleted = await in_thread(context, interest.delete_items, list(request.ids))
+        deleted = await run_with_deadline(context, interest.delete_items, list(request.ids))
         return catalog_pb2.DeleteItemsResponse(deleted_count=deleted)
 
     @translate_errors

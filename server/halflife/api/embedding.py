@@ -6,7 +6,8 @@ import asyncio
 
 import grpc
 
-from halflife.api.backend import Backend, deadline_of
+from halflife.api.backend import Backend
+from halflife.api.calls import deadline_of
 from halflife.api.errors import invalid_argument, translate_errors
 from halflife.api.validation import Violations
 from halflife.deadlines import Deadline

@@ -162,7 +162,7 @@ def translate_errors(handler: Handler) -> Handler:
             await context.abort_with_status(resource_exhausted(f"{error}; retry with backoff").to_status())
         except DeadlineExpiredError:
             await context.abort_with_status(
-                deadline_exceeded("the deadline passed before the work was done; nothing was stored").to_status()
+                deadline_exceeded("the deadline passed before the work was done; a write was not stored").to_status()
             )
         except BatcherStoppedError as error:
             await context.abort_with_status(unavailable(f"{error}; retry with backoff").to_status())

@@ -8,7 +8,8 @@ from typing import Iterable
 
 import grpc
 
-from halflife.api.backend import Backend, in_thread
+from halflife.api.backend import Backend
+from halflife.api.calls import run_with_deadline
 from halflife.api.errors import not_found, translate_errors
 from halflife.api.validation import (
     MAX_FUTURE_SECONDS,
@@ -114,7 +115,7 @@ class InterestServicer(interest_pb2_grpc.InterestServiceServicer):
             events = _event_inputs(request.events, now, violations)
         violations.raise_if_any()
         try:
-            accepted, duplicates = await in_thread(context, interest.record_events, events)
+            accepted, duplicates = await run_with_deadline(context, interest.record_events, events)
         except UnknownItemsError as error:
             raise not_found(
                 f"{len(error.missing)} events refer to unknown items; nothing was recorded",
@@ -163,5 +164,5 @@ class InterestServicer(interest_pb2_grpc.InterestServiceServicer):
         violations = Violations()
         violations.identifier(request.user_id, "user_id")
         violations.raise_if_any()
-        deleted = await in_thread(context, interest.delete_user, request.user_id)
+        deleted = await run_with_deadline(context, interest.delete_user, request.user_id)
         return interest_pb2.DeleteUserResponse(deleted_event_count=deleted)

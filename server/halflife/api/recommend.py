@@ -6,7 +6,8 @@ import math
 
 import grpc
 
-from halflife.api.backend import Backend, in_thread
+from halflife.api.backend import Backend
+from halflife.api.calls import run_with_deadline
 from halflife.api.catalog import MAX_ITEMS_PER_REQUEST
 from halflife.api.errors import not_found, translate_errors
 from halflife.api.validation import Violations, to_timestamp
@@ -78,7 +79,7 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         if not (math.isfinite(request.diversity) and 0 <= request.diversity <= 1):
             violations.add("diversity", f"must be between 0 and 1, got {request.diversity}")
         violations.raise_if_any()
-        result = await in_thread(
+        result = await run_with_deadline(
             context,
             interest.recommend,
             request.user_id,
@@ -109,7 +110,7 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         item_filter = _filter(request.filter, violations)
         violations.raise_if_any()
         try:
-            result = await in_thread(
+            result = await run_with_deadline(
                 context,
                 interest.similar_items,
                 item_id=request.item_id if target == "item_id" else None,

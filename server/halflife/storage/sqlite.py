@@ -356,12 +356,14 @@ def _store_error(e: BaseException, context: str = "") -> BaseException:
 
 
 class _Job:
-    __slots__ = ("fn", "future", "after_commit")
+    __slots__ = ("fn", "future", "after_commit", "guard")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any], after_commit: Callable[[sqlite3.Connection], None] | None):
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any], after_commit: Callable[[sqlite3.Connection], None] | None,
+                 guard: Guard | None = None):
         self.fn = fn
         self.future: Future = Future()
         self.after_commit = after_commit
+        self.guard = guard
 
 
 _STOP = object()
@@ -447,14 +449,7 @@ class SqliteStore:
     # ------------------------------------------------------------------ writer
 
     def _submit(self, fn: Callable[[sqlite3.Connection], Any], after_commit=None, guard: Guard | None = None) -> Any:
-        if guard is not None:
-            write = fn
-
-            def fn(conn: sqlite3.Connection) -> Any:
-                guard()  # holding the write lock, inside the transaction (see Store)
-                return write(conn)
-
-        job = _Job(fn, after_commit)
+        job = _Job(fn, after_commit, guard)
         with self._lock:
             if self._closed:
                 raise StoreError("store is closed")
@@ -511,6 +506,8 @@ class SqliteStore:
                 job.future.set_exception(_store_error(e))
                 continue
             try:
+                if job.guard is not None:
+                    job.guard()  # holding the write lock, inside the transaction (see Store)
                 result = job.fn(conn)
                 conn.execute("RELEASE job")
             except BaseException as e:  # noqa: BLE001 - handed to the caller

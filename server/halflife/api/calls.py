@@ -1,0 +1,32 @@
+"""A call's deadline, for the threads that work for it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable
+
+import grpc
+
+from halflife.deadlines import Deadline
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> Deadline:
+    """The call's deadline (none when the client set none)."""
+    remaining = context.time_remaining()
+    return Deadline(None if remaining is None else time.monotonic() + remaining)
+
+
+async def run_with_deadline(context: grpc.aio.ServicerContext, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs, deadline=the call's Deadline) on a worker thread.
+
+    gRPC cancels the handler at the deadline or on the client's cancel, but
+    not the thread it waits on: the Deadline, marked cancelled here, tells
+    that thread, the embedding queue and the store's writer that nobody
+    waits any more, so a write the caller gave up on is not stored later."""
+    deadline = deadline_of(context)
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs, deadline=deadline)
+    except asyncio.CancelledError:
+        deadline.cancelled = True
+        raise
