@@ -690,6 +690,10 @@ def test_an_item_whose_vector_was_damaged_on_disk_is_left_out_at_load(tmp_path):
         conn.execute("UPDATE vectors SET data = ? WHERE id = (SELECT vector_id FROM items WHERE id = 'i1')",
                      (np.full(DIM, np.nan, dtype=np.float32).tobytes(),))
     again = open_engine(tmp_path)
-    assert "i1" not in again.catalog.row_of and again.profile("u").event_counts == {LIKE: 3}
-    result = again.recommend("v", 3, include_seen=True)
-    assert len(result.items) == 3 and all(np.isfinite(item.score) for item in result.items)
+    assert "i1" not in again.catalog.row_of
+    # The event on it still counts (4 likes), but adds no direction: the profile stays finite.
+    profile = again.profile("u", items_per_interest=2)
+    assert profile.event_counts == {LIKE: 4} and sum(view.event_count for view in profile.interests) == 3
+    for user in ("u", "v"):  # personal and trending
+        result = again.recommend(user, 3, include_seen=True, explain=True)
+        assert len(result.items) == 3 and all(np.isfinite(item.score) for item in result.items)

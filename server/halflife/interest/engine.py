@@ -65,6 +65,11 @@ MAX_HELD_EVENTS_PER_USER = 16
 Embedder = Callable[[Sequence[str], Deadline | None], np.ndarray]
 
 
+def _with_vectors(events: Sequence[EventRecord]) -> np.ndarray:
+    """Positions of the events that have a vector (see EventRecord.vector). (m,) int64."""
+    return np.array([i for i, e in enumerate(events) if e.vector is not None], dtype=np.int64)
+
+
 def _guard(deadline: Deadline | None) -> Guard | None:
     """A write's guard (see Store): refused once the caller stopped waiting."""
     return None if deadline is None else deadline.check
@@ -718,9 +723,11 @@ class InterestEngine:
             return
         types = self._record_types(events)
         times = np.array([e.event_time for e in events])
-        vectors = np.stack([e.vector for e in events])
-        state.multi.add(self._types, types, times, vectors)
-        state.single.add(self._types, types, times, vectors)
+        directed = _with_vectors(events)
+        if directed.size:
+            vectors = np.stack([events[i].vector for i in directed])
+            state.multi.add(self._types, types[directed], times[directed], vectors)
+            state.single.add(self._types, types[directed], times[directed], vectors)
         state.seen.update(e.item_id for e in events if e.item_id)
         state.api_counts.update(e.type for e in events)
         state.newest_time = max(state.newest_time, float(times.max()))
@@ -1049,7 +1056,7 @@ class InterestEngine:
         Elasticsearch kernel (origin t), exactly from the user's log up to t.
         Event types keep their weights; the kernel replaces their half-lives."""
         profile = self.config.profile
-        events = [e for e in self.store.user_events(user_id) if e.event_time <= t]
+        events = [e for e in self.store.user_events(user_id) if e.event_time <= t and e.vector is not None]
         if not events:
             return np.zeros(self.dim), np.zeros(self.dim)
         weights = self._types.weights[self._record_types(events)]
@@ -1101,7 +1108,7 @@ class InterestEngine:
         rank_of = {int(c): r for r, c in enumerate(np.argsort(-importances, kind="stable"))}
         item_vectors = self.catalog.vectors[rows]
         cluster_sims = item_vectors @ centroids.T if multi.n_clusters else np.zeros((len(rows), 0))
-        events = [e for e in self.store.user_events(user_id) if e.event_time <= t]
+        events = [e for e in self.store.user_events(user_id) if e.event_time <= t and e.vector is not None]
         types = self._record_types(events)
         positive = [e for e, k in zip(events, types) if self._types.weights[k] > 0]
         types = types[self._types.weights[types] > 0]

@@ -51,7 +51,9 @@ class EventRecord(NamedTuple):
     text: str | None
     value: float | None
     event_time: float  # unix seconds
-    vector: np.ndarray  # (dim,) float32: what the event contributed (item's and/or text's embedding)
+    # (dim,) float32: what the event contributed (item's and/or text's embedding); None when a
+    # store read it back damaged (see SqliteStore): such an event adds no direction to a profile.
+    vector: np.ndarray | None
     seq: int = 0  # arrival order, assigned by the store; replays follow it
 
 

@@ -234,8 +234,8 @@ def _intern_vectors(conn: sqlite3.Connection, blobs: Sequence[bytes], hashes: Se
     unique = dict(zip(hashes, blobs))
     ids = _vector_ids(conn, list(unique))
     if rewrite and ids:
-        conn.executemany("UPDATE vectors SET data = ? WHERE id = ? AND data IS NOT ?",
-                         [(unique[h], i, unique[h]) for h, i in ids.items()])
+        _insert(conn, "INSERT INTO vectors(id, hash, data)", [(i, h, unique[h]) for h, i in ids.items()],
+                "ON CONFLICT(id) DO UPDATE SET data = excluded.data WHERE data IS NOT excluded.data")
     if len(ids) < len(unique):
         missing = [h for h in unique if h not in ids]
         # The transaction holds the write lock, so the new rows get max(id)+1, +2, ... (rowid
@@ -305,21 +305,24 @@ def _gc_vectors(conn: sqlite3.Connection, candidates: Sequence[int]) -> int:
     return cur.rowcount
 
 
-def _intact(data: bytes, digest: bytes, what: str, vector_id: int) -> bool:
+def _intact(data: bytes, digest: bytes, vector_id: int, damaged: set[int], what: str) -> bool:
     """Whether a vector's bytes still match their SHA-256. A page damaged on
     disk can pass SQLite's own checks and turn a vector into NaNs, which
-    would poison every sum it joins, so a damaged one is left out (logged)."""
+    would poison every sum it joins, so the caller leaves a damaged one out.
+    Logged once per read (`damaged`: the ids this read found so far)."""
     if _hash(data) == digest:
         return True
-    log.error("%s: vector %d no longer matches its SHA-256 (damaged on disk) and is left out; an upsert of an "
-              "item with this vector rewrites it", what, vector_id)
+    if vector_id not in damaged:
+        damaged.add(vector_id)
+        log.error("vector %d (of %s, maybe others) no longer matches its SHA-256: damaged on disk, and left out "
+                  "until an upsert of an item with this vector rewrites it", vector_id, what)
     return False
 
 
-def _item_from(row: tuple) -> ItemRecord | None:
+def _item_from(row: tuple, damaged: set[int]) -> ItemRecord | None:
     """An item from an `_ITEM_SELECT` row; None when its vector is damaged."""
     id_, text, categories, attributes, create_time, data, created_seq, digest, vector_id = row
-    if not _intact(data, digest, f"item {id_!r}", vector_id):
+    if not _intact(data, digest, vector_id, damaged, f"item {id_!r}"):
         return None
     return ItemRecord(
         id=id_,
@@ -649,7 +652,9 @@ class SqliteStore:
             rows = conn.execute(
                 _ITEM_SELECT + " WHERE i.id IN (SELECT value FROM json_each(?))", (wanted_json,)
             )
-            return {item.id: item for item in map(_item_from, rows) if item is not None}
+            damaged: set[int] = set()
+            items = (_item_from(row, damaged) for row in rows)
+            return {item.id: item for item in items if item is not None}
 
         return self._read(read)
 
@@ -657,8 +662,9 @@ class SqliteStore:
         conn = self._acquire_reader()
         try:
             cur = conn.execute(_ITEM_SELECT + " ORDER BY i.rowid")
+            damaged: set[int] = set()
             while rows := cur.fetchmany(1000):
-                yield from filter(None, map(_item_from, rows))
+                yield from filter(None, (_item_from(row, damaged) for row in rows))
         except sqlite3.Error as e:
             raise _store_error(e) from e
         finally:
@@ -749,21 +755,15 @@ class SqliteStore:
                     WHERE {where} ORDER BY e.seq""",
                 params,
             )
-            return [
-                EventRecord(
-                    event_id=event_id,
-                    user_id=uid,
-                    type=type_,
-                    item_id=item_id,
-                    text=text,
-                    value=value,
-                    event_time=event_time,
-                    vector=_vector_from(data),
-                    seq=seq,
-                )
-                for seq, event_id, uid, type_, item_id, text, value, event_time, data, digest, vector_id in rows
-                if _intact(data, digest, f"event {event_id!r}", vector_id)
-            ]
+            damaged: set[int] = set()
+            events = []
+            for seq, event_id, uid, type_, item_id, text, value, event_time, data, digest, vector_id in rows:
+                # A damaged vector leaves out the vector alone: the event still counts where none is
+                # needed (popularity, co-occurrence), as it does in iter_events.
+                intact = _intact(data, digest, vector_id, damaged, f"event {event_id!r}")
+                events.append(EventRecord(event_id, uid, type_, item_id, text, value, event_time,
+                                          _vector_from(data) if intact else None, seq))
+            return events
 
         return self._read(read)
 
