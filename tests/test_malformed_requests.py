@@ -2,10 +2,11 @@
 INVALID_ARGUMENT with a BadRequest detail, and the server keeps serving.
 
 grpc.aio parses a request before any handler runs; without the lenient parser
-the server registers (halflife.api.server.add_api_service), such bytes got
+the server registers (halflife.api.server.add_service), such bytes got
 UNKNOWN, a message naming Python classes, and an ERROR traceback in the log.
 The methods come from the service descriptors, so a new RPC is covered as
-soon as it is served.
+soon as it is served; grpc's own health and reflection services are
+registered, and covered, the same way.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_status import rpc_status
 
-from halflife.api.server import API_SERVICES, add_api_service
+from halflife.api.server import API_SERVICES, HEALTH_SERVICE, REFLECTION_SERVICE
 from halflife.v1 import embedding_pb2
 
 API_METHODS: list[MethodDescriptor] = [method for service, _ in API_SERVICES for method in service.methods]
@@ -173,9 +174,38 @@ def test_registration_uses_the_generated_message_classes(method):
     assert not method.client_streaming and not method.server_streaming
 
 
-def test_a_streaming_rpc_is_refused_at_registration():
-    # Only unary-unary RPCs get the lenient parser; a streaming one must not
-    # slip in with the wrong handler kind. (Reflection's one RPC streams both ways.)
-    streaming = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
-    with pytest.raises(TypeError, match="ServerReflectionInfo streams"):
-        add_api_service(None, streaming, object())
+GRPC_METHODS = [HEALTH_SERVICE.methods_by_name["Check"], HEALTH_SERVICE.methods_by_name["Watch"],
+                REFLECTION_SERVICE.methods_by_name["ServerReflectionInfo"]]
+
+
+@pytest.mark.parametrize("method", GRPC_METHODS, ids=path)
+def test_grpcs_own_services_refuse_malformed_bytes_the_same_way(channel, method, caplog):
+    """Health (unary and server-streaming) and reflection (streaming both ways)."""
+    kind = {(False, False): channel.unary_unary, (False, True): channel.unary_stream,
+            (True, True): channel.stream_stream}[method.client_streaming, method.server_streaming]
+    call = kind(path(method), request_serializer=None, response_deserializer=None)
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(grpc.RpcError) as caught:
+            request = iter([CORRUPT_PAYLOADS["garbage"]]) if method.client_streaming else CORRUPT_PAYLOADS["garbage"]
+            response = call(request, timeout=30)
+            list(response) if method.server_streaming else response
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        (violation,) = bad_request(caught.value).field_violations
+        assert violation.description.startswith(f"is not a valid {method.input_type.full_name} message: ")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info] == []
+    assert_serving(channel)
+
+
+def test_grpcs_own_services_still_answer_valid_requests(channel):
+    from grpc_reflection.v1alpha import reflection_pb2_grpc
+
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+    listed = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30)
+    names = {service.name for response in listed for service in response.list_services_response.service}
+    assert {"halflife.v1.EmbeddingService", HEALTH_SERVICE.full_name, REFLECTION_SERVICE.full_name} <= names
+    with pytest.raises(grpc.RpcError) as caught:  # left to its generated base class: grpc's own answer
+        channel.unary_unary(path(HEALTH_SERVICE.methods_by_name["List"]))(b"", timeout=30)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED

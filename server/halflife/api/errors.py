@@ -2,13 +2,14 @@
 
 Servicer methods raise `ApiError`; the `translate_errors` decorator turns it
 into a rich status, so every handler reports bad input the same way. Bytes
-that do not parse as the request message reach the handler as a
-`MalformedRequest` (see `parse_leniently`), so they are reported the same way.
+that do not parse as the request message become a `MalformedRequest` (see
+`parse_leniently`), which `refuse_malformed` answers the same way.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from typing import Awaitable, Callable, Iterable, TypeVar
 
@@ -102,7 +103,7 @@ class MalformedRequest:
 
     grpc.aio parses the request before the handler runs and answers a parse
     error with UNKNOWN (and an ERROR traceback in the log); handing the
-    handler this instead lets `translate_errors` answer INVALID_ARGUMENT.
+    handler this instead lets `refuse_malformed` answer INVALID_ARGUMENT.
     """
 
     __slots__ = ("type_name", "reason")
@@ -136,13 +137,55 @@ def parse_leniently(message_class: type[message.Message]) -> Callable[[bytes], m
     return parse
 
 
+def refuse_malformed(behavior: Callable, client_streaming: bool, server_streaming: bool) -> Callable:
+    """An RPC handler (`behavior`, of the given kind) behind a check that
+    answers a `MalformedRequest` INVALID_ARGUMENT before it runs, without a
+    traceback: the caller's fault, not ours. A stream's requests are checked
+    as they arrive."""
+
+    async def refuse(request: MalformedRequest, context: grpc.aio.ServicerContext) -> None:
+        log.debug("malformed request to %s: %s", getattr(behavior, "__qualname__", behavior), request.reason)
+        await context.abort_with_status(request.to_error().to_status())
+
+    if client_streaming:
+        async def checked(requests, context):
+            async for request in requests:
+                if isinstance(request, MalformedRequest):
+                    await refuse(request, context)
+                yield request
+
+        if server_streaming:
+            async def stream_stream(requests, context):
+                async for response in behavior(checked(requests, context), context):
+                    yield response
+            return stream_stream
+
+        async def stream_unary(requests, context):
+            return await behavior(checked(requests, context), context)
+        return stream_unary
+
+    if server_streaming and inspect.isasyncgenfunction(behavior):
+        async def unary_stream(request, context):
+            if isinstance(request, MalformedRequest):
+                await refuse(request, context)
+            async for response in behavior(request, context):
+                yield response
+        return unary_stream
+
+    async def unary_request(request, context):  # a unary response, or a stream written with context.write
+        if isinstance(request, MalformedRequest):
+            await refuse(request, context)
+        return await behavior(request, context)
+    return unary_request
+
+
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable])
 
 
 def translate_errors(handler: Handler) -> Handler:
-    """Wraps an async servicer method: a request that did not parse
-    (`MalformedRequest`) and ApiError become INVALID_ARGUMENT / their rich
-    status, a full embedding queue RESOURCE_EXHAUSTED, an expired deadline
+    """Wraps an async servicer method: ApiError becomes its rich status
+    (INVALID_ARGUMENT with BadRequest for bad input), a full embedding queue
+    RESOURCE_EXHAUSTED, an expired deadline
     DEADLINE_EXCEEDED, a store that cannot write or read now (disk full, I/O
     error) or an embedding model that is not running UNAVAILABLE; anything
     unexpected becomes INTERNAL (logged with its traceback), and the server
@@ -150,10 +193,6 @@ def translate_errors(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
-        if isinstance(request, MalformedRequest):
-            # The caller's fault, not ours: no traceback.
-            log.debug("malformed request to %s: %s", handler.__qualname__, request.reason)
-            await context.abort_with_status(request.to_error().to_status())
         try:
             return await handler(self, request, context)
         except ApiError as error:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import logging
 import os
 import signal
@@ -13,13 +14,13 @@ from typing import IO
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from halflife.api.backend import Backend
 from halflife.api.catalog import CatalogServicer
 from halflife.api.embedding import EmbeddingServicer
-from halflife.api.errors import parse_leniently
+from halflife.api.errors import parse_leniently, refuse_malformed
 from halflife.api.interest import InterestServicer
 from halflife.api.recommend import RecommendServicer
 from halflife.config import Config
@@ -85,23 +86,38 @@ def api_service_names() -> list[str]:
     return [service.full_name for service, _ in API_SERVICES]
 
 
-def add_api_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer) -> None:
+# grpc's own services, registered the same way as the API's.
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
+REFLECTION_SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+
+_METHOD_HANDLERS = {  # (client streams, server streams) -> grpc's handler for that kind
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer) -> None:
     """Registers `servicer` for `service` as the generated `add_*_to_server`
     does, but with a request parser that never raises: grpc.aio parses
-    requests before our handlers run and would answer bytes that are not a
-    valid message with UNKNOWN and an ERROR traceback; this way
-    `translate_errors` answers INVALID_ARGUMENT. (grpc's own health and
-    reflection services keep their generated registration and grpc's answer.)
-    """
+    requests before a handler runs and would answer bytes that are not a
+    valid message with UNKNOWN and an ERROR traceback; this way they get
+    INVALID_ARGUMENT (`refuse_malformed`), the API's RPCs and grpc's health
+    and reflection services alike. A method the servicer leaves to its
+    generated base class (synchronous, "not implemented": Health/List here)
+    is left out, so grpc answers UNIMPLEMENTED without a traceback."""
     handlers = {}
     for method in service.methods:
-        if method.client_streaming or method.server_streaming:
-            raise TypeError(f"{method.full_name} streams; only unary-unary RPCs are registered here")
+        behavior = getattr(servicer, method.name)
+        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+            continue
         # GetMessageClass gives the generated class (tests check), as the servicers expect.
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method.name),
+        kind = (method.client_streaming, method.server_streaming)
+        handlers[method.name] = _METHOD_HANDLERS[kind](
+            refuse_malformed(behavior, *kind),
             request_deserializer=parse_leniently(request_class),
             response_serializer=response_class.SerializeToString,
         )
@@ -110,7 +126,7 @@ def add_api_service(server: grpc.aio.Server, service: ServiceDescriptor, service
 
 
 def service_names() -> list[str]:
-    return [*api_service_names(), health.SERVICE_NAME, reflection.SERVICE_NAME]
+    return [*api_service_names(), HEALTH_SERVICE.full_name, REFLECTION_SERVICE.full_name]
 
 
 class HalflifeServer:
@@ -147,9 +163,9 @@ class HalflifeServer:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         server = grpc.aio.server(options=config.grpc_options(), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
         for (service, _), servicer in zip(API_SERVICES, self._servicers):
-            add_api_service(server, service, servicer)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(service_names(), server)
+            add_service(server, service, servicer)
+        add_service(server, HEALTH_SERVICE, self._health)
+        add_service(server, REFLECTION_SERVICE, reflection.aio.ReflectionServicer(service_names()))
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:  # grpcio >= 1.6x raises where older ones returned 0
             self.port = server.add_insecure_port(f"{config.host}:{config.port}")
