@@ -107,8 +107,11 @@ class _Worker:
         self.serving = False
         read, write = os.pipe()
         try:
+            # A session of its own: a terminal's Ctrl-C (SIGINT to the foreground group) reaches only
+            # the parent, which forwards a stop; a worker still importing would otherwise raise
+            # KeyboardInterrupt inside a C extension's import (onnxruntime's) and exit 1.
             self.process = subprocess.Popen([*argv, "--worker-index", str(index), "--ready-fd", str(write)],
-                                            pass_fds=(write,))
+                                            pass_fds=(write,), start_new_session=True)
         except BaseException:
             os.close(read)
             raise
@@ -144,10 +147,12 @@ def run_workers(serve_argv: Sequence[str], host: str, port: int, workers: int, t
     requested: list[int] = []
 
     def forward(signum: int, _frame) -> None:
+        # SIGTERM whatever arrived: a worker that has not yet set its handlers then dies of the
+        # signal (-15, a clean stop) instead of raising KeyboardInterrupt wherever it is.
         requested.append(signum)
         for worker in group:
             if worker.process.poll() is None:
-                worker.process.send_signal(signum)
+                worker.process.send_signal(signal.SIGTERM)
 
     # Before the first worker starts: a stop asked for while they start must reach them all.
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
@@ -167,7 +172,7 @@ def run_workers(serve_argv: Sequence[str], host: str, port: int, workers: int, t
                 # After it is in the group: a stop that arrived while it started (which `forward`
                 # could not send it) is sent now, one that arrives later by `forward`.
                 if requested:
-                    worker.process.send_signal(requested[0])
+                    worker.process.send_signal(signal.SIGTERM)
 
             log.info("starting %d workers on %s:%d, %d intra-op threads each", workers, host, port, threads)
             for index in range(workers):
@@ -215,8 +220,8 @@ def _supervise(group: list[_Worker], requested: list[int], start) -> int:
             break
         time.sleep(POLL_SECONDS)
     statuses = [worker.process.returncode for worker in group]
-    # A worker the forwarded signal reached before it could handle it died of it: still a requested stop.
-    stopped = {0, *(-signum for signum in requested)}
+    # A worker the forwarded SIGTERM reached before it could handle it died of it: still a requested stop.
+    stopped = {0, -signal.SIGTERM}
     if failed or any(status not in stopped for status in statuses):
         log.error("workers exited with statuses %s", statuses)
         return 1
