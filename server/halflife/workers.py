@@ -6,7 +6,8 @@ processes instead. The parent here never creates a gRPC object: it reserves
 the port (a bound, non-listening SO_REUSEPORT socket, so `--port 0` gets one
 port for all), opens the store once so migrations run before anyone serves,
 then starts each worker as a fresh interpreter (`halflife serve` with the same
-flags plus `--worker-index`), forwards SIGTERM/SIGINT to them and waits.
+flags plus `--worker-index`, in a session of its own), stops them with SIGTERM
+when it gets SIGTERM or SIGINT, and waits.
 
 Workers share the SQLite store and follow each other's writes
 (`InterestEngine(follow_store=True)`). Each tells the parent through a pipe

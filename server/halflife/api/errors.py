@@ -148,22 +148,20 @@ def refuse_malformed(behavior: Callable, client_streaming: bool, server_streamin
         log.debug("malformed request to %s: %s", getattr(behavior, "__qualname__", behavior), request.reason)
         await context.abort_with_status(request.to_error().to_status())
 
-    if client_streaming:
+    if client_streaming:  # both ways (reflection's): client streams with one answer are served nowhere
+        if not server_streaming:
+            raise TypeError(f"{behavior!r}: a client stream with one response is not supported here")
+
         async def checked(requests, context):
             async for request in requests:
                 if isinstance(request, MalformedRequest):
                     await refuse(request, context)
                 yield request
 
-        if server_streaming:
-            async def stream_stream(requests, context):
-                async for response in behavior(checked(requests, context), context):
-                    yield response
-            return stream_stream
-
-        async def stream_unary(requests, context):
-            return await behavior(checked(requests, context), context)
-        return stream_unary
+        async def stream_stream(requests, context):
+            async for response in behavior(checked(requests, context), context):
+                yield response
+        return stream_stream
 
     if server_streaming and inspect.isasyncgenfunction(behavior):
         async def unary_stream(request, context):

@@ -93,7 +93,6 @@ REFLECTION_SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflectio
 _METHOD_HANDLERS = {  # (client streams, server streams) -> grpc's handler for that kind
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
     (True, True): grpc.stream_stream_rpc_method_handler,
 }
 
@@ -116,8 +115,9 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer) -
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
         kind = (method.client_streaming, method.server_streaming)
+        checked = refuse_malformed(behavior, *kind)
         handlers[method.name] = _METHOD_HANDLERS[kind](
-            refuse_malformed(behavior, *kind),
+            checked,
             request_deserializer=parse_leniently(request_class),
             response_serializer=response_class.SerializeToString,
         )
