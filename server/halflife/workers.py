@@ -129,8 +129,7 @@ class _Worker:
             except BlockingIOError:
                 return False  # not yet
             self.serving = bool(said)  # b"": it closed the pipe, i.e. exited, without saying so
-            os.close(self._ready)
-            self._ready = None
+            self.close()
         return self.serving
 
     def close(self) -> None:

@@ -44,10 +44,10 @@ from halflife.core.horizon import Entries, Horizon
 from halflife.core.profiles import MultiInterestState, ProfileState
 from halflife.core.ranking import DecayedCounts, RowBlocks, cosine_scores, freshness, mmr, normalize, top_k
 from halflife.cpu import physical_cores
+from halflife.deadlines import Deadline
 from halflife.interest.blend import Blend, CatalogueScan, Later
 from halflife.interest.catalog import CatalogIndex
 from halflife.interest.watermark import EventWatermark
-from halflife.deadlines import Deadline
 from halflife.storage.base import EventRecord, Guard, ItemRecord, Store, StoreHead
 
 log = logging.getLogger(__name__)
@@ -673,7 +673,8 @@ class InterestEngine:
             self._catch_up()
             # Only what this engine has counted can be taken back.
             events = [e for e in self.store.user_events(user_id) if self._events.applied(e.seq)]
-            deleted = self.store.delete_user(user_id, _guard(deadline))  # first: if it fails, memory must not change either
+            # First: if it fails, memory must not change either.
+            deleted = self.store.delete_user(user_id, _guard(deadline))
             if events:
                 rows = self._current_item_rows([e.item_id for e in events], np.array([e.seq for e in events]))
                 self._take_back_popularity(rows, self._record_types(events), np.array([e.event_time for e in events]))
@@ -1051,12 +1052,16 @@ class InterestEngine:
             later["popularity"] = self._popularity_at(t)
         return CatalogueScan(self.catalog.vectors, later=later, **scan)
 
+    def _directed_events(self, user_id: str, t: float) -> list[EventRecord]:
+        """The user's events stamped up to t that have a vector (see EventRecord.vector), in seq order."""
+        return [e for e in self.store.user_events(user_id) if e.event_time <= t and e.vector is not None]
+
     def _kernel_profiles(self, user_id: str, t: float) -> tuple[np.ndarray, np.ndarray]:
         """Positive and negative profile vectors (d,) at t under the configured
         Elasticsearch kernel (origin t), exactly from the user's log up to t.
         Event types keep their weights; the kernel replaces their half-lives."""
         profile = self.config.profile
-        events = [e for e in self.store.user_events(user_id) if e.event_time <= t and e.vector is not None]
+        events = self._directed_events(user_id, t)
         if not events:
             return np.zeros(self.dim), np.zeros(self.dim)
         weights = self._types.weights[self._record_types(events)]
@@ -1108,7 +1113,7 @@ class InterestEngine:
         rank_of = {int(c): r for r, c in enumerate(np.argsort(-importances, kind="stable"))}
         item_vectors = self.catalog.vectors[rows]
         cluster_sims = item_vectors @ centroids.T if multi.n_clusters else np.zeros((len(rows), 0))
-        events = [e for e in self.store.user_events(user_id) if e.event_time <= t and e.vector is not None]
+        events = self._directed_events(user_id, t)
         types = self._record_types(events)
         positive = [e for e, k in zip(events, types) if self._types.weights[k] > 0]
         types = types[self._types.weights[types] > 0]
