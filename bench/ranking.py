@@ -17,7 +17,9 @@ Catalogues of 10k, 100k and 1M random unit float32 vectors (384-d), k = 10:
    queries under the same bound, all at `--threads` BLAS/OpenMP threads (target: >= 0.8x the
    better throughput);
 3. the whole `InterestEngine.recommend` in-process (default config: the blend
-   with co-occurrence and popularity on) and what each blend signal costs;
+   with co-occurrence and popularity on), what each blend signal costs, and
+   a user without events (trending: the popularity prior alone, whose long
+   tail of zeros is the worst case for argpartition);
 4. through gRPC: a `halflife serve` process loaded with the same vectors via
    UpsertItems (batches of 1000) at 10k and 100k; Recommend p50 at
    concurrency 1 against core time + grpc.health.v1.Health/Check p50, both
@@ -275,7 +277,11 @@ def engine_inprocess(X: np.ndarray, repeat: int, trace: bool, threads: int) -> d
             return scan.blend(engine._blocks, engine._blend_weights())
         return run
 
-    fns = {"recommend": with_config(config), "recommend_blend_off": with_config(off),
+    def trending():  # a user without events: the popularity prior alone
+        engine.config = config
+        return engine.recommend("cold", K)
+
+    fns = {"recommend": with_config(config), "recommend_blend_off": with_config(off), "trending": trending,
            "cooccurrence": signal("cooccurrence"), "popularity": signal("popularity"), "interest": signal("interest")}
     t = interleaved(fns, repeat, warmup=1, min_seconds=1.0)
     engine.config = config
@@ -446,10 +452,10 @@ def write(results: dict) -> None:
         core = r["per_query"]["core_multi"]["median_s"]
         rows.append([n, ms(core), ms(e["interest"]["median_s"]), ms(e["recommend_blend_off"]["median_s"]),
                      ms(e["recommend"]["median_s"]), ms(e["cooccurrence"]["median_s"]), ms(e["popularity"]["median_s"]),
-                     e["recommend"]["median_s"] / core])
+                     e["recommend"]["median_s"] / core, ms(e["trending"]["median_s"])])
     t3 = markdown_table(["items", "core K=8 ms", "interest signal ms", "recommend, blend off ms",
                          "recommend, default blend ms", "co-occurrence signal ms", "popularity signal ms",
-                         "recommend / core"], rows)
+                         "recommend / core", "recommend, user without events (trending) ms"], rows)
     rows = []
     for n, r in sizes.items():
         if "grpc" not in r:
@@ -485,7 +491,7 @@ def write(results: dict) -> None:
         "(its best case). Batch: one score block stays <= 200 MB: the core (`batch_search`) takes all queries "
         "through tiles of items, NumPy takes chunks of queries through all items; FAISS blocks internally. At 1M the batch is timed once per method (about 10-30 s each). "
         f"Blend: {BG_USERS} background users x {BG_EVENTS} events over a Zipf head of 5,000 items, user u0 has 5 "
-        "events; the default config blends interest 1.0, co-occurrence 0.5 (cosine), popularity 0.1. "
+        "events and user cold none (trending); the default config blends interest 1.0, co-occurrence 0.5 (cosine), popularity 0.1. "
         "Core paced: the core timed in this process between the gRPC rounds, each call after a sleep of that "
         "round's empty-RPC p50, the cadence at which one caller's requests reach the server: a 10k catalogue "
         "(15 MB) leaves this shared machine's caches between such calls, which a tight loop never sees. "
