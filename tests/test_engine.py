@@ -55,6 +55,33 @@ def test_a_restart_after_delete_user_rebuilds_the_same_popularity(tmp_path):
     assert cold_list(open_engine(tmp_path)) == after_delete
 
 
+def test_trending_read_between_writes_follows_every_write_as_a_restart_would(tmp_path):
+    """The live items' relative popularity is cached between writes (see
+    InterestEngine._relative_popularity): every kind of write must renew it."""
+    engine = open_engine(tmp_path)
+
+    def matches_a_restart() -> list[tuple[str, float]]:
+        live = cold_list(engine)
+        assert cold_list(engine) == live  # read again from the cache
+        fresh = open_engine(tmp_path)
+        assert cold_list(fresh) == live
+        fresh.store.close()
+        return live
+
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(5)])
+    engine.record_events([EventInput(f"a{n}", f"u{n}", LIKE, "i0", None, None, T - DAY) for n in range(3)])
+    assert matches_a_restart()[0][0] == "i0"
+    engine.record_events([EventInput(f"b{n}", f"v{n}", LIKE, "i1", None, None, T - 3600) for n in range(4)])
+    assert matches_a_restart()[0][0] == "i1"
+    engine.delete_items(["i1"])
+    assert [i for i, _ in matches_a_restart()][:1] == ["i0"]
+    engine.upsert_items([ItemInput(id="i1", text="item 1 again"), ItemInput(id="i5", text="item 5")])
+    engine.record_events([EventInput("c", "w", LIKE, "i5", None, None, T - 60)])
+    assert [i for i, _ in matches_a_restart()][:2] == ["i0", "i5"]
+    assert engine.delete_user("u0") == 1 and engine.delete_user("u1") == 1
+    assert matches_a_restart()[0][0] == "i5"
+
+
 def test_a_failed_delete_user_changes_nothing_and_a_retry_takes_back_once(tmp_path, monkeypatch):
     engine = open_engine(tmp_path)
     engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(4)])

@@ -450,12 +450,15 @@ class DecayedCounts:
     over item j's events; read at t as e^{-λ(t-L)}·counts. Exact and
     arrival-order independent like `decay.add_events`; methods mutate in place.
 
-    rate: λ = ln2/h; landmark: NaN while empty; counts: (N,) float64.
+    rate: λ = ln2/h; landmark: NaN while empty; counts: (N,) float64;
+    version: bumped by every add and resize (rebase only rescales), so callers
+    can cache what they derive from the counts' proportions.
     """
 
     rate: float
     landmark: float
     counts: np.ndarray
+    version: int = 0
 
     @classmethod
     def empty(cls, n_items: int, half_life_seconds: float) -> "DecayedCounts":
@@ -480,11 +483,13 @@ class DecayedCounts:
         if weights is not None:
             coeffs = coeffs * np.asarray(weights, dtype=np.float64)
         self.counts += np.bincount(item_index, weights=coeffs, minlength=self.counts.shape[0])
+        self.version += 1
 
     def resize(self, n_items: int) -> None:
         """Grows the catalogue (new items start at 0)."""
         if n_items > self.counts.shape[0]:
             self.counts = np.concatenate([self.counts, np.zeros(n_items - self.counts.shape[0])])
+            self.version += 1
 
     def read(self, t: float) -> np.ndarray:
         """Decayed counts at time t. Returns (N,) float64."""

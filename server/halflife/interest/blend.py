@@ -19,7 +19,7 @@ from halflife.core.ranking import RowBlocks, cosine_scores, normalize, row_dots
 Later = Callable[[], np.ndarray]  # a signal whose work may run after the engine lock is released
 
 
-def _unit_max(values: np.ndarray) -> np.ndarray:
+def unit_max(values: np.ndarray) -> np.ndarray:
     """values / max(values) as float32 (all zeros stay zeros): a signal in [0, 1]."""
     peak = float(values.max(initial=0.0))
     return (values / peak if peak > 0 else np.zeros_like(values)).astype(np.float32)
@@ -130,7 +130,7 @@ class Blend:
     @classmethod
     def of(cls, name: str, values: np.ndarray) -> "Blend":
         """One signal, divided by its maximum."""
-        unit = _unit_max(values)
+        unit = unit_max(values)
         return cls(unit, lambda rows: {name: unit[rows]})
 
     def freshened(self, fresh: np.ndarray, trending: bool) -> "Blend":

@@ -45,7 +45,7 @@ from halflife.core.profiles import MultiInterestState, ProfileState
 from halflife.core.ranking import DecayedCounts, RowBlocks, cosine_scores, freshness, mmr, normalize, top_k
 from halflife.cpu import physical_cores
 from halflife.deadlines import Deadline
-from halflife.interest.blend import Blend, CatalogueScan, Later
+from halflife.interest.blend import Blend, CatalogueScan, Later, unit_max
 from halflife.interest.catalog import CatalogIndex
 from halflife.interest.watermark import EventWatermark
 from halflife.storage.base import EventRecord, Guard, ItemRecord, Store, StoreHead
@@ -282,6 +282,7 @@ class InterestEngine:
         # past (as_of before the newest event) counts only what had happened.
         self._popularity_log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._popularity_newest = -np.inf
+        self._relative_popularity_cache: tuple[object, ...] = (None, -1, -1, None)
         # Entries stamped after the clock (clients whose clocks run ahead) wait
         # here until the clock reaches their time, so that reads at the clock
         # keep the fast path of both indexes (see core/horizon.py); a read
@@ -430,11 +431,12 @@ class InterestEngine:
         ahead = self._release_blend(t)
         half_life, size = self.config.blend.popularity_half_life_days * DAY, self.catalog.size
         if t >= self._popularity_newest:
-            popularity = self._popularity.read(t)
-            if ahead is not None:
+            if ahead is None:
+                present = self._relative_popularity()
+            else:
                 times, _, rows, weights = ahead
-                popularity = popularity + _decayed_sum(rows, times, weights, t, half_life, size)
-            present = np.where(self.catalog.alive, popularity, 0.0)
+                popularity = self._popularity.read(t) + _decayed_sum(rows, times, weights, t, half_life, size)
+                present = np.where(self.catalog.alive, popularity, 0.0)
             return lambda: present
         log, alive = list(self._popularity_log), self.catalog.alive.copy()  # log entries are only appended
 
@@ -443,6 +445,21 @@ class InterestEngine:
             keep = times <= t
             return np.where(alive, _decayed_sum(rows[keep], times[keep], weights[keep], t, half_life, size), 0.0)
         return past
+
+    def _relative_popularity(self) -> np.ndarray:
+        """The live items' popularity at any time from the newest event on,
+        divided by its maximum: (size,) float32 (zeros while none is
+        positive). From then on decay scales every count alike, and every
+        reader divides by the maximum, so this changes only with the counts or
+        the catalogue: it is cached by their versions (at 100k items, 0.14 ms
+        of each Recommend under the lock, 1.4 ms at 1M). Lock held."""
+        counts, version, catalog_version, relative = self._relative_popularity_cache
+        if counts is not self._popularity or version != self._popularity.version \
+                or catalog_version != self.catalog.version:
+            relative = unit_max(np.where(self.catalog.alive, self._popularity.counts, 0.0))
+            self._relative_popularity_cache = (self._popularity, self._popularity.version, self.catalog.version,
+                                               relative)
+        return relative
 
     def _record_types(self, events: Sequence[EventRecord]) -> np.ndarray:
         """Internal type index of each recorded event (ratings mapped by value). (n,) int64."""
