@@ -19,7 +19,8 @@ Catalogues of 10k, 100k and 1M random unit float32 vectors (384-d), k = 10:
 3. the whole `InterestEngine.recommend` in-process (default config: the blend
    with co-occurrence and popularity on), what each blend signal costs, and
    a user without events (trending: the popularity prior alone, whose long
-   tail of zeros is the worst case for argpartition);
+   tail of zeros is the worst case for argpartition), also before any event
+   is recorded (every item ties at 0; the lowest ids win);
 4. through gRPC: a `halflife serve` process loaded with the same vectors via
    UpsertItems (batches of 1000) at 10k and 100k; Recommend p50 at
    concurrency 1 against core time + grpc.health.v1.Health/Check p50, both
@@ -256,6 +257,8 @@ def engine_inprocess(X: np.ndarray, repeat: int, trace: bool, threads: int) -> d
     if trace:
         tracemalloc.stop()
     del records
+    # Before any event every item ties at popularity 0: the cut runs through the whole catalogue.
+    no_events = interleaved({"trending_no_events": lambda: engine.recommend("cold", K)}, repeat=5, rounds=1)
     now = time.time()
     events = [EventInput(e, u, t, i, None, None, when) for e, u, t, i, when in make_events(n, 1, now)]
     for s in range(0, len(events), 500):
@@ -286,7 +289,7 @@ def engine_inprocess(X: np.ndarray, repeat: int, trace: bool, threads: int) -> d
     t = interleaved(fns, repeat, warmup=1, min_seconds=1.0)
     engine.config = config
     ThreadCounts().set(threads)
-    out = {name: summary(v) for name, v in t.items()}
+    out = {name: summary(v) for name, v in (t | no_events).items()}
     out["traced_bytes_per_item"] = traced / n if traced is not None else None
     out["cooccurrence_pairs"] = len(engine._cooccurrence)
     # Arrays per item the engine holds for the catalogue and the blend.
@@ -452,10 +455,12 @@ def write(results: dict) -> None:
         core = r["per_query"]["core_multi"]["median_s"]
         rows.append([n, ms(core), ms(e["interest"]["median_s"]), ms(e["recommend_blend_off"]["median_s"]),
                      ms(e["recommend"]["median_s"]), ms(e["cooccurrence"]["median_s"]), ms(e["popularity"]["median_s"]),
-                     e["recommend"]["median_s"] / core, ms(e["trending"]["median_s"])])
+                     e["recommend"]["median_s"] / core, ms(e["trending"]["median_s"]),
+                     ms(e["trending_no_events"]["median_s"])])
     t3 = markdown_table(["items", "core K=8 ms", "interest signal ms", "recommend, blend off ms",
                          "recommend, default blend ms", "co-occurrence signal ms", "popularity signal ms",
-                         "recommend / core", "recommend, user without events (trending) ms"], rows)
+                         "recommend / core", "recommend, user without events (trending) ms",
+                         "trending before any event ms"], rows)
     rows = []
     for n, r in sizes.items():
         if "grpc" not in r:

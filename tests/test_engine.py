@@ -679,6 +679,20 @@ def test_exact_ties_go_by_item_id_whatever_order_the_items_came_in(tmp_path):
     assert answers[0]["similar"] == ["t0", "t1"]
 
 
+def test_a_catalogue_without_events_answers_the_lowest_ids_then_the_popular_ones_first(tmp_path):
+    """Before any event every item ties at popularity 0: the cut runs
+    through the whole catalogue, and the lowest ids win, whatever rows the
+    items got; the first popular items then go before them."""
+    ids = [f"item-{n:04d}" for n in np.random.default_rng(4).permutation(1500)]
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=i, text="", vector=np.ones(DIM)) for i in ids])
+    assert [i.item_id for i in engine.recommend("cold", 4, as_of=T).items] == sorted(ids)[:4]
+    engine.record_events([EventInput(f"e{n}", f"u{n}", LIKE, "item-0700", None, None, T - DAY) for n in range(2)]
+                         + [EventInput("f", "v", LIKE, "item-1200", None, None, T - DAY)])
+    assert [i.item_id for i in engine.recommend("cold", 4, as_of=T).items] == [
+        "item-0700", "item-1200", "item-0000", "item-0001"]
+
+
 def test_a_write_whose_caller_gave_up_while_it_embedded_is_neither_stored_nor_applied(tmp_path):
     deadline = Deadline()
 

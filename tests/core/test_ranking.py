@@ -229,6 +229,22 @@ def test_top_k_and_batch_top_k_match_the_definition_with_ties_nan_inf_and_masks(
         assert sum(near is not None for near in found) >= 20 or chunk is None
 
 
+def test_top_k_narrows_a_long_tail_of_equal_scores_by_the_chunk_bound():
+    """Popularity-like scores, a few positive and the rest 0, whose
+    argpartition is slow (NumPy's introselect, most values equal): the chunk
+    bound narrows them, ties at it included, and the answer is still the
+    definition's, with and without ties, masked or not."""
+    rng = np.random.default_rng(5)
+    n, k = 5000, 10
+    for positives, span in ((0, n), (3, 100), (50, 100), (50, n), (400, n)):
+        s = np.zeros(n, dtype=np.float32)
+        s[rng.choice(span, positives, replace=False)] = rng.random(positives)
+        for allowed in (None, rng.random(n) < 0.95):
+            assert ranking._at_least_kth(s, k, allowed) is not None
+            assert top_k(s, k, allowed)[0].tolist() == _reference_top_k(s, k, allowed)
+            assert top_k(s, k, allowed, ties=True)[0].tolist() == _reference_top_k(s, k, allowed, ties=True)
+
+
 def test_row_blocks_split_a_lone_scan_over_threads_and_give_the_same_scores():
     import threading
     import time

@@ -263,7 +263,12 @@ def _at_least_kth(scores: np.ndarray, k: int, allowed: np.ndarray | None) -> np.
     if bound == -np.inf:
         return None
     near = np.flatnonzero(scores >= bound)
-    return near if near.size <= max(16 * c, n // 32) else None
+    most = max(16 * c, n // 32)
+    if near.size <= most:
+        return near
+    # Many tie at the bound (a long tail of zeros, say): sorting them by
+    # position is fast, as long as few lie above them.
+    return near if np.count_nonzero(scores[near] > bound) <= most else None
 
 
 def top_k(scores, k: int, allowed=None, ties: bool = False) -> tuple[np.ndarray, np.ndarray]:

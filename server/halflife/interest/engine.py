@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import heapq
 import itertools
 import logging
 import threading
@@ -994,14 +995,20 @@ class InterestEngine:
         )
 
     def _best_by_id(self, rows: np.ndarray, scores: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """The `limit` best of `rows` (top_k's, every tie at the cut included),
-        best first, exact ties by item id: rows are numbered in the order this
-        process learned of its items, which differs between workers and
-        across restarts; ids do not. Returns (rows, scores, ids). Lock held."""
-        ids = [self.catalog.ids[r] for r in rows.tolist()]
-        values = scores.tolist()
-        order = sorted(range(len(ids)), key=lambda i: (-values[i], ids[i]))[:limit]
-        return rows[order], scores[order], [ids[i] for i in order]
+        """The `limit` best of `rows` (top_k's: best first, every tie at the
+        cut included), best first, exact ties by item id: rows are numbered in
+        the order this process learned of its items, which differs between
+        workers and across restarts; ids do not. The ties at the cut can be
+        the whole catalogue (no events yet: every popularity is 0): of those,
+        only the smallest ids are picked (sorting 100k took 200 ms, this 6).
+        Returns (rows, scores, ids). Lock held."""
+        ids, picked, values = self.catalog.ids, rows.tolist(), scores.tolist()
+        keep: Sequence[int] = range(len(picked))
+        if len(picked) > limit:
+            sure = int(np.count_nonzero(scores > scores[limit - 1]))  # those after tie at the cut
+            keep = [*range(sure), *heapq.nsmallest(limit - sure, range(sure, len(picked)), key=lambda i: ids[picked[i]])]
+        order = sorted(keep, key=lambda i: (-values[i], ids[picked[i]]))
+        return rows[order], scores[order], [ids[picked[i]] for i in order]
 
     def _confirm(self, picked, allowed: np.ndarray, select) -> tuple[np.ndarray, np.ndarray]:
         """Rows picked from scores computed without the lock, checked with it
