@@ -426,9 +426,11 @@ class InterestEngine:
 
     def _popularity_at(self, t: float) -> Later:
         """Decayed popularity at t of the live items, from events up to t
-        (deleted items count 0, as after a restart), as a function returning
-        (size,) float64: the present is read now, a look into the past sums a
-        copy of the log when called (see CatalogueScan). Lock held."""
+        (deleted items count 0, as after a restart), up to a positive factor
+        (readers divide by the maximum), as a function returning (size,)
+        floats: the present is read now (at the clock, from a cache: see
+        `_relative_popularity`), a look into the past sums a copy of the log
+        when called (see CatalogueScan). Lock held."""
         ahead = self._release_blend(t)
         half_life, size = self.config.blend.popularity_half_life_days * DAY, self.catalog.size
         if t >= self._popularity_newest:
