@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -308,9 +310,10 @@ def test_batch_search_in_item_tiles_answers_as_one_score_matrix():
     rng = np.random.default_rng(4)
     items = normalize(rng.standard_normal((300, 8)))
     queries = rng.standard_normal((6, 8))
-    for max_block, k, share in [(6 * 7, 5, 1.0), (6 * 7, 12, 0.9), (6 * 50, 10, 0.5), (10**9, 10, 0.9), (6 * 7, 400, 0.02)]:
+    cases = [(6 * 7, 5, 1.0), (6 * 7, 12, 0.9), (6 * 50, 10, 0.5), (10**9, 10, 0.9), (6 * 7, 400, 0.02)]
+    for (max_block, k, share), threads in itertools.product(cases, (1, 2, 4, 8)):  # 8: more than the 6 queries
         allowed = rng.random(300) < share
         want_idx, want = batch_top_k(cosine_scores(queries, items), k, allowed)
-        got_idx, got = batch_search(queries, items, k, allowed, max_block=max_block)
+        got_idx, got = batch_search(queries, items, k, allowed, max_block=max_block, threads=threads)
         np.testing.assert_allclose(got, want, atol=1e-6)
         np.testing.assert_array_equal(got_idx, want_idx)
