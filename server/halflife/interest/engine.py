@@ -760,19 +760,22 @@ class InterestEngine:
                 state.affinity_seqs.append(e.seq)
 
     def _cache_profile(self, user_id: str) -> None:
-        """Caches the user's profile if it is missing, replaying the log
-        without the lock: a 500-event replay takes ~50 ms, which would hold up
-        every other call. Events applied meanwhile become the profile's
-        pending ones; an erasure meanwhile discards the replay. Call without
-        the lock; `_user_state` still replays under it if the profile is gone
-        again by then."""
+        """Caches the user's profile if it is missing or a late event made it
+        stale, replaying the log without the lock: a 500-event replay takes
+        ~50 ms, which would hold up every other call. Events applied meanwhile
+        become the profile's pending ones; an erasure meanwhile discards the
+        replay. Call without the lock; `_user_state` still replays under it
+        if the profile is gone or stale again by then."""
         with self._lock:
             # Other workers' events first: applied after the read, they would
             # already be in the replay (seq <= its max), so _apply_events would
             # drop it and _user_state replay again, under the lock.
             self._catch_up()
-            if user_id in self._users:
+            state = self._users.get(user_id)
+            if state is not None and not self._late(state):
                 return
+            if state is not None:  # replayed below, as a miss is
+                del self._users[user_id]
             replay = _Replay()
             self._replays.setdefault(user_id, []).append(replay)
         state = None
@@ -827,15 +830,20 @@ class InterestEngine:
             self._cache(user_id, state)
         else:
             self._users.move_to_end(user_id)
-        if state.pending or any(e.event_time <= now for e in state.ahead):
+        if self._late(state):
+            state = self._build_state(self.store.user_events(user_id), now)  # replay exactly
+            self._users[user_id] = state
+        elif state.pending or any(e.event_time <= now for e in state.ahead):
             pending = sorted(state.pending, key=lambda e: e.seq)
-            if pending and min(e.event_time for e in pending) < state.newest_time:
-                state = self._build_state(self.store.user_events(user_id), now)  # a late event: replay exactly
-                self._users[user_id] = state
-            else:
-                state.pending = []
-                self._extend(state, pending, now)
+            state.pending = []
+            self._extend(state, pending, now)
         return state
+
+    @staticmethod
+    def _late(state: _UserState) -> bool:
+        """Whether an event applied since the profile was built is older than
+        its newest, which only a replay of the log puts in its place."""
+        return bool(state.pending) and min(e.event_time for e in state.pending) < state.newest_time
 
     @staticmethod
     def _looks_back(state: _UserState, as_of: float) -> bool:
@@ -851,7 +859,7 @@ class InterestEngine:
         t = self._clock() if as_of is None else as_of
         n_items = self.config.ranking.items_per_interest if items_per_interest is None else items_per_interest
         self._cache_profile(user_id)
-        past = None if as_of is None else self._past_state(user_id, t)
+        past = self._past_state(user_id, t)
         with self._lock:
             state = self._user_state(user_id, t) if past is None else past
             multi = state.multi
@@ -956,7 +964,7 @@ class InterestEngine:
         query_vector = self._embed([query], deadline)[0] if query else None
         ranking = self.config.ranking
         self._cache_profile(user_id)
-        past = None if as_of is None else self._past_state(user_id, t)
+        past = self._past_state(user_id, t)
         with self._lock:
             state = self._user_state(user_id, t) if past is None else past
             allowed = self._allowed(filter, set() if include_seen else state.seen)
