@@ -229,20 +229,27 @@ def _near_positions(picked: np.ndarray, chunks: np.ndarray, n: int) -> np.ndarra
     return np.where(picked < 0, -1, np.where(picked < gathered, chunk * size + picked % size, tail))
 
 
+def _sortable(k: int, n: int) -> int:
+    """The most candidates of N scores worth sorting outright for a top k,
+    rather than searching every score: at 100k, sorting N/32 took a tenth of
+    an argpartition of all N."""
+    return max(16 * k, n // 32)
+
+
 def _at_least_kth(scores: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray | None:
-    """Positions (ascending) of every score at least a bound on the k-th best
-    eligible one, the c-th highest chunk maximum: the c chunks that reach it
-    hold c distinct items at least it. With c = k + the excluded count, k of
-    those are eligible; a filter that excludes many maximises over allowed
-    scores instead (c = k). One pass over the scores for the maxima and one
-    for the positions: at 10k scores 20-30 µs, where a chunk gather and an
-    argpartition took 85-125. None when the chunks are too few for a bound,
-    a maximum is NaN, the bound is -inf, or more than max(16c, N/32) scores
-    reach it (callers then search every score; at 100k, sorting N/32 took a
-    tenth of an argpartition of all N). Many can reach it: a popularity
-    signal's few popular items in a long tail of zeros put 170 of 10k and
-    315 of 100k scores there, and an argpartition of such scores took 13 ms
-    at 100k, not 1 (NumPy's introselect, with most values equal).
+    """Positions (ascending) of every eligible score at least a bound on the
+    k-th best eligible one, the c-th highest chunk maximum: the c chunks that
+    reach it hold c distinct items at least it. With c = k + the excluded
+    count, k of those are eligible; a filter that excludes many maximises
+    over allowed scores instead (c = k). One pass over the scores for the
+    maxima and one for the positions: at 10k scores 20-30 µs, where a chunk
+    gather and an argpartition took 85-125. None when the chunks are too few
+    for a bound, a maximum is NaN, the bound is -inf, or more than
+    `_sortable(c, N)` eligible scores lie above it. Many may tie at it:
+    a popularity signal's few popular items in a long tail of zeros put 170
+    of 10k and 315 of 100k scores there, or all of them; ties sort fast by
+    position, where an argpartition of such scores took 13 ms at 100k, not 1
+    (NumPy's introselect, with most values equal).
     scores: (N,); allowed: (N,) bool or None."""
     n = scores.shape[0]
     size = _chunk_size(n)
@@ -264,12 +271,35 @@ def _at_least_kth(scores: np.ndarray, k: int, allowed: np.ndarray | None) -> np.
     if bound == -np.inf:
         return None
     near = np.flatnonzero(scores >= bound)
-    most = max(16 * c, n // 32)
-    if near.size <= most:
-        return near
-    # Many tie at the bound (a long tail of zeros, say): sorting them by
-    # position is fast, as long as few lie above them.
-    return near if np.count_nonzero(scores[near] > bound) <= most else None
+    if allowed is not None:
+        near = near[allowed[near]]
+    most = _sortable(c, n)
+    return near if near.size <= most or np.count_nonzero(scores[near] > bound) <= most else None
+
+
+def _few_allowed(scores: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray | None:
+    """Positions of the eligible scores when a filter allows at most
+    `_sortable(k, N)` items (a category of a few): the search of every
+    score masked the rest to -inf, and argpartition of mostly equal values
+    took 14 ms at 100k. None otherwise."""
+    if allowed is None or np.count_nonzero(allowed) > _sortable(k, scores.shape[0]):
+        return None
+    near = np.flatnonzero(allowed)
+    return near[scores[near] > -np.inf]
+
+
+def _above_floor(scores: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray | None:
+    """Positions of the eligible scores above the lowest score, when at
+    least k and at most `_sortable(k, N)` or a quarter of all are: then the
+    k-th best and its ties are among them, and the rest, often three
+    quarters at least, tie at the floor, argpartition's worst case. Popularity's long tail of zeros with a
+    large k (100 at 10k items, 1,000 at 100k, past what chunks can bound):
+    argpartition of all the scores took 1.2 and 14 ms, sorting N/4 of them
+    0.05 and 2. None otherwise (and where a score is NaN)."""
+    above = np.flatnonzero(scores > scores.min())
+    if allowed is not None:
+        above = above[allowed[above]]
+    return above if k <= above.size <= max(_sortable(k, scores.shape[0]), scores.shape[0] // 4) else None
 
 
 def top_k(scores, k: int, allowed=None, ties: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -289,12 +319,11 @@ def top_k(scores, k: int, allowed=None, ties: bool = False) -> tuple[np.ndarray,
     k = int(k)
     if k <= 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=scores.dtype)
-    near = _at_least_kth(scores, k, allowed) if scores.ndim == 1 else None
-    if near is not None:
-        # A few candidates, every one above -inf and none NaN: sort them all.
-        if allowed is not None:
-            near = near[allowed[near]]
-        return _best_first(near, scores[near], k, ties)
+    for narrow in (_few_allowed, _at_least_kth, _above_floor):
+        near = narrow(scores, k, allowed)
+        if near is not None:
+            # Eligible candidates that hold the k best and every tie with the k-th: sort them all.
+            return _best_first(near, scores[near], k, ties)
     found = _candidates(scores, k, allowed)
     if found is not None:
         positions, values, eligible = found
