@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from halflife.core.describe import describe_clusters
-from halflife.core.ranking import normalize
+from halflife.core.ranking import RowBlocks, normalize
 
 
-def test_describe_clusters_matches_brute_force():
+@pytest.mark.parametrize("scan", [None, RowBlocks(3, min_rows=100)])  # one product, or row blocks on threads
+def test_describe_clusters_matches_brute_force(scan):
     rng = np.random.default_rng(0)
     centroids = rng.normal(size=(4, 24))
     labels = normalize(rng.normal(size=(200, 24)))
     items = normalize(rng.normal(size=(1000, 24)))
     seen = rng.random(1000) < 0.2
-    d = describe_clusters(centroids, labels, items, n_labels=5, n_items=7, item_allowed=~seen)
+    d = describe_clusters(centroids, labels, items, n_labels=5, n_items=7, item_allowed=~seen, scan=scan)
     assert d.label_indices.shape == (4, 5) and d.item_indices.shape == (4, 7)
     c = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
     for k in range(4):
@@ -36,3 +38,9 @@ def test_describe_topic_clusters_finds_their_labels():
     assert sorted(d.item_indices[1].tolist()) == [0, 1, 2, 3, 4]
     empty = describe_clusters(np.zeros((0, 32)), labels, items)
     assert empty.label_indices.shape == (0, 5)
+    scored = []
+    labels_only = describe_clusters(centroids, labels, items, n_labels=1, n_items=0,
+                                    scan=lambda score, rows: scored.append(rows) or score(rows))
+    assert labels_only.label_indices[:, 0].tolist() == [7, 2]
+    assert labels_only.item_indices.shape == (2, 0) and labels_only.item_scores.shape == (2, 0)
+    assert scored == []  # no item is scored when none is asked for

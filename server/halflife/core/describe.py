@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -30,6 +30,7 @@ def describe_clusters(
     n_items: int = 5,
     item_allowed=None,
     label_origin=None,
+    scan: Callable[[Callable[[np.ndarray], np.ndarray], np.ndarray], np.ndarray] | None = None,
 ) -> ClusterDescription:
     """Top-n labels and top-m items by cosine for each cluster.
 
@@ -37,11 +38,19 @@ def describe_clusters(
     both normalised; item_allowed: (N,) or (K, N) bool, e.g. to hide items the
     user has already seen; label_origin: (d,) or None, subtracted from the
     centroids before they meet the labels, for labels that are directions
-    from that origin (e.g. centred on the catalogue mean). One GEMM plus one
-    argpartition for labels and for items.
+    from that origin (e.g. centred on the catalogue mean). scan(score,
+    items): scores the items' rows (N, d) -> (N, K), e.g. a RowBlocks over
+    several threads; default one product. One GEMM plus one argpartition for
+    labels and, unless m = 0, for items: the items as (N, d) @ (d, K), which
+    at 100k items and K = 5 took 25 ms on one thread (15 in row blocks on
+    two) against 38 for (K, d) @ (d, N), a shape OpenBLAS runs slowly.
     """
     c = normalize(centroids)
     to_labels = c if label_origin is None else normalize(np.asarray(centroids) - label_origin)
     label_idx, label_sim = batch_top_k(to_labels @ np.asarray(labels, dtype=np.float32).T, n_labels)
-    item_idx, item_sim = batch_top_k(c @ np.asarray(items, dtype=np.float32).T, n_items, item_allowed)
+    if n_items <= 0:
+        empty = np.empty((c.shape[0], 0))
+        return ClusterDescription(label_idx, label_sim, empty.astype(np.int64), empty.astype(np.float32))
+    similarities = (scan or (lambda score, rows: score(rows)))(lambda rows: rows @ c.T, np.asarray(items, dtype=np.float32))
+    item_idx, item_sim = batch_top_k(np.ascontiguousarray(similarities.T), n_items, item_allowed)
     return ClusterDescription(label_idx, label_sim, item_idx, item_sim)

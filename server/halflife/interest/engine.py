@@ -906,7 +906,7 @@ class InterestEngine:
         def describe(items: np.ndarray, allowed: np.ndarray):
             return describe_clusters(
                 centroids, label_vectors, items, n_labels=self.config.ranking.labels_per_interest,
-                n_items=min(n_items, items.shape[0]), item_allowed=allowed, label_origin=mean,
+                n_items=min(n_items, items.shape[0]), item_allowed=allowed, label_origin=mean, scan=self._blocks,
             )
 
         with self._lock:
