@@ -348,6 +348,24 @@ def test_reads_at_the_clock_that_must_replay_do_so_without_the_lock(tmp_path, mo
     assert again.profile("u").event_counts == profile.event_counts
 
 
+def test_diversity_re_ranks_without_the_lock(tmp_path, monkeypatch):
+    """MMR is quadratic in the limit (~125 ms at 1,000): other calls must not wait for it."""
+    from halflife.interest import engine as engine_module
+
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"tent pole {n % 4}") for n in range(40)])
+    engine.record_events([EventInput(f"a{n}", "u", LIKE, f"i{n}", None, None, T - 3600.0 * (6 - n)) for n in range(5)])
+    free = []
+    re_rank = engine_module.mmr
+    monkeypatch.setattr(engine_module, "mmr", lambda *a, **k: free.append(_lock_is_free(engine)) or re_rank(*a, **k))
+    diverse = engine.recommend("u", 8, diversity=0.5, explain=True).items
+    assert free == [True]
+    assert len(diverse) == 8 and all(item.explanation is not None for item in diverse)
+    plain = engine.recommend("u", 40).items  # every candidate, by relevance
+    assert {i.item_id for i in diverse} <= {i.item_id for i in plain}
+    assert [i.item_id for i in diverse] != [i.item_id for i in plain[:8]]  # re-ranked, not cut
+
+
 def test_a_user_erased_while_their_profile_replays_is_not_cached(tmp_path, monkeypatch):
     engine = open_engine(tmp_path)
     engine.upsert_items([ItemInput(id=f"i{n}", text=f"camping stove {n}") for n in range(4)])

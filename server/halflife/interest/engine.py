@@ -991,14 +991,15 @@ class InterestEngine:
         with self._lock:
             rows, top_scores = self._confirm(picked, allowed, select)
             rows, top_scores, ids = self._best_by_id(rows, top_scores, candidates)
-            if diversity > 0 and rows.size:
-                picks = mmr(top_scores, items[rows], limit, lam=1.0 - diversity)
-                rows, top_scores, ids = rows[picks], top_scores[picks], [ids[i] for i in picks]
-            explanations = (
-                self._explain(user_id, state, t, rows, blend.parts_at(rows))
-                if explain and personal
-                else [None] * len(rows)
-            )
+            vectors = items[rows] if diversity > 0 else None  # a copy of rows confirmed alive
+        if diversity > 0 and rows.size:
+            # Quadratic in the limit (1,000: 5,000 candidates, ~125 ms): without the lock, as the scan.
+            picks = mmr(top_scores, vectors, limit, lam=1.0 - diversity)
+            rows, top_scores, ids = rows[picks], top_scores[picks], [ids[i] for i in picks]
+        explanations = [None] * len(rows)
+        if explain and personal:
+            with self._lock:
+                explanations = self._explain(user_id, state, t, rows, blend.parts_at(rows))
         return Recommendation(
             items=tuple(ScoredItem(i, float(s), e) for i, s, e in zip(ids, top_scores, explanations)),
             strategy=strategy,
