@@ -81,6 +81,11 @@ def _assert_matches_dense(c: Cooccurrence, first: dict, rng, n_users: int, t: fl
     assert np.array_equal(view.rows(query), dense[query])
     assert np.allclose(view.user_weighted(query, weights), weights @ dense[query])
     assert np.allclose(view.user_weighted(query, weights, np.sqrt), weights @ dense[query] * np.sqrt(np.diag(dense)))
+    d = np.diag(dense)
+    union = d[:, None] + d[None, :] - dense
+    jaccard = np.divide(dense, union, out=np.zeros_like(dense), where=union > 0)
+    np.fill_diagonal(jaccard, 0.0)  # the diagonal is left out
+    assert np.allclose(cooccurrence_scores(view, query, weights, "jaccard"), weights @ jaccard[query])
 
 
 def _random_steps(c: Cooccurrence, rng, steps: int, n_users: int = 40, n_items: int = 30, after_each=None):
@@ -115,10 +120,12 @@ def _random_steps(c: Cooccurrence, rng, steps: int, n_users: int = 40, n_items: 
 @pytest.mark.parametrize("merge_every", [1, 7, 10**9])
 def test_matches_a_dense_reference_through_merges_late_events_and_removals(monkeypatch, merge_every):
     """Waiting pairs merged into the sorted arrays after every batch, now and
-    then, or never: every read equals the dense incidence built by hand."""
+    then, or never: every read equals the dense incidence built by hand
+    (jaccard scores taken two query items at a time)."""
     from halflife.core import cooccurrence
 
     monkeypatch.setattr(cooccurrence, "_MIN_MERGE", merge_every)
+    monkeypatch.setattr(cooccurrence, "_JACCARD_CHUNK", 2)
     _random_steps(Cooccurrence(5), np.random.default_rng(merge_every), 60)
 
 
