@@ -741,6 +741,44 @@ def test_a_catalogue_without_events_answers_the_lowest_ids_then_the_popular_ones
         "item-0700", "item-1200", "item-0000", "item-0001"]
 
 
+def test_labels_updated_where_their_items_changed_equal_labels_built_anew(tmp_path):
+    """The label space keeps each label's mean and recomputes only those
+    whose items changed: after every kind of catalogue write it must equal
+    one built from the catalogue as it is."""
+    from halflife.core.ranking import normalize
+
+    engine = open_engine(tmp_path)
+    rng = np.random.default_rng(8)
+
+    def upsert(ids, categories):
+        engine.upsert_items([ItemInput(id=i, text="", vector=rng.standard_normal(DIM), categories=c)
+                             for i, c in zip(ids, categories)])
+
+    def assert_as_built_anew():
+        names, vectors, mean = engine._label_space()
+        catalog = engine.catalog
+        assert names == catalog.all_categories
+        want = normalize(np.array([catalog.mean(n) - catalog.mean() for n in names]).reshape(len(names), DIM))
+        np.testing.assert_allclose(vectors, want, atol=1e-5)
+        np.testing.assert_allclose(mean, catalog.mean(), atol=1e-6)
+
+    upsert([f"i{n}" for n in range(12)], [("a", "b"), ("b",), ("c",)] * 4)
+    assert_as_built_anew()
+    upsert(["i0", "i1"], [("a",), ("a", "c")])  # members move between labels: means only
+    assert_as_built_anew()
+    upsert(["i3"], [("b",)])  # a new vector, the same labels
+    assert_as_built_anew()
+    upsert(["t"], [("transient",)])
+    engine.delete_items(["t"])  # came and went between two reads
+    assert_as_built_anew()
+    engine.delete_items([f"i{n}" for n in range(12) if n % 3 == 2])  # "c" keeps i1 only
+    upsert(["i1"], [("a",)])  # and now no label "c"
+    assert_as_built_anew()
+    assert "c" not in engine._label_space()[0]
+    upsert(["j"], [("c", "d")])  # "c" back, "d" new
+    assert_as_built_anew()
+
+
 def test_a_write_whose_caller_gave_up_while_it_embedded_is_neither_stored_nor_applied(tmp_path):
     deadline = Deadline()
 

@@ -41,6 +41,7 @@ class CatalogIndex:
         # category, so that means cost O(dim) however large the catalogue.
         self._live_sum = np.zeros(dim)
         self._category_sums: dict[str, np.ndarray] = {}
+        self._changed_categories: set[str] = set()  # since take_changed_categories()
         self.version = 0  # bumped on every change (callers cache derived data by it)
 
     # Views over the rows in use; valid until the next mutation.
@@ -149,6 +150,17 @@ class CatalogIndex:
     def all_categories(self) -> list[str]:
         return sorted(c for c, rows in self._category_rows.items() if rows)
 
+    def has_category(self, category: str) -> bool:
+        """Whether a live item is in `category`."""
+        return bool(self._category_rows.get(category))
+
+    def take_changed_categories(self) -> set[str]:
+        """The categories whose members or their vectors changed since the
+        last call (so whose means did), for one consumer: the interest
+        engine's labels."""
+        changed, self._changed_categories = self._changed_categories, set()
+        return changed
+
     def mean(self, category: str | None = None) -> np.ndarray:
         """Mean vector of the live items, or of those in `category`: (dim,)
         float64, zeros when there are none. O(dim): kept as running sums."""
@@ -196,6 +208,7 @@ class CatalogIndex:
             for k, row in enumerate(chunk):
                 for category in self.categories[row]:
                     members.setdefault(category, []).append(k)
+            self._changed_categories.update(members)
             for category, ks in members.items():
                 part = sign * np.add.reduce(vectors[ks], axis=0, dtype=np.float64)
                 if category in self._category_sums:

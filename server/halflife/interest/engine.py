@@ -245,6 +245,8 @@ class InterestEngine:
         self._users: collections.OrderedDict[str, _UserState] = collections.OrderedDict()
         self._replays: dict[str, list[_Replay]] = {}  # user id -> replays in flight
         self._labels: list[str] = []
+        self._label_rows: dict[str, int] = {}  # label -> its row of _label_means
+        self._label_means = np.zeros((0, dim), dtype=np.float32)  # each label's items' mean
         self._label_vectors = np.zeros((0, dim), dtype=np.float32)
         self._catalog_mean = np.zeros(dim, dtype=np.float32)
         self._labels_version = -1
@@ -491,14 +493,25 @@ class InterestEngine:
         mean and normalised. Measured on MovieLens, embedding the bare word
         ("Film-Noir") lands far from item texts and names every interest
         alike; member centroids name them by what they hold. Recomputed only
-        when the catalogue changed."""
+        when the catalogue changed, and then only the means of the labels
+        whose items changed (the catalogue's running sums), unless labels
+        came or went: every label's mean in Python took 120 ms under the
+        lock at 20k labels after any catalogue write, the centring and
+        normalising of all, one (L, d) pass, takes ~10."""
         if self._labels_version != self.catalog.version:
             catalog = self.catalog
-            names = catalog.all_categories
-            mean = catalog.mean()  # running sums: O(dim), however large the catalogue
-            vectors = np.array([catalog.mean(name) - mean for name in names]).reshape(len(names), self.dim)
-            self._labels, self._label_vectors = names, normalize(vectors)
-            self._catalog_mean = mean.astype(np.float32)
+            changed = catalog.take_changed_categories()
+            if any((name in self._label_rows) != catalog.has_category(name) for name in changed):
+                self._labels = catalog.all_categories
+                self._label_rows = {name: row for row, name in enumerate(self._labels)}
+                self._label_means = np.array([catalog.mean(name) for name in self._labels],
+                                             dtype=np.float32).reshape(len(self._labels), self.dim)
+            else:  # the same labels (one that came and went meanwhile has no row)
+                for name in changed & self._label_rows.keys():
+                    self._label_means[self._label_rows[name]] = catalog.mean(name)
+            # running sums: O(dim), however large the catalogue
+            self._catalog_mean = catalog.mean().astype(np.float32)
+            self._label_vectors = normalize(self._label_means - self._catalog_mean)
             self._labels_version = catalog.version
         return self._labels, self._label_vectors, self._catalog_mean
 
