@@ -385,3 +385,37 @@ def test_a_worker_thread_waiting_on_a_stopped_batcher_gets_batcher_stopped():
             await worker
 
     run(main())
+
+
+def test_on_idle_runs_on_the_model_thread_once_the_queue_stays_empty(monkeypatch):
+    """The server gives back the model's memory there: never between batches
+    of a burst, and a failing on_idle does not take the model thread down."""
+    from halflife.embedding import batcher as batcher_module
+
+    monkeypatch.setattr(batcher_module, "IDLE_AFTER_S", 0.05)
+    model = GatedModel()
+    calls: list[tuple[str, int]] = []  # (thread name, batches run by then)
+
+    def on_idle():
+        calls.append((threading.current_thread().name, len(model.batches)))
+        if len(calls) == 1:
+            raise RuntimeError("housekeeping failed")
+
+    async def main():
+        batcher = DynamicBatcher(model.forward, on_idle=on_idle)
+        batcher.start()
+        burst = [asyncio.ensure_future(batcher.submit([tokens(n, 3)])) for n in range(1, 30)]
+        await asyncio.gather(*burst)
+        burst_batches = len(model.batches)
+        for _ in range(100):  # bounded: 5 s
+            if len(calls) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        after_failure = await batcher.submit([tokens(99, 2)])
+        await batcher.stop()
+        return after_failure, burst_batches
+
+    after_failure, burst_batches = run(main())
+    assert after_failure[0].tolist() == [2, 99, 0, 0]
+    assert len(calls) >= 2 and {name for name, _ in calls} == {"halflife-model"}
+    assert calls[0][1] == burst_batches  # not before the burst's last batch

@@ -212,7 +212,7 @@ class HalflifeServer:
             manifest.max_input_tokens,
             engine.provider,
         )
-        batcher = DynamicBatcher(engine.forward, config.batching)
+        batcher = DynamicBatcher(engine.forward, config.batching, on_idle=engine.release_memory)
         batcher.start()
         self.backend.attach(engine, batcher, asyncio.get_running_loop())
 

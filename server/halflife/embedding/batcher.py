@@ -37,6 +37,9 @@ class BatcherStoppedError(Exception):
 # Tokens of padding any batch may carry whatever its length ratio: texts of a
 # few tokens stay together (1.25 x 3 tokens is not a whole token more).
 PADDING_SLACK = 4
+# How long the queue stays empty before the model thread calls `on_idle`
+# (e.g. to give back the model's memory), and again while it stays so.
+IDLE_AFTER_S = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +80,15 @@ class DynamicBatcher:
     when the loop planned them, the model sat idle ~3.4 ms (median) between
     batches of ~16 short sentences at 32 concurrent callers, 12% of its time,
     while the loop handled the calls that had just come in. The loop only
-    queues jobs and hands results back.
+    queues jobs and hands results back. on_idle: called on the model thread
+    once the queue has been empty for IDLE_AFTER_S, and every IDLE_AFTER_S
+    while it stays so.
     """
 
-    def __init__(self, forward: Forward, config: BatchingConfig = BatchingConfig()):
+    def __init__(self, forward: Forward, config: BatchingConfig = BatchingConfig(),
+                 on_idle: Callable[[], None] | None = None):
         self._forward = forward
+        self._on_idle = on_idle
         self.config = config
         self._jobs: collections.deque[_Job] = collections.deque()  # guarded by _lock, as are the next two
         self._queued_inputs = 0
@@ -164,11 +171,21 @@ class DynamicBatcher:
         try:
             while True:
                 with self._work:
-                    while not self._jobs and not self._stopping:
-                        self._work.wait()
+                    idle = False
+                    while not self._jobs and not self._stopping and not idle:
+                        idle = not self._work.wait(IDLE_AFTER_S if self._on_idle is not None else None)
                     if self._stopping:
                         return
-                    window, expired = self._take_window(time.monotonic())
+                    if self._jobs:
+                        idle = False
+                        window, expired = self._take_window(time.monotonic())
+                if idle:  # without the lock, so that callers can queue meanwhile
+                    window = []
+                    try:
+                        self._on_idle()
+                    except Exception:  # housekeeping: never worth the model thread
+                        log.exception("on_idle failed")
+                    continue
                 if expired:
                     self._post(_fail, expired, DeadlineExpiredError("deadline passed while queued"))
                 self._run_window(window)
