@@ -111,6 +111,23 @@ def test_concurrent_requests_are_batched_and_identical_to_unbatched(live_server)
     assert batches < len(texts), "concurrent requests should share model batches"
 
 
+def test_the_server_gives_back_the_models_memory_once_embedding_goes_idle(live_server):
+    """A pass over more than engine.ARENA_KEEP_TOKENS (4,096) padded tokens
+    grows onnxruntime's arena; once the queue has been idle, the model thread
+    releases it."""
+    from halflife.embedding.batcher import IDLE_AFTER_S
+
+    engine = live_server.server.engine
+    texts = [" ".join(f"word{i}x{j}" for j in range(25)) for i in range(64)]  # 64 x ~100 tokens
+    with HalflifeClient(live_server.address) as client:
+        client.embed(texts)
+    assert engine._arena_grown  # read well within IDLE_AFTER_S of the last pass
+    deadline = time.monotonic() + 10 * IDLE_AFTER_S + 5
+    while engine._arena_grown and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not engine._arena_grown, "no release_memory after the queue went idle"
+
+
 def test_asyncio_client(live_server):
     import asyncio
 
