@@ -257,11 +257,11 @@ def test_top_k_narrows_long_tails_of_equal_scores_and_narrow_filters_without_sea
         top = np.ones(n, dtype=bool)
         top[np.argsort(-s, kind="stable")[:100]] = False  # the most popular excluded (seen)
         for allowed, k in [(None, 10), (rng.random(n) < 0.95, 10), (few, 10), (top, 10), (None, 300)]:
-            if k == 300 and positives < k:
-                continue  # ties at 0 past the cut: every score must be searched
             assert top_k(s, k, allowed)[0].tolist() == _reference_top_k(s, k, allowed)
             assert top_k(s, k, allowed, ties=True)[0].tolist() == _reference_top_k(s, k, allowed, ties=True)
     assert searched == []
+    for allowed in (None, np.zeros(0, dtype=bool)):  # no scores at all
+        assert [a.size for a in top_k(np.zeros(0, dtype=np.float32), 5, allowed)] == [0, 0]
 
 
 def test_row_blocks_split_a_lone_scan_over_threads_and_give_the_same_scores():
