@@ -155,6 +155,7 @@ class EmbeddingEngine:
         self.provider = session.get_providers()[0]
         self._use_io_binding = self.provider == CUDA
         self._arena_grown = False  # a pass over more than ARENA_KEEP_TOKENS ran since release_memory
+        self.memory_releases = 0  # release_memory calls that gave memory back (for tests and metrics)
 
     @classmethod
     def load(
@@ -263,6 +264,7 @@ class EmbeddingEngine:
                                 self.manifest.pad_token_id)
         self._session.run([self._output_name], feeds, shrink)
         self._arena_grown = False
+        self.memory_releases += 1
 
     def warm_up(self) -> None:
         """Runs a few batch shapes so the first real request pays no set-up cost."""
