@@ -100,9 +100,14 @@ class DynamicBatcher:
         self.batches_run = 0  # for tests and metrics
 
     def start(self) -> None:
-        """Starts the model thread, answering on the running loop."""
+        """Starts the model thread, answering on the running loop. After a
+        stop, first waits for the old thread to end its batch in progress."""
         self._loop = asyncio.get_running_loop()  # a thread still running from an earlier loop answers here now
-        if self._thread is None or not self._thread.is_alive():
+        if self._thread is None or not self._thread.is_alive() or self._stopping:
+            if self._thread is not None:
+                # A stop whose wait was cancelled returns before the thread
+                # ends: seen alive, it was taken for a running one.
+                self._thread.join()
             self._stopping = False
             self._thread = threading.Thread(target=self._serve, name="halflife-model", daemon=True)
             self._thread.start()
