@@ -422,9 +422,12 @@ def batch_search(queries, items: np.ndarray, k: int, allowed=None, max_block: in
     as one GEMM (a GEMM of few queries runs below the BLAS's speed), each
     tile keeps its k best, and the tiles' best are ranked last. max_block:
     the most scores one (B, tile) block holds (50M: 200 MB of float32).
-    threads: each tile's top-k runs on that many groups of queries at once
-    (NumPy lets go of the GIL in it; the GEMM uses the BLAS's own threads):
-    at 1,000 queries x 10k items on 2 cores, 21 ms on one thread, 11 on two.
+    threads: groups of queries, each through a tile as a GEMM and top k of
+    its own, on a thread of its own. Run the BLAS at one thread then (as the
+    server does), or its spinning threads take the cores from these: at
+    1,000 queries x 10k items on 2 cores, one group at 2 BLAS threads took
+    73 ms (its single-threaded top k 21 of them), two groups at 1 BLAS
+    thread 57, and two groups at 2 BLAS threads gained nothing.
     queries: (B, d); items: (N, d) unit rows; allowed: (N,) bool or None.
     Returns (indices (B, k') int64, scores (B, k')) as batch_top_k does
     (exactly tied items in any order, which may change with `threads`)."""
@@ -438,8 +441,7 @@ def batch_search(queries, items: np.ndarray, k: int, allowed=None, max_block: in
     with ThreadPoolExecutor(groups - 1, "halflife-batch") if groups > 1 else contextlib.nullcontext() as pool:
         for start in range(0, n, rows):
             tile = slice(start, min(n, start + rows))
-            idx, scores = _top_k_by_query_groups(pool, groups, queries @ items[tile].T, k,
-                                                 None if allowed is None else allowed[tile])
+            idx, scores = _tile_top_k(pool, groups, queries, items[tile], k, None if allowed is None else allowed[tile])
             picked.append(np.where(idx >= 0, idx + start, -1))
             best.append(scores)
     if len(best) == 1:
@@ -449,14 +451,18 @@ def batch_search(queries, items: np.ndarray, k: int, allowed=None, max_block: in
     return np.where(order >= 0, rows_of, -1), scores
 
 
-def _top_k_by_query_groups(pool, groups: int, scores: np.ndarray, k: int, allowed) -> tuple[np.ndarray, np.ndarray]:
-    """batch_top_k(scores, k, allowed) with the rows in `groups` parts, the
-    first on this thread and the others on `pool`. allowed: (N,) or None."""
+def _tile_top_k(pool, groups: int, queries: np.ndarray, items: np.ndarray, k: int, allowed) -> tuple[np.ndarray, np.ndarray]:
+    """batch_top_k(queries @ items.T, k, allowed) with the queries in
+    `groups` parts, each its own GEMM and top k: the first on this thread,
+    the others on `pool`. allowed: (N,) or None."""
+    def part(group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return batch_top_k(group @ items.T, k, allowed)
+
     if groups == 1:
-        return batch_top_k(scores, k, allowed)
-    bounds = np.linspace(0, scores.shape[0], groups + 1).astype(np.int64)
-    later = [pool.submit(batch_top_k, scores[a:b], k, allowed) for a, b in zip(bounds[1:-1], bounds[2:])]
-    parts = [batch_top_k(scores[: bounds[1]], k, allowed)] + [f.result() for f in later]
+        return part(queries)
+    bounds = np.linspace(0, queries.shape[0], groups + 1).astype(np.int64)
+    later = [pool.submit(part, queries[a:b]) for a, b in zip(bounds[1:-1], bounds[2:])]
+    parts = [part(queries[: bounds[1]])] + [f.result() for f in later]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
