@@ -129,9 +129,8 @@ class Blend:
 
     @classmethod
     def of(cls, name: str, values: np.ndarray) -> "Blend":
-        """One signal, divided by its maximum."""
-        unit = unit_max(values)
-        return cls(unit, lambda rows: {name: unit[rows]})
+        """One signal, already divided by its maximum (see `unit_max`): (N,) float32."""
+        return cls(values, lambda rows: {name: values[rows]})
 
     def freshened(self, fresh: np.ndarray, trending: bool) -> "Blend":
         """Scores times the items' freshness (fresh: (N,) in (0, 1]); a

@@ -71,6 +71,12 @@ def _with_vectors(events: Sequence[EventRecord]) -> np.ndarray:
     return np.array([i for i, e in enumerate(events) if e.vector is not None], dtype=np.int64)
 
 
+def _relative(popularity: np.ndarray, alive: np.ndarray) -> np.ndarray:
+    """The live items' popularity divided by its maximum: (size,) float32 in
+    [0, 1] (deleted items 0; all 0 while none is positive)."""
+    return unit_max(np.where(alive, popularity, 0.0))
+
+
 def _guard(deadline: Deadline | None) -> Guard | None:
     """A write's guard (see Store): refused once the caller stopped waiting."""
     return None if deadline is None else deadline.check
@@ -428,11 +434,11 @@ class InterestEngine:
 
     def _popularity_at(self, t: float) -> Later:
         """Decayed popularity at t of the live items, from events up to t
-        (deleted items count 0, as after a restart), up to a positive factor
-        (readers divide by the maximum), as a function returning (size,)
-        floats: the present is read now (at the clock, from a cache: see
-        `_relative_popularity`), a look into the past sums a copy of the log
-        when called (see CatalogueScan). Lock held."""
+        (deleted items count 0, as after a restart), divided by its maximum,
+        as a function returning (size,) float32 in [0, 1]: the present is
+        read now (at the clock, from a cache: see `_relative_popularity`), a
+        look into the past sums a copy of the log when called (see
+        CatalogueScan). Lock held."""
         ahead = self._release_blend(t)
         half_life, size = self.config.blend.popularity_half_life_days * DAY, self.catalog.size
         if t >= self._popularity_newest:
@@ -441,14 +447,14 @@ class InterestEngine:
             else:
                 times, _, rows, weights = ahead
                 popularity = self._popularity.read(t) + _decayed_sum(rows, times, weights, t, half_life, size)
-                present = np.where(self.catalog.alive, popularity, 0.0)
+                present = _relative(popularity, self.catalog.alive)
             return lambda: present
         log, alive = list(self._popularity_log), self.catalog.alive.copy()  # log entries are only appended
 
         def past() -> np.ndarray:
             rows, times, weights = (np.concatenate(c) for c in zip(*log))
             keep = times <= t
-            return np.where(alive, _decayed_sum(rows[keep], times[keep], weights[keep], t, half_life, size), 0.0)
+            return _relative(_decayed_sum(rows[keep], times[keep], weights[keep], t, half_life, size), alive)
         return past
 
     def _relative_popularity(self) -> np.ndarray:
@@ -461,7 +467,7 @@ class InterestEngine:
         counts, version, catalog_version, relative = self._relative_popularity_cache
         if counts is not self._popularity or version != self._popularity.version \
                 or catalog_version != self.catalog.version:
-            relative = unit_max(np.where(self.catalog.alive, self._popularity.counts, 0.0))
+            relative = _relative(self._popularity.counts, self.catalog.alive)
             self._relative_popularity_cache = (self._popularity, self._popularity.version, self.catalog.version,
                                                relative)
         return relative
