@@ -38,6 +38,20 @@ def test_scores_match_hand_formula(kind):
     assert np.allclose(cooccurrence_scores(c, items, a, kind), a @ sim[items])
 
 
+@pytest.mark.parametrize("kind", ["count", "jaccard", "cosine", "lift"])
+def test_an_item_that_co_occurs_with_nothing_scores_exactly_zero(kind):
+    """Three users consumed item 0 alone: its own term must leave no rounding
+    behind (with it subtracted afterwards, affinity 0.9 left ~1e-16, which the
+    blend's division by the maximum made a full-weight signal)."""
+    c = Cooccurrence(3)
+    c.add([0, 1, 2, 3, 3], [0, 0, 0, 1, 2])
+    for affinity in (0.9, 0.1, 1 / 3, 7.3):
+        scores = cooccurrence_scores(c, [0], [affinity], kind)
+        assert scores.tolist() == [0.0, 0.0, 0.0]
+    # a query item another query item shares a user with keeps that share
+    assert cooccurrence_scores(c, [1, 2], [0.9, 0.3], "count").tolist() == pytest.approx([0.0, 0.3, 0.9])
+
+
 def test_growth_and_user_removal():
     c = index()
     c.add([3], [5])  # grows the item space
@@ -81,6 +95,10 @@ def _assert_matches_dense(c: Cooccurrence, first: dict, rng, n_users: int, t: fl
     assert np.array_equal(view.rows(query), dense[query])
     assert np.allclose(view.user_weighted(query, weights), weights @ dense[query])
     assert np.allclose(view.user_weighted(query, weights, np.sqrt), weights @ dense[query] * np.sqrt(np.diag(dense)))
+    off_diagonal = dense.copy()
+    np.fill_diagonal(off_diagonal, 0.0)
+    assert np.allclose(view.user_weighted(query, weights, np.sqrt, diagonal=False),
+                       weights @ off_diagonal[query] * np.sqrt(np.diag(dense)))
     d = np.diag(dense)
     union = d[:, None] + d[None, :] - dense
     jaccard = np.divide(dense, union, out=np.zeros_like(dense), where=union > 0)

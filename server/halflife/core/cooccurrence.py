@@ -400,13 +400,17 @@ class Cooccurrence:
         out[which, js] = counts
         return out
 
-    def user_weighted(self, items, weights, column=None) -> np.ndarray:
+    def user_weighted(self, items, weights, column=None, diagonal: bool = True) -> np.ndarray:
         """Σ_i weights_i · C[i, j] · column(C[j, j]) for every item j, without
         materialising the rows: each co-user v adds (Σ of the weights of the
         query items v consumed) to every item of v. items, weights: (h,),
         items distinct; column: a function of (m,) item counts, or None for 1
-        (it is applied per reached item, not to all N). Returns (N,) float64
-        (diagonal included)."""
+        (it is applied per reached item, not to all N). Without the `diagonal`
+        (i = j left out of the sum), v adds to a query item it consumed the
+        others' weights only, so a query item no other one shares a user with
+        gets exactly 0, not what subtracting its own term afterwards leaves
+        (~1e-16, which a division by the maximum made a full-weight score).
+        Returns (N,) float64."""
         items = np.asarray(items, dtype=np.int64)
         weights = np.asarray(weights, dtype=np.float64)
         if not len(self) or not items.size:
@@ -420,7 +424,13 @@ class Cooccurrence:
             co_users, inverse = np.unique(users, return_inverse=True)
             per_user = np.bincount(inverse, weights=weights[h], minlength=co_users.size)
         pos, js = self._expand(co_users)
-        added = per_user[pos] if column is None else per_user[pos] * column(self._item_counts[js])
+        added = per_user[pos]
+        if not diagonal:
+            own = np.zeros(self.n_items)
+            own[items] = weights
+            added = np.maximum(added - own[js], 0.0)  # (a + b) - a can round below 0
+        if column is not None:
+            added = added * column(self._item_counts[js])
         return np.bincount(js, weights=added, minlength=self.n_items)  # float64 already
 
 
@@ -464,11 +474,6 @@ def cooccurrence_scores(index: Cooccurrence, items, affinity, similarity: str = 
     else:  # lift
         def col(counts):
             return 1.0 / np.maximum(counts, 1.0)
-    scaled = a * col(di)
     # The column factors go on each co-user's items, not on all N: at 100k
     # items, passes over the catalogue took most of the call.
-    scores = index.user_weighted(items, scaled, col)
-    # C[i, i] · (scaled_i) · col_i is each query item's own term: remove it
-    # (to 0 at worst, not below: rounding).
-    scores[items] = np.maximum(scores[items] - scaled * di * col(di), 0.0)
-    return scores
+    return index.user_weighted(items, a * col(di), col, diagonal=False)
