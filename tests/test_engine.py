@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 
@@ -53,6 +55,34 @@ def test_a_restart_after_delete_user_rebuilds_the_same_popularity(tmp_path):
     assert after_delete[0][0] in {"i3", "i4", "i5", "i6"}  # only bob's high ratings count now
     engine.store.close()
     assert cold_list(open_engine(tmp_path)) == after_delete
+
+
+def test_erasing_every_event_of_an_item_leaves_no_popularity_now_or_in_the_past(tmp_path):
+    """Erasures subtract from popularity; an item left with nothing must be 0,
+    not the subtraction's rounding, which the division by the maximum made
+    the most popular item (the erased user's item first in trending), both
+    in a look into the past and at the clock."""
+    zeros = [("a", 0.0), ("b", 0.0), ("c", 0.0)]  # no popularity: ties, lowest ids first
+    for trial in range(12):
+        engine = open_engine(tmp_path / str(trial))
+        engine.upsert_items([ItemInput(id=i, text=f"thing {i}") for i in ("a", "b", "c")])
+        engine.record_events([EventInput("p", "alice", 5, "c", None, None, T - 3 * 3600 - trial * 97.0),
+                              EventInput("v", "alice", 1, "c", None, None, T - 4 * 3600 - trial * 13.0),
+                              EventInput("l", "bob", LIKE, "b", None, None, T - 3600)])
+        engine.delete_user("alice")
+        # Before bob's like, only alice's (erased) events had happened.
+        assert [(i.item_id, i.score) for i in engine.recommend("cold", 3, as_of=T - 2 * 3600).items] == zeros, trial
+        engine.store.close()
+    rng = random.Random(0)
+    engine = open_engine(tmp_path / "now")
+    engine.upsert_items([ItemInput(id=i, text=f"thing {i}") for i in ("a", "b", "c")])
+    for batch in range(6):
+        engine.record_events([EventInput(f"e{batch}-{j}", f"u{rng.randrange(3)}", rng.choice([1, 2, 3, 5]),
+                                         rng.choice("abc"), None, None, T - rng.uniform(0, 5 * DAY))
+                              for j in range(3)])
+    for user in ("u0", "u1", "u2"):
+        engine.delete_user(user)
+    assert [(i.item_id, i.score) for i in engine.recommend("cold", 3, as_of=T).items] == zeros
 
 
 def test_trending_read_between_writes_follows_every_write_as_a_restart_would(tmp_path):
@@ -606,10 +636,10 @@ def test_a_look_into_the_past_rebuilds_the_blend_without_the_lock(tmp_path, monk
         return {u: [(i.item_id, round(i.score, 6)) for i in e.recommend(u, 5, as_of=past).items] for u in ("u3", "cold")}
 
     free: list[tuple[str, bool]] = []
-    from_pairs, decayed_sum = Cooccurrence.from_pairs.__func__, engine_module._decayed_sum
+    from_pairs, decayed_sum = Cooccurrence.from_pairs.__func__, engine_module.decayed_sum
     monkeypatch.setattr(Cooccurrence, "from_pairs", classmethod(
         lambda cls, *a: free.append(("pairs", _lock_is_free(engine))) or from_pairs(cls, *a)))
-    monkeypatch.setattr(engine_module, "_decayed_sum",
+    monkeypatch.setattr(engine_module, "decayed_sum",
                         lambda *a: free.append(("popularity", _lock_is_free(engine))) or decayed_sum(*a))
     live = answers(engine)
     assert ("pairs", True) in free and ("popularity", True) in free and all(ok for _, ok in free), free

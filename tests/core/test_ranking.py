@@ -14,6 +14,7 @@ from halflife.core.ranking import (
     batch_top_k,
     blend_query,
     cosine_scores,
+    decayed_sum,
     freshness,
     mmr,
     normalize,
@@ -180,6 +181,25 @@ def test_decayed_counts_match_brute_force():
     counter.resize(60)
     assert counter.read(t).shape == (60,) and counter.read(t)[50:].sum() == 0
     assert DecayedCounts.empty(3, DAY).read(T0).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_an_item_whose_every_event_was_taken_back_counts_exactly_zero():
+    """0.1 + 0.2 - 0.1 - 0.2 leaves 2.8e-17 in float64: an item whose every
+    event an erasure took back must read 0, lest a reader dividing by the
+    maximum rank it first; a partly erased item keeps the rest."""
+    counter = DecayedCounts.empty(3, DAY)
+    counter.add([0, 0, 1, 1], [T0] * 4, [0.1, 0.2, 0.1, 0.2])
+    for weight in (-0.1, -0.2):
+        counter.add([0], [T0], [weight])
+    counter.add([1], [T0], [-0.1])
+    assert counter.read(T0)[0] == 0.0 and counter.read(T0)[1] == pytest.approx(0.2)
+    assert counter.entries.tolist() == [0, 1, 0]
+    back = DecayedCounts.from_arrays(counter.to_arrays())
+    back.add([0], [T0], [0.3])
+    assert back.read(T0)[0] == pytest.approx(0.3) and back.entries.tolist() == [1, 1, 0]
+    rows, times, weights = [0, 0, 1, 1, 0, 0, 1], [T0] * 7, [0.1, 0.2, 0.1, 0.2, -0.1, -0.2, -0.1]
+    sums = decayed_sum(rows, times, weights, T0, DAY, 3)
+    assert sums[0] == 0.0 and sums[1] == pytest.approx(0.2) and sums[2] == 0.0
 
 
 def _reference_top_k(s, k, allowed, ties=False):

@@ -513,13 +513,36 @@ def popularity_counts(item_index, n_items: int, weights=None) -> np.ndarray:
     return np.bincount(np.asarray(item_index, dtype=np.int64), weights=weights, minlength=n_items).astype(np.float64)
 
 
+def _net_entries(item_index: np.ndarray, weights, n_items: int) -> np.ndarray:
+    """Per item, the entries with a positive weight less those with a
+    negative one (an event taken back): (N,) int64."""
+    signs = None if weights is None else np.sign(weights)
+    return np.bincount(item_index, weights=signs, minlength=n_items).astype(np.int64)
+
+
+def decayed_sum(item_index, times, weights, t: float, half_life: float, n_items: int) -> np.ndarray:
+    """Σ weight · 2^(−(t − time)/half_life) per item, of (n,) entries stamped
+    up to t. An item whose entries cancel, each event taken back by an entry
+    of the opposite weight at its time, sums to exactly 0: not the rounding
+    the subtraction leaves, which a reader dividing by the maximum would make
+    the most popular item. Returns (N,) float64."""
+    item_index = np.asarray(item_index, dtype=np.int64)
+    weights = np.asarray(weights, dtype=np.float64)
+    sums = np.bincount(item_index, weights=weights * np.exp2(-(t - np.asarray(times)) / half_life), minlength=n_items)
+    sums[_net_entries(item_index, weights, n_items) == 0] = 0.0
+    return sums
+
+
 @dataclass
 class DecayedCounts:
     """Forward-decayed per-item counter ("trending"): counts_j = Σ w·e^{λ(t_i-L)}
     over item j's events; read at t as e^{-λ(t-L)}·counts. Exact and
     arrival-order independent like `decay.add_events`; methods mutate in place.
+    A negative weight takes an event back (an erasure): an item whose every
+    event was taken back reads exactly 0, as in `decayed_sum`.
 
     rate: λ = ln2/h; landmark: NaN while empty; counts: (N,) float64;
+    entries: (N,) int64, the events each count holds (see `_net_entries`);
     version: bumped by every add and resize (rebase only rescales), so callers
     can cache what they derive from the counts' proportions.
     """
@@ -527,11 +550,13 @@ class DecayedCounts:
     rate: float
     landmark: float
     counts: np.ndarray
+    entries: np.ndarray
     version: int = 0
 
     @classmethod
     def empty(cls, n_items: int, half_life_seconds: float) -> "DecayedCounts":
-        return cls(LN2 / half_life_seconds, float("nan"), np.zeros(n_items, dtype=np.float64))
+        return cls(LN2 / half_life_seconds, float("nan"), np.zeros(n_items, dtype=np.float64),
+                   np.zeros(n_items, dtype=np.int64))
 
     def rebase(self, new_landmark: float) -> None:
         """Moves the landmark (forward): counts *= e^{-λ(L'-L)}."""
@@ -550,14 +575,20 @@ class DecayedCounts:
             self.rebase(new_landmark)
         coeffs = np.exp(self.rate * (times - self.landmark))
         if weights is not None:
-            coeffs = coeffs * np.asarray(weights, dtype=np.float64)
-        self.counts += np.bincount(item_index, weights=coeffs, minlength=self.counts.shape[0])
+            weights = np.asarray(weights, dtype=np.float64)
+            coeffs = coeffs * weights
+        n = self.counts.shape[0]
+        self.counts += np.bincount(item_index, weights=coeffs, minlength=n)
+        self.entries += _net_entries(item_index, weights, n)
+        self.counts[item_index[self.entries[item_index] == 0]] = 0.0
         self.version += 1
 
     def resize(self, n_items: int) -> None:
         """Grows the catalogue (new items start at 0)."""
-        if n_items > self.counts.shape[0]:
-            self.counts = np.concatenate([self.counts, np.zeros(n_items - self.counts.shape[0])])
+        grow = n_items - self.counts.shape[0]
+        if grow > 0:
+            self.counts = np.concatenate([self.counts, np.zeros(grow)])
+            self.entries = np.concatenate([self.entries, np.zeros(grow, dtype=np.int64)])
             self.version += 1
 
     def read(self, t: float) -> np.ndarray:
@@ -567,8 +598,10 @@ class DecayedCounts:
         return self.counts * np.exp(-self.rate * (t - self.landmark))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"rate": np.array(self.rate), "landmark": np.array(self.landmark), "counts": self.counts}
+        return {"rate": np.array(self.rate), "landmark": np.array(self.landmark), "counts": self.counts,
+                "entries": self.entries}
 
     @classmethod
     def from_arrays(cls, arrays) -> "DecayedCounts":
-        return cls(float(arrays["rate"]), float(arrays["landmark"]), np.array(arrays["counts"], dtype=np.float64))
+        return cls(float(arrays["rate"]), float(arrays["landmark"]), np.array(arrays["counts"], dtype=np.float64),
+                   np.array(arrays["entries"], dtype=np.int64))

@@ -43,7 +43,16 @@ from halflife.core.decay import es_kernel, kernel_profile
 from halflife.core.describe import describe_clusters
 from halflife.core.horizon import Entries, Horizon
 from halflife.core.profiles import MultiInterestState, ProfileState
-from halflife.core.ranking import DecayedCounts, RowBlocks, cosine_scores, freshness, mmr, normalize, top_k
+from halflife.core.ranking import (
+    DecayedCounts,
+    RowBlocks,
+    cosine_scores,
+    decayed_sum,
+    freshness,
+    mmr,
+    normalize,
+    top_k,
+)
 from halflife.cpu import physical_cores
 from halflife.deadlines import Deadline
 from halflife.interest.blend import Blend, CatalogueScan, Later, unit_max
@@ -73,19 +82,14 @@ def _with_vectors(events: Sequence[EventRecord]) -> np.ndarray:
 
 def _relative(popularity: np.ndarray, alive: np.ndarray) -> np.ndarray:
     """The live items' popularity divided by its maximum: (size,) float32 in
-    [0, 1] (deleted items 0; all 0 while none is positive)."""
-    return unit_max(np.where(alive, popularity, 0.0))
+    [0, 1] (deleted items 0; all 0 while none is positive). Below 0 is only
+    an erasure's rounding (see DecayedCounts): 0."""
+    return unit_max(np.where(alive & (popularity > 0), popularity, 0.0))
 
 
 def _guard(deadline: Deadline | None) -> Guard | None:
     """A write's guard (see Store): refused once the caller stopped waiting."""
     return None if deadline is None else deadline.check
-
-
-def _decayed_sum(rows: np.ndarray, times: np.ndarray, weights: np.ndarray, t: float, half_life: float,
-                 size: int) -> np.ndarray:
-    """Σ weight · 2^(−(t − time)/half_life) per row, of (n,) entries up to t. (size,) float64."""
-    return np.bincount(rows, weights=weights * np.exp2(-(t - times) / half_life), minlength=size)
 
 
 class UnknownItemsError(LookupError):
@@ -412,8 +416,9 @@ class InterestEngine:
         counted = weights != 0
         if counted.any():
             rows, times, weights = items[counted], times[counted], weights[counted]
-            # Erasures subtract here, to float64 rounding: what an item keeps below ~1e-16 of the
-            # erased weight (events ~a year older, at a 7-day half-life) can round to 0 until a restart.
+            # Erasures subtract here (an item whose every event is erased is exactly 0 again, see
+            # DecayedCounts); what an item keeps below ~1e-16 of the erased weight (events ~a year
+            # older, at a 7-day half-life) can round to 0 until a restart.
             self._popularity.add(rows, times, weights)
             # 16 B an event instead of 24: rows fit int32, and float32 keeps a
             # type weight to 7 digits (the log only answers looks into the past).
@@ -446,7 +451,7 @@ class InterestEngine:
                 present = self._relative_popularity()
             else:
                 times, _, rows, weights = ahead
-                popularity = self._popularity.read(t) + _decayed_sum(rows, times, weights, t, half_life, size)
+                popularity = self._popularity.read(t) + decayed_sum(rows, times, weights, t, half_life, size)
                 present = _relative(popularity, self.catalog.alive)
             return lambda: present
         log, alive = list(self._popularity_log), self.catalog.alive.copy()  # log entries are only appended
@@ -454,7 +459,7 @@ class InterestEngine:
         def past() -> np.ndarray:
             rows, times, weights = (np.concatenate(c) for c in zip(*log))
             keep = times <= t
-            return _relative(_decayed_sum(rows[keep], times[keep], weights[keep], t, half_life, size), alive)
+            return _relative(decayed_sum(rows[keep], times[keep], weights[keep], t, half_life, size), alive)
         return past
 
     def _relative_popularity(self) -> np.ndarray:
