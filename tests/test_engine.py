@@ -9,7 +9,7 @@ import pytest
 
 from halflife.config import Config
 from halflife.deadlines import Deadline, DeadlineExpiredError
-from halflife.interest.engine import EventInput, InterestEngine, ItemInput
+from halflife.interest.engine import EventInput, InterestEngine, ItemFilter, ItemInput
 from halflife.storage.base import StoreError
 from halflife.storage.sqlite import SqliteStore
 from tests.fakes import DIM, fake_embed, run_in_threads
@@ -690,11 +690,39 @@ def test_freshness_ranks_the_newer_of_two_equal_items_first_and_shows_as_a_part(
         parts = dict(item.explanation.score_parts)
         fresh = parts.pop("freshness")
         assert fresh == pytest.approx(2 ** (-age / 10), rel=1e-5)
-        assert item.score == pytest.approx((1 + sum(parts.values())) / 2 * fresh, abs=1e-6)
+        # A personal score lies in [-w, 1] (w the interest's share of the blend: a cosine times w, the other
+        # signals in [0, their weight]), moved to [0, 1].
+        w = config.blend.interest / (config.blend.interest + config.blend.cooccurrence + config.blend.popularity)
+        assert item.score == pytest.approx((sum(parts.values()) + w) / (1 + w) * fresh, abs=1e-6)
     trending = engine.recommend("cold", 3, as_of=T)
     assert trending.strategy == "trending"
     assert [i.item_id for i in trending.items] == ["new-twin", "old-twin", "seed"]
     assert [i.score for i in trending.items] == pytest.approx([2 ** (-5 / 10), 2 ** (-40 / 10), 2 ** (-50 / 10)], rel=1e-5)
+
+
+@pytest.mark.parametrize("user", ["critic", "cold"])
+def test_freshness_lowers_scores_below_zero_too(tmp_path, user):
+    """A score can be negative: a personal one with a dislike reaches below
+    -1, a trending one with a query's cosine below 0. Freshness must still
+    rank the newer of two equal items first (mapped as if in [-1, 1], or not
+    at all, such scores grew with age)."""
+    import dataclasses
+
+    config = Config()
+    config = dataclasses.replace(config, ranking=dataclasses.replace(config.ranking, freshness_half_life_days=30.0))
+    engine = InterestEngine(config, SqliteStore(tmp_path), DIM, fake_embed, clock=lambda: T)
+    liked, other = fake_embed(["liked thing", "something else"])
+    twin = (-liked + 0.5 * other) / np.linalg.norm(-liked + 0.5 * other)  # far from the like, near the dislike
+    engine.upsert_items([ItemInput(id="liked", text="", vector=liked), ItemInput(id="disliked", text="", vector=-liked),
+                         ItemInput(id="new-twin", text="", vector=twin, create_time=T - DAY),
+                         ItemInput(id="old-twin", text="", vector=twin, create_time=T - 365 * DAY)])
+    engine.record_events([EventInput("a", "critic", LIKE, "liked", None, None, T - 3600),
+                          EventInput("b", "critic", 10, "disliked", None, None, T - 3600)])
+    query = "liked thing" if user == "cold" else ""  # the twins' cosine to it is negative
+    result = engine.recommend(user, 2, as_of=T, query=query, filter=ItemFilter(exclude_item_ids=("liked", "disliked")))
+    assert result.strategy == ("trending" if user == "cold" else "personalized")
+    assert [i.item_id for i in result.items] == ["new-twin", "old-twin"]
+    assert result.items[0].score > result.items[1].score >= 0
 
 
 def test_the_unweighted_signals_are_the_explained_parts_over_their_weights(tmp_path):

@@ -60,8 +60,8 @@ class CatalogueScan:
         the cache. Linear profile terms (a single profile, "sum" interests,
         the negative profile) make one dot product per row together."""
         dense = self._dense(weights)
-        terms = self._profile_terms(weights)  # name -> (rows -> weighted scores, direction or None)
-        directions = [direction for _, direction in terms.values()]
+        terms = self._profile_terms(weights)  # name -> (rows -> weighted scores, direction or None, weight)
+        directions = [direction for _, direction, _ in terms.values()]
         linear = bool(terms) and all(direction is not None for direction in directions)
         combined = np.sum(directions, axis=0, dtype=np.float32) if linear else None
 
@@ -69,7 +69,7 @@ class CatalogueScan:
             if combined is not None:
                 out = row_dots(rows, combined)
             elif terms:
-                out = sum(term(rows) for term, _ in terms.values())
+                out = sum(term(rows) for term, _, _ in terms.values())
             else:
                 out = np.zeros(rows.shape[0], dtype=np.float32)
             for (_, _, factor), column in zip(dense, columns):
@@ -77,7 +77,10 @@ class CatalogueScan:
             return out
 
         scores = blocks(score, self.items, *(values for _, values, _ in dense))
-        return Blend(scores.astype(np.float32, copy=False), lambda rows: self._parts(rows, terms, dense))
+        # Each profile term lies in ±|weight|, each other signal in [0, its weight].
+        reach = sum(abs(weight) for _, _, weight in terms.values())
+        high = reach + sum(weights[name] for name in self.later)
+        return Blend(scores.astype(np.float32, copy=False), lambda rows: self._parts(rows, terms, dense), -reach, high)
 
     def parts(self, weights: Mapping[str, float]) -> dict[str, np.ndarray]:
         """Each weighted term of `blend` over the whole catalogue, apart,
@@ -96,52 +99,59 @@ class CatalogueScan:
     def _parts(self, rows, terms, dense) -> dict[str, np.ndarray]:
         """The weighted terms at `rows` (an index array, or a slice)."""
         items = self.items[rows]
-        parts = {name: term(items) for name, (term, _) in terms.items()}
+        parts = {name: term(items) for name, (term, _, _) in terms.items()}
         return parts | {name: (factor * values[rows]).astype(np.float32) for name, values, factor in dense}
 
-    def _profile_terms(self, weights: Mapping[str, float]) -> dict[str, tuple[Callable, np.ndarray | None]]:
+    def _profile_terms(self, weights: Mapping[str, float]) -> dict[str, tuple[Callable, np.ndarray | None, float]]:
         """The profile's terms, "interest" and "negative", as weighted
         scorers of rows, each with the direction it scores rows against
-        where it is linear (None: "max" interests)."""
-        terms: dict[str, tuple[Callable, np.ndarray | None]] = {}
+        where it is linear (None: "max" interests) and the weight by which it
+        multiplies a cosine (so it lies in ±|weight|)."""
+        terms: dict[str, tuple[Callable, np.ndarray | None, float]] = {}
         w = np.float32(weights.get("interest", 0.0))
         if self.centroids is not None:
             linear = self.combine == "sum"
             terms["interest"] = (
                 lambda rows: w * interest_scores(rows, self.centroids, self.importances, mode=self.combine),
                 w * interest_mix(self.centroids, self.importances) if linear else None,
+                float(w),
             )
         elif self.positive is not None:
-            terms["interest"] = (lambda rows: w * cosine_scores(self.positive, rows), w * normalize(self.positive))
+            terms["interest"] = (lambda rows: w * cosine_scores(self.positive, rows), w * normalize(self.positive),
+                                 float(w))
         if self.negative is not None and weights.get("negative", 0.0) > 0:
             v = -np.float32(weights["negative"] * self.negative_weight)
-            terms["negative"] = (lambda rows: v * cosine_scores(self.negative, rows), v * normalize(self.negative))
+            terms["negative"] = (lambda rows: v * cosine_scores(self.negative, rows), v * normalize(self.negative),
+                                 float(v))
         return terms
 
 
 @dataclasses.dataclass(frozen=True)
 class Blend:
-    """Blended scores over the catalogue and, for explanations, the terms
-    they sum at chosen rows."""
+    """Blended scores over the catalogue, the bounds the blend's weights put
+    on them, and, for explanations, the terms they sum at chosen rows."""
 
     scores: np.ndarray  # (N,) float32
     parts_at: Callable[[np.ndarray], dict[str, np.ndarray]]  # rows (m,) -> name -> (m,)
+    low: float = 0.0  # every score lies in [low, high]
+    high: float = 1.0
 
     @classmethod
     def of(cls, name: str, values: np.ndarray) -> "Blend":
-        """One signal, already divided by its maximum (see `unit_max`): (N,) float32."""
+        """One signal, already divided by its maximum (see `unit_max`): (N,) float32 in [0, 1]."""
         return cls(values, lambda rows: {name: values[rows]})
 
-    def freshened(self, fresh: np.ndarray, trending: bool) -> "Blend":
-        """Scores times the items' freshness (fresh: (N,) in (0, 1]); a
-        personal score is first moved from [-1, 1] to [0, 1], so that age
-        lowers it. The freshness shows as a part of its own."""
-        parts_at = self.parts_at
-        scores = self.scores * fresh if trending else (1 + self.scores) / 2 * fresh
-        return Blend(scores, lambda rows: parts_at(rows) | {"freshness": fresh[rows]})
+    def freshened(self, fresh: np.ndarray) -> "Blend":
+        """Scores moved from [low, high] to [0, 1], so that age always lowers
+        them, times the items' freshness (fresh: (N,) in (0, 1]). The
+        freshness shows as a part of its own."""
+        parts_at, span = self.parts_at, self.high - self.low
+        unit = np.clip((self.scores - np.float32(self.low)) / np.float32(span), 0, 1) if span > 0 else 1
+        return Blend(unit * fresh, lambda rows: parts_at(rows) | {"freshness": fresh[rows]})
 
     def mixed(self, name: str, values: np.ndarray, weight: float) -> "Blend":
-        """(1 − weight) · these scores + weight · values, a part of its own."""
+        """(1 − weight) · these scores + weight · values (a cosine, in [-1, 1]), a part of its own."""
         parts_at = self.parts_at
         return Blend((1 - weight) * self.scores + weight * values,
-                      lambda rows: {n: (1 - weight) * v for n, v in parts_at(rows).items()} | {name: weight * values[rows]})
+                     lambda rows: {n: (1 - weight) * v for n, v in parts_at(rows).items()} | {name: weight * values[rows]},
+                     (1 - weight) * self.low - weight, (1 - weight) * self.high + weight)

@@ -1008,7 +1008,7 @@ class InterestEngine:
             blend = blend.mixed("query", query_scores, ranking.query_weight)
         if np.isfinite(ranking.freshness_half_life_days):
             fresh = freshness(create_times, t, ranking.freshness_half_life_days * DAY)
-            blend = blend.freshened(fresh, trending=strategy == "trending")
+            blend = blend.freshened(fresh)
         candidates = limit * MMR_CANDIDATES_PER_RESULT if diversity > 0 else limit
         select = functools.partial(top_k, blend.scores, candidates, ties=True)  # select(allowed) -> (rows, scores)
         picked = select(allowed)
