@@ -406,32 +406,32 @@ class Cooccurrence:
         query items v consumed) to every item of v. items, weights: (h,),
         items distinct; column: a function of (m,) item counts, or None for 1
         (it is applied per reached item, not to all N). Without the `diagonal`
-        (i = j left out of the sum), v adds to a query item it consumed the
-        others' weights only, so a query item no other one shares a user with
-        gets exactly 0, not what subtracting its own term afterwards leaves
-        (~1e-16, which a division by the maximum made a full-weight score).
-        Returns (N,) float64."""
+        (i = j left out of the sum), a query item's score is summed again
+        over its own users, each adding the other query items' weights: one
+        that shares no user with another gets exactly 0, not what subtracting
+        its own term leaves (~1e-16, which a division by the maximum made a
+        full-weight score). Returns (N,) float64."""
         items = np.asarray(items, dtype=np.int64)
         weights = np.asarray(weights, dtype=np.float64)
         if not len(self) or not items.size:
             return np.zeros(self.n_items)
         h, users = self._co_users(items)
         if users.size and users.max() < 64 * users.size:  # dense enough: counting beats sorting
-            per_user = np.bincount(users, weights=weights[h])
-            co_users = np.flatnonzero(per_user)
-            per_user = per_user[co_users]
+            by_user = np.bincount(users, weights=weights[h])
+            co_users = np.flatnonzero(by_user)
+            per_user, at_pair = by_user[co_users], by_user[users]
         else:
             co_users, inverse = np.unique(users, return_inverse=True)
             per_user = np.bincount(inverse, weights=weights[h], minlength=co_users.size)
+            at_pair = per_user[inverse]
         pos, js = self._expand(co_users)
-        added = per_user[pos]
+        added = per_user[pos] if column is None else per_user[pos] * column(self._item_counts[js])
+        scores = np.bincount(js, weights=added, minlength=self.n_items)  # float64 already
         if not diagonal:
-            own = np.zeros(self.n_items)
-            own[items] = weights
-            added = np.maximum(added - own[js], 0.0)  # (a + b) - a can round below 0
-        if column is not None:
-            added = added * column(self._item_counts[js])
-        return np.bincount(js, weights=added, minlength=self.n_items)  # float64 already
+            others = np.maximum(at_pair - weights[h], 0.0)  # (a + b) - a can round below 0
+            own = np.bincount(h, weights=others, minlength=items.size)
+            scores[items] = own if column is None else own * column(self._item_counts[items])
+        return scores
 
 
 def cooccurrence_scores(index: Cooccurrence, items, affinity, similarity: str = "jaccard") -> np.ndarray:
