@@ -15,7 +15,9 @@ is built by replaying the log (events sorted by time, ties by arrival), and
 new events are applied to it on the next read. Events that arrive in time
 order extend the cached profile; a late event (older than the newest applied)
 makes the next read rebuild from the log, so the profile is always what a
-replay after a restart would give.
+replay after a restart would give, to rounding: events added a batch at a
+time sum in another order than one replay (a strength's last digit; float32
+similarities within ~1e-6; counts are exact).
 
 Several server processes may share one store (`halflife serve --workers N`).
 With `follow_store`, every call first catches up with what the others wrote
