@@ -6,6 +6,7 @@ import concurrent.futures
 import csv
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -120,10 +121,19 @@ def test_client_commands_report_errors_in_one_line(server, tmp_path):
     (["serve", "--max-queued-inputs", "100"], "argument --max-queued-inputs: must be at least 256 (one full Embed)"),
     (["serve", "--max-batch-tokens", "-5"], "argument --max-batch-tokens: must be at least 1, got -5"),
     (["load-movielens", "x", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    # The server takes at most 1000 events per RecordEvents: 1001 failed only after every item was sent.
+    (["load-movielens", "x", "--batch-size", "1001"], "argument --batch-size: must be at most 1000 (the server's limit)"),
     (["recommend", "1", "--as-of", "inf"], "argument --as-of: unix seconds out of range (years 1 to 9999): 'inf'"),
     (["profile", "1", "--as-of=1e20"], "argument --as-of: unix seconds out of range (years 1 to 9999): '1e20'"),
     (["recommend", "1", "--target", ""], "argument --target: must be host:port, got an empty string"),
     (["loadtest", "--call", "grpc.health.v1.Health.Check", "--target", " "], "argument --target: must be host:port"),
+    # gRPC wraps a port out of range: 99999 reached port 34463.
+    (["recommend", "1", "--target", "127.0.0.1:99999"], "argument --target: port must be 1 to 65535, got 99999"),
+    (["profile", "1", "--target", "[::1]:0"], "argument --target: port must be 1 to 65535, got 0"),
+    (["load-movielens", "x", "--target", "localhost:70000"], "argument --target: port must be 1 to 65535, got 70000"),
+    (["eval", "--target", "127.0.0.1:65536"], "argument --target: port must be 1 to 65535, got 65536"),
+    (["loadtest", "--call", "grpc.health.v1.Health.Check", "--target", "127.0.0.1:99999"],
+     "argument --target: port must be 1 to 65535, got 99999"),
 ])
 def test_out_of_range_flags_are_usage_errors(args, message):
     result = halflife(*args)
@@ -186,3 +196,62 @@ def test_client_retries_unavailable_and_a_servers_cancel_only():
             assert flaky.attempts["Embed"] == 1
     finally:
         server.stop(None)
+
+
+def test_eval_checks_its_target_before_the_evaluation(tmp_path):
+    # It used to evaluate in process first (~3 min on MovieLens), then end in a traceback.
+    data = write_movielens(tmp_path / "ml")
+    began = time.monotonic()
+    result = halflife("eval", "--data", str(data), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+                      "--target", "127.0.0.1:1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("halflife eval: error: --target 127.0.0.1:1: UNAVAILABLE: "), result.stderr
+    assert not (tmp_path / "out").exists() and time.monotonic() - began < 60
+
+
+class LostConnection(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return "Socket closed"
+
+    def trailing_metadata(self):
+        return ()
+
+
+def test_eval_reports_a_call_failing_during_the_run_in_one_line(monkeypatch, tmp_path, capsys):
+    from halflife.cli import main
+    from halflife.eval import runner
+
+    def fail(*args, **kwargs):
+        raise LostConnection()
+
+    monkeypatch.setattr(runner, "run", fail)
+    assert main(["eval", "--out", str(tmp_path / "out"), "--target", "127.0.0.1:50051"]) == 1
+    assert capsys.readouterr().err == "halflife eval: error: --target 127.0.0.1:50051: UNAVAILABLE: Socket closed\n"
+
+
+def test_client_timeout_0_is_a_deadline_and_none_the_default():
+    """Against a server that never answers (a socket that listens, accepts
+    nothing): timeout=0 fails at once (it was taken for "unset": the client's
+    default), None waits the client's timeout."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        with HalflifeClient(f"127.0.0.1:{silent.getsockname()[1]}", timeout=1.5) as client:
+            for timeout, least, most in ((0, 0.0, 1.0), (None, 1.5, 10.0)):
+                began = time.monotonic()
+                with pytest.raises(grpc.RpcError) as expired:
+                    client.model_info(timeout=timeout)
+                assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert least <= time.monotonic() - began < most, timeout
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1:99999", "127.0.0.1:0", "127.0.0.1:-1", ""])
+def test_client_refuses_a_target_gRPC_would_wrap_or_cannot_use(target):
+    with pytest.raises(ValueError, match="port must be 1 to 65535|must be host:port"):
+        HalflifeClient(target)

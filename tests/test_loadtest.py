@@ -1,5 +1,6 @@
-"""`halflife loadtest`'s stopping rules, as ghz's: -n requests, -z seconds, whichever comes first, 200 requests without either;
-the rate limit within them; and its checks of flags and ghz configs (one line and a non-zero exit, never a traceback)."""
+"""`halflife loadtest` against a live Halflife server: its stopping rules, as ghz's (-n requests; -z seconds, -n then
+ignored; -x seconds or -n, whichever comes first; 200 requests without any), the rate limit within them, and its checks
+of flags and ghz configs (one line and a non-zero exit, never a traceback). tests/test_loadtest_ghz.py has the rest."""
 
 from __future__ import annotations
 
@@ -31,16 +32,17 @@ def loadtest(server, capsys, *flags: str) -> dict:
 
 
 def test_a_duration_alone_runs_for_that_long(server, capsys):
-    """-z without -n: the run ends at the deadline, not after the default 200 requests."""
+    """-z without -n: the run ends at the deadline, not after the default 200 requests; the calls
+    in flight then (2 at most) are cancelled and reported as such (ghz's --duration-stop close)."""
     report = loadtest(server, capsys, "-z", "1.5s")
     assert report["total"] >= 1.4e9, report["count"]
-    assert report["count"] > DEFAULT_TOTAL
-    assert report["statusCodeDistribution"] == {"OK": report["count"]}
+    statuses = report["statusCodeDistribution"]
+    assert statuses["OK"] > DEFAULT_TOTAL and statuses.get("Canceled", 0) <= 2 and set(statuses) <= {"OK", "Canceled"}
 
 
 def test_a_total_alone_or_first_stops_the_run(server, capsys):
     assert loadtest(server, capsys)["count"] == DEFAULT_TOTAL
-    report = loadtest(server, capsys, "-n", "30", "-z", "60s")
+    report = loadtest(server, capsys, "-n", "30", "-x", "60s")
     assert report["count"] == 30 and report["total"] < 30e9
 
 
@@ -68,7 +70,8 @@ def refused(capsys, *args: str) -> str:
     (("--rps", "-5"), "--rps"),
     (("--rps", "nan"), "--rps"),
     (("--rps", "inf"), "--rps"),
-    (("-t", "0"), "--timeout"),
+    (("-t", "nan"), "--timeout"),
+    (("-x", "0s"), "--max-duration"),
     (("--timeout=-1s",), "--timeout"),
     (("--connections", "0"), "--connections"),
 ])
@@ -87,7 +90,7 @@ def test_nonsense_flag_values_are_refused(capsys, flags, named):
     ({"call": HEALTH, "duration": 5}, '"duration"'),
     ({"call": HEALTH, "duration": "nan"}, '"duration"'),
     ({"call": HEALTH, "timeout": "abc"}, '"timeout"'),
-    ({"call": HEALTH, "timeout": "0s"}, '"timeout"'),
+    ({"call": HEALTH, "timeout": "-1s"}, '"timeout"'),
     ({"call": HEALTH, "rps": "fast"}, '"rps"'),
     ({"call": HEALTH, "rps": -5}, '"rps"'),
     ({"call": HEALTH, "rps": 10**400}, '"rps"'),  # a JSON integer too big for a float

@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -212,10 +213,31 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 def _address(value: str) -> str:
-    # gRPC logs a multi-line trace of its own for an empty target before failing.
-    if not value.strip():
-        raise argparse.ArgumentTypeError("must be host:port, got an empty string")
-    return value
+    # gRPC logs a multi-line trace of its own for an empty target, and wraps a port out of range.
+    from halflife_client.client import check_target
+
+    try:
+        return check_target(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _batch_size(value: str) -> int:
+    from halflife.api.interest import MAX_EVENTS_PER_REQUEST
+
+    number = _positive_int(value)
+    if number > MAX_EVENTS_PER_REQUEST:  # the server refuses a bigger RecordEvents, after every item was sent
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_EVENTS_PER_REQUEST} (the server's limit), got {number}")
+    return number
+
+
+def _duration(value: str) -> float:
+    from halflife.loadtest import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a duration such as 10s, 1m30s or 500ms, got {value!r}") from None
 
 
 def _timestamp(value: str) -> dt.datetime:
@@ -240,7 +262,7 @@ def _add_client_commands(commands: argparse._SubParsersAction) -> None:
     load = commands.add_parser("load-movielens", help="load a MovieLens directory into a running server")
     load.add_argument("directory", type=Path, help="e.g. ../shared/data/ml-latest-small")
     load.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
-    load.add_argument("--batch-size", type=_positive_int, default=500, help="events per RecordEvents call (default 500)")
+    load.add_argument("--batch-size", type=_batch_size, default=500, help="events per RecordEvents call (default 500, at most 1000)")
     load.set_defaults(run=_run_load)
 
     recommend = commands.add_parser("recommend", help="show a user's recommendations, explained")
@@ -259,48 +281,87 @@ def _add_client_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_loadtest(commands: argparse._SubParsersAction) -> None:
-    from halflife.loadtest import parse_duration
+    from halflife.loadtest import DURATION_STOPS
 
     parser = commands.add_parser(
         "loadtest",
         help="drive an RPC with concurrent load and print a ghz-style JSON report",
-        description="An asyncio gRPC load generator with ghz's flags and JSON report (durations in ns).",
+        description="An asyncio gRPC load generator with ghz's flags and JSON report (durations in ns). "
+        "Ctrl-C stops the load and prints the report of what ran, then exits 130.",
     )
     parser.add_argument("--config", type=Path, default=None, help="a ghz JSON config (e.g. clients/ghz/*.json)")
     parser.add_argument("--call", default=None, help="e.g. halflife.v1.EmbeddingService.Embed")
-    parser.add_argument("-d", "--data", default=None, help="request as proto3 JSON (default {})")
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument("-d", "--data", default=None,
+                      help="request as proto3 JSON, or a JSON array of requests sent in turn; @: read it from stdin "
+                           "(default {})")
+    data.add_argument("-D", "--data-file", type=Path, default=None, help="file holding the --data JSON")
     parser.add_argument("-c", "--concurrency", type=int, default=None, help="concurrent calls (default 8)")
-    parser.add_argument("-n", "--total", type=int, default=None, help="requests to send (default 200 without -z)")
-    parser.add_argument("-z", "--duration", type=parse_duration, default=None, help="e.g. 10s; max 600s")
+    parser.add_argument("-n", "--total", type=int, default=None, help="requests to send (default 200; ignored with -z)")
+    parser.add_argument("-z", "--duration", type=_duration, default=None,
+                        help="send for this long, whatever -n says, e.g. 10s or 1m30s (at most 600s)")
+    parser.add_argument("-x", "--max-duration", type=_duration, default=None,
+                        help="stop after this long or at -n requests, whichever comes first")
+    parser.add_argument("--duration-stop", choices=DURATION_STOPS, default=None,
+                        help="calls in flight when -z/-x ends the run: close (default) cancels them and reports them as "
+                             "Canceled, wait lets them finish within -t, ignore cancels them and leaves them out")
     parser.add_argument("--connections", type=int, default=None, help="TCP connections (default 1)")
-    parser.add_argument("--rps", type=float, default=None, help="request rate limit (default 0: none)")
-    parser.add_argument("-t", "--timeout", type=parse_duration, default=None, help="per-call deadline (default 20s)")
+    parser.add_argument("-r", "--rps", type=float, default=None, help="request rate limit (default 0: none)")
+    parser.add_argument("-t", "--timeout", type=_duration, default=None,
+                        help="per-call deadline (default 20s; 0: none, within the 600 s cap on a run)")
     parser.add_argument("--target", type=_address, default=None, help=f"server address (default {DEFAULT_TARGET})")
     parser.add_argument("--allow-remote", action="store_true", help="permit a non-loopback target")
     parser.add_argument("-O", "--format", choices=("json", "summary"), default="json")
     parser.set_defaults(run=_run_loadtest)
 
 
-def _run_loadtest(args: argparse.Namespace) -> int:
-    from halflife.loadtest import LoadTestError, LoadTestOptions, options_from_ghz_config, run_load_test, summary
+async def _until_interrupted(run):
+    """Awaits run(stop), setting `stop` on the first Ctrl-C so that the load stops
+    and the report of what ran comes back; a second Ctrl-C interrupts outright."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
 
-    flags = {
-        "call": args.call, "data": args.data, "target": args.target, "concurrency": args.concurrency,
-        "total": args.total, "duration": args.duration, "connections": args.connections, "rps": args.rps,
-        "timeout": args.timeout, "allow_remote": args.allow_remote,
-    }
+    def interrupted() -> None:
+        stop.set()
+        loop.remove_signal_handler(signal.SIGINT)
+
     try:
+        loop.add_signal_handler(signal.SIGINT, interrupted)
+    except NotImplementedError:  # Windows' event loops: Ctrl-C interrupts outright
+        return await run(stop), False
+    try:
+        return await run(stop), stop.is_set()
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
+def _run_loadtest(args: argparse.Namespace) -> int:
+    from halflife.loadtest import (
+        LoadTestError, options_from_flags, options_from_ghz_config, read_data_file, run_load_test, summary,
+    )
+
+    try:
+        data = sys.stdin.read() if args.data == "@" else args.data
+        if args.data_file is not None:
+            data = read_data_file(args.data_file)
+        flags = {
+            "call": args.call, "data": data, "target": args.target, "concurrency": args.concurrency,
+            "total": args.total, "duration": args.duration, "max_duration": args.max_duration,
+            "duration_stop": args.duration_stop, "connections": args.connections, "rps": args.rps,
+            "timeout": args.timeout, "allow_remote": args.allow_remote,
+        }
         if args.config is not None:
             options = options_from_ghz_config(args.config, **flags)
-        elif args.call is None:
-            raise LoadTestError("give --call (or --config)")
         else:
-            options = LoadTestOptions(**{k: v for k, v in flags.items() if v is not None})
-        report = run_event_loop(run_load_test(options))
+            options = options_from_flags(**flags)
+        report, interrupted = run_event_loop(_until_interrupted(lambda stop: run_load_test(options, stop)))
     except LoadTestError as exc:
         print(f"halflife loadtest: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     print(json.dumps(report, indent=2) if args.format == "json" else summary(report))
+    if interrupted:  # ghz exits 0 here; a script should not take a cut-short run for a finished one
+        print(f"halflife loadtest: interrupted; the report covers the {report['count']} calls made", file=sys.stderr)
+        return 130
     if not report["statusCodeDistribution"].get("OK"):
         # ghz exits 0 here; a script or CI step that load-tests a dead or refusing server should fail.
         print(f"halflife loadtest: error: none of the {report['count']} calls succeeded", file=sys.stderr)
@@ -308,17 +369,23 @@ def _run_loadtest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rpc_failure(name: str, error: grpc.RpcError, context: str = "") -> int:
+    """Prints a failed call as one line (its status and details, or its field violations)."""
+    from halflife_client import field_violations
+
+    details = "; ".join(f"{field}: {text}" for field, text in field_violations(error)) or error.details()
+    print(f"halflife {name}: error: {context}{error.code().name}: {details}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
 def _client_command(name: str, fn, *args) -> int:
     """Runs a client command; gRPC, file and dataset errors become one line on stderr."""
     from halflife.datasets.interactions import DatasetError
-    from halflife_client import field_violations
 
     try:
         fn(*args)
     except grpc.RpcError as error:
-        details = "; ".join(f"{field}: {text}" for field, text in field_violations(error)) or error.details()
-        print(f"halflife {name}: error: {error.code().name}: {details}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _rpc_failure(name, error)
     except (OSError, KeyError, DatasetError) as exc:
         print(f"halflife {name}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -379,6 +446,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     except (DatasetError, ManifestError, OSError) as exc:
         print(f"halflife eval: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except grpc.RpcError as error:  # the --target server: unreachable at the start, or failing during the run
+        return _rpc_failure("eval", error, f"--target {args.target}: ")
     return 0
 
 

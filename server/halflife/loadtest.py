@@ -3,16 +3,20 @@
     halflife loadtest --call halflife.v1.EmbeddingService.Embed \\
         --data '{"inputs": ["hello"]}' --concurrency 32 --total 2000
 
-    halflife loadtest --config clients/ghz/recommend.json
+    halflife loadtest --config clients/ghz/recommend.json -z 30s
 
-Requests are given as proto3 JSON (the mapping ghz and grpcurl use) and
-resolved against the generated descriptors, so every Halflife RPC and the
-health check can be driven. ghz config files work as they are, including
-ghz's per-request template variables ({{.RequestNumber}},
-{{.TimestampUnix}}, {{.TimestampUnixNano}}, {{.UUID}}). Bounded in count and
-time, and loopback only unless --allow-remote: every option is checked when
-LoadTestOptions is made (flags, ghz configs and library callers alike), and
-the run never outlasts MAX_DURATION_S, rate limit and call timeouts included.
+Requests are given as proto3 JSON (the mapping ghz and grpcurl use), one
+message or an array of them sent in turn, and resolved against the generated
+descriptors, so every Halflife RPC and the health check can be driven. ghz
+config files work as they are, with ghz's stopping rules (-z wins over -n; -x
+stops at whichever comes first; --duration-stop for the calls in flight then)
+and ghz's call-data template actions (TEMPLATE_VARIABLES, newUUID,
+randomString, randomInt). A config key or template action this tool does not
+implement is refused up front, never ignored or sent literally. Bounded in
+count and time, and loopback only unless --allow-remote: every option is
+checked when LoadTestOptions is made (flags, ghz configs and library callers
+alike), and the run never outlasts MAX_DURATION_S, rate limit and call
+timeouts included.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import datetime as dt
 import ipaddress
 import json
 import math
+import random
 import re
+import string
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,11 +37,11 @@ from pathlib import Path
 from typing import Callable
 
 import grpc
-import numpy as np
 from google.protobuf import descriptor_pool, json_format, message_factory
 
 from grpc_health.v1 import health_pb2
 from halflife.v1 import catalog_pb2, embedding_pb2, interest_pb2, recommend_pb2
+from halflife_client.client import check_target
 
 # Imported only to register their descriptors in the default pool (named here so linters see a use).
 _APIS = (catalog_pb2, embedding_pb2, interest_pb2, recommend_pb2, health_pb2)
@@ -45,6 +51,18 @@ MAX_TOTAL = 10_000_000
 MAX_CONCURRENCY = 10_000  # a million workers took 10 s just to start; this many is plenty for loopback
 DEFAULT_TOTAL = 200  # ghz's -n when neither a total nor a duration is given
 PERCENTILES = (10, 25, 50, 75, 90, 95, 99)
+# What happens to the calls in flight when -z or -x ends the run (ghz's --duration-stop):
+# close cancels them and counts them as Canceled, wait lets them finish within their
+# timeout, ignore cancels them and leaves them out of the report.
+DURATION_STOPS = ("close", "wait", "ignore")
+GHZ_DURATION_STOP = "close"  # ghz's default, used by the CLI and ghz configs
+# What ghz reports for a call its closed connection ended (grpc-go's message).
+CONNECTION_CLOSING = "grpc: the client connection is closing"
+# Go's names for the status codes (codes.Code.String()), which ghz's report uses: InvalidArgument, Canceled...
+GO_CODE_NAMES = {
+    code: {"OK": "OK", "CANCELLED": "Canceled"}.get(code.name, code.name.title().replace("_", ""))
+    for code in grpc.StatusCode
+}
 
 
 class LoadTestError(ValueError):
@@ -83,16 +101,20 @@ def _check_seconds(field: str, value) -> None:
 @dataclass(frozen=True)
 class LoadTestOptions:
     call: str  # "package.Service.Method" or "package.Service/Method"
-    data: str = "{}"  # proto3 JSON of the request
+    data: str = "{}"  # proto3 JSON of the request, or a JSON array of requests sent in turn
     target: str = "127.0.0.1:50051"
     concurrency: int = 8
-    # Stop after `total` requests or `duration` seconds, whichever comes first;
-    # neither given: DEFAULT_TOTAL requests.
+    # As ghz: `duration` seconds (total ignored); `max_duration` seconds or `total`
+    # requests, whichever comes first; only a total, or neither: DEFAULT_TOTAL requests.
     total: int | None = None
     duration: float | None = None
+    max_duration: float | None = None
+    # ghz's default is "close"; library callers (the benches) count every call they
+    # started, so theirs is "wait".
+    duration_stop: str = "wait"
     connections: int = 1
     rps: float = 0.0  # 0: as fast as possible
-    timeout: float = 20.0  # per-call deadline, seconds
+    timeout: float = 20.0  # per-call deadline, seconds; 0: none (MAX_DURATION_S still bounds the run)
     allow_remote: bool = False
 
     def __post_init__(self) -> None:
@@ -106,9 +128,13 @@ class LoadTestOptions:
         _check_whole("connections", self.connections)
         if self.total is not None:
             _check_whole("total", self.total)
-        if self.duration is not None:
-            _check_seconds("duration", self.duration)
-        _check_seconds("timeout", self.timeout)
+        for field in ("duration", "max_duration"):
+            if getattr(self, field) is not None:
+                _check_seconds(field, getattr(self, field))
+        if self.duration_stop not in DURATION_STOPS:
+            raise InvalidOption("duration_stop", f"must be one of {', '.join(DURATION_STOPS)}, not {self.duration_stop!r}")
+        if not (_is_finite_number(self.timeout) and self.timeout >= 0):
+            raise InvalidOption("timeout", f"must be a finite number of seconds (0: no timeout), not {self.timeout!r}")
         if not (_is_finite_number(self.rps) and self.rps >= 0):
             raise InvalidOption("rps", f"must be a finite number of requests per second (0: no limit), not {self.rps!r}")
         _check_target(self.target, self.allow_remote)
@@ -126,6 +152,10 @@ def method_descriptor(call: str):
 
 
 def _check_target(target: str, allow_remote: bool) -> None:
+    try:
+        check_target(target)
+    except ValueError as exc:
+        raise InvalidOption("target", f"{target}: {exc}") from None
     host = target.rsplit(":", 1)[0].strip("[]")
     if allow_remote or host == "localhost":
         return
@@ -137,22 +167,102 @@ def _check_target(target: str, allow_remote: bool) -> None:
         raise InvalidOption("target", f"{target} is not a loopback address; pass --allow-remote to load it")
 
 
-_TEMPLATE = re.compile(r"\{\{\s*\.(RequestNumber|TimestampUnix|TimestampUnixNano|UUID)\s*\}\}")
+FIRST_WORKER = "g0c0"  # ghz's WorkerID for worker 0 (g) on connection 0 (c)
 
 
-def _render(data: str, number: int) -> str:
-    values = {
-        "RequestNumber": lambda: str(number),
-        "TimestampUnix": lambda: str(int(time.time())),
-        "TimestampUnixNano": lambda: str(time.time_ns()),
-        "UUID": lambda: str(uuid.uuid4()),
-    }
-    return _TEMPLATE.sub(lambda m: values[m.group(1)](), data)
+@dataclass(frozen=True)
+class _CallData:
+    """What a template action sees for one request (ghz's CallData)."""
+    method: object  # its MethodDescriptor
+    number: int
+    worker_id: str
+    now_ns: int
+    uuid: str
 
 
-def request_factory(method, data: str) -> Callable[[int], object]:
-    """Request n's message from proto3 JSON `data` (with ghz templates rendered
-    per request). Raises LoadTestError when the JSON does not fit the method."""
+def _rfc3339(ns: int) -> str:
+    # Go's time.RFC3339 in local time, as ghz writes {{.Timestamp}}: "Z" for UTC.
+    text = dt.datetime.fromtimestamp(ns / 1e9, dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+    return text[: -len("+00:00")] + "Z" if text.endswith("+00:00") else text
+
+
+# ghz's template variables ({{.Name}}), rendered as Go's text/template prints them.
+TEMPLATE_VARIABLES: dict[str, Callable[[_CallData], str]] = {
+    "WorkerID": lambda c: c.worker_id,
+    "RequestNumber": lambda c: str(c.number),
+    "FullyQualifiedName": lambda c: c.method.full_name,
+    "MethodName": lambda c: c.method.name,
+    "ServiceName": lambda c: c.method.containing_service.name,
+    "InputName": lambda c: c.method.input_type.name,
+    "OutputName": lambda c: c.method.output_type.name,
+    "IsClientStreaming": lambda c: str(c.method.client_streaming).lower(),
+    "IsServerStreaming": lambda c: str(c.method.server_streaming).lower(),
+    "Timestamp": lambda c: _rfc3339(c.now_ns),
+    "TimestampUnix": lambda c: str(c.now_ns // 10**9),
+    "TimestampUnixMilli": lambda c: str(c.now_ns // 10**6),
+    "TimestampUnixNano": lambda c: str(c.now_ns),
+    "UUID": lambda c: c.uuid,
+}
+_ACTION = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+
+
+def _random_string(length: int) -> str:
+    # ghz's randomString: letters and digits; a length <= 0 picks one from 2 to 16.
+    return "".join(random.choices(string.ascii_letters + string.digits, k=length if length > 0 else random.randint(2, 16)))
+
+
+def _action(source: str) -> Callable[[_CallData], str]:
+    """The template action {{source}} as a function of the call. Refused (InvalidOption)
+    unless it is one of ghz's that this tool renders: a variable, newUUID, randomString N
+    or randomInt MIN MAX (ghz's sprig functions are not)."""
+    name, *args = source.split() or [""]
+    numbers = [int(arg) for arg in args] if all(re.fullmatch(r"-?[0-9]+", arg) for arg in args) else []
+    if name.startswith(".") and name[1:] in TEMPLATE_VARIABLES and not args:
+        return TEMPLATE_VARIABLES[name[1:]]
+    if name == "newUUID" and not args:
+        return lambda c: str(uuid.uuid4())
+    if name == "randomString" and len(numbers) == 1:
+        return lambda c: _random_string(numbers[0])
+    if name == "randomInt" and len(numbers) == 2 and numbers[0] < numbers[1]:
+        return lambda c: str(random.randrange(*numbers))  # [min, max), as ghz
+    raise InvalidOption("data", f"has the template action {{{{{source}}}}}, which halflife loadtest does not support "
+                                "(clients/ghz/README.md lists those it does)")
+
+
+def _template(text: str, method) -> Callable[[int, str], str]:
+    """`text` rendered for request `number` of worker `worker_id`."""
+    pieces = _ACTION.split(text)  # literal, action, literal, ..., literal
+    if any("{{" in literal for literal in pieces[::2]):
+        raise InvalidOption("data", "has a {{ with no }}: an unfinished template action")
+    actions = [_action(source) for source in pieces[1::2]]
+
+    def render(number: int, worker_id: str) -> str:
+        call = _CallData(method, number, worker_id, time.time_ns(), str(uuid.uuid4()))
+        rendered = list(pieces)
+        rendered[1::2] = [action(call) for action in actions]
+        return "".join(rendered)
+
+    return render
+
+
+def _messages(data: str) -> list[str]:
+    """The proto3 JSON texts in `data`: one message, or each element of an array of them."""
+    if not data.lstrip().startswith("["):
+        return [data]
+    try:
+        elements = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidOption("data", f"is not a JSON array: {exc}") from None
+    if not elements or not all(isinstance(element, dict) for element in elements):
+        raise InvalidOption("data", "must be a JSON object or a non-empty array of objects")
+    return [json.dumps(element) for element in elements]
+
+
+def request_factory(method, data: str) -> Callable[..., object]:
+    """make(n, worker_id): request n's message from proto3 JSON `data` (an array's
+    elements in turn, as ghz sends them for a unary call) with ghz's template
+    actions rendered per request. Raises LoadTestError, before any load is sent,
+    when `data` does not fit the method or has an action this tool lacks."""
     request_class = message_factory.GetMessageClass(method.input_type)
 
     def parse(text: str):
@@ -161,70 +271,143 @@ def request_factory(method, data: str) -> Callable[[int], object]:
         except json_format.ParseError as exc:
             raise InvalidOption("data", f"does not fit {method.input_type.full_name}: {exc}") from None
 
-    if not _TEMPLATE.search(data):
-        fixed = parse(data)
-        return lambda n: fixed
-    parse(_render(data, 0))  # fail before the load starts, not during it
-    return lambda n: parse(_render(data, n))
+    texts = _messages(data)
+    if "{{" not in data:
+        fixed = [parse(text) for text in texts]
+        return lambda number, worker_id=FIRST_WORKER: fixed[number % len(fixed)]
+    renders = [_template(text, method) for text in texts]
+    for render in renders:
+        parse(render(0, FIRST_WORKER))  # fail before the load starts, not during it
+    return lambda number, worker_id=FIRST_WORKER: parse(renders[number % len(renders)](number, worker_id))
 
 
 # LoadTestOptions field -> the ghz config key it is read from.
 GHZ_KEYS = {
     "call": "call", "data": "data", "target": "host", "concurrency": "concurrency", "total": "total",
-    "duration": "duration", "connections": "connections", "rps": "rps", "timeout": "timeout",
+    "duration": "duration", "max_duration": "max-duration", "duration_stop": "duration-stop",
+    "connections": "connections", "rps": "rps", "timeout": "timeout",
 }
+# ghz keys with nothing to do here: the API's descriptors are built in, and connections are plaintext.
+GHZ_NEEDLESS_KEYS = {"proto", "protoset", "import-paths", "insecure"}
+GHZ_DATA_FILE = "data-file"  # read into "data", as ghz's -D
 
 
-def _ghz_duration(path: Path, key: str, value) -> float:
+def _ghz_duration(where: str, key: str, value) -> float:
     try:
         if isinstance(value, str):
             return parse_duration(value)
     except ValueError:
         pass
-    raise LoadTestError(f'ghz config {path}: "{key}" must be a duration such as "10s" or "500ms", not {value!r}')
+    raise LoadTestError(f'{where}: "{key}" must be a duration such as "10s", "1m30s" or "500ms", not {value!r}')
+
+
+def read_data_file(path) -> str:
+    """The request JSON in file `path` (ghz's -D / "data-file"); a relative path is from the working directory, as in ghz."""
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LoadTestError(f"cannot read data file {path}: {exc}") from None
 
 
 def options_from_ghz_config(path: Path, **overrides) -> LoadTestOptions:
     """LoadTestOptions from a ghz JSON config file; keyword overrides (not None) win.
-    Raises LoadTestError naming the file and key for a value of the wrong type or range."""
+    Raises LoadTestError naming the file and key for a value of the wrong type or
+    range, or a key this tool does not implement."""
     try:
         config = json.loads(Path(path).read_text())
     except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
         raise LoadTestError(f"cannot read ghz config {path}: {exc}") from None
     if not isinstance(config, dict):
         raise LoadTestError(f"ghz config {path}: expected a JSON object, not {type(config).__name__}")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    values = {}
-    for field, key in GHZ_KEYS.items():
-        if field in given or config.get(key) is None:  # JSON null: not set, as ghz reads it
+    return _ghz_options(config, f"ghz config {path}", overrides)
+
+
+def options_from_flags(**flags) -> LoadTestOptions:
+    """LoadTestOptions from the CLI's flags (those not None), with ghz's defaults where this tool has them."""
+    return _ghz_options({}, None, flags)
+
+
+def _ghz_options(config: dict, where: str | None, flags: dict) -> LoadTestOptions:
+    given = {field: value for field, value in flags.items() if value is not None}
+    keys = dict(GHZ_KEYS)
+    found = {key for key, value in config.items() if value is not None}  # JSON null: not set, as ghz reads it
+    unknown = sorted(found - set(keys.values()) - GHZ_NEEDLESS_KEYS - {GHZ_DATA_FILE})
+    if unknown:
+        raise LoadTestError(f"{where}: halflife loadtest does not support {', '.join(map(json.dumps, unknown))} "
+                            "(clients/ghz/README.md lists the keys it does)")
+    if config.get("insecure") is False:
+        raise LoadTestError(f'{where}: "insecure": false asks for TLS, which halflife loadtest does not do')
+    if {"data", GHZ_DATA_FILE} <= found:
+        raise LoadTestError(f'{where}: give "data" or "{GHZ_DATA_FILE}", not both')
+    if GHZ_DATA_FILE in found:
+        keys["data"] = GHZ_DATA_FILE
+    values = {"duration_stop": GHZ_DURATION_STOP}
+    for field, key in keys.items():
+        if field in given or key not in found:
             continue
         value = config[key]
-        if field == "data":
+        if key == GHZ_DATA_FILE:
+            if not isinstance(value, str):
+                raise LoadTestError(f'{where}: "{key}" must be a file path, not {value!r}')
+            value = read_data_file(value)
+        elif field == "data":
             value = json.dumps(value)
-        elif field in ("duration", "timeout"):
-            value = _ghz_duration(path, key, value)
+        elif field in ("duration", "max_duration", "timeout"):
+            value = _ghz_duration(where, key, value)
         values[field] = value
     values.update(given)
     if "call" not in values:
-        raise LoadTestError(f'ghz config {path}: no "call" (give it there or with --call)')
+        raise LoadTestError(f'{where}: no "call" (give it there or with --call)' if where else "give --call (or --config)")
     try:
         return LoadTestOptions(**values)
     except InvalidOption as exc:
-        if exc.field not in values or exc.field in given:  # the flag's value was bad, not the file's
+        if where is None or exc.field not in values or exc.field in given:  # the flag's value was bad, not the file's
             raise
-        raise LoadTestError(f'ghz config {path}: "{GHZ_KEYS[exc.field]}" {exc.problem}') from None
+        raise LoadTestError(f'{where}: "{keys[exc.field]}" {exc.problem}') from None
 
 
-async def run_load_test(options: LoadTestOptions) -> dict:
+class _Tally:
+    """The calls' outcomes, kept as ghz's reporter keeps them."""
+
+    def __init__(self) -> None:
+        self.latencies: list[int] = []  # ns, every call
+        self.ok_latencies: list[int] = []
+        self.statuses: collections.Counter = collections.Counter()
+        self.errors: collections.Counter = collections.Counter()
+
+    def add(self, begin_ns: int, code: grpc.StatusCode, details: str = "") -> None:
+        latency = time.perf_counter_ns() - begin_ns
+        self.latencies.append(latency)
+        self.statuses[GO_CODE_NAMES[code]] += 1
+        if code == grpc.StatusCode.OK:
+            self.ok_latencies.append(latency)
+        else:  # grpc-go's status error text, as ghz reports it
+            self.errors[f"rpc error: code = {GO_CODE_NAMES[code]} desc = {details}"] += 1
+
+
+def latency_distribution(latencies: list[int]) -> list[dict]:
+    """ghz's percentiles: for p%, the latency at rank ceil(p% of n) of the sorted
+    latencies (nearest rank, as ghz's reporter computes it), so every latency
+    reported is one a call had; no interpolation."""
+    ordered = sorted(latencies)
+    if not ordered:
+        return []
+    return [{"percentage": p, "latency": ordered[math.ceil(p / 100 * len(ordered)) - 1]} for p in PERCENTILES]
+
+
+async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = None) -> dict:
     """Runs the load; returns a ghz-shaped report (durations in nanoseconds).
-    The options were checked when they were made (LoadTestOptions.__post_init__)."""
-    if options.total is not None:
-        total = min(options.total, MAX_TOTAL)
+    Setting `stop` (on Ctrl-C, say) ends the run as its duration would, with
+    endReason "cancel". The options were checked when they were made
+    (LoadTestOptions.__post_init__)."""
+    if options.duration is not None and options.max_duration is None:
+        total = None  # ghz: "If duration is specified, n is ignored."
     else:
-        total = MAX_TOTAL if options.duration is not None else DEFAULT_TOTAL
-    duration = min(options.duration or MAX_DURATION_S, MAX_DURATION_S)
+        total = min(options.total or DEFAULT_TOTAL, MAX_TOTAL)
+    # ghz's -x is a -z that keeps -n, and the one that counts when both are given.
+    duration = min(options.max_duration or options.duration or MAX_DURATION_S, MAX_DURATION_S)
     # No more workers than requests, no more connections than workers: extras only cost start-up time.
-    concurrency = min(options.concurrency, total, MAX_CONCURRENCY)
+    concurrency = min(options.concurrency, total or MAX_TOTAL, MAX_CONCURRENCY)
     connections = min(options.connections, concurrency)
     method = method_descriptor(options.call)
     make_request = request_factory(method, options.data)
@@ -240,18 +423,18 @@ async def run_load_test(options: LoadTestOptions) -> dict:
         channel.unary_unary(path, request_serializer=request_class.SerializeToString, response_deserializer=response_class.FromString)
         for channel in channels
     ]
-    latencies: list[int] = []
-    statuses: collections.Counter = collections.Counter()
-    errors: collections.Counter = collections.Counter()
+    tally = _Tally()
     issued = 0
+    stopping = False
     started = time.perf_counter()
     deadline = started + duration
     hard_end = started + MAX_DURATION_S  # no call outlives the longest run either
 
     async def worker(index: int) -> None:
         nonlocal issued
-        call = calls[index % len(calls)]
-        while issued < total and time.perf_counter() < deadline:
+        call = calls[index % connections]
+        worker_id = f"g{index}c{index % connections}"
+        while not stopping and issued < (total or MAX_TOTAL):
             n = issued
             issued += 1
             if options.rps > 0:
@@ -261,39 +444,62 @@ async def run_load_test(options: LoadTestOptions) -> dict:
                 wait = due - time.perf_counter()
                 if wait > 0:
                     await asyncio.sleep(wait)
-            request = make_request(n)
+                    if stopping:
+                        break
+            request = make_request(n, worker_id)
             begin = time.perf_counter_ns()
             try:
-                await call(request, timeout=min(options.timeout, hard_end - time.perf_counter()))
-                statuses["OK"] += 1
+                await call(request, timeout=min(options.timeout or MAX_DURATION_S, hard_end - time.perf_counter()))
+                tally.add(begin, grpc.StatusCode.OK)
             except grpc.aio.AioRpcError as error:
-                statuses[error.code().name] += 1
-                errors[f"rpc error: code = {error.code().name} desc = {error.details()}"] += 1
-            latencies.append(time.perf_counter_ns() - begin)
+                tally.add(begin, error.code(), error.details())
+            except asyncio.CancelledError:  # the run stopped with this call in flight
+                if options.duration_stop == "close":  # ghz closes its connections: the call fails
+                    tally.add(begin, grpc.StatusCode.CANCELLED, CONNECTION_CLOSING)
+                raise
 
+    tasks = [asyncio.ensure_future(worker(i)) for i in range(concurrency)]
+    finished = asyncio.ensure_future(asyncio.wait(tasks))
+    stopped = asyncio.ensure_future((stop or asyncio.Event()).wait())
     try:
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        done, _ = await asyncio.wait((finished, stopped), timeout=deadline - time.perf_counter(),
+                                     return_when=asyncio.FIRST_COMPLETED)
+        end_reason = "normal" if finished in done else "cancel" if stopped in done else "timeout"
+        if end_reason != "normal":
+            stopping = True  # no new calls; the ones in flight as --duration-stop says
+            if options.duration_stop != "wait":
+                for task in tasks:
+                    task.cancel()
+        await finished
     finally:
+        finished.cancel()
+        stopped.cancel()
+        for task in tasks:  # only left running when this coroutine was cancelled itself
+            task.cancel()
         for channel in channels:
             await channel.close()
+    for task in tasks:
+        if not task.cancelled():
+            task.result()  # a worker's own error surfaces here
     elapsed_ns = int((time.perf_counter() - started) * 1e9)
-    lat = np.array(latencies, dtype=np.int64)
+    count, ok = len(tally.latencies), tally.ok_latencies
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "endReason": end_reason,
         "options": {"call": path.lstrip("/"), "target": options.target, "concurrency": concurrency,
-                    "connections": connections, "rps": options.rps, "total": options.total,
-                    "duration": options.duration},
-        "count": int(lat.size),
+                    "connections": connections, "rps": options.rps, "total": total,
+                    "duration": options.duration, "max-duration": options.max_duration,
+                    "duration-stop": options.duration_stop, "timeout": options.timeout},
+        "count": count,
         "total": elapsed_ns,
-        "average": int(lat.mean()) if lat.size else 0,
-        "fastest": int(lat.min()) if lat.size else 0,
-        "slowest": int(lat.max()) if lat.size else 0,
-        "rps": lat.size / (elapsed_ns / 1e9) if elapsed_ns else 0.0,
-        "latencyDistribution": [
-            {"percentage": p, "latency": int(np.percentile(lat, p))} for p in PERCENTILES
-        ] if lat.size else [],
-        "statusCodeDistribution": dict(statuses),
-        "errorDistribution": dict(errors),
+        # As ghz: the average over every call; fastest, slowest and percentiles over the OK ones.
+        "average": sum(tally.latencies) // count if count else 0,
+        "fastest": min(ok, default=0),
+        "slowest": max(ok, default=0),
+        "rps": count / (elapsed_ns / 1e9) if elapsed_ns else 0.0,
+        "latencyDistribution": latency_distribution(ok),
+        "statusCodeDistribution": dict(tally.statuses),
+        "errorDistribution": dict(tally.errors),
     }
 
 
@@ -302,17 +508,23 @@ def summary(report: dict) -> str:
     ms = lambda ns: f"{ns / 1e6:.2f} ms"
     lines = [
         f"count {report['count']}  rps {report['rps']:.1f}  average {ms(report['average'])}  "
-        f"fastest {ms(report['fastest'])}  slowest {ms(report['slowest'])}",
+        f"fastest {ms(report['fastest'])}  slowest {ms(report['slowest'])}  end {report['endReason']}",
         "  ".join(f"p{d['percentage']} {ms(d['latency'])}" for d in report["latencyDistribution"]),
         "status: " + ", ".join(f"{k} {v}" for k, v in report["statusCodeDistribution"].items()),
     ]
     return "\n".join(lines)
 
 
-def parse_duration(text: str) -> float:
-    """'10s', '500ms', '2m' or plain seconds."""
-    for suffix, scale in (("ms", 1e-3), ("s", 1.0), ("m", 60.0)):
-        if text.endswith(suffix):
-            return float(text[: -len(suffix)]) * scale
-    return float(text)
+_GO_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_GO_DURATION_PART = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_GO_DURATION = re.compile(rf"[-+]?(?:{_GO_DURATION_PART.pattern})+")
 
+
+def parse_duration(text: str) -> float:
+    """Seconds in a Go duration, as ghz reads them (time.ParseDuration: "1m30s",
+    "1.5h", "300ms", "2us", "0"), or in a plain number of seconds ("10", an
+    extension). Raises ValueError for anything else."""
+    if not _GO_DURATION.fullmatch(text):
+        return float(text)
+    sign = -1.0 if text.startswith("-") else 1.0
+    return sign * sum(float(number) * _GO_UNIT_SECONDS[unit] for number, unit in _GO_DURATION_PART.findall(text))

@@ -4,7 +4,8 @@ Items and events are passed as plain values (`Item`, `Event` dataclasses or
 the generated messages); times are `datetime`s (naive ones are taken as UTC).
 Recommendations and profiles come back as the generated, typed messages.
 
-Every call has a deadline (the client's `timeout` unless given per call), and
+Every call has a deadline (the client's `timeout` unless one is given per call;
+0 there is a deadline already past, not the default), and
 calls that fail with UNAVAILABLE (server restarting, connection dropped) are
 retried with exponential backoff by gRPC itself, as are those a server
 shutting down answers CANCELLED: it cancels calls that had arrived but not
@@ -127,6 +128,26 @@ def to_timestamp(when: dt.datetime) -> timestamp_pb2.Timestamp:
     return stamp
 
 
+def check_target(target: str) -> str:
+    """`target`, or ValueError when it is empty or its port is out of range:
+    gRPC wraps a port silently (127.0.0.1:99999 reaches port 34463)."""
+    if not target.strip():
+        raise ValueError("must be host:port, got an empty string")
+    port = target.rpartition(":")[2]
+    try:
+        number = int(port)
+    except ValueError:  # no port ("localhost", "unix:/path"): gRPC's defaults apply
+        return target
+    if not 1 <= number <= 65535:
+        raise ValueError(f"port must be 1 to 65535, got {port}")
+    return target
+
+
+def _deadline(timeout: float | None, default: float) -> float:
+    # None means the client's timeout; 0 is a deadline too (one already past), not "unset".
+    return default if timeout is None else timeout
+
+
 def _protos(values, message_type):
     return [v if isinstance(v, message_type) else v.to_proto() for v in values]
 
@@ -180,7 +201,7 @@ class HalflifeClient:
     """Blocking client. Use as a context manager, or call close()."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float = DEFAULT_TIMEOUT_S, channel=None):
-        self._channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._channel = channel or grpc.insecure_channel(check_target(target), options=CHANNEL_OPTIONS)
         self.timeout = timeout
         self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
         self._catalog = catalog_pb2_grpc.CatalogServiceStub(self._channel)
@@ -191,40 +212,40 @@ class HalflifeClient:
         self, texts: Sequence[str], *, truncate: bool = False, normalize: bool = True, timeout: float | None = None
     ) -> np.ndarray:
         """Embeds texts; returns (len(texts), dimension) float32 (unit rows unless normalize=False)."""
-        response = self._embedding.Embed(_embed_request(texts, truncate, normalize), timeout=timeout or self.timeout)
+        response = self._embedding.Embed(_embed_request(texts, truncate, normalize), timeout=_deadline(timeout, self.timeout))
         return _vectors(response)
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         return _model_info(
-            self._embedding.GetModelInfo(embedding_pb2.GetModelInfoRequest(), timeout=timeout or self.timeout)
+            self._embedding.GetModelInfo(embedding_pb2.GetModelInfoRequest(), timeout=_deadline(timeout, self.timeout))
         )
 
     def upsert_items(self, items: Sequence[Item | catalog_pb2.Item], *, timeout: float | None = None):
         """Creates or replaces items; returns (created, updated)."""
         response = self._catalog.UpsertItems(
-            catalog_pb2.UpsertItemsRequest(items=_protos(items, catalog_pb2.Item)), timeout=timeout or self.timeout
+            catalog_pb2.UpsertItemsRequest(items=_protos(items, catalog_pb2.Item)), timeout=_deadline(timeout, self.timeout)
         )
         return response.created_count, response.updated_count
 
     def delete_items(self, ids: Sequence[str], *, timeout: float | None = None) -> int:
-        return self._catalog.DeleteItems(catalog_pb2.DeleteItemsRequest(ids=list(ids)), timeout=timeout or self.timeout).deleted_count
+        return self._catalog.DeleteItems(catalog_pb2.DeleteItemsRequest(ids=list(ids)), timeout=_deadline(timeout, self.timeout)).deleted_count
 
     def get_items(self, ids: Sequence[str], *, include_vectors: bool = False, timeout: float | None = None):
         request = catalog_pb2.GetItemsRequest(ids=list(ids), include_vectors=include_vectors)
-        return list(self._catalog.GetItems(request, timeout=timeout or self.timeout).items)
+        return list(self._catalog.GetItems(request, timeout=_deadline(timeout, self.timeout)).items)
 
     def record_events(self, events: Sequence[Event | interest_pb2.Event], *, timeout: float | None = None):
         """Records events durably; returns (accepted, duplicates)."""
         response = self._interest.RecordEvents(
-            interest_pb2.RecordEventsRequest(events=_protos(events, interest_pb2.Event)), timeout=timeout or self.timeout
+            interest_pb2.RecordEventsRequest(events=_protos(events, interest_pb2.Event)), timeout=_deadline(timeout, self.timeout)
         )
         return response.accepted_count, response.duplicate_count
 
     def profile(self, user_id: str, *, as_of: dt.datetime | None = None, items_per_interest: int = 0, timeout: float | None = None):
-        return self._interest.GetProfile(_profile_request(user_id, as_of, items_per_interest), timeout=timeout or self.timeout)
+        return self._interest.GetProfile(_profile_request(user_id, as_of, items_per_interest), timeout=_deadline(timeout, self.timeout))
 
     def delete_user(self, user_id: str, *, timeout: float | None = None) -> int:
-        return self._interest.DeleteUser(interest_pb2.DeleteUserRequest(user_id=user_id), timeout=timeout or self.timeout).deleted_event_count
+        return self._interest.DeleteUser(interest_pb2.DeleteUserRequest(user_id=user_id), timeout=_deadline(timeout, self.timeout)).deleted_event_count
 
     def recommend(
         self, user_id: str, limit: int = 10, *, as_of: dt.datetime | None = None, include_seen: bool = False,
@@ -232,13 +253,13 @@ class HalflifeClient:
         item_filter: recommend_pb2.ItemFilter | None = None, timeout: float | None = None,
     ) -> recommend_pb2.RecommendResponse:
         request = _recommend_request(user_id, limit, as_of, include_seen, query, explain, diversity, item_filter)
-        return self._recommend.Recommend(request, timeout=timeout or self.timeout)
+        return self._recommend.Recommend(request, timeout=_deadline(timeout, self.timeout))
 
     def similar_items(
         self, *, item_id: str | None = None, text: str | None = None, limit: int = 10,
         item_filter: recommend_pb2.ItemFilter | None = None, timeout: float | None = None,
     ) -> recommend_pb2.SimilarItemsResponse:
-        return self._recommend.SimilarItems(_similar_request(item_id, text, limit, item_filter), timeout=timeout or self.timeout)
+        return self._recommend.SimilarItems(_similar_request(item_id, text, limit, item_filter), timeout=_deadline(timeout, self.timeout))
 
     def close(self) -> None:
         self._channel.close()
@@ -254,7 +275,7 @@ class AsyncHalflifeClient:
     """asyncio client with the same methods as HalflifeClient, awaitable."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float = DEFAULT_TIMEOUT_S, channel=None):
-        self._channel = channel or grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._channel = channel or grpc.aio.insecure_channel(check_target(target), options=CHANNEL_OPTIONS)
         self.timeout = timeout
         self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
         self._catalog = catalog_pb2_grpc.CatalogServiceStub(self._channel)
@@ -265,41 +286,41 @@ class AsyncHalflifeClient:
         self, texts: Sequence[str], *, truncate: bool = False, normalize: bool = True, timeout: float | None = None
     ) -> np.ndarray:
         response = await self._embedding.Embed(
-            _embed_request(texts, truncate, normalize), timeout=timeout or self.timeout
+            _embed_request(texts, truncate, normalize), timeout=_deadline(timeout, self.timeout)
         )
         return _vectors(response)
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         return _model_info(
-            await self._embedding.GetModelInfo(embedding_pb2.GetModelInfoRequest(), timeout=timeout or self.timeout)
+            await self._embedding.GetModelInfo(embedding_pb2.GetModelInfoRequest(), timeout=_deadline(timeout, self.timeout))
         )
 
     async def upsert_items(self, items: Sequence[Item | catalog_pb2.Item], *, timeout: float | None = None):
         """Creates or replaces items; returns (created, updated)."""
         response = await self._catalog.UpsertItems(
-            catalog_pb2.UpsertItemsRequest(items=_protos(items, catalog_pb2.Item)), timeout=timeout or self.timeout
+            catalog_pb2.UpsertItemsRequest(items=_protos(items, catalog_pb2.Item)), timeout=_deadline(timeout, self.timeout)
         )
         return response.created_count, response.updated_count
 
     async def delete_items(self, ids: Sequence[str], *, timeout: float | None = None) -> int:
-        return (await self._catalog.DeleteItems(catalog_pb2.DeleteItemsRequest(ids=list(ids)), timeout=timeout or self.timeout)).deleted_count
+        return (await self._catalog.DeleteItems(catalog_pb2.DeleteItemsRequest(ids=list(ids)), timeout=_deadline(timeout, self.timeout))).deleted_count
 
     async def get_items(self, ids: Sequence[str], *, include_vectors: bool = False, timeout: float | None = None):
         request = catalog_pb2.GetItemsRequest(ids=list(ids), include_vectors=include_vectors)
-        return list((await self._catalog.GetItems(request, timeout=timeout or self.timeout)).items)
+        return list((await self._catalog.GetItems(request, timeout=_deadline(timeout, self.timeout))).items)
 
     async def record_events(self, events: Sequence[Event | interest_pb2.Event], *, timeout: float | None = None):
         """Records events durably; returns (accepted, duplicates)."""
         response = await self._interest.RecordEvents(
-            interest_pb2.RecordEventsRequest(events=_protos(events, interest_pb2.Event)), timeout=timeout or self.timeout
+            interest_pb2.RecordEventsRequest(events=_protos(events, interest_pb2.Event)), timeout=_deadline(timeout, self.timeout)
         )
         return response.accepted_count, response.duplicate_count
 
     async def profile(self, user_id: str, *, as_of: dt.datetime | None = None, items_per_interest: int = 0, timeout: float | None = None):
-        return await self._interest.GetProfile(_profile_request(user_id, as_of, items_per_interest), timeout=timeout or self.timeout)
+        return await self._interest.GetProfile(_profile_request(user_id, as_of, items_per_interest), timeout=_deadline(timeout, self.timeout))
 
     async def delete_user(self, user_id: str, *, timeout: float | None = None) -> int:
-        return (await self._interest.DeleteUser(interest_pb2.DeleteUserRequest(user_id=user_id), timeout=timeout or self.timeout)).deleted_event_count
+        return (await self._interest.DeleteUser(interest_pb2.DeleteUserRequest(user_id=user_id), timeout=_deadline(timeout, self.timeout))).deleted_event_count
 
     async def recommend(
         self, user_id: str, limit: int = 10, *, as_of: dt.datetime | None = None, include_seen: bool = False,
@@ -307,13 +328,13 @@ class AsyncHalflifeClient:
         item_filter: recommend_pb2.ItemFilter | None = None, timeout: float | None = None,
     ) -> recommend_pb2.RecommendResponse:
         request = _recommend_request(user_id, limit, as_of, include_seen, query, explain, diversity, item_filter)
-        return await self._recommend.Recommend(request, timeout=timeout or self.timeout)
+        return await self._recommend.Recommend(request, timeout=_deadline(timeout, self.timeout))
 
     async def similar_items(
         self, *, item_id: str | None = None, text: str | None = None, limit: int = 10,
         item_filter: recommend_pb2.ItemFilter | None = None, timeout: float | None = None,
     ) -> recommend_pb2.SimilarItemsResponse:
-        return await self._recommend.SimilarItems(_similar_request(item_id, text, limit, item_filter), timeout=timeout or self.timeout)
+        return await self._recommend.SimilarItems(_similar_request(item_id, text, limit, item_filter), timeout=_deadline(timeout, self.timeout))
 
     async def close(self) -> None:
         await self._channel.close()

@@ -45,6 +45,7 @@ PREVIOUS_DEFAULT = Config(
                       affinity_half_life_days=90.0, popularity_half_life_days=30.0),
 )
 SEED = 0
+REACHABLE_TIMEOUT_S = 10.0  # how long the check of --target before the run waits for an answer
 BATCH = 5000
 
 
@@ -133,6 +134,14 @@ class RemoteBackend:
     """A running server over gRPC (halflife_client): the deployed path. The
     server must start empty; items (embedded by the server) and events
     before each query time are sent through the public API."""
+
+    @staticmethod
+    def check(target: str) -> None:
+        """Raises grpc.RpcError unless a server answers at `target`."""
+        from halflife_client import HalflifeClient
+
+        with HalflifeClient(target, timeout=REACHABLE_TIMEOUT_S) as client:
+            client.model_info()
 
     def __init__(self, data: EvalData, target: str):
         from halflife_client import HalflifeClient
@@ -394,14 +403,17 @@ def _check_writable(path: Path, what: str, directory: bool) -> None:
 def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target: str | None = None,
         config_out: Path | None = None) -> dict:
     """Raises DatasetError for a bad dataset, ManifestError for a bad model
-    directory and OSError for an output that cannot be written, before any
-    work (the run takes minutes)."""
+    directory, OSError for an output that cannot be written and grpc.RpcError
+    for a `target` that does not answer, before any work (the run takes
+    minutes); grpc.RpcError too for a call to `target` that fails later."""
     started = time.perf_counter()
     np.random.seed(SEED)
     _check_writable(out_dir, "output directory", directory=True)
     _check_writable(cache_dir, "cache directory", directory=True)
     if config_out:
         _check_writable(config_out, "config file", directory=False)
+    if target:
+        RemoteBackend.check(target)
     fp32 = load_manifest(model_dir).variants[0].name
     data = load_eval_data(data_dir)
     q80, q90 = time_quantiles(data, 0.8, 0.9)

@@ -1,0 +1,297 @@
+"""`halflife loadtest` against ghz's documented behaviour (ghz.sh/docs/options, calldata, and its
+reporter): what -z does to calls in flight (--duration-stop), -z over -n, -x, config keys and
+template actions, Go's status names, nearest-rank percentiles, Ctrl-C. A scripted health server
+stands in for Halflife, so each test takes a second or two."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import io
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from halflife.cli import main
+from halflife.loadtest import (
+    GO_CODE_NAMES, LoadTestError, LoadTestOptions, latency_distribution, method_descriptor, options_from_flags,
+    options_from_ghz_config, parse_duration, request_factory, run_load_test,
+)
+
+HEALTH = "grpc.health.v1.Health.Check"
+pytestmark = pytest.mark.timeout(60)
+
+
+class ScriptedHealth(health_pb2_grpc.HealthServicer):
+    """Check does what its `service` field says: "" answers at once, "sleep=S" after S
+    seconds, "hang" when the caller gives up (or after HANG_LIMIT_S), "code=NAME"
+    fails with that status. Keeps every `service` it was sent."""
+
+    HANG_LIMIT_S = 30
+
+    def __init__(self):
+        self.received: list[str] = []
+        self.first_call = threading.Event()
+
+    def Check(self, request, context):
+        self.received.append(request.service)
+        self.first_call.set()
+        command, _, argument = request.service.partition("=")
+        if command == "sleep":
+            time.sleep(float(argument))
+        elif command == "hang":
+            deadline = time.monotonic() + self.HANG_LIMIT_S
+            while context.is_active() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        elif command == "code":
+            context.abort(grpc.StatusCode[argument], "scripted")
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+@pytest.fixture()
+def scripted():
+    """(servicer, address) of a ScriptedHealth server on 127.0.0.1."""
+    servicer = ScriptedHealth()
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(8))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
+
+
+def run(**options) -> tuple[dict, float]:
+    begin = time.monotonic()
+    report = asyncio.run(run_load_test(LoadTestOptions(call=HEALTH, **options)))
+    return report, time.monotonic() - begin
+
+
+def cli(capsys, *args: str) -> tuple[int, dict]:
+    status = main(["loadtest", "--call", HEALTH, *args])
+    return status, json.loads(capsys.readouterr().out)
+
+
+# -z and the calls in flight when it ends (ghz's --duration-stop). The calls hang, with a 3 s timeout:
+# before the fix the run lasted until that timeout (with -t 20s, 21 s for -z 2s), whatever -z said.
+def test_duration_stop_close_cancels_the_calls_in_flight_and_reports_them(scripted):
+    _, address = scripted
+    report, elapsed = run(target=address, data='{"service": "hang"}', concurrency=2, duration=0.5, timeout=3.0,
+                          duration_stop="close")
+    assert 0.5 <= elapsed < 2, elapsed
+    assert report["endReason"] == "timeout"
+    assert report["statusCodeDistribution"] == {"Canceled": 2}
+    assert report["errorDistribution"] == {"rpc error: code = Canceled desc = grpc: the client connection is closing": 2}
+
+
+def test_duration_stop_ignore_leaves_them_out(scripted):
+    _, address = scripted
+    report, elapsed = run(target=address, data='{"service": "hang"}', concurrency=2, duration=0.5, timeout=3.0,
+                          duration_stop="ignore")
+    assert 0.5 <= elapsed < 2 and report["count"] == 0, elapsed
+
+
+def test_duration_stop_wait_lets_them_run_to_their_timeout_and_sends_no_more(scripted):
+    servicer, address = scripted
+    report, elapsed = run(target=address, data='{"service": "hang"}', concurrency=2, duration=0.3, timeout=1.0,
+                          duration_stop="wait")
+    assert 1.0 <= elapsed < 2.5, elapsed
+    assert report["statusCodeDistribution"] == {"DeadlineExceeded": 2} and len(servicer.received) == 2
+
+
+def test_the_cli_and_ghz_configs_default_to_close_as_ghz(tmp_path):
+    assert options_from_flags(call=HEALTH, duration=1.0).duration_stop == "close"
+    path = tmp_path / "z.json"
+    path.write_text(json.dumps({"call": HEALTH, "duration": "1s"}))
+    assert options_from_ghz_config(path).duration_stop == "close"
+    assert options_from_ghz_config(path, duration_stop="wait").duration_stop == "wait"
+
+
+# -z over -n, and -x ("If duration is specified, n is ignored"; -x keeps n).
+def test_a_duration_wins_over_a_configs_total_and_over_n(scripted, tmp_path, capsys):
+    _, address = scripted
+    path = tmp_path / "ghz.json"
+    path.write_text(json.dumps({"call": HEALTH, "host": address, "total": 3, "concurrency": 1, "insecure": True}))
+    status, report = cli(capsys, "--config", str(path), "-z", "0.5s")
+    assert status == 0 and report["count"] > 3 and report["total"] >= 0.45e9  # the event loop's timers: ~1 ms
+    assert report["options"]["total"] is None and report["endReason"] == "timeout"
+    status, report = cli(capsys, "--target", address, "-c", "1", "-n", "3", "-z", "0.5s")
+    assert status == 0 and report["count"] > 3
+
+
+def test_max_duration_keeps_the_total(scripted, tmp_path, capsys):
+    _, address = scripted
+    path = tmp_path / "ghz.json"
+    path.write_text(json.dumps({"call": HEALTH, "host": address, "total": 3, "max-duration": "30s"}))
+    status, report = cli(capsys, "--config", str(path))
+    assert status == 0 and report["count"] == 3 and report["endReason"] == "normal"
+    status, report = cli(capsys, "--target", address, "-c", "1", "-n", "100000", "-x", "0.3s")
+    assert status == 0 and 3 < report["count"] < 100000 and report["endReason"] == "timeout"
+
+
+# ghz config keys and template actions: the ones implemented work, any other is refused up front.
+def refused(capsys, *args: str) -> str:
+    assert main(["loadtest", *args]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("config, named", [
+    ({"metadata": {"token": "x"}}, '"metadata"'),
+    ({"load-schedule": "step", "skipFirst": 5}, '"load-schedule", "skipFirst"'),
+    ({"insecure": False}, '"insecure": false'),
+    ({"data": {}, "data-file": "d.json"}, '"data" or "data-file"'),
+    ({"data-file": 5}, '"data-file"'),
+    ({"duration-stop": "later"}, '"duration-stop"'),
+    ({"max-duration": "0s"}, '"max-duration"'),
+    ({"data": {"service": "{{randomFoo}}"}}, "{{randomFoo}}"),
+], ids=lambda v: repr(v)[:50])
+def test_unsupported_ghz_config_keys_and_values_are_refused(tmp_path, capsys, config, named):
+    path = tmp_path / "ghz.json"
+    path.write_text(json.dumps({"call": HEALTH, "host": "127.0.0.1:1", **config}))
+    err = refused(capsys, "--config", str(path))
+    assert named in err and str(path) in err, err
+
+
+def test_data_file_and_max_duration_are_read(tmp_path, monkeypatch):
+    (tmp_path / "data.json").write_text('{"service": "from-file"}')
+    path = tmp_path / "ghz.json"
+    path.write_text(json.dumps({"call": HEALTH, "data-file": "data.json", "max-duration": "1m30s", "proto": "x.proto"}))
+    monkeypatch.chdir(tmp_path)  # ghz reads the data file from the working directory
+    options = options_from_ghz_config(path)
+    assert options.data == '{"service": "from-file"}' and options.max_duration == 90.0
+
+
+@pytest.mark.parametrize("action", [
+    "{{.Nope}}", "{{randomFoo}}", "{{randomInt 5 1}}", "{{randomString x}}", '{{printf "%d" 1}}',
+    "{{upper .UUID}}", "{{ .RequestNumber", "{{.WorkerID 3}}",
+])
+def test_template_actions_it_cannot_render_are_refused_never_sent(capsys, action):
+    err = refused(capsys, "--call", HEALTH, "--target", "127.0.0.1:1", "-d", json.dumps({"service": action}))
+    assert err.startswith("halflife loadtest: error: --data ") and ("{{" in err), err
+
+
+def test_template_actions_are_rendered_per_request():
+    make = request_factory(method_descriptor(HEALTH), json.dumps({"service": "|".join([
+        "{{.WorkerID}}", "{{ .RequestNumber }}", "{{.TimestampUnixMilli}}", "{{.TimestampUnix}}", "{{randomString 8}}",
+        "{{randomInt 3 4}}", "{{newUUID}}", "{{.UUID}}", "{{.MethodName}}", "{{.ServiceName}}", "{{.IsServerStreaming}}",
+        "{{.FullyQualifiedName}}", "{{.InputName}}",
+    ])}))
+    now_ms = time.time() * 1000
+    (worker, number, milli, unix, text, three, new_uuid, call_uuid, method, service, streaming, name, input_name) = (
+        make(7, "g1c0").service.split("|"))
+    assert (worker, number, three, method, service, streaming) == ("g1c0", "7", "3", "Check", "Health", "false")
+    assert (name, input_name) == (HEALTH, "HealthCheckRequest")
+    assert abs(int(milli) - now_ms) < 10_000 and int(unix) == int(milli) // 1000
+    assert len(text) == 8 and text.isalnum()
+    assert uuid.UUID(new_uuid) and uuid.UUID(call_uuid) and new_uuid != call_uuid
+    assert make(8).service.split("|")[6] != new_uuid  # new values per request
+
+
+def test_worker_ids_and_an_array_round_robin_reach_the_server(scripted, capsys):
+    servicer, address = scripted
+    data = json.dumps([{"service": "a-{{.WorkerID}}"}, {"service": "b-{{.WorkerID}}"}])
+    status, report = cli(capsys, "--target", address, "-c", "2", "--connections", "2", "-n", "4", "-d", data)
+    assert status == 0 and report["count"] == 4
+    elements, workers = zip(*(service.split("-") for service in servicer.received))
+    assert sorted(elements) == ["a", "a", "b", "b"] and set(workers) == {"g0c0", "g1c1"}
+
+
+# The report: Go's status names, as ghz writes them; nearest-rank percentiles of observed latencies.
+def test_status_and_error_names_are_gos(scripted, capsys):
+    _, address = scripted
+    data = json.dumps([{"service": ""}, {"service": "code=NOT_FOUND"}, {"service": "code=INVALID_ARGUMENT"}])
+    status, report = cli(capsys, "--target", address, "-c", "1", "-n", "6", "-d", data)
+    assert status == 0
+    assert report["statusCodeDistribution"] == {"OK": 2, "NotFound": 2, "InvalidArgument": 2}
+    assert report["errorDistribution"] == {"rpc error: code = NotFound desc = scripted": 2,
+                                           "rpc error: code = InvalidArgument desc = scripted": 2}
+    assert sorted(GO_CODE_NAMES.values()) == sorted([  # grpc-go's codes.Code.String()
+        "OK", "Canceled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound", "AlreadyExists",
+        "PermissionDenied", "ResourceExhausted", "FailedPrecondition", "Aborted", "OutOfRange", "Unimplemented",
+        "Internal", "Unavailable", "DataLoss", "Unauthenticated"])
+
+
+def test_percentiles_are_latencies_calls_had():
+    latencies = [20] * 9 + [200]  # interpolated, p95 was 119: a latency no call had
+    assert {d["percentage"]: d["latency"] for d in latency_distribution(latencies)} == {
+        10: 20, 25: 20, 50: 20, 75: 20, 90: 20, 95: 200, 99: 200}
+    # Nearest rank: p% of 1..100 is p (interpolation gave 10.9 for p10, 50.5 for p50).
+    assert [d["latency"] for d in latency_distribution(list(range(100, 0, -1)))] == [10, 25, 50, 75, 90, 95, 99]
+
+
+def test_reported_percentiles_and_extremes_come_from_the_ok_calls(scripted, capsys):
+    _, address = scripted
+    data = json.dumps([{"service": "sleep=0.2"}] + [{"service": ""}] * 8 + [{"service": "code=INTERNAL"}])
+    status, report = cli(capsys, "--target", address, "-c", "1", "-n", "10", "-d", data)
+    assert status == 0 and report["count"] == 10
+    by_percentage = {d["percentage"]: d["latency"] for d in report["latencyDistribution"]}
+    assert by_percentage[90] >= 0.2e9 and by_percentage[75] < 0.1e9  # 9 OK calls: p90 is the slow one
+    assert report["slowest"] == by_percentage[99] >= 0.2e9
+
+
+# The flags ghz has: -r, Go durations, -t 0, -d @.
+@pytest.mark.parametrize("text, seconds", [
+    ("1m30s", 90.0), ("1h", 3600.0), ("1.5s", 1.5), ("300ms", 0.3), ("2us", 2e-6), ("2µs", 2e-6), ("1h2m3.5s", 3723.5),
+    (".5s", 0.5), ("0", 0.0), ("10", 10.0),  # plain seconds: an extension ghz lacks
+])
+def test_durations_parse_as_gos(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+def test_bad_durations_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["loadtest", "--call", HEALTH, "-z", "1m30"])
+    assert exit_.value.code == 2 and "must be a duration such as 10s, 1m30s or 500ms, got '1m30'" in capsys.readouterr().err
+
+
+def test_r_limits_the_rate_and_t_0_means_no_timeout(scripted, capsys):
+    _, address = scripted
+    begin = time.monotonic()
+    status, report = cli(capsys, "--target", address, "-c", "2", "-r", "20", "-n", "10", "-t", "0")
+    assert status == 0 and report["count"] == 10 and time.monotonic() - begin >= 0.4
+    assert report["options"]["rps"] == 20 and report["options"]["timeout"] == 0
+
+
+def test_data_from_stdin(scripted, capsys, monkeypatch):
+    servicer, address = scripted
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"service": "stdin"}'))
+    status, report = cli(capsys, "--target", address, "-n", "2", "-d", "@")
+    assert status == 0 and servicer.received == ["stdin", "stdin"]
+
+
+def test_a_target_port_out_of_range_is_refused():
+    with pytest.raises(LoadTestError, match="^--target 127.0.0.1:70000: port must be 1 to 65535, got 70000$"):
+        LoadTestOptions(call=HEALTH, target="127.0.0.1:70000")
+
+
+# Ctrl-C: the load stops and the report of what ran is printed (exit 130).
+def test_ctrl_c_prints_the_report_of_what_ran(scripted):
+    servicer, address = scripted
+    process = subprocess.Popen(
+        [sys.executable, "-m", "halflife.cli", "loadtest", "--call", HEALTH, "--target", address, "-z", "50s", "-c", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        # Some calls answered (two workers: the third call came after the first answer).
+        began = time.monotonic()
+        while len(servicer.received) < 3 and time.monotonic() - began < 30:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    report = json.loads(stdout)
+    assert process.returncode == 130 and report["endReason"] == "cancel" and report["total"] < 40e9
+    assert report["statusCodeDistribution"].get("OK", 0) >= 1
+    assert stderr.strip() == f"halflife loadtest: interrupted; the report covers the {report['count']} calls made"
