@@ -28,7 +28,7 @@ def load(target: str, concurrency: int, duration: float, data: str = "{}", call:
     (after a few untimed warm-up calls). Calls still in flight at the end run
     to completion or to `timeout`. strict: raise when any call failed."""
     warm = LoadTestOptions(call=call, data=data, target=target, concurrency=min(concurrency, 4), total=8,
-                           duration=1.0, timeout=timeout)
+                           max_duration=1.0, timeout=timeout)
     run_event_loop(run_load_test(warm))
     options = LoadTestOptions(call=call, data=data, target=target, concurrency=concurrency, duration=duration,
                               timeout=timeout, connections=connections)
