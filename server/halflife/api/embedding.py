@@ -8,7 +8,7 @@ import grpc
 
 from halflife.api.backend import Backend
 from halflife.api.calls import deadline_of
-from halflife.api.errors import invalid_argument, translate_errors
+from halflife.api.errors import translate_errors
 from halflife.api.validation import Violations
 from halflife.deadlines import Deadline
 from halflife.embedding.engine import EmbeddingEngine, InputsTooLongError, TokenizedInputs
@@ -22,6 +22,16 @@ MAX_INPUTS_PER_REQUEST = 256
 # 0.3 ms of thread wake-ups per call on a shared 2-vCPU VM. Larger requests
 # still go off the loop, so it is never blocked for long.
 INLINE_TOKENIZE_CHARS = 512
+
+
+async def _tokenize(backend, inputs: list[str], truncate: bool, deadline: Deadline) -> TokenizedInputs:
+    """engine.tokenize on the event loop for a few short inputs, else on the
+    tokenizer pool (see INLINE_TOKENIZE_CHARS)."""
+    if sum(map(len, inputs)) <= INLINE_TOKENIZE_CHARS:
+        return backend.embedding.tokenize(inputs, truncate)
+    return await asyncio.get_running_loop().run_in_executor(
+        backend.tokenize_pool, _tokenize_unless_late, backend.embedding, inputs, truncate, deadline
+    )
 
 
 def _tokenize_unless_late(engine: EmbeddingEngine, inputs: list[str], truncate: bool, deadline: Deadline) -> TokenizedInputs:
@@ -39,28 +49,21 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     @translate_errors
     async def Embed(self, request: embedding_pb2.EmbedRequest, context: grpc.aio.ServicerContext):
         backend = self._backend.ready()
-        engine, batcher = backend.embedding, backend.batcher
+        batcher = backend.batcher
         inputs = list(request.inputs)
         violations = Violations()
-        if violations.count(inputs, "inputs", MAX_INPUTS_PER_REQUEST):
-            for i, text in enumerate(inputs):
-                violations.text(text, f"inputs[{i}]")  # tokenizing is linear in the bytes, truncated or not
-        violations.raise_if_any()
+        if not violations.count(inputs, "inputs", MAX_INPUTS_PER_REQUEST):
+            violations.raise_if_any()
+        # Tokenizing is linear in the bytes, truncated or not: only the inputs short enough are.
+        short = [i for i, text in enumerate(inputs) if violations.text(text, f"inputs[{i}]")]
         deadline = deadline_of(context)
         try:
-            if sum(map(len, inputs)) <= INLINE_TOKENIZE_CHARS:
-                tokens = engine.tokenize(inputs, request.truncate)
-            else:
-                tokens = await asyncio.get_running_loop().run_in_executor(
-                    backend.tokenize_pool, _tokenize_unless_late, engine, inputs, request.truncate, deadline
-                )
-        except InputsTooLongError as error:
-            raise invalid_argument(
-                [
-                    (f"inputs[{i}]", f"has {n} tokens, more than the model's {error.max_tokens}; set truncate to cut it")
-                    for i, n in error.too_long
-                ]
-            ) from None
+            tokens = await _tokenize(backend, [inputs[i] for i in short], request.truncate, deadline)
+        except InputsTooLongError as error:  # reported with the inputs too long in bytes: all at once
+            for i, n in error.too_long:
+                violations.add(f"inputs[{short[i]}]",
+                               f"has {n} tokens, more than the model's {error.max_tokens}; set truncate to cut it")
+        violations.raise_if_any()
         vectors = await batcher.submit(tokens.ids, deadline.expires)
         if not request.skip_normalize:
             vectors = l2_normalize(vectors)

@@ -60,9 +60,12 @@ class Violations:
         elif _CONTROL_CHARACTER.search(value):
             self.add(field, "must not contain control characters (U+0000 to U+001F, U+007F)")
 
-    def text(self, value: str, field: str) -> None:
+    def text(self, value: str, field: str) -> bool:
+        """Whether `value` is short enough; adds the violation where not."""
         if len(value.encode()) > MAX_TEXT_BYTES:
             self.add(field, f"is {len(value.encode())} bytes long; at most {MAX_TEXT_BYTES}")
+            return False
+        return True
 
     def finite(self, value: float, field: str) -> None:
         if not math.isfinite(value):
