@@ -725,6 +725,27 @@ def test_freshness_lowers_scores_below_zero_too(tmp_path, user):
     assert result.items[0].score > result.items[1].score >= 0
 
 
+def test_cosines_reported_stay_within_one_for_equal_vectors(tmp_path):
+    """The API promises cosines in [-1, 1]; a float32 product of a unit row
+    with itself lands on 1.0000002 for some rows. Twin items (one vector)
+    liked by a user: profile items and labels, explanations and SimilarItems."""
+    engine = open_engine(tmp_path)
+    vectors = fake_embed([f"twin {n}" for n in range(24)])
+    engine.upsert_items([ItemInput(id=f"{side}{n}", text="", vector=v, categories=(f"c{n}",))
+                         for n, v in enumerate(vectors) for side in ("a", "b")])
+    engine.record_events([EventInput(f"e{n}", f"u{n}", LIKE, f"a{n}", None, None, T - 60) for n in range(24)])
+    reported = []
+    for n in range(24):
+        profile = engine.profile(f"u{n}", as_of=T, items_per_interest=3)
+        reported += [s for view in profile.interests for _, _, s in view.top_items]
+        reported += [s for view in profile.interests for _, s in view.labels]
+        for item in engine.recommend(f"u{n}", 2, as_of=T, include_seen=True, explain=True).items:
+            reported += [i.similarity for i in item.explanation.interests]
+            reported += [e.similarity for e in item.explanation.events]
+        reported += [i.score for i in engine.similar_items(item_id=f"a{n}", limit=1).items]
+    assert max(reported) == 1.0 and min(reported) >= -1.0
+
+
 def test_the_unweighted_signals_are_the_explained_parts_over_their_weights(tmp_path):
     """`_signals` (what `halflife eval` blends offline) gives each signal of
     the blend before weighting: a Recommend's explained parts are them

@@ -13,6 +13,7 @@ from halflife.core.ranking import (
     batch_search,
     batch_top_k,
     blend_query,
+    clip_cosines,
     cosine_scores,
     decayed_sum,
     freshness,
@@ -181,6 +182,12 @@ def test_decayed_counts_match_brute_force():
     counter.resize(60)
     assert counter.read(t).shape == (60,) and counter.read(t)[50:].sum() == 0
     assert DecayedCounts.empty(3, DAY).read(T0).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_clip_cosines_keeps_empty_slots():
+    values = np.array([1.0000002, -1.0000002, 0.5, -np.inf], dtype=np.float32)
+    clipped = clip_cosines(values)
+    assert clipped.dtype == np.float32 and clipped.tolist() == [1.0, -1.0, 0.5, -np.inf]
 
 
 def test_an_item_whose_every_event_was_taken_back_counts_exactly_zero():

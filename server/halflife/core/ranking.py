@@ -48,6 +48,14 @@ def row_dots(items: np.ndarray, vector: np.ndarray) -> np.ndarray:
     return np.vecdot(items, vector)
 
 
+def clip_cosines(values: np.ndarray) -> np.ndarray:
+    """values within [-1, 1], which the API promises of a cosine: float32
+    products of unit vectors land just past it (1.0000002 for two equal
+    rows). -inf (an empty slot) stays. Returns an array of values' dtype."""
+    values = np.asarray(values)
+    return np.where(np.isneginf(values), values, np.clip(values, -1, 1)).astype(values.dtype, copy=False)
+
+
 def cosine_scores(queries, items: np.ndarray) -> np.ndarray:
     """Cosine of each query with every item: one pass over the rows for a
     single query (`row_dots`), one GEMM for several, in float32.

@@ -48,6 +48,7 @@ from halflife.core.profiles import MultiInterestState, ProfileState
 from halflife.core.ranking import (
     DecayedCounts,
     RowBlocks,
+    clip_cosines,
     cosine_scores,
     decayed_sum,
     freshness,
@@ -1173,7 +1174,7 @@ class InterestEngine:
         described = self._describe(centroids, 0) if multi.n_clusters else []
         rank_of = {int(c): r for r, c in enumerate(np.argsort(-importances, kind="stable"))}
         item_vectors = self.catalog.vectors[rows]
-        cluster_sims = item_vectors @ centroids.T if multi.n_clusters else np.zeros((len(rows), 0))
+        cluster_sims = clip_cosines(item_vectors @ centroids.T) if multi.n_clusters else np.zeros((len(rows), 0))
         events = self._directed_events(user_id, t)
         types = self._record_types(events)
         positive = [e for e, k in zip(events, types) if self._types.weights[k] > 0]
@@ -1182,7 +1183,7 @@ class InterestEngine:
             event_vectors = np.stack([e.vector for e in positive])
             ages = t - np.array([e.event_time for e in positive])
             weights = self._types.weights[types] * np.exp2(-ages / self._types.half_lives[types])
-            event_sims = item_vectors @ event_vectors.T  # (rows, events)
+            event_sims = clip_cosines(item_vectors @ event_vectors.T)  # (rows, events)
         explanations = []
         for j in range(len(rows)):
             shares = importances / total
@@ -1227,7 +1228,8 @@ class InterestEngine:
                 query = self.catalog.vectors[row].copy()
                 exclude = {item_id}
             allowed, items = self._allowed(filter, exclude), self.catalog.vectors
-        scores = self._blocks(lambda rows: cosine_scores(query, rows), items)  # without the lock, as in recommend()
+        # Without the lock, as in recommend(); clipped before the top k, so that equal rows tie (by id).
+        scores = self._blocks(lambda rows: clip_cosines(cosine_scores(query, rows)), items)
         select = functools.partial(top_k, scores, limit, ties=True)  # select(allowed) -> (rows, scores)
         picked = select(allowed)
         with self._lock:
