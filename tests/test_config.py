@@ -101,6 +101,10 @@ def test_overriding_an_event_type_keeps_the_rest(tmp_path):
         ({"ratings": {"negative_max": 4.0}}, "ratings.negative_max"),
         ({"ratings": {"negative_max": 3.0, "positive_min": 2.5}}, "ratings.negative_max"),
         ({"ratings": {"positive_min": "4"}}, "ratings.positive_min"),
+        # Accepted once, then every personal Recommend failed (core.decay takes decay < 1 only).
+        ({"profile": {"mode": "single", "kernel": "linear", "kernel_decay": 1.0}}, "profile.kernel_decay"),
+        ({"profile": {"mode": "single", "kernel": "exp", "kernel_decay": 0.0}}, "profile.kernel_decay"),
+        ({"profile": {"cluster_threshold": 2.0}}, "profile.cluster_threshold"),
     ],
 )
 def test_invalid_settings_name_the_key(data, key):
@@ -108,6 +112,17 @@ def test_invalid_settings_name_the_key(data, key):
         parse_config(data)
     assert str(caught.value).startswith(f"{key}:"), str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_a_linear_kernel_takes_a_decay_of_zero_as_its_kernel_does():
+    assert parse_config({"profile": {"mode": "single", "kernel": "linear", "kernel_decay": 0.0}}).profile.kernel_decay == 0
+
+
+def test_a_bound_is_quoted_exactly():
+    """1/1440 days printed as 0.000694444 made "must be at least 0.000694444, got 0.000694444"."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"event_types": {"view": {"half_life_days": 0.000694444}}})
+    assert str(caught.value) == "event_types.view.half_life_days: must be at least 0.0006944444444444445, got 0.000694444"
 
 
 def test_query_weight_above_one_is_refused():

@@ -285,6 +285,12 @@ def test_worker_and_thread_counts_must_be_positive(flag):
     assert f"{flag}: must be at least 1, got 0" in result.stderr
 
 
+def test_a_thread_count_past_any_machine_is_a_usage_error():
+    result = subprocess.run([sys.executable, "-m", "halflife.cli", "serve", "--threads", "2147483648"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--threads: must be at most 1024, got 2147483648" in result.stderr
+
+
 def test_serve_ranks_with_one_blas_thread_unless_told_otherwise(monkeypatch):
     from halflife import cli
 

@@ -100,7 +100,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         help="server processes sharing the port and the store (default 1); see docs/serving.md",
     )
     parser.add_argument(
-        "--threads", type=_positive_int, default=None,
+        "--threads", type=_thread_count, default=None,
         help="threads one request computes on, per process: onnxruntime's intra-op threads and the blocks "
              "of a catalogue scan (default: physical cores / workers)",
     )
@@ -123,6 +123,16 @@ def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+MAX_THREADS = 1024  # more than any machine's cores; 2**31 reached onnxruntime, which blamed the model
+
+
+def _thread_count(value: str) -> int:
+    number = _positive_int(value)
+    if number > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS}, got {number}")
     return number
 
 

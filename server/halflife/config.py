@@ -164,6 +164,12 @@ def _weight(value: Any, key: str, minimum: float = -MAX_WEIGHT) -> float:
     return float(_number(value, key, minimum=minimum, maximum=MAX_WEIGHT))
 
 
+def _exact(bound: float) -> str:
+    """`bound` short where that is exact ("1"), in full where not (1/1440 days
+    as 0.0006944444444444445, not 0.000694444, a value it rejects)."""
+    return f"{bound:g}" if float(f"{bound:g}") == bound else repr(bound)
+
+
 def _number(value: Any, key: str, *, minimum: float | None = None, maximum: float | None = None, positive: bool = False, integer: bool = False):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise ConfigError(f"{key}: expected {'an integer' if integer else 'a number'}, got {value!r}")
@@ -172,9 +178,9 @@ def _number(value: Any, key: str, *, minimum: float | None = None, maximum: floa
     if positive and not value > 0:
         raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
     if minimum is not None and value < minimum:
-        raise ConfigError(f"{key}: must be at least {minimum:g}, got {value!r}")
+        raise ConfigError(f"{key}: must be at least {_exact(minimum)}, got {value!r}")
     if maximum is not None and value > maximum:
-        raise ConfigError(f"{key}: must be at most {maximum:g}, got {value!r}")
+        raise ConfigError(f"{key}: must be at most {_exact(maximum)}, got {value!r}")
     if not integer and math.isinf(value) and not positive:
         raise ConfigError(f"{key}: must be finite")
     return value
@@ -235,19 +241,22 @@ def parse_config(data: dict) -> Config:
     profile = _section(ProfileConfig, _table(data, "profile"), "profile.", {
         "mode": lambda v, k: _choice(v, k, ("multi", "single")),
         "max_interests": lambda v, k: _number(v, k, minimum=1, integer=True),
-        "cluster_threshold": lambda v, k: float(_number(v, k, minimum=-1.0)),
+        "cluster_threshold": lambda v, k: float(_number(v, k, minimum=-1.0, maximum=1.0)),
         "combine": lambda v, k: _choice(v, k, ("sum", "max")),
         "negative_weight": lambda v, k: _weight(v, k, minimum=0.0),
         "cache_users": lambda v, k: _number(v, k, minimum=1, integer=True),
         "kernel": lambda v, k: _choice(v, k, ("half_life", "exp", "gauss", "linear")),
         "kernel_scale_days": _half_life,
         "kernel_offset_days": lambda v, k: float(_number(v, k, minimum=0.0)),
-        "kernel_decay": lambda v, k: float(_number(v, k, positive=True, maximum=1.0)),
+        "kernel_decay": lambda v, k: float(_number(v, k, minimum=0.0, maximum=1.0)),
     })
     if profile.kernel != "half_life" and profile.mode != "single":
         raise ConfigError('profile.kernel: kernels other than "half_life" need profile.mode = "single"')
-    if profile.kernel in ("exp", "gauss") and profile.kernel_decay >= 1.0:
-        raise ConfigError("profile.kernel_decay: must be below 1 for the exp and gauss kernels")
+    # As core.decay's kernels take it: weight `kernel_decay` at offset + scale.
+    if profile.kernel == "linear" and not profile.kernel_decay < 1.0:
+        raise ConfigError("profile.kernel_decay: must be below 1 for the linear kernel")
+    if profile.kernel in ("exp", "gauss") and not 0.0 < profile.kernel_decay < 1.0:
+        raise ConfigError("profile.kernel_decay: must lie strictly between 0 and 1 for the exp and gauss kernels")
     ranking = _section(RankingConfig, _table(data, "ranking"), "ranking.", {
         "max_limit": lambda v, k: _number(v, k, minimum=1, integer=True),
         "freshness_half_life_days": _half_life,

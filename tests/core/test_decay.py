@@ -197,6 +197,13 @@ def test_es_kernels_hand_computed():
     np.testing.assert_allclose(es_linear(np.array([15.5, 9.25]), 0.0, 10.0, 3.0, 0.2), [0.0, 0.5], atol=1e-15)
 
 
+def test_a_linear_kernel_of_infinite_scale_does_not_decay():
+    """scale = inf (a half-life the config accepts) gave (inf - d)/inf: NaN, and no recommendations."""
+    times = np.array([0.0, -1e6, -1e9])
+    assert es_linear(times, 0.0, np.inf, 0.0, 0.5).tolist() == [1.0, 1.0, 1.0]
+    assert es_linear(times, 0.0, 1e308, 0.0, 0.5).tolist() == [1.0, 1.0, 1.0]  # s overflows to inf
+
+
 def test_es_kernel_validation():
     with pytest.raises(ValueError):
         es_exp(np.zeros(1), 0.0, 0.0)

@@ -166,6 +166,17 @@ def test_two_separated_topics_make_two_clusters():
     assert state.last_time.max() == times.max()
 
 
+def test_a_threshold_of_one_joins_identical_events():
+    """float32 centroids put cos(v, v) a few ulps under 1: five likes of one
+    item made 3 interests with one centroid at cluster_threshold = 1."""
+    rng = np.random.default_rng(5)
+    vector = normalize(rng.standard_normal((1, 384)))
+    state = MultiInterestState.empty(TYPES, 384, max_clusters=8, threshold=1.0)
+    for k in range(5):
+        state.add(TYPES, np.array([POSITIVE[0]]), np.array([T0 + k * HOUR]), vector)
+    assert state.n_clusters == 1 and state.counts.tolist() == [5]
+
+
 def test_more_topics_than_k_merge():
     rng = np.random.default_rng(4)
     dim = 32

@@ -215,7 +215,7 @@ def es_linear(times, origin: float, scale: float, offset: float = 0.0, decay: fl
     Returns (n,) float64."""
     _check(scale, offset, decay, allow_zero_decay=True)
     s = scale / (1.0 - decay)
-    return np.maximum(0.0, (s - _distance(times, origin, offset)) / s)
+    return np.maximum(0.0, 1.0 - _distance(times, origin, offset) / s)  # (s - d)/s, but 1 for an infinite s
 
 
 ES_KERNELS: dict[str, Callable[..., np.ndarray]] = {"exp": es_exp, "gauss": es_gauss, "linear": es_linear}

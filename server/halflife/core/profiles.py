@@ -27,6 +27,10 @@ from halflife.core.decay import (
 )
 from halflife.core.ranking import cosine_scores, normalize, row_dots
 
+# float32 centroids put the cosine of two equal directions a few ulps under 1:
+# cluster_threshold = 1 must still join identical events.
+_COSINE_SLACK = 1e-6
+
 DAY = 86400.0
 TREND_HALF_LIVES = (7 * DAY, 90 * DAY)  # short and long horizon of a cluster's trend
 TREND_BAND = 0.05  # |trend| above this is "rising"/"fading", else "steady"
@@ -309,7 +313,7 @@ class MultiInterestState:
                     cent = centroids_at(max(t[e], newest), k)
                     cos = cent @ v_unit[e]
                     best = int(np.argmax(cos))
-                    if cos[best] >= self.threshold:
+                    if cos[best] >= self.threshold - _COSINE_SLACK:
                         c = best
                 if c < 0:
                     c, k = k, k + 1
