@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import re
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from halflife.api.server import HalflifeServer, ServerConfig
@@ -24,6 +27,21 @@ def repeat_min_cosine(precision: str) -> float:
     ~1e-6; int8 quantizes activations with one scale per batch
     (docs/embedding.md), so it is held to its export bar instead."""
     return 0.99 if precision == "int8" else 0.9999
+
+
+@contextlib.contextmanager
+def stand_in(add_servicer, servicer, threads: int = 8):
+    """A plain grpc server of one `servicer` (added by its generated
+    add_XServicer_to_server) on 127.0.0.1, for tests that script a server's
+    answers: yields its address."""
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(threads))
+    add_servicer(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
 
 
 class ServerThread:

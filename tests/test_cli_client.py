@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 from halflife.api.server import ServerConfig
 from halflife.v1 import embedding_pb2, embedding_pb2_grpc
 from halflife_client import HalflifeClient
-from tests.serving import ServerThread
+from tests.serving import ServerThread, stand_in
 
 MOVIES = [
     (1, "Star Voyage (1977)", "Action|Adventure|Sci-Fi"),
@@ -182,20 +181,14 @@ class FlakyEmbedding(embedding_pb2_grpc.EmbeddingServiceServicer):
 
 def test_client_retries_unavailable_and_a_servers_cancel_only():
     flaky = FlakyEmbedding()
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
-    embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(flaky, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with HalflifeClient(f"127.0.0.1:{port}") as client:
+    with stand_in(embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, flaky, threads=2) as address:
+        with HalflifeClient(address) as client:
             assert client.model_info().model_id == "flaky"
             assert flaky.attempts["GetModelInfo"] == 3  # UNAVAILABLE and CANCELLED, retried with backoff
             with pytest.raises(grpc.RpcError) as invalid:
                 client.embed(["x"])
             assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert flaky.attempts["Embed"] == 1
-    finally:
-        server.stop(None)
 
 
 def test_eval_checks_its_target_before_the_evaluation(tmp_path):

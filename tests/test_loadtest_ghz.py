@@ -6,7 +6,6 @@ stands in for Halflife, so each test takes a second or two."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import io
 import json
 import signal
@@ -25,6 +24,7 @@ from halflife.loadtest import (
     GO_CODE_NAMES, LoadTestError, LoadTestOptions, latency_distribution, method_descriptor, options_from_flags,
     options_from_ghz_config, parse_duration, request_factory, run_load_test,
 )
+from tests.serving import stand_in
 
 HEALTH = "grpc.health.v1.Health.Check"
 pytestmark = pytest.mark.timeout(60)
@@ -60,14 +60,8 @@ class ScriptedHealth(health_pb2_grpc.HealthServicer):
 def scripted():
     """(servicer, address) of a ScriptedHealth server on 127.0.0.1."""
     servicer = ScriptedHealth()
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(8))
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield servicer, f"127.0.0.1:{port}"
-    finally:
-        server.stop(None)
+    with stand_in(health_pb2_grpc.add_HealthServicer_to_server, servicer) as address:
+        yield servicer, address
 
 
 def run(**options) -> tuple[dict, float]:
