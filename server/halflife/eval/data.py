@@ -10,8 +10,8 @@ view any method gets.
 
 - `global_cut`: one time t for everyone (e.g. the 90% quantile of event
   times); targets are the window [t, end).
-- `leave_last_out`: per user, their last n ratings by time are held out and
-  t is the time of the first held-out one.
+- `leave_last_out`: per user, their last n ratings by time are held out
+  (with any tied with the first of them) and t is the time of the first.
 """
 
 from __future__ import annotations
@@ -108,18 +108,19 @@ def global_cut(data: EvalData, start: float, end: float, positive_min: float = 4
 
 def leave_last_out(data: EvalData, n: int = 5, positive_min: float = 4.0, min_history: int = 5, before: float = np.inf) -> list[Query]:
     """Per user: their last n ratings (by time, among those before `before`)
-    held out; t = the first held-out rating's time, so everything at or
-    after it (their own and other users') is unseen. Users with fewer than
-    min_history earlier ratings, or no positive among the held-out ones, are
-    skipped. Sorted by t."""
+    held out, and any other at the first one's time t: a history holds what
+    came strictly before t, so a rating tied with t would be neither history
+    nor target (nor seen). Everything at or after t (their own and other
+    users') is unseen. Users with fewer than min_history earlier ratings, or
+    no positive among the held-out ones, are skipped. Sorted by t."""
     is_rating = (data.kinds == RATING) & (data.times < before)
     queries = []
     for user in sorted(set(data.users[is_rating].tolist())):
         mine = np.flatnonzero(is_rating & (data.users == user))
         if mine.size < n + min_history:
             continue
-        held = mine[-n:]
-        t = float(data.times[held[0]])
+        t = float(data.times[mine[-n]])
+        held = mine[data.times[mine] >= t]
         if data.before(t) == 0 or not np.any(data.users[: data.before(t)] == user):
             continue
         positive = held[data.values[held] >= positive_min]
