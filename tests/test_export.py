@@ -29,7 +29,10 @@ ERROR_PREFIX = "halflife export: error:"
 # kind -> what its manifest must say
 EXPECTED = {
     "bert": dict(model_type="bert", kind="encoder", pooling="mean", pad_token_id=0),
+    # Its tokenizer returns token_type_ids, which its forward does not take.
+    "distilbert": dict(model_type="distilbert", kind="encoder", pooling="mean", pad_token_id=0),
     "gpt2": dict(model_type="gpt2", kind="decoder", pooling="last_token", pad_token_id=0),
+    "mpnet": dict(model_type="mpnet", kind="encoder", pooling="mean", pad_token_id=1),
     "roberta": dict(model_type="roberta", kind="encoder", pooling="mean", pad_token_id=1),
 }
 
@@ -73,7 +76,7 @@ def test_manifest(exported):
     assert manifest.pooling == expected["pooling"]
     assert manifest.pad_token_id == expected["pad_token_id"]
     assert manifest.dimension == 32
-    # 64 positions for all three (RoBERTa: 66 position embeddings less its offset of 2).
+    # 64 positions for all (RoBERTa, MPNet: 66 position embeddings, numbered from pad_token_id + 1 = 2).
     assert manifest.max_input_tokens == tiny_models.MAX_POSITIONS
     assert manifest.opset >= 18
     assert manifest.normalize is True
@@ -108,6 +111,8 @@ def test_manifest_files_and_checksums(exported):
     assert {"input_ids", "attention_mask"} <= inputs
     if kind == "bert":
         assert "token_type_ids" in inputs
+    if kind == "distilbert":
+        assert "token_type_ids" not in inputs
 
 
 def test_manifest_validation_and_defaults(exported):
@@ -357,6 +362,51 @@ def _bad_pooling_choice(tmp_path, sources):
     return ["--model", str(sources["bert"]), "--pooling", "max"], "invalid choice"
 
 
+def _unknown_model_type(tmp_path, sources):
+    # transformers' message for it spans three lines.
+    bad = tmp_path / "unknown"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    return ["--model", str(bad)], "has model type `no-such-model` but Transformers does not recognize"
+
+
+def _no_tokenizer(tmp_path, sources):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(sources["bert"] / name, bare)
+    return ["--model", str(bare)], f"{bare} has no tokenizer (no tokenizer.json"
+
+
+def _left_truncation(tmp_path, sources):
+    model = tmp_path / "left"
+    shutil.copytree(sources["bert"], model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "truncation_side": "left"}))
+    return ["--model", str(model)], "truncates on the left (tokenizer_config.json truncation_side)"
+
+
+def _sentence_transformers_max_pooling(tmp_path, sources):
+    model = tiny_models.make_sentence_transformers(tmp_path / "st", pooling=("max_tokens",))
+    return ["--model", str(model)], f"Pooling module {model / '1_Pooling'} pools by max_tokens, which is not supported"
+
+
+def _sentence_transformers_two_poolings(tmp_path, sources):
+    model = tiny_models.make_sentence_transformers(tmp_path / "st", pooling=("cls_token", "mean_tokens"))
+    return ["--model", str(model)], "pools by cls_token + mean_tokens, which is not supported"
+
+
+def _sentence_transformers_dense(tmp_path, sources):
+    model = tiny_models.make_sentence_transformers(tmp_path / "st", extra_modules=("Dense",))
+    return ["--model", str(model)], f"sentence-transformers Dense module {model / '2_Dense'} is not supported"
+
+
+def _sentence_transformers_lower_case(tmp_path, sources):
+    model = tiny_models.make_sentence_transformers(tmp_path / "st")
+    (model / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32, "do_lower_case": True}))
+    return ["--model", str(model)], "lowercases its inputs before the tokenizer (sentence_bert_config.json do_lower_case)"
+
+
 ERROR_CASES = {
     "bad-model-path": (_bad_model, (1,)),
     "garbage-config": (_garbage_config, (1,)),
@@ -366,6 +416,13 @@ ERROR_CASES = {
     "cls-for-decoder": (_cls_for_decoder, (1,)),
     "mean-for-decoder": (_mean_for_decoder, (1,)),
     "pooling-not-a-choice": (_bad_pooling_choice, (2,)),
+    "unknown-model-type": (_unknown_model_type, (1,)),
+    "no-tokenizer": (_no_tokenizer, (1,)),
+    "left-truncation": (_left_truncation, (1,)),
+    "st-max-pooling": (_sentence_transformers_max_pooling, (1,)),
+    "st-two-poolings": (_sentence_transformers_two_poolings, (1,)),
+    "st-dense": (_sentence_transformers_dense, (1,)),
+    "st-lower-case": (_sentence_transformers_lower_case, (1,)),
 }
 
 
@@ -414,6 +471,20 @@ def test_force_replaces_only_a_model_directory(tmp_path, sources, capsys, monkey
     rc, out, err = run_cli(["export", "--model", str(sources["bert"]), "--output", ".", "--force"], capsys)
     assert_one_line_error(rc, err, out, contains="holds the working directory")
     assert sorted(p.name for p in output.iterdir()) == ["manifest.json", "notes.txt"]
+
+
+def test_cli_refuses_an_output_that_is_a_symbolic_link(tmp_path, sources, capsys, tmp_path_factory):
+    _, good, _ = tiny_models.exported("bert", tmp_path_factory)
+    model = tmp_path / "model"
+    shutil.copytree(good, model)
+    link = tmp_path / "link"
+    link.symlink_to(model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    rc, out, err = run_cli(["export", "--model", str(sources["bert"]), "--output", str(link), "--force"], capsys)
+    assert_one_line_error(rc, err, out, contains=f"--output {link} is a symbolic link; give the directory itself")
+    assert link.is_symlink() and link.readlink() == model
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "model"]
 
 
 def test_cli_non_empty_output_needs_force(tmp_path, sources, capsys):
@@ -471,9 +542,9 @@ def test_validation_failure_refuses_and_writes_nothing(existing, tmp_path, sourc
     real_reference = exporter.reference_embeddings
     calls = []
 
-    def reference_from_other_weights(source_path, sentences, pooling, max_tokens):
+    def reference_from_other_weights(source_path, *args):
         calls.append(source_path)
-        return real_reference(impostor, sentences, pooling, max_tokens)
+        return real_reference(impostor, *args)
 
     monkeypatch.setattr(exporter, "reference_embeddings", reference_from_other_weights)
 
@@ -497,3 +568,67 @@ def test_validation_failure_refuses_and_writes_nothing(existing, tmp_path, sourc
     else:
         assert not output.exists()
         assert list(parent.iterdir()) == []  # no staging directory left behind
+
+
+# ---------------------------------------------------------------- publishing
+
+
+def test_an_interrupted_swap_keeps_the_old_model_beside_the_output(tmp_path, sources, monkeypatch, tmp_path_factory):
+    import halflife_export.exporter as exporter
+    from halflife_export.exporter import ExportOptions, export_model
+
+    _, good, _ = tiny_models.exported("bert", tmp_path_factory)
+    output = tmp_path / "model"
+    shutil.copytree(good, output)
+    old = {p.name: p.read_bytes() for p in output.iterdir()}
+    real_replace = os.replace
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupted_after_moving_the_old_model_aside(src, dst):
+        real_replace(src, dst)
+        if Path(dst).name == ".old-model":
+            raise Interrupted
+
+    monkeypatch.setattr(exporter.os, "replace", interrupted_after_moving_the_old_model_aside)
+    options = ExportOptions(output=output, model=str(sources["bert"]), model_id="new", force=True,
+                            progress=lambda line: None)
+    with pytest.raises(Interrupted):
+        export_model(options)
+    retired = tmp_path / ".old-model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".old-model"]
+    assert {p.name: p.read_bytes() for p in retired.iterdir()} == old
+
+    # Put back, the old model is replaced as usual, and the stale copy goes with it.
+    monkeypatch.undo()
+    shutil.copytree(retired, output)
+    export_model(options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert load_manifest(output).model_id == "new"
+
+
+# ---------------------------------------------------------------- sentence-transformers models
+
+
+@pytest.mark.parametrize("pooling", ["auto", "mean"])
+def test_sentence_transformers_pooling_module(pooling, tmp_path):
+    """--pooling auto serves what the Pooling module says (CLS here), as
+    sentence-transformers computes it; an explicit --pooling wins."""
+    from sentence_transformers import SentenceTransformer
+
+    from halflife_export.exporter import ExportOptions, export_model
+
+    src = tiny_models.make_sentence_transformers(tmp_path / "st-cls", pooling=("cls_token",))
+    out = tmp_path / "out"
+    manifest = export_model(ExportOptions(output=out, model=str(src), pooling=pooling, progress=lambda line: None))
+    served_pooling = "cls" if pooling == "auto" else pooling
+    assert manifest.pooling == served_pooling
+    assert manifest.max_input_tokens == 32  # the model's max_seq_length
+    engine = EmbeddingEngine.load(out, variant="fp32-o2", provider="cpu", intra_op_threads=1)
+    served = engine.forward(engine.tokenize(SENTENCES, truncate=True).ids)
+    if served_pooling == "cls":
+        expected = SentenceTransformer(str(src), device="cpu").encode(SENTENCES)
+    else:
+        expected = torch_reference(src, SENTENCES, served_pooling, 32)
+    assert cosines(served, expected).min() >= 0.9999

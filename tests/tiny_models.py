@@ -12,6 +12,7 @@ model.safetensors, tokenizer.json, tokenizer_config.json, ...) that
 
 from __future__ import annotations
 
+import json
 import os
 import string
 from pathlib import Path
@@ -155,15 +156,10 @@ def make_tiny_distilbert(path: str | Path, seed: int = SEED) -> Path:
     return _save(model, tokenizer, Path(path))
 
 
-def make_tiny_roberta(path: str | Path, seed: int = SEED) -> Path:
-    """A random RoBERTa encoder (hidden 32, 2 layers, 2 heads) with a byte-level BPE tokenizer.
-
-    RoBERTa's positions start after padding_idx (1), so 66 position embeddings
-    allow 64 tokens; the pad token is id 1, not 0.
-    """
-    import torch
+def _roberta_fast_tokenizer():
+    """A byte-level BPE tokenizer with RoBERTa's special tokens (<s> ... </s>); <pad> is id 1."""
     from tokenizers import processors
-    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
+    from transformers import RobertaTokenizerFast
 
     backend = byte_level_bpe_tokenizer(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     backend.post_processor = processors.RobertaProcessing(
@@ -180,6 +176,19 @@ def make_tiny_roberta(path: str | Path, seed: int = SEED) -> Path:
         mask_token="<mask>",
     )
     assert tokenizer.pad_token_id == 1
+    return tokenizer
+
+
+def make_tiny_roberta(path: str | Path, seed: int = SEED) -> Path:
+    """A random RoBERTa encoder (hidden 32, 2 layers, 2 heads) with a byte-level BPE tokenizer.
+
+    RoBERTa's positions start after padding_idx (1), so 66 position embeddings
+    allow 64 tokens; the pad token is id 1, not 0.
+    """
+    import torch
+    from transformers import RobertaConfig, RobertaModel
+
+    tokenizer = _roberta_fast_tokenizer()
     config = RobertaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -195,6 +204,33 @@ def make_tiny_roberta(path: str | Path, seed: int = SEED) -> Path:
     )
     torch.manual_seed(seed)
     model = RobertaModel(config).eval()
+    return _save(model, tokenizer, Path(path))
+
+
+def make_tiny_mpnet(path: str | Path, seed: int = SEED) -> Path:
+    """A random MPNet encoder (hidden 32, 2 layers, 2 heads) with RoBERTa's tokenizer, as mpnet-base has.
+
+    Like RoBERTa's, its positions start after padding_idx (1): 66 position
+    embeddings allow 64 tokens.
+    """
+    import torch
+    from transformers import MPNetConfig, MPNetModel
+
+    tokenizer = _roberta_fast_tokenizer()
+    config = MPNetConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=MAX_POSITIONS + 2,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        architectures=["MPNetModel"],
+    )
+    torch.manual_seed(seed)
+    model = MPNetModel(config).eval()
     return _save(model, tokenizer, Path(path))
 
 
@@ -250,10 +286,33 @@ def make_tiny_t5(path: str | Path, seed: int = SEED) -> Path:
     return _save(model, tokenizer, Path(path))
 
 
+def make_sentence_transformers(
+    path: str | Path, pooling: tuple[str, ...] = ("mean_tokens",), extra_modules: tuple[str, ...] = ()
+) -> Path:
+    """The tiny BERT as a sentence-transformers model (max_seq_length 32): modules.json lists
+    Transformer, Pooling with the `pooling` modes on (cls_token, mean_tokens, max_tokens, ...),
+    `extra_modules` (their types only: Dense, ...) and Normalize."""
+    path = make_tiny_bert(path)
+    kinds = ["Transformer", "Pooling", *extra_modules, "Normalize"]
+    modules = [
+        {"idx": i, "name": str(i), "path": "" if kind == "Transformer" else f"{i}_{kind}",
+         "type": f"sentence_transformers.models.{kind}"}
+        for i, kind in enumerate(kinds)
+    ]  # fmt: skip
+    (path / "modules.json").write_text(json.dumps(modules, indent=2))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32, "do_lower_case": False}))
+    modes = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
+    pooling_config = {"word_embedding_dimension": 32, **{f"pooling_mode_{mode}": mode in pooling for mode in modes}}
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config, indent=2))
+    return path
+
+
 BUILDERS = {
     "bert": make_tiny_bert,
     "distilbert": make_tiny_distilbert,
     "roberta": make_tiny_roberta,
+    "mpnet": make_tiny_mpnet,
     "gpt2": make_tiny_gpt2,
     "t5": make_tiny_t5,
 }

@@ -31,7 +31,7 @@ from halflife.embedding.manifest import (
     Variant,
     sha256_file,
 )
-from halflife.embedding.pooling import cosine_rows, l2_normalize, pool
+from halflife.embedding.pooling import POOLING_MODES, cosine_rows, l2_normalize, pool
 from halflife_export import smoothquant
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,24 @@ BUNDLED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 # sha256 of all-MiniLM-L6-v2's published model.safetensors: the bundled
 # package must ship exactly those weights.
 BUNDLED_WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+# Files a Hugging Face tokenizer loads from; a directory with none has no tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+    "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
+)  # fmt: skip
+
+# sentence-transformers modules whose effect the server reproduces (it always L2-normalises),
+# and the Pooling module's modes it serves, by their config key.
+SERVED_MODULES = {"Transformer", "Pooling", "Normalize"}
+SENTENCE_TRANSFORMERS_POOLING = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_lasttoken": "last_token",
+}
+
+# Model types whose position ids start after the padding index (pad_token_id + 1).
+POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet"}
 
 # Fixed validation set: short, long, punctuation-only, non-English and mixed inputs.
 VALIDATION_SENTENCES = (
@@ -113,6 +131,10 @@ CALIBRATION_TEXTS = (
 class ExportError(Exception):
     """A failure the user can act on; printed as one line, no traceback."""
 
+    def __init__(self, message: str):
+        # Messages quote library exceptions, some of which span several lines.
+        super().__init__(" ".join(message.split()))
+
 
 @dataclasses.dataclass
 class ExportOptions:
@@ -132,6 +154,7 @@ class _Source:
     model_id: str
     kind: str  # "encoder" | "decoder"
     config: object
+    pooling_config: Path | None  # the sentence-transformers Pooling module's config.json, where there is one
 
 
 class _Progress:
@@ -163,11 +186,14 @@ def export_model(options: ExportOptions) -> Manifest:
     newest = max_opset()
     if options.opset > newest:
         raise ExportError(f"--opset {options.opset} is newer than this PyTorch exports ({newest}); use {MIN_OPSET}..{newest}")
+    output = Path(options.output)
+    if output.is_symlink():
+        # Swapping the model in would replace the link with a directory.
+        raise ExportError(f"--output {output} is a symbolic link; give the directory itself")
     _quiet_libraries()
     source = _resolve_source(options)
-    pooling = _choose_pooling(options.pooling, source.kind)
+    pooling = _choose_pooling(options.pooling, source)
     max_tokens = _resolve_max_input_tokens(options.max_input_tokens, source)
-    output = Path(options.output)
     if output.resolve() == source.path.resolve() or output.resolve() in source.path.resolve().parents:
         raise ExportError(f"--output {output} would replace the source model itself; choose another directory")
     _check_output(output, options.force)
@@ -235,7 +261,64 @@ def _resolve_source(options: ExportOptions) -> _Source:
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:  # transformers raises many kinds
         raise ExportError(f"cannot read the model config in {path}: {exc}") from None
-    return _Source(path=path, model_id=model_id, kind=_architecture_kind(config), config=config)
+    kind = _architecture_kind(config)
+    _check_tokenizer(path)
+    return _Source(path=path, model_id=model_id, kind=kind, config=config, pooling_config=_pooling_module(path))
+
+
+def _json_file(path: Path):
+    """The parsed JSON file, or {} where there is none."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path} is not valid JSON: {exc}") from None
+
+
+def _check_tokenizer(path: Path) -> None:
+    """Refuses a directory with no tokenizer, or one the server would not tokenize alike."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ExportError(f"{path} has no tokenizer (no tokenizer.json, tokenizer_config.json or vocabulary file)")
+    if _json_file(path / "tokenizer_config.json").get("truncation_side", "right") != "right":
+        raise ExportError(
+            f"{path}'s tokenizer truncates on the left (tokenizer_config.json truncation_side), "
+            "but the server truncates long inputs on the right"
+        )
+    if _json_file(path / "sentence_bert_config.json").get("do_lower_case"):
+        raise ExportError(
+            f"{path} lowercases its inputs before the tokenizer (sentence_bert_config.json do_lower_case), "
+            "which the server does not"
+        )
+
+
+def _pooling_module(path: Path) -> Path | None:
+    """The config.json of the sentence-transformers Pooling module that
+    modules.json lists, or None. Refuses any module the server does not
+    reproduce: the vectors it served would differ from the model's."""
+    pooling = None
+    for module in _json_file(path / "modules.json"):
+        kind = module["type"].rsplit(".", 1)[-1]
+        if kind not in SERVED_MODULES:
+            raise ExportError(
+                f"sentence-transformers {kind} module {path / module['path']} is not supported: "
+                "the served vectors would differ from the model's"
+            )
+        if kind == "Pooling":
+            pooling = path / module["path"] / "config.json"
+    return pooling
+
+
+def _trained_pooling(pooling_config: Path) -> str:
+    """The server's name for the mode a sentence-transformers Pooling module uses."""
+    modes = sorted(key for key, on in _json_file(pooling_config).items() if key.startswith("pooling_mode_") and on is True)
+    if len(modes) != 1 or modes[0] not in SENTENCE_TRANSFORMERS_POOLING:
+        named = " + ".join(mode.removeprefix("pooling_mode_") for mode in modes) or "no mode"
+        raise ExportError(
+            f"sentence-transformers Pooling module {pooling_config.parent} pools by {named}, which is not supported "
+            f"(only {', '.join(POOLING_MODES)}): the served vectors would differ from the model's"
+        )
+    return SENTENCE_TRANSFORMERS_POOLING[modes[0]]
 
 
 def _architecture_kind(config) -> str:
@@ -263,10 +346,12 @@ def _architecture_kind(config) -> str:
     raise ExportError(f"unsupported architecture {model_type!r}: neither a masked-LM encoder nor a causal decoder")
 
 
-def _choose_pooling(requested: str, kind: str) -> str:
+def _choose_pooling(requested: str, source: _Source) -> str:
     if requested == "auto":
-        return "mean" if kind == "encoder" else "last_token"
-    if kind == "decoder" and requested != "last_token":
+        if source.pooling_config:  # what the sentence-transformers model was trained with
+            return _trained_pooling(source.pooling_config)
+        return "mean" if source.kind == "encoder" else "last_token"
+    if source.kind == "decoder" and requested != "last_token":
         # A causal model's early tokens never see the rest of the input.
         raise ExportError(f"--pooling {requested} is wrong for a causal decoder: use last_token (or auto)")
     return requested
@@ -442,8 +527,7 @@ def _position_limit(config) -> int | None:
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if not positions:
         return None
-    # RoBERTa-family position ids start after the padding index.
-    offset = 2 if config.model_type in {"roberta", "xlm-roberta", "camembert", "longformer"} else 0
+    offset = _pad_token_id(config) + 1 if config.model_type in POSITIONS_AFTER_PADDING else 0
     return int(positions) - offset
 
 
@@ -471,11 +555,9 @@ def _max_input_tokens(source: _Source) -> int:
     positions = _position_limit(config)
     if positions:
         limits.append(positions)
-    tok_config = source.path / "tokenizer_config.json"
-    if tok_config.is_file():
-        model_max = json.loads(tok_config.read_text()).get("model_max_length")
-        if isinstance(model_max, int) and 0 < model_max < 1_000_000:
-            limits.append(model_max)
+    model_max = _json_file(source.path / "tokenizer_config.json").get("model_max_length")
+    if isinstance(model_max, int) and 0 < model_max < 1_000_000:
+        limits.append(model_max)
     if not limits:
         raise ExportError("cannot tell the model's max input tokens; pass --max-input-tokens")
     return min(limits)
@@ -546,8 +628,10 @@ def _pad_token_id(config) -> int:
     return int(pad_id) if isinstance(pad_id, int) else 0
 
 
-def reference_embeddings(source_path: Path, sentences, pooling: str, max_tokens: int) -> np.ndarray:
-    """PyTorch embeddings, one sentence at a time (no padding at all): (n, dim)."""
+def reference_embeddings(source_path: Path, sentences, pooling: str, max_tokens: int, input_names) -> np.ndarray:
+    """PyTorch embeddings, one sentence at a time (no padding at all), from
+    the inputs the ONNX graph takes (`input_names`), as the server feeds it:
+    (n, dim)."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -557,7 +641,9 @@ def reference_embeddings(source_path: Path, sentences, pooling: str, max_tokens:
     with torch.inference_mode():
         for sentence in sentences:
             encoded = tokenizer(sentence, truncation=True, max_length=max_tokens, return_tensors="pt")
-            hidden = model(**encoded).last_hidden_state.numpy()
+            # A tokenizer may return more (DistilBERT's token_type_ids) than the model takes.
+            inputs = {name: encoded[name] for name in input_names if name in encoded}
+            hidden = model(**inputs).last_hidden_state.numpy()
             rows.append(pool(hidden, encoded["attention_mask"].numpy(), pooling)[0])
     return l2_normalize(np.stack(rows))
 
@@ -567,7 +653,7 @@ def _validate(draft: Manifest, source: _Source, staging: Path) -> Manifest:
     and compares with PyTorch; fills in each variant's validation and the
     per-provider defaults."""
     sentences = list(VALIDATION_SENTENCES)
-    reference = reference_embeddings(source.path, sentences, draft.pooling, draft.max_input_tokens)
+    reference = reference_embeddings(source.path, sentences, draft.pooling, draft.max_input_tokens, draft.input_names)
     (staging / MANIFEST_NAME).write_text(draft.to_json())
     checked = []
     for variant in draft.variants:
@@ -602,11 +688,14 @@ def _validate(draft: Manifest, source: _Source, staging: Path) -> Manifest:
 
 def _publish(staging: Path, output: Path) -> None:
     """Swaps the finished directory in; a crash at any point leaves either the
-    old model or the new one whole (the old one under a `.old-` name at worst)."""
+    old model or the new one whole (the old one under a `.old-` name beside it
+    at worst: outside the work directory, whose cleanup would delete it)."""
     if not output.exists():
         os.replace(staging, output)
         return
-    retired = staging.parent / f".old-{output.name}"
+    retired = output.parent / f".old-{output.name}"
+    if retired.exists():  # left by an interrupted swap: older than the model in place
+        shutil.rmtree(retired)
     os.replace(output, retired)
     os.replace(staging, output)
     shutil.rmtree(retired)

@@ -43,7 +43,8 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
         "--pooling",
         choices=("auto", "mean", "last_token", "cls"),
         default="auto",
-        help="auto: mean for encoders, last_token for causal decoders",
+        help="auto: a sentence-transformers model's own Pooling module, else mean for encoders and "
+             "last_token for causal decoders",
     )
     parser.add_argument("--max-input-tokens", type=int, default=None, help="default: from the model's configs")
     parser.add_argument("--force", action="store_true", help="replace an existing model directory")
