@@ -179,59 +179,43 @@ def _roberta_fast_tokenizer():
     return tokenizer
 
 
-def make_tiny_roberta(path: str | Path, seed: int = SEED) -> Path:
-    """A random RoBERTa encoder (hidden 32, 2 layers, 2 heads) with a byte-level BPE tokenizer.
-
-    RoBERTa's positions start after padding_idx (1), so 66 position embeddings
-    allow 64 tokens; the pad token is id 1, not 0.
-    """
+def _tiny_after_padding(config_class, model_class, path: str | Path, seed: int, **extra) -> Path:
+    """A random encoder (hidden 32, 2 layers, 2 heads) with RoBERTa's byte-level
+    BPE tokenizer, whose positions start after padding_idx (1), as RoBERTa's
+    and MPNet's do: 66 position embeddings allow 64 tokens; the pad token is
+    id 1, not 0."""
     import torch
-    from transformers import RobertaConfig, RobertaModel
 
     tokenizer = _roberta_fast_tokenizer()
-    config = RobertaConfig(
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=MAX_POSITIONS + 2,
-        type_vocab_size=1,
         pad_token_id=1,
         bos_token_id=0,
         eos_token_id=2,
-        architectures=["RobertaModel"],
+        architectures=[model_class.__name__],
+        **extra,
     )
     torch.manual_seed(seed)
-    model = RobertaModel(config).eval()
-    return _save(model, tokenizer, Path(path))
+    return _save(model_class(config).eval(), tokenizer, Path(path))
+
+
+def make_tiny_roberta(path: str | Path, seed: int = SEED) -> Path:
+    """A random RoBERTa encoder (see `_tiny_after_padding`)."""
+    from transformers import RobertaConfig, RobertaModel
+
+    return _tiny_after_padding(RobertaConfig, RobertaModel, path, seed, type_vocab_size=1)
 
 
 def make_tiny_mpnet(path: str | Path, seed: int = SEED) -> Path:
-    """A random MPNet encoder (hidden 32, 2 layers, 2 heads) with RoBERTa's tokenizer, as mpnet-base has.
-
-    Like RoBERTa's, its positions start after padding_idx (1): 66 position
-    embeddings allow 64 tokens.
-    """
-    import torch
+    """A random MPNet encoder with RoBERTa's tokenizer, as mpnet-base has (see `_tiny_after_padding`)."""
     from transformers import MPNetConfig, MPNetModel
 
-    tokenizer = _roberta_fast_tokenizer()
-    config = MPNetConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=MAX_POSITIONS + 2,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        architectures=["MPNetModel"],
-    )
-    torch.manual_seed(seed)
-    model = MPNetModel(config).eval()
-    return _save(model, tokenizer, Path(path))
+    return _tiny_after_padding(MPNetConfig, MPNetModel, path, seed)
 
 
 def make_tiny_gpt2(path: str | Path, seed: int = SEED) -> Path:
