@@ -148,6 +148,31 @@ def test_failed_migration_leaves_the_file_untouched(tmp_path, monkeypatch):
     assert count(tmp_path, "SELECT COUNT(*) FROM sqlite_master WHERE name = 'half_done'") == 0
 
 
+@pytest.mark.parametrize("table", ["customers", "items"])
+def test_a_sqlite_file_of_something_else_is_refused_untouched(tmp_path, table):
+    """It was taken over (its tables kept, Halflife's added) or, where a table
+    name clashed, refused after its journal mode had been switched to WAL."""
+    with raw(tmp_path) as conn:
+        conn.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, name TEXT)")
+        conn.execute(f"INSERT INTO {table} (name) VALUES ('someone')")
+    before = (tmp_path / DB_NAME).read_bytes()
+    with pytest.raises(StoreError, match=f"is not a Halflife store .*tables: {table}"):
+        SqliteStore(tmp_path)
+    assert (tmp_path / DB_NAME).read_bytes() == before
+
+
+def test_corrupt_text_is_a_store_error(tmp_path):
+    """Text that is not UTF-8 (a damaged page) raised AttributeError from the
+    sqlite3 module's own error, which carries no SQLite code."""
+    store = SqliteStore(tmp_path)
+    store.upsert_items([item("a", vec())])
+    with raw(tmp_path) as conn:
+        conn.execute("UPDATE items SET text = CAST(X'FFFE41' AS TEXT) WHERE id = 'a'")
+    with pytest.raises(StoreError):
+        store.get_items(["a"])
+    store.close()
+
+
 def test_not_a_database(tmp_path):
     (tmp_path / DB_NAME).write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StoreError):
@@ -459,6 +484,36 @@ def test_delete_user_erases_rows_vectors_and_bytes(store, tmp_path):
     assert user.encode() not in after
     assert own.tobytes() not in after
     assert store.delete_user(user) == 0
+
+
+def test_an_erasure_blocked_by_another_process_reading_is_finished_when_the_read_ends(tmp_path):
+    """A second store on the directory (another worker) in the middle of a
+    pass over the log blocks the WAL truncation after DeleteUser: the erased
+    texts stayed in the WAL until the next automatic checkpoint (up to 10,000
+    pages later), and the erasure, and every write queued behind it, waited
+    the 10 s busy timeout."""
+    marker = b"erased-marker-5e1c"
+    writer, reader = SqliteStore(tmp_path), SqliteStore(tmp_path)
+    writer.record_events([event(f"o{k}", user_id=f"other{k % 7}", vector=vec()) for k in range(400)])
+    writer.record_events([event(f"v{k}", user_id="victim", vector=vec(), text=f"{marker.decode()} {k}")
+                          for k in range(5)])
+
+    def on_disk() -> int:
+        return sum(p.read_bytes().count(marker) for p in tmp_path.iterdir() if p.name.startswith(DB_NAME))
+
+    passing = reader.iter_events(chunk=50)
+    next(passing)  # the reader holds its snapshot
+    began = time.monotonic()
+    assert writer.delete_user("victim") == 5
+    writer.record_events([event("after", user_id="other0", vector=vec())])
+    assert time.monotonic() - began < 3.0
+    list(passing)  # the pass ends
+    deadline = time.monotonic() + 10 * sqlite_mod.TRUNCATE_RETRY_S
+    while on_disk() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert on_disk() == 0
+    writer.close()
+    reader.close()
 
 
 # --------------------------------------------------------------------------- kill -9

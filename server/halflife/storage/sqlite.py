@@ -35,7 +35,9 @@ and ``events_between``.
 
 Privacy: ``secure_delete=ON`` zeroes deleted content, and `delete_user`
 checkpoints and truncates the WAL after its commit, so the erased rows are not
-left in the database file's free pages nor in old WAL frames.
+left in the database file's free pages nor in old WAL frames. Another
+process's read (a worker's pass over the log) blocks that checkpoint; the
+writer then tries again every TRUNCATE_RETRY_S until it completes.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 import uuid
 from concurrent.futures import Future
 from hashlib import sha256
@@ -71,6 +74,11 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "halflife.sqlite3"
 BUSY_TIMEOUT_MS = 10_000
+# A WAL truncation after an erasure waits this long for readers, then is tried
+# again this often: waiting the busy timeout held every write queued behind a
+# reader for 10 s.
+TRUNCATE_BUSY_MS = 50
+TRUNCATE_RETRY_S = 1.0
 _MAX_GROUP = 256  # jobs per group commit, bounds one transaction's size and latency
 _IN_CHUNK = 500  # rows or `IN (?, ...)` values per statement
 _VECTOR_DTYPE = np.dtype("<f4")
@@ -350,7 +358,10 @@ def _store_error(e: BaseException, context: str = "") -> BaseException:
     files or locks (disk full, I/O error, read-only, busy)
     StoreUnavailableError; others pass as they are."""
     if isinstance(e, sqlite3.Error):
-        unavailable = e.sqlite_errorcode & 0xFF in _UNAVAILABLE_CODES  # extended codes keep the primary in the low byte
+        # Extended codes keep the primary in the low byte; errors of the sqlite3 module itself (text that is not
+        # UTF-8 on a damaged page) carry no code.
+        code = getattr(e, "sqlite_errorcode", None)
+        unavailable = code is not None and code & 0xFF in _UNAVAILABLE_CODES
         kind = StoreUnavailableError if unavailable else StoreError
         err = kind(f"{context}{e}")
         err.__cause__ = e
@@ -396,6 +407,8 @@ class SqliteStore:
         self._queue: collections.deque = collections.deque()
         self._wakeup = threading.Condition(self._lock)
         self._readers: list[sqlite3.Connection] = []  # idle read connections
+        self._truncate_pending = False  # an erasure's WAL truncation a reader blocked (writer thread only)
+        self._truncate_due = 0.0  # when to try it again, time.monotonic()
         self.commit_count = 0  # transactions committed by the writer
         self.job_count = 0  # write calls run by the writer
         try:
@@ -415,7 +428,7 @@ class SqliteStore:
 
     def _configure_and_migrate(self, conn: sqlite3.Connection) -> None:
         try:
-            self._check_version(conn.execute("PRAGMA user_version").fetchone()[0])  # before changing anything
+            self._check_version(conn.execute("PRAGMA user_version").fetchone()[0], conn)  # before changing anything
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StoreError(f"{self.path}: cannot switch to WAL journal mode (got {mode!r})")
@@ -428,7 +441,7 @@ class SqliteStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
-                self._check_version(version)
+                self._check_version(version, conn)
                 for step in range(version, SCHEMA_VERSION):
                     MIGRATIONS[step](conn)
                 if version != SCHEMA_VERSION:
@@ -442,7 +455,14 @@ class SqliteStore:
         except sqlite3.Error as e:
             raise StoreError(f"cannot open {self.path}: {e}") from e
 
-    def _check_version(self, version: int) -> None:
+    def _check_version(self, version: int, conn: sqlite3.Connection) -> None:
+        if version == 0:  # schema 1 and on set it in the transaction that makes their tables
+            tables = [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            if tables:
+                raise StoreError(
+                    f"{self.path} is not a Halflife store (no schema version, but tables: {', '.join(tables[:5])}); "
+                    "give halflife a data directory of its own"
+                )
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} has schema version {version}, newer than this "
@@ -466,7 +486,9 @@ class SqliteStore:
         while not stop:
             with self._lock:
                 while not self._queue:
-                    self._wakeup.wait()
+                    wait = max(0.0, self._truncate_due - time.monotonic()) if self._truncate_pending else None
+                    if not self._wakeup.wait(wait):
+                        break  # time to try the truncation again
                 jobs = []
                 while self._queue and len(jobs) < _MAX_GROUP:
                     job = self._queue.popleft()
@@ -474,6 +496,8 @@ class SqliteStore:
                         stop = True
                         break
                     jobs.append(job)
+            if self._truncate_pending and time.monotonic() >= self._truncate_due and not stop:
+                self._truncate_wal(conn)
             if jobs:
                 try:
                     self._run_group(conn, jobs)
@@ -827,10 +851,24 @@ class SqliteStore:
 
     def _truncate_wal(self, conn: sqlite3.Connection) -> None:
         """Copies the WAL into the database and truncates it, so that the
-        pre-delete page images in old WAL frames are gone too."""
-        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        if busy:
-            log.warning("WAL checkpoint after delete_user was blocked by a reader; it completes later")
+        pre-delete page images in old WAL frames are gone too. Waits at most
+        TRUNCATE_BUSY_MS for readers; if one blocks it, the writer tries
+        again (see `_run_writer`). Writer thread."""
+        conn.execute(f"PRAGMA busy_timeout = {TRUNCATE_BUSY_MS}")
+        try:
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as e:
+            busy = True
+            log.warning("WAL checkpoint failed: %s", e)
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if busy and not self._truncate_pending:
+            log.warning("WAL checkpoint after an erasure is blocked by a reader; retried every %.0f s until it "
+                        "completes", TRUNCATE_RETRY_S)
+        elif not busy and self._truncate_pending:
+            log.info("WAL checkpoint after an erasure completed")
+        self._truncate_pending = bool(busy)
+        self._truncate_due = time.monotonic() + TRUNCATE_RETRY_S
 
     def checkpoint(self) -> None:
         """Checkpoints and truncates the WAL (on the writer thread)."""
