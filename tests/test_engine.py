@@ -746,6 +746,25 @@ def test_cosines_reported_stay_within_one_for_equal_vectors(tmp_path):
     assert max(reported) == 1.0 and min(reported) >= -1.0
 
 
+@pytest.mark.parametrize("limit", [1, 2, 3])
+def test_a_profiles_top_items_order_equal_items_by_id_whatever_their_rows(tmp_path, limit):
+    """Workers number rows in the order they learned of items; a profile's
+    top items picked and ordered equal ones by row (and a GEMM scored equal
+    vectors apart in the last bit), so two workers answered differently."""
+    twin, other = fake_embed(["twin", "other"])
+    answers = []
+    for order in (("x1", "x2"), ("x2", "x1")):
+        engine = open_engine(tmp_path / "-".join(order))
+        engine.upsert_items([ItemInput(id=i, text="", vector=twin) for i in order]
+                            + [ItemInput(id="y", text="", vector=(twin + 0.3 * other) / np.linalg.norm(twin + 0.3 * other)),
+                               ItemInput(id="z", text="", vector=other)])
+        engine.record_events([EventInput("e", "u", LIKE, "x1", None, None, T - 60)])
+        (view,) = engine.profile("u", as_of=T, items_per_interest=limit).interests
+        answers.append([(i, round(sim, 6)) for i, _, sim in view.top_items])
+    assert answers[0] == answers[1]
+    assert [i for i, _ in answers[0]] == ["x1", "x2", "y"][:limit]
+
+
 def test_the_unweighted_signals_are_the_explained_parts_over_their_weights(tmp_path):
     """`_signals` (what `halflife eval` blends offline) gives each signal of
     the blend before weighting: a Recommend's explained parts are them

@@ -54,6 +54,7 @@ from halflife.core.ranking import (
     freshness,
     mmr,
     normalize,
+    row_dots,
     top_k,
 )
 from halflife.cpu import physical_cores
@@ -928,12 +929,15 @@ class InterestEngine:
         Labels compare centred directions (see `_label_space`). Reads the
         catalogue and names the results with the lock held, and runs the
         products in between without it, as `recommend` does: if an item it
-        picked was deleted meanwhile, it describes again under the lock."""
+        picked was deleted meanwhile, it describes again under the lock.
+        Items come best first, equal ones by id (`_nearest_by_id`)."""
 
         def describe(items: np.ndarray, allowed: np.ndarray):
+            # One more than asked: `_nearest_by_id` sees whether the cut falls in a tie.
             return describe_clusters(
                 centroids, label_vectors, items, n_labels=self.config.ranking.labels_per_interest,
-                n_items=min(n_items, items.shape[0]), item_allowed=allowed, label_origin=mean, scan=self._blocks,
+                n_items=min(n_items + 1, items.shape[0]) if n_items else 0, item_allowed=allowed,
+                label_origin=mean, scan=self._blocks,
             )
 
         with self._lock:
@@ -952,13 +956,29 @@ class InterestEngine:
                     for i, s in zip(described.label_indices[c], described.label_scores[c])
                     if i >= 0
                 )
-                items = tuple(
-                    (catalog.ids[i], catalog.texts[i], float(s))
-                    for i, s in zip(described.item_indices[c], described.item_scores[c])
-                    if i >= 0
-                )
+                picked = described.item_indices[c]
+                rows, scores, ids = self._nearest_by_id(picked[picked >= 0], normalize(centroids[c]), n_items)
+                items = tuple((i, catalog.texts[row], float(score)) for i, row, score in zip(ids, rows, scores))
                 out.append((labels, items))
             return out
+
+    def _nearest_by_id(self, rows: np.ndarray, direction: np.ndarray, limit: int):
+        """The `limit` live rows nearest the unit `direction`, from `rows` (a
+        GEMM's best, one more than `limit`), best first, exact ties by item id
+        as in `_best_by_id`. Their cosines are taken again row by row: a
+        GEMM's rounding depends on where a row sits, which differs between
+        workers, so equal vectors scored apart in the last bit. Where the cut
+        falls in a tie, every live row is scored. Returns (rows, cosines,
+        ids). Lock held."""
+        vectors, alive = self.catalog.vectors, self.catalog.alive
+        scores = clip_cosines(row_dots(vectors[rows], direction))
+        order = np.argsort(-scores, kind="stable")
+        rows, scores = rows[order], scores[order]
+        if len(rows) > limit > 0 and scores[limit] == scores[limit - 1]:
+            rows, scores = top_k(clip_cosines(row_dots(vectors, direction)), limit, alive[: vectors.shape[0]], ties=True)
+        else:
+            rows, scores = rows[:limit], scores[:limit]
+        return self._best_by_id(rows, scores, limit)
 
     # ---------------------------------------------------------- recommending
 
