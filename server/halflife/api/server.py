@@ -129,6 +129,45 @@ def service_names() -> list[str]:
     return [*api_service_names(), HEALTH_SERVICE.full_name, REFLECTION_SERVICE.full_name]
 
 
+class _WatchEnded(Exception):
+    """Raised out of grpc's health Watch loop once it told its watcher NOT_SERVING at shutdown."""
+
+
+class _EndAfterNotServing:
+    """A Watch's context whose write ends the stream after NOT_SERVING at shutdown."""
+
+    def __init__(self, context, health: "ShutdownHealthServicer"):
+        self._context, self._health = context, health
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+    async def write(self, response) -> None:
+        await self._context.write(response)
+        if self._health.shutting_down and response.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            raise _WatchEnded
+
+
+class ShutdownHealthServicer(health.aio.HealthServicer):
+    """grpc's health service, but a Watch ends (OK) once it has told its
+    watcher NOT_SERVING at shutdown. A Watch never ends by itself, so one
+    open stream (Envoy, client-side health checking, grpc-health-probe
+    -watch) held every shutdown for the whole grace period: 30 s instead of
+    0.1 s idle (found by an audit, 2026-12-05)."""
+
+    shutting_down = False
+
+    async def Watch(self, request, context) -> None:
+        try:
+            await super().Watch(request, _EndAfterNotServing(context, self))
+        except _WatchEnded:
+            pass
+
+    async def enter_graceful_shutdown(self) -> None:
+        self.shutting_down = True  # before the watchers wake to NOT_SERVING
+        await super().enter_graceful_shutdown()
+
+
 class HalflifeServer:
     """Starts listening at once (health NOT_SERVING), then loads the model,
     the store and the catalogue, and flips health to SERVING."""
@@ -139,7 +178,7 @@ class HalflifeServer:
         self.backend = Backend()
         self.store: SqliteStore | None = None
         self._server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
+        self._health = ShutdownHealthServicer()
         self._servicers = [servicer(self.backend) for _, servicer in API_SERVICES]
 
     @property
