@@ -47,11 +47,11 @@ def describe_clusters(
     """
     c = normalize(centroids)
     to_labels = c if label_origin is None else normalize(np.asarray(centroids) - label_origin)
-    label_idx, label_sim = batch_top_k(to_labels @ np.asarray(labels, dtype=np.float32).T, n_labels)
-    label_sim = clip_cosines(label_sim)
+    label_idx, label_sim = batch_top_k(clip_cosines(to_labels @ np.asarray(labels, dtype=np.float32).T), n_labels)
     if n_items <= 0:
         empty = np.empty((c.shape[0], 0))
         return ClusterDescription(label_idx, label_sim, empty.astype(np.int64), empty.astype(np.float32))
-    similarities = (scan or (lambda score, rows: score(rows)))(lambda rows: rows @ c.T, np.asarray(items, dtype=np.float32))
+    similarities = (scan or (lambda score, rows: score(rows)))(lambda rows: clip_cosines(rows @ c.T),
+                                                               np.asarray(items, dtype=np.float32))
     item_idx, item_sim = batch_top_k(np.ascontiguousarray(similarities.T), n_items, item_allowed)
-    return ClusterDescription(label_idx, label_sim, item_idx, clip_cosines(item_sim))
+    return ClusterDescription(label_idx, label_sim, item_idx, item_sim)
