@@ -37,7 +37,9 @@ Privacy: ``secure_delete=ON`` zeroes deleted content, and `delete_user`
 checkpoints and truncates the WAL after its commit, so the erased rows are not
 left in the database file's free pages nor in old WAL frames. Another
 process's read (a worker's pass over the log) blocks that checkpoint; the
-writer then tries again every TRUNCATE_RETRY_S until it completes.
+writer then tries again every TRUNCATE_RETRY_S until it completes, and once
+more at close (a process that stops first leaves it to the next automatic
+checkpoint, or to the last connection's close).
 """
 
 from __future__ import annotations
@@ -458,7 +460,9 @@ class SqliteStore:
     def _check_version(self, version: int, conn: sqlite3.Connection) -> None:
         if version == 0:  # schema 1 and on set it in the transaction that makes their tables
             tables = [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-            if tables:
+            # Read again after the tables: another process may have just created the store.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if tables and version == 0:
                 raise StoreError(
                     f"{self.path} is not a Halflife store (no schema version, but tables: {', '.join(tables[:5])}); "
                     "give halflife a data directory of its own"
@@ -497,7 +501,7 @@ class SqliteStore:
                         break
                     jobs.append(job)
             if self._truncate_pending and time.monotonic() >= self._truncate_due and not stop:
-                self._truncate_wal(conn)
+                self._truncate_wal(conn)  # never raises: the jobs taken above must still run
             if jobs:
                 try:
                     self._run_group(conn, jobs)
@@ -511,6 +515,8 @@ class SqliteStore:
                     for job in jobs:
                         if not job.future.done():
                             job.future.set_exception(_store_error(e, "writer failed: "))
+        if self._truncate_pending:  # a last try; past it, the next automatic checkpoint or last close does it
+            self._truncate_wal(conn)
         conn.close()
 
     def _run_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
@@ -853,15 +859,16 @@ class SqliteStore:
         """Copies the WAL into the database and truncates it, so that the
         pre-delete page images in old WAL frames are gone too. Waits at most
         TRUNCATE_BUSY_MS for readers; if one blocks it, the writer tries
-        again (see `_run_writer`). Writer thread."""
-        conn.execute(f"PRAGMA busy_timeout = {TRUNCATE_BUSY_MS}")
+        again (see `_run_writer`). Never raises. Writer thread."""
         try:
-            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        except sqlite3.Error as e:
+            conn.execute(f"PRAGMA busy_timeout = {TRUNCATE_BUSY_MS}")
+            try:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        except Exception as e:  # noqa: BLE001 - a failed try is retried, never the writer's end
             busy = True
             log.warning("WAL checkpoint failed: %s", e)
-        finally:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         if busy and not self._truncate_pending:
             log.warning("WAL checkpoint after an erasure is blocked by a reader; retried every %.0f s until it "
                         "completes", TRUNCATE_RETRY_S)
