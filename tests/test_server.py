@@ -284,17 +284,21 @@ def test_health_is_not_serving_until_the_model_is_loaded(model_dir, tmp_path, mo
 def test_an_open_health_watch_does_not_hold_a_shutdown(model_dir, tmp_path):
     """A Watch never ends by itself: one open stream held every shutdown for
     the whole grace period (30 s, against 0.1 s idle). It now ends after
-    telling its watcher NOT_SERVING."""
+    telling its watcher NOT_SERVING, a watcher of a name never set too."""
+    Status = health_pb2.HealthCheckResponse
     server = ServerThread(ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path)).start()
-    seen = []
     with grpc.insecure_channel(server.address) as channel:
-        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
-        seen.append(next(stream).status)
+        streams = {name: health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=name),
+                                                                   timeout=60)
+                   for name in ("", "unknown.Service")}
+        seen = {name: [next(stream).status] for name, stream in streams.items()}
         began = time.monotonic()
         server.stop(grace=30)
         assert time.monotonic() - began < 10
-        seen += [response.status for response in stream]  # ends, and cleanly
-    assert seen == [health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING]
+        for name, stream in streams.items():
+            seen[name] += [response.status for response in stream]  # ends, and cleanly
+    assert seen == {"": [Status.SERVING, Status.NOT_SERVING],
+                    "unknown.Service": [Status.SERVICE_UNKNOWN, Status.NOT_SERVING]}
 
 
 def test_full_queue_answers_resource_exhausted(model_dir, tmp_path):

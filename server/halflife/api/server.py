@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import inspect
 import logging
@@ -144,8 +145,12 @@ class _EndAfterNotServing:
 
     async def write(self, response) -> None:
         await self._context.write(response)
-        if self._health.shutting_down and response.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+        if self._health.shutting_down and response.status in _FINAL_STATUSES:
             raise _WatchEnded
+
+
+# What a Watch answers last at shutdown: NOT_SERVING, or SERVICE_UNKNOWN to one started then for a name never set.
+_FINAL_STATUSES = (health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
 
 
 class ShutdownHealthServicer(health.aio.HealthServicer):
@@ -157,14 +162,26 @@ class ShutdownHealthServicer(health.aio.HealthServicer):
 
     shutting_down = False
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._watched: collections.Counter = collections.Counter()  # service name -> open Watch streams
+
     async def Watch(self, request, context) -> None:
+        self._watched[request.service] += 1
         try:
             await super().Watch(request, _EndAfterNotServing(context, self))
         except _WatchEnded:
             pass
+        finally:
+            self._watched[request.service] -= 1
+            if not self._watched[request.service]:
+                del self._watched[request.service]
 
     async def enter_graceful_shutdown(self) -> None:
         self.shutting_down = True  # before the watchers wake to NOT_SERVING
+        # grpc's turns only the names set so far NOT_SERVING: a watcher of another name would never wake.
+        for service in list(self._watched):
+            await self.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await super().enter_graceful_shutdown()
 
 
