@@ -82,6 +82,8 @@ def test_leave_last_out_holds_out_the_ratings_tied_with_its_time():
     data.times[data.users == "b"] = np.array([10, 11, 21, 21]) * DAY  # b rated 1 and 4 in one second
     (b,) = [q for q in leave_last_out(data, n=1, min_history=1) if q.user == "b"]
     assert b.t == 21 * DAY and b.relevant.tolist() == [1, 4]
+    # b's history is 2 ratings once the tie is held out too: too little for min_history 3
+    assert "b" not in [q.user for q in leave_last_out(data, n=1, min_history=3)]
 
 
 def test_engine_store_sees_only_events_before_the_query(tmp_path):

@@ -121,6 +121,8 @@ def leave_last_out(data: EvalData, n: int = 5, positive_min: float = 4.0, min_hi
             continue
         t = float(data.times[mine[-n]])
         held = mine[data.times[mine] >= t]
+        if mine.size - held.size < min_history:  # ties held out too: count the history again
+            continue
         if data.before(t) == 0 or not np.any(data.users[: data.before(t)] == user):
             continue
         positive = held[data.values[held] >= positive_min]
