@@ -91,6 +91,24 @@ def _relative(popularity: np.ndarray, alive: np.ndarray) -> np.ndarray:
     return unit_max(np.where(alive & (popularity > 0), popularity, 0.0))
 
 
+def _nearest(items: np.ndarray, allowed: np.ndarray, picked: np.ndarray, direction: np.ndarray,
+             limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `limit` allowed rows of `items` nearest the unit `direction`, best
+    first with every tie at the cut (as top_k(ties=True) gives them to
+    `InterestEngine._best_by_id`), from `picked` (a GEMM's best, one more
+    than `limit`; -1 pads). Their cosines are taken again row by row: a
+    GEMM's rounding depends on where a row sits, which differs between
+    workers, so equal vectors scored apart in the last bit. Where the cut
+    falls in a tie, every allowed row is scored. Returns (rows, cosines)."""
+    rows = picked[picked >= 0]
+    scores = clip_cosines(row_dots(items[rows], direction))
+    order = np.argsort(-scores, kind="stable")
+    rows, scores = rows[order], scores[order]
+    if len(rows) > limit > 0 and scores[limit] == scores[limit - 1]:
+        return top_k(clip_cosines(row_dots(items, direction)), limit, allowed[: items.shape[0]], ties=True)
+    return rows[:limit], scores[:limit]
+
+
 def _guard(deadline: Deadline | None) -> Guard | None:
     """A write's guard (see Store): refused once the caller stopped waiting."""
     return None if deadline is None else deadline.check
@@ -930,55 +948,38 @@ class InterestEngine:
         catalogue and names the results with the lock held, and runs the
         products in between without it, as `recommend` does: if an item it
         picked was deleted meanwhile, it describes again under the lock.
-        Items come best first, equal ones by id (`_nearest_by_id`)."""
+        Items come best first, equal ones by id (`_nearest`, `_best_by_id`)."""
+        units = normalize(centroids)
 
         def describe(items: np.ndarray, allowed: np.ndarray):
-            # One more than asked: `_nearest_by_id` sees whether the cut falls in a tie.
-            return describe_clusters(
+            # One more than asked: `_nearest` sees whether the cut falls in a tie.
+            described = describe_clusters(
                 centroids, label_vectors, items, n_labels=self.config.ranking.labels_per_interest,
                 n_items=min(n_items + 1, items.shape[0]) if n_items else 0, item_allowed=allowed,
                 label_origin=mean, scan=self._blocks,
             )
+            return described, [_nearest(items, allowed, picked, unit, n_items)
+                                for picked, unit in zip(described.item_indices, units)]
 
         with self._lock:
             names, label_vectors, mean = self._label_space()
             items, allowed = self.catalog.vectors, self.catalog.alive.copy()
-        described = describe(items, allowed)
+        described, nearest = describe(items, allowed)
         with self._lock:
             catalog = self.catalog
-            picked = described.item_indices[described.item_indices >= 0]
-            if not catalog.alive[picked].all():
-                described = describe(catalog.vectors, catalog.alive)
+            if not all(catalog.alive[rows].all() for rows, _ in nearest):
+                described, nearest = describe(catalog.vectors, catalog.alive)
             out = []
-            for c in range(centroids.shape[0]):
+            for c, (rows, scores) in enumerate(nearest):
                 labels = tuple(
                     (names[i], float(s))
                     for i, s in zip(described.label_indices[c], described.label_scores[c])
                     if i >= 0
                 )
-                picked = described.item_indices[c]
-                rows, scores, ids = self._nearest_by_id(picked[picked >= 0], normalize(centroids[c]), n_items)
+                rows, scores, ids = self._best_by_id(rows, scores, n_items)
                 items = tuple((i, catalog.texts[row], float(score)) for i, row, score in zip(ids, rows, scores))
                 out.append((labels, items))
             return out
-
-    def _nearest_by_id(self, rows: np.ndarray, direction: np.ndarray, limit: int):
-        """The `limit` live rows nearest the unit `direction`, from `rows` (a
-        GEMM's best, one more than `limit`), best first, exact ties by item id
-        as in `_best_by_id`. Their cosines are taken again row by row: a
-        GEMM's rounding depends on where a row sits, which differs between
-        workers, so equal vectors scored apart in the last bit. Where the cut
-        falls in a tie, every live row is scored. Returns (rows, cosines,
-        ids). Lock held."""
-        vectors, alive = self.catalog.vectors, self.catalog.alive
-        scores = clip_cosines(row_dots(vectors[rows], direction))
-        order = np.argsort(-scores, kind="stable")
-        rows, scores = rows[order], scores[order]
-        if len(rows) > limit > 0 and scores[limit] == scores[limit - 1]:
-            rows, scores = top_k(clip_cosines(row_dots(vectors, direction)), limit, alive[: vectors.shape[0]], ties=True)
-        else:
-            rows, scores = rows[:limit], scores[:limit]
-        return self._best_by_id(rows, scores, limit)
 
     # ---------------------------------------------------------- recommending
 
