@@ -407,6 +407,12 @@ def _sentence_transformers_lower_case(tmp_path, sources):
     return ["--model", str(model)], "lowercases its inputs before the tokenizer (sentence_bert_config.json do_lower_case)"
 
 
+def _sentence_transformers_malformed_modules(tmp_path, sources):
+    model = tiny_models.make_sentence_transformers(tmp_path / "st")
+    (model / "modules.json").write_text(json.dumps([{"idx": 0, "path": ""}]))  # no type
+    return ["--model", str(model)], "modules.json is not a list of modules with a type and a path"
+
+
 ERROR_CASES = {
     "bad-model-path": (_bad_model, (1,)),
     "garbage-config": (_garbage_config, (1,)),
@@ -423,6 +429,7 @@ ERROR_CASES = {
     "st-two-poolings": (_sentence_transformers_two_poolings, (1,)),
     "st-dense": (_sentence_transformers_dense, (1,)),
     "st-lower-case": (_sentence_transformers_lower_case, (1,)),
+    "st-malformed-modules": (_sentence_transformers_malformed_modules, (1,)),
 }
 
 

@@ -297,15 +297,19 @@ def _pooling_module(path: Path) -> Path | None:
     modules.json lists, or None. Refuses any module the server does not
     reproduce: the vectors it served would differ from the model's."""
     pooling = None
-    for module in _json_file(path / "modules.json"):
+    modules = _json_file(path / "modules.json") or []
+    if not (isinstance(modules, list) and all(isinstance(m, dict) and isinstance(m.get("type"), str)
+                                              and isinstance(m.get("path", ""), str) for m in modules)):
+        raise ExportError(f"{path / 'modules.json'} is not a list of modules with a type and a path")
+    for module in modules:
         kind = module["type"].rsplit(".", 1)[-1]
         if kind not in SERVED_MODULES:
             raise ExportError(
-                f"sentence-transformers {kind} module {path / module['path']} is not supported: "
+                f"sentence-transformers {kind} module {path / module.get('path', '')} is not supported: "
                 "the served vectors would differ from the model's"
             )
         if kind == "Pooling":
-            pooling = path / module["path"] / "config.json"
+            pooling = path / module.get("path", "") / "config.json"
     return pooling
 
 
