@@ -40,7 +40,9 @@ def load(target: str, concurrency: int, duration: float, data: str = "{}", call:
 
 
 def percentile_s(report: dict, p: int) -> float:
-    return next(d["latency"] for d in report["latencyDistribution"] if d["percentage"] == p) / 1e9
+    """The report's p-th percentile latency, in seconds: over the OK calls
+    (ghz's rule), NaN when none was OK."""
+    return next((d["latency"] / 1e9 for d in report["latencyDistribution"] if d["percentage"] == p), float("nan"))
 
 
 def empty_rpc_p50(target: str, duration: float = 3.0) -> float:

@@ -87,7 +87,8 @@ def _drive(address: str, seconds: float, batch: int, concurrency: int, clients: 
 
     # Warm-up, so that first-shape CUDA allocations are not timed.
     subprocess.run(loadtest("--total", str(4 * concurrency)), check=True, capture_output=True, timeout=120)
-    procs = [subprocess.Popen(loadtest("--duration", f"{seconds}s", "--total", "10000000"), stdout=subprocess.PIPE,
+    # Calls in flight at the end finish (ghz's close would report them as Canceled).
+    procs = [subprocess.Popen(loadtest("--duration", f"{seconds}s", "--duration-stop", "wait"), stdout=subprocess.PIPE,
                               text=True) for _ in range(clients)]
     reports = [json.loads(p.communicate(timeout=seconds + 120)[0]) for p in procs]
     failed = {k: v for r in reports for k, v in r["statusCodeDistribution"].items() if k != "OK"}
