@@ -765,6 +765,31 @@ def test_a_profiles_top_items_order_equal_items_by_id_whatever_their_rows(tmp_pa
     assert [i for i, _ in answers[0]] == ["x1", "x2", "y"][:limit]
 
 
+def test_an_item_changed_while_a_profile_is_described_is_named_as_it_is_now(tmp_path, monkeypatch):
+    """The profile's products run without the lock; an item re-upserted in
+    between came back with its new text beside its old cosine and rank."""
+    from halflife.interest import engine as engine_module
+
+    near, far = fake_embed(["near", "far"])
+    mid = (near + 0.6 * far) / np.linalg.norm(near + 0.6 * far)
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id="x", text="x", vector=near), ItemInput(id="y", text="y", vector=mid)])
+    engine.record_events([EventInput("e", "u", LIKE, "x", None, None, T - 60)])
+    nearest, changed = engine_module._nearest, []
+
+    def then_change(*args):
+        out = nearest(*args)
+        if not changed:
+            changed.append(engine.upsert_items([ItemInput(id="x", text="x now far", vector=far)]))
+        return out
+
+    monkeypatch.setattr(engine_module, "_nearest", then_change)
+    (view,) = engine.profile("u", as_of=T, items_per_interest=2).interests
+    cosine = {i: float(np.dot(engine.catalog.vectors[engine.catalog.row_of[i]], near)) for i in ("x", "y")}
+    assert changed and [(i, t) for i, t, _ in view.top_items] == [("y", "y"), ("x", "x now far")]
+    assert [s for _, _, s in view.top_items] == pytest.approx([cosine["y"], cosine["x"]], abs=1e-5)
+
+
 def test_the_unweighted_signals_are_the_explained_parts_over_their_weights(tmp_path):
     """`_signals` (what `halflife eval` blends offline) gives each signal of
     the blend before weighting: a Recommend's explained parts are them

@@ -413,6 +413,12 @@ def _sentence_transformers_malformed_modules(tmp_path, sources):
     return ["--model", str(model)], "modules.json is not a list of modules with a type and a path"
 
 
+def _sentence_transformers_null_modules(tmp_path, sources):
+    model = tiny_models.make_sentence_transformers(tmp_path / "st", pooling=("max_tokens",))
+    (model / "modules.json").write_text("null")  # not "no modules": its Pooling config would go unread
+    return ["--model", str(model)], "modules.json is not a list of modules with a type and a path"
+
+
 ERROR_CASES = {
     "bad-model-path": (_bad_model, (1,)),
     "garbage-config": (_garbage_config, (1,)),
@@ -430,6 +436,7 @@ ERROR_CASES = {
     "st-dense": (_sentence_transformers_dense, (1,)),
     "st-lower-case": (_sentence_transformers_lower_case, (1,)),
     "st-malformed-modules": (_sentence_transformers_malformed_modules, (1,)),
+    "st-null-modules": (_sentence_transformers_null_modules, (1,)),
 }
 
 

@@ -297,7 +297,7 @@ def _pooling_module(path: Path) -> Path | None:
     modules.json lists, or None. Refuses any module the server does not
     reproduce: the vectors it served would differ from the model's."""
     pooling = None
-    modules = _json_file(path / "modules.json") or []
+    modules = _json_file(path / "modules.json") if (path / "modules.json").is_file() else []
     if not (isinstance(modules, list) and all(isinstance(m, dict) and isinstance(m.get("type"), str)
                                               and isinstance(m.get("path", ""), str) for m in modules)):
         raise ExportError(f"{path / 'modules.json'} is not a list of modules with a type and a path")

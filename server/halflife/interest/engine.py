@@ -91,6 +91,12 @@ def _relative(popularity: np.ndarray, alive: np.ndarray) -> np.ndarray:
     return unit_max(np.where(alive & (popularity > 0), popularity, 0.0))
 
 
+def _cosines(items: np.ndarray, rows: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """Cosines of `items`' `rows` with the unit `direction`, row by row (the
+    same for a row wherever it sits). (len(rows),) float32."""
+    return clip_cosines(row_dots(items[rows], direction))
+
+
 def _nearest(items: np.ndarray, allowed: np.ndarray, picked: np.ndarray, direction: np.ndarray,
              limit: int) -> tuple[np.ndarray, np.ndarray]:
     """The `limit` allowed rows of `items` nearest the unit `direction`, best
@@ -101,7 +107,7 @@ def _nearest(items: np.ndarray, allowed: np.ndarray, picked: np.ndarray, directi
     workers, so equal vectors scored apart in the last bit. Where the cut
     falls in a tie, every allowed row is scored. Returns (rows, cosines)."""
     rows = picked[picked >= 0]
-    scores = clip_cosines(row_dots(items[rows], direction))
+    scores = _cosines(items, rows, direction)
     order = np.argsort(-scores, kind="stable")
     rows, scores = rows[order], scores[order]
     if len(rows) > limit > 0 and scores[limit] == scores[limit - 1]:
@@ -947,7 +953,8 @@ class InterestEngine:
         Labels compare centred directions (see `_label_space`). Reads the
         catalogue and names the results with the lock held, and runs the
         products in between without it, as `recommend` does: if an item it
-        picked was deleted meanwhile, it describes again under the lock.
+        picked was deleted or changed meanwhile, it describes again under the
+        lock.
         Items come best first, equal ones by id (`_nearest`, `_best_by_id`)."""
         units = normalize(centroids)
 
@@ -967,7 +974,9 @@ class InterestEngine:
         described, nearest = describe(items, allowed)
         with self._lock:
             catalog = self.catalog
-            if not all(catalog.alive[rows].all() for rows, _ in nearest):
+            # A picked item deleted meanwhile, or re-upserted (its new text beside its old cosine): again.
+            if not all(catalog.alive[rows].all() and np.array_equal(_cosines(catalog.vectors, rows, unit), scores)
+                       for (rows, scores), unit in zip(nearest, units)):
                 described, nearest = describe(catalog.vectors, catalog.alive)
             out = []
             for c, (rows, scores) in enumerate(nearest):
