@@ -161,6 +161,30 @@ def test_a_sqlite_file_of_something_else_is_refused_untouched(tmp_path, table):
     assert (tmp_path / DB_NAME).read_bytes() == before
 
 
+def test_openers_of_one_new_store_at_once_all_get_it(tmp_path):
+    """The switch to WAL takes the file's exclusive lock, which SQLite's busy
+    handler does not wait for: 1 in ~9 of several processes (or threads)
+    opening one new store at once failed with "database is locked"."""
+    errors = []
+    for trial in range(40):
+        directory = tmp_path / str(trial)
+        start = threading.Barrier(4)
+
+        def open_it() -> None:
+            start.wait()
+            try:
+                SqliteStore(directory).close()
+            except StoreError as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=open_it) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert errors == []
+
+
 def test_corrupt_text_is_a_store_error(tmp_path):
     """Text that is not UTF-8 (a damaged page) raised AttributeError from the
     sqlite3 module's own error, which carries no SQLite code."""
