@@ -102,6 +102,22 @@ def test_duration_stop_wait_lets_them_run_to_their_timeout_and_sends_no_more(scr
     assert report["statusCodeDistribution"] == {"DeadlineExceeded": 2} and len(servicer.received) == 2
 
 
+def test_a_stop_wakes_the_workers_waiting_for_their_rps_turn(scripted):
+    """At 0.2 requests/s, workers 2 and 3 wait 5 and 10 s for their first
+    turn: a stop (Ctrl-C) left them asleep until then, in "wait" mode."""
+    _, address = scripted
+
+    async def stopped_soon() -> dict:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.3, stop.set)
+        return await run_load_test(LoadTestOptions(call=HEALTH, target=address, concurrency=3, rps=0.2,
+                                                   duration=30.0, duration_stop="wait"), stop)
+
+    begin = time.monotonic()
+    report = asyncio.run(stopped_soon())
+    assert time.monotonic() - begin < 3 and report["endReason"] == "cancel" and report["count"] == 1
+
+
 def test_the_cli_and_ghz_configs_default_to_close_as_ghz(tmp_path):
     assert options_from_flags(call=HEALTH, duration=1.0).duration_stop == "close"
     path = tmp_path / "z.json"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime as dt
 import ipaddress
 import json
@@ -425,7 +426,7 @@ async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = N
     ]
     tally = _Tally()
     issued = 0
-    stopping = False
+    halt = asyncio.Event()  # the run ends: no new calls, and workers waiting for their --rps turn wake
     started = time.perf_counter()
     deadline = started + duration
     hard_end = started + MAX_DURATION_S  # no call outlives the longest run either
@@ -434,7 +435,7 @@ async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = N
         nonlocal issued
         call = calls[index % connections]
         worker_id = f"g{index}c{index % connections}"
-        while not stopping and issued < (total or MAX_TOTAL):
+        while not halt.is_set() and issued < (total or MAX_TOTAL):
             n = issued
             issued += 1
             if options.rps > 0:
@@ -443,8 +444,9 @@ async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = N
                     break  # request n, and every later one, is due after the deadline: none would be sent
                 wait = due - time.perf_counter()
                 if wait > 0:
-                    await asyncio.sleep(wait)
-                    if stopping:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(halt.wait(), wait)
+                    if halt.is_set():
                         break
             request = make_request(n, worker_id)
             begin = time.perf_counter_ns()
@@ -466,7 +468,7 @@ async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = N
                                      return_when=asyncio.FIRST_COMPLETED)
         end_reason = "normal" if finished in done else "cancel" if stopped in done else "timeout"
         if end_reason != "normal":
-            stopping = True  # no new calls; the ones in flight as --duration-stop says
+            halt.set()  # the calls in flight as --duration-stop says
             if options.duration_stop != "wait":
                 for task in tasks:
                     task.cancel()
