@@ -22,7 +22,7 @@ MOVIES = [
     (4, "Love in Paris (1995)", "Comedy|Romance"),
     (5, "Wedding Season (2003)", "Comedy|Romance"),
     (6, "The Long Goodbye Kiss (2008)", "Drama|Romance"),
-    (7, "Haunted Manor (1931)", "Horror"),
+    (7, "Haunted Manor (1970)", "Horror"),  # 0.0 Unix seconds: was sent as no create_time
     (8, "Untitled", "(no genres listed)"),
 ]
 # (user, movie, rating, unix time): user 1 moved from sci-fi (2001) to romance (2010).
@@ -70,6 +70,8 @@ def test_load_movielens_recommend_and_profile(server, tmp_path):
         assert list(movie.categories) == ["Action", "Adventure", "Sci-Fi"]
         assert movie.create_time.ToDatetime().year == 1977
         assert list(client.get_items(["8"])[0].categories) == []
+        (old,) = client.get_items(["7"])
+        assert old.HasField("create_time") and old.create_time.ToDatetime().year == 1970
 
     shown = halflife("recommend", "1", "--target", server.address, "--limit", "3", "--as-of", "2010-01-02T00:00:00")
     assert shown.returncode == 0, shown.stderr

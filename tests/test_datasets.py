@@ -73,6 +73,26 @@ def test_empty_and_non_finite_numbers(tmp_path):
     assert error(dataset(tmp_path, tags=TAGS + "3,1,x,inf\n")) == "tags.csv line 3: timestamp 'inf' is not a number"
 
 
+def test_references_to_unknown_items_name_their_line(tmp_path):
+    """load-movielens stopped midway on them (NOT_FOUND after thousands of
+    events) and eval dropped them without a word."""
+    assert error(dataset(tmp_path, ratings=RATINGS + "3,99,4.0,964982703\n")) == \
+        "ratings.csv line 5: movieId '99' is not in movies.csv"
+    assert error(dataset(tmp_path, ratings=RATINGS, tags=TAGS + "3,98,x,1\n")) == \
+        "tags.csv line 3: movieId '98' is not in movies.csv"
+
+
+def test_times_a_date_cannot_hold_and_years_that_are_none(tmp_path):
+    """A timestamp of 1e20 crashed the load in a traceback (OverflowError);
+    "(0000)" in a title did too (ValueError), where it is just no year; 1970
+    is a year."""
+    assert error(dataset(tmp_path, ratings=RATINGS + "3,1,4.0,1e20\n")) == \
+        "ratings.csv line 5: timestamp '1e20' is not a time between the years 1 and 9999"
+    movies = MOVIES + "3,Nothing Year (0000),Drama\n4,Patton (1970),War\n"
+    years = {item.id: item.create_time for item in load_dataset(dataset(tmp_path, movies=movies)).items}
+    assert years["3"] is None and years["4"] == 0.0
+
+
 def test_line_numbers_count_blank_lines_and_quoted_newlines(tmp_path):
     movies = MOVIES + '3,"Two\nLines (2001)",Drama\n\n4,x,Drama,extra\n'
     assert error(dataset(tmp_path, movies=movies)) == "movies.csv line 7: 4 fields, expected 3 (movieId,title,genres)"

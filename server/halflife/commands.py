@@ -37,7 +37,9 @@ def load_movielens(directory: Path, target: str, batch_size: int = 500) -> dict[
     data, so a re-run stores nothing twice."""
     dataset = load_dataset(directory, MOVIELENS)
     ratings, tags = dataset.interactions, dataset.texts
-    items = [Item(id=m.id, text=m.text, categories=m.categories, create_time=_utc(m.create_time) if m.create_time else None) for m in dataset.items]
+    # A 1970 title's create_time is 0.0: tested against None, not for truth.
+    items = [Item(id=m.id, text=m.text, categories=m.categories,
+                  create_time=None if m.create_time is None else _utc(m.create_time)) for m in dataset.items]
     events = [
         Event(event_id=f"rating-{u}-{i}", user_id=u, type=interest_pb2.EVENT_TYPE_RATE, item_id=i, value=float(v), event_time=_utc(t))
         for u, i, v, t in zip(ratings.users, ratings.items, ratings.values, ratings.times)

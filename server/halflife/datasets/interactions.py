@@ -97,9 +97,14 @@ _YEAR = re.compile(r"\((\d{4})\)\s*$")
 
 def _year_start(title: str) -> float | None:
     found = _YEAR.search(title)
-    if not found:
+    if not found or int(found.group(1)) < 1:  # "(0000)" is no year a date can hold
         return None
     return dt.datetime(int(found.group(1)), 1, 1, tzinfo=dt.timezone.utc).timestamp()
+
+
+# Unix seconds a date can hold (years 1 to 9999), as the API's Timestamps do.
+_MIN_TIME = dt.datetime(1, 1, 1, tzinfo=dt.timezone.utc).timestamp()
+_MAX_TIME = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc).timestamp()
 
 
 class DatasetError(ValueError):
@@ -171,6 +176,24 @@ class _Csv:
         k = next(k for k, r in enumerate(self.rows) if not _is_finite_number(r[i]))
         raise DatasetError(f"{self.name} line {self._line_of(k)}: {column} {self.rows[k][i]!r} is not a number")
 
+    def times(self, column: str) -> np.ndarray:
+        """`floats`, each a Unix time a date can hold (1e20 crashed the load later)."""
+        values = self.floats(column)
+        bad = np.flatnonzero((values < _MIN_TIME) | (values > _MAX_TIME))
+        if bad.size:
+            k = int(bad[0])
+            raise DatasetError(f"{self.name} line {self._line_of(k)}: {column} {self.rows[k][self.header.index(column)]!r} "
+                               "is not a time between the years 1 and 9999")
+        return values
+
+    def check_known(self, column: str, known: set[str], what: str) -> None:
+        """Every value of `column` in `known`: a reference to an item the items
+        file lacks stopped load-movielens midway and was dropped by eval unsaid."""
+        i = self.header.index(column)
+        k = next((k for k, row in enumerate(self.rows) if row[i] not in known), None)
+        if k is not None:
+            raise DatasetError(f"{self.name} line {self._line_of(k)}: {column} {self.rows[k][i]!r} is not in {what}")
+
     def _line_of(self, k: int) -> int:
         """The line number of rows[k]: re-read (errors only), since a quoted
         field may span lines and blank lines are skipped."""
@@ -219,27 +242,30 @@ def load_dataset(directory: str | Path, fmt: DatasetFormat = MOVIELENS) -> Datas
         full_text = f"{text}. Genres: {', '.join(categories)}" if categories else text
         items.append(CatalogItem(row[id_at], full_text, categories, _year_start(text)))
 
+    known = {item.id for item in items}
     table = _Csv(directory / fmt.interactions_file, [fmt.user_column, fmt.item_column, fmt.value_column, fmt.time_column])
+    table.check_known(fmt.item_column, known, fmt.items_file)
     interactions = Interactions(
         **_sorted_by_time(
             {
                 "users": table.strings(fmt.user_column),
                 "items": table.strings(fmt.item_column),
                 "values": table.floats(fmt.value_column),
-                "times": table.floats(fmt.time_column),
+                "times": table.times(fmt.time_column),
             }
         )
     )
     texts_path = directory / fmt.texts_file if fmt.texts_file else None
     if texts_path and texts_path.is_file():  # optional: no file, no texts
         table = _Csv(texts_path, [fmt.user_column, fmt.item_column, fmt.user_text_column, fmt.time_column], empty_ok=True)
+        table.check_known(fmt.item_column, known, fmt.items_file)
         texts = UserTexts(
             **_sorted_by_time(
                 {
                     "users": table.strings(fmt.user_column),
                     "items": table.strings(fmt.item_column),
                     "texts": table.strings(fmt.user_text_column),
-                    "times": table.floats(fmt.time_column),
+                    "times": table.times(fmt.time_column),
                 }
             )
         )
