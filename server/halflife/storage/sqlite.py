@@ -445,7 +445,7 @@ class SqliteStore:
 
     def _configure_and_migrate(self, conn: sqlite3.Connection) -> None:
         try:
-            self._check_version(conn.execute("PRAGMA user_version").fetchone()[0], conn)  # before changing anything
+            self._check_version(self._refuse_foreign(conn))  # before changing anything
             mode = _switch_to_wal(conn)
             if str(mode).lower() != "wal":
                 raise StoreError(f"{self.path}: cannot switch to WAL journal mode (got {mode!r})")
@@ -458,7 +458,7 @@ class SqliteStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
-                self._check_version(version, conn)
+                self._check_version(version)
                 for step in range(version, SCHEMA_VERSION):
                     MIGRATIONS[step](conn)
                 if version != SCHEMA_VERSION:
@@ -472,8 +472,12 @@ class SqliteStore:
         except sqlite3.Error as e:
             raise StoreError(f"cannot open {self.path}: {e}") from e
 
-    def _check_version(self, version: int, conn: sqlite3.Connection) -> None:
-        if version == 0:  # schema 1 and on set it in the transaction that makes their tables
+    def _refuse_foreign(self, conn: sqlite3.Connection) -> int:
+        """The file's schema version; StoreError for a SQLite file of
+        something else (tables but no version: schema 1 and on set it in the
+        transaction that makes their tables)."""
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
             tables = [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
             # Read again after the tables: another process may have just created the store.
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -482,6 +486,9 @@ class SqliteStore:
                     f"{self.path} is not a Halflife store (no schema version, but tables: {', '.join(tables[:5])}); "
                     "give halflife a data directory of its own"
                 )
+        return version
+
+    def _check_version(self, version: int) -> None:
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} has schema version {version}, newer than this "
