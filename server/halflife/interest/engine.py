@@ -91,9 +91,9 @@ def _relative(popularity: np.ndarray, alive: np.ndarray) -> np.ndarray:
     return unit_max(np.where(alive & (popularity > 0), popularity, 0.0))
 
 
-def _cosines(items: np.ndarray, rows: np.ndarray, direction: np.ndarray) -> np.ndarray:
-    """Cosines of `items`' `rows` with the unit `direction`, row by row (the
-    same for a row wherever it sits). (len(rows),) float32."""
+def _cosines(items: np.ndarray, rows, direction: np.ndarray) -> np.ndarray:
+    """Cosines of `items`' `rows` (indices, or a slice) with the unit
+    `direction`, row by row (the same for a row wherever it sits). float32."""
     return clip_cosines(row_dots(items[rows], direction))
 
 
@@ -111,7 +111,7 @@ def _nearest(items: np.ndarray, allowed: np.ndarray, picked: np.ndarray, directi
     order = np.argsort(-scores, kind="stable")
     rows, scores = rows[order], scores[order]
     if len(rows) > limit > 0 and scores[limit] == scores[limit - 1]:
-        return top_k(clip_cosines(row_dots(items, direction)), limit, allowed[: items.shape[0]], ties=True)
+        return top_k(_cosines(items, slice(None), direction), limit, allowed[: items.shape[0]], ties=True)
     return rows[:limit], scores[:limit]
 
 
