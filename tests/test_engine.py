@@ -947,3 +947,36 @@ def test_an_item_whose_vector_was_damaged_on_disk_is_left_out_at_load(tmp_path):
     for user in ("u", "v"):  # personal and trending
         result = again.recommend(user, 3, include_seen=True, explain=True)
         assert len(result.items) == 3 and all(np.isfinite(item.score) for item in result.items)
+
+
+Y2000 = 946_684_800.0  # 2000-01-01: 23.9 years before T, over 1,075 7-day half-lives
+VIEW = 1
+
+
+def test_trend_labels_read_decades_after_the_events_are_those_read_just_after(tmp_path):
+    """Decay scales each horizon's masses alike for every interest, so the
+    shares, and the labels, hold from the newest event on; read at t, the
+    7-day masses underflowed to 0 and every interest read as fading."""
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=i, text=f"topic {i}") for i in ("old", "new")])
+    engine.record_events([EventInput(f"o{n}", "u", LIKE, "old", None, None, Y2000 + n * DAY) for n in range(5)]
+                         + [EventInput("n", "u", LIKE, "new", None, None, Y2000 + 150 * DAY)])
+    just_after = engine.profile("u", as_of=Y2000 + 151 * DAY)
+    decades_after = engine.profile("u", as_of=T)
+    assert sorted(v.trend for v in just_after.interests) == ["fading", "rising"]
+    assert [(v.top_items[0][0], v.trend) for v in decades_after.interests] == \
+        [(v.top_items[0][0], v.trend) for v in just_after.interests]
+
+
+def test_an_interest_whose_strength_underflowed_is_neither_listed_nor_explained(tmp_path):
+    """A 2000 view (7-day half-life) is worth exactly 0 by T; a 2000 rating
+    (a year) is not. The view's interest has no direction left to describe."""
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=i, text=f"topic {i}") for i in ("viewed", "rated", "other")])
+    engine.record_events([EventInput("v", "u", VIEW, "viewed", None, None, Y2000),
+                          EventInput("r", "u", RATE, "rated", None, 5.0, Y2000)])
+    profile = engine.profile("u", as_of=T)
+    assert [(v.interest_id, v.top_items[0][0]) for v in profile.interests] == [(0, "rated")]
+    assert all(v.strength > 0 for v in profile.interests)
+    for item in engine.recommend("u", 3, as_of=T, explain=True).items:
+        assert [c.interest_id for c in item.explanation.interests] == [0]

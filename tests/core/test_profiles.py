@@ -209,14 +209,14 @@ def test_shifted_interest_dominates_and_trends():
     which_old = 1 - which_new
     imp = state.importances(t)
     assert imp[which_new] > 3 * imp[which_old]
-    trends = state.trends(t)
-    labels = state.trend_labels(t)
+    trends = state.trends()
+    labels = state.trend_labels()
     assert labels[which_new] == "rising" and labels[which_old] == "fading"
     assert trends[which_new] > 0.5 and trends.sum() == pytest.approx(0.0, abs=1e-12)
     # Before the shift, the old topic was the user's only interest and steady.
     before = MultiInterestState.empty(TYPES, dim, max_clusters=4, threshold=0.5)
     before.add(TYPES, np.zeros(300, int), times[:300], vecs[:300])
-    assert list(before.trend_labels(T0 + 300 * DAY)) == ["steady"]
+    assert list(before.trend_labels()) == ["steady"]
     # Scoring by interest: an item on the new topic beats one on the old.
     items = normalize(np.stack([new, old]))
     for mode in ("sum", "max"):
@@ -309,3 +309,31 @@ def test_interest_scores_formulas():
     np.testing.assert_allclose(max_scores, (cos * share**0.5).max(1), atol=1e-5)
     with pytest.raises(ValueError):
         interest_scores(items, cent, imp, "mean")
+
+
+def test_a_cluster_worth_nothing_gives_its_slot_to_live_ones():
+    """With a 1-minute half-life, an event 20 hours old is worth e^-831 of
+    its weight: 0 in float64. Its cluster used to keep one of the K slots
+    (a zero vector no event can join), so two unlike live interests merged."""
+    types = EventTypes(np.array([1.0]), np.array([60.0]))
+    rng = np.random.default_rng(11)
+    a, b = _topics(rng, 2, 16)
+    across = rng.normal(size=16)
+    across -= (across @ b) * b
+    c = normalize(b + 2 * normalize(across))  # cos(b, c) = 1/sqrt(5): under the threshold, yet more than a zero vector's
+    state = MultiInterestState.empty(types, 16, max_clusters=2, threshold=0.5)
+    state.add(types, [0], [T0], a[None])
+    state.add(types, [0, 0], [T0 + 20 * HOUR, T0 + 20 * HOUR + 1], np.stack([b, c]))
+    assert state.counts.tolist() == [1, 1]
+    assert np.all(state.importances(T0 + 20 * HOUR + 1) > 0)
+    np.testing.assert_allclose(np.diag(state.centroids(T0 + 20 * HOUR + 1) @ np.stack([b, c]).T), 1, atol=1e-6)
+
+
+def test_an_event_too_late_to_be_worth_anything_joins_no_cluster():
+    types = EventTypes(np.array([1.0]), np.array([60.0]))
+    rng = np.random.default_rng(12)
+    a, b = _topics(rng, 2, 16)
+    state = MultiInterestState.empty(types, 16, max_clusters=4, threshold=0.5)
+    state.add(types, [0], [T0], a[None])
+    state.add(types, [0], [T0 - 30 * DAY], b[None])  # worth e^-35000 of its weight at T0
+    assert state.n_clusters == 1 and state.counts.tolist() == [1]

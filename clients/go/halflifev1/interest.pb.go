@@ -467,7 +467,9 @@ type InterestLabel struct {
 
 	// The category, as given in `Item.categories`.
 	Label string `protobuf:"bytes,1,opt,name=label,proto3" json:"label,omitempty"`
-	// Cosine similarity of the label's embedding with the interest, -1 to 1.
+	// Cosine, -1 to 1, of the interest's direction with the category's, both
+	// taken from the catalogue mean (a category's direction: the mean of its
+	// items' vectors); labels are not embedded as words.
 	Similarity float32 `protobuf:"fixed32,2,opt,name=similarity,proto3" json:"similarity,omitempty"`
 }
 
@@ -598,7 +600,9 @@ type Interest struct {
 	Strength float64 `protobuf:"fixed64,2,opt,name=strength,proto3" json:"strength,omitempty"`
 	// strength as a fraction of the user's total, 0 to 1.
 	Share float64 `protobuf:"fixed64,3,opt,name=share,proto3" json:"share,omitempty"`
-	// Whether it is gaining or losing weight lately.
+	// Whether its share of the user's recent weight (a 7-day half-life) is
+	// above or below its long-run share (90 days). Between events it holds:
+	// decay scales every interest alike.
 	Trend Trend `protobuf:"varint,4,opt,name=trend,proto3,enum=halflife.v1.Trend" json:"trend,omitempty"`
 	// Nearest catalogue categories, most similar first.
 	Labels []*InterestLabel `protobuf:"bytes,5,rep,name=labels,proto3" json:"labels,omitempty"`
@@ -764,7 +768,9 @@ type GetProfileResponse struct {
 
 	// The user asked about.
 	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
-	// Strongest first. Empty for a user with no (positive) events.
+	// Strongest first. Empty for a user with no (positive) events. An
+	// interest whose strength has decayed to 0 in float64 (over ~1,075
+	// half-lives) is left out.
 	Interests []*Interest `protobuf:"bytes,2,rep,name=interests,proto3" json:"interests,omitempty"`
 	// Events up to as_of_time, per type (types with none omitted).
 	EventCounts []*EventTypeCount `protobuf:"bytes,3,rep,name=event_counts,json=eventCounts,proto3" json:"event_counts,omitempty"`

@@ -192,7 +192,9 @@ class MultiInterestState:
     The decayed sums are exact and order-independent *in total* (Σ over
     clusters of vectors, masses and trend masses is the same for any arrival
     order); only which cluster an event lands in depends on arrival order.
-    Events with weight <= 0 are ignored here (see `ProfileState`).
+    Events with weight <= 0 are ignored here (see `ProfileState`), and so
+    is a cluster once its importance underflows to 0 (some 1,075 half-lives
+    after its last event): it is dropped, with its trend masses.
 
     Arrays (k <= K active clusters, R rates, d dims):
       rates (R,), trend_rates (2,) for the short/long trend half-lives,
@@ -283,6 +285,15 @@ class MultiInterestState:
         landmark = self.landmark
         newest = float(last_time[:k].max()) if k else -np.inf
 
+        arrays = (sums, masses, trend, counts, last_time)
+
+        def keep_clusters(alive: np.ndarray) -> int:
+            """Moves the first k clusters where `alive` (k,) holds to the front, in order; returns their number."""
+            kept = int(alive.sum())
+            for arr in arrays:
+                arr[:kept] = arr[: alive.shape[0]][alive]
+            return kept
+
         def centroids_at(t_read: float, k: int) -> np.ndarray:
             # Directions only, so shift the exponents: no overflow for any t_read.
             expo = -rates * (t_read - landmark)
@@ -302,12 +313,17 @@ class MultiInterestState:
                     sums[:k] *= f[:, None]
                     masses[:k] *= f
                     trend[:k] *= decay_factors(trend_rates, landmark, new_landmark)
+                    # A cluster whose importance underflowed to 0 is worth
+                    # nothing from now on and no event can join it: free its slot.
+                    k = keep_clusters(masses[:k].any(axis=1))
                 landmark = new_landmark
             else:
                 j = i + int(np.searchsorted(max_rate * (t[i:] - landmark), bound, side="right"))
             coeffs = forward_weights(t[i:j], rates[r_idx[i:j]], w[i:j], landmark)
             trend_coeffs = w[i:j, None] * np.exp(trend_rates * (t[i:j, None] - landmark))
             for e in range(i, j):
+                if coeffs[e - i] == 0:
+                    continue  # so late that its worth underflowed: it would start a cluster worth nothing
                 c = -1
                 if k:
                     cent = centroids_at(max(t[e], newest), k)
@@ -337,9 +353,7 @@ class MultiInterestState:
                     trend[a] += trend[b]
                     counts[a] += counts[b]
                     last_time[a] = max(last_time[a], last_time[b])
-                    for arr in (sums, masses, trend, counts, last_time):
-                        arr[b : k - 1] = arr[b + 1 : k]
-                    k -= 1
+                    k = keep_clusters(np.arange(k) != b)
             i = j
 
         self.landmark = landmark
@@ -372,18 +386,23 @@ class MultiInterestState:
     def total_mass(self, t: float) -> float:
         return float(self.importances(t).sum())
 
-    def trends(self, t: float) -> np.ndarray:
+    def trends(self) -> np.ndarray:
         """Short-horizon share of the user's decayed mass minus long-horizon
-        share, per cluster, at t. Returns (k,) float64 in [-1, 1]."""
+        share, per cluster. Decay scales a horizon's masses by one factor for
+        every cluster, so the shares hold from the newest event on, and are
+        read from the stored masses, each horizon scaled by its largest: read
+        at t, the 7-day masses underflowed to 0 some 20 years after the
+        events, and every interest read as fading. Returns (k,) float64 in [-1, 1]."""
         if self.n_clusters == 0:
             return np.zeros(0)
-        decayed = self.trend * decay_factors(self.trend_rates, self.landmark, t)
-        shares = decayed / np.maximum(decayed.sum(axis=0, keepdims=True), _EPS)
+        peak = self.trend.max(axis=0, keepdims=True)
+        scaled = self.trend / np.where(peak > 0, peak, 1)
+        shares = scaled / np.maximum(scaled.sum(axis=0, keepdims=True), _EPS)
         return shares[:, 0] - shares[:, 1]
 
-    def trend_labels(self, t: float, band: float = TREND_BAND) -> np.ndarray:
+    def trend_labels(self, band: float = TREND_BAND) -> np.ndarray:
         """"rising" above +band, "fading" below -band, else "steady". (k,) str."""
-        trend = self.trends(t)
+        trend = self.trends()
         return np.where(trend > band, "rising", np.where(trend < -band, "fading", "steady"))
 
     def to_arrays(self) -> dict[str, np.ndarray]:

@@ -91,6 +91,14 @@ def _relative(popularity: np.ndarray, alive: np.ndarray) -> np.ndarray:
     return unit_max(np.where(alive & (popularity > 0), popularity, 0.0))
 
 
+def _ranked_interests(importances: np.ndarray) -> np.ndarray:
+    """The clusters a profile lists, strongest first, equal ones in order:
+    those with importance > 0 (one that underflowed to 0 at a read far after
+    its events has no direction left to describe). Returns indices."""
+    order = np.argsort(-importances, kind="stable")
+    return order[importances[order] > 0]
+
+
 def _cosines(items: np.ndarray, rows, direction: np.ndarray) -> np.ndarray:
     """Cosines of `items`' `rows` (indices, or a slice) with the unit
     `direction`, row by row (the same for a row wherever it sits). float32."""
@@ -919,7 +927,7 @@ class InterestEngine:
             total = float(importances.sum())
             clustered = multi.n_clusters > 0 and total > 0
             if clustered:
-                centroids, trends = multi.centroids(t), multi.trend_labels(t)
+                centroids, trends = multi.centroids(t), multi.trend_labels()
                 counts, last_times = multi.counts.copy(), multi.last_time.copy()
             profile = UserProfile(
                 user_id=user_id,
@@ -932,7 +940,7 @@ class InterestEngine:
             return profile
         described = self._describe(centroids, n_items)  # takes the lock only around its products
         interests = []
-        for rank, c in enumerate(np.argsort(-importances, kind="stable")):
+        for rank, c in enumerate(_ranked_interests(importances)):
             labels, items = described[c]
             interests.append(
                 InterestView(
@@ -1202,7 +1210,7 @@ class InterestEngine:
         total = float(importances.sum()) or 1.0
         centroids = multi.centroids(t)
         described = self._describe(centroids, 0) if multi.n_clusters else []
-        rank_of = {int(c): r for r, c in enumerate(np.argsort(-importances, kind="stable"))}
+        rank_of = {int(c): r for r, c in enumerate(_ranked_interests(importances))}
         item_vectors = self.catalog.vectors[rows]
         cluster_sims = clip_cosines(item_vectors @ centroids.T) if multi.n_clusters else np.zeros((len(rows), 0))
         events = self._directed_events(user_id, t)
@@ -1218,14 +1226,15 @@ class InterestEngine:
         for j in range(len(rows)):
             shares = importances / total
             contrib = cluster_sims[j] * shares if multi.n_clusters else np.zeros(0)
+            listed = [int(c) for c in np.argsort(-contrib, kind="stable") if int(c) in rank_of][:3]
             interests = tuple(
                 InterestContribution(
-                    interest_id=rank_of[int(c)],
+                    interest_id=rank_of[c],
                     labels=tuple(label for label, _ in described[c][0]),
                     similarity=float(cluster_sims[j, c]),
                     share=float(shares[c]),
                 )
-                for c in np.argsort(-contrib, kind="stable")[:3]
+                for c in listed
             )
             top_events: tuple[EventContribution, ...] = ()
             if positive:

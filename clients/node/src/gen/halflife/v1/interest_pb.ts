@@ -188,7 +188,9 @@ export type InterestLabel = Message<"halflife.v1.InterestLabel"> & {
   label: string;
 
   /**
-   * Cosine similarity of the label's embedding with the interest, -1 to 1.
+   * Cosine, -1 to 1, of the interest's direction with the category's, both
+   * taken from the catalogue mean (a category's direction: the mean of its
+   * items' vectors); labels are not embedded as words.
    *
    * @generated from field: float similarity = 2;
    */
@@ -267,7 +269,9 @@ export type Interest = Message<"halflife.v1.Interest"> & {
   share: number;
 
   /**
-   * Whether it is gaining or losing weight lately.
+   * Whether its share of the user's recent weight (a 7-day half-life) is
+   * above or below its long-run share (90 days). Between events it holds:
+   * decay scales every interest alike.
    *
    * @generated from field: halflife.v1.Trend trend = 4;
    */
@@ -351,7 +355,9 @@ export type GetProfileResponse = Message<"halflife.v1.GetProfileResponse"> & {
   userId: string;
 
   /**
-   * Strongest first. Empty for a user with no (positive) events.
+   * Strongest first. Empty for a user with no (positive) events. An
+   * interest whose strength has decayed to 0 in float64 (over ~1,075
+   * half-lives) is left out.
    *
    * @generated from field: repeated halflife.v1.Interest interests = 2;
    */
