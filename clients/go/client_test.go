@@ -2,7 +2,9 @@ package halflife_test
 
 import (
 	"context"
+	"fmt"
 	"math"
+	"strings"
 	"testing"
 	"time"
 
@@ -147,5 +149,33 @@ func TestErrorsCarryFieldViolations(t *testing.T) {
 	}
 	if halflife.FieldViolations(nil) != nil {
 		t.Fatal("nil error has violations")
+	}
+}
+
+// A page of items past gRPC-Go's default 4 MiB receive limit, within the
+// server's 64 MiB: 200 items of 32 KiB text (the documented maximum) each.
+func TestLargeResponses(t *testing.T) {
+	c, ctx := connect(t)
+	vector := make([]float32, 384)
+	for i := range vector {
+		vector[i] = 1
+	}
+	text := strings.Repeat("a", 32*1024)
+	var items []*pb.Item
+	var ids []string
+	for i := 0; i < 200; i++ {
+		ids = append(ids, fmt.Sprintf("go-large-%d", i))
+		items = append(items, &pb.Item{Id: ids[i], Text: text, Vector: vector})
+	}
+	if _, err := c.Catalog.UpsertItems(ctx, &pb.UpsertItemsRequest{Items: items}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Catalog.DeleteItems(context.Background(), &pb.DeleteItemsRequest{Ids: ids}) })
+	got, err := c.Catalog.GetItems(ctx, &pb.GetItemsRequest{Ids: ids})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got.Items) != 200 || got.Items[199].Text != text {
+		t.Fatalf("got %d items", len(got.Items))
 	}
 }

@@ -33,14 +33,21 @@ type Client struct {
 	Recommend halflifev1.RecommendServiceClient
 }
 
-// Dial connects to address ("host:port"). Without options the connection is
-// plaintext (h2c), as `halflife serve` listens; pass grpc.DialOptions (e.g.
-// TLS credentials) to replace that default.
+// MaxMessageBytes is the largest message the server takes or sends (64 MiB);
+// gRPC-Go's own receive limit, 4 MiB, fails a large GetItems.
+const MaxMessageBytes = 64 << 20
+
+// Dial connects to address ("host:port"), with MaxMessageBytes both ways.
+// Without options the connection is plaintext (h2c), as `halflife serve`
+// listens; options replace that default, so a plaintext connection with
+// options (grpc.WithBlock(), ...) needs grpc.WithTransportCredentials(
+// insecure.NewCredentials()) among them.
 func Dial(ctx context.Context, address string, opts ...grpc.DialOption) (*Client, error) {
 	if len(opts) == 0 {
 		opts = []grpc.DialOption{grpc.WithInsecure()}
 	}
-	conn, err := grpc.DialContext(ctx, address, opts...)
+	limits := grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageBytes), grpc.MaxCallSendMsgSize(MaxMessageBytes))
+	conn, err := grpc.DialContext(ctx, address, append([]grpc.DialOption{limits}, opts...)...)
 	if err != nil {
 		return nil, err
 	}
