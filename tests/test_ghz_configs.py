@@ -43,6 +43,14 @@ def test_config_matches_the_protos(path):
     assert make(7).DESCRIPTOR.full_name == method.input_type.full_name
 
 
+@pytest.mark.parametrize("maker, cleaner", [("record-events.json", "delete-user.json"),
+                                             ("upsert-items.json", "delete-items.json")])
+def test_each_cleanup_config_removes_all_its_maker_creates(maker, cleaner):
+    """Both name their users / items by {{.RequestNumber}}: the cleanup needs the same total."""
+    totals = [json.loads((CONFIGS[0].parent / name).read_text())["total"] for name in (maker, cleaner)]
+    assert totals[0] == totals[1]
+
+
 @pytest.fixture(scope="module")
 def seeded_server(model_dir, tmp_path_factory):
     with ServerThread(ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path_factory.mktemp("ghz"))) as server:
