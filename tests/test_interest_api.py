@@ -707,6 +707,16 @@ def test_the_batch_fast_path_agrees_with_the_full_event_checks():
     assert 1000 < sum(e is not None for e in built) < 3000  # valid and invalid ones aplenty
 
 
+def test_whitespace_text_beside_an_item_is_no_text():
+    """Whitespace alone is no text (without an item it is refused): embedded,
+    it would pull the event's vector off its item's. Both paths: a 65-character
+    event id takes the full checks."""
+    events = [interest_pb2.Event(event_id=event_id, user_id="u", type=VIEW, item_id="i", text=" \t\n ")
+              for event_id in ("short", "x" * 65)]
+    built = _event_inputs(events, 1_750_000_000.0, Violations())
+    assert [(e.item_id, e.text) for e in built] == [("i", None), ("i", None)]
+
+
 def test_every_bad_event_is_named(client):
     batch = [
         ev("multi-0", "val-multi", LIKE, "scifi-0", at=T0),

@@ -31,8 +31,8 @@ type Item struct {
 	// (U+0000 to U+001F, U+007F), unique in the catalogue.
 	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// Text the item is embedded from (title, description...). Required unless
-	// `vector` is given; at most 32 KiB. Inputs over the model's max input
-	// tokens are truncated.
+	// `vector` is given (whitespace alone counts as none); at most 32 KiB.
+	// Inputs over the model's max input tokens are truncated.
 	Text string `protobuf:"bytes,2,opt,name=text,proto3" json:"text,omitempty"`
 	// Categories (genres, departments...): used by recommendation filters and
 	// as the vocabulary that describes users' interests in words. At most 64,
@@ -238,7 +238,7 @@ type DeleteItemsRequest struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// 1 to 1000 item ids.
+	// 1 to 1000 item ids, each following `Item.id`'s rules.
 	Ids []string `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
 }
 
@@ -336,7 +336,7 @@ type GetItemsRequest struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// 1 to 1000 item ids.
+	// 1 to 1000 item ids, each following `Item.id`'s rules.
 	Ids []string `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
 	// When true, each item's stored (normalised) vector is returned too.
 	IncludeVectors bool `protobuf:"varint,2,opt,name=include_vectors,json=includeVectors,proto3" json:"include_vectors,omitempty"`

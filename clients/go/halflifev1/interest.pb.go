@@ -185,11 +185,13 @@ type Event struct {
 	UserId string `protobuf:"bytes,2,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
 	// Required; EVENT_TYPE_UNSPECIFIED and unknown values are rejected.
 	Type EventType `protobuf:"varint,3,opt,name=type,proto3,enum=halflife.v1.EventType" json:"type,omitempty"`
-	// The catalogue item acted on. At least one of `item_id` and `text` is
-	// required; an unknown item is NOT_FOUND.
+	// The catalogue item acted on, by `Item.id` (1 to 256 bytes, no control
+	// characters). At least one of `item_id` and `text` is required; an
+	// unknown item is NOT_FOUND.
 	ItemId string `protobuf:"bytes,4,opt,name=item_id,json=itemId,proto3" json:"item_id,omitempty"`
-	// Text the user wrote (search query, review, tag), at most 32 KiB. Embedded
-	// and combined with the item's vector when both are given.
+	// Text the user wrote (search query, review, tag), at most 32 KiB;
+	// whitespace alone counts as none. Embedded and combined with the item's
+	// vector when both are given.
 	Text string `protobuf:"bytes,5,opt,name=text,proto3" json:"text,omitempty"`
 	// Optional numeric value; required for EVENT_TYPE_RATE, whose rating it
 	// holds. Must be finite.

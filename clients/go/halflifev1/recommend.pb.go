@@ -30,9 +30,11 @@ const (
 	// From the user's decayed interest profile (blended with co-occurrence
 	// and popularity as configured).
 	Strategy_STRATEGY_PERSONALIZED Strategy = 1
-	// Cold start: the user has no events yet, so decayed popularity answered.
+	// No positive interest weight at as_of_time (no events yet, only negative
+	// feedback, or every event decayed to 0), so decayed popularity answered.
 	Strategy_STRATEGY_TRENDING Strategy = 2
-	// Similarity to an item or a text (SimilarItems).
+	// Reserved: no v1 response carries it (SimilarItemsResponse has no
+	// strategy).
 	Strategy_STRATEGY_SIMILARITY Strategy = 3
 )
 
@@ -158,7 +160,8 @@ type RecommendRequest struct {
 	// The user (1 to 256 bytes, no control characters). A user with no events
 	// is not an error: see STRATEGY_TRENDING.
 	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
-	// How many items, 1 to 1000. Required: the default 0 is INVALID_ARGUMENT.
+	// How many items, 1 to the server's `ranking.max_limit` (1000 unless
+	// configured). Required: the default 0 is INVALID_ARGUMENT.
 	Limit int32 `protobuf:"varint,2,opt,name=limit,proto3" json:"limit,omitempty"`
 	// "Now" for the recommendation: events after it are ignored and decay is
 	// measured to it. Default: the server's clock. Use it to replay history.
@@ -634,8 +637,8 @@ func (x *RecommendResponse) GetStrategy() Strategy {
 }
 
 // Input of RecommendService.SimilarItems. Errors: INVALID_ARGUMENT (no
-// target, empty text, limit outside 1..1000, bad filter) with a BadRequest
-// field violation each; NOT_FOUND for an unknown `item_id`.
+// target, bad item_id or text, bad limit or filter) with a BadRequest field
+// violation each; NOT_FOUND for an unknown `item_id`.
 type SimilarItemsRequest struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -648,7 +651,8 @@ type SimilarItemsRequest struct {
 	//	*SimilarItemsRequest_ItemId
 	//	*SimilarItemsRequest_Text
 	Target isSimilarItemsRequest_Target `protobuf_oneof:"target"`
-	// How many items, 1 to 1000. Required: the default 0 is INVALID_ARGUMENT.
+	// How many items, 1 to the server's `ranking.max_limit` (1000 unless
+	// configured). Required: the default 0 is INVALID_ARGUMENT.
 	Limit int32 `protobuf:"varint,3,opt,name=limit,proto3" json:"limit,omitempty"`
 	// Which items may be returned; unset: any item.
 	Filter *ItemFilter `protobuf:"bytes,4,opt,name=filter,proto3" json:"filter,omitempty"`
@@ -726,12 +730,14 @@ type isSimilarItemsRequest_Target interface {
 }
 
 type SimilarItemsRequest_ItemId struct {
-	// A catalogue item (itself excluded from the results).
+	// A catalogue item (itself excluded from the results), by `Item.id`
+	// (1 to 256 bytes, no control characters).
 	ItemId string `protobuf:"bytes,1,opt,name=item_id,json=itemId,proto3,oneof"`
 }
 
 type SimilarItemsRequest_Text struct {
-	// Free text, embedded by the server's model.
+	// Free text, embedded by the server's model: at most 32 KiB, not empty
+	// or whitespace alone.
 	Text string `protobuf:"bytes,2,opt,name=text,proto3,oneof"`
 }
 

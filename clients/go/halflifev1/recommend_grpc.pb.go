@@ -18,9 +18,10 @@ const _ = grpc.SupportPackageIsVersion7
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 type RecommendServiceClient interface {
 	// Top items for a user at `as_of_time` (default now), best first. A user
-	// with no events gets trending items and `strategy` says so. Errors:
-	// INVALID_ARGUMENT (bad user_id, limit outside 1..1000, bad filter, query
-	// or diversity), each with a BadRequest field violation.
+	// without positive interest weight then gets trending items and `strategy`
+	// says so. Errors: INVALID_ARGUMENT (bad user_id, limit outside 1 to the
+	// server's `ranking.max_limit`, bad filter, query or diversity), each with
+	// a BadRequest field violation.
 	Recommend(ctx context.Context, in *RecommendRequest, opts ...grpc.CallOption) (*RecommendResponse, error)
 	// Items most similar to an item (NOT_FOUND if unknown) or to a text.
 	SimilarItems(ctx context.Context, in *SimilarItemsRequest, opts ...grpc.CallOption) (*SimilarItemsResponse, error)
@@ -57,9 +58,10 @@ func (c *recommendServiceClient) SimilarItems(ctx context.Context, in *SimilarIt
 // for forward compatibility
 type RecommendServiceServer interface {
 	// Top items for a user at `as_of_time` (default now), best first. A user
-	// with no events gets trending items and `strategy` says so. Errors:
-	// INVALID_ARGUMENT (bad user_id, limit outside 1..1000, bad filter, query
-	// or diversity), each with a BadRequest field violation.
+	// without positive interest weight then gets trending items and `strategy`
+	// says so. Errors: INVALID_ARGUMENT (bad user_id, limit outside 1 to the
+	// server's `ranking.max_limit`, bad filter, query or diversity), each with
+	// a BadRequest field violation.
 	Recommend(context.Context, *RecommendRequest) (*RecommendResponse, error)
 	// Items most similar to an item (NOT_FOUND if unknown) or to a text.
 	SimilarItems(context.Context, *SimilarItemsRequest) (*SimilarItemsResponse, error)

@@ -57,7 +57,7 @@ def _event_input(event: interest_pb2.Event, field: str, now: float, violations: 
         user_id=event.user_id,
         type=event.type,
         item_id=event.item_id or None,
-        text=event.text or None,
+        text=event.text if event.text.strip() else None,  # whitespace would embed as a vector of its own
         value=value,
         event_time=now if event_time is None else event_time,
     )
@@ -95,7 +95,8 @@ def _event_inputs(events: Iterable[interest_pb2.Event], now: float, violations: 
             and (item_id or text.strip())
             and (math.isfinite(value) if value is not None else type_ != RATE)
         ):
-            out.append(EventInput(event_id, user_id, type_, item_id or None, text or None, value, event_time))
+            out.append(EventInput(event_id, user_id, type_, item_id or None, text if text.strip() else None, value,
+                                  event_time))
         else:
             out.append(_event_input(event, f"events[{i}]", now, violations))
     return out

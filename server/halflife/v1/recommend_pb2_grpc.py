@@ -57,9 +57,10 @@ class RecommendServiceServicer:
 
     def Recommend(self, request, context):
         """Top items for a user at `as_of_time` (default now), best first. A user
-        with no events gets trending items and `strategy` says so. Errors:
-        INVALID_ARGUMENT (bad user_id, limit outside 1..1000, bad filter, query
-        or diversity), each with a BadRequest field violation.
+        without positive interest weight then gets trending items and `strategy`
+        says so. Errors: INVALID_ARGUMENT (bad user_id, limit outside 1 to the
+        server's `ranking.max_limit`, bad filter, query or diversity), each with
+        a BadRequest field violation.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

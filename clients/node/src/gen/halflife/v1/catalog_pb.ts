@@ -30,8 +30,8 @@ export type Item = Message<"halflife.v1.Item"> & {
 
   /**
    * Text the item is embedded from (title, description...). Required unless
-   * `vector` is given; at most 32 KiB. Inputs over the model's max input
-   * tokens are truncated.
+   * `vector` is given (whitespace alone counts as none); at most 32 KiB.
+   * Inputs over the model's max input tokens are truncated.
    *
    * @generated from field: string text = 2;
    */
@@ -136,7 +136,7 @@ export const UpsertItemsResponseSchema: GenMessage<UpsertItemsResponse> = /*@__P
  */
 export type DeleteItemsRequest = Message<"halflife.v1.DeleteItemsRequest"> & {
   /**
-   * 1 to 1000 item ids.
+   * 1 to 1000 item ids, each following `Item.id`'s rules.
    *
    * @generated from field: repeated string ids = 1;
    */
@@ -178,7 +178,7 @@ export const DeleteItemsResponseSchema: GenMessage<DeleteItemsResponse> = /*@__P
  */
 export type GetItemsRequest = Message<"halflife.v1.GetItemsRequest"> & {
   /**
-   * 1 to 1000 item ids.
+   * 1 to 1000 item ids, each following `Item.id`'s rules.
    *
    * @generated from field: repeated string ids = 1;
    */

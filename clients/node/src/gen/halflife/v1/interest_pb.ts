@@ -46,16 +46,18 @@ export type Event = Message<"halflife.v1.Event"> & {
   type: EventType;
 
   /**
-   * The catalogue item acted on. At least one of `item_id` and `text` is
-   * required; an unknown item is NOT_FOUND.
+   * The catalogue item acted on, by `Item.id` (1 to 256 bytes, no control
+   * characters). At least one of `item_id` and `text` is required; an
+   * unknown item is NOT_FOUND.
    *
    * @generated from field: string item_id = 4;
    */
   itemId: string;
 
   /**
-   * Text the user wrote (search query, review, tag), at most 32 KiB. Embedded
-   * and combined with the item's vector when both are given.
+   * Text the user wrote (search query, review, tag), at most 32 KiB;
+   * whitespace alone counts as none. Embedded and combined with the item's
+   * vector when both are given.
    *
    * @generated from field: string text = 5;
    */

@@ -69,7 +69,8 @@ export type RecommendRequest = Message<"halflife.v1.RecommendRequest"> & {
   userId: string;
 
   /**
-   * How many items, 1 to 1000. Required: the default 0 is INVALID_ARGUMENT.
+   * How many items, 1 to the server's `ranking.max_limit` (1000 unless
+   * configured). Required: the default 0 is INVALID_ARGUMENT.
    *
    * @generated from field: int32 limit = 2;
    */
@@ -332,8 +333,8 @@ export const RecommendResponseSchema: GenMessage<RecommendResponse> = /*@__PURE_
 
 /**
  * Input of RecommendService.SimilarItems. Errors: INVALID_ARGUMENT (no
- * target, empty text, limit outside 1..1000, bad filter) with a BadRequest
- * field violation each; NOT_FOUND for an unknown `item_id`.
+ * target, bad item_id or text, bad limit or filter) with a BadRequest field
+ * violation each; NOT_FOUND for an unknown `item_id`.
  *
  * @generated from message halflife.v1.SimilarItemsRequest
  */
@@ -345,7 +346,8 @@ export type SimilarItemsRequest = Message<"halflife.v1.SimilarItemsRequest"> & {
    */
   target: {
     /**
-     * A catalogue item (itself excluded from the results).
+     * A catalogue item (itself excluded from the results), by `Item.id`
+     * (1 to 256 bytes, no control characters).
      *
      * @generated from field: string item_id = 1;
      */
@@ -353,7 +355,8 @@ export type SimilarItemsRequest = Message<"halflife.v1.SimilarItemsRequest"> & {
     case: "itemId";
   } | {
     /**
-     * Free text, embedded by the server's model.
+     * Free text, embedded by the server's model: at most 32 KiB, not empty
+     * or whitespace alone.
      *
      * @generated from field: string text = 2;
      */
@@ -362,7 +365,8 @@ export type SimilarItemsRequest = Message<"halflife.v1.SimilarItemsRequest"> & {
   } | { case: undefined; value?: undefined };
 
   /**
-   * How many items, 1 to 1000. Required: the default 0 is INVALID_ARGUMENT.
+   * How many items, 1 to the server's `ranking.max_limit` (1000 unless
+   * configured). Required: the default 0 is INVALID_ARGUMENT.
    *
    * @generated from field: int32 limit = 3;
    */
@@ -427,14 +431,16 @@ export enum Strategy {
   PERSONALIZED = 1,
 
   /**
-   * Cold start: the user has no events yet, so decayed popularity answered.
+   * No positive interest weight at as_of_time (no events yet, only negative
+   * feedback, or every event decayed to 0), so decayed popularity answered.
    *
    * @generated from enum value: STRATEGY_TRENDING = 2;
    */
   TRENDING = 2,
 
   /**
-   * Similarity to an item or a text (SimilarItems).
+   * Reserved: no v1 response carries it (SimilarItemsResponse has no
+   * strategy).
    *
    * @generated from enum value: STRATEGY_SIMILARITY = 3;
    */
@@ -457,9 +463,10 @@ export const StrategySchema: GenEnum<Strategy> = /*@__PURE__*/
 export const RecommendService: GenService<{
   /**
    * Top items for a user at `as_of_time` (default now), best first. A user
-   * with no events gets trending items and `strategy` says so. Errors:
-   * INVALID_ARGUMENT (bad user_id, limit outside 1..1000, bad filter, query
-   * or diversity), each with a BadRequest field violation.
+   * without positive interest weight then gets trending items and `strategy`
+   * says so. Errors: INVALID_ARGUMENT (bad user_id, limit outside 1 to the
+   * server's `ranking.max_limit`, bad filter, query or diversity), each with
+   * a BadRequest field violation.
    *
    * @generated from rpc halflife.v1.RecommendService.Recommend
    */
