@@ -285,14 +285,11 @@ class MultiInterestState:
         landmark = self.landmark
         newest = float(last_time[:k].max()) if k else -np.inf
 
-        arrays = (sums, masses, trend, counts, last_time)
-
-        def keep_clusters(alive: np.ndarray) -> int:
-            """Moves the first k clusters where `alive` (k,) holds to the front, in order; returns their number."""
-            kept = int(alive.sum())
-            for arr in arrays:
-                arr[:kept] = arr[: alive.shape[0]][alive]
-            return kept
+        def drop(c: int, k: int) -> int:
+            """Removes cluster c of the first k, the others keeping their order; returns k - 1."""
+            for arr in (sums, masses, trend, counts, last_time):
+                arr[c : k - 1] = arr[c + 1 : k]
+            return k - 1
 
         def centroids_at(t_read: float, k: int) -> np.ndarray:
             # Directions only, so shift the exponents: no overflow for any t_read.
@@ -315,7 +312,8 @@ class MultiInterestState:
                     trend[:k] *= decay_factors(trend_rates, landmark, new_landmark)
                     # A cluster whose importance underflowed to 0 is worth
                     # nothing from now on and no event can join it: free its slot.
-                    k = keep_clusters(masses[:k].any(axis=1))
+                    for c in np.flatnonzero(~masses[:k].any(axis=1))[::-1]:
+                        k = drop(int(c), k)
                 landmark = new_landmark
             else:
                 j = i + int(np.searchsorted(max_rate * (t[i:] - landmark), bound, side="right"))
@@ -353,7 +351,7 @@ class MultiInterestState:
                     trend[a] += trend[b]
                     counts[a] += counts[b]
                     last_time[a] = max(last_time[a], last_time[b])
-                    k = keep_clusters(np.arange(k) != b)
+                    k = drop(b, k)
             i = j
 
         self.landmark = landmark
