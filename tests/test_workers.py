@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import os
 import queue
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -17,7 +19,9 @@ import grpc
 import numpy as np
 import pytest
 
+import halflife.locks
 from halflife import workers as workers_module
+from halflife.locks import LockHeldError, hold_lock, remove_lock
 from halflife.workers import RestartBudget, reserve_port
 from halflife.v1 import interest_pb2, recommend_pb2
 from halflife_client import Event, HalflifeClient, Item
@@ -248,6 +252,31 @@ def test_two_groups_started_at_once_cannot_share_a_port():
                 pass
     with reserve_port("127.0.0.1", port):  # released with the first group
         pass
+    # Each group deletes its port's lock file (they piled up by the thousand in /tmp).
+    assert not (Path(tempfile.gettempdir()) / f"halflife-{os.getuid()}-port-{port}.lock").exists()
+
+
+def test_a_lock_file_deleted_by_its_holder_between_open_and_lock_is_not_held(tmp_path, monkeypatch):
+    """A holder deletes its lock file as it lets go: a process that opened the
+    file just before must not hold a lock on the deleted file while a third
+    one locks the new file at the path."""
+    path = tmp_path / "port.lock"
+    path.write_text("pid 1\n")
+    third = []
+    real_flock = fcntl.flock
+
+    def flock_after_the_swap(file, operation):
+        if not third:  # between our open and our flock: the holder let go, a third process took the path
+            path.unlink()
+            third.append(None)
+            third[0] = hold_lock(path)
+        return real_flock(file, operation)
+
+    monkeypatch.setattr(halflife.locks.fcntl, "flock", flock_after_the_swap)
+    with pytest.raises(LockHeldError):
+        hold_lock(path)
+    remove_lock(third[0], path)
+    assert not path.exists()
 
 
 def gone_within(pids: list[int], seconds: float = 30) -> bool:

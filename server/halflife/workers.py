@@ -35,7 +35,7 @@ from collections import deque
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from halflife.locks import LockHeldError, hold_lock
+from halflife.locks import LockHeldError, hold_lock, remove_lock
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,13 @@ def reserve_port(host: str, port: int) -> Iterator[socket.socket]:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         bound = sock.getsockname()[1]
+        path = Path(tempfile.gettempdir()) / f"halflife-{os.getuid()}-port-{bound}.lock"
         try:
-            lock = hold_lock(Path(tempfile.gettempdir()) / f"halflife-{os.getuid()}-port-{bound}.lock")
+            lock = hold_lock(path)
         except LockHeldError as held:
             raise OSError(f"{host}:{bound} is already being served by another halflife --workers group "
                           f"({held.holder})") from None
-        with lock:
+        try:
             if port:
                 try:
                     socket.create_connection((host, port), timeout=1.0).close()
@@ -74,6 +75,8 @@ def reserve_port(host: str, port: int) -> Iterator[socket.socket]:
                 else:
                     raise OSError(f"{host}:{port} is already being served by another process")
             yield sock
+        finally:
+            remove_lock(lock, path)
 
 
 def worker_threads(requested: int | None, workers: int, cores: int) -> int:
