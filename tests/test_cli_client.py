@@ -250,3 +250,16 @@ def test_client_timeout_0_is_a_deadline_and_none_the_default():
 def test_client_refuses_a_target_gRPC_would_wrap_or_cannot_use(target):
     with pytest.raises(ValueError, match="port must be 1 to 65535|must be host:port"):
         HalflifeClient(target)
+
+
+def test_serve_batching_flags_default_to_the_batchers_and_say_so():
+    from halflife.cli import build_parser
+    from halflife.embedding.batcher import BatchingConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["serve"])
+    assert (args.max_batch_tokens, args.max_queued_inputs) == (BatchingConfig.max_batch_tokens,
+                                                               BatchingConfig.max_queued_inputs)
+    serve_help = " ".join(halflife("serve", "--help").stdout.split())  # argparse wraps lines
+    assert f"padded tokens per model batch (default {BatchingConfig.max_batch_tokens})" in serve_help
+    assert f"RESOURCE_EXHAUSTED (default {BatchingConfig.max_queued_inputs};" in serve_help

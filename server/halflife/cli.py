@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import dataclasses
 import datetime as dt
 import json
 import logging
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import grpc
 
+from halflife.embedding.batcher import BatchingConfig
 from halflife.embedding.manifest import ManifestError
 
 EXIT_FAILURE = 1
@@ -105,9 +105,11 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         help="threads one request computes on, per process: onnxruntime's intra-op threads and the blocks "
              "of a catalogue scan (default: physical cores / workers)",
     )
-    parser.add_argument("--max-batch-tokens", type=_positive_int, default=None, help="padded tokens per model batch")
-    parser.add_argument("--max-queued-inputs", type=_queue_size, default=None,
-                        help="queue size before RESOURCE_EXHAUSTED (at least one full Embed: 256)")
+    parser.add_argument("--max-batch-tokens", type=_positive_int, default=BatchingConfig.max_batch_tokens,
+                        help="padded tokens per model batch (default %(default)s)")
+    parser.add_argument("--max-queued-inputs", type=_queue_size, default=BatchingConfig.max_queued_inputs,
+                        help="queued inputs before Embed answers RESOURCE_EXHAUSTED (default %(default)s; at "
+                             "least one full Embed: 256)")
     parser.add_argument("--config", type=Path, default=None, help="TOML file of decay, weights and ranking settings")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     # Set by `--workers N` on the processes it starts; not for direct use.
@@ -162,7 +164,6 @@ def _run_serve(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     from halflife.api.server import ServerConfig, claim_data_dir, serve
     from halflife.config import ConfigError, load_config
-    from halflife.embedding.batcher import BatchingConfig
     from halflife.storage.base import StoreError
 
     try:
@@ -174,9 +175,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s %(levelname)s {worker}%(name)s: %(message)s")
     if args.workers > 1:
         return _run_workers(args)
-    batching = BatchingConfig()
-    overrides = {"max_batch_tokens": args.max_batch_tokens, "max_queued_inputs": args.max_queued_inputs}
-    batching = dataclasses.replace(batching, **{k: v for k, v in overrides.items() if v is not None})
+    batching = BatchingConfig(max_batch_tokens=args.max_batch_tokens, max_queued_inputs=args.max_queued_inputs)
     config = ServerConfig(
         host=args.host,
         port=args.port,
