@@ -9,7 +9,7 @@ import pytest
 
 from halflife.config import Config
 from halflife.deadlines import Deadline, DeadlineExpiredError
-from halflife.interest.engine import EventInput, InterestEngine, ItemFilter, ItemInput
+from halflife.interest.engine import EventInput, InterestEngine, ItemFilter, ItemInput, UnknownItemsError
 from halflife.storage.base import StoreError
 from halflife.storage.sqlite import SqliteStore
 from tests.fakes import DIM, fake_embed, run_in_threads
@@ -980,3 +980,15 @@ def test_an_interest_whose_strength_underflowed_is_neither_listed_nor_explained(
     assert all(v.strength > 0 for v in profile.interests)
     for item in engine.recommend("u", 3, as_of=T, explain=True).items:
         assert [c.interest_id for c in item.explanation.interests] == [0]
+
+
+def test_a_repeat_within_a_batch_is_a_duplicate_whatever_item_it_names(tmp_path):
+    """As when sent in two calls: only the first is stored, so an unknown item
+    on the repeat does not refuse the batch (it did, NOT_FOUND)."""
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id="known", text="a known item")])
+    first = EventInput("e1", "u", LIKE, "known", None, None, T - DAY)
+    assert engine.record_events([first, first._replace(item_id="no-such-item")]) == (1, 1)
+    assert [e.item_id for e in engine.store.user_events("u")] == ["known"]
+    with pytest.raises(UnknownItemsError):  # the first occurrence is the one stored: its item must exist
+        engine.record_events([first._replace(event_id="e2", item_id="no-such-item"), first._replace(event_id="e2")])

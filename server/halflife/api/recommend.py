@@ -99,7 +99,9 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         violations = Violations()
         target = request.WhichOneof("target")
         if target is None:
-            violations.add("target", "set item_id or text")
+            # Both fields, not the oneof's name: a violation names a field of the request.
+            violations.add("item_id", "set item_id or text")
+            violations.add("text", "set text or item_id")
         elif target == "item_id":
             violations.identifier(request.item_id, "item_id")
         elif not request.text.strip():

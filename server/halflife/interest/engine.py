@@ -658,7 +658,8 @@ class InterestEngine:
 
         Raises UnknownItemsError, before storing anything, when a new event
         names an item the catalogue lacks. A re-sent event stays a duplicate
-        even when its item was deleted since, so retries always get through.
+        even when its item was deleted since, so retries always get through,
+        and so does a repeat within the batch, whatever item it names.
         """
         with self._lock:
             self._catch_up()  # items another process added since
@@ -667,8 +668,14 @@ class InterestEngine:
             vectors = np.zeros((len(events), self.dim), dtype=np.float32)
             vectors[rows >= 0] = self.catalog.vectors[rows[rows >= 0]]
         if missing:
+            # A repeat of an event stored before or earlier in this batch is a
+            # duplicate, whatever item it names: only the first is stored.
+            first = {}
+            for i, e in enumerate(events):
+                first.setdefault(e.event_id, i)
             stored = self.store.existing_event_ids([events[i].event_id for i, _ in missing])
-            missing = [(i, item_id) for i, item_id in missing if events[i].event_id not in stored]
+            missing = [(i, item_id) for i, item_id in missing
+                       if first[events[i].event_id] == i and events[i].event_id not in stored]
             if missing:
                 raise UnknownItemsError(missing)
         texts = [i for i, e in enumerate(events) if e.text]
