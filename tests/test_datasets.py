@@ -93,6 +93,16 @@ def test_times_a_date_cannot_hold_and_years_that_are_none(tmp_path):
     assert years["3"] is None and years["4"] == 0.0
 
 
+def test_ratings_off_the_scale_and_blank_tags_name_their_line(tmp_path):
+    """A rating of 17 was taken as a strong like, and a blank tag as an event
+    on its movie alone."""
+    assert error(dataset(tmp_path, ratings=RATINGS + "3,1,17,964982703\n")) == \
+        "ratings.csv line 5: rating '17' is not from 0.5 to 5"
+    assert error(dataset(tmp_path, ratings=RATINGS + "3,1,0,964982703\n")) == \
+        "ratings.csv line 5: rating '0' is not from 0.5 to 5"
+    assert error(dataset(tmp_path, ratings=RATINGS, tags=TAGS + "3,1, ,1445714994\n")) == "tags.csv line 3: tag is empty"
+
+
 def test_line_numbers_count_blank_lines_and_quoted_newlines(tmp_path):
     movies = MOVIES + '3,"Two\nLines (2001)",Drama\n\n4,x,Drama,extra\n'
     assert error(dataset(tmp_path, movies=movies)) == "movies.csv line 7: 4 fields, expected 3 (movieId,title,genres)"

@@ -39,6 +39,7 @@ class DatasetFormat:
     category_separator: str = "|"
     no_category: str = ""  # the value meaning "no categories"
     user_text_column: str = "text"
+    value_range: tuple[float, float] = (-math.inf, math.inf)  # values outside it are refused
 
 
 MOVIELENS = DatasetFormat(
@@ -53,6 +54,7 @@ MOVIELENS = DatasetFormat(
     category_column="genres",
     no_category="(no genres listed)",
     user_text_column="tag",
+    value_range=(0.5, 5.0),  # stars, in half steps (the dataset's README)
 )
 
 
@@ -176,14 +178,26 @@ class _Csv:
         k = next(k for k, r in enumerate(self.rows) if not _is_finite_number(r[i]))
         raise DatasetError(f"{self.name} line {self._line_of(k)}: {column} {self.rows[k][i]!r} is not a number")
 
-    def times(self, column: str) -> np.ndarray:
-        """`floats`, each a Unix time a date can hold (1e20 crashed the load later)."""
+    def bounded(self, column: str, low: float, high: float, what: str) -> np.ndarray:
+        """`floats`, each within [low, high] (`what` names them in the error)."""
         values = self.floats(column)
-        bad = np.flatnonzero((values < _MIN_TIME) | (values > _MAX_TIME))
+        bad = np.flatnonzero((values < low) | (values > high))
         if bad.size:
             k = int(bad[0])
             raise DatasetError(f"{self.name} line {self._line_of(k)}: {column} {self.rows[k][self.header.index(column)]!r} "
-                               "is not a time between the years 1 and 9999")
+                               f"is not {what}")
+        return values
+
+    def times(self, column: str) -> np.ndarray:
+        """`floats`, each a Unix time a date can hold (1e20 crashed the load later)."""
+        return self.bounded(column, _MIN_TIME, _MAX_TIME, "a time between the years 1 and 9999")
+
+    def texts(self, column: str) -> np.ndarray:
+        """`strings`, none of them blank: a blank tag would stand for its item alone."""
+        values = self.strings(column)
+        k = next((k for k, text in enumerate(values) if not text.strip()), None)
+        if k is not None:
+            raise DatasetError(f"{self.name} line {self._line_of(k)}: {column} is empty")
         return values
 
     def check_known(self, column: str, known: set[str], what: str) -> None:
@@ -250,7 +264,8 @@ def load_dataset(directory: str | Path, fmt: DatasetFormat = MOVIELENS) -> Datas
             {
                 "users": table.strings(fmt.user_column),
                 "items": table.strings(fmt.item_column),
-                "values": table.floats(fmt.value_column),
+                "values": table.bounded(fmt.value_column, *fmt.value_range,
+                                        f"from {fmt.value_range[0]:g} to {fmt.value_range[1]:g}"),
                 "times": table.times(fmt.time_column),
             }
         )
@@ -264,7 +279,7 @@ def load_dataset(directory: str | Path, fmt: DatasetFormat = MOVIELENS) -> Datas
                 {
                     "users": table.strings(fmt.user_column),
                     "items": table.strings(fmt.item_column),
-                    "texts": table.strings(fmt.user_text_column),
+                    "texts": table.texts(fmt.user_text_column),
                     "times": table.times(fmt.time_column),
                 }
             )
