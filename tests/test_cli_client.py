@@ -121,6 +121,12 @@ def test_client_commands_report_errors_in_one_line(server, tmp_path):
     (["serve", "--max-queued-inputs", "0"], "argument --max-queued-inputs: must be at least 256 (one full Embed)"),
     (["serve", "--max-queued-inputs", "100"], "argument --max-queued-inputs: must be at least 256 (one full Embed)"),
     (["serve", "--max-batch-tokens", "-5"], "argument --max-batch-tokens: must be at least 1, got -5"),
+    # 10**20 workers were started one by one until the machine gave out.
+    (["serve", "--workers", "99999999999999999999"], "argument --workers: must be at most 256, got 99999999999999999999"),
+    # Not "invalid _positive_int value": a usage error names no function of ours.
+    (["serve", "--workers", "abc"], "argument --workers: must be a whole number, got 'abc'"),
+    (["serve", "--port", "1.5"], "argument --port: must be a whole number, got '1.5'"),
+    (["serve", "--max-queued-inputs", "x"], "argument --max-queued-inputs: must be a whole number, got 'x'"),
     (["load-movielens", "x", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
     # The server takes at most 1000 events per RecordEvents: 1001 failed only after every item was sent.
     (["load-movielens", "x", "--batch-size", "1001"], "argument --batch-size: must be at most 1000 (the server's limit)"),

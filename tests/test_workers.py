@@ -168,9 +168,13 @@ def test_a_worker_is_restarted_at_most_limit_times_within_the_window():
 class FakeProcess:
     def __init__(self, returncode=None):
         self.returncode = returncode
-        self.terminated = False
+        self.terminated = self.waited = False
 
     def poll(self):
+        return self.returncode
+
+    def wait(self):
+        self.waited = True
         return self.returncode
 
     def terminate(self):
@@ -223,6 +227,23 @@ def test_a_worker_that_cannot_be_started_again_stops_the_group(monkeypatch):
 
     assert workers_module._supervise([dead, alive], [], start) == 1  # not an escaped exception: the others stop first
     assert alive.process.terminated
+
+
+def test_workers_started_before_one_cannot_be_are_stopped(monkeypatch):
+    """EMFILE on the third: the parent exited 1 and left the first two serving, unsupervised."""
+    started = []
+
+    class Worker(FakeWorker):
+        def __init__(self, argv, index, restarts):
+            if index == 2:
+                raise OSError(24, "Too many open files")
+            super().__init__(index, restarts)
+            started.append(self)
+
+    monkeypatch.setattr(workers_module, "_Worker", Worker)
+    with pytest.raises(OSError, match="Too many open files"):
+        workers_module.run_workers([], "127.0.0.1", 0, workers=4, threads=1)
+    assert len(started) == 2 and all(worker.process.terminated and worker.process.waited for worker in started)
 
 
 def test_a_second_group_on_a_served_port_is_refused(model_dir, tmp_path):

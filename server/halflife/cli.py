@@ -97,8 +97,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         "--provider", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA where usable, else CPU"
     )
     parser.add_argument(
-        "--workers", type=_positive_int, default=1,
-        help="server processes sharing the port and the store (default 1); see docs/serving.md",
+        "--workers", type=_worker_count, default=1,
+        help=f"server processes sharing the port and the store (default 1, at most {MAX_WORKERS}); see docs/serving.md",
     )
     parser.add_argument(
         "--threads", type=_thread_count, default=None,
@@ -122,34 +122,50 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_run_serve)
 
 
+def _whole_number(value: str) -> int:
+    """int(value), or a usage error that names no function of ours ("invalid _port value")."""
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {value!r}") from None
+
+
 def _positive_int(value: str) -> int:
-    number = int(value)
+    number = _whole_number(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
     return number
 
 
 MAX_THREADS = 1024  # more than any machine's cores; 2**31 reached onnxruntime, which blamed the model
+# Each worker is a whole server (model, catalogue, profiles): 10**20 started them until the machine gave out.
+MAX_WORKERS = 256
 
 
-def _thread_count(value: str) -> int:
-    number = _positive_int(value)
-    if number > MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS}, got {number}")
-    return number
+def _at_most(maximum: int):
+    def count(value: str) -> int:
+        number = _positive_int(value)
+        if number > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {number}")
+        return number
+
+    return count
+
+
+_thread_count, _worker_count = _at_most(MAX_THREADS), _at_most(MAX_WORKERS)
 
 
 def _queue_size(value: str) -> int:
     from halflife.api.embedding import MAX_INPUTS_PER_REQUEST
 
-    number = int(value)
+    number = _whole_number(value)
     if number < MAX_INPUTS_PER_REQUEST:  # a full Embed would be "queue full" forever, retries and all
         raise argparse.ArgumentTypeError(f"must be at least {MAX_INPUTS_PER_REQUEST} (one full Embed), got {number}")
     return number
 
 
 def _port(value: str) -> int:
-    number = int(value)
+    number = _whole_number(value)
     if not 0 <= number <= 65535:  # gRPC would wrap 70000 to 4464 and -1 to 65535
         raise argparse.ArgumentTypeError(f"must be 0 to 65535, got {number}")
     return number

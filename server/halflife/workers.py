@@ -181,7 +181,14 @@ def run_workers(serve_argv: Sequence[str], host: str, port: int, workers: int, t
             for index in range(workers):
                 if requested:
                     break
-                start(index, RestartBudget(), index)
+                try:
+                    start(index, RestartBudget(), index)
+                except OSError:  # no process to be had (EMFILE, ENOMEM): stop those started, as _supervise does
+                    for worker in group:
+                        worker.process.terminate()
+                    for worker in group:
+                        worker.process.wait()
+                    raise
             return _supervise(group, requested, start)
     finally:
         for worker in group:
