@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -75,9 +76,9 @@ def timings(fn: Callable[[], object], *, repeat: int = 20, warmup: int = 2, min_
 
 
 def summary(samples: Sequence[float]) -> dict:
-    """median, p10/p90 and count of a list of seconds."""
+    """median, p10/p90 (nearest rank: each a sample) and count of a list of seconds."""
     ordered = sorted(samples)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    pick = lambda q: ordered[max(0, math.ceil(q * len(ordered)) - 1)]
     return {"median_s": statistics.median(ordered), "p10_s": pick(0.1), "p90_s": pick(0.9), "n": len(ordered)}
 
 
@@ -89,7 +90,8 @@ def write_results(name: str, results: dict, table: str, notes: str = "") -> Path
     path.write_text(json.dumps(payload, indent=2) + "\n")
     m = payload["machine"]
     header = (
-        f"# {name}\n\n{m['cpu']}, {m['usable_cores']} usable cores, Python {m['python']}, {m['date']}.\n"
+        f"# {name}{' (--quick: a smoke run, not for reading)' if results.get('quick') else ''}\n\n"
+        f"{m['cpu']}, {m['usable_cores']} usable cores, Python {m['python']}, {m['date']}.\n"
         f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}.\n\n"
     )
     (RESULTS / f"{name}.md").write_text(header + table.rstrip() + "\n" + (f"\n{notes.rstrip()}\n" if notes else ""))

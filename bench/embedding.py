@@ -76,7 +76,10 @@ def make_sentences(tokenizer, tokens: int, count: int = CORPUS) -> list[str]:
 # -- raw onnxruntime ----------------------------------------------------------------------------
 
 class RawOrt:
-    """The server's variant and session options, without the server."""
+    """The server's variant, without the server, at onnxruntime's best: each
+    measurement runs with idle-thread spinning off (the server's session
+    options) and on (onnxruntime's default; batch 1 took 1.7-2.0 ms against
+    2.6-2.8 off on a quiet machine) and keeps the faster."""
 
     def __init__(self, model_dir: Path):
         import onnxruntime as ort
@@ -89,11 +92,13 @@ class RawOrt:
         variant = manifest.variant(manifest.default_variants["CPUExecutionProvider"])
         self.variant = variant.name
         self.threads = physical_cores()
-        # Exactly the server's session options (threads, no idle spinning).
-        self.session = ort.InferenceSession(str(model_dir / variant.file), sess_options=session_options(self.threads),
-                                            providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output = self.session.get_outputs()[0].name
+        # The server's session options (threads, ...), idle spinning off (as served) and on.
+        self.sessions = {spinning: ort.InferenceSession(str(model_dir / variant.file),
+                                                        sess_options=session_options(self.threads, spinning),
+                                                        providers=["CPUExecutionProvider"])
+                         for spinning in (False, True)}
+        self.input_names = [i.name for i in self.sessions[False].get_inputs()]
+        self.output = self.sessions[False].get_outputs()[0].name
         self.tokenizer = load_tokenizer(model_dir / manifest.tokenizer_file)
         self.pad = manifest.pad_token_id
 
@@ -104,26 +109,35 @@ class RawOrt:
         return model_inputs(ids, self.input_names, self.pad)[0]
 
     def measure(self, sentences: list[str], batch: int, min_seconds: float, repeat: int = 5) -> dict:
-        """Seconds per session.run of `batch` sentences (pre-tokenized), cycling the corpus."""
+        """Seconds per session.run of `batch` sentences (pre-tokenized), cycling
+        the corpus, with spinning off and on: the faster one's statistics."""
         batches = [self.feeds([sentences[(start + k) % len(sentences)] for k in range(batch)])
                    for start in range(0, len(sentences), batch)]
-        cursor = iter(range(1 << 62))
-        run = lambda: self.session.run([self.output], batches[next(cursor) % len(batches)])
-        stats = summary(timings(run, repeat=repeat, warmup=1, min_seconds=min_seconds))
-        return {**stats, "batch": batch, "sentences_per_s": batch / stats["median_s"]}
+        best = None
+        for spinning, session in self.sessions.items():
+            cursor = iter(range(1 << 62))
+            run = lambda: session.run([self.output], batches[next(cursor) % len(batches)])
+            stats = summary(timings(run, repeat=repeat, warmup=1, min_seconds=min_seconds))
+            if best is None or stats["median_s"] < best["median_s"]:
+                best = {**stats, "spinning": spinning}
+        return {**best, "batch": batch, "sentences_per_s": batch / best["median_s"]}
 
     def idle_then_run(self, sentence: str, idle_s: float, repeat: int) -> float:
         """Median seconds of session.run on one sentence, each after `idle_s`
         of sleep: what a server at concurrency 1 gets, whose threads and caches
-        go cold between requests (back to back is the best case)."""
+        go cold between requests (back to back is the best case). The faster
+        of spinning off and on."""
         feeds = self.feeds([sentence])
-        out = []
-        for _ in range(repeat):
-            time.sleep(idle_s)
-            begin = time.perf_counter()
-            self.session.run([self.output], feeds)
-            out.append(time.perf_counter() - begin)
-        return statistics.median(out)
+        medians = []
+        for session in self.sessions.values():
+            out = []
+            for _ in range(repeat):
+                time.sleep(idle_s)
+                begin = time.perf_counter()
+                session.run([self.output], feeds)
+                out.append(time.perf_counter() - begin)
+            medians.append(statistics.median(out))
+        return min(medians)
 
 
 # -- sentence-transformers -----------------------------------------------------------------------
@@ -267,7 +281,8 @@ def evaluate(grpc_points: list[dict], ort_ceiling: dict[str, float], c1: dict,
     for length in LENGTHS:
         best = max((p for p in grpc_points if p["length"] == length), key=lambda p: p["sentences_per_s"])
         ratio = best["sentences_per_s"] / st_best[length]
-        targets.append({"id": f"ii-{length}", "what": f"gRPC best {length} >= 1.5x sentence-transformers best",
+        targets.append({"id": f"ii-{length}", "what": f"gRPC best {length} (int8) >= 1.5x sentence-transformers "
+                                                     "best (PyTorch eager fp32, as the issue names it)",
                         "measured": f"{best['sentences_per_s']:.0f} (x{best['inputs_per_request']} "
                                     f"c{best['concurrency']}) vs {st_best[length]:.0f} sentences/s",
                         "ratio": ratio, "threshold": 1.5, "result": _verdict(ratio >= 1.5)})
@@ -350,7 +365,8 @@ def run(model_dir: Path, quick: bool = False) -> dict:
     rows = []
     for length in LENGTHS:
         for p in ort_before[length]:
-            rows.append(["raw ORT", length, p["batch"], "-", round(p["sentences_per_s"]), p["median_s"] * 1e3,
+            rows.append(["raw ORT" + (", spinning" if p["spinning"] else ""), length, p["batch"], "-",
+                         round(p["sentences_per_s"]), p["median_s"] * 1e3,
                          p["p90_s"] * 1e3, p["sentences_per_s"] / ort_ceiling[length], "-"])
         for p in st[length]:
             rows.append(["sentence-transformers", length, p["batch"], "-", round(p["sentences_per_s"]),
@@ -382,7 +398,9 @@ def run(model_dir: Path, quick: bool = False) -> dict:
     notes = (
         "ORT ceiling (mean of before/after the gRPC runs): "
         + ", ".join(f"{k} {v:.0f} sentences/s" for k, v in ort_ceiling.items())
-        + f". Raw ORT times are session.run on pre-tokenized batches (p50 = median per batch); "
+        + f". Raw ORT times are session.run on pre-tokenized batches (p50 = median per batch), each the faster "
+        f"of idle-thread spinning off (the server's setting) and on (onnxruntime's default; \"spinning\" where "
+        f"it won); "
         f"sentence-transformers times are encode() of max(batch, 64) sentences (tokenization included). "
         f"Empty gRPC (health Check) p50: {empty_p50 * 1e3:.3f} ms. Median tokens per sentence: {token_counts}. "
         f"Variant {ort.variant} (the model's CPU default, served and raw alike), {ort.threads} intra-op threads. "

@@ -296,12 +296,12 @@ def engine_inprocess(X: np.ndarray, repeat: int, trace: bool, threads: int) -> d
     out = {name: summary(v) for name, v in (t | no_events).items()}
     out["traced_bytes_per_item"] = traced / n if traced is not None else None
     out["cooccurrence_pairs"] = len(engine._cooccurrence)
-    # Arrays per item the engine holds for the catalogue and the blend.
+    # Arrays per item the engine holds for the catalogue and the blend, the catalogue's spare rows included.
     cat = engine.catalog
     out["array_bytes_per_item"] = (
-        (cat._matrix.nbytes + cat._alive.nbytes + cat._create_times.nbytes) / cat._matrix.shape[0]
-        + engine._popularity.counts.nbytes / n + engine._cooccurrence.item_counts().nbytes / n
-    )
+        cat._matrix.nbytes + cat._alive.nbytes + cat._create_times.nbytes
+        + engine._popularity.counts.nbytes + engine._cooccurrence.item_counts().nbytes
+    ) / n
     out["matrix_capacity_rows"] = int(cat._matrix.shape[0])
     return out
 

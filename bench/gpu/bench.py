@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ for path in (ROOT, ROOT / "clients" / "python", ROOT / "server"):
 from bench.common import machine  # noqa: E402
 from halflife.embedding.engine import EmbeddingEngine  # noqa: E402
 from halflife.embedding.pooling import cosine_rows, l2_normalize  # noqa: E402
-from tests.serving import start_cli_server  # noqa: E402
+from bench.server_process import ServerProcess  # noqa: E402  (not tests/: the GPU machine has no pytest)
 
 WORDS = ("wireless headphones trail shoes garden hose espresso machine novel thriller jazz vinyl "
          "camera lens winter jacket yoga mat board game hiking map").split()
@@ -65,31 +64,30 @@ def grpc_throughput(model_dir: Path, provider: str, seconds: float, loads) -> li
     """Sentences/s through `halflife serve`, one server per worker count."""
     rows = []
     for workers in sorted({load[3] for load in loads}):
-        with tempfile.TemporaryDirectory() as data:
-            server, address = start_cli_server(model_dir, Path(data), drain=True, workers=workers,
-                                               extra_args=("--provider", provider))
-            try:
-                for batch, concurrency, clients, _ in (load for load in loads if load[3] == workers):
-                    rows.append(_drive(address, seconds, batch, concurrency, clients, workers))
-                    print(rows[-1], flush=True)
-            finally:
-                server.terminate()
-                server.wait(30)
+        with ServerProcess(model_dir, workers=workers, args=["--provider", provider]) as server:
+            for batch, concurrency, clients, _ in (load for load in loads if load[3] == workers):
+                rows.append(_drive(server.target, seconds, batch, concurrency, clients, workers))
+                print(rows[-1], flush=True)
     return rows
 
 
 def _drive(address: str, seconds: float, batch: int, concurrency: int, clients: int, workers: int) -> dict:
-    """Runs `clients` loadtest processes at once; sums their sentences/s."""
-    def loadtest(*bounds: str) -> list[str]:
+    """Runs `clients` loadtest processes at once; sums their sentences/s.
+    Each opens a connection per concurrent call (at most): the kernel hands
+    each connection to one worker for good, and one connection a process
+    left most of 4 workers idle."""
+    def loadtest(calls: int, *bounds: str) -> list[str]:
         return [sys.executable, "-m", "halflife.cli", "loadtest", "--call", "halflife.v1.EmbeddingService.Embed",
                 "--data", json.dumps({"inputs": sentences(batch, seed=1)}), "--target", address,
-                "--concurrency", str(concurrency), "--format", "json", *bounds]
+                "--concurrency", str(calls), "--connections", str(calls), "--format", "json", *bounds]
 
-    # Warm-up, so that first-shape CUDA allocations are not timed.
-    subprocess.run(loadtest("--total", str(4 * concurrency)), check=True, capture_output=True, timeout=120)
+    # Warm-up, so that first-shape CUDA allocations are not timed: over 8 connections a worker, which
+    # leave one of them without any about once in 10,000 runs.
+    warm = max(concurrency, 8 * workers)
+    subprocess.run(loadtest(warm, "--total", str(4 * warm)), check=True, capture_output=True, timeout=120)
     # Calls in flight at the end finish (ghz's close would report them as Canceled).
-    procs = [subprocess.Popen(loadtest("--duration", f"{seconds}s", "--duration-stop", "wait"), stdout=subprocess.PIPE,
-                              text=True) for _ in range(clients)]
+    procs = [subprocess.Popen(loadtest(concurrency, "--duration", f"{seconds}s", "--duration-stop", "wait"),
+                              stdout=subprocess.PIPE, text=True) for _ in range(clients)]
     reports = [json.loads(p.communicate(timeout=seconds + 120)[0]) for p in procs]
     failed = {k: v for r in reports for k, v in r["statusCodeDistribution"].items() if k != "OK"}
     if failed:

@@ -48,11 +48,13 @@ class TokenizedInputs:
     truncated: np.ndarray  # (n,) bool
 
 
-def session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
+def session_options(intra_op_threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
     """The onnxruntime session options the engine runs with (also what the
     benchmark's raw-onnxruntime baseline uses, so it compares like with like).
 
-    intra_op_threads: default physical_cores().
+    intra_op_threads: default physical_cores(). spinning: let idle intra-op
+    threads busy-wait, onnxruntime's own default (the benchmark's baseline
+    tries both; the engine never spins, see below).
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -63,7 +65,7 @@ def session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
     # cores the event loop and tokenizers need between batches. Measured
     # on 2 shared cores: batch 1 in 5-7 ms instead of 17-50 ms under load,
     # no difference on a quiet machine.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return options
 
 
