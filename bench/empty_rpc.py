@@ -27,8 +27,11 @@ def load(target: str, concurrency: int, duration: float, data: str = "{}", call:
     """One ghz-shaped report of `call` at `concurrency` for `duration` seconds
     (after a few untimed warm-up calls). Calls still in flight at the end run
     to completion or to `timeout`. strict: raise when any call failed."""
-    warm = LoadTestOptions(call=call, data=data, target=target, concurrency=min(concurrency, 4), total=8,
-                           max_duration=1.0, timeout=timeout)
+    # Over twice the connections: with --workers each lands on a worker of its own choosing, and a worker
+    # first called in the timed run would put its catch-up there.
+    spread = 2 * connections if connections > 1 else 1
+    warm = LoadTestOptions(call=call, data=data, target=target, concurrency=max(min(concurrency, 4), spread),
+                           connections=spread, total=max(8, 2 * spread), max_duration=1.0, timeout=timeout)
     run_event_loop(run_load_test(warm))
     options = LoadTestOptions(call=call, data=data, target=target, concurrency=concurrency, duration=duration,
                               timeout=timeout, connections=connections)
