@@ -682,7 +682,7 @@ def test_the_batch_fast_path_agrees_with_the_full_event_checks():
     now = 1_750_000_000.25
     ids = ["", "a", "x" * 64, "x" * 65, "\U0001F600" * 64, "\U0001F600" * 65, "é" * 128, "é" * 129, "a\x00b",
            "\x7f", "tab\tid", "nbsp\u00a0id"]
-    texts = ["", "   ", "some text", "y" * 8192, "y" * 8193, "é" * 16384, "é" * 16385, "y" * (32 * 1024 + 1)]
+    texts = ["", "   ", "\u200b\ufeff", "some text", "y" * 8192, "y" * 8193, "é" * 16384, "é" * 16385, "y" * (32 * 1024 + 1)]
     times = [None, (-1, 0), (0, 0), (int(now), 5), (int(now) + 86400, 250_000_000), (int(now) + 86401, 0),
              (253_402_300_800, 0), (10, 1_000_000_000), (10, -1)]
     values = [None, 0.0, 4.5, math.nan, math.inf, -math.inf]
@@ -707,14 +707,29 @@ def test_the_batch_fast_path_agrees_with_the_full_event_checks():
     assert 1000 < sum(e is not None for e in built) < 3000  # valid and invalid ones aplenty
 
 
-def test_whitespace_text_beside_an_item_is_no_text():
-    """Whitespace alone is no text (without an item it is refused): embedded,
-    it would pull the event's vector off its item's. Both paths: a 65-character
-    event id takes the full checks."""
-    events = [interest_pb2.Event(event_id=event_id, user_id="u", type=VIEW, item_id="i", text=" \t\n ")
+@pytest.mark.parametrize("text", [" \t\n ", "\u200b\ufeff\u200d"])  # zero-width characters: tokenizers drop them
+def test_blank_text_beside_an_item_is_no_text(text):
+    """Whitespace or invisible characters alone are no text (without an item
+    they are refused): embedded, they would pull the event's vector off its
+    item's. Both paths: a 65-character event id takes the full checks."""
+    events = [interest_pb2.Event(event_id=event_id, user_id="u", type=VIEW, item_id="i", text=text)
               for event_id in ("short", "x" * 65)]
     built = _event_inputs(events, 1_750_000_000.0, Violations())
     assert [(e.item_id, e.text) for e in built] == [("i", None), ("i", None)]
+
+
+def test_invisible_text_alone_is_refused_like_whitespace(client):
+    """U+200B and U+FEFF tokenize to nothing: an item of them embedded as the empty text."""
+    invisible = "\u200b\ufeff"
+    error = rpc_error(client.upsert_items, [Item(id="blank", text=invisible)])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["items[0].text"]
+    error = rpc_error(client.record_events, [ev("blank-e", "u", LIKE, text=invisible, at=T0)])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["events[0].item_id"]
+    error = rpc_error(client.recommend, "u", 3, query=invisible)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["query"]
+    error = rpc_error(client._recommend.SimilarItems, recommend_pb2.SimilarItemsRequest(text=invisible, limit=3),
+                      timeout=30)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["text"]
 
 
 def test_every_bad_event_is_named(client):

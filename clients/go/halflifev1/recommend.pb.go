@@ -172,7 +172,8 @@ type RecommendRequest struct {
 	// excluded.
 	IncludeSeen bool `protobuf:"varint,5,opt,name=include_seen,json=includeSeen,proto3" json:"include_seen,omitempty"`
 	// Optional text blended into the profile (e.g. the current search box), at
-	// most 32 KiB; whitespace alone is INVALID_ARGUMENT (leave it empty).
+	// most 32 KiB; whitespace or invisible format characters alone are
+	// INVALID_ARGUMENT (leave it empty).
 	Query string `protobuf:"bytes,6,opt,name=query,proto3" json:"query,omitempty"`
 	// When true, each item carries the interests and events that produced it.
 	Explain bool `protobuf:"varint,7,opt,name=explain,proto3" json:"explain,omitempty"`
@@ -637,8 +638,9 @@ func (x *RecommendResponse) GetStrategy() Strategy {
 }
 
 // Input of RecommendService.SimilarItems. Errors: INVALID_ARGUMENT (no
-// target, bad item_id or text, bad limit or filter) with a BadRequest field
-// violation each; NOT_FOUND for an unknown `item_id`.
+// target, named as a violation of both `item_id` and `text`; a bad item_id
+// or text, limit or filter) with a BadRequest field violation each;
+// NOT_FOUND for an unknown `item_id`.
 type SimilarItemsRequest struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -737,7 +739,7 @@ type SimilarItemsRequest_ItemId struct {
 
 type SimilarItemsRequest_Text struct {
 	// Free text, embedded by the server's model: at most 32 KiB, not empty
-	// or whitespace alone.
+	// or only whitespace and invisible format characters.
 	Text string `protobuf:"bytes,2,opt,name=text,proto3,oneof"`
 }
 

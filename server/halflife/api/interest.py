@@ -17,6 +17,7 @@ from halflife.api.validation import (
     MAX_TEXT_BYTES,
     MAX_TIMESTAMP_SECONDS,
     Violations,
+    blank,
     to_timestamp,
 )
 from halflife.interest.engine import RATE, EventInput, UnknownItemsError
@@ -39,7 +40,7 @@ def _event_input(event: interest_pb2.Event, field: str, now: float, violations: 
     if event.type not in _EVENT_TYPES:
         name = "EVENT_TYPE_UNSPECIFIED" if event.type == 0 else f"unknown value {event.type}"
         violations.add(f"{field}.type", f"must be a known event type, got {name}")
-    if not event.item_id and not event.text.strip():
+    if not event.item_id and blank(event.text):
         violations.add(f"{field}.item_id", "an event needs an item_id, a text, or both")
     if event.item_id:
         violations.identifier(event.item_id, f"{field}.item_id")
@@ -57,7 +58,7 @@ def _event_input(event: interest_pb2.Event, field: str, now: float, violations: 
         user_id=event.user_id,
         type=event.type,
         item_id=event.item_id or None,
-        text=event.text if event.text.strip() else None,  # whitespace would embed as a vector of its own
+        text=None if blank(event.text) else event.text,  # it would embed as a vector of its own
         value=value,
         event_time=now if event_time is None else event_time,
     )
@@ -92,10 +93,10 @@ def _event_inputs(events: Iterable[interest_pb2.Event], now: float, violations: 
             and len(text) <= MAX_TEXT_BYTES // 4
             and type_ in _EVENT_TYPES
             and (event_id + user_id + item_id).isprintable()  # no control characters (nor rarer ones, e.g. NBSP)
-            and (item_id or text.strip())
+            and (item_id or not blank(text))
             and (math.isfinite(value) if value is not None else type_ != RATE)
         ):
-            out.append(EventInput(event_id, user_id, type_, item_id or None, text if text.strip() else None, value,
+            out.append(EventInput(event_id, user_id, type_, item_id or None, None if blank(text) else text, value,
                                   event_time))
         else:
             out.append(_event_input(event, f"events[{i}]", now, violations))

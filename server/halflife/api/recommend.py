@@ -10,7 +10,7 @@ from halflife.api.backend import Backend
 from halflife.api.calls import run_with_deadline
 from halflife.api.catalog import MAX_ITEMS_PER_REQUEST
 from halflife.api.errors import not_found, translate_errors
-from halflife.api.validation import Violations, to_timestamp
+from halflife.api.validation import Violations, blank, to_timestamp
 from halflife.interest.engine import ItemFilter, Recommendation
 from halflife.v1 import recommend_pb2, recommend_pb2_grpc
 
@@ -74,7 +74,7 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         as_of = violations.timestamp(request, "as_of_time", "as_of_time", interest.now())
         item_filter = _filter(request.filter, violations)
         violations.text(request.query, "query")
-        if request.query and not request.query.strip():
+        if request.query and blank(request.query):
             violations.add("query", "is only whitespace; leave it empty for no query")
         if not (math.isfinite(request.diversity) and 0 <= request.diversity <= 1):
             violations.add("diversity", f"must be between 0 and 1, got {request.diversity}")
@@ -104,7 +104,7 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
             violations.add("text", "set text or item_id")
         elif target == "item_id":
             violations.identifier(request.item_id, "item_id")
-        elif not request.text.strip():
+        elif blank(request.text):
             violations.add("text", "must not be empty")
         else:
             violations.text(request.text, "text")

@@ -56,8 +56,8 @@ export type Event = Message<"halflife.v1.Event"> & {
 
   /**
    * Text the user wrote (search query, review, tag), at most 32 KiB;
-   * whitespace alone counts as none. Embedded and combined with the item's
-   * vector when both are given.
+   * whitespace and invisible format characters alone count as none.
+   * Embedded and combined with the item's vector when both are given.
    *
    * @generated from field: string text = 5;
    */

@@ -101,7 +101,8 @@ export type RecommendRequest = Message<"halflife.v1.RecommendRequest"> & {
 
   /**
    * Optional text blended into the profile (e.g. the current search box), at
-   * most 32 KiB; whitespace alone is INVALID_ARGUMENT (leave it empty).
+   * most 32 KiB; whitespace or invisible format characters alone are
+   * INVALID_ARGUMENT (leave it empty).
    *
    * @generated from field: string query = 6;
    */
@@ -333,8 +334,9 @@ export const RecommendResponseSchema: GenMessage<RecommendResponse> = /*@__PURE_
 
 /**
  * Input of RecommendService.SimilarItems. Errors: INVALID_ARGUMENT (no
- * target, bad item_id or text, bad limit or filter) with a BadRequest field
- * violation each; NOT_FOUND for an unknown `item_id`.
+ * target, named as a violation of both `item_id` and `text`; a bad item_id
+ * or text, limit or filter) with a BadRequest field violation each;
+ * NOT_FOUND for an unknown `item_id`.
  *
  * @generated from message halflife.v1.SimilarItemsRequest
  */
@@ -356,7 +358,7 @@ export type SimilarItemsRequest = Message<"halflife.v1.SimilarItemsRequest"> & {
   } | {
     /**
      * Free text, embedded by the server's model: at most 32 KiB, not empty
-     * or whitespace alone.
+     * or only whitespace and invisible format characters.
      *
      * @generated from field: string text = 2;
      */
