@@ -77,28 +77,27 @@ def make_sentences(tokenizer, tokens: int, count: int = CORPUS) -> list[str]:
 
 class RawOrt:
     """The server's variant, without the server, at onnxruntime's best: each
-    measurement runs with idle-thread spinning off (the server's session
-    options) and on (onnxruntime's default; batch 1 took 1.7-2.0 ms against
-    2.6-2.8 off on a quiet machine) and keeps the faster."""
+    measurement runs with the server's session options under each of
+    `SPINNING` (the server's "during runs", "never", onnxruntime's default
+    "always") and keeps the fastest."""
 
     def __init__(self, model_dir: Path):
         import onnxruntime as ort
 
         from halflife.cpu import physical_cores
-        from halflife.embedding.engine import load_tokenizer, session_options
+        from halflife.embedding.engine import SPINNING, load_tokenizer, session_options
         from halflife.embedding.manifest import load_manifest
 
         manifest = load_manifest(model_dir)
         variant = manifest.variant(manifest.default_variants["CPUExecutionProvider"])
         self.variant = variant.name
         self.threads = physical_cores()
-        # The server's session options (threads, ...), idle spinning off (as served) and on.
         self.sessions = {spinning: ort.InferenceSession(str(model_dir / variant.file),
                                                         sess_options=session_options(self.threads, spinning),
                                                         providers=["CPUExecutionProvider"])
-                         for spinning in (False, True)}
-        self.input_names = [i.name for i in self.sessions[False].get_inputs()]
-        self.output = self.sessions[False].get_outputs()[0].name
+                         for spinning in SPINNING}
+        self.input_names = [i.name for i in self.sessions[SPINNING[0]].get_inputs()]
+        self.output = self.sessions[SPINNING[0]].get_outputs()[0].name
         self.tokenizer = load_tokenizer(model_dir / manifest.tokenizer_file)
         self.pad = manifest.pad_token_id
 
@@ -110,7 +109,7 @@ class RawOrt:
 
     def measure(self, sentences: list[str], batch: int, min_seconds: float, repeat: int = 5) -> dict:
         """Seconds per session.run of `batch` sentences (pre-tokenized), cycling
-        the corpus, with spinning off and on: the faster one's statistics."""
+        the corpus, under each spinning policy: the fastest one's statistics."""
         batches = [self.feeds([sentences[(start + k) % len(sentences)] for k in range(batch)])
                    for start in range(0, len(sentences), batch)]
         best = None
@@ -125,8 +124,8 @@ class RawOrt:
     def idle_then_run(self, sentence: str, idle_s: float, repeat: int) -> float:
         """Median seconds of session.run on one sentence, each after `idle_s`
         of sleep: what a server at concurrency 1 gets, whose threads and caches
-        go cold between requests (back to back is the best case). The faster
-        of spinning off and on."""
+        go cold between requests (back to back is the best case). The fastest
+        spinning policy's."""
         feeds = self.feeds([sentence])
         medians = []
         for session in self.sessions.values():
@@ -365,7 +364,7 @@ def run(model_dir: Path, quick: bool = False) -> dict:
     rows = []
     for length in LENGTHS:
         for p in ort_before[length]:
-            rows.append(["raw ORT" + (", spinning" if p["spinning"] else ""), length, p["batch"], "-",
+            rows.append([f"raw ORT (spinning {p['spinning']})", length, p["batch"], "-",
                          round(p["sentences_per_s"]), p["median_s"] * 1e3,
                          p["p90_s"] * 1e3, p["sentences_per_s"] / ort_ceiling[length], "-"])
         for p in st[length]:
@@ -398,9 +397,9 @@ def run(model_dir: Path, quick: bool = False) -> dict:
     notes = (
         "ORT ceiling (mean of before/after the gRPC runs): "
         + ", ".join(f"{k} {v:.0f} sentences/s" for k, v in ort_ceiling.items())
-        + f". Raw ORT times are session.run on pre-tokenized batches (p50 = median per batch), each the faster "
-        f"of idle-thread spinning off (the server's setting) and on (onnxruntime's default; \"spinning\" where "
-        f"it won); "
+        + f". Raw ORT times are session.run on pre-tokenized batches (p50 = median per batch), each the fastest "
+        f"of the server's session options with idle threads spinning during runs (the server's), never, or always "
+        f"(onnxruntime's default); "
         f"sentence-transformers times are encode() of max(batch, 64) sentences (tokenization included). "
         f"Empty gRPC (health Check) p50: {empty_p50 * 1e3:.3f} ms. Median tokens per sentence: {token_counts}. "
         f"Variant {ort.variant} (the model's CPU default, served and raw alike), {ort.threads} intra-op threads. "

@@ -23,7 +23,7 @@ from halflife.api.embedding import _tokenize_unless_late
 from halflife.api.server import ServerConfig
 from halflife.deadlines import Deadline, DeadlineExpiredError
 from halflife.embedding.batcher import BatchingConfig
-from halflife.embedding.engine import EmbeddingEngine
+from halflife.embedding.engine import EmbeddingEngine, session_options
 from halflife.v1 import embedding_pb2 as pb
 from halflife.v1 import embedding_pb2_grpc
 from halflife_client import AsyncHalflifeClient, HalflifeClient, field_violations
@@ -84,6 +84,18 @@ def test_embeddings_match_pytorch(live_server):
     # The bar the loaded variant passed at export: 0.99 for int8, 0.999 for the float ones.
     assert cosine.min() >= live_server.server.engine.variant.validation.threshold, cosine
     np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("spinning, allow, stop", [("during runs", "1", "1"), ("never", "0", "0"), ("always", "1", "0")])
+def test_intra_op_threads_spin_only_during_runs_unless_told(spinning, allow, stop):
+    """A wake-up per operator cost batch 1 ~0.7 ms; spinning after a run takes the event loop's core."""
+    options = session_options(2, spinning)
+    assert (options.get_session_config_entry("session.intra_op.allow_spinning"),
+            options.get_session_config_entry("session.force_spinning_stop")) == (allow, stop)
+    default = session_options(2)
+    assert default.get_session_config_entry("session.force_spinning_stop") == "1"
+    with pytest.raises(ValueError, match="spinning must be one of"):
+        session_options(2, "sometimes")
 
 
 def test_token_counts_and_unnormalised_output(channel):

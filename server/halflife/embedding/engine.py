@@ -48,24 +48,36 @@ class TokenizedInputs:
     truncated: np.ndarray  # (n,) bool
 
 
-def session_options(intra_op_threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
+SPINNING = ("during runs", "never", "always")  # `session_options`' choices, the engine's first
+
+
+def session_options(intra_op_threads: int | None = None, spinning: str = "during runs") -> ort.SessionOptions:
     """The onnxruntime session options the engine runs with (also what the
     benchmark's raw-onnxruntime baseline uses, so it compares like with like).
 
-    intra_op_threads: default physical_cores(). spinning: let idle intra-op
-    threads busy-wait, onnxruntime's own default (the benchmark's baseline
-    tries both; the engine never spins, see below).
+    intra_op_threads: default physical_cores(). spinning: when idle intra-op
+    threads busy-wait for work instead of sleeping: "during runs" (the
+    engine's), "never", or "always" (onnxruntime's default); the benchmark's
+    baseline tries each.
     """
+    if spinning not in SPINNING:
+        raise ValueError(f"spinning must be one of {SPINNING}, got {spinning!r}")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = intra_op_threads or physical_cores()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Idle intra-op threads would busy-wait for the next batch, taking the
-    # cores the event loop and tokenizers need between batches. Measured
-    # on 2 shared cores: batch 1 in 5-7 ms instead of 17-50 ms under load,
-    # no difference on a quiet machine.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    # Within a run, a sleeping thread costs a wake-up per operator: batch 1
+    # took 1.9-2.0 ms spinning, 2.6-2.7 not (int8, 2 threads, 16 tokens).
+    # After a run, spinning (onnxruntime's default) takes the cores the event
+    # loop and tokenizers need between batches: 40 ms of CPU in 50 ms idle,
+    # and batch 1 in 17-50 ms under load against 5-7. So threads spin during
+    # runs and stop when one returns. Two servers alternated (2026-12-05):
+    # Embed c1 p50 3.52 ms against 4.24 never spinning; 8 and 32 callers
+    # within the noise (438 / 458 and 564 / 538 sentences/s; long inputs
+    # 153 / 147 and 156 / 150).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning == "never" else "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1" if spinning == "during runs" else "0")
     return options
 
 
