@@ -313,6 +313,25 @@ def test_an_open_health_watch_does_not_hold_a_shutdown(model_dir, tmp_path):
                     "unknown.Service": [Status.SERVICE_UNKNOWN, Status.NOT_SERVING]}
 
 
+def test_a_watch_answer_sent_before_the_shutdown_does_not_end_the_stream():
+    """The shutdown began while a SERVICE_UNKNOWN was being written (the
+    test above failed once in a full run): only what is sent once it has begun ends
+    the stream, so the watcher still hears NOT_SERVING."""
+    from halflife.api.server import ShutdownHealthServicer, _EndAfterNotServing, _WatchEnded
+
+    Status = health_pb2.HealthCheckResponse
+    health = ShutdownHealthServicer()
+
+    class Context:
+        async def write(self, response):
+            health.shutting_down = True  # the shutdown begins while this write is under way
+
+    context = _EndAfterNotServing(Context(), health)
+    asyncio.run(context.write(Status(status=Status.SERVICE_UNKNOWN)))  # not the end
+    with pytest.raises(_WatchEnded):
+        asyncio.run(context.write(Status(status=Status.NOT_SERVING)))
+
+
 def test_full_queue_answers_resource_exhausted(model_dir, tmp_path):
     config = ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path, batching=BatchingConfig(max_queued_inputs=2))
     with ServerThread(config) as server, grpc.insecure_channel(server.address) as channel:

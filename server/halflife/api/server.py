@@ -144,8 +144,12 @@ class _EndAfterNotServing:
         return getattr(self._context, name)
 
     async def write(self, response) -> None:
+        # Final as things stood when it was sent: a SERVICE_UNKNOWN sent just
+        # before the shutdown began, whose write returned after, ended the
+        # stream before the NOT_SERVING that the shutdown then sends.
+        final = self._health.shutting_down and response.status in _FINAL_STATUSES
         await self._context.write(response)
-        if self._health.shutting_down and response.status in _FINAL_STATUSES:
+        if final:
             raise _WatchEnded
 
 
