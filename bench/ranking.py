@@ -299,7 +299,7 @@ def engine_inprocess(X: np.ndarray, repeat: int, trace: bool, threads: int) -> d
     # Arrays per item the engine holds for the catalogue and the blend, the catalogue's spare rows included.
     cat = engine.catalog
     out["array_bytes_per_item"] = (
-        cat._matrix.nbytes + cat._alive.nbytes + cat._create_times.nbytes
+        cat._matrix.nbytes + cat._alive.nbytes + cat._create_times.nbytes + cat._created_seq.nbytes
         + engine._popularity.counts.nbytes + engine._cooccurrence.item_counts().nbytes
     ) / n
     out["matrix_capacity_rows"] = int(cat._matrix.shape[0])

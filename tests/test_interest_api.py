@@ -707,7 +707,7 @@ def test_the_batch_fast_path_agrees_with_the_full_event_checks():
     assert 1000 < sum(e is not None for e in built) < 3000  # valid and invalid ones aplenty
 
 
-@pytest.mark.parametrize("text", [" \t\n ", "\u200b\ufeff\u200d"])  # zero-width characters: tokenizers drop them
+@pytest.mark.parametrize("text", [" \t\n ", "\u200b\ufeff\u200d", "\x01\ue000\u0301\ufffd"])  # tokenizers drop them
 def test_blank_text_beside_an_item_is_no_text(text):
     """Whitespace or invisible characters alone are no text (without an item
     they are refused): embedded, they would pull the event's vector off its

@@ -330,6 +330,10 @@ def test_a_watch_answer_sent_before_the_shutdown_does_not_end_the_stream():
     asyncio.run(context.write(Status(status=Status.SERVICE_UNKNOWN)))  # not the end
     with pytest.raises(_WatchEnded):
         asyncio.run(context.write(Status(status=Status.NOT_SERVING)))
+    # A NOT_SERVING under way as the shutdown begins is the end: grpc sends no status twice.
+    health.shutting_down = False
+    with pytest.raises(_WatchEnded):
+        asyncio.run(context.write(Status(status=Status.NOT_SERVING)))
 
 
 def test_full_queue_answers_resource_exhausted(model_dir, tmp_path):

@@ -31,8 +31,8 @@ type Item struct {
 	// (U+0000 to U+001F, U+007F), unique in the catalogue.
 	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// Text the item is embedded from (title, description...). Required unless
-	// `vector` is given (whitespace and invisible format characters such as
-	// U+200B alone count as none); at most 32 KiB.
+	// `vector` is given (a text of nothing tokenizers read, such as
+	// whitespace, U+200B or control characters, counts as none); at most 32 KiB.
 	// Inputs over the model's max input tokens are truncated.
 	Text string `protobuf:"bytes,2,opt,name=text,proto3" json:"text,omitempty"`
 	// Categories (genres, departments...): used by recommendation filters and

@@ -190,7 +190,7 @@ type Event struct {
 	// unknown item is NOT_FOUND.
 	ItemId string `protobuf:"bytes,4,opt,name=item_id,json=itemId,proto3" json:"item_id,omitempty"`
 	// Text the user wrote (search query, review, tag), at most 32 KiB;
-	// whitespace and invisible format characters alone count as none.
+	// nothing tokenizers read (whitespace, U+200B, ...) counts as none.
 	// Embedded and combined with the item's vector when both are given.
 	Text string `protobuf:"bytes,5,opt,name=text,proto3" json:"text,omitempty"`
 	// Optional numeric value; required for EVENT_TYPE_RATE, whose rating it

@@ -172,8 +172,8 @@ type RecommendRequest struct {
 	// excluded.
 	IncludeSeen bool `protobuf:"varint,5,opt,name=include_seen,json=includeSeen,proto3" json:"include_seen,omitempty"`
 	// Optional text blended into the profile (e.g. the current search box), at
-	// most 32 KiB; whitespace or invisible format characters alone are
-	// INVALID_ARGUMENT (leave it empty).
+	// most 32 KiB; a text of nothing tokenizers read (whitespace, U+200B,
+	// ...) is INVALID_ARGUMENT (leave it empty).
 	Query string `protobuf:"bytes,6,opt,name=query,proto3" json:"query,omitempty"`
 	// When true, each item carries the interests and events that produced it.
 	Explain bool `protobuf:"varint,7,opt,name=explain,proto3" json:"explain,omitempty"`
@@ -738,8 +738,8 @@ type SimilarItemsRequest_ItemId struct {
 }
 
 type SimilarItemsRequest_Text struct {
-	// Free text, embedded by the server's model: at most 32 KiB, not empty
-	// or only whitespace and invisible format characters.
+	// Free text, embedded by the server's model: at most 32 KiB, holding
+	// something tokenizers read (not only whitespace, U+200B, ...).
 	Text string `protobuf:"bytes,2,opt,name=text,proto3,oneof"`
 }
 

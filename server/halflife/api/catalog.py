@@ -10,8 +10,9 @@ import numpy as np
 from halflife.api.backend import Backend
 from halflife.api.calls import run_with_deadline
 from halflife.api.errors import not_found, translate_errors
-from halflife.api.validation import Violations, blank, to_timestamp
+from halflife.api.validation import Violations, to_timestamp
 from halflife.interest.engine import ItemInput
+from halflife.texts import blank
 from halflife.v1 import catalog_pb2, catalog_pb2_grpc
 
 MAX_ITEMS_PER_REQUEST = 1000

@@ -17,10 +17,10 @@ from halflife.api.validation import (
     MAX_TEXT_BYTES,
     MAX_TIMESTAMP_SECONDS,
     Violations,
-    blank,
     to_timestamp,
 )
 from halflife.interest.engine import RATE, EventInput, UnknownItemsError
+from halflife.texts import blank
 from halflife.v1 import interest_pb2, interest_pb2_grpc
 
 MAX_EVENTS_PER_REQUEST = 1000

@@ -10,8 +10,9 @@ from halflife.api.backend import Backend
 from halflife.api.calls import run_with_deadline
 from halflife.api.catalog import MAX_ITEMS_PER_REQUEST
 from halflife.api.errors import not_found, translate_errors
-from halflife.api.validation import Violations, blank, to_timestamp
+from halflife.api.validation import Violations, to_timestamp
 from halflife.interest.engine import ItemFilter, Recommendation
+from halflife.texts import blank
 from halflife.v1 import recommend_pb2, recommend_pb2_grpc
 
 STRATEGIES = {

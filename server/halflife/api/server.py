@@ -144,12 +144,13 @@ class _EndAfterNotServing:
         return getattr(self._context, name)
 
     async def write(self, response) -> None:
-        # Final as things stood when it was sent: a SERVICE_UNKNOWN sent just
-        # before the shutdown began, whose write returned after, ended the
-        # stream before the NOT_SERVING that the shutdown then sends.
+        # Final if the shutdown had begun when it was sent: a SERVICE_UNKNOWN
+        # sent just before, whose write returned after, is followed by the
+        # shutdown's NOT_SERVING. A NOT_SERVING is final either way: grpc does
+        # not send a status twice, so the shutdown's would never come.
         final = self._health.shutting_down and response.status in _FINAL_STATUSES
         await self._context.write(response)
-        if final:
+        if final or (self._health.shutting_down and response.status == health_pb2.HealthCheckResponse.NOT_SERVING):
             raise _WatchEnded
 
 

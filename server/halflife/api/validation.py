@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 from typing import Sized
 
 from google.protobuf import timestamp_pb2
@@ -22,19 +21,6 @@ MAX_FUTURE_SECONDS = 24 * 3600.0  # event times may run ahead of our clock by at
 # google.protobuf.Timestamp's valid range.
 MIN_TIMESTAMP_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
 MAX_TIMESTAMP_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
-
-
-def blank(text: str) -> bool:
-    """Whether `text` holds nothing a model reads: only whitespace and
-    invisible format characters (U+200B, U+FEFF, ...), which tokenizers drop,
-    so that it would embed as the empty text does. An ordinary text costs two
-    C calls (ingest asks it of every event), others stop at the first visible
-    character."""
-    if not text.strip():
-        return True
-    if text.isascii():
-        return False
-    return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
 
 
 class Violations:

@@ -24,6 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
+from halflife.texts import blank
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetFormat:
@@ -193,9 +195,9 @@ class _Csv:
         return self.bounded(column, _MIN_TIME, _MAX_TIME, "a time between the years 1 and 9999")
 
     def texts(self, column: str) -> np.ndarray:
-        """`strings`, none of them blank: a blank tag would stand for its item alone."""
+        """`strings`, none of them blank (`texts.blank`): a blank tag would stand for its item alone."""
         values = self.strings(column)
-        k = next((k for k, text in enumerate(values) if not text.strip()), None)
+        k = next((k for k, text in enumerate(values) if blank(text)), None)
         if k is not None:
             raise DatasetError(f"{self.name} line {self._line_of(k)}: {column} is empty")
         return values

@@ -30,8 +30,8 @@ export type Item = Message<"halflife.v1.Item"> & {
 
   /**
    * Text the item is embedded from (title, description...). Required unless
-   * `vector` is given (whitespace and invisible format characters such as
-   * U+200B alone count as none); at most 32 KiB.
+   * `vector` is given (a text of nothing tokenizers read, such as
+   * whitespace, U+200B or control characters, counts as none); at most 32 KiB.
    * Inputs over the model's max input tokens are truncated.
    *
    * @generated from field: string text = 2;

@@ -56,7 +56,7 @@ export type Event = Message<"halflife.v1.Event"> & {
 
   /**
    * Text the user wrote (search query, review, tag), at most 32 KiB;
-   * whitespace and invisible format characters alone count as none.
+   * nothing tokenizers read (whitespace, U+200B, ...) counts as none.
    * Embedded and combined with the item's vector when both are given.
    *
    * @generated from field: string text = 5;

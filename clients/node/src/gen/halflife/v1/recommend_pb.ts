@@ -101,8 +101,8 @@ export type RecommendRequest = Message<"halflife.v1.RecommendRequest"> & {
 
   /**
    * Optional text blended into the profile (e.g. the current search box), at
-   * most 32 KiB; whitespace or invisible format characters alone are
-   * INVALID_ARGUMENT (leave it empty).
+   * most 32 KiB; a text of nothing tokenizers read (whitespace, U+200B,
+   * ...) is INVALID_ARGUMENT (leave it empty).
    *
    * @generated from field: string query = 6;
    */
@@ -357,8 +357,8 @@ export type SimilarItemsRequest = Message<"halflife.v1.SimilarItemsRequest"> & {
     case: "itemId";
   } | {
     /**
-     * Free text, embedded by the server's model: at most 32 KiB, not empty
-     * or only whitespace and invisible format characters.
+     * Free text, embedded by the server's model: at most 32 KiB, holding
+     * something tokenizers read (not only whitespace, U+200B, ...).
      *
      * @generated from field: string text = 2;
      */
