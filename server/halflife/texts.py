@@ -14,7 +14,7 @@ _UNREAD_CATEGORIES = frozenset(("Cc", "Cf", "Co", "Mn"))
 def blank(text: str) -> bool:
     """Whether `text` holds nothing a model reads (whitespace and the
     characters above), so that it would embed as the empty text does. An
-    ordinary text costs two C calls (ingest asks it of every event); others
+    ordinary text costs a few C calls (ingest asks it of every event); others
     stop at the first readable character."""
     if not text.strip():
         return True
