@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import os
 import platform
 import statistics
@@ -18,6 +17,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
+
+from halflife.loadtest import nearest_rank
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PACKAGES = ("halflife", "numpy", "onnxruntime", "grpcio", "uvloop", "protobuf", "tokenizers", "torch",
@@ -76,10 +77,10 @@ def timings(fn: Callable[[], object], *, repeat: int = 20, warmup: int = 2, min_
 
 
 def summary(samples: Sequence[float]) -> dict:
-    """median, p10/p90 (nearest rank: each a sample) and count of a list of seconds."""
+    """median, p10/p90 (nearest rank, as the load generator's: each a sample) and count of a list of seconds."""
     ordered = sorted(samples)
-    pick = lambda q: ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-    return {"median_s": statistics.median(ordered), "p10_s": pick(0.1), "p90_s": pick(0.9), "n": len(ordered)}
+    return {"median_s": statistics.median(ordered), "p10_s": nearest_rank(ordered, 0.1),
+            "p90_s": nearest_rank(ordered, 0.9), "n": len(ordered)}
 
 
 def write_results(name: str, results: dict, table: str, notes: str = "") -> Path:

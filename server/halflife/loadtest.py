@@ -386,14 +386,20 @@ class _Tally:
             self.errors[f"rpc error: code = {GO_CODE_NAMES[code]} desc = {details}"] += 1
 
 
+def nearest_rank(ordered, fraction: float):
+    """The value at rank ceil(fraction × n) of the sorted, non-empty `ordered`
+    (nearest rank, as ghz's reporter computes percentiles): always a sample,
+    never an interpolation."""
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
 def latency_distribution(latencies: list[int]) -> list[dict]:
-    """ghz's percentiles: for p%, the latency at rank ceil(p% of n) of the sorted
-    latencies (nearest rank, as ghz's reporter computes it), so every latency
-    reported is one a call had; no interpolation."""
+    """ghz's percentiles of the latencies (`nearest_rank`), so every latency
+    reported is one a call had."""
     ordered = sorted(latencies)
     if not ordered:
         return []
-    return [{"percentage": p, "latency": ordered[math.ceil(p / 100 * len(ordered)) - 1]} for p in PERCENTILES]
+    return [{"percentage": p, "latency": nearest_rank(ordered, p / 100)} for p in PERCENTILES]
 
 
 async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = None) -> dict:
