@@ -1230,8 +1230,8 @@ class InterestEngine:
             weights = self._types.weights[types] * np.exp2(-ages / self._types.half_lives[types])
             event_sims = clip_cosines(item_vectors @ event_vectors.T)  # (rows, events)
         explanations = []
+        shares = importances / total
         for j in range(len(rows)):
-            shares = importances / total
             contrib = cluster_sims[j] * shares if multi.n_clusters else np.zeros(0)
             listed = [int(c) for c in np.argsort(-contrib, kind="stable") if int(c) in rank_of][:3]
             interests = tuple(
