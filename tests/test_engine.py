@@ -992,3 +992,78 @@ def test_a_repeat_within_a_batch_is_a_duplicate_whatever_item_it_names(tmp_path)
     assert [e.item_id for e in engine.store.user_events("u")] == ["known"]
     with pytest.raises(UnknownItemsError):  # the first occurrence is the one stored: its item must exist
         engine.record_events([first._replace(event_id="e2", item_id="no-such-item"), first._replace(event_id="e2")])
+
+
+def _engine_embedding_with(path, during_first_text):
+    """An engine whose embedder runs `during_first_text(engine)` (another
+    caller's catalogue write) the first time it embeds an event's text,
+    between record_events' read of the items and its commit; and its calls."""
+    calls = []
+
+    def embed(texts, deadline=None):
+        calls.append(list(texts))
+        if texts == ["a review"] and sum(c == ["a review"] for c in calls) == 1:
+            during_first_text(engine)
+        return fake_embed(texts)
+
+    engine = InterestEngine(Config(), SqliteStore(path), DIM, embed, clock=lambda: T)
+    engine.upsert_items([ItemInput(id="x", text="old x"), ItemInput(id="y", text="y")])
+    return engine, calls
+
+
+def test_an_item_recreated_while_its_event_embeds_gives_the_event_the_new_items_vector(tmp_path):
+    """The event committed after the new x: it counts for it, so it must carry
+    its vector, as if sent after the re-creation. It carried the old x's
+    (cosine 0.015 with the new x in an audit) while counting for the new one."""
+    def recreate(engine):
+        engine.delete_items(["x"])
+        engine.upsert_items([ItemInput(id="x", text="new x")])
+
+    engine, calls = _engine_embedding_with(tmp_path / "race", recreate)
+    assert engine.record_events([EventInput("r", "u", LIKE, "x", "a review", None, T - 60)]) == (1, 0)
+    assert calls.count(["a review"]) == 1  # the retry reads the items again, not the texts
+    new_x = engine.catalog.vectors[engine.catalog.row_of["x"]]
+    (stored,) = engine.store.user_events("u")
+    expected = new_x + fake_embed(["a review"])[0]
+    np.testing.assert_allclose(stored.vector, expected / np.linalg.norm(expected), atol=1e-6)
+
+    serial, _ = _engine_embedding_with(tmp_path / "serial", lambda engine: None)
+    recreate(serial)
+    serial.record_events([EventInput("r", "u", LIKE, "x", "a review", None, T - 60)])
+    scores = lambda e: [(i.item_id, round(i.score, 5)) for i in e.recommend("u", 2, as_of=T, include_seen=True).items]
+    assert scores(engine) == scores(serial)
+    assert cold_list(engine) == cold_list(serial)
+
+
+def test_an_item_deleted_while_its_event_embeds_refuses_the_batch(tmp_path):
+    engine, _ = _engine_embedding_with(tmp_path, lambda engine: engine.delete_items(["x"]))
+    with pytest.raises(UnknownItemsError) as raised:
+        engine.record_events([EventInput("r", "u", LIKE, "x", "a review", None, T - 60),
+                              EventInput("s", "u", LIKE, "y", None, None, T - 60)])
+    assert raised.value.missing == [(0, "x")]
+    assert engine.store.user_events("u") == []
+
+
+def test_items_changing_at_every_try_end_in_items_changed_after_the_last(tmp_path, monkeypatch):
+    from halflife.interest.engine import RECORD_ATTEMPTS
+    from halflife.storage.base import ItemsChangedError
+
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id="x", text="x"), ItemInput(id="y", text="y")])
+    read = engine._item_vectors
+    tries = []
+
+    def read_then_change(events):
+        tries.append(1)
+        out = read(events)
+        engine.upsert_items([ItemInput(id="x", text=f"x, version {len(tries)}")])  # an update counts too
+        return out
+
+    monkeypatch.setattr(engine, "_item_vectors", read_then_change)
+    with pytest.raises(ItemsChangedError):
+        engine.record_events([EventInput("r", "u", LIKE, "x", None, None, T - 60)])
+    assert len(tries) == RECORD_ATTEMPTS
+    assert engine.store.user_events("u") == []
+    monkeypatch.setattr(engine, "_item_vectors", read)
+    engine.record_events([EventInput("r", "u", LIKE, "y", None, None, T - 60)])  # other items: no retry needed
+    assert [e.item_id for e in engine.store.user_events("u")] == ["y"]

@@ -1242,8 +1242,8 @@ def test_events_committed_before_a_newer_batch_are_not_lost(model_dir, tmp_path)
         real = store.record_events
         committed, may_apply = threading.Event(), threading.Event()
 
-        def slow_to_apply(records, guard=None):
-            stored = real(records, guard)
+        def slow_to_apply(records, guard=None, items_as_of=None):
+            stored = real(records, guard, items_as_of)
             if records[0].event_id.startswith("race-a"):
                 committed.set()
                 assert may_apply.wait(30)  # batch A is durable but not applied yet
@@ -1422,3 +1422,29 @@ def test_an_upsert_the_client_gave_up_on_never_overwrites_a_later_one(server, cl
         assert waiting.is_set()
         client.upsert_items(newer)  # precomputed vectors: nothing to embed
     assert {tuple(item.categories) for item in client.get_items(ids)} == {("v2",)}
+
+
+def test_record_events_answers_aborted_when_its_items_change_at_every_try(server, client, monkeypatch):
+    engine = server.server.interest
+    unit = np.eye(DIM, dtype=np.float32)
+    client.upsert_items([Item(id="churning", text="an item updated all the time", vector=unit[2])])
+    read = engine._item_vectors
+    tries = []
+
+    def read_then_update(events):  # another caller's upsert lands between every read and its commit
+        tries.append(1)
+        out = read(events)
+        client.upsert_items([Item(id="churning", text=f"version {len(tries)}", vector=unit[2 + len(tries)])])
+        return out
+
+    monkeypatch.setattr(engine, "_item_vectors", read_then_update)
+    event = interest_pb2.Event(event_id="churn-1", user_id="churn-user", type=LIKE, item_id="churning",
+                               event_time=to_pb_timestamp(time.time() - 60))
+    with pytest.raises(grpc.RpcError) as caught:
+        client.record_events([event])
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+    assert "nothing was recorded" in caught.value.details()
+    assert len(tries) == 3
+    monkeypatch.setattr(engine, "_item_vectors", read)
+    assert client.profile("churn-user").event_counts == []
+    assert client.record_events([event]) == (1, 0)  # the retry the status asks for

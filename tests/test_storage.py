@@ -722,3 +722,27 @@ def test_a_vector_damaged_on_disk_is_left_out_until_an_upsert_rewrites_it(tmp_pa
     assert np.array_equal(store.get_items(["i1"])["i1"].vector, damaged.vector)
     assert all(np.array_equal(e.vector, damaged.vector) for e in store.user_events("u1")[:3])
     store.close()
+
+
+def test_events_are_refused_only_when_an_item_their_new_events_name_changed_since_the_callers_read(store):
+    from halflife.storage.base import ItemsChangedError
+
+    store.upsert_items([item("a"), item("b")])
+    store.record_events([event("old", item_id="b"), event("gone", user_id="someone", item_id="a")])
+    read_at = store.head().change_version
+    store.delete_user("someone")
+    assert [c.item_id for c in store.changes_since(read_at)] == [None]  # an erasure names no item: no conflict
+    store.upsert_items([item("b")])  # b changes after the read
+    assert [e.event_id for e in store.record_events([event("e1", item_id="a"), event("e2", item_id=None, text="t")],
+                                                    items_as_of=read_at)] == ["e1", "e2"]
+    # A re-sent event is a duplicate, not a new use of b: nothing to refuse.
+    assert store.record_events([event("old", item_id="b")], items_as_of=read_at) == []
+    with pytest.raises(ItemsChangedError) as refused:
+        store.record_events([event("e3", item_id="a"), event("e4", item_id="b")], items_as_of=read_at)
+    assert refused.value.item_ids == ["b"]
+    assert store.existing_event_ids(["e3", "e4"]) == set()  # all or nothing
+    store.delete_items(["a"])
+    with pytest.raises(ItemsChangedError):  # deleted counts as changed
+        store.record_events([event("e5", item_id="a")], items_as_of=read_at)
+    assert [e.event_id for e in store.record_events([event("e4", item_id="b")],
+                                                    items_as_of=store.head().change_version)] == ["e4"]

@@ -23,7 +23,10 @@ type InterestServiceClient interface {
 	// `events[7].item_id`. Idempotent by `event_id`: a re-sent event is stored
 	// once and counted in `duplicate_count`. Returns only once the events are
 	// durable on disk. UNAVAILABLE when the store cannot write (disk full, I/O
-	// error): nothing was recorded, and a retry is safe.
+	// error): nothing was recorded, and a retry is safe. An event counts for
+	// its item as the item is when the batch commits: should items it names be
+	// upserted or deleted meanwhile, the server reads them again and retries,
+	// and after 3 such tries answers ABORTED (nothing recorded, retry safe).
 	RecordEvents(ctx context.Context, in *RecordEventsRequest, opts ...grpc.CallOption) (*RecordEventsResponse, error)
 	// A user's interests at `as_of_time` (default: now), strongest first. A
 	// user with no events gets an empty profile, not an error.
@@ -79,7 +82,10 @@ type InterestServiceServer interface {
 	// `events[7].item_id`. Idempotent by `event_id`: a re-sent event is stored
 	// once and counted in `duplicate_count`. Returns only once the events are
 	// durable on disk. UNAVAILABLE when the store cannot write (disk full, I/O
-	// error): nothing was recorded, and a retry is safe.
+	// error): nothing was recorded, and a retry is safe. An event counts for
+	// its item as the item is when the batch commits: should items it names be
+	// upserted or deleted meanwhile, the server reads them again and retries,
+	// and after 3 such tries answers ABORTED (nothing recorded, retry safe).
 	RecordEvents(context.Context, *RecordEventsRequest) (*RecordEventsResponse, error)
 	// A user's interests at `as_of_time` (default: now), strongest first. A
 	// user with no events gets an empty profile, not an error.

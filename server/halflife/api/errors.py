@@ -91,6 +91,10 @@ def resource_exhausted(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
 
+def aborted(message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.ABORTED, message)
+
+
 def unavailable(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.UNAVAILABLE, message)
 

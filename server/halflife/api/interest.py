@@ -10,7 +10,7 @@ import grpc
 
 from halflife.api.backend import Backend
 from halflife.api.calls import run_with_deadline
-from halflife.api.errors import not_found, translate_errors
+from halflife.api.errors import aborted, not_found, translate_errors
 from halflife.api.validation import (
     MAX_FUTURE_SECONDS,
     MAX_ID_BYTES,
@@ -19,7 +19,8 @@ from halflife.api.validation import (
     Violations,
     to_timestamp,
 )
-from halflife.interest.engine import RATE, EventInput, UnknownItemsError
+from halflife.interest.engine import RATE, RECORD_ATTEMPTS, EventInput, UnknownItemsError
+from halflife.storage.base import ItemsChangedError
 from halflife.texts import blank
 from halflife.v1 import interest_pb2, interest_pb2_grpc
 
@@ -123,6 +124,8 @@ class InterestServicer(interest_pb2_grpc.InterestServiceServicer):
                 f"{len(error.missing)} events refer to unknown items; nothing was recorded",
                 [(f"events[{i}].item_id", f"no item {item_id!r} in the catalogue") for i, item_id in error.missing],
             ) from None
+        except ItemsChangedError as error:
+            raise aborted(f"{error}, {RECORD_ATTEMPTS} times; nothing was recorded, retry") from None
         return interest_pb2.RecordEventsResponse(accepted_count=accepted, duplicate_count=duplicates)
 
     @translate_errors

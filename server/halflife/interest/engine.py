@@ -62,7 +62,7 @@ from halflife.deadlines import Deadline
 from halflife.interest.blend import Blend, CatalogueScan, Later, unit_max
 from halflife.interest.catalog import CatalogIndex
 from halflife.interest.watermark import EventWatermark
-from halflife.storage.base import EventRecord, Guard, ItemRecord, Store, StoreHead
+from halflife.storage.base import EventRecord, Guard, ItemRecord, ItemsChangedError, Store, StoreHead
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,9 @@ EXPLAINED_EVENTS = 3
 # with its vector (~1.6 KB); past that, it applies them all, and reads at the
 # clock replay the user's log until the clock catches up.
 MAX_HELD_EVENTS_PER_USER = 16
+# Tries of record_events when items change between the read of their vectors
+# and the commit: each later try reads them again and writes within a few ms.
+RECORD_ATTEMPTS = 3
 
 # (texts, the caller's deadline or None) -> (n, dim) float32 unit rows
 Embedder = Callable[[Sequence[str], Deadline | None], np.ndarray]
@@ -659,10 +662,44 @@ class InterestEngine:
         Raises UnknownItemsError, before storing anything, when a new event
         names an item the catalogue lacks. A re-sent event stays a duplicate
         even when its item was deleted since, so retries always get through,
-        and so does a repeat within the batch, whatever item it names.
+        and so does a repeat within the batch, whatever item it names. When
+        an item the events name is upserted or deleted between the read of
+        its vector and the commit (texts take a while to embed), the items
+        are read again and the write retried, the texts not embedded again;
+        ItemsChangedError after RECORD_ATTEMPTS such tries.
         """
-        with self._lock:
-            self._catch_up()  # items another process added since
+        texts = [i for i, e in enumerate(events) if e.text]
+        text_vectors = None
+        for attempt in itertools.count(1):
+            vectors, items_as_of = self._item_vectors(events)
+            if texts:
+                if text_vectors is None:
+                    text_vectors = self._embed([events[i].text for i in texts], deadline)
+                # Item and text: the direction of their sum. Item-only events keep
+                # the item's stored vector bit for bit, so the store keeps one copy.
+                vectors[texts] = normalize(vectors[texts] + text_vectors)
+            records = [
+                EventRecord(e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, vector)
+                for e, vector in zip(events, vectors)
+            ]
+            try:
+                stored = self.store.record_events(records, _guard(deadline), items_as_of)
+            except ItemsChangedError:
+                if attempt == RECORD_ATTEMPTS:
+                    raise
+                continue
+            self._apply_new_events(stored)
+            return len(stored), len(events) - len(stored)
+
+    def _item_vectors(self, events: Sequence[EventInput]) -> tuple[np.ndarray, int | None]:
+        """The vectors of the items the events name ((n, dim) float32, zeros
+        where an event names none) and the store's change version they are
+        current at (None when no event names an item). Raises
+        UnknownItemsError as record_events says."""
+        with self._catalog_write, self._lock:  # this process's catalogue writes indexed, not just committed
+            # The version before the catch-up: a change between the two reads only costs a retry.
+            items_as_of = self.store.head().change_version if any(e.item_id for e in events) else None
+            self._catch_up()  # items another process wrote since
             rows = self.catalog.rows([e.item_id or "" for e in events])
             missing = [(i, e.item_id) for i, (e, row) in enumerate(zip(events, rows)) if e.item_id and row < 0]
             vectors = np.zeros((len(events), self.dim), dtype=np.float32)
@@ -678,18 +715,7 @@ class InterestEngine:
                        if first[events[i].event_id] == i and events[i].event_id not in stored]
             if missing:
                 raise UnknownItemsError(missing)
-        texts = [i for i, e in enumerate(events) if e.text]
-        if texts:
-            # Item and text: the direction of their sum. Item-only events keep
-            # the item's stored vector bit for bit, so the store keeps one copy.
-            vectors[texts] = normalize(vectors[texts] + self._embed([events[i].text for i in texts], deadline))
-        records = [
-            EventRecord(e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, vector)
-            for e, vector in zip(events, vectors)
-        ]
-        stored = self.store.record_events(records, _guard(deadline))
-        self._apply_new_events(stored)
-        return len(stored), len(events) - len(stored)
+        return vectors, items_as_of
 
     def _apply_new_events(self, stored: Sequence[EventRecord]) -> None:
         """Applies a batch this process just stored, unless a catch-up

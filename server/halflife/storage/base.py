@@ -27,6 +27,16 @@ class StoreUnavailableError(StoreError):
     succeed."""
 
 
+class ItemsChangedError(Exception):
+    """`record_events` stored nothing: an item that its new events name was
+    upserted or deleted after the change version at which the caller read
+    the items' vectors. Read them again and retry."""
+
+    def __init__(self, item_ids: Sequence[str]):
+        self.item_ids = list(item_ids)
+        super().__init__(f"items changed while their events were recorded: {', '.join(map(repr, self.item_ids[:3]))}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ItemRecord:
     id: str
@@ -120,10 +130,17 @@ class Store(Protocol):
     def iter_items(self) -> Iterator[ItemRecord]:
         """Every item, for building the in-memory catalogue at start."""
 
-    def record_events(self, events: Sequence[EventRecord], guard: Guard | None = None) -> list[EventRecord]:
+    def record_events(self, events: Sequence[EventRecord], guard: Guard | None = None,
+                      items_as_of: int | None = None) -> list[EventRecord]:
         """Stores the events whose event_id is new (also within the batch: the
         first one wins); returns those, with `seq` set, in arrival order. One
-        call's events get consecutive seqs and commit atomically."""
+        call's events get consecutive seqs and commit atomically.
+
+        items_as_of: the change version (`head().change_version`) at which the
+        caller read the vectors of the items the events name. When one that a
+        new event names changed after it, raises ItemsChangedError and stores
+        nothing: the event would carry one version's vector and count for
+        another (say, the item deleted and created anew meanwhile)."""
 
     def existing_event_ids(self, event_ids: Sequence[str]) -> set[str]:
         """Those of `event_ids` already stored."""

@@ -64,6 +64,7 @@ from halflife.storage.base import (
     EventRecord,
     Guard,
     ItemRecord,
+    ItemsChangedError,
     StoreError,
     StoreHead,
     StoreUnavailableError,
@@ -286,6 +287,19 @@ def _insert(conn: sqlite3.Connection, into: str, rows: Sequence[tuple], tail: st
     for chunk in _chunks(conn, rows, width):
         sql = f"{into} VALUES {', '.join([values] * len(chunk))} {tail}"
         conn.execute(sql, [value for row in chunk for value in row])
+
+
+def _refuse_changed_items(conn: sqlite3.Connection, version: int, item_ids: set[str | None]) -> None:
+    """Raises ItemsChangedError when an item of `item_ids` changed after
+    change `version`. The feed newer than a caller's read is short (usually
+    empty), so it is read whole rather than joined with the ids."""
+    item_ids = item_ids - {None}
+    if not item_ids:
+        return
+    feed = conn.execute("SELECT item_id FROM changes WHERE version > ? AND item_id IS NOT NULL", (version,))
+    changed = [i for (i,) in feed if i in item_ids]
+    if changed:
+        raise ItemsChangedError(changed)
 
 
 def _count_vector_uses(conn: sqlite3.Connection, vector_ids: Sequence[int]) -> None:
@@ -724,7 +738,8 @@ class SqliteStore:
 
     # ------------------------------------------------------------------ events
 
-    def record_events(self, events: Sequence[EventRecord], guard: Guard | None = None) -> list[EventRecord]:
+    def record_events(self, events: Sequence[EventRecord], guard: Guard | None = None,
+                      items_as_of: int | None = None) -> list[EventRecord]:
         first: dict[str, EventRecord] = {}
         for event in events:
             first.setdefault(event.event_id, event)  # the first one of an id wins
@@ -758,6 +773,8 @@ class SqliteStore:
                 keep = [i for i, row in enumerate(rows) if row[0] not in seen]
                 if not keep:
                     return 0, []
+            if items_as_of is not None:
+                _refuse_changed_items(conn, items_as_of, {rows[i][3] for i in keep})
             vector_ids = _intern_vectors(conn, [blobs[i] for i in keep], [hashes[i] for i in keep])
             row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
             before = row[0] if row else 0

@@ -595,7 +595,10 @@ export const InterestService: GenService<{
    * `events[7].item_id`. Idempotent by `event_id`: a re-sent event is stored
    * once and counted in `duplicate_count`. Returns only once the events are
    * durable on disk. UNAVAILABLE when the store cannot write (disk full, I/O
-   * error): nothing was recorded, and a retry is safe.
+   * error): nothing was recorded, and a retry is safe. An event counts for
+   * its item as the item is when the batch commits: should items it names be
+   * upserted or deleted meanwhile, the server reads them again and retries,
+   * and after 3 such tries answers ABORTED (nothing recorded, retry safe).
    *
    * @generated from rpc halflife.v1.InterestService.RecordEvents
    */
