@@ -224,12 +224,15 @@ def evaluate_baselines(data: EvalData, vectors: np.ndarray, queries: list[Query]
     return {name: Result({m: np.array(v) for m, v in per[name].items()}, tops[name]) for name in B.BASELINES}
 
 
-def evaluate_backend(backend, queries: list[Query], desc: str) -> Result:
+def evaluate_backend(backend, data: EvalData, queries: list[Query], desc: str) -> Result:
+    """The backend's rankings of `queries`, without the items each user had
+    any event with in `data` (the whole evaluation's, as for the baselines:
+    a backend may hold fewer events, e.g. no tag texts)."""
     def rank(q: Query, seen: np.ndarray) -> np.ndarray:
         backend.advance(q.t)
         return backend.ranking(q)
 
-    return _score_queries(backend.data, list(tqdm(queries, desc=desc, unit="user", leave=False)), rank)
+    return _score_queries(data, list(tqdm(queries, desc=desc, unit="user", leave=False)), rank)
 
 
 # ------------------------------------------------------------------ the grid
@@ -443,7 +446,7 @@ def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target:
         val.advance(q80)
         outcome = tune(val, val_q, base)
         chosen = outcome.config
-        results["val"]["Halflife (chosen, engine)"] = evaluate_backend(val.reopen(chosen), val_q, "validation check")
+        results["val"]["Halflife (chosen, engine)"] = evaluate_backend(val.reopen(chosen), data, val_q, "validation check")
         val.close()
 
         test = EngineBackend(data, vec[fp32], tag_texts, tags[fp32], chosen, tmp / "test")
@@ -470,19 +473,19 @@ def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target:
             "embedding only (previous default)": (test, PREVIOUS_DEFAULT),
         }
         for name, (backend, config) in tqdm(variants.items(), desc="Halflife variants (test)"):
-            results["test"][name] = evaluate_backend(backend.reopen(config), test_q, name)
-        results["test_all"]["Halflife default (blend)"] = evaluate_backend(test.reopen(shipped), test_all_q, "incl. cold")
+            results["test"][name] = evaluate_backend(backend.reopen(config), data, test_q, name)
+        results["test_all"]["Halflife default (blend)"] = evaluate_backend(test.reopen(shipped), data, test_all_q, "incl. cold")
         for b in (test, test_nt, test_i8):
             b.close()
 
         loo = EngineBackend(data, vec[fp32], tag_texts, tags[fp32], shipped, tmp / "loo")
-        results["loo"]["Halflife default (blend)"] = evaluate_backend(loo, loo_q, "leave-last-5 (streaming)")
+        results["loo"]["Halflife default (blend)"] = evaluate_backend(loo, data, loo_q, "leave-last-5 (streaming)")
         interest_plot_data = _interest_history(loo, data, q90)
         loo.close()
 
     if target:
         remote = RemoteBackend(data, target)
-        results["test"][f"Halflife via gRPC ({target})"] = evaluate_backend(remote, test_q, "gRPC")
+        results["test"][f"Halflife via gRPC ({target})"] = evaluate_backend(remote, data, test_q, "gRPC")
         remote.close()
 
     seconds = time.perf_counter() - started
