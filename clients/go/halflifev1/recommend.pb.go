@@ -169,7 +169,9 @@ type RecommendRequest struct {
 	// Which items may be returned; unset: any item.
 	Filter *ItemFilter `protobuf:"bytes,4,opt,name=filter,proto3" json:"filter,omitempty"`
 	// When false (default), items the user already interacted with are
-	// excluded.
+	// excluded. "Seen" goes by item id: an item deleted and created again
+	// under the same id stays excluded for the users who had events on the
+	// earlier one.
 	IncludeSeen bool `protobuf:"varint,5,opt,name=include_seen,json=includeSeen,proto3" json:"include_seen,omitempty"`
 	// Optional text blended into the profile (e.g. the current search box), at
 	// most 32 KiB; a text of nothing tokenizers read (whitespace, U+200B,

@@ -93,7 +93,9 @@ export type RecommendRequest = Message<"halflife.v1.RecommendRequest"> & {
 
   /**
    * When false (default), items the user already interacted with are
-   * excluded.
+   * excluded. "Seen" goes by item id: an item deleted and created again
+   * under the same id stays excluded for the users who had events on the
+   * earlier one.
    *
    * @generated from field: bool include_seen = 5;
    */
