@@ -1,0 +1,156 @@
+"""Requests too long to be surely small are scanned before they are parsed
+(halflife.api.wire), so that a flood of list elements, parsed at ~50x its
+size on the event loop, is refused unparsed; a valid request never is."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import grpc
+import numpy as np
+import pytest
+
+from halflife.api import catalog, embedding, interest
+from halflife.api.errors import MalformedRequest, invalid_argument, parse_leniently, refuse_malformed, translate_errors
+from halflife.api.server import API_SERVICES
+from halflife.api.wire import (
+    MAX_LIST_ELEMENTS,
+    MAX_LIST_LENGTH,
+    SCAN_ABOVE_BYTES,
+    TooManyElements,
+    check_list_elements,
+)
+from halflife.embedding.batcher import QueueFullError
+from halflife.v1 import catalog_pb2, interest_pb2, recommend_pb2
+from tests.test_malformed_requests import call_raw, length_delimited
+
+
+def _largest_upsert(text_bytes: int = 0) -> catalog_pb2.UpsertItemsRequest:
+    """UpsertItems at every list limit at once: items, categories, attributes."""
+    item = catalog_pb2.Item(text="t" * text_bytes, categories=[f"c{n}" for n in range(catalog.MAX_CATEGORIES)],
+                            attributes={f"a{n}": "v" for n in range(catalog.MAX_ATTRIBUTES)}, vector=[0.5] * 384)
+    request = catalog_pb2.UpsertItemsRequest()
+    for n in range(catalog.MAX_ITEMS_PER_REQUEST):
+        request.items.add().CopyFrom(item)
+        request.items[-1].id = f"i{n}"
+    return request
+
+
+def test_the_bounds_hold_the_largest_valid_requests():
+    for limit in (catalog.MAX_ITEMS_PER_REQUEST, interest.MAX_EVENTS_PER_REQUEST, embedding.MAX_INPUTS_PER_REQUEST,
+                  catalog.MAX_CATEGORIES, catalog.MAX_ATTRIBUTES):
+        assert limit <= MAX_LIST_LENGTH
+    assert catalog.MAX_ITEMS_PER_REQUEST * (1 + catalog.MAX_CATEGORIES + catalog.MAX_ATTRIBUTES) <= MAX_LIST_ELEMENTS
+    request = _largest_upsert()
+    data = request.SerializeToString()
+    assert len(data) > SCAN_ABOVE_BYTES  # scanned, not waved through for its size
+    check_list_elements(data, catalog_pb2.UpsertItemsRequest.DESCRIPTOR)
+    assert parse_leniently(catalog_pb2.UpsertItemsRequest)(data) == request
+    events = interest_pb2.RecordEventsRequest(events=[
+        interest_pb2.Event(event_id=f"e{n}", user_id="u", type=1, text="x" * 1024)
+        for n in range(interest.MAX_EVENTS_PER_REQUEST)])
+    check_list_elements(events.SerializeToString(), interest_pb2.RecordEventsRequest.DESCRIPTOR)
+    recommend = recommend_pb2.RecommendRequest(user_id="u", filter=recommend_pb2.ItemFilter(
+        include_categories=["c" * 100] * 1000, exclude_categories=["d" * 100] * 1000, exclude_item_ids=["i" * 200] * 1000))
+    check_list_elements(recommend.SerializeToString(), recommend_pb2.RecommendRequest.DESCRIPTOR)
+
+
+def _padded(elements: bytes) -> bytes:
+    """`elements` after an unknown field long enough to be scanned."""
+    return length_delimited(1000, b"p" * SCAN_ABOVE_BYTES) + elements
+
+
+@pytest.mark.parametrize("descriptor, elements", [
+    # One list past its longest: refused after MAX_LIST_LENGTH steps.
+    (interest_pb2.RecordEventsRequest.DESCRIPTOR, b"\x0a\x00" * (MAX_LIST_LENGTH + 1)),
+    # Lists within that length, nested: refused on the total. Items of 400 empty categories.
+    (catalog_pb2.UpsertItemsRequest.DESCRIPTOR,
+     length_delimited(1, b"\x1a\x00" * 400) * (MAX_LIST_ELEMENTS // 400 + 1)),
+    # Within a message that is not a list element: ItemFilter's lists.
+    (recommend_pb2.RecommendRequest.DESCRIPTOR, length_delimited(4, b"\x0a\x00" * (MAX_LIST_LENGTH + 1))),
+])
+def test_a_flood_of_list_elements_is_refused_unparsed(descriptor, elements):
+    with pytest.raises(TooManyElements):
+        check_list_elements(_padded(elements), descriptor)
+
+
+def test_a_short_request_is_left_to_the_parser_and_the_validation():
+    check_list_elements(b"\x0a\x00" * (MAX_LIST_LENGTH + 1), interest_pb2.RecordEventsRequest.DESCRIPTOR)
+
+
+def test_the_count_matches_the_parsed_lists():
+    """Random requests above the scan size: refused exactly when a list, or
+    the total, is past its bound in the parsed message."""
+    rng = np.random.default_rng(0)
+    outcomes = []
+    for _ in range(40):
+        request = catalog_pb2.UpsertItemsRequest()
+        for n in range(int(rng.integers(1, 1100))):
+            item = request.items.add(id=f"i{n}", text="t" * int(rng.integers(0, 600)))
+            item.categories.extend(["c"] * int(rng.integers(0, 200)))
+        data = request.SerializeToString()
+        longest = max([len(request.items)] + [len(i.categories) for i in request.items])
+        total = len(request.items) + sum(len(i.categories) for i in request.items)
+        over = len(data) > SCAN_ABOVE_BYTES and (longest > MAX_LIST_LENGTH or total > MAX_LIST_ELEMENTS)
+        try:
+            check_list_elements(data, catalog_pb2.UpsertItemsRequest.DESCRIPTOR)
+            refused = False
+        except TooManyElements:
+            refused = True
+        assert refused == over, (len(data), longest, total)
+        outcomes.append((refused, len(data) > SCAN_ABOVE_BYTES))
+    assert {(True, True), (False, True), (False, False)} <= set(outcomes)  # refused, scanned and kept, not scanned
+
+
+def test_a_flood_through_the_server_is_refused_unparsed_and_the_server_keeps_serving(channel):
+    record = next(m for s, _ in API_SERVICES for m in s.methods if m.name == "RecordEvents")
+    with pytest.raises(grpc.RpcError) as caught:
+        call_raw(channel, record, b"\x0a\x00" * (4 << 20))  # 8 MiB of empty events: ~450 MB parsed
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "refused unparsed" in caught.value.details()
+    assert isinstance(parse_leniently(interest_pb2.RecordEventsRequest)(b"\x0a\x00" * (4 << 20)), MalformedRequest)
+
+
+class _Request:  # a plain object: a weak reference can tell when it is freed
+    pass
+
+
+class _Context:
+    def __init__(self):
+        self.status = None
+
+    def time_remaining(self):
+        return None
+
+    async def abort_with_status(self, status):
+        self.status = status
+        raise grpc.aio.AbortError()
+
+
+@pytest.mark.parametrize("error", [lambda: invalid_argument([("f", "bad")]), lambda: QueueFullError("full")],
+                         ids=["refused", "queue full"])
+def test_a_refused_request_is_freed_at_once_not_by_the_garbage_collector(error):
+    """The AbortError that answers a refused call ends up in a reference cycle
+    within grpc: whatever its traceback holds stays until the garbage collector
+    runs. It held the request: sent from inside the `except` block, it chained
+    the error, whose traceback holds the handler's frame, and the wrappers'
+    frames held it too (60 refused 240 KiB requests: +260 MB until a GC)."""
+    import asyncio
+
+    class Servicer:
+        @translate_errors
+        async def Call(self, request, context):
+            raise error()
+
+    request, context = _Request(), _Context()
+    freed = weakref.ref(request)
+    gc.disable()
+    try:
+        with pytest.raises(grpc.aio.AbortError):
+            asyncio.run(refuse_malformed(Servicer().Call, False, False)(request, context))
+        del request
+        assert freed() is None
+    finally:
+        gc.enable()
+    assert context.status.code != grpc.StatusCode.OK
