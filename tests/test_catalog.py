@@ -45,3 +45,29 @@ def test_running_means_hold_for_a_bulk_upsert_that_repeats_ids_across_chunks():
     for category in CATEGORIES:
         rows = [r for r in range(catalog.size) if category in catalog.categories[r]]
         np.testing.assert_allclose(catalog.mean(category), catalog.vectors[rows].mean(axis=0), atol=1e-6)
+
+
+def test_category_masks_stay_right_and_their_cache_holds_only_live_categories_within_its_budget(monkeypatch):
+    from halflife.interest import catalog as catalog_module
+
+    monkeypatch.setattr(catalog_module, "MASK_CACHE_BYTES", 3 * 200)  # 3 masks of the 200 rows below
+    rng = np.random.default_rng(1)
+    catalog = CatalogIndex(DIM)
+    names = [f"c{n}" for n in range(12)]
+    catalog.upsert([ItemRecord(f"i{n}", "", tuple(rng.choice(names, size=2, replace=False)), {}, None,
+                               normalize(rng.standard_normal(DIM))) for n in range(200)])
+    for step in range(300):
+        asked = list(rng.choice(names + ["nobody-has-this", "nor-this"], size=int(rng.integers(1, 4))))
+        if step % 50 == 49:  # a change on the way: masks of its categories go
+            catalog.delete([f"i{rng.integers(200)}"])
+        expected = np.array([alive and bool(set(asked) & set(cats))
+                             for alive, cats in zip(catalog.alive, catalog.categories)])
+        np.testing.assert_array_equal(catalog.category_mask(asked) & catalog.alive, expected)
+        cached = catalog._category_masks
+        assert len(cached) <= 3 and set(cached) <= set(names)  # no mask for a name no item has
+    # The most recently used stay.
+    catalog.category_mask(["c1"])
+    catalog.category_mask(["c2"])
+    catalog.category_mask(["c1"])
+    catalog.category_mask(["c3"])
+    assert list(catalog._category_masks)[-3:] == ["c2", "c1", "c3"]
