@@ -439,3 +439,45 @@ def test_a_thread_waiting_on_the_model_drops_the_work_once_its_caller_cancels():
     done: concurrent.futures.Future = concurrent.futures.Future()
     done.set_result("vectors")
     assert _result_unless_abandoned(done, Deadline(time.monotonic() - 1)) == "vectors"  # done wins over late
+
+
+def test_open_streams_are_capped_and_unary_calls_go_on(model_dir, tmp_path, monkeypatch):
+    """1,024 idle health Watch streams of one client took every slot of
+    max_concurrent_rpcs: every other call was RESOURCE_EXHAUSTED until they
+    closed (an audit). Streams now have a cap of their own."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    import halflife.api.server as server_module
+
+    monkeypatch.setattr(server_module, "MAX_OPEN_STREAMS", 3)
+    server = ServerThread(ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path)).start()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(3)]
+            assert [next(w).status for w in watches] == [health_pb2.HealthCheckResponse.SERVING] * 3
+            with pytest.raises(grpc.RpcError) as refused:
+                next(health.Watch(health_pb2.HealthCheckRequest(), timeout=10))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "3 streams are open" in refused.value.details()
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+            with pytest.raises(grpc.RpcError) as refused:
+                next(reflect)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+            assert stub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10).dimension == 384
+            watches.pop().cancel()
+            deadline = time.monotonic() + 10
+            while True:  # the cancel reaches the server a moment later
+                try:
+                    again = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+                    assert next(again).status == health_pb2.HealthCheckResponse.SERVING
+                    break
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                    time.sleep(0.05)
+            for stream in [*watches, again]:
+                stream.cancel()
+    finally:
+        server.stop(grace=1)

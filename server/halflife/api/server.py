@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import IO
+from typing import IO, Callable
 
 import grpc
 from google.protobuf import message_factory
@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from halflife.api.backend import Backend
 from halflife.api.catalog import CatalogServicer
 from halflife.api.embedding import EmbeddingServicer
-from halflife.api.errors import parse_leniently, refuse_malformed
+from halflife.api.errors import parse_leniently, refuse_malformed, resource_exhausted
 from halflife.api.interest import InterestServicer
 from halflife.api.recommend import RecommendServicer
 from halflife.config import Config
@@ -98,7 +98,51 @@ _METHOD_HANDLERS = {  # (client streams, server streams) -> grpc's handler for t
 }
 
 
-def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer) -> None:
+# Streams (health Watch, reflection) last as long as their client keeps them,
+# and count against max_concurrent_rpcs like any call: 1,024 idle Watch
+# streams of one client left every other call RESOURCE_EXHAUSTED until they
+# closed (found by an audit, 2026-12-05). Load balancers need a few.
+MAX_OPEN_STREAMS = 100
+
+
+class OpenStreams:
+    """Refuses a streaming call (RESOURCE_EXHAUSTED) while `limit` are open."""
+
+    def __init__(self, limit: int | None = None):
+        self.limit = MAX_OPEN_STREAMS if limit is None else limit
+        self.open = 0
+
+    def wrap(self, behavior: Callable) -> Callable:
+        """`behavior`, a server-streaming handler (an async generator, or a
+        coroutine that writes with context.write), counted while it runs."""
+        if inspect.isasyncgenfunction(behavior):
+            async def stream(request, context):
+                await self._enter(context)
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                finally:
+                    self.open -= 1
+            return stream
+
+        async def written(request, context):
+            await self._enter(context)
+            try:
+                return await behavior(request, context)
+            finally:
+                self.open -= 1
+        return written
+
+    async def _enter(self, context) -> None:
+        if self.open >= self.limit:
+            await context.abort_with_status(resource_exhausted(
+                f"{self.open} streams are open (health Watch, reflection), the most this server keeps at once; "
+                f"close one, or poll with health Check").to_status())
+        self.open += 1
+
+
+def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer,
+                streams: OpenStreams | None = None) -> None:
     """Registers `servicer` for `service` as the generated `add_*_to_server`
     does, but with a request parser that never raises: grpc.aio parses
     requests before a handler runs and would answer bytes that are not a
@@ -106,7 +150,8 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer) -
     INVALID_ARGUMENT (`refuse_malformed`), the API's RPCs and grpc's health
     and reflection services alike. A method the servicer leaves to its
     generated base class (synchronous, "not implemented": Health/List here)
-    is left out, so grpc answers UNIMPLEMENTED without a traceback."""
+    is left out, so grpc answers UNIMPLEMENTED without a traceback.
+    `streams` counts the server-streaming methods' calls, if given."""
     handlers = {}
     for method in service.methods:
         behavior = getattr(servicer, method.name)
@@ -117,6 +162,8 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer) -
         response_class = message_factory.GetMessageClass(method.output_type)
         kind = (method.client_streaming, method.server_streaming)
         checked = refuse_malformed(behavior, *kind)
+        if method.server_streaming and streams is not None:
+            checked = streams.wrap(checked)
         handlers[method.name] = _METHOD_HANDLERS[kind](
             checked,
             request_deserializer=parse_leniently(request_class),
@@ -223,10 +270,11 @@ class HalflifeServer:
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         server = grpc.aio.server(options=config.grpc_options(), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+        streams = OpenStreams()
         for (service, _), servicer in zip(API_SERVICES, self._servicers):
-            add_service(server, service, servicer)
-        add_service(server, HEALTH_SERVICE, self._health)
-        add_service(server, REFLECTION_SERVICE, reflection.aio.ReflectionServicer(service_names()))
+            add_service(server, service, servicer, streams)
+        add_service(server, HEALTH_SERVICE, self._health, streams)
+        add_service(server, REFLECTION_SERVICE, reflection.aio.ReflectionServicer(service_names()), streams)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:  # grpcio >= 1.6x raises where older ones returned 0
             self.port = server.add_insecure_port(f"{config.host}:{config.port}")
