@@ -1448,3 +1448,36 @@ def test_record_events_answers_aborted_when_its_items_change_at_every_try(server
     monkeypatch.setattr(engine, "_item_vectors", read)
     assert client.profile("churn-user").event_counts == []
     assert client.record_events([event]) == (1, 0)  # the retry the status asks for
+
+
+def test_calls_held_up_in_the_engine_leave_threads_for_the_others(server, client, monkeypatch):
+    """asyncio's default executor has cores + 4 threads: 8 callers replaying
+    long logs (as_of in the past) held all 6 of them here, and every other
+    call waited for a thread, up to 17.5 s (an audit). The server's has
+    ServerConfig.call_threads."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = server.server.interest
+    held = min(os.cpu_count() + 5, server.server.config.call_threads - 2)  # more than asyncio's default
+    release, entered = threading.Event(), []
+    profile = engine.profile
+
+    def slow_profile(user_id, *args, **kwargs):
+        if user_id.startswith("slow-"):
+            entered.append(user_id)
+            assert release.wait(30)
+        return profile(user_id, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "profile", slow_profile)
+    with ThreadPoolExecutor(held) as callers:
+        try:
+            slow = [callers.submit(client.profile, f"slow-{n}") for n in range(held)]
+            deadline = time.monotonic() + 30
+            while len(entered) < held and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(entered) == held
+            assert client.recommend("someone-else", 3, timeout=10).strategy == TRENDING
+        finally:
+            release.set()
+        assert all(s.result(30).event_counts == [] for s in slow)
