@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -600,7 +601,9 @@ def test_events_stamped_ahead_of_the_clock_count_from_their_time_and_keep_reads_
     build = engine._build_state
     engine._build_state = lambda *args: replays.append(args) or build(*args)
     assert answers(engine) == answers(only_past) and engine.profile("u1").event_counts == {LIKE: 3}
-    assert replays == []  # the users' own held events cost no replay either
+    # The users' own held events cost no replay either ("cold", who has no event, is never cached:
+    # its reads build a profile of nothing).
+    assert [events for events, _ in replays if events] == []
     del engine._build_state
 
     now[0] = T + 900.0  # one held event per user is due: counted from its time on
@@ -1110,3 +1113,20 @@ def test_explanations_read_the_log_and_score_its_events_without_the_lock(tmp_pat
         assert len(events) == engine_module.EXPLAINED_EVENTS
         strengths = [e.weight * max(e.similarity, 0) for e in events]
         assert strengths == sorted(strengths, reverse=True)
+
+
+def test_reads_for_users_without_events_cache_nothing_and_evict_no_profile(tmp_path):
+    engine = InterestEngine(Config(profile=dataclasses.replace(Config().profile, cache_users=2)), SqliteStore(tmp_path),
+                            DIM, fake_embed, clock=lambda: T)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"sailing gear {n}") for n in range(6)])
+    engine.record_events([EventInput(f"{u}{n}", u, LIKE, f"i{n}", None, None, T - 600.0 * n)
+                          for u in ("alice", "bob") for n in range(3)])
+    before = engine.recommend("alice", 3, as_of=T), engine.recommend("bob", 3, as_of=T)
+    assert set(engine._users) == {"alice", "bob"}
+    for n in range(20):  # new visitors
+        assert engine.recommend(f"visitor{n}", 3, as_of=T).strategy == "trending"
+        assert engine.profile(f"visitor-p{n}", as_of=T).interests == ()
+    assert set(engine._users) == {"alice", "bob"}  # still cached: no replay needed
+    assert (engine.recommend("alice", 3, as_of=T), engine.recommend("bob", 3, as_of=T)) == before
+    engine.record_events([EventInput("v", "visitor0", LIKE, "i5", None, None, T - 60)])
+    assert engine.recommend("visitor0", 3, as_of=T).strategy == "personalized"
