@@ -361,3 +361,15 @@ def test_batch_search_in_item_tiles_answers_as_one_score_matrix():
         got_idx, got = batch_search(queries, items, k, allowed, max_block=max_block, threads=threads)
         np.testing.assert_allclose(got, want, atol=1e-6)
         np.testing.assert_array_equal(got_idx, want_idx)
+
+
+def test_empty_edges_answer_empty_arrays():
+    """Found by an audit: no query rows through the chunk path, no items or
+    k = 0 in batch_search, and MMR over a relevance of -inf."""
+    idx, scores = batch_top_k(np.zeros((0, 4096), np.float32), 1, np.ones(4096, bool))
+    assert idx.shape == scores.shape == (0, 1)
+    for items, k, block in ((np.zeros((0, 4), np.float32), 3, 50_000_000), (np.eye(4, dtype=np.float32), 0, 1)):
+        idx, scores = batch_search(np.ones((2, 4), np.float32), items, k, max_block=block)
+        assert idx.shape == scores.shape == (2, 0)
+    picks = mmr(np.array([-np.inf, -np.inf, 1.0]), np.eye(3), 3)
+    assert sorted(picks.tolist()) == [0, 1, 2] and picks[0] == 2

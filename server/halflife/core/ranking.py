@@ -390,8 +390,8 @@ def batch_top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
     scores = np.asarray(scores)
     b, n = scores.shape
     kk = min(int(k), n)
-    if kk <= 0:
-        return np.empty((b, 0), dtype=np.int64), np.empty((b, 0), dtype=scores.dtype)
+    if kk <= 0 or b == 0:
+        return np.empty((b, max(kk, 0)), dtype=np.int64), np.empty((b, max(kk, 0)), dtype=scores.dtype)
     shared = allowed is None or np.ndim(allowed) == 1
     allowed = None if allowed is None else np.asarray(allowed, dtype=bool)
     chunks = _near_top(scores, kk, allowed) if shared else None
@@ -443,6 +443,8 @@ def batch_search(queries, items: np.ndarray, k: int, allowed=None, max_block: in
     items = np.asarray(items, dtype=np.float32)
     allowed = None if allowed is None else np.asarray(allowed, dtype=bool)
     n = items.shape[0]
+    if n == 0 or int(k) <= 0:
+        return batch_top_k(np.zeros((queries.shape[0], 0), dtype=np.float32), k)
     rows = max(int(k), max_block // max(queries.shape[0], 1))
     groups = max(1, min(int(threads), queries.shape[0]))
     picked, best = [], []
@@ -500,9 +502,9 @@ def mmr(relevance, vectors, k: int, lam: float = 0.7) -> np.ndarray:
     taken = np.zeros(m, dtype=bool)
     picks = np.empty(k, dtype=np.int64)
     for step in range(k):
-        gain = lam * rel - (1.0 - lam) * max_sim if step else rel.copy()
-        gain[taken] = -np.inf
-        pick = int(np.argmax(gain))
+        gain = lam * rel - (1.0 - lam) * max_sim if step else rel
+        left = np.flatnonzero(~taken)  # not a -inf mask: a -inf relevance would tie with it
+        pick = int(left[np.argmax(gain[left])])
         picks[step] = pick
         taken[pick] = True
         np.maximum(max_sim, vecs @ vecs[pick], out=max_sim)
@@ -547,7 +549,10 @@ class DecayedCounts:
     over item j's events; read at t as e^{-λ(t-L)}·counts. Exact and
     arrival-order independent like `decay.add_events`; methods mutate in place.
     A negative weight takes an event back (an erasure): an item whose every
-    event was taken back reads exactly 0, as in `decayed_sum`.
+    event was taken back reads exactly 0, as in `decayed_sum`. A taking-back
+    must come with or after its event, as the engine's do (the horizon
+    releases both together; an erasure takes back applied events): one that
+    came first could zero the count of its item's other events (an audit).
 
     rate: λ = ln2/h; landmark: NaN while empty; counts: (N,) float64;
     entries: (N,) int64, the events each count holds (see `_net_entries`);
