@@ -71,3 +71,18 @@ def test_category_masks_stay_right_and_their_cache_holds_only_live_categories_wi
     catalog.category_mask(["c1"])
     catalog.category_mask(["c3"])
     assert list(catalog._category_masks)[-3:] == ["c2", "c1", "c3"]
+
+
+def test_a_mask_left_a_row_short_by_a_new_item_is_built_again_even_first_in_line(monkeypatch):
+    """Found by a review: the stale mask, rebuilt where it sat (first in
+    line), was evicted by the budget and then looked up: KeyError, INTERNAL."""
+    from halflife.interest import catalog as catalog_module
+
+    monkeypatch.setattr(catalog_module, "MASK_CACHE_BYTES", 3 * 4)
+    catalog = CatalogIndex(DIM)
+    catalog.upsert([ItemRecord(f"i{n}", "", (f"c{n}",), {}, None, normalize(np.ones(DIM))) for n in range(4)])
+    for name in ("c0", "c1", "c2"):
+        catalog.category_mask([name])
+    catalog.upsert([ItemRecord("i4", "", ("c3",), {}, None, normalize(np.ones(DIM)))])  # 5 rows: every mask stale
+    assert catalog.category_mask(["c0"]).tolist() == [True, False, False, False, False]
+    assert list(catalog._category_masks) == ["c1", "c2", "c0"][-len(catalog._category_masks):]

@@ -146,14 +146,13 @@ class CatalogIndex:
             rows = self._category_rows.get(category)
             if not rows:
                 continue
-            cached = masks.get(category)
-            if cached is None or cached.shape[0] != self.size:
+            cached = masks.pop(category, None)
+            if cached is None or cached.shape[0] != self.size:  # new, or the catalogue grew since
                 cached = np.zeros(self.size, dtype=bool)
                 cached[np.fromiter(rows, dtype=np.int64, count=len(rows))] = True
-                masks[category] = cached
-                while len(masks) > 1 and len(masks) * self.size > MASK_CACHE_BYTES:
-                    masks.pop(next(iter(masks)))
-            masks[category] = masks.pop(category)  # the most recently used last
+            masks[category] = cached  # the most recently used last
+            while len(masks) > 1 and len(masks) * self.size > MASK_CACHE_BYTES:
+                masks.pop(next(iter(masks)))
             mask |= cached
         return mask
 
