@@ -19,7 +19,7 @@ from google.protobuf import any_pb2, message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from halflife.api.wire import MAX_LIST_ELEMENTS, MAX_LIST_LENGTH, TooManyElements, check_list_elements
+from halflife.api.wire import RefusedUnparsed, check_request
 from halflife.deadlines import DeadlineExpiredError
 from halflife.embedding.batcher import BatcherStoppedError, QueueFullError
 from halflife.storage.base import StoreUnavailableError
@@ -135,12 +135,10 @@ def parse_leniently(message_class: type[message.Message]) -> Callable[[bytes], m
 
     def parse(data: bytes) -> message.Message | MalformedRequest:
         try:
-            check_list_elements(data, message_class.DESCRIPTOR)
+            check_request(data, message_class.DESCRIPTOR)
             return message_class.FromString(data)
-        except TooManyElements:
-            return MalformedRequest(type_name, f"it holds a list of over {MAX_LIST_LENGTH:,} elements, or over "
-                                               f"{MAX_LIST_ELEMENTS:,} in all, more than any valid request (refused "
-                                               f"unparsed)")
+        except RefusedUnparsed as error:
+            return MalformedRequest(type_name, f"{error} (refused unparsed)")
         # The pure-Python protobuf backend raises UnicodeDecodeError for a
         # string field with invalid UTF-8; upb raises DecodeError for everything.
         except (message.DecodeError, UnicodeDecodeError) as error:
