@@ -36,6 +36,7 @@ TREND_HALF_LIVES = (7 * DAY, 90 * DAY)  # short and long horizon of a cluster's 
 TREND_BAND = 0.05  # |trend| above this is "rising"/"fading", else "steady"
 
 _EPS = 1e-300
+_GEMM_EVENTS = 4096  # events per float64 product when a profile adds a batch
 
 
 def _check_rates(types: EventTypes, rates: np.ndarray) -> None:
@@ -100,20 +101,23 @@ class ProfileState:
         if type_ids.size == 0:
             return
         times = np.asarray(times, dtype=np.float64)
-        vectors = np.asarray(vectors, dtype=np.float64)
+        vectors = np.asarray(vectors)
         w = types.weights[type_ids]
         r_idx = types.rate_index[type_ids]
         self._rebase(landmark_for(self.landmark, times, float(self.rates.max()), bound))
         coeffs = forward_weights(times, self.rates[r_idx], np.abs(w), self.landmark)
         n_rates = self.rates.shape[0]
-        # Positive and negative sides in one (2R, n) @ (n, d) GEMM.
+        # Positive and negative sides in one (2R, n) @ (n, d) GEMM, in float64,
+        # a chunk of events at a time: a 100k-event replay's float64 copy of
+        # all its vectors took 307 MB.
         one_hot = np.concatenate(
             [
                 rate_one_hot(r_idx, np.where(w > 0, coeffs, 0.0), n_rates),
                 rate_one_hot(r_idx, np.where(w < 0, coeffs, 0.0), n_rates),
             ]
         )
-        both = one_hot @ vectors
+        both = sum(one_hot[:, s : s + _GEMM_EVENTS] @ vectors[s : s + _GEMM_EVENTS].astype(np.float64, copy=False)
+                   for s in range(0, vectors.shape[0], _GEMM_EVENTS))
         self.sums += both[:n_rates]
         self.neg_sums += both[n_rates:]
         mass = one_hot.sum(axis=1)
@@ -266,8 +270,11 @@ class MultiInterestState:
         t = times[order]
         w = w[keep][order]
         r_idx = types.rate_index[type_ids[keep]][order]
-        v = np.asarray(vectors, dtype=np.float64)[keep][order]
-        v_unit = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), _EPS)
+        # Rows are taken one at a time as the loop reaches them: float64 copies of
+        # them all (and their unit rows) took 4 x 307 MB for a 100k-event replay.
+        vectors = np.asarray(vectors)
+        rows = np.flatnonzero(keep)[order]
+        norms = np.sqrt(np.einsum("nd,nd->n", vectors, vectors, dtype=np.float64))[rows]
 
         rates, trend_rates = self.rates, self.trend_rates
         max_rate = float(max(rates.max(), trend_rates.max()))
@@ -322,17 +329,19 @@ class MultiInterestState:
             for e in range(i, j):
                 if coeffs[e - i] == 0:
                     continue  # so late that its worth underflowed: it would start a cluster worth nothing
+                v = vectors[rows[e]].astype(np.float64)
+                v_unit = v / max(norms[e], _EPS)
                 c = -1
                 if k:
                     cent = centroids_at(max(t[e], newest), k)
-                    cos = cent @ v_unit[e]
+                    cos = cent @ v_unit
                     best = int(np.argmax(cos))
                     if cos[best] >= self.threshold - _COSINE_SLACK:
                         c = best
                 if c < 0:
                     c, k = k, k + 1
                     sums[c], masses[c], trend[c], counts[c], last_time[c] = 0.0, 0.0, 0.0, 0, -np.inf
-                sums[c, r_idx[e]] += coeffs[e - i] * v[e]
+                sums[c, r_idx[e]] += coeffs[e - i] * v
                 masses[c, r_idx[e]] += coeffs[e - i]
                 trend[c] += trend_coeffs[e - i]
                 counts[c] += 1
@@ -342,7 +351,7 @@ class MultiInterestState:
                     # Only a new cluster (event e alone) can push k past the
                     # cap, and `newest` is now the time `cent` was read at:
                     # the others' directions are `cent`, the new one's is e's.
-                    cent = np.vstack([cent, v_unit[e]])
+                    cent = np.vstack([cent, v_unit])
                     sim = cent @ cent.T
                     np.fill_diagonal(sim, -np.inf)
                     a, b = sorted(np.unravel_index(int(np.argmax(sim)), sim.shape))
