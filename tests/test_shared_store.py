@@ -305,3 +305,43 @@ def test_two_workers_under_concurrent_writes_erasures_and_reads_end_as_a_restart
     assert answers(a, users) == answers(b, users) == restarted(tmp_path, users)
     later = T + 7200.0
     assert answers(a, users, later) == answers(b, users, later) == restarted(tmp_path, users, later)
+
+
+@pytest.mark.parametrize("recreate", [True, False], ids=["deleted and created anew", "deleted"])
+def test_an_item_changed_by_another_worker_while_an_event_embeds_is_read_again(tmp_path, recreate):
+    """Worker A reads x's vector, embeds the event's text, and meanwhile
+    worker B deletes x (and creates it anew): A's write must see that B's
+    change came after its read, read x again, and store the new x's vector,
+    or refuse the batch when x is gone, as one worker does (test_engine)."""
+    import numpy as np
+
+    from halflife.core.ranking import normalize
+
+    b = worker(tmp_path)
+    embedded = []
+
+    def embed(texts, deadline=None):
+        if texts == ["a review"] and not embedded:
+            embedded.append(1)
+            b.delete_items(["x"])
+            if recreate:
+                b.upsert_items([ItemInput(id="x", text="new x")])
+        return fake_embed(texts)
+
+    a = InterestEngine(Config(), SqliteStore(tmp_path), DIM, embed, clock=lambda: T, follow_store=True)
+    a.upsert_items(items(["x", "y"]))
+    event = EventInput("r", "u", 3, "x", "a review", None, T - 60)
+    try:
+        if recreate:
+            assert a.record_events([event]) == (1, 0)
+            new_x = fake_embed(["new x"])[0]
+            (stored,) = a.store.user_events("u")
+            np.testing.assert_allclose(stored.vector, normalize(new_x + fake_embed(["a review"])[0]), atol=1e-6)
+            assert answers(a, ("u", "cold")) == answers(b, ("u", "cold")) == restarted(tmp_path, ("u", "cold"))
+        else:
+            with pytest.raises(UnknownItemsError):
+                a.record_events([event])
+            assert a.store.user_events("u") == []
+    finally:
+        a.store.close()
+        b.store.close()
