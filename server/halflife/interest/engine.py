@@ -273,6 +273,23 @@ class _UserState:
     affinity_types: list[int] = dataclasses.field(default_factory=list)
     affinity_times: list[float] = dataclasses.field(default_factory=list)
     affinity_seqs: list[int] = dataclasses.field(default_factory=list)  # to tell an item from a deleted namesake
+    # Arrays derived from the above and the catalogue (see `_derived`): name -> (key, value).
+    derived: dict = dataclasses.field(default_factory=dict)
+
+
+_NO_ROWS = np.empty(0, dtype=np.int64)
+
+
+def _derived(state: _UserState, name: str, key, compute: Callable[[], object]):
+    """`compute()`, kept in the profile while `key` holds: the catalogue's
+    version and the length of what it derives from, since a profile's sets
+    and lists only grow (a late event or an erasure replaces the profile).
+    Per call, a user of 10k events rebuilt ~3 ms of them, their Recommend
+    3.9 ms against 0.7 for a user of 5."""
+    cached = state.derived.get(name)
+    if cached is None or cached[0] != key:
+        cached = state.derived[name] = (key, compute())
+    return cached[1]
 
 
 @dataclasses.dataclass(eq=False)
@@ -1078,17 +1095,23 @@ class InterestEngine:
 
     # ---------------------------------------------------------- recommending
 
-    def _allowed(self, filter: ItemFilter, exclude: set[str]) -> np.ndarray:
-        """(size,) bool: alive items passing the filter and not in `exclude`. Lock held."""
+    def _allowed(self, filter: ItemFilter, exclude: np.ndarray) -> np.ndarray:
+        """(size,) bool: alive items passing the filter and not at the rows
+        `exclude` (-1: none). Lock held."""
         catalog = self.catalog
         allowed = catalog.alive.copy()
         if filter.include_categories:
             allowed &= catalog.category_mask(filter.include_categories)
         if filter.exclude_categories:
             allowed &= ~catalog.category_mask(filter.exclude_categories)
-        rows = catalog.rows(list(exclude | set(filter.exclude_item_ids)))
-        allowed[rows[rows >= 0]] = False
+        for rows in (exclude, catalog.rows(filter.exclude_item_ids)):
+            allowed[rows[rows >= 0]] = False
         return allowed
+
+    def _seen_rows(self, state: _UserState) -> np.ndarray:
+        """Catalogue rows of the items the user had events on (-1: gone). Lock held."""
+        return _derived(state, "seen", (self.catalog.version, len(state.seen)),
+                        lambda: self.catalog.rows(list(state.seen)))
 
     def recommend(
         self,
@@ -1110,7 +1133,7 @@ class InterestEngine:
         past = self._past_state(user_id, t)
         with self._lock:
             state = self._user_state(user_id, t) if past is None else past
-            allowed = self._allowed(filter, set() if include_seen else state.seen)
+            allowed = self._allowed(filter, _NO_ROWS if include_seen else self._seen_rows(state))
             personal = state.single.strength(t) > 0
             items, create_times = self.catalog.vectors, self.catalog.create_times
             if personal:
@@ -1258,14 +1281,17 @@ class InterestEngine:
         copy when called (see CatalogueScan). Lock held."""
         blend = self.config.blend
         ahead = self._release_blend(t)
-        times = np.array(state.affinity_times, dtype=np.float64)
-        # As popularity and the pairs: an event on a deleted namesake counts for no item.
-        rows = self._current_item_rows(state.affinity_items, np.array(state.affinity_seqs, dtype=np.int64))
+        rows, times, types = _derived(state, "affinity", (self.catalog.version, len(state.affinity_items)), lambda: (
+            # As popularity and the pairs: an event on a deleted namesake counts for no item.
+            self._current_item_rows(state.affinity_items, np.array(state.affinity_seqs, dtype=np.int64)),
+            np.array(state.affinity_times, dtype=np.float64),
+            np.array(state.affinity_types, dtype=np.int64),
+        ))
         keep = (rows >= 0) & (times <= t)
         if not keep.any():
             zeros = np.zeros(self.catalog.size)
             return lambda: zeros
-        types = np.array(state.affinity_types, dtype=np.int64)[keep]
+        types = types[keep]
         decay = np.exp2(-(t - times[keep]) / (blend.affinity_half_life_days * DAY))
         items, at = np.unique(rows[keep], return_inverse=True)
         affinity = np.bincount(at, weights=self._types.weights[types] * decay, minlength=items.size)
@@ -1344,13 +1370,13 @@ class InterestEngine:
         query = self._embed([text], deadline)[0] if text is not None else None
         with self._lock:
             self._catch_up()
-            exclude = set()
+            exclude = _NO_ROWS
             if item_id is not None:
                 row = self.catalog.row_of.get(item_id)
                 if row is None:
                     raise KeyError(item_id)
                 query = self.catalog.vectors[row].copy()
-                exclude = {item_id}
+                exclude = np.array([row])
             allowed, items = self._allowed(filter, exclude), self.catalog.vectors
         # Without the lock, as in recommend(); clipped before the top k, so that equal rows tie (by id).
         scores = self._blocks(lambda rows: clip_cosines(cosine_scores(query, rows)), items)
