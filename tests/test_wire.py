@@ -5,6 +5,7 @@ size on the event loop, is refused unparsed; a valid request never is."""
 from __future__ import annotations
 
 import gc
+import struct
 import weakref
 
 import grpc
@@ -15,9 +16,9 @@ from halflife.api import catalog, embedding, interest
 from halflife.api.errors import MalformedRequest, invalid_argument, parse_leniently, refuse_malformed, translate_errors
 from halflife.api.server import API_SERVICES
 from halflife.api.wire import (
-    MAX_FIELDS,
     MAX_LIST_ELEMENTS,
     MAX_LIST_LENGTH,
+    MAX_STEPS,
     SCAN_ABOVE_BYTES,
     RefusedUnparsed,
     check_request,
@@ -52,6 +53,15 @@ def test_the_bounds_hold_the_largest_valid_requests():
         interest_pb2.Event(event_id=f"e{n}", user_id="u", type=1, text="x" * 1024)
         for n in range(interest.MAX_EVENTS_PER_REQUEST)])
     check_request(events.SerializeToString(), interest_pb2.RecordEventsRequest.DESCRIPTOR)
+    # The same items with their vectors unpacked, a tag a float, which parsers must accept.
+    def unpacked_item(item: catalog_pb2.Item) -> bytes:
+        without_vector = catalog_pb2.Item(id=item.id, text=item.text, categories=item.categories,
+                                          attributes=item.attributes)
+        return without_vector.SerializeToString() + b"".join(b"\x35" + struct.pack("<f", x) for x in item.vector)
+
+    unpacked = b"".join(length_delimited(1, unpacked_item(item)) for item in request.items)
+    assert catalog_pb2.UpsertItemsRequest.FromString(unpacked) == request
+    check_request(unpacked, catalog_pb2.UpsertItemsRequest.DESCRIPTOR)
     recommend = recommend_pb2.RecommendRequest(user_id="u", filter=recommend_pb2.ItemFilter(
         include_categories=["c" * 100] * 1000, exclude_categories=["d" * 100] * 1000, exclude_item_ids=["i" * 200] * 1000))
     check_request(recommend.SerializeToString(), recommend_pb2.RecommendRequest.DESCRIPTOR)
@@ -80,8 +90,10 @@ def test_a_flood_of_list_elements_is_refused_unparsed(descriptor, elements):
     # An empty unknown group, then the flood: the scan stopped at the group (found by a review).
     (interest_pb2.RecordEventsRequest.DESCRIPTOR, b"\x7b\x7c" + b"\x0a\x00" * (4 << 20)),
     # Fields that are no list element, unknown varints and empty filters: each a step all the same.
-    (interest_pb2.RecordEventsRequest.DESCRIPTOR, b"\x78\x00" * (MAX_FIELDS + 1)),
-    (recommend_pb2.RecommendRequest.DESCRIPTOR, b"\x22\x00" * (MAX_FIELDS + 1)),
+    (interest_pb2.RecordEventsRequest.DESCRIPTOR, b"\x78\x00" * (MAX_STEPS + 1)),
+    (recommend_pb2.RecommendRequest.DESCRIPTOR, b"\x22\x00" * (MAX_STEPS + 1)),
+    # Long tags and varints: a step a byte (10-byte tags are malformed, 5-byte ones valid).
+    (interest_pb2.RecordEventsRequest.DESCRIPTOR, (b"\xf8\xff\xff\xff\x0f" + b"\xff" * 9 + b"\x01") * (MAX_STEPS // 13)),
 ])
 def test_groups_and_floods_of_other_fields_are_refused_unparsed(descriptor, payload):
     with pytest.raises(RefusedUnparsed):
