@@ -220,7 +220,8 @@ def translate_errors(handler: Handler) -> Handler:
         except QueueFullError as error:
             status = resource_exhausted(f"{error}; retry with backoff").to_status()
         except DeadlineExpiredError:
-            status = deadline_exceeded("the deadline passed before the work was done; a write was not stored").to_status()
+            status = deadline_exceeded(
+                "the deadline passed before the work was done; a write was not stored").to_status()
             at_deadline = True
         except BatcherStoppedError as error:
             status = unavailable(f"{error}; retry with backoff").to_status()

@@ -49,8 +49,9 @@ def check_request(data: bytes, descriptor: Descriptor) -> None:
     """Raises RefusedUnparsed when `data`, a serialized `descriptor` message
     longer than SCAN_ABOVE_BYTES, holds a list longer than MAX_LIST_LENGTH,
     more than MAX_LIST_ELEMENTS list elements in all, takes more than
-    MAX_STEPS to scan, or holds a group. Bytes that are not wire format are left to the parser. Scans the
-    top-level fields and those of the nested messages that hold lists."""
+    MAX_STEPS to scan, or holds a group. Bytes that are not wire format are
+    left to the parser. Scans the top-level fields and those of the nested
+    messages that hold lists."""
     if len(data) > SCAN_ABOVE_BYTES:
         try:
             _Scan().message(memoryview(data), descriptor)
