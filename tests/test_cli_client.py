@@ -133,6 +133,12 @@ def test_client_commands_report_errors_in_one_line(server, tmp_path):
     (["recommend", "1", "--as-of", "inf"], "argument --as-of: unix seconds out of range (years 1 to 9999): 'inf'"),
     (["profile", "1", "--as-of=1e20"], "argument --as-of: unix seconds out of range (years 1 to 9999): '1e20'"),
     (["recommend", "1", "--target", ""], "argument --target: must be host:port, got an empty string"),
+    # Found by an audit: protobuf's ValueError, and an OverflowError from an offset, came out as tracebacks.
+    (["recommend", "1", "--limit", "3000000000"], "argument --limit: must be a 32-bit whole number, got 3000000000"),
+    (["recommend", "1", "--as-of", "9999-12-31T23:59:59-01:00"], "argument --as-of: out of range in UTC (years 1 to 9999)"),
+    (["profile", "1", "--as-of", "0001-01-01T00:00:00+01:00"], "argument --as-of: out of range in UTC (years 1 to 9999)"),
+    # Path("") is the current directory, which a server then filled.
+    (["serve", "--data-dir", ""], "argument --data-dir: must not be empty"),
     (["loadtest", "--call", "grpc.health.v1.Health.Check", "--target", " "], "argument --target: must be host:port"),
     # gRPC wraps a port out of range: 99999 reached port 34463.
     (["recommend", "1", "--target", "127.0.0.1:99999"], "argument --target: port must be 1 to 65535, got 99999"),

@@ -422,6 +422,22 @@ def test_cli_serve_refuses_a_missing_or_tampered_model(model_dir, tmp_path):
     )
     assert result.returncode == 1
     assert "fails its checksum" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()  # a failed start leaves no empty data directory behind (an audit)
+    (tmp_path / "kept").mkdir()  # but one that was there stays
+    result = subprocess.run(
+        [sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(tampered),
+         "--data-dir", str(tmp_path / "kept")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1 and (tmp_path / "kept").is_dir()
+    (tmp_path / "a-file").write_text("mine")
+    result = subprocess.run(
+        [sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(model_dir),
+         "--data-dir", str(tmp_path / "a-file")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1 and "a-file is not a directory" in result.stderr, result.stderr
+    assert (tmp_path / "a-file").read_text() == "mine"
 
 
 def test_a_thread_waiting_on_the_model_drops_the_work_once_its_caller_cancels():

@@ -508,3 +508,16 @@ def test_a_worker_whose_parent_died_before_it_started_stops(model_dir, tmp_path)
     finally:
         worker.kill()
     assert worker.returncode == 0 and "worker is gone; stopping" in output, output
+
+
+def test_a_port_another_program_holds_is_named_in_the_error():
+    """It was "[Errno 98] Address already in use", naming no address (an audit)."""
+    import socket
+
+    with socket.socket() as other:  # no SO_REUSEPORT: the port is its alone
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(OSError, match=rf"cannot bind 127.0.0.1:{port}: Address already in use"):
+            with reserve_port("127.0.0.1", port):
+                pass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ctypes
 import datetime as dt
 import json
@@ -17,7 +16,7 @@ from pathlib import Path
 import grpc
 
 from halflife.embedding.batcher import BatchingConfig
-from halflife.embedding.manifest import ManifestError
+from halflife.embedding.manifest import ManifestError, load_manifest
 
 EXIT_FAILURE = 1
 
@@ -82,9 +81,9 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("serve", help="serve the gRPC API", description="Serve Halflife's gRPC API.")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=_port, default=50051, help="port (default 50051; 0 picks a free one)")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help=f"default {DEFAULT_DATA_DIR}")
+    parser.add_argument("--data-dir", type=_path, default=DEFAULT_DATA_DIR, help=f"default {DEFAULT_DATA_DIR}")
     parser.add_argument(
-        "--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help=f"exported model (default {DEFAULT_MODEL_DIR})"
+        "--model-dir", type=_path, default=DEFAULT_MODEL_DIR, help=f"exported model (default {DEFAULT_MODEL_DIR})"
     )
     parser.add_argument(
         "--variant",
@@ -128,6 +127,22 @@ def _whole_number(value: str) -> int:
         return int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {value!r}") from None
+
+
+def _int32(value: str) -> int:
+    """A whole number a request's int32 field holds (the server checks the rest): protobuf raised a
+    ValueError, and a traceback, for 3000000000."""
+    number = _whole_number(value)
+    if not -(1 << 31) <= number < 1 << 31:
+        raise argparse.ArgumentTypeError(f"must be a 32-bit whole number, got {number}")
+    return number
+
+
+def _path(value: str) -> Path:
+    """A path, not empty: Path("") is the current directory, which `serve --data-dir ""` filled."""
+    if not value:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return Path(value)
 
 
 def _positive_int(value: str) -> int:
@@ -206,20 +221,42 @@ def _run_serve(args: argparse.Namespace) -> int:
         reuse_port=args.worker_index is not None,
         follow_store=args.worker_index is not None,
     )
+    new_data_dir = not args.data_dir.exists()
+    lock = None
     try:
-        # A group's parent holds the data directory for its workers.
-        with claim_data_dir(args.data_dir) if args.worker_index is None else contextlib.nullcontext():
-            run_event_loop(serve(config, parent_pid=args.parent_pid, ready_fd=args.ready_fd))
+        if args.worker_index is None:  # a group's parent holds the data directory for its workers
+            load_manifest(args.model_dir)  # a missing model is refused before the data directory is made
+            lock = claim_data_dir(args.data_dir)
+        run_event_loop(serve(config, parent_pid=args.parent_pid, ready_fd=args.ready_fd))
     except (ManifestError, StoreError, OSError) as exc:
         print(f"halflife serve: error: {exc}", file=sys.stderr)
+        if lock is not None and new_data_dir:
+            _remove_unused_data_dir(lock, args.data_dir)
         return EXIT_FAILURE
+    finally:
+        if lock is not None:
+            lock.close()
     return 0
+
+
+def _remove_unused_data_dir(lock, data_dir: Path) -> None:
+    """Removes the data directory a failed start made, if nothing but its
+    lock (held: no other server uses it) went in: a bad flag (variant,
+    provider, port) left an empty directory behind."""
+    from halflife.api.server import DATA_DIR_LOCK
+    from halflife.locks import remove_lock
+
+    try:
+        if [p.name for p in data_dir.iterdir()] == [DATA_DIR_LOCK]:
+            remove_lock(lock, data_dir / DATA_DIR_LOCK)
+            data_dir.rmdir()
+    except OSError:
+        pass  # left as it is: nothing of the user's is in it
 
 
 def _run_workers(args: argparse.Namespace) -> int:
     from halflife.api.server import claim_data_dir
     from halflife.cpu import physical_cores
-    from halflife.embedding.manifest import load_manifest
     from halflife.storage.base import StoreError
     from halflife.storage.sqlite import SqliteStore
     from halflife.workers import run_workers, worker_threads
@@ -281,7 +318,10 @@ def _timestamp(value: str) -> dt.datetime:
         parsed = dt.datetime.fromisoformat(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time or unix seconds: {value!r}") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+    try:  # in UTC, where an offset may carry it past year 9999 or before year 1
+        return parsed.astimezone(dt.timezone.utc) if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"out of range in UTC (years 1 to 9999): {value!r}") from None
 
 
 def _add_client_commands(commands: argparse._SubParsersAction) -> None:
@@ -293,7 +333,7 @@ def _add_client_commands(commands: argparse._SubParsersAction) -> None:
 
     recommend = commands.add_parser("recommend", help="show a user's recommendations, explained")
     recommend.add_argument("user_id")
-    recommend.add_argument("--limit", type=int, default=10, help="how many items (default 10)")
+    recommend.add_argument("--limit", type=_int32, default=10, help="how many items (default 10)")
     recommend.add_argument("--as-of", type=_timestamp, default=None, help="ISO time or unix seconds (default now)")
     recommend.add_argument("--query", default="", help="text blended into the profile")
     recommend.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=f"server (default {DEFAULT_TARGET})")

@@ -58,7 +58,10 @@ def reserve_port(host: str, port: int) -> Iterator[socket.socket]:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
+        try:
+            sock.bind((host, port))
+        except OSError as exc:  # "[Errno 98] Address already in use" named no address
+            raise OSError(f"cannot bind {host}:{port}: {exc.strerror or exc}") from None
         bound = sock.getsockname()[1]
         path = Path(tempfile.gettempdir()) / f"halflife-{os.getuid()}-port-{bound}.lock"
         try:

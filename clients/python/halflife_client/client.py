@@ -5,7 +5,8 @@ the generated messages); times are `datetime`s (naive ones are taken as UTC).
 Recommendations and profiles come back as the generated, typed messages.
 
 Every call has a deadline (the client's `timeout` unless one is given per call;
-0 there is a deadline already past, not the default), and
+0 there is a deadline of now, not the default: a call that answers at once
+may still get through, and a negative one always fails), and
 calls that fail with UNAVAILABLE (server restarting, connection dropped) are
 retried with exponential backoff by gRPC itself, as are those a server
 shutting down answers CANCELLED: it cancels calls that had arrived but not
@@ -144,7 +145,7 @@ def check_target(target: str) -> str:
 
 
 def _deadline(timeout: float | None, default: float) -> float:
-    # None means the client's timeout; 0 is a deadline too (one already past), not "unset".
+    # None means the client's timeout; 0 is a deadline too (now), not "unset".
     return default if timeout is None else timeout
 
 

@@ -289,7 +289,8 @@ class HalflifeServer:
         except RuntimeError:
             self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind {config.host}:{config.port} (in use by another process?)")
+            raise OSError(f"cannot bind {config.host}:{config.port} (in use by another process, or not an address "
+                          "of this machine?)")
         self._server = server
         await server.start()
         log.info("listening on %s:%d (health NOT_SERVING while loading)", config.host, self.port)
@@ -362,7 +363,10 @@ def claim_data_dir(data_dir: Path) -> IO[str]:
     independent server on the same files would answer from a stale memory
     (items it never indexed, users erased elsewhere). Raises OSError naming
     the holder."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OSError(f"{data_dir} is not a directory") from None
     try:
         return hold_lock(data_dir / DATA_DIR_LOCK)
     except LockHeldError as held:
