@@ -194,3 +194,11 @@ def test_serve_with_a_directory_as_config_exits_1_without_traceback(tmp_path):
     result = serve_with_config(tmp_path, tmp_path)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_config_saved_with_a_byte_order_mark_loads(tmp_path):
+    from halflife.config import load_config
+
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf[ranking]\nmax_limit = 7\n")
+    assert load_config(path).ranking.max_limit == 7
