@@ -41,7 +41,8 @@ def _event_input(event: interest_pb2.Event, field: str, now: float, violations: 
     if event.type not in _EVENT_TYPES:
         name = "EVENT_TYPE_UNSPECIFIED" if event.type == 0 else f"unknown value {event.type}"
         violations.add(f"{field}.type", f"must be a known event type, got {name}")
-    if not event.item_id and blank(event.text):
+    readable = not blank(event.text)
+    if not event.item_id and not readable:
         violations.add(f"{field}.item_id", "an event needs an item_id, a text, or both")
     if event.item_id:
         violations.identifier(event.item_id, f"{field}.item_id")
@@ -59,7 +60,7 @@ def _event_input(event: interest_pb2.Event, field: str, now: float, violations: 
         user_id=event.user_id,
         type=event.type,
         item_id=event.item_id or None,
-        text=None if blank(event.text) else event.text,  # it would embed as a vector of its own
+        text=event.text if readable else None,  # a blank one would embed as a vector of its own
         value=value,
         event_time=now if event_time is None else event_time,
     )
@@ -86,6 +87,7 @@ def _event_inputs(events: Iterable[interest_pb2.Event], now: float, violations: 
             time_ok = 0 <= seconds <= MAX_TIMESTAMP_SECONDS and 0 <= nanos < 1_000_000_000 and event_time <= latest
         else:
             event_time, time_ok = now, True
+        readable = not blank(text)
         if (
             time_ok
             and 0 < len(event_id) <= MAX_ID_BYTES // 4
@@ -94,10 +96,10 @@ def _event_inputs(events: Iterable[interest_pb2.Event], now: float, violations: 
             and len(text) <= MAX_TEXT_BYTES // 4
             and type_ in _EVENT_TYPES
             and (event_id + user_id + item_id).isprintable()  # no control characters (nor rarer ones, e.g. NBSP)
-            and (item_id or not blank(text))
+            and (item_id or readable)
             and (math.isfinite(value) if value is not None else type_ != RATE)
         ):
-            out.append(EventInput(event_id, user_id, type_, item_id or None, None if blank(text) else text, value,
+            out.append(EventInput(event_id, user_id, type_, item_id or None, text if readable else None, value,
                                   event_time))
         else:
             out.append(_event_input(event, f"events[{i}]", now, violations))
