@@ -60,6 +60,12 @@ class MemoryStore:
     def user_events(self, user_id: str) -> list[EventRecord]:
         return list(self.by_user.get(user_id, []))
 
+    def user_history(self, user_id: str) -> tuple[None, list[EventRecord]]:
+        return None, self.user_events(user_id)
+
+    def save_profile_snapshot(self, user_id: str, snapshot) -> bool:
+        return False  # keeps none: the benchmark times replays of the log
+
     def iter_events(self, chunk: int = 50_000, through_seq: int | None = None) -> Iterator[EventColumns]:
         return iter(())
 

@@ -269,11 +269,11 @@ def _during_replay(engine: InterestEngine, monkeypatch, action) -> list:
     """Runs `action` once while the engine replays a profile, as another thread would."""
     replay, started, done = engine._build_state, [], []
 
-    def build(events, horizon):
+    def build(*args):
         if not started:  # once: `action` may replay too
             started.append(True)
             done.append(action())
-        return replay(events, horizon)
+        return replay(*args)
 
     monkeypatch.setattr(engine, "_build_state", build)
     return done
@@ -338,8 +338,8 @@ def test_a_look_into_the_past_replays_the_profile_without_the_lock(tmp_path, mon
     before = _profile_of(engine, "u")
     free = []
     replay = engine._build_state
-    monkeypatch.setattr(engine, "_build_state", lambda events, horizon: free.append(_lock_is_free(engine))
-                        or replay(events, horizon))
+    monkeypatch.setattr(engine, "_build_state", lambda *args: free.append(_lock_is_free(engine))
+                        or replay(*args))
     live = answers(engine)
     assert live[0] == {LIKE: 3}
     assert free == [True, True]  # one replay each for the profile and the recommendation, both without the lock
@@ -367,8 +367,8 @@ def test_reads_at_the_clock_that_must_replay_do_so_without_the_lock(tmp_path, mo
                               for n in range(20)])
     free = []
     replay = engine._build_state
-    monkeypatch.setattr(engine, "_build_state", lambda events, horizon: free.append(_lock_is_free(engine))
-                        or replay(events, horizon))
+    monkeypatch.setattr(engine, "_build_state", lambda *args: free.append(_lock_is_free(engine))
+                        or replay(*args))
     ranked = [(i.item_id, round(i.score, 6)) for i in engine.recommend("u", 5).items]
     profile = engine.profile("u")
     assert free and all(free)
@@ -603,7 +603,7 @@ def test_events_stamped_ahead_of_the_clock_count_from_their_time_and_keep_reads_
     assert answers(engine) == answers(only_past) and engine.profile("u1").event_counts == {LIKE: 3}
     # The users' own held events cost no replay either ("cold", who has no event, is never cached:
     # its reads build a profile of nothing).
-    assert [events for events, _ in replays if events] == []
+    assert [args[0] for args in replays if args[0]] == []
     del engine._build_state
 
     now[0] = T + 900.0  # one held event per user is due: counted from its time on

@@ -235,11 +235,11 @@ def test_a_profile_replaying_while_another_worker_erases_its_user_is_dropped(pai
     a.record_events(likes("e", "u0", ["x", "y"]))
     replay, done = a._build_state, []
 
-    def build(events, horizon):  # the other worker erases u0, and a call on this one catches up, mid-replay
+    def build(*args):  # the other worker erases u0, and a call on this one catches up, mid-replay
         if not done:
             done.append(b.delete_user("u0"))
             a.stats()
-        return replay(events, horizon)
+        return replay(*args)
 
     monkeypatch.setattr(a, "_build_state", build)
     assert a.recommend("u0", 3, as_of=T).strategy == "trending"
@@ -254,9 +254,9 @@ def test_a_profile_of_events_another_worker_recorded_is_replayed_once(pair, monk
     b.record_events(likes("e", "u0", ["x", "y", "z"]))
     replay, replays = a._build_state, []
 
-    def build(events, horizon):
+    def build(events, *args):
         replays.append(len(events))
-        return replay(events, horizon)
+        return replay(events, *args)
 
     monkeypatch.setattr(a, "_build_state", build)
     assert a.recommend("u0", 3, as_of=T).strategy == "personalized"

@@ -19,7 +19,7 @@ import pytest
 
 import halflife
 from halflife.storage import sqlite as sqlite_mod
-from halflife.storage.base import EventRecord, ItemRecord, StoreError, StoreUnavailableError
+from halflife.storage.base import EventRecord, ItemRecord, ProfileSnapshot, StoreError, StoreUnavailableError
 from halflife.storage.sqlite import DB_NAME, SCHEMA_VERSION, SqliteStore
 from tests.fakes import full_disk
 
@@ -476,6 +476,55 @@ def test_created_seq_marks_each_incarnation_of_an_item_id(store):
     assert [i.created_seq for i in store.iter_items()] == [3]
 
 
+# --------------------------------------------------------------------------- profile snapshots
+
+def _history(store: SqliteStore, user_id: str) -> tuple:
+    snapshot, events = store.user_history(user_id)
+    return snapshot, [(*e[:7], e.seq, e.vector.tobytes()) for e in events]
+
+
+def _tail(store: SqliteStore, user_id: str, first: int) -> list[tuple]:
+    """The user's events from the `first`-th on, as `_history` lists them."""
+    return [(*e[:7], e.seq, e.vector.tobytes()) for e in store.user_events(user_id)[first:]]
+
+
+def test_a_profile_snapshot_is_read_with_the_events_after_it_and_kept_while_it_is_the_latest(store, tmp_path):
+    seqs = [e.seq for e in store.record_events([event(f"e{k}", event_time=1e9 + k) for k in range(5)])]
+    store.record_events([event("other", user_id="u2")])
+    assert _history(store, "u1") == (None, _tail(store, "u1", 0))
+    assert store.user_history("nobody") == (None, [])
+
+    third = ProfileSnapshot(seqs[2], "settings-a", b"through the third")
+    assert store.save_profile_snapshot("u1", third)
+    assert _history(store, "u1") == (third, _tail(store, "u1", 3))
+    assert [e.seq for e in store.user_history("u1")[1]] == seqs[3:]
+
+    assert not store.save_profile_snapshot("u1", ProfileSnapshot(seqs[1], "settings-a", b"older"))
+    assert not store.save_profile_snapshot("u1", ProfileSnapshot(seqs[2], "settings-a", b"as old"))
+    assert store.user_history("u1")[0] == third  # one covering fewer events never replaces it
+    other_settings = ProfileSnapshot(seqs[1], "settings-b", b"another config")
+    assert store.save_profile_snapshot("u1", other_settings)  # built with other settings: replaced
+    assert _history(store, "u1") == (other_settings, _tail(store, "u1", 2))
+    # Only at one of the user's own stored events:
+    assert not store.save_profile_snapshot("u1", ProfileSnapshot(seqs[-1] + 1, "settings-a", b"u2's event"))
+    assert not store.save_profile_snapshot("u2", ProfileSnapshot(seqs[4], "settings-a", b"u1's event"))
+    assert count(tmp_path, "SELECT COUNT(*) FROM profile_snapshots") == 1
+
+
+def test_a_snapshot_read_before_an_erasure_is_never_saved_after_it(store, tmp_path):
+    """A replay that read the user's events before their erasure saves its
+    snapshot after it: the store refuses it, also once the user id has
+    events anew."""
+    (stored,) = store.record_events([event("e0")])
+    snapshot = ProfileSnapshot(stored.seq, "k", b"the erased user's profile")
+    store.delete_user("u1")
+    assert not store.save_profile_snapshot("u1", snapshot)
+    store.record_events([event("e1")])
+    assert not store.save_profile_snapshot("u1", snapshot)
+    assert store.user_history("u1")[0] is None
+    assert count(tmp_path, "SELECT COUNT(*) FROM profile_snapshots") == 0
+
+
 # --------------------------------------------------------------------------- delete_user
 
 def test_delete_user_erases_rows_vectors_and_bytes(store, tmp_path):
@@ -486,7 +535,8 @@ def test_delete_user_erases_rows_vectors_and_bytes(store, tmp_path):
     store.record_events([event(f"p{k}", user_id=user, vector=own if k % 2 else shared,
                                text=f"{marker} review {k}") for k in range(40)])
     store.record_events([event(f"o{k}", user_id="other", vector=shared) for k in range(20)])
-    store.record_events([event("p-last", user_id=user, vector=vec(), text=marker)])
+    (last,) = store.record_events([event("p-last", user_id=user, vector=vec(), text=marker)])
+    assert store.save_profile_snapshot(user, ProfileSnapshot(last.seq, "k", f"profile of {marker}".encode()))
     store.checkpoint()
 
     def file_bytes() -> bytes:
@@ -496,7 +546,8 @@ def test_delete_user_erases_rows_vectors_and_bytes(store, tmp_path):
     assert marker.encode() in before and user.encode() in before and own.tobytes() in before
 
     assert store.delete_user(user) == 41
-    assert store.user_events(user) == []
+    assert store.user_events(user) == [] and store.user_history(user) == (None, [])
+    assert count(tmp_path, "SELECT COUNT(*) FROM profile_snapshots") == 0
     assert count(tmp_path, "SELECT COUNT(*) FROM events WHERE user_id = ?", user) == 0
     assert count(tmp_path, "SELECT COUNT(*) FROM vectors") == 1  # only `shared` survives
     assert len(store.user_events("other")) == 20
@@ -605,6 +656,7 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
         (old,) = s.iter_items()
         assert old.id == "old" and old.created_seq == 0
         assert s.record_events([event("e1", item_id="old")])[0].seq == 1
+        assert s.save_profile_snapshot("u1", ProfileSnapshot(1, "k", b"profile"))  # a table of schema 5
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == sqlite_store.SCHEMA_VERSION
 
 

@@ -84,7 +84,7 @@ class ProfileConfig:
     cluster_threshold: float = 0.6  # cosine to join an existing interest (chosen by `halflife eval`)
     combine: str = "sum"  # how interests' similarities combine: "sum" or "max"
     negative_weight: float = 1.0  # beta: score -= beta * cos(negative profile, item) (chosen by `halflife eval`)
-    cache_users: int = 10_000  # profiles kept in memory; others are rebuilt from the event log
+    cache_users: int = 10_000  # profiles kept in memory; others are rebuilt from the event log (and snapshots)
     # Time kernel of a single-vector profile: "half_life" (each event type's
     # half-life, forward-decayed) or an Elasticsearch function_score kernel,
     # "exp", "gauss" or "linear", computed exactly from the event log at read

@@ -17,7 +17,9 @@ order extend the cached profile; a late event (older than the newest applied)
 makes the next read rebuild from the log, so the profile is always what a
 replay after a restart would give, to rounding: events added a batch at a
 time sum in another order than one replay (a strength's last digit; float32
-similarities within ~1e-6; counts are exact).
+similarities within ~1e-6; counts are exact). A long replay saves its profile
+as a snapshot in the store, and a later miss replays only the events after it
+where a replay of the whole log would pass through the snapshot (`_restore`).
 
 Several server processes may share one store (`halflife serve --workers N`).
 With `follow_store`, every call first catches up with what the others wrote
@@ -61,8 +63,18 @@ from halflife.cpu import physical_cores
 from halflife.deadlines import Deadline
 from halflife.interest.blend import Blend, CatalogueScan, Later, unit_max
 from halflife.interest.catalog import CatalogIndex
+from halflife.interest.state import UserState, snapshot_bytes, snapshot_key, state_from_snapshot
 from halflife.interest.watermark import EventWatermark
-from halflife.storage.base import EventRecord, Guard, ItemRecord, ItemsChangedError, Store, StoreHead
+from halflife.storage.base import (
+    EventRecord,
+    Guard,
+    ItemRecord,
+    ItemsChangedError,
+    ProfileSnapshot,
+    Store,
+    StoreError,
+    StoreHead,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +82,17 @@ DAY = 86400.0
 RATE = 6  # API EventType value of EVENT_TYPE_RATE
 MMR_CANDIDATES_PER_RESULT = 5  # MMR re-ranks this many times `limit` candidates
 EXPLAINED_EVENTS = 3
-# Events a cached profile holds for the clock (see _UserState.ahead), each
+# Events a cached profile holds for the clock (see UserState.ahead), each
 # with its vector (~1.6 KB); past that, it applies them all, and reads at the
 # clock replay the user's log until the clock catches up.
 MAX_HELD_EVENTS_PER_USER = 16
 # Replays of at least this many events run one at a time (InterestEngine._replay):
 # ~0.1-0.2 s each and up, where shorter ones would wait behind a longer one for little gain.
 LONG_REPLAY_EVENTS = 2000
+# A replay of at least this many events saves the profile it built to the
+# store (Store.save_profile_snapshot): the user's next miss replays only the
+# events after it. ~50-75 ms of replay, where a save costs a few ms once.
+SNAPSHOT_EVENTS = 1000
 # Tries of record_events when items change between the read of their vectors
 # and the commit: each later try reads them again and writes within a few ms.
 RECORD_ATTEMPTS = 3
@@ -251,36 +267,10 @@ class UserProfile:
     negative_strength: float
 
 
-@dataclasses.dataclass
-class _UserState:
-    """A user's profile built from their events with seq <= max_seq, except
-    those stamped after its newest (`ahead`: a client clock running ahead),
-    plus events recorded since (`pending`), applied on the next read."""
-
-    multi: MultiInterestState
-    single: ProfileState
-    seen: set[str]
-    api_counts: collections.Counter
-    newest_time: float
-    max_seq: int
-    pending: list[EventRecord] = dataclasses.field(default_factory=list)
-    # Seen (seq <= max_seq) but stamped after the clock when applied: each later
-    # than newest_time, held until the clock reaches it, so that reads at the
-    # clock need no replay. In seq order.
-    ahead: list[EventRecord] = dataclasses.field(default_factory=list)
-    # Positive item events, for the co-occurrence affinity: item ids, internal types, times.
-    affinity_items: list[str] = dataclasses.field(default_factory=list)
-    affinity_types: list[int] = dataclasses.field(default_factory=list)
-    affinity_times: list[float] = dataclasses.field(default_factory=list)
-    affinity_seqs: list[int] = dataclasses.field(default_factory=list)  # to tell an item from a deleted namesake
-    # Arrays derived from the above and the catalogue (see `_derived`): name -> (key, value).
-    derived: dict = dataclasses.field(default_factory=dict)
-
-
 _NO_ROWS = np.empty(0, dtype=np.int64)
 
 
-def _derived(state: _UserState, name: str, key, compute: Callable[[], object]):
+def _derived(state: UserState, name: str, key, compute: Callable[[], object]):
     """`compute()`, kept in the profile while `key` holds: the catalogue's
     version and the length of what it derives from, since a profile's sets
     and lists only grow (a late event or an erasure replaces the profile).
@@ -331,11 +321,12 @@ class InterestEngine:
         self._follow_store = follow_store  # other processes write to the store too
         self._blocks = RowBlocks(scan_threads or physical_cores())  # one call's passes over the catalogue
         self._types = config.decay_types()
+        self._snapshot_key = snapshot_key(config, dim)
         self._lock = threading.RLock()  # guards everything in memory below
         self._catalog_write = threading.Lock()  # this process's catalogue writes: store, read back, index
         self._long_replay = threading.Lock()  # one long replay at a time (`_replay`); never taken under _lock
         self.catalog = CatalogIndex(dim)
-        self._users: collections.OrderedDict[str, _UserState] = collections.OrderedDict()
+        self._users: collections.OrderedDict[str, UserState] = collections.OrderedDict()
         self._replays: dict[str, list[_Replay]] = {}  # user id -> replays in flight
         self._labels: list[str] = []
         self._label_rows: dict[str, int] = {}  # label -> its row of _label_means
@@ -850,10 +841,12 @@ class InterestEngine:
 
     # --------------------------------------------------------------- profiles
 
-    def _build_state(self, events: Sequence[EventRecord], horizon: float) -> _UserState:
+    def _build_state(self, events: Sequence[EventRecord], horizon: float, start: UserState | None = None) -> UserState:
         """A profile from events (any order) stamped up to `horizon`, the rest
-        held (see _extend): replay sorted by time, ties by seq."""
-        state = _UserState(
+        held (see _extend): replay sorted by time, ties by seq. start: a
+        profile to extend (none of `events` older than its newest), where not
+        an empty one."""
+        state = start if start is not None else UserState(
             multi=MultiInterestState.empty(
                 self._types, self.dim, self.config.profile.max_interests, self.config.profile.cluster_threshold
             ),
@@ -866,7 +859,7 @@ class InterestEngine:
         self._extend(state, sorted(events, key=lambda e: e.seq), horizon)
         return state
 
-    def _extend(self, state: _UserState, events: Sequence[EventRecord], horizon: float) -> None:
+    def _extend(self, state: UserState, events: Sequence[EventRecord], horizon: float) -> None:
         """Applies the held events and `events` (in seq order, none older than
         state.newest_time) stamped up to `horizon`; holds the later ones."""
         events = [*state.ahead, *events]
@@ -915,11 +908,13 @@ class InterestEngine:
                 del self._users[user_id]
             replay = _Replay()
             self._replays.setdefault(user_id, []).append(replay)
-        state = None
+        state = snapshot = None
         try:
             # The read sees a prefix of the log (one writer hands out seqs in
             # commit order): events up to state.max_seq are all in it.
-            state = self._replay(self.store.user_events(user_id), self._clock())
+            state, replayed = self._restore(user_id, self._clock(), unlocked=True)
+            if replayed >= SNAPSHOT_EVENTS and not state.ahead:
+                snapshot = ProfileSnapshot(state.max_seq, self._snapshot_key, snapshot_bytes(state))
         finally:
             with self._lock:
                 replays = self._replays[user_id]
@@ -929,8 +924,13 @@ class InterestEngine:
                 if state is not None and not replay.erased and user_id not in self._users:
                     state.pending = [e for e in replay.applied if e.seq > state.max_seq]
                     self._cache(user_id, state)
+        if snapshot is not None:
+            try:  # the store refuses it if the user was erased since the read
+                self.store.save_profile_snapshot(user_id, snapshot)
+            except StoreError as e:  # only a shortcut lost: the log holds the profile
+                log.warning("could not save the profile snapshot of user %r: %s", user_id, e)
 
-    def _cache(self, user_id: str, state: _UserState) -> None:
+    def _cache(self, user_id: str, state: UserState) -> None:
         """Adds a profile to the LRU cache, evicting the least recently used,
         unless it holds no event: reads for users with none (new visitors, say)
         filled the cache with empty profiles (an audit's 48k calls: +240 MB)
@@ -941,7 +941,7 @@ class InterestEngine:
         while len(self._users) > self.config.profile.cache_users:
             self._users.popitem(last=False)
 
-    def _user_state(self, user_id: str, as_of: float) -> _UserState:
+    def _user_state(self, user_id: str, as_of: float) -> UserState:
         """The user's profile including every event up to `as_of`. Call with
         the lock held; a look into the past replays under it here, so callers
         that may look back try `_past_state` first."""
@@ -950,7 +950,7 @@ class InterestEngine:
             return self._replay_until(user_id, as_of)
         return state
 
-    def _past_state(self, user_id: str, as_of: float) -> _UserState | None:
+    def _past_state(self, user_id: str, as_of: float) -> UserState | None:
         """The user's profile as of `as_of` when that is a look into the past,
         replayed from the log without the lock (500 events: ~30-50 ms that
         would hold up every other call); None when the cached profile answers
@@ -960,7 +960,7 @@ class InterestEngine:
                 return None
         return self._replay_until(user_id, as_of, unlocked=True)
 
-    def _current_state(self, user_id: str) -> _UserState:
+    def _current_state(self, user_id: str) -> UserState:
         """The cached profile at the clock, caught up with every applied event. Lock held."""
         self._catch_up()
         # Events stamped after the clock wait in state.ahead, so that reads at
@@ -968,12 +968,12 @@ class InterestEngine:
         now = self._clock()
         state = self._users.get(user_id)
         if state is None:
-            state = self._build_state(self.store.user_events(user_id), now)
+            state = self._restore(user_id, now)[0]
             self._cache(user_id, state)
         else:
             self._users.move_to_end(user_id)
         if self._late(state):
-            state = self._build_state(self.store.user_events(user_id), now)  # replay exactly
+            state = self._restore(user_id, now)[0]  # replay exactly
             self._users[user_id] = state
         elif state.pending or any(e.event_time <= now for e in state.ahead):
             pending = sorted(state.pending, key=lambda e: e.seq)
@@ -982,33 +982,63 @@ class InterestEngine:
         return state
 
     @staticmethod
-    def _late(state: _UserState) -> bool:
+    def _late(state: UserState) -> bool:
         """Whether an event applied since the profile was built is older than
         its newest, which only a replay of the log puts in its place."""
         return bool(state.pending) and min(e.event_time for e in state.pending) < state.newest_time
 
     @staticmethod
-    def _looks_back(state: _UserState, as_of: float) -> bool:
+    def _looks_back(state: UserState, as_of: float) -> bool:
         """Whether a read at `as_of` must replay: it is before the profile's
         newest event, or past the clock at events held for it."""
         return as_of < state.newest_time or any(e.event_time <= as_of for e in state.ahead)
 
-    def _replay_until(self, user_id: str, as_of: float, unlocked: bool = False) -> _UserState:
+    def _replay_until(self, user_id: str, as_of: float, unlocked: bool = False) -> UserState:
         """A profile of what had happened by `as_of`, from the log; not
         cached. unlocked: called without the lock (see `_replay`)."""
         events = [e for e in self.store.user_events(user_id) if e.event_time <= as_of]
         return self._replay(events, as_of) if unlocked else self._build_state(events, as_of)
 
-    def _replay(self, events: Sequence[EventRecord], horizon: float) -> _UserState:
+    def _restore(self, user_id: str, horizon: float, unlocked: bool = False) -> tuple[UserState, int]:
+        """The user's profile at `horizon`, from the log: their snapshot and
+        the events after it where it fits (see `_thawed`), else every event.
+        Returns it and how many events it replayed. unlocked: called without
+        the lock (see `_replay`)."""
+        snapshot, events = self.store.user_history(user_id)
+        start = None if snapshot is None else self._thawed(user_id, snapshot, events, horizon)
+        if snapshot is not None and start is None:
+            events = self.store.user_events(user_id)
+        build = self._replay if unlocked else self._build_state
+        return build(events, horizon, start), len(events)
+
+    def _thawed(self, user_id: str, snapshot: ProfileSnapshot, after: Sequence[EventRecord],
+                horizon: float) -> UserState | None:
+        """The snapshot's profile where a replay of the whole log would build
+        it on the way to `horizon`, and extend it with `after` (the user's
+        events past it): saved under this engine's settings, its newest event
+        not after `horizon`, and none of `after` older than that one (which
+        a replay would have taken before some of the snapshot's). Else None."""
+        if snapshot.key != self._snapshot_key:
+            return None
+        try:
+            state = state_from_snapshot(snapshot.data)
+        except Exception as e:  # damaged: only a shortcut lost, the log holds the profile
+            log.warning("unreadable profile snapshot of user %r, replaying their events: %s", user_id, e)
+            return None
+        if state.max_seq != snapshot.through_seq or state.newest_time > horizon:
+            return None
+        return None if any(e.event_time < state.newest_time for e in after) else state
+
+    def _replay(self, events: Sequence[EventRecord], horizon: float, start: UserState | None = None) -> UserState:
         """`_build_state` for a caller without the lock, long replays one at a
         time: a replay is Python, some small NumPy calls an event, and
         concurrent ones convoy on the GIL (8 replays of 5k events at once took
         3.5x as long as one after another on 2 cores, the other calls starved
         meanwhile). Short ones go at once, never behind a long one."""
         if len(events) < LONG_REPLAY_EVENTS:
-            return self._build_state(events, horizon)
+            return self._build_state(events, horizon, start)
         with self._long_replay:
-            return self._build_state(events, horizon)
+            return self._build_state(events, horizon, start)
 
     def profile(self, user_id: str, as_of: float | None = None, items_per_interest: int | None = None) -> UserProfile:
         t = self._clock() if as_of is None else as_of
@@ -1108,7 +1138,7 @@ class InterestEngine:
             allowed[rows[rows >= 0]] = False
         return allowed
 
-    def _seen_rows(self, state: _UserState) -> np.ndarray:
+    def _seen_rows(self, state: UserState) -> np.ndarray:
         """Catalogue rows of the items the user had events on (-1: gone). Lock held."""
         return _derived(state, "seen", (self.catalog.version, len(state.seen)),
                         lambda: self.catalog.rows(list(state.seen)))
@@ -1209,7 +1239,7 @@ class InterestEngine:
         return {"interest": blend.interest / total, "negative": blend.interest / total,
                 "cooccurrence": blend.cooccurrence / total, "popularity": blend.popularity / total}
 
-    def _signals(self, user_id: str, state: _UserState | None, t: float,
+    def _signals(self, user_id: str, state: UserState | None, t: float,
                  which: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The blend's signals for one user before weighting (see
         `_signal_sources`), each (size,) float32, the co-occurrence and
@@ -1220,7 +1250,7 @@ class InterestEngine:
         return self._signal_sources(user_id, state, t, which).parts(unit)
 
     def _signal_sources(
-        self, user_id: str, state: _UserState, t: float, which: Sequence[str] | None = None
+        self, user_id: str, state: UserState, t: float, which: Sequence[str] | None = None
     ) -> CatalogueScan:
         """The blend's signals for one user: "interest" (profile cosine),
         "negative" (−β·cosine with the negative profile), "cooccurrence" and
@@ -1273,7 +1303,7 @@ class InterestEngine:
         return (kernel_profile(vectors[positive], times[positive], weights[positive], kernel),
                 kernel_profile(vectors[negative], times[negative], -weights[negative], kernel))
 
-    def _affinity_scores(self, state: _UserState, t: float) -> Later:
+    def _affinity_scores(self, state: UserState, t: float) -> Later:
         """Σ_i a_i · sim(i, j): the user's decayed per-item affinity (event
         weight × 2^(−age/h), events up to t) through item co-occurrence, as a
         function returning (size,) float64: the present is read now, a look

@@ -79,6 +79,17 @@ class EventColumns:
     times: np.ndarray  # (n,) float64 unix seconds
 
 
+class ProfileSnapshot(NamedTuple):
+    """A user's profile as built from their events with seq <= `through_seq`,
+    serialised by whoever built it (the interest engine); `key` says with
+    what settings, so that a reader can tell one it cannot use. The store
+    keeps one per user and interprets neither."""
+
+    through_seq: int
+    key: str
+    data: bytes
+
+
 @dataclasses.dataclass(frozen=True)
 class StoreHead:
     """How far a store's two logs reach: the newest event seq and change version issued."""
@@ -148,6 +159,17 @@ class Store(Protocol):
     def user_events(self, user_id: str) -> list[EventRecord]:
         """A user's events in arrival (`seq`) order."""
 
+    def user_history(self, user_id: str) -> tuple[ProfileSnapshot | None, list[EventRecord]]:
+        """The user's profile snapshot, if one is stored, and their events
+        after it (all of them without one), in seq order, read together: an
+        erasure happens before both reads or after both."""
+
+    def save_profile_snapshot(self, user_id: str, snapshot: ProfileSnapshot) -> bool:
+        """Stores the user's snapshot in place of theirs, unless that one
+        covers more events with the same key, or the user's event at
+        `through_seq` is gone (erased since the events were read). Returns
+        whether it was stored. `delete_user` erases it with the events."""
+
     def iter_events(self, chunk: int = 50_000, through_seq: int | None = None) -> Iterator[EventColumns]:
         """All events (up to `through_seq`) in seq order, in chunks, without
         vectors: what rebuilding popularity and co-occurrence needs."""
@@ -162,7 +184,8 @@ class Store(Protocol):
         """Feed entries newer than `version`, oldest first; an item appears once, at its latest change."""
 
     def delete_user(self, user_id: str, guard: Guard | None = None) -> int:
-        """Erases a user's events and the vectors only they referenced; returns the event count."""
+        """Erases a user's events, their profile snapshot and the vectors only
+        they referenced; returns the event count."""
 
     def user_count(self) -> int: ...
 

@@ -3,7 +3,8 @@
 Threads and connections
 -----------------------
 * One **writer thread** owns the only read-write connection. Every mutating
-  call (upsert_items, delete_items, record_events, delete_user)
+  call (upsert_items, delete_items, record_events, delete_user,
+  save_profile_snapshot)
   becomes a job on a queue and its caller blocks on a `Future`.
 * **Group commit**: the writer takes *everything* queued, opens one
   transaction (``BEGIN IMMEDIATE``), runs each job inside its own
@@ -65,6 +66,7 @@ from halflife.storage.base import (
     Guard,
     ItemRecord,
     ItemsChangedError,
+    ProfileSnapshot,
     StoreError,
     StoreHead,
     StoreUnavailableError,
@@ -197,8 +199,24 @@ def _migration_4(conn: sqlite3.Connection) -> None:
         conn.execute("INSERT INTO sqlite_sequence(name, seq) SELECT 'events', ? WHERE changes() = 0", high)
 
 
+def _migration_5(conn: sqlite3.Connection) -> None:
+    # Profile snapshots (Store.save_profile_snapshot): a heavy user's profile
+    # rebuilt from the last snapshot and the events after it, not the whole
+    # log (50k events: 3.2 s of replay).
+    conn.execute(
+        """CREATE TABLE profile_snapshots (
+               user_id     TEXT PRIMARY KEY,
+               through_seq INTEGER NOT NULL,  -- covers the user's events with seq <= it
+               key         TEXT NOT NULL,     -- what built it (the engine's settings)
+               data        BLOB NOT NULL
+           )"""
+    )
+
+
 # Append only: MIGRATIONS[i] takes the schema from version i to i + 1.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -367,6 +385,26 @@ _ITEM_SELECT = """SELECT i.id, i.text, i.categories, i.attributes, i.create_time
 _UNAVAILABLE_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_BUSY,
                                 sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_NOMEM,
                                 sqlite3.SQLITE_PROTOCOL})
+
+
+def _events_where(conn: sqlite3.Connection, where: str, params: tuple) -> list[EventRecord]:
+    """Events matching `where` (over `events e`), with vectors, in seq order."""
+    rows = conn.execute(
+        f"""SELECT e.seq, e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, v.data,
+                   v.hash, v.id
+            FROM events e JOIN vectors v ON v.id = e.vector_id
+            WHERE {where} ORDER BY e.seq""",
+        params,
+    )
+    damaged: set[int] = set()
+    events = []
+    for seq, event_id, uid, type_, item_id, text, value, event_time, data, digest, vector_id in rows:
+        # A damaged vector leaves out the vector alone: the event still counts where none is
+        # needed (popularity, co-occurrence), as it does in iter_events.
+        intact = _intact(data, digest, vector_id, damaged, f"event {event_id!r}")
+        events.append(EventRecord(event_id, uid, type_, item_id, text, value, event_time,
+                                  _vector_from(data) if intact else None, seq))
+    return events
 
 
 def _switch_to_wal(conn: sqlite3.Connection) -> str:
@@ -810,31 +848,40 @@ class SqliteStore:
         return self._read(read)
 
     def user_events(self, user_id: str) -> list[EventRecord]:
-        return self._read_events("e.user_id = ?", (user_id,))
+        return self._read(lambda conn: _events_where(conn, "e.user_id = ?", (user_id,)))
 
     def events_between(self, after_seq: int, through_seq: int) -> list[EventRecord]:
-        return self._read_events("e.seq > ? AND e.seq <= ?", (after_seq, through_seq))
+        return self._read(lambda conn: _events_where(conn, "e.seq > ? AND e.seq <= ?", (after_seq, through_seq)))
 
-    def _read_events(self, where: str, params: tuple) -> list[EventRecord]:
-        def read(conn: sqlite3.Connection) -> list[EventRecord]:
-            rows = conn.execute(
-                f"""SELECT e.seq, e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, v.data,
-                           v.hash, v.id
-                    FROM events e JOIN vectors v ON v.id = e.vector_id
-                    WHERE {where} ORDER BY e.seq""",
-                params,
-            )
-            damaged: set[int] = set()
-            events = []
-            for seq, event_id, uid, type_, item_id, text, value, event_time, data, digest, vector_id in rows:
-                # A damaged vector leaves out the vector alone: the event still counts where none is
-                # needed (popularity, co-occurrence), as it does in iter_events.
-                intact = _intact(data, digest, vector_id, damaged, f"event {event_id!r}")
-                events.append(EventRecord(event_id, uid, type_, item_id, text, value, event_time,
-                                          _vector_from(data) if intact else None, seq))
-            return events
+    def user_history(self, user_id: str) -> tuple[ProfileSnapshot | None, list[EventRecord]]:
+        def read(conn: sqlite3.Connection) -> tuple[ProfileSnapshot | None, list[EventRecord]]:
+            conn.execute("BEGIN")  # one read transaction: an erasure lands before both reads or after
+            try:
+                row = conn.execute(
+                    "SELECT through_seq, key, data FROM profile_snapshots WHERE user_id = ?", (user_id,)
+                ).fetchone()
+                snapshot = None if row is None else ProfileSnapshot(row[0], row[1], bytes(row[2]))
+                after = 0 if snapshot is None else snapshot.through_seq
+                return snapshot, _events_where(conn, "e.user_id = ? AND e.seq > ?", (user_id, after))
+            finally:
+                conn.execute("COMMIT")
 
         return self._read(read)
+
+    def save_profile_snapshot(self, user_id: str, snapshot: ProfileSnapshot) -> bool:
+        def job(conn: sqlite3.Connection) -> bool:
+            # Only while the event it ends at is stored: a replay read before
+            # an erasure must not bring the erased user back.
+            return conn.execute(
+                """INSERT INTO profile_snapshots(user_id, through_seq, key, data)
+                   SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM events WHERE seq = ? AND user_id = ?)
+                   ON CONFLICT(user_id) DO UPDATE SET
+                       through_seq = excluded.through_seq, key = excluded.key, data = excluded.data
+                   WHERE excluded.through_seq > through_seq OR excluded.key <> key""",
+                (user_id, snapshot.through_seq, snapshot.key, snapshot.data, snapshot.through_seq, user_id),
+            ).rowcount > 0
+
+        return self._submit(job)
 
     def iter_events(self, chunk: int = 50_000, through_seq: int | None = None) -> Iterator[EventColumns]:
         conn = self._acquire_reader()
@@ -865,6 +912,7 @@ class SqliteStore:
                 for row in conn.execute("SELECT DISTINCT vector_id FROM events WHERE user_id = ?", (user_id,))
             ]
             count = conn.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
+            conn.execute("DELETE FROM profile_snapshots WHERE user_id = ?", (user_id,))
             _gc_vectors(conn, vector_ids)
             if count:  # one erasure row per writing instance: another's must not be overwritten unseen
                 conn.execute("DELETE FROM changes WHERE item_id IS NULL AND origin = ?", (self.origin,))

@@ -1,0 +1,194 @@
+"""Profile snapshots: a heavy user's profile rebuilt from their stored
+snapshot and the events after it answers as a replay of their whole log,
+and every case where it would not falls back to that replay."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sqlite3
+
+import numpy as np
+import pytest
+
+from halflife.config import Config
+from halflife.interest import engine as engine_module
+from halflife.interest.engine import EventInput, InterestEngine, ItemInput
+from halflife.interest.state import snapshot_bytes, state_from_snapshot
+from halflife.storage.sqlite import DB_NAME, SqliteStore
+from tests.fakes import DIM, fake_embed
+
+T = 1_700_000_000.0
+HOUR = 3600.0
+VIEW, LIKE, DISLIKE, RATE, SEARCH = 1, 3, 4, 6, 8
+
+
+@pytest.fixture(autouse=True)
+def small_snapshots(monkeypatch):
+    monkeypatch.setattr(engine_module, "SNAPSHOT_EVENTS", 10)
+
+
+def open_engine(path, config: Config = Config(), now: float = T) -> InterestEngine:
+    return InterestEngine(config, SqliteStore(path), DIM, fake_embed, clock=lambda: now)
+
+
+def history(n: int, first: int = 0, start: float = T - 100 * HOUR) -> list[EventInput]:
+    """n events of user u, an hour apart from `start`: views, likes, ratings
+    high and low, dislikes and searches, over 12 items in 3 topics."""
+    types = [VIEW, LIKE, RATE, DISLIKE, SEARCH, RATE]
+    events = []
+    for k in range(first, first + n):
+        kind = types[k % len(types)]
+        events.append(EventInput(
+            f"e{k}", "u", kind, None if kind == SEARCH else f"i{k % 12}",
+            f"search for topic {k % 3}" if kind == SEARCH else None,
+            (5.0 if k % 4 else 1.0) if kind == RATE else None, start + k * HOUR,
+        ))
+    return events
+
+
+def filled(path, n: int, config: Config = Config()) -> InterestEngine:
+    engine = open_engine(path, config)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"topic {n % 3} thing {n}") for n in range(12)])
+    engine.record_events(history(n))
+    return engine
+
+
+def answers(engine: InterestEngine) -> tuple:
+    """The user's answers after a cache miss, as a restart would give them."""
+    engine._users.clear()
+    profile = engine.profile("u", as_of=T)
+    ranked = engine.recommend("u", 6, as_of=T)
+    return (
+        dict(profile.event_counts), round(profile.negative_strength, 9),
+        [(round(i.strength, 9), i.event_count, i.last_event_time) for i in profile.interests],
+        [(i.item_id, round(i.score, 6)) for i in ranked.items],
+    )
+
+
+def replayed(engine: InterestEngine, monkeypatch) -> list[int]:
+    """How many events each replay that follows applies, from scratch or onto a snapshot."""
+    counts: list[int] = []
+    extend = engine._extend
+
+    def counting(state, events, horizon):
+        counts.append(len(events))
+        return extend(state, events, horizon)
+
+    monkeypatch.setattr(engine, "_extend", counting)
+    return counts
+
+
+def test_a_miss_replays_only_the_events_after_the_users_snapshot_and_answers_as_a_full_replay(tmp_path, monkeypatch):
+    engine = filled(tmp_path / "live", 30)
+    first = answers(engine)  # a miss: 30 events replayed, a snapshot saved
+    snapshot, after = engine.store.user_history("u")
+    assert snapshot.through_seq == 30 and after == []
+    engine.record_events(history(4, first=30))
+    counts = replayed(engine, monkeypatch)
+    live = answers(engine)
+    assert counts == [4]  # the profile's miss: the 4 events after the snapshot (the recommendation hits)
+    assert live != first
+
+    monkeypatch.setattr(engine_module, "SNAPSHOT_EVENTS", 10**9)  # a reference without snapshots
+    reference = filled(tmp_path / "reference", 34)
+    assert reference.store.user_history("u")[0] is None
+    assert live == answers(reference)
+
+
+def test_a_later_long_replay_saves_a_newer_snapshot(tmp_path):
+    engine = filled(tmp_path, 12)
+    answers(engine)
+    engine.record_events(history(9, first=12))
+    answers(engine)  # 9 events after the snapshot: fewer than SNAPSHOT_EVENTS, kept
+    assert engine.store.user_history("u")[0].through_seq == 12
+    engine.record_events(history(1, first=21))
+    answers(engine)
+    assert engine.store.user_history("u")[0].through_seq == 22
+
+
+def _change_config(engine, path, monkeypatch):
+    config = Config()
+    config = dataclasses.replace(config, profile=dataclasses.replace(config.profile, cluster_threshold=0.9))
+    return open_engine(path, config), config
+
+
+def _damage(engine, path, monkeypatch):
+    with sqlite3.connect(path / DB_NAME) as conn:
+        conn.execute("UPDATE profile_snapshots SET data = substr(data, 1, 200)")
+    return open_engine(path), Config()
+
+
+def _late_event(engine, path, monkeypatch):
+    # Stamped between the snapshot's events: a replay sorts it in among them.
+    engine.record_events([EventInput("late", "u", LIKE, "i5", None, None, T - 94.5 * HOUR)])
+    return engine, Config()
+
+
+def _clock_before_the_snapshot(engine, path, monkeypatch):
+    engine.record_events([EventInput("ahead", "u", LIKE, "i3", None, None, T + HOUR)])
+    with sqlite3.connect(path / DB_NAME) as conn:
+        conn.execute("DELETE FROM profile_snapshots")
+    answers(open_engine(path, now=T + 2 * HOUR))  # a replay of every event, the one ahead included
+    assert engine.store.user_history("u")[0].through_seq == 33
+    # A clock before it: a replay holds the event for the clock, the snapshot has it applied.
+    return open_engine(path), Config()
+
+
+@pytest.mark.parametrize("change", [_change_config, _damage, _late_event, _clock_before_the_snapshot])
+def test_a_snapshot_that_would_answer_otherwise_than_a_full_replay_is_not_used(tmp_path, monkeypatch, caplog, change):
+    path = tmp_path / "live"
+    engine = filled(path, 30)
+    answers(engine)
+    engine.record_events(history(2, first=40))
+    engine, config = change(engine, path, monkeypatch)
+    counts = replayed(engine, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="halflife.interest.engine"):
+        live = answers(engine)
+    assert counts[0] >= 32  # every event, not only those after the snapshot
+    assert ("unreadable profile snapshot" in caplog.text) == (change is _damage)
+
+    monkeypatch.undo()
+    monkeypatch.setattr(engine_module, "SNAPSHOT_EVENTS", 10**9)
+    reference = open_engine(tmp_path / "reference", config, engine.now())
+    reference.upsert_items([ItemInput(id=f"i{n}", text=f"topic {n % 3} thing {n}") for n in range(12)])
+    for e in engine.store.user_events("u"):
+        reference.record_events([EventInput(e.event_id, "u", e.type, e.item_id, e.text, e.value, e.event_time)])
+    assert live == answers(reference)
+
+
+def test_a_user_erased_while_their_profile_replays_leaves_no_snapshot(tmp_path, monkeypatch):
+    engine = filled(tmp_path, 20)
+    engine._users.clear()
+    build, done = engine._build_state, []
+
+    def erase_meanwhile(*args):
+        if not done:
+            done.append(engine.delete_user("u"))
+        return build(*args)
+
+    monkeypatch.setattr(engine, "_build_state", erase_meanwhile)
+    assert engine.recommend("u", 3, as_of=T).strategy == "trending"
+    assert done == [20]
+    assert engine.store.user_history("u") == (None, [])
+    monkeypatch.undo()
+    engine.record_events(history(2, first=50))  # the id anew: nothing of the erased user comes back
+    assert answers(engine)[0] == {RATE: 1, DISLIKE: 1}
+
+
+def test_a_snapshot_holds_every_part_of_a_profile(tmp_path):
+    engine = filled(tmp_path, 40)
+    state = engine._build_state(engine.store.user_events("u"), T)
+    again = state_from_snapshot(snapshot_bytes(state))
+    for name in ("multi", "single"):
+        arrays, restored = getattr(state, name).to_arrays(), getattr(again, name).to_arrays()
+        assert arrays.keys() == restored.keys()
+        for key, value in arrays.items():
+            assert np.array_equal(value, restored[key], equal_nan=True) and value.dtype == restored[key].dtype, key
+    for name in ("seen", "api_counts", "newest_time", "max_seq", "affinity_items", "affinity_types",
+                 "affinity_times", "affinity_seqs"):
+        assert getattr(again, name) == getattr(state, name), name
+    assert state.affinity_items and state.seen and state.multi.n_clusters > 1  # something to compare
+    state.pending.append(engine.store.user_events("u")[0])
+    with pytest.raises(ValueError, match="applied events only"):
+        snapshot_bytes(state)
