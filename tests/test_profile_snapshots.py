@@ -59,6 +59,7 @@ def answers(engine: InterestEngine) -> tuple:
     engine._users.clear()
     profile = engine.profile("u", as_of=T)
     ranked = engine.recommend("u", 6, as_of=T)
+    assert engine.snapshots.wait(10)  # saved on a thread of its own
     return (
         dict(profile.event_counts), round(profile.negative_strength, 9),
         [(round(i.strength, 9), i.event_count, i.last_event_time) for i in profile.interests],
@@ -169,7 +170,7 @@ def test_a_user_erased_while_their_profile_replays_leaves_no_snapshot(tmp_path, 
 
     monkeypatch.setattr(engine, "_build_state", erase_meanwhile)
     assert engine.recommend("u", 3, as_of=T).strategy == "trending"
-    assert done == [20]
+    assert done == [20] and engine.snapshots.wait(10)
     assert engine.store.user_history("u") == (None, [])
     monkeypatch.undo()
     engine.record_events(history(2, first=50))  # the id anew: nothing of the erased user comes back
@@ -192,3 +193,123 @@ def test_a_snapshot_holds_every_part_of_a_profile(tmp_path):
     state.pending.append(engine.store.user_events("u")[0])
     with pytest.raises(ValueError, match="applied events only"):
         snapshot_bytes(state)
+
+
+def test_a_replay_of_a_damaged_vector_saves_no_snapshot(tmp_path):
+    """The event counts without its direction; a full replay after an upsert
+    rewrote the vector counts it with one, which a snapshot would not."""
+    engine = filled(tmp_path, 30)
+    with sqlite3.connect(tmp_path / DB_NAME) as conn:  # bytes changed under an unchanged hash
+        conn.execute("UPDATE vectors SET data = ? WHERE id = (SELECT vector_id FROM items WHERE id = 'i5')",
+                     (np.full(DIM, np.nan, dtype=np.float32).tobytes(),))
+    damaged = answers(engine)
+    assert engine.store.user_history("u")[0] is None
+    engine.upsert_items([ItemInput(id="i5", text="topic 2 thing 5")])  # the same text: the same vector
+    repaired = answers(engine)
+    assert repaired != damaged and engine.store.user_history("u")[0].through_seq == 30
+
+
+def test_events_held_for_the_clock_after_every_applied_one_are_left_out_of_the_snapshot(tmp_path, monkeypatch):
+    """A client clock running ahead holds some events at every read: the
+    snapshot ends before them, and a read once the clock passed them answers
+    as a full replay."""
+    path = tmp_path / "live"
+    engine = filled(path, 30)
+    engine.record_events([EventInput(f"ahead{k}", "u", LIKE, f"i{k}", None, None, T + 60.0 * (k + 1))
+                          for k in range(3)])
+    held = answers(engine)
+    assert held[0] == answers(filled(tmp_path / "without", 30))[0]  # not counted yet
+    assert engine.store.user_history("u")[0].through_seq == 30
+
+    later = open_engine(path, now=T + HOUR)
+    counts = replayed(later, monkeypatch)
+    later._users.clear()
+    live = later.profile("u", as_of=T + HOUR)
+    assert counts == [3]  # the held events, onto the snapshot
+    monkeypatch.setattr(engine_module, "SNAPSHOT_EVENTS", 10**9)
+    reference = open_engine(tmp_path / "reference", now=T + HOUR)
+    reference.upsert_items([ItemInput(id=f"i{n}", text=f"topic {n % 3} thing {n}") for n in range(12)])
+    reference.record_events([EventInput(e.event_id, "u", e.type, e.item_id, e.text, e.value, e.event_time)
+                             for e in engine.store.user_events("u")])
+    expected = reference.profile("u", as_of=T + HOUR)
+    assert live.event_counts == expected.event_counts == {**held[0], LIKE: held[0][LIKE] + 3}
+    assert [(round(i.strength, 9), i.event_count) for i in live.interests] == \
+        [(round(i.strength, 9), i.event_count) for i in expected.interests]
+
+
+def test_a_snapshot_is_rewritten_once_enough_of_the_users_events_are_new(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine_module, "SNAPSHOT_SHARE", 2)  # at least half the user's events
+    engine = filled(tmp_path, 30)
+    answers(engine)
+    engine.record_events(history(12, first=30))
+    answers(engine)  # 12 of 42: no rewrite
+    assert engine.store.user_history("u")[0].through_seq == 30
+    engine.record_events(history(20, first=42))
+    answers(engine)  # 32 of 62
+    assert engine.store.user_history("u")[0].through_seq == 62
+
+
+def test_a_read_does_not_wait_for_its_snapshot_to_be_saved(tmp_path, monkeypatch):
+    """A save waits for the store's writer (another process's transaction:
+    up to the busy timeout); the read that made the snapshot answers first."""
+    import threading
+
+    engine = filled(tmp_path, 30)
+    release, saving = threading.Event(), threading.Event()
+    save = engine.store.save_profile_snapshot
+
+    def held_save(*args):
+        saving.set()
+        assert release.wait(10)
+        return save(*args)
+
+    monkeypatch.setattr(engine.store, "save_profile_snapshot", held_save)
+    engine._users.clear()
+    assert engine.recommend("u", 3, as_of=T).strategy == "personalized"
+    assert saving.wait(10) and not engine.snapshots.wait(0.01)  # answered while the save waits
+    release.set()
+    assert engine.snapshots.wait(10) and engine.store.user_history("u")[0].through_seq == 30
+
+
+def test_an_event_held_for_the_clock_before_an_applied_one_keeps_the_profile_out_of_snapshots(tmp_path, monkeypatch):
+    """A snapshot covers every event up to its seq: one held (stamped ahead)
+    before an applied one could not be left out of it."""
+    engine = filled(tmp_path, 30)
+    engine.record_events([EventInput("ahead", "u", LIKE, "i3", None, None, T + 60.0)])
+    engine.record_events(history(2, first=30))  # applied, after the held one
+    answers(engine)
+    assert engine.store.user_history("u")[0] is None
+    later = open_engine(tmp_path, now=T + HOUR)
+    later._users.clear()
+    assert later.profile("u", as_of=T + HOUR).event_counts[LIKE] == engine.profile("u").event_counts[LIKE] + 1
+
+
+def test_the_snapshot_saver_drops_what_does_not_fit_and_survives_a_failing_store(caplog):
+    import threading
+
+    from halflife.interest.snapshot_saver import MAX_PENDING, SnapshotSaver
+    from halflife.storage.base import ProfileSnapshot, StoreError
+
+    release, saving, saved = threading.Event(), threading.Event(), []
+
+    class Store:
+        def save_profile_snapshot(self, user_id, snapshot):
+            saving.set()
+            assert release.wait(10)
+            if user_id == "broken":
+                raise StoreError("disk full")
+            saved.append(user_id)
+            return True
+
+    saver = SnapshotSaver(Store())
+    saver.submit("first", ProfileSnapshot(1, "k", b""))
+    assert saving.wait(10)  # taken: the queue is empty again
+    with caplog.at_level(logging.INFO, logger="halflife.interest.snapshot_saver"):
+        for n in range(MAX_PENDING + 2):
+            saver.submit("broken" if n == 0 else f"u{n}", ProfileSnapshot(1, "k", b""))
+        release.set()
+        assert saver.wait(10)
+    assert saved == ["first", *(f"u{n}" for n in range(1, MAX_PENDING))]
+    assert "dropped: 8 saves waiting" in caplog.text and "disk full" in caplog.text
+    saver.submit("after", ProfileSnapshot(1, "k", b""))
+    assert saver.wait(10) and saved[-1] == "after"

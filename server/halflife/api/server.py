@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path("var/models/all-MiniLM-L6-v2")
 DEFAULT_DATA_DIR = Path("var/data")
+# How long a stop waits for queued profile snapshots to be saved (a snapshot
+# not saved costs the user's next read a longer replay, nothing more).
+SNAPSHOT_SAVE_GRACE_S = 5.0
 MiB = 1 << 20
 
 
@@ -343,6 +346,8 @@ class HalflifeServer:
             self._server = None
         if self.backend.batcher is not None:
             await self.backend.batcher.stop()
+        if self.backend.interest is not None:  # profile snapshots queued by the last calls, briefly
+            await asyncio.to_thread(self.backend.interest.snapshots.wait, SNAPSHOT_SAVE_GRACE_S)
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
             self.store = None

@@ -63,6 +63,7 @@ from halflife.cpu import physical_cores
 from halflife.deadlines import Deadline
 from halflife.interest.blend import Blend, CatalogueScan, Later, unit_max
 from halflife.interest.catalog import CatalogIndex
+from halflife.interest.snapshot_saver import SnapshotSaver
 from halflife.interest.state import UserState, snapshot_bytes, snapshot_key, state_from_snapshot
 from halflife.interest.watermark import EventWatermark
 from halflife.storage.base import (
@@ -72,7 +73,6 @@ from halflife.storage.base import (
     ItemsChangedError,
     ProfileSnapshot,
     Store,
-    StoreError,
     StoreHead,
 )
 
@@ -93,6 +93,10 @@ LONG_REPLAY_EVENTS = 2000
 # store (Store.save_profile_snapshot): the user's next miss replays only the
 # events after it. ~50-75 ms of replay, where a save costs a few ms once.
 SNAPSHOT_EVENTS = 1000
+# ... and at least this share of the user's events: a snapshot is written
+# whole (~32 bytes an event), and a 1M-event user's took 0.4 s to serialise
+# and save, where 1/100 of their events took 0.7 s to replay.
+SNAPSHOT_SHARE = 100
 # Tries of record_events when items change between the read of their vectors
 # and the commit: each later try reads them again and writes within a few ms.
 RECORD_ATTEMPTS = 3
@@ -322,6 +326,7 @@ class InterestEngine:
         self._blocks = RowBlocks(scan_threads or physical_cores())  # one call's passes over the catalogue
         self._types = config.decay_types()
         self._snapshot_key = snapshot_key(config, dim)
+        self.snapshots = SnapshotSaver(store)
         self._lock = threading.RLock()  # guards everything in memory below
         self._catalog_write = threading.Lock()  # this process's catalogue writes: store, read back, index
         self._long_replay = threading.Lock()  # one long replay at a time (`_replay`); never taken under _lock
@@ -913,8 +918,7 @@ class InterestEngine:
             # The read sees a prefix of the log (one writer hands out seqs in
             # commit order): events up to state.max_seq are all in it.
             state, replayed = self._restore(user_id, self._clock(), unlocked=True)
-            if replayed >= SNAPSHOT_EVENTS and not state.ahead:
-                snapshot = ProfileSnapshot(state.max_seq, self._snapshot_key, snapshot_bytes(state))
+            snapshot = self._snapshot_of(state, replayed)
         finally:
             with self._lock:
                 replays = self._replays[user_id]
@@ -925,10 +929,29 @@ class InterestEngine:
                     state.pending = [e for e in replay.applied if e.seq > state.max_seq]
                     self._cache(user_id, state)
         if snapshot is not None:
-            try:  # the store refuses it if the user was erased since the read
-                self.store.save_profile_snapshot(user_id, snapshot)
-            except StoreError as e:  # only a shortcut lost: the log holds the profile
-                log.warning("could not save the profile snapshot of user %r: %s", user_id, e)
+            self.snapshots.submit(user_id, snapshot)
+
+    def _snapshot_of(self, state: UserState, replayed: Sequence[EventRecord]) -> ProfileSnapshot | None:
+        """What to save of a profile just built by replaying `replayed`
+        (onto a snapshot or not), or None: a snapshot pays where the replay
+        was long (SNAPSHOT_EVENTS, SNAPSHOT_SHARE), and one is taken only
+        of what a full replay would build the same way later. Not where an
+        event's stored vector was damaged: it counts without its direction
+        now, but a repaired vector (an upsert of the item) would count in a
+        full replay. Events held for the clock are left out of it, when
+        they came after every applied one (a client clock running ahead
+        holds some at every read): the snapshot ends before them."""
+        if len(replayed) < max(SNAPSHOT_EVENTS, sum(state.api_counts.values()) // SNAPSHOT_SHARE):
+            return None
+        if any(e.vector is None for e in replayed):
+            return None
+        if state.ahead:
+            held = {e.seq for e in state.ahead}
+            through = max((e.seq for e in replayed if e.seq not in held), default=0)
+            if not through or through > min(held):
+                return None
+            state = dataclasses.replace(state, ahead=[], max_seq=through)
+        return ProfileSnapshot(state.max_seq, self._snapshot_key, snapshot_bytes(state))
 
     def _cache(self, user_id: str, state: UserState) -> None:
         """Adds a profile to the LRU cache, evicting the least recently used,
@@ -999,17 +1022,17 @@ class InterestEngine:
         events = [e for e in self.store.user_events(user_id) if e.event_time <= as_of]
         return self._replay(events, as_of) if unlocked else self._build_state(events, as_of)
 
-    def _restore(self, user_id: str, horizon: float, unlocked: bool = False) -> tuple[UserState, int]:
+    def _restore(self, user_id: str, horizon: float, unlocked: bool = False) -> tuple[UserState, list[EventRecord]]:
         """The user's profile at `horizon`, from the log: their snapshot and
         the events after it where it fits (see `_thawed`), else every event.
-        Returns it and how many events it replayed. unlocked: called without
-        the lock (see `_replay`)."""
+        Returns it and the events it replayed. unlocked: called without the
+        lock (see `_replay`)."""
         snapshot, events = self.store.user_history(user_id)
         start = None if snapshot is None else self._thawed(user_id, snapshot, events, horizon)
         if snapshot is not None and start is None:
             events = self.store.user_events(user_id)
         build = self._replay if unlocked else self._build_state
-        return build(events, horizon, start), len(events)
+        return build(events, horizon, start), events
 
     def _thawed(self, user_id: str, snapshot: ProfileSnapshot, after: Sequence[EventRecord],
                 horizon: float) -> UserState | None:
