@@ -48,9 +48,10 @@ def _events(user: str, n: int, first: int, start: float, end: float, rng, items:
 def one_user(engine: InterestEngine, user: str, n: int, repeat: int, rng, items: np.ndarray) -> dict:
     store = engine.store
     now = engine.now()
+    span = YEAR - 7200.0  # the log ends 2 h ago: the tail below comes after it, not late
     for chunk in range(0, n, 5_000):
-        store.record_events(_events(user, min(5_000, n - chunk), chunk, now - YEAR + chunk / n * YEAR,
-                                    now - YEAR + min(n, chunk + 5_000) / n * YEAR, rng, items))
+        store.record_events(_events(user, min(5_000, n - chunk), chunk, now - YEAR + chunk / n * span,
+                                    now - YEAR + min(n, chunk + 5_000) / n * span, rng, items))
 
     def miss():
         with engine._lock:
@@ -78,6 +79,7 @@ def one_user(engine: InterestEngine, user: str, n: int, repeat: int, rng, items:
     snapshot_top = top10()
     store.record_events(_events(user, TAIL, n, now - 3600.0, now - 60.0, rng, items))
     with_tail = timings(miss, repeat=repeat, warmup=1)
+    assert store.user_history(user)[0].through_seq == snapshot.through_seq  # a tail too short to rewrite it
     return {
         "events": n, "full_miss": summary(full), "first_miss_saving": first, "snapshot_miss": summary(with_snapshot),
         "snapshot_and_tail_miss": summary(with_tail), "pack": summary(pack), "unpack": summary(unpack),
