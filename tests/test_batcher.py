@@ -266,7 +266,12 @@ def test_a_model_failure_fails_only_its_callers_and_the_worker_lives_on():
     assert run(main()).shape == (1, DIM)
 
 
-def test_many_callers_that_cancel_or_expire_at_random_leave_nothing_behind():
+@pytest.mark.parametrize("config, most_inputs", [
+    (BatchingConfig(max_batch_tokens=64, max_batch_size=16), 4),
+    # Windows of 8 tokens: most requests go through several, cut anywhere.
+    (BatchingConfig(max_batch_tokens=8, max_batch_size=4, window_batches=1), 12),
+], ids=["whole-requests", "requests-across-windows"])
+def test_many_callers_that_cancel_or_expire_at_random_leave_nothing_behind(config, most_inputs):
     # The model thread and the event loop share the queue: every caller that
     # stays gets its own rows, the others their own error (or their rows, when
     # computed first), and the queue empties.
@@ -289,10 +294,10 @@ def test_many_callers_that_cancel_or_expire_at_random_leave_nothing_behind():
             return kind, ids, error
 
     async def main():
-        batcher = DynamicBatcher(slow_forward, BatchingConfig(max_batch_tokens=64, max_batch_size=16))
+        batcher = DynamicBatcher(slow_forward, config)
         batcher.start()
         kinds = rng.choice(["stays", "stays", "cancels", "expires"], 300)
-        outcomes = await asyncio.gather(*(caller(batcher, c * 100, int(rng.integers(1, 5)), kind)
+        outcomes = await asyncio.gather(*(caller(batcher, c * 100, int(rng.integers(1, most_inputs + 1)), kind)
                                           for c, kind in enumerate(kinds)))
         left = batcher.queued_inputs
         await batcher.stop()
@@ -309,6 +314,51 @@ def test_many_callers_that_cancel_or_expire_at_random_leave_nothing_behind():
         np.testing.assert_array_equal(outcome[:, 1], [i[0] for i in ids])
     failed = collections.Counter(kind for kind, _, outcome in outcomes if isinstance(outcome, BaseException))
     assert failed["cancels"] > 0 and failed["expires"] > 0  # both paths were exercised
+
+
+def _finish_order(config: BatchingConfig, requests: dict[str, list[np.ndarray]]) -> tuple[list[str], GatedModel]:
+    """Queues `requests` (in order) behind a busy model, then lets it run;
+    returns the names in the order their results came back, and the model."""
+    async def main():
+        model, batcher, busy = await busy_batcher(config)
+        done: list[str] = []
+        calls = []
+        for name, ids in requests.items():
+            call = asyncio.ensure_future(batcher.submit(ids))
+            call.add_done_callback(lambda _, name=name: done.append(name))
+            calls.append(call)
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        results = await asyncio.gather(busy, *calls)
+        await batcher.stop()
+        for ids, vectors in zip(requests.values(), results[1:]):  # every row its own, across windows
+            np.testing.assert_array_equal(vectors[:, 1], [i[0] for i in ids])
+        return done, model
+
+    return run(main())
+
+
+SMALL_WINDOWS = BatchingConfig(max_batch_tokens=64, max_batch_size=8, window_batches=2)  # 128-token windows
+
+
+def test_a_short_request_goes_before_big_ones_queued_earlier():
+    """Taken in arrival order, one sentence waited 62 s behind 256 requests of
+    32 KiB of text each: the window now takes the requests with the fewest
+    tokens left first, after a share of the oldest one."""
+    big = {name: [tokens(first + k, 16) for k in range(16)] for name, first in (("A", 100), ("B", 200), ("C", 300))}
+    done, model = _finish_order(SMALL_WINDOWS, big | {"short": [tokens(9, 3)]})
+    assert done[0] == "short" and sorted(done) == ["A", "B", "C", "short"]
+    # In the first window after the busy one: its batches hold A's share (64 tokens), the sentence and B's rest.
+    first_window = [first_id for batch in model.batches[1:4] for first_id in batch]
+    assert 9 in first_window and {first_id // 100 for first_id in first_window} == {0, 1, 2}
+
+
+def test_the_oldest_request_is_never_passed_over_by_a_stream_of_shorter_ones():
+    shorts = {f"short{n}": [tokens(1000 + n, 8)] for n in range(64)}  # 512 tokens: 4 windows' worth
+    done, _ = _finish_order(SMALL_WINDOWS, {"big": [tokens(100 + k, 16) for k in range(16)]} | shorts)
+    # 256 tokens, 64 of them a window: the big request ends with the 4th window, before the shorts do.
+    assert done.index("big") < len(done) - 1
+    assert done[-1].startswith("short")
 
 
 def test_a_batcher_not_running_refuses_at_once():
