@@ -93,6 +93,15 @@ def test_load_movielens_recommend_and_profile(server, tmp_path):
     assert "(trending)" in cold.stdout.splitlines()[0]
 
 
+def test_output_to_a_reader_that_left_ends_quietly(server):
+    """`halflife recommend ... | head -1`: the pipe closes under the command."""
+    process = subprocess.Popen([sys.executable, "-m", "halflife.cli", "recommend", "nobody", "--target", server.address],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before the command writes a line
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 141 and stderr == "", stderr
+
+
 def test_client_commands_report_errors_in_one_line(server, tmp_path):
     bad = halflife("recommend", "1", "--target", server.address, "--limit", "0")
     assert bad.returncode == 1

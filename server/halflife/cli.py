@@ -452,6 +452,8 @@ def _client_command(name: str, fn, *args) -> int:
         fn(*args)
     except grpc.RpcError as error:
         return _rpc_failure(name, error)
+    except BrokenPipeError:  # stdout's reader left: not an error of the command (see main)
+        raise
     except (OSError, KeyError, DatasetError) as exc:
         print(f"halflife {name}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -598,6 +600,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: every command's writes are atomic or idempotent, so a rerun is safe
         print(f"halflife {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `halflife ... | head`: the reader left, as it may; no traceback
+        # Python flushes stdout once more at exit, which would fail the same way.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a tool that SIGPIPE ended (128 + 13)
 
 
 if __name__ == "__main__":
