@@ -373,3 +373,23 @@ def test_empty_edges_answer_empty_arrays():
         assert idx.shape == scores.shape == (2, 0)
     picks = mmr(np.array([-np.inf, -np.inf, 1.0]), np.eye(3), 3)
     assert sorted(picks.tolist()) == [0, 1, 2] and picks[0] == 2
+
+
+@pytest.mark.parametrize("n", [40, 5000])  # sorted outright, and through the chunk bounds
+def test_integer_and_bool_scores_rank_as_their_float_values(n):
+    """Counts are scores too (popularity): top_k raised OverflowError on
+    integers, casting -inf into their dtype."""
+    rng = np.random.default_rng(4)
+    counts = rng.integers(0, 9, n)
+    allowed = rng.random(n) < 0.8
+    for scores in (counts, counts > 5, counts.astype(np.uint8)):
+        for mask in (None, allowed):
+            for ties in (False, True):
+                idx, values = top_k(scores, 7, mask, ties=ties)
+                expected_idx, expected_values = top_k(scores.astype(np.float64), 7, mask, ties=ties)
+                assert np.array_equal(idx, expected_idx) and np.array_equal(values, expected_values)
+                assert values.dtype == np.float64
+            rows = np.stack([scores, scores[::-1]])
+            idx, values = batch_top_k(rows, 7, mask)
+            expected_idx, expected_values = batch_top_k(rows.astype(np.float64), 7, mask)
+            assert np.array_equal(idx, expected_idx) and np.array_equal(values, expected_values)

@@ -138,6 +138,13 @@ class RowBlocks:
                 self._scanning -= 1
 
 
+def _real(scores) -> np.ndarray:
+    """scores as an array of a float type, as the -inf masks need: integer
+    (or bool) scores rank as float64, exact up to 2**53."""
+    scores = np.asarray(scores)
+    return scores if scores.dtype.kind == "f" else scores.astype(np.float64)
+
+
 def _excluded(scores: np.ndarray, allowed) -> np.ndarray:
     # -inf and NaN scores count as excluded too, so a masked item (set to
     # -inf) can never tie with, and displace, a legitimately scored one.
@@ -330,9 +337,9 @@ def top_k(scores, k: int, allowed=None, ties: bool = False) -> tuple[np.ndarray,
     internals. ties: also return every item past the k-th tied with it, for
     callers that order exact ties by something other than row. Returns
     (indices (m,) int64, scores (m,)) with m = min(k, #eligible), plus those
-    ties.
+    ties. Integer scores come back as float64.
     """
-    scores = np.asarray(scores)
+    scores = _real(scores)
     allowed = None if allowed is None else np.asarray(allowed, dtype=bool)
     k = int(k)
     if k <= 0:
@@ -385,9 +392,10 @@ def batch_top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
 
     allowed: (B, N), (N,) (same mask for every row) or None. Returns
     (indices (B, k') int64, scores (B, k')) with k' = min(k, N), best first;
-    slots beyond a row's eligible items hold index -1 and score -inf.
+    slots beyond a row's eligible items hold index -1 and score -inf
+    (integer scores come back as float64).
     """
-    scores = np.asarray(scores)
+    scores = _real(scores)
     b, n = scores.shape
     kk = min(int(k), n)
     if kk <= 0 or b == 0:
