@@ -361,6 +361,74 @@ def test_the_oldest_request_is_never_passed_over_by_a_stream_of_shorter_ones():
     assert done[-1].startswith("short")
 
 
+def test_a_request_across_windows_goes_shortest_input_first():
+    """Sliced in index order, each window sorted only its own slice: a
+    request of mixed lengths ran with more padding than in one window."""
+    lengths = list(np.random.default_rng(2).permutation(np.arange(1, 49)))  # 1,176 tokens: ~10 windows
+    done, model = _finish_order(SMALL_WINDOWS, {"big": [tokens(100 + n, n) for n in lengths]})
+    ran = [first_id - 100 for batch in model.batches[1:] for first_id in batch]
+    assert ran == sorted(lengths)
+
+
+def test_a_newer_shorter_request_passes_a_waiting_one_only_for_a_few_windows():
+    """Sorted only by tokens left, a 40-token request waited behind every
+    8-token call that kept arriving, until the big request ahead of both
+    (16 windows of work) was done."""
+    async def main():
+        model, batcher, busy = await busy_batcher(SMALL_WINDOWS)  # the model thread waits in forward
+        calls = [asyncio.ensure_future(batcher.submit([tokens(100 + k, 16) for k in range(64)]))]
+        calls.append(asyncio.ensure_future(batcher.submit([tokens(7, 40)])))
+        for window in range(20):
+            calls += [asyncio.ensure_future(batcher.submit([tokens(1000 + n, 8)])) for n in range(20)]
+            await asyncio.sleep(0)  # queued
+            with batcher._lock:  # plan as the model thread does next
+                taken, _ = batcher._take_window(time.monotonic())
+            if any(job.ids[0][0] == 7 for job, _, _ in taken):
+                break
+        for call in calls:
+            call.cancel()
+        model.gate.set()
+        await asyncio.gather(busy, *calls, return_exceptions=True)
+        await batcher.stop()
+        return window
+
+    # Only by the calls queued in its own window: later ones have waited less (PASSING_TOKENS a window).
+    assert run(main()) <= 3
+
+
+def test_a_request_in_progress_or_failed_holds_no_queue_places():
+    """The queue bounds what waits: a request being run, or failed by its
+    first batch, let a following one in as it did before requests were
+    sliced across windows."""
+    config = BatchingConfig(max_batch_tokens=16, max_batch_size=8, window_batches=1, max_queued_inputs=300)
+
+    class FailsOnRequestB(GatedModel):
+        def forward(self, ids):
+            if any(5000 <= i[0] < 6000 for i in ids):
+                raise RuntimeError("model failed")
+            return super().forward(ids)
+
+    async def main():
+        model = FailsOnRequestB(open_gate=False)
+        batcher = DynamicBatcher(model.forward, config)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit([tokens(1 + k, 2) for k in range(280)]))  # 35 windows
+        await asyncio.to_thread(model.started.wait, 5)
+        in_progress = batcher.queued_inputs
+        accepted_meanwhile = asyncio.ensure_future(batcher.submit([tokens(3000 + k, 2) for k in range(250)]))
+        await asyncio.sleep(0)  # queued, not refused
+        model.gate.set()
+        await asyncio.gather(running, accepted_meanwhile)
+        with pytest.raises(RuntimeError, match="model failed"):
+            await batcher.submit([tokens(5000 + k, 2) for k in range(290)])
+        after_failure = batcher.queued_inputs
+        accepted = await batcher.submit([tokens(9000 + k, 2) for k in range(256)])
+        await batcher.stop()
+        return in_progress, after_failure, accepted.shape
+
+    assert run(main()) == (0, 0, (256, DIM))
+
+
 def test_a_batcher_not_running_refuses_at_once():
     async def main():
         batcher = DynamicBatcher(GatedModel().forward)

@@ -7,11 +7,14 @@ There is no timer: an idle queue runs a lone request at once, and a busy one
 naturally batches whatever arrived during the previous run.
 
 A window takes some of the oldest request's inputs first (one batch's worth at
-most), then those of the others, the fewest tokens left first; a request too
-big for one window goes through several. So a short request waits for the
-window in progress and at most one more, not for every big one queued before
-it (in arrival order, one Embed of a sentence waited 62 s behind 256 requests
-of 32 KiB of text each), and the oldest request is never passed over.
+most), then those of the others, the fewest tokens left first (less
+`PASSING_TOKENS` for each window a request has waited), then more of the
+oldest one if room is left. A request too big for one window goes through
+several, its inputs shortest first. So a short request is not held back by
+every big one queued before it (in arrival order, one Embed of a sentence
+waited 62 s behind 256 requests of 32 KiB of text each), a newer shorter one
+passes a waiting one only for a bounded number of windows, and the oldest
+request always progresses.
 """
 
 from __future__ import annotations
@@ -44,6 +47,13 @@ class BatcherStoppedError(Exception):
 # Tokens of padding any batch may carry whatever its length ratio: texts of a
 # few tokens stay together (1.25 x 3 tokens is not a whole token more).
 PADDING_SLACK = 4
+# Each window a request waits counts as this many of its tokens fewer when
+# windows pick requests fewest tokens left first: a newer, shorter request
+# passes one that waits for at most (its tokens left - the newer's) / this
+# windows. 1,024: a request of 1k tokens waits behind newer ones at most one
+# window, one of ~7k (32 long texts) about 7, while a one-sentence call
+# still passes a 7k-token request queued a window before it.
+PASSING_TOKENS = 1024
 # How long the queue stays empty before the model thread calls `on_idle`
 # (e.g. to give back the model's memory), and again while it stays so.
 IDLE_AFTER_S = 1.0
@@ -69,17 +79,17 @@ class _Job:
     # callers that went away: cancelling the awaiting task cancels it at once.
     future: asyncio.Future
     deadline: float | None  # time.monotonic() seconds; None: no deadline
+    arrived: int = 0  # how many windows had been taken when it was queued
     out: np.ndarray | None = None
     remaining: int = 0  # inputs whose vectors have not come back (event loop only)
-    taken: int = 0  # inputs taken into windows so far, in order (under the batcher's lock)
-    tokens_left: int = 0  # tokens of the inputs not taken yet (under the batcher's lock)
+    # Under the batcher's lock: the inputs' indices shortest first (set when first
+    # taken), how many of them windows took so far, and the tokens of the rest.
+    order: Sequence[int] = ()
+    taken: int = 0
+    tokens_left: int = 0
 
-    @property
-    def untaken(self) -> int:
-        return len(self.ids) - self.taken
 
-
-# A window's share of one request: its inputs in range(start, stop).
+# A window's share of one request: its inputs job.order[start:stop].
 _Slice = tuple[_Job, int, int]
 
 
@@ -103,8 +113,9 @@ class DynamicBatcher:
         self._forward = forward
         self._on_idle = on_idle
         self.config = config
-        self._jobs: collections.deque[_Job] = collections.deque()  # guarded by _lock, as are the next two
-        self._queued_inputs = 0
+        self._jobs: collections.deque[_Job] = collections.deque()  # guarded by _lock, as are the next three
+        self._queued_inputs = 0  # of the queued jobs that no window took from yet
+        self._windows_taken = 0
         self._stopping = False
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # the model thread waits here for jobs
@@ -159,6 +170,7 @@ class DynamicBatcher:
         job = _Job(ids=ids, future=asyncio.get_running_loop().create_future(), deadline=deadline,
                    remaining=len(ids), tokens_left=sum(len(i) for i in ids))
         with self._work:
+            job.arrived = self._windows_taken
             if self._stopping or self._thread is None:
                 raise BatcherStoppedError("the embedding model is not running (the server is starting or stopping)")
             if self._queued_inputs + len(ids) > self.config.max_queued_inputs:
@@ -173,14 +185,17 @@ class DynamicBatcher:
         finally:
             if not job.future.done() or job.future.cancelled():  # the caller went away (cancelled, or timed out)
                 job.future.cancel()
-                # Free its place now, not when the model thread reaches it: callers that
-                # time out and retry were refused as "queue full" for a whole window's run.
+            if job.taken < len(ids):
+                # Gone (cancelled, timed out, or failed by a batch): free its place now,
+                # not when the model thread reaches it: callers that time out and retry
+                # were refused as "queue full" for a whole window's run.
                 with self._lock:
                     try:
                         self._jobs.remove(job)  # identity (eq=False)
-                        self._queued_inputs -= job.untaken
                     except ValueError:
-                        pass  # all taken into windows, which counted them out
+                        pass  # not queued (any more)
+                    else:
+                        self._queued_inputs -= 0 if job.taken else len(ids)
 
     def _serve(self) -> None:
         """The model thread: takes a window of jobs, runs its batches, repeats.
@@ -245,16 +260,16 @@ class DynamicBatcher:
     def _take_window(self, now: float) -> tuple[list[_Slice], list[_Job]]:
         """Takes a window of waiting inputs (see the module docstring): up to
         one batch's tokens of the oldest job (a window's when it waits
-        alone: the more inputs sorted together, the less padding), then the others' inputs, the
-        jobs with the fewest tokens left first, up to a window of tokens
-        (each job adds at least one input). Drops the jobs whose caller went
-        away, and those whose deadline passed. Returns (window, jobs whose
-        deadline passed). Call with the lock held."""
+        alone), then the other jobs' inputs, the fewest tokens left (less
+        PASSING_TOKENS a window waited) first, then more of the oldest job, up to a
+        window of tokens (each job taken from adds at least one input).
+        Drops the jobs whose caller went away, and those whose deadline
+        passed. Returns (window, jobs whose deadline passed). Lock held."""
         waiting: collections.deque[_Job] = collections.deque()
         expired: list[_Job] = []
         for job in self._jobs:
             if job.future.done() or (job.deadline is not None and now >= job.deadline):
-                self._queued_inputs -= job.untaken
+                self._queued_inputs -= 0 if job.taken else len(job.ids)
                 if not job.future.done():
                     expired.append(job)
             else:
@@ -264,22 +279,32 @@ class DynamicBatcher:
             return [], expired
         budget = self.config.max_batch_tokens * self.config.window_batches
         oldest, *others = waiting
-        others.sort(key=lambda job: job.tokens_left)  # stable: arrival order among equals
+        taken_before = self._windows_taken
+        # Stable: arrival order among equals.
+        others.sort(key=lambda job: job.tokens_left - PASSING_TOKENS * (taken_before - job.arrived))
+        self._windows_taken += 1
+        shares = [(oldest, self.config.max_batch_tokens if others else budget), *((job, budget) for job in others)]
+        if others:
+            shares.append((oldest, budget))  # the room the others left
         window: list[_Slice] = []
         tokens = 0
-        first_share = self.config.max_batch_tokens if others else budget
-        for job, limit in [(oldest, first_share), *((job, budget) for job in others)]:
+        for job, limit in shares:
             if tokens >= budget:
                 break
+            if job.taken == len(job.ids):
+                continue
+            if not job.taken:  # its places in the queue are free from now on, as its inputs run
+                self._queued_inputs -= len(job.ids)
+                job.order = sorted(range(len(job.ids)), key=lambda i: len(job.ids[i]))
             start = stop = job.taken
             while stop < len(job.ids) and (stop == start or tokens < limit):
-                tokens += len(job.ids[stop])
-                job.tokens_left -= len(job.ids[stop])
+                length = len(job.ids[job.order[stop]])
+                tokens += length
+                job.tokens_left -= length
                 stop += 1
             window.append((job, start, stop))
             job.taken = stop
-            self._queued_inputs -= stop - start
-        self._jobs = collections.deque(job for job in waiting if job.untaken)
+        self._jobs = collections.deque(job for job in waiting if job.taken < len(job.ids))
         return window, expired
 
     def _plan(self, window: list[_Slice]) -> list[list[tuple[_Job, int]]]:
@@ -287,7 +312,7 @@ class DynamicBatcher:
         padded size (inputs x longest input) fits the token budget and whose
         longest input is at most `max_length_ratio` x its shortest (+ slack)."""
         config = self.config
-        items = [(len(job.ids[i]), job, i) for job, start, stop in window for i in range(start, stop)]
+        items = [(len(job.ids[i]), job, i) for job, start, stop in window for i in job.order[start:stop]]
         items.sort(key=lambda item: item[0])
         batches: list[list[tuple[_Job, int]]] = []
         current: list[tuple[_Job, int]] = []
