@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sqlite3
+import time
 
 import numpy as np
 import pytest
@@ -313,3 +314,16 @@ def test_the_snapshot_saver_drops_what_does_not_fit_and_survives_a_failing_store
     assert "dropped: 8 saves waiting" in caplog.text and "disk full" in caplog.text
     saver.submit("after", ProfileSnapshot(1, "k", b""))
     assert saver.wait(10) and saved[-1] == "after"
+
+    release.clear()
+    saver.submit("queued before close", ProfileSnapshot(1, "k", b""))
+    closing = threading.Thread(target=saver.close, args=(10,))
+    closing.start()
+    for _ in range(1000):  # until close() has begun
+        if saver._closed:
+            break
+        time.sleep(0.01)
+    saver.submit("after close", ProfileSnapshot(1, "k", b""))  # dropped
+    release.set()
+    closing.join(10)
+    assert saved[-1] == "queued before close" and not saver._thread.is_alive()

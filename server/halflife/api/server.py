@@ -347,7 +347,7 @@ class HalflifeServer:
         if self.backend.batcher is not None:
             await self.backend.batcher.stop()
         if self.backend.interest is not None:  # profile snapshots queued by the last calls, briefly
-            await asyncio.to_thread(self.backend.interest.snapshots.wait, SNAPSHOT_SAVE_GRACE_S)
+            await asyncio.to_thread(self.backend.interest.snapshots.close, SNAPSHOT_SAVE_GRACE_S)
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
             self.store = None

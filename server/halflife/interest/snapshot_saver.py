@@ -26,12 +26,15 @@ class SnapshotSaver:
         self._store = store
         self._pending: collections.deque[tuple[str, ProfileSnapshot]] = collections.deque()
         self._saving = False
+        self._closed = False
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None  # started by the first snapshot
 
     def submit(self, user_id: str, snapshot: ProfileSnapshot) -> None:
         """Queues the save and returns at once."""
         with self._changed:
+            if self._closed:
+                return
             if len(self._pending) >= MAX_PENDING:
                 log.info("profile snapshot of user %r dropped: %d saves waiting", user_id, len(self._pending))
                 return
@@ -46,10 +49,23 @@ class SnapshotSaver:
         with self._changed:
             return self._changed.wait_for(lambda: not self._pending and not self._saving, timeout)
 
+    def close(self, timeout: float) -> None:
+        """Saves what is queued, for up to `timeout` seconds, and ends the
+        thread (once the queue is done); later snapshots are dropped. Call
+        before the store closes."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
     def _run(self) -> None:
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: bool(self._pending))
+                self._changed.wait_for(lambda: self._pending or self._closed)
+                if not self._pending:
+                    return
                 user_id, snapshot = self._pending.popleft()
                 self._saving = True
             try:  # the store refuses it if the user was erased since their events were read
