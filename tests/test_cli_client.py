@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -93,13 +95,28 @@ def test_load_movielens_recommend_and_profile(server, tmp_path):
     assert "(trending)" in cold.stdout.splitlines()[0]
 
 
-def test_output_to_a_reader_that_left_ends_quietly(server):
-    """`halflife recommend ... | head -1`: the pipe closes under the command."""
-    process = subprocess.Popen([sys.executable, "-m", "halflife.cli", "recommend", "nobody", "--target", server.address],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    process.stdout.close()  # before the command writes a line
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 141 and stderr == "", stderr
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_output_to_a_reader_that_left_ends_quietly(server, buffered):
+    """`halflife recommend ... | head -1`: the pipe closes under the command.
+    Buffered (a pipe's default), the output is written at the end; loadtest's
+    verdict must survive it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | ({} if buffered else {"PYTHONUNBUFFERED": "1"})
+
+    def reader_leaves(*args: str) -> tuple[int, str]:
+        process = subprocess.Popen([sys.executable, "-m", "halflife.cli", *args], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=env)
+        process.stdout.close()  # before the command writes a line
+        _, stderr = process.communicate(timeout=60)
+        return process.returncode, stderr
+
+    assert reader_leaves("recommend", "nobody", "--target", server.address) == (141, "")
+    assert reader_leaves("loadtest", "--call", "grpc.health.v1.Health/Check", "-n", "3",
+                         "--target", server.address) == (141, "")
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))  # nothing listens: every call fails
+        code, stderr = reader_leaves("loadtest", "--call", "grpc.health.v1.Health/Check", "-n", "3",
+                                     "--target", f"127.0.0.1:{unused.getsockname()[1]}")
+    assert code == 1 and stderr.strip() == "halflife loadtest: error: none of the 3 calls succeeded", stderr
 
 
 def test_client_commands_report_errors_in_one_line(server, tmp_path):

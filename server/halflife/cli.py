@@ -424,15 +424,22 @@ def _run_loadtest(args: argparse.Namespace) -> int:
     except LoadTestError as exc:
         print(f"halflife loadtest: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    print(json.dumps(report, indent=2) if args.format == "json" else summary(report))
+    # The verdict first: a report whose reader left (| head) must not hide it.
+    code = 0
     if interrupted:  # ghz exits 0 here; a script should not take a cut-short run for a finished one
         print(f"halflife loadtest: interrupted; the report covers the {report['count']} calls made", file=sys.stderr)
-        return 130
-    if not report["statusCodeDistribution"].get("OK"):
+        code = 130
+    elif not report["statusCodeDistribution"].get("OK"):
         # ghz exits 0 here; a script or CI step that load-tests a dead or refusing server should fail.
         print(f"halflife loadtest: error: none of the {report['count']} calls succeeded", file=sys.stderr)
-        return EXIT_FAILURE
-    return 0
+        code = EXIT_FAILURE
+    try:
+        print(json.dumps(report, indent=2) if args.format == "json" else summary(report), flush=True)
+    except BrokenPipeError:
+        if not code:
+            raise
+        _stdout_to_devnull()
+    return code
 
 
 def _rpc_failure(name: str, error: grpc.RpcError, context: str = "") -> int:
@@ -511,6 +518,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     logging.basicConfig(level="WARNING")
     try:
         run(args.data, args.model_dir, args.out, args.cache_dir, target=args.target, config_out=args.write_config)
+    except BrokenPipeError:  # stdout's reader left: not an error of the run (see main)
+        raise
     except (DatasetError, ManifestError, OSError) as exc:
         print(f"halflife eval: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -587,6 +596,12 @@ def run_event_loop(main):
     return uvloop.run(main) if uvloop else asyncio.run(main)
 
 
+def _stdout_to_devnull() -> None:
+    """After stdout's reader left: Python flushes stdout once more at exit,
+    which would fail the same way and print a traceback."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:
@@ -596,13 +611,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # `serve --workers N` starts its workers with the same flags
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # here, where a reader that left is caught, not at exit
+        return code
     except KeyboardInterrupt:  # Ctrl-C: every command's writes are atomic or idempotent, so a rerun is safe
         print(f"halflife {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `halflife ... | head`: the reader left, as it may; no traceback
-        # Python flushes stdout once more at exit, which would fail the same way.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_to_devnull()
         return 141  # as a shell reports a tool that SIGPIPE ended (128 + 13)
 
 
