@@ -396,37 +396,51 @@ def test_a_newer_shorter_request_passes_a_waiting_one_only_for_a_few_windows():
     assert run(main()) <= 3
 
 
-def test_a_request_in_progress_or_failed_holds_no_queue_places():
-    """The queue bounds what waits: a request being run, or failed by its
-    first batch, let a following one in as it did before requests were
-    sliced across windows."""
-    config = BatchingConfig(max_batch_tokens=16, max_batch_size=8, window_batches=1, max_queued_inputs=300)
+def test_the_queue_counts_what_no_window_took_yet_and_frees_a_failed_requests_rest():
+    """A request in progress still has inputs waiting: they count against
+    max_queued_inputs, so the bound holds what waits (before, a request
+    taken into a window whole counted out, however long it ran). One that
+    its first batch failed frees the rest at once, not at the next window."""
+    config = BatchingConfig(max_batch_tokens=16, max_batch_size=8, window_batches=2, max_queued_inputs=300)
+    release_c = threading.Event()
 
-    class FailsOnRequestB(GatedModel):
+    class Model(GatedModel):
         def forward(self, ids):
             if any(5000 <= i[0] < 6000 for i in ids):
-                raise RuntimeError("model failed")
+                raise RuntimeError("model failed")  # request B's batch
+            if any(i[0] >= 7000 for i in ids):
+                assert release_c.wait(10)  # request C's batch, in the same window as B's
             return super().forward(ids)
 
     async def main():
-        model = FailsOnRequestB(open_gate=False)
+        model = Model(open_gate=False)
         batcher = DynamicBatcher(model.forward, config)
         batcher.start()
-        running = asyncio.ensure_future(batcher.submit([tokens(1 + k, 2) for k in range(280)]))  # 35 windows
+        running = asyncio.ensure_future(batcher.submit([tokens(1 + k, 2) for k in range(280)]))  # 18 windows
         await asyncio.to_thread(model.started.wait, 5)
         in_progress = batcher.queued_inputs
-        accepted_meanwhile = asyncio.ensure_future(batcher.submit([tokens(3000 + k, 2) for k in range(250)]))
-        await asyncio.sleep(0)  # queued, not refused
+        with pytest.raises(QueueFullError):
+            await batcher.submit([tokens(3000 + k, 2) for k in range(250)])
         model.gate.set()
-        await asyncio.gather(running, accepted_meanwhile)
+        await running
+        model.gate.clear()
+        busy = asyncio.ensure_future(batcher.submit([tokens(1, 2)]))
+        await asyncio.sleep(0.05)  # the model waits at the gate with it
+        b = asyncio.ensure_future(batcher.submit([tokens(5000 + k, 2) for k in range(290)]))
+        c = asyncio.ensure_future(batcher.submit([tokens(7000 + k, 2) for k in range(10)]))
+        await asyncio.sleep(0)
+        model.gate.set()  # next window: 8 of B's inputs, then 8 of C's, whose batch waits
         with pytest.raises(RuntimeError, match="model failed"):
-            await batcher.submit([tokens(5000 + k, 2) for k in range(290)])
-        after_failure = batcher.queued_inputs
-        accepted = await batcher.submit([tokens(9000 + k, 2) for k in range(256)])
+            await b
+        after_failure = batcher.queued_inputs  # B's rest freed; C's last 2 wait
+        release_c.set()
+        await asyncio.gather(busy, c)
+        accepted = await batcher.submit([tokens(9000 + k, 2) for k in range(300)])
         await batcher.stop()
         return in_progress, after_failure, accepted.shape
 
-    assert run(main()) == (0, 0, (256, DIM))
+    # The first window took 16 of the 280 inputs (32 tokens).
+    assert run(main()) == (280 - 16, 2, (300, DIM))
 
 
 def test_a_batcher_not_running_refuses_at_once():

@@ -114,7 +114,7 @@ class DynamicBatcher:
         self._on_idle = on_idle
         self.config = config
         self._jobs: collections.deque[_Job] = collections.deque()  # guarded by _lock, as are the next three
-        self._queued_inputs = 0  # of the queued jobs that no window took from yet
+        self._queued_inputs = 0  # inputs of queued jobs that no window took yet
         self._windows_taken = 0
         self._stopping = False
         self._lock = threading.Lock()
@@ -186,7 +186,7 @@ class DynamicBatcher:
             if not job.future.done() or job.future.cancelled():  # the caller went away (cancelled, or timed out)
                 job.future.cancel()
             if job.taken < len(ids):
-                # Gone (cancelled, timed out, or failed by a batch): free its place now,
+                # Gone (cancelled, timed out, or failed by a batch): free its places now,
                 # not when the model thread reaches it: callers that time out and retry
                 # were refused as "queue full" for a whole window's run.
                 with self._lock:
@@ -195,7 +195,7 @@ class DynamicBatcher:
                     except ValueError:
                         pass  # not queued (any more)
                     else:
-                        self._queued_inputs -= 0 if job.taken else len(ids)
+                        self._queued_inputs -= len(ids) - job.taken
 
     def _serve(self) -> None:
         """The model thread: takes a window of jobs, runs its batches, repeats.
@@ -269,7 +269,7 @@ class DynamicBatcher:
         expired: list[_Job] = []
         for job in self._jobs:
             if job.future.done() or (job.deadline is not None and now >= job.deadline):
-                self._queued_inputs -= 0 if job.taken else len(job.ids)
+                self._queued_inputs -= len(job.ids) - job.taken
                 if not job.future.done():
                     expired.append(job)
             else:
@@ -293,8 +293,7 @@ class DynamicBatcher:
                 break
             if job.taken == len(job.ids):
                 continue
-            if not job.taken:  # its places in the queue are free from now on, as its inputs run
-                self._queued_inputs -= len(job.ids)
+            if not job.taken:
                 job.order = sorted(range(len(job.ids)), key=lambda i: len(job.ids[i]))
             start = stop = job.taken
             while stop < len(job.ids) and (stop == start or tokens < limit):
@@ -304,6 +303,7 @@ class DynamicBatcher:
                 stop += 1
             window.append((job, start, stop))
             job.taken = stop
+            self._queued_inputs -= stop - start
         self._jobs = collections.deque(job for job in waiting if job.taken < len(job.ids))
         return window, expired
 
