@@ -327,3 +327,29 @@ def test_the_snapshot_saver_drops_what_does_not_fit_and_survives_a_failing_store
     release.set()
     closing.join(10)
     assert saved[-1] == "queued before close" and not saver._thread.is_alive()
+
+
+def test_snapshots_still_queued_when_close_gives_up_are_dropped(caplog):
+    import threading
+
+    from halflife.interest.snapshot_saver import SnapshotSaver
+    from halflife.storage.base import ProfileSnapshot
+
+    release, saving, saved = threading.Event(), threading.Event(), []
+
+    class Store:
+        def save_profile_snapshot(self, user_id, snapshot):
+            saving.set()
+            assert release.wait(10)  # a writer held up by another process
+            saved.append(user_id)
+            return True
+
+    saver = SnapshotSaver(Store())
+    saver.submit("in flight", ProfileSnapshot(1, "k", b""))
+    assert saving.wait(10)
+    saver.submit("queued", ProfileSnapshot(1, "k", b""))
+    with caplog.at_level(logging.INFO, logger="halflife.interest.snapshot_saver"):
+        saver.close(timeout=0.05)
+    release.set()
+    saver._thread.join(10)
+    assert saved == ["in flight"] and "1 profile snapshots not saved" in caplog.text

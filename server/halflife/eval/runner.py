@@ -127,6 +127,7 @@ class EngineBackend:
         return {name: values[rows] for name, values in signals.items()}
 
     def close(self) -> None:
+        self.engine.snapshots.close(timeout=5.0)
         self.store.close()
 
 

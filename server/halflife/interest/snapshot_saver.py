@@ -59,6 +59,10 @@ class SnapshotSaver:
             thread = self._thread
         if thread is not None:
             thread.join(timeout)
+        with self._changed:
+            if self._pending:  # the store is about to close: they could only fail
+                log.info("%d profile snapshots not saved: the store is closing", len(self._pending))
+                self._pending.clear()
 
     def _run(self) -> None:
         while True:
