@@ -48,11 +48,12 @@ class BatcherStoppedError(Exception):
 # few tokens stay together (1.25 x 3 tokens is not a whole token more).
 PADDING_SLACK = 4
 # Each window a request waits counts as this many of its tokens fewer when
-# windows pick requests fewest tokens left first: a newer, shorter request
-# passes one that waits for at most (its tokens left - the newer's) / this
-# windows. 1,024: a request of 1k tokens waits behind newer ones at most one
-# window, one of ~7k (32 long texts) about 7, while a one-sentence call
-# still passes a 7k-token request queued a window before it.
+# windows pick requests fewest tokens left first: a shorter request queued w
+# windows later passes a waiting one only while their tokens left differ by
+# more than this x w (requests of one window go fewest tokens first). 1,024:
+# a request of 1k tokens is passed by later ones for at most one window, one
+# of ~7k (32 long texts) for about 7, while a one-sentence call still passes
+# a 7k-token request queued a window before it.
 PASSING_TOKENS = 1024
 # How long the queue stays empty before the model thread calls `on_idle`
 # (e.g. to give back the model's memory), and again while it stays so.
