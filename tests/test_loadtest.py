@@ -46,6 +46,24 @@ def test_a_total_alone_or_first_stops_the_run(server, capsys):
     assert report["count"] == 30 and report["total"] < 30e9
 
 
+def test_a_run_cut_by_its_bounds_says_so(server, capsys, monkeypatch):
+    """The bounds keep every run finite; one that cuts what was asked says
+    which, or a report of fewer calls reads as the run that was asked for."""
+    monkeypatch.setattr(loadtest_module, "MAX_TOTAL", 40)
+    monkeypatch.setattr(loadtest_module, "MAX_CONCURRENCY", 3)
+    assert main(["loadtest", "--call", HEALTH, "--target", server.address, "-n", "100", "-c", "5"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["count"] == 40
+    assert captured.err.splitlines() == ["halflife loadtest: note: total 100 is past the bound: at most 40 calls",
+                                         "halflife loadtest: note: concurrency 5 is past the bound: at most 3 workers"]
+    monkeypatch.setattr(loadtest_module, "MAX_DURATION_S", 0.5)
+    assert main(["loadtest", "--call", HEALTH, "--target", server.address, "-z", "3s", "-c", "2"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["total"] < 2e9
+    assert captured.err.strip() == "halflife loadtest: note: duration 3 s is past the bound: the run stops after 0.5 s"
+    assert loadtest(server, capsys, "-n", "30") and capsys.readouterr().err == ""  # within the bounds: no note
+
+
 @pytest.mark.parametrize("flags", [("-n", "0"), ("-z", "0s"), ("-c", "0")])
 def test_bounds_that_would_send_nothing_are_refused(server, capsys, flags):
     assert main(["loadtest", "--call", HEALTH, "--target", server.address, *flags]) != 0

@@ -403,7 +403,8 @@ async def _until_interrupted(run):
 
 def _run_loadtest(args: argparse.Namespace) -> int:
     from halflife.loadtest import (
-        LoadTestError, options_from_flags, options_from_ghz_config, read_data_file, run_load_test, summary,
+        LoadTestError, bounds_applied, options_from_flags, options_from_ghz_config, read_data_file, run_load_test,
+        summary,
     )
 
     try:
@@ -420,6 +421,8 @@ def _run_loadtest(args: argparse.Namespace) -> int:
             options = options_from_ghz_config(args.config, **flags)
         else:
             options = options_from_flags(**flags)
+        for note in bounds_applied(options):
+            print(f"halflife loadtest: note: {note}", file=sys.stderr)
         report, interrupted = run_event_loop(_until_interrupted(lambda stop: run_load_test(options, stop)))
     except LoadTestError as exc:
         print(f"halflife loadtest: error: {exc}", file=sys.stderr)

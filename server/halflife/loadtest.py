@@ -402,6 +402,21 @@ def latency_distribution(latencies: list[int]) -> list[dict]:
     return [{"percentage": p, "latency": nearest_rank(ordered, p / 100)} for p in PERCENTILES]
 
 
+def bounds_applied(options: LoadTestOptions) -> list[str]:
+    """What of `options` the run's bounds cut (MAX_TOTAL, MAX_DURATION_S,
+    MAX_CONCURRENCY), as notes for the user: a silent cut read as a run
+    that had done what was asked."""
+    notes = []
+    if options.total is not None and options.total > MAX_TOTAL and not (options.duration and not options.max_duration):
+        notes.append(f"total {options.total} is past the bound: at most {MAX_TOTAL} calls")
+    asked = options.max_duration or options.duration
+    if asked is not None and asked > MAX_DURATION_S:
+        notes.append(f"duration {asked:g} s is past the bound: the run stops after {MAX_DURATION_S:g} s")
+    if options.concurrency > MAX_CONCURRENCY:
+        notes.append(f"concurrency {options.concurrency} is past the bound: at most {MAX_CONCURRENCY} workers")
+    return notes
+
+
 async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = None) -> dict:
     """Runs the load; returns a ghz-shaped report (durations in nanoseconds).
     Setting `stop` (on Ctrl-C, say) ends the run as its duration would, with
