@@ -114,6 +114,12 @@ def test_invalid_settings_name_the_key(data, key):
     assert "\n" not in str(caught.value)
 
 
+def test_ratings_bounds_in_the_wrong_order_name_both_values():
+    """positive_min's default (4) is not in the file that sets negative_max alone."""
+    with pytest.raises(ConfigError, match=r"^ratings.negative_max: must be below ratings.positive_min \(4\), got 4.5$"):
+        parse_config({"ratings": {"negative_max": 4.5}})
+
+
 def test_a_linear_kernel_takes_a_decay_of_zero_as_its_kernel_does():
     assert parse_config({"profile": {"mode": "single", "kernel": "linear", "kernel_decay": 0.0}}).profile.kernel_decay == 0
 

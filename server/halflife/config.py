@@ -237,7 +237,8 @@ def parse_config(data: dict) -> Config:
         "negative_max": lambda v, k: float(_number(v, k)),
     })
     if ratings.negative_max >= ratings.positive_min:
-        raise ConfigError("ratings.negative_max: must be below ratings.positive_min")
+        raise ConfigError(f"ratings.negative_max: must be below ratings.positive_min ({ratings.positive_min:g}), "
+                          f"got {ratings.negative_max:g}")
     profile = _section(ProfileConfig, _table(data, "profile"), "profile.", {
         "mode": lambda v, k: _choice(v, k, ("multi", "single")),
         "max_interests": lambda v, k: _number(v, k, minimum=1, integer=True),
