@@ -975,7 +975,7 @@ class InterestEngine:
 
     def _past_state(self, user_id: str, as_of: float) -> UserState | None:
         """The user's profile as of `as_of` when that is a look into the past,
-        replayed from the log without the lock (500 events: ~30-50 ms that
+        replayed from the log without the lock (1k events: ~20 ms that
         would hold up every other call); None when the cached profile answers
         at `as_of`. The cache is left as it is. Call without the lock."""
         with self._lock:
