@@ -418,17 +418,20 @@ def test_events_join_the_clusters_a_brute_force_reading_of_every_centroid_picks(
     assert state.counts.tolist() == _reference_cluster_sizes(TYPES, type_ids, times, vectors, k, threshold)
 
 
-def test_an_event_joins_a_cluster_decayed_past_what_squares_can_hold():
-    """A cluster's entries near 1e-160 square to 0 in float64: its cosines
-    are then read from its normalised centroid, as before (divided by a
-    zero norm, any event with a positive dot product joined it)."""
+@pytest.mark.parametrize("scale", [1e-170, 1e170], ids=["decayed", "huge"])
+def test_an_event_joins_a_cluster_past_what_squares_can_hold(scale):
+    """A cluster's entries near 1e-160 square to 0 in float64 (hundreds of
+    half-lives of decay), near 1e160 to inf (a library caller's huge
+    vectors): its cosines are then read from its normalised centroid, as
+    before (divided by a zero norm, any event on its side joined it; by an
+    infinite one, none did)."""
     rng = np.random.default_rng(13)
     a, c = _topics(rng, 2, 16)
     c = c if a @ c > 0 else -c  # unlike a (cosine well under the threshold), yet on its side
     state = MultiInterestState.empty(TYPES, 16, max_clusters=4, threshold=0.9)
     state.add(TYPES, [0], [T0], a[None])
-    state.sums *= 1e-170  # as hundreds of half-lives of decay leave it
-    state.masses *= 1e-170
+    state.sums *= scale
+    state.masses *= scale
     state.add(TYPES, [0], [T0 + 1], c[None])
     assert state.counts.tolist() == [1, 1]
     state.add(TYPES, [0], [T0 + 2], a[None])

@@ -36,12 +36,13 @@ TREND_HALF_LIVES = (7 * DAY, 90 * DAY)  # short and long horizon of a cluster's 
 TREND_BAND = 0.05  # |trend| above this is "rising"/"fading", else "steady"
 
 _EPS = 1e-300
-# A centroid whose squared norm is below this is normalised row by row (as
-# `normalize` does, by its largest entry first): squares of entries near
-# 1e-150 (a cluster hundreds of half-lives old) underflow.
+# A centroid whose squared norm is below this, or above its inverse, is
+# normalised row by row (as `normalize` does, by its largest entry first):
+# squares of entries near 1e-150 (a cluster hundreds of half-lives old)
+# underflow, and of entries near 1e155 (library callers' huge vectors) overflow.
 _TINY_SQUARE = 1e-250
 # Events whose float64 rows, unit rows and read factors are made at once in
-# the assignment loop: one NumPy call for many, at ~0.4 MB of rows.
+# the assignment loop: one NumPy call for many, at 64 x d x 16 bytes (0.4 MB at 384-d).
 _ROWS_AT_ONCE = 64
 _GEMM_EVENTS = 4096  # events per float64 product when a profile adds a batch
 
@@ -311,8 +312,8 @@ class MultiInterestState:
             cosines come from their dot products and squared norms, a few
             NumPy calls fewer an event than normalising them."""
             centroids = np.matmul(f, sums[:k])  # (R,) x (k, R, d): 2.7 us where einsum took 4.2
-            squares = np.vecdot(centroids, centroids)
-            if squares.min() > _TINY_SQUARE:
+            squares = np.vecdot(centroids, centroids)  # inf past ~1e154: see the loop's errstate
+            if _TINY_SQUARE < squares.min() and squares.max() < 1 / _TINY_SQUARE:
                 return (centroids @ u) / np.sqrt(squares), centroids
             return normalize(centroids, dtype=np.float64) @ u, centroids
 
@@ -348,39 +349,42 @@ class MultiInterestState:
                 expo = -rates * (np.maximum(t[start:stop], newest)[:, None] - landmark)
                 read_factors = np.exp(expo - expo.max(axis=1, keepdims=True))
                 block_coeffs = coeffs[start - i : stop - i].tolist()
-                for row, (coeff, t_e, rate) in enumerate(zip(block_coeffs, t[start:stop].tolist(),
-                                                             r_idx[start:stop].tolist())):
-                    if coeff == 0:
-                        continue  # so late that its worth underflowed: it would start a cluster worth nothing
-                    c = -1
-                    if k:
-                        cos, centroids = cosines(read_factors[row], k, unit_rows[row])
-                        best = int(cos.argmax())
-                        if cos[best] >= self.threshold - _COSINE_SLACK:
-                            c = best
-                    if c < 0:
-                        c, k = k, k + 1
-                        sums[c], masses[c], trend[c], counts[c], last_time[c] = 0.0, 0.0, 0.0, 0, -np.inf
-                    sums[c, rate] += coeff * v_rows[row]
-                    masses[c, rate] += coeff
-                    trend[c] += trend_coeffs[start - i + row]
-                    counts[c] += 1
-                    last_time[c] = max(last_time[c], t_e)
-                    newest = max(newest, t_e)
-                    if k > self.max_clusters:
-                        # Only a new cluster (this event alone) can push k past the
-                        # cap, and `newest` is now the time the others were read
-                        # at: their directions are `centroids`, the new one's is e's.
-                        cent = np.vstack([normalize(centroids, dtype=np.float64), unit_rows[row]])
-                        sim = cent @ cent.T
-                        np.fill_diagonal(sim, -np.inf)
-                        a, b = sorted(np.unravel_index(int(np.argmax(sim)), sim.shape))
-                        sums[a] += sums[b]
-                        masses[a] += masses[b]
-                        trend[a] += trend[b]
-                        counts[a] += counts[b]
-                        last_time[a] = max(last_time[a], last_time[b])
-                        k = drop(b, k)
+                # A huge centroid's squared norm overflows to inf, read as such (`cosines`):
+                # errstate once a block, where once an event cost ~1 us of the ~6.
+                with np.errstate(over="ignore"):
+                    for row, (coeff, t_e, rate) in enumerate(zip(block_coeffs, t[start:stop].tolist(),
+                                                                 r_idx[start:stop].tolist())):
+                        if coeff == 0:
+                            continue  # so late that its worth underflowed: it would start a cluster worth nothing
+                        c = -1
+                        if k:
+                            cos, centroids = cosines(read_factors[row], k, unit_rows[row])
+                            best = int(cos.argmax())
+                            if cos[best] >= self.threshold - _COSINE_SLACK:
+                                c = best
+                        if c < 0:
+                            c, k = k, k + 1
+                            sums[c], masses[c], trend[c], counts[c], last_time[c] = 0.0, 0.0, 0.0, 0, -np.inf
+                        sums[c, rate] += coeff * v_rows[row]
+                        masses[c, rate] += coeff
+                        trend[c] += trend_coeffs[start - i + row]
+                        counts[c] += 1
+                        last_time[c] = max(last_time[c], t_e)
+                        newest = max(newest, t_e)
+                        if k > self.max_clusters:
+                            # Only a new cluster (this event alone) can push k past the
+                            # cap, and `newest` is now the time the others were read
+                            # at: their directions are `centroids`, the new one's is this event's.
+                            cent = np.vstack([normalize(centroids, dtype=np.float64), unit_rows[row]])
+                            sim = cent @ cent.T
+                            np.fill_diagonal(sim, -np.inf)
+                            a, b = sorted(np.unravel_index(int(np.argmax(sim)), sim.shape))
+                            sums[a] += sums[b]
+                            masses[a] += masses[b]
+                            trend[a] += trend[b]
+                            counts[a] += counts[b]
+                            last_time[a] = max(last_time[a], last_time[b])
+                            k = drop(b, k)
             i = j
 
         self.landmark = landmark
