@@ -91,7 +91,7 @@ MAX_HELD_EVENTS_PER_USER = 16
 LONG_REPLAY_EVENTS = 2000
 # A replay of at least this many events saves the profile it built to the
 # store (Store.save_profile_snapshot): the user's next miss replays only the
-# events after it. ~50-75 ms of replay, where a save costs a few ms once.
+# events after it. 20-60 ms of replay, where a save costs a few ms once.
 SNAPSHOT_EVENTS = 1000
 # ... and at least this share of the user's events: a snapshot is written
 # whole (~32 bytes an event), and a 1M-event user's took 0.4 s to serialise
