@@ -10,7 +10,7 @@ def test_what_it_hands_out_is_exactly_the_entries_up_to_through_or_the_read(max_
     random times and forgets: every step, the entries handed out are exactly
     those stamped up to `through`, and after a read at t >= through, up to t."""
     rng = np.random.default_rng(7)
-    horizon, out, ids, every_time = Horizon(max_held), [], [], []
+    horizon, out, every_time = Horizon(max_held), [], []
     next_id = 0
     for step in range(300):
         if rng.random() < 0.6:
