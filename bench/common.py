@@ -32,6 +32,14 @@ def zero_embedder(dim: int) -> Callable[..., object]:
     return lambda texts, deadline=None: np.zeros((len(texts), dim), np.float32)
 
 
+def profile_miss(engine, user_id: str):
+    """The user's profile as a cache miss builds it (store read + replay, or
+    snapshot + tail), in-process: the cached one dropped first."""
+    with engine._lock:
+        engine._users.pop(user_id, None)
+        return engine._user_state(user_id, engine.now())
+
+
 def machine() -> dict:
     """CPU model, cores and versions, recorded with every result."""
     cpu = platform.processor() or "unknown"

@@ -58,7 +58,7 @@ from halflife.storage.sqlite import MIGRATIONS, WRITER_PRAGMAS, SqliteStore, _in
 from halflife.v1 import interest_pb2, interest_pb2_grpc, recommend_pb2, recommend_pb2_grpc
 
 from bench.server_process import ServerProcess, upsert_vectors
-from bench.common import markdown_table, save_plot, summary, write_results, zero_embedder
+from bench.common import markdown_table, profile_miss, save_plot, summary, write_results, zero_embedder
 
 DIM = 384
 BATCH = 500
@@ -269,9 +269,7 @@ def rebuild_costs(counts=(50, 500), repeat: int = 10) -> dict:
             user = f"r{n}"
 
             def miss():
-                with engine._lock:
-                    engine._users.pop(user, None)
-                    return engine._user_state(user, time.time())
+                return profile_miss(engine, user)
 
             def read():
                 return store.user_events(user)

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from bench.common import markdown_table, summary, timings, write_results, zero_embedder
+from bench.common import markdown_table, profile_miss, summary, timings, write_results, zero_embedder
 from halflife.config import Config
 from halflife.core.ranking import normalize
 from halflife.interest import engine as engine_module
@@ -60,9 +60,7 @@ def one_user(engine: InterestEngine, user: str, n: int, repeat: int, rng, items:
                                     now - YEAR + min(n, chunk + 5_000) / n * span, rng, items, pool))
 
     def miss():
-        with engine._lock:
-            engine._users.pop(user, None)
-            return engine._user_state(user, engine.now())
+        return profile_miss(engine, user)
 
     def top10() -> list[str]:
         return [i.item_id for i in engine.recommend(user, 10).items]

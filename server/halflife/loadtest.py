@@ -402,12 +402,18 @@ def latency_distribution(latencies: list[int]) -> list[dict]:
     return [{"percentage": p, "latency": nearest_rank(ordered, p / 100)} for p in PERCENTILES]
 
 
+def _total_counts(options: LoadTestOptions) -> bool:
+    """Whether the run stops at a number of calls: ghz's -z alone ignores -n
+    ("If duration is specified, n is ignored"); -x keeps it."""
+    return options.duration is None or options.max_duration is not None
+
+
 def bounds_applied(options: LoadTestOptions) -> list[str]:
     """What of `options` the run's bounds cut (MAX_TOTAL, MAX_DURATION_S,
     MAX_CONCURRENCY), as notes for the user: a silent cut read as a run
     that had done what was asked."""
     notes = []
-    if options.total is not None and options.total > MAX_TOTAL and not (options.duration and not options.max_duration):
+    if options.total is not None and options.total > MAX_TOTAL and _total_counts(options):
         notes.append(f"total {options.total} is past the bound: at most {MAX_TOTAL} calls")
     asked = options.max_duration or options.duration
     if asked is not None and asked > MAX_DURATION_S:
@@ -422,10 +428,7 @@ async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = N
     Setting `stop` (on Ctrl-C, say) ends the run as its duration would, with
     endReason "cancel". The options were checked when they were made
     (LoadTestOptions.__post_init__)."""
-    if options.duration is not None and options.max_duration is None:
-        total = None  # ghz: "If duration is specified, n is ignored."
-    else:
-        total = min(options.total or DEFAULT_TOTAL, MAX_TOTAL)
+    total = min(options.total or DEFAULT_TOTAL, MAX_TOTAL) if _total_counts(options) else None
     # ghz's -x is a -z that keeps -n, and the one that counts when both are given.
     duration = min(options.max_duration or options.duration or MAX_DURATION_S, MAX_DURATION_S)
     # No more workers than requests, no more connections than workers: extras only cost start-up time.
