@@ -48,11 +48,26 @@ def history(n: int, first: int = 0, start: float = T - 100 * HOUR) -> list[Event
     return events
 
 
-def filled(path, n: int, config: Config = Config()) -> InterestEngine:
-    engine = open_engine(path, config)
+def with_items(path, config: Config = Config(), now: float = T) -> InterestEngine:
+    engine = open_engine(path, config, now)
     engine.upsert_items([ItemInput(id=f"i{n}", text=f"topic {n % 3} thing {n}") for n in range(12)])
+    return engine
+
+
+def filled(path, n: int, config: Config = Config()) -> InterestEngine:
+    engine = with_items(path, config)
     engine.record_events(history(n))
     return engine
+
+
+def full_replay_of(engine: InterestEngine, path, monkeypatch, config: Config = Config()) -> InterestEngine:
+    """An engine at `engine`'s clock over the same items and user u's log,
+    saving no snapshot: what a replay of the whole log answers."""
+    monkeypatch.setattr(engine_module, "SNAPSHOT_EVENTS", 10**9)
+    reference = with_items(path, config, engine.now())
+    reference.record_events([EventInput(e.event_id, "u", e.type, e.item_id, e.text, e.value, e.event_time)
+                             for e in engine.store.user_events("u")])
+    return reference
 
 
 def answers(engine: InterestEngine) -> tuple:
@@ -92,8 +107,7 @@ def test_a_miss_replays_only_the_events_after_the_users_snapshot_and_answers_as_
     assert counts == [4]  # the profile's miss: the 4 events after the snapshot (the recommendation hits)
     assert live != first
 
-    monkeypatch.setattr(engine_module, "SNAPSHOT_EVENTS", 10**9)  # a reference without snapshots
-    reference = filled(tmp_path / "reference", 34)
+    reference = full_replay_of(engine, tmp_path / "reference", monkeypatch)
     assert reference.store.user_history("u")[0] is None
     assert live == answers(reference)
 
@@ -151,12 +165,7 @@ def test_a_snapshot_that_would_answer_otherwise_than_a_full_replay_is_not_used(t
     assert ("unreadable profile snapshot" in caplog.text) == (change is _damage)
 
     monkeypatch.undo()
-    monkeypatch.setattr(engine_module, "SNAPSHOT_EVENTS", 10**9)
-    reference = open_engine(tmp_path / "reference", config, engine.now())
-    reference.upsert_items([ItemInput(id=f"i{n}", text=f"topic {n % 3} thing {n}") for n in range(12)])
-    for e in engine.store.user_events("u"):
-        reference.record_events([EventInput(e.event_id, "u", e.type, e.item_id, e.text, e.value, e.event_time)])
-    assert live == answers(reference)
+    assert live == answers(full_replay_of(engine, tmp_path / "reference", monkeypatch, config))
 
 
 def test_a_user_erased_while_their_profile_replays_leaves_no_snapshot(tmp_path, monkeypatch):
@@ -227,12 +236,7 @@ def test_events_held_for_the_clock_after_every_applied_one_are_left_out_of_the_s
     later._users.clear()
     live = later.profile("u", as_of=T + HOUR)
     assert counts == [3]  # the held events, onto the snapshot
-    monkeypatch.setattr(engine_module, "SNAPSHOT_EVENTS", 10**9)
-    reference = open_engine(tmp_path / "reference", now=T + HOUR)
-    reference.upsert_items([ItemInput(id=f"i{n}", text=f"topic {n % 3} thing {n}") for n in range(12)])
-    reference.record_events([EventInput(e.event_id, "u", e.type, e.item_id, e.text, e.value, e.event_time)
-                             for e in engine.store.user_events("u")])
-    expected = reference.profile("u", as_of=T + HOUR)
+    expected = full_replay_of(later, tmp_path / "reference", monkeypatch).profile("u", as_of=T + HOUR)
     assert live.event_counts == expected.event_counts == {**held[0], LIKE: held[0][LIKE] + 3}
     assert [(round(i.strength, 9), i.event_count) for i in live.interests] == \
         [(round(i.strength, 9), i.event_count) for i in expected.interests]
