@@ -306,6 +306,19 @@ class MultiInterestState:
                 arr[c : k - 1] = arr[c + 1 : k]
             return k - 1
 
+        def merge_closest(directions: np.ndarray, k: int) -> int:
+            """Merges the two of the first k clusters whose unit `directions`
+            (k, d) are closest into the earlier one; returns k - 1."""
+            sim = directions @ directions.T
+            np.fill_diagonal(sim, -np.inf)
+            a, b = sorted(np.unravel_index(int(np.argmax(sim)), sim.shape))
+            sums[a] += sums[b]
+            masses[a] += masses[b]
+            trend[a] += trend[b]
+            counts[a] += counts[b]
+            last_time[a] = max(last_time[a], last_time[b])
+            return drop(b, k)
+
         def cosines(f: np.ndarray, k: int, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             """Unit row u's cosine with each cluster's vector read with the
             factors f (k,), and those vectors (k, d), not normalised: the
@@ -375,16 +388,7 @@ class MultiInterestState:
                             # Only a new cluster (this event alone) can push k past the
                             # cap, and `newest` is now the time the others were read
                             # at: their directions are `centroids`, the new one's is this event's.
-                            cent = np.vstack([normalize(centroids, dtype=np.float64), unit_rows[row]])
-                            sim = cent @ cent.T
-                            np.fill_diagonal(sim, -np.inf)
-                            a, b = sorted(np.unravel_index(int(np.argmax(sim)), sim.shape))
-                            sums[a] += sums[b]
-                            masses[a] += masses[b]
-                            trend[a] += trend[b]
-                            counts[a] += counts[b]
-                            last_time[a] = max(last_time[a], last_time[b])
-                            k = drop(b, k)
+                            k = merge_closest(np.vstack([normalize(centroids, dtype=np.float64), unit_rows[row]]), k)
             i = j
 
         self.landmark = landmark
