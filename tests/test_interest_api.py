@@ -718,18 +718,30 @@ def test_blank_text_beside_an_item_is_no_text(text):
     assert [(e.item_id, e.text) for e in built] == [("i", None), ("i", None)]
 
 
-def test_invisible_text_alone_is_refused_like_whitespace(client):
-    """U+200B and U+FEFF tokenize to nothing: an item of them embedded as the empty text."""
-    invisible = "\u200b\ufeff"
-    error = rpc_error(client.upsert_items, [Item(id="blank", text=invisible)])
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["items[0].text"]
-    error = rpc_error(client.record_events, [ev("blank-e", "u", LIKE, text=invisible, at=T0)])
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["events[0].item_id"]
-    error = rpc_error(client.recommend, "u", 3, query=invisible)
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["query"]
-    error = rpc_error(client._recommend.SimilarItems, recommend_pb2.SimilarItemsRequest(text=invisible, limit=3),
-                      timeout=30)
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["text"]
+@pytest.mark.parametrize("text", [" \t ", "\u200b\ufeff", "\x00\u0301"])
+def test_unreadable_text_alone_is_refused_as_such(client, text):
+    """Whitespace, U+200B and U+FEFF, a NUL or a lone accent tokenize to
+    nothing: an item of them embedded as the empty text. Each is refused
+    on the text field, saying why (not "empty", nor "only whitespace")."""
+    unreadable = "holds nothing the model reads"
+    calls = [
+        (lambda: client.upsert_items([Item(id="blank", text=text)]), "items[0].text"),
+        (lambda: client.record_events([ev("blank-e", "u", LIKE, text=text, at=T0)]), "events[0].text"),
+        (lambda: client.recommend("u", 3, query=text), "query"),
+        (lambda: client._recommend.SimilarItems(recommend_pb2.SimilarItemsRequest(text=text, limit=3), timeout=30),
+         "text"),
+    ]
+    for call, field in calls:
+        error = rpc_error(call)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        [(named, description)] = field_violations(error)
+        assert named == field and description.startswith(unreadable), (field, description)
+    # Missing altogether, they say so.
+    assert field_violations(rpc_error(lambda: client.upsert_items([Item(id="none", text="")]))) == [
+        ("items[0].text", "is required when no vector is given")]
+    assert fields(rpc_error(lambda: client.record_events([ev("none-e", "u", LIKE, at=T0)]))) == ["events[0].item_id"]
+    error = rpc_error(lambda: client._recommend.SimilarItems(recommend_pb2.SimilarItemsRequest(text="", limit=3), timeout=30))
+    assert field_violations(error) == [("text", "must not be empty")]
 
 
 def test_every_bad_event_is_named(client):

@@ -10,7 +10,7 @@ import numpy as np
 from halflife.api.backend import Backend
 from halflife.api.calls import run_with_deadline
 from halflife.api.errors import not_found, translate_errors
-from halflife.api.validation import Violations, to_timestamp
+from halflife.api.validation import UNREADABLE, Violations, to_timestamp
 from halflife.interest.engine import ItemInput
 from halflife.texts import blank
 from halflife.v1 import catalog_pb2, catalog_pb2_grpc
@@ -36,8 +36,10 @@ def _item_input(item: catalog_pb2.Item, field: str, dim: int, violations: Violat
             violations.add(f"{field}.vector", "holds NaN or infinite values")
         elif not np.any(vector):
             violations.add(f"{field}.vector", "is all zeros: it has no direction")
-    elif blank(item.text):
+    elif not item.text:
         violations.add(f"{field}.text", "is required when no vector is given")
+    elif blank(item.text):
+        violations.add(f"{field}.text", f"{UNREADABLE}; give a text the model reads, or a vector")
     if len(item.categories) > MAX_CATEGORIES:
         violations.add(f"{field}.categories", f"holds {len(item.categories)} categories; at most {MAX_CATEGORIES}")
     for j, category in enumerate(item.categories):

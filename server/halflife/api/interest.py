@@ -16,6 +16,7 @@ from halflife.api.validation import (
     MAX_ID_BYTES,
     MAX_TEXT_BYTES,
     MAX_TIMESTAMP_SECONDS,
+    UNREADABLE,
     Violations,
     to_timestamp,
 )
@@ -42,7 +43,9 @@ def _event_input(event: interest_pb2.Event, field: str, now: float, violations: 
         name = "EVENT_TYPE_UNSPECIFIED" if event.type == 0 else f"unknown value {event.type}"
         violations.add(f"{field}.type", f"must be a known event type, got {name}")
     readable = not blank(event.text)
-    if not event.item_id and not readable:
+    if not event.item_id and event.text and not readable:
+        violations.add(f"{field}.text", f"{UNREADABLE}; an event needs an item_id, a text the model reads, or both")
+    elif not event.item_id and not readable:
         violations.add(f"{field}.item_id", "an event needs an item_id, a text, or both")
     if event.item_id:
         violations.identifier(event.item_id, f"{field}.item_id")

@@ -10,7 +10,7 @@ from halflife.api.backend import Backend
 from halflife.api.calls import run_with_deadline
 from halflife.api.catalog import MAX_ITEMS_PER_REQUEST
 from halflife.api.errors import not_found, translate_errors
-from halflife.api.validation import Violations, to_timestamp
+from halflife.api.validation import UNREADABLE, Violations, to_timestamp
 from halflife.interest.engine import ItemFilter, Recommendation
 from halflife.texts import blank
 from halflife.v1 import recommend_pb2, recommend_pb2_grpc
@@ -76,7 +76,7 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         item_filter = _filter(request.filter, violations)
         violations.text(request.query, "query")
         if request.query and blank(request.query):
-            violations.add("query", "is only whitespace; leave it empty for no query")
+            violations.add("query", f"{UNREADABLE}; leave it empty for no query")
         if not (math.isfinite(request.diversity) and 0 <= request.diversity <= 1):
             violations.add("diversity", f"must be between 0 and 1, got {request.diversity}")
         violations.raise_if_any()
@@ -105,8 +105,10 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
             violations.add("text", "set text or item_id")
         elif target == "item_id":
             violations.identifier(request.item_id, "item_id")
-        elif blank(request.text):
+        elif not request.text:
             violations.add("text", "must not be empty")
+        elif blank(request.text):
+            violations.add("text", UNREADABLE)
         else:
             violations.text(request.text, "text")
         violations.limit(request.limit, "limit", interest.config.ranking.max_limit)

@@ -17,6 +17,8 @@ MAX_CATEGORY_BYTES = 128
 # client's bug, and NUL would be cut off by SQLite's JSON functions (3.40),
 # which the store looks ids up with, so "a\0b" would name item "a".
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+# What a text `halflife.texts.blank` refuses holds, for the message that refuses it.
+UNREADABLE = "holds nothing the model reads (only whitespace, control, format or combining characters)"
 MAX_FUTURE_SECONDS = 24 * 3600.0  # event times may run ahead of our clock by at most a day
 # google.protobuf.Timestamp's valid range.
 MIN_TIMESTAMP_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
