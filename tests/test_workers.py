@@ -521,3 +521,26 @@ def test_a_port_another_program_holds_is_named_in_the_error():
         with pytest.raises(OSError, match=rf"cannot bind 127.0.0.1:{port}: Address already in use"):
             with reserve_port("127.0.0.1", port):
                 pass
+
+
+def test_connections_a_stopped_server_closed_do_not_hold_the_port():
+    """`serve --workers` right after a single `serve` on the port failed for a
+    minute with "Address already in use" (an audit): the server's ends of its
+    closed connections waited in TIME_WAIT, which gRPC's SO_REUSEADDR
+    listeners pass and the group's reservation did not. A live listener
+    with SO_REUSEADDR (as gRPC's) still holds the port."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with pytest.raises(OSError, match=rf"cannot bind 127.0.0.1:{port}"):
+            with reserve_port("127.0.0.1", port):
+                pass
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            served, _ = listener.accept()
+            served.close()  # the server's end closes first: it waits in TIME_WAIT
+    with reserve_port("127.0.0.1", port) as reserved:
+        assert reserved.getsockname()[1] == port

@@ -58,6 +58,9 @@ def reserve_port(host: str, port: int) -> Iterator[socket.socket]:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        # As gRPC's own listeners: connections a stopped server closed (TIME_WAIT,
+        # ~60 s) do not hold the port. A live listener still does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:  # "[Errno 98] Address already in use" named no address
