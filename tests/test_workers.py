@@ -21,6 +21,7 @@ import pytest
 
 import halflife.locks
 from halflife import workers as workers_module
+from halflife.api.server import claim_data_dir
 from halflife.locks import LockHeldError, hold_lock, remove_lock
 from halflife.workers import RestartBudget, reserve_port
 from halflife.v1 import interest_pb2, recommend_pb2
@@ -234,7 +235,7 @@ def test_workers_started_before_one_cannot_be_are_stopped(monkeypatch):
     started = []
 
     class Worker(FakeWorker):
-        def __init__(self, argv, index, restarts):
+        def __init__(self, argv, index, restarts, keep_fds):
             if index == 2:
                 raise OSError(24, "Too many open files")
             super().__init__(index, restarts)
@@ -307,12 +308,24 @@ def gone_within(pids: list[int], seconds: float = 30) -> bool:
     return not any(Path(f"/proc/{pid}").exists() for pid in pids)
 
 
-def test_workers_stop_when_their_parent_is_killed(model_dir, tmp_path):
+def test_workers_stop_when_their_parent_is_killed_and_hold_the_data_dir_till_then(model_dir, tmp_path):
+    """The directory's lock was the parent's alone: after a SIGKILL of it, a new
+    server took the directory while orphaned workers still committed writes
+    it never saw (an audit). Stopped, the workers outlive the parent for sure."""
     process, _ = start_cli_server(model_dir, tmp_path / "data", drain=True, workers=2)
     workers = children(process.pid)
-    process.kill()  # SIGKILL: nothing is forwarded
-    process.wait(30)
+    try:
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        process.kill()  # SIGKILL: nothing is forwarded
+        process.wait(30)
+        with pytest.raises(OSError, match=rf"in use by another halflife serve \(pid {process.pid} and the workers"):
+            claim_data_dir(tmp_path / "data")
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
     assert gone_within(workers)
+    claim_data_dir(tmp_path / "data").close()  # free once the last one has gone
 
 
 def test_a_missing_model_fails_once_before_any_worker_starts(tmp_path):
@@ -450,7 +463,8 @@ def test_a_second_server_on_a_data_dir_in_use_is_refused(model_dir, tmp_path, fi
     try:
         second = serve_once(model_dir, tmp_path / "data", workers=second_workers)
         assert second.returncode == 1
-        assert f"is in use by another halflife serve (pid {process.pid})" in second.stderr, second.stderr
+        holder = f"pid {process.pid}" + (" and the workers it started" if first_workers > 1 else "")
+        assert f"is in use by another halflife serve ({holder})" in second.stderr, second.stderr
         assert "Traceback" not in second.stderr and "starting" not in second.stderr
     finally:
         process.send_signal(signal.SIGTERM)

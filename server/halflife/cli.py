@@ -263,10 +263,13 @@ def _run_workers(args: argparse.Namespace) -> int:
 
     try:
         load_manifest(args.model_dir)  # one clear error here rather than one per worker
-        with claim_data_dir(args.data_dir):  # for the workers, until they have stopped
+        # Each worker inherits the lock's open file: the directory stays taken until
+        # the last of them has exited, even after a SIGKILL of this parent (an audit
+        # started a new server there while orphaned workers still committed writes).
+        with claim_data_dir(args.data_dir, f"pid {os.getpid()} and the workers it started") as lock:
             SqliteStore(args.data_dir).close()  # migrations run once, here, before any worker opens the file
-            return run_workers(args.argv[1:], args.host, args.port, args.workers,
-                               worker_threads(args.threads, args.workers, physical_cores()))
+            threads = worker_threads(args.threads, args.workers, physical_cores())
+            return run_workers(args.argv[1:], args.host, args.port, args.workers, threads, keep_fds=(lock.fileno(),))
     except (ManifestError, StoreError, OSError) as exc:
         print(f"halflife serve: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE

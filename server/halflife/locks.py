@@ -17,10 +17,12 @@ class LockHeldError(OSError):
         self.holder = holder
 
 
-def hold_lock(path: Path) -> IO[str]:
-    """Takes an exclusive flock on `path` (created if missing) and writes this
-    process's pid into it. Held until the returned file is closed or the
-    process ends, crash included. Raises LockHeldError naming the holder.
+def hold_lock(path: Path, holder: str = "") -> IO[str]:
+    """Takes an exclusive flock on `path` (created if missing) and writes
+    `holder` (default: "pid <this process's>") into it. Held until the
+    returned file is closed in every process that has it (children it was
+    passed to included) or they end, crash included. Raises LockHeldError
+    naming the holder.
 
     A holder may delete the file as it lets go (`remove_lock`): a lock taken
     on a file no longer at `path` is let go and `path` opened again, or two
@@ -41,7 +43,7 @@ def hold_lock(path: Path) -> IO[str]:
             break
         lock.close()
     lock.truncate(0)
-    lock.write(f"pid {os.getpid()}\n")
+    lock.write(f"{holder or f'pid {os.getpid()}'}\n")
     lock.flush()
     return lock
 

@@ -5,9 +5,10 @@ one GIL; SO_REUSEPORT lets the kernel spread incoming connections over N
 processes instead. The parent here never creates a gRPC object: it reserves
 the port (a bound, non-listening SO_REUSEPORT socket, so `--port 0` gets one
 port for all), opens the store once so migrations run before anyone serves,
-then starts each worker as a fresh interpreter (`halflife serve` with the same
-flags plus `--worker-index`, in a session of its own), stops them with SIGTERM
-when it gets SIGTERM or SIGINT, and waits.
+then starts each worker as a fresh interpreter (`halflife serve` with the
+same flags plus `--worker-index`, in a session of its own, holding the data
+directory's lock with it), stops them with SIGTERM when it gets SIGTERM or
+SIGINT, and waits.
 
 Workers share the SQLite store and follow each other's writes
 (`InterestEngine(follow_store=True)`). Each tells the parent through a pipe
@@ -111,7 +112,7 @@ class RestartBudget:
 class _Worker:
     """One worker process, and the pipe on which it says that it serves."""
 
-    def __init__(self, argv: Sequence[str], index: int, restarts: RestartBudget):
+    def __init__(self, argv: Sequence[str], index: int, restarts: RestartBudget, keep_fds: Sequence[int] = ()):
         self.index = index
         self.restarts = restarts
         self.serving = False
@@ -121,7 +122,7 @@ class _Worker:
             # the parent, which forwards a stop; a worker still importing would otherwise raise
             # KeyboardInterrupt inside a C extension's import (onnxruntime's) and exit 1.
             self.process = subprocess.Popen([*argv, "--worker-index", str(index), "--ready-fd", str(write)],
-                                            pass_fds=(write,), start_new_session=True)
+                                            pass_fds=(write, *keep_fds), start_new_session=True)
         except BaseException:
             os.close(read)
             raise
@@ -147,10 +148,12 @@ class _Worker:
             self._ready = None
 
 
-def run_workers(serve_argv: Sequence[str], host: str, port: int, workers: int, threads: int) -> int:
+def run_workers(serve_argv: Sequence[str], host: str, port: int, workers: int, threads: int,
+                keep_fds: Sequence[int] = ()) -> int:
     """Runs `workers` copies of `halflife serve <serve_argv>` on one port until
     SIGTERM/SIGINT (forwarded to them), restarting one that dies after it
     served (see the module's docstring for when the group stops instead).
+    keep_fds: open in every worker for its life (the data directory's lock).
     Returns the exit status: 0 after a requested stop that every worker completed."""
     group: list[_Worker] = []
     requested: list[int] = []
@@ -173,7 +176,7 @@ def run_workers(serve_argv: Sequence[str], host: str, port: int, workers: int, t
 
             def start(index: int, restarts: RestartBudget, position: int) -> None:
                 """Starts worker `index` into group[position] (appended at the end)."""
-                worker = _Worker(argv, index, restarts)
+                worker = _Worker(argv, index, restarts, keep_fds)
                 if position == len(group):
                     group.append(worker)
                 else:

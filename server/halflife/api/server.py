@@ -360,9 +360,11 @@ class HalflifeServer:
 DATA_DIR_LOCK = "serve.lock"
 
 
-def claim_data_dir(data_dir: Path) -> IO[str]:
+def claim_data_dir(data_dir: Path, holder: str = "") -> IO[str]:
     """Takes `data_dir` for this process (a single server, or the parent of
-    `--workers`) until the returned file is closed or the process ends.
+    `--workers`, which passes the file on to its workers) until the returned
+    file is closed or the processes holding it end. holder: what a refused
+    server is told holds it (default: this process's pid).
 
     Only the workers of one group follow each other's writes; a second
     independent server on the same files would answer from a stale memory
@@ -373,7 +375,7 @@ def claim_data_dir(data_dir: Path) -> IO[str]:
     except (FileExistsError, NotADirectoryError):
         raise OSError(f"{data_dir} is not a directory") from None
     try:
-        return hold_lock(data_dir / DATA_DIR_LOCK)
+        return hold_lock(data_dir / DATA_DIR_LOCK, holder)
     except LockHeldError as held:
         raise OSError(f"{data_dir} is in use by another halflife serve ({held.holder}); "
                       "one server or one --workers group per data directory") from None
