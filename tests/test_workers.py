@@ -524,13 +524,22 @@ def test_a_worker_whose_parent_died_before_it_started_stops(model_dir, tmp_path)
     assert worker.returncode == 0 and "worker is gone; stopping" in output, output
 
 
-def test_a_port_another_program_holds_is_named_in_the_error():
-    """It was "[Errno 98] Address already in use", naming no address (an audit)."""
+def listening_socket(reuse_address: bool):
+    """A listener on a free port of 127.0.0.1, without SO_REUSEPORT: the port is its alone."""
     import socket
 
-    with socket.socket() as other:  # no SO_REUSEPORT: the port is its alone
-        other.bind(("127.0.0.1", 0))
-        other.listen()
+    listener = socket.socket()
+    if reuse_address:  # as gRPC's listeners
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    return listener
+
+
+@pytest.mark.parametrize("reuse_address", [False, True], ids=["plain", "SO_REUSEADDR"])
+def test_a_port_another_program_holds_is_named_in_the_error(reuse_address):
+    """It was "[Errno 98] Address already in use", naming no address (an audit)."""
+    with listening_socket(reuse_address) as other:
         port = other.getsockname()[1]
         with pytest.raises(OSError, match=rf"cannot bind 127.0.0.1:{port}: Address already in use"):
             with reserve_port("127.0.0.1", port):
@@ -541,19 +550,12 @@ def test_connections_a_stopped_server_closed_do_not_hold_the_port():
     """`serve --workers` right after a single `serve` on the port failed for a
     minute with "Address already in use" (an audit): the server's ends of its
     closed connections waited in TIME_WAIT, which gRPC's SO_REUSEADDR
-    listeners pass and the group's reservation did not. A live listener
-    with SO_REUSEADDR (as gRPC's) still holds the port."""
+    listeners pass and the group's reservation did not."""
     import socket
 
-    with socket.socket() as listener:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
+    with listening_socket(reuse_address=True) as listener:
         port = listener.getsockname()[1]
-        with pytest.raises(OSError, match=rf"cannot bind 127.0.0.1:{port}"):
-            with reserve_port("127.0.0.1", port):
-                pass
-        with socket.create_connection(("127.0.0.1", port)) as client:
+        with socket.create_connection(("127.0.0.1", port)):
             served, _ = listener.accept()
             served.close()  # the server's end closes first: it waits in TIME_WAIT
     with reserve_port("127.0.0.1", port) as reserved:
