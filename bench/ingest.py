@@ -58,7 +58,7 @@ from halflife.storage.sqlite import MIGRATIONS, WRITER_PRAGMAS, SqliteStore, _in
 from halflife.v1 import interest_pb2, interest_pb2_grpc, recommend_pb2, recommend_pb2_grpc
 
 from bench.server_process import ServerProcess, upsert_vectors
-from bench.common import markdown_table, profile_miss, save_plot, summary, write_results, zero_embedder
+from bench.common import markdown_table, profile_miss, save_plot, summary, timings, write_results, zero_embedder
 
 DIM = 384
 BATCH = 500
@@ -268,20 +268,12 @@ def rebuild_costs(counts=(50, 500), repeat: int = 10) -> dict:
         for n in counts:
             user = f"r{n}"
 
-            def miss():
-                return profile_miss(engine, user)
-
-            def read():
-                return store.user_events(user)
-
             events = store.user_events(user)
-            t_miss, t_read, t_build = [], [], []
-            for fn, acc in ((miss, t_miss), (read, t_read), (lambda: engine._build_state(events, engine.now()), t_build)):
-                fn()
-                for _ in range(repeat):
-                    b = time.perf_counter()
-                    fn()
-                    acc.append(time.perf_counter() - b)
+            t_miss, t_read, t_build = (
+                timings(fn, repeat=repeat, warmup=1)
+                for fn in (lambda: profile_miss(engine, user), lambda: store.user_events(user),
+                           lambda: engine._build_state(events, engine.now()))
+            )
             tracemalloc.start()
             before = tracemalloc.get_traced_memory()[0]
             state = engine._build_state(events, engine.now())
