@@ -632,6 +632,8 @@ def _bad_event(case: str) -> interest_pb2.Event:
         base["type"] = 99
     elif case == "no_item_no_text":
         base["item_id"] = ""
+    elif case == "no_item_blank_text":
+        base["item_id"] = ""
         base["text"] = "   "
     elif case == "rate_without_value":
         base["type"] = RATE
@@ -657,6 +659,7 @@ EVENT_CASES = {
     "unspecified_type": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].type"),
     "unknown_type": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].type"),
     "no_item_no_text": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].item_id"),
+    "no_item_blank_text": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].text"),
     "rate_without_value": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].value"),
     "long_text": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].text"),
 }
