@@ -15,6 +15,11 @@ T = 1_700_000_000.0
 LIKE, DISLIKE = 3, 10
 
 
+def single_profile(engine: InterestEngine, user_id: str, t: float):
+    with engine._lock:
+        return engine._single_profile(user_id, engine._user_state(user_id, t), t)
+
+
 def engine_with(config: Config, tmp_path) -> InterestEngine:
     engine = InterestEngine(config, SqliteStore(tmp_path), DIM, fake_embed, clock=lambda: T)
     engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(40)])
@@ -73,11 +78,12 @@ def test_a_linear_kernel_forgets_events_beyond_its_reach(tmp_path):
     events = {e.event_id: e for e in engine.store.user_events("u")}
     like = short.event_types["like"].weight
     expected = like * (0.9 * events["e0"].vector + 0.7 * events["e1"].vector)  # liked 1 and 3 days ago
-    positive, negative = engine._kernel_profiles("u", T)
+    positive, negative, weight = single_profile(engine, "u", T)
     np.testing.assert_allclose(positive, expected, atol=1e-6)
+    assert weight == pytest.approx(like * (0.9 + 0.7))
     np.testing.assert_allclose(negative, -short.event_types["dislike"].weight * 0.8 * events["d"].vector, atol=1e-6)
     # Ten days earlier, only the 30-day-old like (then 20 days old) is out of reach too.
-    earlier, _ = engine._kernel_profiles("u", T - 10 * DAY)
+    earlier, _, _ = single_profile(engine, "u", T - 10 * DAY)
     np.testing.assert_allclose(earlier, like * 1.0 * events["e2"].vector, atol=1e-6)  # liked exactly then
 
 
@@ -88,3 +94,34 @@ def test_kernels_other_than_half_life_need_single_mode():
     with pytest.raises(ConfigError, match=r"^profile\.kernel_decay:"):
         parse_config({"profile": {"kernel": "exp", "mode": "single", "kernel_decay": 1.0}})
 
+
+
+def test_the_kernel_decides_between_personalised_and_trending(tmp_path):
+    """The choice went by the event types' half-lives while the scores went
+    by the kernel (an audit): a like beyond a linear kernel's reach made a
+    'personalized' list of popularity alone, and a 1970 view inside a
+    30,000-day kernel's reach (its 7-day half-life long decayed to 0) made
+    a trending one."""
+    short = Config(profile=ProfileConfig(mode="single", kernel="linear", kernel_scale_days=5.0, kernel_decay=0.5))
+    engine = InterestEngine(short, SqliteStore(tmp_path / "short"), DIM, fake_embed, clock=lambda: T)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(10)])
+    engine.record_events([EventInput("old", "u", LIKE, "i0", None, None, T - 30 * DAY),  # 10 days is its reach
+                          EventInput("other", "v", LIKE, "i1", None, None, T - DAY)])
+    beyond = engine.recommend("u", 5, as_of=T)
+    assert beyond.strategy == "trending"
+    trending = engine.recommend("nobody", 6, as_of=T)  # a user without events: the same list, less u's i0
+    assert [(i.item_id, i.score) for i in beyond.items] == [(i.item_id, i.score) for i in trending.items
+                                                            if i.item_id != "i0"][:5]
+    assert engine.recommend("u", 5, as_of=T - 25 * DAY).strategy == "personalized"  # 5 days old then
+
+    VIEW = 1
+    wide = Config(profile=ProfileConfig(mode="single", kernel="linear", kernel_scale_days=30_000.0, kernel_decay=0.5))
+    engine = InterestEngine(wide, SqliteStore(tmp_path / "wide"), DIM, fake_embed, clock=lambda: T)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(10)])
+    engine.record_events([EventInput("1970", "u", VIEW, "i0", None, None, 0.0)])
+    assert wide.event_types["view"].half_life_days < 30  # 2^(-19,700 days / h) is 0 in float64
+    got = engine.recommend("u", 5, as_of=T, explain=True)
+    assert got.strategy == "personalized"
+    # The explanation weighs the event by the kernel too: (s - age) / s, s = 60,000 days.
+    [event] = {e.event_id: e for item in got.items for e in item.explanation.events}.values()
+    assert event.weight == pytest.approx(wide.event_types["view"].weight * (1 - T / (60_000 * DAY)))

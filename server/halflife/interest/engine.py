@@ -43,7 +43,7 @@ import numpy as np
 
 from halflife.config import EVENT_TYPE_NAMES, Config
 from halflife.core.cooccurrence import Cooccurrence, cooccurrence_scores
-from halflife.core.decay import es_kernel, kernel_profile
+from halflife.core.decay import es_kernel, half_life_kernel, kernel_profile
 from halflife.core.describe import describe_clusters
 from halflife.core.horizon import Entries, Horizon
 from halflife.core.profiles import MultiInterestState, ProfileState
@@ -284,6 +284,14 @@ def _derived(state: UserState, name: str, key, compute: Callable[[], object]):
     if cached is None or cached[0] != key:
         cached = state.derived[name] = (key, compute())
     return cached[1]
+
+
+class _SingleProfile(NamedTuple):
+    """A user's single-vector profile at some time (InterestEngine._single_profile)."""
+
+    positive: np.ndarray  # (d,) Σ w · decay · v over positive events
+    negative: np.ndarray  # (d,) the same over negative ones, |w|
+    weight: float  # Σ w · decay over positive events: 0 means no interest (trending)
 
 
 @dataclasses.dataclass(eq=False)
@@ -1187,10 +1195,11 @@ class InterestEngine:
         with self._lock:
             state = self._user_state(user_id, t) if past is None else past
             allowed = self._allowed(filter, _NO_ROWS if include_seen else self._seen_rows(state))
-            personal = state.single.strength(t) > 0
+            single = self._single_profile(user_id, state, t)
+            personal = single.weight > 0
             items, create_times = self.catalog.vectors, self.catalog.create_times
             if personal:
-                scan = self._signal_sources(user_id, state, t)
+                scan = self._signal_sources(user_id, state, t, single=single)
             else:
                 popularity = self._popularity_at(t)
         # The passes over the whole catalogue run without the lock (see CatalogueScan).
@@ -1273,23 +1282,21 @@ class InterestEngine:
         return self._signal_sources(user_id, state, t, which).parts(unit)
 
     def _signal_sources(
-        self, user_id: str, state: UserState, t: float, which: Sequence[str] | None = None
+        self, user_id: str, state: UserState, t: float, which: Sequence[str] | None = None,
+        single: _SingleProfile | None = None,
     ) -> CatalogueScan:
         """The blend's signals for one user: "interest" (profile cosine),
         "negative" (−β·cosine with the negative profile), "cooccurrence" and
         "popularity", as what the lock must be held for, taken now, and the
         work that may run after it is released (see CatalogueScan). `which`
-        limits them to some names (None: those with a non-zero weight). Lock
-        held."""
+        limits them to some names (None: those with a non-zero weight).
+        single: `_single_profile`'s, where the caller has it. Lock held."""
         profile, blend = self.config.profile, self.config.blend
         if which is None:
             which = [n for n in ("interest", "cooccurrence", "popularity") if getattr(blend, n) > 0] + ["negative"]
         scan: dict = {}
         if "interest" in which or "negative" in which:
-            if profile.kernel != "half_life":
-                positive, negative = self._kernel_profiles(user_id, t)
-            else:
-                positive, negative = state.single.vector(t), state.single.negative_vector(t)
+            positive, negative, _ = single or self._single_profile(user_id, state, t)
         if "interest" in which:
             if profile.mode == "multi":
                 scan.update(centroids=state.multi.centroids(t), importances=state.multi.importances(t),
@@ -1309,22 +1316,36 @@ class InterestEngine:
         """The user's events stamped up to t that have a vector (see EventRecord.vector), in seq order."""
         return [e for e in self.store.user_events(user_id) if e.event_time <= t and e.vector is not None]
 
-    def _kernel_profiles(self, user_id: str, t: float) -> tuple[np.ndarray, np.ndarray]:
-        """Positive and negative profile vectors (d,) at t under the configured
-        Elasticsearch kernel (origin t), exactly from the user's log up to t.
-        Event types keep their weights; the kernel replaces their half-lives."""
-        profile = self.config.profile
+    def _single_profile(self, user_id: str, state: UserState, t: float) -> _SingleProfile:
+        """The user's single-vector profile at t: the decayed one, or under a
+        `profile.kernel` one computed exactly from their log up to t (event
+        types keep their weights; the kernel replaces their half-lives). Its
+        weight decides between personalised and trending. Lock held."""
+        if self.config.profile.kernel == "half_life":
+            single = state.single
+            return _SingleProfile(single.vector(t), single.negative_vector(t), single.strength(t))
         events = self._directed_events(user_id, t)
         if not events:
-            return np.zeros(self.dim), np.zeros(self.dim)
-        weights = self._types.weights[self._record_types(events)]
+            return _SingleProfile(np.zeros(self.dim), np.zeros(self.dim), 0.0)
+        types = self._record_types(events)
+        weights = self._types.weights[types]
         times = np.array([e.event_time for e in events])
         vectors = np.stack([e.vector for e in events])
-        kernel = es_kernel(profile.kernel, origin=t, scale=profile.kernel_scale_days * DAY,
-                           offset=profile.kernel_offset_days * DAY, decay=profile.kernel_decay)
+        kernel = self._decay(types, t)
         positive, negative = weights > 0, weights < 0
-        return (kernel_profile(vectors[positive], times[positive], weights[positive], kernel),
-                kernel_profile(vectors[negative], times[negative], -weights[negative], kernel))
+        return _SingleProfile(kernel_profile(vectors[positive], times[positive], weights[positive], kernel),
+                              kernel_profile(vectors[negative], times[negative], -weights[negative], kernel),
+                              float(weights[positive] @ kernel(times[positive])))
+
+    def _decay(self, types: np.ndarray, t: float) -> Callable[[np.ndarray], np.ndarray]:
+        """Events' times -> their decay at t, for events of `types` ((n,)
+        internal type ids): 2^(−age/h) by each one's half-life, or the
+        configured `profile.kernel` (elementwise: any subset of the times)."""
+        profile = self.config.profile
+        if profile.kernel == "half_life":
+            return half_life_kernel(t, self._types.half_lives[types])
+        return es_kernel(profile.kernel, origin=t, scale=profile.kernel_scale_days * DAY,
+                         offset=profile.kernel_offset_days * DAY, decay=profile.kernel_decay)
 
     def _affinity_scores(self, state: UserState, t: float) -> Later:
         """Σ_i a_i · sim(i, j): the user's decayed per-item affinity (event
@@ -1382,8 +1403,7 @@ class InterestEngine:
         types = types[self._types.weights[types] > 0]
         if positive:
             event_vectors = np.stack([e.vector for e in positive])
-            ages = t - np.array([e.event_time for e in positive])
-            weights = self._types.weights[types] * np.exp2(-ages / self._types.half_lives[types])
+            weights = self._types.weights[types] * self._decay(types, t)(np.array([e.event_time for e in positive]))
             nearest = _strongest_events(item_vectors, event_vectors, weights, EXPLAINED_EVENTS)
             # Row by row, as _cosines: the same value whatever chunk an event fell in.
             event_sims = clip_cosines(np.einsum("jd,jkd->jk", item_vectors, event_vectors[nearest]))
