@@ -1192,3 +1192,21 @@ def test_a_cached_profiles_derived_rows_follow_every_catalogue_change_and_event(
         restart.store.close()
     assert "alice" in engine._users and engine._users["alice"].derived  # kept, not rebuilt per call
     engine.store.close()
+
+
+def test_explanations_name_only_interests_and_events_pointing_towards_the_item(tmp_path):
+    """An item opposite the user's only interest listed that interest and the
+    event as its 'most responsible', with similarity -1 (an audit): what
+    points away from an item, or across it, did not produce it."""
+    engine = open_engine(tmp_path)
+    axes = np.eye(DIM, dtype=np.float32)
+    engine.upsert_items([ItemInput(id="toward", text="", vector=axes[0]), ItemInput(id="across", text="", vector=axes[1]),
+                         ItemInput(id="away", text="", vector=-axes[0])])
+    engine.record_events([EventInput("liked", "u", LIKE, "toward", None, None, T - DAY)])
+    explained = {item.item_id: item.explanation
+                 for item in engine.recommend("u", 3, as_of=T, include_seen=True, explain=True).items}
+    assert [e.event_id for e in explained["toward"].events] == ["liked"]
+    assert [c.similarity for c in explained["toward"].interests] == [pytest.approx(1.0)]
+    for item_id in ("across", "away"):
+        assert explained[item_id].events == () and explained[item_id].interests == ()
+        assert explained[item_id].score_parts["interest"] <= 0  # still said, in the score's parts

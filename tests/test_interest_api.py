@@ -421,9 +421,11 @@ def test_cold_user_gets_trending_and_known_user_personalized(client):
     assert ids(cold) == ["garden-0", "garden-1", "garden-2"]
     assert_best_first(cold)
     assert cold.items[0].score == pytest.approx(2 * cold.items[1].score, rel=1e-5)
-    # explain is for personal recommendations: a cold user's list has none.
+    # Explained, a cold user's items name no interest or event: popularity alone produced them.
     explained = client.recommend("trend-cold", 3, as_of=T0, explain=True, item_filter=filt(include=[GARDENING]))
-    assert all(not item.HasField("explanation") for item in explained.items)
+    for item in explained.items:
+        assert item.HasField("explanation") and not item.explanation.interests and not item.explanation.events
+        assert dict(item.explanation.score_parts) == {"popularity": pytest.approx(item.score)}
 
     warm = client.recommend("trend-u0", 3, as_of=T0)
     assert warm.strategy == PERSONALIZED

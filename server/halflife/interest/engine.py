@@ -172,6 +172,11 @@ def _strongest_events(items: np.ndarray, events: np.ndarray, weights: np.ndarray
     return np.take_along_axis(candidates, order, axis=1)
 
 
+def _per_row(parts: Mapping[str, np.ndarray], n: int) -> list[dict[str, float]]:
+    """A blend's parts at n rows (name -> (n,)) as one {name: value} per row."""
+    return [{name: float(values[j]) for name, values in parts.items()} for j in range(n)]
+
+
 def _guard(deadline: Deadline | None) -> Guard | None:
     """A write's guard (see Store): refused once the caller stopped waiting."""
     return None if deadline is None else deadline.check
@@ -1227,6 +1232,8 @@ class InterestEngine:
         explanations = [None] * len(rows)
         if explain and personal:
             explanations = self._explain(user_id, state, t, rows, blend.parts_at(rows))
+        elif explain:  # trending: no interest or event produced it, only its score's parts
+            explanations = [Explanation((), (), parts) for parts in _per_row(blend.parts_at(rows), len(rows))]
         return Recommendation(
             items=tuple(ScoredItem(i, float(s), e) for i, s, e in zip(ids, top_scores, explanations)),
             strategy=strategy,
@@ -1409,9 +1416,11 @@ class InterestEngine:
             event_sims = clip_cosines(np.einsum("jd,jkd->jk", item_vectors, event_vectors[nearest]))
         explanations = []
         shares = importances / (float(importances.sum()) or 1.0)
-        for j in range(len(rows)):
+        for j, score_parts in enumerate(_per_row(parts, len(rows))):
+            # Only what points towards the item matches it, or is responsible for it.
             contrib = cluster_sims[j] * shares if n_clusters else np.zeros(0)
-            listed = [int(c) for c in np.argsort(-contrib, kind="stable") if int(c) in rank_of][:3]
+            listed = [int(c) for c in np.argsort(-contrib, kind="stable")
+                      if int(c) in rank_of and cluster_sims[j, c] > 0][:3]
             interests = tuple(
                 InterestContribution(
                     interest_id=rank_of[c],
@@ -1429,10 +1438,9 @@ class InterestEngine:
                         float(sim), float(weights[e]),
                     )
                     for e, sim in zip(nearest[j].tolist(), event_sims[j])
+                    if sim > 0
                 )
-            explanations.append(
-                Explanation(interests, top_events, {name: float(values[j]) for name, values in parts.items()})
-            )
+            explanations.append(Explanation(interests, top_events, score_parts))
         return explanations
 
     def similar_items(
