@@ -338,7 +338,7 @@ def _add_client_commands(commands: argparse._SubParsersAction) -> None:
     recommend.add_argument("user_id")
     recommend.add_argument("--limit", type=_int32, default=10, help="how many items (default 10)")
     recommend.add_argument("--as-of", type=_timestamp, default=None, help="ISO time or unix seconds (default now)")
-    recommend.add_argument("--query", default="", help="text blended into the profile")
+    recommend.add_argument("--query", default="", help="text whose cosine with each item is blended into the score (ranking.query_weight)")
     recommend.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=f"server (default {DEFAULT_TARGET})")
     recommend.set_defaults(run=_run_recommend)
 

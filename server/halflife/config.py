@@ -99,7 +99,7 @@ class ProfileConfig:
 class RankingConfig:
     max_limit: int = 1000
     freshness_half_life_days: float = math.inf  # inf: no freshness decay
-    query_weight: float = 0.5  # share of a request's query text in the blended profile
+    query_weight: float = 0.5  # share of a request's query text (its cosine with each item) in the score
     labels_per_interest: int = 3
     items_per_interest: int = 3
 
@@ -108,9 +108,10 @@ class RankingConfig:
 class BlendConfig:
     """How a personalised score is blended from three normalised signals:
 
-        score = interest · cos-interest                (in [-1, 1]; minus negative_weight · cos(negative profile))
-              + cooccurrence · cooc / max(cooc)        (in [0, 1])
-              + popularity · pop / max(pop)            (in [0, 1])
+        score = ( interest · cos-interest              (in [-1, 1]; minus negative_weight · cos(negative profile))
+                + cooccurrence · cooc / max(cooc)      (in [0, 1])
+                + popularity · pop / max(pop) )        (in [0, 1])
+                / (interest + cooccurrence + popularity)
 
     cos-interest is the multi-interest (or single) profile's cosine with each
     item; cooc is Σ_i a_i · sim(i, j) over the items i the user consumed,
