@@ -14,7 +14,7 @@ import pytest
 
 from halflife.api.server import ServerConfig
 from halflife.v1 import embedding_pb2, embedding_pb2_grpc
-from halflife_client import HalflifeClient
+from halflife_client import HalflifeClient, Item
 from tests.serving import ServerThread, stand_in
 
 MOVIES = [
@@ -301,3 +301,31 @@ def test_serve_batching_flags_default_to_the_batchers_and_say_so():
     serve_help = " ".join(halflife("serve", "--help").stdout.split())  # argparse wraps lines
     assert f"padded tokens per model batch (default {BatchingConfig.max_batch_tokens})" in serve_help
     assert f"RESOURCE_EXHAUSTED (default {BatchingConfig.max_queued_inputs};" in serve_help
+
+
+@pytest.mark.parametrize("call", [
+    lambda client: client.delete_items("audit"),
+    lambda client: client.get_items("123"),
+    lambda client: client.embed("hello"),
+    lambda client: client.upsert_items([Item(id="shoe", text="Trail shoes", categories="Shoes")]),
+], ids=["delete_items", "get_items", "embed", "categories"])
+def test_one_string_where_the_client_takes_several_is_a_type_error(call):
+    """delete_items("audit") deleted the items a, u, d, i and t (an audit):
+    a string is a sequence of its characters. Refused before any call."""
+    with HalflifeClient("127.0.0.1:1", timeout=1) as client:
+        with pytest.raises(TypeError, match="not one string"):
+            call(client)
+
+
+def test_the_async_client_refuses_one_string_too():
+    import asyncio
+
+    from halflife_client import AsyncHalflifeClient
+
+    async def main():
+        async with AsyncHalflifeClient("127.0.0.1:1", timeout=1) as client:
+            for call in (client.delete_items, client.get_items):
+                with pytest.raises(TypeError, match="not one string"):
+                    await call("audit")
+
+    asyncio.run(main())

@@ -91,7 +91,8 @@ class Item:
     vector: Sequence[float] | np.ndarray | None = None
 
     def to_proto(self) -> catalog_pb2.Item:
-        item = catalog_pb2.Item(id=self.id, text=self.text, categories=list(self.categories), attributes=dict(self.attributes))
+        item = catalog_pb2.Item(id=self.id, text=self.text, categories=_strings("categories", self.categories),
+                                attributes=dict(self.attributes))
         if self.create_time is not None:
             item.create_time.CopyFrom(to_timestamp(self.create_time))
         if self.vector is not None:
@@ -144,6 +145,15 @@ def check_target(target: str) -> str:
     return target
 
 
+def _strings(name: str, values: Sequence[str]) -> list[str]:
+    """`values` as a list; TypeError for one string, which would be taken
+    for a sequence of its characters (delete_items("sku-1") deleted the
+    items "s", "k", "u", "-" and "1")."""
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} takes a sequence of strings, not one string: [{values!r}]?")
+    return list(values)
+
+
 def _deadline(timeout: float | None, default: float) -> float:
     # None means the client's timeout; 0 is a deadline too (now), not "unset".
     return default if timeout is None else timeout
@@ -189,9 +199,7 @@ def _model_info(response: embedding_pb2.GetModelInfoResponse) -> ModelInfo:
 
 
 def _embed_request(texts: Sequence[str], truncate: bool, normalize: bool) -> embedding_pb2.EmbedRequest:
-    if isinstance(texts, str):
-        raise TypeError("embed() takes a sequence of texts, not one string")
-    return embedding_pb2.EmbedRequest(inputs=list(texts), truncate=truncate, skip_normalize=not normalize)
+    return embedding_pb2.EmbedRequest(inputs=_strings("embed()", texts), truncate=truncate, skip_normalize=not normalize)
 
 
 def _vectors(response: embedding_pb2.EmbedResponse) -> np.ndarray:
@@ -229,10 +237,10 @@ class HalflifeClient:
         return response.created_count, response.updated_count
 
     def delete_items(self, ids: Sequence[str], *, timeout: float | None = None) -> int:
-        return self._catalog.DeleteItems(catalog_pb2.DeleteItemsRequest(ids=list(ids)), timeout=_deadline(timeout, self.timeout)).deleted_count
+        return self._catalog.DeleteItems(catalog_pb2.DeleteItemsRequest(ids=_strings("ids", ids)), timeout=_deadline(timeout, self.timeout)).deleted_count
 
     def get_items(self, ids: Sequence[str], *, include_vectors: bool = False, timeout: float | None = None):
-        request = catalog_pb2.GetItemsRequest(ids=list(ids), include_vectors=include_vectors)
+        request = catalog_pb2.GetItemsRequest(ids=_strings("ids", ids), include_vectors=include_vectors)
         return list(self._catalog.GetItems(request, timeout=_deadline(timeout, self.timeout)).items)
 
     def record_events(self, events: Sequence[Event | interest_pb2.Event], *, timeout: float | None = None):
@@ -304,10 +312,10 @@ class AsyncHalflifeClient:
         return response.created_count, response.updated_count
 
     async def delete_items(self, ids: Sequence[str], *, timeout: float | None = None) -> int:
-        return (await self._catalog.DeleteItems(catalog_pb2.DeleteItemsRequest(ids=list(ids)), timeout=_deadline(timeout, self.timeout))).deleted_count
+        return (await self._catalog.DeleteItems(catalog_pb2.DeleteItemsRequest(ids=_strings("ids", ids)), timeout=_deadline(timeout, self.timeout))).deleted_count
 
     async def get_items(self, ids: Sequence[str], *, include_vectors: bool = False, timeout: float | None = None):
-        request = catalog_pb2.GetItemsRequest(ids=list(ids), include_vectors=include_vectors)
+        request = catalog_pb2.GetItemsRequest(ids=_strings("ids", ids), include_vectors=include_vectors)
         return list((await self._catalog.GetItems(request, timeout=_deadline(timeout, self.timeout))).items)
 
     async def record_events(self, events: Sequence[Event | interest_pb2.Event], *, timeout: float | None = None):
