@@ -141,6 +141,29 @@ def test_client_commands_report_errors_in_one_line(server, tmp_path):
     assert bad_out.stderr.strip() == f"halflife eval: error: output directory {a_file}: not a directory", bad_out.stderr
 
 
+def test_load_movielens_checks_everything_before_it_sends_anything(tmp_path):
+    """A rating stamped in 2100 stopped the load at the server's
+    INVALID_ARGUMENT after the items and earlier batches were stored, naming
+    events[499] (an audit). Refused here before any connection: the target
+    is a closed port, and the error is the file's line."""
+    data = write_movielens(tmp_path / "future")
+    with open(data / "ratings.csv", "a") as handle:
+        handle.write("1,3,4.0,4102444800\n")
+    result = halflife("load-movielens", str(data), "--target", "127.0.0.1:1")
+    assert result.returncode == 1
+    assert result.stderr.startswith("halflife load-movielens: error: ratings.csv line 10: timestamp '4102444800' "
+                                    "is not a time from 1970-01-01T00:00:00Z to "), result.stderr
+
+
+def test_movielens_event_ids_stay_valid_and_the_same_for_long_ids():
+    from halflife.commands import _event_id
+
+    assert _event_id("rating", "12", "345") == "rating-12-345"
+    long = _event_id("rating", "u" * 200, "i" * 200)
+    assert len(long.encode()) <= 256 and long.startswith("rating-sha256-")
+    assert long == _event_id("rating", "u" * 200, "i" * 200) != _event_id("rating", "u" * 200, "j" * 200)
+
+
 @pytest.mark.parametrize("args, message", [
     (["serve", "--port", "70000"], "argument --port: must be 0 to 65535, got 70000"),  # gRPC would wrap it to 4464
     (["serve", "--port=-1"], "argument --port: must be 0 to 65535, got -1"),

@@ -6,14 +6,18 @@ They talk to a running server through the Python client, like any backend.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from tqdm import tqdm
 
+from halflife.api.validation import MAX_FUTURE_SECONDS
 from halflife.datasets.interactions import MOVIELENS, load_dataset
+from halflife.texts import MAX_ID_BYTES
 from halflife.v1 import interest_pb2, recommend_pb2
 from halflife_client import Event, HalflifeClient, Item
 
@@ -25,6 +29,15 @@ def _batches(values: Sequence, size: int) -> Iterable[Sequence]:
         yield values[start : start + size]
 
 
+def _event_id(*parts: object) -> str:
+    """The parts joined by "-"; past MAX_ID_BYTES (long user and item ids), a
+    digest of them instead, the same on every run (a re-run stores nothing twice)."""
+    joined = "-".join(map(str, parts))
+    if len(joined.encode()) <= MAX_ID_BYTES:
+        return joined
+    return f"{parts[0]}-sha256-{hashlib.sha256(joined.encode()).hexdigest()}"
+
+
 def _utc(seconds: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(seconds, tz=dt.timezone.utc)
 
@@ -34,18 +47,20 @@ def load_movielens(directory: Path, target: str, batch_size: int = 500) -> dict[
     as text, genres as categories), ratings as RATE events (the server's
     config maps >= 4 to positive and <= 2 to negative feedback), tags as
     REVIEW events with the tag as text. Idempotent: event ids derive from the
-    data, so a re-run stores nothing twice."""
-    dataset = load_dataset(directory, MOVIELENS)
+    data, so a re-run stores nothing twice. Whatever the server would refuse
+    in the files (an id, a time before 1970 or over a day ahead) stops it
+    before anything is sent, naming the file and line."""
+    dataset = load_dataset(directory, MOVIELENS, earliest=0.0, latest=time.time() + MAX_FUTURE_SECONDS)
     ratings, tags = dataset.interactions, dataset.texts
     # A 1970 title's create_time is 0.0: tested against None, not for truth.
     items = [Item(id=m.id, text=m.text, categories=m.categories,
                   create_time=None if m.create_time is None else _utc(m.create_time)) for m in dataset.items]
     events = [
-        Event(event_id=f"rating-{u}-{i}", user_id=u, type=interest_pb2.EVENT_TYPE_RATE, item_id=i, value=float(v), event_time=_utc(t))
+        Event(event_id=_event_id("rating", u, i), user_id=u, type=interest_pb2.EVENT_TYPE_RATE, item_id=i, value=float(v), event_time=_utc(t))
         for u, i, v, t in zip(ratings.users, ratings.items, ratings.values, ratings.times)
     ]
     events += [
-        Event(event_id=f"tag-{u}-{i}-{int(t)}-{n}", user_id=u, type=interest_pb2.EVENT_TYPE_REVIEW, item_id=i, text=text, event_time=_utc(t))
+        Event(event_id=_event_id("tag", u, i, int(t), n), user_id=u, type=interest_pb2.EVENT_TYPE_REVIEW, item_id=i, text=text, event_time=_utc(t))
         for n, (u, i, text, t) in enumerate(zip(tags.users, tags.items, tags.texts, tags.times))
     ]
     totals = {"items_created": 0, "items_updated": 0, "events_accepted": 0, "events_duplicate": 0}

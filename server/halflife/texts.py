@@ -1,8 +1,28 @@
-"""What counts as text: one rule for the API's validation and the dataset loader."""
+"""What counts as text, and as a name (an id or category): one rule for the
+API's validation and the dataset loader."""
 
 from __future__ import annotations
 
+import re
 import unicodedata
+
+MAX_ID_BYTES = 256
+# Ids and categories are names, never text: a control character in one is a
+# client's bug, and NUL would be cut off by SQLite's JSON functions (3.40),
+# which the store looks ids up with, so "a\0b" would name item "a".
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+
+
+def name_problem(value: str, max_bytes: int = MAX_ID_BYTES) -> str | None:
+    """What makes `value` no valid id or category, said as a violation
+    ("must not be empty", ...), or None when it is one."""
+    if not value:
+        return "must not be empty"
+    if len(value.encode()) > max_bytes:
+        return f"is {len(value.encode())} bytes long; at most {max_bytes}"
+    if _CONTROL_CHARACTER.search(value):
+        return "must not contain control characters (U+0000 to U+001F, U+007F)"
+    return None
 
 # Characters a tokenizer drops or cannot read as a word: controls (Cc), format
 # characters such as U+200B and U+FEFF (Cf), private use (Co), combining marks

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Sized
 
 from google.protobuf import timestamp_pb2
 
 from halflife.api.errors import invalid_argument
+from halflife.texts import MAX_ID_BYTES, name_problem
 
-MAX_ID_BYTES = 256
 MAX_TEXT_BYTES = 32 * 1024
 MAX_CATEGORY_BYTES = 128
-# Ids and categories are names, never text: a control character in one is a
-# client's bug, and NUL would be cut off by SQLite's JSON functions (3.40),
-# which the store looks ids up with, so "a\0b" would name item "a".
-_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
 # What a text `halflife.texts.blank` refuses holds, for the message that refuses it.
 UNREADABLE = "holds nothing the model reads (only whitespace, control, format or combining characters)"
 MAX_FUTURE_SECONDS = 24 * 3600.0  # event times may run ahead of our clock by at most a day
@@ -55,12 +50,8 @@ class Violations:
         self._name(value, field, MAX_CATEGORY_BYTES)
 
     def _name(self, value: str, field: str, max_bytes: int) -> None:
-        if not value:
-            self.add(field, "must not be empty")
-        elif len(value.encode()) > max_bytes:
-            self.add(field, f"is {len(value.encode())} bytes long; at most {max_bytes}")
-        elif _CONTROL_CHARACTER.search(value):
-            self.add(field, "must not contain control characters (U+0000 to U+001F, U+007F)")
+        if (problem := name_problem(value, max_bytes)) is not None:
+            self.add(field, problem)
 
     def text(self, value: str, field: str) -> bool:
         """Whether `value` is short enough; adds the violation where not."""

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from halflife.texts import blank
+from halflife.texts import blank, name_problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,9 +190,26 @@ class _Csv:
                                f"is not {what}")
         return values
 
-    def times(self, column: str) -> np.ndarray:
-        """`floats`, each a Unix time a date can hold (1e20 crashed the load later)."""
-        return self.bounded(column, _MIN_TIME, _MAX_TIME, "a time between the years 1 and 9999")
+    def times(self, column: str, earliest: float, latest: float) -> np.ndarray:
+        """`floats`, each a Unix time from `earliest` to `latest` (1e20 crashed the load later)."""
+        return self.bounded(column, earliest, latest, f"a time from {_iso(earliest)} to {_iso(latest)}")
+
+    def names(self, column: str) -> np.ndarray:
+        """`strings`, each a valid id (`texts.name_problem`): one the server
+        refused stopped load-movielens midway, some batches stored."""
+        i = self.header.index(column)
+        for k, row in enumerate(self.rows):
+            if (problem := name_problem(row[i])) is not None:
+                raise DatasetError(f"{self.name} line {self._line_of(k)}: {column} {row[i]!r} {problem}")
+        return self.strings(column)
+
+    def check_unique(self, column: str) -> None:
+        """No value of `column` twice: a repeated item id replaced the first row unsaid."""
+        i, first = self.header.index(column), {}
+        for k, value in enumerate(row[i] for row in self.rows):
+            if first.setdefault(value, k) != k:
+                raise DatasetError(f"{self.name} line {self._line_of(k)}: {column} {value!r} repeats line "
+                                   f"{self._line_of(first[value])}")
 
     def texts(self, column: str) -> np.ndarray:
         """`strings`, none of them blank (`texts.blank`): a blank tag would stand for its item alone."""
@@ -224,6 +241,10 @@ class _Csv:
         raise AssertionError("row index beyond the file")
 
 
+def _iso(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 def _is_finite_number(text: str) -> bool:
     try:
         return math.isfinite(float(text))
@@ -236,14 +257,19 @@ def _sorted_by_time(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: values[order] for name, values in columns.items()}
 
 
-def load_dataset(directory: str | Path, fmt: DatasetFormat = MOVIELENS) -> Dataset:
+def load_dataset(directory: str | Path, fmt: DatasetFormat = MOVIELENS, *, earliest: float = _MIN_TIME,
+                 latest: float = _MAX_TIME) -> Dataset:
     """Reads a dataset directory; raises DatasetError, naming the file, line
-    and column, for a missing or malformed file."""
+    and column, for a missing or malformed file. Ids are API ids
+    (`texts.name_problem`), item ids unique; times lie within [earliest,
+    latest] (default: any a date can hold, years 1 to 9999)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DatasetError(f"{directory}: not a directory")
     columns = [fmt.item_column, *fmt.text_columns] + ([fmt.category_column] if fmt.category_column else [])
     table = _Csv(directory / fmt.items_file, columns)
+    table.names(fmt.item_column)
+    table.check_unique(fmt.item_column)
     header = table.header
     id_at, text_at = header.index(fmt.item_column), [header.index(c) for c in fmt.text_columns]
     category_at = header.index(fmt.category_column) if fmt.category_column else None
@@ -264,11 +290,11 @@ def load_dataset(directory: str | Path, fmt: DatasetFormat = MOVIELENS) -> Datas
     interactions = Interactions(
         **_sorted_by_time(
             {
-                "users": table.strings(fmt.user_column),
+                "users": table.names(fmt.user_column),
                 "items": table.strings(fmt.item_column),
                 "values": table.bounded(fmt.value_column, *fmt.value_range,
                                         f"from {fmt.value_range[0]:g} to {fmt.value_range[1]:g}"),
-                "times": table.times(fmt.time_column),
+                "times": table.times(fmt.time_column, earliest, latest),
             }
         )
     )
@@ -279,10 +305,10 @@ def load_dataset(directory: str | Path, fmt: DatasetFormat = MOVIELENS) -> Datas
         texts = UserTexts(
             **_sorted_by_time(
                 {
-                    "users": table.strings(fmt.user_column),
+                    "users": table.names(fmt.user_column),
                     "items": table.strings(fmt.item_column),
                     "texts": table.texts(fmt.user_text_column),
-                    "times": table.times(fmt.time_column),
+                    "times": table.times(fmt.time_column, earliest, latest),
                 }
             )
         )
