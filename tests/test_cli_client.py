@@ -266,6 +266,20 @@ def test_eval_checks_its_target_before_the_evaluation(tmp_path):
     assert not (tmp_path / "out").exists() and time.monotonic() - began < 60
 
 
+def test_eval_refuses_a_target_that_holds_items_before_the_evaluation(server, tmp_path):
+    """A used server's items rank among the dataset's: the run ended minutes
+    in, in a traceback (KeyError on an item the dataset lacks; an audit)."""
+    with HalflifeClient(server.address) as client:
+        client.upsert_items([Item(id="already-here", text="An item from before the evaluation")])
+    data = write_movielens(tmp_path / "ml")
+    result = halflife("eval", "--data", str(data), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+                      "--target", server.address)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"halflife eval: error: --target {server.address} already holds items (e.g. "), \
+        result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 class LostConnection(grpc.RpcError):
     def code(self):
         return grpc.StatusCode.UNAVAILABLE

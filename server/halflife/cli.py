@@ -516,7 +516,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
     try:
-        from halflife.eval.runner import run
+        from halflife.eval.runner import NotEmptyError, run
     except ImportError as exc:
         raise SystemExit(f"halflife eval: error: {exc}; install the eval extra: pip install 'halflife[eval]'") from None
     from halflife.datasets.interactions import DatasetError
@@ -526,7 +526,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         run(args.data, args.model_dir, args.out, args.cache_dir, target=args.target, config_out=args.write_config)
     except BrokenPipeError:  # stdout's reader left: not an error of the run (see main)
         raise
-    except (DatasetError, ManifestError, OSError) as exc:
+    except (DatasetError, ManifestError, NotEmptyError, OSError) as exc:
         print(f"halflife eval: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except grpc.RpcError as error:  # the --target server: unreachable at the start, or failing during the run

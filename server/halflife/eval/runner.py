@@ -19,6 +19,7 @@ import math
 import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -131,6 +132,10 @@ class EngineBackend:
         self.store.close()
 
 
+class NotEmptyError(ValueError):
+    """The --target server holds items already."""
+
+
 class RemoteBackend:
     """A running server over gRPC (halflife_client): the deployed path. The
     server must start empty; items (embedded by the server) and events
@@ -138,11 +143,19 @@ class RemoteBackend:
 
     @staticmethod
     def check(target: str) -> None:
-        """Raises grpc.RpcError unless a server answers at `target`."""
+        """Raises grpc.RpcError unless a server answers at `target`, and
+        NotEmptyError when its catalogue holds items: they would rank among
+        the dataset's, and a run against a used server ended, minutes in,
+        on an item the dataset lacks (an audit). Trending for a user
+        without events lists an item whenever there is one."""
         from halflife_client import HalflifeClient
 
         with HalflifeClient(target, timeout=REACHABLE_TIMEOUT_S) as client:
             client.model_info()
+            held = client.recommend(f"halflife-eval-probe-{uuid.uuid4()}", 1).items
+        if held:
+            raise NotEmptyError(f"--target {target} already holds items (e.g. {held[0].item_id!r}); eval needs a "
+                                "server on an empty --data-dir")
 
     def __init__(self, data: EvalData, target: str):
         from halflife_client import HalflifeClient
