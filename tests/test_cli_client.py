@@ -13,9 +13,11 @@ import grpc
 import pytest
 
 from halflife.api.server import ServerConfig
-from halflife.v1 import embedding_pb2, embedding_pb2_grpc
-from halflife_client import HalflifeClient, Item
+from halflife.v1 import embedding_pb2, embedding_pb2_grpc, interest_pb2
+from halflife_client import Event, HalflifeClient, Item
 from tests.serving import ServerThread, stand_in
+
+VIEW = interest_pb2.EVENT_TYPE_VIEW
 
 MOVIES = [
     (1, "Star Voyage (1977)", "Action|Adventure|Sci-Fi"),
@@ -278,6 +280,20 @@ def test_eval_refuses_a_target_that_holds_items_before_the_evaluation(server, tm
     assert result.stderr.startswith(f"halflife eval: error: --target {server.address} already holds items (e.g. "), \
         result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_output_the_streams_cannot_hold_is_no_traceback(server):
+    """A title's character outside stdout's encoding, and a closed stdout,
+    each ended `halflife recommend` in a traceback (an audit)."""
+    with HalflifeClient(server.address) as client:
+        client.upsert_items([Item(id="amélie-2001", text="Amélie (2001)")])
+        client.record_events([Event("output-1", "output-fan", VIEW, "amélie-2001")])
+    args = [sys.executable, "-m", "halflife.cli", "recommend", "nobody", "--target", server.address, "--limit", "1000"]
+    ascii_only = subprocess.run(args, capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert ascii_only.returncode == 0 and "am\\xe9lie-2001" in ascii_only.stdout, ascii_only.stderr
+    closed = subprocess.run(args, stderr=subprocess.PIPE, text=True, timeout=60, preexec_fn=lambda: os.close(1))
+    assert closed.returncode == 0 and closed.stderr == "", closed.stderr
 
 
 class LostConnection(grpc.RpcError):

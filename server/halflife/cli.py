@@ -608,7 +608,20 @@ def _stdout_to_devnull() -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def _output_that_cannot_fail() -> None:
+    """Prints what the streams can hold: a character outside their encoding
+    (PYTHONIOENCODING=ascii, a title's "é") comes out escaped, and a stream
+    closed at the start (`>&-`) is /dev/null. Both were tracebacks (an audit)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, open(os.devnull, "w"))
+        elif hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _output_that_cannot_fail()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:
         for name, value in SERVER_BLAS_THREADS.items():
