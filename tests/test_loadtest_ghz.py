@@ -270,7 +270,29 @@ def test_r_limits_the_rate_and_t_0_means_no_timeout(scripted, capsys):
     begin = time.monotonic()
     status, report = cli(capsys, "--target", address, "-c", "2", "-r", "20", "-n", "10", "-t", "0")
     assert status == 0 and report["count"] == 10 and time.monotonic() - begin >= 0.4
-    assert report["options"]["rps"] == 20 and report["options"]["timeout"] == 0
+    assert report["options"]["qps"] == 20 and report["options"]["timeout"] == 0
+
+
+def test_the_reports_options_read_as_ghzs(scripted, capsys):
+    """ghz's keys and units (an audit found "target" for ghz's "host", the
+    call rewritten with a slash, and seconds where ghz writes nanoseconds)."""
+    _, address = scripted
+    status, report = cli(capsys, "--target", address, "-n", "2", "-t", "1.5s", "-x", "5s")
+    assert status == 0
+    options = report["options"]
+    assert options["host"] == address and options["call"] == HEALTH and "target" not in options
+    assert options["timeout"] == 1_500_000_000 and options["max-duration"] == 5_000_000_000
+    assert options["duration"] is None and options["qps"] == 0
+
+
+def test_a_rate_that_the_duration_cuts_short_ends_in_timeout(scripted, capsys):
+    """-r 20 -z 1s sends 20 requests and stops, the 21st due at the deadline:
+    ghz says "timeout", and so it was, not "normal" (an audit)."""
+    _, address = scripted
+    status, report = cli(capsys, "--target", address, "-r", "20", "-z", "1s")
+    assert status == 0 and report["count"] == 20 and report["endReason"] == "timeout"
+    status, report = cli(capsys, "--target", address, "-r", "20", "-n", "5", "-x", "1s")
+    assert status == 0 and report["count"] == 5 and report["endReason"] == "normal"  # -n came first
 
 
 def test_data_from_stdin(scripted, capsys, monkeypatch):
@@ -305,3 +327,14 @@ def test_ctrl_c_prints_the_report_of_what_ran(scripted):
     assert process.returncode == 130 and report["endReason"] == "cancel" and report["total"] < 40e9
     assert report["statusCodeDistribution"].get("OK", 0) >= 1
     assert stderr.strip() == f"halflife loadtest: interrupted; the report covers the {report['count']} calls made"
+
+
+def test_the_summary_names_the_errors(scripted, capsys):
+    """-O summary said 'status: InvalidArgument 5' and no more: the reason was
+    in the JSON alone (an audit). ghz's summary lists the error distribution."""
+    _, address = scripted
+    status = main(["loadtest", "--call", HEALTH, "--target", address, "-n", "3", "-O", "summary",
+                   "-d", '{"service": "code=INVALID_ARGUMENT"}'])
+    out = capsys.readouterr().out
+    assert status == 1 and "status: InvalidArgument 3" in out
+    assert "error (3): rpc error: code = InvalidArgument desc = scripted" in out.splitlines(), out

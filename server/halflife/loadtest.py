@@ -51,6 +51,7 @@ MAX_DURATION_S = 600.0
 MAX_TOTAL = 10_000_000
 MAX_CONCURRENCY = 10_000  # a million workers took 10 s just to start; this many is plenty for loopback
 DEFAULT_TOTAL = 200  # ghz's -n when neither a total nor a duration is given
+SUMMARY_ERRORS = 5  # kinds of error the summary lists, most frequent first
 PERCENTILES = (10, 25, 50, 75, 90, 95, 99)
 # What happens to the calls in flight when -z or -x ends the run (ghz's --duration-stop):
 # close cancels them and counts them as Canceled, wait lets them finish within their
@@ -450,13 +451,14 @@ async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = N
     ]
     tally = _Tally()
     issued = 0
+    cut_short = False  # a worker stopped because its next request was due past the deadline (--rps)
     halt = asyncio.Event()  # the run ends: no new calls, and workers waiting for their --rps turn wake
     started = time.perf_counter()
     deadline = started + duration
     hard_end = started + MAX_DURATION_S  # no call outlives the longest run either
 
     async def worker(index: int) -> None:
-        nonlocal issued
+        nonlocal issued, cut_short
         call = calls[index % connections]
         worker_id = f"g{index}c{index % connections}"
         while not halt.is_set() and issued < (total or MAX_TOTAL):
@@ -465,6 +467,7 @@ async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = N
             if options.rps > 0:
                 due = started + n / options.rps
                 if due >= deadline:
+                    cut_short = True
                     break  # request n, and every later one, is due after the deadline: none would be sent
                 wait = due - time.perf_counter()
                 if wait > 0:
@@ -491,6 +494,8 @@ async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = N
         done, _ = await asyncio.wait((finished, stopped), timeout=deadline - time.perf_counter(),
                                      return_when=asyncio.FIRST_COMPLETED)
         end_reason = "normal" if finished in done else "cancel" if stopped in done else "timeout"
+        if end_reason == "normal" and cut_short:  # the duration ended it, a little before the deadline: as ghz says
+            end_reason = "timeout"
         if end_reason != "normal":
             halt.set()  # the calls in flight as --duration-stop says
             if options.duration_stop != "wait":
@@ -512,10 +517,11 @@ async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = N
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(),
         "endReason": end_reason,
-        "options": {"call": path.lstrip("/"), "target": options.target, "concurrency": concurrency,
-                    "connections": connections, "rps": options.rps, "total": total,
-                    "duration": options.duration, "max-duration": options.max_duration,
-                    "duration-stop": options.duration_stop, "timeout": options.timeout},
+        # ghz's keys and units (durations in ns, the rate as "qps"); the counts are those the run used.
+        "options": {"call": options.call, "host": options.target, "concurrency": concurrency,
+                    "connections": connections, "qps": options.rps, "total": total,
+                    "duration": _ns(options.duration), "max-duration": _ns(options.max_duration),
+                    "duration-stop": options.duration_stop, "timeout": _ns(options.timeout)},
         "count": count,
         "total": elapsed_ns,
         # As ghz: the average over every call; fastest, slowest and percentiles over the OK ones.
@@ -529,8 +535,12 @@ async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = N
     }
 
 
+def _ns(seconds: float | None) -> int | None:
+    return None if seconds is None else round(seconds * 1e9)
+
+
 def summary(report: dict) -> str:
-    """A short human-readable line set, like ghz's summary."""
+    """A short human-readable line set, like ghz's summary: the errors too."""
     ms = lambda ns: f"{ns / 1e6:.2f} ms"
     lines = [
         f"count {report['count']}  rps {report['rps']:.1f}  average {ms(report['average'])}  "
@@ -538,6 +548,10 @@ def summary(report: dict) -> str:
         "  ".join(f"p{d['percentage']} {ms(d['latency'])}" for d in report["latencyDistribution"]),
         "status: " + ", ".join(f"{k} {v}" for k, v in report["statusCodeDistribution"].items()),
     ]
+    errors = sorted(report["errorDistribution"].items(), key=lambda error: -error[1])
+    lines += [f"error ({n}): {message}" for message, n in errors[:SUMMARY_ERRORS]]
+    if len(errors) > SUMMARY_ERRORS:
+        lines.append(f"... {len(errors) - SUMMARY_ERRORS} more kinds of error in the JSON report")
     return "\n".join(lines)
 
 
