@@ -6,9 +6,11 @@ Recommendations and profiles come back as the generated, typed messages.
 
 Every call has a deadline (the client's `timeout` unless one is given per call;
 0 there is a deadline of now, not the default: a call that answers at once
-may still get through, and a negative one always fails), and
-calls that fail with UNAVAILABLE (server restarting, connection dropped) are
-retried with exponential backoff by gRPC itself, as are those a server
+may still get through, and a negative one always fails; a client made with
+timeout=None sets none), and calls that fail with UNAVAILABLE (a connection
+dropped, a server restarting) are retried by gRPC itself, up to 4 attempts
+with jittered backoff from 0.1 s (about a second in all: a blip, not a
+restart that takes seconds, which the caller retries), as are those a server
 shutting down answers CANCELLED: it cancels calls that had arrived but not
 reached a handler yet (grpc/grpc#41785), and every Halflife call is safe to
 repeat. No other status is retried, so a rejected request is never silently
