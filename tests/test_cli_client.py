@@ -382,3 +382,11 @@ def test_the_async_client_refuses_one_string_too():
                     await call("audit")
 
     asyncio.run(main())
+
+
+def test_errors_that_are_no_calls_carry_no_violations():
+    """field_violations(ValueError()) raised AttributeError (an audit): a
+    handler's `except Exception` may pass any error."""
+    from halflife_client import field_violations, rich_status
+
+    assert field_violations(ValueError("not a call")) == [] and rich_status(KeyError("x")) is None

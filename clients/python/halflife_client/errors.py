@@ -10,8 +10,10 @@ _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 def rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
     """The google.rpc.Status a failed call carries in its trailers, if any
-    (sync and asyncio errors alike)."""
-    for key, value in error.trailing_metadata() or ():
+    (sync and asyncio errors alike); None for an error that is no call's
+    (a handler's `except Exception` may hand over any)."""
+    trailers = getattr(error, "trailing_metadata", None)
+    for key, value in (trailers() if callable(trailers) else None) or ():
         if key == _STATUS_DETAILS_KEY:
             return status_pb2.Status.FromString(value)
     return None
