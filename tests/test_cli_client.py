@@ -92,6 +92,10 @@ def test_load_movielens_recommend_and_profile(server, tmp_path):
     first_interest = profile.stdout.splitlines()[3].split()
     assert first_interest[:2] == ["0", "100%"] and "Romance," in first_interest  # sci-fi has decayed away
     assert "Sci-Fi" in profile.stdout
+    # User 2's one dislike (2001) has decayed for 9 years, as has their like: shown, not rounded to 0.000.
+    decayed = halflife("profile", "2", "--target", server.address, "--as-of", "1262400000")
+    header = decayed.stdout.splitlines()[0]
+    assert "negative feedback 0.000" not in header and header.endswith("of the positive)"), header
 
     cold = halflife("recommend", "nobody", "--target", server.address)
     assert "(trending)" in cold.stdout.splitlines()[0]
@@ -390,3 +394,9 @@ def test_errors_that_are_no_calls_carry_no_violations():
     from halflife_client import field_violations, rich_status
 
     assert field_violations(ValueError("not a call")) == [] and rich_status(KeyError("x")) is None
+
+
+def test_a_time_that_is_no_datetime_is_a_type_error():
+    with HalflifeClient("127.0.0.1:1", timeout=1) as client:
+        with pytest.raises(TypeError, match="times are datetime.datetime values, got str '2018-09-25'"):
+            client.recommend("u", 3, as_of="2018-09-25")

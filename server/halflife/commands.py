@@ -126,7 +126,10 @@ def show_profile(user_id: str, target: str, as_of: dt.datetime | None) -> None:
         f"{interest_pb2.EventType.Name(c.type).removeprefix('EVENT_TYPE_').lower()} {c.count}" for c in profile.event_counts
     )
     last = profile.last_event_time.ToDatetime().isoformat() + "Z" if profile.HasField("last_event_time") else "never"
-    print(f"user {user_id}: {counts or 'no events'}; last event {last}; negative feedback {profile.negative_strength:.3f}")
+    # Strengths decay with age: a user of old events has tiny ones, which 3 decimals read as 0.
+    positive, negative = sum(i.strength for i in profile.interests), profile.negative_strength
+    relative = f" ({negative / positive:.0%} of the positive)" if positive > 0 else ""
+    print(f"user {user_id}: {counts or 'no events'}; last event {last}; negative feedback {negative:.3g}{relative}")
     rows = [
         [
             str(interest.interest_id),

@@ -125,6 +125,8 @@ class Event:
 
 def to_timestamp(when: dt.datetime) -> timestamp_pb2.Timestamp:
     """A Timestamp from a datetime (naive datetimes are UTC)."""
+    if not isinstance(when, dt.datetime):  # a str or a date failed later on .tzinfo, an AttributeError
+        raise TypeError(f"times are datetime.datetime values, got {type(when).__name__} {when!r}")
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.timezone.utc)
     stamp = timestamp_pb2.Timestamp()
