@@ -339,6 +339,19 @@ def test_a_missing_model_fails_once_before_any_worker_starts(tmp_path):
     assert "starting" not in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_unknown_variant_fails_before_the_port_is_bound(model_dir, tmp_path, workers):
+    """It logged "listening on ..." first, then refused (an audit)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "halflife.cli", "serve", "--workers", workers, "--port", "0", "--variant", "nope",
+         "--model-dir", str(model_dir), "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1 and result.stderr.startswith("halflife serve: error: no variant 'nope'"), result.stderr
+    assert "listening" not in result.stderr and "starting" not in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
 @pytest.mark.parametrize("flag", ["--workers", "--threads"])
 def test_worker_and_thread_counts_must_be_positive(flag):
     result = subprocess.run(

@@ -225,7 +225,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     lock = None
     try:
         if args.worker_index is None:  # a group's parent holds the data directory for its workers
-            load_manifest(args.model_dir)  # a missing model is refused before the data directory is made
+            _check_model(args)  # a missing model (or variant) is refused before the data directory is made
             lock = claim_data_dir(args.data_dir)
         run_event_loop(serve(config, parent_pid=args.parent_pid, ready_fd=args.ready_fd))
     except (ManifestError, StoreError, OSError) as exc:
@@ -254,6 +254,14 @@ def _remove_unused_data_dir(lock, data_dir: Path) -> None:
         pass  # left as it is: nothing of the user's is in it
 
 
+def _check_model(args: argparse.Namespace) -> None:
+    """Raises ManifestError for a model directory, or a --variant of it, that
+    cannot serve: before the port is bound or a worker started."""
+    manifest = load_manifest(args.model_dir)
+    if args.variant is not None:
+        manifest.variant(args.variant)
+
+
 def _run_workers(args: argparse.Namespace) -> int:
     from halflife.api.server import claim_data_dir
     from halflife.cpu import physical_cores
@@ -262,7 +270,7 @@ def _run_workers(args: argparse.Namespace) -> int:
     from halflife.workers import run_workers, worker_threads
 
     try:
-        load_manifest(args.model_dir)  # one clear error here rather than one per worker
+        _check_model(args)  # one clear error here rather than one per worker
         # Each worker inherits the lock's open file: the directory stays taken until
         # the last of them has exited, even after a SIGKILL of this parent (an audit
         # started a new server there while orphaned workers still committed writes).
