@@ -573,3 +573,15 @@ def test_connections_a_stopped_server_closed_do_not_hold_the_port():
             served.close()  # the server's end closes first: it waits in TIME_WAIT
     with reserve_port("127.0.0.1", port) as reserved:
         assert reserved.getsockname()[1] == port
+
+
+def test_a_reserved_port_refuses_other_programs_until_the_workers_listen():
+    """The reservation never listens: with SO_REUSEADDR always set, another
+    SO_REUSEADDR program (any gRPC server) could bind the port and listen
+    before the workers did, and the group exited 1 (a review)."""
+    import socket
+
+    with reserve_port("127.0.0.1", 0) as reserved, socket.socket() as intruder:
+        intruder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with pytest.raises(OSError, match="Address already in use"):
+            intruder.bind(("127.0.0.1", reserved.getsockname()[1]))

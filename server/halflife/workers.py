@@ -24,6 +24,7 @@ which reloads everything from the store.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -55,15 +56,25 @@ def reserve_port(host: str, port: int) -> Iterator[socket.socket]:
     lock file per port that a group's parent holds for its life (two groups
     started at once both passed the second check alone, before either one's
     workers listened), and a listener that answers a connection attempt (any
-    other server). Raises OSError."""
+    other server). Raises OSError.
+
+    Connections a stopped server closed (TIME_WAIT, ~60 s) refuse the bind
+    too, where gRPC's SO_REUSEADDR listeners pass them: when nobody listens
+    on the port, the bind is tried again with SO_REUSEADDR. Only then, as
+    it never listens, another SO_REUSEADDR program could bind the port
+    before the workers do (it would take it, and the group exit 1); without
+    it none can."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        # As gRPC's own listeners: connections a stopped server closed (TIME_WAIT,
-        # ~60 s) do not hold the port. A live listener still does.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((host, port))
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                if not port or exc.errno != errno.EADDRINUSE or _answers(host, port):
+                    raise
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, port))
         except OSError as exc:  # "[Errno 98] Address already in use" named no address
             raise OSError(f"cannot bind {host}:{port}: {exc.strerror or exc}") from None
         bound = sock.getsockname()[1]
@@ -74,16 +85,20 @@ def reserve_port(host: str, port: int) -> Iterator[socket.socket]:
             raise OSError(f"{host}:{bound} is already being served by another halflife --workers group "
                           f"({held.holder})") from None
         try:
-            if port:
-                try:
-                    socket.create_connection((host, port), timeout=1.0).close()
-                except OSError:
-                    pass  # nobody listens: the port is ours
-                else:
-                    raise OSError(f"{host}:{port} is already being served by another process")
+            if port and _answers(host, port):
+                raise OSError(f"{host}:{port} is already being served by another process")
             yield sock
         finally:
             remove_lock(lock, path)
+
+
+def _answers(host: str, port: int) -> bool:
+    """Whether something listens on host:port (a connection attempt succeeds)."""
+    try:
+        socket.create_connection((host, port), timeout=1.0).close()
+    except OSError:
+        return False
+    return True
 
 
 def worker_threads(requested: int | None, workers: int, cores: int) -> int:
