@@ -270,7 +270,7 @@ def test_r_limits_the_rate_and_t_0_means_no_timeout(scripted, capsys):
     begin = time.monotonic()
     status, report = cli(capsys, "--target", address, "-c", "2", "-r", "20", "-n", "10", "-t", "0")
     assert status == 0 and report["count"] == 10 and time.monotonic() - begin >= 0.4
-    assert report["options"]["qps"] == 20 and report["options"]["timeout"] == 0
+    assert report["options"]["rps"] == 20 and report["options"]["timeout"] == 0
 
 
 def test_the_reports_options_read_as_ghzs(scripted, capsys):
@@ -282,7 +282,7 @@ def test_the_reports_options_read_as_ghzs(scripted, capsys):
     options = report["options"]
     assert options["host"] == address and options["call"] == HEALTH and "target" not in options
     assert options["timeout"] == 1_500_000_000 and options["max-duration"] == 5_000_000_000
-    assert options["duration"] is None and options["qps"] == 0
+    assert options["duration"] is None and options["rps"] == 0
 
 
 def test_a_rate_that_the_duration_cuts_short_ends_in_timeout(scripted, capsys):

@@ -517,9 +517,9 @@ async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = N
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(),
         "endReason": end_reason,
-        # ghz's keys and units (durations in ns, the rate as "qps"); the counts are those the run used.
+        # ghz's keys and units (durations in ns); the counts are those the run used.
         "options": {"call": options.call, "host": options.target, "concurrency": concurrency,
-                    "connections": connections, "qps": options.rps, "total": total,
+                    "connections": connections, "rps": options.rps, "total": total,
                     "duration": _ns(options.duration), "max-duration": _ns(options.max_duration),
                     "duration-stop": options.duration_stop, "timeout": _ns(options.timeout)},
         "count": count,

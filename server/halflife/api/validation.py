@@ -13,7 +13,8 @@ from halflife.texts import MAX_ID_BYTES, name_problem
 MAX_TEXT_BYTES = 32 * 1024
 MAX_CATEGORY_BYTES = 128
 # What a text `halflife.texts.blank` refuses holds, for the message that refuses it.
-UNREADABLE = "holds nothing the model reads (only whitespace, control, format or combining characters)"
+UNREADABLE = ("holds nothing the model reads (only whitespace, control, format, private-use or combining "
+              "characters, or U+FFFD)")
 MAX_FUTURE_SECONDS = 24 * 3600.0  # event times may run ahead of our clock by at most a day
 # google.protobuf.Timestamp's valid range.
 MIN_TIMESTAMP_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z

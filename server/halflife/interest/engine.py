@@ -1345,9 +1345,10 @@ class InterestEngine:
                               float(weights[positive] @ kernel(times[positive])))
 
     def _decay(self, types: np.ndarray, t: float) -> Callable[[np.ndarray], np.ndarray]:
-        """Events' times -> their decay at t, for events of `types` ((n,)
-        internal type ids): 2^(−age/h) by each one's half-life, or the
-        configured `profile.kernel` (elementwise: any subset of the times)."""
+        """Events' times -> their decay at t, for the events of `types` ((n,)
+        internal type ids): 2^(−age/h) by each one's half-life (so the times
+        must be those n events'), or the configured `profile.kernel`
+        (elementwise, whatever the times)."""
         profile = self.config.profile
         if profile.kernel == "half_life":
             return half_life_kernel(t, self._types.half_lives[types])
