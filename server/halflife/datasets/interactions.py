@@ -20,7 +20,7 @@ import datetime as dt
 import math
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -197,10 +197,7 @@ class _Csv:
     def names(self, column: str) -> np.ndarray:
         """`strings`, each a valid id (`texts.name_problem`): one the server
         refused stopped load-movielens midway, some batches stored."""
-        i = self.header.index(column)
-        for k, row in enumerate(self.rows):
-            if (problem := name_problem(row[i])) is not None:
-                raise DatasetError(f"{self.name} line {self._line_of(k)}: {column} {row[i]!r} {problem}")
+        self._refuse_first(column, name_problem)
         return self.strings(column)
 
     def check_unique(self, column: str) -> None:
@@ -222,10 +219,15 @@ class _Csv:
     def check_known(self, column: str, known: set[str], what: str) -> None:
         """Every value of `column` in `known`: a reference to an item the items
         file lacks stopped load-movielens midway and was dropped by eval unsaid."""
+        self._refuse_first(column, lambda value: None if value in known else f"is not in {what}")
+
+    def _refuse_first(self, column: str, problem_of: Callable[[str], str | None]) -> None:
+        """DatasetError for the first row whose `column` value has a problem
+        (problem_of: value -> what is wrong, or None), naming its line."""
         i = self.header.index(column)
-        k = next((k for k, row in enumerate(self.rows) if row[i] not in known), None)
-        if k is not None:
-            raise DatasetError(f"{self.name} line {self._line_of(k)}: {column} {self.rows[k][i]!r} is not in {what}")
+        for k, row in enumerate(self.rows):
+            if (problem := problem_of(row[i])) is not None:
+                raise DatasetError(f"{self.name} line {self._line_of(k)}: {column} {row[i]!r} {problem}")
 
     def _line_of(self, k: int) -> int:
         """The line number of rows[k]: re-read (errors only), since a quoted
