@@ -341,10 +341,23 @@ def test_client_timeout_0_is_a_deadline_and_none_the_default():
                 assert least <= time.monotonic() - began < most, timeout
 
 
-@pytest.mark.parametrize("target", ["127.0.0.1:99999", "127.0.0.1:0", "127.0.0.1:-1", ""])
+@pytest.mark.parametrize("target", ["127.0.0.1:99999", "127.0.0.1:0", "127.0.0.1:-1", "", "::1", "fe80::1"])
 def test_client_refuses_a_target_gRPC_would_wrap_or_cannot_use(target):
-    with pytest.raises(ValueError, match="port must be 1 to 65535|must be host:port"):
+    with pytest.raises(ValueError, match="port must be 1 to 65535|must be host:port|goes in brackets"):
         HalflifeClient(target)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]"])
+def test_a_target_without_a_port_gets_serves_default_port(host):
+    """gRPC sends a target without a port to 443; the CLI's commands talk to
+    `halflife serve`, whose default port is 50051."""
+    from halflife.cli import DEFAULT_PORT, build_parser
+
+    for command in (["recommend", "1"], ["profile", "1"], ["load-movielens", "x"], ["eval"],
+                    ["loadtest", "--call", "grpc.health.v1.Health.Check"]):
+        assert build_parser().parse_args([*command, "--target", host]).target == f"{host}:{DEFAULT_PORT}"
+    assert build_parser().parse_args(["recommend", "1", "--target", "unix:/run/halflife.sock"]).target == \
+        "unix:/run/halflife.sock"
 
 
 def test_serve_batching_flags_default_to_the_batchers_and_say_so():

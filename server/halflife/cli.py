@@ -80,7 +80,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
 
     parser = commands.add_parser("serve", help="serve the gRPC API", description="Serve Halflife's gRPC API.")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=_port, default=50051, help="port (default 50051; 0 picks a free one)")
+    parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
     parser.add_argument("--data-dir", type=_path, default=DEFAULT_DATA_DIR, help=f"default {DEFAULT_DATA_DIR}")
     parser.add_argument(
         "--model-dir", type=_path, default=DEFAULT_MODEL_DIR, help=f"exported model (default {DEFAULT_MODEL_DIR})"
@@ -283,13 +283,20 @@ def _run_workers(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
-DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_PORT = 50051
+DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
+TARGET_HELP = f"server host[:port] (default {DEFAULT_TARGET}; port {DEFAULT_PORT} where none is given)"
 
 
 def _address(value: str) -> str:
-    # gRPC logs a multi-line trace of its own for an empty target, and wraps a port out of range.
+    """A --target: a host alone ("localhost", "10.0.0.7", "[::1]") gets serve's
+    default port, where gRPC would have gone to 443. gRPC logs a multi-line
+    trace of its own for an empty target, and wraps a port out of range."""
     from halflife_client.client import check_target
 
+    host_alone = ":" not in value or (value.startswith("[") and value.endswith("]"))
+    if host_alone and value.strip():
+        value = f"{value.strip()}:{DEFAULT_PORT}"
     try:
         return check_target(value)
     except ValueError as exc:
@@ -338,7 +345,7 @@ def _timestamp(value: str) -> dt.datetime:
 def _add_client_commands(commands: argparse._SubParsersAction) -> None:
     load = commands.add_parser("load-movielens", help="load a MovieLens directory into a running server")
     load.add_argument("directory", type=Path, help="e.g. ../shared/data/ml-latest-small")
-    load.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
+    load.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=TARGET_HELP)
     load.add_argument("--batch-size", type=_batch_size, default=500, help="events per RecordEvents call (default 500, at most 1000)")
     load.set_defaults(run=_run_load)
 
@@ -347,13 +354,13 @@ def _add_client_commands(commands: argparse._SubParsersAction) -> None:
     recommend.add_argument("--limit", type=_int32, default=10, help="how many items (default 10)")
     recommend.add_argument("--as-of", type=_timestamp, default=None, help="ISO time or unix seconds (default now)")
     recommend.add_argument("--query", default="", help="text whose cosine with each item is blended into the score (ranking.query_weight)")
-    recommend.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=f"server (default {DEFAULT_TARGET})")
+    recommend.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=TARGET_HELP)
     recommend.set_defaults(run=_run_recommend)
 
     profile = commands.add_parser("profile", help="show a user's interests in words")
     profile.add_argument("user_id")
     profile.add_argument("--as-of", type=_timestamp, default=None, help="ISO time or unix seconds (default now)")
-    profile.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=f"server (default {DEFAULT_TARGET})")
+    profile.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=TARGET_HELP)
     profile.set_defaults(run=_run_profile)
 
 
@@ -386,7 +393,7 @@ def _add_loadtest(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("-r", "--rps", type=float, default=None, help="request rate limit (default 0: none)")
     parser.add_argument("-t", "--timeout", type=_duration, default=None,
                         help="per-call deadline (default 20s; 0: none, within the 600 s cap on a run)")
-    parser.add_argument("--target", type=_address, default=None, help=f"server address (default {DEFAULT_TARGET})")
+    parser.add_argument("--target", type=_address, default=None, help=TARGET_HELP)
     parser.add_argument("--allow-remote", action="store_true", help="permit a non-loopback target")
     parser.add_argument("-O", "--format", choices=("json", "summary"), default="json")
     parser.set_defaults(run=_run_loadtest)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import ipaddress
 import json
 from typing import Mapping, Sequence
 
@@ -139,6 +140,8 @@ def check_target(target: str) -> str:
     gRPC wraps a port silently (127.0.0.1:99999 reaches port 34463)."""
     if not target.strip():
         raise ValueError("must be host:port, got an empty string")
+    if _bare_ipv6(target):  # its last group would pass for a port
+        raise ValueError(f"an IPv6 address goes in brackets: [{target}]:port")
     port = target.rpartition(":")[2]
     try:
         number = int(port)
@@ -147,6 +150,13 @@ def check_target(target: str) -> str:
     if not 1 <= number <= 65535:
         raise ValueError(f"port must be 1 to 65535, got {port}")
     return target
+
+
+def _bare_ipv6(target: str) -> bool:
+    try:
+        return ipaddress.ip_address(target).version == 6
+    except ValueError:
+        return False
 
 
 def _strings(name: str, values: Sequence[str]) -> list[str]:
