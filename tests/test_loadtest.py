@@ -66,7 +66,7 @@ def test_a_run_cut_by_its_bounds_says_so(server, capsys, monkeypatch):
 
 @pytest.mark.parametrize("flags", [("-n", "0"), ("-z", "0s"), ("-c", "0")])
 def test_bounds_that_would_send_nothing_are_refused(server, capsys, flags):
-    assert main(["loadtest", "--call", HEALTH, "--target", server.address, *flags]) != 0
+    assert main(["loadtest", "--call", HEALTH, "--target", server.address, *flags]) == 2
     assert "must be" in capsys.readouterr().err
 
 
@@ -76,7 +76,7 @@ CLOSED = "127.0.0.1:1"
 
 
 def refused(capsys, *args: str) -> str:
-    assert main(["loadtest", *args]) != 0
+    assert main(["loadtest", *args]) == 2  # a usage error, as argparse's own
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     return err

@@ -19,6 +19,7 @@ from halflife.embedding.batcher import BatchingConfig
 from halflife.embedding.manifest import ManifestError, load_manifest
 
 EXIT_FAILURE = 1
+EXIT_USAGE = 2  # argparse's status for a usage error
 
 
 def _add_export(commands: argparse._SubParsersAction) -> None:
@@ -439,8 +440,12 @@ def _run_loadtest(args: argparse.Namespace) -> int:
             options = options_from_ghz_config(args.config, **flags)
         else:
             options = options_from_flags(**flags)
-        for note in bounds_applied(options):
-            print(f"halflife loadtest: note: {note}", file=sys.stderr)
+    except LoadTestError as exc:  # a bad option, data or config: a usage error, as argparse's own
+        print(f"halflife loadtest: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for note in bounds_applied(options):
+        print(f"halflife loadtest: note: {note}", file=sys.stderr)
+    try:
         report, interrupted = run_event_loop(_until_interrupted(lambda stop: run_load_test(options, stop)))
     except LoadTestError as exc:
         print(f"halflife loadtest: error: {exc}", file=sys.stderr)
