@@ -163,6 +163,24 @@ def test_ids_the_server_would_refuse_name_their_line(tmp_path):
         "movies.csv line 4: movieId '' must not be empty"
 
 
+def test_categories_the_server_would_refuse_name_their_line(tmp_path):
+    """UpsertItems refuses them, which stopped load-movielens after earlier batches were stored."""
+    from halflife.texts import MAX_CATEGORIES, MAX_CATEGORY_BYTES
+
+    long_genre = "g" * (MAX_CATEGORY_BYTES + 1)
+    assert error(dataset(tmp_path, movies=MOVIES + f"3,Long (2001),Drama|{long_genre}\n")) == \
+        f"movies.csv line 4: genres 'Drama|{long_genre}' has the category '{long_genre}', which is " \
+        f"{MAX_CATEGORY_BYTES + 1} bytes long; at most {MAX_CATEGORY_BYTES}"
+    assert error(dataset(tmp_path, movies=MOVIES + "3,Gap (2001),Drama||Crime\n")) == \
+        "movies.csv line 4: genres 'Drama||Crime' has the category '', which must not be empty"
+    many = "|".join(f"g{n}" for n in range(MAX_CATEGORIES + 1))
+    assert error(dataset(tmp_path, movies=MOVIES + f"3,Many (2001),{many}\n")) == \
+        f"movies.csv line 4: genres '{many}' holds {MAX_CATEGORIES + 1} categories; at most {MAX_CATEGORIES}"
+    at_the_limits = "|".join(f"g{n}" for n in range(MAX_CATEGORIES - 1)) + "|" + "g" * MAX_CATEGORY_BYTES
+    assert len(load_dataset(dataset(tmp_path, movies=MOVIES + f"3,Full (2001),{at_the_limits}\n")).items[2].categories) \
+        == MAX_CATEGORIES
+
+
 def test_a_repeated_item_id_names_both_lines(tmp_path):
     """The second row replaced the first unsaid (an audit)."""
     assert error(dataset(tmp_path, movies=MOVIES + "1,Totally Different Movie (2001),Drama\n")) == \

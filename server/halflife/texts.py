@@ -7,6 +7,8 @@ import re
 import unicodedata
 
 MAX_ID_BYTES = 256
+MAX_CATEGORY_BYTES = 128
+MAX_CATEGORIES = 64  # per item
 # Ids and categories are names, never text: a control character in one is a
 # client's bug, and NUL would be cut off by SQLite's JSON functions (3.40),
 # which the store looks ids up with, so "a\0b" would name item "a".

@@ -12,11 +12,10 @@ from halflife.api.calls import run_with_deadline
 from halflife.api.errors import not_found, translate_errors
 from halflife.api.validation import UNREADABLE, Violations, to_timestamp
 from halflife.interest.engine import ItemInput
-from halflife.texts import blank
+from halflife.texts import MAX_CATEGORIES, blank
 from halflife.v1 import catalog_pb2, catalog_pb2_grpc
 
 MAX_ITEMS_PER_REQUEST = 1000
-MAX_CATEGORIES = 64
 MAX_ATTRIBUTES = 64
 # Keys and values together, so that 1,000 items of the largest kind still fit
 # one GetItems response (64 MiB by default).

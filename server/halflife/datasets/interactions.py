@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from halflife.texts import blank, name_problem
+from halflife.texts import MAX_CATEGORIES, MAX_CATEGORY_BYTES, blank, name_problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +216,19 @@ class _Csv:
             raise DatasetError(f"{self.name} line {self._line_of(k)}: {column} is empty")
         return values
 
+    def check_categories(self, fmt: DatasetFormat) -> None:
+        """Each row's categories valid for the API (`texts.name_problem`, at
+        most MAX_CATEGORIES): one the server refused stopped load-movielens
+        midway, some batches stored."""
+        def problem_of(raw: str) -> str | None:
+            names = _categories(raw, fmt)
+            if len(names) > MAX_CATEGORIES:
+                return f"holds {len(names)} categories; at most {MAX_CATEGORIES}"
+            return next((f"has the category {name!r}, which {problem}" for name in names
+                         if (problem := name_problem(name, MAX_CATEGORY_BYTES)) is not None), None)
+
+        self._refuse_first(fmt.category_column, problem_of)
+
     def check_known(self, column: str, known: set[str], what: str) -> None:
         """Every value of `column` in `known`: a reference to an item the items
         file lacks stopped load-movielens midway and was dropped by eval unsaid."""
@@ -254,6 +267,10 @@ def _is_finite_number(text: str) -> bool:
         return False
 
 
+def _categories(raw: str, fmt: DatasetFormat) -> tuple[str, ...]:
+    return tuple(raw.split(fmt.category_separator)) if raw and raw != fmt.no_category else ()
+
+
 def _sorted_by_time(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     order = np.argsort(columns["times"], kind="stable")
     return {name: values[order] for name, values in columns.items()}
@@ -263,7 +280,7 @@ def load_dataset(directory: str | Path, fmt: DatasetFormat = MOVIELENS, *, earli
                  latest: float = _MAX_TIME) -> Dataset:
     """Reads a dataset directory; raises DatasetError, naming the file, line
     and column, for a missing or malformed file. Ids are API ids
-    (`texts.name_problem`), item ids unique; times lie within [earliest,
+    (`texts.name_problem`), item ids unique, categories API categories; times lie within [earliest,
     latest] (default: any a date can hold, years 1 to 9999)."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -272,17 +289,15 @@ def load_dataset(directory: str | Path, fmt: DatasetFormat = MOVIELENS, *, earli
     table = _Csv(directory / fmt.items_file, columns)
     table.names(fmt.item_column)
     table.check_unique(fmt.item_column)
+    if fmt.category_column:
+        table.check_categories(fmt)
     header = table.header
     id_at, text_at = header.index(fmt.item_column), [header.index(c) for c in fmt.text_columns]
     category_at = header.index(fmt.category_column) if fmt.category_column else None
     items = []
     for row in table.rows:
         text = " ".join(row[i] for i in text_at).strip()
-        categories: tuple[str, ...] = ()
-        if category_at is not None:
-            raw = row[category_at]
-            if raw and raw != fmt.no_category:
-                categories = tuple(raw.split(fmt.category_separator))
+        categories = _categories(row[category_at], fmt) if category_at is not None else ()
         full_text = f"{text}. Genres: {', '.join(categories)}" if categories else text
         items.append(CatalogItem(row[id_at], full_text, categories, _year_start(text)))
 
