@@ -65,6 +65,7 @@ def test_load_movielens_recommend_and_profile(server, tmp_path):
     loaded = halflife("load-movielens", str(data), "--target", server.address)
     assert loaded.returncode == 0, loaded.stderr
     assert "items created: 8" in loaded.stdout and "events accepted: 10" in loaded.stdout
+    assert loaded.stderr == ""  # stderr is a pipe, no terminal: no progress bars redrawn into it
     again = halflife("load-movielens", str(data), "--target", server.address)  # idempotent
     assert "items created: 0, items updated: 8" in again.stdout and "events duplicate: 10" in again.stdout
 

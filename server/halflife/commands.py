@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from tqdm import tqdm
-
 from halflife.api.validation import MAX_FUTURE_SECONDS
 from halflife.datasets.interactions import MOVIELENS, load_dataset
+from halflife.progress import progress
 from halflife.texts import MAX_ID_BYTES
 from halflife.v1 import interest_pb2, recommend_pb2
 from halflife_client import Event, HalflifeClient, Item
@@ -65,13 +64,13 @@ def load_movielens(directory: Path, target: str, batch_size: int = 500) -> dict[
     ]
     totals = {"items_created": 0, "items_updated": 0, "events_accepted": 0, "events_duplicate": 0}
     with HalflifeClient(target, timeout=LOAD_TIMEOUT_S) as client:
-        with tqdm(total=len(items), desc="items (embedding)", unit="item") as bar:
+        with progress(total=len(items), desc="items (embedding)", unit="item") as bar:
             for batch in _batches(items, 256):
                 created, updated = client.upsert_items(batch)
                 totals["items_created"] += created
                 totals["items_updated"] += updated
                 bar.update(len(batch))
-        with tqdm(total=len(events), desc="events", unit="event") as bar:
+        with progress(total=len(events), desc="events", unit="event") as bar:
             for batch in _batches(events, batch_size):
                 accepted, duplicates = client.record_events(batch)
                 totals["events_accepted"] += accepted

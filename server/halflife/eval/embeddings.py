@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-from tqdm import tqdm
+
+from halflife.progress import progress
 
 BATCH = 64
 
@@ -42,7 +43,7 @@ def embed_texts(
         return np.load(path)
     engine = EmbeddingEngine.load(model_dir, variant=variant, provider="cpu")
     label = f"embedding {what} ({variant or 'default'})"
-    out = embed_sorted(engine, texts, lambda batches: tqdm(batches, desc=label, unit="batch"))
+    out = embed_sorted(engine, texts, lambda starts: progress(starts, desc=label, unit="batch"))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, out)
@@ -50,16 +51,16 @@ def embed_texts(
     return out
 
 
-def embed_sorted(engine, texts: Sequence[str], progress: Callable[[range], Iterable[int]] = iter) -> np.ndarray:
+def embed_sorted(engine, texts: Sequence[str], batches: Callable[[range], Iterable[int]] = iter) -> np.ndarray:
     """Unit embeddings of `texts` through an EmbeddingEngine, truncated to its
     limit, in batches of BATCH sorted by length, as the server's batcher
-    sorts them (less padding); the order is restored.
-    Returns (len(texts), dim) float32."""
+    sorts them (less padding); the order is restored. `batches` wraps the
+    batches' start offsets (a progress bar). Returns (len(texts), dim) float32."""
     from halflife.embedding.pooling import l2_normalize
 
     order = np.argsort([len(t) for t in texts], kind="stable")
     out = np.zeros((len(texts), engine.dimension), dtype=np.float32)
-    for start in progress(range(0, len(texts), BATCH)):
+    for start in batches(range(0, len(texts), BATCH)):
         rows = order[start : start + BATCH]
         tokens = engine.tokenize([texts[i] for i in rows], truncate=True)
         out[rows] = l2_normalize(engine.forward(tokens.ids))

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from halflife.config import DEFAULT_EVENT_TYPES, BlendConfig, Config, EventTypeConfig, ProfileConfig
 from halflife.embedding.manifest import load_manifest
@@ -32,6 +31,7 @@ from halflife.eval import baselines as B
 from halflife.eval.data import RATING, EvalData, Query, global_cut, leave_last_out, load_eval_data, seen_before, time_quantiles
 from halflife.eval.embeddings import embed_texts
 from halflife.eval.metrics import METRICS, bootstrap_ci, bootstrap_ratio_ci, coverage, ndcg, query_metrics, ranking_from_scores, ranks_of
+from halflife.progress import progress
 
 RATE, REVIEW = 6, 7
 
@@ -166,7 +166,7 @@ class RemoteBackend:
 
         items = [Item(id=i, text=t, categories=list(c), create_time=_utc(ct) if ct is not None else None)
                  for i, t, c, ct in zip(data.item_ids, data.item_texts, data.item_categories, data.item_create_times)]
-        for start in tqdm(range(0, len(items), 256), desc="upserting items (server embeds)"):
+        for start in progress(range(0, len(items), 256), desc="upserting items (server embeds)"):
             self.client.upsert_items(items[start : start + 256])
         self.n = 0
 
@@ -227,7 +227,7 @@ def evaluate_baselines(data: EvalData, vectors: np.ndarray, queries: list[Query]
     history = B.History(data, vectors)
     per = {name: {m: [] for m in METRICS} for name in B.BASELINES}
     tops = {name: [] for name in B.BASELINES}
-    for q in tqdm(queries, desc=f"baselines ({desc})", unit="user"):
+    for q in progress(queries, desc=f"baselines ({desc})", unit="user"):
         history.advance(q.t)
         seen = seen_before(data, q.user, q.t)
         for name, fn in B.BASELINES.items():
@@ -246,7 +246,7 @@ def evaluate_backend(backend, data: EvalData, queries: list[Query], desc: str) -
         backend.advance(q.t)
         return backend.ranking(q)
 
-    return _score_queries(data, list(tqdm(queries, desc=desc, unit="user", leave=False)), rank)
+    return _score_queries(data, list(progress(queries, desc=desc, unit="user", leave=False)), rank)
 
 
 # ------------------------------------------------------------------ the grid
@@ -486,7 +486,7 @@ def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target:
             "int8 model": (test_i8, chosen),
             "embedding only (previous default)": (test, PREVIOUS_DEFAULT),
         }
-        for name, (backend, config) in tqdm(variants.items(), desc="Halflife variants (test)"):
+        for name, (backend, config) in progress(variants.items(), desc="Halflife variants (test)"):
             results["test"][name] = evaluate_backend(backend.reopen(config), data, test_q, name)
         results["test_all"]["Halflife default (blend)"] = evaluate_backend(test.reopen(shipped), data, test_all_q, "incl. cold")
         for b in (test, test_nt, test_i8):
