@@ -150,7 +150,7 @@ def test_max_duration_keeps_the_total(scripted, tmp_path, capsys):
 
 # ghz config keys and template actions: the ones implemented work, any other is refused up front.
 def refused(capsys, *args: str) -> str:
-    assert main(["loadtest", *args]) == 1
+    assert main(["loadtest", *args]) == 2  # a usage error, as argparse's own
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     return err
@@ -206,6 +206,18 @@ def test_template_actions_are_rendered_per_request():
     assert len(text) == 8 and text.isalnum()
     assert uuid.UUID(new_uuid) and uuid.UUID(call_uuid) and new_uuid != call_uuid
     assert make(8).service.split("|")[6] != new_uuid  # new values per request
+
+
+def test_actions_that_stand_for_numbers_render_before_the_json_is_read():
+    """As ghz renders the whole data first: an unquoted action is no JSON, and
+    in an array it was refused as "not a JSON array" (an audit)."""
+    data = '[{"user_id": "u{{randomInt 1 3}}", "limit": {{randomInt 1 5}}}, {"user_id": "x", "limit": {{.RequestNumber}}}]'
+    make = request_factory(method_descriptor("halflife.v1.RecommendService.Recommend"), data)
+    first, second, fourth = make(0), make(1), make(3)
+    assert first.user_id in ("u1", "u2") and 1 <= first.limit < 5
+    assert (second.user_id, second.limit, fourth.limit) == ("x", 1, 3)
+    single = request_factory(method_descriptor("halflife.v1.RecommendService.Recommend"), '{"limit": {{.RequestNumber}}}')
+    assert single(7).limit == 7
 
 
 def test_worker_ids_and_an_array_round_robin_reach_the_server(scripted, capsys):

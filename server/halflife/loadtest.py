@@ -273,14 +273,20 @@ def request_factory(method, data: str) -> Callable[..., object]:
         except json_format.ParseError as exc:
             raise InvalidOption("data", f"does not fit {method.input_type.full_name}: {exc}") from None
 
-    texts = _messages(data)
     if "{{" not in data:
-        fixed = [parse(text) for text in texts]
+        fixed = [parse(text) for text in _messages(data)]
         return lambda number, worker_id=FIRST_WORKER: fixed[number % len(fixed)]
-    renders = [_template(text, method) for text in texts]
-    for render in renders:
-        parse(render(0, FIRST_WORKER))  # fail before the load starts, not during it
-    return lambda number, worker_id=FIRST_WORKER: parse(renders[number % len(renders)](number, worker_id))
+    # Rendered before it is read as JSON, as ghz does: an action may stand for
+    # a number ({"limit": {{randomInt 1 10}}}), in an array's elements too.
+    render = _template(data, method)
+    for text in _messages(render(0, FIRST_WORKER)):
+        parse(text)  # fail before the load starts, not during it
+
+    def make(number: int, worker_id: str = FIRST_WORKER):
+        texts = _messages(render(number, worker_id))
+        return parse(texts[number % len(texts)])
+
+    return make
 
 
 # LoadTestOptions field -> the ghz config key it is read from.
