@@ -173,9 +173,10 @@ type RecommendRequest struct {
 	// under the same id stays excluded for the users who had events on the
 	// earlier one.
 	IncludeSeen bool `protobuf:"varint,5,opt,name=include_seen,json=includeSeen,proto3" json:"include_seen,omitempty"`
-	// Optional text blended into the profile (e.g. the current search box), at
-	// most 32 KiB; a text of nothing tokenizers read (whitespace, U+200B,
-	// ...) is INVALID_ARGUMENT (leave it empty).
+	// Optional text (e.g. the current search box), at most 32 KiB: its cosine
+	// with each item is mixed into the score with the server's
+	// `ranking.query_weight`. A text of nothing tokenizers read (whitespace,
+	// U+200B, ...) is INVALID_ARGUMENT (leave it empty).
 	Query string `protobuf:"bytes,6,opt,name=query,proto3" json:"query,omitempty"`
 	// When true, each item carries the interests and events that produced it.
 	Explain bool `protobuf:"varint,7,opt,name=explain,proto3" json:"explain,omitempty"`
@@ -454,8 +455,11 @@ type Explanation struct {
 	Interests []*InterestContribution `protobuf:"bytes,1,rep,name=interests,proto3" json:"interests,omitempty"`
 	// The user's events most responsible, strongest first (at most 3).
 	Events []*EventContribution `protobuf:"bytes,2,rep,name=events,proto3" json:"events,omitempty"`
-	// Parts of the score, by signal name (e.g. "interest", "cooccurrence",
-	// "popularity", "negative", "freshness").
+	// The score's weighted terms, by signal name ("interest", "negative",
+	// "cooccurrence", "popularity", "query"), which add up to the score. With
+	// the server's `ranking.freshness_half_life_days` set, "freshness" is the
+	// item's age factor in (0, 1], and the score is instead their sum moved to
+	// [0, 1] (from the range the blend's weights bound it to) times that.
 	ScoreParts map[string]float32 `protobuf:"bytes,3,rep,name=score_parts,json=scoreParts,proto3" json:"score_parts,omitempty" protobuf_key:"bytes,1,opt,name=key,proto3" protobuf_val:"fixed32,2,opt,name=value,proto3"`
 }
 

@@ -102,9 +102,10 @@ export type RecommendRequest = Message<"halflife.v1.RecommendRequest"> & {
   includeSeen: boolean;
 
   /**
-   * Optional text blended into the profile (e.g. the current search box), at
-   * most 32 KiB; a text of nothing tokenizers read (whitespace, U+200B,
-   * ...) is INVALID_ARGUMENT (leave it empty).
+   * Optional text (e.g. the current search box), at most 32 KiB: its cosine
+   * with each item is mixed into the score with the server's
+   * `ranking.query_weight`. A text of nothing tokenizers read (whitespace,
+   * U+200B, ...) is INVALID_ARGUMENT (leave it empty).
    *
    * @generated from field: string query = 6;
    */
@@ -254,8 +255,11 @@ export type Explanation = Message<"halflife.v1.Explanation"> & {
   events: EventContribution[];
 
   /**
-   * Parts of the score, by signal name (e.g. "interest", "cooccurrence",
-   * "popularity", "negative", "freshness").
+   * The score's weighted terms, by signal name ("interest", "negative",
+   * "cooccurrence", "popularity", "query"), which add up to the score. With
+   * the server's `ranking.freshness_half_life_days` set, "freshness" is the
+   * item's age factor in (0, 1], and the score is instead their sum moved to
+   * [0, 1] (from the range the blend's weights bound it to) times that.
    *
    * @generated from field: map<string, float> score_parts = 3;
    */
