@@ -209,33 +209,41 @@ class Result:
         return out
 
 
+class _Tally:
+    """One method's per-query metrics and top 10s, query by query."""
+
+    def __init__(self, n_items: int) -> None:
+        self.n_items, self.per, self.tops = n_items, {m: [] for m in METRICS}, []
+
+    def add(self, order: np.ndarray, q: Query) -> None:
+        """order: (n,) item rows, best first, without the items seen before q.t."""
+        for m, v in query_metrics(ranks_of(order, q.relevant, self.n_items)).items():
+            self.per[m].append(v)
+        self.tops.append(order[:10])
+
+    def result(self) -> Result:
+        return Result({m: np.array(v) for m, v in self.per.items()}, self.tops)
+
+
 def _score_queries(data: EvalData, queries: list[Query], rank_fn: Callable[[Query, np.ndarray], np.ndarray]) -> Result:
-    per = {m: [] for m in METRICS}
-    tops = []
+    tally = _Tally(data.n_items)
     for q in queries:
         seen = seen_before(data, q.user, q.t)
         order = rank_fn(q, seen)
-        order = order[~seen[order]]
-        for m, v in query_metrics(ranks_of(order, q.relevant, data.n_items)).items():
-            per[m].append(v)
-        tops.append(order[:10])
-    return Result({m: np.array(v) for m, v in per.items()}, tops)
+        tally.add(order[~seen[order]], q)
+    return tally.result()
 
 
 def evaluate_baselines(data: EvalData, vectors: np.ndarray, queries: list[Query], desc: str) -> dict[str, Result]:
     """Every baseline on `queries` (sorted by t), the history advancing with t."""
     history = B.History(data, vectors)
-    per = {name: {m: [] for m in METRICS} for name in B.BASELINES}
-    tops = {name: [] for name in B.BASELINES}
+    tallies = {name: _Tally(data.n_items) for name in B.BASELINES}
     for q in progress(queries, desc=f"baselines ({desc})", unit="user"):
         history.advance(q.t)
         seen = seen_before(data, q.user, q.t)
         for name, fn in B.BASELINES.items():
-            order = ranking_from_scores(fn(history, q.user, q.t), seen)
-            for m, v in query_metrics(ranks_of(order, q.relevant, data.n_items)).items():
-                per[name][m].append(v)
-            tops[name].append(order[:10])
-    return {name: Result({m: np.array(v) for m, v in per[name].items()}, tops[name]) for name in B.BASELINES}
+            tallies[name].add(ranking_from_scores(fn(history, q.user, q.t), seen), q)
+    return {name: tally.result() for name, tally in tallies.items()}
 
 
 def evaluate_backend(backend, data: EvalData, queries: list[Query], desc: str) -> Result:
