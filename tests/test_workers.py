@@ -139,6 +139,39 @@ def test_a_worker_that_dies_after_it_served_is_started_again(model_dir, tmp_path
         process.kill()
 
 
+READY_BEFORE_THE_LINE = """
+import asyncio, logging, os, sys
+from pathlib import Path
+from halflife.api.server import ServerConfig, serve
+
+read, write = os.pipe()
+os.set_blocking(read, False)
+
+class Check(logging.Handler):
+    def emit(self, record):
+        if record.getMessage().startswith("serving on"):
+            try:
+                said = os.read(read, 1)
+            except BlockingIOError:
+                said = b""
+            print(f"parent told before the line: {said == b'1'}", flush=True)
+            os._exit(0)
+
+logging.getLogger("halflife.api.server").addHandler(Check())
+logging.getLogger("halflife.api.server").setLevel(logging.INFO)
+asyncio.run(serve(ServerConfig(port=0, model_dir=Path(sys.argv[1]), data_dir=Path(sys.argv[2])), ready_fd=write))
+"""
+
+
+def test_a_worker_tells_its_parent_it_serves_before_it_logs_so(model_dir, tmp_path):
+    """Logged first, a worker killed between its "serving on" line and its
+    word to the parent counted as one that never served, and the group
+    stopped (the test above failed so, under load)."""
+    result = subprocess.run([sys.executable, "-c", READY_BEFORE_THE_LINE, str(model_dir), str(tmp_path / "data")],
+                            capture_output=True, text=True, timeout=120)
+    assert "parent told before the line: True" in result.stdout, result.stdout + result.stderr
+
+
 def test_a_worker_that_dies_before_it_serves_stops_the_group(model_dir, tmp_path):
     """Starting it again would only fail again (a bad disk, memory too small to load): the group stops,
     exit status 1, for a supervisor to see."""

@@ -308,7 +308,6 @@ class HalflifeServer:
             await self.stop(grace=0)
             raise
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving on %s:%d", config.host, self.port)
         return self.port
 
     async def _load_model(self) -> None:
@@ -392,10 +391,12 @@ async def serve(config: ServerConfig, parent_pid: int | None = None, ready_fd: i
         loop.add_signal_handler(signum, stop.set)
     # Kept referenced until shutdown: the event loop holds tasks only weakly.
     watch = asyncio.create_task(_stop_when_orphaned(parent_pid, stop)) if parent_pid is not None else None
-    await server.start()
+    port = await server.start()
     if ready_fd is not None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
+    # Logged once the parent knows: a worker killed after this line is one that served, and is started again.
+    log.info("serving on %s:%d", config.host, port)
     await stop.wait()
     if watch is not None:
         watch.cancel()
