@@ -291,6 +291,7 @@ def test_a_second_group_on_a_served_port_is_refused(model_dir, tmp_path):
         assert second.returncode == 1
         assert f"{address} is already being served by another" in second.stderr
         assert "Traceback" not in second.stderr
+        assert not (tmp_path / "other").exists()  # it made the directory, and a migrated store in it (an audit)
     finally:
         process.send_signal(signal.SIGTERM)
         wait_exit(process)

@@ -270,15 +270,22 @@ def _run_workers(args: argparse.Namespace) -> int:
     from halflife.storage.sqlite import SqliteStore
     from halflife.workers import run_workers, worker_threads
 
+    new_data_dir = not args.data_dir.exists()
     try:
         _check_model(args)  # one clear error here rather than one per worker
         # Each worker inherits the lock's open file: the directory stays taken until
         # the last of them has exited, even after a SIGKILL of this parent (an audit
         # started a new server there while orphaned workers still committed writes).
         with claim_data_dir(args.data_dir, f"pid {os.getpid()} and the workers it started") as lock:
-            SqliteStore(args.data_dir).close()  # migrations run once, here, before any worker opens the file
-            threads = worker_threads(args.threads, args.workers, physical_cores())
-            return run_workers(args.argv[1:], args.host, args.port, args.workers, threads, keep_fds=(lock.fileno(),))
+            try:
+                threads = worker_threads(args.threads, args.workers, physical_cores())
+                # The store's migrations run once, here, before any worker opens the file.
+                return run_workers(args.argv[1:], args.host, args.port, args.workers, threads,
+                                   keep_fds=(lock.fileno(),), prepare=lambda: SqliteStore(args.data_dir).close())
+            except OSError:
+                if new_data_dir:
+                    _remove_unused_data_dir(lock, args.data_dir)
+                raise
     except (ManifestError, StoreError, OSError) as exc:
         print(f"halflife serve: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -35,7 +35,7 @@ import tempfile
 import time
 from collections import deque
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from halflife.locks import LockHeldError, hold_lock, remove_lock
 
@@ -164,11 +164,13 @@ class _Worker:
 
 
 def run_workers(serve_argv: Sequence[str], host: str, port: int, workers: int, threads: int,
-                keep_fds: Sequence[int] = ()) -> int:
+                keep_fds: Sequence[int] = (), prepare: Callable[[], None] = lambda: None) -> int:
     """Runs `workers` copies of `halflife serve <serve_argv>` on one port until
     SIGTERM/SIGINT (forwarded to them), restarting one that dies after it
     served (see the module's docstring for when the group stops instead).
     keep_fds: open in every worker for its life (the data directory's lock).
+    prepare: run once the port is reserved, before any worker starts (so a
+    port already taken fails before it made anything).
     Returns the exit status: 0 after a requested stop that every worker completed."""
     group: list[_Worker] = []
     requested: list[int] = []
@@ -186,6 +188,7 @@ def run_workers(serve_argv: Sequence[str], host: str, port: int, workers: int, t
     try:
         with reserve_port(host, port) as reserved:
             port = reserved.getsockname()[1]
+            prepare()
             argv = [sys.executable, "-m", "halflife.cli", "serve", *serve_argv, "--port", str(port),
                     "--threads", str(threads), "--workers", "1", "--parent-pid", str(os.getpid())]
 
