@@ -131,6 +131,13 @@ def test_a_bound_is_quoted_exactly():
     assert str(caught.value) == "event_types.view.half_life_days: must be at least 0.0006944444444444445, got 0.000694444"
 
 
+def test_blend_weights_that_are_all_zero_are_refused():
+    """Every personalised score was 0 and the list in id order, said to be personalised (an audit)."""
+    with pytest.raises(ConfigError, match=r"^blend: interest, cooccurrence and popularity must not all be 0$"):
+        parse_config({"blend": {"interest": 0, "cooccurrence": 0, "popularity": 0}})
+    assert parse_config({"blend": {"interest": 0, "cooccurrence": 0}}).blend.popularity > 0  # one is enough
+
+
 def test_query_weight_above_one_is_refused():
     with pytest.raises(ConfigError, match=r"^ranking\.query_weight:"):
         parse_config({"ranking": {"query_weight": 1.5}})

@@ -274,6 +274,8 @@ def parse_config(data: dict) -> Config:
         "affinity_half_life_days": _half_life,
         "popularity_half_life_days": _half_life,
     })
+    if blend.interest + blend.cooccurrence + blend.popularity == 0:  # a weighted mean of nothing
+        raise ConfigError("blend: interest, cooccurrence and popularity must not all be 0")
     return Config(event_types=event_types, ratings=ratings, profile=profile, ranking=ranking, blend=blend)
 
 
