@@ -218,6 +218,42 @@ def make_tiny_mpnet(path: str | Path, seed: int = SEED) -> Path:
     return _tiny_after_padding(MPNetConfig, MPNetModel, path, seed)
 
 
+def make_tiny_data2vec_text(path: str | Path, seed: int = SEED) -> Path:
+    """A random data2vec-text encoder, RoBERTa's kin (see `_tiny_after_padding`)."""
+    from transformers import Data2VecTextConfig, Data2VecTextModel
+
+    return _tiny_after_padding(Data2VecTextConfig, Data2VecTextModel, path, seed)
+
+
+def make_tiny_qwen2(path: str | Path, seed: int = SEED) -> Path:
+    """A random Qwen2 decoder (hidden 32, 2 layers, RMSNorm, 64 positions) whose
+    tokenizer appends its end-of-text token, as gte-Qwen2's does: a model type
+    without onnxruntime's O2 fusions, so fp16 takes the plain conversion."""
+    import torch
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
+
+    backend = byte_level_bpe_tokenizer(["<|endoftext|>"])
+    eot = backend.token_to_id("<|endoftext|>")
+    backend.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>",
+                                                           special_tokens=[("<|endoftext|>", eot)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POSITIONS,
+        eos_token_id=eot,
+        pad_token_id=eot,
+        architectures=["Qwen2Model"],
+    )
+    torch.manual_seed(seed)
+    return _save(Qwen2Model(config).eval(), tokenizer, Path(path))
+
+
 def make_tiny_gpt2(path: str | Path, seed: int = SEED) -> Path:
     """A random GPT-2 decoder (n_embd 32, 2 layers, 2 heads, 64 positions), byte-level BPE, no pad token."""
     import torch
@@ -298,6 +334,8 @@ BUILDERS = {
     "roberta": make_tiny_roberta,
     "mpnet": make_tiny_mpnet,
     "gpt2": make_tiny_gpt2,
+    "data2vec-text": make_tiny_data2vec_text,
+    "qwen2": make_tiny_qwen2,
     "t5": make_tiny_t5,
 }
 

@@ -62,7 +62,9 @@ SENTENCE_TRANSFORMERS_POOLING = {
 }
 
 # Model types whose position ids start after the padding index (pad_token_id + 1).
-POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet"}
+# transformers' function for models whose positions count from pad_token_id + 1
+# (RoBERTa and its kin: XLM-R, CamemBERT, MPNet, data2vec-text, I-BERT, ...).
+POSITIONS_AFTER_PADDING = "create_position_ids_from_input_ids"
 
 # Fixed validation set: short, long, punctuation-only, non-English and mixed inputs.
 VALIDATION_SENTENCES = (
@@ -266,14 +268,23 @@ def _resolve_source(options: ExportOptions) -> _Source:
     return _Source(path=path, model_id=model_id, kind=kind, config=config, pooling_config=_pooling_module(path))
 
 
-def _json_file(path: Path):
-    """The parsed JSON file, or {} where there is none."""
-    if not path.is_file():
-        return {}
+def _json_value(path: Path):
     try:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise ExportError(f"{path} is not valid JSON: {exc}") from None
+
+
+def _json_file(path: Path) -> dict:
+    """The JSON object in the file, or {} where there is none (a list there
+    was an AttributeError traceback)."""
+    if not path.is_file():
+        return {}
+    value = _json_value(path)
+    if not isinstance(value, dict):
+        held = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+        raise ExportError(f"{path} holds {held}, not a JSON object")
+    return value
 
 
 def _check_tokenizer(path: Path) -> None:
@@ -297,7 +308,7 @@ def _pooling_module(path: Path) -> Path | None:
     modules.json lists, or None. Refuses any module the server does not
     reproduce: the vectors it served would differ from the model's."""
     pooling = None
-    modules = _json_file(path / "modules.json") if (path / "modules.json").is_file() else []
+    modules = _json_value(path / "modules.json") if (path / "modules.json").is_file() else []
     if not (isinstance(modules, list) and all(isinstance(m, dict) and isinstance(m.get("type"), str)
                                               and isinstance(m.get("path", ""), str) for m in modules)):
         raise ExportError(f"{path / 'modules.json'} is not a list of modules with a type and a path")
@@ -432,11 +443,18 @@ def _float_variants(raw: Path, source: _Source, staging: Path) -> list[tuple[str
     return variants
 
 
+# Kept in fp32 by the plain fp16 conversion (no O2 fusions for the model type):
+# the mean of squares in an RMSNorm (or unfused LayerNorm) loses too much in
+# fp16. A tiny Qwen2 fell to min cosine 0.981 against PyTorch, 1.00000 with these.
+FP32_REDUCTIONS = ("Pow", "ReduceMean", "Sqrt")
+
+
 def _convert_fp16(src: Path, dst: Path) -> None:
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True,
+                                     op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_REDUCTIONS])
     onnx.save(model, str(dst))
 
 
@@ -531,8 +549,22 @@ def _position_limit(config) -> int | None:
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if not positions:
         return None
-    offset = _pad_token_id(config) + 1 if config.model_type in POSITIONS_AFTER_PADDING else 0
+    offset = _pad_token_id(config) + 1 if _positions_after_padding(config) else 0
     return int(positions) - offset
+
+
+def _positions_after_padding(config) -> bool:
+    """Whether the model's positions start after its pad token, which its
+    modeling module says by defining transformers' function for that (a list
+    of model types missed data2vec-text and I-BERT: their exports crashed)."""
+    from transformers import AutoModel
+
+    try:
+        module = sys.modules[AutoModel._model_mapping[type(config)].__module__]
+    except (KeyError, ValueError):  # no transformers model of this type: nothing to go by
+        return False
+    return hasattr(module, POSITIONS_AFTER_PADDING) or any(
+        hasattr(value, POSITIONS_AFTER_PADDING) for value in vars(module).values() if isinstance(value, type))
 
 
 def _resolve_max_input_tokens(requested: int | None, source: _Source) -> int:
@@ -545,6 +577,13 @@ def _resolve_max_input_tokens(requested: int | None, source: _Source) -> int:
         raise ExportError(
             f"--max-input-tokens {requested} is more than {source.model_id} has positions for ({limit})"
         )
+    from transformers import AutoTokenizer
+
+    # A tokenizer cannot truncate below its special tokens: validation then fed PyTorch more than the limit.
+    specials = len(AutoTokenizer.from_pretrained(source.path)("")["input_ids"])
+    if requested <= specials:
+        raise ExportError(f"--max-input-tokens {requested} leaves no room for text: the tokenizer adds {specials} "
+                          "special tokens to every input")
     return requested
 
 
@@ -555,7 +594,10 @@ def _max_input_tokens(source: _Source) -> int:
     limits = []
     st_config = source.path / "sentence_bert_config.json"
     if st_config.is_file():
-        limits.append(int(json.loads(st_config.read_text())["max_seq_length"]))
+        length = _json_file(st_config).get("max_seq_length")
+        if not (isinstance(length, int) and length > 0):
+            raise ExportError(f"{st_config}: max_seq_length must be a positive whole number, got {length!r}")
+        limits.append(length)
     positions = _position_limit(config)
     if positions:
         limits.append(positions)
@@ -694,12 +736,12 @@ def _publish(staging: Path, output: Path) -> None:
     """Swaps the finished directory in; a crash at any point leaves either the
     old model or the new one whole (the old one under a `.old-` name beside it
     at worst: outside the work directory, whose cleanup would delete it)."""
+    retired = output.parent / f".old-{output.name}"
+    if retired.exists():  # left by an interrupted swap: older than the model in place (if any)
+        shutil.rmtree(retired)
     if not output.exists():
         os.replace(staging, output)
         return
-    retired = output.parent / f".old-{output.name}"
-    if retired.exists():  # left by an interrupted swap: older than the model in place
-        shutil.rmtree(retired)
     os.replace(output, retired)
     os.replace(staging, output)
     shutil.rmtree(retired)
