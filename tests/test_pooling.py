@@ -254,6 +254,29 @@ def _hf_token_count(src, text):
     return len(_hf_ids(src, text))
 
 
+def test_an_empty_input_is_refused_where_the_tokenizer_adds_no_tokens(bert, gpt2, tmp_path):
+    """GPT-2's tokenizer adds no special tokens: "" had no token to pool and
+    came back as a zero vector, where the proto promises unit length (an
+    audit). BERT's [CLS] [SEP] still embed it."""
+    import grpc
+
+    from halflife.api.server import ServerConfig
+    from halflife_client import HalflifeClient, field_violations
+    from tests.serving import ServerThread
+
+    for (_, out, _), refused in ((gpt2, True), (bert, False)):
+        config = ServerConfig(port=0, model_dir=out, data_dir=tmp_path / out.parent.name, provider="cpu")
+        with ServerThread(config) as server, HalflifeClient(server.address) as client:
+            if refused:
+                with pytest.raises(grpc.RpcError) as caught:
+                    client.embed(["hello", ""])
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert [field for field, _ in field_violations(caught.value)] == ["inputs[1]"]
+                assert client.embed(["hello"]).shape == (1, 32)  # and the server goes on
+            else:
+                assert np.linalg.norm(client.embed([""])[0]) == pytest.approx(1.0, abs=1e-5)
+
+
 SHORT = "the cat sat on the mat"
 LONGER = [
     "a quick brown fox and a lazy dog " * 3,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import numpy as np
 
 from halflife.api.backend import Backend
 from halflife.api.calls import deadline_of
@@ -63,6 +64,10 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             for i, n in error.too_long:
                 violations.add(f"inputs[{short[i]}]",
                                f"has {n} tokens, more than the model's {error.max_tokens}; set truncate to cut it")
+        else:  # "" where the tokenizer adds no special tokens: pooled, no token gave a zero vector
+            for i in np.flatnonzero(tokens.token_counts == 0):
+                violations.add(f"inputs[{short[i]}]", "is empty, and this model's tokenizer adds no tokens of its own: "
+                                                      "there is nothing to embed")
         violations.raise_if_any()
         vectors = await batcher.submit(tokens.ids, deadline.expires)
         if not request.skip_normalize:

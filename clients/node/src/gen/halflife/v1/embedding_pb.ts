@@ -21,7 +21,8 @@ export type EmbedRequest = Message<"halflife.v1.EmbedRequest"> & {
   /**
    * Texts to embed, 1 to 256 of them, each at most 32 KiB of UTF-8 (as an
    * item's text), truncated or not. An empty string is allowed (it embeds
-   * the model's special tokens only).
+   * the model's special tokens only), but INVALID_ARGUMENT for a model whose
+   * tokenizer adds none (GPT-2's): no token, nothing to embed.
    *
    * @generated from field: repeated string inputs = 1;
    */
