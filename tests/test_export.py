@@ -293,6 +293,13 @@ def _garbage_tokenizer(manifest, copy):
     (lambda m, _: m.update(pooling="bogus"), "pooling 'bogus' is not one of mean, last_token, cls"),
     (lambda m, _: m.update(default_variants={}), "names no default variant for CPUExecutionProvider"),
     (lambda m, _: m.update(dimension=m["dimension"] + 1), "-d vectors, the manifest says"),
+    # Hand edits of the wrong type or beyond the model (an audit: tracebacks, or "32-d vectors, the manifest says 32").
+    (lambda m, _: m.update(default_variants=list(m["default_variants"])), "default_variants must be a JSON object"),
+    (lambda m, _: m.update(dimension=str(m["dimension"])), "dimension must be a whole number, got '32'"),
+    (lambda m, _: m.update(normalize=1), "normalize must be true or false, got 1"),
+    (lambda m, _: m["variants"][0]["validation"].update(min_cosine="high"), "min_cosine must be a number"),
+    (lambda m, _: m.update(max_input_tokens=0), "max_input_tokens must be at least 1, got 0"),
+    (lambda m, _: m.update(pad_token_id=10**6), r"the model fails on 1 x 8 tokens, which its manifest allows"),
 ])
 def test_a_consistent_but_wrong_manifest_is_a_manifest_error(exported, tmp_path, edit, message):
     # Checksums that match files the manifest misdescribes: an audit found each
@@ -300,6 +307,14 @@ def test_a_consistent_but_wrong_manifest_is_a_manifest_error(exported, tmp_path,
     kind, src, out, manifest = exported
     copy = _edited_copy(out, tmp_path, edit)
     with pytest.raises(ManifestError, match=message):
+        EmbeddingEngine.load(copy, provider="cpu").warm_up()
+
+
+def test_more_input_tokens_than_the_model_has_positions_for_is_a_manifest_error(tmp_path, tmp_path_factory):
+    """A position table of 64 (Qwen2's rotary positions have none to overrun)."""
+    _, out, _ = tiny_models.exported("bert", tmp_path_factory)
+    copy = _edited_copy(out, tmp_path, lambda m, _: m.update(max_input_tokens=tiny_models.MAX_POSITIONS * 2))
+    with pytest.raises(ManifestError, match=r"the model fails on 4 x 128 tokens, which its manifest allows"):
         EmbeddingEngine.load(copy, provider="cpu").warm_up()
 
 

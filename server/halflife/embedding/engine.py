@@ -18,6 +18,11 @@ from halflife.cpu import physical_cores
 from halflife.embedding.manifest import Manifest, ManifestError, load_manifest, verify_file
 from halflife.embedding.pooling import pool
 
+WARM_UP_MAX_TOKENS = 512
+# What onnxruntime raises for a run the graph cannot do (an id past its vocabulary, a length past its positions).
+ORT_RUN_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+                  ort.capi.onnxruntime_pybind11_state.RuntimeException)
+
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
@@ -281,9 +286,22 @@ class EmbeddingEngine:
         self.memory_releases += 1
 
     def warm_up(self) -> None:
-        """Runs a few batch shapes so the first real request pays no set-up cost."""
-        for batch, tokens in ((1, 8), (8, 32), (4, min(self.max_input_tokens, 128))):
-            vectors = self.forward([np.full(tokens, self.manifest.pad_token_id + 1, dtype=np.int64)] * batch)
+        """Runs a few batch shapes so the first real request pays no set-up
+        cost, one of them as long as the manifest allows (up to 512 tokens: a
+        long-context model's full length would cost seconds at each start).
+        A manifest that does not fit its model (a pad token past the
+        vocabulary, more tokens than positions) fails here, as a
+        ManifestError, not in requests (it was an onnxruntime traceback)."""
+        pad = self.manifest.pad_token_id
+        for batch, tokens in ((1, 8), (8, 32), (4, 128), (1, WARM_UP_MAX_TOKENS)):
+            tokens = min(tokens, self.max_input_tokens)
+            try:
+                vectors = self.forward([np.full(tokens, pad + 1, dtype=np.int64)] * batch)
+            except ORT_RUN_ERRORS as exc:
+                raise ManifestError(
+                    f"{self.model_dir}: the model fails on {batch} x {tokens} tokens, which its manifest allows "
+                    f"(max_input_tokens {self.max_input_tokens}, pad_token_id {pad}): {' '.join(str(exc).split())}"
+                ) from exc
             if vectors.shape != (batch, self.dimension):  # else every item upsert fails later
                 raise ManifestError(
                     f"{self.model_dir}: the model gives {vectors.shape[1]}-d vectors, the manifest says {self.dimension}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +96,34 @@ class Manifest:
         )
         data["input_names"] = tuple(data["input_names"])
         manifest = cls(**data)
+        for record in (manifest, *manifest.variants, *(v.validation for v in manifest.variants)):
+            _check_types(record)
         if manifest.pooling not in POOLING_MODES:
             raise ManifestError(f"pooling {manifest.pooling!r} is not one of {', '.join(POOLING_MODES)}")
+        for name in ("dimension", "max_input_tokens"):
+            if getattr(manifest, name) < 1:
+                raise ManifestError(f"{name} must be at least 1, got {getattr(manifest, name)}")
+        if manifest.pad_token_id < 0:
+            raise ManifestError(f"pad_token_id must not be negative, got {manifest.pad_token_id}")
         return manifest
+
+
+_KINDS = {int: "a whole number", float: "a number", str: "a string", bool: "true or false", dict: "a JSON object",
+          tuple: "a JSON array"}
+
+
+def _check_types(record) -> None:
+    """Each field of `record` (a dataclass) of the type its annotation names:
+    a hand-edited manifest (a list for default_variants, "32" for the
+    dimension) failed later as an AttributeError or a self-contradicting
+    message. Whole numbers pass for floats; true and false not for numbers."""
+    hints = typing.get_type_hints(type(record))
+    for field in dataclasses.fields(record):
+        expected = typing.get_origin(hints[field.name]) or hints[field.name]
+        value = getattr(record, field.name)
+        allowed = (int, float) if expected is float else expected
+        if not isinstance(value, allowed) or (expected in (int, float) and isinstance(value, bool)):
+            raise ManifestError(f"{field.name} must be {_KINDS.get(expected, expected.__name__)}, got {value!r}")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
