@@ -9,7 +9,7 @@
  */
 import { create } from "@bufbuild/protobuf";
 import { timestampDate, timestampFromDate, type Timestamp } from "@bufbuild/protobuf/wkt";
-import { Code, ConnectError, createClient, type CallOptions, type Client } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, type CallOptions, type Client, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 
 import { BadRequestSchema } from "./gen/google/rpc/error_details_pb.js";
@@ -39,9 +39,17 @@ export { Code, ConnectError, EventType, Strategy };
 export const DEFAULT_TIMEOUT_MS = 10_000;
 
 export interface ClientOptions {
-  /** Deadline of every call, in milliseconds (default 10 s). */
+  /**
+   * Deadline of every call, in milliseconds (default 10 s): a positive number,
+   * rounded up to a whole millisecond, or `Infinity` for none. (Connect takes 0
+   * or less for "no deadline", and Node's timers fire at once past 2^31 - 1 ms:
+   * 0 and negative values are refused, longer ones are waited for as none.)
+   */
   timeoutMs?: number;
 }
+
+/** setTimeout's limit (~24.8 days); a longer deadline would fire at once. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /** An item to upsert. `text` or `vector` is required. */
 export interface ItemInput {
@@ -124,9 +132,48 @@ export interface FieldViolation {
 
 function eventType(type: EventType | EventTypeName): EventType {
   if (typeof type === "number") return type;
-  const value = EventType[type.toUpperCase() as keyof typeof EventType];
-  if (value === undefined) throw new TypeError(`unknown event type ${JSON.stringify(type)}`);
+  // Not the enum's reverse mapping: EventType["1"] is "VIEW", a string.
+  const value = typeof type === "string" ? EventType[type.toUpperCase() as keyof typeof EventType] : undefined;
+  if (typeof value !== "number") throw new TypeError(`unknown event type ${JSON.stringify(type)}`);
   return value;
+}
+
+/**
+ * `values` when it is an array of strings. A lone string is refused: JavaScript
+ * would take it for the list of its characters, and deleteItems("sku-1") deleted
+ * the items "s", "k", "u", "-" and "1".
+ */
+function strings(name: string, values: readonly string[] | undefined): string[] {
+  if (values === undefined) return [];
+  if (!Array.isArray(values) || !values.every((v) => typeof v === "string")) {
+    throw new TypeError(`${name} takes an array of strings, not ${JSON.stringify(values)}`);
+  }
+  return [...values];
+}
+
+/** `value` when it is a whole number an int32 field holds; protobuf's own error was a Code.Internal ConnectError. */
+function int32(name: string, value: number): number {
+  if (!Number.isInteger(value) || value < -(2 ** 31) || value >= 2 ** 31) {
+    throw new RangeError(`${name} must be a 32-bit whole number, not ${value}`);
+  }
+  return value;
+}
+
+/** A deadline for Connect (see ClientOptions.timeoutMs): undefined for none. */
+function deadline(timeoutMs: number): number | undefined {
+  if (typeof timeoutMs !== "number" || !(timeoutMs > 0)) {
+    throw new RangeError(`timeoutMs must be a positive number of milliseconds (Infinity: none), not ${timeoutMs}`);
+  }
+  // A fractional value went out as an invalid grpc-timeout header, and broke the connection for later calls.
+  return timeoutMs > MAX_TIMER_MS ? undefined : Math.ceil(timeoutMs);
+}
+
+function filter(options: FilterInput | undefined) {
+  return options === undefined ? undefined : create(ItemFilterSchema, {
+    includeCategories: strings("filter.includeCategories", options.includeCategories),
+    excludeCategories: strings("filter.excludeCategories", options.excludeCategories),
+    excludeItemIds: strings("filter.excludeItemIds", options.excludeItemIds),
+  });
 }
 
 function stamp(date: Date | undefined): Timestamp | undefined {
@@ -166,13 +213,20 @@ export class HalflifeClient {
   };
   private readonly sessions: Http2SessionManager;
   private readonly timeoutMs: number;
+  private closed = false;
 
   /** `address` is "host:port" (plaintext) or a full "http(s)://" URL. */
   constructor(address: string, options: ClientOptions = {}) {
     const baseUrl = /^https?:\/\//.test(address) ? address : `http://${address}`;
     this.timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    deadline(this.timeoutMs); // refused here rather than at the first call
     this.sessions = new Http2SessionManager(baseUrl);
-    const transport = createGrpcTransport({ baseUrl, sessionManager: this.sessions });
+    // After close(), the session manager would quietly connect again.
+    const open: Interceptor = (next) => (request) => {
+      if (this.closed) throw new ConnectError("the client is closed", Code.Canceled);
+      return next(request);
+    };
+    const transport = createGrpcTransport({ baseUrl, sessionManager: this.sessions, interceptors: [open] });
     this.raw = {
       embedding: createClient(EmbeddingService, transport),
       catalog: createClient(CatalogService, transport),
@@ -182,7 +236,7 @@ export class HalflifeClient {
   }
 
   private opts(timeoutMs?: number): CallOptions {
-    return { timeoutMs: timeoutMs ?? this.timeoutMs };
+    return { timeoutMs: deadline(timeoutMs ?? this.timeoutMs) };
   }
 
   /** Unit-length embeddings (unless `skipNormalize`), one array per text. */
@@ -191,7 +245,7 @@ export class HalflifeClient {
     options: { truncate?: boolean; skipNormalize?: boolean; timeoutMs?: number } = {},
   ): Promise<number[][]> {
     const response = await this.raw.embedding.embed(
-      { inputs: texts, truncate: options.truncate ?? false, skipNormalize: options.skipNormalize ?? false },
+      { inputs: strings("texts", texts), truncate: options.truncate ?? false, skipNormalize: options.skipNormalize ?? false },
       this.opts(options.timeoutMs),
     );
     return response.embeddings.map((e) => Array.from(e.values));
@@ -210,7 +264,7 @@ export class HalflifeClient {
           create(ItemSchema, {
             id: i.id,
             text: i.text ?? "",
-            categories: i.categories ?? [],
+            categories: strings("categories", i.categories),
             attributes: i.attributes ?? {},
             createTime: stamp(i.createTime),
             vector: i.vector ?? [],
@@ -224,13 +278,13 @@ export class HalflifeClient {
 
   /** Deletes items; returns how many existed. */
   async deleteItems(ids: string[], options: { timeoutMs?: number } = {}): Promise<number> {
-    return (await this.raw.catalog.deleteItems({ ids }, this.opts(options.timeoutMs))).deletedCount;
+    return (await this.raw.catalog.deleteItems({ ids: strings("ids", ids) }, this.opts(options.timeoutMs))).deletedCount;
   }
 
   /** Items by id, in the order of `ids` (NOT_FOUND when one is unknown). */
   async getItems(ids: string[], options: { includeVectors?: boolean; timeoutMs?: number } = {}): Promise<StoredItem[]> {
     const response = await this.raw.catalog.getItems(
-      { ids, includeVectors: options.includeVectors ?? false },
+      { ids: strings("ids", ids), includeVectors: options.includeVectors ?? false },
       this.opts(options.timeoutMs),
     );
     return response.items.map((i: ItemMessage) => ({
@@ -273,7 +327,7 @@ export class HalflifeClient {
     options: { asOf?: Date; itemsPerInterest?: number; timeoutMs?: number } = {},
   ): Promise<GetProfileResponse> {
     return this.raw.interest.getProfile(
-      { userId, asOfTime: stamp(options.asOf), itemsPerInterest: options.itemsPerInterest ?? 0 },
+      { userId, asOfTime: stamp(options.asOf), itemsPerInterest: int32("itemsPerInterest", options.itemsPerInterest ?? 0) },
       this.opts(options.timeoutMs),
     );
   }
@@ -288,9 +342,9 @@ export class HalflifeClient {
     const response = await this.raw.recommend.recommend(
       {
         userId,
-        limit: options.limit ?? 10,
+        limit: int32("limit", options.limit ?? 10),
         asOfTime: stamp(options.asOf),
-        filter: options.filter ? create(ItemFilterSchema, options.filter) : undefined,
+        filter: filter(options.filter),
         includeSeen: options.includeSeen ?? false,
         query: options.query ?? "",
         explain: options.explain ?? false,
@@ -309,16 +363,17 @@ export class HalflifeClient {
     const response = await this.raw.recommend.similarItems(
       {
         target: "itemId" in target ? { case: "itemId", value: target.itemId } : { case: "text", value: target.text },
-        limit: options.limit ?? 10,
-        filter: options.filter ? create(ItemFilterSchema, options.filter) : undefined,
+        limit: int32("limit", options.limit ?? 10),
+        filter: filter(options.filter),
       },
       this.opts(options.timeoutMs),
     );
     return scored(response.items);
   }
 
-  /** Closes the HTTP/2 connection; the client is unusable afterwards. */
+  /** Closes the HTTP/2 connection; later calls (`raw` ones too) fail with Code.Canceled. */
   close(): void {
+    this.closed = true;
     this.sessions.abort();
   }
 }

@@ -126,6 +126,45 @@ describe("HalflifeClient against a live server", () => {
     });
   });
 
+  it("refuses, before sending, what JavaScript would misread (an audit)", async () => {
+    // A lone string is the list of its characters: deleteItems("sku-1") deleted "s", "k", "u", "-" and "1".
+    await client.upsertItems([{ id: "s", text: "a letter" }]);
+    const lone = "s" as unknown as string[];
+    await assert.rejects(client.deleteItems(lone), TypeError);
+    await assert.rejects(client.getItems(lone), TypeError);
+    await assert.rejects(client.embed(lone), TypeError);
+    await assert.rejects(client.upsertItems([{ id: "x", text: "x", categories: lone }]), TypeError);
+    await assert.rejects(client.recommend("ana", { filter: { includeCategories: lone } }), TypeError);
+    assert.equal((await client.getItems(["s"])).length, 1, "nothing was deleted");
+    // Numbers an int32 does not hold, and the enum's reverse mapping ("1" -> "VIEW").
+    for (const limit of [2 ** 31, 1.5, Number.NaN]) await assert.rejects(client.recommend("ana", { limit }), RangeError);
+    const byNumberName = { eventId: "n1", userId: "ana", type: "1" as "view", itemId: "s" };
+    await assert.rejects(client.recordEvents([byNumberName]), TypeError);
+  });
+
+  it("keeps deadlines Connect and Node would drop or break (an audit)", async () => {
+    // 0 and negative values meant no deadline at all; they are refused.
+    for (const timeoutMs of [0, -1, Number.NaN]) {
+      await assert.rejects(client.modelInfo({ timeoutMs }), RangeError);
+      assert.throws(() => new HalflifeClient(server.address, { timeoutMs }), RangeError);
+    }
+    // A fractional deadline went out as an invalid grpc-timeout header and broke the calls after it.
+    assert.equal((await client.modelInfo({ timeoutMs: 1500.5 })).dimension, 384);
+    assert.equal((await client.modelInfo()).dimension, 384);
+    // Past Node's timer limit a deadline fired at once; it is taken as none now, as Infinity is.
+    assert.equal((await client.modelInfo({ timeoutMs: 2 ** 31 })).dimension, 384);
+    assert.equal((await client.modelInfo({ timeoutMs: Number.POSITIVE_INFINITY })).dimension, 384);
+  });
+
+  it("fails every call after close(), raw ones too", async () => {
+    const closing = new HalflifeClient(server.address);
+    assert.equal((await closing.modelInfo()).dimension, 384);
+    closing.close();
+    for (const call of [() => closing.modelInfo(), () => closing.raw.embedding.getModelInfo({})]) {
+      await assert.rejects(call(), (error: unknown) => ConnectError.from(error).code === Code.Canceled);
+    }
+  });
+
   it("deletes users and items", async () => {
     assert.equal(await client.deleteUser("ana"), 4n);
     assert.equal(await client.deleteItems(["novel", "ghost"]), 1);
