@@ -295,10 +295,17 @@ def evaluate(grpc_points: list[dict], ort_ceiling: dict[str, float], c1: dict,
     for target_id, how, p50, batch1 in readings:
         gap_ms = (p50 - batch1) * 1e3
         targets.append({"id": target_id, "what": f"gRPC c1 x1 short p50 within 1.5 ms of raw ORT batch 1 ({how})",
-                        "measured": f"{p50 * 1e3:.2f} ms vs {batch1 * 1e3:.2f} ms",
+                        "measured": f"{p50 * 1e3:.2f} ms vs {batch1 * 1e3:.2f} ms: {gap_ms:.2f} ms apart",
                         "ratio": p50 / batch1, "gap_ms": gap_ms, "threshold": "gap <= 1.5 ms",
                         "result": _verdict(gap_ms <= 1.5)})
     return targets
+
+
+def targets_table(targets: list[dict]) -> str:
+    """The targets as markdown; (iii) is judged by its gap in ms, so that is what its row shows."""
+    return markdown_table(["target", "what", "measured", "ratio (iii: gap)", "result"],
+                          [[t["id"], t["what"], t["measured"], f"{t['gap_ms']:.2f} ms" if "gap_ms" in t else t["ratio"],
+                            t["result"]] for t in targets])
 
 
 def run(model_dir: Path, quick: bool = False) -> dict:
@@ -392,8 +399,7 @@ def run(model_dir: Path, quick: bool = False) -> dict:
         ax.legend(fontsize=7)
 
     table += "\n" + save_plot("embedding", plot, "Embed throughput vs concurrency (dynamic batching)")
-    target_table = markdown_table(["target", "what", "measured", "ratio", "result"],
-                                  [[t["id"], t["what"], t["measured"], t["ratio"], t["result"]] for t in targets])
+    target_table = targets_table(targets)
     notes = (
         "ORT ceiling (mean of before/after the gRPC runs): "
         + ", ".join(f"{k} {v:.0f} sentences/s" for k, v in ort_ceiling.items())

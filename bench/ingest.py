@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import sqlite3
 import tempfile
@@ -133,11 +134,12 @@ async def send(target: str, requests: list, streams: int) -> float:
     return elapsed
 
 
-def raw_sqlite(path: Path, requests: list) -> float:
-    """The same rows into the store's events table, raw: WAL, synchronous=FULL,
-    the store's writer pragmas, one transaction per batch, through the store's
-    own multi-row INSERT (`_insert`: 1.28 ms a batch against executemany's
-    1.93). Returns seconds for the inserts."""
+def raw_connection(path: Path) -> sqlite3.Connection:
+    """The raw baseline's file, as the store's writer opens its own: WAL,
+    synchronous=FULL, the store's writer pragmas, the store's schema. Kept open
+    across runs, as the server keeps its writer: a connection closed after each
+    run checkpointed the run's WAL untimed in close() (9-10% of the timed
+    inserts, found by a review), where the server's commits pay theirs."""
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
@@ -150,6 +152,13 @@ def raw_sqlite(path: Path, requests: list) -> float:
         conn.execute("PRAGMA user_version = %d" % len(MIGRATIONS))
         conn.execute("INSERT INTO vectors(hash, data) VALUES (?, ?)", (b"h", bytes(4 * DIM)))
         conn.execute("COMMIT")
+    return conn
+
+
+def raw_sqlite(conn: sqlite3.Connection, requests: list) -> float:
+    """The same rows into the store's events table, raw (`raw_connection`), one
+    transaction per batch, through the store's own multi-row INSERT (`_insert`:
+    1.28 ms a batch against executemany's 1.93). Returns seconds for the inserts."""
     batches = [[(e.event_id, e.user_id, e.type, e.item_id, None, None, e.event_time.ToNanoseconds() / 1e9, 1)
                 for e in req.events] for req in requests]
     began = time.perf_counter()
@@ -157,15 +166,13 @@ def raw_sqlite(path: Path, requests: list) -> float:
         conn.execute("BEGIN")
         _insert(conn, "INSERT INTO events(event_id, user_id, type, item_id, text, value, event_time, vector_id)", rows)
         conn.execute("COMMIT")
-    elapsed = time.perf_counter() - began
-    conn.close()
-    return elapsed
+    return time.perf_counter() - began
 
 
-def throughput(target: str, raw_path: Path, rounds: int, per_run: int, start: float, rng, n_users: int = 1000,
+def throughput(target: str, raw: sqlite3.Connection, rounds: int, per_run: int, start: float, rng, n_users: int = 1000,
                users_prefix: str | None = None, random_ids: bool = False) -> dict:
     """RecordEvents events/s at 1 and 4 streams against raw SQLite into
-    `raw_path`, rounds interleaved (gRPC x1, raw, gRPC x4), each run its own
+    `raw` (`raw_connection`), rounds interleaved (gRPC x1, raw, gRPC x4), each run its own
     events of n_users users (new ones per run unless `users_prefix` names a
     shared population). Medians, and gRPC's ratios to raw."""
     tp: dict[str, list[float]] = {"grpc_1": [], "grpc_4": [], "raw_sqlite": []}
@@ -174,7 +181,7 @@ def throughput(target: str, raw_path: Path, rounds: int, per_run: int, start: fl
             reqs = requests_for(f"{mode}{r}", per_run, n_users, start + r * 1000 + len(tp[mode]) * 100, rng,
                                 users_prefix, random_ids)
             if mode == "raw_sqlite":
-                secs = raw_sqlite(raw_path, reqs)
+                secs = raw_sqlite(raw, reqs)
             else:
                 secs = run_event_loop(send(target, reqs, int(mode[-1])))
             tp[mode].append(per_run / secs)
@@ -365,17 +372,18 @@ def run(quick: bool = False) -> dict:
                 began = time.perf_counter()
                 run_event_loop(send(server.target, fill, 4))
                 print("prefill", prefill, event_ids, round(prefill / (time.perf_counter() - began)), "events/s", flush=True)
-                raw_path = tmp / f"raw-at-scale-{event_ids}.sqlite3"
-                raw_sqlite(raw_path, fill)
-                del fill
-                at_scale = throughput(server.target, raw_path, rounds, per_run, start, rng, SCALE_USERS, "p", random_ids)
+                with contextlib.closing(raw_connection(tmp / f"raw-at-scale-{event_ids}.sqlite3")) as raw:
+                    raw_sqlite(raw, fill)
+                    del fill
+                    at_scale = throughput(server.target, raw, rounds, per_run, start, rng, SCALE_USERS, "p", random_ids)
             results["throughput_at_scale"].append(
                 at_scale | {"stored_before": prefill, "users": SCALE_USERS, "event_ids": event_ids})
         with ServerProcess(data_dir=tmp / "server") as server:
             client = HalflifeClient(server.target, timeout=300)
             upsert_vectors(client, vecs)
             # 1b. throughput from empty (each run's 1,000 users new to both files).
-            results["throughput"] = throughput(server.target, tmp / "raw.sqlite3", rounds, per_run, start, rng)
+            with contextlib.closing(raw_connection(tmp / "raw.sqlite3")) as raw:
+                results["throughput"] = throughput(server.target, raw, rounds, per_run, start, rng)
 
             # 3. memory as users grow.
             mem = [("start (after throughput runs)", server.rss_bytes(), 0)]
