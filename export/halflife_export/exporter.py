@@ -61,9 +61,8 @@ SENTENCE_TRANSFORMERS_POOLING = {
     "pooling_mode_lasttoken": "last_token",
 }
 
-# Model types whose position ids start after the padding index (pad_token_id + 1).
-# transformers' function for models whose positions count from pad_token_id + 1
-# (RoBERTa and its kin: XLM-R, CamemBERT, MPNet, data2vec-text, I-BERT, ...).
+# transformers' function for models whose position ids count from the padding
+# index + 1 (RoBERTa and its kin: XLM-R, CamemBERT, MPNet, data2vec-text, I-BERT, ...).
 POSITIONS_AFTER_PADDING = "create_position_ids_from_input_ids"
 
 # Fixed validation set: short, long, punctuation-only, non-English and mixed inputs.

@@ -68,6 +68,7 @@ def _run_export(args: argparse.Namespace) -> int:
         max_input_tokens=args.max_input_tokens,
         force=args.force,
     )
+
     def stopped(signum: int, _frame) -> None:
         # As Ctrl-C does: unwinding removes the work directory (~200 MB for the bundled model), which
         # SIGTERM's default (timeout, CI cancels, docker stop) left beside the output for good.
