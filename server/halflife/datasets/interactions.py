@@ -279,9 +279,9 @@ def _sorted_by_time(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def load_dataset(directory: str | Path, fmt: DatasetFormat = MOVIELENS, *, earliest: float = _MIN_TIME,
                  latest: float = _MAX_TIME) -> Dataset:
     """Reads a dataset directory; raises DatasetError, naming the file, line
-    and column, for a missing or malformed file. Ids are API ids
-    (`texts.name_problem`), item ids unique, categories API categories; times lie within [earliest,
-    latest] (default: any a date can hold, years 1 to 9999)."""
+    and column, for a missing or malformed file. Ids and categories are
+    valid for the API (`texts.name_problem`), item ids unique; times lie
+    within [earliest, latest] (default: any a date can hold, years 1 to 9999)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DatasetError(f"{directory}: not a directory")
