@@ -32,6 +32,8 @@ def test_ranks_filter_and_coverage():
     seen = np.array([False, True, False, False])
     order = ranking_from_scores(scores, seen)
     assert order.tolist() == [3, 2, 0]  # the seen item 1 is gone, not just last
+    # A NaN score goes last and stays; -inf scores and seen items go (a seen item was kept, the NaN one cut).
+    assert ranking_from_scores(np.array([0.1, 0.9, np.nan, -np.inf]), seen).tolist() == [0, 2]
     assert ranks_of(order, np.array([0, 1]), 4).tolist() == [3, np.inf]
     assert coverage([np.array([0, 1]), np.array([1, 2])], 4) == 0.75
     mean, low, high = bootstrap_ci(np.array([0.0, 1.0, 1.0, 0.0]), seed=1)

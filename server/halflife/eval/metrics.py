@@ -60,11 +60,12 @@ def ranks_of(order: np.ndarray, relevant: np.ndarray, n_items: int) -> np.ndarra
 
 
 def ranking_from_scores(scores: np.ndarray, seen: np.ndarray) -> np.ndarray:
-    """Item rows best first, seen rows removed; ties by row (deterministic)."""
-    s = np.asarray(scores, dtype=np.float64).copy()
-    s[seen] = -np.inf
+    """Item rows best first, seen rows and -inf scores removed; ties by row
+    (deterministic), NaN scores last. (Cutting as many rows off the end as
+    there were -inf scores cut NaN ones instead, and kept a seen row.)"""
+    s = np.asarray(scores, dtype=np.float64)
     order = np.argsort(-s, kind="stable")
-    return order[: s.shape[0] - np.count_nonzero(np.isneginf(s))] if np.isneginf(s).any() else order
+    return order[~np.asarray(seen, dtype=bool)[order] & ~np.isneginf(s[order])]
 
 
 def coverage(top_lists, n_items: int) -> float:

@@ -381,12 +381,22 @@ def tune(val_backend: EngineBackend, queries: list[Query], base: Config) -> Grid
         if value > best_value + 1e-9:
             best, best_value = {**best, "profile": key}, value
 
-    # Curves for the plots (everything else at the chosen values).
+    # Curves for the plots, everything else at the chosen values: built from the
+    # final profile (the extras' winner), not the one before that step (an audit:
+    # the curves were drawn at the threshold the extras step then changed).
+    final = profiles[best["profile"]]
+    for hh in half_lives:
+        profiles[f"curve: hl={hh:g}"] = with_types(final, hh)
+    for name, options in weight_options.items():
+        for w in options:
+            profiles[f"curve: {name}.weight={w:g}"] = with_types(
+                final, None, **{name: (w, final.event_types[name].half_life_days)})
     half_life_curve = {
-        "blend": [(hh, score({**best, "profile": f"hl={hh:g}"})) for hh in half_lives],
-        "embedding only": [(hh, score({**best, "profile": f"hl={hh:g}", "w_c": 0.0, "w_p": 0.0, "w_i": 1.0})) for hh in half_lives],
+        "blend": [(hh, score({**best, "profile": f"curve: hl={hh:g}"})) for hh in half_lives],
+        "embedding only": [(hh, score({**best, "profile": f"curve: hl={hh:g}", "w_c": 0.0, "w_p": 0.0, "w_i": 1.0}))
+                           for hh in half_lives],
     }
-    weight_curves = {name: [(w, score({**best, "profile": f"{name}.weight={w:g}"})) for w in options]
+    weight_curves = {name: [(w, score({**best, "profile": f"curve: {name}.weight={w:g}"})) for w in options]
                      for name, options in weight_options.items()}
 
     chosen = profiles[best["profile"]]
