@@ -7,7 +7,9 @@ Recommendations and profiles come back as the generated, typed messages.
 Every call has a deadline (the client's `timeout` unless one is given per call;
 0 there is a deadline of now, not the default: a call that answers at once
 may still get through, and a negative one always fails; a client made with
-timeout=None sets none), and calls that fail with UNAVAILABLE (a connection
+timeout=None sets none, and so does inf or anything past MAX_TIMEOUT_S, which
+gRPC's deadline arithmetic would take for one already passed; NaN is a
+ValueError), and calls that fail with UNAVAILABLE (a connection
 dropped, a server restarting) are retried by gRPC itself, up to 4 attempts
 with jittered backoff from 0.1 s (about a second in all: a blip, not a
 restart that takes seconds, which the caller retries), as are those a server
@@ -41,6 +43,8 @@ from halflife.v1 import (
 )
 
 DEFAULT_TIMEOUT_S = 10.0
+# Longer deadlines mean none: past ~1e10 s gRPC's arithmetic overflows and a call failed at once.
+MAX_TIMEOUT_S = 1e9
 MiB = 1 << 20
 
 _RETRY_SERVICE_CONFIG = json.dumps(
@@ -67,6 +71,9 @@ _RETRY_SERVICE_CONFIG = json.dumps(
 CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 1),
     ("grpc.service_config", _RETRY_SERVICE_CONFIG),
+    # gRPC keeps a request for its retries only up to this size (256 KiB by
+    # default): a full batch of upserts or texts was silently never retried.
+    ("grpc.per_rpc_retry_buffer_size", 64 * MiB),
     ("grpc.max_receive_message_length", 64 * MiB),
     ("grpc.max_send_message_length", 64 * MiB),
 ]
@@ -168,9 +175,18 @@ def _strings(name: str, values: Sequence[str]) -> list[str]:
     return list(values)
 
 
-def _deadline(timeout: float | None, default: float) -> float:
+def _deadline(timeout: float | None, default: float | None) -> float | None:
     # None means the client's timeout; 0 is a deadline too (now), not "unset".
-    return default if timeout is None else timeout
+    return _seconds(default if timeout is None else timeout)
+
+
+def _seconds(timeout: float | None) -> float | None:
+    """A deadline for gRPC (see the module's docstring): None for none."""
+    if timeout is None or timeout > MAX_TIMEOUT_S:
+        return None
+    if timeout != timeout:
+        raise ValueError("timeout is NaN; give seconds, or None for no deadline")
+    return timeout
 
 
 def _protos(values, message_type):
@@ -225,7 +241,7 @@ class HalflifeClient:
 
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float = DEFAULT_TIMEOUT_S, channel=None):
         self._channel = channel or grpc.insecure_channel(check_target(target), options=CHANNEL_OPTIONS)
-        self.timeout = timeout
+        self.timeout = _seconds(timeout)
         self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
         self._catalog = catalog_pb2_grpc.CatalogServiceStub(self._channel)
         self._interest = interest_pb2_grpc.InterestServiceStub(self._channel)
@@ -295,11 +311,16 @@ class HalflifeClient:
 
 
 class AsyncHalflifeClient:
-    """asyncio client with the same methods as HalflifeClient, awaitable."""
+    """asyncio client with the same methods as HalflifeClient, awaitable.
+
+    Make it inside the event loop that uses it: gRPC's asyncio channel belongs
+    to the loop it was made in (one made at import time fails in asyncio.run,
+    "attached to a different loop"). After close(), calls raise
+    grpc.aio.UsageError (HalflifeClient's: ValueError)."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float = DEFAULT_TIMEOUT_S, channel=None):
         self._channel = channel or grpc.aio.insecure_channel(check_target(target), options=CHANNEL_OPTIONS)
-        self.timeout = timeout
+        self.timeout = _seconds(timeout)
         self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
         self._catalog = catalog_pb2_grpc.CatalogServiceStub(self._channel)
         self._interest = interest_pb2_grpc.InterestServiceStub(self._channel)
