@@ -10,6 +10,7 @@ import sys
 import time
 
 import grpc
+import numpy as np
 import pytest
 
 from halflife.api.server import ServerConfig
@@ -124,6 +125,36 @@ def test_output_to_a_reader_that_left_ends_quietly(server, buffered):
         code, stderr = reader_leaves("loadtest", "--call", "grpc.health.v1.Health/Check", "-n", "3",
                                      "--target", f"127.0.0.1:{unused.getsockname()[1]}")
     assert code == 1 and stderr.strip() == "halflife loadtest: error: none of the 3 calls succeeded", stderr
+
+
+def test_recommend_shows_an_explanation_whose_item_was_deleted(server):
+    """The explanation's event names the deleted item; GetItems' NOT_FOUND for
+    its text stopped the command with nothing printed (an audit)."""
+    with HalflifeClient(server.address) as client:
+        vector = np.eye(384, dtype=np.float32)
+        client.upsert_items([Item(id="doomed-1", text="a doomed thing", vector=vector[0] + vector[1]),
+                             Item(id="kept-1", text="a kept thing", vector=vector[0])])
+        client.record_events([Event(event_id="doomed-e1", user_id="doomed-fan", type=interest_pb2.EVENT_TYPE_LIKE,
+                                    item_id="doomed-1")])
+        assert client.delete_items(["doomed-1"]) == 1
+    shown = halflife("recommend", "doomed-fan", "--target", server.address, "--limit", "1")
+    assert shown.returncode == 0, shown.stderr
+    assert "kept-1" in shown.stdout and "because of doomed-1" in shown.stdout
+
+
+def test_a_user_id_that_is_not_utf8_is_a_usage_error():
+    for command in ("recommend", "profile"):
+        result = halflife(command, "caf\udce9")  # the shell passed the byte 0xE9 alone
+        assert result.returncode == 2 and "argument user_id: must be valid UTF-8, got b'caf\\xe9'" in result.stderr, \
+            result.stderr
+
+
+def test_load_movielens_event_ids_keep_dashed_ids_apart():
+    """User "1-2" on movie "3" and user "1" on movie "2-3" were one event id (an audit)."""
+    from halflife.commands import _event_id
+
+    assert _event_id("rating", "1-2", "3", 7) != _event_id("rating", "1", "2-3", 7)
+    assert _event_id("rating", 1, 2, 964982703) == "rating-1-2-964982703"  # numeric ids: as loaded before
 
 
 def test_client_commands_report_errors_in_one_line(server, tmp_path):
@@ -246,6 +277,10 @@ class FlakyEmbedding(embedding_pb2_grpc.EmbeddingServiceServicer):
 
     def Embed(self, request, context):
         self.attempts["Embed"] += 1
+        if request.inputs[0].startswith("big") and self.attempts["Embed"] == 1:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+        if request.inputs[0].startswith("big"):
+            return embedding_pb2.EmbedResponse(embeddings=[embedding_pb2.Embedding(values=[1.0])] * len(request.inputs))
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, "never retried")
 
 
@@ -259,6 +294,25 @@ def test_client_retries_unavailable_and_a_servers_cancel_only():
                 client.embed(["x"])
             assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert flaky.attempts["Embed"] == 1
+    # Past gRPC's default retry buffer (256 KiB) a request was never retried (an audit).
+    flaky = FlakyEmbedding()
+    with stand_in(embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, flaky, threads=2) as address:
+        with HalflifeClient(address) as client:
+            assert client.embed(["big" + "x" * 40_000] * 10).shape == (10, 1)
+            assert flaky.attempts["Embed"] == 2
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e10])
+def test_a_client_deadline_past_any_wait_is_none(server, timeout):
+    """gRPC took them for deadlines already passed: every call failed at once (an audit)."""
+    with HalflifeClient(server.address, timeout=timeout) as client:
+        assert client.model_info().dimension == 384
+    with HalflifeClient(server.address) as client:
+        assert client.model_info(timeout=timeout).dimension == 384
+        with pytest.raises(ValueError, match="timeout is NaN"):
+            client.model_info(timeout=float("nan"))
+    with pytest.raises(ValueError, match="timeout is NaN"):
+        HalflifeClient(server.address, timeout=float("nan"))
 
 
 def test_eval_checks_its_target_before_the_evaluation(tmp_path):

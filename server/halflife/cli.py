@@ -320,6 +320,16 @@ def _address(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _utf8(value: str) -> str:
+    """An argument the API takes as a string: bytes the shell passed that are
+    no UTF-8 (Python holds them as surrogates) were a UnicodeEncodeError traceback."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"must be valid UTF-8, got {value.encode(errors='surrogateescape')!r}") from None
+    return value
+
+
 def _batch_size(value: str) -> int:
     from halflife.api.interest import MAX_EVENTS_PER_REQUEST
 
@@ -367,15 +377,15 @@ def _add_client_commands(commands: argparse._SubParsersAction) -> None:
     load.set_defaults(run=_run_load)
 
     recommend = commands.add_parser("recommend", help="show a user's recommendations, explained")
-    recommend.add_argument("user_id")
+    recommend.add_argument("user_id", type=_utf8)
     recommend.add_argument("--limit", type=_int32, default=10, help="how many items (default 10)")
     recommend.add_argument("--as-of", type=_timestamp, default=None, help="ISO time or unix seconds (default now)")
-    recommend.add_argument("--query", default="", help="text whose cosine with each item is blended into the score (ranking.query_weight)")
+    recommend.add_argument("--query", type=_utf8, default="", help="text whose cosine with each item is blended into the score (ranking.query_weight)")
     recommend.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=TARGET_HELP)
     recommend.set_defaults(run=_run_recommend)
 
     profile = commands.add_parser("profile", help="show a user's interests in words")
-    profile.add_argument("user_id")
+    profile.add_argument("user_id", type=_utf8)
     profile.add_argument("--as-of", type=_timestamp, default=None, help="ISO time or unix seconds (default now)")
     profile.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=TARGET_HELP)
     profile.set_defaults(run=_run_profile)

@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import grpc
+
 from halflife.api.validation import MAX_FUTURE_SECONDS
 from halflife.datasets.interactions import MOVIELENS, load_dataset
 from halflife.progress import progress
 from halflife.texts import MAX_ID_BYTES
 from halflife.v1 import interest_pb2, recommend_pb2
-from halflife_client import Event, HalflifeClient, Item
+from halflife_client import Event, HalflifeClient, Item, field_violations
 
 LOAD_TIMEOUT_S = 300.0  # a batch waits for the embedding queue behind other batches
 
@@ -29,9 +31,12 @@ def _batches(values: Sequence, size: int) -> Iterable[Sequence]:
 
 
 def _event_id(*parts: object) -> str:
-    """The parts joined by "-"; past MAX_ID_BYTES (long user and item ids), a
-    digest of them instead, the same on every run (a re-run stores nothing twice)."""
-    joined = "-".join(map(str, parts))
+    """The parts joined by "-", a "-" or "%" within one escaped (user "1-2" on
+    movie "3" and user "1" on movie "2-3" were one event, and one rating was
+    dropped as its duplicate; numeric ids read as before, so earlier loads stay
+    idempotent); past MAX_ID_BYTES (long user and item ids), a digest of them
+    instead, the same on every run (a re-run stores nothing twice)."""
+    joined = "-".join(str(part).replace("%", "%25").replace("-", "%2D") for part in parts)
     if len(joined.encode()) <= MAX_ID_BYTES:
         return joined
     return f"{parts[0]}-sha256-{hashlib.sha256(joined.encode()).hexdigest()}"
@@ -98,12 +103,27 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], out=None)
         print(line(row), file=out)
 
 
+def _texts_of(client: HalflifeClient, ids: Iterable[str]) -> dict[str, str]:
+    """Item texts by id, of those still in the catalogue: an explanation's
+    event may name an item deleted since (GetItems' NOT_FOUND for it stopped
+    `recommend` with nothing printed); those are left out, shown by their ids."""
+    ids = sorted(set(ids))
+    while ids:  # each pass drops at least one id, or raises
+        try:
+            return {item.id: item.text for item in client.get_items(ids)}
+        except grpc.RpcError as error:
+            gone = {ids[int(field[len("ids["):-1])] for field, _ in field_violations(error) if field.startswith("ids[")}
+            if error.code() != grpc.StatusCode.NOT_FOUND or not gone:
+                raise
+            ids = [i for i in ids if i not in gone]
+    return {}
+
+
 def show_recommendations(user_id: str, target: str, limit: int, as_of: dt.datetime | None, query: str) -> None:
     with HalflifeClient(target) as client:
         response = client.recommend(user_id, limit, as_of=as_of, query=query, explain=True)
-        texts = {item.id: item.text for item in client.get_items([i.item_id for i in response.items])} if response.items else {}
-        event_items = {e.item_id for i in response.items for e in i.explanation.events if e.item_id}
-        event_texts = {item.id: item.text for item in client.get_items(sorted(event_items))} if event_items else {}
+        texts = _texts_of(client, [i.item_id for i in response.items])
+        event_texts = _texts_of(client, [e.item_id for i in response.items for e in i.explanation.events if e.item_id])
     strategy = recommend_pb2.Strategy.Name(response.strategy).removeprefix("STRATEGY_").lower()
     print(f"recommendations for user {user_id} ({strategy})")
     rows = []
