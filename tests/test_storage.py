@@ -19,7 +19,9 @@ import pytest
 
 import halflife
 from halflife.storage import sqlite as sqlite_mod
-from halflife.storage.base import EventRecord, ItemRecord, ProfileSnapshot, StoreError, StoreUnavailableError
+from halflife.storage.base import (
+    EventRecord, ItemRecord, ProfileSnapshot, StoreDamagedError, StoreError, StoreUnavailableError,
+)
 from halflife.storage.sqlite import DB_NAME, SCHEMA_VERSION, SqliteStore
 from tests.fakes import full_disk
 
@@ -376,6 +378,69 @@ def test_a_full_disk_is_unavailable_and_stores_nothing_while_a_bad_row_is_a_plai
     with pytest.raises(StoreError) as caught:
         store.record_events([event("b", user_id=None)])  # NOT NULL: our bug, not the disk's
     assert not isinstance(caught.value, StoreUnavailableError)
+
+
+@pytest.mark.parametrize("gone", [DB_NAME, DB_NAME + "-wal"])
+def test_files_deleted_under_the_store_refuse_writes_and_readers_create_none(tmp_path, gone):
+    """An audit deleted them under a running server: writes still answered OK
+    into the deleted file (or a WAL SQLite no longer reads) and were gone at
+    the next start, and a new reader made an empty database, which that start
+    took for a new store."""
+    store = SqliteStore(tmp_path)
+    try:
+        assert len(store.record_events([event("before")])) == 1
+        os.remove(tmp_path / gone)
+        with pytest.raises(StoreDamagedError, match="deleted or replaced while the server ran"):
+            store.record_events([event("after")])
+        if gone == DB_NAME:
+            with pytest.raises(sqlite3.OperationalError, match="unable to open"):
+                sqlite_mod._connect(tmp_path / DB_NAME, readonly=True)
+            assert not (tmp_path / DB_NAME).exists()
+    finally:
+        store.close()
+
+
+def test_damaged_pages_are_store_damage_not_a_bug():
+    error = sqlite3.DatabaseError("database disk image is malformed")
+    error.sqlite_errorcode = sqlite3.SQLITE_CORRUPT
+    assert isinstance(sqlite_mod._store_error(error), StoreDamagedError)
+    error.sqlite_errorcode = sqlite3.SQLITE_BUSY
+    assert isinstance(sqlite_mod._store_error(error), StoreUnavailableError)
+
+
+def test_a_lock_another_process_holds_fails_the_waiting_group_at_once(tmp_path, monkeypatch):
+    """Each job of a group tried the lock anew and waited out the busy timeout
+    again: 10 s more a job, the writer stuck behind a full group for minutes
+    (an audit)."""
+    monkeypatch.setattr(sqlite_mod, "BUSY_TIMEOUT_MS", 300)
+    store = SqliteStore(tmp_path)
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    failed: dict[int, float] = {}
+
+    def send(k: int) -> None:
+        try:
+            store.record_events([event(f"locked-{k}")])
+        except StoreUnavailableError:
+            failed[k] = time.monotonic()
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    try:
+        assert len(failed) == 4
+        times = sorted(failed.values())
+        # The first job waited alone; the three queued behind it failed together (they were 0.3 s apart each).
+        assert times[-1] - times[1] < 0.2, times
+        assert len(store.record_events([event("after-the-lock")])) == 1
+    finally:
+        store.close()
 
 
 def test_failing_batch_fails_alone_inside_a_group(store):

@@ -191,3 +191,21 @@ def test_a_refused_request_is_freed_at_once_not_by_the_garbage_collector(error):
     finally:
         gc.enable()
     assert context.status.code != grpc.StatusCode.OK
+
+
+def test_a_damaged_store_is_data_loss_not_internal():
+    """Its files damaged or deleted under the server: INTERNAL and a traceback a call before (an audit)."""
+    import asyncio
+
+    from halflife.storage.base import StoreDamagedError
+
+    class Servicer:
+        @translate_errors
+        async def Call(self, request, context):
+            raise StoreDamagedError("var/data/halflife.sqlite3 or its -wal was deleted")
+
+    context = _Context()
+    with pytest.raises(grpc.aio.AbortError):
+        asyncio.run(Servicer().Call(_Request(), context))
+    assert context.status.code == grpc.StatusCode.DATA_LOSS
+    assert context.status.details == "the store is damaged: var/data/halflife.sqlite3 or its -wal was deleted"

@@ -22,7 +22,7 @@ from grpc_status import rpc_status
 from halflife.api.wire import RefusedUnparsed, check_request
 from halflife.deadlines import DeadlineExpiredError
 from halflife.embedding.batcher import BatcherStoppedError, QueueFullError
-from halflife.storage.base import StoreUnavailableError
+from halflife.storage.base import StoreDamagedError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,8 @@ def translate_errors(handler: Handler) -> Handler:
     (INVALID_ARGUMENT with BadRequest for bad input), a full embedding queue
     RESOURCE_EXHAUSTED, an expired deadline
     DEADLINE_EXCEEDED, a store that cannot write or read now (disk full, I/O
-    error) or an embedding model that is not running UNAVAILABLE; anything
+    error) or an embedding model that is not running UNAVAILABLE, a store
+    whose files are damaged or gone DATA_LOSS; anything
     unexpected becomes INTERNAL (logged with its traceback), and the server
     keeps serving."""
 
@@ -229,6 +230,10 @@ def translate_errors(handler: Handler) -> Handler:
             # The disk, not the caller or our code: one line in the log, no traceback.
             log.warning("%s: store unavailable: %s", handler.__qualname__, error)
             status = unavailable(f"the store failed ({error}); retry with backoff").to_status()
+        except StoreDamagedError as error:
+            # Neither: its files are damaged or gone, and no retry helps (it was INTERNAL and a traceback a call).
+            log.error("%s: store damaged: %s", handler.__qualname__, error)
+            status = ApiError(grpc.StatusCode.DATA_LOSS, f"the store is damaged: {error}").to_status()
         except grpc.aio.AbortError:
             raise
         except Exception:

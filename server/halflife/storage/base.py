@@ -20,6 +20,12 @@ class StoreError(Exception):
     """The store cannot do what was asked (corrupt file, newer schema, I/O error)."""
 
 
+class StoreDamagedError(StoreError):
+    """The store's files are damaged (corrupt pages, not a database) or were
+    deleted or replaced under the running server: writes are refused, so that
+    none is acknowledged and then lost; an operator must restore or restart."""
+
+
 class StoreUnavailableError(StoreError):
     """The store's files cannot be written or read right now (disk full, I/O
     error, read-only file, lock timeout), or a write failed with another one

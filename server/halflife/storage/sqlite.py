@@ -48,6 +48,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -67,6 +68,7 @@ from halflife.storage.base import (
     ItemRecord,
     ItemsChangedError,
     ProfileSnapshot,
+    StoreDamagedError,
     StoreError,
     StoreHead,
     StoreUnavailableError,
@@ -381,6 +383,8 @@ _ITEM_SELECT = """SELECT i.id, i.text, i.categories, i.attributes, i.create_time
                   FROM items i JOIN vectors v ON v.id = i.vector_id"""
 
 
+# Primary result codes of a damaged file: no retry helps.
+_DAMAGED_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 # Primary result codes of the files and locks, not of our SQL: a retry may succeed.
 _UNAVAILABLE_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_BUSY,
                                 sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_NOMEM,
@@ -425,13 +429,15 @@ def _switch_to_wal(conn: sqlite3.Connection) -> str:
 def _store_error(e: BaseException, context: str = "") -> BaseException:
     """SQLite errors become StoreError (with the cause kept), those of the
     files or locks (disk full, I/O error, read-only, busy)
-    StoreUnavailableError; others pass as they are."""
+    StoreUnavailableError, those of a damaged file StoreDamagedError; others
+    pass as they are."""
     if isinstance(e, sqlite3.Error):
         # Extended codes keep the primary in the low byte; errors of the sqlite3 module itself (text that is not
         # UTF-8 on a damaged page) carry no code.
         code = getattr(e, "sqlite_errorcode", None)
-        unavailable = code is not None and code & 0xFF in _UNAVAILABLE_CODES
-        kind = StoreUnavailableError if unavailable else StoreError
+        primary = None if code is None else code & 0xFF
+        kind = (StoreUnavailableError if primary in _UNAVAILABLE_CODES
+                else StoreDamagedError if primary in _DAMAGED_CODES else StoreError)
         err = kind(f"{context}{e}")
         err.__cause__ = e
         return err
@@ -453,8 +459,11 @@ _STOP = object()
 
 
 def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+    # Readers never create the file: with it deleted under the server, one made
+    # an empty database, which the next start took for a new store.
+    target = f"{Path(path).absolute().as_uri()}?mode=rw" if readonly else path
     conn = sqlite3.connect(
-        path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+        target, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000, uri=readonly
     )
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA temp_store = MEMORY")  # sorts and DISTINCTs never spill user data to temp files
@@ -487,6 +496,7 @@ class SqliteStore:
             raise StoreError(f"cannot open {self.path}: {e}") from e
         try:
             self._configure_and_migrate(self._writer)
+            self._files = self._identities()
         except BaseException:
             self._writer.close()
             raise
@@ -547,6 +557,25 @@ class SqliteStore:
                 f"halflife knows ({SCHEMA_VERSION}); upgrade halflife to open it"
             )
 
+    def _identities(self) -> dict[Path, tuple[int, int]] | None:
+        """(device, inode) of the database file and its WAL, or None when one
+        is gone: the writer holds both open, so neither changes while the
+        store is left alone."""
+        try:
+            return {path: (s.st_dev, s.st_ino) for path in (self.path, self.path.with_name(self.path.name + "-wal"))
+                    for s in (os.stat(path),)}
+        except FileNotFoundError:
+            return None
+
+    def _files_problem(self) -> str | None:
+        """Why the writer must refuse: its files were deleted or replaced under
+        it. Writes still went into the deleted file (or a WAL SQLite no
+        longer reads), were acknowledged, and were gone at the next start."""
+        if self._identities() == self._files:
+            return None
+        return (f"{self.path} or its -wal was deleted or replaced while the server ran; writes are refused so that "
+                "none is acknowledged and lost: restore the files, or restart the server")
+
     # ------------------------------------------------------------------ writer
 
     def _submit(self, fn: Callable[[sqlite3.Connection], Any], after_commit=None, guard: Guard | None = None) -> Any:
@@ -576,7 +605,10 @@ class SqliteStore:
                     jobs.append(job)
             if self._truncate_pending and time.monotonic() >= self._truncate_due and not stop:
                 self._truncate_wal(conn)  # never raises: the jobs taken above must still run
-            if jobs:
+            if jobs and (problem := self._files_problem()) is not None:
+                for job in jobs:
+                    job.future.set_exception(StoreDamagedError(problem))
+            elif jobs:
                 try:
                     self._run_group(conn, jobs)
                 except BaseException as e:  # never leave a caller waiting
@@ -602,11 +634,19 @@ class SqliteStore:
                 job.future.set_exception(StoreUnavailableError(f"transaction aborted: {exc}"))
             done.clear()
 
-        for job in jobs:
+        for n, job in enumerate(jobs):
             self.job_count += 1
             try:
                 if not conn.in_transaction:
-                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        conn.execute("BEGIN IMMEDIATE")
+                    except sqlite3.Error as e:
+                        # The lock another process holds (or the file's error) fails the group at once: each
+                        # job trying again waited out the busy timeout anew, 10 s more a job, the writer stuck.
+                        fail_done(e)
+                        for waiting in jobs[n:]:
+                            waiting.future.set_exception(_store_error(e))
+                        return
                 conn.execute("SAVEPOINT job")
             except sqlite3.Error as e:
                 fail_done(e)
