@@ -400,6 +400,26 @@ def test_files_deleted_under_the_store_refuse_writes_and_readers_create_none(tmp
         store.close()
 
 
+@pytest.mark.parametrize("damage, named", [
+    ("UPDATE items SET categories = 'not json'", "item 'i1': its categories or attributes are not the JSON stored"),
+    ("UPDATE events SET type = 99", "an event of type 99, which this server does not know"),
+    ("UPDATE events SET event_time = 'noon'", "events 1..1: a type, value or time is not a number"),
+])
+def test_a_row_damaged_on_disk_stops_serve_in_one_line(model_dir, tmp_path, damage, named):
+    """They were 44-59 lines of traceback (JSONDecodeError, IndexError, ValueError; an audit)."""
+    store = SqliteStore(tmp_path / "data")
+    v = np.eye(384, dtype=np.float32)[0]
+    store.upsert_items([item("i1", vector=v)])
+    store.record_events([event("e1", vector=v)])
+    store.close()
+    with sqlite3.connect(tmp_path / "data" / DB_NAME) as conn:
+        conn.execute(damage)
+    result = subprocess.run([sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(model_dir),
+                             "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"halflife serve: error: {named}" in result.stderr.splitlines()[-1], result.stderr
+
+
 def test_damaged_pages_are_store_damage_not_a_bug():
     error = sqlite3.DatabaseError("database disk image is malformed")
     error.sqlite_errorcode = sqlite3.SQLITE_CORRUPT
@@ -574,6 +594,16 @@ def test_a_profile_snapshot_is_read_with_the_events_after_it_and_kept_while_it_i
     assert not store.save_profile_snapshot("u1", ProfileSnapshot(seqs[-1] + 1, "settings-a", b"u2's event"))
     assert not store.save_profile_snapshot("u2", ProfileSnapshot(seqs[4], "settings-a", b"u1's event"))
     assert count(tmp_path, "SELECT COUNT(*) FROM profile_snapshots") == 1
+
+
+def test_a_snapshot_damaged_into_text_is_read_as_bytes(store, tmp_path):
+    """TEXT that is no UTF-8 failed the read itself, before the snapshot's own
+    check could send the profile to a replay (an audit: INTERNAL for good)."""
+    (recorded,) = store.record_events([event("e0")])
+    assert store.save_profile_snapshot("u1", ProfileSnapshot(recorded.seq, "settings", b"fine"))
+    with raw(tmp_path) as conn:
+        conn.execute("UPDATE profile_snapshots SET data = CAST(X'FF00' AS TEXT)")
+    assert store.user_history("u1")[0].data == b"\xff\x00"
 
 
 def test_a_snapshot_read_before_an_erasure_is_never_saved_after_it(store, tmp_path):

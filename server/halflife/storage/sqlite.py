@@ -368,11 +368,16 @@ def _item_from(row: tuple, damaged: set[int]) -> ItemRecord | None:
     id_, text, categories, attributes, create_time, data, created_seq, digest, vector_id = row
     if not _intact(data, digest, vector_id, damaged, f"item {id_!r}"):
         return None
+    try:
+        categories, attributes = tuple(json.loads(categories)), dict(json.loads(attributes))
+    except (TypeError, ValueError) as e:  # a JSONDecodeError stopped the server's start in a traceback
+        raise StoreDamagedError(f"item {id_!r}: its categories or attributes are not the JSON stored ({e}): "
+                                "the store is damaged") from e
     return ItemRecord(
         id=id_,
         text=text,
-        categories=tuple(json.loads(categories)),
-        attributes=json.loads(attributes),
+        categories=categories,
+        attributes=attributes,
         create_time=create_time,
         vector=_vector_from(data),
         created_seq=created_seq,
@@ -897,8 +902,10 @@ class SqliteStore:
         def read(conn: sqlite3.Connection) -> tuple[ProfileSnapshot | None, list[EventRecord]]:
             conn.execute("BEGIN")  # one read transaction: an erasure lands before both reads or after
             try:
+                # As a BLOB whatever it became on disk: TEXT that is no UTF-8 failed the read, and the
+                # user's every GetProfile and Recommend, where damaged bytes fall back to a replay.
                 row = conn.execute(
-                    "SELECT through_seq, key, data FROM profile_snapshots WHERE user_id = ?", (user_id,)
+                    "SELECT through_seq, key, CAST(data AS BLOB) FROM profile_snapshots WHERE user_id = ?", (user_id,)
                 ).fetchone()
                 snapshot = None if row is None else ProfileSnapshot(row[0], row[1], bytes(row[2]))
                 after = 0 if snapshot is None else snapshot.through_seq
@@ -932,14 +939,19 @@ class SqliteStore:
             )
             while rows := cur.fetchmany(chunk):
                 seqs, types, item_ids, user_ids, values, times = zip(*rows)
-                yield EventColumns(
-                    seqs=np.array(seqs, dtype=np.int64),
-                    types=np.array(types, dtype=np.int64),
-                    item_ids=list(item_ids),
-                    user_ids=list(user_ids),
-                    values=np.array([np.nan if v is None else v for v in values], dtype=np.float64),
-                    times=np.array(times, dtype=np.float64),
-                )
+                try:
+                    columns = EventColumns(
+                        seqs=np.array(seqs, dtype=np.int64),
+                        types=np.array(types, dtype=np.int64),
+                        item_ids=list(item_ids),
+                        user_ids=list(user_ids),
+                        values=np.array([np.nan if v is None else v for v in values], dtype=np.float64),
+                        times=np.array(times, dtype=np.float64),
+                    )
+                except (TypeError, ValueError) as e:  # a row damaged on disk: it was a traceback at start
+                    raise StoreDamagedError(f"events {seqs[0]}..{seqs[-1]}: a type, value or time is not a number "
+                                            f"({e}): the store is damaged") from e
+                yield columns
         except sqlite3.Error as e:
             raise _store_error(e) from e
         finally:
