@@ -58,6 +58,26 @@ def test_a_restart_after_delete_user_rebuilds_the_same_popularity(tmp_path):
     assert cold_list(open_engine(tmp_path)) == after_delete
 
 
+def test_one_event_calls_keep_few_popularity_log_chunks_and_the_same_past(tmp_path):
+    """Each RecordEvents added a chunk of three arrays to the log of the past,
+    ~400 B for a one-event call and never merged (an audit of long runs)."""
+    engine = open_engine(tmp_path / "single")
+    batched = open_engine(tmp_path / "batched")
+    items = [ItemInput(id=f"i{n}", text=f"thing {n}") for n in range(5)]
+    events = [EventInput(f"e{n}", f"u{n % 7}", LIKE, f"i{n % 5 if n % 3 else 0}", None, None, T - 50 * DAY + n * 3600)
+              for n in range(300)]
+    for e in (engine, batched):
+        e.upsert_items(items)
+    for event in events:
+        engine.record_events([event])
+    batched.record_events(events)
+    assert len(engine._popularity_log) <= 9  # 300 = 0b100101100: one chunk a set bit
+    assert sum(chunk[0].size for chunk in engine._popularity_log) == 300
+    for as_of in (T - 45 * DAY, T - 40 * DAY, T - 38 * DAY):  # looks into the past read the log
+        assert [(i.item_id, round(i.score, 6)) for i in engine.recommend("cold", 5, as_of=as_of).items] == \
+            [(i.item_id, round(i.score, 6)) for i in batched.recommend("cold", 5, as_of=as_of).items]
+
+
 def test_erasing_every_event_of_an_item_leaves_no_popularity_now_or_in_the_past(tmp_path):
     """Erasures subtract from popularity; an item left with nothing must be 0,
     not the subtraction's rounding, which the division by the maximum made

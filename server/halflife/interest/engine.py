@@ -515,7 +515,14 @@ class InterestEngine:
             self._popularity.add(rows, times, weights)
             # 16 B an event instead of 24: rows fit int32, and float32 keeps a
             # type weight to 7 digits (the log only answers looks into the past).
-            self._popularity_log.append((rows.astype(np.int32), times, weights.astype(np.float32)))
+            log = self._popularity_log
+            log.append((rows.astype(np.int32), times, weights.astype(np.float32)))
+            # Chunks merge as a binary counter's bits carry: O(log n) of them, each entry copied O(log n)
+            # times. A chunk a RecordEvents (three arrays) held ~400 B for a one-event call. Merged into
+            # new arrays: a look into the past holds the old ones.
+            while len(log) > 1 and log[-2][0].size <= log[-1][0].size:
+                newer, older = log.pop(), log.pop()
+                log.append(tuple(np.concatenate(pair) for pair in zip(older, newer)))
             self._popularity_newest = max(self._popularity_newest, float(times.max()))
 
     def _forget_held_pairs(self, drop) -> None:
