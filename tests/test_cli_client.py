@@ -341,6 +341,23 @@ def test_eval_refuses_a_target_that_holds_items_before_the_evaluation(server, tm
     assert not (tmp_path / "out").exists()
 
 
+def test_eval_refuses_a_target_with_events_of_the_datasets_users(model_dir, tmp_path):
+    """Its items deleted, a used server passed the probe for items, and its
+    users' old events would have joined the dataset's users' profiles."""
+    config = ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path / "used")
+    with ServerThread(config) as used, HalflifeClient(used.address) as client:
+        client.upsert_items([Item(id="old", text="An item from before the evaluation")])
+        client.record_events([Event("old-1", "2", VIEW, "old")])  # user "2" rates in write_movielens
+        assert client.delete_items(["old"]) == 1
+        data = write_movielens(tmp_path / "ml")
+        result = halflife("eval", "--data", str(data), "--out", str(tmp_path / "out"),
+                          "--cache-dir", str(tmp_path / "cache"), "--target", used.address)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"halflife eval: error: --target {used.address} already holds events of the "
+                                    "dataset's user '2'"), result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
 def test_output_the_streams_cannot_hold_is_no_traceback(server):
     """A title's character outside stdout's encoding, and a closed stdout,
     each ended `halflife recommend` in a traceback (an audit)."""

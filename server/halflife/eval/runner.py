@@ -133,7 +133,12 @@ class EngineBackend:
 
 
 class NotEmptyError(ValueError):
-    """The --target server holds items already."""
+    """The --target server holds items, or events of the dataset's users, already."""
+
+
+# Users whose events a --target is probed for (GetProfile, ~1 ms each): all of
+# ml-latest-small's 610, a spread sample of a larger dataset's.
+PROBED_USERS = 1000
 
 
 class RemoteBackend:
@@ -156,6 +161,23 @@ class RemoteBackend:
         if held:
             raise NotEmptyError(f"--target {target} already holds items (e.g. {held[0].item_id!r}); eval needs a "
                                 "server on an empty --data-dir")
+
+    @staticmethod
+    def check_users(target: str, users: np.ndarray) -> None:
+        """NotEmptyError when `target` holds events of any of `users` (up to
+        PROBED_USERS of them, spread over the sorted ids): a server whose
+        items were deleted passed `check`, and those events would have joined
+        the dataset's users' profiles."""
+        from halflife_client import HalflifeClient
+
+        users = np.unique(users)
+        probed = users[np.linspace(0, users.size - 1, min(users.size, PROBED_USERS)).astype(np.int64)] if users.size \
+            else users
+        with HalflifeClient(target, timeout=REACHABLE_TIMEOUT_S) as client:
+            for user in probed.tolist():
+                if client.profile(user).event_counts:
+                    raise NotEmptyError(f"--target {target} already holds events of the dataset's user {user!r}; "
+                                        "eval needs a server on an empty --data-dir")
 
     def __init__(self, data: EvalData, target: str):
         from halflife_client import HalflifeClient
@@ -451,6 +473,8 @@ def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target:
         RemoteBackend.check(target)
     fp32 = load_manifest(model_dir).variants[0].name
     data = load_eval_data(data_dir)
+    if target:
+        RemoteBackend.check_users(target, data.users)
     q80, q90 = time_quantiles(data, 0.8, 0.9)
     tag_texts = sorted(set(data.texts[data.kinds != RATING].tolist()))
     # Tuned and reported on the fp32 graph, the reference the defaults were
