@@ -122,8 +122,9 @@ def _texts_of(client: HalflifeClient, ids: Iterable[str]) -> dict[str, str]:
 def show_recommendations(user_id: str, target: str, limit: int, as_of: dt.datetime | None, query: str) -> None:
     with HalflifeClient(target) as client:
         response = client.recommend(user_id, limit, as_of=as_of, query=query, explain=True)
-        texts = _texts_of(client, [i.item_id for i in response.items])
-        event_texts = _texts_of(client, [e.item_id for i in response.items for e in i.explanation.events if e.item_id])
+        # One GetItems for the items and those their explanations' events name.
+        texts = _texts_of(client, [i.item_id for i in response.items]
+                          + [e.item_id for i in response.items for e in i.explanation.events if e.item_id])
     strategy = recommend_pb2.Strategy.Name(response.strategy).removeprefix("STRATEGY_").lower()
     print(f"recommendations for user {user_id} ({strategy})")
     rows = []
@@ -133,7 +134,7 @@ def show_recommendations(user_id: str, target: str, limit: int, as_of: dt.dateti
             why.append("interest: " + ", ".join(item.explanation.interests[0].labels))
         if item.explanation.events:
             e = item.explanation.events[0]
-            why.append("because of " + _clip(event_texts.get(e.item_id, e.item_id or e.event_id), 40))
+            why.append("because of " + _clip(texts.get(e.item_id, e.item_id or e.event_id), 40))
         rows.append([str(rank), item.item_id, f"{item.score:.3f}", _clip(texts.get(item.item_id, ""), 60), "; ".join(why)])
     print_table(["#", "item", "score", "text", "why"], rows)
 
