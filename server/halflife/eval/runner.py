@@ -171,8 +171,7 @@ class RemoteBackend:
         from halflife_client import HalflifeClient
 
         users = np.unique(users)
-        probed = users[np.linspace(0, users.size - 1, min(users.size, PROBED_USERS)).astype(np.int64)] if users.size \
-            else users
+        probed = users[np.linspace(0, users.size - 1, min(users.size, PROBED_USERS)).astype(np.int64)]
         with HalflifeClient(target, timeout=REACHABLE_TIMEOUT_S) as client:
             for user in probed.tolist():
                 if client.profile(user).event_counts:

@@ -589,10 +589,11 @@ class InterestEngine:
         map by value to rate / rate_mid / rate_low (config.ratings).
         api_types, values: (n,) (values NaN where none). Returns (n,) int64."""
         internal = np.asarray(api_types, dtype=np.int64) - 1
-        if internal.size and not 0 <= internal.min() <= internal.max() < len(self._types.weights):
+        unknown = (internal < 0) | (internal >= len(self._types.weights))
+        if unknown.any():
             # The API takes only types it knows: one from the store was damaged there (it was an IndexError).
-            bad = int(api_types[(internal < 0) | (internal >= len(self._types.weights))][0])
-            raise StoreDamagedError(f"an event of type {bad}, which this server does not know: the store is damaged")
+            raise StoreDamagedError(f"an event of type {int(internal[unknown][0]) + 1}, which this server does not "
+                                    "know: the store is damaged")
         ratings = self.config.ratings
         is_rate = internal == RATE - 1
         low = is_rate & (values <= ratings.negative_max)

@@ -562,13 +562,13 @@ class SqliteStore:
                 f"halflife knows ({SCHEMA_VERSION}); upgrade halflife to open it"
             )
 
-    def _identities(self) -> dict[Path, tuple[int, int]] | None:
-        """(device, inode) of the database file and its WAL, or None when one
-        is gone: the writer holds both open, so neither changes while the
+    def _identities(self) -> list[tuple[int, int]] | None:
+        """(device, inode) of the database file and of its WAL, or None when
+        one is gone: the writer holds both open, so neither changes while the
         store is left alone."""
         try:
-            return {path: (s.st_dev, s.st_ino) for path in (self.path, self.path.with_name(self.path.name + "-wal"))
-                    for s in (os.stat(path),)}
+            files = (self.path, self.path.with_name(self.path.name + "-wal"))
+            return [(s.st_dev, s.st_ino) for s in map(os.stat, files)]
         except FileNotFoundError:
             return None
 
