@@ -406,19 +406,25 @@ def tune(val_backend: EngineBackend, queries: list[Query], base: Config) -> Grid
     # final profile (the extras' winner), not the one before that step (an audit:
     # the curves were drawn at the threshold the extras step then changed).
     final = profiles[best["profile"]]
-    for hh in half_lives:
-        profiles[f"curve: hl={hh:g}"] = with_types(final, hh)
-    for name, options in weight_options.items():
-        for w in options:
-            profiles[f"curve: {name}.weight={w:g}"] = with_types(
-                final, None, **{name: (w, final.event_types[name].half_life_days)})
+
+    def named(name: str, config: Config) -> str:
+        """The key of a profile equal to `config` (its signals are computed once), else `name`, added."""
+        key = next((k for k, c in profiles.items() if c == config), None)
+        if key is None:
+            profiles[key := name] = config
+        return key
+
+    hl_keys = {hh: named(f"curve: hl={hh:g}", with_types(final, hh)) for hh in half_lives}
     half_life_curve = {
-        "blend": [(hh, score({**best, "profile": f"curve: hl={hh:g}"})) for hh in half_lives],
-        "embedding only": [(hh, score({**best, "profile": f"curve: hl={hh:g}", "w_c": 0.0, "w_p": 0.0, "w_i": 1.0}))
-                           for hh in half_lives],
+        "blend": [(hh, score({**best, "profile": key})) for hh, key in hl_keys.items()],
+        "embedding only": [(hh, score({**best, "profile": key, "w_c": 0.0, "w_p": 0.0, "w_i": 1.0}))
+                           for hh, key in hl_keys.items()],
     }
-    weight_curves = {name: [(w, score({**best, "profile": f"curve: {name}.weight={w:g}"})) for w in options]
-                     for name, options in weight_options.items()}
+    weight_curves = {
+        name: [(w, score({**best, "profile": named(f"curve: {name}.weight={w:g}", with_types(
+            final, None, **{name: (w, final.event_types[name].half_life_days)}))})) for w in options]
+        for name, options in weight_options.items()
+    }
 
     chosen = profiles[best["profile"]]
     sim, ah = best["cooc"].split("/")
