@@ -16,6 +16,15 @@ def fake_embed(texts, deadline=None):
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
+def compact_catalogues_at(monkeypatch, dead_rows: int) -> None:
+    """Interest engines compact their catalogue index once `dead_rows` rows
+    are dead, however many live: deletes renumber the rows often."""
+    from halflife.interest import engine
+
+    monkeypatch.setattr(engine, "COMPACT_MIN_DEAD_ROWS", dead_rows)
+    monkeypatch.setattr(engine, "COMPACT_DEAD_SHARE", 0.0)
+
+
 def run_in_threads(steps: int, *actions) -> list[BaseException]:
     """Runs each action(step) for step in range(steps) on a thread of its own,
     all at once; returns what they raised (bounded: joins with a timeout)."""

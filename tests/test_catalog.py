@@ -86,3 +86,41 @@ def test_a_mask_left_a_row_short_by_a_new_item_is_built_again_even_first_in_line
     catalog.upsert([ItemRecord("i4", "", ("c3",), {}, None, normalize(np.ones(DIM)))])  # 5 rows: every mask stale
     assert catalog.category_mask(["c0"]).tolist() == [True, False, False, False, False]
     assert list(catalog._category_masks) == ["c1", "c2", "c0"][-len(catalog._category_masks):]
+
+
+def test_compact_drops_the_dead_rows_and_renumbers_the_live_ones_in_their_order():
+    rng = np.random.default_rng(2)
+    catalog = CatalogIndex(DIM, capacity=8)
+    for n in range(200):
+        categories = tuple(rng.choice(CATEGORIES, size=rng.integers(0, 3), replace=False))
+        vector = normalize(rng.standard_normal(DIM))
+        catalog.upsert([ItemRecord(f"i{n}", f"text {n}", categories, {}, float(n), vector)])
+    catalog.delete([f"i{n}" for n in range(0, 200, 3)])
+    catalog.category_mask(["a", "b"])  # cached masks must not outlive the numbering
+    before = {name: catalog.mean(name) for name in (None, *CATEGORIES)}
+    old_view, old_ids = catalog.vectors, list(catalog.ids)
+    old_view_copy = old_view.copy()
+    live = [r for r in range(catalog.size) if catalog.alive[r]]
+    epoch, version = catalog.epoch, catalog.version
+
+    new_row = catalog.compact()
+
+    assert new_row.tolist() == [live.index(r) if r in live else -1 for r in range(len(old_ids))]
+    assert catalog.epoch == epoch + 1 and catalog.version > version
+    assert catalog.size == len(catalog) == len(live) and catalog.dead_rows == 0 and catalog.alive.all()
+    assert catalog.ids == [old_ids[r] for r in live]
+    assert all(catalog.row_of[item_id] == row for row, item_id in enumerate(catalog.ids))
+    np.testing.assert_array_equal(catalog.vectors, old_view_copy[live])
+    np.testing.assert_array_equal(catalog.create_times, [float(old_ids[r][1:]) for r in live])
+    assert catalog.texts == [f"text {old_ids[r][1:]}" for r in live]
+    np.testing.assert_array_equal(old_view, old_view_copy)  # a scan that took the old view reads what it read
+    for name in CATEGORIES:
+        mask = catalog.category_mask([name])
+        assert mask.tolist() == [name in catalog.categories[r] for r in range(catalog.size)]
+    for name, mean in before.items():
+        np.testing.assert_allclose(catalog.mean(name), mean, atol=1e-6)
+    catalog.upsert([ItemRecord("new", "", ("a",), {}, None, normalize(rng.standard_normal(DIM)))])
+    catalog.delete([catalog.ids[0]])
+    assert catalog.row_of["new"] == len(live) and catalog.dead_rows == 1
+    assert catalog.category_mask(["a"]).tolist() == ["a" in catalog.categories[r] and catalog.alive[r]
+                                                     for r in range(catalog.size)]

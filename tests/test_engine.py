@@ -13,7 +13,7 @@ from halflife.deadlines import Deadline, DeadlineExpiredError
 from halflife.interest.engine import EventInput, InterestEngine, ItemFilter, ItemInput, UnknownItemsError
 from halflife.storage.base import StoreError
 from halflife.storage.sqlite import SqliteStore
-from tests.fakes import DIM, fake_embed, run_in_threads
+from tests.fakes import DIM, compact_catalogues_at, fake_embed, run_in_threads
 
 DAY = 86400.0
 T = 1_700_000_000.0
@@ -217,19 +217,23 @@ def _delete_first(engine: InterestEngine, item_id: str, compute):
     return wrapped, calls
 
 
-def test_an_item_deleted_while_the_catalogue_is_scored_is_not_recommended(tmp_path, monkeypatch):
+@pytest.mark.parametrize("compact", [False, True])
+def test_an_item_deleted_while_the_catalogue_is_scored_is_not_recommended(tmp_path, monkeypatch, compact):
     from halflife.interest.blend import CatalogueScan
 
+    if compact:
+        compact_catalogues_at(monkeypatch, dead_rows=1)
     engine = open_engine(tmp_path)
     engine.upsert_items([ItemInput(id=f"i{n}", text=f"hiking boots model {n}") for n in range(8)])
     engine.record_events([EventInput("e0", "u", LIKE, "i0", None, None, T - 60)])
     before = [i.item_id for i in engine.recommend("u", 3, as_of=T).items]
     blend, calls = _delete_first(engine, before[0], CatalogueScan.blend)
     monkeypatch.setattr(CatalogueScan, "blend", blend)
-    after = [i.item_id for i in engine.recommend("u", 3, as_of=T).items]
+    after = engine.recommend("u", 3, as_of=T, explain=True).items
     assert calls == [1]  # the delete did land mid-call
-    assert before[0] not in after and len(after) == 3
-    assert after == [i.item_id for i in engine.recommend("u", 3, as_of=T).items]  # as if called after it
+    assert engine.catalog.epoch == int(compact)  # and renumbered the rows, where compacting
+    assert before[0] not in [i.item_id for i in after] and len(after) == 3
+    assert after == engine.recommend("u", 3, as_of=T, explain=True).items  # as if called after it
 
 
 @pytest.mark.parametrize("interest", ["single", "sum", "max"])
@@ -268,16 +272,19 @@ def test_the_blend_scored_in_row_blocks_is_the_sum_of_its_parts(interest):
     assert set(whole) == set(parts) and all(np.array_equal(whole[k], parts[k]) for k in parts)
 
 
-def test_an_item_deleted_while_similar_items_scores_is_not_returned(tmp_path, monkeypatch):
+@pytest.mark.parametrize("compact", [False, True])
+def test_an_item_deleted_while_similar_items_scores_is_not_returned(tmp_path, monkeypatch, compact):
     from halflife.interest import engine as engine_module
 
+    if compact:
+        compact_catalogues_at(monkeypatch, dead_rows=1)
     engine = open_engine(tmp_path)
     engine.upsert_items([ItemInput(id=f"i{n}", text=f"espresso machine model {n}") for n in range(8)])
     before = [i.item_id for i in engine.similar_items(item_id="i0", limit=3).items]
     scores, calls = _delete_first(engine, before[0], engine_module.cosine_scores)
     monkeypatch.setattr(engine_module, "cosine_scores", scores)
     after = [i.item_id for i in engine.similar_items(item_id="i0", limit=3).items]
-    assert calls == [1]
+    assert calls == [1] and engine.catalog.epoch == int(compact)
     assert before[0] not in after and len(after) == 3
     assert after == [i.item_id for i in engine.similar_items(item_id="i0", limit=3).items]
 
@@ -429,9 +436,12 @@ def test_a_user_erased_while_their_profile_replays_is_not_cached(tmp_path, monke
     assert _profile_of(engine, "u") == ([], {})
 
 
-def test_an_item_deleted_while_a_profile_is_described_is_not_listed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("compact", [False, True])
+def test_an_item_deleted_while_a_profile_is_described_is_not_listed(tmp_path, monkeypatch, compact):
     from halflife.interest import engine as engine_module
 
+    if compact:
+        compact_catalogues_at(monkeypatch, dead_rows=1)
     engine = open_engine(tmp_path)
     engine.upsert_items([ItemInput(id=f"i{n}", text=f"mountain bike part {n}") for n in range(8)])
     engine.record_events([EventInput("e0", "u", LIKE, "i0", None, None, T - 60)])
@@ -443,20 +453,68 @@ def test_an_item_deleted_while_a_profile_is_described_is_not_listed(tmp_path, mo
     describe, calls = _delete_first(engine, before[0], engine_module.describe_clusters)
     monkeypatch.setattr(engine_module, "describe_clusters", describe)
     after = top()
-    assert calls == [1]
+    assert calls == [1] and engine.catalog.epoch == int(compact)
     assert before[0] not in after and len(after) == 3
     assert after == top()  # as if described after the delete
 
 
-def test_concurrent_reads_and_writes_end_as_a_restart_would(tmp_path, monkeypatch):
+def test_a_catalogue_that_turns_over_stays_bounded_and_answers_as_a_restart_would(tmp_path, monkeypatch):
+    """Deleted items' rows were kept until a restart: a catalogue that turns
+    over (news) grew without bound, and every scan read the dead rows. The
+    compactions renumber the rows of the co-occurrence pairs, popularity
+    counts and log, and entries held for the clock, so the answers of the
+    present, the past and after the clock stay those of a restart."""
+    from halflife.interest import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "COMPACT_MIN_DEAD_ROWS", 6)
+    engine = open_engine(tmp_path)
+    rounds, per_round = 10, 4
+    for r in range(rounds):
+        fresh = [f"r{r}-{n}" for n in range(per_round)]
+        engine.upsert_items([ItemInput(id=i, text=f"story {i}", categories=(f"c{n % 3}",))
+                             for n, i in enumerate(fresh)])
+        older = [f"r{r - 1}-{n}" for n in range(per_round)] if r else []
+        engine.record_events([
+            # Each user reads this round's stories and last round's; one read in four stamped after the clock.
+            EventInput(f"e{r}-{u}-{k}", f"u{u}", LIKE, (fresh + older)[(u + k) % len(fresh + older)], None, None,
+                       T + 600.0 * (r + 1) if k == 3 else T - 3600.0 * (rounds - r) - k)
+            for u in range(5) for k in range(4)
+        ])
+        if r == 5:
+            engine.delete_user("u4")  # its popularity taken back, in the log too
+        if r >= 2:
+            assert engine.delete_items([f"r{r - 2}-{n}" for n in range(per_round)]) == per_round
+        assert engine.catalog.dead_rows < 6  # the dead rows go, at most this many wait
+    assert engine.catalog.epoch >= 3
+
+    def answers(e: InterestEngine) -> dict:
+        out = {(u, t): [(i.item_id, round(i.score, 5)) for i in e.recommend(u, 6, as_of=t).items]
+               for t in (T - 3 * 3600.0, T, T + 7200.0) for u in ("u0", "u3", "u4", "cold")}
+        similar = e.similar_items(item_id=f"r{rounds - 1}-0", limit=5).items
+        out["similar"] = [(i.item_id, round(i.score, 5)) for i in similar]
+        interests = e.profile("u1", as_of=T).interests
+        out["profile"] = [(interest.top_items, round(interest.strength, 5)) for interest in interests]
+        return out
+
+    live = answers(engine)
+    assert all(live[("u3", t)] for t in (T - 3 * 3600.0, T, T + 7200.0)) and live[("cold", T)][0][1] == 1.0
+    engine.store.close()
+    assert live == answers(open_engine(tmp_path))
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_concurrent_reads_and_writes_end_as_a_restart_would(tmp_path, monkeypatch, compact):
     """Catalogue writes, events, erasures, recommendations and profiles from
     several threads at once (reads now score without the lock; co-occurrence
-    merges are built without it, made frequent here): nothing fails, no
-    deleted item is ever returned after its delete finished, and the engine
-    ends where a restart over the store ends."""
+    merges are built without it, made frequent here; compacting, every other
+    delete renumbers the rows): nothing fails, no deleted item is ever
+    returned after its delete finished, and the engine ends where a restart
+    over the store ends."""
     from halflife.core import cooccurrence
 
     monkeypatch.setattr(cooccurrence, "_MIN_MERGE", 2)
+    if compact:
+        compact_catalogues_at(monkeypatch, dead_rows=2)
     engine = open_engine(tmp_path)
     engine.upsert_items([ItemInput(id=f"{kind}{n}", text=f"item {n}", categories=(f"c{n % 3}",))
                          for n in range(40) for kind in ("i", "d")])  # events name i*, deletes take d*
@@ -487,6 +545,7 @@ def test_concurrent_reads_and_writes_end_as_a_restart_would(tmp_path, monkeypatc
 
     errors = run_in_threads(60, catalogue, events, reads, reads)
     assert not errors, errors
+    assert engine.catalog.epoch >= 5 if compact else engine.catalog.epoch == 0
 
     def answers(e: InterestEngine) -> dict:
         return {(u, t): [(i.item_id, round(i.score, 5)) for i in e.recommend(u, 10, as_of=t).items]

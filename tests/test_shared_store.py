@@ -13,7 +13,7 @@ from halflife.interest.engine import EventInput, InterestEngine, ItemInput, Unkn
 from halflife.interest.watermark import EventWatermark
 from halflife.storage.base import StoreHead
 from halflife.storage.sqlite import SqliteStore
-from tests.fakes import DIM, fake_embed, run_in_threads
+from tests.fakes import DIM, compact_catalogues_at, fake_embed, run_in_threads
 
 DAY = 86400.0
 T = 1_700_000_000.0
@@ -263,15 +263,20 @@ def test_a_profile_of_events_another_worker_recorded_is_replayed_once(pair, monk
     assert replays == [3]
 
 
-def test_two_workers_under_concurrent_writes_erasures_and_reads_end_as_a_restart_would(pair, tmp_path, monkeypatch):
+@pytest.mark.parametrize("compact", [False, True])
+def test_two_workers_under_concurrent_writes_erasures_and_reads_end_as_a_restart_would(pair, tmp_path, monkeypatch,
+                                                                                      compact):
     """Each worker records events, erases users, adds items and deletes and
     re-creates others while both serve reads, all at once (with frequent
-    co-occurrence merges, and every second event stamped after the clock);
-    afterwards both answer as a restart does, now and once the clock has
-    passed those events."""
+    co-occurrence merges, every second event stamped after the clock, and
+    compacting, a catalogue renumbered every other delete, each worker's
+    its own way); afterwards both answer as a restart does, now and once
+    the clock has passed those events."""
     from halflife.core import cooccurrence
 
     monkeypatch.setattr(cooccurrence, "_MIN_MERGE", 2)
+    if compact:
+        compact_catalogues_at(monkeypatch, dead_rows=2)
     a, b = pair
     a.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}", categories=(f"c{n % 3}",)) for n in range(30)])
 
@@ -301,6 +306,7 @@ def test_two_workers_under_concurrent_writes_erasures_and_reads_end_as_a_restart
 
     errors = run_in_threads(40, writer(a, "a", 0.0), writer(b, "b", 0.5), reader(a), reader(b))
     assert not errors, errors
+    assert min(a.catalog.epoch, b.catalog.epoch) >= 2 if compact else a.catalog.epoch == b.catalog.epoch == 0
     users = ("cold", "u0", "u1", "u2", "u3")
     assert answers(a, users) == answers(b, users) == restarted(tmp_path, users)
     later = T + 7200.0

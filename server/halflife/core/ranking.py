@@ -564,7 +564,7 @@ class DecayedCounts:
 
     rate: λ = ln2/h; landmark: NaN while empty; counts: (N,) float64;
     entries: (N,) int64, the events each count holds (see `_net_entries`);
-    version: bumped by every add and resize (rebase only rescales), so callers
+    version: bumped by every add, resize and take (rebase only rescales), so callers
     can cache what they derive from the counts' proportions.
     """
 
@@ -611,6 +611,13 @@ class DecayedCounts:
             self.counts = np.concatenate([self.counts, np.zeros(grow)])
             self.entries = np.concatenate([self.entries, np.zeros(grow, dtype=np.int64)])
             self.version += 1
+
+    def take(self, rows) -> None:
+        """Keeps the counts of `rows` ((m,) ints), renumbered 0..m-1 in that
+        order (e.g. a catalogue that dropped its deleted items)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        self.counts, self.entries = self.counts[rows], self.entries[rows]
+        self.version += 1
 
     def read(self, t: float) -> np.ndarray:
         """Decayed counts at time t. Returns (N,) float64."""

@@ -1,11 +1,13 @@
 """The in-memory catalogue: one normalised float32 matrix that ranking scores in one product.
 
-Rows are stable item slots, append-only: an update rewrites its row in
-place, a delete marks the row dead (masked out of every ranking) and frees the
-id; a re-created id gets a new row. Per-row statistics kept elsewhere (e.g.
-popularity) therefore never leak from a deleted item to a new one. Dead rows
-cost memory until restart, when the index is rebuilt from the store.
-Not thread-safe by itself: the interest engine serialises access.
+Rows are item slots: an update rewrites its row in place, a delete marks the
+row dead (masked out of every ranking) and frees the id; a re-created id gets
+a new row. Per-row statistics kept elsewhere (e.g. popularity) therefore never
+leak from a deleted item to a new one. Dead rows still cost memory and every
+scan's time, so the owner `compact`s the index now and then: the live rows
+are renumbered, in new arrays, and `epoch` tells rows numbered before it from
+rows numbered after. Not thread-safe by itself: the interest engine
+serialises access.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class CatalogIndex:
         self._category_sums: dict[str, np.ndarray] = {}
         self._changed_categories: set[str] = set()  # since take_changed_categories()
         self.version = 0  # bumped on every change (callers cache derived data by it)
+        self.epoch = 0  # bumped by compact(): a row number read before it means nothing after
 
     # Views over the rows in use; valid until the next mutation.
     @property
@@ -72,6 +75,11 @@ class CatalogIndex:
 
     def __contains__(self, item_id: str) -> bool:
         return item_id in self.row_of
+
+    @property
+    def dead_rows(self) -> int:
+        """Rows of deleted items, until `compact`."""
+        return self.size - len(self.row_of)
 
     def upsert(self, items: Iterable[ItemRecord]) -> tuple[int, int]:
         """Inserts or replaces items; returns (created, updated)."""
@@ -128,6 +136,29 @@ class CatalogIndex:
             deleted.append(item_id)
         self.version += 1
         return deleted
+
+    def compact(self) -> np.ndarray:
+        """Drops the dead rows: the live ones become rows 0.. in their order,
+        in new arrays (views taken before keep the old numbering). Bumps
+        `epoch`. Returns (old size,) int64: each old row's new row, -1 for a
+        dead one, for whoever keeps per-row data."""
+        live = np.flatnonzero(self.alive)
+        new_row = np.full(self.size, -1, dtype=np.int64)
+        new_row[live] = np.arange(live.size)
+        self._reallocate(max(1024, math.ceil(live.size * 1.5)), live)
+        self.size = live.size
+        keep = live.tolist()
+        self.ids = [self.ids[r] for r in keep]
+        self.texts = [self.texts[r] for r in keep]
+        self.categories = [self.categories[r] for r in keep]
+        self.row_of = {item_id: row for row, item_id in enumerate(self.ids)}
+        renumber = new_row.tolist()
+        self._category_rows = {c: {renumber[r] for r in rows} for c, rows in self._category_rows.items() if rows}
+        self._category_sums = {c: total for c, total in self._category_sums.items() if c in self._category_rows}
+        self._category_masks = {}
+        self.version += 1
+        self.epoch += 1
+        return new_row
 
     def rows(self, ids: Sequence[str]) -> np.ndarray:
         """Row of each id, -1 for unknown ids. Returns (len(ids),) int64."""
@@ -191,15 +222,24 @@ class CatalogIndex:
         return row
 
     def _grow(self, capacity: int) -> None:
-        matrix = np.zeros((capacity, self.dim), dtype=np.float32)
-        matrix[: self.size] = self._matrix[: self.size]
-        alive = np.zeros(capacity, dtype=bool)
-        alive[: self.size] = self._alive[: self.size]
-        times = np.full(capacity, np.nan)
-        times[: self.size] = self._create_times[: self.size]
-        created_seq = np.zeros(capacity, dtype=np.int64)
-        created_seq[: self.size] = self._created_seq[: self.size]
-        self._matrix, self._alive, self._create_times, self._created_seq = matrix, alive, times, created_seq
+        self._reallocate(capacity)
+
+    def _reallocate(self, capacity: int, rows: np.ndarray | None = None) -> None:
+        """New per-row arrays of `capacity` rows that begin with the old rows in
+        use, or with those of `rows` ((n,) in their new order); the rest empty."""
+        arrays = []
+        for old, empty in ((self._matrix, 0.0), (self._alive, False), (self._create_times, np.nan),
+                           (self._created_seq, 0)):
+            new = np.zeros((capacity, *old.shape[1:]), dtype=old.dtype)  # calloc: untouched pages cost nothing
+            n = self.size if rows is None else rows.size
+            if rows is None:
+                new[:n] = old[:n]
+            else:  # gathered straight into place: a temporary copy of the live rows doubled the page faults
+                np.take(old, rows, axis=0, out=new[:n])
+            if empty:
+                new[n:] = empty
+            arrays.append(new)
+        self._matrix, self._alive, self._create_times, self._created_seq = arrays
 
     def _forget_categories(self, row: int) -> None:
         for category in self.categories[row]:

@@ -101,6 +101,17 @@ SNAPSHOT_SHARE = 100
 # Tries of record_events when items change between the read of their vectors
 # and the commit: each later try reads them again and writes within a few ms.
 RECORD_ATTEMPTS = 3
+# The catalogue index drops its deleted items' rows (CatalogIndex.compact) once
+# they number this many and this share of the live ones: until then every
+# scan reads them and they hold their memory, which a catalogue that turns
+# over (news, listings) grew without bound until a restart. Renumbering copies
+# the live rows, the co-occurrence pairs and the popularity log under the
+# lock, once per that many deletes.
+COMPACT_MIN_DEAD_ROWS = 4096
+COMPACT_DEAD_SHARE = 0.25
+# Tries of a read that scores without the lock when a compaction renumbers the
+# rows meanwhile; the last one holds the lock throughout.
+RENUMBERED_ATTEMPTS = 2
 
 # (texts, the caller's deadline or None) -> (n, dim) float32 unit rows
 Embedder = Callable[[Sequence[str], Deadline | None], np.ndarray]
@@ -189,6 +200,11 @@ class UnknownItemsError(LookupError):
     def __init__(self, missing: list[tuple[int, str]]):
         self.missing = missing  # (event index, item id)
         super().__init__(", ".join(f"events[{i}].item_id {item!r}" for i, item in missing[:3]))
+
+
+class _Renumbered(Exception):
+    """Catalogue rows read in one hold of the lock were renumbered
+    (CatalogIndex.compact) before the next: the read starts again."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -716,6 +732,32 @@ class InterestEngine:
         if stored:
             self.catalog.upsert(stored[i] for i in dict.fromkeys(ids) if i in stored)
             self._resize_blend()
+        if self.catalog.dead_rows >= max(COMPACT_MIN_DEAD_ROWS, COMPACT_DEAD_SHARE * len(self.catalog)):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drops the deleted items' rows from the catalogue and renumbers what
+        the blend keeps per row: co-occurrence pairs, popularity counts and
+        log, and entries held for the clock. What a deleted item had goes, as
+        after a restart. Lock held."""
+        new_row = self.catalog.compact()
+        users, items, times = self._cooccurrence.pairs_until(np.inf)
+        self._cooccurrence = Cooccurrence.from_pairs(self.catalog.size, users, new_row[items], times)
+        self._popularity.take(np.flatnonzero(new_row >= 0))
+        if self._popularity_log:  # one chunk now: the binary counter starts again
+            rows, times, weights = (np.concatenate(column) for column in zip(*self._popularity_log))
+            kept = new_row[rows] >= 0
+            self._popularity_log = [(new_row[rows[kept]].astype(np.int32), times[kept], weights[kept])]
+            self._popularity_newest = float(times[kept].max(initial=-np.inf))
+
+        def renumber_held(times, users, items, weights):
+            gone = new_row[items] < 0  # these count for nothing now (fn must keep the lengths)
+            return times, np.where(gone, -1, users), np.maximum(new_row[items], 0), np.where(gone, 0, weights)
+
+        self._blend_ahead.map_held(renumber_held)
+        self._resize_blend()
+        log.info("catalogue compacted: %d live items, %d rows dropped", self.catalog.size,
+                 new_row.size - self.catalog.size)
 
     def get_items(self, ids: Sequence[str]) -> dict[str, ItemRecord]:
         return self.store.get_items(ids)
@@ -1135,8 +1177,8 @@ class InterestEngine:
         Labels compare centred directions (see `_label_space`). Reads the
         catalogue and names the results with the lock held, and runs the
         products in between without it, as `recommend` does: if an item it
-        picked was deleted or changed meanwhile, it describes again under the
-        lock.
+        picked was deleted or changed meanwhile, or the rows renumbered, it
+        describes again under the lock.
         Items come best first, equal ones by id (`_nearest`, `_best_by_id`)."""
         units = normalize(centroids)
 
@@ -1152,13 +1194,14 @@ class InterestEngine:
 
         with self._lock:
             names, label_vectors, mean = self._label_space()
-            items, allowed = self.catalog.vectors, self.catalog.alive.copy()
+            items, allowed, epoch = self.catalog.vectors, self.catalog.alive.copy(), self.catalog.epoch
         described, nearest = describe(items, allowed)
         with self._lock:
             catalog = self.catalog
-            # A picked item deleted meanwhile, or re-upserted (its new text beside its old cosine): again.
-            if not all(catalog.alive[rows].all() and np.array_equal(_cosines(catalog.vectors, rows, unit), scores)
-                       for (rows, scores), unit in zip(nearest, units)):
+            # Rows renumbered, a picked item deleted, or one re-upserted (its new text beside its old cosine): again.
+            if catalog.epoch != epoch or not all(
+                    catalog.alive[rows].all() and np.array_equal(_cosines(catalog.vectors, rows, unit), scores)
+                    for (rows, scores), unit in zip(nearest, units)):
                 described, nearest = describe(catalog.vectors, catalog.alive)
             out = []
             for c, (rows, scores) in enumerate(nearest):
@@ -1207,10 +1250,18 @@ class InterestEngine:
     ) -> Recommendation:
         t = self._clock() if as_of is None else as_of
         query_vector = self._embed([query], deadline)[0] if query else None
-        ranking = self.config.ranking
         self._cache_profile(user_id)
         past = self._past_state(user_id, t)
+        return self._renumbering_safe(lambda: self._recommend(
+            user_id, limit, t, past, filter, include_seen, query_vector, explain, diversity))
+
+    def _recommend(self, user_id: str, limit: int, t: float, past: UserState | None, filter: ItemFilter,
+                   include_seen: bool, query_vector: np.ndarray | None, explain: bool,
+                   diversity: float) -> Recommendation:
+        """recommend() after the embedding and the profile's replay, which must not run under the lock."""
+        ranking = self.config.ranking
         with self._lock:
+            epoch = self.catalog.epoch
             state = self._user_state(user_id, t) if past is None else past
             allowed = self._allowed(filter, _NO_ROWS if include_seen else self._seen_rows(state))
             single = self._single_profile(user_id, state, t)
@@ -1235,16 +1286,16 @@ class InterestEngine:
         select = functools.partial(top_k, blend.scores, candidates, ties=True)  # select(allowed) -> (rows, scores)
         picked = select(allowed)
         with self._lock:
-            rows, top_scores = self._confirm(picked, allowed, select)
+            rows, top_scores = self._confirm(picked, allowed, select, epoch)
             rows, top_scores, ids = self._best_by_id(rows, top_scores, candidates)
-            vectors = items[rows] if diversity > 0 else None  # a copy of rows confirmed alive
+            vectors = items[rows]  # a copy of rows confirmed alive: the rows' numbers may change once unlocked
         if diversity > 0 and rows.size:
             # Quadratic in the limit (1,000: 5,000 candidates, ~125 ms): without the lock, as the scan.
             picks = mmr(top_scores, vectors, limit, lam=1.0 - diversity)
-            rows, top_scores, ids = rows[picks], top_scores[picks], [ids[i] for i in picks]
+            rows, top_scores, ids, vectors = rows[picks], top_scores[picks], [ids[i] for i in picks], vectors[picks]
         explanations = [None] * len(rows)
         if explain and personal:
-            explanations = self._explain(user_id, state, t, rows, blend.parts_at(rows))
+            explanations = self._explain(user_id, state, t, vectors, blend.parts_at(rows))
         elif explain:  # trending: no interest or event produced it, only its score's parts
             explanations = [Explanation((), (), parts) for parts in _per_row(blend.parts_at(rows), len(rows))]
         return Recommendation(
@@ -1268,12 +1319,15 @@ class InterestEngine:
         order = sorted(keep, key=lambda i: (-values[i], ids[picked[i]]))
         return rows[order], scores[order], [ids[picked[i]] for i in order]
 
-    def _confirm(self, picked, allowed: np.ndarray, select) -> tuple[np.ndarray, np.ndarray]:
+    def _confirm(self, picked, allowed: np.ndarray, select, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows picked from scores computed without the lock, checked with it
         held: if any was deleted meanwhile, `select` picks again from the same
         scores without the deleted rows (rows added meanwhile were never
         candidates). picked: (rows, scores); allowed: (n,) the mask they were
-        picked under. Lock held."""
+        picked under; epoch: the catalogue's when the scores' rows were read
+        (raises _Renumbered if it moved on). Lock held."""
+        if self.catalog.epoch != epoch:
+            raise _Renumbered
         alive = self.catalog.alive[: allowed.shape[0]]
         if alive[picked[0]].all():
             return picked
@@ -1402,9 +1456,10 @@ class InterestEngine:
         n_items = index.n_items
         return lambda: cooccurrence_scores(Cooccurrence.from_pairs(n_items, *pairs), items, affinity, blend.similarity)
 
-    def _explain(self, user_id, state, t, rows, parts) -> list[Explanation]:
-        """Why each of `rows` was recommended: the interests and the user's
-        events nearest it, and the blend's parts (`parts`, (rows,) each).
+    def _explain(self, user_id, state, t, item_vectors, parts) -> list[Explanation]:
+        """Why each recommended item (`item_vectors`, (n, dim)) was: the
+        interests and the user's events nearest it, and the blend's parts
+        (`parts`, (n,) each).
         Call without the lock: it copies the profile's and the items' vectors
         under it, then reads the log and scores every positive event against
         every row without it (a user of 100k events at limit 1,000 held every
@@ -1414,10 +1469,9 @@ class InterestEngine:
             n_clusters = multi.n_clusters
             importances = multi.importances(t)
             centroids = multi.centroids(t)
-            item_vectors = self.catalog.vectors[rows]
         described = self._describe(centroids, 0) if n_clusters else []
         rank_of = {int(c): r for r, c in enumerate(_ranked_interests(importances))}
-        cluster_sims = clip_cosines(item_vectors @ centroids.T) if n_clusters else np.zeros((len(rows), 0))
+        cluster_sims = clip_cosines(item_vectors @ centroids.T) if n_clusters else np.zeros((len(item_vectors), 0))
         events = self._directed_events(user_id, t)
         types = self._record_types(events)
         positive = [e for e, k in zip(events, types) if self._types.weights[k] > 0]
@@ -1430,7 +1484,7 @@ class InterestEngine:
             event_sims = clip_cosines(np.einsum("jd,jkd->jk", item_vectors, event_vectors[nearest]))
         explanations = []
         shares = importances / (float(importances.sum()) or 1.0)
-        for j, score_parts in enumerate(_per_row(parts, len(rows))):
+        for j, score_parts in enumerate(_per_row(parts, len(item_vectors))):
             # Only what points towards the item matches it, or is responsible for it.
             contrib = cluster_sims[j] * shares if n_clusters else np.zeros(0)
             listed = [int(c) for c in np.argsort(-contrib, kind="stable")
@@ -1463,8 +1517,13 @@ class InterestEngine:
     ) -> Recommendation:
         """Items nearest an item (excluding itself) or a text. Raises KeyError for an unknown item."""
         query = self._embed([text], deadline)[0] if text is not None else None
+        return self._renumbering_safe(lambda: self._similar_items(item_id, query, limit, filter))
+
+    def _similar_items(self, item_id: str | None, query: np.ndarray | None, limit: int,
+                       filter: ItemFilter) -> Recommendation:
         with self._lock:
             self._catch_up()
+            epoch = self.catalog.epoch
             exclude = _NO_ROWS
             if item_id is not None:
                 row = self.catalog.row_of.get(item_id)
@@ -1478,9 +1537,21 @@ class InterestEngine:
         select = functools.partial(top_k, scores, limit, ties=True)  # select(allowed) -> (rows, scores)
         picked = select(allowed)
         with self._lock:
-            rows, top_scores = self._confirm(picked, allowed, select)
+            rows, top_scores = self._confirm(picked, allowed, select, epoch)
             rows, top_scores, ids = self._best_by_id(rows, top_scores, limit)
         return Recommendation(tuple(ScoredItem(i, float(s)) for i, s in zip(ids, top_scores)), "similarity")
+
+    def _renumbering_safe(self, read: Callable[[], Recommendation]) -> Recommendation:
+        """read(), which scores catalogue rows without the lock and names them
+        with it held (`_confirm`): again when a compaction renumbered them in
+        between, at last with the lock held throughout (it is reentrant)."""
+        for _ in range(RENUMBERED_ATTEMPTS - 1):
+            try:
+                return read()
+            except _Renumbered:
+                continue
+        with self._lock:
+            return read()
 
     # ---------------------------------------------------------------- status
 
