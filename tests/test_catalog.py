@@ -98,8 +98,7 @@ def test_compact_drops_the_dead_rows_and_renumbers_the_live_ones_in_their_order(
     catalog.delete([f"i{n}" for n in range(0, 200, 3)])
     catalog.category_mask(["a", "b"])  # cached masks must not outlive the numbering
     before = {name: catalog.mean(name) for name in (None, *CATEGORIES)}
-    old_view, old_ids = catalog.vectors, list(catalog.ids)
-    old_view_copy = old_view.copy()
+    old_ids, old_vectors = list(catalog.ids), catalog.vectors.copy()
     live = [r for r in range(catalog.size) if catalog.alive[r]]
     epoch, version = catalog.epoch, catalog.version
 
@@ -110,10 +109,9 @@ def test_compact_drops_the_dead_rows_and_renumbers_the_live_ones_in_their_order(
     assert catalog.size == len(catalog) == len(live) and catalog.dead_rows == 0 and catalog.alive.all()
     assert catalog.ids == [old_ids[r] for r in live]
     assert all(catalog.row_of[item_id] == row for row, item_id in enumerate(catalog.ids))
-    np.testing.assert_array_equal(catalog.vectors, old_view_copy[live])
+    np.testing.assert_array_equal(catalog.vectors, old_vectors[live])
     np.testing.assert_array_equal(catalog.create_times, [float(old_ids[r][1:]) for r in live])
     assert catalog.texts == [f"text {old_ids[r][1:]}" for r in live]
-    np.testing.assert_array_equal(old_view, old_view_copy)  # a scan that took the old view reads what it read
     for name in CATEGORIES:
         mask = catalog.category_mask([name])
         assert mask.tolist() == [name in catalog.categories[r] for r in range(catalog.size)]
@@ -124,3 +122,21 @@ def test_compact_drops_the_dead_rows_and_renumbers_the_live_ones_in_their_order(
     assert catalog.row_of["new"] == len(live) and catalog.dead_rows == 1
     assert catalog.category_mask(["a"]).tolist() == ["a" in catalog.categories[r] and catalog.alive[r]
                                                      for r in range(catalog.size)]
+
+
+def test_compact_moves_rows_in_place_and_gives_back_the_arrays_of_a_catalogue_that_shrank():
+    rng = np.random.default_rng(3)
+    catalog = CatalogIndex(DIM)
+    catalog.upsert(ItemRecord(f"i{n}", "", ("a",) if n % 2 else (), {}, None, normalize(rng.standard_normal(DIM)))
+                   for n in range(6000))
+    matrix = catalog._matrix
+    catalog.delete([f"i{n}" for n in range(0, 6000, 4)])
+    catalog.compact()  # 4,500 live of 6,000: moved down within the same arrays
+    assert catalog._matrix is matrix and catalog.size == 4500
+    catalog.delete([f"i{n}" for n in range(6000) if n % 4 and n > 300])
+    kept = {i: catalog.vectors[catalog.row_of[i]].copy() for i in catalog.row_of}
+    catalog.compact()  # 225 live: into arrays of their own size
+    assert catalog._matrix.shape[0] == 1024 and catalog.size == len(kept) == 225
+    assert all(np.array_equal(catalog.vectors[catalog.row_of[i]], v) for i, v in kept.items())
+    assert catalog.category_mask(["a"]).sum() == sum(1 for i in kept if int(i[1:]) % 2)
+    assert np.isnan(catalog._create_times[catalog.size:]).all() and not catalog._alive[catalog.size:].any()

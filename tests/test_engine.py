@@ -281,8 +281,8 @@ def test_an_item_deleted_while_similar_items_scores_is_not_returned(tmp_path, mo
     engine = open_engine(tmp_path)
     engine.upsert_items([ItemInput(id=f"i{n}", text=f"espresso machine model {n}") for n in range(8)])
     before = [i.item_id for i in engine.similar_items(item_id="i0", limit=3).items]
-    scores, calls = _delete_first(engine, before[0], engine_module.cosine_scores)
-    monkeypatch.setattr(engine_module, "cosine_scores", scores)
+    pick, calls = _delete_first(engine, before[0], engine_module.top_k)  # scored, not yet picked
+    monkeypatch.setattr(engine_module, "top_k", pick)
     after = [i.item_id for i in engine.similar_items(item_id="i0", limit=3).items]
     assert calls == [1] and engine.catalog.epoch == int(compact)
     assert before[0] not in after and len(after) == 3

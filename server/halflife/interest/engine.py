@@ -104,9 +104,9 @@ RECORD_ATTEMPTS = 3
 # The catalogue index drops its deleted items' rows (CatalogIndex.compact) once
 # they number this many and this share of the live ones: until then every
 # scan reads them and they hold their memory, which a catalogue that turns
-# over (news, listings) grew without bound until a restart. Renumbering copies
-# the live rows, the co-occurrence pairs and the popularity log under the
-# lock, once per that many deletes.
+# over (news, listings) grew without bound until a restart. Renumbering moves
+# the live rows and rebuilds the co-occurrence pairs and the popularity log
+# under the lock (100k items, 1M events: 0.13 s), once per that many deletes.
 COMPACT_MIN_DEAD_ROWS = 4096
 COMPACT_DEAD_SHARE = 0.25
 # Tries of a read that scores without the lock when a compaction renumbers the
@@ -1261,12 +1261,11 @@ class InterestEngine:
         """recommend() after the embedding and the profile's replay, which must not run under the lock."""
         ranking = self.config.ranking
         with self._lock:
-            epoch = self.catalog.epoch
             state = self._user_state(user_id, t) if past is None else past
             allowed = self._allowed(filter, _NO_ROWS if include_seen else self._seen_rows(state))
             single = self._single_profile(user_id, state, t)
             personal = single.weight > 0
-            items, create_times = self.catalog.vectors, self.catalog.create_times
+            items, create_times, epoch = self.catalog.vectors, self.catalog.create_times, self.catalog.epoch
             if personal:
                 scan = self._signal_sources(user_id, state, t, single=single)
             else:
