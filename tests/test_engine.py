@@ -272,6 +272,43 @@ def test_the_blend_scored_in_row_blocks_is_the_sum_of_its_parts(interest):
     assert set(whole) == set(parts) and all(np.array_equal(whole[k], parts[k]) for k in parts)
 
 
+def test_explanations_are_read_before_a_compaction_can_move_their_rows(tmp_path, monkeypatch):
+    """A compaction moves rows within the matrix that a call's scan read. The
+    explanation's parts were read from it after the lock was let go: another
+    thread's compaction in between gave an item another item's cosine."""
+    import threading
+
+    from halflife.interest.blend import CatalogueScan
+
+    compact_catalogues_at(monkeypatch, dead_rows=1)
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"hiking boots model {n}") for n in range(12)])
+    engine.record_events([EventInput("e0", "u", LIKE, "i11", None, None, T - 60)])
+    shown = {i.item_id for i in engine.recommend("u", 4, as_of=T).items}
+    victim = next(f"i{n}" for n in range(11) if f"i{n}" not in shown)  # before the shown ones' rows
+    deleter = threading.Thread(target=engine.delete_items, args=([victim],))
+    confirm, parts = engine._confirm, CatalogueScan._parts
+
+    def confirm_then_delete(*args):
+        result = confirm(*args)
+        if not deleter.ident:
+            deleter.start()  # waits for the lock this call holds
+        return result
+
+    def parts_after_any_compaction(self, *args):
+        if not engine._lock._is_owned():  # read without the lock: the delete may land first, and does here
+            deleter.join(10)
+        return parts(self, *args)
+
+    monkeypatch.setattr(engine, "_confirm", confirm_then_delete)
+    monkeypatch.setattr(CatalogueScan, "_parts", parts_after_any_compaction)
+    during = engine.recommend("u", 4, as_of=T, explain=True).items
+    deleter.join(10)
+    monkeypatch.undo()
+    assert engine.catalog.epoch == 1 and victim not in engine.catalog
+    assert during == engine.recommend("u", 4, as_of=T, explain=True).items
+
+
 @pytest.mark.parametrize("compact", [False, True])
 def test_an_item_deleted_while_similar_items_scores_is_not_returned(tmp_path, monkeypatch, compact):
     from halflife.interest import engine as engine_module

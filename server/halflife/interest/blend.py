@@ -32,11 +32,13 @@ class CatalogueScan:
     that the scan itself runs after the lock is released: NumPy lets go of
     the GIL in the product, and concurrent Recommends then use every core.
 
-    `items` is a view of the catalogue's rows. Rows are never reused, so the
-    view stays valid: a row deleted meanwhile is dropped when the results are
-    confirmed under the lock, and a row updated meanwhile scores as the old
-    or the new vector (or, while it is being copied, a mix of both) for this
-    one call, as a call just before or after the update would.
+    `items` is a view of the catalogue's rows: a row deleted meanwhile is
+    dropped when the results are confirmed under the lock, and a row updated
+    meanwhile scores as the old or the new vector (or, while it is being
+    copied, a mix of both) for this one call, as a call just before or after
+    the update would. A compaction moves rows within it (CatalogIndex.compact):
+    the confirmation sees the catalogue's epoch moved on and the call starts
+    again, so `Blend.parts_at` is read before the lock is let go.
 
     `later` are the blend's other signals, as functions: cheap reads of the
     present were taken under the lock, and a look into the past rebuilds

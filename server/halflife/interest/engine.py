@@ -1287,16 +1287,19 @@ class InterestEngine:
         with self._lock:
             rows, top_scores = self._confirm(picked, allowed, select, epoch)
             rows, top_scores, ids = self._best_by_id(rows, top_scores, candidates)
-            vectors = items[rows]  # a copy of rows confirmed alive: the rows' numbers may change once unlocked
+            # Copies while the rows' numbers hold (a compaction moves rows once the lock is let go).
+            vectors = items[rows]
+            parts = blend.parts_at(rows) if explain else {}
         if diversity > 0 and rows.size:
             # Quadratic in the limit (1,000: 5,000 candidates, ~125 ms): without the lock, as the scan.
             picks = mmr(top_scores, vectors, limit, lam=1.0 - diversity)
-            rows, top_scores, ids, vectors = rows[picks], top_scores[picks], [ids[i] for i in picks], vectors[picks]
-        explanations = [None] * len(rows)
+            top_scores, ids, vectors = top_scores[picks], [ids[i] for i in picks], vectors[picks]
+            parts = {name: values[picks] for name, values in parts.items()}
+        explanations = [None] * len(ids)
         if explain and personal:
-            explanations = self._explain(user_id, state, t, vectors, blend.parts_at(rows))
+            explanations = self._explain(user_id, state, t, vectors, parts)
         elif explain:  # trending: no interest or event produced it, only its score's parts
-            explanations = [Explanation((), (), parts) for parts in _per_row(blend.parts_at(rows), len(rows))]
+            explanations = [Explanation((), (), row_parts) for row_parts in _per_row(parts, len(ids))]
         return Recommendation(
             items=tuple(ScoredItem(i, float(s), e) for i, s, e in zip(ids, top_scores, explanations)),
             strategy=strategy,
