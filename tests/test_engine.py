@@ -309,6 +309,30 @@ def test_explanations_are_read_before_a_compaction_can_move_their_rows(tmp_path,
     assert during == engine.recommend("u", 4, as_of=T, explain=True).items
 
 
+def test_a_recommend_started_again_after_a_compaction_explains_without_the_lock(tmp_path, monkeypatch):
+    """The try that follows a compaction holds the lock throughout; the
+    explanation, which reads the user's log (a user of 100k events: ~0.5 s),
+    must come after it, or every other call waits for it (a review)."""
+    from halflife.interest.blend import CatalogueScan
+
+    compact_catalogues_at(monkeypatch, dead_rows=1)
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"hiking boots model {n}") for n in range(8)])
+    engine.record_events([EventInput("e0", "u", LIKE, "i0", None, None, T - 60)])
+    blend, calls = _delete_first(engine, "i7", CatalogueScan.blend)
+    explain, locked = engine._explain, []
+
+    def explain_noting_the_lock(*args):
+        locked.append(engine._lock._is_owned())
+        return explain(*args)
+
+    monkeypatch.setattr(CatalogueScan, "blend", blend)
+    monkeypatch.setattr(engine, "_explain", explain_noting_the_lock)
+    items = engine.recommend("u", 3, as_of=T, explain=True).items
+    assert calls == [1] and engine.catalog.epoch == 1  # the first try was renumbered
+    assert locked == [False] and len(items) == 3 and all(i.explanation.events for i in items)
+
+
 @pytest.mark.parametrize("compact", [False, True])
 def test_an_item_deleted_while_similar_items_scores_is_not_returned(tmp_path, monkeypatch, compact):
     from halflife.interest import engine as engine_module

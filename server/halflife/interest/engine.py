@@ -37,7 +37,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 
@@ -200,6 +200,20 @@ class UnknownItemsError(LookupError):
     def __init__(self, missing: list[tuple[int, str]]):
         self.missing = missing  # (event index, item id)
         super().__init__(", ".join(f"events[{i}].item_id {item!r}" for i, item in missing[:3]))
+
+
+class _Ranked(NamedTuple):
+    """Recommend's candidates, best first, named (see InterestEngine._rank)."""
+
+    ids: list[str]
+    scores: np.ndarray  # (m,)
+    vectors: np.ndarray | None  # (m, dim) copies, where asked for
+    parts: dict[str, np.ndarray]  # the blend's terms, each (m,), where asked for
+    state: UserState  # the profile they were ranked for
+    strategy: str  # "personalized" | "trending"
+
+
+_Read = TypeVar("_Read")
 
 
 class _Renumbered(Exception):
@@ -1252,13 +1266,31 @@ class InterestEngine:
         query_vector = self._embed([query], deadline)[0] if query else None
         self._cache_profile(user_id)
         past = self._past_state(user_id, t)
-        return self._renumbering_safe(lambda: self._recommend(
-            user_id, limit, t, past, filter, include_seen, query_vector, explain, diversity))
+        candidates = limit * MMR_CANDIDATES_PER_RESULT if diversity > 0 else limit
+        ranked = self._renumbering_safe(lambda: self._rank(
+            user_id, candidates, t, past, filter, include_seen, query_vector, explain, copy=diversity > 0 or explain))
+        ids, top_scores, vectors, parts = ranked.ids, ranked.scores, ranked.vectors, ranked.parts
+        if diversity > 0 and ids:
+            # Quadratic in the limit (1,000: 5,000 candidates, ~125 ms): without the lock, as the scan.
+            picks = mmr(top_scores, vectors, limit, lam=1.0 - diversity)
+            top_scores, ids, vectors = top_scores[picks], [ids[i] for i in picks], vectors[picks]
+            parts = {name: values[picks] for name, values in parts.items()}
+        explanations = [None] * len(ids)
+        if explain and ranked.strategy == "personalized":
+            explanations = self._explain(user_id, ranked.state, t, vectors, parts)
+        elif explain:  # trending: no interest or event produced it, only its score's parts
+            explanations = [Explanation((), (), row_parts) for row_parts in _per_row(parts, len(ids))]
+        return Recommendation(
+            items=tuple(ScoredItem(i, float(s), e) for i, s, e in zip(ids, top_scores, explanations)),
+            strategy=ranked.strategy,
+        )
 
-    def _recommend(self, user_id: str, limit: int, t: float, past: UserState | None, filter: ItemFilter,
-                   include_seen: bool, query_vector: np.ndarray | None, explain: bool,
-                   diversity: float) -> Recommendation:
-        """recommend() after the embedding and the profile's replay, which must not run under the lock."""
+    def _rank(self, user_id: str, candidates: int, t: float, past: UserState | None, filter: ItemFilter,
+              include_seen: bool, query_vector: np.ndarray | None, explain: bool, copy: bool) -> _Ranked:
+        """The best `candidates` items for recommend(): scored without the lock,
+        named with it held, where the rows' vectors (copy) and the
+        explanation's parts (explain) are copied out too, while the rows'
+        numbers hold (a compaction moves rows once the lock is let go)."""
         ranking = self.config.ranking
         with self._lock:
             state = self._user_state(user_id, t) if past is None else past
@@ -1281,29 +1313,13 @@ class InterestEngine:
         if np.isfinite(ranking.freshness_half_life_days):
             fresh = freshness(create_times, t, ranking.freshness_half_life_days * DAY)
             blend = blend.freshened(fresh)
-        candidates = limit * MMR_CANDIDATES_PER_RESULT if diversity > 0 else limit
         select = functools.partial(top_k, blend.scores, candidates, ties=True)  # select(allowed) -> (rows, scores)
         picked = select(allowed)
         with self._lock:
             rows, top_scores = self._confirm(picked, allowed, select, epoch)
             rows, top_scores, ids = self._best_by_id(rows, top_scores, candidates)
-            # Copies while the rows' numbers hold (a compaction moves rows once the lock is let go).
-            vectors = items[rows]
-            parts = blend.parts_at(rows) if explain else {}
-        if diversity > 0 and rows.size:
-            # Quadratic in the limit (1,000: 5,000 candidates, ~125 ms): without the lock, as the scan.
-            picks = mmr(top_scores, vectors, limit, lam=1.0 - diversity)
-            top_scores, ids, vectors = top_scores[picks], [ids[i] for i in picks], vectors[picks]
-            parts = {name: values[picks] for name, values in parts.items()}
-        explanations = [None] * len(ids)
-        if explain and personal:
-            explanations = self._explain(user_id, state, t, vectors, parts)
-        elif explain:  # trending: no interest or event produced it, only its score's parts
-            explanations = [Explanation((), (), row_parts) for row_parts in _per_row(parts, len(ids))]
-        return Recommendation(
-            items=tuple(ScoredItem(i, float(s), e) for i, s, e in zip(ids, top_scores, explanations)),
-            strategy=strategy,
-        )
+            return _Ranked(ids, top_scores, items[rows] if copy else None, blend.parts_at(rows) if explain else {},
+                           state, strategy)
 
     def _best_by_id(self, rows: np.ndarray, scores: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """The `limit` best of `rows` (top_k's: best first, every tie at the
@@ -1543,10 +1559,11 @@ class InterestEngine:
             rows, top_scores, ids = self._best_by_id(rows, top_scores, limit)
         return Recommendation(tuple(ScoredItem(i, float(s)) for i, s in zip(ids, top_scores)), "similarity")
 
-    def _renumbering_safe(self, read: Callable[[], Recommendation]) -> Recommendation:
+    def _renumbering_safe(self, read: Callable[[], _Read]) -> _Read:
         """read(), which scores catalogue rows without the lock and names them
         with it held (`_confirm`): again when a compaction renumbered them in
-        between, at last with the lock held throughout (it is reentrant)."""
+        between, at last with the lock held throughout (it is reentrant), so
+        read() holds no more than the scan and the naming."""
         for _ in range(RENUMBERED_ATTEMPTS - 1):
             try:
                 return read()
