@@ -179,69 +179,65 @@ def _candidates(scores: np.ndarray, k: int, allowed) -> tuple[np.ndarray, np.nda
 
 def _chunk_size(n: int) -> int:
     """How many scores top_k and batch_top_k rank as one chunk, by its
-    maximum: the power of two at most sqrt(N), within 32..1024. A pass over
-    (N/128, 128) maxima took 0.06 ms at 100k, where argpartition of the 100k
-    scores took 0.7-1.3 ms (its index array falls out of the cache); with
-    1,000 rows of 10k scores, chunks of 64 took 20-22 ms, of 128 28-30 ms
-    (500 rows of 100k: 128 and 256 42 ms, 64 64-70 ms)."""
-    return 1 << min(10, max(5, int(np.log2(max(n, 1)) / 2)))
+    maximum: the power of two at most sqrt(N) / 4, within 16..1024. The
+    maxima take one pass over the scores whatever the size (see
+    `_chunks_of`); the k best chunks' scores are gathered and ranked again,
+    k x size per row. batch_top_k, k = 10, 50 excluded items: 500 rows of
+    10k scores in chunks of 16 6.7 ms, 64 8.1, 128 15; 500 of 100k in 64
+    31 ms, 256 60; 50 of 1M in 64-256 21-22 ms, 1024 33. top_k of one row
+    changes by a few us between 16 and 256."""
+    return 1 << min(10, max(4, int(np.log2(max(n, 1)) / 2) - 2))
+
+
+def _chunks_of(n: int) -> tuple[int, int, int]:
+    """How top_k and batch_top_k cut N scores into chunks, each ranked by its
+    maximum: (chunk size, chunks, scores in them), the rest a tail past them.
+    Chunk c holds every (chunks)-th score from c on (c, c + chunks, ...), so
+    the maxima are an elementwise maximum of `size` contiguous runs: for 500
+    rows of 10k scores 1.3 ms, where maxima over runs of 64 took 7.8 (a
+    reduction of short runs; one row of 1M 0.15 ms against 0.22)."""
+    size = _chunk_size(n)
+    whole = n - n % size
+    return size, whole // size, whole
 
 
 def _near_top(scores: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray | None:
-    """Per row, the chunks (ascending) that hold the row's k best eligible
-    scores and every eligible score tied with the k-th, besides the tail
-    past the last whole chunk: the k chunks with the highest best allowed
+    """Per row, the positions of the scores that hold the row's k best
+    eligible ones and every eligible one tied with the k-th: those of the k
+    chunks (see `_chunks_of`) with the highest best allowed
     score (they hold k allowed scores at least the k-th such maximum, and a
-    chunk left out holds none above it). None when that would not save much
+    chunk left out holds none above it), then the tail past the last whole
+    chunk. None when that would not save much
     (fewer than 4k chunks), when a chunk left out ties with the k-th
     maximum, or when an allowed score is NaN: callers then search every
-    score. scores: (B, N); allowed: (N,) bool or None. Returns (B, k) int64.
+    score. scores: (B, N); allowed: (N,) bool or None. Returns (B, m) int64.
     """
     b, n = scores.shape
-    size = _chunk_size(n)
-    whole = n - n % size
-    n_chunks = whole // size
+    size, n_chunks, whole = _chunks_of(n)
     if n_chunks < 4 * k:
         return None
-    chunked = scores[:, :whole].reshape(b, n_chunks, size)
-    maxima = chunked.max(axis=2)
+    chunked = scores[:, :whole].reshape(b, size, n_chunks)
+    maxima = chunked.max(axis=1)
     if allowed is not None:
-        inside = allowed[:whole].reshape(n_chunks, size)
+        inside = allowed[:whole].reshape(size, n_chunks)
         excluded = np.flatnonzero(~allowed[:whole])
         if excluded.size > n_chunks:  # a filter, say: mask every chunk in one pass
-            maxima = np.where(inside, chunked, -np.inf).max(axis=2)
+            maxima = np.where(inside, chunked, -np.inf).max(axis=1)
         elif excluded.size:
             # A chunk's best allowed score differs from its maximum only
             # where an excluded item holds the maximum: mask those chunks.
-            rows, at = np.nonzero(scores[:, excluded] == maxima[:, excluded // size])
-            chunks = excluded[at] // size
-            maxima[rows, chunks] = np.where(inside[chunks], chunked[rows, chunks], -np.inf).max(axis=1)
+            rows, at = np.nonzero(scores[:, excluded] == maxima[:, excluded % n_chunks])
+            chunks = excluded[at] % n_chunks
+            maxima[rows, chunks] = np.where(inside[:, chunks].T, chunked[rows, :, chunks], -np.inf).max(axis=1)
     if np.isnan(maxima).any():
         return None
     chunks = np.argpartition(maxima, n_chunks - k, axis=1)[:, n_chunks - k :]
     cut = np.take_along_axis(maxima, chunks, axis=1).min(axis=1, keepdims=True)
     if (np.count_nonzero(maxima >= cut, axis=1) > k).any():
         return None
-    return np.sort(chunks, axis=1)
-
-
-def _near_scores(values: np.ndarray, chunks: np.ndarray) -> np.ndarray:
-    """The values of (B, N) `values` in (B, k) `chunks`, then the tail past
-    the last whole chunk: (B, k·chunk size + the tail), rows in order."""
-    b, n = values.shape
-    size = _chunk_size(n)
-    whole = n - n % size
-    inside = values[:, :whole].reshape(b, whole // size, size)[np.arange(b)[:, None], chunks]
-    return np.concatenate([inside.reshape(b, -1), values[:, whole:]], axis=1)
-
-
-def _near_positions(picked: np.ndarray, chunks: np.ndarray, n: int) -> np.ndarray:
-    """Positions among N of (B, m) indices into `_near_scores`' columns (-1 stays -1)."""
-    size = _chunk_size(n)
-    gathered = chunks.shape[1] * size
-    chunk = np.take_along_axis(chunks, np.clip(picked // size, 0, chunks.shape[1] - 1), axis=1)
-    tail = n - n % size + picked - gathered
-    return np.where(picked < 0, -1, np.where(picked < gathered, chunk * size + picked % size, tail))
+    steps = np.arange(size)[:, None] * n_chunks  # chunk c: c + steps
+    inside = (chunks[:, None, :] + steps).reshape(b, -1)
+    return np.concatenate([inside, np.broadcast_to(np.arange(whole, n), (b, n - whole))], axis=1)
 
 
 def _sortable(k: int, n: int) -> int:
@@ -267,17 +263,15 @@ def _at_least_kth(scores: np.ndarray, k: int, allowed: np.ndarray | None) -> np.
     (NumPy's introselect, with most values equal).
     scores: (N,); allowed: (N,) bool or None."""
     n = scores.shape[0]
-    size = _chunk_size(n)
-    whole = n - n % size
-    n_chunks = whole // size
+    size, n_chunks, whole = _chunks_of(n)
     c = k + (0 if allowed is None else n - int(np.count_nonzero(allowed)))
-    chunked = scores[:whole].reshape(n_chunks, size)
+    chunked = scores[:whole].reshape(size, n_chunks)
     if 2 * c <= n_chunks:
-        maxima = chunked.max(axis=1)
+        maxima = chunked.max(axis=0)
     elif allowed is not None and 2 * k <= n_chunks:
         c = k
         floor = np.asarray(-np.inf, dtype=np.result_type(scores.dtype, np.float32))
-        maxima = np.where(allowed[:whole].reshape(n_chunks, size), chunked, floor).max(axis=1)
+        maxima = np.where(allowed[:whole].reshape(size, n_chunks), chunked, floor).max(axis=0)
     else:
         return None
     if np.isnan(maxima).any():
@@ -402,11 +396,10 @@ def batch_top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
         return np.empty((b, max(kk, 0)), dtype=np.int64), np.empty((b, max(kk, 0)), dtype=scores.dtype)
     shared = allowed is None or np.ndim(allowed) == 1
     allowed = None if allowed is None else np.asarray(allowed, dtype=bool)
-    chunks = _near_top(scores, kk, allowed) if shared else None
-    if chunks is not None:
-        near_allowed = None if allowed is None else _near_scores(np.broadcast_to(allowed, scores.shape), chunks)
-        idx, out = batch_top_k(_near_scores(scores, chunks), kk, near_allowed)
-        return _near_positions(idx, chunks, n), out
+    near = _near_top(scores, kk, allowed) if shared else None
+    if near is not None:
+        idx, out = batch_top_k(np.take_along_axis(scores, near, axis=1), kk, None if allowed is None else allowed[near])
+        return np.where(idx >= 0, np.take_along_axis(near, np.maximum(idx, 0), axis=1), -1), out
     found = _candidates(scores, kk, allowed) if shared else None
     if found is not None:
         idx, part, eligible = found
