@@ -58,6 +58,32 @@ def test_a_restart_after_delete_user_rebuilds_the_same_popularity(tmp_path):
     assert cold_list(open_engine(tmp_path)) == after_delete
 
 
+def test_erasures_leave_the_popularity_log_as_a_restart_builds_it(tmp_path, monkeypatch):
+    """Each erased event stayed in the log of the past beside the entry that
+    took it back (32 B) until a restart: once the takings-back are many, both
+    go, and looks into the past still answer as a restart does."""
+    from halflife.interest import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "NET_LOG_MIN_TAKEN_BACK", 8)
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(6)])
+    for u in range(12):
+        engine.record_events([EventInput(f"e{u}-{k}", f"u{u}", LIKE, f"i{(u + k) % 6}", None, None,
+                                         T - DAY * (k + 1) - u) for k in range(4)])
+    for u in range(8):  # a netting every second erasure
+        assert engine.delete_user(f"u{u}") == 4
+    assert len(engine._popularity_log) == 4 * 4  # the four users left, their four likes each
+
+    def trending(e: InterestEngine) -> list:
+        return [[(i.item_id, round(i.score, 6)) for i in e.recommend("cold", 6, as_of=t).items]
+                for t in (T - 2.5 * DAY, T - 1.5 * DAY, T)]
+
+    live = trending(engine)
+    assert any(score for _, score in live[0])
+    engine.store.close()
+    assert live == trending(open_engine(tmp_path))
+
+
 def test_one_event_calls_keep_few_popularity_log_chunks_and_the_same_past(tmp_path):
     """Each RecordEvents added a chunk of three arrays to the log of the past,
     ~400 B for a one-event call and never merged (an audit of long runs)."""
@@ -71,8 +97,8 @@ def test_one_event_calls_keep_few_popularity_log_chunks_and_the_same_past(tmp_pa
     for event in events:
         engine.record_events([event])
     batched.record_events(events)
-    assert len(engine._popularity_log) <= 9  # 300 = 0b100101100: one chunk a set bit
-    assert sum(chunk[0].size for chunk in engine._popularity_log) == 300
+    assert len(engine._popularity_log.chunks()) <= 9  # 300 = 0b100101100: one chunk a set bit
+    assert len(engine._popularity_log) == 300
     for as_of in (T - 45 * DAY, T - 40 * DAY, T - 38 * DAY):  # looks into the past read the log
         assert [(i.item_id, round(i.score, 6)) for i in engine.recommend("cold", 5, as_of=as_of).items] == \
             [(i.item_id, round(i.score, 6)) for i in batched.recommend("cold", 5, as_of=as_of).items]
@@ -732,7 +758,7 @@ def test_events_stamped_ahead_of_the_clock_count_from_their_time_and_keep_reads_
         return {u: [(i.item_id, round(i.score, 6)) for i in e.recommend(u, 10, as_of=at).items] for u in users}
 
     def fast_at_the_clock() -> bool:  # both blend indexes hold nothing after the clock
-        return engine._cooccurrence.newest <= now[0] and engine._popularity_newest <= now[0]
+        return engine._cooccurrence.newest <= now[0] and engine._popularity_log.newest <= now[0]
 
     assert answers(engine) == answers(only_past) and fast_at_the_clock()
     looked_ahead = answers(engine, at=T + 900.0)  # counts the events due by then, applies none

@@ -544,6 +544,91 @@ def decayed_sum(item_index, times, weights, t: float, half_life: float, n_items:
     return sums
 
 
+class EntryLog:
+    """Weighted item entries (rows, times, weights), kept to sum any past
+    window (`decayed_sum`): a look into the past counts only what had
+    happened. Each entry takes 16 B (rows int32; weights float32 keep a type
+    weight to 7 digits). Appends gather in chunks that merge as a binary
+    counter carries: O(log n) chunks, each entry copied O(log n) times (a
+    chunk per append held ~400 B for a one-event call). Chunks are never
+    changed in place, so `chunks()` is a snapshot its reader may sum without
+    the writer's lock. Negative weights take entries back (an erasure): once
+    they are many, `net` drops each event with its taking-back.
+
+    newest: the latest time of an entry (-inf while empty); taken_back: the
+    negative entries appended since the last `net`.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.newest = -np.inf
+        self.taken_back = 0
+
+    def __len__(self) -> int:
+        return sum(rows.size for rows, _, _ in self._chunks)
+
+    def append(self, rows, times, weights) -> None:
+        """Entries (n,) each: item rows, times, non-zero weights."""
+        rows, times = np.asarray(rows, dtype=np.int32), np.asarray(times, dtype=np.float64)
+        weights = np.asarray(weights, dtype=np.float32)
+        if not rows.size:
+            return
+        chunks = self._chunks
+        chunks.append((rows, times, weights))
+        while len(chunks) > 1 and chunks[-2][0].size <= chunks[-1][0].size:
+            newer, older = chunks.pop(), chunks.pop()
+            chunks.append(tuple(np.concatenate(pair) for pair in zip(older, newer)))  # new arrays: readers keep theirs
+        self.newest = max(self.newest, float(times.max()))
+        self.taken_back += int(np.count_nonzero(weights < 0))
+
+    def chunks(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        return list(self._chunks)
+
+    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every entry: (rows, times, weights), each (n,)."""
+        if not self._chunks:
+            return np.zeros(0, np.int32), np.zeros(0), np.zeros(0, np.float32)
+        return tuple(np.concatenate(column) for column in zip(*self._chunks))
+
+    def renumber(self, new_row: np.ndarray) -> None:
+        """Rows r become new_row[r]; entries whose new_row is -1 go (a
+        catalogue that dropped its deleted items)."""
+        rows, times, weights = self.columns()
+        kept = new_row[rows] >= 0
+        self._replace(new_row[rows[kept]], times[kept], weights[kept], self.taken_back)
+
+    def net(self) -> None:
+        """Drops each taking-back with an entry it took back: the same row,
+        time and opposite weight (an erasure takes an event back at its
+        time). What stays is as it was, so every past sum is a restart's,
+        which never saw the erased events. One binary search per entry among
+        the times something was taken back at, then a sort of the entries at
+        those times only: O(n log m + m log m) for m takings-back."""
+        rows, times, weights = self.columns()
+        back_times = np.unique(times[weights < 0])
+        if not back_times.size:
+            return
+        at = np.minimum(np.searchsorted(back_times, times), back_times.size - 1)
+        near = np.flatnonzero(back_times[at] == times)  # every pair lies among these
+        magnitudes = np.abs(weights[near])
+        near = near[np.lexsort((weights[near] > 0, magnitudes, times[near], rows[near]))]  # takings-back first
+        r, t, m = rows[near], times[near], np.abs(weights[near])
+        starts = np.flatnonzero(np.r_[True, (r[1:] != r[:-1]) | (t[1:] != t[:-1]) | (m[1:] != m[:-1])])
+        sizes = np.diff(np.r_[starts, r.size])
+        back = np.add.reduceat((weights[near] < 0).astype(np.int64), starts)
+        # A group's q takings-back and the first q of its events go (every taking-back follows its event).
+        dropped = np.where(2 * back <= sizes, 2 * back, 0)
+        keep = np.ones(rows.size, dtype=bool)
+        keep[near[np.arange(r.size) - np.repeat(starts, sizes) < np.repeat(dropped, sizes)]] = False
+        self._replace(rows[keep], times[keep], weights[keep], 0)  # those left cannot be netted: not counted again
+
+    def _replace(self, rows: np.ndarray, times: np.ndarray, weights: np.ndarray, taken_back: int) -> None:
+        """The entries become these, as one chunk."""
+        self._chunks, self.newest = [], -np.inf
+        self.append(rows, times, weights)
+        self.taken_back = taken_back
+
+
 @dataclass
 class DecayedCounts:
     """Forward-decayed per-item counter ("trending"): counts_j = Σ w·e^{λ(t_i-L)}
