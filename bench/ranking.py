@@ -56,7 +56,8 @@ from halflife.config import Config
 from halflife.core.ranking import RowBlocks, batch_search, cosine_scores, normalize, top_k
 from halflife.cpu import physical_cores
 from halflife.interest.blend import CatalogueScan
-from halflife.interest.engine import EventInput, InterestEngine
+from halflife.interest import engine as engine_module
+from halflife.interest.engine import EventInput, InterestEngine, ItemInput
 from halflife.storage.base import ItemRecord
 
 from bench._memstore import MemoryStore
@@ -69,6 +70,7 @@ CENTROIDS = 8
 USERS_BATCH = 1000
 SEEN = 50  # items masked out of the allowed set (a user's seen items)
 SCORE_BLOCK = 50_000_000  # max query-chunk x items per (b, N) score block (200 MB float32)
+TURNOVER_ITEMS, TURNOVER_ROUNDS, TURNOVER_SHARE = 100_000, 10, 0.1  # live items; rounds that replace a share of them
 BG_USERS, BG_EVENTS = 2000, 5  # background users (co-occurrence, popularity) and events each
 CHECK = "grpc.health.v1.Health.Check"
 RECOMMEND = "halflife.v1.RecommendService.Recommend"
@@ -308,6 +310,41 @@ def engine_inprocess(X: np.ndarray, repeat: int, trace: bool, threads: int) -> d
     return out
 
 
+def turnover(X: np.ndarray, rounds: int, share: float, threads: int) -> dict:
+    """A catalogue that turns over (news, listings): len(X) live items; each
+    round `share` of them come new (UpsertItems with vectors, then read by
+    five users) and as many of the oldest go (DeleteItems), through the
+    engine as it runs (compacting) and with compaction held off (every dead
+    row kept until a restart, as before compaction). Per round: the rows the
+    index holds, u0's Recommend in-process (median of 9), and DeleteItems'
+    time (a compaction included, when one runs)."""
+    n, per = X.shape[0], int(X.shape[0] * share)
+    out: dict = {}
+    ThreadCounts().set(1)  # as engine_inprocess
+    for mode, min_dead in (("compacting", engine_module.COMPACT_MIN_DEAD_ROWS), ("never", 2**62)):
+        saved, engine_module.COMPACT_MIN_DEAD_ROWS = engine_module.COMPACT_MIN_DEAD_ROWS, min_dead
+        try:
+            engine = InterestEngine(Config(), MemoryStore(), DIM, embed=zero_embedder(DIM), scan_threads=threads)
+            engine.upsert_items([ItemInput(id=f"i{j}", text="", vector=X[j]) for j in range(n)])
+            now, rows = time.time(), []
+            for r in range(rounds):
+                fresh = range(n + r * per, n + (r + 1) * per)
+                engine.upsert_items([ItemInput(id=f"i{j}", text="", vector=X[j % n]) for j in fresh])
+                engine.record_events([EventInput(f"r{r}-u{u}-{k}", f"u{u}", 3, f"i{fresh[(7 * u + k) % per]}", None,
+                                                 None, now - 60.0 * (rounds - r) - k) for u in range(5) for k in range(4)])
+                started = time.perf_counter()
+                engine.delete_items([f"i{j}" for j in range(r * per, (r + 1) * per)])
+                deleted_s = time.perf_counter() - started
+                rows.append({"round": r + 1, "rows": engine.catalog.size, "live": len(engine.catalog),
+                             "delete_s": deleted_s, "compactions": engine.catalog.epoch,
+                             "recommend": summary(timings(lambda: engine.recommend("u0", K), repeat=9, warmup=1))})
+            out[mode] = rows
+        finally:
+            engine_module.COMPACT_MIN_DEAD_ROWS = saved
+    ThreadCounts().set(threads)
+    return out
+
+
 # --------------------------------------------------------------------------- 4. gRPC
 
 def record_background(client, n_items: int) -> None:
@@ -403,6 +440,9 @@ def run(quick: bool = False, threads: int | None = None) -> dict:
             g["ratio_vs_engine"] = g["recommend_p50_s"] / g["engine_plus_empty_s"]
             print("grpc", {k: v for k, v in g.items() if k != "rounds"}, flush=True)
         results["sizes"][str(n)] = r
+    print("--- turnover", flush=True)
+    results["turnover"] = turnover(M[:TURNOVER_ITEMS], rounds=4 if quick else TURNOVER_ROUNDS, share=TURNOVER_SHARE,
+                                   threads=threads)
     write(results)
     return results
 
@@ -488,10 +528,20 @@ def write(results: dict) -> None:
                      round(g["rss_bytes_per_item"]) if g else "-", round(g["load_items_per_s"]) if g else "-"])
     t5 = markdown_table(["items", "array bytes/item (incl. capacity slack)", "traced Python bytes/item (catalogue + blend)",
                          "server RSS bytes/item", "UpsertItems items/s"], rows)
+    churn = results.get("turnover")
+    t6 = ""
+    if churn:
+        rows = [[a["round"], a["live"], a["rows"], b["rows"], a["compactions"], ms(a["recommend"]["median_s"]),
+                 ms(b["recommend"]["median_s"]), a["delete_s"], b["delete_s"]]
+                for a, b in zip(churn["compacting"], churn["never"])]
+        t6 = ("\n## Catalogue turnover\n\n" + markdown_table(
+            ["round", "live items", "rows held (compacting)", "rows held (never)", "compactions so far",
+             "Recommend ms (compacting)", "Recommend ms (never)", "DeleteItems s (compacting)",
+             "DeleteItems s (never)"], rows))
     table = ("## Per query (one user, k = 10)\n\n" + t1 + "\n" + save_plot("ranking", lambda ax: _plot(ax, sizes),
                                                                           "Recommend cost vs catalogue size (k = 10)") + "\n## Batch (1,000 users)\n\n" + t2
              + "\n## InterestEngine.recommend in-process (signal costs)\n\n" + t3
-             + "\n## Through gRPC (server process, concurrency 1)\n\n" + t4 + "\n## Memory per item\n\n" + t5)
+             + "\n## Through gRPC (server process, concurrency 1)\n\n" + t4 + "\n## Memory per item\n\n" + t5 + t6)
     notes = (
         f"Threads: {results['threads']} (physical cores unless --threads). Per query, the core splits each scan "
         "into row blocks on that many threads (`RowBlocks`, each block one BLAS thread), as the engine and the "
@@ -511,7 +561,11 @@ def write(results: dict) -> None:
         "Memory: array bytes = item matrix + alive + create times (per allocated row, the matrix grows 1.5x) + "
         "popularity + co-occurrence per-item arrays; traced = tracemalloc of CatalogIndex.upsert + blend resize "
         "(ids, dicts, lists included); server RSS = growth of the server process while loading the items "
-        "(includes SQLite page cache and transient buffers)."
+        "(includes SQLite page cache and transient buffers). "
+        f"Turnover: {TURNOVER_ITEMS:,} live items, each round {TURNOVER_SHARE:.0%} new (UpsertItems with vectors, "
+        "20 events of 5 users on them) and as many of the oldest deleted, in-process over an in-memory store; "
+        "compacting as the engine does (dead rows >= 4,096 and a quarter of the live ones), and with compaction "
+        "held off, as before it existed (dead rows kept until a restart). Recommend: u0's, median of 9."
     )
     write_results("ranking", results, table, notes)
     print(table)
