@@ -5,7 +5,7 @@ row dead (masked out of every ranking) and frees the id; a re-created id gets
 a new row. Per-row statistics kept elsewhere (e.g. popularity) therefore never
 leak from a deleted item to a new one. Dead rows still cost memory and every
 scan's time, so the owner `compact`s the index now and then: the live rows
-are renumbered, in new arrays, and `epoch` tells rows numbered before it from
+move down and are renumbered, and `epoch` tells rows numbered before it from
 rows numbered after. Not thread-safe by itself: the interest engine
 serialises access.
 """
