@@ -68,3 +68,21 @@ def test_net_keeps_what_it_cannot_pair_and_renumber_drops_the_rows_gone():
     assert _sorted(*log.columns()) == [(0, 30.0, -4.0)] and log.newest == 30.0
     log.renumber(np.array([-1]))
     assert len(log) == 0 and log.newest == -np.inf and log.columns()[0].size == 0
+
+
+def test_a_renumbered_log_counts_only_the_takings_back_it_kept():
+    """renumber kept the count of takings-back it dropped with their rows, so
+    the engine's trigger held and every append ran a net with nothing to net,
+    a pass over the whole log under the engine lock (a review)."""
+    log = EntryLog()
+    log.append([1, 2, 2], [10.0, 20.0, 30.0], [1.0, 1.0, 1.0])
+    log.append([1, 2], [10.0, 20.0], [-1.0, -1.0])
+    assert log.taken_back == 2
+    log.renumber(np.array([-1, -1, 0]))  # row 1 goes with its taking-back
+    assert log.taken_back == 1 and _sorted(*log.columns()) == [(0, 20.0, -1.0), (0, 20.0, 1.0), (0, 30.0, 1.0)]
+    log.renumber(np.array([0]))
+    log.net()
+    assert log.taken_back == 0 and _sorted(*log.columns()) == [(0, 30.0, 1.0)]
+    log.taken_back = 3  # however it came to count what it does not hold, a net with nothing to net resets it
+    log.net()
+    assert log.taken_back == 0 and len(log) == 1

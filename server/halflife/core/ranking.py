@@ -595,7 +595,10 @@ class EntryLog:
         catalogue that dropped its deleted items)."""
         rows, times, weights = self.columns()
         kept = new_row[rows] >= 0
-        self._replace(new_row[rows[kept]], times[kept], weights[kept], self.taken_back)
+        weights = weights[kept]
+        # Only those it keeps count: dropped ones would call for nets with nothing to net.
+        taken_back = min(self.taken_back, int(np.count_nonzero(weights < 0)))
+        self._replace(new_row[rows[kept]], times[kept], weights, taken_back)
 
     def net(self) -> None:
         """Drops each taking-back with an entry it took back: the same row,
@@ -607,6 +610,7 @@ class EntryLog:
         rows, times, weights = self.columns()
         back_times = np.unique(times[weights < 0])
         if not back_times.size:
+            self.taken_back = 0
             return
         at = np.minimum(np.searchsorted(back_times, times), back_times.size - 1)
         near = np.flatnonzero(back_times[at] == times)  # every pair lies among these
