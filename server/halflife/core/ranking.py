@@ -548,12 +548,14 @@ class EntryLog:
     """Weighted item entries (rows, times, weights), kept to sum any past
     window (`decayed_sum`): a look into the past counts only what had
     happened. Each entry takes 16 B (rows int32; weights float32 keep a type
-    weight to 7 digits). Appends gather in chunks that merge as a binary
-    counter carries: O(log n) chunks, each entry copied O(log n) times (a
-    chunk per append held ~400 B for a one-event call). Chunks are never
-    changed in place, so `chunks()` is a snapshot its reader may sum without
-    the writer's lock. Negative weights take entries back (an erasure): once
-    they are many, `net` drops each event with its taking-back.
+    weight to 7 digits). Appends gather in chunks, the newest merging into
+    the one before while that is no larger, so chunk sizes strictly decrease
+    (one-entry appends carry as a binary counter: O(log n) chunks, each entry
+    copied O(log n) times; a chunk per append held ~400 B for a one-event
+    call). Chunks are never changed in place, so `chunks()` is a snapshot
+    its reader may sum without the writer's lock. Negative weights take
+    entries back (an erasure): once they are many, `net` drops each event
+    with its taking-back.
 
     newest: the latest time of an entry (-inf while empty); taken_back: the
     negative entries appended since the last `net`.
