@@ -302,6 +302,31 @@ class Cooccurrence:
         index.newest = float(index._times.max())
         return index
 
+    def renumbered(self, new_item, n_items: int) -> "Cooccurrence":
+        """A new index of these pairs with item i as new_item[i] ((N,) ints
+        over this index's items, -1: dropped, increasing over the kept ones,
+        as a compacted catalogue numbers them). Keeping the items' order keeps
+        both key orders, so nothing is sorted again: O(pairs), where
+        `from_pairs` of the same took 1.1 s at 5M pairs."""
+        new_item = np.asarray(new_item, dtype=np.int64)
+        index = Cooccurrence(n_items)
+        items = new_item[self._keys & _LOW]
+        kept = items >= 0
+        index._keys, index._times = ((self._keys[kept] >> _ITEM_BITS) << _ITEM_BITS) | items[kept], self._times[kept]
+        items = new_item[self._item_keys >> _ITEM_BITS]
+        kept = items >= 0
+        index._item_keys = (items[kept] << _ITEM_BITS) | (self._item_keys[kept] & _LOW)
+        index._recount_pointers()
+        keys, times = self._waiting_keys_and_times()  # pairs a merge in flight holds are still among them
+        items = new_item[keys & _LOW]
+        kept = items >= 0
+        index._waiting = dict(zip((((keys[kept] >> _ITEM_BITS) << _ITEM_BITS) | items[kept]).tolist(),
+                                  times[kept].tolist()))
+        old = np.flatnonzero(new_item[: self.n_items] >= 0)
+        index._item_counts[new_item[old]] = self._item_counts[old]
+        index.newest = float(max(index._times.max(initial=-np.inf), times[kept].max(initial=-np.inf)))
+        return index
+
     def remove_user(self, user_row: int) -> int:
         """Forgets every pair of one user (e.g. an erasure); returns how many."""
         start, end = np.searchsorted(self._keys, [user_row << _ITEM_BITS, (user_row + 1) << _ITEM_BITS])

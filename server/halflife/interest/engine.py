@@ -106,7 +106,7 @@ RECORD_ATTEMPTS = 3
 # they number this many and this share of the live ones: until then every
 # scan reads them and they hold their memory, which a catalogue that turns
 # over (news, listings) grew without bound until a restart. Renumbering moves
-# the live rows and rebuilds the co-occurrence pairs and the popularity log
+# the live rows and renumbers the co-occurrence pairs and the popularity log
 # under the lock (100k items, 1M events: 0.13 s), once per that many deletes.
 COMPACT_MIN_DEAD_ROWS = 4096
 COMPACT_DEAD_SHARE = 0.25
@@ -755,8 +755,7 @@ class InterestEngine:
         log, and entries held for the clock. What a deleted item had goes, as
         after a restart. Lock held."""
         new_row = self.catalog.compact()
-        users, items, times = self._cooccurrence.pairs_until(np.inf)
-        self._cooccurrence = Cooccurrence.from_pairs(self.catalog.size, users, new_row[items], times)
+        self._cooccurrence = self._cooccurrence.renumbered(new_row, self.catalog.size)
         self._popularity.take(np.flatnonzero(new_row >= 0))
         self._popularity_log.renumber(new_row)
 
