@@ -309,19 +309,23 @@ class Cooccurrence:
         both key orders, so nothing is sorted again: O(pairs), where
         `from_pairs` of the same took 1.1 s at 5M pairs."""
         new_item = np.asarray(new_item, dtype=np.int64)
+
+        def renamed(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """user << 32 | item keys: those of kept items, renamed, and which those are."""
+            items = new_item[keys & _LOW]
+            kept = items >= 0
+            return ((keys[kept] >> _ITEM_BITS) << _ITEM_BITS) | items[kept], kept
+
         index = Cooccurrence(n_items)
-        items = new_item[self._keys & _LOW]
-        kept = items >= 0
-        index._keys, index._times = ((self._keys[kept] >> _ITEM_BITS) << _ITEM_BITS) | items[kept], self._times[kept]
+        index._keys, kept = renamed(self._keys)
+        index._times = self._times[kept]
         items = new_item[self._item_keys >> _ITEM_BITS]
         kept = items >= 0
         index._item_keys = (items[kept] << _ITEM_BITS) | (self._item_keys[kept] & _LOW)
         index._recount_pointers()
         keys, times = self._waiting_keys_and_times()  # pairs a merge in flight holds are still among them
-        items = new_item[keys & _LOW]
-        kept = items >= 0
-        index._waiting = dict(zip((((keys[kept] >> _ITEM_BITS) << _ITEM_BITS) | items[kept]).tolist(),
-                                  times[kept].tolist()))
+        keys, kept = renamed(keys)
+        index._waiting = dict(zip(keys.tolist(), times[kept].tolist()))
         old = np.flatnonzero(new_item[: self.n_items] >= 0)
         index._item_counts[new_item[old]] = self._item_counts[old]
         index.newest = float(max(index._times.max(initial=-np.inf), times[kept].max(initial=-np.inf)))

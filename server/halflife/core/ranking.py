@@ -616,12 +616,13 @@ class EntryLog:
             return
         at = np.minimum(np.searchsorted(back_times, times), back_times.size - 1)
         near = np.flatnonzero(back_times[at] == times)  # every pair lies among these
-        magnitudes = np.abs(weights[near])
-        near = near[np.lexsort((weights[near] > 0, magnitudes, times[near], rows[near]))]  # takings-back first
-        r, t, m = rows[near], times[near], np.abs(weights[near])
+        w = weights[near]
+        order = np.lexsort((w > 0, np.abs(w), times[near], rows[near]))  # takings-back first
+        near, w = near[order], w[order]
+        r, t, m = rows[near], times[near], np.abs(w)
         starts = np.flatnonzero(np.r_[True, (r[1:] != r[:-1]) | (t[1:] != t[:-1]) | (m[1:] != m[:-1])])
         sizes = np.diff(np.r_[starts, r.size])
-        back = np.add.reduceat((weights[near] < 0).astype(np.int64), starts)
+        back = np.add.reduceat((w < 0).astype(np.int64), starts)
         # A group's q takings-back and the first q of its events go (every taking-back follows its event).
         dropped = np.where(2 * back <= sizes, 2 * back, 0)
         keep = np.ones(rows.size, dtype=bool)

@@ -242,11 +242,10 @@ class CatalogIndex:
     def _reallocate(self, capacity: int, rows: np.ndarray | None = None) -> None:
         """New per-row arrays of `capacity` rows that begin with the old rows in
         use, or with those of `rows` ((n,) in their new order); the rest empty."""
-        arrays = []
+        arrays, n = [], self.size if rows is None else rows.size
         for old, empty in ((self._matrix, 0.0), (self._alive, False), (self._create_times, np.nan),
                            (self._created_seq, 0)):
             new = np.zeros((capacity, *old.shape[1:]), dtype=old.dtype)  # calloc: untouched pages cost nothing
-            n = self.size if rows is None else rows.size
             if rows is None:
                 new[:n] = old[:n]
             else:  # gathered straight into place: a temporary copy of the live rows doubled the page faults
