@@ -432,7 +432,7 @@ def test_a_lock_another_process_holds_fails_the_waiting_group_at_once(tmp_path, 
     """Each job of a group tried the lock anew and waited out the busy timeout
     again: 10 s more a job, the writer stuck behind a full group for minutes
     (an audit)."""
-    monkeypatch.setattr(sqlite_mod, "BUSY_TIMEOUT_MS", 300)
+    monkeypatch.setattr(sqlite_mod, "BUSY_TIMEOUT_MS", 500)
     store = SqliteStore(tmp_path)
     other = sqlite3.connect(store.path, isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")
@@ -444,10 +444,23 @@ def test_a_lock_another_process_holds_fails_the_waiting_group_at_once(tmp_path, 
         except StoreUnavailableError:
             failed[k] = time.monotonic()
 
+    def wait_until(condition) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+
     threads = [threading.Thread(target=send, args=(k,)) for k in range(4)]
+    jobs_before = store.job_count
     try:
-        for t in threads:
+        # The groups are made deterministic (CI once caught two threads in the first group): the first job is
+        # taken alone, and the other three are queued while it waits out the busy timeout.
+        threads[0].start()
+        wait_until(lambda: store.job_count > jobs_before)
+        for t in threads[1:]:
             t.start()
+        wait_until(lambda: len(store._queue) == 3)
+        assert not failed, "the machine took longer than the busy timeout to queue three jobs"
         for t in threads:
             t.join(30)
     finally:
@@ -456,7 +469,7 @@ def test_a_lock_another_process_holds_fails_the_waiting_group_at_once(tmp_path, 
     try:
         assert len(failed) == 4
         times = sorted(failed.values())
-        # The first job waited alone; the three queued behind it failed together (they were 0.3 s apart each).
+        # The first job waited alone; the three queued behind it failed together (they were 0.5 s apart each).
         assert times[-1] - times[1] < 0.2, times
         assert len(store.record_events([event("after-the-lock")])) == 1
     finally:
