@@ -49,7 +49,7 @@ async def busy_batcher(config: BatchingConfig = BatchingConfig()):
     batcher = DynamicBatcher(model.forward, config)
     batcher.start()
     busy = asyncio.ensure_future(batcher.submit([tokens(1, 2)]))
-    await asyncio.to_thread(model.started.wait, 5)
+    assert await asyncio.to_thread(model.started.wait, 10)
     return model, batcher, busy
 
 
@@ -76,7 +76,7 @@ def test_concurrent_requests_share_batches_sorted_by_length_within_budget():
         batcher = DynamicBatcher(model.forward, BatchingConfig(max_batch_tokens=64, max_batch_size=8))
         batcher.start()
         first = asyncio.ensure_future(batcher.submit([tokens(0, 4)]))
-        await asyncio.to_thread(model.started.wait, 5)  # the model is now busy with `first`
+        assert await asyncio.to_thread(model.started.wait, 10)  # the model is now busy with `first`
         lengths = [9, 3, 12, 5, 7, 2, 16, 4, 6, 8]
         rest = [asyncio.ensure_future(batcher.submit([tokens(100 + n, n)])) for n in lengths]
         await asyncio.sleep(0.05)
@@ -417,15 +417,16 @@ def test_the_queue_counts_what_no_window_took_yet_and_frees_a_failed_requests_re
         batcher = DynamicBatcher(model.forward, config)
         batcher.start()
         running = asyncio.ensure_future(batcher.submit([tokens(1 + k, 2) for k in range(280)]))  # 18 windows
-        await asyncio.to_thread(model.started.wait, 5)
+        assert await asyncio.to_thread(model.started.wait, 10)
         in_progress = batcher.queued_inputs
         with pytest.raises(QueueFullError):
             await batcher.submit([tokens(3000 + k, 2) for k in range(250)])
         model.gate.set()
         await running
         model.gate.clear()
+        model.started.clear()
         busy = asyncio.ensure_future(batcher.submit([tokens(1, 2)]))
-        await asyncio.sleep(0.05)  # the model waits at the gate with it
+        assert await asyncio.to_thread(model.started.wait, 10)  # the model waits at the gate with it alone
         b = asyncio.ensure_future(batcher.submit([tokens(5000 + k, 2) for k in range(290)]))
         c = asyncio.ensure_future(batcher.submit([tokens(7000 + k, 2) for k in range(10)]))
         await asyncio.sleep(0)

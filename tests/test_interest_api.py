@@ -1402,11 +1402,13 @@ def embedding_held(server, monkeypatch):
         time.sleep(0.01)
 
 
-def give_up(call, how: str) -> None:
-    """Runs the gRPC call future `call(timeout)`; gives up on it by its deadline or by cancelling it."""
-    future = call(0.3 if how == "deadline" else 30)
+def give_up(call, how: str, waiting: threading.Event) -> None:
+    """Runs the gRPC call future `call(timeout)` and, once the server is
+    embedding its texts (`waiting`), gives up on it by its deadline or by
+    cancelling it. The deadline leaves a loaded machine time to get there."""
+    future = call(1.5 if how == "deadline" else 30)
+    assert waiting.wait(30), "the call never reached the embedding"
     if how == "cancel":
-        time.sleep(0.1)
         future.cancel()
     with pytest.raises(grpc.FutureCancelledError if how == "cancel" else grpc.RpcError) as caught:
         future.result()
@@ -1422,8 +1424,7 @@ def test_an_erasure_after_a_record_the_client_gave_up_on_is_not_undone_by_it(ser
                 for n in range(3)])
     with embedding_held(server, monkeypatch) as waiting, grpc.insecure_channel(server.address) as channel:
         give_up(lambda timeout: interest_pb2_grpc.InterestServiceStub(channel).RecordEvents.future(
-            request, timeout=timeout), how)
-        assert waiting.is_set()
+            request, timeout=timeout), how, waiting)
         client.delete_user(user)  # the erasure the client asks for next
     assert client.profile(user).event_counts == []  # the events did not come back once embedded
 
@@ -1435,8 +1436,7 @@ def test_an_upsert_the_client_gave_up_on_never_overwrites_a_later_one(server, cl
     newer = [Item(id=i, text="v2", categories=["v2"], vector=np.eye(DIM, dtype=np.float32)[1]) for i in ids]
     with embedding_held(server, monkeypatch) as waiting, grpc.insecure_channel(server.address) as channel:
         give_up(lambda timeout: catalog_pb2_grpc.CatalogServiceStub(channel).UpsertItems.future(
-            request, timeout=timeout), how)
-        assert waiting.is_set()
+            request, timeout=timeout), how, waiting)
         client.upsert_items(newer)  # precomputed vectors: nothing to embed
     assert {tuple(item.categories) for item in client.get_items(ids)} == {("v2",)}
 

@@ -254,12 +254,12 @@ def test_percentiles_are_latencies_calls_had():
 
 def test_reported_percentiles_and_extremes_come_from_the_ok_calls(scripted, capsys):
     _, address = scripted
-    data = json.dumps([{"service": "sleep=0.2"}] + [{"service": ""}] * 8 + [{"service": "code=INTERNAL"}])
+    data = json.dumps([{"service": "sleep=0.5"}] + [{"service": ""}] * 8 + [{"service": "code=INTERNAL"}])
     status, report = cli(capsys, "--target", address, "-c", "1", "-n", "10", "-d", data)
     assert status == 0 and report["count"] == 10
     by_percentage = {d["percentage"]: d["latency"] for d in report["latencyDistribution"]}
-    assert by_percentage[90] >= 0.2e9 and by_percentage[75] < 0.1e9  # 9 OK calls: p90 is the slow one
-    assert report["slowest"] == by_percentage[99] >= 0.2e9
+    assert by_percentage[90] >= 0.5e9 and by_percentage[75] < 0.25e9  # 9 OK calls: p90 is the slow one
+    assert report["slowest"] == by_percentage[99] >= 0.5e9
 
 
 # The flags ghz has: -r, Go durations, -t 0, -d @.
@@ -298,11 +298,12 @@ def test_the_reports_options_read_as_ghzs(scripted, capsys):
 
 
 def test_a_rate_that_the_duration_cuts_short_ends_in_timeout(scripted, capsys):
-    """-r 20 -z 1s sends 20 requests and stops, the 21st due at the deadline:
-    ghz says "timeout", and so it was, not "normal" (an audit)."""
+    """-r 5 -z 1s sends 5 requests and stops, the 6th due at the deadline:
+    ghz says "timeout", and so it was, not "normal" (an audit). (At -r 20 the
+    20th was due 50 ms before the deadline: a stalled loop on CI missed it.)"""
     _, address = scripted
-    status, report = cli(capsys, "--target", address, "-r", "20", "-z", "1s")
-    assert status == 0 and report["count"] == 20 and report["endReason"] == "timeout"
+    status, report = cli(capsys, "--target", address, "-r", "5", "-z", "1s")
+    assert status == 0 and report["count"] == 5 and report["endReason"] == "timeout"
     status, report = cli(capsys, "--target", address, "-r", "20", "-n", "5", "-x", "1s")
     assert status == 0 and report["count"] == 5 and report["endReason"] == "normal"  # -n came first
 

@@ -401,11 +401,20 @@ def test_a_thread_count_past_any_machine_is_a_usage_error():
     assert result.returncode == 2 and "--threads: must be at most 1024, got 2147483648" in result.stderr
 
 
+def unset_blas_threads(monkeypatch) -> None:
+    """Unsets the thread counts `serve` gives defaults to, for this test only
+    (monkeypatch records them: the teardown restores what was there)."""
+    from halflife import cli
+
+    for name in cli.SERVER_BLAS_THREADS:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
 def test_serve_ranks_with_one_blas_thread_unless_told_otherwise(monkeypatch):
     from halflife import cli
 
-    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "")  # recorded, so the teardown restores the original
-    monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+    unset_blas_threads(monkeypatch)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     with pytest.raises(SystemExit):
         cli.main(["serve", "--workers", "0"])  # stops at argument checking, after the defaults are set
@@ -449,6 +458,7 @@ def test_serve_fixes_glibcs_mmap_threshold(monkeypatch):
         pytest.skip("mallopt's mmap threshold is a glibc setting")
     calls = []
     monkeypatch.setattr(cli, "_fix_mmap_threshold", lambda: calls.append(True) or True)
+    unset_blas_threads(monkeypatch)
     with pytest.raises(SystemExit):
         cli.main(["serve", "--workers", "0"])
     assert calls == [True]

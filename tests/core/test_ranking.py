@@ -302,9 +302,14 @@ def test_row_blocks_split_a_lone_scan_over_threads_and_give_the_same_scores():
     q = rng.normal(size=8)
     blocks = RowBlocks(3, min_rows=100)
     seen: list[tuple[int, int]] = []
+    caller, a_helper_ran = threading.get_ident(), threading.Event()
 
     def score(rows):
         seen.append((threading.get_ident(), rows.shape[0]))
+        if threading.get_ident() != caller:
+            a_helper_ran.set()
+        else:  # a helper thread slow to be scheduled must not leave every block to the caller (bounded)
+            a_helper_ran.wait(10)
         time.sleep(0.005)  # as a GEMV would, it lets go of the GIL
         return cosine_scores(q, rows)
 
@@ -313,6 +318,7 @@ def test_row_blocks_split_a_lone_scan_over_threads_and_give_the_same_scores():
     assert len(seen) == 10 and sum(n for _, n in seen) == 1000  # 3 threads x 4 blocks, at least 100 rows each
     threads = {ident for ident, _ in seen}
     assert len(threads) >= 2  # blocks ran on the pool's threads (and, mostly, the caller's)
+    a_helper_ran.set()  # below, the caller may run blocks alone
     seen.clear()
     np.testing.assert_allclose(blocks(score, items[:250]), cosine_scores(q, items[:250]), rtol=1e-6, atol=1e-7)
     assert len(seen) == 2  # 250 rows: two blocks of at least min_rows
