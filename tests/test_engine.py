@@ -1163,6 +1163,56 @@ def test_a_repeat_within_a_batch_is_a_duplicate_whatever_item_it_names(tmp_path)
         engine.record_events([first._replace(event_id="e2", item_id="no-such-item"), first._replace(event_id="e2")])
 
 
+def _engine_counting_texts(path) -> tuple[InterestEngine, list[str]]:
+    """An engine and every text it embedded."""
+    embedded: list[str] = []
+
+    def embed(texts, deadline=None):
+        embedded.extend(texts)
+        return fake_embed(texts)
+
+    return InterestEngine(Config(), SqliteStore(path), DIM, embed, clock=lambda: T), embedded
+
+
+def test_a_retry_does_not_embed_the_texts_of_events_already_stored(tmp_path):
+    """A re-sent batch embedded every text again before the store found them
+    all duplicates (300 reviews: 19 s each time, in an audit)."""
+    engine, embedded = _engine_counting_texts(tmp_path)
+    engine.upsert_items([ItemInput(id="x", text="x")])
+    embedded.clear()
+    batch = [EventInput(f"r{n}", "u", SEARCH, None, f"review {n}", None, T - 60.0 * n) for n in range(3)]
+    assert engine.record_events(batch) == (3, 0) and len(embedded) == 3
+    assert engine.record_events(batch) == (0, 3) and len(embedded) == 3  # the retry embedded nothing
+    new = EventInput("r3", "u", LIKE, "x", "review 3", None, T - 1.0)
+    # New events with text, a repeat of one within the batch, an item-only event: only new texts are embedded.
+    mixed = batch[:2] + [new, new._replace(text="another"), EventInput("l", "u", LIKE, "x", None, None, T - 2.0)]
+    assert engine.record_events(mixed) == (2, 3)
+    assert embedded[3:] == ["review 3"]
+    (stored,) = [e for e in engine.store.user_events("u") if e.event_id == "r3"]
+    expected = engine.catalog.vectors[engine.catalog.row_of["x"]] + fake_embed(["review 3"])[0]
+    np.testing.assert_allclose(stored.vector, expected / np.linalg.norm(expected), atol=1e-6)
+
+
+def test_a_retry_that_an_erasure_overtakes_leaves_the_erased_events_erased(tmp_path, monkeypatch):
+    """The re-sent events were duplicates when the retry read the store: an
+    erasure committed before the retry's commit is not undone by it."""
+    engine, embedded = _engine_counting_texts(tmp_path)
+    batch = [EventInput(f"r{n}", "u", SEARCH, None, f"review {n}", None, T - 60.0 * n) for n in range(2)]
+    engine.record_events(batch)
+    read = engine.store.existing_event_ids
+
+    def read_then_erase(ids):
+        found = read(ids)
+        engine.delete_user("u")  # another caller's erasure, between the read and the commit
+        return found
+
+    monkeypatch.setattr(engine.store, "existing_event_ids", read_then_erase)
+    assert engine.record_events(batch) == (0, 2)
+    monkeypatch.undo()
+    assert engine.store.user_events("u") == [] and engine.profile("u", as_of=T).event_counts == {}
+    assert len(embedded) == 2
+
+
 def _engine_embedding_with(path, during_first_text):
     """An engine whose embedder runs `during_first_text(engine)` (another
     caller's catalogue write) the first time it embeds an event's text,

@@ -785,6 +785,8 @@ class InterestEngine:
         are read again and the write retried, the texts not embedded again;
         ItemsChangedError after RECORD_ATTEMPTS such tries.
         """
+        sent = len(events)
+        events = self._without_resent_texts(events)
         texts = [i for i, e in enumerate(events) if e.text]
         text_vectors = None
         for attempt in itertools.count(1):
@@ -806,7 +808,23 @@ class InterestEngine:
                     raise
                 continue
             self._apply_new_events(stored)
-            return len(stored), len(events) - len(stored)
+            return len(stored), sent - len(stored)
+
+    def _without_resent_texts(self, events: Sequence[EventInput]) -> list[EventInput]:
+        """`events` less the events with text that are duplicates already
+        (stored before, or repeated earlier in the batch), so that a retry does
+        not embed its texts again: embedding is a write's costliest part (300
+        reviews re-sent took 19 s, as long as the first time, in an audit).
+        They are duplicates as of this read: an erasure that commits before
+        this write's commit keeps them erased (the write does not store them
+        again, as it would have)."""
+        first: dict[str, int] = {}
+        for i, e in enumerate(events):
+            first.setdefault(e.event_id, i)
+        texts = [e.event_id for i, e in enumerate(events) if e.text and first[e.event_id] == i]
+        stored = self.store.existing_event_ids(texts) if texts else set()
+        return [e for i, e in enumerate(events)
+                if not e.text or (first[e.event_id] == i and e.event_id not in stored)]
 
     def _item_vectors(self, events: Sequence[EventInput]) -> tuple[np.ndarray, int | None]:
         """The vectors of the items the events name ((n, dim) float32, zeros
