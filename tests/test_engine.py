@@ -1213,6 +1213,46 @@ def test_a_retry_that_an_erasure_overtakes_leaves_the_erased_events_erased(tmp_p
     assert len(embedded) == 2
 
 
+def test_an_upsert_that_repeats_an_items_text_keeps_the_vector_its_model_embedded(tmp_path):
+    """A re-sent upsert, or a catalogue re-synced whole, embedded every text
+    again. Only what the same model embedded from the same text is kept."""
+    def engine_of(model_id):
+        embedded: list[str] = []
+
+        def embed(texts, deadline=None):
+            embedded.extend(texts)
+            return fake_embed(texts)
+
+        return InterestEngine(Config(), SqliteStore(tmp_path), DIM, embed, clock=lambda: T, embedder_id=model_id), \
+            embedded
+
+    engine, embedded = engine_of("model-a")
+    given = np.eye(DIM, dtype=np.float32)[0]
+    engine.upsert_items([ItemInput(id="a", text="red boots"), ItemInput(id="b", text="blue hat", vector=given)])
+    assert embedded == ["red boots"]
+    vector = engine.get_items(["a"])["a"].vector
+    resync = [ItemInput(id="a", text="red boots", categories=("shoes",)), ItemInput(id="b", text="blue hat"),
+              ItemInput(id="c", text="green scarf")]
+    assert engine.upsert_items(resync) == (1, 2)
+    assert embedded == ["red boots", "blue hat", "green scarf"]  # b's vector was given, not embedded: it is now
+    stored = engine.get_items(["a", "b"])
+    assert stored["a"].categories == ("shoes",) and stored["a"].vector.tobytes() == vector.tobytes()
+    hat = fake_embed(["blue hat"])[0]
+    np.testing.assert_allclose(stored["b"].vector, hat / np.linalg.norm(hat), atol=1e-6)
+    engine.upsert_items([ItemInput(id="a", text="red leather boots")])  # a new text is embedded
+    assert embedded[-1] == "red leather boots"
+    engine.store.close()
+
+    other, embedded = engine_of("model-b")  # another model: its own vectors
+    other.upsert_items([ItemInput(id="c", text="green scarf")])
+    assert embedded == ["green scarf"]
+    other.store.close()
+    unnamed, embedded = engine_of(None)  # no identity: always embedded
+    unnamed.upsert_items([ItemInput(id="c", text="green scarf")])
+    unnamed.upsert_items([ItemInput(id="c", text="green scarf")])
+    assert embedded == ["green scarf"] * 2
+
+
 def _engine_embedding_with(path, during_first_text):
     """An engine whose embedder runs `during_first_text(engine)` (another
     caller's catalogue write) the first time it embeds an event's text,

@@ -262,6 +262,14 @@ def test_tampered_variant_is_refused(exported, tmp_path):
     EmbeddingEngine.load(copy, variant="fp16", provider="cpu")  # the others still load
 
 
+def test_each_variant_names_what_maps_its_texts_to_vectors(exported):
+    """The interest engine keeps an item's vector while its text and this identity stay the same."""
+    kind, src, out, manifest = exported
+    int8 = EmbeddingEngine.load(out, variant="int8", provider="cpu")
+    assert int8.identity == EmbeddingEngine.load(out, variant="int8", provider="cpu").identity
+    assert int8.identity != EmbeddingEngine.load(out, variant="fp16", provider="cpu").identity
+
+
 def _edited_copy(out: Path, tmp_path: Path, edit) -> Path:
     """A copy of an exported model directory whose manifest (a dict) `edit` changed in place."""
     copy = tmp_path / "edited"

@@ -1416,6 +1416,18 @@ def give_up(call, how: str, waiting: threading.Event) -> None:
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def test_a_resent_upsert_is_not_embedded_again(server, client, monkeypatch):
+    """The server names its model to the engine (EmbeddingEngine.identity), so
+    an upsert that repeats items' texts keeps the vectors embedded before."""
+    engine = server.server.interest
+    embed, embedded = engine._embed, []
+    monkeypatch.setattr(engine, "_embed", lambda texts, deadline: embedded.extend(texts) or embed(texts, deadline))
+    items = [Item(id=f"resent-{n}", text=f"a resent item number {n}") for n in range(3)]
+    assert client.upsert_items(items) == (3, 0)
+    assert client.upsert_items(items) == (0, 3)
+    assert embedded == [item.text for item in items]
+
+
 @pytest.mark.parametrize("how", ["deadline", "cancel"])
 def test_an_erasure_after_a_record_the_client_gave_up_on_is_not_undone_by_it(server, client, monkeypatch, how):
     user = f"gave-up-{how}"

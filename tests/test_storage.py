@@ -42,6 +42,7 @@ def item(id_: str, vector: np.ndarray | None = None, **kw) -> ItemRecord:
         attributes=kw.get("attributes", {"author": "Le Guin", "lang": "en"}),
         create_time=kw.get("create_time", 1_700_000_000.5),
         vector=vec() if vector is None else vector,
+        embedded_by=kw.get("embedded_by"),
     )
 
 
@@ -763,10 +764,18 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
     conn.close()
     with SqliteStore(tmp_path) as s:
         (old,) = s.iter_items()
-        assert old.id == "old" and old.created_seq == 0
+        assert old.id == "old" and old.created_seq == 0 and old.embedded_by is None  # schema 6: embedded again once
         assert s.record_events([event("e1", item_id="old")])[0].seq == 1
         assert s.save_profile_snapshot("u1", ProfileSnapshot(1, "k", b"profile"))  # a table of schema 5
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == sqlite_store.SCHEMA_VERSION
+
+
+def test_an_items_embedding_model_is_kept_with_it_and_replaced_by_each_upsert(store, tmp_path):
+    store.upsert_items([item("i1", embedded_by="model-a"), item("i2")])
+    assert {i.id: i.embedded_by for i in store.iter_items()} == {"i1": "model-a", "i2": None}
+    store.upsert_items([item("i1"), item("i2", embedded_by="model-b")])  # i1's vector now given, i2's embedded
+    with SqliteStore(tmp_path) as reopened:
+        assert {i: r.embedded_by for i, r in reopened.get_items(["i1", "i2"]).items()} == {"i1": None, "i2": "model-b"}
 
 
 def _reference_check(tmp_path: Path) -> None:

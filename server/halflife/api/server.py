@@ -303,6 +303,7 @@ class HalflifeServer:
             self.backend.interest = await asyncio.to_thread(
                 InterestEngine, config.halflife, self.store, self.backend.embedding.dimension,
                 self.backend.embed_blocking, follow_store=config.follow_store, scan_threads=config.scan_threads,
+                embedder_id=self.backend.embedding.identity,
             )
         except BaseException:
             await self.stop(grace=0)

@@ -6,6 +6,7 @@ Knows tokens, tensors and vectors; nothing of users, requests or gRPC.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -221,6 +222,14 @@ class EmbeddingEngine:
     @property
     def dimension(self) -> int:
         return self.manifest.dimension
+
+    @property
+    def identity(self) -> str:
+        """Names what maps a text to its vector here: the variant's weights, the
+        tokenizer, pooling, normalisation and the truncation length (SHA-256)."""
+        m = self.manifest
+        parts = (self.variant.sha256, m.tokenizer_sha256, m.pooling, str(m.normalize), str(m.max_input_tokens))
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     @property
     def max_input_tokens(self) -> int:

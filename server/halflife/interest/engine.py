@@ -368,11 +368,15 @@ class InterestEngine:
         clock: Callable[[], float] = time.time,
         follow_store: bool = False,
         scan_threads: int | None = None,
+        embedder_id: str | None = None,
     ):
         self.config = config
         self.store = store
         self.dim = dim
         self._embed = embed
+        # What `embed` is (EmbeddingEngine.identity): an item whose text it embedded
+        # keeps that vector while its text stays the same. None: always embed.
+        self._embedder_id = embedder_id
         self._clock = clock
         self._follow_store = follow_store  # other processes write to the store too
         self._blocks = RowBlocks(scan_threads or physical_cores())  # one call's passes over the catalogue
@@ -668,12 +672,15 @@ class InterestEngine:
         them. Writes nothing, and raises DeadlineExpiredError, once `deadline`
         says the caller stopped waiting before the store's writer took it
         (the same for every write here)."""
+        vectors: list[np.ndarray | None] = [None if item.vector is None else normalize(item.vector) for item in items]
         to_embed = [i for i, item in enumerate(items) if item.vector is None]
-        vectors: list[np.ndarray | None] = [item.vector for item in items]
+        for i, vector in self._embedded_before(items, to_embed).items():
+            vectors[i] = vector  # as stored: normalised once, when embedded
+        to_embed = [i for i in to_embed if vectors[i] is None]
         if to_embed:
             embedded = self._embed([items[i].text for i in to_embed], deadline)
             for i, vector in zip(to_embed, embedded):
-                vectors[i] = vector
+                vectors[i] = normalize(vector)
         records = [
             ItemRecord(
                 id=item.id,
@@ -681,7 +688,8 @@ class InterestEngine:
                 categories=tuple(item.categories),
                 attributes=dict(item.attributes),
                 create_time=item.create_time,
-                vector=normalize(vector),
+                vector=vector,
+                embedded_by=None if item.vector is not None else self._embedder_id,
             )
             for item, vector in zip(items, vectors)
         ]
@@ -689,6 +697,22 @@ class InterestEngine:
             created, updated = self.store.upsert_items(records, _guard(deadline))
             self._index_written([r.id for r in records])
         return created, updated
+
+    def _embedded_before(self, items: Sequence[ItemInput], to_embed: list[int]) -> dict[int, np.ndarray]:
+        """{i: stored vector} for the items at `to_embed` whose stored version
+        has the same text and a vector this engine's model embedded from it:
+        a re-sent upsert, or a catalogue re-synced whole, embeds only what
+        changed (embedding is an upsert's costliest part). Safe against a
+        concurrent write of the item: the vector is a function of the text."""
+        if not to_embed or self._embedder_id is None:
+            return {}
+        stored = self.store.get_items([items[i].id for i in to_embed])
+        kept = {}
+        for i in to_embed:
+            old = stored.get(items[i].id)
+            if old is not None and old.embedded_by == self._embedder_id and old.text == items[i].text:
+                kept[i] = old.vector
+        return kept
 
     def delete_items(self, ids: Sequence[str], deadline: Deadline | None = None) -> int:
         with self._catalog_write:

@@ -55,6 +55,9 @@ class ItemRecord:
     # seq at that moment. Events at or below it concern an earlier item that
     # had this id and was deleted, so they must not count for this one.
     created_seq: int = 0
+    # The model that embedded `vector` from `text` (InterestEngine's
+    # embedder_id); None when the vector was given with the item.
+    embedded_by: str | None = None
 
 
 # A NamedTuple, not a frozen dataclass: one is built per event, and a tuple

@@ -215,9 +215,16 @@ def _migration_5(conn: sqlite3.Connection) -> None:
     )
 
 
+def _migration_6(conn: sqlite3.Connection) -> None:
+    # Which model embedded an item's vector from its text (ItemRecord.embedded_by):
+    # an upsert that repeats the text keeps the vector instead of embedding it
+    # again. NULL for the items stored before: each is embedded once more.
+    conn.execute("ALTER TABLE items ADD COLUMN embedded_by TEXT")
+
+
 # Append only: MIGRATIONS[i] takes the schema from version i to i + 1.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
-    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5,
+    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -365,7 +372,7 @@ def _intact(data: bytes, digest: bytes, vector_id: int, damaged: set[int], what:
 
 def _item_from(row: tuple, damaged: set[int]) -> ItemRecord | None:
     """An item from an `_ITEM_SELECT` row; None when its vector is damaged."""
-    id_, text, categories, attributes, create_time, data, created_seq, digest, vector_id = row
+    id_, text, categories, attributes, create_time, data, created_seq, digest, vector_id, embedded_by = row
     if not _intact(data, digest, vector_id, damaged, f"item {id_!r}"):
         return None
     try:
@@ -381,10 +388,12 @@ def _item_from(row: tuple, damaged: set[int]) -> ItemRecord | None:
         create_time=create_time,
         vector=_vector_from(data),
         created_seq=created_seq,
+        embedded_by=embedded_by,
     )
 
 
-_ITEM_SELECT = """SELECT i.id, i.text, i.categories, i.attributes, i.create_time, v.data, i.created_seq, v.hash, v.id
+_ITEM_SELECT = """SELECT i.id, i.text, i.categories, i.attributes, i.create_time, v.data, i.created_seq, v.hash, v.id,
+                         i.embedded_by
                   FROM items i JOIN vectors v ON v.id = i.vector_id"""
 
 
@@ -743,6 +752,7 @@ class SqliteStore:
                 json.dumps(list(item.categories)),
                 json.dumps(dict(item.attributes), sort_keys=True),
                 None if item.create_time is None else float(item.create_time),
+                item.embedded_by,
             )
             for item in latest.values()
         ]
@@ -759,11 +769,11 @@ class SqliteStore:
             last_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
             _insert(
                 conn,
-                "INSERT INTO items(id, text, categories, attributes, create_time, vector_id, created_seq)",
+                "INSERT INTO items(id, text, categories, attributes, create_time, embedded_by, vector_id, created_seq)",
                 [row + (vid, last_seq) for row, vid in zip(rows, vector_ids)],
                 """ON CONFLICT(id) DO UPDATE SET text = excluded.text, categories = excluded.categories,
                        attributes = excluded.attributes, create_time = excluded.create_time,
-                       vector_id = excluded.vector_id""",
+                       embedded_by = excluded.embedded_by, vector_id = excluded.vector_id""",
             )
             current = set(vector_ids)
             _gc_vectors(conn, [vid for vid in old.values() if vid not in current])
