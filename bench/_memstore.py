@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Collection, Iterator, Sequence
 
-from halflife.storage.base import EventColumns, EventRecord, Guard, ItemRecord, StoreHead
+from halflife.storage.base import EventColumns, EventRecord, Guard, ItemRecord, ResentEventsErasedError, StoreHead
 
 
 def _check(guard: Guard | None) -> None:
@@ -40,9 +40,11 @@ class MemoryStore:
         return iter(list(self.items.values()))
 
     def record_events(self, events: Sequence[EventRecord], guard: Guard | None = None,
-                      items_as_of: int | None = None) -> list[EventRecord]:
+                      items_as_of: int | None = None, stored_before: Collection[str] = ()) -> list[EventRecord]:
         # items_as_of goes unchecked: the benchmark changes no item while it records.
         _check(guard)
+        if erased := [i for i in stored_before if i not in self.ids]:
+            raise ResentEventsErasedError(erased)
         out = []
         for e in events:
             if e.event_id in self.ids:

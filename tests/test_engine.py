@@ -1193,24 +1193,60 @@ def test_a_retry_does_not_embed_the_texts_of_events_already_stored(tmp_path):
     np.testing.assert_allclose(stored.vector, expected / np.linalg.norm(expected), atol=1e-6)
 
 
-def test_a_retry_that_an_erasure_overtakes_leaves_the_erased_events_erased(tmp_path, monkeypatch):
-    """The re-sent events were duplicates when the retry read the store: an
-    erasure committed before the retry's commit is not undone by it."""
-    engine, embedded = _engine_counting_texts(tmp_path)
-    batch = [EventInput(f"r{n}", "u", SEARCH, None, f"review {n}", None, T - 60.0 * n) for n in range(2)]
-    engine.record_events(batch)
+def erase_after_the_read(engine: InterestEngine, monkeypatch, user: str) -> None:
+    """Another caller erases `user` between record_events' read of the events
+    already stored and its commit."""
     read = engine.store.existing_event_ids
 
     def read_then_erase(ids):
         found = read(ids)
-        engine.delete_user("u")  # another caller's erasure, between the read and the commit
+        monkeypatch.setattr(engine.store, "existing_event_ids", read)
+        engine.delete_user(user)
         return found
 
     monkeypatch.setattr(engine.store, "existing_event_ids", read_then_erase)
-    assert engine.record_events(batch) == (0, 2)
-    monkeypatch.undo()
-    assert engine.store.user_events("u") == [] and engine.profile("u", as_of=T).event_counts == {}
-    assert len(embedded) == 2
+
+
+def test_a_retry_that_an_erasure_overtakes_is_stored_whole_after_it(tmp_path, monkeypatch):
+    """The re-sent events were found stored, so their texts were not embedded;
+    erased before the commit, they are new again: embedded then, and the batch
+    is stored whole after the erasure, as without the saving (a review saw half
+    a batch stored, the erased half counted as duplicates)."""
+    engine, embedded = _engine_counting_texts(tmp_path)
+    batch = [EventInput(f"r{n}", "u", SEARCH, None, f"review {n}", None, T - 60.0 * n) for n in range(2)]
+    engine.record_events(batch)
+    erase_after_the_read(engine, monkeypatch, "u")
+    batch.append(EventInput("n", "u", SEARCH, None, "a new review", None, T - 1.0))
+    assert engine.record_events(batch) == (3, 0)
+    assert sorted(e.event_id for e in engine.store.user_events("u")) == ["n", "r0", "r1"]
+    assert embedded == ["review 0", "review 1", "a new review", "review 0", "review 1"]
+    assert engine.profile("u", as_of=T).event_counts == open_engine(tmp_path).profile("u", as_of=T).event_counts
+
+
+def test_a_repeat_stays_a_duplicate_when_an_erasure_overtakes_the_retry(tmp_path, monkeypatch):
+    """The store keeps an id's first event: a review saw the repeat stored
+    (the first, found stored, had been dropped), or the batch refused for the
+    unknown item the repeat named."""
+    engine, embedded = _engine_counting_texts(tmp_path)
+    engine.upsert_items([ItemInput(id="x", text="x")])
+    review = EventInput("e1", "u", LIKE, "x", "loved it", None, T - 60.0)
+    engine.record_events([review])
+    erase_after_the_read(engine, monkeypatch, "u")
+    assert engine.record_events([review, review._replace(item_id="gone", text=None)]) == (1, 1)
+    assert [(e.event_id, e.item_id, e.text) for e in engine.store.user_events("u")] == [("e1", "x", "loved it")]
+
+
+def test_an_unknown_item_is_named_at_its_place_in_the_batch_sent(tmp_path):
+    """Events found stored are not embedded, but they keep their places: a
+    review saw events[1] named for the unknown item of events[2]."""
+    engine, _ = _engine_counting_texts(tmp_path)
+    engine.upsert_items([ItemInput(id="x", text="x")])
+    resent = EventInput("r0", "u", SEARCH, None, "a review", None, T - 60.0)
+    engine.record_events([resent])
+    with pytest.raises(UnknownItemsError) as refused:
+        engine.record_events([resent, EventInput("n1", "u", LIKE, "x", None, None, T - 2.0),
+                              EventInput("n2", "u", LIKE, "nope", None, None, T - 1.0)])
+    assert refused.value.missing == [(2, "nope")]
 
 
 def test_an_upsert_that_repeats_an_items_text_keeps_the_vector_its_model_embedded(tmp_path):
@@ -1251,6 +1287,19 @@ def test_an_upsert_that_repeats_an_items_text_keeps_the_vector_its_model_embedde
     unnamed.upsert_items([ItemInput(id="c", text="green scarf")])
     unnamed.upsert_items([ItemInput(id="c", text="green scarf")])
     assert embedded == ["green scarf"] * 2
+
+
+def test_an_upsert_of_the_same_text_still_repairs_a_damaged_item(tmp_path):
+    """The read for vectors to keep met the damaged row and refused the upsert
+    that would rewrite it (a review): it embeds then, as without the saving."""
+    import sqlite3
+
+    engine = InterestEngine(Config(), SqliteStore(tmp_path), DIM, fake_embed, clock=lambda: T, embedder_id="model-a")
+    engine.upsert_items([ItemInput(id="x", text="red boots", categories=("shoes",))])
+    with sqlite3.connect(engine.store.path) as conn:
+        conn.execute("UPDATE items SET categories = 'not json' WHERE id = 'x'")
+    assert engine.upsert_items([ItemInput(id="x", text="red boots", categories=("boots",))]) == (0, 1)
+    assert engine.store.get_items(["x"])["x"].categories == ("boots",)
 
 
 def _engine_embedding_with(path, during_first_text):

@@ -1259,8 +1259,8 @@ def test_events_committed_before_a_newer_batch_are_not_lost(model_dir, tmp_path)
         real = store.record_events
         committed, may_apply = threading.Event(), threading.Event()
 
-        def slow_to_apply(records, guard=None, items_as_of=None):
-            stored = real(records, guard, items_as_of)
+        def slow_to_apply(records, *args):
+            stored = real(records, *args)
             if records[0].event_id.startswith("race-a"):
                 committed.set()
                 assert may_apply.wait(30)  # batch A is durable but not applied yet

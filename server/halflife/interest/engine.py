@@ -73,6 +73,7 @@ from halflife.storage.base import (
     ItemRecord,
     ItemsChangedError,
     ProfileSnapshot,
+    ResentEventsErasedError,
     Store,
     StoreDamagedError,
     StoreHead,
@@ -706,7 +707,10 @@ class InterestEngine:
         concurrent write of the item: the vector is a function of the text."""
         if not to_embed or self._embedder_id is None:
             return {}
-        stored = self.store.get_items([items[i].id for i in to_embed])
+        try:
+            stored = self.store.get_items([items[i].id for i in to_embed])
+        except StoreDamagedError:  # a damaged item: embed them all, and the upsert rewrites it
+            return {}
         kept = {}
         for i in to_embed:
             old = stored.get(items[i].id)
@@ -808,47 +812,44 @@ class InterestEngine:
         its vector and the commit (texts take a while to embed), the items
         are read again and the write retried, the texts not embedded again;
         ItemsChangedError after RECORD_ATTEMPTS such tries.
+
+        A retry does not embed its texts again (embedding is a write's
+        costliest part: 300 reviews re-sent took 19 s, as long as the first
+        time, in an audit): only the texts of events that will be stored are
+        embedded, not those of repeats within the batch nor of events found
+        stored already. The store checks at the commit that these are still
+        stored; any erased since are embedded and stored as new.
         """
-        sent = len(events)
-        events = self._without_resent_texts(events)
-        texts = [i for i, e in enumerate(events) if e.text]
-        text_vectors = None
+        first: dict[str, int] = {}  # the store keeps an id's first event
+        for i, e in enumerate(events):
+            first.setdefault(e.event_id, i)
+        texts = [i for i, e in enumerate(events) if e.text and first[e.event_id] == i]
+        stored_before = self.store.existing_event_ids([events[i].event_id for i in texts]) if texts else set()
+        embedded: dict[int, np.ndarray] = {}
         for attempt in itertools.count(1):
             vectors, items_as_of = self._item_vectors(events)
-            if texts:
-                if text_vectors is None:
-                    text_vectors = self._embed([events[i].text for i in texts], deadline)
+            wanted = [i for i in texts if events[i].event_id not in stored_before]
+            if missing := [i for i in wanted if i not in embedded]:
+                embedded.update(zip(missing, self._embed([events[i].text for i in missing], deadline)))
+            if wanted:
                 # Item and text: the direction of their sum. Item-only events keep
                 # the item's stored vector bit for bit, so the store keeps one copy.
-                vectors[texts] = normalize(vectors[texts] + text_vectors)
+                vectors[wanted] = normalize(vectors[wanted] + np.array([embedded[i] for i in wanted]))
             records = [
                 EventRecord(e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, vector)
                 for e, vector in zip(events, vectors)
             ]
             try:
-                stored = self.store.record_events(records, _guard(deadline), items_as_of)
+                stored = self.store.record_events(records, _guard(deadline), items_as_of, stored_before)
             except ItemsChangedError:
-                if attempt == RECORD_ATTEMPTS:
+                if attempt >= RECORD_ATTEMPTS:
                     raise
                 continue
+            except ResentEventsErasedError:
+                stored_before = set()  # new again: embedded on the next try
+                continue
             self._apply_new_events(stored)
-            return len(stored), sent - len(stored)
-
-    def _without_resent_texts(self, events: Sequence[EventInput]) -> list[EventInput]:
-        """`events` less the events with text that are duplicates already
-        (stored before, or repeated earlier in the batch), so that a retry does
-        not embed its texts again: embedding is a write's costliest part (300
-        reviews re-sent took 19 s, as long as the first time, in an audit).
-        They are duplicates as of this read: an erasure that commits before
-        this write's commit keeps them erased (the write does not store them
-        again, as it would have)."""
-        first: dict[str, int] = {}
-        for i, e in enumerate(events):
-            first.setdefault(e.event_id, i)
-        texts = [e.event_id for i, e in enumerate(events) if e.text and first[e.event_id] == i]
-        stored = self.store.existing_event_ids(texts) if texts else set()
-        return [e for i, e in enumerate(events)
-                if not e.text or (first[e.event_id] == i and e.event_id not in stored)]
+            return len(stored), len(events) - len(stored)
 
     def _item_vectors(self, events: Sequence[EventInput]) -> tuple[np.ndarray, int | None]:
         """The vectors of the items the events name ((n, dim) float32, zeros

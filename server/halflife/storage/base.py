@@ -11,7 +11,7 @@ replaying a user's events always rebuilds exactly the profile that was served.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Protocol, Sequence
+from typing import Callable, Collection, Iterable, Iterator, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -31,6 +31,16 @@ class StoreUnavailableError(StoreError):
     error, read-only file, lock timeout), or a write failed with another one
     in its group commit: nothing of the call was stored, and a retry may
     succeed."""
+
+
+class ResentEventsErasedError(Exception):
+    """`record_events` stored nothing: events the caller had found stored
+    (re-sent ones, whose texts it did not embed) were erased since. They are
+    new again: embed them and retry."""
+
+    def __init__(self, event_ids: Sequence[str]):
+        self.event_ids = list(event_ids)
+        super().__init__(f"re-sent events erased since: {', '.join(map(repr, self.event_ids[:3]))}")
 
 
 class ItemsChangedError(Exception):
@@ -151,7 +161,7 @@ class Store(Protocol):
         """Every item, for building the in-memory catalogue at start."""
 
     def record_events(self, events: Sequence[EventRecord], guard: Guard | None = None,
-                      items_as_of: int | None = None) -> list[EventRecord]:
+                      items_as_of: int | None = None, stored_before: Collection[str] = ()) -> list[EventRecord]:
         """Stores the events whose event_id is new (also within the batch: the
         first one wins); returns those, with `seq` set, in arrival order. One
         call's events get consecutive seqs and commit atomically.
@@ -160,7 +170,11 @@ class Store(Protocol):
         caller read the vectors of the items the events name. When one that a
         new event names changed after it, raises ItemsChangedError and stores
         nothing: the event would carry one version's vector and count for
-        another (say, the item deleted and created anew meanwhile)."""
+        another (say, the item deleted and created anew meanwhile).
+
+        stored_before: ids of `events` the caller found stored already (their
+        vectors are placeholders). When one is not stored any more (erased
+        since), raises ResentEventsErasedError and stores nothing."""
 
     def existing_event_ids(self, event_ids: Sequence[str]) -> set[str]:
         """Those of `event_ids` already stored."""

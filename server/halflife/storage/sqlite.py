@@ -56,7 +56,7 @@ import uuid
 from concurrent.futures import Future
 from hashlib import sha256
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 import numpy as np
 
@@ -68,6 +68,7 @@ from halflife.storage.base import (
     ItemRecord,
     ItemsChangedError,
     ProfileSnapshot,
+    ResentEventsErasedError,
     StoreDamagedError,
     StoreError,
     StoreHead,
@@ -832,7 +833,7 @@ class SqliteStore:
     # ------------------------------------------------------------------ events
 
     def record_events(self, events: Sequence[EventRecord], guard: Guard | None = None,
-                      items_as_of: int | None = None) -> list[EventRecord]:
+                      items_as_of: int | None = None, stored_before: Collection[str] = ()) -> list[EventRecord]:
         first: dict[str, EventRecord] = {}
         for event in events:
             first.setdefault(event.event_id, event)  # the first one of an id wins
@@ -860,9 +861,11 @@ class SqliteStore:
             stored = conn.execute(
                 "SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?))", (ids_json,)
             ).fetchall()
+            seen = {row[0] for row in stored}
+            if erased := [event_id for event_id in stored_before if event_id not in seen]:
+                raise ResentEventsErasedError(erased)
             keep = range(len(rows))
-            if stored:
-                seen = {row[0] for row in stored}
+            if seen:
                 keep = [i for i, row in enumerate(rows) if row[0] not in seen]
                 if not keep:
                     return 0, []
