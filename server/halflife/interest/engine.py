@@ -250,6 +250,14 @@ class EventInput(NamedTuple):  # a tuple: one is built per event (see EventRecor
     event_time: float
 
 
+def _first_of_each_id(events: Sequence[EventInput]) -> dict[str, int]:
+    """Event id -> the index of its first event in `events`: the one the store keeps."""
+    first: dict[str, int] = {}
+    for i, e in enumerate(events):
+        first.setdefault(e.event_id, i)
+    return first
+
+
 @dataclasses.dataclass(frozen=True)
 class ItemFilter:
     include_categories: tuple[str, ...] = ()
@@ -820,9 +828,7 @@ class InterestEngine:
         stored already. The store checks at the commit that these are still
         stored; any erased since are embedded and stored as new.
         """
-        first: dict[str, int] = {}  # the store keeps an id's first event
-        for i, e in enumerate(events):
-            first.setdefault(e.event_id, i)
+        first = _first_of_each_id(events)
         texts = [i for i, e in enumerate(events) if e.text and first[e.event_id] == i]
         stored_before = self.store.existing_event_ids([events[i].event_id for i in texts]) if texts else set()
         embedded: dict[int, np.ndarray] = {}
@@ -867,9 +873,7 @@ class InterestEngine:
         if missing:
             # A repeat of an event stored before or earlier in this batch is a
             # duplicate, whatever item it names: only the first is stored.
-            first = {}
-            for i, e in enumerate(events):
-                first.setdefault(e.event_id, i)
+            first = _first_of_each_id(events)
             stored = self.store.existing_event_ids([events[i].event_id for i, _ in missing])
             missing = [(i, item_id) for i, item_id in missing
                        if first[events[i].event_id] == i and events[i].event_id not in stored]
