@@ -1236,6 +1236,44 @@ def test_a_repeat_stays_a_duplicate_when_an_erasure_overtakes_the_retry(tmp_path
     assert [(e.event_id, e.item_id, e.text) for e in engine.store.user_events("u")] == [("e1", "x", "loved it")]
 
 
+def test_a_resent_event_of_a_gone_item_is_refused_when_an_erasure_overtakes_it(tmp_path, monkeypatch):
+    """Found stored, it passed with a placeholder vector; erased before the
+    commit, it was stored anew naming the deleted item (a review)."""
+    engine, _ = _engine_counting_texts(tmp_path)
+    engine.upsert_items([ItemInput(id="x", text="x")])
+    liked = EventInput("e1", "u", LIKE, "x", None, None, T - 60.0)
+    engine.record_events([liked])
+    engine.delete_items(["x"])
+    assert engine.record_events([liked]) == (0, 1)  # a duplicate, whatever item it names
+    erase_after_the_read(engine, monkeypatch, "u")
+    with pytest.raises(UnknownItemsError):  # erased first, it is new: its item must exist
+        engine.record_events([liked])
+    assert engine.store.user_events("u") == []
+
+
+def test_an_erasure_overtaking_a_retry_uses_none_of_the_item_change_tries(tmp_path, monkeypatch):
+    from halflife.interest.engine import RECORD_ATTEMPTS
+    from halflife.storage.base import ItemsChangedError
+
+    engine, _ = _engine_counting_texts(tmp_path)
+    engine.upsert_items([ItemInput(id="x", text="x")])
+    resent = EventInput("r0", "u", SEARCH, None, "a review", None, T - 60.0)
+    engine.record_events([resent])
+    erase_after_the_read(engine, monkeypatch, "u")
+    read, tries = engine._item_vectors, []
+
+    def read_then_change(events):
+        tries.append(1)
+        out = read(events)
+        engine.upsert_items([ItemInput(id="x", text=f"x, version {len(tries)}")])
+        return out
+
+    monkeypatch.setattr(engine, "_item_vectors", read_then_change)
+    with pytest.raises(ItemsChangedError):
+        engine.record_events([resent, EventInput("n", "u", LIKE, "x", None, None, T - 1.0)])
+    assert len(tries) == 1 + RECORD_ATTEMPTS  # the erasure's try, then every item-change try
+
+
 def test_an_unknown_item_is_named_at_its_place_in_the_batch_sent(tmp_path):
     """Events found stored are not embedded, but they keep their places: a
     review saw events[1] named for the unknown item of events[2]."""

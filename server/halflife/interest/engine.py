@@ -832,8 +832,9 @@ class InterestEngine:
         texts = [i for i, e in enumerate(events) if e.text and first[e.event_id] == i]
         stored_before = self.store.existing_event_ids([events[i].event_id for i in texts]) if texts else set()
         embedded: dict[int, np.ndarray] = {}
-        for attempt in itertools.count(1):
-            vectors, items_as_of = self._item_vectors(events)
+        items_changed = 0
+        while True:
+            vectors, items_as_of, stored_naming_gone = self._item_vectors(events)
             wanted = [i for i in texts if events[i].event_id not in stored_before]
             if missing := [i for i in wanted if i not in embedded]:
                 embedded.update(zip(missing, self._embed([events[i].text for i in missing], deadline)))
@@ -846,22 +847,25 @@ class InterestEngine:
                 for e, vector in zip(events, vectors)
             ]
             try:
-                stored = self.store.record_events(records, _guard(deadline), items_as_of, stored_before)
+                stored = self.store.record_events(records, _guard(deadline), items_as_of,
+                                                  stored_before | stored_naming_gone)
             except ItemsChangedError:
-                if attempt >= RECORD_ATTEMPTS:
+                items_changed += 1
+                if items_changed == RECORD_ATTEMPTS:
                     raise
                 continue
-            except ResentEventsErasedError:
-                stored_before = set()  # new again: embedded on the next try
+            except ResentEventsErasedError as erased:
+                stored_before -= set(erased.event_ids)  # new again: embedded (or refused for a gone item) next try
                 continue
             self._apply_new_events(stored)
             return len(stored), len(events) - len(stored)
 
-    def _item_vectors(self, events: Sequence[EventInput]) -> tuple[np.ndarray, int | None]:
+    def _item_vectors(self, events: Sequence[EventInput]) -> tuple[np.ndarray, int | None, set[str]]:
         """The vectors of the items the events name ((n, dim) float32, zeros
-        where an event names none) and the store's change version they are
-        current at (None when no event names an item). Raises
-        UnknownItemsError as record_events says."""
+        where an event names none or an item gone), the store's change version
+        they are current at (None when no event names an item), and the ids of
+        the events found stored already that name a gone item (their vectors
+        are placeholders). Raises UnknownItemsError as record_events says."""
         with self._catalog_write, self._lock:  # this process's catalogue writes indexed, not just committed
             # The version before the catch-up: a change between the two reads only costs a retry.
             items_as_of = self.store.head().change_version if any(e.item_id for e in events) else None
@@ -870,6 +874,7 @@ class InterestEngine:
             missing = [(i, e.item_id) for i, (e, row) in enumerate(zip(events, rows)) if e.item_id and row < 0]
             vectors = np.zeros((len(events), self.dim), dtype=np.float32)
             vectors[rows >= 0] = self.catalog.vectors[rows[rows >= 0]]
+        stored: set[str] = set()
         if missing:
             # A repeat of an event stored before or earlier in this batch is a
             # duplicate, whatever item it names: only the first is stored.
@@ -879,7 +884,7 @@ class InterestEngine:
                        if first[events[i].event_id] == i and events[i].event_id not in stored]
             if missing:
                 raise UnknownItemsError(missing)
-        return vectors, items_as_of
+        return vectors, items_as_of, stored
 
     def _apply_new_events(self, stored: Sequence[EventRecord]) -> None:
         """Applies a batch this process just stored, unless a catch-up
