@@ -677,7 +677,8 @@ class InterestEngine:
     # ---------------------------------------------------------------- catalog
 
     def upsert_items(self, items: Sequence[ItemInput], deadline: Deadline | None = None) -> tuple[int, int]:
-        """Embeds items without a vector, stores all durably, then indexes
+        """Embeds items without a vector (but those whose text this model
+        embedded before: `_embedded_before`), stores all durably, then indexes
         them. Writes nothing, and raises DeadlineExpiredError, once `deadline`
         says the caller stopped waiting before the store's writer took it
         (the same for every write here)."""
