@@ -1163,7 +1163,7 @@ def test_a_repeat_within_a_batch_is_a_duplicate_whatever_item_it_names(tmp_path)
         engine.record_events([first._replace(event_id="e2", item_id="no-such-item"), first._replace(event_id="e2")])
 
 
-def _engine_counting_texts(path) -> tuple[InterestEngine, list[str]]:
+def _engine_counting_texts(path, embedder_id: str | None = None) -> tuple[InterestEngine, list[str]]:
     """An engine and every text it embedded."""
     embedded: list[str] = []
 
@@ -1171,7 +1171,8 @@ def _engine_counting_texts(path) -> tuple[InterestEngine, list[str]]:
         embedded.extend(texts)
         return fake_embed(texts)
 
-    return InterestEngine(Config(), SqliteStore(path), DIM, embed, clock=lambda: T), embedded
+    engine = InterestEngine(Config(), SqliteStore(path), DIM, embed, clock=lambda: T, embedder_id=embedder_id)
+    return engine, embedded
 
 
 def test_a_retry_does_not_embed_the_texts_of_events_already_stored(tmp_path):
@@ -1290,17 +1291,7 @@ def test_an_unknown_item_is_named_at_its_place_in_the_batch_sent(tmp_path):
 def test_an_upsert_that_repeats_an_items_text_keeps_the_vector_its_model_embedded(tmp_path):
     """A re-sent upsert, or a catalogue re-synced whole, embedded every text
     again. Only what the same model embedded from the same text is kept."""
-    def engine_of(model_id):
-        embedded: list[str] = []
-
-        def embed(texts, deadline=None):
-            embedded.extend(texts)
-            return fake_embed(texts)
-
-        return InterestEngine(Config(), SqliteStore(tmp_path), DIM, embed, clock=lambda: T, embedder_id=model_id), \
-            embedded
-
-    engine, embedded = engine_of("model-a")
+    engine, embedded = _engine_counting_texts(tmp_path, "model-a")
     given = np.eye(DIM, dtype=np.float32)[0]
     engine.upsert_items([ItemInput(id="a", text="red boots"), ItemInput(id="b", text="blue hat", vector=given)])
     assert embedded == ["red boots"]
@@ -1317,11 +1308,11 @@ def test_an_upsert_that_repeats_an_items_text_keeps_the_vector_its_model_embedde
     assert embedded[-1] == "red leather boots"
     engine.store.close()
 
-    other, embedded = engine_of("model-b")  # another model: its own vectors
+    other, embedded = _engine_counting_texts(tmp_path, "model-b")  # another model: its own vectors
     other.upsert_items([ItemInput(id="c", text="green scarf")])
     assert embedded == ["green scarf"]
     other.store.close()
-    unnamed, embedded = engine_of(None)  # no identity: always embedded
+    unnamed, embedded = _engine_counting_texts(tmp_path)  # no identity: always embedded
     unnamed.upsert_items([ItemInput(id="c", text="green scarf")])
     unnamed.upsert_items([ItemInput(id="c", text="green scarf")])
     assert embedded == ["green scarf"] * 2
@@ -1332,7 +1323,7 @@ def test_an_upsert_of_the_same_text_still_repairs_a_damaged_item(tmp_path):
     that would rewrite it (a review): it embeds then, as without the saving."""
     import sqlite3
 
-    engine = InterestEngine(Config(), SqliteStore(tmp_path), DIM, fake_embed, clock=lambda: T, embedder_id="model-a")
+    engine, _ = _engine_counting_texts(tmp_path, "model-a")
     engine.upsert_items([ItemInput(id="x", text="red boots", categories=("shoes",))])
     with sqlite3.connect(engine.store.path) as conn:
         conn.execute("UPDATE items SET categories = 'not json' WHERE id = 'x'")
