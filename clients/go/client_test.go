@@ -75,6 +75,12 @@ func TestCatalogEventsAndRecommendations(t *testing.T) {
 	if up.CreatedCount != 4 || up.UpdatedCount != 0 {
 		t.Fatalf("upsert: %v", up)
 	}
+	t.Cleanup(func() { // the server as found: the test runs again against it (go test -count=2)
+		ids := []string{"go-boots", "go-tent", "go-stove", "go-novel"}
+		if _, err := c.Catalog.DeleteItems(ctx, &pb.DeleteItemsRequest{Ids: ids}); err != nil {
+			t.Error(err)
+		}
+	})
 	got, err := c.Catalog.GetItems(ctx, &pb.GetItemsRequest{Ids: []string{"go-novel"}})
 	if err != nil {
 		t.Fatal(err)

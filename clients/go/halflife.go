@@ -5,6 +5,7 @@
 // one client per service, plain-value helpers and rich-error decoding.
 //
 //	c, err := halflife.Dial(ctx, "127.0.0.1:50051")
+//	if err != nil { ... }
 //	defer c.Close()
 //	vectors, err := c.Embed(ctx, []string{"trail running shoes"})
 //	recs, err := c.Recommend.Recommend(ctx, &halflifev1.RecommendRequest{UserId: "ana", Limit: 10})
@@ -13,10 +14,12 @@ package halflife
 import (
 	"context"
 	"errors"
+	"math/rand"
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -37,24 +40,68 @@ type Client struct {
 // gRPC-Go's own receive limit, 4 MiB, fails a large GetItems.
 const MaxMessageBytes = 64 << 20
 
-// Dial connects to address ("host:port"), with MaxMessageBytes both ways.
-// Without options the connection is plaintext (h2c), as `halflife serve`
-// listens; options replace that default, so a plaintext connection with
-// options (grpc.WithBlock(), ...) needs grpc.WithTransportCredentials(
-// insecure.NewCredentials()) among them.
+// DefaultTimeout is the deadline Dial's connection gives a call whose context
+// has none, as the Python client does: a call to a server that never answers
+// fails instead of waiting forever.
+var DefaultTimeout = 10 * time.Second
+
+// RetryAttempts is how many times in all Dial's connection tries a call that
+// fails UNAVAILABLE (a connection dropped, a server starting or restarting) or
+// that a server shutting down answers CANCELLED (calls it had not started:
+// grpc/grpc#41785), with jittered backoff from 100 ms, doubling (about a
+// second in all: a blip, not a restart, which the caller retries). Every
+// Halflife call is safe to repeat; no other status is retried, and neither is
+// a cancel or deadline of the caller's own. As the Python client does.
+const RetryAttempts = 4
+
+// Dial connects to address ("host:port"), with MaxMessageBytes both ways,
+// DefaultTimeout and RetryAttempts. Without options the connection is
+// plaintext (h2c), as `halflife serve` listens; options replace that default,
+// so a plaintext connection with options (grpc.WithBlock(), ...) needs
+// grpc.WithInsecure() among them (or, from gRPC-Go 1.34 on,
+// grpc.WithTransportCredentials(insecure.NewCredentials())).
 func Dial(ctx context.Context, address string, opts ...grpc.DialOption) (*Client, error) {
 	if len(opts) == 0 {
 		opts = []grpc.DialOption{grpc.WithInsecure()}
 	}
-	limits := grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageBytes), grpc.MaxCallSendMsgSize(MaxMessageBytes))
-	conn, err := grpc.DialContext(ctx, address, append([]grpc.DialOption{limits}, opts...)...)
+	defaults := []grpc.DialOption{
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageBytes), grpc.MaxCallSendMsgSize(MaxMessageBytes)),
+		grpc.WithChainUnaryInterceptor(deadlineAndRetries),
+	}
+	conn, err := grpc.DialContext(ctx, address, append(defaults, opts...)...)
 	if err != nil {
 		return nil, err
 	}
 	return NewClient(conn), nil
 }
 
-// NewClient wraps an existing connection; Close closes it.
+// deadlineAndRetries gives a call DefaultTimeout when its context has no
+// deadline, and tries it again as RetryAttempts says.
+func deadlineAndRetries(ctx context.Context, method string, req, reply interface{}, cc *grpc.ClientConn,
+	invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, DefaultTimeout)
+		defer cancel()
+	}
+	backoff := 100 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		err := invoker(ctx, method, req, reply, cc, opts...)
+		code := status.Code(err)
+		if attempt == RetryAttempts || (code != codes.Unavailable && code != codes.Canceled) || ctx.Err() != nil {
+			return err // ctx.Err(): the caller's own cancel or deadline, not the server's
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(time.Duration(rand.Int63n(int64(backoff)))): // gRPC's retry jitter: 0 to the backoff
+		}
+		backoff *= 2
+	}
+}
+
+// NewClient wraps an existing connection; Close closes it. (The connection's
+// own options apply: Dial's deadline and retries only where it has them.)
 func NewClient(conn *grpc.ClientConn) *Client {
 	return &Client{
 		conn:      conn,
