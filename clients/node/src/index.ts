@@ -34,9 +34,21 @@ export * as embedding from "./gen/halflife/v1/embedding_pb.js";
 export * as interest from "./gen/halflife/v1/interest_pb.js";
 export * as recommend from "./gen/halflife/v1/recommend_pb.js";
 export { Code, ConnectError, EventType, Strategy };
+export type { Interceptor };
 
 /** Per-call deadline unless a call passes its own `timeoutMs`. */
 export const DEFAULT_TIMEOUT_MS = 10_000;
+
+/**
+ * How many times in all a call is tried when it fails `Unavailable` (a dropped
+ * connection, a server starting or restarting) or a server shutting down
+ * answers `Canceled` (calls it had not started: grpc/grpc#41785), with
+ * jittered backoff from 100 ms, doubling (about a second in all: a blip, not a
+ * restart, which the caller retries), within the call's deadline. Every
+ * Halflife call is safe to repeat; no other code is retried, nor a cancel of
+ * the caller's own. As the Python and Go clients do.
+ */
+export const RETRY_ATTEMPTS = 4;
 
 export interface ClientOptions {
   /**
@@ -46,6 +58,8 @@ export interface ClientOptions {
    * 0 and negative values are refused, longer ones are waited for as none.)
    */
   timeoutMs?: number;
+  /** Connect interceptors (auth headers, logging), run on each try, inside the retries. */
+  interceptors?: Interceptor[];
 }
 
 /** setTimeout's limit (~24.8 days); a longer deadline would fire at once. */
@@ -159,6 +173,26 @@ function int32(name: string, value: number): number {
   return value;
 }
 
+/** Tries a call as RETRY_ATTEMPTS says; `closed()`: the client was closed (its Canceled is final). */
+function retries(closed: () => boolean): Interceptor {
+  return (next) => async (request) => {
+    for (let attempt = 1, backoffMs = 100; ; attempt++, backoffMs *= 2) {
+      try {
+        return await next(request);
+      } catch (error) {
+        const code = ConnectError.from(error).code;
+        const retryable = code === Code.Unavailable || code === Code.Canceled;
+        if (attempt === RETRY_ATTEMPTS || !retryable || request.signal.aborted || closed()) throw error;
+        const waited = await new Promise<boolean>((resolve) => {
+          const timer = setTimeout(() => resolve(true), Math.random() * backoffMs); // gRPC's jitter: 0 to the backoff
+          request.signal.addEventListener("abort", () => (clearTimeout(timer), resolve(false)), { once: true });
+        });
+        if (!waited) throw error; // the deadline or the caller's cancel came first
+      }
+    }
+  };
+}
+
 /** A deadline for Connect (see ClientOptions.timeoutMs): undefined for none. */
 function deadline(timeoutMs: number): number | undefined {
   if (typeof timeoutMs !== "number" || !(timeoutMs > 0)) {
@@ -226,7 +260,11 @@ export class HalflifeClient {
       if (this.closed) throw new ConnectError("the client is closed", Code.Canceled);
       return next(request);
     };
-    const transport = createGrpcTransport({ baseUrl, sessionManager: this.sessions, interceptors: [open] });
+    const transport = createGrpcTransport({
+      baseUrl,
+      sessionManager: this.sessions,
+      interceptors: [retries(() => this.closed), open, ...(options.interceptors ?? [])],
+    });
     this.raw = {
       embedding: createClient(EmbeddingService, transport),
       catalog: createClient(CatalogService, transport),

@@ -1,7 +1,17 @@
 import assert from "node:assert/strict";
+import { createServer } from "node:net";
 import { after, before, describe, it } from "node:test";
 
-import { Code, ConnectError, EventType, HalflifeClient, Strategy, fieldViolations } from "../src/index.js";
+import {
+  Code,
+  ConnectError,
+  EventType,
+  HalflifeClient,
+  RETRY_ATTEMPTS,
+  Strategy,
+  fieldViolations,
+  type Interceptor,
+} from "../src/index.js";
 import { startServer, type LiveServer } from "./server.js";
 
 const T0 = new Date("2026-01-05T12:00:00Z");
@@ -168,6 +178,34 @@ describe("HalflifeClient against a live server", () => {
   it("deletes users and items", async () => {
     assert.equal(await client.deleteUser("ana"), 4n);
     assert.equal(await client.deleteItems(["novel", "ghost"]), 1);
+  });
+});
+
+describe("retries", () => {
+  /** A client of `address` and the tries its calls made. */
+  function counting(address: string, timeoutMs = 30_000): { client: HalflifeClient; tries: () => number } {
+    let tries = 0;
+    const count: Interceptor = (next) => (request) => (tries++, next(request));
+    return { client: new HalflifeClient(address, { timeoutMs, interceptors: [count] }), tries: () => tries };
+  }
+  const codeOf = (code: Code) => (error: unknown) => ConnectError.from(error).code === code;
+
+  it("tries a call that fails Unavailable RETRY_ATTEMPTS times", async () => {
+    const { client, tries } = counting("127.0.0.1:1"); // nothing listens there
+    await assert.rejects(client.modelInfo(), codeOf(Code.Unavailable));
+    assert.equal(tries(), RETRY_ATTEMPTS);
+    client.close();
+  });
+
+  it("does not retry a call whose own deadline passed", async () => {
+    const silent = createServer(() => {}); // accepts connections, never answers
+    await new Promise<void>((resolve) => silent.listen(0, "127.0.0.1", resolve));
+    const port = (silent.address() as { port: number }).port;
+    const { client, tries } = counting(`127.0.0.1:${port}`, 300);
+    await assert.rejects(client.modelInfo(), codeOf(Code.DeadlineExceeded));
+    assert.equal(tries(), 1);
+    client.close();
+    silent.close();
   });
 });
 
