@@ -220,6 +220,32 @@ def test_actions_that_stand_for_numbers_render_before_the_json_is_read():
     assert single(7).limit == 7
 
 
+@pytest.mark.parametrize("data", [
+    '[{"user_id": "a,b]{{.WorkerID}}", "limit": {{.RequestNumber}}}, {"user_id": "q\\"uote, [x] {", "limit": 2}]',
+    '[{"user_id": "u", "filter": {"include_categories": ["a,b", "c]", "{{.MethodName}}"]}, "limit": {{.RequestNumber}}},'
+    ' {"user_id": "{{.MethodName}}"}, {"user_id": "}]"}]',
+    ' [\n {"user_id": "x\\\\"} ,\n{"user_id":"{{.WorkerID}}", "limit": 3}\n] \n',
+])
+def test_a_templated_array_renders_one_element_per_request_as_the_whole_array_would(monkeypatch, data):
+    """Each request rendered and read the whole array to send one element (a
+    generator's CPU with a big array); its own element's template gives the
+    same message, whatever commas, brackets and quotes its strings hold."""
+    from google.protobuf import json_format
+
+    from halflife import loadtest as loadtest_module
+
+    method = method_descriptor("halflife.v1.RecommendService.Recommend")
+    make = request_factory(method, data)
+    whole = loadtest_module._template(data, method)
+    reads = []
+    monkeypatch.setattr(loadtest_module, "_messages", lambda text: reads.append(text) or [])
+    for number, worker in [(0, "g0c0"), (1, "g1c0"), (2, "g0c1"), (7, "g2c2")]:
+        elements = json.loads(whole(number, worker))
+        expected = json_format.Parse(json.dumps(elements[number % len(elements)]), make(0).__class__())
+        assert make(number, worker) == expected
+    assert reads == []  # no request read the whole array
+
+
 def test_worker_ids_and_an_array_round_robin_reach_the_server(scripted, capsys):
     servicer, address = scripted
     data = json.dumps([{"service": "a-{{.WorkerID}}"}, {"service": "b-{{.WorkerID}}"}])

@@ -260,6 +260,46 @@ def _messages(data: str) -> list[str]:
     return [json.dumps(element) for element in elements]
 
 
+def _array_elements(data: str) -> list[str] | None:
+    """Each element of `data`, a JSON array whose text may hold template
+    actions, as a template of its own, so that a request renders and reads
+    its one element instead of the whole array. Split at the commas between
+    the array's elements (outside strings and nested values), actions kept
+    whole; None when `data` is no array, or not one this split can read."""
+    if "\0" in data or not data.lstrip().startswith("["):
+        return None
+    actions = _ACTION.findall(data)
+    numbers = iter(range(len(actions)))
+    text = _ACTION.sub(lambda _: f"\0{next(numbers)}\0", data)  # actions: no quote, bracket or comma in them
+    elements: list[str] = []
+    depth, in_string, escaped, start = 0, False, False, text.index("[") + 1
+    for i, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+            if depth == 0:  # the array's end
+                elements.append(text[start:i])
+                break
+        elif char == "," and depth == 1:
+            elements.append(text[start:i])
+            start = i + 1
+    else:
+        return None
+    if text[i + 1:].strip():
+        return None
+    return [re.sub("\0(\\d+)\0", lambda m: "{{" + actions[int(m.group(1))] + "}}", e) for e in elements]
+
+
 def request_factory(method, data: str) -> Callable[..., object]:
     """make(n, worker_id): request n's message from proto3 JSON `data` (an array's
     elements in turn, as ghz sends them for a unary call) with ghz's template
@@ -279,8 +319,16 @@ def request_factory(method, data: str) -> Callable[..., object]:
     # Rendered before it is read as JSON, as ghz does: an action may stand for
     # a number ({"limit": {{randomInt 1 10}}}), in an array's elements too.
     render = _template(data, method)
-    for text in _messages(render(0, FIRST_WORKER)):
+    rendered = _messages(render(0, FIRST_WORKER))
+    for text in rendered:
         parse(text)  # fail before the load starts, not during it
+    elements = _array_elements(data)
+    if elements is not None and len(elements) == len(rendered):
+        # One element rendered and read per request (the whole array was: a load generator's CPU is the load's).
+        renders = [_template(element, method) for element in elements]
+        for element_render in renders:
+            parse(element_render(0, FIRST_WORKER))
+        return lambda number, worker_id=FIRST_WORKER: parse(renders[number % len(renders)](number, worker_id))
 
     def make(number: int, worker_id: str = FIRST_WORKER):
         texts = _messages(render(number, worker_id))
