@@ -184,8 +184,10 @@ function retries(closed: () => boolean): Interceptor {
         const retryable = code === Code.Unavailable || code === Code.Canceled;
         if (attempt === RETRY_ATTEMPTS || !retryable || request.signal.aborted || closed()) throw error;
         const waited = await new Promise<boolean>((resolve) => {
-          const timer = setTimeout(() => resolve(true), Math.random() * backoffMs); // gRPC's jitter: 0 to the backoff
-          request.signal.addEventListener("abort", () => (clearTimeout(timer), resolve(false)), { once: true });
+          const stop = () => (clearTimeout(timer), resolve(false));
+          const wake = () => (request.signal.removeEventListener("abort", stop), resolve(true));
+          const timer = setTimeout(wake, Math.random() * backoffMs); // gRPC's jitter: 0 to the backoff
+          request.signal.addEventListener("abort", stop, { once: true });
         });
         if (!waited) throw error; // the deadline or the caller's cancel came first
       }
