@@ -31,6 +31,10 @@
 5. Misses do not stall other calls: a cached user's Recommend latency while
    another thread takes profile misses of 500-event users, in-process (the
    replay runs without the engine lock).
+6. Catalogue re-sync: UpsertItems of 1,000 items by text (no vectors) through
+   gRPC, the first time (every text embedded: the baseline, in the same run),
+   re-sent unchanged (a retry, or a nightly full re-sync), and with a tenth of
+   the texts changed; each round with new ids, on a server of its own.
 """
 
 from __future__ import annotations
@@ -344,6 +348,23 @@ def recommend_during_misses(heavy_users: int = 20, events: int = 500, items: int
 
 # --------------------------------------------------------------------------- main
 
+def catalogue_resync(target: str, rounds: int, items: int = 1000) -> dict:
+    """Seconds of an UpsertItems of `items` texts: first, re-sent unchanged, a tenth changed (section 6)."""
+    from halflife_client.client import HalflifeClient, Item
+
+    seconds: dict[str, list[float]] = {"first": [], "unchanged": [], "tenth_changed": []}
+    with HalflifeClient(target, timeout=600) as client:
+        for r in range(rounds):
+            texts = [f"catalogue item {r}-{n}: walking boots in size {n % 13}, a leather upper and a rubber sole"
+                     for n in range(items)]
+            changed = [text + " (new)" if n % 10 == 0 else text for n, text in enumerate(texts)]
+            for name, batch in (("first", texts), ("unchanged", texts), ("tenth_changed", changed)):
+                began = time.perf_counter()
+                client.upsert_items([Item(id=f"r{r}-i{n}", text=text) for n, text in enumerate(batch)])
+                seconds[name].append(time.perf_counter() - began)
+    return {"items": items} | {name: summary(values) for name, values in seconds.items()}
+
+
 def run(quick: bool = False) -> dict:
     from halflife_client.client import HalflifeClient
 
@@ -417,6 +438,8 @@ def run(quick: bool = False) -> dict:
         results["record_events_per_s_to_most_users"] = (users_huge - users_big) * EVENTS_PER_USER / huge_s
         results["rss_bytes_per_recorded_user"] = (mem[5][1] - mem[3][1]) / (users_huge - users_big)
         results["rss_bytes_per_cached_profile"] = (mem[2][1] - mem[1][1]) / users_small
+        with ServerProcess(data_dir=tmp / "server-resync") as server:
+            results["catalogue_resync"] = catalogue_resync(server.target, rounds=1 if quick else 3)
     results["profile_state"] = profile_sizes()
     results["rebuild"] = rebuild_costs()
     results["during_misses"] = recommend_during_misses()
@@ -483,6 +506,13 @@ def write(results: dict) -> None:
         ax.set_xticks(range(len(stages)), [m["stage"] for m in stages], rotation=20, ha="right", fontsize=7)
         ax.set_ylabel("server RSS MiB")
 
+    c = results["catalogue_resync"]
+    t6 = markdown_table(
+        [f"UpsertItems of {c['items']:,} items by text", "seconds (median)", "items/s", "vs the first time", "runs"],
+        [[label, c[key]["median_s"], round(c["items"] / c[key]["median_s"]),
+          round(c[key]["median_s"] / c["first"]["median_s"], 3), c[key]["n"]]
+         for key, label in (("first", "the first time (every text embedded)"), ("unchanged", "re-sent unchanged"),
+                            ("tenth_changed", "a tenth of the texts changed"))])
     table = ("## RecordEvents throughput (batches of 500, durable)\n\n" + t1 + "\n"
              + save_plot("ingest", plot_throughput, "RecordEvents, batches of 500 item events, durable")
              + "\n## Profile state per user (50 events, 3 rate groups, K = 8)\n\n" + t2
@@ -496,7 +526,10 @@ def write(results: dict) -> None:
              + f"\nMeanwhile, other calls go on (the replay runs without the engine lock): a cached user's Recommend "
              f"({m['items']} items) while another thread takes {m['heavy_users']} misses of {m['events_per_user']}-event "
              f"users ({m['misses_s']:.2f} s): {m['calls']} calls, p50 {m['p50_s'] * 1e3:.2f} ms, "
-             f"p99 {m['p99_s'] * 1e3:.2f} ms, max {m['max_s'] * 1e3:.1f} ms.\n")
+             f"p99 {m['p99_s'] * 1e3:.2f} ms, max {m['max_s'] * 1e3:.1f} ms.\n"
+             + "\n## Catalogue re-sync (UpsertItems by text)\n\n" + t6
+             + "\nAn item whose stored text is the same and whose vector this model embedded keeps it "
+             "(docs/interest.md): a re-sent batch reads the items instead of embedding them.\n")
     notes = (
         f"Catalogue of {results['items']} items; throughput events reference random items, event times given. "
         "From empty: each run's events come from 1,000 users new to both files. At scale: a second server and raw "

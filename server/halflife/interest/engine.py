@@ -829,8 +829,10 @@ class InterestEngine:
         stored already. The store checks at the commit that these are still
         stored; any erased since are embedded and stored as new.
         """
-        first = _first_of_each_id(events)
-        texts = [i for i, e in enumerate(events) if e.text and first[e.event_id] == i]
+        texts = [i for i, e in enumerate(events) if e.text]
+        if texts:  # only first events are stored: repeats need no vector (item-only batches skip this)
+            first = _first_of_each_id(events)
+            texts = [i for i in texts if first[events[i].event_id] == i]
         stored_before = self.store.existing_event_ids([events[i].event_id for i in texts]) if texts else set()
         embedded: dict[int, np.ndarray] = {}
         items_changed = 0
