@@ -588,9 +588,14 @@ class EntryLog:
 
     def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every entry: (rows, times, weights), each (n,)."""
-        if not self._chunks:
+        return self.joined(self._chunks)
+
+    @staticmethod
+    def joined(chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The entries of `chunks` (a `chunks()` snapshot) as (rows, times, weights), each (n,)."""
+        if not chunks:
             return np.zeros(0, np.int32), np.zeros(0), np.zeros(0, np.float32)
-        return tuple(np.concatenate(column) for column in zip(*self._chunks))
+        return tuple(np.concatenate(column) for column in zip(*chunks))
 
     def renumber(self, new_row: np.ndarray) -> None:
         """Rows r become new_row[r]; entries whose new_row is -1 go (a

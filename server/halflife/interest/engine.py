@@ -600,7 +600,7 @@ class InterestEngine:
         log, alive = self._popularity_log.chunks(), self.catalog.alive.copy()
 
         def past() -> np.ndarray:
-            rows, times, weights = (np.concatenate(c) for c in zip(*log))
+            rows, times, weights = EntryLog.joined(log)
             keep = times <= t
             return _relative(decayed_sum(rows[keep], times[keep], weights[keep], t, half_life, size), alive)
         return past
