@@ -1252,15 +1252,9 @@ def test_a_resent_event_of_a_gone_item_is_refused_when_an_erasure_overtakes_it(t
     assert engine.store.user_events("u") == []
 
 
-def test_an_erasure_overtaking_a_retry_uses_none_of_the_item_change_tries(tmp_path, monkeypatch):
-    from halflife.interest.engine import RECORD_ATTEMPTS
-    from halflife.storage.base import ItemsChangedError
-
-    engine, _ = _engine_counting_texts(tmp_path)
-    engine.upsert_items([ItemInput(id="x", text="x")])
-    resent = EventInput("r0", "u", SEARCH, None, "a review", None, T - 60.0)
-    engine.record_events([resent])
-    erase_after_the_read(engine, monkeypatch, "u")
+def change_x_after_every_read(engine: InterestEngine, monkeypatch) -> list:
+    """Another caller updates item x (an update counts too) between each of
+    record_events' reads of the items and its commit; returns the reads."""
     read, tries = engine._item_vectors, []
 
     def read_then_change(events):
@@ -1270,6 +1264,19 @@ def test_an_erasure_overtaking_a_retry_uses_none_of_the_item_change_tries(tmp_pa
         return out
 
     monkeypatch.setattr(engine, "_item_vectors", read_then_change)
+    return tries
+
+
+def test_an_erasure_overtaking_a_retry_uses_none_of_the_item_change_tries(tmp_path, monkeypatch):
+    from halflife.interest.engine import RECORD_ATTEMPTS
+    from halflife.storage.base import ItemsChangedError
+
+    engine, _ = _engine_counting_texts(tmp_path)
+    engine.upsert_items([ItemInput(id="x", text="x")])
+    resent = EventInput("r0", "u", SEARCH, None, "a review", None, T - 60.0)
+    engine.record_events([resent])
+    erase_after_the_read(engine, monkeypatch, "u")
+    tries = change_x_after_every_read(engine, monkeypatch)
     with pytest.raises(ItemsChangedError):
         engine.record_events([resent, EventInput("n", "u", LIKE, "x", None, None, T - 1.0)])
     assert len(tries) == 1 + RECORD_ATTEMPTS  # the erasure's try, then every item-change try
@@ -1387,21 +1394,12 @@ def test_items_changing_at_every_try_end_in_items_changed_after_the_last(tmp_pat
 
     engine = open_engine(tmp_path)
     engine.upsert_items([ItemInput(id="x", text="x"), ItemInput(id="y", text="y")])
-    read = engine._item_vectors
-    tries = []
-
-    def read_then_change(events):
-        tries.append(1)
-        out = read(events)
-        engine.upsert_items([ItemInput(id="x", text=f"x, version {len(tries)}")])  # an update counts too
-        return out
-
-    monkeypatch.setattr(engine, "_item_vectors", read_then_change)
+    tries = change_x_after_every_read(engine, monkeypatch)
     with pytest.raises(ItemsChangedError):
         engine.record_events([EventInput("r", "u", LIKE, "x", None, None, T - 60)])
     assert len(tries) == RECORD_ATTEMPTS
     assert engine.store.user_events("u") == []
-    monkeypatch.setattr(engine, "_item_vectors", read)
+    monkeypatch.undo()
     engine.record_events([EventInput("r", "u", LIKE, "y", None, None, T - 60)])  # other items: no retry needed
     assert [e.item_id for e in engine.store.user_events("u")] == ["y"]
 
