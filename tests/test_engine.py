@@ -894,6 +894,32 @@ def test_freshness_lowers_scores_below_zero_too(tmp_path, user):
     assert result.items[0].score > result.items[1].score >= 0
 
 
+@pytest.mark.parametrize("user", ["fan", "cold"])
+def test_freshness_ranks_items_of_any_age_by_relevance(tmp_path, user):
+    """Items 13 years old at a 30-day freshness half-life (2^-158: below
+    float32's range) still rank by the rest of their score, personal or
+    trending: as float32 products every such score was 0 and they ranked by
+    id. A score that underflows is shown as 0, as is its freshness part."""
+    config = Config()
+    config = dataclasses.replace(config, ranking=dataclasses.replace(config.ranking, freshness_half_life_days=30.0))
+    engine = InterestEngine(config, SqliteStore(tmp_path), DIM, fake_embed, clock=lambda: T)
+    liked, other = fake_embed(["liked thing", "something else"])
+    near = (liked + 0.05 * other) / np.linalg.norm(liked + 0.05 * other)
+    old = T - 13 * 365 * DAY
+    engine.upsert_items([ItemInput(id="liked", text="", vector=liked, create_time=T - DAY),
+                         ItemInput(id="a-unrelated", text="", vector=other, create_time=old),
+                         ItemInput(id="z-matching", text="", vector=near, create_time=old + 1),
+                         ItemInput(id="m-older", text="", vector=near, create_time=old - 1)])
+    engine.record_events([EventInput("e", "fan", LIKE, "liked", None, None, T - 60)]
+                         + [EventInput("p", "crowd1", LIKE, "z-matching", None, None, T - 60),
+                            EventInput("q", "crowd2", LIKE, "m-older", None, None, T - 60)])
+    result = engine.recommend(user, 3, as_of=T, explain=True, filter=ItemFilter(exclude_item_ids=("liked",)))
+    assert result.strategy == ("personalized" if user == "fan" else "trending")
+    # Of the two matching (and as popular) items the newer first, by 2 s, then the unrelated one.
+    assert [i.item_id for i in result.items] == ["z-matching", "m-older", "a-unrelated"]
+    assert all(i.score == 0.0 and i.explanation.score_parts["freshness"] == 0.0 for i in result.items)
+
+
 def test_cosines_reported_stay_within_one_for_equal_vectors(tmp_path):
     """The API promises cosines in [-1, 1]; a float32 product of a unit row
     with itself lands on 1.0000002 for some rows. Twin items (one vector)

@@ -16,7 +16,7 @@ from halflife.core.ranking import (
     clip_cosines,
     cosine_scores,
     decayed_sum,
-    freshness,
+    log2_freshness,
     mmr,
     normalize,
     popularity_counts,
@@ -102,10 +102,10 @@ def test_batch_top_k_equals_per_row(mask_kind):
         assert (idx[3] >= 0).sum() == 5
 
 
-def test_freshness():
+def test_log2_freshness():
     h = 10 * DAY
-    created = np.array([T0, T0 - h, T0 - 3 * h, np.nan, T0 + DAY])
-    np.testing.assert_allclose(freshness(created, T0, h), [1.0, 0.5, 0.125, 1.0, 1.0], rtol=1e-6)
+    created = np.array([T0, T0 - h, T0 - 3 * h, np.nan, T0 + DAY, T0 - 2000 * h])
+    np.testing.assert_allclose(log2_freshness(created, T0, h), [0.0, -1.0, -3.0, 0.0, 0.0, -2000.0], rtol=1e-12)
 
 
 def test_mmr_with_lambda_one_is_relevance_order():

@@ -458,8 +458,10 @@ type Explanation struct {
 	// The score's weighted terms, by signal name ("interest", "negative",
 	// "cooccurrence", "popularity", "query"), which add up to the score. With
 	// the server's `ranking.freshness_half_life_days` set, "freshness" is the
-	// item's age factor in (0, 1], and the score is instead their sum moved to
-	// [0, 1] (from the range the blend's weights bound it to) times that.
+	// item's age factor 2^(-age/half-life) in [0, 1] (0 once it is below
+	// float's range), and the score is instead their sum moved to [0, 1] (from
+	// the range the blend's weights bound it to) times that; items rank by the
+	// exact product, so items of any age keep their order.
 	ScoreParts map[string]float32 `protobuf:"bytes,3,rep,name=score_parts,json=scoreParts,proto3" json:"score_parts,omitempty" protobuf_key:"bytes,1,opt,name=key,proto3" protobuf_val:"fixed32,2,opt,name=value,proto3"`
 }
 

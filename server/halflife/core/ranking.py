@@ -477,13 +477,15 @@ def _tile_top_k(pool, groups: int, queries: np.ndarray, items: np.ndarray, k: in
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def freshness(create_times, t: float, half_life_seconds: float) -> np.ndarray:
-    """Multiplier 2^{-age/h} per item; unknown (NaN) create times and items
-    from the future (clock skew) get 1. create_times: (N,). Returns (N,) float32."""
+def log2_freshness(create_times, t: float, half_life_seconds: float) -> np.ndarray:
+    """log2 of the freshness multiplier 2^{-age/h} per item, -age/h: unknown
+    (NaN) create times and items from the future (clock skew) get 0 (a
+    multiplier of 1). In log2 because the multiplier itself leaves float32
+    past 149 half-lives (see Blend.freshened). create_times: (N,).
+    Returns (N,) float64, <= 0."""
     c = np.asarray(create_times, dtype=np.float64)
     age = np.maximum(0.0, t - c)
-    out = np.exp(-(LN2 / half_life_seconds) * age)
-    return np.where(np.isnan(c), 1.0, out).astype(np.float32)
+    return np.where(np.isnan(c), 0.0, -age / half_life_seconds)
 
 
 def mmr(relevance, vectors, k: int, lam: float = 0.7) -> np.ndarray:

@@ -133,23 +133,37 @@ class Blend:
     """Blended scores over the catalogue, the bounds the blend's weights put
     on them, and, for explanations, the terms they sum at chosen rows."""
 
-    scores: np.ndarray  # (N,) float32
+    scores: np.ndarray  # (N,) float32; a freshened blend's: their log2, float64 (see `freshened`)
     parts_at: Callable[[np.ndarray], dict[str, np.ndarray]]  # rows (m,) -> name -> (m,)
     low: float = 0.0  # every score lies in [low, high]
     high: float = 1.0
+    log2: bool = False  # scores hold log2 of the scores
 
     @classmethod
     def of(cls, name: str, values: np.ndarray) -> "Blend":
         """One signal, already divided by its maximum (see `unit_max`): (N,) float32 in [0, 1]."""
         return cls(values, lambda rows: {name: values[rows]})
 
-    def freshened(self, fresh: np.ndarray) -> "Blend":
+    def freshened(self, log2_fresh: np.ndarray) -> "Blend":
         """Scores moved from [low, high] to [0, 1], so that age always lowers
-        them, times the items' freshness (fresh: (N,) in (0, 1]). The
-        freshness shows as a part of its own."""
+        them, times the items' freshness 2^log2_fresh (log2_fresh: (N,) <= 0,
+        `log2_freshness`), held as log2 in float64: as float32 products, the
+        scores of items older than ~149 half-lives were all 0 and ranked by
+        id, whatever their relevance. A score of 0 stays the lowest and
+        still rankable (log2 of 0, -inf, would exclude it). The freshness
+        shows as a part of its own. The last step of a blend."""
         parts_at, span = self.parts_at, self.high - self.low
-        unit = np.clip((self.scores - np.float32(self.low)) / np.float32(span), 0, 1) if span > 0 else 1
-        return Blend(unit * fresh, lambda rows: parts_at(rows) | {"freshness": fresh[rows]})
+        unit = (np.clip((self.scores - np.float32(self.low)) / np.float32(span), 0, 1) if span > 0
+                else np.ones(self.scores.shape, dtype=np.float32))
+        with np.errstate(divide="ignore"):
+            scores = np.log2(unit, dtype=np.float64) + log2_fresh
+        scores[unit == 0] = np.finfo(np.float64).min
+        return Blend(scores, lambda rows: parts_at(rows) | {"freshness": np.exp2(log2_fresh[rows]).astype(np.float32)},
+                     log2=True)
+
+    def reported(self, ranked: np.ndarray) -> np.ndarray:
+        """The scores to show for `ranked`, values of `scores` (float32)."""
+        return np.exp2(ranked).astype(np.float32) if self.log2 else ranked
 
     def mixed(self, name: str, values: np.ndarray, weight: float) -> "Blend":
         """(1 − weight) · these scores + weight · values (a cosine, in [-1, 1]), a part of its own."""

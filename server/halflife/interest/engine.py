@@ -54,7 +54,7 @@ from halflife.core.ranking import (
     clip_cosines,
     cosine_scores,
     decayed_sum,
-    freshness,
+    log2_freshness,
     mmr,
     normalize,
     row_dots,
@@ -1361,15 +1361,14 @@ class InterestEngine:
             query_scores = self._blocks(lambda rows: cosine_scores(query_vector, rows), items)
             blend = blend.mixed("query", query_scores, ranking.query_weight)
         if np.isfinite(ranking.freshness_half_life_days):
-            fresh = freshness(create_times, t, ranking.freshness_half_life_days * DAY)
-            blend = blend.freshened(fresh)
+            blend = blend.freshened(log2_freshness(create_times, t, ranking.freshness_half_life_days * DAY))
         select = functools.partial(top_k, blend.scores, candidates, ties=True)  # select(allowed) -> (rows, scores)
         picked = select(allowed)
         with self._lock:
             rows, top_scores = self._confirm(picked, allowed, select, epoch)
             rows, top_scores, ids = self._best_by_id(rows, top_scores, candidates)
-            return _Ranked(ids, top_scores, items[rows] if copy else None, blend.parts_at(rows) if explain else {},
-                           state, strategy)
+            return _Ranked(ids, blend.reported(top_scores), items[rows] if copy else None,
+                           blend.parts_at(rows) if explain else {}, state, strategy)
 
     def _best_by_id(self, rows: np.ndarray, scores: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """The `limit` best of `rows` (top_k's: best first, every tie at the
