@@ -84,6 +84,54 @@ def test_erasures_leave_the_popularity_log_as_a_restart_builds_it(tmp_path, monk
     assert live == trending(open_engine(tmp_path))
 
 
+def _engine_with_blend(path, **blend) -> InterestEngine:
+    config = Config()
+    return InterestEngine(dataclasses.replace(config, blend=dataclasses.replace(config.blend, **blend)),
+                          SqliteStore(path), DIM, fake_embed, clock=lambda: T)
+
+
+@pytest.mark.parametrize("read", ["past", "held"])
+def test_trending_keeps_its_order_thousands_of_half_lives_after_the_events(tmp_path, read):
+    """Popularity is divided by its maximum, so the time it is summed at
+    cancels. Summed at the read's time, every count underflowed to 0 past
+    ~1,075 half-lives and trending fell back to id order: in a look into the
+    past (the log, 3 years after the events at a 1-day half-life) and in a
+    read a day after events held ahead of the clock (1-minute half-life)."""
+    minute = 60.0
+    half_life = DAY if read == "past" else minute
+    engine = _engine_with_blend(tmp_path, popularity_half_life_days=half_life / DAY)
+    engine.upsert_items([ItemInput(id=i, text=f"thing {i}") for i in ("a", "b", "c")])
+    start = T - 4 * 365 * DAY if read == "past" else T + minute  # held: stamped after the clock
+    engine.record_events([EventInput("c1", "x", LIKE, "c", None, None, start),
+                          EventInput("c2", "y", LIKE, "c", None, None, start + 1),
+                          EventInput("b1", "z", LIKE, "b", None, None, start + 2)])
+    if read == "past":
+        engine.record_events([EventInput("later", "w", LIKE, "a", None, None, T - DAY)])  # after the look
+    result = engine.recommend("cold", 3, as_of=start + (3 * 365 * DAY if read == "past" else DAY))
+    assert result.strategy == "trending"
+    c = 2 ** (-2 / half_life) + 2 ** (-1 / half_life)  # at b's time: c's likes 2 and 1 s older, b's 1
+    assert [i.item_id for i in result.items] == ["c", "b", "a"]
+    assert [i.score for i in result.items] == pytest.approx([1.0, 1 / c, 0.0], rel=1e-6)
+
+
+def test_cooccurrence_signal_is_the_same_however_long_ago_the_events(tmp_path):
+    """The co-occurrence signal is divided by its maximum, so a user's
+    affinities decayed alike must give the same signal; decayed to the read's
+    time, they underflowed past ~1,075 affinity half-lives and the signal
+    vanished (3.5 years at a 1-day half-life)."""
+    parts = []
+    for years in (0.5, 3.5):
+        engine = _engine_with_blend(tmp_path / str(years), affinity_half_life_days=1.0)
+        engine.upsert_items([ItemInput(id=i, text=f"thing {i}") for i in ("a", "b", "c")])
+        t0 = T - years * 365 * DAY
+        engine.record_events([EventInput("u1", "u", LIKE, "a", None, None, t0),
+                              EventInput("x1", "x", LIKE, "a", None, None, t0),
+                              EventInput("x2", "x", LIKE, "b", None, None, t0)])
+        b = next(i for i in engine.recommend("u", 2, as_of=T, explain=True).items if i.item_id == "b")
+        parts.append(b.explanation.score_parts["cooccurrence"])
+    assert parts[0] > 0 and parts[1] == pytest.approx(parts[0], rel=1e-6)
+
+
 def test_one_event_calls_keep_few_popularity_log_chunks_and_the_same_past(tmp_path):
     """Each RecordEvents added a chunk of three arrays to the log of the past,
     ~400 B for a one-event call and never merged (an audit of long runs)."""

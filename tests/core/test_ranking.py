@@ -207,6 +207,8 @@ def test_an_item_whose_every_event_was_taken_back_counts_exactly_zero():
     rows, times, weights = [0, 0, 1, 1, 0, 0, 1], [T0] * 7, [0.1, 0.2, 0.1, 0.2, -0.1, -0.2, -0.1]
     sums = decayed_sum(rows, times, weights, T0, DAY, 3)
     assert sums[0] == 0.0 and sums[1] == pytest.approx(0.2) and sums[2] == 0.0
+    none = decayed_sum([], [], [], T0, DAY, 3)  # as its docstring says, even with no entries
+    assert none.dtype == np.float64 and none.tolist() == [0.0, 0.0, 0.0]
 
 
 def _reference_top_k(s, k, allowed, ties=False):

@@ -541,7 +541,8 @@ def decayed_sum(item_index, times, weights, t: float, half_life: float, n_items:
     the most popular item. Returns (N,) float64."""
     item_index = np.asarray(item_index, dtype=np.int64)
     weights = np.asarray(weights, dtype=np.float64)
-    sums = np.bincount(item_index, weights=weights * np.exp2(-(t - np.asarray(times)) / half_life), minlength=n_items)
+    decayed = weights * np.exp2(-(t - np.asarray(times, dtype=np.float64)) / half_life)
+    sums = np.bincount(item_index, weights=decayed, minlength=n_items).astype(np.float64, copy=False)  # int64 if empty
     sums[_net_entries(item_index, weights, n_items) == 0] = 0.0
     return sums
 

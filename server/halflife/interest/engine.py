@@ -587,14 +587,17 @@ class InterestEngine:
         read now (at the clock, from a cache: see `_relative_popularity`), a
         look into the past sums a copy of the log when called (see
         CatalogueScan). Lock held."""
+        # Each read sums at its newest entry's time, not at t: divided by the maximum, the factor between
+        # the two cancels, and summed at t every count underflowed to 0 past ~1,075 half-lives.
         ahead = self._release_blend(t)
         half_life, size = self.config.blend.popularity_half_life_days * DAY, self.catalog.size
         if t >= self._popularity_log.newest:
             if ahead is None:
                 present = self._relative_popularity()
             else:
-                times, _, rows, weights = ahead
-                popularity = self._popularity.read(t) + decayed_sum(rows, times, weights, t, half_life, size)
+                times, _, rows, weights = ahead  # stamped after the clock, so after every applied entry
+                at = float(times.max())
+                popularity = self._popularity.read(at) + decayed_sum(rows, times, weights, at, half_life, size)
                 present = _relative(popularity, self.catalog.alive)
             return lambda: present
         log, alive = self._popularity_log.chunks(), self.catalog.alive.copy()
@@ -602,7 +605,8 @@ class InterestEngine:
         def past() -> np.ndarray:
             rows, times, weights = EntryLog.joined(log)
             keep = times <= t
-            return _relative(decayed_sum(rows[keep], times[keep], weights[keep], t, half_life, size), alive)
+            at = float(times[keep].max(initial=-np.inf))
+            return _relative(decayed_sum(rows[keep], times[keep], weights[keep], at, half_life, size), alive)
         return past
 
     def _relative_popularity(self) -> np.ndarray:
@@ -1491,7 +1495,8 @@ class InterestEngine:
 
     def _affinity_scores(self, state: UserState, t: float) -> Later:
         """Σ_i a_i · sim(i, j): the user's decayed per-item affinity (event
-        weight × 2^(−age/h), events up to t) through item co-occurrence, as a
+        weight × 2^(−age/h), events up to t; up to a factor common to all,
+        which the blend divides out) through item co-occurrence, as a
         function returning (size,) float64: the present is read now, a look
         into the past or after the clock rebuilds the pairs of then from a
         copy when called (see CatalogueScan). Lock held."""
@@ -1507,8 +1512,10 @@ class InterestEngine:
         if not keep.any():
             zeros = np.zeros(self.catalog.size)
             return lambda: zeros
-        types = types[keep]
-        decay = np.exp2(-(t - times[keep]) / (blend.affinity_half_life_days * DAY))
+        types, times_kept = types[keep], times[keep]
+        # From the newest event, not from t: the signal is divided by its maximum (CatalogueScan), where
+        # the factor between the two cancels, and from t every affinity underflowed past ~1,075 half-lives.
+        decay = np.exp2(-(times_kept.max() - times_kept) / (blend.affinity_half_life_days * DAY))
         items, at = np.unique(rows[keep], return_inverse=True)
         affinity = np.bincount(at, weights=self._types.weights[types] * decay, minlength=items.size)
         index = self._cooccurrence
