@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import json
 import os
 import queue
 import re
@@ -135,6 +136,61 @@ def test_a_worker_that_dies_after_it_served_is_started_again(model_dir, tmp_path
             channel.close()
         process.send_signal(signal.SIGTERM)
         assert wait_exit(process) == 0  # the restart was no failure
+    finally:
+        process.kill()
+
+
+def test_a_restarted_worker_serves_the_config_its_group_started_with(model_dir, tmp_path):
+    """The config file edited after the group started (an audit): the worker
+    started again read it anew, refused limits its sibling took and ranked
+    otherwise. Every worker reads the copy taken at the start."""
+    config = tmp_path / "halflife.toml"
+    config.write_text("[ranking]\nmax_limit = 5\n")
+    process, address = start_cli_server(model_dir, tmp_path / "data", workers=2, extra_args=("--config", str(config)))
+    log = LogLines(process)
+    try:
+        config.write_text("[ranking]\nmax_limit = 2\n")
+        os.kill(children(process.pid)[0], signal.SIGKILL)
+        index = log.wait_for(r"worker (\d) exited with status -9; starting it again").group(1)
+        log.wait_for(rf"\[worker {index}\] .*serving on")
+        channels = [grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(CLIENTS)]
+        for channel in channels:  # through both workers: limit 5 is within the group's max_limit
+            assert HalflifeClient(channel=channel).recommend("u", 5).strategy == recommend_pb2.STRATEGY_TRENDING
+        held = connections_by_process(children(process.pid), int(address.rsplit(":", 1)[1]))
+        assert len(held) == 2 and all(count > 0 for count in held.values()), held
+        for channel in channels:
+            channel.close()
+        process.send_signal(signal.SIGTERM)
+        assert wait_exit(process) == 0
+    finally:
+        process.kill()
+
+
+def test_a_restarted_worker_refuses_a_model_directory_changed_under_its_group(model_dir, tmp_path):
+    """A worker started again loaded whatever the model directory held by
+    then: another default variant (a re-export) would embed differently from
+    its siblings. It refuses, and the group stops for its supervisor to
+    start it again whole (as for any worker that cannot start)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for path in model_dir.iterdir():
+        (model / path.name).symlink_to(path.resolve())
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    (model / "manifest.json").unlink()
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    process, _ = start_cli_server(model, tmp_path / "data", workers=2)
+    log = LogLines(process)
+    try:
+        other = next(v["name"] for v in manifest["variants"]
+                     if "CPUExecutionProvider" in v["execution_providers"]
+                     and v["name"] != manifest["default_variants"]["CPUExecutionProvider"])
+        manifest["default_variants"]["CPUExecutionProvider"] = other
+        (model / "manifest.json").write_text(json.dumps(manifest))
+        os.kill(children(process.pid)[0], signal.SIGKILL)
+        log.wait_for(r"worker \d exited with status -9; starting it again")
+        log.wait_for(r"changed since this worker's group started .*restart the group")
+        log.wait_for(r"worker \d exited with status 1 before it served; stopping the others")
+        assert wait_exit(process) == 1
     finally:
         process.kill()
 

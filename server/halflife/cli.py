@@ -9,8 +9,10 @@ import datetime as dt
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import grpc
@@ -128,6 +130,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     # A pipe to the parent, written once the worker serves (the parent restarts only workers that served).
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    # The model the group serves (EmbeddingEngine.identity): a worker started again later refuses another.
+    parser.add_argument("--model-identity", default=None, help=argparse.SUPPRESS)
     parser.set_defaults(run=_run_serve)
 
 
@@ -230,6 +234,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         halflife=halflife_config,
         reuse_port=args.worker_index is not None,
         follow_store=args.worker_index is not None,
+        model_identity=args.model_identity,
     )
     new_data_dir = not args.data_dir.exists()
     lock = None
@@ -274,7 +279,9 @@ def _check_model(args: argparse.Namespace) -> None:
 
 def _run_workers(args: argparse.Namespace) -> int:
     from halflife.api.server import claim_data_dir
+    from halflife.config import ConfigError
     from halflife.cpu import physical_cores
+    from halflife.embedding.engine import served_identity
     from halflife.storage.base import StoreError
     from halflife.storage.sqlite import SqliteStore
     from halflife.workers import run_workers, worker_threads
@@ -282,22 +289,52 @@ def _run_workers(args: argparse.Namespace) -> int:
     new_data_dir = not args.data_dir.exists()
     try:
         _check_model(args)  # one clear error here rather than one per worker
+        # A worker that dies is started again with these flags, maybe long after the others: it must
+        # serve what they serve, not the files as they are by then (an audit edited the config, and a
+        # restarted worker refused limits its sibling took and ranked otherwise). So every worker reads
+        # a copy of the config taken now, and refuses a model other than the one found now.
+        serve_argv = [*args.argv[1:], "--model-identity",
+                      served_identity(args.model_dir, variant=args.variant, provider=args.provider)]
         # Each worker inherits the lock's open file: the directory stays taken until
         # the last of them has exited, even after a SIGKILL of this parent (an audit
         # started a new server there while orphaned workers still committed writes).
-        with claim_data_dir(args.data_dir, f"pid {os.getpid()} and the workers it started") as lock:
+        with claim_data_dir(args.data_dir, f"pid {os.getpid()} and the workers it started") as lock, \
+                tempfile.TemporaryDirectory(prefix="halflife-workers-") as group_dir:
             try:
+                if args.config is not None:
+                    serve_argv += ["--config", str(_config_copy(args.config, Path(group_dir)))]
                 threads = worker_threads(args.threads, args.workers, physical_cores())
                 # The store's migrations run once, here, before any worker opens the file.
-                return run_workers(args.argv[1:], args.host, args.port, args.workers, threads,
+                return run_workers(serve_argv, args.host, args.port, args.workers, threads,
                                    keep_fds=(lock.fileno(),), prepare=lambda: SqliteStore(args.data_dir).close())
-            except OSError:
+            except (OSError, ConfigError):
                 if new_data_dir:
                     _remove_unused_data_dir(lock, args.data_dir)
                 raise
+    except ConfigError as exc:
+        print(f"halflife serve: error: config: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except (ManifestError, StoreError, OSError) as exc:
         print(f"halflife serve: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _config_copy(path: Path, folder: Path) -> Path:
+    """A copy of the config file at `path` in `folder`, checked as the workers
+    will read it (the file may have changed since serve read it). Raises
+    ConfigError."""
+    from halflife.config import ConfigError, load_config
+
+    copy = folder / "config.toml"
+    try:
+        shutil.copyfile(path, copy)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read it: {exc}") from None
+    try:
+        load_config(copy)
+    except ConfigError as exc:
+        raise ConfigError(f"{path} changed as the workers started: {exc}") from None
+    return copy
 
 
 DEFAULT_PORT = 50051

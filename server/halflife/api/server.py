@@ -28,6 +28,7 @@ from halflife.api.recommend import RecommendServicer
 from halflife.config import Config
 from halflife.embedding.batcher import BatchingConfig, DynamicBatcher
 from halflife.embedding.engine import EmbeddingEngine
+from halflife.embedding.manifest import ManifestError
 from halflife.interest.engine import InterestEngine
 from halflife.locks import LockHeldError, hold_lock
 from halflife.storage.sqlite import SqliteStore
@@ -64,6 +65,7 @@ class ServerConfig:
     grace_seconds: float = 30.0  # in-flight RPCs get this long to finish on shutdown
     reuse_port: bool = False  # True only when several worker processes share the port
     follow_store: bool = False  # other processes write to the same store (workers)
+    model_identity: str | None = None  # a worker: the model its group serves (EmbeddingEngine.identity)
 
     def grpc_options(self) -> list[tuple[str, int]]:
         return [
@@ -320,6 +322,11 @@ class HalflifeServer:
             provider=config.provider,
             intra_op_threads=config.intra_op_threads,
         )
+        if config.model_identity is not None and engine.identity != config.model_identity:
+            # A worker started again after its group started must embed as its siblings do.
+            raise ManifestError(f"{config.model_dir} changed since this worker's group started (the group serves "
+                                f"model {config.model_identity[:12]}, the directory now holds "
+                                f"{engine.identity[:12]}): restart the group to serve it")
         await asyncio.to_thread(engine.warm_up)
         manifest = engine.manifest
         log.info(

@@ -16,7 +16,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from halflife.cpu import physical_cores
-from halflife.embedding.manifest import Manifest, ManifestError, load_manifest, verify_file
+from halflife.embedding.manifest import Manifest, ManifestError, Variant, load_manifest, verify_file
 from halflife.embedding.pooling import pool
 
 WARM_UP_MAX_TOKENS = 512
@@ -139,6 +139,31 @@ def _resolve_provider(requested: str) -> str:
     return CUDA if CUDA in available else CPU
 
 
+def _variant_name(manifest: Manifest, model_dir: Path, provider: str, variant: str | None) -> str:
+    """`variant`, else the manifest's default for `provider` (resolved), else its CPU one."""
+    name = variant or manifest.default_variants.get(provider) or manifest.default_variants.get(CPU)
+    if name is None:
+        raise ManifestError(f"{model_dir}: the manifest names no default variant for {provider}; pass --variant")
+    return name
+
+
+def model_identity(manifest: Manifest, variant: Variant) -> str:
+    """Names what maps a text to its vector: the variant's weights, the
+    tokenizer, pooling, normalisation and the truncation length (SHA-256)."""
+    m = manifest
+    parts = (variant.sha256, m.tokenizer_sha256, m.pooling, str(m.normalize), str(m.max_input_tokens))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def served_identity(model_dir: Path | str, *, variant: str | None = None, provider: str = "auto") -> str:
+    """The `identity` of the engine `EmbeddingEngine.load` would give for
+    these arguments, from the manifest alone (checksums not verified, no
+    session). Raises ManifestError."""
+    manifest = load_manifest(model_dir)
+    name = _variant_name(manifest, Path(model_dir), _resolve_provider(provider), variant)
+    return model_identity(manifest, manifest.variant(name))
+
+
 def _preload_cuda_libraries() -> None:
     """Loads CUDA and cuDNN from the nvidia-* wheels installed beside
     onnxruntime-gpu (its `cuda,cudnn` extras, or PyTorch's), which the CUDA
@@ -194,9 +219,7 @@ class EmbeddingEngine:
         model_dir = Path(model_dir)
         manifest = load_manifest(model_dir)
         wanted = _resolve_provider(provider)
-        variant_name = variant or manifest.default_variants.get(wanted) or manifest.default_variants.get(CPU)
-        if variant_name is None:
-            raise ManifestError(f"{model_dir}: the manifest names no default variant for {wanted}; pass --variant")
+        variant_name = _variant_name(manifest, model_dir, wanted, variant)
         chosen = manifest.variant(variant_name)
         onnx_path = verify_file(model_dir, chosen.file, chosen.sha256)
         tokenizer_path = verify_file(model_dir, manifest.tokenizer_file, manifest.tokenizer_sha256)
@@ -225,11 +248,8 @@ class EmbeddingEngine:
 
     @property
     def identity(self) -> str:
-        """Names what maps a text to its vector here: the variant's weights, the
-        tokenizer, pooling, normalisation and the truncation length (SHA-256)."""
-        m = self.manifest
-        parts = (self.variant.sha256, m.tokenizer_sha256, m.pooling, str(m.normalize), str(m.max_input_tokens))
-        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+        """Names what maps a text to its vector here (`model_identity`)."""
+        return model_identity(self.manifest, self.variant)
 
     @property
     def max_input_tokens(self) -> int:
