@@ -701,6 +701,49 @@ def test_an_erasure_blocked_by_another_process_reading_is_finished_when_the_read
     reader.close()
 
 
+ERASE_THEN_DIE = textwrap.dedent(
+    """
+    import os, signal, sys
+    import numpy as np
+    from halflife.storage.base import EventRecord
+    from halflife.storage.sqlite import SqliteStore
+
+    store = SqliteStore(sys.argv[1])
+    rng = np.random.default_rng(0)
+    vec = lambda: rng.standard_normal(32).astype(np.float32)
+    store.record_events([EventRecord(f"o{k}", f"other{k % 7}", 1, None, None, None, 1.0, vec()) for k in range(400)])
+    store.record_events([EventRecord(f"v{k}", "victim", 1, None, sys.argv[2] + f" {k}", None, 1.0, vec())
+                         for k in range(5)])
+    passing = store.iter_events(chunk=50)
+    next(passing)  # its own pass over the log holds the WAL, as a replay's read does
+    assert store.delete_user("victim") == 5
+    os.kill(os.getpid(), signal.SIGKILL)  # before the retry in memory could finish it
+    """
+)
+
+
+def test_an_erasures_wal_truncation_owed_at_a_crash_is_done_by_the_next_store(tmp_path):
+    """A SIGKILL while the truncation after DeleteUser waited for a reader
+    lost the retry, which lived in memory: the erased texts stayed in the
+    WAL for as long as the restarted server ran (a crash audit)."""
+    marker = "erased-before-a-crash-93b1"
+
+    def on_disk() -> int:
+        return sum(p.read_bytes().count(marker.encode()) for p in tmp_path.iterdir() if p.name.startswith(DB_NAME))
+
+    child = subprocess.run([sys.executable, "-c", ERASE_THEN_DIE, str(tmp_path), marker], timeout=120)
+    assert child.returncode == -signal.SIGKILL
+    assert on_disk() > 0 and len(list(tmp_path.glob(DB_NAME + sqlite_mod.ERASED_MARK + "*"))) == 1
+    store = SqliteStore(tmp_path)
+    deadline = time.monotonic() + 10 * sqlite_mod.TRUNCATE_RETRY_S
+    while on_disk() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert on_disk() == 0
+    assert store.user_events("victim") == [] and len(store.user_events("other0")) > 0
+    assert not list(tmp_path.glob(DB_NAME + sqlite_mod.ERASED_MARK + "*"))  # settled
+    store.close()
+
+
 # --------------------------------------------------------------------------- kill -9
 
 CHILD = textwrap.dedent(

@@ -40,7 +40,9 @@ left in the database file's free pages nor in old WAL frames. Another
 process's read (a worker's pass over the log) blocks that checkpoint; the
 writer then tries again every TRUNCATE_RETRY_S until it completes, and once
 more at close (a process that stops first leaves it to the next automatic
-checkpoint, or to the last connection's close).
+checkpoint, or to the last connection's close). Until it completes, a file
+``halflife.sqlite3-erased-<origin>`` says a truncation is owed, so that a
+store opened after a crash finishes it (the retry lived only in memory).
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ BUSY_TIMEOUT_MS = 10_000
 # reader for 10 s.
 TRUNCATE_BUSY_MS = 50
 TRUNCATE_RETRY_S = 1.0
+ERASED_MARK = "-erased-"  # DB_NAME + this + a store's origin: a WAL truncation it owes (see `_truncate_wal`)
 _MAX_GROUP = 256  # jobs per group commit, bounds one transaction's size and latency
 _IN_CHUNK = 500  # rows or `IN (?, ...)` values per statement
 _VECTOR_DTYPE = np.dtype("<f4")
@@ -515,6 +518,8 @@ class SqliteStore:
         except BaseException:
             self._writer.close()
             raise
+        if self._erased_marks():  # a store that owed an erasure's WAL truncation died: the writer does it first
+            self._truncate_pending = True
         self._thread = threading.Thread(target=self._run_writer, name="halflife-sqlite-writer", daemon=True)
         self._thread.start()
 
@@ -1011,7 +1016,9 @@ class SqliteStore:
         """Copies the WAL into the database and truncates it, so that the
         pre-delete page images in old WAL frames are gone too. Waits at most
         TRUNCATE_BUSY_MS for readers; if one blocks it, the writer tries
-        again (see `_run_writer`). Never raises. Writer thread."""
+        again (see `_run_writer`), and leaves a mark on disk until one
+        completes (`_mark_erased`). Never raises. Writer thread."""
+        owed = self._erased_marks()  # a completed truncation settles what was committed before it
         try:
             conn.execute(f"PRAGMA busy_timeout = {TRUNCATE_BUSY_MS}")
             try:
@@ -1024,10 +1031,34 @@ class SqliteStore:
         if busy and not self._truncate_pending:
             log.warning("WAL checkpoint after an erasure is blocked by a reader; retried every %.0f s until it "
                         "completes", TRUNCATE_RETRY_S)
-        elif not busy and self._truncate_pending:
-            log.info("WAL checkpoint after an erasure completed")
+            self._mark_erased()  # before DeleteUser answers: it runs ahead of the job's result
+        elif not busy:
+            if self._truncate_pending:
+                log.info("WAL checkpoint after an erasure completed")
+            for mark in owed:
+                mark.unlink(missing_ok=True)
         self._truncate_pending = bool(busy)
         self._truncate_due = time.monotonic() + TRUNCATE_RETRY_S
+
+    def _erased_marks(self) -> list[Path]:
+        """The marks of WAL truncations owed, this store's and other processes' on the file."""
+        return list(self.path.parent.glob(f"{self.path.name}{ERASED_MARK}*"))
+
+    def _mark_erased(self) -> None:
+        """Marks durably that this store owes a WAL truncation: one opened
+        after a crash sees it and does it (an audit SIGKILLed a server whose
+        retry was pending: the erased user's texts stayed in the WAL)."""
+        mark = self.path.with_name(f"{self.path.name}{ERASED_MARK}{self.origin}")
+        try:
+            os.close(os.open(mark, os.O_CREAT | os.O_WRONLY, 0o600))
+            folder = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        except OSError as e:
+            log.warning("cannot mark the WAL truncation this erasure owes (%s): after a crash, the next erasure or "
+                        "a clean stop does it", e)
 
     def checkpoint(self) -> None:
         """Checkpoints and truncates the WAL (on the writer thread)."""
