@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import socket
 import subprocess
@@ -419,17 +420,38 @@ def test_client_refuses_a_target_gRPC_would_wrap_or_cannot_use(target):
         HalflifeClient(target)
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]"])
-def test_a_target_without_a_port_gets_serves_default_port(host):
-    """gRPC sends a target without a port to 443; the CLI's commands talk to
-    `halflife serve`, whose default port is 50051."""
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "127.0.0.1:", "[::1]:"])
+def test_a_target_without_a_port_gets_serves_default_port(host, tmp_path):
+    """gRPC sends a target without a port (or with an empty one: an audit)
+    to 443; the CLI's commands talk to `halflife serve`, whose default port
+    is 50051, and so does a ghz config's "host" in loadtest."""
     from halflife.cli import DEFAULT_PORT, build_parser
+    from halflife.loadtest import options_from_ghz_config
 
+    expected = f"{host.rstrip(':')}:{DEFAULT_PORT}"
     for command in (["recommend", "1"], ["profile", "1"], ["load-movielens", "x"], ["eval"],
                     ["loadtest", "--call", "grpc.health.v1.Health.Check"]):
-        assert build_parser().parse_args([*command, "--target", host]).target == f"{host}:{DEFAULT_PORT}"
+        assert build_parser().parse_args([*command, "--target", host]).target == expected
+    config = tmp_path / "ghz.json"
+    config.write_text(json.dumps({"call": "grpc.health.v1.Health.Check", "host": host}))
+    assert options_from_ghz_config(config).target == expected
     assert build_parser().parse_args(["recommend", "1", "--target", "unix:/run/halflife.sock"]).target == \
         "unix:/run/halflife.sock"
+
+
+@pytest.mark.parametrize("spelled", ["::1", "[::1]", " [::] "])
+def test_serve_takes_an_ipv6_host_with_or_without_brackets(spelled):
+    """`--host ::1` reached gRPC bare ("Misformatted domain name") and
+    `--host [::1]` the workers' parent's socket bracketed (an audit): no
+    spelling served with --workers. The host is kept bare, as sockets take
+    it, and bracketed for gRPC."""
+    from halflife.api.server import host_port
+    from halflife.cli import build_parser
+
+    host = build_parser().parse_args(["serve", "--host", spelled]).host
+    assert host == spelled.strip().strip("[]")
+    assert host_port(host, 50051) == f"[{host}]:50051" and host_port("127.0.0.1", 1) == "127.0.0.1:1"
+    assert halflife("serve", "--host", "[]").returncode == 2
 
 
 def test_serve_batching_flags_default_to_the_batchers_and_say_so():

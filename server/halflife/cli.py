@@ -19,6 +19,7 @@ import grpc
 
 from halflife.embedding.batcher import BatchingConfig
 from halflife.embedding.manifest import ManifestError, load_manifest
+from halflife_client.client import DEFAULT_PORT, DEFAULT_TARGET
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2  # argparse's status for a usage error
@@ -91,7 +92,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     from halflife.api.server import DEFAULT_DATA_DIR, DEFAULT_MODEL_DIR
 
     parser = commands.add_parser("serve", help="serve the gRPC API", description="Serve Halflife's gRPC API.")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--host", type=_host, default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1; IPv6 with or without brackets: ::1, [::])")
     parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
     parser.add_argument("--data-dir", type=_path, default=DEFAULT_DATA_DIR, help=f"default {DEFAULT_DATA_DIR}")
     parser.add_argument(
@@ -191,6 +193,17 @@ def _queue_size(value: str) -> int:
     if number < MAX_INPUTS_PER_REQUEST:  # a full Embed would be "queue full" forever, retries and all
         raise argparse.ArgumentTypeError(f"must be at least {MAX_INPUTS_PER_REQUEST} (one full Embed), got {number}")
     return number
+
+
+def _host(value: str) -> str:
+    """An address to bind, IPv6 without its brackets (sockets take "::1", gRPC "[::1]:port": see
+    api.server.host_port); "::1" reached gRPC bare, where --workers' parent needed it so."""
+    host = value.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return host
 
 
 def _port(value: str) -> int:
@@ -337,22 +350,17 @@ def _config_copy(path: Path, folder: Path) -> Path:
     return copy
 
 
-DEFAULT_PORT = 50051
-DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
 TARGET_HELP = f"server host[:port] (default {DEFAULT_TARGET}; port {DEFAULT_PORT} where none is given)"
 
 
 def _address(value: str) -> str:
-    """A --target: a host alone ("localhost", "10.0.0.7", "[::1]") gets serve's
-    default port, where gRPC would have gone to 443. gRPC logs a multi-line
-    trace of its own for an empty target, and wraps a port out of range."""
-    from halflife_client.client import check_target
+    """A --target: one without a port gets serve's (`with_default_port`),
+    where gRPC would have gone to 443. gRPC logs a multi-line trace of its
+    own for an empty target, and wraps a port out of range."""
+    from halflife_client.client import check_target, with_default_port
 
-    host_alone = ":" not in value or (value.startswith("[") and value.endswith("]"))
-    if host_alone and value.strip():
-        value = f"{value.strip()}:{DEFAULT_PORT}"
     try:
-        return check_target(value)
+        return check_target(with_default_port(value))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

@@ -42,7 +42,7 @@ from google.protobuf import descriptor_pool, json_format, message_factory
 
 from grpc_health.v1 import health_pb2
 from halflife.v1 import catalog_pb2, embedding_pb2, interest_pb2, recommend_pb2
-from halflife_client.client import check_target
+from halflife_client.client import DEFAULT_TARGET, check_target, with_default_port
 
 # Imported only to register their descriptors in the default pool (named here so linters see a use).
 _APIS = (catalog_pb2, embedding_pb2, interest_pb2, recommend_pb2, health_pb2)
@@ -104,7 +104,7 @@ def _check_seconds(field: str, value) -> None:
 class LoadTestOptions:
     call: str  # "package.Service.Method" or "package.Service/Method"
     data: str = "{}"  # proto3 JSON of the request, or a JSON array of requests sent in turn
-    target: str = "127.0.0.1:50051"
+    target: str = DEFAULT_TARGET  # one without a port gets serve's (a ghz config's "host" too), not gRPC's 443
     concurrency: int = 8
     # As ghz: `duration` seconds (total ignored); `max_duration` seconds or `total`
     # requests, whichever comes first; only a total, or neither: DEFAULT_TOTAL requests.
@@ -124,6 +124,7 @@ class LoadTestOptions:
         for field in ("call", "data", "target"):
             if not isinstance(getattr(self, field), str):
                 raise InvalidOption(field, f"must be a string, not {getattr(self, field)!r}")
+        object.__setattr__(self, "target", with_default_port(self.target))
         if not isinstance(self.allow_remote, bool):
             raise InvalidOption("allow_remote", f"must be true or false, not {self.allow_remote!r}")
         _check_whole("concurrency", self.concurrency)

@@ -42,6 +42,8 @@ from halflife.v1 import (
     recommend_pb2_grpc,
 )
 
+DEFAULT_PORT = 50051  # `halflife serve`'s
+DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_TIMEOUT_S = 10.0
 # Longer deadlines mean none: past ~1e10 s gRPC's arithmetic overflows and a call failed at once.
 MAX_TIMEOUT_S = 1e9
@@ -159,6 +161,17 @@ def check_target(target: str) -> str:
     return target
 
 
+def with_default_port(target: str) -> str:
+    """`target` with DEFAULT_PORT where it names no port: a host alone
+    ("localhost", "10.0.0.7", "[::1]") or with an empty one ("localhost:"),
+    which gRPC sends to 443. Other targets ("unix:/path", bare IPv6) as they are."""
+    value = target.strip()
+    host = value[:-1] if value.endswith(":") else value
+    if host and (":" not in host or (host.startswith("[") and host.endswith("]"))):
+        return f"{host}:{DEFAULT_PORT}"
+    return target
+
+
 def _bare_ipv6(target: str) -> bool:
     try:
         return ipaddress.ip_address(target).version == 6
@@ -239,7 +252,7 @@ def _vectors(response: embedding_pb2.EmbedResponse) -> np.ndarray:
 class HalflifeClient:
     """Blocking client. Use as a context manager, or call close()."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float = DEFAULT_TIMEOUT_S, channel=None):
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = DEFAULT_TIMEOUT_S, channel=None):
         self._channel = channel or grpc.insecure_channel(check_target(target), options=CHANNEL_OPTIONS)
         self.timeout = _seconds(timeout)
         self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
@@ -318,7 +331,7 @@ class AsyncHalflifeClient:
     "attached to a different loop"). After close(), calls raise
     grpc.aio.UsageError (HalflifeClient's: ValueError)."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float = DEFAULT_TIMEOUT_S, channel=None):
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = DEFAULT_TIMEOUT_S, channel=None):
         self._channel = channel or grpc.aio.insecure_channel(check_target(target), options=CHANNEL_OPTIONS)
         self.timeout = _seconds(timeout)
         self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)

@@ -44,6 +44,11 @@ SNAPSHOT_SAVE_GRACE_S = 5.0
 MiB = 1 << 20
 
 
+def host_port(host: str, port: int) -> str:
+    """host:port as gRPC takes it, an IPv6 address in brackets ("[::1]:50051")."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclasses.dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -290,15 +295,15 @@ class HalflifeServer:
         add_service(server, REFLECTION_SERVICE, reflection.aio.ReflectionServicer(service_names()), streams)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:  # grpcio >= 1.6x raises where older ones returned 0
-            self.port = server.add_insecure_port(f"{config.host}:{config.port}")
+            self.port = server.add_insecure_port(host_port(config.host, config.port))
         except RuntimeError:
             self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind {config.host}:{config.port} (in use by another process, or not an address "
+            raise OSError(f"cannot bind {host_port(config.host, config.port)} (in use by another process, or not an address "
                           "of this machine?)")
         self._server = server
         await server.start()
-        log.info("listening on %s:%d (health NOT_SERVING while loading)", config.host, self.port)
+        log.info("listening on %s (health NOT_SERVING while loading)", host_port(config.host, self.port))
         try:
             await self._load_model()
             self.store = await asyncio.to_thread(SqliteStore, config.data_dir)
@@ -404,7 +409,7 @@ async def serve(config: ServerConfig, parent_pid: int | None = None, ready_fd: i
         os.write(ready_fd, b"1")
         os.close(ready_fd)
     # Logged once the parent knows: a worker killed after this line is one that served, and is started again.
-    log.info("serving on %s:%d", config.host, port)
+    log.info("serving on %s", host_port(config.host, port))
     await stop.wait()
     if watch is not None:
         watch.cancel()
