@@ -92,6 +92,9 @@ def test_overriding_an_event_type_keeps_the_rest(tmp_path):
         ({"blend": {"popularity": 1e308}}, "blend.popularity"),
         ({"blend": {"affinity_half_life_days": 1e-9}}, "blend.affinity_half_life_days"),
         ({"profile": {"negative_weight": 1e9}}, "profile.negative_weight"),
+        # Accepted, then every personal call failed: "array is too big" (an audit).
+        ({"profile": {"max_interests": 10**15}}, "profile.max_interests"),
+        ({"profile": {"max_interests": 65}}, "profile.max_interests"),
         ({"profile": {"kernel_scale_days": 1e-9}}, "profile.kernel_scale_days"),
         ({"ranking": {"freshness_half_life_days": 1e-9}}, "ranking.freshness_half_life_days"),
         ({"blend": {"popularity_half_life_days": -7}}, "blend.popularity_half_life_days"),

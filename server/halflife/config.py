@@ -155,6 +155,10 @@ class Config:
 # shorter than any interest worth keeping.
 MIN_HALF_LIFE_DAYS = 1 / 1440
 MAX_WEIGHT = 1000.0
+# Each interest holds float64 sums per rate group (K+1 x groups x dim): at 64,
+# ~0.8 MB a cached 384-d profile; 10**15 passed, and every personal call failed
+# with "array is too big" (an audit).
+MAX_INTERESTS = 64
 
 
 def _half_life(value: Any, key: str) -> float:
@@ -242,7 +246,7 @@ def parse_config(data: dict) -> Config:
                           f"got {ratings.negative_max:g}")
     profile = _section(ProfileConfig, _table(data, "profile"), "profile.", {
         "mode": lambda v, k: _choice(v, k, ("multi", "single")),
-        "max_interests": lambda v, k: _number(v, k, minimum=1, integer=True),
+        "max_interests": lambda v, k: _number(v, k, minimum=1, maximum=MAX_INTERESTS, integer=True),
         "cluster_threshold": lambda v, k: float(_number(v, k, minimum=-1.0, maximum=1.0)),
         "combine": lambda v, k: _choice(v, k, ("sum", "max")),
         "negative_weight": lambda v, k: _weight(v, k, minimum=0.0),
