@@ -143,6 +143,24 @@ def test_recommend_shows_an_explanation_whose_item_was_deleted(server):
     assert "kept-1" in shown.stdout and "because of doomed-1" in shown.stdout
 
 
+def test_recommend_and_profile_show_control_characters_in_texts_literally(server):
+    """An item text with ESC sequences and a line break cleared the screen,
+    set the window title and printed a row of its own (an audit): they are
+    shown as escapes, and line breaks as spaces."""
+    evil = "Shoes \x1b[2J\x1b]0;pwned\x07 sale\r\nFAKE LINE \u202e"
+    with HalflifeClient(server.address) as client:
+        client.upsert_items([Item(id="evil-1", text=evil, vector=np.eye(384, dtype=np.float32)[5]),
+                             Item(id="evil-2", text=evil, vector=np.eye(384, dtype=np.float32)[5])])
+        client.record_events([Event(event_id="evil-e1", user_id="evil-fan", type=interest_pb2.EVENT_TYPE_LIKE,
+                                    item_id="evil-1")])
+    for command in ("recommend", "profile"):
+        shown = halflife(command, "evil-fan", "--target", server.address)
+        assert shown.returncode == 0, shown.stderr
+        assert r"Shoes \x1b[2J\x1b]0;pwned\x07 sale  FAKE LINE \u202e" in shown.stdout, shown.stdout
+        assert not any(c in shown.stdout for c in "\x1b\x07\r\u202e")
+        assert not any(line.startswith("FAKE LINE") for line in shown.stdout.splitlines())
+
+
 def test_a_user_id_that_is_not_utf8_is_a_usage_error():
     for command in ("recommend", "profile"):
         result = halflife(command, "caf\udce9")  # the shell passed the byte 0xE9 alone

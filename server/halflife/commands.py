@@ -84,6 +84,19 @@ def load_movielens(directory: Path, target: str, batch_size: int = 500) -> dict[
     return totals
 
 
+# What a catalogue's texts may hold that a terminal would act on rather than show (an audit's item
+# text cleared the screen and set the window title): line breaks and tabs become spaces, other
+# controls (C0, DEL, C1) and bidirectional overrides their escapes.
+_TERMINAL_SAFE = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_TERMINAL_SAFE |= {c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+_TERMINAL_SAFE |= {ord(c): " " for c in "\t\n\r\v\f"}
+
+
+def printable(text: str) -> str:
+    """`text` as a terminal shows it literally, on one line (see _TERMINAL_SAFE)."""
+    return text.translate(_TERMINAL_SAFE)
+
+
 def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
@@ -92,6 +105,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], out=None)
     """A plain aligned table. On a terminal the last column takes what the
     width leaves; into a pipe or a file nothing is cut."""
     out = out or sys.stdout
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     if out.isatty():
         room = shutil.get_terminal_size().columns - sum(widths[:-1]) - 2 * (len(headers) - 1)
