@@ -2,7 +2,13 @@
 
 import dataclasses
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -224,3 +230,52 @@ def test_run_rejects_bad_inputs_before_creating_outputs(eval_paths, monkeypatch)
     with pytest.raises(ManifestError, match="is not an exported model directory"):
         run_eval(eval_paths)
     assert not eval_paths.out.exists() and not eval_paths.cache.exists()
+
+
+def test_a_damaged_vector_cache_is_embedded_again(model_dir, tmp_path):
+    """A truncated cache file stopped the evaluation with a traceback (an audit)."""
+    from halflife.eval.embeddings import embed_texts
+
+    texts = ["a quiet drama", "space opera with robots"]
+    first = embed_texts(texts, model_dir, None, tmp_path)
+    (cache,) = tmp_path.glob("*.npy")
+    cache.write_bytes(cache.read_bytes()[:1000])
+    again = embed_texts(texts, model_dir, None, tmp_path)
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(np.load(cache), first)  # and written again whole
+
+
+MOVIELENS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
+
+
+@pytest.mark.skipif(not MOVIELENS.is_dir(), reason=f"MovieLens not found at {MOVIELENS}")
+def test_sigterm_during_an_eval_leaves_no_temporary_stores(model_dir, tmp_path):
+    """As Ctrl-C: SIGTERM's default left its SQLite stores (a full one is
+    ~42 MB) in the temporary directory for good (an audit)."""
+    data = tmp_path / "ml"
+    data.mkdir()
+    def subset(name: str, ids: set[str]) -> set[str]:
+        """The rows of `name` whose first field is one of `ids`; returns their second fields."""
+        header, *lines = (MOVIELENS / name).read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.split(",", 1)[0] in ids]
+        (data / name).write_text(header + "".join(kept))
+        return {line.split(",", 2)[1] for line in kept}
+
+    users = {str(u) for u in range(1, 9)}
+    subset("movies.csv", subset("ratings.csv", users) | subset("tags.csv", users))  # the movies they rated or tagged
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    process = subprocess.Popen([sys.executable, "-m", "halflife.cli", "eval", "--data", str(data), "--model-dir",
+                                str(model_dir), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")],
+                               env={**os.environ, "TMPDIR": str(temporary)}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(temporary.glob("halflife-eval-*")) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(temporary.glob("halflife-eval-*")), "the evaluation made no stores"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(120) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+    assert not list(temporary.glob("halflife-eval-*"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import datetime as dt
 import json
@@ -14,6 +15,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 
@@ -72,20 +74,29 @@ def _run_export(args: argparse.Namespace) -> int:
         force=args.force,
     )
 
+    try:
+        with _sigterm_unwinds():
+            export_model(options)
+    except ExportError as exc:
+        print(f"halflife export: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM (a timeout, a CI cancel, docker stop) unwinds as Ctrl-C does,
+    so that work directories are removed: its default left export's (~200 MB
+    for the bundled model) and eval's stores behind for good."""
+
     def stopped(signum: int, _frame) -> None:
-        # As Ctrl-C does: unwinding removes the work directory (~200 MB for the bundled model), which
-        # SIGTERM's default (timeout, CI cancels, docker stop) left beside the output for good.
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, stopped)
     try:
-        export_model(options)
-    except ExportError as exc:
-        print(f"halflife export: error: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return 0
 
 
 def _add_serve(commands: argparse._SubParsersAction) -> None:
@@ -614,7 +625,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level="WARNING")
     try:
-        run(args.data, args.model_dir, args.out, args.cache_dir, target=args.target, config_out=args.write_config)
+        with _sigterm_unwinds():
+            run(args.data, args.model_dir, args.out, args.cache_dir, target=args.target, config_out=args.write_config)
     except BrokenPipeError:  # stdout's reader left: not an error of the run (see main)
         raise
     except (DatasetError, ManifestError, NotEmptyError, OSError) as exc:

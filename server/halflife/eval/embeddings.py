@@ -8,6 +8,7 @@ model or changed texts never reuse stale vectors.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -16,6 +17,8 @@ import numpy as np
 from halflife.progress import progress
 
 BATCH = 64
+
+log = logging.getLogger(__name__)
 
 
 def _texts_hash(texts: Sequence[str]) -> str:
@@ -40,7 +43,9 @@ def embed_texts(
     key = f"{manifest_hash(model_dir)}-{variant or 'default'}-{_texts_hash(texts)}"
     path = Path(cache_dir) / f"{what}-{key}.npy"
     if path.is_file():
-        return np.load(path)
+        cached = _cached(path, len(texts))
+        if cached is not None:
+            return cached
     engine = EmbeddingEngine.load(model_dir, variant=variant, provider="cpu")
     label = f"embedding {what} ({variant or 'default'})"
     out = embed_sorted(engine, texts, lambda starts: progress(starts, desc=label, unit="batch"))
@@ -49,6 +54,20 @@ def embed_texts(
     np.save(tmp, out)
     tmp.replace(path)
     return out
+
+
+def _cached(path: Path, rows: int) -> np.ndarray | None:
+    """The vectors a cache file holds, or None (logged) when it is damaged:
+    a truncated file stopped the evaluation with a traceback (an audit)."""
+    try:
+        vectors = np.load(path)
+    except (OSError, ValueError, EOFError) as exc:
+        log.warning("%s is damaged (%s); embedding again", path, exc)
+        return None
+    if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape[0] != rows:
+        log.warning("%s holds %s %s, not %d vectors; embedding again", path, vectors.dtype, vectors.shape, rows)
+        return None
+    return vectors
 
 
 def embed_sorted(engine, texts: Sequence[str], batches: Callable[[range], Iterable[int]] = iter) -> np.ndarray:
