@@ -549,6 +549,21 @@ def test_force_replaces_only_a_model_directory(tmp_path, sources, capsys, monkey
     assert sorted(p.name for p in output.iterdir()) == ["manifest.json", "notes.txt"]
 
 
+@pytest.mark.parametrize("output", [".", ".."])
+def test_an_empty_working_directory_is_no_output(tmp_path, sources, capsys, monkeypatch, output):
+    """An empty working directory (or the one above it) passed every check
+    and failed the rename that publishes the model after the whole export
+    (an audit); and `--output ""` (the working directory) is a usage error."""
+    here = tmp_path / "empty"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    rc, out, err = run_cli(["export", "--model", str(sources["bert"]), "--output", output], capsys)
+    assert_one_line_error(rc, err, out, contains="holds the working directory")
+    assert list(here.iterdir()) == []
+    rc, out, err = run_cli(["export", "--model", str(sources["bert"]), "--output", ""], capsys)
+    assert rc == 2 and "--output: must not be empty" in err, err
+
+
 def test_cli_refuses_an_output_that_is_a_symbolic_link(tmp_path, sources, capsys, tmp_path_factory):
     _, good, _ = tiny_models.exported("bert", tmp_path_factory)
     model = tmp_path / "model"

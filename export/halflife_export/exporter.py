@@ -374,6 +374,11 @@ def _choose_pooling(requested: str, source: _Source) -> str:
 def _check_output(output: Path, force: bool) -> None:
     if output.exists() and not output.is_dir():
         raise ExportError(f"--output {output} exists and is not a directory")
+    # The export publishes by renaming a finished directory into place: the working directory (an
+    # empty one passed every check, as "." or "", and failed the rename after the whole export) cannot be.
+    here = Path.cwd()
+    if output.resolve() == here or output.resolve() in here.parents:
+        raise ExportError(f"--output {output} holds the working directory; it cannot be swapped out")
     if output.is_dir() and any(output.iterdir()):
         if not force:
             raise ExportError(f"--output {output} is not empty; pass --force to replace it")
@@ -381,9 +386,6 @@ def _check_output(output: Path, force: bool) -> None:
         if not (output / MANIFEST_NAME).is_file():
             raise ExportError(f"--output {output} is not a model directory (no {MANIFEST_NAME}); --force only "
                               "replaces one")
-        here = Path.cwd()
-        if output.resolve() == here or output.resolve() in here.parents:
-            raise ExportError(f"--output {output} holds the working directory; it cannot be swapped out")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=output.parent):

@@ -39,7 +39,7 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="Hugging Face model directory (default: the bundled all-MiniLM-L6-v2)",
     )
-    parser.add_argument("--output", required=True, type=Path, help="model directory to write")
+    parser.add_argument("--output", required=True, type=_path, help="model directory to write")
     parser.add_argument("--model-id", default=None, help="name recorded in the manifest (default: from the model)")
     parser.add_argument(
         "--opset", type=int, default=18, help="ONNX opset, from 18 to the newest PyTorch exports (23 with torch 2.13; default 18)"
