@@ -259,6 +259,33 @@ def test_out_of_range_flags_are_usage_errors(args, message):
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+def test_ctrl_c_while_the_command_loads_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Parsing imports what a command needs (the server's modules for every
+    one): a Ctrl-C there was a traceback, and one before `serve`'s event
+    loop ran left its coroutine never awaited (an audit)."""
+    import warnings
+
+    from halflife import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["recommend", "1"]) == 130
+    assert capsys.readouterr().err == "halflife recommend: interrupted\n"
+
+    async def serve():
+        pass
+
+    monkeypatch.setattr(cli, "_uvloop", interrupted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "coroutine ... was never awaited" is a RuntimeWarning
+        coroutine = serve()
+        with pytest.raises(KeyboardInterrupt):
+            cli.run_event_loop(coroutine)
+        assert coroutine.cr_frame is None  # closed, so never reported as never awaited
+
+
 def test_ctrl_c_is_one_line_and_exit_130():
     import signal
     import socket

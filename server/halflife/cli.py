@@ -701,7 +701,11 @@ def run_event_loop(main):
     Embed's from 2.90 to 2.81 ms, and gave c32 Embed 3% more calls/s
     (alternated A/B, 5 rounds each, 2-vCPU AMD EPYC); gRPC's own C core is
     the rest of a call's loop time."""
-    uvloop = _uvloop()
+    try:
+        uvloop = _uvloop()
+    except BaseException:  # Ctrl-C in the import: `main` never ran ("coroutine was never awaited")
+        main.close()
+        raise
     return uvloop.run(main) if uvloop else asyncio.run(main)
 
 
@@ -730,14 +734,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in SERVER_BLAS_THREADS.items():
             os.environ.setdefault(name, value)
         _fix_mmap_threshold()
-    args = build_parser().parse_args(argv)
-    args.argv = argv  # `serve --workers N` starts its workers with the same flags
+    command = f"halflife {argv[0]}" if argv and not argv[0].startswith("-") else "halflife"
     try:
+        args = build_parser().parse_args(argv)  # imports what the commands need: Ctrl-C may land here too
+        args.argv = argv  # `serve --workers N` starts its workers with the same flags
         code = args.run(args)
         sys.stdout.flush()  # here, where a reader that left is caught, not at exit
         return code
     except KeyboardInterrupt:  # Ctrl-C: every command's writes are atomic or idempotent, so a rerun is safe
-        print(f"halflife {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `halflife ... | head`: the reader left, as it may; no traceback
         _stdout_to_devnull()
