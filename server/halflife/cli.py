@@ -135,7 +135,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
                         help="queued inputs before Embed answers RESOURCE_EXHAUSTED (default %(default)s; at "
                              "least one full Embed: 256)")
     parser.add_argument("--config", type=Path, default=None, help="TOML file of decay, weights and ranking settings")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="least severe log lines written, to stderr (default INFO)")
     # Set by `--workers N` on the processes it starts; not for direct use.
     parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     # The parent's pid, from the parent: os.getppid() read by the worker is 1 already when the
@@ -361,6 +362,7 @@ def _config_copy(path: Path, folder: Path) -> Path:
     return copy
 
 
+AS_OF_HELP = "ISO time (UTC unless it gives an offset) or unix seconds; default now"
 TARGET_HELP = f"server host[:port] (default {DEFAULT_TARGET}; port {DEFAULT_PORT} where none is given)"
 
 
@@ -435,14 +437,14 @@ def _add_client_commands(commands: argparse._SubParsersAction) -> None:
     recommend = commands.add_parser("recommend", help="show a user's recommendations, explained")
     recommend.add_argument("user_id", type=_utf8)
     recommend.add_argument("--limit", type=_int32, default=10, help="how many items (default 10)")
-    recommend.add_argument("--as-of", type=_timestamp, default=None, help="ISO time or unix seconds (default now)")
+    recommend.add_argument("--as-of", type=_timestamp, default=None, help=AS_OF_HELP)
     recommend.add_argument("--query", type=_utf8, default="", help="text whose cosine with each item is blended into the score (ranking.query_weight)")
     recommend.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=TARGET_HELP)
     recommend.set_defaults(run=_run_recommend)
 
     profile = commands.add_parser("profile", help="show a user's interests in words")
     profile.add_argument("user_id", type=_utf8)
-    profile.add_argument("--as-of", type=_timestamp, default=None, help="ISO time or unix seconds (default now)")
+    profile.add_argument("--as-of", type=_timestamp, default=None, help=AS_OF_HELP)
     profile.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=TARGET_HELP)
     profile.set_defaults(run=_run_profile)
 
@@ -605,11 +607,14 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         "baselines, a validation grid for the blend, test-period numbers with bootstrap CIs, plots.",
     )
     parser.add_argument("--data", type=Path, default=Path("../shared/data/ml-latest-small"),
-                        help="MovieLens-shaped directory (ratings.csv, movies.csv, tags.csv)")
-    parser.add_argument("--model-dir", type=Path, default=Path("var/models/all-MiniLM-L6-v2"), help="exported model")
+                        help="MovieLens-shaped directory (ratings.csv, movies.csv, tags.csv; default "
+                             "../shared/data/ml-latest-small, from the working directory)")
+    parser.add_argument("--model-dir", type=Path, default=Path("var/models/all-MiniLM-L6-v2"),
+                        help="exported model (default var/models/all-MiniLM-L6-v2)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/eval"),
                         help="results.json and PNGs (default bench/results/eval: replaces the committed results)")
-    parser.add_argument("--cache-dir", type=Path, default=Path("var/eval-cache"), help="cached item/tag vectors")
+    parser.add_argument("--cache-dir", type=Path, default=Path("var/eval-cache"),
+                        help="cached item/tag vectors (default var/eval-cache)")
     parser.add_argument("--target", type=_address, default=None,
                         help="also measure a running, empty server over gRPC (host:port) with its own config")
     parser.add_argument("--write-config", type=Path, default=None, help="write the chosen settings as TOML")
