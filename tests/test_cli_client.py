@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -510,6 +511,24 @@ def test_serve_batching_flags_default_to_the_batchers_and_say_so():
     serve_help = " ".join(halflife("serve", "--help").stdout.split())  # argparse wraps lines
     assert f"padded tokens per model batch (default {BatchingConfig.max_batch_tokens})" in serve_help
     assert f"RESOURCE_EXHAUSTED (default {BatchingConfig.max_queued_inputs};" in serve_help
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: HalflifeClient(None), "target must be a string such as '127.0.0.1:50051', not NoneType"),
+    (lambda: HalflifeClient("127.0.0.1:1", timeout="5"), "timeout must be seconds (a number) or None, not str '5'"),
+    (lambda: HalflifeClient("127.0.0.1:1").embed(["x"], timeout="5"), "timeout must be seconds"),
+    (lambda: HalflifeClient("127.0.0.1:1").upsert_items([Item(id=5)]), "Item id must be a string, not int 5"),
+    (lambda: HalflifeClient("127.0.0.1:1").upsert_items([Item(id="a", attributes={"size": 9})]),
+     "Item 'a' attribute 'size' must be a string, not int 9"),
+    (lambda: HalflifeClient("127.0.0.1:1").record_events([Event("e", "u", 1, item_id=3)]),
+     "Event item_id must be a string, not int 3"),
+], ids=["target", "client timeout", "call timeout", "item id", "attribute", "event item"])
+def test_arguments_of_the_wrong_type_are_type_errors_that_name_them(make, message):
+    """None as the target was an AttributeError about .strip, a string
+    timeout a comparison error, an int id protobuf's "bad argument type for
+    built-in operation", naming no field (an audit)."""
+    with pytest.raises(TypeError, match=re.escape(message)):
+        make()
 
 
 @pytest.mark.parametrize("call", [

@@ -25,6 +25,7 @@ import dataclasses
 import datetime as dt
 import ipaddress
 import json
+import numbers
 from typing import Mapping, Sequence
 
 import grpc
@@ -103,6 +104,9 @@ class Item:
     vector: Sequence[float] | np.ndarray | None = None
 
     def to_proto(self) -> catalog_pb2.Item:
+        _require_strings("Item", id=self.id, text=self.text)
+        for key, value in self.attributes.items():
+            _require_strings(f"Item {self.id!r}", **{"attribute key": key, f"attribute {key!r}": value})
         item = catalog_pb2.Item(id=self.id, text=self.text, categories=_strings("categories", self.categories),
                                 attributes=dict(self.attributes))
         if self.create_time is not None:
@@ -123,6 +127,7 @@ class Event:
     event_time: dt.datetime | None = None  # None: the server's clock
 
     def to_proto(self) -> interest_pb2.Event:
+        _require_strings("Event", event_id=self.event_id, user_id=self.user_id, item_id=self.item_id, text=self.text)
         event = interest_pb2.Event(
             event_id=self.event_id, user_id=self.user_id, type=self.type, item_id=self.item_id, text=self.text
         )
@@ -147,6 +152,8 @@ def to_timestamp(when: dt.datetime) -> timestamp_pb2.Timestamp:
 def check_target(target: str) -> str:
     """`target`, or ValueError when it is empty or its port is out of range:
     gRPC wraps a port silently (127.0.0.1:99999 reaches port 34463)."""
+    if not isinstance(target, str):
+        raise TypeError(f"target must be a string such as {DEFAULT_TARGET!r}, not {type(target).__name__} {target!r}")
     if not target.strip():
         raise ValueError("must be host:port, got an empty string")
     if _bare_ipv6(target):  # its last group would pass for a port
@@ -179,6 +186,14 @@ def _bare_ipv6(target: str) -> bool:
         return False
 
 
+def _require_strings(what: str, **fields) -> None:
+    """TypeError naming the first of `fields` that is not a string: protobuf's
+    ("bad argument type for built-in operation") named none (an audit)."""
+    for name, value in fields.items():
+        if not isinstance(value, str):
+            raise TypeError(f"{what} {name} must be a string, not {type(value).__name__} {value!r}")
+
+
 def _strings(name: str, values: Sequence[str]) -> list[str]:
     """`values` as a list; TypeError for one string, which would be taken
     for a sequence of its characters (delete_items("sku-1") deleted the
@@ -195,6 +210,8 @@ def _deadline(timeout: float | None, default: float | None) -> float | None:
 
 def _seconds(timeout: float | None) -> float | None:
     """A deadline for gRPC (see the module's docstring): None for none."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)):
+        raise TypeError(f"timeout must be seconds (a number) or None, not {type(timeout).__name__} {timeout!r}")
     if timeout is None or timeout > MAX_TIMEOUT_S:
         return None
     if timeout != timeout:
