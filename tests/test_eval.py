@@ -139,6 +139,23 @@ def test_engine_store_sees_only_events_before_the_query(tmp_path):
     backend.close()
 
 
+def test_a_server_backend_records_the_ratings_before_the_query(model_dir, tmp_path):
+    """`eval --target`'s backend: ratings carry no text (None), which the
+    client's type checks once refused, so every such run failed at its first
+    batch (a review)."""
+    from halflife.api.server import ServerConfig
+    from halflife.eval.runner import RemoteBackend
+    from tests.serving import ServerThread
+
+    data = synthetic()
+    with ServerThread(ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path / "data")) as server:
+        backend = RemoteBackend(data, server.address)
+        backend.advance(15 * DAY)
+        counts = {u: sum(c.count for c in backend.client.profile(u).event_counts) for u in ("a", "b", "c", "d")}
+        assert counts == {"a": 3, "b": 2, "c": 3, "d": 0}  # the 8 ratings before day 15
+        backend.close()
+
+
 def test_baselines_on_a_known_answer():
     data = synthetic()
     t = 15 * DAY

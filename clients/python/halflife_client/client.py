@@ -104,10 +104,11 @@ class Item:
     vector: Sequence[float] | np.ndarray | None = None
 
     def to_proto(self) -> catalog_pb2.Item:
-        _require_strings("Item", id=self.id, text=self.text)
+        text = _unset_as_empty(self.text)
+        _require_strings("Item", id=self.id, text=text)
         for key, value in self.attributes.items():
             _require_strings(f"Item {self.id!r}", **{"attribute key": key, f"attribute {key!r}": value})
-        item = catalog_pb2.Item(id=self.id, text=self.text, categories=_strings("categories", self.categories),
+        item = catalog_pb2.Item(id=self.id, text=text, categories=_strings("categories", self.categories),
                                 attributes=dict(self.attributes))
         if self.create_time is not None:
             item.create_time.CopyFrom(to_timestamp(self.create_time))
@@ -127,10 +128,10 @@ class Event:
     event_time: dt.datetime | None = None  # None: the server's clock
 
     def to_proto(self) -> interest_pb2.Event:
-        _require_strings("Event", event_id=self.event_id, user_id=self.user_id, item_id=self.item_id, text=self.text)
-        event = interest_pb2.Event(
-            event_id=self.event_id, user_id=self.user_id, type=self.type, item_id=self.item_id, text=self.text
-        )
+        # None for the optional strings is unset (""), as protobuf takes it: eval's text-less ratings pass it.
+        item_id, text = _unset_as_empty(self.item_id), _unset_as_empty(self.text)
+        _require_strings("Event", event_id=self.event_id, user_id=self.user_id, item_id=item_id, text=text)
+        event = interest_pb2.Event(event_id=self.event_id, user_id=self.user_id, type=self.type, item_id=item_id, text=text)
         if self.value is not None:
             event.value = self.value
         if self.event_time is not None:
@@ -184,6 +185,10 @@ def _bare_ipv6(target: str) -> bool:
         return ipaddress.ip_address(target).version == 6
     except ValueError:
         return False
+
+
+def _unset_as_empty(value):
+    return "" if value is None else value
 
 
 def _require_strings(what: str, **fields) -> None:
