@@ -744,6 +744,31 @@ def test_an_erasures_wal_truncation_owed_at_a_crash_is_done_by_the_next_store(tm
     store.close()
 
 
+def test_a_store_that_owes_a_truncation_keeps_a_mark_whatever_other_stores_settle(tmp_path):
+    """Another store's completed truncation removes the marks it found, and
+    this one, still owing (pending) after a later blocked erasure, wrote no
+    new one: a crash then lost that erasure's truncation (a review)."""
+    a, b, reader = SqliteStore(tmp_path), SqliteStore(tmp_path), SqliteStore(tmp_path)
+    a.record_events([event(f"o{k}", user_id=f"other{k % 7}", vector=vec()) for k in range(400)])
+    for user in ("u1", "u2", "u3"):
+        a.record_events([event(f"{user}-{k}", user_id=user, vector=vec(), text=f"{user} text") for k in range(5)])
+    marks = lambda: list(tmp_path.glob(DB_NAME + sqlite_mod.ERASED_MARK + "*"))
+
+    passing = reader.iter_events(chunk=50)
+    next(passing)
+    assert a.delete_user("u1") == 5 and len(marks()) == 1  # blocked: a owes it
+    passing.close()
+    assert b.delete_user("u3") == 5 and marks() == []  # b's completed truncation settled it
+    passing = reader.iter_events(chunk=50)
+    next(passing)
+    assert a.delete_user("u2") == 5  # blocked again, while a still thinks itself owing
+    assert len(marks()) == 1
+    passing.close()
+    for store in (a, b, reader):
+        store.close()
+    assert marks() == []  # a's last try at close completed
+
+
 # --------------------------------------------------------------------------- kill -9
 
 CHILD = textwrap.dedent(

@@ -41,7 +41,7 @@ process's read (a worker's pass over the log) blocks that checkpoint; the
 writer then tries again every TRUNCATE_RETRY_S until it completes, and once
 more at close (a process that stops first leaves it to the next automatic
 checkpoint, or to the last connection's close). Until it completes, a file
-``halflife.sqlite3-erased-<origin>`` says a truncation is owed, so that a
+``halflife.sqlite3-erased-<origin>-<n>`` says a truncation is owed, so that a
 store opened after a crash finishes it (the retry lived only in memory).
 """
 
@@ -505,6 +505,7 @@ class SqliteStore:
         self._readers: list[sqlite3.Connection] = []  # idle read connections
         self._truncate_pending = False  # an erasure's WAL truncation a reader blocked (writer thread only)
         self._truncate_due = 0.0  # when to try it again, time.monotonic()
+        self._marks_made = 0  # see _mark_erased
         self.commit_count = 0  # transactions committed by the writer
         self.job_count = 0  # write calls run by the writer
         try:
@@ -1028,11 +1029,12 @@ class SqliteStore:
         except Exception as e:  # noqa: BLE001 - a failed try is retried, never the writer's end
             busy = True
             log.warning("WAL checkpoint failed: %s", e)
-        if busy and not self._truncate_pending:
-            log.warning("WAL checkpoint after an erasure is blocked by a reader; retried every %.0f s until it "
-                        "completes", TRUNCATE_RETRY_S)
-            self._mark_erased()  # before DeleteUser answers: it runs ahead of the job's result
-        elif not busy:
+        if busy:
+            if not self._truncate_pending:
+                log.warning("WAL checkpoint after an erasure is blocked by a reader; retried every %.0f s until "
+                            "it completes", TRUNCATE_RETRY_S)
+            self._mark_erased()  # before DeleteUser answers: this runs ahead of the job's result
+        else:
             if self._truncate_pending:
                 log.info("WAL checkpoint after an erasure completed")
             for mark in owed:
@@ -1047,8 +1049,12 @@ class SqliteStore:
     def _mark_erased(self) -> None:
         """Marks durably that this store owes a WAL truncation: one opened
         after a crash sees it and does it (an audit SIGKILLed a server whose
-        retry was pending: the erased user's texts stayed in the WAL)."""
-        mark = self.path.with_name(f"{self.path.name}{ERASED_MARK}{self.origin}")
+        retry was pending: the erased user's texts stayed in the WAL). A new
+        mark at each try, then the older ones go: another store's completed
+        truncation removes the marks it found before it began, and one of
+        those, kept, left a later erasure here unmarked (a review)."""
+        self._marks_made += 1
+        mark = self.path.with_name(f"{self.path.name}{ERASED_MARK}{self.origin}-{self._marks_made}")
         try:
             os.close(os.open(mark, os.O_CREAT | os.O_WRONLY, 0o600))
             folder = os.open(self.path.parent, os.O_RDONLY)
@@ -1059,6 +1065,10 @@ class SqliteStore:
         except OSError as e:
             log.warning("cannot mark the WAL truncation this erasure owes (%s): after a crash, the next erasure or "
                         "a clean stop does it", e)
+            return
+        for older in self.path.parent.glob(f"{self.path.name}{ERASED_MARK}{self.origin}-*"):
+            if older != mark:
+                older.unlink(missing_ok=True)
 
     def checkpoint(self) -> None:
         """Checkpoints and truncates the WAL (on the writer thread)."""
