@@ -461,7 +461,8 @@ type Explanation struct {
 	// item's age factor 2^(-age/half-life) in [0, 1] (0 once it is below
 	// float's range), and the score is instead their sum moved to [0, 1] (from
 	// the range the blend's weights bound it to) times that; items rank by the
-	// exact product, so items of any age keep their order.
+	// exact product, so items of any age keep their order (before `diversity`
+	// re-ranks).
 	ScoreParts map[string]float32 `protobuf:"bytes,3,rep,name=score_parts,json=scoreParts,proto3" json:"score_parts,omitempty" protobuf_key:"bytes,1,opt,name=key,proto3" protobuf_val:"fixed32,2,opt,name=value,proto3"`
 }
 

@@ -167,6 +167,7 @@ class Blend:
 
     def mixed(self, name: str, values: np.ndarray, weight: float) -> "Blend":
         """(1 − weight) · these scores + weight · values (a cosine, in [-1, 1]), a part of its own."""
+        assert not self.log2, "a freshened blend is final: mix before freshening"
         parts_at = self.parts_at
         return Blend((1 - weight) * self.scores + weight * values,
                      lambda rows: {n: (1 - weight) * v for n, v in parts_at(rows).items()} | {name: weight * values[rows]},

@@ -261,7 +261,8 @@ export type Explanation = Message<"halflife.v1.Explanation"> & {
    * item's age factor 2^(-age/half-life) in [0, 1] (0 once it is below
    * float's range), and the score is instead their sum moved to [0, 1] (from
    * the range the blend's weights bound it to) times that; items rank by the
-   * exact product, so items of any age keep their order.
+   * exact product, so items of any age keep their order (before `diversity`
+   * re-ranks).
    *
    * @generated from field: map<string, float> score_parts = 3;
    */
