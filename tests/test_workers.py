@@ -166,6 +166,28 @@ def test_a_restarted_worker_serves_the_config_its_group_started_with(model_dir, 
         process.kill()
 
 
+def test_the_workers_config_copy_lives_in_the_data_dir_for_the_groups_life_and_errors_name_the_file(tmp_path):
+    """The copy sat in /tmp, where a cleaner could delete it under a
+    long-running group, and errors named it, gone by then (a review)."""
+    from halflife.cli import WORKERS_CONFIG, _config_for_workers
+    from halflife.config import ConfigError
+
+    config, data = tmp_path / "halflife.toml", tmp_path / "data"
+    data.mkdir()
+    config.write_text("[ranking]\nmax_limit = 5\n")
+    with _config_for_workers(config, data) as flags:
+        assert flags == ["--config", str((data / WORKERS_CONFIG).absolute())]
+        assert (data / WORKERS_CONFIG).read_text() == config.read_text()
+    assert not (data / WORKERS_CONFIG).exists()
+    config.write_text("[ranking\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(config))}: not valid TOML"):
+        with _config_for_workers(config, data):
+            pass
+    assert list(data.iterdir()) == []
+    with _config_for_workers(None, data) as flags:
+        assert flags == []
+
+
 def test_a_restarted_worker_refuses_a_model_directory_changed_under_its_group(model_dir, tmp_path):
     """A worker started again loaded whatever the model directory held by
     then: another default variant (a re-export) would embed differently from
@@ -178,7 +200,8 @@ def test_a_restarted_worker_refuses_a_model_directory_changed_under_its_group(mo
     manifest = json.loads((model_dir / "manifest.json").read_text())
     (model / "manifest.json").unlink()
     (model / "manifest.json").write_text(json.dumps(manifest))
-    process, _ = start_cli_server(model, tmp_path / "data", workers=2)
+    # The CPU provider's default is what changes below (under "auto", a CUDA machine would serve fp16).
+    process, _ = start_cli_server(model, tmp_path / "data", workers=2, extra_args=("--provider", "cpu"))
     log = LogLines(process)
     try:
         other = next(v["name"] for v in manifest["variants"]

@@ -10,10 +10,8 @@ import datetime as dt
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -323,15 +321,13 @@ def _run_workers(args: argparse.Namespace) -> int:
         # Each worker inherits the lock's open file: the directory stays taken until
         # the last of them has exited, even after a SIGKILL of this parent (an audit
         # started a new server there while orphaned workers still committed writes).
-        with claim_data_dir(args.data_dir, f"pid {os.getpid()} and the workers it started") as lock, \
-                tempfile.TemporaryDirectory(prefix="halflife-workers-") as group_dir:
+        with claim_data_dir(args.data_dir, f"pid {os.getpid()} and the workers it started") as lock:
             try:
-                if args.config is not None:
-                    serve_argv += ["--config", str(_config_copy(args.config, Path(group_dir)))]
-                threads = worker_threads(args.threads, args.workers, physical_cores())
-                # The store's migrations run once, here, before any worker opens the file.
-                return run_workers(serve_argv, args.host, args.port, args.workers, threads,
-                                   keep_fds=(lock.fileno(),), prepare=lambda: SqliteStore(args.data_dir).close())
+                with _config_for_workers(args.config, args.data_dir) as config_argv:
+                    threads = worker_threads(args.threads, args.workers, physical_cores())
+                    # The store's migrations run once, here, before any worker opens the file.
+                    return run_workers([*serve_argv, *config_argv], args.host, args.port, args.workers, threads,
+                                       keep_fds=(lock.fileno(),), prepare=lambda: SqliteStore(args.data_dir).close())
             except (OSError, ConfigError):
                 if new_data_dir:
                     _remove_unused_data_dir(lock, args.data_dir)
@@ -344,22 +340,29 @@ def _run_workers(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
-def _config_copy(path: Path, folder: Path) -> Path:
-    """A copy of the config file at `path` in `folder`, checked as the workers
-    will read it (the file may have changed since serve read it). Raises
-    ConfigError."""
-    from halflife.config import ConfigError, load_config
+WORKERS_CONFIG = "workers-config.toml"  # in the data directory, for a --workers group's life
 
-    copy = folder / "config.toml"
+
+@contextlib.contextmanager
+def _config_for_workers(path: Path | None, data_dir: Path) -> Iterator[list[str]]:
+    """The workers' --config flags: a copy of the file at `path`, checked as
+    they will read it (the file may have changed since serve read it; errors
+    name it), kept in the data directory while the group runs, where no
+    temporary-file cleaner deletes it under a long-running group. Raises
+    ConfigError."""
+    from halflife.config import config_from_text, read_config_text
+
+    if path is None:
+        yield []
+        return
+    text = read_config_text(path)
+    config_from_text(text, path)
+    copy = (data_dir / WORKERS_CONFIG).absolute()
+    copy.write_text(text, encoding="utf-8")
     try:
-        shutil.copyfile(path, copy)
-    except OSError as exc:
-        raise ConfigError(f"config file {path}: cannot read it: {exc}") from None
-    try:
-        load_config(copy)
-    except ConfigError as exc:
-        raise ConfigError(f"{path} changed as the workers started: {exc}") from None
-    return copy
+        yield ["--config", str(copy)]
+    finally:
+        copy.unlink(missing_ok=True)
 
 
 AS_OF_HELP = "ISO time (UTC unless it gives an offset) or unix seconds; default now"

@@ -287,13 +287,24 @@ def load_config(path: Path | None) -> Config:
     """Defaults, overridden by the TOML file at `path` when given."""
     if path is None:
         return Config()
+    return config_from_text(read_config_text(path), path)
+
+
+def read_config_text(path: Path) -> str:
+    """The text of the config file at `path`. Raises ConfigError."""
     try:
         # utf-8-sig: a byte order mark (Windows editors save one) was "not valid TOML ... line 1, column 1".
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8-sig"))
+        return Path(path).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path}: cannot read it: {exc}") from None
+
+
+def config_from_text(text: str, origin: Path) -> Config:
+    """The config in TOML `text`, read from `origin` (named in errors). Raises ConfigError."""
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
     return parse_config(data)
