@@ -491,8 +491,8 @@ def test_serve_takes_an_ipv6_host_with_or_without_brackets(spelled):
     `--host [::1]` the workers' parent's socket bracketed (an audit): no
     spelling served with --workers. The host is kept bare, as sockets take
     it, and bracketed for gRPC."""
-    from halflife.api.server import host_port
     from halflife.cli import build_parser
+    from halflife_client.client import host_port
 
     host = build_parser().parse_args(["serve", "--host", spelled]).host
     assert host == spelled.strip().strip("[]")

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from halflife.locks import LockHeldError, hold_lock, remove_lock
+from halflife_client.client import host_port
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +77,17 @@ def reserve_port(host: str, port: int) -> Iterator[socket.socket]:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind((host, port))
         except OSError as exc:  # "[Errno 98] Address already in use" named no address
-            raise OSError(f"cannot bind {host}:{port}: {exc.strerror or exc}") from None
+            raise OSError(f"cannot bind {host_port(host, port)}: {exc.strerror or exc}") from None
         bound = sock.getsockname()[1]
         path = Path(tempfile.gettempdir()) / f"halflife-{os.getuid()}-port-{bound}.lock"
         try:
             lock = hold_lock(path)
         except LockHeldError as held:
-            raise OSError(f"{host}:{bound} is already being served by another halflife --workers group "
+            raise OSError(f"{host_port(host, bound)} is already being served by another halflife --workers group "
                           f"({held.holder})") from None
         try:
             if port and _answers(host, port):
-                raise OSError(f"{host}:{port} is already being served by another process")
+                raise OSError(f"{host_port(host, port)} is already being served by another process")
             yield sock
         finally:
             remove_lock(lock, path)
@@ -204,7 +205,7 @@ def run_workers(serve_argv: Sequence[str], host: str, port: int, workers: int, t
                 if requested:
                     worker.process.send_signal(signal.SIGTERM)
 
-            log.info("starting %d workers on %s:%d, %d intra-op threads each", workers, host, port, threads)
+            log.info("starting %d workers on %s, %d intra-op threads each", workers, host_port(host, port), threads)
             for index in range(workers):
                 if requested:
                     break

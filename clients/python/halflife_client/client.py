@@ -169,6 +169,11 @@ def check_target(target: str) -> str:
     return target
 
 
+def host_port(host: str, port: int) -> str:
+    """host:port as a gRPC target, an IPv6 address in brackets ("[::1]:50051")."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def with_default_port(target: str) -> str:
     """`target` with DEFAULT_PORT where it names no port: a host alone
     ("localhost", "10.0.0.7", "[::1]") or with an empty one ("localhost:"),

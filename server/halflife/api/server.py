@@ -32,6 +32,7 @@ from halflife.embedding.manifest import ManifestError
 from halflife.interest.engine import InterestEngine
 from halflife.locks import LockHeldError, hold_lock
 from halflife.storage.sqlite import SqliteStore
+from halflife_client.client import host_port
 from halflife.v1 import catalog_pb2, embedding_pb2, interest_pb2, recommend_pb2
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,6 @@ DEFAULT_DATA_DIR = Path("var/data")
 # not saved costs the user's next read a longer replay, nothing more).
 SNAPSHOT_SAVE_GRACE_S = 5.0
 MiB = 1 << 20
-
-
-def host_port(host: str, port: int) -> str:
-    """host:port as gRPC takes it, an IPv6 address in brackets ("[::1]:50051")."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclasses.dataclass
