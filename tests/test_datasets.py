@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 
 from halflife.datasets.interactions import DatasetError, load_dataset
-
-# Where tests/test_int8_quality.py finds the development dataset.
-MOVIELENS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
+from tests.fakes import MOVIELENS
 
 MOVIES = 'movieId,title,genres\n1,Toy Story (1995),Adventure|Animation\n2,"Heat, The (1995)",(no genres listed)\n'
 RATINGS = "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,2,2.5,964981247\n2,1,5.0,964982224\n"

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from halflife.config import Config
 from halflife.eval import baselines as B
 from halflife.eval.data import RATING, EvalData, global_cut, leave_last_out, seen_before
 from halflife.eval.metrics import bootstrap_ci, coverage, ndcg, query_metrics, ranking_from_scores, ranks_of
+from tests.fakes import MOVIELENS
 
 DAY = 86400.0
 
@@ -262,15 +262,13 @@ def test_a_damaged_vector_cache_is_embedded_again(model_dir, tmp_path):
     np.testing.assert_array_equal(np.load(cache), first)  # and written again whole
 
 
-MOVIELENS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
-
-
 @pytest.mark.skipif(not MOVIELENS.is_dir(), reason=f"MovieLens not found at {MOVIELENS}")
 def test_sigterm_during_an_eval_leaves_no_temporary_stores(model_dir, tmp_path):
     """As Ctrl-C: SIGTERM's default left its SQLite stores (a full one is
     ~42 MB) in the temporary directory for good (an audit)."""
     data = tmp_path / "ml"
     data.mkdir()
+
     def subset(name: str, ids: set[str]) -> set[str]:
         """The rows of `name` whose first field is one of `ids`; returns their second fields."""
         header, *lines = (MOVIELENS / name).read_text().splitlines(keepends=True)

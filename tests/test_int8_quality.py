@@ -5,15 +5,14 @@ titles and free-text tags, in length-sorted batches as the server makes them."""
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from halflife.embedding.engine import EmbeddingEngine
 from halflife.eval.embeddings import embed_sorted
+from tests.fakes import MOVIELENS
 
-MOVIELENS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
 TEXTS_PER_KIND = 300
 
 
