@@ -48,8 +48,9 @@ var DefaultTimeout = 10 * time.Second
 // RetryAttempts is how many times in all Dial's connection tries a call that
 // fails UNAVAILABLE (a connection dropped, a server starting or restarting) or
 // that a server shutting down answers CANCELLED (calls it had not started:
-// grpc/grpc#41785), with jittered backoff from 100 ms, doubling (about a
-// second in all: a blip, not a restart, which the caller retries). Every
+// grpc/grpc#41785), with jittered backoff from 100 ms, doubling (0-100,
+// 0-200, 0-400 ms: at most 0.7 s of waiting, for a blip, not a restart,
+// which the caller retries). Every
 // Halflife call is safe to repeat; no other status is retried, and neither is
 // a cancel or deadline of the caller's own. As the Python client does.
 const RetryAttempts = 4

@@ -41,14 +41,21 @@ export const DEFAULT_TIMEOUT_MS = 10_000;
 
 /**
  * How many times in all a call is tried when it fails `Unavailable` (a dropped
- * connection, a server starting or restarting) or a server shutting down
- * answers `Canceled` (calls it had not started: grpc/grpc#41785), with
- * jittered backoff from 100 ms, doubling (about a second in all: a blip, not a
- * restart, which the caller retries), within the call's deadline. Every
- * Halflife call is safe to repeat; no other code is retried, nor a cancel of
- * the caller's own. As the Python and Go clients do.
+ * or reset connection, a server starting or restarting) or a server shutting
+ * down answers `Canceled` (calls it had not started: grpc/grpc#41785), with
+ * jittered backoff from 100 ms, doubling (0-100, 0-200, 0-400 ms: at most
+ * 0.7 s of waiting, for a blip, not a restart, which the caller retries),
+ * within the call's deadline. Every Halflife call is safe to repeat; no other
+ * code is retried, nor a cancel of the caller's own. As the Python and Go
+ * clients do.
  */
 export const RETRY_ATTEMPTS = 4;
+
+/** What every call takes: its deadline (default the client's `timeoutMs`) and a signal that cancels it. */
+export interface CallInput {
+  timeoutMs?: number;
+  signal?: AbortSignal;
+}
 
 export interface ClientOptions {
   /**
@@ -112,7 +119,7 @@ export interface FilterInput {
   excludeItemIds?: string[];
 }
 
-export interface RecommendOptions {
+export interface RecommendOptions extends CallInput {
   /** 1 to 1000 (default 10). */
   limit?: number;
   /** "Now" for the recommendation; default the server's clock. */
@@ -123,7 +130,6 @@ export interface RecommendOptions {
   explain?: boolean;
   /** 0 (pure relevance, default) to 1. */
   diversity?: number;
-  timeoutMs?: number;
 }
 
 /** A ranked item. */
@@ -179,9 +185,9 @@ function retries(closed: () => boolean): Interceptor {
     for (let attempt = 1, backoffMs = 100; ; attempt++, backoffMs *= 2) {
       try {
         return await next(request);
-      } catch (error) {
-        const code = ConnectError.from(error).code;
-        const retryable = code === Code.Unavailable || code === Code.Canceled;
+      } catch (thrown) {
+        const error = asGrpcCode(thrown);
+        const retryable = error.code === Code.Unavailable || error.code === Code.Canceled;
         if (attempt === RETRY_ATTEMPTS || !retryable || request.signal.aborted || closed()) throw error;
         const waited = await new Promise<boolean>((resolve) => {
           const stop = () => (clearTimeout(timer), resolve(false));
@@ -189,10 +195,29 @@ function retries(closed: () => boolean): Interceptor {
           const timer = setTimeout(wake, Math.random() * backoffMs); // gRPC's jitter: 0 to the backoff
           request.signal.addEventListener("abort", stop, { once: true });
         });
-        if (!waited) throw error; // the deadline or the caller's cancel came first
+        // The deadline or the caller's cancel came first: theirs is the outcome (it was this try's Unavailable).
+        if (!waited) throw ConnectError.from(request.signal.reason);
       }
     }
   };
+}
+
+/**
+ * `error` as gRPC's own clients report it: Connect calls a connection the peer
+ * reset `Aborted`, which this API keeps for "nothing was stored: retry", where
+ * a write may have been; the Python and Go clients see `Unavailable` (an audit
+ * found such calls neither retried nor told apart).
+ */
+function asGrpcCode(error: unknown): ConnectError {
+  const connectError = ConnectError.from(error);
+  if (connectError.code !== Code.Aborted) return connectError;
+  for (let cause: unknown = connectError.cause, depth = 0; cause instanceof Error && depth < 8; depth++) {
+    if ((cause as NodeJS.ErrnoException).code === "ECONNRESET") {
+      return new ConnectError(connectError.rawMessage, Code.Unavailable, connectError.metadata, undefined, connectError.cause);
+    }
+    cause = cause.cause;
+  }
+  return connectError;
 }
 
 /** A deadline for Connect (see ClientOptions.timeoutMs): undefined for none. */
@@ -260,11 +285,16 @@ export class HalflifeClient {
     // After close(), the session manager would quietly connect again.
     const open: Interceptor = (next) => (request) => {
       if (this.closed) throw new ConnectError("the client is closed", Code.Canceled);
+      // A `raw` call's fractional timeoutMs (wrapper calls round theirs) made an invalid grpc-timeout header.
+      const timeout = request.header.get("grpc-timeout");
+      if (timeout?.includes(".")) request.header.set("grpc-timeout", `${Math.ceil(parseFloat(timeout))}m`);
       return next(request);
     };
     const transport = createGrpcTransport({
       baseUrl,
       sessionManager: this.sessions,
+      // `raw` calls too (an audit found them without a deadline); a raw call's own timeoutMs <= 0 is none.
+      defaultTimeoutMs: deadline(this.timeoutMs),
       interceptors: [retries(() => this.closed), open, ...(options.interceptors ?? [])],
     });
     this.raw = {
@@ -275,29 +305,30 @@ export class HalflifeClient {
     };
   }
 
-  private opts(timeoutMs?: number): CallOptions {
-    return { timeoutMs: deadline(timeoutMs ?? this.timeoutMs) };
+  private opts(options: CallInput): CallOptions {
+    // Connect takes 0 for "no deadline" where the transport has a default.
+    return { timeoutMs: deadline(options.timeoutMs ?? this.timeoutMs) ?? 0, signal: options.signal };
   }
 
   /** Unit-length embeddings (unless `skipNormalize`), one array per text. */
   async embed(
     texts: string[],
-    options: { truncate?: boolean; skipNormalize?: boolean; timeoutMs?: number } = {},
+    options: { truncate?: boolean; skipNormalize?: boolean } & CallInput = {},
   ): Promise<number[][]> {
     const response = await this.raw.embedding.embed(
       { inputs: strings("texts", texts), truncate: options.truncate ?? false, skipNormalize: options.skipNormalize ?? false },
-      this.opts(options.timeoutMs),
+      this.opts(options),
     );
     return response.embeddings.map((e) => Array.from(e.values));
   }
 
   /** The loaded model: id, dimension, limits, execution provider. */
-  async modelInfo(options: { timeoutMs?: number } = {}): Promise<GetModelInfoResponse> {
-    return this.raw.embedding.getModelInfo({}, this.opts(options.timeoutMs));
+  async modelInfo(options: CallInput = {}): Promise<GetModelInfoResponse> {
+    return this.raw.embedding.getModelInfo({}, this.opts(options));
   }
 
   /** Creates or replaces items (atomic batch of 1 to 1000). */
-  async upsertItems(items: ItemInput[], options: { timeoutMs?: number } = {}): Promise<{ created: number; updated: number }> {
+  async upsertItems(items: ItemInput[], options: CallInput = {}): Promise<{ created: number; updated: number }> {
     const response = await this.raw.catalog.upsertItems(
       {
         items: items.map((i) =>
@@ -311,21 +342,21 @@ export class HalflifeClient {
           }),
         ),
       },
-      this.opts(options.timeoutMs),
+      this.opts(options),
     );
     return { created: response.createdCount, updated: response.updatedCount };
   }
 
   /** Deletes items; returns how many existed. */
-  async deleteItems(ids: string[], options: { timeoutMs?: number } = {}): Promise<number> {
-    return (await this.raw.catalog.deleteItems({ ids: strings("ids", ids) }, this.opts(options.timeoutMs))).deletedCount;
+  async deleteItems(ids: string[], options: CallInput = {}): Promise<number> {
+    return (await this.raw.catalog.deleteItems({ ids: strings("ids", ids) }, this.opts(options))).deletedCount;
   }
 
   /** Items by id, in the order of `ids` (NOT_FOUND when one is unknown). */
-  async getItems(ids: string[], options: { includeVectors?: boolean; timeoutMs?: number } = {}): Promise<StoredItem[]> {
+  async getItems(ids: string[], options: { includeVectors?: boolean } & CallInput = {}): Promise<StoredItem[]> {
     const response = await this.raw.catalog.getItems(
       { ids: strings("ids", ids), includeVectors: options.includeVectors ?? false },
-      this.opts(options.timeoutMs),
+      this.opts(options),
     );
     return response.items.map((i: ItemMessage) => ({
       id: i.id,
@@ -340,7 +371,7 @@ export class HalflifeClient {
   /** Records events (atomic, idempotent by eventId, durable on return). */
   async recordEvents(
     events: EventInput[],
-    options: { timeoutMs?: number } = {},
+    options: CallInput = {},
   ): Promise<{ accepted: number; duplicates: number }> {
     const response = await this.raw.interest.recordEvents(
       {
@@ -356,7 +387,7 @@ export class HalflifeClient {
           }),
         ),
       },
-      this.opts(options.timeoutMs),
+      this.opts(options),
     );
     return { accepted: response.acceptedCount, duplicates: response.duplicateCount };
   }
@@ -364,17 +395,17 @@ export class HalflifeClient {
   /** A user's interests at `asOf` (default now), strongest first. */
   async profile(
     userId: string,
-    options: { asOf?: Date; itemsPerInterest?: number; timeoutMs?: number } = {},
+    options: { asOf?: Date; itemsPerInterest?: number } & CallInput = {},
   ): Promise<GetProfileResponse> {
     return this.raw.interest.getProfile(
       { userId, asOfTime: stamp(options.asOf), itemsPerInterest: int32("itemsPerInterest", options.itemsPerInterest ?? 0) },
-      this.opts(options.timeoutMs),
+      this.opts(options),
     );
   }
 
   /** Erases a user; returns how many events were deleted. */
-  async deleteUser(userId: string, options: { timeoutMs?: number } = {}): Promise<bigint> {
-    return (await this.raw.interest.deleteUser({ userId }, this.opts(options.timeoutMs))).deletedEventCount;
+  async deleteUser(userId: string, options: CallInput = {}): Promise<bigint> {
+    return (await this.raw.interest.deleteUser({ userId }, this.opts(options))).deletedEventCount;
   }
 
   /** Top items for a user, best first. */
@@ -390,7 +421,7 @@ export class HalflifeClient {
         explain: options.explain ?? false,
         diversity: options.diversity ?? 0,
       },
-      this.opts(options.timeoutMs),
+      this.opts(options),
     );
     return { items: scored(response.items), strategy: response.strategy };
   }
@@ -398,7 +429,7 @@ export class HalflifeClient {
   /** Items most similar to a catalogue item or to a text. */
   async similarItems(
     target: { itemId: string } | { text: string },
-    options: { limit?: number; filter?: FilterInput; timeoutMs?: number } = {},
+    options: { limit?: number; filter?: FilterInput } & CallInput = {},
   ): Promise<ScoredItem[]> {
     const response = await this.raw.recommend.similarItems(
       {
@@ -406,7 +437,7 @@ export class HalflifeClient {
         limit: int32("limit", options.limit ?? 10),
         filter: filter(options.filter),
       },
-      this.opts(options.timeoutMs),
+      this.opts(options),
     );
     return scored(response.items);
   }

@@ -158,8 +158,9 @@ describe("HalflifeClient against a live server", () => {
       await assert.rejects(client.modelInfo({ timeoutMs }), RangeError);
       assert.throws(() => new HalflifeClient(server.address, { timeoutMs }), RangeError);
     }
-    // A fractional deadline went out as an invalid grpc-timeout header and broke the calls after it.
+    // A fractional deadline went out as an invalid grpc-timeout header and broke the calls after it; raw calls too.
     assert.equal((await client.modelInfo({ timeoutMs: 1500.5 })).dimension, 384);
+    assert.equal((await client.raw.embedding.getModelInfo({}, { timeoutMs: 1500.5 })).dimension, 384);
     assert.equal((await client.modelInfo()).dimension, 384);
     // Past Node's timer limit a deadline fired at once; it is taken as none now, as Infinity is.
     assert.equal((await client.modelInfo({ timeoutMs: 2 ** 31 })).dimension, 384);
@@ -197,6 +198,28 @@ describe("retries", () => {
     client.close();
   });
 
+  it("retries a connection the peer resets, and reports it Unavailable (an audit)", async () => {
+    // Connect reports a reset as Aborted, which this API keeps for "nothing stored"; it was tried once.
+    const resetting = createServer((socket) => socket.resetAndDestroy());
+    await new Promise<void>((resolve) => resetting.listen(0, "127.0.0.1", resolve));
+    const { client, tries } = counting(`127.0.0.1:${(resetting.address() as { port: number }).port}`);
+    await assert.rejects(client.modelInfo(), codeOf(Code.Unavailable));
+    assert.equal(tries(), RETRY_ATTEMPTS);
+    client.close();
+    resetting.close();
+  });
+
+  it("reports a cancel during the backoff as Canceled, and wrapper calls take a signal (an audit)", async () => {
+    const { client } = counting("127.0.0.1:1"); // nothing listens: every try fails at once, then waits
+    for (let n = 0; n < 5; n++) {
+      const controller = new AbortController();
+      setTimeout(() => controller.abort(), 60);
+      await assert.rejects(client.raw.embedding.getModelInfo({}, { signal: controller.signal }), codeOf(Code.Canceled));
+    }
+    await assert.rejects(client.modelInfo({ signal: AbortSignal.abort() }), codeOf(Code.Canceled));
+    client.close();
+  });
+
   it("does not retry a call whose own deadline passed", async () => {
     const silent = createServer(() => {}); // accepts connections, never answers
     await new Promise<void>((resolve) => silent.listen(0, "127.0.0.1", resolve));
@@ -204,6 +227,8 @@ describe("retries", () => {
     const { client, tries } = counting(`127.0.0.1:${port}`, 300);
     await assert.rejects(client.modelInfo(), codeOf(Code.DeadlineExceeded));
     assert.equal(tries(), 1);
+    // `raw` calls get the client's deadline too: they waited for ever (an audit).
+    await assert.rejects(client.raw.embedding.getModelInfo({}), codeOf(Code.DeadlineExceeded));
     client.close();
     silent.close();
   });

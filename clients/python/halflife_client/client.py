@@ -11,8 +11,9 @@ timeout=None sets none, and so does inf or anything past MAX_TIMEOUT_S, which
 gRPC's deadline arithmetic would take for one already passed; NaN is a
 ValueError), and calls that fail with UNAVAILABLE (a connection
 dropped, a server restarting) are retried by gRPC itself, up to 4 attempts
-with jittered backoff from 0.1 s (about a second in all: a blip, not a
-restart that takes seconds, which the caller retries), as are those a server
+with jittered backoff from 0.1 s (0-0.1, 0-0.2, 0-0.4 s: at most 0.7 s of
+waiting in all, for a blip, not a restart that takes seconds, which the
+caller retries), as are those a server
 shutting down answers CANCELLED: it cancels calls that had arrived but not
 reached a handler yet (grpc/grpc#41785), and every Halflife call is safe to
 repeat. No other status is retried, so a rejected request is never silently
