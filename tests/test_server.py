@@ -472,6 +472,67 @@ def test_a_thread_waiting_on_the_model_drops_the_work_once_its_caller_cancels():
     assert _result_unless_abandoned(done, Deadline(time.monotonic() - 1)) == "vectors"  # done wins over late
 
 
+def test_calls_whose_request_never_arrives_take_no_slot_from_health_or_work(model_dir, tmp_path):
+    """1,024 calls that sent their headers and never their message held
+    every slot of grpc's maximum_concurrent_rpcs, for good: health checks and
+    every other call were RESOURCE_EXHAUSTED (an audit). API calls are now
+    admitted once their request has arrived; grpc's count is a backstop 8x
+    above. Here: 4 slots, 20 stalled calls."""
+    server = ServerThread(ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path, max_concurrent_rpcs=4)).start()
+    never = threading.Event()
+
+    def silence():
+        never.wait(60)  # the request stream sends headers, then nothing until the test ends
+        return
+        yield
+
+    stalled = grpc.insecure_channel(server.address)
+    try:
+        send_headers_only = stalled.stream_unary("/halflife.v1.RecommendService/Recommend")
+        calls = [send_headers_only.future(silence()) for _ in range(20)]
+        time.sleep(1.0)  # their headers reach the server
+        assert not any(c.done() for c in calls)  # all held, none refused: not the handlers' to count
+        with grpc.insecure_channel(server.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+            assert stub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10).dimension == 384
+    finally:
+        never.set()
+        stalled.close()
+        server.stop(grace=1)
+
+
+def test_api_calls_beyond_the_limit_in_hand_are_resource_exhausted():
+    """Admission counts what its handlers hold and refuses the next one."""
+    from halflife.api.server import api_calls
+
+    class Refused(Exception):
+        pass
+
+    class Context:
+        async def abort_with_status(self, status):
+            raise Refused(status.details)
+
+    async def run() -> list:
+        admission, release = api_calls(2), asyncio.Event()
+
+        async def handler(request, context):
+            await release.wait()
+            return request
+
+        admitted = admission.wrap(handler)
+        held = [asyncio.create_task(admitted(n, Context())) for n in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(Refused, match="2 calls are being handled"):
+            await admitted(2, Context())
+        release.set()
+        done = await asyncio.gather(*held)
+        assert admission.open == 0 and await admitted(3, Context()) == 3
+        return done
+
+    assert asyncio.run(run()) == [0, 1]
+
+
 def test_open_streams_are_capped_and_unary_calls_go_on(model_dir, tmp_path, monkeypatch):
     """1,024 idle health Watch streams of one client took every slot of
     max_concurrent_rpcs: every other call was RESOURCE_EXHAUSTED until they

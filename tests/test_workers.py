@@ -545,6 +545,24 @@ def test_serve_fixes_glibcs_mmap_threshold(monkeypatch):
     assert cli._fix_mmap_threshold() is True  # glibc accepted the value
 
 
+def test_serve_raises_its_open_files_limit_to_the_hard_one(monkeypatch):
+    """Each connection is a file: at a soft limit of 1,024, about that many
+    idle connections left new clients waiting (an audit)."""
+    from halflife import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "_raise_open_files_limit", lambda: calls.append(True) or 0)
+    unset_blas_threads(monkeypatch)
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--workers", "0"])
+    assert calls == [True]
+    probe = ("import resource; from halflife import cli; "
+             "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+             "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard)); "
+             "print(cli._raise_open_files_limit() == hard == resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout.strip() == "True"
+
+
 _ALLOCATE_AND_FREE = """
 import ctypes, resource, sys
 import numpy as np

@@ -688,6 +688,24 @@ def _fix_mmap_threshold() -> bool:
             and mallopt(_M_TRIM_THRESHOLD, 2 * SERVER_MMAP_THRESHOLD) == 1)
 
 
+def _raise_open_files_limit() -> int:
+    """The soft limit of open files raised to the hard one: each client
+    connection is a file, and at a common soft default of 1,024 about that
+    many connections (idle ones too) left new clients waiting (an audit).
+    Returns the limit now in force."""
+    try:
+        import resource
+    except ImportError:  # not Unix
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # a hard limit the kernel refuses as a soft one (macOS): keep the soft one
+            return soft
+    return hard
+
+
 def _uvloop():
     try:
         import uvloop
@@ -742,6 +760,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in SERVER_BLAS_THREADS.items():
             os.environ.setdefault(name, value)
         _fix_mmap_threshold()
+        _raise_open_files_limit()
     command = f"halflife {argv[0]}" if argv and not argv[0].startswith("-") else "halflife"
     try:
         args = build_parser().parse_args(argv)  # imports what the commands need: Ctrl-C may land here too

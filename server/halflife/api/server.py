@@ -57,7 +57,7 @@ class ServerConfig:
     scan_threads: int | None = None  # threads one Recommend's catalogue scan splits over; default: physical cores
     batching: BatchingConfig = dataclasses.field(default_factory=BatchingConfig)
     halflife: Config = dataclasses.field(default_factory=Config)  # decay, weights, ranking (--config)
-    max_concurrent_rpcs: int = 1024
+    max_concurrent_rpcs: int = 1024  # API calls being handled (see Admission); health and reflection apart
     # Threads the calls' engine work runs on (asyncio's default executor). asyncio's own
     # default is cores + 4: 6 here, which 8 callers replaying long logs (as_of in the past)
     # held for 17 s, while every other call waited for a thread (found by an audit, 2026-12-05).
@@ -82,6 +82,15 @@ class ServerConfig:
             ("grpc.http2.max_ping_strikes", 2),
             # Explicit: a second server on the same port is an error, not a silent share.
             ("grpc.so_reuseport", int(self.reuse_port)),
+            # A call whose request never arrives holds its stream until its deadline, or for good without
+            # one: an audit's 1,024 such calls on one connection took every slot, health checks too. Streams
+            # are bounded per connection (a client's further calls queue on its side), and connections end:
+            # silent ones after 5 min, any after 30 min, with 5 min for the calls in flight (clients
+            # reconnect on their own).
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+            ("grpc.max_connection_idle_ms", 5 * 60_000),
+            ("grpc.max_connection_age_ms", 30 * 60_000),
+            ("grpc.max_connection_age_grace_ms", 5 * 60_000),
         ]
 
 
@@ -109,18 +118,27 @@ _METHOD_HANDLERS = {  # (client streams, server streams) -> grpc's handler for t
 }
 
 
-# Streams (health Watch, reflection) last as long as their client keeps them,
-# and count against max_concurrent_rpcs like any call: 1,024 idle Watch
-# streams of one client left every other call RESOURCE_EXHAUSTED until they
-# closed (found by an audit, 2026-12-05). Load balancers need a few.
+# Streams (health Watch, reflection) last as long as their client keeps them:
+# 1,024 idle Watch streams of one client left every other call
+# RESOURCE_EXHAUSTED until they closed (found by an audit, 2026-12-05). Load
+# balancers need a few.
 MAX_OPEN_STREAMS = 100
+MAX_STREAMS_PER_CONNECTION = 256  # HTTP/2 streams (calls) one connection carries at once
+# grpc's own count of calls, from their headers on: a backstop for calls whose
+# request never comes (see grpc_options), far above what Admission lets work.
+OPEN_CALLS_BACKSTOP_FACTOR = 8
 
 
-class OpenStreams:
-    """Refuses a streaming call (RESOURCE_EXHAUSTED) while `limit` are open."""
+class Admission:
+    """Refuses a call (RESOURCE_EXHAUSTED) while `limit` are in its hands:
+    the API's unary calls once their request has arrived (grpc's
+    maximum_concurrent_rpcs counts a call from its headers, so calls whose
+    message never came took every slot and health checks failed: an audit),
+    or the server-streaming calls while open."""
 
-    def __init__(self, limit: int | None = None):
-        self.limit = MAX_OPEN_STREAMS if limit is None else limit
+    def __init__(self, limit: int, refusal: str):
+        self.limit = limit
+        self.refusal = refusal  # formatted with {open}
         self.open = 0
 
     def wrap(self, behavior: Callable) -> Callable:
@@ -146,14 +164,21 @@ class OpenStreams:
 
     async def _enter(self, context) -> None:
         if self.open >= self.limit:
-            await context.abort_with_status(resource_exhausted(
-                f"{self.open} streams are open (health Watch, reflection), the most this server keeps at once; "
-                f"close one, or poll with health Check").to_status())
+            await context.abort_with_status(resource_exhausted(self.refusal.format(open=self.open)).to_status())
         self.open += 1
 
 
+def open_streams() -> Admission:
+    return Admission(MAX_OPEN_STREAMS, "{open} streams are open (health Watch, reflection), the most this server "
+                                       "keeps at once; close one, or poll with health Check")
+
+
+def api_calls(limit: int) -> Admission:
+    return Admission(limit, "{open} calls are being handled, the most this server takes at once; retry with backoff")
+
+
 def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer,
-                streams: OpenStreams | None = None) -> None:
+                streams: Admission | None = None, calls: Admission | None = None) -> None:
     """Registers `servicer` for `service` as the generated `add_*_to_server`
     does, but with a request parser that never raises: grpc.aio parses
     requests before a handler runs and would answer bytes that are not a
@@ -162,7 +187,8 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer,
     and reflection services alike. A method the servicer leaves to its
     generated base class (synchronous, "not implemented": Health/List here)
     is left out, so grpc answers UNIMPLEMENTED without a traceback.
-    `streams` counts the server-streaming methods' calls, if given."""
+    `streams` counts the server-streaming methods' calls, `calls` the
+    unary ones, where given."""
     handlers = {}
     for method in service.methods:
         behavior = getattr(servicer, method.name)
@@ -173,8 +199,9 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer,
         response_class = message_factory.GetMessageClass(method.output_type)
         kind = (method.client_streaming, method.server_streaming)
         checked = refuse_malformed(behavior, *kind)
-        if method.server_streaming and streams is not None:
-            checked = streams.wrap(checked)
+        admission = streams if method.server_streaming else calls
+        if admission is not None:
+            checked = admission.wrap(checked)
         handlers[method.name] = _METHOD_HANDLERS[kind](
             checked,
             request_deserializer=parse_leniently(request_class),
@@ -283,10 +310,11 @@ class HalflifeServer:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self._calls = concurrent.futures.ThreadPoolExecutor(config.call_threads, thread_name_prefix="halflife-call")
         asyncio.get_running_loop().set_default_executor(self._calls)
-        server = grpc.aio.server(options=config.grpc_options(), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
-        streams = OpenStreams()
+        server = grpc.aio.server(options=config.grpc_options(),
+                                 maximum_concurrent_rpcs=OPEN_CALLS_BACKSTOP_FACTOR * config.max_concurrent_rpcs)
+        streams, calls = open_streams(), api_calls(config.max_concurrent_rpcs)
         for (service, _), servicer in zip(API_SERVICES, self._servicers):
-            add_service(server, service, servicer, streams)
+            add_service(server, service, servicer, streams, calls)
         add_service(server, HEALTH_SERVICE, self._health, streams)
         add_service(server, REFLECTION_SERVICE, reflection.aio.ReflectionServicer(service_names()), streams)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
