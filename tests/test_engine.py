@@ -1571,6 +1571,43 @@ def test_long_replays_run_one_at_a_time_and_short_ones_never_wait_for_them(tmp_p
     assert waits_for_the_long_replay("long", as_of=T - 1800.0)  # a look into the past
 
 
+def test_a_long_look_into_the_past_reads_the_log_in_its_turn_and_not_for_a_caller_gone(tmp_path, monkeypatch):
+    """16 concurrent looks back at a 100k-event user each held a copy of the
+    log while they waited their turn (past 6 GiB), and callers gone at their
+    deadline left ~50 s of replays behind them (a resource audit)."""
+    import threading
+    import time
+
+    from halflife.deadlines import Deadline, DeadlineExpiredError
+    from halflife.interest import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "LONG_REPLAY_EVENTS", 4)
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"climbing rope {n}") for n in range(6)])
+    engine.record_events([EventInput(f"e{n}", "long", LIKE, f"i{n}", None, None, T - 600.0 * (n + 1)) for n in range(6)])
+    engine.profile("long", as_of=T)  # cached: what follows is the look back alone
+    reads = []
+    read_events = engine.store.user_events
+    monkeypatch.setattr(engine.store, "user_events", lambda user: reads.append(user) or read_events(user))
+    outcome = []
+
+    def look_back(deadline):
+        try:
+            outcome.append(engine.profile("long", as_of=T - 1800.0, deadline=deadline).event_counts)
+        except DeadlineExpiredError:
+            outcome.append("expired")
+
+    with engine._long_replay:  # another long replay runs
+        waiting = threading.Thread(target=look_back, args=(Deadline(time.monotonic() + 0.2),))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive() and reads == []  # waits its turn without the log in hand
+    waiting.join(10)
+    assert outcome == ["expired"] and reads == []  # its caller gone: never read, never replayed
+    look_back(None)
+    assert reads == ["long"] and sum(outcome[-1].values()) == 4  # the 4 events up to T - 1800 s
+
+
 def test_a_cached_profiles_derived_rows_follow_every_catalogue_change_and_event(tmp_path):
     """Seen rows and affinity columns are kept with the profile (a 10k-event
     user's Recommend took 3.9 ms rebuilding them, 1.5 kept): each step below

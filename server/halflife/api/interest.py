@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 from typing import Iterable
 
@@ -142,9 +141,8 @@ class InterestServicer(interest_pb2_grpc.InterestServiceServicer):
         if not 0 <= request.items_per_interest <= MAX_ITEMS_PER_INTEREST:
             violations.add("items_per_interest", f"must be between 0 and {MAX_ITEMS_PER_INTEREST}")
         violations.raise_if_any()
-        profile = await asyncio.to_thread(
-            interest.profile, request.user_id, as_of, request.items_per_interest or None
-        )
+        profile = await run_with_deadline(context, interest.profile, request.user_id, as_of,
+                                          request.items_per_interest or None)
         response = interest_pb2.GetProfileResponse(
             user_id=profile.user_id,
             negative_strength=profile.negative_strength,
