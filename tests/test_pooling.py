@@ -339,6 +339,37 @@ def test_tokenize_counts_without_truncation(bert):
     assert all(i.dtype == np.int64 for i in tokens.ids)
 
 
+def test_tokenize_encodes_a_bounded_number_of_characters_at_once(bert, monkeypatch):
+    """1,000 texts of 32 KiB encoded in one batch held ~1.8 GB of encodings
+    (offsets, token strings) to keep 256 ids of each (a resource audit)."""
+    from halflife.embedding import engine as engine_module
+
+    src, out, manifest = bert
+    engine = _engine(out)
+    texts = [SHORT, "the quick brown fox and the lazy dog " * 20, "hello", "a " * 40, ""]
+    whole = engine.tokenize(texts, truncate=True)
+    batches = []
+    monkeypatch.setattr(engine, "_tokenizer", _Recording(engine._tokenizer, batches))
+    monkeypatch.setattr(engine, "_truncating_tokenizer", _Recording(engine._truncating_tokenizer, batches))
+    monkeypatch.setattr(engine_module, "TOKENIZE_CHARS", 100)
+    chunked = engine.tokenize(texts, truncate=True)
+    assert [t.tolist() for t in chunked.ids] == [t.tolist() for t in whole.ids]
+    assert (chunked.truncated == whole.truncated).all() and whole.truncated.any()
+    # At most 100 characters a batch, or one longer text alone.
+    assert len(batches) > 2 and all(sum(map(len, b)) <= 100 or len(b) == 1 for b in batches)
+
+
+class _Recording:
+    """A tokenizer that records the texts of each encode_batch."""
+
+    def __init__(self, tokenizer, batches: list):
+        self._tokenizer, self._batches = tokenizer, batches
+
+    def encode_batch(self, texts):
+        self._batches.append(list(texts))
+        return self._tokenizer.encode_batch(texts)
+
+
 def test_truncation_keeps_final_sep_and_reports_counts(bert):
     src, out, manifest = bert
     engine = _engine(out)
