@@ -297,6 +297,9 @@ def test_ctrl_c_is_one_line_and_exit_130():
         process = subprocess.Popen(
             [sys.executable, "-m", "halflife.cli", "recommend", "1", "--target", f"127.0.0.1:{silent.getsockname()[1]}"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # As from a terminal: a shell's background job (a CI step run with &) ignores SIGINT, and a child
+            # inherits that, where Python then installs no handler and the call ran to its deadline.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         silent.settimeout(60)
         connection, _ = silent.accept()  # the command is past its imports, in the call
