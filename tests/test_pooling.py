@@ -341,7 +341,8 @@ def test_tokenize_counts_without_truncation(bert):
 
 def test_tokenize_encodes_a_bounded_number_of_characters_at_once(bert, monkeypatch):
     """1,000 texts of 32 KiB encoded in one batch held ~1.8 GB of encodings
-    (offsets, token strings) to keep 256 ids of each (a resource audit)."""
+    (offsets, token strings) to keep 256 ids of each, and the cut ones were
+    encoded twice (a resource audit)."""
     from halflife.embedding import engine as engine_module
 
     src, out, manifest = bert
@@ -355,8 +356,10 @@ def test_tokenize_encodes_a_bounded_number_of_characters_at_once(bert, monkeypat
     chunked = engine.tokenize(texts, truncate=True)
     assert [t.tolist() for t in chunked.ids] == [t.tolist() for t in whole.ids]
     assert (chunked.truncated == whole.truncated).all() and whole.truncated.any()
-    # At most 100 characters a batch, or one longer text alone.
+    # At most 100 characters a batch, or one longer text alone; each text encoded once (the cut ones were
+    # encoded twice: in full, then again truncated, twice the time for long texts).
     assert len(batches) > 2 and all(sum(map(len, b)) <= 100 or len(b) == 1 for b in batches)
+    assert sorted(text for b in batches for text in b) == sorted(texts)
 
 
 class _Recording:

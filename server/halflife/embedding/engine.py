@@ -9,11 +9,11 @@ import dataclasses
 import hashlib
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from halflife.cpu import physical_cores
 from halflife.embedding.manifest import Manifest, ManifestError, Variant, load_manifest, verify_file
@@ -145,19 +145,17 @@ def _resolve_provider(requested: str) -> str:
 TOKENIZE_CHARS = 1 << 20
 
 
-def _token_ids(tokenizer: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
-    """Each text's token ids, (tokens,) int64, encoded in batches of at most
-    TOKENIZE_CHARS characters (one text alone where it is longer)."""
-    ids: list[np.ndarray] = []
+def _encoded(tokenizer: Tokenizer, texts: Sequence[str]) -> Iterator[Encoding]:
+    """Each text's encoding, encoded in batches of at most TOKENIZE_CHARS
+    characters (one text alone where it is longer)."""
     start = 0
     while start < len(texts):
         end, chars = start + 1, len(texts[start])
         while end < len(texts) and chars + len(texts[end]) <= TOKENIZE_CHARS:
             chars += len(texts[end])
             end += 1
-        ids.extend(np.array(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(list(texts[start:end])))
+        yield from tokenizer.encode_batch(list(texts[start:end]))
         start = end
-    return ids
 
 
 def _variant_name(manifest: Manifest, model_dir: Path, provider: str, variant: str | None) -> str:
@@ -281,18 +279,18 @@ class EmbeddingEngine:
         # Plain Python over the few inputs of a typical request: each distinct
         # NumPy function touched here runs from a cache that the model's last
         # forward pass evicted, at 10-50 us apiece on this 2-vCPU VM.
-        limit = self.max_input_tokens
-        ids = _token_ids(self._tokenizer, texts)
-        too_long = [i for i, row in enumerate(ids) if len(row) > limit]
-        if too_long and not truncate:
-            raise InputsTooLongError([(i, len(ids[i])) for i in too_long], limit)
-        if too_long:
-            for i, cut in zip(too_long, _token_ids(self._truncating_tokenizer, [texts[i] for i in too_long])):
-                ids[i] = cut
+        if truncate:  # one pass: the truncating tokenizer keeps what it cut off (encoding them again took twice as long)
+            encodings = [(np.array(e.ids, dtype=np.int64), bool(e.overflowing))
+                         for e in _encoded(self._truncating_tokenizer, texts)]
+            ids, cut = [row for row, _ in encodings], [overflowed for _, overflowed in encodings]
+        else:
+            ids = [np.array(e.ids, dtype=np.int64) for e in _encoded(self._tokenizer, texts)]
+            limit = self.max_input_tokens
+            if too_long := [(i, len(row)) for i, row in enumerate(ids) if len(row) > limit]:
+                raise InputsTooLongError(too_long, limit)
+            cut = [False] * len(ids)
         counts = np.array([len(row) for row in ids], dtype=np.int32)
-        truncated = np.zeros(len(ids), dtype=bool)
-        truncated[too_long] = True
-        return TokenizedInputs(ids=ids, token_counts=counts, truncated=truncated)
+        return TokenizedInputs(ids=ids, token_counts=counts, truncated=np.array(cut, dtype=bool))
 
     def forward(self, ids: Sequence[np.ndarray]) -> np.ndarray:
         """Runs one padded batch and pools it.
