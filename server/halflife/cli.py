@@ -207,7 +207,7 @@ def _queue_size(value: str) -> int:
 
 def _host(value: str) -> str:
     """An address to bind, IPv6 without its brackets (sockets take "::1", gRPC "[::1]:port": see
-    api.server.host_port); "::1" reached gRPC bare, where --workers' parent needed it so."""
+    halflife_client.client.host_port); "::1" reached gRPC bare, where --workers' parent needed it so."""
     host = value.strip()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
