@@ -237,8 +237,11 @@ function filter(options: FilterInput | undefined) {
   });
 }
 
-function stamp(date: Date | undefined): Timestamp | undefined {
-  return date === undefined ? undefined : timestampFromDate(date);
+function stamp(name: string, date: Date | undefined): Timestamp | undefined {
+  if (date === undefined) return undefined;
+  // An invalid Date failed as Connect's "The number NaN cannot be converted to a BigInt" (an audit).
+  if (!(date instanceof Date) || Number.isNaN(date.getTime())) throw new RangeError(`${name} is not a valid Date`);
+  return timestampFromDate(date);
 }
 
 function scored(items: ScoredItemMessage[]): ScoredItem[] {
@@ -337,7 +340,7 @@ export class HalflifeClient {
             text: i.text ?? "",
             categories: strings("categories", i.categories),
             attributes: i.attributes ?? {},
-            createTime: stamp(i.createTime),
+            createTime: stamp("createTime", i.createTime),
             vector: i.vector ?? [],
           }),
         ),
@@ -383,7 +386,7 @@ export class HalflifeClient {
             itemId: e.itemId ?? "",
             text: e.text ?? "",
             value: e.value,
-            eventTime: stamp(e.eventTime),
+            eventTime: stamp("eventTime", e.eventTime),
           }),
         ),
       },
@@ -398,7 +401,7 @@ export class HalflifeClient {
     options: { asOf?: Date; itemsPerInterest?: number } & CallInput = {},
   ): Promise<GetProfileResponse> {
     return this.raw.interest.getProfile(
-      { userId, asOfTime: stamp(options.asOf), itemsPerInterest: int32("itemsPerInterest", options.itemsPerInterest ?? 0) },
+      { userId, asOfTime: stamp("asOf", options.asOf), itemsPerInterest: int32("itemsPerInterest", options.itemsPerInterest ?? 0) },
       this.opts(options),
     );
   }
@@ -414,7 +417,7 @@ export class HalflifeClient {
       {
         userId,
         limit: int32("limit", options.limit ?? 10),
-        asOfTime: stamp(options.asOf),
+        asOfTime: stamp("asOf", options.asOf),
         filter: filter(options.filter),
         includeSeen: options.includeSeen ?? false,
         query: options.query ?? "",

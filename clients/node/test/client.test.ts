@@ -150,6 +150,11 @@ describe("HalflifeClient against a live server", () => {
     for (const limit of [2 ** 31, 1.5, Number.NaN]) await assert.rejects(client.recommend("ana", { limit }), RangeError);
     const byNumberName = { eventId: "n1", userId: "ana", type: "1" as "view", itemId: "s" };
     await assert.rejects(client.recordEvents([byNumberName]), TypeError);
+    // An invalid Date was Connect's "The number NaN cannot be converted to a BigInt".
+    const invalid = new Date("not a date");
+    await assert.rejects(client.recommend("ana", { asOf: invalid }), /asOf is not a valid Date/);
+    await assert.rejects(client.recordEvents([{ eventId: "n2", userId: "ana", type: "view", itemId: "s", eventTime: invalid }]),
+      /eventTime is not a valid Date/);
   });
 
   it("keeps deadlines Connect and Node would drop or break (an audit)", async () => {
