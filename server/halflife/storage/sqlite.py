@@ -89,7 +89,7 @@ BUSY_TIMEOUT_MS = 10_000
 # reader for 10 s.
 TRUNCATE_BUSY_MS = 50
 TRUNCATE_RETRY_S = 1.0
-ERASED_MARK = "-erased-"  # DB_NAME + this + a store's origin: a WAL truncation it owes (see `_truncate_wal`)
+ERASED_MARK = "-erased-"  # DB_NAME + this + a store's origin-n: a WAL truncation it owes (see `_mark_erased`)
 _MAX_GROUP = 256  # jobs per group commit, bounds one transaction's size and latency
 _IN_CHUNK = 500  # rows or `IN (?, ...)` values per statement
 _VECTOR_DTYPE = np.dtype("<f4")
@@ -1042,9 +1042,9 @@ class SqliteStore:
         self._truncate_pending = bool(busy)
         self._truncate_due = time.monotonic() + TRUNCATE_RETRY_S
 
-    def _erased_marks(self) -> list[Path]:
-        """The marks of WAL truncations owed, this store's and other processes' on the file."""
-        return list(self.path.parent.glob(f"{self.path.name}{ERASED_MARK}*"))
+    def _erased_marks(self, origin: str = "") -> list[Path]:
+        """The marks of WAL truncations owed on the file: every store's, or those of `origin`'s."""
+        return list(self.path.parent.glob(f"{self.path.name}{ERASED_MARK}{origin}*"))
 
     def _mark_erased(self) -> None:
         """Marks durably that this store owes a WAL truncation: one opened
@@ -1066,7 +1066,7 @@ class SqliteStore:
             log.warning("cannot mark the WAL truncation this erasure owes (%s): after a crash, the next erasure or "
                         "a clean stop does it", e)
             return
-        for older in self.path.parent.glob(f"{self.path.name}{ERASED_MARK}{self.origin}-*"):
+        for older in self._erased_marks(f"{self.origin}-"):
             if older != mark:
                 older.unlink(missing_ok=True)
 
