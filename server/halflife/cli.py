@@ -18,7 +18,7 @@ from typing import Iterator
 import grpc
 
 from halflife.embedding.batcher import BatchingConfig
-from halflife.embedding.manifest import ManifestError, load_manifest
+from halflife.embedding.manifest import ManifestError
 from halflife_client.client import DEFAULT_PORT, DEFAULT_TARGET
 
 EXIT_FAILURE = 1
@@ -292,32 +292,31 @@ def _remove_unused_data_dir(lock, data_dir: Path) -> None:
         pass  # left as it is: nothing of the user's is in it
 
 
-def _check_model(args: argparse.Namespace) -> None:
-    """Raises ManifestError for a model directory, or a --variant of it, that
+def _check_model(args: argparse.Namespace) -> str:
+    """The identity of the model `serve` would load (`served_identity`);
+    ManifestError for a model directory, a --variant or a --provider that
     cannot serve: before the port is bound or a worker started."""
-    manifest = load_manifest(args.model_dir)
-    if args.variant is not None:
-        manifest.variant(args.variant)
+    from halflife.embedding.engine import served_identity
+
+    return served_identity(args.model_dir, variant=args.variant, provider=args.provider)
 
 
 def _run_workers(args: argparse.Namespace) -> int:
     from halflife.api.server import claim_data_dir
     from halflife.config import ConfigError
     from halflife.cpu import physical_cores
-    from halflife.embedding.engine import served_identity
     from halflife.storage.base import StoreError
     from halflife.storage.sqlite import SqliteStore
     from halflife.workers import run_workers, worker_threads
 
     new_data_dir = not args.data_dir.exists()
     try:
-        _check_model(args)  # one clear error here rather than one per worker
         # A worker that dies is started again with these flags, maybe long after the others: it must
         # serve what they serve, not the files as they are by then (an audit edited the config, and a
         # restarted worker refused limits its sibling took and ranked otherwise). So every worker reads
-        # a copy of the config taken now, and refuses a model other than the one found now.
-        serve_argv = [*args.argv[1:], "--model-identity",
-                      served_identity(args.model_dir, variant=args.variant, provider=args.provider)]
+        # a copy of the config taken now, and refuses a model other than the one found now (one clear
+        # error here, rather than one per worker, where there is none).
+        serve_argv = [*args.argv[1:], "--model-identity", _check_model(args)]
         # Each worker inherits the lock's open file: the directory stays taken until
         # the last of them has exited, even after a SIGKILL of this parent (an audit
         # started a new server there while orphaned workers still committed writes).
