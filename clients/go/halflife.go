@@ -50,9 +50,9 @@ var DefaultTimeout = 10 * time.Second
 // that a server shutting down answers CANCELLED (calls it had not started:
 // grpc/grpc#41785), with jittered backoff from 100 ms, doubling (0-100,
 // 0-200, 0-400 ms: at most 0.7 s of waiting, for a blip, not a restart,
-// which the caller retries). Every
-// Halflife call is safe to repeat; no other status is retried, and neither is
-// a cancel or deadline of the caller's own. As the Python client does.
+// which the caller retries). Every Halflife call is safe to repeat; no other
+// status is retried, and neither is a cancel or deadline of the caller's own.
+// As the Python client does.
 const RetryAttempts = 4
 
 // Dial connects to address ("host:port"), with MaxMessageBytes both ways,
