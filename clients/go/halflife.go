@@ -51,7 +51,8 @@ var DefaultTimeout = 10 * time.Second
 // grpc/grpc#41785), with jittered backoff from 100 ms, doubling (0-100,
 // 0-200, 0-400 ms: at most 0.7 s of waiting, for a blip, not a restart,
 // which the caller retries). Every Halflife call is safe to repeat; no other
-// status is retried, and neither is a cancel or deadline of the caller's own.
+// status is retried, and neither is a cancel or deadline of the caller's own
+// (one that comes during a backoff ends the call CANCELLED or DEADLINE_EXCEEDED).
 // As the Python client does.
 const RetryAttempts = 4
 
@@ -93,12 +94,18 @@ func deadlineAndRetries(ctx context.Context, method string, req, reply interface
 			return err // ctx.Err(): the caller's own cancel or deadline, not the server's
 		}
 		select {
-		case <-ctx.Done():
-			return err
-		case <-time.After(time.Duration(rand.Int63n(int64(backoff)))): // gRPC's retry jitter: 0 to the backoff
+		case <-ctx.Done(): // the caller's cancel or deadline came first: theirs is the outcome
+			return status.FromContextError(ctx.Err()).Err()
+		case <-time.After(backoffJitter(backoff)):
 		}
 		backoff *= 2
 	}
+}
+
+// backoffJitter draws the wait before a retry: gRPC's jitter, 0 to the
+// backoff. A variable so that a test can make the wait outlast a deadline.
+var backoffJitter = func(backoff time.Duration) time.Duration {
+	return time.Duration(rand.Int63n(int64(backoff)))
 }
 
 // NewClient wraps an existing connection; Close closes it. (The connection's

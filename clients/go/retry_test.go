@@ -51,6 +51,37 @@ func TestACallersOwnCancelIsNotRetried(t *testing.T) {
 	}
 }
 
+func TestAnEndDuringTheBackoffIsTheCallersOutcome(t *testing.T) {
+	restore := halflife.SetBackoffJitter(func(time.Duration) time.Duration { return time.Minute })
+	defer restore()
+	for _, test := range []struct {
+		name string
+		end  func() (context.Context, context.CancelFunc)
+		want codes.Code
+	}{
+		{"deadline", func() (context.Context, context.CancelFunc) {
+			return context.WithTimeout(context.Background(), 300*time.Millisecond)
+		}, codes.DeadlineExceeded},
+		{"cancel", func() (context.Context, context.CancelFunc) {
+			ctx, cancel := context.WithCancel(context.Background())
+			time.AfterFunc(300*time.Millisecond, cancel)
+			return ctx, cancel
+		}, codes.Canceled},
+	} {
+		t.Run(test.name, func(t *testing.T) {
+			c, attempts := dialCounting(t, "127.0.0.1:1") // nothing listens there: the first try fails at once
+			ctx, cancel := test.end()
+			defer cancel()
+			started := time.Now()
+			_, err := c.Embedding.GetModelInfo(ctx, &pb.GetModelInfoRequest{})
+			if status.Code(err) != test.want || *attempts != 1 || time.Since(started) > 30*time.Second {
+				t.Fatalf("got %v after %d attempts and %v, want %v after 1, during the first backoff",
+					err, *attempts, time.Since(started), test.want)
+			}
+		})
+	}
+}
+
 func TestACallWithoutDeadlineGetsTheDefault(t *testing.T) {
 	silent, err := net.Listen("tcp", "127.0.0.1:0") // accepts connections, never answers
 	if err != nil {
