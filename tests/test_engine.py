@@ -703,7 +703,8 @@ def test_a_replay_keeps_events_applied_while_another_replays_profile_was_cached_
 
     def meanwhile():
         stored = engine.store.record_events([late])  # committed, not applied yet (its writer is slow)
-        engine._cache_profile("u")  # a second replay reads it, and caches the profile
+        with engine._lock:  # a second replay reads it, and caches the profile (a read under the lock)
+            engine._current_state("u")
         engine._apply_new_events(stored)  # applied now: at or below that profile's seq, so it is dropped
         return "u" in engine._users
 
@@ -1606,6 +1607,49 @@ def test_a_long_look_into_the_past_reads_the_log_in_its_turn_and_not_for_a_calle
     assert outcome == ["expired"] and reads == []  # its caller gone: never read, never replayed
     look_back(None)
     assert reads == ["long"] and sum(outcome[-1].values()) == 4  # the 4 events up to T - 1800 s
+
+
+def test_concurrent_misses_of_one_user_read_the_log_once(tmp_path, monkeypatch):
+    """Each of 16 concurrent misses of a 100k-event user would hold a copy of
+    its log: a second caller waits for the replay in flight instead, and
+    not past its own deadline."""
+    import threading
+    import time
+
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"tent stake {n}") for n in range(4)])
+    engine.record_events([EventInput(f"e{n}", "u", LIKE, f"i{n}", None, None, T - 600.0 * (n + 1)) for n in range(4)])
+    expected = engine.profile("u", as_of=T).event_counts
+    engine._users.clear()  # a miss, as after a restart
+    reads, outcome = [], []
+    read_history = engine.store.user_history
+    monkeypatch.setattr(engine.store, "user_history", lambda user: reads.append(user) or read_history(user))
+
+    def second(deadline=None):
+        try:
+            outcome.append(engine.profile("u", as_of=T, deadline=deadline).event_counts)
+        except DeadlineExpiredError:
+            outcome.append("expired")
+
+    def meanwhile(deadline):
+        """Starts a second caller while the first replays; returns once it
+        read the log (the fault) or has waited 0.5 s for the first."""
+        caller = threading.Thread(target=second, args=(deadline,))
+        caller.start()
+        began = time.monotonic()
+        while len(reads) < 2 and time.monotonic() - began < 0.5:
+            time.sleep(0.01)
+        return caller
+
+    for deadline, want in ((None, expected), (Deadline(time.monotonic() + 0.1), "expired")):
+        engine._users.clear()
+        reads.clear()
+        outcome.clear()
+        started = _during_replay(engine, monkeypatch, lambda: meanwhile(deadline))
+        assert engine.profile("u", as_of=T).event_counts == expected
+        started[0].join(10)
+        assert reads == ["u"] and outcome == [want]
+        monkeypatch.setattr(engine, "_build_state", type(engine)._build_state.__get__(engine))
 
 
 def test_a_cached_profiles_derived_rows_follow_every_catalogue_change_and_event(tmp_path):

@@ -455,7 +455,8 @@ def test_cli_serve_refuses_a_missing_or_tampered_model(model_dir, tmp_path):
 def test_a_thread_waiting_on_the_model_drops_the_work_once_its_caller_cancels():
     # The batcher sees a cancel only through the future it was handed: the
     # waiting thread must cancel it, or a cancelled upsert is embedded in full.
-    from halflife.api.backend import ABANDON_POLL_S, _result_unless_abandoned
+    from halflife.api.backend import _result_unless_abandoned
+    from halflife.deadlines import POLL_S
 
     pending: concurrent.futures.Future = concurrent.futures.Future()
     deadline = Deadline()
@@ -466,7 +467,7 @@ def test_a_thread_waiting_on_the_model_drops_the_work_once_its_caller_cancels():
         _result_unless_abandoned(pending, deadline)
     canceller.join(10)
     # Left alone, `pending` never completes: any bound shows the cancel was seen (about 0.1 s + a poll).
-    assert pending.cancelled() and time.monotonic() - began < 5 + ABANDON_POLL_S
+    assert pending.cancelled() and time.monotonic() - began < 5 + POLL_S
     done: concurrent.futures.Future = concurrent.futures.Future()
     done.set_result("vectors")
     assert _result_unless_abandoned(done, Deadline(time.monotonic() - 1)) == "vectors"  # done wins over late

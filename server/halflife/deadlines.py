@@ -10,7 +10,12 @@ up on is not applied later, after writes it has sent since.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
+
+# How often a thread that waits for other work looks at its caller's Deadline:
+# a cancel, which no timer sees, ends the wait within this long.
+POLL_S = 0.05
 
 
 class DeadlineExpiredError(Exception):
@@ -28,3 +33,15 @@ class Deadline:
             raise DeadlineExpiredError("the call was cancelled")
         if self.expires is not None and time.monotonic() > self.expires:
             raise DeadlineExpiredError("the deadline passed")
+
+
+def check(deadline: Deadline | None) -> None:
+    """`deadline.check()`, where there is a deadline."""
+    if deadline is not None:
+        deadline.check()
+
+
+def wait(event: threading.Event, deadline: Deadline | None) -> None:
+    """Waits until `event` is set; DeadlineExpiredError once the caller has gone."""
+    while not event.wait(None if deadline is None else POLL_S):
+        check(deadline)

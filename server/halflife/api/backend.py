@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from halflife.api.errors import unavailable
-from halflife.deadlines import Deadline, DeadlineExpiredError
+from halflife.deadlines import POLL_S, Deadline, DeadlineExpiredError
 from halflife.embedding.batcher import BatcherStoppedError, DynamicBatcher
 from halflife.embedding.engine import EmbeddingEngine
 from halflife.embedding.pooling import l2_normalize
@@ -59,18 +59,13 @@ class Backend:
         return l2_normalize(np.concatenate(vectors))
 
 
-# How often a thread waiting on the model looks at its caller's Deadline: a
-# cancel (which the batcher cannot see) drops the work within this long.
-ABANDON_POLL_S = 0.05
-
-
 def _result_unless_abandoned(future: concurrent.futures.Future, deadline: Deadline | None):
     """future.result(); once `deadline` says the caller stopped waiting,
     cancels the work (the batcher then skips what it has not computed) and
     raises DeadlineExpiredError."""
     while True:
         try:
-            return future.result(timeout=None if deadline is None else ABANDON_POLL_S)
+            return future.result(timeout=None if deadline is None else POLL_S)
         except TimeoutError:
             try:
                 deadline.check()

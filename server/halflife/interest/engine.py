@@ -30,6 +30,7 @@ by seq, so any process answers as one that had taken every write itself.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import heapq
@@ -37,10 +38,11 @@ import itertools
 import logging
 import threading
 import time
-from typing import Callable, Mapping, NamedTuple, Sequence, TypeVar
+from typing import Callable, Iterator, Mapping, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 
+from halflife import deadlines
 from halflife.config import EVENT_TYPE_NAMES, Config
 from halflife.core.cooccurrence import Cooccurrence, cooccurrence_scores
 from halflife.core.decay import es_kernel, half_life_kernel, kernel_profile
@@ -89,8 +91,8 @@ EXPLAINED_EVENTS = 3
 # with its vector (~1.6 KB); past that, it applies them all, and reads at the
 # clock replay the user's log until the clock catches up.
 MAX_HELD_EVENTS_PER_USER = 16
-# Replays of at least this many events run one at a time (InterestEngine._replay):
-# ~0.1-0.2 s each and up, where shorter ones would wait behind a longer one for little gain.
+# Replays of at least this many events run one at a time (InterestEngine._replay_turn):
+# ~40 ms each and up, where shorter ones would wait behind a longer one for little gain.
 LONG_REPLAY_EVENTS = 2000
 # A replay of at least this many events saves the profile it built to the
 # store (Store.save_profile_snapshot): the user's next miss replays only the
@@ -354,6 +356,7 @@ class _Replay:
 
     applied: list[EventRecord] = dataclasses.field(default_factory=list)  # the user's events applied meanwhile
     erased: bool = False  # the user was erased meanwhile: the replay is stale
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)  # set when it ends, cached or not
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,7 +397,7 @@ class InterestEngine:
         self.snapshots = SnapshotSaver(store)
         self._lock = threading.RLock()  # guards everything in memory below
         self._catalog_write = threading.Lock()  # this process's catalogue writes: store, read back, index
-        self._long_replay = threading.Lock()  # one long replay at a time (`_replay`); never taken under _lock
+        self._long_replay = threading.Lock()  # one long replay at a time (`_replay_turn`); never taken under _lock
         self.catalog = CatalogIndex(dim)
         self._users: collections.OrderedDict[str, UserState] = collections.OrderedDict()
         self._replays: dict[str, list[_Replay]] = {}  # user id -> replays in flight
@@ -1030,30 +1033,40 @@ class InterestEngine:
                 state.affinity_times.append(e.event_time)
                 state.affinity_seqs.append(e.seq)
 
-    def _cache_profile(self, user_id: str) -> None:
+    def _cache_profile(self, user_id: str, deadline: Deadline | None = None) -> None:
         """Caches the user's profile if it is missing or a late event made it
         stale, replaying the log without the lock: a 500-event replay takes
-        ~50 ms, which would hold up every other call. Events applied meanwhile
+        ~10 ms, which would hold up every other call. Events applied meanwhile
         become the profile's pending ones; an erasure meanwhile discards the
-        replay. Call without the lock; `_user_state` still replays under it
-        if the profile is gone or stale again by then."""
-        with self._lock:
-            # Other workers' events first: applied after the read, they would
-            # already be in the replay (seq <= its max), so _apply_events would
-            # drop it and _user_state replay again, under the lock.
-            self._catch_up()
-            state = self._users.get(user_id)
-            if state is not None and not self._late(state):
-                return
-            if state is not None:  # replayed below, as a miss is
-                del self._users[user_id]
-            replay = _Replay()
-            self._replays.setdefault(user_id, []).append(replay)
+        replay. A caller that finds this user's profile being replayed waits
+        for that one rather than read the log again (16 concurrent misses of a
+        100k-event user would each hold a copy). Call without the lock;
+        `_user_state` still replays under it if the profile is gone or stale
+        again by then. DeadlineExpiredError once the caller has gone."""
+        for turn in ("wait", "replay"):
+            with self._lock:
+                # Other workers' events first: applied after the read, they would
+                # already be in the replay (seq <= its max), so _apply_events would
+                # drop it and _user_state replay again, under the lock.
+                self._catch_up()
+                state = self._users.get(user_id)
+                if state is not None and not self._late(state):
+                    return
+                running = self._replays.get(user_id)
+                if running and turn == "wait":
+                    done = running[-1].done
+                else:
+                    if state is not None:  # replayed below, as a miss is
+                        del self._users[user_id]
+                    replay = _Replay()
+                    self._replays.setdefault(user_id, []).append(replay)
+                    break
+            deadlines.wait(done, deadline)  # a replay's `finally` sets it
         state = snapshot = None
         try:
             # The read sees a prefix of the log (one writer hands out seqs in
             # commit order): events up to state.max_seq are all in it.
-            state, replayed = self._restore(user_id, self._clock(), unlocked=True)
+            state, replayed = self._restore(user_id, self._clock(), unlocked=True, deadline=deadline)
             snapshot = self._snapshot_of(state, replayed)
         finally:
             with self._lock:
@@ -1064,6 +1077,7 @@ class InterestEngine:
                 if state is not None and not replay.erased and user_id not in self._users:
                     state.pending = [e for e in replay.applied if e.seq > state.max_seq]
                     self._cache(user_id, state)
+            replay.done.set()
         if snapshot is not None:
             self.snapshots.submit(user_id, snapshot)
 
@@ -1124,13 +1138,24 @@ class InterestEngine:
             current = self._current_state(user_id)
             if not self._looks_back(current, as_of):
                 return None
-            long = sum(current.api_counts.values()) >= LONG_REPLAY_EVENTS
-        if not long:
+            events = sum(current.api_counts.values())
+        with self._replay_turn(events, deadline):
             return self._replay_until(user_id, as_of)
+
+    @contextlib.contextmanager
+    def _replay_turn(self, events: int, deadline: Deadline | None) -> Iterator[None]:
+        """A replay of `events` events without the lock: a long one waits for
+        its turn, and is not run for a caller gone meanwhile. A replay is
+        Python, some small NumPy calls an event, and concurrent ones convoy
+        on the GIL (8 replays of 5k events at once took 3.5x as long as one
+        after another on 2 cores, the other calls starved meanwhile). Short
+        ones go at once, never behind a long one."""
+        if events < LONG_REPLAY_EVENTS:
+            yield
+            return
         with self._long_replay:
-            if deadline is not None:
-                deadline.check()
-            return self._replay_until(user_id, as_of)
+            deadlines.check(deadline)
+            yield
 
     def _current_state(self, user_id: str) -> UserState:
         """The cached profile at the clock, caught up with every applied event. Lock held."""
@@ -1169,17 +1194,20 @@ class InterestEngine:
         """A profile of what had happened by `as_of`, from the log; not cached."""
         return self._build_state([e for e in self.store.user_events(user_id) if e.event_time <= as_of], as_of)
 
-    def _restore(self, user_id: str, horizon: float, unlocked: bool = False) -> tuple[UserState, list[EventRecord]]:
+    def _restore(self, user_id: str, horizon: float, unlocked: bool = False,
+                 deadline: Deadline | None = None) -> tuple[UserState, list[EventRecord]]:
         """The user's profile at `horizon`, from the log: their snapshot and
         the events after it where it fits (see `_thawed`), else every event.
-        Returns it and the events it replayed. unlocked: called without the
-        lock (see `_replay`)."""
+        Returns it and the events it replayed. Without the lock where given
+        `deadline` (see `_replay_turn`), else under it."""
         snapshot, events = self.store.user_history(user_id)
         start = None if snapshot is None else self._thawed(user_id, snapshot, events, horizon)
         if snapshot is not None and start is None:
             events = self.store.user_events(user_id)
-        build = self._replay if unlocked else self._build_state
-        return build(events, horizon, start), events
+        if not unlocked:
+            return self._build_state(events, horizon, start), events
+        with self._replay_turn(len(events), deadline):
+            return self._build_state(events, horizon, start), events
 
     def _thawed(self, user_id: str, snapshot: ProfileSnapshot, after: Sequence[EventRecord],
                 horizon: float) -> UserState | None:
@@ -1199,22 +1227,11 @@ class InterestEngine:
             return None
         return None if any(e.event_time < state.newest_time for e in after) else state
 
-    def _replay(self, events: Sequence[EventRecord], horizon: float, start: UserState | None = None) -> UserState:
-        """`_build_state` for a caller without the lock, long replays one at a
-        time: a replay is Python, some small NumPy calls an event, and
-        concurrent ones convoy on the GIL (8 replays of 5k events at once took
-        3.5x as long as one after another on 2 cores, the other calls starved
-        meanwhile). Short ones go at once, never behind a long one."""
-        if len(events) < LONG_REPLAY_EVENTS:
-            return self._build_state(events, horizon, start)
-        with self._long_replay:
-            return self._build_state(events, horizon, start)
-
     def profile(self, user_id: str, as_of: float | None = None, items_per_interest: int | None = None,
                 deadline: Deadline | None = None) -> UserProfile:
         t = self._clock() if as_of is None else as_of
         n_items = self.config.ranking.items_per_interest if items_per_interest is None else items_per_interest
-        self._cache_profile(user_id)
+        self._cache_profile(user_id, deadline)
         past = self._past_state(user_id, t, deadline)
         with self._lock:
             state = self._user_state(user_id, t) if past is None else past
@@ -1330,7 +1347,7 @@ class InterestEngine:
     ) -> Recommendation:
         t = self._clock() if as_of is None else as_of
         query_vector = self._embed([query], deadline)[0] if query else None
-        self._cache_profile(user_id)
+        self._cache_profile(user_id, deadline)
         past = self._past_state(user_id, t, deadline)
         candidates = limit * MMR_CANDIDATES_PER_RESULT if diversity > 0 else limit
         ranked = self._renumbering_safe(lambda: self._rank(
