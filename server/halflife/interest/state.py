@@ -39,6 +39,10 @@ class UserState:
     # than newest_time, held until the clock reaches it, so that reads at the
     # clock need no replay. In seq order.
     ahead: list[EventRecord] = dataclasses.field(default_factory=list)
+    # Past engine.MAX_HELD_EVENTS_PER_USER, the time of the first event seen
+    # but neither applied nor held (it waits in the log, as do those after
+    # it); a read at or after it replays. inf: none.
+    ahead_in_log: float = np.inf
     # Positive item events, for the co-occurrence affinity: item ids, internal types, times.
     affinity_items: list[str] = dataclasses.field(default_factory=list)
     affinity_types: list[int] = dataclasses.field(default_factory=list)
@@ -64,7 +68,7 @@ def snapshot_key(config: Config, dim: int) -> str:
 def snapshot_bytes(state: UserState) -> bytes:
     """The state as bytes (an .npz archive, no pickles). Only a state with
     every event applied: none pending, none held for the clock."""
-    if state.pending or state.ahead:
+    if state.pending or state.ahead or state.ahead_in_log != np.inf:
         raise ValueError("a snapshot holds applied events only")
     ids = sorted(state.seen)
     position = {item_id: n for n, item_id in enumerate(ids)}
