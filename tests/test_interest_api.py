@@ -597,6 +597,15 @@ def test_similar_items(client, vectors):
     assert error.code() == grpc.StatusCode.NOT_FOUND and fields(error) == ["item_id"]
 
 
+def test_a_key_error_of_a_bug_in_similar_items_is_internal_not_a_missing_item(server, client, monkeypatch):
+    def broken(*args, **kwargs):
+        return {}["oops"]
+
+    monkeypatch.setattr(server.server.interest, "_similar_items", broken)
+    error = rpc_error(client.similar_items, item_id="scifi-0", limit=3)
+    assert error.code() == grpc.StatusCode.INTERNAL and fields(error) == []
+
+
 # ================================================================ validation matrix
 
 NOW = dt.datetime.now(dt.timezone.utc)

@@ -213,6 +213,11 @@ class UnknownItemsError(LookupError):
         super().__init__(", ".join(f"events[{i}].item_id {item!r}" for i, item in missing[:3]))
 
 
+class UnknownItemError(LookupError):
+    """similar_items' item is not in the catalogue: a class of its own, so
+    that a KeyError of a bug is not answered as "no such item"."""
+
+
 class _Ranked(NamedTuple):
     """Recommend's candidates, best first, named (see InterestEngine._rank)."""
 
@@ -1626,7 +1631,7 @@ class InterestEngine:
         self, *, item_id: str | None = None, text: str | None = None, limit: int, filter: ItemFilter = ItemFilter(),
         deadline: Deadline | None = None,
     ) -> Recommendation:
-        """Items nearest an item (excluding itself) or a text. Raises KeyError for an unknown item."""
+        """Items nearest an item (excluding itself) or a text. Raises UnknownItemError for an unknown item."""
         query = self._embed([text], deadline)[0] if text is not None else None
         return self._renumbering_safe(lambda: self._similar_items(item_id, query, limit, filter))
 
@@ -1639,7 +1644,7 @@ class InterestEngine:
             if item_id is not None:
                 row = self.catalog.row_of.get(item_id)
                 if row is None:
-                    raise KeyError(item_id)
+                    raise UnknownItemError(item_id)
                 query = self.catalog.vectors[row].copy()
                 exclude = np.array([row])
             allowed, items = self._allowed(filter, exclude), self.catalog.vectors
