@@ -23,6 +23,17 @@ from halflife.config import (
 )
 
 
+def test_event_type_names_follow_the_protos_event_types_in_order():
+    """The engine keeps API event types by value (EVENT_TYPE_NAMES[value - 1]):
+    a type added to the proto, or two swapped, must show here."""
+    from halflife.config import api_event_type
+    from halflife.v1 import interest_pb2
+
+    api = {value: name for name, value in interest_pb2.EventType.items() if value}
+    assert {api_event_type(name): f"EVENT_TYPE_{name.upper()}" for name in EVENT_TYPE_NAMES[: len(api)]} == api
+    assert not {f"EVENT_TYPE_{name.upper()}" for name in EVENT_TYPE_NAMES[len(api):]} & set(api.values())
+
+
 def test_defaults():
     assert load_config(None) == Config() == parse_config({})
     config = Config()

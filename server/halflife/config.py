@@ -39,6 +39,11 @@ EVENT_TYPE_NAMES = (
 )
 
 
+def api_event_type(name: str) -> int:
+    """The API's EventType value of an event type name (EVENT_TYPE_NAMES)."""
+    return EVENT_TYPE_NAMES.index(name) + 1
+
+
 class ConfigError(ValueError):
     """The config file is invalid; the message names the key."""
 

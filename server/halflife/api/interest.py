@@ -19,7 +19,7 @@ from halflife.api.validation import (
     Violations,
     to_timestamp,
 )
-from halflife.interest.engine import RATE, RECORD_ATTEMPTS, EventInput, UnknownItemsError
+from halflife.interest.engine import RECORD_ATTEMPTS, EventInput, UnknownItemsError
 from halflife.storage.base import ItemsChangedError
 from halflife.texts import blank
 from halflife.v1 import interest_pb2, interest_pb2_grpc
@@ -52,7 +52,7 @@ def _event_input(event: interest_pb2.Event, field: str, now: float, violations: 
     value = event.value if event.HasField("value") else None
     if value is not None:
         violations.finite(value, f"{field}.value")
-    elif event.type == RATE:
+    elif event.type == interest_pb2.EVENT_TYPE_RATE:
         violations.add(f"{field}.value", "EVENT_TYPE_RATE needs the rating in value")
     event_time = violations.timestamp(event, "event_time", f"{field}.event_time", now)
     if len(violations.items) > before:
@@ -99,7 +99,7 @@ def _event_inputs(events: Iterable[interest_pb2.Event], now: float, violations: 
             and type_ in _EVENT_TYPES
             and (event_id + user_id + item_id).isprintable()  # no control characters (nor rarer ones, e.g. NBSP)
             and (item_id or readable)
-            and (math.isfinite(value) if value is not None else type_ != RATE)
+            and (math.isfinite(value) if value is not None else type_ != interest_pb2.EVENT_TYPE_RATE)
         ):
             out.append(EventInput(event_id, user_id, type_, item_id or None, text if readable else None, value,
                                   event_time))

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from halflife.config import DEFAULT_EVENT_TYPES, BlendConfig, Config, EventTypeConfig, ProfileConfig
+from halflife.config import DEFAULT_EVENT_TYPES, BlendConfig, Config, EventTypeConfig, ProfileConfig, api_event_type
 from halflife.embedding.manifest import load_manifest
 from halflife.eval import baselines as B
 from halflife.eval.data import RATING, EvalData, Query, global_cut, leave_last_out, load_eval_data, seen_before, time_quantiles
@@ -33,7 +33,7 @@ from halflife.eval.embeddings import embed_texts
 from halflife.eval.metrics import METRICS, bootstrap_ci, bootstrap_ratio_ci, coverage, ndcg, query_metrics, ranking_from_scores, ranks_of
 from halflife.progress import progress
 
-RATE, REVIEW = 6, 7
+RATE, REVIEW = api_event_type("rate"), api_event_type("review")
 
 # The settings before this evaluation (embedding profile only, 90-day
 # half-lives): the grid starts here, so a re-run reproduces the same search

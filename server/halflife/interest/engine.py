@@ -43,7 +43,7 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Sequence, TypeVar
 import numpy as np
 
 from halflife import deadlines
-from halflife.config import EVENT_TYPE_NAMES, Config
+from halflife.config import EVENT_TYPE_NAMES, Config, api_event_type
 from halflife.core.cooccurrence import Cooccurrence, cooccurrence_scores
 from halflife.core.decay import es_kernel, half_life_kernel, kernel_profile
 from halflife.core.describe import describe_clusters
@@ -84,7 +84,7 @@ from halflife.storage.base import (
 log = logging.getLogger(__name__)
 
 DAY = 86400.0
-RATE = 6  # API EventType value of EVENT_TYPE_RATE
+RATE = api_event_type("rate")
 MMR_CANDIDATES_PER_RESULT = 5  # MMR re-ranks this many times `limit` candidates
 EXPLAINED_EVENTS = 3
 # Events a cached profile holds for the clock (see UserState.ahead), each
