@@ -43,7 +43,8 @@ type Item struct {
 	// and 16 KiB of keys and values in all.
 	Attributes map[string]string `protobuf:"bytes,4,rep,name=attributes,proto3" json:"attributes,omitempty" protobuf_key:"bytes,1,opt,name=key,proto3" protobuf_val:"bytes,2,opt,name=value,proto3"`
 	// When the item was published; used by the optional freshness decay.
-	// Unset: unknown (no freshness penalty).
+	// Unset: unknown (no freshness penalty); after a read's time: new (none
+	// either).
 	CreateTime *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
 	// Optional precomputed embedding, used instead of embedding `text`: exactly
 	// `GetModelInfoResponse.dimension` finite floats, not all zero. It is

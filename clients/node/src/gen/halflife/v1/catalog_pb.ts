@@ -57,7 +57,8 @@ export type Item = Message<"halflife.v1.Item"> & {
 
   /**
    * When the item was published; used by the optional freshness decay.
-   * Unset: unknown (no freshness penalty).
+   * Unset: unknown (no freshness penalty); after a read's time: new (none
+   * either).
    *
    * @generated from field: google.protobuf.Timestamp create_time = 5;
    */
