@@ -331,6 +331,15 @@ def test_record_events_counts_accepted_and_duplicates(client):
     profile = client.profile(user, as_of=T0)
     assert [(c.type, c.count) for c in profile.event_counts] == [(LIKE, 5)]
     assert sum(i.event_count for i in profile.interests) == 5
+    # One id for two events in a batch: refused whole, naming the second; the first was not kept meanwhile.
+    other = likes("idem-other", IDS[SCIFI][5:6], T0 - DAY, prefix="idem-c")[0]
+    conflicting = interest_pb2.Event()
+    conflicting.CopyFrom(other)
+    conflicting.user_id = "idem-someone-else"
+    error = rpc_error(client.record_events, [fresh[0], other, conflicting])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["events[2].event_id"]
+    assert "repeats events[1].event_id" in error.details()
+    assert client.record_events([other, other]) == (1, 1)  # an identical repeat is a duplicate
 
 
 def test_get_profile_describes_interests(client):

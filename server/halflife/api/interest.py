@@ -108,6 +108,16 @@ def _event_inputs(events: Iterable[interest_pb2.Event], now: float, violations: 
     return out
 
 
+def _check_repeats(events: list[EventInput | None], violations: Violations) -> None:
+    """An event id twice in one batch with other fields names two events:
+    the store would keep the first and drop the other silently (an audit).
+    An identical repeat (a retried chunk, say) is a duplicate, as a re-send is."""
+    first: dict[str, int] = {}
+    for i, event in enumerate(events):
+        if event is not None and (j := first.setdefault(event.event_id, i)) != i and event != events[j]:
+            violations.add(f"events[{i}].event_id", f"repeats events[{j}].event_id with other fields")
+
+
 class InterestServicer(interest_pb2_grpc.InterestServiceServicer):
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
@@ -120,6 +130,7 @@ class InterestServicer(interest_pb2_grpc.InterestServiceServicer):
         if violations.count(request.events, "events", MAX_EVENTS_PER_REQUEST):
             now = interest.now()
             events = _event_inputs(request.events, now, violations)
+            _check_repeats(events, violations)
         violations.raise_if_any()
         try:
             accepted, duplicates = await run_with_deadline(context, interest.record_events, events)

@@ -593,7 +593,9 @@ export const InterestService: GenService<{
    * recorded and the error is INVALID_ARGUMENT (or NOT_FOUND for an unknown
    * item) with a BadRequest violation per offending event, e.g.
    * `events[7].item_id`. Idempotent by `event_id`: a re-sent event is stored
-   * once and counted in `duplicate_count`. Returns only once the events are
+   * once and counted in `duplicate_count` (the first one stored stands); one
+   * repeated within the batch with other fields is INVALID_ARGUMENT, as the
+   * caller meant two events. Returns only once the events are
    * durable on disk. UNAVAILABLE when the store cannot write (disk full, I/O
    * error): nothing was recorded, and a retry is safe. An event counts for
    * its item as the item is when the batch commits: should items it names be
