@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
 	halflife "github.com/halflife/halflife/clients/go"
@@ -47,14 +48,42 @@ func TestEmbed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(v) != 3 || len(v[0]) != 384 {
-		t.Fatalf("got %d vectors of %d", len(v), len(v[0]))
+	if len(v) != 3 || len(v[0]) != 384 || len(v[1]) != 384 || len(v[2]) != 384 {
+		t.Fatalf("got %d vectors, want 3 of 384", len(v))
 	}
 	if math.Abs(dot(v[0], v[0])-1) > 1e-4 {
 		t.Errorf("not unit length: %v", dot(v[0], v[0]))
 	}
 	if dot(v[0], v[1]) <= dot(v[0], v[2]) {
 		t.Errorf("shoes should be closer to boots than to pasta")
+	}
+}
+
+func TestEmbedTruncate(t *testing.T) {
+	c, ctx := connect(t)
+	long := strings.Repeat("word ", 400) // past the model's max input tokens
+	if _, err := c.Embed(ctx, []string{long}); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("without Truncate: got %v, want InvalidArgument", err)
+	}
+	v, err := c.Embed(ctx, []string{long}, halflife.Truncate())
+	if err != nil || len(v) != 1 || len(v[0]) != 384 {
+		t.Fatalf("with Truncate: got %d vectors, %v", len(v), err)
+	}
+	raw, err := c.Embedding.Embed(ctx, &pb.EmbedRequest{Inputs: []string{long}, Truncate: true})
+	if err != nil || len(raw.Embeddings) != 1 || !raw.Embeddings[0].Truncated {
+		t.Fatalf("raw truncated embed: %v %v", raw, err)
+	}
+	if math.Abs(dot(v[0], raw.Embeddings[0].Values)-1) > 1e-4 {
+		t.Errorf("Embed's vector is not the truncated text's")
+	}
+}
+
+// Conn serves other services on the same connection: grpc's health checks.
+func TestConnAnswersHealthChecks(t *testing.T) {
+	c, ctx := connect(t)
+	resp, err := healthpb.NewHealthClient(c.Conn()).Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil || resp.Status != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health: %v %v", resp, err)
 	}
 }
 
@@ -85,8 +114,8 @@ func TestCatalogEventsAndRecommendations(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got.Items[0].CreateTime.AsTime().Year() != 1931 || got.Items[0].Text != items[3].Text {
-		t.Fatalf("get: %v", got.Items[0])
+	if len(got.Items) != 1 || got.Items[0].CreateTime.AsTime().Year() != 1931 || got.Items[0].Text != items[3].Text {
+		t.Fatalf("get: %v", got.Items)
 	}
 
 	rating := 4.5
@@ -121,7 +150,7 @@ func TestCatalogEventsAndRecommendations(t *testing.T) {
 		t.Errorf("no explanation")
 	}
 	similar, err := c.Recommend.SimilarItems(ctx, &pb.SimilarItemsRequest{Target: &pb.SimilarItemsRequest_ItemId{ItemId: "go-tent"}, Limit: 1})
-	if err != nil || similar.Items[0].ItemId != "go-stove" {
+	if err != nil || len(similar.Items) != 1 || similar.Items[0].ItemId != "go-stove" {
 		t.Fatalf("similar: %v %v", similar, err)
 	}
 	profile, err := c.Interest.GetProfile(ctx, &pb.GetProfileRequest{UserId: "go-ana"})

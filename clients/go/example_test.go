@@ -50,7 +50,9 @@ func Example() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	fmt.Println("recommended:", recs.Items[0].ItemId, recs.Strategy)
+	for _, item := range recs.Items { // none: the output below fails the example
+		fmt.Println("recommended:", item.ItemId, recs.Strategy)
+	}
 
 	_, err = c.Interest.RecordEvents(ctx, &pb.RecordEventsRequest{Events: []*pb.Event{
 		{EventId: "ex-3", UserId: "ex-user", Type: pb.EventType_EVENT_TYPE_CLICK},

@@ -9,3 +9,6 @@ func SetBackoffJitter(jitter func(backoff time.Duration) time.Duration) (restore
 	backoffJitter = jitter
 	return func() { backoffJitter = saved }
 }
+
+// DefaultBackoffJitter is the random draw, whatever SetBackoffJitter has set.
+var DefaultBackoffJitter = backoffJitter

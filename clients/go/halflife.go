@@ -5,21 +5,32 @@
 // one client per service, plain-value helpers and rich-error decoding.
 //
 //	c, err := halflife.Dial(ctx, "127.0.0.1:50051")
-//	if err != nil { ... }
+//	if err != nil {
+//		return err
+//	}
 //	defer c.Close()
 //	vectors, err := c.Embed(ctx, []string{"trail running shoes"})
+//	if err != nil {
+//		return err
+//	}
 //	recs, err := c.Recommend.Recommend(ctx, &halflifev1.RecommendRequest{UserId: "ana", Limit: 10})
+//	if err != nil {
+//		return err
+//	}
+//	fmt.Println(len(vectors[0]), recs.Items)
 package halflife
 
 import (
 	"context"
 	"errors"
 	"math/rand"
+	"sync"
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -42,7 +53,9 @@ const MaxMessageBytes = 64 << 20
 
 // DefaultTimeout is the deadline Dial's connection gives a call whose context
 // has none, as the Python client does: a call to a server that never answers
-// fails instead of waiting forever.
+// fails instead of waiting forever. Dial reads it once: a change applies to
+// connections dialled after it, never to calls already running (so changing it
+// is no data race with them). Zero or less means no default deadline.
 var DefaultTimeout = 10 * time.Second
 
 // RetryAttempts is how many times in all Dial's connection tries a call that
@@ -52,23 +65,31 @@ var DefaultTimeout = 10 * time.Second
 // 0-200, 0-400 ms: at most 0.7 s of waiting, for a blip, not a restart,
 // which the caller retries). Every Halflife call is safe to repeat; no other
 // status is retried, and neither is a cancel or deadline of the caller's own
-// (one that comes during a backoff ends the call CANCELLED or DEADLINE_EXCEEDED).
+// (one that comes during a backoff ends the call CANCELLED or DEADLINE_EXCEEDED)
+// nor a call on a closed connection.
 // As the Python client does.
 const RetryAttempts = 4
 
-// Dial connects to address ("host:port"), with MaxMessageBytes both ways,
-// DefaultTimeout and RetryAttempts. Without options the connection is
-// plaintext (h2c), as `halflife serve` listens; options replace that default,
-// so a plaintext connection with options (grpc.WithBlock(), ...) needs
+// Dial sets up a connection to address ("host:port"), with MaxMessageBytes
+// both ways, DefaultTimeout and RetryAttempts. It does not wait for the server:
+// gRPC connects in the background, and the first call waits for it (within
+// that call's deadline), unless grpc.WithBlock() is among the options. Without
+// options the connection is plaintext (h2c), as `halflife serve` listens;
+// options replace that default, so a plaintext connection with options needs
 // grpc.WithInsecure() among them (or, from gRPC-Go 1.34 on,
 // grpc.WithTransportCredentials(insecure.NewCredentials())).
+//
+// An interceptor of the caller's runs where its option puts it:
+// grpc.WithChainUnaryInterceptor (recommended) runs it once per try, inside
+// the retries and with the default deadline; grpc.WithUnaryInterceptor runs it
+// once per call, outside the retries and before the default deadline is set.
 func Dial(ctx context.Context, address string, opts ...grpc.DialOption) (*Client, error) {
 	if len(opts) == 0 {
 		opts = []grpc.DialOption{grpc.WithInsecure()}
 	}
 	defaults := []grpc.DialOption{
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageBytes), grpc.MaxCallSendMsgSize(MaxMessageBytes)),
-		grpc.WithChainUnaryInterceptor(deadlineAndRetries),
+		grpc.WithChainUnaryInterceptor(deadlineAndRetries(DefaultTimeout)),
 	}
 	conn, err := grpc.DialContext(ctx, address, append(defaults, opts...)...)
 	if err != nil {
@@ -77,35 +98,50 @@ func Dial(ctx context.Context, address string, opts ...grpc.DialOption) (*Client
 	return NewClient(conn), nil
 }
 
-// deadlineAndRetries gives a call DefaultTimeout when its context has no
-// deadline, and tries it again as RetryAttempts says.
-func deadlineAndRetries(ctx context.Context, method string, req, reply interface{}, cc *grpc.ClientConn,
-	invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, DefaultTimeout)
-		defer cancel()
-	}
-	backoff := 100 * time.Millisecond
-	for attempt := 1; ; attempt++ {
-		err := invoker(ctx, method, req, reply, cc, opts...)
-		code := status.Code(err)
-		if attempt == RetryAttempts || (code != codes.Unavailable && code != codes.Canceled) || ctx.Err() != nil {
-			return err // ctx.Err(): the caller's own cancel or deadline, not the server's
+// deadlineAndRetries gives a call timeout (when above zero) if its context has
+// no deadline, and tries it again as RetryAttempts says.
+func deadlineAndRetries(timeout time.Duration) grpc.UnaryClientInterceptor {
+	return func(ctx context.Context, method string, req, reply interface{}, cc *grpc.ClientConn,
+		invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		if _, ok := ctx.Deadline(); !ok && timeout > 0 {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, timeout)
+			defer cancel()
 		}
-		select {
-		case <-ctx.Done(): // the caller's cancel or deadline came first: theirs is the outcome
-			return status.FromContextError(ctx.Err()).Err()
-		case <-time.After(backoffJitter(backoff)):
+		backoff := 100 * time.Millisecond
+		for attempt := 1; ; attempt++ {
+			err := invoker(ctx, method, req, reply, cc, opts...)
+			code := status.Code(err)
+			if attempt == RetryAttempts || (code != codes.Unavailable && code != codes.Canceled) || ctx.Err() != nil {
+				return err // ctx.Err(): the caller's own cancel or deadline, not the server's
+			}
+			// Closed by Close: CANCELLED too, but no retry can succeed.
+			if errors.Is(err, grpc.ErrClientConnClosing) || cc.GetState() == connectivity.Shutdown {
+				return err
+			}
+			select {
+			case <-ctx.Done(): // the caller's cancel or deadline came first: theirs is the outcome
+				return status.FromContextError(ctx.Err()).Err()
+			case <-time.After(backoffJitter(backoff)):
+			}
+			backoff *= 2
 		}
-		backoff *= 2
 	}
 }
+
+// jitterRand is this package's own source, seeded from the clock: Go 1.19
+// seeds the global one with 1, so every process would retry at the same moments.
+var (
+	jitterMu   sync.Mutex
+	jitterRand = rand.New(rand.NewSource(time.Now().UnixNano()))
+)
 
 // backoffJitter draws the wait before a retry: gRPC's jitter, 0 to the
 // backoff. A variable so that a test can make the wait outlast a deadline.
 var backoffJitter = func(backoff time.Duration) time.Duration {
-	return time.Duration(rand.Int63n(int64(backoff)))
+	jitterMu.Lock() // a rand.Rand is not safe for concurrent use
+	defer jitterMu.Unlock()
+	return time.Duration(jitterRand.Int63n(int64(backoff)))
 }
 
 // NewClient wraps an existing connection; Close closes it. (The connection's
@@ -123,9 +159,26 @@ func NewClient(conn *grpc.ClientConn) *Client {
 // Close closes the connection.
 func (c *Client) Close() error { return c.conn.Close() }
 
+// Conn is the connection, for other services on it (grpc_health_v1's health
+// checks, for one).
+func (c *Client) Conn() *grpc.ClientConn { return c.conn }
+
+// EmbedOption changes Embed's request.
+type EmbedOption func(*halflifev1.EmbedRequest)
+
+// Truncate cuts a text longer than the model's max input tokens to that
+// length; without it, Embed fails INVALID_ARGUMENT on such a text.
+func Truncate() EmbedOption {
+	return func(r *halflifev1.EmbedRequest) { r.Truncate = true }
+}
+
 // Embed returns one unit-length embedding per text (1 to 256 texts).
-func (c *Client) Embed(ctx context.Context, texts []string) ([][]float32, error) {
-	resp, err := c.Embedding.Embed(ctx, &halflifev1.EmbedRequest{Inputs: texts})
+func (c *Client) Embed(ctx context.Context, texts []string, opts ...EmbedOption) ([][]float32, error) {
+	req := &halflifev1.EmbedRequest{Inputs: texts}
+	for _, opt := range opts {
+		opt(req)
+	}
+	resp, err := c.Embedding.Embed(ctx, req)
 	if err != nil {
 		return nil, err
 	}

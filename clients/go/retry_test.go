@@ -2,7 +2,9 @@ package halflife_test
 
 import (
 	"context"
+	"math/rand"
 	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -92,6 +94,7 @@ func TestACallWithoutDeadlineGetsTheDefault(t *testing.T) {
 	halflife.DefaultTimeout = 300 * time.Millisecond
 	defer func() { halflife.DefaultTimeout = saved }()
 	c, _ := dialCounting(t, silent.Addr().String())
+	halflife.DefaultTimeout = time.Hour // too late for c: Dial has read it
 	done := make(chan error, 1)
 	go func() {
 		_, err := c.Embedding.GetModelInfo(context.Background(), &pb.GetModelInfoRequest{})
@@ -104,5 +107,111 @@ func TestACallWithoutDeadlineGetsTheDefault(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second): // bounded: without a default the call would wait forever
 		t.Fatal("a call without a deadline was still waiting after 10 s")
+	}
+}
+
+// codeServer answers every GetModelInfo with its code, counting the tries.
+type codeServer struct {
+	pb.UnimplementedEmbeddingServiceServer
+	code  codes.Code
+	tries int32
+}
+
+func (s *codeServer) GetModelInfo(context.Context, *pb.GetModelInfoRequest) (*pb.GetModelInfoResponse, error) {
+	atomic.AddInt32(&s.tries, 1)
+	return &pb.GetModelInfoResponse{}, status.Error(s.code, "as the test chose") // codes.OK: no error
+}
+
+// serveCode starts an in-process server on 127.0.0.1 that answers code.
+func serveCode(t *testing.T, code codes.Code) (address string, server *codeServer) {
+	t.Helper()
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server = &codeServer{code: code}
+	s := grpc.NewServer()
+	pb.RegisterEmbeddingServiceServer(s, server)
+	go s.Serve(listener)
+	t.Cleanup(s.Stop)
+	return listener.Addr().String(), server
+}
+
+func TestWhichStatusesAreRetried(t *testing.T) {
+	restore := halflife.SetBackoffJitter(func(time.Duration) time.Duration { return 0 })
+	defer restore()
+	for _, test := range []struct {
+		code  codes.Code
+		tries int32
+	}{
+		{codes.InvalidArgument, 1},
+		{codes.NotFound, 1},
+		{codes.DeadlineExceeded, 1}, // the server's: the caller's deadline has not passed
+		{codes.ResourceExhausted, 1},
+		{codes.FailedPrecondition, 1},
+		{codes.Unavailable, halflife.RetryAttempts},
+		{codes.Canceled, halflife.RetryAttempts}, // a server shutting down
+	} {
+		t.Run(test.code.String(), func(t *testing.T) {
+			address, server := serveCode(t, test.code)
+			c, _ := dialCounting(t, address)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			_, err := c.Embedding.GetModelInfo(ctx, &pb.GetModelInfoRequest{})
+			if tries := atomic.LoadInt32(&server.tries); status.Code(err) != test.code || tries != test.tries {
+				t.Fatalf("got %v after %d tries, want %v after %d", err, tries, test.code, test.tries)
+			}
+		})
+	}
+}
+
+func TestACallAfterCloseIsNotRetried(t *testing.T) {
+	address, _ := serveCode(t, codes.OK)
+	c, attempts := dialCounting(t, address)
+	c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, err := c.Embedding.GetModelInfo(ctx, &pb.GetModelInfoRequest{})
+	if status.Code(err) != codes.Canceled || *attempts != 1 {
+		t.Fatalf("got %v after %d attempts, want Canceled after 1", err, *attempts)
+	}
+}
+
+func TestADefaultTimeoutOfZeroIsNoDeadline(t *testing.T) {
+	address, _ := serveCode(t, codes.OK)
+	saved := halflife.DefaultTimeout
+	halflife.DefaultTimeout = 0
+	defer func() { halflife.DefaultTimeout = saved }()
+	hasDeadline := true
+	check := func(ctx context.Context, method string, req, reply interface{}, cc *grpc.ClientConn,
+		invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		_, hasDeadline = ctx.Deadline()
+		return invoker(ctx, method, req, reply, cc, opts...)
+	}
+	c, err := halflife.Dial(context.Background(), address, grpc.WithInsecure(), grpc.WithChainUnaryInterceptor(check))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Embedding.GetModelInfo(context.Background(), &pb.GetModelInfoRequest{}); err != nil || hasDeadline {
+		t.Fatalf("got %v, deadline %v; want success without a deadline", err, hasDeadline)
+	}
+}
+
+// Go 1.19 seeds math/rand's global source with 1, so jitter drawn from it is
+// the same in every process: the package's draws must not come from that
+// sequence. (Int63n of a power of two masks one Int63: a draw at any position
+// of the sequence is among the first 100,000 below.)
+func TestJitterIsNotMathRandsSeedOne(t *testing.T) {
+	const backoff = time.Duration(1 << 62)
+	seedOne := rand.New(rand.NewSource(1))
+	known := make(map[time.Duration]bool)
+	for i := 0; i < 100000; i++ {
+		known[time.Duration(seedOne.Int63n(int64(backoff)))] = true
+	}
+	for i := 0; i < 3; i++ {
+		if d := halflife.DefaultBackoffJitter(backoff); known[d] {
+			t.Fatalf("draw %d, %v, is one of math/rand's seed-1 sequence", i, d)
+		}
 	}
 }
