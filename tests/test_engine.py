@@ -1069,10 +1069,10 @@ def test_an_item_changed_while_a_profile_is_described_is_named_as_it_is_now(tmp_
 
 
 def test_the_unweighted_signals_are_the_explained_parts_over_their_weights(tmp_path):
-    """`_signals` (what `halflife eval` blends offline) gives each signal of
+    """`signals` (what `halflife eval` blends offline) gives each signal of
     the blend before weighting: a Recommend's explained parts are them
-    times the blend's weights, and the eval's popularity-only call works
-    without a user."""
+    times the blend's weights; `popularity` needs no user, and a user
+    Recommend ranks by trending gets None."""
     engine = open_engine(tmp_path)
     engine.upsert_items([ItemInput(id=f"i{n}", text=f"camping gear {n}") for n in range(12)])
     dislike = 10
@@ -1083,12 +1083,11 @@ def test_the_unweighted_signals_are_the_explained_parts_over_their_weights(tmp_p
                for n in range(3) for i in (0, 3 + n, 9)]
     engine.record_events(events)
     response = engine.recommend("u", 6, as_of=T, explain=True)
-    with engine._lock:
-        signals = engine._signals("u", engine._user_state("u", T), T)
-        popularity = engine._signals("", None, T, ("popularity",))
+    signals, popularity = engine.signals("u", T), engine.popularity(T)
+    assert engine.signals("crowd-less newcomer", T) is None
     assert set(signals) == {"interest", "negative", "cooccurrence", "popularity"}
     assert signals["popularity"].max() == pytest.approx(1.0) and signals["cooccurrence"].max() == pytest.approx(1.0)
-    np.testing.assert_array_equal(popularity["popularity"], signals["popularity"])
+    np.testing.assert_array_equal(popularity, signals["popularity"])
     weights = engine._blend_weights()
     for item in response.items:
         row = engine.catalog.row_of[item.item_id]

@@ -109,6 +109,7 @@ def test_the_kernel_decides_between_personalised_and_trending(tmp_path):
                           EventInput("other", "v", LIKE, "i1", None, None, T - DAY)])
     beyond = engine.recommend("u", 5, as_of=T)
     assert beyond.strategy == "trending"
+    assert engine.signals("u", T) is None  # what `halflife eval` blends: trending too
     trending = engine.recommend("nobody", 6, as_of=T)  # a user without events: the same list, less u's i0
     assert [(i.item_id, i.score) for i in beyond.items] == [(i.item_id, i.score) for i in trending.items
                                                             if i.item_id != "i0"][:5]
@@ -121,7 +122,7 @@ def test_the_kernel_decides_between_personalised_and_trending(tmp_path):
     engine.record_events([EventInput("1970", "u", VIEW, "i0", None, None, 0.0)])
     assert wide.event_types["view"].half_life_days < 30  # 2^(-19,700 days / h) is 0 in float64
     got = engine.recommend("u", 5, as_of=T, explain=True)
-    assert got.strategy == "personalized"
+    assert got.strategy == "personalized" and engine.signals("u", T) is not None
     # The explanation weighs the event by the kernel too: (s - age) / s, s = 60,000 days.
     [event] = {e.event_id: e for item in got.items for e in item.explanation.events}.values()
     assert event.weight == pytest.approx(wide.event_types["view"].weight * (1 - T / (60_000 * DAY)))

@@ -111,16 +111,12 @@ class EngineBackend:
         return np.array([self.row[i.item_id] for i in rec.items], dtype=np.int64)
 
     def signals(self, q: Query, which: Sequence[str]) -> dict[str, np.ndarray]:
-        e = self.engine
-        with e._lock:
-            state = e._user_state(q.user, q.t)
-            if state.single.strength(q.t) <= 0:
-                return {}
-            return self._to_data_rows(e._signals(q.user, state, q.t, which))
+        """The engine's signals for the query, by dataset row; {} where it ranks trending."""
+        signals = self.engine.signals(q.user, q.t, which)
+        return {} if signals is None else self._to_data_rows(signals)
 
     def popularity(self, t: float) -> np.ndarray:
-        with self.engine._lock:
-            return self._to_data_rows(self.engine._signals("", None, t, ("popularity",)))["popularity"]
+        return self._to_data_rows({"popularity": self.engine.popularity(t)})["popularity"]
 
     def _to_data_rows(self, signals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Engine catalogue rows (a reopened engine orders items by id) to the dataset's rows."""

@@ -213,6 +213,9 @@ class UnknownItemsError(LookupError):
         super().__init__(", ".join(f"events[{i}].item_id {item!r}" for i, item in missing[:3]))
 
 
+_UNIT_WEIGHTS = dict.fromkeys(("interest", "negative", "cooccurrence", "popularity"), 1.0)  # signals as they are
+
+
 class UnknownItemError(LookupError):
     """similar_items' item is not in the catalogue: a class of its own, so
     that a KeyError of a bug is not answered as "no such item"."""
@@ -1458,15 +1461,23 @@ class InterestEngine:
         return {"interest": blend.interest / total, "negative": blend.interest / total,
                 "cooccurrence": blend.cooccurrence / total, "popularity": blend.popularity / total}
 
-    def _signals(self, user_id: str, state: UserState | None, t: float,
-                 which: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """The blend's signals for one user before weighting (see
-        `_signal_sources`), each (size,) float32, the co-occurrence and
-        popularity signals divided by their maximum, so in [0, 1]: what
-        `halflife eval` blends offline. `state` may be None for popularity
-        alone. Lock held."""
-        unit = dict.fromkeys(("interest", "negative", "cooccurrence", "popularity"), 1.0)
-        return self._signal_sources(user_id, state, t, which).parts(unit)
+    def signals(self, user_id: str, t: float, which: Sequence[str] | None = None) -> dict[str, np.ndarray] | None:
+        """The blend's signals for the user at t before weighting (see
+        `_signal_sources`), each (size,) float32 by catalogue row, the
+        co-occurrence and popularity ones divided by their maximum, so in
+        [0, 1]: what `halflife eval` blends offline. None where Recommend
+        ranks trending instead (no positive interest at t: `_rank`'s rule)."""
+        with self._lock:
+            state = self._user_state(user_id, t)
+            single = self._single_profile(user_id, state, t)
+            if single.weight <= 0:
+                return None
+            return self._signal_sources(user_id, state, t, which, single).parts(_UNIT_WEIGHTS)
+
+    def popularity(self, t: float) -> np.ndarray:
+        """The popularity signal at t, as `signals` gives it: (size,) float32."""
+        with self._lock:
+            return self._signal_sources("", None, t, ("popularity",)).parts(_UNIT_WEIGHTS)["popularity"]
 
     def _signal_sources(
         self, user_id: str, state: UserState, t: float, which: Sequence[str] | None = None,
