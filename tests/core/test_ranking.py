@@ -12,14 +12,12 @@ from halflife.core.ranking import (
     DecayedCounts,
     batch_search,
     batch_top_k,
-    blend_query,
     clip_cosines,
     cosine_scores,
     decayed_sum,
     log2_freshness,
     mmr,
     normalize,
-    popularity_counts,
     top_k,
 )
 
@@ -140,23 +138,6 @@ def test_mmr_step_matches_definition():
         gains = [lam * rel[i] - (1 - lam) * max(sim[i, j] for j in chosen) for i in rest]
         chosen.append(rest[int(np.argmax(gains))])
     assert picks.tolist() == chosen
-
-
-def test_blend_query():
-    rng = np.random.default_rng(6)
-    p, q = rng.normal(size=(2, 8))
-    np.testing.assert_allclose(blend_query(p, q, 0.0), normalize(p), atol=1e-6)
-    np.testing.assert_allclose(blend_query(p, q, 1.0), normalize(q), atol=1e-6)
-    np.testing.assert_allclose(blend_query(np.zeros(8), q, 0.3), normalize(q), atol=1e-6)
-    mid = blend_query(p * 100, q, 0.5)  # norms do not matter
-    assert np.linalg.norm(mid) == pytest.approx(1.0, abs=1e-6)
-    np.testing.assert_allclose(mid, normalize(normalize(p) + normalize(q)), atol=1e-6)
-
-
-def test_popularity_counts():
-    idx = np.array([0, 2, 2, 5, 2])
-    np.testing.assert_array_equal(popularity_counts(idx, 6), [1, 0, 3, 0, 0, 1])
-    np.testing.assert_array_equal(popularity_counts(idx, 6, np.array([1, 1, 2, 1, 0.5])), [1, 0, 3.5, 0, 0, 1])
 
 
 def test_decayed_counts_match_brute_force():

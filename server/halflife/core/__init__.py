@@ -4,10 +4,11 @@
   and Elasticsearch `function_score` decay kernels.
 - `profiles`: a user's decayed profile (with negative feedback) and the
   multi-interest (PinnerSage-style) profile.
-- `ranking`: cosine scores, masked top-k, freshness, MMR, query blending,
-  decayed popularity.
+- `ranking`: cosine scores, masked top-k, freshness, MMR, decayed
+  popularity.
 - `describe`: nearest labels and items per interest cluster.
 
 State objects keep only NumPy arrays and expose `to_arrays()`/`from_arrays()`
-so storage code can persist them (np.savez, tobytes) without knowing them.
+so a profile snapshot (`interest.state`) saves them with np.savez without
+knowing them.
 """

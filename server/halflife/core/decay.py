@@ -90,9 +90,6 @@ class EventTypes:
         half_lives = [spec[n][1] for n in names]
         return cls(np.array(weights), np.array(half_lives), names)
 
-    def type_id(self, name: str) -> int:
-        return self.names.index(name)
-
 
 def decay_factors(rates: np.ndarray, landmark: float, t: float) -> np.ndarray:
     """e^{-λ_r (t - L)} per rate: the read factor at time t, and also the

@@ -1,6 +1,6 @@
 """Ranking primitives, pure NumPy: cosine scores (split into row blocks on
-threads for one query), masked top-k, freshness, MMR diversity, query
-blending and decayed popularity.
+threads for one query), masked top-k, freshness, MMR diversity and
+decayed popularity.
 
 Item matrices are (N, d) float32 with L2-normalised rows, so a cosine is a
 dot product and a whole catalogue is scored with one pass over its rows
@@ -512,18 +512,6 @@ def mmr(relevance, vectors, k: int, lam: float = 0.7) -> np.ndarray:
         taken[pick] = True
         np.maximum(max_sim, vecs @ vecs[pick], out=max_sim)
     return picks
-
-
-def blend_query(profile, query, w: float) -> np.ndarray:
-    """normalise(normalise(profile)·(1−w) + normalise(query)·w): steers a
-    profile towards a search query. A zero profile gives the query alone.
-    profile, query: (d,). Returns (d,) float32."""
-    return normalize(normalize(profile) * (1.0 - w) + normalize(query) * w)
-
-
-def popularity_counts(item_index, n_items: int, weights=None) -> np.ndarray:
-    """Plain (undecayed) popularity: summed weights per item. Returns (N,) float64."""
-    return np.bincount(np.asarray(item_index, dtype=np.int64), weights=weights, minlength=n_items).astype(np.float64)
 
 
 def _net_entries(item_index: np.ndarray, weights, n_items: int) -> np.ndarray:
