@@ -451,7 +451,7 @@ type Explanation struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// The interests it matches, strongest contribution first.
+	// The interests it matches, strongest contribution first (at most 3).
 	Interests []*InterestContribution `protobuf:"bytes,1,rep,name=interests,proto3" json:"interests,omitempty"`
 	// The user's events most responsible, strongest first (at most 3).
 	Events []*EventContribution `protobuf:"bytes,2,rep,name=events,proto3" json:"events,omitempty"`

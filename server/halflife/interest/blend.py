@@ -52,7 +52,7 @@ class CatalogueScan:
     positive: np.ndarray | None = None  # (d,) the single profile (single mode)
     negative: np.ndarray | None = None  # (d,) the negative profile, when it has mass
     negative_weight: float = 0.0
-    later: Mapping[str, Later] = dataclasses.field(default_factory=dict)  # name -> unnormalised signal
+    later: Mapping[str, Later] = dataclasses.field(default_factory=dict)  # name -> signal, any scale (`_dense`)
 
     def blend(self, blocks: RowBlocks, weights: Mapping[str, float]) -> Blend:
         """Σ weights[name] · signal (the signals as in

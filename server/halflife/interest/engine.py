@@ -87,6 +87,7 @@ DAY = 86400.0
 RATE = api_event_type("rate")
 MMR_CANDIDATES_PER_RESULT = 5  # MMR re-ranks this many times `limit` candidates
 EXPLAINED_EVENTS = 3
+EXPLAINED_INTERESTS = 3
 # Events a cached profile holds for the clock (see UserState.ahead), each
 # with its vector (~1.6 KB): the soonest due. Later ones wait in the log, and
 # the profile replays it once the clock reaches the first of them.
@@ -1615,7 +1616,7 @@ class InterestEngine:
             # Only what points towards the item matches it, or is responsible for it.
             contrib = cluster_sims[j] * shares if n_clusters else np.zeros(0)
             listed = [int(c) for c in np.argsort(-contrib, kind="stable")
-                      if int(c) in rank_of and cluster_sims[j, c] > 0][:3]
+                      if int(c) in rank_of and cluster_sims[j, c] > 0][:EXPLAINED_INTERESTS]
             interests = tuple(
                 InterestContribution(
                     interest_id=rank_of[c],

@@ -241,7 +241,7 @@ export const EventContributionSchema: GenMessage<EventContribution> = /*@__PURE_
  */
 export type Explanation = Message<"halflife.v1.Explanation"> & {
   /**
-   * The interests it matches, strongest contribution first.
+   * The interests it matches, strongest contribution first (at most 3).
    *
    * @generated from field: repeated halflife.v1.InterestContribution interests = 1;
    */
