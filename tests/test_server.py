@@ -68,11 +68,11 @@ def test_model_info_reports_the_loaded_model_and_the_provider_in_use(channel, li
     assert info.max_input_tokens == 256
     assert info.pooling == "mean"
     # The CPU default: int8 where it passed its export bar (the bundled model's does), else fp32-o2.
-    manifest = live_server.server.engine.manifest
+    manifest = live_server.server.embedding.manifest
     assert info.variant == manifest.default_variants["CPUExecutionProvider"] == "int8"
     assert info.precision == manifest.variant(info.variant).precision == "int8"
     # What onnxruntime actually runs on, not what it was compiled with.
-    assert info.execution_provider == live_server.server.engine.provider == "CPUExecutionProvider"
+    assert info.execution_provider == live_server.server.embedding.provider == "CPUExecutionProvider"
     assert info.max_inputs_per_request == 256
 
 
@@ -83,7 +83,7 @@ def test_embeddings_match_pytorch(live_server):
     assert served.shape == (len(SENTENCES), 384) and served.dtype == np.float32
     cosine = (served * reference).sum(axis=1)
     # The bar the loaded variant passed at export: 0.99 for int8, 0.999 for the float ones.
-    assert cosine.min() >= live_server.server.engine.variant.validation.threshold, cosine
+    assert cosine.min() >= live_server.server.embedding.variant.validation.threshold, cosine
     np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
 
 
@@ -120,7 +120,7 @@ def test_concurrent_requests_are_batched_and_identical_to_unbatched(live_server)
     cosine = together @ alone.T  # unit rows
     # Each answer is its own text's (int8's per-batch scales move it a little, docs/embedding.md)...
     assert (cosine.argmax(axis=1) == np.arange(len(texts))).all()
-    assert np.diag(cosine).min() >= repeat_min_cosine(live_server.server.engine.variant.precision)
+    assert np.diag(cosine).min() >= repeat_min_cosine(live_server.server.embedding.variant.precision)
     assert batches < len(texts), "concurrent requests should share model batches"
 
 
@@ -130,7 +130,7 @@ def test_the_server_gives_back_the_models_memory_once_embedding_goes_idle(live_s
     releases it."""
     from halflife.embedding.batcher import IDLE_AFTER_S
 
-    engine = live_server.server.engine
+    engine = live_server.server.embedding
     texts = [" ".join(f"word{i}x{j}" for j in range(25)) for i in range(64)]  # 64 x ~100 tokens
     before = engine.memory_releases
     with HalflifeClient(live_server.address) as client:

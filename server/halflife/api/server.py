@@ -290,7 +290,7 @@ class HalflifeServer:
         self._servicers = [servicer(self.backend) for _, servicer in API_SERVICES]
 
     @property
-    def engine(self) -> EmbeddingEngine | None:
+    def embedding(self) -> EmbeddingEngine | None:
         return self.backend.embedding
 
     @property
