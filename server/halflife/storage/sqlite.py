@@ -48,6 +48,7 @@ store opened after a crash finishes it (the retry lived only in memory).
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -258,6 +259,17 @@ def _ids_json(ids: Sequence[str]) -> str:
     if any("\x00" in i for i in ids):
         raise ValueError("ids must not contain NUL characters")
     return json.dumps(ids)
+
+
+def _item_vector_ids(conn: sqlite3.Connection, ids_json: str) -> dict[str, int]:
+    """The vector row of each stored item of `ids_json` (`_ids_json`)."""
+    return dict(conn.execute("SELECT id, vector_id FROM items WHERE id IN (SELECT value FROM json_each(?))", (ids_json,)))
+
+
+def _stored_event_ids(conn: sqlite3.Connection, ids_json: str) -> set[str]:
+    """Those of the event ids in `ids_json` (`_ids_json`) stored."""
+    rows = conn.execute("SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?))", (ids_json,))
+    return {row[0] for row in rows}
 
 
 def _hash(blob: bytes) -> bytes:
@@ -737,9 +749,16 @@ class SqliteStore:
         conn.close()
 
     def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        with self._reader() as conn:
+            return fn(conn)
+
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        """A reader connection for the block (a generator's whole iteration
+        too); its SQLite errors raised as StoreError."""
         conn = self._acquire_reader()
         try:
-            return fn(conn)
+            yield conn
         except sqlite3.Error as e:
             raise _store_error(e) from e
         finally:
@@ -766,12 +785,7 @@ class SqliteStore:
         ids_json = _ids_json(list(latest))
 
         def job(conn: sqlite3.Connection) -> tuple[int, int]:
-            old = dict(
-                conn.execute(
-                    "SELECT id, vector_id FROM items WHERE id IN (SELECT value FROM json_each(?))",
-                    (ids_json,),
-                )
-            )
+            old = _item_vector_ids(conn, ids_json)
             vector_ids = _intern_vectors(conn, blobs, rewrite=True)
             last_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
             _insert(
@@ -796,13 +810,9 @@ class SqliteStore:
         wanted_json = _ids_json(wanted)
 
         def job(conn: sqlite3.Connection) -> list[str]:
-            doomed = conn.execute(
-                "SELECT id, vector_id FROM items WHERE id IN (SELECT value FROM json_each(?))",
-                (wanted_json,),
-            ).fetchall()
+            found = _item_vector_ids(conn, wanted_json)
             conn.execute("DELETE FROM items WHERE id IN (SELECT value FROM json_each(?))", (wanted_json,))
-            _gc_vectors(conn, [vid for _, vid in doomed])
-            found = {id_ for id_, _ in doomed}
+            _gc_vectors(conn, list(found.values()))
             self._log_item_changes(conn, list(found))
             return [id_ for id_ in wanted if id_ in found]
 
@@ -825,16 +835,11 @@ class SqliteStore:
         return self._read(read)
 
     def iter_items(self) -> Iterator[ItemRecord]:
-        conn = self._acquire_reader()
-        try:
+        with self._reader() as conn:
             cur = conn.execute(_ITEM_SELECT + " ORDER BY i.rowid")
             damaged: set[int] = set()
             while rows := cur.fetchmany(1000):
                 yield from filter(None, (_item_from(row, damaged) for row in rows))
-        except sqlite3.Error as e:
-            raise _store_error(e) from e
-        finally:
-            self._release_reader(conn)
 
     # ------------------------------------------------------------------ events
 
@@ -864,10 +869,7 @@ class SqliteStore:
         ]
 
         def job(conn: sqlite3.Connection) -> tuple[int, Sequence[int]]:
-            stored = conn.execute(
-                "SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?))", (ids_json,)
-            ).fetchall()
-            seen = {row[0] for row in stored}
+            seen = _stored_event_ids(conn, ids_json)
             if erased := [event_id for event_id in stored_before if event_id not in seen]:
                 raise ResentEventsErasedError(erased)
             keep = range(len(rows))
@@ -903,13 +905,7 @@ class SqliteStore:
             return set()
         wanted_json = _ids_json(wanted)
 
-        def read(conn: sqlite3.Connection) -> set[str]:
-            rows = conn.execute(
-                "SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?))", (wanted_json,)
-            )
-            return {row[0] for row in rows}
-
-        return self._read(read)
+        return self._read(lambda conn: _stored_event_ids(conn, wanted_json))
 
     def user_events(self, user_id: str) -> list[EventRecord]:
         return self._read(lambda conn: _events_where(conn, "e.user_id = ?", (user_id,)))
@@ -950,8 +946,7 @@ class SqliteStore:
         return self._submit(job)
 
     def iter_events(self, chunk: int = 50_000, through_seq: int | None = None) -> Iterator[EventColumns]:
-        conn = self._acquire_reader()
-        try:
+        with self._reader() as conn:
             cur = conn.execute(
                 "SELECT seq, type, item_id, user_id, value, event_time FROM events WHERE seq <= ? ORDER BY seq",
                 (through_seq if through_seq is not None else 2**63 - 1,),
@@ -971,10 +966,6 @@ class SqliteStore:
                     raise StoreDamagedError(f"events {seqs[0]}..{seqs[-1]}: a type, value or time is not a number "
                                             f"({e}): the store is damaged") from e
                 yield columns
-        except sqlite3.Error as e:
-            raise _store_error(e) from e
-        finally:
-            self._release_reader(conn)
 
     def delete_user(self, user_id: str, guard: Guard | None = None) -> int:
         def job(conn: sqlite3.Connection) -> int:
