@@ -1631,13 +1631,13 @@ def test_a_long_look_into_the_past_reads_the_log_in_its_turn_and_not_for_a_calle
         except DeadlineExpiredError:
             outcome.append("expired")
 
-    with engine._long_replay:  # another long replay runs
-        waiting = threading.Thread(target=look_back, args=(Deadline(time.monotonic() + 0.2),))
+    with engine._long_replay:  # another long replay runs, and runs on
+        waiting = threading.Thread(target=look_back, args=(Deadline(time.monotonic() + 1.0),))
         waiting.start()
-        waiting.join(0.5)
+        waiting.join(0.3)
         assert waiting.is_alive() and reads == []  # waits its turn without the log in hand
-    waiting.join(10)
-    assert outcome == ["expired"] and reads == []  # its caller gone: never read, never replayed
+        waiting.join(10)  # ... and not past its caller's deadline: the thread is free again
+        assert outcome == ["expired"] and reads == []  # never read, never replayed
     look_back(None)
     assert reads == ["long"] and sum(outcome[-1].values()) == 4  # the 4 events up to T - 1800 s
 
@@ -1683,6 +1683,48 @@ def test_concurrent_misses_of_one_user_read_the_log_once(tmp_path, monkeypatch):
         started[0].join(10)
         assert reads == ["u"] and outcome == [want]
         monkeypatch.setattr(engine, "_build_state", type(engine)._build_state.__get__(engine))
+
+
+def test_when_the_replay_misses_wait_for_fails_they_wait_for_one_replay_again(tmp_path, monkeypatch):
+    """Waiters woken by a replay that raised each read the log (an audit: 8
+    copies held at once): one of them replays, the others wait for it."""
+    import threading
+    import time
+
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"canoe paddle {n}") for n in range(4)])
+    engine.record_events([EventInput(f"e{n}", "u", LIKE, f"i{n}", None, None, T - 600.0 * (n + 1)) for n in range(4)])
+    expected = engine.profile("u", as_of=T).event_counts
+    engine._users.clear()
+    reads, outcome = [], []
+    read_history = engine.store.user_history
+
+    def slow_reads(user):
+        """The first read fails once 4 more misses had time to arrive; each read is slow."""
+        reads.append(user)
+        time.sleep(0.3)
+        if len(reads) == 1:
+            raise StoreError("disk I/O error")
+        return read_history(user)
+
+    monkeypatch.setattr(engine.store, "user_history", slow_reads)
+
+    def read():
+        try:
+            outcome.append(engine.profile("u", as_of=T).event_counts)
+        except StoreError:
+            outcome.append("failed")
+
+    callers = [threading.Thread(target=read)]
+    callers[0].start()
+    while not reads:
+        time.sleep(0.01)
+    callers += [threading.Thread(target=read) for _ in range(4)]
+    for caller in callers[1:]:
+        caller.start()
+    for caller in callers:
+        caller.join(30)
+    assert len(reads) == 2 and sorted(map(str, outcome)) == sorted(map(str, ["failed"] + [expected] * 4))
 
 
 def test_a_cached_profiles_derived_rows_follow_every_catalogue_change_and_event(tmp_path):

@@ -219,14 +219,17 @@ def test_a_replay_of_a_damaged_vector_saves_no_snapshot(tmp_path):
     assert repaired != damaged and engine.store.user_history("u")[0].through_seq == 30
 
 
-def test_events_held_for_the_clock_after_every_applied_one_are_left_out_of_the_snapshot(tmp_path, monkeypatch):
-    """A client clock running ahead holds some events at every read: the
-    snapshot ends before them, and a read once the clock passed them answers
-    as a full replay."""
+@pytest.mark.parametrize("ahead", [3, engine_module.MAX_HELD_EVENTS_PER_USER + 4])
+def test_events_held_for_the_clock_after_every_applied_one_are_left_out_of_the_snapshot(tmp_path, monkeypatch, ahead):
+    """A client clock running ahead holds some events at every read (past
+    MAX_HELD_EVENTS_PER_USER, some wait in the log instead): the snapshot
+    ends before them, and a read once the clock passed them answers as a
+    full replay. Without a snapshot, such a user's replays grew with every
+    event since the last one (an audit)."""
     path = tmp_path / "live"
     engine = filled(path, 30)
-    engine.record_events([EventInput(f"ahead{k}", "u", LIKE, f"i{k}", None, None, T + 60.0 * (k + 1))
-                          for k in range(3)])
+    engine.record_events([EventInput(f"ahead{k}", "u", LIKE, f"i{k % 12}", None, None, T + 60.0 * (k + 1))
+                          for k in range(ahead)])
     held = answers(engine)
     assert held[0] == answers(filled(tmp_path / "without", 30))[0]  # not counted yet
     assert engine.store.user_history("u")[0].through_seq == 30
@@ -235,9 +238,9 @@ def test_events_held_for_the_clock_after_every_applied_one_are_left_out_of_the_s
     counts = replayed(later, monkeypatch)
     later._users.clear()
     live = later.profile("u", as_of=T + HOUR)
-    assert counts == [3]  # the held events, onto the snapshot
+    assert counts == [ahead]  # the held events, onto the snapshot
     expected = full_replay_of(later, tmp_path / "reference", monkeypatch).profile("u", as_of=T + HOUR)
-    assert live.event_counts == expected.event_counts == {**held[0], LIKE: held[0][LIKE] + 3}
+    assert live.event_counts == expected.event_counts == {**held[0], LIKE: held[0][LIKE] + ahead}
     assert [(round(i.strength, 9), i.event_count) for i in live.interests] == \
         [(round(i.strength, 9), i.event_count) for i in expected.interests]
 

@@ -41,6 +41,12 @@ def check(deadline: Deadline | None) -> None:
         deadline.check()
 
 
+def acquire(lock: threading.Lock, deadline: Deadline | None) -> None:
+    """Takes `lock`; DeadlineExpiredError, without it, once the caller has gone."""
+    while not lock.acquire(timeout=-1 if deadline is None else POLL_S):
+        deadline.check()
+
+
 def wait(event: threading.Event, deadline: Deadline | None) -> None:
     """Waits until `event` is set; DeadlineExpiredError once the caller has gone."""
     while not event.wait(None if deadline is None else POLL_S):
