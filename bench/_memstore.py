@@ -40,7 +40,8 @@ class MemoryStore:
         return iter(list(self.items.values()))
 
     def record_events(self, events: Sequence[EventRecord], guard: Guard | None = None,
-                      items_as_of: int | None = None, stored_before: Collection[str] = ()) -> list[EventRecord]:
+                      items_as_of: int | None = None, stored_before: Collection[str] = (),
+                      as_items: Collection[int] = ()) -> list[EventRecord]:
         # items_as_of goes unchecked: the benchmark changes no item while it records.
         _check(guard)
         if erased := [i for i in stored_before if i not in self.ids]:

@@ -41,6 +41,13 @@ def cold_list(engine: InterestEngine) -> list[tuple[str, float]]:
     return [(item.item_id, round(item.score, 6)) for item in result.items]
 
 
+def test_an_event_record_is_an_event_inputs_fields_then_its_vector_and_seq():
+    """record_events builds EventRecords as tuples in this order."""
+    from halflife.storage.base import EventRecord
+
+    assert EventRecord._fields == (*EventInput._fields, "vector", "seq")
+
+
 def test_a_restart_after_delete_user_rebuilds_the_same_popularity(tmp_path):
     engine = open_engine(tmp_path)
     engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(8)])

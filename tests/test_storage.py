@@ -984,3 +984,28 @@ def test_events_are_refused_only_when_an_item_their_new_events_name_changed_sinc
         store.record_events([event("e5", item_id="a")], items_as_of=read_at)
     assert [e.event_id for e in store.record_events([event("e4", item_id="b")],
                                                     items_as_of=store.head().change_version)] == ["e4"]
+
+
+def test_events_named_as_items_reference_their_items_vectors(store, tmp_path):
+    """as_items: an event that carries its item's stored vector references
+    that vector's row, as hashing it would; an index naming an event whose
+    item is not stored (never expected) falls back to hashing its vector."""
+    v1, v2, own = vec(), vec(), vec()
+    store.upsert_items([item("i1", v1), item("i2", v2)])
+    version = store.head().change_version
+    vectors_before = count(tmp_path, "SELECT COUNT(*) FROM vectors")
+    stored = store.record_events(
+        [event("a", item_id="i1", vector=v1.copy()), event("b", item_id="i2", vector=v2.copy()),
+         event("a", item_id="i2", vector=v2.copy()),  # a repeat: the first wins
+         event("c", item_id="nowhere", vector=own.copy()), event("d", item_id="i1", vector=own.copy())],
+        items_as_of=version, as_items={0, 1, 2, 3})
+    assert [e.event_id for e in stored] == ["a", "b", "c", "d"]
+    assert count(tmp_path, "SELECT COUNT(*) FROM vectors") == vectors_before + 1  # `own`, hashed once
+    with raw(tmp_path) as conn:
+        ids = dict(conn.execute("SELECT event_id, vector_id FROM events"))
+        items = dict(conn.execute("SELECT id, vector_id FROM items"))
+    assert ids["a"] == items["i1"] and ids["b"] == items["i2"] and ids["c"] == ids["d"] not in items.values()
+    by_id = {e.event_id: e for e in store.user_events("u1")}
+    for event_id, vector in (("a", v1), ("b", v2), ("c", own), ("d", own)):
+        np.testing.assert_array_equal(by_id[event_id].vector, vector)
+    assert count(tmp_path, "SELECT SUM(events) FROM vector_refs") == 4

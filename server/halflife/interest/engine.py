@@ -854,7 +854,7 @@ class InterestEngine:
         embedded: dict[int, np.ndarray] = {}
         items_changed = 0
         while True:
-            vectors, items_as_of, stored_naming_gone = self._item_vectors(events)
+            vectors, items_as_of, stored_naming_gone, known = self._item_vectors(events)
             wanted = [i for i in texts if events[i].event_id not in stored_before]
             if missing := [i for i in wanted if i not in embedded]:
                 embedded.update(zip(missing, self._embed([events[i].text for i in missing], deadline)))
@@ -862,13 +862,15 @@ class InterestEngine:
                 # Item and text: the direction of their sum. Item-only events keep
                 # the item's stored vector bit for bit, so the store keeps one copy.
                 vectors[wanted] = normalize(vectors[wanted] + np.array([embedded[i] for i in wanted]))
-            records = [
-                EventRecord(e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, vector)
-                for e, vector in zip(events, vectors)
-            ]
+            # EventInput's fields, the vector and seq 0 (a test holds EventRecord to
+            # that order): tuple.__new__ builds one at half EventRecord()'s cost.
+            new = tuple.__new__
+            records = [new(EventRecord, (*e, vector, 0)) for e, vector in zip(events, vectors)]
+            # Events that carry their item's stored vector as it is: the store need not hash them.
+            as_items = set(np.flatnonzero(known).tolist()).difference(wanted)
             try:
                 stored = self.store.record_events(records, _guard(deadline), items_as_of,
-                                                  stored_before | stored_naming_gone)
+                                                  stored_before | stored_naming_gone, as_items)
             except ItemsChangedError:
                 items_changed += 1
                 if items_changed == RECORD_ATTEMPTS:
@@ -880,20 +882,23 @@ class InterestEngine:
             self._apply_new_events(stored)
             return len(stored), len(events) - len(stored)
 
-    def _item_vectors(self, events: Sequence[EventInput]) -> tuple[np.ndarray, int | None, set[str]]:
+    def _item_vectors(self, events: Sequence[EventInput]) -> tuple[np.ndarray, int | None, set[str], np.ndarray]:
         """The vectors of the items the events name ((n, dim) float32, zeros
         where an event names none or an item gone), the store's change version
-        they are current at (None when no event names an item), and the ids of
+        they are current at (None when no event names an item), the ids of
         the events found stored already that name a gone item (their vectors
-        are placeholders). Raises UnknownItemsError as record_events says."""
+        are placeholders), and which events' items were found ((n,) bool: their
+        vectors are the stored ones, bit for bit). Raises UnknownItemsError as
+        record_events says."""
         with self._catalog_write, self._lock:  # this process's catalogue writes indexed, not just committed
             # The version before the catch-up: a change between the two reads only costs a retry.
             items_as_of = self.store.head().change_version if any(e.item_id for e in events) else None
             self._catch_up()  # items another process wrote since
             rows = self.catalog.rows([e.item_id or "" for e in events])
             missing = [(i, e.item_id) for i, (e, row) in enumerate(zip(events, rows)) if e.item_id and row < 0]
+            known = rows >= 0
             vectors = np.zeros((len(events), self.dim), dtype=np.float32)
-            vectors[rows >= 0] = self.catalog.vectors[rows[rows >= 0]]
+            vectors[known] = self.catalog.vectors[rows[known]]
         stored: set[str] = set()
         if missing:
             # A repeat of an event stored before or earlier in this batch is a
@@ -904,7 +909,7 @@ class InterestEngine:
                        if first[events[i].event_id] == i and events[i].event_id not in stored]
             if missing:
                 raise UnknownItemsError(missing)
-        return vectors, items_as_of, stored
+        return vectors, items_as_of, stored, known
 
     def _apply_new_events(self, stored: Sequence[EventRecord]) -> None:
         """Applies a batch this process just stored, unless a catch-up

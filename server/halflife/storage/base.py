@@ -161,7 +161,8 @@ class Store(Protocol):
         """Every item, for building the in-memory catalogue at start."""
 
     def record_events(self, events: Sequence[EventRecord], guard: Guard | None = None,
-                      items_as_of: int | None = None, stored_before: Collection[str] = ()) -> list[EventRecord]:
+                      items_as_of: int | None = None, stored_before: Collection[str] = (),
+                      as_items: Collection[int] = ()) -> list[EventRecord]:
         """Stores the events whose event_id is new (also within the batch: the
         first one wins); returns those, with `seq` set, in arrival order. One
         call's events get consecutive seqs and commit atomically.
@@ -174,7 +175,11 @@ class Store(Protocol):
 
         stored_before: ids of `events` the caller found stored already (their
         vectors are placeholders). When one is not stored any more (erased
-        since), raises ResentEventsErasedError and stores nothing."""
+        since), raises ResentEventsErasedError and stores nothing.
+
+        as_items: indexes of `events` whose vector is, bit for bit, the stored
+        vector of the item they name as of `items_as_of` (ignored without it):
+        the store may reference that vector instead of hashing the event's."""
 
     def existing_event_ids(self, event_ids: Sequence[str]) -> set[str]:
         """Those of `event_ids` already stored."""
