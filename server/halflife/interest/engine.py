@@ -1217,7 +1217,8 @@ class InterestEngine:
     @staticmethod
     def _looks_back(state: UserState, as_of: float) -> bool:
         """Whether a read at `as_of` must replay: it is before the profile's
-        newest event, or past the clock at events held for it."""
+        newest event, or past the clock at events held for it or left in the
+        log (`ahead_in_log`)."""
         return (as_of < state.newest_time or as_of >= state.ahead_in_log
                 or any(e.event_time <= as_of for e in state.ahead))
 
@@ -1229,8 +1230,9 @@ class InterestEngine:
                  deadline: Deadline | None = None) -> tuple[UserState, list[EventRecord]]:
         """The user's profile at `horizon`, from the log: their snapshot and
         the events after it where it fits (see `_thawed`), else every event.
-        Returns it and the events it replayed. Without the lock where given
-        `deadline` (see `_replay_turn`), else under it."""
+        Returns it and the events it replayed. unlocked: called without the
+        lock, so a long replay waits its turn (`_replay_turn`), not past
+        `deadline`."""
         snapshot, events = self.store.user_history(user_id)
         start = None if snapshot is None else self._thawed(user_id, snapshot, events, horizon)
         if snapshot is not None and start is None:
