@@ -97,6 +97,15 @@ def decay_factors(rates: np.ndarray, landmark: float, t: float) -> np.ndarray:
     return np.exp(-np.asarray(rates, dtype=np.float64) * (t - landmark))
 
 
+def read_factors(rates, landmark: float, t: float) -> np.ndarray:
+    """`decay_factors` to read accumulators kept against `landmark` at time
+    t: zeros while they are empty (landmark NaN). rates: (R,) or a scalar;
+    returns the same shape, float64."""
+    if np.isnan(landmark):
+        return np.zeros(np.shape(rates))
+    return decay_factors(rates, landmark, t)
+
+
 def forward_weights(times, rates, weights, landmark: float) -> np.ndarray:
     """w·e^{λ(t_i - L)} per event: what it adds to its rate's accumulator.
 
@@ -168,9 +177,7 @@ def read_decayed(sums: np.ndarray, rates: np.ndarray, landmark: float, t: float)
     sums: (R, d) or (R,). Returns (d,) or a scalar, float64; zeros when empty.
     Exact for t >= the latest event; earlier reads scale by e^{+λ(L-t)}.
     """
-    if np.isnan(landmark):
-        return np.zeros(sums.shape[1:], dtype=np.float64)
-    return decay_factors(rates, landmark, t) @ sums
+    return read_factors(rates, landmark, t) @ sums
 
 
 # --- Elasticsearch function_score decay kernels --------------------------------

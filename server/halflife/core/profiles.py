@@ -24,6 +24,7 @@ from halflife.core.decay import (
     forward_weights,
     landmark_for,
     rate_one_hot,
+    read_factors,
 )
 from halflife.core.ranking import cosine_scores, normalize, row_dots
 
@@ -133,9 +134,7 @@ class ProfileState:
         self.neg_masses += mass[n_rates:]
 
     def _factors(self, t: float) -> np.ndarray:
-        if np.isnan(self.landmark):
-            return np.zeros_like(self.rates)
-        return decay_factors(self.rates, self.landmark, t)
+        return read_factors(self.rates, self.landmark, t)
 
     def vector(self, t: float) -> np.ndarray:
         """Decayed positive profile Σ w·2^{-(t-t_i)/h}·v at t. Returns (d,) float64."""
@@ -398,9 +397,7 @@ class MultiInterestState:
     # --- reads at time t ------------------------------------------------------
 
     def _factors(self, t: float) -> np.ndarray:
-        if np.isnan(self.landmark):
-            return np.zeros_like(self.rates)
-        return decay_factors(self.rates, self.landmark, t)
+        return read_factors(self.rates, self.landmark, t)
 
     def cluster_vectors(self, t: float) -> np.ndarray:
         """Each cluster's decayed vector sum at t. Returns (k, d) float64."""

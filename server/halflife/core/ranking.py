@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from halflife.core.decay import LN2, SAFE_EXPONENT, decay_factors, landmark_for
+from halflife.core.decay import LN2, SAFE_EXPONENT, decay_factors, forward_weights, landmark_for, read_factors
 
 
 def normalize(vectors, eps: float = 1e-12, dtype=np.float32) -> np.ndarray:
@@ -675,10 +675,9 @@ class DecayedCounts:
         new_landmark = landmark_for(self.landmark, times, self.rate, bound)
         if new_landmark != self.landmark:
             self.rebase(new_landmark)
-        coeffs = np.exp(self.rate * (times - self.landmark))
         if weights is not None:
             weights = np.asarray(weights, dtype=np.float64)
-            coeffs = coeffs * weights
+        coeffs = forward_weights(times, self.rate, 1.0 if weights is None else weights, self.landmark)
         n = self.counts.shape[0]
         self.counts += np.bincount(item_index, weights=coeffs, minlength=n)
         self.entries += _net_entries(item_index, weights, n)
@@ -702,9 +701,7 @@ class DecayedCounts:
 
     def read(self, t: float) -> np.ndarray:
         """Decayed counts at time t. Returns (N,) float64."""
-        if np.isnan(self.landmark):
-            return np.zeros_like(self.counts)
-        return self.counts * np.exp(-self.rate * (t - self.landmark))
+        return self.counts * read_factors(self.rate, self.landmark, t)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {"rate": np.array(self.rate), "landmark": np.array(self.landmark), "counts": self.counts,
