@@ -57,7 +57,8 @@ from halflife.cli import run_event_loop
 from halflife.config import Config
 from halflife.core.profiles import MultiInterestState, ProfileState
 from halflife.core.ranking import normalize
-from halflife.interest.engine import EventInput, InterestEngine
+from halflife.interest.engine import InterestEngine
+from halflife.interest.types import EventInput
 from halflife.storage.base import EventRecord, ItemRecord
 from halflife.storage.sqlite import MIGRATIONS, WRITER_PRAGMAS, SqliteStore, _insert
 from halflife.v1 import interest_pb2, interest_pb2_grpc, recommend_pb2, recommend_pb2_grpc

@@ -57,7 +57,8 @@ from halflife.core.ranking import RowBlocks, batch_search, cosine_scores, normal
 from halflife.cpu import physical_cores
 from halflife.interest.blend import CatalogueScan
 from halflife.interest import engine as engine_module
-from halflife.interest.engine import EventInput, InterestEngine, ItemInput
+from halflife.interest.engine import InterestEngine
+from halflife.interest.types import EventInput, ItemInput
 from halflife.storage.base import ItemRecord
 
 from bench._memstore import MemoryStore

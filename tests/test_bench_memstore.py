@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from bench._memstore import MemoryStore
 from halflife.config import Config
-from halflife.interest.engine import EventInput, InterestEngine, ItemInput
+from halflife.interest.engine import InterestEngine
+from halflife.interest.types import EventInput, ItemInput
 from halflife.storage.sqlite import SqliteStore
 from tests.fakes import DIM, fake_embed
 

@@ -10,7 +10,8 @@ import pytest
 
 from halflife.config import Config
 from halflife.deadlines import Deadline, DeadlineExpiredError
-from halflife.interest.engine import EventInput, InterestEngine, ItemFilter, ItemInput, UnknownItemsError
+from halflife.interest.engine import InterestEngine
+from halflife.interest.types import EventInput, ItemFilter, ItemInput, UnknownItemsError
 from halflife.storage.base import StoreError
 from halflife.storage.sqlite import SqliteStore
 from tests.fakes import DIM, compact_catalogues_at, fake_embed, run_in_threads

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from halflife.config import Config, ConfigError, ProfileConfig, parse_config
-from halflife.interest.engine import EventInput, InterestEngine, ItemInput
+from halflife.interest.engine import InterestEngine
+from halflife.interest.types import EventInput, ItemInput
 from halflife.storage.sqlite import SqliteStore
 from tests.fakes import DIM, fake_embed
 

@@ -14,7 +14,8 @@ import pytest
 
 from halflife.config import Config
 from halflife.interest import engine as engine_module
-from halflife.interest.engine import EventInput, InterestEngine, ItemInput
+from halflife.interest.engine import InterestEngine
+from halflife.interest.types import EventInput, ItemInput
 from halflife.interest.state import snapshot_bytes, state_from_snapshot
 from halflife.storage.sqlite import DB_NAME, SqliteStore
 from tests.fakes import DIM, fake_embed

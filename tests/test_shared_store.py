@@ -9,7 +9,8 @@ import threading
 import pytest
 
 from halflife.config import Config
-from halflife.interest.engine import EventInput, InterestEngine, ItemInput, UnknownItemsError
+from halflife.interest.engine import InterestEngine
+from halflife.interest.types import EventInput, ItemInput, UnknownItemsError
 from halflife.interest.watermark import EventWatermark
 from halflife.storage.base import StoreHead
 from halflife.storage.sqlite import SqliteStore

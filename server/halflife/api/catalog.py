@@ -11,7 +11,7 @@ from halflife.api.backend import Backend
 from halflife.api.calls import run_with_deadline
 from halflife.api.errors import not_found, translate_errors
 from halflife.api.validation import UNREADABLE, Violations, to_timestamp
-from halflife.interest.engine import ItemInput
+from halflife.interest.types import ItemInput
 from halflife.texts import MAX_CATEGORIES, blank
 from halflife.v1 import catalog_pb2, catalog_pb2_grpc
 

@@ -19,7 +19,8 @@ from halflife.api.validation import (
     Violations,
     to_timestamp,
 )
-from halflife.interest.engine import RECORD_ATTEMPTS, EventInput, UnknownItemsError
+from halflife.interest.engine import RECORD_ATTEMPTS
+from halflife.interest.types import EventInput, UnknownItemsError
 from halflife.storage.base import ItemsChangedError
 from halflife.texts import blank
 from halflife.v1 import interest_pb2, interest_pb2_grpc

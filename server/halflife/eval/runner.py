@@ -59,7 +59,7 @@ def _embedder(texts: Sequence[str], vectors: np.ndarray) -> Callable[..., np.nda
 
 
 def _event_inputs(data: EvalData, start: int, stop: int):
-    from halflife.interest.engine import EventInput
+    from halflife.interest.types import EventInput
 
     out = []
     for n in range(start, stop):
@@ -76,7 +76,8 @@ class EngineBackend:
     """An in-process InterestEngine over a SqliteStore in a temp dir."""
 
     def __init__(self, data: EvalData, item_vectors: np.ndarray, tag_texts, tag_vectors, config: Config, directory: Path):
-        from halflife.interest.engine import InterestEngine, ItemInput
+        from halflife.interest.engine import InterestEngine
+        from halflife.interest.types import ItemInput
         from halflife.storage.sqlite import SqliteStore
 
         self.data, self.directory = data, Path(directory)

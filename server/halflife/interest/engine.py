@@ -68,6 +68,20 @@ from halflife.interest.blend import Blend, CatalogueScan, Later, unit_max
 from halflife.interest.catalog import CatalogIndex
 from halflife.interest.snapshot_saver import SnapshotSaver
 from halflife.interest.state import UserState, snapshot_bytes, snapshot_key, state_from_snapshot
+from halflife.interest.types import (
+    EventContribution,
+    EventInput,
+    Explanation,
+    InterestContribution,
+    InterestView,
+    ItemFilter,
+    ItemInput,
+    Recommendation,
+    ScoredItem,
+    UnknownItemError,
+    UnknownItemsError,
+    UserProfile,
+)
 from halflife.interest.watermark import EventWatermark
 from halflife.storage.base import (
     EventRecord,
@@ -206,20 +220,7 @@ def _guard(deadline: Deadline | None) -> Guard | None:
     return None if deadline is None else deadline.check
 
 
-class UnknownItemsError(LookupError):
-    """Events refer to items the catalogue does not have."""
-
-    def __init__(self, missing: list[tuple[int, str]]):
-        self.missing = missing  # (event index, item id)
-        super().__init__(", ".join(f"events[{i}].item_id {item!r}" for i, item in missing[:3]))
-
-
 _UNIT_WEIGHTS = dict.fromkeys(("interest", "negative", "cooccurrence", "popularity"), 1.0)  # signals as they are
-
-
-class UnknownItemError(LookupError):
-    """similar_items' item is not in the catalogue: a class of its own, so
-    that a KeyError of a bug is not answered as "no such item"."""
 
 
 class _Ranked(NamedTuple):
@@ -241,98 +242,12 @@ class _Renumbered(Exception):
     (CatalogIndex.compact) before the next: the read starts again."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ItemInput:
-    id: str
-    text: str
-    categories: tuple[str, ...] = ()
-    attributes: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    create_time: float | None = None
-    vector: np.ndarray | None = None  # precomputed, normalised; None: embed `text`
-
-
-class EventInput(NamedTuple):  # a tuple: one is built per event (see EventRecord)
-    event_id: str
-    user_id: str
-    type: int  # API EventType value, 1..11
-    item_id: str | None
-    text: str | None
-    value: float | None
-    event_time: float
-
-
 def _first_of_each_id(events: Sequence[EventInput]) -> dict[str, int]:
     """Event id -> the index of its first event in `events`: the one the store keeps."""
     first: dict[str, int] = {}
     for i, e in enumerate(events):
         first.setdefault(e.event_id, i)
     return first
-
-
-@dataclasses.dataclass(frozen=True)
-class ItemFilter:
-    include_categories: tuple[str, ...] = ()
-    exclude_categories: tuple[str, ...] = ()
-    exclude_item_ids: tuple[str, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class EventContribution:
-    event_id: str
-    type: int
-    item_id: str | None
-    event_time: float
-    similarity: float
-    weight: float
-
-
-@dataclasses.dataclass(frozen=True)
-class InterestContribution:
-    interest_id: int
-    labels: tuple[str, ...]
-    similarity: float
-    share: float
-
-
-@dataclasses.dataclass(frozen=True)
-class Explanation:
-    interests: tuple[InterestContribution, ...]
-    events: tuple[EventContribution, ...]
-    score_parts: Mapping[str, float]
-
-
-@dataclasses.dataclass(frozen=True)
-class ScoredItem:
-    item_id: str
-    score: float
-    explanation: Explanation | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Recommendation:
-    items: tuple[ScoredItem, ...]
-    strategy: str  # "personalized" | "trending" | "similarity"
-
-
-@dataclasses.dataclass(frozen=True)
-class InterestView:
-    interest_id: int
-    strength: float
-    share: float
-    trend: str  # "rising" | "steady" | "fading"
-    labels: tuple[tuple[str, float], ...]
-    top_items: tuple[tuple[str, str, float], ...]  # (item id, text, similarity)
-    event_count: int
-    last_event_time: float
-
-
-@dataclasses.dataclass(frozen=True)
-class UserProfile:
-    user_id: str
-    interests: tuple[InterestView, ...]
-    event_counts: Mapping[int, int]  # API EventType value -> count
-    last_event_time: float | None
-    negative_strength: float
 
 
 _NO_ROWS = np.empty(0, dtype=np.int64)
