@@ -1009,3 +1009,29 @@ def test_events_named_as_items_reference_their_items_vectors(store, tmp_path):
     for event_id, vector in (("a", v1), ("b", v2), ("c", own), ("d", own)):
         np.testing.assert_array_equal(by_id[event_id].vector, vector)
     assert count(tmp_path, "SELECT SUM(events) FROM vector_refs") == 4
+
+
+def test_a_reader_whose_iteration_raised_serves_later_commits(store, monkeypatch):
+    """A cursor left mid-statement by an exception the caller kept (its
+    traceback holds the cursor) pinned the pooled reader's snapshot: later
+    reads on it missed newer commits (a review)."""
+    from halflife.storage import sqlite as sqlite_module
+    from halflife.storage.base import StoreDamagedError
+
+    store.upsert_items([item(f"i{n}", vec()) for n in range(2500)])
+    item_from, seen = sqlite_module._item_from, []
+
+    def failing(row, damaged):
+        seen.append(row)
+        if len(seen) == 1500:
+            raise StoreDamagedError("a damaged row")
+        return item_from(row, damaged)
+
+    monkeypatch.setattr(sqlite_module, "_item_from", failing)
+    with pytest.raises(StoreDamagedError) as kept:  # the exception, and its traceback, stay alive below
+        list(store.iter_items())
+    monkeypatch.undo()
+    version = store.head().change_version
+    store.upsert_items([item("new", vec())])
+    assert "new" in store.get_items(["new"]) and store.head().change_version == version + 1
+    assert kept.value is not None

@@ -838,8 +838,9 @@ class SqliteStore:
         return self._read(read)
 
     def iter_items(self) -> Iterator[ItemRecord]:
-        with self._reader() as conn:
-            cur = conn.execute(_ITEM_SELECT + " ORDER BY i.rowid")
+        # The cursor closes with the block: one an exception kept alive (in its traceback) held the
+        # pooled reader's snapshot, and later reads on that reader missed newer commits (a review).
+        with self._reader() as conn, contextlib.closing(conn.execute(_ITEM_SELECT + " ORDER BY i.rowid")) as cur:
             damaged: set[int] = set()
             while rows := cur.fetchmany(1000):
                 yield from filter(None, (_item_from(row, damaged) for row in rows))
@@ -971,11 +972,10 @@ class SqliteStore:
         return self._submit(job)
 
     def iter_events(self, chunk: int = 50_000, through_seq: int | None = None) -> Iterator[EventColumns]:
-        with self._reader() as conn:
-            cur = conn.execute(
-                "SELECT seq, type, item_id, user_id, value, event_time FROM events WHERE seq <= ? ORDER BY seq",
-                (through_seq if through_seq is not None else 2**63 - 1,),
-            )
+        select = "SELECT seq, type, item_id, user_id, value, event_time FROM events WHERE seq <= ? ORDER BY seq"
+        with self._reader() as conn, contextlib.closing(
+            conn.execute(select, (through_seq if through_seq is not None else 2**63 - 1,))
+        ) as cur:  # closed with the block: see iter_items
             while rows := cur.fetchmany(chunk):
                 seqs, types, item_ids, user_ids, values, times = zip(*rows)
                 try:
