@@ -359,7 +359,7 @@ class MultiInterestState:
                 # seen if that is later (t is sorted: the newest before the rows).
                 # Directions only, so the exponents are shifted: no overflow.
                 expo = -rates * (np.maximum(t[start:stop], newest)[:, None] - landmark)
-                read_factors = np.exp(expo - expo.max(axis=1, keepdims=True))
+                row_factors = np.exp(expo - expo.max(axis=1, keepdims=True))
                 block_coeffs = coeffs[start - i : stop - i].tolist()
                 # A huge centroid's squared norm overflows to inf, read as such (`cosines`):
                 # errstate once a block, where once an event cost ~1 us of the ~6.
@@ -370,7 +370,7 @@ class MultiInterestState:
                             continue  # so late that its worth underflowed: it would start a cluster worth nothing
                         c = -1
                         if k:
-                            cos, centroids = cosines(read_factors[row], k, unit_rows[row])
+                            cos, centroids = cosines(row_factors[row], k, unit_rows[row])
                             best = int(cos.argmax())
                             if cos[best] >= self.threshold - _COSINE_SLACK:
                                 c = best
