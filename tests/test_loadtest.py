@@ -161,6 +161,17 @@ def test_the_rate_limit_still_paces(server, capsys):
     assert report["count"] == 10 and elapsed >= 0.4, elapsed
 
 
+def test_enough_connections_for_the_servers_calls_per_connection(server, capsys):
+    """Past the server's 256 calls on one connection, gRPC Python had the
+    extra ones refused, reported Unavailable, where ghz queues them (an
+    audit at -c 1000: 352 of 3,000 health checks): the run opens more."""
+    assert main(["loadtest", "--call", HEALTH, "--target", server.address, "-c", "600", "-n", "1200"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["options"]["connections"] == 3 and report["statusCodeDistribution"] == {"OK": 1200}
+    assert "600 workers on 1 connection(s): 3 connections" in captured.err
+
+
 def test_no_more_workers_than_requests(server, capsys, monkeypatch):
     # A million workers for one request took 10 s to start.
     report, elapsed = timed_loadtest(server, capsys, "-c", "1000000", "-n", "1")

@@ -42,7 +42,7 @@ from google.protobuf import descriptor_pool, json_format, message_factory
 
 from grpc_health.v1 import health_pb2
 from halflife.v1 import catalog_pb2, embedding_pb2, interest_pb2, recommend_pb2
-from halflife_client.client import DEFAULT_TARGET, check_target, with_default_port
+from halflife_client.client import DEFAULT_TARGET, MAX_STREAMS_PER_CONNECTION, check_target, with_default_port
 
 # Imported only to register their descriptors in the default pool (named here so linters see a use).
 _APIS = (catalog_pb2, embedding_pb2, interest_pb2, recommend_pb2, health_pb2)
@@ -476,7 +476,29 @@ def bounds_applied(options: LoadTestOptions) -> list[str]:
         notes.append(f"duration {asked:g} s is past the bound: the run stops after {MAX_DURATION_S:g} s")
     if options.concurrency > MAX_CONCURRENCY:
         notes.append(f"concurrency {options.concurrency} is past the bound: at most {MAX_CONCURRENCY} workers")
+    if (needed := _connections(options.connections, _workers(options))) > options.connections:
+        notes.append(f"{_workers(options)} workers on {options.connections} connection(s): {needed} connections, "
+                     f"as the server carries at most {MAX_STREAMS_PER_CONNECTION} calls on one")
     return notes
+
+
+def _total(options: LoadTestOptions) -> int | None:
+    """The calls a run makes at most; None where only its duration ends it."""
+    return min(options.total or DEFAULT_TOTAL, MAX_TOTAL) if _total_counts(options) else None
+
+
+def _workers(options: LoadTestOptions) -> int:
+    """A run's workers: as asked, but no more than its calls nor MAX_CONCURRENCY."""
+    return min(options.concurrency, _total(options) or MAX_TOTAL, MAX_CONCURRENCY)
+
+
+def _connections(asked: int, concurrency: int) -> int:
+    """The connections a run opens: those asked for, no more than its workers
+    (extras only cost start-up time), and enough for the server's limit of
+    calls on one, where gRPC Python had the extra calls refused, reported
+    Unavailable (ghz's client queues them; an audit at -c 1000 saw 352 of
+    3,000 health checks fail)."""
+    return max(min(asked, concurrency), math.ceil(concurrency / MAX_STREAMS_PER_CONNECTION))
 
 
 async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = None) -> dict:
@@ -484,12 +506,11 @@ async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = N
     Setting `stop` (on Ctrl-C, say) ends the run as its duration would, with
     endReason "cancel". The options were checked when they were made
     (LoadTestOptions.__post_init__)."""
-    total = min(options.total or DEFAULT_TOTAL, MAX_TOTAL) if _total_counts(options) else None
+    total = _total(options)
     # ghz's -x is a -z that keeps -n, and the one that counts when both are given.
     duration = min(options.max_duration or options.duration or MAX_DURATION_S, MAX_DURATION_S)
-    # No more workers than requests, no more connections than workers: extras only cost start-up time.
-    concurrency = min(options.concurrency, total or MAX_TOTAL, MAX_CONCURRENCY)
-    connections = min(options.connections, concurrency)
+    concurrency = _workers(options)
+    connections = _connections(options.connections, concurrency)
     method = method_descriptor(options.call)
     make_request = request_factory(method, options.data)
     request_class = message_factory.GetMessageClass(method.input_type)

@@ -46,6 +46,10 @@ from halflife.v1 import (
 
 DEFAULT_PORT = 50051  # `halflife serve`'s
 DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
+# Calls one connection to `halflife serve` carries at once (its HTTP/2
+# max_concurrent_streams); a client opening more at once can see the extra
+# ones refused UNAVAILABLE, before it has read the server's settings.
+MAX_STREAMS_PER_CONNECTION = 256
 DEFAULT_TIMEOUT_S = 10.0
 # Longer deadlines mean none: past ~1e10 s gRPC's arithmetic overflows and a call failed at once.
 MAX_TIMEOUT_S = 1e9

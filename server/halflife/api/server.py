@@ -32,7 +32,7 @@ from halflife.embedding.manifest import ManifestError
 from halflife.interest.engine import InterestEngine
 from halflife.locks import LockHeldError, hold_lock
 from halflife.storage.sqlite import SqliteStore
-from halflife_client.client import host_port
+from halflife_client.client import MAX_STREAMS_PER_CONNECTION, host_port
 from halflife.v1 import catalog_pb2, embedding_pb2, interest_pb2, recommend_pb2
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,6 @@ _METHOD_HANDLERS = {  # (client streams, server streams) -> grpc's handler for t
 # RESOURCE_EXHAUSTED until they closed (found by an audit, 2026-12-05). Load
 # balancers need a few.
 MAX_OPEN_STREAMS = 100
-MAX_STREAMS_PER_CONNECTION = 256  # HTTP/2 streams (calls) one connection carries at once
 # grpc's own count of calls, from their headers on: a backstop for calls whose
 # request never comes (see grpc_options), far above what Admission lets work.
 OPEN_CALLS_BACKSTOP_FACTOR = 8
