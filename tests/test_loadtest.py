@@ -161,6 +161,15 @@ def test_the_rate_limit_still_paces(server, capsys):
     assert report["count"] == 10 and elapsed >= 0.4, elapsed
 
 
+def test_a_ghz_command_line_runs_as_it_is(server, capsys):
+    """ghz's --insecure, --proto and -i have nothing to do here (as in a config), and its target is the last argument."""
+    assert main(["loadtest", "--insecure", "--proto", "protos/halflife/v1/embedding.proto", "-i", "protos",
+                 "--call", HEALTH, "-n", "3", server.address]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 3
+    assert main(["loadtest", "--call", HEALTH, "--target", server.address, server.address]) == 2
+    assert "give the target once" in capsys.readouterr().err
+
+
 def test_enough_connections_for_the_servers_calls_per_connection(server, capsys):
     """Past the server's 256 calls on one connection, gRPC Python had the
     extra ones refused, reported Unavailable, where ghz queues them (an
