@@ -368,6 +368,28 @@ def test_ctrl_c_prints_the_report_of_what_ran(scripted):
     assert stderr.strip() == f"halflife loadtest: interrupted; the report covers the {report['count']} calls made"
 
 
+def test_ctrl_c_says_so_when_calls_in_flight_may_still_finish(scripted):
+    """--duration-stop wait: after Ctrl-C the tool waits for the calls in flight (within -t), and said nothing
+    meanwhile (an audit: a paused server kept it silent for up to -t)."""
+    servicer, address = scripted
+    process = subprocess.Popen(
+        [sys.executable, "-m", "halflife.cli", "loadtest", "--call", HEALTH, "--target", address, "-z", "50s",
+         "-c", "2", "--duration-stop", "wait", "-d", '{"service": "sleep=1"}'],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        began = time.monotonic()
+        while len(servicer.received) < 2 and time.monotonic() - began < 30:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    report = json.loads(stdout)
+    assert process.returncode == 130 and report["statusCodeDistribution"] == {"OK": 2}  # waited for, not cancelled
+    assert stderr.splitlines()[0].startswith("halflife loadtest: stopping: the calls in flight may finish"), stderr
+
+
 def test_the_summary_names_the_errors(scripted, capsys):
     """-O summary said 'status: InvalidArgument 5' and no more: the reason was
     in the JSON alone (an audit). ghz's summary lists the error distribution."""
@@ -377,3 +399,6 @@ def test_the_summary_names_the_errors(scripted, capsys):
     out = capsys.readouterr().out
     assert status == 1 and "status: InvalidArgument 3" in out
     assert "error (3): rpc error: code = InvalidArgument desc = scripted" in out.splitlines(), out
+    # No call succeeded: no fastest, slowest or percentiles of none (they read 0.00 ms and a blank line).
+    lines = out.splitlines()
+    assert "no call succeeded" in lines[0] and "fastest" not in out and all(line.strip() for line in lines)

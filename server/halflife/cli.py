@@ -495,15 +495,18 @@ def _add_loadtest(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_run_loadtest)
 
 
-async def _until_interrupted(run):
+async def _until_interrupted(run, stopping: str | None = None):
     """Awaits run(stop), setting `stop` on the first Ctrl-C so that the load stops
-    and the report of what ran comes back; a second Ctrl-C interrupts outright."""
+    and the report of what ran comes back; a second Ctrl-C interrupts outright.
+    stopping: said on stderr at the first Ctrl-C, where the stop may take a while."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
     def interrupted() -> None:
         stop.set()
         loop.remove_signal_handler(signal.SIGINT)
+        if stopping:
+            print(f"halflife loadtest: {stopping}", file=sys.stderr)
 
     try:
         loop.add_signal_handler(signal.SIGINT, interrupted)
@@ -544,7 +547,10 @@ def _run_loadtest(args: argparse.Namespace) -> int:
     for note in bounds_applied(options):
         print(f"halflife loadtest: note: {note}", file=sys.stderr)
     try:
-        report, interrupted = run_event_loop(_until_interrupted(lambda stop: run_load_test(options, stop)))
+        # --duration-stop wait lets the calls in flight finish (within -t): the wait said, not silent (an audit).
+        stopping = ("stopping: the calls in flight may finish (--duration-stop wait, within -t); Ctrl-C again "
+                    "to quit without a report") if options.duration_stop == "wait" else None
+        report, interrupted = run_event_loop(_until_interrupted(lambda stop: run_load_test(options, stop), stopping))
     except LoadTestError as exc:
         print(f"halflife loadtest: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
