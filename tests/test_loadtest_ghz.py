@@ -347,23 +347,30 @@ def test_a_target_port_out_of_range_is_refused():
 
 
 # Ctrl-C: the load stops and the report of what ran is printed (exit 130).
-def test_ctrl_c_prints_the_report_of_what_ran(scripted):
+def interrupted_run(scripted, calls: int, *flags: str) -> tuple[int, dict, str]:
+    """A `halflife loadtest -z 50s -c 2` sent SIGINT once the server has
+    received `calls` calls: (exit status, report, stderr)."""
     servicer, address = scripted
     process = subprocess.Popen(
-        [sys.executable, "-m", "halflife.cli", "loadtest", "--call", HEALTH, "--target", address, "-z", "50s", "-c", "2"],
+        [sys.executable, "-m", "halflife.cli", "loadtest", "--call", HEALTH, "--target", address, "-z", "50s",
+         "-c", "2", *flags],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        # Some calls answered (two workers: the third call came after the first answer).
         began = time.monotonic()
-        while len(servicer.received) < 3 and time.monotonic() - began < 30:
+        while len(servicer.received) < calls and time.monotonic() - began < 30:
             time.sleep(0.01)
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=30)
     finally:
         process.kill()
-    report = json.loads(stdout)
-    assert process.returncode == 130 and report["endReason"] == "cancel" and report["total"] < 40e9
+    return process.returncode, json.loads(stdout), stderr
+
+
+def test_ctrl_c_prints_the_report_of_what_ran(scripted):
+    # Some calls answered (two workers: the third call came after the first answer).
+    status, report, stderr = interrupted_run(scripted, 3)
+    assert status == 130 and report["endReason"] == "cancel" and report["total"] < 40e9
     assert report["statusCodeDistribution"].get("OK", 0) >= 1
     assert stderr.strip() == f"halflife loadtest: interrupted; the report covers the {report['count']} calls made"
 
@@ -371,22 +378,8 @@ def test_ctrl_c_prints_the_report_of_what_ran(scripted):
 def test_ctrl_c_says_so_when_calls_in_flight_may_still_finish(scripted):
     """--duration-stop wait: after Ctrl-C the tool waits for the calls in flight (within -t), and said nothing
     meanwhile (an audit: a paused server kept it silent for up to -t)."""
-    servicer, address = scripted
-    process = subprocess.Popen(
-        [sys.executable, "-m", "halflife.cli", "loadtest", "--call", HEALTH, "--target", address, "-z", "50s",
-         "-c", "2", "--duration-stop", "wait", "-d", '{"service": "sleep=1"}'],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        began = time.monotonic()
-        while len(servicer.received) < 2 and time.monotonic() - began < 30:
-            time.sleep(0.01)
-        process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=30)
-    finally:
-        process.kill()
-    report = json.loads(stdout)
-    assert process.returncode == 130 and report["statusCodeDistribution"] == {"OK": 2}  # waited for, not cancelled
+    status, report, stderr = interrupted_run(scripted, 2, "--duration-stop", "wait", "-d", '{"service": "sleep=1"}')
+    assert status == 130 and report["statusCodeDistribution"] == {"OK": 2}  # waited for, not cancelled
     assert stderr.splitlines()[0].startswith("halflife loadtest: stopping: the calls in flight may finish"), stderr
 
 
