@@ -1058,16 +1058,17 @@ class InterestEngine:
 
     def _user_state(self, user_id: str, as_of: float) -> UserState:
         """The user's profile including every event up to `as_of`. Call with
-        the lock held; a look into the past replays under it here, so callers
-        that may look back try `_past_state` first."""
+        the lock held; a read the cached profile cannot answer (`_needs_replay`)
+        replays under it here, so callers try `_replayed_state` first."""
         state = self._current_state(user_id)
-        if self._looks_back(state, as_of):
+        if self._needs_replay(state, as_of):
             return self._replay_until(user_id, as_of)
         return state
 
-    def _past_state(self, user_id: str, as_of: float, deadline: Deadline | None = None) -> UserState | None:
-        """The user's profile as of `as_of` when that is a look into the past,
-        replayed from the log without the lock (1k events: ~20 ms that
+    def _replayed_state(self, user_id: str, as_of: float, deadline: Deadline | None = None) -> UserState | None:
+        """The user's profile as of `as_of` where the cached one cannot answer
+        then (`_needs_replay`: a look into the past, or past the clock at
+        events held for it), replayed from the log without the lock (1k events: ~20 ms that
         would hold up every other call); None when the cached profile answers
         at `as_of`. The cache is left as it is. Call without the lock.
 
@@ -1078,7 +1079,7 @@ class InterestEngine:
         deadline left ~50 s of replays behind them (a resource audit)."""
         with self._lock:
             current = self._current_state(user_id)
-            if not self._looks_back(current, as_of):
+            if not self._needs_replay(current, as_of):
                 return None
             events = sum(current.api_counts.values())
         with self._replay_turn(events, deadline):
@@ -1130,7 +1131,7 @@ class InterestEngine:
         return late or self._clock() >= state.ahead_in_log
 
     @staticmethod
-    def _looks_back(state: UserState, as_of: float) -> bool:
+    def _needs_replay(state: UserState, as_of: float) -> bool:
         """Whether a read at `as_of` must replay: it is before the profile's
         newest event, or past the clock at events held for it or left in the
         log (`ahead_in_log`)."""
@@ -1180,9 +1181,9 @@ class InterestEngine:
         t = self._clock() if as_of is None else as_of
         n_items = self.config.ranking.items_per_interest if items_per_interest is None else items_per_interest
         self._cache_profile(user_id, deadline)
-        past = self._past_state(user_id, t, deadline)
+        replayed = self._replayed_state(user_id, t, deadline)
         with self._lock:
-            state = self._user_state(user_id, t) if past is None else past
+            state = self._user_state(user_id, t) if replayed is None else replayed
             multi = state.multi
             importances = multi.importances(t)
             total = float(importances.sum())
@@ -1296,10 +1297,10 @@ class InterestEngine:
         t = self._clock() if as_of is None else as_of
         query_vector = self._embed([query], deadline)[0] if query else None
         self._cache_profile(user_id, deadline)
-        past = self._past_state(user_id, t, deadline)
+        replayed = self._replayed_state(user_id, t, deadline)
         candidates = limit * MMR_CANDIDATES_PER_RESULT if diversity > 0 else limit
         ranked = self._renumbering_safe(lambda: self._rank(
-            user_id, candidates, t, past, filter, include_seen, query_vector, explain, copy=diversity > 0 or explain))
+            user_id, candidates, t, replayed, filter, include_seen, query_vector, explain, copy=diversity > 0 or explain))
         ids, top_scores, vectors, parts = ranked.ids, ranked.scores, ranked.vectors, ranked.parts
         if diversity > 0 and ids:
             # Quadratic in the limit (1,000: 5,000 candidates, ~125 ms): without the lock, as the scan.
@@ -1316,7 +1317,7 @@ class InterestEngine:
             strategy=ranked.strategy,
         )
 
-    def _rank(self, user_id: str, candidates: int, t: float, past: UserState | None, filter: ItemFilter,
+    def _rank(self, user_id: str, candidates: int, t: float, replayed: UserState | None, filter: ItemFilter,
               include_seen: bool, query_vector: np.ndarray | None, explain: bool, copy: bool) -> _Ranked:
         """The best `candidates` items for recommend(): scored without the lock,
         named with it held, where the rows' vectors (copy) and the
@@ -1324,7 +1325,7 @@ class InterestEngine:
         numbers hold (a compaction moves rows once the lock is let go)."""
         ranking = self.config.ranking
         with self._lock:
-            state = self._user_state(user_id, t) if past is None else past
+            state = self._user_state(user_id, t) if replayed is None else replayed
             allowed = self._allowed(filter, _NO_ROWS if include_seen else self._seen_rows(state))
             single = self._single_profile(user_id, state, t)
             personal = single.weight > 0
