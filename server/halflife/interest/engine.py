@@ -947,7 +947,8 @@ class InterestEngine:
             # reads take 235 ms instead of 2-6 ms, one at a time (an audit).
             state.ahead_in_log = min(state.ahead_in_log, sorted(e.event_time for e in ahead)[MAX_HELD_EVENTS_PER_USER])
         state.ahead = [e for e in ahead if e.event_time < state.ahead_in_log]
-        events = [e for e in events if e.event_time <= horizon]
+        if ahead:
+            events = [e for e in events if e.event_time <= horizon]
         if not events:
             return
         types = self._record_types(events)
@@ -986,7 +987,7 @@ class InterestEngine:
                 # drop it and _user_state replay again, under the lock.
                 self._catch_up()
                 state = self._users.get(user_id)
-                if state is not None and not self._stale(state):
+                if state is not None and not self._stale(state, self._clock()):
                     return
                 running = self._replays.get(user_id)
                 if running and wait:
@@ -1114,7 +1115,7 @@ class InterestEngine:
             self._cache(user_id, state)
         else:
             self._users.move_to_end(user_id)
-        if self._stale(state):
+        if self._stale(state, now):
             state = self._restore(user_id, now)[0]  # replay exactly
             self._users[user_id] = state
         elif state.pending or any(e.event_time <= now for e in state.ahead):
@@ -1123,12 +1124,14 @@ class InterestEngine:
             self._extend(state, pending, now)
         return state
 
-    def _stale(self, state: UserState) -> bool:
+    @staticmethod
+    def _stale(state: UserState, now: float) -> bool:
         """Whether only a replay of the log brings the profile up to the
-        clock: an event applied since it was built is older than its newest,
-        or the clock reached the events it left in the log (`ahead_in_log`)."""
+        clock (`now`): an event applied since it was built is older than its
+        newest, or the clock reached the events it left in the log
+        (`ahead_in_log`)."""
         late = bool(state.pending) and min(e.event_time for e in state.pending) < state.newest_time
-        return late or self._clock() >= state.ahead_in_log
+        return late or now >= state.ahead_in_log
 
     @staticmethod
     def _needs_replay(state: UserState, as_of: float) -> bool:
