@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import threading
 import time
 
@@ -14,6 +15,8 @@ from halflife.deadlines import DeadlineExpiredError
 from halflife.embedding.batcher import BatcherStoppedError, BatchingConfig, DynamicBatcher, QueueFullError
 
 DIM = 4
+# The server's CPU default (EmbeddingEngine.batch_tokens); tests that need small batches set their own.
+CONFIG = BatchingConfig(max_batch_tokens=2048)
 
 
 class GatedModel:
@@ -42,7 +45,7 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
-async def busy_batcher(config: BatchingConfig = BatchingConfig()):
+async def busy_batcher(config: BatchingConfig = CONFIG):
     """A started batcher whose model is busy (gate closed) with one request,
     first id 1: (model, batcher, that request's future)."""
     model = GatedModel(open_gate=False)
@@ -56,7 +59,7 @@ async def busy_batcher(config: BatchingConfig = BatchingConfig()):
 def test_results_map_back_to_their_requests_in_order():
     async def main():
         model = GatedModel()
-        batcher = DynamicBatcher(model.forward)
+        batcher = DynamicBatcher(model.forward, CONFIG)
         batcher.start()
         requests = [[tokens(r * 10 + i, 1 + (r + i) % 7) for i in range(r % 3 + 1)] for r in range(20)]
         results = await asyncio.gather(*(batcher.submit(ids) for ids in requests))
@@ -184,7 +187,7 @@ def test_start_right_after_a_cancelled_stop_waits_for_the_old_thread_and_serves(
 
 def test_full_queue_is_refused_at_once():
     async def main():
-        model, batcher, busy = await busy_batcher(BatchingConfig(max_queued_inputs=3))
+        model, batcher, busy = await busy_batcher(dataclasses.replace(CONFIG, max_queued_inputs=3))
         waiting = asyncio.ensure_future(batcher.submit([tokens(2, 2), tokens(3, 2)]))
         await asyncio.sleep(0)
         with pytest.raises(QueueFullError):
@@ -226,7 +229,7 @@ def test_a_cancelled_request_frees_its_queue_place_at_once():
     # While the model is busy, callers that give up must not keep the queue
     # full: their retries were refused for a whole window's run.
     async def main():
-        model, batcher, busy = await busy_batcher(BatchingConfig(max_queued_inputs=4))
+        model, batcher, busy = await busy_batcher(dataclasses.replace(CONFIG, max_queued_inputs=4))
         given_up = [asyncio.ensure_future(batcher.submit([tokens(10 + n, 2)] * 2)) for n in range(2)]
         await asyncio.sleep(0)
         assert batcher.queued_inputs == 4
@@ -255,7 +258,7 @@ def test_a_model_failure_fails_only_its_callers_and_the_worker_lives_on():
         return np.ones((len(ids), DIM), dtype=np.float32)
 
     async def main():
-        batcher = DynamicBatcher(flaky)
+        batcher = DynamicBatcher(flaky, CONFIG)
         batcher.start()
         with pytest.raises(RuntimeError, match="exploded"):
             await batcher.submit([tokens(1, 3)])
@@ -446,7 +449,7 @@ def test_the_queue_counts_what_no_window_took_yet_and_frees_a_failed_requests_re
 
 def test_a_batcher_not_running_refuses_at_once():
     async def main():
-        batcher = DynamicBatcher(GatedModel().forward)
+        batcher = DynamicBatcher(GatedModel().forward, CONFIG)
         with pytest.raises(BatcherStoppedError):
             await batcher.submit([tokens(1, 2)])  # not started
         batcher.start()
@@ -464,7 +467,7 @@ def test_a_batcher_not_running_refuses_at_once():
 
 def test_a_batcher_started_on_a_new_loop_answers_there():
     model = GatedModel()
-    batcher = DynamicBatcher(model.forward)
+    batcher = DynamicBatcher(model.forward, CONFIG)
 
     async def one(first_id):
         batcher.start()
@@ -478,7 +481,8 @@ def test_a_batcher_started_on_a_new_loop_answers_there():
                          ids=["rows-missing", "one-dimensional"])
 def test_a_model_output_of_the_wrong_shape_fails_its_callers(bad_output):
     async def main():
-        batcher = DynamicBatcher(lambda ids: bad_output if len(ids) == 2 else np.ones((len(ids), DIM), np.float32))
+        batcher = DynamicBatcher(lambda ids: bad_output if len(ids) == 2 else np.ones((len(ids), DIM), np.float32),
+                                 CONFIG)
         batcher.start()
         with pytest.raises(ValueError, match="the model returned"):
             await batcher.submit([tokens(1, 2), tokens(2, 2)])
@@ -497,7 +501,7 @@ def test_a_model_thread_that_dies_fails_its_callers_and_refuses_new_ones():
         raise Fatal("not an Exception")
 
     async def main():
-        batcher = DynamicBatcher(fatal)
+        batcher = DynamicBatcher(fatal, CONFIG)
         batcher.start()
         with pytest.raises(BatcherStoppedError, match="model thread died"):
             await batcher.submit([tokens(1, 2)])

@@ -506,13 +506,16 @@ def test_serve_takes_an_ipv6_host_with_or_without_brackets(spelled):
 def test_serve_batching_flags_default_to_the_batchers_and_say_so():
     from halflife.cli import build_parser
     from halflife.embedding.batcher import BatchingConfig
+    from halflife.embedding.engine import BATCH_TOKENS, CPU, CUDA
 
     parser = build_parser()
     args = parser.parse_args(["serve"])
-    assert (args.max_batch_tokens, args.max_queued_inputs) == (BatchingConfig.max_batch_tokens,
-                                                               BatchingConfig.max_queued_inputs)
+    # No --max-batch-tokens: the server takes its engine's batch_tokens.
+    assert (args.max_batch_tokens, args.max_queued_inputs) == (None, BatchingConfig.max_queued_inputs)
+    assert BatchingConfig.max_batch_tokens is None
     serve_help = " ".join(halflife("serve", "--help").stdout.split())  # argparse wraps lines
-    assert f"padded tokens per model batch (default {BatchingConfig.max_batch_tokens})" in serve_help
+    assert (f"padded tokens per model batch (default: the provider's best, {BATCH_TOKENS[CPU]} on CPU, "
+            f"{BATCH_TOKENS[CUDA]} on CUDA)") in serve_help
     assert f"RESOURCE_EXHAUSTED (default {BatchingConfig.max_queued_inputs};" in serve_help
 
 

@@ -24,7 +24,7 @@ from halflife.api.embedding import _tokenize_unless_late
 from halflife.api.server import ServerConfig
 from halflife.deadlines import Deadline, DeadlineExpiredError
 from halflife.embedding.batcher import BatchingConfig
-from halflife.embedding.engine import EmbeddingEngine, session_options
+from halflife.embedding.engine import BATCH_TOKENS, CPU, EmbeddingEngine, session_options
 from halflife.v1 import embedding_pb2 as pb
 from halflife.v1 import embedding_pb2_grpc
 from halflife_client import AsyncHalflifeClient, HalflifeClient, field_violations
@@ -124,21 +124,25 @@ def test_concurrent_requests_are_batched_and_identical_to_unbatched(live_server)
     assert batches < len(texts), "concurrent requests should share model batches"
 
 
-def test_the_server_gives_back_the_models_memory_once_embedding_goes_idle(live_server):
+def test_the_server_gives_back_the_models_memory_once_embedding_goes_idle(model_dir, tmp_path):
     """A pass over more than engine.ARENA_KEEP_TOKENS (4,096) padded tokens
-    grows onnxruntime's arena; once the queue has been idle, the model thread
-    releases it."""
+    grows onnxruntime's arena (on CPU, batches that big come only from a
+    larger --max-batch-tokens); once the queue has been idle, the model
+    thread releases it."""
     from halflife.embedding.batcher import IDLE_AFTER_S
+    from halflife.embedding.engine import ARENA_KEEP_TOKENS
 
-    engine = live_server.server.embedding
+    config = ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path,
+                          batching=BatchingConfig(max_batch_tokens=4 * ARENA_KEEP_TOKENS))
     texts = [" ".join(f"word{i}x{j}" for j in range(25)) for i in range(64)]  # 64 x ~100 tokens
-    before = engine.memory_releases
-    with HalflifeClient(live_server.address) as client:
+    with ServerThread(config) as server, HalflifeClient(server.address) as client:
+        engine = server.server.embedding
+        before = engine.memory_releases
         client.embed(texts)
-    deadline = time.monotonic() + 10 * IDLE_AFTER_S + 5
-    while engine.memory_releases == before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert engine.memory_releases > before, "no release of the model's memory after the queue went idle"
+        deadline = time.monotonic() + 10 * IDLE_AFTER_S + 5
+        while engine.memory_releases == before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert engine.memory_releases > before, "no release of the model's memory after the queue went idle"
 
 
 def test_asyncio_client(live_server):
@@ -340,6 +344,9 @@ def test_a_watch_answer_sent_before_the_shutdown_does_not_end_the_stream():
 def test_full_queue_answers_resource_exhausted(model_dir, tmp_path):
     config = ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path, batching=BatchingConfig(max_queued_inputs=2))
     with ServerThread(config) as server, grpc.insecure_channel(server.address) as channel:
+        # max_batch_tokens unset: the engine's best for its provider.
+        assert server.server.backend.batcher.config == BatchingConfig(max_batch_tokens=BATCH_TOKENS[CPU],
+                                                                      max_queued_inputs=2)
         error = call_error(channel, pb.EmbedRequest(inputs=["a", "b", "c"]))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue full" in error.details()
@@ -368,9 +375,11 @@ def test_an_upsert_larger_than_the_queue_is_embedded_in_pieces(model_dir, tmp_pa
     # 10 texts against a queue of 4 inputs were refused as "queue full" on every retry.
     from halflife_client import Item
 
-    config = ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path, batching=BatchingConfig(max_queued_inputs=4))
+    config = ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path,
+                          batching=BatchingConfig(max_batch_tokens=24, max_queued_inputs=4))
     texts = [f"film number {n} about the sea" for n in range(10)]
     with ServerThread(config) as server, HalflifeClient(server.address, timeout=30) as client:
+        assert server.server.backend.batcher.config.max_batch_tokens == 24  # as set: small batches
         assert client.upsert_items([Item(id=f"i{n}", text=text) for n, text in enumerate(texts)]) == (10, 0)
         stored = np.array([item.vector for item in client.get_items([f"i{n}" for n in range(10)], include_vectors=True)])
         alone = np.concatenate([client.embed(texts[:4]), client.embed(texts[4:8]), client.embed(texts[8:])])

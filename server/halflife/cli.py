@@ -127,8 +127,9 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         help="threads one request computes on, per process: onnxruntime's intra-op threads and the blocks "
              "of a catalogue scan (default: physical cores / workers)",
     )
-    parser.add_argument("--max-batch-tokens", type=_positive_int, default=BatchingConfig.max_batch_tokens,
-                        help="padded tokens per model batch (default %(default)s)")
+    parser.add_argument("--max-batch-tokens", type=_positive_int, default=None,
+                        help="padded tokens per model batch (default: the provider's best, 2048 on CPU, 16384 on "
+                             "CUDA)")
     parser.add_argument("--max-queued-inputs", type=_queue_size, default=BatchingConfig.max_queued_inputs,
                         help="queued inputs before Embed answers RESOURCE_EXHAUSTED (default %(default)s; at "
                              "least one full Embed: 256)")

@@ -368,7 +368,10 @@ class HalflifeServer:
             manifest.max_input_tokens,
             engine.provider,
         )
-        batcher = DynamicBatcher(engine.forward, config.batching, on_idle=engine.release_memory)
+        batching = config.batching
+        if batching.max_batch_tokens is None:
+            batching = dataclasses.replace(batching, max_batch_tokens=engine.batch_tokens)
+        batcher = DynamicBatcher(engine.forward, batching, on_idle=engine.release_memory)
         batcher.start()
         self.backend.attach(engine, batcher, asyncio.get_running_loop())
 

@@ -62,7 +62,9 @@ IDLE_AFTER_S = 1.0
 
 @dataclasses.dataclass(frozen=True)
 class BatchingConfig:
-    max_batch_tokens: int = 16384  # padded tokens per forward pass
+    # Padded tokens per forward pass. None: the model's own best size, which the server fills in
+    # (EmbeddingEngine.batch_tokens: 2,048 on CPU, 16,384 on CUDA); DynamicBatcher needs a number.
+    max_batch_tokens: int | None = None
     max_batch_size: int = 256  # inputs per forward pass
     max_queued_inputs: int = 8192  # beyond this, submit() raises QueueFullError
     window_batches: int = 4  # how many batches' worth of tokens one round sorts together
@@ -109,8 +111,10 @@ class DynamicBatcher:
     while it stays so.
     """
 
-    def __init__(self, forward: Forward, config: BatchingConfig = BatchingConfig(),
+    def __init__(self, forward: Forward, config: BatchingConfig,
                  on_idle: Callable[[], None] | None = None):
+        if config.max_batch_tokens is None:
+            raise ValueError("BatchingConfig.max_batch_tokens is None: set it (the server uses the engine's batch_tokens)")
         self._forward = forward
         self._on_idle = on_idle
         self.config = config

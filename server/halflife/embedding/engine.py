@@ -33,6 +33,13 @@ PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 # ~750 MB RSS after one 128 x 128-token batch, 1.8 GB after 256 x 128. After
 # a pass over more padded tokens than this, `release_memory` gives it back.
 ARENA_KEEP_TOKENS = 4096
+# Padded tokens per forward pass at which each provider runs best (the server's
+# default `max_batch_tokens`). On CPU, sentences/s peak at 1-2k tokens and
+# fall past them as a batch's activations outgrow the caches (int8, 2 threads,
+# 2026-12-06, alternated: 64-token inputs 217/s at 2,048 tokens a batch, 202
+# at 8,192, 187 at 16,384; 16-token inputs -8% from 2,048 to 4,096). A GPU
+# wants big batches: 16,384, text-embeddings-inference's default.
+BATCH_TOKENS = {CPU: 2048, CUDA: 16384}
 
 
 class InputsTooLongError(ValueError):
@@ -260,6 +267,11 @@ class EmbeddingEngine:
             return cls(manifest, model_dir, variant_name, session, tokenizer_path)
         except Exception as exc:  # noqa: BLE001
             raise ManifestError(f"{tokenizer_path} is not a loadable tokenizer: {exc}") from exc
+
+    @property
+    def batch_tokens(self) -> int:
+        """Padded tokens per forward pass at which this engine's provider runs best (BATCH_TOKENS)."""
+        return BATCH_TOKENS.get(self.provider, BATCH_TOKENS[CPU])
 
     @property
     def dimension(self) -> int:
