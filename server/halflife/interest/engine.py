@@ -93,6 +93,7 @@ from halflife.storage.base import (
     Store,
     StoreDamagedError,
     StoreHead,
+    first_of_each_id,
 )
 
 log = logging.getLogger(__name__)
@@ -240,14 +241,6 @@ _Read = TypeVar("_Read")
 class _Renumbered(Exception):
     """Catalogue rows read in one hold of the lock were renumbered
     (CatalogIndex.compact) before the next: the read starts again."""
-
-
-def _first_of_each_id(events: Sequence[EventInput]) -> dict[str, int]:
-    """Event id -> the index of its first event in `events`: the one the store keeps."""
-    first: dict[str, int] = {}
-    for i, e in enumerate(events):
-        first.setdefault(e.event_id, i)
-    return first
 
 
 _NO_ROWS = np.empty(0, dtype=np.int64)
@@ -763,7 +756,7 @@ class InterestEngine:
         """
         texts = [i for i, e in enumerate(events) if e.text]
         if texts:  # only first events are stored: repeats need no vector (item-only batches skip this)
-            first = _first_of_each_id(events)
+            first = first_of_each_id(events)
             texts = [i for i in texts if first[events[i].event_id] == i]
         stored_before = self.store.existing_event_ids([events[i].event_id for i in texts]) if texts else set()
         embedded: dict[int, np.ndarray] = {}
@@ -818,7 +811,7 @@ class InterestEngine:
         if missing:
             # A repeat of an event stored before or earlier in this batch is a
             # duplicate, whatever item it names: only the first is stored.
-            first = _first_of_each_id(events)
+            first = first_of_each_id(events)
             stored = self.store.existing_event_ids([events[i].event_id for i, _ in missing])
             missing = [(i, item_id) for i, item_id in missing
                        if first[events[i].event_id] == i and events[i].event_id not in stored]

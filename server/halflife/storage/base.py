@@ -222,6 +222,16 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+def first_of_each_id(events: Iterable[EventRecord]) -> dict[str, int]:
+    """Event id -> the index of its first event in `events`: of events
+    sharing an id, the one `Store.record_events` keeps. Takes anything with
+    an `event_id` (EventInput too)."""
+    first: dict[str, int] = {}
+    for i, event in enumerate(events):
+        first.setdefault(event.event_id, i)
+    return first
+
+
 def as_vector(values: Iterable[float] | np.ndarray) -> np.ndarray:
     """(dim,) float32 contiguous copy."""
     return np.ascontiguousarray(np.asarray(values, dtype=np.float32).reshape(-1))

@@ -77,6 +77,7 @@ from halflife.storage.base import (
     StoreHead,
     StoreUnavailableError,
     as_vector,
+    first_of_each_id,
 )
 
 __all__ = ["DB_NAME", "MIGRATIONS", "SCHEMA_VERSION", "WRITER_PRAGMAS", "SqliteStore"]
@@ -850,9 +851,7 @@ class SqliteStore:
     def record_events(self, events: Sequence[EventRecord], guard: Guard | None = None,
                       items_as_of: int | None = None, stored_before: Collection[str] = (),
                       as_items: Collection[int] = ()) -> list[EventRecord]:
-        first: dict[str, int] = {}  # event id -> index of its first event, which wins
-        for i, event in enumerate(events):
-            first.setdefault(event.event_id, i)
+        first = first_of_each_id(events)  # the first of each id wins
         if not first:
             return []
         ids_json = _ids_json(list(first))
