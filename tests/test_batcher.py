@@ -56,6 +56,12 @@ async def busy_batcher(config: BatchingConfig = CONFIG):
     return model, batcher, busy
 
 
+def test_a_batcher_needs_a_token_budget():
+    # None in BatchingConfig means "the engine's batch_tokens", which only the server knows.
+    with pytest.raises(ValueError, match="max_batch_tokens is None"):
+        DynamicBatcher(GatedModel().forward, BatchingConfig())
+
+
 def test_results_map_back_to_their_requests_in_order():
     async def main():
         model = GatedModel()

@@ -114,7 +114,8 @@ class DynamicBatcher:
     def __init__(self, forward: Forward, config: BatchingConfig,
                  on_idle: Callable[[], None] | None = None):
         if config.max_batch_tokens is None:
-            raise ValueError("BatchingConfig.max_batch_tokens is None: set it (the server uses the engine's batch_tokens)")
+            raise ValueError("BatchingConfig.max_batch_tokens is None: set it (the server uses its engine's "
+                             "batch_tokens)")
         self._forward = forward
         self._on_idle = on_idle
         self.config = config
