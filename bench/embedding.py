@@ -309,6 +309,8 @@ def targets_table(targets: list[dict]) -> str:
 
 
 def run(model_dir: Path, quick: bool = False) -> dict:
+    from halflife.embedding.engine import BATCH_TOKENS, CPU
+
     started = time.perf_counter()
     duration = 1.5 if quick else 6.0
     timeout = 5.0 if quick else 10.0  # bounds each point's tail at high concurrency x long inputs
@@ -361,7 +363,8 @@ def run(model_dir: Path, quick: bool = False) -> dict:
     targets = evaluate(grpc_points, ort_ceiling, c1, st_best, ort_batch1_s, batching)
     results = {
         "quick": quick, "duration_per_point_s": duration, "call_timeout_s": timeout, "model_dir": str(model_dir), "variant": ort.variant,
-        "threads": ort.threads, "median_tokens": token_counts, "empty_rpc_p50_s": empty_p50,
+        "threads": ort.threads, "server_max_batch_tokens": BATCH_TOKENS[CPU], "median_tokens": token_counts,
+        "empty_rpc_p50_s": empty_p50,
         "ort": ort_before, "ort_after": ort_after, "ort_ceiling_sentences_per_s": ort_ceiling,
         "ort_batch1_short_s": ort_batch1_s, "c1_interleaved": c1, "batching_interleaved": batching, "sentence_transformers": st,
         "sentence_transformers_best_sentences_per_s": st_best, "grpc": grpc_points, "targets": targets,
@@ -408,7 +411,8 @@ def run(model_dir: Path, quick: bool = False) -> dict:
         f"(onnxruntime's default); "
         f"sentence-transformers times are encode() of max(batch, 64) sentences (tokenization included). "
         f"Empty gRPC (health Check) p50: {empty_p50 * 1e3:.3f} ms. Median tokens per sentence: {token_counts}. "
-        f"Variant {ort.variant} (the model's CPU default, served and raw alike), {ort.threads} intra-op threads. "
+        f"Variant {ort.variant} (the model's CPU default, served and raw alike), {ort.threads} intra-op threads; "
+        f"the server's batches hold at most {results['server_max_batch_tokens']} padded tokens (its CPU default). "
         f"The load generator shares the machine's cores with the server. "
         f"Target iii-interleaved alternates raw ORT batch 1, gRPC Embed c1 and the empty RPC round by round "
         f"({c1['rounds']} rounds of {c1['calls_per_round']} calls): {c1['grpc_p50_s'] * 1e3:.2f} ms vs "
