@@ -379,30 +379,61 @@ def test_a_request_across_windows_goes_shortest_input_first():
     assert ran == sorted(lengths)
 
 
-def test_a_newer_shorter_request_passes_a_waiting_one_only_for_a_few_windows():
-    """Sorted only by tokens left, a 40-token request waited behind every
-    8-token call that kept arriving, until the big request ahead of both
-    (16 windows of work) was done."""
+def _windows_until_taken(config: BatchingConfig, queued: list[list[np.ndarray]], newcomer: list[np.ndarray],
+                         arrivals: list[list[np.ndarray]], windows_before: int = 0, most: int = 20) -> int:
+    """Plans windows as the model thread would (it waits in a busy forward
+    meanwhile): `queued` requests first, `windows_before` windows of them,
+    then `newcomer`, and before each later window the requests `arrivals`
+    (again each time). Returns how many windows ran after the newcomer
+    queued until one took it (`most` where none did)."""
     async def main():
-        model, batcher, busy = await busy_batcher(SMALL_WINDOWS)  # the model thread waits in forward
-        calls = [asyncio.ensure_future(batcher.submit([tokens(100 + k, 16) for k in range(64)]))]
-        calls.append(asyncio.ensure_future(batcher.submit([tokens(7, 40)])))
-        for window in range(20):
-            calls += [asyncio.ensure_future(batcher.submit([tokens(1000 + n, 8)])) for n in range(20)]
+        model, batcher, busy = await busy_batcher(config)
+        calls = [asyncio.ensure_future(batcher.submit(ids)) for ids in queued]
+
+        async def window():
             await asyncio.sleep(0)  # queued
-            with batcher._lock:  # plan as the model thread does next
-                taken, _ = batcher._take_window(time.monotonic())
-            if any(job.ids[0][0] == 7 for job, _, _ in taken):
+            with batcher._lock:
+                return batcher._take_window(time.monotonic())[0]
+
+        for _ in range(windows_before):
+            await window()
+        calls.append(asyncio.ensure_future(batcher.submit(newcomer)))
+        for count in range(1, most + 1):
+            calls += [asyncio.ensure_future(batcher.submit(ids)) for ids in arrivals]
+            if any(job.ids is newcomer for job, _, _ in await window()):
                 break
+        else:
+            count = most
         for call in calls:
             call.cancel()
         model.gate.set()
         await asyncio.gather(busy, *calls, return_exceptions=True)
         await batcher.stop()
-        return window
+        return count
 
-    # Only by the calls queued in its own window: later ones have waited less (PASSING_TOKENS a window).
-    assert run(main()) <= 3
+    return run(main())
+
+
+def test_a_newer_shorter_request_passes_a_waiting_one_only_for_a_few_windows():
+    """Sorted only by tokens left, a 40-token request waited behind every
+    8-token call that kept arriving (more than a window's worth each time),
+    until the big request ahead of both was done."""
+    config = BatchingConfig(max_batch_tokens=1024, max_batch_size=64, window_batches=2)  # 2,048-token windows
+    big = [tokens(100 + k, 16) for k in range(1280)]  # the oldest: 1,024 tokens of it a window, for 20 windows
+    calls = [[tokens(1000 + n, 8)] for n in range(300)]  # 2,400 tokens, of 1,024 left a window
+    # The 8-token calls queued with it pass it (their 2,400 tokens take 3 windows); those queued a window
+    # later have aged 32 tokens less (PASSING_SHARE of a window), which the 40-token request makes up.
+    assert _windows_until_taken(config, [big], [tokens(7, 40)], calls) <= 4
+
+
+def test_a_short_request_is_not_passed_by_big_ones_that_waited_many_windows():
+    """Requests age by a share of a window's tokens, not by a fixed count:
+    under CPU's smaller windows a fixed 1,024 tokens a window made 24 big
+    queued requests pass a new short call once they had waited 8 windows,
+    and it waited for all of them (12 s in a review's simulation)."""
+    config = BatchingConfig(max_batch_tokens=64, max_batch_size=8, window_batches=4)  # 256-token windows
+    burst = [[tokens(100 * r + k, 8) for k in range(32)] for r in range(1, 25)]  # 24 x 256 tokens
+    assert _windows_until_taken(config, burst, [tokens(9, 3)], [], windows_before=10) == 1
 
 
 def test_the_queue_counts_what_no_window_took_yet_and_frees_a_failed_requests_rest():

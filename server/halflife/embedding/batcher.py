@@ -8,7 +8,7 @@ naturally batches whatever arrived during the previous run.
 
 A window takes some of the oldest request's inputs first (one batch's worth at
 most), then those of the others, the fewest tokens left first (less
-`PASSING_TOKENS` for each window a request has waited), then more of the
+`PASSING_SHARE` of a window for each window a request has waited), then more of the
 oldest one if room is left. A request too big for one window goes through
 several, its inputs shortest first. So a short request is not held back by
 every big one queued before it (in arrival order, one Embed of a sentence
@@ -47,14 +47,20 @@ class BatcherStoppedError(Exception):
 # Tokens of padding any batch may carry whatever its length ratio: texts of a
 # few tokens stay together (1.25 x 3 tokens is not a whole token more).
 PADDING_SLACK = 4
-# Each window a request waits counts as this many of its tokens fewer when
-# windows pick requests fewest tokens left first: a shorter request queued w
-# windows later passes a waiting one only while their tokens left differ by
-# more than this x w (requests of one window go fewest tokens first). 1,024:
-# a request of 1k tokens is passed by later ones for at most one window, one
-# of ~7k (32 long texts) for about 7, while a one-sentence call still passes
-# a 7k-token request queued a window before it.
-PASSING_TOKENS = 1024
+# Each window a request waits counts as this share of a window's tokens off
+# its tokens left when windows pick requests fewest tokens left first: a
+# shorter request queued w windows later passes a waiting one only while
+# their tokens left differ by more than a window x w / 64 (requests of one
+# window go fewest tokens first). So a request of T tokens is passed by newer,
+# shorter ones for at most 64 x T tokens of model work, whatever the window:
+# with 16,384-token batches (65,536-token windows) that is 1,024 tokens a
+# window, and a request of 1k tokens is passed for at most one window, one of
+# ~7k (32 long texts) for about 7, while a one-sentence call still passes a
+# 7k-token request queued a window before it. A fixed 1,024 tokens a window
+# made requests age 8x faster in model time under CPU's 8,192-token windows:
+# behind 24 queued requests of 32 long texts a short call waited 12 s, not
+# 0.7 s, once they had waited 8 windows (a review's simulation).
+PASSING_SHARE = 1 / 64
 # How long the queue stays empty before the model thread calls `on_idle`
 # (e.g. to give back the model's memory), and again while it stays so.
 IDLE_AFTER_S = 1.0
@@ -267,8 +273,9 @@ class DynamicBatcher:
         """Takes a window of waiting inputs (see the module docstring): up to
         one batch's tokens of the oldest job (a window's when it waits
         alone), then the other jobs' inputs, the fewest tokens left (less
-        PASSING_TOKENS a window waited) first, then more of the oldest job, up to a
-        window of tokens (each job taken from adds at least one input).
+        PASSING_SHARE of a window for each window waited) first, then more
+        of the oldest job, up to a window of tokens (each job taken from adds
+        at least one input).
         Drops the jobs whose caller went away, and those whose deadline
         passed. Returns (window, jobs whose deadline passed). Lock held."""
         waiting: collections.deque[_Job] = collections.deque()
@@ -287,7 +294,8 @@ class DynamicBatcher:
         oldest, *others = waiting
         taken_before = self._windows_taken
         # Stable: arrival order among equals.
-        others.sort(key=lambda job: job.tokens_left - PASSING_TOKENS * (taken_before - job.arrived))
+        passing = budget * PASSING_SHARE
+        others.sort(key=lambda job: job.tokens_left - passing * (taken_before - job.arrived))
         self._windows_taken += 1
         shares = [(oldest, self.config.max_batch_tokens if others else budget), *((job, budget) for job in others)]
         if others:
