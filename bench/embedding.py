@@ -337,7 +337,7 @@ def run(model_dir: Path, quick: bool = False) -> dict:
     st_best = {length: max(p["sentences_per_s"] for p in points) for length, points in st.items()}
 
     print("gRPC (separate server process)", flush=True)
-    with ServerProcess(model_dir) as server:
+    with ServerProcess(model_dir, args=["--provider", "cpu"]) as server:  # against CPU baselines, also on a GPU machine
         empty_p50 = empty_rpc_p50(server.target, duration=1.0 if quick else 3.0)
         print(f"  empty RPC (health Check) p50 {empty_p50 * 1e3:.3f} ms", flush=True)
         grpc_points = measure_grpc(server, corpora, duration, timeout, concurrencies=(1, 32) if quick else CONCURRENCY)

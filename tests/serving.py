@@ -85,9 +85,10 @@ def start_cli_server(
     model_dir: Path, data_dir: Path, *, drain: bool = False, workers: int = 1, extra_args: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen, str]:
     """`halflife serve --port 0 [--workers N]` in a subprocess; returns it and
-    its address once it (every worker) serves. With `drain`, a thread keeps
-    reading its log so the server never blocks on a full pipe (leave it off to
-    read the log with communicate())."""
+    its address once it (every worker) serves; its log up to then is in the
+    process's `start_log`. With `drain`, a thread keeps reading its log so
+    the server never blocks on a full pipe (leave it off to read the rest of
+    the log with communicate())."""
     process = subprocess.Popen(
         [sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(model_dir),
          "--data-dir", str(data_dir), "--workers", str(workers), *extra_args],
@@ -104,6 +105,7 @@ def start_cli_server(
         found = re.search(r"serving on (127\.0\.0\.1:\d+)", line)
         serving += bool(found)
         if found and serving == workers:
+            process.start_log = "".join(lines)
             if drain:
                 threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
             return process, found.group(1)

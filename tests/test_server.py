@@ -24,7 +24,7 @@ from halflife.api.embedding import _tokenize_unless_late
 from halflife.api.server import ServerConfig
 from halflife.deadlines import Deadline, DeadlineExpiredError
 from halflife.embedding.batcher import BatchingConfig
-from halflife.embedding.engine import BATCH_TOKENS, CPU, EmbeddingEngine, session_options
+from halflife.embedding.engine import BATCH_TOKENS, EmbeddingEngine, session_options
 from halflife.v1 import embedding_pb2 as pb
 from halflife.v1 import embedding_pb2_grpc
 from halflife_client import AsyncHalflifeClient, HalflifeClient, field_violations
@@ -344,8 +344,10 @@ def test_a_watch_answer_sent_before_the_shutdown_does_not_end_the_stream():
 def test_full_queue_answers_resource_exhausted(model_dir, tmp_path):
     config = ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path, batching=BatchingConfig(max_queued_inputs=2))
     with ServerThread(config) as server, grpc.insecure_channel(server.address) as channel:
-        # max_batch_tokens unset: the engine's best for its provider.
-        assert server.server.backend.batcher.config == BatchingConfig(max_batch_tokens=BATCH_TOKENS[CPU],
+        # max_batch_tokens unset: the engine's best for the provider it runs on.
+        engine = server.server.embedding
+        assert engine.batch_tokens == BATCH_TOKENS[engine.provider]
+        assert server.server.backend.batcher.config == BatchingConfig(max_batch_tokens=engine.batch_tokens,
                                                                       max_queued_inputs=2)
         error = call_error(channel, pb.EmbedRequest(inputs=["a", "b", "c"]))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -403,7 +405,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def test_cli_serve_logs_and_finishes_in_flight_calls_on_sigterm(model_dir, tmp_path):
-    process, address = start_cli_server(model_dir, tmp_path / "data")
+    process, address = start_cli_server(model_dir, tmp_path / "data", extra_args=("--max-batch-tokens", "1024"))
     try:
         with grpc.insecure_channel(address) as channel, concurrent.futures.ThreadPoolExecutor(1) as pool:
             grpc.channel_ready_future(channel).result(timeout=30)
@@ -420,6 +422,7 @@ def test_cli_serve_logs_and_finishes_in_flight_calls_on_sigterm(model_dir, tmp_p
         process.kill()
     assert process.returncode == 0, output
     assert "shutting down" in output and "stopped" in output
+    assert "batches of at most 1024 padded tokens" in process.start_log  # --max-batch-tokens reached the batcher
 
 
 def test_cli_serve_refuses_a_missing_or_tampered_model(model_dir, tmp_path):

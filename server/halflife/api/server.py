@@ -357,8 +357,12 @@ class HalflifeServer:
                                 f"{engine.identity[:12]}): restart the group to serve it")
         await asyncio.to_thread(engine.warm_up)
         manifest = engine.manifest
+        batching = config.batching
+        if batching.max_batch_tokens is None:
+            batching = dataclasses.replace(batching, max_batch_tokens=engine.batch_tokens)
         log.info(
-            "loaded %s from %s: variant %s (%s), %d-d, %s pooling, max %d tokens, provider %s",
+            "loaded %s from %s: variant %s (%s), %d-d, %s pooling, max %d tokens, provider %s, "
+            "batches of at most %d padded tokens",
             manifest.model_id,
             config.model_dir,
             engine.variant.name,
@@ -367,10 +371,8 @@ class HalflifeServer:
             manifest.pooling,
             manifest.max_input_tokens,
             engine.provider,
+            batching.max_batch_tokens,
         )
-        batching = config.batching
-        if batching.max_batch_tokens is None:
-            batching = dataclasses.replace(batching, max_batch_tokens=engine.batch_tokens)
         batcher = DynamicBatcher(engine.forward, batching, on_idle=engine.release_memory)
         batcher.start()
         self.backend.attach(engine, batcher, asyncio.get_running_loop())
