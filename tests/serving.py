@@ -111,3 +111,16 @@ def start_cli_server(
             return process, found.group(1)
     process.kill()
     pytest.fail("server did not start:\n" + "".join(lines))
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """The samples of a server's /metrics page on 127.0.0.1:`port`, as
+    {'name{label=value,...}': value}, labels sorted."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {f"{s.name}{{{','.join(f'{k}={v}' for k, v in sorted(s.labels.items()))}}}": s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}

@@ -28,7 +28,7 @@ from halflife.embedding.engine import BATCH_TOKENS, EmbeddingEngine, session_opt
 from halflife.v1 import embedding_pb2 as pb
 from halflife.v1 import embedding_pb2_grpc
 from halflife_client import AsyncHalflifeClient, HalflifeClient, field_violations
-from tests.serving import ServerThread, repeat_min_cosine, start_cli_server
+from tests.serving import ServerThread, repeat_min_cosine, scrape_metrics, start_cli_server
 
 SENTENCES = [
     "hi",
@@ -586,3 +586,63 @@ def test_open_streams_are_capped_and_unary_calls_go_on(model_dir, tmp_path, monk
                 stream.cancel()
     finally:
         server.stop(grace=1)
+
+
+def test_metrics_count_calls_by_method_and_status_and_report_the_model_and_catalogue(model_dir, tmp_path):
+    from halflife_client import Item
+
+    config = ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path, metrics_port=0)
+    with ServerThread(config) as server, HalflifeClient(server.address, timeout=30) as client:
+        port = server.server.metrics_port
+        assert port and server.server.backend.metrics is not None
+        client.embed(["a film about the sea", "a quiet river"])
+        client.embed(["one more"])
+        with pytest.raises(grpc.RpcError):
+            client.embed(["word " * 300])  # INVALID_ARGUMENT: past the model's 256 tokens
+        with pytest.raises(grpc.RpcError) as caught:
+            stub(grpc.insecure_channel(server.address)).Embed(pb.EmbedRequest(inputs=["word " * 250] * 256),
+                                                             timeout=0.05)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        client.upsert_items([Item(id="a", text="a film about the sea"), Item(id="b", text="a song")])
+        deadline = time.monotonic() + 10  # the timed-out call ends in the server just after the client gives up
+        while (samples := scrape_metrics(port)).get(
+                "halflife_rpc_calls_total{code=DEADLINE_EXCEEDED,method=EmbeddingService/Embed}") is None:
+            assert time.monotonic() < deadline, sorted(samples)
+            time.sleep(0.1)
+    embed = "method=EmbeddingService/Embed"
+    assert samples[f"halflife_rpc_calls_total{{code=OK,{embed}}}"] == 2
+    assert samples[f"halflife_rpc_calls_total{{code=INVALID_ARGUMENT,{embed}}}"] == 1
+    assert samples["halflife_rpc_calls_total{code=OK,method=CatalogService/UpsertItems}"] == 1
+    assert samples[f"halflife_rpc_seconds_count{{{embed}}}"] == 4
+    assert samples[f"halflife_rpc_seconds_bucket{{le=+Inf,{embed}}}"] == 4
+    assert samples["halflife_embedding_inputs_total{}"] >= 2 + 1 + 2  # the two upserted texts too
+    assert 1 <= samples["halflife_embedding_batches_total{}"] <= samples["halflife_embedding_inputs_total{}"]
+    assert samples["halflife_catalog_items{}"] == 2
+    assert samples["halflife_cached_profiles{}"] == 0
+    assert samples["process_resident_memory_bytes{}"] > 50e6  # the model alone is ~30 MB of weights
+
+
+def test_metrics_are_off_unless_asked_for_and_a_worker_serves_its_own(live_server):
+    from halflife.cli import _metrics_port, build_parser
+
+    assert live_server.server.backend.metrics is None and live_server.server.metrics_port is None
+    parse = build_parser().parse_args
+    assert _metrics_port(parse(["serve"])) is None
+    assert _metrics_port(parse(["serve", "--metrics-port", "9100"])) == 9100
+    assert _metrics_port(parse(["serve", "--metrics-port", "9100", "--worker-index", "2"])) == 9102
+    assert _metrics_port(parse(["serve", "--metrics-port", "0", "--worker-index", "2"])) == 0  # each a free one
+
+
+def test_a_metrics_port_in_use_fails_the_start_with_a_clear_error(model_dir, tmp_path):
+    import socket
+
+    from halflife.api.server import HalflifeServer
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = HalflifeServer(ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path, metrics_port=port))
+        with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            asyncio.run(server.start())
+    assert server.port is not None and server._server is None  # the gRPC port it had bound is closed again

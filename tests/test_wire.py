@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import struct
+import types
 import weakref
 
 import grpc
@@ -26,6 +27,9 @@ from halflife.api.wire import (
 from halflife.embedding.batcher import QueueFullError
 from halflife.v1 import catalog_pb2, interest_pb2, recommend_pb2
 from tests.test_malformed_requests import call_raw, length_delimited
+
+# What translate_errors reads of a servicer's backend: a server without metrics.
+NO_METRICS = types.SimpleNamespace(metrics=None)
 
 
 def _largest_upsert(text_bytes: int = 0) -> catalog_pb2.UpsertItemsRequest:
@@ -164,10 +168,14 @@ class _Context:
         self.status = status
         raise grpc.aio.AbortError()
 
+    def code(self):
+        return None if self.status is None else self.status.code
 
+
+@pytest.mark.parametrize("metrics", [False, True], ids=["", "with metrics"])
 @pytest.mark.parametrize("error", [lambda: invalid_argument([("f", "bad")]), lambda: QueueFullError("full")],
                          ids=["refused", "queue full"])
-def test_a_refused_request_is_freed_at_once_not_by_the_garbage_collector(error):
+def test_a_refused_request_is_freed_at_once_not_by_the_garbage_collector(error, metrics):
     """The AbortError that answers a refused call ends up in a reference cycle
     within grpc: whatever its traceback holds stays until the garbage collector
     runs. It held the request: sent from inside the `except` block, it chained
@@ -175,7 +183,11 @@ def test_a_refused_request_is_freed_at_once_not_by_the_garbage_collector(error):
     frames held it too (60 refused 240 KiB requests: +260 MB until a GC)."""
     import asyncio
 
+    from halflife.api.metrics import Metrics
+
     class Servicer:
+        _backend = types.SimpleNamespace(metrics=Metrics()) if metrics else NO_METRICS
+
         @translate_errors
         async def Call(self, request, context):
             raise error()
@@ -200,6 +212,8 @@ def test_a_damaged_store_is_data_loss_not_internal():
     from halflife.storage.base import StoreDamagedError
 
     class Servicer:
+        _backend = NO_METRICS
+
         @translate_errors
         async def Call(self, request, context):
             raise StoreDamagedError("var/data/halflife.sqlite3 or its -wal was deleted")

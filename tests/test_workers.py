@@ -27,7 +27,7 @@ from halflife.locks import LockHeldError, hold_lock, remove_lock
 from halflife.workers import RestartBudget, reserve_port
 from halflife.v1 import interest_pb2, recommend_pb2
 from halflife_client import Event, HalflifeClient, Item
-from tests.serving import start_cli_server
+from tests.serving import scrape_metrics, start_cli_server
 
 CLIENTS = 16  # connections; the kernel hashes each to a worker, so all land on one with p = 2 * 2**-16
 LIKE = interest_pb2.EVENT_TYPE_LIKE
@@ -63,7 +63,8 @@ def wait_exit(process: subprocess.Popen, seconds: float = 60) -> int:
 
 
 def test_two_workers_share_the_port_and_answer_alike(model_dir, tmp_path):
-    process, address = start_cli_server(model_dir, tmp_path / "data", drain=True, workers=2)
+    process, address = start_cli_server(model_dir, tmp_path / "data", drain=True, workers=2,
+                                        extra_args=("--metrics-port", "0"))
     try:
         workers = children(process.pid)
         assert len(workers) == 2
@@ -84,6 +85,11 @@ def test_two_workers_share_the_port_and_answer_alike(model_dir, tmp_path):
         assert dict(next(iter(answers))[0]) == {LIKE: CLIENTS}
         held = connections_by_process(workers, int(address.rsplit(":", 1)[1]))
         assert all(count > 0 for count in held.values()), held
+        # Each worker counts its own calls, on a metrics port of its own: together, every write.
+        ports = [int(p) for p in re.findall(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", process.start_log)]
+        written = [scrape_metrics(p).get("halflife_rpc_calls_total{code=OK,method=InterestService/RecordEvents}", 0)
+                   for p in ports]
+        assert len(set(ports)) == 2 and sum(written) == CLIENTS and all(written), written
 
         assert clients[-1].delete_user("u") == CLIENTS
         assert {len(c.profile("u").event_counts) for c in clients} == {0}  # gone on both workers

@@ -133,6 +133,9 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-queued-inputs", type=_queue_size, default=BatchingConfig.max_queued_inputs,
                         help="queued inputs before Embed answers RESOURCE_EXHAUSTED (default %(default)s; at "
                              "least one full Embed: 256)")
+    parser.add_argument("--metrics-port", type=_port, default=None,
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics (0 picks a free port; with "
+                             "--workers N, worker i on PORT + i); default: none")
     parser.add_argument("--config", type=Path, default=None, help="TOML file of decay, weights and ranking settings")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="least severe log lines written, to stderr (default INFO)")
@@ -259,6 +262,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         reuse_port=args.worker_index is not None,
         follow_store=args.worker_index is not None,
         model_identity=args.model_identity,
+        metrics_port=_metrics_port(args),
     )
     new_data_dir = not args.data_dir.exists()
     lock = None
@@ -300,6 +304,13 @@ def _check_model(args: argparse.Namespace) -> str:
     from halflife.embedding.engine import served_identity
 
     return served_identity(args.model_dir, variant=args.variant, provider=args.provider)
+
+
+def _metrics_port(args: argparse.Namespace) -> int | None:
+    """This process's --metrics-port: worker i of a group serves its own on PORT + i (0: each a free one)."""
+    if not args.metrics_port or args.worker_index is None:
+        return args.metrics_port
+    return args.metrics_port + args.worker_index
 
 
 def _run_workers(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from halflife.api.catalog import CatalogServicer
 from halflife.api.embedding import EmbeddingServicer
 from halflife.api.errors import parse_leniently, refuse_malformed, resource_exhausted
 from halflife.api.interest import InterestServicer
+from halflife.api.metrics import Metrics
 from halflife.api.recommend import RecommendServicer
 from halflife.config import Config
 from halflife.embedding.batcher import BatchingConfig, DynamicBatcher
@@ -67,6 +68,7 @@ class ServerConfig:
     reuse_port: bool = False  # True only when several worker processes share the port
     follow_store: bool = False  # other processes write to the same store (workers)
     model_identity: str | None = None  # a worker: the model its group serves (EmbeddingEngine.identity)
+    metrics_port: int | None = None  # Prometheus /metrics on host:this (0: a free one); None: no metrics
 
     def grpc_options(self) -> list[tuple[str, int]]:
         return [
@@ -281,6 +283,7 @@ class HalflifeServer:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.port: int | None = None
+        self.metrics_port: int | None = None  # where /metrics is served, once started (config.metrics_port)
         self.backend = Backend()
         self.store: SqliteStore | None = None
         self._server: grpc.aio.Server | None = None
@@ -327,6 +330,15 @@ class HalflifeServer:
         self._server = server
         await server.start()
         log.info("listening on %s (health NOT_SERVING while loading)", host_port(config.host, self.port))
+        if config.metrics_port is not None:
+            self.backend.metrics = Metrics()
+            self.backend.metrics.watch(self.backend)
+            try:
+                self.metrics_port = self.backend.metrics.serve(config.host, config.metrics_port)
+            except OSError as exc:
+                await self.stop(grace=0)
+                raise OSError(f"cannot serve metrics on {host_port(config.host, config.metrics_port)}: {exc}") from None
+            log.info("metrics on http://%s/metrics", host_port(config.host, self.metrics_port))
         try:
             await self._load_model()
             self.store = await asyncio.to_thread(SqliteStore, config.data_dir)
@@ -392,6 +404,8 @@ class HalflifeServer:
             await asyncio.to_thread(self.store.close)
             self.store = None
         self.backend.close()
+        if self.backend.metrics is not None:
+            self.backend.metrics.close()
         if self._calls is not None:
             self._calls.shutdown(wait=False)  # idle by now; its threads end
             self._calls = None

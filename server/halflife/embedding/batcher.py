@@ -133,7 +133,8 @@ class DynamicBatcher:
         self._work = threading.Condition(self._lock)  # the model thread waits here for jobs
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self.batches_run = 0  # for tests and metrics
+        self.batches_run = 0  # forward passes, for tests and metrics
+        self.inputs_run = 0  # inputs in them
 
     def start(self) -> None:
         """Starts the model thread, answering on the running loop. After a
@@ -259,6 +260,7 @@ class DynamicBatcher:
                 self._post(_fail, [job for job, _ in batch], exc)
                 continue
             self.batches_run += 1
+            self.inputs_run += len(batch)
             self._post(_scatter, batch, vectors)
 
     def _post(self, fn: Callable, *args) -> None:

@@ -1613,10 +1613,7 @@ class InterestEngine:
     # ---------------------------------------------------------------- status
 
     def stats(self) -> dict[str, int]:
+        """Items in the catalogue and profiles in the cache (for metrics): cheap, as a scrape's lock hold must be."""
         with self._lock:
             self._catch_up()
-            return {
-                "items": len(self.catalog),
-                "cached_users": len(self._users),
-                "cached_profile_bytes": sum(s.multi.nbytes + s.single.nbytes for s in self._users.values()),
-            }
+            return {"items": len(self.catalog), "cached_users": len(self._users)}
