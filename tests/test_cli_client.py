@@ -287,6 +287,10 @@ def test_ctrl_c_while_the_command_loads_is_one_line_and_exit_130(monkeypatch, ca
         assert coroutine.cr_frame is None  # closed, so never reported as never awaited
 
 
+# A line gRPC's C core logs itself (absl's prefix: severity, date, time, thread, file:line]).
+GRPC_CORE_LOG = re.compile(r"[EWIF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [\w./-]+:\d+\] ")
+
+
 def test_ctrl_c_is_one_line_and_exit_130():
     import signal
     import socket
@@ -306,7 +310,10 @@ def test_ctrl_c_is_one_line_and_exit_130():
         with connection:
             process.send_signal(signal.SIGINT)
             _, stderr = process.communicate(timeout=30)
-    assert process.returncode == 130 and stderr.strip() == "halflife recommend: interrupted", stderr
+    # gRPC's C core may log a line of its own as the interrupted channel closes (rarely: "epoll_wait error:
+    # Bad file descriptor", once in a CI run under load); ours must be the only other one, and no traceback.
+    ours = [line for line in stderr.splitlines() if line.strip() and not GRPC_CORE_LOG.match(line)]
+    assert process.returncode == 130 and ours == ["halflife recommend: interrupted"], stderr
 
 
 class FlakyEmbedding(embedding_pb2_grpc.EmbeddingServiceServicer):
