@@ -591,30 +591,44 @@ def test_open_streams_are_capped_and_unary_calls_go_on(model_dir, tmp_path, monk
 def test_metrics_count_calls_by_method_and_status_and_report_the_model_and_catalogue(model_dir, tmp_path):
     from halflife_client import Item
 
-    config = ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path, metrics_port=0)
+    from halflife.v1 import recommend_pb2
+    from tests.test_malformed_requests import call_raw
+
+    config = ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path, metrics_port=0, max_concurrent_rpcs=1)
     with ServerThread(config) as server, HalflifeClient(server.address, timeout=30) as client:
         port = server.server.metrics_port
-        assert port and server.server.backend.metrics is not None
+        assert port and server.server.metrics is not None
         client.embed(["a film about the sea", "a quiet river"])
         client.embed(["one more"])
         with pytest.raises(grpc.RpcError):
             client.embed(["word " * 300])  # INVALID_ARGUMENT: past the model's 256 tokens
-        with pytest.raises(grpc.RpcError) as caught:
-            stub(grpc.insecure_channel(server.address)).Embed(pb.EmbedRequest(inputs=["word " * 250] * 256),
-                                                             timeout=0.05)
-        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        client.upsert_items([Item(id="a", text="a film about the sea"), Item(id="b", text="a song")])
+        channel = grpc.insecure_channel(server.address)
+        with pytest.raises(grpc.RpcError) as caught:  # not a message at all: refused before any handler
+            call_raw(channel, recommend_pb2.DESCRIPTOR.services_by_name["RecommendService"].methods_by_name[
+                "Recommend"], b"\xff\xff")
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        long_call = stub(channel).Embed.future(pb.EmbedRequest(inputs=["word " * 250] * 256), timeout=0.5)
+        time.sleep(0.2)  # it holds the one slot (max_concurrent_rpcs=1) ...
+        with pytest.raises(grpc.RpcError) as refused:  # ... so admission refuses this one
+            client.model_info()
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert long_call.exception(30).code() == grpc.StatusCode.DEADLINE_EXCEEDED
         deadline = time.monotonic() + 10  # the timed-out call ends in the server just after the client gives up
         while (samples := scrape_metrics(port)).get(
                 "halflife_rpc_calls_total{code=DEADLINE_EXCEEDED,method=EmbeddingService/Embed}") is None:
             assert time.monotonic() < deadline, sorted(samples)
             time.sleep(0.1)
+        client.upsert_items([Item(id="a", text="a film about the sea"), Item(id="b", text="a song")])
+        samples = scrape_metrics(port)
+        channel.close()
     embed = "method=EmbeddingService/Embed"
     assert samples[f"halflife_rpc_calls_total{{code=OK,{embed}}}"] == 2
     assert samples[f"halflife_rpc_calls_total{{code=INVALID_ARGUMENT,{embed}}}"] == 1
+    assert samples["halflife_rpc_calls_total{code=INVALID_ARGUMENT,method=RecommendService/Recommend}"] == 1
+    assert samples["halflife_rpc_calls_total{code=RESOURCE_EXHAUSTED,method=EmbeddingService/GetModelInfo}"] == 1
     assert samples["halflife_rpc_calls_total{code=OK,method=CatalogService/UpsertItems}"] == 1
-    assert samples[f"halflife_rpc_seconds_count{{{embed}}}"] == 4
-    assert samples[f"halflife_rpc_seconds_bucket{{le=+Inf,{embed}}}"] == 4
+    assert samples[f"halflife_rpc_duration_seconds_count{{{embed}}}"] == 4
+    assert samples[f"halflife_rpc_duration_seconds_bucket{{le=+Inf,{embed}}}"] == 4
     assert samples["halflife_embedding_inputs_total{}"] >= 2 + 1 + 2  # the two upserted texts too
     assert 1 <= samples["halflife_embedding_batches_total{}"] <= samples["halflife_embedding_inputs_total{}"]
     assert samples["halflife_catalog_items{}"] == 2
@@ -625,12 +639,15 @@ def test_metrics_count_calls_by_method_and_status_and_report_the_model_and_catal
 def test_metrics_are_off_unless_asked_for_and_a_worker_serves_its_own(live_server):
     from halflife.cli import _metrics_port, build_parser
 
-    assert live_server.server.backend.metrics is None and live_server.server.metrics_port is None
+    assert live_server.server.metrics is None and live_server.server.metrics_port is None
     parse = build_parser().parse_args
     assert _metrics_port(parse(["serve"])) is None
     assert _metrics_port(parse(["serve", "--metrics-port", "9100"])) == 9100
     assert _metrics_port(parse(["serve", "--metrics-port", "9100", "--worker-index", "2"])) == 9102
     assert _metrics_port(parse(["serve", "--metrics-port", "0", "--worker-index", "2"])) == 0  # each a free one
+    past = subprocess.run([sys.executable, "-m", "halflife.cli", "serve", "--workers", "2", "--metrics-port", "65535"],
+                          capture_output=True, text=True, timeout=60)
+    assert past.returncode == 2 and "65535 to 65536, past 65535" in past.stderr, past.stderr
 
 
 def test_a_metrics_port_in_use_fails_the_start_with_a_clear_error(model_dir, tmp_path):
@@ -645,4 +662,4 @@ def test_a_metrics_port_in_use_fails_the_start_with_a_clear_error(model_dir, tmp
         server = HalflifeServer(ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path, metrics_port=port))
         with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
             asyncio.run(server.start())
-    assert server.port is not None and server._server is None  # the gRPC port it had bound is closed again
+    assert server.port is None and server._calls is None  # refused first: nothing else was started

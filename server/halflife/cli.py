@@ -246,6 +246,10 @@ def _run_serve(args: argparse.Namespace) -> int:
     worker = "" if args.worker_index is None else f"[worker {args.worker_index}] "
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s %(levelname)s {worker}%(name)s: %(message)s")
     if args.workers > 1:
+        if args.metrics_port and args.metrics_port + args.workers - 1 > 65535:
+            print(f"halflife serve: error: argument --metrics-port: {args.workers} workers serve on "
+                  f"{args.metrics_port} to {args.metrics_port + args.workers - 1}, past 65535", file=sys.stderr)
+            return EXIT_USAGE
         return _run_workers(args)
     batching = BatchingConfig(max_batch_tokens=args.max_batch_tokens, max_queued_inputs=args.max_queued_inputs)
     config = ServerConfig(

@@ -9,7 +9,6 @@ from typing import Sequence
 import numpy as np
 
 from halflife.api.errors import unavailable
-from halflife.api.metrics import Metrics
 from halflife.deadlines import POLL_S, Deadline, DeadlineExpiredError
 from halflife.embedding.batcher import BatcherStoppedError, DynamicBatcher
 from halflife.embedding.engine import EmbeddingEngine
@@ -22,7 +21,6 @@ class Backend:
         self.embedding: EmbeddingEngine | None = None
         self.batcher: DynamicBatcher | None = None
         self.interest: InterestEngine | None = None
-        self.metrics: Metrics | None = None  # `serve --metrics-port`: calls counted and timed
         self._loop: asyncio.AbstractEventLoop | None = None
         # Tokenization runs here, off the event loop (the tokenizers library
         # releases the GIL while it works).

@@ -12,7 +12,6 @@ import asyncio
 import functools
 import inspect
 import logging
-import time
 from typing import Awaitable, Callable, Iterable, TypeVar
 
 import grpc
@@ -198,46 +197,6 @@ DEADLINE_GRACE_S = 0.5
 
 
 def translate_errors(handler: Handler) -> Handler:
-    """Wraps an async servicer method: its errors become statuses
-    (`_answered`), and where the server keeps metrics (the servicer's
-    `_backend.metrics`, api.metrics) each call is counted by method and
-    status code, and timed."""
-    answered = _answered(handler)
-    method = handler.__qualname__.replace("Servicer.", "Service/")  # EmbeddingService/Embed
-
-    @functools.wraps(handler)
-    async def wrapper(self, request, context: grpc.aio.ServicerContext):
-        call = answered(self, request, context)
-        del request  # held by the call alone, which lets go of it before an abort (see _answered)
-        metrics = self._backend.metrics
-        if metrics is None:
-            return await call
-        started, code = time.perf_counter(), "UNKNOWN"
-        try:
-            response = await call
-            code = "OK"
-            return response
-        except grpc.aio.AbortError:
-            code = _code_name(context.code())
-            raise
-        except asyncio.CancelledError:  # grpc ends the handler: the caller cancelled, or its deadline passed
-            remaining = context.time_remaining()
-            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
-            raise
-        finally:
-            metrics.observe(method, code, started)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _code_name(code) -> str:
-    """A status code as grpc.aio's context.code() gives it (a StatusCode, or its int value), by name."""
-    if isinstance(code, grpc.StatusCode):
-        return code.name
-    return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
-
-
-def _answered(handler: Handler) -> Handler:
     """Wraps an async servicer method: ApiError becomes its rich status
     (INVALID_ARGUMENT with BadRequest for bad input), a full embedding queue
     RESOURCE_EXHAUSTED, an expired deadline

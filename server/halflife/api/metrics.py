@@ -1,22 +1,28 @@
 """Prometheus metrics of one server process (`serve --metrics-port`).
 
-API calls by method and status code and their time in the server (counted
-where `translate_errors` answers them: health checks and reflection apart),
-and, read when scraped, the embedding batcher's work and queue and the
-interest engine's catalogue and profile cache. Off unless asked for: nothing
-here runs per call then.
+API calls by method and the status code they were answered with, and their
+time in the server (counted around everything the server does with a call:
+admission, malformed bytes, the handler; health checks and reflection
+apart), and, read when scraped, the embedding batcher's work and queue and
+the interest engine's catalogue and profile cache. Off unless asked for:
+nothing here runs per call then.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
     from halflife.api.backend import Backend
+
+log = logging.getLogger(__name__)
 
 # Seconds: from a health-check-sized call (~0.5 ms here) to a long bulk embed.
 CALL_SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -24,22 +30,45 @@ CALL_SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2,
 
 class Metrics:
     """One process's metrics, in a registry of their own (tests run several
-    servers in one process), served over HTTP by `serve`."""
+    servers in one process), served over HTTP from a thread."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU seconds, open fds
         self._calls = Counter("halflife_rpc_calls", "API calls answered, by method and gRPC status code",
                               ["method", "code"], registry=self.registry)
-        self._seconds = Histogram("halflife_rpc_seconds", "Time API calls took in the server, by method",
+        self._seconds = Histogram("halflife_rpc_duration_seconds", "Time API calls took in the server, by method",
                                   ["method"], buckets=CALL_SECONDS_BUCKETS, registry=self.registry)
         self._http = None
 
-    def observe(self, method: str, code: str, started: float) -> None:
-        """Counts a call to `method` answered with `code` (a grpc.StatusCode
-        name), begun at time.perf_counter() `started`."""
-        self._calls.labels(method, code).inc()
-        self._seconds.labels(method).observe(time.perf_counter() - started)
+    def counted(self, method: str, behavior: Callable) -> Callable:
+        """A unary handler `behavior` whose calls count under `method`
+        ("EmbeddingService/Embed") with the code the call was answered with:
+        OK, the code of an abort (an API error, admission, malformed bytes),
+        or, where grpc ended the handler, DEADLINE_EXCEEDED once the deadline
+        passed, else CANCELLED."""
+        seconds = self._seconds.labels(method)
+
+        async def handler(request, context):
+            started, code = time.perf_counter(), "UNKNOWN"
+            call = behavior(request, context)
+            del request  # held by the call alone, which lets go of it before it aborts (errors.translate_errors)
+            try:
+                response = await call
+                code = "OK"
+                return response
+            except grpc.aio.AbortError:
+                code = _code_name(context.code())
+                raise
+            except asyncio.CancelledError:
+                remaining = context.time_remaining()
+                code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+                raise
+            finally:
+                self._calls.labels(method, code).inc()
+                seconds.observe(time.perf_counter() - started)
+
+        return handler
 
     def watch(self, backend: Backend) -> None:
         """Reports the backend's batcher and interest engine at each scrape."""
@@ -51,17 +80,27 @@ class Metrics:
         return self._http.server_address[1]
 
     def close(self) -> None:
+        """Stops serving (waits up to the HTTP server's 0.5 s poll: call it off the event loop)."""
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
 
 
+def _code_name(code) -> str:
+    """A status code as grpc.aio's context.code() gives it (a StatusCode, or its int value), by name."""
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
+
+
 class _BackendCollector:
-    """The backend's state, read when scraped (nothing is kept up to date per call)."""
+    """The backend's state, read when scraped (nothing is kept up to date per
+    call), without the store: a scrape must answer while the store fails."""
 
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
+        self._failed = False
 
     def collect(self) -> Iterator[Metric]:
         batcher, interest = self._backend.batcher, self._backend.interest
@@ -73,7 +112,12 @@ class _BackendCollector:
             yield CounterMetricFamily("halflife_embedding_inputs", "Inputs the model embedded",
                                       batcher.inputs_run)
         if interest is not None:
-            stats = interest.stats()
-            yield GaugeMetricFamily("halflife_catalog_items", "Items in the catalogue", stats["items"])
-            yield GaugeMetricFamily("halflife_cached_profiles", "User profiles in the cache",
-                                    stats["cached_users"])
+            try:
+                sizes = interest.sizes()
+            except Exception:  # a bug here must not take the process and call metrics down with it
+                if not self._failed:
+                    log.exception("metrics: reading the interest engine's sizes failed")
+                self._failed = True
+                return
+            yield GaugeMetricFamily("halflife_catalog_items", "Items in the catalogue", sizes["items"])
+            yield GaugeMetricFamily("halflife_cached_profiles", "User profiles in the cache", sizes["cached_users"])

@@ -179,7 +179,8 @@ def api_calls(limit: int) -> Admission:
 
 
 def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer,
-                streams: Admission | None = None, calls: Admission | None = None) -> None:
+                streams: Admission | None = None, calls: Admission | None = None,
+                metrics: Metrics | None = None) -> None:
     """Registers `servicer` for `service` as the generated `add_*_to_server`
     does, but with a request parser that never raises: grpc.aio parses
     requests before a handler runs and would answer bytes that are not a
@@ -189,7 +190,8 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer,
     generated base class (synchronous, "not implemented": Health/List here)
     is left out, so grpc answers UNIMPLEMENTED without a traceback.
     `streams` counts the server-streaming methods' calls, `calls` the
-    unary ones, where given."""
+    unary ones, where given; `metrics` counts and times the unary calls,
+    outermost, so that admission's refusals and malformed bytes count too."""
     handlers = {}
     for method in service.methods:
         behavior = getattr(servicer, method.name)
@@ -203,6 +205,8 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer,
         admission = streams if method.server_streaming else calls
         if admission is not None:
             checked = admission.wrap(checked)
+        if metrics is not None and kind == (False, False):
+            checked = metrics.counted(f"{service.name}/{method.name}", checked)
         handlers[method.name] = _METHOD_HANDLERS[kind](
             checked,
             request_deserializer=parse_leniently(request_class),
@@ -283,7 +287,8 @@ class HalflifeServer:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.port: int | None = None
-        self.metrics_port: int | None = None  # where /metrics is served, once started (config.metrics_port)
+        self.metrics: Metrics | None = None  # config.metrics_port's, once started
+        self.metrics_port: int | None = None  # where /metrics is served
         self.backend = Backend()
         self.store: SqliteStore | None = None
         self._server: grpc.aio.Server | None = None
@@ -309,6 +314,15 @@ class HalflifeServer:
         Raises (after closing the port) when the model or the store cannot be loaded.
         """
         config = self.config
+        if config.metrics_port is not None:  # first: a port in use fails the start before anything else runs
+            self.metrics = Metrics()
+            self.metrics.watch(self.backend)
+            try:
+                self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+            except (OSError, OverflowError) as exc:
+                self.metrics = None
+                raise OSError(f"cannot serve metrics on {host_port(config.host, config.metrics_port)}: {exc}") from None
+            log.info("metrics on http://%s/metrics", host_port(config.host, self.metrics_port))
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self._calls = concurrent.futures.ThreadPoolExecutor(config.call_threads, thread_name_prefix="halflife-call")
         asyncio.get_running_loop().set_default_executor(self._calls)
@@ -316,7 +330,7 @@ class HalflifeServer:
                                  maximum_concurrent_rpcs=OPEN_CALLS_BACKSTOP_FACTOR * config.max_concurrent_rpcs)
         streams, calls = open_streams(), api_calls(config.max_concurrent_rpcs)
         for (service, _), servicer in zip(API_SERVICES, self._servicers):
-            add_service(server, service, servicer, streams, calls)
+            add_service(server, service, servicer, streams, calls, self.metrics)
         add_service(server, HEALTH_SERVICE, self._health, streams)
         add_service(server, REFLECTION_SERVICE, reflection.aio.ReflectionServicer(service_names()), streams)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -330,15 +344,6 @@ class HalflifeServer:
         self._server = server
         await server.start()
         log.info("listening on %s (health NOT_SERVING while loading)", host_port(config.host, self.port))
-        if config.metrics_port is not None:
-            self.backend.metrics = Metrics()
-            self.backend.metrics.watch(self.backend)
-            try:
-                self.metrics_port = self.backend.metrics.serve(config.host, config.metrics_port)
-            except OSError as exc:
-                await self.stop(grace=0)
-                raise OSError(f"cannot serve metrics on {host_port(config.host, config.metrics_port)}: {exc}") from None
-            log.info("metrics on http://%s/metrics", host_port(config.host, self.metrics_port))
         try:
             await self._load_model()
             self.store = await asyncio.to_thread(SqliteStore, config.data_dir)
@@ -392,6 +397,8 @@ class HalflifeServer:
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking calls, lets in-flight ones finish within `grace` seconds."""
         grace = self.config.grace_seconds if grace is None else grace
+        if self.metrics is not None:  # first: scrapes read the engine, whose store closes below
+            await asyncio.to_thread(self.metrics.close)
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
@@ -404,8 +411,6 @@ class HalflifeServer:
             await asyncio.to_thread(self.store.close)
             self.store = None
         self.backend.close()
-        if self.backend.metrics is not None:
-            self.backend.metrics.close()
         if self._calls is not None:
             self._calls.shutdown(wait=False)  # idle by now; its threads end
             self._calls = None

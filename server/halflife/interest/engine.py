@@ -1613,7 +1613,16 @@ class InterestEngine:
     # ---------------------------------------------------------------- status
 
     def stats(self) -> dict[str, int]:
-        """Items in the catalogue and profiles in the cache (for metrics): cheap, as a scrape's lock hold must be."""
         with self._lock:
             self._catch_up()
-            return {"items": len(self.catalog), "cached_users": len(self._users)}
+            return {
+                "items": len(self.catalog),
+                "cached_users": len(self._users),
+                "cached_profile_bytes": sum(s.multi.nbytes + s.single.nbytes for s in self._users.values()),
+            }
+
+    def sizes(self) -> dict[str, int]:
+        """Items in the catalogue and profiles in the cache, as this process
+        has applied them (for metrics): no lock, no store, so a scrape neither
+        holds up calls nor fails with the store (`stats` catches up first)."""
+        return {"items": len(self.catalog), "cached_users": len(self._users)}
