@@ -663,3 +663,20 @@ def test_a_metrics_port_in_use_fails_the_start_with_a_clear_error(model_dir, tmp
         with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
             asyncio.run(server.start())
     assert server.port is None and server._calls is None  # refused first: nothing else was started
+
+
+def test_a_grpc_port_in_use_gives_the_metrics_port_back(model_dir, tmp_path):
+    import socket
+
+    from halflife.api.server import HalflifeServer
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = HalflifeServer(ServerConfig(port=port, model_dir=model_dir, data_dir=tmp_path, metrics_port=0))
+        with pytest.raises(OSError, match=f"cannot bind 127.0.0.1:{port}"):
+            asyncio.run(server.start())
+    assert server.metrics_port
+    with socket.socket() as again:  # its HTTP server is closed, not left serving on a daemon thread
+        again.bind(("127.0.0.1", server.metrics_port))

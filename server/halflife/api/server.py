@@ -339,6 +339,7 @@ class HalflifeServer:
         except RuntimeError:
             self.port = 0
         if self.port == 0:
+            await self.stop(grace=0)  # the metrics server and the call threads started above
             raise OSError(f"cannot bind {host_port(config.host, config.port)} (in use by another process, or not an address "
                           "of this machine?)")
         self._server = server
