@@ -631,6 +631,7 @@ def test_metrics_count_calls_by_method_and_status_and_report_the_model_and_catal
     assert samples[f"halflife_rpc_duration_seconds_bucket{{le=+Inf,{embed}}}"] == 4
     assert samples["halflife_embedding_inputs_total{}"] >= 2 + 1 + 2  # the two upserted texts too
     assert 1 <= samples["halflife_embedding_batches_total{}"] <= samples["halflife_embedding_inputs_total{}"]
+    assert 0 < samples["halflife_embedding_forward_seconds_total{}"] < samples["process_cpu_seconds_total{}"]
     assert samples["halflife_catalog_items{}"] == 2
     assert samples["halflife_cached_profiles{}"] == 0
     assert samples["process_resident_memory_bytes{}"] > 50e6  # the model alone is ~30 MB of weights

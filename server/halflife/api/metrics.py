@@ -111,6 +111,9 @@ class _BackendCollector:
                                       batcher.batches_run)
             yield CounterMetricFamily("halflife_embedding_inputs", "Inputs the model embedded",
                                       batcher.inputs_run)
+            yield CounterMetricFamily("halflife_embedding_forward_seconds",
+                                      "Time the model spent in forward passes (its rate: the share of time busy)",
+                                      batcher.forward_seconds)
         if interest is not None:
             try:
                 sizes = interest.sizes()

@@ -135,6 +135,7 @@ class DynamicBatcher:
         self._thread: threading.Thread | None = None
         self.batches_run = 0  # forward passes, for tests and metrics
         self.inputs_run = 0  # inputs in them
+        self.forward_seconds = 0.0  # time in forward (failed passes too): its rate is the model's busy share
 
     def start(self) -> None:
         """Starts the model thread, answering on the running loop. After a
@@ -252,6 +253,7 @@ class DynamicBatcher:
             batch = [(job, i) for job, i in batch if not job.future.done()]
             if not batch:
                 continue  # every caller in it went away: skip the compute
+            started = time.perf_counter()
             try:
                 vectors = self._forward([job.ids[i] for job, i in batch])
                 if vectors.ndim != 2 or vectors.shape[0] != len(batch):
@@ -259,6 +261,8 @@ class DynamicBatcher:
             except Exception as exc:  # a model failure fails its callers, not the thread
                 self._post(_fail, [job for job, _ in batch], exc)
                 continue
+            finally:
+                self.forward_seconds += time.perf_counter() - started
             self.batches_run += 1
             self.inputs_run += len(batch)
             self._post(_scatter, batch, vectors)
