@@ -1613,13 +1613,11 @@ class InterestEngine:
     # ---------------------------------------------------------------- status
 
     def stats(self) -> dict[str, int]:
+        """`sizes` after catching up, and the cached profiles' bytes."""
         with self._lock:
             self._catch_up()
-            return {
-                "items": len(self.catalog),
-                "cached_users": len(self._users),
-                "cached_profile_bytes": sum(s.multi.nbytes + s.single.nbytes for s in self._users.values()),
-            }
+            return {**self.sizes(),
+                    "cached_profile_bytes": sum(s.multi.nbytes + s.single.nbytes for s in self._users.values())}
 
     def sizes(self) -> dict[str, int]:
         """Items in the catalogue and profiles in the cache, as this process
