@@ -1782,3 +1782,16 @@ def test_explanations_name_only_interests_and_events_pointing_towards_the_item(t
     for item_id in ("across", "away"):
         assert explained[item_id].events == () and explained[item_id].interests == ()
         assert explained[item_id].score_parts["interest"] <= 0  # still said, in the score's parts
+
+
+def test_a_category_repeated_in_an_item_counts_once(tmp_path):
+    """The gRPC layer drops repeats, but a library caller's reach the engine:
+    a category's mean (its label direction) counted the item twice."""
+    vector = np.zeros(DIM, dtype=np.float32)
+    vector[0] = 1.0
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id="a", text="a", categories=("x", "y", "x"), vector=vector),
+                         ItemInput(id="b", text="b", categories=("x",), vector=-vector)])
+    assert engine.get_items(["a"])["a"].categories == ("x", "y")
+    for reopened in (engine, open_engine(tmp_path)):
+        np.testing.assert_allclose(reopened.catalog.mean("x"), np.zeros(DIM), atol=1e-7)

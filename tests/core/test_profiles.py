@@ -436,3 +436,15 @@ def test_an_event_joins_a_cluster_past_what_squares_can_hold(scale):
     assert state.counts.tolist() == [1, 1]
     state.add(TYPES, [0], [T0 + 2], a[None])
     assert state.counts.tolist() == [2, 1]
+
+
+@pytest.mark.parametrize("scale", [1e-170, 1e160], ids=["tiny", "huge"])
+def test_events_cluster_by_direction_whatever_their_scale(scale):
+    """A library caller's event vectors may be far from unit length: squared,
+    1e-170 underflows to 0 and 1e160 overflows, which made every event
+    alike (tiny) or none alike (huge). Directions are what cluster."""
+    same, apart = np.array([[1.0, 0.0], [1.0, 0.0]]), np.array([[1.0, 0.0], [1.0, 1.0]])  # cosines 1 and 0.71
+    for vectors, counts in ((same, [2]), (apart, [1, 1])):
+        state = MultiInterestState.empty(TYPES, 2, max_clusters=4, threshold=0.9)
+        state.add(TYPES, [0, 0], [T0, T0 + 1], vectors * scale)
+        assert state.counts.tolist() == counts

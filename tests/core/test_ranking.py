@@ -382,3 +382,11 @@ def test_integer_and_bool_scores_rank_as_their_float_values(n):
             idx, values = batch_top_k(rows, 7, mask)
             expected_idx, expected_values = batch_top_k(rows.astype(np.float64), 7, mask)
             assert np.array_equal(idx, expected_idx) and np.array_equal(values, expected_values)
+
+
+def test_normalize_computes_float16_input_in_float64():
+    """A float16 query is read as it is, but its norm is not taken in float16
+    (off by ~1e-4 against ~1e-7 from float32)."""
+    v = np.random.default_rng(3).normal(size=(8, 384)).astype(np.float16)
+    exact = v.astype(np.float64) / np.linalg.norm(v.astype(np.float64), axis=1, keepdims=True)
+    np.testing.assert_allclose(normalize(v), exact, atol=1e-6)

@@ -53,7 +53,7 @@ def _item_input(item: catalog_pb2.Item, field: str, dim: int, violations: Violat
     return ItemInput(
         id=item.id,
         text=item.text,
-        categories=tuple(dict.fromkeys(item.categories)),
+        categories=tuple(item.categories),
         attributes=dict(item.attributes),
         create_time=create_time,
         vector=vector,

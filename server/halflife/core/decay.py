@@ -93,7 +93,9 @@ class EventTypes:
 
 def decay_factors(rates: np.ndarray, landmark: float, t: float) -> np.ndarray:
     """e^{-λ_r (t - L)} per rate: the read factor at time t, and also the
-    re-basing factor for moving the landmark from L to t. Returns (R,) float64."""
+    re-basing factor for moving the landmark from L to t. Returns (R,) float64.
+    For t >= L (the landmark is never after the newest event added): earlier
+    reads scale up and overflow to inf ~745 / λ before L."""
     return np.exp(-np.asarray(rates, dtype=np.float64) * (t - landmark))
 
 

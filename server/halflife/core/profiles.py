@@ -281,7 +281,6 @@ class MultiInterestState:
         # them all (and their unit rows) took 4 x 307 MB for a 100k-event replay.
         vectors = np.asarray(vectors)
         rows = np.flatnonzero(keep)[order]
-        norms = np.sqrt(np.einsum("nd,nd->n", vectors, vectors, dtype=np.float64))[rows]
 
         rates, trend_rates = self.rates, self.trend_rates
         max_rate = float(max(rates.max(), trend_rates.max()))
@@ -354,7 +353,7 @@ class MultiInterestState:
             for start in range(i, j, _ROWS_AT_ONCE):
                 stop = min(j, start + _ROWS_AT_ONCE)
                 v_rows = vectors[rows[start:stop]].astype(np.float64)
-                unit_rows = v_rows / np.maximum(norms[start:stop], _EPS)[:, None]
+                unit_rows = normalize(v_rows, dtype=np.float64)  # by the peak first: any scale's direction
                 # Clusters are read at the event's time, or at the newest event
                 # seen if that is later (t is sorted: the newest before the rows).
                 # Directions only, so the exponents are shifted: no overflow.

@@ -29,7 +29,7 @@ def normalize(vectors, eps: float = 1e-12, dtype=np.float32) -> np.ndarray:
     vectors: (d,) or (..., d). Returns `dtype` (float32 by default), same shape.
     """
     v = np.asarray(vectors)
-    if v.dtype.kind != "f":
+    if v.dtype not in (np.float32, np.float64):  # float16's own norm is off by ~1e-4
         v = v.astype(np.float64)
     peak = np.abs(v).max(axis=-1, keepdims=True)
     v = v / np.where(peak > 0, peak, 1)
@@ -382,7 +382,8 @@ def _best_first(idx: np.ndarray, values: np.ndarray, k: int, ties: bool) -> tupl
 
 
 def batch_top_k(scores, k: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise `top_k` for (B, N) scores, vectorized (one argpartition).
+    """Row-wise `top_k` for (B, N) scores, vectorized (one argpartition),
+    but exactly tied scores come back in any order, not the lower row first.
 
     allowed: (B, N), (N,) (same mask for every row) or None. Returns
     (indices (B, k') int64, scores (B, k')) with k' = min(k, N), best first;
@@ -492,8 +493,9 @@ def mmr(relevance, vectors, k: int, lam: float = 0.7) -> np.ndarray:
     """Maximal Marginal Relevance (Carbonell & Goldstein 1998) re-ranking.
 
     Picks k times argmax λ·rel_i − (1−λ)·max_{j chosen} cos(v_i, v_j), each
-    step one GEMV against the last pick. relevance: (M,) over candidates
-    (e.g. a top_k result); vectors: (M, d) normalised. The first pick is the
+    step one GEMV against the last pick. relevance: (M,) finite, over
+    candidates (e.g. a top_k result; not batch_top_k's -inf padding, which
+    λ = 0 would turn into NaN); vectors: (M, d) normalised. The first pick is the
     most relevant; λ = 1 gives plain relevance order.
     Returns (min(k, M),) int64 indices into the candidates, in pick order.
     """

@@ -620,7 +620,7 @@ class InterestEngine:
             ItemRecord(
                 id=item.id,
                 text=item.text,
-                categories=tuple(item.categories),
+                categories=tuple(dict.fromkeys(item.categories)),  # a repeat would count twice in its mean
                 attributes=dict(item.attributes),
                 create_time=item.create_time,
                 vector=vector,
