@@ -308,6 +308,13 @@ def _garbage_tokenizer(manifest, copy):
     (lambda m, _: m["variants"][0]["validation"].update(min_cosine="high"), "min_cosine must be a number"),
     (lambda m, _: m.update(max_input_tokens=0), "max_input_tokens must be at least 1, got 0"),
     (lambda m, _: m.update(pad_token_id=10**6), r"the model fails on 1 x 8 tokens, which its manifest allows"),
+    # Served as another variant, or from outside the directory (a review).
+    (lambda m, _: m.update(variants=[]), "variants is empty"),
+    (lambda m, _: m["variants"].insert(0, {**m["variants"][-1], "name": m["default_variants"][CPU]}),
+     "variant names must be unique: '[^']+' named more than once"),
+    (lambda m, _: m.update(default_variants={CPU: "fp64"}), "default_variants names 'fp64' for CPUExecutionProvider"),
+    (lambda m, _: m["variants"][0].update(file="../" + m["variants"][0]["file"]), "must be a path inside the model"),
+    (lambda m, _: m.update(tokenizer_file="/etc/passwd"), "'/etc/passwd' must be a path inside the model directory"),
 ])
 def test_a_consistent_but_wrong_manifest_is_a_manifest_error(exported, tmp_path, edit, message):
     # Checksums that match files the manifest misdescribes: an audit found each
@@ -316,6 +323,22 @@ def test_a_consistent_but_wrong_manifest_is_a_manifest_error(exported, tmp_path,
     copy = _edited_copy(out, tmp_path, edit)
     with pytest.raises(ManifestError, match=message):
         EmbeddingEngine.load(copy, provider="cpu").warm_up()
+
+
+def test_a_variant_that_fell_short_of_its_validation_loads_with_a_warning(exported, tmp_path, caplog):
+    """The export keeps an int8 variant below its bar for whoever asks for it by name: it loads, but says so."""
+    kind, src, out, manifest = exported
+
+    def fail_default(m, _):
+        next(v for v in m["variants"] if v["name"] == m["default_variants"][CPU])["validation"].update(passed=False)
+
+    copy = _edited_copy(out, tmp_path, fail_default)
+    with caplog.at_level("WARNING", logger="halflife.embedding.engine"):
+        EmbeddingEngine.load(out, provider="cpu")
+        assert not caplog.records
+        engine = EmbeddingEngine.load(copy, provider="cpu")
+    assert [f"variant {engine.variant.name} fell short of its export validation" in r.getMessage()
+            for r in caplog.records] == [True]
 
 
 def test_more_input_tokens_than_the_model_has_positions_for_is_a_manifest_error(tmp_path, tmp_path_factory):
@@ -732,12 +755,16 @@ def test_sentence_transformers_pooling_module(pooling, tmp_path):
     """--pooling auto serves what the Pooling module says (CLS here), as
     sentence-transformers computes it (Transformer, CLS pooling, Normalize:
     the reference's CLS; sentence-transformers is a bench dependency, not a
-    test one); an explicit --pooling wins."""
+    test one); an explicit --pooling wins, with a warning (validation cannot
+    tell its vectors from the model's apart)."""
     from halflife_export.exporter import ExportOptions, export_model
 
     src = tiny_models.make_sentence_transformers(tmp_path / "st-cls", pooling=("cls_token",))
     out = tmp_path / "out"
-    manifest = export_model(ExportOptions(output=out, model=str(src), pooling=pooling, progress=lambda line: None))
+    lines: list[str] = []
+    manifest = export_model(ExportOptions(output=out, model=str(src), pooling=pooling, progress=lines.append))
+    overridden = [line for line in lines if "overrides the model's sentence-transformers Pooling module (cls)" in line]
+    assert len(overridden) == (pooling != "auto")
     served_pooling = "cls" if pooling == "auto" else pooling
     assert manifest.pooling == served_pooling
     assert manifest.max_input_tokens == 32  # the model's max_seq_length

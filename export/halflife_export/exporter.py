@@ -200,6 +200,8 @@ def export_model(options: ExportOptions) -> Manifest:
     _check_output(output, options.force)
 
     progress = _Progress(5, options.progress)
+    if note := _pooling_override_note(options.pooling, pooling, source):
+        progress.sink(note)
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as work_dir:
         work = Path(work_dir)
         staging = work / "model"
@@ -369,6 +371,23 @@ def _choose_pooling(requested: str, source: _Source) -> str:
         # A causal model's early tokens never see the rest of the input.
         raise ExportError(f"--pooling {requested} is wrong for a causal decoder: use last_token (or auto)")
     return requested
+
+
+def _pooling_override_note(requested: str, chosen: str, source: _Source) -> str | None:
+    """A warning where an explicit --pooling differs from the model's Pooling
+    module: allowed, but validation then compares with PyTorch pooled as
+    chosen, so it cannot tell the served vectors from the model's apart."""
+    if requested == "auto" or source.pooling_config is None:
+        return None
+    try:
+        trained = _trained_pooling(source.pooling_config)
+    except ExportError:
+        trained = "a mode not served"
+    if trained == chosen:
+        return None
+    return (f"note: --pooling {chosen} overrides the model's sentence-transformers Pooling module ({trained}): "
+            f"the served vectors will differ from what sentence-transformers computes, and validation compares "
+            f"them with PyTorch pooled by {chosen}")
 
 
 def _check_output(output: Path, force: bool) -> None:

@@ -247,6 +247,9 @@ class EmbeddingEngine:
         wanted = _resolve_provider(provider)
         variant_name = _variant_name(manifest, model_dir, wanted, variant)
         chosen = manifest.variant(variant_name)
+        if not chosen.validation.passed:  # the export keeps an int8 below its bar, never a default
+            log.warning("variant %s fell short of its export validation (min cosine %.5f against PyTorch, bar %.5f)",
+                        chosen.name, chosen.validation.min_cosine, chosen.validation.threshold)
         onnx_path = verify_file(model_dir, chosen.file, chosen.sha256)
         tokenizer_path = verify_file(model_dir, manifest.tokenizer_file, manifest.tokenizer_sha256)
 

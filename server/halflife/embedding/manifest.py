@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 import typing
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from halflife.embedding.pooling import POOLING_MODES
@@ -105,7 +105,27 @@ class Manifest:
                 raise ManifestError(f"{name} must be at least 1, got {getattr(manifest, name)}")
         if manifest.pad_token_id < 0:
             raise ManifestError(f"pad_token_id must not be negative, got {manifest.pad_token_id}")
+        _check_variants(manifest)
         return manifest
+
+
+def _check_variants(manifest: Manifest) -> None:
+    """Variants that can be told apart and files inside the model directory:
+    a hand-edited manifest with two variants named int8 served the first as
+    int8 whatever its precision, and "../x.onnx" loaded a file from elsewhere."""
+    names = [v.name for v in manifest.variants]
+    if not names:
+        raise ManifestError("variants is empty: the directory holds no model to serve")
+    if repeated := sorted({name for name in names if names.count(name) > 1}):
+        raise ManifestError(f"variant names must be unique: {', '.join(map(repr, repeated))} named more than once")
+    for provider, name in manifest.default_variants.items():
+        if name not in names:
+            raise ManifestError(f"default_variants names {name!r} for {provider}, which is not a variant "
+                                f"(have: {', '.join(names)})")
+    for file in (*(v.file for v in manifest.variants), manifest.tokenizer_file):
+        path = PurePosixPath(file)
+        if not file or path.is_absolute() or ".." in path.parts:
+            raise ManifestError(f"file {file!r} must be a path inside the model directory")
 
 
 _KINDS = {int: "a whole number", float: "a number", str: "a string", bool: "true or false", dict: "a JSON object",
