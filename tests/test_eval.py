@@ -294,3 +294,57 @@ def test_sigterm_during_an_eval_leaves_no_temporary_stores(model_dir, tmp_path):
     finally:
         process.kill()
     assert not list(temporary.glob("halflife-eval-*"))
+
+
+def _grouped(seed: int = 0, n_users: int = 40, n_groups: int = 3, per_group: int = 8):
+    """Users who each keep to one group of items (ratings, low ones outside
+    it, and reviews), items whose vectors say nothing of the groups: the
+    co-occurrence and popularity signals carry what there is to find.
+    Returns (data, item vectors, review texts, their vectors)."""
+    rng = np.random.default_rng(seed)
+    n_items = n_groups * per_group
+    rows = []
+    for u in range(n_users):
+        group = rng.integers(n_groups) * per_group
+        for item in rng.choice(per_group, 6, replace=False) + group:
+            rows.append((f"u{u:02d}", int(item), float(rng.choice([4.0, 4.5, 5.0])), rng.uniform(0, 100) * DAY, RATING, ""))
+        for item in rng.choice(n_items, 2, replace=False):
+            if not group <= item < group + per_group:
+                rows.append((f"u{u:02d}", int(item), float(rng.choice([0.5, 1.0])), rng.uniform(0, 100) * DAY, RATING, ""))
+        for k, item in enumerate(rng.choice(per_group, 2, replace=False) + group):
+            rows.append((f"u{u:02d}", int(item), np.nan, rng.uniform(0, 100) * DAY, 1, f"review {u} {k}"))
+    rows.sort(key=lambda r: (r[3], r[4]))
+    users, items, values, times, kinds, texts = zip(*rows)
+    data = EvalData([f"i{i:03d}" for i in range(n_items)], [f"item {i}" for i in range(n_items)], [()] * n_items,
+                    [None] * n_items, np.array(users, dtype=object), np.array(items), np.array(values),
+                    np.array(times), np.array(kinds), np.array(texts, dtype=object))
+    reviews = sorted({t for t in texts if t})
+    unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
+    return data, unit(rng.normal(size=(n_items, 16))), reviews, unit(rng.normal(size=(len(reviews), 16)))
+
+
+def test_the_search_scores_event_type_weights_as_the_engine_ranks_with_them(tmp_path):
+    """Event-type weights count in co-occurrence (affinities, which events
+    pair) and popularity, not only in profiles. The search computed those
+    two once, under its starting weights, so its weight curves were not what
+    the engine gives (a review, on MovieLens: review.weight=0 scored 0.078
+    there, 0.102 through the engine). Each curve point must be the engine's."""
+    from halflife.eval.runner import PREVIOUS_DEFAULT, EngineBackend, evaluate_backend, tune, with_types
+
+    data, item_vectors, reviews, review_vectors = _grouped()
+    t = 60 * DAY
+    queries = global_cut(data, t, math.inf)
+    val = EngineBackend(data, item_vectors, reviews, review_vectors, PREVIOUS_DEFAULT, tmp_path / "val")
+    val.advance(t)
+    outcome = tune(val, queries, PREVIOUS_DEFAULT)
+    chosen = outcome.config
+    assert chosen.blend.cooccurrence > 0 or chosen.blend.popularity > 0  # else weights count in profiles only
+    curves = {}
+    for name, curve in outcome.weight_curves.items():
+        for w, searched in curve:
+            config = with_types(chosen, None, **{name: (w, chosen.event_types[name].half_life_days)})
+            ranked = evaluate_backend(val.reopen(config), data, queries, "check").per_user["NDCG@10"].mean()
+            curves[name, w] = (round(searched, 9), round(float(ranked), 9))
+    assert all(searched == ranked for searched, ranked in curves.values()), curves
+    assert len({ranked for _, ranked in curves.values()}) > 1  # the weights matter here
+    val.close()
