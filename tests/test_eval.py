@@ -192,7 +192,8 @@ def eval_paths(tmp_path, monkeypatch):
     data.mkdir()
     (data / "movies.csv").write_text("movieId,title,genres\n1,A (1995),Drama\n")
     (data / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,1\n")
-    monkeypatch.setattr(runner, "load_manifest", lambda _: SimpleNamespace(variants=[SimpleNamespace(name="fp32")]))
+    checked_variants = runner._checked_variants
+    monkeypatch.setattr(runner, "_checked_variants", lambda _: ("fp32", "int8"))
 
     def embed_texts(*args, **kwargs):
         raise WorkStarted
@@ -201,7 +202,7 @@ def eval_paths(tmp_path, monkeypatch):
     file = tmp_path / "a-file"
     file.write_text("")
     return SimpleNamespace(data=data, model=tmp_path / "model", out=tmp_path / "new" / "out",
-                           cache=tmp_path / "new" / "cache", file=file, tmp=tmp_path)
+                           cache=tmp_path / "new" / "cache", file=file, tmp=tmp_path, checked_variants=checked_variants)
 
 
 def run_eval(p, **changes):
@@ -238,15 +239,32 @@ def test_run_rejects_an_unwritable_config_path_before_the_work(eval_paths):
 def test_run_rejects_bad_inputs_before_creating_outputs(eval_paths, monkeypatch):
     from halflife.datasets.interactions import DatasetError
     from halflife.eval import runner
-    from halflife.embedding.manifest import ManifestError, load_manifest
+    from halflife.embedding.manifest import ManifestError
 
     (eval_paths.data / "ratings.csv").write_text("userId,movieId,rating\n1,1,4.0\n")
     with pytest.raises(DatasetError, match=r"^ratings.csv: no column 'timestamp' \(header: userId,movieId,rating\)$"):
         run_eval(eval_paths)
-    monkeypatch.setattr(runner, "load_manifest", load_manifest)
+    monkeypatch.setattr(runner, "_checked_variants", eval_paths.checked_variants)
     with pytest.raises(ManifestError, match="is not an exported model directory"):
         run_eval(eval_paths)
     assert not eval_paths.out.exists() and not eval_paths.cache.exists()
+
+
+def test_run_checks_the_model_files_before_embedding(eval_paths, monkeypatch, model_dir, tmp_path):
+    """A model directory without its int8 file was found out only after the
+    fp32 vectors were embedded (~70 s of the real dataset's)."""
+    import shutil
+
+    from halflife.eval import runner
+    from halflife.embedding.manifest import ManifestError, load_manifest
+
+    copy = tmp_path / "model-copy"
+    shutil.copytree(model_dir, copy)
+    (copy / load_manifest(copy).variant("int8").file).unlink()
+    monkeypatch.setattr(runner, "_checked_variants", eval_paths.checked_variants)
+    with pytest.raises(ManifestError, match="model_int8.onnx is listed in the manifest but missing"):
+        run_eval(eval_paths, model_dir=copy)
+    assert not eval_paths.cache.exists()
 
 
 def test_a_damaged_vector_cache_is_embedded_again(model_dir, tmp_path):

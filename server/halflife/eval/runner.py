@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from halflife.config import DEFAULT_EVENT_TYPES, BlendConfig, Config, EventTypeConfig, ProfileConfig, api_event_type
-from halflife.embedding.manifest import load_manifest
+from halflife.embedding.manifest import load_manifest, verify_file
 from halflife.eval import baselines as B
 from halflife.eval.data import RATING, EvalData, Query, global_cut, leave_last_out, load_eval_data, seen_before, time_quantiles
 from halflife.eval.embeddings import embed_texts
@@ -474,6 +474,18 @@ def _check_writable(path: Path, what: str, directory: bool) -> None:
         raise PermissionError(f"{what} {path}: {nearest} is not writable")
 
 
+def _checked_variants(model_dir: Path) -> tuple[str, str]:
+    """The variants the run embeds with, the fp32 graph's name first, their
+    files and the tokenizer checked against the manifest: a missing int8 file
+    was found only after the fp32 vectors, ~70 s of embedding (a review).
+    Raises ManifestError."""
+    manifest = load_manifest(model_dir)
+    variants = (manifest.variants[0], manifest.variant("int8"))
+    for file, sha256 in (*((v.file, v.sha256) for v in variants), (manifest.tokenizer_file, manifest.tokenizer_sha256)):
+        verify_file(model_dir, file, sha256)
+    return variants[0].name, variants[1].name
+
+
 def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target: str | None = None,
         config_out: Path | None = None) -> dict:
     """Raises DatasetError for a bad dataset, ManifestError for a bad model
@@ -488,7 +500,7 @@ def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target:
         _check_writable(config_out, "config file", directory=False)
     if target:
         RemoteBackend.check(target)
-    fp32 = load_manifest(model_dir).variants[0].name
+    fp32, int8 = _checked_variants(model_dir)
     data = load_eval_data(data_dir)
     if target:
         RemoteBackend.check_users(target, data.users)
@@ -497,8 +509,8 @@ def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target:
     # Tuned and reported on the fp32 graph, the reference the defaults were
     # chosen on; the "int8 model" row is what a CPU server embeds with where
     # int8 validated (docs/evaluation.md), and so is the gRPC row.
-    vec = {v: embed_texts(data.item_texts, model_dir, v, cache_dir, "items") for v in (fp32, "int8")}
-    tags = {v: embed_texts(tag_texts, model_dir, v, cache_dir, "tags") for v in (fp32, "int8")}
+    vec = {v: embed_texts(data.item_texts, model_dir, v, cache_dir, "items") for v in (fp32, int8)}
+    tags = {v: embed_texts(tag_texts, model_dir, v, cache_dir, "tags") for v in (fp32, int8)}
     val_q = global_cut(data, q80, q90)
     test_q = global_cut(data, q90, math.inf)
     test_all_q = global_cut(data, q90, math.inf, warm_only=False)
@@ -533,7 +545,7 @@ def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target:
         no_tags = data.without_texts()
         test_nt = EngineBackend(no_tags, vec[fp32], tag_texts, tags[fp32], shipped, tmp / "test-notags")
         test_nt.advance(q90)
-        test_i8 = EngineBackend(data, vec["int8"], tag_texts, tags["int8"], shipped, tmp / "test-int8")
+        test_i8 = EngineBackend(data, vec[int8], tag_texts, tags[int8], shipped, tmp / "test-int8")
         test_i8.advance(q90)
         bl = shipped.blend
         variants = {
