@@ -448,3 +448,26 @@ def test_events_cluster_by_direction_whatever_their_scale(scale):
         state = MultiInterestState.empty(TYPES, 2, max_clusters=4, threshold=0.9)
         state.add(TYPES, [0, 0], [T0, T0 + 1], vectors * scale)
         assert state.counts.tolist() == counts
+
+
+def test_directions_and_shares_outlive_the_importances_underflow():
+    """Read ~1,074 half-lives after its events, a cluster's importance is
+    near float64's floor (a 1-minute half-life: 18 hours): the interest
+    signal, a share-weighted cosine, shrank to 0 there and the centroids
+    turned to noise. Directions and shares ignore the decay all clusters
+    share, so they read as they did 10 half-lives in."""
+    rng = np.random.default_rng(21)
+    a, c = _topics(rng, 2, 16)
+    state = MultiInterestState.empty(TYPES, 16, max_clusters=4, threshold=0.9)
+    state.add(TYPES, [0, 0, 0], [T0, T0 + 1, T0 + 2], np.stack([a, a, c]))
+    assert state.counts.tolist() == [2, 1]
+    half_life = TYPES.half_lives[0]
+    near, far = T0 + 10 * half_life, T0 + 1074 * half_life
+    assert state.importances(far).max() < 1e-300
+    np.testing.assert_allclose(state.centroids(far), state.centroids(near), atol=1e-6)
+    np.testing.assert_allclose(state.shares(far), state.shares(near), rtol=1e-12)
+    np.testing.assert_allclose(state.shares(near), [2 / 3, 1 / 3], rtol=1e-5)  # two events to one, a second apart
+    items = _topics(rng, 50, 16)
+    for importances in (state.shares(far), state.importances(far)):  # interest_scores reads either alike
+        np.testing.assert_allclose(interest_scores(items, state.centroids(far), importances),
+                                   interest_scores(items, state.centroids(near), state.shares(near)), atol=1e-6)

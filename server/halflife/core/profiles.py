@@ -398,17 +398,36 @@ class MultiInterestState:
     def _factors(self, t: float) -> np.ndarray:
         return read_factors(self.rates, self.landmark, t)
 
+    def _relative_factors(self, t: float) -> np.ndarray:
+        """`_factors` divided by the largest: what directions and shares read,
+        which a factor common to every cluster does not change. The factors
+        themselves underflow ~1,075 half-lives after the landmark (a 1-minute
+        half-life: 18 hours), where the interest signal shrank to 0 and the
+        centroids turned to noise while the profile still ranked. (R,) float64."""
+        if np.isnan(self.landmark):
+            return np.zeros(self.rates.shape[0])
+        exponents = -self.rates * (t - self.landmark)
+        return np.exp(exponents - exponents.max())
+
     def cluster_vectors(self, t: float) -> np.ndarray:
         """Each cluster's decayed vector sum at t. Returns (k, d) float64."""
         return np.einsum("krd,r->kd", self.sums, self._factors(t))
 
     def centroids(self, t: float) -> np.ndarray:
         """L2-normalised cluster centroids at t. Returns (k, d) float32."""
-        return normalize(self.cluster_vectors(t))
+        return normalize(np.einsum("krd,r->kd", self.sums, self._relative_factors(t)))
 
     def importances(self, t: float) -> np.ndarray:
         """Decayed importance Σ w·2^{-(t-t_i)/h} per cluster at t. Returns (k,) float64."""
         return self.masses @ self._factors(t)
+
+    def shares(self, t: float) -> np.ndarray:
+        """Each cluster's share of the importances at t, read without their
+        common decay (see `_relative_factors`): (k,) float64 summing to 1,
+        zeros where no cluster has any."""
+        relative = self.masses @ self._relative_factors(t)
+        total = float(relative.sum())
+        return relative / total if total > 0 else np.zeros_like(relative)
 
     def total_vector(self, t: float) -> np.ndarray:
         """Σ over clusters of the decayed vectors (independent of assignment). (d,)"""
@@ -506,5 +525,9 @@ def interest_mix(centroids: np.ndarray, importances) -> np.ndarray:
 
 
 def _shares(importances) -> np.ndarray:
+    """importances divided by their sum, by their largest first: a sum below
+    _EPS (decayed for ~1,000 half-lives) shrank every share."""
     imp = np.asarray(importances, dtype=np.float64)
+    peak = float(imp.max(initial=0.0))
+    imp = imp / peak if peak > 0 else imp
     return (imp / max(float(imp.sum()), _EPS)).astype(np.float32)

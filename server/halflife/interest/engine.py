@@ -156,12 +156,12 @@ def _relative(popularity: np.ndarray, alive: np.ndarray) -> np.ndarray:
     return unit_max(np.where(alive & (popularity > 0), popularity, 0.0))
 
 
-def _ranked_interests(importances: np.ndarray) -> np.ndarray:
+def _ranked_interests(shares: np.ndarray) -> np.ndarray:
     """The clusters a profile lists, strongest first, equal ones in order:
-    those with importance > 0 (one that underflowed to 0 at a read far after
-    its events has no direction left to describe). Returns indices."""
-    order = np.argsort(-importances, kind="stable")
-    return order[importances[order] > 0]
+    those with a share > 0 (one that decayed to nothing beside the others has
+    no direction left to describe). Returns indices."""
+    order = np.argsort(-shares, kind="stable")
+    return order[shares[order] > 0]
 
 
 def _cosines(items: np.ndarray, rows, direction: np.ndarray) -> np.ndarray:
@@ -1181,9 +1181,8 @@ class InterestEngine:
         with self._lock:
             state = self._user_state(user_id, t) if replayed is None else replayed
             multi = state.multi
-            importances = multi.importances(t)
-            total = float(importances.sum())
-            clustered = multi.n_clusters > 0 and total > 0
+            importances, shares = multi.importances(t), multi.shares(t)
+            clustered = bool(shares.any())
             if clustered:
                 centroids, trends = multi.centroids(t), multi.trend_labels()
                 counts, last_times = multi.counts.copy(), multi.last_time.copy()
@@ -1198,13 +1197,13 @@ class InterestEngine:
             return profile
         described = self._describe(centroids, n_items)  # takes the lock only around its products
         interests = []
-        for rank, c in enumerate(_ranked_interests(importances)):
+        for rank, c in enumerate(_ranked_interests(shares)):
             labels, items = described[c]
             interests.append(
                 InterestView(
                     interest_id=rank,
                     strength=float(importances[c]),
-                    share=float(importances[c] / total),
+                    share=float(shares[c]),
                     trend=str(trends[c]),
                     labels=labels,
                     top_items=items,
@@ -1426,7 +1425,7 @@ class InterestEngine:
             positive, negative, _ = single or self._single_profile(user_id, state, t)
         if "interest" in which:
             if profile.mode == "multi":
-                scan.update(centroids=state.multi.centroids(t), importances=state.multi.importances(t),
+                scan.update(centroids=state.multi.centroids(t), importances=state.multi.shares(t),
                             combine=profile.combine)
             else:
                 scan.update(positive=positive)
@@ -1523,10 +1522,10 @@ class InterestEngine:
         with self._lock:
             multi = state.multi
             n_clusters = multi.n_clusters
-            importances = multi.importances(t)
+            shares = multi.shares(t)
             centroids = multi.centroids(t)
         described = self._describe(centroids, 0) if n_clusters else []
-        rank_of = {int(c): r for r, c in enumerate(_ranked_interests(importances))}
+        rank_of = {int(c): r for r, c in enumerate(_ranked_interests(shares))}
         cluster_sims = clip_cosines(item_vectors @ centroids.T) if n_clusters else np.zeros((len(item_vectors), 0))
         events = self._directed_events(user_id, t)
         types = self._record_types(events)
@@ -1539,7 +1538,6 @@ class InterestEngine:
             # Row by row, as _cosines: the same value whatever chunk an event fell in.
             event_sims = clip_cosines(np.einsum("jd,jkd->jk", item_vectors, event_vectors[nearest]))
         explanations = []
-        shares = importances / (float(importances.sum()) or 1.0)
         for j, score_parts in enumerate(_per_row(parts, len(item_vectors))):
             # Only what points towards the item matches it, or is responsible for it.
             contrib = cluster_sims[j] * shares if n_clusters else np.zeros(0)

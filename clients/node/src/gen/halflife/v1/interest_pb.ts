@@ -257,14 +257,17 @@ export type Interest = Message<"halflife.v1.Interest"> & {
 
   /**
    * Decayed weight of the events behind it at as_of_time (sum of weight x
-   * 2^(-age / half-life)); comparable across a user's interests.
+   * 2^(-age / half-life)); comparable across a user's interests. It reads 0
+   * once it decays below float64's range (~1,075 half-lives after its
+   * events), while share, labels and recommendations keep it as it was.
    *
    * @generated from field: double strength = 2;
    */
   strength: number;
 
   /**
-   * strength as a fraction of the user's total, 0 to 1.
+   * strength as a fraction of the user's total, 0 to 1 (computed without
+   * the decay all of the user's interests share).
    *
    * @generated from field: double share = 3;
    */
@@ -358,8 +361,8 @@ export type GetProfileResponse = Message<"halflife.v1.GetProfileResponse"> & {
 
   /**
    * Strongest first. Empty for a user with no (positive) events. An
-   * interest whose strength has decayed to 0 in float64 (over ~1,075
-   * half-lives) is left out.
+   * interest whose share rounds to 0 (decayed ~1,000 half-lives longer than
+   * the user's strongest) is left out.
    *
    * @generated from field: repeated halflife.v1.Interest interests = 2;
    */
