@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from halflife.core.ranking import normalize
+from halflife.interest import catalog as catalog_module
 from halflife.interest.catalog import CatalogIndex
 from halflife.storage.base import ItemRecord
 
@@ -29,12 +30,14 @@ def test_running_means_match_means_from_scratch_after_upserts_updates_and_delete
         rows = [r for r in live if category in catalog.categories[r]]
         expected = catalog.vectors[rows].mean(axis=0) if rows else np.zeros(DIM)
         np.testing.assert_allclose(catalog.mean(category), expected, atol=1e-6)
+    names = catalog.all_categories
+    np.testing.assert_allclose(catalog.means(names), [catalog.mean(c) for c in names], atol=1e-7)
     catalog.delete([catalog.ids[r] for r in live])
     np.testing.assert_allclose(catalog.mean(), np.zeros(DIM))
     assert catalog.all_categories == [] and not catalog.mean("a").any()
 
 
-def test_running_means_hold_for_a_bulk_upsert_that_repeats_ids_across_chunks():
+def test_running_means_hold_for_a_bulk_upsert_that_repeats_ids_across_chunks(monkeypatch):
     rng = np.random.default_rng(1)
     catalog = CatalogIndex(DIM)
     ids = [f"i{n % 3000}" for n in range(5000)]  # 2,000 ids come twice, the second time past the first chunk
@@ -45,6 +48,8 @@ def test_running_means_hold_for_a_bulk_upsert_that_repeats_ids_across_chunks():
     for category in CATEGORIES:
         rows = [r for r in range(catalog.size) if category in catalog.categories[r]]
         np.testing.assert_allclose(catalog.mean(category), catalog.vectors[rows].mean(axis=0), atol=1e-6)
+    monkeypatch.setattr(catalog_module, "_SUM_CHUNK", 3)  # means across chunks, the last one short
+    np.testing.assert_allclose(catalog.means(list(CATEGORIES)), [catalog.mean(c) for c in CATEGORIES], atol=1e-7)
 
 
 def test_category_masks_stay_right_and_their_cache_holds_only_live_categories_within_its_budget(monkeypatch):

@@ -226,6 +226,17 @@ class CatalogIndex:
             count, total = len(self._category_rows.get(category, ())), self._category_sums.get(category)
         return total / count if count else np.zeros(self.dim)
 
+    def means(self, categories: Sequence[str]) -> np.ndarray:
+        """`mean` of each of `categories` that live items have: (len(categories),
+        dim) float32, a chunk at a time (at 192k categories, the float64
+        means of all at once took 1.9 s, mostly faulting their 590 MB in)."""
+        out = np.empty((len(categories), self.dim), dtype=np.float32)
+        for start in range(0, len(categories), _SUM_CHUNK):
+            chunk = categories[start : start + _SUM_CHUNK]
+            counts = np.array([len(self._category_rows[c]) for c in chunk], dtype=np.float64)
+            out[start : start + len(chunk)] = np.array([self._category_sums[c] for c in chunk]) / counts[:, None]
+        return out
+
     def _new_row(self) -> int:
         if self.size == self._matrix.shape[0]:
             self._grow(max(1024, math.ceil(self.size * 1.5)))

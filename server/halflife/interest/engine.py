@@ -581,21 +581,26 @@ class InterestEngine:
         whose items changed (the catalogue's running sums), unless labels
         came or went: every label's mean in Python took 120 ms under the
         lock at 20k labels after any catalogue write, the centring and
-        normalising of all, one (L, d) pass, takes ~10."""
+        normalising of all, one (L, d) pass, takes ~10. At 192k labels (64
+        categories an item, each new) a change of labels took 3.3 s and any
+        other write 2 s, most of it `normalize`'s float64 temporaries; one
+        array of means and centring in place: 0.4 and 0.2 s."""
         if self._labels_version != self.catalog.version:
             catalog = self.catalog
             changed = catalog.take_changed_categories()
             if any((name in self._label_rows) != catalog.has_category(name) for name in changed):
                 self._labels = catalog.all_categories
                 self._label_rows = {name: row for row, name in enumerate(self._labels)}
-                self._label_means = np.array([catalog.mean(name) for name in self._labels],
-                                             dtype=np.float32).reshape(len(self._labels), self.dim)
+                self._label_means = catalog.means(self._labels)
             else:  # the same labels (one that came and went meanwhile has no row)
                 for name in changed & self._label_rows.keys():
                     self._label_means[self._label_rows[name]] = catalog.mean(name)
             # running sums: O(dim), however large the catalogue
             self._catalog_mean = catalog.mean().astype(np.float32)
-            self._label_vectors = normalize(self._label_means - self._catalog_mean)
+            # Means of unit vectors, so no tiny rows: `normalize`'s float64 pass is not needed.
+            vectors = np.subtract(self._label_means, self._catalog_mean)
+            vectors /= np.maximum(np.sqrt(np.vecdot(vectors, vectors)), 1e-12)[:, None]
+            self._label_vectors = vectors
             self._labels_version = catalog.version
         return self._labels, self._label_vectors, self._catalog_mean
 
