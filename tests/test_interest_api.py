@@ -340,6 +340,16 @@ def test_record_events_counts_accepted_and_duplicates(client):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["events[2].event_id"]
     assert "repeats events[1].event_id" in error.details()
     assert client.record_events([other, other]) == (1, 1)  # an identical repeat is a duplicate
+    # Compared as sent: 1 ns apart are two events, though their times round to one float64.
+    later = interest_pb2.Event()
+    later.CopyFrom(other)
+    later.event_id = "idem-d"
+    later.event_time.nanos += 1
+    first = interest_pb2.Event()
+    first.CopyFrom(later)
+    first.event_time.nanos -= 1
+    error = rpc_error(client.record_events, [first, later])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["events[1].event_id"]
 
 
 def test_get_profile_describes_interests(client):
