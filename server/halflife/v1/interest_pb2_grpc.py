@@ -31,7 +31,8 @@ class InterestServiceStub:
     A profile follows the user in real time: every event contributes its
     embedding weighted by its type's weight and halved every half-life of its
     type (both set in the server's config). Late and out-of-order events are
-    normal and give exactly the same profile as in-order ones.
+    normal and give the same profile as in-order ones, to rounding: sums
+    added in another order may differ in their last digit.
     """
 
     def __init__(self, channel):
@@ -63,7 +64,8 @@ class InterestServiceServicer:
     A profile follows the user in real time: every event contributes its
     embedding weighted by its type's weight and halved every half-life of its
     type (both set in the server's config). Late and out-of-order events are
-    normal and give exactly the same profile as in-order ones.
+    normal and give the same profile as in-order ones, to rounding: sums
+    added in another order may differ in their last digit.
     """
 
     def RecordEvents(self, request, context):
@@ -133,7 +135,8 @@ class InterestService:
     A profile follows the user in real time: every event contributes its
     embedding weighted by its type's weight and halved every half-life of its
     type (both set in the server's config). Late and out-of-order events are
-    normal and give exactly the same profile as in-order ones.
+    normal and give the same profile as in-order ones, to rounding: sums
+    added in another order may differ in their last digit.
     """
 
     @staticmethod

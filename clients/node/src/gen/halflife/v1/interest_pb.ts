@@ -586,7 +586,8 @@ export const TrendSchema: GenEnum<Trend> = /*@__PURE__*/
  * A profile follows the user in real time: every event contributes its
  * embedding weighted by its type's weight and halved every half-life of its
  * type (both set in the server's config). Late and out-of-order events are
- * normal and give exactly the same profile as in-order ones.
+ * normal and give the same profile as in-order ones, to rounding: sums
+ * added in another order may differ in their last digit.
  *
  * @generated from service halflife.v1.InterestService
  */
