@@ -1797,24 +1797,30 @@ def test_a_category_repeated_in_an_item_counts_once(tmp_path):
         np.testing.assert_allclose(reopened.catalog.mean("x"), np.zeros(DIM), atol=1e-7)
 
 
-def test_an_interest_ranks_alike_however_long_ago_its_events_were():
-    """~1,060 half-lives after a user's views (7 days each: 20 years; a
-    1-minute half-life: 18 hours) their interests' strengths are near
-    float64's floor; the interest signal, a share-weighted cosine, had
-    shrunk to nothing there while the user still got a personalised list."""
-    import tempfile
-
-    VIEW, half_life = 1, 7 * DAY
-    start = T - 1060 * half_life
-    lists = {}
-    for label, as_of in (("near", start + 10 * half_life), ("far", T)):
-        with tempfile.TemporaryDirectory() as path:
-            engine = open_engine(path)
-            engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}", categories=(f"c{n % 3}",)) for n in range(30)])
-            engine.record_events([EventInput(f"e{n}", "u", VIEW, f"i{n}", None, None, start + n) for n in range(3)])
-            result = engine.recommend("u", 5, as_of=as_of, explain=True)
-            profile = engine.profile("u", as_of=as_of)
-            lists[label] = (result.strategy, [(i.item_id, round(i.explanation.score_parts["interest"], 5)) for i in result.items],
-                            [(round(i.share, 6), i.labels) for i in profile.interests])
-    assert lists["far"][0] == "personalized"
-    assert lists["far"] == lists["near"]
+@pytest.mark.parametrize("mode", ["multi", "single"])
+def test_an_interest_ranks_alike_however_long_ago_its_events_were(tmp_path, mode):
+    """~1,070 half-lives after a user's views and skip (7 days each: 20
+    years; a 1-minute half-life: 18 hours) their strengths are near
+    float64's floor, and slower types (a year) have no events: the interest
+    signal, a share-weighted cosine, had shrunk to nothing there and the
+    labels and the skip's direction had turned to noise, while the user
+    still got a personalised list. Once the views decayed to 0 in float64,
+    Recommend goes trending and GetProfile lists no interests, alike."""
+    VIEW, SKIP, half_life = 1, 11, 7 * DAY
+    start = T - 1070 * half_life
+    config = Config()
+    config = dataclasses.replace(config, profile=dataclasses.replace(config.profile, mode=mode))
+    engine = InterestEngine(config, SqliteStore(tmp_path), DIM, fake_embed, clock=lambda: T)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}", categories=(f"c{n % 3}",)) for n in range(30)])
+    engine.record_events([EventInput(f"e{n}", "u", VIEW, f"i{n}", None, None, start + n) for n in range(3)]
+                         + [EventInput("s", "u", SKIP, "i3", None, None, start + 3)])
+    reads = {}
+    for label, as_of in (("near", start + 10 * half_life), ("far", T), ("gone", start + 1100 * half_life)):
+        result = engine.recommend("u", 5, as_of=as_of, explain=True)
+        parts = [(i.item_id, round(i.explanation.score_parts.get("interest", 0), 5),
+                  round(i.explanation.score_parts.get("negative", 0), 5))
+                 for i in result.items]
+        reads[label] = (result.strategy, parts, [(round(i.share, 6), i.labels) for i in engine.profile("u", as_of=as_of).interests])
+    assert reads["far"][0] == "personalized" and any(negative for _, _, negative in reads["far"][1])
+    assert reads["far"] == reads["near"]
+    assert reads["gone"][0] == "trending" and reads["gone"][2] == []

@@ -461,13 +461,32 @@ def test_directions_and_shares_outlive_the_importances_underflow():
     state = MultiInterestState.empty(TYPES, 16, max_clusters=4, threshold=0.9)
     state.add(TYPES, [0, 0, 0], [T0, T0 + 1, T0 + 2], np.stack([a, a, c]))
     assert state.counts.tolist() == [2, 1]
-    half_life = TYPES.half_lives[0]
-    near, far = T0 + 10 * half_life, T0 + 1074 * half_life
-    assert state.importances(far).max() < 1e-300
-    np.testing.assert_allclose(state.centroids(far), state.centroids(near), atol=1e-6)
-    np.testing.assert_allclose(state.shares(far), state.shares(near), rtol=1e-12)
-    np.testing.assert_allclose(state.shares(near), [2 / 3, 1 / 3], rtol=1e-5)  # two events to one, a second apart
+    half_life = TYPES.half_lives[0]  # slower types exist, which the user has no events of
+    assert half_life < TYPES.half_lives.max()
+    near = T0 + 10 * half_life
     items = _topics(rng, 50, 16)
-    for importances in (state.shares(far), state.importances(far)):  # interest_scores reads either alike
-        np.testing.assert_allclose(interest_scores(items, state.centroids(far), importances),
+    np.testing.assert_allclose(state.shares(near), [2 / 3, 1 / 3], rtol=1e-5)  # two events to one, a second apart
+    for far in (T0 + 1074 * half_life, T0 + 1400 * half_life):
+        assert state.importances(far).max() < 1e-300
+        np.testing.assert_allclose(state.centroids(far), state.centroids(near), atol=1e-6)
+        np.testing.assert_allclose(state.shares(far), state.shares(near), rtol=1e-12)
+        np.testing.assert_allclose(interest_scores(items, state.centroids(far), state.shares(far)),
                                    interest_scores(items, state.centroids(near), state.shares(near)), atol=1e-6)
+    far = T0 + 1074 * half_life  # interest_scores reads raw importances alike while they are above 0
+    np.testing.assert_allclose(interest_scores(items, state.centroids(far), state.importances(far)),
+                               interest_scores(items, state.centroids(near), state.shares(near)), atol=1e-6)
+
+
+def test_a_profile_keeps_its_directions_long_after_its_strength_underflows():
+    """The single-vector profile's positive and negative directions, read
+    as `shares` are: its vectors underflow with their strength."""
+    rng = np.random.default_rng(22)
+    a, b = _topics(rng, 2, 16)
+    state = ProfileState.empty(TYPES, 16)
+    state.add(TYPES, [0, 3], [T0, T0], np.stack([a, b]))  # a click, a skip: the two fastest types
+    unit = lambda v: v / np.linalg.norm(v)
+    for far in (T0 + 1074 * TYPES.half_lives[0], T0 + 1400 * TYPES.half_lives[0]):
+        assert state.strength(far) < 1e-300 and not state.negative_vector(far).any()
+        np.testing.assert_allclose(unit(state.direction(far)), a, atol=1e-9)
+        np.testing.assert_allclose(unit(state.negative_direction(far)), b, atol=1e-9)
+    assert not ProfileState.empty(TYPES, 16).direction(T0).any()

@@ -598,9 +598,9 @@ type Interest struct {
 	// to it); it is not stable across calls, so name interests by `labels`.
 	InterestId int32 `protobuf:"varint,1,opt,name=interest_id,json=interestId,proto3" json:"interest_id,omitempty"`
 	// Decayed weight of the events behind it at as_of_time (sum of weight x
-	// 2^(-age / half-life)); comparable across a user's interests. It reads 0
-	// once it decays below float64's range (~1,075 half-lives after its
-	// events), while share, labels and recommendations keep it as it was.
+	// 2^(-age / half-life)); comparable across a user's interests. Near
+	// float64's floor (~1,075 half-lives after its events) it may read 0
+	// while share and labels still describe the interest as it was.
 	Strength float64 `protobuf:"fixed64,2,opt,name=strength,proto3" json:"strength,omitempty"`
 	// strength as a fraction of the user's total, 0 to 1 (computed without
 	// the decay all of the user's interests share).
@@ -773,9 +773,11 @@ type GetProfileResponse struct {
 
 	// The user asked about.
 	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
-	// Strongest first. Empty for a user with no (positive) events. An
-	// interest whose share rounds to 0 (decayed ~1,000 half-lives longer than
-	// the user's strongest) is left out.
+	// Strongest first. Empty for a user with no (positive) events, or whose
+	// positive events all decayed to 0 in float64 (~1,075 half-lives: then
+	// Recommend answers STRATEGY_TRENDING). An interest whose share rounds to
+	// 0 (decayed ~1,000 half-lives longer than the user's strongest) is left
+	// out.
 	Interests []*Interest `protobuf:"bytes,2,rep,name=interests,proto3" json:"interests,omitempty"`
 	// Events up to as_of_time, per type (types with none omitted).
 	EventCounts []*EventTypeCount `protobuf:"bytes,3,rep,name=event_counts,json=eventCounts,proto3" json:"event_counts,omitempty"`

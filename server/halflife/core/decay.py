@@ -95,7 +95,7 @@ def decay_factors(rates: np.ndarray, landmark: float, t: float) -> np.ndarray:
     """e^{-λ_r (t - L)} per rate: the read factor at time t, and also the
     re-basing factor for moving the landmark from L to t. Returns (R,) float64.
     For t >= L (the landmark is never after the newest event added): earlier
-    reads scale up and overflow to inf ~745 / λ before L."""
+    reads scale up and overflow to inf ~710 / λ before L."""
     return np.exp(-np.asarray(rates, dtype=np.float64) * (t - landmark))
 
 
@@ -106,6 +106,22 @@ def read_factors(rates, landmark: float, t: float) -> np.ndarray:
     if np.isnan(landmark):
         return np.zeros(np.shape(rates))
     return decay_factors(rates, landmark, t)
+
+
+def relative_read_factors(rates: np.ndarray, landmark: float, t: float, held: np.ndarray) -> np.ndarray:
+    """`read_factors` of the rates that hold anything (`held`, (R,) bool),
+    divided by their largest; 0 for the others. What directions and shares
+    read, which a factor common to all of them does not change: the factors
+    themselves underflow ~1,075 half-lives after the landmark (a 1-minute
+    half-life: 18 hours). The largest is taken over the held rates only: over
+    all, a slower rate no event has kept a fast one's factor underflowing.
+    Returns (R,) float64."""
+    out = np.zeros(np.shape(rates))
+    if np.isnan(landmark) or not held.any():
+        return out
+    exponents = -np.asarray(rates, dtype=np.float64)[held] * (t - landmark)
+    out[held] = np.exp(exponents - exponents.max())
+    return out
 
 
 def forward_weights(times, rates, weights, landmark: float) -> np.ndarray:

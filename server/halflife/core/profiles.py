@@ -25,6 +25,7 @@ from halflife.core.decay import (
     landmark_for,
     rate_one_hot,
     read_factors,
+    relative_read_factors,
 )
 from halflife.core.ranking import cosine_scores, normalize, row_dots
 
@@ -143,6 +144,15 @@ class ProfileState:
     def negative_vector(self, t: float) -> np.ndarray:
         """Decayed negative profile Σ |w|·2^{-(t-t_i)/h}·v at t. Returns (d,) float64."""
         return self._factors(t) @ self.neg_sums
+
+    def direction(self, t: float) -> np.ndarray:
+        """`vector`'s direction, read without the decay all of it shares (see
+        `relative_read_factors`): (d,) float64, not normalised, zeros when empty."""
+        return relative_read_factors(self.rates, self.landmark, t, self.masses != 0) @ self.sums
+
+    def negative_direction(self, t: float) -> np.ndarray:
+        """`negative_vector`'s direction, as `direction`."""
+        return relative_read_factors(self.rates, self.landmark, t, self.neg_masses != 0) @ self.neg_sums
 
     def strength(self, t: float) -> float:
         """Total decayed positive weight at t (how much we know right now)."""
@@ -399,15 +409,10 @@ class MultiInterestState:
         return read_factors(self.rates, self.landmark, t)
 
     def _relative_factors(self, t: float) -> np.ndarray:
-        """`_factors` divided by the largest: what directions and shares read,
-        which a factor common to every cluster does not change. The factors
-        themselves underflow ~1,075 half-lives after the landmark (a 1-minute
-        half-life: 18 hours), where the interest signal shrank to 0 and the
-        centroids turned to noise while the profile still ranked. (R,) float64."""
-        if np.isnan(self.landmark):
-            return np.zeros(self.rates.shape[0])
-        exponents = -self.rates * (t - self.landmark)
-        return np.exp(exponents - exponents.max())
+        """`relative_read_factors`: read with `_factors`, the centroids turned
+        to noise and the interest signal shrank to 0 ~1,000 half-lives after
+        the events, while the profile still ranked as personalised."""
+        return relative_read_factors(self.rates, self.landmark, t, (self.masses != 0).any(axis=0))
 
     def cluster_vectors(self, t: float) -> np.ndarray:
         """Each cluster's decayed vector sum at t. Returns (k, d) float64."""
@@ -425,9 +430,7 @@ class MultiInterestState:
         """Each cluster's share of the importances at t, read without their
         common decay (see `_relative_factors`): (k,) float64 summing to 1,
         zeros where no cluster has any."""
-        relative = self.masses @ self._relative_factors(t)
-        total = float(relative.sum())
-        return relative / total if total > 0 else np.zeros_like(relative)
+        return _shares(self.masses @ self._relative_factors(t), dtype=np.float64)
 
     def total_vector(self, t: float) -> np.ndarray:
         """Σ over clusters of the decayed vectors (independent of assignment). (d,)"""
@@ -524,10 +527,10 @@ def interest_mix(centroids: np.ndarray, importances) -> np.ndarray:
     return _shares(importances) @ np.asarray(centroids, dtype=np.float32)
 
 
-def _shares(importances) -> np.ndarray:
+def _shares(importances, dtype=np.float32) -> np.ndarray:
     """importances divided by their sum, by their largest first: a sum below
     _EPS (decayed for ~1,000 half-lives) shrank every share."""
     imp = np.asarray(importances, dtype=np.float64)
     peak = float(imp.max(initial=0.0))
     imp = imp / peak if peak > 0 else imp
-    return (imp / max(float(imp.sum()), _EPS)).astype(np.float32)
+    return (imp / max(float(imp.sum()), _EPS)).astype(dtype)

@@ -261,7 +261,7 @@ def _derived(state: UserState, name: str, key, compute: Callable[[], object]):
 class _SingleProfile(NamedTuple):
     """A user's single-vector profile at some time (InterestEngine._single_profile)."""
 
-    positive: np.ndarray  # (d,) Σ w · decay · v over positive events
+    positive: np.ndarray  # (d,) the direction of Σ w · decay · v over positive events (any length)
     negative: np.ndarray  # (d,) the same over negative ones, |w|
     weight: float  # Σ w · decay over positive events: 0 means no interest (trending)
 
@@ -582,9 +582,10 @@ class InterestEngine:
         came or went: every label's mean in Python took 120 ms under the
         lock at 20k labels after any catalogue write, the centring and
         normalising of all, one (L, d) pass, takes ~10. At 192k labels (64
-        categories an item, each new) a change of labels took 3.3 s and any
-        other write 2 s, most of it `normalize`'s float64 temporaries; one
-        array of means and centring in place: 0.4 and 0.2 s."""
+        categories an item, each new) a change of labels took 3.3-4.5 s and
+        any other write's refresh 0.4, most of it faulting in float64
+        temporaries (`normalize`'s, the means'); means a chunk at a time and
+        centring in place: 0.7-1.8 and 0.16-0.2 s."""
         if self._labels_version != self.catalog.version:
             catalog = self.catalog
             changed = catalog.take_changed_categories()
@@ -1187,7 +1188,8 @@ class InterestEngine:
             state = self._user_state(user_id, t) if replayed is None else replayed
             multi = state.multi
             importances, shares = multi.importances(t), multi.shares(t)
-            clustered = bool(shares.any())
+            # Recommend's rule: no positive weight left at t (decayed to 0 in float64) is no profile.
+            clustered = bool(shares.any()) and self._single_profile(user_id, state, t).weight > 0
             if clustered:
                 centroids, trends = multi.centroids(t), multi.trend_labels()
                 counts, last_times = multi.counts.copy(), multi.last_time.copy()
@@ -1454,7 +1456,7 @@ class InterestEngine:
         weight decides between personalised and trending. Lock held."""
         if self.config.profile.kernel == "half_life":
             single = state.single
-            return _SingleProfile(single.vector(t), single.negative_vector(t), single.strength(t))
+            return _SingleProfile(single.direction(t), single.negative_direction(t), single.strength(t))
         events = self._directed_events(user_id, t)
         if not events:
             return _SingleProfile(np.zeros(self.dim), np.zeros(self.dim), 0.0)

@@ -257,9 +257,9 @@ export type Interest = Message<"halflife.v1.Interest"> & {
 
   /**
    * Decayed weight of the events behind it at as_of_time (sum of weight x
-   * 2^(-age / half-life)); comparable across a user's interests. It reads 0
-   * once it decays below float64's range (~1,075 half-lives after its
-   * events), while share, labels and recommendations keep it as it was.
+   * 2^(-age / half-life)); comparable across a user's interests. Near
+   * float64's floor (~1,075 half-lives after its events) it may read 0
+   * while share and labels still describe the interest as it was.
    *
    * @generated from field: double strength = 2;
    */
@@ -360,9 +360,11 @@ export type GetProfileResponse = Message<"halflife.v1.GetProfileResponse"> & {
   userId: string;
 
   /**
-   * Strongest first. Empty for a user with no (positive) events. An
-   * interest whose share rounds to 0 (decayed ~1,000 half-lives longer than
-   * the user's strongest) is left out.
+   * Strongest first. Empty for a user with no (positive) events, or whose
+   * positive events all decayed to 0 in float64 (~1,075 half-lives: then
+   * Recommend answers STRATEGY_TRENDING). An interest whose share rounds to
+   * 0 (decayed ~1,000 half-lives longer than the user's strongest) is left
+   * out.
    *
    * @generated from field: repeated halflife.v1.Interest interests = 2;
    */
