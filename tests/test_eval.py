@@ -366,3 +366,18 @@ def test_the_search_scores_event_type_weights_as_the_engine_ranks_with_them(tmp_
     assert all(searched == ranked for searched, ranked in curves.values()), curves
     assert len({ranked for _, ranked in curves.values()}) > 1  # the weights matter here
     val.close()
+
+
+def test_the_docs_show_the_committed_results_tables():
+    """docs/evaluation.md quotes bench/results/eval/tables.md, which every
+    eval run rewrites: a re-run once left the docs on the run before."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def block(text: str) -> str:
+        start = text.index("### Test period (global cut at q90, warm users)")
+        return text[start : text.index("\n", text.index("NDCG@10 ratio, default / best baseline", start))]
+
+    assert block((root / "docs" / "evaluation.md").read_text()) == block(
+        (root / "bench" / "results" / "eval" / "tables.md").read_text())
