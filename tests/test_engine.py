@@ -12,7 +12,7 @@ from halflife.config import Config
 from halflife.deadlines import Deadline, DeadlineExpiredError
 from halflife.interest.engine import InterestEngine
 from halflife.interest.types import EventInput, ItemFilter, ItemInput, UnknownItemsError
-from halflife.storage.base import StoreError
+from halflife.storage.base import ItemRecord, StoreError
 from halflife.storage.sqlite import SqliteStore
 from tests.fakes import DIM, compact_catalogues_at, fake_embed, run_in_threads
 
@@ -1795,6 +1795,12 @@ def test_a_category_repeated_in_an_item_counts_once(tmp_path):
     assert engine.get_items(["a"])["a"].categories == ("x", "y")
     for reopened in (engine, open_engine(tmp_path)):
         np.testing.assert_allclose(reopened.catalog.mean("x"), np.zeros(DIM), atol=1e-7)
+    # Records stored with the repeat (before the engine dropped repeats) count it once too.
+    store = SqliteStore(tmp_path / "old")
+    store.upsert_items([ItemRecord("a", "a", ("x", "y", "x"), {}, None, vector),
+                        ItemRecord("b", "b", ("x",), {}, None, -vector)])
+    store.close()
+    np.testing.assert_allclose(open_engine(tmp_path / "old").catalog.mean("x"), np.zeros(DIM), atol=1e-7)
 
 
 @pytest.mark.parametrize("mode", ["multi", "single"])

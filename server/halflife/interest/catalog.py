@@ -112,8 +112,9 @@ class CatalogIndex:
             self._alive[row] = True
             self._create_times[row] = item.create_time if item.create_time is not None else np.nan
             self.texts[row] = item.text
-            self.categories[row] = tuple(item.categories)
-            for category in item.categories:
+            # Once each, whatever the record: a repeat counted twice in its category's mean.
+            self.categories[row] = tuple(dict.fromkeys(item.categories))
+            for category in self.categories[row]:
                 self._category_rows.setdefault(category, set()).add(row)
                 self._category_masks.pop(category, None)
         self._add_to_sums(sorted(set(touched)), 1.0)
