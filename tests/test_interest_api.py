@@ -350,6 +350,12 @@ def test_record_events_counts_accepted_and_duplicates(client):
     first.event_time.nanos -= 1
     error = rpc_error(client.record_events, [first, later])
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["events[1].event_id"]
+    # ... but read as the server reads them otherwise: a blank text is none, -0.0 is 0.
+    blank = interest_pb2.Event()
+    blank.CopyFrom(first)
+    blank.text, blank.value = "   ", -0.0
+    first.value = 0.0
+    assert client.record_events([first, blank]) == (1, 1)
 
 
 def test_get_profile_describes_interests(client):

@@ -113,11 +113,16 @@ def _check_repeats(events: list[EventInput | None], sent: Sequence[interest_pb2.
     """An event id twice in one batch with other fields names two events:
     the store would keep the first and drop the other silently (an audit).
     An identical repeat (a retried chunk, say) is a duplicate, as a re-send
-    is. Repeats are compared as sent: times 1 ns apart read as one float64
-    (a review), and so did some 100 ns apart, others not."""
+    is. Identical as the server reads them (a blank text is none, -0.0 is 0),
+    but for the time, which is compared as sent: times 1 ns apart read as
+    one float64 (a review), and so did some 100 ns apart, others not."""
+    def as_sent(i: int) -> tuple:
+        stamp = sent[i].event_time
+        return events[i], (stamp.seconds, stamp.nanos) if sent[i].HasField("event_time") else None
+
     first: dict[str, int] = {}
     for i, event in enumerate(events):
-        if event is not None and (j := first.setdefault(event.event_id, i)) != i and sent[i] != sent[j]:
+        if event is not None and (j := first.setdefault(event.event_id, i)) != i and as_sent(i) != as_sent(j):
             violations.add(f"events[{i}].event_id", f"repeats events[{j}].event_id with other fields")
 
 
