@@ -193,9 +193,11 @@ def _strongest_events(items: np.ndarray, events: np.ndarray, weights: np.ndarray
     """Per item, the k events of largest weight × max(cosine, 0), strongest
     first, ties by event order. items: (m, d) and events: (n, d) unit rows;
     weights: (n,). A chunk of events at a time keeps the (m, chunk) products
-    small: all at once, 1,000 items by 100k events took 1.3 GB.
-    Returns (m, min(k, n)) int64 indices into events."""
-    best_rows, best_strengths = [], []
+    small: all at once, 1,000 items by 100k events took 1.3 GB. Each chunk's
+    best are scored again row by row, as `_cosines`: a GEMM's rounding
+    depends on where a column sits, and identical events in two chunks
+    scored one ulp apart. Returns (m, min(k, n)) int64 indices into events."""
+    best_rows = []
     for start in range(0, events.shape[0], chunk):
         strength = weights[start : start + chunk] * np.maximum(clip_cosines(items @ events[start : start + chunk].T), 0)
         top = min(k, strength.shape[1])
@@ -203,10 +205,11 @@ def _strongest_events(items: np.ndarray, events: np.ndarray, weights: np.ndarray
         above, tied = strength > kth, strength == kth
         # The top - (above) earliest of those tied with it: `top` a row.
         keep = above | (tied & (np.cumsum(tied, axis=1) <= top - above.sum(axis=1, keepdims=True)))
-        picked = np.nonzero(keep)[1].reshape(-1, top)
-        best_rows.append(picked + start)
-        best_strengths.append(np.take_along_axis(strength, picked, axis=1))
-    candidates, strengths = np.concatenate(best_rows, axis=1), np.concatenate(best_strengths, axis=1)
+        best_rows.append(np.nonzero(keep)[1].reshape(-1, top) + start)
+    candidates = np.concatenate(best_rows, axis=1)
+    strengths = np.empty(candidates.shape)
+    for j, column in enumerate(candidates.T):  # a column at a time: all at once is (m, 3 x chunks, d)
+        strengths[:, j] = weights[column] * np.maximum(clip_cosines(row_dots(items, events[column])), 0)
     order = np.lexsort((candidates, -strengths), axis=1)[:, :k]
     return np.take_along_axis(candidates, order, axis=1)
 
