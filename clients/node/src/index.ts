@@ -91,7 +91,7 @@ export interface StoredItem {
   categories: string[];
   attributes: Record<string, string>;
   createTime?: Date;
-  /** Present when asked for with `includeVectors`. */
+  /** The embedding when asked for with `includeVectors`; empty otherwise. */
   vector: number[];
 }
 
@@ -179,11 +179,26 @@ function int32(name: string, value: number): number {
   return value;
 }
 
-/** Tries a call as RETRY_ATTEMPTS says; `closed()`: the client was closed (its Canceled is final). */
+/** Milliseconds in a grpc-timeout header's unit. */
+const TIMEOUT_UNIT_MS: Record<string, number> = { H: 3_600_000, M: 60_000, S: 1000, m: 1, u: 1e-3, n: 1e-6 };
+
+/**
+ * Tries a call as RETRY_ATTEMPTS says; `closed()`: the client was closed (its
+ * Canceled is final). Each try carries the time left as its grpc-timeout, as
+ * gRPC's own clients send it: a retry re-sent the first try's, so the server
+ * counted the whole deadline again from each try's arrival (a review).
+ */
 function retries(closed: () => boolean): Interceptor {
   return (next) => async (request) => {
+    const started = performance.now();
+    const header = /^(\d+(?:\.\d+)?)([HMSmun])$/.exec(request.header.get("grpc-timeout") ?? "");
+    const budgetMs = header ? Number(header[1]) * TIMEOUT_UNIT_MS[header[2]] : undefined;
     for (let attempt = 1, backoffMs = 100; ; attempt++, backoffMs *= 2) {
       try {
+        if (budgetMs !== undefined && attempt > 1) {
+          const leftMs = Math.max(1, Math.ceil(budgetMs - (performance.now() - started)));
+          request.header.set("grpc-timeout", `${leftMs}m`);
+        }
         return await next(request);
       } catch (thrown) {
         const error = asGrpcCode(thrown);
@@ -218,6 +233,21 @@ function asGrpcCode(error: unknown): ConnectError {
     cause = cause.cause;
   }
   return connectError;
+}
+
+/**
+ * A generated client whose calls take a `timeoutMs` past Node's timer limit
+ * as none, as the wrapper's do: Connect's timer fired at once (a review).
+ */
+function withLongTimeouts<T extends object>(client: T): T {
+  return new Proxy(client, {
+    get(target, key, receiver) {
+      const method: unknown = Reflect.get(target, key, receiver);
+      if (typeof method !== "function") return method;
+      return (request: unknown, options?: CallOptions) =>
+        method.call(target, request, (options?.timeoutMs ?? 0) > MAX_TIMER_MS ? { ...options, timeoutMs: 0 } : options);
+    },
+  });
 }
 
 /** A deadline for Connect (see ClientOptions.timeoutMs): undefined for none. */
@@ -301,10 +331,10 @@ export class HalflifeClient {
       interceptors: [retries(() => this.closed), open, ...(options.interceptors ?? [])],
     });
     this.raw = {
-      embedding: createClient(EmbeddingService, transport),
-      catalog: createClient(CatalogService, transport),
-      interest: createClient(InterestService, transport),
-      recommend: createClient(RecommendService, transport),
+      embedding: withLongTimeouts(createClient(EmbeddingService, transport)),
+      catalog: withLongTimeouts(createClient(CatalogService, transport)),
+      interest: withLongTimeouts(createClient(InterestService, transport)),
+      recommend: withLongTimeouts(createClient(RecommendService, transport)),
     };
   }
 
@@ -429,14 +459,18 @@ export class HalflifeClient {
     return { items: scored(response.items), strategy: response.strategy };
   }
 
-  /** Items most similar to a catalogue item or to a text. */
+  /** Items most similar to a catalogue item or to a text: give exactly one. */
   async similarItems(
-    target: { itemId: string } | { text: string },
+    target: { itemId: string; text?: never } | { text: string; itemId?: never },
     options: { limit?: number; filter?: FilterInput } & CallInput = {},
   ): Promise<ScoredItem[]> {
+    // By value, not by key: `{itemId: undefined, text}` went out as an empty item id, both as the item alone.
+    if ((target.itemId === undefined) === (target.text === undefined)) {
+      throw new TypeError("give exactly one of itemId and text");
+    }
     const response = await this.raw.recommend.similarItems(
       {
-        target: "itemId" in target ? { case: "itemId", value: target.itemId } : { case: "text", value: target.text },
+        target: target.itemId !== undefined ? { case: "itemId", value: target.itemId } : { case: "text", value: target.text! },
         limit: int32("limit", options.limit ?? 10),
         filter: filter(options.filter),
       },

@@ -107,6 +107,11 @@ describe("HalflifeClient against a live server", () => {
     assert.equal(similar[0].itemId, "stove");
     const byText = await client.similarItems({ text: "crime fiction" }, { limit: 1, filter: { includeCategories: ["books"] } });
     assert.equal(byText[0].itemId, "novel");
+    // The target goes by value: an undefined itemId beside a text went out as an empty item id (a review).
+    const lookup = (itemId: string | undefined, text: string) => client.similarItems({ itemId, text } as { text: string });
+    assert.equal((await lookup(undefined, "crime fiction"))[0].itemId, "novel");
+    await assert.rejects(lookup("tent", "crime fiction"), /give exactly one of itemId and text/);
+    await assert.rejects(client.similarItems({} as { text: string }), /give exactly one of itemId and text/);
   });
 
   it("reads google.rpc.BadRequest field violations from errors", async () => {
@@ -167,8 +172,9 @@ describe("HalflifeClient against a live server", () => {
     assert.equal((await client.modelInfo({ timeoutMs: 1500.5 })).dimension, 384);
     assert.equal((await client.raw.embedding.getModelInfo({}, { timeoutMs: 1500.5 })).dimension, 384);
     assert.equal((await client.modelInfo()).dimension, 384);
-    // Past Node's timer limit a deadline fired at once; it is taken as none now, as Infinity is.
+    // Past Node's timer limit a deadline fired at once; it is taken as none now, as Infinity is; raw calls too.
     assert.equal((await client.modelInfo({ timeoutMs: 2 ** 31 })).dimension, 384);
+    assert.equal((await client.raw.embedding.getModelInfo({}, { timeoutMs: 2 ** 31 })).dimension, 384);
     assert.equal((await client.modelInfo({ timeoutMs: Number.POSITIVE_INFINITY })).dimension, 384);
   });
 
@@ -229,6 +235,19 @@ describe("retries", () => {
     const client = new HalflifeClient("127.0.0.1:1", { timeoutMs: 30_000, interceptors: [cancelAfterATry] });
     await assert.rejects(client.raw.embedding.getModelInfo({}, { signal: controller.signal }), codeOf(Code.Canceled));
     await assert.rejects(client.modelInfo({ signal: AbortSignal.abort() }), codeOf(Code.Canceled));
+    client.close();
+  });
+
+  it("sends each try the time left of the call's deadline (a review: each got the whole deadline again)", async () => {
+    const sent: number[] = [];
+    const record: Interceptor = (next) => (request) => {
+      sent.push(Number(/^(\d+)m$/.exec(request.header.get("grpc-timeout") ?? "")?.[1]));
+      return next(request);
+    };
+    const client = new HalflifeClient("127.0.0.1:1", { timeoutMs: 30_000, interceptors: [record] }); // nothing listens
+    await assert.rejects(client.modelInfo(), codeOf(Code.Unavailable));
+    assert.equal(sent.length, RETRY_ATTEMPTS);
+    assert.ok(sent[0] === 30_000 && sent.every((ms, i) => i === 0 || ms <= sent[i - 1]) && sent[sent.length - 1] < 30_000, `${sent}`);
     client.close();
   });
 
