@@ -397,6 +397,10 @@ def test_files_deleted_under_the_store_refuse_writes_and_readers_create_none(tmp
             with pytest.raises(sqlite3.OperationalError, match="unable to open"):
                 sqlite_mod._connect(tmp_path / DB_NAME, readonly=True)
             assert not (tmp_path / DB_NAME).exists()
+            # A read that must open a reader says so too (it was a plain StoreError: INTERNAL and a traceback).
+            store._readers.clear()
+            with pytest.raises(StoreDamagedError, match="deleted or replaced while the server ran"):
+                store.event_count()
     finally:
         store.close()
 

@@ -742,7 +742,11 @@ class SqliteStore:
         try:
             conn = _connect(self.path, readonly=True)
         except sqlite3.Error as e:
-            raise StoreError(f"cannot open {self.path}: {e}") from e
+            # Classified as every other SQLite error, so that the caller gets DATA_LOSS or UNAVAILABLE, not
+            # INTERNAL and a traceback (a review deleted the file under a running server).
+            if (problem := self._files_problem()) is not None:
+                raise StoreDamagedError(problem) from e
+            raise _store_error(e, f"cannot open {self.path}: ") from e
         return conn
 
     def _release_reader(self, conn: sqlite3.Connection) -> None:
