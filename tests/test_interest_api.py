@@ -9,6 +9,7 @@ wall clock except the "more than a day in the future" check.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import math
@@ -28,7 +29,7 @@ from halflife.api.validation import Violations
 from halflife.api.validation import to_timestamp as to_pb_timestamp
 from halflife.config import BlendConfig, Config
 from halflife.v1 import catalog_pb2, catalog_pb2_grpc, interest_pb2, interest_pb2_grpc, recommend_pb2
-from halflife_client import HalflifeClient, Item, field_violations, to_timestamp
+from halflife_client import AsyncHalflifeClient, HalflifeClient, Item, field_violations, to_timestamp
 from tests.fakes import full_disk
 from tests.serving import ServerThread, repeat_min_cosine, start_cli_server
 
@@ -1544,3 +1545,40 @@ def test_calls_held_up_in_the_engine_leave_threads_for_the_others(server, client
         finally:
             release.set()
         assert all(s.result(30).event_counts == [] for s in slow)
+
+
+def test_client_interceptors_keep_the_clients_channel_options(server):
+    """Auth metadata or TLS needed a channel of one's own, which dropped the
+    client's options: replies over 4 MiB were refused and nothing retried (a
+    review). Interceptors now wrap the channel the client makes."""
+    calls = []
+
+    class Count(grpc.UnaryUnaryClientInterceptor):
+        def intercept_unary_unary(self, continuation, details, request):
+            calls.append(details.method)
+            return continuation(details, request)
+
+    class AsyncCount(grpc.aio.UnaryUnaryClientInterceptor):
+        async def intercept_unary_unary(self, continuation, details, request):
+            calls.append(details.method.decode())  # bytes here
+            return await continuation(details, request)
+
+    vector = np.eye(384, dtype=np.float32)[0]
+    items = [Item(id=f"big-{n}", text="x" * 32_000, vector=vector) for n in range(150)]  # 4.8 MB each way
+    ids = [item.id for item in items]
+    with HalflifeClient(server.address, timeout=30, interceptors=[Count()]) as client:
+        client.upsert_items(items)
+        assert [item.id for item in client.get_items(ids)] == ids
+
+    async def read() -> list[str]:
+        async with AsyncHalflifeClient(server.address, timeout=30, interceptors=[AsyncCount()]) as client:
+            return [item.id for item in await client.get_items(ids)]
+
+    assert asyncio.run(read()) == ids
+    assert calls == ["/halflife.v1.CatalogService/UpsertItems", "/halflife.v1.CatalogService/GetItems",
+                     "/halflife.v1.CatalogService/GetItems"]
+    HalflifeClient(server.address, timeout=30).delete_items(ids)
+    channel = grpc.insecure_channel(server.address)
+    with pytest.raises(ValueError, match="with channel=, add them to that channel"):
+        HalflifeClient(channel=channel, interceptors=[Count()])
+    channel.close()

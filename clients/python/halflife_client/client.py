@@ -281,11 +281,33 @@ def _vectors(response: embedding_pb2.EmbedResponse) -> np.ndarray:
     return np.array([e.values for e in response.embeddings], dtype=np.float32)
 
 
-class HalflifeClient:
-    """Blocking client. Use as a context manager, or call close()."""
+def _own_channel(channel, credentials, interceptors) -> bool:
+    """Whether the caller brought a channel; ValueError where they also
+    asked for what only a channel made here gets."""
+    if channel is not None and (credentials is not None or interceptors):
+        raise ValueError("credentials and interceptors apply to the channel the client makes; "
+                         "with channel=, add them to that channel (made with options=CHANNEL_OPTIONS)")
+    return channel is not None
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = DEFAULT_TIMEOUT_S, channel=None):
-        self._channel = channel or grpc.insecure_channel(check_target(target), options=CHANNEL_OPTIONS)
+
+class HalflifeClient:
+    """Blocking client. Use as a context manager, or call close().
+
+    The client makes its channel to `target` with CHANNEL_OPTIONS (retries of
+    UNAVAILABLE, 64 MiB messages): plaintext, or TLS with `credentials`
+    (grpc.ssl_channel_credentials(...)); `interceptors` (grpc client
+    interceptors: auth metadata, logging) wrap it. A `channel` of your own is
+    used as it is, without CHANNEL_OPTIONS unless it was made with them (a
+    review: such a client refused replies over 4 MiB and retried nothing)."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = DEFAULT_TIMEOUT_S, channel=None,
+                 credentials: grpc.ChannelCredentials | None = None, interceptors: Sequence = ()):
+        if not _own_channel(channel, credentials, interceptors):
+            target = check_target(target)
+            channel = (grpc.insecure_channel(target, options=CHANNEL_OPTIONS) if credentials is None
+                       else grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS))
+            channel = grpc.intercept_channel(channel, *interceptors) if interceptors else channel
+        self._channel = channel
         self.timeout = _seconds(timeout)
         self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
         self._catalog = catalog_pb2_grpc.CatalogServiceStub(self._channel)
@@ -363,8 +385,15 @@ class AsyncHalflifeClient:
     "attached to a different loop"). After close(), calls raise
     grpc.aio.UsageError (HalflifeClient's: ValueError)."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = DEFAULT_TIMEOUT_S, channel=None):
-        self._channel = channel or grpc.aio.insecure_channel(check_target(target), options=CHANNEL_OPTIONS)
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = DEFAULT_TIMEOUT_S, channel=None,
+                 credentials: grpc.ChannelCredentials | None = None, interceptors: Sequence = ()):
+        """As HalflifeClient's; `interceptors` are grpc.aio client interceptors."""
+        if not _own_channel(channel, credentials, interceptors):
+            target, interceptors = check_target(target), list(interceptors) or None
+            channel = (grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
+                       if credentials is None else
+                       grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors))
+        self._channel = channel
         self.timeout = _seconds(timeout)
         self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
         self._catalog = catalog_pb2_grpc.CatalogServiceStub(self._channel)
