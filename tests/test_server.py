@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -423,6 +424,62 @@ def test_cli_serve_logs_and_finishes_in_flight_calls_on_sigterm(model_dir, tmp_p
     assert process.returncode == 0, output
     assert "shutting down" in output and "stopped" in output
     assert "batches of at most 1024 padded tokens" in process.start_log  # --max-batch-tokens reached the batcher
+
+
+def _serve_until_listening(model_dir: Path, data_dir: Path) -> tuple[subprocess.Popen, str]:
+    """`halflife serve --port 0` in a subprocess, returned as soon as it
+    listens (health NOT_SERVING: the model, store and catalogue still load)."""
+    process = subprocess.Popen([sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir",
+                                str(model_dir), "--data-dir", str(data_dir)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if match := re.search(r"listening on (127\.0\.0\.1:\d+)", line):
+            return process, match.group(1)
+    process.kill()
+    pytest.fail("the server did not start listening")
+
+
+def test_a_signal_while_loading_stops_the_server_without_it_ever_serving(model_dir, tmp_path):
+    """A SIGTERM during the load was acted on after it: health turned SERVING,
+    "serving on" was logged, then the shutdown began (a review)."""
+    process, address = _serve_until_listening(model_dir, tmp_path / "data")
+    seen, done = set(), threading.Event()
+
+    def watch() -> None:
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while not done.is_set():
+                try:
+                    seen.add(health.Check(health_pb2.HealthCheckRequest(), timeout=1).status)
+                except grpc.RpcError:
+                    pass  # not yet listening for this channel, or gone
+
+    try:
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        done.set()
+        watcher.join(10)
+        process.kill()
+    assert process.returncode == 0, output
+    assert "serving on" not in output and "stopped" in output, output
+    assert health_pb2.HealthCheckResponse.SERVING not in seen
+
+
+def test_a_second_signal_exits_at_once(model_dir, tmp_path):
+    """The operator who sends it will not wait for the load or the grace period."""
+    process, _ = _serve_until_listening(model_dir, tmp_path / "data")
+    try:
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert "SIGTERM again: exiting now" in output and "Traceback" not in output
 
 
 def test_cli_serve_refuses_a_missing_or_tampered_model(model_dir, tmp_path):

@@ -308,10 +308,12 @@ class HalflifeServer:
         for name in ("", *api_service_names()):
             await self._health.set(name, status)
 
-    async def start(self) -> int:
+    async def start(self, stopping: asyncio.Event | None = None) -> int:
         """Binds, serves health and reflection, loads everything; returns the port.
 
         Raises (after closing the port) when the model or the store cannot be loaded.
+        Health stays NOT_SERVING where `stopping` was set meanwhile (a signal
+        during the load: it turned SERVING, then NOT_SERVING again).
         """
         config = self.config
         if config.metrics_port is not None:  # first: a port in use fails the start before anything else runs
@@ -356,7 +358,8 @@ class HalflifeServer:
         except BaseException:
             await self.stop(grace=0)
             raise
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if stopping is None or not stopping.is_set():
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
     async def _load_model(self) -> None:
@@ -448,16 +451,28 @@ async def serve(config: ServerConfig, parent_pid: int | None = None, ready_fd: i
     server = HalflifeServer(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if not stop.is_set():
+            stop.set()
+            return
+        # A second signal: the operator will not wait for the grace period. Acknowledged writes are on
+        # disk already (as after a kill -9); calls in flight end without an answer.
+        log.warning("%s again: exiting now, without finishing in-flight calls", signal.Signals(signum).name)
+        logging.shutdown()
+        os._exit(128 + signum)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal, signum)
     # Kept referenced until shutdown: the event loop holds tasks only weakly.
     watch = asyncio.create_task(_stop_when_orphaned(parent_pid, stop)) if parent_pid is not None else None
-    port = await server.start()
+    port = await server.start(stop)
     if ready_fd is not None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
     # Logged once the parent knows: a worker killed after this line is one that served, and is started again.
-    log.info("serving on %s", host_port(config.host, port))
+    if not stop.is_set():
+        log.info("serving on %s", host_port(config.host, port))
     await stop.wait()
     if watch is not None:
         watch.cancel()
