@@ -706,6 +706,10 @@ def test_metrics_are_off_unless_asked_for_and_a_worker_serves_its_own(live_serve
     past = subprocess.run([sys.executable, "-m", "halflife.cli", "serve", "--workers", "2", "--metrics-port", "65535"],
                           capture_output=True, text=True, timeout=60)
     assert past.returncode == 2 and "65535 to 65536, past 65535" in past.stderr, past.stderr
+    for workers, metrics in (("1", "52999"), ("2", "52998")):  # the gRPC port, or a worker's metrics port, is 52999
+        same = subprocess.run([sys.executable, "-m", "halflife.cli", "serve", "--port", "52999", "--workers", workers,
+                               "--metrics-port", metrics], capture_output=True, text=True, timeout=60)
+        assert same.returncode == 2 and "52999 is --port; metrics need a port of their own" in same.stderr, same.stderr
 
 
 def test_a_metrics_port_in_use_fails_the_start_with_a_clear_error(model_dir, tmp_path):

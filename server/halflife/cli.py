@@ -245,6 +245,11 @@ def _run_serve(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     worker = "" if args.worker_index is None else f"[worker {args.worker_index}] "
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s %(levelname)s {worker}%(name)s: %(message)s")
+    if args.metrics_port and args.port and args.metrics_port <= args.port < args.metrics_port + args.workers:
+        # It failed as "cannot bind ... (in use by another process ...)", the other being itself (a review).
+        print(f"halflife serve: error: argument --metrics-port: {args.port} is --port; metrics need a port of "
+              f"their own{' for each worker' if args.workers > 1 else ''}", file=sys.stderr)
+        return EXIT_USAGE
     if args.workers > 1:
         if args.metrics_port and args.metrics_port + args.workers - 1 > 65535:
             print(f"halflife serve: error: argument --metrics-port: {args.workers} workers serve on "
