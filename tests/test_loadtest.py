@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import time
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from halflife import loadtest as loadtest_module
 from halflife.api.server import ServerConfig
@@ -65,10 +67,16 @@ def test_a_run_cut_by_its_bounds_says_so(server, capsys, monkeypatch):
     assert loadtest(server, capsys, "-n", "30") and capsys.readouterr().err == ""  # within the bounds: no note
 
 
-@pytest.mark.parametrize("flags", [("-n", "0"), ("-z", "0s"), ("-c", "0")])
+@pytest.mark.parametrize("flags", [("-n", "0"), ("-c", "0")])
 def test_bounds_that_would_send_nothing_are_refused(server, capsys, flags):
     assert main(["loadtest", "--call", HEALTH, "--target", server.address, *flags]) == 2
     assert "must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [("-z", "0s"), ("-x", "0"), ("-z", "0", "-n", "7")])
+def test_a_zero_duration_is_none_as_in_ghz(server, capsys, flags):
+    """-z's default in ghz, which configs may spell out ("duration": "0s"): it was refused."""
+    assert loadtest(server, capsys, *flags)["count"] == (7 if "-n" in flags else DEFAULT_TOTAL)
 
 
 # Bad input: one line naming the flag or ghz key, a non-zero exit, no traceback, and no load sent.
@@ -90,7 +98,7 @@ def refused(capsys, *args: str) -> str:
     (("--rps", "nan"), "--rps"),
     (("--rps", "inf"), "--rps"),
     (("-t", "nan"), "--timeout"),
-    (("-x", "0s"), "--max-duration"),
+    (("--max-duration=-1s",), "--max-duration"),
     (("--timeout=-1s",), "--timeout"),
     (("--connections", "0"), "--connections"),
 ])
@@ -148,12 +156,47 @@ def timed_loadtest(server, capsys, *flags: str) -> tuple[dict, float]:
 
 
 def test_the_rate_limit_never_waits_past_the_deadline(server, capsys):
-    # Request 1 is due at 5 s, after the 1 s deadline: the run ends once request 0 is answered (was: 10 s).
+    # Request 1 is due at 5 s, after the 1 s deadline: the run ends at the deadline (was: 10 s), and its
+    # rate is over the whole of it (it ended once request 0 was answered: 3 calls a second under --rps 1).
     report, elapsed = timed_loadtest(server, capsys, "-z", "1s", "--rps", "0.2", "-n", "3")
-    assert report["count"] == 1 and elapsed < 5, elapsed
+    assert report["count"] == 1 and 1 <= elapsed < 5 and report["total"] >= 1e9, elapsed
+    assert report["endReason"] == "timeout"
     # Without -z the deadline is MAX_DURATION_S; request 1 would be due at 10,000 s.
     report, elapsed = timed_loadtest(server, capsys, "--rps", "0.0001", "-n", "2")
     assert report["count"] == 1 and elapsed < 5, elapsed
+
+
+def test_a_request_its_template_cannot_build_midway_is_reported_not_the_whole_run(server, capsys, monkeypatch):
+    """Only request 0 is built before the run: one later whose data does not
+    fit ({{randomInt}} past an int32, say) ended the run with no report, the
+    load sent (a review). It counts as an InvalidArgument that was not sent."""
+    def factory(method, data):
+        def make(number, worker_id="g0c0"):
+            if number == 3:
+                raise LoadTestError("--data does not fit: request 3's limit is out of range")
+            return health_pb2.HealthCheckRequest()
+        return make
+
+    monkeypatch.setattr(loadtest_module, "request_factory", factory)
+    report = loadtest(server, capsys, "-n", "10", "-c", "1")
+    assert report["count"] == 10 and report["statusCodeDistribution"] == {"OK": 9, "InvalidArgument": 1}
+    assert list(report["errorDistribution"]) == [
+        "rpc error: code = InvalidArgument desc = request 3 was not sent: --data does not fit: request 3's limit is out of range"]
+
+
+def test_the_first_call_on_each_connection_does_not_time_its_set_up(server, capsys, monkeypatch):
+    """Connections are made before the clock starts, as ghz dials them: each
+    first call timed the TCP and HTTP/2 set-up (a review)."""
+    dialled = []
+    dial = loadtest_module._dial
+
+    async def counting(channel, timeout):
+        await dial(channel, timeout)
+        dialled.append(channel.get_state())
+
+    monkeypatch.setattr(loadtest_module, "_dial", counting)
+    loadtest(server, capsys, "-n", "8", "--connections", "2")
+    assert dialled == [grpc.ChannelConnectivity.READY] * 2
 
 
 def test_the_rate_limit_still_paces(server, capsys):

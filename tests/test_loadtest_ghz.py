@@ -163,7 +163,7 @@ def refused(capsys, *args: str) -> str:
     ({"data": {}, "data-file": "d.json"}, '"data" or "data-file"'),
     ({"data-file": 5}, '"data-file"'),
     ({"duration-stop": "later"}, '"duration-stop"'),
-    ({"max-duration": "0s"}, '"max-duration"'),
+    ({"max-duration": "-1s"}, '"max-duration"'),
     ({"data": {"service": "{{randomFoo}}"}}, "{{randomFoo}}"),
 ], ids=lambda v: repr(v)[:50])
 def test_unsupported_ghz_config_keys_and_values_are_refused(tmp_path, capsys, config, named):
