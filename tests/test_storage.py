@@ -748,6 +748,21 @@ def test_an_erasures_wal_truncation_owed_at_a_crash_is_done_by_the_next_store(tm
     store.close()
 
 
+def test_an_erasure_owes_its_truncation_on_disk_from_before_its_commit(tmp_path, monkeypatch):
+    """A crash between the commit and the truncation after it (here: one that
+    never runs) left the erased rows in the WAL and no mark to say so (a review)."""
+    store = SqliteStore(tmp_path)
+    store.record_events([event(f"e{k}", user_id="victim", vector=vec()) for k in range(3)])
+    marks = lambda: list(tmp_path.glob(DB_NAME + sqlite_mod.ERASED_MARK + "*"))
+    monkeypatch.setattr(store, "_truncate_wal", lambda conn: None)
+    assert store.delete_user("victim") == 3 and len(marks()) == 1
+    assert store.delete_user("nobody") == 0 and len(marks()) == 1  # nothing erased, nothing owed
+    monkeypatch.undo()
+    store.checkpoint()
+    assert marks() == []
+    store.close()
+
+
 def test_a_store_that_owes_a_truncation_keeps_a_mark_whatever_other_stores_settle(tmp_path):
     """Another store's completed truncation removes the marks it found, and
     this one, still owing (pending) after a later blocked erasure, wrote no

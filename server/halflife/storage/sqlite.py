@@ -40,7 +40,8 @@ left in the database file's free pages nor in old WAL frames. Another
 process's read (a worker's pass over the log) blocks that checkpoint; the
 writer then tries again every TRUNCATE_RETRY_S until it completes, and once
 more at close (a process that stops first leaves it to the next automatic
-checkpoint, or to the last connection's close). Until it completes, a file
+checkpoint, or to the last connection's close). From before the erasure
+commits until a truncation completes, a file
 ``halflife.sqlite3-erased-<origin>-<n>`` says a truncation is owed, so that a
 store opened after a crash finishes it (the retry lived only in memory).
 """
@@ -1007,6 +1008,9 @@ class SqliteStore:
             if count:  # one erasure row per writing instance: another's must not be overwritten unseen
                 conn.execute("DELETE FROM changes WHERE item_id IS NULL AND origin = ?", (self.origin,))
                 conn.execute("INSERT INTO changes(item_id, origin) VALUES (NULL, ?)", (self.origin,))
+                # Marked before the commit: a crash between it and the truncation after it left the
+                # erased rows in the WAL with nothing owed on disk (a review). Settled by the truncation.
+                self._mark_erased()
             return count
 
         return self._submit(job, after_commit=self._truncate_wal, guard=guard)
