@@ -144,6 +144,22 @@ def test_recommend_shows_an_explanation_whose_item_was_deleted(server):
     assert "kept-1" in shown.stdout and "because of doomed-1" in shown.stdout
 
 
+def test_recommend_shows_a_list_whose_items_and_explanations_name_over_1000_items(server):
+    """Their texts came from one GetItems, which takes at most 1,000 ids: a
+    limit of 1,000 failed whole, nothing printed (a review)."""
+    rng = np.random.default_rng(8)
+    vectors = rng.normal(size=(1200, 384)).astype(np.float32)
+    with HalflifeClient(server.address, timeout=60) as client:
+        for start in (0, 600):
+            client.upsert_items([Item(id=f"many-{n:04d}", text=f"thing {n}", vector=vectors[n])
+                                 for n in range(start, start + 600)])
+        client.record_events([Event(event_id=f"many-e{n}", user_id="many-fan", type=interest_pb2.EVENT_TYPE_LIKE,
+                                    item_id=f"many-{n:04d}") for n in range(0, 1200, 20)])
+    shown = halflife("recommend", "many-fan", "--target", server.address, "--limit", "1000")
+    assert shown.returncode == 0, shown.stderr
+    assert len(re.findall(r"^\s*1000\s", shown.stdout, flags=re.M)) == 1  # the 1,000th row
+
+
 def test_recommend_and_profile_show_control_characters_in_texts_literally(server):
     """An item text with ESC sequences and a line break cleared the screen,
     set the window title and printed a row of its own (an audit): they are

@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 
 import grpc
 
+from halflife.api.catalog import MAX_ITEMS_PER_REQUEST
 from halflife.api.validation import MAX_FUTURE_SECONDS
 from halflife.datasets.interactions import MOVIELENS, load_dataset
 from halflife.progress import progress
@@ -120,17 +121,23 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], out=None)
 def _texts_of(client: HalflifeClient, ids: Iterable[str]) -> dict[str, str]:
     """Item texts by id, of those still in the catalogue: an explanation's
     event may name an item deleted since (GetItems' NOT_FOUND for it stopped
-    `recommend` with nothing printed); those are left out, shown by their ids."""
+    `recommend` with nothing printed); those are left out, shown by their ids.
+    At most MAX_ITEMS_PER_REQUEST ids a call (a list of 1,000 and the items
+    its explanations name was refused whole: a review)."""
     ids = sorted(set(ids))
-    while ids:  # each pass drops at least one id, or raises
-        try:
-            return {item.id: item.text for item in client.get_items(ids)}
-        except grpc.RpcError as error:
-            gone = {ids[int(field[len("ids["):-1])] for field, _ in field_violations(error) if field.startswith("ids[")}
-            if error.code() != grpc.StatusCode.NOT_FOUND or not gone:
-                raise
-            ids = [i for i in ids if i not in gone]
-    return {}
+    texts: dict[str, str] = {}
+    for start in range(0, len(ids), MAX_ITEMS_PER_REQUEST):
+        chunk = ids[start : start + MAX_ITEMS_PER_REQUEST]
+        while chunk:  # each pass drops at least one id, or raises
+            try:
+                texts.update((item.id, item.text) for item in client.get_items(chunk))
+                break
+            except grpc.RpcError as error:
+                gone = {chunk[int(field[len("ids["):-1])] for field, _ in field_violations(error) if field.startswith("ids[")}
+                if error.code() != grpc.StatusCode.NOT_FOUND or not gone:
+                    raise
+                chunk = [i for i in chunk if i not in gone]
+    return texts
 
 
 def show_recommendations(user_id: str, target: str, limit: int, as_of: dt.datetime | None, query: str) -> None:

@@ -185,6 +185,15 @@ def test_es_kernels_decay_at_scale_and_one_within_offset(fn):
     assert np.all(far < decay) and far[1] <= far[0]
 
 
+@pytest.mark.parametrize("fn", [es_exp, es_gauss, es_linear])
+@pytest.mark.parametrize("scale", [1e160, 1e300, np.inf])
+def test_es_kernels_take_any_scale_a_config_passes(fn, scale):
+    """gauss squared a Python float: past ~1e154 days' worth it raised
+    OverflowError, and every personalised call of such a server failed."""
+    got = fn(np.array([0.0, 1e9, -1e9]), 0.0, scale)
+    assert np.all(np.isfinite(got)) and np.all(got > 0.99)
+
+
 def test_es_kernels_hand_computed():
     # origin 0, scale 10, offset 0, decay 0.5, at distance 5 and 20.
     d = np.array([5.0, 20.0])

@@ -227,7 +227,8 @@ def es_exp(times, origin: float, scale: float, offset: float = 0.0, decay: float
 def es_gauss(times, origin: float, scale: float, offset: float = 0.0, decay: float = 0.5) -> np.ndarray:
     """Elasticsearch `gauss`: e^{-d²/(2σ²)}, σ² = -scale²/(2 ln decay). Returns (n,) float64."""
     _check(scale, offset, decay)
-    sigma2 = -(scale**2) / (2.0 * np.log(decay))
+    with np.errstate(over="ignore"):  # a Python float's ** raised OverflowError past ~1e154 (a config that passed)
+        sigma2 = -np.square(np.float64(scale)) / (2.0 * np.log(decay))
     d = _distance(times, origin, offset)
     return np.exp(-(d**2) / (2.0 * sigma2))
 
