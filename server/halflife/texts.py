@@ -9,6 +9,7 @@ import unicodedata
 MAX_ID_BYTES = 256
 MAX_CATEGORY_BYTES = 128
 MAX_CATEGORIES = 64  # per item
+MAX_TEXT_BYTES = 32 * 1024  # an item's or event's text, a query, an Embed input
 # Ids and categories are names, never text: a control character in one is a
 # client's bug, and NUL would be cut off by SQLite's JSON functions (3.40),
 # which the store looks ids up with, so "a\0b" would name item "a".
@@ -31,6 +32,16 @@ def name_problem(value: str, max_bytes: int = MAX_ID_BYTES) -> str | None:
 # with nothing to combine with (Mn; accent-stripping models drop them), and the
 # replacement character U+FFFD (all-MiniLM-L6-v2 encodes each as [CLS][SEP]).
 _UNREAD_CATEGORIES = frozenset(("Cc", "Cf", "Co", "Mn"))
+
+
+def text_problem(text: str) -> str | None:
+    """What makes `text` no text the API takes (an item's, an event's), said
+    as a violation, or None: blank (see `blank`), or over MAX_TEXT_BYTES."""
+    if blank(text):
+        return "is empty"
+    if (size := len(text.encode())) > MAX_TEXT_BYTES:
+        return f"is {size} bytes long; at most {MAX_TEXT_BYTES}"
+    return None
 
 
 def blank(text: str) -> bool:

@@ -8,9 +8,8 @@ from typing import Sized
 from google.protobuf import timestamp_pb2
 
 from halflife.api.errors import invalid_argument
-from halflife.texts import MAX_CATEGORY_BYTES, MAX_ID_BYTES, name_problem
+from halflife.texts import MAX_CATEGORY_BYTES, MAX_ID_BYTES, MAX_TEXT_BYTES, name_problem
 
-MAX_TEXT_BYTES = 32 * 1024
 # What a text `halflife.texts.blank` refuses holds, for the message that refuses it.
 UNREADABLE = ("holds nothing the model reads (only whitespace, control, format, private-use or combining "
               "characters, or U+FFFD)")

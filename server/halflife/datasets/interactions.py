@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from halflife.texts import MAX_CATEGORIES, MAX_CATEGORY_BYTES, blank, name_problem
+from halflife.texts import MAX_CATEGORIES, MAX_CATEGORY_BYTES, name_problem, text_problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,21 +200,28 @@ class _Csv:
         self._refuse_first(column, name_problem)
         return self.strings(column)
 
-    def check_unique(self, column: str) -> None:
-        """No value of `column` twice: a repeated item id replaced the first row unsaid."""
-        i, first = self.header.index(column), {}
-        for k, value in enumerate(row[i] for row in self.rows):
-            if first.setdefault(value, k) != k:
-                raise DatasetError(f"{self.name} line {self._line_of(k)}: {column} {value!r} repeats line "
-                                   f"{self._line_of(first[value])}")
+    def check_unique(self, *columns: str) -> None:
+        """No value of `columns` (together) twice: a repeated item id replaced
+        the first row unsaid; a user's second rating of an item was a second
+        event of one id, refused or dropped by where the batches split."""
+        at, first = [self.header.index(c) for c in columns], {}
+        for k, row in enumerate(self.rows):
+            if first.setdefault(value := tuple(row[i] for i in at), k) != k:
+                named = " ".join(f"{c} {v!r}" for c, v in zip(columns, value))
+                raise DatasetError(f"{self.name} line {self._line_of(k)}: {named} repeats line {self._line_of(first[value])}")
 
     def texts(self, column: str) -> np.ndarray:
-        """`strings`, none of them blank (`texts.blank`): a blank tag would stand for its item alone."""
+        """`strings`, each a text the API takes (`text_problem`): a blank tag
+        would stand for its item alone, a long one stopped load-movielens midway."""
         values = self.strings(column)
-        k = next((k for k, text in enumerate(values) if blank(text)), None)
+        k = next((k for k, text in enumerate(values) if text_problem(text) is not None), None)
         if k is not None:
-            raise DatasetError(f"{self.name} line {self._line_of(k)}: {column} is empty")
+            raise self.error_at(k, f"{column} {text_problem(values[k])}")
         return values
+
+    def error_at(self, k: int, problem: str) -> DatasetError:
+        """The DatasetError for rows[k], naming its line."""
+        return DatasetError(f"{self.name} line {self._line_of(k)}: {problem}")
 
     def check_categories(self, fmt: DatasetFormat) -> None:
         """Each row's categories valid for the API (`texts.name_problem`, at
@@ -295,15 +302,18 @@ def load_dataset(directory: str | Path, fmt: DatasetFormat = MOVIELENS, *, earli
     id_at, text_at = header.index(fmt.item_column), [header.index(c) for c in fmt.text_columns]
     category_at = header.index(fmt.category_column) if fmt.category_column else None
     items = []
-    for row in table.rows:
+    for k, row in enumerate(table.rows):
         text = " ".join(row[i] for i in text_at).strip()
         categories = _categories(row[category_at], fmt) if category_at is not None else ()
         full_text = f"{text}. Genres: {', '.join(categories)}" if categories else text
+        if (problem := text_problem(full_text)) is not None:  # the server embeds it: it refused these midway
+            raise table.error_at(k, f"{' and '.join(fmt.text_columns)}: the item's text {problem}")
         items.append(CatalogItem(row[id_at], full_text, categories, _year_start(text)))
 
     known = {item.id for item in items}
     table = _Csv(directory / fmt.interactions_file, [fmt.user_column, fmt.item_column, fmt.value_column, fmt.time_column])
     table.check_known(fmt.item_column, known, fmt.items_file)
+    table.check_unique(fmt.user_column, fmt.item_column)
     interactions = Interactions(
         **_sorted_by_time(
             {
