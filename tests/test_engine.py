@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -1848,3 +1849,46 @@ def test_an_explanations_strongest_events_do_not_depend_on_the_chunks_they_were_
     whole = _strongest_events(items, events, weights, 3)
     for chunk in (1, 3, 7, 16):
         np.testing.assert_array_equal(_strongest_events(items, events, weights, 3, chunk=chunk), whole)
+
+
+def test_a_users_events_committed_right_after_their_erasure_keep_their_pairs(tmp_path):
+    """A batch of the user's queued behind DeleteUser commits with it (group
+    commit), after it. DeleteUser applied that batch, then dropped the
+    user's co-occurrence row with its pairs: the events stayed stored and
+    counted, but paired with nothing until a restart (a race review)."""
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(6)])
+    engine.record_events([EventInput(f"v{n}", "v", LIKE, f"i{n}", None, None, T - 100 + n) for n in range(3)])
+    engine.record_events([EventInput("u0", "u", LIKE, "i0", None, None, T - 50),
+                          EventInput("u1", "u", LIKE, "i3", None, None, T - 40)])
+    store_record, store_delete = engine.store.record_events, engine.store.delete_user
+    entered, erased, recorded = threading.Event(), threading.Event(), threading.Event()
+
+    def record_after_the_erasure(*args, **kwargs):  # the later batch's commit lands after the erasure's
+        entered.set()
+        assert erased.wait(10)
+        try:
+            return store_record(*args, **kwargs)
+        finally:
+            recorded.set()
+
+    def erase_then_let_it_commit(*args, **kwargs):
+        deleted = store_delete(*args, **kwargs)
+        erased.set()
+        assert recorded.wait(10)
+        return deleted
+
+    engine.store.record_events, engine.store.delete_user = record_after_the_erasure, erase_then_let_it_commit
+    later = threading.Thread(target=engine.record_events, args=(
+        [EventInput("u-new", "u", LIKE, "i1", None, None, T - 10), EventInput("u-new2", "u", LIKE, "i2", None, None, T - 5)],))
+    later.start()
+    assert entered.wait(10)  # its items read: the erasure takes the lock after that
+    assert engine.delete_user("u") == 2
+    later.join(10)
+    engine.store.record_events, engine.store.delete_user = store_record, store_delete
+    restarted = open_engine(tmp_path)
+    for user in ("u", "v"):
+        live, again = engine.signals(user, T), restarted.signals(user, T)
+        for name in ("cooccurrence", "popularity"):
+            np.testing.assert_allclose(live[name], again[name], atol=1e-6)
+    assert len(engine._cooccurrence) == len(restarted._cooccurrence)

@@ -902,10 +902,6 @@ class InterestEngine:
             if events:
                 rows = self._current_item_rows([e.item_id for e in events], np.array([e.seq for e in events]))
                 self._take_back_popularity(rows, self._record_types(events), np.array([e.event_time for e in events]))
-            # A batch committed before the erasure whose thread has not applied
-            # it yet: apply it now, without the erased rows, lest the thread
-            # count the user's events again.
-            self._apply_committed(self.store.head().event_seq)
             self._users.pop(user_id, None)
             for replay in self._replays.get(user_id, ()):
                 replay.erased = True
@@ -913,6 +909,12 @@ class InterestEngine:
             if row is not None:
                 self._cooccurrence.remove_user(row)
                 self._forget_held_pairs(lambda users, items: users == row)
+            # Batches committed before the erasure, or with it after it (group
+            # commit), whose threads have not applied them yet: applied now,
+            # without the erased rows, lest a thread count the user's events
+            # again. After the user's pairs went: a later batch's events of the
+            # user pair under a new row (they went with the old one: a review).
+            self._apply_committed(self.store.head().event_seq)
         return deleted
 
     # --------------------------------------------------------------- profiles
