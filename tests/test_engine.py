@@ -1892,3 +1892,26 @@ def test_a_users_events_committed_right_after_their_erasure_keep_their_pairs(tmp
         for name in ("cooccurrence", "popularity"):
             np.testing.assert_allclose(live[name], again[name], atol=1e-6)
     assert len(engine._cooccurrence) == len(restarted._cooccurrence)
+
+
+def test_an_explanation_is_of_the_profile_its_list_was_ranked_for(tmp_path, monkeypatch):
+    """Explanations are built after the ranking, without the lock: they read
+    the cached profile and the log again, so events recorded in between
+    (and applied by another read) explained a list they had no part in (a
+    race review)."""
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(20)])
+    engine.record_events([EventInput(f"a{n}", "u", LIKE, f"i{n}", None, None, T - 100 + n) for n in range(3)])
+    before = engine.recommend("u", 3, as_of=T, explain=True)
+    explain = engine._explain
+
+    def meanwhile(*args, **kwargs):
+        monkeypatch.setattr(engine, "_explain", explain)
+        engine.record_events([EventInput(f"b{n}", "u", LIKE, f"i{n + 10}", None, None, T - 50 + n) for n in range(5)])
+        engine.profile("u", as_of=T)  # applies them to the cached profile
+        return explain(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_explain", meanwhile)
+    during = engine.recommend("u", 3, as_of=T, explain=True)
+    assert during == before
+    assert engine.recommend("u", 3, as_of=T, explain=True) != before  # the new events count from the next call

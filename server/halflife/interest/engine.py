@@ -227,6 +227,16 @@ def _guard(deadline: Deadline | None) -> Guard | None:
 _UNIT_WEIGHTS = dict.fromkeys(("interest", "negative", "cooccurrence", "popularity"), 1.0)  # signals as they are
 
 
+class _Explained(NamedTuple):
+    """What an explanation reads of the profile a list was ranked for, taken
+    with it: read later, the profile could have taken new events meanwhile,
+    and a list ranked with one was explained with another (a race review)."""
+
+    shares: np.ndarray  # (K,) the interests' shares
+    centroids: np.ndarray  # (K, d)
+    max_seq: int  # the events it holds: seq <= this
+
+
 class _Ranked(NamedTuple):
     """Recommend's candidates, best first, named (see InterestEngine._rank)."""
 
@@ -234,7 +244,7 @@ class _Ranked(NamedTuple):
     scores: np.ndarray  # (m,)
     vectors: np.ndarray | None  # (m, dim) copies, where asked for
     parts: dict[str, np.ndarray]  # the blend's terms, each (m,), where asked for
-    state: UserState  # the profile they were ranked for
+    explained: _Explained | None  # the profile they were ranked for, where personalised and asked for
     strategy: str  # "personalized" | "trending"
 
 
@@ -1316,7 +1326,7 @@ class InterestEngine:
             parts = {name: values[picks] for name, values in parts.items()}
         explanations = [None] * len(ids)
         if explain and ranked.strategy == "personalized":
-            explanations = self._explain(user_id, ranked.state, t, vectors, parts)
+            explanations = self._explain(user_id, ranked.explained, t, vectors, parts)
         elif explain:  # trending: no interest or event produced it, only its score's parts
             explanations = [Explanation((), (), row_parts) for row_parts in _per_row(parts, len(ids))]
         return Recommendation(
@@ -1337,8 +1347,11 @@ class InterestEngine:
             single = self._single_profile(user_id, state, t)
             personal = single.weight > 0
             items, create_times, epoch = self.catalog.vectors, self.catalog.create_times, self.catalog.epoch
+            explained = None
             if personal:
                 scan = self._signal_sources(user_id, state, t, single=single)
+                if explain:
+                    explained = _Explained(state.multi.shares(t), state.multi.centroids(t), state.max_seq)
             else:
                 popularity = self._popularity_at(t)
         # The passes over the whole catalogue run without the lock (see CatalogueScan).
@@ -1357,7 +1370,7 @@ class InterestEngine:
             rows, top_scores = self._confirm(picked, allowed, select, epoch)
             rows, top_scores, ids = self._best_by_id(rows, top_scores, candidates)
             return _Ranked(ids, blend.reported(top_scores), items[rows] if copy else None,
-                           blend.parts_at(rows) if explain else {}, state, strategy)
+                           blend.parts_at(rows) if explain else {}, explained, strategy)
 
     def _best_by_id(self, rows: np.ndarray, scores: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """The `limit` best of `rows` (top_k's: best first, every tie at the
@@ -1523,23 +1536,20 @@ class InterestEngine:
         n_items = index.n_items
         return lambda: cooccurrence_scores(Cooccurrence.from_pairs(n_items, *pairs), items, affinity, blend.similarity)
 
-    def _explain(self, user_id, state, t, item_vectors, parts) -> list[Explanation]:
+    def _explain(self, user_id: str, explained: _Explained, t: float, item_vectors, parts) -> list[Explanation]:
         """Why each recommended item (`item_vectors`, (n, dim)) was: the
         interests and the user's events nearest it, and the blend's parts
-        (`parts`, (n,) each).
-        Call without the lock: it copies the profile's and the items' vectors
-        under it, then reads the log and scores every positive event against
-        every row without it (a user of 100k events at limit 1,000 held every
-        other call up for 8.7 s), a chunk of events at a time."""
-        with self._lock:
-            multi = state.multi
-            n_clusters = multi.n_clusters
-            shares = multi.shares(t)
-            centroids = multi.centroids(t)
+        (`parts`, (n,) each), from the profile as it was ranked (`explained`:
+        its events, seq <= max_seq, read from the log).
+        Call without the lock: it scores every positive event against every
+        row (a user of 100k events at limit 1,000 held every other call up
+        for 8.7 s under it), a chunk of events at a time."""
+        shares, centroids = explained.shares, explained.centroids
+        n_clusters = shares.shape[0]
         described = self._describe(centroids, 0) if n_clusters else []
         rank_of = {int(c): r for r, c in enumerate(_ranked_interests(shares))}
         cluster_sims = clip_cosines(item_vectors @ centroids.T) if n_clusters else np.zeros((len(item_vectors), 0))
-        events = self._directed_events(user_id, t)
+        events = [e for e in self._directed_events(user_id, t) if e.seq <= explained.max_seq]
         types = self._record_types(events)
         positive = [e for e, k in zip(events, types) if self._types.weights[k] > 0]
         types = types[self._types.weights[types] > 0]
