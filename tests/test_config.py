@@ -112,6 +112,9 @@ def test_overriding_an_event_type_keeps_the_rest(tmp_path):
         ({"ranking": {"max_limit": 0}}, "ranking.max_limit"),
         ({"ranking": {"query_weight": -0.1}}, "ranking.query_weight"),
         ({"ranking": {"labels_per_interest": -1}}, "ranking.labels_per_interest"),
+        # Past GetProfile's own range: 100,000 listed the whole catalogue under every interest (a review).
+        ({"ranking": {"items_per_interest": 21}}, "ranking.items_per_interest"),
+        ({"ranking": {"labels_per_interest": 21}}, "ranking.labels_per_interest"),
         ({"ratings": {"negative_max": 4.0}}, "ratings.negative_max"),
         ({"ratings": {"negative_max": 3.0, "positive_min": 2.5}}, "ratings.negative_max"),
         ({"ratings": {"positive_min": "4"}}, "ratings.positive_min"),

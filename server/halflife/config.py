@@ -105,8 +105,8 @@ class RankingConfig:
     max_limit: int = 1000
     freshness_half_life_days: float = math.inf  # inf: no freshness decay
     query_weight: float = 0.5  # share of a request's query text (its cosine with each item) in the score
-    labels_per_interest: int = 3
-    items_per_interest: int = 3
+    labels_per_interest: int = 3  # at most MAX_PER_INTEREST
+    items_per_interest: int = 3  # at most MAX_PER_INTEREST
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +164,7 @@ MAX_WEIGHT = 1000.0
 # ~0.8 MB a cached 384-d profile; 10**15 passed, and every personal call failed
 # with "array is too big" (an audit).
 MAX_INTERESTS = 64
+MAX_PER_INTEREST = 20  # labels and items GetProfile lists per interest (and its items_per_interest's range)
 
 
 def _half_life(value: Any, key: str) -> float:
@@ -272,8 +273,9 @@ def parse_config(data: dict) -> Config:
         "max_limit": lambda v, k: _number(v, k, minimum=1, integer=True),
         "freshness_half_life_days": _half_life,
         "query_weight": lambda v, k: float(_number(v, k, minimum=0.0, maximum=1.0)),
-        "labels_per_interest": lambda v, k: _number(v, k, minimum=0, integer=True),
-        "items_per_interest": lambda v, k: _number(v, k, minimum=0, integer=True),
+        # As GetProfile's items_per_interest: 100,000 listed the whole catalogue under each interest (a review).
+        "labels_per_interest": lambda v, k: _number(v, k, minimum=0, maximum=MAX_PER_INTEREST, integer=True),
+        "items_per_interest": lambda v, k: _number(v, k, minimum=0, maximum=MAX_PER_INTEREST, integer=True),
     })
     blend = _section(BlendConfig, _table(data, "blend"), "blend.", {
         "interest": lambda v, k: _weight(v, k, minimum=0.0),

@@ -19,6 +19,7 @@ from halflife.api.validation import (
     Violations,
     to_timestamp,
 )
+from halflife.config import MAX_PER_INTEREST
 from halflife.interest.engine import RECORD_ATTEMPTS
 from halflife.interest.types import EventInput, UnknownItemsError
 from halflife.storage.base import ItemsChangedError
@@ -26,7 +27,6 @@ from halflife.texts import blank
 from halflife.v1 import interest_pb2, interest_pb2_grpc
 
 MAX_EVENTS_PER_REQUEST = 1000
-MAX_ITEMS_PER_INTEREST = 20
 TRENDS = {
     "rising": interest_pb2.TREND_RISING,
     "steady": interest_pb2.TREND_STEADY,
@@ -157,8 +157,8 @@ class InterestServicer(interest_pb2_grpc.InterestServiceServicer):
         violations = Violations()
         violations.identifier(request.user_id, "user_id")
         as_of = violations.timestamp(request, "as_of_time", "as_of_time", interest.now())
-        if not 0 <= request.items_per_interest <= MAX_ITEMS_PER_INTEREST:
-            violations.add("items_per_interest", f"must be between 0 and {MAX_ITEMS_PER_INTEREST}")
+        if not 0 <= request.items_per_interest <= MAX_PER_INTEREST:
+            violations.add("items_per_interest", f"must be between 0 and {MAX_PER_INTEREST}")
         violations.raise_if_any()
         profile = await run_with_deadline(context, interest.profile, request.user_id, as_of,
                                           request.items_per_interest or None)
