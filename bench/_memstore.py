@@ -69,7 +69,8 @@ class MemoryStore:
     def save_profile_snapshot(self, user_id: str, snapshot) -> bool:
         return False  # keeps none: the benchmark times replays of the log
 
-    def iter_events(self, chunk: int = 50_000, through_seq: int | None = None) -> Iterator[EventColumns]:
+    def iter_events(self, chunk: int = 50_000, through_seq: int | None = None,
+                    user_id: str | None = None) -> Iterator[EventColumns]:
         return iter(())
 
     def head(self) -> StoreHead:

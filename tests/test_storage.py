@@ -566,6 +566,9 @@ def test_iter_events_chunks(store):
     assert items[3] is None and items[4] == "i4"
     assert users[:3] == ["u0", "u1", "u0"]
     assert values[0] == 0.0 and np.isnan(values[1]) and values[2] == 2.0
+    one = list(store.iter_events(chunk=5, through_seq=20, user_id="u1"))  # what an erasure takes back
+    assert [c.seqs.tolist() for c in one] == [[2, 4, 6, 8, 10], [12, 14, 16, 18, 20]]
+    assert {u for c in one for u in c.user_ids} == {"u1"} and list(store.iter_events(user_id="nobody")) == []
 
 
 def test_created_seq_marks_each_incarnation_of_an_item_id(store):

@@ -905,13 +905,18 @@ class InterestEngine:
         engine holds what a restart over the remaining log would build."""
         with self._catalog_write, self._lock:  # applies committed events: the index first (see _apply_new_events)
             self._catch_up()
-            # Only what this engine has counted can be taken back.
-            events = [e for e in self.store.user_events(user_id) if self._events.applied(e.seq)]
+            # What popularity takes back, without the vectors: with them, a user of 100k events held the lock
+            # ~0.9 s longer (a race review).
+            chunks = list(self.store.iter_events(user_id=user_id))
             # First: if it fails, memory must not change either.
             deleted = self.store.delete_user(user_id, _guard(deadline))
-            if events:
-                rows = self._current_item_rows([e.item_id for e in events], np.array([e.seq for e in events]))
-                self._take_back_popularity(rows, self._record_types(events), np.array([e.event_time for e in events]))
+            for chunk in chunks:
+                # Only what this engine has counted can be taken back.
+                counted = np.array([self._events.applied(seq) for seq in chunk.seqs.tolist()], dtype=bool)
+                if counted.any():
+                    rows = self._current_item_rows([i for i, c in zip(chunk.item_ids, counted) if c], chunk.seqs[counted])
+                    self._take_back_popularity(rows, self._internal_types_of(chunk.types[counted], chunk.values[counted]),
+                                               chunk.times[counted])
             self._users.pop(user_id, None)
             for replay in self._replays.get(user_id, ()):
                 replay.erased = True

@@ -198,9 +198,11 @@ class Store(Protocol):
         `through_seq` is gone (erased since the events were read). Returns
         whether it was stored. `delete_user` erases it with the events."""
 
-    def iter_events(self, chunk: int = 50_000, through_seq: int | None = None) -> Iterator[EventColumns]:
-        """All events (up to `through_seq`) in seq order, in chunks, without
-        vectors: what rebuilding popularity and co-occurrence needs."""
+    def iter_events(self, chunk: int = 50_000, through_seq: int | None = None,
+                    user_id: str | None = None) -> Iterator[EventColumns]:
+        """All events (up to `through_seq`; `user_id`'s only, where given) in
+        seq order, in chunks, without vectors: what rebuilding popularity and
+        co-occurrence needs, and taking a user's share of them back."""
 
     def events_between(self, after_seq: int, through_seq: int) -> list[EventRecord]:
         """Events with after_seq < seq <= through_seq, with vectors, in seq order."""

@@ -975,11 +975,14 @@ class SqliteStore:
 
         return self._submit(job)
 
-    def iter_events(self, chunk: int = 50_000, through_seq: int | None = None) -> Iterator[EventColumns]:
-        select = "SELECT seq, type, item_id, user_id, value, event_time FROM events WHERE seq <= ? ORDER BY seq"
-        with self._reader() as conn, contextlib.closing(
-            conn.execute(select, (through_seq if through_seq is not None else 2**63 - 1,))
-        ) as cur:  # closed with the block: see iter_items
+    def iter_events(self, chunk: int = 50_000, through_seq: int | None = None,
+                    user_id: str | None = None) -> Iterator[EventColumns]:
+        select = "SELECT seq, type, item_id, user_id, value, event_time FROM events WHERE seq <= ?"
+        args: tuple = (through_seq if through_seq is not None else 2**63 - 1,)
+        if user_id is not None:
+            select, args = select + " AND user_id = ?", (*args, user_id)
+        with self._reader() as conn, contextlib.closing(conn.execute(select + " ORDER BY seq", args)) as cur:
+            # closed with the block: see iter_items
             while rows := cur.fetchmany(chunk):
                 seqs, types, item_ids, user_ids, values, times = zip(*rows)
                 try:
