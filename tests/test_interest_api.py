@@ -1577,7 +1577,12 @@ def test_client_interceptors_keep_the_clients_channel_options(server):
     assert asyncio.run(read()) == ids
     assert calls == ["/halflife.v1.CatalogService/UpsertItems", "/halflife.v1.CatalogService/GetItems",
                      "/halflife.v1.CatalogService/GetItems"]
-    HalflifeClient(server.address, timeout=30).delete_items(ids)
+    with HalflifeClient(server.address, timeout=30) as client:
+        client.delete_items(ids)
+    closed = HalflifeClient(server.address, interceptors=[Count()])
+    closed.close()
+    with pytest.raises(ValueError, match="closed channel"):  # grpcio crashed the process here (SIGSEGV)
+        closed.model_info()
     channel = grpc.insecure_channel(server.address)
     with pytest.raises(ValueError, match="with channel=, add them to that channel"):
         HalflifeClient(channel=channel, interceptors=[Count()])

@@ -181,7 +181,12 @@ def test_a_request_its_template_cannot_build_midway_is_reported_not_the_whole_ru
     report = loadtest(server, capsys, "-n", "10", "-c", "1")
     assert report["count"] == 10 and report["statusCodeDistribution"] == {"OK": 9, "InvalidArgument": 1}
     assert list(report["errorDistribution"]) == [
-        "rpc error: code = InvalidArgument desc = request 3 was not sent: --data does not fit: request 3's limit is out of range"]
+        "rpc error: code = InvalidArgument desc = a request was not sent: --data does not fit: request 3's limit is out of range"]
+    # Every request failing so: the run still ends at its duration, not at MAX_TOTAL (it never yielded: a review).
+    monkeypatch.setattr(loadtest_module, "request_factory", lambda method, data: (
+        lambda number, worker_id="g0c0": health_pb2.HealthCheckRequest() if number == 0 else factory(method, data)(3)))
+    report = loadtest(server, capsys, "-z", "0.5s", "-c", "1")
+    assert report["endReason"] == "timeout" and report["total"] < 5e9 and len(report["errorDistribution"]) == 1
 
 
 def test_the_first_call_on_each_connection_does_not_time_its_set_up(server, capsys, monkeypatch):
