@@ -25,7 +25,7 @@ from halflife import workers as workers_module
 from halflife.api.server import claim_data_dir
 from halflife.locks import LockHeldError, hold_lock, remove_lock
 from halflife.workers import RestartBudget, reserve_port
-from halflife.v1 import interest_pb2, recommend_pb2
+from halflife.v1 import embedding_pb2, embedding_pb2_grpc, interest_pb2, recommend_pb2
 from halflife_client import Event, HalflifeClient, Item
 from tests.serving import scrape_metrics, start_cli_server
 
@@ -142,6 +142,42 @@ def test_a_worker_that_dies_after_it_served_is_started_again(model_dir, tmp_path
             channel.close()
         process.send_signal(signal.SIGTERM)
         assert wait_exit(process) == 0  # the restart was no failure
+    finally:
+        process.kill()
+
+
+def test_a_group_wide_signal_stops_the_workers_gracefully_and_a_second_one_to_the_parent_at_once(model_dir, tmp_path):
+    """systemd (KillMode=control-group) and `kill -- -PGID` signal every
+    worker beside the parent, which forwards its own: each worker took the
+    two as a second signal and quit without its grace, and the group exited 1
+    (a review). A worker takes its repeats as one; a second signal to the
+    parent stops the group at once."""
+    process, _ = start_cli_server(model_dir, tmp_path / "data", workers=2)
+    log = LogLines(process)
+    try:
+        for pid in (process.pid, *children(process.pid)):
+            os.kill(pid, signal.SIGTERM)
+        assert wait_exit(process) == 0
+        log.wait_for(r"all 2 workers stopped")
+    finally:
+        process.kill()
+    process, address = start_cli_server(model_dir, tmp_path / "data", workers=2)
+    log = LogLines(process)
+    try:
+        workers = children(process.pid)
+        with grpc.insecure_channel(address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            # Seconds of model time in flight, so that the first signal's graceful stop is still waiting.
+            big = embedding_pb2_grpc.EmbeddingServiceStub(channel).Embed.future(
+                embedding_pb2.EmbedRequest(inputs=["word " * 200] * 128), timeout=120)
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)  # handled apart: two pending signals are one
+            process.send_signal(signal.SIGTERM)
+            assert wait_exit(process) == 128 + signal.SIGTERM
+            assert big.exception(timeout=60) is not None  # cut off, not finished
+        log.wait_for(r"SIGTERM again: stopped the workers at once")
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
     finally:
         process.kill()
 

@@ -178,11 +178,14 @@ def run_workers(serve_argv: Sequence[str], host: str, port: int, workers: int, t
 
     def forward(signum: int, _frame) -> None:
         # SIGTERM whatever arrived: a worker that has not yet set its handlers then dies of the
-        # signal (-15, a clean stop) instead of raising KeyboardInterrupt wherever it is.
+        # signal (-15, a clean stop) instead of raising KeyboardInterrupt wherever it is. A second
+        # signal stops them at once (SIGKILL), as a second one stops a single server: workers
+        # themselves take their repeats as one, since a group-wide signal (systemd's, `kill -- -pgid`)
+        # reaches them beside the parent's (a review: every worker quit without its grace).
         requested.append(signum)
         for worker in group:
             if worker.process.poll() is None:
-                worker.process.send_signal(signal.SIGTERM)
+                worker.process.send_signal(signal.SIGTERM if len(requested) == 1 else signal.SIGKILL)
 
     # Before the first worker starts: a stop asked for while they start must reach them all.
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
@@ -258,6 +261,10 @@ def _supervise(group: list[_Worker], requested: list[int], start) -> int:
             break
         time.sleep(POLL_SECONDS)
     statuses = [worker.process.returncode for worker in group]
+    if len(requested) > 1:  # stopped at once, as asked: the parent exits as a single server would
+        log.warning("%s again: stopped the workers at once, without finishing in-flight calls",
+                    signal.Signals(requested[-1]).name)
+        return 128 + requested[-1]
     # A worker the forwarded SIGTERM reached before it could handle it died of it: still a requested stop.
     stopped = {0, -signal.SIGTERM}
     if failed or any(status not in stopped for status in statuses):

@@ -456,6 +456,8 @@ async def serve(config: ServerConfig, parent_pid: int | None = None, ready_fd: i
         if not stop.is_set():
             stop.set()
             return
+        if parent_pid is not None:  # a worker: its parent decides (a group-wide signal reaches it twice)
+            return
         # A second signal: the operator will not wait for the grace period. Acknowledged writes are on
         # disk already (as after a kill -9); calls in flight end without an answer.
         log.warning("%s again: exiting now, without finishing in-flight calls", signal.Signals(signum).name)
