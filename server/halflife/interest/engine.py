@@ -193,13 +193,21 @@ def _strongest_events(items: np.ndarray, events: np.ndarray, weights: np.ndarray
     """Per item, the k events of largest weight × max(cosine, 0), strongest
     first, ties by event order. items: (m, d) and events: (n, d) unit rows;
     weights: (n,). A chunk of events at a time keeps the (m, chunk) products
-    small: all at once, 1,000 items by 100k events took 1.3 GB. Each chunk's
-    best are scored again row by row, as `_cosines`: a GEMM's rounding
-    depends on where a column sits, and identical events in two chunks
-    scored one ulp apart. Returns (m, min(k, n)) int64 indices into events."""
+    small: all at once, 1,000 items by 100k events took 1.3 GB. A GEMM's
+    rounding depends on where a column sits, so identical events (an item
+    viewed again and again) scored one ulp apart, within a chunk (its tail
+    columns) and across chunks: a chunk's distinct vectors are scored once,
+    and each chunk's best are scored again row by row, as `_cosines`.
+    Returns (m, min(k, n)) int64 indices into events."""
     best_rows = []
     for start in range(0, events.shape[0], chunk):
-        strength = weights[start : start + chunk] * np.maximum(clip_cosines(items @ events[start : start + chunk].T), 0)
+        block = events[start : start + chunk]
+        first: dict[bytes, int] = {}
+        copy_of = np.array([first.setdefault(row.tobytes(), len(first)) for row in block], dtype=np.int64)
+        distinct = np.empty(len(first), dtype=np.int64)
+        distinct[copy_of[::-1]] = np.arange(len(block))[::-1]  # the first row of each: the last write wins
+        cosines = clip_cosines(items @ block[distinct].T)[:, copy_of]
+        strength = weights[start : start + chunk] * np.maximum(cosines, 0)
         top = min(k, strength.shape[1])
         kth = -np.partition(-strength, top - 1, axis=1)[:, top - 1 : top]  # each row's top-th largest
         above, tied = strength > kth, strength == kth
