@@ -37,8 +37,11 @@ _UNREAD_CATEGORIES = frozenset(("Cc", "Cf", "Co", "Mn"))
 def text_problem(text: str) -> str | None:
     """What makes `text` no text the API takes (an item's, an event's), said
     as a violation, or None: blank (see `blank`), or over MAX_TEXT_BYTES."""
-    if blank(text):
-        return "is empty"
+    return "is empty" if blank(text) else text_size_problem(text)
+
+
+def text_size_problem(text: str) -> str | None:
+    """"is N bytes long; at most MAX_TEXT_BYTES" where `text` is longer, else None."""
     if (size := len(text.encode())) > MAX_TEXT_BYTES:
         return f"is {size} bytes long; at most {MAX_TEXT_BYTES}"
     return None

@@ -13,7 +13,6 @@ from halflife.api.errors import aborted, not_found, translate_errors
 from halflife.api.validation import (
     MAX_FUTURE_SECONDS,
     MAX_ID_BYTES,
-    MAX_TEXT_BYTES,
     MAX_TIMESTAMP_SECONDS,
     UNREADABLE,
     Violations,
@@ -23,7 +22,7 @@ from halflife.config import MAX_PER_INTEREST
 from halflife.interest.engine import RECORD_ATTEMPTS
 from halflife.interest.types import EventInput, UnknownItemsError
 from halflife.storage.base import ItemsChangedError
-from halflife.texts import blank
+from halflife.texts import MAX_TEXT_BYTES, blank
 from halflife.v1 import interest_pb2, interest_pb2_grpc
 
 MAX_EVENTS_PER_REQUEST = 1000

@@ -8,7 +8,7 @@ from typing import Sized
 from google.protobuf import timestamp_pb2
 
 from halflife.api.errors import invalid_argument
-from halflife.texts import MAX_CATEGORY_BYTES, MAX_ID_BYTES, MAX_TEXT_BYTES, name_problem
+from halflife.texts import MAX_CATEGORY_BYTES, MAX_ID_BYTES, name_problem, text_size_problem
 
 # What a text `halflife.texts.blank` refuses holds, for the message that refuses it.
 UNREADABLE = ("holds nothing the model reads (only whitespace, control, format, private-use or combining "
@@ -54,8 +54,8 @@ class Violations:
 
     def text(self, value: str, field: str) -> bool:
         """Whether `value` is short enough; adds the violation where not."""
-        if len(value.encode()) > MAX_TEXT_BYTES:
-            self.add(field, f"is {len(value.encode())} bytes long; at most {MAX_TEXT_BYTES}")
+        if (problem := text_size_problem(value)) is not None:
+            self.add(field, problem)
             return False
         return True
 
