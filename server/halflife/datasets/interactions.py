@@ -178,7 +178,7 @@ class _Csv:
         if values is not None and np.isfinite(values).all():
             return values
         k = next(k for k, r in enumerate(self.rows) if not _is_finite_number(r[i]))
-        raise DatasetError(f"{self.name} line {self._line_of(k)}: {column} {self.rows[k][i]!r} is not a number")
+        raise self.error_at(k, f"{column} {self.rows[k][i]!r} is not a number")
 
     def bounded(self, column: str, low: float, high: float, what: str) -> np.ndarray:
         """`floats`, each within [low, high] (`what` names them in the error)."""
@@ -186,8 +186,7 @@ class _Csv:
         bad = np.flatnonzero((values < low) | (values > high))
         if bad.size:
             k = int(bad[0])
-            raise DatasetError(f"{self.name} line {self._line_of(k)}: {column} {self.rows[k][self.header.index(column)]!r} "
-                               f"is not {what}")
+            raise self.error_at(k, f"{column} {self.rows[k][self.header.index(column)]!r} is not {what}")
         return values
 
     def times(self, column: str, earliest: float, latest: float) -> np.ndarray:
@@ -208,15 +207,15 @@ class _Csv:
         for k, row in enumerate(self.rows):
             if first.setdefault(value := tuple(row[i] for i in at), k) != k:
                 named = " ".join(f"{c} {v!r}" for c, v in zip(columns, value))
-                raise DatasetError(f"{self.name} line {self._line_of(k)}: {named} repeats line {self._line_of(first[value])}")
+                raise self.error_at(k, f"{named} repeats line {self._line_of(first[value])}")
 
     def texts(self, column: str) -> np.ndarray:
         """`strings`, each a text the API takes (`text_problem`): a blank tag
         would stand for its item alone, a long one stopped load-movielens midway."""
         values = self.strings(column)
-        k = next((k for k, text in enumerate(values) if text_problem(text) is not None), None)
-        if k is not None:
-            raise self.error_at(k, f"{column} {text_problem(values[k])}")
+        for k, text in enumerate(values):
+            if (problem := text_problem(text)) is not None:
+                raise self.error_at(k, f"{column} {problem}")
         return values
 
     def error_at(self, k: int, problem: str) -> DatasetError:
@@ -247,7 +246,7 @@ class _Csv:
         i = self.header.index(column)
         for k, row in enumerate(self.rows):
             if (problem := problem_of(row[i])) is not None:
-                raise DatasetError(f"{self.name} line {self._line_of(k)}: {column} {row[i]!r} {problem}")
+                raise self.error_at(k, f"{column} {row[i]!r} {problem}")
 
     def _line_of(self, k: int) -> int:
         """The line number of rows[k]: re-read (errors only), since a quoted
