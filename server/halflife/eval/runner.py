@@ -351,16 +351,17 @@ def tune(val_backend: EngineBackend, queries: list[Query], base: Config) -> Grid
         popularity (option "half-life") signals per query under `config`'s
         event-type weights (their half-lives count in neither)."""
         weights = tuple(sorted((name, t.weight) for name, t in config.event_types.items()))
-        if (weights, cooc) not in blend_cache:
-            sim, ah = cooc.split("/")
-            b = val_backend.reopen(dataclasses.replace(base, event_types=config.event_types, blend=dataclasses.replace(
-                base.blend, similarity=sim, affinity_half_life_days=float(ah))))
-            blend_cache[weights, cooc] = [b.signals(q, ("cooccurrence",)) for q in queries]
-        if (weights, pop) not in blend_cache:
-            b = val_backend.reopen(dataclasses.replace(base, event_types=config.event_types, blend=dataclasses.replace(
-                base.blend, popularity_half_life_days=float(pop))))
-            blend_cache[weights, pop] = [{"popularity": b.popularity(q.t)} for q in queries]
-        return blend_cache[weights, cooc], blend_cache[weights, pop]
+
+        def cached(option: str, read: Callable[[EngineBackend, Query], dict], **blend) -> list[dict]:
+            if (weights, option) not in blend_cache:
+                b = val_backend.reopen(dataclasses.replace(
+                    base, event_types=config.event_types, blend=dataclasses.replace(base.blend, **blend)))
+                blend_cache[weights, option] = [read(b, q) for q in queries]
+            return blend_cache[weights, option]
+
+        sim, ah = cooc.split("/")
+        return (cached(cooc, lambda b, q: b.signals(q, ("cooccurrence",)), similarity=sim, affinity_half_life_days=float(ah)),
+                cached(pop, lambda b, q: {"popularity": b.popularity(q.t)}, popularity_half_life_days=float(pop)))
 
     def score(choice: dict) -> float:
         config = profiles[choice["profile"]]
