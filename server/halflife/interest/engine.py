@@ -202,10 +202,9 @@ def _strongest_events(items: np.ndarray, events: np.ndarray, weights: np.ndarray
     best_rows = []
     for start in range(0, events.shape[0], chunk):
         block = events[start : start + chunk]
-        first: dict[bytes, int] = {}
-        copy_of = np.array([first.setdefault(row.tobytes(), len(first)) for row in block], dtype=np.int64)
-        distinct = np.empty(len(first), dtype=np.int64)
-        distinct[copy_of[::-1]] = np.arange(len(block))[::-1]  # the first row of each: the last write wins
+        first: dict[bytes, int] = {}  # a row's bytes -> the first row holding them
+        firsts = [first.setdefault(row.tobytes(), i) for i, row in enumerate(block)]
+        distinct, copy_of = np.unique(firsts, return_inverse=True)
         cosines = clip_cosines(items @ block[distinct].T)[:, copy_of]
         strength = weights[start : start + chunk] * np.maximum(cosines, 0)
         top = min(k, strength.shape[1])
