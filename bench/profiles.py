@@ -24,7 +24,7 @@ import numpy as np
 from bench.common import markdown_table, profile_miss, summary, timings, write_results, zero_embedder
 from halflife.config import Config
 from halflife.core.ranking import normalize
-from halflife.interest import engine as engine_module
+from halflife.interest import replay
 from halflife.interest.engine import InterestEngine
 from halflife.interest.state import snapshot_bytes, state_from_snapshot
 from halflife.storage.base import EventRecord, ItemRecord
@@ -98,7 +98,7 @@ def run(quick: bool = False) -> dict:
     rng = np.random.default_rng(3)
     item_topics = rng.integers(0, TOPICS, ITEMS)
     items = normalize(normalize(rng.standard_normal((TOPICS, DIM)))[item_topics] + 0.04 * rng.standard_normal((ITEMS, DIM)))
-    results: dict = {"quick": quick, "snapshot_events": engine_module.SNAPSHOT_EVENTS, "users": []}
+    results: dict = {"quick": quick, "snapshot_events": replay.SNAPSHOT_EVENTS, "users": []}
     with tempfile.TemporaryDirectory(prefix="halflife-bench-profiles-") as d:
         store = SqliteStore(d)
         store.upsert_items([ItemRecord(f"i{j}", "", (), {}, None, v) for j, v in enumerate(items)])

@@ -438,7 +438,7 @@ def test_an_item_deleted_while_similar_items_scores_is_not_returned(tmp_path, mo
 
 def _during_replay(engine: InterestEngine, monkeypatch, action) -> list:
     """Runs `action` once while the engine replays a profile, as another thread would."""
-    replay, started, done = engine._build_state, [], []
+    replay, started, done = engine._builder.build, [], []
 
     def build(*args):
         if not started:  # once: `action` may replay too
@@ -446,7 +446,7 @@ def _during_replay(engine: InterestEngine, monkeypatch, action) -> list:
             done.append(action())
         return replay(*args)
 
-    monkeypatch.setattr(engine, "_build_state", build)
+    monkeypatch.setattr(engine._builder, "build", build)
     return done
 
 
@@ -508,8 +508,8 @@ def test_a_look_into_the_past_replays_the_profile_without_the_lock(tmp_path, mon
 
     before = _profile_of(engine, "u")
     free = []
-    replay = engine._build_state
-    monkeypatch.setattr(engine, "_build_state", lambda *args: free.append(_lock_is_free(engine))
+    replay = engine._builder.build
+    monkeypatch.setattr(engine._builder, "build", lambda *args: free.append(_lock_is_free(engine))
                         or replay(*args))
     live = answers(engine)
     assert live[0] == {LIKE: 3}
@@ -527,7 +527,7 @@ def test_reads_at_the_clock_that_must_replay_do_so_without_the_lock(tmp_path, mo
     stamped ahead of it, past those a profile holds, brings them in from the
     log: either way the next read replays the log (65 ms at 1k events, 600
     at 10k), which other calls must not wait for."""
-    from halflife.interest.engine import MAX_HELD_EVENTS_PER_USER
+    from halflife.interest.replay import MAX_HELD_EVENTS_PER_USER
 
     now = [T]
 
@@ -546,8 +546,8 @@ def test_reads_at_the_clock_that_must_replay_do_so_without_the_lock(tmp_path, mo
         engine.recommend("u", 3)
         now[0] = T + 60.0 * (MAX_HELD_EVENTS_PER_USER + 1)  # the first event not held is due
     free = []
-    replay = engine._build_state
-    monkeypatch.setattr(engine, "_build_state", lambda *args: free.append(_lock_is_free(engine))
+    replay = engine._builder.build
+    monkeypatch.setattr(engine._builder, "build", lambda *args: free.append(_lock_is_free(engine))
                         or replay(*args))
     ranked = [(i.item_id, round(i.score, 6)) for i in engine.recommend("u", 5).items]
     profile = engine.profile("u")
@@ -831,13 +831,13 @@ def test_events_stamped_ahead_of_the_clock_count_from_their_time_and_keep_reads_
     looked_ahead = answers(engine, at=T + 900.0)  # counts the events due by then, applies none
     assert looked_ahead != answers(only_past) and fast_at_the_clock()
     replays = []
-    build = engine._build_state
-    engine._build_state = lambda *args: replays.append(args) or build(*args)
+    build = engine._builder.build
+    engine._builder.build = lambda *args: replays.append(args) or build(*args)
     assert answers(engine) == answers(only_past) and engine.profile("u1").event_counts == {LIKE: 3}
     # The users' own held events cost no replay either ("cold", who has no event, is never cached:
     # its reads build a profile of nothing).
     assert [args[0] for args in replays if args[0]] == []
-    del engine._build_state
+    del engine._builder.build
 
     now[0] = T + 900.0  # one held event per user is due: counted from its time on
     live = answers(engine)
@@ -891,7 +891,7 @@ def test_a_profile_holds_a_bounded_number_of_events_for_the_clock(tmp_path):
     them all instead made every read at the clock replay the whole log until
     the clock caught up (17 events ahead: a 10k-event user's reads 235 ms
     instead of 2-6 ms, an audit)."""
-    from halflife.interest.engine import MAX_HELD_EVENTS_PER_USER
+    from halflife.interest.replay import MAX_HELD_EVENTS_PER_USER
 
     now = [T]
 
@@ -906,8 +906,8 @@ def test_a_profile_holds_a_bounded_number_of_events_for_the_clock(tmp_path):
     answers = lambda e, at=None: [(i.item_id, round(i.score, 6)) for i in e.recommend("u", 5, as_of=at).items]
     assert answers(engine) == answers(only_past)  # cached
     replays = []
-    build = engine._build_state
-    engine._build_state = lambda *args: replays.append(len(args[0])) or build(*args)
+    build = engine._builder.build
+    engine._builder.build = lambda *args: replays.append(len(args[0])) or build(*args)
     for n in reversed(range(MAX_HELD_EVENTS_PER_USER + 4)):  # each sooner due than those before it
         engine.record_events([EventInput(f"a{n}", "u", LIKE, f"i{10 + n}", None, None, T + 60.0 * (n + 1))])
         assert answers(engine) == answers(only_past)
@@ -915,7 +915,7 @@ def test_a_profile_holds_a_bounded_number_of_events_for_the_clock(tmp_path):
     state = engine._users["u"]
     assert len(state.ahead) == MAX_HELD_EVENTS_PER_USER and state.ahead_in_log == T + 60.0 * (MAX_HELD_EVENTS_PER_USER + 1)
     assert sorted(e.event_time for e in state.ahead) == [T + 60.0 * (n + 1) for n in range(MAX_HELD_EVENTS_PER_USER)]
-    del engine._build_state
+    del engine._builder.build
 
     for at in (T + 60.0 * 5, T + 60.0 * (MAX_HELD_EVENTS_PER_USER + 1), T + 60.0 * 30):
         looked_ahead = answers(engine, at)  # counts what is due by then, on a replay
@@ -1526,7 +1526,7 @@ def test_the_strongest_events_chunked_are_those_of_one_stable_sort():
     time (all at once, 1,000 items by 100k events took 1.3 GB): the same
     events as one stable sort of all, ties by event order. Coordinates of
     quarters keep every product exact, whatever the chunk, so ties are exact."""
-    from halflife.interest.engine import _strongest_events
+    from halflife.interest.explain import strongest_events
 
     rng = np.random.default_rng(3)
     for trial in range(200):
@@ -1537,21 +1537,21 @@ def test_the_strongest_events_chunked_are_those_of_one_stable_sort():
         k, chunk = int(rng.integers(1, 5)), int(rng.integers(1, 12))
         strength = weights * np.maximum(items @ events.T, 0)
         expected = np.argsort(-strength, kind="stable", axis=1)[:, :k]
-        np.testing.assert_array_equal(_strongest_events(items, events, weights, k, chunk=chunk), expected,
+        np.testing.assert_array_equal(strongest_events(items, events, weights, k, chunk=chunk), expected,
                                       err_msg=f"trial {trial}")
 
 
 def test_explanations_read_the_log_and_score_its_events_without_the_lock(tmp_path, monkeypatch):
     """A user of 100k events at limit 1,000 held every other call up for 8.7 s."""
-    from halflife.interest import engine as engine_module
+    from halflife.interest import explain
 
     engine = open_engine(tmp_path)
     engine.upsert_items([ItemInput(id=f"i{n}", text=f"kayak paddle {n % 5}") for n in range(20)])
     engine.record_events([EventInput(f"a{n}", "u", LIKE, f"i{n % 7}", None, None, T - 600.0 * (30 - n))
                           for n in range(30)])
     free = []
-    strongest = engine_module._strongest_events
-    monkeypatch.setattr(engine_module, "_strongest_events",
+    strongest = explain.strongest_events
+    monkeypatch.setattr(explain, "strongest_events",
                         lambda *a, **k: free.append(_lock_is_free(engine)) or strongest(*a, **k))
     read = engine.store.user_events
     monkeypatch.setattr(engine.store, "user_events", lambda user: free.append(_lock_is_free(engine)) or read(user))
@@ -1559,7 +1559,7 @@ def test_explanations_read_the_log_and_score_its_events_without_the_lock(tmp_pat
     assert free and all(free)
     for item in items:
         events = item.explanation.events
-        assert len(events) == engine_module.EXPLAINED_EVENTS
+        assert len(events) == explain.EXPLAINED_EVENTS
         strengths = [e.weight * max(e.similarity, 0) for e in events]
         assert strengths == sorted(strengths, reverse=True)
 
@@ -1691,7 +1691,7 @@ def test_concurrent_misses_of_one_user_read_the_log_once(tmp_path, monkeypatch):
         assert engine.profile("u", as_of=T).event_counts == expected
         started[0].join(10)
         assert reads == ["u"] and outcome == [want]
-        monkeypatch.setattr(engine, "_build_state", type(engine)._build_state.__get__(engine))
+        monkeypatch.setattr(engine._builder, "build", type(engine._builder).build.__get__(engine._builder))
 
 
 def test_when_the_replay_misses_wait_for_fails_they_wait_for_one_replay_again(tmp_path, monkeypatch):
@@ -1839,21 +1839,21 @@ def test_an_explanations_strongest_events_do_not_depend_on_the_chunks_they_were_
     another chunk an identical event scored one ulp apart and jumped the
     queue (for users of over 4,096 events: a review)."""
     from halflife.core.ranking import normalize
-    from halflife.interest.engine import _strongest_events
+    from halflife.interest.explain import strongest_events
 
     rng = np.random.default_rng(5)
     distinct = normalize(rng.normal(size=(5, 384)))
     events = distinct[rng.integers(0, 5, size=40)]
     items = normalize(rng.normal(size=(50, 384)))
     weights = np.ones(40)
-    whole = _strongest_events(items, events, weights, 3)
+    whole = strongest_events(items, events, weights, 3)
     for chunk in (1, 3, 7, 16):
-        np.testing.assert_array_equal(_strongest_events(items, events, weights, 3, chunk=chunk), whole)
+        np.testing.assert_array_equal(strongest_events(items, events, weights, 3, chunk=chunk), whole)
     # Within one chunk too: a GEMM's tail columns round apart from the others (a review: 66 in 300 picked late ones).
     for m, n in ((38, 155), (1, 30), (7, 300)):
         for dtype in (np.float32, np.float64):
             same = np.tile(distinct[0].astype(dtype), (n, 1))
-            picked = _strongest_events(normalize(rng.normal(size=(m, 384)), dtype=dtype), same, np.ones(n), 3)
+            picked = strongest_events(normalize(rng.normal(size=(m, 384)), dtype=dtype), same, np.ones(n), 3)
             assert (picked == [0, 1, 2]).all(), (m, n, dtype, picked[:3])
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from halflife.config import Config
-from halflife.interest import engine as engine_module
+from halflife.interest import replay as replay_module
 from halflife.interest.engine import InterestEngine
 from halflife.interest.types import EventInput, ItemInput
 from halflife.interest.state import snapshot_bytes, state_from_snapshot
@@ -27,7 +27,7 @@ VIEW, LIKE, DISLIKE, RATE, SEARCH = 1, 3, 4, 6, 8
 
 @pytest.fixture(autouse=True)
 def small_snapshots(monkeypatch):
-    monkeypatch.setattr(engine_module, "SNAPSHOT_EVENTS", 10)
+    monkeypatch.setattr(replay_module, "SNAPSHOT_EVENTS", 10)
 
 
 def open_engine(path, config: Config = Config(), now: float = T) -> InterestEngine:
@@ -64,7 +64,7 @@ def filled(path, n: int, config: Config = Config()) -> InterestEngine:
 def full_replay_of(engine: InterestEngine, path, monkeypatch, config: Config = Config()) -> InterestEngine:
     """An engine at `engine`'s clock over the same items and user u's log,
     saving no snapshot: what a replay of the whole log answers."""
-    monkeypatch.setattr(engine_module, "SNAPSHOT_EVENTS", 10**9)
+    monkeypatch.setattr(replay_module, "SNAPSHOT_EVENTS", 10**9)
     reference = with_items(path, config, engine.now())
     reference.record_events([EventInput(e.event_id, "u", e.type, e.item_id, e.text, e.value, e.event_time)
                              for e in engine.store.user_events("u")])
@@ -87,13 +87,13 @@ def answers(engine: InterestEngine) -> tuple:
 def replayed(engine: InterestEngine, monkeypatch) -> list[int]:
     """How many events each replay that follows applies, from scratch or onto a snapshot."""
     counts: list[int] = []
-    extend = engine._extend
+    extend = engine._builder.extend
 
     def counting(state, events, horizon):
         counts.append(len(events))
         return extend(state, events, horizon)
 
-    monkeypatch.setattr(engine, "_extend", counting)
+    monkeypatch.setattr(engine._builder, "extend", counting)
     return counts
 
 
@@ -160,7 +160,7 @@ def test_a_snapshot_that_would_answer_otherwise_than_a_full_replay_is_not_used(t
     engine.record_events(history(2, first=40))
     engine, config = change(engine, path, monkeypatch)
     counts = replayed(engine, monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="halflife.interest.engine"):
+    with caplog.at_level(logging.WARNING, logger="halflife.interest.replay"):
         live = answers(engine)
     assert counts[0] >= 32  # every event, not only those after the snapshot
     assert ("unreadable profile snapshot" in caplog.text) == (change is _damage)
@@ -172,14 +172,14 @@ def test_a_snapshot_that_would_answer_otherwise_than_a_full_replay_is_not_used(t
 def test_a_user_erased_while_their_profile_replays_leaves_no_snapshot(tmp_path, monkeypatch):
     engine = filled(tmp_path, 20)
     engine._users.clear()
-    build, done = engine._build_state, []
+    build, done = engine._builder.build, []
 
     def erase_meanwhile(*args):
         if not done:
             done.append(engine.delete_user("u"))
         return build(*args)
 
-    monkeypatch.setattr(engine, "_build_state", erase_meanwhile)
+    monkeypatch.setattr(engine._builder, "build", erase_meanwhile)
     assert engine.recommend("u", 3, as_of=T).strategy == "trending"
     assert done == [20] and engine.snapshots.wait(10)
     assert engine.store.user_history("u") == (None, [])
@@ -190,7 +190,7 @@ def test_a_user_erased_while_their_profile_replays_leaves_no_snapshot(tmp_path, 
 
 def test_a_snapshot_holds_every_part_of_a_profile(tmp_path):
     engine = filled(tmp_path, 40)
-    state = engine._build_state(engine.store.user_events("u"), T)
+    state = engine._builder.build(engine.store.user_events("u"), T)
     again = state_from_snapshot(snapshot_bytes(state))
     for name in ("multi", "single"):
         arrays, restored = getattr(state, name).to_arrays(), getattr(again, name).to_arrays()
@@ -220,7 +220,7 @@ def test_a_replay_of_a_damaged_vector_saves_no_snapshot(tmp_path):
     assert repaired != damaged and engine.store.user_history("u")[0].through_seq == 30
 
 
-@pytest.mark.parametrize("ahead", [3, engine_module.MAX_HELD_EVENTS_PER_USER + 4])
+@pytest.mark.parametrize("ahead", [3, replay_module.MAX_HELD_EVENTS_PER_USER + 4])
 def test_events_held_for_the_clock_after_every_applied_one_are_left_out_of_the_snapshot(tmp_path, monkeypatch, ahead):
     """A client clock running ahead holds some events at every read (past
     MAX_HELD_EVENTS_PER_USER, some wait in the log instead): the snapshot
@@ -247,7 +247,7 @@ def test_events_held_for_the_clock_after_every_applied_one_are_left_out_of_the_s
 
 
 def test_a_snapshot_is_rewritten_once_enough_of_the_users_events_are_new(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine_module, "SNAPSHOT_SHARE", 2)  # at least half the user's events
+    monkeypatch.setattr(replay_module, "SNAPSHOT_SHARE", 2)  # at least half the user's events
     engine = filled(tmp_path, 30)
     answers(engine)
     engine.record_events(history(12, first=30))

@@ -234,7 +234,7 @@ def test_a_profile_replaying_while_another_worker_erases_its_user_is_dropped(pai
     a, b = pair
     a.upsert_items(items(["x", "y", "z"]))
     a.record_events(likes("e", "u0", ["x", "y"]))
-    replay, done = a._build_state, []
+    replay, done = a._builder.build, []
 
     def build(*args):  # the other worker erases u0, and a call on this one catches up, mid-replay
         if not done:
@@ -242,7 +242,7 @@ def test_a_profile_replaying_while_another_worker_erases_its_user_is_dropped(pai
             a.stats()
         return replay(*args)
 
-    monkeypatch.setattr(a, "_build_state", build)
+    monkeypatch.setattr(a._builder, "build", build)
     assert a.recommend("u0", 3, as_of=T).strategy == "trending"
     assert done == [2]
     monkeypatch.undo()
@@ -253,13 +253,13 @@ def test_a_profile_of_events_another_worker_recorded_is_replayed_once(pair, monk
     a, b = pair
     b.upsert_items(items(["x", "y", "z"]))
     b.record_events(likes("e", "u0", ["x", "y", "z"]))
-    replay, replays = a._build_state, []
+    replay, replays = a._builder.build, []
 
     def build(events, *args):
         replays.append(len(events))
         return replay(events, *args)
 
-    monkeypatch.setattr(a, "_build_state", build)
+    monkeypatch.setattr(a._builder, "build", build)
     assert a.recommend("u0", 3, as_of=T).strategy == "personalized"
     assert replays == [3]
 

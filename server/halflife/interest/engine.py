@@ -43,12 +43,11 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Sequence, TypeVar
 import numpy as np
 
 from halflife import deadlines
-from halflife.config import EVENT_TYPE_NAMES, Config, api_event_type
+from halflife.config import Config
 from halflife.core.cooccurrence import Cooccurrence, cooccurrence_scores
 from halflife.core.decay import es_kernel, half_life_kernel, kernel_profile
 from halflife.core.describe import describe_clusters
 from halflife.core.horizon import Entries, Horizon
-from halflife.core.profiles import MultiInterestState, ProfileState
 from halflife.core.ranking import (
     DecayedCounts,
     EntryLog,
@@ -67,12 +66,12 @@ from halflife.deadlines import Deadline
 from halflife.interest.blend import Blend, CatalogueScan, Later, unit_max
 from halflife.interest.catalog import CatalogIndex
 from halflife.interest.snapshot_saver import SnapshotSaver
-from halflife.interest.state import UserState, snapshot_bytes, snapshot_key, state_from_snapshot
+from halflife.interest.explain import explanations, per_row, ranked_interests
+from halflife.interest.replay import ProfileBuilder
+from halflife.interest.state import UserState
 from halflife.interest.types import (
-    EventContribution,
     EventInput,
     Explanation,
-    InterestContribution,
     InterestView,
     ItemFilter,
     ItemInput,
@@ -88,7 +87,6 @@ from halflife.storage.base import (
     Guard,
     ItemRecord,
     ItemsChangedError,
-    ProfileSnapshot,
     ResentEventsErasedError,
     Store,
     StoreDamagedError,
@@ -99,25 +97,10 @@ from halflife.storage.base import (
 log = logging.getLogger(__name__)
 
 DAY = 86400.0
-RATE = api_event_type("rate")
 MMR_CANDIDATES_PER_RESULT = 5  # MMR re-ranks this many times `limit` candidates
-EXPLAINED_EVENTS = 3
-EXPLAINED_INTERESTS = 3
-# Events a cached profile holds for the clock (see UserState.ahead), each
-# with its vector (~1.6 KB): the soonest due. Later ones wait in the log, and
-# the profile replays it once the clock reaches the first of them.
-MAX_HELD_EVENTS_PER_USER = 16
 # Replays of at least this many events run one at a time (InterestEngine._replay_turn):
 # ~40 ms each and up, where shorter ones would wait behind a longer one for little gain.
 LONG_REPLAY_EVENTS = 2000
-# A replay of at least this many events saves the profile it built to the
-# store (Store.save_profile_snapshot): the user's next miss replays only the
-# events after it. 20-60 ms of replay, where a save costs a few ms once.
-SNAPSHOT_EVENTS = 1000
-# ... and at least this share of the user's events: a snapshot is written
-# whole (~32 bytes an event), and a 1M-event user's took 0.4 s to serialise
-# and save, where 1/100 of their events took 0.7 s to replay.
-SNAPSHOT_SHARE = 100
 # Tries of record_events when items change between the read of their vectors
 # and the commit: each later try reads them again and writes within a few ms.
 RECORD_ATTEMPTS = 3
@@ -144,24 +127,11 @@ RENUMBERED_ATTEMPTS = 2
 Embedder = Callable[[Sequence[str], Deadline | None], np.ndarray]
 
 
-def _with_vectors(events: Sequence[EventRecord]) -> np.ndarray:
-    """Positions of the events that have a vector (see EventRecord.vector). (m,) int64."""
-    return np.array([i for i, e in enumerate(events) if e.vector is not None], dtype=np.int64)
-
-
 def _relative(popularity: np.ndarray, alive: np.ndarray) -> np.ndarray:
     """The live items' popularity divided by its maximum: (size,) float32 in
     [0, 1] (deleted items 0; all 0 while none is positive). Below 0 is only
     an erasure's rounding (see DecayedCounts): 0."""
     return unit_max(np.where(alive & (popularity > 0), popularity, 0.0))
-
-
-def _ranked_interests(shares: np.ndarray) -> np.ndarray:
-    """The clusters a profile lists, strongest first, equal ones in order:
-    those with a share > 0 (one that decayed to nothing beside the others has
-    no direction left to describe). Returns indices."""
-    order = np.argsort(-shares, kind="stable")
-    return order[shares[order] > 0]
 
 
 def _cosines(items: np.ndarray, rows, direction: np.ndarray) -> np.ndarray:
@@ -186,44 +156,6 @@ def _nearest(items: np.ndarray, allowed: np.ndarray, picked: np.ndarray, directi
     if len(rows) > limit > 0 and scores[limit] == scores[limit - 1]:
         return top_k(_cosines(items, slice(None), direction), limit, allowed[: items.shape[0]], ties=True)
     return rows[:limit], scores[:limit]
-
-
-def _strongest_events(items: np.ndarray, events: np.ndarray, weights: np.ndarray, k: int,
-                      chunk: int = 4096) -> np.ndarray:
-    """Per item, the k events of largest weight × max(cosine, 0), strongest
-    first, ties by event order. items: (m, d) and events: (n, d) unit rows;
-    weights: (n,). A chunk of events at a time keeps the (m, chunk) products
-    small: all at once, 1,000 items by 100k events took 1.3 GB. A GEMM's
-    rounding depends on where a column sits, so identical events (an item
-    viewed again and again) scored one ulp apart, within a chunk (its tail
-    columns) and across chunks: a chunk's distinct vectors are scored once,
-    and each chunk's best are scored again row by row, as `_cosines`.
-    Returns (m, min(k, n)) int64 indices into events."""
-    best_rows = []
-    for start in range(0, events.shape[0], chunk):
-        block = events[start : start + chunk]
-        first: dict[bytes, int] = {}  # a row's bytes -> the first row holding them
-        firsts = [first.setdefault(row.tobytes(), i) for i, row in enumerate(block)]
-        distinct, copy_of = np.unique(firsts, return_inverse=True)
-        cosines = clip_cosines(items @ block[distinct].T)[:, copy_of]
-        strength = weights[start : start + chunk] * np.maximum(cosines, 0)
-        top = min(k, strength.shape[1])
-        kth = -np.partition(-strength, top - 1, axis=1)[:, top - 1 : top]  # each row's top-th largest
-        above, tied = strength > kth, strength == kth
-        # The top - (above) earliest of those tied with it: `top` a row.
-        keep = above | (tied & (np.cumsum(tied, axis=1) <= top - above.sum(axis=1, keepdims=True)))
-        best_rows.append(np.nonzero(keep)[1].reshape(-1, top) + start)
-    candidates = np.concatenate(best_rows, axis=1)
-    strengths = np.empty(candidates.shape)
-    for j, column in enumerate(candidates.T):  # a column at a time: all at once is (m, 3 x chunks, d)
-        strengths[:, j] = weights[column] * np.maximum(clip_cosines(row_dots(items, events[column])), 0)
-    order = np.lexsort((candidates, -strengths), axis=1)[:, :k]
-    return np.take_along_axis(candidates, order, axis=1)
-
-
-def _per_row(parts: Mapping[str, np.ndarray], n: int) -> list[dict[str, float]]:
-    """A blend's parts at n rows (name -> (n,)) as one {name: value} per row."""
-    return [{name: float(values[j]) for name, values in parts.items()} for j in range(n)]
 
 
 def _guard(deadline: Deadline | None) -> Guard | None:
@@ -330,8 +262,7 @@ class InterestEngine:
         self._clock = clock
         self._follow_store = follow_store  # other processes write to the store too
         self._blocks = RowBlocks(scan_threads or physical_cores())  # one call's passes over the catalogue
-        self._types = config.decay_types()
-        self._snapshot_key = snapshot_key(config, dim)
+        self._builder = ProfileBuilder(config, dim)  # profiles from event logs
         self.snapshots = SnapshotSaver(store)
         self._lock = threading.RLock()  # guards everything in memory below
         self._catalog_write = threading.Lock()  # this process's catalogue writes: store, read back, index
@@ -388,7 +319,7 @@ class InterestEngine:
         self._resize_blend()
         for chunk in self.store.iter_events(through_seq=self._events.through):
             rows = self._current_item_rows(chunk.item_ids, chunk.seqs)
-            types = self._internal_types_of(chunk.types, chunk.values)
+            types = self._builder.internal_types(chunk.types, chunk.values)
             self._add_to_blend(rows, types, chunk.times, chunk.user_ids)
 
     def _catch_up(self, written: _WrittenItems | None = None) -> None:
@@ -461,7 +392,7 @@ class InterestEngine:
         """Co-occurrence takes every item event of a non-negative type (a
         3-star rating is still a consumption); popularity only positive ones.
         rows: (n,) catalogue rows (-1: none); types: (n,) internal. Lock held."""
-        weights = self._types.weights[types]
+        weights = self._builder.types.weights[types]
         consumed = np.flatnonzero((rows >= 0) & (weights >= 0))
         if consumed.size:
             users = np.array([self._user_row(user_ids[i]) for i in consumed], dtype=np.int64)
@@ -470,7 +401,7 @@ class InterestEngine:
     def _take_back_popularity(self, rows: np.ndarray, types: np.ndarray, times: np.ndarray) -> None:
         """Takes erased events' weights back from popularity (their pairs go
         with Cooccurrence.remove_user). Lock held."""
-        weights = self._types.weights[types]
+        weights = self._builder.types.weights[types]
         liked = (rows >= 0) & (weights > 0)
         if liked.any():
             self._admit_to_blend(times[liked], np.full(int(liked.sum()), -1), rows[liked], -weights[liked])
@@ -564,30 +495,6 @@ class InterestEngine:
             self._relative_popularity_cache = (self._popularity, self._popularity.version, self.catalog.version,
                                                relative)
         return relative
-
-    def _record_types(self, events: Sequence[EventRecord]) -> np.ndarray:
-        """Internal type index of each recorded event (ratings mapped by value). (n,) int64."""
-        return self._internal_types_of(
-            np.array([e.type for e in events], dtype=np.int64),
-            np.array([np.nan if e.value is None else e.value for e in events], dtype=np.float64),
-        )
-
-    def _internal_types_of(self, api_types: np.ndarray, values: np.ndarray) -> np.ndarray:
-        """Internal type index per event: API value - 1, except that ratings
-        map by value to rate / rate_mid / rate_low (config.ratings).
-        api_types, values: (n,) (values NaN where none). Returns (n,) int64."""
-        internal = np.asarray(api_types, dtype=np.int64) - 1
-        unknown = (internal < 0) | (internal >= len(self._types.weights))
-        if unknown.any():
-            # The API takes only types it knows: one from the store was damaged there (it was an IndexError).
-            raise StoreDamagedError(f"an event of type {int(internal[unknown][0]) + 1}, which this server does not "
-                                    "know: the store is damaged")
-        ratings = self.config.ratings
-        is_rate = internal == RATE - 1
-        low = is_rate & (values <= ratings.negative_max)
-        mid = is_rate & (values > ratings.negative_max) & (values < ratings.positive_min)
-        internal = np.where(low, EVENT_TYPE_NAMES.index("rate_low"), internal)
-        return np.where(mid, EVENT_TYPE_NAMES.index("rate_mid"), internal)
 
     def _label_space(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Category labels as directions in item space: (names, (L, d) unit
@@ -887,7 +794,7 @@ class InterestEngine:
         """New events into the blend and the cached profiles. Lock held."""
         if not stored:
             return
-        types = self._record_types(stored)
+        types = self._builder.record_types(stored)
         rows = self._current_item_rows([e.item_id for e in stored], np.array([e.seq for e in stored]))
         self._add_to_blend(rows, types, np.array([e.event_time for e in stored]), [e.user_id for e in stored])
         self._start_cooccurrence_merge()
@@ -922,8 +829,8 @@ class InterestEngine:
                 counted = np.array([self._events.applied(seq) for seq in chunk.seqs.tolist()], dtype=bool)
                 if counted.any():
                     rows = self._current_item_rows([i for i, c in zip(chunk.item_ids, counted) if c], chunk.seqs[counted])
-                    self._take_back_popularity(rows, self._internal_types_of(chunk.types[counted], chunk.values[counted]),
-                                               chunk.times[counted])
+                    types = self._builder.internal_types(chunk.types[counted], chunk.values[counted])
+                    self._take_back_popularity(rows, types, chunk.times[counted])
             self._users.pop(user_id, None)
             for replay in self._replays.get(user_id, ()):
                 replay.erased = True
@@ -940,59 +847,6 @@ class InterestEngine:
         return deleted
 
     # --------------------------------------------------------------- profiles
-
-    def _build_state(self, events: Sequence[EventRecord], horizon: float, start: UserState | None = None) -> UserState:
-        """A profile from events (any order) stamped up to `horizon`, the rest
-        held (see _extend): replay sorted by time, ties by seq. start: a
-        profile to extend (none of `events` older than its newest), where not
-        an empty one."""
-        state = start if start is not None else UserState(
-            multi=MultiInterestState.empty(
-                self._types, self.dim, self.config.profile.max_interests, self.config.profile.cluster_threshold
-            ),
-            single=ProfileState.empty(self._types, self.dim),
-            seen=set(),
-            api_counts=collections.Counter(),
-            newest_time=-np.inf,
-            max_seq=0,
-        )
-        self._extend(state, sorted(events, key=lambda e: e.seq), horizon)
-        return state
-
-    def _extend(self, state: UserState, events: Sequence[EventRecord], horizon: float) -> None:
-        """Applies the held events and `events` (in seq order, none older than
-        state.newest_time) stamped up to `horizon`; holds the later ones."""
-        events = [*state.ahead, *events]
-        if not events:
-            return
-        state.max_seq = max(state.max_seq, max(e.seq for e in events))
-        ahead = [e for e in events if e.event_time > horizon]
-        if len(ahead) > MAX_HELD_EVENTS_PER_USER:
-            # Before, every event was applied past the bound, and each read at the clock replayed the
-            # whole log until the clock caught up: 17 events an hour ahead made a 10k-event user's
-            # reads take 235 ms instead of 2-6 ms, one at a time (an audit).
-            state.ahead_in_log = min(state.ahead_in_log, sorted(e.event_time for e in ahead)[MAX_HELD_EVENTS_PER_USER])
-        state.ahead = [e for e in ahead if e.event_time < state.ahead_in_log]
-        if ahead:
-            events = [e for e in events if e.event_time <= horizon]
-        if not events:
-            return
-        types = self._record_types(events)
-        times = np.array([e.event_time for e in events])
-        directed = _with_vectors(events)
-        if directed.size:
-            vectors = np.stack([events[i].vector for i in directed])
-            state.multi.add(self._types, types[directed], times[directed], vectors)
-            state.single.add(self._types, types[directed], times[directed], vectors)
-        state.seen.update(e.item_id for e in events if e.item_id)
-        state.api_counts.update(e.type for e in events)
-        state.newest_time = max(state.newest_time, float(times.max()))
-        for e, k in zip(events, types.tolist()):
-            if e.item_id and self._types.weights[k] > 0:
-                state.affinity_items.append(e.item_id)
-                state.affinity_types.append(k)
-                state.affinity_times.append(e.event_time)
-                state.affinity_seqs.append(e.seq)
 
     def _cache_profile(self, user_id: str, deadline: Deadline | None = None) -> None:
         """Caches the user's profile if it is missing or a late event made it
@@ -1013,7 +867,7 @@ class InterestEngine:
                 # drop it and _user_state replay again, under the lock.
                 self._catch_up()
                 state = self._users.get(user_id)
-                if state is not None and not self._stale(state, self._clock()):
+                if state is not None and not self._builder.stale(state, self._clock()):
                     return
                 running = self._replays.get(user_id)
                 if running and wait:
@@ -1031,7 +885,7 @@ class InterestEngine:
             # The read sees a prefix of the log (one writer hands out seqs in
             # commit order): events up to state.max_seq are all in it.
             state, replayed = self._restore(user_id, self._clock(), unlocked=True, deadline=deadline)
-            snapshot = self._snapshot_of(state, replayed)
+            snapshot = self._builder.snapshot_of(state, replayed)
         finally:
             with self._lock:
                 replays = self._replays[user_id]
@@ -1046,32 +900,6 @@ class InterestEngine:
         if snapshot is not None:
             self.snapshots.submit(user_id, snapshot)
 
-    def _snapshot_of(self, state: UserState, replayed: Sequence[EventRecord]) -> ProfileSnapshot | None:
-        """What to save of a profile just built by replaying `replayed`
-        (onto a snapshot or not), or None: a snapshot pays where the replay
-        was long (SNAPSHOT_EVENTS, SNAPSHOT_SHARE), and one is taken only
-        of what a full replay would build the same way later. Not where an
-        event's stored vector was damaged: it counts without its direction
-        now, but a repaired vector (an upsert of the item) would count in a
-        full replay. Events held for the clock or waiting in the log for it
-        are left out of it, when they came after every applied one (a client
-        clock running ahead holds some at every read): the snapshot ends
-        before them. Without, such a user's replays grew with every event
-        since their last snapshot (an audit: 102, 374, then 1,326 events an
-        hour later)."""
-        if len(replayed) < max(SNAPSHOT_EVENTS, sum(state.api_counts.values()) // SNAPSHOT_SHARE):
-            return None
-        if any(e.vector is None for e in replayed):
-            return None
-        if state.ahead or state.ahead_in_log != np.inf:
-            # Not applied: held, or waiting in the log (stamped at or after ahead_in_log).
-            held = {e.seq for e in state.ahead} | {e.seq for e in replayed if e.event_time >= state.ahead_in_log}
-            through = max((e.seq for e in replayed if e.seq not in held), default=0)
-            if not through or through > min(held):
-                return None
-            state = dataclasses.replace(state, ahead=[], ahead_in_log=np.inf, max_seq=through)
-        return ProfileSnapshot(state.max_seq, self._snapshot_key, snapshot_bytes(state))
-
     def _cache(self, user_id: str, state: UserState) -> None:
         """Adds a profile to the LRU cache, evicting the least recently used,
         unless it holds no event: reads for users with none (new visitors, say)
@@ -1085,16 +913,16 @@ class InterestEngine:
 
     def _user_state(self, user_id: str, as_of: float) -> UserState:
         """The user's profile including every event up to `as_of`. Call with
-        the lock held; a read the cached profile cannot answer (`_needs_replay`)
+        the lock held; a read the cached profile cannot answer (`ProfileBuilder.needs_replay`)
         replays under it here, so callers try `_replayed_state` first."""
         state = self._current_state(user_id)
-        if self._needs_replay(state, as_of):
+        if self._builder.needs_replay(state, as_of):
             return self._replay_until(user_id, as_of)
         return state
 
     def _replayed_state(self, user_id: str, as_of: float, deadline: Deadline | None = None) -> UserState | None:
         """The user's profile as of `as_of` where the cached one cannot answer
-        then (`_needs_replay`: a look into the past, or past the clock at
+        then (`ProfileBuilder.needs_replay`: a look into the past, or past the clock at
         events held for it), replayed from the log without the lock (1k events: ~20 ms that
         would hold up every other call); None when the cached profile answers
         at `as_of`. The cache is left as it is. Call without the lock.
@@ -1106,7 +934,7 @@ class InterestEngine:
         deadline left ~50 s of replays behind them (a resource audit)."""
         with self._lock:
             current = self._current_state(user_id)
-            if not self._needs_replay(current, as_of):
+            if not self._builder.needs_replay(current, as_of):
                 return None
             events = sum(current.api_counts.values())
         with self._replay_turn(events, deadline):
@@ -1141,69 +969,34 @@ class InterestEngine:
             self._cache(user_id, state)
         else:
             self._users.move_to_end(user_id)
-        if self._stale(state, now):
+        if self._builder.stale(state, now):
             state = self._restore(user_id, now)[0]  # replay exactly
             self._users[user_id] = state
         elif state.pending or any(e.event_time <= now for e in state.ahead):
             pending = sorted(state.pending, key=lambda e: e.seq)
             state.pending = []
-            self._extend(state, pending, now)
+            self._builder.extend(state, pending, now)
         return state
-
-    @staticmethod
-    def _stale(state: UserState, now: float) -> bool:
-        """Whether only a replay of the log brings the profile up to the
-        clock (`now`): an event applied since it was built is older than its
-        newest, or the clock reached the events it left in the log
-        (`ahead_in_log`)."""
-        late = bool(state.pending) and min(e.event_time for e in state.pending) < state.newest_time
-        return late or now >= state.ahead_in_log
-
-    @staticmethod
-    def _needs_replay(state: UserState, as_of: float) -> bool:
-        """Whether a read at `as_of` must replay: it is before the profile's
-        newest event, or past the clock at events held for it or left in the
-        log (`ahead_in_log`)."""
-        return (as_of < state.newest_time or as_of >= state.ahead_in_log
-                or any(e.event_time <= as_of for e in state.ahead))
 
     def _replay_until(self, user_id: str, as_of: float) -> UserState:
         """A profile of what had happened by `as_of`, from the log; not cached."""
-        return self._build_state([e for e in self.store.user_events(user_id) if e.event_time <= as_of], as_of)
+        return self._builder.build([e for e in self.store.user_events(user_id) if e.event_time <= as_of], as_of)
 
     def _restore(self, user_id: str, horizon: float, unlocked: bool = False,
                  deadline: Deadline | None = None) -> tuple[UserState, list[EventRecord]]:
         """The user's profile at `horizon`, from the log: their snapshot and
-        the events after it where it fits (see `_thawed`), else every event.
+        the events after it where it fits (see `ProfileBuilder.thawed`), else every event.
         Returns it and the events it replayed. unlocked: called without the
         lock, so a long replay waits its turn (`_replay_turn`), not past
         `deadline`."""
         snapshot, events = self.store.user_history(user_id)
-        start = None if snapshot is None else self._thawed(user_id, snapshot, events, horizon)
+        start = None if snapshot is None else self._builder.thawed(user_id, snapshot, events, horizon)
         if snapshot is not None and start is None:
             events = self.store.user_events(user_id)
         if not unlocked:
-            return self._build_state(events, horizon, start), events
+            return self._builder.build(events, horizon, start), events
         with self._replay_turn(len(events), deadline):
-            return self._build_state(events, horizon, start), events
-
-    def _thawed(self, user_id: str, snapshot: ProfileSnapshot, after: Sequence[EventRecord],
-                horizon: float) -> UserState | None:
-        """The snapshot's profile where a replay of the whole log would build
-        it on the way to `horizon`, and extend it with `after` (the user's
-        events past it): saved under this engine's settings, its newest event
-        not after `horizon`, and none of `after` older than that one (which
-        a replay would have taken before some of the snapshot's). Else None."""
-        if snapshot.key != self._snapshot_key:
-            return None
-        try:
-            state = state_from_snapshot(snapshot.data)
-        except Exception as e:  # damaged: only a shortcut lost, the log holds the profile
-            log.warning("unreadable profile snapshot of user %r, replaying their events: %s", user_id, e)
-            return None
-        if state.max_seq != snapshot.through_seq or state.newest_time > horizon:
-            return None
-        return None if any(e.event_time < state.newest_time for e in after) else state
+            return self._builder.build(events, horizon, start), events
 
     def profile(self, user_id: str, as_of: float | None = None, items_per_interest: int | None = None,
                 deadline: Deadline | None = None) -> UserProfile:
@@ -1231,7 +1024,7 @@ class InterestEngine:
             return profile
         described = self._describe(centroids, n_items)  # takes the lock only around its products
         interests = []
-        for rank, c in enumerate(_ranked_interests(shares)):
+        for rank, c in enumerate(ranked_interests(shares)):
             labels, items = described[c]
             interests.append(
                 InterestView(
@@ -1340,7 +1133,7 @@ class InterestEngine:
         if explain and ranked.strategy == "personalized":
             explanations = self._explain(user_id, ranked.explained, t, vectors, parts)
         elif explain:  # trending: no interest or event produced it, only its score's parts
-            explanations = [Explanation((), (), row_parts) for row_parts in _per_row(parts, len(ids))]
+            explanations = [Explanation((), (), row_parts) for row_parts in per_row(parts, len(ids))]
         return Recommendation(
             items=tuple(ScoredItem(i, float(s), e) for i, s, e in zip(ids, top_scores, explanations)),
             strategy=ranked.strategy,
@@ -1490,8 +1283,8 @@ class InterestEngine:
         events = self._directed_events(user_id, t)
         if not events:
             return _SingleProfile(np.zeros(self.dim), np.zeros(self.dim), 0.0)
-        types = self._record_types(events)
-        weights = self._types.weights[types]
+        types = self._builder.record_types(events)
+        weights = self._builder.types.weights[types]
         times = np.array([e.event_time for e in events])
         vectors = np.stack([e.vector for e in events])
         kernel = self._decay(types, t)
@@ -1507,7 +1300,7 @@ class InterestEngine:
         (elementwise, whatever the times)."""
         profile = self.config.profile
         if profile.kernel == "half_life":
-            return half_life_kernel(t, self._types.half_lives[types])
+            return half_life_kernel(t, self._builder.types.half_lives[types])
         return es_kernel(profile.kernel, origin=t, scale=profile.kernel_scale_days * DAY,
                          offset=profile.kernel_offset_days * DAY, decay=profile.kernel_decay)
 
@@ -1535,7 +1328,7 @@ class InterestEngine:
         # the factor between the two cancels, and from t every affinity underflowed past ~1,075 half-lives.
         decay = np.exp2(-(times_kept.max() - times_kept) / (blend.affinity_half_life_days * DAY))
         items, at = np.unique(rows[keep], return_inverse=True)
-        affinity = np.bincount(at, weights=self._types.weights[types] * decay, minlength=items.size)
+        affinity = np.bincount(at, weights=self._builder.types.weights[types] * decay, minlength=items.size)
         index = self._cooccurrence
         held = ahead is not None and bool((ahead[1] >= 0).any())
         if t >= index.newest and not held:
@@ -1549,55 +1342,22 @@ class InterestEngine:
         return lambda: cooccurrence_scores(Cooccurrence.from_pairs(n_items, *pairs), items, affinity, blend.similarity)
 
     def _explain(self, user_id: str, explained: _Explained, t: float, item_vectors, parts) -> list[Explanation]:
-        """Why each recommended item (`item_vectors`, (n, dim)) was: the
-        interests and the user's events nearest it, and the blend's parts
-        (`parts`, (n,) each), from the profile as it was ranked (`explained`:
-        its events, seq <= max_seq, read from the log).
-        Call without the lock: it scores every positive event against every
-        row (a user of 100k events at limit 1,000 held every other call up
-        for 8.7 s under it), a chunk of events at a time."""
+        """Why each recommended item (`item_vectors`, (n, dim)) was (see
+        `explain.explanations`), from the profile as it was ranked
+        (`explained`: its events, seq <= max_seq, read from the log) and the
+        blend's `parts` ((n,) each). Call without the lock: it scores every
+        positive event against every row (a user of 100k events at limit
+        1,000 held every other call up for 8.7 s under it)."""
         shares, centroids = explained.shares, explained.centroids
-        n_clusters = shares.shape[0]
-        described = self._describe(centroids, 0) if n_clusters else []
-        rank_of = {int(c): r for r, c in enumerate(_ranked_interests(shares))}
-        cluster_sims = clip_cosines(item_vectors @ centroids.T) if n_clusters else np.zeros((len(item_vectors), 0))
+        described = self._describe(centroids, 0) if shares.shape[0] else []
         events = [e for e in self._directed_events(user_id, t) if e.seq <= explained.max_seq]
-        types = self._record_types(events)
-        positive = [e for e, k in zip(events, types) if self._types.weights[k] > 0]
-        types = types[self._types.weights[types] > 0]
-        if positive:
-            event_vectors = np.stack([e.vector for e in positive])
-            weights = self._types.weights[types] * self._decay(types, t)(np.array([e.event_time for e in positive]))
-            nearest = _strongest_events(item_vectors, event_vectors, weights, EXPLAINED_EVENTS)
-            # Row by row, as _cosines: the same value whatever chunk an event fell in.
-            event_sims = clip_cosines(np.einsum("jd,jkd->jk", item_vectors, event_vectors[nearest]))
-        explanations = []
-        for j, score_parts in enumerate(_per_row(parts, len(item_vectors))):
-            # Only what points towards the item matches it, or is responsible for it.
-            contrib = cluster_sims[j] * shares if n_clusters else np.zeros(0)
-            listed = [int(c) for c in np.argsort(-contrib, kind="stable")
-                      if int(c) in rank_of and cluster_sims[j, c] > 0][:EXPLAINED_INTERESTS]
-            interests = tuple(
-                InterestContribution(
-                    interest_id=rank_of[c],
-                    labels=tuple(label for label, _ in described[c][0]),
-                    similarity=float(cluster_sims[j, c]),
-                    share=float(shares[c]),
-                )
-                for c in listed
-            )
-            top_events: tuple[EventContribution, ...] = ()
-            if positive:
-                top_events = tuple(
-                    EventContribution(
-                        positive[e].event_id, positive[e].type, positive[e].item_id, positive[e].event_time,
-                        float(sim), float(weights[e]),
-                    )
-                    for e, sim in zip(nearest[j].tolist(), event_sims[j])
-                    if sim > 0
-                )
-            explanations.append(Explanation(interests, top_events, score_parts))
-        return explanations
+        types = self._builder.record_types(events)
+        weights = self._builder.types.weights[types]
+        positive = weights > 0
+        events = [e for e, p in zip(events, positive) if p]
+        decayed = weights[positive] * self._decay(types[positive], t)(np.array([e.event_time for e in events]))
+        labels = [tuple(label for label, _ in interest_labels) for interest_labels, _ in described]
+        return explanations(item_vectors, parts, shares, centroids, labels, events, decayed)
 
     def similar_items(
         self, *, item_id: str | None = None, text: str | None = None, limit: int, filter: ItemFilter = ItemFilter(),

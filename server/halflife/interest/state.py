@@ -39,7 +39,7 @@ class UserState:
     # than newest_time, held until the clock reaches it, so that reads at the
     # clock need no replay. In seq order.
     ahead: list[EventRecord] = dataclasses.field(default_factory=list)
-    # Past engine.MAX_HELD_EVENTS_PER_USER, the time of the first event seen
+    # Past replay.MAX_HELD_EVENTS_PER_USER, the time of the first event seen
     # but neither applied nor held (it waits in the log, as do those after
     # it); a read at or after it replays. inf: none.
     ahead_in_log: float = np.inf
