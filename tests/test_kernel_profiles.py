@@ -127,3 +127,20 @@ def test_the_kernel_decides_between_personalised_and_trending(tmp_path):
     # The explanation weighs the event by the kernel too: (s - age) / s, s = 60,000 days.
     [event] = {e.event_id: e for item in got.items for e in item.explanation.events}.values()
     assert event.weight == pytest.approx(wide.event_types["view"].weight * (1 - T / (60_000 * DAY)))
+
+
+def test_an_explanation_credits_no_event_the_kernel_weighs_at_zero(tmp_path):
+    """A like beyond a linear kernel's reach weighs 0 and made nothing of the
+    score; with fewer strong events than an explanation lists, it filled the
+    list as the earliest of the ties at 0 (a review)."""
+    short = Config(profile=ProfileConfig(mode="single", kernel="linear", kernel_scale_days=5.0, kernel_decay=0.5))
+    engine = InterestEngine(short, SqliteStore(tmp_path), DIM, fake_embed, clock=lambda: T)
+    mix = (fake_embed(["item 0"])[0] + fake_embed(["item 1"])[0]).astype(np.float32)
+    engine.upsert_items([*(ItemInput(id=f"i{n}", text=f"item {n}") for n in range(4)),
+                         ItemInput(id="mix", text="mix", vector=mix / np.linalg.norm(mix))])
+    engine.record_events([EventInput("old", "u", LIKE, "i0", None, None, T - 30 * DAY),  # 10 days is its reach
+                          EventInput("new", "u", LIKE, "i1", None, None, T - DAY)])
+    got = engine.recommend("u", 3, as_of=T, explain=True)
+    assert got.strategy == "personalized" and "mix" in [i.item_id for i in got.items]
+    credited = {e.event_id: e.weight for item in got.items for e in item.explanation.events}
+    assert set(credited) == {"new"} and credited["new"] > 0

@@ -99,7 +99,7 @@ def explanations(item_vectors: np.ndarray, parts: Mapping[str, np.ndarray], shar
                 EventContribution(events[e].event_id, events[e].type, events[e].item_id, events[e].event_time,
                                   float(sim), float(weights[e]))
                 for e, sim in zip(nearest[j].tolist(), event_sims[j])
-                if sim > 0
+                if sim > 0 and weights[e] > 0  # one weighing 0 (a kernel past its reach) made nothing
             )
         out.append(Explanation(interests, top_events, score_parts))
     return out
