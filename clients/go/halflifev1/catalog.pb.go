@@ -37,7 +37,8 @@ type Item struct {
 	Text string `protobuf:"bytes,2,opt,name=text,proto3" json:"text,omitempty"`
 	// Categories (genres, departments...): used by recommendation filters and
 	// as the vocabulary that describes users' interests in words. At most 64,
-	// each 1 to 128 bytes without control characters.
+	// each 1 to 128 bytes without control characters. A repeat is dropped (the
+	// first of each kept, in order): GetItems returns each category once.
 	Categories []string `protobuf:"bytes,3,rep,name=categories,proto3" json:"categories,omitempty"`
 	// Free-form attributes, stored and returned as given. At most 64 entries
 	// and 16 KiB of keys and values in all.

@@ -594,8 +594,10 @@ type Interest struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// Identifies the interest within this response only (explanations refer
-	// to it); it is not stable across calls, so name interests by `labels`.
+	// The interest's rank by share in this response, 0 first (a Recommend
+	// explanation's `InterestContribution.interest_id` at the same as_of_time
+	// numbers it the same way); not stable across calls, so name interests by
+	// `labels`.
 	InterestId int32 `protobuf:"varint,1,opt,name=interest_id,json=interestId,proto3" json:"interest_id,omitempty"`
 	// Decayed weight of the events behind it at as_of_time (sum of weight x
 	// 2^(-age / half-life)); comparable across a user's interests. Near

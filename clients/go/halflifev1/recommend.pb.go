@@ -280,8 +280,9 @@ type InterestContribution struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// The interest's `Interest.interest_id` in this response (stable within
-	// one response only).
+	// The number this interest has among the user's interests at as_of_time
+	// (its rank by share, 0 first): the `Interest.interest_id` a GetProfile of
+	// the same user at the same as_of_time gives it. Not stable across calls.
 	InterestId int32 `protobuf:"varint,1,opt,name=interest_id,json=interestId,proto3" json:"interest_id,omitempty"`
 	// The interest's nearest labels.
 	Labels []string `protobuf:"bytes,2,rep,name=labels,proto3" json:"labels,omitempty"`
@@ -453,7 +454,8 @@ type Explanation struct {
 
 	// The interests it matches, strongest contribution first (at most 3).
 	Interests []*InterestContribution `protobuf:"bytes,1,rep,name=interests,proto3" json:"interests,omitempty"`
-	// The user's events most responsible, strongest first (at most 3).
+	// The user's events most responsible, strongest first by weight x
+	// similarity, each with both above 0 (at most 3).
 	Events []*EventContribution `protobuf:"bytes,2,rep,name=events,proto3" json:"events,omitempty"`
 	// The score's weighted terms, by signal name ("interest", "negative",
 	// "cooccurrence", "popularity", "query"), which add up to the score. With

@@ -41,7 +41,8 @@ export type Item = Message<"halflife.v1.Item"> & {
   /**
    * Categories (genres, departments...): used by recommendation filters and
    * as the vocabulary that describes users' interests in words. At most 64,
-   * each 1 to 128 bytes without control characters.
+   * each 1 to 128 bytes without control characters. A repeat is dropped (the
+   * first of each kept, in order): GetItems returns each category once.
    *
    * @generated from field: repeated string categories = 3;
    */

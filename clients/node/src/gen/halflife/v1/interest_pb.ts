@@ -248,8 +248,10 @@ export const InterestItemSchema: GenMessage<InterestItem> = /*@__PURE__*/
  */
 export type Interest = Message<"halflife.v1.Interest"> & {
   /**
-   * Identifies the interest within this response only (explanations refer
-   * to it); it is not stable across calls, so name interests by `labels`.
+   * The interest's rank by share in this response, 0 first (a Recommend
+   * explanation's `InterestContribution.interest_id` at the same as_of_time
+   * numbers it the same way); not stable across calls, so name interests by
+   * `labels`.
    *
    * @generated from field: int32 interest_id = 1;
    */

@@ -142,8 +142,9 @@ export const RecommendRequestSchema: GenMessage<RecommendRequest> = /*@__PURE__*
  */
 export type InterestContribution = Message<"halflife.v1.InterestContribution"> & {
   /**
-   * The interest's `Interest.interest_id` in this response (stable within
-   * one response only).
+   * The number this interest has among the user's interests at as_of_time
+   * (its rank by share, 0 first): the `Interest.interest_id` a GetProfile of
+   * the same user at the same as_of_time gives it. Not stable across calls.
    *
    * @generated from field: int32 interest_id = 1;
    */
@@ -248,7 +249,8 @@ export type Explanation = Message<"halflife.v1.Explanation"> & {
   interests: InterestContribution[];
 
   /**
-   * The user's events most responsible, strongest first (at most 3).
+   * The user's events most responsible, strongest first by weight x
+   * similarity, each with both above 0 (at most 3).
    *
    * @generated from field: repeated halflife.v1.EventContribution events = 2;
    */
