@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 from halflife.config import Config
@@ -77,6 +78,57 @@ def test_the_change_feed_keeps_one_row_per_item_and_names_no_user(tmp_path):
     assert [e.event_id for e in store.events_between(2, 3)] == ["e3"]
     assert [c.seqs.tolist() for c in store.iter_events(through_seq=3)] == [[3]]
     store.close()
+
+
+def feed_rows(path) -> list:
+    with SqliteStore(path) as store:
+        return [c.item_id for c in store.changes_since(0)]
+
+
+def churned_store(path, dim: int = DIM) -> StoreHead:
+    """A store whose catalogue turned over and whose users were erased: the
+    feed holds a row per item id ever written and one erasure row."""
+    from tests.test_storage import event, item
+
+    with SqliteStore(path) as store:
+        for day in range(3):
+            store.upsert_items([item(f"d{day}-{n}", np.eye(dim, dtype=np.float32)[n]) for n in range(4)])
+            if day:
+                store.delete_items([f"d{day - 1}-{n}" for n in range(4)])
+        store.record_events([event("e1", "alice")])
+        store.delete_user("alice")
+        assert len(store.changes_since(0)) == 13
+        return store.head()
+
+
+def test_pruning_the_change_feed_keeps_the_live_items_and_the_version(tmp_path):
+    """Every item id ever written kept its row, deleted ones and erasures
+    included: a catalogue that turns over grew the file without bound (a
+    workers review)."""
+    from tests.test_storage import item
+
+    head = churned_store(tmp_path)
+    with SqliteStore(tmp_path) as store:
+        assert store.prune_change_feed() == 9
+        assert [c.item_id for c in store.changes_since(0)] == [f"d2-{n}" for n in range(4)]
+        assert store.head() == head  # versions go on from the high-water mark
+        store.upsert_items([item("new")])
+        assert [(c.item_id, c.version) for c in store.changes_since(head.change_version)] == [
+            ("new", head.change_version + 1)]
+        assert store.prune_change_feed() == 0
+
+
+def test_serve_prunes_the_change_feed_at_start_single_or_before_its_workers(model_dir, tmp_path):
+    from halflife.cli import _prepare_store
+    from tests.test_interest_api import start_server
+
+    churned_store(tmp_path / "single", dim=384)
+    with start_server(model_dir, tmp_path / "single"):
+        pass
+    assert feed_rows(tmp_path / "single") == [f"d2-{n}" for n in range(4)]
+    churned_store(tmp_path / "workers")
+    _prepare_store(tmp_path / "workers")  # what the parent of `serve --workers` runs before starting them
+    assert feed_rows(tmp_path / "workers") == [f"d2-{n}" for n in range(4)]
 
 
 def test_the_watermark_takes_each_batch_once():

@@ -327,7 +327,6 @@ def _run_workers(args: argparse.Namespace) -> int:
     from halflife.config import ConfigError
     from halflife.cpu import physical_cores
     from halflife.storage.base import StoreError
-    from halflife.storage.sqlite import SqliteStore
     from halflife.workers import run_workers, worker_threads
 
     new_data_dir = not args.data_dir.exists()
@@ -345,9 +344,8 @@ def _run_workers(args: argparse.Namespace) -> int:
             try:
                 with _config_for_workers(args.config, args.data_dir) as config_argv:
                     threads = worker_threads(args.threads, args.workers, physical_cores())
-                    # The store's migrations run once, here, before any worker opens the file.
                     return run_workers([*serve_argv, *config_argv], args.host, args.port, args.workers, threads,
-                                       keep_fds=(lock.fileno(),), prepare=lambda: SqliteStore(args.data_dir).close())
+                                       keep_fds=(lock.fileno(),), prepare=lambda: _prepare_store(args.data_dir))
             except (OSError, ConfigError):
                 if new_data_dir:
                     _remove_unused_data_dir(lock, args.data_dir)
@@ -361,6 +359,16 @@ def _run_workers(args: argparse.Namespace) -> int:
 
 
 WORKERS_CONFIG = "workers-config.toml"  # in the data directory, for a --workers group's life
+
+
+def _prepare_store(data_dir: Path) -> None:
+    """Once, before any worker opens the store: its migrations, and the
+    change feed pruned while no worker follows it (a restarted worker must
+    not: its siblings do)."""
+    from halflife.storage.sqlite import SqliteStore
+
+    with SqliteStore(data_dir) as store:
+        store.prune_change_feed()
 
 
 @contextlib.contextmanager

@@ -350,6 +350,8 @@ class HalflifeServer:
         try:
             await self._load_model()
             self.store = await asyncio.to_thread(SqliteStore, config.data_dir)
+            if not config.follow_store:  # alone on the store (a workers group's parent prunes for its workers)
+                await asyncio.to_thread(self.store.prune_change_feed)
             self.backend.interest = await asyncio.to_thread(
                 InterestEngine, config.halflife, self.store, self.backend.embedding.dimension,
                 self.backend.embed_blocking, follow_store=config.follow_store, scan_threads=config.scan_threads,

@@ -213,6 +213,12 @@ class Store(Protocol):
     def changes_since(self, version: int) -> list[Change]:
         """Feed entries newer than `version`, oldest first; an item appears once, at its latest change."""
 
+    def prune_change_feed(self) -> int:
+        """Drops the feed entries nothing can need once no process follows
+        the feed (those of deleted items, the erasure entries), versions
+        staying monotonic; returns how many. Only while no other process
+        has the store open: one behind them would miss those changes."""
+
     def delete_user(self, user_id: str, guard: Guard | None = None) -> int:
         """Erases a user's events, their profile snapshot and the vectors only
         they referenced; returns the event count."""
