@@ -293,21 +293,25 @@ def test_a_worker_tells_its_parent_it_serves_before_it_logs_so(model_dir, tmp_pa
     assert "parent told before the line: True" in result.stdout, result.stdout + result.stderr
 
 
-def test_a_worker_that_dies_before_it_serves_stops_the_group(model_dir, tmp_path):
-    """Starting it again would only fail again (a bad disk, memory too small to load): the group stops,
-    exit status 1, for a supervisor to see."""
+def test_a_replacement_killed_while_it_reloads_is_started_again_and_its_siblings_serve_on(model_dir, tmp_path):
+    """The OOM killer striking again at a replacement's reload (its peak
+    memory) stopped the serving siblings too, the whole group down (a
+    review): it draws on the worker's restart budget instead."""
     process, _ = start_cli_server(model_dir, tmp_path / "data", workers=2)
     log = LogLines(process)
     try:
         first, second = children(process.pid)
         os.kill(first, signal.SIGKILL)
+        index = log.wait_for(r"worker (\d) exited with status -9; starting it again").group(1)
         deadline = time.monotonic() + 60
         while not (new := set(children(process.pid)) - {first, second}) and time.monotonic() < deadline:
             time.sleep(0.01)
         os.kill(new.pop(), signal.SIGKILL)  # within milliseconds of its start: long before it serves
-        log.wait_for(r"worker \d exited with status -9 before it served; stopping the others")
-        assert wait_exit(process) == 1
-        assert gone_within([second])
+        log.wait_for(rf"worker {index} exited with status -9; starting it again")
+        log.wait_for(rf"\[worker {index}\] .*serving on")
+        assert second in children(process.pid)
+        process.send_signal(signal.SIGTERM)
+        assert wait_exit(process) == 0
     finally:
         process.kill()
 
@@ -338,8 +342,9 @@ class FakeProcess:
 
 
 class FakeWorker:
-    def __init__(self, index: int, restarts: RestartBudget, returncode=None, serving: bool = True):
-        self.index, self.restarts, self.serving = index, restarts, serving
+    def __init__(self, index: int, restarts: RestartBudget, returncode=None, serving: bool = True,
+                 replacement: bool = False):
+        self.index, self.restarts, self.serving, self.replacement = index, restarts, serving, replacement
         self.process = FakeProcess(returncode)
 
     def check_serving(self) -> bool:
@@ -357,6 +362,20 @@ def test_a_worker_whose_restarts_are_spent_stops_the_group(monkeypatch):
     started = []
     assert workers_module._supervise([dead, alive], [], lambda *args: started.append(args)) == 1
     assert started == [] and alive.process.terminated  # not started again; the other one stopped
+
+
+@pytest.mark.parametrize("replacement, returncode", [(False, -9), (True, 1)])
+def test_a_worker_that_could_only_fail_again_before_it_serves_stops_the_group(monkeypatch, replacement, returncode):
+    """Killed while the group starts (memory too small to load them all), or
+    a replacement that exits by itself (a refused model or config): starting
+    it again would only fail again. The group stops, exit status 1, for a
+    supervisor to see."""
+    monkeypatch.setattr(workers_module, "POLL_SECONDS", 0)
+    dead = FakeWorker(0, RestartBudget(), returncode=returncode, serving=False, replacement=replacement)
+    alive = FakeWorker(1, RestartBudget())
+    started = []
+    assert workers_module._supervise([dead, alive], [], lambda *args: started.append(args)) == 1
+    assert started == [] and alive.process.terminated
 
 
 def test_a_restarted_worker_keeps_its_index_and_budget(monkeypatch):

@@ -14,11 +14,13 @@ Workers share the SQLite store and follow each other's writes
 (`InterestEngine(follow_store=True)`). Each tells the parent through a pipe
 once it serves. A worker that dies after that (a crash, an OOM kill) is
 started again, with the same index, while the others serve on, up to
-RESTART_LIMIT times within RESTART_WINDOW_S. One that dies before it served,
-or dies again once those restarts are spent, stops the group with exit
-status 1 instead, since starting it again would only fail again: a
-supervisor (systemd, Kubernetes) sees the failure and restarts the group,
-which reloads everything from the store.
+RESTART_LIMIT times within RESTART_WINDOW_S; so is such a replacement
+killed by a signal while it reloads (the OOM killer again). One that exits
+by itself before it served (a refused model, config or port), one killed
+while the group starts, or one that dies again once those restarts are
+spent, stops the group with exit status 1 instead, since starting it again
+would only fail again: a supervisor (systemd, Kubernetes) sees the failure
+and restarts the group, which reloads everything from the store.
 """
 
 from __future__ import annotations
@@ -132,6 +134,7 @@ class _Worker:
         self.index = index
         self.restarts = restarts
         self.serving = False
+        self.replacement = False  # started in place of one that died (see _supervise)
         read, write = os.pipe()
         try:
             # A session of its own: a terminal's Ctrl-C (SIGINT to the foreground group) reaches only
@@ -199,6 +202,7 @@ def run_workers(serve_argv: Sequence[str], host: str, port: int, workers: int, t
             def start(index: int, restarts: RestartBudget, position: int) -> None:
                 """Starts worker `index` into group[position] (appended at the end)."""
                 worker = _Worker(argv, index, restarts, keep_fds)
+                worker.replacement = position < len(group)
                 if position == len(group):
                     group.append(worker)
                 else:
@@ -241,7 +245,11 @@ def _supervise(group: list[_Worker], requested: list[int], start) -> int:
             if status is None or requested or failed:
                 continue
             worker.close()
-            if worker.serving and worker.restarts.take(time.monotonic()):
+            # A replacement killed as it reloads says nothing against starting it (the OOM killer
+            # struck again, at its peak memory): stopping its serving siblings for it took the whole
+            # group down (a review). One that exits by itself before it serves would only do so again.
+            restartable = worker.serving or (worker.replacement and status < 0)
+            if restartable and worker.restarts.take(time.monotonic()):
                 log.error("worker %d exited with status %s; starting it again", worker.index, status)
                 try:
                     start(worker.index, worker.restarts, position)
