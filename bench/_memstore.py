@@ -80,6 +80,10 @@ class MemoryStore:
         _check(guard)
         return len(self.by_user.pop(user_id, []))
 
+    def vector_size(self) -> int | None:
+        item = next(iter(self.items.values()), None)  # the benchmark's events are on its items
+        return None if item is None else item.vector.shape[0]
+
     def user_count(self) -> int:
         return len(self.by_user)
 

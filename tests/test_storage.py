@@ -425,6 +425,24 @@ def test_a_row_damaged_on_disk_stops_serve_in_one_line(model_dir, tmp_path, dama
     assert f"halflife serve: error: {named}" in result.stderr.splitlines()[-1], result.stderr
 
 
+@pytest.mark.parametrize("what", ["items", "events only"])
+def test_a_store_built_with_a_model_of_another_size_stops_serve_in_one_line(model_dir, tmp_path, what):
+    """A data directory served with another model: a ValueError's traceback
+    from deep in the catalogue (a review), or, with no item left, a profile
+    read that failed INTERNAL later."""
+    with SqliteStore(tmp_path / "data") as store:
+        store.upsert_items([item("i1")])  # DIM-dimensional: not the model's 384
+        store.record_events([event("e1")])
+        if what == "events only":
+            store.delete_items(["i1"])
+        assert store.vector_size() == DIM
+    result = subprocess.run([sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(model_dir),
+                             "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert (f"halflife serve: error: the store holds {DIM}-dimensional vectors, where this model's have 384"
+            in result.stderr.splitlines()[-1]), result.stderr
+
+
 def test_damaged_pages_are_store_damage_not_a_bug():
     error = sqlite3.DatabaseError("database disk image is malformed")
     error.sqlite_errorcode = sqlite3.SQLITE_CORRUPT

@@ -90,6 +90,7 @@ from halflife.storage.base import (
     ResentEventsErasedError,
     Store,
     StoreDamagedError,
+    StoreError,
     StoreHead,
     first_of_each_id,
 )
@@ -289,6 +290,11 @@ class InterestEngine:
         head = self.store.head()  # before reading: what lands after it is caught up later
         self._changes_seen = head.change_version
         self._events = EventWatermark(head.event_seq)
+        stored = self.store.vector_size()
+        if stored not in (None, self.dim):  # it was a ValueError's traceback from deep in the catalogue (a review)
+            raise StoreError(f"the store holds {stored}-dimensional vectors, where this model's have {self.dim}: "
+                             "it was built with another model; serve it with that one, or give this model a "
+                             "data directory of its own")
         self.catalog.upsert(self.store.iter_items())
         self._rebuild_blend()
         log.info(

@@ -223,6 +223,10 @@ class Store(Protocol):
         """Erases a user's events, their profile snapshot and the vectors only
         they referenced; returns the event count."""
 
+    def vector_size(self) -> int | None:
+        """The length of the newest stored vector (every one has the length
+        of the model that made it), or None while none is stored."""
+
     def user_count(self) -> int: ...
 
     def event_count(self) -> int: ...

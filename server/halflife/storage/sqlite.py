@@ -1116,6 +1116,13 @@ class SqliteStore:
         """Checkpoints and truncates the WAL (on the writer thread)."""
         self._submit(lambda conn: None, after_commit=self._truncate_wal)
 
+    def vector_size(self) -> int | None:
+        def read(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute("SELECT length(data) FROM vectors ORDER BY id DESC LIMIT 1").fetchone()
+            return None if row is None else row[0] // 4  # float32
+
+        return self._read(read)
+
     def user_count(self) -> int:
         return self._read(lambda c: c.execute("SELECT COUNT(DISTINCT user_id) FROM events").fetchone()[0])
 
