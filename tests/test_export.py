@@ -121,10 +121,12 @@ def test_manifest_files_and_checksums(exported):
 
 
 def test_manifest_validation_and_defaults(exported):
+    from halflife_export.exporter import VALIDATION_SENTENCES
+
     kind, src, out, manifest = exported
     for variant in manifest.variants:
         val = variant.validation
-        assert val.sentences == 12
+        assert val.sentences == len(VALIDATION_SENTENCES) + 1  # and one past the limit
         assert np.isfinite([val.min_cosine, val.mean_cosine, val.max_abs_diff]).all()
         assert val.min_cosine <= val.mean_cosine <= 1.0 + 1e-9
         if variant.precision == "int8":
@@ -500,6 +502,22 @@ def _max_input_tokens_below_the_special_tokens(tmp_path, sources):
         "--max-input-tokens 2 leaves no room for text: the tokenizer adds 2 special tokens to every input"
 
 
+def _sentence_transformers_default_prompt(tmp_path, sources):
+    model = tiny_models.make_sentence_transformers(tmp_path / "st")
+    (model / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": {"query": "query: "}, "default_prompt_name": "query"}))
+    return ["--model", str(model)], "prepends its 'query' prompt to every input"
+
+
+def _vocabulary_without_unknown_token(tmp_path, sources):
+    model = tmp_path / "no-unk"
+    shutil.copytree(sources["bert"], model)
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    del tokenizer["model"]["vocab"]["[UNK]"]  # was a traceback from the validation's PyTorch reference
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return ["--model", str(model)], "tokenizer cannot encode"
+
+
 ERROR_CASES = {
     "bad-model-path": (_bad_model, (1,)),
     "garbage-config": (_garbage_config, (1,)),
@@ -522,6 +540,8 @@ ERROR_CASES = {
     "tokenizer-config-list": (_tokenizer_config_that_is_a_list, (1,)),
     "pooling-config-list": (_pooling_config_that_is_a_list, (1,)),
     "max-tokens-below-specials": (_max_input_tokens_below_the_special_tokens, (1,)),
+    "st-default-prompt": (_sentence_transformers_default_prompt, (1,)),
+    "no-unk-token": (_vocabulary_without_unknown_token, (1,)),
 }
 
 
@@ -558,12 +578,29 @@ def test_cli_output_is_a_file(tmp_path, sources, capsys):
     assert output.read_text() == "precious"
 
 
+def test_tokenizer_config_overrides_of_tokenizer_json_are_served(tmp_path, sources):
+    """BertTokenizerFast applies tokenizer_config.json's do_lower_case over tokenizer.json's
+    normalizer; copying tokenizer.json served other tokens than validation's reference (refused)."""
+    from halflife_export.exporter import ExportOptions, export_model
+
+    model = tmp_path / "cased"
+    shutil.copytree(sources["bert"], model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "do_lower_case": False}))
+    manifest = export_model(ExportOptions(output=tmp_path / "out", model=str(model), progress=lambda line: None))
+    assert all(v.validation.passed for v in manifest.variants if v.precision != "int8")
+
+
 def test_force_replaces_only_a_model_directory(tmp_path, sources, capsys, monkeypatch):
     output = tmp_path / "notes"
     output.mkdir()
     (output / "notes.txt").write_text("mine")
     rc, out, err = run_cli(["export", "--model", str(sources["bert"]), "--output", str(output), "--force"], capsys)
-    assert_one_line_error(rc, err, out, contains="is not a model directory (no manifest.json)")
+    assert_one_line_error(rc, err, out, contains="is not a model directory (no Halflife manifest.json)")
+    assert (output / "notes.txt").read_text() == "mine"
+    (output / "manifest.json").write_text(json.dumps({"name": "My PWA", "start_url": "/"}))  # a web app's
+    rc, out, err = run_cli(["export", "--model", str(sources["bert"]), "--output", str(output), "--force"], capsys)
+    assert_one_line_error(rc, err, out, contains="is not a model directory (no Halflife manifest.json)")
     assert (output / "notes.txt").read_text() == "mine"
     (output / "manifest.json").write_text("{}")  # even a model directory cannot be swapped out from under us
     monkeypatch.chdir(output)
@@ -652,6 +689,8 @@ def test_validation_failure_refuses_and_writes_nothing(existing, tmp_path, sourc
     (another seed): exactly what validation exists to catch."""
     import halflife_export.exporter as exporter
 
+    # Exported before the reference is swapped (run alone, this test's own export of it failed validation).
+    _, good, _ = tiny_models.exported("bert", tmp_path_factory)
     impostor = tiny_models.make_tiny_bert(tmp_path / "impostor", seed=tiny_models.SEED + 1)
     real_reference = exporter.reference_embeddings
     calls = []
@@ -666,7 +705,6 @@ def test_validation_failure_refuses_and_writes_nothing(existing, tmp_path, sourc
     output = parent / "model"
     argv = ["export", "--model", str(sources["bert"]), "--output", str(output)]
     if existing:
-        _, good, _ = tiny_models.exported("bert", tmp_path_factory)
         shutil.copytree(good, output)
         argv.append("--force")
         before = {p.name: p.read_bytes() for p in output.iterdir()}
@@ -748,6 +786,52 @@ def test_sigterm_during_an_export_leaves_no_work_directory(tmp_path, sources):
 
 
 # ---------------------------------------------------------------- sentence-transformers models
+
+
+def test_validation_compares_an_input_past_the_models_limit_truncated_as_served(tmp_path, sources, monkeypatch):
+    """The fixed sentences stop near 212 tokens: truncation, and positions
+    past that, were never compared with PyTorch (an export review)."""
+    import halflife_export.exporter as exporter
+    from transformers import AutoTokenizer
+
+    compared = []
+    reference = exporter.reference_embeddings
+
+    def spy(path, sentences, pooling, max_tokens, input_names):
+        compared.append((list(sentences), max_tokens))
+        return reference(path, sentences, pooling, max_tokens, input_names)
+
+    monkeypatch.setattr(exporter, "reference_embeddings", spy)
+    manifest = exporter.export_model(exporter.ExportOptions(output=tmp_path / "out", model=str(sources["bert"]),
+                                                            progress=lambda line: None))
+    [(sentences, max_tokens)] = compared
+    tokenizer = AutoTokenizer.from_pretrained(sources["bert"])
+    assert max_tokens == manifest.max_input_tokens
+    assert max(len(tokenizer(s)["input_ids"]) for s in sentences) > max_tokens
+    assert {v.validation.sentences for v in manifest.variants} == {len(sentences)}
+    assert len(exporter.past_the_limit(10**6).split()) == exporter.LONGEST_VALIDATED_TOKENS + 32  # long contexts
+
+
+def test_max_input_tokens_follow_sentence_transformers_max_seq_length_up_to_the_positions(tmp_path):
+    """sentence-transformers truncates at max_seq_length whatever the
+    tokenizer's model_max_length says: taking the smaller of the two
+    refused (or cut) inputs the model embeds whole (an export review)."""
+    from halflife_export.exporter import ExportOptions, _max_input_tokens, _resolve_source
+
+    src = tiny_models.make_sentence_transformers(tmp_path / "st")
+    tokenizer_config = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": 16}))
+
+    def limit(max_seq_length: int | None) -> int:
+        if max_seq_length is None:
+            (src / "sentence_bert_config.json").unlink(missing_ok=True)
+        else:
+            (src / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}))
+        return _max_input_tokens(_resolve_source(ExportOptions(output=tmp_path / "out", model=str(src))))
+
+    assert limit(48) == 48
+    assert limit(10_000) == tiny_models.MAX_POSITIONS  # never past the position table
+    assert limit(None) == 16  # no sentence-transformers config: the tokenizer's
 
 
 @pytest.mark.parametrize("pooling", ["auto", "mean"])

@@ -81,6 +81,24 @@ VALIDATION_SENTENCES = (
     "The quarterly report shows revenue grew 12% while costs fell.",
 )
 
+# The fixed sentences stop near 212 tokens, short of most models' limit, so
+# validation adds one input of more words (so more tokens) than the model
+# takes, truncated as the server truncates it: every position is compared
+# with PyTorch up to this many tokens, beyond which long-context models are
+# validated only this far (a review: a Phi-3 longrope graph served wrong
+# vectors past its original context, and nothing validated there).
+LONGEST_VALIDATED_TOKENS = 4096
+
+
+def past_the_limit(max_tokens: int) -> str:
+    """A validation input of more words than min(max_tokens,
+    LONGEST_VALIDATED_TOKENS) tokens: the fixed sentences' words, cycled
+    (each word is at least one token)."""
+    words = " ".join(VALIDATION_SENTENCES).split()
+    count = min(max_tokens, LONGEST_VALIDATED_TOKENS) + 32
+    return " ".join(words[n % len(words)] for n in range(count))
+
+
 # What int8 calibrates its smoothing on: kept apart from the validation set,
 # so that validation measures texts the calibration never saw. Everyday
 # kinds of text a recommender embeds, short and long, several languages.
@@ -256,7 +274,7 @@ def _resolve_source(options: ExportOptions) -> _Source:
             raise ExportError(f"bundled weights at {path} do not match all-MiniLM-L6-v2 (sha256 {weights[:12]}...)")
         model_id = options.model_id or BUNDLED_MODEL_ID
     else:
-        path = Path(options.model)
+        path = Path(options.model).resolve()
         if not (path / "config.json").is_file():
             raise ExportError(f"{path} is not a Hugging Face model directory (no config.json there)")
         model_id = options.model_id or path.name
@@ -296,6 +314,12 @@ def _check_tokenizer(path: Path) -> None:
         raise ExportError(
             f"{path}'s tokenizer truncates on the left (tokenizer_config.json truncation_side), "
             "but the server truncates long inputs on the right"
+        )
+    st_config = _json_file(path / "config_sentence_transformers.json")
+    if st_config.get("default_prompt_name"):
+        raise ExportError(
+            f"{path} prepends its {st_config['default_prompt_name']!r} prompt to every input "
+            "(config_sentence_transformers.json default_prompt_name), which the server does not"
         )
     if _json_file(path / "sentence_bert_config.json").get("do_lower_case"):
         raise ExportError(
@@ -402,8 +426,8 @@ def _check_output(output: Path, force: bool) -> None:
         if not force:
             raise ExportError(f"--output {output} is not empty; pass --force to replace it")
         # --force replaces a model directory, never someone's other files.
-        if not (output / MANIFEST_NAME).is_file():
-            raise ExportError(f"--output {output} is not a model directory (no {MANIFEST_NAME}); --force only "
+        if not (output / MANIFEST_NAME).is_file() or not _is_model_manifest(output / MANIFEST_NAME):
+            raise ExportError(f"--output {output} is not a model directory (no Halflife {MANIFEST_NAME}); --force only "
                               "replaces one")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -411,6 +435,15 @@ def _check_output(output: Path, force: bool) -> None:
             pass
     except OSError as exc:
         raise ExportError(f"cannot write to {output.parent}: {exc.strerror or exc}") from None
+
+
+def _is_model_manifest(path: Path) -> bool:
+    """Whether `path` is a Halflife model manifest (a web app's manifest.json is not)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and "format_version" in data and "variants" in data
 
 
 def _export_raw(source: _Source, work: Path, opset: int) -> Path:
@@ -548,20 +581,36 @@ def _move_onnx(src: Path, dst: Path, copy: bool = False) -> None:
 
 
 def _write_tokenizer(source: _Source, staging: Path) -> str:
+    """The tokenizer transformers (and sentence-transformers) build from the
+    directory, which tokenizer_config.json may change from tokenizer.json
+    (BERT's do_lower_case, RoBERTa's add_prefix_space, Llama's add_eos_token):
+    copying tokenizer.json served a different tokenization than validation's."""
     target = staging / "tokenizer.json"
-    if (source.path / "tokenizer.json").is_file():
-        shutil.copy2(source.path / "tokenizer.json", target)
-    else:
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, use_fast=True)
+    except Exception as exc:
+        raise ExportError(f"{source.path} has no usable tokenizer: {exc}") from None
+    if not tokenizer.is_fast:
+        raise ExportError(f"{source.path} has no fast tokenizer (tokenizer.json) to serve with")
+    for text in (*VALIDATION_SENTENCES, *CALIBRATION_TEXTS):
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source.path, use_fast=True)
-        except Exception as exc:
-            raise ExportError(f"{source.path} has no usable tokenizer: {exc}") from None
-        if not tokenizer.is_fast:
-            raise ExportError(f"{source.path} has no fast tokenizer (tokenizer.json) to serve with")
+            tokenizer.backend_tokenizer.encode(text)
+        except Exception as exc:  # e.g. a WordPiece vocabulary without its unknown token
+            raise ExportError(f"{source.path}'s tokenizer cannot encode {text[:40]!r}: {exc}") from None
+    shipped = source.path / "tokenizer.json"
+    if shipped.is_file() and _served_tokenizer(shipped.read_text()) == _served_tokenizer(tokenizer.backend_tokenizer.to_str()):
+        shutil.copy2(shipped, target)  # the same tokenizer: its bytes (and tokenizer_sha256) kept
+    else:
         tokenizer.backend_tokenizer.save(str(target))
     return target.name
+
+
+def _served_tokenizer(text: str) -> dict:
+    """A tokenizer.json without the padding and truncation the engine overrides."""
+    data = json.loads(text)
+    return {key: value for key, value in data.items() if key not in ("padding", "truncation")}
 
 
 def _position_limit(config) -> int | None:
@@ -609,8 +658,9 @@ def _resolve_max_input_tokens(requested: int | None, source: _Source) -> int:
 
 def _max_input_tokens(source: _Source) -> int:
     """The longest input the model was trained for: sentence-transformers'
-    max_seq_length where given, else the position table (and tokenizer) limit."""
-    config = source.config
+    max_seq_length where given (as sentence-transformers truncates, whatever
+    the tokenizer's model_max_length says), else the tokenizer's limit; never
+    past the position table."""
     limits = []
     st_config = source.path / "sentence_bert_config.json"
     if st_config.is_file():
@@ -618,12 +668,13 @@ def _max_input_tokens(source: _Source) -> int:
         if not (isinstance(length, int) and length > 0):
             raise ExportError(f"{st_config}: max_seq_length must be a positive whole number, got {length!r}")
         limits.append(length)
-    positions = _position_limit(config)
+    else:
+        model_max = _json_file(source.path / "tokenizer_config.json").get("model_max_length")
+        if isinstance(model_max, int) and 0 < model_max < 1_000_000:
+            limits.append(model_max)
+    positions = _position_limit(source.config)
     if positions:
         limits.append(positions)
-    model_max = _json_file(source.path / "tokenizer_config.json").get("model_max_length")
-    if isinstance(model_max, int) and 0 < model_max < 1_000_000:
-        limits.append(model_max)
     if not limits:
         raise ExportError("cannot tell the model's max input tokens; pass --max-input-tokens")
     return min(limits)
@@ -718,7 +769,7 @@ def _validate(draft: Manifest, source: _Source, staging: Path) -> Manifest:
     """Embeds the validation set with each variant through the server's engine
     and compares with PyTorch; fills in each variant's validation and the
     per-provider defaults."""
-    sentences = list(VALIDATION_SENTENCES)
+    sentences = [*VALIDATION_SENTENCES, past_the_limit(draft.max_input_tokens)]
     reference = reference_embeddings(source.path, sentences, draft.pooling, draft.max_input_tokens, draft.input_names)
     (staging / MANIFEST_NAME).write_text(draft.to_json())
     checked = []
