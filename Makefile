@@ -35,10 +35,13 @@ install-gpu: install
 
 model: $(MODEL_DIR)/manifest.json
 
-# Exported once, and again when the exporter changes; the manifest is
+# Exported once, and again when the exporter changes, or the server's code it
+# validates through (tokenizer, engine, pooling, manifest); the manifest is
 # written last, so an interrupted export is redone. --force: this directory
 # is make's own (an export swaps the finished model in whole).
-$(MODEL_DIR)/manifest.json: export/halflife_export/*.py | $(BIN)/.installed
+EXPORT_SOURCES := export/halflife_export/*.py server/halflife/embedding/engine.py \
+	server/halflife/embedding/pooling.py server/halflife/embedding/manifest.py
+$(MODEL_DIR)/manifest.json: $(EXPORT_SOURCES) | $(BIN)/.installed
 	$(BIN)/halflife export --output $(MODEL_DIR) --force
 
 serve: install model
