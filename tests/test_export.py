@@ -817,6 +817,22 @@ def test_validation_compares_an_input_past_the_models_limit_truncated_as_served(
     assert len(exporter.past_the_limit(10**6).split()) == exporter.LONGEST_VALIDATED_TOKENS + 32  # long contexts
 
 
+@pytest.mark.parametrize("normalized", [True, False])
+def test_a_sentence_transformers_model_without_normalize_is_exported_with_a_note(tmp_path, normalized):
+    """A dot-product model (no Normalize module) was normalised silently (an
+    export review): it serves, validated as served, and the export says so."""
+    from halflife_export.exporter import ExportOptions, export_model
+
+    src = tiny_models.make_sentence_transformers(tmp_path / "st")
+    if not normalized:
+        modules = [m for m in json.loads((src / "modules.json").read_text()) if not m["type"].endswith("Normalize")]
+        (src / "modules.json").write_text(json.dumps(modules))
+    lines: list[str] = []
+    manifest = export_model(ExportOptions(output=tmp_path / "out", model=str(src), progress=lines.append))
+    noted = [line for line in lines if "has no sentence-transformers Normalize module" in line]
+    assert len(noted) == (not normalized) and manifest.normalize
+
+
 def test_max_input_tokens_follow_sentence_transformers_max_seq_length_up_to_the_positions(tmp_path):
     """sentence-transformers truncates at max_seq_length whatever the
     tokenizer's model_max_length says: taking the smaller of the two

@@ -218,8 +218,9 @@ def export_model(options: ExportOptions) -> Manifest:
     _check_output(output, options.force)
 
     progress = _Progress(5, options.progress)
-    if note := _pooling_override_note(options.pooling, pooling, source):
-        progress.sink(note)
+    for note in (_pooling_override_note(options.pooling, pooling, source), _unnormalized_note(source)):
+        if note:
+            progress.sink(note)
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as work_dir:
         work = Path(work_dir)
         staging = work / "model"
@@ -412,6 +413,20 @@ def _pooling_override_note(requested: str, chosen: str, source: _Source) -> str 
     return (f"note: --pooling {chosen} overrides the model's sentence-transformers Pooling module ({trained}): "
             f"the served vectors will differ from what sentence-transformers computes, and validation compares "
             f"them with PyTorch pooled by {chosen}")
+
+
+def _unnormalized_note(source: _Source) -> str | None:
+    """A note where a sentence-transformers model leaves its vectors
+    unnormalised (no Normalize module: trained for dot products, perhaps,
+    like TAS-B): the server normalises every vector and ranks by cosine,
+    which can order items otherwise than the model's dot products."""
+    modules = source.path / "modules.json"
+    if not modules.is_file():
+        return None
+    if any(m["type"].rsplit(".", 1)[-1] == "Normalize" for m in _json_value(modules)):  # checked by _pooling_module
+        return None
+    return (f"note: {source.model_id} has no sentence-transformers Normalize module: the server normalises its "
+            "vectors and ranks by cosine, where the model's own scores may be dot products")
 
 
 def _check_output(output: Path, force: bool) -> None:
