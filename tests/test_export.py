@@ -753,6 +753,9 @@ def test_an_interrupted_swap_keeps_the_old_model_beside_the_output(put_back, tmp
     retired = tmp_path / ".old-model"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".old-model"]
     assert {p.name: p.read_bytes() for p in retired.iterdir()} == old
+    # serve, pointed at the output, says where the model is (it said only "not an exported model directory").
+    with pytest.raises(ManifestError, match=r"left the previous model whole at .*\.old-model"):
+        load_manifest(output)
 
     # The next export replaces the old model (put back, or not), and the stale copy goes with it (it was
     # left, ~200 MB for the bundled model, where the output was absent).

@@ -158,6 +158,11 @@ def load_manifest(model_dir: Path) -> Manifest:
     """Reads `model_dir/manifest.json`; raises ManifestError with a clear message."""
     path = Path(model_dir) / MANIFEST_NAME
     if not path.is_file():
+        # `halflife export --force` moves the old model aside under this name before it swaps the new one in.
+        retired = Path(model_dir).parent / f".old-{Path(model_dir).name}"
+        if (retired / MANIFEST_NAME).is_file():
+            raise ManifestError(f"{path} not found: an interrupted `halflife export --force` left the previous "
+                                f"model whole at {retired} (move it back, or export again)")
         raise ManifestError(
             f"{path} not found: {model_dir} is not an exported model directory "
             "(create one with `halflife export --output DIR`, or `make model`)"
