@@ -21,6 +21,7 @@ class MemoryStore:
         self.events: list[EventRecord] = []
         self.by_user: dict[str, list[EventRecord]] = {}
         self.ids: set[str] = set()
+        self.vectors_from: tuple[str, str] | None = None
 
     def upsert_items(self, items: Sequence[ItemRecord], guard: Guard | None = None) -> tuple[int, int]:
         _check(guard)
@@ -79,6 +80,10 @@ class MemoryStore:
     def delete_user(self, user_id: str, guard: Guard | None = None) -> int:
         _check(guard)
         return len(self.by_user.pop(user_id, []))
+
+    def bind_vectors(self, space: str, model: str) -> tuple[str, str]:
+        self.vectors_from = self.vectors_from or (space, model)
+        return self.vectors_from
 
     def vector_size(self) -> int | None:
         item = next(iter(self.items.values()), None)  # the benchmark's events are on its items

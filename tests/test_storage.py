@@ -4,7 +4,9 @@ events, durability across kill -9, erasure (down to the file's bytes), schema.""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -441,6 +443,59 @@ def test_a_store_built_with_a_model_of_another_size_stops_serve_in_one_line(mode
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert (f"halflife serve: error: the store holds {DIM}-dimensional vectors, where this model's have 384"
             in result.stderr.splitlines()[-1]), result.stderr
+
+
+def test_the_store_records_the_vector_space_it_was_first_bound_to(tmp_path):
+    with SqliteStore(tmp_path) as store:
+        assert store.bind_vectors("space-a", "model a (16-d)") == ("space-a", "model a (16-d)")
+        assert store.bind_vectors("space-b", "model b (16-d)") == ("space-a", "model a (16-d)")
+    with SqliteStore(tmp_path) as store:  # for good
+        assert store.bind_vectors("space-b", "model b (16-d)") == ("space-a", "model a (16-d)")
+
+
+def test_a_store_built_with_another_model_of_the_same_size_stops_serve_and_another_variant_serves(model_dir, tmp_path):
+    """Same size, other weights: it served silently, ranking the new model's
+    queries and items against the old one's vectors (an operations review)."""
+    from halflife.api.server import ServerConfig
+    from halflife.embedding.engine import CPU, vector_space
+    from halflife.embedding.manifest import load_manifest
+    from tests.serving import ServerThread
+
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    with SqliteStore(tmp_path / "data") as store:
+        store.bind_vectors(vector_space(load_manifest(model_dir)), f"{manifest['model_id']} (384-d)")
+    other = tmp_path / "other-model"  # the same files, said to come from other weights
+    other.mkdir()
+    for path in model_dir.iterdir():
+        if path.name != "manifest.json":
+            (other / path.name).symlink_to(path.resolve())
+    manifest["model_id"] = "someone/fine-tuned"
+    manifest["source"]["weights_sha256"] = {"model.safetensors": "0" * 64}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    result = subprocess.run([sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(other),
+                             "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert ("the store's vectors come from sentence-transformers/all-MiniLM-L6-v2 (384-d)" in result.stderr
+            and "this model is someone/fine-tuned (384-d)" in result.stderr.splitlines()[-1]), result.stderr
+    variant = next(v["name"] for v in manifest["variants"] if v["name"] != manifest["default_variants"][CPU])
+    with ServerThread(ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path / "data", variant=variant)):
+        pass  # another variant of the same model: the same space
+
+
+def test_a_store_file_it_may_not_write_is_refused_at_open(tmp_path):
+    """SQLite opens such a file (another owner's, an immutable one) read-only
+    without a word: an up-to-date store passed its start, health said
+    SERVING, and every write failed UNAVAILABLE "retry" (an operations
+    review). Immutable stands in for another owner's: tests run as root."""
+    SqliteStore(tmp_path).close()
+    path = tmp_path / DB_NAME
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here (needs root and a file system that supports it)")
+    try:
+        with pytest.raises(StoreError, match="attempt to write a readonly database"):
+            SqliteStore(tmp_path)
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
 def test_damaged_pages_are_store_damage_not_a_bug():

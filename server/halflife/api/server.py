@@ -352,10 +352,12 @@ class HalflifeServer:
             self.store = await asyncio.to_thread(SqliteStore, config.data_dir)
             if not config.follow_store:  # alone on the store (a workers group's parent prunes for its workers)
                 await asyncio.to_thread(self.store.prune_change_feed)
+            embedding = self.backend.embedding
             self.backend.interest = await asyncio.to_thread(
-                InterestEngine, config.halflife, self.store, self.backend.embedding.dimension,
+                InterestEngine, config.halflife, self.store, embedding.dimension,
                 self.backend.embed_blocking, follow_store=config.follow_store, scan_threads=config.scan_threads,
-                embedder_id=self.backend.embedding.identity,
+                embedder_id=embedding.identity,
+                vector_space=(embedding.vector_space, f"{embedding.manifest.model_id} ({embedding.dimension}-d)"),
             )
         except BaseException:
             await self.stop(grace=0)

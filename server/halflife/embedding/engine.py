@@ -181,6 +181,17 @@ def model_identity(manifest: Manifest, variant: Variant) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+def vector_space(manifest: Manifest) -> str:
+    """Names the space the export's vectors live in, whichever variant makes
+    them: the source weights, the tokenizer, pooling, normalisation, the
+    truncation length and the dimension (SHA-256). Another model, or the same
+    one pooled otherwise, is another space; its variants are the same one."""
+    m = manifest
+    weights = sorted(m.source.get("weights_sha256", {}).items())
+    parts = (repr(weights), m.tokenizer_sha256, m.pooling, str(m.normalize), str(m.max_input_tokens), str(m.dimension))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 def served_identity(model_dir: Path | str, *, variant: str | None = None, provider: str = "auto") -> str:
     """The `identity` of the engine `EmbeddingEngine.load` would give for
     these arguments, from the manifest alone (checksums not verified, no
@@ -286,6 +297,11 @@ class EmbeddingEngine:
     def identity(self) -> str:
         """Names what maps a text to its vector here (`model_identity`)."""
         return model_identity(self.manifest, self.variant)
+
+    @property
+    def vector_space(self) -> str:
+        """Names the space its vectors live in (`vector_space`), shared by the export's variants."""
+        return vector_space(self.manifest)
 
     @property
     def max_input_tokens(self) -> int:

@@ -252,6 +252,7 @@ class InterestEngine:
         follow_store: bool = False,
         scan_threads: int | None = None,
         embedder_id: str | None = None,
+        vector_space: tuple[str, str] | None = None,
     ):
         self.config = config
         self.store = store
@@ -260,6 +261,8 @@ class InterestEngine:
         # What `embed` is (EmbeddingEngine.identity): an item whose text it embedded
         # keeps that vector while its text stays the same. None: always embed.
         self._embedder_id = embedder_id
+        # (EmbeddingEngine.vector_space, a name for people): the store must hold that space's vectors. None: unchecked.
+        self._vector_space = vector_space
         self._clock = clock
         self._follow_store = follow_store  # other processes write to the store too
         self._blocks = RowBlocks(scan_threads or physical_cores())  # one call's passes over the catalogue
@@ -290,17 +293,34 @@ class InterestEngine:
         head = self.store.head()  # before reading: what lands after it is caught up later
         self._changes_seen = head.change_version
         self._events = EventWatermark(head.event_seq)
-        stored = self.store.vector_size()
-        if stored not in (None, self.dim):  # it was a ValueError's traceback from deep in the catalogue (a review)
-            raise StoreError(f"the store holds {stored}-dimensional vectors, where this model's have {self.dim}: "
-                             "it was built with another model; serve it with that one, or give this model a "
-                             "data directory of its own")
+        self._check_vectors()
         self.catalog.upsert(self.store.iter_items())
         self._rebuild_blend()
         log.info(
             "loaded %d items and popularity from %d events in %.1f s",
             len(self.catalog), self.store.event_count(), time.perf_counter() - started,
         )
+
+    def _check_vectors(self) -> None:
+        """StoreError where the store's vectors come from another model: its
+        items and events keep their vectors, so the new model's queries and
+        items were ranked against the old one's, silently where the sizes
+        matched, and a ValueError's traceback from the catalogue where they
+        did not (reviews). A store from before the record is bound to the
+        model that serves it first, its size checked."""
+        stored = self.store.vector_size()
+        if stored not in (None, self.dim):
+            raise StoreError(f"the store holds {stored}-dimensional vectors, where this model's have {self.dim}: "
+                             "it was built with another model; serve it with that one, or give this model a "
+                             "data directory of its own")
+        if self._vector_space is None:
+            return
+        space, model = self._vector_space
+        bound_space, bound_model = self.store.bind_vectors(space, model)
+        if bound_space != space:
+            raise StoreError(f"the store's vectors come from {bound_model} (vector space {bound_space[:12]}), and this "
+                             f"model is {model} (vector space {space[:12]}): serve the store with its model, or give "
+                             "this one a data directory of its own")
 
     def _rebuild_blend(self) -> None:
         """The blend's signals besides the profile (see config.BlendConfig),

@@ -223,6 +223,11 @@ class Store(Protocol):
         """Erases a user's events, their profile snapshot and the vectors only
         they referenced; returns the event count."""
 
+    def bind_vectors(self, space: str, model: str) -> tuple[str, str]:
+        """Records that the store's vectors live in `space` (a model's
+        `EmbeddingEngine.vector_space`; `model` names it for people) unless
+        one is recorded already, and returns the recorded (space, model)."""
+
     def vector_size(self) -> int | None:
         """The length of the newest stored vector (every one has the length
         of the model that made it), or None while none is stored."""

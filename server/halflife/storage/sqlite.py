@@ -230,9 +230,16 @@ def _migration_6(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE items ADD COLUMN embedded_by TEXT")
 
 
+def _migration_7(conn: sqlite3.Connection) -> None:
+    # What the store's vectors come from (Store.bind_vectors): items and
+    # events keep their vectors, so a store served with another model ranked
+    # in a mixture of two spaces, silently where the sizes matched.
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
 # Append only: MIGRATIONS[i] takes the schema from version i to i + 1.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
-    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6,
+    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6, _migration_7,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -562,8 +569,11 @@ class SqliteStore:
                 self._check_version(version)
                 for step in range(version, SCHEMA_VERSION):
                     MIGRATIONS[step](conn)
+                # Written even when unchanged: SQLite opens a file it may not write (another owner's, an
+                # immutable one) read-only without a word, and every write then failed UNAVAILABLE "retry"
+                # while health said SERVING (an operations review).
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 if version != SCHEMA_VERSION:
-                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                     log.info("migrated %s from schema %d to %d", self.path, version, SCHEMA_VERSION)
                 conn.execute("COMMIT")
             except BaseException:
@@ -1115,6 +1125,15 @@ class SqliteStore:
     def checkpoint(self) -> None:
         """Checkpoints and truncates the WAL (on the writer thread)."""
         self._submit(lambda conn: None, after_commit=self._truncate_wal)
+
+    def bind_vectors(self, space: str, model: str) -> tuple[str, str]:
+        def job(conn: sqlite3.Connection) -> tuple[str, str]:
+            conn.executemany("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)",
+                             [("vector_space", space), ("vector_model", model)])
+            recorded = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('vector_space', 'vector_model')"))
+            return recorded["vector_space"], recorded["vector_model"]
+
+        return self._submit(job)
 
     def vector_size(self) -> int | None:
         def read(conn: sqlite3.Connection) -> int | None:
