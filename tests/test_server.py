@@ -468,18 +468,56 @@ def test_a_signal_while_loading_stops_the_server_without_it_ever_serving(model_d
     assert health_pb2.HealthCheckResponse.SERVING not in seen
 
 
-def test_a_second_signal_exits_at_once(model_dir, tmp_path):
-    """The operator who sends it will not wait for the load or the grace period."""
-    process, _ = _serve_until_listening(model_dir, tmp_path / "data")
+def _embedding_long_texts(address: str, callers: int, outcomes: list[str]) -> list[threading.Thread]:
+    """`callers` threads each embedding 256 long texts (~100k tokens: a second
+    or more here), started; each appends its outcome ("answered" or a code)."""
+    long_texts = [" ".join(["a long text about many things"] * 60) + f" {n}" for n in range(256)]
+
+    def embed() -> None:
+        with grpc.insecure_channel(address) as channel:
+            try:
+                embedding_pb2_grpc.EmbeddingServiceStub(channel).Embed(
+                    pb.EmbedRequest(inputs=long_texts, truncate=True), timeout=120)
+                outcomes.append("answered")
+            except grpc.RpcError as e:
+                outcomes.append(e.code().name)
+
+    threads = [threading.Thread(target=embed) for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+@pytest.mark.parametrize("apart", ["after the window", "at once"])
+def test_a_second_signal_exits_at_once_unless_it_is_the_same_stop_delivered_twice(model_dir, tmp_path, apart):
+    """The operator who sends a second one will not wait for the grace
+    period: calls in flight end without an answer. timeout(1) and wrappers
+    signal the process and its group: those two SIGTERMs, a millisecond
+    apart, made it exit at once too, dropping the calls in flight (an
+    operations review); they are one graceful stop."""
+    from halflife.api.server import REPEAT_SIGNAL_WINDOW_S
+
+    process, address = start_cli_server(model_dir, tmp_path / "data")
+    outcomes: list[str] = []
+    callers = _embedding_long_texts(address, 8 if apart == "after the window" else 2, outcomes)
     try:
+        time.sleep(0.5)  # the calls are in flight
         process.send_signal(signal.SIGTERM)
-        time.sleep(0.05)
+        # At once: 50 ms, the first handled (back to back, the kernel may deliver them as one).
+        time.sleep(REPEAT_SIGNAL_WINDOW_S + 0.3 if apart == "after the window" else 0.05)
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 128 + signal.SIGTERM, output
-    assert "SIGTERM again: exiting now" in output and "Traceback" not in output
+        for caller in callers:
+            caller.join(60)
+    assert "Traceback" not in output, output
+    if apart == "after the window":
+        assert process.returncode == 128 + signal.SIGTERM, output
+        assert "SIGTERM again: exiting now" in output and "UNAVAILABLE" in outcomes, (output, outcomes)
+    else:
+        assert process.returncode == 0, output
+        assert "again" not in output and outcomes == ["answered"] * 2, (output, outcomes)
 
 
 def test_cli_serve_refuses_a_missing_or_tampered_model(model_dir, tmp_path):

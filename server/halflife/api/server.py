@@ -10,6 +10,7 @@ import inspect
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import IO, Callable
 
@@ -43,6 +44,9 @@ DEFAULT_DATA_DIR = Path("var/data")
 # How long a stop waits for queued profile snapshots to be saved (a snapshot
 # not saved costs the user's next read a longer replay, nothing more).
 SNAPSHOT_SAVE_GRACE_S = 5.0
+# A second SIGTERM/SIGINT this soon after the first is the same stop delivered
+# twice (to the process and its group); later, the operator's "now".
+REPEAT_SIGNAL_WINDOW_S = 0.5
 MiB = 1 << 20
 
 
@@ -456,11 +460,18 @@ async def serve(config: ServerConfig, parent_pid: int | None = None, ready_fd: i
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
+    first_signal_at: list[float] = []
+
     def on_signal(signum: int) -> None:
         if not stop.is_set():
             stop.set()
+            first_signal_at.append(time.monotonic())
             return
         if parent_pid is not None:  # a worker: its parent decides (a group-wide signal reaches it twice)
+            return
+        if time.monotonic() - first_signal_at[0] < REPEAT_SIGNAL_WINDOW_S:
+            # The same stop delivered twice: timeout(1) and wrappers signal the process and its group
+            # (an operations review: in-flight calls were dropped within a millisecond of the first).
             return
         # A second signal: the operator will not wait for the grace period. Acknowledged writes are on
         # disk already (as after a kill -9); calls in flight end without an answer.
