@@ -1521,6 +1521,24 @@ def test_items_changing_at_every_try_end_in_items_changed_after_the_last(tmp_pat
     assert [e.item_id for e in engine.store.user_events("u")] == ["y"]
 
 
+def test_cooccurrence_is_scored_without_the_lock(tmp_path, monkeypatch):
+    """Under it, a user whose items many others share held every other call
+    up: 30 ms at 2M pairs, 0.8 s under "jaccard" (a scaling review)."""
+    from halflife.interest import engine as engine_module
+
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"kayak paddle {n % 5}") for n in range(20)])
+    engine.record_events([EventInput(f"e{u}-{n}", f"u{u}", LIKE, f"i{(u + n) % 20}", None, None, T - 600.0 * n)
+                          for u in range(6) for n in range(4)])
+    free = []
+    score = engine_module.cooccurrence_scores
+    monkeypatch.setattr(engine_module, "cooccurrence_scores",
+                        lambda *a, **k: free.append(_lock_is_free(engine)) or score(*a, **k))
+    before = engine.recommend("u0", 5, as_of=T, explain=True)
+    assert free and all(free)
+    assert any(item.explanation.score_parts["cooccurrence"] > 0 for item in before.items)
+
+
 def test_the_strongest_events_chunked_are_those_of_one_stable_sort():
     """Explanations pick each item's strongest events a chunk of events at a
     time (all at once, 1,000 items by 100k events took 1.3 GB): the same

@@ -170,6 +170,30 @@ def test_background_merges_keep_what_changed_while_they_were_built(monkeypatch):
     assert True in outcomes and False in outcomes  # taken in, and dropped after a removal or an inline merge
 
 
+def test_a_view_reads_as_the_index_did_when_taken_whatever_it_took_since(monkeypatch):
+    """The engine scores a view without its lock while the index takes
+    writes (new pairs, late times, merges, removals) under it."""
+    from halflife.core import cooccurrence
+
+    monkeypatch.setattr(cooccurrence, "_MIN_MERGE", 3)
+    c = Cooccurrence(5)
+    taken = []
+
+    def reads(index, n: int) -> list[np.ndarray]:
+        query = np.arange(n)
+        return [index.rows(query), index.item_counts()[:n].copy(), len(index),
+                cooccurrence_scores(index, query, np.ones(n), "jaccard"),
+                cooccurrence_scores(index, query, np.ones(n), "cosine")]
+
+    def take(step: int) -> None:
+        taken.append((c.view(), c.n_items, reads(c, c.n_items)))
+
+    _random_steps(c, np.random.default_rng(5), 60, after_each=take)
+    for view, n, then in taken:
+        for got, expected in zip(reads(view, n), then):
+            np.testing.assert_array_equal(got, expected)
+
+
 def test_pairs_until_is_a_copy_that_builds_the_past():
     c = index()
     c.add([3, 0], [3, 2], [5.0, 6.0])

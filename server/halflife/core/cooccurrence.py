@@ -135,7 +135,115 @@ class Merge:
         self.result = _merged(*self.base, self.keys, self.times)
 
 
-class Cooccurrence:
+class _PairReads:
+    """Co-occurrence reads over a user × item incidence held as sorted pair
+    keys (see Cooccurrence): for the index itself and for its views."""
+
+    n_items: int
+    _keys: np.ndarray  # (P,) user << 32 | item, sorted
+    _item_keys: np.ndarray  # (P,) item << 32 | user, sorted
+    _user_ptr: np.ndarray  # CSR row pointers into _keys
+    _item_ptr: np.ndarray  # ... into _item_keys
+    _item_counts: np.ndarray  # (N,) users per item
+
+    def _waiting_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(users, items) of the pairs not in the sorted arrays: two (w,) arrays."""
+        raise NotImplementedError
+
+    def item_counts(self) -> np.ndarray:
+        """C[i, i]: users per item. Returns (N,) float64 (a view: do not modify)."""
+        return self._item_counts
+
+    def _co_users(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position in `items`, user) for every user of every query item: two (m,) int64 arrays."""
+        h, users = _ranges(self._item_ptr, self._item_keys, items)
+        waiting_users, waiting_items = self._waiting_pairs()
+        hit, where = _matches(waiting_items, items)
+        return np.concatenate([h, where]), np.concatenate([users, waiting_users[hit]])
+
+    def _expand(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position in `users`, item) for every item of each user (users may
+        repeat): two (m,) int64 arrays."""
+        pos, items = _ranges(self._user_ptr, self._keys, users)
+        waiting_users, waiting_items = self._waiting_pairs()
+        hit, where = _matches(waiting_users, users)
+        return np.concatenate([pos, where]), np.concatenate([items, waiting_items[hit]])
+
+    def pair_counts(self, items) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The nonzero entries of C[items, :] (diagonal included), without the
+        (h, N) rows: (position in `items`, item, count) as (m,) int64, int64
+        and float64 arrays, by position, then item. items: (h,) distinct rows."""
+        items = np.asarray(items, dtype=np.int64)
+        if not len(self) or not items.size:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0)
+        h, users = self._co_users(items)
+        pos, js = self._expand(users)
+        keys, counts = np.unique(h[pos] * self.n_items + js, return_counts=True)
+        return keys // self.n_items, keys % self.n_items, counts.astype(np.float64)
+
+    def rows(self, items) -> np.ndarray:
+        """C[items, :]: (h, N) float64 co-occurrence counts (diagonal included).
+        items: (h,) distinct rows."""
+        out = np.zeros((np.shape(items)[0], self.n_items))
+        which, js, counts = self.pair_counts(items)
+        out[which, js] = counts
+        return out
+
+    def user_weighted(self, items, weights, column=None, diagonal: bool = True) -> np.ndarray:
+        """Σ_i weights_i · C[i, j] · column(C[j, j]) for every item j, without
+        materialising the rows: each co-user v adds (Σ of the weights of the
+        query items v consumed) to every item of v. items, weights: (h,),
+        items distinct; column: a function of (m,) item counts, or None for 1
+        (it is applied per reached item, not to all N). Without the `diagonal`
+        (i = j left out of the sum), a query item's score is summed again
+        over its own users, each adding the other query items' weights: one
+        that shares no user with another gets exactly 0, not what subtracting
+        its own term leaves (~1e-16, which a division by the maximum made a
+        full-weight score). Returns (N,) float64."""
+        items = np.asarray(items, dtype=np.int64)
+        weights = np.asarray(weights, dtype=np.float64)
+        if not len(self) or not items.size:
+            return np.zeros(self.n_items)
+        h, users = self._co_users(items)
+        if users.size and users.max() < 64 * users.size:  # dense enough: counting beats sorting
+            by_user = np.bincount(users, weights=weights[h])
+            co_users = np.flatnonzero(by_user)
+            per_user, at_pair = by_user[co_users], by_user[users]
+        else:
+            co_users, inverse = np.unique(users, return_inverse=True)
+            per_user = np.bincount(inverse, weights=weights[h], minlength=co_users.size)
+            at_pair = per_user[inverse]
+        pos, js = self._expand(co_users)
+        added = per_user[pos] if column is None else per_user[pos] * column(self._item_counts[js])
+        scores = np.bincount(js, weights=added, minlength=self.n_items)  # float64 already
+        if not diagonal:
+            others = np.maximum(at_pair - weights[h], 0.0)  # (a + b) - a can round below 0
+            own = np.bincount(h, weights=others, minlength=items.size)
+            scores[items] = own if column is None else own * column(self._item_counts[items])
+        return scores
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CooccurrenceView(_PairReads):
+    """A Cooccurrence as it was when `Cooccurrence.view` took it: reads only."""
+
+    n_items: int
+    _keys: np.ndarray
+    _item_keys: np.ndarray
+    _user_ptr: np.ndarray
+    _item_ptr: np.ndarray
+    _item_counts: np.ndarray
+    _waiting_users: np.ndarray
+    _waiting_items: np.ndarray
+
+    def _waiting_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._waiting_users, self._waiting_items
+
+    def __len__(self) -> int:
+        return int(self._keys.size + self._waiting_users.size)
+
+
+class Cooccurrence(_PairReads):
     """User × item incidence with on-demand co-occurrence.
 
     Users and items are dense int rows (callers map ids to rows). `add` is
@@ -384,86 +492,27 @@ class Cooccurrence:
         arrays = (self._keys, self._times, self._item_keys, self._user_ptr, self._item_ptr, self._item_counts)
         return sum(a.nbytes for a in arrays)
 
-    def item_counts(self) -> np.ndarray:
-        """C[i, i]: users per item. Returns (N,) float64 (a view: do not modify)."""
-        return self._item_counts
-
     def _waiting_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         if self._waiting_arrays is None:
             keys = np.fromiter(self._waiting.keys(), dtype=np.int64, count=len(self._waiting))
             self._waiting_arrays = (keys >> _ITEM_BITS, keys & _LOW)
         return self._waiting_arrays
 
-    def _co_users(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(position in `items`, user) for every user of every query item: two (m,) int64 arrays."""
-        h, users = _ranges(self._item_ptr, self._item_keys, items)
-        waiting_users, waiting_items = self._waiting_pairs()
-        hit, where = _matches(waiting_items, items)
-        return np.concatenate([h, where]), np.concatenate([users, waiting_users[hit]])
-
-    def _expand(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(position in `users`, item) for every item of each user (users may
-        repeat): two (m,) int64 arrays."""
-        pos, items = _ranges(self._user_ptr, self._keys, users)
-        waiting_users, waiting_items = self._waiting_pairs()
-        hit, where = _matches(waiting_users, users)
-        return np.concatenate([pos, where]), np.concatenate([items, waiting_items[hit]])
-
-    def pair_counts(self, items) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The nonzero entries of C[items, :] (diagonal included), without the
-        (h, N) rows: (position in `items`, item, count) as (m,) int64, int64
-        and float64 arrays, by position, then item. items: (h,) distinct rows."""
-        items = np.asarray(items, dtype=np.int64)
-        if not len(self) or not items.size:
-            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0)
-        h, users = self._co_users(items)
-        pos, js = self._expand(users)
-        keys, counts = np.unique(h[pos] * self.n_items + js, return_counts=True)
-        return keys // self.n_items, keys % self.n_items, counts.astype(np.float64)
-
-    def rows(self, items) -> np.ndarray:
-        """C[items, :]: (h, N) float64 co-occurrence counts (diagonal included).
-        items: (h,) distinct rows."""
-        out = np.zeros((np.shape(items)[0], self.n_items))
-        which, js, counts = self.pair_counts(items)
-        out[which, js] = counts
-        return out
-
-    def user_weighted(self, items, weights, column=None, diagonal: bool = True) -> np.ndarray:
-        """Σ_i weights_i · C[i, j] · column(C[j, j]) for every item j, without
-        materialising the rows: each co-user v adds (Σ of the weights of the
-        query items v consumed) to every item of v. items, weights: (h,),
-        items distinct; column: a function of (m,) item counts, or None for 1
-        (it is applied per reached item, not to all N). Without the `diagonal`
-        (i = j left out of the sum), a query item's score is summed again
-        over its own users, each adding the other query items' weights: one
-        that shares no user with another gets exactly 0, not what subtracting
-        its own term leaves (~1e-16, which a division by the maximum made a
-        full-weight score). Returns (N,) float64."""
-        items = np.asarray(items, dtype=np.int64)
-        weights = np.asarray(weights, dtype=np.float64)
-        if not len(self) or not items.size:
-            return np.zeros(self.n_items)
-        h, users = self._co_users(items)
-        if users.size and users.max() < 64 * users.size:  # dense enough: counting beats sorting
-            by_user = np.bincount(users, weights=weights[h])
-            co_users = np.flatnonzero(by_user)
-            per_user, at_pair = by_user[co_users], by_user[users]
-        else:
-            co_users, inverse = np.unique(users, return_inverse=True)
-            per_user = np.bincount(inverse, weights=weights[h], minlength=co_users.size)
-            at_pair = per_user[inverse]
-        pos, js = self._expand(co_users)
-        added = per_user[pos] if column is None else per_user[pos] * column(self._item_counts[js])
-        scores = np.bincount(js, weights=added, minlength=self.n_items)  # float64 already
-        if not diagonal:
-            others = np.maximum(at_pair - weights[h], 0.0)  # (a + b) - a can round below 0
-            own = np.bincount(h, weights=others, minlength=items.size)
-            scores[items] = own if column is None else own * column(self._item_counts[items])
-        return scores
+    def view(self) -> "CooccurrenceView":
+        """The index as it is now, for reads (`cooccurrence_scores`) without
+        the owner's lock while this index takes writes: its sorted arrays are
+        replaced on every change, never written in place (the times aside,
+        which reads do not use), so the view shares them; the waiting pairs
+        are taken as arrays and the item counts, updated in place, copied
+        (O(N)). 2M pairs: a user whose items many others share reached most
+        of them, 30 ms a read (0.8 s under "jaccard"), which the engine's
+        lock held (a scaling review)."""
+        users, items = self._waiting_pairs()
+        return CooccurrenceView(self.n_items, self._keys, self._item_keys, self._user_ptr, self._item_ptr,
+                                self._item_counts.copy(), users, items)
 
 
-def cooccurrence_scores(index: Cooccurrence, items, affinity, similarity: str = "jaccard") -> np.ndarray:
+def cooccurrence_scores(index: _PairReads, items, affinity, similarity: str = "jaccard") -> np.ndarray:
     """Σ_i affinity_i · sim(i, j) for every item j (the diagonal term left out).
 
     items: (h,) distinct item rows the user consumed; affinity: (h,) >= 0

@@ -1334,9 +1334,12 @@ class InterestEngine:
         """Σ_i a_i · sim(i, j): the user's decayed per-item affinity (event
         weight × 2^(−age/h), events up to t; up to a factor common to all,
         which the blend divides out) through item co-occurrence, as a
-        function returning (size,) float64: the present is read now, a look
-        into the past or after the clock rebuilds the pairs of then from a
-        copy when called (see CatalogueScan). Lock held."""
+        function returning (size,) float64, run without the lock (see
+        CatalogueScan): the present is scored from a view of the index taken
+        now (Cooccurrence.view: under the lock, a user whose items many
+        others share held every other call up, 30 ms at 2M pairs, 0.8 s
+        under "jaccard"); a look into the past or after the clock rebuilds
+        the pairs of then from a copy. Lock held."""
         blend = self.config.blend
         ahead = self._release_blend(t)
         rows, times, types = _derived(state, "affinity", (self.catalog.version, len(state.affinity_items)), lambda: (
@@ -1358,8 +1361,8 @@ class InterestEngine:
         index = self._cooccurrence
         held = ahead is not None and bool((ahead[1] >= 0).any())
         if t >= index.newest and not held:
-            present = cooccurrence_scores(index, items, affinity, blend.similarity)
-            return lambda: present
+            present = index.view()  # scored after the lock is let go, as the past's pairs are
+            return lambda: cooccurrence_scores(present, items, affinity, blend.similarity)
         pairs = index.pairs_until(t)
         if held:  # a read after the clock: the held pairs up to t too
             times, users, item_rows, _ = ahead
