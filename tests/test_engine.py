@@ -1669,6 +1669,42 @@ def test_a_long_look_into_the_past_reads_the_log_in_its_turn_and_not_for_a_calle
     assert reads == ["long"] and sum(outcome[-1].values()) == 4  # the 4 events up to T - 1800 s
 
 
+def test_a_long_explanation_reads_the_log_in_its_turn_and_not_for_a_caller_gone(tmp_path, monkeypatch):
+    """8 concurrent explained Recommends of a 50k-event user each held a copy
+    of the log at once: +1.5 GB (a scaling review)."""
+    import threading
+    import time
+
+    from halflife.deadlines import Deadline, DeadlineExpiredError
+    from halflife.interest import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "LONG_REPLAY_EVENTS", 4)
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"climbing rope {n}") for n in range(8)])
+    engine.record_events([EventInput(f"e{n}", "long", LIKE, f"i{n}", None, None, T - 600.0 * (n + 1)) for n in range(6)])
+    engine.recommend("long", 2, as_of=T)  # cached: what follows is the explanation's read alone
+    reads = []
+    read_events = engine.store.user_events
+    monkeypatch.setattr(engine.store, "user_events", lambda user: reads.append(user) or read_events(user))
+    outcome = []
+
+    def explained(deadline):
+        try:
+            outcome.append(engine.recommend("long", 2, as_of=T, explain=True, deadline=deadline).items)
+        except DeadlineExpiredError:
+            outcome.append("expired")
+
+    with engine._long_replay:  # a long replay runs, and runs on
+        waiting = threading.Thread(target=explained, args=(Deadline(time.monotonic() + 1.0),))
+        waiting.start()
+        waiting.join(0.3)
+        assert waiting.is_alive() and reads == []  # waits its turn without the log in hand
+        waiting.join(10)
+        assert outcome == ["expired"] and reads == []
+    explained(None)
+    assert reads == ["long"] and all(item.explanation.events for item in outcome[-1])
+
+
 def test_concurrent_misses_of_one_user_read_the_log_once(tmp_path, monkeypatch):
     """Each of 16 concurrent misses of a 100k-event user would hold a copy of
     its log: a second caller waits for the replay in flight instead, and

@@ -175,6 +175,7 @@ class _Explained(NamedTuple):
     shares: np.ndarray  # (K,) the interests' shares
     centroids: np.ndarray  # (K, d)
     max_seq: int  # the events it holds: seq <= this
+    events: int  # how many: an explanation reads them all (see InterestEngine._explain)
 
 
 class _Ranked(NamedTuple):
@@ -1157,7 +1158,7 @@ class InterestEngine:
             parts = {name: values[picks] for name, values in parts.items()}
         explanations = [None] * len(ids)
         if explain and ranked.strategy == "personalized":
-            explanations = self._explain(user_id, ranked.explained, t, vectors, parts)
+            explanations = self._explain(user_id, ranked.explained, t, vectors, parts, deadline)
         elif explain:  # trending: no interest or event produced it, only its score's parts
             explanations = [Explanation((), (), row_parts) for row_parts in per_row(parts, len(ids))]
         return Recommendation(
@@ -1182,7 +1183,8 @@ class InterestEngine:
             if personal:
                 scan = self._signal_sources(user_id, state, t, single=single)
                 if explain:
-                    explained = _Explained(state.multi.shares(t), state.multi.centroids(t), state.max_seq)
+                    explained = _Explained(state.multi.shares(t), state.multi.centroids(t), state.max_seq,
+                                           sum(state.api_counts.values()))
             else:
                 popularity = self._popularity_at(t)
         # The passes over the whole catalogue run without the lock (see CatalogueScan).
@@ -1370,23 +1372,28 @@ class InterestEngine:
         n_items = index.n_items
         return lambda: cooccurrence_scores(Cooccurrence.from_pairs(n_items, *pairs), items, affinity, blend.similarity)
 
-    def _explain(self, user_id: str, explained: _Explained, t: float, item_vectors, parts) -> list[Explanation]:
+    def _explain(self, user_id: str, explained: _Explained, t: float, item_vectors, parts,
+                 deadline: Deadline | None = None) -> list[Explanation]:
         """Why each recommended item (`item_vectors`, (n, dim)) was (see
         `explain.explanations`), from the profile as it was ranked
         (`explained`: its events, seq <= max_seq, read from the log) and the
         blend's `parts` ((n,) each). Call without the lock: it scores every
         positive event against every row (a user of 100k events at limit
-        1,000 held every other call up for 8.7 s under it)."""
+        1,000 held every other call up for 8.7 s under it). A long log is
+        read one call at a time, as a replay's (`_replay_turn`): 8 concurrent
+        explanations of a 50k-event user held 1.5 GB of copies (a scaling
+        review)."""
         shares, centroids = explained.shares, explained.centroids
         described = self._describe(centroids, 0) if shares.shape[0] else []
-        events = [e for e in self._directed_events(user_id, t) if e.seq <= explained.max_seq]
-        types = self._builder.record_types(events)
-        weights = self._builder.types.weights[types]
-        positive = weights > 0
-        events = [e for e, p in zip(events, positive) if p]
-        decayed = weights[positive] * self._decay(types[positive], t)(np.array([e.event_time for e in events]))
         labels = [tuple(label for label, _ in interest_labels) for interest_labels, _ in described]
-        return explanations(item_vectors, parts, shares, centroids, labels, events, decayed)
+        with self._replay_turn(explained.events, deadline):
+            events = [e for e in self._directed_events(user_id, t) if e.seq <= explained.max_seq]
+            types = self._builder.record_types(events)
+            weights = self._builder.types.weights[types]
+            positive = weights > 0
+            events = [e for e, p in zip(events, positive) if p]
+            decayed = weights[positive] * self._decay(types[positive], t)(np.array([e.event_time for e in events]))
+            return explanations(item_vectors, parts, shares, centroids, labels, events, decayed)
 
     def similar_items(
         self, *, item_id: str | None = None, text: str | None = None, limit: int, filter: ItemFilter = ItemFilter(),
