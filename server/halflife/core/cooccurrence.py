@@ -462,8 +462,10 @@ class Cooccurrence(_PairReads):
         waiting = [k for k in self._waiting if k & _LOW in rowset]
         if not users.size and not waiting:
             return 0
-        gone_keys = (users << _ITEM_BITS) | rows[which]
-        doomed = np.searchsorted(self._keys, gone_keys)
+        gone_keys = (users << _ITEM_BITS) | rows[which]  # by item, then user: as _item_keys holds them
+        # Sorted as _keys holds them: the search then walks it in order (30k of 100k items at 2M pairs: 0.45 s
+        # of random probes, a scaling review; here 2M Zipf pairs, 30k of 100k items: 0.25-0.30 s -> 0.12-0.13).
+        doomed = np.searchsorted(self._keys, np.sort(gone_keys))
         self._keys, self._times = np.delete(self._keys, doomed), np.delete(self._times, doomed)
         self._item_keys = np.delete(self._item_keys, np.searchsorted(self._item_keys, _swap(gone_keys)))
         return self._forget(np.concatenate([gone_keys, np.array(waiting, dtype=np.int64)]), waiting)
