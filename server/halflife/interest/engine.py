@@ -344,10 +344,20 @@ class InterestEngine:
         # after the clock counts them on a copy. At most 1M (~32 MB) wait.
         self._blend_ahead = Horizon(max_held=1_000_000)
         self._resize_blend()
+        # The pairs in bulk, sorted once (Cooccurrence.from_pairs), not merged
+        # into the index in ever larger passes: at start, and for each erasure
+        # another worker makes (2.2M events: 2.8 s of the rebuild, 0.55 this way).
+        pairs = []
         for chunk in self.store.iter_events(through_seq=self._events.through):
             rows = self._current_item_rows(chunk.item_ids, chunk.seqs)
             types = self._builder.internal_types(chunk.types, chunk.values)
-            self._add_to_blend(rows, types, chunk.times, chunk.user_ids)
+            times, users, items, weights = self._blend_ahead.admit(
+                self._clock(), *self._blend_entries(rows, types, chunk.times, chunk.user_ids))
+            paired = users >= 0
+            pairs.append((users[paired], items[paired], times[paired]))
+            self._apply_to_blend(times, np.full(times.size, -1), items, weights)  # popularity
+        if pairs:
+            self._cooccurrence = Cooccurrence.from_pairs(self.catalog.size, *map(np.concatenate, zip(*pairs)))
 
     def _catch_up(self, written: _WrittenItems | None = None) -> None:
         """Applies what other processes sharing the store wrote since the last
@@ -416,14 +426,25 @@ class InterestEngine:
         self._popularity.resize(self.catalog.size)
 
     def _add_to_blend(self, rows: np.ndarray, types: np.ndarray, times: np.ndarray, user_ids: Sequence[str]) -> None:
-        """Co-occurrence takes every item event of a non-negative type (a
-        3-star rating is still a consumption); popularity only positive ones.
-        rows: (n,) catalogue rows (-1: none); types: (n,) internal. Lock held."""
+        """Events into the blend (see `_blend_entries`). Lock held."""
+        entries = self._blend_entries(rows, types, times, user_ids)
+        if entries[0].size:
+            self._admit_to_blend(*entries)
+
+    def _blend_entries(self, rows: np.ndarray, types: np.ndarray, times: np.ndarray,
+                       user_ids: Sequence[str]) -> Entries:
+        """What events bring the blend: co-occurrence takes every item event
+        of a non-negative type (a 3-star rating is still a consumption),
+        popularity only positive ones. rows: (n,) catalogue rows (-1: none);
+        types: (n,) internal. Returns (times, users, items, weights) of the
+        events taken, each (m,) (see `_admit_to_blend`). Lock held."""
         weights = self._builder.types.weights[types]
         consumed = np.flatnonzero((rows >= 0) & (weights >= 0))
-        if consumed.size:
-            users = np.array([self._user_row(user_ids[i]) for i in consumed], dtype=np.int64)
-            self._admit_to_blend(times[consumed], users, rows[consumed], weights[consumed])
+        numbered, counter = self._user_rows, self._next_user_row
+        # Numbered in one comprehension: a method call an event took ~1 us, 2.1 s of a 2.2M-event rebuild.
+        users = np.array([numbered[u] if u in numbered else numbered.setdefault(u, next(counter))
+                          for u in (user_ids[i] for i in consumed.tolist())], dtype=np.int64)
+        return times[consumed], users, rows[consumed], weights[consumed]
 
     def _take_back_popularity(self, rows: np.ndarray, types: np.ndarray, times: np.ndarray) -> None:
         """Takes erased events' weights back from popularity (their pairs go
@@ -472,12 +493,6 @@ class InterestEngine:
         popularity-only entries, as Cooccurrence.remove_* forgets the indexed
         ones. Lock held."""
         self._blend_ahead.map_held(lambda t, u, i, w: (t, np.where(drop(u, i), -1, u), i, w))
-
-    def _user_row(self, user_id: str) -> int:
-        row = self._user_rows.get(user_id)
-        if row is None:
-            row = self._user_rows[user_id] = next(self._next_user_row)
-        return row
 
     def _popularity_at(self, t: float) -> Later:
         """Decayed popularity at t of the live items, from events up to t
