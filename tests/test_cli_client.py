@@ -250,6 +250,9 @@ def test_movielens_event_ids_stay_valid_and_the_same_for_long_ids():
     (["serve", "--workers", "abc"], "argument --workers: must be a whole number, got 'abc'"),
     (["serve", "--port", "1.5"], "argument --port: must be a whole number, got '1.5'"),
     (["serve", "--max-queued-inputs", "x"], "argument --max-queued-inputs: must be a whole number, got 'x'"),
+    # int() takes these: `--workers 1_0` started 10 workers (an operations review).
+    (["serve", "--workers", "1_0"], "argument --workers: must be a whole number, got '1_0'"),
+    (["serve", "--workers", "\u0663"], "argument --workers: must be a whole number, got '\u0663'"),
     (["load-movielens", "x", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
     # The server takes at most 1000 events per RecordEvents: 1001 failed only after every item was sent.
     (["load-movielens", "x", "--batch-size", "1001"], "argument --batch-size: must be at most 1000 (the server's limit)"),

@@ -135,6 +135,11 @@ def test_ratings_bounds_in_the_wrong_order_name_both_values():
     """positive_min's default (4) is not in the file that sets negative_max alone."""
     with pytest.raises(ConfigError, match=r"^ratings.negative_max: must be below ratings.positive_min \(4\), got 4.5$"):
         parse_config({"ratings": {"negative_max": 4.5}})
+    # ... and the file that sets positive_min alone is told of the key it wrote (it was negative_max's).
+    with pytest.raises(ConfigError, match=r"^ratings.positive_min: must be above ratings.negative_max \(2\), got 1$"):
+        parse_config({"ratings": {"positive_min": 1}})
+    with pytest.raises(ConfigError, match=r"^ratings.negative_max: must be below ratings.positive_min \(3\), got 3$"):
+        parse_config({"ratings": {"positive_min": 3, "negative_max": 3}})
 
 
 def test_a_linear_kernel_takes_a_decay_of_zero_as_its_kernel_does():

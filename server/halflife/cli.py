@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -152,11 +153,12 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
 
 
 def _whole_number(value: str) -> int:
-    """int(value), or a usage error that names no function of ours ("invalid _port value")."""
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {value!r}") from None
+    """value as a whole number in ASCII digits (int() also takes "1_0" and
+    other scripts' digits: `--workers 1_0` started 10 workers, an operations
+    review), or a usage error that names no function of ours ("invalid _port value")."""
+    if not re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {value!r}")
+    return int(value)
 
 
 def _int32(value: str) -> int:

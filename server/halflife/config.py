@@ -248,6 +248,12 @@ def parse_config(data: dict) -> Config:
         "negative_max": lambda v, k: float(_number(v, k)),
     })
     if ratings.negative_max >= ratings.positive_min:
+        # Named by the key the file set (both: negative_max's): a file that set only positive_min was told
+        # of a negative_max it never wrote (an operations review).
+        given = _table(data, "ratings")
+        if "positive_min" in given and "negative_max" not in given:
+            raise ConfigError(f"ratings.positive_min: must be above ratings.negative_max ({ratings.negative_max:g}), "
+                              f"got {ratings.positive_min:g}")
         raise ConfigError(f"ratings.negative_max: must be below ratings.positive_min ({ratings.positive_min:g}), "
                           f"got {ratings.negative_max:g}")
     profile = _section(ProfileConfig, _table(data, "profile"), "profile.", {
