@@ -700,6 +700,15 @@ def test_a_single_server_on_a_busy_port_fails_in_one_line(model_dir, tmp_path):
         wait_exit(process)
 
 
+def test_a_single_server_on_a_name_that_does_not_resolve_says_so(model_dir, tmp_path):
+    """It said "in use by another process, or not an address of this machine?" (an operations review)."""
+    result = subprocess.run([sys.executable, "-m", "halflife.cli", "serve", "--host", "nonexistent.invalid", "--port",
+                             "0", "--model-dir", str(model_dir), "--data-dir", str(tmp_path / "data")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "'nonexistent.invalid' does not resolve" in result.stderr.splitlines()[-1], result.stderr
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("delay", [0.0, 0.1, 0.2, 0.3])
 def test_a_stop_while_the_workers_start_is_a_clean_stop(model_dir, tmp_path, signum, delay):

@@ -10,6 +10,7 @@ import inspect
 import logging
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import IO, Callable
@@ -346,8 +347,7 @@ class HalflifeServer:
             self.port = 0
         if self.port == 0:
             await self.stop(grace=0)  # the metrics server and the call threads started above
-            raise OSError(f"cannot bind {host_port(config.host, config.port)} (in use by another process, or not an address "
-                          "of this machine?)")
+            raise OSError(_bind_failure(config.host, config.port))
         self._server = server
         await server.start()
         log.info("listening on %s (health NOT_SERVING while loading)", host_port(config.host, self.port))
@@ -450,6 +450,16 @@ def claim_data_dir(data_dir: Path, holder: str = "") -> IO[str]:
     except LockHeldError as held:
         raise OSError(f"{data_dir} is in use by another halflife serve ({held.holder}); "
                       "one server or one --workers group per data directory") from None
+
+
+def _bind_failure(host: str, port: int) -> str:
+    """Why gRPC could not bind host:port, which it does not say: a name that
+    does not resolve was reported as a port in use (an operations review)."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        return f"cannot bind {host_port(host, port)}: {host!r} does not resolve ({e.strerror or e})"
+    return f"cannot bind {host_port(host, port)} (in use by another process, or not an address of this machine?)"
 
 
 async def serve(config: ServerConfig, parent_pid: int | None = None, ready_fd: int | None = None) -> None:
