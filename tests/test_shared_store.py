@@ -157,6 +157,27 @@ def test_items_and_events_written_by_one_worker_are_seen_by_the_other(pair, tmp_
     assert answers(a)["u0"][0][0] not in {"i0", "i1", "i2"}  # seen items stay out, on both
 
 
+def test_a_catch_up_reads_vectors_only_for_the_profiles_it_applies_events_to(pair, tmp_path, monkeypatch):
+    """Every event's vector was read (and hashed) under the follower's lock:
+    ~18 us an event against ~4 without (a scaling review)."""
+    a, b = pair
+    a.upsert_items(items(f"i{n}" for n in range(12)))
+    a.record_events(likes("x", "u0", ["i0", "i1"], hours_ago=5))
+    answers(b)  # b caches u0's profile (and no other with events)
+    read = []
+    between = b.store.events_between
+
+    def reading(*args, **kwargs):
+        events = between(*args, **kwargs)
+        read.extend(events)
+        return events
+
+    monkeypatch.setattr(b.store, "events_between", reading)
+    a.record_events(likes("y", "u0", ["i6", "i7"]) + likes("z", "u1", ["i3", "i4"]))
+    assert answers(b) == answers(a) == restarted(tmp_path)
+    assert {(e.user_id, e.vector is not None) for e in read} == {("u0", True), ("u1", False)}
+
+
 def test_a_cached_profile_follows_the_other_workers_events(pair, tmp_path):
     a, b = pair
     a.upsert_items(items(f"i{n}" for n in range(12)))

@@ -407,7 +407,10 @@ class InterestEngine:
         process's whose writer thread has not applied them yet (it will find
         them applied and skip them). Lock held."""
         if through_seq > self._events.through:
-            events = self.store.events_between(self._events.through, through_seq)
+            # Vectors only for the profiles that take the events (`_apply_events`): reading every
+            # event's took a follower ~18 us an event under the lock, ~4 without (a scaling review).
+            events = self.store.events_between(self._events.through, through_seq,
+                                               vectors_of=lambda user: user in self._users or user in self._replays)
             fresh = [e for e in events if not self._events.applied(e.seq)]
             self._events.advance(through_seq)
             self._apply_events(fresh)

@@ -204,8 +204,12 @@ class Store(Protocol):
         seq order, in chunks, without vectors: what rebuilding popularity and
         co-occurrence needs, and taking a user's share of them back."""
 
-    def events_between(self, after_seq: int, through_seq: int) -> list[EventRecord]:
-        """Events with after_seq < seq <= through_seq, with vectors, in seq order."""
+    def events_between(self, after_seq: int, through_seq: int,
+                       vectors_of: Callable[[str], bool] | None = None) -> list[EventRecord]:
+        """Events with after_seq < seq <= through_seq, in seq order, with
+        vectors: only those of the users `vectors_of` picks, where given (a
+        vector is most of an event's read: a follower catching up needs them
+        for its cached profiles alone)."""
 
     def head(self) -> StoreHead:
         """The newest event seq and change version issued so far."""

@@ -434,21 +434,38 @@ _UNAVAILABLE_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlit
                                 sqlite3.SQLITE_PROTOCOL})
 
 
-def _events_where(conn: sqlite3.Connection, where: str, params: tuple) -> list[EventRecord]:
-    """Events matching `where` (over `events e`), with vectors, in seq order."""
-    rows = conn.execute(
-        f"""SELECT e.seq, e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, v.data,
-                   v.hash, v.id
-            FROM events e JOIN vectors v ON v.id = e.vector_id
-            WHERE {where} ORDER BY e.seq""",
-        params,
-    )
+def _events_where(conn: sqlite3.Connection, where: str, params: tuple,
+                  vectors_of: Callable[[str], bool] | None = None) -> list[EventRecord]:
+    """Events matching `where` (over `events e`), in seq order, with vectors:
+    those of the users `vectors_of` picks where given (the others' None),
+    read in a second statement: call inside a read transaction then."""
+    if vectors_of is None:
+        rows = conn.execute(
+            f"""SELECT e.seq, e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, v.data,
+                       v.hash, v.id
+                FROM events e JOIN vectors v ON v.id = e.vector_id
+                WHERE {where} ORDER BY e.seq""",
+            params,
+        )
+    else:
+        rows = conn.execute(
+            f"""SELECT e.seq, e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, NULL, NULL,
+                       e.vector_id
+                FROM events e WHERE {where} ORDER BY e.seq""",
+            params,
+        ).fetchall()
+        wanted = sorted({row[10] for row in rows if vectors_of(row[2])})
+        vectors: dict[int, tuple[bytes, bytes]] = {}
+        for chunk in _chunks(conn, wanted):
+            sql = f"SELECT id, data, hash FROM vectors WHERE id IN ({', '.join('?' * len(chunk))})"
+            vectors.update((vector_id, (data, digest)) for vector_id, data, digest in conn.execute(sql, chunk))
+        rows = [(*row[:8], *vectors.get(row[10], (None, None)), row[10]) for row in rows]
     damaged: set[int] = set()
     events = []
     for seq, event_id, uid, type_, item_id, text, value, event_time, data, digest, vector_id in rows:
         # A damaged vector leaves out the vector alone: the event still counts where none is
         # needed (popularity, co-occurrence), as it does in iter_events.
-        intact = _intact(data, digest, vector_id, damaged, f"event {event_id!r}")
+        intact = data is not None and _intact(data, digest, vector_id, damaged, f"event {event_id!r}")
         events.append(EventRecord(event_id, uid, type_, item_id, text, value, event_time,
                                   _vector_from(data) if intact else None, seq))
     return events
@@ -951,8 +968,16 @@ class SqliteStore:
     def user_events(self, user_id: str) -> list[EventRecord]:
         return self._read(lambda conn: _events_where(conn, "e.user_id = ?", (user_id,)))
 
-    def events_between(self, after_seq: int, through_seq: int) -> list[EventRecord]:
-        return self._read(lambda conn: _events_where(conn, "e.seq > ? AND e.seq <= ?", (after_seq, through_seq)))
+    def events_between(self, after_seq: int, through_seq: int,
+                       vectors_of: Callable[[str], bool] | None = None) -> list[EventRecord]:
+        def read(conn: sqlite3.Connection) -> list[EventRecord]:
+            conn.execute("BEGIN")  # one read transaction: an erasure lands before both statements or after
+            try:
+                return _events_where(conn, "e.seq > ? AND e.seq <= ?", (after_seq, through_seq), vectors_of)
+            finally:
+                conn.execute("COMMIT")
+
+        return self._read(read)
 
     def user_history(self, user_id: str) -> tuple[ProfileSnapshot | None, list[EventRecord]]:
         def read(conn: sqlite3.Connection) -> tuple[ProfileSnapshot | None, list[EventRecord]]:
