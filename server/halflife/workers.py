@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from halflife.locks import LockHeldError, hold_lock, remove_lock
+from halflife.signals import StopSignals
 from halflife_client.client import host_port
 
 log = logging.getLogger(__name__)
@@ -177,15 +178,18 @@ def run_workers(serve_argv: Sequence[str], host: str, port: int, workers: int, t
     port already taken fails before it made anything).
     Returns the exit status: 0 after a requested stop that every worker completed."""
     group: list[_Worker] = []
-    requested: list[int] = []
+    signals = StopSignals()
+    requested = signals.counted
 
     def forward(signum: int, _frame) -> None:
         # SIGTERM whatever arrived: a worker that has not yet set its handlers then dies of the
         # signal (-15, a clean stop) instead of raising KeyboardInterrupt wherever it is. A second
-        # signal stops them at once (SIGKILL), as a second one stops a single server: workers
-        # themselves take their repeats as one, since a group-wide signal (systemd's, `kill -- -pgid`)
-        # reaches them beside the parent's (a review: every worker quit without its grace).
-        requested.append(signum)
+        # signal stops them at once (SIGKILL), as a second one stops a single server, and one within
+        # the window is the same stop delivered twice (see halflife.signals): workers themselves take
+        # their repeats as one, since a group-wide signal (systemd's, `kill -- -pgid`) reaches them
+        # beside the parent's (a review: every worker quit without its grace).
+        if not signals.count(signum):
+            return
         for worker in group:
             if worker.process.poll() is None:
                 worker.process.send_signal(signal.SIGTERM if len(requested) == 1 else signal.SIGKILL)
@@ -257,7 +261,7 @@ def _supervise(group: list[_Worker], requested: list[int], start) -> int:
                 except OSError as exc:  # no process to be had (EMFILE, ENOMEM): as if it failed to start
                     why = f"and could not be started again ({exc})"
             else:
-                why = "before it served" if not worker.serving else (
+                why = "before it served" if not restartable else (
                     f"after {worker.restarts.limit} restarts within {worker.restarts.window_s:.0f} s")
             log.error("worker %d exited with status %s %s; stopping the others", worker.index, status, why)
             failed = True

@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 from typing import IO, Callable
 
@@ -34,6 +33,7 @@ from halflife.embedding.engine import EmbeddingEngine
 from halflife.embedding.manifest import ManifestError
 from halflife.interest.engine import InterestEngine
 from halflife.locks import LockHeldError, hold_lock
+from halflife.signals import StopSignals
 from halflife.storage.sqlite import SqliteStore
 from halflife_client.client import MAX_STREAMS_PER_CONNECTION, host_port
 from halflife.v1 import catalog_pb2, embedding_pb2, interest_pb2, recommend_pb2
@@ -45,9 +45,6 @@ DEFAULT_DATA_DIR = Path("var/data")
 # How long a stop waits for queued profile snapshots to be saved (a snapshot
 # not saved costs the user's next read a longer replay, nothing more).
 SNAPSHOT_SAVE_GRACE_S = 5.0
-# A second SIGTERM/SIGINT this soon after the first is the same stop delivered
-# twice (to the process and its group); later, the operator's "now".
-REPEAT_SIGNAL_WINDOW_S = 0.5
 MiB = 1 << 20
 
 
@@ -470,18 +467,15 @@ async def serve(config: ServerConfig, parent_pid: int | None = None, ready_fd: i
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    first_signal_at: list[float] = []
+    signals = StopSignals()
 
     def on_signal(signum: int) -> None:
-        if not stop.is_set():
+        if not signals.count(signum):  # the same stop delivered twice
+            return
+        if len(signals.counted) == 1:
             stop.set()
-            first_signal_at.append(time.monotonic())
             return
         if parent_pid is not None:  # a worker: its parent decides (a group-wide signal reaches it twice)
-            return
-        if time.monotonic() - first_signal_at[0] < REPEAT_SIGNAL_WINDOW_S:
-            # The same stop delivered twice: timeout(1) and wrappers signal the process and its group
-            # (an operations review: in-flight calls were dropped within a millisecond of the first).
             return
         # A second signal: the operator will not wait for the grace period. Acknowledged writes are on
         # disk already (as after a kill -9); calls in flight end without an answer.
