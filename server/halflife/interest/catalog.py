@@ -33,6 +33,7 @@ class CatalogIndex:
         self._alive = np.zeros(capacity, dtype=bool)
         self._create_times = np.full(capacity, np.nan)
         self._created_seq = np.zeros(capacity, dtype=np.int64)
+        self._rewritten = np.zeros(capacity, dtype=np.int64)  # the version that last changed a live row's vector or time
         self.size = 0  # rows in use (alive or dead)
         self.ids: list[str | None] = []
         self.texts: list[str] = []
@@ -64,6 +65,14 @@ class CatalogIndex:
         """(size,) int64: ItemRecord.created_seq of each row's item (events at
         or below it concern an earlier item with the same id)."""
         return self._created_seq[: self.size]
+
+    @property
+    def rewritten(self) -> np.ndarray:
+        """(size,) int64: the `version` at which each row's vector or create
+        time last changed in place (0: never since it was created). A reader
+        that scored rows without the owner's lock compares it with the
+        version it read them at."""
+        return self._rewritten[: self.size]
 
     @property
     def create_times(self) -> np.ndarray:
@@ -107,6 +116,10 @@ class CatalogIndex:
             else:
                 self._forget_categories(row)
                 updated += 1
+                create_time = item.create_time if item.create_time is not None else np.nan
+                if not (np.array_equal(self._matrix[row], item.vector)
+                        and np.array_equal(self._create_times[row], create_time, equal_nan=True)):
+                    self._rewritten[row] = self.version + 1
             touched.append(row)
             self._matrix[row] = item.vector
             self._alive[row] = True
@@ -158,7 +171,7 @@ class CatalogIndex:
             # destination, and after every earlier chunk's.
             for start in range(0, live.size, _SUM_CHUNK):
                 rows = live[start : start + _SUM_CHUNK]
-                for array in (self._matrix, self._create_times, self._created_seq):
+                for array in (self._matrix, self._create_times, self._created_seq, self._rewritten):
                     array[start : start + rows.size] = array[rows]
             self._alive[: live.size] = True
             self._alive[live.size : self.size] = False
@@ -256,7 +269,7 @@ class CatalogIndex:
         use, or with those of `rows` ((n,) in their new order); the rest empty."""
         arrays, n = [], self.size if rows is None else rows.size
         for old, empty in ((self._matrix, 0.0), (self._alive, False), (self._create_times, np.nan),
-                           (self._created_seq, 0)):
+                           (self._created_seq, 0), (self._rewritten, 0)):
             new = np.zeros((capacity, *old.shape[1:]), dtype=old.dtype)  # calloc: untouched pages cost nothing
             if rows is None:
                 new[:n] = old[:n]
@@ -265,7 +278,7 @@ class CatalogIndex:
             if empty:
                 new[n:] = empty
             arrays.append(new)
-        self._matrix, self._alive, self._create_times, self._created_seq = arrays
+        self._matrix, self._alive, self._create_times, self._created_seq, self._rewritten = arrays
 
     def _forget_categories(self, row: int) -> None:
         for category in self.categories[row]:

@@ -121,8 +121,8 @@ COMPACT_DEAD_SHARE = 0.25
 NET_LOG_MIN_TAKEN_BACK = 65_536
 NET_LOG_SHARE = 1 / 64
 # Tries of a read that scores without the lock when a compaction renumbers the
-# rows meanwhile; the last one holds the lock throughout.
-RENUMBERED_ATTEMPTS = 2
+# rows, or an upsert rewrites a pick, meanwhile; the last one holds the lock throughout.
+STABLE_ROWS_ATTEMPTS = 2
 
 # (texts, the caller's deadline or None) -> (n, dim) float32 unit rows
 Embedder = Callable[[Sequence[str], Deadline | None], np.ndarray]
@@ -192,9 +192,10 @@ class _Ranked(NamedTuple):
 _Read = TypeVar("_Read")
 
 
-class _Renumbered(Exception):
+class _RowsChanged(Exception):
     """Catalogue rows read in one hold of the lock were renumbered
-    (CatalogIndex.compact) before the next: the read starts again."""
+    (CatalogIndex.compact), or a picked one's vector rewritten in place (an
+    upsert), before the next: the read starts again."""
 
 
 _NO_ROWS = np.empty(0, dtype=np.int64)
@@ -1166,7 +1167,7 @@ class InterestEngine:
         self._cache_profile(user_id, deadline)
         replayed = self._replayed_state(user_id, t, deadline)
         candidates = limit * MMR_CANDIDATES_PER_RESULT if diversity > 0 else limit
-        ranked = self._renumbering_safe(lambda: self._rank(
+        ranked = self._with_stable_rows(lambda: self._rank(
             user_id, candidates, t, replayed, filter, include_seen, query_vector, explain, copy=diversity > 0 or explain))
         ids, top_scores, vectors, parts = ranked.ids, ranked.scores, ranked.vectors, ranked.parts
         if diversity > 0 and ids:
@@ -1196,7 +1197,8 @@ class InterestEngine:
             allowed = self._allowed(filter, _NO_ROWS if include_seen else self._seen_rows(state))
             single = self._single_profile(user_id, state, t)
             personal = single.weight > 0
-            items, create_times, epoch = self.catalog.vectors, self.catalog.create_times, self.catalog.epoch
+            catalog = self.catalog
+            items, create_times, epoch, version = catalog.vectors, catalog.create_times, catalog.epoch, catalog.version
             explained = None
             if personal:
                 scan = self._signal_sources(user_id, state, t, single=single)
@@ -1218,7 +1220,7 @@ class InterestEngine:
         select = functools.partial(top_k, blend.scores, candidates, ties=True)  # select(allowed) -> (rows, scores)
         picked = select(allowed)
         with self._lock:
-            rows, top_scores = self._confirm(picked, allowed, select, epoch)
+            rows, top_scores = self._confirm(picked, allowed, select, epoch, version)
             rows, top_scores, ids = self._best_by_id(rows, top_scores, candidates)
             return _Ranked(ids, blend.reported(top_scores), items[rows] if copy else None,
                            blend.parts_at(rows) if explain else {}, explained, strategy)
@@ -1239,15 +1241,18 @@ class InterestEngine:
         order = sorted(keep, key=lambda i: (-values[i], ids[picked[i]]))
         return rows[order], scores[order], [ids[picked[i]] for i in order]
 
-    def _confirm(self, picked, allowed: np.ndarray, select, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def _confirm(self, picked, allowed: np.ndarray, select, epoch: int, version: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows picked from scores computed without the lock, checked with it
         held: if any was deleted meanwhile, `select` picks again from the same
         scores without the deleted rows (rows added meanwhile were never
         candidates). picked: (rows, scores); allowed: (n,) the mask they were
-        picked under; epoch: the catalogue's when the scores' rows were read
-        (raises _Renumbered if it moved on). Lock held."""
-        if self.catalog.epoch != epoch:
-            raise _Renumbered
+        picked under; epoch and version: the catalogue's when the scores' rows
+        were read (raises _RowsChanged if it was compacted since, or a pick's
+        vector rewritten: scored with the old one, it was named, explained
+        and diversified with the new, its parts no longer its score's, a race
+        review). Lock held."""
+        if self.catalog.epoch != epoch or (self.catalog.rewritten[picked[0]] > version).any():
+            raise _RowsChanged
         alive = self.catalog.alive[: allowed.shape[0]]
         if alive[picked[0]].all():
             return picked
@@ -1419,13 +1424,13 @@ class InterestEngine:
     ) -> Recommendation:
         """Items nearest an item (excluding itself) or a text. Raises UnknownItemError for an unknown item."""
         query = self._embed([text], deadline)[0] if text is not None else None
-        return self._renumbering_safe(lambda: self._similar_items(item_id, query, limit, filter))
+        return self._with_stable_rows(lambda: self._similar_items(item_id, query, limit, filter))
 
     def _similar_items(self, item_id: str | None, query: np.ndarray | None, limit: int,
                        filter: ItemFilter) -> Recommendation:
         with self._lock:
             self._catch_up()
-            epoch = self.catalog.epoch
+            epoch, version = self.catalog.epoch, self.catalog.version
             exclude = _NO_ROWS
             if item_id is not None:
                 row = self.catalog.row_of.get(item_id)
@@ -1439,19 +1444,20 @@ class InterestEngine:
         select = functools.partial(top_k, scores, limit, ties=True)  # select(allowed) -> (rows, scores)
         picked = select(allowed)
         with self._lock:
-            rows, top_scores = self._confirm(picked, allowed, select, epoch)
+            rows, top_scores = self._confirm(picked, allowed, select, epoch, version)
             rows, top_scores, ids = self._best_by_id(rows, top_scores, limit)
         return Recommendation(tuple(ScoredItem(i, float(s)) for i, s in zip(ids, top_scores)), "similarity")
 
-    def _renumbering_safe(self, read: Callable[[], _Read]) -> _Read:
+    def _with_stable_rows(self, read: Callable[[], _Read]) -> _Read:
         """read(), which scores catalogue rows without the lock and names them
         with it held (`_confirm`): again when a compaction renumbered them in
-        between, at last with the lock held throughout (it is reentrant), so
-        read() holds no more than the scan and the naming."""
-        for _ in range(RENUMBERED_ATTEMPTS - 1):
+        between, or an upsert rewrote a pick, at last with the lock held
+        throughout (it is reentrant), so read() holds no more than the scan
+        and the naming."""
+        for _ in range(STABLE_ROWS_ATTEMPTS - 1):
             try:
                 return read()
-            except _Renumbered:
+            except _RowsChanged:
                 continue
         with self._lock:
             return read()
