@@ -3,6 +3,7 @@ events, durability across kill -9, erasure (down to the file's bytes), schema.""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ import pytest
 import halflife
 from halflife.storage import sqlite as sqlite_mod
 from halflife.storage.base import (
-    EventRecord, ItemRecord, ProfileSnapshot, StoreDamagedError, StoreError, StoreUnavailableError,
+    EventRecord, ItemRecord, ItemsChangedError, ProfileSnapshot, StoreDamagedError, StoreError, StoreUnavailableError,
 )
 from halflife.storage.sqlite import DB_NAME, SCHEMA_VERSION, SqliteStore
 from tests.fakes import full_disk
@@ -986,6 +987,24 @@ def test_vector_references_stay_exact_through_writes_duplicates_erasures_and_ite
         _reference_check(tmp_path)
 
 
+def test_a_version_7_database_counts_every_feed_row_as_a_vector_change(tmp_path):
+    """What changed before schema 8 is not known: each row stands for a
+    vector change then, so a read older than it is refused, as before."""
+    with SqliteStore(tmp_path) as store:
+        store.upsert_items([item("a"), item("b")])
+        versions = {c.item_id: c.version for c in store.changes_since(0)}
+    with sqlite3.connect(tmp_path / DB_NAME) as conn:
+        conn.execute("ALTER TABLE changes DROP COLUMN vector_version")
+        conn.execute("PRAGMA user_version = 7")
+    with SqliteStore(tmp_path) as store:
+        with sqlite3.connect(tmp_path / DB_NAME) as conn:
+            assert dict(conn.execute("SELECT item_id, vector_version FROM changes")) == versions
+        assert [e.event_id for e in store.record_events([event("e1", item_id="a")],
+                                                        items_as_of=versions["b"])] == ["e1"]
+        with pytest.raises(ItemsChangedError):
+            store.record_events([event("e2", item_id="b")], items_as_of=versions["a"])
+
+
 def test_a_version_3_database_moves_event_vector_references_to_counts(tmp_path):
     path = tmp_path / DB_NAME
     conn = sqlite3.connect(path, isolation_level=None)
@@ -1093,6 +1112,29 @@ def test_events_are_refused_only_when_an_item_their_new_events_name_changed_sinc
         store.record_events([event("e5", item_id="a")], items_as_of=read_at)
     assert [e.event_id for e in store.record_events([event("e4", item_id="b")],
                                                     items_as_of=store.head().change_version)] == ["e4"]
+
+
+def test_events_are_not_refused_for_item_changes_that_leave_their_vectors(store):
+    """A hot item's stock or price updates (or a catalogue re-synced whole)
+    refused its events three times running, ABORTED (a race review): only a
+    new vector, a deletion or a new incarnation concerns them."""
+    from halflife.storage.base import ItemsChangedError
+
+    a = item("a")
+    store.upsert_items([a, item("b")])
+    read_at = store.head().change_version
+    store.upsert_items([dataclasses.replace(a, attributes={"stock": "3"}, categories=("sale",))])  # same vector
+    store.upsert_items([dataclasses.replace(a, attributes={"stock": "2"})])  # and again
+    assert [e.event_id for e in store.record_events([event("e1", item_id="a")], items_as_of=read_at)] == ["e1"]
+    store.upsert_items([dataclasses.replace(a, vector=vec())])  # a new vector
+    store.upsert_items([dataclasses.replace(a, vector=store.get_items(["a"])["a"].vector, text="a sale")])  # then not
+    with pytest.raises(ItemsChangedError):  # the vector changed after the read, whatever came later
+        store.record_events([event("e2", item_id="a")], items_as_of=read_at)
+    read_at = store.head().change_version
+    store.delete_items(["b"])
+    store.upsert_items([item("b")])  # a new incarnation
+    with pytest.raises(ItemsChangedError):
+        store.record_events([event("e3", item_id="b")], items_as_of=read_at)
 
 
 def test_events_named_as_items_reference_their_items_vectors(store, tmp_path):

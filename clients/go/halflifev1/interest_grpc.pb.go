@@ -26,9 +26,10 @@ type InterestServiceClient interface {
 	// caller meant two events. Returns only once the events are
 	// durable on disk. UNAVAILABLE when the store cannot write (disk full, I/O
 	// error): nothing was recorded, and a retry is safe. An event counts for
-	// its item as the item is when the batch commits: should items it names be
-	// upserted or deleted meanwhile, the server reads them again and retries,
-	// and after 3 such tries answers ABORTED (nothing recorded, retry safe).
+	// its item as the item is when the batch commits: should items it names
+	// get new vectors or be deleted meanwhile (their other fields do not
+	// count), the server reads them again and retries, and after 3 such tries
+	// answers ABORTED (nothing recorded, retry safe).
 	RecordEvents(ctx context.Context, in *RecordEventsRequest, opts ...grpc.CallOption) (*RecordEventsResponse, error)
 	// A user's interests at `as_of_time` (default: now), strongest first. A
 	// user with no events gets an empty profile, not an error.
@@ -87,9 +88,10 @@ type InterestServiceServer interface {
 	// caller meant two events. Returns only once the events are
 	// durable on disk. UNAVAILABLE when the store cannot write (disk full, I/O
 	// error): nothing was recorded, and a retry is safe. An event counts for
-	// its item as the item is when the batch commits: should items it names be
-	// upserted or deleted meanwhile, the server reads them again and retries,
-	// and after 3 such tries answers ABORTED (nothing recorded, retry safe).
+	// its item as the item is when the batch commits: should items it names
+	// get new vectors or be deleted meanwhile (their other fields do not
+	// count), the server reads them again and retries, and after 3 such tries
+	// answers ABORTED (nothing recorded, retry safe).
 	RecordEvents(context.Context, *RecordEventsRequest) (*RecordEventsResponse, error)
 	// A user's interests at `as_of_time` (default: now), strongest first. A
 	// user with no events gets an empty profile, not an error.

@@ -721,8 +721,8 @@ class InterestEngine:
         names an item the catalogue lacks. A re-sent event stays a duplicate
         even when its item was deleted since, so retries always get through,
         and so does a repeat within the batch, whatever item it names. When
-        an item the events name is upserted or deleted between the read of
-        its vector and the commit (texts take a while to embed), the items
+        an item the events name gets a new vector or is deleted between the
+        read of its vector and the commit (texts take a while to embed), the items
         are read again and the write retried, the texts not embedded again;
         ItemsChangedError after RECORD_ATTEMPTS such tries.
 

@@ -237,9 +237,18 @@ def _migration_7(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
 
+def _migration_8(conn: sqlite3.Connection) -> None:
+    # The feed version at which each item's vector or incarnation last changed:
+    # a RecordEvents is refused (and retried) only for those, not for a change
+    # of its attributes or an identical re-upsert (a race review: a hot item's
+    # stock updates aborted its events). Rows from before count as changed then.
+    conn.execute("ALTER TABLE changes ADD COLUMN vector_version INTEGER NOT NULL DEFAULT 0")
+    conn.execute("UPDATE changes SET vector_version = version")
+
+
 # Append only: MIGRATIONS[i] takes the schema from version i to i + 1.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
-    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6, _migration_7,
+    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6, _migration_7, _migration_8,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -346,13 +355,15 @@ def _insert(conn: sqlite3.Connection, into: str, rows: Sequence[tuple], tail: st
 
 
 def _refuse_changed_items(conn: sqlite3.Connection, version: int, item_ids: set[str | None]) -> None:
-    """Raises ItemsChangedError when an item of `item_ids` changed after
-    change `version`. The feed newer than a caller's read is short (usually
+    """Raises ItemsChangedError when the vector or incarnation of an item of
+    `item_ids` changed after change `version` (its other fields are no
+    event's concern). The feed newer than a caller's read is short (usually
     empty), so it is read whole rather than joined with the ids."""
     item_ids = item_ids - {None}
     if not item_ids:
         return
-    feed = conn.execute("SELECT item_id FROM changes WHERE version > ? AND item_id IS NOT NULL", (version,))
+    feed = conn.execute("SELECT item_id FROM changes WHERE version > ? AND vector_version > ? AND item_id IS NOT NULL",
+                        (version, version))
     changed = [i for (i,) in feed if i in item_ids]
     if changed:
         raise ItemsChangedError(changed)
@@ -835,7 +846,8 @@ class SqliteStore:
             )
             current = set(vector_ids)
             _gc_vectors(conn, [vid for vid in old.values() if vid not in current])
-            self._log_item_changes(conn, list(latest))
+            moved = {i for i, vid in zip(latest, vector_ids) if old.get(i) != vid}  # new, or another vector
+            self._log_item_changes(conn, list(latest), moved)
             return (len(latest) - len(old), len(old))
 
         return self._submit(job, guard=guard)
@@ -850,7 +862,7 @@ class SqliteStore:
             found = _item_vector_ids(conn, wanted_json)
             conn.execute("DELETE FROM items WHERE id IN (SELECT value FROM json_each(?))", (wanted_json,))
             _gc_vectors(conn, list(found.values()))
-            self._log_item_changes(conn, list(found))
+            self._log_item_changes(conn, list(found), set(found))
             return [id_ for id_ in wanted if id_ in found]
 
         return self._submit(job, guard=guard)
@@ -1054,8 +1066,15 @@ class SqliteStore:
 
         return self._submit(job, after_commit=self._truncate_wal, guard=guard)
 
-    def _log_item_changes(self, conn: sqlite3.Connection, item_ids: Sequence[str]) -> None:
-        _insert(conn, "INSERT OR REPLACE INTO changes(item_id, origin)", [(i, self.origin) for i in item_ids])
+    def _log_item_changes(self, conn: sqlite3.Connection, item_ids: Sequence[str], moved: set[str]) -> None:
+        """Moves each item's feed row to a new version; those in `moved` (a
+        new vector or incarnation, a deletion) mark it as their vector's too,
+        the others keep their vector's version."""
+        kept = dict(conn.execute("SELECT item_id, vector_version FROM changes WHERE item_id IN "
+                                 "(SELECT value FROM json_each(?))", (_ids_json([i for i in item_ids if i not in moved]),)))
+        _insert(conn, "INSERT OR REPLACE INTO changes(item_id, origin, vector_version)",
+                [(i, self.origin, -1 if i in moved else kept.get(i, 0)) for i in item_ids])
+        conn.execute("UPDATE changes SET vector_version = version WHERE vector_version = -1")
 
     # ------------------------------------------------------------------ following other writers
 

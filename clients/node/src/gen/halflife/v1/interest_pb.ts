@@ -606,9 +606,10 @@ export const InterestService: GenService<{
    * caller meant two events. Returns only once the events are
    * durable on disk. UNAVAILABLE when the store cannot write (disk full, I/O
    * error): nothing was recorded, and a retry is safe. An event counts for
-   * its item as the item is when the batch commits: should items it names be
-   * upserted or deleted meanwhile, the server reads them again and retries,
-   * and after 3 such tries answers ABORTED (nothing recorded, retry safe).
+   * its item as the item is when the batch commits: should items it names
+   * get new vectors or be deleted meanwhile (their other fields do not
+   * count), the server reads them again and retries, and after 3 such tries
+   * answers ABORTED (nothing recorded, retry safe).
    *
    * @generated from rpc halflife.v1.InterestService.RecordEvents
    */
