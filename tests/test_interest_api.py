@@ -913,6 +913,26 @@ def test_invalid_item_rejects_the_whole_batch(client, case):
     assert client.delete_items([good.id]) == 1
 
 
+def test_times_sent_to_the_microsecond_come_back_as_sent():
+    """Python's ToDatetime truncates: a time stored as float seconds came
+    back 1 us early about half the time (a clients review)."""
+    import datetime as dt
+
+    from halflife.api.validation import stored_seconds
+
+    rng = np.random.default_rng(3)
+    for seconds in rng.integers(0, 4_000_000_000, 2_000):
+        for micros in rng.integers(0, 1_000_000, 5):
+            sent = dt.datetime.fromtimestamp(int(seconds), dt.timezone.utc) + dt.timedelta(microseconds=int(micros))
+            stamp = timestamp_pb2.Timestamp()
+            stamp.FromDatetime(sent)
+            back = to_pb_timestamp(stored_seconds(stamp.seconds, stamp.nanos))
+            assert back.ToDatetime(dt.timezone.utc) == sent, (sent, back)
+    # To the nanosecond: within one float64 spacing, as docs/api.md says.
+    back = to_pb_timestamp(stored_seconds(1_700_000_000, 123_456_789))
+    assert (back.seconds, back.nanos) == (1_700_000_000, 123_456_717)
+
+
 def test_stored_times_come_back_as_valid_timestamps(client):
     # Times are stored as float seconds: the last nanosecond of 9999 reads back
     # as 253402300800.0, past Timestamp's range, and x.9999999996 rounds up.

@@ -144,3 +144,19 @@ def test_an_explanation_credits_no_event_the_kernel_weighs_at_zero(tmp_path):
     assert got.strategy == "personalized" and "mix" in [i.item_id for i in got.items]
     credited = {e.event_id: e.weight for item in got.items for e in item.explanation.events}
     assert set(credited) == {"new"} and credited["new"] > 0
+
+
+def test_an_explanation_credits_no_event_whose_weight_reads_0_in_float32(tmp_path):
+    """EventContribution.weight is a float: 1,100 days after a view (7-day
+    half-life), its decayed weight ~5e-48 read 0.0, though the list was
+    still personalised (a clients review)."""
+    engine = InterestEngine(Config(), SqliteStore(tmp_path), DIM, fake_embed, clock=lambda: T)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(6)])
+    engine.record_events([EventInput("old", "u", 1, "i0", None, None, T - 1100 * DAY),
+                          EventInput("older", "u", 1, "i1", None, None, T - 1200 * DAY)])
+    got = engine.recommend("u", 3, as_of=T, explain=True)
+    assert got.strategy == "personalized"
+    assert [e for item in got.items for e in item.explanation.events] == []
+    earlier = engine.recommend("u", 3, as_of=T - 200 * DAY, explain=True)  # 900 days: 1e-39, a float32 denormal
+    assert all(np.float32(e.weight) > 0 for item in earlier.items for e in item.explanation.events)
+    assert any(item.explanation.events for item in earlier.items)

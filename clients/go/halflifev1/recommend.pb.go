@@ -455,7 +455,9 @@ type Explanation struct {
 	// The interests it matches, strongest contribution first (at most 3).
 	Interests []*InterestContribution `protobuf:"bytes,1,rep,name=interests,proto3" json:"interests,omitempty"`
 	// The user's events most responsible, strongest first by weight x
-	// similarity, each with both above 0 (at most 3).
+	// similarity, each with both above 0 (at most 3; an event whose decayed
+	// weight is below float's range, ~150 half-lives of its type, is not
+	// listed, though the list may still be personalised).
 	Events []*EventContribution `protobuf:"bytes,2,rep,name=events,proto3" json:"events,omitempty"`
 	// The score's weighted terms, by signal name ("interest", "negative",
 	// "cooccurrence", "popularity", "query"), which add up to the score. With

@@ -82,7 +82,7 @@ class Violations:
         if not MIN_TIMESTAMP_SECONDS <= stamp.seconds <= MAX_TIMESTAMP_SECONDS:
             self.add(field, "is outside 0001-01-01 .. 9999-12-31")
             return None
-        seconds = stamp.seconds + stamp.nanos / 1e9
+        seconds = stored_seconds(stamp.seconds, stamp.nanos)
         if now is not None and seconds < 0:
             self.add(field, "is before 1970-01-01")
         elif now is not None and seconds > now + MAX_FUTURE_SECONDS:
@@ -90,11 +90,23 @@ class Violations:
         return seconds
 
 
+def stored_seconds(seconds: int, nanos: int) -> float:
+    """A Timestamp's time as the server keeps it: float seconds."""
+    return seconds + nanos / 1e9
+
+
 def to_timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     """A stored time (float seconds) as a Timestamp within Timestamp's range:
-    a float holds 9999-12-31T23:59:59.999999999 as 253402300800.0."""
+    a float holds 9999-12-31T23:59:59.999999999 as 253402300800.0. A time
+    sent to the microsecond (a Python datetime; a JavaScript Date, to the
+    millisecond) comes back as sent: the whole microsecond nearest, where the
+    server reads it as this very float. To the nanosecond, Python's
+    ToDatetime truncated about half such times 1 us early (a clients review)."""
     whole = math.floor(seconds)
     nanos = round((seconds - whole) * 1e9)
+    micros = round(nanos, -3)
+    if micros != nanos and stored_seconds(whole, micros) == seconds:
+        nanos = micros
     if nanos == 1_000_000_000:  # x.9999999996 rounds up into the next second
         whole, nanos = whole + 1, 0
     if whole > MAX_TIMESTAMP_SECONDS:

@@ -99,7 +99,9 @@ def explanations(item_vectors: np.ndarray, parts: Mapping[str, np.ndarray], shar
                 EventContribution(events[e].event_id, events[e].type, events[e].item_id, events[e].event_time,
                                   float(sim), float(weights[e]))
                 for e, sim in zip(nearest[j].tolist(), event_sims[j])
-                if sim > 0 and weights[e] > 0  # one weighing 0 (a kernel past its reach) made nothing
+                # One weighing 0 (a kernel past its reach) made nothing; one below float32's range (its
+                # type's ~150 half-lives) would read 0 in EventContribution.weight (a clients review).
+                if sim > 0 and np.float32(weights[e]) > 0
             )
         out.append(Explanation(interests, top_events, score_parts))
     return out

@@ -250,7 +250,9 @@ export type Explanation = Message<"halflife.v1.Explanation"> & {
 
   /**
    * The user's events most responsible, strongest first by weight x
-   * similarity, each with both above 0 (at most 3).
+   * similarity, each with both above 0 (at most 3; an event whose decayed
+   * weight is below float's range, ~150 half-lives of its type, is not
+   * listed, though the list may still be personalised).
    *
    * @generated from field: repeated halflife.v1.EventContribution events = 2;
    */
