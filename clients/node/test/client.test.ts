@@ -178,6 +178,13 @@ describe("HalflifeClient against a live server", () => {
     assert.equal((await client.modelInfo({ timeoutMs: Number.POSITIVE_INFINITY })).dimension, 384);
   });
 
+  it("carries more calls at once than a connection takes (a review: refused streams were Internal)", async () => {
+    // The server takes 256 calls on a connection; a refused stream was never started: retried as Unavailable.
+    const outcomes = await Promise.allSettled(Array.from({ length: 2000 }, () => client.recommend("ana", { limit: 2 })));
+    const failed = outcomes.filter((outcome) => outcome.status === "rejected");
+    assert.deepEqual(failed.map((outcome) => String((outcome as PromiseRejectedResult).reason)).slice(0, 3), []);
+  });
+
   it("fails every call after close(), raw ones too", async () => {
     const closing = new HalflifeClient(server.address);
     assert.equal((await closing.modelInfo()).dimension, 384);
