@@ -29,6 +29,7 @@ import (
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/status"
@@ -90,6 +91,12 @@ func Dial(ctx context.Context, address string, opts ...grpc.DialOption) (*Client
 	defaults := []grpc.DialOption{
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageBytes), grpc.MaxCallSendMsgSize(MaxMessageBytes)),
 		grpc.WithChainUnaryInterceptor(deadlineAndRetries(DefaultTimeout)),
+		// gRPC waits up to 120 s between reconnection attempts: calls to a server back up after a
+		// restart failed UNAVAILABLE at once, without trying, for as long as the wait had grown.
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           backoff.Config{BaseDelay: time.Second, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 2 * time.Second},
+			MinConnectTimeout: 20 * time.Second,
+		}),
 	}
 	conn, err := grpc.DialContext(ctx, address, append(defaults, opts...)...)
 	if err != nil {

@@ -54,6 +54,7 @@ DEFAULT_TIMEOUT_S = 10.0
 # Longer deadlines mean none: past ~1e10 s gRPC's arithmetic overflows and a call failed at once.
 MAX_TIMEOUT_S = 1e9
 MiB = 1 << 20
+MAX_RECONNECT_BACKOFF_MS = 2_000
 
 _RETRY_SERVICE_CONFIG = json.dumps(
     {
@@ -84,6 +85,9 @@ CHANNEL_OPTIONS = [
     ("grpc.per_rpc_retry_buffer_size", 64 * MiB),
     ("grpc.max_receive_message_length", 64 * MiB),
     ("grpc.max_send_message_length", 64 * MiB),
+    # gRPC waits up to 120 s between reconnection attempts (1 s, x1.6 each): calls to a server back up
+    # after a restart failed UNAVAILABLE at once, without trying, for as long as the wait had grown.
+    ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
 ]
 
 
