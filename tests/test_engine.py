@@ -1660,46 +1660,13 @@ def test_long_replays_run_one_at_a_time_and_short_ones_never_wait_for_them(tmp_p
     assert waits_for_the_long_replay("long", as_of=T - 1800.0)  # a look into the past
 
 
-def test_a_long_look_into_the_past_reads_the_log_in_its_turn_and_not_for_a_caller_gone(tmp_path, monkeypatch):
+@pytest.mark.parametrize("read", ["look into the past", "explanation"])
+def test_a_long_read_of_the_log_waits_its_turn_and_not_for_a_caller_gone(tmp_path, monkeypatch, read):
     """16 concurrent looks back at a 100k-event user each held a copy of the
     log while they waited their turn (past 6 GiB), and callers gone at their
-    deadline left ~50 s of replays behind them (a resource audit)."""
-    import threading
-    import time
-
-    from halflife.deadlines import Deadline, DeadlineExpiredError
-    from halflife.interest import engine as engine_module
-
-    monkeypatch.setattr(engine_module, "LONG_REPLAY_EVENTS", 4)
-    engine = open_engine(tmp_path)
-    engine.upsert_items([ItemInput(id=f"i{n}", text=f"climbing rope {n}") for n in range(6)])
-    engine.record_events([EventInput(f"e{n}", "long", LIKE, f"i{n}", None, None, T - 600.0 * (n + 1)) for n in range(6)])
-    engine.profile("long", as_of=T)  # cached: what follows is the look back alone
-    reads = []
-    read_events = engine.store.user_events
-    monkeypatch.setattr(engine.store, "user_events", lambda user: reads.append(user) or read_events(user))
-    outcome = []
-
-    def look_back(deadline):
-        try:
-            outcome.append(engine.profile("long", as_of=T - 1800.0, deadline=deadline).event_counts)
-        except DeadlineExpiredError:
-            outcome.append("expired")
-
-    with engine._long_replay:  # another long replay runs, and runs on
-        waiting = threading.Thread(target=look_back, args=(Deadline(time.monotonic() + 1.0),))
-        waiting.start()
-        waiting.join(0.3)
-        assert waiting.is_alive() and reads == []  # waits its turn without the log in hand
-        waiting.join(10)  # ... and not past its caller's deadline: the thread is free again
-        assert outcome == ["expired"] and reads == []  # never read, never replayed
-    look_back(None)
-    assert reads == ["long"] and sum(outcome[-1].values()) == 4  # the 4 events up to T - 1800 s
-
-
-def test_a_long_explanation_reads_the_log_in_its_turn_and_not_for_a_caller_gone(tmp_path, monkeypatch):
-    """8 concurrent explained Recommends of a 50k-event user each held a copy
-    of the log at once: +1.5 GB (a scaling review)."""
+    deadline left ~50 s of replays behind them (a resource audit); 8
+    concurrent explained Recommends of a 50k-event user each held a copy at
+    once, +1.5 GB (a scaling review)."""
     import threading
     import time
 
@@ -1710,27 +1677,35 @@ def test_a_long_explanation_reads_the_log_in_its_turn_and_not_for_a_caller_gone(
     engine = open_engine(tmp_path)
     engine.upsert_items([ItemInput(id=f"i{n}", text=f"climbing rope {n}") for n in range(8)])
     engine.record_events([EventInput(f"e{n}", "long", LIKE, f"i{n}", None, None, T - 600.0 * (n + 1)) for n in range(6)])
-    engine.recommend("long", 2, as_of=T)  # cached: what follows is the explanation's read alone
+    engine.recommend("long", 2, as_of=T)  # cached: what follows is the long read alone
     reads = []
     read_events = engine.store.user_events
     monkeypatch.setattr(engine.store, "user_events", lambda user: reads.append(user) or read_events(user))
+    calls = {
+        "look into the past": lambda deadline: engine.profile("long", as_of=T - 1800.0, deadline=deadline),
+        "explanation": lambda deadline: engine.recommend("long", 2, as_of=T, explain=True, deadline=deadline),
+    }
     outcome = []
 
-    def explained(deadline):
+    def call(deadline):
         try:
-            outcome.append(engine.recommend("long", 2, as_of=T, explain=True, deadline=deadline).items)
+            outcome.append(calls[read](deadline))
         except DeadlineExpiredError:
             outcome.append("expired")
 
-    with engine._long_replay:  # a long replay runs, and runs on
-        waiting = threading.Thread(target=explained, args=(Deadline(time.monotonic() + 1.0),))
+    with engine._long_replay:  # another long replay runs, and runs on
+        waiting = threading.Thread(target=call, args=(Deadline(time.monotonic() + 1.0),))
         waiting.start()
         waiting.join(0.3)
         assert waiting.is_alive() and reads == []  # waits its turn without the log in hand
-        waiting.join(10)
-        assert outcome == ["expired"] and reads == []
-    explained(None)
-    assert reads == ["long"] and all(item.explanation.events for item in outcome[-1])
+        waiting.join(10)  # ... and not past its caller's deadline: the thread is free again
+        assert outcome == ["expired"] and reads == []  # never read, never replayed
+    call(None)
+    assert reads == ["long"]
+    if read == "look into the past":
+        assert sum(outcome[-1].event_counts.values()) == 4  # the 4 events up to T - 1800 s
+    else:
+        assert all(item.explanation.events for item in outcome[-1].items)
 
 
 def test_concurrent_misses_of_one_user_read_the_log_once(tmp_path, monkeypatch):
