@@ -252,3 +252,22 @@ def test_a_run_in_which_no_call_succeeded_exits_non_zero_after_its_report(server
     report = json.loads(captured.out)
     assert report["count"] == 4 and "OK" not in report["statusCodeDistribution"]
     assert captured.err.strip() == "halflife loadtest: error: none of the 4 calls succeeded"
+
+
+def test_answers_up_to_the_apis_64_mib_get_through(server, capsys, tmp_path):
+    """The API answers up to 64 MiB, as its clients take: the load tool kept
+    gRPC's 4 MiB and reported GetItems of large items ResourceExhausted (a
+    loadtest review)."""
+    import numpy as np
+
+    from halflife_client import HalflifeClient, Item
+
+    ids = [f"big-{n}" for n in range(140)]  # 140 x 32 KiB of text: ~4.6 MB an answer
+    with HalflifeClient(server.address) as client:
+        client.upsert_items([Item(id=i, text="x" * 32_768, vector=np.eye(384, dtype=np.float32)[n % 384])
+                             for n, i in enumerate(ids)])
+    data = tmp_path / "ids.json"
+    data.write_text(json.dumps({"ids": ids}))
+    assert main(["loadtest", "--call", "halflife.v1.CatalogService.GetItems", "-D", str(data), "-n", "2", "-c", "1",
+                 "--target", server.address]) == 0
+    assert json.loads(capsys.readouterr().out)["statusCodeDistribution"] == {"OK": 2}

@@ -118,6 +118,28 @@ def test_a_stop_wakes_the_workers_waiting_for_their_rps_turn(scripted):
     assert time.monotonic() - begin < 3 and report["endReason"] == "cancel" and report["count"] == 1
 
 
+def test_a_stop_while_the_connections_are_dialled_ends_the_run_at_once_without_calls():
+    """A server that takes connections but never speaks HTTP/2: Ctrl-C
+    waited out the 10 s connect timeout, then counted calls that never ran
+    as Canceled (a loadtest review)."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshakes; nothing answers them
+
+        async def stopped_soon() -> dict:
+            stop = asyncio.Event()
+            asyncio.get_running_loop().call_later(0.3, stop.set)
+            target = f"127.0.0.1:{silent.getsockname()[1]}"
+            return await run_load_test(LoadTestOptions(call=HEALTH, target=target, concurrency=2, total=10), stop)
+
+        begin = time.monotonic()
+        report = asyncio.run(stopped_soon())
+    assert time.monotonic() - begin < 3
+    assert report["endReason"] == "cancel" and report["count"] == 0 and report["statusCodeDistribution"] == {}
+
+
 def test_the_cli_and_ghz_configs_default_to_close_as_ghz(tmp_path):
     assert options_from_flags(call=HEALTH, duration=1.0).duration_stop == "close"
     path = tmp_path / "z.json"

@@ -42,7 +42,9 @@ from google.protobuf import descriptor_pool, json_format, message_factory
 
 from grpc_health.v1 import health_pb2
 from halflife.v1 import catalog_pb2, embedding_pb2, interest_pb2, recommend_pb2
-from halflife_client.client import DEFAULT_TARGET, MAX_STREAMS_PER_CONNECTION, check_target, with_default_port
+from halflife_client.client import (
+    DEFAULT_TARGET, MAX_RECONNECT_BACKOFF_MS, MAX_STREAMS_PER_CONNECTION, MiB, check_target, with_default_port,
+)
 
 # Imported only to register their descriptors in the default pool (named here so linters see a use).
 _APIS = (catalog_pb2, embedding_pb2, interest_pb2, recommend_pb2, health_pb2)
@@ -173,6 +175,15 @@ def _check_target(target: str, allow_remote: bool) -> None:
     if not loopback:
         raise InvalidOption("target", f"{target} is not a loopback address; pass --allow-remote to load it")
 
+
+# The client's limits, without its retries (a load generator reports each failure): the server
+# answers up to 64 MiB (gRPC's 4 MiB default failed GetItems of big items ResourceExhausted), and
+# a server back after a restart is reached within 2 s, not after gRPC's backoff of up to 120 s.
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * MiB),
+    ("grpc.max_send_message_length", 64 * MiB),
+    ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+]
 
 FIRST_WORKER = "g0c0"  # ghz's WorkerID for worker 0 (g) on connection 0 (c)
 
@@ -522,7 +533,7 @@ async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = N
     path = f"/{method.containing_service.full_name}/{method.name}"
     channels = [
         # Distinct channel args keep gRPC from sharing one TCP connection.
-        grpc.aio.insecure_channel(options.target, options=[("halflife.loadtest.connection", i)])
+        grpc.aio.insecure_channel(options.target, options=[*CHANNEL_OPTIONS, ("halflife.loadtest.connection", i)])
         for i in range(connections)
     ]
     calls = [
@@ -534,7 +545,15 @@ async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = N
     cut_short = False  # a worker stopped because its next request was due past the deadline (--rps)
     halt = asyncio.Event()  # the run ends: no new calls, and workers waiting for their --rps turn wake
     hard_end = time.perf_counter() + MAX_DURATION_S  # no call outlives the longest run, the dialling included
-    await asyncio.gather(*(_dial(channel, min(CONNECT_TIMEOUT_S, duration)) for channel in channels))
+    stop = stop or asyncio.Event()
+    dialling = asyncio.ensure_future(asyncio.gather(*(_dial(channel, min(CONNECT_TIMEOUT_S, duration))
+                                                      for channel in channels)))
+    stop_waiter = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((dialling, stop_waiter), return_when=asyncio.FIRST_COMPLETED)
+    for future in (dialling, stop_waiter):
+        future.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await future
     started = time.perf_counter()
     deadline = started + duration
 
@@ -573,13 +592,16 @@ async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = N
                     tally.add(begin, grpc.StatusCode.CANCELLED, CONNECTION_CLOSING)
                 raise
 
-    tasks = [asyncio.ensure_future(worker(i)) for i in range(concurrency)]
-    finished = asyncio.ensure_future(asyncio.wait(tasks))
-    stopped = asyncio.ensure_future((stop or asyncio.Event()).wait())
+    # Stopped while dialling: no call is made (none would have had a chance to finish).
+    tasks = [asyncio.ensure_future(worker(i)) for i in range(0 if stop.is_set() else concurrency)]
+    finished = asyncio.ensure_future(asyncio.wait(tasks) if tasks else asyncio.sleep(0))
+    stopped = asyncio.ensure_future(stop.wait())
     try:
         done, _ = await asyncio.wait((finished, stopped), timeout=deadline - time.perf_counter(),
                                      return_when=asyncio.FIRST_COMPLETED)
         end_reason = "normal" if finished in done else "cancel" if stopped in done else "timeout"
+        if not tasks:  # stopped while dialling
+            end_reason = "cancel"
         if end_reason == "normal" and cut_short:
             if options.duration or options.max_duration:
                 # --rps left nothing to send before the asked-for deadline: the run lasts until it, as ghz's
