@@ -490,3 +490,24 @@ def test_a_profile_keeps_its_directions_long_after_its_strength_underflows():
         np.testing.assert_allclose(unit(state.direction(far)), a, atol=1e-9)
         np.testing.assert_allclose(unit(state.negative_direction(far)), b, atol=1e-9)
     assert not ProfileState.empty(TYPES, 16).direction(T0).any()
+
+
+def test_an_event_so_late_its_worth_underflowed_still_counts_in_the_cluster_it_joins():
+    """A click (1-minute half-life) a day late weighs 0 against the landmark:
+    it was dropped, its count and trend masses with it, where in time order
+    it had joined a cluster another type keeps alive (a core review)."""
+    minute, day, t0 = 60.0, 86400.0, 1.7e9
+    types = EventTypes.from_dict({"click": (1.0, minute), "like": (3.0, 90 * day)})
+    v, u = np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])
+
+    def state(batches):
+        s = MultiInterestState.empty(types, 2, max_clusters=8, threshold=0.6)
+        for type_, t, vector in batches:
+            s.add(types, [type_], [t], vector)
+        return s
+
+    like, click, later = (1, t0, v), (0, t0, v), (1, t0 + day, u)
+    in_order, click_late = state([like, click, later]), state([like, later, click])
+    np.testing.assert_array_equal(in_order.counts, click_late.counts)
+    np.testing.assert_allclose(in_order.trend.sum(axis=0), click_late.trend.sum(axis=0), rtol=1e-12)
+    np.testing.assert_array_equal(in_order.last_time, click_late.last_time)

@@ -115,6 +115,11 @@ def test_mmr_with_lambda_one_is_relevance_order():
     np.testing.assert_array_equal(cand[picks], cand[:20])
 
 
+def test_mmr_of_no_picks_is_empty_as_top_k():
+    """A negative k was a ValueError (negative dimensions) where top_k picks nothing."""
+    assert mmr(np.array([1.0, 2.0]), np.eye(2), -1).tolist() == mmr(np.array([1.0, 2.0]), np.eye(2), 0).tolist() == []
+
+
 def test_mmr_diversifies_near_duplicates():
     rng = np.random.default_rng(4)
     a, b = normalize(rng.normal(size=(2, 32)))

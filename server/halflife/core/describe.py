@@ -13,7 +13,8 @@ class ClusterDescription(NamedTuple):
     """Per cluster, best first. Slots past the eligible items hold index -1
     and similarity -inf (only when an item mask leaves fewer than m).
 
-    label_indices, label_scores: (K, n); item_indices, item_scores: (K, m).
+    label_indices, label_scores: (K, min(n, L)); item_indices, item_scores:
+    (K, min(m, N)), for L labels and N items.
     """
 
     label_indices: np.ndarray

@@ -375,14 +375,21 @@ class MultiInterestState:
                 with np.errstate(over="ignore"):
                     for row, (coeff, t_e, rate) in enumerate(zip(block_coeffs, t[start:stop].tolist(),
                                                                  r_idx[start:stop].tolist())):
-                        if coeff == 0:
-                            continue  # so late that its worth underflowed: it would start a cluster worth nothing
                         c = -1
                         if k:
                             cos, centroids = cosines(row_factors[row], k, unit_rows[row])
                             best = int(cos.argmax())
                             if cos[best] >= self.threshold - _COSINE_SLACK:
                                 c = best
+                        if coeff == 0:
+                            # So late that its worth under its own half-life underflowed: it would start a
+                            # cluster worth nothing. One it joins takes its count and trend masses (7 and 90
+                            # days), as in time order: dropped, they depended on arrival order (a review).
+                            if c >= 0:
+                                trend[c] += trend_coeffs[start - i + row]
+                                counts[c] += 1
+                                last_time[c] = max(last_time[c], t_e)
+                            continue
                         if c < 0:
                             c, k = k, k + 1
                             sums[c], masses[c], trend[c], counts[c], last_time[c] = 0.0, 0.0, 0.0, 0, -np.inf

@@ -497,12 +497,12 @@ def mmr(relevance, vectors, k: int, lam: float = 0.7) -> np.ndarray:
     candidates (e.g. a top_k result; not batch_top_k's -inf padding, which
     λ = 0 would turn into NaN); vectors: (M, d) normalised. The first pick is the
     most relevant; λ = 1 gives plain relevance order.
-    Returns (min(k, M),) int64 indices into the candidates, in pick order.
+    Returns (max(0, min(k, M)),) int64 indices into the candidates, in pick order.
     """
     rel = np.asarray(relevance, dtype=np.float64)
     vecs = np.asarray(vectors, dtype=np.float32)
     m = rel.shape[0]
-    k = min(int(k), m)
+    k = max(0, min(int(k), m))  # as top_k: a negative k picks nothing (it was a ValueError)
     max_sim = np.full(m, -np.inf)  # no similarity yet; the first pick uses relevance alone
     taken = np.zeros(m, dtype=bool)
     picks = np.empty(k, dtype=np.int64)
