@@ -145,3 +145,33 @@ def test_compact_moves_rows_in_place_and_gives_back_the_arrays_of_a_catalogue_th
     assert all(np.array_equal(catalog.vectors[catalog.row_of[i]], v) for i, v in kept.items())
     assert catalog.category_mask(["a"]).sum() == sum(1 for i in kept if int(i[1:]) % 2)
     assert np.isnan(catalog._create_times[catalog.size:]).all() and not catalog._alive[catalog.size:].any()
+
+
+def test_a_growth_copies_into_the_arrays_reserve_allocated_and_holds_what_it_would_have(monkeypatch):
+    """A growth's allocation and page faults happen in `reserve`, which the
+    engine calls without its lock; the growth under it only copies."""
+    rng = np.random.default_rng(1)
+
+    def records(start: int, n: int) -> list[ItemRecord]:
+        return [ItemRecord(f"i{k}", f"text {k}", (CATEGORIES[k % 4],), {}, float(k) if k % 3 else None,
+                           normalize(rng.standard_normal(DIM)), created_seq=k) for k in range(start, start + n)]
+
+    first, second = records(0, 1000), records(1000, 100)  # 1,100 rows: past the first capacity, 1,024
+    plain, reserved = CatalogIndex(DIM), CatalogIndex(DIM)
+    for catalog in (plain, reserved):
+        catalog.upsert(first)
+    reserved.reserve(len(second))
+    spare_matrix = reserved._spare[0]
+    allocations = []
+    reallocate = CatalogIndex._reallocate
+    monkeypatch.setattr(CatalogIndex, "_reallocate", lambda self, *a: allocations.append(a) or reallocate(self, *a))
+    reserved.upsert(second)
+    assert allocations == [] and reserved._matrix is spare_matrix and reserved._spare is None
+    plain.upsert(second)
+    assert len(allocations) == 1  # without: allocated in the growth
+    for name in ("vectors", "alive", "created_seq", "rewritten"):
+        np.testing.assert_array_equal(getattr(reserved, name), getattr(plain, name))
+    np.testing.assert_array_equal(reserved.create_times, plain.create_times)  # NaN where unknown, in both
+    assert not reserved._alive[reserved.size:].any() and np.isnan(reserved._create_times[reserved.size:]).all()
+    reserved.reserve(0)
+    assert reserved._spare is None  # room enough: nothing allocated

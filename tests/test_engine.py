@@ -1549,6 +1549,25 @@ def test_an_item_rewritten_while_recommend_scores_is_ranked_and_explained_with_o
                                                             engine.recommend("u", 3, as_of=T, explain=True).items]
 
 
+def test_an_upsert_that_grows_the_catalogue_allocates_without_the_lock(tmp_path, monkeypatch):
+    """10k new items at ~100k held the lock 0.84 s, most of it the growth's
+    first touch of its new arrays (a scaling review)."""
+    from halflife.interest.catalog import CatalogIndex
+
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}", vector=np.eye(DIM, dtype=np.float32)[n % DIM])
+                         for n in range(1000)])
+    reserved, allocations = [], []
+    reserve, reallocate = CatalogIndex.reserve, CatalogIndex._reallocate
+    monkeypatch.setattr(CatalogIndex, "reserve",
+                        lambda self, rows: reserved.append((rows, _lock_is_free(engine))) or reserve(self, rows))
+    monkeypatch.setattr(CatalogIndex, "_reallocate", lambda self, *a: allocations.append(a) or reallocate(self, *a))
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}", vector=np.eye(DIM, dtype=np.float32)[n % DIM])
+                         for n in range(990, 1100)])  # 100 new (past 1,024 rows), 10 updated
+    assert reserved == [(100, True)] and allocations == []
+    assert len(engine.catalog) == 1100 and engine.similar_items(item_id="i1099", limit=3).items
+
+
 def test_cooccurrence_is_scored_without_the_lock(tmp_path, monkeypatch):
     """Under it, a user whose items many others share held every other call
     up: 30 ms at 2M pairs, 0.8 s under "jaccard" (a scaling review)."""
