@@ -71,6 +71,13 @@ def test_load_movielens_recommend_and_profile(server, tmp_path):
     assert loaded.stderr == ""  # stderr is a pipe, no terminal: no progress bars redrawn into it
     again = halflife("load-movielens", str(data), "--target", server.address)  # idempotent
     assert "items created: 0, items updated: 8" in again.stdout and "events duplicate: 10" in again.stdout
+    # A newer snapshot with one tag more, earlier than the others: only it is new. A tag's id was its
+    # position, and every later tag was stored again (a review).
+    with open(data / "tags.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["userId", "movieId", "tag", "timestamp"], [3, 6, "tearjerker", 900000000],
+                                      *TAGS])
+    newer = halflife("load-movielens", str(data), "--target", server.address)
+    assert "events accepted: 1, events duplicate: 10" in newer.stdout, newer.stdout
 
     with HalflifeClient(server.address) as client:
         (movie,) = client.get_items(["1"])

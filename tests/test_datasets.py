@@ -207,3 +207,18 @@ def test_times_outside_the_asked_window_name_their_line(tmp_path):
     assert str(caught.value) == ("ratings.csv line 2: timestamp '964982703' is not a time from "
                                  "1970-01-01T00:00:00Z to 2000-07-30T18:33:20Z")
     assert len(load_dataset(directory, earliest=0.0, latest=2e9).interactions) == 3
+
+
+def test_one_long_text_does_not_size_every_row(tmp_path):
+    """A fixed-width str array sizes every row by the longest: one 30,000
+    character tag among 60,000 short ones asked for 6.7 GiB (a review)."""
+    import tracemalloc
+
+    tags = "userId,movieId,tag,timestamp\n" + "".join(f"{n % 2 + 1},1,tag {n},1445714994\n" for n in range(2000))
+    tags += "1,2," + "word " * 6000 + ",1445714995\n"
+    tracemalloc.start()
+    ds = load_dataset(dataset(tmp_path, tags=tags))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(ds.texts.texts) == 2001
+    assert peak < 20 * 2**20, peak  # fixed width: 2,001 x 30,000 x 4 bytes, 240 MB (twice, sorted by time)

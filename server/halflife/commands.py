@@ -64,10 +64,15 @@ def load_movielens(directory: Path, target: str, batch_size: int = 500) -> dict[
         Event(event_id=_event_id("rating", u, i), user_id=u, type=interest_pb2.EVENT_TYPE_RATE, item_id=i, value=float(v), event_time=_utc(t))
         for u, i, v, t in zip(ratings.users, ratings.items, ratings.values, ratings.times)
     ]
-    events += [
-        Event(event_id=_event_id("tag", u, i, int(t), n), user_id=u, type=interest_pb2.EVENT_TYPE_REVIEW, item_id=i, text=text, event_time=_utc(t))
-        for n, (u, i, text, t) in enumerate(zip(tags.users, tags.items, tags.texts, tags.times))
-    ]
+    # A tag's id from its content (user, movie, time, text; a repeat of all four
+    # numbered), not its position: one tag added or removed earlier in the file
+    # shifted every later id, and a re-run stored those tags twice.
+    repeats: dict[tuple, int] = {}
+    for u, i, text, t in zip(tags.users, tags.items, tags.texts, tags.times):
+        key = (u, i, int(t), hashlib.sha256(text.encode()).hexdigest()[:16])
+        repeats[key] = nth = repeats.get(key, -1) + 1
+        events.append(Event(event_id=_event_id("tag", *key, nth), user_id=u, type=interest_pb2.EVENT_TYPE_REVIEW,
+                            item_id=i, text=text, event_time=_utc(t)))
     totals = {"items_created": 0, "items_updated": 0, "events_accepted": 0, "events_duplicate": 0}
     with HalflifeClient(target, timeout=LOAD_TIMEOUT_S) as client:
         with progress(total=len(items), desc="items (embedding)", unit="item") as bar:

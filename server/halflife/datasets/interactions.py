@@ -167,7 +167,9 @@ class _Csv:
 
     def strings(self, column: str) -> np.ndarray:
         i = self.header.index(column)
-        return np.array([r[i] for r in self.rows], dtype=str)
+        # object, not a fixed-width str array: that sizes every row by the longest
+        # (one 30,000-character text among 60,000 short ones asked for 6.7 GiB).
+        return np.array([r[i] for r in self.rows], dtype=object)
 
     def floats(self, column: str) -> np.ndarray:
         i = self.header.index(column)
@@ -339,6 +341,6 @@ def load_dataset(directory: str | Path, fmt: DatasetFormat = MOVIELENS, *, earli
             )
         )
     else:
-        empty = np.array([], dtype=str)
+        empty = np.array([], dtype=object)
         texts = UserTexts(users=empty, items=empty, texts=empty, times=np.array([], dtype=np.float64))
     return Dataset(items=items, interactions=interactions, texts=texts)
