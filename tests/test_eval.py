@@ -190,8 +190,11 @@ def eval_paths(tmp_path, monkeypatch):
 
     data = tmp_path / "data"
     data.mkdir()
-    (data / "movies.csv").write_text("movieId,title,genres\n1,A (1995),Drama\n")
-    (data / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,1\n")
+    # The least that fills every split: 3 users rating 12 of 15 movies in turn, all 4 stars.
+    (data / "movies.csv").write_text("movieId,title,genres\n" + "".join(f"{m},Movie {m} (1995),Drama\n"
+                                                                       for m in range(1, 16)))
+    (data / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "".join(
+        f"{u},{(k + 4 * u) % 15 + 1},4.0,{1000 + 3 * k + u}\n" for k in range(12) for u in (1, 2, 3)))
     checked_variants = runner._checked_variants
     monkeypatch.setattr(runner, "_checked_variants", lambda _: ("fp32", "int8"))
 
@@ -210,6 +213,18 @@ def run_eval(p, **changes):
 
     args = {"data_dir": p.data, "model_dir": p.model, "out_dir": p.out, "cache_dir": p.cache, "config_out": None, **changes}
     return run(**args)
+
+
+def test_a_dataset_whose_splits_hold_nobody_is_refused_before_the_work(eval_paths):
+    """Implicit feedback (every value 1) left every split empty: tables of
+    NaN, exit 0, and --write-config a config searched over nobody (a review)."""
+    from halflife.datasets.interactions import DatasetError
+
+    ratings = eval_paths.data / "ratings.csv"
+    ratings.write_text(ratings.read_text().replace(",4.0,", ",1.0,"))
+    with pytest.raises(DatasetError, match="the validation split holds no user"):
+        run_eval(eval_paths, config_out=eval_paths.tmp / "new" / "tuned.toml")
+    assert not (eval_paths.tmp / "new").exists()
 
 
 def test_run_creates_nothing_before_the_work(eval_paths):
@@ -381,3 +396,14 @@ def test_the_docs_show_the_committed_results_tables():
 
     assert block((root / "docs" / "evaluation.md").read_text()) == block(
         (root / "bench" / "results" / "eval" / "tables.md").read_text())
+
+
+def test_the_tuning_score_of_a_catalogue_of_ten_items_or_fewer():
+    """np.argpartition(-score, 10) on 8 items: ValueError, kth out of bounds (a review)."""
+    from halflife.eval.data import Query
+    from halflife.eval.runner import _val_ndcg
+
+    interest = np.linspace(1.0, 0.0, 8, dtype=np.float32)  # item 0 best
+    queries = [Query("u", 0.0, np.array([0])), Query("v", 0.0, np.array([7]))]
+    value = _val_ndcg([{"interest": interest}] * 2, [np.zeros(8, dtype=bool)] * 2, queries, {"interest": 1.0}, 8)
+    assert value == pytest.approx((1.0 + 1.0 / np.log2(9)) / 2)  # ranked 1st and 8th

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from halflife.config import DEFAULT_EVENT_TYPES, BlendConfig, Config, EventTypeConfig, ProfileConfig, api_event_type
+from halflife.datasets.interactions import DatasetError
 from halflife.embedding.manifest import load_manifest, verify_file
 from halflife.eval import baselines as B
 from halflife.eval.data import RATING, EvalData, Query, global_cut, leave_last_out, load_eval_data, seen_before, time_quantiles
@@ -298,7 +299,7 @@ def _val_ndcg(signals: list[dict[str, np.ndarray]], seen: list[np.ndarray], quer
             if w and name in sig:
                 score += np.float32(w) * sig[name]
         score[s] = -np.inf
-        top = np.argpartition(-score, 10)[:10]
+        top = np.argpartition(-score, min(10, n_items - 1))[:10]  # a catalogue of 10 items or fewer: all
         top = top[np.argsort(-score[top], kind="stable")]
         vals.append(ndcg(ranks_of(top, q.relevant, n_items), 10))
     return float(np.mean(vals))
@@ -506,16 +507,20 @@ def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target:
     if target:
         RemoteBackend.check_users(target, data.users)
     q80, q90 = time_quantiles(data, 0.8, 0.9)
+    val_q = global_cut(data, q80, q90)
+    test_q = global_cut(data, q90, math.inf)
+    test_all_q = global_cut(data, q90, math.inf, warm_only=False)
+    loo_q = leave_last_out(data, 5)
+    for name, queries in (("validation", val_q), ("test", test_q), ("leave-last-5", loo_q)):
+        if not queries:  # every number NaN, and --write-config a search over nobody, exit 0 (a review)
+            raise DatasetError(f"{data_dir}: the {name} split holds no user (a user with history who rated an item "
+                               "4 or more in it): the evaluation needs star ratings over time, as MovieLens's")
     tag_texts = sorted(set(data.texts[data.kinds != RATING].tolist()))
     # Tuned and reported on the fp32 graph, the reference the defaults were
     # chosen on; the "int8 model" row is what a CPU server embeds with where
     # int8 validated (docs/evaluation.md), and so is the gRPC row.
     vec = {v: embed_texts(data.item_texts, model_dir, v, cache_dir, "items") for v in (fp32, int8)}
     tags = {v: embed_texts(tag_texts, model_dir, v, cache_dir, "tags") for v in (fp32, int8)}
-    val_q = global_cut(data, q80, q90)
-    test_q = global_cut(data, q90, math.inf)
-    test_all_q = global_cut(data, q90, math.inf, warm_only=False)
-    loo_q = leave_last_out(data, 5)
     report: dict = {"split": {"q80": q80, "q90": q90, "val_users": len(val_q), "test_users": len(test_q),
                               "test_users_incl_cold": len(test_all_q), "loo_users": len(loo_q)}}
 
