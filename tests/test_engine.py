@@ -1521,22 +1521,30 @@ def test_items_changing_at_every_try_end_in_items_changed_after_the_last(tmp_pat
     assert [e.item_id for e in engine.store.user_events("u")] == ["y"]
 
 
-def test_an_item_rewritten_while_recommend_scores_is_ranked_and_explained_with_one_vector(tmp_path, monkeypatch):
+@pytest.mark.parametrize("top_deleted", [False, True])
+def test_an_item_rewritten_while_recommend_scores_is_ranked_and_explained_with_one_vector(tmp_path, monkeypatch,
+                                                                                          top_deleted):
     """Upserted with a new text between the scan and the naming, a pick was
     scored with its old vector and explained (its score's parts) with the
-    new one: parts that no longer summed to its score (a race review)."""
+    new one: parts that no longer summed to its score (a race review); and
+    a pick from past the first ones, taken when one of those was deleted
+    meanwhile, went unchecked (a later review)."""
     from halflife.interest import blend as blend_module
 
     engine = open_engine(tmp_path)
-    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(6)])
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(8)])
     engine.record_events([EventInput("e1", "u", LIKE, "i0", None, None, T - 60)])
+    before = [i.item_id for i in engine.recommend("u", 3, as_of=T).items]
     scan = blend_module.CatalogueScan.blend
     rewrites = []
 
     def then_rewrite(self, *args, **kwargs):
         scores = scan(self, *args, **kwargs)  # scored, the lock let go
         if not rewrites:
-            rewrites.append(engine.upsert_items([ItemInput(id=f"i{n}", text=f"something else {n}") for n in range(1, 6)]))
+            if top_deleted:  # the top pick goes, and only those past the first three are rewritten
+                engine.delete_items([before[0]])
+            rewritten = [f"i{n}" for n in range(1, 8) if not top_deleted or f"i{n}" not in before]
+            rewrites.append(engine.upsert_items([ItemInput(id=i, text=f"something else {i}") for i in rewritten]))
         return scores
 
     monkeypatch.setattr(blend_module.CatalogueScan, "blend", then_rewrite)

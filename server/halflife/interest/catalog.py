@@ -268,14 +268,16 @@ class CatalogIndex:
         growth is dropped), but not beside another `reserve`."""
         needed = self.size + rows
         capacity = self._matrix.shape[0]
-        if needed <= capacity or (self._spare is not None and self._spare[0].shape[0] >= needed):
+        spare = self._spare  # read once: a growth under the owner's lock may take it meanwhile
+        if needed <= capacity or (spare is not None and spare[0].shape[0] >= needed):
             return
-        spare = []
+        arrays = []
         for old, empty in self._per_row_arrays():
             new = np.empty((max(_grown(capacity), needed), *old.shape[1:]), dtype=old.dtype)
             new.fill(empty)  # touched: its page faults happen here
-            spare.append(new)
-        self._spare = tuple(spare)
+            arrays.append(new)
+        if self._matrix.shape[0] == capacity:  # else a growth ran meanwhile: sized for the arrays before, dropped
+            self._spare = tuple(arrays)
 
     def _new_row(self) -> int:
         if self.size == self._matrix.shape[0]:

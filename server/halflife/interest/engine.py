@@ -1254,12 +1254,14 @@ class InterestEngine:
         vector rewritten: scored with the old one, it was named, explained
         and diversified with the new, its parts no longer its score's, a race
         review). Lock held."""
-        if self.catalog.epoch != epoch or (self.catalog.rewritten[picked[0]] > version).any():
+        if self.catalog.epoch != epoch:
             raise _RowsChanged
         alive = self.catalog.alive[: allowed.shape[0]]
-        if alive[picked[0]].all():
-            return picked
-        return select(allowed & alive)
+        if not alive[picked[0]].all():
+            picked = select(allowed & alive)
+        if (self.catalog.rewritten[picked[0]] > version).any():  # the picks as returned, those picked again too
+            raise _RowsChanged
+        return picked
 
     def _blend_weights(self) -> dict[str, float]:
         """The blend's weight per signal of a user with positive events (see

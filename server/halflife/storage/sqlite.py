@@ -1072,9 +1072,11 @@ class SqliteStore:
         the others keep their vector's version."""
         kept = dict(conn.execute("SELECT item_id, vector_version FROM changes WHERE item_id IN "
                                  "(SELECT value FROM json_each(?))", (_ids_json([i for i in item_ids if i not in moved]),)))
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
         _insert(conn, "INSERT OR REPLACE INTO changes(item_id, origin, vector_version)",
                 [(i, self.origin, -1 if i in moved else kept.get(i, 0)) for i in item_ids])
-        conn.execute("UPDATE changes SET vector_version = version WHERE vector_version = -1")
+        conn.execute("UPDATE changes SET vector_version = version WHERE version > ? AND vector_version = -1",
+                     (row[0] if row else 0,))
 
     # ------------------------------------------------------------------ following other writers
 
