@@ -417,3 +417,37 @@ def test_the_summary_names_the_errors(scripted, capsys):
     # No call succeeded: no fastest, slowest or percentiles of none (they read 0.00 ms and a blank line).
     lines = out.splitlines()
     assert "no call succeeded" in lines[0] and "fastest" not in out and all(line.strip() for line in lines)
+
+
+def test_a_run_cancelled_while_it_dials_leaves_no_channel_or_task_behind(monkeypatch):
+    """Cancelled there (a second Ctrl-C), its dialling tasks ran on and its channels stayed open (a review)."""
+    import socket
+
+    from grpc.aio import _channel
+
+    closed = []
+
+    real_close = _channel.Channel.close
+
+    async def counting_close(self, grace=None):
+        closed.append(self)
+        return await real_close(self, grace)
+
+    monkeypatch.setattr(_channel.Channel, "close", counting_close)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+
+        async def cancelled_while_dialling() -> set:
+            target = f"127.0.0.1:{silent.getsockname()[1]}"
+            run = asyncio.ensure_future(run_load_test(LoadTestOptions(call=HEALTH, target=target, concurrency=2,
+                                                                      connections=2, total=10)))
+            await asyncio.sleep(0.3)
+            run.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await run
+            await asyncio.sleep(0)
+            return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+
+        left = asyncio.run(cancelled_while_dialling())
+    assert left == set() and len(closed) == 2

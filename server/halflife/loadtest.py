@@ -549,11 +549,17 @@ async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = N
     dialling = asyncio.ensure_future(asyncio.gather(*(_dial(channel, min(CONNECT_TIMEOUT_S, duration))
                                                       for channel in channels)))
     stop_waiter = asyncio.ensure_future(stop.wait())
-    await asyncio.wait((dialling, stop_waiter), return_when=asyncio.FIRST_COMPLETED)
-    for future in (dialling, stop_waiter):
-        future.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await future
+    try:
+        await asyncio.wait((dialling, stop_waiter), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this coroutine cancelled (a second Ctrl-C): no run, its channels closed (a review)
+        for channel in channels:
+            await channel.close()
+        raise
+    finally:
+        for future in (dialling, stop_waiter):
+            future.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await future
     started = time.perf_counter()
     deadline = started + duration
 
