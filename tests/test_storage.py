@@ -454,6 +454,24 @@ def test_the_store_records_the_vector_space_it_was_first_bound_to(tmp_path):
         assert store.bind_vectors("space-b", "model b (16-d)") == ("space-a", "model a (16-d)")
 
 
+def test_a_vector_space_is_named_by_the_weights_loaded_not_by_their_file_names(model_dir):
+    """The same weights from a directory that also holds pytorch_model.bin
+    (or training_args.bin), or under another file name, were another model."""
+    from halflife.embedding.engine import vector_space
+    from halflife.embedding.manifest import load_manifest
+
+    manifest = load_manifest(model_dir)
+    ((name, digest),) = manifest.source["weights_sha256"].items()
+
+    def with_files(files: dict) -> str:
+        return vector_space(dataclasses.replace(manifest, source={**manifest.source, "weights_sha256": files}))
+
+    same = vector_space(manifest)
+    assert with_files({name: digest, "pytorch_model.bin": "1" * 64, "training_args.bin": "2" * 64}) == same
+    assert with_files({"model-renamed.safetensors": digest}) == same
+    assert with_files({name: "3" * 64}) != same  # other weights
+
+
 def test_a_store_built_with_another_model_of_the_same_size_stops_serve_and_another_variant_serves(model_dir, tmp_path):
     """Same size, other weights: it served silently, ranking the new model's
     queries and items against the old one's vectors (an operations review)."""

@@ -187,8 +187,13 @@ def vector_space(manifest: Manifest) -> str:
     truncation length and the dimension (SHA-256). Another model, or the same
     one pooled otherwise, is another space; its variants are the same one."""
     m = manifest
-    weights = sorted(m.source.get("weights_sha256", {}).items())
-    parts = (repr(weights), m.tokenizer_sha256, m.pooling, str(m.normalize), str(m.max_input_tokens), str(m.dimension))
+    # The weights by content, those transformers loads: safetensors where there are any (a directory may also
+    # hold pytorch_model.bin or training_args.bin; named by file, the same weights beside them read as another
+    # model, a review).
+    files = m.source.get("weights_sha256", {})
+    loaded = {name: digest for name, digest in files.items() if name.endswith(".safetensors")} or files
+    parts = (repr(sorted(loaded.values())), m.tokenizer_sha256, m.pooling, str(m.normalize), str(m.max_input_tokens),
+             str(m.dimension))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
