@@ -64,6 +64,11 @@ def test_a_run_cut_by_its_bounds_says_so(server, capsys, monkeypatch):
     captured = capsys.readouterr()
     assert json.loads(captured.out)["total"] < 2e9
     assert captured.err.strip() == "halflife loadtest: note: duration 3 s is past the bound: the run stops after 0.5 s"
+    # A total the rate stretches past the bound (it stopped there without a word: a review).
+    assert main(["loadtest", "--call", HEALTH, "--target", server.address, "-n", "10", "-r", "4", "-c", "1"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["count"] < 10
+    assert captured.err.strip() == "halflife loadtest: note: 10 calls at 4/s take past the bound: the run stops after 0.5 s"
     assert loadtest(server, capsys, "-n", "30") and capsys.readouterr().err == ""  # within the bounds: no note
 
 
@@ -129,6 +134,15 @@ def test_wrong_ghz_configs_name_the_key_and_file(tmp_path, capsys, config, named
     path.write_text(json.dumps({"host": CLOSED, **config} if isinstance(config, dict) else config))
     err = refused(capsys, "--config", str(path))
     assert named in err and str(path) in err
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml"])
+def test_a_ghz_config_in_toml_or_yaml_is_refused_as_such(tmp_path, capsys, suffix):
+    """ghz reads them too; here they failed as "Expecting value: line 1 column 1" (a review)."""
+    path = tmp_path / f"config{suffix}"
+    path.write_text(f'call = "{HEALTH}"\n' if suffix == ".toml" else f"call: {HEALTH}\n")
+    err = refused(capsys, "--config", str(path))
+    assert "reads JSON configs only" in err and str(path) in err
 
 
 def test_flags_fill_in_or_override_a_ghz_config(tmp_path):

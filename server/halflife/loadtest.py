@@ -388,7 +388,10 @@ def options_from_ghz_config(path: Path, **overrides) -> LoadTestOptions:
     try:
         config = json.loads(Path(path).read_text())
     except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
-        raise LoadTestError(f"cannot read ghz config {path}: {exc}") from None
+        # ghz also reads TOML and YAML, which failed here as "Expecting value" (a loadtest review).
+        other = "" if Path(path).suffix.lower() not in {".toml", ".yaml", ".yml"} else (
+            "; halflife loadtest reads JSON configs only (ghz's TOML and YAML ones: convert them to JSON)")
+        raise LoadTestError(f"cannot read ghz config {path}: {exc}{other}") from None
     if not isinstance(config, dict):
         raise LoadTestError(f"ghz config {path}: expected a JSON object, not {type(config).__name__}")
     return _ghz_options(config, f"ghz config {path}", overrides)
@@ -489,6 +492,10 @@ def bounds_applied(options: LoadTestOptions) -> list[str]:
     asked = options.max_duration or options.duration
     if asked is not None and asked > MAX_DURATION_S:
         notes.append(f"duration {asked:g} s is past the bound: the run stops after {MAX_DURATION_S:g} s")
+    elif asked is None and (total := _total(options)) and options.rps and (total - 1) / options.rps >= MAX_DURATION_S:
+        # -n 1000 -r 1 stopped at 600 calls without a word (a loadtest review).
+        notes.append(f"{total} calls at {options.rps:g}/s take past the bound: the run stops after "
+                     f"{MAX_DURATION_S:g} s")
     if options.concurrency > MAX_CONCURRENCY:
         notes.append(f"concurrency {options.concurrency} is past the bound: at most {MAX_CONCURRENCY} workers")
     if (needed := _connections(options.connections, _workers(options))) > options.connections:
