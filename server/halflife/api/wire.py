@@ -116,7 +116,8 @@ class _Scan:
                         self.elements -= 1
                         if count > MAX_LIST_LENGTH:
                             raise RefusedUnparsed(f"its list {field.name} has over {MAX_LIST_LENGTH:,} elements, "
-                                                  "more than any valid request")
+                                                  "more than any valid request (each list's limit: docs/api.md, "
+                                                  "Limits)")
                         if self.elements < 0:
                             raise RefusedUnparsed(f"it holds over {MAX_LIST_ELEMENTS:,} list elements in all, "
                                                   "more than any valid request")
