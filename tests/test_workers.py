@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import fcntl
 import json
@@ -181,6 +182,58 @@ def test_a_group_wide_signal_stops_the_workers_gracefully_and_a_second_one_to_th
         assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
     finally:
         process.kill()
+
+
+def test_a_worker_listens_only_once_loaded(model_dir, tmp_path, monkeypatch):
+    """The kernel spreads new connections over every listener on the port:
+    a worker that listened while it (re)loaded answered its share UNAVAILABLE
+    "still loading" (a workers review). A single server listens first, its
+    health NOT_SERVING meanwhile."""
+    import socket
+
+    from halflife.api.server import HalflifeServer, ServerConfig
+    from tests.serving import ServerThread
+
+    loading = threading.Event()
+    load = HalflifeServer._load_model
+
+    async def slow_load(self):
+        await asyncio.to_thread(loading.wait, 30)
+        await load(self)
+
+    monkeypatch.setattr(HalflifeServer, "_load_model", slow_load)
+
+    def accepts(port: int) -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    with reserve_port("127.0.0.1", 0) as reserved:  # as a --workers parent holds it
+        port = reserved.getsockname()[1]
+        worker = ServerThread(ServerConfig(port=port, model_dir=model_dir, data_dir=tmp_path / "w", reuse_port=True,
+                                           follow_store=True))
+        started = worker.start_in_background()
+        try:
+            time.sleep(0.5)
+            assert not accepts(port)  # loading: no listener on the port
+            loading.set()
+            started.result(60)
+            assert accepts(port)
+        finally:
+            loading.set()
+            worker.stop()
+    loading.clear()
+    single = ServerThread(ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path / "s"))
+    started = single.start_in_background()
+    try:
+        deadline = time.monotonic() + 30
+        while not single.server.port and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert single.server.port and accepts(single.server.port)  # listening while it loads
+        loading.set()
+        started.result(60)
+    finally:
+        loading.set()
+        single.stop()
 
 
 def test_a_stop_signal_within_the_window_of_the_first_is_the_same_stop():

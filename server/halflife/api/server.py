@@ -311,7 +311,8 @@ class HalflifeServer:
             await self._health.set(name, status)
 
     async def start(self, stopping: asyncio.Event | None = None) -> int:
-        """Binds, serves health and reflection, loads everything; returns the port.
+        """Binds, serves health and reflection, loads everything (a worker:
+        loads, then binds); returns the port.
 
         Raises (after closing the port) when the model or the store cannot be loaded.
         Health stays NOT_SERVING where `stopping` was set meanwhile (a signal
@@ -338,16 +339,37 @@ class HalflifeServer:
         add_service(server, HEALTH_SERVICE, self._health, streams)
         add_service(server, REFLECTION_SERVICE, reflection.aio.ReflectionServicer(service_names()), streams)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        # A single server listens first, its health NOT_SERVING while it loads. A worker listens once
+        # loaded: the kernel spreads new connections over every listener on the port, and a worker that
+        # listened while it (re)loaded answered its share UNAVAILABLE "still loading" (a workers review);
+        # its siblings, or the parent's reservation, hold the port meanwhile.
+        if not config.reuse_port:
+            await self._listen(server)
+        await self._load()
+        if config.reuse_port:
+            await self._listen(server)
+        if stopping is None or not stopping.is_set():
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def _listen(self, server: grpc.aio.Server) -> None:
+        """Binds the port and starts taking calls; OSError (all stopped) where it cannot bind."""
+        config = self.config
         try:  # grpcio >= 1.6x raises where older ones returned 0
             self.port = server.add_insecure_port(host_port(config.host, config.port))
         except RuntimeError:
             self.port = 0
         if self.port == 0:
-            await self.stop(grace=0)  # the metrics server and the call threads started above
+            await self.stop(grace=0)  # the metrics server, the call threads and what loaded
             raise OSError(_bind_failure(config.host, config.port))
         self._server = server
         await server.start()
-        log.info("listening on %s (health NOT_SERVING while loading)", host_port(config.host, self.port))
+        log.info("listening on %s%s", host_port(config.host, self.port),
+                 "" if config.reuse_port else " (health NOT_SERVING while loading)")
+
+    async def _load(self) -> None:
+        """The model, the store and the interest engine; on failure, everything stopped."""
+        config = self.config
         try:
             await self._load_model()
             self.store = await asyncio.to_thread(SqliteStore, config.data_dir)
@@ -363,9 +385,6 @@ class HalflifeServer:
         except BaseException:
             await self.stop(grace=0)
             raise
-        if stopping is None or not stopping.is_set():
-            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        return self.port
 
     async def _load_model(self) -> None:
         config = self.config
