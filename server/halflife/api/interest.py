@@ -16,6 +16,7 @@ from halflife.api.validation import (
     MAX_TIMESTAMP_SECONDS,
     UNREADABLE,
     Violations,
+    stored_seconds,
     to_timestamp,
 )
 from halflife.config import MAX_PER_INTEREST
@@ -85,7 +86,7 @@ def _event_inputs(events: Iterable[interest_pb2.Event], now: float, violations: 
         if event.HasField("event_time"):
             stamp = event.event_time
             seconds, nanos = stamp.seconds, stamp.nanos
-            event_time = seconds + nanos / 1e9
+            event_time = stored_seconds(seconds, nanos)  # as the full checks read it, and to_timestamp assumes
             time_ok = 0 <= seconds <= MAX_TIMESTAMP_SECONDS and 0 <= nanos < 1_000_000_000 and event_time <= latest
         else:
             event_time, time_ok = now, True
