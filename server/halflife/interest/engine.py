@@ -1111,14 +1111,15 @@ class InterestEngine:
 
         with self._lock:
             names, label_vectors, mean = self._label_space()
-            items, allowed, epoch = self.catalog.vectors, self.catalog.alive.copy(), self.catalog.epoch
+            catalog = self.catalog
+            items, allowed, epoch, version = catalog.vectors, catalog.alive.copy(), catalog.epoch, catalog.version
         described, nearest = describe(items, allowed)
         with self._lock:
             catalog = self.catalog
-            # Rows renumbered, a picked item deleted, or one re-upserted (its new text beside its old cosine): again.
+            # Rows renumbered, a picked item deleted, or one rewritten (its new text beside its old cosine): again,
+            # as `_confirm` tells.
             if catalog.epoch != epoch or not all(
-                    catalog.alive[rows].all() and np.array_equal(_cosines(catalog.vectors, rows, unit), scores)
-                    for (rows, scores), unit in zip(nearest, units)):
+                    catalog.alive[rows].all() and (catalog.rewritten[rows] <= version).all() for rows, _ in nearest):
                 described, nearest = describe(catalog.vectors, catalog.alive)
             out = []
             for c, (rows, scores) in enumerate(nearest):
