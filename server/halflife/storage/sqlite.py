@@ -796,9 +796,17 @@ class SqliteStore:
                 return
         conn.close()
 
-    def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    def _read(self, fn: Callable[[sqlite3.Connection], Any], *, one_snapshot: bool = False) -> Any:
+        """fn(a reader connection); one_snapshot: its statements in one read
+        transaction, so that a write (an erasure) lands before all of them or after."""
         with self._reader() as conn:
-            return fn(conn)
+            if not one_snapshot:
+                return fn(conn)
+            conn.execute("BEGIN")
+            try:
+                return fn(conn)
+            finally:
+                conn.execute("COMMIT")
 
     @contextlib.contextmanager
     def _reader(self) -> Iterator[sqlite3.Connection]:
@@ -982,31 +990,22 @@ class SqliteStore:
 
     def events_between(self, after_seq: int, through_seq: int,
                        vectors_of: Callable[[str], bool] | None = None) -> list[EventRecord]:
-        def read(conn: sqlite3.Connection) -> list[EventRecord]:
-            conn.execute("BEGIN")  # one read transaction: an erasure lands before both statements or after
-            try:
-                return _events_where(conn, "e.seq > ? AND e.seq <= ?", (after_seq, through_seq), vectors_of)
-            finally:
-                conn.execute("COMMIT")
-
-        return self._read(read)
+        # One snapshot: the events, then (vectors_of) their vectors in a second statement.
+        return self._read(lambda conn: _events_where(conn, "e.seq > ? AND e.seq <= ?", (after_seq, through_seq),
+                                                     vectors_of), one_snapshot=True)
 
     def user_history(self, user_id: str) -> tuple[ProfileSnapshot | None, list[EventRecord]]:
         def read(conn: sqlite3.Connection) -> tuple[ProfileSnapshot | None, list[EventRecord]]:
-            conn.execute("BEGIN")  # one read transaction: an erasure lands before both reads or after
-            try:
-                # As a BLOB whatever it became on disk: TEXT that is no UTF-8 failed the read, and the
-                # user's every GetProfile and Recommend, where damaged bytes fall back to a replay.
-                row = conn.execute(
-                    "SELECT through_seq, key, CAST(data AS BLOB) FROM profile_snapshots WHERE user_id = ?", (user_id,)
-                ).fetchone()
-                snapshot = None if row is None else ProfileSnapshot(row[0], row[1], bytes(row[2]))
-                after = 0 if snapshot is None else snapshot.through_seq
-                return snapshot, _events_where(conn, "e.user_id = ? AND e.seq > ?", (user_id, after))
-            finally:
-                conn.execute("COMMIT")
+            # As a BLOB whatever it became on disk: TEXT that is no UTF-8 failed the read, and the
+            # user's every GetProfile and Recommend, where damaged bytes fall back to a replay.
+            row = conn.execute(
+                "SELECT through_seq, key, CAST(data AS BLOB) FROM profile_snapshots WHERE user_id = ?", (user_id,)
+            ).fetchone()
+            snapshot = None if row is None else ProfileSnapshot(row[0], row[1], bytes(row[2]))
+            after = 0 if snapshot is None else snapshot.through_seq
+            return snapshot, _events_where(conn, "e.user_id = ? AND e.seq > ?", (user_id, after))
 
-        return self._read(read)
+        return self._read(read, one_snapshot=True)  # the snapshot and the events after it
 
     def save_profile_snapshot(self, user_id: str, snapshot: ProfileSnapshot) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
