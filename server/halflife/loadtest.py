@@ -43,7 +43,7 @@ from google.protobuf import descriptor_pool, json_format, message_factory
 from grpc_health.v1 import health_pb2
 from halflife.v1 import catalog_pb2, embedding_pb2, interest_pb2, recommend_pb2
 from halflife_client.client import (
-    DEFAULT_TARGET, MAX_RECONNECT_BACKOFF_MS, MAX_STREAMS_PER_CONNECTION, MiB, check_target, with_default_port,
+    DEFAULT_TARGET, MAX_STREAMS_PER_CONNECTION, TRANSPORT_OPTIONS, check_target, with_default_port,
 )
 
 # Imported only to register their descriptors in the default pool (named here so linters see a use).
@@ -175,15 +175,6 @@ def _check_target(target: str, allow_remote: bool) -> None:
     if not loopback:
         raise InvalidOption("target", f"{target} is not a loopback address; pass --allow-remote to load it")
 
-
-# The client's limits, without its retries (a load generator reports each failure): the server
-# answers up to 64 MiB (gRPC's 4 MiB default failed GetItems of big items ResourceExhausted), and
-# a server back after a restart is reached within 2 s, not after gRPC's backoff of up to 120 s.
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * MiB),
-    ("grpc.max_send_message_length", 64 * MiB),
-    ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
-]
 
 FIRST_WORKER = "g0c0"  # ghz's WorkerID for worker 0 (g) on connection 0 (c)
 
@@ -540,7 +531,9 @@ async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = N
     path = f"/{method.containing_service.full_name}/{method.name}"
     channels = [
         # Distinct channel args keep gRPC from sharing one TCP connection.
-        grpc.aio.insecure_channel(options.target, options=[*CHANNEL_OPTIONS, ("halflife.loadtest.connection", i)])
+        # The client's transport without its retries: gRPC's 4 MiB default failed GetItems of big items, and its
+        # reconnection backoff read a restart as seconds more downtime (a review).
+        grpc.aio.insecure_channel(options.target, options=[*TRANSPORT_OPTIONS, ("halflife.loadtest.connection", i)])
         for i in range(connections)
     ]
     calls = [

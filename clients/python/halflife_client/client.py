@@ -77,17 +77,23 @@ _RETRY_SERVICE_CONFIG = json.dumps(
         ]
     }
 )
+# A channel to `halflife serve` without retries (what `halflife loadtest` uses: a
+# load generator reports every failure): the server's 64 MiB messages, and
+# reconnection at least every 2 s.
+TRANSPORT_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * MiB),
+    ("grpc.max_send_message_length", 64 * MiB),
+    # gRPC waits up to 120 s between reconnection attempts (1 s, x1.6 each): calls to a server back up
+    # after a restart failed UNAVAILABLE at once, without trying, for as long as the wait had grown.
+    ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+]
 CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 1),
     ("grpc.service_config", _RETRY_SERVICE_CONFIG),
     # gRPC keeps a request for its retries only up to this size (256 KiB by
     # default): a full batch of upserts or texts was silently never retried.
     ("grpc.per_rpc_retry_buffer_size", 64 * MiB),
-    ("grpc.max_receive_message_length", 64 * MiB),
-    ("grpc.max_send_message_length", 64 * MiB),
-    # gRPC waits up to 120 s between reconnection attempts (1 s, x1.6 each): calls to a server back up
-    # after a restart failed UNAVAILABLE at once, without trying, for as long as the wait had grown.
-    ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+    *TRANSPORT_OPTIONS,
 ]
 
 
