@@ -148,15 +148,21 @@ func deadlineAndRetries(timeout time.Duration) grpc.UnaryClientInterceptor {
 }
 
 // inFlightCap lets at most limit calls through at once; the others wait until
-// one ends or their own context does (its cancel or deadline: the outcome).
+// one ends or their own context does (its cancel or deadline: the outcome). A
+// call that finds a slot free goes out as it is, as without the cap (one select
+// of both would pick at random where its context had ended already).
 func inFlightCap(limit int) grpc.UnaryClientInterceptor {
 	slots := make(chan struct{}, limit)
 	return func(ctx context.Context, method string, req, reply interface{}, cc *grpc.ClientConn,
 		invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 		select {
 		case slots <- struct{}{}:
-		case <-ctx.Done():
-			return status.FromContextError(ctx.Err()).Err()
+		default:
+			select {
+			case slots <- struct{}{}:
+			case <-ctx.Done():
+				return status.FromContextError(ctx.Err()).Err()
+			}
 		}
 		defer func() { <-slots }()
 		return invoker(ctx, method, req, reply, cc, opts...)
