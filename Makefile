@@ -45,7 +45,7 @@ $(MODEL_DIR)/manifest.json: $(EXPORT_SOURCES) | $(BIN)/.installed
 	$(BIN)/halflife export --output $(MODEL_DIR) --force
 
 serve: install model
-	$(BIN)/halflife serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR) --model-dir $(MODEL_DIR)
+	$(BIN)/halflife serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR) --model-dir $(MODEL_DIR) $(SERVE_ARGS)
 
 test: install model check-protos
 	HALFLIFE_TEST_MODEL_DIR=$(MODEL_DIR) $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -18,7 +18,8 @@
    ULID, snowflake ids, counters), whose index entries append, and with
    random UUIDs (version 4), which dirty pages all over the event-id index too.
 2. Per-user profile state: ProfileState + MultiInterestState .nbytes after 50
-   events over 3 rate groups (K = 8), and the whole cached _UserState.
+   events of 3 half-lives (K = 8; the state holds every rate group of the
+   config), and the whole cached _UserState.
 3. Server RSS (/proc/PID/status VmRSS) as users with 3 events each are
    recorded and read (Recommend): 10k, 100k, then 1M users. Profiles live in
    an LRU of `profile.cache_users` (10,000) and are rebuilt from the log on a
@@ -243,7 +244,8 @@ async def read_users(target: str, users: list[str], concurrency: int = 4) -> flo
 # --------------------------------------------------------------------------- in-process parts
 
 def profile_sizes() -> dict:
-    """ProfileState + MultiInterestState bytes after 50 events over 3 rate groups, K = 8."""
+    """ProfileState + MultiInterestState bytes after 50 events of 3 half-lives, K = 8
+    (the state is sized for every rate group of the config: `rates`)."""
     config = Config()
     types = config.decay_types()
     rng = np.random.default_rng(0)
@@ -516,7 +518,7 @@ def write(results: dict) -> None:
                             ("tenth_changed", "a tenth of the texts changed"))])
     table = ("## RecordEvents throughput (batches of 500, durable)\n\n" + t1 + "\n"
              + save_plot("ingest", plot_throughput, "RecordEvents, batches of 500 item events, durable")
-             + "\n## Profile state per user (50 events, 3 rate groups, K = 8)\n\n" + t2
+             + "\n## Profile state per user (50 events of 3 half-lives, K = 8)\n\n" + t2
              + "\n## Server memory as users grow (3 events each)\n\n" + t3 + "\n"
              + save_plot("ingest_memory", plot_memory, "Server RSS as users are recorded and read")
              + f"\nRSS per recorded user (no profile cached): {results['rss_bytes_per_recorded_user']:.0f} B; "
@@ -537,8 +539,8 @@ def write(results: dict) -> None:
         "file first hold the same events, and each run's events come from the same population of users (returning "
         "users), so every batch dirties index pages all over events(user_id, seq). Raw SQLite writes the store's own "
         "schema (halflife.storage.sqlite.MIGRATIONS) with all of its indexes and the store's writer pragmas "
-        "(WRITER_PRAGMAS: checkpoint interval, page cache) and its multi-row INSERT; its rows reference one pre-inserted vector, where the "
-        "store hashes and interns each event's vector. gRPC runs include the client (same 2 cores). Memory: RSS of "
+        "(WRITER_PRAGMAS: checkpoint interval, page cache) and its multi-row INSERT; its rows reference one pre-inserted vector, as the "
+        "store's item events reference their item's stored vector row. gRPC runs include the client (same 2 cores). Memory: RSS of "
         "the server process; growth per recorded user is the blend's per-user state (user row, co-occurrence pairs, "
         "popularity log), which is not bounded by the profile cache; cached profiles are bounded by "
         "profile.cache_users. RSS per recorded user is the slope from 100k to 1M users, over which the writer's "
