@@ -235,16 +235,12 @@ def test_a_ghz_command_line_runs_as_it_is(server, capsys):
 def test_enough_connections_for_the_servers_calls_per_connection(server, capsys):
     """Past the server's 256 calls on one connection, gRPC Python had the
     extra ones refused, reported Unavailable, where ghz queues them (an
-    audit at -c 1000: 352 of 3,000 health checks), and at 256 those started
-    as others ended (30% of 6,000 Recommends): the run opens more, for at
-    most MAX_CALLS_IN_FLIGHT on each."""
+    audit at -c 1000: 352 of 3,000 health checks): the run opens more."""
     assert main(["loadtest", "--call", HEALTH, "--target", server.address, "-c", "600", "-n", "1200"]) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)
     assert report["options"]["connections"] == 3 and report["statusCodeDistribution"] == {"OK": 1200}
     assert "600 workers on 1 connection(s): 3 connections" in captured.err
-    report = loadtest(server, capsys, "-c", "256", "-n", "512")
-    assert report["options"]["connections"] == 2 and report["statusCodeDistribution"] == {"OK": 512}
 
 
 def test_no_more_workers_than_requests(server, capsys, monkeypatch):

@@ -71,15 +71,6 @@ var DefaultTimeout = 10 * time.Second
 // As the Python client does.
 const RetryAttempts = 4
 
-// MaxCallsInFlight is how many calls Dial's connection carries at once; the
-// rest wait on the client's side, within their deadline. The server takes 256
-// at once (its max_concurrent_streams), but counts a call until its handler
-// has let go of it, a while after the client saw it end, and refuses a stream
-// started in that gap (REFUSED_STREAM: UNAVAILABLE, retried): of 5,000 calls at
-// once on one connection a few exhausted their tries, and more in the Python
-// client. The margin covers that lag. As the Python and Node clients do.
-const MaxCallsInFlight = 200
-
 // Dial sets up a connection to address ("host:port"), with MaxMessageBytes
 // both ways, DefaultTimeout and RetryAttempts. It does not wait for the server:
 // gRPC connects in the background, and the first call waits for it (within
@@ -91,8 +82,7 @@ const MaxCallsInFlight = 200
 //
 // An interceptor of the caller's runs where its option puts it:
 // grpc.WithChainUnaryInterceptor (recommended) runs it once per try, inside
-// the retries, with the default deadline and while the try holds one of
-// MaxCallsInFlight; grpc.WithUnaryInterceptor runs it
+// the retries and with the default deadline; grpc.WithUnaryInterceptor runs it
 // once per call, outside the retries and before the default deadline is set.
 func Dial(ctx context.Context, address string, opts ...grpc.DialOption) (*Client, error) {
 	if len(opts) == 0 {
@@ -100,8 +90,7 @@ func Dial(ctx context.Context, address string, opts ...grpc.DialOption) (*Client
 	}
 	defaults := []grpc.DialOption{
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageBytes), grpc.MaxCallSendMsgSize(MaxMessageBytes)),
-		// Each try holds a slot: a call waiting out its backoff holds none.
-		grpc.WithChainUnaryInterceptor(deadlineAndRetries(DefaultTimeout), inFlightCap(MaxCallsInFlight)),
+		grpc.WithChainUnaryInterceptor(deadlineAndRetries(DefaultTimeout)),
 		// gRPC waits up to 120 s between reconnection attempts: calls to a server back up after a
 		// restart failed UNAVAILABLE at once, without trying, for as long as the wait had grown.
 		grpc.WithConnectParams(grpc.ConnectParams{
@@ -144,28 +133,6 @@ func deadlineAndRetries(timeout time.Duration) grpc.UnaryClientInterceptor {
 			}
 			backoff *= 2
 		}
-	}
-}
-
-// inFlightCap lets at most limit calls through at once; the others wait until
-// one ends or their own context does (its cancel or deadline: the outcome). A
-// call that finds a slot free goes out as it is, as without the cap (one select
-// of both would pick at random where its context had ended already).
-func inFlightCap(limit int) grpc.UnaryClientInterceptor {
-	slots := make(chan struct{}, limit)
-	return func(ctx context.Context, method string, req, reply interface{}, cc *grpc.ClientConn,
-		invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
-		select {
-		case slots <- struct{}{}:
-		default:
-			select {
-			case slots <- struct{}{}:
-			case <-ctx.Done():
-				return status.FromContextError(ctx.Err()).Err()
-			}
-		}
-		defer func() { <-slots }()
-		return invoker(ctx, method, req, reply, cc, opts...)
 	}
 }
 

@@ -4,7 +4,6 @@ import (
 	"context"
 	"math/rand"
 	"net"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -214,79 +213,5 @@ func TestJitterIsNotMathRandsSeedOne(t *testing.T) {
 		if d := halflife.DefaultBackoffJitter(backoff); known[d] {
 			t.Fatalf("draw %d, %v, is one of math/rand's seed-1 sequence", i, d)
 		}
-	}
-}
-
-// holdingServer holds every GetModelInfo until release is closed, counting
-// those that arrived and keeping the time left of the last one's deadline.
-type holdingServer struct {
-	pb.UnimplementedEmbeddingServiceServer
-	release  chan struct{}
-	mu       sync.Mutex
-	arrived  int
-	timeLeft time.Duration
-}
-
-func (s *holdingServer) GetModelInfo(ctx context.Context, _ *pb.GetModelInfoRequest) (*pb.GetModelInfoResponse, error) {
-	deadline, _ := ctx.Deadline()
-	s.mu.Lock()
-	s.arrived, s.timeLeft = s.arrived+1, time.Until(deadline)
-	s.mu.Unlock()
-	select {
-	case <-s.release:
-	case <-ctx.Done():
-	}
-	return &pb.GetModelInfoResponse{Dimension: 3}, nil
-}
-
-func (s *holdingServer) seen() (int, time.Duration) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.arrived, s.timeLeft
-}
-
-func TestAtMostMaxCallsInFlightAndTheRestWaitWithinTheirDeadline(t *testing.T) {
-	listener, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	holding := &holdingServer{release: make(chan struct{})}
-	s := grpc.NewServer()
-	pb.RegisterEmbeddingServiceServer(s, holding)
-	go s.Serve(listener)
-	defer s.Stop()
-	c, _ := dialCounting(t, listener.Addr().String())
-	call := func(timeout time.Duration) error {
-		ctx, cancel := context.WithTimeout(context.Background(), timeout)
-		defer cancel()
-		_, err := c.Embedding.GetModelInfo(ctx, &pb.GetModelInfoRequest{})
-		return err
-	}
-	held := make(chan error, halflife.MaxCallsInFlight+1)
-	for i := 0; i < halflife.MaxCallsInFlight; i++ {
-		go func() { held <- call(20 * time.Second) }()
-	}
-	for start := time.Now(); time.Since(start) < 20*time.Second; time.Sleep(10 * time.Millisecond) {
-		if arrived, _ := holding.seen(); arrived == halflife.MaxCallsInFlight {
-			break
-		}
-	}
-	if err := call(300 * time.Millisecond); status.Code(err) != codes.DeadlineExceeded {
-		t.Fatalf("a call past the cap got %v, want DeadlineExceeded while it waited", err)
-	}
-	go func() { held <- call(5 * time.Second) }()
-	time.Sleep(200 * time.Millisecond)
-	if arrived, _ := holding.seen(); arrived != halflife.MaxCallsInFlight {
-		t.Fatalf("%d calls reached the server, want %d", arrived, halflife.MaxCallsInFlight)
-	}
-	close(holding.release)
-	for i := 0; i <= halflife.MaxCallsInFlight; i++ {
-		if err := <-held; err != nil {
-			t.Fatal(err)
-		}
-	}
-	// The waiting call went out with what was left of its 5 s.
-	if arrived, timeLeft := holding.seen(); arrived != halflife.MaxCallsInFlight+1 || timeLeft > 4800*time.Millisecond {
-		t.Fatalf("%d calls arrived, the last with %v left; want %d, under 4.8 s", arrived, timeLeft, halflife.MaxCallsInFlight+1)
 	}
 }

@@ -507,7 +507,7 @@ def _add_loadtest(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--duration-stop", choices=DURATION_STOPS, default=None,
                         help="calls in flight when -z/-x ends the run: close (default) cancels them and reports them as "
                              "Canceled, wait lets them finish within -t, ignore cancels them and leaves them out")
-    parser.add_argument("--connections", type=int, default=None, help="TCP connections (default 1; raised to one per 200 workers, the most a Halflife client carries on one)")
+    parser.add_argument("--connections", type=int, default=None, help="TCP connections (default 1; raised to one per 256 workers, the most the server carries on one)")
     parser.add_argument("-r", "--rps", type=float, default=None, help="request rate limit (default 0: none)")
     parser.add_argument("-t", "--timeout", type=_duration, default=None,
                         help="per-call deadline (default 20s; 0: none, within the 600 s cap on a run)")

@@ -43,7 +43,7 @@ from google.protobuf import descriptor_pool, json_format, message_factory
 from grpc_health.v1 import health_pb2
 from halflife.v1 import catalog_pb2, embedding_pb2, interest_pb2, recommend_pb2
 from halflife_client.client import (
-    DEFAULT_TARGET, MAX_CALLS_IN_FLIGHT, TRANSPORT_OPTIONS, check_target, with_default_port,
+    DEFAULT_TARGET, MAX_STREAMS_PER_CONNECTION, TRANSPORT_OPTIONS, check_target, with_default_port,
 )
 
 # Imported only to register their descriptors in the default pool (named here so linters see a use).
@@ -491,7 +491,7 @@ def bounds_applied(options: LoadTestOptions) -> list[str]:
         notes.append(f"concurrency {options.concurrency} is past the bound: at most {MAX_CONCURRENCY} workers")
     if (needed := _connections(options.connections, _workers(options))) > options.connections:
         notes.append(f"{_workers(options)} workers on {options.connections} connection(s): {needed} connections, "
-                     f"at most {MAX_CALLS_IN_FLIGHT} calls on one, as Halflife's clients carry (docs/serving.md)")
+                     f"as the server carries at most {MAX_STREAMS_PER_CONNECTION} calls on one")
     return notes
 
 
@@ -507,12 +507,11 @@ def _workers(options: LoadTestOptions) -> int:
 
 def _connections(asked: int, concurrency: int) -> int:
     """The connections a run opens: those asked for, no more than its workers
-    (extras only cost start-up time), and enough that none carries more than
-    MAX_CALLS_IN_FLIGHT calls: past the server's 256 on one gRPC Python had the
-    extra calls refused, reported Unavailable (an audit at -c 1000 saw 352 of
-    3,000 health checks fail), and at 256 the server still refused those
-    started as others ended (-c 256: 30% of 6,000 Recommends)."""
-    return max(min(asked, concurrency), math.ceil(concurrency / MAX_CALLS_IN_FLIGHT))
+    (extras only cost start-up time), and enough for the server's limit of
+    calls on one, where gRPC Python had the extra calls refused, reported
+    Unavailable (ghz's client queues them; an audit at -c 1000 saw 352 of
+    3,000 health checks fail)."""
+    return max(min(asked, concurrency), math.ceil(concurrency / MAX_STREAMS_PER_CONNECTION))
 
 
 async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = None) -> dict:

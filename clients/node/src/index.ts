@@ -51,17 +51,6 @@ export const DEFAULT_TIMEOUT_MS = 10_000;
  */
 export const RETRY_ATTEMPTS = 4;
 
-/**
- * Calls one client carries on its connection at once; the rest wait on the
- * client's side, in order, within their deadline. The server takes 256 at once
- * (MAX_STREAMS_PER_CONNECTION), but a call started as soon as one ends may find
- * it still counted there and be refused (REFUSED_STREAM, retried as
- * Unavailable): 2,000 calls at once saw up to 15 exhaust their tries, 5,000 up
- * to 42. The margin leaves room for that lag; the Python and Go clients cap
- * theirs the same.
- */
-export const MAX_CALLS_IN_FLIGHT = 200;
-
 /** What every call takes: its deadline (default the client's `timeoutMs`) and a signal that cancels it. */
 export interface CallInput {
   timeoutMs?: number;
@@ -193,18 +182,6 @@ function int32(name: string, value: number): number {
 /** Milliseconds in a grpc-timeout header's unit. */
 const TIMEOUT_UNIT_MS: Record<string, number> = { H: 3_600_000, M: 60_000, S: 1000, m: 1, u: 1e-3, n: 1e-6 };
 
-/** The milliseconds of a request's grpc-timeout header; undefined without one. */
-function timeoutHeaderMs(request: { header: Headers }): number | undefined {
-  const header = /^(\d+(?:\.\d+)?)([HMSmun])$/.exec(request.header.get("grpc-timeout") ?? "");
-  return header ? Number(header[1]) * TIMEOUT_UNIT_MS[header[2]] : undefined;
-}
-
-/** Sets the grpc-timeout header to what is left since `started` of `budgetMs` (none: left as it is). */
-function sendTimeLeft(request: { header: Headers }, budgetMs: number | undefined, started: number): void {
-  if (budgetMs === undefined) return;
-  request.header.set("grpc-timeout", `${Math.max(1, Math.ceil(budgetMs - (performance.now() - started)))}m`);
-}
-
 /**
  * Tries a call as RETRY_ATTEMPTS says; `closed()`: the client was closed (its
  * Canceled is final). Each try carries the time left as its grpc-timeout, as
@@ -214,10 +191,14 @@ function sendTimeLeft(request: { header: Headers }, budgetMs: number | undefined
 function retries(closed: () => boolean): Interceptor {
   return (next) => async (request) => {
     const started = performance.now();
-    const budgetMs = timeoutHeaderMs(request);
+    const header = /^(\d+(?:\.\d+)?)([HMSmun])$/.exec(request.header.get("grpc-timeout") ?? "");
+    const budgetMs = header ? Number(header[1]) * TIMEOUT_UNIT_MS[header[2]] : undefined;
     for (let attempt = 1, backoffMs = 100; ; attempt++, backoffMs *= 2) {
       try {
-        if (attempt > 1) sendTimeLeft(request, budgetMs, started);
+        if (budgetMs !== undefined && attempt > 1) {
+          const leftMs = Math.max(1, Math.ceil(budgetMs - (performance.now() - started)));
+          request.header.set("grpc-timeout", `${leftMs}m`);
+        }
         return await next(request);
       } catch (thrown) {
         const error = asGrpcCode(thrown);
@@ -232,43 +213,6 @@ function retries(closed: () => boolean): Interceptor {
         // The deadline or the caller's cancel came first: theirs is the outcome (it was this try's Unavailable).
         if (!waited) throw ConnectError.from(request.signal.reason);
       }
-    }
-  };
-}
-
-/**
- * At most `limit` calls past this point at once; the others wait in order of
- * arrival, leave the line when their deadline passes or they are cancelled,
- * and tell the server what is left of their deadline after the wait.
- */
-function inFlightCap(limit: number): Interceptor {
-  let inFlight = 0;
-  const waiting: Array<() => void> = [];
-  const release = () => {
-    const next = waiting.shift();
-    if (next) next();
-    else inFlight--;
-  };
-  return (next) => async (request) => {
-    if (inFlight < limit) inFlight++;
-    else if (request.signal.aborted) throw ConnectError.from(request.signal.reason);
-    else {
-      const [started, budgetMs] = [performance.now(), timeoutHeaderMs(request)];
-      await new Promise<void>((resolve, reject) => {
-        const turn = () => (request.signal.removeEventListener("abort", leave), resolve());
-        const leave = () => {
-          waiting.splice(waiting.indexOf(turn), 1);
-          reject(ConnectError.from(request.signal.reason));
-        };
-        waiting.push(turn);
-        request.signal.addEventListener("abort", leave, { once: true });
-      });
-      sendTimeLeft(request, budgetMs, started);
-    }
-    try {
-      return await next(request);
-    } finally {
-      release();
     }
   };
 }
@@ -390,8 +334,7 @@ export class HalflifeClient {
       sessionManager: this.sessions,
       // `raw` calls too (an audit found them without a deadline); a raw call's own timeoutMs <= 0 is none.
       defaultTimeoutMs: deadline(this.timeoutMs),
-      // Each try takes a slot: a call waiting out its backoff holds none.
-      interceptors: [retries(() => this.closed), open, ...(options.interceptors ?? []), inFlightCap(MAX_CALLS_IN_FLIGHT)],
+      interceptors: [retries(() => this.closed), open, ...(options.interceptors ?? [])],
     });
     this.raw = {
       embedding: withLongTimeouts(createClient(EmbeddingService, transport)),

@@ -17,22 +17,16 @@ caller retries), as are those a server
 shutting down answers CANCELLED: it cancels calls that had arrived but not
 reached a handler yet (grpc/grpc#41785), and every Halflife call is safe to
 repeat. No other status is retried, so a rejected request is never silently
-re-sent. (A cancel of the caller's own is never retried.) A client has at
-most MAX_CALLS_IN_FLIGHT calls in flight at once; the others wait their turn,
-and the time they waited comes off the deadline they are sent with (one still
-waiting at its deadline fails DEADLINE_EXCEEDED).
+re-sent. (A cancel of the caller's own is never retried.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime as dt
 import ipaddress
 import json
 import numbers
-import threading
-import time
 from typing import Mapping, Sequence
 
 import grpc
@@ -53,16 +47,9 @@ from halflife.v1 import (
 DEFAULT_PORT = 50051  # `halflife serve`'s
 DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
 # Calls one connection to `halflife serve` carries at once (its HTTP/2
-# max_concurrent_streams); gRPC clients queue the rest on their side.
+# max_concurrent_streams); a client opening more at once can see the extra
+# ones refused UNAVAILABLE, before it has read the server's settings.
 MAX_STREAMS_PER_CONNECTION = 256
-# Calls one client has in flight at once; the rest wait on the client's side,
-# in order, within their deadline. The server counts a call until its handler
-# has let go of it, a while after the client saw it end, and refuses a stream
-# started in that gap (REFUSED_STREAM: UNAVAILABLE, retried): of 5,000 calls
-# at once on one connection, 700-1,100 exhausted their tries. The margin below
-# MAX_STREAMS_PER_CONNECTION covers that lag; the Node and Go clients cap theirs
-# the same.
-MAX_CALLS_IN_FLIGHT = 200
 DEFAULT_TIMEOUT_S = 10.0
 # Longer deadlines mean none: past ~1e10 s gRPC's arithmetic overflows and a call failed at once.
 MAX_TIMEOUT_S = 1e9
@@ -313,68 +300,6 @@ def _own_channel(channel, credentials, interceptors) -> bool:
     return channel is not None
 
 
-def _queued_past_deadline() -> grpc.RpcError:
-    return grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                f"Deadline Exceeded while waiting for one of the client's {MAX_CALLS_IN_FLIGHT} calls in flight")
-
-
-class _CappedStub:
-    """`stub`, whose calls each hold one of `free`'s slots while they run (see
-    MAX_CALLS_IN_FLIGHT), waiting for one within their deadline; the deadline
-    sent is what is left of it. A call that finds a slot free goes out with its
-    deadline as given (0 may still get through)."""
-
-    def __init__(self, stub, free: threading.Semaphore):
-        self._stub, self._free = stub, free
-
-    def close(self) -> None:
-        """From now on calls, those waiting for a slot too, raise as gRPC's
-        own do on a closed channel (grpcio crashes on a call through a closed
-        intercepted channel: see HalflifeClient.close)."""
-        self._stub = _ClosedStub()
-
-    def __getattr__(self, method: str):
-        def call(request, *, timeout: float | None):
-            if not self._free.acquire(blocking=False):
-                started = time.monotonic()
-                if not self._free.acquire(timeout=None if timeout is None else max(timeout, 0.0)):
-                    raise _queued_past_deadline()
-                timeout = None if timeout is None else timeout - (time.monotonic() - started)
-            try:
-                return getattr(self._stub, method)(request, timeout=timeout)
-            finally:
-                self._free.release()
-        return call
-
-
-class _AsyncCappedStub(_CappedStub):
-    """_CappedStub for grpc.aio stubs: `free` is an asyncio.Semaphore."""
-
-    def __getattr__(self, method: str):
-        async def call(request, *, timeout: float | None):
-            if self._free.locked():
-                started = time.monotonic()
-                try:
-                    await asyncio.wait_for(self._free.acquire(), None if timeout is None else max(timeout, 0.0))
-                except asyncio.TimeoutError:
-                    raise _queued_past_deadline() from None
-                timeout = None if timeout is None else timeout - (time.monotonic() - started)
-            else:
-                await self._free.acquire()  # free: returns at once
-            try:
-                return await getattr(self._stub, method)(request, timeout=timeout)
-            finally:
-                self._free.release()
-        return call
-
-
-def _stubs(channel, capped: type[_CappedStub], free) -> list[_CappedStub]:
-    """The four services' stubs on `channel`, sharing the slots of `free`."""
-    return [capped(stub(channel), free) for stub in (
-        embedding_pb2_grpc.EmbeddingServiceStub, catalog_pb2_grpc.CatalogServiceStub,
-        interest_pb2_grpc.InterestServiceStub, recommend_pb2_grpc.RecommendServiceStub)]
-
-
 class _ClosedStub:
     """A closed client's stubs: every method raises as gRPC's own does on a closed channel."""
 
@@ -403,8 +328,10 @@ class HalflifeClient:
             channel = grpc.intercept_channel(channel, *interceptors) if interceptors else channel
         self._channel = channel
         self.timeout = _seconds(timeout)
-        self._embedding, self._catalog, self._interest, self._recommend = _stubs(
-            channel, _CappedStub, threading.Semaphore(MAX_CALLS_IN_FLIGHT))
+        self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
+        self._catalog = catalog_pb2_grpc.CatalogServiceStub(self._channel)
+        self._interest = interest_pb2_grpc.InterestServiceStub(self._channel)
+        self._recommend = recommend_pb2_grpc.RecommendServiceStub(self._channel)
 
     def embed(
         self, texts: Sequence[str], *, truncate: bool = False, normalize: bool = True, timeout: float | None = None
@@ -460,12 +387,10 @@ class HalflifeClient:
         return self._recommend.SimilarItems(_similar_request(item_id, text, limit, item_filter), timeout=_deadline(timeout, self.timeout))
 
     def close(self) -> None:
-        # grpcio 1.85 crashes the process (SIGSEGV) on a call through an intercepted channel once it is
-        # closed (a review): calls after close(), and those still waiting for a slot, raise here, as they
-        # do without interceptors.
-        for stub in (self._embedding, self._catalog, self._interest, self._recommend):
-            stub.close()
         self._channel.close()
+        # grpcio 1.85 crashes the process (SIGSEGV) on a call through an intercepted channel once it is
+        # closed (a review): calls after close() raise here, as they do without interceptors.
+        self._embedding = self._catalog = self._interest = self._recommend = _ClosedStub()
 
     def __enter__(self) -> HalflifeClient:
         return self
@@ -492,8 +417,10 @@ class AsyncHalflifeClient:
                        grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors))
         self._channel = channel
         self.timeout = _seconds(timeout)
-        self._embedding, self._catalog, self._interest, self._recommend = _stubs(
-            channel, _AsyncCappedStub, asyncio.Semaphore(MAX_CALLS_IN_FLIGHT))
+        self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
+        self._catalog = catalog_pb2_grpc.CatalogServiceStub(self._channel)
+        self._interest = interest_pb2_grpc.InterestServiceStub(self._channel)
+        self._recommend = recommend_pb2_grpc.RecommendServiceStub(self._channel)
 
     async def embed(
         self, texts: Sequence[str], *, truncate: bool = False, normalize: bool = True, timeout: float | None = None

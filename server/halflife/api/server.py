@@ -92,6 +92,14 @@ class ServerConfig:
             # silent ones after 5 min, any after 30 min, with 5 min for the calls in flight (clients
             # reconnect on their own).
             ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+            # grpc's overload protection refuses a new stream (REFUSED_STREAM: UNAVAILABLE) while more than
+            # that many calls are allocated, counting those whose handler has not let go of them yet, a while
+            # after the client saw them end: a client keeping its connection full, within the limit, had
+            # streams refused in that gap (30% of 6,000 Recommends at 256 calls on one connection, 7-61% of
+            # Embeds at 200, whose batches end many calls at once; hundreds of a 5,000-call burst past the
+            # clients' retries, and a CI failure). Off, the limit on the wire stays, and Admission and
+            # grpc's count of calls (the backstop below) bound the handlers any client's streams start.
+            ("grpc.http.overload_protection", 0),
             ("grpc.max_connection_idle_ms", 5 * 60_000),
             ("grpc.max_connection_age_ms", 30 * 60_000),
             ("grpc.max_connection_age_grace_ms", 5 * 60_000),
