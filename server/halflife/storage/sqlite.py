@@ -450,21 +450,15 @@ def _events_where(conn: sqlite3.Connection, where: str, params: tuple,
     """Events matching `where` (over `events e`), in seq order, with vectors:
     those of the users `vectors_of` picks where given (the others' None),
     read in a second statement: call inside a read transaction then."""
+    # Each row: the event's columns, then its vector's data, hash and id.
+    columns = "e.seq, e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time"
     if vectors_of is None:
-        rows = conn.execute(
-            f"""SELECT e.seq, e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, v.data,
-                       v.hash, v.id
-                FROM events e JOIN vectors v ON v.id = e.vector_id
-                WHERE {where} ORDER BY e.seq""",
-            params,
-        )
+        rows = conn.execute(f"""SELECT {columns}, v.data, v.hash, v.id
+                                FROM events e JOIN vectors v ON v.id = e.vector_id
+                                WHERE {where} ORDER BY e.seq""", params)
     else:
-        rows = conn.execute(
-            f"""SELECT e.seq, e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time, NULL, NULL,
-                       e.vector_id
-                FROM events e WHERE {where} ORDER BY e.seq""",
-            params,
-        ).fetchall()
+        rows = conn.execute(f"SELECT {columns}, NULL, NULL, e.vector_id FROM events e WHERE {where} ORDER BY e.seq",
+                            params).fetchall()
         wanted = sorted({row[10] for row in rows if vectors_of(row[2])})
         vectors: dict[int, tuple[bytes, bytes]] = {}
         for chunk in _chunks(conn, wanted):
