@@ -329,24 +329,31 @@ def _check_tokenizer(path: Path) -> None:
         )
 
 
+def _st_modules(path: Path) -> list[tuple[str, Path]] | None:
+    """The sentence-transformers modules that modules.json lists, as (kind,
+    e.g. "Pooling"; directory) pairs in order, or None where there is none."""
+    if not (path / "modules.json").is_file():
+        return None
+    modules = _json_value(path / "modules.json")
+    if not (isinstance(modules, list) and all(isinstance(m, dict) and isinstance(m.get("type"), str)
+                                              and isinstance(m.get("path", ""), str) for m in modules)):
+        raise ExportError(f"{path / 'modules.json'} is not a list of modules with a type and a path")
+    return [(m["type"].rsplit(".", 1)[-1], path / m.get("path", "")) for m in modules]
+
+
 def _pooling_module(path: Path) -> Path | None:
     """The config.json of the sentence-transformers Pooling module that
     modules.json lists, or None. Refuses any module the server does not
     reproduce: the vectors it served would differ from the model's."""
     pooling = None
-    modules = _json_value(path / "modules.json") if (path / "modules.json").is_file() else []
-    if not (isinstance(modules, list) and all(isinstance(m, dict) and isinstance(m.get("type"), str)
-                                              and isinstance(m.get("path", ""), str) for m in modules)):
-        raise ExportError(f"{path / 'modules.json'} is not a list of modules with a type and a path")
-    for module in modules:
-        kind = module["type"].rsplit(".", 1)[-1]
+    for kind, directory in _st_modules(path) or []:
         if kind not in SERVED_MODULES:
             raise ExportError(
-                f"sentence-transformers {kind} module {path / module.get('path', '')} is not supported: "
+                f"sentence-transformers {kind} module {directory} is not supported: "
                 "the served vectors would differ from the model's"
             )
         if kind == "Pooling":
-            pooling = path / module.get("path", "") / "config.json"
+            pooling = directory / "config.json"
     return pooling
 
 
@@ -420,10 +427,8 @@ def _unnormalized_note(source: _Source) -> str | None:
     unnormalised (no Normalize module: trained for dot products, perhaps,
     like TAS-B): the server normalises every vector and ranks by cosine,
     which can order items otherwise than the model's dot products."""
-    modules = source.path / "modules.json"
-    if not modules.is_file():
-        return None
-    if any(m["type"].rsplit(".", 1)[-1] == "Normalize" for m in _json_value(modules)):  # checked by _pooling_module
+    modules = _st_modules(source.path)
+    if modules is None or any(kind == "Normalize" for kind, _ in modules):
         return None
     return (f"note: {source.model_id} has no sentence-transformers Normalize module: the server normalises its "
             "vectors and ranks by cosine, where the model's own scores may be dot products")
