@@ -81,6 +81,16 @@ class ServerThread:
         self.stop()
 
 
+def serve_once(model_dir: Path, data_dir: Path, *args: str, port: str = "0", workers: int = 1,
+               timeout: float = 60) -> subprocess.CompletedProcess:
+    """`halflife serve` run to its end (a start it refuses), its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "halflife.cli", "serve", "--workers", str(workers), "--port", port,
+         "--model-dir", str(model_dir), "--data-dir", str(data_dir), *args],
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
 def start_cli_server(
     model_dir: Path, data_dir: Path, *, drain: bool = False, workers: int = 1, extra_args: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen, str]:

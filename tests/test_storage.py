@@ -27,6 +27,7 @@ from halflife.storage.base import (
 )
 from halflife.storage.sqlite import DB_NAME, SCHEMA_VERSION, SqliteStore
 from tests.fakes import full_disk
+from tests.serving import serve_once
 
 DIM = 16
 RNG = np.random.default_rng(1234)
@@ -422,8 +423,7 @@ def test_a_row_damaged_on_disk_stops_serve_in_one_line(model_dir, tmp_path, dama
     store.close()
     with sqlite3.connect(tmp_path / "data" / DB_NAME) as conn:
         conn.execute(damage)
-    result = subprocess.run([sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(model_dir),
-                             "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
+    result = serve_once(model_dir, tmp_path / "data", timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert f"halflife serve: error: {named}" in result.stderr.splitlines()[-1], result.stderr
 
@@ -439,8 +439,7 @@ def test_a_store_built_with_a_model_of_another_size_stops_serve_in_one_line(mode
         if what == "events only":
             store.delete_items(["i1"])
         assert store.vector_size() == DIM
-    result = subprocess.run([sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(model_dir),
-                             "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
+    result = serve_once(model_dir, tmp_path / "data", timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert (f"halflife serve: error: the store holds {DIM}-dimensional vectors, where this model's have 384"
             in result.stderr.splitlines()[-1]), result.stderr
@@ -491,8 +490,7 @@ def test_a_store_built_with_another_model_of_the_same_size_stops_serve_and_anoth
     manifest["model_id"] = "someone/fine-tuned"
     manifest["source"]["weights_sha256"] = {"model.safetensors": "0" * 64}
     (other / "manifest.json").write_text(json.dumps(manifest))
-    result = subprocess.run([sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(other),
-                             "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
+    result = serve_once(other, tmp_path / "data", timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert ("the store's vectors come from sentence-transformers/all-MiniLM-L6-v2 (384-d)" in result.stderr
             and "this model is someone/fine-tuned (384-d)" in result.stderr.splitlines()[-1]), result.stderr

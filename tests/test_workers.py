@@ -29,7 +29,7 @@ from halflife.signals import REPEAT_SIGNAL_WINDOW_S, StopSignals
 from halflife.workers import RestartBudget, reserve_port
 from halflife.v1 import embedding_pb2, embedding_pb2_grpc, interest_pb2, recommend_pb2
 from halflife_client import Event, HalflifeClient, Item
-from tests.serving import scrape_metrics, start_cli_server
+from tests.serving import scrape_metrics, serve_once, start_cli_server
 
 CLIENTS = 16  # connections; the kernel hashes each to a worker, so all land on one with p = 2 * 2**-16
 LIKE = interest_pb2.EVENT_TYPE_LIKE
@@ -735,14 +735,6 @@ def test_serve_keeps_freed_arrays_under_the_threshold_mapped():
     assert page_faults("serve") < 2_000
 
 
-def serve_once(model_dir: Path, data_dir: Path, port: str = "0", workers: int = 1) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "halflife.cli", "serve", "--workers", str(workers), "--port", port,
-         "--model-dir", str(model_dir), "--data-dir", str(data_dir)],
-        capture_output=True, text=True, timeout=60,
-    )
-
-
 @pytest.mark.parametrize("first_workers, second_workers", [(1, 1), (2, 1), (1, 2)])
 def test_a_second_server_on_a_data_dir_in_use_is_refused(model_dir, tmp_path, first_workers, second_workers):
     # Only one group's workers follow each other's writes: a second server on
@@ -775,9 +767,7 @@ def test_a_single_server_on_a_busy_port_fails_in_one_line(model_dir, tmp_path):
 
 def test_a_single_server_on_a_name_that_does_not_resolve_says_so(model_dir, tmp_path):
     """It said "in use by another process, or not an address of this machine?" (an operations review)."""
-    result = subprocess.run([sys.executable, "-m", "halflife.cli", "serve", "--host", "nonexistent.invalid", "--port",
-                             "0", "--model-dir", str(model_dir), "--data-dir", str(tmp_path / "data")],
-                            capture_output=True, text=True, timeout=60)
+    result = serve_once(model_dir, tmp_path / "data", "--host", "nonexistent.invalid")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert "'nonexistent.invalid' does not resolve" in result.stderr.splitlines()[-1], result.stderr
 
