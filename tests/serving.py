@@ -6,11 +6,13 @@ import asyncio
 import concurrent.futures
 import contextlib
 import re
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 import pytest
@@ -79,6 +81,16 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[str]:
+    """The address of a listener on 127.0.0.1 that takes connections (the
+    kernel completes the handshakes) and never speaks HTTP/2: a call waits."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        yield f"127.0.0.1:{silent.getsockname()[1]}"
 
 
 def serve_once(model_dir: Path, data_dir: Path, *args: str, port: str = "0", workers: int = 1,

@@ -18,7 +18,7 @@ import pytest
 from halflife.api.server import ServerConfig
 from halflife.v1 import embedding_pb2, embedding_pb2_grpc, interest_pb2
 from halflife_client import Event, HalflifeClient, Item
-from tests.serving import ServerThread, stand_in
+from tests.serving import ServerThread, silent_server, stand_in
 
 VIEW = interest_pb2.EVENT_TYPE_VIEW
 
@@ -482,12 +482,9 @@ def test_client_timeout_0_is_a_deadline_and_none_the_default():
     """Against a server that never answers (a socket that listens, accepts
     nothing): timeout=0 fails at once (it was taken for "unset": the client's
     default), None waits the client's timeout."""
-    import socket
 
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen()
-        with HalflifeClient(f"127.0.0.1:{silent.getsockname()[1]}", timeout=3) as client:
+    with silent_server() as address:
+        with HalflifeClient(address, timeout=3) as client:
             for timeout, least, most in ((0, 0.0, 1.5), (None, 3, 10)):
                 began = time.monotonic()
                 with pytest.raises(grpc.RpcError) as expired:

@@ -24,7 +24,7 @@ from halflife.loadtest import (
     GO_CODE_NAMES, LoadTestError, LoadTestOptions, latency_distribution, method_descriptor, options_from_flags,
     options_from_ghz_config, parse_duration, request_factory, run_load_test,
 )
-from tests.serving import stand_in
+from tests.serving import silent_server, stand_in
 
 HEALTH = "grpc.health.v1.Health.Check"
 pytestmark = pytest.mark.timeout(60)
@@ -122,16 +122,11 @@ def test_a_stop_while_the_connections_are_dialled_ends_the_run_at_once_without_c
     """A server that takes connections but never speaks HTTP/2: Ctrl-C
     waited out the 10 s connect timeout, then counted calls that never ran
     as Canceled (a loadtest review)."""
-    import socket
 
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(8)  # the kernel completes the handshakes; nothing answers them
-
+    with silent_server() as target:
         async def stopped_soon() -> dict:
             stop = asyncio.Event()
             asyncio.get_running_loop().call_later(0.3, stop.set)
-            target = f"127.0.0.1:{silent.getsockname()[1]}"
             return await run_load_test(LoadTestOptions(call=HEALTH, target=target, concurrency=2, total=10), stop)
 
         begin = time.monotonic()
@@ -421,7 +416,6 @@ def test_the_summary_names_the_errors(scripted, capsys):
 
 def test_a_run_cancelled_while_it_dials_leaves_no_channel_or_task_behind(monkeypatch):
     """Cancelled there (a second Ctrl-C), its dialling tasks ran on and its channels stayed open (a review)."""
-    import socket
 
     from grpc.aio import _channel
 
@@ -434,12 +428,8 @@ def test_a_run_cancelled_while_it_dials_leaves_no_channel_or_task_behind(monkeyp
         return await real_close(self, grace)
 
     monkeypatch.setattr(_channel.Channel, "close", counting_close)
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(8)
-
+    with silent_server() as target:
         async def cancelled_while_dialling() -> set:
-            target = f"127.0.0.1:{silent.getsockname()[1]}"
             run = asyncio.ensure_future(run_load_test(LoadTestOptions(call=HEALTH, target=target, concurrency=2,
                                                                       connections=2, total=10)))
             await asyncio.sleep(0.3)
