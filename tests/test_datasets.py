@@ -136,6 +136,15 @@ def test_missing_column_names_the_file_the_column_and_the_header(tmp_path):
         "movies.csv: no column 'movieId', 'title', 'genres' (header: id,name)")
 
 
+def test_a_needed_column_named_twice_is_refused_not_guessed(tmp_path):
+    lines = RATINGS.splitlines(keepends=True)
+    twice = "".join([lines[0].replace("\n", ",rating\n")] + [line.replace("\n", ",1.0\n") for line in lines[1:]])
+    assert error(dataset(tmp_path, ratings=twice)) == (
+        "ratings.csv: column 'rating' appears more than once (header: userId,movieId,rating,timestamp,rating)")
+    unused_twice = "".join([lines[0].replace("\n", ",note,note\n")] + [line.replace("\n", ",a,b\n") for line in lines[1:]])
+    assert load_dataset(dataset(tmp_path, ratings=unused_twice)).interactions.values.tolist() == [2.5, 5.0, 4.0]  # unread
+
+
 def test_empty_files(tmp_path):
     assert error(dataset(tmp_path, ratings="")) == "ratings.csv: empty file"
     assert error(dataset(tmp_path, ratings=RATINGS.splitlines(keepends=True)[0])) == "ratings.csv: no rows after the header"

@@ -154,6 +154,11 @@ class _Csv:
         missing = [c for c in columns if c not in self.header]
         if missing:
             raise DatasetError(f"{self.name}: no column {', '.join(map(repr, missing))} (header: {','.join(self.header)})")
+        # Which of two same-named columns holds the data is a guess: the first was read before.
+        repeated = [c for c in columns if self.header.count(c) > 1]
+        if repeated:
+            raise DatasetError(f"{self.name}: column {', '.join(map(repr, repeated))} appears more than once "
+                               f"(header: {','.join(self.header)})")
 
     def _not_utf8(self) -> str:
         # The text decoder reports offsets within its buffer; decoding the bytes finds the file offset.
