@@ -499,6 +499,76 @@ def test_client_refuses_a_target_gRPC_would_wrap_or_cannot_use(target):
         HalflifeClient(target)
 
 
+@pytest.mark.parametrize("target, expected", [
+    ("localhost", "localhost:50051"),
+    ("10.0.0.7", "10.0.0.7:50051"),
+    ("[::1]", "[::1]:50051"),
+    ("localhost:", "localhost:50051"),
+    ("[::1]:", "[::1]:50051"),
+    (" localhost ", "localhost:50051"),
+    ("localhost:8080", "localhost:8080"),
+    ("[::1]:1", "[::1]:1"),
+    ("10.0.0.7:65535", "10.0.0.7:65535"),
+    ("unix:/run/halflife.sock", "unix:/run/halflife.sock"),
+    ("dns:///example.com:50051", "dns:///example.com:50051"),
+])
+def test_server_target_gives_a_host_without_a_port_serves_port(target, expected):
+    from halflife_client.client import server_target
+
+    assert server_target(target) == expected
+
+
+@pytest.mark.parametrize("target, error", [
+    ("", "must be host:port, got an empty string"),
+    ("  ", "must be host:port, got an empty string"),
+    ("127.0.0.1:0", "port must be 1 to 65535, got 0"),
+    ("127.0.0.1:65536", "port must be 1 to 65535, got 65536"),
+    ("127.0.0.1:99999", "port must be 1 to 65535, got 99999"),
+    ("127.0.0.1:-1", "port must be 1 to 65535, got -1"),
+    ("[::1]:70000", "port must be 1 to 65535, got 70000"),
+    ("dns:///example.com:0", "port must be 1 to 65535, got 0"),
+    ("::1", "an IPv6 address goes in brackets: [::1]:port"),
+    ("fe80::1", "an IPv6 address goes in brackets: [fe80::1]:port"),
+])
+def test_server_target_refuses_what_grpc_would_wrap_or_misread(target, error):
+    from halflife_client.client import server_target
+
+    with pytest.raises(ValueError) as refused:
+        server_target(target)
+    assert str(refused.value) == error
+
+
+@pytest.mark.parametrize("client", ["HalflifeClient", "AsyncHalflifeClient"])
+def test_a_client_of_a_host_without_a_port_connects_to_serves_port(client, monkeypatch):
+    """HalflifeClient("localhost") went to gRPC's default port, 443. 50051
+    may be taken here: DEFAULT_PORT is pointed at a listener of the test's."""
+    import asyncio
+
+    import halflife_client
+    from halflife_client import client as module
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(10)
+        monkeypatch.setattr(module, "DEFAULT_PORT", listener.getsockname()[1])
+        make = getattr(halflife_client, client)
+
+        async def call() -> None:  # a call makes gRPC connect; the listener never answers it
+            async with make("127.0.0.1", timeout=0.5) as connecting:
+                await connecting.model_info()
+
+        with pytest.raises(grpc.RpcError) as expired:
+            if client == "HalflifeClient":
+                with make("127.0.0.1", timeout=0.5) as connecting:
+                    connecting.model_info()
+            else:
+                asyncio.run(call())
+        assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        connection, _ = listener.accept()
+        connection.close()
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "127.0.0.1:", "[::1]:"])
 def test_a_target_without_a_port_gets_serves_default_port(host, tmp_path):
     """gRPC sends a target without a port (or with an empty one: an audit)

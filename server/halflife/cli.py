@@ -400,13 +400,13 @@ TARGET_HELP = f"server host[:port] (default {DEFAULT_TARGET}; port {DEFAULT_PORT
 
 
 def _address(value: str) -> str:
-    """A --target: one without a port gets serve's (`with_default_port`),
-    where gRPC would have gone to 443. gRPC logs a multi-line trace of its
-    own for an empty target, and wraps a port out of range."""
-    from halflife_client.client import check_target, with_default_port
+    """A --target, as the clients take it (`server_target`): one without a
+    port gets serve's, where gRPC would have gone to 443. gRPC logs a
+    multi-line trace of its own for an empty target, and wraps a port out of range."""
+    from halflife_client.client import server_target
 
     try:
-        return check_target(with_default_port(value))
+        return server_target(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

@@ -43,7 +43,7 @@ from google.protobuf import descriptor_pool, json_format, message_factory
 from grpc_health.v1 import health_pb2
 from halflife.v1 import catalog_pb2, embedding_pb2, interest_pb2, recommend_pb2
 from halflife_client.client import (
-    DEFAULT_TARGET, MAX_STREAMS_PER_CONNECTION, TRANSPORT_OPTIONS, check_target, with_default_port,
+    DEFAULT_TARGET, MAX_STREAMS_PER_CONNECTION, TRANSPORT_OPTIONS, server_target,
 )
 
 # Imported only to register their descriptors in the default pool (named here so linters see a use).
@@ -127,7 +127,10 @@ class LoadTestOptions:
         for field in ("call", "data", "target"):
             if not isinstance(getattr(self, field), str):
                 raise InvalidOption(field, f"must be a string, not {getattr(self, field)!r}")
-        object.__setattr__(self, "target", with_default_port(self.target))
+        try:
+            object.__setattr__(self, "target", server_target(self.target))
+        except ValueError as exc:
+            raise InvalidOption("target", f"{self.target}: {exc}") from None
         if not isinstance(self.allow_remote, bool):
             raise InvalidOption("allow_remote", f"must be true or false, not {self.allow_remote!r}")
         _check_whole("concurrency", self.concurrency)
@@ -146,7 +149,7 @@ class LoadTestOptions:
             raise InvalidOption("timeout", f"must be a finite number of seconds (0: no timeout), not {self.timeout!r}")
         if not (_is_finite_number(self.rps) and self.rps >= 0):
             raise InvalidOption("rps", f"must be a finite number of requests per second (0: no limit), not {self.rps!r}")
-        _check_target(self.target, self.allow_remote)
+        _check_loopback(self.target, self.allow_remote)
         request_factory(method_descriptor(self.call), self.data)
 
 
@@ -160,11 +163,7 @@ def method_descriptor(call: str):
         raise InvalidOption("call", f"{call!r}: no such method in Halflife's API or grpc.health.v1") from None
 
 
-def _check_target(target: str, allow_remote: bool) -> None:
-    try:
-        check_target(target)
-    except ValueError as exc:
-        raise InvalidOption("target", f"{target}: {exc}") from None
+def _check_loopback(target: str, allow_remote: bool) -> None:
     host = target.rsplit(":", 1)[0].strip("[]")
     if allow_remote or host == "localhost":
         return

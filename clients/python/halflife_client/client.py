@@ -27,6 +27,7 @@ import datetime as dt
 import ipaddress
 import json
 import numbers
+import re
 from typing import Mapping, Sequence
 
 import grpc
@@ -165,21 +166,27 @@ def to_timestamp(when: dt.datetime) -> timestamp_pb2.Timestamp:
     return stamp
 
 
-def check_target(target: str) -> str:
-    """`target`, or ValueError when it is empty or its port is out of range:
-    gRPC wraps a port silently (127.0.0.1:99999 reaches port 34463)."""
+def server_target(target: str) -> str:
+    """`target` as gRPC is to get it, for a `halflife serve`: a host with no
+    port ("localhost", "10.0.0.7", "[::1]") or an empty one ("localhost:")
+    gets DEFAULT_PORT, where gRPC would go to 443; a target with a port or a
+    scheme of gRPC's ("unix:/path", "dns:///host:port") is kept. ValueError
+    for an empty target, a port out of 1..65535 (gRPC wraps one silently:
+    127.0.0.1:99999 reaches port 34463), and a bare IPv6 address (its last
+    group would pass for a port). The CLI's --target and both clients take
+    their target through here."""
     if not isinstance(target, str):
         raise TypeError(f"target must be a string such as {DEFAULT_TARGET!r}, not {type(target).__name__} {target!r}")
-    if not target.strip():
+    target = target.strip()
+    if not target:
         raise ValueError("must be host:port, got an empty string")
-    if _bare_ipv6(target):  # its last group would pass for a port
+    if _bare_ipv6(target):
         raise ValueError(f"an IPv6 address goes in brackets: [{target}]:port")
+    host = target.removesuffix(":")
+    if ":" not in host or (host.startswith("[") and host.endswith("]")):
+        return f"{host}:{DEFAULT_PORT}"
     port = target.rpartition(":")[2]
-    try:
-        number = int(port)
-    except ValueError:  # no port ("localhost", "unix:/path"): gRPC's defaults apply
-        return target
-    if not 1 <= number <= 65535:
+    if _PORT.fullmatch(port) and not 1 <= int(port) <= 65535:
         raise ValueError(f"port must be 1 to 65535, got {port}")
     return target
 
@@ -189,15 +196,8 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def with_default_port(target: str) -> str:
-    """`target` with DEFAULT_PORT where it names no port: a host alone
-    ("localhost", "10.0.0.7", "[::1]") or with an empty one ("localhost:"),
-    which gRPC sends to 443. Other targets ("unix:/path", bare IPv6) as they are."""
-    value = target.strip()
-    host = value[:-1] if value.endswith(":") else value
-    if host and (":" not in host or (host.startswith("[") and host.endswith("]"))):
-        return f"{host}:{DEFAULT_PORT}"
-    return target
+# What a port looks like (int() would also take " 80", "8_0" and non-ASCII digits), in all three clients.
+_PORT = re.compile(r"[+-]?[0-9]+")
 
 
 def _bare_ipv6(target: str) -> bool:
@@ -312,7 +312,8 @@ class _ClosedStub:
 class HalflifeClient:
     """Blocking client. Use as a context manager, or call close().
 
-    The client makes its channel to `target` with CHANNEL_OPTIONS (retries of
+    The client makes its channel to `target` (checked, and given DEFAULT_PORT
+    when it names no port, by server_target) with CHANNEL_OPTIONS (retries of
     UNAVAILABLE, 64 MiB messages): plaintext, or TLS with `credentials`
     (grpc.ssl_channel_credentials(...)); `interceptors` (grpc client
     interceptors: auth metadata, logging) wrap it. A `channel` of your own is
@@ -322,7 +323,7 @@ class HalflifeClient:
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = DEFAULT_TIMEOUT_S, channel=None,
                  credentials: grpc.ChannelCredentials | None = None, interceptors: Sequence = ()):
         if not _own_channel(channel, credentials, interceptors):
-            target = check_target(target)
+            target = server_target(target)
             channel = (grpc.insecure_channel(target, options=CHANNEL_OPTIONS) if credentials is None
                        else grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS))
             channel = grpc.intercept_channel(channel, *interceptors) if interceptors else channel
@@ -411,7 +412,7 @@ class AsyncHalflifeClient:
                  credentials: grpc.ChannelCredentials | None = None, interceptors: Sequence = ()):
         """As HalflifeClient's; `interceptors` are grpc.aio client interceptors."""
         if not _own_channel(channel, credentials, interceptors):
-            target, interceptors = check_target(target), list(interceptors) or None
+            target, interceptors = server_target(target), list(interceptors) or None
             channel = (grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
                        if credentials is None else
                        grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors))
