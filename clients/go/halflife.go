@@ -23,7 +23,11 @@ package halflife
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math/rand"
+	"net/netip"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -71,20 +75,55 @@ var DefaultTimeout = 10 * time.Second
 // As the Python client does.
 const RetryAttempts = 4
 
-// Dial sets up a connection to address ("host:port"), with MaxMessageBytes
-// both ways, DefaultTimeout and RetryAttempts. It does not wait for the server:
-// gRPC connects in the background, and the first call waits for it (within
-// that call's deadline), unless grpc.WithBlock() is among the options. Without
-// options the connection is plaintext (h2c), as `halflife serve` listens;
-// options replace that default, so a plaintext connection with options needs
-// grpc.WithInsecure() among them (or, from gRPC-Go 1.34 on,
-// grpc.WithTransportCredentials(insecure.NewCredentials())).
+// DefaultPort is `halflife serve`'s port, which Dial gives an address without one.
+const DefaultPort = 50051
+
+// ServerTarget is address as Dial passes it to gRPC: a host with no port
+// ("localhost", "10.0.0.7", "[::1]") or an empty one ("localhost:") gets
+// DefaultPort, where gRPC would go to 443, as the CLI's --target and the
+// Python client do; one with a port or a scheme of gRPC's ("unix:/path",
+// "dns:///host:port") is kept. It is an error for an empty address, a port
+// outside 1-65535 and a bare IPv6 address (its last group would pass for a
+// port: write "[::1]").
+func ServerTarget(address string) (string, error) {
+	address = strings.TrimSpace(address)
+	if address == "" {
+		return "", errors.New("halflife: address must be host:port, got an empty string")
+	}
+	if ip, err := netip.ParseAddr(address); err == nil && ip.Is6() {
+		return "", fmt.Errorf("halflife: an IPv6 address goes in brackets: [%s]:port", address)
+	}
+	host := strings.TrimSuffix(address, ":")
+	if !strings.Contains(host, ":") || (strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]")) {
+		return host + ":" + strconv.Itoa(DefaultPort), nil
+	}
+	// A port is digits, signed or not (Atoi's syntax), as the Python client takes one: "-1" is out of range.
+	port := address[strings.LastIndex(address, ":")+1:]
+	if n, err := strconv.Atoi(port); (err == nil || errors.Is(err, strconv.ErrRange)) && (n < 1 || n > 65535) {
+		return "", fmt.Errorf("halflife: port must be 1 to 65535, got %s", port)
+	}
+	return address, nil
+}
+
+// Dial sets up a connection to address ("host:port"; a host alone gets
+// DefaultPort: see ServerTarget, whose error Dial returns before connecting),
+// with MaxMessageBytes both ways, DefaultTimeout and RetryAttempts. It does
+// not wait for the server: gRPC connects in the background, and the first
+// call waits for it (within that call's deadline), unless grpc.WithBlock() is
+// among the options. Without options the connection is plaintext (h2c), as
+// `halflife serve` listens; options replace that default, so a plaintext
+// connection with options needs grpc.WithInsecure() among them (or, from
+// gRPC-Go 1.34 on, grpc.WithTransportCredentials(insecure.NewCredentials())).
 //
 // An interceptor of the caller's runs where its option puts it:
 // grpc.WithChainUnaryInterceptor (recommended) runs it once per try, inside
 // the retries and with the default deadline; grpc.WithUnaryInterceptor runs it
 // once per call, outside the retries and before the default deadline is set.
 func Dial(ctx context.Context, address string, opts ...grpc.DialOption) (*Client, error) {
+	target, err := ServerTarget(address)
+	if err != nil {
+		return nil, err
+	}
 	if len(opts) == 0 {
 		opts = []grpc.DialOption{grpc.WithInsecure()}
 	}
@@ -98,7 +137,7 @@ func Dial(ctx context.Context, address string, opts ...grpc.DialOption) (*Client
 			MinConnectTimeout: 20 * time.Second,
 		}),
 	}
-	conn, err := grpc.DialContext(ctx, address, append(defaults, opts...)...)
+	conn, err := grpc.DialContext(ctx, target, append(defaults, opts...)...)
 	if err != nil {
 		return nil, err
 	}

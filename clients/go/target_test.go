@@ -1,0 +1,95 @@
+package halflife_test
+
+import (
+	"context"
+	"errors"
+	"net"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+
+	halflife "github.com/halflife/halflife/clients/go"
+)
+
+// The Python client's tests hold the same table (tests/test_cli_client.py).
+func TestServerTargetGivesAHostWithoutAPortServesPort(t *testing.T) {
+	if halflife.DefaultPort != 50051 {
+		t.Fatalf("DefaultPort = %d, want serve's 50051", halflife.DefaultPort)
+	}
+	for address, want := range map[string]string{
+		"localhost":                "localhost:50051",
+		"10.0.0.7":                 "10.0.0.7:50051",
+		"[::1]":                    "[::1]:50051",
+		"localhost:":               "localhost:50051",
+		"[::1]:":                   "[::1]:50051",
+		" localhost ":              "localhost:50051",
+		"localhost:8080":           "localhost:8080",
+		"[::1]:1":                  "[::1]:1",
+		"10.0.0.7:65535":           "10.0.0.7:65535",
+		"unix:/run/halflife.sock":  "unix:/run/halflife.sock",
+		"dns:///example.com:50051": "dns:///example.com:50051",
+	} {
+		if got, err := halflife.ServerTarget(address); got != want || err != nil {
+			t.Errorf("ServerTarget(%q) = %q, %v; want %q", address, got, err, want)
+		}
+	}
+}
+
+func TestDialRefusesAnEmptyAddressAPortOutOfRangeAndABareIPv6One(t *testing.T) {
+	for address, want := range map[string]string{
+		"":                       "halflife: address must be host:port, got an empty string",
+		"  ":                     "halflife: address must be host:port, got an empty string",
+		"127.0.0.1:0":            "halflife: port must be 1 to 65535, got 0",
+		"127.0.0.1:65536":        "halflife: port must be 1 to 65535, got 65536",
+		"127.0.0.1:99999":        "halflife: port must be 1 to 65535, got 99999",
+		"127.0.0.1:-1":           "halflife: port must be 1 to 65535, got -1",
+		"[::1]:70000":            "halflife: port must be 1 to 65535, got 70000",
+		"dns:///example.com:0":   "halflife: port must be 1 to 65535, got 0",
+		"::1":                    "halflife: an IPv6 address goes in brackets: [::1]:port",
+		"fe80::1":                "halflife: an IPv6 address goes in brackets: [fe80::1]:port",
+		"1:99999999999999999999": "halflife: port must be 1 to 65535, got 99999999999999999999",
+	} {
+		c, err := halflife.Dial(context.Background(), address)
+		if c != nil || err == nil || err.Error() != want {
+			if c != nil {
+				c.Close()
+			}
+			t.Errorf("Dial(%q) = %v, %v; want the error %q", address, c, err, want)
+		}
+	}
+}
+
+// A host without a port went to gRPC's 443. The dialer of the test records
+// where gRPC connects, and connects nowhere: 50051 may be in use here.
+func TestDialConnectsAHostWithoutAPortToServesPort(t *testing.T) {
+	dialled := make(chan string, 16)
+	record := func(_ context.Context, addr string) (net.Conn, error) {
+		select {
+		case dialled <- addr:
+		default:
+		}
+		return nil, errors.New("not connecting in a test")
+	}
+	c, err := halflife.Dial(context.Background(), "127.0.0.1", grpc.WithInsecure(), grpc.WithContextDialer(record))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if got := c.Conn().Target(); got != "127.0.0.1:50051" {
+		t.Errorf("Target() = %q, want 127.0.0.1:50051", got)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	if _, err := c.Embed(ctx, []string{"a call makes gRPC connect"}); err == nil {
+		t.Fatal("a call succeeded through a dialer that connects nowhere")
+	}
+	select {
+	case addr := <-dialled:
+		if addr != "127.0.0.1:50051" {
+			t.Errorf("gRPC dialled %q, want 127.0.0.1:50051", addr)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("gRPC dialled nothing in 10 s")
+	}
+}
