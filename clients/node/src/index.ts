@@ -11,6 +11,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampDate, timestampFromDate, type Timestamp } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, type CallOptions, type Client, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import { isIPv6 } from "node:net";
 
 import { BadRequestSchema } from "./gen/google/rpc/error_details_pb.js";
 import { CatalogService, ItemSchema, type Item as ItemMessage } from "./gen/halflife/v1/catalog_pb.js";
@@ -35,6 +36,9 @@ export * as interest from "./gen/halflife/v1/interest_pb.js";
 export * as recommend from "./gen/halflife/v1/recommend_pb.js";
 export { Code, ConnectError, EventType, Strategy };
 export type { Interceptor };
+
+/** `halflife serve`'s port, which an address without one gets (see `serverUrl`). */
+export const DEFAULT_PORT = 50051;
 
 /** Per-call deadline unless a call passes its own `timeoutMs`. */
 export const DEFAULT_TIMEOUT_MS = 10_000;
@@ -297,6 +301,48 @@ export function fieldViolations(error: unknown): FieldViolation[] {
 }
 
 /**
+ * The base URL a client of `address` calls. "host:port" is plaintext HTTP/2;
+ * a host with no port ("localhost", "10.0.0.7", "[::1]") or an empty one
+ * ("localhost:") gets DEFAULT_PORT, `halflife serve`'s, as the CLI's --target
+ * and the Python and Go clients do (it went to the "http://" URL's port, 80).
+ * A full "http://" or "https://" URL keeps URL semantics, the scheme's port
+ * included where it names none: a URL is explicit, and "https://host" means
+ * 443 (a TLS proxy, say). Throws a TypeError for an empty address, a bare IPv6
+ * address (its last group would pass for a port: write "[::1]"), or anything
+ * else that is no host[:port] or URL ("unix:/path": Connect takes URLs only),
+ * and a RangeError for a port outside 1-65535.
+ */
+export function serverUrl(address: string): string {
+  if (typeof address !== "string") {
+    throw new TypeError(`address must be a string such as "127.0.0.1:${DEFAULT_PORT}", not ${typeof address}`);
+  }
+  const trimmed = address.trim();
+  if (/^https?:\/\//i.test(trimmed)) return checkedUrl(trimmed, address);
+  if (trimmed === "") throw new TypeError("address must be host:port, got an empty string");
+  if (isIPv6(trimmed)) throw new TypeError(`an IPv6 address goes in brackets: [${trimmed}]:port`);
+  const [, host, port = ""] = /^(\[[^\]]*\]|[^:]*)(?::(.*))?$/.exec(trimmed) ?? [];
+  // A port is digits, signed or not, as the Python and Go clients take one: "-1" is out of range, not malformed.
+  if (host === undefined || (port !== "" && !/^[+-]?[0-9]+$/.test(port))) throw notAnAddress(address);
+  const number = port === "" ? DEFAULT_PORT : Number(port);
+  if (!(number >= 1 && number <= 65535)) throw new RangeError(`port must be 1 to 65535, got ${port}`);
+  return checkedUrl(`http://${host}:${number}`, address);
+}
+
+function notAnAddress(address: string): TypeError {
+  return new TypeError(`address must be host[:port] or an http(s):// URL, got ${JSON.stringify(address)}`);
+}
+
+/** `url` when it parses (the host too: "a b:1" does not), as Connect takes it; URL.canParse needs Node 18.17. */
+function checkedUrl(url: string, address: string): string {
+  try {
+    new URL(url);
+  } catch {
+    throw notAnAddress(address);
+  }
+  return url;
+}
+
+/**
  * A connection to one Halflife server over gRPC (HTTP/2 cleartext).
  *
  *     const client = new HalflifeClient("127.0.0.1:50051");
@@ -315,9 +361,9 @@ export class HalflifeClient {
   private readonly timeoutMs: number;
   private closed = false;
 
-  /** `address` is "host:port" (plaintext) or a full "http(s)://" URL. */
+  /** `address` is "host[:port]" (plaintext, DEFAULT_PORT where it names none) or a full "http(s)://" URL: `serverUrl`. */
   constructor(address: string, options: ClientOptions = {}) {
-    const baseUrl = /^https?:\/\//.test(address) ? address : `http://${address}`;
+    const baseUrl = serverUrl(address);
     this.timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     deadline(this.timeoutMs); // refused here rather than at the first call
     this.sessions = new Http2SessionManager(baseUrl);

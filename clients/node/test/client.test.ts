@@ -5,11 +5,13 @@ import { after, before, describe, it } from "node:test";
 import {
   Code,
   ConnectError,
+  DEFAULT_PORT,
   EventType,
   HalflifeClient,
   RETRY_ATTEMPTS,
   Strategy,
   fieldViolations,
+  serverUrl,
   type Interceptor,
 } from "../src/index.js";
 import { startServer, type LiveServer } from "./server.js";
@@ -33,6 +35,7 @@ const ITEMS = [
 ];
 
 const dot = (a: number[], b: number[]) => a.reduce((sum, x, i) => sum + x * b[i], 0);
+const codeOf = (code: Code) => (error: unknown) => ConnectError.from(error).code === code;
 
 describe("HalflifeClient against a live server", () => {
   let server: LiveServer;
@@ -201,6 +204,71 @@ describe("HalflifeClient against a live server", () => {
   });
 });
 
+describe("addresses", () => {
+  it("gives a host without a port serve's, as the CLI and the Python and Go clients do", () => {
+    assert.equal(DEFAULT_PORT, 50051);
+    const cases: [string, string][] = [
+      ["localhost", "http://localhost:50051"],
+      ["10.0.0.7", "http://10.0.0.7:50051"],
+      ["[::1]", "http://[::1]:50051"],
+      ["localhost:", "http://localhost:50051"],
+      ["[::1]:", "http://[::1]:50051"],
+      [" localhost ", "http://localhost:50051"],
+      ["localhost:8080", "http://localhost:8080"],
+      ["[::1]:1", "http://[::1]:1"],
+      ["10.0.0.7:65535", "http://10.0.0.7:65535"],
+      // A URL is explicit: its scheme's port where it names none.
+      ["http://localhost", "http://localhost"],
+      ["https://example.com", "https://example.com"],
+      ["http://127.0.0.1:8080", "http://127.0.0.1:8080"],
+    ];
+    for (const [address, url] of cases) assert.equal(serverUrl(address), url, address);
+  });
+
+  it("refuses an address that is empty, has a port out of range or is a bare IPv6 address", () => {
+    const cases: [string, ErrorConstructor, string][] = [
+      ["", TypeError, "address must be host:port, got an empty string"],
+      ["  ", TypeError, "address must be host:port, got an empty string"],
+      ["127.0.0.1:0", RangeError, "port must be 1 to 65535, got 0"],
+      ["127.0.0.1:65536", RangeError, "port must be 1 to 65535, got 65536"],
+      ["127.0.0.1:99999", RangeError, "port must be 1 to 65535, got 99999"],
+      ["127.0.0.1:-1", RangeError, "port must be 1 to 65535, got -1"],
+      ["[::1]:70000", RangeError, "port must be 1 to 65535, got 70000"],
+      ["::1", TypeError, "an IPv6 address goes in brackets: [::1]:port"],
+      ["fe80::1", TypeError, "an IPv6 address goes in brackets: [fe80::1]:port"],
+      ["unix:/run/halflife.sock", TypeError, 'address must be host[:port] or an http(s):// URL, got "unix:/run/halflife.sock"'],
+      ["a b:1", TypeError, 'address must be host[:port] or an http(s):// URL, got "a b:1"'],
+      ["http://localhost:99999", TypeError, 'address must be host[:port] or an http(s):// URL, got "http://localhost:99999"'],
+    ];
+    for (const [address, type, message] of cases) {
+      assert.throws(() => new HalflifeClient(address), (error: unknown) => {
+        assert.ok(error instanceof type, `${address}: ${error}`);
+        assert.equal((error as Error).message, message);
+        return true;
+      });
+    }
+  });
+
+  it("calls a host without a port on serve's port (the http:// prefix sent it to 80)", async () => {
+    // The call stops in an interceptor, before connecting: 50051 may be in use here.
+    const calledUrl = async (address: string) => {
+      let url = "";
+      const record: Interceptor = () => async (request) => {
+        url = request.url;
+        throw new ConnectError("recorded", Code.FailedPrecondition);
+      };
+      const client = new HalflifeClient(address, { interceptors: [record] });
+      await assert.rejects(client.modelInfo(), codeOf(Code.FailedPrecondition));
+      client.close();
+      return url;
+    };
+    const method = "halflife.v1.EmbeddingService/GetModelInfo";
+    assert.equal(await calledUrl("localhost"), `http://localhost:${DEFAULT_PORT}/${method}`);
+    assert.equal(await calledUrl("[::1]:"), `http://[::1]:${DEFAULT_PORT}/${method}`);
+    assert.equal(await calledUrl("http://localhost"), `http://localhost/${method}`);
+  });
+});
+
 describe("retries", () => {
   /** A client of `address` and the tries its calls made. */
   function counting(address: string, timeoutMs = 30_000): { client: HalflifeClient; tries: () => number } {
@@ -208,7 +276,6 @@ describe("retries", () => {
     const count: Interceptor = (next) => (request) => (tries++, next(request));
     return { client: new HalflifeClient(address, { timeoutMs, interceptors: [count] }), tries: () => tries };
   }
-  const codeOf = (code: Code) => (error: unknown) => ConnectError.from(error).code === code;
 
   it("tries a call that fails Unavailable RETRY_ATTEMPTS times", async () => {
     const { client, tries } = counting("127.0.0.1:1"); // nothing listens there
