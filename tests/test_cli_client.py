@@ -499,6 +499,7 @@ def test_client_refuses_a_target_gRPC_would_wrap_or_cannot_use(target):
         HalflifeClient(target)
 
 
+# The Go and Node clients' tests hold the same tables (clients/go/target_test.go, clients/node/test/client.test.ts).
 @pytest.mark.parametrize("target, expected", [
     ("localhost", "localhost:50051"),
     ("10.0.0.7", "10.0.0.7:50051"),

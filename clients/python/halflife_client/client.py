@@ -174,7 +174,7 @@ def server_target(target: str) -> str:
     for an empty target, a port out of 1..65535 (gRPC wraps one silently:
     127.0.0.1:99999 reaches port 34463), and a bare IPv6 address (its last
     group would pass for a port). The CLI's --target and both clients take
-    their target through here."""
+    their target through here; the Go and Node clients follow the same rules."""
     if not isinstance(target, str):
         raise TypeError(f"target must be a string such as {DEFAULT_TARGET!r}, not {type(target).__name__} {target!r}")
     target = target.strip()
