@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,13 +23,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from halflife.api.embedding import _tokenize_unless_late
-from halflife.api.server import ServerConfig
+from halflife.api.server import EndedCallAnswers, ServerConfig
 from halflife.deadlines import Deadline, DeadlineExpiredError
 from halflife.embedding.batcher import BatchingConfig
 from halflife.embedding.engine import BATCH_TOKENS, EmbeddingEngine, session_options
 from halflife.v1 import embedding_pb2 as pb
 from halflife.v1 import embedding_pb2_grpc
-from halflife_client import AsyncHalflifeClient, HalflifeClient, field_violations
+from halflife_client import AsyncHalflifeClient, HalflifeClient, Item, field_violations
 from halflife_client.client import TRANSPORT_OPTIONS
 from tests.serving import ServerThread, repeat_min_cosine, scrape_metrics, start_cli_server
 
@@ -420,6 +421,84 @@ def cpu_seconds(pid: int) -> float:
     """CPU time a process has used (Linux /proc)."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# A client that asks for more than its flow control lets through (100 answers of 64 vectors, ~10 MB), takes
+# the first answer, and waits to be stopped: the other answers wait on it in the server.
+_WAITING_CLIENT = """
+import sys, time
+import grpc
+from halflife.v1 import catalog_pb2, catalog_pb2_grpc
+get_items = catalog_pb2_grpc.CatalogServiceStub(grpc.insecure_channel(sys.argv[1])).GetItems
+answers = [get_items.future(catalog_pb2.GetItemsRequest(ids=sys.argv[2:], include_vectors=True), timeout=60)
+           for _ in range(100)]
+answers[0].result()
+print("answered", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_client_gone_while_its_answers_wait_logs_no_error(model_dir, tmp_path):
+    """A client that went away (its process killed) while answers to it
+    waited on its flow control left an ERROR traceback in the log 39 times
+    in 40 ("ExecuteBatchError raised in core by servicer method", grpc's
+    frames alone): a client leaving is routine, not an error."""
+    process, address = start_cli_server(model_dir, tmp_path / "data")
+    try:
+        ids = [f"item-{i}" for i in range(64)]
+        vectors = np.random.default_rng(0).standard_normal((len(ids), 384)).astype(np.float32)
+        with HalflifeClient(address) as client:
+            client.upsert_items([Item(id=i, vector=v) for i, v in zip(ids, vectors)])
+        for _ in range(2):  # two clients gone: both would have passed once in ~1,600 runs
+            _leave_with_answers_waiting(process.pid, address, ids)
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and "stopped" in output, output
+    assert "ERROR" not in output and "Traceback" not in output, output
+
+
+def _leave_with_answers_waiting(server_pid: int, address: str, ids: list[str]) -> None:
+    """Runs _WAITING_CLIENT, stops it once the server has built every answer, and kills it."""
+    waiting = subprocess.Popen([sys.executable, "-c", _WAITING_CLIENT, address, *ids], stdout=subprocess.PIPE, text=True)
+    try:
+        assert waiting.stdout.readline() == "answered\n"
+        waiting.send_signal(signal.SIGSTOP)  # reads nothing more: the other answers wait
+        deadline, used = time.monotonic() + 30, cpu_seconds(server_pid)
+        while time.monotonic() < deadline:  # until the server is idle: every answer built
+            time.sleep(0.3)
+            used, before = cpu_seconds(server_pid), used
+            if used - before < 0.03:
+                break
+    finally:
+        waiting.kill()
+        waiting.wait()
+    time.sleep(0.5)  # for the server to see the connection go
+
+
+def test_grpc_logs_only_a_failed_answer_of_an_ended_call_at_debug(caplog):
+    """The filter keeps grpc's other ERRORs: a batch its core refused outright is a misuse, logged as before."""
+    from grpc._cython.cygrpc import ExecuteBatchError
+
+    grpc_log = logging.getLogger("tests.grpc_server_log")
+    grpc_log.addFilter(EndedCallAnswers())
+    with caplog.at_level(logging.DEBUG):
+        for error in (ExecuteBatchError('Failed "execute_batch": (SendStatusFromServerOperation,)'),
+                      ExecuteBatchError("Failed grpc_call_start_batch: 8"), ValueError("a bug")):
+            try:
+                raise error
+            except Exception:
+                grpc_log.exception("ExecuteBatchError raised in core by servicer method [/halflife.v1.X/Y]")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("DEBUG", "ExecuteBatchError raised in core by servicer method [/halflife.v1.X/Y]: "
+                  "the call ended before its answer was sent"),
+        ("ERROR", "ExecuteBatchError raised in core by servicer method [/halflife.v1.X/Y]"),
+        ("ERROR", "ExecuteBatchError raised in core by servicer method [/halflife.v1.X/Y]"),
+    ]
 
 
 def test_cli_serve_logs_and_finishes_in_flight_calls_on_sigterm(model_dir, tmp_path):
