@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from halflife.api.server import ServerConfig
+from halflife.config import Config, RankingConfig
 from halflife.v1 import embedding_pb2, embedding_pb2_grpc, interest_pb2
 from halflife_client import Event, HalflifeClient, Item
 from tests.serving import ServerThread, silent_server, stand_in
@@ -438,6 +439,21 @@ def test_eval_refuses_a_target_with_events_of_the_datasets_users(model_dir, tmp_
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith(f"halflife eval: error: --target {used.address} already holds events of the "
                                     "dataset's user '2'"), result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_eval_refuses_a_target_whose_lists_are_too_short_before_the_evaluation(model_dir, tmp_path):
+    """A server with a smaller ranking.max_limit passed the probe, then
+    refused the first test user's list of 1,000, minutes in, and the run
+    wrote nothing (a review)."""
+    short_lists = Config(ranking=RankingConfig(max_limit=500))
+    config = ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path / "data", halflife=short_lists)
+    with ServerThread(config) as short:
+        result = halflife("eval", "--data", str(write_movielens(tmp_path / "ml")), "--out", str(tmp_path / "out"),
+                          "--cache-dir", str(tmp_path / "cache"), "--target", short.address)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr == (f"halflife eval: error: --target {short.address} refuses lists of 1000 items (limit: must "
+                             "be between 1 and 500, got 1000); eval needs its ranking.max_limit at 1000 or more\n")
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 

@@ -674,7 +674,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
     try:
-        from halflife.eval.runner import NotEmptyError, run
+        from halflife.eval.runner import TargetError, run
     except ImportError as exc:
         raise SystemExit(f"halflife eval: error: {exc}; install the eval extra: pip install 'halflife[eval]'") from None
     from halflife.datasets.interactions import DatasetError
@@ -685,7 +685,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             run(args.data, args.model_dir, args.out, args.cache_dir, target=args.target, config_out=args.write_config)
     except BrokenPipeError:  # stdout's reader left: not an error of the run (see main)
         raise
-    except (DatasetError, ManifestError, NotEmptyError, OSError) as exc:
+    except (DatasetError, ManifestError, TargetError, OSError) as exc:
         print(f"halflife eval: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except grpc.RpcError as error:  # the --target server: unreachable at the start, or failing during the run

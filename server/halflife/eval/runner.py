@@ -130,13 +130,16 @@ class EngineBackend:
         self.store.close()
 
 
-class NotEmptyError(ValueError):
-    """The --target server holds items, or events of the dataset's users, already."""
+class TargetError(ValueError):
+    """The --target server cannot take the evaluation: it holds items, or
+    events of the dataset's users, already, or lists fewer than RANKING_LIMIT items."""
 
 
 # Users whose events a --target is probed for (GetProfile, ~1 ms each): all of
 # ml-latest-small's 610, a spread sample of a larger dataset's.
 PROBED_USERS = 1000
+# Items a test user's list holds (ranks past it count as misses): the server's default ranking.max_limit.
+RANKING_LIMIT = 1000
 
 
 class RemoteBackend:
@@ -147,22 +150,31 @@ class RemoteBackend:
     @staticmethod
     def check(target: str) -> None:
         """Raises grpc.RpcError unless a server answers at `target`, and
-        NotEmptyError when its catalogue holds items: they would rank among
+        TargetError when its catalogue holds items: they would rank among
         the dataset's, and a run against a used server ended, minutes in,
         on an item the dataset lacks (an audit). Trending for a user
-        without events lists an item whenever there is one."""
+        without events lists an item whenever there is one. Also when it
+        refuses lists of RANKING_LIMIT (a smaller ranking.max_limit): the
+        first test user's ended the run after the in-process work (a review)."""
+        import grpc
         from halflife_client import HalflifeClient
 
         with HalflifeClient(target, timeout=REACHABLE_TIMEOUT_S) as client:
             client.model_info()
-            held = client.recommend(f"halflife-eval-probe-{uuid.uuid4()}", 1).items
+            try:
+                held = client.recommend(f"halflife-eval-probe-{uuid.uuid4()}", RANKING_LIMIT).items
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                raise TargetError(f"--target {target} refuses lists of {RANKING_LIMIT} items ({error.details()}); "
+                                  f"eval needs its ranking.max_limit at {RANKING_LIMIT} or more") from None
         if held:
-            raise NotEmptyError(f"--target {target} already holds items (e.g. {held[0].item_id!r}); eval needs a "
+            raise TargetError(f"--target {target} already holds items (e.g. {held[0].item_id!r}); eval needs a "
                                 "server on an empty --data-dir")
 
     @staticmethod
     def check_users(target: str, users: np.ndarray) -> None:
-        """NotEmptyError when `target` holds events of any of `users` (up to
+        """TargetError when `target` holds events of any of `users` (up to
         PROBED_USERS of them, spread over the sorted ids): a server whose
         items were deleted passed `check`, and those events would have joined
         the dataset's users' profiles."""
@@ -173,7 +185,7 @@ class RemoteBackend:
         with HalflifeClient(target, timeout=REACHABLE_TIMEOUT_S) as client:
             for user in probed.tolist():
                 if client.profile(user).event_counts:
-                    raise NotEmptyError(f"--target {target} already holds events of the dataset's user {user!r}; "
+                    raise TargetError(f"--target {target} already holds events of the dataset's user {user!r}; "
                                         "eval needs a server on an empty --data-dir")
 
     def __init__(self, data: EvalData, target: str):
@@ -200,8 +212,8 @@ class RemoteBackend:
             self.client.record_events(events)
         self.n = max(self.n, stop)
 
-    def ranking(self, q: Query, limit: int = 1000) -> np.ndarray:
-        # The server caps a list at ranking.max_limit (1000): ranks beyond it count as misses.
+    def ranking(self, q: Query, limit: int = RANKING_LIMIT) -> np.ndarray:
+        # Ranks beyond the limit count as misses.
         rec = self.client.recommend(q.user, limit, as_of=_utc(q.t), include_seen=True)
         return np.array([self.row[i.item_id] for i in rec.items], dtype=np.int64)
 
