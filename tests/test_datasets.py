@@ -145,6 +145,14 @@ def test_a_needed_column_named_twice_is_refused_not_guessed(tmp_path):
     assert load_dataset(dataset(tmp_path, ratings=unused_twice)).interactions.values.tolist() == [2.5, 5.0, 4.0]  # unread
 
 
+def test_a_tags_file_that_is_there_but_unreadable_is_an_error_not_no_tags(tmp_path):
+    (dataset(tmp_path, tags=None) / "tags.csv").mkdir()
+    assert error(tmp_path) == "tags.csv: cannot read: Is a directory"
+    (tmp_path / "tags.csv").rmdir()
+    (tmp_path / "tags.csv").symlink_to(tmp_path / "gone.csv")
+    assert error(tmp_path) == f"tags.csv: not found in {tmp_path}"
+
+
 def test_empty_files(tmp_path):
     assert error(dataset(tmp_path, ratings="")) == "ratings.csv: empty file"
     assert error(dataset(tmp_path, ratings=RATINGS.splitlines(keepends=True)[0])) == "ratings.csv: no rows after the header"

@@ -332,7 +332,8 @@ def load_dataset(directory: str | Path, fmt: DatasetFormat = MOVIELENS, *, earli
         )
     )
     texts_path = directory / fmt.texts_file if fmt.texts_file else None
-    if texts_path and texts_path.is_file():  # optional: no file, no texts
+    # Optional: no file, no texts. One that is there but cannot be read (a directory, a link to nothing) is an error.
+    if texts_path and (texts_path.exists() or texts_path.is_symlink()):
         table = _Csv(texts_path, [fmt.user_column, fmt.item_column, fmt.user_text_column, fmt.time_column], empty_ok=True)
         table.check_known(fmt.item_column, known, fmt.items_file)
         texts = UserTexts(
