@@ -454,6 +454,21 @@ def test_cuda_request_preloads_the_cuda_libraries_and_reports_a_fallback(bert, m
     assert preloads == []
 
 
+def test_io_binding_branch_gives_the_plain_run_s_vectors(bert):
+    """The CUDA branch of EmbeddingEngine._run (IO binding) runs onnxruntime's
+    IOBinding calls; here on the CPU provider, so that a typo or an API change
+    in them fails on a machine without a GPU, not on the one GPU run."""
+    from halflife.embedding import engine as engine_module
+
+    engine = engine_module.EmbeddingEngine.load(bert[1], variant="fp32-o2", provider="cpu", intra_op_threads=1)
+    ids = engine.tokenize(["hello world", "a longer sentence about trail shoes and espresso", "x"], truncate=True).ids
+    plain = engine.forward(ids)
+    engine._use_io_binding = True
+    bound = engine.forward(ids)
+    assert bound.dtype == np.float32 and bound.shape == plain.shape
+    np.testing.assert_allclose(bound, plain, rtol=1e-6, atol=1e-6)
+
+
 _ARENA_PROBE = """
 import sys
 import numpy as np

@@ -37,3 +37,12 @@ tar -C "$STAGE/root" -cf - . | xz -T0 -6 | split -b "$PART_SIZE" -d - "$STAGE/pa
 ( cd "$STAGE/parts" && cat stage.part* | sha256sum | cut -d' ' -f1 > stage.sha256 )
 rm -rf "$STAGE/root"
 ls -l "$STAGE/parts"
+# A call carries the working tree too (tracked and untracked-not-ignored files): the first part,
+# the largest, and the checksum must fit beside it in the device tool's 64 MiB.
+tree=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s+0}')
+first=$(( $(stat -c %s "$STAGE/parts/stage.part00") + $(stat -c %s "$STAGE/parts/stage.sha256") ))
+if (( tree + first > 64 * 1024 * 1024 )); then
+    echo "prepare.sh: part00 ($first bytes) and the working tree ($tree bytes) exceed 64 MiB: lower PART_SIZE" >&2
+    exit 1
+fi
+echo "first call carries $(( (tree + first) / 1024 )) KiB of 65536"

@@ -33,10 +33,33 @@ if nvidia_dirs=$(python3 -c 'import nvidia; print(" ".join(nvidia.__path__))' 2>
 fi
 code=server:export:clients/python:.
 
+# Preflight (CUDA runs only): the CUDA provider must load and run the carried fp16 model before a
+# minute goes on the export; where it cannot, say which library is missing and stop.
+case " $* " in *" --provider cpu "*) ;; *)
+    # Diagnostic only (preload_dlls may still load a library by its full path): onnxruntime decides below.
+    ldd "$STAGE_DIR/site/onnxruntime/capi/libonnxruntime_providers_cuda.so" | grep 'not found' \
+        && echo "preflight: the loader does not find these (LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-})"
+    PYTHONPATH="$STAGE_DIR/site:$code" timeout 120 python3 - "$STAGE_DIR/model" <<'EOF' 2>&1 | tee "$OUT/preflight.log" || exit 1
+import sys, time
+import numpy as np
+from halflife.embedding.engine import EmbeddingEngine
+started = time.perf_counter()
+engine = EmbeddingEngine.load(sys.argv[1], provider="cuda", variant="fp16")
+if engine.provider != "CUDAExecutionProvider":
+    sys.exit(f"preflight: CUDA asked for, onnxruntime runs on {engine.provider}")
+vectors = engine.forward(engine.tokenize(["preflight", "a second, longer sentence"] * 64, truncate=True).ids)
+if not np.isfinite(vectors).all():
+    sys.exit("preflight: the CUDA provider returned non-finite values")
+print(f"preflight: CUDA provider ran the fp16 model in {time.perf_counter() - started:.1f} s (load included)")
+EOF
+esac
+
 # The export stack needs transformers 4.57, older than the image's: it gets its own path.
 model="$STAGE_DIR/exported"
 started=$(date +%s)
-if PYTHONPATH="$STAGE_DIR/site-export:$STAGE_DIR/site:$code" timeout 300 \
+if [ -n "${REUSE_EXPORT:-}" ] && [ -f "$model/manifest.json" ]; then  # a rerun on the same warm machine
+    note="Model exported on this machine by an earlier run (halflife export: fp32 O2, fp16, int8, each validated against PyTorch)."
+elif PYTHONPATH="$STAGE_DIR/site-export:$STAGE_DIR/site:$code" timeout 300 \
         python3 -m halflife.cli export --model "$STAGE_DIR/hf" --output "$model" --force \
         --model-id sentence-transformers/all-MiniLM-L6-v2 2>&1 | tee "$OUT/export.log"; then
     note="Model exported on this machine in $(( $(date +%s) - started )) s (halflife export: fp32 O2, fp16, int8, each validated against PyTorch)."

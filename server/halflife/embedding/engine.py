@@ -241,6 +241,9 @@ class EmbeddingEngine:
         # CPU even when CUDA was asked for (e.g. missing CUDA libraries).
         self.provider = session.get_providers()[0]
         self._use_io_binding = self.provider == CUDA
+        # Where IO binding leaves the output: the provider's device ("cpu" only in tests, which run
+        # the CUDA branch's calls on the CPU provider to check them against onnxruntime's real API).
+        self._output_device = "cuda" if self.provider == CUDA else "cpu"
         self._arena_grown = False  # a pass over more than ARENA_KEEP_TOKENS ran since release_memory
         self.memory_releases = 0  # release_memory calls that gave memory back (for tests and metrics)
 
@@ -348,7 +351,7 @@ class EmbeddingEngine:
         binding = self._session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
-        binding.bind_output(self._output_name, "cuda")
+        binding.bind_output(self._output_name, self._output_device)
         self._session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
