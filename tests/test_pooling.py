@@ -448,10 +448,20 @@ def test_cuda_request_preloads_the_cuda_libraries_and_reports_a_fallback(bert, m
     assert preloads == [()]
     assert engine.provider == engine_module.CPU
     assert "fell back to CPUExecutionProvider" in caplog.text
+    assert "serving" not in caplog.text  # a variant asked for by name is what was asked for
 
     preloads.clear()
     engine_module.EmbeddingEngine.load(bert[1], variant="fp32-o2", provider="cpu", intra_op_threads=1)
     assert preloads == []
+
+    # CUDA's default variant (fp16) on the CPU, where it is not the default: the operator is told what to pass.
+    defaults = bert[2].default_variants
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=engine_module.log.name):
+        fallen = engine_module.EmbeddingEngine.load(bert[1], provider="auto", intra_op_threads=1)
+    assert fallen.variant.name == defaults[engine_module.CUDA] != defaults[engine_module.CPU]
+    assert (f"serving {defaults[engine_module.CUDA]}, the CUDA default, on the CPU, where "
+            f"{defaults[engine_module.CPU]} is the default: pass --provider cpu") in caplog.text
 
 
 def test_io_binding_branch_gives_the_plain_run_s_vectors(bert):

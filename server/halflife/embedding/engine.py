@@ -287,6 +287,11 @@ class EmbeddingEngine:
             raise ManifestError(f"{onnx_path} is not a loadable ONNX model: {exc}") from exc
         if wanted == CUDA and session.get_providers()[0] != CUDA:
             log.warning("CUDA was requested but onnxruntime fell back to %s", session.get_providers()[0])
+            cpu_default = manifest.default_variants.get(CPU)
+            if variant is None and cpu_default not in (None, variant_name):
+                # Not swapped here: a --workers group has pinned the variant's identity already.
+                log.warning("serving %s, the CUDA default, on the CPU, where %s is the default: pass --provider cpu "
+                            "(or make CUDA's libraries loadable)", variant_name, cpu_default)
         try:
             return cls(manifest, model_dir, variant_name, session, tokenizer_path)
         except Exception as exc:  # noqa: BLE001
