@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 from halflife.loadtest import nearest_rank
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PACKAGES = ("halflife", "numpy", "onnxruntime", "grpcio", "uvloop", "protobuf", "tokenizers", "torch",
-            "sentence-transformers", "faiss-cpu")
+PACKAGES = ("halflife", "numpy", "onnxruntime", "onnxruntime-gpu", "grpcio", "uvloop", "protobuf", "tokenizers",
+            "torch", "sentence-transformers", "faiss-cpu")
 
 
 def zero_embedder(dim: int) -> Callable[..., object]:
