@@ -142,6 +142,36 @@ def test_manifest_validation_and_defaults(exported):
     assert manifest.default_variants[CUDA] == "fp16"
     for provider, name in manifest.default_variants.items():
         assert provider in by_name[name].execution_providers
+    # Validated where they ran (no CUDA here), as the manifest says; a manifest from before the field reads as CPU.
+    assert {v.validation.provider for v in manifest.variants} == {CPU}
+    data = json.loads((out / "manifest.json").read_text())
+    for variant in data["variants"]:
+        del variant["validation"]["provider"]
+    (out.parent / "older").mkdir(exist_ok=True)
+    (out.parent / "older" / "manifest.json").write_text(json.dumps(data))
+    assert load_manifest(out.parent / "older") == manifest
+
+
+def test_each_variant_is_validated_on_the_provider_it_is_for_where_offered(tmp_path, sources, monkeypatch):
+    """On a GPU host fp16 was validated on the CPU, though its graph was
+    optimised by a CUDA session, for CUDA (a GPU-path review). With CUDA
+    offered (and falling back here, with no GPU), fp16 asks for it."""
+    import halflife_export.exporter as exporter
+    import onnxruntime as ort
+
+    asked = {}
+    load = exporter.EmbeddingEngine.load
+
+    def spy(model_dir, *, variant, provider, **kwargs):
+        asked[variant] = provider
+        return load(model_dir, variant=variant, provider=provider, **kwargs)
+
+    monkeypatch.setattr(exporter.EmbeddingEngine, "load", spy)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    manifest = exporter.export_model(exporter.ExportOptions(output=tmp_path / "out", model=str(sources["bert"]),
+                                                            progress=lambda line: None))
+    assert asked == {v.name: "auto" if v.precision == "fp16" else "cpu" for v in manifest.variants}
+    assert {v.validation.provider for v in manifest.variants} == {CPU}  # where onnxruntime really ran them
 
 
 def test_int8_quantizes_the_smoothed_matmuls_only(exported):

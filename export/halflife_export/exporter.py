@@ -797,7 +797,10 @@ def _validate(draft: Manifest, source: _Source, staging: Path) -> Manifest:
     (staging / MANIFEST_NAME).write_text(draft.to_json())
     checked = []
     for variant in draft.variants:
-        engine = EmbeddingEngine.load(staging, variant=variant.name, provider="cpu")
+        # Each on the provider it is for where this onnxruntime runs it: on a GPU host fp16's graph was
+        # optimised by a CUDA session, for CUDA, and may not run on the CPU at all.
+        provider = "cpu" if CPU in variant.execution_providers else "auto"
+        engine = EmbeddingEngine.load(staging, variant=variant.name, provider=provider)
         served = l2_normalize(np.concatenate([engine.forward(engine.tokenize(batch, truncate=True).ids)
                                               for batch in batches]))
         cosine = cosine_rows(served, reference)
@@ -812,6 +815,7 @@ def _validate(draft: Manifest, source: _Source, staging: Path) -> Manifest:
                     mean_cosine=float(cosine.mean()),
                     threshold=threshold,
                     passed=bool(cosine.min() >= threshold),
+                    provider=engine.provider,
                 ),
             )
         )
@@ -842,9 +846,11 @@ def _publish(staging: Path, output: Path) -> None:
 
 
 def _report(manifest: Manifest, sink: Callable[[str], None]) -> None:
-    sink(f"{'variant':<10} {'precision':<9} {'min cos':>9} {'mean cos':>9} {'max |diff|':>11}  status")
+    sink(f"{'variant':<10} {'precision':<9} {'min cos':>9} {'mean cos':>9} {'max |diff|':>11}  {'run on':<7} status")
     for v in manifest.variants:
         val = v.validation
         status = "ok" if val.passed else ("below default bar" if v.precision == "int8" else "FAILED")
-        sink(f"{v.name:<10} {v.precision:<9} {val.min_cosine:>9.5f} {val.mean_cosine:>9.5f} {val.max_abs_diff:>11.2e}  {status}")
+        run_on = val.provider.removesuffix("ExecutionProvider")
+        sink(f"{v.name:<10} {v.precision:<9} {val.min_cosine:>9.5f} {val.mean_cosine:>9.5f} {val.max_abs_diff:>11.2e}  "
+             f"{run_on:<7} {status}")
     sink(f"defaults: CPU -> {manifest.default_variants[CPU]}, CUDA -> {manifest.default_variants[CUDA]}")

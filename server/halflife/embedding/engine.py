@@ -16,7 +16,7 @@ import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
 from halflife.cpu import physical_cores
-from halflife.embedding.manifest import Manifest, ManifestError, Variant, load_manifest, verify_file
+from halflife.embedding.manifest import CPU, CUDA, Manifest, ManifestError, Variant, load_manifest, verify_file
 from halflife.embedding.pooling import pool
 
 WARM_UP_MAX_TOKENS = 512
@@ -26,8 +26,6 @@ ORT_RUN_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime
 
 log = logging.getLogger(__name__)
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 # onnxruntime's CPU arena keeps the peak of its largest forward pass for good:
 # ~750 MB RSS after one 128 x 128-token batch, 1.8 GB after 256 x 128. After

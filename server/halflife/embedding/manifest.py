@@ -20,6 +20,9 @@ from halflife.embedding.pooling import POOLING_MODES
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
 
 class ManifestError(Exception):
     """The model directory is missing, malformed or fails its checksums."""
@@ -35,6 +38,9 @@ class Validation:
     mean_cosine: float
     threshold: float
     passed: bool
+    # Where the export ran it: fp16 on CUDA where the exporting onnxruntime offers it. (Absent from
+    # manifests before 2026-12-06, which validated every variant on the CPU.)
+    provider: str = CPU
 
 
 @dataclasses.dataclass(frozen=True)
