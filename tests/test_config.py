@@ -122,6 +122,9 @@ def test_overriding_an_event_type_keeps_the_rest(tmp_path):
         ({"profile": {"mode": "single", "kernel": "linear", "kernel_decay": 1.0}}, "profile.kernel_decay"),
         ({"profile": {"mode": "single", "kernel": "exp", "kernel_decay": 0.0}}, "profile.kernel_decay"),
         ({"profile": {"cluster_threshold": 2.0}}, "profile.cluster_threshold"),
+        # Past TOML's 64 bits, which tomllib reads: a number key's math.isinf overflowed (a traceback, a review).
+        ({"event_types": {"view": {"half_life_days": 10**310}}}, "event_types.view.half_life_days"),
+        ({"ranking": {"max_limit": 1 << 63}}, "ranking.max_limit"),
     ],
 )
 def test_invalid_settings_name_the_key(data, key):
@@ -171,6 +174,9 @@ def test_load_config_errors(tmp_path):
     broken = tmp_path / "broken.toml"
     broken.write_text("[profile\nmode = ")
     with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(broken)
+    broken.write_text("[ranking]\nmax_limit = 1" + "0" * 4400)  # past int()'s digit limit: a ValueError of its own
+    with pytest.raises(ConfigError, match="not valid TOML: Exceeds the limit"):
         load_config(broken)
 
 

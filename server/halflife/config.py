@@ -184,6 +184,9 @@ def _exact(bound: float) -> str:
 def _number(value: Any, key: str, *, minimum: float | None = None, maximum: float | None = None, positive: bool = False, integer: bool = False):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise ConfigError(f"{key}: expected {'an integer' if integer else 'a number'}, got {value!r}")
+    if isinstance(value, int) and not -(1 << 63) <= value < 1 << 63:
+        # TOML's integers are 64-bit, tomllib reads any (and one past ~1e308 overflowed math.isinf: a traceback).
+        raise ConfigError(f"{key}: must be a 64-bit integer, as TOML's are; got one of {len(str(abs(value)))} digits")
     if isinstance(value, float) and math.isnan(value):
         raise ConfigError(f"{key}: must not be NaN")
     if positive and not value > 0:
@@ -318,6 +321,6 @@ def config_from_text(text: str, origin: Path) -> Config:
     """The config in TOML `text`, read from `origin` (named in errors). Raises ConfigError."""
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:  # TOMLDecodeError, or int()'s limit on an integer of over 4,300 digits
         raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
     return parse_config(data)
