@@ -173,6 +173,7 @@ class _Source:
     model_id: str
     kind: str  # "encoder" | "decoder"
     config: object
+    modules: list[tuple[str, Path]] | None  # modules.json's sentence-transformers modules (_st_modules)
     pooling_config: Path | None  # the sentence-transformers Pooling module's config.json, where there is one
 
 
@@ -285,7 +286,9 @@ def _resolve_source(options: ExportOptions) -> _Source:
         raise ExportError(f"cannot read the model config in {path}: {exc}") from None
     kind = _architecture_kind(config)
     _check_tokenizer(path)
-    return _Source(path=path, model_id=model_id, kind=kind, config=config, pooling_config=_pooling_module(path))
+    modules = _st_modules(path)
+    return _Source(path=path, model_id=model_id, kind=kind, config=config, modules=modules,
+                   pooling_config=_pooling_module(modules))
 
 
 def _json_value(path: Path):
@@ -341,12 +344,12 @@ def _st_modules(path: Path) -> list[tuple[str, Path]] | None:
     return [(m["type"].rsplit(".", 1)[-1], path / m.get("path", "")) for m in modules]
 
 
-def _pooling_module(path: Path) -> Path | None:
-    """The config.json of the sentence-transformers Pooling module that
-    modules.json lists, or None. Refuses any module the server does not
+def _pooling_module(modules: list[tuple[str, Path]] | None) -> Path | None:
+    """The config.json of the sentence-transformers Pooling module among
+    `modules` (_st_modules), or None. Refuses any module the server does not
     reproduce: the vectors it served would differ from the model's."""
     pooling = None
-    for kind, directory in _st_modules(path) or []:
+    for kind, directory in modules or []:
         if kind not in SERVED_MODULES:
             raise ExportError(
                 f"sentence-transformers {kind} module {directory} is not supported: "
@@ -427,8 +430,7 @@ def _unnormalized_note(source: _Source) -> str | None:
     unnormalised (no Normalize module: trained for dot products, perhaps,
     like TAS-B): the server normalises every vector and ranks by cosine,
     which can order items otherwise than the model's dot products."""
-    modules = _st_modules(source.path)
-    if modules is None or any(kind == "Normalize" for kind, _ in modules):
+    if source.modules is None or any(kind == "Normalize" for kind, _ in source.modules):
         return None
     return (f"note: {source.model_id} has no sentence-transformers Normalize module: the server normalises its "
             "vectors and ranks by cosine, where the model's own scores may be dot products")
