@@ -163,6 +163,12 @@ def test_library_callers_get_the_same_checks(field, value):
         LoadTestOptions(call=HEALTH, **{field: value})
 
 
+def test_a_streaming_method_is_refused_before_any_load():
+    # Sent as a unary call, Health.Watch waited out -t on every call (20 s each by default).
+    with pytest.raises(LoadTestError, match="streaming method"):
+        LoadTestOptions(call="grpc.health.v1.Health.Watch")
+
+
 def timed_loadtest(server, capsys, *flags: str) -> tuple[dict, float]:
     begin = time.monotonic()
     report = loadtest(server, capsys, *flags)

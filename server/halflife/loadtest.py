@@ -158,9 +158,13 @@ def method_descriptor(call: str):
     if not sep:
         raise InvalidOption("call", f"{call!r}: expected package.Service.Method")
     try:
-        return descriptor_pool.Default().FindMethodByName(f"{service}.{name}")
+        method = descriptor_pool.Default().FindMethodByName(f"{service}.{name}")
     except KeyError:
         raise InvalidOption("call", f"{call!r}: no such method in Halflife's API or grpc.health.v1") from None
+    if method.client_streaming or method.server_streaming:
+        # Sent as a unary call, grpc.health.v1.Health.Watch waited out every call's -t (a review).
+        raise InvalidOption("call", f"{call!r} is a streaming method: halflife loadtest makes unary calls only")
+    return method
 
 
 def _check_loopback(target: str, allow_remote: bool) -> None:
