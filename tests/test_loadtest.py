@@ -84,6 +84,15 @@ def test_a_zero_duration_is_none_as_in_ghz(server, capsys, flags):
     assert loadtest(server, capsys, *flags)["count"] == (7 if "-n" in flags else DEFAULT_TOTAL)
 
 
+def test_a_config_may_write_ghz_s_zero_durations_as_numbers_and_its_duration_stop_in_capitals(tmp_path):
+    """ghz reads `"duration": 0` and `"duration-stop": "Close"`; both were refused (a review)."""
+    path = tmp_path / "ghz.json"
+    path.write_text(json.dumps({"call": HEALTH, "duration": 0, "max-duration": 0.0, "timeout": 0,
+                                "duration-stop": "Close"}))
+    options = options_from_ghz_config(path)
+    assert (options.duration, options.max_duration, options.timeout, options.duration_stop) == (None, None, 0, "close")
+
+
 # Bad input: one line naming the flag or ghz key, a non-zero exit, no traceback, and no load sent.
 # The target is a closed loopback port, so a check that regressed fails fast instead of loading anything.
 CLOSED = "127.0.0.1:1"

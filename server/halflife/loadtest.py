@@ -359,6 +359,11 @@ GHZ_DATA_FILE = "data-file"  # read into "data", as ghz's -D
 
 
 def _ghz_duration(where: str, key: str, value) -> float:
+    """Seconds of a config's duration, a Go duration string. ghz also reads a JSON number, in nanoseconds:
+    0 is 0 in any unit (it was refused, a review), where `"duration": 5` meant 5 ns to ghz and, likely, 5 s
+    to whoever wrote it, so other numbers are refused."""
+    if value == 0 and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return 0.0
     try:
         if isinstance(value, str):
             return parse_duration(value)
@@ -423,6 +428,8 @@ def _ghz_options(config: dict, where: str | None, flags: dict) -> LoadTestOption
             value = json.dumps(value)
         elif field in ("duration", "max_duration", "timeout"):
             value = _ghz_duration(where, key, value)
+        elif field == "duration_stop" and isinstance(value, str):
+            value = value.lower()  # as ghz takes it ("Close")
         values[field] = value
     values.update(given)
     if "call" not in values:
