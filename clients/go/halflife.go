@@ -158,6 +158,11 @@ func deadlineAndRetries(timeout time.Duration) grpc.UnaryClientInterceptor {
 		for attempt := 1; ; attempt++ {
 			err := invoker(ctx, method, req, reply, cc, opts...)
 			code := status.Code(err)
+			if code == codes.Unavailable && cc.GetState() == connectivity.Shutdown {
+				// Close ended a call in flight ("transport is closing"): the caller's own doing, Canceled as
+				// the Python and Node clients report it, not an Unavailable that says "retry" (a review).
+				return status.Error(codes.Canceled, "halflife: the client was closed: "+status.Convert(err).Message())
+			}
 			if attempt == RetryAttempts || (code != codes.Unavailable && code != codes.Canceled) || ctx.Err() != nil {
 				return err // ctx.Err(): the caller's own cancel or deadline, not the server's
 			}

@@ -177,6 +177,50 @@ func TestACallAfterCloseIsNotRetried(t *testing.T) {
 	}
 }
 
+// holdServer keeps every GetModelInfo until its caller goes, saying when one has arrived.
+type holdServer struct {
+	pb.UnimplementedEmbeddingServiceServer
+	arrived chan struct{}
+}
+
+func (s *holdServer) GetModelInfo(ctx context.Context, _ *pb.GetModelInfoRequest) (*pb.GetModelInfoResponse, error) {
+	s.arrived <- struct{}{}
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+
+func TestACallInFlightWhenTheClientClosesIsCanceled(t *testing.T) {
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := &holdServer{arrived: make(chan struct{}, 1)}
+	s := grpc.NewServer()
+	pb.RegisterEmbeddingServiceServer(s, server)
+	go s.Serve(listener)
+	t.Cleanup(s.Stop)
+	c, attempts := dialCounting(t, listener.Addr().String())
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.Embedding.GetModelInfo(context.Background(), &pb.GetModelInfoRequest{})
+		done <- err
+	}()
+	select {
+	case <-server.arrived:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the call did not reach the server in 10 s")
+	}
+	c.Close()
+	select {
+	case err = <-done: // it was Unavailable ("transport is closing"), which says "retry" (a review)
+		if status.Code(err) != codes.Canceled || *attempts != 1 {
+			t.Fatalf("got %v after %d attempts, want Canceled after 1", err, *attempts)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the call was still waiting 10 s after Close")
+	}
+}
+
 func TestADefaultTimeoutOfZeroIsNoDeadline(t *testing.T) {
 	address, _ := serveCode(t, codes.OK)
 	saved := halflife.DefaultTimeout
