@@ -7,7 +7,7 @@
  * Errors are `ConnectError`s; `fieldViolations(error)` reads the
  * google.rpc.BadRequest the server attaches to INVALID_ARGUMENT / NOT_FOUND.
  */
-import { create } from "@bufbuild/protobuf";
+import { create, toBinary } from "@bufbuild/protobuf";
 import { timestampDate, timestampFromDate, type Timestamp } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, type CallOptions, type Client, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
@@ -42,6 +42,12 @@ export const DEFAULT_PORT = 50051;
 
 /** Per-call deadline unless a call passes its own `timeoutMs`. */
 export const DEFAULT_TIMEOUT_MS = 10_000;
+
+/** The largest message either way, the server's limit: a larger request fails `ResourceExhausted` unsent. */
+export const MAX_MESSAGE_BYTES = 64 * 2 ** 20;
+
+// An HTTP/2 stream's initial flow-control window: a request within it is never held back mid-upload.
+const HTTP2_WINDOW_BYTES = 65_535;
 
 /**
  * How many times in all a call is tried when it fails `Unavailable` (a dropped
@@ -205,9 +211,10 @@ function retries(closed: () => boolean): Interceptor {
         }
         return await next(request);
       } catch (thrown) {
+        if (request.signal.aborted) throw cancelled(request.signal.reason);
         const error = asGrpcCode(thrown);
         const retryable = error.code === Code.Unavailable || error.code === Code.Canceled;
-        if (attempt === RETRY_ATTEMPTS || !retryable || request.signal.aborted || closed()) throw error;
+        if (attempt === RETRY_ATTEMPTS || !retryable || closed()) throw error;
         const waited = await new Promise<boolean>((resolve) => {
           const stop = () => (clearTimeout(timer), resolve(false));
           const wake = () => (request.signal.removeEventListener("abort", stop), resolve(true));
@@ -215,10 +222,21 @@ function retries(closed: () => boolean): Interceptor {
           request.signal.addEventListener("abort", stop, { once: true });
         });
         // The deadline or the caller's cancel came first: theirs is the outcome (it was this try's Unavailable).
-        if (!waited) throw ConnectError.from(request.signal.reason);
+        if (!waited) throw cancelled(request.signal.reason);
       }
     }
   };
+}
+
+/**
+ * What a call whose signal aborted ends with: the deadline's own error, or
+ * `Canceled` for the caller's cancel whatever its reason (Connect made an
+ * Error given to `abort()` `Internal`, "a server bug", a review).
+ */
+function cancelled(reason: unknown): ConnectError {
+  if (reason instanceof ConnectError) return reason;
+  const message = reason instanceof Error ? reason.message : reason === undefined ? "cancelled" : String(reason);
+  return new ConnectError(message, Code.Canceled, undefined, undefined, reason);
 }
 
 /**
@@ -375,12 +393,32 @@ export class HalflifeClient {
       if (timeout?.includes(".")) request.header.set("grpc-timeout", `${Math.ceil(parseFloat(timeout))}m`);
       return next(request);
     };
+    // Node's http2 never gives back the session memory of a request cut off mid-upload (its deadline or a
+    // cancel while the server's flow control held the rest back): past maxSessionMemory (10 MB) every later
+    // call failed Internal NGHTTP2_ENHANCE_YOUR_CALM, for the client's life (a review: one 10 MB upsert cut
+    // off at 50 ms). After such a call, the next ones get a new connection; calls still on the old one end
+    // Canceled and are tried again (every call is idempotent).
+    const recycle: Interceptor = (next) => async (request) => {
+      try {
+        return await next(request);
+      } catch (thrown) {
+        const error = ConnectError.from(thrown);
+        const cutOff = (error.code === Code.DeadlineExceeded || error.code === Code.Canceled) && !request.stream &&
+          toBinary(request.method.input, request.message).byteLength > HTTP2_WINDOW_BYTES;
+        if (!this.closed && (cutOff || error.rawMessage.includes("ENHANCE_YOUR_CALM"))) this.sessions.abort();
+        throw error;
+      }
+    };
     const transport = createGrpcTransport({
       baseUrl,
       sessionManager: this.sessions,
+      // The server's limit, as the Python and Go clients set it: a larger request was sent anyway, stalled
+      // until its deadline and then broke the connection (a review), where it is refused at once now.
+      writeMaxBytes: MAX_MESSAGE_BYTES,
+      readMaxBytes: MAX_MESSAGE_BYTES,
       // `raw` calls too (an audit found them without a deadline); a raw call's own timeoutMs <= 0 is none.
       defaultTimeoutMs: deadline(this.timeoutMs),
-      interceptors: [retries(() => this.closed), open, ...(options.interceptors ?? [])],
+      interceptors: [recycle, retries(() => this.closed), open, ...(options.interceptors ?? [])],
     });
     this.raw = {
       embedding: withLongTimeouts(createClient(EmbeddingService, transport)),

@@ -189,6 +189,25 @@ describe("HalflifeClient against a live server", () => {
     assert.deepEqual(failed.map((outcome) => String((outcome as PromiseRejectedResult).reason)).slice(0, 3), []);
   });
 
+  it("refuses a request past the server's 64 MiB unsent, as the Python and Go clients do (a review)", async () => {
+    // It was sent anyway: the server stopped reading, the call stalled to its deadline and broke the connection.
+    const huge = Array.from({ length: 1000 }, (_, i) => ({ id: `huge-${i}`, text: "x".repeat(70_000) }));
+    const started = performance.now();
+    await assert.rejects(client.upsertItems(huge, { timeoutMs: 20_000 }), codeOf(Code.ResourceExhausted));
+    assert.ok(performance.now() - started < 10_000, `${performance.now() - started} ms`);
+    assert.equal((await client.modelInfo({ timeoutMs: 5_000 })).dimension, 384);
+  });
+
+  it("keeps working after large writes cut off mid-upload (a review: every later call failed)", async () => {
+    // 40 MB each, past Node's 10 MB of http2 session memory, which a cut-off upload never gave back; texts
+    // over the server's 32 KiB, so that one arriving whole would be refused, not embedded.
+    const large = Array.from({ length: 1000 }, (_, i) => ({ id: `large-${i}`, text: "y".repeat(40_000) }));
+    for (let round = 0; round < 3; round++) {
+      await assert.rejects(client.upsertItems(large, { timeoutMs: 50 }), codeOf(Code.DeadlineExceeded));
+      assert.equal((await client.modelInfo({ timeoutMs: 5_000 })).dimension, 384, `round ${round}`);
+    }
+  });
+
   it("fails every call after close(), raw ones too", async () => {
     const closing = new HalflifeClient(server.address);
     assert.equal((await closing.modelInfo()).dimension, 384);
@@ -311,6 +330,21 @@ describe("retries", () => {
     await assert.rejects(client.raw.embedding.getModelInfo({}, { signal: controller.signal }), codeOf(Code.Canceled));
     await assert.rejects(client.modelInfo({ signal: AbortSignal.abort() }), codeOf(Code.Canceled));
     client.close();
+  });
+
+  it("reports a cancel with a reason of the caller's as Canceled (a review: an Error reason was Internal)", async () => {
+    const silent = createServer(() => {}); // accepts connections, never answers
+    await new Promise<void>((resolve) => silent.listen(0, "127.0.0.1", resolve));
+    const client = new HalflifeClient(`127.0.0.1:${(silent.address() as { port: number }).port}`, { timeoutMs: 30_000 });
+    const isCanceled = (message: string) => (error: unknown) =>
+      ConnectError.from(error).code === Code.Canceled && ConnectError.from(error).rawMessage === message;
+    const controller = new AbortController();
+    setTimeout(() => controller.abort(new Error("request closed")), 50);
+    await assert.rejects(client.modelInfo({ signal: controller.signal }), isCanceled("request closed"));
+    await assert.rejects(client.modelInfo({ signal: AbortSignal.abort(new Error("mine")) }), isCanceled("mine"));
+    await assert.rejects(client.modelInfo({ signal: AbortSignal.abort("shutdown") }), isCanceled("shutdown"));
+    client.close();
+    silent.close();
   });
 
   it("sends each try the time left of the call's deadline (a review: each got the whole deadline again)", async () => {
