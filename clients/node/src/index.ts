@@ -181,6 +181,18 @@ function strings(name: string, values: readonly string[] | undefined): string[] 
   return [...values];
 }
 
+/**
+ * `values` for a float32 field: a finite number past float32's range failed as a Code.Internal ConnectError
+ * from protobuf's encoder (a review). NaN and the infinities go on: the server names them in a BadRequest.
+ */
+function float32s(name: string, values: number[]): number[] {
+  const at = values.findIndex((v) => Number.isFinite(v) && Math.abs(v) > FLOAT32_MAX);
+  if (at >= 0) throw new RangeError(`${name}[${at}] is past float32's range: ${values[at]}`);
+  return values;
+}
+
+const FLOAT32_MAX = 3.4028234663852886e38;
+
 /** `value` when it is a whole number an int32 field holds; protobuf's own error was a Code.Internal ConnectError. */
 function int32(name: string, value: number): number {
   if (!Number.isInteger(value) || value < -(2 ** 31) || value >= 2 ** 31) {
@@ -454,14 +466,14 @@ export class HalflifeClient {
   async upsertItems(items: ItemInput[], options: CallInput = {}): Promise<{ created: number; updated: number }> {
     const response = await this.raw.catalog.upsertItems(
       {
-        items: items.map((i) =>
+        items: items.map((i, at) =>
           create(ItemSchema, {
             id: i.id,
             text: i.text ?? "",
             categories: strings("categories", i.categories),
             attributes: i.attributes ?? {},
             createTime: stamp("createTime", i.createTime),
-            vector: i.vector ?? [],
+            vector: float32s(`items[${at}].vector`, i.vector ?? []),
           }),
         ),
       },

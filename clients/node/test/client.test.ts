@@ -163,6 +163,10 @@ describe("HalflifeClient against a live server", () => {
     await assert.rejects(client.recommend("ana", { asOf: invalid }), /asOf is not a valid Date/);
     await assert.rejects(client.recordEvents([{ eventId: "n2", userId: "ana", type: "view", itemId: "s", eventTime: invalid }]),
       /eventTime is not a valid Date/);
+    // A vector value past float32's range was protobuf's Code.Internal "invalid float32" (a review).
+    const past = [0.5, 1e39, 0.5];
+    await assert.rejects(client.upsertItems([{ id: "v", vector: [0.5] }, { id: "w", vector: past }]),
+      (error: unknown) => error instanceof RangeError && error.message === "items[1].vector[1] is past float32's range: 1e+39");
   });
 
   it("keeps deadlines Connect and Node would drop or break (an audit)", async () => {
