@@ -325,12 +325,16 @@ def test_ctrl_c_is_one_line_and_exit_130():
     with socket.socket() as silent:  # accepts connections, never speaks HTTP/2: the call waits
         silent.bind(("127.0.0.1", 0))
         silent.listen()
+        # As from a terminal: a shell's background job (a CI step run with &) ignores SIGINT, and a child
+        # inherits that, where Python then installs no handler and the call ran to its deadline. Restored in the
+        # child's own Python, not by a preexec_fn, which can deadlock a child forked beside gRPC's threads (once
+        # in CI: the command never got to its call in 60 s).
+        as_from_a_terminal = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                              "runpy.run_module('halflife.cli', run_name='__main__', alter_sys=True)")
         process = subprocess.Popen(
-            [sys.executable, "-m", "halflife.cli", "recommend", "1", "--target", f"127.0.0.1:{silent.getsockname()[1]}"],
+            [sys.executable, "-c", as_from_a_terminal, "recommend", "1", "--target",
+             f"127.0.0.1:{silent.getsockname()[1]}"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            # As from a terminal: a shell's background job (a CI step run with &) ignores SIGINT, and a child
-            # inherits that, where Python then installs no handler and the call ran to its deadline.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         silent.settimeout(60)
         connection, _ = silent.accept()  # the command is past its imports, in the call
