@@ -403,16 +403,24 @@ def test_a_client_deadline_past_any_wait_is_none(server, timeout):
         HalflifeClient(server.address, timeout=float("nan"))
 
 
+def eval_refused(tmp_path, target: str) -> str:
+    """`halflife eval --target target` on a tiny MovieLens, which must fail
+    (exit 1, no traceback) before writing any results; returns its stderr."""
+    data = write_movielens(tmp_path / "ml")
+    result = halflife("eval", "--data", str(data), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+                      "--target", target)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+    return result.stderr
+
+
 def test_eval_checks_its_target_before_the_evaluation(tmp_path):
     # It used to evaluate in process first (~3 min on MovieLens), then end in a traceback.
-    data = write_movielens(tmp_path / "ml")
     began = time.monotonic()
-    result = halflife("eval", "--data", str(data), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
-                      "--target", "127.0.0.1:1")
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert result.stderr.startswith("halflife eval: error: --target 127.0.0.1:1: UNAVAILABLE: "), result.stderr
-    assert not (tmp_path / "out").exists() and time.monotonic() - began < 60
+    stderr = eval_refused(tmp_path, "127.0.0.1:1")
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith("halflife eval: error: --target 127.0.0.1:1: UNAVAILABLE: "), stderr
+    assert time.monotonic() - began < 60
 
 
 def test_eval_refuses_a_target_that_holds_items_before_the_evaluation(server, tmp_path):
@@ -420,13 +428,8 @@ def test_eval_refuses_a_target_that_holds_items_before_the_evaluation(server, tm
     in, in a traceback (KeyError on an item the dataset lacks; an audit)."""
     with HalflifeClient(server.address) as client:
         client.upsert_items([Item(id="already-here", text="An item from before the evaluation")])
-    data = write_movielens(tmp_path / "ml")
-    result = halflife("eval", "--data", str(data), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
-                      "--target", server.address)
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.startswith(f"halflife eval: error: --target {server.address} already holds items (e.g. "), \
-        result.stderr
-    assert not (tmp_path / "out").exists()
+    stderr = eval_refused(tmp_path, server.address)
+    assert stderr.startswith(f"halflife eval: error: --target {server.address} already holds items (e.g. "), stderr
 
 
 def test_eval_refuses_a_target_with_events_of_the_datasets_users(model_dir, tmp_path):
@@ -437,13 +440,10 @@ def test_eval_refuses_a_target_with_events_of_the_datasets_users(model_dir, tmp_
         client.upsert_items([Item(id="old", text="An item from before the evaluation")])
         client.record_events([Event("old-1", "2", VIEW, "old")])  # user "2" rates in write_movielens
         assert client.delete_items(["old"]) == 1
-        data = write_movielens(tmp_path / "ml")
-        result = halflife("eval", "--data", str(data), "--out", str(tmp_path / "out"),
-                          "--cache-dir", str(tmp_path / "cache"), "--target", used.address)
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.startswith(f"halflife eval: error: --target {used.address} already holds events of the "
-                                    "dataset's user '2'"), result.stderr
-    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+        stderr = eval_refused(tmp_path, used.address)
+    assert stderr.startswith(f"halflife eval: error: --target {used.address} already holds events of the "
+                             "dataset's user '2'"), stderr
+    assert not (tmp_path / "cache").exists()
 
 
 def test_eval_refuses_a_target_whose_lists_are_too_short_before_the_evaluation(model_dir, tmp_path):
@@ -453,12 +453,10 @@ def test_eval_refuses_a_target_whose_lists_are_too_short_before_the_evaluation(m
     short_lists = Config(ranking=RankingConfig(max_limit=500))
     config = ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path / "data", halflife=short_lists)
     with ServerThread(config) as short:
-        result = halflife("eval", "--data", str(write_movielens(tmp_path / "ml")), "--out", str(tmp_path / "out"),
-                          "--cache-dir", str(tmp_path / "cache"), "--target", short.address)
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr == (f"halflife eval: error: --target {short.address} refuses lists of 1000 items (limit: must "
-                             "be between 1 and 500, got 1000); eval needs its ranking.max_limit at 1000 or more\n")
-    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+        stderr = eval_refused(tmp_path, short.address)
+    assert stderr == (f"halflife eval: error: --target {short.address} refuses lists of 1000 items (limit: must "
+                      "be between 1 and 500, got 1000); eval needs its ranking.max_limit at 1000 or more\n")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_output_the_streams_cannot_hold_is_no_traceback(server):
