@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { createServer } from "node:net";
+import { createServer, type Server, type Socket } from "node:net";
 import { after, before, describe, it } from "node:test";
 
 import {
@@ -33,6 +33,13 @@ const ITEMS = [
     createTime: new Date("1931-06-01T00:00:00Z"),
   },
 ];
+
+/** A TCP server on loopback doing `onConnection` with each connection, and its "host:port". */
+async function listening(onConnection: (socket: Socket) => void): Promise<{ server: Server; address: string }> {
+  const server = createServer(onConnection);
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return { server, address: `127.0.0.1:${(server.address() as { port: number }).port}` };
+}
 
 const dot = (a: number[], b: number[]) => a.reduce((sum, x, i) => sum + x * b[i], 0);
 const codeOf = (code: Code) => (error: unknown) => ConnectError.from(error).code === code;
@@ -309,13 +316,12 @@ describe("retries", () => {
 
   it("retries a connection the peer resets, and reports it Unavailable (an audit)", async () => {
     // Connect reports a reset as Aborted, which this API keeps for "nothing stored"; it was tried once.
-    const resetting = createServer((socket) => socket.resetAndDestroy());
-    await new Promise<void>((resolve) => resetting.listen(0, "127.0.0.1", resolve));
-    const { client, tries } = counting(`127.0.0.1:${(resetting.address() as { port: number }).port}`);
+    const resetting = await listening((socket) => socket.resetAndDestroy());
+    const { client, tries } = counting(resetting.address);
     await assert.rejects(client.modelInfo(), codeOf(Code.Unavailable));
     assert.equal(tries(), RETRY_ATTEMPTS);
     client.close();
-    resetting.close();
+    resetting.server.close();
   });
 
   it("reports a cancel during the backoff as Canceled, and wrapper calls take a signal (an audit)", async () => {
@@ -337,9 +343,8 @@ describe("retries", () => {
   });
 
   it("reports a cancel with a reason of the caller's as Canceled (a review: an Error reason was Internal)", async () => {
-    const silent = createServer(() => {}); // accepts connections, never answers
-    await new Promise<void>((resolve) => silent.listen(0, "127.0.0.1", resolve));
-    const client = new HalflifeClient(`127.0.0.1:${(silent.address() as { port: number }).port}`, { timeoutMs: 30_000 });
+    const silent = await listening(() => {}); // accepts connections, never answers
+    const client = new HalflifeClient(silent.address, { timeoutMs: 30_000 });
     const isCanceled = (message: string) => (error: unknown) =>
       ConnectError.from(error).code === Code.Canceled && ConnectError.from(error).rawMessage === message;
     const controller = new AbortController();
@@ -348,7 +353,7 @@ describe("retries", () => {
     await assert.rejects(client.modelInfo({ signal: AbortSignal.abort(new Error("mine")) }), isCanceled("mine"));
     await assert.rejects(client.modelInfo({ signal: AbortSignal.abort("shutdown") }), isCanceled("shutdown"));
     client.close();
-    silent.close();
+    silent.server.close();
   });
 
   it("sends each try the time left of the call's deadline (a review: each got the whole deadline again)", async () => {
@@ -365,16 +370,14 @@ describe("retries", () => {
   });
 
   it("does not retry a call whose own deadline passed", async () => {
-    const silent = createServer(() => {}); // accepts connections, never answers
-    await new Promise<void>((resolve) => silent.listen(0, "127.0.0.1", resolve));
-    const port = (silent.address() as { port: number }).port;
-    const { client, tries } = counting(`127.0.0.1:${port}`, 300);
+    const silent = await listening(() => {}); // accepts connections, never answers
+    const { client, tries } = counting(silent.address, 300);
     await assert.rejects(client.modelInfo(), codeOf(Code.DeadlineExceeded));
     assert.equal(tries(), 1);
     // `raw` calls get the client's deadline too: they waited for ever (an audit).
     await assert.rejects(client.raw.embedding.getModelInfo({}), codeOf(Code.DeadlineExceeded));
     client.close();
-    silent.close();
+    silent.server.close();
   });
 });
 
