@@ -125,16 +125,22 @@ func (s *codeServer) GetModelInfo(context.Context, *pb.GetModelInfoRequest) (*pb
 // serveCode starts an in-process server on 127.0.0.1 that answers code.
 func serveCode(t *testing.T, code codes.Code) (address string, server *codeServer) {
 	t.Helper()
+	server = &codeServer{code: code}
+	return serveEmbedding(t, server), server
+}
+
+// serveEmbedding starts an in-process EmbeddingService on 127.0.0.1, stopped when the test ends.
+func serveEmbedding(t *testing.T, service pb.EmbeddingServiceServer) (address string) {
+	t.Helper()
 	listener, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	server = &codeServer{code: code}
 	s := grpc.NewServer()
-	pb.RegisterEmbeddingServiceServer(s, server)
+	pb.RegisterEmbeddingServiceServer(s, service)
 	go s.Serve(listener)
 	t.Cleanup(s.Stop)
-	return listener.Addr().String(), server
+	return listener.Addr().String()
 }
 
 func TestWhichStatusesAreRetried(t *testing.T) {
@@ -190,16 +196,8 @@ func (s *holdServer) GetModelInfo(ctx context.Context, _ *pb.GetModelInfoRequest
 }
 
 func TestACallInFlightWhenTheClientClosesIsCanceled(t *testing.T) {
-	listener, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	server := &holdServer{arrived: make(chan struct{}, 1)}
-	s := grpc.NewServer()
-	pb.RegisterEmbeddingServiceServer(s, server)
-	go s.Serve(listener)
-	t.Cleanup(s.Stop)
-	c, attempts := dialCounting(t, listener.Addr().String())
+	c, attempts := dialCounting(t, serveEmbedding(t, server))
 	done := make(chan error, 1)
 	go func() {
 		_, err := c.Embedding.GetModelInfo(context.Background(), &pb.GetModelInfoRequest{})
@@ -212,7 +210,7 @@ func TestACallInFlightWhenTheClientClosesIsCanceled(t *testing.T) {
 	}
 	c.Close()
 	select {
-	case err = <-done: // it was Unavailable ("transport is closing"), which says "retry" (a review)
+	case err := <-done: // it was Unavailable ("transport is closing"), which says "retry" (a review)
 		if status.Code(err) != codes.Canceled || *attempts != 1 {
 			t.Fatalf("got %v after %d attempts, want Canceled after 1", err, *attempts)
 		}
