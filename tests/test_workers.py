@@ -698,27 +698,34 @@ def test_serve_raises_its_open_files_limit_to_the_hard_one(monkeypatch):
 
 
 _ALLOCATE_AND_FREE = """
-import ctypes, resource, sys
+import ctypes, sys
 import numpy as np
 from halflife import cli
+libc = ctypes.CDLL(None)
+libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]
 if sys.argv[1] == "serve":
     assert cli._fix_mmap_threshold()
 else:  # the mmap threshold alone
-    ctypes.CDLL(None).mallopt(cli._M_MMAP_THRESHOLD, cli.SERVER_MMAP_THRESHOLD)
+    libc.mallopt(cli._M_MMAP_THRESHOLD, cli.SERVER_MMAP_THRESHOLD)
 a = np.ones(100_000)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+trims = 0
 for _ in range(200):  # 800 KB temporaries, as a Recommend at 100k items makes
     b = a * 2.0
     c = b + 1.0
+    top = libc.sbrk(0)
     del b, c
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    trims += libc.sbrk(0) < top
+print(trims)
 """
 
 
 def test_serve_keeps_freed_arrays_under_the_threshold_mapped():
     """With only the mmap threshold fixed, glibc's trim threshold stays at
-    128 KiB and each freed temporary is given back, so the next one faults
-    its pages in again; `serve` sets the trim threshold too."""
+    128 KiB and each freed temporary gives the heap top back, so the next one
+    faults its pages in again; `serve` sets the trim threshold too. Counted
+    as the frees that lower the program break, not as page faults: where
+    transparent huge pages are "always" (CI's machine), the faults are ~30
+    instead of ~400 a round and say little."""
     import platform
     import subprocess
     import sys
@@ -726,13 +733,13 @@ def test_serve_keeps_freed_arrays_under_the_threshold_mapped():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt's thresholds are glibc settings")
 
-    def page_faults(mode: str) -> int:
+    def trims(mode: str) -> int:
         run = subprocess.run([sys.executable, "-c", _ALLOCATE_AND_FREE, mode], capture_output=True, text=True,
                              check=True, timeout=60)
         return int(run.stdout)
 
-    assert page_faults("mmap only") > 20_000  # ~2 x 196 pages per round
-    assert page_faults("serve") < 2_000
+    assert trims("mmap only") > 150  # nearly every one of the 200 rounds
+    assert trims("serve") == 0
 
 
 @pytest.mark.parametrize("first_workers, second_workers", [(1, 1), (2, 1), (1, 2)])
