@@ -78,6 +78,26 @@ func TestEmbedTruncate(t *testing.T) {
 	}
 }
 
+func TestEmbedSkipNormalize(t *testing.T) {
+	c, ctx := connect(t)
+	texts := []string{"trail running shoes"}
+	unit, err := c.Embed(ctx, texts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pooled, err := c.Embed(ctx, texts, halflife.SkipNormalize())
+	if err != nil {
+		t.Fatal(err)
+	}
+	norm := math.Sqrt(dot(pooled[0], pooled[0]))
+	if math.Abs(norm-1) < 1e-3 {
+		t.Fatalf("SkipNormalize gave a unit vector (norm %v)", norm)
+	}
+	if math.Abs(dot(unit[0], pooled[0])/norm-1) > 1e-4 {
+		t.Errorf("the pooled vector is not the unit one scaled")
+	}
+}
+
 // Conn serves other services on the same connection: grpc's health checks.
 func TestConnAnswersHealthChecks(t *testing.T) {
 	c, ctx := connect(t)

@@ -223,7 +223,14 @@ func Truncate() EmbedOption {
 	return func(r *halflifev1.EmbedRequest) { r.Truncate = true }
 }
 
-// Embed returns one unit-length embedding per text (1 to 256 texts).
+// SkipNormalize returns the model's pooled vectors as they are, not scaled to
+// unit length (the Python client's normalize=False, Node's skipNormalize).
+func SkipNormalize() EmbedOption {
+	return func(r *halflifev1.EmbedRequest) { r.SkipNormalize = true }
+}
+
+// Embed returns one embedding per text (1 to 256 texts): unit length unless
+// SkipNormalize is given.
 func (c *Client) Embed(ctx context.Context, texts []string, opts ...EmbedOption) ([][]float32, error) {
 	req := &halflifev1.EmbedRequest{Inputs: texts}
 	for _, opt := range opts {
