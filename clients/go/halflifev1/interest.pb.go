@@ -912,7 +912,10 @@ type DeleteUserResponse struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// Events erased.
+	// Events this call erased: 0 for a user with none left, which is also
+	// what a retry answers where the first try erased them but its answer was
+	// lost (the server stopped or the connection dropped; the clients retry
+	// such calls): for an audit trail, log the request, not only this count.
 	DeletedEventCount int64 `protobuf:"varint,1,opt,name=deleted_event_count,json=deletedEventCount,proto3" json:"deleted_event_count,omitempty"`
 }
 

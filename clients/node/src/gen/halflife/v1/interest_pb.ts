@@ -430,7 +430,10 @@ export const DeleteUserRequestSchema: GenMessage<DeleteUserRequest> = /*@__PURE_
  */
 export type DeleteUserResponse = Message<"halflife.v1.DeleteUserResponse"> & {
   /**
-   * Events erased.
+   * Events this call erased: 0 for a user with none left, which is also
+   * what a retry answers where the first try erased them but its answer was
+   * lost (the server stopped or the connection dropped; the clients retry
+   * such calls): for an audit trail, log the request, not only this count.
    *
    * @generated from field: int64 deleted_event_count = 1;
    */
