@@ -477,19 +477,36 @@ def test_directions_and_shares_outlive_the_importances_underflow():
                                interest_scores(items, state.centroids(near), state.shares(near)), atol=1e-6)
 
 
-def test_a_profile_keeps_its_directions_long_after_its_strength_underflows():
-    """The single-vector profile's positive and negative directions, read
-    as `shares` are: its vectors underflow with their strength."""
+def test_a_profile_keeps_its_direction_long_after_its_strength_underflows():
+    """The single-vector profile's direction, read as `shares` are: its
+    vector underflows with its strength."""
     rng = np.random.default_rng(22)
-    a, b = _topics(rng, 2, 16)
+    (a,) = _topics(rng, 1, 16)
     state = ProfileState.empty(TYPES, 16)
-    state.add(TYPES, [0, 3], [T0, T0], np.stack([a, b]))  # a click, a skip: the two fastest types
+    state.add(TYPES, [0], [T0], a[None])  # a click, the fastest positive type
     unit = lambda v: v / np.linalg.norm(v)
     for far in (T0 + 1074 * TYPES.half_lives[0], T0 + 1400 * TYPES.half_lives[0]):
-        assert state.strength(far) < 1e-300 and not state.negative_vector(far).any()
+        assert state.strength(far) < 1e-300 and not state.vector(far).any()
         np.testing.assert_allclose(unit(state.direction(far)), a, atol=1e-9)
-        np.testing.assert_allclose(unit(state.negative_direction(far)), b, atol=1e-9)
     assert not ProfileState.empty(TYPES, 16).direction(T0).any()
+
+
+def test_negative_feedback_counts_until_its_weight_is_0_whatever_events_came_later():
+    """A skip (1-day half-life) 1,100 days old weighs 0 in float64: its
+    direction read as the skip's until a later event re-based the profile,
+    and zeros after, so the same skip sank items or not by history."""
+    rng = np.random.default_rng(23)
+    a, b = _topics(rng, 2, 16)
+    state = ProfileState.empty(TYPES, 16)
+    state.add(TYPES, [1, 3], [T0, T0], np.stack([a, b]))  # a like (30 days) keeps the profile alive
+    unit = lambda v: v / np.linalg.norm(v)
+    assert state.negative_strength(T0 + 1000 * DAY) > 0
+    np.testing.assert_allclose(unit(state.negative_direction(T0 + 1000 * DAY)), b, atol=1e-9)
+    far = T0 + 1100 * DAY
+    assert state.negative_strength(far) == 0 and state.strength(far) > 0
+    assert not state.negative_direction(far).any()
+    state.add(TYPES, [1], [far - DAY], a[None])  # moves the landmark past the skip
+    assert not state.negative_direction(far).any()
 
 
 def test_an_event_so_late_its_worth_underflowed_still_counts_in_the_cluster_it_joins():

@@ -151,7 +151,12 @@ class ProfileState:
         return relative_read_factors(self.rates, self.landmark, t, self.masses != 0) @ self.sums
 
     def negative_direction(self, t: float) -> np.ndarray:
-        """`negative_vector`'s direction, as `direction`."""
+        """`negative_vector`'s direction, as `direction`, while its decayed
+        weight at t is above 0; then zeros. Past that, it counted in full
+        until a later event's re-base zeroed its sums, so whether old
+        negative feedback sank items depended on the event history (a review)."""
+        if not self.negative_strength(t) > 0:
+            return np.zeros(self.dim)
         return relative_read_factors(self.rates, self.landmark, t, self.neg_masses != 0) @ self.neg_sums
 
     def strength(self, t: float) -> float:
