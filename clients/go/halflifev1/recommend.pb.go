@@ -90,7 +90,9 @@ type ItemFilter struct {
 
 	// Only items with at least one of these categories (empty: no restriction).
 	// Categories and ids here follow Item's rules (1 to 128 / 256 bytes, no
-	// control characters); at most 1000 of each.
+	// control characters); at most 1000 of each. Categories match an item's
+	// exactly, case included ("comedy" is not "Comedy"); one no item has
+	// matches nothing, so a misspelt exclusion excludes nothing.
 	IncludeCategories []string `protobuf:"bytes,1,rep,name=include_categories,json=includeCategories,proto3" json:"include_categories,omitempty"`
 	// No item with any of these categories.
 	ExcludeCategories []string `protobuf:"bytes,2,rep,name=exclude_categories,json=excludeCategories,proto3" json:"exclude_categories,omitempty"`

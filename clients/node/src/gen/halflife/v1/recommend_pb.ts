@@ -26,7 +26,9 @@ export type ItemFilter = Message<"halflife.v1.ItemFilter"> & {
   /**
    * Only items with at least one of these categories (empty: no restriction).
    * Categories and ids here follow Item's rules (1 to 128 / 256 bytes, no
-   * control characters); at most 1000 of each.
+   * control characters); at most 1000 of each. Categories match an item's
+   * exactly, case included ("comedy" is not "Comedy"); one no item has
+   * matches nothing, so a misspelt exclusion excludes nothing.
    *
    * @generated from field: repeated string include_categories = 1;
    */
