@@ -104,17 +104,19 @@ def serve_once(model_dir: Path, data_dir: Path, *args: str, port: str = "0", wor
 
 
 def start_cli_server(
-    model_dir: Path, data_dir: Path, *, drain: bool = False, workers: int = 1, extra_args: tuple[str, ...] = ()
+    model_dir: Path, data_dir: Path, *, drain: bool = False, workers: int = 1, extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
-    """`halflife serve --port 0 [--workers N]` in a subprocess; returns it and
-    its address once it (every worker) serves; its log up to then is in the
-    process's `start_log`. With `drain`, a thread keeps reading its log so
-    the server never blocks on a full pipe (leave it off to read the rest of
-    the log with communicate())."""
+    """`halflife serve --port 0 [--workers N]` in a subprocess (in `env`, or
+    this process's environment); returns it and its address once it (every
+    worker) serves; its log up to then is in the process's `start_log`.
+    With `drain`, a thread keeps reading its log so the server never blocks
+    on a full pipe (leave it off to read the rest of the log with
+    communicate())."""
     process = subprocess.Popen(
         [sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(model_dir),
          "--data-dir", str(data_dir), "--workers", str(workers), *extra_args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     deadline = time.monotonic() + START_TIMEOUT_S
     lines = []

@@ -462,6 +462,42 @@ def test_a_client_gone_while_its_answers_wait_logs_no_error(model_dir, tmp_path)
     assert "ERROR" not in output and "Traceback" not in output, output
 
 
+def _leave_with_a_goaway(address: str) -> None:
+    """An HTTP/2 client that says hello and leaves with GOAWAY CANCEL (error
+    code 8), as the Node client's close() does."""
+    import socket
+    import struct
+
+    def frame(kind: int, payload: bytes) -> bytes:  # stream 0, no flags
+        return struct.pack(">I", len(payload))[1:] + bytes([kind, 0]) + struct.pack(">I", 0) + payload
+
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, b"") + frame(7, struct.pack(">II", 0, 8)))
+        connection.recv(1024)  # the server's SETTINGS: it read ours
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("verbosity", [None, "INFO"])
+def test_a_client_that_leaves_with_a_goaway_leaves_no_line_unless_an_operator_asks(model_dir, tmp_path, verbosity):
+    """gRPC core logged "Got goaway [8] err=UNAVAILABLE" at INFO for every
+    Node client that closed (a review): importing halflife sets its
+    GRPC_VERBOSITY to ERROR; an operator's own setting wins (which also
+    shows that the probe makes the line)."""
+    env = {name: value for name, value in os.environ.items() if name != "GRPC_VERBOSITY"}
+    if verbosity:
+        env["GRPC_VERBOSITY"] = verbosity
+    process, address = start_cli_server(model_dir, tmp_path / "data", env=env)
+    try:
+        _leave_with_a_goaway(address)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and "stopped" in output, output
+    assert ("Got goaway" in output) == (verbosity == "INFO"), output
+
+
 def _leave_with_answers_waiting(server_pid: int, address: str, ids: list[str]) -> None:
     """Runs _WAITING_CLIENT, stops it once the server has built every answer, and kills it."""
     waiting = subprocess.Popen([sys.executable, "-c", _WAITING_CLIENT, address, *ids], stdout=subprocess.PIPE, text=True)

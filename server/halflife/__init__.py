@@ -8,5 +8,9 @@ import os
 # sets ORT_DISABLE_TELEMETRY themselves. onnxruntime reads it once, on import: hence here, before any module
 # of ours can import it (docs/serving.md, "Telemetry").
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+# gRPC core logs at INFO each client that leaves with a GOAWAY (the Node client's close() does) as "Got goaway
+# [8] err=UNAVAILABLE": a line per client that reads as a server error (a review). Read on import too; its
+# errors still show, and an operator's GRPC_VERBOSITY wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 __version__ = "0.1.0"
