@@ -153,7 +153,8 @@ def test_a_bound_is_quoted_exactly():
     """1/1440 days printed as 0.000694444 made "must be at least 0.000694444, got 0.000694444"."""
     with pytest.raises(ConfigError) as caught:
         parse_config({"event_types": {"view": {"half_life_days": 0.000694444}}})
-    assert str(caught.value) == "event_types.view.half_life_days: must be at least 0.0006944444444444445, got 0.000694444"
+    assert str(caught.value) == ("event_types.view.half_life_days: must be at least 0.0006944444444444445 (1 minute), "
+                                 "got 0.000694444")
 
 
 def test_blend_weights_that_are_all_zero_are_refused():

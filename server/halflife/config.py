@@ -168,7 +168,7 @@ MAX_PER_INTEREST = 20  # labels and items GetProfile lists per interest (and its
 
 
 def _half_life(value: Any, key: str) -> float:
-    return float(_number(value, key, positive=True, minimum=MIN_HALF_LIFE_DAYS))
+    return float(_number(value, key, positive=True, minimum=MIN_HALF_LIFE_DAYS, minimum_is="1 minute"))
 
 
 def _weight(value: Any, key: str, minimum: float = -MAX_WEIGHT) -> float:
@@ -181,7 +181,10 @@ def _exact(bound: float) -> str:
     return f"{bound:g}" if float(f"{bound:g}") == bound else repr(bound)
 
 
-def _number(value: Any, key: str, *, minimum: float | None = None, maximum: float | None = None, positive: bool = False, integer: bool = False):
+def _number(value: Any, key: str, *, minimum: float | None = None, maximum: float | None = None, positive: bool = False,
+            integer: bool = False, minimum_is: str = ""):
+    """`value` checked as the config key `key`; `minimum_is` names the minimum
+    in words where its number does not say it (1/1440 days: "1 minute")."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise ConfigError(f"{key}: expected {'an integer' if integer else 'a number'}, got {value!r}")
     if isinstance(value, int) and not -(1 << 63) <= value < 1 << 63:
@@ -192,7 +195,8 @@ def _number(value: Any, key: str, *, minimum: float | None = None, maximum: floa
     if positive and not value > 0:
         raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
     if minimum is not None and value < minimum:
-        raise ConfigError(f"{key}: must be at least {_exact(minimum)}, got {value!r}")
+        named = f" ({minimum_is})" if minimum_is else ""
+        raise ConfigError(f"{key}: must be at least {_exact(minimum)}{named}, got {value!r}")
     if maximum is not None and value > maximum:
         raise ConfigError(f"{key}: must be at most {_exact(maximum)}, got {value!r}")
     if not integer and math.isinf(value) and not positive:
