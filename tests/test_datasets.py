@@ -162,7 +162,8 @@ def test_empty_files(tmp_path):
 
 def test_missing_files_and_directories(tmp_path):
     assert error(dataset(tmp_path, ratings=None)) == f"ratings.csv: not found in {tmp_path}"
-    assert error(tmp_path / "nope") == f"{tmp_path / 'nope'}: not a directory"
+    assert error(tmp_path / "nope") == (f"{tmp_path / 'nope'}: not a directory; MovieLens releases are at "
+                                        "https://grouplens.org/datasets/movielens/ (ml-latest-small.zip, unzipped)")
 
 
 def test_csv_module_errors_name_the_line(tmp_path):

@@ -42,6 +42,7 @@ class DatasetFormat:
     no_category: str = ""  # the value meaning "no categories"
     user_text_column: str = "text"
     value_range: tuple[float, float] = (-math.inf, math.inf)  # values outside it are refused
+    where_to_get: str = ""  # said when the directory is missing
 
 
 MOVIELENS = DatasetFormat(
@@ -57,6 +58,7 @@ MOVIELENS = DatasetFormat(
     no_category="(no genres listed)",
     user_text_column="tag",
     value_range=(0.5, 5.0),  # stars, in half steps (the dataset's README)
+    where_to_get="MovieLens releases are at https://grouplens.org/datasets/movielens/ (ml-latest-small.zip, unzipped)",
 )
 
 
@@ -297,7 +299,7 @@ def load_dataset(directory: str | Path, fmt: DatasetFormat = MOVIELENS, *, earli
     within [earliest, latest] (default: any a date can hold, years 1 to 9999)."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise DatasetError(f"{directory}: not a directory")
+        raise DatasetError(f"{directory}: not a directory" + (f"; {fmt.where_to_get}" if fmt.where_to_get else ""))
     columns = [fmt.item_column, *fmt.text_columns] + ([fmt.category_column] if fmt.category_column else [])
     table = _Csv(directory / fmt.items_file, columns)
     table.names(fmt.item_column)
