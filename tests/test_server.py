@@ -701,6 +701,26 @@ def test_cli_serve_refuses_a_missing_or_tampered_model(model_dir, tmp_path):
     assert (tmp_path / "a-file").read_text() == "mine"
 
 
+def test_a_data_dir_that_cannot_be_created_or_written_is_named_with_why(tmp_path):
+    """Both were bare OSErrors ("[Errno 30] Read-only file system:
+    'rodir/serve.lock'"), naming neither the flag's directory nor the step."""
+    from halflife.api.server import claim_data_dir
+
+    with pytest.raises(OSError) as caught:
+        claim_data_dir(Path("/proc/self/halflife-data"))
+    assert str(caught.value).startswith("data directory /proc/self/halflife-data: cannot create it ("), caught.value
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here (needs root and a file system that supports it)")
+    try:  # immutable: as root, a mode without write permission would not stop the write
+        with pytest.raises(OSError) as caught:
+            claim_data_dir(locked)
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert str(caught.value) == f"data directory {locked}: cannot write in it (Operation not permitted)"
+
+
 def test_a_thread_waiting_on_the_model_drops_the_work_once_its_caller_cancels():
     # The batcher sees a cancel only through the future it was handed: the
     # waiting thread must cancel it, or a cancelled upsert is embedded in full.

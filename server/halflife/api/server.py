@@ -496,11 +496,15 @@ def claim_data_dir(data_dir: Path, holder: str = "") -> IO[str]:
         data_dir.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise OSError(f"{data_dir} is not a directory") from None
+    except OSError as e:  # said as "[Errno 2] No such file or directory: '/proc/x'", naming neither (a review)
+        raise OSError(f"data directory {data_dir}: cannot create it ({e.strerror or e})") from None
     try:
         return hold_lock(data_dir / DATA_DIR_LOCK, holder)
     except LockHeldError as held:
         raise OSError(f"{data_dir} is in use by another halflife serve ({held.holder}); "
                       "one server or one --workers group per data directory") from None
+    except OSError as e:
+        raise OSError(f"data directory {data_dir}: cannot write in it ({e.strerror or e})") from None
 
 
 def _bind_failure(host: str, port: int) -> str:
