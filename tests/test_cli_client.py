@@ -186,6 +186,14 @@ def test_recommend_and_profile_show_control_characters_in_texts_literally(server
         assert not any(line.startswith("FAKE LINE") for line in shown.stdout.splitlines())
 
 
+def test_recommend_says_why_it_shows_no_items(model_dir, tmp_path):
+    with ServerThread(ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path)) as empty:
+        shown = halflife("recommend", "anyone", "--target", empty.address)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == ["recommendations for user anyone (trending)",
+                                         "no items: the catalogue is empty, or this user has seen every item in it"]
+
+
 def test_a_user_id_that_is_not_utf8_is_a_usage_error():
     for command in ("recommend", "profile"):
         result = halflife(command, "caf\udce9")  # the shell passed the byte 0xE9 alone

@@ -162,6 +162,9 @@ def show_recommendations(user_id: str, target: str, limit: int, as_of: dt.dateti
             e = item.explanation.events[0]
             why.append("because of " + _clip(texts.get(e.item_id, e.item_id or e.event_id), 40))
         rows.append([str(rank), item.item_id, f"{item.score:.3f}", _clip(texts.get(item.item_id, ""), 60), "; ".join(why)])
+    if not rows:  # a bare table header read as a failure (a newcomer review)
+        print("no items: the catalogue is empty, or this user has seen every item in it")
+        return
     print_table(["#", "item", "score", "text", "why"], rows)
 
 
