@@ -565,6 +565,17 @@ def test_server_target_refuses_what_grpc_would_wrap_or_misread(target, error):
     assert str(refused.value) == error
 
 
+def test_the_package_exports_the_names_the_readme_gives_it():
+    """README.md names these as halflife_client's; DEFAULT_PORT and
+    server_target were only in halflife_client.client (an AttributeError)."""
+    import halflife_client
+
+    named = {"HalflifeClient", "AsyncHalflifeClient", "Item", "Event", "field_violations", "CHANNEL_OPTIONS",
+             "DEFAULT_PORT", "server_target"}
+    assert named <= set(halflife_client.__all__)
+    assert halflife_client.DEFAULT_PORT == 50051 and halflife_client.server_target("localhost") == "localhost:50051"
+
+
 @pytest.mark.parametrize("client", ["HalflifeClient", "AsyncHalflifeClient"])
 def test_a_client_of_a_host_without_a_port_connects_to_serves_port(client, monkeypatch):
     """HalflifeClient("localhost") went to gRPC's default port, 443. 50051

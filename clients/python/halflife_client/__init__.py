@@ -5,7 +5,11 @@
         vectors = client.embed(["running shoes", "trail jacket"])  # (2, 384) float32
 """
 
-from halflife_client.client import CHANNEL_OPTIONS, AsyncHalflifeClient, Event, HalflifeClient, Item, ModelInfo, to_timestamp
+from halflife_client.client import (
+    CHANNEL_OPTIONS, DEFAULT_PORT, AsyncHalflifeClient, Event, HalflifeClient, Item, ModelInfo, server_target,
+    to_timestamp,
+)
 from halflife_client.errors import field_violations, rich_status
 
-__all__ = ["CHANNEL_OPTIONS", "AsyncHalflifeClient", "Event", "HalflifeClient", "Item", "ModelInfo", "field_violations", "rich_status", "to_timestamp"]
+__all__ = ["CHANNEL_OPTIONS", "DEFAULT_PORT", "AsyncHalflifeClient", "Event", "HalflifeClient", "Item", "ModelInfo",
+           "field_violations", "rich_status", "server_target", "to_timestamp"]
