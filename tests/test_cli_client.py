@@ -289,6 +289,11 @@ def test_movielens_event_ids_stay_valid_and_the_same_for_long_ids():
     (["eval", "--target", "127.0.0.1:65536"], "argument --target: port must be 1 to 65535, got 65536"),
     (["loadtest", "--call", "grpc.health.v1.Health.Check", "--target", "127.0.0.1:99999"],
      "argument --target: port must be 1 to 65535, got 99999"),
+    # gRPC took these for host names: UNAVAILABLE at the call, "Misformatted domain name", "Failed to parse port".
+    (["recommend", "1", "--target", "http://127.0.0.1:52401"], "argument --target: give host:port, not a URL: drop the http://"),
+    (["loadtest", "--call", "grpc.health.v1.Health.Check", "https://localhost"],
+     "argument host: give host:port, not a URL: drop the https://"),
+    (["profile", "1", "--target", "localhost:abc"], "argument --target: port must be 1 to 65535, got abc"),
 ])
 def test_out_of_range_flags_are_usage_errors(args, message):
     result = halflife(*args)
@@ -519,9 +524,10 @@ def test_client_timeout_0_is_a_deadline_and_none_the_default():
                 assert least <= time.monotonic() - began < most, timeout
 
 
-@pytest.mark.parametrize("target", ["127.0.0.1:99999", "127.0.0.1:0", "127.0.0.1:-1", "", "::1", "fe80::1"])
+@pytest.mark.parametrize("target", ["127.0.0.1:99999", "127.0.0.1:0", "127.0.0.1:-1", "", "::1", "fe80::1",
+                                    "http://127.0.0.1:1", "localhost:abc"])
 def test_client_refuses_a_target_gRPC_would_wrap_or_cannot_use(target):
-    with pytest.raises(ValueError, match="port must be 1 to 65535|must be host:port|goes in brackets"):
+    with pytest.raises(ValueError, match="port must be 1 to 65535|must be host:port|goes in brackets|not a URL"):
         HalflifeClient(target)
 
 
@@ -537,7 +543,12 @@ def test_client_refuses_a_target_gRPC_would_wrap_or_cannot_use(target):
     ("[::1]:1", "[::1]:1"),
     ("10.0.0.7:65535", "10.0.0.7:65535"),
     ("unix:/run/halflife.sock", "unix:/run/halflife.sock"),
+    ("unix:halflife.sock", "unix:halflife.sock"),
+    ("unix-abstract:halflife", "unix-abstract:halflife"),
     ("dns:///example.com:50051", "dns:///example.com:50051"),
+    ("dns:///example.com", "dns:///example.com"),
+    ("ipv4:10.0.0.7:50051", "ipv4:10.0.0.7:50051"),
+    ("ipv6:[::1]:50051", "ipv6:[::1]:50051"),
 ])
 def test_server_target_gives_a_host_without_a_port_serves_port(target, expected):
     from halflife_client.client import server_target
@@ -556,6 +567,12 @@ def test_server_target_gives_a_host_without_a_port_serves_port(target, expected)
     ("dns:///example.com:0", "port must be 1 to 65535, got 0"),
     ("::1", "an IPv6 address goes in brackets: [::1]:port"),
     ("fe80::1", "an IPv6 address goes in brackets: [fe80::1]:port"),
+    # gRPC took these for host names, and failed only at the first call.
+    ("http://127.0.0.1:52401", "give host:port, not a URL: drop the http://"),
+    ("HTTPS://example.com/", "give host:port, not a URL: drop the HTTPS://"),
+    ("localhost:abc", "port must be 1 to 65535, got abc"),
+    ("[::1]:http", "port must be 1 to 65535, got http"),
+    ("localhost:50051/", "port must be 1 to 65535, got 50051/"),
 ])
 def test_server_target_refuses_what_grpc_would_wrap_or_misread(target, error):
     from halflife_client.client import server_target

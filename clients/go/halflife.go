@@ -82,13 +82,18 @@ const DefaultPort = 50051
 // ("localhost", "10.0.0.7", "[::1]") or an empty one ("localhost:") gets
 // DefaultPort, where gRPC would go to 443, as the CLI's --target and the
 // Python client do; one with a port or a scheme of gRPC's ("unix:/path",
-// "dns:///host:port") is kept. It is an error for an empty address, a port
-// outside 1-65535 and a bare IPv6 address (its last group would pass for a
-// port: write "[::1]").
+// "dns:///host:port": grpcSchemes) is kept. It is an error for an empty
+// address, an http(s):// URL, a port that is no number in 1-65535 and a bare
+// IPv6 address (its last group would pass for a port: write "[::1]"). gRPC
+// took a URL or "localhost:abc" for a host and failed only at the first call.
 func ServerTarget(address string) (string, error) {
 	address = strings.TrimSpace(address)
 	if address == "" {
 		return "", errors.New("halflife: address must be host:port, got an empty string")
+	}
+	if lower := strings.ToLower(address); strings.HasPrefix(lower, "http://") || strings.HasPrefix(lower, "https://") {
+		// Refused, not stripped: an https:// address would be dialled in plaintext all the same (TLS is a DialOption).
+		return "", fmt.Errorf("halflife: give host:port, not a URL: drop the %s", address[:strings.Index(address, "//")+2])
 	}
 	if ip, err := netip.ParseAddr(address); err == nil && ip.Is6() {
 		return "", fmt.Errorf("halflife: an IPv6 address goes in brackets: [%s]:port", address)
@@ -99,10 +104,23 @@ func ServerTarget(address string) (string, error) {
 	}
 	// A port is digits, signed or not (Atoi's syntax), as the Python client takes one: "-1" is out of range.
 	port := address[strings.LastIndex(address, ":")+1:]
-	if n, err := strconv.Atoi(port); (err == nil || errors.Is(err, strconv.ErrRange)) && (n < 1 || n > 65535) {
+	// Only a scheme of gRPC's may end in no port ("unix:/run/halflife.sock").
+	valid := grpcSchemes[address[:strings.Index(address, ":")]]
+	if n, err := strconv.Atoi(port); err == nil || errors.Is(err, strconv.ErrRange) {
+		valid = n >= 1 && n <= 65535
+	}
+	if !valid {
 		return "", fmt.Errorf("halflife: port must be 1 to 65535, got %s", port)
 	}
 	return address, nil
+}
+
+// The schemes of gRPC's name resolvers (grpc/doc/naming.md, xDS's, and
+// gRPC-Go's default passthrough): an address that starts with one is gRPC's
+// to parse, any other is host[:port]. The Python client holds the same set.
+var grpcSchemes = map[string]bool{
+	"dns": true, "ipv4": true, "ipv6": true, "unix": true, "unix-abstract": true, "vsock": true, "xds": true,
+	"passthrough": true,
 }
 
 // Dial sets up a connection to address ("host:port"; a host alone gets

@@ -28,7 +28,12 @@ func TestServerTargetGivesAHostWithoutAPortServesPort(t *testing.T) {
 		"[::1]:1":                  "[::1]:1",
 		"10.0.0.7:65535":           "10.0.0.7:65535",
 		"unix:/run/halflife.sock":  "unix:/run/halflife.sock",
+		"unix:halflife.sock":       "unix:halflife.sock",
+		"unix-abstract:halflife":   "unix-abstract:halflife",
 		"dns:///example.com:50051": "dns:///example.com:50051",
+		"dns:///example.com":       "dns:///example.com",
+		"ipv4:10.0.0.7:50051":      "ipv4:10.0.0.7:50051",
+		"ipv6:[::1]:50051":         "ipv6:[::1]:50051",
 	} {
 		if got, err := halflife.ServerTarget(address); got != want || err != nil {
 			t.Errorf("ServerTarget(%q) = %q, %v; want %q", address, got, err, want)
@@ -36,7 +41,7 @@ func TestServerTargetGivesAHostWithoutAPortServesPort(t *testing.T) {
 	}
 }
 
-func TestDialRefusesAnEmptyAddressAPortOutOfRangeAndABareIPv6One(t *testing.T) {
+func TestDialRefusesAnEmptyAddressAURLABadPortAndABareIPv6One(t *testing.T) {
 	for address, want := range map[string]string{
 		"":                       "halflife: address must be host:port, got an empty string",
 		"  ":                     "halflife: address must be host:port, got an empty string",
@@ -49,6 +54,12 @@ func TestDialRefusesAnEmptyAddressAPortOutOfRangeAndABareIPv6One(t *testing.T) {
 		"::1":                    "halflife: an IPv6 address goes in brackets: [::1]:port",
 		"fe80::1":                "halflife: an IPv6 address goes in brackets: [fe80::1]:port",
 		"1:99999999999999999999": "halflife: port must be 1 to 65535, got 99999999999999999999",
+		// gRPC took these for a host, and failed only at the first call.
+		"http://127.0.0.1:52401": "halflife: give host:port, not a URL: drop the http://",
+		"HTTPS://example.com/":   "halflife: give host:port, not a URL: drop the HTTPS://",
+		"localhost:abc":          "halflife: port must be 1 to 65535, got abc",
+		"[::1]:http":             "halflife: port must be 1 to 65535, got http",
+		"localhost:50051/":       "halflife: port must be 1 to 65535, got 50051/",
 	} {
 		c, err := halflife.Dial(context.Background(), address)
 		if c != nil || err == nil || err.Error() != want {

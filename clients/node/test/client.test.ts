@@ -267,6 +267,7 @@ describe("addresses", () => {
       ["::1", TypeError, "an IPv6 address goes in brackets: [::1]:port"],
       ["fe80::1", TypeError, "an IPv6 address goes in brackets: [fe80::1]:port"],
       ["unix:/run/halflife.sock", TypeError, 'address must be host[:port] or an http(s):// URL, got "unix:/run/halflife.sock"'],
+      ["localhost:abc", TypeError, 'address must be host[:port] or an http(s):// URL, got "localhost:abc"'],
       ["a b:1", TypeError, 'address must be host[:port] or an http(s):// URL, got "a b:1"'],
       ["http://localhost:99999", TypeError, 'address must be host[:port] or an http(s):// URL, got "http://localhost:99999"'],
     ];

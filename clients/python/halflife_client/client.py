@@ -170,23 +170,33 @@ def server_target(target: str) -> str:
     """`target` as gRPC is to get it, for a `halflife serve`: a host with no
     port ("localhost", "10.0.0.7", "[::1]") or an empty one ("localhost:")
     gets DEFAULT_PORT, where gRPC would go to 443; a target with a port or a
-    scheme of gRPC's ("unix:/path", "dns:///host:port") is kept. ValueError
-    for an empty target, a port out of 1..65535 (gRPC wraps one silently:
-    127.0.0.1:99999 reaches port 34463), and a bare IPv6 address (its last
-    group would pass for a port). The CLI's --target and both clients take
-    their target through here; the Go and Node clients follow the same rules."""
+    scheme of gRPC's ("unix:/path", "dns:///host:port": _GRPC_SCHEMES) is kept.
+    ValueError for an empty target, an http(s):// URL, a port that is no
+    number in 1..65535 (gRPC wraps one silently: 127.0.0.1:99999 reaches port
+    34463), and a bare IPv6 address (its last group would pass for a port).
+    gRPC took a URL or "localhost:abc" for a host name and failed only at the
+    first call, UNAVAILABLE ("Misformatted domain name", "Failed to parse
+    port"). The CLI's --target and both clients take their target through
+    here; the Go and Node clients follow the same rules (Node takes URLs)."""
     if not isinstance(target, str):
         raise TypeError(f"target must be a string such as {DEFAULT_TARGET!r}, not {type(target).__name__} {target!r}")
     target = target.strip()
     if not target:
         raise ValueError("must be host:port, got an empty string")
+    if url := _URL_SCHEME.match(target):
+        # Refused, not stripped: an https:// target would be called in plaintext all the same (TLS is credentials=).
+        raise ValueError(f"give host:port, not a URL: drop the {url[0]}")
     if _bare_ipv6(target):
         raise ValueError(f"an IPv6 address goes in brackets: [{target}]:port")
     host = target.removesuffix(":")
     if ":" not in host or (host.startswith("[") and host.endswith("]")):
         return f"{host}:{DEFAULT_PORT}"
     port = target.rpartition(":")[2]
-    if _PORT.fullmatch(port) and not 1 <= int(port) <= 65535:
+    if _PORT.fullmatch(port):
+        valid = 1 <= int(port) <= 65535
+    else:  # only a scheme of gRPC's may end in no port ("unix:/run/halflife.sock")
+        valid = target.partition(":")[0] in _GRPC_SCHEMES
+    if not valid:
         raise ValueError(f"port must be 1 to 65535, got {port}")
     return target
 
@@ -198,6 +208,11 @@ def host_port(host: str, port: int) -> str:
 
 # What a port looks like (int() would also take " 80", "8_0" and non-ASCII digits), in all three clients.
 _PORT = re.compile(r"[+-]?[0-9]+")
+_URL_SCHEME = re.compile(r"https?://", re.IGNORECASE)
+# The schemes of gRPC's name resolvers (grpc/doc/naming.md, xDS's, and gRPC-Go's
+# default passthrough): a target that starts with one is gRPC's to parse, any
+# other is host[:port]. The Go client holds the same set.
+_GRPC_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "passthrough"})
 
 
 def _bare_ipv6(target: str) -> bool:
