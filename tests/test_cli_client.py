@@ -720,6 +720,31 @@ def test_the_async_client_refuses_one_string_too():
     asyncio.run(main())
 
 
+def test_a_command_whose_server_is_not_running_asks_whether_it_is(capsys):
+    """gRPC's "failed to connect to all addresses ... Connection refused"
+    said nothing of what to do; a server's own UNAVAILABLE gets no hint."""
+    from halflife import cli
+
+    with socket.socket() as closed:  # bound, never listening: a connection is refused, and the port stays ours
+        closed.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{closed.getsockname()[1]}"
+        assert cli.main(["recommend", "1", "--target", target]) == cli.EXIT_FAILURE
+    refused = capsys.readouterr().err
+    assert refused.startswith("halflife recommend: error: UNAVAILABLE: failed to connect to all addresses;")
+    assert refused.endswith(f"Connection refused; is `halflife serve` running on {target}?\n")
+    assert refused.count("\n") == 1
+
+    class StoreUnavailable(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return "the store cannot write; retry"
+
+    assert cli._rpc_failure("profile", StoreUnavailable(), target) == cli.EXIT_FAILURE
+    assert capsys.readouterr().err == "halflife profile: error: UNAVAILABLE: the store cannot write; retry\n"
+
+
 def test_errors_that_are_no_calls_carry_no_violations():
     """field_violations(ValueError()) raised AttributeError (an audit): a
     handler's `except Exception` may pass any error."""

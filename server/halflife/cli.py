@@ -603,23 +603,26 @@ def _run_loadtest(args: argparse.Namespace) -> int:
     return code
 
 
-def _rpc_failure(name: str, error: grpc.RpcError, context: str = "") -> int:
+def _rpc_failure(name: str, error: grpc.RpcError, target: str, context: str = "") -> int:
     """Prints a failed call as one line (its status and details, or its field violations)."""
     from halflife_client import field_violations
 
     details = "; ".join(f"{field}: {text}" for field, text in field_violations(error)) or error.details()
+    # gRPC's words when nothing answered at `target` (connection refused, no such socket), not a server's UNAVAILABLE.
+    if error.code() == grpc.StatusCode.UNAVAILABLE and details.startswith("failed to connect to all addresses"):
+        details += f"; is `halflife serve` running on {target}?"
     print(f"halflife {name}: error: {context}{error.code().name}: {details}", file=sys.stderr)
     return EXIT_FAILURE
 
 
-def _client_command(name: str, fn, *args) -> int:
-    """Runs a client command; gRPC, file and dataset errors become one line on stderr."""
+def _client_command(name: str, target: str, fn, *args) -> int:
+    """Runs a client command of the server at `target`; gRPC, file and dataset errors become one line on stderr."""
     from halflife.datasets.interactions import DatasetError
 
     try:
         fn(*args)
     except grpc.RpcError as error:
-        return _rpc_failure(name, error)
+        return _rpc_failure(name, error, target)
     except BrokenPipeError:  # stdout's reader left: not an error of the command (see main)
         raise
     except (OSError, KeyError, DatasetError) as exc:
@@ -635,19 +638,20 @@ def _run_load(args: argparse.Namespace) -> int:
         totals = load_movielens(args.directory, args.target, args.batch_size)
         print(", ".join(f"{key.replace('_', ' ')}: {value}" for key, value in totals.items()))
 
-    return _client_command("load-movielens", run)
+    return _client_command("load-movielens", args.target, run)
 
 
 def _run_recommend(args: argparse.Namespace) -> int:
     from halflife.commands import show_recommendations
 
-    return _client_command("recommend", show_recommendations, args.user_id, args.target, args.limit, args.as_of, args.query)
+    return _client_command("recommend", args.target, show_recommendations, args.user_id, args.target, args.limit,
+                           args.as_of, args.query)
 
 
 def _run_profile(args: argparse.Namespace) -> int:
     from halflife.commands import show_profile
 
-    return _client_command("profile", show_profile, args.user_id, args.target, args.as_of)
+    return _client_command("profile", args.target, show_profile, args.user_id, args.target, args.as_of)
 
 
 def _add_eval(commands: argparse._SubParsersAction) -> None:
@@ -689,7 +693,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         print(f"halflife eval: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except grpc.RpcError as error:  # the --target server: unreachable at the start, or failing during the run
-        return _rpc_failure("eval", error, f"--target {args.target}: ")
+        return _rpc_failure("eval", error, args.target, f"--target {args.target}: ")
     return 0
 
 
