@@ -108,6 +108,11 @@ export interface StoredItem {
 /** Event types by lower-case name: "view", "click", "add_to_cart", ... */
 export type EventTypeName = Lowercase<Exclude<keyof typeof EventType, "UNSPECIFIED">>;
 
+/** `EventTypeName`'s values, from the generated enum (whose keys also hold its reverse mapping, "1": "VIEW"). */
+const EVENT_TYPE_NAMES = Object.entries(EventType)
+  .filter(([, value]) => typeof value === "number" && value !== EventType.UNSPECIFIED)
+  .map(([key]) => key.toLowerCase());
+
 /** One user action. `itemId` or `text` is required. */
 export interface EventInput {
   /** Idempotency key: a re-sent event is stored once. */
@@ -164,7 +169,9 @@ function eventType(type: EventType | EventTypeName): EventType {
   if (typeof type === "number") return type;
   // Not the enum's reverse mapping: EventType["1"] is "VIEW", a string.
   const value = typeof type === "string" ? EventType[type.toUpperCase() as keyof typeof EventType] : undefined;
-  if (typeof value !== "number") throw new TypeError(`unknown event type ${JSON.stringify(type)}`);
+  if (typeof value !== "number") {
+    throw new TypeError(`unknown event type ${JSON.stringify(type)}: one of ${EVENT_TYPE_NAMES.join(", ")}`);
+  }
   return value;
 }
 

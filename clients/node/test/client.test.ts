@@ -165,6 +165,10 @@ describe("HalflifeClient against a live server", () => {
     for (const limit of [2 ** 31, 1.5, Number.NaN]) await assert.rejects(client.recommend("ana", { limit }), RangeError);
     const byNumberName = { eventId: "n1", userId: "ana", type: "1" as "view", itemId: "s" };
     await assert.rejects(client.recordEvents([byNumberName]), TypeError);
+    // "buy" said only that it was unknown, not which names are.
+    await assert.rejects(client.recordEvents([{ eventId: "n3", userId: "ana", type: "buy" as "view", itemId: "s" }]),
+      (error: unknown) => error instanceof TypeError && error.message === 'unknown event type "buy": one of view, click, ' +
+        "like, add_to_cart, purchase, rate, review, search, share, dislike, skip");
     // An invalid Date was Connect's "The number NaN cannot be converted to a BigInt".
     const invalid = new Date("not a date");
     await assert.rejects(client.recommend("ana", { asOf: invalid }), /asOf is not a valid Date/);
