@@ -1,4 +1,5 @@
-"""The server runtime stays lean: serving never imports the export stack."""
+"""Packaging: serving never imports the export stack, and only the commands that run the model need
+onnxruntime, which the base package lacks."""
 
 import subprocess
 import sys
@@ -41,3 +42,43 @@ def test_cpu_and_gpu_runtimes_are_never_installed_together():
     assert not base & runtimes
     assert extras["cpu"] & runtimes == {"onnxruntime"} and extras["gpu"] & runtimes == {"onnxruntime-gpu"}
     assert all(not deps & runtimes for extra, deps in extras.items() if extra not in ("cpu", "gpu"))
+
+
+# The model's runtime, which the base package lacks (the cpu or gpu extra
+# brings it), and the export stack (the export extra).
+EXPORT_STACK = ("torch", "transformers", "optimum", "onnx")
+MODEL_STACK = ("onnxruntime", *EXPORT_STACK)
+# `halflife ARGS...` run as `python -c UNINSTALLED MODULES ARGS...`: importing
+# the comma-separated MODULES, or any of their submodules, fails.
+UNINSTALLED = """
+import sys
+
+class Uninstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in sys.argv[1].split(","):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Uninstalled())
+from halflife.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def halflife_without(modules: tuple[str, ...], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", UNINSTALLED, ",".join(modules), *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_help_and_client_commands_need_no_model_runtime(tmp_path):
+    """Every command died in a ModuleNotFoundError traceback, --help too:
+    building the parser imported the servicers, and they onnxruntime."""
+    for args in (["--help"], ["serve", "--help"]):
+        result = halflife_without(MODEL_STACK, *args)
+        assert result.returncode == 0 and "usage: halflife" in result.stdout, result.stderr
+    recommend = halflife_without(MODEL_STACK, "recommend", "1", "--target", "127.0.0.1:1")  # nothing listens there
+    assert recommend.returncode == 1, recommend.stderr
+    assert recommend.stderr.startswith("halflife recommend: error: UNAVAILABLE: "), recommend.stderr
+    assert len(recommend.stderr.strip().splitlines()) == 1, recommend.stderr
+    load = halflife_without(MODEL_STACK, "load-movielens", str(tmp_path / "nowhere"), "--target", "127.0.0.1:1")
+    assert load.returncode == 1, load.stderr
+    assert load.stderr.strip() == f"halflife load-movielens: error: {tmp_path / 'nowhere'}: not a directory"

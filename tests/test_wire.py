@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from halflife.api import catalog, embedding, interest
+from halflife.api import catalog, validation
 from halflife.api.errors import MalformedRequest, invalid_argument, parse_leniently, refuse_malformed, translate_errors
 from halflife.api.server import API_SERVICES
 from halflife.api.wire import (
@@ -33,17 +33,17 @@ def _largest_upsert(text_bytes: int = 0) -> catalog_pb2.UpsertItemsRequest:
     item = catalog_pb2.Item(text="t" * text_bytes, categories=[f"c{n}" for n in range(catalog.MAX_CATEGORIES)],
                             attributes={f"a{n}": "v" for n in range(catalog.MAX_ATTRIBUTES)}, vector=[0.5] * 384)
     request = catalog_pb2.UpsertItemsRequest()
-    for n in range(catalog.MAX_ITEMS_PER_REQUEST):
+    for n in range(validation.MAX_ITEMS_PER_REQUEST):
         request.items.add().CopyFrom(item)
         request.items[-1].id = f"i{n}"
     return request
 
 
 def test_the_bounds_hold_the_largest_valid_requests():
-    for limit in (catalog.MAX_ITEMS_PER_REQUEST, interest.MAX_EVENTS_PER_REQUEST, embedding.MAX_INPUTS_PER_REQUEST,
+    for limit in (validation.MAX_ITEMS_PER_REQUEST, validation.MAX_EVENTS_PER_REQUEST, validation.MAX_INPUTS_PER_REQUEST,
                   catalog.MAX_CATEGORIES, catalog.MAX_ATTRIBUTES):
         assert limit <= MAX_LIST_LENGTH
-    assert catalog.MAX_ITEMS_PER_REQUEST * (1 + catalog.MAX_CATEGORIES + catalog.MAX_ATTRIBUTES) <= MAX_LIST_ELEMENTS
+    assert validation.MAX_ITEMS_PER_REQUEST * (1 + catalog.MAX_CATEGORIES + catalog.MAX_ATTRIBUTES) <= MAX_LIST_ELEMENTS
     request = _largest_upsert()
     data = request.SerializeToString()
     assert len(data) > SCAN_ABOVE_BYTES  # scanned, not waved through for its size
@@ -51,7 +51,7 @@ def test_the_bounds_hold_the_largest_valid_requests():
     assert parse_leniently(catalog_pb2.UpsertItemsRequest)(data) == request
     events = interest_pb2.RecordEventsRequest(events=[
         interest_pb2.Event(event_id=f"e{n}", user_id="u", type=1, text="x" * 1024)
-        for n in range(interest.MAX_EVENTS_PER_REQUEST)])
+        for n in range(validation.MAX_EVENTS_PER_REQUEST)])
     check_request(events.SerializeToString(), interest_pb2.RecordEventsRequest.DESCRIPTOR)
     # The same items with their vectors unpacked, a tag a float, which parsers must accept.
     def unpacked_item(item: catalog_pb2.Item) -> bytes:

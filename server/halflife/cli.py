@@ -18,6 +18,8 @@ from typing import Iterator
 
 import grpc
 
+from halflife.api.validation import MAX_EVENTS_PER_REQUEST, MAX_INPUTS_PER_REQUEST
+from halflife.config import DEFAULT_DATA_DIR, DEFAULT_MODEL_DIR
 from halflife.embedding.batcher import BatchingConfig
 from halflife.embedding.manifest import ManifestError
 from halflife_client.client import DEFAULT_PORT, DEFAULT_TARGET
@@ -99,8 +101,6 @@ def _sigterm_unwinds() -> Iterator[None]:
 
 
 def _add_serve(commands: argparse._SubParsersAction) -> None:
-    from halflife.api.server import DEFAULT_DATA_DIR, DEFAULT_MODEL_DIR
-
     parser = commands.add_parser("serve", help="serve the gRPC API", description="Serve Halflife's gRPC API.")
     parser.add_argument("--host", type=_host, default="127.0.0.1",
                         help="address to bind (default 127.0.0.1; IPv6 with or without brackets: ::1, [::])")
@@ -203,8 +203,6 @@ _thread_count, _worker_count = _at_most(MAX_THREADS), _at_most(MAX_WORKERS)
 
 
 def _queue_size(value: str) -> int:
-    from halflife.api.embedding import MAX_INPUTS_PER_REQUEST
-
     number = _whole_number(value)
     if number < MAX_INPUTS_PER_REQUEST:  # a full Embed would be "queue full" forever, retries and all
         raise argparse.ArgumentTypeError(f"must be at least {MAX_INPUTS_PER_REQUEST} (one full Embed), got {number}")
@@ -422,8 +420,6 @@ def _utf8(value: str) -> str:
 
 
 def _batch_size(value: str) -> int:
-    from halflife.api.interest import MAX_EVENTS_PER_REQUEST
-
     number = _positive_int(value)
     if number > MAX_EVENTS_PER_REQUEST:  # the server refuses a bigger RecordEvents, after every item was sent
         raise argparse.ArgumentTypeError(f"must be at most {MAX_EVENTS_PER_REQUEST} (the server's limit), got {number}")

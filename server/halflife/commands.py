@@ -15,8 +15,7 @@ from typing import Iterable, Sequence
 
 import grpc
 
-from halflife.api.catalog import MAX_ITEMS_PER_REQUEST
-from halflife.api.validation import MAX_FUTURE_SECONDS
+from halflife.api.validation import MAX_FUTURE_SECONDS, MAX_ITEMS_PER_REQUEST
 from halflife.datasets.interactions import MOVIELENS, load_dataset
 from halflife.progress import progress
 from halflife.texts import MAX_ID_BYTES

@@ -19,6 +19,11 @@ from halflife.core.decay import EventTypes
 
 DAY = 86400.0
 
+# Where `serve` (and `eval`) find the exported model and `serve` keeps its
+# store, from the working directory: `make serve`'s layout.
+DEFAULT_MODEL_DIR = Path("var/models/all-MiniLM-L6-v2")
+DEFAULT_DATA_DIR = Path("var/data")
+
 # Internal event types: the API's EventType values 1..11 in order, then the
 # two a rating maps to when it is not positive (low = negative feedback,
 # mid = no signal). Index i holds API value i + 1.

@@ -10,12 +10,11 @@ import numpy as np
 from halflife.api.backend import Backend
 from halflife.api.calls import run_with_deadline
 from halflife.api.errors import not_found, translate_errors
-from halflife.api.validation import UNREADABLE, Violations, to_timestamp
+from halflife.api.validation import MAX_ITEMS_PER_REQUEST, UNREADABLE, Violations, to_timestamp
 from halflife.interest.types import ItemInput
 from halflife.texts import MAX_CATEGORIES, blank
 from halflife.v1 import catalog_pb2, catalog_pb2_grpc
 
-MAX_ITEMS_PER_REQUEST = 1000
 MAX_ATTRIBUTES = 64
 # Keys and values together, so that 1,000 items of the largest kind still fit
 # one GetItems response (64 MiB by default).

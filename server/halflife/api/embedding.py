@@ -10,13 +10,12 @@ import numpy as np
 from halflife.api.backend import Backend
 from halflife.api.calls import deadline_of
 from halflife.api.errors import translate_errors
-from halflife.api.validation import Violations
+from halflife.api.validation import MAX_INPUTS_PER_REQUEST, Violations
 from halflife.deadlines import Deadline
 from halflife.embedding.engine import EmbeddingEngine, InputsTooLongError, TokenizedInputs
 from halflife.embedding.pooling import l2_normalize
 from halflife.v1 import embedding_pb2, embedding_pb2_grpc
 
-MAX_INPUTS_PER_REQUEST = 256
 # Requests with at most this many characters are tokenized on the event loop
 # (~0.45 us per character with warm caches, a few times that right after a
 # forward pass), which saves the round trip through the tokenizer pool: 0.25-

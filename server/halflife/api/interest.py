@@ -11,6 +11,7 @@ from halflife.api.backend import Backend
 from halflife.api.calls import run_with_deadline
 from halflife.api.errors import aborted, not_found, translate_errors
 from halflife.api.validation import (
+    MAX_EVENTS_PER_REQUEST,
     MAX_FUTURE_SECONDS,
     MAX_ID_BYTES,
     MAX_TIMESTAMP_SECONDS,
@@ -26,7 +27,6 @@ from halflife.storage.base import ItemsChangedError
 from halflife.texts import MAX_TEXT_BYTES, blank
 from halflife.v1 import interest_pb2, interest_pb2_grpc
 
-MAX_EVENTS_PER_REQUEST = 1000
 TRENDS = {
     "rising": interest_pb2.TREND_RISING,
     "steady": interest_pb2.TREND_STEADY,

@@ -8,9 +8,8 @@ import grpc
 
 from halflife.api.backend import Backend
 from halflife.api.calls import run_with_deadline
-from halflife.api.catalog import MAX_ITEMS_PER_REQUEST
 from halflife.api.errors import not_found, translate_errors
-from halflife.api.validation import UNREADABLE, Violations, to_timestamp
+from halflife.api.validation import MAX_ITEMS_PER_REQUEST, UNREADABLE, Violations, to_timestamp
 from halflife.interest.types import ItemFilter, Recommendation, UnknownItemError
 from halflife.texts import blank
 from halflife.v1 import recommend_pb2, recommend_pb2_grpc

@@ -27,7 +27,7 @@ from halflife.api.errors import parse_leniently, refuse_malformed, resource_exha
 from halflife.api.interest import InterestServicer
 from halflife.api.metrics import Metrics
 from halflife.api.recommend import RecommendServicer
-from halflife.config import Config
+from halflife.config import DEFAULT_DATA_DIR, DEFAULT_MODEL_DIR, Config
 from halflife.embedding.batcher import BatchingConfig, DynamicBatcher
 from halflife.embedding.engine import EmbeddingEngine
 from halflife.embedding.manifest import ManifestError
@@ -40,8 +40,6 @@ from halflife.v1 import catalog_pb2, embedding_pb2, interest_pb2, recommend_pb2
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_DIR = Path("var/models/all-MiniLM-L6-v2")
-DEFAULT_DATA_DIR = Path("var/data")
 # How long a stop waits for queued profile snapshots to be saved (a snapshot
 # not saved costs the user's next read a longer replay, nothing more).
 SNAPSHOT_SAVE_GRACE_S = 5.0

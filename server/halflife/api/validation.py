@@ -14,6 +14,11 @@ from halflife.texts import MAX_CATEGORY_BYTES, MAX_ID_BYTES, name_problem, text_
 UNREADABLE = ("holds nothing the model reads (only whitespace, control, format, private-use or combining "
               "characters, or U+FFFD)")
 MAX_FUTURE_SECONDS = 24 * 3600.0  # event times may run ahead of our clock by at most a day
+# Elements of a request's list. Here, where the client commands read them
+# too, not in the servicers, which import the model's runtime.
+MAX_ITEMS_PER_REQUEST = 1000  # items, ids and filter values
+MAX_EVENTS_PER_REQUEST = 1000
+MAX_INPUTS_PER_REQUEST = 256  # Embed's texts
 # google.protobuf.Timestamp's valid range.
 MIN_TIMESTAMP_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
 MAX_TIMESTAMP_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
