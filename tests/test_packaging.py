@@ -82,3 +82,18 @@ def test_help_and_client_commands_need_no_model_runtime(tmp_path):
     load = halflife_without(MODEL_STACK, "load-movielens", str(tmp_path / "nowhere"), "--target", "127.0.0.1:1")
     assert load.returncode == 1, load.stderr
     assert load.stderr.strip() == f"halflife load-movielens: error: {tmp_path / 'nowhere'}: not a directory"
+
+
+def test_the_commands_that_run_the_model_name_the_extra_that_brings_its_runtime(tmp_path):
+    """serve's line was never reached (see above); export blamed its own
+    extra, and eval failed in a traceback once it came to embed."""
+    for command, *args in (
+        ["serve", "--port", "0", "--data-dir", str(tmp_path / "data")],
+        ["export", "--output", str(tmp_path / "model")],
+        ["eval", "--data", str(tmp_path / "ml"), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")],
+    ):
+        result = halflife_without(MODEL_STACK, command, *args)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.strip() == (f"halflife {command}: error: onnxruntime is not installed: pip install "
+                                         "'halflife[cpu]' (or 'halflife[gpu]' on a CUDA machine)"), result.stderr
+    assert not list(tmp_path.iterdir())  # refused before anything was made

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ctypes
 import datetime as dt
+import importlib
 import json
 import logging
 import os
@@ -26,6 +27,19 @@ from halflife_client.client import DEFAULT_PORT, DEFAULT_TARGET
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2  # argparse's status for a usage error
+
+
+def _runtime_missing(command: str) -> bool:
+    """True, said in one line, where onnxruntime cannot be imported: the
+    commands that run the model need it, and only the cpu or gpu extra
+    brings it (a failed `make install-gpu` leaves neither)."""
+    try:
+        importlib.import_module("onnxruntime")
+    except ImportError:
+        print(f"halflife {command}: error: onnxruntime is not installed: pip install 'halflife[cpu]' "
+              "(or 'halflife[gpu]' on a CUDA machine)", file=sys.stderr)
+        return True
+    return False
 
 
 def _add_export(commands: argparse._SubParsersAction) -> None:
@@ -58,6 +72,8 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    if _runtime_missing("export"):  # not the export stack's to install: it was blamed
+        return EXIT_FAILURE
     try:
         from halflife_export.exporter import ExportError, ExportOptions, export_model
     except ImportError as exc:
@@ -228,11 +244,7 @@ def _port(value: str) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        print("halflife serve: error: onnxruntime is not installed: pip install 'halflife[cpu]' "
-              "(or 'halflife[gpu]' on a CUDA machine)", file=sys.stderr)
+    if _runtime_missing("serve"):
         return EXIT_FAILURE
     from halflife.api.server import ServerConfig, claim_data_dir, serve
     from halflife.config import ConfigError, load_config
@@ -673,6 +685,8 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    if _runtime_missing("eval"):  # it embeds the dataset in process, --target or not
+        return EXIT_FAILURE
     try:
         from halflife.eval.runner import TargetError, run
     except ImportError as exc:
