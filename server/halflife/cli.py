@@ -672,8 +672,8 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/ml-latest-small"),
                         help="MovieLens-shaped directory (ratings.csv, movies.csv, tags.csv; default "
                              "../shared/data/ml-latest-small, from the working directory)")
-    parser.add_argument("--model-dir", type=Path, default=Path("var/models/all-MiniLM-L6-v2"),
-                        help="exported model (default var/models/all-MiniLM-L6-v2)")
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR,
+                        help=f"exported model (default {DEFAULT_MODEL_DIR})")
     parser.add_argument("--out", type=Path, default=Path("bench/results/eval"),
                         help="results.json and PNGs (default bench/results/eval: replaces the committed results)")
     parser.add_argument("--cache-dir", type=Path, default=Path("var/eval-cache"),
