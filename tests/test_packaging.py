@@ -97,3 +97,13 @@ def test_the_commands_that_run_the_model_name_the_extra_that_brings_its_runtime(
         assert result.stderr.strip() == (f"halflife {command}: error: onnxruntime is not installed: pip install "
                                          "'halflife[cpu]' (or 'halflife[gpu]' on a CUDA machine)"), result.stderr
     assert not list(tmp_path.iterdir())  # refused before anything was made
+
+
+def test_export_names_the_extra_of_a_missing_export_stack(tmp_path):
+    """Its line was never reached: the export imports the stack where it
+    uses it, so torch missing was a traceback from the export's first step."""
+    result = halflife_without(EXPORT_STACK, "export", "--output", str(tmp_path / "model"))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == ("halflife export: error: the export stack is not installed (torch); install it "
+                                     "with `pip install 'halflife[export]'` (or `make install`)"), result.stderr
+    assert not list(tmp_path.iterdir())

@@ -10,6 +10,7 @@ PyTorch model on a fixed sentence set, and write the manifest last.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -189,6 +190,14 @@ class _Progress:
         result = fn(*args, **kwargs)
         self.sink(f"[{self.step}/{self.total}] {title}: done in {time.perf_counter() - started:.1f} s")
         return result
+
+
+def import_export_stack() -> None:
+    """Imports the export extra's packages, which the steps import where they
+    use them: one not installed is an ImportError naming it before the
+    export starts, not a traceback from its first step."""
+    for name in ("torch", "transformers", "optimum.exporters.onnx", "onnx"):
+        importlib.import_module(name)
 
 
 def max_opset() -> int:

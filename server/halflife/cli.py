@@ -75,7 +75,9 @@ def _run_export(args: argparse.Namespace) -> int:
     if _runtime_missing("export"):  # not the export stack's to install: it was blamed
         return EXIT_FAILURE
     try:
-        from halflife_export.exporter import ExportError, ExportOptions, export_model
+        from halflife_export.exporter import ExportError, ExportOptions, export_model, import_export_stack
+
+        import_export_stack()
     except ImportError as exc:
         raise SystemExit(
             f"halflife export: error: the export stack is not installed ({exc.name}); "
