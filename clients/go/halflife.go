@@ -66,10 +66,12 @@ var DefaultTimeout = 10 * time.Second
 // RetryAttempts is how many times in all Dial's connection tries a call that
 // fails UNAVAILABLE (a connection dropped, a server starting or restarting) or
 // that a server shutting down answers CANCELLED (calls it had not started:
-// grpc/grpc#41785), with jittered backoff from 100 ms, doubling (0-100,
-// 0-200, 0-400 ms: at most 0.7 s of waiting, for a blip, not a restart,
-// which the caller retries). Every Halflife call is safe to repeat; no other
-// status is retried, and neither is a cancel or deadline of the caller's own
+// grpc/grpc#41785), and a RecordEvents that fails ABORTED (items its events
+// name changed under each of the server's tries: nothing was recorded), with
+// jittered backoff from 100 ms, doubling (0-100, 0-200, 0-400 ms: at most
+// 0.7 s of waiting, for a blip, not a restart, which the caller retries).
+// Every Halflife call is safe to repeat; no other status is retried (nor
+// another call's ABORTED), and neither is a cancel or deadline of the caller's own
 // (one that comes during a backoff ends the call CANCELLED or DEADLINE_EXCEEDED)
 // nor a call on a closed connection.
 // As the Python client does.
@@ -181,7 +183,7 @@ func deadlineAndRetries(timeout time.Duration) grpc.UnaryClientInterceptor {
 				// the Python and Node clients report it, not an Unavailable that says "retry" (a review).
 				return status.Error(codes.Canceled, "halflife: the client was closed: "+status.Convert(err).Message())
 			}
-			if attempt == RetryAttempts || (code != codes.Unavailable && code != codes.Canceled) || ctx.Err() != nil {
+			if attempt == RetryAttempts || !retryable(method, code) || ctx.Err() != nil {
 				return err // ctx.Err(): the caller's own cancel or deadline, not the server's
 			}
 			// Closed by Close: CANCELLED too, but no retry can succeed.
@@ -196,6 +198,19 @@ func deadlineAndRetries(timeout time.Duration) grpc.UnaryClientInterceptor {
 			backoff *= 2
 		}
 	}
+}
+
+// retryable says whether a try of method that failed with code is tried again
+// (see RetryAttempts). ABORTED is RecordEvents' "nothing was recorded, resend";
+// elsewhere it can mean a conflict to redo at a higher level (AIP-194).
+func retryable(method string, code codes.Code) bool {
+	switch code {
+	case codes.Unavailable, codes.Canceled:
+		return true
+	case codes.Aborted:
+		return method == "/halflife.v1.InterestService/RecordEvents"
+	}
+	return false
 }
 
 // jitterRand is this package's own source, seeded from the clock: Go 1.19

@@ -132,12 +132,18 @@ func serveCode(t *testing.T, code codes.Code) (address string, server *codeServe
 // serveEmbedding starts an in-process EmbeddingService on 127.0.0.1, stopped when the test ends.
 func serveEmbedding(t *testing.T, service pb.EmbeddingServiceServer) (address string) {
 	t.Helper()
+	return serve(t, func(s *grpc.Server) { pb.RegisterEmbeddingServiceServer(s, service) })
+}
+
+// serve starts an in-process server on 127.0.0.1 of the services register adds, stopped when the test ends.
+func serve(t *testing.T, register func(*grpc.Server)) (address string) {
+	t.Helper()
 	listener, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	s := grpc.NewServer()
-	pb.RegisterEmbeddingServiceServer(s, service)
+	register(s)
 	go s.Serve(listener)
 	t.Cleanup(s.Stop)
 	return listener.Addr().String()
@@ -168,6 +174,45 @@ func TestWhichStatusesAreRetried(t *testing.T) {
 				t.Fatalf("got %v after %d tries, want %v after %d", err, tries, test.code, test.tries)
 			}
 		})
+	}
+}
+
+// abortingInterest answers ABORTED to its first aborts RecordEvents calls (as
+// the server does when the events' items change under each of its tries) and
+// to every GetProfile, counting the tries of each.
+type abortingInterest struct {
+	pb.UnimplementedInterestServiceServer
+	aborts                    int32
+	recordTries, profileTries int32
+}
+
+func (s *abortingInterest) RecordEvents(_ context.Context, req *pb.RecordEventsRequest) (*pb.RecordEventsResponse, error) {
+	if atomic.AddInt32(&s.recordTries, 1) <= s.aborts {
+		return nil, status.Error(codes.Aborted, "items changed; nothing was recorded, retry")
+	}
+	return &pb.RecordEventsResponse{AcceptedCount: int32(len(req.Events))}, nil
+}
+
+func (s *abortingInterest) GetProfile(context.Context, *pb.GetProfileRequest) (*pb.GetProfileResponse, error) {
+	atomic.AddInt32(&s.profileTries, 1)
+	return nil, status.Error(codes.Aborted, "never retried")
+}
+
+func TestAbortedIsRetriedForRecordEventsOnly(t *testing.T) {
+	restore := halflife.SetBackoffJitter(func(time.Duration) time.Duration { return 0 })
+	defer restore()
+	server := &abortingInterest{aborts: halflife.RetryAttempts - 1}
+	c, _ := dialCounting(t, serve(t, func(s *grpc.Server) { pb.RegisterInterestServiceServer(s, server) }))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	event := &pb.Event{EventId: "e-1", UserId: "u-1", Type: pb.EventType_EVENT_TYPE_VIEW, ItemId: "i-1"}
+	reply, err := c.Interest.RecordEvents(ctx, &pb.RecordEventsRequest{Events: []*pb.Event{event}})
+	if tries := atomic.LoadInt32(&server.recordTries); err != nil || reply.AcceptedCount != 1 || tries != halflife.RetryAttempts {
+		t.Fatalf("RecordEvents: got %v after %d tries, want success after %d", err, tries, halflife.RetryAttempts)
+	}
+	_, err = c.Interest.GetProfile(ctx, &pb.GetProfileRequest{UserId: "u-1"})
+	if tries := atomic.LoadInt32(&server.profileTries); status.Code(err) != codes.Aborted || tries != 1 {
+		t.Fatalf("GetProfile: got %v after %d tries, want Aborted after 1", err, tries)
 	}
 }
 
