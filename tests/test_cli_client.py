@@ -17,7 +17,7 @@ import pytest
 
 from halflife.api.server import ServerConfig
 from halflife.config import Config, RankingConfig
-from halflife.v1 import embedding_pb2, embedding_pb2_grpc, interest_pb2
+from halflife.v1 import embedding_pb2, embedding_pb2_grpc, interest_pb2, interest_pb2_grpc
 from halflife_client import Event, HalflifeClient, Item
 from tests.serving import ServerThread, silent_server, stand_in
 
@@ -401,6 +401,37 @@ def test_client_retries_unavailable_and_a_servers_cancel_only():
         with HalflifeClient(address) as client:
             assert client.embed(["big" + "x" * 40_000] * 10).shape == (10, 1)
             assert flaky.attempts["Embed"] == 2
+
+
+class ChurnedInterest(interest_pb2_grpc.InterestServiceServicer):
+    """Answers ABORTED to the first two RecordEvents calls (as the server does
+    when the events' items change under each of its tries) and to every
+    GetProfile; counts the attempts it sees."""
+
+    def __init__(self):
+        self.attempts = {"RecordEvents": 0, "GetProfile": 0}
+
+    def RecordEvents(self, request, context):
+        self.attempts["RecordEvents"] += 1
+        if self.attempts["RecordEvents"] <= 2:
+            context.abort(grpc.StatusCode.ABORTED, "items changed; nothing was recorded, retry")
+        return interest_pb2.RecordEventsResponse(accepted_count=len(request.events))
+
+    def GetProfile(self, request, context):
+        self.attempts["GetProfile"] += 1
+        context.abort(grpc.StatusCode.ABORTED, "never retried")
+
+
+def test_client_retries_aborted_for_record_events_only():
+    churned = ChurnedInterest()
+    with stand_in(interest_pb2_grpc.add_InterestServiceServicer_to_server, churned, threads=2) as address:
+        with HalflifeClient(address) as client:
+            assert client.record_events([Event("e-1", "u-1", VIEW, "i-1")]) == (1, 0)
+            assert churned.attempts["RecordEvents"] == 3  # ABORTED twice: nothing recorded, resent
+            with pytest.raises(grpc.RpcError) as aborted:
+                client.profile("u-1")
+            assert aborted.value.code() == grpc.StatusCode.ABORTED
+            assert churned.attempts["GetProfile"] == 1
 
 
 @pytest.mark.parametrize("timeout", [float("inf"), 1e10])

@@ -1524,11 +1524,16 @@ def test_record_events_answers_aborted_when_its_items_change_at_every_try(server
     monkeypatch.setattr(engine, "_item_vectors", read_then_update)
     event = interest_pb2.Event(event_id="churn-1", user_id="churn-user", type=LIKE, item_id="churning",
                                event_time=to_pb_timestamp(time.time() - 60))
-    with pytest.raises(grpc.RpcError) as caught:
-        client.record_events([event])
+    with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as caught:  # no retries
+        interest_pb2_grpc.InterestServiceStub(channel).RecordEvents(
+            interest_pb2.RecordEventsRequest(events=[event]), timeout=30)
     assert caught.value.code() == grpc.StatusCode.ABORTED
     assert "nothing was recorded" in caught.value.details()
     assert len(tries) == 3
+    with pytest.raises(grpc.RpcError) as caught:
+        client.record_events([event])  # the client resends it as the status asks, 4 tries in all
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+    assert len(tries) == 3 + 4 * 3
     monkeypatch.setattr(engine, "_item_vectors", read)
     assert client.profile("churn-user").event_counts == []
     assert client.record_events([event]) == (1, 0)  # the retry the status asks for

@@ -16,8 +16,11 @@ waiting in all, for a blip, not a restart that takes seconds, which the
 caller retries), as are those a server
 shutting down answers CANCELLED: it cancels calls that had arrived but not
 reached a handler yet (grpc/grpc#41785), and every Halflife call is safe to
-repeat. No other status is retried, so a rejected request is never silently
-re-sent. (A cancel of the caller's own is never retried.)
+repeat. A RecordEvents that fails ABORTED (items its events name changed
+under each of the server's tries: nothing was recorded) is retried the same
+way; other calls' ABORTED is not. No other status is retried, so a rejected
+request is never silently re-sent. (A cancel of the caller's own is never
+retried.)
 """
 
 from __future__ import annotations
@@ -57,6 +60,19 @@ MAX_TIMEOUT_S = 1e9
 MiB = 1 << 20
 MAX_RECONNECT_BACKOFF_MS = 2_000
 
+
+def _retry_policy(*also_retryable: str) -> dict:
+    """gRPC's retries: 4 tries of a call that failed UNAVAILABLE or CANCELLED
+    (or one of `also_retryable`), with jittered backoff from 0.1 s."""
+    return {
+        "maxAttempts": 4,
+        "initialBackoff": "0.1s",
+        "maxBackoff": "2s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED", *also_retryable],
+    }
+
+
 _RETRY_SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
@@ -67,14 +83,15 @@ _RETRY_SERVICE_CONFIG = json.dumps(
                     {"service": "halflife.v1.InterestService"},
                     {"service": "halflife.v1.RecommendService"},
                 ],
-                "retryPolicy": {
-                    "maxAttempts": 4,
-                    "initialBackoff": "0.1s",
-                    "maxBackoff": "2s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
-                },
-            }
+                "retryPolicy": _retry_policy(),
+            },
+            # RecordEvents' ABORTED is the server's "nothing was recorded, resend" (items its events name changed
+            # under each of its tries). Elsewhere ABORTED can mean a conflict to redo at a higher level (AIP-194),
+            # so only here; gRPC takes a method's own entry over its service's.
+            {
+                "name": [{"service": "halflife.v1.InterestService", "method": "RecordEvents"}],
+                "retryPolicy": _retry_policy("ABORTED"),
+            },
         ]
     }
 )
@@ -329,11 +346,12 @@ class HalflifeClient:
 
     The client makes its channel to `target` (checked, and given DEFAULT_PORT
     when it names no port, by server_target) with CHANNEL_OPTIONS (retries of
-    UNAVAILABLE, 64 MiB messages): plaintext, or TLS with `credentials`
-    (grpc.ssl_channel_credentials(...)); `interceptors` (grpc client
-    interceptors: auth metadata, logging) wrap it. A `channel` of your own is
-    used as it is, without CHANNEL_OPTIONS unless it was made with them (a
-    review: such a client refused replies over 4 MiB and retried nothing)."""
+    UNAVAILABLE, CANCELLED and RecordEvents' ABORTED, 64 MiB messages):
+    plaintext, or TLS with `credentials` (grpc.ssl_channel_credentials(...));
+    `interceptors` (grpc client interceptors: auth metadata, logging) wrap it.
+    A `channel` of your own is used as it is, without CHANNEL_OPTIONS unless
+    it was made with them (a review: such a client refused replies over 4 MiB
+    and retried nothing)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = DEFAULT_TIMEOUT_S, channel=None,
                  credentials: grpc.ChannelCredentials | None = None, interceptors: Sequence = ()):
