@@ -7,7 +7,7 @@
  * Errors are `ConnectError`s; `fieldViolations(error)` reads the
  * google.rpc.BadRequest the server attaches to INVALID_ARGUMENT / NOT_FOUND.
  */
-import { create, toBinary } from "@bufbuild/protobuf";
+import { create, toBinary, type DescMethod } from "@bufbuild/protobuf";
 import { timestampDate, timestampFromDate, type Timestamp } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, type CallOptions, type Client, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
@@ -52,12 +52,14 @@ const HTTP2_WINDOW_BYTES = 65_535;
 /**
  * How many times in all a call is tried when it fails `Unavailable` (a dropped
  * or reset connection, a server starting or restarting) or a server shutting
- * down answers `Canceled` (calls it had not started: grpc/grpc#41785), with
- * jittered backoff from 100 ms, doubling (0-100, 0-200, 0-400 ms: at most
- * 0.7 s of waiting, for a blip, not a restart, which the caller retries),
- * within the call's deadline. Every Halflife call is safe to repeat; no other
- * code is retried, nor a cancel of the caller's own. As the Python and Go
- * clients do.
+ * down answers `Canceled` (calls it had not started: grpc/grpc#41785), and a
+ * `recordEvents` that fails `Aborted` (items its events name changed under
+ * each of the server's tries: nothing was recorded), with jittered backoff
+ * from 100 ms, doubling (0-100, 0-200, 0-400 ms: at most 0.7 s of waiting, for
+ * a blip, not a restart, which the caller retries), within the call's
+ * deadline. Every Halflife call is safe to repeat; no other code is retried
+ * (nor another call's `Aborted`), nor a cancel of the caller's own. As the
+ * Python and Go clients do.
  */
 export const RETRY_ATTEMPTS = 4;
 
@@ -232,8 +234,7 @@ function retries(closed: () => boolean): Interceptor {
       } catch (thrown) {
         if (request.signal.aborted) throw cancelled(request.signal.reason);
         const error = asGrpcCode(thrown);
-        const retryable = error.code === Code.Unavailable || error.code === Code.Canceled;
-        if (attempt === RETRY_ATTEMPTS || !retryable || closed()) throw error;
+        if (attempt === RETRY_ATTEMPTS || !retryable(request.method, error.code) || closed()) throw error;
         const waited = await new Promise<boolean>((resolve) => {
           const stop = () => (clearTimeout(timer), resolve(false));
           const wake = () => (request.signal.removeEventListener("abort", stop), resolve(true));
@@ -245,6 +246,16 @@ function retries(closed: () => boolean): Interceptor {
       }
     }
   };
+}
+
+/**
+ * Whether a try of `method` that failed `code` is tried again (see RETRY_ATTEMPTS). `Aborted` is
+ * RecordEvents' "nothing was recorded, resend"; elsewhere it can mean a conflict to redo at a higher
+ * level (AIP-194).
+ */
+function retryable(method: DescMethod, code: Code): boolean {
+  if (code === Code.Aborted) return method === InterestService.method.recordEvents;
+  return code === Code.Unavailable || code === Code.Canceled;
 }
 
 /**

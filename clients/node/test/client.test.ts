@@ -1,4 +1,6 @@
+import { connectNodeAdapter } from "@connectrpc/connect-node";
 import assert from "node:assert/strict";
+import { createServer as createHttp2Server } from "node:http2";
 import { createServer, type Server, type Socket } from "node:net";
 import { after, before, describe, it } from "node:test";
 
@@ -11,6 +13,7 @@ import {
   RETRY_ATTEMPTS,
   Strategy,
   fieldViolations,
+  interest,
   serverUrl,
   type Interceptor,
 } from "../src/index.js";
@@ -36,7 +39,11 @@ const ITEMS = [
 
 /** A TCP server on loopback doing `onConnection` with each connection, and its "host:port". */
 async function listening(onConnection: (socket: Socket) => void): Promise<{ server: Server; address: string }> {
-  const server = createServer(onConnection);
+  return listen(createServer(onConnection));
+}
+
+/** `server` listening on loopback, and its "host:port". */
+async function listen(server: Server): Promise<{ server: Server; address: string }> {
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
   return { server, address: `127.0.0.1:${(server.address() as { port: number }).port}` };
 }
@@ -327,6 +334,31 @@ describe("retries", () => {
     assert.equal(tries(), RETRY_ATTEMPTS);
     client.close();
     resetting.server.close();
+  });
+
+  it("retries recordEvents that fails Aborted, and no other call's Aborted", async () => {
+    // Aborted as the server answers when the events' items change under each of its tries: nothing recorded.
+    const tries = { recordEvents: 0, getProfile: 0 };
+    const aborting = await listen(createHttp2Server(connectNodeAdapter({
+      routes: (router) => router.service(interest.InterestService, {
+        recordEvents(request) {
+          if (++tries.recordEvents < RETRY_ATTEMPTS) throw new ConnectError("nothing was recorded", Code.Aborted);
+          return { acceptedCount: request.events.length };
+        },
+        getProfile() {
+          tries.getProfile++;
+          throw new ConnectError("never retried", Code.Aborted);
+        },
+      }),
+    })));
+    const client = new HalflifeClient(aborting.address, { timeoutMs: 30_000 });
+    const event = { eventId: "e-1", userId: "u-1", type: "view", itemId: "i-1" } as const;
+    assert.deepEqual(await client.recordEvents([event]), { accepted: 1, duplicates: 0 });
+    assert.equal(tries.recordEvents, RETRY_ATTEMPTS);
+    await assert.rejects(client.profile("u-1"), codeOf(Code.Aborted));
+    assert.equal(tries.getProfile, 1);
+    client.close();
+    aborting.server.close();
   });
 
   it("reports a cancel during the backoff as Canceled, and wrapper calls take a signal (an audit)", async () => {
