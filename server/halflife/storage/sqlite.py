@@ -453,9 +453,9 @@ class SqliteStore:
                 # immutable one) read-only without a word, and every write then failed UNAVAILABLE "retry"
                 # while health said SERVING (an operations review).
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                if version != SCHEMA_VERSION:
-                    log.info("migrated %s from schema %d to %d", self.path, version, SCHEMA_VERSION)
                 conn.execute("COMMIT")
+                if version != SCHEMA_VERSION:  # after the commit: one that failed (a full disk) migrated nothing
+                    log.info("migrated %s from schema %d to %d", self.path, version, SCHEMA_VERSION)
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
