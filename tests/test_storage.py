@@ -428,6 +428,21 @@ def test_a_row_damaged_on_disk_stops_serve_in_one_line(model_dir, tmp_path, dama
     assert f"halflife serve: error: {named}" in result.stderr.splitlines()[-1], result.stderr
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_store_with_damaged_pages_stops_serve_naming_the_file_and_the_way_back(model_dir, tmp_path, workers):
+    """It said only "database disk image is malformed" (an operations review)."""
+    with SqliteStore(tmp_path / "data") as store:
+        store.upsert_items([item(f"i{n}", text="x" * 2000) for n in range(50)])  # pages past the schema's
+    path = tmp_path / "data" / DB_NAME
+    with open(path, "r+b") as db:  # every page after the first two overwritten: the b-trees are garbage
+        db.seek(2 * 4096)
+        db.write(b"\xff" * (path.stat().st_size - 2 * 4096))
+    result = serve_once(model_dir, tmp_path / "data", workers=workers, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("halflife serve: error: ") and result.stderr.splitlines()[-1].endswith(
+        f'({path}: restore it from a backup, docs/interest.md "Storage")'), result.stderr
+
+
 @pytest.mark.parametrize("what", ["items", "events only"])
 def test_a_store_built_with_a_model_of_another_size_stops_serve_in_one_line(model_dir, tmp_path, what):
     """A data directory served with another model: a ValueError's traceback

@@ -295,7 +295,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             lock = claim_data_dir(args.data_dir)
         run_event_loop(serve(config, parent_pid=args.parent_pid, ready_fd=args.ready_fd))
     except (ManifestError, StoreError, OSError) as exc:
-        print(f"halflife serve: error: {exc}", file=sys.stderr)
+        print(_start_refused(exc, args.data_dir), file=sys.stderr)
         if lock is not None and new_data_dir:
             _remove_unused_data_dir(lock, args.data_dir)
         return EXIT_FAILURE
@@ -368,8 +368,21 @@ def _run_workers(args: argparse.Namespace) -> int:
         print(f"halflife serve: error: config: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except (ManifestError, StoreError, OSError) as exc:
-        print(f"halflife serve: error: {exc}", file=sys.stderr)
+        print(_start_refused(exc, args.data_dir), file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _start_refused(exc: BaseException, data_dir: Path) -> str:
+    """serve's one line for a start it gave up: a damaged store's names the
+    file and the way back (SQLite's "database disk image is malformed" said
+    neither: an operations review)."""
+    from halflife.storage.base import StoreDamagedError
+    from halflife.storage.sqlite import DB_NAME
+
+    if isinstance(exc, StoreDamagedError):
+        return (f"halflife serve: error: {exc} ({data_dir / DB_NAME}: restore it from a backup, "
+                'docs/interest.md "Storage")')
+    return f"halflife serve: error: {exc}"
 
 
 WORKERS_CONFIG = "workers-config.toml"  # in the data directory, for a --workers group's life
