@@ -614,12 +614,12 @@ def test_server_target_refuses_what_grpc_would_wrap_or_misread(target, error):
 
 
 def test_the_package_exports_the_names_the_readme_gives_it():
-    """README.md names these as halflife_client's; DEFAULT_PORT and
-    server_target were only in halflife_client.client (an AttributeError)."""
+    """clients/python/README.md names these as halflife_client's; DEFAULT_PORT
+    and server_target were only in halflife_client.client (an AttributeError)."""
     import halflife_client
 
-    named = {"HalflifeClient", "AsyncHalflifeClient", "Item", "Event", "field_violations", "CHANNEL_OPTIONS",
-             "DEFAULT_PORT", "server_target"}
+    named = {"HalflifeClient", "AsyncHalflifeClient", "Item", "Event", "ModelInfo", "field_violations", "rich_status",
+             "to_timestamp", "CHANNEL_OPTIONS", "DEFAULT_PORT", "server_target"}
     assert named <= set(halflife_client.__all__)
     assert halflife_client.DEFAULT_PORT == 50051 and halflife_client.server_target("localhost") == "localhost:50051"
 
