@@ -18,7 +18,7 @@ import pytest
 from halflife.api.server import ServerConfig
 from halflife.config import Config, RankingConfig
 from halflife.v1 import embedding_pb2, embedding_pb2_grpc, interest_pb2, interest_pb2_grpc
-from halflife_client import Event, HalflifeClient, Item
+from halflife_client import Event, Filter, HalflifeClient, Item
 from tests.serving import ServerThread, silent_server, stand_in
 
 VIEW = interest_pb2.EVENT_TYPE_VIEW
@@ -618,8 +618,8 @@ def test_the_package_exports_the_names_the_readme_gives_it():
     and server_target were only in halflife_client.client (an AttributeError)."""
     import halflife_client
 
-    named = {"HalflifeClient", "AsyncHalflifeClient", "Item", "Event", "ModelInfo", "field_violations", "rich_status",
-             "to_timestamp", "CHANNEL_OPTIONS", "DEFAULT_PORT", "server_target"}
+    named = {"HalflifeClient", "AsyncHalflifeClient", "Item", "Event", "Filter", "ModelInfo", "field_violations",
+             "rich_status", "to_timestamp", "CHANNEL_OPTIONS", "DEFAULT_PORT", "server_target"}
     assert named <= set(halflife_client.__all__)
     assert halflife_client.DEFAULT_PORT == 50051 and halflife_client.server_target("localhost") == "localhost:50051"
 
@@ -728,7 +728,9 @@ def test_arguments_of_the_wrong_type_are_type_errors_that_name_them(make, messag
     lambda client: client.get_items("123"),
     lambda client: client.embed("hello"),
     lambda client: client.upsert_items([Item(id="shoe", text="Trail shoes", categories="Shoes")]),
-], ids=["delete_items", "get_items", "embed", "categories"])
+    lambda client: client.recommend("u", item_filter=Filter(include_categories="hiking")),
+    lambda client: client.similar_items(text="tents", item_filter=Filter(exclude_item_ids="tent-2p")),
+], ids=["delete_items", "get_items", "embed", "categories", "recommend filter", "similar filter"])
 def test_one_string_where_the_client_takes_several_is_a_type_error(call):
     """delete_items("audit") deleted the items a, u, d, i and t (an audit):
     a string is a sequence of its characters. Refused before any call."""

@@ -151,6 +151,20 @@ class Item:
 
 
 @dataclasses.dataclass(frozen=True)
+class Filter:
+    """Which items `recommend` and `similar_items` may return (ItemFilter):
+    checked as Item's lists are, where the generated message took one
+    string for its characters (include_categories="hiking": "h", "i", ...)."""
+    include_categories: Sequence[str] = ()
+    exclude_categories: Sequence[str] = ()
+    exclude_item_ids: Sequence[str] = ()
+
+    def to_proto(self) -> recommend_pb2.ItemFilter:
+        return recommend_pb2.ItemFilter(**{field.name: _strings(field.name, getattr(self, field.name))
+                                           for field in dataclasses.fields(self)})
+
+
+@dataclasses.dataclass(frozen=True)
 class Event:
     event_id: str
     user_id: str
@@ -287,7 +301,7 @@ def _recommend_request(user_id, limit, as_of, include_seen, query, explain, dive
     if as_of is not None:
         request.as_of_time.CopyFrom(to_timestamp(as_of))
     if item_filter is not None:
-        request.filter.CopyFrom(item_filter)
+        request.filter.CopyFrom(_protos([item_filter], recommend_pb2.ItemFilter)[0])
     return request
 
 
@@ -300,7 +314,7 @@ def _similar_request(item_id, text, limit, item_filter):
     else:
         request.text = text
     if item_filter is not None:
-        request.filter.CopyFrom(item_filter)
+        request.filter.CopyFrom(_protos([item_filter], recommend_pb2.ItemFilter)[0])
     return request
 
 
@@ -409,14 +423,14 @@ class HalflifeClient:
     def recommend(
         self, user_id: str, limit: int = 10, *, as_of: dt.datetime | None = None, include_seen: bool = False,
         query: str = "", explain: bool = False, diversity: float = 0.0,
-        item_filter: recommend_pb2.ItemFilter | None = None, timeout: float | None = None,
+        item_filter: Filter | recommend_pb2.ItemFilter | None = None, timeout: float | None = None,
     ) -> recommend_pb2.RecommendResponse:
         request = _recommend_request(user_id, limit, as_of, include_seen, query, explain, diversity, item_filter)
         return self._recommend.Recommend(request, timeout=_deadline(timeout, self.timeout))
 
     def similar_items(
         self, *, item_id: str | None = None, text: str | None = None, limit: int = 10,
-        item_filter: recommend_pb2.ItemFilter | None = None, timeout: float | None = None,
+        item_filter: Filter | recommend_pb2.ItemFilter | None = None, timeout: float | None = None,
     ) -> recommend_pb2.SimilarItemsResponse:
         return self._recommend.SimilarItems(_similar_request(item_id, text, limit, item_filter), timeout=_deadline(timeout, self.timeout))
 
@@ -499,14 +513,14 @@ class AsyncHalflifeClient:
     async def recommend(
         self, user_id: str, limit: int = 10, *, as_of: dt.datetime | None = None, include_seen: bool = False,
         query: str = "", explain: bool = False, diversity: float = 0.0,
-        item_filter: recommend_pb2.ItemFilter | None = None, timeout: float | None = None,
+        item_filter: Filter | recommend_pb2.ItemFilter | None = None, timeout: float | None = None,
     ) -> recommend_pb2.RecommendResponse:
         request = _recommend_request(user_id, limit, as_of, include_seen, query, explain, diversity, item_filter)
         return await self._recommend.Recommend(request, timeout=_deadline(timeout, self.timeout))
 
     async def similar_items(
         self, *, item_id: str | None = None, text: str | None = None, limit: int = 10,
-        item_filter: recommend_pb2.ItemFilter | None = None, timeout: float | None = None,
+        item_filter: Filter | recommend_pb2.ItemFilter | None = None, timeout: float | None = None,
     ) -> recommend_pb2.SimilarItemsResponse:
         return await self._recommend.SimilarItems(_similar_request(item_id, text, limit, item_filter), timeout=_deadline(timeout, self.timeout))
 
