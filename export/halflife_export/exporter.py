@@ -24,7 +24,15 @@ from typing import Callable
 
 import numpy as np
 
-from halflife.embedding.engine import CPU, CUDA, EmbeddingEngine, load_tokenizer, model_inputs, session_options
+from halflife.embedding.engine import (
+    CPU,
+    CUDA,
+    EmbeddingEngine,
+    load_tokenizer,
+    model_inputs,
+    session_options,
+    tokenizer_input,
+)
 from halflife.embedding.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -66,7 +74,8 @@ SENTENCE_TRANSFORMERS_POOLING = {
 # index + 1 (RoBERTa and its kin: XLM-R, CamemBERT, MPNet, data2vec-text, I-BERT, ...).
 POSITIONS_AFTER_PADDING = "create_position_ids_from_input_ids"
 
-# Fixed validation set: short, long, punctuation-only, non-English and mixed inputs.
+# Fixed validation set: short, long, punctuation-only, non-English and mixed inputs, and whitespace around a text
+# (which sentence-transformers strips, and a byte-level BPE tokenizer would read as tokens).
 VALIDATION_SENTENCES = (
     "hi",
     "A man is playing a guitar on stage while the crowd cheers.",
@@ -80,6 +89,7 @@ VALIDATION_SENTENCES = (
     " ".join(["Long inputs test padding, attention masks and positions across many tokens."] * 14),
     "cheap flights to lisbon",
     "The quarterly report shows revenue grew 12% while costs fell.",
+    "  Whitespace before and after a text is no part of it.\n",
 )
 
 # The fixed sentences stop near 212 tokens, short of most models' limit, so
@@ -777,9 +787,9 @@ def _pad_token_id(config) -> int:
 
 
 def reference_embeddings(source_path: Path, sentences, pooling: str, max_tokens: int, input_names) -> np.ndarray:
-    """PyTorch embeddings, one sentence at a time (no padding at all), from
-    the inputs the ONNX graph takes (`input_names`), as the server feeds it:
-    (n, dim)."""
+    """PyTorch embeddings, one sentence at a time (no padding at all), of
+    each sentence's `tokenizer_input`, from the inputs the ONNX graph takes
+    (`input_names`), as the server feeds it: (n, dim)."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -788,7 +798,7 @@ def reference_embeddings(source_path: Path, sentences, pooling: str, max_tokens:
     rows = []
     with torch.inference_mode():
         for sentence in sentences:
-            encoded = tokenizer(sentence, truncation=True, max_length=max_tokens, return_tensors="pt")
+            encoded = tokenizer(tokenizer_input(sentence), truncation=True, max_length=max_tokens, return_tensors="pt")
             # A tokenizer may return more (DistilBERT's token_type_ids) than the model takes.
             inputs = {name: encoded[name] for name in input_names if name in encoded}
             hidden = model(**inputs).last_hidden_state.numpy()
