@@ -381,6 +381,28 @@ def test_more_input_tokens_than_the_model_has_positions_for_is_a_manifest_error(
         EmbeddingEngine.load(copy, provider="cpu").warm_up()
 
 
+def test_a_model_whose_pad_token_is_the_last_of_its_vocabulary_serves(tmp_path):
+    """A pad token added last (add_special_tokens, resize_token_embeddings: fine-tuned decoder embedders) exported,
+    but serve refused to start: warm_up and release_memory fed pad_token_id + 1, past the vocabulary (a review)."""
+    from halflife.embedding.engine import ARENA_KEEP_TOKENS
+    from halflife_export.exporter import ExportOptions, export_model
+
+    src = tiny_models.make_tiny_gpt2(tmp_path / "gpt2", added_pad_token="[PAD]")
+    out = tmp_path / "out"
+    manifest = export_model(ExportOptions(output=out, model=str(src), progress=lambda line: None))
+    vocabulary = json.loads((src / "config.json").read_text())["vocab_size"]
+    assert manifest.pad_token_id == vocabulary - 1
+    engine = EmbeddingEngine.load(out, provider="cpu")
+    engine.warm_up()
+    engine.forward([np.ones(64, dtype=np.int64)] * (ARENA_KEEP_TOKENS // 64 + 1))
+    engine.release_memory()
+    assert engine.memory_releases == 1
+    # The warm-up still pads, so a pad token just past the vocabulary still fails there.
+    copy = _edited_copy(out, tmp_path, lambda m, _: m.update(pad_token_id=vocabulary))
+    with pytest.raises(ManifestError, match=r"the model fails on 8 x 32 tokens, which its manifest allows"):
+        EmbeddingEngine.load(copy, provider="cpu").warm_up()
+
+
 def test_a_manifest_that_is_not_an_object_names_its_file(tmp_path):
     (tmp_path / "manifest.json").write_text("[]")
     with pytest.raises(ManifestError, match=f"{tmp_path / 'manifest.json'} is malformed: expected a JSON object"):

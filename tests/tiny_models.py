@@ -254,8 +254,10 @@ def make_tiny_qwen2(path: str | Path, seed: int = SEED) -> Path:
     return _save(Qwen2Model(config).eval(), tokenizer, Path(path))
 
 
-def make_tiny_gpt2(path: str | Path, seed: int = SEED) -> Path:
-    """A random GPT-2 decoder (n_embd 32, 2 layers, 2 heads, 64 positions), byte-level BPE, no pad token."""
+def make_tiny_gpt2(path: str | Path, seed: int = SEED, added_pad_token: str | None = None) -> Path:
+    """A random GPT-2 decoder (n_embd 32, 2 layers, 2 heads, 64 positions), byte-level BPE, no pad token;
+    or `added_pad_token` added as fine-tuned decoder embedders add one: last in the vocabulary (add_special_tokens,
+    then resize_token_embeddings)."""
     import torch
     from transformers import GPT2Config, GPT2Model, GPT2TokenizerFast
 
@@ -280,6 +282,10 @@ def make_tiny_gpt2(path: str | Path, seed: int = SEED) -> Path:
     )
     torch.manual_seed(seed)
     model = GPT2Model(config).eval()
+    if added_pad_token is not None:
+        tokenizer.add_special_tokens({"pad_token": added_pad_token})
+        model.resize_token_embeddings(len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
     return _save(model, tokenizer, Path(path))
 
 

@@ -305,6 +305,16 @@ class EmbeddingEngine:
             raise ManifestError(f"{tokenizer_path} is not a loadable tokenizer: {exc}") from exc
 
     @property
+    def _filler_token_id(self) -> int:
+        """A token id for the passes of no text (warm_up, release_memory):
+        in the vocabulary and not padding. pad_token_id + 1 was past the
+        vocabulary where the pad token was added last (add_special_tokens,
+        then resize_token_embeddings: fine-tuned decoders), and serve refused
+        to start."""
+        pad = self.manifest.pad_token_id
+        return pad - 1 if pad > 0 else 1
+
+    @property
     def batch_tokens(self) -> int:
         """Padded tokens per forward pass at which this engine's provider runs best (BATCH_TOKENS)."""
         return BATCH_TOKENS.get(self.provider, BATCH_TOKENS[CPU])
@@ -379,8 +389,7 @@ class EmbeddingEngine:
             return
         shrink = ort.RunOptions()
         shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        feeds, _ = model_inputs([np.array([self.manifest.pad_token_id + 1])], self._input_names,
-                                self.manifest.pad_token_id)
+        feeds, _ = model_inputs([np.array([self._filler_token_id])], self._input_names, self.manifest.pad_token_id)
         self._session.run([self._output_name], feeds, shrink)
         self._arena_grown = False
         self.memory_releases += 1
@@ -395,8 +404,11 @@ class EmbeddingEngine:
         pad = self.manifest.pad_token_id
         for batch, tokens in ((1, 8), (8, 32), (4, 128), (1, WARM_UP_MAX_TOKENS)):
             tokens = min(tokens, self.max_input_tokens)
+            rows = [np.full(tokens, self._filler_token_id, dtype=np.int64)] * batch
+            if batch > 1 and tokens > 1:  # the last row a token short, so that padding (the pad id) runs too
+                rows[-1] = rows[-1][:-1]
             try:
-                vectors = self.forward([np.full(tokens, pad + 1, dtype=np.int64)] * batch)
+                vectors = self.forward(rows)
             except ORT_RUN_ERRORS as exc:
                 raise ManifestError(
                     f"{self.model_dir}: the model fails on {batch} x {tokens} tokens, which its manifest allows "
