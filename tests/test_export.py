@@ -506,6 +506,21 @@ def _sentence_transformers_two_poolings(tmp_path, sources):
     return ["--model", str(model)], "pools by cls_token + mean_tokens, which is not supported"
 
 
+def _sentence_transformers_cls_flag_alone(tmp_path, sources):
+    # sentence-transformers' Pooling(**config) keeps mean_tokens on (CLS + mean, 2 x dim): it was exported as CLS.
+    model = tiny_models.make_sentence_transformers(tmp_path / "st")
+    (model / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, "pooling_mode_cls_token": True}))
+    return ["--model", str(model)], "pools by cls_token + mean_tokens, which is not supported"
+
+
+def _sentence_transformers_max_pooling_by_name(tmp_path, sources):
+    model = tiny_models.make_sentence_transformers(tmp_path / "st")  # mean's flag on, but the name wins
+    config = json.loads((model / "1_Pooling" / "config.json").read_text())
+    (model / "1_Pooling" / "config.json").write_text(json.dumps({**config, "pooling_mode": "max"}))
+    return ["--model", str(model)], "pools by max_tokens, which is not supported"
+
+
 def _sentence_transformers_dense(tmp_path, sources):
     model = tiny_models.make_sentence_transformers(tmp_path / "st", extra_modules=("Dense",))
     return ["--model", str(model)], f"sentence-transformers Dense module {model / '2_Dense'} is not supported"
@@ -584,6 +599,8 @@ ERROR_CASES = {
     "left-truncation": (_left_truncation, (1,)),
     "st-max-pooling": (_sentence_transformers_max_pooling, (1,)),
     "st-two-poolings": (_sentence_transformers_two_poolings, (1,)),
+    "st-cls-flag-alone": (_sentence_transformers_cls_flag_alone, (1,)),
+    "st-max-pooling-by-name": (_sentence_transformers_max_pooling_by_name, (1,)),
     "st-dense": (_sentence_transformers_dense, (1,)),
     "st-lower-case": (_sentence_transformers_lower_case, (1,)),
     "st-malformed-modules": (_sentence_transformers_malformed_modules, (1,)),
@@ -910,16 +927,20 @@ def test_max_input_tokens_follow_sentence_transformers_max_seq_length_up_to_the_
     assert limit(None) == 16  # no sentence-transformers config: the tokenizer's
 
 
-@pytest.mark.parametrize("pooling", ["auto", "mean"])
-def test_sentence_transformers_pooling_module(pooling, tmp_path):
-    """--pooling auto serves what the Pooling module says (CLS here), as
-    sentence-transformers computes it (Transformer, CLS pooling, Normalize:
-    the reference's CLS; sentence-transformers is a bench dependency, not a
-    test one); an explicit --pooling wins, with a warning (validation cannot
-    tell its vectors from the model's apart)."""
+@pytest.mark.parametrize("pooling, written", [("auto", "flags"), ("mean", "flags"), ("auto", "name")])
+def test_sentence_transformers_pooling_module(pooling, written, tmp_path):
+    """--pooling auto serves what the Pooling module says (CLS here: its flag
+    on and mean's off, or its name, `pooling_mode`, which was refused as no
+    mode), as sentence-transformers computes it (Transformer, CLS pooling,
+    Normalize: the reference's CLS; sentence-transformers is a bench
+    dependency, not a test one); an explicit --pooling wins, with a warning
+    (validation cannot tell its vectors from the model's apart)."""
     from halflife_export.exporter import ExportOptions, export_model
 
     src = tiny_models.make_sentence_transformers(tmp_path / "st-cls", pooling=("cls_token",))
+    if written == "name":
+        (src / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
+                                                                   "pooling_mode": "cls"}))
     out = tmp_path / "out"
     lines: list[str] = []
     manifest = export_model(ExportOptions(output=out, model=str(src), pooling=pooling, progress=lines.append))

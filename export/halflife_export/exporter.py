@@ -69,6 +69,15 @@ SENTENCE_TRANSFORMERS_POOLING = {
     "pooling_mode_cls_token": "cls",
     "pooling_mode_lasttoken": "last_token",
 }
+# The Pooling module's `pooling_mode` names, by the config key each turns on (sentence_transformers.models.Pooling).
+SENTENCE_TRANSFORMERS_POOLING_NAMES = {
+    "cls": "pooling_mode_cls_token",
+    "lasttoken": "pooling_mode_lasttoken",
+    "max": "pooling_mode_max_tokens",
+    "mean": "pooling_mode_mean_tokens",
+    "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
+    "weightedmean": "pooling_mode_weightedmean_tokens",
+}
 
 # transformers' function for models whose position ids count from the padding
 # index + 1 (RoBERTa and its kin: XLM-R, CamemBERT, MPNet, data2vec-text, I-BERT, ...).
@@ -380,8 +389,19 @@ def _pooling_module(modules: list[tuple[str, Path]] | None) -> Path | None:
 
 
 def _trained_pooling(pooling_config: Path) -> str:
-    """The server's name for the mode a sentence-transformers Pooling module uses."""
-    modes = sorted(key for key, on in _json_file(pooling_config).items() if key.startswith("pooling_mode_") and on is True)
+    """The server's name for the mode a sentence-transformers Pooling module
+    uses, its config.json read as sentence-transformers' Pooling(**config)
+    reads it: a `pooling_mode` name wins over the flags, and mean_tokens is on
+    unless the file turns it off ({"pooling_mode_cls_token": true} pools CLS
+    and mean, 2 x dim: it was served as CLS, and {"pooling_mode": "cls"} was
+    refused as no mode)."""
+    config = _json_file(pooling_config)
+    name = config.get("pooling_mode")
+    if name is not None:
+        modes = [SENTENCE_TRANSFORMERS_POOLING_NAMES.get(str(name).lower(), str(name))]
+    else:
+        flags = {"pooling_mode_mean_tokens": True, **config}
+        modes = sorted(key for key, on in flags.items() if key.startswith("pooling_mode_") and on)
     if len(modes) != 1 or modes[0] not in SENTENCE_TRANSFORMERS_POOLING:
         named = " + ".join(mode.removeprefix("pooling_mode_") for mode in modes) or "no mode"
         raise ExportError(
