@@ -452,6 +452,13 @@ def _t5(tmp_path, sources):
     return ["--model", str(sources["t5"])], "unsupported architecture 't5'"
 
 
+def _longformer(tmp_path, sources):
+    # Its global_attention_mask was a KeyError traceback at validation, after the whole export.
+    model = tiny_models.make_tiny_longformer(tmp_path / "longformer")
+    return ["--model", str(model)], \
+        "unsupported architecture 'longformer': its graph takes global_attention_mask, which the server does not feed"
+
+
 def _opset17(tmp_path, sources):
     return ["--model", str(sources["bert"]), "--opset", "17"], "--opset 17 is too old"
 
@@ -589,6 +596,7 @@ ERROR_CASES = {
     "bad-model-path": (_bad_model, (1,)),
     "garbage-config": (_garbage_config, (1,)),
     "unsupported-t5": (_t5, (1,)),
+    "unfed-graph-input": (_longformer, (1,)),
     "opset-17": (_opset17, (1,)),
     "opset-99": (_opset_too_new, (1,)),
     "cls-for-decoder": (_cls_for_decoder, (1,)),

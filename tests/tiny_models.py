@@ -225,6 +225,14 @@ def make_tiny_data2vec_text(path: str | Path, seed: int = SEED) -> Path:
     return _tiny_after_padding(Data2VecTextConfig, Data2VecTextModel, path, seed)
 
 
+def make_tiny_longformer(path: str | Path, seed: int = SEED) -> Path:
+    """A random Longformer encoder (window 8; see `_tiny_after_padding`), whose
+    graph takes an input the server does not feed (global_attention_mask)."""
+    from transformers import LongformerConfig, LongformerModel
+
+    return _tiny_after_padding(LongformerConfig, LongformerModel, path, seed, attention_window=8)
+
+
 def make_tiny_qwen2(path: str | Path, seed: int = SEED) -> Path:
     """A random Qwen2 decoder (hidden 32, 2 layers, RMSNorm, 64 positions) whose
     tokenizer appends its end-of-text token, as gte-Qwen2's does: a model type
@@ -343,6 +351,7 @@ BUILDERS = {
     "data2vec-text": make_tiny_data2vec_text,
     "qwen2": make_tiny_qwen2,
     "t5": make_tiny_t5,
+    "longformer": make_tiny_longformer,
 }
 
 _SOURCES: dict[str, Path] = {}

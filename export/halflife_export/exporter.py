@@ -27,6 +27,7 @@ import numpy as np
 from halflife.embedding.engine import (
     CPU,
     CUDA,
+    FED_INPUTS,
     EmbeddingEngine,
     load_tokenizer,
     model_inputs,
@@ -523,7 +524,19 @@ def _export_raw(source: _Source, work: Path, opset: int) -> Path:
         )
     except Exception as exc:
         raise ExportError(f"optimum could not export {source.model_id}: {exc}") from None
-    return out / "model.onnx"
+    raw = out / "model.onnx"
+    # Refused here, not by a KeyError traceback at validation after the whole export.
+    if unfed := [name for name in _graph_inputs(raw) if name not in FED_INPUTS]:
+        raise ExportError(f"unsupported architecture {source.config.model_type!r}: its graph takes "
+                          f"{', '.join(unfed)}, which the server does not feed")
+    return raw
+
+
+def _graph_inputs(path: Path) -> tuple[str, ...]:
+    """The names of the ONNX graph's inputs, in order."""
+    import onnx
+
+    return tuple(i.name for i in onnx.load(str(path), load_external_data=False).graph.input)
 
 
 def _float_variants(raw: Path, source: _Source, staging: Path) -> list[tuple[str, str, str, str, tuple[str, ...]]]:
@@ -750,7 +763,7 @@ def _draft_manifest(source, options, pooling, max_tokens, variants, tokenizer_fi
 
     from halflife_export import __version__
 
-    inputs = tuple(i.name for i in onnx.load(str(raw), load_external_data=False).graph.input)
+    inputs = _graph_inputs(raw)
     pending = Validation(sentences=0, max_abs_diff=float("nan"), min_cosine=float("nan"), mean_cosine=float("nan"), threshold=0.0, passed=False)
     weights = {
         p.name: sha256_file(p)

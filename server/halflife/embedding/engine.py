@@ -106,6 +106,11 @@ def load_tokenizer(path: Path | str, truncate_at: int | None = None) -> Tokenize
     return tokenizer
 
 
+# The graph inputs `model_inputs` feeds; a graph that takes another (Longformer's global_attention_mask,
+# LayoutLM's bbox) cannot be served.
+FED_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids"})
+
+
 def model_inputs(
     ids: Sequence[np.ndarray], input_names: Sequence[str], pad_token_id: int
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
