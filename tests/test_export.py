@@ -551,10 +551,10 @@ def _sentence_transformers_null_modules(tmp_path, sources):
     return ["--model", str(model)], "modules.json is not a list of modules with a type and a path"
 
 
-def _sentence_transformers_config_without_max_seq_length(tmp_path, sources):
+def _sentence_transformers_max_seq_length_of_text(tmp_path, sources):
     model = tiny_models.make_sentence_transformers(tmp_path / "st")
-    (model / "sentence_bert_config.json").write_text(json.dumps({"do_lower_case": False}))  # was a KeyError
-    return ["--model", str(model)], "sentence_bert_config.json: max_seq_length must be a positive whole number, got None"
+    (model / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": "64"}))
+    return ["--model", str(model)], "sentence_bert_config.json: max_seq_length must be a positive whole number, got '64'"
 
 
 def _tokenizer_config_that_is_a_list(tmp_path, sources):
@@ -613,7 +613,7 @@ ERROR_CASES = {
     "st-lower-case": (_sentence_transformers_lower_case, (1,)),
     "st-malformed-modules": (_sentence_transformers_malformed_modules, (1,)),
     "st-null-modules": (_sentence_transformers_null_modules, (1,)),
-    "st-no-max-seq-length": (_sentence_transformers_config_without_max_seq_length, (1,)),
+    "st-max-seq-length-of-text": (_sentence_transformers_max_seq_length_of_text, (1,)),
     "tokenizer-config-list": (_tokenizer_config_that_is_a_list, (1,)),
     "pooling-config-list": (_pooling_config_that_is_a_list, (1,)),
     "max-tokens-below-specials": (_max_input_tokens_below_the_special_tokens, (1,)),
@@ -917,22 +917,40 @@ def test_max_input_tokens_follow_sentence_transformers_max_seq_length_up_to_the_
     """sentence-transformers truncates at max_seq_length whatever the
     tokenizer's model_max_length says: taking the smaller of the two
     refused (or cut) inputs the model embeds whole (an export review)."""
-    from halflife_export.exporter import ExportOptions, _max_input_tokens, _resolve_source
+    from halflife_export.exporter import ExportError, ExportOptions, _max_input_tokens, _resolve_source
 
     src = tiny_models.make_sentence_transformers(tmp_path / "st")
     tokenizer_config = json.loads((src / "tokenizer_config.json").read_text())
     (src / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": 16}))
 
-    def limit(max_seq_length: int | None) -> int:
-        if max_seq_length is None:
+    def limit(st_config: dict | None) -> int:
+        if st_config is None:
             (src / "sentence_bert_config.json").unlink(missing_ok=True)
         else:
-            (src / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}))
+            (src / "sentence_bert_config.json").write_text(json.dumps(st_config))
         return _max_input_tokens(_resolve_source(ExportOptions(output=tmp_path / "out", model=str(src))))
 
-    assert limit(48) == 48
-    assert limit(10_000) == tiny_models.MAX_POSITIONS  # never past the position table
+    assert limit({"max_seq_length": 48}) == 48
+    assert limit({"max_seq_length": 10_000}) == tiny_models.MAX_POSITIONS  # never past the position table
     assert limit(None) == 16  # no sentence-transformers config: the tokenizer's
+    # None given: sentence-transformers takes the tokenizer's limit (and the positions'); it was refused.
+    assert limit({"do_lower_case": False}) == limit({"max_seq_length": None}) == 16
+    for wrong in (0, -1, "64", 1.5):
+        with pytest.raises(ExportError, match=f"max_seq_length must be a positive whole number, got {wrong!r}"):
+            limit({"max_seq_length": wrong})
+
+
+@pytest.mark.parametrize("st_config", [{"do_lower_case": False}, {"max_seq_length": None}], ids=["absent", "null"])
+def test_no_max_seq_length_exports_at_the_tokenizers_limit(st_config, tmp_path, capsys):
+    """sentence-transformers then truncates at min(positions, the tokenizer's
+    model_max_length); the export refused such a model (a review)."""
+    model = tiny_models.make_sentence_transformers(tmp_path / "st")
+    (model / "sentence_bert_config.json").write_text(json.dumps(st_config))
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": 48}))
+    rc, out, err = run_cli(["export", "--model", str(model), "--output", str(tmp_path / "out")], capsys)
+    assert rc == 0, err
+    assert load_manifest(tmp_path / "out").max_input_tokens == 48
 
 
 @pytest.mark.parametrize("pooling, written", [("auto", "flags"), ("mean", "flags"), ("auto", "name")])

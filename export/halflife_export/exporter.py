@@ -733,12 +733,13 @@ def _resolve_max_input_tokens(requested: int | None, source: _Source) -> int:
 def _max_input_tokens(source: _Source) -> int:
     """The longest input the model was trained for: sentence-transformers'
     max_seq_length where given (as sentence-transformers truncates, whatever
-    the tokenizer's model_max_length says), else the tokenizer's limit; never
-    past the position table."""
+    the tokenizer's model_max_length says), else (none, or null) the
+    tokenizer's limit, which sentence-transformers then takes too; never past
+    the position table."""
     limits = []
     st_config = source.path / "sentence_bert_config.json"
-    if st_config.is_file():
-        length = _json_file(st_config).get("max_seq_length")
+    length = _json_file(st_config).get("max_seq_length")
+    if length is not None:
         if not (isinstance(length, int) and length > 0):
             raise ExportError(f"{st_config}: max_seq_length must be a positive whole number, got {length!r}")
         limits.append(length)
