@@ -381,6 +381,19 @@ def test_more_input_tokens_than_the_model_has_positions_for_is_a_manifest_error(
         EmbeddingEngine.load(copy, provider="cpu").warm_up()
 
 
+def test_a_model_taking_an_input_the_server_does_not_feed_is_a_manifest_error(tmp_path_factory, monkeypatch):
+    """The export refuses such a graph; one in a directory made by hand was a
+    KeyError traceback at the first forward pass. Shown with attention_mask
+    taken off the inputs the engine feeds."""
+    from halflife.embedding import engine as engine_module
+
+    _, out, _ = tiny_models.exported("bert", tmp_path_factory)
+    EmbeddingEngine.load(out, provider="cpu")
+    monkeypatch.setattr(engine_module, "FED_INPUTS", engine_module.FED_INPUTS - {"attention_mask"})
+    with pytest.raises(ManifestError, match="the model takes attention_mask, which the server does not feed"):
+        EmbeddingEngine.load(out, provider="cpu")
+
+
 def test_a_model_whose_pad_token_is_the_last_of_its_vocabulary_serves(tmp_path):
     """A pad token added last (add_special_tokens, resize_token_embeddings: fine-tuned decoder embedders) exported,
     but serve refused to start: warm_up and release_memory fed pad_token_id + 1, past the vocabulary (a review)."""

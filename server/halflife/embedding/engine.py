@@ -248,6 +248,8 @@ class EmbeddingEngine:
         self._tokenizer = load_tokenizer(tokenizer_path)
         self._truncating_tokenizer = load_tokenizer(tokenizer_path, truncate_at=manifest.max_input_tokens)
         self._input_names = [i.name for i in session.get_inputs()]
+        if unfed := [name for name in self._input_names if name not in FED_INPUTS]:  # export refuses these too
+            raise ManifestError(f"{model_dir}: the model takes {', '.join(unfed)}, which the server does not feed")
         self._output_name = session.get_outputs()[0].name
         # The provider onnxruntime actually placed the model on, which can be
         # CPU even when CUDA was asked for (e.g. missing CUDA libraries).
