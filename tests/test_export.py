@@ -948,7 +948,7 @@ def test_max_input_tokens_follow_sentence_transformers_max_seq_length_up_to_the_
     assert limit(None) == 16  # no sentence-transformers config: the tokenizer's
     # None given: sentence-transformers takes the tokenizer's limit (and the positions'); it was refused.
     assert limit({"do_lower_case": False}) == limit({"max_seq_length": None}) == 16
-    for wrong in (0, -1, "64", 1.5):
+    for wrong in (0, -1, "64", 1.5, True):
         with pytest.raises(ExportError, match=f"max_seq_length must be a positive whole number, got {wrong!r}"):
             limit({"max_seq_length": wrong})
 

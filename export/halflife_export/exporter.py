@@ -740,7 +740,7 @@ def _max_input_tokens(source: _Source) -> int:
     st_config = source.path / "sentence_bert_config.json"
     length = _json_file(st_config).get("max_seq_length")
     if length is not None:
-        if not (isinstance(length, int) and length > 0):
+        if isinstance(length, bool) or not (isinstance(length, int) and length > 0):  # true is an int to Python
             raise ExportError(f"{st_config}: max_seq_length must be a positive whole number, got {length!r}")
         limits.append(length)
     else:
