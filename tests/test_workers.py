@@ -627,6 +627,35 @@ def unset_blas_threads(monkeypatch) -> None:
         monkeypatch.delenv(name)
 
 
+_BLAS_THREADS_AS_LOADED = """
+import sys
+sys.argv = ["halflife", *sys.argv[1:]]  # as the `halflife` script and `python -m halflife.cli` have it
+import halflife.cli
+import threadpoolctl
+print(max(pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["internal_api"] == "openblas"))
+"""
+
+
+def test_serve_loads_openblas_with_one_thread():
+    """The defaults were set in main(), after cli's imports had loaded numpy
+    and OpenBLAS had read its thread count: `serve` ran a BLAS thread per
+    core (a review). Another command keeps OpenBLAS's own default."""
+    pytest.importorskip("threadpoolctl")
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("OpenBLAS starts one thread on one core whatever it is told")
+    from halflife import cli
+
+    env = {name: value for name, value in os.environ.items() if name not in cli.SERVER_BLAS_THREADS}
+
+    def threads(command: str) -> int:
+        run = subprocess.run([sys.executable, "-c", _BLAS_THREADS_AS_LOADED, command], env=env, capture_output=True,
+                             text=True, timeout=60, check=True)
+        return int(run.stdout)
+
+    assert threads("recommend") > 1  # the probe sees OpenBLAS's default
+    assert threads("serve") == 1
+
+
 def test_serve_ranks_with_one_blas_thread_unless_told_otherwise(monkeypatch):
     from halflife import cli
 

@@ -17,6 +17,19 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+# OpenBLAS's threads spin for a core after each call: at 10k items, 8 concurrent
+# Recommends ran 108 calls/s with 2 of them against ~400 with 1 (2-core machine).
+# A scan that runs alone splits over cores with the engine's own threads instead
+# (core.ranking.RowBlocks, docs/serving.md). OpenBLAS reads these once, as numpy
+# loads, which the imports below do: set in main() alone they came too late, and
+# `halflife serve` ran a BLAS thread per core (diversity's MMR took 0.2-7.9 s
+# instead of 0.4; a review). main() sets them again for the workers it starts.
+# An explicit environment setting wins.
+SERVER_BLAS_THREADS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+if sys.argv[1:2] == ["serve"]:
+    for _name, _value in SERVER_BLAS_THREADS.items():
+        os.environ.setdefault(_name, _value)
+
 import grpc
 
 from halflife.api.validation import MAX_EVENTS_PER_REQUEST, MAX_INPUTS_PER_REQUEST
@@ -731,14 +744,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loadtest(commands)
     _add_eval(commands)
     return parser
-
-
-# OpenBLAS's threads spin for a core after each call: at 10k items, 8 concurrent
-# Recommends ran 108 calls/s with 2 of them against ~400 with 1 (2-core machine).
-# A scan that runs alone splits over cores with the engine's own threads instead
-# (core.ranking.RowBlocks, docs/serving.md). Set before numpy loads; an explicit
-# environment setting wins.
-SERVER_BLAS_THREADS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 # glibc serves an allocation above its mmap threshold with its own mapping,
