@@ -3,8 +3,12 @@ API's validation and the dataset loader."""
 
 from __future__ import annotations
 
+import functools
 import re
+import sys
 import unicodedata
+
+import numpy as np
 
 MAX_ID_BYTES = 256
 MAX_CATEGORY_BYTES = 128
@@ -56,4 +60,18 @@ def blank(text: str) -> bool:
         return True
     if text.isascii() and text.isprintable():
         return False
-    return all(c.isspace() or c == "\ufffd" or unicodedata.category(c) in _UNREAD_CATEGORIES for c in text)
+    return readable_character().search(text) is None
+
+
+@functools.cache
+def readable_character() -> re.Pattern:
+    """One character a model reads: any but whitespace, U+FFFD and the
+    categories above, as one class of ~360 ranges, so that `blank` is one C
+    scan. A loop over the characters took 4 ms a 32 KiB text of controls,
+    on the event loop: 1,000 such events stalled every client for 7.9 s
+    (a review). Built once (~0.2 s; `serve` builds it as it loads)."""
+    unread = np.fromiter((c.isspace() or c == "\ufffd" or unicodedata.category(c) in _UNREAD_CATEGORIES
+                          for c in map(chr, range(sys.maxunicode + 1))), dtype=bool, count=sys.maxunicode + 1)
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], unread, [False])).astype(np.int8)))
+    runs = "".join(f"\\U{first:08x}-\\U{last - 1:08x}" for first, last in edges.reshape(-1, 2))
+    return re.compile(f"[^{runs}]")

@@ -35,6 +35,7 @@ from halflife.interest.engine import InterestEngine
 from halflife.locks import LockHeldError, hold_lock
 from halflife.signals import StopSignals
 from halflife.storage.sqlite import SqliteStore
+from halflife.texts import readable_character
 from halflife_client.client import MAX_STREAMS_PER_CONNECTION, host_port
 from halflife.v1 import catalog_pb2, embedding_pb2, interest_pb2, recommend_pb2
 
@@ -404,7 +405,8 @@ class HalflifeServer:
         """The model, the store and the interest engine; on failure, everything stopped."""
         config = self.config
         try:
-            await self._load_model()
+            # The table validation reads non-ASCII texts with (~0.2 s), alongside the model, not at a first call.
+            await asyncio.gather(self._load_model(), asyncio.to_thread(readable_character))
             self.store = await asyncio.to_thread(SqliteStore, config.data_dir)
             if not config.follow_store:  # alone on the store (a workers group's parent prunes for its workers)
                 await asyncio.to_thread(self.store.prune_change_feed)
