@@ -374,6 +374,31 @@ def test_full_queue_answers_resource_exhausted(model_dir, tmp_path):
         assert len(stub(channel).Embed(pb.EmbedRequest(inputs=["a", "b"]), timeout=10).embeddings) == 2
 
 
+def test_inputs_still_being_tokenized_count_against_the_queue(model_dir, tmp_path):
+    """Long Embed inputs are tokenized on 2 threads before they reach the
+    batcher's queue, and its bound did not count them: 40 calls of 256 long
+    texts were all taken and waited (a review: 601 s, none refused)."""
+    config = ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path,
+                          batching=BatchingConfig(max_queued_inputs=256))
+    with ServerThread(config) as server, grpc.insecure_channel(server.address) as channel:
+        engine, backend = server.server.embedding, server.server.backend
+        release, tokenize = threading.Event(), engine.tokenize
+        engine.tokenize = lambda texts, truncate=False: release.wait(30) and tokenize(texts, truncate)
+        try:
+            held = stub(channel).Embed.future(pb.EmbedRequest(inputs=["a few words of text"] * 200), timeout=60)
+            deadline = time.monotonic() + 30
+            while backend._tokenizing < 200:  # on a tokenizer thread, held there
+                assert time.monotonic() < deadline and not held.done()
+                time.sleep(0.01)
+            error = call_error(channel, pb.EmbedRequest(inputs=["some more words"] * 100))  # 300 > 256
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "200 inputs being tokenized" in error.details(), error.details()
+        finally:
+            release.set()
+        assert len(held.result().embeddings) == 200 and backend._tokenizing == 0
+        assert len(stub(channel).Embed(pb.EmbedRequest(inputs=["some more words"] * 100), timeout=30).embeddings) == 100
+
+
 def test_a_stopped_model_answers_unavailable_and_the_rest_keeps_serving(model_dir, tmp_path):
     # Calls that reach the embedding model after it stopped (a late worker
     # thread while the server shuts down) used to wait forever.

@@ -29,9 +29,10 @@ async def _tokenize(backend, inputs: list[str], truncate: bool, deadline: Deadli
     tokenizer pool (see INLINE_TOKENIZE_CHARS)."""
     if sum(map(len, inputs)) <= INLINE_TOKENIZE_CHARS:
         return backend.embedding.tokenize(inputs, truncate)
-    return await asyncio.get_running_loop().run_in_executor(
-        backend.tokenize_pool, _tokenize_unless_late, backend.embedding, inputs, truncate, deadline
-    )
+    with backend.tokenizing(len(inputs)):
+        return await asyncio.get_running_loop().run_in_executor(
+            backend.tokenize_pool, _tokenize_unless_late, backend.embedding, inputs, truncate, deadline
+        )
 
 
 def _tokenize_unless_late(engine: EmbeddingEngine, inputs: list[str], truncate: bool, deadline: Deadline) -> TokenizedInputs:
