@@ -27,12 +27,12 @@ import numpy as np
 from halflife.embedding.engine import (
     CPU,
     CUDA,
-    FED_INPUTS,
     EmbeddingEngine,
     load_tokenizer,
     model_inputs,
     session_options,
     tokenizer_input,
+    unfed_inputs,
 )
 from halflife.embedding.manifest import (
     MANIFEST_NAME,
@@ -526,7 +526,7 @@ def _export_raw(source: _Source, work: Path, opset: int) -> Path:
         raise ExportError(f"optimum could not export {source.model_id}: {exc}") from None
     raw = out / "model.onnx"
     # Refused here, not by a KeyError traceback at validation after the whole export.
-    if unfed := [name for name in _graph_inputs(raw) if name not in FED_INPUTS]:
+    if unfed := unfed_inputs(_graph_inputs(raw)):
         raise ExportError(f"unsupported architecture {source.config.model_type!r}: its graph takes "
                           f"{', '.join(unfed)}, which the server does not feed")
     return raw

@@ -26,9 +26,15 @@ from typing import Iterator
 # instead of 0.4; a review). main() sets them again for the workers it starts.
 # An explicit environment setting wins.
 SERVER_BLAS_THREADS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _one_blas_thread_unless_set() -> None:
+    for name, value in SERVER_BLAS_THREADS.items():
+        os.environ.setdefault(name, value)
+
+
 if sys.argv[1:2] == ["serve"]:
-    for _name, _value in SERVER_BLAS_THREADS.items():
-        os.environ.setdefault(_name, _value)
+    _one_blas_thread_unless_set()
 
 import grpc
 
@@ -839,8 +845,7 @@ def main(argv: list[str] | None = None) -> int:
     _output_that_cannot_fail()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:
-        for name, value in SERVER_BLAS_THREADS.items():
-            os.environ.setdefault(name, value)
+        _one_blas_thread_unless_set()
         _fix_mmap_threshold()
         _raise_open_files_limit()
     command = f"halflife {argv[0]}" if argv and not argv[0].startswith("-") else "halflife"

@@ -111,6 +111,12 @@ def load_tokenizer(path: Path | str, truncate_at: int | None = None) -> Tokenize
 FED_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids"})
 
 
+def unfed_inputs(input_names: Sequence[str]) -> list[str]:
+    """Those of a graph's `input_names` that `model_inputs` does not feed
+    (the export refuses such a graph, and so does loading one)."""
+    return [name for name in input_names if name not in FED_INPUTS]
+
+
 def model_inputs(
     ids: Sequence[np.ndarray], input_names: Sequence[str], pad_token_id: int
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -248,7 +254,7 @@ class EmbeddingEngine:
         self._tokenizer = load_tokenizer(tokenizer_path)
         self._truncating_tokenizer = load_tokenizer(tokenizer_path, truncate_at=manifest.max_input_tokens)
         self._input_names = [i.name for i in session.get_inputs()]
-        if unfed := [name for name in self._input_names if name not in FED_INPUTS]:  # export refuses these too
+        if unfed := unfed_inputs(self._input_names):
             raise ManifestError(f"{model_dir}: the model takes {', '.join(unfed)}, which the server does not feed")
         self._output_name = session.get_outputs()[0].name
         # The provider onnxruntime actually placed the model on, which can be
