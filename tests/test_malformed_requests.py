@@ -216,7 +216,7 @@ def test_refuse_malformed_wraps_an_async_generator_stream_and_refuses_a_client_s
     # so this kind is checked here, without a server.
     import asyncio
 
-    from halflife.api.errors import MalformedRequest, refuse_malformed
+    from halflife.api.errors import MalformedRequest, Received, refuse_malformed
 
     class Aborted(Exception):
         pass
@@ -236,9 +236,9 @@ def test_refuse_malformed_wraps_an_async_generator_stream_and_refuses_a_client_s
         return [response async for response in handler(request, context)]
 
     context = Context()
-    assert asyncio.run(drain("ok", context)) == [("ok", 0), ("ok", 1)]
+    assert asyncio.run(drain(Received("ok", 2), context)) == [("ok", 0), ("ok", 1)]
     with pytest.raises(Aborted):
-        asyncio.run(drain(MalformedRequest("x.Request", "Wire format was corrupt"), context))
+        asyncio.run(drain(Received(MalformedRequest("x.Request", "Wire format was corrupt"), 2), context))
     assert context.status.code == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(TypeError, match="client stream with one response"):
         refuse_malformed(answers, client_streaming=True, server_streaming=False)

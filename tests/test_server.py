@@ -797,35 +797,86 @@ def test_calls_whose_request_never_arrives_take_no_slot_from_health_or_work(mode
         server.stop(grace=1)
 
 
+class _Refused(Exception):
+    pass
+
+
+class _AbortingContext:
+    async def abort_with_status(self, status):
+        raise _Refused(status.details)
+
+
+def _admitted_until_released(admission):
+    """`admission` around a handler that answers its request once `release` is set."""
+    release = asyncio.Event()
+
+    async def handler(received, context):
+        await release.wait()
+        return received.request
+
+    return admission.wrap(handler), release
+
+
 def test_api_calls_beyond_the_limit_in_hand_are_resource_exhausted():
     """Admission counts what its handlers hold and refuses the next one."""
+    from halflife.api.errors import Received
     from halflife.api.server import api_calls
 
-    class Refused(Exception):
-        pass
-
-    class Context:
-        async def abort_with_status(self, status):
-            raise Refused(status.details)
-
     async def run() -> list:
-        admission, release = api_calls(2), asyncio.Event()
-
-        async def handler(request, context):
-            await release.wait()
-            return request
-
-        admitted = admission.wrap(handler)
-        held = [asyncio.create_task(admitted(n, Context())) for n in range(2)]
+        admission = api_calls(2)
+        admitted, release = _admitted_until_released(admission)
+        held = [asyncio.create_task(admitted(Received(n, 1), _AbortingContext())) for n in range(2)]
         await asyncio.sleep(0)
-        with pytest.raises(Refused, match="2 calls are being handled"):
-            await admitted(2, Context())
+        with pytest.raises(_Refused, match="2 calls are being handled"):
+            await admitted(Received(2, 1), _AbortingContext())
         release.set()
         done = await asyncio.gather(*held)
-        assert admission.open == 0 and await admitted(3, Context()) == 3
+        assert admission.open == 0 and await admitted(Received(3, 1), _AbortingContext()) == 3
         return done
 
     assert asyncio.run(run()) == [0, 1]
+
+
+def test_requests_past_the_bytes_in_hand_are_resource_exhausted_but_one_alone_is_taken():
+    """40 concurrent 48 MiB upserts took a server to 4.6 GiB (2.7 GiB with
+    the default 256 MiB bound): Admission also counts the requests' bytes."""
+    from halflife.api.errors import Received
+    from halflife.api.server import api_calls
+
+    async def run() -> list:
+        admission = api_calls(10, max_bytes=100)
+        admitted, release = _admitted_until_released(admission)
+        held = [asyncio.create_task(admitted(Received("first", 60), _AbortingContext()))]
+        await asyncio.sleep(0)
+        with pytest.raises(_Refused, match="requests of 0.0 MiB are being handled, and this one's 0.0 MiB would pass"):
+            await admitted(Received("too much", 41), _AbortingContext())
+        held.append(asyncio.create_task(admitted(Received("fits", 40), _AbortingContext())))
+        await asyncio.sleep(0)
+        assert (admission.open, admission.open_bytes) == (2, 100)
+        release.set()
+        done = await asyncio.gather(*held)
+        assert (admission.open, admission.open_bytes) == (0, 0)
+        done.append(await admitted(Received("alone, past the bound", 1000), _AbortingContext()))
+        return done
+
+    assert asyncio.run(run()) == ["first", "fits", "alone, past the bound"]
+
+
+def test_serve_refuses_a_request_past_its_bytes_in_hand(model_dir, tmp_path):
+    """The bound reaches the server: of two long Embeds at once, 320 kB
+    each, past `max_requests_bytes` together, one is RESOURCE_EXHAUSTED,
+    and small calls go on meanwhile."""
+    texts = ["word " * 250] * 256  # 64k tokens: seconds on one intra-op thread, whatever the core
+    config = ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path, intra_op_threads=1,
+                          max_requests_bytes=400_000)
+    with ServerThread(config) as server, grpc.insecure_channel(server.address) as channel:
+        calls = [stub(channel).Embed.future(pb.EmbedRequest(inputs=texts), timeout=120) for _ in range(2)]
+        assert stub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10).dimension == 384
+        errors = [call.exception(120) for call in calls]
+        refused = [error for error in errors if error is not None]
+        assert [error.code() for error in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED], refused
+        assert "would pass the 0 MiB this server takes at once (serve --max-requests-mib)" in refused[0].details()
+        assert [len(call.result().embeddings) for call, error in zip(calls, errors) if error is None] == [256]
 
 
 def test_open_streams_are_capped_and_unary_calls_go_on(model_dir, tmp_path, monkeypatch):

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from halflife.api import catalog, validation
-from halflife.api.errors import MalformedRequest, invalid_argument, parse_leniently, refuse_malformed, translate_errors
+from halflife.api.errors import (
+    MalformedRequest, Received, invalid_argument, parse_leniently, refuse_malformed, translate_errors,
+)
 from halflife.api.server import API_SERVICES
 from halflife.api.wire import (
     MAX_LIST_ELEMENTS,
@@ -48,7 +50,7 @@ def test_the_bounds_hold_the_largest_valid_requests():
     data = request.SerializeToString()
     assert len(data) > SCAN_ABOVE_BYTES  # scanned, not waved through for its size
     check_request(data, catalog_pb2.UpsertItemsRequest.DESCRIPTOR)
-    assert parse_leniently(catalog_pb2.UpsertItemsRequest)(data) == request
+    assert parse_leniently(catalog_pb2.UpsertItemsRequest)(data).request == request
     events = interest_pb2.RecordEventsRequest(events=[
         interest_pb2.Event(event_id=f"e{n}", user_id="u", type=1, text="x" * 1024)
         for n in range(validation.MAX_EVENTS_PER_REQUEST)])
@@ -109,7 +111,7 @@ def test_malformed_bytes_are_left_to_the_parser_at_once():
         began = time.perf_counter()
         check_request(payload, interest_pb2.RecordEventsRequest.DESCRIPTOR)
         assert time.perf_counter() - began < 1.0
-        assert isinstance(parse_leniently(interest_pb2.RecordEventsRequest)(payload), MalformedRequest)
+        assert isinstance(parse_leniently(interest_pb2.RecordEventsRequest)(payload).request, MalformedRequest)
 
 
 def test_a_short_request_is_left_to_the_parser_and_the_validation():
@@ -146,7 +148,8 @@ def test_a_flood_through_the_server_is_refused_unparsed_and_the_server_keeps_ser
         call_raw(channel, record, b"\x0a\x00" * (4 << 20))  # 8 MiB of empty events: ~450 MB parsed
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "refused unparsed" in caught.value.details()
-    assert isinstance(parse_leniently(interest_pb2.RecordEventsRequest)(b"\x0a\x00" * (4 << 20)), MalformedRequest)
+    received = parse_leniently(interest_pb2.RecordEventsRequest)(b"\x0a\x00" * (4 << 20))
+    assert isinstance(received.request, MalformedRequest) and received.size == 8 << 20
 
 
 class _Request:  # a plain object: a weak reference can tell when it is freed
@@ -168,7 +171,7 @@ class _Context:
         return None if self.status is None else self.status.code
 
 
-@pytest.mark.parametrize("metrics", [False, True], ids=["", "with metrics"])
+@pytest.mark.parametrize("metrics", [False, True], ids=["", "with admission and metrics"])
 @pytest.mark.parametrize("error", [lambda: invalid_argument([("f", "bad")]), lambda: QueueFullError("full")],
                          ids=["refused", "queue full"])
 def test_a_refused_request_is_freed_at_once_not_by_the_garbage_collector(error, metrics):
@@ -180,6 +183,7 @@ def test_a_refused_request_is_freed_at_once_not_by_the_garbage_collector(error, 
     import asyncio
 
     from halflife.api.metrics import Metrics
+    from halflife.api.server import api_calls
 
     class Servicer:
         @translate_errors
@@ -190,11 +194,11 @@ def test_a_refused_request_is_freed_at_once_not_by_the_garbage_collector(error, 
     freed = weakref.ref(request)
     call = refuse_malformed(Servicer().Call, False, False)
     if metrics:  # as the server wraps each API method with --metrics-port
-        call = Metrics().counted("Service/Call", call)
+        call = Metrics().counted("Service/Call", api_calls(10).wrap(call))
     gc.disable()
     try:
         with pytest.raises(grpc.aio.AbortError):
-            asyncio.run(call(request, context))
+            asyncio.run(call(Received(request, 1), context))
         del request
         assert freed() is None
     finally:

@@ -39,7 +39,7 @@ if sys.argv[1:2] == ["serve"]:
 import grpc
 
 from halflife.api.validation import MAX_EVENTS_PER_REQUEST, MAX_INPUTS_PER_REQUEST
-from halflife.config import DEFAULT_DATA_DIR, DEFAULT_MODEL_DIR
+from halflife.config import DEFAULT_DATA_DIR, DEFAULT_MAX_REQUESTS_MIB, DEFAULT_MODEL_DIR
 from halflife.embedding.batcher import BatchingConfig
 from halflife.embedding.manifest import ManifestError
 from halflife_client.client import DEFAULT_PORT, DEFAULT_TARGET
@@ -171,6 +171,9 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-queued-inputs", type=_queue_size, default=BatchingConfig.max_queued_inputs,
                         help="queued inputs before Embed answers RESOURCE_EXHAUSTED (default %(default)s; at "
                              "least one full Embed: 256)")
+    parser.add_argument("--max-requests-mib", type=_positive_int, default=DEFAULT_MAX_REQUESTS_MIB,
+                        help="MiB of requests (as sent) handled at once, per process, before further calls answer "
+                             "RESOURCE_EXHAUSTED (default %(default)s; one request alone is always taken)")
     parser.add_argument("--metrics-port", type=_port, default=None,
                         help="serve Prometheus metrics on http://HOST:PORT/metrics (0 picks a free port; with "
                              "--workers N, worker i on PORT + i); default: none")
@@ -305,6 +308,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         follow_store=args.worker_index is not None,
         model_identity=args.model_identity,
         metrics_port=_metrics_port(args),
+        max_requests_bytes=args.max_requests_mib << 20,
     )
     new_data_dir = not args.data_dir.exists()
     lock = None

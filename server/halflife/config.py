@@ -23,6 +23,8 @@ DAY = 86400.0
 # store, from the working directory: `make serve`'s layout.
 DEFAULT_MODEL_DIR = Path("var/models/all-MiniLM-L6-v2")
 DEFAULT_DATA_DIR = Path("var/data")
+# MiB of requests `serve` handles at once (ServerConfig.max_requests_bytes).
+DEFAULT_MAX_REQUESTS_MIB = 256
 
 # Internal event types: the API's EventType values 1..11 in order, then the
 # two a rating maps to when it is not positive (low = negative feedback,

@@ -127,31 +127,44 @@ class MalformedRequest:
         )
 
 
-def parse_leniently(message_class: type[message.Message]) -> Callable[[bytes], message.Message | MalformedRequest]:
-    """A request deserializer that returns a `MalformedRequest` instead of raising."""
+class Received:
+    """What the request deserializer hands the handler chain: the request (a
+    `MalformedRequest` where its bytes did not parse) and its size on the
+    wire, which the server's `Admission` counts; `refuse_malformed` unwraps it."""
+
+    __slots__ = ("request", "size")
+
+    def __init__(self, request: message.Message | MalformedRequest, size: int):
+        self.request = request
+        self.size = size
+
+
+def parse_leniently(message_class: type[message.Message]) -> Callable[[bytes], Received]:
+    """A request deserializer that never raises: a `MalformedRequest` stands
+    in for bytes that are no `message_class`."""
     type_name = message_class.DESCRIPTOR.full_name
     # upb's reasons repeat the type name; the description already names it.
     prefix = f"Error parsing message with type '{type_name}': "
 
-    def parse(data: bytes) -> message.Message | MalformedRequest:
+    def parse(data: bytes) -> Received:
         try:
             check_request(data, message_class.DESCRIPTOR)
-            return message_class.FromString(data)
+            return Received(message_class.FromString(data), len(data))
         except RefusedUnparsed as error:
-            return MalformedRequest(type_name, f"{error} (refused unparsed)")
+            return Received(MalformedRequest(type_name, f"{error} (refused unparsed)"), len(data))
         # The pure-Python protobuf backend raises UnicodeDecodeError for a
         # string field with invalid UTF-8; upb raises DecodeError for everything.
         except (message.DecodeError, UnicodeDecodeError) as error:
-            return MalformedRequest(type_name, str(error).removeprefix(prefix))
+            return Received(MalformedRequest(type_name, str(error).removeprefix(prefix)), len(data))
 
     return parse
 
 
 def refuse_malformed(behavior: Callable, client_streaming: bool, server_streaming: bool) -> Callable:
-    """An RPC handler (`behavior`, of the given kind) behind a check that
-    answers a `MalformedRequest` INVALID_ARGUMENT before it runs, without a
-    traceback: the caller's fault, not ours. A stream's requests are checked
-    as they arrive."""
+    """An RPC handler (`behavior`, of the given kind) of what `parse_leniently`
+    hands on (`Received`), behind a check that answers a `MalformedRequest`
+    INVALID_ARGUMENT before it runs, without a traceback: the caller's fault,
+    not ours. A stream's requests are checked as they arrive."""
 
     async def refuse(request: MalformedRequest, context: grpc.aio.ServicerContext) -> None:
         log.debug("malformed request to %s: %s", getattr(behavior, "__qualname__", behavior), request.reason)
@@ -162,10 +175,10 @@ def refuse_malformed(behavior: Callable, client_streaming: bool, server_streamin
             raise TypeError(f"{behavior!r}: a client stream with one response is not supported here")
 
         async def checked(requests, context):
-            async for request in requests:
-                if isinstance(request, MalformedRequest):
-                    await refuse(request, context)
-                yield request
+            async for received in requests:
+                if isinstance(received.request, MalformedRequest):
+                    await refuse(received.request, context)
+                yield received.request
 
         async def stream_stream(requests, context):
             async for response in behavior(checked(requests, context), context):
@@ -173,18 +186,18 @@ def refuse_malformed(behavior: Callable, client_streaming: bool, server_streamin
         return stream_stream
 
     if server_streaming and inspect.isasyncgenfunction(behavior):
-        async def unary_stream(request, context):
-            if isinstance(request, MalformedRequest):
-                await refuse(request, context)
-            async for response in behavior(request, context):
+        async def unary_stream(received, context):
+            if isinstance(received.request, MalformedRequest):
+                await refuse(received.request, context)
+            async for response in behavior(received.request, context):
                 yield response
         return unary_stream
 
-    async def unary_request(request, context):  # a unary response, or a stream written with context.write
-        if isinstance(request, MalformedRequest):
-            await refuse(request, context)
-        answer = behavior(request, context)
-        del request
+    async def unary_request(received, context):  # a unary response, or a stream written with context.write
+        if isinstance(received.request, MalformedRequest):
+            await refuse(received.request, context)
+        answer = behavior(received.request, context)
+        del received
         return await answer
     return unary_request
 

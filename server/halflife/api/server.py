@@ -8,6 +8,7 @@ import concurrent.futures
 import dataclasses
 import inspect
 import logging
+import math
 import os
 import signal
 import socket
@@ -23,11 +24,11 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from halflife.api.backend import Backend
 from halflife.api.catalog import CatalogServicer
 from halflife.api.embedding import EmbeddingServicer
-from halflife.api.errors import parse_leniently, refuse_malformed, resource_exhausted
+from halflife.api.errors import Received, parse_leniently, refuse_malformed, resource_exhausted
 from halflife.api.interest import InterestServicer
 from halflife.api.metrics import Metrics
 from halflife.api.recommend import RecommendServicer
-from halflife.config import DEFAULT_DATA_DIR, DEFAULT_MODEL_DIR, Config
+from halflife.config import DEFAULT_DATA_DIR, DEFAULT_MAX_REQUESTS_MIB, DEFAULT_MODEL_DIR, Config
 from halflife.embedding.batcher import BatchingConfig, DynamicBatcher
 from halflife.embedding.engine import EmbeddingEngine
 from halflife.embedding.manifest import ManifestError
@@ -65,6 +66,10 @@ class ServerConfig:
     # held for 17 s, while every other call waited for a thread (found by an audit, 2026-12-05).
     call_threads: int = 32
     max_message_bytes: int = 64 * MiB  # above gRPC's 4 MiB default: 256 long inputs or big catalogue batches
+    # Requests being handled at once, in bytes on the wire (see Admission). A handler holds several times
+    # its request (parsed, its texts as Python strings, rows for the store): 40 upserts of 48 MiB sent at
+    # once took the server to 4.6 GiB, 2.7 GiB with this bound (docs/serving.md).
+    max_requests_bytes: int = DEFAULT_MAX_REQUESTS_MIB * MiB
     grace_seconds: float = 30.0  # in-flight RPCs get this long to finish on shutdown
     reuse_port: bool = False  # True only when several worker processes share the port
     follow_store: bool = False  # other processes write to the same store (workers)
@@ -144,16 +149,22 @@ class Admission:
     the API's unary calls once their request has arrived (grpc's
     maximum_concurrent_rpcs counts a call from its headers, so calls whose
     message never came took every slot and health checks failed: an audit),
-    or the server-streaming calls while open."""
+    or the server-streaming calls while open. Unary calls are also refused
+    while the requests in hand, with theirs, would pass `max_bytes` on the
+    wire; one alone is always taken."""
 
-    def __init__(self, limit: int, refusal: str):
+    def __init__(self, limit: int, refusal: str, max_bytes: float = math.inf):
         self.limit = limit
         self.refusal = refusal  # formatted with {open}
+        self.max_bytes = max_bytes
         self.open = 0
+        self.open_bytes = 0
 
     def wrap(self, behavior: Callable) -> Callable:
-        """`behavior`, a server-streaming handler (an async generator, or a
-        coroutine that writes with context.write), counted while it runs."""
+        """`behavior` (refuse_malformed's, of a `Received` request) counted
+        while it runs: an async generator (a stream), or a coroutine (a unary
+        answer, or a stream written with context.write), whose request's
+        bytes count too."""
         if inspect.isasyncgenfunction(behavior):
             async def stream(request, context):
                 await self._enter(context)
@@ -164,18 +175,28 @@ class Admission:
                     self.open -= 1
             return stream
 
-        async def written(request, context):
-            await self._enter(context)
+        async def written(received: Received, context):
+            size = received.size
+            await self._enter(context, size)
             try:
-                return await behavior(request, context)
+                call = behavior(received, context)
+                del received  # held by the call alone, which lets go of it as soon as it can (refuse_malformed)
+                return await call
             finally:
                 self.open -= 1
+                self.open_bytes -= size
         return written
 
-    async def _enter(self, context) -> None:
+    async def _enter(self, context, size: int = 0) -> None:
         if self.open >= self.limit:
             await context.abort_with_status(resource_exhausted(self.refusal.format(open=self.open)).to_status())
+        if self.open and self.open_bytes + size > self.max_bytes:
+            await context.abort_with_status(resource_exhausted(
+                f"requests of {self.open_bytes / MiB:.1f} MiB are being handled, and this one's {size / MiB:.1f} MiB "
+                f"would pass the {self.max_bytes / MiB:.0f} MiB this server takes at once (serve "
+                f"--max-requests-mib); retry with backoff, or send smaller requests").to_status())
         self.open += 1
+        self.open_bytes += size
 
 
 def open_streams() -> Admission:
@@ -183,8 +204,9 @@ def open_streams() -> Admission:
                                        "keeps at once; close one, or poll with health Check")
 
 
-def api_calls(limit: int) -> Admission:
-    return Admission(limit, "{open} calls are being handled, the most this server takes at once; retry with backoff")
+def api_calls(limit: int, max_bytes: float = math.inf) -> Admission:
+    return Admission(limit, "{open} calls are being handled, the most this server takes at once; retry with backoff",
+                     max_bytes)
 
 
 def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer,
@@ -367,7 +389,7 @@ class HalflifeServer:
         asyncio.get_running_loop().set_default_executor(self._calls)
         server = grpc.aio.server(options=config.grpc_options(),
                                  maximum_concurrent_rpcs=OPEN_CALLS_BACKSTOP_FACTOR * config.max_concurrent_rpcs)
-        streams, calls = open_streams(), api_calls(config.max_concurrent_rpcs)
+        streams, calls = open_streams(), api_calls(config.max_concurrent_rpcs, config.max_requests_bytes)
         for (service, _), servicer in zip(API_SERVICES, self._servicers):
             add_service(server, service, servicer, streams, calls, self.metrics)
         add_service(server, HEALTH_SERVICE, self._health, streams)
