@@ -619,9 +619,10 @@ def test_the_package_exports_the_names_the_readme_gives_it():
     import halflife_client
 
     named = {"HalflifeClient", "AsyncHalflifeClient", "Item", "Event", "Filter", "ModelInfo", "field_violations",
-             "rich_status", "to_timestamp", "CHANNEL_OPTIONS", "DEFAULT_PORT", "server_target"}
+             "rich_status", "to_timestamp", "CHANNEL_OPTIONS", "DEFAULT_PORT", "DEFAULT_TIMEOUT_S", "server_target"}
     assert named <= set(halflife_client.__all__)
     assert halflife_client.DEFAULT_PORT == 50051 and halflife_client.server_target("localhost") == "localhost:50051"
+    assert halflife_client.HalflifeClient().timeout == halflife_client.DEFAULT_TIMEOUT_S == 10.0
 
 
 @pytest.mark.parametrize("client", ["HalflifeClient", "AsyncHalflifeClient"])

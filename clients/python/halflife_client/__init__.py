@@ -6,10 +6,10 @@
 """
 
 from halflife_client.client import (
-    CHANNEL_OPTIONS, DEFAULT_PORT, AsyncHalflifeClient, Event, Filter, HalflifeClient, Item, ModelInfo,
+    CHANNEL_OPTIONS, DEFAULT_PORT, DEFAULT_TIMEOUT_S, AsyncHalflifeClient, Event, Filter, HalflifeClient, Item, ModelInfo,
     server_target, to_timestamp,
 )
 from halflife_client.errors import field_violations, rich_status
 
-__all__ = ["CHANNEL_OPTIONS", "DEFAULT_PORT", "AsyncHalflifeClient", "Event", "Filter", "HalflifeClient", "Item", "ModelInfo",
+__all__ = ["CHANNEL_OPTIONS", "DEFAULT_PORT", "DEFAULT_TIMEOUT_S", "AsyncHalflifeClient", "Event", "Filter", "HalflifeClient", "Item", "ModelInfo",
            "field_violations", "rich_status", "server_target", "to_timestamp"]
