@@ -113,6 +113,29 @@ def test_load_movielens_recommend_and_profile(server, tmp_path):
     assert "(trending)" in cold.stdout.splitlines()[0]
 
 
+def test_progress_off_a_terminal_is_a_plain_line_now_and_then_and_none_for_quick_work(monkeypatch):
+    """load-movielens and eval said nothing into a log for minutes: tqdm was
+    off where stderr is no terminal, as its redraws are noise there."""
+    import io
+
+    import halflife.progress
+
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    for _ in halflife.progress.progress(range(3), desc="quick"):
+        pass
+    assert log.getvalue() == ""
+    monkeypatch.setattr(halflife.progress, "LINE_INTERVAL_S", 0.05)
+    for _ in halflife.progress.progress(range(4), desc="outer", unit="user"):
+        for _ in halflife.progress.progress(range(3), desc="inner", leave=False):
+            time.sleep(0.03)
+    lines = log.getvalue().splitlines()
+    assert not any(set(line) & {"\r", "\x1b"} for line in log.getvalue())
+    assert lines[-1].startswith("outer: 100%") and "4/4" in lines[-1]
+    assert any(line.startswith("inner:") for line in lines) and len(lines) >= 4
+    assert all(a != b for a, b in zip(lines, lines[1:]))
+
+
 @pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
 def test_output_to_a_reader_that_left_ends_quietly(server, buffered):
     """`halflife recommend ... | head -1`: the pipe closes under the command.
