@@ -42,6 +42,7 @@ from halflife.api.validation import MAX_EVENTS_PER_REQUEST, MAX_INPUTS_PER_REQUE
 from halflife.config import DEFAULT_DATA_DIR, DEFAULT_MAX_REQUESTS_MIB, DEFAULT_MODEL_DIR
 from halflife.embedding.batcher import BatchingConfig
 from halflife.embedding.manifest import ManifestError
+from halflife.signals import sigterm_unwinds
 from halflife_client.client import DEFAULT_PORT, DEFAULT_TARGET
 
 EXIT_FAILURE = 1
@@ -113,28 +114,12 @@ def _run_export(args: argparse.Namespace) -> int:
     )
 
     try:
-        with _sigterm_unwinds():
+        with sigterm_unwinds():
             export_model(options)
     except ExportError as exc:
         print(f"halflife export: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """SIGTERM (a timeout, a CI cancel, docker stop) unwinds as Ctrl-C does,
-    so that work directories are removed: its default left export's (~200 MB
-    for the bundled model) and eval's stores behind for good."""
-
-    def stopped(signum: int, _frame) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stopped)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _add_serve(commands: argparse._SubParsersAction) -> None:
@@ -733,7 +718,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level="WARNING")
     try:
-        with _sigterm_unwinds():
+        with sigterm_unwinds():
             run(args.data, args.model_dir, args.out, args.cache_dir, target=args.target, config_out=args.write_config)
     except BrokenPipeError:  # stdout's reader left: not an error of the run (see main)
         raise
