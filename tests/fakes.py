@@ -58,3 +58,26 @@ def full_disk(store, full: bool) -> None:
         conn.execute(f"PRAGMA max_page_count = {pages}")
 
     store._submit(limit)
+
+
+class RecordingTokenizer:
+    """A `tokenizers.Tokenizer` that records the texts of each encode_batch (or encode) in `batches`."""
+
+    def __init__(self, tokenizer, batches: list | None = None):
+        self._tokenizer = tokenizer
+        self.batches = [] if batches is None else batches
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    @property
+    def texts(self) -> list[str]:
+        return [text for batch in self.batches for text in batch]
+
+    def encode_batch(self, texts):
+        self.batches.append(list(texts))
+        return self._tokenizer.encode_batch(texts)
+
+    def encode(self, text):
+        self.batches.append([text])
+        return self._tokenizer.encode(text)

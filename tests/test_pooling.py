@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tiny_models  # noqa: E402
+from tests.fakes import RecordingTokenizer  # noqa: E402
 
 from halflife.embedding import pooling  # noqa: E402
 from halflife.embedding.pooling import (  # noqa: E402
@@ -373,8 +374,8 @@ def test_tokenize_encodes_a_bounded_number_of_characters_at_once(bert, monkeypat
     texts = [SHORT, "the quick brown fox and the lazy dog " * 20, "hello", "a " * 40, ""]
     whole = engine.tokenize(texts, truncate=True)
     batches = []
-    monkeypatch.setattr(engine, "_tokenizer", _Recording(engine._tokenizer, batches))
-    monkeypatch.setattr(engine, "_truncating_tokenizer", _Recording(engine._truncating_tokenizer, batches))
+    monkeypatch.setattr(engine, "_tokenizer", RecordingTokenizer(engine._tokenizer, batches))
+    monkeypatch.setattr(engine, "_truncating_tokenizer", RecordingTokenizer(engine._truncating_tokenizer, batches))
     monkeypatch.setattr(engine_module, "TOKENIZE_CHARS", 100)
     chunked = engine.tokenize(texts, truncate=True)
     assert [t.tolist() for t in chunked.ids] == [t.tolist() for t in whole.ids]
@@ -383,17 +384,6 @@ def test_tokenize_encodes_a_bounded_number_of_characters_at_once(bert, monkeypat
     # encoded twice: in full, then again truncated, twice the time for long texts).
     assert len(batches) > 2 and all(sum(map(len, b)) <= 100 or len(b) == 1 for b in batches)
     assert sorted(text for b in batches for text in b) == sorted(text.strip() for text in texts)
-
-
-class _Recording:
-    """A tokenizer that records the texts of each encode_batch."""
-
-    def __init__(self, tokenizer, batches: list):
-        self._tokenizer, self._batches = tokenizer, batches
-
-    def encode_batch(self, texts):
-        self._batches.append(list(texts))
-        return self._tokenizer.encode_batch(texts)
 
 
 def test_truncation_keeps_final_sep_and_reports_counts(bert):
