@@ -440,7 +440,7 @@ def test_inputs_too_long_lists_every_offender(bert):
     assert isinstance(error, ValueError)
     message = str(error)
     assert f"inputs[1] has {expected[0][1]} tokens" in message
-    assert f"max {limit}" in message and "truncate" in message
+    assert f"more than the model's {limit}" in message and "truncate" in message
     # At the limit exactly is fine.
     engine.tokenize(["a " * (limit - 2)])
 

@@ -226,9 +226,10 @@ def test_inputs_over_32_kib_are_invalid_truncated_or_not(channel):
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         violations = dict(field_violations(error))
         assert "32770 bytes" in violations.pop("inputs[1]")
-        # Every violation at once: the 32 KiB input has too many tokens unless truncated.
+        # Every violation at once: the 32 KiB input has too many tokens unless truncated (uncounted: it is not
+        # tokenized whole).
         assert list(violations) == ([] if truncate else ["inputs[2]"])
-        assert truncate or "6557 tokens" in violations["inputs[2]"]
+        assert truncate or violations["inputs[2]"] == "has more than the model's 256 tokens; set truncate to cut it"
 
 
 def test_a_call_whose_deadline_passed_in_the_tokenizer_queue_is_not_tokenized():

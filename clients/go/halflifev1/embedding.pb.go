@@ -33,7 +33,9 @@ type EmbedRequest struct {
 	Inputs []string `protobuf:"bytes,1,rep,name=inputs,proto3" json:"inputs,omitempty"`
 	// When true, inputs longer than the model's max input tokens are cut to
 	// that length. When false (the default), such an input is rejected with
-	// INVALID_ARGUMENT naming `inputs[i]` and its token count.
+	// INVALID_ARGUMENT naming `inputs[i]` and its token count (for an input
+	// of over 16 characters per max input token, only that it has more: it
+	// is not tokenized whole).
 	Truncate bool `protobuf:"varint,2,opt,name=truncate,proto3" json:"truncate,omitempty"`
 	// When true, embeddings are returned as pooled by the model, without L2
 	// normalisation. Default false: every embedding has unit length, so a dot

@@ -62,8 +62,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             tokens = await _tokenize(backend, [inputs[i] for i in short], request.truncate, deadline)
         except InputsTooLongError as error:  # reported with the inputs too long in bytes: all at once
             for i, n in error.too_long:
-                violations.add(f"inputs[{short[i]}]",
-                               f"has {n} tokens, more than the model's {error.max_tokens}; set truncate to cut it")
+                violations.add(f"inputs[{short[i]}]", f"{error.says(n)}; set truncate to cut it")
         else:  # "" where the tokenizer adds no special tokens: pooled, no token gave a zero vector
             for i in np.flatnonzero(tokens.token_counts == 0):
                 violations.add(f"inputs[{short[i]}]", "is empty, and this model's tokenizer adds no tokens of its own: "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -43,11 +44,17 @@ BATCH_TOKENS = {CPU: 2048, CUDA: 16384}
 class InputsTooLongError(ValueError):
     """Some inputs exceed the model's max input tokens and truncation was not asked for."""
 
-    def __init__(self, too_long: list[tuple[int, int]], max_tokens: int):
-        self.too_long = too_long  # (input index, token count)
+    def __init__(self, too_long: list[tuple[int, int | None]], max_tokens: int):
+        self.too_long = too_long  # (input index, token count, or None where not counted: `EmbeddingEngine.tokenize`)
         self.max_tokens = max_tokens
-        first = ", ".join(f"inputs[{i}] has {n} tokens" for i, n in too_long[:3])
-        super().__init__(f"{first} (max {max_tokens}; set truncate to cut them)")
+        first = ", ".join(f"inputs[{i}] {self.says(n)}" for i, n in too_long[:3])
+        super().__init__(f"{first}; set truncate to cut them")
+
+    def says(self, tokens: int | None) -> str:
+        """What is said of one input too long: its token count, where counted."""
+        if tokens is None:
+            return f"has more than the model's {self.max_tokens} tokens"
+        return f"has {tokens} tokens, more than the model's {self.max_tokens}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,17 +177,66 @@ def tokenizer_input(text: str) -> str:
     return text.strip()
 
 
-def _encoded(tokenizer: Tokenizer, texts: Sequence[str]) -> Iterator[Encoding]:
-    """Each text's encoding (of its `tokenizer_input`), encoded in batches of
-    at most TOKENIZE_CHARS characters (one text alone where it is longer)."""
+def _in_batches(tokenizer: Tokenizer, texts: Sequence[str]) -> Iterator[Encoding]:
+    """Each text's encoding, encoded in batches of at most TOKENIZE_CHARS
+    characters (one text alone where it is longer)."""
     start = 0
     while start < len(texts):
         end, chars = start + 1, len(texts[start])
         while end < len(texts) and chars + len(texts[end]) <= TOKENIZE_CHARS:
             chars += len(texts[end])
             end += 1
-        yield from tokenizer.encode_batch([tokenizer_input(text) for text in texts[start:end]])
+        yield from tokenizer.encode_batch(texts[start:end])
         start = end
+
+
+# A text longer than this many characters a token the model keeps is
+# tokenized from its start first (`_head`): a 32 KiB text took 18 ms to
+# tokenize whole, for the 256 tokens all-MiniLM keeps (English prose runs
+# 4-5 characters a token; a WordPiece [UNK] word up to 100).
+CHARS_PER_TOKEN_BOUND = 16
+# Where a text may be cut: at a space after a non-space (the last one, greedily).
+_LAST_CUT = re.compile(r".*\S(?= )", re.DOTALL)
+
+
+def _head(text: str, chars: int) -> str:
+    """`text` itself, or where it is longer than `chars`, its start up to the
+    last space after a non-space within them (the whole again if none)."""
+    cut = _LAST_CUT.match(text, 0, chars) if len(text) > chars else None
+    return text[: cut.end()] if cut else text
+
+
+def _cuts_at_spaces(tokenizer: Tokenizer) -> bool:
+    """Whether a space after a non-space always starts a new pre-token: the
+    pre-tokenizer splits there (BERT's, byte-level BPE's, Metaspace's do; a
+    tokenizer with none, or Metaspace without split, reads the text as one
+    piece) and no added token spans such a space ("New York")."""
+    probe = tokenizer.normalizer.normalize_str("a b") if tokenizer.normalizer else "a b"
+    return (tokenizer.pre_tokenizer is not None and len(tokenizer.pre_tokenizer.pre_tokenize_str(probe)) == 2
+            and not any(re.search(r"\S\s", added.content) for added in tokenizer.get_added_tokens_decoder().values()))
+
+
+def _encoded(tokenizer: Tokenizer, texts: Sequence[str]) -> Iterator[Encoding]:
+    """What `tokenizer` (a truncating one) encodes of each text's
+    `tokenizer_input`, in bounded batches (`_in_batches`): the whole text's
+    ids and truncation (not the tokens cut off), at a bounded cost.
+
+    A text of more than CHARS_PER_TOKEN_BOUND characters a token kept is
+    encoded from its `_head` first. That is exact: where a space after a
+    non-space starts a new pre-token (`_cuts_at_spaces`), normalizers map
+    characters where they stand and models tokenize each pre-token alone,
+    the head's tokens are the first of the whole text's; so a head that
+    overflows the truncation has the whole text's kept tokens and is cut as
+    it is. Any other head (one huge unknown word) says nothing of the rest:
+    the whole text is encoded after all."""
+    texts = [tokenizer_input(text) for text in texts]
+    chars = CHARS_PER_TOKEN_BOUND * tokenizer.truncation["max_length"]
+    if max(map(len, texts), default=0) <= chars or not _cuts_at_spaces(tokenizer):
+        yield from _in_batches(tokenizer, texts)
+        return
+    heads = [_head(text, chars) for text in texts]
+    for head, text, encoding in zip(heads, texts, _in_batches(tokenizer, heads)):
+        yield encoding if head is text or encoding.overflowing else tokenizer.encode(text)
 
 
 def _variant_name(manifest: Manifest, model_dir: Path, provider: str, variant: str | None) -> str:
@@ -249,8 +305,8 @@ class EmbeddingEngine:
         self.variant = manifest.variant(variant_name)
         self._session = session
         # Two tokenizers, because truncation is tokenizer state and tokenize()
-        # runs on several threads: one never truncates (to count tokens), one
-        # always truncates.
+        # runs on several threads: one always truncates, one never (to count
+        # an input too long).
         self._tokenizer = load_tokenizer(tokenizer_path)
         self._truncating_tokenizer = load_tokenizer(tokenizer_path, truncate_at=manifest.max_input_tokens)
         self._input_names = [i.name for i in session.get_inputs()]
@@ -355,18 +411,26 @@ class EmbeddingEngine:
         # Plain Python over the few inputs of a typical request: each distinct
         # NumPy function touched here runs from a cache that the model's last
         # forward pass evicted, at 10-50 us apiece on this 2-vCPU VM.
-        if truncate:  # one pass: the truncating tokenizer keeps what it cut off (encoding them again took twice as long)
-            encodings = [(np.array(e.ids, dtype=np.int64), bool(e.overflowing))
-                         for e in _encoded(self._truncating_tokenizer, texts)]
-            ids, cut = [row for row, _ in encodings], [overflowed for _, overflowed in encodings]
-        else:
-            ids = [np.array(e.ids, dtype=np.int64) for e in _encoded(self._tokenizer, texts)]
-            limit = self.max_input_tokens
-            if too_long := [(i, len(row)) for i, row in enumerate(ids) if len(row) > limit]:
-                raise InputsTooLongError(too_long, limit)
-            cut = [False] * len(ids)
+        # One pass, truncating or not: the truncating tokenizer keeps what it cut off (encoding them again took twice
+        # as long), so it tells the inputs too long.
+        encodings = [(np.array(e.ids, dtype=np.int64), bool(e.overflowing))
+                     for e in _encoded(self._truncating_tokenizer, texts)]
+        ids, cut = [row for row, _ in encodings], [overflowed for _, overflowed in encodings]
+        if not truncate and any(cut):
+            too_long = [i for i, overflowed in enumerate(cut) if overflowed]
+            counts = self._token_counts([texts[i] for i in too_long])
+            raise InputsTooLongError(list(zip(too_long, counts)), self.max_input_tokens)
         counts = np.array([len(row) for row in ids], dtype=np.int32)
         return TokenizedInputs(ids=ids, token_counts=counts, truncated=np.array(cut, dtype=bool))
+
+    def _token_counts(self, texts: Sequence[str]) -> list[int | None]:
+        """Each text's tokens, untruncated; None for a text longer than
+        `_encoded` reads whole, which is not read whole to say by how much
+        it is too long."""
+        texts = [tokenizer_input(text) for text in texts]
+        chars = CHARS_PER_TOKEN_BOUND * self.max_input_tokens
+        counted = _in_batches(self._tokenizer, [text for text in texts if len(text) <= chars])
+        return [len(next(counted).ids) if len(text) <= chars else None for text in texts]
 
     def forward(self, ids: Sequence[np.ndarray]) -> np.ndarray:
         """Runs one padded batch and pools it.

@@ -31,7 +31,9 @@ export type EmbedRequest = Message<"halflife.v1.EmbedRequest"> & {
   /**
    * When true, inputs longer than the model's max input tokens are cut to
    * that length. When false (the default), such an input is rejected with
-   * INVALID_ARGUMENT naming `inputs[i]` and its token count.
+   * INVALID_ARGUMENT naming `inputs[i]` and its token count (for an input
+   * of over 16 characters per max input token, only that it has more: it
+   * is not tokenized whole).
    *
    * @generated from field: bool truncate = 2;
    */
