@@ -27,9 +27,11 @@ type EmbedRequest struct {
 	unknownFields protoimpl.UnknownFields
 
 	// Texts to embed, 1 to 256 of them, each at most 32 KiB of UTF-8 (as an
-	// item's text), truncated or not. An empty string is allowed (it embeds
-	// the model's special tokens only), but INVALID_ARGUMENT for a model whose
-	// tokenizer adds none (GPT-2's): no token, nothing to embed.
+	// item's text), truncated or not. Leading and trailing whitespace is not
+	// read (as sentence-transformers encodes). An empty string, or one of
+	// whitespace only, is allowed (it embeds the model's special tokens only),
+	// but INVALID_ARGUMENT for a model whose tokenizer adds none (GPT-2's): no
+	// token, nothing to embed.
 	Inputs []string `protobuf:"bytes,1,rep,name=inputs,proto3" json:"inputs,omitempty"`
 	// When true, inputs longer than the model's max input tokens are cut to
 	// that length. When false (the default), such an input is rejected with

@@ -33,7 +33,9 @@ class EmbeddingServiceStub:
     - INVALID_ARGUMENT: no inputs, too many inputs, an input over 32 KiB, or
     an input longer than the model's max input tokens while `truncate` is
     false.
-    - RESOURCE_EXHAUSTED: the embedding queue is full; retry with backoff.
+    - RESOURCE_EXHAUSTED: the embedding queue is full, or the server has as
+    many calls or request bytes in hand as it takes (any service's); retry
+    with backoff.
     - DEADLINE_EXCEEDED / CANCELLED: the call's deadline passed or the caller
     cancelled before the batch ran; nothing was computed for it.
     - UNAVAILABLE: the server is starting or shutting down.
@@ -65,7 +67,9 @@ class EmbeddingServiceServicer:
     - INVALID_ARGUMENT: no inputs, too many inputs, an input over 32 KiB, or
     an input longer than the model's max input tokens while `truncate` is
     false.
-    - RESOURCE_EXHAUSTED: the embedding queue is full; retry with backoff.
+    - RESOURCE_EXHAUSTED: the embedding queue is full, or the server has as
+    many calls or request bytes in hand as it takes (any service's); retry
+    with backoff.
     - DEADLINE_EXCEEDED / CANCELLED: the call's deadline passed or the caller
     cancelled before the batch ran; nothing was computed for it.
     - UNAVAILABLE: the server is starting or shutting down.
@@ -122,7 +126,9 @@ class EmbeddingService:
     - INVALID_ARGUMENT: no inputs, too many inputs, an input over 32 KiB, or
     an input longer than the model's max input tokens while `truncate` is
     false.
-    - RESOURCE_EXHAUSTED: the embedding queue is full; retry with backoff.
+    - RESOURCE_EXHAUSTED: the embedding queue is full, or the server has as
+    many calls or request bytes in hand as it takes (any service's); retry
+    with backoff.
     - DEADLINE_EXCEEDED / CANCELLED: the call's deadline passed or the caller
     cancelled before the batch ran; nothing was computed for it.
     - UNAVAILABLE: the server is starting or shutting down.

@@ -20,9 +20,11 @@ export const file_halflife_v1_embedding: GenFile = /*@__PURE__*/
 export type EmbedRequest = Message<"halflife.v1.EmbedRequest"> & {
   /**
    * Texts to embed, 1 to 256 of them, each at most 32 KiB of UTF-8 (as an
-   * item's text), truncated or not. An empty string is allowed (it embeds
-   * the model's special tokens only), but INVALID_ARGUMENT for a model whose
-   * tokenizer adds none (GPT-2's): no token, nothing to embed.
+   * item's text), truncated or not. Leading and trailing whitespace is not
+   * read (as sentence-transformers encodes). An empty string, or one of
+   * whitespace only, is allowed (it embeds the model's special tokens only),
+   * but INVALID_ARGUMENT for a model whose tokenizer adds none (GPT-2's): no
+   * token, nothing to embed.
    *
    * @generated from field: repeated string inputs = 1;
    */
@@ -216,7 +218,9 @@ export const GetModelInfoResponseSchema: GenMessage<GetModelInfoResponse> = /*@_
  * - INVALID_ARGUMENT: no inputs, too many inputs, an input over 32 KiB, or
  *   an input longer than the model's max input tokens while `truncate` is
  *   false.
- * - RESOURCE_EXHAUSTED: the embedding queue is full; retry with backoff.
+ * - RESOURCE_EXHAUSTED: the embedding queue is full, or the server has as
+ *   many calls or request bytes in hand as it takes (any service's); retry
+ *   with backoff.
  * - DEADLINE_EXCEEDED / CANCELLED: the call's deadline passed or the caller
  *   cancelled before the batch ran; nothing was computed for it.
  * - UNAVAILABLE: the server is starting or shutting down.
