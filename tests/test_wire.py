@@ -206,6 +206,37 @@ def test_a_refused_request_is_freed_at_once_not_by_the_garbage_collector(error, 
     assert context.status.code != grpc.StatusCode.OK
 
 
+@pytest.mark.parametrize("bytes_in_hand", [False, True], ids=["calls in hand", "bytes in hand"])
+def test_a_request_refused_by_admission_is_freed_at_once_not_by_the_garbage_collector(bytes_in_hand):
+    """The same cycle holds what Admission's frame holds as it refuses a call:
+    a request refused for the bytes in hand (serve --max-requests-mib), a big
+    one, stayed until the garbage collector ran, the memory the bound is for."""
+    import asyncio
+
+    from halflife.api.metrics import Metrics
+    from halflife.api.server import api_calls
+
+    async def never_runs(request, context):
+        raise AssertionError("admitted")
+
+    admission = api_calls(10, max_bytes=100) if bytes_in_hand else api_calls(1)
+    admission.open, admission.open_bytes = 1, 60  # a call in hand
+    call = Metrics().counted("Service/Call", admission.wrap(refuse_malformed(never_runs, False, False)))
+    request, context = _Request(), _Context()
+    freed = weakref.ref(request)
+    gc.disable()
+    try:
+        with pytest.raises(grpc.aio.AbortError):
+            asyncio.run(call(Received(request, 60), context))
+        del request
+        assert freed() is None
+    finally:
+        gc.enable()
+    assert context.status.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert ("MiB" if bytes_in_hand else "calls are being handled") in context.status.details
+    assert (admission.open, admission.open_bytes) == (1, 60)
+
+
 def test_a_damaged_store_is_data_loss_not_internal():
     """Its files damaged or deleted under the server: INTERNAL and a traceback a call before (an audit)."""
     import asyncio

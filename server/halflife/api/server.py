@@ -167,7 +167,8 @@ class Admission:
         bytes count too."""
         if inspect.isasyncgenfunction(behavior):
             async def stream(request, context):
-                await self._enter(context)
+                if (refusal := self._admit(0)) is not None:
+                    await context.abort_with_status(refusal)
                 try:
                     async for response in behavior(request, context):
                         yield response
@@ -177,7 +178,11 @@ class Admission:
 
         async def written(received: Received, context):
             size = received.size
-            await self._enter(context, size)
+            if (refusal := self._admit(size)) is not None:
+                # Not held by this frame, which the refusal's traceback holds in a cycle within grpc: a refused
+                # request stayed until the garbage collector ran (tests/test_wire.py).
+                del received
+                await context.abort_with_status(refusal)
             try:
                 call = behavior(received, context)
                 del received  # held by the call alone, which lets go of it as soon as it can (refuse_malformed)
@@ -187,16 +192,18 @@ class Admission:
                 self.open_bytes -= size
         return written
 
-    async def _enter(self, context, size: int = 0) -> None:
+    def _admit(self, size: int) -> grpc.Status | None:
+        """Counts in a call whose request has `size` bytes, or returns the status that refuses it."""
         if self.open >= self.limit:
-            await context.abort_with_status(resource_exhausted(self.refusal.format(open=self.open)).to_status())
+            return resource_exhausted(self.refusal.format(open=self.open)).to_status()
         if self.open and self.open_bytes + size > self.max_bytes:
-            await context.abort_with_status(resource_exhausted(
+            return resource_exhausted(
                 f"requests of {self.open_bytes / MiB:.1f} MiB are being handled, and this one's {size / MiB:.1f} MiB "
                 f"would pass the {self.max_bytes / MiB:.0f} MiB this server takes at once (serve "
-                f"--max-requests-mib); retry with backoff, or send smaller requests").to_status())
+                f"--max-requests-mib); retry with backoff, or send smaller requests").to_status()
         self.open += 1
         self.open_bytes += size
+        return None
 
 
 def open_streams() -> Admission:
