@@ -209,3 +209,18 @@ def test_a_refused_input_is_counted_where_it_is_read_whole(minilm):
     assert caught.value.too_long == [(1, 302), (2, None)]
     assert str(caught.value) == ("inputs[1] has 302 tokens, more than the model's 256, inputs[2] has more than "
                                  "the model's 256 tokens; set truncate to cut them")
+
+
+def test_the_whole_texts_of_heads_that_say_nothing_are_encoded_together():
+    """Heads of too few tokens to decide (words of over 16 characters a token: hashes, URLs, base64) leave the
+    whole texts to encode: one at a time, 256 such 32 KiB inputs took twice as long as encoding them whole in the
+    first place (2.3-3.3 s against 1.2-1.5 s, 2 shared cores); together, in batches as any texts, the tokenizer's threads
+    share them."""
+    tokenizer = tiny_models.wordpiece_tokenizer()
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(MAX_TOKENS)
+    texts = [f"{n} " + "x" * 16 * MAX_TOKENS + " word" * 100 for n in range(20)]
+    recording = RecordingTokenizer(tokenizer)
+    got = list(engine_module._encoded(recording, ["short", *texts]))
+    assert [e.ids for e in got] == [e.ids for e in tokenizer.encode_batch(["short", *texts])]
+    assert recording.batches == [["short", *(text[: text.index(" ")] for text in texts)], texts]

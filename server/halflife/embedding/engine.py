@@ -177,17 +177,23 @@ def tokenizer_input(text: str) -> str:
     return text.strip()
 
 
-def _in_batches(tokenizer: Tokenizer, texts: Sequence[str]) -> Iterator[Encoding]:
-    """Each text's encoding, encoded in batches of at most TOKENIZE_CHARS
-    characters (one text alone where it is longer)."""
+def _batches(texts: Sequence[str]) -> Iterator[slice]:
+    """`texts` in consecutive batches of at most TOKENIZE_CHARS characters
+    (one text alone where it is longer)."""
     start = 0
     while start < len(texts):
         end, chars = start + 1, len(texts[start])
         while end < len(texts) and chars + len(texts[end]) <= TOKENIZE_CHARS:
             chars += len(texts[end])
             end += 1
-        yield from tokenizer.encode_batch(texts[start:end])
+        yield slice(start, end)
         start = end
+
+
+def _in_batches(tokenizer: Tokenizer, texts: Sequence[str]) -> Iterator[Encoding]:
+    """Each text's encoding, encoded in `_batches`."""
+    for batch in _batches(texts):
+        yield from tokenizer.encode_batch(texts[batch])
 
 
 # A text longer than this many characters a token the model keeps is
@@ -218,7 +224,7 @@ def _cuts_at_spaces(tokenizer: Tokenizer) -> bool:
 
 def _encoded(tokenizer: Tokenizer, texts: Sequence[str]) -> Iterator[Encoding]:
     """What `tokenizer` (a truncating one) encodes of each text's
-    `tokenizer_input`, in bounded batches (`_in_batches`): the whole text's
+    `tokenizer_input`, in bounded batches (`_batches`): the whole text's
     ids and truncation (not the tokens cut off), at a bounded cost.
 
     A text of more than CHARS_PER_TOKEN_BOUND characters a token kept is
@@ -228,15 +234,22 @@ def _encoded(tokenizer: Tokenizer, texts: Sequence[str]) -> Iterator[Encoding]:
     the head's tokens are the first of the whole text's; so a head that
     overflows the truncation has the whole text's kept tokens and is cut as
     it is. Any other head (one huge unknown word) says nothing of the rest:
-    the whole text is encoded after all."""
+    the whole text is encoded after all, with the others of its batch that
+    need it (one at a time, they took twice as long as before heads were read)."""
     texts = [tokenizer_input(text) for text in texts]
     chars = CHARS_PER_TOKEN_BOUND * tokenizer.truncation["max_length"]
     if max(map(len, texts), default=0) <= chars or not _cuts_at_spaces(tokenizer):
         yield from _in_batches(tokenizer, texts)
         return
     heads = [_head(text, chars) for text in texts]
-    for head, text, encoding in zip(heads, texts, _in_batches(tokenizer, heads)):
-        yield encoding if head is text or encoding.overflowing else tokenizer.encode(text)
+    for batch in _batches(heads):
+        batch_heads, batch_texts = heads[batch], texts[batch]
+        encodings = tokenizer.encode_batch(batch_heads)
+        undecided = [i for i, (head, text, encoding) in enumerate(zip(batch_heads, batch_texts, encodings))
+                     if head is not text and not encoding.overflowing]
+        for i, encoding in zip(undecided, _in_batches(tokenizer, [batch_texts[i] for i in undecided])):
+            encodings[i] = encoding
+        yield from encodings
 
 
 def _variant_name(manifest: Manifest, model_dir: Path, provider: str, variant: str | None) -> str:
