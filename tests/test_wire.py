@@ -180,8 +180,6 @@ def test_a_refused_request_is_freed_at_once_not_by_the_garbage_collector(error, 
     runs. It held the request: sent from inside the `except` block, it chained
     the error, whose traceback holds the handler's frame, and the wrappers'
     frames held it too (60 refused 240 KiB requests: +260 MB until a GC)."""
-    import asyncio
-
     from halflife.api.metrics import Metrics
     from halflife.api.server import api_calls
 
@@ -190,20 +188,29 @@ def test_a_refused_request_is_freed_at_once_not_by_the_garbage_collector(error, 
         async def Call(self, request, context):
             raise error()
 
-    request, context = _Request(), _Context()
-    freed = weakref.ref(request)
+    context = _Context()
     call = refuse_malformed(Servicer().Call, False, False)
     if metrics:  # as the server wraps each API method with --metrics-port
         call = Metrics().counted("Service/Call", api_calls(10).wrap(call))
+    assert _freed_as_refused(call, context)
+    assert context.status.code != grpc.StatusCode.OK
+
+
+def _freed_as_refused(call, context: _Context, size: int = 1) -> bool:
+    """Whether the request that `call` refuses (an AbortError out of an
+    asyncio task, a cycle as within grpc) is freed without the garbage collector."""
+    import asyncio
+
+    request = _Request()
+    freed = weakref.ref(request)
     gc.disable()
     try:
         with pytest.raises(grpc.aio.AbortError):
-            asyncio.run(call(Received(request, 1), context))
+            asyncio.run(call(Received(request, size), context))
         del request
-        assert freed() is None
+        return freed() is None
     finally:
         gc.enable()
-    assert context.status.code != grpc.StatusCode.OK
 
 
 @pytest.mark.parametrize("bytes_in_hand", [False, True], ids=["calls in hand", "bytes in hand"])
@@ -211,8 +218,6 @@ def test_a_request_refused_by_admission_is_freed_at_once_not_by_the_garbage_coll
     """The same cycle holds what Admission's frame holds as it refuses a call:
     a request refused for the bytes in hand (serve --max-requests-mib), a big
     one, stayed until the garbage collector ran, the memory the bound is for."""
-    import asyncio
-
     from halflife.api.metrics import Metrics
     from halflife.api.server import api_calls
 
@@ -222,16 +227,8 @@ def test_a_request_refused_by_admission_is_freed_at_once_not_by_the_garbage_coll
     admission = api_calls(10, max_bytes=100) if bytes_in_hand else api_calls(1)
     admission.open, admission.open_bytes = 1, 60  # a call in hand
     call = Metrics().counted("Service/Call", admission.wrap(refuse_malformed(never_runs, False, False)))
-    request, context = _Request(), _Context()
-    freed = weakref.ref(request)
-    gc.disable()
-    try:
-        with pytest.raises(grpc.aio.AbortError):
-            asyncio.run(call(Received(request, 60), context))
-        del request
-        assert freed() is None
-    finally:
-        gc.enable()
+    context = _Context()
+    assert _freed_as_refused(call, context, size=60)
     assert context.status.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert ("MiB" if bytes_in_hand else "calls are being handled") in context.status.details
     assert (admission.open, admission.open_bytes) == (1, 60)
