@@ -849,7 +849,7 @@ def test_requests_past_the_bytes_in_hand_are_resource_exhausted_but_one_alone_is
         admitted, release = _admitted_until_released(admission)
         held = [asyncio.create_task(admitted(Received("first", 60), _AbortingContext()))]
         await asyncio.sleep(0)
-        with pytest.raises(_Refused, match="requests of 0.0 MiB are being handled, and this one's 0.0 MiB would pass"):
+        with pytest.raises(_Refused, match="requests of 5.72e-05 MiB are being handled, and this one's 3.91e-05 MiB would pass the 9.54e-05 MiB"):
             await admitted(Received("too much", 41), _AbortingContext())
         held.append(asyncio.create_task(admitted(Received("fits", 40), _AbortingContext())))
         await asyncio.sleep(0)
@@ -876,7 +876,7 @@ def test_serve_refuses_a_request_past_its_bytes_in_hand(model_dir, tmp_path):
         errors = [call.exception(120) for call in calls]
         refused = [error for error in errors if error is not None]
         assert [error.code() for error in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED], refused
-        assert "would pass the 0 MiB this server takes at once (serve --max-requests-mib)" in refused[0].details()
+        assert "would pass the 0.381 MiB this server takes at once (serve --max-requests-mib)" in refused[0].details()
         assert [len(call.result().embeddings) for call, error in zip(calls, errors) if error is None] == [256]
 
 

@@ -198,8 +198,8 @@ class Admission:
             return resource_exhausted(self.refusal.format(open=self.open)).to_status()
         if self.open and self.open_bytes + size > self.max_bytes:
             return resource_exhausted(
-                f"requests of {self.open_bytes / MiB:.1f} MiB are being handled, and this one's {size / MiB:.1f} MiB "
-                f"would pass the {self.max_bytes / MiB:.0f} MiB this server takes at once (serve "
+                f"requests of {self.open_bytes / MiB:.3g} MiB are being handled, and this one's {size / MiB:.3g} MiB "
+                f"would pass the {self.max_bytes / MiB:.3g} MiB this server takes at once (serve "
                 f"--max-requests-mib); retry with backoff, or send smaller requests").to_status()
         self.open += 1
         self.open_bytes += size
