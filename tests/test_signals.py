@@ -67,3 +67,18 @@ def test_a_sigterm_whose_raise_is_lost_as_the_work_ends_still_sets_the_exit_stat
             _collect()
     assert stop.value.code == 128 + signal.SIGTERM
 
+
+
+def test_a_sigterm_during_ctrl_cs_cleanup_lets_the_cleanup_finish():
+    """Ctrl-C, then SIGTERM (a supervisor's stop) while its cleanup removes
+    a work directory: the SIGTERM's raise cut that cleanup short."""
+    cleaned = False
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_unwinds():
+            try:
+                raise KeyboardInterrupt
+            finally:
+                signal.raise_signal(signal.SIGTERM)
+                time.sleep(5 * REDELIVERY_S)
+                cleaned = True
+    assert cleaned

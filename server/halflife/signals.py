@@ -94,11 +94,12 @@ def sigterm_unwinds() -> Iterator[None]:
 
 
 def _unwinding() -> bool:
-    """Whether a SignalExit is being handled: one of its `finally`s,
-    `except`s or `with` exits runs, or code those reached."""
+    """Whether a stop is being handled (a SignalExit, or Ctrl-C's
+    KeyboardInterrupt): one of its `finally`s, `except`s or `with` exits
+    runs, or code those reached."""
     exc = sys.exc_info()[1]
     while exc is not None:
-        if isinstance(exc, SignalExit):
+        if isinstance(exc, (SignalExit, KeyboardInterrupt)):
             return True
         exc = exc.__context__
     return False
