@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import Collection, Iterator, Sequence
 
 from halflife.storage.base import EventColumns, EventRecord, Guard, ItemRecord, ResentEventsErasedError, StoreHead
@@ -64,8 +66,12 @@ class MemoryStore:
     def user_events(self, user_id: str) -> list[EventRecord]:
         return list(self.by_user.get(user_id, []))
 
-    def user_history(self, user_id: str) -> tuple[None, list[EventRecord]]:
-        return None, self.user_events(user_id)
+    @contextlib.contextmanager
+    def user_history(self, user_id: str, from_snapshot: bool = True, through_time: float = math.inf,
+                     chunk: int = 10_000) -> Iterator[tuple[None, Iterator[list[EventRecord]]]]:
+        events = sorted((e for e in self.by_user.get(user_id, []) if e.event_time <= through_time),
+                        key=lambda e: (e.event_time, e.seq))
+        yield None, (events[i : i + chunk] for i in range(0, len(events), chunk))
 
     def save_profile_snapshot(self, user_id: str, snapshot) -> bool:
         return False  # keeps none: the benchmark times replays of the log

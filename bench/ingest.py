@@ -286,11 +286,11 @@ def rebuild_costs(counts=(50, 500), repeat: int = 10) -> dict:
             t_miss, t_read, t_build = (
                 timings(fn, repeat=repeat, warmup=1)
                 for fn in (lambda: profile_miss(engine, user), lambda: store.user_events(user),
-                           lambda: engine._builder.build(events, engine.now()))
+                           lambda: engine._builder.build([events], engine.now()))
             )
             tracemalloc.start()
             before = tracemalloc.get_traced_memory()[0]
-            state = engine._builder.build(events, engine.now())
+            state = engine._builder.build([events], engine.now())[0]
             traced = tracemalloc.get_traced_memory()[0] - before
             tracemalloc.stop()
             out[str(n)] = {"miss": summary(t_miss), "read": summary(t_read), "replay": summary(t_build),

@@ -49,6 +49,11 @@ def _events(user: str, n: int, first: int, start: float, end: float, rng, items:
             for j in range(n)]
 
 
+def _snapshot(store, user: str):
+    with store.user_history(user) as (snapshot, _):
+        return snapshot
+
+
 def one_user(engine: InterestEngine, user: str, n: int, repeat: int, rng, items: np.ndarray,
              item_topics: np.ndarray) -> dict:
     store = engine.store
@@ -65,7 +70,7 @@ def one_user(engine: InterestEngine, user: str, n: int, repeat: int, rng, items:
     def top10() -> list[str]:
         return [i.item_id for i in engine.recommend(user, 10).items]
 
-    assert store.user_history(user)[0] is None
+    assert _snapshot(store, user) is None
     full = timings(miss, repeat=repeat, warmup=1)
     full_top = top10()
     with engine._lock:
@@ -74,7 +79,7 @@ def one_user(engine: InterestEngine, user: str, n: int, repeat: int, rng, items:
     engine._cache_profile(user)  # replays, queues the snapshot's save
     engine.snapshots.wait()
     first = time.perf_counter() - began
-    snapshot = store.user_history(user)[0]
+    snapshot = _snapshot(store, user)
     assert snapshot is not None and snapshot.through_seq == engine._users[user].max_seq
     state = engine._users[user]
     pack = timings(lambda: snapshot_bytes(state), repeat=repeat)
@@ -83,7 +88,7 @@ def one_user(engine: InterestEngine, user: str, n: int, repeat: int, rng, items:
     snapshot_top = top10()
     store.record_events(_events(user, TAIL, n, now - 3600.0, now - 60.0, rng, items, pool))
     with_tail = timings(miss, repeat=repeat, warmup=1)
-    assert store.user_history(user)[0].through_seq == snapshot.through_seq  # a tail too short to rewrite it
+    assert _snapshot(store, user).through_seq == snapshot.through_seq  # a tail too short to rewrite it
     return {
         "events": n, "full_miss": summary(full), "first_miss_saving": first, "snapshot_miss": summary(with_snapshot),
         "snapshot_and_tail_miss": summary(with_tail), "pack": summary(pack), "unpack": summary(unpack),

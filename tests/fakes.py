@@ -19,6 +19,12 @@ def fake_embed(texts, deadline=None):
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
+def stored_history(store, user_id: str, **options) -> tuple:
+    """store.user_history's snapshot and events, its chunks joined: (snapshot, [EventRecord...])."""
+    with store.user_history(user_id, **options) as (snapshot, chunks):
+        return snapshot, [e for chunk in chunks for e in chunk]
+
+
 def compact_catalogues_at(monkeypatch, dead_rows: int) -> None:
     """Interest engines compact their catalogue index once `dead_rows` rows
     are dead, however many live: deletes renumber the rows often."""

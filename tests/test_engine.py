@@ -832,11 +832,16 @@ def test_events_stamped_ahead_of_the_clock_count_from_their_time_and_keep_reads_
     assert looked_ahead != answers(only_past) and fast_at_the_clock()
     replays = []
     build = engine._builder.build
-    engine._builder.build = lambda *args: replays.append(args) or build(*args)
+
+    def replaying(chunks, *args):
+        replays.append([e for chunk in chunks for e in chunk])
+        return build([replays[-1]], *args)
+
+    engine._builder.build = replaying
     assert answers(engine) == answers(only_past) and engine.profile("u1").event_counts == {LIKE: 3}
     # The users' own held events cost no replay either ("cold", who has no event, is never cached:
     # its reads build a profile of nothing).
-    assert [args[0] for args in replays if args[0]] == []
+    assert [events for events in replays if events] == []
     del engine._builder.build
 
     now[0] = T + 900.0  # one held event per user is due: counted from its time on
@@ -907,7 +912,7 @@ def test_a_profile_holds_a_bounded_number_of_events_for_the_clock(tmp_path):
     assert answers(engine) == answers(only_past)  # cached
     replays = []
     build = engine._builder.build
-    engine._builder.build = lambda *args: replays.append(len(args[0])) or build(*args)
+    engine._builder.build = lambda *args: replays.append(args) or build(*args)
     for n in reversed(range(MAX_HELD_EVENTS_PER_USER + 4)):  # each sooner due than those before it
         engine.record_events([EventInput(f"a{n}", "u", LIKE, f"i{10 + n}", None, None, T + 60.0 * (n + 1))])
         assert answers(engine) == answers(only_past)
@@ -1706,8 +1711,10 @@ def test_a_long_read_of_the_log_waits_its_turn_and_not_for_a_caller_gone(tmp_pat
     engine.record_events([EventInput(f"e{n}", "long", LIKE, f"i{n}", None, None, T - 600.0 * (n + 1)) for n in range(6)])
     engine.recommend("long", 2, as_of=T)  # cached: what follows is the long read alone
     reads = []
-    read_events = engine.store.user_events
-    monkeypatch.setattr(engine.store, "user_events", lambda user: reads.append(user) or read_events(user))
+    for name in ("user_events", "user_history"):  # an explanation's read, a look into the past's
+        read_log = getattr(engine.store, name)
+        monkeypatch.setattr(engine.store, name, lambda user, read_log=read_log, **options: reads.append(user)
+                            or read_log(user, **options))
     calls = {
         "look into the past": lambda deadline: engine.profile("long", as_of=T - 1800.0, deadline=deadline),
         "explanation": lambda deadline: engine.recommend("long", 2, as_of=T, explain=True, deadline=deadline),
@@ -1749,7 +1756,8 @@ def test_concurrent_misses_of_one_user_read_the_log_once(tmp_path, monkeypatch):
     engine._users.clear()  # a miss, as after a restart
     reads, outcome = [], []
     read_history = engine.store.user_history
-    monkeypatch.setattr(engine.store, "user_history", lambda user: reads.append(user) or read_history(user))
+    monkeypatch.setattr(engine.store, "user_history",
+                        lambda user, **options: reads.append(user) or read_history(user, **options))
 
     def second(deadline=None):
         try:
@@ -1792,13 +1800,13 @@ def test_when_the_replay_misses_wait_for_fails_they_wait_for_one_replay_again(tm
     reads, outcome = [], []
     read_history = engine.store.user_history
 
-    def slow_reads(user):
+    def slow_reads(user, **options):
         """The first read fails once 4 more misses had time to arrive; each read is slow."""
         reads.append(user)
         time.sleep(0.3)
         if len(reads) == 1:
             raise StoreError("disk I/O error")
-        return read_history(user)
+        return read_history(user, **options)
 
     monkeypatch.setattr(engine.store, "user_history", slow_reads)
 

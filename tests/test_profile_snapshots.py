@@ -18,7 +18,7 @@ from halflife.interest.engine import InterestEngine
 from halflife.interest.types import EventInput, ItemInput
 from halflife.interest.state import snapshot_bytes, state_from_snapshot
 from halflife.storage.sqlite import DB_NAME, SqliteStore
-from tests.fakes import DIM, fake_embed
+from tests.fakes import DIM, fake_embed, stored_history
 
 T = 1_700_000_000.0
 HOUR = 3600.0
@@ -100,7 +100,7 @@ def replayed(engine: InterestEngine, monkeypatch) -> list[int]:
 def test_a_miss_replays_only_the_events_after_the_users_snapshot_and_answers_as_a_full_replay(tmp_path, monkeypatch):
     engine = filled(tmp_path / "live", 30)
     first = answers(engine)  # a miss: 30 events replayed, a snapshot saved
-    snapshot, after = engine.store.user_history("u")
+    snapshot, after = stored_history(engine.store, "u")
     assert snapshot.through_seq == 30 and after == []
     engine.record_events(history(4, first=30))
     counts = replayed(engine, monkeypatch)
@@ -109,7 +109,7 @@ def test_a_miss_replays_only_the_events_after_the_users_snapshot_and_answers_as_
     assert live != first
 
     reference = full_replay_of(engine, tmp_path / "reference", monkeypatch)
-    assert reference.store.user_history("u")[0] is None
+    assert stored_history(reference.store, "u")[0] is None
     assert live == answers(reference)
 
 
@@ -118,10 +118,10 @@ def test_a_later_long_replay_saves_a_newer_snapshot(tmp_path):
     answers(engine)
     engine.record_events(history(9, first=12))
     answers(engine)  # 9 events after the snapshot: fewer than SNAPSHOT_EVENTS, kept
-    assert engine.store.user_history("u")[0].through_seq == 12
+    assert stored_history(engine.store, "u")[0].through_seq == 12
     engine.record_events(history(1, first=21))
     answers(engine)
-    assert engine.store.user_history("u")[0].through_seq == 22
+    assert stored_history(engine.store, "u")[0].through_seq == 22
 
 
 def _change_config(engine, path, monkeypatch):
@@ -147,7 +147,7 @@ def _clock_before_the_snapshot(engine, path, monkeypatch):
     with sqlite3.connect(path / DB_NAME) as conn:
         conn.execute("DELETE FROM profile_snapshots")
     answers(open_engine(path, now=T + 2 * HOUR))  # a replay of every event, the one ahead included
-    assert engine.store.user_history("u")[0].through_seq == 33
+    assert stored_history(engine.store, "u")[0].through_seq == 33
     # A clock before it: a replay holds the event for the clock, the snapshot has it applied.
     return open_engine(path), Config()
 
@@ -182,7 +182,7 @@ def test_a_user_erased_while_their_profile_replays_leaves_no_snapshot(tmp_path, 
     monkeypatch.setattr(engine._builder, "build", erase_meanwhile)
     assert engine.recommend("u", 3, as_of=T).strategy == "trending"
     assert done == [20] and engine.snapshots.wait(10)
-    assert engine.store.user_history("u") == (None, [])
+    assert stored_history(engine.store, "u") == (None, [])
     monkeypatch.undo()
     engine.record_events(history(2, first=50))  # the id anew: nothing of the erased user comes back
     assert answers(engine)[0] == {RATE: 1, DISLIKE: 1}
@@ -190,7 +190,7 @@ def test_a_user_erased_while_their_profile_replays_leaves_no_snapshot(tmp_path, 
 
 def test_a_snapshot_holds_every_part_of_a_profile(tmp_path):
     engine = filled(tmp_path, 40)
-    state = engine._builder.build(engine.store.user_events("u"), T)
+    state = engine._builder.build([stored_history(engine.store, "u")[1]], T)[0]
     again = state_from_snapshot(snapshot_bytes(state))
     for name in ("multi", "single"):
         arrays, restored = getattr(state, name).to_arrays(), getattr(again, name).to_arrays()
@@ -214,10 +214,10 @@ def test_a_replay_of_a_damaged_vector_saves_no_snapshot(tmp_path):
         conn.execute("UPDATE vectors SET data = ? WHERE id = (SELECT vector_id FROM items WHERE id = 'i5')",
                      (np.full(DIM, np.nan, dtype=np.float32).tobytes(),))
     damaged = answers(engine)
-    assert engine.store.user_history("u")[0] is None
+    assert stored_history(engine.store, "u")[0] is None
     engine.upsert_items([ItemInput(id="i5", text="topic 2 thing 5")])  # the same text: the same vector
     repaired = answers(engine)
-    assert repaired != damaged and engine.store.user_history("u")[0].through_seq == 30
+    assert repaired != damaged and stored_history(engine.store, "u")[0].through_seq == 30
 
 
 @pytest.mark.parametrize("ahead", [3, replay_module.MAX_HELD_EVENTS_PER_USER + 4])
@@ -233,7 +233,7 @@ def test_events_held_for_the_clock_after_every_applied_one_are_left_out_of_the_s
                           for k in range(ahead)])
     held = answers(engine)
     assert held[0] == answers(filled(tmp_path / "without", 30))[0]  # not counted yet
-    assert engine.store.user_history("u")[0].through_seq == 30
+    assert stored_history(engine.store, "u")[0].through_seq == 30
 
     later = open_engine(path, now=T + HOUR)
     counts = replayed(later, monkeypatch)
@@ -252,10 +252,10 @@ def test_a_snapshot_is_rewritten_once_enough_of_the_users_events_are_new(tmp_pat
     answers(engine)
     engine.record_events(history(12, first=30))
     answers(engine)  # 12 of 42: no rewrite
-    assert engine.store.user_history("u")[0].through_seq == 30
+    assert stored_history(engine.store, "u")[0].through_seq == 30
     engine.record_events(history(20, first=42))
     answers(engine)  # 32 of 62
-    assert engine.store.user_history("u")[0].through_seq == 62
+    assert stored_history(engine.store, "u")[0].through_seq == 62
 
 
 def test_a_read_does_not_wait_for_its_snapshot_to_be_saved(tmp_path, monkeypatch):
@@ -277,7 +277,7 @@ def test_a_read_does_not_wait_for_its_snapshot_to_be_saved(tmp_path, monkeypatch
     assert engine.recommend("u", 3, as_of=T).strategy == "personalized"
     assert saving.wait(10) and not engine.snapshots.wait(0.01)  # answered while the save waits
     release.set()
-    assert engine.snapshots.wait(10) and engine.store.user_history("u")[0].through_seq == 30
+    assert engine.snapshots.wait(10) and stored_history(engine.store, "u")[0].through_seq == 30
 
 
 def test_an_event_held_for_the_clock_before_an_applied_one_keeps_the_profile_out_of_snapshots(tmp_path, monkeypatch):
@@ -287,7 +287,7 @@ def test_an_event_held_for_the_clock_before_an_applied_one_keeps_the_profile_out
     engine.record_events([EventInput("ahead", "u", LIKE, "i3", None, None, T + 60.0)])
     engine.record_events(history(2, first=30))  # applied, after the held one
     answers(engine)
-    assert engine.store.user_history("u")[0] is None
+    assert stored_history(engine.store, "u")[0] is None
     later = open_engine(tmp_path, now=T + HOUR)
     later._users.clear()
     assert later.profile("u", as_of=T + HOUR).event_counts[LIKE] == engine.profile("u").event_counts[LIKE] + 1

@@ -328,9 +328,10 @@ def test_a_profile_of_events_another_worker_recorded_is_replayed_once(pair, monk
     b.record_events(likes("e", "u0", ["x", "y", "z"]))
     replay, replays = a._builder.build, []
 
-    def build(events, *args):
-        replays.append(len(events))
-        return replay(events, *args)
+    def build(chunks, *args):
+        chunks = list(chunks)
+        replays.append(sum(map(len, chunks)))
+        return replay(chunks, *args)
 
     monkeypatch.setattr(a._builder, "build", build)
     assert a.recommend("u0", 3, as_of=T).strategy == "personalized"

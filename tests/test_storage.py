@@ -26,7 +26,7 @@ from halflife.storage.base import (
     EventRecord, ItemRecord, ItemsChangedError, ProfileSnapshot, StoreDamagedError, StoreError, StoreUnavailableError,
 )
 from halflife.storage.sqlite import DB_NAME, SCHEMA_VERSION, SqliteStore
-from tests.fakes import full_disk
+from tests.fakes import full_disk, stored_history
 from tests.serving import serve_once
 
 DIM = 16
@@ -691,7 +691,7 @@ def test_created_seq_marks_each_incarnation_of_an_item_id(store):
 # --------------------------------------------------------------------------- profile snapshots
 
 def _history(store: SqliteStore, user_id: str) -> tuple:
-    snapshot, events = store.user_history(user_id)
+    snapshot, events = stored_history(store, user_id)
     return snapshot, [(*e[:7], e.seq, e.vector.tobytes()) for e in events]
 
 
@@ -704,16 +704,16 @@ def test_a_profile_snapshot_is_read_with_the_events_after_it_and_kept_while_it_i
     seqs = [e.seq for e in store.record_events([event(f"e{k}", event_time=1e9 + k) for k in range(5)])]
     store.record_events([event("other", user_id="u2")])
     assert _history(store, "u1") == (None, _tail(store, "u1", 0))
-    assert store.user_history("nobody") == (None, [])
+    assert stored_history(store, "nobody") == (None, [])
 
     third = ProfileSnapshot(seqs[2], "settings-a", b"through the third")
     assert store.save_profile_snapshot("u1", third)
     assert _history(store, "u1") == (third, _tail(store, "u1", 3))
-    assert [e.seq for e in store.user_history("u1")[1]] == seqs[3:]
+    assert [e.seq for e in stored_history(store, "u1")[1]] == seqs[3:]
 
     assert not store.save_profile_snapshot("u1", ProfileSnapshot(seqs[1], "settings-a", b"older"))
     assert not store.save_profile_snapshot("u1", ProfileSnapshot(seqs[2], "settings-a", b"as old"))
-    assert store.user_history("u1")[0] == third  # one covering fewer events never replaces it
+    assert stored_history(store, "u1")[0] == third  # one covering fewer events never replaces it
     other_settings = ProfileSnapshot(seqs[1], "settings-b", b"another config")
     assert store.save_profile_snapshot("u1", other_settings)  # built with other settings: replaced
     assert _history(store, "u1") == (other_settings, _tail(store, "u1", 2))
@@ -730,7 +730,7 @@ def test_a_snapshot_damaged_into_text_is_read_as_bytes(store, tmp_path):
     assert store.save_profile_snapshot("u1", ProfileSnapshot(recorded.seq, "settings", b"fine"))
     with raw(tmp_path) as conn:
         conn.execute("UPDATE profile_snapshots SET data = CAST(X'FF00' AS TEXT)")
-    assert store.user_history("u1")[0].data == b"\xff\x00"
+    assert stored_history(store, "u1")[0].data == b"\xff\x00"
 
 
 def test_a_snapshot_read_before_an_erasure_is_never_saved_after_it(store, tmp_path):
@@ -743,7 +743,7 @@ def test_a_snapshot_read_before_an_erasure_is_never_saved_after_it(store, tmp_pa
     assert not store.save_profile_snapshot("u1", snapshot)
     store.record_events([event("e1")])
     assert not store.save_profile_snapshot("u1", snapshot)
-    assert store.user_history("u1")[0] is None
+    assert stored_history(store, "u1")[0] is None
     assert count(tmp_path, "SELECT COUNT(*) FROM profile_snapshots") == 0
 
 
@@ -768,7 +768,7 @@ def test_delete_user_erases_rows_vectors_and_bytes(store, tmp_path):
     assert marker.encode() in before and user.encode() in before and own.tobytes() in before
 
     assert store.delete_user(user) == 41
-    assert store.user_events(user) == [] and store.user_history(user) == (None, [])
+    assert store.user_events(user) == [] and stored_history(store, user) == (None, [])
     assert count(tmp_path, "SELECT COUNT(*) FROM profile_snapshots") == 0
     assert count(tmp_path, "SELECT COUNT(*) FROM events WHERE user_id = ?", user) == 0
     assert count(tmp_path, "SELECT COUNT(*) FROM vectors") == 1  # only `shared` survives

@@ -67,7 +67,7 @@ from halflife.interest.blend import Blend, CatalogueScan, Later, unit_max
 from halflife.interest.catalog import CatalogIndex
 from halflife.interest.snapshot_saver import SnapshotSaver
 from halflife.interest.explain import explanations, per_row, ranked_interests
-from halflife.interest.replay import ProfileBuilder
+from halflife.interest.replay import ProfileBuilder, Replayed
 from halflife.interest.state import UserState
 from halflife.interest.types import (
     EventInput,
@@ -102,6 +102,10 @@ MMR_CANDIDATES_PER_RESULT = 5  # MMR re-ranks this many times `limit` candidates
 # Replays of at least this many events run one at a time (InterestEngine._replay_turn):
 # ~40 ms each and up, where shorter ones would wait behind a longer one for little gain.
 LONG_REPLAY_EVENTS = 2000
+# A replay reads and applies the log this many events at a time (Store.user_history),
+# ~16 MB of them with their vectors: all at once, a 1M-event user's took 4.1 GiB.
+# At least LONG_REPLAY_EVENTS, so that the first chunk tells a long replay (`_replay`).
+REPLAY_CHUNK = 10_000
 # Tries of record_events when items change between the read of their vectors
 # and the commit: each later try reads them again and writes within a few ms.
 RECORD_ATTEMPTS = 3
@@ -199,6 +203,14 @@ class _RowsChanged(Exception):
 
 
 _NO_ROWS = np.empty(0, dtype=np.int64)
+
+
+def _peek(chunks: Iterator[list[EventRecord]]) -> tuple[int, float, Iterator[list[EventRecord]]]:
+    """The first chunk's size and oldest event time (inf: none), and the
+    chunks again, that one first: not held here for the rest of a replay."""
+    first = next(chunks, [])
+    # An iterator over it, which lets it go once read: chain would hold a list of it to the end.
+    return len(first), first[0].event_time if first else np.inf, itertools.chain(iter([first]), chunks)
 
 
 def _derived(state: UserState, name: str, key, compute: Callable[[], object]):
@@ -1029,23 +1041,31 @@ class InterestEngine:
 
     def _replay_until(self, user_id: str, as_of: float) -> UserState:
         """A profile of what had happened by `as_of`, from the log; not cached."""
-        return self._builder.build([e for e in self.store.user_events(user_id) if e.event_time <= as_of], as_of)
+        history = self.store.user_history(user_id, from_snapshot=False, through_time=as_of, chunk=REPLAY_CHUNK)
+        with history as (_, chunks):
+            return self._builder.build(chunks, as_of)[0]
 
     def _restore(self, user_id: str, horizon: float, unlocked: bool = False,
-                 deadline: Deadline | None = None) -> tuple[UserState, list[EventRecord]]:
+                 deadline: Deadline | None = None) -> tuple[UserState, Replayed]:
         """The user's profile at `horizon`, from the log: their snapshot and
         the events after it where it fits (see `ProfileBuilder.thawed`), else every event.
-        Returns it and the events it replayed. unlocked: called without the
-        lock, so a long replay waits its turn (`_replay_turn`), not past
-        `deadline`."""
-        snapshot, events = self.store.user_history(user_id)
-        start = None if snapshot is None else self._builder.thawed(user_id, snapshot, events, horizon)
-        if snapshot is not None and start is None:
-            events = self.store.user_events(user_id)
-        if not unlocked:
-            return self._builder.build(events, horizon, start), events
-        with self._replay_turn(len(events), deadline):
-            return self._builder.build(events, horizon, start), events
+        Returns it and what it replayed. unlocked: called without the lock,
+        so a long replay waits its turn (`_replay_turn`), not past `deadline`."""
+        with self.store.user_history(user_id, chunk=REPLAY_CHUNK) as (snapshot, chunks):
+            size, oldest, chunks = _peek(chunks)
+            start = None if snapshot is None else self._builder.thawed(user_id, snapshot, oldest, horizon)
+            if snapshot is None or start is not None:
+                return self._replay(size, chunks, horizon, start, unlocked, deadline)
+        with self.store.user_history(user_id, from_snapshot=False, chunk=REPLAY_CHUNK) as (_, chunks):
+            size, _, chunks = _peek(chunks)
+            return self._replay(size, chunks, horizon, None, unlocked, deadline)
+
+    def _replay(self, size: int, chunks: Iterator[list[EventRecord]], horizon: float, start: UserState | None,
+                unlocked: bool, deadline: Deadline | None) -> tuple[UserState, Replayed]:
+        """`_restore`'s replay of the log's chunks, the first of `size` events:
+        a full one (REPLAY_CHUNK) is a long replay, which waits its turn where unlocked."""
+        with self._replay_turn(size, deadline) if unlocked else contextlib.nullcontext():
+            return self._builder.build(chunks, horizon, start)
 
     def profile(self, user_id: str, as_of: float | None = None, items_per_interest: int | None = None,
                 deadline: Deadline | None = None) -> UserProfile:

@@ -4,9 +4,10 @@ cached profile by new events, and the snapshot that shortens a heavy
 user's next replay. Knows nothing of the cache, the lock or the store: the
 engine decides when to replay and what to read (interest/engine.py).
 
-A profile is a deterministic function of the log: events applied in seq
-order (the engine sorts a replay by time, ties by seq, as they arrive in
-order), events stamped after the horizon held until the clock reaches them.
+A profile is a deterministic function of the log: a replay applies its
+events by time, ties by seq (`Store.user_history`'s order), a chunk of them
+at a time, and new ones are applied as they arrive; events stamped after the
+horizon are held until the clock reaches them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -43,6 +44,27 @@ SNAPSHOT_SHARE = 100
 def with_vectors(events: Sequence[EventRecord]) -> np.ndarray:
     """Positions of the events that have a vector (see EventRecord.vector). (m,) int64."""
     return np.array([i for i, e in enumerate(events) if e.vector is not None], dtype=np.int64)
+
+
+@dataclasses.dataclass
+class Replayed:
+    """What a replay read of the log (`ProfileBuilder.build`), as far as
+    `snapshot_of` asks: counted a chunk at a time, the events gone."""
+
+    events: int = 0
+    damaged: bool = False  # an event's stored vector was read back damaged (None)
+    applied_through: int = 0  # the highest seq among the events applied (stamped up to the horizon)
+    first_held: int | None = None  # the lowest among those held for the clock or left in the log
+
+    def count(self, events: Sequence[EventRecord], horizon: float) -> None:
+        self.events += len(events)
+        self.damaged = self.damaged or any(e.vector is None for e in events)
+        applied = [e.seq for e in events if e.event_time <= horizon]
+        held = [e.seq for e in events if e.event_time > horizon]
+        if applied:
+            self.applied_through = max(self.applied_through, *applied)
+        if held:
+            self.first_held = min(held if self.first_held is None else [self.first_held, *held])
 
 
 class ProfileBuilder:
@@ -78,11 +100,15 @@ class ProfileBuilder:
         internal = np.where(low, EVENT_TYPE_NAMES.index("rate_low"), internal)
         return np.where(mid, EVENT_TYPE_NAMES.index("rate_mid"), internal)
 
-    def build(self, events: Sequence[EventRecord], horizon: float, start: UserState | None = None) -> UserState:
-        """A profile from events (any order) stamped up to `horizon`, the rest
-        held (see `extend`): replay sorted by time, ties by seq. start: a
-        profile to extend (none of `events` older than its newest), where not
-        an empty one."""
+    def build(self, chunks: Iterable[Sequence[EventRecord]], horizon: float,
+              start: UserState | None = None) -> tuple[UserState, Replayed]:
+        """A profile from events stamped up to `horizon`, the rest held (see
+        `extend`), and what it replayed. chunks: the events in replay order
+        (by time, ties by seq), a list at a time: a replay holds the chunk it
+        applies and the one being read, not the log (a 1M-event user's whole
+        log took 4.1 GiB). start: a
+        profile to extend (none of the events older than its newest), where
+        not an empty one."""
         profile = self.config.profile
         state = start if start is not None else UserState(
             multi=MultiInterestState.empty(self.types, self.dim, profile.max_interests, profile.cluster_threshold),
@@ -92,12 +118,16 @@ class ProfileBuilder:
             newest_time=-np.inf,
             max_seq=0,
         )
-        self.extend(state, sorted(events, key=lambda e: e.seq), horizon)
-        return state
+        replayed = Replayed()
+        for events in chunks:
+            replayed.count(events, horizon)
+            self.extend(state, events, horizon)
+        return state, replayed
 
     def extend(self, state: UserState, events: Sequence[EventRecord], horizon: float) -> None:
-        """Applies the held events and `events` (in seq order, none older than
-        state.newest_time) stamped up to `horizon`; holds the later ones."""
+        """Applies the held events and `events` (in seq order or replay
+        order, none older than state.newest_time) stamped up to `horizon`;
+        holds the later ones."""
         events = [*state.ahead, *events]
         if not events:
             return
@@ -130,9 +160,9 @@ class ProfileBuilder:
                 state.affinity_times.append(e.event_time)
                 state.affinity_seqs.append(e.seq)
 
-    def snapshot_of(self, state: UserState, replayed: Sequence[EventRecord]) -> ProfileSnapshot | None:
-        """What to save of a profile just built by replaying `replayed`
-        (onto a snapshot or not), or None: a snapshot pays where the replay
+    def snapshot_of(self, state: UserState, replayed: Replayed) -> ProfileSnapshot | None:
+        """What to save of a profile just built by a replay (`build`, onto a
+        snapshot or not), or None: a snapshot pays where the replay
         was long (SNAPSHOT_EVENTS, SNAPSHOT_SHARE), and one is taken only
         of what a full replay would build the same way later. Not where an
         event's stored vector was damaged: it counts without its direction
@@ -143,26 +173,25 @@ class ProfileBuilder:
         before them. Without, such a user's replays grew with every event
         since their last snapshot (an audit: 102, 374, then 1,326 events an
         hour later)."""
-        if len(replayed) < max(SNAPSHOT_EVENTS, sum(state.api_counts.values()) // SNAPSHOT_SHARE):
+        if replayed.events < max(SNAPSHOT_EVENTS, sum(state.api_counts.values()) // SNAPSHOT_SHARE):
             return None
-        if any(e.vector is None for e in replayed):
+        if replayed.damaged:
             return None
-        if state.ahead or state.ahead_in_log != np.inf:
+        if replayed.first_held is not None:
             # Not applied: held, or waiting in the log (stamped at or after ahead_in_log).
-            held = {e.seq for e in state.ahead} | {e.seq for e in replayed if e.event_time >= state.ahead_in_log}
-            through = max((e.seq for e in replayed if e.seq not in held), default=0)
-            if not through or through > min(held):
+            if not replayed.applied_through or replayed.applied_through > replayed.first_held:
                 return None
-            state = dataclasses.replace(state, ahead=[], ahead_in_log=np.inf, max_seq=through)
+            state = dataclasses.replace(state, ahead=[], ahead_in_log=np.inf, max_seq=replayed.applied_through)
         return ProfileSnapshot(state.max_seq, self.snapshot_key, snapshot_bytes(state))
 
-    def thawed(self, user_id: str, snapshot: ProfileSnapshot, after: Sequence[EventRecord],
+    def thawed(self, user_id: str, snapshot: ProfileSnapshot, oldest_after: float,
                horizon: float) -> UserState | None:
         """The snapshot's profile where a replay of the whole log would build
-        it on the way to `horizon`, and extend it with `after` (the user's
-        events past it): saved under these settings, its newest event not
-        after `horizon`, and none of `after` older than that one (which a
-        replay would have taken before some of the snapshot's). Else None."""
+        it on the way to `horizon`, and extend it with the user's events past
+        it (`oldest_after`: the time of the oldest of them, inf where none):
+        saved under these settings, its newest event not after `horizon`, and
+        none of them older than that one (which a replay would have taken
+        before some of the snapshot's). Else None."""
         if snapshot.key != self.snapshot_key:
             return None
         try:
@@ -172,7 +201,7 @@ class ProfileBuilder:
             return None
         if state.max_seq != snapshot.through_seq or state.newest_time > horizon:
             return None
-        return None if any(e.event_time < state.newest_time for e in after) else state
+        return None if oldest_after < state.newest_time else state
 
     @staticmethod
     def stale(state: UserState, now: float) -> bool:

@@ -37,7 +37,7 @@ class UserState:
     pending: list[EventRecord] = dataclasses.field(default_factory=list)
     # Seen (seq <= max_seq) but stamped after the clock when applied: each later
     # than newest_time, held until the clock reaches it, so that reads at the
-    # clock need no replay. In seq order.
+    # clock need no replay. In the order seen (a replay's: by time, ties by seq).
     ahead: list[EventRecord] = dataclasses.field(default_factory=list)
     # Past replay.MAX_HELD_EVENTS_PER_USER, the time of the first event seen
     # but neither applied nor held (it waits in the log, as do those after

@@ -11,7 +11,8 @@ replaying a user's events always rebuilds exactly the profile that was served.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Collection, Iterable, Iterator, Mapping, NamedTuple, Protocol, Sequence
+import math
+from typing import Callable, Collection, ContextManager, Iterable, Iterator, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -187,10 +188,14 @@ class Store(Protocol):
     def user_events(self, user_id: str) -> list[EventRecord]:
         """A user's events in arrival (`seq`) order."""
 
-    def user_history(self, user_id: str) -> tuple[ProfileSnapshot | None, list[EventRecord]]:
-        """The user's profile snapshot, if one is stored, and their events
-        after it (all of them without one), in seq order, read together: an
-        erasure happens before both reads or after both."""
+    def user_history(self, user_id: str, from_snapshot: bool = True, through_time: float = math.inf,
+                     chunk: int = 10_000) -> ContextManager[tuple[ProfileSnapshot | None, Iterator[list[EventRecord]]]]:
+        """The user's profile snapshot, if one is stored and `from_snapshot`,
+        and their events after it (all of them without one) stamped up to
+        `through_time`, in replay order (by time, ties by seq), in lists of up
+        to `chunk`: what a replay reads, a chunk in memory at a time. Read
+        together within the block: an erasure happens before every read or
+        after all of them."""
 
     def save_profile_snapshot(self, user_id: str, snapshot: ProfileSnapshot) -> bool:
         """Stores the user's snapshot in place of theirs, unless that one

@@ -53,6 +53,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -846,18 +847,39 @@ class SqliteStore:
         return self._read(lambda conn: _events_where(conn, "e.seq > ? AND e.seq <= ?", (after_seq, through_seq),
                                                      vectors_of), one_snapshot=True)
 
-    def user_history(self, user_id: str) -> tuple[ProfileSnapshot | None, list[EventRecord]]:
-        def read(conn: sqlite3.Connection) -> tuple[ProfileSnapshot | None, list[EventRecord]]:
-            # As a BLOB whatever it became on disk: TEXT that is no UTF-8 failed the read, and the
-            # user's every GetProfile and Recommend, where damaged bytes fall back to a replay.
-            row = conn.execute(
-                "SELECT through_seq, key, CAST(data AS BLOB) FROM profile_snapshots WHERE user_id = ?", (user_id,)
-            ).fetchone()
-            snapshot = None if row is None else ProfileSnapshot(row[0], row[1], bytes(row[2]))
-            after = 0 if snapshot is None else snapshot.through_seq
-            return snapshot, _events_where(conn, "e.user_id = ? AND e.seq > ?", (user_id, after))
+    @contextlib.contextmanager
+    def user_history(self, user_id: str, from_snapshot: bool = True, through_time: float = math.inf,
+                     chunk: int = 10_000) -> Iterator[tuple[ProfileSnapshot | None, Iterator[list[EventRecord]]]]:
+        with self._reader() as conn:
+            conn.execute("BEGIN")  # one snapshot for the block: see _read
+            try:
+                snapshot = None
+                if from_snapshot:
+                    # As a BLOB whatever it became on disk: TEXT that is no UTF-8 failed the read, and the
+                    # user's every GetProfile and Recommend, where damaged bytes fall back to a replay.
+                    row = conn.execute("SELECT through_seq, key, CAST(data AS BLOB) FROM profile_snapshots "
+                                       "WHERE user_id = ?", (user_id,)).fetchone()
+                    snapshot = None if row is None else ProfileSnapshot(row[0], row[1], bytes(row[2]))
+                after = 0 if snapshot is None else snapshot.through_seq
+                chunks = self._replay_chunks(conn, user_id, after, through_time, chunk)
+                with contextlib.closing(chunks):  # its statement done before the COMMIT, read to the end or not
+                    yield snapshot, chunks
+            finally:
+                conn.execute("COMMIT")
 
-        return self._read(read, one_snapshot=True)  # the snapshot and the events after it
+    @staticmethod
+    def _replay_chunks(conn: sqlite3.Connection, user_id: str, after_seq: int, through_time: float,
+                       chunk: int) -> Iterator[list[EventRecord]]:
+        """`user_history`'s events. The order comes from the seqs alone, then
+        each chunk's rows with their vectors: sorted with them, SQLite's sorter
+        would copy every vector of the log (~1.6 KB an event) to its temp files."""
+        order = conn.execute("SELECT seq FROM events WHERE user_id = ? AND seq > ? AND event_time <= ? "
+                             "ORDER BY event_time, seq", (user_id, after_seq, through_time))
+        with contextlib.closing(order):
+            while seqs := [seq for (seq,) in order.fetchmany(chunk)]:
+                events = {e.seq: e for e in _events_where(conn, "e.seq IN (SELECT value FROM json_each(?))",
+                                                          (json.dumps(seqs),))}
+                yield [events[seq] for seq in seqs if seq in events]  # (one without its vector row: not joined)
 
     def save_profile_snapshot(self, user_id: str, snapshot: ProfileSnapshot) -> bool:
         def job(conn: sqlite3.Connection) -> bool:

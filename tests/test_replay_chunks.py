@@ -1,0 +1,137 @@
+"""A replay reads and applies the log a chunk at a time (engine.REPLAY_CHUNK,
+Store.user_history): it builds the profile that applying the whole log at
+once built, and holds no more than the chunk it applies and the one it reads."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+
+import numpy as np
+import pytest
+
+from halflife.config import Config
+from halflife.interest import engine as engine_module
+from halflife.interest import replay as replay_module
+from halflife.interest.engine import InterestEngine
+from halflife.interest.replay import MAX_HELD_EVENTS_PER_USER
+from halflife.interest.types import EventInput, ItemInput
+from halflife.storage.base import EventRecord
+from halflife.storage.sqlite import SqliteStore
+from tests.fakes import DIM, fake_embed, stored_history
+
+T = 1_700_000_000.0
+HOUR = 3600.0
+VIEW, LIKE, DISLIKE, RATE = 1, 3, 4, 6
+CHUNK = 3
+
+
+def engine_with_log(path, ahead: int = 0) -> InterestEngine:
+    """User u's log in 5 batches, 60 events an hour apart, over 12 items in 3
+    topics: runs of 4 stamped alike (ties across every chunk boundary), every
+    third batch stamped before the one recorded ahead of it (late events),
+    and `ahead` events stamped after the clock."""
+    engine = InterestEngine(Config(), SqliteStore(path), DIM, fake_embed, clock=lambda: T)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"topic {n % 3} thing {n}") for n in range(12)])
+    kinds = [VIEW, LIKE, RATE, DISLIKE, LIKE]
+    for batch in range(5):
+        start = T - (100 - 20 * batch + (30 if batch % 3 == 2 else 0)) * HOUR
+        engine.record_events([
+            EventInput(f"e{batch}-{k}", "u", kinds[k % 5], f"i{(7 * k + batch) % 12}", None,
+                       (5.0 if k % 2 else 1.0) if kinds[k % 5] == RATE else None, start + (k // 4) * HOUR)
+            for k in range(12)
+        ])
+    engine.record_events([EventInput(f"a{k}", "u", LIKE, f"i{k % 12}", None, None, T + 60.0 * (k // 2 + 1))
+                          for k in range(ahead)])
+    engine._users.clear()
+    return engine
+
+
+def all_at_once(engine: InterestEngine, horizon: float, through_time: float = math.inf):
+    """The profile as a replay built it before chunks: the whole log (up to
+    `through_time`) applied in one call, in seq order (the multi-interest
+    state sorts it by time)."""
+    events = [e for e in engine.store.user_events("u") if e.event_time <= through_time]
+    return engine._builder.build([events], horizon)
+
+
+def assert_same_profile(chunked, whole, t: float) -> None:
+    """Equal counts, items, times and held events; sums read at t equal to
+    rounding (the chunks store them against other landmarks)."""
+    close = dict(rtol=1e-9, atol=1e-12)
+    for read in ("vector", "negative_vector", "strength", "negative_strength"):
+        np.testing.assert_allclose(getattr(chunked.single, read)(t), getattr(whole.single, read)(t), **close)
+    np.testing.assert_allclose(chunked.multi.cluster_vectors(t), whole.multi.cluster_vectors(t), **close)
+    np.testing.assert_allclose(chunked.multi.importances(t), whole.multi.importances(t), **close)
+    np.testing.assert_allclose(chunked.multi.trends(), whole.multi.trends(), **close)
+    assert chunked.multi.counts.tolist() == whole.multi.counts.tolist()
+    assert chunked.multi.last_time.tolist() == whole.multi.last_time.tolist()
+    for name in ("seen", "api_counts", "newest_time", "max_seq", "ahead_in_log"):
+        assert getattr(chunked, name) == getattr(whole, name), name
+    assert sorted(e.seq for e in chunked.ahead) == sorted(e.seq for e in whole.ahead)
+
+    def affinity(state):
+        return sorted(zip(state.affinity_seqs, state.affinity_items, state.affinity_types, state.affinity_times))
+
+    assert affinity(chunked) == affinity(whole)
+
+
+@pytest.mark.parametrize("ahead", [0, 4, MAX_HELD_EVENTS_PER_USER + 6])
+def test_a_miss_replayed_in_chunks_builds_the_profile_the_whole_log_at_once_built(tmp_path, monkeypatch, ahead):
+    monkeypatch.setattr(engine_module, "REPLAY_CHUNK", CHUNK, raising=False)
+    engine = engine_with_log(tmp_path, ahead)
+    engine.recommend("u", 3)
+    whole, replayed = all_at_once(engine, T)
+    assert_same_profile(engine._users["u"], whole, T)
+    assert replayed.events == 60 + ahead and engine._users["u"].multi.n_clusters > 1  # something to compare
+    assert len(engine._users["u"].ahead) == min(ahead, MAX_HELD_EVENTS_PER_USER)
+
+
+@pytest.mark.parametrize("hours_back", [0.0, 41.0, 41.5, 95.0])
+def test_a_look_into_the_past_replayed_in_chunks_stops_where_a_whole_replay_did(tmp_path, monkeypatch, hours_back):
+    """as_of between two events, at a run of events stamped alike, and so
+    early that a late batch is partly in."""
+    monkeypatch.setattr(engine_module, "REPLAY_CHUNK", CHUNK, raising=False)
+    engine = engine_with_log(tmp_path, ahead=5)
+    as_of = T - hours_back * HOUR
+    assert_same_profile(engine._replay_until("u", as_of), all_at_once(engine, as_of, as_of)[0], as_of)
+
+
+def test_a_snapshot_and_the_events_after_it_replayed_in_chunks_answer_as_the_whole_log(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine_module, "REPLAY_CHUNK", CHUNK, raising=False)
+    monkeypatch.setattr(replay_module, "SNAPSHOT_EVENTS", 10)
+    engine = engine_with_log(tmp_path, ahead=MAX_HELD_EVENTS_PER_USER + 2)
+    engine.recommend("u", 3)
+    assert engine.snapshots.wait(10)
+    snapshot = stored_history(engine.store, "u")[0]
+    assert snapshot.through_seq == 60  # the events held for the clock left out, as before chunks
+    engine.record_events([EventInput(f"n{k}", "u", VIEW, f"i{k}", None, None, T - 0.5 * HOUR + k) for k in range(7)])
+    engine._users.clear()
+    engine.recommend("u", 3)
+    assert_same_profile(engine._users["u"], all_at_once(engine, T)[0], T)
+
+
+def test_a_replay_holds_the_chunk_it_applies_and_the_one_it_reads_not_the_log(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine_module, "REPLAY_CHUNK", CHUNK, raising=False)
+    engine = engine_with_log(tmp_path)
+    applying, reading = [], []
+
+    def live() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) is EventRecord and o.user_id == "u")
+
+    extend, read_history = engine._builder.extend, engine.store.user_history
+    monkeypatch.setattr(engine._builder, "extend", lambda *args: applying.append(live()) or extend(*args))
+
+    @contextlib.contextmanager
+    def counted_history(user, **options):
+        with read_history(user, **options) as (snapshot, chunks):
+            yield snapshot, (reading.append(live()) or chunk for chunk in chunks)
+
+    monkeypatch.setattr(engine.store, "user_history", counted_history)
+    before = live()  # the store's last batch written, other tests' engines
+    engine.recommend("u", 3)
+    assert len(applying) == len(reading) == 60 // CHUNK
+    # The previous chunk goes once the next one is in.
+    assert max(applying) - before <= CHUNK and max(reading) - before <= 2 * CHUNK
