@@ -79,7 +79,7 @@ def assert_same_profile(chunked, whole, t: float) -> None:
 
 @pytest.mark.parametrize("ahead", [0, 4, MAX_HELD_EVENTS_PER_USER + 6])
 def test_a_miss_replayed_in_chunks_builds_the_profile_the_whole_log_at_once_built(tmp_path, monkeypatch, ahead):
-    monkeypatch.setattr(engine_module, "REPLAY_CHUNK", CHUNK, raising=False)
+    monkeypatch.setattr(engine_module, "REPLAY_CHUNK", CHUNK)
     engine = engine_with_log(tmp_path, ahead)
     engine.recommend("u", 3)
     whole, replayed = all_at_once(engine, T)
@@ -92,14 +92,14 @@ def test_a_miss_replayed_in_chunks_builds_the_profile_the_whole_log_at_once_buil
 def test_a_look_into_the_past_replayed_in_chunks_stops_where_a_whole_replay_did(tmp_path, monkeypatch, hours_back):
     """as_of between two events, at a run of events stamped alike, and so
     early that a late batch is partly in."""
-    monkeypatch.setattr(engine_module, "REPLAY_CHUNK", CHUNK, raising=False)
+    monkeypatch.setattr(engine_module, "REPLAY_CHUNK", CHUNK)
     engine = engine_with_log(tmp_path, ahead=5)
     as_of = T - hours_back * HOUR
     assert_same_profile(engine._replay_until("u", as_of), all_at_once(engine, as_of, as_of)[0], as_of)
 
 
 def test_a_snapshot_and_the_events_after_it_replayed_in_chunks_answer_as_the_whole_log(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine_module, "REPLAY_CHUNK", CHUNK, raising=False)
+    monkeypatch.setattr(engine_module, "REPLAY_CHUNK", CHUNK)
     monkeypatch.setattr(replay_module, "SNAPSHOT_EVENTS", 10)
     engine = engine_with_log(tmp_path, ahead=MAX_HELD_EVENTS_PER_USER + 2)
     engine.recommend("u", 3)
@@ -113,7 +113,7 @@ def test_a_snapshot_and_the_events_after_it_replayed_in_chunks_answer_as_the_who
 
 
 def test_a_replay_holds_the_chunk_it_applies_and_the_one_it_reads_not_the_log(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine_module, "REPLAY_CHUNK", CHUNK, raising=False)
+    monkeypatch.setattr(engine_module, "REPLAY_CHUNK", CHUNK)
     engine = engine_with_log(tmp_path)
     applying, reading = [], []
 
