@@ -15,7 +15,7 @@ cd "$(dirname "$0")/../.."
 MODEL_DIR=${MODEL_DIR:-var/models/all-MiniLM-L6-v2}
 STAGE=var/gpu-stage
 PY=${PY:-.venv/bin/python}
-PART_SIZE=${PART_SIZE:-61M}
+PART_SIZE=${PART_SIZE:-58M}  # 6 parts of ~355 MB either way; 61M left the tree 0.1 MiB (2026-12-07)
 rm -rf "$STAGE"
 mkdir -p "$STAGE"/{root/model,parts}
 
