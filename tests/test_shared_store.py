@@ -146,6 +146,16 @@ def test_the_watermark_takes_each_batch_once():
     assert mark.through == 70 and mark._ahead == []
 
 
+def test_the_watermark_marks_a_column_of_seqs_as_it_answers_each():
+    mark = EventWatermark(10)
+    mark.add(21, 25)
+    mark.add(31, 31)  # two ranges above `through`, one of a single seq
+    seqs = np.arange(0, 40)
+    assert mark.applied_mask(seqs).tolist() == [mark.applied(s) for s in seqs.tolist()]
+    assert np.flatnonzero(mark.applied_mask(seqs)).tolist() == [*range(11), *range(21, 26), 31]
+    assert mark.applied_mask(np.array([], dtype=np.int64)).tolist() == []
+
+
 def test_items_and_events_written_by_one_worker_are_seen_by_the_other(pair, tmp_path):
     a, b = pair
     a.upsert_items(items(f"i{n}" for n in range(12)))

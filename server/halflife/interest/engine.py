@@ -424,7 +424,8 @@ class InterestEngine:
             # event's took a follower ~18 us an event under the lock, ~4 without (a scaling review).
             events = self.store.events_between(self._events.through, through_seq,
                                                vectors_of=lambda user: user in self._users or user in self._replays)
-            fresh = [e for e in events if not self._events.applied(e.seq)]
+            applied = self._events.applied_mask(np.array([e.seq for e in events], dtype=np.int64))
+            fresh = [e for e, done in zip(events, applied.tolist()) if not done]
             self._events.advance(through_seq)
             self._apply_events(fresh)
 
@@ -887,7 +888,7 @@ class InterestEngine:
             deleted = self.store.delete_user(user_id, _guard(deadline))
             for chunk in chunks:
                 # Only what this engine has counted can be taken back.
-                counted = np.array([self._events.applied(seq) for seq in chunk.seqs.tolist()], dtype=bool)
+                counted = self._events.applied_mask(chunk.seqs)
                 if counted.any():
                     rows = self._current_item_rows([i for i, c in zip(chunk.item_ids, counted) if c], chunk.seqs[counted])
                     types = self._builder.internal_types(chunk.types[counted], chunk.values[counted])

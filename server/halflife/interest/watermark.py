@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 
 class EventWatermark:
     """Every event with seq <= `through` is applied (or was erased), plus
@@ -18,7 +20,15 @@ class EventWatermark:
         self._ahead: list[tuple[int, int]] = []  # (first, last) seqs applied above `through`, sorted
 
     def applied(self, seq: int) -> bool:
-        return seq <= self.through or any(first <= seq <= last for first, last in self._ahead)
+        return bool(self.applied_mask(np.array([seq]))[0])
+
+    def applied_mask(self, seqs: np.ndarray) -> np.ndarray:
+        """`applied` of each of seqs, (n,) bool: one array pass a range, where a
+        Python test of each seq took an erasure of 1M events ~0.1 s under the lock."""
+        mask = seqs <= self.through
+        for first, last in self._ahead:
+            mask |= (first <= seqs) & (seqs <= last)
+        return mask
 
     def add(self, first: int, last: int) -> None:
         """Marks the batch first..last applied."""
