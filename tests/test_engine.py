@@ -1992,6 +1992,52 @@ def test_a_users_events_committed_right_after_their_erasure_keep_their_pairs(tmp
     assert len(engine._cooccurrence) == len(restarted._cooccurrence)
 
 
+def _during_the_erasures_read(engine: InterestEngine, monkeypatch, call) -> None:
+    """Runs `call` on another thread once delete_user has read the user's log
+    and before it reads any more: it must finish meanwhile (a read under the
+    lock held up every other call, 2.1 s for a user of 1M events)."""
+    read = engine.store.iter_events
+
+    def iter_events(*args, **kwargs):
+        chunks = list(read(*args, **kwargs))
+        monkeypatch.setattr(engine.store, "iter_events", read)  # the first read only
+        meanwhile = threading.Thread(target=call)
+        meanwhile.start()
+        meanwhile.join(10)
+        assert not meanwhile.is_alive(), "the erasure read its log holding the lock"
+        return iter(chunks)
+
+    monkeypatch.setattr(engine.store, "iter_events", iter_events)
+
+
+def _assert_blend_as_restarted(engine: InterestEngine, path, user: str) -> None:
+    live, again = engine.signals(user, T), open_engine(path).signals(user, T)
+    for name in ("cooccurrence", "popularity"):
+        np.testing.assert_allclose(live[name], again[name], atol=1e-6)
+
+
+def test_an_erasure_reads_the_log_before_the_lock_and_takes_back_what_arrived_meanwhile(tmp_path, monkeypatch):
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(6)])
+    engine.record_events([EventInput(f"v{n}", "v", LIKE, f"i{n}", None, None, T - 100 + n) for n in range(3)]
+                         + [EventInput(f"u{n}", "u", LIKE, f"i{n % 2}", None, None, T - 50 + n) for n in range(4)])
+    _during_the_erasures_read(engine, monkeypatch, lambda: engine.record_events(  # counted before the erasure
+        [EventInput(f"late{n}", "u", LIKE, "i4", None, None, T - 10 + n) for n in range(3)]))
+    assert engine.delete_user("u") == 7
+    _assert_blend_as_restarted(engine, tmp_path, "v")
+
+
+def test_an_erasure_of_the_user_during_anothers_read_is_not_taken_back_twice(tmp_path, monkeypatch):
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(6)])
+    engine.record_events([EventInput(f"v{n}", "v", LIKE, f"i{n}", None, None, T - 100 + n) for n in range(3)]
+                         + [EventInput(f"u{n}", "u", LIKE, f"i{n % 2}", None, None, T - 50 + n) for n in range(4)])
+    first = []
+    _during_the_erasures_read(engine, monkeypatch, lambda: first.append(engine.delete_user("u")))
+    assert engine.delete_user("u") == 0 and first == [4]
+    _assert_blend_as_restarted(engine, tmp_path, "v")
+
+
 def test_an_explanation_is_of_the_profile_its_list_was_ranked_for(tmp_path, monkeypatch):
     """Explanations are built after the ranking, without the lock: they read
     the cached profile and the log again, so events recorded in between

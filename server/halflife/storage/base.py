@@ -204,10 +204,11 @@ class Store(Protocol):
         whether it was stored. `delete_user` erases it with the events."""
 
     def iter_events(self, chunk: int = 50_000, through_seq: int | None = None,
-                    user_id: str | None = None) -> Iterator[EventColumns]:
-        """All events (up to `through_seq`; `user_id`'s only, where given) in
-        seq order, in chunks, without vectors: what rebuilding popularity and
-        co-occurrence needs, and taking a user's share of them back."""
+                    user_id: str | None = None, after_seq: int = 0) -> Iterator[EventColumns]:
+        """All events (after `after_seq` and up to `through_seq`; `user_id`'s
+        only, where given) in seq order, in chunks, without vectors: what
+        rebuilding popularity and co-occurrence needs, and taking a user's
+        share of them back."""
 
     def events_between(self, after_seq: int, through_seq: int,
                        vectors_of: Callable[[str], bool] | None = None) -> list[EventRecord]:
@@ -243,7 +244,8 @@ class Store(Protocol):
 
     def user_count(self) -> int: ...
 
-    def event_count(self) -> int: ...
+    def event_count(self, user_id: str | None = None, through_seq: int | None = None) -> int:
+        """How many events are stored (`user_id`'s only, where given; up to `through_seq`, where given)."""
 
     def close(self) -> None: ...
 

@@ -131,6 +131,15 @@ def _chunks(conn: sqlite3.Connection, seq: Sequence[Any], width: int = 1) -> Ite
         yield seq[i : i + n]
 
 
+def _events_in(after_seq: int, through_seq: int | None, user_id: str | None) -> tuple[str, tuple]:
+    """A WHERE clause and its arguments for the events with after_seq < seq <= through_seq
+    (no upper bound where None), `user_id`'s only where given."""
+    where, args = "seq > ? AND seq <= ?", (after_seq, 2**63 - 1 if through_seq is None else through_seq)
+    if user_id is not None:
+        where, args = where + " AND user_id = ?", (*args, user_id)
+    return where, args
+
+
 def _ids_json(ids: Sequence[str]) -> str:
     """`ids` as a JSON array for `json_each`, which (SQLite 3.40) cuts a string
     at an escaped NUL: "a\\0b" would name row "a", so such an id is refused."""
@@ -897,11 +906,9 @@ class SqliteStore:
         return self._submit(job)
 
     def iter_events(self, chunk: int = 50_000, through_seq: int | None = None,
-                    user_id: str | None = None) -> Iterator[EventColumns]:
-        select = "SELECT seq, type, item_id, user_id, value, event_time FROM events WHERE seq <= ?"
-        args: tuple = (through_seq if through_seq is not None else 2**63 - 1,)
-        if user_id is not None:
-            select, args = select + " AND user_id = ?", (*args, user_id)
+                    user_id: str | None = None, after_seq: int = 0) -> Iterator[EventColumns]:
+        where, args = _events_in(after_seq, through_seq, user_id)
+        select = "SELECT seq, type, item_id, user_id, value, event_time FROM events WHERE " + where
         with self._reader() as conn, contextlib.closing(conn.execute(select + " ORDER BY seq", args)) as cur:
             # closed with the block: see iter_items
             while rows := cur.fetchmany(chunk):
@@ -1064,8 +1071,9 @@ class SqliteStore:
     def user_count(self) -> int:
         return self._read(lambda c: c.execute("SELECT COUNT(DISTINCT user_id) FROM events").fetchone()[0])
 
-    def event_count(self) -> int:
-        return self._read(lambda c: c.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+    def event_count(self, user_id: str | None = None, through_seq: int | None = None) -> int:
+        where, args = _events_in(0, through_seq, user_id)
+        return self._read(lambda c: c.execute("SELECT COUNT(*) FROM events WHERE " + where, args).fetchone()[0])
 
     # ------------------------------------------------------------------ lifecycle
 
