@@ -132,12 +132,13 @@ def _chunks(conn: sqlite3.Connection, seq: Sequence[Any], width: int = 1) -> Ite
 
 
 def _events_in(after_seq: int, through_seq: int | None, user_id: str | None) -> tuple[str, tuple]:
-    """A WHERE clause and its arguments for the events with after_seq < seq <= through_seq
-    (no upper bound where None), `user_id`'s only where given."""
-    where, args = "seq > ? AND seq <= ?", (after_seq, 2**63 - 1 if through_seq is None else through_seq)
-    if user_id is not None:
-        where, args = where + " AND user_id = ?", (*args, user_id)
-    return where, args
+    """The WHERE clause ("" for none) and its arguments of the events with after_seq < seq
+    <= through_seq (no upper bound where None), `user_id`'s only where given. Only the
+    bounds given: COUNT(*) without a WHERE is SQLite's fast count (1 ms for 1M rows in
+    memory, 12 with `WHERE 1`, 46 with `seq > 0`)."""
+    bounds = {"seq > ?": after_seq or None, "seq <= ?": through_seq, "user_id = ?": user_id}
+    given = {condition: value for condition, value in bounds.items() if value is not None}
+    return (" WHERE " + " AND ".join(given) if given else ""), tuple(given.values())
 
 
 def _ids_json(ids: Sequence[str]) -> str:
@@ -908,7 +909,7 @@ class SqliteStore:
     def iter_events(self, chunk: int = 50_000, through_seq: int | None = None,
                     user_id: str | None = None, after_seq: int = 0) -> Iterator[EventColumns]:
         where, args = _events_in(after_seq, through_seq, user_id)
-        select = "SELECT seq, type, item_id, user_id, value, event_time FROM events WHERE " + where
+        select = "SELECT seq, type, item_id, user_id, value, event_time FROM events" + where
         with self._reader() as conn, contextlib.closing(conn.execute(select + " ORDER BY seq", args)) as cur:
             # closed with the block: see iter_items
             while rows := cur.fetchmany(chunk):
@@ -1073,7 +1074,7 @@ class SqliteStore:
 
     def event_count(self, user_id: str | None = None, through_seq: int | None = None) -> int:
         where, args = _events_in(0, through_seq, user_id)
-        return self._read(lambda c: c.execute("SELECT COUNT(*) FROM events WHERE " + where, args).fetchone()[0])
+        return self._read(lambda c: c.execute("SELECT COUNT(*) FROM events" + where, args).fetchone()[0])
 
     # ------------------------------------------------------------------ lifecycle
 
