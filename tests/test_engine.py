@@ -1925,6 +1925,36 @@ def test_an_interest_ranks_alike_however_long_ago_its_events_were(tmp_path, mode
     assert reads["gone"][0] == "trending" and reads["gone"][2] == []
 
 
+def test_a_dislike_sinks_items_by_its_share_of_the_decayed_weight(tmp_path):
+    """The negative term is β × fade × cosine, fade the negative side's
+    share of the decayed weight over `negative_full_share`, at most 1: a
+    dislike two years old (8 of its 90-day half-lives) beside a like of an
+    hour ago sinks the disliked item's twin by a fraction of β, not, as it
+    did before, by the full β as if it were new."""
+    DISLIKE = 10
+    config = Config()
+    engine = InterestEngine(config, SqliteStore(tmp_path), DIM, fake_embed, clock=lambda: T)
+    liked, other = fake_embed(["liked thing", "something else"])
+    twin = (-liked + 0.5 * other) / np.linalg.norm(-liked + 0.5 * other)
+    engine.upsert_items([ItemInput(id="liked", text="", vector=liked), ItemInput(id="disliked", text="", vector=-liked),
+                         ItemInput(id="twin", text="", vector=twin)])
+    ages = {"fresh": 3600.0, "stale": 2 * 365 * DAY}
+    engine.record_events([e for user, age in ages.items() for e in (
+        EventInput(f"{user}-like", user, LIKE, "liked", None, None, T - 3600),
+        EventInput(f"{user}-dislike", user, DISLIKE, "disliked", None, None, T - age))])
+    like, dislike = config.event_types["like"], config.event_types["dislike"]
+    total = config.blend.interest + config.blend.cooccurrence + config.blend.popularity
+    cosine = float(twin @ -liked)
+    for user, age in ages.items():
+        negative = -dislike.weight * 2 ** (-age / (dislike.half_life_days * DAY))
+        share = negative / (negative + like.weight * 2 ** (-3600 / (like.half_life_days * DAY)))
+        fade = min(1.0, share / config.profile.negative_full_share)
+        (item,) = engine.recommend(user, 1, as_of=T, explain=True, filter=ItemFilter(exclude_item_ids=("liked", "disliked"))).items
+        expected = -config.blend.interest / total * config.profile.negative_weight * fade * cosine
+        assert item.explanation.score_parts["negative"] == pytest.approx(expected, rel=1e-4)
+        assert (fade < 0.5) if user == "stale" else (fade == 1.0)
+
+
 def test_an_explanations_strongest_events_do_not_depend_on_the_chunks_they_were_scored_in():
     """Identical events (one item viewed again and again) tie, and ties go
     by event order; a GEMM's rounding depends on where a column sits, so in

@@ -34,7 +34,7 @@ def engine_with(config: Config, tmp_path) -> InterestEngine:
 @pytest.mark.parametrize("kind", ["exp", "gauss", "linear"])
 def test_kernel_profile_scores_equal_a_brute_force_recomputation(kind, tmp_path):
     profile = ProfileConfig(mode="single", kernel=kind, kernel_scale_days=20.0, kernel_offset_days=2.0,
-                            kernel_decay=0.4)
+                            kernel_decay=0.4, negative_full_share=0.5)
     config = Config(profile=profile)
     engine = engine_with(config, tmp_path)
     got = engine.recommend("u", 40, as_of=T, include_seen=True, explain=False)
@@ -53,15 +53,20 @@ def test_kernel_profile_scores_equal_a_brute_force_recomputation(kind, tmp_path)
         return max(0.0, (s - d) / s)
     positive = np.zeros(DIM)
     negative = np.zeros(DIM)
+    strengths = {True: 0.0, False: 0.0}
     for event in engine.store.user_events("u"):
         w = config.event_types["like" if event.type == LIKE else "dislike"].weight * weight(T - event.event_time)
+        strengths[w > 0] += abs(w)
         if w > 0:
             positive += w * event.vector
         else:
             negative -= w * event.vector
     cos = lambda v: items @ (v / np.linalg.norm(v))
     blend = config.blend
-    interest = cos(positive) - profile.negative_weight * cos(negative)
+    share = strengths[False] / (strengths[True] + strengths[False])
+    fade = min(1.0, share / profile.negative_full_share)
+    assert fade < 1  # one dislike beside six likes
+    interest = cos(positive) - profile.negative_weight * fade * cos(negative)
     # The blend's other parts are the engine's own; compare the interest part.
     explained = engine.recommend("u", 40, as_of=T, include_seen=True, explain=True)
     for item in explained.items:
@@ -79,12 +84,14 @@ def test_a_linear_kernel_forgets_events_beyond_its_reach(tmp_path):
     events = {e.event_id: e for e in engine.store.user_events("u")}
     like = short.event_types["like"].weight
     expected = like * (0.9 * events["e0"].vector + 0.7 * events["e1"].vector)  # liked 1 and 3 days ago
-    positive, negative, weight = single_profile(engine, "u", T)
+    positive, negative, weight, negative_strength = single_profile(engine, "u", T)
     np.testing.assert_allclose(positive, expected, atol=1e-6)
     assert weight == pytest.approx(like * (0.9 + 0.7))
-    np.testing.assert_allclose(negative, -short.event_types["dislike"].weight * 0.8 * events["d"].vector, atol=1e-6)
+    dislike = -short.event_types["dislike"].weight
+    np.testing.assert_allclose(negative, dislike * 0.8 * events["d"].vector, atol=1e-6)
+    assert negative_strength == pytest.approx(dislike * 0.8)  # disliked 2 days ago
     # Ten days earlier, only the 30-day-old like (then 20 days old) is out of reach too.
-    earlier, _, _ = single_profile(engine, "u", T - 10 * DAY)
+    earlier = single_profile(engine, "u", T - 10 * DAY).positive
     np.testing.assert_allclose(earlier, like * 1.0 * events["e2"].vector, atol=1e-6)  # liked exactly then
 
 

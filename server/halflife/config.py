@@ -95,7 +95,11 @@ class ProfileConfig:
     max_interests: int = 8  # K
     cluster_threshold: float = 0.6  # cosine to join an existing interest (chosen by `halflife eval`)
     combine: str = "sum"  # how interests' similarities combine: "sum" or "max"
-    negative_weight: float = 1.0  # beta: score -= beta * cos(negative profile, item) (chosen by `halflife eval`)
+    # beta: score -= beta * fade * cos(negative profile, item) (chosen by `halflife eval`), fade =
+    # min(1, share / negative_full_share), share the negative events' part of the profile's decayed
+    # weight: old negative feedback that newer likes outweigh fades (docs/interest.md); 0: never fades.
+    negative_weight: float = 1.0
+    negative_full_share: float = 0.01
     cache_users: int = 10_000  # profiles kept in memory; others are rebuilt from the event log (and snapshots)
     # Time kernel of a single-vector profile: "half_life" (each event type's
     # half-life, forward-decayed) or an Elasticsearch function_score kernel,
@@ -120,7 +124,7 @@ class RankingConfig:
 class BlendConfig:
     """How a personalised score is blended from three normalised signals:
 
-        score = ( interest · cos-interest              (in [-1, 1]; minus negative_weight · cos(negative profile))
+        score = ( interest · cos-interest              (in [-1, 1]; minus negative_weight · fade · cos(negative profile))
                 + cooccurrence · cooc / max(cooc)      (in [0, 1])
                 + popularity · pop / max(pop) )        (in [0, 1])
                 / (interest + cooccurrence + popularity)
@@ -276,6 +280,7 @@ def parse_config(data: dict) -> Config:
         "cluster_threshold": lambda v, k: float(_number(v, k, minimum=-1.0, maximum=1.0)),
         "combine": lambda v, k: _choice(v, k, ("sum", "max")),
         "negative_weight": lambda v, k: _weight(v, k, minimum=0.0),
+        "negative_full_share": lambda v, k: float(_number(v, k, minimum=0.0, maximum=1.0)),
         "cache_users": lambda v, k: _number(v, k, minimum=1, integer=True),
         "kernel": lambda v, k: _choice(v, k, ("half_life", "exp", "gauss", "linear")),
         "kernel_scale_days": _half_life,

@@ -12,6 +12,7 @@ from halflife.core.profiles import (
     MultiInterestState,
     ProfileState,
     interest_scores,
+    negative_fade,
     profile_scores,
 )
 from halflife.core.ranking import normalize
@@ -117,6 +118,48 @@ def test_negative_feedback_pushes_down_items_near_disliked_ones():
     np.testing.assert_allclose(
         profile_scores(state.vector(t), np.zeros(dim), near_liked, 0.9), state.scores(near_liked, t, 0.0), atol=1e-6
     )
+
+
+def test_negative_feedback_fades_as_it_decays_and_as_likes_outweigh_it():
+    rng = np.random.default_rng(3)
+    dim = 32
+    liked, disliked = _topics(rng, 2, dim)
+    near_disliked = _near(rng, disliked, 20)
+    state = ProfileState.empty(TYPES, dim)
+    state.add(TYPES, [4], [T0], _near(rng, disliked, 1))  # one dislike (weight 2, 30-day half-life)
+    state.add(TYPES, [0], [T0 + HOUR], _near(rng, liked, 1))  # one click (weight 1, 14 days)
+    full_share = 0.2
+
+    def penalty(t):
+        return state.scores(near_disliked, t, beta=0.0) - state.scores(near_disliked, t, beta=1.0, full_share=full_share)
+
+    soon = T0 + 2 * HOUR
+    assert state.negative_fade(soon, full_share) == 1.0  # its share, 2/3, is above full_share
+    first = penalty(soon)
+    assert np.all(first > 0.4)
+    # More likes since: the same dislike's share, ~2/20, is half of full_share.
+    state.add(TYPES, np.zeros(18, int), soon + np.arange(18) * HOUR, _near(rng, liked, 18))
+    later = soon + DAY
+    fade = state.negative_fade(later, full_share)
+    assert 0.4 < fade < (2 / 19) / full_share
+    np.testing.assert_allclose(penalty(later), first * fade, rtol=1e-4, atol=1e-6)
+    # A year on, a new like against the dislike's 12 half-lives: it barely counts (it counted in full before).
+    state.add(TYPES, [0], [T0 + YEAR], _near(rng, liked, 1))
+    assert state.negative_fade(T0 + YEAR, full_share) < 5e-3
+    assert np.all(penalty(T0 + YEAR) < 5e-3)
+    # With full_share 0 it never fades.
+    np.testing.assert_allclose(state.scores(near_disliked, T0 + YEAR, beta=1.0, full_share=0.0),
+                               state.scores(near_disliked, T0 + YEAR, beta=0.0) - first, rtol=1e-4, atol=1e-6)
+
+
+def test_negative_fade_is_the_share_of_the_weight_up_to_a_full_share():
+    assert negative_fade(3.0, 1.0, 1.0) == 0.25  # the share itself
+    assert negative_fade(3.0, 1.0, 0.5) == 0.5
+    assert negative_fade(3.0, 1.0, 0.25) == 1.0
+    assert negative_fade(3.0, 1.0, 0.0) == 1.0
+    assert negative_fade(0.0, 2.0, 0.5) == 1.0
+    assert negative_fade(5.0, 0.0, 0.5) == 0.0
+    assert negative_fade(0.0, 0.0, 0.0) == 0.0
 
 
 def test_profile_arrays_roundtrip_through_npz():

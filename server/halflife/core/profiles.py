@@ -166,9 +166,14 @@ class ProfileState:
     def negative_strength(self, t: float) -> float:
         return float(self._factors(t) @ self.neg_masses)
 
-    def scores(self, items: np.ndarray, t: float, beta: float = 0.5) -> np.ndarray:
-        """cos(profile, item) − β·cos(negative, item) for (N, d) normalised items."""
-        return profile_scores(self.vector(t), self.negative_vector(t), items, beta)
+    def negative_fade(self, t: float, full_share: float) -> float:
+        """`negative_fade` of the decayed strengths at t."""
+        return negative_fade(self.strength(t), self.negative_strength(t), full_share)
+
+    def scores(self, items: np.ndarray, t: float, beta: float = 0.5, full_share: float = 0.0) -> np.ndarray:
+        """cos(profile, item) − β·fade·cos(negative, item) for (N, d)
+        normalised items, fade the `negative_fade` at t."""
+        return profile_scores(self.vector(t), self.negative_vector(t), items, beta * self.negative_fade(t, full_share))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {
@@ -194,6 +199,20 @@ class ProfileState:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.to_arrays().values())
+
+
+def negative_fade(positive_strength: float, negative_strength: float, full_share: float) -> float:
+    """How much of its weight negative feedback has: 1 while its share of
+    the profile's decayed weight, N / (P + N) (P positive, N negative, each
+    Σ |w|·decay), is at least `full_share`, else share / full_share, so it
+    fades as its events decay and newer positive feedback outweighs it, as
+    interest does; 0 without negative weight; full_share 0: never fades.
+    Until 2026-12-07 a skip a year old (52 of its 7-day half-lives) sank
+    similar items by the full β however many likes came after."""
+    if not negative_strength > 0:
+        return 0.0
+    share = negative_strength / (positive_strength + negative_strength)
+    return 1.0 if share >= full_share else share / full_share
 
 
 def profile_scores(positive, negative, items: np.ndarray, beta: float = 0.5) -> np.ndarray:

@@ -42,7 +42,7 @@ RATE, REVIEW = api_event_type("rate"), api_event_type("review")
 PREVIOUS_DEFAULT = Config(
     event_types={**DEFAULT_EVENT_TYPES, **{n: EventTypeConfig(DEFAULT_EVENT_TYPES[n].weight, 90.0)
                                            for n in ("rate", "review", "rate_low", "rate_mid")}},
-    profile=ProfileConfig(cluster_threshold=0.5, negative_weight=0.5),
+    profile=ProfileConfig(cluster_threshold=0.5, negative_weight=0.5, negative_full_share=0.0),
     blend=BlendConfig(interest=1.0, cooccurrence=0.0, popularity=0.0, similarity="cosine",
                       affinity_half_life_days=90.0, popularity_half_life_days=30.0),
 )
@@ -378,7 +378,10 @@ def tune(val_backend: EngineBackend, queries: list[Query], base: Config) -> Grid
 
     def score(choice: dict) -> float:
         config = profiles[choice["profile"]]
-        prof = profile_signals(choice["profile"], config)
+        # How negative feedback fades scales each user's negative signal apart: a profile setting.
+        config = dataclasses.replace(config, profile=dataclasses.replace(config.profile,
+                                                                         negative_full_share=choice["fade"]))
+        prof = profile_signals(f"{choice['profile']} fade={choice['fade']:g}", config)
         merged = [
             {"interest": p.get("interest", np.zeros(n, np.float32)),
              "negative": p.get("negative", np.zeros(n, np.float32)) / np.float32(base.profile.negative_weight or 1.0),
@@ -391,11 +394,13 @@ def tune(val_backend: EngineBackend, queries: list[Query], base: Config) -> Grid
         return value
 
     space = {
-        "profile": list(profiles), "beta": [0.0, 0.25, 0.5, 1.0], "cooc": cooc_options,
+        "profile": list(profiles), "fade": [0.0, 0.01, 0.05, 0.1, 0.25, 1.0], "beta": [0.0, 0.25, 0.5, 1.0],
+        "cooc": cooc_options,
         "w_c": [0.0, 0.25, 0.5, 1.0, 2.0, 4.0], "pop": pop_options, "w_p": [0.0, 0.05, 0.1, 0.25, 0.5, 1.0],
         "w_i": [0.0, 0.25, 0.5, 1.0],
     }
-    best = {"profile": "hl=90", "beta": 0.5, "cooc": "cosine/365", "w_c": 1.0, "pop": "30", "w_p": 0.1, "w_i": 1.0}
+    best = {"profile": "hl=90", "fade": 0.0, "beta": 0.5, "cooc": "cosine/365", "w_c": 1.0, "pop": "30", "w_p": 0.1,
+            "w_i": 1.0}
     best_value = score(best)
     for _ in range(2):
         for key, options in space.items():
@@ -456,7 +461,7 @@ def tune(val_backend: EngineBackend, queries: list[Query], base: Config) -> Grid
     sim, ah = best["cooc"].split("/")
     chosen = dataclasses.replace(
         chosen,
-        profile=dataclasses.replace(chosen.profile, negative_weight=best["beta"]),
+        profile=dataclasses.replace(chosen.profile, negative_weight=best["beta"], negative_full_share=best["fade"]),
         blend=BlendConfig(interest=best["w_i"], cooccurrence=best["w_c"], popularity=best["w_p"], similarity=sim,
                           affinity_half_life_days=float(ah), popularity_half_life_days=float(best["pop"])),
     )
@@ -566,15 +571,21 @@ def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target:
         test_i8 = EngineBackend(data, vec[int8], tag_texts, tags[int8], shipped, tmp / "test-int8")
         test_i8.advance(q90)
         bl = shipped.blend
+
+        def profile_with(**changes) -> Config:
+            return dataclasses.replace(shipped, profile=dataclasses.replace(shipped.profile, **changes))
+
         variants = {
             "Halflife default (blend)": (test, shipped),
             **({"chosen on validation": (test, chosen)} if chosen_differs else {}),
             "− co-occurrence": (test, dataclasses.replace(shipped, blend=dataclasses.replace(bl, cooccurrence=0.0))),
             "− popularity prior": (test, dataclasses.replace(shipped, blend=dataclasses.replace(bl, popularity=0.0))),
             "− embedding interest": (test, dataclasses.replace(shipped, blend=dataclasses.replace(bl, interest=0.0))),
-            "− negative feedback": (test, dataclasses.replace(shipped, profile=dataclasses.replace(shipped.profile, negative_weight=0.0))),
-            "single-interest": (test, dataclasses.replace(shipped, profile=dataclasses.replace(shipped.profile, mode="single"))),
-            "multi-interest": (test, dataclasses.replace(shipped, profile=dataclasses.replace(shipped.profile, mode="multi"))),
+            "− negative feedback": (test, profile_with(negative_weight=0.0)),
+            "negative feedback never fades (full share 0)": (test, profile_with(negative_full_share=0.0)),
+            "negative feedback by its share (full share 1)": (test, profile_with(negative_full_share=1.0)),
+            "single-interest": (test, profile_with(mode="single")),
+            "multi-interest": (test, profile_with(mode="multi")),
             "previous event-type settings (90 d)": (test, dataclasses.replace(shipped, event_types=PREVIOUS_DEFAULT.event_types)),
             "per-type half-lives (review 7 d)": (test, with_types(shipped, None, review=(shipped.event_types["review"].weight, 7.0))),
             "without tag-text events": (test_nt, shipped),

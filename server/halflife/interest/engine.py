@@ -48,6 +48,7 @@ from halflife.core.cooccurrence import Cooccurrence, cooccurrence_scores
 from halflife.core.decay import es_kernel, half_life_kernel, kernel_profile
 from halflife.core.describe import describe_clusters
 from halflife.core.horizon import Entries, Horizon
+from halflife.core.profiles import negative_fade
 from halflife.core.ranking import (
     DecayedCounts,
     EntryLog,
@@ -231,6 +232,7 @@ class _SingleProfile(NamedTuple):
     positive: np.ndarray  # (d,) the direction of Σ w · decay · v over positive events (any length)
     negative: np.ndarray  # (d,) the same over negative ones, |w|
     weight: float  # Σ w · decay over positive events: 0 means no interest (trending)
+    negative_strength: float  # Σ |w| · decay over negative ones
 
 
 @dataclasses.dataclass(eq=False)
@@ -1326,7 +1328,8 @@ class InterestEngine:
         single: _SingleProfile | None = None,
     ) -> CatalogueScan:
         """The blend's signals for one user: "interest" (profile cosine),
-        "negative" (−β·cosine with the negative profile), "cooccurrence" and
+        "negative" (−β·fade·cosine with the negative profile, fade its
+        `negative_fade`), "cooccurrence" and
         "popularity", as what the lock must be held for, taken now, and the
         work that may run after it is released (see CatalogueScan). `which`
         limits them to some names (None: those with a non-zero weight).
@@ -1336,7 +1339,8 @@ class InterestEngine:
             which = [n for n in ("interest", "cooccurrence", "popularity") if getattr(blend, n) > 0] + ["negative"]
         scan: dict = {}
         if "interest" in which or "negative" in which:
-            positive, negative, _ = single or self._single_profile(user_id, state, t)
+            single = single or self._single_profile(user_id, state, t)
+            positive, negative = single.positive, single.negative
         if "interest" in which:
             if profile.mode == "multi":
                 scan.update(centroids=state.multi.centroids(t), importances=state.multi.shares(t),
@@ -1344,7 +1348,8 @@ class InterestEngine:
             else:
                 scan.update(positive=positive)
         if "negative" in which and np.any(negative) and profile.negative_weight > 0:
-            scan.update(negative=negative, negative_weight=profile.negative_weight)
+            fade = negative_fade(single.weight, single.negative_strength, profile.negative_full_share)
+            scan.update(negative=negative, negative_weight=profile.negative_weight * fade)
         later: dict[str, Later] = {}
         if "cooccurrence" in which:
             later["cooccurrence"] = self._affinity_scores(state, t)
@@ -1363,10 +1368,11 @@ class InterestEngine:
         weight decides between personalised and trending. Lock held."""
         if self.config.profile.kernel == "half_life":
             single = state.single
-            return _SingleProfile(single.direction(t), single.negative_direction(t), single.strength(t))
+            return _SingleProfile(single.direction(t), single.negative_direction(t), single.strength(t),
+                                  single.negative_strength(t))
         events = self._directed_events(user_id, t)
         if not events:
-            return _SingleProfile(np.zeros(self.dim), np.zeros(self.dim), 0.0)
+            return _SingleProfile(np.zeros(self.dim), np.zeros(self.dim), 0.0, 0.0)
         types = self._builder.record_types(events)
         weights = self._builder.types.weights[types]
         times = np.array([e.event_time for e in events])
@@ -1375,7 +1381,8 @@ class InterestEngine:
         positive, negative = weights > 0, weights < 0
         return _SingleProfile(kernel_profile(vectors[positive], times[positive], weights[positive], kernel),
                               kernel_profile(vectors[negative], times[negative], -weights[negative], kernel),
-                              float(weights[positive] @ kernel(times[positive])))
+                              float(weights[positive] @ kernel(times[positive])),
+                              float(-weights[negative] @ kernel(times[negative])))
 
     def _decay(self, types: np.ndarray, t: float) -> Callable[[np.ndarray], np.ndarray]:
         """Events' times -> their decay at t, for the events of `types` ((n,)
