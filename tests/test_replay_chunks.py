@@ -1,6 +1,7 @@
 """A replay reads and applies the log a chunk at a time (engine.REPLAY_CHUNK,
 Store.user_history): it builds the profile that applying the whole log at
-once built, and holds no more than the chunk it applies and the one it reads."""
+once built, and holds no more than the chunk it applies and the one it reads.
+So does a profile under an Elasticsearch kernel, which reads the whole log."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import math
 import numpy as np
 import pytest
 
-from halflife.config import Config
+from halflife.config import Config, ProfileConfig
+from halflife.core.decay import kernel_sums
 from halflife.interest import engine as engine_module
 from halflife.interest import replay as replay_module
 from halflife.interest.engine import InterestEngine
@@ -25,14 +27,16 @@ T = 1_700_000_000.0
 HOUR = 3600.0
 VIEW, LIKE, DISLIKE, RATE = 1, 3, 4, 6
 CHUNK = 3
+# Every event but the first batch's within its offset, weighing its type's weight.
+KERNEL = Config(profile=ProfileConfig(mode="single", kernel="linear", kernel_scale_days=2.0, kernel_offset_days=4.0))
 
 
-def engine_with_log(path, ahead: int = 0) -> InterestEngine:
+def engine_with_log(path, ahead: int = 0, config: Config = Config()) -> InterestEngine:
     """User u's log in 5 batches, 60 events an hour apart, over 12 items in 3
     topics: runs of 4 stamped alike (ties across every chunk boundary), every
     third batch stamped before the one recorded ahead of it (late events),
     and `ahead` events stamped after the clock."""
-    engine = InterestEngine(Config(), SqliteStore(path), DIM, fake_embed, clock=lambda: T)
+    engine = InterestEngine(config, SqliteStore(path), DIM, fake_embed, clock=lambda: T)
     engine.upsert_items([ItemInput(id=f"i{n}", text=f"topic {n % 3} thing {n}") for n in range(12)])
     kinds = [VIEW, LIKE, RATE, DISLIKE, LIKE]
     for batch in range(5):
@@ -112,17 +116,17 @@ def test_a_snapshot_and_the_events_after_it_replayed_in_chunks_answer_as_the_who
     assert_same_profile(engine._users["u"], all_at_once(engine, T)[0], T)
 
 
-def test_a_replay_holds_the_chunk_it_applies_and_the_one_it_reads_not_the_log(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine_module, "REPLAY_CHUNK", CHUNK)
-    engine = engine_with_log(tmp_path)
-    applying, reading = [], []
+def live() -> int:
+    """User u's events in memory."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) is EventRecord and o.user_id == "u")
 
-    def live() -> int:
-        gc.collect()
-        return sum(1 for o in gc.get_objects() if type(o) is EventRecord and o.user_id == "u")
 
-    extend, read_history = engine._builder.extend, engine.store.user_history
-    monkeypatch.setattr(engine._builder, "extend", lambda *args: applying.append(live()) or extend(*args))
+def chunks_read(engine: InterestEngine, monkeypatch) -> list[int]:
+    """A list that each chunk `engine` reads from its store's user_history
+    appends `live()` to, counted as it arrives."""
+    reading: list[int] = []
+    read_history = engine.store.user_history
 
     @contextlib.contextmanager
     def counted_history(user, **options):
@@ -130,8 +134,48 @@ def test_a_replay_holds_the_chunk_it_applies_and_the_one_it_reads_not_the_log(tm
             yield snapshot, (reading.append(live()) or chunk for chunk in chunks)
 
     monkeypatch.setattr(engine.store, "user_history", counted_history)
+    return reading
+
+
+def test_a_replay_holds_the_chunk_it_applies_and_the_one_it_reads_not_the_log(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine_module, "REPLAY_CHUNK", CHUNK)
+    engine = engine_with_log(tmp_path)
+    applying = []
+    extend = engine._builder.extend
+    monkeypatch.setattr(engine._builder, "extend", lambda *args: applying.append(live()) or extend(*args))
+    reading = chunks_read(engine, monkeypatch)
     before = live()  # the store's last batch written, other tests' engines
     engine.recommend("u", 3)
     assert len(applying) == len(reading) == 60 // CHUNK
     # The previous chunk goes once the next one is in.
     assert max(applying) - before <= CHUNK and max(reading) - before <= 2 * CHUNK
+
+
+def directed_log(engine: InterestEngine, t: float) -> tuple[list[EventRecord], np.ndarray, np.ndarray]:
+    """What a kernel profile and an explanation read of u's log up to t, the
+    whole of it at once in seq order (as they read it before chunks): the
+    events, their weights and their kernel's weights at t ((n,) each)."""
+    events = [e for e in engine.store.user_events("u") if e.event_time <= t]
+    types = engine._builder.record_types(events)
+    return events, engine._builder.types.weights[types], engine._decay(types, t)(np.array([e.event_time for e in events]))
+
+
+def test_a_kernel_profile_read_in_chunks_is_the_whole_logs_and_holds_a_chunk_or_two(tmp_path, monkeypatch):
+    """Under a kernel other than half_life the profile is computed from the
+    log on every read: all at once, a 1M-event user's held 5.4 GiB."""
+    monkeypatch.setattr(engine_module, "REPLAY_CHUNK", CHUNK)
+    engine = engine_with_log(tmp_path, ahead=4, config=KERNEL)
+    engine.recommend("u", 3)  # the cached profile's replay
+    reading = chunks_read(engine, monkeypatch)
+    before = live()
+    with engine._lock:
+        positive, negative, strength = engine._single_profile("u", engine._users["u"], T)
+    assert len(reading) == 60 // CHUNK and max(reading) - before <= 2 * CHUNK  # not the 4 after the clock
+    events, weights, kernel = directed_log(engine, T)
+    (whole_positive, whole_negative), (whole_strength, _) = kernel_sums(
+        np.stack([e.vector for e in events]), np.array([e.event_time for e in events]), weights, lambda _: kernel)
+    assert whole_negative.any() and whole_strength > 0  # something to compare
+    np.testing.assert_allclose(positive, whole_positive, rtol=1e-12)
+    np.testing.assert_allclose(negative, whole_negative, rtol=1e-12)
+    assert strength == pytest.approx(whole_strength, rel=1e-12)
+

@@ -16,7 +16,7 @@ from halflife.core.decay import (
     es_linear,
     group_rates,
     half_life_kernel,
-    kernel_profile,
+    kernel_sums,
     landmark_for,
     read_decayed,
 )
@@ -224,17 +224,25 @@ def test_es_kernel_validation():
         es_exp(np.zeros(1), 0.0, 1.0, offset=-1.0)
 
 
-def test_kernel_profile_is_weighted_sum_and_matches_forward_decay():
+def test_kernel_sums_are_the_weighted_sums_by_sign_and_match_forward_decay():
     rng = np.random.default_rng(2)
     type_ids, times, vectors = _events(rng, 300, 60 * DAY, 5)
-    weights = TYPES.weights[type_ids]
+    weights = TYPES.weights[type_ids] * rng.choice([1.0, 0.0, -1.0], 300)  # liked, weighing nothing, disliked
     now = times.max() + HOUR
     kernel = es_kernel("gauss", now, 7 * DAY, DAY, 0.5)
-    manual = sum(w * kernel(np.array([t]))[0] * v for w, t, v in zip(weights, times, vectors))
-    np.testing.assert_allclose(kernel_profile(vectors, times, weights, kernel), manual, rtol=1e-10)
+    sums, strengths = kernel_sums(vectors, times, weights, kernel)
+    for side, sign in enumerate((1.0, -1.0)):
+        coeffs = [abs(w) * kernel(np.array([t]))[0] for w, t in zip(weights, times) if np.sign(w) == sign]
+        manual = sum(c * v for c, v in zip(coeffs, vectors[np.sign(weights) == sign]))
+        np.testing.assert_allclose(sums[side], manual, rtol=1e-10)
+        assert strengths[side] == pytest.approx(sum(coeffs), rel=1e-12)
+    # A log's sums are its chunks' (the engine reads a long log a chunk at a time).
+    chunked = [kernel_sums(vectors[part], times[part], weights[part], kernel) for part in (slice(0, 123), slice(123, None))]
+    np.testing.assert_allclose(chunked[0][0] + chunked[1][0], sums, rtol=1e-12)
+    np.testing.assert_allclose(chunked[0][1] + chunked[1][1], strengths, rtol=1e-12)
     # The log recomputation with half-life kernels equals the forward-decay read.
-    sums, landmark = add_events(
+    decayed, landmark = add_events(
         np.zeros((5, 5)), float("nan"), TYPES.rates, TYPES.rate_index[type_ids], weights, times, vectors
     )
-    recomputed = kernel_profile(vectors, times, weights, half_life_kernel(now, TYPES.half_lives[type_ids]))
-    assert _rel_err(read_decayed(sums, TYPES.rates, landmark, now), recomputed) < 1e-12
+    positive, negative = kernel_sums(vectors, times, weights, half_life_kernel(now, TYPES.half_lives[type_ids]))[0]
+    assert _rel_err(read_decayed(decayed, TYPES.rates, landmark, now), positive - negative) < 1e-12

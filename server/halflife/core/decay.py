@@ -247,7 +247,7 @@ ES_KERNELS: dict[str, Callable[..., np.ndarray]] = {"exp": es_exp, "gauss": es_g
 def es_kernel(
     kind: str, origin: float, scale: float, offset: float = 0.0, decay: float = 0.5
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """A times -> weights function for `kernel_profile`, parameters bound."""
+    """A times -> weights function for `kernel_sums`, parameters bound."""
     try:
         fn = ES_KERNELS[kind]
     except KeyError:
@@ -263,10 +263,15 @@ def half_life_kernel(t: float, half_lives) -> Callable[[np.ndarray], np.ndarray]
     return lambda times: np.exp2(-(t - np.asarray(times, dtype=np.float64)) / half_lives)
 
 
-def kernel_profile(vectors, times, weights, kernel: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Σ_i weights_i · kernel(t_i) · v_i from an event log: one GEMV.
+def kernel_sums(vectors, times, weights, kernel: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Σ |w_i| · kernel(t_i) · v_i and Σ |w_i| · kernel(t_i) over the events
+    of positive weight (row 0) and of negative weight (row 1) of an event
+    log, or of a chunk of one (a log's sums are its chunks' sums). Summed in
+    float64 by einsum, which converts float32 vectors as it goes: a float64
+    copy of a 10k-event chunk's took 70-220 ms on the 2-core dev VM, the sums 8.
 
-    vectors: (n, d); times, weights: (n,). Returns (d,) float64.
+    vectors: (n, d); times, weights: (n,). Returns ((2, d), (2,)) float64.
     """
-    coeffs = np.asarray(weights, dtype=np.float64) * kernel(np.asarray(times, dtype=np.float64))
-    return coeffs @ np.asarray(vectors, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    sides = np.stack([weights > 0, weights < 0]) * (np.abs(weights) * kernel(np.asarray(times, dtype=np.float64)))
+    return np.einsum("kn,nd->kd", sides, vectors), sides.sum(axis=1)
