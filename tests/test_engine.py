@@ -1599,13 +1599,20 @@ def test_cooccurrence_is_scored_without_the_lock(tmp_path, monkeypatch):
     assert any(item.explanation.score_parts["cooccurrence"] > 0 for item in before.items)
 
 
+def strongest(items: np.ndarray, events: np.ndarray, weights: np.ndarray, k: int, chunk: int = 4096) -> np.ndarray:
+    """explain.StrongestEvents' picks of `events` added at once, keyed by their order: (m, min(k, n)) indices."""
+    from halflife.interest.explain import StrongestEvents
+
+    best = StrongestEvents(items, k)
+    best.add(events, weights, np.arange(len(events)), chunk=chunk)
+    return best.keys
+
+
 def test_the_strongest_events_chunked_are_those_of_one_stable_sort():
     """Explanations pick each item's strongest events a chunk of events at a
     time (all at once, 1,000 items by 100k events took 1.3 GB): the same
     events as one stable sort of all, ties by event order. Coordinates of
     quarters keep every product exact, whatever the chunk, so ties are exact."""
-    from halflife.interest.explain import strongest_events
-
     rng = np.random.default_rng(3)
     for trial in range(200):
         m, n = int(rng.integers(1, 12)), int(rng.integers(1, 50))
@@ -1615,8 +1622,34 @@ def test_the_strongest_events_chunked_are_those_of_one_stable_sort():
         k, chunk = int(rng.integers(1, 5)), int(rng.integers(1, 12))
         strength = weights * np.maximum(items @ events.T, 0)
         expected = np.argsort(-strength, kind="stable", axis=1)[:, :k]
-        np.testing.assert_array_equal(strongest_events(items, events, weights, k, chunk=chunk), expected,
+        np.testing.assert_array_equal(strongest(items, events, weights, k, chunk=chunk), expected,
                                       err_msg=f"trial {trial}")
+
+
+def test_the_strongest_events_of_a_log_added_in_chunks_in_any_order_are_those_of_one_stable_sort_by_key():
+    """An explanation reads the log a chunk at a time by event time, where
+    the picks tie by seq (as they did when it read the whole log in seq
+    order): a late event comes after later-stamped ones with greater seqs,
+    and under a kernel with an offset events of different times weigh
+    alike. Coordinates of quarters keep every product exact: ties are exact."""
+    from halflife.interest.explain import StrongestEvents
+
+    rng = np.random.default_rng(4)
+    for trial in range(200):
+        m, n = int(rng.integers(1, 12)), int(rng.integers(1, 50))
+        items = rng.choice([0.0, 0.25, 0.5], size=(m, 4)).astype(np.float32)
+        events = rng.choice([0.0, 0.25, 0.5], size=(n, 4)).astype(np.float32)
+        weights = rng.choice([0.5, 1.0, 2.0], n)
+        seqs = rng.permutation(n) + 1
+        k = int(rng.integers(1, 5))
+        strength = weights * np.maximum(items @ events.T, 0)
+        expected = seqs[np.lexsort((np.broadcast_to(seqs, strength.shape), -strength), axis=1)[:, :k]]
+        best = StrongestEvents(items, k)
+        order = rng.permutation(n)  # the read's order
+        cuts = np.sort(rng.choice(np.arange(1, n), size=min(n - 1, int(rng.integers(0, 6))), replace=False))
+        for part in np.split(order, cuts):
+            best.add(events[part], weights[part], seqs[part], chunk=int(rng.integers(1, 12)))
+        np.testing.assert_array_equal(best.keys, expected, err_msg=f"trial {trial}")
 
 
 def test_explanations_read_the_log_and_score_its_events_without_the_lock(tmp_path, monkeypatch):
@@ -1628,11 +1661,12 @@ def test_explanations_read_the_log_and_score_its_events_without_the_lock(tmp_pat
     engine.record_events([EventInput(f"a{n}", "u", LIKE, f"i{n % 7}", None, None, T - 600.0 * (30 - n))
                           for n in range(30)])
     free = []
-    strongest = explain.strongest_events
-    monkeypatch.setattr(explain, "strongest_events",
-                        lambda *a, **k: free.append(_lock_is_free(engine)) or strongest(*a, **k))
-    read = engine.store.user_events
-    monkeypatch.setattr(engine.store, "user_events", lambda user: free.append(_lock_is_free(engine)) or read(user))
+    add = explain.StrongestEvents.add
+    monkeypatch.setattr(explain.StrongestEvents, "add",
+                        lambda *a, **k: free.append(_lock_is_free(engine)) or add(*a, **k))
+    read = engine.store.user_history
+    monkeypatch.setattr(engine.store, "user_history",
+                        lambda user, **options: free.append(_lock_is_free(engine)) or read(user, **options))
     items = engine.recommend("u", 5, as_of=T, explain=True).items
     assert free and all(free)
     for item in items:
@@ -1711,10 +1745,9 @@ def test_a_long_read_of_the_log_waits_its_turn_and_not_for_a_caller_gone(tmp_pat
     engine.record_events([EventInput(f"e{n}", "long", LIKE, f"i{n}", None, None, T - 600.0 * (n + 1)) for n in range(6)])
     engine.recommend("long", 2, as_of=T)  # cached: what follows is the long read alone
     reads = []
-    for name in ("user_events", "user_history"):  # an explanation's read, a look into the past's
-        read_log = getattr(engine.store, name)
-        monkeypatch.setattr(engine.store, name, lambda user, read_log=read_log, **options: reads.append(user)
-                            or read_log(user, **options))
+    read_log = engine.store.user_history  # an explanation's read, a look into the past's
+    monkeypatch.setattr(engine.store, "user_history", lambda user, **options: reads.append(user)
+                        or read_log(user, **options))
     calls = {
         "look into the past": lambda deadline: engine.profile("long", as_of=T - 1800.0, deadline=deadline),
         "explanation": lambda deadline: engine.recommend("long", 2, as_of=T, explain=True, deadline=deadline),
@@ -1961,21 +1994,20 @@ def test_an_explanations_strongest_events_do_not_depend_on_the_chunks_they_were_
     another chunk an identical event scored one ulp apart and jumped the
     queue (for users of over 4,096 events: a review)."""
     from halflife.core.ranking import normalize
-    from halflife.interest.explain import strongest_events
 
     rng = np.random.default_rng(5)
     distinct = normalize(rng.normal(size=(5, 384)))
     events = distinct[rng.integers(0, 5, size=40)]
     items = normalize(rng.normal(size=(50, 384)))
     weights = np.ones(40)
-    whole = strongest_events(items, events, weights, 3)
+    whole = strongest(items, events, weights, 3)
     for chunk in (1, 3, 7, 16):
-        np.testing.assert_array_equal(strongest_events(items, events, weights, 3, chunk=chunk), whole)
+        np.testing.assert_array_equal(strongest(items, events, weights, 3, chunk=chunk), whole)
     # Within one chunk too: a GEMM's tail columns round apart from the others (a review: 66 in 300 picked late ones).
     for m, n in ((38, 155), (1, 30), (7, 300)):
         for dtype in (np.float32, np.float64):
             same = np.tile(distinct[0].astype(dtype), (n, 1))
-            picked = strongest_events(normalize(rng.normal(size=(m, 384)), dtype=dtype), same, np.ones(n), 3)
+            picked = strongest(normalize(rng.normal(size=(m, 384)), dtype=dtype), same, np.ones(n), 3)
             assert (picked == [0, 1, 2]).all(), (m, n, dtype, picked[:3])
 
 

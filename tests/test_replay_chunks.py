@@ -1,7 +1,8 @@
 """A replay reads and applies the log a chunk at a time (engine.REPLAY_CHUNK,
 Store.user_history): it builds the profile that applying the whole log at
 once built, and holds no more than the chunk it applies and the one it reads.
-So does a profile under an Elasticsearch kernel, which reads the whole log."""
+So do the other reads of a whole log: a profile under an Elasticsearch
+kernel, and an explanation's events."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from halflife.config import Config, ProfileConfig
 from halflife.core.decay import kernel_sums
 from halflife.interest import engine as engine_module
+from halflife.interest import explain
 from halflife.interest import replay as replay_module
 from halflife.interest.engine import InterestEngine
 from halflife.interest.replay import MAX_HELD_EVENTS_PER_USER
@@ -27,7 +29,8 @@ T = 1_700_000_000.0
 HOUR = 3600.0
 VIEW, LIKE, DISLIKE, RATE = 1, 3, 4, 6
 CHUNK = 3
-# Every event but the first batch's within its offset, weighing its type's weight.
+# Every event but the first batch's within its offset, weighing its type's weight: an item's like in the late
+# batch ties with its like in the batch before, which came first (seq) and is stamped after it (time).
 KERNEL = Config(profile=ProfileConfig(mode="single", kernel="linear", kernel_scale_days=2.0, kernel_offset_days=4.0))
 
 
@@ -179,3 +182,32 @@ def test_a_kernel_profile_read_in_chunks_is_the_whole_logs_and_holds_a_chunk_or_
     np.testing.assert_allclose(negative, whole_negative, rtol=1e-12)
     assert strength == pytest.approx(whole_strength, rel=1e-12)
 
+
+@pytest.mark.parametrize("chunk", [CHUNK, 64])
+def test_an_explanation_read_in_chunks_picks_the_events_of_the_whole_log_ties_by_seq(tmp_path, monkeypatch, chunk):
+    """An explanation reads the log a chunk at a time by event time, and
+    picks as it did from the whole log in seq order: each item's strongest
+    events, ties by seq (by position in a chunk read by time, a late
+    event went before events recorded ahead of it), across chunks and
+    within one (64: the log)."""
+    monkeypatch.setattr(engine_module, "REPLAY_CHUNK", chunk)
+    engine = engine_with_log(tmp_path, ahead=4, config=KERNEL)
+    engine.recommend("u", 3)  # the cached profile's replay
+    reading = chunks_read(engine, monkeypatch)
+    before = live()
+    items = engine.recommend("u", 12, include_seen=True, explain=True).items
+    assert len(reading) == 2 * math.ceil(60 / chunk)  # the kernel profile's read, then the explanation's
+    assert max(reading) - before <= 2 * chunk + 12 * explain.EXPLAINED_EVENTS
+    events, weights, kernel = directed_log(engine, T)
+    ties = 0
+    for item in items:
+        vector = engine.catalog.vectors[engine.catalog.row_of[item.item_id]]
+        strengths = [(w * k * max(float(np.dot(vector, e.vector)), 0.0), e.seq, e)
+                     for e, w, k in zip(events, weights, kernel) if w > 0]
+        ranked = sorted(strengths, key=lambda s: (-s[0], s[1]))
+        listed = [e.event_id for s, _, e in ranked[: explain.EXPLAINED_EVENTS] if s > 0]
+        assert [e.event_id for e in item.explanation.events] == listed
+        # Ties among those listed and at the cut where the first recorded was stamped after the other.
+        top = ranked[: explain.EXPLAINED_EVENTS + 1]
+        ties += sum(a[0] == b[0] > 0 and a[2].event_time > b[2].event_time for a, b in zip(top, top[1:]))
+    assert ties  # something to compare: listed by seq, not by time

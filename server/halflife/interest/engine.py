@@ -105,7 +105,7 @@ MMR_CANDIDATES_PER_RESULT = 5  # MMR re-ranks this many times `limit` candidates
 LONG_REPLAY_EVENTS = 2000
 # A replay reads and applies the log this many events at a time (Store.user_history),
 # ~16 MB of them with their vectors: all at once, a 1M-event user's took 4.1 GiB.
-# So does a kernel profile (InterestEngine._directed_chunks).
+# So do a kernel profile and an explanation (InterestEngine._directed_chunks).
 # At least LONG_REPLAY_EVENTS, so that the first chunk tells a long replay (`_replay`).
 REPLAY_CHUNK = 10_000
 # Tries of record_events when items change between the read of their vectors
@@ -1358,17 +1358,13 @@ class InterestEngine:
             later["popularity"] = self._popularity_at(t)
         return CatalogueScan(self.catalog.vectors, later=later, **scan)
 
-    def _directed_events(self, user_id: str, t: float) -> list[EventRecord]:
-        """The user's events stamped up to t that have a vector (see EventRecord.vector), in seq order."""
-        return [e for e in self.store.user_events(user_id) if e.event_time <= t and e.vector is not None]
-
     def _directed_chunks(self, user_id: str, t: float,
                          through_seq: float = np.inf) -> Iterator[tuple[list[EventRecord], np.ndarray]]:
         """The user's events stamped up to t that have a vector (see
         EventRecord.vector), and seq <= through_seq, with their internal
         types ((n,) int64), a chunk at a time (REPLAY_CHUNK; Store.user_history:
         by time, ties by seq, in one read): all at once, a 1M-event user's
-        Recommend under a kernel peaked at 7.3 GiB."""
+        Recommend under a kernel peaked at 7.3 GiB, explained at 3.4."""
         with self.store.user_history(user_id, from_snapshot=False, through_time=t, chunk=REPLAY_CHUNK) as (_, chunks):
             for chunk in chunks:
                 events = [e for e in chunk if e.vector is not None and e.seq <= through_seq]
@@ -1451,7 +1447,8 @@ class InterestEngine:
                  deadline: Deadline | None = None) -> list[Explanation]:
         """Why each recommended item (`item_vectors`, (n, dim)) was (see
         `explain.explanations`), from the profile as it was ranked
-        (`explained`: its events, seq <= max_seq, read from the log) and the
+        (`explained`: its events, seq <= max_seq, read from the log a chunk
+        at a time: `_positive_chunks`) and the
         blend's `parts` ((n,) each). Call without the lock: it scores every
         positive event against every row (a user of 100k events at limit
         1,000 held every other call up for 8.7 s under it). A long log is
@@ -1462,13 +1459,17 @@ class InterestEngine:
         described = self._describe(centroids, 0) if shares.shape[0] else []
         labels = [tuple(label for label, _ in interest_labels) for interest_labels, _ in described]
         with self._replay_turn(explained.events, deadline):
-            events = [e for e in self._directed_events(user_id, t) if e.seq <= explained.max_seq]
-            types = self._builder.record_types(events)
+            return explanations(item_vectors, parts, shares, centroids, labels,
+                                self._positive_chunks(user_id, t, explained.max_seq))
+
+    def _positive_chunks(self, user_id: str, t: float,
+                         through_seq: int) -> Iterator[tuple[list[EventRecord], np.ndarray]]:
+        """`_directed_chunks`' events of positive weight, with their weights decayed to t ((n,) float64)."""
+        for events, types in self._directed_chunks(user_id, t, through_seq):
             weights = self._builder.types.weights[types]
             positive = weights > 0
             events = [e for e, p in zip(events, positive) if p]
-            decayed = weights[positive] * self._decay(types[positive], t)(np.array([e.event_time for e in events]))
-            return explanations(item_vectors, parts, shares, centroids, labels, events, decayed)
+            yield events, weights[positive] * self._decay(types[positive], t)(np.array([e.event_time for e in events]))
 
     def similar_items(
         self, *, item_id: str | None = None, text: str | None = None, limit: int, filter: ItemFilter = ItemFilter(),
