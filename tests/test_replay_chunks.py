@@ -172,15 +172,16 @@ def test_a_kernel_profile_read_in_chunks_is_the_whole_logs_and_holds_a_chunk_or_
     reading = chunks_read(engine, monkeypatch)
     before = live()
     with engine._lock:
-        positive, negative, strength = engine._single_profile("u", engine._users["u"], T)
+        positive, negative, strength, negative_strength = engine._single_profile("u", engine._users["u"], T)
     assert len(reading) == 60 // CHUNK and max(reading) - before <= 2 * CHUNK  # not the 4 after the clock
     events, weights, kernel = directed_log(engine, T)
-    (whole_positive, whole_negative), (whole_strength, _) = kernel_sums(
+    (whole_positive, whole_negative), (whole_strength, whole_negative_strength) = kernel_sums(
         np.stack([e.vector for e in events]), np.array([e.event_time for e in events]), weights, lambda _: kernel)
     assert whole_negative.any() and whole_strength > 0  # something to compare
     np.testing.assert_allclose(positive, whole_positive, rtol=1e-12)
     np.testing.assert_allclose(negative, whole_negative, rtol=1e-12)
     assert strength == pytest.approx(whole_strength, rel=1e-12)
+    assert negative_strength == pytest.approx(whole_negative_strength, rel=1e-12)
 
 
 @pytest.mark.parametrize("chunk", [CHUNK, 64])
