@@ -300,12 +300,12 @@ def engine_inprocess(X: np.ndarray, repeat: int, trace: bool, threads: int) -> d
     ThreadCounts().set(threads)
     out = {name: summary(v) for name, v in (t | no_events).items()}
     out["traced_bytes_per_item"] = traced / n if traced is not None else None
-    out["cooccurrence_pairs"] = len(engine._cooccurrence)
+    out["cooccurrence_pairs"] = len(engine._blend.cooccurrence)
     # Arrays per item the engine holds for the catalogue and the blend, the catalogue's spare rows included.
     cat = engine.catalog
     out["array_bytes_per_item"] = (
         cat._matrix.nbytes + cat._alive.nbytes + cat._create_times.nbytes + cat._created_seq.nbytes
-        + engine._popularity.counts.nbytes + engine._cooccurrence.item_counts().nbytes
+        + engine._blend.popularity.counts.nbytes + engine._blend.cooccurrence.item_counts().nbytes
     ) / n
     out["matrix_capacity_rows"] = int(cat._matrix.shape[0])
     return out

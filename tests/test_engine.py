@@ -71,9 +71,9 @@ def test_erasures_leave_the_popularity_log_as_a_restart_builds_it(tmp_path, monk
     """Each erased event stayed in the log of the past beside the entry that
     took it back (32 B) until a restart: once the takings-back are many, both
     go, and looks into the past still answer as a restart does."""
-    from halflife.interest import engine as engine_module
+    from halflife.interest import blend_indexes
 
-    monkeypatch.setattr(engine_module, "NET_LOG_MIN_TAKEN_BACK", 8)
+    monkeypatch.setattr(blend_indexes, "NET_LOG_MIN_TAKEN_BACK", 8)
     engine = open_engine(tmp_path)
     engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(6)])
     for u in range(12):
@@ -81,7 +81,7 @@ def test_erasures_leave_the_popularity_log_as_a_restart_builds_it(tmp_path, monk
                                          T - DAY * (k + 1) - u) for k in range(4)])
     for u in range(8):  # a netting every second erasure
         assert engine.delete_user(f"u{u}") == 4
-    assert len(engine._popularity_log) == 4 * 4  # the four users left, their four likes each
+    assert len(engine._blend.popularity_log) == 4 * 4  # the four users left, their four likes each
 
     def trending(e: InterestEngine) -> list:
         return [[(i.item_id, round(i.score, 6)) for i in e.recommend("cold", 6, as_of=t).items]
@@ -154,8 +154,8 @@ def test_one_event_calls_keep_few_popularity_log_chunks_and_the_same_past(tmp_pa
     for event in events:
         engine.record_events([event])
     batched.record_events(events)
-    assert len(engine._popularity_log.chunks()) <= 9  # 300 = 0b100101100: one chunk a set bit
-    assert len(engine._popularity_log) == 300
+    assert len(engine._blend.popularity_log.chunks()) <= 9  # 300 = 0b100101100: one chunk a set bit
+    assert len(engine._blend.popularity_log) == 300
     for as_of in (T - 45 * DAY, T - 40 * DAY, T - 38 * DAY):  # looks into the past read the log
         assert [(i.item_id, round(i.score, 6)) for i in engine.recommend("cold", 5, as_of=as_of).items] == \
             [(i.item_id, round(i.score, 6)) for i in batched.recommend("cold", 5, as_of=as_of).items]
@@ -749,10 +749,10 @@ def test_a_user_after_an_erasure_gets_co_occurrence_of_their_own(tmp_path):
     def answers(e: InterestEngine) -> dict:
         return {u: [(i.item_id, round(i.score, 5)) for i in e.recommend(u, 5, as_of=T).items] for u in "abcd"}
 
-    live, pairs = answers(engine), len(engine._cooccurrence)
+    live, pairs = answers(engine), len(engine._blend.cooccurrence)
     engine.store.close()
     restarted = open_engine(tmp_path)
-    assert (live, pairs) == (answers(restarted), len(restarted._cooccurrence))
+    assert (live, pairs) == (answers(restarted), len(restarted._blend.cooccurrence))
 
 
 def test_a_cooccurrence_merge_is_built_on_its_own_thread_while_calls_go_on(tmp_path, monkeypatch):
@@ -786,10 +786,10 @@ def test_a_cooccurrence_merge_is_built_on_its_own_thread_while_calls_go_on(tmp_p
     during = [i.item_id for i in engine.recommend("u0", 3, as_of=T).items]
     release.set()
     for _ in range(3000):  # bounded: the merge thread ends once it has the lock again
-        if not engine._cooccurrence.merging:
+        if not engine._blend.cooccurrence.merging:
             break
         threading.Event().wait(0.01)
-    assert not engine._cooccurrence.merging and len(engine._cooccurrence._keys) == 5  # merged, the later pairs still waiting
+    assert not engine._blend.cooccurrence.merging and len(engine._blend.cooccurrence._keys) == 5  # merged, the later pairs still waiting
     assert during == [i.item_id for i in engine.recommend("u0", 3, as_of=T).items]
     assert "i2" in during  # u1's co-occurrence reached u0's recommendations while the merge was built
 
@@ -825,7 +825,7 @@ def test_events_stamped_ahead_of_the_clock_count_from_their_time_and_keep_reads_
         return {u: [(i.item_id, round(i.score, 6)) for i in e.recommend(u, 10, as_of=at).items] for u in users}
 
     def fast_at_the_clock() -> bool:  # both blend indexes hold nothing after the clock
-        return engine._cooccurrence.newest <= now[0] and engine._popularity_log.newest <= now[0]
+        return engine._blend.cooccurrence.newest <= now[0] and engine._blend.popularity_log.newest <= now[0]
 
     assert answers(engine) == answers(only_past) and fast_at_the_clock()
     looked_ahead = answers(engine, at=T + 900.0)  # counts the events due by then, applies none
@@ -2051,7 +2051,7 @@ def test_a_users_events_committed_right_after_their_erasure_keep_their_pairs(tmp
         live, again = engine.signals(user, T), restarted.signals(user, T)
         for name in ("cooccurrence", "popularity"):
             np.testing.assert_allclose(live[name], again[name], atol=1e-6)
-    assert len(engine._cooccurrence) == len(restarted._cooccurrence)
+    assert len(engine._blend.cooccurrence) == len(restarted._blend.cooccurrence)
 
 
 def _during_the_erasures_read(engine: InterestEngine, monkeypatch, call) -> None:

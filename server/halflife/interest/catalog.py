@@ -12,6 +12,7 @@ serialises access.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from typing import Iterable, Sequence
@@ -19,6 +20,24 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from halflife.storage.base import ItemRecord
+
+def _rows(row_of: dict[str, int], ids: Sequence[str]) -> np.ndarray:
+    # map() over dict.get: the loop runs in C (10k ids: 1.0 ms, a generator 1.3)
+    return np.fromiter(map(row_of.get, ids, itertools.repeat(-1)), dtype=np.int64, count=len(ids))
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogRows:
+    """A catalogue's ids, rows and created seqs at one moment (`CatalogIndex.frozen_rows`)."""
+
+    row_of: dict[str, int]
+    created_seq: np.ndarray  # (size,) int64
+    size: int
+
+    def rows(self, ids: Sequence[str]) -> np.ndarray:
+        """As `CatalogIndex.rows`, then."""
+        return _rows(self.row_of, ids)
+
 
 _SUM_CHUNK = 4096  # rows gathered at once for the running sums (6 MB at 384-d)
 MASK_CACHE_BYTES = 64 << 20  # cached category masks, a byte a row: 64 categories at 1M items
@@ -198,8 +217,12 @@ class CatalogIndex:
 
     def rows(self, ids: Sequence[str]) -> np.ndarray:
         """Row of each id, -1 for unknown ids. Returns (len(ids),) int64."""
-        # map() over dict.get: the loop runs in C (10k ids: 1.0 ms, a generator 1.3)
-        return np.fromiter(map(self.row_of.get, ids, itertools.repeat(-1)), dtype=np.int64, count=len(ids))
+        return _rows(self.row_of, ids)
+
+    def frozen_rows(self) -> CatalogRows:
+        """The ids' rows and created seqs as they are now, for a reader off
+        the owner's lock (a copy: 1M ids take ~50 ms)."""
+        return CatalogRows(dict(self.row_of), self.created_seq.copy(), self.size)
 
     def category_mask(self, categories: Iterable[str]) -> np.ndarray:
         """(size,) bool: rows having at least one of `categories`. Masks are

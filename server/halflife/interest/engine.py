@@ -47,10 +47,9 @@ from halflife.config import Config
 from halflife.core.cooccurrence import Cooccurrence, cooccurrence_scores
 from halflife.core.decay import es_kernel, half_life_kernel, kernel_sums
 from halflife.core.describe import describe_clusters
-from halflife.core.horizon import Entries, Horizon
+from halflife.core.horizon import Entries
 from halflife.core.profiles import negative_fade
 from halflife.core.ranking import (
-    DecayedCounts,
     EntryLog,
     RowBlocks,
     clip_cosines,
@@ -65,7 +64,8 @@ from halflife.core.ranking import (
 from halflife.cpu import physical_cores
 from halflife.deadlines import Deadline
 from halflife.interest.blend import Blend, CatalogueScan, Later, unit_max
-from halflife.interest.catalog import CatalogIndex
+from halflife.interest.blend_indexes import BlendIndexes
+from halflife.interest.catalog import CatalogIndex, CatalogRows
 from halflife.interest.snapshot_saver import SnapshotSaver
 from halflife.interest.explain import explanations, per_row, ranked_interests
 from halflife.interest.replay import ProfileBuilder, Replayed
@@ -119,13 +119,6 @@ RECORD_ATTEMPTS = 3
 # under the lock (100k items, 1M events: 0.13 s), once per that many deletes.
 COMPACT_MIN_DEAD_ROWS = 4096
 COMPACT_DEAD_SHARE = 0.25
-# The popularity log (the past's events, for looks into the past) drops erased
-# events with their taking-back (EntryLog.net) once the takings-back number
-# this many and 1/64 of its entries: until then each erased event costs 32 B,
-# which only a restart gave back. Under the lock: 0.05 s at 1M entries, 0.5 s
-# at 10M (a quarter taken back at once took 3.7 s there: more pairs to sort).
-NET_LOG_MIN_TAKEN_BACK = 65_536
-NET_LOG_SHARE = 1 / 64
 # Tries of a read that scores without the lock when a compaction renumbers the
 # rows, or an upsert rewrites a pick, meanwhile; the last one holds the lock throughout.
 STABLE_ROWS_ATTEMPTS = 2
@@ -297,6 +290,8 @@ class InterestEngine:
         self._label_vectors = np.zeros((0, dim), dtype=np.float32)
         self._catalog_mean = np.zeros(dim, dtype=np.float32)
         self._labels_version = -1
+        # (popularity counts, their version, the catalogue's, the relative popularity read from them)
+        self._relative_popularity_cache: tuple[object, ...] = (None, -1, -1, None)
         self._load()
 
     def now(self) -> float:
@@ -340,40 +335,28 @@ class InterestEngine:
                              "this one a data directory of its own")
 
     def _rebuild_blend(self) -> None:
-        """The blend's signals besides the profile (see config.BlendConfig),
-        from every event up to the watermark: who consumed what
-        (co-occurrence) and a decayed popularity prior, which also answers for
-        users without a profile (cold start). Lock held (or not yet shared)."""
-        self._cooccurrence = Cooccurrence(0)
-        # Co-occurrence rows of users; an erased user's row is never handed out
-        # again (a new user given it would inherit the rest's pairs).
-        self._user_rows: dict[str, int] = {}
-        self._next_user_row = itertools.count()
-        self._popularity = DecayedCounts.empty(0, self.config.blend.popularity_half_life_days * DAY)
-        # The same events as a log (rows, times, weights), so a look into the
-        # past (as_of before the newest event) counts only what had happened.
-        self._popularity_log = EntryLog()
-        self._relative_popularity_cache: tuple[object, ...] = (None, -1, -1, None)
-        # Entries stamped after the clock (clients whose clocks run ahead) wait
-        # here until the clock reaches their time, so that reads at the clock
-        # keep the fast path of both indexes (see core/horizon.py); a read
-        # after the clock counts them on a copy. At most 1M (~32 MB) wait.
-        self._blend_ahead = Horizon(max_held=1_000_000)
-        self._resize_blend()
+        """The blend's indexes anew from every event up to the watermark. Lock held (or not yet shared)."""
+        self._blend = self._built_blend(self._events.through, self.catalog)
+
+    def _built_blend(self, through: int, catalog: CatalogIndex | CatalogRows) -> BlendIndexes:
+        """The blend's indexes (see BlendIndexes) from every event up to
+        `through`, joined to `catalog`'s rows; touches nothing of the engine's."""
+        indexes = BlendIndexes.empty(catalog.size, self.config.blend.popularity_half_life_days * DAY)
         # The pairs in bulk, sorted once (Cooccurrence.from_pairs), not merged
         # into the index in ever larger passes: at start, and for each erasure
         # another worker makes (2.2M events: 2.8 s of the rebuild, 0.55 this way).
         pairs = []
-        for chunk in self.store.iter_events(through_seq=self._events.through):
-            rows = self._current_item_rows(chunk.item_ids, chunk.seqs)
+        for chunk in self.store.iter_events(through_seq=through):
+            rows = self._current_item_rows(chunk.item_ids, chunk.seqs, catalog)
             types = self._builder.internal_types(chunk.types, chunk.values)
-            times, users, items, weights = self._blend_ahead.admit(
-                self._clock(), *self._blend_entries(rows, types, chunk.times, chunk.user_ids))
+            times, users, items, weights = indexes.ahead.admit(
+                self._clock(), *indexes.entries(rows, self._builder.types.weights[types], chunk.times, chunk.user_ids))
             paired = users >= 0
             pairs.append((users[paired], items[paired], times[paired]))
-            self._apply_to_blend(times, np.full(times.size, -1), items, weights)  # popularity
+            indexes.apply(times, np.full(times.size, -1), items, weights)  # popularity
         if pairs:
-            self._cooccurrence = Cooccurrence.from_pairs(self.catalog.size, *map(np.concatenate, zip(*pairs)))
+            indexes.cooccurrence = Cooccurrence.from_pairs(catalog.size, *map(np.concatenate, zip(*pairs)))
+        return indexes
 
     def _catch_up(self, written: _WrittenItems | None = None) -> None:
         """Applies what other processes sharing the store wrote since the last
@@ -432,39 +415,26 @@ class InterestEngine:
             self._events.advance(through_seq)
             self._apply_events(fresh)
 
-    def _current_item_rows(self, item_ids: Sequence[str | None], seqs: np.ndarray) -> np.ndarray:
+    def _current_item_rows(self, item_ids: Sequence[str | None], seqs: np.ndarray,
+                           catalog: CatalogIndex | CatalogRows | None = None) -> np.ndarray:
         """Catalogue rows of events' items, -1 where there is none or where the
         event predates its id's current item (it concerned a deleted namesake
-        and must not count for the new one). (n,) int64. Lock held."""
-        rows = self.catalog.rows([i or "" for i in item_ids])
+        and must not count for the new one). (n,) int64. catalog: the
+        engine's (lock held), or rows taken from it (`CatalogIndex.frozen_rows`)."""
+        catalog = self.catalog if catalog is None else catalog
+        rows = catalog.rows([i or "" for i in item_ids])
         known = np.flatnonzero(rows >= 0)
-        rows[known[seqs[known] <= self.catalog.created_seq[rows[known]]]] = -1
+        rows[known[seqs[known] <= catalog.created_seq[rows[known]]]] = -1
         return rows
 
     def _resize_blend(self) -> None:
-        self._cooccurrence.resize(self.catalog.size)
-        self._popularity.resize(self.catalog.size)
+        self._blend.resize(self.catalog.size)
 
     def _add_to_blend(self, rows: np.ndarray, types: np.ndarray, times: np.ndarray, user_ids: Sequence[str]) -> None:
-        """Events into the blend (see `_blend_entries`). Lock held."""
-        entries = self._blend_entries(rows, types, times, user_ids)
+        """Events into the blend (see BlendIndexes.entries); types: (n,) internal. Lock held."""
+        entries = self._blend.entries(rows, self._builder.types.weights[types], times, user_ids)
         if entries[0].size:
             self._admit_to_blend(*entries)
-
-    def _blend_entries(self, rows: np.ndarray, types: np.ndarray, times: np.ndarray,
-                       user_ids: Sequence[str]) -> Entries:
-        """What events bring the blend: co-occurrence takes every item event
-        of a non-negative type (a 3-star rating is still a consumption),
-        popularity only positive ones. rows: (n,) catalogue rows (-1: none);
-        types: (n,) internal. Returns (times, users, items, weights) of the
-        events taken, each (m,) (see `_admit_to_blend`). Lock held."""
-        weights = self._builder.types.weights[types]
-        consumed = np.flatnonzero((rows >= 0) & (weights >= 0))
-        numbered, counter = self._user_rows, self._next_user_row
-        # Numbered in one comprehension: a method call an event took ~1 us, 2.1 s of a 2.2M-event rebuild.
-        users = np.array([numbered[u] if u in numbered else numbered.setdefault(u, next(counter))
-                          for u in (user_ids[i] for i in consumed.tolist())], dtype=np.int64)
-        return times[consumed], users, rows[consumed], weights[consumed]
 
     def _take_back_popularity(self, rows: np.ndarray, types: np.ndarray, times: np.ndarray) -> None:
         """Takes erased events' weights back from popularity (their pairs go
@@ -477,42 +447,25 @@ class InterestEngine:
     def _admit_to_blend(self, times: np.ndarray, users: np.ndarray, items: np.ndarray, weights: np.ndarray) -> None:
         """Blend entries, each (n,): a co-occurrence pair (users, items) where
         users >= 0, a popularity weight where weights != 0. Those stamped after
-        the clock wait in `_blend_ahead`. Lock held."""
-        self._apply_to_blend(*self._blend_ahead.admit(self._clock(), times, users, items, weights))
+        the clock wait (BlendIndexes.ahead). Lock held."""
+        self._blend.admit(self._clock(), times, users, items, weights)
 
     def _release_blend(self, t: float) -> Entries | None:
         """Before a read of the blend at t: applies the held entries stamped up
         to t, or to the clock if t is later; returns those between the clock
         and t, which such a read counts without applying them, so that reads
         at the clock keep their fast path. Lock held."""
-        due = self._blend_ahead.release(min(t, self._clock()))
+        due = self._blend.ahead.release(min(t, self._clock()))
         if due is not None:
-            self._apply_to_blend(*due)
+            self._blend.apply(*due)
             self._start_cooccurrence_merge()
-        return self._blend_ahead.peek(t)
-
-    def _apply_to_blend(self, times: np.ndarray, users: np.ndarray, items: np.ndarray, weights: np.ndarray) -> None:
-        """Blend entries (see _admit_to_blend) into the indexes. Lock held."""
-        pairs = users >= 0
-        if pairs.any():
-            self._cooccurrence.add(users[pairs], items[pairs], times[pairs])
-        counted = weights != 0
-        if counted.any():
-            rows, times, weights = items[counted], times[counted], weights[counted]
-            # Erasures subtract here (an item whose every event is erased is exactly 0 again, see
-            # DecayedCounts); what an item keeps below ~1e-16 of the erased weight (events ~a year
-            # older, at a 7-day half-life) can round to 0 until a restart.
-            self._popularity.add(rows, times, weights)
-            log = self._popularity_log
-            log.append(rows, times, weights)
-            if log.taken_back >= max(NET_LOG_MIN_TAKEN_BACK, NET_LOG_SHARE * len(log)):
-                log.net()  # erased events and their taking-back leave the log, as after a restart
+        return self._blend.ahead.peek(t)
 
     def _forget_held_pairs(self, drop) -> None:
         """Held co-occurrence pairs whose (users, items) `drop` marks become
         popularity-only entries, as Cooccurrence.remove_* forgets the indexed
         ones. Lock held."""
-        self._blend_ahead.map_held(lambda t, u, i, w: (t, np.where(drop(u, i), -1, u), i, w))
+        self._blend.ahead.map_held(lambda t, u, i, w: (t, np.where(drop(u, i), -1, u), i, w))
 
     def _popularity_at(self, t: float) -> Later:
         """Decayed popularity at t of the live items, from events up to t
@@ -525,16 +478,16 @@ class InterestEngine:
         # the two cancels, and summed at t every count underflowed to 0 past ~1,075 half-lives.
         ahead = self._release_blend(t)
         half_life, size = self.config.blend.popularity_half_life_days * DAY, self.catalog.size
-        if t >= self._popularity_log.newest:
+        if t >= self._blend.popularity_log.newest:
             if ahead is None:
                 present = self._relative_popularity()
             else:
                 times, _, rows, weights = ahead  # stamped after the clock, so after every applied entry
                 at = float(times.max())
-                popularity = self._popularity.read(at) + decayed_sum(rows, times, weights, at, half_life, size)
+                popularity = self._blend.popularity.read(at) + decayed_sum(rows, times, weights, at, half_life, size)
                 present = _relative(popularity, self.catalog.alive)
             return lambda: present
-        log, alive = self._popularity_log.chunks(), self.catalog.alive.copy()
+        log, alive = self._blend.popularity_log.chunks(), self.catalog.alive.copy()
 
         def past() -> np.ndarray:
             rows, times, weights = EntryLog.joined(log)
@@ -551,11 +504,11 @@ class InterestEngine:
         the catalogue: it is cached by their versions (at 100k items, 0.14 ms
         of each Recommend under the lock, 1.4 ms at 1M). Lock held."""
         counts, version, catalog_version, relative = self._relative_popularity_cache
-        if counts is not self._popularity or version != self._popularity.version \
+        if counts is not self._blend.popularity or version != self._blend.popularity.version \
                 or catalog_version != self.catalog.version:
-            relative = _relative(self._popularity.counts, self.catalog.alive)
-            self._relative_popularity_cache = (self._popularity, self._popularity.version, self.catalog.version,
-                                               relative)
+            relative = _relative(self._blend.popularity.counts, self.catalog.alive)
+            self._relative_popularity_cache = (self._blend.popularity, self._blend.popularity.version,
+                                               self.catalog.version, relative)
         return relative
 
     def _label_space(self) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -700,7 +653,7 @@ class InterestEngine:
         ]
         if stale:
             stale_rows = self.catalog.rows(stale)
-            self._cooccurrence.remove_items(stale_rows)
+            self._blend.cooccurrence.remove_items(stale_rows)
             self._forget_held_pairs(lambda users, items: np.isin(items, stale_rows))
             self.catalog.delete(stale)
         if stored:
@@ -715,15 +668,15 @@ class InterestEngine:
         log, and entries held for the clock. What a deleted item had goes, as
         after a restart. Lock held."""
         new_row = self.catalog.compact()
-        self._cooccurrence = self._cooccurrence.renumbered(new_row, self.catalog.size)
-        self._popularity.take(np.flatnonzero(new_row >= 0))
-        self._popularity_log.renumber(new_row)
+        self._blend.cooccurrence = self._blend.cooccurrence.renumbered(new_row, self.catalog.size)
+        self._blend.popularity.take(np.flatnonzero(new_row >= 0))
+        self._blend.popularity_log.renumber(new_row)
 
         def renumber_held(times, users, items, weights):
             gone = new_row[items] < 0  # these count for nothing now (fn must keep the lengths)
             return times, np.where(gone, -1, users), np.maximum(new_row[items], 0), np.where(gone, 0, weights)
 
-        self._blend_ahead.map_held(renumber_held)
+        self._blend.ahead.map_held(renumber_held)
         self._resize_blend()
         log.info("catalogue compacted: %d live items, %d rows dropped", self.catalog.size,
                  new_row.size - self.catalog.size)
@@ -837,7 +790,7 @@ class InterestEngine:
         """Begins a co-occurrence merge if one is due and builds it on its own
         thread: at 3M pairs it copies ~70 MB (~60 ms), which neither this
         caller nor, without the lock, any reader waits for. Lock held."""
-        index = self._cooccurrence
+        index = self._blend.cooccurrence
         merge = index.begin_merge()
         if merge is None:
             return
@@ -905,9 +858,9 @@ class InterestEngine:
             self._users.pop(user_id, None)
             for replay in self._replays.get(user_id, ()):
                 replay.erased = True
-            row = self._user_rows.pop(user_id, None)
+            row = self._blend.user_rows.pop(user_id, None)
             if row is not None:
-                self._cooccurrence.remove_user(row)
+                self._blend.cooccurrence.remove_user(row)
                 self._forget_held_pairs(lambda users, items: users == row)
             # Batches committed before the erasure, or with it after it (group
             # commit), whose threads have not applied them yet: applied now,
@@ -1431,7 +1384,7 @@ class InterestEngine:
         decay = np.exp2(-(times_kept.max() - times_kept) / (blend.affinity_half_life_days * DAY))
         items, at = np.unique(rows[keep], return_inverse=True)
         affinity = np.bincount(at, weights=self._builder.types.weights[types] * decay, minlength=items.size)
-        index = self._cooccurrence
+        index = self._blend.cooccurrence
         held = ahead is not None and bool((ahead[1] >= 0).any())
         if t >= index.newest and not held:
             present = index.view()  # scored after the lock is let go, as the past's pairs are
