@@ -348,9 +348,95 @@ def test_a_profile_of_events_another_worker_recorded_is_replayed_once(pair, monk
     assert replays == [3]
 
 
+def rebuilt(*engines: InterestEngine, timeout: float = 30.0) -> None:
+    """Waits (bounded) for the engines' rebuilds of the blend off the lock to be in."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while any(engine._rebuilding for engine in engines):
+        assert time.monotonic() < deadline, "a rebuild of the blend did not finish"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("attempts", [3, 1], ids=["started again", "then under the lock"])
+def test_a_long_log_is_rebuilt_off_the_lock_after_an_erasure_elsewhere(pair, tmp_path, monkeypatch, attempts):
+    """Another worker's erasure rebuilds the blend from the whole log: a long
+    one off the lock, the indexes as they were answering meanwhile (2.2M
+    events held every call up for 10-12 s), then swapped in with the events
+    applied since. This worker's own erasure and an item deleted and created
+    anew while it reads make it start again (or, its tries spent, rebuild
+    under the lock); both workers then answer as a restart does."""
+    from halflife.interest import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "BACKGROUND_REBUILD_EVENTS", 0)
+    monkeypatch.setattr(engine_module, "BACKGROUND_REBUILD_ATTEMPTS", attempts)
+    a, b = pair
+    a.upsert_items(items(f"i{n}" for n in range(8)))
+    a.record_events(likes("x", "u0", ["i0", "i1", "i2"]) + likes("y", "u1", ["i2", "i3"]) + likes("z", "u2", ["i5"]))
+    answers(b)
+    started, release, build = threading.Event(), threading.Event(), b._built_blend
+    builds = []
+
+    def held_build(*args):
+        builds.append(b._lock._is_owned())  # built under the lock?
+        if len(builds) == 1:
+            started.set()
+            assert release.wait(30)
+        return build(*args)
+
+    monkeypatch.setattr(b, "_built_blend", held_build)
+    a.delete_user("u0")
+    answered = []
+    reader = threading.Thread(target=lambda: answered.append(answers(b)))
+    reader.start()
+    reader.join(10)
+    assert answered and started.wait(10)  # answered while the rebuild reads the log
+    assert b.profile("u0").event_counts == {}  # the erased user's profile went at once
+    # Meanwhile: events on both workers, an item deleted and created anew, an erasure here.
+    a.record_events(likes("p", "u1", ["i4", "i6"]))
+    b.record_events(likes("q", "u2", ["i1", "i7"]) + likes("r", "u3", ["i0"]))
+    b.delete_items(["i3"])
+    b.upsert_items(items(["i3"]))
+    b.delete_user("u2")
+    release.set()
+    rebuilt(b)
+    assert builds == [False, attempts == 1]  # the stale one, then one off the lock again, or, tries spent, under it
+    a.stats()  # a catches up with b's erasure: its own rebuild
+    rebuilt(a)
+    users = ("cold", "u0", "u1", "u2", "u3")
+    assert answers(b, users) == answers(a, users) == restarted(tmp_path, users)
+
+
+def test_events_applied_while_the_blend_is_rebuilt_off_the_lock_are_in_the_rebuilt_one(pair, tmp_path, monkeypatch):
+    from halflife.interest import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "BACKGROUND_REBUILD_EVENTS", 0)
+    a, b = pair
+    a.upsert_items(items(f"i{n}" for n in range(8)))
+    a.record_events(likes("x", "u0", ["i0", "i1"]) + likes("y", "u1", ["i2", "i3"]))
+    answers(b)
+    release, build = threading.Event(), b._built_blend
+
+    def held_build(*args):
+        assert release.wait(30)
+        return build(*args)
+
+    monkeypatch.setattr(b, "_built_blend", held_build)
+    a.delete_user("u0")
+    b.stats()  # catches up: the rebuild starts, held
+    a.record_events(likes("p", "u1", ["i4"]) + likes("t", "u4", ["i5", "i6"], hours_ago=-2))  # and after the clock
+    b.record_events(likes("q", "u2", ["i1", "i7"]))
+    release.set()
+    rebuilt(b)
+    assert answers(b) == restarted(tmp_path)
+    later = T + 4 * 3600.0
+    assert answers(b, at=later) == restarted(tmp_path, at=later)
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["rebuilt under the lock", "rebuilt off it"])
 @pytest.mark.parametrize("compact", [False, True])
 def test_two_workers_under_concurrent_writes_erasures_and_reads_end_as_a_restart_would(pair, tmp_path, monkeypatch,
-                                                                                      compact):
+                                                                                      compact, background):
     """Each worker records events, erases users, adds items and deletes and
     re-creates others while both serve reads, all at once (with frequent
     co-occurrence merges, every second event stamped after the clock, and
@@ -358,8 +444,11 @@ def test_two_workers_under_concurrent_writes_erasures_and_reads_end_as_a_restart
     its own way); afterwards both answer as a restart does, now and once
     the clock has passed those events."""
     from halflife.core import cooccurrence
+    from halflife.interest import engine as engine_module
 
     monkeypatch.setattr(cooccurrence, "_MIN_MERGE", 2)
+    if background:  # each erasure elsewhere: the log read off the lock, while the rest goes on
+        monkeypatch.setattr(engine_module, "BACKGROUND_REBUILD_EVENTS", 0)
     if compact:
         compact_catalogues_at(monkeypatch, dead_rows=2)
     a, b = pair
@@ -391,6 +480,9 @@ def test_two_workers_under_concurrent_writes_erasures_and_reads_end_as_a_restart
 
     errors = run_in_threads(40, writer(a, "a", 0.0), writer(b, "b", 0.5), reader(a), reader(b))
     assert not errors, errors
+    for engine in (a, b):  # each catches up with the other's last erasure, and its rebuild is in
+        engine.stats()
+        rebuilt(engine)
     assert min(a.catalog.epoch, b.catalog.epoch) >= 2 if compact else a.catalog.epoch == b.catalog.epoch == 0
     users = ("cold", "u0", "u1", "u2", "u3")
     assert answers(a, users) == answers(b, users) == restarted(tmp_path, users)
