@@ -167,3 +167,36 @@ def test_an_explanation_credits_no_event_whose_weight_reads_0_in_float32(tmp_pat
     earlier = engine.recommend("u", 3, as_of=T - 200 * DAY, explain=True)  # 900 days: 1e-39, a float32 denormal
     assert all(np.float32(e.weight) > 0 for item in earlier.items for e in item.explanation.events)
     assert any(item.explanation.events for item in earlier.items)
+
+
+def test_a_kernel_profile_is_read_from_the_log_without_the_engines_lock(tmp_path, monkeypatch):
+    """Each read under a kernel passes over the user's log (a 1M-event
+    user's: 15 s), which under the engine's lock held every other call up."""
+    import threading
+
+    config = Config(profile=ProfileConfig(mode="single", kernel="exp", kernel_scale_days=20.0))
+    engine = engine_with(config, tmp_path)
+    reading, release, chunks = threading.Event(), threading.Event(), engine._directed_chunks
+
+    def held(user_id, *args):
+        if user_id == "u":
+            reading.set()
+            assert release.wait(30)
+        return chunks(user_id, *args)
+
+    monkeypatch.setattr(engine, "_directed_chunks", held)
+    heavy = []
+    reader = threading.Thread(target=lambda: heavy.append(engine.recommend("u", 5, as_of=T)))
+    reader.start()
+    try:
+        assert reading.wait(10)
+        others = []
+        other = threading.Thread(target=lambda: others.append(
+            (engine.recommend("cold", 5, as_of=T).strategy, engine.profile("cold", as_of=T).interests)))
+        other.start()
+        other.join(10)  # under the lock, they waited for u's read
+        assert others == [("trending", ())]
+    finally:
+        release.set()
+        reader.join(30)
+    assert heavy and heavy[0].strategy == "personalized"

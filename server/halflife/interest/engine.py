@@ -1119,12 +1119,13 @@ class InterestEngine:
         n_items = self.config.ranking.items_per_interest if items_per_interest is None else items_per_interest
         self._cache_profile(user_id, deadline)
         replayed = self._replayed_state(user_id, t, deadline)
+        kernel = self._kernel_profile(user_id, t, deadline)
         with self._lock:
             state = self._user_state(user_id, t) if replayed is None else replayed
             multi = state.multi
             importances, shares = multi.importances(t), multi.shares(t)
             # Recommend's rule: no positive weight left at t (decayed to 0 in float64) is no profile.
-            clustered = bool(shares.any()) and self._single_profile(user_id, state, t).weight > 0
+            clustered = bool(shares.any()) and self._single_profile(user_id, state, t, kernel).weight > 0
             if clustered:
                 centroids, trends = multi.centroids(t), multi.trend_labels()
                 counts, last_times = multi.counts.copy(), multi.last_time.copy()
@@ -1236,9 +1237,11 @@ class InterestEngine:
         query_vector = self._embed([query], deadline)[0] if query else None
         self._cache_profile(user_id, deadline)
         replayed = self._replayed_state(user_id, t, deadline)
+        kernel = self._kernel_profile(user_id, t, deadline)
         candidates = limit * MMR_CANDIDATES_PER_RESULT if diversity > 0 else limit
         ranked = self._with_stable_rows(lambda: self._rank(
-            user_id, candidates, t, replayed, filter, include_seen, query_vector, explain, copy=diversity > 0 or explain))
+            user_id, candidates, t, replayed, kernel, filter, include_seen, query_vector, explain,
+            copy=diversity > 0 or explain))
         ids, top_scores, vectors, parts = ranked.ids, ranked.scores, ranked.vectors, ranked.parts
         if diversity > 0 and ids:
             # Quadratic in the limit (1,000: 5,000 candidates, ~125 ms): without the lock, as the scan.
@@ -1255,8 +1258,9 @@ class InterestEngine:
             strategy=ranked.strategy,
         )
 
-    def _rank(self, user_id: str, candidates: int, t: float, replayed: UserState | None, filter: ItemFilter,
-              include_seen: bool, query_vector: np.ndarray | None, explain: bool, copy: bool) -> _Ranked:
+    def _rank(self, user_id: str, candidates: int, t: float, replayed: UserState | None,
+              kernel: _SingleProfile | None, filter: ItemFilter, include_seen: bool, query_vector: np.ndarray | None,
+              explain: bool, copy: bool) -> _Ranked:
         """The best `candidates` items for recommend(): scored without the lock,
         named with it held, where the rows' vectors (copy) and the
         explanation's parts (explain) are copied out too, while the rows'
@@ -1265,7 +1269,7 @@ class InterestEngine:
         with self._lock:
             state = self._user_state(user_id, t) if replayed is None else replayed
             allowed = self._allowed(filter, _NO_ROWS if include_seen else self._seen_rows(state))
-            single = self._single_profile(user_id, state, t)
+            single = self._single_profile(user_id, state, t, kernel)
             personal = single.weight > 0
             catalog = self.catalog
             items, create_times, epoch, version = catalog.vectors, catalog.create_times, catalog.epoch, catalog.version
@@ -1407,16 +1411,36 @@ class InterestEngine:
                 if events:
                     yield events, self._builder.record_types(events)
 
-    def _single_profile(self, user_id: str, state: UserState, t: float) -> _SingleProfile:
+    def _single_profile(self, user_id: str, state: UserState, t: float,
+                        kernel: _SingleProfile | None = None) -> _SingleProfile:
         """The user's single-vector profile at t: the decayed one, or under a
-        `profile.kernel` one computed exactly from their log up to t (event
-        types keep their weights; the kernel replaces their half-lives), a
-        chunk at a time. Its weight decides between personalised and
-        trending. Lock held."""
+        `profile.kernel` `_kernel_profile`'s, taken without the lock (`kernel`)
+        or else now. Its weight decides between personalised and trending.
+        Lock held."""
         if self.config.profile.kernel == "half_life":
             single = state.single
             return _SingleProfile(single.direction(t), single.negative_direction(t), single.strength(t),
                                   single.negative_strength(t))
+        return kernel if kernel is not None else self._kernel_sums(user_id, t)
+
+    def _kernel_profile(self, user_id: str, t: float, deadline: Deadline | None = None) -> _SingleProfile | None:
+        """Under a `profile.kernel`, the user's profile at t (`_kernel_sums`),
+        computed without the lock, a long log one read at a time
+        (`_replay_turn`): under the lock, a 1M-event user's Recommend held
+        every other call up for 15 s. None under half-lives. Events recorded
+        meanwhile count from the next call on. Call without the lock."""
+        if self.config.profile.kernel == "half_life":
+            return None
+        with self._lock:
+            state = self._users.get(user_id)
+            events = sum(state.api_counts.values()) if state is not None else 0
+        with self._replay_turn(events, deadline):
+            return self._kernel_sums(user_id, t)
+
+    def _kernel_sums(self, user_id: str, t: float) -> _SingleProfile:
+        """The user's single-vector profile at t computed exactly from their
+        log up to t (event types keep their weights; the kernel replaces
+        their half-lives), a chunk at a time."""
         sums, strengths = np.zeros((2, self.dim)), np.zeros(2)
         for events, types in self._directed_chunks(user_id, t):
             chunk_sums, chunk_strengths = kernel_sums(np.stack([e.vector for e in events]),
