@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from halflife.embedding.engine import EmbeddingEngine
-from halflife.eval.embeddings import embed_sorted
+from halflife.embedding.offline import embed_sorted
 from tests.fakes import MOVIELENS
 
 TEXTS_PER_KIND = 300

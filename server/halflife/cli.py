@@ -685,6 +685,85 @@ def _run_profile(args: argparse.Namespace) -> int:
     return _client_command("profile", args.target, show_profile, args.user_id, args.target, args.as_of)
 
 
+def _add_reembed(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "reembed",
+        help="copy a data directory into a new one, embedded by another model",
+        description="Copy a data directory's catalogue and event log into a new data directory, every item and "
+        "event text embedded again by the model in --model-dir: a store keeps the vectors of the model it was "
+        "built with, and a server refuses it with another one (docs/interest.md, Storage). The old "
+        "directory is only read; events recorded in it after the copy starts are not copied.",
+    )
+    parser.add_argument("--data-dir", type=_path, default=DEFAULT_DATA_DIR,
+                        help=f"the data directory to copy (default {DEFAULT_DATA_DIR})")
+    parser.add_argument("--out", type=_path, required=True, help="the new data directory (absent or empty)")
+    parser.add_argument("--model-dir", type=_path, default=DEFAULT_MODEL_DIR,
+                        help=f"the new model, exported (default {DEFAULT_MODEL_DIR})")
+    parser.add_argument("--variant", default=None,
+                        help="ONNX variant from the manifest (default: the one `serve` would load on this machine)")
+    parser.set_defaults(run=_run_reembed)
+
+
+@contextlib.contextmanager
+def _removed_unless_done(directory: Path, made: bool) -> Iterator[None]:
+    """What was written into `directory` (empty or absent before: `made`)
+    goes again if the block fails or is interrupted: a half copy would
+    otherwise pass for a store, and block the next try."""
+    try:
+        yield
+    except BaseException:
+        if directory.is_dir():
+            for path in directory.iterdir():
+                path.unlink()
+            if made:
+                directory.rmdir()
+        raise
+
+
+def _run_reembed(args: argparse.Namespace) -> int:
+    if _runtime_missing("reembed"):
+        return EXIT_FAILURE
+    from halflife.config import Config
+    from halflife.embedding.engine import EmbeddingEngine
+    from halflife.embedding.offline import embed_sorted
+    from halflife.interest.engine import InterestEngine
+    from halflife.interest.reembed import GivenVectorsError, reembed
+    from halflife.progress import progress
+    from halflife.storage.base import StoreError
+    from halflife.storage.sqlite import DB_NAME, SqliteStore
+
+    def fail(message: str) -> int:
+        print(f"halflife reembed: error: {message}", file=sys.stderr)
+        return EXIT_FAILURE
+
+    if not (args.data_dir / DB_NAME).is_file():
+        return fail(f"{args.data_dir} holds no store ({DB_NAME})")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        return fail(f"{args.out} is not an empty directory: the copy goes into a data directory of its own")
+    made = not args.out.exists()
+    try:
+        with _removed_unless_done(args.out, made), sigterm_unwinds():
+            model = EmbeddingEngine.load(args.model_dir, variant=args.variant)
+            source, target = SqliteStore(args.data_dir), SqliteStore(args.out)
+            try:
+                engine = InterestEngine(Config(), target, model.dimension,
+                                        lambda texts, deadline=None: embed_sorted(model, texts),
+                                        embedder_id=model.identity, vector_space=model.named_vector_space)
+                done = reembed(source, engine, lambda starts, what: progress(
+                    starts, desc=f"re-embedding {what}", unit="batch"))
+            finally:
+                source.close()
+                target.close()
+    except (ManifestError, StoreError, GivenVectorsError) as exc:
+        return fail(str(exc))
+    print(f"copied {done.items} items and {done.events} events (the log through seq {done.through_seq}) into "
+          f"{args.out}, embedded by {model.named_vector_space[1]}")
+    if done.without_item or done.left_out:
+        print(f"{done.without_item} events on items deleted since were copied with their text alone, and "
+              f"{done.left_out} without text were left out: the new model has no vector for their items")
+    return 0
+
+
 def _add_eval(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "eval",
@@ -738,6 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_commands(commands)
     _add_loadtest(commands)
     _add_eval(commands)
+    _add_reembed(commands)
     return parser
 
 

@@ -444,7 +444,7 @@ class HalflifeServer:
                 InterestEngine, config.halflife, self.store, embedding.dimension,
                 self.backend.embed_blocking, follow_store=config.follow_store, scan_threads=config.scan_threads,
                 embedder_id=embedding.identity,
-                vector_space=(embedding.vector_space, f"{embedding.manifest.model_id} ({embedding.dimension}-d)"),
+                vector_space=embedding.named_vector_space,
             )
         except BaseException:
             await self.stop(grace=0)

@@ -416,6 +416,11 @@ class EmbeddingEngine:
         return vector_space(self.manifest)
 
     @property
+    def named_vector_space(self) -> tuple[str, str]:
+        """(vector_space, a name for people): what an InterestEngine binds its store to."""
+        return self.vector_space, f"{self.manifest.model_id} ({self.dimension}-d)"
+
+    @property
     def max_input_tokens(self) -> int:
         return self.manifest.max_input_tokens
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from halflife.embedding.offline import embed_sorted
 from halflife.progress import progress
-
-BATCH = 64
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +67,3 @@ def _cached(path: Path, rows: int) -> np.ndarray | None:
         log.warning("%s holds %s %s, not %d vectors; embedding again", path, vectors.dtype, vectors.shape, rows)
         return None
     return vectors
-
-
-def embed_sorted(engine, texts: Sequence[str], batches: Callable[[range], Iterable[int]] = iter) -> np.ndarray:
-    """Unit embeddings of `texts` through an EmbeddingEngine, truncated to its
-    limit, in batches of BATCH sorted by length, as the server's batcher
-    sorts them (less padding); the order is restored. `batches` wraps the
-    batches' start offsets (a progress bar). Returns (len(texts), dim) float32."""
-    from halflife.embedding.pooling import l2_normalize
-
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    out = np.zeros((len(texts), engine.dimension), dtype=np.float32)
-    for start in batches(range(0, len(texts), BATCH)):
-        rows = order[start : start + BATCH]
-        tokens = engine.tokenize([texts[i] for i in rows], truncate=True)
-        out[rows] = l2_normalize(engine.forward(tokens.ids))
-    return out

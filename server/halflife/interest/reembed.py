@@ -1,0 +1,97 @@
+"""A store's catalogue and event log, embedded again by another model into a new store.
+
+A store holds one model's vectors (`Store.bind_vectors`): a server refuses to
+serve it with another model, since its items and events would rank in a
+mixture of two spaces. `halflife reembed` makes the new model's store from the
+old one instead of starting empty: every item embedded from its text, every
+event's text embedded again, an event on an item taking the item's new
+vector; users, event ids, types, values and times as they were, in the order
+they arrived. The old store is only read.
+
+What the new model cannot make is left out or changed, and counted:
+- an item whose vector was given with it (not embedded by the server from its
+  text) has no vector in the new space: the copy is refused, naming them;
+- an event keeps the vector its item had when it was recorded, which came
+  from the item's text then; the copy uses the item's text now (the store
+  keeps no older text);
+- an event on an item deleted since (or on an id's earlier item, deleted and
+  created anew) has no item to take a vector from: with text it is copied
+  without the item (its text's vector alone), else left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable
+
+from halflife.interest.engine import InterestEngine
+from halflife.interest.types import EventInput, ItemInput
+from halflife.storage.base import ItemRecord, Store
+
+ITEMS_PER_BATCH = 1_000
+SEQS_PER_BATCH = 5_000  # events are read and recorded in batches of this many seqs (fewer where some were erased)
+
+
+class GivenVectorsError(Exception):
+    """The old store holds items whose vectors were given with them: the new model cannot make theirs."""
+
+    def __init__(self, item_ids: list[str]):
+        self.item_ids = item_ids
+        shown = ", ".join(map(repr, item_ids[:3])) + (f" and {len(item_ids) - 3} more" if len(item_ids) > 3 else "")
+        super().__init__(f"items carry vectors given with them, not embedded from their text ({len(item_ids)}: "
+                         f"{shown}): no model but the one they came from can make theirs; upsert them with the new "
+                         "model's vectors into a store of their own instead")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reembedded:
+    """What a copy did: items and events copied, events copied without their
+    deleted item (text only) and left out (neither item nor text), and the
+    last event seq of the old store it read."""
+
+    items: int
+    events: int
+    without_item: int
+    left_out: int
+    through_seq: int
+
+
+def reembed(source: Store, target: InterestEngine,
+            steps: Callable[[range, str], Iterable[int]] = lambda starts, what: starts) -> Reembedded:
+    """Copies `source`'s catalogue and event log into `target` (an engine,
+    with the new model, on an empty store; see the module's docstring).
+    Events recorded in `source` after the copy starts are not copied.
+    `steps` wraps the batches' starts, "items" (offsets) then "events"
+    (seqs): a progress bar. Raises GivenVectorsError, and ValueError where
+    `target` holds anything."""
+    if target.store.event_count() or len(target.catalog):
+        raise ValueError("the new store is not empty: give the copy a data directory of its own")
+    head = source.head()
+    items = list(source.iter_items())
+    if given := [item.id for item in items if item.embedded_by is None]:
+        raise GivenVectorsError(given)
+    for start in steps(range(0, len(items), ITEMS_PER_BATCH), "items"):
+        target.upsert_items([_item_input(item) for item in items[start : start + ITEMS_PER_BATCH]])
+    created_seq = {item.id: item.created_seq for item in items}
+    copied = without_item = left_out = 0
+    for after in steps(range(0, head.event_seq, SEQS_PER_BATCH), "events"):
+        events = []
+        for event in source.events_between(after, min(after + SEQS_PER_BATCH, head.event_seq),
+                                           vectors_of=lambda user_id: False):
+            item_id = event.item_id
+            # The item it was recorded on is gone: deleted, or this id's item is a later one.
+            if item_id is not None and (item_id not in created_seq or event.seq <= created_seq[item_id]):
+                if not event.text:
+                    left_out += 1
+                    continue
+                item_id, without_item = None, without_item + 1
+            events.append(EventInput(event.event_id, event.user_id, event.type, item_id, event.text, event.value,
+                                     event.event_time))
+        copied += target.record_events(events)[0] if events else 0
+    return Reembedded(len(items), copied, without_item, left_out, head.event_seq)
+
+
+def _item_input(item: ItemRecord) -> ItemInput:
+    """The item as it was upserted, without its vector: embedded from its text anew."""
+    return ItemInput(id=item.id, text=item.text, categories=item.categories, attributes=dict(item.attributes),
+                     create_time=item.create_time)

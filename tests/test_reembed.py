@@ -1,0 +1,197 @@
+"""`halflife reembed`: a store's catalogue and event log embedded again by another model into a new store."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from halflife.config import Config
+from halflife.core.ranking import normalize
+from halflife.interest import reembed as reembed_module
+from halflife.interest.engine import InterestEngine
+from halflife.interest.reembed import GivenVectorsError, reembed
+from halflife.interest.types import EventInput, ItemInput
+from halflife.storage.base import EventRecord
+from halflife.storage.sqlite import SqliteStore
+from tests.fakes import DIM, fake_embed
+
+T = 1_700_000_000.0
+VIEW, LIKE, REVIEW, SEARCH = 1, 3, 7, 8
+NEW_DIM = 24
+
+
+def new_embed(texts, deadline=None):
+    """Another model: other vectors, of another size."""
+    rows = [np.random.default_rng(int(hashlib.sha256(b"new" + t.encode()).hexdigest()[:8], 16)).normal(size=NEW_DIM)
+            for t in texts]
+    return normalize(np.array(rows, dtype=np.float32))
+
+
+def old_engine(path) -> InterestEngine:
+    return InterestEngine(Config(), SqliteStore(path), DIM, fake_embed, clock=lambda: T, embedder_id="old",
+                          vector_space=("old-space", "old model"))
+
+
+def new_engine(path) -> InterestEngine:
+    return InterestEngine(Config(), SqliteStore(path), NEW_DIM, new_embed, clock=lambda: T, embedder_id="new",
+                          vector_space=("new-space", "new model"))
+
+
+def event(event_id, user, kind, item=None, text=None, value=None, hours_ago=1.0) -> EventInput:
+    return EventInput(event_id, user, kind, item, text, value, T - hours_ago * 3600)
+
+
+@pytest.fixture
+def old_store(tmp_path):
+    old = old_engine(tmp_path / "old")
+    old.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}", categories=(f"c{n % 2}",), attributes={"n": str(n)},
+                                create_time=T - n * 86400) for n in range(6)])
+    old.record_events([event("a1", "u1", LIKE, "i0", hours_ago=9), event("a2", "u1", VIEW, "i1", hours_ago=8),
+                       event("a3", "u1", REVIEW, "i2", text="loved it", value=None, hours_ago=7),
+                       event("a4", "u2", SEARCH, text="space operas", hours_ago=6),
+                       event("a5", "u2", 6, "i3", value=4.5, hours_ago=5)])
+    old.upsert_items([ItemInput(id="i1", text="item 1, renamed")])  # the event keeps the old text's vector
+    old.delete_items(["i4"])
+    old.record_events([event("b2", "u3", LIKE, "i5", hours_ago=3), event("b3", "u3", VIEW, "i3", hours_ago=2)])
+    old.delete_items(["i5"])  # b2's item: gone, and b2 has no text
+    old.record_events([event("b4", "u2", REVIEW, "i3", text="again", hours_ago=1.5)])
+    old.delete_items(["i3"])  # a5, b3, b4's item, then a new i3: they concerned the old one
+    old.upsert_items([ItemInput(id="i3", text="a new item 3")])
+    old.record_events([event("b5", "u2", LIKE, "i3", hours_ago=1)])
+    old.delete_user("u9")
+    yield old.store
+    old.store.close()
+
+
+def test_a_copy_embeds_every_item_and_text_with_the_new_model_and_keeps_the_log(old_store, tmp_path):
+    target = new_engine(tmp_path / "new")
+    done = reembed(old_store, target)
+    # i4, i5 deleted, i3 created anew; b2 (i5), a5 and b3 (the old i3) have no text: left out.
+    assert (done.items, done.events, done.without_item, done.left_out) == (4, 6, 1, 3)
+    assert done.through_seq == old_store.head().event_seq
+    items = target.store.get_items([f"i{n}" for n in range(6)])
+    assert sorted(items) == ["i0", "i1", "i2", "i3"]
+    for item in items.values():
+        old = old_store.get_items([item.id])[item.id]
+        assert (item.text, item.categories, dict(item.attributes), item.create_time) == (
+            old.text, old.categories, dict(old.attributes), old.create_time)
+        np.testing.assert_allclose(item.vector, new_embed([item.text])[0], atol=1e-6)
+        assert item.embedded_by == "new"
+    assert target.store.bind_vectors("x", "y") == ("new-space", "new model")
+    # The log: every event but those with nothing to embed, in the order it arrived, as it was.
+    old_events = {u: old_store.user_events(u) for u in ("u1", "u2", "u3")}
+    new_events = {u: target.store.user_events(u) for u in ("u1", "u2", "u3")}
+    assert {u: [e.event_id for e in events] for u, events in new_events.items()} == {
+        "u1": ["a1", "a2", "a3"], "u2": ["a4", "b4", "b5"], "u3": []}
+    old_by_id = {e.event_id: e for events in old_events.values() for e in events}
+    for e in (e for events in new_events.values() for e in events):
+        old = old_by_id[e.event_id]
+        assert (e.user_id, e.type, e.text, e.value, e.event_time) == (old.user_id, old.type, old.text, old.value,
+                                                                        old.event_time)
+    vectors = {e.event_id: (e.item_id, e.vector) for events in new_events.values() for e in events}
+    new_item = {i: items[i].vector for i in items}
+    np.testing.assert_allclose(vectors["a1"][1], new_item["i0"], atol=1e-6)
+    np.testing.assert_allclose(vectors["a2"][1], new_item["i1"], atol=1e-6)  # the item's text now
+    np.testing.assert_allclose(vectors["a3"][1], normalize(new_item["i2"] + new_embed(["loved it"])[0]), atol=1e-6)
+    np.testing.assert_allclose(vectors["a4"][1], new_embed(["space operas"])[0], atol=1e-6)
+    # b4 concerned the old i3 too: it keeps its text, without the item.
+    assert vectors["b4"][0] is None
+    np.testing.assert_allclose(vectors["b4"][1], new_embed(["again"])[0], atol=1e-6)
+    assert vectors["b5"][0] == "i3"
+    np.testing.assert_allclose(vectors["b5"][1], new_item["i3"], atol=1e-6)
+    assert target.profile("u1", as_of=T).event_counts == old_engine_counts(old_store, "u1")
+
+
+def old_engine_counts(store, user_id) -> dict:
+    counts: dict[int, int] = {}
+    for e in store.user_events(user_id):
+        counts[e.type] = counts.get(e.type, 0) + 1
+    return counts
+
+
+def test_a_copy_reads_the_log_in_batches_and_nothing_recorded_after_its_start(old_store, tmp_path, monkeypatch):
+    monkeypatch.setattr(reembed_module, "SEQS_PER_BATCH", 2)
+    target = new_engine(tmp_path / "new")
+    seen = []
+
+    def steps(starts, what):
+        for start in starts:
+            if not seen:  # recorded once the copy started: not in it
+                old_store.record_events([EventRecord("late", "u1", VIEW, "i0", None, None, T, fake_embed(["x"])[0])])
+            seen.append((what, start))
+            yield start
+
+    head = old_store.head().event_seq
+    done = reembed(old_store, target, steps)
+    assert seen == [("items", 0)] + [("events", start) for start in range(0, head, 2)]
+    assert done.events == target.store.event_count() == 6
+    assert old_store.existing_event_ids(["late"]) == {"late"} and not target.store.existing_event_ids(["late"])
+
+
+def test_items_with_vectors_given_with_them_refuse_the_copy(tmp_path):
+    old = old_engine(tmp_path / "old")
+    old.upsert_items([ItemInput(id="mine", text="", vector=fake_embed(["x"])[0]), ItemInput(id="t", text="text")])
+    with pytest.raises(GivenVectorsError, match=r"^items carry vectors given with them, not embedded from their text \(1: 'mine'\)"):
+        reembed(old.store, new_engine(tmp_path / "new"))
+    old.store.close()
+
+
+def test_a_copy_goes_into_an_empty_store_only(old_store, tmp_path):
+    target = new_engine(tmp_path / "new")
+    target.upsert_items([ItemInput(id="x", text="already here")])
+    with pytest.raises(ValueError, match="not empty"):
+        reembed(old_store, target)
+
+
+def _store_of_another_model(path, dim: int) -> None:
+    """Items and events embedded by a stand-in for another model (`dim`-d, as the new one)."""
+    def embed(texts, deadline=None):
+        return normalize(np.random.default_rng(len(texts)).normal(size=(len(texts), dim)).astype(np.float32))
+
+    old = InterestEngine(Config(), SqliteStore(path), dim, embed, clock=lambda: T, embedder_id="old",
+                         vector_space=("old-space", "old model"))
+    old.upsert_items([ItemInput(id="dune", text="Dune (1984), science fiction"),
+                      ItemInput(id="amelie", text="Amélie (2001), romance comedy")])
+    old.record_events([event("e1", "ann", LIKE, "dune"), event("e2", "ann", REVIEW, "amelie", text="charming")])
+    old.store.close()
+
+
+def test_the_cli_copies_a_store_into_one_the_new_model_serves(model_dir, tmp_path, capsys):
+    from halflife.cli import main
+    from halflife.embedding.engine import EmbeddingEngine
+    from halflife.embedding.offline import embed_sorted
+
+    model = EmbeddingEngine.load(model_dir, variant="fp32-o2")  # a vector whatever its batch-mates (int8's vary)
+    _store_of_another_model(tmp_path / "old", model.dimension)
+    assert main(["reembed", "--data-dir", str(tmp_path / "old"), "--out", str(tmp_path / "new"),
+                 "--model-dir", str(model_dir), "--variant", "fp32-o2"]) == 0
+    assert "copied 2 items and 2 events (the log through seq 2)" in capsys.readouterr().out
+    store = SqliteStore(tmp_path / "new")
+    items = store.get_items(["dune", "amelie"])
+    np.testing.assert_allclose(items["dune"].vector, embed_sorted(model, ["Dune (1984), science fiction"])[0],
+                               atol=1e-5)
+    assert store.bind_vectors("x", "y") == model.named_vector_space  # what `serve` with the model checks
+    assert [e.event_id for e in store.user_events("ann")] == ["e1", "e2"]
+    store.close()
+
+
+def test_the_cli_leaves_no_half_copy_behind(model_dir, tmp_path, capsys):
+    from halflife.cli import main
+
+    old = old_engine(tmp_path / "old")
+    old.upsert_items([ItemInput(id="mine", text="", vector=fake_embed(["x"])[0])])
+    old.store.close()
+    args = ["reembed", "--data-dir", str(tmp_path / "old"), "--model-dir", str(model_dir), "--out"]
+    assert main(args + [str(tmp_path / "new")]) == 1
+    assert "error: items carry vectors given with them" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    assert main(args + [str(tmp_path / "empty")]) == 1
+    assert list((tmp_path / "empty").iterdir()) == []
+    (tmp_path / "empty" / "x").write_text("")
+    assert main(args + [str(tmp_path / "empty")]) == 1
+    assert "is not an empty directory" in capsys.readouterr().err
+    assert main(["reembed", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "new2")]) == 1
+    assert "holds no store" in capsys.readouterr().err and not (tmp_path / "new2").exists()
