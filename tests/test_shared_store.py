@@ -433,6 +433,32 @@ def test_events_applied_while_the_blend_is_rebuilt_off_the_lock_are_in_the_rebui
     assert answers(b, at=later) == restarted(tmp_path, at=later)
 
 
+def test_a_rebuild_under_the_lock_that_raised_is_tried_again(pair, tmp_path, monkeypatch):
+    """A short log's rebuild for another worker's erasure that raised (a
+    read of the log failed) had marked the erasure seen and the events
+    through the head applied: the erased user's pairs and popularity
+    stayed, and the events it was to add never came, until a restart. The
+    next catch-up tries it again, as after a rebuild off the lock."""
+    from halflife.storage.base import StoreError
+
+    a, b = pair
+    a.upsert_items(items(f"i{n}" for n in range(8)))
+    a.record_events(likes("x", "u0", ["i0", "i1", "i2"]) + likes("y", "u1", ["i2", "i3"]))
+    answers(b)
+    build = b._built_blend
+
+    def fails_once(*args):
+        monkeypatch.setattr(b, "_built_blend", build)
+        raise StoreError("the log could not be read")
+
+    monkeypatch.setattr(b, "_built_blend", fails_once)
+    a.delete_user("u0")
+    a.record_events(likes("p", "u2", ["i4", "i5"]) + likes("q", "u1", ["i5"]))
+    with pytest.raises(StoreError):
+        b.stats()
+    assert answers(b) == restarted(tmp_path)
+
+
 @pytest.mark.parametrize("background", [False, True], ids=["rebuilt under the lock", "rebuilt off it"])
 @pytest.mark.parametrize("compact", [False, True])
 def test_two_workers_under_concurrent_writes_erasures_and_reads_end_as_a_restart_would(pair, tmp_path, monkeypatch,

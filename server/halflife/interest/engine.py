@@ -415,7 +415,11 @@ class InterestEngine:
             replay.erased = True
         if self._rebuilding or (head.event_seq >= BACKGROUND_REBUILD_EVENTS and self._start_background_rebuild()):
             return False  # the indexes answer, and take events, as they are until the rebuilt ones are in
-        self._rebuild_through(head)
+        try:
+            self._rebuild_through(head)
+        except BaseException:
+            self._rebuild_failed = True  # the erasure is marked seen and the watermark is at head: try again
+            raise
         return True
 
     def _rebuild_through(self, head: StoreHead) -> None:
