@@ -103,6 +103,9 @@ def test_overriding_an_event_type_keeps_the_rest(tmp_path):
         ({"blend": {"popularity": 1e308}}, "blend.popularity"),
         ({"blend": {"affinity_half_life_days": 1e-9}}, "blend.affinity_half_life_days"),
         ({"profile": {"negative_weight": 1e9}}, "profile.negative_weight"),
+        ({"profile": {"negative_full_share": 1.5}}, "profile.negative_full_share"),
+        ({"profile": {"negative_full_share": -0.01}}, "profile.negative_full_share"),
+        ({"profile": {"negative_full_share": math.nan}}, "profile.negative_full_share"),
         # Accepted, then every personal call failed: "array is too big" (an audit).
         ({"profile": {"max_interests": 10**15}}, "profile.max_interests"),
         ({"profile": {"max_interests": 65}}, "profile.max_interests"),

@@ -459,6 +459,40 @@ def test_a_rebuild_under_the_lock_that_raised_is_tried_again(pair, tmp_path, mon
     assert answers(b) == restarted(tmp_path)
 
 
+def test_a_rebuild_off_the_lock_that_raised_is_tried_again_keeping_the_profiles(pair, tmp_path, monkeypatch):
+    """Off the lock, the rebuild's failure is logged and the next call starts
+    it again; the profiles cached meanwhile stay (they do not depend on the
+    blend: dropping them again on each try made every user's next call replay)."""
+    from halflife.interest import engine as engine_module
+    from halflife.storage.base import StoreError
+
+    monkeypatch.setattr(engine_module, "BACKGROUND_REBUILD_EVENTS", 0)
+    a, b = pair
+    a.upsert_items(items(f"i{n}" for n in range(8)))
+    a.record_events(likes("x", "u0", ["i0", "i1", "i2"]) + likes("y", "u1", ["i2", "i3"]))
+    answers(b)
+    build, tries, release = b._built_blend, [], threading.Event()
+
+    def fails_once(*args):
+        tries.append(1)
+        if len(tries) == 1:
+            assert release.wait(30)
+            raise StoreError("the log could not be read")
+        return build(*args)
+
+    monkeypatch.setattr(b, "_built_blend", fails_once)
+    a.delete_user("u0")
+    b.stats()  # starts it (held)
+    b.recommend("u1", 3, as_of=T)  # caches u1's profile meanwhile
+    release.set()  # it fails
+    rebuilt(b)
+    assert b._rebuild_failed and len(tries) == 1 and "u1" in b._users
+    b.stats()  # starts it again
+    rebuilt(b)
+    assert len(tries) == 2 and not b._rebuild_failed and "u1" in b._users
+    assert answers(b) == restarted(tmp_path)
+
+
 @pytest.mark.parametrize("background", [False, True], ids=["rebuilt under the lock", "rebuilt off it"])
 @pytest.mark.parametrize("compact", [False, True])
 def test_two_workers_under_concurrent_writes_erasures_and_reads_end_as_a_restart_would(pair, tmp_path, monkeypatch,

@@ -406,13 +406,15 @@ class InterestEngine:
             done = self._apply_written(written, {c.item_id for c in changes if c.version > written.version})
             changed = [i for i in changed if i not in done]
         self._sync_items(changed)
-        if not any(c.item_id is None and c.origin != self.store.origin for c in changes) and not self._rebuild_failed:
+        erased = any(c.item_id is None and c.origin != self.store.origin for c in changes)
+        if not erased and not self._rebuild_failed:
             return False
         self._rebuild_failed = False
-        self._erasures += 1
-        self._users.clear()
-        for replay in (r for replays in self._replays.values() for r in replays):
-            replay.erased = True
+        if erased:  # (a rebuild tried again has no profile to drop: they do not depend on the blend)
+            self._erasures += 1
+            self._users.clear()
+            for replay in (r for replays in self._replays.values() for r in replays):
+                replay.erased = True
         if self._rebuilding or (head.event_seq >= BACKGROUND_REBUILD_EVENTS and self._start_background_rebuild()):
             return False  # the indexes answer, and take events, as they are until the rebuilt ones are in
         try:
