@@ -263,7 +263,9 @@ def profile_sizes() -> dict:
 
 
 def rebuild_costs(counts=(50, 500), repeat: int = 10) -> dict:
-    """The cache miss: store.user_events + replay, for users with `counts` events."""
+    """The cache miss (`profile_miss`: the log read a chunk at a time and
+    replayed) and its parts apart, a read of the whole log (store.user_events)
+    and the replay, for users with `counts` events."""
     rng = np.random.default_rng(1)
     out = {}
     with tempfile.TemporaryDirectory(prefix="halflife-bench-rebuild-") as d:
