@@ -22,6 +22,7 @@ What the new model cannot make is left out or changed, and counted:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Callable, Iterable
 
 from halflife.interest.engine import InterestEngine
@@ -67,12 +68,17 @@ def reembed(source: Store, target: InterestEngine,
     if target.store.event_count() or len(target.catalog):
         raise ValueError("the new store is not empty: give the copy a data directory of its own")
     head = source.head()
-    items = list(source.iter_items())
-    if given := [item.id for item in items if item.embedded_by is None]:
+    # Ids and created seqs first, the vectors not kept (1M items' took ~1.5 GB): the check before any write.
+    created_seq, given = {}, []
+    for item in source.iter_items():
+        created_seq[item.id] = item.created_seq
+        if item.embedded_by is None:
+            given.append(item.id)
+    if given:
         raise GivenVectorsError(given)
-    for start in steps(range(0, len(items), ITEMS_PER_BATCH), "items"):
-        target.upsert_items([_item_input(item) for item in items[start : start + ITEMS_PER_BATCH]])
-    created_seq = {item.id: item.created_seq for item in items}
+    items = (item for item in source.iter_items() if item.id in created_seq)  # those of the start (see head)
+    for _ in steps(range(0, len(created_seq), ITEMS_PER_BATCH), "items"):
+        target.upsert_items([_item_input(item) for item in itertools.islice(items, ITEMS_PER_BATCH)])
     copied = without_item = left_out = 0
     for after in steps(range(0, head.event_seq, SEQS_PER_BATCH), "events"):
         events = []
@@ -88,7 +94,7 @@ def reembed(source: Store, target: InterestEngine,
             events.append(EventInput(event.event_id, event.user_id, event.type, item_id, event.text, event.value,
                                      event.event_time))
         copied += target.record_events(events)[0] if events else 0
-    return Reembedded(len(items), copied, without_item, left_out, head.event_seq)
+    return Reembedded(len(created_seq), copied, without_item, left_out, head.event_seq)
 
 
 def _item_input(item: ItemRecord) -> ItemInput:
