@@ -1608,6 +1608,17 @@ def strongest(items: np.ndarray, events: np.ndarray, weights: np.ndarray, k: int
     return best.keys
 
 
+def _exactly_scored(rng) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A few items and events with coordinates of quarters, so that every
+    product is exact and ties are exact, whatever the chunk: (items (m, 4),
+    events (n, 4), weights (n,), each event's strength for each item (m, n))."""
+    m, n = int(rng.integers(1, 12)), int(rng.integers(1, 50))
+    items = rng.choice([0.0, 0.25, 0.5], size=(m, 4)).astype(np.float32)
+    events = rng.choice([0.0, 0.25, 0.5], size=(n, 4)).astype(np.float32)
+    weights = rng.choice([0.5, 1.0, 2.0], n)
+    return items, events, weights, weights * np.maximum(items @ events.T, 0)
+
+
 def test_the_strongest_events_chunked_are_those_of_one_stable_sort():
     """Explanations pick each item's strongest events a chunk of events at a
     time (all at once, 1,000 items by 100k events took 1.3 GB): the same
@@ -1615,12 +1626,8 @@ def test_the_strongest_events_chunked_are_those_of_one_stable_sort():
     quarters keep every product exact, whatever the chunk, so ties are exact."""
     rng = np.random.default_rng(3)
     for trial in range(200):
-        m, n = int(rng.integers(1, 12)), int(rng.integers(1, 50))
-        items = rng.choice([0.0, 0.25, 0.5], size=(m, 4)).astype(np.float32)
-        events = rng.choice([0.0, 0.25, 0.5], size=(n, 4)).astype(np.float32)
-        weights = rng.choice([0.5, 1.0, 2.0], n)
+        items, events, weights, strength = _exactly_scored(rng)
         k, chunk = int(rng.integers(1, 5)), int(rng.integers(1, 12))
-        strength = weights * np.maximum(items @ events.T, 0)
         expected = np.argsort(-strength, kind="stable", axis=1)[:, :k]
         np.testing.assert_array_equal(strongest(items, events, weights, k, chunk=chunk), expected,
                                       err_msg=f"trial {trial}")
@@ -1636,13 +1643,10 @@ def test_the_strongest_events_of_a_log_added_in_chunks_in_any_order_are_those_of
 
     rng = np.random.default_rng(4)
     for trial in range(200):
-        m, n = int(rng.integers(1, 12)), int(rng.integers(1, 50))
-        items = rng.choice([0.0, 0.25, 0.5], size=(m, 4)).astype(np.float32)
-        events = rng.choice([0.0, 0.25, 0.5], size=(n, 4)).astype(np.float32)
-        weights = rng.choice([0.5, 1.0, 2.0], n)
+        items, events, weights, strength = _exactly_scored(rng)
+        n = len(events)
         seqs = rng.permutation(n) + 1
         k = int(rng.integers(1, 5))
-        strength = weights * np.maximum(items @ events.T, 0)
         expected = seqs[np.lexsort((np.broadcast_to(seqs, strength.shape), -strength), axis=1)[:, :k]]
         best = StrongestEvents(items, k)
         order = rng.permutation(n)  # the read's order
