@@ -483,6 +483,7 @@ class InterestEngine:
                 indexes.admit(self._clock(), *indexes.entries(rows, self._builder.types.weights[types], times,
                                                               user_ids))
         self._blend = indexes
+        self._start_cooccurrence_merge()  # the pairs added since, if due (else at the next event)
 
     def _apply_committed(self, through_seq: int) -> None:
         """Applies the committed events up to `through_seq` that are not applied
