@@ -77,8 +77,12 @@ def reembed(source: Store, target: InterestEngine,
     if given:
         raise GivenVectorsError(given)
     items = (item for item in source.iter_items() if item.id in created_seq)  # those of the start (see head)
+    copied_seq = {}  # what the events join to: an item deleted (or created anew) since the first read, as it is now
     for _ in steps(range(0, len(created_seq), ITEMS_PER_BATCH), "items"):
-        target.upsert_items([_item_input(item) for item in itertools.islice(items, ITEMS_PER_BATCH)])
+        batch = list(itertools.islice(items, ITEMS_PER_BATCH))
+        target.upsert_items([_item_input(item) for item in batch])
+        copied_seq.update((item.id, item.created_seq) for item in batch)
+    created_seq = copied_seq
     copied = without_item = left_out = 0
     for after in steps(range(0, head.event_seq, SEQS_PER_BATCH), "events"):
         events = []
