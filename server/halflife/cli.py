@@ -692,7 +692,8 @@ def _add_reembed(commands: argparse._SubParsersAction) -> None:
         description="Copy a data directory's catalogue and event log into a new data directory, every item and "
         "event text embedded again by the model in --model-dir: a store keeps the vectors of the model it was "
         "built with, and a server refuses it with another one (docs/interest.md, Storage). The old "
-        "directory is only read; events recorded in it after the copy starts are not copied.",
+        "directory is only read, but opening it migrates a store of an older schema, as `serve` does; "
+        "events recorded in it after the copy starts are not copied.",
     )
     parser.add_argument("--data-dir", type=_path, default=DEFAULT_DATA_DIR,
                         help=f"the data directory to copy (default {DEFAULT_DATA_DIR})")

@@ -6,7 +6,8 @@ mixture of two spaces. `halflife reembed` makes the new model's store from the
 old one instead of starting empty: every item embedded from its text, every
 event's text embedded again, an event on an item taking the item's new
 vector; users, event ids, types, values and times as they were, in the order
-they arrived. The old store is only read.
+they arrived. The old store is only read (`SqliteStore` migrates an older
+schema when it opens one).
 
 What the new model cannot make is left out or changed, and counted:
 - an item whose vector was given with it (not embedded by the server from its
