@@ -200,3 +200,16 @@ def test_a_kernel_profile_is_read_from_the_log_without_the_engines_lock(tmp_path
         release.set()
         reader.join(30)
     assert heavy and heavy[0].strategy == "personalized"
+
+
+def test_getprofile_under_a_kernel_reads_the_log_only_where_an_interest_may_be_listed(tmp_path, monkeypatch):
+    """GetProfile needs the kernel profile's weight only to list interests: a
+    user of dislikes alone (no interest to list) read their whole log each time."""
+    config = Config(profile=ProfileConfig(mode="single", kernel="exp", kernel_scale_days=20.0))
+    engine = engine_with(config, tmp_path)
+    engine.record_events([EventInput(f"d{n}", "critic", DISLIKE, f"i{n}", None, None, T - n * DAY) for n in range(5)])
+    reads, chunks = [], engine._directed_chunks
+    monkeypatch.setattr(engine, "_directed_chunks", lambda user_id, *args: reads.append(user_id) or chunks(user_id, *args))
+    assert engine.profile("critic", as_of=T).interests == () and engine.profile("nobody", as_of=T).interests == ()
+    assert reads == ["nobody"]  # "critic"'s profile is cached, without interests; "nobody" has none at hand
+    assert engine.profile("u", as_of=T).interests and reads == ["nobody", "u"]

@@ -1136,7 +1136,7 @@ class InterestEngine:
         n_items = self.config.ranking.items_per_interest if items_per_interest is None else items_per_interest
         self._cache_profile(user_id, deadline)
         replayed = self._replayed_state(user_id, t, deadline)
-        kernel = self._kernel_profile(user_id, t, deadline)
+        kernel = self._kernel_profile(user_id, t, deadline) if self._may_have_interests(user_id, t, replayed) else None
         with self._lock:
             state = self._user_state(user_id, t) if replayed is None else replayed
             multi = state.multi
@@ -1453,6 +1453,14 @@ class InterestEngine:
             events = sum(state.api_counts.values()) if state is not None else 0
         with self._replay_turn(events, deadline):
             return self._kernel_sums(user_id, t)
+
+    def _may_have_interests(self, user_id: str, t: float, replayed: UserState | None) -> bool:
+        """Whether GetProfile may list interests at t, so needs a kernel
+        profile's weight: the profile's shares, where one is at hand (a user
+        of 20k dislikes read the log for every GetProfile). Call without the lock."""
+        with self._lock:
+            state = self._users.get(user_id) if replayed is None else replayed
+            return state is None or bool(state.multi.shares(t).any())
 
     def _kernel_sums(self, user_id: str, t: float) -> _SingleProfile:
         """The user's single-vector profile at t computed exactly from their

@@ -42,7 +42,8 @@ class GivenVectorsError(Exception):
         shown = ", ".join(map(repr, item_ids[:3])) + (f" and {len(item_ids) - 3} more" if len(item_ids) > 3 else "")
         super().__init__(f"items carry vectors given with them, not embedded from their text ({len(item_ids)}: "
                          f"{shown}): no model but the one they came from can make theirs; upsert them with the new "
-                         "model's vectors into a store of their own instead")
+                         "model's vectors into a store of their own instead (a store from before schema 6 records "
+                         "no model for any item: upsert the same texts through its server first, which records it)")
 
 
 @dataclasses.dataclass(frozen=True)
