@@ -1,0 +1,148 @@
+"""What another worker's erasure costs a worker of `serve --workers N`.
+
+    python -m bench.erasure [--quick]
+
+An erasure names no user in the store's change feed, so every other worker
+rebuilds its popularity and co-occurrence from the whole log. Two engines
+in-process over one SQLite store (as two workers), a log of 500k and 2M item
+events (`--quick`: 100k and 300k) of 50k users over 10k items (384-d,
+Zipf-popular): engine A erases a user, then engine B answers Recommends for
+other users, one after another, until its rebuild is in. Under the lock (the
+rebuild as it was, and as it still is below BACKGROUND_REBUILD_EVENTS) the
+first call waits for the whole pass; off it, B answers meanwhile. Baseline:
+the rebuild under the lock, same store, same run; and the pass itself (a
+worker's start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+
+from bench.common import markdown_table, save_plot, write_results, zero_embedder
+from halflife.config import Config
+from halflife.core.ranking import normalize
+from halflife.interest import engine as engine_module
+from halflife.interest.engine import InterestEngine
+from halflife.interest.types import EventInput, ItemInput
+from halflife.storage.sqlite import SqliteStore
+
+DIM = 384
+ITEMS = 10_000
+USERS = 50_000
+BATCH = 5_000
+LIKE = 3
+T = 1_700_000_000.0
+MIN_WATCH_S = 0.5  # calls go on at least this long after the erasure, rebuild or not
+
+
+def _worker(path) -> InterestEngine:
+    return InterestEngine(Config(), SqliteStore(path), DIM, zero_embedder(DIM), clock=lambda: T, follow_store=True)
+
+
+def _fill(engine: InterestEngine, events: int, rng) -> list[str]:
+    """The catalogue and `events` likes; returns the users, heaviest first."""
+    vectors = normalize(rng.standard_normal((ITEMS, DIM))).astype(np.float32)
+    engine.upsert_items([ItemInput(id=f"i{n}", text="", vector=vectors[n]) for n in range(ITEMS)])
+    users, items = rng.integers(0, USERS, events), rng.zipf(1.3, events) % ITEMS
+    times = T - rng.uniform(0, 300 * 86400, events)
+    for start in range(0, events, BATCH):
+        engine.record_events([EventInput(f"e{k}", f"u{users[k]}", LIKE, f"i{items[k]}", None, None, float(times[k]))
+                              for k in range(start, min(start + BATCH, events))])
+    counts = np.bincount(users, minlength=USERS)
+    return [f"u{u}" for u in np.argsort(-counts) if counts[u]]
+
+
+def _after_an_erasure(a: InterestEngine, b: InterestEngine, victim: str, readers: list[str]) -> dict:
+    """B's Recommend latencies from A's erasure of `victim` until B's rebuild is in."""
+    a.delete_user(victim)
+    started, latencies = time.perf_counter(), []
+    while True:
+        t = time.perf_counter()
+        b.recommend(readers[len(latencies) % len(readers)], 10)
+        latencies.append(time.perf_counter() - t)
+        if not b._rebuilding and time.perf_counter() - started > MIN_WATCH_S:
+            break
+    lat = np.array(latencies)
+    return {"calls": len(lat), "until_rebuilt_s": time.perf_counter() - started, "first_s": float(lat[0]),
+            "max_s": float(lat.max()), "p50_s": float(np.median(lat))}
+
+
+def one_log(events: int, rng) -> dict:
+    with tempfile.TemporaryDirectory(prefix="halflife-bench-erasure-") as d:
+        a = _worker(d)
+        users = _fill(a, events, rng)
+        started = time.perf_counter()
+        b = _worker(d)
+        start_s = time.perf_counter() - started
+        readers = users[-200:]  # light users: their calls are cheap, the wait is what shows
+        for user in readers[:20]:
+            b.recommend(user, 10)
+        row = {"events": events, "start_s": start_s}
+        threshold = engine_module.BACKGROUND_REBUILD_EVENTS
+        try:
+            for mode, at, victim in (("locked", 1 << 62, users[1]), ("off_lock", 0, users[2])):
+                engine_module.BACKGROUND_REBUILD_EVENTS = at
+                row[mode] = _after_an_erasure(a, b, victim, readers)
+        finally:
+            engine_module.BACKGROUND_REBUILD_EVENTS = threshold
+        a.store.close()
+        b.store.close()
+    return row
+
+
+def run(quick: bool = False) -> dict:
+    rng = np.random.default_rng(7)
+    sizes = (100_000, 300_000) if quick else (500_000, 2_000_000)
+    results = {"quick": quick, "items": ITEMS, "users": USERS, "logs": []}
+    for events in sizes:
+        row = one_log(events, rng)
+        print(events, "events:", {k: row[k] for k in ("start_s", "locked", "off_lock")}, flush=True)
+        results["logs"].append(row)
+    write(results)
+    return results
+
+
+def write(results: dict) -> None:
+    ms = 1e3
+    rows = [[r["events"], r["start_s"], r["locked"]["first_s"] * ms, r["off_lock"]["first_s"] * ms,
+             r["off_lock"]["p50_s"] * ms, r["off_lock"]["max_s"] * ms, r["off_lock"]["calls"],
+             r["locked"]["until_rebuilt_s"], r["off_lock"]["until_rebuilt_s"],
+             r["locked"]["first_s"] / r["off_lock"]["max_s"]]
+            for r in results["logs"]]
+    table = markdown_table(
+        ["log events", "pass (a start) s", "first Recommend, under the lock ms", "first Recommend, off it ms",
+         "off it: p50 ms", "off it: slowest ms", "off it: calls answered", "rebuilt in, under the lock s",
+         "rebuilt in, off it s", "longest wait: locked / off"], rows)
+
+    def plot(ax) -> None:
+        events = [r["events"] for r in results["logs"]]
+        ax.plot(events, [r["locked"]["first_s"] * ms for r in results["logs"]], "o-", label="under the lock: first call")
+        ax.plot(events, [r["off_lock"]["max_s"] * ms for r in results["logs"]], "o-", label="off it: slowest call")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("events in the log")
+        ax.set_ylabel("Recommend latency after an erasure elsewhere (ms)")
+        ax.legend()
+
+    table += "\n" + save_plot("erasure", plot, "A worker's Recommend after another worker's erasure")
+    notes = (f"One run per log. Two engines in-process on one SQLite store, {ITEMS:,} items, {USERS:,} users (Zipf "
+             "items, 300 days of likes); engine B answers Recommends of light users one after another from A's "
+             f"erasure until its rebuild is in (at least {MIN_WATCH_S} s). Off the lock B answers during the "
+             "rebuild, whose Python shares the GIL with the calls (so its pass takes longer). Baseline: the "
+             "rebuild under the lock, same store and run.")
+    write_results("erasure", results, table, notes)
+    print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="logs of 100k and 300k events; about a minute")
+    run(parser.parse_args().quick)
+
+
+if __name__ == "__main__":
+    main()
