@@ -451,7 +451,10 @@ def test_a_rebuild_under_the_lock_that_raised_is_tried_again(pair, tmp_path, mon
         monkeypatch.setattr(b, "_built_blend", build)
         raise StoreError("the log could not be read")
 
+    from halflife.interest import engine as engine_module
+
     monkeypatch.setattr(b, "_built_blend", fails_once)
+    monkeypatch.setattr(engine_module, "REBUILD_RETRY_S", 0.0)
     a.delete_user("u0")
     a.record_events(likes("p", "u2", ["i4", "i5"]) + likes("q", "u1", ["i5"]))
     with pytest.raises(StoreError):
@@ -481,15 +484,20 @@ def test_a_rebuild_off_the_lock_that_raised_is_tried_again_keeping_the_profiles(
         return build(*args)
 
     monkeypatch.setattr(b, "_built_blend", fails_once)
+    monkeypatch.setattr(engine_module, "REBUILD_RETRY_S", 3600.0)
     a.delete_user("u0")
     b.stats()  # starts it (held)
     b.recommend("u1", 3, as_of=T)  # caches u1's profile meanwhile
     release.set()  # it fails
     rebuilt(b)
-    assert b._rebuild_failed and len(tries) == 1 and "u1" in b._users
+    assert b._rebuild_failed_at is not None and len(tries) == 1 and "u1" in b._users
+    b.stats()  # too soon to try again (each try is a pass over the log)
+    rebuilt(b)
+    assert len(tries) == 1
+    monkeypatch.setattr(engine_module, "REBUILD_RETRY_S", 0.0)
     b.stats()  # starts it again
     rebuilt(b)
-    assert len(tries) == 2 and not b._rebuild_failed and "u1" in b._users
+    assert len(tries) == 2 and b._rebuild_failed_at is None and "u1" in b._users
     assert answers(b) == restarted(tmp_path)
 
 

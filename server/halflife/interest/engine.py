@@ -131,6 +131,9 @@ BACKGROUND_REBUILD_EVENTS = 100_000
 # Rebuilds off the lock that an erasure, a compaction or an item row dropped
 # meanwhile made stale, before one is built under the lock.
 BACKGROUND_REBUILD_ATTEMPTS = 3
+# A rebuild that raised (a read of the log failed) is tried again at a call
+# this long after: each try is a pass over the whole log.
+REBUILD_RETRY_S = 5.0
 
 # (texts, the caller's deadline or None) -> (n, dim) float32 unit rows
 Embedder = Callable[[Sequence[str], Deadline | None], np.ndarray]
@@ -306,7 +309,7 @@ class InterestEngine:
         self._erasures = 0
         self._rows_dropped = 0
         self._rebuilding = False  # a rebuild of the blend runs off the lock (_rebuild_in_background)
-        self._rebuild_failed = False  # the last one raised: the next catch-up rebuilds
+        self._rebuild_failed_at: float | None = None  # time.monotonic() when the last one raised (see REBUILD_RETRY_S)
         self._load()
 
     def now(self) -> float:
@@ -395,7 +398,8 @@ class InterestEngine:
         an erasure made it rebuild the blend from the log through head
         (events included); a long log is rebuilt off the lock instead
         (`_rebuild_in_background`). Lock held."""
-        if head.change_version <= self._changes_seen and not self._rebuild_failed:
+        retry = self._rebuild_failed_at is not None and time.monotonic() - self._rebuild_failed_at >= REBUILD_RETRY_S
+        if head.change_version <= self._changes_seen and not retry:
             if written is not None:
                 self._apply_written(written, newer=set())
             return False
@@ -407,9 +411,9 @@ class InterestEngine:
             changed = [i for i in changed if i not in done]
         self._sync_items(changed)
         erased = any(c.item_id is None and c.origin != self.store.origin for c in changes)
-        if not erased and not self._rebuild_failed:
+        if not erased and not retry:
             return False
-        self._rebuild_failed = False
+        self._rebuild_failed_at = None
         if erased:  # (a rebuild tried again has no profile to drop: they do not depend on the blend)
             self._erasures += 1
             self._users.clear()
@@ -420,7 +424,7 @@ class InterestEngine:
         try:
             self._rebuild_through(head)
         except BaseException:
-            self._rebuild_failed = True  # the erasure is marked seen and the watermark is at head: try again
+            self._rebuild_failed_at = time.monotonic()  # the erasure is marked seen, the watermark at head: try again
             raise
         return True
 
@@ -469,8 +473,8 @@ class InterestEngine:
                 self._rebuilding = False
         except BaseException:
             with self._lock:
-                self._rebuilding, self._rebuild_failed = False, True
-            log.exception("rebuilding the blend failed; the next call tries again")
+                self._rebuilding, self._rebuild_failed_at = False, time.monotonic()
+            log.exception("rebuilding the blend failed; a call tries again in %g s", REBUILD_RETRY_S)
 
     def _swap_in(self, indexes: BlendIndexes, through: int) -> None:
         """Puts a blend built from the log through `through` in place, with
