@@ -463,9 +463,11 @@ def test_a_rebuild_under_the_lock_that_raised_is_tried_again(pair, tmp_path, mon
 
 
 def test_a_rebuild_off_the_lock_that_raised_is_tried_again_keeping_the_profiles(pair, tmp_path, monkeypatch):
-    """Off the lock, the rebuild's failure is logged and the next call starts
-    it again; the profiles cached meanwhile stay (they do not depend on the
-    blend: dropping them again on each try made every user's next call replay)."""
+    """Off the lock, the rebuild's failure is logged and a call once
+    REBUILD_RETRY_S have passed starts it again (not every call: each try
+    is a pass over the log); the profiles cached meanwhile stay (they do not
+    depend on the blend: dropping them again on each try made every user's
+    next call replay)."""
     from halflife.interest import engine as engine_module
     from halflife.storage.base import StoreError
 
