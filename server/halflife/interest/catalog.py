@@ -21,6 +21,7 @@ import numpy as np
 
 from halflife.storage.base import ItemRecord
 
+
 def _rows(row_of: dict[str, int], ids: Sequence[str]) -> np.ndarray:
     # map() over dict.get: the loop runs in C (10k ids: 1.0 ms, a generator 1.3)
     return np.fromiter(map(row_of.get, ids, itertools.repeat(-1)), dtype=np.int64, count=len(ids))

@@ -365,9 +365,9 @@ class InterestEngine:
         # another worker makes (2.2M events: 2.8 s of the rebuild, 0.55 this way).
         pairs = []
         for chunk in self.store.iter_events(through_seq=through):
-            rows, types, times, user_ids = self._joined(chunk, catalog=catalog)
-            times, users, items, weights = indexes.ahead.admit(
-                self._clock(), *indexes.entries(rows, self._builder.types.weights[types], times, user_ids))
+            rows, weights, times, user_ids = self._joined(chunk, catalog=catalog)
+            times, users, items, weights = indexes.ahead.admit(self._clock(), *indexes.entries(rows, weights, times,
+                                                                                              user_ids))
             paired = users >= 0
             pairs.append((users[paired], items[paired], times[paired]))
             indexes.apply(times, np.full(times.size, -1), items, weights)  # popularity
@@ -422,16 +422,12 @@ class InterestEngine:
         if self._rebuilding or (head.event_seq >= BACKGROUND_REBUILD_EVENTS and self._start_background_rebuild()):
             return False  # the indexes answer, and take events, as they are until the rebuilt ones are in
         try:
-            self._rebuild_through(head)
+            self._events.advance(head.event_seq)
+            self._rebuild_blend()
         except BaseException:
             self._rebuild_failed_at = time.monotonic()  # the erasure is marked seen, the watermark at head: try again
             raise
         return True
-
-    def _rebuild_through(self, head: StoreHead) -> None:
-        """Rebuilds the blend from the log through `head`, whose items the catalogue holds. Lock held."""
-        self._events.advance(head.event_seq)
-        self._rebuild_blend()
 
     def _start_background_rebuild(self) -> bool:
         """Starts `_rebuild_in_background`; False where no thread could be. Lock held."""
@@ -483,9 +479,7 @@ class InterestEngine:
         for chunk in self.store.iter_events(after_seq=through):
             applied = self._events.applied_mask(chunk.seqs)
             if applied.any():
-                rows, types, times, user_ids = self._joined(chunk, applied)
-                indexes.admit(self._clock(), *indexes.entries(rows, self._builder.types.weights[types], times,
-                                                              user_ids))
+                indexes.admit(self._clock(), *indexes.entries(*self._joined(chunk, applied)))
         self._blend = indexes
         self._start_cooccurrence_merge()  # the pairs added since, if due (else at the next event)
 
@@ -517,10 +511,11 @@ class InterestEngine:
         return rows
 
     def _joined(self, chunk: EventColumns, keep: np.ndarray | None = None,
-                catalog: CatalogIndex | CatalogRows | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+                catalog: CatalogIndex | CatalogRows | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
         """A chunk of the log's events (those `keep` marks, (n,) bool, where
-        given) joined to the catalogue's rows (`_current_item_rows`) and typed:
-        (rows, internal types, times, user ids), each (m,)."""
+        given) joined to the catalogue's rows (`_current_item_rows`) and
+        weighed by type: (rows, weights, times, user ids), each (m,)."""
         if keep is None:
             item_ids, user_ids, seqs, types, values, times = (
                 chunk.item_ids, chunk.user_ids, chunk.seqs, chunk.types, chunk.values, chunk.times)
@@ -528,8 +523,8 @@ class InterestEngine:
             picked = np.flatnonzero(keep).tolist()
             item_ids, user_ids = [chunk.item_ids[i] for i in picked], [chunk.user_ids[i] for i in picked]
             seqs, types, values, times = chunk.seqs[keep], chunk.types[keep], chunk.values[keep], chunk.times[keep]
-        return (self._current_item_rows(item_ids, seqs, catalog), self._builder.internal_types(types, values), times,
-                user_ids)
+        weights = self._builder.types.weights[self._builder.internal_types(types, values)]
+        return self._current_item_rows(item_ids, seqs, catalog), weights, times, user_ids
 
     def _resize_blend(self) -> None:
         self._blend.resize(self.catalog.size)
@@ -540,10 +535,9 @@ class InterestEngine:
         if entries[0].size:
             self._admit_to_blend(*entries)
 
-    def _take_back_popularity(self, rows: np.ndarray, types: np.ndarray, times: np.ndarray) -> None:
-        """Takes erased events' weights back from popularity (their pairs go
-        with Cooccurrence.remove_user). Lock held."""
-        weights = self._builder.types.weights[types]
+    def _take_back_popularity(self, rows: np.ndarray, weights: np.ndarray, times: np.ndarray) -> None:
+        """Takes erased events' weights ((n,), their types') back from
+        popularity (their pairs go with Cooccurrence.remove_user). Lock held."""
         liked = (rows >= 0) & (weights > 0)
         if liked.any():
             self._admit_to_blend(times[liked], np.full(int(liked.sum()), -1), rows[liked], -weights[liked])
@@ -1140,7 +1134,9 @@ class InterestEngine:
         n_items = self.config.ranking.items_per_interest if items_per_interest is None else items_per_interest
         self._cache_profile(user_id, deadline)
         replayed = self._replayed_state(user_id, t, deadline)
-        kernel = self._kernel_profile(user_id, t, deadline) if self._may_have_interests(user_id, t, replayed) else None
+        kernel = None
+        if self._needs_kernel_profile(user_id, t, replayed):
+            kernel = self._kernel_profile(user_id, t, deadline)
         with self._lock:
             state = self._user_state(user_id, t) if replayed is None else replayed
             multi = state.multi
@@ -1458,10 +1454,13 @@ class InterestEngine:
         with self._replay_turn(events, deadline):
             return self._kernel_sums(user_id, t)
 
-    def _may_have_interests(self, user_id: str, t: float, replayed: UserState | None) -> bool:
-        """Whether GetProfile may list interests at t, so needs a kernel
-        profile's weight: the profile's shares, where one is at hand (a user
-        of 20k dislikes read the log for every GetProfile). Call without the lock."""
+    def _needs_kernel_profile(self, user_id: str, t: float, replayed: UserState | None) -> bool:
+        """Whether GetProfile needs `_kernel_profile`'s weight at t: under a
+        kernel, where it may list interests, by the shares of the profile at
+        hand (a user of 20k dislikes read the log for every GetProfile).
+        Call without the lock."""
+        if self.config.profile.kernel == "half_life":
+            return False
         with self._lock:
             state = self._users.get(user_id) if replayed is None else replayed
             return state is None or bool(state.multi.shares(t).any())
