@@ -2058,50 +2058,106 @@ def test_a_users_events_committed_right_after_their_erasure_keep_their_pairs(tmp
     assert len(engine._blend.cooccurrence) == len(restarted._blend.cooccurrence)
 
 
-def _during_the_erasures_read(engine: InterestEngine, monkeypatch, call) -> None:
-    """Runs `call` on another thread once delete_user has read the user's log
-    and before it reads any more: it must finish meanwhile (a read under the
-    lock held up every other call, 2.1 s for a user of 1M events)."""
-    read = engine.store.iter_events
+def _during_the_erasure(engine: InterestEngine, monkeypatch, call, at: str) -> None:
+    """Runs `call` on another thread while delete_user erases without the
+    lock, once it has read the user's log (at="read") or once the store has
+    deleted it (at="deleted"): it must finish meanwhile (the store's delete
+    under the lock held up every other call 2.8 s for a user of 1M events)."""
+    name = {"read": "iter_events", "deleted": "delete_user"}[at]
+    original = getattr(engine.store, name)
 
-    def iter_events(*args, **kwargs):
+    def then_call(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if name == "iter_events":
+            result = list(result)
+        monkeypatch.setattr(engine.store, name, original)  # the first call only
+        errors = run_in_threads(1, lambda step: call())
+        assert not errors, errors
+        return result
+
+    monkeypatch.setattr(engine.store, name, then_call)
+
+
+def _assert_as_restarted(engine: InterestEngine, path, users=("u", "v")) -> None:
+    """The engine's popularity, pairs and profiles of `users` are what a restart over the store builds."""
+    again = open_engine(path)
+    np.testing.assert_allclose(engine.popularity(T), again.popularity(T), atol=1e-6)
+    assert len(engine._blend.cooccurrence) == len(again._blend.cooccurrence)
+    for user in users:
+        live, restarted = engine.signals(user, T), again.signals(user, T)
+        assert (live is None) == (restarted is None)
+        for name in () if live is None else ("cooccurrence", "popularity"):
+            np.testing.assert_allclose(live[name], restarted[name], atol=1e-6)
+        assert engine.profile(user, as_of=T).event_counts == again.profile(user, as_of=T).event_counts
+    again.store.close()
+
+
+def _users_u_and_v(path) -> InterestEngine:
+    engine = open_engine(path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(8)])
+    engine.record_events([EventInput(f"v{n}", "v", LIKE, f"i{n}", None, None, T - 100 + n) for n in range(3)]
+                         + [EventInput(f"u{n}", "u", LIKE, f"i{n % 2}", None, None, T - 50 + n) for n in range(4)])
+    engine.recommend("u", 3, as_of=T)  # u's profile cached
+    return engine
+
+
+@pytest.mark.parametrize("at", ["read", "deleted"])
+def test_calls_go_on_during_an_erasure_and_it_ends_as_a_restart_would(tmp_path, monkeypatch, at):
+    """The user's events recorded meanwhile go with the erasure where they
+    commit before the store's delete, and stay, paired and counted, after it."""
+    engine = _users_u_and_v(tmp_path)
+
+    def meanwhile():
+        engine.record_events([EventInput(f"late{n}", "u", LIKE, "i4", None, None, T - 10 + n) for n in range(2)]
+                             + [EventInput("v-late", "v", LIKE, "i5", None, None, T - 5)])
+        engine.recommend("v", 5, as_of=T)
+        engine.recommend("u", 5, as_of=T)
+        engine.profile("u", as_of=T)
+
+    _during_the_erasure(engine, monkeypatch, meanwhile, at)
+    assert engine.delete_user("u") == {"read": 6, "deleted": 4}[at]
+    assert engine.profile("u", as_of=T).event_counts == {"read": {}, "deleted": {LIKE: 2}}[at]
+    _assert_as_restarted(engine, tmp_path)
+
+
+def test_an_erasure_of_the_user_during_anothers_waits_and_takes_nothing_back_twice(tmp_path, monkeypatch):
+    engine = _users_u_and_v(tmp_path)
+    from halflife import deadlines
+
+    waiting, wait = threading.Event(), deadlines.wait
+    monkeypatch.setattr(deadlines, "wait", lambda event, deadline: waiting.set() or wait(event, deadline))
+    second, read = [], engine.store.iter_events
+
+    def read_then_erase_again(*args, **kwargs):  # the second erasure begins after the first read the log
+        monkeypatch.setattr(engine.store, "iter_events", read)
         chunks = list(read(*args, **kwargs))
-        monkeypatch.setattr(engine.store, "iter_events", read)  # the first read only
-        meanwhile = threading.Thread(target=call)
-        meanwhile.start()
-        meanwhile.join(10)
-        assert not meanwhile.is_alive(), "the erasure read its log holding the lock"
+        thread = threading.Thread(target=lambda: second.append(engine.delete_user("u")))
+        thread.start()
+        assert waiting.wait(10), "a second erasure of the user did not wait for the first"
+        second.append(thread)
         return iter(chunks)
 
-    monkeypatch.setattr(engine.store, "iter_events", iter_events)
+    monkeypatch.setattr(engine.store, "iter_events", read_then_erase_again)
+    assert engine.delete_user("u") == 4
+    second[0].join(10)
+    assert second[1:] == [0]
+    _assert_as_restarted(engine, tmp_path)
 
 
-def _assert_blend_as_restarted(engine: InterestEngine, path, user: str) -> None:
-    live, again = engine.signals(user, T), open_engine(path).signals(user, T)
-    for name in ("cooccurrence", "popularity"):
-        np.testing.assert_allclose(live[name], again[name], atol=1e-6)
+def test_a_failed_erasure_applies_the_users_events_it_passed_over(tmp_path, monkeypatch):
+    engine = _users_u_and_v(tmp_path)
 
+    def record_then_fail(user_id, guard=None):
+        errors = run_in_threads(1, lambda step: engine.record_events(
+            [EventInput(f"late{n}", "u", LIKE, "i4", None, None, T - 10 + n) for n in range(2)]))
+        assert not errors, errors
+        raise StoreError("database or disk is full")
 
-def test_an_erasure_reads_the_log_before_the_lock_and_takes_back_what_arrived_meanwhile(tmp_path, monkeypatch):
-    engine = open_engine(tmp_path)
-    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(6)])
-    engine.record_events([EventInput(f"v{n}", "v", LIKE, f"i{n}", None, None, T - 100 + n) for n in range(3)]
-                         + [EventInput(f"u{n}", "u", LIKE, f"i{n % 2}", None, None, T - 50 + n) for n in range(4)])
-    _during_the_erasures_read(engine, monkeypatch, lambda: engine.record_events(  # counted before the erasure
-        [EventInput(f"late{n}", "u", LIKE, "i4", None, None, T - 10 + n) for n in range(3)]))
-    assert engine.delete_user("u") == 7
-    _assert_blend_as_restarted(engine, tmp_path, "v")
-
-
-def test_an_erasure_of_the_user_during_anothers_read_is_not_taken_back_twice(tmp_path, monkeypatch):
-    engine = open_engine(tmp_path)
-    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(6)])
-    engine.record_events([EventInput(f"v{n}", "v", LIKE, f"i{n}", None, None, T - 100 + n) for n in range(3)]
-                         + [EventInput(f"u{n}", "u", LIKE, f"i{n % 2}", None, None, T - 50 + n) for n in range(4)])
-    first = []
-    _during_the_erasures_read(engine, monkeypatch, lambda: first.append(engine.delete_user("u")))
-    assert engine.delete_user("u") == 0 and first == [4]
-    _assert_blend_as_restarted(engine, tmp_path, "v")
+    monkeypatch.setattr(engine.store, "delete_user", record_then_fail)
+    with pytest.raises(StoreError):
+        engine.delete_user("u")
+    assert engine.profile("u", as_of=T).event_counts == {LIKE: 6}
+    _assert_as_restarted(engine, tmp_path)
 
 
 def test_an_explanation_is_of_the_profile_its_list_was_ranked_for(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from halflife.config import Config
 from halflife.interest.engine import InterestEngine
 from halflife.interest.types import EventInput, ItemInput, UnknownItemsError
 from halflife.interest.watermark import EventWatermark
-from halflife.storage.base import StoreHead
+from halflife.storage.base import StoreError, StoreHead
 from halflife.storage.sqlite import SqliteStore
 from tests.fakes import DIM, compact_catalogues_at, fake_embed, run_in_threads
 
@@ -310,6 +310,33 @@ def test_an_erasure_elsewhere_just_before_this_workers_own_is_still_seen(pair, t
 
     a.store.delete_user = b_erases_first
     assert a.delete_user("u1") == 1
+    assert answers(a) == answers(b) == restarted(tmp_path)
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["erased", "failed"])
+def test_a_rebuild_for_an_erasure_elsewhere_during_this_workers_own_is_made_again(pair, tmp_path, fails):
+    """While a's erasure of u1 runs without the lock, b erases u0 and a call
+    on a rebuilds a's blend from the log, u1's events still in it: a takes
+    nothing back from that blend, which it cannot tell, and rebuilds it."""
+    a, b = pair
+    a.upsert_items(items(f"i{n}" for n in range(8)))
+    a.record_events(likes("x", "u0", ["i0", "i1", "i0"]) + likes("y", "u1", ["i2", "i3"]) + likes("z", "u2", ["i5"]))
+    answers(a)  # a has counted everyone
+    erase = a.store.delete_user
+
+    def rebuilt_before_the_delete(user_id, guard=None):
+        b.delete_user("u0")
+        a.record_events(likes("w", "u1", ["i6"]))  # passed over; catches up first: rebuilt
+        if fails:
+            raise StoreError("database or disk is full")
+        return erase(user_id, guard)
+
+    a.store.delete_user = rebuilt_before_the_delete
+    if fails:
+        with pytest.raises(StoreError):
+            a.delete_user("u1")
+    else:
+        assert a.delete_user("u1") == 3
     assert answers(a) == answers(b) == restarted(tmp_path)
 
 

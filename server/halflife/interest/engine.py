@@ -252,6 +252,18 @@ class _Replay:
     failed: bool = False  # it raised: no profile came of it
 
 
+@dataclasses.dataclass(eq=False)
+class _Erasure:
+    """A DeleteUser in flight (`InterestEngine.delete_user`) and what the
+    engine had counted when it began: while it runs, the user's events are
+    applied to nothing (`_apply_events`)."""
+
+    counted: EventWatermark  # the events applied when it began: those it takes back
+    head: int  # the newest event seq then: the user's events up to it are what it erases
+    blend: BlendIndexes  # the indexes it takes back from: others (a rebuild meanwhile) are rebuilt again
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)  # set when it ends, erased or not
+
+
 @dataclasses.dataclass(frozen=True)
 class _WrittenItems:
     """Items this process just wrote, as read back from the store once the
@@ -296,6 +308,7 @@ class InterestEngine:
         self.catalog = CatalogIndex(dim)
         self._users: collections.OrderedDict[str, UserState] = collections.OrderedDict()
         self._replays: dict[str, list[_Replay]] = {}  # user id -> replays in flight
+        self._erasing: dict[str, _Erasure] = {}  # user id -> its erasure in flight
         self._labels: list[str] = []
         self._label_rows: dict[str, int] = {}  # label -> its row of _label_means
         self._label_means = np.zeros((0, dim), dtype=np.float32)  # each label's items' mean
@@ -419,10 +432,17 @@ class InterestEngine:
             self._users.clear()
             for replay in (r for replays in self._replays.values() for r in replays):
                 replay.erased = True
-        if self._rebuilding or (head.event_seq >= BACKGROUND_REBUILD_EVENTS and self._start_background_rebuild()):
+        return self._rebuild_through(head.event_seq)
+
+    def _rebuild_through(self, event_seq: int) -> bool:
+        """Rebuilds the blend from the log through `event_seq` (the store's
+        head), under the lock, or off it for a long log (a rebuild in flight
+        starts again: the caller changed `_rebuild_marks`). True when it was
+        rebuilt here, the events through `event_seq` applied. Lock held."""
+        if self._rebuilding or (event_seq >= BACKGROUND_REBUILD_EVENTS and self._start_background_rebuild()):
             return False  # the indexes answer, and take events, as they are until the rebuilt ones are in
         try:
-            self._events.advance(head.event_seq)
+            self._events.advance(event_seq)
             self._rebuild_blend()
         except BaseException:
             self._rebuild_failed_at = time.monotonic()  # the erasure is marked seen, the watermark at head: try again
@@ -529,9 +549,9 @@ class InterestEngine:
     def _resize_blend(self) -> None:
         self._blend.resize(self.catalog.size)
 
-    def _add_to_blend(self, rows: np.ndarray, types: np.ndarray, times: np.ndarray, user_ids: Sequence[str]) -> None:
-        """Events into the blend (see BlendIndexes.entries); types: (n,) internal. Lock held."""
-        entries = self._blend.entries(rows, self._builder.types.weights[types], times, user_ids)
+    def _add_to_blend(self, rows: np.ndarray, weights: np.ndarray, times: np.ndarray, user_ids: Sequence[str]) -> None:
+        """Events into the blend (see BlendIndexes.entries); weights: (n,), their types'. Lock held."""
+        entries = self._blend.entries(rows, weights, times, user_ids)
         if entries[0].size:
             self._admit_to_blend(*entries)
 
@@ -911,9 +931,13 @@ class InterestEngine:
         """New events into the blend and the cached profiles. Lock held."""
         if not stored:
             return
-        types = self._builder.record_types(stored)
+        if self._erasing:  # see _Erasure
+            stored = [e for e in stored if e.user_id not in self._erasing]
+            if not stored:
+                return
+        weights = self._builder.types.weights[self._builder.record_types(stored)]
         rows = self._current_item_rows([e.item_id for e in stored], np.array([e.seq for e in stored]))
-        self._add_to_blend(rows, types, np.array([e.event_time for e in stored]), [e.user_id for e in stored])
+        self._add_to_blend(rows, weights, np.array([e.event_time for e in stored]), [e.user_id for e in stored])
         self._start_cooccurrence_merge()
         for event in stored:
             # Replays in flight take it whether or not the user is cached now:
@@ -933,40 +957,82 @@ class InterestEngine:
     def delete_user(self, user_id: str, deadline: Deadline | None = None) -> int:
         """Erases the user's events for good and forgets their profile, their
         co-occurrence pairs and their share of item popularity, so that the
-        engine holds what a restart over the remaining log would build."""
-        # What popularity takes back, without the vectors (with them, a user of 100k events held the lock ~0.9 s
-        # longer: a race review), read up to `through` before the lock (1M events: 2.1 s that held up every
-        # call). Events up to it can only be erased since, never added (seqs grow), so the same count under
-        # the lock says this is still all of them; where another erasure took some, all are read again.
-        through = self.store.head().event_seq
-        earlier = list(self.store.iter_events(through_seq=through, user_id=user_id))
-        with self._catalog_write, self._lock:  # applies committed events: the index first (see _apply_new_events)
-            self._catch_up()
-            if self.store.event_count(user_id, through_seq=through) != sum(c.seqs.size for c in earlier):
-                earlier, through = [], 0
-            chunks = earlier + list(self.store.iter_events(after_seq=through, user_id=user_id))
-            # First: if it fails, memory must not change either.
+        engine holds what a restart over the remaining log would build.
+
+        The store's delete runs without the lock, as the read of what it
+        erases does (under it, the delete held every other call up ~2.5 s
+        for a user of 1M events): meanwhile the user's events are applied
+        to nothing (`_Erasure`), and those the delete leaves (committed
+        after it, or every one where it failed) are applied from the log
+        when it ends (`_end_erasure`). Another erasure of the same user in
+        this process waits for this one."""
+        erasure = self._begin_erasure(user_id, deadline)
+        erased = None
+        try:
+            # What popularity takes back, read without the vectors (with them, a user of 100k events
+            # took ~0.9 s longer: a race review). The user's events up to the head can only be erased
+            # since, never added (seqs grow); an erasure elsewhere meanwhile rebuilds (see _end_erasure).
+            events = list(self.store.iter_events(through_seq=erasure.head, user_id=user_id))
             deleted = self.store.delete_user(user_id, _guard(deadline))
-            self._erasures += 1  # a blend being rebuilt from the log may have read the user's events
-            for chunk in chunks:
-                # Only what this engine has counted can be taken back.
-                counted = self._events.applied_mask(chunk.seqs)
-                if counted.any():
-                    self._take_back_popularity(*self._joined(chunk, counted)[:3])
-            self._users.pop(user_id, None)
-            for replay in self._replays.get(user_id, ()):
-                replay.erased = True
-            row = self._blend.user_rows.pop(user_id, None)
-            if row is not None:
-                self._blend.cooccurrence.remove_user(row)
-                self._forget_held_pairs(lambda users, items: users == row)
-            # Batches committed before the erasure, or with it after it (group
-            # commit), whose threads have not applied them yet: applied now,
-            # without the erased rows, lest a thread count the user's events
-            # again. After the user's pairs went: a later batch's events of the
-            # user pair under a new row (they went with the old one: a review).
-            self._apply_committed(self.store.head().event_seq)
+            erased = events
+        finally:
+            self._end_erasure(user_id, erasure, erased)
         return deleted
+
+    def _begin_erasure(self, user_id: str, deadline: Deadline | None) -> _Erasure:
+        """Marks `user_id` as being erased (see _Erasure), once an erasure of
+        theirs in flight here has ended: two would take the same events
+        back. Call without the lock."""
+        while True:
+            with self._lock:
+                running = self._erasing.get(user_id)
+                if running is None:
+                    erasure = _Erasure(self._events.copy(), self.store.head().event_seq, self._blend)
+                    self._erasing[user_id] = erasure
+                    return erasure
+            deadlines.wait(running.done, deadline)
+
+    def _end_erasure(self, user_id: str, erasure: _Erasure, erased: list[EventColumns] | None) -> None:
+        """Ends `delete_user`'s erasure: takes back from the blend the events
+        `erased` (None where the delete failed) that it had counted when the
+        erasure began, and drops the user's profile and pairs; then applies
+        the user's events that the erasure passed over and the store holds."""
+        with self._catalog_write, self._lock:  # applies committed events: the index first (see _apply_new_events)
+            try:
+                # Rebuilt from the log meanwhile (another process's erasure): what it counted of
+                # the user's events is unknown, so it is rebuilt again. One this catch-up makes
+                # reads the log as it is now.
+                replaced = self._blend is not erasure.blend
+                self._catch_up()
+                head = self.store.head().event_seq
+                if erased is not None:
+                    self._erasures += 1  # a blend being rebuilt from the log may have read the user's events
+                rebuilt = self._rebuild_through(head) if replaced else self._blend is not erasure.blend
+                if erased is not None and not replaced and not rebuilt:
+                    for chunk in erased:
+                        counted = erasure.counted.applied_mask(chunk.seqs)
+                        if counted.any():
+                            self._take_back_popularity(*self._joined(chunk, counted)[:3])
+                    row = self._blend.user_rows.pop(user_id, None)
+                    if row is not None:
+                        self._blend.cooccurrence.remove_user(row)
+                        self._forget_held_pairs(lambda users, items: users == row)
+                self._users.pop(user_id, None)  # it missed the events passed over, if nothing else
+                for replay in self._replays.get(user_id, ()):
+                    replay.erased = True
+                # Batches committed before the delete whose threads have not applied them
+                # yet: applied now, from the log, lest a thread count the user's events.
+                self._apply_committed(head)
+                if not rebuilt:
+                    for chunk in self.store.iter_events(after_seq=erasure.counted.through, through_seq=head,
+                                                        user_id=user_id):
+                        passed_over = ~erasure.counted.applied_mask(chunk.seqs)
+                        if passed_over.any():  # after the pairs went: under a new row (a review)
+                            self._add_to_blend(*self._joined(chunk, passed_over))
+                    self._start_cooccurrence_merge()
+            finally:
+                del self._erasing[user_id]
+                erasure.done.set()
 
     # --------------------------------------------------------------- profiles
 

@@ -19,6 +19,12 @@ class EventWatermark:
         self.through = through
         self._ahead: list[tuple[int, int]] = []  # (first, last) seqs applied above `through`, sorted
 
+    def copy(self) -> EventWatermark:
+        """What is applied now, kept as it is while this one moves on."""
+        copied = EventWatermark(self.through)
+        copied._ahead = list(self._ahead)
+        return copied
+
     def applied(self, seq: int) -> bool:
         return bool(self.applied_mask(np.array([seq]))[0])
 
