@@ -1,23 +1,30 @@
-"""What another worker's erasure costs a worker of `serve --workers N`.
+"""What an erasure costs the other calls of a worker.
 
     python -m bench.erasure [--quick]
 
-An erasure names no user in the store's change feed, so every other worker
-rebuilds its popularity and co-occurrence from the whole log. Two engines
-in-process over one SQLite store (as two workers), a log of 500k and 2M item
-events (`--quick`: 100k and 300k) of 50k users over 10k items (384-d,
-Zipf-popular): engine A erases a user, then engine B answers Recommends for
-other users, one after another, until its rebuild is in. Under the lock (the
-rebuild as it was, and as it still is below BACKGROUND_REBUILD_EVENTS) the
-first call waits for the whole pass; off it, B answers meanwhile. Baseline:
-the rebuild under the lock, same store, same run; and the pass itself (a
-worker's start).
+Another worker's erasure: it names no user in the store's change feed, so
+every other worker rebuilds its popularity and co-occurrence from the whole
+log. Two engines in-process over one SQLite store (as two workers), a log of
+500k and 2M item events (`--quick`: 100k and 300k) of 50k users over 10k
+items (384-d, Zipf-popular): engine A erases a user, then engine B answers
+Recommends for other users, one after another, until its rebuild is in.
+Under the lock (the rebuild as it was, and as it still is below
+BACKGROUND_REBUILD_EVENTS) the first call waits for the whole pass; off it,
+B answers meanwhile. Baseline: the rebuild under the lock, same store, same
+run; and the pass itself (a worker's start).
+
+This worker's own erasure of a heavy user (300k and 1M events; `--quick`:
+30k and 100k) beside 100k events of light users: other users' Recommends
+run one after another on another thread through the DeleteUser. The store's
+delete runs without the engine lock; until 2026-12-07 it ran under it, so
+the calls waited for it whole. Baseline: that delete, timed in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -37,6 +44,7 @@ BATCH = 5_000
 LIKE = 3
 T = 1_700_000_000.0
 MIN_WATCH_S = 0.5  # calls go on at least this long after the erasure, rebuild or not
+LIGHT_EVENTS = 100_000  # beside the heavy user whose erasure `own_erasure` times
 
 
 def _worker(path) -> InterestEngine:
@@ -94,14 +102,62 @@ def one_log(events: int, rng) -> dict:
     return row
 
 
+def own_erasure(heavy_events: int, rng) -> dict:
+    """Other users' Recommend latencies while this engine erases a user of `heavy_events` events."""
+    with tempfile.TemporaryDirectory(prefix="halflife-bench-erasure-") as d:
+        engine = _worker(d)
+        readers = _fill(engine, LIGHT_EVENTS, rng)[-200:]
+        items = rng.zipf(1.3, heavy_events) % ITEMS
+        for start in range(0, heavy_events, BATCH):
+            engine.record_events([EventInput(f"h{k}", "heavy", LIKE, f"i{items[k]}", None, None, T - k)
+                                  for k in range(start, min(start + BATCH, heavy_events))])
+        for user in readers:  # cached: the calls read nothing from the store
+            engine.recommend(user, 10)
+        delete, delete_s = engine.store.delete_user, []
+
+        def timed_delete(*args, **kwargs):  # what calls waited for whole until it ran without the lock
+            started = time.perf_counter()
+            try:
+                return delete(*args, **kwargs)
+            finally:
+                delete_s.append(time.perf_counter() - started)
+
+        latencies, erasing = [], threading.Event()
+
+        def calls() -> None:
+            while erasing.is_set():
+                t = time.perf_counter()
+                engine.recommend(readers[len(latencies) % len(readers)], 10)
+                latencies.append(time.perf_counter() - t)
+
+        erasing.set()
+        caller = threading.Thread(target=calls)
+        caller.start()
+        engine.store.delete_user = timed_delete
+        started = time.perf_counter()
+        deleted = engine.delete_user("heavy")
+        erasure_s = time.perf_counter() - started
+        erasing.clear()
+        caller.join()
+        engine.store.delete_user = delete
+        engine.store.close()
+    assert deleted == heavy_events
+    lat = np.array(latencies)
+    return {"events": heavy_events, "erasure_s": erasure_s, "store_delete_s": delete_s[0], "calls": len(lat),
+            "p50_s": float(np.median(lat)), "max_s": float(lat.max())}
+
+
 def run(quick: bool = False) -> dict:
     rng = np.random.default_rng(7)
     sizes = (100_000, 300_000) if quick else (500_000, 2_000_000)
-    results = {"quick": quick, "items": ITEMS, "users": USERS, "logs": []}
+    results = {"quick": quick, "items": ITEMS, "users": USERS, "logs": [], "own": []}
     for events in sizes:
         row = one_log(events, rng)
         print(events, "events:", {k: row[k] for k in ("start_s", "locked", "off_lock")}, flush=True)
         results["logs"].append(row)
+    for heavy in (30_000, 100_000) if quick else (300_000, 1_000_000):
+        results["own"].append(own_erasure(heavy, rng))
+        print("own erasure:", results["own"][-1], flush=True)
     write(results)
     return results
 
@@ -129,11 +185,19 @@ def write(results: dict) -> None:
         ax.legend()
 
     table += "\n" + save_plot("erasure", plot, "A worker's Recommend after another worker's erasure")
+    table += "\n\n## This worker's own erasure of a heavy user\n\n" + markdown_table(
+        ["user's events", "DeleteUser s", "store's delete s (under the lock until 2026-12-07)",
+         "other calls answered", "p50 ms", "longest wait ms", "longest wait / store's delete"],
+        [[r["events"], r["erasure_s"], r["store_delete_s"], r["calls"], r["p50_s"] * ms, r["max_s"] * ms,
+          r["max_s"] / r["store_delete_s"]] for r in results["own"]])
     notes = (f"One run per log. Two engines in-process on one SQLite store, {ITEMS:,} items, {USERS:,} users (Zipf "
              "items, 300 days of likes); engine B answers Recommends of light users one after another from A's "
              f"erasure until its rebuild is in (at least {MIN_WATCH_S} s). Off the lock B answers during the "
              "rebuild, whose Python shares the GIL with the calls (so its pass takes longer). Baseline: the "
-             "rebuild under the lock, same store and run.")
+             "rebuild under the lock, same store and run. Own erasure: one run per size, one engine, "
+             f"{LIGHT_EVENTS:,} events of light users beside the heavy one, whose Recommends run one after another "
+             "on another thread; what is left of the longest wait is the take-back of the user's popularity and "
+             "pairs under the lock.")
     write_results("erasure", results, table, notes)
     print(table)
 
