@@ -737,6 +737,23 @@ def test_a_snapshot_damaged_into_text_is_read_as_bytes(store, tmp_path):
     assert stored_history(store, "u1")[0].data == b"\xff\x00"
 
 
+@pytest.mark.parametrize("chunk", [10, 2], ids=["one chunk", "streamed"])
+def test_a_history_of_one_chunk_ends_its_read_before_it_is_replayed(store, tmp_path, chunk):
+    """A read transaction held while the caller replays keeps a WAL
+    checkpoint (an erasure's truncation) waiting: a log of one chunk is read
+    whole and its snapshot ended; a longer one is streamed in one snapshot."""
+    store.upsert_items([item("i1")])
+    store.record_events([event(f"e{k}", event_time=1e9 + k) for k in range(5)])
+    checkpointer = raw(tmp_path)
+    checkpointer.execute("PRAGMA busy_timeout = 0")
+    with store.user_history("u1", chunk=chunk) as (_, chunks):
+        busy, _, _ = checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        assert busy == (chunk == 2)
+        store.record_events([event("meanwhile", event_time=1e9 - 1)])  # not in this read, first as it is ordered
+        assert [e.event_id for c in chunks for e in c] == [f"e{k}" for k in range(5)]
+    checkpointer.close()
+
+
 def test_a_snapshot_read_before_an_erasure_is_never_saved_after_it(store, tmp_path):
     """A replay that read the user's events before their erasure saves its
     snapshot after it: the store refuses it, also once the user id has

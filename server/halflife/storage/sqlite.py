@@ -314,6 +314,12 @@ _UNAVAILABLE_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlit
                                 sqlite3.SQLITE_PROTOCOL})
 
 
+def _in_order(conn: sqlite3.Connection, seqs: list[int]) -> list[EventRecord]:
+    """The events of `seqs`, in that order (one without its vector row: not joined)."""
+    events = {e.seq: e for e in _events_where(conn, "e.seq IN (SELECT value FROM json_each(?))", (json.dumps(seqs),))}
+    return [events[seq] for seq in seqs if seq in events]
+
+
 def _events_where(conn: sqlite3.Connection, where: str, params: tuple,
                   vectors_of: Callable[[str], bool] | None = None) -> list[EventRecord]:
     """Events matching `where` (over `events e`), in seq order, with vectors:
@@ -871,25 +877,35 @@ class SqliteStore:
                                        "WHERE user_id = ?", (user_id,)).fetchone()
                     snapshot = None if row is None else ProfileSnapshot(row[0], row[1], bytes(row[2]))
                 after = 0 if snapshot is None else snapshot.through_seq
-                chunks = self._replay_chunks(conn, user_id, after, through_time, chunk)
-                with contextlib.closing(chunks):  # its statement done before the COMMIT, read to the end or not
-                    yield snapshot, chunks
+                # The order comes from the seqs alone, then each chunk's rows with their vectors: sorted with
+                # them, SQLite's sorter would copy every vector of the log (~1.6 KB an event) to its temp files.
+                order = conn.execute("SELECT seq FROM events WHERE user_id = ? AND seq > ? AND event_time <= ? "
+                                     "ORDER BY event_time, seq", (user_id, after, through_time))
+                with contextlib.closing(order):
+                    seqs = [seq for (seq,) in order.fetchmany(chunk)]
+                    if len(seqs) < chunk:
+                        # All of it in one chunk: the snapshot ends before the caller replays it. Held
+                        # through replays (~100 ms for 3k events), reads kept an erasure's WAL truncation
+                        # waiting while calls went on (2026-12-07: 7 s under a Recommend load).
+                        events = _in_order(conn, seqs)
+                        conn.execute("COMMIT")
+                        yield snapshot, iter([events] if events else [])
+                        return
+                    chunks = self._replay_chunks(conn, order, seqs, chunk)
+                    with contextlib.closing(chunks):  # its statements done before the COMMIT, read to the end or not
+                        yield snapshot, chunks
             finally:
-                conn.execute("COMMIT")
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
 
     @staticmethod
-    def _replay_chunks(conn: sqlite3.Connection, user_id: str, after_seq: int, through_time: float,
+    def _replay_chunks(conn: sqlite3.Connection, order: sqlite3.Cursor, seqs: list[int],
                        chunk: int) -> Iterator[list[EventRecord]]:
-        """`user_history`'s events. The order comes from the seqs alone, then
-        each chunk's rows with their vectors: sorted with them, SQLite's sorter
-        would copy every vector of the log (~1.6 KB an event) to its temp files."""
-        order = conn.execute("SELECT seq FROM events WHERE user_id = ? AND seq > ? AND event_time <= ? "
-                             "ORDER BY event_time, seq", (user_id, after_seq, through_time))
-        with contextlib.closing(order):
-            while seqs := [seq for (seq,) in order.fetchmany(chunk)]:
-                events = {e.seq: e for e in _events_where(conn, "e.seq IN (SELECT value FROM json_each(?))",
-                                                          (json.dumps(seqs),))}
-                yield [events[seq] for seq in seqs if seq in events]  # (one without its vector row: not joined)
+        """`user_history`'s events of a long log: those of `seqs`, then of
+        each next `chunk` of seqs `order` gives, a chunk in memory at a time."""
+        while seqs:
+            yield _in_order(conn, seqs)
+            seqs = [seq for (seq,) in order.fetchmany(chunk)]
 
     def save_profile_snapshot(self, user_id: str, snapshot: ProfileSnapshot) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
