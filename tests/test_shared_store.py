@@ -340,6 +340,51 @@ def test_a_rebuild_for_an_erasure_elsewhere_during_this_workers_own_is_made_agai
     assert answers(a) == answers(b) == restarted(tmp_path)
 
 
+@pytest.mark.parametrize("written", ["passed over after a rebuild", "on a new item"])
+def test_what_another_worker_writes_during_this_workers_erasures_catch_up_is_counted(pair, tmp_path, monkeypatch,
+                                                                                  written):
+    """a's erasure ends by catching up, then applying the log through the
+    head it reads next (a race review): b's events committed between the
+    two were applied without the item changes before them (a new item's
+    event counted for nothing), or, the catch-up having rebuilt the blend
+    for b's erasure of u0, u1's events among them were applied to nothing
+    and never added, as events the erasure passed over are."""
+    a, b = pair
+    a.upsert_items(items(f"i{n}" for n in range(8)))
+    a.record_events(likes("x", "u0", ["i0", "i1", "i0"]) + likes("y", "u1", ["i2", "i3"]) + likes("z", "u2", ["i5"]))
+    answers(a)  # a has counted everyone
+    erase, catch_up = a.store.delete_user, a._catch_up
+
+    def erased_then_b_erases(user_id, guard=None):
+        deleted = erase(user_id, guard)
+        if written == "passed over after a rebuild":
+            b.delete_user("u0")  # seen at the erasure's end: the catch-up rebuilds a's blend from the log
+        monkeypatch.setattr(a, "_catch_up", caught_up_then_b_writes)
+        return deleted
+
+    def caught_up_then_b_writes(*args, **kwargs):
+        monkeypatch.setattr(a, "_catch_up", catch_up)
+        catch_up(*args, **kwargs)
+        if written == "on a new item":
+            b.upsert_items(items(["new"]))
+            b.record_events(likes("n", "u2", ["new", "i6"]))
+        else:
+            b.record_events(likes("w", "u1", ["i6", "i7"]))
+
+    monkeypatch.setattr(a.store, "delete_user", erased_then_b_erases)
+    assert a.delete_user("u1") == 2
+    monkeypatch.undo()
+    users = ("cold", "u0", "u1", "u2")
+    assert answers(a, users) == answers(b, users) == restarted(tmp_path, users)
+    again = worker(tmp_path, follow=False)
+    try:
+        assert dict(zip(a.catalog.ids, a.popularity(T))) == pytest.approx(dict(zip(again.catalog.ids, again.popularity(T))),
+                                                                         abs=1e-6)
+        assert len(a._blend.cooccurrence) == len(again._blend.cooccurrence)
+    finally:
+        again.store.close()
+
+
 def test_a_profile_replaying_while_another_worker_erases_its_user_is_dropped(pair, tmp_path, monkeypatch):
     a, b = pair
     a.upsert_items(items(["x", "y", "z"]))
