@@ -1003,8 +1003,13 @@ class InterestEngine:
                 # the user's events is unknown, so it is rebuilt again. One this catch-up makes
                 # reads the log as it is now.
                 replaced = self._blend is not erasure.blend
-                self._catch_up()
-                head = self.store.head().event_seq
+                # `_catch_up`, through the head all that follows applies: events committed after
+                # the item changes it synced were applied against an index without them, and the
+                # user's, after a rebuild here, to nothing (a race review).
+                head = self.store.head()
+                if self._follow_store:
+                    self._catch_up_changes(head)
+                head = head.event_seq
                 if erased is not None:
                     self._erasures += 1  # a blend being rebuilt from the log may have read the user's events
                 rebuilt = self._rebuild_through(head) if replaced else self._blend is not erasure.blend
