@@ -2160,6 +2160,34 @@ def test_a_failed_erasure_applies_the_users_events_it_passed_over(tmp_path, monk
     _assert_as_restarted(engine, tmp_path)
 
 
+def test_a_store_read_failing_as_an_erasure_ends_still_forgets_what_the_store_erased(tmp_path, monkeypatch):
+    """The erasure's end reads the store (its head, the log) before it takes
+    back what it had counted: a read that raised there left the erased
+    user's popularity, pairs and cached profile served after the store had
+    erased them, and a DeleteUser tried again, finding nothing left to
+    erase, took nothing back (a race review)."""
+    engine = _users_u_and_v(tmp_path)
+    delete, head = engine.store.delete_user, engine.store.head
+
+    def delete_then_fail_the_next_read(*args, **kwargs):
+        deleted = delete(*args, **kwargs)
+
+        def failing_head():
+            monkeypatch.setattr(engine.store, "head", head)
+            raise StoreError("disk I/O error")
+
+        monkeypatch.setattr(engine.store, "head", failing_head)
+        return deleted
+
+    monkeypatch.setattr(engine.store, "delete_user", delete_then_fail_the_next_read)
+    with pytest.raises(StoreError):
+        engine.delete_user("u")
+    monkeypatch.undo()
+    assert not engine._erasing
+    assert engine.delete_user("u") == 0  # the client's retry
+    _assert_as_restarted(engine, tmp_path)
+
+
 def test_an_explanation_is_of_the_profile_its_list_was_ranked_for(tmp_path, monkeypatch):
     """Explanations are built after the ranking, without the lock: they read
     the cached profile and the log again, so events recorded in between
