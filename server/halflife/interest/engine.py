@@ -1001,8 +1001,23 @@ class InterestEngine:
             try:
                 # Rebuilt from the log meanwhile (another process's erasure): what it counted of
                 # the user's events is unknown, so it is rebuilt again. One this catch-up makes
-                # reads the log as it is now.
+                # reads the log as it is now. What it erased goes first, with no read of the
+                # store: one that raised after it had left it all served (a race review).
                 replaced = self._blend is not erasure.blend
+                if erased is not None:
+                    self._erasures += 1  # a blend being rebuilt from the log may have read the user's events
+                    if not replaced:
+                        for chunk in erased:
+                            counted = erasure.counted.applied_mask(chunk.seqs)
+                            if counted.any():
+                                self._take_back_popularity(*self._joined(chunk, counted)[:3])
+                        row = self._blend.user_rows.pop(user_id, None)
+                        if row is not None:
+                            self._blend.cooccurrence.remove_user(row)
+                            self._forget_held_pairs(lambda users, items: users == row)
+                self._users.pop(user_id, None)  # it missed the events passed over, if nothing else
+                for replay in self._replays.get(user_id, ()):
+                    replay.erased = True
                 # `_catch_up`, through the head all that follows applies: events committed after
                 # the item changes it synced were applied against an index without them, and the
                 # user's, after a rebuild here, to nothing (a race review).
@@ -1010,21 +1025,7 @@ class InterestEngine:
                 if self._follow_store:
                     self._catch_up_changes(head)
                 head = head.event_seq
-                if erased is not None:
-                    self._erasures += 1  # a blend being rebuilt from the log may have read the user's events
                 rebuilt = self._rebuild_through(head) if replaced else self._blend is not erasure.blend
-                if erased is not None and not replaced and not rebuilt:
-                    for chunk in erased:
-                        counted = erasure.counted.applied_mask(chunk.seqs)
-                        if counted.any():
-                            self._take_back_popularity(*self._joined(chunk, counted)[:3])
-                    row = self._blend.user_rows.pop(user_id, None)
-                    if row is not None:
-                        self._blend.cooccurrence.remove_user(row)
-                        self._forget_held_pairs(lambda users, items: users == row)
-                self._users.pop(user_id, None)  # it missed the events passed over, if nothing else
-                for replay in self._replays.get(user_id, ()):
-                    replay.erased = True
                 # Batches committed before the delete whose threads have not applied them
                 # yet: applied now, from the log, lest a thread count the user's events.
                 self._apply_committed(head)
