@@ -343,36 +343,39 @@ def test_a_rebuild_for_an_erasure_elsewhere_during_this_workers_own_is_made_agai
 @pytest.mark.parametrize("written", ["passed over after a rebuild", "on a new item"])
 def test_what_another_worker_writes_during_this_workers_erasures_catch_up_is_counted(pair, tmp_path, monkeypatch,
                                                                                   written):
-    """a's erasure ends by catching up, then applying the log through the
-    head it reads next (a race review): b's events committed between the
+    """a's erasure ended by catching up, then applying the log through the
+    head it read next (a race review): b's events committed between the
     two were applied without the item changes before them (a new item's
     event counted for nothing), or, the catch-up having rebuilt the blend
     for b's erasure of u0, u1's events among them were applied to nothing
-    and never added, as events the erasure passed over are."""
+    and never added, as events the erasure passed over are. b writes right
+    after a's read of the change feed there."""
     a, b = pair
     a.upsert_items(items(f"i{n}" for n in range(8)))
     a.record_events(likes("x", "u0", ["i0", "i1", "i0"]) + likes("y", "u1", ["i2", "i3"]) + likes("z", "u2", ["i5"]))
     answers(a)  # a has counted everyone
-    erase, catch_up = a.store.delete_user, a._catch_up
+    erase, changes_since, wrote = a.store.delete_user, a.store.changes_since, []
 
     def erased_then_b_erases(user_id, guard=None):
         deleted = erase(user_id, guard)
         if written == "passed over after a rebuild":
-            b.delete_user("u0")  # seen at the erasure's end: the catch-up rebuilds a's blend from the log
-        monkeypatch.setattr(a, "_catch_up", caught_up_then_b_writes)
+            b.delete_user("u0")  # seen at the erasure's end: its catch-up rebuilds a's blend from the log
+        monkeypatch.setattr(a.store, "changes_since", changes_then_b_writes)
         return deleted
 
-    def caught_up_then_b_writes(*args, **kwargs):
-        monkeypatch.setattr(a, "_catch_up", catch_up)
-        catch_up(*args, **kwargs)
+    def changes_then_b_writes(version):
+        monkeypatch.setattr(a.store, "changes_since", changes_since)
+        read = changes_since(version)
         if written == "on a new item":
             b.upsert_items(items(["new"]))
             b.record_events(likes("n", "u2", ["new", "i6"]))
         else:
             b.record_events(likes("w", "u1", ["i6", "i7"]))
+        wrote.append(True)
+        return read
 
     monkeypatch.setattr(a.store, "delete_user", erased_then_b_erases)
-    assert a.delete_user("u1") == 2
+    assert a.delete_user("u1") == 2 and wrote
     monkeypatch.undo()
     users = ("cold", "u0", "u1", "u2")
     assert answers(a, users) == answers(b, users) == restarted(tmp_path, users)
