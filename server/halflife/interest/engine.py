@@ -999,10 +999,10 @@ class InterestEngine:
         the user's events that the erasure passed over and the store holds."""
         with self._catalog_write, self._lock:  # applies committed events: the index first (see _apply_new_events)
             try:
-                # Rebuilt from the log meanwhile (another process's erasure): what it counted of
-                # the user's events is unknown, so it is rebuilt again. One this catch-up makes
-                # reads the log as it is now. What it erased goes first, with no read of the
-                # store: one that raised after it had left it all served (a race review).
+                # What the store erased goes first, with no read of the store: one that raised
+                # before it left it all served (a race review). A blend rebuilt from the log
+                # meanwhile (another process's erasure) counted an unknown part of the user's
+                # events: it is rebuilt again instead.
                 replaced = self._blend is not erasure.blend
                 if erased is not None:
                     self._erasures += 1  # a blend being rebuilt from the log may have read the user's events
@@ -1018,19 +1018,19 @@ class InterestEngine:
                 self._users.pop(user_id, None)  # it missed the events passed over, if nothing else
                 for replay in self._replays.get(user_id, ()):
                     replay.erased = True
-                # `_catch_up`, through the head all that follows applies: events committed after
-                # the item changes it synced were applied against an index without them, and the
-                # user's, after a rebuild here, to nothing (a race review).
+                # A catch-up through one head, which all below applies: through a later one, events
+                # committed after the item changes it synced were applied against an index without
+                # them, and the user's, after a rebuild it made, to nothing (a race review). A
+                # rebuild it makes reads the log as it is now, after the delete.
                 head = self.store.head()
                 if self._follow_store:
                     self._catch_up_changes(head)
-                head = head.event_seq
-                rebuilt = self._rebuild_through(head) if replaced else self._blend is not erasure.blend
+                rebuilt = self._rebuild_through(head.event_seq) if replaced else self._blend is not erasure.blend
                 # Batches committed before the delete whose threads have not applied them
                 # yet: applied now, from the log, lest a thread count the user's events.
-                self._apply_committed(head)
+                self._apply_committed(head.event_seq)
                 if not rebuilt:
-                    for chunk in self.store.iter_events(after_seq=erasure.counted.through, through_seq=head,
+                    for chunk in self.store.iter_events(after_seq=erasure.counted.through, through_seq=head.event_seq,
                                                         user_id=user_id):
                         passed_over = ~erasure.counted.applied_mask(chunk.seqs)
                         if passed_over.any():  # after the pairs went: under a new row (a review)
