@@ -259,7 +259,7 @@ class _Erasure:
     applied to nothing (`_apply_events`)."""
 
     counted: EventWatermark  # the events applied when it began: those it takes back
-    head: int  # the newest event seq then: the user's events up to it are what it erases
+    head: int  # the newest event seq then: of the user's events up to it, those counted are taken back
     blend: BlendIndexes  # the indexes it takes back from: others (a rebuild meanwhile) are rebuilt again
     done: threading.Event = dataclasses.field(default_factory=threading.Event)  # set when it ends, erased or not
 
