@@ -22,7 +22,7 @@ import numpy as np
 from halflife.storage.base import ItemRecord
 
 
-def _rows(row_of: dict[str, int], ids: Sequence[str]) -> np.ndarray:
+def _rows(row_of: dict[str, int], ids: Sequence[str | None]) -> np.ndarray:
     # map() over dict.get: the loop runs in C (10k ids: 1.0 ms, a generator 1.3)
     return np.fromiter(map(row_of.get, ids, itertools.repeat(-1)), dtype=np.int64, count=len(ids))
 
@@ -35,7 +35,7 @@ class CatalogRows:
     created_seq: np.ndarray  # (size,) int64
     size: int
 
-    def rows(self, ids: Sequence[str]) -> np.ndarray:
+    def rows(self, ids: Sequence[str | None]) -> np.ndarray:
         """As `CatalogIndex.rows`, then."""
         return _rows(self.row_of, ids)
 
@@ -216,8 +216,8 @@ class CatalogIndex:
         self.epoch += 1
         return new_row
 
-    def rows(self, ids: Sequence[str]) -> np.ndarray:
-        """Row of each id, -1 for unknown ids. Returns (len(ids),) int64."""
+    def rows(self, ids: Sequence[str | None]) -> np.ndarray:
+        """Row of each id, -1 for unknown ids (None too). Returns (len(ids),) int64."""
         return _rows(self.row_of, ids)
 
     def frozen_rows(self) -> CatalogRows:

@@ -525,7 +525,7 @@ class InterestEngine:
         and must not count for the new one). (n,) int64. catalog: the
         engine's (lock held), or rows taken from it (`CatalogIndex.frozen_rows`)."""
         catalog = self.catalog if catalog is None else catalog
-        rows = catalog.rows([i or "" for i in item_ids])
+        rows = catalog.rows(item_ids)
         known = np.flatnonzero(rows >= 0)
         rows[known[seqs[known] <= catalog.created_seq[rows[known]]]] = -1
         return rows
@@ -536,7 +536,7 @@ class InterestEngine:
         """A chunk of the log's events (those `keep` marks, (n,) bool, where
         given) joined to the catalogue's rows (`_current_item_rows`) and
         weighed by type: (rows, weights, times, user ids), each (m,)."""
-        if keep is None:
+        if keep is None or keep.all():  # (an erasure's chunks, all counted: 1M events, ~0.1 s less under the lock)
             item_ids, user_ids, seqs, types, values, times = (
                 chunk.item_ids, chunk.user_ids, chunk.seqs, chunk.types, chunk.values, chunk.times)
         else:
@@ -872,7 +872,7 @@ class InterestEngine:
             # The version before the catch-up: a change between the two reads only costs a retry.
             items_as_of = self.store.head().change_version if any(e.item_id for e in events) else None
             self._catch_up()  # items another process wrote since
-            rows = self.catalog.rows([e.item_id or "" for e in events])
+            rows = self.catalog.rows([e.item_id for e in events])
             missing = [(i, e.item_id) for i, (e, row) in enumerate(zip(events, rows)) if e.item_id and row < 0]
             known = rows >= 0
             vectors = np.zeros((len(events), self.dim), dtype=np.float32)
