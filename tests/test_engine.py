@@ -1779,6 +1779,30 @@ def test_a_long_read_of_the_log_waits_its_turn_and_not_for_a_caller_gone(tmp_pat
         assert all(item.explanation.events for item in outcome[-1].items)
 
 
+def test_a_kernel_read_of_a_long_log_waits_its_turn_when_its_profile_is_not_cached(tmp_path, monkeypatch):
+    """The turn went by the cached profile's count: a user evicted between
+    the caller's caching and this read (a small cache_users) counted 0
+    events and read a log of any length at once."""
+    import threading
+
+    from halflife.interest import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "LONG_REPLAY_EVENTS", 4)
+    config = Config(profile=dataclasses.replace(Config().profile, kernel="exp"))
+    engine = InterestEngine(config, SqliteStore(tmp_path), DIM, fake_embed, clock=lambda: T)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"rain jacket {n}") for n in range(6)])
+    engine.record_events([EventInput(f"e{n}", "long", LIKE, f"i{n}", None, None, T - 600.0 * (n + 1)) for n in range(6)])
+    engine._users.clear()
+    done = []
+    with engine._long_replay:  # another long read runs
+        reader = threading.Thread(target=lambda: done.append(engine._kernel_profile("long", T)))
+        reader.start()
+        reader.join(0.3)
+        assert reader.is_alive() and not done
+    reader.join(10)
+    assert done and done[0].weight > 0
+
+
 def test_concurrent_misses_of_one_user_read_the_log_once(tmp_path, monkeypatch):
     """Each of 16 concurrent misses of a 100k-event user would hold a copy of
     its log: a second caller waits for the replay in flight instead, and

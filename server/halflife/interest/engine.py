@@ -1522,7 +1522,9 @@ class InterestEngine:
             return None
         with self._lock:
             state = self._users.get(user_id)
-            events = sum(state.api_counts.values()) if state is not None else 0
+            events = sum(state.api_counts.values()) if state is not None else None
+        if events is None:  # evicted since the caller cached it (a small cache_users): counted in the log
+            events = self.store.event_count(user_id)
         with self._replay_turn(events, deadline):
             return self._kernel_sums(user_id, t)
 
