@@ -388,6 +388,39 @@ def test_what_another_worker_writes_during_this_workers_erasures_catch_up_is_cou
         again.store.close()
 
 
+def test_a_store_read_failing_as_an_erasure_ends_is_mended_by_a_rebuild(pair, tmp_path, monkeypatch):
+    """A read of the store that raised at an erasure's end, after its
+    take-back, left the user's events recorded during the erasure (passed
+    over) in no index: a later call's catch-up rebuilds the blend from the
+    log, as after a rebuild that raised."""
+    from halflife.interest import engine as engine_module
+
+    a, _ = pair
+    a.upsert_items(items(f"i{n}" for n in range(8)))
+    a.record_events(likes("x", "u0", ["i0", "i1", "i0"]) + likes("y", "u1", ["i2", "i3"]) + likes("z", "u2", ["i5"]))
+    answers(a)
+    erase, head = a.store.delete_user, a.store.head
+
+    def erase_then_fail_the_next_head(user_id, guard=None):
+        deleted = erase(user_id, guard)
+        a.record_events(likes("w", "u1", ["i6", "i7"]))  # after the delete: kept, passed over meanwhile
+
+        def failing_head():
+            monkeypatch.setattr(a.store, "head", head)
+            raise StoreError("disk I/O error")
+
+        monkeypatch.setattr(a.store, "head", failing_head)
+        return deleted
+
+    monkeypatch.setattr(a.store, "delete_user", erase_then_fail_the_next_head)
+    with pytest.raises(StoreError):
+        a.delete_user("u1")
+    monkeypatch.setattr(engine_module, "REBUILD_RETRY_S", 0.0)
+    a.stats()
+    rebuilt(a)
+    assert answers(a) == restarted(tmp_path)
+
+
 def test_a_profile_replaying_while_another_worker_erases_its_user_is_dropped(pair, tmp_path, monkeypatch):
     a, b = pair
     a.upsert_items(items(["x", "y", "z"]))

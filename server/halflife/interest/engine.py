@@ -131,8 +131,8 @@ BACKGROUND_REBUILD_EVENTS = 100_000
 # Rebuilds off the lock that an erasure, a compaction or an item row dropped
 # meanwhile made stale, before one is built under the lock.
 BACKGROUND_REBUILD_ATTEMPTS = 3
-# A rebuild that raised (a read of the log failed) is tried again at a call
-# this long after: each try is a pass over the whole log.
+# A rebuild that raised (a read of the log failed), or an erasure's end, is
+# tried again at a call this long after: each try is a pass over the whole log.
 REBUILD_RETRY_S = 5.0
 
 # (texts, the caller's deadline or None) -> (n, dim) float32 unit rows
@@ -1036,6 +1036,11 @@ class InterestEngine:
                         if passed_over.any():  # after the pairs went: under a new row (a review)
                             self._add_to_blend(*self._joined(chunk, passed_over))
                     self._start_cooccurrence_merge()
+            except BaseException:
+                # What it passed over may be in no index now: rebuilt from the log by a later call's
+                # catch-up, as after a rebuild that raised (one process alone, which follows no store: a restart).
+                self._rebuild_failed_at = time.monotonic()
+                raise
             finally:
                 del self._erasing[user_id]
                 erasure.done.set()
