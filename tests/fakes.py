@@ -87,3 +87,24 @@ class RecordingTokenizer:
     def encode(self, text):
         self.batches.append([text])
         return self._tokenizer.encode(text)
+
+
+def reads_fail_after_an_erasure(store, monkeypatch, meanwhile=lambda: None) -> None:
+    """`store.delete_user` deletes, runs `meanwhile`, then has the store's
+    next `head()` raise StoreError once: a disk error right after an
+    erasure's commit, where the engine ends the erasure."""
+    from halflife.storage.base import StoreError
+
+    delete, head = store.delete_user, store.head
+
+    def failing_head():
+        monkeypatch.setattr(store, "head", head)
+        raise StoreError("disk I/O error")
+
+    def delete_then_fail(*args, **kwargs):
+        deleted = delete(*args, **kwargs)
+        meanwhile()
+        monkeypatch.setattr(store, "head", failing_head)
+        return deleted
+
+    monkeypatch.setattr(store, "delete_user", delete_then_fail)

@@ -15,7 +15,7 @@ from halflife.interest.engine import InterestEngine
 from halflife.interest.types import EventInput, ItemFilter, ItemInput, UnknownItemsError
 from halflife.storage.base import ItemRecord, StoreError
 from halflife.storage.sqlite import SqliteStore
-from tests.fakes import DIM, compact_catalogues_at, fake_embed, run_in_threads
+from tests.fakes import DIM, compact_catalogues_at, fake_embed, reads_fail_after_an_erasure, run_in_threads
 
 DAY = 86400.0
 T = 1_700_000_000.0
@@ -2191,19 +2191,7 @@ def test_a_store_read_failing_as_an_erasure_ends_still_forgets_what_the_store_er
     erased them, and a DeleteUser tried again, finding nothing left to
     erase, took nothing back (a race review)."""
     engine = _users_u_and_v(tmp_path)
-    delete, head = engine.store.delete_user, engine.store.head
-
-    def delete_then_fail_the_next_read(*args, **kwargs):
-        deleted = delete(*args, **kwargs)
-
-        def failing_head():
-            monkeypatch.setattr(engine.store, "head", head)
-            raise StoreError("disk I/O error")
-
-        monkeypatch.setattr(engine.store, "head", failing_head)
-        return deleted
-
-    monkeypatch.setattr(engine.store, "delete_user", delete_then_fail_the_next_read)
+    reads_fail_after_an_erasure(engine.store, monkeypatch)
     with pytest.raises(StoreError):
         engine.delete_user("u")
     monkeypatch.undo()

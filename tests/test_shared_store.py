@@ -15,7 +15,7 @@ from halflife.interest.types import EventInput, ItemInput, UnknownItemsError
 from halflife.interest.watermark import EventWatermark
 from halflife.storage.base import StoreError, StoreHead
 from halflife.storage.sqlite import SqliteStore
-from tests.fakes import DIM, compact_catalogues_at, fake_embed, run_in_threads
+from tests.fakes import DIM, compact_catalogues_at, fake_embed, reads_fail_after_an_erasure, run_in_threads
 
 DAY = 86400.0
 T = 1_700_000_000.0
@@ -399,20 +399,8 @@ def test_a_store_read_failing_as_an_erasure_ends_is_mended_by_a_rebuild(pair, tm
     a.upsert_items(items(f"i{n}" for n in range(8)))
     a.record_events(likes("x", "u0", ["i0", "i1", "i0"]) + likes("y", "u1", ["i2", "i3"]) + likes("z", "u2", ["i5"]))
     answers(a)
-    erase, head = a.store.delete_user, a.store.head
-
-    def erase_then_fail_the_next_head(user_id, guard=None):
-        deleted = erase(user_id, guard)
-        a.record_events(likes("w", "u1", ["i6", "i7"]))  # after the delete: kept, passed over meanwhile
-
-        def failing_head():
-            monkeypatch.setattr(a.store, "head", head)
-            raise StoreError("disk I/O error")
-
-        monkeypatch.setattr(a.store, "head", failing_head)
-        return deleted
-
-    monkeypatch.setattr(a.store, "delete_user", erase_then_fail_the_next_head)
+    # Recorded after the delete: kept, and passed over meanwhile.
+    reads_fail_after_an_erasure(a.store, monkeypatch, lambda: a.record_events(likes("w", "u1", ["i6", "i7"])))
     with pytest.raises(StoreError):
         a.delete_user("u1")
     monkeypatch.setattr(engine_module, "REBUILD_RETRY_S", 0.0)
