@@ -36,7 +36,9 @@ type InterestServiceClient interface {
 	GetProfile(ctx context.Context, in *GetProfileRequest, opts ...grpc.CallOption) (*GetProfileResponse, error)
 	// Erases a user's events and profile for good (privacy requests). Unknown
 	// users are not an error. Their event ids go too, so an event re-sent
-	// after the erasure (a late client retry) is recorded again.
+	// after the erasure (a late client retry) is recorded again. The user's
+	// events recorded while it runs are erased if they are stored before its
+	// delete, kept if after; other calls go on meanwhile.
 	DeleteUser(ctx context.Context, in *DeleteUserRequest, opts ...grpc.CallOption) (*DeleteUserResponse, error)
 }
 
@@ -98,7 +100,9 @@ type InterestServiceServer interface {
 	GetProfile(context.Context, *GetProfileRequest) (*GetProfileResponse, error)
 	// Erases a user's events and profile for good (privacy requests). Unknown
 	// users are not an error. Their event ids go too, so an event re-sent
-	// after the erasure (a late client retry) is recorded again.
+	// after the erasure (a late client retry) is recorded again. The user's
+	// events recorded while it runs are erased if they are stored before its
+	// delete, kept if after; other calls go on meanwhile.
 	DeleteUser(context.Context, *DeleteUserRequest) (*DeleteUserResponse, error)
 	mustEmbedUnimplementedInterestServiceServer()
 }

@@ -98,7 +98,9 @@ class InterestServiceServicer:
     def DeleteUser(self, request, context):
         """Erases a user's events and profile for good (privacy requests). Unknown
         users are not an error. Their event ids go too, so an event re-sent
-        after the erasure (a late client retry) is recorded again.
+        after the erasure (a late client retry) is recorded again. The user's
+        events recorded while it runs are erased if they are stored before its
+        delete, kept if after; other calls go on meanwhile.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -635,7 +635,9 @@ export const InterestService: GenService<{
   /**
    * Erases a user's events and profile for good (privacy requests). Unknown
    * users are not an error. Their event ids go too, so an event re-sent
-   * after the erasure (a late client retry) is recorded again.
+   * after the erasure (a late client retry) is recorded again. The user's
+   * events recorded while it runs are erased if they are stored before its
+   * delete, kept if after; other calls go on meanwhile.
    *
    * @generated from rpc halflife.v1.InterestService.DeleteUser
    */
