@@ -9,23 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from halflife.api.server import ServerConfig
+from halflife.api.server import API_SERVICES, ServerConfig
 from halflife.loadtest import method_descriptor, options_from_ghz_config, request_factory, run_load_test
 from halflife.v1 import interest_pb2
 from halflife_client import Event, HalflifeClient, Item
 from tests.serving import ServerThread
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "clients" / "ghz").glob("*.json"))
-RPCS = {
-    f"halflife.v1.{service}.{method}"
-    for service, methods in {
-        "EmbeddingService": ("Embed", "GetModelInfo"),
-        "CatalogService": ("UpsertItems", "DeleteItems", "GetItems"),
-        "InterestService": ("RecordEvents", "GetProfile", "DeleteUser"),
-        "RecommendService": ("Recommend", "SimilarItems"),
-    }.items()
-    for method in methods
-}
+# From the served services: a new RPC needs its config.
+RPCS = {f"{service.full_name}.{method.name}" for service, _ in API_SERVICES for method in service.methods}
 
 
 def test_every_rpc_has_a_config():

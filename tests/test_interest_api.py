@@ -274,6 +274,96 @@ def test_get_items_not_found_names_each_missing_index(client):
     assert "nope-a" in dict(field_violations(error))["ids[1]"]
 
 
+def listed_pages(client, page_size: int) -> list[list[str]]:
+    """The ids of each ListItems page, from the first to the last."""
+    pages, token = [], ""
+    while True:
+        page = client.list_items(page_size=page_size, page_token=token)
+        pages.append([item.id for item in page.items])
+        if not (token := page.next_page_token):
+            return pages
+
+
+def test_list_items_pages_through_the_catalogue_once_in_id_order(client, server):
+    ours = [f"list-{c}" for c in ("b", "A", "\u00e9", "\U0001f600", "a")]
+    assert client.upsert_items([Item(id=i, text=f"Listed item {i}", categories=["listed"]) for i in ours]) == (5, 0)
+    try:
+        pages = listed_pages(client, 4)
+        everything = [i for page in pages for i in page]
+        assert [len(page) for page in pages[:-1]] == [4] * (len(pages) - 1) and 1 <= len(pages[-1]) <= 4
+        assert everything == sorted(set(everything), key=str.encode)  # by UTF-8 bytes, each once
+        assert set(ours) | {item.id for item in CATALOG} <= set(everything)
+        assert [item.id for item in client.iter_items()] == everything
+        assert [item.id for item in client.iter_items(page_size=7)] == everything
+
+        async def listed_async():
+            async with AsyncHalflifeClient(server.address, timeout=30) as aio:
+                first = await aio.list_items(page_size=3)
+                return [item.id for item in first.items], [item.id async for item in aio.iter_items(page_size=3)]
+
+        assert asyncio.run(listed_async()) == (everything[:3], everything)
+        # Whole items, as GetItems returns them; vectors only when asked for.
+        in_order = sorted(ours, key=str.encode)
+        assert [item for item in client.iter_items() if item.id in ours] == client.get_items(in_order)
+        with_vectors = [item for item in client.iter_items(include_vectors=True) if item.id in ours]
+        assert with_vectors == client.get_items(in_order, include_vectors=True) and len(with_vectors[0].vector) == DIM
+    finally:
+        assert client.delete_items(ours) == len(ours)
+    assert not set(ours) & {item.id for item in client.iter_items()}
+
+
+def test_list_items_page_size_defaults_to_100_and_stops_at_1000(client):
+    rng = np.random.default_rng(7)
+    many = [Item(id=f"many-list-{n:04d}", vector=rng.standard_normal(DIM)) for n in range(1050)]
+    for start in (0, 1000):
+        client.upsert_items(many[start:start + 1000])
+    try:
+        assert len(client.list_items().items) == 100 and client.list_items().next_page_token
+        biggest = client.list_items(page_size=5000)
+        assert len(biggest.items) == 1000 and biggest.next_page_token
+        rest = client.list_items(page_size=1000, page_token=biggest.next_page_token)
+        assert len(biggest.items) + len(rest.items) == len(list(client.iter_items())) and not rest.next_page_token
+    finally:
+        for start in (0, 1000):
+            client.delete_items([item.id for item in many[start:start + 1000]])
+
+
+def test_items_changed_while_listing_are_listed_as_their_page_found_them(client):
+    ours = [f"turn-{n}" for n in range(6)]
+    client.upsert_items([Item(id=i, text=f"Turnover item {i}") for i in ours])
+    listing = client.iter_items(page_size=1)  # a page per item: the next is read when asked for
+    seen = []
+    for item in listing:
+        seen.append(item)
+        if item.id == "turn-1":
+            break
+    client.delete_items(["turn-0", "turn-4"])  # one listed already, one not yet
+    client.upsert_items([Item(id="turn-00", text="Created before the cursor"),
+                         Item(id="turn-2a", text="Created after the cursor"),
+                         Item(id="turn-3", text="Replaced after the cursor")])
+    try:
+        seen += listing
+        ours_seen = [item for item in seen if item.id.startswith("turn-")]
+        assert [item.id for item in ours_seen] == ["turn-0", "turn-1", "turn-2", "turn-2a", "turn-3", "turn-5"]
+        assert ours_seen[4].text == "Replaced after the cursor"
+        assert len(seen) == len({item.id for item in seen})
+    finally:
+        client.delete_items(ours + ["turn-00", "turn-2a"])
+
+
+def test_list_items_refuses_tokens_it_did_not_make_and_negative_sizes(client):
+    token = client.list_items(page_size=1).next_page_token
+    for bad in ("not a token!", "_w",  # not base64; one byte that is not UTF-8
+                "YQFi",  # "a\x01b": no id has control characters
+                token + "=", token + "\n"):  # another spelling of a real one
+        error = rpc_error(client.list_items, page_token=bad)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["page_token"], bad
+    error = rpc_error(client.list_items, page_size=-1, page_token="!")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["page_size", "page_token"]
+    assert "-1" in dict(field_violations(error))["page_size"]
+    assert client.list_items(page_size=1, page_token=token).items  # and it goes on serving
+
+
 def test_delete_items_is_idempotent_and_deleted_items_are_never_recommended(client):
     twins = [
         Item(id="gone-1", text="Romantic comedy: two strangers fall in love in Rome", categories=[ROMCOM]),

@@ -245,6 +245,27 @@ def test_items_upsert_get_delete_iter(store, tmp_path):
     assert count(tmp_path, "SELECT COUNT(*) FROM vectors") == 1
 
 
+def test_list_items_pages_in_utf8_byte_order_from_the_id_after(store):
+    # Code point order is UTF-8 byte order; UTF-16 order (and so a careless collation) would put
+    # U+FF5E before U+1F600, Latin-1 or case folding would move "B" and "é".
+    ids = ["b", "B", "a", "é", "\uff5e", "\U0001f600", "a b", "ab"]
+    store.upsert_items([item(i) for i in ids])
+    expected = sorted(ids, key=lambda i: i.encode())
+    assert expected == ["B", "a", "a b", "ab", "b", "é", "\uff5e", "\U0001f600"]
+    pages, after = [], ""
+    while after is not None:
+        page, after = store.list_items(after, 3)
+        pages.append([i.id for i in page])
+    assert pages == [expected[:3], expected[3:6], expected[6:]]
+    # A page that ends the catalogue exactly says so: no empty page after it.
+    assert store.list_items("", len(ids))[1] is None and store.list_items("", len(ids) - 1)[1] == expected[-2]
+    assert [i.id for i in store.list_items("aa", 2)[0]] == ["ab", "b"]  # after an id that does not exist
+    (got,), stored = store.list_items("a b", 1)[0], store.get_items(["ab"])["ab"]  # the whole item, as get_items
+    assert dataclasses.replace(got, vector=None) == dataclasses.replace(stored, vector=None)
+    assert np.array_equal(got.vector, stored.vector)
+    assert store.list_items("\U0001f600", 5) == ([], None)
+
+
 def test_ids_with_nul_are_refused_and_never_reach_another_row(store):
     # SQLite's json_each (3.40) cuts "a\0b" to "a": each lookup by a list of
     # ids would then read, update or delete item "a" instead.
@@ -1131,6 +1152,9 @@ def test_a_vector_damaged_on_disk_is_left_out_until_an_upsert_rewrites_it(tmp_pa
                      (np.full(DIM, np.nan, dtype=np.float32).tobytes(),))
     assert set(store.get_items(["i1", "i2"])) == {"i2"}
     assert [i.id for i in store.iter_items()] == ["i2"]
+    # Left out of a page too, and the next page still follows it: a page of damaged items alone is empty,
+    # not the end, and not the same page again.
+    assert store.list_items("", 1) == ([], "i1") and [i.id for i in store.list_items("i1", 1)[0]] == ["i2"]
     assert "of item 'i1'" in caplog.text and "damaged on disk" in caplog.text
     caplog.clear()
     events = store.user_events("u1")  # the events sharing the vector: still there, without it

@@ -25,6 +25,14 @@ type CatalogServiceClient interface {
 	DeleteItems(ctx context.Context, in *DeleteItemsRequest, opts ...grpc.CallOption) (*DeleteItemsResponse, error)
 	// Fetches items by id. Unknown ids: NOT_FOUND naming each `ids[i]`.
 	GetItems(ctx context.Context, in *GetItemsRequest, opts ...grpc.CallOption) (*GetItemsResponse, error)
+	// Lists the catalogue a page at a time, in order of id (by UTF-8 bytes), to
+	// reconcile it with the catalogue it mirrors. Each page starts after the
+	// last id of the page before: an item that exists from the first page to
+	// the last is listed exactly once, and one created, replaced or deleted
+	// meanwhile as it stood when the page its id falls in was read.
+	// Errors: INVALID_ARGUMENT for a negative `page_size` or a `page_token`
+	// that no ListItems returned.
+	ListItems(ctx context.Context, in *ListItemsRequest, opts ...grpc.CallOption) (*ListItemsResponse, error)
 }
 
 type catalogServiceClient struct {
@@ -62,6 +70,15 @@ func (c *catalogServiceClient) GetItems(ctx context.Context, in *GetItemsRequest
 	return out, nil
 }
 
+func (c *catalogServiceClient) ListItems(ctx context.Context, in *ListItemsRequest, opts ...grpc.CallOption) (*ListItemsResponse, error) {
+	out := new(ListItemsResponse)
+	err := c.cc.Invoke(ctx, "/halflife.v1.CatalogService/ListItems", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // CatalogServiceServer is the server API for CatalogService service.
 // All implementations must embed UnimplementedCatalogServiceServer
 // for forward compatibility
@@ -74,6 +91,14 @@ type CatalogServiceServer interface {
 	DeleteItems(context.Context, *DeleteItemsRequest) (*DeleteItemsResponse, error)
 	// Fetches items by id. Unknown ids: NOT_FOUND naming each `ids[i]`.
 	GetItems(context.Context, *GetItemsRequest) (*GetItemsResponse, error)
+	// Lists the catalogue a page at a time, in order of id (by UTF-8 bytes), to
+	// reconcile it with the catalogue it mirrors. Each page starts after the
+	// last id of the page before: an item that exists from the first page to
+	// the last is listed exactly once, and one created, replaced or deleted
+	// meanwhile as it stood when the page its id falls in was read.
+	// Errors: INVALID_ARGUMENT for a negative `page_size` or a `page_token`
+	// that no ListItems returned.
+	ListItems(context.Context, *ListItemsRequest) (*ListItemsResponse, error)
 	mustEmbedUnimplementedCatalogServiceServer()
 }
 
@@ -89,6 +114,9 @@ func (UnimplementedCatalogServiceServer) DeleteItems(context.Context, *DeleteIte
 }
 func (UnimplementedCatalogServiceServer) GetItems(context.Context, *GetItemsRequest) (*GetItemsResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method GetItems not implemented")
+}
+func (UnimplementedCatalogServiceServer) ListItems(context.Context, *ListItemsRequest) (*ListItemsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListItems not implemented")
 }
 func (UnimplementedCatalogServiceServer) mustEmbedUnimplementedCatalogServiceServer() {}
 
@@ -157,6 +185,24 @@ func _CatalogService_GetItems_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _CatalogService_ListItems_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListItemsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CatalogServiceServer).ListItems(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/halflife.v1.CatalogService/ListItems",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CatalogServiceServer).ListItems(ctx, req.(*ListItemsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _CatalogService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "halflife.v1.CatalogService",
 	HandlerType: (*CatalogServiceServer)(nil),
@@ -172,6 +218,10 @@ var _CatalogService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetItems",
 			Handler:    _CatalogService_GetItems_Handler,
+		},
+		{
+			MethodName: "ListItems",
+			Handler:    _CatalogService_ListItems_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -31,7 +31,7 @@ import ipaddress
 import json
 import numbers
 import re
-from typing import Mapping, Sequence
+from typing import AsyncIterator, Iterator, Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -50,6 +50,7 @@ from halflife.v1 import (
 
 DEFAULT_PORT = 50051  # `halflife serve`'s
 DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
+MAX_PAGE_SIZE = 1000  # ListItems' largest page (catalog.proto)
 # Calls one connection to `halflife serve` carries at once (its HTTP/2
 # max_concurrent_streams); a client opening more at once can see the extra
 # ones refused UNAVAILABLE, before it has read the server's settings.
@@ -407,6 +408,23 @@ class HalflifeClient:
         request = catalog_pb2.GetItemsRequest(ids=_strings("ids", ids), include_vectors=include_vectors)
         return list(self._catalog.GetItems(request, timeout=_deadline(timeout, self.timeout)).items)
 
+    def list_items(self, *, page_size: int = 0, page_token: str = "", include_vectors: bool = False,
+                   timeout: float | None = None) -> catalog_pb2.ListItemsResponse:
+        """One page of the catalogue, in order of id: `.items` and `.next_page_token` ("" after the last page)."""
+        request = catalog_pb2.ListItemsRequest(page_size=page_size, page_token=page_token, include_vectors=include_vectors)
+        return self._catalog.ListItems(request, timeout=_deadline(timeout, self.timeout))
+
+    def iter_items(self, *, page_size: int = MAX_PAGE_SIZE, include_vectors: bool = False,
+                   timeout: float | None = None) -> Iterator[catalog_pb2.Item]:
+        """Every item of the catalogue, in order of id, a ListItems page at a time (`timeout` per page)."""
+        token = ""
+        while True:
+            page = self.list_items(page_size=page_size, page_token=token, include_vectors=include_vectors,
+                                   timeout=timeout)
+            yield from page.items
+            if not (token := page.next_page_token):
+                return
+
     def record_events(self, events: Sequence[Event | interest_pb2.Event], *, timeout: float | None = None):
         """Records events durably; returns (accepted, duplicates)."""
         response = self._interest.RecordEvents(
@@ -496,6 +514,22 @@ class AsyncHalflifeClient:
     async def get_items(self, ids: Sequence[str], *, include_vectors: bool = False, timeout: float | None = None):
         request = catalog_pb2.GetItemsRequest(ids=_strings("ids", ids), include_vectors=include_vectors)
         return list((await self._catalog.GetItems(request, timeout=_deadline(timeout, self.timeout))).items)
+
+    async def list_items(self, *, page_size: int = 0, page_token: str = "", include_vectors: bool = False,
+                         timeout: float | None = None) -> catalog_pb2.ListItemsResponse:
+        request = catalog_pb2.ListItemsRequest(page_size=page_size, page_token=page_token, include_vectors=include_vectors)
+        return await self._catalog.ListItems(request, timeout=_deadline(timeout, self.timeout))
+
+    async def iter_items(self, *, page_size: int = MAX_PAGE_SIZE, include_vectors: bool = False,
+                         timeout: float | None = None) -> AsyncIterator[catalog_pb2.Item]:
+        token = ""
+        while True:
+            page = await self.list_items(page_size=page_size, page_token=token, include_vectors=include_vectors,
+                                         timeout=timeout)
+            for item in page.items:
+                yield item
+            if not (token := page.next_page_token):
+                return
 
     async def record_events(self, events: Sequence[Event | interest_pb2.Event], *, timeout: float | None = None):
         """Records events durably; returns (accepted, duplicates)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 
 import grpc
 import numpy as np
@@ -12,13 +14,17 @@ from halflife.api.calls import run_with_deadline
 from halflife.api.errors import not_found, translate_errors
 from halflife.api.validation import MAX_ITEMS_PER_REQUEST, UNREADABLE, Violations, to_timestamp
 from halflife.interest.types import ItemInput
-from halflife.texts import MAX_CATEGORIES, blank
+from halflife.storage.base import ItemRecord
+from halflife.texts import MAX_CATEGORIES, blank, name_problem
 from halflife.v1 import catalog_pb2, catalog_pb2_grpc
 
 MAX_ATTRIBUTES = 64
 # Keys and values together, so that 1,000 items of the largest kind still fit
 # one GetItems response (64 MiB by default).
 MAX_ATTRIBUTE_BYTES = 16 * 1024
+# ListItems' page sizes (AIP-158): 0 asks for the default; more than the most is read as the most.
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = MAX_ITEMS_PER_REQUEST
 
 
 def _item_input(item: catalog_pb2.Item, field: str, dim: int, violations: Violations) -> ItemInput | None:
@@ -66,6 +72,37 @@ def _check_ids(ids, violations: Violations) -> None:
     violations.raise_if_any()
 
 
+def _page_token(last_id: str) -> str:
+    """The token of the page after the one that ended at `last_id`: the id
+    itself, base64url without padding (opaque to callers, and URL-safe)."""
+    return base64.urlsafe_b64encode(last_id.encode()).rstrip(b"=").decode("ascii")
+
+
+def _listed_after(token: str, violations: Violations) -> str:
+    """The id a `page_token` lists after ("" for none): only one that
+    `_page_token` made is taken."""
+    if not token:
+        return ""
+    try:
+        last_id = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, ValueError):  # not base64, or not UTF-8 (UnicodeDecodeError is a ValueError)
+        last_id = None
+    if last_id is None or name_problem(last_id) is not None or _page_token(last_id) != token:
+        violations.add("page_token", "is not a token that ListItems returned: give its next_page_token, or none for "
+                                     "the first page")
+    return last_id or ""
+
+
+def _item_message(record: ItemRecord, include_vector: bool) -> catalog_pb2.Item:
+    item = catalog_pb2.Item(id=record.id, text=record.text, categories=record.categories,
+                            attributes=dict(record.attributes))
+    if record.create_time is not None:
+        item.create_time.CopyFrom(to_timestamp(record.create_time))
+    if include_vector:
+        item.vector.extend(record.vector.tolist())
+    return item
+
+
 class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
@@ -103,15 +140,20 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         missing = [(f"ids[{i}]", f"no item {item_id!r}") for i, item_id in enumerate(request.ids) if item_id not in found]
         if missing:
             raise not_found(f"{len(missing)} of the items do not exist", missing)
-        items = []
-        for item_id in request.ids:
-            record = found[item_id]
-            item = catalog_pb2.Item(
-                id=record.id, text=record.text, categories=record.categories, attributes=dict(record.attributes)
-            )
-            if record.create_time is not None:
-                item.create_time.CopyFrom(to_timestamp(record.create_time))
-            if request.include_vectors:
-                item.vector.extend(record.vector.tolist())
-            items.append(item)
-        return catalog_pb2.GetItemsResponse(items=items)
+        return catalog_pb2.GetItemsResponse(items=[_item_message(found[i], request.include_vectors) for i in request.ids])
+
+    @translate_errors
+    async def ListItems(self, request: catalog_pb2.ListItemsRequest, context: grpc.aio.ServicerContext):
+        interest = self._backend.ready().interest
+        violations = Violations()
+        if request.page_size < 0:
+            violations.add("page_size", f"must not be negative, got {request.page_size}: give 0 for the default "
+                                        f"({DEFAULT_PAGE_SIZE}), or up to {MAX_PAGE_SIZE}")
+        after = _listed_after(request.page_token, violations)
+        violations.raise_if_any()
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        records, last_id = await asyncio.to_thread(interest.list_items, after, size)
+        return catalog_pb2.ListItemsResponse(
+            items=[_item_message(record, request.include_vectors) for record in records],
+            next_page_token="" if last_id is None else _page_token(last_id),
+        )

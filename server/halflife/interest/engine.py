@@ -803,6 +803,9 @@ class InterestEngine:
     def get_items(self, ids: Sequence[str]) -> dict[str, ItemRecord]:
         return self.store.get_items(ids)
 
+    def list_items(self, after_id: str, limit: int) -> tuple[list[ItemRecord], str | None]:
+        return self.store.list_items(after_id, limit)
+
     # ----------------------------------------------------------------- events
 
     def record_events(self, events: Sequence[EventInput], deadline: Deadline | None = None) -> tuple[int, int]:

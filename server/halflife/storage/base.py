@@ -161,6 +161,12 @@ class Store(Protocol):
     def iter_items(self) -> Iterator[ItemRecord]:
         """Every item, for building the in-memory catalogue at start."""
 
+    def list_items(self, after_id: str, limit: int) -> tuple[list[ItemRecord], str | None]:
+        """A page of the catalogue in order of id (by UTF-8 bytes): the first
+        `limit` items whose ids follow `after_id` ("": from the first), less
+        any whose vector is damaged, and the id the next page follows (None
+        when no item is left)."""
+
     def record_events(self, events: Sequence[EventRecord], guard: Guard | None = None,
                       items_as_of: int | None = None, stored_before: Collection[str] = (),
                       as_items: Collection[int] = ()) -> list[EventRecord]:

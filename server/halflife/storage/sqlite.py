@@ -760,6 +760,18 @@ class SqliteStore:
 
         return self._read(read)
 
+    def list_items(self, after_id: str, limit: int) -> tuple[list[ItemRecord], str | None]:
+        def read(conn: sqlite3.Connection) -> tuple[list[ItemRecord], str | None]:
+            # One row past the page says whether another follows. SQLite's TEXT order (BINARY) is the
+            # UTF-8 bytes', which is also Python's str order, and the id's own index serves it.
+            rows = conn.execute(_ITEM_SELECT + " WHERE i.id > ? ORDER BY i.id LIMIT ?",
+                                (after_id, limit + 1)).fetchall()
+            page, damaged = rows[:limit], set()
+            items = [item for item in (_item_from(row, damaged) for row in page) if item is not None]
+            return items, page[-1][0] if len(rows) > limit else None
+
+        return self._read(read)
+
     def iter_items(self) -> Iterator[ItemRecord]:
         # The cursor closes with the block: one an exception kept alive (in its traceback) held the
         # pooled reader's snapshot, and later reads on that reader missed newer commits (a review).

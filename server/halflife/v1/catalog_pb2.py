@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19halflife/v1/catalog.proto\x12\x0bhalflife.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdf\x01\n\x04Item\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\ncategories\x18\x03 \x03(\t\x12\x35\n\nattributes\x18\x04 \x03(\x0b\x32!.halflife.v1.Item.AttributesEntry\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06vector\x18\x06 \x03(\x02\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"6\n\x12UpsertItemsRequest\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.halflife.v1.Item\"C\n\x13UpsertItemsResponse\x12\x15\n\rcreated_count\x18\x01 \x01(\x05\x12\x15\n\rupdated_count\x18\x02 \x01(\x05\"!\n\x12\x44\x65leteItemsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\",\n\x13\x44\x65leteItemsResponse\x12\x15\n\rdeleted_count\x18\x01 \x01(\x05\"7\n\x0fGetItemsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x17\n\x0finclude_vectors\x18\x02 \x01(\x08\"4\n\x10GetItemsResponse\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.halflife.v1.Item2\xfd\x01\n\x0e\x43\x61talogService\x12P\n\x0bUpsertItems\x12\x1f.halflife.v1.UpsertItemsRequest\x1a .halflife.v1.UpsertItemsResponse\x12P\n\x0b\x44\x65leteItems\x12\x1f.halflife.v1.DeleteItemsRequest\x1a .halflife.v1.DeleteItemsResponse\x12G\n\x08GetItems\x12\x1c.halflife.v1.GetItemsRequest\x1a\x1d.halflife.v1.GetItemsResponseBR\n\x0f\x64\x65v.halflife.v1P\x01Z=github.com/halflife/halflife/clients/go/halflifev1;halflifev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19halflife/v1/catalog.proto\x12\x0bhalflife.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdf\x01\n\x04Item\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\ncategories\x18\x03 \x03(\t\x12\x35\n\nattributes\x18\x04 \x03(\x0b\x32!.halflife.v1.Item.AttributesEntry\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06vector\x18\x06 \x03(\x02\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"6\n\x12UpsertItemsRequest\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.halflife.v1.Item\"C\n\x13UpsertItemsResponse\x12\x15\n\rcreated_count\x18\x01 \x01(\x05\x12\x15\n\rupdated_count\x18\x02 \x01(\x05\"!\n\x12\x44\x65leteItemsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\",\n\x13\x44\x65leteItemsResponse\x12\x15\n\rdeleted_count\x18\x01 \x01(\x05\"7\n\x0fGetItemsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x17\n\x0finclude_vectors\x18\x02 \x01(\x08\"4\n\x10GetItemsResponse\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.halflife.v1.Item\"R\n\x10ListItemsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x17\n\x0finclude_vectors\x18\x03 \x01(\x08\"N\n\x11ListItemsResponse\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.halflife.v1.Item\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xc9\x02\n\x0e\x43\x61talogService\x12P\n\x0bUpsertItems\x12\x1f.halflife.v1.UpsertItemsRequest\x1a .halflife.v1.UpsertItemsResponse\x12P\n\x0b\x44\x65leteItems\x12\x1f.halflife.v1.DeleteItemsRequest\x1a .halflife.v1.DeleteItemsResponse\x12G\n\x08GetItems\x12\x1c.halflife.v1.GetItemsRequest\x1a\x1d.halflife.v1.GetItemsResponse\x12J\n\tListItems\x12\x1d.halflife.v1.ListItemsRequest\x1a\x1e.halflife.v1.ListItemsResponseBR\n\x0f\x64\x65v.halflife.v1P\x01Z=github.com/halflife/halflife/clients/go/halflifev1;halflifev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,6 +51,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETITEMSREQUEST']._serialized_end=562
   _globals['_GETITEMSRESPONSE']._serialized_start=564
   _globals['_GETITEMSRESPONSE']._serialized_end=616
-  _globals['_CATALOGSERVICE']._serialized_start=619
-  _globals['_CATALOGSERVICE']._serialized_end=872
+  _globals['_LISTITEMSREQUEST']._serialized_start=618
+  _globals['_LISTITEMSREQUEST']._serialized_end=700
+  _globals['_LISTITEMSRESPONSE']._serialized_start=702
+  _globals['_LISTITEMSRESPONSE']._serialized_end=780
+  _globals['_CATALOGSERVICE']._serialized_start=783
+  _globals['_CATALOGSERVICE']._serialized_end=1112
 # @@protoc_insertion_point(module_scope)

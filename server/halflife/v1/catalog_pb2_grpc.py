@@ -58,6 +58,11 @@ class CatalogServiceStub:
                 request_serializer=halflife_dot_v1_dot_catalog__pb2.GetItemsRequest.SerializeToString,
                 response_deserializer=halflife_dot_v1_dot_catalog__pb2.GetItemsResponse.FromString,
                 _registered_method=True)
+        self.ListItems = channel.unary_unary(
+                '/halflife.v1.CatalogService/ListItems',
+                request_serializer=halflife_dot_v1_dot_catalog__pb2.ListItemsRequest.SerializeToString,
+                response_deserializer=halflife_dot_v1_dot_catalog__pb2.ListItemsResponse.FromString,
+                _registered_method=True)
 
 
 class CatalogServiceServicer:
@@ -95,6 +100,19 @@ class CatalogServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListItems(self, request, context):
+        """Lists the catalogue a page at a time, in order of id (by UTF-8 bytes), to
+        reconcile it with the catalogue it mirrors. Each page starts after the
+        last id of the page before: an item that exists from the first page to
+        the last is listed exactly once, and one created, replaced or deleted
+        meanwhile as it stood when the page its id falls in was read.
+        Errors: INVALID_ARGUMENT for a negative `page_size` or a `page_token`
+        that no ListItems returned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CatalogServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +130,11 @@ def add_CatalogServiceServicer_to_server(servicer, server):
                     servicer.GetItems,
                     request_deserializer=halflife_dot_v1_dot_catalog__pb2.GetItemsRequest.FromString,
                     response_serializer=halflife_dot_v1_dot_catalog__pb2.GetItemsResponse.SerializeToString,
+            ),
+            'ListItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListItems,
+                    request_deserializer=halflife_dot_v1_dot_catalog__pb2.ListItemsRequest.FromString,
+                    response_serializer=halflife_dot_v1_dot_catalog__pb2.ListItemsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -204,6 +227,33 @@ class CatalogService:
             '/halflife.v1.CatalogService/GetItems',
             halflife_dot_v1_dot_catalog__pb2.GetItemsRequest.SerializeToString,
             halflife_dot_v1_dot_catalog__pb2.GetItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/halflife.v1.CatalogService/ListItems',
+            halflife_dot_v1_dot_catalog__pb2.ListItemsRequest.SerializeToString,
+            halflife_dot_v1_dot_catalog__pb2.ListItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file halflife/v1/catalog.proto.
  */
 export const file_halflife_v1_catalog: GenFile = /*@__PURE__*/
-  fileDesc("ChloYWxmbGlmZS92MS9jYXRhbG9nLnByb3RvEgtoYWxmbGlmZS52MSLfAQoESXRlbRIKCgJpZBgBIAEoCRIMCgR0ZXh0GAIgASgJEhIKCmNhdGVnb3JpZXMYAyADKAkSNQoKYXR0cmlidXRlcxgEIAMoCzIhLmhhbGZsaWZlLnYxLkl0ZW0uQXR0cmlidXRlc0VudHJ5Ei8KC2NyZWF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZ2ZWN0b3IYBiADKAIaMQoPQXR0cmlidXRlc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiNgoSVXBzZXJ0SXRlbXNSZXF1ZXN0EiAKBWl0ZW1zGAEgAygLMhEuaGFsZmxpZmUudjEuSXRlbSJDChNVcHNlcnRJdGVtc1Jlc3BvbnNlEhUKDWNyZWF0ZWRfY291bnQYASABKAUSFQoNdXBkYXRlZF9jb3VudBgCIAEoBSIhChJEZWxldGVJdGVtc1JlcXVlc3QSCwoDaWRzGAEgAygJIiwKE0RlbGV0ZUl0ZW1zUmVzcG9uc2USFQoNZGVsZXRlZF9jb3VudBgBIAEoBSI3Cg9HZXRJdGVtc1JlcXVlc3QSCwoDaWRzGAEgAygJEhcKD2luY2x1ZGVfdmVjdG9ycxgCIAEoCCI0ChBHZXRJdGVtc1Jlc3BvbnNlEiAKBWl0ZW1zGAEgAygLMhEuaGFsZmxpZmUudjEuSXRlbTL9AQoOQ2F0YWxvZ1NlcnZpY2USUAoLVXBzZXJ0SXRlbXMSHy5oYWxmbGlmZS52MS5VcHNlcnRJdGVtc1JlcXVlc3QaIC5oYWxmbGlmZS52MS5VcHNlcnRJdGVtc1Jlc3BvbnNlElAKC0RlbGV0ZUl0ZW1zEh8uaGFsZmxpZmUudjEuRGVsZXRlSXRlbXNSZXF1ZXN0GiAuaGFsZmxpZmUudjEuRGVsZXRlSXRlbXNSZXNwb25zZRJHCghHZXRJdGVtcxIcLmhhbGZsaWZlLnYxLkdldEl0ZW1zUmVxdWVzdBodLmhhbGZsaWZlLnYxLkdldEl0ZW1zUmVzcG9uc2VCUgoPZGV2LmhhbGZsaWZlLnYxUAFaPWdpdGh1Yi5jb20vaGFsZmxpZmUvaGFsZmxpZmUvY2xpZW50cy9nby9oYWxmbGlmZXYxO2hhbGZsaWZldjFiBnByb3RvMw", [file_google_protobuf_timestamp]);
+  fileDesc("ChloYWxmbGlmZS92MS9jYXRhbG9nLnByb3RvEgtoYWxmbGlmZS52MSLfAQoESXRlbRIKCgJpZBgBIAEoCRIMCgR0ZXh0GAIgASgJEhIKCmNhdGVnb3JpZXMYAyADKAkSNQoKYXR0cmlidXRlcxgEIAMoCzIhLmhhbGZsaWZlLnYxLkl0ZW0uQXR0cmlidXRlc0VudHJ5Ei8KC2NyZWF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZ2ZWN0b3IYBiADKAIaMQoPQXR0cmlidXRlc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiNgoSVXBzZXJ0SXRlbXNSZXF1ZXN0EiAKBWl0ZW1zGAEgAygLMhEuaGFsZmxpZmUudjEuSXRlbSJDChNVcHNlcnRJdGVtc1Jlc3BvbnNlEhUKDWNyZWF0ZWRfY291bnQYASABKAUSFQoNdXBkYXRlZF9jb3VudBgCIAEoBSIhChJEZWxldGVJdGVtc1JlcXVlc3QSCwoDaWRzGAEgAygJIiwKE0RlbGV0ZUl0ZW1zUmVzcG9uc2USFQoNZGVsZXRlZF9jb3VudBgBIAEoBSI3Cg9HZXRJdGVtc1JlcXVlc3QSCwoDaWRzGAEgAygJEhcKD2luY2x1ZGVfdmVjdG9ycxgCIAEoCCI0ChBHZXRJdGVtc1Jlc3BvbnNlEiAKBWl0ZW1zGAEgAygLMhEuaGFsZmxpZmUudjEuSXRlbSJSChBMaXN0SXRlbXNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJEhcKD2luY2x1ZGVfdmVjdG9ycxgDIAEoCCJOChFMaXN0SXRlbXNSZXNwb25zZRIgCgVpdGVtcxgBIAMoCzIRLmhhbGZsaWZlLnYxLkl0ZW0SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJMskCCg5DYXRhbG9nU2VydmljZRJQCgtVcHNlcnRJdGVtcxIfLmhhbGZsaWZlLnYxLlVwc2VydEl0ZW1zUmVxdWVzdBogLmhhbGZsaWZlLnYxLlVwc2VydEl0ZW1zUmVzcG9uc2USUAoLRGVsZXRlSXRlbXMSHy5oYWxmbGlmZS52MS5EZWxldGVJdGVtc1JlcXVlc3QaIC5oYWxmbGlmZS52MS5EZWxldGVJdGVtc1Jlc3BvbnNlEkcKCEdldEl0ZW1zEhwuaGFsZmxpZmUudjEuR2V0SXRlbXNSZXF1ZXN0Gh0uaGFsZmxpZmUudjEuR2V0SXRlbXNSZXNwb25zZRJKCglMaXN0SXRlbXMSHS5oYWxmbGlmZS52MS5MaXN0SXRlbXNSZXF1ZXN0Gh4uaGFsZmxpZmUudjEuTGlzdEl0ZW1zUmVzcG9uc2VCUgoPZGV2LmhhbGZsaWZlLnYxUAFaPWdpdGh1Yi5jb20vaGFsZmxpZmUvaGFsZmxpZmUvY2xpZW50cy9nby9oYWxmbGlmZXYxO2hhbGZsaWZldjFiBnByb3RvMw", [file_google_protobuf_timestamp]);
 
 /**
  * Something users interact with and that can be recommended.
@@ -224,6 +224,71 @@ export const GetItemsResponseSchema: GenMessage<GetItemsResponse> = /*@__PURE__*
   messageDesc(file_halflife_v1_catalog, 6);
 
 /**
+ * Input of CatalogService.ListItems.
+ *
+ * @generated from message halflife.v1.ListItemsRequest
+ */
+export type ListItemsRequest = Message<"halflife.v1.ListItemsRequest"> & {
+  /**
+   * Most items in the page: 0 means 100, more than 1000 means 1000.
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * `next_page_token` of the page before; empty for the first page.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+
+  /**
+   * When true, each item's stored (normalised) vector is returned too.
+   *
+   * @generated from field: bool include_vectors = 3;
+   */
+  includeVectors: boolean;
+};
+
+/**
+ * Describes the message halflife.v1.ListItemsRequest.
+ * Use `create(ListItemsRequestSchema)` to create a new message.
+ */
+export const ListItemsRequestSchema: GenMessage<ListItemsRequest> = /*@__PURE__*/
+  messageDesc(file_halflife_v1_catalog, 7);
+
+/**
+ * Output of CatalogService.ListItems.
+ *
+ * @generated from message halflife.v1.ListItemsResponse
+ */
+export type ListItemsResponse = Message<"halflife.v1.ListItemsResponse"> & {
+  /**
+   * The page's items, in order of id. A page can hold fewer than
+   * `page_size` items when more follow (an item whose stored vector is
+   * damaged is left out, as GetItems leaves it out).
+   *
+   * @generated from field: repeated halflife.v1.Item items = 1;
+   */
+  items: Item[];
+
+  /**
+   * Pass it as `page_token` for the next page; empty after the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message halflife.v1.ListItemsResponse.
+ * Use `create(ListItemsResponseSchema)` to create a new message.
+ */
+export const ListItemsResponseSchema: GenMessage<ListItemsResponse> = /*@__PURE__*/
+  messageDesc(file_halflife_v1_catalog, 8);
+
+/**
  * The item catalogue: what can be recommended. Items are embedded from their
  * text (or take a precomputed vector) once, when upserted, and kept with their
  * vectors, so a restart never re-embeds the catalogue.
@@ -268,6 +333,22 @@ export const CatalogService: GenService<{
     methodKind: "unary";
     input: typeof GetItemsRequestSchema;
     output: typeof GetItemsResponseSchema;
+  },
+  /**
+   * Lists the catalogue a page at a time, in order of id (by UTF-8 bytes), to
+   * reconcile it with the catalogue it mirrors. Each page starts after the
+   * last id of the page before: an item that exists from the first page to
+   * the last is listed exactly once, and one created, replaced or deleted
+   * meanwhile as it stood when the page its id falls in was read.
+   * Errors: INVALID_ARGUMENT for a negative `page_size` or a `page_token`
+   * that no ListItems returned.
+   *
+   * @generated from rpc halflife.v1.CatalogService.ListItems
+   */
+  listItems: {
+    methodKind: "unary";
+    input: typeof ListItemsRequestSchema;
+    output: typeof ListItemsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_halflife_v1_catalog, 0);
