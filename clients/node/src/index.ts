@@ -62,6 +62,8 @@ const HTTP2_WINDOW_BYTES = 65_535;
  * Python and Go clients do.
  */
 export const RETRY_ATTEMPTS = 4;
+/** ListItems' largest page (catalog.proto). */
+export const MAX_PAGE_SIZE = 1000;
 
 /** What every call takes: its deadline (default the client's `timeoutMs`) and a signal that cancels it. */
 export interface CallInput {
@@ -105,6 +107,17 @@ export interface StoredItem {
   createTime?: Date;
   /** The embedding when asked for with `includeVectors`; empty otherwise. */
   vector: number[];
+}
+
+function storedItem(i: ItemMessage): StoredItem {
+  return {
+    id: i.id,
+    text: i.text,
+    categories: [...i.categories],
+    attributes: { ...i.attributes },
+    createTime: i.createTime ? timestampDate(i.createTime) : undefined,
+    vector: Array.from(i.vector),
+  };
 }
 
 /** Event types by lower-case name: "view", "click", "add_to_cart", ... */
@@ -511,14 +524,37 @@ export class HalflifeClient {
       { ids: strings("ids", ids), includeVectors: options.includeVectors ?? false },
       this.opts(options),
     );
-    return response.items.map((i: ItemMessage) => ({
-      id: i.id,
-      text: i.text,
-      categories: [...i.categories],
-      attributes: { ...i.attributes },
-      createTime: i.createTime ? timestampDate(i.createTime) : undefined,
-      vector: Array.from(i.vector),
-    }));
+    return response.items.map(storedItem);
+  }
+
+  /**
+   * One page of the catalogue, in order of id: `nextPageToken` goes back as `pageToken` for the next page, and
+   * is "" after the last. `pageSize` 0 (the default) is 100; more than 1000 is 1000.
+   */
+  async listItems(
+    options: { pageSize?: number; pageToken?: string; includeVectors?: boolean } & CallInput = {},
+  ): Promise<{ items: StoredItem[]; nextPageToken: string }> {
+    const response = await this.raw.catalog.listItems(
+      {
+        pageSize: options.pageSize ?? 0,
+        pageToken: options.pageToken ?? "",
+        includeVectors: options.includeVectors ?? false,
+      },
+      this.opts(options),
+    );
+    return { items: response.items.map(storedItem), nextPageToken: response.nextPageToken };
+  }
+
+  /** Every item of the catalogue, in order of id, a `listItems` page (of 1000 unless `pageSize`) at a time. */
+  async *items(
+    options: { pageSize?: number; includeVectors?: boolean } & CallInput = {},
+  ): AsyncGenerator<StoredItem, void, undefined> {
+    let pageToken = "";
+    do {
+      const page = await this.listItems({ pageSize: MAX_PAGE_SIZE, ...options, pageToken });
+      yield* page.items;
+      pageToken = page.nextPageToken;
+    } while (pageToken);
   }
 
   /** Records events (atomic, idempotent by eventId, durable on return). */

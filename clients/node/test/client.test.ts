@@ -94,6 +94,24 @@ describe("HalflifeClient against a live server", () => {
     assert.equal(espresso.vector.length, 384);
   });
 
+  it("lists the catalogue a page at a time, in order of id", async () => {
+    const all = [];
+    for await (const item of client.items({ pageSize: 2 })) all.push(item);
+    const ids = all.map((item) => item.id);
+    assert.deepEqual(ids, ITEMS.map((item) => item.id).sort());
+    assert.deepEqual(all.find((item) => item.id === "espresso")?.attributes, { brand: "Acme" });
+    const first = await client.listItems({ pageSize: 4 });
+    assert.deepEqual(first.items.map((item) => item.id), ids.slice(0, 4));
+    const rest = await client.listItems({ pageToken: first.nextPageToken, includeVectors: true });
+    assert.deepEqual(rest.items.map((item) => item.id), ids.slice(4));
+    assert.equal(rest.nextPageToken, "");
+    assert.equal(rest.items[0].vector.length, 384);
+    await assert.rejects(client.listItems({ pageToken: "not a token" }), (error: unknown) => {
+      assert.deepEqual(fieldViolations(error).map((v) => v.field), ["page_token"]);
+      return true;
+    });
+  });
+
   it("records events idempotently and recommends from them", async () => {
     const events = [
       { eventId: "e1", userId: "ana", type: "view" as const, itemId: "boots", eventTime: minutes(0) },
