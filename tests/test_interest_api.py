@@ -10,6 +10,7 @@ wall clock except the "more than a day in the future" check.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import math
@@ -114,6 +115,15 @@ def ev(event_id: str, user_id: str, kind: int, item_id: str = "", *, text: str =
     if at is not None:
         event.event_time.CopyFrom(to_timestamp(at))
     return event
+
+
+def token_text(token: str) -> str:
+    """What a page token spells (base64url without padding), to forge others from."""
+    return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+
+
+def page_token_of(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
 
 
 def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
@@ -363,6 +373,65 @@ def test_list_items_refuses_tokens_it_did_not_make_and_negative_sizes(client):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["page_size", "page_token"]
     assert "-1" in dict(field_violations(error))["page_size"]
     assert client.list_items(page_size=1, page_token=token).items  # and it goes on serving
+
+
+def test_list_events_pages_through_a_users_log_as_recorded(client):
+    user, other = "log-user", "log-other"
+    first = [ev("log-3", user, RATE, "romcom-0", value=4.5, at=T0 - DAY),
+             ev("log-1", user, SEARCH, text="space opera with a heist", at=T0 - 3 * DAY),  # recorded, not event, order
+             ev("log-x", other, LIKE, "scifi-1", at=T0 - DAY),
+             ev("log-2", user, REVIEW, "scifi-0", text="Loved the ship's AI", at=T0 - 2 * DAY),
+             ev("log-4", user, VIEW, "cook-0", text=" \u200b ", at=T0 - DAY + dt.timedelta(microseconds=250))]
+    unstamped = ev("log-5", user, CLICK, "sport-0")  # the server's time
+    assert client.record_events(first) == (5, 0)
+    before = dt.datetime.now(dt.timezone.utc)
+    assert client.record_events([unstamped]) == (1, 0)
+    after = dt.datetime.now(dt.timezone.utc)
+
+    pages, token = [], ""
+    while True:
+        page = client.list_events(user, page_size=2, page_token=token)
+        pages.append([e.event_id for e in page.events])
+        if not (token := page.next_page_token):
+            break
+    assert pages == [["log-3", "log-1"], ["log-2", "log-4"], ["log-5"]]
+    listed = {e.event_id: e for e in client.iter_events(user)}
+    assert list(listed) == ["log-3", "log-1", "log-2", "log-4", "log-5"]
+    for sent in first:
+        if sent.user_id == user and sent.event_id != "log-4":
+            assert listed[sent.event_id] == sent  # every field as sent: value set or not, text, time
+    assert listed["log-3"].HasField("value") and not listed["log-2"].HasField("value")
+    blank = listed["log-4"]  # its text of nothing readable beside an item: none, as stored
+    blank_time = blank.event_time.ToDatetime(dt.timezone.utc)
+    assert (blank.text, blank.item_id, blank_time) == ("", "cook-0", T0 - DAY + dt.timedelta(microseconds=250))
+    assert before <= listed["log-5"].event_time.ToDatetime(dt.timezone.utc) <= after
+    assert [e.event_id for e in client.iter_events(other)] == ["log-x"]
+    assert not client.list_events("log-nobody").events and not client.list_events("log-nobody").next_page_token
+
+    # Events recorded while paging come on later pages; an erased user has none.
+    page = client.list_events(user, page_size=4)
+    assert len(page.events) == 4 and page.next_page_token
+    client.record_events([ev("log-6", user, LIKE, "scifi-2", at=T0)])
+    rest = client.list_events(user, page_token=page.next_page_token)
+    assert [e.event_id for e in rest.events] == ["log-5", "log-6"] and not rest.next_page_token
+    assert client.delete_user(user) == 6
+    assert not client.list_events(user).events and not client.list_events(user, page_token=page.next_page_token).events
+
+
+def test_list_events_refuses_bad_users_sizes_and_tokens(client):
+    client.record_events([ev(f"tok-{n}", f"tok-user-{n % 2}", VIEW, "scifi-0", at=T0) for n in range(4)])
+    token = client.list_events("tok-user-0", page_size=1).next_page_token
+    assert client.list_events("tok-user-0", page_token=token).events  # the same user: fine
+    error = rpc_error(client.list_events, "tok-user-1", page_token=token)  # another user's place in the log
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["page_token"]
+    items_token = client.list_items(page_size=1).next_page_token
+    for bad in (items_token, "not a token", token + "=", page_token_of("007." + token_text(token).split(".")[1]),
+                page_token_of("99999999999999999999." + token_text(token).split(".")[1])):
+        error = rpc_error(client.list_events, "tok-user-0", page_token=bad)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["page_token"], bad
+    error = rpc_error(client.list_events, "", page_size=-5)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["user_id", "page_size"]
+    assert len(client.list_events("tok-user-0", page_size=5000).events) == 2  # more than the most is the most
 
 
 def test_delete_items_is_idempotent_and_deleted_items_are_never_recommended(client):

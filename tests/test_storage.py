@@ -267,6 +267,21 @@ def test_list_items_pages_in_utf8_byte_order_from_the_id_after(store):
     assert store.list_items("\U0001f600", 5) == ([], None)
 
 
+def test_list_user_events_pages_one_users_log_in_seq_order(store):
+    store.record_events([event(f"e{k}", user_id=f"u{k % 3}", event_time=float(100 - k),
+                               value=float(k) if k % 2 else None) for k in range(10)])
+    pages, after = [], 0
+    while after is not None:
+        page, after = store.list_user_events("u1", after, 2)
+        pages.append([(e.event_id, e.seq, e.value, e.event_time, e.vector) for e in page])
+    assert pages == [[("e1", 2, 1.0, 99.0, None), ("e4", 5, None, 96.0, None)], [("e7", 8, 7.0, 93.0, None)]]
+    full, more = store.list_user_events("u0", 0, 4)  # the page that ends the log says so
+    assert [e.event_id for e in full] == ["e0", "e3", "e6", "e9"] and more is None
+    assert store.list_user_events("u0", 0, 3)[1] == 7 and store.list_user_events("nobody", 0, 5) == ([], None)
+    store.delete_user("u0")
+    assert store.list_user_events("u0", 0, 5) == ([], None)
+
+
 def test_ids_with_nul_are_refused_and_never_reach_another_row(store):
     # SQLite's json_each (3.40) cuts "a\0b" to "a": each lookup by a list of
     # ids would then read, update or delete item "a" instead.

@@ -40,6 +40,15 @@ type InterestServiceClient interface {
 	// events recorded while it runs are erased if they are stored before its
 	// delete, kept if after; other calls go on meanwhile.
 	DeleteUser(ctx context.Context, in *DeleteUserRequest, opts ...grpc.CallOption) (*DeleteUserResponse, error)
+	// Lists the events stored for a user, in the order they were recorded, a
+	// page at a time: what the service holds of them (GetProfile says what it
+	// made of it), for an access request or to see why they got what they got.
+	// An unknown or erased user has none, which is not an error. Each page
+	// starts after the last event of the page before, so events recorded
+	// while paging come on later pages. Errors: INVALID_ARGUMENT (bad
+	// user_id, negative page_size, a page_token ListEvents did not return for
+	// this user_id) with a BadRequest field violation each.
+	ListEvents(ctx context.Context, in *ListEventsRequest, opts ...grpc.CallOption) (*ListEventsResponse, error)
 }
 
 type interestServiceClient struct {
@@ -77,6 +86,15 @@ func (c *interestServiceClient) DeleteUser(ctx context.Context, in *DeleteUserRe
 	return out, nil
 }
 
+func (c *interestServiceClient) ListEvents(ctx context.Context, in *ListEventsRequest, opts ...grpc.CallOption) (*ListEventsResponse, error) {
+	out := new(ListEventsResponse)
+	err := c.cc.Invoke(ctx, "/halflife.v1.InterestService/ListEvents", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // InterestServiceServer is the server API for InterestService service.
 // All implementations must embed UnimplementedInterestServiceServer
 // for forward compatibility
@@ -104,6 +122,15 @@ type InterestServiceServer interface {
 	// events recorded while it runs are erased if they are stored before its
 	// delete, kept if after; other calls go on meanwhile.
 	DeleteUser(context.Context, *DeleteUserRequest) (*DeleteUserResponse, error)
+	// Lists the events stored for a user, in the order they were recorded, a
+	// page at a time: what the service holds of them (GetProfile says what it
+	// made of it), for an access request or to see why they got what they got.
+	// An unknown or erased user has none, which is not an error. Each page
+	// starts after the last event of the page before, so events recorded
+	// while paging come on later pages. Errors: INVALID_ARGUMENT (bad
+	// user_id, negative page_size, a page_token ListEvents did not return for
+	// this user_id) with a BadRequest field violation each.
+	ListEvents(context.Context, *ListEventsRequest) (*ListEventsResponse, error)
 	mustEmbedUnimplementedInterestServiceServer()
 }
 
@@ -119,6 +146,9 @@ func (UnimplementedInterestServiceServer) GetProfile(context.Context, *GetProfil
 }
 func (UnimplementedInterestServiceServer) DeleteUser(context.Context, *DeleteUserRequest) (*DeleteUserResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method DeleteUser not implemented")
+}
+func (UnimplementedInterestServiceServer) ListEvents(context.Context, *ListEventsRequest) (*ListEventsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListEvents not implemented")
 }
 func (UnimplementedInterestServiceServer) mustEmbedUnimplementedInterestServiceServer() {}
 
@@ -187,6 +217,24 @@ func _InterestService_DeleteUser_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _InterestService_ListEvents_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListEventsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(InterestServiceServer).ListEvents(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/halflife.v1.InterestService/ListEvents",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(InterestServiceServer).ListEvents(ctx, req.(*ListEventsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _InterestService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "halflife.v1.InterestService",
 	HandlerType: (*InterestServiceServer)(nil),
@@ -202,6 +250,10 @@ var _InterestService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DeleteUser",
 			Handler:    _InterestService_DeleteUser_Handler,
+		},
+		{
+			MethodName: "ListEvents",
+			Handler:    _InterestService_ListEvents_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -31,7 +31,7 @@ import ipaddress
 import json
 import numbers
 import re
-from typing import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -50,7 +50,7 @@ from halflife.v1 import (
 
 DEFAULT_PORT = 50051  # `halflife serve`'s
 DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
-MAX_PAGE_SIZE = 1000  # ListItems' largest page (catalog.proto)
+MAX_PAGE_SIZE = 1000  # the List RPCs' largest page (ListItems, ListEvents)
 # Calls one connection to `halflife serve` carries at once (its HTTP/2
 # max_concurrent_streams); a client opening more at once can see the extra
 # ones refused UNAVAILABLE, before it has read the server's settings.
@@ -338,6 +338,28 @@ def _vectors(response: embedding_pb2.EmbedResponse) -> np.ndarray:
     return np.array([e.values for e in response.embeddings], dtype=np.float32)
 
 
+def _paged(list_page: Callable[[str], Any], field: str) -> Iterator:
+    """The `field` elements of every page a List RPC returns, from the first
+    on: list_page(page_token) calls it for one page."""
+    token = ""
+    while True:
+        page = list_page(token)
+        yield from getattr(page, field)
+        if not (token := page.next_page_token):
+            return
+
+
+async def _paged_async(list_page: Callable[[str], Awaitable], field: str) -> AsyncIterator:
+    """_paged of an asyncio client's List RPC."""
+    token = ""
+    while True:
+        page = await list_page(token)
+        for element in getattr(page, field):
+            yield element
+        if not (token := page.next_page_token):
+            return
+
+
 def _own_channel(channel, credentials, interceptors) -> bool:
     """Whether the caller brought a channel; ValueError where they also
     asked for what only a channel made here gets."""
@@ -417,13 +439,8 @@ class HalflifeClient:
     def iter_items(self, *, page_size: int = MAX_PAGE_SIZE, include_vectors: bool = False,
                    timeout: float | None = None) -> Iterator[catalog_pb2.Item]:
         """Every item of the catalogue, in order of id, a ListItems page at a time (`timeout` per page)."""
-        token = ""
-        while True:
-            page = self.list_items(page_size=page_size, page_token=token, include_vectors=include_vectors,
-                                   timeout=timeout)
-            yield from page.items
-            if not (token := page.next_page_token):
-                return
+        return _paged(lambda token: self.list_items(page_size=page_size, page_token=token,
+                                                    include_vectors=include_vectors, timeout=timeout), "items")
 
     def record_events(self, events: Sequence[Event | interest_pb2.Event], *, timeout: float | None = None):
         """Records events durably; returns (accepted, duplicates)."""
@@ -437,6 +454,18 @@ class HalflifeClient:
 
     def delete_user(self, user_id: str, *, timeout: float | None = None) -> int:
         return self._interest.DeleteUser(interest_pb2.DeleteUserRequest(user_id=user_id), timeout=_deadline(timeout, self.timeout)).deleted_event_count
+
+    def list_events(self, user_id: str, *, page_size: int = 0, page_token: str = "",
+                    timeout: float | None = None) -> interest_pb2.ListEventsResponse:
+        """One page of the user's stored events, in the order recorded: `.events` and `.next_page_token`."""
+        request = interest_pb2.ListEventsRequest(user_id=user_id, page_size=page_size, page_token=page_token)
+        return self._interest.ListEvents(request, timeout=_deadline(timeout, self.timeout))
+
+    def iter_events(self, user_id: str, *, page_size: int = MAX_PAGE_SIZE,
+                    timeout: float | None = None) -> Iterator[interest_pb2.Event]:
+        """Every event stored for the user, in the order recorded, a ListEvents page at a time."""
+        return _paged(lambda token: self.list_events(user_id, page_size=page_size, page_token=token,
+                                                     timeout=timeout), "events")
 
     def recommend(
         self, user_id: str, limit: int = 10, *, as_of: dt.datetime | None = None, include_seen: bool = False,
@@ -520,16 +549,10 @@ class AsyncHalflifeClient:
         request = catalog_pb2.ListItemsRequest(page_size=page_size, page_token=page_token, include_vectors=include_vectors)
         return await self._catalog.ListItems(request, timeout=_deadline(timeout, self.timeout))
 
-    async def iter_items(self, *, page_size: int = MAX_PAGE_SIZE, include_vectors: bool = False,
-                         timeout: float | None = None) -> AsyncIterator[catalog_pb2.Item]:
-        token = ""
-        while True:
-            page = await self.list_items(page_size=page_size, page_token=token, include_vectors=include_vectors,
-                                         timeout=timeout)
-            for item in page.items:
-                yield item
-            if not (token := page.next_page_token):
-                return
+    def iter_items(self, *, page_size: int = MAX_PAGE_SIZE, include_vectors: bool = False,
+                   timeout: float | None = None) -> AsyncIterator[catalog_pb2.Item]:
+        return _paged_async(lambda token: self.list_items(page_size=page_size, page_token=token,
+                                                          include_vectors=include_vectors, timeout=timeout), "items")
 
     async def record_events(self, events: Sequence[Event | interest_pb2.Event], *, timeout: float | None = None):
         """Records events durably; returns (accepted, duplicates)."""
@@ -543,6 +566,16 @@ class AsyncHalflifeClient:
 
     async def delete_user(self, user_id: str, *, timeout: float | None = None) -> int:
         return (await self._interest.DeleteUser(interest_pb2.DeleteUserRequest(user_id=user_id), timeout=_deadline(timeout, self.timeout))).deleted_event_count
+
+    async def list_events(self, user_id: str, *, page_size: int = 0, page_token: str = "",
+                          timeout: float | None = None) -> interest_pb2.ListEventsResponse:
+        request = interest_pb2.ListEventsRequest(user_id=user_id, page_size=page_size, page_token=page_token)
+        return await self._interest.ListEvents(request, timeout=_deadline(timeout, self.timeout))
+
+    def iter_events(self, user_id: str, *, page_size: int = MAX_PAGE_SIZE,
+                    timeout: float | None = None) -> AsyncIterator[interest_pb2.Event]:
+        return _paged_async(lambda token: self.list_events(user_id, page_size=page_size, page_token=token,
+                                                           timeout=timeout), "events")
 
     async def recommend(
         self, user_id: str, limit: int = 10, *, as_of: dt.datetime | None = None, include_seen: bool = False,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 
 import grpc
 import numpy as np
@@ -12,6 +10,7 @@ import numpy as np
 from halflife.api.backend import Backend
 from halflife.api.calls import run_with_deadline
 from halflife.api.errors import not_found, translate_errors
+from halflife.api.paging import page_size, page_token, token_position
 from halflife.api.validation import MAX_ITEMS_PER_REQUEST, UNREADABLE, Violations, to_timestamp
 from halflife.interest.types import ItemInput
 from halflife.storage.base import ItemRecord
@@ -22,9 +21,6 @@ MAX_ATTRIBUTES = 64
 # Keys and values together, so that 1,000 items of the largest kind still fit
 # one GetItems response (64 MiB by default).
 MAX_ATTRIBUTE_BYTES = 16 * 1024
-# ListItems' page sizes (AIP-158): 0 asks for the default; more than the most is read as the most.
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = MAX_ITEMS_PER_REQUEST
 
 
 def _item_input(item: catalog_pb2.Item, field: str, dim: int, violations: Violations) -> ItemInput | None:
@@ -70,27 +66,6 @@ def _check_ids(ids, violations: Violations) -> None:
         for i, item_id in enumerate(ids):
             violations.identifier(item_id, f"ids[{i}]")
     violations.raise_if_any()
-
-
-def _page_token(last_id: str) -> str:
-    """The token of the page after the one that ended at `last_id`: the id
-    itself, base64url without padding (opaque to callers, and URL-safe)."""
-    return base64.urlsafe_b64encode(last_id.encode()).rstrip(b"=").decode("ascii")
-
-
-def _listed_after(token: str, violations: Violations) -> str:
-    """The id a `page_token` lists after ("" for none): only one that
-    `_page_token` made is taken."""
-    if not token:
-        return ""
-    try:
-        last_id = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    except (binascii.Error, ValueError):  # not base64, or not UTF-8 (UnicodeDecodeError is a ValueError)
-        last_id = None
-    if last_id is None or _page_token(last_id) != token:
-        violations.add("page_token", "is not a token that ListItems returned: give its next_page_token, or none for "
-                                     "the first page")
-    return last_id or ""
 
 
 def _item_message(record: ItemRecord, include_vector: bool) -> catalog_pb2.Item:
@@ -146,14 +121,11 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     async def ListItems(self, request: catalog_pb2.ListItemsRequest, context: grpc.aio.ServicerContext):
         interest = self._backend.ready().interest
         violations = Violations()
-        if request.page_size < 0:
-            violations.add("page_size", f"must not be negative, got {request.page_size}: give 0 for the default "
-                                        f"({DEFAULT_PAGE_SIZE}), or up to {MAX_PAGE_SIZE}")
-        after = _listed_after(request.page_token, violations)
+        size = page_size(request.page_size, violations)
+        after = token_position(request.page_token, violations, "ListItems")
         violations.raise_if_any()
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         records, last_id = await asyncio.to_thread(interest.list_items, after, size)
         return catalog_pb2.ListItemsResponse(
             items=[_item_message(record, request.include_vectors) for record in records],
-            next_page_token="" if last_id is None else _page_token(last_id),
+            next_page_token="" if last_id is None else page_token(last_id),
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import zlib
 from typing import Iterable, Sequence
 
 import grpc
@@ -10,6 +12,7 @@ import grpc
 from halflife.api.backend import Backend
 from halflife.api.calls import run_with_deadline
 from halflife.api.errors import aborted, not_found, translate_errors
+from halflife.api.paging import page_size, page_token, token_position
 from halflife.api.validation import (
     MAX_EVENTS_PER_REQUEST,
     MAX_FUTURE_SECONDS,
@@ -23,7 +26,7 @@ from halflife.api.validation import (
 from halflife.config import MAX_PER_INTEREST
 from halflife.interest.engine import RECORD_ATTEMPTS
 from halflife.interest.types import EventInput, UnknownItemsError
-from halflife.storage.base import ItemsChangedError
+from halflife.storage.base import EventRecord, ItemsChangedError
 from halflife.texts import MAX_TEXT_BYTES, blank
 from halflife.v1 import interest_pb2, interest_pb2_grpc
 
@@ -107,6 +110,36 @@ def _event_inputs(events: Iterable[interest_pb2.Event], now: float, violations: 
         else:
             out.append(_event_input(event, f"events[{i}]", now, violations))
     return out
+
+
+def _log_position(seq: int, user_id: str) -> str:
+    """Where a ListEvents page ends: the seq, and the user's checksum, so
+    that a token sent with another user_id is refused (AIP-158), not read as
+    a place in that user's log."""
+    return f"{seq}.{zlib.crc32(user_id.encode()):08x}"
+
+
+def _listed_after(position: str | None, user_id: str, violations: Violations) -> int:
+    """The seq a ListEvents page token (`token_position`'s) lists after: 0 for
+    the first page; a position not made for `user_id` is a violation."""
+    if not position:
+        return 0
+    seq = position.partition(".")[0]
+    # At most 18 digits: any seq, and nothing past SQLite's integers.
+    if not (seq.isascii() and seq.isdigit() and len(seq) <= 18) or position != _log_position(int(seq), user_id):
+        violations.add("page_token", "is not a token that ListEvents returned for this user_id")
+        return 0
+    return int(seq)
+
+
+def _event_message(record: EventRecord) -> interest_pb2.Event:
+    """A stored event as the API spells it."""
+    event = interest_pb2.Event(event_id=record.event_id, user_id=record.user_id, type=record.type,
+                               item_id=record.item_id or "", text=record.text or "",
+                               event_time=to_timestamp(record.event_time))
+    if record.value is not None:
+        event.value = record.value
+    return event
 
 
 def _check_repeats(events: list[EventInput | None], sent: Sequence[interest_pb2.Event], violations: Violations) -> None:
@@ -193,3 +226,18 @@ class InterestServicer(interest_pb2_grpc.InterestServiceServicer):
         violations.raise_if_any()
         deleted = await run_with_deadline(context, interest.delete_user, request.user_id)
         return interest_pb2.DeleteUserResponse(deleted_event_count=deleted)
+
+    @translate_errors
+    async def ListEvents(self, request: interest_pb2.ListEventsRequest, context: grpc.aio.ServicerContext):
+        interest = self._backend.ready().interest
+        violations = Violations()
+        violations.identifier(request.user_id, "user_id")
+        size = page_size(request.page_size, violations)
+        after = _listed_after(token_position(request.page_token, violations, "ListEvents"), request.user_id,
+                              violations)
+        violations.raise_if_any()
+        records, last_seq = await asyncio.to_thread(interest.list_user_events, request.user_id, after, size)
+        return interest_pb2.ListEventsResponse(
+            events=[_event_message(record) for record in records],
+            next_page_token="" if last_seq is None else page_token(_log_position(last_seq, request.user_id)),
+        )

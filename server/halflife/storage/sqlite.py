@@ -336,19 +336,20 @@ def _in_order(conn: sqlite3.Connection, seqs: list[int]) -> list[EventRecord]:
 
 
 def _events_where(conn: sqlite3.Connection, where: str, params: tuple,
-                  vectors_of: Callable[[str], bool] | None = None) -> list[EventRecord]:
-    """Events matching `where` (over `events e`), in seq order, with vectors:
-    those of the users `vectors_of` picks where given (the others' None),
-    read in a second statement: call inside a read transaction then."""
+                  vectors_of: Callable[[str], bool] | None = None, limit: int = -1) -> list[EventRecord]:
+    """The first `limit` (-1: all) events matching `where` (over `events e`),
+    in seq order, with vectors: those of the users `vectors_of` picks where
+    given (the others' None), read in a second statement: call inside a read
+    transaction then."""
     # Each row: the event's columns, then its vector's data, hash and id.
     columns = "e.seq, e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time"
     if vectors_of is None:
         rows = conn.execute(f"""SELECT {columns}, v.data, v.hash, v.id
                                 FROM events e JOIN vectors v ON v.id = e.vector_id
-                                WHERE {where} ORDER BY e.seq""", params)
+                                WHERE {where} ORDER BY e.seq LIMIT ?""", (*params, limit))
     else:
-        rows = conn.execute(f"SELECT {columns}, NULL, NULL, e.vector_id FROM events e WHERE {where} ORDER BY e.seq",
-                            params).fetchall()
+        rows = conn.execute(f"""SELECT {columns}, NULL, NULL, e.vector_id FROM events e
+                                WHERE {where} ORDER BY e.seq LIMIT ?""", (*params, limit)).fetchall()
         wanted = sorted({row[10] for row in rows if vectors_of(row[2])})
         vectors: dict[int, tuple[bytes, bytes]] = {}
         for chunk in _chunks(conn, wanted):
@@ -883,6 +884,12 @@ class SqliteStore:
 
     def user_events(self, user_id: str) -> list[EventRecord]:
         return self._read(lambda conn: _events_where(conn, "e.user_id = ?", (user_id,)))
+
+    def list_user_events(self, user_id: str, after_seq: int, limit: int) -> tuple[list[EventRecord], int | None]:
+        # One row past the page says whether another follows; the events(user_id, seq) index serves it.
+        events = self._read(lambda conn: _events_where(conn, "e.user_id = ? AND e.seq > ?", (user_id, after_seq),
+                                                       vectors_of=lambda _: False, limit=limit + 1))
+        return events[:limit], events[limit - 1].seq if len(events) > limit else None
 
     def events_between(self, after_seq: int, through_seq: int,
                        vectors_of: Callable[[str], bool] | None = None) -> list[EventRecord]:

@@ -56,6 +56,11 @@ class InterestServiceStub:
                 request_serializer=halflife_dot_v1_dot_interest__pb2.DeleteUserRequest.SerializeToString,
                 response_deserializer=halflife_dot_v1_dot_interest__pb2.DeleteUserResponse.FromString,
                 _registered_method=True)
+        self.ListEvents = channel.unary_unary(
+                '/halflife.v1.InterestService/ListEvents',
+                request_serializer=halflife_dot_v1_dot_interest__pb2.ListEventsRequest.SerializeToString,
+                response_deserializer=halflife_dot_v1_dot_interest__pb2.ListEventsResponse.FromString,
+                _registered_method=True)
 
 
 class InterestServiceServicer:
@@ -106,6 +111,20 @@ class InterestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEvents(self, request, context):
+        """Lists the events stored for a user, in the order they were recorded, a
+        page at a time: what the service holds of them (GetProfile says what it
+        made of it), for an access request or to see why they got what they got.
+        An unknown or erased user has none, which is not an error. Each page
+        starts after the last event of the page before, so events recorded
+        while paging come on later pages. Errors: INVALID_ARGUMENT (bad
+        user_id, negative page_size, a page_token ListEvents did not return for
+        this user_id) with a BadRequest field violation each.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InterestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +142,11 @@ def add_InterestServiceServicer_to_server(servicer, server):
                     servicer.DeleteUser,
                     request_deserializer=halflife_dot_v1_dot_interest__pb2.DeleteUserRequest.FromString,
                     response_serializer=halflife_dot_v1_dot_interest__pb2.DeleteUserResponse.SerializeToString,
+            ),
+            'ListEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvents,
+                    request_deserializer=halflife_dot_v1_dot_interest__pb2.ListEventsRequest.FromString,
+                    response_serializer=halflife_dot_v1_dot_interest__pb2.ListEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -213,6 +237,33 @@ class InterestService:
             '/halflife.v1.InterestService/DeleteUser',
             halflife_dot_v1_dot_interest__pb2.DeleteUserRequest.SerializeToString,
             halflife_dot_v1_dot_interest__pb2.DeleteUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/halflife.v1.InterestService/ListEvents',
+            halflife_dot_v1_dot_interest__pb2.ListEventsRequest.SerializeToString,
+            halflife_dot_v1_dot_interest__pb2.ListEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file halflife/v1/interest.proto.
  */
 export const file_halflife_v1_interest: GenFile = /*@__PURE__*/
-  fileDesc("ChpoYWxmbGlmZS92MS9pbnRlcmVzdC5wcm90bxILaGFsZmxpZmUudjEivQEKBUV2ZW50EhAKCGV2ZW50X2lkGAEgASgJEg8KB3VzZXJfaWQYAiABKAkSJAoEdHlwZRgDIAEoDjIWLmhhbGZsaWZlLnYxLkV2ZW50VHlwZRIPCgdpdGVtX2lkGAQgASgJEgwKBHRleHQYBSABKAkSEgoFdmFsdWUYBiABKAFIAIgBARIuCgpldmVudF90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIICgZfdmFsdWUiOQoTUmVjb3JkRXZlbnRzUmVxdWVzdBIiCgZldmVudHMYASADKAsyEi5oYWxmbGlmZS52MS5FdmVudCJHChRSZWNvcmRFdmVudHNSZXNwb25zZRIWCg5hY2NlcHRlZF9jb3VudBgBIAEoBRIXCg9kdXBsaWNhdGVfY291bnQYAiABKAUicAoRR2V0UHJvZmlsZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIuCgphc19vZl90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIaChJpdGVtc19wZXJfaW50ZXJlc3QYAyABKAUiMgoNSW50ZXJlc3RMYWJlbBINCgVsYWJlbBgBIAEoCRISCgpzaW1pbGFyaXR5GAIgASgCIkEKDEludGVyZXN0SXRlbRIPCgdpdGVtX2lkGAEgASgJEgwKBHRleHQYAiABKAkSEgoKc2ltaWxhcml0eRgDIAEoAiKHAgoISW50ZXJlc3QSEwoLaW50ZXJlc3RfaWQYASABKAUSEAoIc3RyZW5ndGgYAiABKAESDQoFc2hhcmUYAyABKAESIQoFdHJlbmQYBCABKA4yEi5oYWxmbGlmZS52MS5UcmVuZBIqCgZsYWJlbHMYBSADKAsyGi5oYWxmbGlmZS52MS5JbnRlcmVzdExhYmVsEiwKCXRvcF9pdGVtcxgGIAMoCzIZLmhhbGZsaWZlLnYxLkludGVyZXN0SXRlbRITCgtldmVudF9jb3VudBgHIAEoAxIzCg9sYXN0X2V2ZW50X3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkUKDkV2ZW50VHlwZUNvdW50EiQKBHR5cGUYASABKA4yFi5oYWxmbGlmZS52MS5FdmVudFR5cGUSDQoFY291bnQYAiABKAMi0gEKEkdldFByb2ZpbGVSZXNwb25zZRIPCgd1c2VyX2lkGAEgASgJEigKCWludGVyZXN0cxgCIAMoCzIVLmhhbGZsaWZlLnYxLkludGVyZXN0EjEKDGV2ZW50X2NvdW50cxgDIAMoCzIbLmhhbGZsaWZlLnYxLkV2ZW50VHlwZUNvdW50EjMKD2xhc3RfZXZlbnRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGQoRbmVnYXRpdmVfc3RyZW5ndGgYBSABKAEiJAoRRGVsZXRlVXNlclJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSIxChJEZWxldGVVc2VyUmVzcG9uc2USGwoTZGVsZXRlZF9ldmVudF9jb3VudBgBIAEoAyqiAgoJRXZlbnRUeXBlEhoKFkVWRU5UX1RZUEVfVU5TUEVDSUZJRUQQABITCg9FVkVOVF9UWVBFX1ZJRVcQARIUChBFVkVOVF9UWVBFX0NMSUNLEAISEwoPRVZFTlRfVFlQRV9MSUtFEAMSGgoWRVZFTlRfVFlQRV9BRERfVE9fQ0FSVBAEEhcKE0VWRU5UX1RZUEVfUFVSQ0hBU0UQBRITCg9FVkVOVF9UWVBFX1JBVEUQBhIVChFFVkVOVF9UWVBFX1JFVklFVxAHEhUKEUVWRU5UX1RZUEVfU0VBUkNIEAgSFAoQRVZFTlRfVFlQRV9TSEFSRRAJEhYKEkVWRU5UX1RZUEVfRElTTElLRRAKEhMKD0VWRU5UX1RZUEVfU0tJUBALKlQKBVRyZW5kEhUKEVRSRU5EX1VOU1BFQ0lGSUVEEAASEAoMVFJFTkRfUklTSU5HEAESEAoMVFJFTkRfU1RFQURZEAISEAoMVFJFTkRfRkFESU5HEAMyhAIKD0ludGVyZXN0U2VydmljZRJTCgxSZWNvcmRFdmVudHMSIC5oYWxmbGlmZS52MS5SZWNvcmRFdmVudHNSZXF1ZXN0GiEuaGFsZmxpZmUudjEuUmVjb3JkRXZlbnRzUmVzcG9uc2USTQoKR2V0UHJvZmlsZRIeLmhhbGZsaWZlLnYxLkdldFByb2ZpbGVSZXF1ZXN0Gh8uaGFsZmxpZmUudjEuR2V0UHJvZmlsZVJlc3BvbnNlEk0KCkRlbGV0ZVVzZXISHi5oYWxmbGlmZS52MS5EZWxldGVVc2VyUmVxdWVzdBofLmhhbGZsaWZlLnYxLkRlbGV0ZVVzZXJSZXNwb25zZUJSCg9kZXYuaGFsZmxpZmUudjFQAVo9Z2l0aHViLmNvbS9oYWxmbGlmZS9oYWxmbGlmZS9jbGllbnRzL2dvL2hhbGZsaWZldjE7aGFsZmxpZmV2MWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("ChpoYWxmbGlmZS92MS9pbnRlcmVzdC5wcm90bxILaGFsZmxpZmUudjEivQEKBUV2ZW50EhAKCGV2ZW50X2lkGAEgASgJEg8KB3VzZXJfaWQYAiABKAkSJAoEdHlwZRgDIAEoDjIWLmhhbGZsaWZlLnYxLkV2ZW50VHlwZRIPCgdpdGVtX2lkGAQgASgJEgwKBHRleHQYBSABKAkSEgoFdmFsdWUYBiABKAFIAIgBARIuCgpldmVudF90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIICgZfdmFsdWUiOQoTUmVjb3JkRXZlbnRzUmVxdWVzdBIiCgZldmVudHMYASADKAsyEi5oYWxmbGlmZS52MS5FdmVudCJHChRSZWNvcmRFdmVudHNSZXNwb25zZRIWCg5hY2NlcHRlZF9jb3VudBgBIAEoBRIXCg9kdXBsaWNhdGVfY291bnQYAiABKAUicAoRR2V0UHJvZmlsZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIuCgphc19vZl90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIaChJpdGVtc19wZXJfaW50ZXJlc3QYAyABKAUiMgoNSW50ZXJlc3RMYWJlbBINCgVsYWJlbBgBIAEoCRISCgpzaW1pbGFyaXR5GAIgASgCIkEKDEludGVyZXN0SXRlbRIPCgdpdGVtX2lkGAEgASgJEgwKBHRleHQYAiABKAkSEgoKc2ltaWxhcml0eRgDIAEoAiKHAgoISW50ZXJlc3QSEwoLaW50ZXJlc3RfaWQYASABKAUSEAoIc3RyZW5ndGgYAiABKAESDQoFc2hhcmUYAyABKAESIQoFdHJlbmQYBCABKA4yEi5oYWxmbGlmZS52MS5UcmVuZBIqCgZsYWJlbHMYBSADKAsyGi5oYWxmbGlmZS52MS5JbnRlcmVzdExhYmVsEiwKCXRvcF9pdGVtcxgGIAMoCzIZLmhhbGZsaWZlLnYxLkludGVyZXN0SXRlbRITCgtldmVudF9jb3VudBgHIAEoAxIzCg9sYXN0X2V2ZW50X3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkUKDkV2ZW50VHlwZUNvdW50EiQKBHR5cGUYASABKA4yFi5oYWxmbGlmZS52MS5FdmVudFR5cGUSDQoFY291bnQYAiABKAMi0gEKEkdldFByb2ZpbGVSZXNwb25zZRIPCgd1c2VyX2lkGAEgASgJEigKCWludGVyZXN0cxgCIAMoCzIVLmhhbGZsaWZlLnYxLkludGVyZXN0EjEKDGV2ZW50X2NvdW50cxgDIAMoCzIbLmhhbGZsaWZlLnYxLkV2ZW50VHlwZUNvdW50EjMKD2xhc3RfZXZlbnRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGQoRbmVnYXRpdmVfc3RyZW5ndGgYBSABKAEiJAoRRGVsZXRlVXNlclJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSIxChJEZWxldGVVc2VyUmVzcG9uc2USGwoTZGVsZXRlZF9ldmVudF9jb3VudBgBIAEoAyJLChFMaXN0RXZlbnRzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlEKEkxpc3RFdmVudHNSZXNwb25zZRIiCgZldmVudHMYASADKAsyEi5oYWxmbGlmZS52MS5FdmVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkqogIKCUV2ZW50VHlwZRIaChZFVkVOVF9UWVBFX1VOU1BFQ0lGSUVEEAASEwoPRVZFTlRfVFlQRV9WSUVXEAESFAoQRVZFTlRfVFlQRV9DTElDSxACEhMKD0VWRU5UX1RZUEVfTElLRRADEhoKFkVWRU5UX1RZUEVfQUREX1RPX0NBUlQQBBIXChNFVkVOVF9UWVBFX1BVUkNIQVNFEAUSEwoPRVZFTlRfVFlQRV9SQVRFEAYSFQoRRVZFTlRfVFlQRV9SRVZJRVcQBxIVChFFVkVOVF9UWVBFX1NFQVJDSBAIEhQKEEVWRU5UX1RZUEVfU0hBUkUQCRIWChJFVkVOVF9UWVBFX0RJU0xJS0UQChITCg9FVkVOVF9UWVBFX1NLSVAQCypUCgVUcmVuZBIVChFUUkVORF9VTlNQRUNJRklFRBAAEhAKDFRSRU5EX1JJU0lORxABEhAKDFRSRU5EX1NURUFEWRACEhAKDFRSRU5EX0ZBRElORxADMtMCCg9JbnRlcmVzdFNlcnZpY2USUwoMUmVjb3JkRXZlbnRzEiAuaGFsZmxpZmUudjEuUmVjb3JkRXZlbnRzUmVxdWVzdBohLmhhbGZsaWZlLnYxLlJlY29yZEV2ZW50c1Jlc3BvbnNlEk0KCkdldFByb2ZpbGUSHi5oYWxmbGlmZS52MS5HZXRQcm9maWxlUmVxdWVzdBofLmhhbGZsaWZlLnYxLkdldFByb2ZpbGVSZXNwb25zZRJNCgpEZWxldGVVc2VyEh4uaGFsZmxpZmUudjEuRGVsZXRlVXNlclJlcXVlc3QaHy5oYWxmbGlmZS52MS5EZWxldGVVc2VyUmVzcG9uc2USTQoKTGlzdEV2ZW50cxIeLmhhbGZsaWZlLnYxLkxpc3RFdmVudHNSZXF1ZXN0Gh8uaGFsZmxpZmUudjEuTGlzdEV2ZW50c1Jlc3BvbnNlQlIKD2Rldi5oYWxmbGlmZS52MVABWj1naXRodWIuY29tL2hhbGZsaWZlL2hhbGZsaWZlL2NsaWVudHMvZ28vaGFsZmxpZmV2MTtoYWxmbGlmZXYxYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * One user action.
@@ -448,6 +448,72 @@ export const DeleteUserResponseSchema: GenMessage<DeleteUserResponse> = /*@__PUR
   messageDesc(file_halflife_v1_interest, 10);
 
 /**
+ * Input of InterestService.ListEvents.
+ *
+ * @generated from message halflife.v1.ListEventsRequest
+ */
+export type ListEventsRequest = Message<"halflife.v1.ListEventsRequest"> & {
+  /**
+   * The user (1 to 256 bytes, no control characters).
+   *
+   * @generated from field: string user_id = 1;
+   */
+  userId: string;
+
+  /**
+   * Most events in the page: 0 means 100, more than 1000 means 1000.
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * `next_page_token` of the page before, for the same user_id; empty for
+   * the first page.
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message halflife.v1.ListEventsRequest.
+ * Use `create(ListEventsRequestSchema)` to create a new message.
+ */
+export const ListEventsRequestSchema: GenMessage<ListEventsRequest> = /*@__PURE__*/
+  messageDesc(file_halflife_v1_interest, 11);
+
+/**
+ * Output of InterestService.ListEvents.
+ *
+ * @generated from message halflife.v1.ListEventsResponse
+ */
+export type ListEventsResponse = Message<"halflife.v1.ListEventsResponse"> & {
+  /**
+   * The page's events, in the order they were recorded, as stored: an
+   * unset `event_time` reads as the time the server received the event,
+   * and a `text` of nothing tokenizers read, beside an item, as none.
+   *
+   * @generated from field: repeated halflife.v1.Event events = 1;
+   */
+  events: Event[];
+
+  /**
+   * Pass it as `page_token` for the next page; empty after the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message halflife.v1.ListEventsResponse.
+ * Use `create(ListEventsResponseSchema)` to create a new message.
+ */
+export const ListEventsResponseSchema: GenMessage<ListEventsResponse> = /*@__PURE__*/
+  messageDesc(file_halflife_v1_interest, 12);
+
+/**
  * What a user did.
  *
  * @generated from enum halflife.v1.EventType
@@ -645,6 +711,23 @@ export const InterestService: GenService<{
     methodKind: "unary";
     input: typeof DeleteUserRequestSchema;
     output: typeof DeleteUserResponseSchema;
+  },
+  /**
+   * Lists the events stored for a user, in the order they were recorded, a
+   * page at a time: what the service holds of them (GetProfile says what it
+   * made of it), for an access request or to see why they got what they got.
+   * An unknown or erased user has none, which is not an error. Each page
+   * starts after the last event of the page before, so events recorded
+   * while paging come on later pages. Errors: INVALID_ARGUMENT (bad
+   * user_id, negative page_size, a page_token ListEvents did not return for
+   * this user_id) with a BadRequest field violation each.
+   *
+   * @generated from rpc halflife.v1.InterestService.ListEvents
+   */
+  listEvents: {
+    methodKind: "unary";
+    input: typeof ListEventsRequestSchema;
+    output: typeof ListEventsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_halflife_v1_interest, 0);
