@@ -20,6 +20,7 @@ import {
   EventSchema,
   EventType,
   InterestService,
+  type Event as EventMessage,
   type GetProfileResponse,
 } from "./gen/halflife/v1/interest_pb.js";
 import {
@@ -62,7 +63,7 @@ const HTTP2_WINDOW_BYTES = 65_535;
  * Python and Go clients do.
  */
 export const RETRY_ATTEMPTS = 4;
-/** ListItems' largest page (catalog.proto). */
+/** The List RPCs' largest page (`listItems`, `listEvents`). */
 export const MAX_PAGE_SIZE = 1000;
 
 /** What every call takes: its deadline (default the client's `timeoutMs`) and a signal that cancels it. */
@@ -140,6 +141,39 @@ export interface EventInput {
   value?: number;
   /** When it happened; default: when the server received it. */
   eventTime?: Date;
+}
+
+/** An event as stored (`listEvents`): its time is the server's receipt time where none was sent. */
+export interface StoredEvent {
+  eventId: string;
+  userId: string;
+  type: EventTypeName;
+  itemId?: string;
+  text?: string;
+  value?: number;
+  eventTime: Date;
+}
+
+function storedEvent(e: EventMessage): StoredEvent {
+  return {
+    eventId: e.eventId,
+    userId: e.userId,
+    type: EventType[e.type].toLowerCase() as EventTypeName,
+    itemId: e.itemId || undefined,
+    text: e.text || undefined,
+    value: e.value,
+    eventTime: e.eventTime ? timestampDate(e.eventTime) : new Date(Number.NaN), // (the server always sets it)
+  };
+}
+
+/** The elements of every page a List RPC returns, from the first on: `page(pageToken)` reads one. */
+async function* paged<T>(page: (pageToken: string) => Promise<[T[], string]>): AsyncGenerator<T> {
+  let pageToken = "";
+  do {
+    const [elements, next] = await page(pageToken);
+    yield* elements;
+    pageToken = next;
+  } while (pageToken);
 }
 
 /** Which items may be returned. */
@@ -546,15 +580,11 @@ export class HalflifeClient {
   }
 
   /** Every item of the catalogue, in order of id, a `listItems` page (of 1000 unless `pageSize`) at a time. */
-  async *items(
-    options: { pageSize?: number; includeVectors?: boolean } & CallInput = {},
-  ): AsyncGenerator<StoredItem, void, undefined> {
-    let pageToken = "";
-    do {
+  items(options: { pageSize?: number; includeVectors?: boolean } & CallInput = {}): AsyncGenerator<StoredItem> {
+    return paged(async (pageToken) => {
       const page = await this.listItems({ pageSize: MAX_PAGE_SIZE, ...options, pageToken });
-      yield* page.items;
-      pageToken = page.nextPageToken;
-    } while (pageToken);
+      return [page.items, page.nextPageToken];
+    });
   }
 
   /** Records events (atomic, idempotent by eventId, durable on return). */
@@ -590,6 +620,29 @@ export class HalflifeClient {
       { userId, asOfTime: stamp("asOf", options.asOf), itemsPerInterest: int32("itemsPerInterest", options.itemsPerInterest ?? 0) },
       this.opts(options),
     );
+  }
+
+  /**
+   * One page of the events stored for a user, in the order recorded: `nextPageToken` goes back as `pageToken`
+   * (with the same user) for the next page, and is "" after the last. `pageSize` as `listItems`'.
+   */
+  async listEvents(
+    userId: string,
+    options: { pageSize?: number; pageToken?: string } & CallInput = {},
+  ): Promise<{ events: StoredEvent[]; nextPageToken: string }> {
+    const response = await this.raw.interest.listEvents(
+      { userId, pageSize: options.pageSize ?? 0, pageToken: options.pageToken ?? "" },
+      this.opts(options),
+    );
+    return { events: response.events.map(storedEvent), nextPageToken: response.nextPageToken };
+  }
+
+  /** Every event stored for a user, in the order recorded, a `listEvents` page (1000 unless `pageSize`) at a time. */
+  events(userId: string, options: { pageSize?: number } & CallInput = {}): AsyncGenerator<StoredEvent> {
+    return paged(async (pageToken) => {
+      const page = await this.listEvents(userId, { pageSize: MAX_PAGE_SIZE, ...options, pageToken });
+      return [page.events, page.nextPageToken];
+    });
   }
 
   /** Erases a user; returns how many events were deleted. */

@@ -257,6 +257,29 @@ describe("HalflifeClient against a live server", () => {
     }
   });
 
+  it("lists a user's events as recorded, a page at a time", async () => {
+    const events = [];
+    for await (const event of client.events("ana", { pageSize: 3 })) events.push(event);
+    assert.equal(events.length, 4);
+    assert.deepEqual(
+      events.slice(0, 2).map((e) => [e.eventId, e.type, e.itemId]),
+      [["e1", "view", "boots"], ["e2", "purchase", "tent"]],
+    );
+    assert.ok(events.every((e) => e.userId === "ana" && !Number.isNaN(e.eventTime.getTime())));
+    assert.equal(events[0].eventTime.toISOString(), minutes(0).toISOString());
+    assert.deepEqual(
+      [events[2].text, events[2].itemId, events[3].value, events[0].value],
+      ["camping gear", undefined, 4.5, undefined],
+    );
+    const first = await client.listEvents("ana", { pageSize: 1 });
+    assert.deepEqual(first.events.map((e) => e.eventId), ["e1"]);
+    assert.ok(first.nextPageToken);
+    await assert.rejects(client.listEvents("bob", { pageToken: first.nextPageToken }), (error: unknown) => {
+      assert.deepEqual(fieldViolations(error).map((v) => v.field), ["page_token"]);
+      return true;
+    });
+  });
+
   it("deletes users and items", async () => {
     assert.equal(await client.deleteUser("ana"), 4n);
     assert.equal(await client.deleteItems(["novel", "ghost"]), 1);
