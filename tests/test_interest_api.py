@@ -284,12 +284,13 @@ def test_get_items_not_found_names_each_missing_index(client):
     assert "nope-a" in dict(field_violations(error))["ids[1]"]
 
 
-def listed_pages(client, page_size: int) -> list[list[str]]:
-    """The ids of each ListItems page, from the first to the last."""
+def listed_pages(list_page, ids_of) -> list[list[str]]:
+    """ids_of(page) of each page a List RPC returns, from the first to the
+    last: list_page(page_token) calls it for one."""
     pages, token = [], ""
     while True:
-        page = client.list_items(page_size=page_size, page_token=token)
-        pages.append([item.id for item in page.items])
+        page = list_page(token)
+        pages.append(ids_of(page))
         if not (token := page.next_page_token):
             return pages
 
@@ -298,7 +299,8 @@ def test_list_items_pages_through_the_catalogue_once_in_id_order(client, server)
     ours = [f"list-{c}" for c in ("b", "A", "\u00e9", "\U0001f600", "a")]
     assert client.upsert_items([Item(id=i, text=f"Listed item {i}", categories=["listed"]) for i in ours]) == (5, 0)
     try:
-        pages = listed_pages(client, 4)
+        pages = listed_pages(lambda token: client.list_items(page_size=4, page_token=token),
+                             lambda page: [item.id for item in page.items])
         everything = [i for page in pages for i in page]
         assert [len(page) for page in pages[:-1]] == [4] * (len(pages) - 1) and 1 <= len(pages[-1]) <= 4
         assert everything == sorted(set(everything), key=str.encode)  # by UTF-8 bytes, each once
@@ -388,12 +390,8 @@ def test_list_events_pages_through_a_users_log_as_recorded(client):
     assert client.record_events([unstamped]) == (1, 0)
     after = dt.datetime.now(dt.timezone.utc)
 
-    pages, token = [], ""
-    while True:
-        page = client.list_events(user, page_size=2, page_token=token)
-        pages.append([e.event_id for e in page.events])
-        if not (token := page.next_page_token):
-            break
+    pages = listed_pages(lambda token: client.list_events(user, page_size=2, page_token=token),
+                         lambda page: [e.event_id for e in page.events])
     assert pages == [["log-3", "log-1"], ["log-2", "log-4"], ["log-5"]]
     listed = {e.event_id: e for e in client.iter_events(user)}
     assert list(listed) == ["log-3", "log-1", "log-2", "log-4", "log-5"]
