@@ -367,14 +367,21 @@ def test_items_changed_while_listing_are_listed_as_their_page_found_them(client)
 
 def test_list_items_refuses_tokens_it_did_not_make_and_negative_sizes(client):
     token = client.list_items(page_size=1).next_page_token
+    after_a = page_token_of("ListItems:a")  # 15 characters: the last one's 2 low bits are padding
+    assert client.list_items(page_token=after_a).items is not None
     for bad in ("not a token!", "_w",  # not base64; one byte that is not UTF-8
-                "YR", token + "=", token + "\n"):  # other spellings of real ones ("YQ" is "a")
+                after_a[:-1] + chr(ord(after_a[-1]) + 1), token + "=", token + "\n"):  # other spellings of real ones
         error = rpc_error(client.list_items, page_token=bad)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["page_token"], bad
     error = rpc_error(client.list_items, page_size=-1, page_token="!")
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["page_size", "page_token"]
     assert "-1" in dict(field_violations(error))["page_size"]
     assert client.list_items(page_size=1, page_token=token).items  # and it goes on serving
+    # Another List's token is refused, not read as an id to list after (a ListEvents position is a possible id).
+    client.record_events([ev(f"tok-items-{n}", "tok-items-user", VIEW, "scifi-0", at=T0) for n in range(2)])
+    events_token = client.list_events("tok-items-user", page_size=1).next_page_token
+    error = rpc_error(client.list_items, page_token=events_token)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["page_token"]
 
 
 def test_list_events_pages_through_a_users_log_as_recorded(client):
@@ -423,8 +430,9 @@ def test_list_events_refuses_bad_users_sizes_and_tokens(client):
     error = rpc_error(client.list_events, "tok-user-1", page_token=token)  # another user's place in the log
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["page_token"]
     items_token = client.list_items(page_size=1).next_page_token
-    for bad in (items_token, "not a token", token + "=", page_token_of("007." + token_text(token).split(".")[1]),
-                page_token_of("99999999999999999999." + token_text(token).split(".")[1])):
+    crc = token_text(token).split(".")[1]
+    for bad in (items_token, "not a token", token + "=", page_token_of(f"ListEvents:007.{crc}"),
+                page_token_of(f"ListEvents:99999999999999999999.{crc}")):
         error = rpc_error(client.list_events, "tok-user-0", page_token=bad)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["page_token"], bad
     error = rpc_error(client.list_events, "", page_size=-5)

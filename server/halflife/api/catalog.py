@@ -127,5 +127,5 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         records, last_id = await asyncio.to_thread(interest.list_items, after, size)
         return catalog_pb2.ListItemsResponse(
             items=[_item_message(record, request.include_vectors) for record in records],
-            next_page_token="" if last_id is None else page_token(last_id),
+            next_page_token="" if last_id is None else page_token("ListItems", last_id),
         )

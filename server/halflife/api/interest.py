@@ -239,5 +239,6 @@ class InterestServicer(interest_pb2_grpc.InterestServiceServicer):
         records, last_seq = await asyncio.to_thread(interest.list_user_events, request.user_id, after, size)
         return interest_pb2.ListEventsResponse(
             events=[_event_message(record) for record in records],
-            next_page_token="" if last_seq is None else page_token(_log_position(last_seq, request.user_id)),
+            next_page_token="" if last_seq is None else page_token("ListEvents",
+                                                                   _log_position(last_seq, request.user_id)),
         )

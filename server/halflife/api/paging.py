@@ -19,22 +19,26 @@ def page_size(value: int, violations: Violations) -> int:
     return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
-def page_token(position: str) -> str:
-    """The token of the page that starts after `position`: base64url of it,
-    without padding (opaque to callers, and safe in URLs)."""
-    return base64.urlsafe_b64encode(position.encode()).rstrip(b"=").decode("ascii")
+def page_token(rpc: str, position: str) -> str:
+    """The token of `rpc`'s page that starts after `position`: base64url of
+    both, without padding (opaque to callers, and safe in URLs). The RPC's
+    name keeps one List's token from reading as a place in another's list:
+    a ListEvents token's "7.1c291ca3" is also a possible item id."""
+    return base64.urlsafe_b64encode(f"{rpc}:{position}".encode()).rstrip(b"=").decode("ascii")
 
 
 def token_position(token: str, violations: Violations, rpc: str) -> str | None:
-    """The position a `page_token` holds: "" for none (the first page), None
-    (and a violation) for a token that `page_token` did not make."""
+    """The position a `page_token` of `rpc` holds: "" for none (the first
+    page), None (and a violation) for a token that `page_token` did not make
+    for `rpc`."""
     if not token:
         return ""
     try:
-        position = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
     except (binascii.Error, ValueError):  # not base64, or not UTF-8 (UnicodeDecodeError is a ValueError)
-        position = None
-    if position is None or page_token(position) != token:  # one spelling each: no other is ours
+        text = ""
+    rpc_name, colon, position = text.partition(":")
+    if rpc_name != rpc or not colon or page_token(rpc, position) != token:  # one spelling each: no other is ours
         violations.add("page_token", f"is not a token that {rpc} returned: give its next_page_token, or none for "
                                      "the first page")
         return None
