@@ -570,7 +570,7 @@ export class HalflifeClient {
   ): Promise<{ items: StoredItem[]; nextPageToken: string }> {
     const response = await this.raw.catalog.listItems(
       {
-        pageSize: options.pageSize ?? 0,
+        pageSize: int32("pageSize", options.pageSize ?? 0),
         pageToken: options.pageToken ?? "",
         includeVectors: options.includeVectors ?? false,
       },
@@ -631,7 +631,7 @@ export class HalflifeClient {
     options: { pageSize?: number; pageToken?: string } & CallInput = {},
   ): Promise<{ events: StoredEvent[]; nextPageToken: string }> {
     const response = await this.raw.interest.listEvents(
-      { userId, pageSize: options.pageSize ?? 0, pageToken: options.pageToken ?? "" },
+      { userId, pageSize: int32("pageSize", options.pageSize ?? 0), pageToken: options.pageToken ?? "" },
       this.opts(options),
     );
     return { events: response.events.map(storedEvent), nextPageToken: response.nextPageToken };

@@ -106,6 +106,10 @@ describe("HalflifeClient against a live server", () => {
     assert.deepEqual(rest.items.map((item) => item.id), ids.slice(4));
     assert.equal(rest.nextPageToken, "");
     assert.equal(rest.items[0].vector.length, 384);
+    for (const pageSize of [2 ** 31, 1.5, Number.NaN]) {
+      await assert.rejects(client.listItems({ pageSize }), RangeError);
+      await assert.rejects(client.listEvents("ana", { pageSize }), RangeError);
+    }
     await assert.rejects(client.listItems({ pageToken: "not a token" }), (error: unknown) => {
       assert.deepEqual(fieldViolations(error).map((v) => v.field), ["page_token"]);
       return true;
