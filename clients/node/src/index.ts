@@ -147,7 +147,8 @@ export interface EventInput {
 export interface StoredEvent {
   eventId: string;
   userId: string;
-  type: EventTypeName;
+  /** By name; a type newer than this client by its number. */
+  type: EventTypeName | number;
   itemId?: string;
   text?: string;
   value?: number;
@@ -158,7 +159,7 @@ function storedEvent(e: EventMessage): StoredEvent {
   return {
     eventId: e.eventId,
     userId: e.userId,
-    type: EventType[e.type].toLowerCase() as EventTypeName,
+    type: e.type in EventType ? (EventType[e.type].toLowerCase() as EventTypeName) : e.type,
     itemId: e.itemId || undefined,
     text: e.text || undefined,
     value: e.value,
@@ -581,8 +582,9 @@ export class HalflifeClient {
 
   /** Every item of the catalogue, in order of id, a `listItems` page (of 1000 unless `pageSize`) at a time. */
   items(options: { pageSize?: number; includeVectors?: boolean } & CallInput = {}): AsyncGenerator<StoredItem> {
+    const pageSize = options.pageSize ?? MAX_PAGE_SIZE;
     return paged(async (pageToken) => {
-      const page = await this.listItems({ pageSize: MAX_PAGE_SIZE, ...options, pageToken });
+      const page = await this.listItems({ ...options, pageSize, pageToken });
       return [page.items, page.nextPageToken];
     });
   }
@@ -639,8 +641,9 @@ export class HalflifeClient {
 
   /** Every event stored for a user, in the order recorded, a `listEvents` page (1000 unless `pageSize`) at a time. */
   events(userId: string, options: { pageSize?: number } & CallInput = {}): AsyncGenerator<StoredEvent> {
+    const pageSize = options.pageSize ?? MAX_PAGE_SIZE;
     return paged(async (pageToken) => {
-      const page = await this.listEvents(userId, { pageSize: MAX_PAGE_SIZE, ...options, pageToken });
+      const page = await this.listEvents(userId, { ...options, pageSize, pageToken });
       return [page.events, page.nextPageToken];
     });
   }
