@@ -45,7 +45,8 @@ def load(target: str, concurrency: int, duration: float, data: str = "{}", call:
 def percentile_s(report: dict, p: int) -> float:
     """The report's p-th percentile latency, in seconds: over the OK calls
     (ghz's rule), NaN when none was OK."""
-    return next((d["latency"] / 1e9 for d in report["latencyDistribution"] if d["percentage"] == p), float("nan"))
+    return next((d["latency"] / 1e9 for d in report["latencyDistribution"] or () if d["percentage"] == p),
+                float("nan"))
 
 
 def empty_rpc_p50(target: str, duration: float = 3.0) -> float:

@@ -468,12 +468,12 @@ def nearest_rank(ordered, fraction: float):
     return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
-def latency_distribution(latencies: list[int]) -> list[dict]:
+def latency_distribution(latencies: list[int]) -> list[dict] | None:
     """ghz's percentiles of the latencies (`nearest_rank`), so every latency
-    reported is one a call had."""
+    reported is one a call had; None (JSON null, as ghz writes) for none."""
     ordered = sorted(latencies)
     if not ordered:
-        return []
+        return None
     return [{"percentage": p, "latency": nearest_rank(ordered, p / 100)} for p in PERCENTILES]
 
 
