@@ -39,6 +39,9 @@ class MemoryStore:
     def get_items(self, ids):
         return {i: self.items[i] for i in ids if i in self.items}
 
+    def item_count(self) -> int:
+        return len(self.items)
+
     def iter_items(self) -> Iterator[ItemRecord]:
         return iter(list(self.items.values()))
 

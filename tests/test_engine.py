@@ -1220,6 +1220,24 @@ def test_a_write_whose_caller_gave_up_while_it_embedded_is_neither_stored_nor_ap
     assert engine.profile("u").event_counts == {LIKE: 1} and "i1" in engine.catalog.row_of
 
 
+def test_a_start_sizes_the_catalogue_for_the_stored_items_at_once(tmp_path, monkeypatch):
+    from halflife.interest.catalog import CatalogIndex
+
+    rng = np.random.default_rng(3)
+    store = SqliteStore(tmp_path)
+    store.upsert_items([ItemRecord(id=f"i{n}", text="", categories=(), attributes={}, create_time=None,
+                                   vector=rng.standard_normal(DIM).astype(np.float32)) for n in range(3000)])
+    store.close()
+    growths = []
+    grow = CatalogIndex._grow
+    monkeypatch.setattr(CatalogIndex, "_grow", lambda self, capacity: (growths.append(capacity), grow(self, capacity)))
+    engine = open_engine(tmp_path)
+    # Grown from the 1,024 rows it began with, it copied every row at each growth (1,536, 2,304, 3,456 here).
+    assert len(engine.catalog) == 3000 and growths == []
+    engine.upsert_items([ItemInput(id="one-more", text="after the start")])  # and it grows as before
+    assert growths == [4500] and len(engine.catalog) == 3001
+
+
 def test_an_item_whose_vector_was_damaged_on_disk_is_left_out_at_load(tmp_path):
     import sqlite3
 

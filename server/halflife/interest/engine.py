@@ -305,7 +305,9 @@ class InterestEngine:
         self._lock = threading.RLock()  # guards everything in memory below
         self._catalog_write = threading.Lock()  # this process's catalogue writes: store, read back, index
         self._long_replay = threading.Lock()  # one long replay at a time (`_replay_turn`); never taken under _lock
-        self.catalog = CatalogIndex(dim)
+        # Sized for the stored items at once: growing to them, 1.5x at a time, copied and faulted in the rows
+        # over and over (200k items: the catalogue's load 2.1-3.1 s, 1.2 s sized).
+        self.catalog = CatalogIndex(dim, capacity=store.item_count())
         self._users: collections.OrderedDict[str, UserState] = collections.OrderedDict()
         self._replays: dict[str, list[_Replay]] = {}  # user id -> replays in flight
         self._erasing: dict[str, _Erasure] = {}  # user id -> its erasure in flight

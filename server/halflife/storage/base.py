@@ -255,6 +255,9 @@ class Store(Protocol):
 
     def user_count(self) -> int: ...
 
+    def item_count(self) -> int:
+        """How many items are stored."""
+
     def event_count(self, user_id: str | None = None, through_seq: int | None = None) -> int:
         """How many events are stored (`user_id`'s only, where given; up to `through_seq`, where given)."""
 

@@ -1121,6 +1121,9 @@ class SqliteStore:
     def user_count(self) -> int:
         return self._read(lambda c: c.execute("SELECT COUNT(DISTINCT user_id) FROM events").fetchone()[0])
 
+    def item_count(self) -> int:
+        return self._read(lambda c: c.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+
     def event_count(self, user_id: str | None = None, through_seq: int | None = None) -> int:
         where, args = _events_in(0, through_seq, user_id)
         return self._read(lambda c: c.execute("SELECT COUNT(*) FROM events" + where, args).fetchone()[0])
