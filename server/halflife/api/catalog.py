@@ -115,7 +115,8 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         missing = [(f"ids[{i}]", f"no item {item_id!r}") for i, item_id in enumerate(request.ids) if item_id not in found]
         if missing:
             raise not_found(f"{len(missing)} of the items do not exist", missing)
-        return catalog_pb2.GetItemsResponse(items=[_item_message(found[i], request.include_vectors) for i in request.ids])
+        items = [_item_message(found[item_id], request.include_vectors) for item_id in request.ids]
+        return catalog_pb2.GetItemsResponse(items=items)
 
     @translate_errors
     async def ListItems(self, request: catalog_pb2.ListItemsRequest, context: grpc.aio.ServicerContext):

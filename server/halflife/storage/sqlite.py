@@ -319,7 +319,7 @@ def _column_chunks(cur: sqlite3.Cursor, chunk: int) -> Iterator[list[list]]:
     """The cursor's rows as columns, a list each, `chunk` rows at a time.
     The rows come a few hundred at a time: each is a tuple the garbage
     collector tracks, and 50,000 alive at once set off collections of the
-    whole heap, ~2,800 of them in a 1M-event log's read (0.5-0.8 s of a
+    whole heap, ~2,600 of them in a 1M-event log's read (0.5-0.8 s of a
     3 s start); below its threshold of 700 new objects, none runs."""
     while rows := cur.fetchmany(min(_FETCH_ROWS, chunk)):
         columns = [list(column) for column in zip(*rows)]
