@@ -138,6 +138,25 @@ func TestCatalogEventsAndRecommendations(t *testing.T) {
 		t.Fatalf("get: %v", got.Items)
 	}
 
+	var listed []string // the whole catalogue, a page of 2 at a time, in order of id
+	for token := ""; ; {
+		page, err := c.Catalog.ListItems(ctx, &pb.ListItemsRequest{PageSize: 2, PageToken: token})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, item := range page.Items {
+			if strings.HasPrefix(item.Id, "go-") {
+				listed = append(listed, item.Id)
+			}
+		}
+		if token = page.NextPageToken; token == "" {
+			break
+		}
+	}
+	if strings.Join(listed, " ") != "go-boots go-novel go-stove go-tent" {
+		t.Fatalf("list items: %v", listed)
+	}
+
 	rating := 4.5
 	events := []*pb.Event{
 		{EventId: "go-e1", UserId: "go-ana", Type: pb.EventType_EVENT_TYPE_VIEW, ItemId: "go-boots", EventTime: halflife.Time(t0)},
@@ -176,6 +195,15 @@ func TestCatalogEventsAndRecommendations(t *testing.T) {
 	profile, err := c.Interest.GetProfile(ctx, &pb.GetProfileRequest{UserId: "go-ana"})
 	if err != nil || len(profile.Interests) == 0 {
 		t.Fatalf("profile: %v %v", profile, err)
+	}
+	first, err := c.Interest.ListEvents(ctx, &pb.ListEventsRequest{UserId: "go-ana", PageSize: 2})
+	if err != nil || len(first.Events) != 2 || first.Events[0].EventId != "go-e1" || first.NextPageToken == "" {
+		t.Fatalf("list events: %v %v", first, err)
+	}
+	rest, err := c.Interest.ListEvents(ctx, &pb.ListEventsRequest{UserId: "go-ana", PageToken: first.NextPageToken})
+	if err != nil || len(rest.Events) != 1 || rest.NextPageToken != "" || rest.Events[0].Value == nil ||
+		*rest.Events[0].Value != rating || !rest.Events[0].EventTime.AsTime().Equal(t0.Add(6*time.Minute)) {
+		t.Fatalf("list events, second page: %v %v", rest, err)
 	}
 	deleted, err := c.Interest.DeleteUser(ctx, &pb.DeleteUserRequest{UserId: "go-ana"})
 	if err != nil || deleted.DeletedEventCount != 3 {
