@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -135,15 +137,18 @@ def _random_steps(c: Cooccurrence, rng, steps: int, n_users: int = 40, n_items: 
         _assert_matches_dense(c, first, rng, n_users, t=50.0)
 
 
+@pytest.mark.parametrize("dense_share", [0.0, math.inf], ids=["over every pair", "over the co-users' pairs"])
 @pytest.mark.parametrize("merge_every", [1, 7, 10**9])
-def test_matches_a_dense_reference_through_merges_late_events_and_removals(monkeypatch, merge_every):
+def test_matches_a_dense_reference_through_merges_late_events_and_removals(monkeypatch, merge_every, dense_share):
     """Waiting pairs merged into the sorted arrays after every batch, now and
     then, or never: every read equals the dense incidence built by hand
-    (jaccard scores taken two query items at a time)."""
+    (jaccard scores taken two query items at a time), user_weighted's two
+    ways included."""
     from halflife.core import cooccurrence
 
     monkeypatch.setattr(cooccurrence, "_MIN_MERGE", merge_every)
     monkeypatch.setattr(cooccurrence, "_JACCARD_CHUNK", 2)
+    monkeypatch.setattr(cooccurrence, "_DENSE_SHARE", dense_share)
     _random_steps(Cooccurrence(5), np.random.default_rng(merge_every), 60)
 
 
