@@ -76,13 +76,19 @@ def _shifted(ptr: np.ndarray, heads: np.ndarray) -> np.ndarray:
     return ptr
 
 
+def _runs(ptr: np.ndarray, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where the runs of `heads` start in the keys `ptr` points into, and how
+    long they are (beyond `ptr`: empty): two (h,) int64 arrays."""
+    last = ptr.shape[0] - 1
+    starts = ptr[np.minimum(heads, last)]
+    return starts, ptr[np.minimum(heads + 1, last)] - starts
+
+
 def _ranges(ptr: np.ndarray, sorted_keys: np.ndarray, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every entry of `sorted_keys` whose high half is one of `heads` (beyond
     `ptr`: none), vectorized: (position of its head in `heads`, low half) as
     two (m,) int64 arrays."""
-    last = ptr.shape[0] - 1
-    starts = ptr[np.minimum(heads, last)]
-    which, index = _spans(starts, ptr[np.minimum(heads + 1, last)] - starts)
+    which, index = _spans(*_runs(ptr, heads))
     return which, sorted_keys[index] & _LOW
 
 
@@ -172,11 +178,6 @@ class _PairReads:
         hit, where = _matches(waiting_users, users)
         return np.concatenate([pos, where]), np.concatenate([items, waiting_items[hit]])
 
-    def _reach(self, users: np.ndarray) -> int:
-        """How many sorted pairs `users` (distinct) hold."""
-        last = self._user_ptr.shape[0] - 1
-        return int((self._user_ptr[np.minimum(users + 1, last)] - self._user_ptr[np.minimum(users, last)]).sum())
-
     def _over_every_pair(self, users: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Σ over the pairs (v, j) of users[k] = v of weights[k], for every
         item j, in one pass over all the pairs (each other user's weight 0),
@@ -234,7 +235,7 @@ class _PairReads:
             co_users, inverse = np.unique(users, return_inverse=True)
             per_user = np.bincount(inverse, weights=weights[h], minlength=co_users.size)
             at_pair = per_user[inverse]
-        if self._reach(co_users) >= _DENSE_SHARE * self._keys.size:
+        if _runs(self._user_ptr, co_users)[1].sum() >= _DENSE_SHARE * self._keys.size:  # their sorted pairs
             scores = self._over_every_pair(co_users, per_user)
             if column is not None:  # every item's factor at once: the pass over the pairs costs more
                 scores *= column(self._item_counts)
