@@ -412,13 +412,20 @@ def test_list_events_pages_through_a_users_log_as_recorded(client):
     assert before <= listed["log-5"].event_time.ToDatetime(dt.timezone.utc) <= after
     assert [e.event_id for e in client.iter_events(other)] == ["log-x"]
     assert not client.list_events("log-nobody").events and not client.list_events("log-nobody").next_page_token
+    newest = listed_pages(lambda token: client.list_events(user, page_size=2, page_token=token, newest_first=True),
+                          lambda page: [e.event_id for e in page.events])
+    assert newest == [["log-5", "log-4"], ["log-2", "log-1"], ["log-3"]]
+    assert [e for e in client.iter_events(user, newest_first=True)] == list(reversed(listed.values()))
 
-    # Events recorded while paging come on later pages; an erased user has none.
+    # Events recorded while paging come on later pages (newest first: not at all); an erased user has none.
     page = client.list_events(user, page_size=4)
     assert len(page.events) == 4 and page.next_page_token
+    newest_page = client.list_events(user, page_size=3, newest_first=True)
     client.record_events([ev("log-6", user, LIKE, "scifi-2", at=T0)])
     rest = client.list_events(user, page_token=page.next_page_token)
     assert [e.event_id for e in rest.events] == ["log-5", "log-6"] and not rest.next_page_token
+    rest = client.list_events(user, page_token=newest_page.next_page_token, newest_first=True)
+    assert [e.event_id for e in rest.events] == ["log-1", "log-3"] and not rest.next_page_token
     assert client.delete_user(user) == 6
     assert not client.list_events(user).events and not client.list_events(user, page_token=page.next_page_token).events
 
@@ -429,6 +436,11 @@ def test_list_events_refuses_bad_users_sizes_and_tokens(client):
     assert client.list_events("tok-user-0", page_token=token).events  # the same user: fine
     error = rpc_error(client.list_events, "tok-user-1", page_token=token)  # another user's place in the log
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["page_token"]
+    newest_token = client.list_events("tok-user-0", page_size=1, newest_first=True).next_page_token
+    assert client.list_events("tok-user-0", page_token=newest_token, newest_first=True).events
+    for sent, newest_first in ((token, True), (newest_token, False)):  # a place in the list of the other order
+        error = rpc_error(client.list_events, "tok-user-0", page_token=sent, newest_first=newest_first)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["page_token"]
     items_token = client.list_items(page_size=1).next_page_token
     crc = token_text(token).split(".")[1]
     for bad in (items_token, "not a token", token + "=", page_token_of(f"ListEvents:007.{crc}"),

@@ -278,8 +278,16 @@ def test_list_user_events_pages_one_users_log_in_seq_order(store):
     full, more = store.list_user_events("u0", 0, 4)  # the page that ends the log says so
     assert [e.event_id for e in full] == ["e0", "e3", "e6", "e9"] and more is None
     assert store.list_user_events("u0", 0, 3)[1] == 7 and store.list_user_events("nobody", 0, 5) == ([], None)
+    pages, after = [], 0  # newest first: the same log from its end, each page after the last one's seq
+    while after is not None:
+        page, after = store.list_user_events("u0", after, 3, newest_first=True)
+        pages.append([(e.event_id, e.seq) for e in page])
+    assert pages == [[("e9", 10), ("e6", 7), ("e3", 4)], [("e0", 1)]]
+    assert store.list_user_events("u0", 7, 5, newest_first=True)[0] == full[1::-1]  # before seq 7, newest first
+    assert store.list_user_events("nobody", 0, 5, newest_first=True) == ([], None)
     store.delete_user("u0")
     assert store.list_user_events("u0", 0, 5) == ([], None)
+    assert store.list_user_events("u0", 0, 5, newest_first=True) == ([], None)
 
 
 def test_ids_with_nul_are_refused_and_never_reach_another_row(store):

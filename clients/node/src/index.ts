@@ -625,22 +625,31 @@ export class HalflifeClient {
   }
 
   /**
-   * One page of the events stored for a user, in the order recorded: `nextPageToken` goes back as `pageToken`
-   * (with the same user) for the next page, and is "" after the last. `pageSize` as `listItems`'.
+   * One page of the events stored for a user, in the order recorded (`newestFirst`: the reverse): `nextPageToken`
+   * goes back as `pageToken` (with the same user and `newestFirst`) for the next page, and is "" after the last.
+   * `pageSize` as `listItems`'.
    */
   async listEvents(
     userId: string,
-    options: { pageSize?: number; pageToken?: string } & CallInput = {},
+    options: { pageSize?: number; pageToken?: string; newestFirst?: boolean } & CallInput = {},
   ): Promise<{ events: StoredEvent[]; nextPageToken: string }> {
     const response = await this.raw.interest.listEvents(
-      { userId, pageSize: int32("pageSize", options.pageSize ?? 0), pageToken: options.pageToken ?? "" },
+      {
+        userId,
+        pageSize: int32("pageSize", options.pageSize ?? 0),
+        pageToken: options.pageToken ?? "",
+        newestFirst: options.newestFirst ?? false,
+      },
       this.opts(options),
     );
     return { events: response.events.map(storedEvent), nextPageToken: response.nextPageToken };
   }
 
-  /** Every event stored for a user, in the order recorded, a `listEvents` page (1000 unless `pageSize`) at a time. */
-  events(userId: string, options: { pageSize?: number } & CallInput = {}): AsyncGenerator<StoredEvent> {
+  /**
+   * Every event stored for a user, in the order recorded (`newestFirst`: the reverse), a `listEvents` page (1000
+   * unless `pageSize`) at a time.
+   */
+  events(userId: string, options: { pageSize?: number; newestFirst?: boolean } & CallInput = {}): AsyncGenerator<StoredEvent> {
     const pageSize = options.pageSize ?? MAX_PAGE_SIZE;
     return paged(async (pageToken) => {
       const page = await this.listEvents(userId, { ...options, pageSize, pageToken });

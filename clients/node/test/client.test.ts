@@ -282,6 +282,9 @@ describe("HalflifeClient against a live server", () => {
       assert.deepEqual(fieldViolations(error).map((v) => v.field), ["page_token"]);
       return true;
     });
+    const newest = [];
+    for await (const event of client.events("ana", { pageSize: 3, newestFirst: true })) newest.push(event.eventId);
+    assert.deepEqual(newest, events.map((e) => e.eventId).reverse());
   });
 
   it("deletes users and items", async () => {

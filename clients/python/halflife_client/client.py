@@ -455,17 +455,20 @@ class HalflifeClient:
     def delete_user(self, user_id: str, *, timeout: float | None = None) -> int:
         return self._interest.DeleteUser(interest_pb2.DeleteUserRequest(user_id=user_id), timeout=_deadline(timeout, self.timeout)).deleted_event_count
 
-    def list_events(self, user_id: str, *, page_size: int = 0, page_token: str = "",
+    def list_events(self, user_id: str, *, page_size: int = 0, page_token: str = "", newest_first: bool = False,
                     timeout: float | None = None) -> interest_pb2.ListEventsResponse:
-        """One page of the user's stored events, in the order recorded: `.events` and `.next_page_token`."""
-        request = interest_pb2.ListEventsRequest(user_id=user_id, page_size=page_size, page_token=page_token)
+        """One page of the user's stored events, in the order recorded (newest_first: the reverse): `.events`
+        and `.next_page_token`."""
+        request = interest_pb2.ListEventsRequest(user_id=user_id, page_size=page_size, page_token=page_token,
+                                                 newest_first=newest_first)
         return self._interest.ListEvents(request, timeout=_deadline(timeout, self.timeout))
 
-    def iter_events(self, user_id: str, *, page_size: int = MAX_PAGE_SIZE,
+    def iter_events(self, user_id: str, *, page_size: int = MAX_PAGE_SIZE, newest_first: bool = False,
                     timeout: float | None = None) -> Iterator[interest_pb2.Event]:
-        """Every event stored for the user, in the order recorded, a ListEvents page at a time."""
+        """Every event stored for the user, in the order recorded (newest_first: the reverse), a ListEvents
+        page at a time."""
         return _paged(lambda token: self.list_events(user_id, page_size=page_size, page_token=token,
-                                                     timeout=timeout), "events")
+                                                     newest_first=newest_first, timeout=timeout), "events")
 
     def recommend(
         self, user_id: str, limit: int = 10, *, as_of: dt.datetime | None = None, include_seen: bool = False,
@@ -568,14 +571,15 @@ class AsyncHalflifeClient:
         return (await self._interest.DeleteUser(interest_pb2.DeleteUserRequest(user_id=user_id), timeout=_deadline(timeout, self.timeout))).deleted_event_count
 
     async def list_events(self, user_id: str, *, page_size: int = 0, page_token: str = "",
-                          timeout: float | None = None) -> interest_pb2.ListEventsResponse:
-        request = interest_pb2.ListEventsRequest(user_id=user_id, page_size=page_size, page_token=page_token)
+                          newest_first: bool = False, timeout: float | None = None) -> interest_pb2.ListEventsResponse:
+        request = interest_pb2.ListEventsRequest(user_id=user_id, page_size=page_size, page_token=page_token,
+                                                 newest_first=newest_first)
         return await self._interest.ListEvents(request, timeout=_deadline(timeout, self.timeout))
 
-    def iter_events(self, user_id: str, *, page_size: int = MAX_PAGE_SIZE,
+    def iter_events(self, user_id: str, *, page_size: int = MAX_PAGE_SIZE, newest_first: bool = False,
                     timeout: float | None = None) -> AsyncIterator[interest_pb2.Event]:
         return _paged_async(lambda token: self.list_events(user_id, page_size=page_size, page_token=token,
-                                                           timeout=timeout), "events")
+                                                           newest_first=newest_first, timeout=timeout), "events")
 
     async def recommend(
         self, user_id: str, limit: int = 10, *, as_of: dt.datetime | None = None, include_seen: bool = False,

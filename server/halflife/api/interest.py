@@ -112,22 +112,24 @@ def _event_inputs(events: Iterable[interest_pb2.Event], now: float, violations: 
     return out
 
 
-def _log_position(seq: int, user_id: str) -> str:
-    """Where a ListEvents page ends: the seq, and the user's checksum, so
-    that a token sent with another user_id is refused (AIP-158), not read as
-    a place in that user's log."""
-    return f"{seq}.{zlib.crc32(user_id.encode()):08x}"
+def _log_position(seq: int, user_id: str, newest_first: bool) -> str:
+    """Where a ListEvents page ends: the seq, the user's checksum and the
+    order, so that a token sent with another user_id or the other order is
+    refused (AIP-158), not read as a place in another list."""
+    return f"{seq}.{zlib.crc32(user_id.encode()):08x}{'.newest' if newest_first else ''}"
 
 
-def _listed_after(position: str | None, user_id: str, violations: Violations) -> int:
+def _listed_after(position: str | None, request: interest_pb2.ListEventsRequest, violations: Violations) -> int:
     """The seq a ListEvents page token (`token_position`'s) lists after: 0 for
-    the first page; a position not made for `user_id` is a violation."""
+    the first page; a position not made for the request's user_id and order
+    is a violation."""
     if not position:
         return 0
     seq = position.partition(".")[0]
     # At most 18 digits: any seq, and nothing past SQLite's integers.
-    if not (seq.isascii() and seq.isdigit() and len(seq) <= 18) or position != _log_position(int(seq), user_id):
-        violations.add("page_token", "is not a token that ListEvents returned for this user_id")
+    if not (seq.isascii() and seq.isdigit() and len(seq) <= 18) or position != _log_position(
+            int(seq), request.user_id, request.newest_first):
+        violations.add("page_token", "is not a token that ListEvents returned for this user_id and newest_first")
         return 0
     return int(seq)
 
@@ -233,12 +235,12 @@ class InterestServicer(interest_pb2_grpc.InterestServiceServicer):
         violations = Violations()
         violations.identifier(request.user_id, "user_id")
         size = page_size(request.page_size, violations)
-        after = _listed_after(token_position(request.page_token, violations, "ListEvents"), request.user_id,
-                              violations)
+        after = _listed_after(token_position(request.page_token, violations, "ListEvents"), request, violations)
         violations.raise_if_any()
-        records, last_seq = await asyncio.to_thread(interest.list_user_events, request.user_id, after, size)
+        records, last_seq = await asyncio.to_thread(interest.list_user_events, request.user_id, after, size,
+                                                    request.newest_first)
         return interest_pb2.ListEventsResponse(
             events=[_event_message(record) for record in records],
-            next_page_token="" if last_seq is None else page_token("ListEvents",
-                                                                   _log_position(last_seq, request.user_id)),
+            next_page_token="" if last_seq is None else page_token(
+                "ListEvents", _log_position(last_seq, request.user_id, request.newest_first)),
         )

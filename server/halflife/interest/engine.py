@@ -808,8 +808,9 @@ class InterestEngine:
     def list_items(self, after_id: str, limit: int) -> tuple[list[ItemRecord], str | None]:
         return self.store.list_items(after_id, limit)
 
-    def list_user_events(self, user_id: str, after_seq: int, limit: int) -> tuple[list[EventRecord], int | None]:
-        return self.store.list_user_events(user_id, after_seq, limit)
+    def list_user_events(self, user_id: str, after_seq: int, limit: int,
+                         newest_first: bool = False) -> tuple[list[EventRecord], int | None]:
+        return self.store.list_user_events(user_id, after_seq, limit, newest_first)
 
     # ----------------------------------------------------------------- events
 

@@ -194,10 +194,12 @@ class Store(Protocol):
     def user_events(self, user_id: str) -> list[EventRecord]:
         """A user's events in arrival (`seq`) order."""
 
-    def list_user_events(self, user_id: str, after_seq: int, limit: int) -> tuple[list[EventRecord], int | None]:
-        """A page of the user's log in seq order: their first `limit` events
-        after `after_seq`, without vectors (each None), and the seq the next
-        page follows (None when no event is left)."""
+    def list_user_events(self, user_id: str, after_seq: int, limit: int,
+                         newest_first: bool = False) -> tuple[list[EventRecord], int | None]:
+        """A page of the user's log in seq order (newest_first: the reverse):
+        their first `limit` events after `after_seq` in that order (0: from
+        the start), without vectors (each None), and the seq the next page
+        follows (None when no event is left)."""
 
     def user_history(self, user_id: str, from_snapshot: bool = True, through_time: float = math.inf,
                      chunk: int = 10_000) -> ContextManager[tuple[ProfileSnapshot | None, Iterator[list[EventRecord]]]]:

@@ -99,6 +99,7 @@ ERASED_MARK = "-erased-"  # DB_NAME + this + a store's origin-n: a WAL truncatio
 _MAX_GROUP = 256  # jobs per group commit, bounds one transaction's size and latency
 _IN_CHUNK = 500  # rows or `IN (?, ...)` values per statement
 _FETCH_ROWS = 500  # rows per fetch of a long read, under the GC's threshold: see _column_chunks
+_MAX_SEQ = 2**63 - 1  # SQLite's largest integer: past every event's seq
 _VECTOR_DTYPE = np.dtype("<f4")
 # The writer connection's settings beyond durability. Once the log holds a few
 # 100k events, each 500-event batch dirties pages all over events(user_id, seq),
@@ -336,20 +337,22 @@ def _in_order(conn: sqlite3.Connection, seqs: list[int]) -> list[EventRecord]:
 
 
 def _events_where(conn: sqlite3.Connection, where: str, params: tuple,
-                  vectors_of: Callable[[str], bool] | None = None, limit: int = -1) -> list[EventRecord]:
+                  vectors_of: Callable[[str], bool] | None = None, limit: int = -1,
+                  descending: bool = False) -> list[EventRecord]:
     """The first `limit` (-1: all) events matching `where` (over `events e`),
-    in seq order, with vectors: those of the users `vectors_of` picks where
-    given (the others' None), read in a second statement: call inside a read
-    transaction then."""
+    in seq order (descending: newest first), with vectors: those of the
+    users `vectors_of` picks where given (the others' None), read in a second
+    statement: call inside a read transaction then."""
     # Each row: the event's columns, then its vector's data, hash and id.
     columns = "e.seq, e.event_id, e.user_id, e.type, e.item_id, e.text, e.value, e.event_time"
+    order = "e.seq DESC" if descending else "e.seq"
     if vectors_of is None:
         rows = conn.execute(f"""SELECT {columns}, v.data, v.hash, v.id
                                 FROM events e JOIN vectors v ON v.id = e.vector_id
-                                WHERE {where} ORDER BY e.seq LIMIT ?""", (*params, limit))
+                                WHERE {where} ORDER BY {order} LIMIT ?""", (*params, limit))
     else:
         rows = conn.execute(f"""SELECT {columns}, NULL, NULL, e.vector_id FROM events e
-                                WHERE {where} ORDER BY e.seq LIMIT ?""", (*params, limit)).fetchall()
+                                WHERE {where} ORDER BY {order} LIMIT ?""", (*params, limit)).fetchall()
         wanted = sorted({row[10] for row in rows if vectors_of(row[2])})
         vectors: dict[int, tuple[bytes, bytes]] = {}
         for chunk in _chunks(conn, wanted):
@@ -885,10 +888,13 @@ class SqliteStore:
     def user_events(self, user_id: str) -> list[EventRecord]:
         return self._read(lambda conn: _events_where(conn, "e.user_id = ?", (user_id,)))
 
-    def list_user_events(self, user_id: str, after_seq: int, limit: int) -> tuple[list[EventRecord], int | None]:
-        # One row past the page says whether another follows; the events(user_id, seq) index serves it.
-        events = self._read(lambda conn: _events_where(conn, "e.user_id = ? AND e.seq > ?", (user_id, after_seq),
-                                                       vectors_of=lambda _: False, limit=limit + 1))
+    def list_user_events(self, user_id: str, after_seq: int, limit: int,
+                         newest_first: bool = False) -> tuple[list[EventRecord], int | None]:
+        # One row past the page says whether another follows; the events(user_id, seq) index serves it, either way.
+        where, bound = ("e.seq < ?", after_seq or _MAX_SEQ) if newest_first else ("e.seq > ?", after_seq)
+        events = self._read(lambda conn: _events_where(conn, f"e.user_id = ? AND {where}", (user_id, bound),
+                                                       vectors_of=lambda _: False, limit=limit + 1,
+                                                       descending=newest_first))
         return events[:limit], events[limit - 1].seq if len(events) > limit else None
 
     def events_between(self, after_seq: int, through_seq: int,

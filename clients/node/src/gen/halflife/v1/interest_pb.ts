@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file halflife/v1/interest.proto.
  */
 export const file_halflife_v1_interest: GenFile = /*@__PURE__*/
-  fileDesc("ChpoYWxmbGlmZS92MS9pbnRlcmVzdC5wcm90bxILaGFsZmxpZmUudjEivQEKBUV2ZW50EhAKCGV2ZW50X2lkGAEgASgJEg8KB3VzZXJfaWQYAiABKAkSJAoEdHlwZRgDIAEoDjIWLmhhbGZsaWZlLnYxLkV2ZW50VHlwZRIPCgdpdGVtX2lkGAQgASgJEgwKBHRleHQYBSABKAkSEgoFdmFsdWUYBiABKAFIAIgBARIuCgpldmVudF90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIICgZfdmFsdWUiOQoTUmVjb3JkRXZlbnRzUmVxdWVzdBIiCgZldmVudHMYASADKAsyEi5oYWxmbGlmZS52MS5FdmVudCJHChRSZWNvcmRFdmVudHNSZXNwb25zZRIWCg5hY2NlcHRlZF9jb3VudBgBIAEoBRIXCg9kdXBsaWNhdGVfY291bnQYAiABKAUicAoRR2V0UHJvZmlsZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIuCgphc19vZl90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIaChJpdGVtc19wZXJfaW50ZXJlc3QYAyABKAUiMgoNSW50ZXJlc3RMYWJlbBINCgVsYWJlbBgBIAEoCRISCgpzaW1pbGFyaXR5GAIgASgCIkEKDEludGVyZXN0SXRlbRIPCgdpdGVtX2lkGAEgASgJEgwKBHRleHQYAiABKAkSEgoKc2ltaWxhcml0eRgDIAEoAiKHAgoISW50ZXJlc3QSEwoLaW50ZXJlc3RfaWQYASABKAUSEAoIc3RyZW5ndGgYAiABKAESDQoFc2hhcmUYAyABKAESIQoFdHJlbmQYBCABKA4yEi5oYWxmbGlmZS52MS5UcmVuZBIqCgZsYWJlbHMYBSADKAsyGi5oYWxmbGlmZS52MS5JbnRlcmVzdExhYmVsEiwKCXRvcF9pdGVtcxgGIAMoCzIZLmhhbGZsaWZlLnYxLkludGVyZXN0SXRlbRITCgtldmVudF9jb3VudBgHIAEoAxIzCg9sYXN0X2V2ZW50X3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkUKDkV2ZW50VHlwZUNvdW50EiQKBHR5cGUYASABKA4yFi5oYWxmbGlmZS52MS5FdmVudFR5cGUSDQoFY291bnQYAiABKAMi0gEKEkdldFByb2ZpbGVSZXNwb25zZRIPCgd1c2VyX2lkGAEgASgJEigKCWludGVyZXN0cxgCIAMoCzIVLmhhbGZsaWZlLnYxLkludGVyZXN0EjEKDGV2ZW50X2NvdW50cxgDIAMoCzIbLmhhbGZsaWZlLnYxLkV2ZW50VHlwZUNvdW50EjMKD2xhc3RfZXZlbnRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGQoRbmVnYXRpdmVfc3RyZW5ndGgYBSABKAEiJAoRRGVsZXRlVXNlclJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSIxChJEZWxldGVVc2VyUmVzcG9uc2USGwoTZGVsZXRlZF9ldmVudF9jb3VudBgBIAEoAyJLChFMaXN0RXZlbnRzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlEKEkxpc3RFdmVudHNSZXNwb25zZRIiCgZldmVudHMYASADKAsyEi5oYWxmbGlmZS52MS5FdmVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkqogIKCUV2ZW50VHlwZRIaChZFVkVOVF9UWVBFX1VOU1BFQ0lGSUVEEAASEwoPRVZFTlRfVFlQRV9WSUVXEAESFAoQRVZFTlRfVFlQRV9DTElDSxACEhMKD0VWRU5UX1RZUEVfTElLRRADEhoKFkVWRU5UX1RZUEVfQUREX1RPX0NBUlQQBBIXChNFVkVOVF9UWVBFX1BVUkNIQVNFEAUSEwoPRVZFTlRfVFlQRV9SQVRFEAYSFQoRRVZFTlRfVFlQRV9SRVZJRVcQBxIVChFFVkVOVF9UWVBFX1NFQVJDSBAIEhQKEEVWRU5UX1RZUEVfU0hBUkUQCRIWChJFVkVOVF9UWVBFX0RJU0xJS0UQChITCg9FVkVOVF9UWVBFX1NLSVAQCypUCgVUcmVuZBIVChFUUkVORF9VTlNQRUNJRklFRBAAEhAKDFRSRU5EX1JJU0lORxABEhAKDFRSRU5EX1NURUFEWRACEhAKDFRSRU5EX0ZBRElORxADMtMCCg9JbnRlcmVzdFNlcnZpY2USUwoMUmVjb3JkRXZlbnRzEiAuaGFsZmxpZmUudjEuUmVjb3JkRXZlbnRzUmVxdWVzdBohLmhhbGZsaWZlLnYxLlJlY29yZEV2ZW50c1Jlc3BvbnNlEk0KCkdldFByb2ZpbGUSHi5oYWxmbGlmZS52MS5HZXRQcm9maWxlUmVxdWVzdBofLmhhbGZsaWZlLnYxLkdldFByb2ZpbGVSZXNwb25zZRJNCgpEZWxldGVVc2VyEh4uaGFsZmxpZmUudjEuRGVsZXRlVXNlclJlcXVlc3QaHy5oYWxmbGlmZS52MS5EZWxldGVVc2VyUmVzcG9uc2USTQoKTGlzdEV2ZW50cxIeLmhhbGZsaWZlLnYxLkxpc3RFdmVudHNSZXF1ZXN0Gh8uaGFsZmxpZmUudjEuTGlzdEV2ZW50c1Jlc3BvbnNlQlIKD2Rldi5oYWxmbGlmZS52MVABWj1naXRodWIuY29tL2hhbGZsaWZlL2hhbGZsaWZlL2NsaWVudHMvZ28vaGFsZmxpZmV2MTtoYWxmbGlmZXYxYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("ChpoYWxmbGlmZS92MS9pbnRlcmVzdC5wcm90bxILaGFsZmxpZmUudjEivQEKBUV2ZW50EhAKCGV2ZW50X2lkGAEgASgJEg8KB3VzZXJfaWQYAiABKAkSJAoEdHlwZRgDIAEoDjIWLmhhbGZsaWZlLnYxLkV2ZW50VHlwZRIPCgdpdGVtX2lkGAQgASgJEgwKBHRleHQYBSABKAkSEgoFdmFsdWUYBiABKAFIAIgBARIuCgpldmVudF90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIICgZfdmFsdWUiOQoTUmVjb3JkRXZlbnRzUmVxdWVzdBIiCgZldmVudHMYASADKAsyEi5oYWxmbGlmZS52MS5FdmVudCJHChRSZWNvcmRFdmVudHNSZXNwb25zZRIWCg5hY2NlcHRlZF9jb3VudBgBIAEoBRIXCg9kdXBsaWNhdGVfY291bnQYAiABKAUicAoRR2V0UHJvZmlsZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIuCgphc19vZl90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIaChJpdGVtc19wZXJfaW50ZXJlc3QYAyABKAUiMgoNSW50ZXJlc3RMYWJlbBINCgVsYWJlbBgBIAEoCRISCgpzaW1pbGFyaXR5GAIgASgCIkEKDEludGVyZXN0SXRlbRIPCgdpdGVtX2lkGAEgASgJEgwKBHRleHQYAiABKAkSEgoKc2ltaWxhcml0eRgDIAEoAiKHAgoISW50ZXJlc3QSEwoLaW50ZXJlc3RfaWQYASABKAUSEAoIc3RyZW5ndGgYAiABKAESDQoFc2hhcmUYAyABKAESIQoFdHJlbmQYBCABKA4yEi5oYWxmbGlmZS52MS5UcmVuZBIqCgZsYWJlbHMYBSADKAsyGi5oYWxmbGlmZS52MS5JbnRlcmVzdExhYmVsEiwKCXRvcF9pdGVtcxgGIAMoCzIZLmhhbGZsaWZlLnYxLkludGVyZXN0SXRlbRITCgtldmVudF9jb3VudBgHIAEoAxIzCg9sYXN0X2V2ZW50X3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkUKDkV2ZW50VHlwZUNvdW50EiQKBHR5cGUYASABKA4yFi5oYWxmbGlmZS52MS5FdmVudFR5cGUSDQoFY291bnQYAiABKAMi0gEKEkdldFByb2ZpbGVSZXNwb25zZRIPCgd1c2VyX2lkGAEgASgJEigKCWludGVyZXN0cxgCIAMoCzIVLmhhbGZsaWZlLnYxLkludGVyZXN0EjEKDGV2ZW50X2NvdW50cxgDIAMoCzIbLmhhbGZsaWZlLnYxLkV2ZW50VHlwZUNvdW50EjMKD2xhc3RfZXZlbnRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGQoRbmVnYXRpdmVfc3RyZW5ndGgYBSABKAEiJAoRRGVsZXRlVXNlclJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSIxChJEZWxldGVVc2VyUmVzcG9uc2USGwoTZGVsZXRlZF9ldmVudF9jb3VudBgBIAEoAyJhChFMaXN0RXZlbnRzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJEhQKDG5ld2VzdF9maXJzdBgEIAEoCCJRChJMaXN0RXZlbnRzUmVzcG9uc2USIgoGZXZlbnRzGAEgAygLMhIuaGFsZmxpZmUudjEuRXZlbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJKqICCglFdmVudFR5cGUSGgoWRVZFTlRfVFlQRV9VTlNQRUNJRklFRBAAEhMKD0VWRU5UX1RZUEVfVklFVxABEhQKEEVWRU5UX1RZUEVfQ0xJQ0sQAhITCg9FVkVOVF9UWVBFX0xJS0UQAxIaChZFVkVOVF9UWVBFX0FERF9UT19DQVJUEAQSFwoTRVZFTlRfVFlQRV9QVVJDSEFTRRAFEhMKD0VWRU5UX1RZUEVfUkFURRAGEhUKEUVWRU5UX1RZUEVfUkVWSUVXEAcSFQoRRVZFTlRfVFlQRV9TRUFSQ0gQCBIUChBFVkVOVF9UWVBFX1NIQVJFEAkSFgoSRVZFTlRfVFlQRV9ESVNMSUtFEAoSEwoPRVZFTlRfVFlQRV9TS0lQEAsqVAoFVHJlbmQSFQoRVFJFTkRfVU5TUEVDSUZJRUQQABIQCgxUUkVORF9SSVNJTkcQARIQCgxUUkVORF9TVEVBRFkQAhIQCgxUUkVORF9GQURJTkcQAzLTAgoPSW50ZXJlc3RTZXJ2aWNlElMKDFJlY29yZEV2ZW50cxIgLmhhbGZsaWZlLnYxLlJlY29yZEV2ZW50c1JlcXVlc3QaIS5oYWxmbGlmZS52MS5SZWNvcmRFdmVudHNSZXNwb25zZRJNCgpHZXRQcm9maWxlEh4uaGFsZmxpZmUudjEuR2V0UHJvZmlsZVJlcXVlc3QaHy5oYWxmbGlmZS52MS5HZXRQcm9maWxlUmVzcG9uc2USTQoKRGVsZXRlVXNlchIeLmhhbGZsaWZlLnYxLkRlbGV0ZVVzZXJSZXF1ZXN0Gh8uaGFsZmxpZmUudjEuRGVsZXRlVXNlclJlc3BvbnNlEk0KCkxpc3RFdmVudHMSHi5oYWxmbGlmZS52MS5MaXN0RXZlbnRzUmVxdWVzdBofLmhhbGZsaWZlLnYxLkxpc3RFdmVudHNSZXNwb25zZUJSCg9kZXYuaGFsZmxpZmUudjFQAVo9Z2l0aHViLmNvbS9oYWxmbGlmZS9oYWxmbGlmZS9jbGllbnRzL2dvL2hhbGZsaWZldjE7aGFsZmxpZmV2MWIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * One user action.
@@ -468,12 +468,20 @@ export type ListEventsRequest = Message<"halflife.v1.ListEventsRequest"> & {
   pageSize: number;
 
   /**
-   * `next_page_token` of the page before, for the same user_id; empty for
-   * the first page.
+   * `next_page_token` of the page before, for the same user_id and
+   * newest_first; empty for the first page.
    *
    * @generated from field: string page_token = 3;
    */
   pageToken: string;
+
+  /**
+   * When true, the newest events come first: the order reversed, so the
+   * first page holds the user's latest events.
+   *
+   * @generated from field: bool newest_first = 4;
+   */
+  newestFirst: boolean;
 };
 
 /**
@@ -490,9 +498,10 @@ export const ListEventsRequestSchema: GenMessage<ListEventsRequest> = /*@__PURE_
  */
 export type ListEventsResponse = Message<"halflife.v1.ListEventsResponse"> & {
   /**
-   * The page's events, in the order they were recorded, as stored: an
-   * unset `event_time` reads as the time the server received the event,
-   * and a `text` of nothing tokenizers read, beside an item, as none.
+   * The page's events, in the order they were recorded (newest_first: the
+   * reverse), as stored: an unset `event_time` reads as the time the server
+   * received the event, and a `text` of nothing tokenizers read, beside an
+   * item, as none.
    *
    * @generated from field: repeated halflife.v1.Event events = 1;
    */
@@ -713,14 +722,16 @@ export const InterestService: GenService<{
     output: typeof DeleteUserResponseSchema;
   },
   /**
-   * Lists the events stored for a user, in the order they were recorded, a
-   * page at a time: what the service holds of them (GetProfile says what it
-   * made of it), for an access request or to see why they got what they got.
-   * An unknown or erased user has none, which is not an error. Each page
-   * starts after the last event of the page before, so events recorded
-   * while paging come on later pages. Errors: INVALID_ARGUMENT (bad
-   * user_id, negative page_size, a page_token ListEvents did not return for
-   * this user_id) with a BadRequest field violation each.
+   * Lists the events stored for a user, in the order they were recorded or
+   * newest first, a page at a time: what the service holds of them
+   * (GetProfile says what it made of it), for an access request or to see
+   * why they got what they got. An unknown or erased user has none, which is
+   * not an error. Each page starts after the last event of the page before,
+   * so events recorded while paging come on later pages in the order
+   * recorded, and not at all newest first (list again from the first page to
+   * see them). Errors: INVALID_ARGUMENT (bad user_id, negative page_size, a
+   * page_token ListEvents did not return for this user_id and newest_first)
+   * with a BadRequest field violation each.
    *
    * @generated from rpc halflife.v1.InterestService.ListEvents
    */
