@@ -1,4 +1,4 @@
-"""The client-side CLI (load-movielens, recommend, profile) and the Python client's retries, against live servers."""
+"""The client-side CLI (load-movielens, recommend, profile, events) and the Python client's retries, live."""
 
 from __future__ import annotations
 
@@ -111,6 +111,18 @@ def test_load_movielens_recommend_and_profile(server, tmp_path):
 
     cold = halflife("recommend", "nobody", "--target", server.address)
     assert "(trending)" in cold.stdout.splitlines()[0]
+
+    events = halflife("events", "1", "--target", server.address, "--limit", "2")
+    assert events.returncode == 0, events.stderr
+    lines = events.stdout.splitlines()
+    assert lines[0] == "latest events of user 1, last recorded first" and len(lines) == 5  # title, header, rule
+    assert lines[1].split() == ["time", "type", "value", "item", "text"]
+    assert lines[3].startswith("2010-01-01T00:03:20Z  review") and lines[3].endswith(
+        'Wedding Season (2003). Genres: Comedy, Romance — "wonderful chemistry"')
+    assert lines[4].split()[:5] == ["2010-01-01T00:01:40Z", "rate", "5", "5", "Wedding"]
+    every = halflife("events", "1", "--target", server.address).stdout.splitlines()
+    assert len(every) == 3 + 5 and every[-1].split()[:4] == ["2000-12-31T22:00:00Z", "rate", "5", "1"]
+    assert halflife("events", "nobody", "--target", server.address).stdout == "user nobody: no events stored\n"
 
 
 def test_progress_off_a_terminal_is_a_plain_line_now_and_then_and_none_for_quick_work(monkeypatch):
@@ -317,6 +329,7 @@ def test_movielens_event_ids_stay_valid_and_the_same_for_long_ids():
     (["loadtest", "--call", "grpc.health.v1.Health.Check", "https://localhost"],
      "argument host: give host:port, not a URL: drop the https://"),
     (["profile", "1", "--target", "localhost:abc"], "argument --target: port must be 1 to 65535, got abc"),
+    (["events", "1", "--limit", "0"], "argument --limit: must be at least 1, got 0"),
 ])
 def test_out_of_range_flags_are_usage_errors(args, message):
     result = halflife(*args)

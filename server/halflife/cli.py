@@ -512,6 +512,12 @@ def _add_client_commands(commands: argparse._SubParsersAction) -> None:
     profile.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=TARGET_HELP)
     profile.set_defaults(run=_run_profile)
 
+    events = commands.add_parser("events", help="show a user's latest events, newest first")
+    events.add_argument("user_id", type=_utf8)
+    events.add_argument("--limit", type=_positive_int, default=20, help="how many events (default 20)")
+    events.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=TARGET_HELP)
+    events.set_defaults(run=_run_events)
+
 
 def _add_loadtest(commands: argparse._SubParsersAction) -> None:
     from halflife.loadtest import DURATION_STOPS
@@ -683,6 +689,12 @@ def _run_profile(args: argparse.Namespace) -> int:
     from halflife.commands import show_profile
 
     return _client_command("profile", args.target, show_profile, args.user_id, args.target, args.as_of)
+
+
+def _run_events(args: argparse.Namespace) -> int:
+    from halflife.commands import show_events
+
+    return _client_command("events", args.target, show_events, args.user_id, args.target, args.limit)
 
 
 def _add_reembed(commands: argparse._SubParsersAction) -> None:

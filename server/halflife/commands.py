@@ -1,4 +1,4 @@
-"""Client-side commands of the `halflife` CLI: load a dataset, show recommendations and profiles.
+"""Client-side commands of the `halflife` CLI: load a dataset, show recommendations, profiles and events.
 
 They talk to a running server through the Python client, like any backend.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import shutil
 import sys
 import time
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import grpc
+
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from halflife.api.validation import MAX_FUTURE_SECONDS, MAX_ITEMS_PER_REQUEST
 from halflife.datasets.interactions import MOVIELENS, load_dataset
@@ -167,13 +170,37 @@ def show_recommendations(user_id: str, target: str, limit: int, as_of: dt.dateti
     print_table(["#", "item", "score", "text", "why"], rows)
 
 
+def _iso(time: Timestamp) -> str:
+    return time.ToDatetime().isoformat() + "Z"
+
+
+def _type_name(event_type: int) -> str:
+    return interest_pb2.EventType.Name(event_type).removeprefix("EVENT_TYPE_").lower()
+
+
+def show_events(user_id: str, target: str, limit: int) -> None:
+    with HalflifeClient(target) as client:
+        latest = list(itertools.islice(client.iter_events(user_id, page_size=min(limit, MAX_ITEMS_PER_REQUEST),
+                                                          newest_first=True), limit))
+        texts = _texts_of(client, [e.item_id for e in latest if e.item_id])
+    if not latest:
+        print(f"user {user_id}: no events stored")
+        return
+    print(f"latest events of user {user_id}, last recorded first")
+    rows = []
+    for e in latest:
+        # The item's text (an item deleted since: its id alone), then what the user wrote, quoted.
+        what = [_clip(texts.get(e.item_id, ""), 50), f'"{_clip(e.text, 60)}"' if e.text else ""]
+        rows.append([_iso(e.event_time), _type_name(e.type), f"{e.value:g}" if e.HasField("value") else "",
+                     e.item_id, " — ".join(filter(None, what))])
+    print_table(["time", "type", "value", "item", "text"], rows)
+
+
 def show_profile(user_id: str, target: str, as_of: dt.datetime | None) -> None:
     with HalflifeClient(target) as client:
         profile = client.profile(user_id, as_of=as_of)
-    counts = ", ".join(
-        f"{interest_pb2.EventType.Name(c.type).removeprefix('EVENT_TYPE_').lower()} {c.count}" for c in profile.event_counts
-    )
-    last = profile.last_event_time.ToDatetime().isoformat() + "Z" if profile.HasField("last_event_time") else "never"
+    counts = ", ".join(f"{_type_name(c.type)} {c.count}" for c in profile.event_counts)
+    last = _iso(profile.last_event_time) if profile.HasField("last_event_time") else "never"
     # Strengths decay with age: a user of old events has tiny ones, which 3 decimals read as 0.
     positive, negative = sum(i.strength for i in profile.interests), profile.negative_strength
     relative = f" ({negative / positive:.0%} of the positive)" if positive > 0 else ""
