@@ -186,7 +186,12 @@ class _PairReads:
         distinct; weights: (u,). Returns (N,) float64."""
         per_user = np.zeros(max(self._user_ptr.shape[0] - 1, int(users.max(initial=-1)) + 1))
         per_user[users] = weights
-        scores = np.bincount(self._keys & _LOW, weights=per_user[self._keys >> _ITEM_BITS], minlength=self.n_items)
+        # In item order each item's sum is one run's (reduceat), where a bincount over the user-sorted pairs
+        # scattered every pair's weight: 1.95 -> 1.28 ms at 665k pairs. reduceat misreads an empty run.
+        ptr, scores = self._item_ptr, np.zeros(self.n_items)
+        held = np.flatnonzero(ptr[1:] > ptr[:-1])
+        if held.size:
+            scores[held] = np.add.reduceat(per_user[self._item_keys & _LOW], ptr[held])
         waiting_users, waiting_items = self._waiting_pairs()
         hit, where = _matches(waiting_users, users)
         return scores + np.bincount(waiting_items[hit], weights=weights[where], minlength=self.n_items)
