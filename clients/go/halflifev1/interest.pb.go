@@ -390,8 +390,8 @@ func (x *RecordEventsResponse) GetDuplicateCount() int32 {
 	return 0
 }
 
-// Input of InterestService.GetProfile. Errors: INVALID_ARGUMENT (empty or
-// over-long user_id, as_of_time before 1970 or more than 24 hours ahead,
+// Input of InterestService.GetProfile. Errors: INVALID_ARGUMENT (bad
+// user_id, as_of_time before 1970 or more than 24 hours ahead,
 // items_per_interest outside 0..20) with a BadRequest field violation each.
 type GetProfileRequest struct {
 	state         protoimpl.MessageState
@@ -856,8 +856,8 @@ func (x *GetProfileResponse) GetNegativeStrength() float64 {
 	return 0
 }
 
-// Input of InterestService.DeleteUser. Errors: INVALID_ARGUMENT for an
-// empty or over-long user_id.
+// Input of InterestService.DeleteUser. Errors: INVALID_ARGUMENT for a bad
+// user_id (see below).
 type DeleteUserRequest struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache

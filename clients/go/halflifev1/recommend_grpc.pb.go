@@ -20,8 +20,9 @@ type RecommendServiceClient interface {
 	// Top items for a user at `as_of_time` (default now), best first. A user
 	// without positive interest weight then gets trending items and `strategy`
 	// says so. Errors: INVALID_ARGUMENT (bad user_id, limit outside 1 to the
-	// server's `ranking.max_limit`, bad filter, query or diversity), each with
-	// a BadRequest field violation.
+	// server's `ranking.max_limit`, as_of_time before 1970 or more than 24
+	// hours ahead, bad filter, query or diversity), each with a BadRequest
+	// field violation.
 	Recommend(ctx context.Context, in *RecommendRequest, opts ...grpc.CallOption) (*RecommendResponse, error)
 	// Items most similar to an item (NOT_FOUND if unknown) or to a text.
 	SimilarItems(ctx context.Context, in *SimilarItemsRequest, opts ...grpc.CallOption) (*SimilarItemsResponse, error)
@@ -60,8 +61,9 @@ type RecommendServiceServer interface {
 	// Top items for a user at `as_of_time` (default now), best first. A user
 	// without positive interest weight then gets trending items and `strategy`
 	// says so. Errors: INVALID_ARGUMENT (bad user_id, limit outside 1 to the
-	// server's `ranking.max_limit`, bad filter, query or diversity), each with
-	// a BadRequest field violation.
+	// server's `ranking.max_limit`, as_of_time before 1970 or more than 24
+	// hours ahead, bad filter, query or diversity), each with a BadRequest
+	// field violation.
 	Recommend(context.Context, *RecommendRequest) (*RecommendResponse, error)
 	// Items most similar to an item (NOT_FOUND if unknown) or to a text.
 	SimilarItems(context.Context, *SimilarItemsRequest) (*SimilarItemsResponse, error)

@@ -138,8 +138,8 @@ export const RecordEventsResponseSchema: GenMessage<RecordEventsResponse> = /*@_
   messageDesc(file_halflife_v1_interest, 2);
 
 /**
- * Input of InterestService.GetProfile. Errors: INVALID_ARGUMENT (empty or
- * over-long user_id, as_of_time before 1970 or more than 24 hours ahead,
+ * Input of InterestService.GetProfile. Errors: INVALID_ARGUMENT (bad
+ * user_id, as_of_time before 1970 or more than 24 hours ahead,
  * items_per_interest outside 0..20) with a BadRequest field violation each.
  *
  * @generated from message halflife.v1.GetProfileRequest
@@ -402,8 +402,8 @@ export const GetProfileResponseSchema: GenMessage<GetProfileResponse> = /*@__PUR
   messageDesc(file_halflife_v1_interest, 8);
 
 /**
- * Input of InterestService.DeleteUser. Errors: INVALID_ARGUMENT for an
- * empty or over-long user_id.
+ * Input of InterestService.DeleteUser. Errors: INVALID_ARGUMENT for a bad
+ * user_id (see below).
  *
  * @generated from message halflife.v1.DeleteUserRequest
  */

@@ -482,8 +482,9 @@ export const RecommendService: GenService<{
    * Top items for a user at `as_of_time` (default now), best first. A user
    * without positive interest weight then gets trending items and `strategy`
    * says so. Errors: INVALID_ARGUMENT (bad user_id, limit outside 1 to the
-   * server's `ranking.max_limit`, bad filter, query or diversity), each with
-   * a BadRequest field violation.
+   * server's `ranking.max_limit`, as_of_time before 1970 or more than 24
+   * hours ahead, bad filter, query or diversity), each with a BadRequest
+   * field violation.
    *
    * @generated from rpc halflife.v1.RecommendService.Recommend
    */
