@@ -54,6 +54,19 @@ def test_an_item_that_co_occurs_with_nothing_scores_exactly_zero(kind):
     assert cooccurrence_scores(c, [1, 2], [0.9, 0.3], "count").tolist() == pytest.approx([0.0, 0.3, 0.9])
 
 
+def test_run_sums_equal_a_bincount_whatever_the_order():
+    """Runs of one group (a query item's pairs), the same group in several
+    runs, singletons, and no groups at all."""
+    from halflife.core.cooccurrence import _run_sums
+
+    rng = np.random.default_rng(3)
+    for groups in (np.repeat([0, 4, 2, 4, 0], [5, 1, 3, 2, 1]), rng.integers(0, 7, 50), np.arange(6)[::-1],
+                   np.empty(0, dtype=np.int64)):
+        values = rng.random(groups.size)
+        assert np.allclose(_run_sums(groups, values, 8), np.bincount(groups, weights=values, minlength=8))
+        assert _run_sums(groups, values, 8).shape == (8,)
+
+
 def test_growth_and_user_removal():
     c = index()
     c.add([3], [5])  # grows the item space

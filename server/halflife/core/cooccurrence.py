@@ -103,6 +103,18 @@ def _matches(values: np.ndarray, heads: np.ndarray) -> tuple[np.ndarray, np.ndar
     return which, order[index]
 
 
+def _run_sums(groups: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """Σ values per group, for groups that come in runs (a query item's pairs
+    follow each other): each run summed at once (reduceat), then the runs
+    into their groups. A bincount adds a run into its bin one dependent add
+    at a time: 0.69 ms against 0.03 for 178k pairs of 13 items. groups,
+    values: (m,); returns (n,) float64."""
+    if not groups.size:
+        return np.zeros(n)
+    starts = np.flatnonzero(np.diff(groups, prepend=-1))
+    return np.bincount(groups[starts], weights=np.add.reduceat(values, starts), minlength=n)
+
+
 def _earliest_per_pair(keys: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One entry per distinct key, with its earliest time: (m,) keys sorted, (m,) times.
     A stable sort of the keys (timsort: linear over the sorted run of an
@@ -232,13 +244,14 @@ class _PairReads:
         if not len(self) or not items.size:
             return np.zeros(self.n_items)
         h, users = self._co_users(items)
+        at_item = weights[h]
         if users.size and users.max() < 64 * users.size:  # dense enough: counting beats sorting
-            by_user = np.bincount(users, weights=weights[h])
+            by_user = np.bincount(users, weights=at_item)
             co_users = np.flatnonzero(by_user)
             per_user, at_pair = by_user[co_users], by_user[users]
         else:
             co_users, inverse = np.unique(users, return_inverse=True)
-            per_user = np.bincount(inverse, weights=weights[h], minlength=co_users.size)
+            per_user = np.bincount(inverse, weights=at_item, minlength=co_users.size)
             at_pair = per_user[inverse]
         if _runs(self._user_ptr, co_users)[1].sum() >= _DENSE_SHARE * self._keys.size:  # their sorted pairs
             scores = self._over_every_pair(co_users, per_user)
@@ -249,8 +262,8 @@ class _PairReads:
             added = per_user[pos] if column is None else per_user[pos] * column(self._item_counts[js])
             scores = np.bincount(js, weights=added, minlength=self.n_items)  # float64 already
         if not diagonal:
-            others = np.maximum(at_pair - weights[h], 0.0)  # (a + b) - a can round below 0
-            own = np.bincount(h, weights=others, minlength=items.size)
+            others = np.maximum(at_pair - at_item, 0.0)  # (a + b) - a can round below 0
+            own = _run_sums(h, others, items.size)
             scores[items] = own if column is None else own * column(self._item_counts[items])
         return scores
 
