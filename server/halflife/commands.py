@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import grpc
-
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from halflife.api.validation import MAX_FUTURE_SECONDS, MAX_ITEMS_PER_REQUEST
