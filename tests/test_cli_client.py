@@ -115,7 +115,7 @@ def test_load_movielens_recommend_and_profile(server, tmp_path):
     events = halflife("events", "1", "--target", server.address, "--limit", "2")
     assert events.returncode == 0, events.stderr
     lines = events.stdout.splitlines()
-    assert lines[0] == "latest events of user 1, last recorded first" and len(lines) == 5  # title, header, rule
+    assert lines[0] == "events recorded last for user 1, the last first" and len(lines) == 5  # title, header, rule
     assert lines[1].split() == ["time", "type", "value", "item", "text"]
     assert lines[3].startswith("2010-01-01T00:03:20Z  review") and lines[3].endswith(
         'Wedding Season (2003). Genres: Comedy, Romance — "wonderful chemistry"')
@@ -203,22 +203,33 @@ def test_recommend_shows_a_list_whose_items_and_explanations_name_over_1000_item
     assert len(re.findall(r"^\s*1000\s", shown.stdout, flags=re.M)) == 1  # the 1,000th row
 
 
-def test_recommend_and_profile_show_control_characters_in_texts_literally(server):
+def test_client_commands_show_control_characters_in_texts_and_user_ids_literally(server):
     """An item text with ESC sequences and a line break cleared the screen,
     set the window title and printed a row of its own (an audit): they are
-    shown as escapes, and line breaks as spaces."""
+    shown as escapes, and line breaks as spaces; so is a user id's C1
+    control or bidirectional override (ids refuse C0 and DEL only), which
+    the commands' first lines printed as they were (a review)."""
     evil = "Shoes \x1b[2J\x1b]0;pwned\x07 sale\r\nFAKE LINE \u202e"
+    fan = "evil-fan\u202e\x9b2J"
     with HalflifeClient(server.address) as client:
         client.upsert_items([Item(id="evil-1", text=evil, vector=np.eye(384, dtype=np.float32)[5]),
                              Item(id="evil-2", text=evil, vector=np.eye(384, dtype=np.float32)[5])])
-        client.record_events([Event(event_id="evil-e1", user_id="evil-fan", type=interest_pb2.EVENT_TYPE_LIKE,
+        client.record_events([Event(event_id="evil-e1", user_id=fan, type=interest_pb2.EVENT_TYPE_LIKE,
                                     item_id="evil-1")])
-    for command in ("recommend", "profile"):
-        shown = halflife(command, "evil-fan", "--target", server.address)
+    for command in ("recommend", "profile", "events"):
+        shown = halflife(command, fan, "--target", server.address)
         assert shown.returncode == 0, shown.stderr
         assert r"Shoes \x1b[2J\x1b]0;pwned\x07 sale  FAKE LINE \u202e" in shown.stdout, shown.stdout
-        assert not any(c in shown.stdout for c in "\x1b\x07\r\u202e")
+        assert r"evil-fan\u202e\x9b2J" in shown.stdout.splitlines()[0]
+        assert not any(c in shown.stdout for c in "\x1b\x07\r\u202e\x9b")
         assert not any(line.startswith("FAKE LINE") for line in shown.stdout.splitlines())
+
+
+def test_events_shows_values_as_sent():
+    """`:g` kept 6 digits: 1234567.5 showed as 1.23457e+06 (a review)."""
+    from halflife.commands import _value
+
+    assert [_value(v) for v in (5.0, 4.5, 12345.67, 1234567.5, 0.1)] == ["5", "4.5", "12345.67", "1234567.5", "0.1"]
 
 
 def test_recommend_says_why_it_shows_no_items(model_dir, tmp_path):
@@ -330,6 +341,8 @@ def test_movielens_event_ids_stay_valid_and_the_same_for_long_ids():
      "argument host: give host:port, not a URL: drop the https://"),
     (["profile", "1", "--target", "localhost:abc"], "argument --target: port must be 1 to 65535, got abc"),
     (["events", "1", "--limit", "0"], "argument --limit: must be at least 1, got 0"),
+    # Past sys.maxsize, itertools.islice raised in a traceback (a review).
+    (["events", "1", "--limit", str(2**63)], f"argument --limit: must be a 32-bit whole number, got {2**63}"),
 ])
 def test_out_of_range_flags_are_usage_errors(args, message):
     result = halflife(*args)
@@ -437,6 +450,43 @@ def test_client_retries_unavailable_and_a_servers_cancel_only():
         with HalflifeClient(address) as client:
             assert client.embed(["big" + "x" * 40_000] * 10).shape == (10, 1)
             assert flaky.attempts["Embed"] == 2
+
+
+class InterestBeforeNewestFirst(interest_pb2_grpc.InterestServiceServicer):
+    """ListEvents as a server from before `newest_first` answered: that field
+    unknown to it, its events in the order recorded, no echo."""
+
+    def ListEvents(self, request, context):
+        events = [interest_pb2.Event(event_id=f"e{n}", user_id=request.user_id, type=VIEW, item_id="x")
+                  for n in range(3)]
+        return interest_pb2.ListEventsResponse(events=events)
+
+
+def test_newest_first_from_a_server_that_predates_it_is_an_error_not_the_oldest_events():
+    """Such a server dropped the field and listed oldest first, which the
+    clients and `halflife events` showed as the events recorded last (a
+    review)."""
+    import asyncio
+
+    from halflife_client import AsyncHalflifeClient, ServerTooOldError
+
+    with stand_in(interest_pb2_grpc.add_InterestServiceServicer_to_server, InterestBeforeNewestFirst()) as address:
+        with HalflifeClient(address) as client:
+            assert [e.event_id for e in client.iter_events("u")] == ["e0", "e1", "e2"]  # the order it knows
+            for call in (lambda: client.list_events("u", newest_first=True),
+                         lambda: list(client.iter_events("u", newest_first=True))):
+                with pytest.raises(ServerTooOldError, match="predates ListEvents' newest_first"):
+                    call()
+
+        async def main():
+            async with AsyncHalflifeClient(address) as client:
+                with pytest.raises(ServerTooOldError):
+                    [e async for e in client.iter_events("u", newest_first=True)]
+
+        asyncio.run(main())
+        shown = halflife("events", "u", "--target", address)
+        assert shown.returncode == 1 and shown.stdout == "" and "Traceback" not in shown.stderr
+        assert shown.stderr.startswith("halflife events: error: the server listed the events oldest first")
 
 
 class ChurnedInterest(interest_pb2_grpc.InterestServiceServicer):
@@ -655,7 +705,8 @@ def test_the_package_exports_the_names_the_readme_gives_it():
     import halflife_client
 
     named = {"HalflifeClient", "AsyncHalflifeClient", "Item", "Event", "Filter", "ModelInfo", "field_violations",
-             "rich_status", "to_timestamp", "CHANNEL_OPTIONS", "DEFAULT_PORT", "DEFAULT_TIMEOUT_S", "server_target"}
+             "rich_status", "to_timestamp", "CHANNEL_OPTIONS", "DEFAULT_PORT", "DEFAULT_TIMEOUT_S", "server_target",
+             "ServerTooOldError"}
     assert named <= set(halflife_client.__all__)
     assert halflife_client.DEFAULT_PORT == 50051 and halflife_client.server_target("localhost") == "localhost:50051"
     assert halflife_client.HalflifeClient().timeout == halflife_client.DEFAULT_TIMEOUT_S == 10.0

@@ -415,6 +415,8 @@ def test_list_events_pages_through_a_users_log_as_recorded(client):
     newest = listed_pages(lambda token: client.list_events(user, page_size=2, page_token=token, newest_first=True),
                           lambda page: [e.event_id for e in page.events])
     assert newest == [["log-5", "log-4"], ["log-2", "log-1"], ["log-3"]]
+    # The order as the server read it: one from before newest_first leaves it false (the clients check).
+    assert client.list_events(user, newest_first=True).newest_first and not client.list_events(user).newest_first
     assert [e for e in client.iter_events(user, newest_first=True)] == list(reversed(listed.values()))
 
     # Events recorded while paging come on later pages (newest first: not at all); an erased user has none.

@@ -209,6 +209,14 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _count(value: str) -> int:
+    """How many of something to show: 1 up to int32's largest (past sys.maxsize, islice raised in a traceback)."""
+    number = _positive_int(value)
+    if number >= 1 << 31:
+        raise argparse.ArgumentTypeError(f"must be a 32-bit whole number, got {number}")
+    return number
+
+
 MAX_THREADS = 1024  # more than any machine's cores; 2**31 reached onnxruntime, which blamed the model
 # Each worker is a whole server (model, catalogue, profiles): 10**20 started them until the machine gave out.
 MAX_WORKERS = 256
@@ -512,9 +520,9 @@ def _add_client_commands(commands: argparse._SubParsersAction) -> None:
     profile.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=TARGET_HELP)
     profile.set_defaults(run=_run_profile)
 
-    events = commands.add_parser("events", help="show a user's latest events, newest first")
+    events = commands.add_parser("events", help="show the events recorded last for a user, the last first")
     events.add_argument("user_id", type=_utf8)
-    events.add_argument("--limit", type=_positive_int, default=20, help="how many events (default 20)")
+    events.add_argument("--limit", type=_count, default=20, help="how many events (default 20)")
     events.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=TARGET_HELP)
     events.set_defaults(run=_run_events)
 
@@ -653,8 +661,10 @@ def _rpc_failure(name: str, error: grpc.RpcError, target: str, context: str = ""
 
 
 def _client_command(name: str, target: str, fn, *args) -> int:
-    """Runs a client command of the server at `target`; gRPC, file and dataset errors become one line on stderr."""
+    """Runs a client command of the server at `target`; gRPC, file, dataset and version errors become one line on
+    stderr."""
     from halflife.datasets.interactions import DatasetError
+    from halflife_client import ServerTooOldError
 
     try:
         fn(*args)
@@ -662,7 +672,7 @@ def _client_command(name: str, target: str, fn, *args) -> int:
         return _rpc_failure(name, error, target)
     except BrokenPipeError:  # stdout's reader left: not an error of the command (see main)
         raise
-    except (OSError, KeyError, DatasetError) as exc:
+    except (OSError, KeyError, DatasetError, ServerTooOldError) as exc:
         print(f"halflife {name}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return 0

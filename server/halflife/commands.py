@@ -153,7 +153,7 @@ def show_recommendations(user_id: str, target: str, limit: int, as_of: dt.dateti
         texts = _texts_of(client, [i.item_id for i in response.items]
                           + [e.item_id for i in response.items for e in i.explanation.events if e.item_id])
     strategy = recommend_pb2.Strategy.Name(response.strategy).removeprefix("STRATEGY_").lower()
-    print(f"recommendations for user {user_id} ({strategy})")
+    print(f"recommendations for user {printable(user_id)} ({strategy})")
     rows = []
     for rank, item in enumerate(response.items, 1):
         why = []
@@ -177,20 +177,25 @@ def _type_name(event_type: int) -> str:
     return interest_pb2.EventType.Name(event_type).removeprefix("EVENT_TYPE_").lower()
 
 
+def _value(value: float) -> str:
+    """An event's value as sent (a decimal of up to 15 digits reads back as itself), without a trailing .0."""
+    return f"{value:.15g}"
+
+
 def show_events(user_id: str, target: str, limit: int) -> None:
     with HalflifeClient(target) as client:
         latest = list(itertools.islice(client.iter_events(user_id, page_size=min(limit, MAX_ITEMS_PER_REQUEST),
                                                           newest_first=True), limit))
         texts = _texts_of(client, [e.item_id for e in latest if e.item_id])
     if not latest:
-        print(f"user {user_id}: no events stored")
+        print(f"user {printable(user_id)}: no events stored")
         return
-    print(f"latest events of user {user_id}, last recorded first")
+    print(f"events recorded last for user {printable(user_id)}, the last first")
     rows = []
     for e in latest:
         # The item's text (an item deleted since: its id alone), then what the user wrote, quoted.
         what = [_clip(texts.get(e.item_id, ""), 50), f'"{_clip(e.text, 60)}"' if e.text else ""]
-        rows.append([_iso(e.event_time), _type_name(e.type), f"{e.value:g}" if e.HasField("value") else "",
+        rows.append([_iso(e.event_time), _type_name(e.type), _value(e.value) if e.HasField("value") else "",
                      e.item_id, " — ".join(filter(None, what))])
     print_table(["time", "type", "value", "item", "text"], rows)
 
@@ -203,7 +208,7 @@ def show_profile(user_id: str, target: str, as_of: dt.datetime | None) -> None:
     # Strengths decay with age: a user of old events has tiny ones, which 3 decimals read as 0.
     positive, negative = sum(i.strength for i in profile.interests), profile.negative_strength
     relative = f" ({negative / positive:.0%} of the positive)" if positive > 0 else ""
-    print(f"user {user_id}: {counts or 'no events'}; last event {last}; negative feedback {negative:.3g}{relative}")
+    print(f"user {printable(user_id)}: {counts or 'no events'}; last event {last}; negative feedback {negative:.3g}{relative}")
     rows = [
         [
             str(interest.interest_id),

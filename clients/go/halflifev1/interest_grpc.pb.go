@@ -41,10 +41,10 @@ type InterestServiceClient interface {
 	// delete, kept if after; other calls go on meanwhile.
 	DeleteUser(ctx context.Context, in *DeleteUserRequest, opts ...grpc.CallOption) (*DeleteUserResponse, error)
 	// Lists the events stored for a user, in the order they were recorded or
-	// newest first, a page at a time: what the service holds of them
-	// (GetProfile says what it made of it), for an access request or to see
-	// why they got what they got. An unknown or erased user has none, which is
-	// not an error. Each page starts after the last event of the page before,
+	// the reverse (newest_first), a page at a time: what the service holds of
+	// them (GetProfile says what it made of it), for an access request or to
+	// see why they got what they got. An unknown or erased user has none,
+	// which is not an error. Each page starts after the last event of the page before,
 	// so events recorded while paging come on later pages in the order
 	// recorded, and not at all newest first (list again from the first page to
 	// see them). Errors: INVALID_ARGUMENT (bad user_id, negative page_size, a
@@ -125,10 +125,10 @@ type InterestServiceServer interface {
 	// delete, kept if after; other calls go on meanwhile.
 	DeleteUser(context.Context, *DeleteUserRequest) (*DeleteUserResponse, error)
 	// Lists the events stored for a user, in the order they were recorded or
-	// newest first, a page at a time: what the service holds of them
-	// (GetProfile says what it made of it), for an access request or to see
-	// why they got what they got. An unknown or erased user has none, which is
-	// not an error. Each page starts after the last event of the page before,
+	// the reverse (newest_first), a page at a time: what the service holds of
+	// them (GetProfile says what it made of it), for an access request or to
+	// see why they got what they got. An unknown or erased user has none,
+	// which is not an error. Each page starts after the last event of the page before,
 	// so events recorded while paging come on later pages in the order
 	// recorded, and not at all newest first (list again from the first page to
 	// see them). Errors: INVALID_ARGUMENT (bad user_id, negative page_size, a

@@ -210,6 +210,14 @@ export interface Recommendations {
   strategy: Strategy;
 }
 
+/**
+ * The server answered without a field this client asked for: it predates it (upgrade the server), and its answer
+ * differs from the one asked for (`listEvents`' `newestFirst`: its events oldest first).
+ */
+export class ServerTooOldError extends Error {
+  override name = "ServerTooOldError";
+}
+
 export interface FieldViolation {
   field: string;
   description: string;
@@ -642,6 +650,9 @@ export class HalflifeClient {
       },
       this.opts(options),
     );
+    if (options.newestFirst && !response.newestFirst) {
+      throw new ServerTooOldError("the server listed the events oldest first: it predates ListEvents' newestFirst (upgrade it)");
+    }
     return { events: response.events.map(storedEvent), nextPageToken: response.nextPageToken };
   }
 

@@ -9,7 +9,7 @@ from halflife_client.client import (
     CHANNEL_OPTIONS, DEFAULT_PORT, DEFAULT_TIMEOUT_S, AsyncHalflifeClient, Event, Filter, HalflifeClient, Item, ModelInfo,
     server_target, to_timestamp,
 )
-from halflife_client.errors import field_violations, rich_status
+from halflife_client.errors import ServerTooOldError, field_violations, rich_status
 
 __all__ = ["CHANNEL_OPTIONS", "DEFAULT_PORT", "DEFAULT_TIMEOUT_S", "AsyncHalflifeClient", "Event", "Filter", "HalflifeClient", "Item", "ModelInfo",
-           "field_violations", "rich_status", "server_target", "to_timestamp"]
+           "ServerTooOldError", "field_violations", "rich_status", "server_target", "to_timestamp"]

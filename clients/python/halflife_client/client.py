@@ -47,6 +47,7 @@ from halflife.v1 import (
     recommend_pb2,
     recommend_pb2_grpc,
 )
+from halflife_client.errors import ServerTooOldError
 
 DEFAULT_PORT = 50051  # `halflife serve`'s
 DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
@@ -338,6 +339,15 @@ def _vectors(response: embedding_pb2.EmbedResponse) -> np.ndarray:
     return np.array([e.values for e in response.embeddings], dtype=np.float32)
 
 
+def _events_page(page: interest_pb2.ListEventsResponse, newest_first: bool) -> interest_pb2.ListEventsResponse:
+    """A ListEvents page in the order asked for: a server from before
+    newest_first ignores it and lists oldest first, which says so."""
+    if newest_first and not page.newest_first:
+        raise ServerTooOldError("the server listed the events oldest first: it predates ListEvents' newest_first "
+                                "(upgrade it)")
+    return page
+
+
 def _paged(list_page: Callable[[str], Any], field: str) -> Iterator:
     """The `field` elements of every page a List RPC returns, from the first
     on: list_page(page_token) calls it for one page."""
@@ -461,7 +471,7 @@ class HalflifeClient:
         and `.next_page_token`."""
         request = interest_pb2.ListEventsRequest(user_id=user_id, page_size=page_size, page_token=page_token,
                                                  newest_first=newest_first)
-        return self._interest.ListEvents(request, timeout=_deadline(timeout, self.timeout))
+        return _events_page(self._interest.ListEvents(request, timeout=_deadline(timeout, self.timeout)), newest_first)
 
     def iter_events(self, user_id: str, *, page_size: int = MAX_PAGE_SIZE, newest_first: bool = False,
                     timeout: float | None = None) -> Iterator[interest_pb2.Event]:
@@ -574,7 +584,8 @@ class AsyncHalflifeClient:
                           newest_first: bool = False, timeout: float | None = None) -> interest_pb2.ListEventsResponse:
         request = interest_pb2.ListEventsRequest(user_id=user_id, page_size=page_size, page_token=page_token,
                                                  newest_first=newest_first)
-        return await self._interest.ListEvents(request, timeout=_deadline(timeout, self.timeout))
+        page = await self._interest.ListEvents(request, timeout=_deadline(timeout, self.timeout))
+        return _events_page(page, newest_first)
 
     def iter_events(self, user_id: str, *, page_size: int = MAX_PAGE_SIZE, newest_first: bool = False,
                     timeout: float | None = None) -> AsyncIterator[interest_pb2.Event]:

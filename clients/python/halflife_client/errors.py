@@ -8,6 +8,12 @@ from google.rpc import error_details_pb2, status_pb2
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
+class ServerTooOldError(RuntimeError):
+    """The server answered without a field this client asked for: it
+    predates it (upgrade the server), and its answer differs from the one
+    asked for (ListEvents' newest_first: its events oldest first)."""
+
+
 def rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
     """The google.rpc.Status a failed call carries in its trailers, if any
     (sync and asyncio errors alike); None for an error that is no call's

@@ -243,4 +243,5 @@ class InterestServicer(interest_pb2_grpc.InterestServiceServicer):
             events=[_event_message(record) for record in records],
             next_page_token="" if last_seq is None else page_token(
                 "ListEvents", _log_position(last_seq, request.user_id, request.newest_first)),
+            newest_first=request.newest_first,
         )
