@@ -123,6 +123,33 @@ def test_trending_keeps_its_order_thousands_of_half_lives_after_the_events(tmp_p
     assert [i.score for i in result.items] == pytest.approx([1.0, 1 / c, 0.0], rel=1e-6)
 
 
+@pytest.mark.parametrize("restart", [False, True])
+def test_trending_ranks_a_long_quiet_catalogue_by_its_popularity_after_one_fresh_event(tmp_path, restart):
+    """One fresh event puts its item hundreds of half-lives ahead of those of
+    an older log (MovieLens ends in 2018), whose relative popularity was 0 in
+    float32: they all tied and trending listed them by id (an onboarding
+    review). They keep their order, their scores tiny but positive."""
+    engine = open_engine(tmp_path)  # popularity half-life 7 days
+    engine.upsert_items([ItemInput(id=i, text=f"thing {i}") for i in ("a-flop", "m-fresh", "z-hit", "q-none")])
+    old = T - 8 * 365 * DAY  # ~417 half-lives before the fresh event
+    engine.record_events([EventInput(f"hit{n}", f"u{n}", LIKE, "z-hit", None, None, old + n) for n in range(3)]
+                         + [EventInput("flop", "v", LIKE, "a-flop", None, None, old + 10)])
+    assert [i.item_id for i in engine.recommend("cold", 2, as_of=T).items] == ["z-hit", "a-flop"]
+    engine.record_events([EventInput("fresh", "w", LIKE, "m-fresh", None, None, T - DAY)])
+    if restart:
+        engine.store.close()
+        engine = open_engine(tmp_path)
+    for as_of in (T, T - 2 * DAY):  # now, and a look into the past before the fresh event
+        result = engine.recommend("cold", 4, as_of=as_of)
+        ids, scores = [i.item_id for i in result.items], [i.score for i in result.items]
+        assert result.strategy == "trending"
+        if as_of == T:
+            assert ids == ["m-fresh", "z-hit", "a-flop", "q-none"] and scores[0] == 1.0
+            assert 0 < scores[2] < scores[1] < 1e-100 and scores[3] == 0.0
+        else:
+            assert ids == ["z-hit", "a-flop", "m-fresh", "q-none"] and scores[0] == 1.0
+
+
 def test_cooccurrence_signal_is_the_same_however_long_ago_the_events(tmp_path):
     """The co-occurrence signal is divided by its maximum, so a user's
     affinities decayed alike must give the same signal; decayed to the read's

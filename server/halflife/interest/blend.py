@@ -19,10 +19,10 @@ from halflife.core.ranking import RowBlocks, cosine_scores, normalize, row_dots
 Later = Callable[[], np.ndarray]  # a signal whose work may run after the engine lock is released
 
 
-def unit_max(values: np.ndarray) -> np.ndarray:
-    """values / max(values) as float32 (all zeros stay zeros): a signal in [0, 1]."""
+def unit_max(values: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """values / max(values) as `dtype` (all zeros stay zeros): a signal in [0, 1]."""
     peak = float(values.max(initial=0.0))
-    return (values / peak if peak > 0 else np.zeros_like(values)).astype(np.float32)
+    return (values / peak if peak > 0 else np.zeros_like(values)).astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +141,7 @@ class Blend:
 
     @classmethod
     def of(cls, name: str, values: np.ndarray) -> "Blend":
-        """One signal, already divided by its maximum (see `unit_max`): (N,) float32 in [0, 1]."""
+        """One signal, already divided by its maximum (see `unit_max`): (N,) float32 (or float64) in [0, 1]."""
         return cls(values, lambda rows: {name: values[rows]})
 
     def freshened(self, log2_fresh: np.ndarray) -> "Blend":

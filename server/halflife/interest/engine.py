@@ -139,11 +139,11 @@ REBUILD_RETRY_S = 5.0
 Embedder = Callable[[Sequence[str], Deadline | None], np.ndarray]
 
 
-def _relative(popularity: np.ndarray, alive: np.ndarray) -> np.ndarray:
-    """The live items' popularity divided by its maximum: (size,) float32 in
+def _relative(popularity: np.ndarray, alive: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """The live items' popularity divided by its maximum: (size,) `dtype` in
     [0, 1] (deleted items 0; all 0 while none is positive). Below 0 is only
     an erasure's rounding (see DecayedCounts): 0."""
-    return unit_max(np.where(alive & (popularity > 0), popularity, 0.0))
+    return unit_max(np.where(alive & (popularity > 0), popularity, 0.0), dtype)
 
 
 def _cosines(items: np.ndarray, rows, direction: np.ndarray) -> np.ndarray:
@@ -317,8 +317,8 @@ class InterestEngine:
         self._label_vectors = np.zeros((0, dim), dtype=np.float32)
         self._catalog_mean = np.zeros(dim, dtype=np.float32)
         self._labels_version = -1
-        # (popularity counts, their version, the catalogue's, the relative popularity read from them)
-        self._relative_popularity_cache: tuple[object, ...] = (None, -1, -1, None)
+        # dtype -> (popularity counts, their version, the catalogue's, the relative popularity read from them)
+        self._relative_popularity_cache: dict[type, tuple[object, ...]] = {}
         # What makes a blend built from the log before it stale: erasures (this
         # process's and others'), and item rows dropped from the index.
         self._erasures = 0
@@ -587,10 +587,10 @@ class InterestEngine:
         ones. Lock held."""
         self._blend.ahead.map_held(lambda t, u, i, w: (t, np.where(drop(u, i), -1, u), i, w))
 
-    def _popularity_at(self, t: float) -> Later:
+    def _popularity_at(self, t: float, dtype: type = np.float32) -> Later:
         """Decayed popularity at t of the live items, from events up to t
         (deleted items count 0, as after a restart), divided by its maximum,
-        as a function returning (size,) float32 in [0, 1]: the present is
+        as a function returning (size,) `dtype` in [0, 1]: the present is
         read now (at the clock, from a cache: see `_relative_popularity`), a
         look into the past sums a copy of the log when called (see
         CatalogueScan). Lock held."""
@@ -600,12 +600,12 @@ class InterestEngine:
         half_life, size = self.config.blend.popularity_half_life_days * DAY, self.catalog.size
         if t >= self._blend.popularity_log.newest:
             if ahead is None:
-                present = self._relative_popularity()
+                present = self._relative_popularity(dtype)
             else:
                 times, _, rows, weights = ahead  # stamped after the clock, so after every applied entry
                 at = float(times.max())
                 popularity = self._blend.popularity.read(at) + decayed_sum(rows, times, weights, at, half_life, size)
-                present = _relative(popularity, self.catalog.alive)
+                present = _relative(popularity, self.catalog.alive, dtype)
             return lambda: present
         log, alive = self._blend.popularity_log.chunks(), self.catalog.alive.copy()
 
@@ -613,22 +613,22 @@ class InterestEngine:
             rows, times, weights = EntryLog.joined(log)
             keep = times <= t
             at = float(times[keep].max(initial=-np.inf))
-            return _relative(decayed_sum(rows[keep], times[keep], weights[keep], at, half_life, size), alive)
+            return _relative(decayed_sum(rows[keep], times[keep], weights[keep], at, half_life, size), alive, dtype)
         return past
 
-    def _relative_popularity(self) -> np.ndarray:
+    def _relative_popularity(self, dtype: type) -> np.ndarray:
         """The live items' popularity at any time from the newest event on,
-        divided by its maximum: (size,) float32 (zeros while none is
+        divided by its maximum: (size,) `dtype` (zeros while none is
         positive). From then on decay scales every count alike, and every
         reader divides by the maximum, so this changes only with the counts or
         the catalogue: it is cached by their versions (at 100k items, 0.14 ms
         of each Recommend under the lock, 1.4 ms at 1M). Lock held."""
-        counts, version, catalog_version, relative = self._relative_popularity_cache
+        counts, version, catalog_version, relative = self._relative_popularity_cache.get(dtype, (None, -1, -1, None))
         if counts is not self._blend.popularity or version != self._blend.popularity.version \
                 or catalog_version != self.catalog.version:
-            relative = _relative(self._blend.popularity.counts, self.catalog.alive)
-            self._relative_popularity_cache = (self._blend.popularity, self._blend.popularity.version,
-                                               self.catalog.version, relative)
+            relative = _relative(self._blend.popularity.counts, self.catalog.alive, dtype)
+            self._relative_popularity_cache[dtype] = (self._blend.popularity, self._blend.popularity.version,
+                                                      self.catalog.version, relative)
         return relative
 
     def _label_space(self) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -1383,7 +1383,9 @@ class InterestEngine:
                     explained = _Explained(state.multi.shares(t), state.multi.centroids(t), state.max_seq,
                                            sum(state.api_counts.values()))
             else:
-                popularity = self._popularity_at(t)
+                # In float64: an item 150 half-lives less popular than the top one is 0 in float32, and after
+                # one fresh event every item of an older log tied at 0 and listed by id.
+                popularity = self._popularity_at(t, np.float64)
         # The passes over the whole catalogue run without the lock (see CatalogueScan).
         if personal:
             blend, strategy = scan.blend(self._blocks, self._blend_weights()), "personalized"
