@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from halflife.api.embedding import _tokenize_unless_late
-from halflife.api.server import EndedCallAnswers, ServerConfig
+from halflife.api.server import EndedCallAnswers, ServerConfig, api_service_names
 from halflife.deadlines import Deadline, DeadlineExpiredError
 from halflife.embedding.batcher import BatchingConfig
 from halflife.embedding.engine import BATCH_TOKENS, EmbeddingEngine, session_options
@@ -307,12 +307,16 @@ def test_health_is_not_serving_until_the_model_is_loaded(model_dir, tmp_path, mo
                     time.sleep(0.02)
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
             assert check("halflife.v1.EmbeddingService") == health_pb2.HealthCheckResponse.NOT_SERVING
+            listed = lambda: {name: entry.status for name, entry in health.List(health_pb2.HealthListRequest(),
+                                                                                timeout=5).statuses.items()}
+            assert set(listed().values()) == {health_pb2.HealthCheckResponse.NOT_SERVING}
             error = call_error(channel, pb.EmbedRequest(inputs=["too early"]))
             assert error.code() == grpc.StatusCode.UNAVAILABLE
             release.set()
             started.result(120)
             assert check() == health_pb2.HealthCheckResponse.SERVING
             assert check("halflife.v1.EmbeddingService") == health_pb2.HealthCheckResponse.SERVING
+            assert listed() == {name: health_pb2.HealthCheckResponse.SERVING for name in ("", *api_service_names())}
     finally:
         release.set()
         server.stop()

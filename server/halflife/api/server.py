@@ -225,8 +225,8 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer,
     valid message with UNKNOWN and an ERROR traceback; this way they get
     INVALID_ARGUMENT (`refuse_malformed`), the API's RPCs and grpc's health
     and reflection services alike. A method the servicer leaves to its
-    generated base class (synchronous, "not implemented": Health/List here)
-    is left out, so grpc answers UNIMPLEMENTED without a traceback.
+    generated base class (synchronous, "not implemented") is left out, so
+    grpc answers UNIMPLEMENTED without a traceback.
     `streams` counts the server-streaming methods' calls, `calls` the
     unary ones, where given; `metrics` counts and times the unary calls,
     outermost, so that admission's refusals and malformed bytes count too."""
@@ -309,6 +309,13 @@ class ShutdownHealthServicer(health.aio.HealthServicer):
             self._watched[request.service] -= 1
             if not self._watched[request.service]:
                 del self._watched[request.service]
+
+    async def List(self, request, context) -> health_pb2.HealthListResponse:
+        """Every service's status at once (health.proto's List, which grpc's
+        servicer leaves unimplemented though reflection lists it): "" for
+        the server, then each service this server sets."""
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status) for name, status in self._server_status.items()})
 
     async def enter_graceful_shutdown(self) -> None:
         self.shutting_down = True  # before the watchers wake to NOT_SERVING
