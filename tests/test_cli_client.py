@@ -802,13 +802,38 @@ def test_serve_batching_flags_default_to_the_batchers_and_say_so():
      "Item 'a' attribute 'size' must be a string, not int 9"),
     (lambda: HalflifeClient("127.0.0.1:1").record_events([Event("e", "u", 1, item_id=3)]),
      "Event item_id must be a string, not int 3"),
-], ids=["target", "client timeout", "call timeout", "item id", "attribute", "event item"])
+    # Passed straight to a request: protobuf's own errors named nothing (an onboarding review).
+    (lambda: HalflifeClient("127.0.0.1:1").get_items(["a", 2]), "ids[1] must be a string, not int 2"),
+    (lambda: HalflifeClient("127.0.0.1:1").recommend(1), "user_id must be a string, not int 1"),
+    (lambda: HalflifeClient("127.0.0.1:1").similar_items(item_id=1), "item_id must be a string, not int 1"),
+    (lambda: HalflifeClient("127.0.0.1:1").embed([1]), "inputs[0] must be a string, not int 1"),
+    (lambda: HalflifeClient("127.0.0.1:1").list_events("u", page_size="9"),
+     "page_size must be a 32-bit whole number, not str '9'"),
+], ids=["target", "client timeout", "call timeout", "item id", "attribute", "event item", "get ids", "user id",
+        "similar item id", "embed input", "page size"])
 def test_arguments_of_the_wrong_type_are_type_errors_that_name_them(make, message):
     """None as the target was an AttributeError about .strip, a string
     timeout a comparison error, an int id protobuf's "bad argument type for
     built-in operation", naming no field (an audit)."""
     with pytest.raises(TypeError, match=re.escape(message)):
         make()
+
+
+def test_an_int32_out_of_range_is_a_value_error_that_names_it():
+    """protobuf's "Value out of range: 1099511627776" named no field."""
+    import asyncio
+
+    from halflife_client import AsyncHalflifeClient
+
+    with pytest.raises(ValueError, match=re.escape("limit must be a 32-bit whole number, not int 1099511627776")):
+        HalflifeClient("127.0.0.1:1").recommend("u", limit=2**40)
+
+    async def main():
+        async with AsyncHalflifeClient("127.0.0.1:1", timeout=1) as client:
+            with pytest.raises(ValueError, match=re.escape("items_per_interest must be a 32-bit whole number")):
+                await client.profile("u", items_per_interest=-2**31 - 1)
+
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize("call", [

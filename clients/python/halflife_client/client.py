@@ -36,6 +36,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, S
 import grpc
 import numpy as np
 from google.protobuf import timestamp_pb2
+from google.protobuf.descriptor import FieldDescriptor
 
 from halflife.v1 import (
     catalog_pb2,
@@ -276,6 +277,33 @@ def _strings(name: str, values: Sequence[str]) -> list[str]:
     return list(values)
 
 
+# What a field takes, for _request's errors.
+_FIELD_KINDS = {FieldDescriptor.CPPTYPE_STRING: "a string", FieldDescriptor.CPPTYPE_INT32: "a 32-bit whole number",
+                FieldDescriptor.CPPTYPE_BOOL: "a bool", FieldDescriptor.CPPTYPE_DOUBLE: "a number"}
+
+
+def _request(message_type, **fields):
+    """message_type(**fields), or the TypeError or ValueError of the first
+    field (or list element) protobuf refuses, named: its own errors ("bad
+    argument type for built-in operation", "Value out of range: ...") named
+    none (get_items([1]), recommend(1), limit=2**40: a review)."""
+    try:
+        return message_type(**fields)
+    except (TypeError, ValueError) as error:
+        refused = error
+    for name, value in fields.items():
+        field = message_type.DESCRIPTOR.fields_by_name[name]
+        kind = _FIELD_KINDS.get(field.cpp_type, field.cpp_type)
+        tried = [(f"{name}[{i}]", {name: [v]}, v) for i, v in enumerate(value)] if field.is_repeated else \
+            [(name, {name: value}, value)]
+        for label, one, v in tried:
+            try:
+                message_type(**one)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"{label} must be {kind}, not {type(v).__name__} {v!r}") from None
+    raise refused
+
+
 def _deadline(timeout: float | None, default: float | None) -> float | None:
     # None means the client's timeout; 0 is a deadline too (now), not "unset".
     return _seconds(default if timeout is None else timeout)
@@ -297,9 +325,8 @@ def _protos(values, message_type):
 
 
 def _recommend_request(user_id, limit, as_of, include_seen, query, explain, diversity, item_filter):
-    request = recommend_pb2.RecommendRequest(
-        user_id=user_id, limit=limit, include_seen=include_seen, query=query, explain=explain, diversity=diversity
-    )
+    request = _request(recommend_pb2.RecommendRequest, user_id=user_id, limit=limit, include_seen=include_seen,
+                       query=query, explain=explain, diversity=diversity)
     if as_of is not None:
         request.as_of_time.CopyFrom(to_timestamp(as_of))
     if item_filter is not None:
@@ -310,18 +337,15 @@ def _recommend_request(user_id, limit, as_of, include_seen, query, explain, dive
 def _similar_request(item_id, text, limit, item_filter):
     if (item_id is None) == (text is None):
         raise ValueError("give exactly one of item_id and text")
-    request = recommend_pb2.SimilarItemsRequest(limit=limit)
-    if item_id is not None:
-        request.item_id = item_id
-    else:
-        request.text = text
+    target = {"item_id": item_id} if item_id is not None else {"text": text}
+    request = _request(recommend_pb2.SimilarItemsRequest, limit=limit, **target)
     if item_filter is not None:
         request.filter.CopyFrom(_protos([item_filter], recommend_pb2.ItemFilter)[0])
     return request
 
 
 def _profile_request(user_id, as_of, items_per_interest):
-    request = interest_pb2.GetProfileRequest(user_id=user_id, items_per_interest=items_per_interest)
+    request = _request(interest_pb2.GetProfileRequest, user_id=user_id, items_per_interest=items_per_interest)
     if as_of is not None:
         request.as_of_time.CopyFrom(to_timestamp(as_of))
     return request
@@ -332,11 +356,16 @@ def _model_info(response: embedding_pb2.GetModelInfoResponse) -> ModelInfo:
 
 
 def _embed_request(texts: Sequence[str], truncate: bool, normalize: bool) -> embedding_pb2.EmbedRequest:
-    return embedding_pb2.EmbedRequest(inputs=_strings("embed()", texts), truncate=truncate, skip_normalize=not normalize)
+    return _request(embedding_pb2.EmbedRequest, inputs=_strings("embed()", texts), truncate=truncate, skip_normalize=not normalize)
 
 
 def _vectors(response: embedding_pb2.EmbedResponse) -> np.ndarray:
     return np.array([e.values for e in response.embeddings], dtype=np.float32)
+
+
+def _list_events_request(user_id, page_size, page_token, newest_first) -> interest_pb2.ListEventsRequest:
+    return _request(interest_pb2.ListEventsRequest, user_id=user_id, page_size=page_size, page_token=page_token,
+                    newest_first=newest_first)
 
 
 def _events_page(page: interest_pb2.ListEventsResponse, newest_first: bool) -> interest_pb2.ListEventsResponse:
@@ -429,21 +458,21 @@ class HalflifeClient:
     def upsert_items(self, items: Sequence[Item | catalog_pb2.Item], *, timeout: float | None = None):
         """Creates or replaces items; returns (created, updated)."""
         response = self._catalog.UpsertItems(
-            catalog_pb2.UpsertItemsRequest(items=_protos(items, catalog_pb2.Item)), timeout=_deadline(timeout, self.timeout)
+            _request(catalog_pb2.UpsertItemsRequest, items=_protos(items, catalog_pb2.Item)), timeout=_deadline(timeout, self.timeout)
         )
         return response.created_count, response.updated_count
 
     def delete_items(self, ids: Sequence[str], *, timeout: float | None = None) -> int:
-        return self._catalog.DeleteItems(catalog_pb2.DeleteItemsRequest(ids=_strings("ids", ids)), timeout=_deadline(timeout, self.timeout)).deleted_count
+        return self._catalog.DeleteItems(_request(catalog_pb2.DeleteItemsRequest, ids=_strings("ids", ids)), timeout=_deadline(timeout, self.timeout)).deleted_count
 
     def get_items(self, ids: Sequence[str], *, include_vectors: bool = False, timeout: float | None = None):
-        request = catalog_pb2.GetItemsRequest(ids=_strings("ids", ids), include_vectors=include_vectors)
+        request = _request(catalog_pb2.GetItemsRequest, ids=_strings("ids", ids), include_vectors=include_vectors)
         return list(self._catalog.GetItems(request, timeout=_deadline(timeout, self.timeout)).items)
 
     def list_items(self, *, page_size: int = 0, page_token: str = "", include_vectors: bool = False,
                    timeout: float | None = None) -> catalog_pb2.ListItemsResponse:
         """One page of the catalogue, in order of id: `.items` and `.next_page_token` ("" after the last page)."""
-        request = catalog_pb2.ListItemsRequest(page_size=page_size, page_token=page_token, include_vectors=include_vectors)
+        request = _request(catalog_pb2.ListItemsRequest, page_size=page_size, page_token=page_token, include_vectors=include_vectors)
         return self._catalog.ListItems(request, timeout=_deadline(timeout, self.timeout))
 
     def iter_items(self, *, page_size: int = MAX_PAGE_SIZE, include_vectors: bool = False,
@@ -455,7 +484,7 @@ class HalflifeClient:
     def record_events(self, events: Sequence[Event | interest_pb2.Event], *, timeout: float | None = None):
         """Records events durably; returns (accepted, duplicates)."""
         response = self._interest.RecordEvents(
-            interest_pb2.RecordEventsRequest(events=_protos(events, interest_pb2.Event)), timeout=_deadline(timeout, self.timeout)
+            _request(interest_pb2.RecordEventsRequest, events=_protos(events, interest_pb2.Event)), timeout=_deadline(timeout, self.timeout)
         )
         return response.accepted_count, response.duplicate_count
 
@@ -463,14 +492,13 @@ class HalflifeClient:
         return self._interest.GetProfile(_profile_request(user_id, as_of, items_per_interest), timeout=_deadline(timeout, self.timeout))
 
     def delete_user(self, user_id: str, *, timeout: float | None = None) -> int:
-        return self._interest.DeleteUser(interest_pb2.DeleteUserRequest(user_id=user_id), timeout=_deadline(timeout, self.timeout)).deleted_event_count
+        return self._interest.DeleteUser(_request(interest_pb2.DeleteUserRequest, user_id=user_id), timeout=_deadline(timeout, self.timeout)).deleted_event_count
 
     def list_events(self, user_id: str, *, page_size: int = 0, page_token: str = "", newest_first: bool = False,
                     timeout: float | None = None) -> interest_pb2.ListEventsResponse:
         """One page of the user's stored events, in the order recorded (newest_first: the reverse): `.events`
         and `.next_page_token`."""
-        request = interest_pb2.ListEventsRequest(user_id=user_id, page_size=page_size, page_token=page_token,
-                                                 newest_first=newest_first)
+        request = _list_events_request(user_id, page_size, page_token, newest_first)
         return _events_page(self._interest.ListEvents(request, timeout=_deadline(timeout, self.timeout)), newest_first)
 
     def iter_events(self, user_id: str, *, page_size: int = MAX_PAGE_SIZE, newest_first: bool = False,
@@ -546,20 +574,20 @@ class AsyncHalflifeClient:
     async def upsert_items(self, items: Sequence[Item | catalog_pb2.Item], *, timeout: float | None = None):
         """Creates or replaces items; returns (created, updated)."""
         response = await self._catalog.UpsertItems(
-            catalog_pb2.UpsertItemsRequest(items=_protos(items, catalog_pb2.Item)), timeout=_deadline(timeout, self.timeout)
+            _request(catalog_pb2.UpsertItemsRequest, items=_protos(items, catalog_pb2.Item)), timeout=_deadline(timeout, self.timeout)
         )
         return response.created_count, response.updated_count
 
     async def delete_items(self, ids: Sequence[str], *, timeout: float | None = None) -> int:
-        return (await self._catalog.DeleteItems(catalog_pb2.DeleteItemsRequest(ids=_strings("ids", ids)), timeout=_deadline(timeout, self.timeout))).deleted_count
+        return (await self._catalog.DeleteItems(_request(catalog_pb2.DeleteItemsRequest, ids=_strings("ids", ids)), timeout=_deadline(timeout, self.timeout))).deleted_count
 
     async def get_items(self, ids: Sequence[str], *, include_vectors: bool = False, timeout: float | None = None):
-        request = catalog_pb2.GetItemsRequest(ids=_strings("ids", ids), include_vectors=include_vectors)
+        request = _request(catalog_pb2.GetItemsRequest, ids=_strings("ids", ids), include_vectors=include_vectors)
         return list((await self._catalog.GetItems(request, timeout=_deadline(timeout, self.timeout))).items)
 
     async def list_items(self, *, page_size: int = 0, page_token: str = "", include_vectors: bool = False,
                          timeout: float | None = None) -> catalog_pb2.ListItemsResponse:
-        request = catalog_pb2.ListItemsRequest(page_size=page_size, page_token=page_token, include_vectors=include_vectors)
+        request = _request(catalog_pb2.ListItemsRequest, page_size=page_size, page_token=page_token, include_vectors=include_vectors)
         return await self._catalog.ListItems(request, timeout=_deadline(timeout, self.timeout))
 
     def iter_items(self, *, page_size: int = MAX_PAGE_SIZE, include_vectors: bool = False,
@@ -570,7 +598,7 @@ class AsyncHalflifeClient:
     async def record_events(self, events: Sequence[Event | interest_pb2.Event], *, timeout: float | None = None):
         """Records events durably; returns (accepted, duplicates)."""
         response = await self._interest.RecordEvents(
-            interest_pb2.RecordEventsRequest(events=_protos(events, interest_pb2.Event)), timeout=_deadline(timeout, self.timeout)
+            _request(interest_pb2.RecordEventsRequest, events=_protos(events, interest_pb2.Event)), timeout=_deadline(timeout, self.timeout)
         )
         return response.accepted_count, response.duplicate_count
 
@@ -578,12 +606,11 @@ class AsyncHalflifeClient:
         return await self._interest.GetProfile(_profile_request(user_id, as_of, items_per_interest), timeout=_deadline(timeout, self.timeout))
 
     async def delete_user(self, user_id: str, *, timeout: float | None = None) -> int:
-        return (await self._interest.DeleteUser(interest_pb2.DeleteUserRequest(user_id=user_id), timeout=_deadline(timeout, self.timeout))).deleted_event_count
+        return (await self._interest.DeleteUser(_request(interest_pb2.DeleteUserRequest, user_id=user_id), timeout=_deadline(timeout, self.timeout))).deleted_event_count
 
     async def list_events(self, user_id: str, *, page_size: int = 0, page_token: str = "",
                           newest_first: bool = False, timeout: float | None = None) -> interest_pb2.ListEventsResponse:
-        request = interest_pb2.ListEventsRequest(user_id=user_id, page_size=page_size, page_token=page_token,
-                                                 newest_first=newest_first)
+        request = _list_events_request(user_id, page_size, page_token, newest_first)
         page = await self._interest.ListEvents(request, timeout=_deadline(timeout, self.timeout))
         return _events_page(page, newest_first)
 
