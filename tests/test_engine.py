@@ -1182,6 +1182,19 @@ def test_a_catalogue_without_events_answers_the_lowest_ids_then_the_popular_ones
         "item-0700", "item-1200", "item-0000", "item-0001"]
 
 
+def test_an_interest_is_named_only_by_categories_that_point_its_way(tmp_path):
+    """With 3 labels asked for and 3 categories, the two pointing away from
+    the interest (negative cosines) named it too (an onboarding review)."""
+    engine = open_engine(tmp_path)
+    e = np.eye(DIM, dtype=np.float32)
+    directions = {"up": e[0], "down": -e[0], "side": e[1]}
+    engine.upsert_items([ItemInput(id=f"{name}{n}", text="", vector=v + 0.1 * n * e[2 + n], categories=(name,))
+                         for name, v in directions.items() for n in range(2)])
+    engine.record_events([EventInput("like", "u", LIKE, "up0", None, None, T - 60)])
+    (interest,) = engine.profile("u", as_of=T).interests
+    assert [label for label, _ in interest.labels] == ["up"] and interest.labels[0][1] > 0.9
+
+
 def test_labels_updated_where_their_items_changed_equal_labels_built_anew(tmp_path):
     """The label space keeps each label's mean and recomputes only those
     whose items changed: after every kind of catalogue write it must equal

@@ -157,7 +157,7 @@ def show_recommendations(user_id: str, target: str, limit: int, as_of: dt.dateti
     rows = []
     for rank, item in enumerate(response.items, 1):
         why = []
-        if item.explanation.interests:
+        if item.explanation.interests and item.explanation.interests[0].labels:  # none point its way: unnamed
             why.append("interest: " + ", ".join(item.explanation.interests[0].labels))
         if item.explanation.events:
             e = item.explanation.events[0]

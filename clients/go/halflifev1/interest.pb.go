@@ -611,7 +611,9 @@ type Interest struct {
 	// above or below its long-run share (90 days). Between events it holds:
 	// decay scales every interest alike.
 	Trend Trend `protobuf:"varint,4,opt,name=trend,proto3,enum=halflife.v1.Trend" json:"trend,omitempty"`
-	// Nearest catalogue categories, most similar first.
+	// Nearest catalogue categories, most similar first: those of a positive
+	// similarity only, so fewer than the server's `labels_per_interest`, or
+	// none, where fewer point the interest's way.
 	Labels []*InterestLabel `protobuf:"bytes,5,rep,name=labels,proto3" json:"labels,omitempty"`
 	// Most representative catalogue items, most similar first.
 	TopItems []*InterestItem `protobuf:"bytes,6,rep,name=top_items,json=topItems,proto3" json:"top_items,omitempty"`

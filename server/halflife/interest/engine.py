@@ -1293,10 +1293,12 @@ class InterestEngine:
                 described, nearest = describe(catalog.vectors, catalog.alive)
             out = []
             for c, (rows, scores) in enumerate(nearest):
+                # A category pointing away from the interest (cosine <= 0) does not name it: a user of
+                # camping gear read "camping, outdoor, shoes" with shoes at -0.31 (an onboarding review).
                 labels = tuple(
                     (names[i], float(s))
                     for i, s in zip(described.label_indices[c], described.label_scores[c])
-                    if i >= 0
+                    if i >= 0 and s > 0
                 )
                 rows, scores, ids = self._best_by_id(rows, scores, n_items)
                 items = tuple((i, catalog.texts[row], float(score)) for i, row, score in zip(ids, rows, scores))

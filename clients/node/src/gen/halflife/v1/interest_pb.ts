@@ -285,7 +285,9 @@ export type Interest = Message<"halflife.v1.Interest"> & {
   trend: Trend;
 
   /**
-   * Nearest catalogue categories, most similar first.
+   * Nearest catalogue categories, most similar first: those of a positive
+   * similarity only, so fewer than the server's `labels_per_interest`, or
+   * none, where fewer point the interest's way.
    *
    * @generated from field: repeated halflife.v1.InterestLabel labels = 5;
    */
