@@ -28,7 +28,7 @@ from halflife.api.interest import _event_input, _event_inputs
 from halflife.api.server import ServerConfig
 from halflife.api.validation import Violations
 from halflife.api.validation import to_timestamp as to_pb_timestamp
-from halflife.config import BlendConfig, Config
+from halflife.config import BlendConfig, Config, RatingConfig
 from halflife.v1 import catalog_pb2, catalog_pb2_grpc, interest_pb2, interest_pb2_grpc, recommend_pb2
 from halflife_client import AsyncHalflifeClient, HalflifeClient, Item, field_violations, to_timestamp
 from tests.fakes import full_disk
@@ -566,9 +566,9 @@ def test_get_profile_describes_interests(client):
         assert interest.interest_id == rank
         assert interest.share == pytest.approx(interest.strength / sum(strengths))
         assert interest.trend in (RISING, STEADY, FADING)
-        assert len(interest.labels) == 3 and len(interest.top_items) == 2
+        assert 1 <= len(interest.labels) <= 3 and len(interest.top_items) == 2  # labels pointing its way only
         sims = [label.similarity for label in interest.labels]
-        assert sims == sorted(sims, reverse=True) and all(-1 <= s <= 1.0001 for s in sims)
+        assert sims == sorted(sims, reverse=True) and all(0 < s <= 1.0001 for s in sims)
         assert [i.similarity for i in interest.top_items] == sorted((i.similarity for i in interest.top_items), reverse=True)
         assert all(item.text == next(c.text for c in CATALOG if c.id == item.item_id) for item in interest.top_items)
         assert interest.last_event_time.seconds <= profile.last_event_time.seconds
@@ -854,6 +854,8 @@ def _bad_event(case: str) -> interest_pb2.Event:
         base["text"] = "   "
     elif case == "rate_without_value":
         base["type"] = RATE
+    elif case == "rate_off_the_scale":  # 45 for 4.5: stored as a positive rating, silently (an onboarding review)
+        base["type"], base["value"] = RATE, 45.0
     elif case == "long_text":
         base["text"] = "y" * (32 * 1024 + 1)
     else:
@@ -878,6 +880,7 @@ EVENT_CASES = {
     "no_item_no_text": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].item_id"),
     "no_item_blank_text": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].text"),
     "rate_without_value": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].value"),
+    "rate_off_the_scale": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].value"),
     "long_text": (grpc.StatusCode.INVALID_ARGUMENT, "events[1].text"),
 }
 
@@ -905,7 +908,7 @@ def test_the_batch_fast_path_agrees_with_the_full_event_checks():
     texts = ["", "   ", "\u200b\ufeff", "some text", "y" * 8192, "y" * 8193, "é" * 16384, "é" * 16385, "y" * (32 * 1024 + 1)]
     times = [None, (-1, 0), (0, 0), (int(now), 5), (int(now) + 86400, 250_000_000), (int(now) + 86401, 0),
              (253_402_300_800, 0), (10, 1_000_000_000), (10, -1)]
-    values = [None, 0.0, 4.5, math.nan, math.inf, -math.inf]
+    values = [None, 0.0, 4.5, 5.0, 5.5, -0.5, 45.0, math.nan, math.inf, -math.inf]  # RATE's scale: 0 to 5
     types = [0, VIEW, RATE, DISLIKE, 12, 99]
     rng = np.random.default_rng(5)
     # each field keeps an ordinary valid value 80% of the time
@@ -920,8 +923,8 @@ def test_the_batch_fast_path_agrees_with_the_full_event_checks():
             event.event_time.seconds, event.event_time.nanos = stamp
         events.append(event)
     fast, full = Violations(), Violations()
-    built = _event_inputs(events, now, fast)
-    expected = [_event_input(e, f"events[{i}]", now, full) for i, e in enumerate(events)]
+    built = _event_inputs(events, now, fast, RatingConfig())
+    expected = [_event_input(e, f"events[{i}]", now, full, RatingConfig()) for i, e in enumerate(events)]
     assert [tuple(e) if e else e for e in built] == [tuple(e) if e else e for e in expected]
     assert fast.items == full.items
     assert 1000 < sum(e is not None for e in built) < 3000  # valid and invalid ones aplenty
@@ -934,7 +937,7 @@ def test_blank_text_beside_an_item_is_no_text(text):
     item's. Both paths: a 65-character event id takes the full checks."""
     events = [interest_pb2.Event(event_id=event_id, user_id="u", type=VIEW, item_id="i", text=text)
               for event_id in ("short", "x" * 65)]
-    built = _event_inputs(events, 1_750_000_000.0, Violations())
+    built = _event_inputs(events, 1_750_000_000.0, Violations(), RatingConfig())
     assert [(e.item_id, e.text) for e in built] == [("i", None), ("i", None)]
 
 

@@ -87,6 +87,9 @@ DEFAULT_EVENT_TYPES = {
 class RatingConfig:
     positive_min: float = 4.0  # rating >= this: a positive "rate" event
     negative_max: float = 2.0  # rating <= this: "rate_low" (negative feedback); between: "rate_mid"
+    # The scale: RecordEvents refuses a rating outside it (INVALID_ARGUMENT), a typo's 45 for 4.5 among them.
+    lowest: float = 0.0
+    highest: float = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +267,11 @@ def parse_config(data: dict) -> Config:
     ratings = _section(RatingConfig, _table(data, "ratings"), "ratings.", {
         "positive_min": lambda v, k: float(_number(v, k)),
         "negative_max": lambda v, k: float(_number(v, k)),
+        "lowest": lambda v, k: float(_number(v, k)),
+        "highest": lambda v, k: float(_number(v, k)),
     })
+    if ratings.lowest >= ratings.highest:
+        raise ConfigError(f"ratings.highest: must be above ratings.lowest ({ratings.lowest:g}), got {ratings.highest:g}")
     if ratings.negative_max >= ratings.positive_min:
         # Named by the key the file set (both: negative_max's): a file that set only positive_min was told
         # of a negative_max it never wrote (an operations review).

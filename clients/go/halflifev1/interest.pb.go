@@ -38,8 +38,9 @@ const (
 	// The user bought (or fully consumed) the item: the strongest positive
 	// signal by default.
 	EventType_EVENT_TYPE_PURCHASE EventType = 5
-	// A rating; `value` holds it (e.g. 0.5 to 5 stars). The config maps
-	// ratings to positive or negative feedback.
+	// A rating; `value` holds it, on the server's scale (its config's
+	// `ratings.lowest` to `ratings.highest`, default 0 to 5: stars), which
+	// also maps ratings to positive or negative feedback.
 	EventType_EVENT_TYPE_RATE EventType = 6
 	// A written review: `text` holds it, `item_id` what it is about.
 	EventType_EVENT_TYPE_REVIEW EventType = 7
@@ -194,7 +195,7 @@ type Event struct {
 	// Embedded and combined with the item's vector when both are given.
 	Text string `protobuf:"bytes,5,opt,name=text,proto3" json:"text,omitempty"`
 	// Optional numeric value; required for EVENT_TYPE_RATE, whose rating it
-	// holds. Must be finite.
+	// holds (on the server's scale: INVALID_ARGUMENT off it). Must be finite.
 	Value *float64 `protobuf:"fixed64,6,opt,name=value,proto3,oneof" json:"value,omitempty"`
 	// When it happened. Unset: the time the server received it. Rejected when
 	// before 1970 or more than 24 hours ahead of the server's clock.

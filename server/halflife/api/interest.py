@@ -23,7 +23,7 @@ from halflife.api.validation import (
     stored_seconds,
     to_timestamp,
 )
-from halflife.config import MAX_PER_INTEREST
+from halflife.config import MAX_PER_INTEREST, RatingConfig
 from halflife.interest.engine import RECORD_ATTEMPTS
 from halflife.interest.types import EventInput, UnknownItemsError
 from halflife.storage.base import EventRecord, ItemsChangedError
@@ -38,7 +38,8 @@ TRENDS = {
 _EVENT_TYPES = set(interest_pb2.EventType.values()) - {interest_pb2.EVENT_TYPE_UNSPECIFIED}
 
 
-def _event_input(event: interest_pb2.Event, field: str, now: float, violations: Violations) -> EventInput | None:
+def _event_input(event: interest_pb2.Event, field: str, now: float, violations: Violations,
+                 ratings: RatingConfig) -> EventInput | None:
     before = len(violations.items)
     violations.identifier(event.event_id, f"{field}.event_id")
     violations.identifier(event.user_id, f"{field}.user_id")
@@ -54,10 +55,13 @@ def _event_input(event: interest_pb2.Event, field: str, now: float, violations: 
         violations.identifier(event.item_id, f"{field}.item_id")
     violations.text(event.text, f"{field}.text")
     value = event.value if event.HasField("value") else None
-    if value is not None:
-        violations.finite(value, f"{field}.value")
-    elif event.type == interest_pb2.EVENT_TYPE_RATE:
-        violations.add(f"{field}.value", "EVENT_TYPE_RATE needs the rating in value")
+    if value is None:
+        if event.type == interest_pb2.EVENT_TYPE_RATE:
+            violations.add(f"{field}.value", "EVENT_TYPE_RATE needs the rating in value")
+    elif violations.finite(value, f"{field}.value") and event.type == interest_pb2.EVENT_TYPE_RATE \
+            and not ratings.lowest <= value <= ratings.highest:
+        violations.add(f"{field}.value", f"must be a rating from {ratings.lowest:g} to {ratings.highest:g} (the "
+                                         f"server's ratings.lowest and ratings.highest), got {value:g}")
     event_time = violations.timestamp(event, "event_time", f"{field}.event_time", now)
     if len(violations.items) > before:
         return None
@@ -72,7 +76,8 @@ def _event_input(event: interest_pb2.Event, field: str, now: float, violations: 
     )
 
 
-def _event_inputs(events: Iterable[interest_pb2.Event], now: float, violations: Violations) -> list[EventInput | None]:
+def _event_inputs(events: Iterable[interest_pb2.Event], now: float, violations: Violations,
+                  ratings: RatingConfig) -> list[EventInput | None]:
     """`_event_input` of each event, with its field path `events[i]`.
 
     A batch's events are mostly valid, and the full checks were the largest
@@ -103,12 +108,14 @@ def _event_inputs(events: Iterable[interest_pb2.Event], now: float, violations: 
             and type_ in _EVENT_TYPES
             and (event_id + user_id + item_id).isprintable()  # no control characters (nor rarer ones, e.g. NBSP)
             and (item_id or readable)
-            and (math.isfinite(value) if value is not None else type_ != interest_pb2.EVENT_TYPE_RATE)
+            and (type_ != interest_pb2.EVENT_TYPE_RATE if value is None else
+                 ratings.lowest <= value <= ratings.highest if type_ == interest_pb2.EVENT_TYPE_RATE else
+                 math.isfinite(value))
         ):
             out.append(EventInput(event_id, user_id, type_, item_id or None, text if readable else None, value,
                                   event_time))
         else:
-            out.append(_event_input(event, f"events[{i}]", now, violations))
+            out.append(_event_input(event, f"events[{i}]", now, violations, ratings))
     return out
 
 
@@ -172,7 +179,7 @@ class InterestServicer(interest_pb2_grpc.InterestServiceServicer):
         events = []
         if violations.count(request.events, "events", MAX_EVENTS_PER_REQUEST):
             now = interest.now()
-            events = _event_inputs(request.events, now, violations)
+            events = _event_inputs(request.events, now, violations, interest.config.ratings)
             _check_repeats(events, request.events, violations)
         violations.raise_if_any()
         try:

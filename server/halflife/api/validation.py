@@ -64,9 +64,12 @@ class Violations:
             return False
         return True
 
-    def finite(self, value: float, field: str) -> None:
+    def finite(self, value: float, field: str) -> bool:
+        """Whether `value` is finite; a violation where not."""
         if not math.isfinite(value):
             self.add(field, f"must be a finite number, got {value}")
+            return False
+        return True
 
     def limit(self, value: int, field: str, maximum: int) -> None:
         if not 1 <= value <= maximum:

@@ -65,7 +65,7 @@ export type Event = Message<"halflife.v1.Event"> & {
 
   /**
    * Optional numeric value; required for EVENT_TYPE_RATE, whose rating it
-   * holds. Must be finite.
+   * holds (on the server's scale: INVALID_ARGUMENT off it). Must be finite.
    *
    * @generated from field: optional double value = 6;
    */
@@ -585,8 +585,9 @@ export enum EventType {
   PURCHASE = 5,
 
   /**
-   * A rating; `value` holds it (e.g. 0.5 to 5 stars). The config maps
-   * ratings to positive or negative feedback.
+   * A rating; `value` holds it, on the server's scale (its config's
+   * `ratings.lowest` to `ratings.highest`, default 0 to 5: stars), which
+   * also maps ratings to positive or negative feedback.
    *
    * @generated from enum value: EVENT_TYPE_RATE = 6;
    */
