@@ -258,7 +258,8 @@ def test_load_movielens_event_ids_keep_dashed_ids_apart():
 def test_client_commands_report_errors_in_one_line(server, tmp_path):
     bad = halflife("recommend", "1", "--target", server.address, "--limit", "0")
     assert bad.returncode == 1
-    assert bad.stderr.strip() == "halflife recommend: error: INVALID_ARGUMENT: limit: must be between 1 and 1000, got 0"
+    assert bad.stderr.strip() == ("halflife recommend: error: INVALID_ARGUMENT: limit (--limit): must be between 1 "
+                                  "and 1000, got 0")
     missing = halflife("load-movielens", str(tmp_path / "nowhere"), "--target", server.address)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert missing.stderr.startswith("halflife load-movielens: error:")

@@ -1192,7 +1192,8 @@ def test_invalid_profile_and_delete_user_requests(client):
     error = rpc_error(client.profile, "")
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["user_id"]
     error = rpc_error(client.profile, "fan", items_per_interest=21)
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["items_per_interest"]
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(error) == [("items_per_interest", "must be between 0 and 20, got 21")]
     request = interest_pb2.GetProfileRequest(user_id="fan", as_of_time=_ts(-1))
     error = rpc_error(client._interest.GetProfile, request, timeout=30)
     assert fields(error) == ["as_of_time"]

@@ -648,11 +648,17 @@ def _run_loadtest(args: argparse.Namespace) -> int:
     return code
 
 
+# The flags of the client commands that set a request's fields: a violation of one names it too (a server whose
+# ranking.max_limit is 5 refused `recommend`'s default limit of 10, and the message named no flag to change).
+_FLAG_OF_FIELD = {"limit": "--limit", "as_of_time": "--as-of", "query": "--query"}
+
+
 def _rpc_failure(name: str, error: grpc.RpcError, target: str, context: str = "") -> int:
     """Prints a failed call as one line (its status and details, or its field violations)."""
     from halflife_client import field_violations
 
-    details = "; ".join(f"{field}: {text}" for field, text in field_violations(error)) or error.details()
+    details = "; ".join(f"{field}{f' ({_FLAG_OF_FIELD[field]})' if field in _FLAG_OF_FIELD else ''}: {text}"
+                        for field, text in field_violations(error)) or error.details()
     # gRPC's words when nothing answered at `target` (connection refused, no such socket), not a server's UNAVAILABLE.
     if error.code() == grpc.StatusCode.UNAVAILABLE and details.startswith("failed to connect to all addresses"):
         details += f"; is `halflife serve` running on {target}?"

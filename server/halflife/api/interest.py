@@ -200,7 +200,8 @@ class InterestServicer(interest_pb2_grpc.InterestServiceServicer):
         violations.identifier(request.user_id, "user_id")
         as_of = violations.timestamp(request, "as_of_time", "as_of_time", interest.now())
         if not 0 <= request.items_per_interest <= MAX_PER_INTEREST:
-            violations.add("items_per_interest", f"must be between 0 and {MAX_PER_INTEREST}")
+            violations.add("items_per_interest",
+                           f"must be between 0 and {MAX_PER_INTEREST}, got {request.items_per_interest}")
         violations.raise_if_any()
         profile = await run_with_deadline(context, interest.profile, request.user_id, as_of,
                                           request.items_per_interest or None)
