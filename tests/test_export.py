@@ -761,6 +761,21 @@ def test_cli_errors_in_a_real_process(case, code, message, tmp_path, sources):
     assert not output.exists()
 
 
+def test_a_real_process_prints_progress_not_the_libraries_noise(tmp_path, sources):
+    """optimum's advice to install accelerate and onnxruntime's ERROR that a
+    machine without a GPU skips its pre-pass for the fp16 graph read as a
+    failing export between the progress lines (an onboarding review)."""
+    output = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "halflife.cli", "export", "--model", str(sources["bert"]), "--output", str(output)],
+        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout + result.stderr
+    assert "accelerate" not in printed and "no gpu" not in printed, printed
+    assert (output / "manifest.json").exists()
+
+
 @pytest.mark.parametrize("value", ["-5", "1000"])
 def test_cli_rejects_impossible_max_input_tokens(value, tmp_path, sources, capsys):
     output = tmp_path / "out"

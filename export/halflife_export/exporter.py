@@ -283,9 +283,17 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore")
     import transformers
 
+    from optimum.utils import logging as optimum_logging
+
     transformers.logging.set_verbosity_error()
+    optimum_logging.set_verbosity_error()  # its root logger takes its level at its first use: a setLevel was undone
     for name in ("optimum", "onnxruntime", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # The fp16 graph is optimised for GPUs: on a machine without one, onnxruntime skips its own pre-pass (the
+    # fusions still run; its GPU passes run when a GPU session loads the graph) and says so as an ERROR that
+    # read as a failed export (an onboarding review).
+    logging.getLogger("onnxruntime.transformers.optimizer").addFilter(
+        lambda record: not record.getMessage().startswith("There is no gpu for onnxruntime"))
 
 
 def _resolve_source(options: ExportOptions) -> _Source:
