@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from halflife.datasets.interactions import DatasetError, load_dataset
-from tests.fakes import MOVIELENS
+from tests.fakes import MOVIELENS, MOVIELENS_MISSING
 
 MOVIES = 'movieId,title,genres\n1,Toy Story (1995),Adventure|Animation\n2,"Heat, The (1995)",(no genres listed)\n'
 RATINGS = "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,2,2.5,964981247\n2,1,5.0,964982224\n"
@@ -173,7 +173,7 @@ def test_csv_module_errors_name_the_line(tmp_path):
 
 def test_the_movielens_dataset_loads_unchanged():
     if not (MOVIELENS / "ratings.csv").is_file():
-        pytest.skip(f"the MovieLens development dataset is not at {MOVIELENS}")
+        pytest.skip(MOVIELENS_MISSING)
     ds = load_dataset(MOVIELENS)
     assert (len(ds.items), len(ds.interactions), len(ds.texts.users)) == (9742, 100836, 3683)
     assert ds.items[0].text == "Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy"

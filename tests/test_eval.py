@@ -16,7 +16,7 @@ from halflife.config import Config
 from halflife.eval import baselines as B
 from halflife.eval.data import RATING, EvalData, global_cut, leave_last_out, seen_before
 from halflife.eval.metrics import bootstrap_ci, coverage, ndcg, query_metrics, ranking_from_scores, ranks_of
-from tests.fakes import MOVIELENS
+from tests.fakes import MOVIELENS, MOVIELENS_MISSING
 
 DAY = 86400.0
 
@@ -295,7 +295,7 @@ def test_a_damaged_vector_cache_is_embedded_again(model_dir, tmp_path):
     np.testing.assert_array_equal(np.load(cache), first)  # and written again whole
 
 
-@pytest.mark.skipif(not MOVIELENS.is_dir(), reason=f"MovieLens not found at {MOVIELENS}")
+@pytest.mark.skipif(not MOVIELENS.is_dir(), reason=MOVIELENS_MISSING)
 def test_sigterm_during_an_eval_leaves_no_temporary_stores(model_dir, tmp_path):
     """As Ctrl-C: SIGTERM's default left its SQLite stores (a full one is
     ~42 MB) in the temporary directory for good (an audit)."""

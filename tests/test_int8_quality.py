@@ -11,14 +11,14 @@ import pytest
 
 from halflife.embedding.engine import EmbeddingEngine
 from halflife.embedding.offline import embed_sorted
-from tests.fakes import MOVIELENS
+from tests.fakes import MOVIELENS, MOVIELENS_MISSING
 
 TEXTS_PER_KIND = 300
 
 
 def movielens_texts() -> list[str]:
     if not (MOVIELENS / "movies.csv").is_file():
-        pytest.skip(f"the MovieLens development dataset is not at {MOVIELENS}")
+        pytest.skip(MOVIELENS_MISSING)
     with open(MOVIELENS / "movies.csv", newline="", encoding="utf-8") as handle:
         titles = [f"{row['title']} {row['genres'].replace('|', ' ')}" for row in csv.DictReader(handle)]
     with open(MOVIELENS / "tags.csv", newline="", encoding="utf-8") as handle:
