@@ -225,6 +225,12 @@ def test_client_commands_show_control_characters_in_texts_and_user_ids_literally
         assert not any(line.startswith("FAKE LINE") for line in shown.stdout.splitlines())
 
 
+def test_profile_shows_a_share_that_rounds_to_0_as_under_1_percent():
+    from halflife.commands import _percent
+
+    assert [_percent(s) for s in (0.0, 0.001, 0.005, 0.0051, 0.42, 1.0)] == ["0%", "<1%", "<1%", "1%", "42%", "100%"]
+
+
 def test_events_shows_values_as_sent():
     """`:g` kept 6 digits: 1234567.5 showed as 1.23457e+06 (a review)."""
     from halflife.commands import _value

@@ -169,6 +169,13 @@ def show_recommendations(user_id: str, target: str, limit: int, as_of: dt.dateti
     print_table(["#", "item", "score", "text", "why"], rows)
 
 
+def _percent(share: float) -> str:
+    """A share as a whole percentage; one that rounds to 0 but is not, as "<1%" (GetProfile lists interests with
+    a share above 0: a MovieLens profile showed seven at "0%", read as empty)."""
+    shown = f"{share:.0%}"
+    return "<1%" if share > 0 and shown == "0%" else shown
+
+
 def _iso(time: Timestamp) -> str:
     return time.ToDatetime().isoformat() + "Z"
 
@@ -212,7 +219,7 @@ def show_profile(user_id: str, target: str, as_of: dt.datetime | None) -> None:
     rows = [
         [
             str(interest.interest_id),
-            f"{interest.share:.0%}",
+            _percent(interest.share),
             interest_pb2.Trend.Name(interest.trend).removeprefix("TREND_").lower(),
             str(interest.event_count),
             ", ".join(label.label for label in interest.labels),
