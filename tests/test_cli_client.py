@@ -826,7 +826,7 @@ def test_arguments_of_the_wrong_type_are_type_errors_that_name_them(make, messag
         make()
 
 
-def test_an_int32_out_of_range_is_a_value_error_that_names_it():
+def test_values_protobuf_cannot_encode_are_value_errors_that_name_them():
     """protobuf's "Value out of range: 1099511627776" named no field."""
     import asyncio
 
@@ -834,11 +834,18 @@ def test_an_int32_out_of_range_is_a_value_error_that_names_it():
 
     with pytest.raises(ValueError, match=re.escape("limit must be a 32-bit whole number, not int 1099511627776")):
         HalflifeClient("127.0.0.1:1").recommend("u", limit=2**40)
+    # protobuf's UnicodeEncodeError takes 5 arguments: rebuilt with one, it was a TypeError about that (a review).
+    for call, message in ((lambda c: c.get_items(["ok", "caf\udce9"]), "ids[1] must be valid UTF-8 text"),
+                          (lambda c: c.recommend(b"\xff"), "user_id must be valid UTF-8 text, not b'\\xff'")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call(HalflifeClient("127.0.0.1:1"))
 
     async def main():
         async with AsyncHalflifeClient("127.0.0.1:1", timeout=1) as client:
             with pytest.raises(ValueError, match=re.escape("items_per_interest must be a 32-bit whole number")):
                 await client.profile("u", items_per_interest=-2**31 - 1)
+            with pytest.raises(ValueError, match=re.escape("user_id must be valid UTF-8 text")):
+                await client.profile("\udcff")
 
     asyncio.run(main())
 

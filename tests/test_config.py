@@ -121,7 +121,10 @@ def test_overriding_an_event_type_keeps_the_rest(tmp_path):
         ({"ratings": {"negative_max": 4.0}}, "ratings.negative_max"),
         ({"ratings": {"negative_max": 3.0, "positive_min": 2.5}}, "ratings.negative_max"),
         ({"ratings": {"positive_min": "4"}}, "ratings.positive_min"),
-        ({"ratings": {"highest": 0.0}}, "ratings.highest"),  # not above lowest (0)
+        ({"ratings": {"highest": 0.0}}, "ratings.highest"),  # under positive_min (4)
+        ({"ratings": {"highest": 3.0}}, "ratings.highest"),  # no rating could be positive (a review)
+        ({"ratings": {"lowest": 6.0, "highest": 10.0}}, "ratings.lowest"),  # every rating would be
+        ({"ratings": {"positive_min": 6.0}}, "ratings.positive_min"),  # over highest (5)
         ({"ratings": {"lowest": -math.inf}}, "ratings.lowest"),
         # Accepted once, then every personal Recommend failed (core.decay takes decay < 1 only).
         ({"profile": {"mode": "single", "kernel": "linear", "kernel_decay": 1.0}}, "profile.kernel_decay"),

@@ -930,6 +930,14 @@ def test_the_batch_fast_path_agrees_with_the_full_event_checks():
     assert 1000 < sum(e is not None for e in built) < 3000  # valid and invalid ones aplenty
 
 
+def test_a_rating_just_off_the_scale_says_what_it_was():
+    """`:g` printed 5.0000001 as 5, a rating refused for being 5 on a scale up to 5 (a review)."""
+    violations = Violations()
+    event = interest_pb2.Event(event_id="e", user_id="u", type=RATE, item_id="i", value=5.0000001)
+    assert _event_inputs([event], 1_750_000_000.0, violations, RatingConfig()) == [None]
+    assert violations.items[0][1].endswith("(the server's ratings.lowest and ratings.highest), got 5.0000001")
+
+
 @pytest.mark.parametrize("text", [" \t\n ", "\u200b\ufeff\u200d", "\x01\ue000\u0301\ufffd"])  # tokenizers drop them
 def test_blank_text_beside_an_item_is_no_text(text):
     """Whitespace or invisible characters alone are no text (without an item

@@ -342,6 +342,30 @@ def test_an_open_health_watch_does_not_hold_a_shutdown(model_dir, tmp_path):
                     "unknown.Service": [Status.SERVICE_UNKNOWN, Status.NOT_SERVING]}
 
 
+def test_health_list_names_the_services_the_server_set_not_those_only_watched():
+    """The shutdown sets a name a client only watched NOT_SERVING, to end
+    that Watch: List then named it among the services (a review)."""
+    import asyncio
+
+    from halflife.api.server import ShutdownHealthServicer
+
+    Status = health_pb2.HealthCheckResponse
+
+    async def main():
+        health = ShutdownHealthServicer()
+        await health.set("halflife.v1.EmbeddingService", Status.SERVING)
+        health._watched["unknown.Service"] += 1  # an open Watch of a name never set
+        listed = lambda response: {name: entry.status for name, entry in response.statuses.items()}
+        before = listed(await health.List(health_pb2.HealthListRequest(), None))
+        await health.enter_graceful_shutdown()
+        assert health._server_status["unknown.Service"] == Status.NOT_SERVING  # what ends that Watch
+        return before, listed(await health.List(health_pb2.HealthListRequest(), None))
+
+    before, after = asyncio.run(main())
+    assert before == {"": Status.SERVING, "halflife.v1.EmbeddingService": Status.SERVING}
+    assert after == {"": Status.NOT_SERVING, "halflife.v1.EmbeddingService": Status.NOT_SERVING}
+
+
 def test_a_watch_answer_sent_before_the_shutdown_does_not_end_the_stream():
     """The shutdown began while a SERVICE_UNKNOWN was being written (the
     test above failed once in a full run): only what is sent once it has begun ends

@@ -289,11 +289,15 @@ def _quiet_libraries() -> None:
     optimum_logging.set_verbosity_error()  # its root logger takes its level at its first use: a setLevel was undone
     for name in ("optimum", "onnxruntime", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    # The fp16 graph is optimised for GPUs: on a machine without one, onnxruntime skips its own pre-pass (the
-    # fusions still run; its GPU passes run when a GPU session loads the graph) and says so as an ERROR that
-    # read as a failed export (an onboarding review).
-    logging.getLogger("onnxruntime.transformers.optimizer").addFilter(
-        lambda record: not record.getMessage().startswith("There is no gpu for onnxruntime"))
+    logging.getLogger("onnxruntime.transformers.optimizer").addFilter(_not_the_missing_gpu)  # once, however often
+
+
+def _not_the_missing_gpu(record: logging.LogRecord) -> bool:
+    """The fp16 graph is optimised for GPUs: on a machine without one,
+    onnxruntime skips its own pre-pass (the fusions still run; its GPU passes
+    run when a GPU session loads the graph) and says so as an ERROR that read
+    as a failed export (an onboarding review)."""
+    return not record.getMessage().startswith("There is no gpu for onnxruntime")
 
 
 def _resolve_source(options: ExportOptions) -> _Source:

@@ -657,7 +657,8 @@ def _rpc_failure(name: str, error: grpc.RpcError, target: str, context: str = ""
     """Prints a failed call as one line (its status and details, or its field violations)."""
     from halflife_client import field_violations
 
-    details = "; ".join(f"{field}{f' ({_FLAG_OF_FIELD[field]})' if field in _FLAG_OF_FIELD else ''}: {text}"
+    flags = _FLAG_OF_FIELD if name in ("recommend", "profile", "events") else {}  # eval has no --limit
+    details = "; ".join(f"{field}{f' ({flags[field]})' if field in flags else ''}: {text}"
                         for field, text in field_violations(error)) or error.details()
     # gRPC's words when nothing answered at `target` (connection refused, no such socket), not a server's UNAVAILABLE.
     if error.code() == grpc.StatusCode.UNAVAILABLE and details.startswith("failed to connect to all addresses"):

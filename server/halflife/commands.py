@@ -54,8 +54,10 @@ def load_movielens(directory: Path, target: str, batch_size: int = 500) -> dict[
     config maps >= 4 to positive and <= 2 to negative feedback), tags as
     REVIEW events with the tag as text. Idempotent: event ids derive from the
     data, so a re-run stores nothing twice. Whatever the server would refuse
-    in the files (an id, a time before 1970 or over a day ahead) stops it
-    before anything is sent, naming the file and line."""
+    in the files (an id, a time before 1970 or over a day ahead, a rating
+    off MovieLens's 0.5-5 stars) stops it before anything is sent, naming
+    the file and line; a server configured with a narrower rating scale
+    (`[ratings]`) refuses those ratings' batch when it comes."""
     dataset = load_dataset(directory, MOVIELENS, earliest=0.0, latest=time.time() + MAX_FUTURE_SECONDS)
     ratings, tags = dataset.interactions, dataset.texts
     # A 1970 title's create_time is 0.0: tested against None, not for truth.

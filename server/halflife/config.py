@@ -218,6 +218,23 @@ def _number(value: Any, key: str, *, minimum: float | None = None, maximum: floa
     return value
 
 
+def _check_rating_order(ratings: RatingConfig, given: dict) -> None:
+    """lowest <= negative_max < positive_min <= highest: the thresholds inside the scale (a scale up to 3 under
+    the default positive_min of 4 made no rating positive, one from 6 up every rating: a review). Each pair is
+    named by the key the file set, the first where it set both or neither (a file that set only positive_min
+    was told of a negative_max it never wrote: an operations review)."""
+    for low, high, strict in (("negative_max", "positive_min", True), ("lowest", "negative_max", False),
+                              ("positive_min", "highest", False)):
+        a, b = getattr(ratings, low), getattr(ratings, high)
+        if a < b or (a == b and not strict):
+            continue
+        if high in given and low not in given:
+            raise ConfigError(f"ratings.{high}: must be {'above' if strict else 'at least'} ratings.{low} ({a:g}), "
+                              f"got {b:g}")
+        raise ConfigError(f"ratings.{low}: must be {'below' if strict else 'at most'} ratings.{high} ({b:g}), "
+                          f"got {a:g}")
+
+
 def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
@@ -270,17 +287,7 @@ def parse_config(data: dict) -> Config:
         "lowest": lambda v, k: float(_number(v, k)),
         "highest": lambda v, k: float(_number(v, k)),
     })
-    if ratings.lowest >= ratings.highest:
-        raise ConfigError(f"ratings.highest: must be above ratings.lowest ({ratings.lowest:g}), got {ratings.highest:g}")
-    if ratings.negative_max >= ratings.positive_min:
-        # Named by the key the file set (both: negative_max's): a file that set only positive_min was told
-        # of a negative_max it never wrote (an operations review).
-        given = _table(data, "ratings")
-        if "positive_min" in given and "negative_max" not in given:
-            raise ConfigError(f"ratings.positive_min: must be above ratings.negative_max ({ratings.negative_max:g}), "
-                              f"got {ratings.positive_min:g}")
-        raise ConfigError(f"ratings.negative_max: must be below ratings.positive_min ({ratings.positive_min:g}), "
-                          f"got {ratings.negative_max:g}")
+    _check_rating_order(ratings, _table(data, "ratings"))
     profile = _section(ProfileConfig, _table(data, "profile"), "profile.", {
         "mode": lambda v, k: _choice(v, k, ("multi", "single")),
         "max_interests": lambda v, k: _number(v, k, minimum=1, maximum=MAX_INTERESTS, integer=True),

@@ -470,9 +470,10 @@ type InterestLabel struct {
 
 	// The category, as given in `Item.categories`.
 	Label string `protobuf:"bytes,1,opt,name=label,proto3" json:"label,omitempty"`
-	// Cosine, -1 to 1, of the interest's direction with the category's, both
-	// taken from the catalogue mean (a category's direction: the mean of its
-	// items' vectors); labels are not embedded as words.
+	// Cosine, above 0 (only such labels are listed) and at most 1, of the
+	// interest's direction with the category's, both taken from the catalogue
+	// mean (a category's direction: the mean of its items' vectors); labels
+	// are not embedded as words.
 	Similarity float32 `protobuf:"fixed32,2,opt,name=similarity,proto3" json:"similarity,omitempty"`
 }
 

@@ -286,7 +286,8 @@ type InterestContribution struct {
 	// (its rank by share, 0 first): the `Interest.interest_id` a GetProfile of
 	// the same user at the same as_of_time gives it. Not stable across calls.
 	InterestId int32 `protobuf:"varint,1,opt,name=interest_id,json=interestId,proto3" json:"interest_id,omitempty"`
-	// The interest's nearest labels.
+	// The interest's nearest labels (as GetProfile's `Interest.labels`: those
+	// of a positive similarity only, so possibly none).
 	Labels []string `protobuf:"bytes,2,rep,name=labels,proto3" json:"labels,omitempty"`
 	// Cosine similarity of the item with the interest.
 	Similarity float32 `protobuf:"fixed32,3,opt,name=similarity,proto3" json:"similarity,omitempty"`

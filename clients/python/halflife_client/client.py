@@ -299,8 +299,11 @@ def _request(message_type, **fields):
         for label, one, v in tried:
             try:
                 message_type(**one)
-            except (TypeError, ValueError) as error:
-                raise type(error)(f"{label} must be {kind}, not {type(v).__name__} {v!r}") from None
+            except UnicodeError as error:  # a lone surrogate, bytes that are no UTF-8: its own words
+                raise ValueError(f"{label} must be valid UTF-8 text, not {v!r} ({error.reason})") from None
+            except (TypeError, ValueError) as error:  # rebuilt as the base class: some take more arguments
+                kind_of_error = TypeError if isinstance(error, TypeError) else ValueError
+                raise kind_of_error(f"{label} must be {kind}, not {type(v).__name__} {v!r}") from None
     raise refused
 
 

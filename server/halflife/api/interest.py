@@ -60,8 +60,8 @@ def _event_input(event: interest_pb2.Event, field: str, now: float, violations: 
             violations.add(f"{field}.value", "EVENT_TYPE_RATE needs the rating in value")
     elif violations.finite(value, f"{field}.value") and event.type == interest_pb2.EVENT_TYPE_RATE \
             and not ratings.lowest <= value <= ratings.highest:
-        violations.add(f"{field}.value", f"must be a rating from {ratings.lowest:g} to {ratings.highest:g} (the "
-                                         f"server's ratings.lowest and ratings.highest), got {value:g}")
+        violations.add(f"{field}.value", f"must be a rating from {ratings.lowest:.15g} to {ratings.highest:.15g} "
+                                         f"(the server's ratings.lowest and ratings.highest), got {value!r}")
     event_time = violations.timestamp(event, "event_time", f"{field}.event_time", now)
     if len(violations.items) > before:
         return None

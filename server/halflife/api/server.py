@@ -298,6 +298,7 @@ class ShutdownHealthServicer(health.aio.HealthServicer):
     def __init__(self) -> None:
         super().__init__()
         self._watched: collections.Counter = collections.Counter()  # service name -> open Watch streams
+        self._named = {""}  # the services this server gives a status (List's), not the names only watched
 
     async def Watch(self, request, context) -> None:
         self._watched[request.service] += 1
@@ -310,12 +311,20 @@ class ShutdownHealthServicer(health.aio.HealthServicer):
             if not self._watched[request.service]:
                 del self._watched[request.service]
 
+    async def set(self, service: str, status) -> None:
+        if not self.shutting_down:  # at shutdown a watched name is set too, to end its Watch
+            self._named.add(service)
+        await super().set(service, status)
+
     async def List(self, request, context) -> health_pb2.HealthListResponse:
         """Every service's status at once (health.proto's List, which grpc's
         servicer leaves unimplemented though reflection lists it): "" for
-        the server, then each service this server sets."""
+        the server, then each service this server sets; not a name a
+        client only watched, which the shutdown sets NOT_SERVING to end its
+        Watch (a review)."""
         return health_pb2.HealthListResponse(statuses={
-            name: health_pb2.HealthCheckResponse(status=status) for name, status in self._server_status.items()})
+            name: health_pb2.HealthCheckResponse(status=status)
+            for name, status in self._server_status.items() if name in self._named})
 
     async def enter_graceful_shutdown(self) -> None:
         self.shutting_down = True  # before the watchers wake to NOT_SERVING

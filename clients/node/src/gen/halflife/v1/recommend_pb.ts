@@ -153,7 +153,8 @@ export type InterestContribution = Message<"halflife.v1.InterestContribution"> &
   interestId: number;
 
   /**
-   * The interest's nearest labels.
+   * The interest's nearest labels (as GetProfile's `Interest.labels`: those
+   * of a positive similarity only, so possibly none).
    *
    * @generated from field: repeated string labels = 2;
    */
