@@ -205,6 +205,10 @@ func TestCatalogEventsAndRecommendations(t *testing.T) {
 		*rest.Events[0].Value != rating || !rest.Events[0].EventTime.AsTime().Equal(t0.Add(6*time.Minute)) {
 		t.Fatalf("list events, second page: %v %v", rest, err)
 	}
+	latest, err := c.Interest.ListEvents(ctx, &pb.ListEventsRequest{UserId: "go-ana", PageSize: 1, NewestFirst: true})
+	if err != nil || len(latest.Events) != 1 || latest.Events[0].EventId != "go-e3" || !latest.NewestFirst {
+		t.Fatalf("list events, newest first: %v %v", latest, err)
+	}
 	deleted, err := c.Interest.DeleteUser(ctx, &pb.DeleteUserRequest{UserId: "go-ana"})
 	if err != nil || deleted.DeletedEventCount != 3 {
 		t.Fatalf("delete user: %v %v", deleted, err)
