@@ -211,10 +211,8 @@ def _positive_int(value: str) -> int:
 
 def _count(value: str) -> int:
     """How many of something to show: 1 up to int32's largest (past sys.maxsize, islice raised in a traceback)."""
-    number = _positive_int(value)
-    if number >= 1 << 31:
-        raise argparse.ArgumentTypeError(f"must be a 32-bit whole number, got {number}")
-    return number
+    _int32(value)
+    return _positive_int(value)
 
 
 MAX_THREADS = 1024  # more than any machine's cores; 2**31 reached onnxruntime, which blamed the model
