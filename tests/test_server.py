@@ -27,6 +27,9 @@ from halflife.api.server import EndedCallAnswers, ServerConfig, api_service_name
 from halflife.deadlines import Deadline, DeadlineExpiredError
 from halflife.embedding.batcher import BatchingConfig
 from halflife.embedding.engine import BATCH_TOKENS, EmbeddingEngine, session_options
+from google.protobuf import descriptor_pb2
+
+from halflife.v1 import catalog_pb2, interest_pb2, recommend_pb2
 from halflife.v1 import embedding_pb2 as pb
 from halflife.v1 import embedding_pb2_grpc
 from halflife_client import AsyncHalflifeClient, HalflifeClient, Item, field_violations
@@ -257,6 +260,36 @@ def test_reflection_lists_the_services(channel):
     assert embed.package == "halflife.v1"
 
 
+def test_reflection_serves_the_api_files_with_their_comments(channel):
+    """Each API file comes with its comments (source info), each on the
+    element it documents, and is otherwise the file the stubs were compiled
+    from (no json_name added: grpcurl prints field names as before). Other
+    files come as registered (Timestamp, an import)."""
+    database = ProtoReflectionDescriptorDatabase(channel)
+    for module in (catalog_pb2, pb, interest_pb2, recommend_pb2):
+        compiled = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(compiled)
+        served = descriptor_pb2.FileDescriptorProto()
+        served.CopyFrom(database.FindFileByName(module.DESCRIPTOR.name))
+        first_message = next(at for at in served.source_code_info.location if list(at.path) == [4, 0])  # message 0
+        source = Path(__file__).parents[1] / "protos" / module.DESCRIPTOR.name
+        assert first_message.leading_comments.split() == " ".join(
+            _comment_above(source, f"message {compiled.message_type[0].name} ")).split()
+        served.ClearField("source_code_info")
+        assert served == compiled
+    assert database.FindFileByName("google/protobuf/timestamp.proto").message_type[0].name == "Timestamp"
+
+
+def _comment_above(proto: Path, line_start: str) -> list[str]:
+    """The // lines right above the first line of `proto` that starts with `line_start` (stripped), their text."""
+    lines = [line.strip() for line in proto.read_text().splitlines()]
+    at = next(i for i, line in enumerate(lines) if line.startswith(line_start))
+    comment = []
+    while lines[at - 1 - len(comment)].startswith("//"):
+        comment.insert(0, lines[at - 1 - len(comment)].removeprefix("//").strip())
+    return comment
+
+
 def grpcurl() -> str:
     path = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
     if not Path(path).exists():
@@ -278,6 +311,17 @@ def test_grpcurl_lists_and_calls_through_reflection(live_server, channel):
     direct = stub(channel).Embed(pb.EmbedRequest(inputs=["hello from grpcurl"]), timeout=10).embeddings[0]
     assert body["embeddings"][0]["token_count"] == direct.token_count
     np.testing.assert_allclose(body["embeddings"][0]["values"], direct.values, atol=1e-6)
+
+
+def test_grpcurl_describe_shows_the_protos_comments(live_server):
+    described = subprocess.run([grpcurl(), "-plaintext", live_server.address, "describe",
+                                "halflife.v1.RecommendService"], capture_output=True, text=True, timeout=60)
+    assert described.returncode == 0, described.stderr
+    shown = [line.strip().removeprefix("//").strip() for line in described.stdout.splitlines()]
+    comment = _comment_above(Path(__file__).parents[1] / "protos/halflife/v1/recommend.proto", "rpc Recommend(")
+    assert len(comment) > 2
+    at = shown.index(comment[0])
+    assert shown[at : at + len(comment)] == comment
 
 
 def test_health_is_not_serving_until_the_model_is_loaded(model_dir, tmp_path, monkeypatch):

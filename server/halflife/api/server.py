@@ -19,7 +19,7 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from halflife.api.backend import Backend
 from halflife.api.catalog import CatalogServicer
@@ -28,6 +28,7 @@ from halflife.api.errors import Received, parse_leniently, refuse_malformed, res
 from halflife.api.interest import InterestServicer
 from halflife.api.metrics import Metrics
 from halflife.api.recommend import RecommendServicer
+from halflife.api.reflection import reflection_servicer
 from halflife.config import DEFAULT_DATA_DIR, DEFAULT_MAX_REQUESTS_MIB, DEFAULT_MODEL_DIR, Config
 from halflife.embedding.batcher import BatchingConfig, DynamicBatcher
 from halflife.embedding.engine import EmbeddingEngine
@@ -416,7 +417,7 @@ class HalflifeServer:
         for (service, _), servicer in zip(API_SERVICES, self._servicers):
             add_service(server, service, servicer, streams, calls, self.metrics)
         add_service(server, HEALTH_SERVICE, self._health, streams)
-        add_service(server, REFLECTION_SERVICE, reflection.aio.ReflectionServicer(service_names()), streams)
+        add_service(server, REFLECTION_SERVICE, reflection_servicer(service_names()), streams)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         # A single server listens first, its health NOT_SERVING while it loads. A worker listens once
         # loaded: the kernel spreads new connections over every listener on the port, and a worker that
