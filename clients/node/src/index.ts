@@ -234,6 +234,30 @@ function eventType(type: EventType | EventTypeName): EventType {
 }
 
 /**
+ * `value` when it is a string; undefined is `absent` where the field is optional. protobuf-es writes a string field
+ * through String(): a number id 414 went out as "414", a float as "1.5", an object as "[object Object]", which the
+ * Python client refuses (and Go's types).
+ */
+function text(name: string, value: unknown, absent?: string): string {
+  if (value === undefined && absent !== undefined) return absent;
+  if (typeof value !== "string") {
+    const shown = value === null || typeof value !== "object" ? String(value) : Array.isArray(value) ? "an array" : "an object";
+    throw new TypeError(`${name} must be a string, not ${value === null ? "null" : `${typeof value} ${shown}`}`);
+  }
+  return value;
+}
+
+/** `value` (undefined: none) when each of its values is a string, as `text`. */
+function attributes(name: string, value: Record<string, string> | undefined): Record<string, string> {
+  if (value === undefined) return {};
+  if (value === null || typeof value !== "object" || Array.isArray(value)) {
+    throw new TypeError(`${name} takes an object of strings, not ${Array.isArray(value) ? "an array" : String(value)}`);
+  }
+  for (const [key, item] of Object.entries(value)) text(`${name}[${JSON.stringify(key)}]`, item);
+  return value;
+}
+
+/**
  * `values` when it is an array of strings. A lone string is refused: JavaScript
  * would take it for the list of its characters, and deleteItems("sku-1") deleted
  * the items "s", "k", "u", "-" and "1".
@@ -542,10 +566,10 @@ export class HalflifeClient {
       {
         items: items.map((i, at) =>
           create(ItemSchema, {
-            id: i.id,
-            text: i.text ?? "",
+            id: text(`items[${at}].id`, i.id),
+            text: text(`items[${at}].text`, i.text, ""),
             categories: strings("categories", i.categories),
-            attributes: i.attributes ?? {},
+            attributes: attributes(`items[${at}].attributes`, i.attributes),
             createTime: stamp("createTime", i.createTime),
             vector: float32s(`items[${at}].vector`, i.vector ?? []),
           }),
@@ -580,7 +604,7 @@ export class HalflifeClient {
     const response = await this.raw.catalog.listItems(
       {
         pageSize: int32("pageSize", options.pageSize ?? 0),
-        pageToken: options.pageToken ?? "",
+        pageToken: text("pageToken", options.pageToken, ""),
         includeVectors: options.includeVectors ?? false,
       },
       this.opts(options),
@@ -604,13 +628,13 @@ export class HalflifeClient {
   ): Promise<{ accepted: number; duplicates: number }> {
     const response = await this.raw.interest.recordEvents(
       {
-        events: events.map((e) =>
+        events: events.map((e, at) =>
           create(EventSchema, {
-            eventId: e.eventId,
-            userId: e.userId,
+            eventId: text(`events[${at}].eventId`, e.eventId),
+            userId: text(`events[${at}].userId`, e.userId),
             type: eventType(e.type),
-            itemId: e.itemId ?? "",
-            text: e.text ?? "",
+            itemId: text(`events[${at}].itemId`, e.itemId, ""),
+            text: text(`events[${at}].text`, e.text, ""),
             value: e.value,
             eventTime: stamp("eventTime", e.eventTime),
           }),
@@ -627,7 +651,7 @@ export class HalflifeClient {
     options: { asOf?: Date; itemsPerInterest?: number } & CallInput = {},
   ): Promise<GetProfileResponse> {
     return this.raw.interest.getProfile(
-      { userId, asOfTime: stamp("asOf", options.asOf), itemsPerInterest: int32("itemsPerInterest", options.itemsPerInterest ?? 0) },
+      { userId: text("userId", userId), asOfTime: stamp("asOf", options.asOf), itemsPerInterest: int32("itemsPerInterest", options.itemsPerInterest ?? 0) },
       this.opts(options),
     );
   }
@@ -643,9 +667,9 @@ export class HalflifeClient {
   ): Promise<{ events: StoredEvent[]; nextPageToken: string }> {
     const response = await this.raw.interest.listEvents(
       {
-        userId,
+        userId: text("userId", userId),
         pageSize: int32("pageSize", options.pageSize ?? 0),
-        pageToken: options.pageToken ?? "",
+        pageToken: text("pageToken", options.pageToken, ""),
         newestFirst: options.newestFirst ?? false,
       },
       this.opts(options),
@@ -670,19 +694,19 @@ export class HalflifeClient {
 
   /** Erases a user; returns how many events were deleted. */
   async deleteUser(userId: string, options: CallInput = {}): Promise<bigint> {
-    return (await this.raw.interest.deleteUser({ userId }, this.opts(options))).deletedEventCount;
+    return (await this.raw.interest.deleteUser({ userId: text("userId", userId) }, this.opts(options))).deletedEventCount;
   }
 
   /** Top items for a user, best first. */
   async recommend(userId: string, options: RecommendOptions = {}): Promise<Recommendations> {
     const response = await this.raw.recommend.recommend(
       {
-        userId,
+        userId: text("userId", userId),
         limit: int32("limit", options.limit ?? 10),
         asOfTime: stamp("asOf", options.asOf),
         filter: filter(options.filter),
         includeSeen: options.includeSeen ?? false,
-        query: options.query ?? "",
+        query: text("query", options.query, ""),
         explain: options.explain ?? false,
         diversity: options.diversity ?? 0,
       },
@@ -702,7 +726,9 @@ export class HalflifeClient {
     }
     const response = await this.raw.recommend.similarItems(
       {
-        target: target.itemId !== undefined ? { case: "itemId", value: target.itemId } : { case: "text", value: target.text! },
+        target: target.itemId !== undefined
+          ? { case: "itemId", value: text("itemId", target.itemId) }
+          : { case: "text", value: text("text", target.text) },
         limit: int32("limit", options.limit ?? 10),
         filter: filter(options.filter),
       },
