@@ -2,6 +2,7 @@ package halflife_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"strings"
@@ -156,6 +157,18 @@ func TestCatalogEventsAndRecommendations(t *testing.T) {
 	if strings.Join(listed, " ") != "go-boots go-novel go-stove go-tent" {
 		t.Fatalf("list items: %v", listed)
 	}
+	for _, req := range []*pb.ListItemsRequest{nil, {PageSize: 3}} { // pages of MaxPageSize, and of 3
+		var each []string
+		err := c.EachItem(ctx, req, func(item *pb.Item) error {
+			if strings.HasPrefix(item.Id, "go-") {
+				each = append(each, item.Id)
+			}
+			return nil
+		})
+		if err != nil || strings.Join(each, " ") != strings.Join(listed, " ") {
+			t.Fatalf("EachItem(%v): %v %v", req, each, err)
+		}
+	}
 
 	rating := 4.5
 	events := []*pb.Event{
@@ -208,6 +221,22 @@ func TestCatalogEventsAndRecommendations(t *testing.T) {
 	latest, err := c.Interest.ListEvents(ctx, &pb.ListEventsRequest{UserId: "go-ana", PageSize: 1, NewestFirst: true})
 	if err != nil || len(latest.Events) != 1 || latest.Events[0].EventId != "go-e3" || !latest.NewestFirst {
 		t.Fatalf("list events, newest first: %v %v", latest, err)
+	}
+	var newest []string // two pages of 2, the last recorded first
+	err = c.EachEvent(ctx, &pb.ListEventsRequest{UserId: "go-ana", PageSize: 2, NewestFirst: true}, func(e *pb.Event) error {
+		newest = append(newest, e.EventId)
+		return nil
+	})
+	if err != nil || strings.Join(newest, " ") != "go-e3 go-e2 go-e1" {
+		t.Fatalf("EachEvent, newest first: %v %v", newest, err)
+	}
+	stop, seen := errors.New("enough"), 0
+	err = c.EachEvent(ctx, &pb.ListEventsRequest{UserId: "go-ana", PageSize: 2}, func(*pb.Event) error {
+		seen++
+		return stop
+	})
+	if err != stop || seen != 1 {
+		t.Fatalf("EachEvent stopped by fn: %v after %d events, want fn's error after 1", err, seen)
 	}
 	deleted, err := c.Interest.DeleteUser(ctx, &pb.DeleteUserRequest{UserId: "go-ana"})
 	if err != nil || deleted.DeletedEventCount != 3 {

@@ -37,6 +37,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/halflife/halflife/clients/go/halflifev1"
@@ -278,6 +279,82 @@ func (c *Client) Embed(ctx context.Context, texts []string, opts ...EmbedOption)
 		out[i] = e.Values
 	}
 	return out, nil
+}
+
+// MaxPageSize is the largest page the List RPCs return (ListItems,
+// ListEvents), the page EachItem and EachEvent ask for unless told.
+const MaxPageSize = 1000
+
+// ErrServerTooOld is returned where the server answered without a field the
+// call asked for: it predates the field (upgrade it), and its answer differs
+// from the one asked for (ListEvents' newest_first: the events oldest first).
+var ErrServerTooOld = errors.New("halflife: the server predates a field this call asked for")
+
+// EachItem calls fn with every item of the catalogue, in order of id, a
+// ListItems page at a time, and stops at fn's first error, which it returns.
+// req (nil: the defaults) sets include_vectors and the page size (0:
+// MaxPageSize); a page token in it is where to start. Items written while it
+// pages come or not as their ids fall after the page read or before it.
+func (c *Client) EachItem(ctx context.Context, req *halflifev1.ListItemsRequest, fn func(*halflifev1.Item) error) error {
+	page := &halflifev1.ListItemsRequest{}
+	if req != nil {
+		page = proto.Clone(req).(*halflifev1.ListItemsRequest)
+	}
+	if page.PageSize == 0 {
+		page.PageSize = MaxPageSize
+	}
+	return eachPage(page.PageToken, func(token string) ([]*halflifev1.Item, string, error) {
+		page.PageToken = token
+		resp, err := c.Catalog.ListItems(ctx, page)
+		if err != nil {
+			return nil, "", err
+		}
+		return resp.Items, resp.NextPageToken, nil
+	}, fn)
+}
+
+// EachEvent calls fn with every event stored for req's user, in the order
+// recorded (req.NewestFirst: the last recorded first), a ListEvents page at a
+// time, and stops at fn's first error, which it returns. The page size and
+// token are as EachItem's. A server from before newest_first lists the
+// events oldest first: EachEvent returns ErrServerTooOld then, before fn
+// sees any of them.
+func (c *Client) EachEvent(ctx context.Context, req *halflifev1.ListEventsRequest, fn func(*halflifev1.Event) error) error {
+	page := proto.Clone(req).(*halflifev1.ListEventsRequest)
+	if page.PageSize == 0 {
+		page.PageSize = MaxPageSize
+	}
+	return eachPage(page.PageToken, func(token string) ([]*halflifev1.Event, string, error) {
+		page.PageToken = token
+		resp, err := c.Interest.ListEvents(ctx, page)
+		if err != nil {
+			return nil, "", err
+		}
+		if page.NewestFirst && !resp.NewestFirst {
+			return nil, "", ErrServerTooOld
+		}
+		return resp.Events, resp.NextPageToken, nil
+	}, fn)
+}
+
+// eachPage calls fn with each entry of the pages that next reads from token
+// on, until a page's next token is "" or an error.
+func eachPage[T any](token string, next func(token string) ([]T, string, error), fn func(T) error) error {
+	for {
+		entries, following, err := next(token)
+		if err != nil {
+			return err
+		}
+		for _, entry := range entries {
+			if err := fn(entry); err != nil {
+				return err
+			}
+		}
+		if following == "" {
+			return nil
+		}
+		token = following
+	}
 }
 
 // Time converts a time.Time to the API's Timestamp; the zero time gives nil

@@ -2,6 +2,7 @@ package halflife_test
 
 import (
 	"context"
+	"errors"
 	"math/rand"
 	"net"
 	"sync/atomic"
@@ -300,5 +301,30 @@ func TestJitterIsNotMathRandsSeedOne(t *testing.T) {
 		if d := halflife.DefaultBackoffJitter(backoff); known[d] {
 			t.Fatalf("draw %d, %v, is one of math/rand's seed-1 sequence", i, d)
 		}
+	}
+}
+
+// oldInterest lists events as a server from before ListEvents' newest_first
+// did: oldest first, without the field that echoes the order.
+type oldInterest struct {
+	pb.UnimplementedInterestServiceServer
+}
+
+func (oldInterest) ListEvents(context.Context, *pb.ListEventsRequest) (*pb.ListEventsResponse, error) {
+	return &pb.ListEventsResponse{Events: []*pb.Event{{EventId: "oldest"}, {EventId: "newest"}}}, nil
+}
+
+func TestEachEventRefusesAServerFromBeforeNewestFirst(t *testing.T) {
+	c, _ := dialCounting(t, serve(t, func(s *grpc.Server) { pb.RegisterInterestServiceServer(s, oldInterest{}) }))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	seen := 0
+	count := func(*pb.Event) error { seen++; return nil }
+	err := c.EachEvent(ctx, &pb.ListEventsRequest{UserId: "u-1", NewestFirst: true}, count)
+	if !errors.Is(err, halflife.ErrServerTooOld) || seen != 0 {
+		t.Fatalf("newest first: got %v after %d events, want ErrServerTooOld before any", err, seen)
+	}
+	if err := c.EachEvent(ctx, &pb.ListEventsRequest{UserId: "u-1"}, count); err != nil || seen != 2 {
+		t.Fatalf("in the order recorded: got %v after %d events, want both", err, seen)
 	}
 }
