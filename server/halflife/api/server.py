@@ -435,13 +435,18 @@ class HalflifeServer:
     async def _listen(self, server: grpc.aio.Server) -> None:
         """Binds the port and starts taking calls; OSError (all stopped) where it cannot bind."""
         config = self.config
-        try:  # grpcio >= 1.6x raises where older ones returned 0
-            self.port = server.add_insecure_port(host_port(config.host, config.port))
-        except RuntimeError:
-            self.port = 0
-        if self.port == 0:
+        # Workers share the port with SO_REUSEPORT, which a probe of ours would have to set too.
+        failure = None if config.reuse_port else _bind_failure(config.host, config.port)
+        if failure is None:
+            try:  # grpcio >= 1.6x raises where older ones returned 0
+                self.port = server.add_insecure_port(host_port(config.host, config.port))
+            except RuntimeError:
+                self.port = 0
+            if self.port == 0:
+                failure = _bind_failure(config.host, config.port) or f"cannot bind {host_port(config.host, config.port)}"
+        if failure is not None:
             await self.stop(grace=0)  # the metrics server, the call threads and what loaded
-            raise OSError(_bind_failure(config.host, config.port))
+            raise OSError(failure)
         self._server = server
         await server.start()
         log.info("listening on %s%s", host_port(config.host, self.port),
@@ -553,14 +558,27 @@ def claim_data_dir(data_dir: Path, holder: str = "") -> IO[str]:
         raise OSError(f"data directory {data_dir}: cannot write in it ({e.strerror or e})") from None
 
 
-def _bind_failure(host: str, port: int) -> str:
-    """Why gRPC could not bind host:port, which it does not say: a name that
-    does not resolve was reported as a port in use (an operations review)."""
+def _bind_failure(host: str, port: int) -> str | None:
+    """Why host:port cannot be bound, or None where it can: a bind of each
+    address the host resolves to, as gRPC binds them (SO_REUSEADDR; gRPC
+    serves where one of them binds). Asked before gRPC tries: gRPC's failure
+    says no more than that it failed, and its C core logs a raw line of its
+    own before serve's error (a newcomer's review); a name that does not
+    resolve was reported as a port in use (an operations review)."""
     try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as e:
         return f"cannot bind {host_port(host, port)}: {host!r} does not resolve ({e.strerror or e})"
-    return f"cannot bind {host_port(host, port)} (in use by another process, or not an address of this machine?)"
+    reasons = []
+    for family, kind, protocol, _, address in addresses:
+        try:
+            with socket.socket(family, kind, protocol) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+            return None
+        except OSError as e:
+            reasons.append(e.strerror or str(e))
+    return f"cannot bind {host_port(host, port)}: {'; '.join(dict.fromkeys(reasons))}"
 
 
 async def serve(config: ServerConfig, parent_pid: int | None = None, ready_fd: int | None = None) -> None:
