@@ -967,6 +967,25 @@ def test_an_erasure_owes_its_truncation_on_disk_from_before_its_commit(tmp_path,
     store.close()
 
 
+def test_an_erasure_that_committed_returns_its_count_whatever_its_truncation_raises(tmp_path, monkeypatch):
+    """The truncation after the commit caught only sqlite3.Error: an OSError
+    there (its mark files) failed the erasure as "writer failed" though the
+    events were gone, and so a retry found nothing to take back (a review)."""
+    store = SqliteStore(tmp_path)
+    store.record_events([event(f"e{k}", user_id="victim", vector=vec()) for k in range(3)])
+
+    def truncation_fails(conn):
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(store, "_truncate_wal", truncation_fails)
+    assert store.delete_user("victim") == 3
+    assert store.user_events("victim") == []
+    store.record_events([event("after", user_id="other", vector=vec())])  # the writer goes on
+    assert [e.event_id for e in store.user_events("other")] == ["after"]
+    monkeypatch.undo()
+    store.close()
+
+
 def test_a_store_that_owes_a_truncation_keeps_a_mark_whatever_other_stores_settle(tmp_path):
     """Another store's completed truncation removes the marks it found, and
     this one, still owing (pending) after a later blocked erasure, wrote no
