@@ -196,6 +196,47 @@ def test_grpcs_own_services_refuse_malformed_bytes_the_same_way(channel, method,
     assert_serving(channel)
 
 
+@pytest.mark.parametrize("method", GRPC_METHODS, ids=path)
+def test_grpcs_own_services_refuse_a_request_past_a_name_unparsed(channel, method):
+    """A Watch of a 40 MiB service name held ~200 MiB while open, uncounted
+    (an audit): a request to health or reflection names something, and one
+    past MAX_NAME_REQUEST_BYTES is INVALID_ARGUMENT; one within it is read."""
+    from halflife.api.server import MAX_NAME_REQUEST_BYTES
+
+    kind = {(False, False): channel.unary_unary, (False, True): channel.unary_stream,
+            (True, True): channel.stream_stream}[method.client_streaming, method.server_streaming]
+    call = kind(path(method), request_serializer=None, response_deserializer=None)
+
+    def named(length: int) -> bytes:
+        if method.client_streaming:
+            return reflection_pb2.ServerReflectionRequest(file_by_filename="x" * length).SerializeToString()
+        return health_pb2.HealthCheckRequest(service="x" * length).SerializeToString()
+
+    def answer(data: bytes):
+        response = call(iter([data]) if method.client_streaming else data, timeout=30)
+        return next(response) if method.server_streaming else response
+
+    within = named(MAX_NAME_REQUEST_BYTES - 8)
+    assert len(within) <= MAX_NAME_REQUEST_BYTES
+    if method.name == "Check":  # an unknown name: the health protocol's NOT_FOUND
+        with pytest.raises(grpc.RpcError) as unknown:
+            answer(within)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    elif method.name == "Watch":
+        assert health_pb2.HealthCheckResponse.FromString(answer(within)).status == (
+            health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+    else:
+        assert reflection_pb2.ServerReflectionResponse.FromString(answer(within)).error_response.error_code == (
+            grpc.StatusCode.NOT_FOUND.value[0])
+    past = named(MAX_NAME_REQUEST_BYTES)
+    with pytest.raises(grpc.RpcError) as caught:
+        answer(past)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    (violation,) = bad_request(caught.value).field_violations
+    assert f"it is {len(past):,} bytes, over the {MAX_NAME_REQUEST_BYTES:,} this service takes" in violation.description
+    assert_serving(channel)
+
+
 def test_grpcs_own_services_still_answer_valid_requests(channel):
     from grpc_reflection.v1alpha import reflection_pb2_grpc
 

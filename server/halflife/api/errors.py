@@ -12,6 +12,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import math
 from typing import Awaitable, Callable, Iterable, TypeVar
 
 import grpc
@@ -139,15 +140,17 @@ class Received:
         self.size = size
 
 
-def parse_leniently(message_class: type[message.Message]) -> Callable[[bytes], Received]:
+def parse_leniently(message_class: type[message.Message], max_bytes: float = math.inf) -> Callable[[bytes], Received]:
     """A request deserializer that never raises: a `MalformedRequest` stands
-    in for bytes that are no `message_class`."""
+    in for bytes that are no `message_class`, or more than `max_bytes`."""
     type_name = message_class.DESCRIPTOR.full_name
     # upb's reasons repeat the type name; the description already names it.
     prefix = f"Error parsing message with type '{type_name}': "
 
     def parse(data: bytes) -> Received:
         try:
+            if len(data) > max_bytes:
+                raise RefusedUnparsed(f"it is {len(data):,} bytes, over the {max_bytes:,} this service takes")
             check_request(data, message_class.DESCRIPTOR)
             return Received(message_class.FromString(data), len(data))
         except RefusedUnparsed as error:

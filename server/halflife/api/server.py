@@ -140,6 +140,10 @@ _METHOD_HANDLERS = {  # (client streams, server streams) -> grpc's handler for t
 # RESOURCE_EXHAUSTED until they closed (found by an audit, 2026-12-05). Load
 # balancers need a few.
 MAX_OPEN_STREAMS = 100
+# A request to grpc's own services (health, reflection) names a service, a
+# file or a symbol: a Watch of a 40 MiB name held ~200 MiB for as long as
+# it stayed open, uncounted, and 100 of them could exhaust memory (an audit).
+MAX_NAME_REQUEST_BYTES = 64 * 1024
 # grpc's own count of calls, from their headers on: a backstop for calls whose
 # request never comes (see grpc_options), far above what Admission lets work.
 OPEN_CALLS_BACKSTOP_FACTOR = 8
@@ -219,7 +223,7 @@ def api_calls(limit: int, max_bytes: float = math.inf) -> Admission:
 
 def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer,
                 streams: Admission | None = None, calls: Admission | None = None,
-                metrics: Metrics | None = None) -> None:
+                metrics: Metrics | None = None, max_request_bytes: float = math.inf) -> None:
     """Registers `servicer` for `service` as the generated `add_*_to_server`
     does, but with a request parser that never raises: grpc.aio parses
     requests before a handler runs and would answer bytes that are not a
@@ -230,7 +234,8 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer,
     grpc answers UNIMPLEMENTED without a traceback.
     `streams` counts the server-streaming methods' calls, `calls` the
     unary ones, where given; `metrics` counts and times the unary calls,
-    outermost, so that admission's refusals and malformed bytes count too."""
+    outermost, so that admission's refusals and malformed bytes count too.
+    A request over `max_request_bytes` is refused unparsed, INVALID_ARGUMENT."""
     handlers = {}
     for method in service.methods:
         behavior = getattr(servicer, method.name)
@@ -248,7 +253,7 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer,
             checked = metrics.counted(f"{service.name}/{method.name}", checked)
         handlers[method.name] = _METHOD_HANDLERS[kind](
             checked,
-            request_deserializer=parse_leniently(request_class),
+            request_deserializer=parse_leniently(request_class, max_request_bytes),
             response_serializer=response_class.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
@@ -416,8 +421,9 @@ class HalflifeServer:
         streams, calls = open_streams(), api_calls(config.max_concurrent_rpcs, config.max_requests_bytes)
         for (service, _), servicer in zip(API_SERVICES, self._servicers):
             add_service(server, service, servicer, streams, calls, self.metrics)
-        add_service(server, HEALTH_SERVICE, self._health, streams)
-        add_service(server, REFLECTION_SERVICE, reflection_servicer(service_names()), streams)
+        add_service(server, HEALTH_SERVICE, self._health, streams, max_request_bytes=MAX_NAME_REQUEST_BYTES)
+        add_service(server, REFLECTION_SERVICE, reflection_servicer(service_names()), streams,
+                    max_request_bytes=MAX_NAME_REQUEST_BYTES)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         # A single server listens first, its health NOT_SERVING while it loads. A worker listens once
         # loaded: the kernel spreads new connections over every listener on the port, and a worker that
