@@ -31,7 +31,8 @@ type CatalogServiceClient interface {
 	// the last is listed exactly once, and one created, replaced or deleted
 	// meanwhile as it stood when the page its id falls in was read.
 	// Errors: INVALID_ARGUMENT for a negative `page_size` or a `page_token`
-	// that no ListItems returned.
+	// that is no ListItems token (malformed, or another List's). A token is a
+	// position, not a secret: one made in its form lists from where it says.
 	ListItems(ctx context.Context, in *ListItemsRequest, opts ...grpc.CallOption) (*ListItemsResponse, error)
 }
 
@@ -97,7 +98,8 @@ type CatalogServiceServer interface {
 	// the last is listed exactly once, and one created, replaced or deleted
 	// meanwhile as it stood when the page its id falls in was read.
 	// Errors: INVALID_ARGUMENT for a negative `page_size` or a `page_token`
-	// that no ListItems returned.
+	// that is no ListItems token (malformed, or another List's). A token is a
+	// position, not a secret: one made in its form lists from where it says.
 	ListItems(context.Context, *ListItemsRequest) (*ListItemsResponse, error)
 	mustEmbedUnimplementedCatalogServiceServer()
 }

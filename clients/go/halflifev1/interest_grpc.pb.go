@@ -48,7 +48,7 @@ type InterestServiceClient interface {
 	// so events recorded while paging come on later pages in the order
 	// recorded, and not at all newest first (list again from the first page to
 	// see them). Errors: INVALID_ARGUMENT (bad user_id, negative page_size, a
-	// page_token ListEvents did not return for this user_id and newest_first)
+	// page_token that is no ListEvents token of this user_id and newest_first)
 	// with a BadRequest field violation each.
 	ListEvents(ctx context.Context, in *ListEventsRequest, opts ...grpc.CallOption) (*ListEventsResponse, error)
 }
@@ -132,7 +132,7 @@ type InterestServiceServer interface {
 	// so events recorded while paging come on later pages in the order
 	// recorded, and not at all newest first (list again from the first page to
 	// see them). Errors: INVALID_ARGUMENT (bad user_id, negative page_size, a
-	// page_token ListEvents did not return for this user_id and newest_first)
+	// page_token that is no ListEvents token of this user_id and newest_first)
 	// with a BadRequest field violation each.
 	ListEvents(context.Context, *ListEventsRequest) (*ListEventsResponse, error)
 	mustEmbedUnimplementedInterestServiceServer()

@@ -107,7 +107,8 @@ class CatalogServiceServicer:
         the last is listed exactly once, and one created, replaced or deleted
         meanwhile as it stood when the page its id falls in was read.
         Errors: INVALID_ARGUMENT for a negative `page_size` or a `page_token`
-        that no ListItems returned.
+        that is no ListItems token (malformed, or another List's). A token is a
+        position, not a secret: one made in its form lists from where it says.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -341,7 +341,8 @@ export const CatalogService: GenService<{
    * the last is listed exactly once, and one created, replaced or deleted
    * meanwhile as it stood when the page its id falls in was read.
    * Errors: INVALID_ARGUMENT for a negative `page_size` or a `page_token`
-   * that no ListItems returned.
+   * that is no ListItems token (malformed, or another List's). A token is a
+   * position, not a secret: one made in its form lists from where it says.
    *
    * @generated from rpc halflife.v1.CatalogService.ListItems
    */

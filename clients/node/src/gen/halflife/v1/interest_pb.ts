@@ -745,7 +745,7 @@ export const InterestService: GenService<{
    * so events recorded while paging come on later pages in the order
    * recorded, and not at all newest first (list again from the first page to
    * see them). Errors: INVALID_ARGUMENT (bad user_id, negative page_size, a
-   * page_token ListEvents did not return for this user_id and newest_first)
+   * page_token that is no ListEvents token of this user_id and newest_first)
    * with a BadRequest field violation each.
    *
    * @generated from rpc halflife.v1.InterestService.ListEvents
