@@ -697,6 +697,12 @@ def test_server_target_gives_a_host_without_a_port_serves_port(target, expected)
     ("localhost:abc", "port must be 1 to 65535, got abc"),
     ("[::1]:http", "port must be 1 to 65535, got http"),
     ("localhost:50051/", "port must be 1 to 65535, got 50051/"),
+    # An IPv6 address with a port, a second colon, no host: these went on to gRPC too (an audit).
+    ("2001:db8::1:50051", "an IPv6 address goes in brackets: [2001:db8::1]:50051"),
+    ("::ffff:127.0.0.1:56110", "an IPv6 address goes in brackets: [::ffff:127.0.0.1]:56110"),
+    ("h:1:2", "must be host:port (an IPv6 host in brackets), got 'h:1:2'"),
+    ("[::1:50051", "must be host:port (an IPv6 host in brackets), got '[::1:50051'"),
+    (":50051", "no host before the port: give host:port, got ':50051'"),
 ])
 def test_server_target_refuses_what_grpc_would_wrap_or_misread(target, error):
     from halflife_client.client import server_target

@@ -102,13 +102,25 @@ func ServerTarget(address string) (string, error) {
 		return "", fmt.Errorf("halflife: an IPv6 address goes in brackets: [%s]:port", address)
 	}
 	host := strings.TrimSuffix(address, ":")
-	if !strings.Contains(host, ":") || (strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]")) {
+	if !strings.Contains(host, ":") || bracketed(host) {
 		return host + ":" + strconv.Itoa(DefaultPort), nil
 	}
+	scheme := grpcSchemes[address[:strings.Index(address, ":")]]
+	host, port := address[:strings.LastIndex(address, ":")], address[strings.LastIndex(address, ":")+1:]
+	// An IPv6 address with a port ("2001:db8::1:50051"), a second colon ("h:1:2") or no host (":50051")
+	// went on to gRPC, which failed them only at the first call (an audit).
+	if !scheme && host == "" {
+		return "", fmt.Errorf("halflife: no host before the port: give host:port, got %q", address)
+	}
+	if !scheme && strings.Contains(host, ":") && !bracketed(host) {
+		if ip, err := netip.ParseAddr(host); err == nil && ip.Is6() {
+			return "", fmt.Errorf("halflife: an IPv6 address goes in brackets: [%s]:%s", host, port)
+		}
+		return "", fmt.Errorf("halflife: address must be host:port (an IPv6 host in brackets), got %q", address)
+	}
 	// A port is digits, signed or not (Atoi's syntax), as the Python client takes one: "-1" is out of range.
-	port := address[strings.LastIndex(address, ":")+1:]
 	// Only a scheme of gRPC's may end in no port ("unix:/run/halflife.sock").
-	valid := grpcSchemes[address[:strings.Index(address, ":")]]
+	valid := scheme
 	if n, err := strconv.Atoi(port); err == nil || errors.Is(err, strconv.ErrRange) {
 		valid = n >= 1 && n <= 65535
 	}
@@ -117,6 +129,8 @@ func ServerTarget(address string) (string, error) {
 	}
 	return address, nil
 }
+
+func bracketed(host string) bool { return strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") }
 
 // The schemes of gRPC's name resolvers (grpc/doc/naming.md, xDS's, and
 // gRPC-Go's default passthrough): an address that starts with one is gRPC's

@@ -60,6 +60,12 @@ func TestDialRefusesAnEmptyAddressAURLABadPortAndABareIPv6One(t *testing.T) {
 		"localhost:abc":          "halflife: port must be 1 to 65535, got abc",
 		"[::1]:http":             "halflife: port must be 1 to 65535, got http",
 		"localhost:50051/":       "halflife: port must be 1 to 65535, got 50051/",
+		// An IPv6 address with a port, a second colon, no host: these went on to gRPC too (an audit).
+		"2001:db8::1:50051":      "halflife: an IPv6 address goes in brackets: [2001:db8::1]:50051",
+		"::ffff:127.0.0.1:56110": "halflife: an IPv6 address goes in brackets: [::ffff:127.0.0.1]:56110",
+		"h:1:2":                  `halflife: address must be host:port (an IPv6 host in brackets), got "h:1:2"`,
+		"[::1:50051":             `halflife: address must be host:port (an IPv6 host in brackets), got "[::1:50051"`,
+		":50051":                 `halflife: no host before the port: give host:port, got ":50051"`,
 	} {
 		c, err := halflife.Dial(context.Background(), address)
 		if c != nil || err == nil || err.Error() != want {

@@ -348,6 +348,10 @@ describe("addresses", () => {
       ["localhost:abc", TypeError, 'address must be host[:port] or an http(s):// URL, got "localhost:abc"'],
       ["a b:1", TypeError, 'address must be host[:port] or an http(s):// URL, got "a b:1"'],
       ["http://localhost:99999", TypeError, 'address must be host[:port] or an http(s):// URL, got "http://localhost:99999"'],
+      // The Python and Go clients let these through to gRPC (an audit); this one never did.
+      ["2001:db8::1:50051", TypeError, 'address must be host[:port] or an http(s):// URL, got "2001:db8::1:50051"'],
+      ["h:1:2", TypeError, 'address must be host[:port] or an http(s):// URL, got "h:1:2"'],
+      [":50051", TypeError, 'address must be host[:port] or an http(s):// URL, got ":50051"'],
     ];
     for (const [address, type, message] of cases) {
       assert.throws(() => new HalflifeClient(address), (error: unknown) => {

@@ -223,13 +223,21 @@ def server_target(target: str) -> str:
     if _bare_ipv6(target):
         raise ValueError(f"an IPv6 address goes in brackets: [{target}]:port")
     host = target.removesuffix(":")
-    if ":" not in host or (host.startswith("[") and host.endswith("]")):
+    if ":" not in host or _bracketed(host):
         return f"{host}:{DEFAULT_PORT}"
-    port = target.rpartition(":")[2]
+    scheme = target.partition(":")[0] in _GRPC_SCHEMES
+    host, _, port = target.rpartition(":")
+    # An IPv6 address with a port ("2001:db8::1:50051"), a second colon ("h:1:2") or no host (":50051") went
+    # on to gRPC, which failed them only at the first call (an audit).
+    if not scheme and not host:
+        raise ValueError(f"no host before the port: give host:port, got {target!r}")
+    if not scheme and ":" in host and not _bracketed(host):
+        raise ValueError(f"an IPv6 address goes in brackets: [{host}]:{port}" if _bare_ipv6(host) else
+                         f"must be host:port (an IPv6 host in brackets), got {target!r}")
     if _PORT.fullmatch(port):
         valid = 1 <= int(port) <= 65535
     else:  # only a scheme of gRPC's may end in no port ("unix:/run/halflife.sock")
-        valid = target.partition(":")[0] in _GRPC_SCHEMES
+        valid = scheme
     if not valid:
         raise ValueError(f"port must be 1 to 65535, got {port}")
     return target
@@ -247,6 +255,10 @@ _URL_SCHEME = re.compile(r"https?://", re.IGNORECASE)
 # default passthrough): a target that starts with one is gRPC's to parse, any
 # other is host[:port]. The Go client holds the same set.
 _GRPC_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "passthrough"})
+
+
+def _bracketed(host: str) -> bool:
+    return host.startswith("[") and host.endswith("]")
 
 
 def _bare_ipv6(target: str) -> bool:
