@@ -313,15 +313,32 @@ def test_grpcurl_lists_and_calls_through_reflection(live_server, channel):
     np.testing.assert_allclose(body["embeddings"][0]["values"], direct.values, atol=1e-6)
 
 
-def test_grpcurl_describe_shows_the_protos_comments(live_server):
-    described = subprocess.run([grpcurl(), "-plaintext", live_server.address, "describe",
-                                "halflife.v1.RecommendService"], capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("symbol", ["halflife.v1.RecommendService", "halflife.v1.RecommendService.Recommend"])
+def test_grpcurl_describe_shows_the_protos_comments(live_server, symbol):
+    """A service, and a method: members (methods, fields, enum values) were
+    "Symbol not found", which upb's pool does not find by name."""
+    described = subprocess.run([grpcurl(), "-plaintext", live_server.address, "describe", symbol],
+                               capture_output=True, text=True, timeout=60)
     assert described.returncode == 0, described.stderr
     shown = [line.strip().removeprefix("//").strip() for line in described.stdout.splitlines()]
     comment = _comment_above(Path(__file__).parents[1] / "protos/halflife/v1/recommend.proto", "rpc Recommend(")
     assert len(comment) > 2
     at = shown.index(comment[0])
     assert shown[at : at + len(comment)] == comment
+
+
+@pytest.mark.parametrize("symbol, shown", [
+    ("halflife.v1.Item.id", "string id = 1"),
+    ("halflife.v1.EventType.EVENT_TYPE_VIEW", "EVENT_TYPE_VIEW = 1"),
+    ("halflife.v1.RecommendService.Nothing", None),
+])
+def test_grpcurl_describes_a_field_and_an_enum_value_and_not_what_is_not_there(live_server, symbol, shown):
+    described = subprocess.run([grpcurl(), "-plaintext", live_server.address, "describe", symbol],
+                               capture_output=True, text=True, timeout=60)
+    if shown is None:
+        assert described.returncode != 0 and "not found" in described.stderr.lower(), described
+    else:
+        assert described.returncode == 0 and shown in described.stdout, described
 
 
 def test_health_is_not_serving_until_the_model_is_loaded(model_dir, tmp_path, monkeypatch):

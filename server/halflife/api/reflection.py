@@ -51,7 +51,30 @@ class _DocumentedPool:
         return _DocumentedFile(self._pool.FindFileByName(name), self._documented)
 
     def FindFileContainingSymbol(self, symbol: str) -> _DocumentedFile:  # noqa: N802
-        return _DocumentedFile(self._pool.FindFileContainingSymbol(symbol), self._documented)
+        # upb's pool finds messages, enums, services and extensions, not a method, field or enum value
+        # (`grpcurl describe halflife.v1.RecommendService.Recommend` was "Symbol not found"): those are
+        # found in their parent's file.
+        try:
+            file = self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            parent, _, member = symbol.rpartition(".")
+            if not self._has_member(parent, member):
+                raise
+            file = self._pool.FindFileContainingSymbol(parent)
+        return _DocumentedFile(file, self._documented)
+
+    def _has_member(self, parent: str, member: str) -> bool:
+        """Whether `parent` is a service with a method, a message with a field
+        or an enum with a value called `member`."""
+        finds = ((self._pool.FindServiceByName, "methods_by_name"), (self._pool.FindMessageTypeByName, "fields_by_name"),
+                 (self._pool.FindEnumTypeByName, "values_by_name"))
+        for find, members in finds:
+            try:
+                if member in getattr(find(parent), members):
+                    return True
+            except KeyError:
+                pass
+        return False
 
     def __getattr__(self, name: str):  # message types and extensions, as the pool has them
         return getattr(self._pool, name)
