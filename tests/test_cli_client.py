@@ -673,6 +673,8 @@ def test_client_refuses_a_target_gRPC_would_wrap_or_cannot_use(target):
     ("dns:///example.com", "dns:///example.com"),
     ("ipv4:10.0.0.7:50051", "ipv4:10.0.0.7:50051"),
     ("ipv6:[::1]:50051", "ipv6:[::1]:50051"),
+    ("DNS:///example.com:50051", "DNS:///example.com:50051"),  # gRPC reads schemes in any case
+    ("IPV4:10.0.0.7:50051", "IPV4:10.0.0.7:50051"),
 ])
 def test_server_target_gives_a_host_without_a_port_serves_port(target, expected):
     from halflife_client.client import server_target
@@ -702,7 +704,9 @@ def test_server_target_gives_a_host_without_a_port_serves_port(target, expected)
     ("::ffff:127.0.0.1:56110", "an IPv6 address goes in brackets: [::ffff:127.0.0.1]:56110"),
     ("h:1:2", "must be host:port (an IPv6 host in brackets), got 'h:1:2'"),
     ("[::1:50051", "must be host:port (an IPv6 host in brackets), got '[::1:50051'"),
-    (":50051", "no host before the port: give host:port, got ':50051'"),
+    (":50051", "no host: give host:port, got ':50051'"),
+    (":", "no host: give host:port, got ':'"),
+    ("[]:5", "no host: give host:port, got '[]:5'"),
 ])
 def test_server_target_refuses_what_grpc_would_wrap_or_misread(target, error):
     from halflife_client.client import server_target

@@ -86,9 +86,11 @@ const DefaultPort = 50051
 // DefaultPort, where gRPC would go to 443, as the CLI's --target and the
 // Python client do; one with a port or a scheme of gRPC's ("unix:/path",
 // "dns:///host:port": grpcSchemes) is kept. It is an error for an empty
-// address, an http(s):// URL, a port that is no number in 1-65535 and a bare
-// IPv6 address (its last group would pass for a port: write "[::1]"). gRPC
-// took a URL or "localhost:abc" for a host and failed only at the first call.
+// address or host (":50051"), an http(s):// URL, a port that is no number in
+// 1-65535, and an IPv6 address or a host with a colon out of brackets ("::1",
+// "2001:db8::1:50051", "h:1:2": an IPv6 address's last group would pass for a
+// port; write "[::1]"). gRPC took a URL or "localhost:abc" for a host and
+// failed only at the first call.
 func ServerTarget(address string) (string, error) {
 	address = strings.TrimSpace(address)
 	if address == "" {
@@ -101,16 +103,18 @@ func ServerTarget(address string) (string, error) {
 	if ip, err := netip.ParseAddr(address); err == nil && ip.Is6() {
 		return "", fmt.Errorf("halflife: an IPv6 address goes in brackets: [%s]:port", address)
 	}
-	host := strings.TrimSuffix(address, ":")
-	if !strings.Contains(host, ":") || bracketed(host) {
-		return host + ":" + strconv.Itoa(DefaultPort), nil
+	scheme := strings.Contains(address, ":") && grpcSchemes[address[:strings.Index(address, ":")]]
+	host, port := strings.TrimSuffix(address, ":"), ""
+	if strings.Contains(host, ":") && !bracketed(host) {
+		host, port = address[:strings.LastIndex(address, ":")], address[strings.LastIndex(address, ":")+1:]
 	}
-	scheme := grpcSchemes[address[:strings.Index(address, ":")]]
-	host, port := address[:strings.LastIndex(address, ":")], address[strings.LastIndex(address, ":")+1:]
 	// An IPv6 address with a port ("2001:db8::1:50051"), a second colon ("h:1:2") or no host (":50051")
 	// went on to gRPC, which failed them only at the first call (an audit).
-	if !scheme && host == "" {
-		return "", fmt.Errorf("halflife: no host before the port: give host:port, got %q", address)
+	if !scheme && (host == "" || host == "[]") {
+		return "", fmt.Errorf("halflife: no host: give host:port, got %q", address)
+	}
+	if port == "" {
+		return host + ":" + strconv.Itoa(DefaultPort), nil
 	}
 	if !scheme && strings.Contains(host, ":") && !bracketed(host) {
 		if ip, err := netip.ParseAddr(host); err == nil && ip.Is6() {
@@ -334,7 +338,10 @@ func (c *Client) EachItem(ctx context.Context, req *halflifev1.ListItemsRequest,
 // events oldest first: EachEvent returns ErrServerTooOld then, before fn
 // sees any of them.
 func (c *Client) EachEvent(ctx context.Context, req *halflifev1.ListEventsRequest, fn func(*halflifev1.Event) error) error {
-	page := proto.Clone(req).(*halflifev1.ListEventsRequest)
+	page := &halflifev1.ListEventsRequest{} // nil: no user, which the server refuses
+	if req != nil {
+		page = proto.Clone(req).(*halflifev1.ListEventsRequest)
+	}
 	if page.PageSize == 0 {
 		page.PageSize = MaxPageSize
 	}

@@ -327,4 +327,7 @@ func TestEachEventRefusesAServerFromBeforeNewestFirst(t *testing.T) {
 	if err := c.EachEvent(ctx, &pb.ListEventsRequest{UserId: "u-1"}, count); err != nil || seen != 2 {
 		t.Fatalf("in the order recorded: got %v after %d events, want both", err, seen)
 	}
+	if err := c.EachEvent(ctx, nil, count); err != nil || seen != 4 { // nil was a nil dereference (a review)
+		t.Fatalf("a nil request: got %v after %d events, want the stand-in's two", err, seen)
+	}
 }

@@ -65,7 +65,9 @@ func TestDialRefusesAnEmptyAddressAURLABadPortAndABareIPv6One(t *testing.T) {
 		"::ffff:127.0.0.1:56110": "halflife: an IPv6 address goes in brackets: [::ffff:127.0.0.1]:56110",
 		"h:1:2":                  `halflife: address must be host:port (an IPv6 host in brackets), got "h:1:2"`,
 		"[::1:50051":             `halflife: address must be host:port (an IPv6 host in brackets), got "[::1:50051"`,
-		":50051":                 `halflife: no host before the port: give host:port, got ":50051"`,
+		":50051":                 `halflife: no host: give host:port, got ":50051"`,
+		":":                      `halflife: no host: give host:port, got ":"`,
+		"[]:5":                   `halflife: no host: give host:port, got "[]:5"`,
 	} {
 		c, err := halflife.Dial(context.Background(), address)
 		if c != nil || err == nil || err.Error() != want {

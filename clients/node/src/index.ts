@@ -234,24 +234,33 @@ function eventType(type: EventType | EventTypeName): EventType {
 }
 
 /**
- * `value` when it is a string; undefined is `absent` where the field is optional. protobuf-es writes a string field
- * through String(): a number id 414 went out as "414", a float as "1.5", an object as "[object Object]", which the
- * Python client refuses (and Go's types).
+ * `value` when it is a string; undefined or null is `absent` where the field is optional (as the Python client takes
+ * None). protobuf-es writes a string field through String(): a number id 414 went out as "414", a float as "1.5",
+ * an object as "[object Object]", which the Python client refuses (and Go's types).
  */
 function text(name: string, value: unknown, absent?: string): string {
-  if (value === undefined && absent !== undefined) return absent;
-  if (typeof value !== "string") {
-    const shown = value === null || typeof value !== "object" ? String(value) : Array.isArray(value) ? "an array" : "an object";
-    throw new TypeError(`${name} must be a string, not ${value === null ? "null" : `${typeof value} ${shown}`}`);
-  }
+  if (value == null && absent !== undefined) return absent;
+  if (typeof value !== "string") throw new TypeError(`${name} must be a string, not ${shown(value)}`);
   return value;
 }
 
-/** `value` (undefined: none) when each of its values is a string, as `text`. */
+/** What `value` is, for an error: "undefined", "null", "number 414", "an array", "an object". */
+function shown(value: unknown): string {
+  if (value == null) return String(value);
+  if (typeof value !== "object") return `${typeof value} ${String(value)}`;
+  return Array.isArray(value) ? "an array" : "an object";
+}
+
+/**
+ * `value` (undefined or null: none) when it is a plain object whose values are strings, as `text`. A Map went out as
+ * no attributes at all (its entries are no properties).
+ */
 function attributes(name: string, value: Record<string, string> | undefined): Record<string, string> {
-  if (value === undefined) return {};
-  if (value === null || typeof value !== "object" || Array.isArray(value)) {
-    throw new TypeError(`${name} takes an object of strings, not ${Array.isArray(value) ? "an array" : String(value)}`);
+  if (value == null) return {};
+  const prototype = typeof value === "object" ? Object.getPrototypeOf(value) : undefined;
+  if (prototype !== Object.prototype && prototype !== null) {
+    const what = value instanceof Map ? "a Map" : shown(value);
+    throw new TypeError(`${name} takes a plain object of strings, not ${what}`);
   }
   for (const [key, item] of Object.entries(value)) text(`${name}[${JSON.stringify(key)}]`, item);
   return value;

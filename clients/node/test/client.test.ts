@@ -205,23 +205,39 @@ describe("HalflifeClient against a live server", () => {
     await assert.rejects(client.recordEvents([{ eventId: "n2", userId: "ana", type: "view", itemId: "s", eventTime: invalid }]),
       /eventTime is not a valid Date/);
     // protobuf-es wrote what a string field held through String(): user 414 was "414", {} "[object Object]".
-    const notText = [414, 1.5, null, {}, ["a"]] as unknown as string[];
-    for (const id of notText) {
+    const notText = [414, 1.5, null, undefined, {}, ["a"]] as unknown as string[];
+    for (const id of notText) {  // where a string is required
       await assert.rejects(client.recommend(id), /^TypeError: userId must be a string, not /);
       await assert.rejects(client.deleteUser(id), TypeError);
       await assert.rejects(client.profile(id), TypeError);
       await assert.rejects(client.listEvents(id), TypeError);
       await assert.rejects(client.recordEvents([{ eventId: "t1", userId: id, type: "view", itemId: "s" }]),
         /^TypeError: events\[0\]\.userId must be a string, not /);
-      await assert.rejects(client.recordEvents([{ eventId: "t1", userId: "ana", type: "view", itemId: id }]), TypeError);
       await assert.rejects(client.upsertItems([{ id, text: "x" }]), /^TypeError: items\[0\]\.id must be a string/);
       await assert.rejects(client.similarItems({ itemId: id }), TypeError);
     }
+    for (const value of [414, {}]) {  // where one is optional
+      const wrong = value as unknown as string;
+      await assert.rejects(client.recordEvents([{ eventId: "t1", userId: "ana", type: "view", itemId: wrong }]), TypeError);
+      await assert.rejects(client.recommend("ana", { query: wrong }), TypeError);
+      await assert.rejects(client.listItems({ pageToken: wrong }), TypeError);
+    }
     await assert.rejects(client.recommend(414 as unknown as string), { message: "userId must be a string, not number 414" });
+    await assert.rejects(client.upsertItems([{ id: undefined as unknown as string, text: "x" }]),
+      { message: "items[0].id must be a string, not undefined" });
     await assert.rejects(client.upsertItems([{ id: "a", text: "x", attributes: { year: 1999 as unknown as string } }]),
       { message: 'items[0].attributes["year"] must be a string, not number 1999' });
-    await assert.rejects(client.recommend("ana", { query: 5 as unknown as string }), TypeError);
+    await assert.rejects(client.upsertItems([{ id: "a", text: "x", attributes: new Map([["k", "v"]]) as unknown as {} }]),
+      { message: "items[0].attributes takes a plain object of strings, not a Map" });
     assert.equal((await client.listEvents("414")).events.length, 0, "nothing was recorded for user 414");
+    // null where a field is optional is "not given", as the Python client's None (a review: it became a TypeError).
+    const unset = null as unknown as undefined;
+    await client.upsertItems([{ id: "n1", text: unset, vector: Array(384).fill(0.05), attributes: unset }]);
+    await client.recordEvents([{ eventId: "n1", userId: "ana-null", type: "search", itemId: unset, text: "boots" }]);
+    await client.recommend("ana-null", { query: unset });
+    await client.listItems({ pageToken: unset });
+    await client.deleteUser("ana-null");
+    await client.deleteItems(["n1"]);
     // A vector value past float32's range was protobuf's Code.Internal "invalid float32" (a review).
     const past = [0.5, 1e39, 0.5];
     await assert.rejects(client.upsertItems([{ id: "v", vector: [0.5] }, { id: "w", vector: past }]),

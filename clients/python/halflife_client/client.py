@@ -205,9 +205,11 @@ def server_target(target: str) -> str:
     port ("localhost", "10.0.0.7", "[::1]") or an empty one ("localhost:")
     gets DEFAULT_PORT, where gRPC would go to 443; a target with a port or a
     scheme of gRPC's ("unix:/path", "dns:///host:port": _GRPC_SCHEMES) is kept.
-    ValueError for an empty target, an http(s):// URL, a port that is no
-    number in 1..65535 (gRPC wraps one silently: 127.0.0.1:99999 reaches port
-    34463), and a bare IPv6 address (its last group would pass for a port).
+    ValueError for an empty target or host (":50051"), an http(s):// URL, a
+    port that is no number in 1..65535 (gRPC wraps one silently:
+    127.0.0.1:99999 reaches port 34463), and an IPv6 address or a host with a
+    colon out of brackets ("::1", "2001:db8::1:50051", "h:1:2": an IPv6
+    address's last group would pass for a port).
     gRPC took a URL or "localhost:abc" for a host name and failed only at the
     first call, UNAVAILABLE ("Misformatted domain name", "Failed to parse
     port"). The CLI's --target and both clients take their target through
@@ -222,15 +224,16 @@ def server_target(target: str) -> str:
         raise ValueError(f"give host:port, not a URL: drop the {url[0]}")
     if _bare_ipv6(target):
         raise ValueError(f"an IPv6 address goes in brackets: [{target}]:port")
-    host = target.removesuffix(":")
-    if ":" not in host or _bracketed(host):
-        return f"{host}:{DEFAULT_PORT}"
-    scheme = target.partition(":")[0] in _GRPC_SCHEMES
-    host, _, port = target.rpartition(":")
+    scheme = target.partition(":")[0].lower() in _GRPC_SCHEMES  # gRPC reads "DNS:///..." as dns
+    host, port = target.removesuffix(":"), ""
+    if ":" in host and not _bracketed(host):
+        host, _, port = target.rpartition(":")
     # An IPv6 address with a port ("2001:db8::1:50051"), a second colon ("h:1:2") or no host (":50051") went
     # on to gRPC, which failed them only at the first call (an audit).
-    if not scheme and not host:
-        raise ValueError(f"no host before the port: give host:port, got {target!r}")
+    if not scheme and host in ("", "[]"):
+        raise ValueError(f"no host: give host:port, got {target!r}")
+    if not port:
+        return f"{host}:{DEFAULT_PORT}"
     if not scheme and ":" in host and not _bracketed(host):
         raise ValueError(f"an IPv6 address goes in brackets: [{host}]:{port}" if _bare_ipv6(host) else
                          f"must be host:port (an IPv6 host in brackets), got {target!r}")

@@ -136,7 +136,8 @@ def _listed_after(position: str | None, request: interest_pb2.ListEventsRequest,
     # At most 18 digits: any seq, and nothing past SQLite's integers.
     if not (seq.isascii() and seq.isdigit() and len(seq) <= 18) or position != _log_position(
             int(seq), request.user_id, request.newest_first):
-        violations.add("page_token", "is not a token that ListEvents returned for this user_id and newest_first")
+        violations.add("page_token", "is not a ListEvents page token of this user_id and newest_first: give the "
+                                     "next_page_token of the page before, or none for the first page")
         return 0
     return int(seq)
 

@@ -29,8 +29,9 @@ def page_token(rpc: str, position: str) -> str:
 
 def token_position(token: str, violations: Violations, rpc: str) -> str | None:
     """The position a `page_token` of `rpc` holds: "" for none (the first
-    page), None (and a violation) for a token that `page_token` did not make
-    for `rpc`."""
+    page), None (and a violation) for a token not in the form `page_token`
+    makes for `rpc`. Not signed: a token made in that form by hand lists
+    from the position it names, which its caller may list anyway."""
     if not token:
         return ""
     try:
@@ -39,7 +40,7 @@ def token_position(token: str, violations: Violations, rpc: str) -> str | None:
         text = ""
     rpc_name, colon, position = text.partition(":")
     if rpc_name != rpc or not colon or page_token(rpc, position) != token:  # one spelling each: no other is ours
-        violations.add("page_token", f"is not a token that {rpc} returned: give its next_page_token, or none for "
-                                     "the first page")
+        violations.add("page_token", f"is not a {rpc} page token: give the next_page_token of the page before, or "
+                                     "none for the first page")
         return None
     return position

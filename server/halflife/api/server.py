@@ -566,11 +566,13 @@ def claim_data_dir(data_dir: Path, holder: str = "") -> IO[str]:
 
 def _bind_failure(host: str, port: int) -> str | None:
     """Why host:port cannot be bound, or None where it can: a bind of each
-    address the host resolves to, as gRPC binds them (SO_REUSEADDR; gRPC
-    serves where one of them binds). Asked before gRPC tries: gRPC's failure
+    address the host resolves to (SO_REUSEADDR, as gRPC's listeners; like
+    gRPC, one that binds will do). Asked before gRPC tries: gRPC's failure
     says no more than that it failed, and its C core logs a raw line of its
     own before serve's error (a newcomer's review); a name that does not
-    resolve was reported as a port in use (an operations review)."""
+    resolve was reported as a port in use (an operations review). Unlike
+    gRPC, "::" whose port another socket holds on IPv6 is refused: gRPC fell
+    back to 0.0.0.0 and served IPv4 alone, which nobody asked for."""
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as e:
