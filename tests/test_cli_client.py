@@ -716,6 +716,17 @@ def test_server_target_refuses_what_grpc_would_wrap_or_misread(target, error):
     assert str(refused.value) == error
 
 
+def test_an_item_takes_none_for_what_it_does_not_have():
+    """None is "not given" for an item's text, and was an AttributeError for its attributes, a TypeError for its
+    categories (a review)."""
+    from halflife_client import Item
+
+    bare = Item(id="x", text=None, categories=None, attributes=None).to_proto()
+    assert (bare.id, bare.text, list(bare.categories), dict(bare.attributes)) == ("x", "", [], {})
+    with pytest.raises(TypeError, match="attribute 'year' must be a string"):
+        Item(id="x", attributes={"year": 1999}).to_proto()
+
+
 def test_the_package_exports_the_names_the_readme_gives_it():
     """clients/python/README.md names these as halflife_client's; DEFAULT_PORT
     and server_target were only in halflife_client.client (an AttributeError)."""

@@ -142,10 +142,11 @@ class Item:
     def to_proto(self) -> catalog_pb2.Item:
         text = _unset_as_empty(self.text)
         _require_strings("Item", id=self.id, text=text)
-        for key, value in self.attributes.items():
+        attributes = {} if self.attributes is None else self.attributes  # None: none, as for text (an AttributeError)
+        for key, value in attributes.items():
             _require_strings(f"Item {self.id!r}", **{"attribute key": key, f"attribute {key!r}": value})
-        item = catalog_pb2.Item(id=self.id, text=text, categories=_strings("categories", self.categories),
-                                attributes=dict(self.attributes))
+        categories = _strings("categories", () if self.categories is None else self.categories)
+        item = catalog_pb2.Item(id=self.id, text=text, categories=categories, attributes=dict(attributes))
         if self.create_time is not None:
             item.create_time.CopyFrom(to_timestamp(self.create_time))
         if self.vector is not None:
