@@ -109,6 +109,15 @@ LONG_REPLAY_EVENTS = 2000
 # So do a kernel profile and an explanation (InterestEngine._directed_chunks).
 # At least LONG_REPLAY_EVENTS, so that the first chunk tells a long replay (`_replay`).
 REPLAY_CHUNK = 10_000
+# A cached profile applies the events recorded for it at its next read
+# (UserState.pending), each held with its vector (~1.6 KB) meanwhile; once
+# this many wait, the profile leaves the cache, and its next read replays
+# the log (from its snapshot) without the lock. A user written to and not
+# read held every one (40k events: +74 MB, then a first read of 1.08 s
+# under the lock; a soak). Applying them as they come instead cost their
+# writes under the lock what reads had cost (a batch that filled 100 such
+# profiles at once held it ~0.25 s).
+MAX_PENDING_EVENTS = 64
 # Tries of record_events when items change between the read of their vectors
 # and the commit: each later try reads them again and writes within a few ms.
 RECORD_ATTEMPTS = 3
@@ -949,15 +958,22 @@ class InterestEngine:
         self._add_to_blend(rows, weights, np.array([e.event_time for e in stored]), [e.user_id for e in stored])
         self._start_cooccurrence_merge()
         for event in stored:
+            replays, state = self._replays.get(event.user_id, ()), self._users.get(event.user_id)
+            if not replays and state is None:
+                continue
+            # Kept past this call: its own vector, not a row of the batch's matrix, which each
+            # such event held whole (1.5 MB for a 1,000-event batch: a soak).
+            event = event._replace(vector=None if event.vector is None else np.array(event.vector))
             # Replays in flight take it whether or not the user is cached now:
             # a profile cached meanwhile may still be dropped (below).
-            for replay in self._replays.get(event.user_id, ()):
+            for replay in replays:
                 replay.applied.append(event)
-            state = self._users.get(event.user_id)
             if state is None:
                 continue
             if event.seq > state.max_seq:
                 state.pending.append(event)
+                if len(state.pending) >= MAX_PENDING_EVENTS:
+                    del self._users[event.user_id]
             else:
                 # Committed before a batch this profile already applied,
                 # and perhaps not read with it: rebuild from the log.
