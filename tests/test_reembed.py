@@ -213,3 +213,70 @@ def test_the_cli_leaves_no_half_copy_behind(model_dir, tmp_path, capsys):
     assert "is not an empty directory" in capsys.readouterr().err
     assert main(["reembed", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "new2")]) == 1
     assert "holds no store" in capsys.readouterr().err and not (tmp_path / "new2").exists()
+
+
+def test_the_cli_holds_the_copy_as_serve_holds_a_data_directory_and_a_copy_killed_outright_is_refused(
+        model_dir, tmp_path, monkeypatch, capsys):
+    """A server started on the copy meanwhile answered from half of it, and
+    a copy killed outright (SIGKILL, no cleanup) was served as a store (a
+    review). Here the copy checks the lock while it runs, then the process
+    ends as a kill ends it (os._exit: no `finally`, no cleanup)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from halflife.api.server import claim_data_dir
+    from halflife.embedding.engine import EmbeddingEngine
+
+    model = EmbeddingEngine.load(model_dir, variant="fp32-o2")
+    _store_of_another_model(tmp_path / "old", model.dimension)
+    child = textwrap.dedent(f"""
+        import os, sys
+        from pathlib import Path
+        from halflife.api.server import claim_data_dir
+        from halflife.cli import main
+        from halflife.interest import reembed as module
+        copy = module.reembed
+
+        def killed(source, engine, progress):
+            copy(source, engine, progress)
+            try:
+                claim_data_dir(Path(sys.argv[2]))
+            except OSError as e:
+                print(e, flush=True)
+            os._exit(9)
+
+        module.reembed = killed
+        main(["reembed", "--data-dir", sys.argv[1], "--out", sys.argv[2], "--model-dir", {str(model_dir)!r}])
+    """)
+    run = subprocess.run([sys.executable, "-c", child, str(tmp_path / "old"), str(tmp_path / "new")],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert run.returncode == 9, run.stderr
+    assert "halflife reembed copying into it" in run.stdout and "in use by another halflife process" in run.stdout
+    with pytest.raises(OSError, match="holds a `halflife reembed` copy that did not finish"):
+        claim_data_dir(tmp_path / "new")
+
+
+def test_the_cli_says_in_one_line_that_a_manifest_does_not_fit_its_model(model_dir, tmp_path, capsys):
+    """It was a ValueError traceback from the copy's first batch: `reembed`
+    loaded the model without the check `serve` runs (warm_up)."""
+    import json
+
+    from halflife.cli import main
+    from halflife.embedding.engine import EmbeddingEngine
+
+    model = EmbeddingEngine.load(model_dir, variant="fp32-o2")
+    _store_of_another_model(tmp_path / "old", model.dimension)
+    edited = tmp_path / "model"
+    edited.mkdir()
+    for path in model_dir.iterdir():
+        (edited / path.name).symlink_to(path.resolve())
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    (edited / "manifest.json").unlink()
+    (edited / "manifest.json").write_text(json.dumps({**manifest, "dimension": 256}))
+    assert main(["reembed", "--data-dir", str(tmp_path / "old"), "--out", str(tmp_path / "new"),
+                 "--model-dir", str(edited)]) == 1
+    assert "the model gives 384-d vectors, the manifest says 256" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

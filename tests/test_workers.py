@@ -569,7 +569,7 @@ def test_workers_stop_when_their_parent_is_killed_and_hold_the_data_dir_till_the
             os.kill(pid, signal.SIGSTOP)
         process.kill()  # SIGKILL: nothing is forwarded
         process.wait(30)
-        with pytest.raises(OSError, match=rf"in use by another halflife serve \(pid {process.pid} and the workers"):
+        with pytest.raises(OSError, match=rf"in use by another halflife process \(pid {process.pid} and the workers"):
             claim_data_dir(tmp_path / "data")
     finally:
         for pid in workers:
@@ -786,7 +786,7 @@ def test_a_second_server_on_a_data_dir_in_use_is_refused(model_dir, tmp_path, fi
         second = serve_once(model_dir, tmp_path / "data", workers=second_workers)
         assert second.returncode == 1
         holder = f"pid {process.pid}" + (" and the workers it started" if first_workers > 1 else "")
-        assert f"is in use by another halflife serve ({holder})" in second.stderr, second.stderr
+        assert f"is in use by another halflife process ({holder})" in second.stderr, second.stderr
         assert "Traceback" not in second.stderr and "starting" not in second.stderr
     finally:
         process.send_signal(signal.SIGTERM)

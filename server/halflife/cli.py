@@ -751,6 +751,7 @@ def _removed_unless_done(directory: Path, made: bool) -> Iterator[None]:
 def _run_reembed(args: argparse.Namespace) -> int:
     if _runtime_missing("reembed"):
         return EXIT_FAILURE
+    from halflife.api.server import UNFINISHED_COPY_MARK, claim_data_dir
     from halflife.config import Config
     from halflife.embedding.engine import EmbeddingEngine
     from halflife.embedding.offline import embed_sorted
@@ -771,18 +772,24 @@ def _run_reembed(args: argparse.Namespace) -> int:
     made = not args.out.exists()
     try:
         with _removed_unless_done(args.out, made), sigterm_unwinds():
-            model = EmbeddingEngine.load(args.model_dir, variant=args.variant)
-            source, target = SqliteStore(args.data_dir), SqliteStore(args.out)
-            try:
-                engine = InterestEngine(Config(), target, model.dimension,
-                                        lambda texts, deadline=None: embed_sorted(model, texts),
-                                        embedder_id=model.identity, vector_space=model.named_vector_space)
-                done = reembed(source, engine, lambda starts, what: progress(
-                    starts, desc=f"re-embedding {what}", unit="batch"))
-            finally:
-                source.close()
-                target.close()
-    except (ManifestError, StoreError, GivenVectorsError) as exc:
+            # Held as `serve` holds it: a server started on the copy meanwhile answered from half of it.
+            with claim_data_dir(args.out, f"pid {os.getpid()}, halflife reembed copying into it"):
+                unfinished = args.out / UNFINISHED_COPY_MARK
+                unfinished.touch()
+                model = EmbeddingEngine.load(args.model_dir, variant=args.variant)
+                model.warm_up()  # a manifest that does not fit its model: one line, as `serve` says it
+                source, target = SqliteStore(args.data_dir), SqliteStore(args.out)
+                try:
+                    engine = InterestEngine(Config(), target, model.dimension,
+                                            lambda texts, deadline=None: embed_sorted(model, texts),
+                                            embedder_id=model.identity, vector_space=model.named_vector_space)
+                    done = reembed(source, engine, lambda starts, what: progress(
+                        starts, desc=f"re-embedding {what}", unit="batch"))
+                finally:
+                    source.close()
+                    target.close()
+                unfinished.unlink()
+    except (ManifestError, StoreError, GivenVectorsError, OSError) as exc:
         return fail(str(exc))
     print(f"copied {done.items} items and {done.events} events (the log through seq {done.through_seq}) into "
           f"{args.out}, embedded by {model.named_vector_space[1]}")

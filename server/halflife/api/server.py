@@ -537,6 +537,10 @@ class HalflifeServer:
 
 
 DATA_DIR_LOCK = "serve.lock"
+# In a data directory `halflife reembed` is filling, until the copy is
+# complete: a copy killed half-way (SIGKILL, the OOM killer), which no
+# cleanup of its own reaches, is refused rather than served (a review).
+UNFINISHED_COPY_MARK = "reembed.unfinished"
 
 
 def claim_data_dir(data_dir: Path, holder: str = "") -> IO[str]:
@@ -556,12 +560,17 @@ def claim_data_dir(data_dir: Path, holder: str = "") -> IO[str]:
     except OSError as e:  # said as "[Errno 2] No such file or directory: '/proc/x'", naming neither (a review)
         raise OSError(f"data directory {data_dir}: cannot create it ({e.strerror or e})") from None
     try:
-        return hold_lock(data_dir / DATA_DIR_LOCK, holder)
+        lock = hold_lock(data_dir / DATA_DIR_LOCK, holder)
     except LockHeldError as held:
-        raise OSError(f"{data_dir} is in use by another halflife serve ({held.holder}); "
+        raise OSError(f"{data_dir} is in use by another halflife process ({held.holder}); "
                       "one server or one --workers group per data directory") from None
     except OSError as e:
         raise OSError(f"data directory {data_dir}: cannot write in it ({e.strerror or e})") from None
+    if (data_dir / UNFINISHED_COPY_MARK).exists():
+        lock.close()
+        raise OSError(f"{data_dir} holds a `halflife reembed` copy that did not finish (its process was killed): "
+                      "delete the directory and run reembed again")
+    return lock
 
 
 def _bind_failure(host: str, port: int) -> str | None:
