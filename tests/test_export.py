@@ -589,6 +589,15 @@ def _max_input_tokens_below_the_special_tokens(tmp_path, sources):
         "--max-input-tokens 2 leaves no room for text: the tokenizer adds 2 special tokens to every input"
 
 
+def _sentence_transformers_max_seq_length_below_the_special_tokens(tmp_path, sources):
+    # From the model's own config it was a PyTorch traceback at the last step, validation (a review).
+    model = tiny_models.make_sentence_transformers(tmp_path / "st")
+    (model / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 1}))
+    return ["--model", str(model)], ("the model's max input tokens (its max_seq_length or model_max_length) 1 leaves "
+                                     "no room for text: the tokenizer adds 2 special tokens to every input; pass "
+                                     "--max-input-tokens")
+
+
 def _sentence_transformers_default_prompt(tmp_path, sources):
     model = tiny_models.make_sentence_transformers(tmp_path / "st")
     (model / "config_sentence_transformers.json").write_text(
@@ -630,6 +639,7 @@ ERROR_CASES = {
     "tokenizer-config-list": (_tokenizer_config_that_is_a_list, (1,)),
     "pooling-config-list": (_pooling_config_that_is_a_list, (1,)),
     "max-tokens-below-specials": (_max_input_tokens_below_the_special_tokens, (1,)),
+    "st-max-seq-length-below-specials": (_sentence_transformers_max_seq_length_below_the_special_tokens, (1,)),
     "st-default-prompt": (_sentence_transformers_default_prompt, (1,)),
     "no-unk-token": (_vocabulary_without_unknown_token, (1,)),
 }

@@ -724,7 +724,10 @@ def _positions_after_padding(config) -> bool:
 
 def _resolve_max_input_tokens(requested: int | None, source: _Source) -> int:
     if requested is None:
-        return _max_input_tokens(source)
+        # A config's limit of 1 was a PyTorch traceback at the last step, validation (a review).
+        return _with_room_for_text(_max_input_tokens(source), source,
+                                   "the model's max input tokens (its max_seq_length or model_max_length)",
+                                   "; pass --max-input-tokens")
     if requested < 1:
         raise ExportError(f"--max-input-tokens {requested} must be at least 1")
     limit = _position_limit(source.config)
@@ -732,14 +735,20 @@ def _resolve_max_input_tokens(requested: int | None, source: _Source) -> int:
         raise ExportError(
             f"--max-input-tokens {requested} is more than {source.model_id} has positions for ({limit})"
         )
+    return _with_room_for_text(requested, source, "--max-input-tokens")
+
+
+def _with_room_for_text(limit: int, source: _Source, named: str, advice: str = "") -> int:
+    """`limit`, where it leaves room for text beside the tokenizer's special
+    tokens: a tokenizer cannot truncate below them, and validation then fed
+    PyTorch more than the limit."""
     from transformers import AutoTokenizer
 
-    # A tokenizer cannot truncate below its special tokens: validation then fed PyTorch more than the limit.
     specials = len(AutoTokenizer.from_pretrained(source.path)("")["input_ids"])
-    if requested <= specials:
-        raise ExportError(f"--max-input-tokens {requested} leaves no room for text: the tokenizer adds {specials} "
-                          "special tokens to every input")
-    return requested
+    if limit <= specials:
+        raise ExportError(f"{named} {limit} leaves no room for text: the tokenizer adds {specials} "
+                          f"special tokens to every input{advice}")
+    return limit
 
 
 def _max_input_tokens(source: _Source) -> int:
