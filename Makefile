@@ -69,7 +69,7 @@ check-protos: install
 	done && rm -rf $$tmp && echo "generated stubs are current"
 
 # Benchmarks (bench/README.md): results in bench/results/. BENCH_ARGS=--quick for a smoke run.
-BENCHMARKS ?= empty_rpc embedding ranking ingest profiles workers erasure
+BENCHMARKS ?= empty_rpc embedding ranking cooccurrence ingest profiles workers erasure
 bench: install model
 	$(BIN)/pip install --quiet -e ".[bench]"
 	for name in $(BENCHMARKS); do \

@@ -112,6 +112,8 @@ def test_overriding_an_event_type_keeps_the_rest(tmp_path):
         ({"profile": {"kernel_scale_days": 1e-9}}, "profile.kernel_scale_days"),
         ({"ranking": {"freshness_half_life_days": 1e-9}}, "ranking.freshness_half_life_days"),
         ({"blend": {"popularity_half_life_days": -7}}, "blend.popularity_half_life_days"),
+        ({"blend": {"max_co_users": -1}}, "blend.max_co_users"),
+        ({"blend": {"max_co_users": 2.5}}, "blend.max_co_users"),
         ({"ranking": {"max_limit": 0}}, "ranking.max_limit"),
         ({"ranking": {"query_weight": -0.1}}, "ranking.query_weight"),
         ({"ranking": {"labels_per_interest": -1}}, "ranking.labels_per_interest"),

@@ -168,6 +168,30 @@ def test_cooccurrence_signal_is_the_same_however_long_ago_the_events(tmp_path):
     assert parts[0] > 0 and parts[1] == pytest.approx(parts[0], rel=1e-6)
 
 
+@pytest.mark.parametrize("restart", [False, True])
+def test_cooccurrence_reads_the_newest_users_of_an_item_within_max_co_users(tmp_path, monkeypatch, restart):
+    """`blend.max_co_users` bounds the users a Recommend's co-occurrence reads:
+    item a's three users, read one of them, speak through the newest, y (who
+    also took c), not x (b), the same after a restart; without the bound
+    through both alike."""
+    from halflife.core import cooccurrence
+
+    monkeypatch.setattr(cooccurrence, "_MIN_MERGE", 1)  # merged at once: waiting pairs are always read
+    parts = {}
+    for limit in (0, 1):
+        engine = _engine_with_blend(tmp_path / str(limit), max_co_users=limit)
+        engine.upsert_items([ItemInput(id=i, text=f"thing {i}") for i in ("a", "b", "c")])
+        for n, (user, item) in enumerate([("u", "a"), ("x", "a"), ("x", "b"), ("y", "a"), ("y", "c")]):
+            engine.record_events([EventInput(f"e{n}", user, LIKE, item, None, None, T - 100 + n)])
+        if restart:
+            engine.store.close()
+            engine = _engine_with_blend(tmp_path / str(limit), max_co_users=limit)
+        items = engine.recommend("u", 2, as_of=T, explain=True).items
+        parts[limit] = {i.item_id: i.explanation.score_parts["cooccurrence"] for i in items}
+    assert parts[0]["b"] == pytest.approx(parts[0]["c"]) and parts[0]["b"] > 0
+    assert parts[1]["c"] == pytest.approx(parts[0]["c"]) and parts[1]["b"] == 0.0
+
+
 def test_one_event_calls_keep_few_popularity_log_chunks_and_the_same_past(tmp_path):
     """Each RecordEvents added a chunk of three arrays to the log of the past,
     ~400 B for a one-event call and never merged (an audit of long runs)."""

@@ -149,6 +149,7 @@ class BlendConfig:
     similarity: str = "cosine"  # "count", "jaccard", "cosine" or "lift"
     affinity_half_life_days: float = 365.0  # inf: no decay
     popularity_half_life_days: float = 7.0
+    max_co_users: int = 100_000  # 0: no limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,6 +324,7 @@ def parse_config(data: dict) -> Config:
         "similarity": lambda v, k: _choice(v, k, ("count", "jaccard", "cosine", "lift")),
         "affinity_half_life_days": _half_life,
         "popularity_half_life_days": _half_life,
+        "max_co_users": lambda v, k: _number(v, k, minimum=0, integer=True),
     })
     if blend.interest + blend.cooccurrence + blend.popularity == 0:  # a weighted mean of nothing
         raise ConfigError("blend: interest, cooccurrence and popularity must not all be 0")

@@ -263,3 +263,89 @@ def test_renumbered_equals_the_index_built_anew_from_the_renumbered_pairs(monkey
     known_user, known_item = (int(c[0]) for c in want.pairs_until(np.inf)[:2])
     assert got.add([1000, known_user], [0, known_item], [1.0, 1.0]) == 1  # one pair new, one known
     assert len(got) == len(want) + 1
+
+
+def test_sample_level_is_the_largest_common_cut_within_the_budget():
+    """Water-filling: short runs whole, long ones cut to one level L, the
+    largest whose total stays within the budget (at least 1 each)."""
+    from halflife.core.cooccurrence import _level
+
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        lengths = rng.integers(0, 50, int(rng.integers(1, 12)))
+        budget = int(rng.integers(0, 400))
+        level = _level(lengths, budget)
+        if lengths.sum() <= budget:
+            assert level is None
+            continue
+        assert level >= 1
+        if level > 1 or np.minimum(lengths, 1).sum() <= budget:
+            assert np.minimum(lengths, level).sum() <= budget
+        assert np.minimum(lengths, level + 1).sum() > budget
+
+
+def _sampled_reference(pairs, n_users: int, n_items: int, query, level: int, waiting_from: int):
+    """The dense estimate of C[query, :] from each query item's `level` newest
+    (highest) indexed users and all its waiting ones (users from
+    `waiting_from` on), scaled by its users per user read, at most either
+    item's users: (h, N), and every item's users: (N,)."""
+    x = np.zeros((n_users, n_items))
+    x[pairs[0], pairs[1]] = 1.0
+    d = x.sum(axis=0)
+    rows = []
+    for i in query:
+        users = np.flatnonzero(x[:, i])
+        read = np.concatenate([users[users < waiting_from][-level:], users[users >= waiting_from]])
+        rows.append(np.minimum(d[i] / max(read.size, 1) * x[read].sum(axis=0), np.minimum(d[i], d)))
+    return np.array(rows), d
+
+
+@pytest.mark.parametrize("waiting", [False, True], ids=["merged", "some pairs waiting"])
+def test_a_co_user_budget_reads_each_query_items_newest_users_scaled_up(waiting):
+    """With max_co_users below the query items' users, every score is the
+    estimate from the newest users of each item (the pairs still waiting to
+    be merged read in full, as the newest they are), and without it or with
+    room for all the exact one, bit for bit."""
+    rng = np.random.default_rng(9)
+    n_users, n_items = 60, 25
+    users, items = rng.integers(0, n_users, 700), rng.integers(0, n_items, 700)
+    c = Cooccurrence.from_pairs(n_items, users, items, np.zeros(users.size))
+    indexed_users = c.item_counts().copy()
+    if waiting:  # users beyond all others, so the newest wherever they are
+        late_users, late_items = rng.integers(n_users, n_users + 5, 20), rng.integers(0, n_items, 20)
+        assert c.add(late_users, late_items) and len(c._keys) == len(c) - len(c._waiting)
+        users, items = np.concatenate([users, late_users]), np.concatenate([items, late_items])
+    view = c.view()
+    query = rng.choice(n_items, 6, replace=False)
+    a = rng.random(query.size)
+    budget = int(indexed_users[query].sum()) // 3
+    level = view.sample_level(query, budget)
+    assert level is not None and np.minimum(indexed_users[query], level).sum() <= budget
+    estimate, d = _sampled_reference((users, items), n_users + 5, n_items, query, level, waiting_from=n_users)
+    which, js, counts = view.pair_counts(query, level)
+    got = np.zeros_like(estimate)
+    got[which, js] = counts
+    assert np.allclose(got, estimate)
+    off = estimate.copy()
+    off[np.arange(query.size), query] = 0.0  # the diagonal is left out
+    others = np.setdiff1d(np.arange(n_items), query)  # a consumed query item is filtered from answers anyway
+    col = 1.0 / np.sqrt(np.maximum(d, 1.0))
+    cosine = cooccurrence_scores(view, query, a, "cosine", budget)
+    assert np.allclose(cosine[others], ((a * col[query]) @ off * col)[others])
+    union = d[query][:, None] + d[None, :] - off
+    assert np.allclose(cooccurrence_scores(view, query, a, "jaccard", budget),
+                       a @ np.divide(off, union, out=np.zeros_like(off), where=off > 0))
+    for s in ("cosine", "jaccard"):
+        exact = cooccurrence_scores(view, query, a, s)
+        assert np.array_equal(cooccurrence_scores(view, query, a, s, len(c)), exact)
+        assert not np.allclose(cooccurrence_scores(view, query, a, s, budget), exact)
+
+
+def test_an_estimated_count_never_exceeds_either_items_users():
+    """Item 0's newest user is item 1's only one: read alone, scaled by item
+    0's 4 users, C[0, 1] would be 4, more than item 1 has (jaccard's union
+    then 0 or below)."""
+    c = Cooccurrence.from_pairs(2, [0, 1, 2, 3, 3], [0, 0, 0, 0, 1], np.zeros(5))
+    which, js, counts = c.pair_counts([0], level=1)
+    assert dict(zip(js.tolist(), counts.tolist())) == {0: 4.0, 1: 1.0}
+    assert cooccurrence_scores(c, [0], [1.0], "jaccard", max_co_users=1)[1] == pytest.approx(1 / 4)

@@ -92,6 +92,19 @@ def _ranges(ptr: np.ndarray, sorted_keys: np.ndarray, heads: np.ndarray) -> tupl
     return which, sorted_keys[index] & _LOW
 
 
+def _level(lengths: np.ndarray, budget: int) -> int | None:
+    """The largest L with Σ min(lengths, L) <= budget (water-filling: short
+    runs whole, long ones cut to L), at least 1; None where all fit.
+    lengths: (h,) ints."""
+    if int(lengths.sum()) <= budget:
+        return None
+    s = np.sort(lengths)
+    n = s.shape[0]
+    shorter = np.concatenate([[0], np.cumsum(s)[:-1]])  # Σ of the runs before each
+    k = int(np.argmax(shorter + s * (n - np.arange(n)) > budget))  # the first run that a cut at its length overflows
+    return max(1, int((budget - shorter[k]) // (n - k)))
+
+
 def _matches(values: np.ndarray, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every (i, k) with values[i] == heads[k], as two (m,) int64 arrays."""
     if not values.size:
@@ -175,12 +188,33 @@ class _PairReads:
         """C[i, i]: users per item. Returns (N,) float64 (a view: do not modify)."""
         return self._item_counts
 
-    def _co_users(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(position in `items`, user) for every user of every query item: two (m,) int64 arrays."""
-        h, users = _ranges(self._item_ptr, self._item_keys, items)
+    def sample_level(self, items, max_co_users: int | None) -> int | None:
+        """The most users each query item gives co-occurrence reads (see
+        `_co_users`) for the users of all `items` to stay within
+        `max_co_users` (the indexed ones; the few waiting are always read):
+        None where all fit or no limit is given. items: (h,) rows."""
+        if max_co_users is None:
+            return None
+        return _level(_runs(self._item_ptr, np.asarray(items, dtype=np.int64))[1], max_co_users)
+
+    def _co_users(self, items: np.ndarray, level: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(position in `items`, user) for every user of every query item, or
+        with a `level` for at most that many of each item's indexed users: the
+        newest (users are numbered as they come, so the highest rows), a
+        sample whose cost does not grow with the log. Also each query item's
+        scale, its users per user read (1 where all were): two (m,) int64
+        arrays and (h,) float64."""
+        starts, lengths = _runs(self._item_ptr, items)
+        if level is not None:
+            starts, lengths = starts + np.maximum(lengths - level, 0), np.minimum(lengths, level)
+        h, index = _spans(starts, lengths)
         waiting_users, waiting_items = self._waiting_pairs()
         hit, where = _matches(waiting_items, items)
-        return np.concatenate([h, where]), np.concatenate([users, waiting_users[hit]])
+        h, users = np.concatenate([h, where]), np.concatenate([self._item_keys[index] & _LOW, waiting_users[hit]])
+        if level is None:
+            return h, users, np.ones(items.shape[0])
+        read = np.bincount(h, minlength=items.shape[0])
+        return h, users, self._item_counts[items] / np.maximum(read, 1)
 
     def _expand(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(position in `users`, item) for every item of each user (users may
@@ -215,17 +249,24 @@ class _PairReads:
             np.add.at(scores, js, weights[where] * factor(js))
         return scores
 
-    def pair_counts(self, items) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def pair_counts(self, items, level: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The nonzero entries of C[items, :] (diagonal included), without the
         (h, N) rows: (position in `items`, item, count) as (m,) int64, int64
-        and float64 arrays, by position, then item. items: (h,) distinct rows."""
+        and float64 arrays, by position, then item. items: (h,) distinct rows.
+        With a `level` (see `_co_users`), estimated from that sample of each
+        query item's users: counts scaled up by the item's users per user
+        read, at most either item's users."""
         items = np.asarray(items, dtype=np.int64)
         if not len(self) or not items.size:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0)
-        h, users = self._co_users(items)
+        h, users, scale = self._co_users(items, level)
         pos, js = self._expand(users)
         keys, counts = np.unique(h[pos] * self.n_items + js, return_counts=True)
-        return keys // self.n_items, keys % self.n_items, counts.astype(np.float64)
+        which, js = keys // self.n_items, keys % self.n_items
+        if level is None:
+            return which, js, counts.astype(np.float64)
+        d = self._item_counts
+        return which, js, np.minimum(counts * scale[which], np.minimum(d[items][which], d[js]))
 
     def rows(self, items) -> np.ndarray:
         """C[items, :]: (h, N) float64 co-occurrence counts (diagonal included).
@@ -235,7 +276,7 @@ class _PairReads:
         out[which, js] = counts
         return out
 
-    def user_weighted(self, items, weights, column=None, diagonal: bool = True) -> np.ndarray:
+    def user_weighted(self, items, weights, column=None, diagonal: bool = True, level: int | None = None) -> np.ndarray:
         """Σ_i weights_i · C[i, j] · column(C[j, j]) for every item j, without
         materialising the rows: each co-user v adds (Σ of the weights of the
         query items v consumed) to every item of v. items, weights: (h,),
@@ -245,13 +286,15 @@ class _PairReads:
         over its own users, each adding the other query items' weights: one
         that shares no user with another gets exactly 0, not what subtracting
         its own term leaves (~1e-16, which a division by the maximum made a
-        full-weight score). Returns (N,) float64."""
+        full-weight score). With a `level`, estimated from a sample of each
+        query item's users (see `_co_users`), each scaled up by its item's
+        users per user read. Returns (N,) float64."""
         items = np.asarray(items, dtype=np.int64)
         weights = np.asarray(weights, dtype=np.float64)
         if not len(self) or not items.size:
             return np.zeros(self.n_items)
-        h, users = self._co_users(items)
-        at_item = weights[h]
+        h, users, scale = self._co_users(items, level)
+        at_item = (weights if level is None else weights * scale)[h]
         if users.size and users.max() < 64 * users.size:  # dense enough: counting beats sorting
             by_user = np.bincount(users, weights=at_item)
             co_users = np.flatnonzero(by_user)
@@ -564,14 +607,19 @@ class Cooccurrence(_PairReads):
                                 self._item_counts.copy(), users, items)
 
 
-def cooccurrence_scores(index: _PairReads, items, affinity, similarity: str = "jaccard") -> np.ndarray:
+def cooccurrence_scores(index: _PairReads, items, affinity, similarity: str = "jaccard",
+                        max_co_users: int | None = None) -> np.ndarray:
     """Σ_i affinity_i · sim(i, j) for every item j (the diagonal term left out).
 
     items: (h,) distinct item rows the user consumed; affinity: (h,) >= 0
     (e.g. decayed, weighted event counts). "cosine", "lift" and "count" are
     separable and cost one pass over the co-users' items; "jaccard" is not
     and passes over each query item's co-users' items (`pair_counts`).
-    Returns (N,) float64, >= 0.
+    `max_co_users` bounds that work, which otherwise grows with the log (a
+    popular item's users are most users): where the query items' users are
+    more, C[i, j] is estimated from the newest users of each (`sample_level`:
+    every item's users up to a common cut, ~max_co_users in all; at least
+    one each). Returns (N,) float64, >= 0.
     """
     if similarity not in SIMILARITIES:
         raise ValueError(f"unknown similarity {similarity!r}; expected one of {SIMILARITIES}")
@@ -582,6 +630,7 @@ def cooccurrence_scores(index: _PairReads, items, affinity, similarity: str = "j
         return np.zeros(n)
     d = index.item_counts()
     di = d[items]
+    level = index.sample_level(items, max_co_users)
     if similarity == "jaccard":
         # Not separable: over the nonzero C[i, j] of a chunk of the query
         # items at a time, never (h, N) (a user of 1,000 items at 100k took
@@ -589,7 +638,7 @@ def cooccurrence_scores(index: _PairReads, items, affinity, similarity: str = "j
         scores = np.zeros(n)
         for start in range(0, items.size, _JACCARD_CHUNK):
             chunk = slice(start, start + _JACCARD_CHUNK)
-            which, js, c = index.pair_counts(items[chunk])
+            which, js, c = index.pair_counts(items[chunk], level)
             off_diagonal = js != items[chunk][which]
             which, js, c = which[off_diagonal], js[off_diagonal], c[off_diagonal]
             # The union holds both items' users: at least c, so never 0.
@@ -606,4 +655,4 @@ def cooccurrence_scores(index: _PairReads, items, affinity, similarity: str = "j
             return 1.0 / np.maximum(counts, 1.0)
     # The column factors go on each co-user's items, not on all N: at 100k
     # items, passes over the catalogue took most of the call.
-    return index.user_weighted(items, a * col(di), col, diagonal=False)
+    return index.user_weighted(items, a * col(di), col, diagonal=False, level=level)

@@ -1637,16 +1637,18 @@ class InterestEngine:
         items, at = np.unique(rows[keep], return_inverse=True)
         affinity = np.bincount(at, weights=self._builder.types.weights[types] * decay, minlength=items.size)
         index = self._blend.cooccurrence
+        limit = blend.max_co_users or None
         held = ahead is not None and bool((ahead[1] >= 0).any())
         if t >= index.newest and not held:
             present = index.view()  # scored after the lock is let go, as the past's pairs are
-            return lambda: cooccurrence_scores(present, items, affinity, blend.similarity)
+            return lambda: cooccurrence_scores(present, items, affinity, blend.similarity, limit)
         pairs = index.pairs_until(t)
         if held:  # a read after the clock: the held pairs up to t too
             times, users, item_rows, _ = ahead
             pairs = tuple(np.concatenate([p, q[users >= 0]]) for p, q in zip(pairs, (users, item_rows, times)))
         n_items = index.n_items
-        return lambda: cooccurrence_scores(Cooccurrence.from_pairs(n_items, *pairs), items, affinity, blend.similarity)
+        return lambda: cooccurrence_scores(Cooccurrence.from_pairs(n_items, *pairs), items, affinity, blend.similarity,
+                                           limit)
 
     def _explain(self, user_id: str, explained: _Explained, t: float, item_vectors, parts,
                  deadline: Deadline | None = None) -> list[Explanation]:
