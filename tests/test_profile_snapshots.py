@@ -15,6 +15,7 @@ import pytest
 from halflife.config import Config
 from halflife.interest import replay as replay_module
 from halflife.interest.engine import InterestEngine
+from halflife.interest.pseudonyms import user_pseudonym
 from halflife.interest.types import EventInput, ItemInput
 from halflife.interest.state import snapshot_bytes, state_from_snapshot
 from halflife.storage.sqlite import DB_NAME, SqliteStore
@@ -164,6 +165,8 @@ def test_a_snapshot_that_would_answer_otherwise_than_a_full_replay_is_not_used(t
         live = answers(engine)
     assert counts[0] >= 32  # every event, not only those after the snapshot
     assert ("unreadable profile snapshot" in caplog.text) == (change is _damage)
+    if change is _damage:  # an erasure cannot take an id back out of a log file: its pseudonym only
+        assert user_pseudonym("u") in caplog.text and "'u'" not in caplog.text
 
     monkeypatch.undo()
     assert live == answers(full_replay_of(engine, tmp_path / "reference", monkeypatch, config))
@@ -320,6 +323,7 @@ def test_the_snapshot_saver_drops_what_does_not_fit_and_survives_a_failing_store
         assert saver.wait(10)
     assert saved == ["first", *(f"u{n}" for n in range(1, MAX_PENDING))]
     assert "dropped: 8 saves waiting" in caplog.text and "disk full" in caplog.text
+    assert f"snapshot of {user_pseudonym('broken')}: disk full" in caplog.text and "'broken'" not in caplog.text
     saver.submit("after", ProfileSnapshot(1, "k", b""))
     assert saver.wait(10) and saved[-1] == "after"
 
@@ -361,3 +365,22 @@ def test_snapshots_still_queued_when_close_gives_up_are_dropped(caplog):
     release.set()
     saver._thread.join(10)
     assert saved == ["in flight"] and "1 profile snapshots not saved" in caplog.text
+
+
+def test_the_command_docs_give_finds_a_users_pseudonym_in_the_logs():
+    """docs/serving.md tells operators how to find a user's log lines: its
+    command must print what the server logs for that id."""
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    command = next(line.strip() for line in doc.splitlines() if line.strip().startswith("python3 -c 'import hashlib"))
+    argv = shlex.split(command)
+    assert argv[0] == "python3" and argv[-1] == "USER_ID"
+    for user_id in ("u", "ünïcode user 42", "a" * 500):
+        printed = subprocess.run([sys.executable, *argv[1:-1], user_id], capture_output=True, text=True, check=True,
+                                 timeout=30).stdout.strip()
+        assert printed == user_pseudonym(user_id)
+    assert user_pseudonym("u") != user_pseudonym("v")

@@ -21,6 +21,7 @@ import numpy as np
 
 from halflife.config import EVENT_TYPE_NAMES, Config, api_event_type
 from halflife.core.profiles import MultiInterestState, ProfileState
+from halflife.interest.pseudonyms import user_pseudonym
 from halflife.interest.state import UserState, snapshot_bytes, snapshot_key, state_from_snapshot
 from halflife.storage.base import EventRecord, ProfileSnapshot, StoreDamagedError
 
@@ -197,7 +198,7 @@ class ProfileBuilder:
         try:
             state = state_from_snapshot(snapshot.data)
         except Exception as e:  # damaged: only a shortcut lost, the log holds the profile
-            log.warning("unreadable profile snapshot of user %r, replaying their events: %s", user_id, e)
+            log.warning("unreadable profile snapshot of %s, replaying their events: %s", user_pseudonym(user_id), e)
             return None
         if state.max_seq != snapshot.through_seq or state.newest_time > horizon:
             return None

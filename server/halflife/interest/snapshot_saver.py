@@ -14,6 +14,7 @@ import collections
 import logging
 import threading
 
+from halflife.interest.pseudonyms import user_pseudonym
 from halflife.storage.base import ProfileSnapshot, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class SnapshotSaver:
             if self._closed:
                 return
             if len(self._pending) >= MAX_PENDING:
-                log.info("profile snapshot of user %r dropped: %d saves waiting", user_id, len(self._pending))
+                log.info("profile snapshot of %s dropped: %d saves waiting", user_pseudonym(user_id), len(self._pending))
                 return
             self._pending.append((user_id, snapshot))
             if self._thread is None:
@@ -75,9 +76,9 @@ class SnapshotSaver:
             try:  # the store refuses it if the user was erased since their events were read
                 self._store.save_profile_snapshot(user_id, snapshot)
             except StoreError as e:
-                log.warning("could not save the profile snapshot of user %r: %s", user_id, e)
+                log.warning("could not save the profile snapshot of %s: %s", user_pseudonym(user_id), e)
             except Exception:  # a bug here must not end the thread and strand later saves
-                log.exception("saving the profile snapshot of user %r failed", user_id)
+                log.exception("saving the profile snapshot of %s failed", user_pseudonym(user_id))
             finally:
                 with self._changed:
                     self._saving = False
