@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -82,7 +83,7 @@ def test_manifest(exported):
     assert manifest.pad_token_id == expected["pad_token_id"]
     assert manifest.dimension == 32
     # 64 positions for all (RoBERTa, MPNet: 66 position embeddings, numbered from pad_token_id + 1 = 2).
-    assert manifest.max_input_tokens == tiny_models.MAX_POSITIONS
+    assert manifest.max_input_tokens == manifest.position_limit == tiny_models.MAX_POSITIONS
     assert manifest.opset >= 18
     assert manifest.normalize is True
     assert set(manifest.tooling) >= {"halflife", "torch", "transformers", "optimum", "onnx", "onnxruntime"}
@@ -339,6 +340,7 @@ def _garbage_tokenizer(manifest, copy):
     (lambda m, _: m.update(normalize=1), "normalize must be true or false, got 1"),
     (lambda m, _: m["variants"][0]["validation"].update(min_cosine="high"), "min_cosine must be a number"),
     (lambda m, _: m.update(max_input_tokens=0), "max_input_tokens must be at least 1, got 0"),
+    (lambda m, _: m.update(position_limit="64"), "position_limit must be a whole number, got '64'"),
     (lambda m, _: m.update(pad_token_id=10**6), r"the model fails on 1 x 8 tokens, which its manifest allows"),
     # Served as another variant, or from outside the directory (a review).
     (lambda m, _: m.update(variants=[]), "variants is empty"),
@@ -373,11 +375,45 @@ def test_a_variant_that_fell_short_of_its_validation_loads_with_a_warning(export
             for r in caplog.records] == [True]
 
 
-def test_more_input_tokens_than_the_model_has_positions_for_is_a_manifest_error(tmp_path, tmp_path_factory):
-    """A position table of 64 (Qwen2's rotary positions have none to overrun)."""
+@pytest.mark.parametrize("recorded, message", [
+    (lambda m: None, r"manifest\.json: max_input_tokens 128 is more than bert has positions for \(64\)$"),
+    # What the export records where the config gives no position limit, and manifests from before the field:
+    # warm_up, which runs past 64 tokens, still refuses it.
+    (lambda m: m.update(position_limit=None), r"the model fails on 4 x 128 tokens, which its manifest allows"),
+    (lambda m: m.pop("position_limit"), r"the model fails on 4 x 128 tokens, which its manifest allows"),
+], ids=["position-limit", "no-position-limit", "manifest-from-before-position-limit"])
+def test_more_input_tokens_than_the_model_has_positions_for_is_a_manifest_error(recorded, message, tmp_path,
+                                                                                tmp_path_factory):
+    """A position table of 64, whose length the export records (position_limit): refused as the manifest is read."""
     _, out, _ = tiny_models.exported("bert", tmp_path_factory)
-    copy = _edited_copy(out, tmp_path, lambda m, _: m.update(max_input_tokens=tiny_models.MAX_POSITIONS * 2))
-    with pytest.raises(ManifestError, match=r"the model fails on 4 x 128 tokens, which its manifest allows"):
+
+    def edit(m, _):
+        recorded(m)
+        m.update(max_input_tokens=tiny_models.MAX_POSITIONS * 2)
+
+    copy = _edited_copy(out, tmp_path, edit)
+    with pytest.raises(ManifestError, match=message):
+        EmbeddingEngine.load(copy, provider="cpu").warm_up()
+
+
+def test_more_input_tokens_than_positions_past_what_warm_up_runs_is_refused_at_start(tmp_path):
+    """warm_up runs at most WARM_UP_MAX_TOKENS (a long-context model's whole length would cost seconds at each
+    start): a manifest edited past a longer position table started, and requests longer than the table failed
+    with INTERNAL (a review). The export records the table's length; loading, and so serve, refuses more."""
+    from halflife.embedding.engine import WARM_UP_MAX_TOKENS, served_identity
+    from halflife_export.exporter import ExportOptions, export_model
+
+    positions = WARM_UP_MAX_TOKENS + 64
+    src = tiny_models.make_tiny_bert(tmp_path / "bert", positions=positions)
+    out = tmp_path / "out"
+    export_model(ExportOptions(output=out, model=str(src), progress=lambda line: None))
+    EmbeddingEngine.load(out, provider="cpu").warm_up()
+    copy = _edited_copy(out, tmp_path, lambda m, _: m.update(max_input_tokens=positions + 100))
+    message = (f"^{re.escape(str(copy / 'manifest.json'))}: max_input_tokens {positions + 100} is more than bert "
+               f"has positions for \\({positions}\\)$")
+    with pytest.raises(ManifestError, match=message):
+        served_identity(copy)  # what serve checks before it binds its port
+    with pytest.raises(ManifestError, match=message):
         EmbeddingEngine.load(copy, provider="cpu").warm_up()
 
 

@@ -113,8 +113,9 @@ def _save(model, tokenizer, path: Path) -> Path:
     return path
 
 
-def make_tiny_bert(path: str | Path, seed: int = SEED) -> Path:
-    """A random BERT encoder (hidden 32, 2 layers, 2 heads, 64 positions) with a WordPiece tokenizer."""
+def make_tiny_bert(path: str | Path, seed: int = SEED, positions: int = MAX_POSITIONS) -> Path:
+    """A random BERT encoder (hidden 32, 2 layers, 2 heads, 64 positions unless `positions`) with a WordPiece
+    tokenizer."""
     import torch
     from transformers import BertConfig, BertModel
 
@@ -125,7 +126,7 @@ def make_tiny_bert(path: str | Path, seed: int = SEED) -> Path:
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
-        max_position_embeddings=MAX_POSITIONS,
+        max_position_embeddings=positions,
         type_vocab_size=2,
         pad_token_id=0,
         architectures=["BertModel"],

@@ -196,6 +196,7 @@ class _Source:
     config: object
     modules: list[tuple[str, Path]] | None  # modules.json's sentence-transformers modules (_st_modules)
     pooling_config: Path | None  # the sentence-transformers Pooling module's config.json, where there is one
+    position_limit: int | None  # tokens its position table holds (_position_limit), recorded in the manifest
 
 
 class _Progress:
@@ -329,7 +330,7 @@ def _resolve_source(options: ExportOptions) -> _Source:
     _check_tokenizer(path)
     modules = _st_modules(path)
     return _Source(path=path, model_id=model_id, kind=kind, config=config, modules=modules,
-                   pooling_config=_pooling_module(modules))
+                   pooling_config=_pooling_module(modules), position_limit=_position_limit(config))
 
 
 def _json_value(path: Path):
@@ -730,7 +731,7 @@ def _resolve_max_input_tokens(requested: int | None, source: _Source) -> int:
                                    "; pass --max-input-tokens")
     if requested < 1:
         raise ExportError(f"--max-input-tokens {requested} must be at least 1")
-    limit = _position_limit(source.config)
+    limit = source.position_limit
     if limit is not None and requested > limit:
         raise ExportError(
             f"--max-input-tokens {requested} is more than {source.model_id} has positions for ({limit})"
@@ -768,9 +769,8 @@ def _max_input_tokens(source: _Source) -> int:
         model_max = _json_file(source.path / "tokenizer_config.json").get("model_max_length")
         if isinstance(model_max, int) and 0 < model_max < 1_000_000:
             limits.append(model_max)
-    positions = _position_limit(source.config)
-    if positions:
-        limits.append(positions)
+    if source.position_limit:
+        limits.append(source.position_limit)
     if not limits:
         raise ExportError("cannot tell the model's max input tokens; pass --max-input-tokens")
     return min(limits)
@@ -824,6 +824,7 @@ def _draft_manifest(source, options, pooling, max_tokens, variants, tokenizer_fi
         ),
         input_names=inputs,
         pad_token_id=_pad_token_id(config),
+        position_limit=source.position_limit,
         tooling={
             "halflife": __version__,
             "torch": torch.__version__,

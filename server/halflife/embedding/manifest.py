@@ -71,6 +71,11 @@ class Manifest:
     pad_token_id: int
     tooling: dict[str, str] = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # Tokens the model's position table holds, as the export reads its config (the most --max-input-tokens it
+    # takes), or None where the config says none. The server runs no input that long at start (warm_up stops at
+    # 512 tokens), so a max_input_tokens edited past it was INTERNAL on long requests. (Absent from manifests
+    # before 2026-12-07.)
+    position_limit: int | None = None
 
     def variant(self, name: str) -> Variant:
         for variant in self.variants:
@@ -111,6 +116,9 @@ class Manifest:
                 raise ManifestError(f"{name} must be at least 1, got {getattr(manifest, name)}")
         if manifest.pad_token_id < 0:
             raise ManifestError(f"pad_token_id must not be negative, got {manifest.pad_token_id}")
+        if manifest.position_limit is not None and manifest.max_input_tokens > manifest.position_limit:
+            raise ManifestError(f"max_input_tokens {manifest.max_input_tokens} is more than {manifest.model_id} has "
+                                f"positions for ({manifest.position_limit})")
         _check_variants(manifest)
         return manifest
 
@@ -142,11 +150,16 @@ def _check_types(record) -> None:
     """Each field of `record` (a dataclass) of the type its annotation names:
     a hand-edited manifest (a list for default_variants, "32" for the
     dimension) failed later as an AttributeError or a self-contradicting
-    message. Whole numbers pass for floats; true and false not for numbers."""
+    message. Whole numbers pass for floats; true and false not for numbers;
+    null only where the annotation says `| None`."""
     hints = typing.get_type_hints(type(record))
     for field in dataclasses.fields(record):
-        expected = typing.get_origin(hints[field.name]) or hints[field.name]
-        value = getattr(record, field.name)
+        hint, value = hints[field.name], getattr(record, field.name)
+        if type(None) in typing.get_args(hint):
+            if value is None:
+                continue
+            (hint,) = (arg for arg in typing.get_args(hint) if arg is not type(None))
+        expected = typing.get_origin(hint) or hint
         allowed = (int, float) if expected is float else expected
         if not isinstance(value, allowed) or (expected in (int, float) and isinstance(value, bool)):
             raise ManifestError(f"{field.name} must be {_KINDS.get(expected, expected.__name__)}, got {value!r}")
