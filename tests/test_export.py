@@ -939,6 +939,76 @@ def test_sigterm_during_an_export_leaves_no_work_directory(tmp_path, sources):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+# `halflife export`, killed outright (as the OOM killer kills: no cleanup runs) as it loads its draft to validate it.
+KILLED_DURING_VALIDATION = """
+import os, signal, sys
+import halflife_export.exporter as exporter
+from halflife import cli
+
+class KilledAtLoad:
+    @staticmethod
+    def load(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+exporter.EmbeddingEngine = KilledAtLoad
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _killed_during_validation(source: Path, output: Path) -> Path:
+    """The work directory an export into `output` left when killed during validation, its draft manifest in it."""
+    import signal
+
+    result = subprocess.run([sys.executable, "-c", KILLED_DURING_VALIDATION, "export", "--model", str(source),
+                             "--output", str(output)], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    (work,) = [p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.")]
+    assert json.loads((work / "model" / "manifest.json").read_text())["default_variants"] == {}  # the draft
+    return work
+
+
+def test_the_draft_a_killed_export_left_is_no_model(tmp_path, sources):
+    """Named with --variant (it has no defaults), the draft was served, its variants validated by nothing (a review)."""
+    from halflife.embedding.engine import served_identity
+
+    draft = _killed_during_validation(sources["bert"], tmp_path / "model") / "model"
+    message = (f"^{re.escape(str(draft / 'manifest.json'))} is the draft of an unfinished `halflife export` "
+               r"\(killed during validation, or still running\), not a model: .* can be deleted")
+    for variant in ("fp32-o2", "fp16", "int8"):
+        with pytest.raises(ManifestError, match=message):
+            served_identity(draft, variant=variant)  # what serve checks before it binds its port
+        with pytest.raises(ManifestError, match=message):
+            EmbeddingEngine.load(draft, variant=variant, provider="cpu")
+    served = subprocess.run([sys.executable, "-m", "halflife.cli", "serve", "--port", "47151", "--model-dir",
+                             str(draft), "--variant", "fp32-o2", "--data-dir", str(tmp_path / "data")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert served.returncode == 1 and "Traceback" not in served.stderr, served.stderr
+    assert served.stderr.strip().splitlines()[-1].startswith(f"halflife serve: error: {draft / 'manifest.json'} is "
+                                                             "the draft of an unfinished `halflife export`")
+    assert not (tmp_path / "data").exists()
+
+
+def test_the_next_export_removes_a_killed_exports_work_directory_and_not_a_live_ones(tmp_path, sources):
+    """A killed export's work directory (about the model's size, and its draft) was left for good, whatever came
+    next. Each export holds a lock in its own, which the next one into the same output takes to remove one."""
+    from halflife.locks import hold_lock
+    from halflife_export.exporter import ExportOptions, export_model
+
+    output = tmp_path / "model"
+    killed = _killed_during_validation(sources["bert"], output)
+    live = tmp_path / ".model.running"
+    another_output = tmp_path / ".model.v2.abandoned"  # a killed export into model.v2, not this output's to judge
+    shutil.copytree(killed, another_output)
+    live.mkdir()
+    lines = []
+    with hold_lock(live / "export.lock", "pid 1, halflife export into model"):  # as a live export holds it
+        export_model(ExportOptions(output=output, model=str(sources["bert"]), progress=lines.append))
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([another_output.name, live.name, "model"])
+    assert f"note: removed {killed}, left by an export into {output} that was killed" in lines
+    assert not load_manifest(output).is_draft
+
+
 # ---------------------------------------------------------------- sentence-transformers models
 
 

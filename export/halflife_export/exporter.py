@@ -9,6 +9,7 @@ PyTorch model on a fixed sentence set, and write the manifest last.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -20,7 +21,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -36,12 +37,14 @@ from halflife.embedding.engine import (
 )
 from halflife.embedding.manifest import (
     MANIFEST_NAME,
+    PENDING_VALIDATION,
     Manifest,
     Validation,
     Variant,
     sha256_file,
 )
 from halflife.embedding.pooling import POOLING_MODES, cosine_rows, l2_normalize, pool
+from halflife.locks import hold_lock
 from halflife_export import smoothquant
 
 log = logging.getLogger(__name__)
@@ -252,8 +255,9 @@ def export_model(options: ExportOptions) -> Manifest:
     for note in (_pooling_override_note(options.pooling, pooling, source), _unnormalized_note(source)):
         if note:
             progress.sink(note)
-    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as work_dir:
-        work = Path(work_dir)
+    for abandoned in _remove_abandoned_work_dirs(output):
+        progress.sink(f"note: removed {abandoned}, left by an export into {output} that was killed")
+    with _work_dir(output) as work:
         staging = work / "model"
         staging.mkdir()
         raw = progress.run(f"exporting {source.model_id} to ONNX (opset {options.opset})", _export_raw, source, work, options.opset)
@@ -276,6 +280,53 @@ def export_model(options: ExportOptions) -> Manifest:
         _publish(staging, output)
     progress.sink(f"wrote {output}")
     return manifest
+
+
+# In each export's work directory, held by the export until the directory is gone: the next export into the same
+# output tells one whose process was killed outright (SIGKILL, the OOM killer: no cleanup runs) from a live one.
+WORK_DIR_LOCK = "export.lock"
+
+
+def _work_dir_prefix(output: Path) -> str:
+    return f".{output.name}."
+
+
+@contextlib.contextmanager
+def _work_dir(output: Path) -> Iterator[Path]:
+    """A work directory `.NAME.xxxxxxxx` beside `output` (the same file
+    system, for the rename that publishes the model), locked by this process
+    and removed at the end: success, failure, Ctrl-C and SIGTERM."""
+    work = Path(tempfile.mkdtemp(prefix=_work_dir_prefix(output), dir=output.parent))
+    # Let go only once the directory is gone: an export finding it unlocked would remove it too.
+    with hold_lock(work / WORK_DIR_LOCK, f"pid {os.getpid()}, halflife export into {output}"):
+        try:
+            yield work
+        finally:
+            shutil.rmtree(work)
+
+
+def _remove_abandoned_work_dirs(output: Path) -> list[Path]:
+    """Removes the work directories that exports into `output` killed
+    outright left (each about the model's size, a draft manifest inside):
+    those whose lock no process holds; a live export's is left alone.
+    Returns those removed."""
+    prefix, removed = _work_dir_prefix(output), []
+    for work in sorted(output.parent.iterdir()):
+        # Not another output's (".model.v2.xxxxxxxx" for --output model.v2): tempfile's names have no dots.
+        if not work.name.startswith(prefix) or "." in work.name.removeprefix(prefix):
+            continue
+        lock = work / WORK_DIR_LOCK
+        try:
+            # Still empty: that of an export that has just made it and is about to take it (hold_lock writes its
+            # holder once it holds it). Missing: an export's from before the lock. Neither is this one's to judge.
+            if not lock.read_text().strip():
+                continue
+            with hold_lock(lock):
+                shutil.rmtree(work)
+        except OSError:  # held (LockHeldError: a live export's), or gone, or not ours to read or remove
+            continue
+        removed.append(work)
+    return removed
 
 
 def _quiet_libraries() -> None:
@@ -786,7 +837,6 @@ def _draft_manifest(source, options, pooling, max_tokens, variants, tokenizer_fi
     from halflife_export import __version__
 
     inputs = _graph_inputs(raw)
-    pending = Validation(sentences=0, max_abs_diff=float("nan"), min_cosine=float("nan"), mean_cosine=float("nan"), threshold=0.0, passed=False)
     weights = {
         p.name: sha256_file(p)
         for p in sorted(source.path.iterdir())
@@ -818,7 +868,7 @@ def _draft_manifest(source, options, pooling, max_tokens, variants, tokenizer_fi
                 precision=precision,
                 optimization=optimization,
                 execution_providers=providers,
-                validation=pending,
+                validation=PENDING_VALIDATION,
             )
             for name, file, precision, optimization, providers in variants
         ),
@@ -877,7 +927,7 @@ def _validate(draft: Manifest, source: _Source, staging: Path) -> Manifest:
         # Each on the provider it is for where this onnxruntime runs it: on a GPU host fp16's graph was
         # optimised by a CUDA session, for CUDA, and may not run on the CPU at all.
         provider = "cpu" if CPU in variant.execution_providers else "auto"
-        engine = EmbeddingEngine.load(staging, variant=variant.name, provider=provider)
+        engine = EmbeddingEngine.load(staging, variant=variant.name, provider=provider, draft=True)
         served = l2_normalize(np.concatenate([engine.forward(engine.tokenize(batch, truncate=True).ids)
                                               for batch in batches]))
         cosine = cosine_rows(served, reference)

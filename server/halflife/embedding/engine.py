@@ -344,20 +344,23 @@ class EmbeddingEngine:
         variant: str | None = None,
         provider: str = "auto",
         intra_op_threads: int | None = None,
+        draft: bool = False,
     ) -> EmbeddingEngine:
         """Loads `model_dir` (verifying checksums) on the best or the given provider.
 
         variant: a name from the manifest; default: the manifest's default for
         the provider. provider: "auto" (CUDA where usable, else CPU), "cpu" or "cuda".
+        draft: load the export's draft manifest, as the export does to validate
+        its variants (`load_manifest`); refused otherwise.
         """
         model_dir = Path(model_dir)
-        manifest = load_manifest(model_dir)
+        manifest = load_manifest(model_dir, draft=draft)
         wanted = _resolve_provider(provider)
         variant_name = _variant_name(manifest, model_dir, wanted, variant)
         chosen = manifest.variant(variant_name)
-        # The export keeps an int8 below its bar, never a default. Validated on no sentence: the export's
-        # own draft, which it loads to validate (it warned "fell short (min cosine nan)" on every export).
-        if chosen.validation.sentences and not chosen.validation.passed:
+        # The export keeps an int8 below its bar, never a default. Its own draft, which it loads to validate,
+        # is validated on nothing yet (it warned "fell short (min cosine nan)" on every export).
+        if not manifest.is_draft and not chosen.validation.passed:
             log.warning("variant %s fell short of its export validation (min cosine %.5f against PyTorch, bar %.5f)",
                         chosen.name, chosen.validation.min_cosine, chosen.validation.threshold)
         onnx_path = verify_file(model_dir, chosen.file, chosen.sha256)

@@ -43,6 +43,12 @@ class Validation:
     provider: str = CPU
 
 
+# A variant's validation in the draft manifest `halflife export` writes to validate its variants through the
+# server's engine, before any is validated: a manifest whose variants all say so is that draft (`Manifest.is_draft`).
+PENDING_VALIDATION = Validation(sentences=0, max_abs_diff=float("nan"), min_cosine=float("nan"),
+                                mean_cosine=float("nan"), threshold=0.0, passed=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str  # e.g. "fp32-o2"
@@ -76,6 +82,11 @@ class Manifest:
     # 512 tokens), so a max_input_tokens edited past it was INTERNAL on long requests. (Absent from manifests
     # before 2026-12-07.)
     position_limit: int | None = None
+
+    @property
+    def is_draft(self) -> bool:
+        """Whether this is the draft a `halflife export` validates with (no variant validated yet)."""
+        return not any(v.validation.sentences for v in self.variants)
 
     def variant(self, name: str) -> Variant:
         for variant in self.variants:
@@ -173,9 +184,24 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def load_manifest(model_dir: Path) -> Manifest:
-    """Reads `model_dir/manifest.json`; raises ManifestError with a clear message."""
-    path = Path(model_dir) / MANIFEST_NAME
+def load_manifest(model_dir: Path, *, draft: bool = False) -> Manifest:
+    """Reads `model_dir/manifest.json`; raises ManifestError with a clear message.
+
+    draft: take the export's draft (`Manifest.is_draft`), as the export does
+    to validate its variants; refused otherwise."""
+    manifest = _read_manifest(Path(model_dir))
+    if manifest.is_draft and not draft:
+        # What an export killed during validation (SIGKILL, the OOM killer) leaves in its work directory: named
+        # with --variant, it was served, its variants validated by nothing (a review).
+        raise ManifestError(f"{Path(model_dir) / MANIFEST_NAME} is the draft of an unfinished `halflife export` "
+                            "(killed during validation, or still running), not a model: serve the export's "
+                            "--output; a killed export's draft can be deleted (the next export into that --output "
+                            "deletes it)")
+    return manifest
+
+
+def _read_manifest(model_dir: Path) -> Manifest:
+    path = model_dir / MANIFEST_NAME
     if not path.is_file():
         # `halflife export --force` moves the old model aside under this name before it swaps the new one in.
         retired = Path(model_dir).parent / f".old-{Path(model_dir).name}"
