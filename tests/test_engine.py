@@ -192,6 +192,30 @@ def test_cooccurrence_reads_the_newest_users_of_an_item_within_max_co_users(tmp_
     assert parts[1]["c"] == pytest.approx(parts[0]["c"]) and parts[1]["b"] == 0.0
 
 
+def test_a_restart_reads_the_same_newest_users_after_an_item_was_deleted(tmp_path, monkeypatch):
+    """x's first event was on z, deleted since: x was numbered at it live and
+    after y in a rebuild from the log, which skips z's events (a restart,
+    another worker), so co-occurrence's sample of a's newest users changed
+    (a review): users are numbered at their first event, whatever it was."""
+    from halflife.core import cooccurrence
+
+    monkeypatch.setattr(cooccurrence, "_MIN_MERGE", 1)
+
+    def parts(engine):
+        return {i.item_id: i.explanation.score_parts["cooccurrence"]
+                for i in engine.recommend("u", 3, as_of=T, explain=True).items}
+
+    engine = _engine_with_blend(tmp_path, max_co_users=1)
+    engine.upsert_items([ItemInput(id=i, text=f"thing {i}") for i in ("a", "b", "c", "z")])
+    for n, (user, item) in enumerate([("u", "a"), ("x", "z"), ("y", "a"), ("y", "c"), ("x", "a"), ("x", "b")]):
+        engine.record_events([EventInput(f"e{n}", user, LIKE, item, None, None, T - 100 + n)])
+    engine.delete_items(["z"])
+    live = parts(engine)
+    assert live["c"] > 0 and live["b"] == 0.0  # y, the newest of a's users
+    engine.store.close()
+    assert parts(_engine_with_blend(tmp_path, max_co_users=1)) == live
+
+
 def test_one_event_calls_keep_few_popularity_log_chunks_and_the_same_past(tmp_path):
     """Each RecordEvents added a chunk of three arrays to the log of the past,
     ~400 B for a one-event call and never merged (an audit of long runs)."""

@@ -284,18 +284,16 @@ def test_sample_level_is_the_largest_common_cut_within_the_budget():
         assert np.minimum(lengths, level + 1).sum() > budget
 
 
-def _sampled_reference(pairs, n_users: int, n_items: int, query, level: int, waiting_from: int):
+def _sampled_reference(pairs, n_users: int, n_items: int, query, level: int):
     """The dense estimate of C[query, :] from each query item's `level` newest
-    (highest) indexed users and all its waiting ones (users from
-    `waiting_from` on), scaled by its users per user read, at most either
+    (highest) users, scaled by its users per user read, at most either
     item's users: (h, N), and every item's users: (N,)."""
     x = np.zeros((n_users, n_items))
     x[pairs[0], pairs[1]] = 1.0
     d = x.sum(axis=0)
     rows = []
     for i in query:
-        users = np.flatnonzero(x[:, i])
-        read = np.concatenate([users[users < waiting_from][-level:], users[users >= waiting_from]])
+        read = np.flatnonzero(x[:, i])[-level:]
         rows.append(np.minimum(d[i] / max(read.size, 1) * x[read].sum(axis=0), np.minimum(d[i], d)))
     return np.array(rows), d
 
@@ -303,16 +301,16 @@ def _sampled_reference(pairs, n_users: int, n_items: int, query, level: int, wai
 @pytest.mark.parametrize("waiting", [False, True], ids=["merged", "some pairs waiting"])
 def test_a_co_user_budget_reads_each_query_items_newest_users_scaled_up(waiting):
     """With max_co_users below the query items' users, every score is the
-    estimate from the newest users of each item (the pairs still waiting to
-    be merged read in full, as the newest they are), and without it or with
-    room for all the exact one, bit for bit."""
+    estimate from the newest users of each item (indexed or still waiting
+    to be merged alike), and without it or with room for all the exact one,
+    bit for bit."""
     rng = np.random.default_rng(9)
     n_users, n_items = 60, 25
     users, items = rng.integers(0, n_users, 700), rng.integers(0, n_items, 700)
     c = Cooccurrence.from_pairs(n_items, users, items, np.zeros(users.size))
     indexed_users = c.item_counts().copy()
-    if waiting:  # users beyond all others, so the newest wherever they are
-        late_users, late_items = rng.integers(n_users, n_users + 5, 20), rng.integers(0, n_items, 20)
+    if waiting:  # new users and old ones' new pairs
+        late_users, late_items = rng.integers(n_users - 10, n_users + 5, 40), rng.integers(0, n_items, 40)
         assert c.add(late_users, late_items) and len(c._keys) == len(c) - len(c._waiting)
         users, items = np.concatenate([users, late_users]), np.concatenate([items, late_items])
     view = c.view()
@@ -321,7 +319,7 @@ def test_a_co_user_budget_reads_each_query_items_newest_users_scaled_up(waiting)
     budget = int(indexed_users[query].sum()) // 3
     level = view.sample_level(query, budget)
     assert level is not None and np.minimum(indexed_users[query], level).sum() <= budget
-    estimate, d = _sampled_reference((users, items), n_users + 5, n_items, query, level, waiting_from=n_users)
+    estimate, d = _sampled_reference((users, items), n_users + 5, n_items, query, level)
     which, js, counts = view.pair_counts(query, level)
     got = np.zeros_like(estimate)
     got[which, js] = counts
@@ -349,3 +347,37 @@ def test_an_estimated_count_never_exceeds_either_items_users():
     which, js, counts = c.pair_counts([0], level=1)
     assert dict(zip(js.tolist(), counts.tolist())) == {0: 4.0, 1: 1.0}
     assert cooccurrence_scores(c, [0], [1.0], "jaccard", max_co_users=1)[1] == pytest.approx(1 / 4)
+
+
+def test_a_sampled_estimate_stays_within_what_counts_allow_and_counts_for_the_users_own_items():
+    """Item 0's 10 newest users (90-99) all took items 1 and 2: scaled by item
+    0's 100 users per user read, C[0, 2] read 100, where item 2 has 10 users
+    (a cosine above 1); and item 1, a query item too, got only what its own
+    sample (users 190-199) gave: 0, not item 0's 100."""
+    users = list(range(100)) + list(range(200)) + list(range(90, 100))
+    items = [0] * 100 + [1] * 200 + [2] * 10
+    c = Cooccurrence.from_pairs(3, users, items, np.zeros(len(users)))
+    got = cooccurrence_scores(c, [0, 1], [1.0, 0.0], "count", max_co_users=20)
+    assert c.sample_level([0, 1], 20) == 10
+    assert got.tolist() == pytest.approx([0.0, 100.0, 10.0])  # here the exact counts, C[0, 1] and C[0, 2]
+    cosine = cooccurrence_scores(c, [0], [1.0], "cosine", max_co_users=5)
+    assert cosine[2] == pytest.approx(10 / np.sqrt(100 * 10))  # sim(0, 2) = C / sqrt(d0 d2): 3.16 scaled up
+
+
+def test_a_sample_is_the_same_before_and_after_its_pairs_merge(monkeypatch):
+    """An old user's new pair waits to be merged: read whole and scaled up
+    there, it counted until the merge and not after (workers merge at their
+    own times, so they answered alike requests differently)."""
+    from halflife.core import cooccurrence
+
+    monkeypatch.setattr(cooccurrence, "_MIN_MERGE", 10**9)  # merged only when told
+    rng = np.random.default_rng(3)
+    c = Cooccurrence.from_pairs(8, rng.integers(0, 50, 300), rng.integers(0, 8, 300), np.zeros(300))
+    c.add([1, 2, 49], [0, 3, 5])  # old users' new pairs, and the newest user's
+    query, a = np.array([0, 3, 5]), np.array([1.0, 0.5, 0.25])
+    before = {s: cooccurrence_scores(c.view(), query, a, s, max_co_users=12) for s in ("cosine", "jaccard")}
+    assert c._waiting
+    c._merge()
+    assert not c._waiting
+    for s, scores in before.items():
+        assert np.allclose(cooccurrence_scores(c.view(), query, a, s, max_co_users=12), scores), s

@@ -105,6 +105,36 @@ def _level(lengths: np.ndarray, budget: int) -> int | None:
     return max(1, int((budget - shorter[k]) // (n - k)))
 
 
+def _newest_per_run(h: np.ndarray, users: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray]:
+    """Of each query item's (h, user) entries, the `level` highest users:
+    two (m',) int64 arrays, by item, then user."""
+    order = np.lexsort((users, h))
+    h, users = h[order], users[order]
+    starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
+    ends = np.r_[starts[1:], h.size]
+    keep = np.repeat(ends, ends - starts) - np.arange(h.size) <= level  # 1 for a run's last, its newest
+    return h[keep], users[keep]
+
+
+def _within_counts(scores: np.ndarray, d: np.ndarray, items: np.ndarray, weights: np.ndarray, column) -> np.ndarray:
+    """`scores` of `user_weighted` each kept within the most the exact one can
+    be, Σ_i weights_i · min(d_i, d_j) · column(d_j) (C[i, j] is at most either
+    item's users): a sampled estimate scaled up past it for a rare item
+    scored it as no count could. d: (N,) users per item; items, weights:
+    (h,). Only the items reached; in place, returned."""
+    reached = np.flatnonzero(scores)
+    di = d[items]
+    order = np.argsort(di)
+    ds, ws = di[order], weights[order]
+    below = np.concatenate([[0.0], np.cumsum(ws * ds)])  # Σ w_i d_i of the first k (the fewest users)
+    above = np.concatenate([np.cumsum(ws[::-1])[::-1], [0.0]])  # Σ w_i of the rest
+    dj = d[reached]
+    k = np.searchsorted(ds, dj, side="right")
+    bound = below[k] + dj * above[k]
+    scores[reached] = np.minimum(scores[reached], bound if column is None else bound * column(dj))
+    return scores
+
+
 def _matches(values: np.ndarray, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every (i, k) with values[i] == heads[k], as two (m,) int64 arrays."""
     if not values.size:
@@ -213,6 +243,8 @@ class _PairReads:
         h, users = np.concatenate([h, where]), np.concatenate([self._item_keys[index] & _LOW, waiting_users[hit]])
         if level is None:
             return h, users, np.ones(items.shape[0])
+        if where.size:  # the newest `level` of indexed and waiting users alike: the same sample before a merge and after
+            h, users = _newest_per_run(h, users, level)
         read = np.bincount(h, minlength=items.shape[0])
         return h, users, self._item_counts[items] / np.maximum(read, 1)
 
@@ -288,7 +320,8 @@ class _PairReads:
         its own term leaves (~1e-16, which a division by the maximum made a
         full-weight score). With a `level`, estimated from a sample of each
         query item's users (see `_co_users`), each scaled up by its item's
-        users per user read. Returns (N,) float64."""
+        users per user read, each score kept within what C allows
+        (`_within_counts`). Returns (N,) float64."""
         items = np.asarray(items, dtype=np.int64)
         weights = np.asarray(weights, dtype=np.float64)
         if not len(self) or not items.size:
@@ -309,10 +342,19 @@ class _PairReads:
             pos, js = self._expand(co_users)
             added = per_user[pos] if column is None else per_user[pos] * column(self._item_counts[js])
             scores = np.bincount(js, weights=added, minlength=self.n_items)  # float64 already
-        if not diagonal:
+        if not diagonal and level is None:
             others = np.maximum(at_pair - at_item, 0.0)  # (a + b) - a can round below 0
             own = _run_sums(h, others, items.size)
             scores[items] = own if column is None else own * column(self._item_counts[items])
+        elif not diagonal:
+            # A co-user sampled for another query item counts for this one too, as for any item: its sum less
+            # its own term (the sum over its own sample alone missed them). What rounding leaves of 0 is 0.
+            own = (weights * scale * np.bincount(h, minlength=items.size)) * (
+                1.0 if column is None else column(self._item_counts[items]))
+            left = scores[items] - own
+            scores[items] = np.where(left > 1e-9 * own, left, 0.0)
+        if level is not None:
+            scores = _within_counts(scores, self._item_counts, items, weights, column)
         return scores
 
 
