@@ -364,7 +364,7 @@ def _events_where(conn: sqlite3.Connection, where: str, params: tuple,
     for seq, event_id, uid, type_, item_id, text, value, event_time, data, digest, vector_id in rows:
         # A damaged vector leaves out the vector alone: the event still counts where none is
         # needed (popularity, co-occurrence), as it does in iter_events.
-        intact = data is not None and _intact(data, digest, vector_id, damaged, f"event {event_id!r}")
+        intact = data is not None and _intact(data, digest, vector_id, damaged, f"event seq {seq}")
         events.append(EventRecord(event_id, uid, type_, item_id, text, value, event_time,
                                   _vector_from(data) if intact else None, seq))
     return events
