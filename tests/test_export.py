@@ -1001,10 +1001,17 @@ def test_the_next_export_removes_a_killed_exports_work_directory_and_not_a_live_
     another_output = tmp_path / ".model.v2.abandoned"  # a killed export into model.v2, not this output's to judge
     shutil.copytree(killed, another_output)
     live.mkdir()
+    planted, victim = tmp_path / ".model.planted1", tmp_path / "victim.txt"  # links, as in a shared parent
+    victim.write_text("not the export's")
+    planted.mkdir()
+    (planted / "export.lock").symlink_to(victim)
+    (tmp_path / ".model.linked12").symlink_to(planted, target_is_directory=True)
     lines = []
     with hold_lock(live / "export.lock", "pid 1, halflife export into model"):  # as a live export holds it
         export_model(ExportOptions(output=output, model=str(sources["bert"]), progress=lines.append))
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([another_output.name, live.name, "model"])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [another_output.name, live.name, "model", planted.name, ".model.linked12", victim.name])
+    assert victim.read_text() == "not the export's"
     assert f"note: removed {killed}, left by an export into {output} that was killed" in lines
     assert not load_manifest(output).is_draft
 

@@ -316,6 +316,10 @@ def _remove_abandoned_work_dirs(output: Path) -> list[Path]:
         if not work.name.startswith(prefix) or "." in work.name.removeprefix(prefix):
             continue
         lock = work / WORK_DIR_LOCK
+        # Taking a lock opens it for writing and follows links: one planted in a shared parent (/tmp) would
+        # have had its target overwritten (a review). An export makes plain directories and files only.
+        if work.is_symlink() or not work.is_dir() or lock.is_symlink():
+            continue
         try:
             # Still empty: that of an export that has just made it and is about to take it (hold_lock writes its
             # holder once it holds it). Missing: an export's from before the lock. Neither is this one's to judge.
