@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import csv
 import json
 import os
@@ -123,6 +124,13 @@ def test_load_movielens_recommend_and_profile(server, tmp_path):
     every = halflife("events", "1", "--target", server.address).stdout.splitlines()
     assert len(every) == 3 + 5 and every[-1].split()[:4] == ["2000-12-31T22:00:00Z", "rate", "5", "1"]
     assert halflife("events", "nobody", "--target", server.address).stdout == "user nobody: no events stored\n"
+    ranged = halflife("events", "1", "--target", server.address, "--since", "2000-12-31T22:00:00",
+                      "--until", "1262304200").stdout.splitlines()  # 2010-01-01T00:03:20Z itself is left out
+    assert ranged[0] == ("events recorded last for user 1 since 2000-12-31T22:00:00Z before 2010-01-01T00:03:20Z, "
+                         "the last first")
+    assert [line.split()[0] for line in ranged[3:]] == [line.split()[0] for line in every[4:]]
+    assert halflife("events", "1", "--target", server.address, "--since", "2030-01-01").stdout == (
+        "user 1: no events stored since 2030-01-01T00:00:00Z\n")
 
 
 def test_progress_off_a_terminal_is_a_plain_line_now_and_then_and_none_for_quick_work(monkeypatch):
@@ -469,7 +477,7 @@ class InterestBeforeNewestFirst(interest_pb2_grpc.InterestServiceServicer):
         return interest_pb2.ListEventsResponse(events=events)
 
 
-def test_newest_first_from_a_server_that_predates_it_is_an_error_not_the_oldest_events():
+def test_newest_first_or_a_time_range_from_a_server_that_predates_it_is_an_error_not_other_events():
     """Such a server dropped the field and listed oldest first, which the
     clients and `halflife events` showed as the events recorded last (a
     review)."""
@@ -484,11 +492,18 @@ def test_newest_first_from_a_server_that_predates_it_is_an_error_not_the_oldest_
                          lambda: list(client.iter_events("u", newest_first=True))):
                 with pytest.raises(ServerTooOldError, match="predates ListEvents' newest_first"):
                     call()
+            since = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+            for call in (lambda: client.list_events("u", start_time=since),
+                         lambda: list(client.iter_events("u", end_time=since))):
+                with pytest.raises(ServerTooOldError, match="predates ListEvents' start_time and end_time"):
+                    call()
 
         async def main():
             async with AsyncHalflifeClient(address) as client:
                 with pytest.raises(ServerTooOldError):
                     [e async for e in client.iter_events("u", newest_first=True)]
+                with pytest.raises(ServerTooOldError, match="start_time and end_time"):
+                    await client.list_events("u", start_time=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
 
         asyncio.run(main())
         shown = halflife("events", "u", "--target", address)

@@ -432,6 +432,39 @@ def test_list_events_pages_through_a_users_log_as_recorded(client):
     assert not client.list_events(user).events and not client.list_events(user, page_token=page.next_page_token).events
 
 
+def test_list_events_keeps_a_time_range_in_either_order_page_by_page(client):
+    """start_time and end_time keep the events of [start_time, end_time) by
+    event_time, in the order recorded or the reverse, whatever order their
+    times are in (a backfill); pages follow the log, and the response says
+    which range it read (a server from before the fields leaves it unset)."""
+    user = "range-user"
+    hours = [5, 1, 3, 2, 4, 0]  # recorded in this order, an hour apart from T0 - 6 h
+    client.record_events([ev(f"range-{h}", user, VIEW, "scifi-0", at=T0 - dt.timedelta(hours=6 - h)) for h in hours])
+    start, end = T0 - dt.timedelta(hours=5), T0 - dt.timedelta(hours=2)  # hours 1, 2, 3: not 4, end excluded
+
+    def ids(**kw):
+        return listed_pages(lambda token: client.list_events(user, page_size=2, page_token=token, **kw),
+                            lambda page: [e.event_id for e in page.events])
+
+    assert ids(start_time=start, end_time=end) == [["range-1", "range-3"], ["range-2"]]
+    assert ids(start_time=start, end_time=end, newest_first=True) == [["range-2", "range-3"], ["range-1"]]
+    assert sum(ids(start_time=start), []) == ["range-5", "range-1", "range-3", "range-2", "range-4"]
+    assert sum(ids(end_time=start), []) == ["range-0"]
+    assert [e.event_id for e in client.iter_events(user, start_time=T0, end_time=T0 + DAY)] == []
+    page = client.list_events(user, start_time=start, end_time=end)
+    assert page.start_time.ToDatetime(dt.timezone.utc) == start and page.end_time.ToDatetime(dt.timezone.utc) == end
+    assert not client.list_events(user).HasField("start_time")
+    for bad_start, bad_end in ((end, start), (start, start)):
+        error = rpc_error(client.list_events, user, start_time=bad_start, end_time=bad_end)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(error) == ["end_time"]
+    request = interest_pb2.ListEventsRequest(user_id=user)
+    request.start_time.nanos = -1
+    with pytest.raises(grpc.RpcError) as raised:
+        client._interest.ListEvents(request)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(raised.value) == ["start_time"]
+    assert len(client.list_events(user).events) == 6  # and the server serves on
+
+
 def test_list_events_refuses_bad_users_sizes_and_tokens(client):
     client.record_events([ev(f"tok-{n}", f"tok-user-{n % 2}", VIEW, "scifi-0", at=T0) for n in range(4)])
     token = client.list_events("tok-user-0", page_size=1).next_page_token

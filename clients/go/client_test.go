@@ -230,6 +230,15 @@ func TestCatalogEventsAndRecommendations(t *testing.T) {
 	if err != nil || strings.Join(newest, " ") != "go-e3 go-e2 go-e1" {
 		t.Fatalf("EachEvent, newest first: %v %v", newest, err)
 	}
+	var ranged []string // [t0 + 1 min, t0 + 6 min): go-e2 alone
+	err = c.EachEvent(ctx, &pb.ListEventsRequest{UserId: "go-ana", PageSize: 1, StartTime: halflife.Time(t0.Add(time.Minute)),
+		EndTime: halflife.Time(t0.Add(6 * time.Minute))}, func(e *pb.Event) error {
+		ranged = append(ranged, e.EventId)
+		return nil
+	})
+	if err != nil || strings.Join(ranged, " ") != "go-e2" {
+		t.Fatalf("EachEvent, a time range: %v %v", ranged, err)
+	}
 	stop, seen := errors.New("enough"), 0
 	err = c.EachEvent(ctx, &pb.ListEventsRequest{UserId: "go-ana", PageSize: 2}, func(*pb.Event) error {
 		seen++

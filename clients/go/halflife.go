@@ -334,9 +334,10 @@ func (c *Client) EachItem(ctx context.Context, req *halflifev1.ListItemsRequest,
 // EachEvent calls fn with every event stored for req's user, in the order
 // recorded (req.NewestFirst: the last recorded first), a ListEvents page at a
 // time, and stops at fn's first error, which it returns. The page size and
-// token are as EachItem's. A server from before newest_first lists the
-// events oldest first: EachEvent returns ErrServerTooOld then, before fn
-// sees any of them.
+// token are as EachItem's; req.StartTime and req.EndTime keep a time range.
+// A server from before newest_first lists the events oldest first, one from
+// before start_time and end_time the events of every time: EachEvent
+// returns ErrServerTooOld then, before fn sees any of them.
 func (c *Client) EachEvent(ctx context.Context, req *halflifev1.ListEventsRequest, fn func(*halflifev1.Event) error) error {
 	page := &halflifev1.ListEventsRequest{} // nil: no user, which the server refuses
 	if req != nil {
@@ -351,7 +352,8 @@ func (c *Client) EachEvent(ctx context.Context, req *halflifev1.ListEventsReques
 		if err != nil {
 			return nil, "", err
 		}
-		if page.NewestFirst && !resp.NewestFirst {
+		if page.NewestFirst && !resp.NewestFirst ||
+			page.StartTime != nil && resp.StartTime == nil || page.EndTime != nil && resp.EndTime == nil {
 			return nil, "", ErrServerTooOld
 		}
 		return resp.Events, resp.NextPageToken, nil

@@ -314,7 +314,7 @@ func (oldInterest) ListEvents(context.Context, *pb.ListEventsRequest) (*pb.ListE
 	return &pb.ListEventsResponse{Events: []*pb.Event{{EventId: "oldest"}, {EventId: "newest"}}}, nil
 }
 
-func TestEachEventRefusesAServerFromBeforeNewestFirst(t *testing.T) {
+func TestEachEventRefusesAServerFromBeforeNewestFirstOrATimeRange(t *testing.T) {
 	c, _ := dialCounting(t, serve(t, func(s *grpc.Server) { pb.RegisterInterestServiceServer(s, oldInterest{}) }))
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -323,6 +323,10 @@ func TestEachEventRefusesAServerFromBeforeNewestFirst(t *testing.T) {
 	err := c.EachEvent(ctx, &pb.ListEventsRequest{UserId: "u-1", NewestFirst: true}, count)
 	if !errors.Is(err, halflife.ErrServerTooOld) || seen != 0 {
 		t.Fatalf("newest first: got %v after %d events, want ErrServerTooOld before any", err, seen)
+	}
+	err = c.EachEvent(ctx, &pb.ListEventsRequest{UserId: "u-1", EndTime: halflife.Time(time.Now())}, count)
+	if !errors.Is(err, halflife.ErrServerTooOld) || seen != 0 {
+		t.Fatalf("a time range: got %v after %d events, want ErrServerTooOld before any", err, seen)
 	}
 	if err := c.EachEvent(ctx, &pb.ListEventsRequest{UserId: "u-1"}, count); err != nil || seen != 2 {
 		t.Fatalf("in the order recorded: got %v after %d events, want both", err, seen)

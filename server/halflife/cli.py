@@ -521,6 +521,9 @@ def _add_client_commands(commands: argparse._SubParsersAction) -> None:
     events = commands.add_parser("events", help="show the events recorded last for a user, the last first")
     events.add_argument("user_id", type=_utf8)
     events.add_argument("--limit", type=_count, default=20, help="how many events (default 20)")
+    events.add_argument("--since", type=_timestamp, default=None,
+                        help="only events of this time (ISO, UTC unless it gives an offset, or unix seconds) or later")
+    events.add_argument("--until", type=_timestamp, default=None, help="only events before this time (as --since)")
     events.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=TARGET_HELP)
     events.set_defaults(run=_run_events)
 
@@ -709,7 +712,8 @@ def _run_profile(args: argparse.Namespace) -> int:
 def _run_events(args: argparse.Namespace) -> int:
     from halflife.commands import show_events
 
-    return _client_command("events", args.target, show_events, args.user_id, args.target, args.limit)
+    return _client_command("events", args.target, show_events, args.user_id, args.target, args.limit, args.since,
+                           args.until)
 
 
 def _add_reembed(commands: argparse._SubParsersAction) -> None:

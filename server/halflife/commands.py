@@ -191,15 +191,18 @@ def _value(value: float) -> str:
     return f"{value:.15g}"
 
 
-def show_events(user_id: str, target: str, limit: int) -> None:
+def show_events(user_id: str, target: str, limit: int, since: dt.datetime | None = None,
+                until: dt.datetime | None = None) -> None:
     with HalflifeClient(target) as client:
         latest = list(itertools.islice(client.iter_events(user_id, page_size=min(limit, MAX_ITEMS_PER_REQUEST),
-                                                          newest_first=True), limit))
+                                                          newest_first=True, start_time=since, end_time=until), limit))
         texts = _texts_of(client, [e.item_id for e in latest if e.item_id])
+    span = "".join(f" {word} {when.astimezone(dt.timezone.utc).replace(tzinfo=None).isoformat()}Z"
+                   for word, when in (("since", since), ("before", until)) if when is not None)
     if not latest:
-        print(f"user {printable(user_id)}: no events stored")
+        print(f"user {printable(user_id)}: no events stored{span}")
         return
-    print(f"events recorded last for user {printable(user_id)}, the last first")
+    print(f"events recorded last for user {printable(user_id)}{span}, the last first")
     rows = []
     for e in latest:
         # The item's text (an item deleted since: its id alone), then what the user wrote, quoted.

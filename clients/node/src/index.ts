@@ -184,6 +184,12 @@ export interface FilterInput {
   excludeItemIds?: string[];
 }
 
+/** A time range of events, by event time: from `startTime` on (unset: the first), before `endTime` (unset: the last). */
+export interface EventTimeRange {
+  startTime?: Date;
+  endTime?: Date;
+}
+
 export interface RecommendOptions extends CallInput {
   /** 1 to 1000 (default 10). */
   limit?: number;
@@ -666,13 +672,13 @@ export class HalflifeClient {
   }
 
   /**
-   * One page of the events stored for a user, in the order recorded (`newestFirst`: the reverse): `nextPageToken`
-   * goes back as `pageToken` (with the same user and `newestFirst`) for the next page, and is "" after the last.
-   * `pageSize` as `listItems`'.
+   * One page of the events stored for a user, in the order recorded (`newestFirst`: the reverse), those whose
+   * event time is in [`startTime`, `endTime`) where given: `nextPageToken` goes back as `pageToken` (with the
+   * same user and `newestFirst`) for the next page, and is "" after the last. `pageSize` as `listItems`'.
    */
   async listEvents(
     userId: string,
-    options: { pageSize?: number; pageToken?: string; newestFirst?: boolean } & CallInput = {},
+    options: { pageSize?: number; pageToken?: string; newestFirst?: boolean } & EventTimeRange & CallInput = {},
   ): Promise<{ events: StoredEvent[]; nextPageToken: string }> {
     const response = await this.raw.interest.listEvents(
       {
@@ -680,20 +686,25 @@ export class HalflifeClient {
         pageSize: int32("pageSize", options.pageSize ?? 0),
         pageToken: text("pageToken", options.pageToken, ""),
         newestFirst: options.newestFirst ?? false,
+        startTime: stamp("startTime", options.startTime),
+        endTime: stamp("endTime", options.endTime),
       },
       this.opts(options),
     );
     if (options.newestFirst && !response.newestFirst) {
       throw new ServerTooOldError("the server listed the events oldest first: it predates ListEvents' newestFirst (upgrade it)");
     }
+    if ((options.startTime != null && !response.startTime) || (options.endTime != null && !response.endTime)) {
+      throw new ServerTooOldError("the server listed the events of every time: it predates ListEvents' startTime and endTime (upgrade it)");
+    }
     return { events: response.events.map(storedEvent), nextPageToken: response.nextPageToken };
   }
 
   /**
-   * Every event stored for a user, in the order recorded (`newestFirst`: the reverse), a `listEvents` page (1000
-   * unless `pageSize`) at a time.
+   * Every event stored for a user (in [`startTime`, `endTime`) where given), in the order recorded
+   * (`newestFirst`: the reverse), a `listEvents` page (1000 unless `pageSize`) at a time.
    */
-  events(userId: string, options: { pageSize?: number; newestFirst?: boolean } & CallInput = {}): AsyncGenerator<StoredEvent> {
+  events(userId: string, options: { pageSize?: number; newestFirst?: boolean } & EventTimeRange & CallInput = {}): AsyncGenerator<StoredEvent> {
     const pageSize = options.pageSize ?? MAX_PAGE_SIZE;
     return paged(async (pageToken) => {
       const page = await this.listEvents(userId, { ...options, pageSize, pageToken });

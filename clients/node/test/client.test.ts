@@ -320,6 +320,16 @@ describe("HalflifeClient against a live server", () => {
     const newest = [];
     for await (const event of client.events("ana", { pageSize: 3, newestFirst: true })) newest.push(event.eventId);
     assert.deepEqual(newest, events.map((e) => e.eventId).reverse());
+    const [startTime, endTime] = [events[1].eventTime, events[3].eventTime];
+    const ranged = [];
+    for await (const event of client.events("ana", { pageSize: 1, startTime, endTime })) ranged.push(event.eventId);
+    const inRange = events.filter((e) => e.eventTime >= startTime && e.eventTime < endTime).map((e) => e.eventId);
+    assert.ok(inRange.length > 0 && inRange.length < events.length);
+    assert.deepEqual(ranged, inRange);
+    await assert.rejects(client.listEvents("ana", { startTime: endTime, endTime: startTime }), (error: unknown) => {
+      assert.deepEqual(fieldViolations(error).map((v) => v.field), ["end_time"]);
+      return true;
+    });
   });
 
   it("deletes users and items", async () => {
@@ -448,7 +458,7 @@ describe("retries", () => {
     aborting.server.close();
   });
 
-  it("throws ServerTooOldError where a server from before newestFirst lists oldest first (a review)", async () => {
+  it("throws ServerTooOldError where a server from before newestFirst or a time range lists otherwise (a review)", async () => {
     // Such a server drops the field it does not know and answers in the order recorded, without the echo.
     const before = await listen(createHttp2Server(connectNodeAdapter({
       routes: (router) => router.service(interest.InterestService, {
@@ -461,6 +471,7 @@ describe("retries", () => {
     try {
       assert.deepEqual((await client.listEvents("u")).events.map((e) => e.eventId), ["e0", "e1"]);
       await assert.rejects(client.listEvents("u", { newestFirst: true }), ServerTooOldError);
+      await assert.rejects(client.listEvents("u", { startTime: new Date(0) }), ServerTooOldError);
       await assert.rejects(async () => {
         for await (const _ of client.events("u", { newestFirst: true })) assert.fail("no event before the error");
       }, ServerTooOldError);

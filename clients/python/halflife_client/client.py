@@ -382,17 +382,27 @@ def _vectors(response: embedding_pb2.EmbedResponse) -> np.ndarray:
     return np.array([e.values for e in response.embeddings], dtype=np.float32)
 
 
-def _list_events_request(user_id, page_size, page_token, newest_first) -> interest_pb2.ListEventsRequest:
-    return _request(interest_pb2.ListEventsRequest, user_id=user_id, page_size=page_size, page_token=page_token,
-                    newest_first=newest_first)
+def _list_events_request(user_id, page_size, page_token, newest_first, start_time,
+                         end_time) -> interest_pb2.ListEventsRequest:
+    request = _request(interest_pb2.ListEventsRequest, user_id=user_id, page_size=page_size, page_token=page_token,
+                       newest_first=newest_first)
+    for field, value in (("start_time", start_time), ("end_time", end_time)):
+        if value is not None:
+            getattr(request, field).CopyFrom(to_timestamp(value))
+    return request
 
 
-def _events_page(page: interest_pb2.ListEventsResponse, newest_first: bool) -> interest_pb2.ListEventsResponse:
-    """A ListEvents page in the order asked for: a server from before
-    newest_first ignores it and lists oldest first, which says so."""
-    if newest_first and not page.newest_first:
+def _events_page(page: interest_pb2.ListEventsResponse,
+                 request: interest_pb2.ListEventsRequest) -> interest_pb2.ListEventsResponse:
+    """A ListEvents page as asked for: a server from before newest_first
+    ignores it and lists oldest first, one from before start_time and
+    end_time lists every event; each says so."""
+    if request.newest_first and not page.newest_first:
         raise ServerTooOldError("the server listed the events oldest first: it predates ListEvents' newest_first "
                                 "(upgrade it)")
+    if any(request.HasField(f) and not page.HasField(f) for f in ("start_time", "end_time")):
+        raise ServerTooOldError("the server listed the events of every time: it predates ListEvents' start_time "
+                                "and end_time (upgrade it)")
     return page
 
 
@@ -514,18 +524,21 @@ class HalflifeClient:
         return self._interest.DeleteUser(_request(interest_pb2.DeleteUserRequest, user_id=user_id), timeout=_deadline(timeout, self.timeout)).deleted_event_count
 
     def list_events(self, user_id: str, *, page_size: int = 0, page_token: str = "", newest_first: bool = False,
+                    start_time: dt.datetime | None = None, end_time: dt.datetime | None = None,
                     timeout: float | None = None) -> interest_pb2.ListEventsResponse:
-        """One page of the user's stored events, in the order recorded (newest_first: the reverse): `.events`
-        and `.next_page_token`."""
-        request = _list_events_request(user_id, page_size, page_token, newest_first)
-        return _events_page(self._interest.ListEvents(request, timeout=_deadline(timeout, self.timeout)), newest_first)
+        """One page of the user's stored events, in the order recorded (newest_first: the reverse), those
+        whose event_time is in [start_time, end_time) where given: `.events` and `.next_page_token`."""
+        request = _list_events_request(user_id, page_size, page_token, newest_first, start_time, end_time)
+        return _events_page(self._interest.ListEvents(request, timeout=_deadline(timeout, self.timeout)), request)
 
     def iter_events(self, user_id: str, *, page_size: int = MAX_PAGE_SIZE, newest_first: bool = False,
+                    start_time: dt.datetime | None = None, end_time: dt.datetime | None = None,
                     timeout: float | None = None) -> Iterator[interest_pb2.Event]:
-        """Every event stored for the user, in the order recorded (newest_first: the reverse), a ListEvents
-        page at a time."""
+        """Every event stored for the user (in [start_time, end_time) where given), in the order recorded
+        (newest_first: the reverse), a ListEvents page at a time."""
         return _paged(lambda token: self.list_events(user_id, page_size=page_size, page_token=token,
-                                                     newest_first=newest_first, timeout=timeout), "events")
+                                                     newest_first=newest_first, start_time=start_time,
+                                                     end_time=end_time, timeout=timeout), "events")
 
     def recommend(
         self, user_id: str, limit: int = 10, *, as_of: dt.datetime | None = None, include_seen: bool = False,
@@ -628,15 +641,19 @@ class AsyncHalflifeClient:
         return (await self._interest.DeleteUser(_request(interest_pb2.DeleteUserRequest, user_id=user_id), timeout=_deadline(timeout, self.timeout))).deleted_event_count
 
     async def list_events(self, user_id: str, *, page_size: int = 0, page_token: str = "",
-                          newest_first: bool = False, timeout: float | None = None) -> interest_pb2.ListEventsResponse:
-        request = _list_events_request(user_id, page_size, page_token, newest_first)
+                          newest_first: bool = False, start_time: dt.datetime | None = None,
+                          end_time: dt.datetime | None = None,
+                          timeout: float | None = None) -> interest_pb2.ListEventsResponse:
+        request = _list_events_request(user_id, page_size, page_token, newest_first, start_time, end_time)
         page = await self._interest.ListEvents(request, timeout=_deadline(timeout, self.timeout))
-        return _events_page(page, newest_first)
+        return _events_page(page, request)
 
     def iter_events(self, user_id: str, *, page_size: int = MAX_PAGE_SIZE, newest_first: bool = False,
+                    start_time: dt.datetime | None = None, end_time: dt.datetime | None = None,
                     timeout: float | None = None) -> AsyncIterator[interest_pb2.Event]:
         return _paged_async(lambda token: self.list_events(user_id, page_size=page_size, page_token=token,
-                                                           newest_first=newest_first, timeout=timeout), "events")
+                                                           newest_first=newest_first, start_time=start_time,
+                                                           end_time=end_time, timeout=timeout), "events")
 
     async def recommend(
         self, user_id: str, limit: int = 10, *, as_of: dt.datetime | None = None, include_seen: bool = False,

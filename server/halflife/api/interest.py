@@ -245,12 +245,21 @@ class InterestServicer(interest_pb2_grpc.InterestServiceServicer):
         violations.identifier(request.user_id, "user_id")
         size = page_size(request.page_size, violations)
         after = _listed_after(token_position(request.page_token, violations, "ListEvents"), request, violations)
+        # Any time Timestamp allows, as stored times may be (a log imported from before 1970, say).
+        start = violations.timestamp(request, "start_time", "start_time", now=None)
+        end = violations.timestamp(request, "end_time", "end_time", now=None)
+        if start is not None and end is not None and not end > start:
+            violations.add("end_time", "must be after start_time (the range holds event times from start_time up "
+                                       "to, not including, end_time)")
         violations.raise_if_any()
-        records, last_seq = await asyncio.to_thread(interest.list_user_events, request.user_id, after, size,
-                                                    request.newest_first)
+        records, last_seq = await asyncio.to_thread(
+            interest.list_user_events, request.user_id, after, size, request.newest_first,
+            -math.inf if start is None else start, math.inf if end is None else end)
         return interest_pb2.ListEventsResponse(
             events=[_event_message(record) for record in records],
             next_page_token="" if last_seq is None else page_token(
                 "ListEvents", _log_position(last_seq, request.user_id, request.newest_first)),
             newest_first=request.newest_first,
+            start_time=None if start is None else to_timestamp(start),
+            end_time=None if end is None else to_timestamp(end),
         )

@@ -36,6 +36,7 @@ import functools
 import heapq
 import itertools
 import logging
+import math
 import threading
 import time
 from typing import Callable, Iterator, Mapping, NamedTuple, Sequence, TypeVar
@@ -816,9 +817,9 @@ class InterestEngine:
     def list_items(self, after_id: str, limit: int) -> tuple[list[ItemRecord], str | None]:
         return self.store.list_items(after_id, limit)
 
-    def list_user_events(self, user_id: str, after_seq: int, limit: int,
-                         newest_first: bool = False) -> tuple[list[EventRecord], int | None]:
-        return self.store.list_user_events(user_id, after_seq, limit, newest_first)
+    def list_user_events(self, user_id: str, after_seq: int, limit: int, newest_first: bool = False,
+                         start_time: float = -math.inf, end_time: float = math.inf) -> tuple[list[EventRecord], int | None]:
+        return self.store.list_user_events(user_id, after_seq, limit, newest_first, start_time, end_time)
 
     # ----------------------------------------------------------------- events
 

@@ -194,12 +194,13 @@ class Store(Protocol):
     def user_events(self, user_id: str) -> list[EventRecord]:
         """A user's events in arrival (`seq`) order."""
 
-    def list_user_events(self, user_id: str, after_seq: int, limit: int,
-                         newest_first: bool = False) -> tuple[list[EventRecord], int | None]:
+    def list_user_events(self, user_id: str, after_seq: int, limit: int, newest_first: bool = False,
+                         start_time: float = -math.inf, end_time: float = math.inf) -> tuple[list[EventRecord], int | None]:
         """A page of the user's log in seq order (newest_first: the reverse):
         their first `limit` events after `after_seq` in that order (0: from
-        the start), without vectors (each None), and the seq the next page
-        follows (None when no event is left)."""
+        the start) whose event_time lies in [start_time, end_time), without
+        vectors (each None), and the seq the next page follows (None when no
+        such event is left)."""
 
     def user_history(self, user_id: str, from_snapshot: bool = True, through_time: float = math.inf,
                      chunk: int = 10_000) -> ContextManager[tuple[ProfileSnapshot | None, Iterator[list[EventRecord]]]]:

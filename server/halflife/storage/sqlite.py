@@ -890,13 +890,18 @@ class SqliteStore:
     def user_events(self, user_id: str) -> list[EventRecord]:
         return self._read(lambda conn: _events_where(conn, "e.user_id = ?", (user_id,)))
 
-    def list_user_events(self, user_id: str, after_seq: int, limit: int,
-                         newest_first: bool = False) -> tuple[list[EventRecord], int | None]:
-        # One row past the page says whether another follows; the events(user_id, seq) index serves it, either way.
+    def list_user_events(self, user_id: str, after_seq: int, limit: int, newest_first: bool = False,
+                         start_time: float = -math.inf, end_time: float = math.inf) -> tuple[list[EventRecord], int | None]:
+        # One row past the page says whether another follows; the events(user_id, seq) index serves it, either way
+        # (a time range filters the user's rows as it walks them).
         where, bound = ("e.seq < ?", after_seq or _MAX_SEQ) if newest_first else ("e.seq > ?", after_seq)
-        events = self._read(lambda conn: _events_where(conn, f"e.user_id = ? AND {where}", (user_id, bound),
-                                                       vectors_of=lambda _: False, limit=limit + 1,
-                                                       descending=newest_first))
+        where, params = f"e.user_id = ? AND {where}", (user_id, bound)
+        if start_time > -math.inf:
+            where, params = f"{where} AND e.event_time >= ?", (*params, start_time)
+        if end_time < math.inf:
+            where, params = f"{where} AND e.event_time < ?", (*params, end_time)
+        events = self._read(lambda conn: _events_where(conn, where, params, vectors_of=lambda _: False,
+                                                       limit=limit + 1, descending=newest_first))
         return events[:limit], events[limit - 1].seq if len(events) > limit else None
 
     def events_between(self, after_seq: int, through_seq: int,

@@ -119,9 +119,11 @@ class InterestServiceServicer:
         which is not an error. Each page starts after the last event of the page before,
         so events recorded while paging come on later pages in the order
         recorded, and not at all newest first (list again from the first page to
-        see them). Errors: INVALID_ARGUMENT (bad user_id, negative page_size, a
-        page_token that is no ListEvents token of this user_id and newest_first)
-        with a BadRequest field violation each.
+        see them). start_time and end_time keep the events of a time range
+        (by event_time), in the same order. Errors: INVALID_ARGUMENT (bad
+        user_id, negative page_size, a page_token that is no ListEvents token of
+        this user_id and newest_first, a bad start_time or end_time, end_time
+        not after start_time) with a BadRequest field violation each.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
