@@ -458,6 +458,24 @@ def test_a_manifest_that_is_not_an_object_names_its_file(tmp_path):
         load_manifest(tmp_path)
 
 
+@pytest.mark.parametrize("where", ["manifest", "variant", "validation"])
+def test_a_manifest_from_a_newer_export_says_so(exported, tmp_path, where):
+    """A field this server does not know read as "malformed: unexpected
+    keyword argument" (what a server from before `position_limit` said of
+    today's manifests): it names the fields and says what to do."""
+    _, _, out, _ = exported
+
+    def add(manifest, _):
+        record = {"manifest": manifest, "variant": manifest["variants"][0],
+                  "validation": manifest["variants"][0]["validation"]}[where]
+        record.update(from_the_future=1, also_new=2)
+
+    copy = _edited_copy(out, tmp_path, add)
+    with pytest.raises(ManifestError, match=r"has fields this version of halflife does not know \(also_new, "
+                                            r"from_the_future\): written by a newer `halflife export`"):
+        load_manifest(copy)
+
+
 # ---------------------------------------------------------------- CLI error paths
 
 

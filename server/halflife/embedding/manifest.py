@@ -106,6 +106,10 @@ class Manifest:
                 f"manifest format_version {data.get('format_version')!r} is not {FORMAT_VERSION}; "
                 "re-export the model with this version of halflife"
             )
+        _check_known(cls, data, "the manifest")
+        for v in data["variants"]:
+            _check_known(Variant, v, "a variant")
+            _check_known(Validation, v["validation"], "a variant's validation")
         data["variants"] = tuple(
             Variant(
                 **{
@@ -155,6 +159,17 @@ def _check_variants(manifest: Manifest) -> None:
 
 _KINDS = {int: "a whole number", float: "a number", str: "a string", bool: "true or false", dict: "a JSON object",
           tuple: "a JSON array"}
+
+
+def _check_known(record_type, data: dict[str, Any], what: str) -> None:
+    """Fields of `data` that `record_type` does not have: those of a manifest
+    written by a newer export (an older server read one as "malformed:
+    unexpected keyword argument")."""
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(record_type)})
+    if unknown:
+        raise ManifestError(f"{what} has fields this version of halflife does not know ({', '.join(unknown)}): "
+                            "written by a newer `halflife export`; upgrade halflife, or export the model again "
+                            "with this version")
 
 
 def _check_types(record) -> None:
