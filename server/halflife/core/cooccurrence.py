@@ -221,11 +221,12 @@ class _PairReads:
     def sample_level(self, items, max_co_users: int | None) -> int | None:
         """The most users each query item gives co-occurrence reads (see
         `_co_users`) for the users of all `items` to stay within
-        `max_co_users` (the indexed ones; the few waiting are always read):
-        None where all fit or no limit is given. items: (h,) rows."""
+        `max_co_users`: None where all fit or no limit is given. Of all
+        their users, merged or waiting alike (by the indexed ones alone, an
+        answer changed when a merge ran, a review). items: (h,) rows."""
         if max_co_users is None:
             return None
-        return _level(_runs(self._item_ptr, np.asarray(items, dtype=np.int64))[1], max_co_users)
+        return _level(self._item_counts[np.asarray(items, dtype=np.int64)].astype(np.int64), max_co_users)
 
     def _co_users(self, items: np.ndarray, level: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(position in `items`, user) for every user of every query item, or
