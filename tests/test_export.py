@@ -1034,6 +1034,23 @@ def test_the_next_export_removes_a_killed_exports_work_directory_and_not_a_live_
     assert not load_manifest(output).is_draft
 
 
+def test_a_work_directory_whose_lock_is_a_fifo_is_left_alone_without_waiting(tmp_path):
+    """Reading such a lock to see whether it named a holder hung the export for good (a review)."""
+    import threading
+
+    from halflife_export.exporter import _remove_abandoned_work_dirs
+
+    work = tmp_path / ".model.fifo1234"
+    work.mkdir()
+    os.mkfifo(work / "export.lock")
+    removed = []
+    probe = threading.Thread(target=lambda: removed.append(_remove_abandoned_work_dirs(tmp_path / "model")),
+                             daemon=True)
+    probe.start()
+    probe.join(10)
+    assert removed == [[]] and work.is_dir()
+
+
 # ---------------------------------------------------------------- sentence-transformers models
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import importlib
 import json
 import logging
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -315,22 +317,39 @@ def _remove_abandoned_work_dirs(output: Path) -> list[Path]:
         # Not another output's (".model.v2.xxxxxxxx" for --output model.v2): tempfile's names have no dots.
         if not work.name.startswith(prefix) or "." in work.name.removeprefix(prefix):
             continue
-        lock = work / WORK_DIR_LOCK
-        # Taking a lock opens it for writing and follows links: one planted in a shared parent (/tmp) would
-        # have had its target overwritten (a review). An export makes plain directories and files only.
-        if work.is_symlink() or not work.is_dir() or lock.is_symlink():
-            continue
         try:
-            # Still empty: that of an export that has just made it and is about to take it (hold_lock writes its
-            # holder once it holds it). Missing: an export's from before the lock. Neither is this one's to judge.
-            if not lock.read_text().strip():
-                continue
-            with hold_lock(lock):
-                shutil.rmtree(work)
-        except OSError:  # held (LockHeldError: a live export's), or gone, or not ours to read or remove
+            if _removed_if_abandoned(work):
+                removed.append(work)
+        except OSError:  # gone meanwhile, or not ours to read or remove
             continue
-        removed.append(work)
     return removed
+
+
+def _removed_if_abandoned(work: Path) -> bool:
+    """Removes `work` if it is a plain directory of ours whose lock, a plain
+    file of ours with its holder written in, no process holds. The lock is
+    only read: taking it as `hold_lock` does opened it for writing through a
+    link (one planted in a shared parent such as /tmp had its target
+    overwritten, a review) and created it anew in a directory a finishing
+    export was removing. Opened without blocking: a FIFO hung the export."""
+    if work.is_symlink() or not work.is_dir() or work.lstat().st_uid != os.getuid():
+        return False
+    try:
+        fd = os.open(work / WORK_DIR_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # missing (an export's from before the lock), a link, not ours to read
+        return False
+    with os.fdopen(fd, "rb") as lock:
+        info = os.fstat(fd)
+        # Still empty: that of an export that has just made it and is about to take it (hold_lock writes its
+        # holder once it holds it).
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or not lock.read(256).strip():
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live export's
+            return False
+        shutil.rmtree(work)  # refuses a link, were the directory swapped for one meanwhile
+        return True
 
 
 def _quiet_libraries() -> None:
