@@ -474,6 +474,11 @@ def test_a_manifest_from_a_newer_export_says_so(exported, tmp_path, where):
     with pytest.raises(ManifestError, match=r"has fields this version of halflife does not know \(also_new, "
                                             r"from_the_future\): written by a newer `halflife export`"):
         load_manifest(copy)
+    for name, edit in (("a-string", lambda m, _: m["variants"].__setitem__(0, "int8")),
+                       ("a-dict", lambda m, _: m.update(variants={"int8": m["variants"][0]}))):
+        malformed = _edited_copy(out, tmp_path / name, edit)  # hand edits, not a newer export's (a review)
+        with pytest.raises(ManifestError, match=r"is malformed: a variant must be a JSON object, got str"):
+            load_manifest(malformed)
 
 
 # ---------------------------------------------------------------- CLI error paths

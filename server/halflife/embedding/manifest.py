@@ -165,6 +165,8 @@ def _check_known(record_type, data: dict[str, Any], what: str) -> None:
     """Fields of `data` that `record_type` does not have: those of a manifest
     written by a newer export (an older server read one as "malformed:
     unexpected keyword argument")."""
+    if not isinstance(data, dict):  # its keys, or a string's letters, read as a newer export's fields
+        raise TypeError(f"{what} must be a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - {f.name for f in dataclasses.fields(record_type)})
     if unknown:
         raise ManifestError(f"{what} has fields this version of halflife does not know ({', '.join(unknown)}): "
