@@ -462,6 +462,11 @@ def test_list_events_keeps_a_time_range_in_either_order_page_by_page(client):
     with pytest.raises(grpc.RpcError) as raised:
         client._interest.ListEvents(request)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fields(raised.value) == ["start_time"]
+    request = interest_pb2.ListEventsRequest(user_id=user)  # 1 ns wide: after, as sent (as stored, the same float)
+    request.start_time.FromDatetime(T0)
+    request.end_time.CopyFrom(request.start_time)
+    request.end_time.nanos += 1
+    assert not client._interest.ListEvents(request).events
     assert len(client.list_events(user).events) == 6  # and the server serves on
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -265,6 +266,28 @@ def test_list_items_pages_in_utf8_byte_order_from_the_id_after(store):
     assert dataclasses.replace(got, vector=None) == dataclasses.replace(stored, vector=None)
     assert np.array_equal(got.vector, stored.vector)
     assert store.list_items("\U0001f600", 5) == ([], None)
+
+
+@pytest.mark.parametrize("newest_first", [False, True])
+def test_a_ranged_page_reads_a_bounded_window_of_the_log_and_says_where_it_got_to(store, monkeypatch, newest_first):
+    """A time range filtered rows as the index walked them: a page of a narrow
+    range read the user's whole log. A page reads at most RANGED_PAGE_SCAN of
+    the user's events: short or empty pages carry the place they got to, and
+    following them lists exactly the range, in order."""
+    monkeypatch.setattr(sqlite_mod, "RANGED_PAGE_SCAN", 3)
+    times = [50.0, 10.0, 60.0, 20.0, 70.0, 30.0, 80.0, 40.0, 90.0, 15.0, 25.0]  # recorded in this order
+    store.record_events([event(f"r{k}", user_id="r", event_time=t) for k, t in enumerate(times)]
+                        + [event("other", user_id="o", event_time=20.0)])
+    expected = [f"r{k}" for k, t in enumerate(times) if 15.0 <= t < 40.0]
+    pages, after = [], 0
+    while after is not None:
+        page, after = store.list_user_events("r", after, 2, newest_first, start_time=15.0, end_time=40.0)
+        pages.append([e.event_id for e in page])
+        assert len(pages) <= len(times)  # bounded: each page moves on
+    assert sum(pages, []) == (expected[::-1] if newest_first else expected)
+    assert [] in pages and max(map(len, pages)) <= 2  # a window without any: an empty page, with a place
+    assert store.list_user_events("r", 0, 2, newest_first)[0] == store.list_user_events(
+        "r", 0, 2, newest_first, -math.inf, math.inf)[0]  # no range: no window
 
 
 def test_list_user_events_pages_one_users_log_in_seq_order(store):

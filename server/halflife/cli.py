@@ -712,6 +712,11 @@ def _run_profile(args: argparse.Namespace) -> int:
 def _run_events(args: argparse.Namespace) -> int:
     from halflife.commands import show_events
 
+    if args.since is not None and args.until is not None and not args.until > args.since:
+        print("halflife events: error: argument --until: must be after --since (the events from --since up to, "
+              "not including, --until)", file=sys.stderr)
+        return EXIT_USAGE
+
     return _client_command("events", args.target, show_events, args.user_id, args.target, args.limit, args.since,
                            args.until)
 

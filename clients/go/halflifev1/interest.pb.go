@@ -981,8 +981,12 @@ type ListEventsRequest struct {
 	// in a backfill).
 	NewestFirst bool `protobuf:"varint,4,opt,name=newest_first,json=newestFirst,proto3" json:"newest_first,omitempty"`
 	// Only the events whose event_time is at or after this time; unset: from
-	// the first. A page token is a place in the user's log, whatever the
-	// range, so pages after the first keep the range they are sent with.
+	// the first. A page with a range reads at most 10,000 of the user's
+	// events, so it may hold fewer than page_size, or none, and still carry a
+	// next_page_token: follow it to the end. A page token is a place in the
+	// user's log, whatever the range, so pages after the first keep the range
+	// they are sent with. Times compare as the server stores them, to ~0.25
+	// microseconds.
 	StartTime *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
 	// Only the events whose event_time is before this time (consecutive
 	// ranges share no event); unset: to the last. Must be after start_time.

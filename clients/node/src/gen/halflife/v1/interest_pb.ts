@@ -490,8 +490,12 @@ export type ListEventsRequest = Message<"halflife.v1.ListEventsRequest"> & {
 
   /**
    * Only the events whose event_time is at or after this time; unset: from
-   * the first. A page token is a place in the user's log, whatever the
-   * range, so pages after the first keep the range they are sent with.
+   * the first. A page with a range reads at most 10,000 of the user's
+   * events, so it may hold fewer than page_size, or none, and still carry a
+   * next_page_token: follow it to the end. A page token is a place in the
+   * user's log, whatever the range, so pages after the first keep the range
+   * they are sent with. Times compare as the server stores them, to ~0.25
+   * microseconds.
    *
    * @generated from field: google.protobuf.Timestamp start_time = 5;
    */
