@@ -120,8 +120,12 @@ def _within_counts(scores: np.ndarray, d: np.ndarray, items: np.ndarray, weights
     """`scores` of `user_weighted` each kept within the most the exact one can
     be, Σ_i weights_i · min(d_i, d_j) · column(d_j) (C[i, j] is at most either
     item's users): a sampled estimate scaled up past it for a rare item
-    scored it as no count could. d: (N,) users per item; items, weights:
-    (h,). Only the items reached; in place, returned."""
+    scored it as no count could. A bound per item, not per pair as
+    `pair_counts` clamps (which costs a sort of the sample, 5-10x the
+    call): with many query items a rare one can still score above its exact
+    score, never above what all its users could give. weights >= 0 (the
+    affinities are). d: (N,) users per item; items, weights: (h,). Only the
+    items reached; in place, returned."""
     reached = np.flatnonzero(scores)
     di = d[items]
     order = np.argsort(di)
