@@ -234,9 +234,9 @@ class _PairReads:
 
     def _co_users(self, items: np.ndarray, level: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(position in `items`, user) for every user of every query item, or
-        with a `level` for at most that many of each item's indexed users: the
-        newest (users are numbered as they come, so the highest rows), a
-        sample whose cost does not grow with the log. Also each query item's
+        with a `level` for at most that many of each item's users, merged or
+        waiting: the newest (users are numbered as they come, so the highest
+        rows), a sample whose cost does not grow with the log. Also each query item's
         scale, its users per user read (1 where all were): two (m,) int64
         arrays and (h,) float64."""
         starts, lengths = _runs(self._item_ptr, items)
