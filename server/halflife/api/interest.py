@@ -245,7 +245,7 @@ class InterestServicer(interest_pb2_grpc.InterestServiceServicer):
         violations.identifier(request.user_id, "user_id")
         size = page_size(request.page_size, violations)
         after = _listed_after(token_position(request.page_token, violations, "ListEvents"), request, violations)
-        # Any time Timestamp allows, as stored times may be (a log imported from before 1970, say).
+        # Any time a Timestamp holds: a range is a filter, not an event's time.
         start = violations.timestamp(request, "start_time", "start_time", now=None)
         end = violations.timestamp(request, "end_time", "end_time", now=None)
         # As sent, not as stored: float seconds cannot tell times under ~0.24 us apart (compared as stored, the
