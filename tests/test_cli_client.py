@@ -357,6 +357,9 @@ def test_movielens_event_ids_stay_valid_and_the_same_for_long_ids():
     (["profile", "1", "--target", "localhost:abc"], "argument --target: port must be 1 to 65535, got abc"),
     (["events", "1", "--limit", "0"], "argument --limit: must be at least 1, got 0"),
     (["events", "1", "--since", "2026-02-01", "--until", "2026-01-01"], "argument --until: must be after --since"),
+    (["events", "1", "--since", "2026"], "argument --since: '2026' reads as unix seconds, within three hours of 1970: "
+                                         "for a year give a date (2026-01-01)"),
+    (["recommend", "1", "--as-of", "1999"], "argument --as-of: '1999' reads as unix seconds"),
     # Past sys.maxsize, itertools.islice raised in a traceback (a review).
     (["events", "1", "--limit", str(2**63)], f"argument --limit: must be a 32-bit whole number, got {2**63}"),
 ])

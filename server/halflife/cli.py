@@ -483,6 +483,9 @@ def _timestamp(value: str) -> dt.datetime:
     except ValueError:
         pass
     else:
+        if value.strip().isdigit() and len(value.strip()) <= 4:  # `--since 2026` listed from 1970-01-01T00:33:46Z
+            raise argparse.ArgumentTypeError(f"{value!r} reads as unix seconds, within three hours of 1970: for a year "
+                                             f"give a date ({value.strip()}-01-01); for unix seconds, 5 digits or more")
         try:
             return dt.datetime.fromtimestamp(seconds, tz=dt.timezone.utc)
         except (ValueError, OverflowError, OSError):
