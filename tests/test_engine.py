@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -213,6 +214,48 @@ def test_a_restart_reads_the_same_newest_users_after_an_item_was_deleted(tmp_pat
     assert live["c"] > 0 and live["b"] == 0.0  # y, the newest of a's users
     engine.store.close()
     assert parts(_engine_with_blend(tmp_path, max_co_users=1)) == live
+
+
+def test_batches_applied_out_of_commit_order_sample_the_newest_users_as_a_restart_does(tmp_path):
+    """x's batch commits before y's, but y's thread takes the lock first: y
+    was numbered before x, where a restart (and every other worker) numbers
+    x first, and with max_co_users = 1 item a spoke through x live and y
+    after the restart (a soak). A batch now first applies those committed
+    before it, from the log."""
+    engine = _engine_with_blend(tmp_path, max_co_users=1)
+    engine.upsert_items([ItemInput(id=i, text=f"thing {i}") for i in ("a", "b", "c")])
+    engine.record_events([EventInput("e0", "u", LIKE, "a", None, None, T - 100)])
+    y_applied = threading.Event()
+    apply = engine._apply_new_events
+
+    def x_applies_after_y(stored):
+        if stored and stored[0].user_id == "x":
+            y_applied.wait(10)
+        apply(stored)
+        if stored and stored[0].user_id == "y":
+            y_applied.set()
+
+    engine._apply_new_events = x_applies_after_y
+    x = threading.Thread(target=engine.record_events, args=([EventInput("e1", "x", LIKE, "a", None, None, T - 99),
+                                                              EventInput("e2", "x", LIKE, "b", None, None, T - 98)],))
+    x.start()
+    deadline = time.monotonic() + 10
+    while engine.store.head().event_seq < 3 and time.monotonic() < deadline:  # x's batch committed (seqs 2-3)
+        time.sleep(0.001)
+    engine.record_events([EventInput("e3", "y", LIKE, "a", None, None, T - 97),
+                          EventInput("e4", "y", LIKE, "c", None, None, T - 96)])
+    x.join(10)
+    assert y_applied.is_set() and not x.is_alive()
+
+    def parts(engine):
+        return {i.item_id: i.explanation.score_parts["cooccurrence"]
+                for i in engine.recommend("u", 3, as_of=T, explain=True).items}
+
+    live = parts(engine)
+    engine.store.close()
+    restarted = parts(_engine_with_blend(tmp_path, max_co_users=1))
+    assert restarted["c"] > 0 and restarted["b"] == 0.0  # y committed last: a's newest user
+    assert live == restarted
 
 
 def test_one_event_calls_keep_few_popularity_log_chunks_and_the_same_past(tmp_path):

@@ -143,6 +143,9 @@ BACKGROUND_REBUILD_ATTEMPTS = 3
 # A rebuild that raised (a read of the log failed), or an erasure's end, is
 # tried again at a call this long after: each try is a pass over the whole log.
 REBUILD_RETRY_S = 5.0
+# How long a batch waits, without the locks, for one this process committed before it to be applied by its own
+# thread (about to, unless that thread failed: then the batch reads it back from the log).
+APPLY_ORDER_WAIT_S = 0.5
 
 # (texts, the caller's deadline or None) -> (n, dim) float32 unit rows
 Embedder = Callable[[Sequence[str], Deadline | None], np.ndarray]
@@ -313,6 +316,7 @@ class InterestEngine:
         self.snapshots = SnapshotSaver(store)
         self._lock = threading.RLock()  # guards everything in memory below
         self._catalog_write = threading.Lock()  # this process's catalogue writes: store, read back, index
+        self._batch_applied = threading.Condition(threading.Lock())  # notified as this process applies a batch
         self._long_replay = threading.Lock()  # one long replay at a time (`_replay_turn`); never taken under _lock
         # Sized for the stored items at once: growing to them, 1.5x at a time, copied and faulted in the rows
         # over and over (200k items: the catalogue's load 2.1-3.1 s, 1.2 s sized).
@@ -915,13 +919,23 @@ class InterestEngine:
         flight (`_catalog_write`) and other processes' (the change feed)."""
         if not stored:
             return
+        # Batches apply in the log's order, as a restart and the other workers apply them: users are numbered
+        # as they first come, and co-occurrence's sample of an item's newest users went by it (two batches in
+        # flight, applied out of commit order, sampled otherwise than a restart: a soak). In one process a batch
+        # committed before this one is another thread's, about to apply it: waited for, not read back.
+        if not self._follow_store:
+            with self._batch_applied:
+                self._batch_applied.wait_for(lambda: self._events.through >= stored[0].seq - 1, APPLY_ORDER_WAIT_S)
         with self._catalog_write, self._lock:
             if self._follow_store:
                 self._catch_up_changes(self.store.head())
             if self._events.applied(stored[0].seq):
                 return
+            self._apply_committed(stored[0].seq - 1)  # another process's, or one whose thread failed
             self._events.add(stored[0].seq, stored[-1].seq)
             self._apply_events(stored)
+        with self._batch_applied:
+            self._batch_applied.notify_all()
 
     def _start_cooccurrence_merge(self) -> None:
         """Begins a co-occurrence merge if one is due and builds it on its own
