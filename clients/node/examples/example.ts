@@ -2,7 +2,7 @@
  * A tour of the client: catalogue, events, recommendations, an error.
  *
  *     make serve                                   # in another shell
- *     cd clients/node && npm ci && npm run example  # HALFLIFE_ADDRESS=host:port to point elsewhere
+ *     cd clients/node && npm ci --ignore-scripts && npm run example  # HALFLIFE_ADDRESS=host:port to point elsewhere
  */
 import { Code, ConnectError, HalflifeClient, Strategy, fieldViolations } from "../src/index.js";
 

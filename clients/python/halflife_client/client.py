@@ -335,7 +335,7 @@ def _seconds(timeout: float | None) -> float | None:
     if timeout is None or timeout > MAX_TIMEOUT_S:
         return None
     if timeout != timeout:
-        raise ValueError("timeout is NaN; give seconds, or None for no deadline")
+        raise ValueError("timeout is NaN; give seconds, or math.inf for no deadline")
     return timeout
 
 
