@@ -135,6 +135,21 @@ def test_a_stop_while_the_connections_are_dialled_ends_the_run_at_once_without_c
     assert report["endReason"] == "cancel" and report["count"] == 0 and report["statusCodeDistribution"] == {}
 
 
+def test_dialling_a_silent_server_counts_against_the_longest_run(monkeypatch):
+    """The dial took up to the run's duration on top of MAX_DURATION_S, and
+    the calls then given no time failed at once in a loop: a run of 1 s
+    took 2 s and reported ~80k DeadlineExceeded calls (a loadtest review)."""
+    from halflife import loadtest as loadtest_module
+
+    monkeypatch.setattr(loadtest_module, "MAX_DURATION_S", 1.0)
+    with silent_server() as target:
+        begin = time.monotonic()
+        report = asyncio.run(run_load_test(LoadTestOptions(call=HEALTH, target=target, concurrency=2, duration=1.0,
+                                                           timeout=0)))
+    assert time.monotonic() - begin < 1.8
+    assert report["count"] == 0 and report["total"] <= 1.1e9
+
+
 def test_the_cli_and_ghz_configs_default_to_close_as_ghz(tmp_path):
     assert options_from_flags(call=HEALTH, duration=1.0).duration_stop == "close"
     path = tmp_path / "z.json"

@@ -571,7 +571,9 @@ async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = N
             with contextlib.suppress(asyncio.CancelledError):
                 await future
     started = time.perf_counter()
-    deadline = started + duration
+    # Dialling a silent server takes up to `duration` of its own: the run ends at hard_end all the same
+    # (it ran to twice MAX_DURATION_S, its last calls each given no time and failing at once: a review).
+    deadline = min(started + duration, hard_end)
 
     async def worker(index: int) -> None:
         nonlocal issued, cut_short
@@ -597,9 +599,12 @@ async def run_load_test(options: LoadTestOptions, stop: asyncio.Event | None = N
                 tally.add(time.perf_counter_ns(), grpc.StatusCode.INVALID_ARGUMENT, f"a request was not sent: {error}")
                 await asyncio.sleep(0)  # no call awaited: without it the deadline and Ctrl-C never ran (a review)
                 continue
+            left = hard_end - time.perf_counter()
+            if left <= 0:
+                break  # a call given no time would fail at once, unsent
             begin = time.perf_counter_ns()
             try:
-                await call(request, timeout=min(options.timeout or MAX_DURATION_S, hard_end - time.perf_counter()))
+                await call(request, timeout=min(options.timeout or MAX_DURATION_S, left))
                 tally.add(begin, grpc.StatusCode.OK)
             except grpc.aio.AioRpcError as error:
                 tally.add(begin, error.code(), error.details())
