@@ -694,6 +694,8 @@ def test_client_refuses_a_target_gRPC_would_wrap_or_cannot_use(target):
     ("ipv6:[::1]:50051", "ipv6:[::1]:50051"),
     ("DNS:///example.com:50051", "DNS:///example.com:50051"),  # gRPC reads schemes in any case
     ("IPV4:10.0.0.7:50051", "IPV4:10.0.0.7:50051"),
+    ("127.0.0.1:+80", "127.0.0.1:80"),  # as gRPC parses a port: these failed only at the first call (a review)
+    ("localhost:0080", "localhost:80"),
 ])
 def test_server_target_gives_a_host_without_a_port_serves_port(target, expected):
     from halflife_client.client import server_target
@@ -726,6 +728,11 @@ def test_server_target_gives_a_host_without_a_port_serves_port(target, expected)
     (":50051", "no host: give host:port, got ':50051'"),
     (":", "no host: give host:port, got ':'"),
     ("[]:5", "no host: give host:port, got '[]:5'"),
+    # A second colon, then none for a port: these became "h:1:50051" and so on (a review).
+    ("h:1:", "must be host:port (an IPv6 host in brackets), got 'h:1:'"),
+    ("localhost::", "must be host:port (an IPv6 host in brackets), got 'localhost::'"),
+    ("[::1]:80:", "must be host:port (an IPv6 host in brackets), got '[::1]:80:'"),
+    ("::1:", "an IPv6 address goes in brackets: [::1]:port"),
 ])
 def test_server_target_refuses_what_grpc_would_wrap_or_misread(target, error):
     from halflife_client.client import server_target

@@ -103,7 +103,8 @@ func ServerTarget(address string) (string, error) {
 	if ip, err := netip.ParseAddr(address); err == nil && ip.Is6() {
 		return "", fmt.Errorf("halflife: an IPv6 address goes in brackets: [%s]:port", address)
 	}
-	scheme := strings.Contains(address, ":") && grpcSchemes[address[:strings.Index(address, ":")]]
+	// gRPC reads a scheme in any case ("DNS:///..."), as the Python client does.
+	scheme := strings.Contains(address, ":") && grpcSchemes[strings.ToLower(address[:strings.Index(address, ":")])]
 	host, port := strings.TrimSuffix(address, ":"), ""
 	if strings.Contains(host, ":") && !bracketed(host) {
 		host, port = address[:strings.LastIndex(address, ":")], address[strings.LastIndex(address, ":")+1:]
@@ -113,14 +114,19 @@ func ServerTarget(address string) (string, error) {
 	if !scheme && (host == "" || host == "[]") {
 		return "", fmt.Errorf("halflife: no host: give host:port, got %q", address)
 	}
-	if port == "" {
-		return host + ":" + strconv.Itoa(DefaultPort), nil
-	}
+	// Before the default port is added: "h:1:" and "::1:" became "h:1:50051" and "::1:50051" (a review).
 	if !scheme && strings.Contains(host, ":") && !bracketed(host) {
 		if ip, err := netip.ParseAddr(host); err == nil && ip.Is6() {
-			return "", fmt.Errorf("halflife: an IPv6 address goes in brackets: [%s]:%s", host, port)
+			shown := port
+			if shown == "" {
+				shown = "port"
+			}
+			return "", fmt.Errorf("halflife: an IPv6 address goes in brackets: [%s]:%s", host, shown)
 		}
 		return "", fmt.Errorf("halflife: address must be host:port (an IPv6 host in brackets), got %q", address)
+	}
+	if port == "" {
+		return host + ":" + strconv.Itoa(DefaultPort), nil
 	}
 	// A port is digits, signed or not (Atoi's syntax), as the Python client takes one: "-1" is out of range.
 	// Only a scheme of gRPC's may end in no port ("unix:/run/halflife.sock").
@@ -130,6 +136,10 @@ func ServerTarget(address string) (string, error) {
 	}
 	if !valid {
 		return "", fmt.Errorf("halflife: port must be 1 to 65535, got %s", port)
+	}
+	if !scheme { // the port as gRPC parses one: "+80" and "080" failed only at the first call (a review)
+		n, _ := strconv.Atoi(port)
+		return host + ":" + strconv.Itoa(n), nil
 	}
 	return address, nil
 }

@@ -34,6 +34,10 @@ func TestServerTargetGivesAHostWithoutAPortServesPort(t *testing.T) {
 		"dns:///example.com":       "dns:///example.com",
 		"ipv4:10.0.0.7:50051":      "ipv4:10.0.0.7:50051",
 		"ipv6:[::1]:50051":         "ipv6:[::1]:50051",
+		"DNS:///example.com:50051": "DNS:///example.com:50051", // gRPC reads schemes in any case
+		"IPV4:10.0.0.7:50051":      "IPV4:10.0.0.7:50051",
+		"127.0.0.1:+80":            "127.0.0.1:80", // as gRPC parses a port: these failed at the first call (a review)
+		"localhost:0080":           "localhost:80",
 	} {
 		if got, err := halflife.ServerTarget(address); got != want || err != nil {
 			t.Errorf("ServerTarget(%q) = %q, %v; want %q", address, got, err, want)
@@ -68,6 +72,11 @@ func TestDialRefusesAnEmptyAddressAURLABadPortAndABareIPv6One(t *testing.T) {
 		":50051":                 `halflife: no host: give host:port, got ":50051"`,
 		":":                      `halflife: no host: give host:port, got ":"`,
 		"[]:5":                   `halflife: no host: give host:port, got "[]:5"`,
+		// A second colon, then none for a port: these became "h:1:50051" and so on (a review).
+		"h:1:":        `halflife: address must be host:port (an IPv6 host in brackets), got "h:1:"`,
+		"localhost::": `halflife: address must be host:port (an IPv6 host in brackets), got "localhost::"`,
+		"[::1]:80:":   `halflife: address must be host:port (an IPv6 host in brackets), got "[::1]:80:"`,
+		"::1:":        "halflife: an IPv6 address goes in brackets: [::1]:port",
 	} {
 		c, err := halflife.Dial(context.Background(), address)
 		if c != nil || err == nil || err.Error() != want {
