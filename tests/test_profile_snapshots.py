@@ -172,6 +172,23 @@ def test_a_snapshot_that_would_answer_otherwise_than_a_full_replay_is_not_used(t
     assert live == answers(full_replay_of(engine, tmp_path / "reference", monkeypatch, config))
 
 
+def test_a_damaged_snapshot_is_saved_again_by_the_replay_that_found_it(tmp_path, monkeypatch, caplog):
+    """With no event since, the new snapshot ended where the damaged one did
+    and was not written: every miss of the user replayed their whole log,
+    with a warning, until their next event (a durability review)."""
+    engine = filled(tmp_path, 30)
+    answers(engine)
+    engine, _ = _damage(engine, tmp_path, monkeypatch)
+    first = answers(engine)
+    snapshot = stored_history(engine.store, "u")[0]
+    assert snapshot.through_seq == 30 and state_from_snapshot(snapshot.data).max_seq == 30
+    counts = replayed(engine, monkeypatch)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="halflife.interest.replay"):
+        assert answers(engine) == first
+    assert sum(counts) == 0 and "unreadable profile snapshot" not in caplog.text
+
+
 def test_a_user_erased_while_their_profile_replays_leaves_no_snapshot(tmp_path, monkeypatch):
     engine = filled(tmp_path, 20)
     engine._users.clear()

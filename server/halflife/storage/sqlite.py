@@ -975,13 +975,16 @@ class SqliteStore:
     def save_profile_snapshot(self, user_id: str, snapshot: ProfileSnapshot) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
             # Only while the event it ends at is stored: a replay read before
-            # an erasure must not bring the erased user back.
+            # an erasure must not bring the erased user back. One ending at the
+            # same event replaces it: the same prefix of the log under the same
+            # settings, so the same profile, unless the one stored was damaged
+            # (kept, it sent every miss of the user to a full replay: a review).
             return conn.execute(
                 """INSERT INTO profile_snapshots(user_id, through_seq, key, data)
                    SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM events WHERE seq = ? AND user_id = ?)
                    ON CONFLICT(user_id) DO UPDATE SET
                        through_seq = excluded.through_seq, key = excluded.key, data = excluded.data
-                   WHERE excluded.through_seq > through_seq OR excluded.key <> key""",
+                   WHERE excluded.through_seq >= through_seq OR excluded.key <> key""",
                 (user_id, snapshot.through_seq, snapshot.key, snapshot.data, snapshot.through_seq, user_id),
             ).rowcount > 0
 
