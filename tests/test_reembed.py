@@ -195,6 +195,24 @@ def test_the_cli_copies_a_store_into_one_the_new_model_serves(model_dir, tmp_pat
     store.close()
 
 
+def test_the_cli_makes_its_unfinished_mark_durable_before_it_copies(model_dir, tmp_path, monkeypatch):
+    """A mark lost in a power cut would let `serve` take a half copy (a durability review)."""
+    from halflife.api.server import UNFINISHED_COPY_MARK
+    from halflife.cli import main
+    from halflife.embedding.engine import EmbeddingEngine
+    from halflife.storage import sqlite as sqlite_module
+
+    synced = []
+    sync = sqlite_module.sync_directory
+    monkeypatch.setattr(sqlite_module, "sync_directory",
+                        lambda path: synced.append((path, sorted(p.name for p in path.iterdir()))) or sync(path))
+    _store_of_another_model(tmp_path / "old", EmbeddingEngine.load(model_dir).dimension)
+    assert main(["reembed", "--data-dir", str(tmp_path / "old"), "--out", str(tmp_path / "new"),
+                 "--model-dir", str(model_dir)]) == 0
+    (path, names), *_ = [call for call in synced if call[0] == tmp_path / "new"]
+    assert UNFINISHED_COPY_MARK in names and sqlite_module.DB_NAME not in names
+
+
 def test_the_cli_leaves_no_half_copy_behind(model_dir, tmp_path, capsys):
     from halflife.cli import main
 

@@ -771,7 +771,7 @@ def _run_reembed(args: argparse.Namespace) -> int:
     from halflife.interest.reembed import GivenVectorsError, reembed
     from halflife.progress import progress
     from halflife.storage.base import StoreError
-    from halflife.storage.sqlite import DB_NAME, SqliteStore
+    from halflife.storage.sqlite import DB_NAME, SqliteStore, sync_directory
 
     def fail(message: str) -> int:
         print(f"halflife reembed: error: {message}", file=sys.stderr)
@@ -788,6 +788,7 @@ def _run_reembed(args: argparse.Namespace) -> int:
             with claim_data_dir(args.out, f"pid {os.getpid()}, halflife reembed copying into it"):
                 unfinished = args.out / UNFINISHED_COPY_MARK
                 unfinished.touch()
+                sync_directory(args.out)  # before any of the copy: lost in a power cut, a half copy would serve
                 model = EmbeddingEngine.load(args.model_dir, variant=args.variant)
                 model.warm_up()  # a manifest that does not fit its model: one line, as `serve` says it
                 source, target = SqliteStore(args.data_dir), SqliteStore(args.out)

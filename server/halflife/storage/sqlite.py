@@ -434,6 +434,16 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
 
 # --------------------------------------------------------------------------- store
 
+
+def sync_directory(path: Path) -> None:
+    """Makes the files created in `path` so far survive a power loss: their
+    directory entries are on disk once this returns. OSError where it cannot."""
+    folder = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
 class SqliteStore:
     """`Store` on one SQLite file in WAL mode; see the module docstring."""
 
@@ -1119,11 +1129,7 @@ class SqliteStore:
         mark = self.path.with_name(f"{self.path.name}{ERASED_MARK}{self.origin}-{self._marks_made}")
         try:
             os.close(os.open(mark, os.O_CREAT | os.O_WRONLY, 0o600))
-            folder = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
+            sync_directory(self.path.parent)
         except OSError as e:
             log.warning("cannot mark the WAL truncation this erasure owes (%s): after a crash, the next erasure or "
                         "a clean stop does it", e)
