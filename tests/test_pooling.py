@@ -386,6 +386,29 @@ def test_tokenize_encodes_a_bounded_number_of_characters_at_once(bert, monkeypat
     assert sorted(text for b in batches for text in b) == sorted(text.strip() for text in texts)
 
 
+@pytest.mark.parametrize("text", ["the quick brown fox " * 40, "?" * 5000], ids=["words", "one long word"])
+def test_tokenize_gives_up_between_its_batches_once_its_check_raises(bert, monkeypatch, text):
+    """A caller that has gone stops the work at the next batch: an abandoned
+    Embed's tokenizing ran to its end, ~0.04 s a 32 KiB text without spaces,
+    and held up everyone else's (a review)."""
+    from halflife.deadlines import DeadlineExpiredError
+    from halflife.embedding import engine as engine_module
+
+    engine = _engine(bert[1])
+    monkeypatch.setattr(engine_module, "TOKENIZE_CHARS", 100)  # a text a batch
+    checks = []
+
+    def check():
+        checks.append(len(checks))
+        if len(checks) == 3:
+            raise DeadlineExpiredError("the call was cancelled")
+
+    with pytest.raises(DeadlineExpiredError):
+        engine.tokenize([text] * 10, truncate=True, check=check)
+    assert len(checks) == 3
+    assert len(engine.tokenize([text] * 10, truncate=True, check=lambda: None).ids) == 10
+
+
 def test_truncation_keeps_final_sep_and_reports_counts(bert):
     src, out, manifest = bert
     engine = _engine(out)

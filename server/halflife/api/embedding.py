@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import numpy as np
 
@@ -12,7 +10,7 @@ from halflife.api.calls import deadline_of
 from halflife.api.errors import translate_errors
 from halflife.api.validation import MAX_INPUTS_PER_REQUEST, Violations
 from halflife.deadlines import Deadline
-from halflife.embedding.engine import EmbeddingEngine, InputsTooLongError, TokenizedInputs
+from halflife.embedding.engine import InputsTooLongError, TokenizedInputs
 from halflife.embedding.pooling import l2_normalize
 from halflife.v1 import embedding_pb2, embedding_pb2_grpc
 
@@ -24,23 +22,12 @@ from halflife.v1 import embedding_pb2, embedding_pb2_grpc
 INLINE_TOKENIZE_CHARS = 512
 
 
-async def _tokenize(backend, inputs: list[str], truncate: bool, deadline: Deadline) -> TokenizedInputs:
+async def _tokenize(backend: Backend, inputs: list[str], truncate: bool, deadline: Deadline) -> TokenizedInputs:
     """engine.tokenize on the event loop for a few short inputs, else on the
     tokenizer pool (see INLINE_TOKENIZE_CHARS)."""
     if sum(map(len, inputs)) <= INLINE_TOKENIZE_CHARS:
         return backend.embedding.tokenize(inputs, truncate)
-    with backend.tokenizing(len(inputs)):
-        return await asyncio.get_running_loop().run_in_executor(
-            backend.tokenize_pool, _tokenize_unless_late, backend.embedding, inputs, truncate, deadline
-        )
-
-
-def _tokenize_unless_late(engine: EmbeddingEngine, inputs: list[str], truncate: bool, deadline: Deadline) -> TokenizedInputs:
-    """engine.tokenize, skipped once the call's deadline has passed while it
-    waited for a tokenizer thread: an abandoned call must not hold one (a
-    long request can take ~0.1 s a text)."""
-    deadline.check()
-    return engine.tokenize(inputs, truncate)
+    return await backend.tokenize_off_loop(inputs, truncate, deadline)
 
 
 class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):

@@ -107,6 +107,8 @@ class _BackendCollector:
         if batcher is not None:
             yield GaugeMetricFamily("halflife_embedding_queued_inputs",
                                     "Inputs waiting for the embedding model", batcher.queued_inputs)
+            yield GaugeMetricFamily("halflife_embedding_tokenizing_inputs",
+                                    "Inputs of Embed calls being tokenized, not queued yet", batcher.tokenizing_inputs)
             yield CounterMetricFamily("halflife_embedding_batches", "Forward passes the model ran",
                                       batcher.batches_run)
             yield CounterMetricFamily("halflife_embedding_inputs", "Inputs the model embedded",

@@ -127,6 +127,7 @@ class DynamicBatcher:
         self.config = config
         self._jobs: collections.deque[_Job] = collections.deque()  # guarded by _lock, as are the next three
         self._queued_inputs = 0  # inputs of queued jobs that no window took yet
+        self._tokenizing = 0  # inputs callers are tokenizing, to submit next (begin_tokenizing)
         self._windows_taken = 0
         self._stopping = False
         self._lock = threading.Lock()
@@ -172,11 +173,36 @@ class DynamicBatcher:
     def queued_inputs(self) -> int:
         return self._queued_inputs
 
+    @property
+    def tokenizing_inputs(self) -> int:
+        return self._tokenizing
+
+    def begin_tokenizing(self, inputs: int) -> None:
+        """Counts `inputs` that a caller tokenizes before it submits them
+        against the queue bound, as submit would count them; call
+        `end_tokenizing` once that work has ended (not when its caller went
+        away: the tokenizing goes on until it looks). Unbounded, 40 calls of
+        256 long texts all waited for the tokenizer threads (a review: 601 s,
+        0 refused, a short call behind 12 of them 117 s). Raises QueueFullError."""
+        with self._lock:
+            self._refuse_past_bound(inputs)
+            self._tokenizing += inputs
+
+    def end_tokenizing(self, inputs: int) -> None:
+        with self._lock:
+            self._tokenizing -= inputs
+
+    def _refuse_past_bound(self, inputs: int) -> None:
+        """QueueFullError where `inputs` more would pass max_queued_inputs. Lock held."""
+        if self._tokenizing + self._queued_inputs + inputs > self.config.max_queued_inputs:
+            raise QueueFullError(f"embedding queue full ({self._tokenizing} inputs being tokenized and "
+                                 f"{self._queued_inputs} waiting, max {self.config.max_queued_inputs})")
+
     async def submit(self, ids: Sequence[np.ndarray], deadline: float | None = None) -> np.ndarray:
         """Embeds the token-id arrays `ids`; returns (len(ids), dim) float32.
 
         deadline: in `time.monotonic()` seconds. Raises QueueFullError at once
-        when the queue is full, DeadlineExpiredError when the deadline passes
+        when the queue is full (inputs being tokenized counted in), DeadlineExpiredError when the deadline passes
         first. Cancelling the caller drops its inputs before they are computed.
         """
         if not ids:
@@ -187,10 +213,8 @@ class DynamicBatcher:
             job.arrived = self._windows_taken
             if self._stopping or self._thread is None:
                 raise BatcherStoppedError("the embedding model is not running (the server is starting or stopping)")
-            if self._queued_inputs + len(ids) > self.config.max_queued_inputs:
-                raise QueueFullError(
-                    f"embedding queue full ({self._queued_inputs} inputs waiting, max {self.config.max_queued_inputs})"
-                )
+            # Those being tokenized count too: an Embed taken past them made 456 inputs of a bound of 256 (a review).
+            self._refuse_past_bound(len(ids))
             self._jobs.append(job)
             self._queued_inputs += len(ids)
             self._work.notify()

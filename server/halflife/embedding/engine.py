@@ -10,7 +10,7 @@ import hashlib
 import logging
 import re
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -162,10 +162,19 @@ def _resolve_provider(requested: str) -> str:
     return CUDA if CUDA in available else CPU
 
 
+Check = Callable[[], None]  # raises to stop a piece of work between its steps
+
+
+def _go_on() -> None:
+    """A `Check` that never stops the work."""
+
+
 # Texts encoded at once: an encoding holds ~110 bytes a token (offsets, token
 # strings), and 1,000 texts of 32 KiB in one batch held ~1.8 GB, of which
-# the ids of 256 tokens each were kept (a resource audit).
-TOKENIZE_CHARS = 1 << 20
+# the ids of 256 tokens each were kept (a resource audit). Between batches a
+# caller's `check` may stop the work: 256 KiB of text without spaces (read
+# whole, see `_encoded`) takes ~0.3 s here.
+TOKENIZE_CHARS = 1 << 18
 
 
 def tokenizer_input(text: str) -> str:
@@ -190,9 +199,10 @@ def _batches(texts: Sequence[str]) -> Iterator[slice]:
         start = end
 
 
-def _in_batches(tokenizer: Tokenizer, texts: Sequence[str]) -> Iterator[Encoding]:
-    """Each text's encoding, encoded in `_batches`."""
+def _in_batches(tokenizer: Tokenizer, texts: Sequence[str], check: Check = _go_on) -> Iterator[Encoding]:
+    """Each text's encoding, encoded in `_batches`, `check()` before each."""
     for batch in _batches(texts):
+        check()
         yield from tokenizer.encode_batch(texts[batch])
 
 
@@ -222,7 +232,7 @@ def _cuts_at_spaces(tokenizer: Tokenizer) -> bool:
             and not any(re.search(r"\S\s", added.content) for added in tokenizer.get_added_tokens_decoder().values()))
 
 
-def _encoded(tokenizer: Tokenizer, texts: Sequence[str]) -> Iterator[Encoding]:
+def _encoded(tokenizer: Tokenizer, texts: Sequence[str], check: Check = _go_on) -> Iterator[Encoding]:
     """What `tokenizer` (a truncating one) encodes of each text's
     `tokenizer_input`, in bounded batches (`_batches`): the whole text's
     ids and truncation (not the tokens cut off), at a bounded cost.
@@ -239,15 +249,16 @@ def _encoded(tokenizer: Tokenizer, texts: Sequence[str]) -> Iterator[Encoding]:
     texts = [tokenizer_input(text) for text in texts]
     chars = CHARS_PER_TOKEN_BOUND * tokenizer.truncation["max_length"]
     if max(map(len, texts), default=0) <= chars or not _cuts_at_spaces(tokenizer):
-        yield from _in_batches(tokenizer, texts)
+        yield from _in_batches(tokenizer, texts, check)
         return
     heads = [_head(text, chars) for text in texts]
     for batch in _batches(heads):
+        check()
         batch_heads, batch_texts = heads[batch], texts[batch]
         encodings = tokenizer.encode_batch(batch_heads)
         undecided = [i for i, (head, text, encoding) in enumerate(zip(batch_heads, batch_texts, encodings))
                      if head is not text and not encoding.overflowing]
-        for i, encoding in zip(undecided, _in_batches(tokenizer, [batch_texts[i] for i in undecided])):
+        for i, encoding in zip(undecided, _in_batches(tokenizer, [batch_texts[i] for i in undecided], check)):
             encodings[i] = encoding
         yield from encodings
 
@@ -427,30 +438,32 @@ class EmbeddingEngine:
     def max_input_tokens(self) -> int:
         return self.manifest.max_input_tokens
 
-    def tokenize(self, texts: Sequence[str], truncate: bool = False) -> TokenizedInputs:
-        """Token ids of `texts`; raises InputsTooLongError unless `truncate`."""
+    def tokenize(self, texts: Sequence[str], truncate: bool = False, check: Check = _go_on) -> TokenizedInputs:
+        """Token ids of `texts`; raises InputsTooLongError unless `truncate`.
+        check: called between batches of the work, to stop it by raising (a
+        caller gone: `Deadline.check`)."""
         # Plain Python over the few inputs of a typical request: each distinct
         # NumPy function touched here runs from a cache that the model's last
         # forward pass evicted, at 10-50 us apiece on this 2-vCPU VM.
         # One pass, truncating or not: the truncating tokenizer keeps what it cut off (encoding them again took twice
         # as long), so it tells the inputs too long.
         encodings = [(np.array(e.ids, dtype=np.int64), bool(e.overflowing))
-                     for e in _encoded(self._truncating_tokenizer, texts)]
+                     for e in _encoded(self._truncating_tokenizer, texts, check)]
         ids, cut = [row for row, _ in encodings], [overflowed for _, overflowed in encodings]
         if not truncate and any(cut):
             too_long = [i for i, overflowed in enumerate(cut) if overflowed]
-            counts = self._token_counts([texts[i] for i in too_long])
+            counts = self._token_counts([texts[i] for i in too_long], check)
             raise InputsTooLongError(list(zip(too_long, counts)), self.max_input_tokens)
         counts = np.array([len(row) for row in ids], dtype=np.int32)
         return TokenizedInputs(ids=ids, token_counts=counts, truncated=np.array(cut, dtype=bool))
 
-    def _token_counts(self, texts: Sequence[str]) -> list[int | None]:
+    def _token_counts(self, texts: Sequence[str], check: Check = _go_on) -> list[int | None]:
         """Each text's tokens, untruncated; None for a text longer than
         `_encoded` reads whole, which is not read whole to say by how much
         it is too long."""
         texts = [tokenizer_input(text) for text in texts]
         chars = CHARS_PER_TOKEN_BOUND * self.max_input_tokens
-        counted = _in_batches(self._tokenizer, [text for text in texts if len(text) <= chars])
+        counted = _in_batches(self._tokenizer, [text for text in texts if len(text) <= chars], check)
         return [len(next(counted).ids) if len(text) <= chars else None for text in texts]
 
     def forward(self, ids: Sequence[np.ndarray]) -> np.ndarray:
