@@ -563,6 +563,70 @@ def test_an_upsert_larger_than_the_queue_is_embedded_in_pieces(model_dir, tmp_pa
     assert np.sum(stored * alone, axis=1).min() >= bar  # each item got its own text's vector
 
 
+def test_an_upsert_fits_pieces_in_beside_other_calls_queued(model_dir, tmp_path):
+    """In pieces of the whole bound, an upsert needed an empty queue: with
+    other calls queued it was refused on every retry (a review: 4 of 4
+    tries, the queue 12-37% full)."""
+    from halflife_client import Item
+
+    config = ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path,
+                          batching=BatchingConfig(max_batch_tokens=64, max_queued_inputs=8))
+    with ServerThread(config) as server, HalflifeClient(server.address, timeout=30) as client, \
+            concurrent.futures.ThreadPoolExecutor(3) as pool:
+        batcher, gate = server.server.backend.batcher, threading.Event()
+        forward = batcher._forward
+        batcher._forward = lambda ids: gate.wait(30) and forward(ids)  # the model thread held at its first batch
+        try:
+            held = pool.submit(client.embed, ["taken into a window"] * 3)
+            queued = pool.submit(client.embed, ["queued behind it"] * 3)
+            deadline = time.monotonic() + 30
+            while batcher.queued_inputs < 3:
+                assert time.monotonic() < deadline and not queued.done()
+                time.sleep(0.01)
+            upsert = pool.submit(client.upsert_items, [Item(id=f"i{n}", text=f"film {n} about the sea")
+                                                       for n in range(10)])
+            while batcher.queued_inputs < 5 and not upsert.done():  # its first piece of 2 beside the 3
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        finally:
+            gate.set()
+        assert upsert.result(30) == (10, 0)
+        assert len(held.result(30)) == len(queued.result(30)) == 3
+
+
+def test_a_later_piece_waits_for_room_until_its_caller_has_gone():
+    """Refused after its first pieces were computed, an upsert lost that
+    work; the first piece still fails at once on a full queue."""
+    backend, tries = Backend(), []
+
+    class FullTwice:
+        async def submit(self, ids, expires):
+            tries.append(expires)
+            if len(tries) < 3:
+                raise QueueFullError("embedding queue full")
+            return np.ones((len(ids), 2), dtype=np.float32)
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    backend.batcher, backend._loop, ids = FullTwice(), loop, [np.array([101, 102])]
+    try:
+        assert backend._submit_blocking(ids, Deadline(time.monotonic() + 10), wait_for_room=True).shape == (1, 2)
+        assert len(tries) == 3
+        tries.clear()
+        with pytest.raises(QueueFullError):
+            backend._submit_blocking(ids, Deadline(time.monotonic() + 10), wait_for_room=False)
+        tries.clear()
+        with pytest.raises(DeadlineExpiredError):
+            backend._submit_blocking(ids, Deadline(time.monotonic() + 0.01), wait_for_room=True)
+        assert len(tries) == 1
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+        backend.close()
+
+
 def test_expired_deadline_is_not_computed(channel, live_server):
     # A deadline too short for 256 long inputs: the call fails fast and the
     # server drops what it had not computed yet.

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from typing import Sequence
 
 import numpy as np
 
 from halflife.api.errors import unavailable
-from halflife.deadlines import POLL_S, Deadline, DeadlineExpiredError
+from halflife.deadlines import POLL_S, Deadline, DeadlineExpiredError, check
 from halflife.embedding.batcher import BatcherStoppedError, DynamicBatcher, QueueFullError
 from halflife.embedding.engine import EmbeddingEngine, TokenizedInputs
 from halflife.embedding.pooling import l2_normalize
 from halflife.interest.engine import InterestEngine
+
+# embed_blocking queues its inputs in pieces of a quarter of the queue bound.
+EMBED_PIECES_PER_QUEUE = 4
 
 
 class Backend:
@@ -65,20 +69,34 @@ class Backend:
         and is dropped (DeadlineExpiredError) once `deadline` passes.
         Returns (len(texts), dim) float32."""
         assert self.embedding is not None and self.batcher is not None and self._loop is not None
-        tokens = self.embedding.tokenize(list(texts), truncate=True)
-        # In pieces the queue can hold: a 1,000-item upsert under a smaller
-        # --max-queued-inputs was refused as "queue full" however often retried.
-        piece = self.batcher.config.max_queued_inputs
-        expires = None if deadline is None else deadline.expires
+        tokens = self.embedding.tokenize(list(texts), truncate=True, check=lambda: check(deadline))
+        # In pieces of a quarter of the queue: a 1,000-item upsert under a smaller --max-queued-inputs was
+        # refused as "queue full" however often retried, and so was one in pieces of the whole bound while
+        # any other call queued (a review: 4 of 4 tries with the queue 12-37% full).
+        piece = max(1, self.batcher.config.max_queued_inputs // EMBED_PIECES_PER_QUEUE)
         vectors = []
         try:
             for i in range(0, len(tokens.ids), piece):
-                submitted = self.batcher.submit(tokens.ids[i : i + piece], expires)
-                vectors.append(_result_unless_abandoned(asyncio.run_coroutine_threadsafe(submitted, self._loop),
-                                                        deadline))
+                vectors.append(self._submit_blocking(tokens.ids[i : i + piece], deadline, wait_for_room=i > 0))
         except concurrent.futures.CancelledError:  # stop() cancelled it: UNAVAILABLE, not an internal error
             raise BatcherStoppedError("the embedding model stopped (the server is shutting down)") from None
         return l2_normalize(np.concatenate(vectors))
+
+    def _submit_blocking(self, ids: Sequence[np.ndarray], deadline: Deadline | None, wait_for_room: bool) -> np.ndarray:
+        """batcher.submit from a worker thread. A full queue raises
+        QueueFullError, unless `wait_for_room` (a later piece of a call whose
+        first ones were computed) and there is a deadline: then it tries again
+        until there is room or the caller has gone (DeadlineExpiredError)."""
+        expires = None if deadline is None else deadline.expires
+        while True:
+            submitted = self.batcher.submit(ids, expires)
+            try:
+                return _result_unless_abandoned(asyncio.run_coroutine_threadsafe(submitted, self._loop), deadline)
+            except QueueFullError:
+                if not wait_for_room or deadline is None:
+                    raise
+            time.sleep(POLL_S)
+            deadline.check()
 
 
 def _tokenize_unless_late(engine: EmbeddingEngine, texts: list[str], truncate: bool,
