@@ -547,6 +547,46 @@ def test_a_stopped_model_answers_unavailable_and_the_rest_keeps_serving(model_di
         assert [item.id for item in client.get_items(["a"])] == ["a"]  # no text to embed: still served
 
 
+def test_a_dead_model_thread_turns_the_server_not_serving_and_stops_it(model_dir, tmp_path):
+    """It stayed SERVING, every text answered UNAVAILABLE for good, and a
+    --workers parent restarts only a worker whose process ends (a review)."""
+    from tests.serving import START_TIMEOUT_S
+
+    class Died(BaseException):
+        pass
+
+    def dies(ids):
+        raise Died("a bug in the model thread")
+
+    runner, stopping = ServerThread(ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path)), asyncio.Event()
+    runner._thread.start()
+    asyncio.run_coroutine_threadsafe(runner.server.start(stopping), runner._loop).result(START_TIMEOUT_S)
+    try:
+        runner.server.backend.batcher._forward = dies
+        with grpc.insecure_channel(runner.address) as channel:
+            assert call_error(channel, pb.EmbedRequest(inputs=["x"])).code() == grpc.StatusCode.UNAVAILABLE
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 10
+            while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        assert stopping.is_set() and "the embedding model's thread died (Died(" in runner.server.failure
+    finally:
+        runner.stop()
+
+
+def test_serve_exits_with_a_failure_when_the_server_stopped_itself(model_dir, tmp_path, monkeypatch, capsys):
+    from halflife.api import server as server_module
+    from halflife.cli import main
+
+    async def stopped_itself(config, parent_pid=None, ready_fd=None):
+        raise server_module.ServingFailedError("the embedding model's thread died (Died()): stopped")
+
+    monkeypatch.setattr(server_module, "serve", stopped_itself)
+    assert main(["serve", "--port", "0", "--data-dir", str(tmp_path / "data"), "--model-dir", str(model_dir)]) == 1
+    assert capsys.readouterr().err == "halflife serve: error: the embedding model's thread died (Died()): stopped\n"
+
+
 def test_an_upsert_larger_than_the_queue_is_embedded_in_pieces(model_dir, tmp_path):
     # 10 texts against a queue of 4 inputs were refused as "queue full" on every retry.
     from halflife_client import Item

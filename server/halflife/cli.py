@@ -261,7 +261,7 @@ def _port(value: str) -> int:
 def _run_serve(args: argparse.Namespace) -> int:
     if _runtime_missing("serve"):
         return EXIT_FAILURE
-    from halflife.api.server import ServerConfig, claim_data_dir, serve
+    from halflife.api.server import ServerConfig, ServingFailedError, claim_data_dir, serve
     from halflife.config import ConfigError, load_config
     from halflife.storage.base import StoreError
 
@@ -308,6 +308,9 @@ def _run_serve(args: argparse.Namespace) -> int:
             _check_model(args)  # a missing model (or variant) is refused before the data directory is made
             lock = claim_data_dir(args.data_dir)
         run_event_loop(serve(config, parent_pid=args.parent_pid, ready_fd=args.ready_fd))
+    except ServingFailedError as exc:
+        print(f"halflife serve: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except (ManifestError, StoreError, OSError) as exc:
         print(_start_refused(exc, args.data_dir), file=sys.stderr)
         if lock is not None and new_data_dir:

@@ -381,6 +381,9 @@ class HalflifeServer:
         self._health = ShutdownHealthServicer()
         self._calls: concurrent.futures.ThreadPoolExecutor | None = None  # the loop's default executor while serving
         self._servicers = [servicer(self.backend) for _, servicer in API_SERVICES]
+        self._stopping: asyncio.Event | None = None  # start's: set to stop the server from within
+        self.failure: str | None = None  # why the server stopped itself (`_model_died`), for serve to exit with
+        self._failing: asyncio.Task | None = None  # the health change a failure makes (the loop holds tasks weakly)
 
     @property
     def embedding(self) -> EmbeddingEngine | None:
@@ -403,6 +406,7 @@ class HalflifeServer:
         during the load: it turned SERVING, then NOT_SERVING again).
         """
         config = self.config
+        self._stopping = stopping
         logging.getLogger(GRPC_SERVER_LOGGER).addFilter(_ENDED_CALL_ANSWERS)  # once: addFilter skips one it has
         if config.metrics_port is not None:  # first: a port in use fails the start before anything else runs
             self.metrics = Metrics()
@@ -510,9 +514,21 @@ class HalflifeServer:
             engine.provider,
             batching.max_batch_tokens,
         )
-        batcher = DynamicBatcher(engine.forward, batching, on_idle=engine.release_memory)
+        batcher = DynamicBatcher(engine.forward, batching, on_idle=engine.release_memory, on_death=self._model_died)
         batcher.start()
         self.backend.attach(engine, batcher, asyncio.get_running_loop())
+
+    def _model_died(self, exc: BaseException) -> None:
+        """The model thread died: the server embeds nothing any more, so it
+        says NOT_SERVING and stops, for `serve` to exit with a failure that
+        its supervisor (or its --workers parent) starts it again after. It
+        stayed SERVING, every text answered UNAVAILABLE, for good (a review).
+        On the event loop."""
+        self.failure = f"the embedding model's thread died ({exc!r}): stopped, to be started again"
+        log.error("%s", self.failure)
+        self._failing = asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+        if self._stopping is not None:
+            self._stopping.set()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking calls, lets in-flight ones finish within `grace` seconds."""
@@ -598,10 +614,15 @@ def _bind_failure(host: str, port: int) -> str | None:
     return f"cannot bind {host_port(host, port)}: {'; '.join(dict.fromkeys(reasons))}"
 
 
+class ServingFailedError(Exception):
+    """The server stopped itself: a part it cannot serve without failed."""
+
+
 async def serve(config: ServerConfig, parent_pid: int | None = None, ready_fd: int | None = None) -> None:
     """Runs until SIGTERM or SIGINT (or, for a worker, until the process with
     `parent_pid` that started it has died), then shuts down gracefully. A
-    worker writes to `ready_fd`, its pipe to that parent, once it serves."""
+    worker writes to `ready_fd`, its pipe to that parent, once it serves.
+    Raises ServingFailedError, once stopped, where the server stopped itself."""
     server = HalflifeServer(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -639,6 +660,8 @@ async def serve(config: ServerConfig, parent_pid: int | None = None, ready_fd: i
     log.info("shutting down: finishing in-flight calls (up to %.0f s)", config.grace_seconds)
     await server.stop()
     log.info("stopped")
+    if server.failure is not None:
+        raise ServingFailedError(server.failure)
 
 
 async def _stop_when_orphaned(parent_pid: int, stop: asyncio.Event) -> None:

@@ -114,16 +114,19 @@ class DynamicBatcher:
     while the loop handled the calls that had just come in. The loop only
     queues jobs and hands results back. on_idle: called on the model thread
     once the queue has been empty for IDLE_AFTER_S, and every IDLE_AFTER_S
-    while it stays so.
+    while it stays so. on_death: called on the loop with the exception
+    should the model thread die (nothing embeds after that).
     """
 
     def __init__(self, forward: Forward, config: BatchingConfig,
-                 on_idle: Callable[[], None] | None = None):
+                 on_idle: Callable[[], None] | None = None,
+                 on_death: Callable[[BaseException], None] | None = None):
         if config.max_batch_tokens is None:
             raise ValueError("BatchingConfig.max_batch_tokens is None: set it (the server uses its engine's "
                              "batch_tokens)")
         self._forward = forward
         self._on_idle = on_idle
+        self._on_death = on_death
         self.config = config
         self._jobs: collections.deque[_Job] = collections.deque()  # guarded by _lock, as are the next three
         self._queued_inputs = 0  # inputs of queued jobs that no window took yet
@@ -265,6 +268,8 @@ class DynamicBatcher:
             log.exception("the model thread died")
             held = [job for job, _, _ in window] + self._close_queue()
             self._post(_fail, held, BatcherStoppedError(f"the model thread died: {exc!r}"))
+            if self._on_death is not None:
+                self._post(self._on_death, exc)
 
     def _run_window(self, window: list[_Slice]) -> None:
         """Runs the window's batches, posting each one's results; after a stop,
