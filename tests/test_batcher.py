@@ -556,7 +556,7 @@ def test_a_worker_thread_waiting_on_a_stopped_batcher_gets_batcher_stopped():
     from halflife.embedding.engine import TokenizedInputs
 
     class Tokens:
-        def tokenize(self, texts, truncate):
+        def tokenize(self, texts, truncate, check=None):
             ids = [tokens(len(text), len(text)) for text in texts]
             return TokenizedInputs(ids=ids, token_counts=np.array([len(t) for t in texts]),
                                    truncated=np.zeros(len(texts), bool))
