@@ -11,7 +11,7 @@ from halflife.config import Config
 from halflife.core.ranking import normalize
 from halflife.interest import reembed as reembed_module
 from halflife.interest.engine import InterestEngine
-from halflife.interest.reembed import GivenVectorsError, reembed
+from halflife.interest.reembed import GivenVectorsError, SourceChangedError, reembed
 from halflife.interest.types import EventInput, ItemInput
 from halflife.storage.base import EventRecord
 from halflife.storage.sqlite import SqliteStore
@@ -130,10 +130,12 @@ def test_a_copy_reads_the_log_in_batches_and_nothing_recorded_after_its_start(ol
     assert old_store.existing_event_ids(["late"]) == {"late"} and not target.store.existing_event_ids(["late"])
 
 
-def test_an_item_deleted_in_the_old_store_during_the_copy_counts_as_deleted_before(old_store, tmp_path):
+def test_an_item_deleted_in_the_old_store_during_the_copy_counts_as_deleted_before_and_refuses_it(old_store,
+                                                                                                    tmp_path):
     """The items are read twice (their ids, then their batches): one deleted
     between the reads (a server still writing) was left out of the catalogue
-    but not of the events' joins, whose record then failed UnknownItemsError."""
+    but not of the events' joins, whose record then failed UnknownItemsError.
+    The copy runs to its end, and is refused there: the old store changed."""
     target = new_engine(tmp_path / "new")
 
     def steps(starts, what):
@@ -142,10 +144,43 @@ def test_an_item_deleted_in_the_old_store_during_the_copy_counts_as_deleted_befo
                 old_store.delete_items(["i0"])  # a1 (u1 liked it, no text): left out as on a deleted item
             yield start
 
-    done = reembed(old_store, target, steps)
-    assert (done.items, done.events, done.without_item, done.left_out) == (3, 5, 1, 4)
+    with pytest.raises(SourceChangedError, match=r"\(1 items upserted or deleted, 0 users erased\)"):
+        reembed(old_store, target, steps)
     assert sorted(target.store.get_items([f"i{n}" for n in range(6)])) == ["i1", "i2", "i3"]
     assert [e.event_id for e in target.store.user_events("u1")] == ["a2", "a3"]
+
+
+def test_a_user_erased_during_the_copy_refuses_it_and_later_events_are_counted(old_store, tmp_path):
+    """The events are read in batches: an erasure between them came back in
+    the copy, which said nothing (a review)."""
+    def steps(starts, what):
+        for start in starts:
+            if what == "events":
+                old_store.delete_user("u1")
+            yield start
+
+    with pytest.raises(SourceChangedError, match=r"\(0 items upserted or deleted, 1 users erased\)"):
+        reembed(old_store, new_engine(tmp_path / "erased"), steps)
+
+    recorder = old_engine(tmp_path / "old")
+
+    def recording(starts, what):
+        for start in starts:
+            if what == "events":
+                recorder.record_events([event("late", "u2", VIEW, "i0")])
+            yield start
+
+    done = reembed(old_store, new_engine(tmp_path / "new"), recording)
+    assert done.recorded_since == 1 and "late" not in [e.event_id for e in done_events(tmp_path / "new", "u2")]
+    recorder.store.close()
+
+
+def done_events(path, user_id: str) -> list[EventRecord]:
+    store = SqliteStore(path)
+    try:
+        return store.user_events(user_id)
+    finally:
+        store.close()
 
 
 def test_items_with_vectors_given_with_them_refuse_the_copy(tmp_path):
@@ -195,6 +230,31 @@ def test_the_cli_copies_a_store_into_one_the_new_model_serves(model_dir, tmp_pat
     store.close()
 
 
+def test_a_report_that_cannot_be_written_is_one_line_and_the_copy_stays(model_dir, tmp_path, monkeypatch, capsys):
+    """`reembed ... > /dev/full` ended in a traceback (a review)."""
+    import errno
+    import io
+    import sys
+
+    from halflife.cli import main
+    from halflife.embedding.engine import EmbeddingEngine
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    _store_of_another_model(tmp_path / "old", EmbeddingEngine.load(model_dir).dimension)
+    monkeypatch.setattr(sys, "stdout", Full())
+    assert main(["reembed", "--data-dir", str(tmp_path / "old"), "--out", str(tmp_path / "new"),
+                 "--model-dir", str(model_dir)]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"halflife reembed: error: the copy into {tmp_path / 'new'} is complete, but its report could not be "
+        "written: [Errno 28] No space left on device")
+    store = SqliteStore(tmp_path / "new")
+    assert [e.event_id for e in store.user_events("ann")] == ["e1", "e2"]
+    store.close()
+
+
 def test_the_cli_makes_its_unfinished_mark_durable_before_it_copies(model_dir, tmp_path, monkeypatch):
     """A mark lost in a power cut would let `serve` take a half copy (a durability review)."""
     from halflife.api.server import UNFINISHED_COPY_MARK
@@ -211,6 +271,36 @@ def test_the_cli_makes_its_unfinished_mark_durable_before_it_copies(model_dir, t
                  "--model-dir", str(model_dir)]) == 0
     (path, names), *_ = [call for call in synced if call[0] == tmp_path / "new"]
     assert UNFINISHED_COPY_MARK in names and sqlite_module.DB_NAME not in names
+
+
+def test_the_cli_refuses_an_unfinished_copy_as_source_or_target_and_leaves_anothers_files(model_dir, tmp_path,
+                                                                                             capsys, monkeypatch):
+    """A half copy given as the source was copied as if whole, and the
+    result, unmarked, served; a rerun into one said only "not empty"; and
+    a claim another process won meanwhile had its files removed (a review)."""
+    from halflife.api import server as server_module
+    from halflife.cli import main
+
+    old_engine(tmp_path / "old").store.close()
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "halflife.sqlite3").write_bytes((tmp_path / "old" / "halflife.sqlite3").read_bytes())
+    (tmp_path / "half" / server_module.UNFINISHED_COPY_MARK).touch()
+    args = ["reembed", "--model-dir", str(model_dir), "--data-dir"]
+    assert main(args + [str(tmp_path / "half"), "--out", str(tmp_path / "new")]) == 1
+    assert "holds a `halflife reembed` copy that did not finish" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert main(args + [str(tmp_path / "old"), "--out", str(tmp_path / "half")]) == 1
+    assert "did not finish (its process was killed): delete the directory" in capsys.readouterr().err
+
+    def taken_meanwhile(data_dir, holder=""):
+        data_dir.mkdir(exist_ok=True)
+        (data_dir / "theirs").touch()
+        raise OSError(f"{data_dir} is in use by another halflife process (pid 1)")
+
+    monkeypatch.setattr(server_module, "claim_data_dir", taken_meanwhile)
+    assert main(args + [str(tmp_path / "old"), "--out", str(tmp_path / "raced")]) == 1
+    assert "in use by another halflife process" in capsys.readouterr().err
+    assert (tmp_path / "raced" / "theirs").exists()
 
 
 def test_the_cli_leaves_no_half_copy_behind(model_dir, tmp_path, capsys):

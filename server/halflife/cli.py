@@ -735,7 +735,8 @@ def _add_reembed(commands: argparse._SubParsersAction) -> None:
         "event text embedded again by the model in --model-dir: a store keeps the vectors of the model it was "
         "built with, and a server refuses it with another one (docs/interest.md, Storage). The old "
         "directory is only read, but opening it migrates a store of an older schema, as `serve` does; "
-        "events recorded in it after the copy starts are not copied.",
+        "events recorded in it after the copy starts are not copied, and an item or user change meanwhile fails "
+        "the copy: stop what writes to it first.",
     )
     parser.add_argument("--data-dir", type=_path, default=DEFAULT_DATA_DIR,
                         help=f"the data directory to copy (default {DEFAULT_DATA_DIR})")
@@ -766,12 +767,12 @@ def _removed_unless_done(directory: Path, made: bool) -> Iterator[None]:
 def _run_reembed(args: argparse.Namespace) -> int:
     if _runtime_missing("reembed"):
         return EXIT_FAILURE
-    from halflife.api.server import UNFINISHED_COPY_MARK, claim_data_dir
+    from halflife.api.server import UNFINISHED_COPY_MARK, claim_data_dir, unfinished_copy
     from halflife.config import Config
     from halflife.embedding.engine import EmbeddingEngine
     from halflife.embedding.offline import embed_sorted
     from halflife.interest.engine import InterestEngine
-    from halflife.interest.reembed import GivenVectorsError, reembed
+    from halflife.interest.reembed import GivenVectorsError, SourceChangedError, reembed
     from halflife.progress import progress
     from halflife.storage.base import StoreError
     from halflife.storage.sqlite import DB_NAME, SqliteStore, sync_directory
@@ -782,13 +783,24 @@ def _run_reembed(args: argparse.Namespace) -> int:
 
     if not (args.data_dir / DB_NAME).is_file():
         return fail(f"{args.data_dir} holds no store ({DB_NAME})")
+    # A half copy as the source was copied as if whole, and the result, unmarked, served (a review).
+    if unfinished := (unfinished_copy(args.data_dir, "copy the store it came from instead")
+                      or unfinished_copy(args.out, "delete the directory and run reembed again")):
+        return fail(unfinished)
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         return fail(f"{args.out} is not an empty directory: the copy goes into a data directory of its own")
     made = not args.out.exists()
     try:
-        with _removed_unless_done(args.out, made), sigterm_unwinds():
-            # Held as `serve` holds it: a server started on the copy meanwhile answered from half of it.
-            with claim_data_dir(args.out, f"pid {os.getpid()}, halflife reembed copying into it"):
+        with sigterm_unwinds():
+            # Held as `serve` holds it: a server started on the copy meanwhile answered from half of it. Taken
+            # before anything is removed on failure: refused, what is there is another process's.
+            try:
+                lock = claim_data_dir(args.out, f"pid {os.getpid()}, halflife reembed copying into it")
+            except OSError:
+                if made and args.out.is_dir() and not any(args.out.iterdir()):
+                    args.out.rmdir()
+                raise
+            with lock, _removed_unless_done(args.out, made):
                 unfinished = args.out / UNFINISHED_COPY_MARK
                 unfinished.touch()
                 sync_directory(args.out)  # before any of the copy: lost in a power cut, a half copy would serve
@@ -805,13 +817,20 @@ def _run_reembed(args: argparse.Namespace) -> int:
                     source.close()
                     target.close()
                 unfinished.unlink()
-    except (ManifestError, StoreError, GivenVectorsError, OSError) as exc:
+    except (ManifestError, StoreError, GivenVectorsError, SourceChangedError, OSError) as exc:
         return fail(str(exc))
-    print(f"copied {done.items} items and {done.events} events (the log through seq {done.through_seq}) into "
-          f"{args.out}, embedded by {model.named_vector_space[1]}")
-    if done.without_item or done.left_out:
-        print(f"{done.without_item} events on items deleted since were copied with their text alone, and "
-              f"{done.left_out} without text were left out: the new model has no vector for their items")
+    try:
+        print(f"copied {done.items} items and {done.events} events (the log through seq {done.through_seq}) into "
+              f"{args.out}, embedded by {model.named_vector_space[1]}")
+        if done.without_item or done.left_out:
+            print(f"{done.without_item} events on items deleted since were copied with their text alone, and "
+                  f"{done.left_out} without text were left out: the new model has no vector for their items")
+        if done.recorded_since:
+            print(f"{done.recorded_since} events recorded in {args.data_dir} since the copy began are not in it")
+    except OSError as exc:  # stdout full or gone: the copy is complete all the same (BrokenPipeError: see main)
+        if isinstance(exc, BrokenPipeError):
+            raise
+        return fail(f"the copy into {args.out} is complete, but its report could not be written: {exc}")
     return 0
 
 

@@ -582,11 +582,18 @@ def claim_data_dir(data_dir: Path, holder: str = "") -> IO[str]:
                       "one server or one --workers group per data directory") from None
     except OSError as e:
         raise OSError(f"data directory {data_dir}: cannot write in it ({e.strerror or e})") from None
-    if (data_dir / UNFINISHED_COPY_MARK).exists():
+    if unfinished := unfinished_copy(data_dir, "delete the directory and run reembed again"):
         lock.close()
-        raise OSError(f"{data_dir} holds a `halflife reembed` copy that did not finish (its process was killed): "
-                      "delete the directory and run reembed again")
+        raise OSError(unfinished)
     return lock
+
+
+def unfinished_copy(data_dir: Path, remedy: str) -> str | None:
+    """Why `data_dir` is no store to serve or copy (then `remedy`): it holds
+    a `halflife reembed` copy that did not finish. None where it does not."""
+    if (data_dir / UNFINISHED_COPY_MARK).exists():
+        return f"{data_dir} holds a `halflife reembed` copy that did not finish (its process was killed): {remedy}"
+    return None
 
 
 def _bind_failure(host: str, port: int) -> str | None:

@@ -46,27 +46,41 @@ class GivenVectorsError(Exception):
                          "no model for any item: upsert the same texts through its server first, which records it)")
 
 
+class SourceChangedError(Exception):
+    """Items or users of the old store changed while it was copied: the copy
+    would bring back what was deleted or erased meanwhile."""
+
+    def __init__(self, items: int, erasures: int):
+        super().__init__(f"the old store changed while it was copied ({items} items upserted or deleted, {erasures} "
+                         "users erased): the copy would bring back what was deleted or erased, so it is not kept; "
+                         "stop what writes to the old store and run reembed again")
+
+
 @dataclasses.dataclass(frozen=True)
 class Reembedded:
     """What a copy did: items and events copied, events copied without their
-    deleted item (text only) and left out (neither item nor text), and the
-    last event seq of the old store it read."""
+    deleted item (text only) and left out (neither item nor text), the
+    last event seq of the old store it read, and the events recorded in it
+    after that, not copied."""
 
     items: int
     events: int
     without_item: int
     left_out: int
     through_seq: int
+    recorded_since: int = 0
 
 
 def reembed(source: Store, target: InterestEngine,
             steps: Callable[[range, str], Iterable[int]] = lambda starts, what: starts) -> Reembedded:
     """Copies `source`'s catalogue and event log into `target` (an engine,
     with the new model, on an empty store; see the module's docstring).
-    Events recorded in `source` after the copy starts are not copied.
-    `steps` wraps the batches' starts, "items" (offsets) then "events"
-    (seqs): a progress bar. Raises GivenVectorsError, and ValueError where
-    `target` holds anything."""
+    Events recorded in `source` after the copy starts are not copied (and
+    counted); an item upserted or deleted, or a user erased, meanwhile
+    raises SourceChangedError at the end (an erased user's events, read
+    before, came back in the copy: a review). `steps` wraps the batches'
+    starts, "items" (offsets) then "events" (seqs): a progress bar. Raises
+    GivenVectorsError, and ValueError where `target` holds anything."""
     if target.store.event_count() or len(target.catalog):
         raise ValueError("the new store is not empty: give the copy a data directory of its own")
     head = source.head()
@@ -100,7 +114,13 @@ def reembed(source: Store, target: InterestEngine,
             events.append(EventInput(event.event_id, event.user_id, event.type, item_id, event.text, event.value,
                                      event.event_time))
         copied += target.record_events(events)[0] if events else 0
-    return Reembedded(len(created_seq), copied, without_item, left_out, head.event_seq)
+    now = source.head()
+    if now.change_version != head.change_version:  # the feed may be pruned meanwhile; its versions only grow
+        changes = source.changes_since(head.change_version)
+        erasures = sum(change.item_id is None for change in changes)
+        raise SourceChangedError(len(changes) - erasures, erasures)
+    return Reembedded(len(created_seq), copied, without_item, left_out, head.event_seq,
+                      now.event_seq - head.event_seq)
 
 
 def _item_input(item: ItemRecord) -> ItemInput:
