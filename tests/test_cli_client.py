@@ -342,6 +342,10 @@ def test_movielens_event_ids_stay_valid_and_the_same_for_long_ids():
     (["profile", "1", "--as-of", "0001-01-01T00:00:00+01:00"], "argument --as-of: out of range in UTC (years 1 to 9999)"),
     # Path("") is the current directory, which a server then filled.
     (["serve", "--data-dir", ""], "argument --data-dir: must not be empty"),
+    # eval wrote its results and cache into it, load-movielens read it (a review).
+    (["eval", "--out", ""], "argument --out: must not be empty"),
+    (["eval", "--cache-dir", ""], "argument --cache-dir: must not be empty"),
+    (["load-movielens", ""], "argument directory: must not be empty"),
     (["loadtest", "--call", "grpc.health.v1.Health.Check", "--target", " "], "argument --target: must be host:port"),
     # gRPC wraps a port out of range: 99999 reached port 34463.
     (["recommend", "1", "--target", "127.0.0.1:99999"], "argument --target: port must be 1 to 65535, got 99999"),

@@ -162,7 +162,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--metrics-port", type=_port, default=None,
                         help="serve Prometheus metrics on http://HOST:PORT/metrics (0 picks a free port; with "
                              "--workers N, worker i on PORT + i); default: none")
-    parser.add_argument("--config", type=Path, default=None, help="TOML file of decay, weights and ranking settings")
+    parser.add_argument("--config", type=_path, default=None, help="TOML file of decay, weights and ranking settings")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="least severe log lines written, to stderr (default INFO)")
     # Set by `--workers N` on the processes it starts; not for direct use.
@@ -505,7 +505,7 @@ def _timestamp(value: str) -> dt.datetime:
 
 def _add_client_commands(commands: argparse._SubParsersAction) -> None:
     load = commands.add_parser("load-movielens", help="load a MovieLens directory into a running server")
-    load.add_argument("directory", type=Path, help="e.g. ../shared/data/ml-latest-small")
+    load.add_argument("directory", type=_path, help="e.g. ../shared/data/ml-latest-small")
     load.add_argument("--target", type=_address, default=DEFAULT_TARGET, help=TARGET_HELP)
     load.add_argument("--batch-size", type=_batch_size, default=500, help="events per RecordEvents call (default 500, at most 1000)")
     load.set_defaults(run=_run_load)
@@ -543,13 +543,13 @@ def _add_loadtest(commands: argparse._SubParsersAction) -> None:
         description="An asyncio gRPC load generator with ghz's flags and JSON report (durations in ns). "
         "Ctrl-C stops the load and prints the report of what ran, then exits 130.",
     )
-    parser.add_argument("--config", type=Path, default=None, help="a ghz JSON config (e.g. clients/ghz/*.json)")
+    parser.add_argument("--config", type=_path, default=None, help="a ghz JSON config (e.g. clients/ghz/*.json)")
     parser.add_argument("--call", default=None, help="e.g. halflife.v1.EmbeddingService.Embed")
     data = parser.add_mutually_exclusive_group()
     data.add_argument("-d", "--data", default=None,
                       help="request as proto3 JSON, or a JSON array of requests sent in turn; @: read it from stdin "
                            "(default {})")
-    data.add_argument("-D", "--data-file", type=Path, default=None, help="file holding the --data JSON")
+    data.add_argument("-D", "--data-file", type=_path, default=None, help="file holding the --data JSON")
     parser.add_argument("-c", "--concurrency", type=int, default=None, help="concurrent calls (default 8)")
     parser.add_argument("-n", "--total", type=int, default=None, help="requests to send (default 200; ignored with -z)")
     parser.add_argument("-z", "--duration", type=_duration, default=None,
@@ -841,18 +841,18 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         description="Temporal offline evaluation (docs/evaluation.md): full-catalogue ranking, "
         "baselines, a validation grid for the blend, test-period numbers with bootstrap CIs, plots.",
     )
-    parser.add_argument("--data", type=Path, default=Path("../shared/data/ml-latest-small"),
+    parser.add_argument("--data", type=_path, default=Path("../shared/data/ml-latest-small"),
                         help="MovieLens-shaped directory (ratings.csv, movies.csv, tags.csv; default "
                              "../shared/data/ml-latest-small, from the working directory)")
-    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR,
+    parser.add_argument("--model-dir", type=_path, default=DEFAULT_MODEL_DIR,
                         help=f"exported model (default {DEFAULT_MODEL_DIR})")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/eval"),
+    parser.add_argument("--out", type=_path, default=Path("bench/results/eval"),
                         help="results.json and PNGs (default bench/results/eval: replaces the committed results)")
-    parser.add_argument("--cache-dir", type=Path, default=Path("var/eval-cache"),
+    parser.add_argument("--cache-dir", type=_path, default=Path("var/eval-cache"),
                         help="cached item/tag vectors (default var/eval-cache)")
     parser.add_argument("--target", type=_address, default=None,
                         help="also measure a running, empty server over gRPC (host:port) with its own config")
-    parser.add_argument("--write-config", type=Path, default=None, help="write the chosen settings as TOML")
+    parser.add_argument("--write-config", type=_path, default=None, help="write the chosen settings as TOML")
     parser.set_defaults(run=_run_eval)
 
 
