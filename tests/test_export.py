@@ -673,8 +673,16 @@ def _vocabulary_without_unknown_token(tmp_path, sources):
     return ["--model", str(model)], "tokenizer cannot encode"
 
 
+def _garbled_tokenizer(tmp_path, sources):
+    model = tmp_path / "garbled"
+    shutil.copytree(sources["bert"], model)
+    (model / "tokenizer.json").write_text("not json")  # a traceback before the check meant for it (a review)
+    return ["--model", str(model)], f"{model} has no usable tokenizer"
+
+
 ERROR_CASES = {
     "bad-model-path": (_bad_model, (1,)),
+    "garbled-tokenizer": (_garbled_tokenizer, (1,)),
     "garbage-config": (_garbage_config, (1,)),
     "unsupported-t5": (_t5, (1,)),
     "unfed-graph-input": (_longformer, (1,)),
@@ -1037,6 +1045,90 @@ def test_the_next_export_removes_a_killed_exports_work_directory_and_not_a_live_
     assert victim.read_text() == "not the export's"
     assert f"note: removed {killed}, left by an export into {output} that was killed" in lines
     assert not load_manifest(output).is_draft
+
+
+def test_a_work_directory_loses_its_lock_last(tmp_path, monkeypatch):
+    """Killed while removing it after the lock went, an export left the rest
+    unlocked, which no later export removes (a review)."""
+    import halflife_export.exporter as exporter
+
+    removed, rmtree = [], shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: removed.append(
+        (Path(path).name, (exporter_work / exporter.WORK_DIR_LOCK).exists())) or rmtree(path, *a, **k))
+    with exporter._work_dir(tmp_path / "model") as exporter_work:
+        (exporter_work / "raw").mkdir()
+        (exporter_work / "raw" / "model.onnx").write_text("graph")
+        (exporter_work / "model.onnx").write_text("graph")
+    assert removed == [("raw", True), (exporter_work.name, True)] and not exporter_work.exists()
+
+
+def test_the_pad_id_is_one_of_the_vocabulary_or_0():
+    """An old LLaMA conversion's pad_token_id -1 failed the export after all its work (a review)."""
+    from types import SimpleNamespace
+
+    from halflife_export.exporter import _pad_token_id
+
+    assert [_pad_token_id(SimpleNamespace(pad_token_id=pad, vocab_size=100)) for pad in (5, -1, 100, None, "1")] == [
+        5, 0, 0, 0, 0]
+    assert _pad_token_id(SimpleNamespace(pad_token_id=7)) == 7
+
+
+def test_publishing_refuses_an_output_written_meanwhile_and_keeps_a_model_it_could_not_clear(tmp_path, monkeypatch):
+    """Two exports into one new output both said "wrote", the later one
+    replacing the other's; and once swapped in, a model whose old files
+    could not be removed was reported as a failed export, which every
+    later export then failed on (a review)."""
+    from halflife_export.exporter import ExportError, _check_output, _publish
+
+    def staged(name: str) -> Path:
+        staging = tmp_path / name
+        staging.mkdir()
+        (staging / "manifest.json").write_text(json.dumps({"format_version": 1, "variants": [], "name": name}))
+        return staging
+
+    def published() -> str:
+        return json.loads((output / "manifest.json").read_text())["name"]
+
+    output = tmp_path / "model"
+    _check_output(output, force=False)  # absent: fine, then another export publishes first
+    assert _publish(staged("first"), output, force=False) is None
+    with pytest.raises(ExportError, match="was written meanwhile"):
+        _publish(staged("second"), output, force=False)
+    assert published() == "first"
+
+    rmtree = shutil.rmtree
+
+    def stuck(path, *args, **kwargs):
+        if Path(path).name == ".old-model":
+            raise PermissionError(1, "Operation not permitted")
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", stuck)
+    note = _publish(staged("third"), output, force=True)
+    assert published() == "third"
+    assert note == f"warning: the replaced model stays in {tmp_path / '.old-model'}: it could not be removed " \
+                   "(Operation not permitted)"
+    with pytest.raises(ExportError, match=r"\.old-model, a model an earlier export replaced, cannot be removed"):
+        _check_output(output, force=True)  # before any work, not after it
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    _check_output(output, force=True)
+    assert not (tmp_path / ".old-model").exists()
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == output)
+    with pytest.raises(ExportError, match="is a mount point; give a directory inside it"):
+        _check_output(output, force=True)
+
+
+def test_a_full_disk_during_an_export_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import halflife_export.exporter as exporter
+
+    def full(options):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".out.abc" / "model.onnx"))
+
+    monkeypatch.setattr(exporter, "export_model", full)
+    rc, out, err = run_cli(["export", "--output", str(tmp_path / "out")], capsys)
+    assert_one_line_error(rc, err, out, (1,), "No space left on device")
 
 
 def test_a_work_directory_whose_lock_is_a_fifo_is_left_alone_without_waiting(tmp_path):

@@ -41,6 +41,7 @@ from halflife.embedding.manifest import (
     MANIFEST_NAME,
     PENDING_VALIDATION,
     Manifest,
+    ManifestError,
     Validation,
     Variant,
     sha256_file,
@@ -279,7 +280,9 @@ def export_model(options: ExportOptions) -> Manifest:
             names = ", ".join(f"{v.name} (min cosine {v.validation.min_cosine:.5f})" for v in failed)
             raise ExportError(f"validation failed for {names}: below {FLOAT_MIN_COSINE} against PyTorch; nothing written")
         (staging / MANIFEST_NAME).write_text(manifest.to_json())
-        _publish(staging, output)
+        note = _publish(staging, output, options.force)
+    if note:
+        progress.sink(note)
     progress.sink(f"wrote {output}")
     return manifest
 
@@ -304,6 +307,11 @@ def _work_dir(output: Path) -> Iterator[Path]:
         try:
             yield work
         finally:
+            # The lock last: an export killed while removing the rest leaves the directory locked by no one
+            # alive, which the next export removes (the lock went first, and the rest stayed for good: a review).
+            for child in work.iterdir():
+                if child.name != WORK_DIR_LOCK:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
             shutil.rmtree(work)
 
 
@@ -571,6 +579,15 @@ def _check_output(output: Path, force: bool) -> None:
     here = Path.cwd()
     if output.resolve() == here or output.resolve() in here.parents:
         raise ExportError(f"--output {output} holds the working directory; it cannot be swapped out")
+    if os.path.ismount(output):  # the publishing renames cannot move a mount point (a volume): after all the work
+        raise ExportError(f"--output {output} is a mount point; give a directory inside it")
+    retired = _retired(output)
+    try:
+        if retired.exists():  # left by an interrupted swap, removed at publishing: here, before any work
+            shutil.rmtree(retired)
+    except OSError as exc:
+        raise ExportError(f"{retired}, a model an earlier export replaced, cannot be removed "
+                          f"({exc.strerror or exc}): remove it by hand") from None
     if output.is_dir() and any(output.iterdir()):
         if not force:
             raise ExportError(f"--output {output} is not empty; pass --force to replace it")
@@ -747,12 +764,7 @@ def _write_tokenizer(source: _Source, staging: Path) -> str:
     (BERT's do_lower_case, RoBERTa's add_prefix_space, Llama's add_eos_token):
     copying tokenizer.json served a different tokenization than validation's."""
     target = staging / "tokenizer.json"
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, use_fast=True)
-    except Exception as exc:
-        raise ExportError(f"{source.path} has no usable tokenizer: {exc}") from None
+    tokenizer = _source_tokenizer(source)
     if not tokenizer.is_fast:
         raise ExportError(f"{source.path} has no fast tokenizer (tokenizer.json) to serve with")
     for text in (*VALIDATION_SENTENCES, *CALIBRATION_TEXTS):
@@ -766,6 +778,17 @@ def _write_tokenizer(source: _Source, staging: Path) -> str:
     else:
         tokenizer.backend_tokenizer.save(str(target))
     return target.name
+
+
+def _source_tokenizer(source: _Source):
+    """The source's tokenizer as transformers builds it; ExportError, in one
+    line, where it cannot (a garbled tokenizer.json, an unknown class)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.path, use_fast=True)
+    except Exception as exc:
+        raise ExportError(f"{source.path} has no usable tokenizer: {exc}") from None
 
 
 def _served_tokenizer(text: str) -> dict:
@@ -817,9 +840,8 @@ def _with_room_for_text(limit: int, source: _Source, named: str, advice: str = "
     """`limit`, where it leaves room for text beside the tokenizer's special
     tokens: a tokenizer cannot truncate below them, and validation then fed
     PyTorch more than the limit."""
-    from transformers import AutoTokenizer
-
-    specials = len(AutoTokenizer.from_pretrained(source.path)("")["input_ids"])
+    # Before any work, where an unusable tokenizer is refused in one line (it was a traceback here: a review).
+    specials = len(_source_tokenizer(source)("")["input_ids"])
     if limit <= specials:
         raise ExportError(f"{named} {limit} leaves no room for text: the tokenizer adds {specials} "
                           f"special tokens to every input{advice}")
@@ -910,9 +932,11 @@ def _draft_manifest(source, options, pooling, max_tokens, variants, tokenizer_fi
 
 
 def _pad_token_id(config) -> int:
-    # Padded positions are masked out, so any valid id will do.
-    pad_id = getattr(config, "pad_token_id", None)
-    return int(pad_id) if isinstance(pad_id, int) else 0
+    # Padded positions are masked out, so any valid id will do: 0 where the config's is none (an old LLaMA
+    # conversion's -1 failed the export after all its work, a review).
+    pad_id, vocabulary = getattr(config, "pad_token_id", None), getattr(config, "vocab_size", None)
+    valid = isinstance(pad_id, int) and pad_id >= 0 and (not isinstance(vocabulary, int) or pad_id < vocabulary)
+    return int(pad_id) if valid else 0
 
 
 def reference_embeddings(source_path: Path, sentences, pooling: str, max_tokens: int, input_names) -> np.ndarray:
@@ -950,7 +974,10 @@ def _validate(draft: Manifest, source: _Source, staging: Path) -> Manifest:
         # Each on the provider it is for where this onnxruntime runs it: on a GPU host fp16's graph was
         # optimised by a CUDA session, for CUDA, and may not run on the CPU at all.
         provider = "cpu" if CPU in variant.execution_providers else "auto"
-        engine = EmbeddingEngine.load(staging, variant=variant.name, provider=provider, draft=True)
+        try:
+            engine = EmbeddingEngine.load(staging, variant=variant.name, provider=provider, draft=True)
+        except ManifestError as exc:  # what the export wrote does not load: said in one line, as any refusal
+            raise ExportError(f"the exported {variant.name} variant does not load: {exc}") from None
         served = l2_normalize(np.concatenate([engine.forward(engine.tokenize(batch, truncate=True).ids)
                                               for batch in batches]))
         cosine = cosine_rows(served, reference)
@@ -980,19 +1007,32 @@ def _validate(draft: Manifest, source: _Source, staging: Path) -> Manifest:
     return dataclasses.replace(draft, variants=tuple(checked), default_variants=defaults)
 
 
-def _publish(staging: Path, output: Path) -> None:
+def _retired(output: Path) -> Path:
+    """Where `_publish` moves the model it replaces, beside it."""
+    return output.parent / f".old-{output.name}"
+
+
+def _publish(staging: Path, output: Path, force: bool) -> str | None:
     """Swaps the finished directory in; a crash at any point leaves either the
     old model or the new one whole (the old one under a `.old-` name beside it
-    at worst: outside the work directory, whose cleanup would delete it)."""
-    retired = output.parent / f".old-{output.name}"
+    at worst: outside the work directory, whose cleanup would delete it).
+    Returns a note where the old model could not be removed once replaced."""
+    retired = _retired(output)
     if retired.exists():  # left by an interrupted swap: older than the model in place (if any)
         shutil.rmtree(retired)
     if not output.exists():
         os.replace(staging, output)
-        return
+        return None
+    # Another export (`make model` beside a manual one) wrote it meanwhile: both said "wrote" (a review).
+    if not force and any(output.iterdir()):
+        raise ExportError(f"--output {output} was written meanwhile (by another export?); pass --force to replace it")
     os.replace(output, retired)
     os.replace(staging, output)
-    shutil.rmtree(retired)
+    try:
+        shutil.rmtree(retired)
+    except OSError as exc:  # the new model is in: the export succeeded (it said it failed, a review)
+        return f"warning: the replaced model stays in {retired}: it could not be removed ({exc.strerror or exc})"
+    return None
 
 
 def _report(manifest: Manifest, sink: Callable[[str], None]) -> None:

@@ -116,7 +116,7 @@ def _run_export(args: argparse.Namespace) -> int:
     try:
         with sigterm_unwinds():
             export_model(options)
-    except ExportError as exc:
+    except (ExportError, OSError) as exc:  # OSError: a full disk mid-export (the work directory is removed)
         print(f"halflife export: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
