@@ -1086,8 +1086,11 @@ def test_publishing_refuses_an_output_written_meanwhile_and_keeps_a_model_it_cou
         (staging / "manifest.json").write_text(json.dumps({"format_version": 1, "variants": [], "name": name}))
         return staging
 
+    def published_in(directory: Path) -> str:
+        return json.loads((directory / "manifest.json").read_text())["name"]
+
     def published() -> str:
-        return json.loads((output / "manifest.json").read_text())["name"]
+        return published_in(output)
 
     output = tmp_path / "model"
     _check_output(output, force=False)  # absent: fine, then another export publishes first
@@ -1095,6 +1098,12 @@ def test_publishing_refuses_an_output_written_meanwhile_and_keeps_a_model_it_cou
     with pytest.raises(ExportError, match="was written meanwhile"):
         _publish(staged("second"), output, force=False)
     assert published() == "first"
+    theirs = tmp_path / "theirs"  # someone's files, written there during an export with --force
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="is not a model directory"):
+        _publish(staged("fourth"), theirs, force=True)
+    assert (theirs / "notes.txt").read_text() == "mine"
 
     rmtree = shutil.rmtree
 
@@ -1110,9 +1119,22 @@ def test_publishing_refuses_an_output_written_meanwhile_and_keeps_a_model_it_cou
                    "(Operation not permitted)"
     with pytest.raises(ExportError, match=r"\.old-model, a model an earlier export replaced, cannot be removed"):
         _check_output(output, force=True)  # before any work, not after it
+    with pytest.raises(ExportError, match="is not empty; pass --force"):  # refused: nothing removed
+        _check_output(output, force=False)
     monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert (tmp_path / ".old-model").is_dir()
     _check_output(output, force=True)
     assert not (tmp_path / ".old-model").exists()
+    # Interrupted between the renames: the old model is the only one, kept and named (it was removed up front).
+    output.rename(tmp_path / ".old-model")
+    with pytest.raises(ExportError, match=r"\.old-model holds the model an interrupted export was replacing"):
+        _check_output(output, force=True)
+    assert published_in(tmp_path / ".old-model") == "third"
+    output.mkdir()
+    with pytest.raises(ExportError, match="holds none: move it back"):
+        _check_output(output, force=False)
+    output.rmdir()
+    (tmp_path / ".old-model").rename(output)
     monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == output)
     with pytest.raises(ExportError, match="is a mount point; give a directory inside it"):
         _check_output(output, force=True)

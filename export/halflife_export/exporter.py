@@ -581,26 +581,42 @@ def _check_output(output: Path, force: bool) -> None:
         raise ExportError(f"--output {output} holds the working directory; it cannot be swapped out")
     if os.path.ismount(output):  # the publishing renames cannot move a mount point (a volume): after all the work
         raise ExportError(f"--output {output} is a mount point; give a directory inside it")
-    retired = _retired(output)
-    try:
-        if retired.exists():  # left by an interrupted swap, removed at publishing: here, before any work
-            shutil.rmtree(retired)
-    except OSError as exc:
-        raise ExportError(f"{retired}, a model an earlier export replaced, cannot be removed "
-                          f"({exc.strerror or exc}): remove it by hand") from None
     if output.is_dir() and any(output.iterdir()):
         if not force:
             raise ExportError(f"--output {output} is not empty; pass --force to replace it")
-        # --force replaces a model directory, never someone's other files.
-        if not (output / MANIFEST_NAME).is_file() or not _is_model_manifest(output / MANIFEST_NAME):
-            raise ExportError(f"--output {output} is not a model directory (no Halflife {MANIFEST_NAME}); --force only "
-                              "replaces one")
+        _check_replaceable(output)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=output.parent):
             pass
     except OSError as exc:
         raise ExportError(f"cannot write to {output.parent}: {exc.strerror or exc}") from None
+    _remove_retired(output)
+
+
+def _check_replaceable(output: Path) -> None:
+    """--force replaces a model directory, never someone's other files."""
+    if not (output / MANIFEST_NAME).is_file() or not _is_model_manifest(output / MANIFEST_NAME):
+        raise ExportError(f"--output {output} is not a model directory (no Halflife {MANIFEST_NAME}); --force only "
+                          "replaces one")
+
+
+def _remove_retired(output: Path) -> None:
+    """Removes the model an interrupted swap left beside `output` (`_publish`),
+    before any work: one that cannot be removed failed every export after all
+    its work (a review). Only where `output` holds a model: else it is the
+    only copy of one (interrupted between the renames), which is refused."""
+    retired = _retired(output)
+    if not retired.exists():
+        return
+    if not (output / MANIFEST_NAME).is_file() or not _is_model_manifest(output / MANIFEST_NAME):
+        raise ExportError(f"{retired} holds the model an interrupted export was replacing, and {output} holds none: "
+                          f"move it back to {output} (or remove it) and run the export again")
+    try:
+        shutil.rmtree(retired)
+    except OSError as exc:
+        raise ExportError(f"{retired}, a model an earlier export replaced, cannot be removed "
+                          f"({exc.strerror or exc}): remove it by hand") from None
 
 
 def _is_model_manifest(path: Path) -> bool:
@@ -1024,8 +1040,11 @@ def _publish(staging: Path, output: Path, force: bool) -> str | None:
         os.replace(staging, output)
         return None
     # Another export (`make model` beside a manual one) wrote it meanwhile: both said "wrote" (a review).
-    if not force and any(output.iterdir()):
-        raise ExportError(f"--output {output} was written meanwhile (by another export?); pass --force to replace it")
+    if any(output.iterdir()):
+        if not force:
+            raise ExportError(f"--output {output} was written meanwhile (by another export?); pass --force to "
+                              "replace it")
+        _check_replaceable(output)
     os.replace(output, retired)
     os.replace(staging, output)
     try:
