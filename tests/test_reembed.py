@@ -287,10 +287,17 @@ def test_the_cli_refuses_an_unfinished_copy_as_source_or_target_and_leaves_anoth
     (tmp_path / "half" / server_module.UNFINISHED_COPY_MARK).touch()
     args = ["reembed", "--model-dir", str(model_dir), "--data-dir"]
     assert main(args + [str(tmp_path / "half"), "--out", str(tmp_path / "new")]) == 1
-    assert "holds a `halflife reembed` copy that did not finish" in capsys.readouterr().err
+    assert "holds a `halflife reembed` copy that has not finished (it is still running, or was killed)" in \
+        capsys.readouterr().err
     assert not (tmp_path / "new").exists()
     assert main(args + [str(tmp_path / "old"), "--out", str(tmp_path / "half")]) == 1
     assert "did not finish (its process was killed): delete the directory" in capsys.readouterr().err
+    # A copy still running there is not called killed: deleting its directory, as that says, lost it (a review).
+    from halflife.locks import hold_lock
+
+    with hold_lock(tmp_path / "half" / server_module.DATA_DIR_LOCK, "pid 7, halflife reembed copying into it"):
+        assert main(args + [str(tmp_path / "old"), "--out", str(tmp_path / "half")]) == 1
+    assert "in use by another halflife process (pid 7, halflife reembed copying into it)" in capsys.readouterr().err
 
     def taken_meanwhile(data_dir, holder=""):
         data_dir.mkdir(exist_ok=True)

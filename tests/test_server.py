@@ -575,6 +575,62 @@ def test_a_dead_model_thread_turns_the_server_not_serving_and_stops_it(model_dir
         runner.stop()
 
 
+def test_serve_stops_and_fails_once_its_model_thread_died(model_dir, tmp_path, monkeypatch):
+    """serve() itself, on this (main) thread: stopped, it raises, which the
+    CLI turns into exit 1 for a supervisor or --workers parent to act on."""
+    import socket
+
+    from halflife.api import server as server_module
+    from halflife.embedding import batcher as batcher_module
+
+    class Died(BaseException):
+        pass
+
+    def dies(self, window):
+        raise Died("a bug in the model thread")
+
+    monkeypatch.setattr(batcher_module.DynamicBatcher, "_run_window", dies)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    answered = []
+
+    def embed_once_serving() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health, deadline = health_pb2_grpc.HealthStub(channel), time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.05)
+            try:
+                stub(channel).Embed(pb.EmbedRequest(inputs=["x"]), timeout=30)
+            except grpc.RpcError as error:
+                answered.append(error.code())
+
+    caller = threading.Thread(target=embed_once_serving, daemon=True)
+    caller.start()
+    config = ServerConfig(host="127.0.0.1", port=port, model_dir=model_dir, data_dir=tmp_path, grace_seconds=5)
+    with pytest.raises(server_module.ServingFailedError, match=r"the embedding model's thread died \(Died\("):
+        asyncio.run(asyncio.wait_for(server_module.serve(config), 180))
+    caller.join(30)
+    assert answered == [grpc.StatusCode.UNAVAILABLE]
+
+
+def test_a_model_thread_that_dies_in_a_stop_asked_for_is_no_failure(model_dir, tmp_path):
+    """A SIGTERM's stop whose last batch died exited 1, and a --workers group with it (a review)."""
+    from halflife.api.server import HalflifeServer
+
+    server, stopping = HalflifeServer(ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path)), asyncio.Event()
+    server._stopping = stopping
+    stopping.set()
+    server._model_died(RuntimeError("its last batch"))
+    assert server.failure is None
+
+
 def test_serve_exits_with_a_failure_when_the_server_stopped_itself(model_dir, tmp_path, monkeypatch, capsys):
     from halflife.api import server as server_module
     from halflife.cli import main
@@ -634,9 +690,11 @@ def test_an_upsert_fits_pieces_in_beside_other_calls_queued(model_dir, tmp_path)
         assert len(held.result(30)) == len(queued.result(30)) == 3
 
 
-def test_a_later_piece_waits_for_room_until_its_caller_has_gone():
+def test_a_later_piece_waits_for_room_until_its_caller_has_gone(monkeypatch):
     """Refused after its first pieces were computed, an upsert lost that
     work; the first piece still fails at once on a full queue."""
+    from halflife.api import backend as backend_module
+
     backend, tries = Backend(), []
 
     class FullTwice:
@@ -660,6 +718,11 @@ def test_a_later_piece_waits_for_room_until_its_caller_has_gone():
         with pytest.raises(DeadlineExpiredError):
             backend._submit_blocking(ids, Deadline(time.monotonic() + 0.01), wait_for_room=True)
         assert len(tries) == 1
+        tries.clear()
+        monkeypatch.setattr(backend_module, "ROOM_WAIT_S", 0.01)  # without a deadline, not for as long as it is full
+        with pytest.raises(QueueFullError):
+            backend._submit_blocking(ids, Deadline(), wait_for_room=True)
+        assert len(tries) == 2
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)

@@ -767,7 +767,7 @@ def _removed_unless_done(directory: Path, made: bool) -> Iterator[None]:
 def _run_reembed(args: argparse.Namespace) -> int:
     if _runtime_missing("reembed"):
         return EXIT_FAILURE
-    from halflife.api.server import UNFINISHED_COPY_MARK, claim_data_dir, unfinished_copy
+    from halflife.api.server import UNFINISHED_COPY_MARK, claim_data_dir
     from halflife.config import Config
     from halflife.embedding.engine import EmbeddingEngine
     from halflife.embedding.offline import embed_sorted
@@ -784,9 +784,14 @@ def _run_reembed(args: argparse.Namespace) -> int:
     if not (args.data_dir / DB_NAME).is_file():
         return fail(f"{args.data_dir} holds no store ({DB_NAME})")
     # A half copy as the source was copied as if whole, and the result, unmarked, served (a review).
-    if unfinished := (unfinished_copy(args.data_dir, "copy the store it came from instead")
-                      or unfinished_copy(args.out, "delete the directory and run reembed again")):
-        return fail(unfinished)
+    if (args.data_dir / UNFINISHED_COPY_MARK).exists():
+        return fail(f"{args.data_dir} holds a `halflife reembed` copy that has not finished (it is still running, or "
+                    "was killed): copy the store it came from instead")
+    if (args.out / UNFINISHED_COPY_MARK).exists():
+        try:  # refused either way: held by the copy still running, or the mark of one killed (as `serve` says)
+            claim_data_dir(args.out).close()
+        except OSError as exc:
+            return fail(str(exc))
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         return fail(f"{args.out} is not an empty directory: the copy goes into a data directory of its own")
     made = not args.out.exists()
@@ -803,7 +808,11 @@ def _run_reembed(args: argparse.Namespace) -> int:
             with lock, _removed_unless_done(args.out, made):
                 unfinished = args.out / UNFINISHED_COPY_MARK
                 unfinished.touch()
-                sync_directory(args.out)  # before any of the copy: lost in a power cut, a half copy would serve
+                try:  # before any of the copy: lost in a power cut, a half copy would serve
+                    sync_directory(args.out)
+                except OSError as exc:  # a file system that syncs no directory: the copy goes on, said
+                    print(f"halflife reembed: warning: cannot sync {args.out} ({exc.strerror or exc}): a power cut "
+                          "during the copy could leave it unmarked", file=sys.stderr)
                 model = EmbeddingEngine.load(args.model_dir, variant=args.variant)
                 model.warm_up()  # a manifest that does not fit its model: one line, as `serve` says it
                 source, target = SqliteStore(args.data_dir), SqliteStore(args.out)

@@ -16,8 +16,10 @@ from halflife.embedding.engine import EmbeddingEngine, TokenizedInputs
 from halflife.embedding.pooling import l2_normalize
 from halflife.interest.engine import InterestEngine
 
-# embed_blocking queues its inputs in pieces of a quarter of the queue bound.
+# embed_blocking queues its inputs in pieces of a quarter of the queue bound; a
+# later piece waits for room at most this long (its caller's deadline first).
 EMBED_PIECES_PER_QUEUE = 4
+ROOM_WAIT_S = 10.0
 
 
 class Backend:
@@ -85,18 +87,21 @@ class Backend:
     def _submit_blocking(self, ids: Sequence[np.ndarray], deadline: Deadline | None, wait_for_room: bool) -> np.ndarray:
         """batcher.submit from a worker thread. A full queue raises
         QueueFullError, unless `wait_for_room` (a later piece of a call whose
-        first ones were computed) and there is a deadline: then it tries again
-        until there is room or the caller has gone (DeadlineExpiredError)."""
+        first ones were computed): then it tries again until there is room,
+        for at most ROOM_WAIT_S (a call without a deadline held one of the
+        call threads for as long as the queue stayed full), or until the
+        caller has gone (DeadlineExpiredError)."""
         expires = None if deadline is None else deadline.expires
+        give_up = time.monotonic() + ROOM_WAIT_S
         while True:
             submitted = self.batcher.submit(ids, expires)
             try:
                 return _result_unless_abandoned(asyncio.run_coroutine_threadsafe(submitted, self._loop), deadline)
             except QueueFullError:
-                if not wait_for_room or deadline is None:
+                if not wait_for_room or time.monotonic() >= give_up:
                     raise
             time.sleep(POLL_S)
-            deadline.check()
+            check(deadline)
 
 
 def _tokenize_unless_late(engine: EmbeddingEngine, texts: list[str], truncate: bool,

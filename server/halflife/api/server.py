@@ -524,6 +524,9 @@ class HalflifeServer:
         its supervisor (or its --workers parent) starts it again after. It
         stayed SERVING, every text answered UNAVAILABLE, for good (a review).
         On the event loop."""
+        if self._stopping is not None and self._stopping.is_set():  # in a stop asked for: it ends as asked
+            log.error("the embedding model's thread died while the server stopped (%r)", exc)
+            return
         self.failure = f"the embedding model's thread died ({exc!r}): stopped, to be started again"
         log.error("%s", self.failure)
         self._failing = asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
@@ -582,18 +585,11 @@ def claim_data_dir(data_dir: Path, holder: str = "") -> IO[str]:
                       "one server or one --workers group per data directory") from None
     except OSError as e:
         raise OSError(f"data directory {data_dir}: cannot write in it ({e.strerror or e})") from None
-    if unfinished := unfinished_copy(data_dir, "delete the directory and run reembed again"):
-        lock.close()
-        raise OSError(unfinished)
-    return lock
-
-
-def unfinished_copy(data_dir: Path, remedy: str) -> str | None:
-    """Why `data_dir` is no store to serve or copy (then `remedy`): it holds
-    a `halflife reembed` copy that did not finish. None where it does not."""
     if (data_dir / UNFINISHED_COPY_MARK).exists():
-        return f"{data_dir} holds a `halflife reembed` copy that did not finish (its process was killed): {remedy}"
-    return None
+        lock.close()
+        raise OSError(f"{data_dir} holds a `halflife reembed` copy that did not finish (its process was killed): "
+                      "delete the directory and run reembed again")
+    return lock
 
 
 def _bind_failure(host: str, port: int) -> str | None:
