@@ -51,9 +51,11 @@ class SourceChangedError(Exception):
     would bring back what was deleted or erased meanwhile."""
 
     def __init__(self, items: int, erasures: int):
-        super().__init__(f"the old store changed while it was copied ({items} items upserted or deleted, {erasures} "
-                         "users erased): the copy would bring back what was deleted or erased, so it is not kept; "
-                         "stop what writes to the old store and run reembed again")
+        # A server started on the old store meanwhile may have pruned the feed: its entries gone, its version moved.
+        what = f"{items} items upserted or deleted, {erasures} users erased" if items or erasures else "items or users"
+        super().__init__(f"the old store changed while it was copied ({what}): the copy would bring back what was "
+                         "deleted or erased, so it is not kept; stop what writes to the old store and run reembed "
+                         "again")
 
 
 @dataclasses.dataclass(frozen=True)
