@@ -162,8 +162,15 @@ def test_a_user_erased_during_the_copy_refuses_it_and_later_events_are_counted(o
     with pytest.raises(SourceChangedError, match=r"\(0 items upserted or deleted, 1 users erased\)"):
         reembed(old_store, new_engine(tmp_path / "erased"), steps)
     changes_since, old_store.changes_since = old_store.changes_since, lambda version: []  # a feed pruned meanwhile
+
+    def erasing_u3(starts, what):
+        for start in starts:
+            if what == "events":
+                old_store.delete_user("u3")
+            yield start
+
     with pytest.raises(SourceChangedError, match=r"changed while it was copied \(items or users\)"):
-        reembed(old_store, new_engine(tmp_path / "pruned"), steps)
+        reembed(old_store, new_engine(tmp_path / "pruned"), erasing_u3)
     old_store.changes_since = changes_since
 
     recorder = old_engine(tmp_path / "old")
