@@ -594,24 +594,26 @@ def _check_output(output: Path, force: bool) -> None:
     _remove_retired(output)
 
 
+def _holds_model(directory: Path) -> bool:
+    return (directory / MANIFEST_NAME).is_file() and _is_model_manifest(directory / MANIFEST_NAME)
+
+
 def _check_replaceable(output: Path) -> None:
     """--force replaces a model directory, never someone's other files."""
-    if not (output / MANIFEST_NAME).is_file() or not _is_model_manifest(output / MANIFEST_NAME):
+    if not _holds_model(output):
         raise ExportError(f"--output {output} is not a model directory (no Halflife {MANIFEST_NAME}); --force only "
                           "replaces one")
 
 
 def _remove_retired(output: Path) -> None:
-    """Removes the model an interrupted swap left beside `output` (`_publish`),
-    before any work: one that cannot be removed failed every export after all
-    its work (a review). Only where `output` holds a model: else it is the
-    only copy of one (interrupted between the renames), which is refused."""
+    """Removes, before any work, the older model an interrupted swap left
+    beside `output` (`_publish`), where `output` holds a model: removed at
+    publishing, one that could not be failed every export after all its work
+    (a review). Beside no model it is the only copy of one (interrupted
+    between the renames): it stays until the new model is in."""
     retired = _retired(output)
-    if not retired.exists():
+    if not retired.exists() or not _holds_model(output):
         return
-    if not (output / MANIFEST_NAME).is_file() or not _is_model_manifest(output / MANIFEST_NAME):
-        raise ExportError(f"{retired} holds the model an interrupted export was replacing, and {output} holds none: "
-                          f"move it back to {output} (or remove it) and run the export again")
     try:
         shutil.rmtree(retired)
     except OSError as exc:
@@ -1034,22 +1036,29 @@ def _publish(staging: Path, output: Path, force: bool) -> str | None:
     at worst: outside the work directory, whose cleanup would delete it).
     Returns a note where the old model could not be removed once replaced."""
     retired = _retired(output)
-    if retired.exists():  # left by an interrupted swap: older than the model in place (if any)
-        shutil.rmtree(retired)
     if not output.exists():
         os.replace(staging, output)
-        return None
+        return _without_retired(retired)  # one left by an interrupted swap, the only copy until now
     # Another export (`make model` beside a manual one) wrote it meanwhile: both said "wrote" (a review).
     if any(output.iterdir()):
         if not force:
             raise ExportError(f"--output {output} was written meanwhile (by another export?); pass --force to "
                               "replace it")
         _check_replaceable(output)
+    if retired.exists():  # left by an interrupted swap: older than the model in place (if any)
+        shutil.rmtree(retired)
     os.replace(output, retired)
     os.replace(staging, output)
+    return _without_retired(retired)
+
+
+def _without_retired(retired: Path) -> str | None:
+    """Removes the replaced model once the new one is in; a note where it
+    cannot be: the export succeeded all the same (it said it failed, a review)."""
     try:
-        shutil.rmtree(retired)
-    except OSError as exc:  # the new model is in: the export succeeded (it said it failed, a review)
+        if retired.exists():
+            shutil.rmtree(retired)
+    except OSError as exc:
         return f"warning: the replaced model stays in {retired}: it could not be removed ({exc.strerror or exc})"
     return None
 
