@@ -679,6 +679,13 @@ def test_client_refuses_a_target_gRPC_would_wrap_or_cannot_use(target):
 
 
 # The Go and Node clients' tests hold the same tables (clients/go/target_test.go, clients/node/test/client.test.ts).
+def test_the_log_level_is_read_in_any_case():
+    """`--log-level debug` was a usage error (an operations review)."""
+    from halflife.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--log-level", "debug"]).log_level == "DEBUG"
+
+
 @pytest.mark.parametrize("target, expected", [
     ("localhost", "localhost:50051"),
     ("10.0.0.7", "10.0.0.7:50051"),

@@ -784,6 +784,35 @@ def test_a_client_gone_while_its_answers_wait_logs_no_error(model_dir, tmp_path)
     assert "ERROR" not in output and "Traceback" not in output, output
 
 
+def test_sighup_stops_a_server_gracefully_and_metrics_answer_through_the_drain(model_dir, tmp_path):
+    """SIGHUP ended the process at once, without a drain or a line; and
+    /metrics closed first, down for the whole grace period (an operations review)."""
+    process, address = start_cli_server(model_dir, tmp_path / "data", extra_args=("--metrics-port", "0"))
+    try:
+        metrics_port = int(re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", process.start_log)[1])
+        with grpc.insecure_channel(address) as channel:
+            long_call = stub(channel).Embed.future(pb.EmbedRequest(inputs=["word " * 250] * 256), timeout=60)
+            time.sleep(0.3)  # in flight
+            process.send_signal(signal.SIGHUP)
+            health, deadline = health_pb2_grpc.HealthStub(channel), time.monotonic() + 30
+            while True:  # until the stop has begun: NOT_SERVING, or new calls refused
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    break
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert not long_call.done()  # draining: the call goes on, and so does /metrics
+            assert scrape_metrics(metrics_port)["halflife_catalog_items{}"] == 0
+            assert len(long_call.result(60).embeddings) == 256
+        output, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and "shutting down" in output and "stopped" in output, output
+
+
 def _leave_with_a_goaway(address: str) -> None:
     """An HTTP/2 client that says hello and leaves with GOAWAY CANCEL (error
     code 8), as the Node client's close() does."""

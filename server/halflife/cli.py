@@ -163,7 +163,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
                         help="serve Prometheus metrics on http://HOST:PORT/metrics (0 picks a free port; with "
                              "--workers N, worker i on PORT + i); default: none")
     parser.add_argument("--config", type=_path, default=None, help="TOML file of decay, weights and ranking settings")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="least severe log lines written, to stderr (default INFO)")
     # Set by `--workers N` on the processes it starts; not for direct use.
     parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
@@ -272,6 +272,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     worker = "" if args.worker_index is None else f"[worker {args.worker_index}] "
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s %(levelname)s {worker}%(name)s: %(message)s")
+    # grpc's Cython layer logs a DEBUG line per call ("Loaded running loop"): most of a DEBUG log (a review).
+    logging.getLogger("grpc._cython.cygrpc").setLevel(max(logging.INFO, logging.getLogger().level))
     if args.metrics_port and args.port and args.metrics_port <= args.port < args.metrics_port + args.workers:
         # It failed as "cannot bind ... (in use by another process ...)", the other being itself (a review).
         print(f"halflife serve: error: argument --metrics-port: {args.port} is --port; metrics need a port of "

@@ -16,6 +16,9 @@ import threading
 import time
 from typing import Callable, Iterator
 
+# What stops `halflife serve` gracefully: SIGHUP too (a closed terminal, or an operator's reload habit: it has
+# nothing to reload), which ended the process at once, without a drain or a line (an operations review).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
 REPEAT_SIGNAL_WINDOW_S = 0.5
 # How often sigterm_unwinds delivers SIGTERM again until its stop unwinds.
 REDELIVERY_S = 0.05

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from halflife.locks import LockHeldError, hold_lock, remove_lock
-from halflife.signals import StopSignals
+from halflife.signals import STOP_SIGNALS, StopSignals
 from halflife_client.client import host_port
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ def run_workers(serve_argv: Sequence[str], host: str, port: int, workers: int, t
                 worker.process.send_signal(signal.SIGTERM if len(requested) == 1 else signal.SIGKILL)
 
     # Before the first worker starts: a stop asked for while they start must reach them all.
-    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+    previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
     try:
         with reserve_port(host, port) as reserved:
             port = reserved.getsockname()[1]

@@ -23,9 +23,11 @@ from grpc_status import rpc_status
 from halflife.api.wire import RefusedUnparsed, check_request
 from halflife.deadlines import DeadlineExpiredError
 from halflife.embedding.batcher import BatcherStoppedError, QueueFullError
+from halflife.logs import RepeatedWarning
 from halflife.storage.base import StoreDamagedError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
+_store_unavailable = RepeatedWarning(log)  # a full disk fails every write until it has room again
 
 FieldViolation = tuple[str, str]  # (field path, e.g. "inputs[3]", description)
 
@@ -243,8 +245,8 @@ def translate_errors(handler: Handler) -> Handler:
         except BatcherStoppedError as error:
             status = unavailable(f"{error}; retry with backoff").to_status()
         except StoreUnavailableError as error:
-            # The disk, not the caller or our code: one line in the log, no traceback.
-            log.warning("%s: store unavailable: %s", handler.__qualname__, error)
+            # The disk, not the caller or our code: one line in the log, no traceback, and not one a call.
+            _store_unavailable.warning("%s: store unavailable: %s", handler.__qualname__, error)
             status = unavailable(f"the store failed ({error}); retry with backoff").to_status()
         except StoreDamagedError as error:
             # Neither: its files are damaged or gone, and no retry helps (it was INTERNAL and a traceback a call).

@@ -35,7 +35,7 @@ from halflife.embedding.engine import EmbeddingEngine
 from halflife.embedding.manifest import ManifestError
 from halflife.interest.engine import InterestEngine
 from halflife.locks import LockHeldError, hold_lock
-from halflife.signals import StopSignals
+from halflife.signals import STOP_SIGNALS, StopSignals
 from halflife.storage.sqlite import SqliteStore
 from halflife.texts import readable_character
 from halflife_client.client import MAX_STREAMS_PER_CONNECTION, host_port
@@ -536,8 +536,6 @@ class HalflifeServer:
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking calls, lets in-flight ones finish within `grace` seconds."""
         grace = self.config.grace_seconds if grace is None else grace
-        if self.metrics is not None:  # first: scrapes read the engine, whose store closes below
-            await asyncio.to_thread(self.metrics.close)
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
@@ -549,6 +547,10 @@ class HalflifeServer:
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
             self.store = None
+        # Last: scrapes read no store (InterestEngine.sizes), and a drain is when they are wanted (closed
+        # first, /metrics was down for the whole grace period, and NOT_SERVING came up to 0.5 s later: a review).
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.close)
         self.backend.close()
         if self._calls is not None:
             self._calls.shutdown(wait=False)  # idle by now; its threads end
@@ -646,7 +648,7 @@ async def serve(config: ServerConfig, parent_pid: int | None = None, ready_fd: i
         logging.shutdown()
         os._exit(128 + signum)
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)
     # Kept referenced until shutdown: the event loop holds tasks only weakly.
     watch = asyncio.create_task(_stop_when_orphaned(parent_pid, stop)) if parent_pid is not None else None

@@ -66,6 +66,7 @@ from typing import Any, Callable, Collection, Iterator, Sequence
 
 import numpy as np
 
+from halflife.logs import RepeatedWarning
 from halflife.storage.base import (
     Change,
     EventColumns,
@@ -87,6 +88,7 @@ from halflife.storage.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 __all__ = ["DB_NAME", "MIGRATIONS", "SCHEMA_VERSION", "WRITER_PRAGMAS", "SqliteStore"]
 
 log = logging.getLogger(__name__)
+_checkpoint_failures = RepeatedWarning(log)
 
 DB_NAME = "halflife.sqlite3"
 BUSY_TIMEOUT_MS = 10_000
@@ -1092,6 +1094,7 @@ class SqliteStore:
         again (see `_run_writer`), and leaves a mark on disk until one
         completes (`_mark_erased`). Never raises. Writer thread."""
         owed = self._erased_marks()  # a completed truncation settles what was committed before it
+        failed = False
         try:
             conn.execute(f"PRAGMA busy_timeout = {TRUNCATE_BUSY_MS}")
             try:
@@ -1099,10 +1102,12 @@ class SqliteStore:
             finally:
                 conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         except Exception as e:  # noqa: BLE001 - a failed try is retried, never the writer's end
-            busy = True
-            log.warning("WAL checkpoint failed: %s", e)
+            # Every TRUNCATE_RETRY_S while a disk stays full: not a line each time, nor called a reader's block.
+            _checkpoint_failures.warning("WAL checkpoint after an erasure failed (%s); retried every %.0f s until it "
+                                         "completes", e, TRUNCATE_RETRY_S)
+            busy = failed = True
         if busy:
-            if not self._truncate_pending:
+            if not self._truncate_pending and not failed:
                 log.warning("WAL checkpoint after an erasure is blocked by a reader; retried every %.0f s until "
                             "it completes", TRUNCATE_RETRY_S)
             self._mark_erased()  # before DeleteUser answers: this runs ahead of the job's result

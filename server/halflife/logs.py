@@ -1,0 +1,33 @@
+"""Logging helpers shared by the server's parts."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+
+class RepeatedWarning:
+    """A warning that may repeat for as long as a condition lasts (a full
+    disk fails every write): logged at most once per `interval` seconds,
+    the next one saying how many were held back meanwhile. A line per failed
+    write filled the log, on the same disk at times (an operations review)."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self._log, self._interval, self._clock = logger, interval, clock
+        self._lock = threading.Lock()
+        self._next = -float("inf")
+        self._held = 0
+
+    def warning(self, message: str, *args) -> None:
+        now = self._clock()
+        with self._lock:
+            if now < self._next:
+                self._held += 1
+                return
+            held, self._held, self._next = self._held, 0, now + self._interval
+        if held:
+            message += f" (and {held} more like it in the last {self._interval:.0f} s)"
+        self._log.warning(message, *args)
