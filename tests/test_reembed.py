@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -137,13 +138,8 @@ def test_an_item_deleted_in_the_old_store_during_the_copy_counts_as_deleted_befo
     but not of the events' joins, whose record then failed UnknownItemsError.
     The copy runs to its end, and is refused there: the old store changed."""
     target = new_engine(tmp_path / "new")
-
-    def steps(starts, what):
-        for start in starts:
-            if what == "items":
-                old_store.delete_items(["i0"])  # a1 (u1 liked it, no text): left out as on a deleted item
-            yield start
-
+    # a1 (u1 liked it, no text): left out as on a deleted item
+    steps = during("items", lambda: old_store.delete_items(["i0"]))
     with pytest.raises(SourceChangedError, match=r"\(1 items upserted or deleted, 0 users erased\)"):
         reembed(old_store, target, steps)
     assert sorted(target.store.get_items([f"i{n}" for n in range(6)])) == ["i1", "i2", "i3"]
@@ -153,37 +149,30 @@ def test_an_item_deleted_in_the_old_store_during_the_copy_counts_as_deleted_befo
 def test_a_user_erased_during_the_copy_refuses_it_and_later_events_are_counted(old_store, tmp_path):
     """The events are read in batches: an erasure between them came back in
     the copy, which said nothing (a review)."""
-    def steps(starts, what):
-        for start in starts:
-            if what == "events":
-                old_store.delete_user("u1")
-            yield start
-
     with pytest.raises(SourceChangedError, match=r"\(0 items upserted or deleted, 1 users erased\)"):
-        reembed(old_store, new_engine(tmp_path / "erased"), steps)
+        reembed(old_store, new_engine(tmp_path / "erased"), during("events", lambda: old_store.delete_user("u1")))
     changes_since, old_store.changes_since = old_store.changes_since, lambda version: []  # a feed pruned meanwhile
-
-    def erasing_u3(starts, what):
-        for start in starts:
-            if what == "events":
-                old_store.delete_user("u3")
-            yield start
-
     with pytest.raises(SourceChangedError, match=r"changed while it was copied \(items or users\)"):
-        reembed(old_store, new_engine(tmp_path / "pruned"), erasing_u3)
+        reembed(old_store, new_engine(tmp_path / "pruned"), during("events", lambda: old_store.delete_user("u3")))
     old_store.changes_since = changes_since
 
     recorder = old_engine(tmp_path / "old")
-
-    def recording(starts, what):
-        for start in starts:
-            if what == "events":
-                recorder.record_events([event("late", "u2", VIEW, "i0")])
-            yield start
-
-    done = reembed(old_store, new_engine(tmp_path / "new"), recording)
+    done = reembed(old_store, new_engine(tmp_path / "new"),
+                   during("events", lambda: recorder.record_events([event("late", "u2", VIEW, "i0")])))
     assert done.recorded_since == 1 and "late" not in [e.event_id for e in done_events(tmp_path / "new", "u2")]
     recorder.store.close()
+
+
+def during(what: str, action: Callable[[], object]) -> Callable[[range, str], Iterator[int]]:
+    """A `reembed` steps callback that runs `action` at each batch of `what`
+    ("items" or "events"): a writer on the old store meanwhile."""
+    def steps(starts: range, step: str) -> Iterator[int]:
+        for start in starts:
+            if step == what:
+                action()
+            yield start
+
+    return steps
 
 
 def done_events(path, user_id: str) -> list[EventRecord]:
