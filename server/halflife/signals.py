@@ -1,5 +1,5 @@
-"""Stop signals. `StopSignals`: how `halflife serve` reads SIGTERM and
-SIGINT: the first asks for a graceful stop (in-flight calls finish), a later
+"""Stop signals. `StopSignals`: how `halflife serve` reads SIGTERM, SIGINT
+and SIGHUP (`STOP_SIGNALS`): the first asks for a graceful stop (in-flight calls finish), a later
 one for a stop now, except one within REPEAT_SIGNAL_WINDOW_S of the first:
 the same stop delivered twice, as timeout(1) and wrapper scripts signal the
 process and then its group a millisecond apart (an operations review: calls

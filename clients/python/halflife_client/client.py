@@ -12,8 +12,8 @@ gRPC's deadline arithmetic would take for one already passed; NaN is a
 ValueError), and calls that fail with UNAVAILABLE (a connection
 dropped, a server restarting) are retried by gRPC itself, up to 4 attempts
 with backoff from 0.1 s (gRPC's C core waits 0.1, 0.2 and 0.4 s, each
-within 20%: 0.56-0.84 s in all, measured 0.64-0.81, for a blip, not a restart that takes seconds, which the
-caller retries), as are those a server
+within 20%: 0.56-0.84 s in all, measured 0.64-0.81, for a blip, not a
+restart that takes seconds, which the caller retries), as are those a server
 shutting down answers CANCELLED: it cancels calls that had arrived but not
 reached a handler yet (grpc/grpc#41785), and every Halflife call is safe to
 repeat. A RecordEvents that fails ABORTED (items its events name changed

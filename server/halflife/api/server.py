@@ -624,7 +624,7 @@ class ServingFailedError(Exception):
 
 
 async def serve(config: ServerConfig, parent_pid: int | None = None, ready_fd: int | None = None) -> None:
-    """Runs until SIGTERM or SIGINT (or, for a worker, until the process with
+    """Runs until SIGTERM, SIGINT or SIGHUP (or, for a worker, until the process with
     `parent_pid` that started it has died), then shuts down gracefully. A
     worker writes to `ready_fd`, its pipe to that parent, once it serves.
     Raises ServingFailedError, once stopped, where the server stopped itself."""

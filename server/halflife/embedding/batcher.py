@@ -128,7 +128,7 @@ class DynamicBatcher:
         self._on_idle = on_idle
         self._on_death = on_death
         self.config = config
-        self._jobs: collections.deque[_Job] = collections.deque()  # guarded by _lock, as are the next three
+        self._jobs: collections.deque[_Job] = collections.deque()  # guarded by _lock, as are the next four
         self._queued_inputs = 0  # inputs of queued jobs that no window took yet
         self._tokenizing = 0  # inputs callers are tokenizing, to submit next (begin_tokenizing)
         self._windows_taken = 0
@@ -205,8 +205,9 @@ class DynamicBatcher:
         """Embeds the token-id arrays `ids`; returns (len(ids), dim) float32.
 
         deadline: in `time.monotonic()` seconds. Raises QueueFullError at once
-        when the queue is full (inputs being tokenized counted in), DeadlineExpiredError when the deadline passes
-        first. Cancelling the caller drops its inputs before they are computed.
+        when the queue is full (inputs being tokenized counted in),
+        DeadlineExpiredError when the deadline passes first. Cancelling the
+        caller drops its inputs before they are computed.
         """
         if not ids:
             raise ValueError("nothing to embed")
