@@ -109,10 +109,20 @@ def _random_text(rng: random.Random, chars: int) -> str:
     return rng.choice(["", " ", "\n"]) + text + rng.choice(["", " ", "\n\t"])
 
 
+def _without_spaces(rng: random.Random, chars: int) -> str:
+    """Pieces run together (CJK, punctuation, emoji, words): a head is cut inside a pre-token."""
+    text = ""
+    while len(text) < chars:
+        text += rng.choice(PIECES)
+    return text
+
+
 def _texts(seed: int) -> list[str]:
     rng = random.Random(seed)
     chars = 16 * MAX_TOKENS
     texts = [_random_text(rng, rng.choice([8, chars // 2, chars, 2 * chars, 6 * chars])) for _ in range(300)]
+    texts += [_without_spaces(rng, rng.choice([chars, 2 * chars, 6 * chars])) for _ in range(100)]
+    texts += ["東京" * chars, "?!" * chars, "日本語のテキスト" * chars + " end"]
     # Few tokens before the last space in the bound: the head says nothing, the whole text is read.
     texts += ["hello " + "x" * chars + " world " * 100, "a " + "ab" * chars, "word " * 5 + "\t" * chars + "word " * 50]
     return texts
@@ -198,6 +208,21 @@ def test_a_32_kib_input_is_tokenized_from_its_start(minilm, monkeypatch):
     assert caught.value.too_long == [(1, None)]
     assert "inputs[1] has more than the model's 256 tokens" in str(caught.value)
     assert max(map(len, recording.texts)) <= engine_module.CHARS_PER_TOKEN_BOUND * limit and counting.texts == []
+
+
+@pytest.mark.parametrize("text", ["日本語のテキスト、東京。" * 3000, "?!" * 16384, "中文文本" * 8192],
+                         ids=["japanese", "punctuation", "chinese"])
+def test_a_32_kib_input_without_spaces_is_tokenized_from_its_start_too(minilm, monkeypatch, text):
+    """With no space to cut at, the whole text was read (~0.04 s for 32 KiB, 10 s for an Embed of 256; an
+    embed review); cut inside a pre-token, the head decides where what it keeps ends before that pre-token."""
+    text = text[:32 * 1024]
+    limit = minilm.max_input_tokens
+    whole = load_tokenizer(minilm.model_dir / minilm.manifest.tokenizer_file, truncate_at=limit).encode(text)
+    recording = RecordingTokenizer(minilm._truncating_tokenizer)
+    monkeypatch.setattr(minilm, "_truncating_tokenizer", recording)
+    tokens = minilm.tokenize([text], truncate=True)
+    assert tokens.ids[0].tolist() == whole.ids and tokens.truncated.tolist() == [True]
+    assert max(map(len, recording.texts)) <= engine_module.CHARS_PER_TOKEN_BOUND * limit
 
 
 def test_a_refused_input_is_counted_where_it_is_read_whole(minilm):
