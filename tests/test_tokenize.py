@@ -109,11 +109,16 @@ def _random_text(rng: random.Random, chars: int) -> str:
     return rng.choice(["", " ", "\n"]) + text + rng.choice(["", " ", "\n\t"])
 
 
+# Added tokens' texts, which a tokenizer matches before it splits a text into pre-tokens.
+ADDED = ("<|endoftext|>", "<s>", "</s>", "<unk>", "[SEP]", "[CLS]", "[MASK]")
+
+
 def _without_spaces(rng: random.Random, chars: int) -> str:
-    """Pieces run together (CJK, punctuation, emoji, words): a head is cut inside a pre-token."""
+    """Pieces run together (CJK, punctuation, emoji, words, added tokens' texts, now and then after whitespace
+    of another kind): a head is cut inside a pre-token."""
     text = ""
     while len(text) < chars:
-        text += rng.choice(PIECES)
+        text += rng.choice(PIECES) if rng.random() < 0.9 else rng.choice(SPACES[12:]) + rng.choice(ADDED)
     return text
 
 
@@ -123,6 +128,9 @@ def _texts(seed: int) -> list[str]:
     texts = [_random_text(rng, rng.choice([8, chars // 2, chars, 2 * chars, 6 * chars])) for _ in range(300)]
     texts += [_without_spaces(rng, rng.choice([chars, 2 * chars, 6 * chars])) for _ in range(100)]
     texts += ["東京" * chars, "?!" * chars, "日本語のテキスト" * chars + " end"]
+    # An added token's text across the cut, after whitespace (a fuzz: the head kept "<" where the text has the token).
+    texts += ["東" * 4 + "x" * (chars - 20 - k) + "\t   " + token + "東京" * chars
+              for token in ADDED for k in range(-2, len(token) + 2)]
     # Few tokens before the last space in the bound: the head says nothing, the whole text is read.
     texts += ["hello " + "x" * chars + " world " * 100, "a " + "ab" * chars, "word " * 5 + "\t" * chars + "word " * 50]
     return texts
