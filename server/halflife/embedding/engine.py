@@ -172,8 +172,8 @@ def _go_on() -> None:
 # Texts encoded at once: an encoding holds ~110 bytes a token (offsets, token
 # strings), and 1,000 texts of 32 KiB in one batch held ~1.8 GB, of which
 # the ids of 256 tokens each were kept (a resource audit). Between batches a
-# caller's `check` may stop the work: 256 KiB of text without spaces (read
-# whole, see `_encoded`) takes ~0.3 s here.
+# caller's `check` may stop the work: 256 KiB of text read whole (one long
+# pre-token, see `_encoded`) takes ~0.3 s here.
 TOKENIZE_CHARS = 1 << 18
 
 
@@ -285,9 +285,11 @@ def _encoded(tokenizer: Tokenizer, texts: Sequence[str], check: Check = _go_on) 
     the head's tokens are the first of the whole text's; so a head that
     overflows the truncation has the whole text's kept tokens and is cut as
     it is; so does one cut inside a pre-token, where what it keeps ends
-    before that pre-token (`_decides`). Any other head (one huge unknown word) says nothing of the rest:
-    the whole text is encoded after all, with the others of its batch that
-    need it (one at a time, they took twice as long as before heads were read)."""
+    before that pre-token (`_decides`) and no added token's text is cut
+    (`_before_added_token`). Any other head (one huge unknown word) says
+    nothing of the rest: the whole text is encoded after all, with the
+    others of its batch that need it (one at a time, they took twice as
+    long as before heads were read)."""
     texts = [tokenizer_input(text) for text in texts]
     chars = CHARS_PER_TOKEN_BOUND * tokenizer.truncation["max_length"]
     if max(map(len, texts), default=0) <= chars or not _cuts_at_spaces(tokenizer):
