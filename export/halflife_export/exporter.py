@@ -595,7 +595,15 @@ def _check_output(output: Path, force: bool) -> None:
 
 
 def _holds_model(directory: Path) -> bool:
-    return (directory / MANIFEST_NAME).is_file() and _is_model_manifest(directory / MANIFEST_NAME)
+    """Whether `directory` holds a Halflife model manifest (a web app's manifest.json is not)."""
+    path = directory / MANIFEST_NAME
+    if not path.is_file():  # none, or a directory or FIFO by that name (a read of which would wait for good)
+        return False
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and "format_version" in data and "variants" in data
 
 
 def _check_replaceable(output: Path) -> None:
@@ -619,15 +627,6 @@ def _remove_retired(output: Path) -> None:
     except OSError as exc:
         raise ExportError(f"{retired}, a model an earlier export replaced, cannot be removed "
                           f"({exc.strerror or exc}): remove it by hand") from None
-
-
-def _is_model_manifest(path: Path) -> bool:
-    """Whether `path` is a Halflife model manifest (a web app's manifest.json is not)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(data, dict) and "format_version" in data and "variants" in data
 
 
 def _export_raw(source: _Source, work: Path, opset: int) -> Path:
