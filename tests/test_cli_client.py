@@ -764,6 +764,22 @@ def test_an_item_takes_none_for_what_it_does_not_have():
         Item(id="x", attributes={"year": 1999}).to_proto()
 
 
+def test_an_items_vector_past_float32s_range_keeps_its_direction():
+    """The wire's vector is float32 and the server keeps only a vector's direction. A float64 vector with an
+    entry past float32's range went out with inf in it (the server: "holds NaN or infinite values", of finite
+    values), and one of entries all below its smallest as zeros ("is all zeros: it has no direction")."""
+    from halflife_client import Item
+
+    direction = np.array([3.0, -4.0, 0.0, 1e-3])
+    for scale in (1e39, 1e300, 1e-46, 1e-300):
+        sent = np.asarray(Item(id="x", vector=direction * scale).to_proto().vector, dtype=np.float64)
+        assert np.isfinite(sent).all() and sent.any(), scale
+        np.testing.assert_allclose(sent / np.linalg.norm(sent), direction / np.linalg.norm(direction), rtol=1e-6)
+    # A vector float32 holds goes as it is; one that is not finite is the server's to refuse.
+    assert list(Item(id="x", vector=[0.5, 1e-40, 3e38]).to_proto().vector) == list(np.float32([0.5, 1e-40, 3e38]))
+    assert np.isnan(Item(id="x", vector=[np.nan, 1e39]).to_proto().vector[0])
+
+
 def test_the_package_exports_the_names_the_readme_gives_it():
     """clients/python/README.md names these as halflife_client's; DEFAULT_PORT
     and server_target were only in halflife_client.client (an AttributeError)."""

@@ -150,8 +150,22 @@ class Item:
         if self.create_time is not None:
             item.create_time.CopyFrom(to_timestamp(self.create_time))
         if self.vector is not None:
-            item.vector.extend(np.asarray(self.vector, dtype=np.float32).tolist())
+            item.vector.extend(_wire_vector(self.vector).tolist())
         return item
+
+
+def _wire_vector(vector) -> np.ndarray:
+    """`vector` as the wire's float32. The server keeps its direction alone
+    (it L2-normalises it), so a finite vector that float32 cannot hold is
+    scaled by its largest entry first: with an entry past ~3.4e38 it went out
+    holding inf, with every entry below ~1e-45 as zeros, and was refused for
+    what it was not ("NaN or infinite values", "all zeros")."""
+    wide = np.asarray(vector, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        out = wide.astype(np.float32)
+    if np.isfinite(wide).all() and wide.any() and not (np.isfinite(out).all() and out.any()):
+        out = (wide / np.abs(wide).max()).astype(np.float32)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
