@@ -1160,6 +1160,20 @@ def test_times_sent_to_the_microsecond_come_back_as_sent():
     # To the nanosecond: within one float64 spacing, as docs/api.md says.
     back = to_pb_timestamp(stored_seconds(1_700_000_000, 123_456_789))
     assert (back.seconds, back.nanos) == (1_700_000_000, 123_456_717)
+    # To the microsecond only within +-2^33 s, where the spacing is under 1 us: an item's date may lie outside
+    # (years 1 to 9999), and docs/api.md said such a time came back as sent, whatever its year.
+    edge = 2**33 - 1
+    for micros in rng.integers(0, 1_000_000, 2_000):
+        for seconds in (edge, -edge - 1):
+            back = to_pb_timestamp(stored_seconds(seconds, int(micros) * 1000))
+            assert (back.seconds, back.nanos) == (seconds, micros * 1000)
+    api_md = " ".join((Path(__file__).parents[1] / "docs" / "api.md").read_text(encoding="utf-8").split())
+    assert "as sent from 1697-10-17 to 2242-03-16 (±2^33 s" in api_md
+    for sent, returned in (("9999-01-01T00:00:00.123Z", ".122986Z"), ("1500-06-01T00:00:00.123456Z", ".123455Z")):
+        stamp = timestamp_pb2.Timestamp()
+        stamp.FromJsonString(sent)
+        assert to_pb_timestamp(stored_seconds(stamp.seconds, stamp.nanos)).ToJsonString() == sent[:19] + returned
+        assert f"`{sent}` returns as `{returned}`" in api_md or f"`{sent}` as `{returned}`" in api_md
 
 
 def test_stored_times_come_back_as_valid_timestamps(client):
