@@ -991,3 +991,15 @@ def test_a_time_that_is_no_datetime_is_a_type_error():
     with HalflifeClient("127.0.0.1:1", timeout=1) as client:
         with pytest.raises(TypeError, match="times are datetime.datetime values, got str '2018-09-25'"):
             client.recommend("u", 3, as_of="2018-09-25")
+
+
+def test_a_time_past_what_a_timestamp_holds_in_utc_is_a_value_error_naming_it():
+    """Year 1 at UTC+14 is year 0 in UTC: protobuf raised a bare OverflowError, "date value out of range"."""
+    from halflife_client import to_timestamp
+
+    early = dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=14)))
+    late = dt.datetime(9999, 12, 31, 23, tzinfo=dt.timezone(dt.timedelta(hours=-14)))
+    for when in (early, late):
+        with pytest.raises(ValueError, match=re.escape(f"time {when.isoformat()} is, in UTC, outside")):
+            to_timestamp(when)
+    assert to_timestamp(dt.datetime(1, 1, 1, 14, tzinfo=dt.timezone(dt.timedelta(hours=14)))).seconds == -62135596800

@@ -211,7 +211,11 @@ def to_timestamp(when: dt.datetime) -> timestamp_pb2.Timestamp:
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.timezone.utc)
     stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(when)
+    try:
+        stamp.FromDatetime(when)
+    except OverflowError:  # "date value out of range", naming no time: one near year 1 or 9999 whose UTC is past it
+        raise ValueError(f"time {when.isoformat()} is, in UTC, outside what a Timestamp holds "
+                         "(0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z)") from None
     return stamp
 
 
