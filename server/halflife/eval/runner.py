@@ -329,7 +329,7 @@ class GridOutcome:
 def tune(val_backend: EngineBackend, queries: list[Query], base: Config) -> GridOutcome:
     """Coordinate search on the validation period. Profile settings (event
     types, mode, K, threshold) each need an engine; the blend's signals are
-    additive, so the engine's own `_signals` are computed once per setting and
+    additive, so the engine's own `signals` are computed once per setting and
     the weights searched over them in NumPy. Event-type weights also count
     in co-occurrence (affinities, which events pair) and popularity, so those
     are computed per set of weights too (a review: computed once, under the
