@@ -393,7 +393,7 @@ class EmbeddingEngine:
         # the CUDA branch's calls on the CPU provider to check them against onnxruntime's real API).
         self._output_device = "cuda" if self.provider == CUDA else "cpu"
         self._arena_grown = False  # a pass over more than ARENA_KEEP_TOKENS ran since release_memory
-        self.memory_releases = 0  # release_memory calls that gave memory back (for tests and metrics)
+        self.memory_releases = 0  # release_memory calls that gave memory back (for tests)
 
     @classmethod
     def load(
