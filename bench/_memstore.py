@@ -98,9 +98,6 @@ class MemoryStore:
         item = next(iter(self.items.values()), None)  # the benchmark's events are on its items
         return None if item is None else item.vector.shape[0]
 
-    def user_count(self) -> int:
-        return len(self.by_user)
-
     def event_count(self) -> int:
         return len(self.events)
 

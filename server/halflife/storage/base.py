@@ -256,8 +256,6 @@ class Store(Protocol):
         """The length of the newest stored vector (every one has the length
         of the model that made it), or None while none is stored."""
 
-    def user_count(self) -> int: ...
-
     def item_count(self) -> int:
         """How many items are stored."""
 

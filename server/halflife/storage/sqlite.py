@@ -1163,9 +1163,6 @@ class SqliteStore:
 
         return self._read(read)
 
-    def user_count(self) -> int:
-        return self._read(lambda c: c.execute("SELECT COUNT(DISTINCT user_id) FROM events").fetchone()[0])
-
     def item_count(self) -> int:
         return self._read(lambda c: c.execute("SELECT COUNT(*) FROM items").fetchone()[0])
 
