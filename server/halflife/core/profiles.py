@@ -164,6 +164,7 @@ class ProfileState:
         return float(self._factors(t) @ self.masses)
 
     def negative_strength(self, t: float) -> float:
+        """Total decayed negative weight at t (Σ |w|·decay of the negative events)."""
         return float(self._factors(t) @ self.neg_masses)
 
     def negative_fade(self, t: float, full_share: float) -> float:
@@ -468,6 +469,7 @@ class MultiInterestState:
         return self.cluster_vectors(t).sum(axis=0) if self.n_clusters else np.zeros(self.dim)
 
     def total_mass(self, t: float) -> float:
+        """Σ over clusters of the `importances` at t (independent of assignment)."""
         return float(self.importances(t).sum())
 
     def trends(self) -> np.ndarray:

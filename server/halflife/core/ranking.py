@@ -577,6 +577,9 @@ class EntryLog:
         self.taken_back += int(np.count_nonzero(weights < 0))
 
     def chunks(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """A snapshot of the chunks, oldest first, each (rows (n,) int32,
+        times (n,) float64, weights (n,) float32), to sum without the
+        writer's lock (`joined`)."""
         return list(self._chunks)
 
     def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
