@@ -27,7 +27,7 @@ from halflife.core.decay import (
     read_factors,
     relative_read_factors,
 )
-from halflife.core.ranking import cosine_scores, normalize, row_dots
+from halflife.core.ranking import normalize, row_dots
 
 # float32 centroids put the cosine of two equal directions a few ulps under 1:
 # cluster_threshold = 1 must still join identical events.
@@ -167,15 +167,6 @@ class ProfileState:
         """Total decayed negative weight at t (Σ |w|·decay of the negative events)."""
         return float(self._factors(t) @ self.neg_masses)
 
-    def negative_fade(self, t: float, full_share: float) -> float:
-        """`negative_fade` of the decayed strengths at t."""
-        return negative_fade(self.strength(t), self.negative_strength(t), full_share)
-
-    def scores(self, items: np.ndarray, t: float, beta: float = 0.5, full_share: float = 0.0) -> np.ndarray:
-        """cos(profile, item) − β·fade·cos(negative, item) for (N, d)
-        normalised items, fade the `negative_fade` at t."""
-        return profile_scores(self.vector(t), self.negative_vector(t), items, beta * self.negative_fade(t, full_share))
-
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {
             "rates": self.rates,
@@ -214,14 +205,6 @@ def negative_fade(positive_strength: float, negative_strength: float, full_share
         return 0.0
     share = negative_strength / (positive_strength + negative_strength)
     return 1.0 if share >= full_share else share / full_share
-
-
-def profile_scores(positive, negative, items: np.ndarray, beta: float = 0.5) -> np.ndarray:
-    """cos(positive, item) − β·cos(negative, item): items near disliked ones go
-    down. positive, negative: (d,) any norm (zero vectors contribute 0);
-    items: (N, d) float32 normalised. One (2, d) @ (d, N) GEMM. Returns (N,) float32."""
-    both = cosine_scores(np.stack([positive, negative]), items)
-    return both[0] - np.float32(beta) * both[1]
 
 
 @dataclass
