@@ -404,7 +404,7 @@ def test_a_store_read_failing_as_an_erasure_ends_is_mended_by_a_rebuild(pair, tm
     with pytest.raises(StoreError):
         a.delete_user("u1")
     monkeypatch.setattr(engine_module, "REBUILD_RETRY_S", 0.0)
-    a.stats()
+    a.catch_up()
     rebuilt(a)
     assert answers(a) == restarted(tmp_path)
 
@@ -418,7 +418,7 @@ def test_a_profile_replaying_while_another_worker_erases_its_user_is_dropped(pai
     def build(*args):  # the other worker erases u0, and a call on this one catches up, mid-replay
         if not done:
             done.append(b.delete_user("u0"))
-            a.stats()
+            a.catch_up()
         return replay(*args)
 
     monkeypatch.setattr(a._builder, "build", build)
@@ -497,7 +497,7 @@ def test_a_long_log_is_rebuilt_off_the_lock_after_an_erasure_elsewhere(pair, tmp
     release.set()
     rebuilt(b)
     assert builds == [False, attempts == 1]  # the stale one, then one off the lock again, or, tries spent, under it
-    a.stats()  # a catches up with b's erasure: its own rebuild
+    a.catch_up()  # a catches up with b's erasure: its own rebuild
     rebuilt(a)
     users = ("cold", "u0", "u1", "u2", "u3")
     assert answers(b, users) == answers(a, users) == restarted(tmp_path, users)
@@ -519,7 +519,7 @@ def test_events_applied_while_the_blend_is_rebuilt_off_the_lock_are_in_the_rebui
 
     monkeypatch.setattr(b, "_built_blend", held_build)
     a.delete_user("u0")
-    b.stats()  # catches up: the rebuild starts, held
+    b.catch_up()  # catches up: the rebuild starts, held
     a.record_events(likes("p", "u1", ["i4"]) + likes("t", "u4", ["i5", "i6"], hours_ago=-2))  # and after the clock
     b.record_events(likes("q", "u2", ["i1", "i7"]))
     release.set()
@@ -554,7 +554,7 @@ def test_a_rebuild_under_the_lock_that_raised_is_tried_again(pair, tmp_path, mon
     a.delete_user("u0")
     a.record_events(likes("p", "u2", ["i4", "i5"]) + likes("q", "u1", ["i5"]))
     with pytest.raises(StoreError):
-        b.stats()
+        b.catch_up()
     assert answers(b) == restarted(tmp_path)
 
 
@@ -584,16 +584,16 @@ def test_a_rebuild_off_the_lock_that_raised_is_tried_again_keeping_the_profiles(
     monkeypatch.setattr(b, "_built_blend", fails_once)
     monkeypatch.setattr(engine_module, "REBUILD_RETRY_S", 3600.0)
     a.delete_user("u0")
-    b.stats()  # starts it (held)
+    b.catch_up()  # starts it (held)
     b.recommend("u1", 3, as_of=T)  # caches u1's profile meanwhile
     release.set()  # it fails
     rebuilt(b)
     assert b._rebuild_failed_at is not None and len(tries) == 1 and "u1" in b._users
-    b.stats()  # too soon to try again (each try is a pass over the log)
+    b.catch_up()  # too soon to try again (each try is a pass over the log)
     rebuilt(b)
     assert len(tries) == 1
     monkeypatch.setattr(engine_module, "REBUILD_RETRY_S", 0.0)
-    b.stats()  # starts it again
+    b.catch_up()  # starts it again
     rebuilt(b)
     assert len(tries) == 2 and b._rebuild_failed_at is None and "u1" in b._users
     assert answers(b) == restarted(tmp_path)
@@ -647,7 +647,7 @@ def test_two_workers_under_concurrent_writes_erasures_and_reads_end_as_a_restart
     errors = run_in_threads(40, writer(a, "a", 0.0), writer(b, "b", 0.5), reader(a), reader(b))
     assert not errors, errors
     for engine in (a, b):  # each catches up with the other's last erasure, and its rebuild is in
-        engine.stats()
+        engine.catch_up()
         rebuilt(engine)
     assert min(a.catalog.epoch, b.catalog.epoch) >= 2 if compact else a.catalog.epoch == b.catalog.epoch == 0
     users = ("cold", "u0", "u1", "u2", "u3")

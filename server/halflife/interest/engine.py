@@ -1739,12 +1739,11 @@ class InterestEngine:
 
     # ---------------------------------------------------------------- status
 
-    def stats(self) -> dict[str, int]:
-        """`sizes` after catching up, and the cached profiles' bytes."""
+    def catch_up(self) -> None:
+        """Takes in what other processes sharing the store have written, as
+        every read and write does first."""
         with self._lock:
             self._catch_up()
-            return {**self.sizes(),
-                    "cached_profile_bytes": sum(s.multi.nbytes + s.single.nbytes for s in self._users.values())}
 
     def sizes(self) -> dict[str, int]:
         """Items in the catalogue and profiles in the cache, as this process
