@@ -28,13 +28,14 @@ from halflife.api.interest import _event_input, _event_inputs
 from halflife.api.server import ServerConfig
 from halflife.api.validation import Violations
 from halflife.api.validation import to_timestamp as to_pb_timestamp
-from halflife.config import BlendConfig, Config, RatingConfig
+from halflife.config import BlendConfig, Config, RankingConfig, RatingConfig
 from halflife.v1 import catalog_pb2, catalog_pb2_grpc, interest_pb2, interest_pb2_grpc, recommend_pb2
 from halflife_client import AsyncHalflifeClient, HalflifeClient, Item, field_violations, to_timestamp
 from tests.fakes import full_disk
 from tests.serving import ServerThread, repeat_min_cosine, start_cli_server
 
 T0 = dt.datetime(2024, 6, 1, tzinfo=dt.timezone.utc)
+API_MD = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 DAY = dt.timedelta(days=1)
 DIM = 384
 
@@ -623,6 +624,23 @@ def test_get_profile_describes_interests(client):
     assert past.negative_strength == 0
     # With the default clock (now), the future view counts too.
     assert {c.type: c.count for c in client.profile(user).event_counts}[VIEW] == 1
+
+
+def test_items_per_interest_0_lists_the_servers_configured_number(model_dir, tmp_path):
+    """0 (a request's default) is the server's ranking.items_per_interest,
+    which the reference names: it said "the server's default of 3", also
+    where a server was configured otherwise."""
+    config = Config(ranking=RankingConfig(items_per_interest=1))
+    with start_server(model_dir, tmp_path, config) as running, HalflifeClient(running.address, timeout=30) as client:
+        client.upsert_items(CATALOG)
+        client.record_events(likes("ipi-user", IDS[SCIFI][:3], T0 - DAY))
+        interests = client.profile("ipi-user", as_of=T0).interests
+        assert interests and all(len(interest.top_items) == 1 for interest in interests)
+        assert all(len(interest.top_items) == 2 for interest in client.profile("ipi-user", as_of=T0,
+                                                                                items_per_interest=2).interests)
+    field = interest_pb2.GetProfileRequest.DESCRIPTOR.fields_by_name["items_per_interest"]
+    row = next(line for line in API_MD.read_text().splitlines() if line.startswith(f"| `{field.name}` |"))
+    assert "`ranking.items_per_interest`" in row and "of 3" not in row
 
 
 def test_unknown_user_has_an_empty_profile(client):

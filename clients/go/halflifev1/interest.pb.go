@@ -405,7 +405,8 @@ type GetProfileRequest struct {
 	// The moment to describe the profile at; default now. Events after it are
 	// ignored, so a past time replays history exactly.
 	AsOfTime *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=as_of_time,json=asOfTime,proto3" json:"as_of_time,omitempty"`
-	// Representative items per interest, 0 to 20 (default 0: the server's default of 3).
+	// Representative items per interest, 0 to 20. 0 (the default) lists the
+	// server's `ranking.items_per_interest`, 3 unless configured.
 	ItemsPerInterest int32 `protobuf:"varint,3,opt,name=items_per_interest,json=itemsPerInterest,proto3" json:"items_per_interest,omitempty"`
 }
 

@@ -162,7 +162,8 @@ export type GetProfileRequest = Message<"halflife.v1.GetProfileRequest"> & {
   asOfTime?: Timestamp;
 
   /**
-   * Representative items per interest, 0 to 20 (default 0: the server's default of 3).
+   * Representative items per interest, 0 to 20. 0 (the default) lists the
+   * server's `ranking.items_per_interest`, 3 unless configured.
    *
    * @generated from field: int32 items_per_interest = 3;
    */
