@@ -3,8 +3,9 @@
 
     apidoc.py generate IMAGE   rewrite the generated part of docs/api.md
     apidoc.py check IMAGE      fail when that part is stale (CI)
-    apidoc.py examples         run every ```sh example of docs/api.md against a
-                               live server (started here, stopped with SIGTERM)
+    apidoc.py examples IMAGE   run every ```sh example of docs/api.md against a
+                               live server (started here, stopped with SIGTERM);
+                               IMAGE says which RPCs each need one
 
 IMAGE is `buf build --exclude-imports -o IMAGE.binpb` of protos/ (a
 FileDescriptorSet with comments); `make docs-api` / `make check-docs-api` /

@@ -290,7 +290,8 @@ type DeleteItemsResponse struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// How many of the ids existed (and are now gone).
+	// How many of the ids existed (and are now gone); an id given twice counts
+	// once.
 	DeletedCount int32 `protobuf:"varint,1,opt,name=deleted_count,json=deletedCount,proto3" json:"deleted_count,omitempty"`
 }
 

@@ -160,7 +160,8 @@ export const DeleteItemsRequestSchema: GenMessage<DeleteItemsRequest> = /*@__PUR
  */
 export type DeleteItemsResponse = Message<"halflife.v1.DeleteItemsResponse"> & {
   /**
-   * How many of the ids existed (and are now gone).
+   * How many of the ids existed (and are now gone); an id given twice counts
+   * once.
    *
    * @generated from field: int32 deleted_count = 1;
    */
