@@ -856,6 +856,32 @@ def test_a_worker_whose_parent_died_before_it_started_stops(model_dir, tmp_path)
     assert worker.returncode == 0 and "worker is gone; stopping" in output, output
 
 
+def test_a_worker_whose_parent_died_while_it_loaded_stops_cleanly(model_dir, tmp_path):
+    """Its word to the parent (`--ready-fd`) found the pipe's reading end
+    gone with the parent (SIGKILLed while the worker loaded): the worker
+    exited 1 on "halflife serve: error: [Errno 32] Broken pipe", its server
+    never stopped, where one orphaned later stops gracefully."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    read, write = os.pipe()
+    os.close(read)  # as the dead parent's end
+    try:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(model_dir),
+             "--data-dir", str(tmp_path / "data"), "--worker-index", "0", "--parent-pid", str(gone.pid),
+             "--ready-fd", str(write)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, pass_fds=(write,),
+        )
+    finally:
+        os.close(write)
+    try:
+        output = worker.communicate(timeout=120)[0]
+    finally:
+        worker.kill()
+    assert worker.returncode == 0 and "Broken pipe" not in output, output
+    assert "worker is gone; stopping" in output and "stopped" in output, output
+
+
 def listening_socket(reuse_address: bool):
     """A listener on a free port of 127.0.0.1, without SO_REUSEPORT: the port is its alone."""
     import socket

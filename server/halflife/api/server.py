@@ -654,8 +654,12 @@ async def serve(config: ServerConfig, parent_pid: int | None = None, ready_fd: i
     watch = asyncio.create_task(_stop_when_orphaned(parent_pid, stop)) if parent_pid is not None else None
     port = await server.start(stop)
     if ready_fd is not None:
-        os.write(ready_fd, b"1")
-        os.close(ready_fd)
+        try:
+            os.write(ready_fd, b"1")
+        except BrokenPipeError:  # the parent died while this worker loaded: it exited 1 on "Broken pipe", unstopped
+            _orphaned(stop)
+        finally:
+            os.close(ready_fd)
     # Logged once the parent knows: a worker killed after this line is one that served, and is started again.
     if not stop.is_set():
         log.info("serving on %s", host_port(config.host, port))
@@ -673,6 +677,12 @@ async def _stop_when_orphaned(parent_pid: int, stop: asyncio.Event) -> None:
     """A worker whose parent was killed (SIGKILL forwards nothing) stops too."""
     while not stop.is_set():
         if os.getppid() != parent_pid:
-            log.warning("the process that started this worker is gone; stopping")
-            stop.set()
+            _orphaned(stop)
         await asyncio.sleep(1.0)
+
+
+def _orphaned(stop: asyncio.Event) -> None:
+    """Stops a worker whose parent is gone (once)."""
+    if not stop.is_set():
+        log.warning("the process that started this worker is gone; stopping")
+        stop.set()
