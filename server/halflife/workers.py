@@ -7,8 +7,8 @@ the port (a bound, non-listening SO_REUSEPORT socket, so `--port 0` gets one
 port for all), opens the store once so migrations run before anyone serves,
 then starts each worker as a fresh interpreter (`halflife serve` with the
 same flags plus `--worker-index`, in a session of its own, holding the data
-directory's lock with it), stops them with SIGTERM when it gets SIGTERM or
-SIGINT, and waits.
+directory's lock with it), stops them with SIGTERM when it gets SIGTERM,
+SIGINT or SIGHUP, and waits.
 
 Workers share the SQLite store and follow each other's writes
 (`InterestEngine(follow_store=True)`). Each tells the parent through a pipe
@@ -171,7 +171,7 @@ class _Worker:
 def run_workers(serve_argv: Sequence[str], host: str, port: int, workers: int, threads: int,
                 keep_fds: Sequence[int] = (), prepare: Callable[[], None] = lambda: None) -> int:
     """Runs `workers` copies of `halflife serve <serve_argv>` on one port until
-    SIGTERM/SIGINT (forwarded to them), restarting one that dies after it
+    SIGTERM, SIGINT or SIGHUP (forwarded to them), restarting one that dies after it
     served (see the module's docstring for when the group stops instead).
     keep_fds: open in every worker for its life (the data directory's lock).
     prepare: run once the port is reserved, before any worker starts (so a
