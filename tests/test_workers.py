@@ -882,6 +882,19 @@ def test_a_worker_whose_parent_died_while_it_loaded_stops_cleanly(model_dir, tmp
     assert "worker is gone; stopping" in output and "stopped" in output, output
 
 
+def test_a_workers_error_line_says_which_worker(tmp_path):
+    """docs/serving.md: each worker's lines carry `[worker i]`. Its log lines
+    did; the one line a failed start prints did not, in a group's shared log."""
+    worker = subprocess.run(
+        [sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(tmp_path / "no-model"),
+         "--data-dir", str(tmp_path / "data"), "--worker-index", "3", "--parent-pid", str(os.getpid())],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert worker.returncode == 1, worker.stderr
+    assert worker.stderr.splitlines()[-1].startswith("[worker 3] halflife serve: error: "), worker.stderr
+    assert "is not an exported model directory" in worker.stderr
+
+
 def listening_socket(reuse_address: bool):
     """A listener on a free port of 127.0.0.1, without SO_REUSEPORT: the port is its alone."""
     import socket

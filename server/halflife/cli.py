@@ -265,12 +265,13 @@ def _run_serve(args: argparse.Namespace) -> int:
     from halflife.config import ConfigError, load_config
     from halflife.storage.base import StoreError
 
+    # A group's worker says which it is on its error lines too, as on its log lines.
+    worker = "" if args.worker_index is None else f"[worker {args.worker_index}] "
     try:
         halflife_config = load_config(args.config)
     except ConfigError as exc:
-        print(f"halflife serve: error: config: {exc}", file=sys.stderr)
+        print(f"{worker}halflife serve: error: config: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    worker = "" if args.worker_index is None else f"[worker {args.worker_index}] "
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s %(levelname)s {worker}%(name)s: %(message)s")
     # grpc's Cython layer logs a DEBUG line per call ("Loaded running loop"): most of a DEBUG log (a review).
     logging.getLogger("grpc._cython.cygrpc").setLevel(max(logging.INFO, logging.getLogger().level))
@@ -311,10 +312,10 @@ def _run_serve(args: argparse.Namespace) -> int:
             lock = claim_data_dir(args.data_dir)
         run_event_loop(serve(config, parent_pid=args.parent_pid, ready_fd=args.ready_fd))
     except ServingFailedError as exc:
-        print(f"halflife serve: error: {exc}", file=sys.stderr)
+        print(f"{worker}halflife serve: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except (ManifestError, StoreError, OSError) as exc:
-        print(_start_refused(exc, args.data_dir), file=sys.stderr)
+        print(worker + _start_refused(exc, args.data_dir), file=sys.stderr)
         if lock is not None and new_data_dir:
             _remove_unused_data_dir(lock, args.data_dir)
         return EXIT_FAILURE
