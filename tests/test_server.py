@@ -1348,3 +1348,33 @@ def test_a_grpc_port_in_use_gives_the_metrics_port_back(model_dir, tmp_path):
     assert server.metrics_port
     with socket.socket() as again:  # its HTTP server is closed, not left serving on a daemon thread
         again.bind(("127.0.0.1", server.metrics_port))
+
+
+def test_an_idle_metrics_connection_ends_after_its_timeout_without_a_traceback(monkeypatch, capfd):
+    """prometheus_client's server waited for good on a connection that sent
+    nothing, a thread each: 700 idle connections held 700 threads, and one
+    whose client vanished held one for the life of the process."""
+    import socket
+
+    from halflife.api import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module._MetricsHandler, "timeout", 0.2)
+    metrics = metrics_module.Metrics()
+    port = metrics.serve("127.0.0.1", 0)
+    try:
+        threads = threading.active_count()
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(5)]
+        deadline = time.monotonic() + 5
+        while threading.active_count() < threads + 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert threading.active_count() == threads + 5  # a thread each, while they wait
+        for connection in idle:
+            assert connection.recv(1) == b""  # closed by the server, well before the client's 5 s
+            connection.close()
+        while threading.active_count() > threads and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert threading.active_count() == threads
+        assert "Traceback" not in capfd.readouterr().err
+        assert scrape_metrics(port)["process_resident_memory_bytes{}"] > 0  # and scrapes go on
+    finally:
+        metrics.close()

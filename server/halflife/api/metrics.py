@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import socketserver
+import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Callable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
@@ -26,6 +31,11 @@ log = logging.getLogger(__name__)
 
 # Seconds: from a health-check-sized call (~0.5 ms here) to a long bulk embed.
 CALL_SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# Seconds a /metrics connection may wait on its client, to read the request or send the answer. The server
+# runs a thread per connection, and prometheus_client's waits for good: 700 connections opened and never
+# written to held 700 threads for as long as they stayed open, and a client gone without closing (a host
+# crashed) one thread for the life of the process. A scrape sends its request at once.
+HTTP_TIMEOUT_S = 10.0
 
 
 class Metrics:
@@ -76,7 +86,10 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> int:
         """Serves /metrics on host:port (0: a free port) from a thread; returns the port."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        server_class = type("MetricsServer", (_MetricsServer,), {"address_family": family})
+        self._http = make_server(host, port, make_wsgi_app(self.registry), server_class, _MetricsHandler)
+        threading.Thread(target=self._http.serve_forever, name="halflife-metrics", daemon=True).start()
         return self._http.server_address[1]
 
     def close(self) -> None:
@@ -85,6 +98,28 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _MetricsServer(socketserver.ThreadingMixIn, WSGIServer):
+    """prometheus_client's server (a daemon thread per connection), whose
+    connections that time out (HTTP_TIMEOUT_S) or that the client drops end
+    without a traceback on stderr: the client's doing, not the server's."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            log.debug("metrics: connection from %s ended: %r", client_address, error)
+        else:
+            super().handle_error(request, client_address)
+
+
+class _MetricsHandler(WSGIRequestHandler):
+    timeout = HTTP_TIMEOUT_S
+
+    def log_message(self, format, *args) -> None:
+        """Logs no request."""
 
 
 def _code_name(code) -> str:
