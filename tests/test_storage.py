@@ -511,6 +511,29 @@ def test_a_store_with_damaged_pages_stops_serve_naming_the_file_and_the_way_back
         f'({path}: restore it from a backup, docs/interest.md "Storage")'), result.stderr
 
 
+@pytest.mark.parametrize("damage", ["header overwritten", "truncated"])
+def test_a_store_damaged_where_it_opens_is_store_damage_naming_the_way_back(model_dir, tmp_path, damage):
+    """A header overwritten ("file is not a database") or a file cut in half
+    ("malformed", found by the open's own reads) failed the open as a plain
+    StoreError: serve said "cannot open ...: file is not a database" without
+    the file's way back that damage found later gets (an operations review)."""
+    with SqliteStore(tmp_path / "data") as store:
+        store.upsert_items([item(f"i{n}", text="x" * 2000) for n in range(50)])
+    path = tmp_path / "data" / DB_NAME
+    with open(path, "r+b") as db:
+        if damage == "truncated":
+            db.truncate(path.stat().st_size // 2)
+        else:
+            db.write(b"\xa5" * 100)
+    with pytest.raises(StoreDamagedError, match=f"cannot open {path}: "):
+        SqliteStore(tmp_path / "data")
+    if damage == "header overwritten":  # the whole command once: the line serve prints
+        result = serve_once(model_dir, tmp_path / "data", timeout=120)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.splitlines()[-1] == (f"halflife serve: error: cannot open {path}: file is not a database "
+                                                  f'({path}: restore it from a backup, docs/interest.md "Storage")')
+
+
 @pytest.mark.parametrize("what", ["items", "events only"])
 def test_a_store_built_with_a_model_of_another_size_stops_serve_in_one_line(model_dir, tmp_path, what):
     """A data directory served with another model: a ValueError's traceback

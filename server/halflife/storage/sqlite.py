@@ -509,8 +509,8 @@ class SqliteStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot open {self.path}: {e}") from e
+        except sqlite3.Error as e:  # a damaged file's names the way back in serve's line (`_start_refused`)
+            raise _store_error(e, f"cannot open {self.path}: ") from e
 
     def _refuse_foreign(self, conn: sqlite3.Connection) -> int:
         """The file's schema version; StoreError for a SQLite file of
