@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Callable, Iterator
 
 import numpy as np
@@ -308,6 +309,47 @@ def test_the_cli_refuses_an_unfinished_copy_as_source_or_target_and_leaves_anoth
     assert main(args + [str(tmp_path / "old"), "--out", str(tmp_path / "raced")]) == 1
     assert "in use by another halflife process" in capsys.readouterr().err
     assert (tmp_path / "raced" / "theirs").exists()
+
+
+def _raise_rowid(path, seq: int) -> None:
+    """Sets the high byte of event `seq`'s rowid in its leaf page, as a flipped bit on disk would."""
+    data = bytearray(path.read_bytes())
+
+    def varint(at: int) -> tuple[int, int]:
+        value = 0
+        for end in range(at, at + 9):
+            value = value << 7 | data[end] & 0x7F
+            if not data[end] & 0x80:
+                return value, end + 1
+
+    for page in range(4096, len(data), 4096):
+        if data[page] == 0x0D:  # a table b-tree leaf: its cells are (payload size, rowid, payload)
+            for cell in range(int.from_bytes(data[page + 3 : page + 5], "big")):
+                _, at = varint(page + int.from_bytes(data[page + 8 + 2 * cell : page + 10 + 2 * cell], "big"))
+                if varint(at)[0] == seq and seq >= 128:  # two bytes: the first made 0xFF, the rowid >= 16,256
+                    data[at] = 0xFF
+                    path.write_bytes(data)
+                    return
+    raise AssertionError(f"no event {seq}")
+
+
+def test_the_cli_refuses_a_store_whose_pages_are_damaged(model_dir, tmp_path, capsys):
+    """A rowid damaged in the middle of the log ended SQLite's range reads
+    there without an error: the copy took 149 events of 300 and said it was
+    complete (an operations review)."""
+    from halflife.cli import main
+
+    with SqliteStore(tmp_path / "old") as store:
+        store.record_events([EventRecord(f"e{n}", f"u{n % 3}", SEARCH, None, "a long search " * 20, None, T + n,
+                                         np.ones(DIM, np.float32)) for n in range(300)])
+        store.checkpoint()
+    _raise_rowid(tmp_path / "old" / "halflife.sqlite3", 150)
+    assert main(["reembed", "--data-dir", str(tmp_path / "old"), "--out", str(tmp_path / "new"),
+                 "--model-dir", str(model_dir)]) == 1
+    assert re.fullmatch(rf"halflife reembed: error: {re.escape(str(tmp_path / 'old' / 'halflife.sqlite3'))} is "
+                        r"damaged \(On tree page \d+ cell \d+: Rowid \d+ out of order\): restore it from a backup",
+                        capsys.readouterr().err.splitlines()[-1])
+    assert not (tmp_path / "new").exists()
 
 
 def test_the_cli_leaves_no_half_copy_behind(model_dir, tmp_path, capsys):

@@ -820,6 +820,7 @@ def _run_reembed(args: argparse.Namespace) -> int:
                 model.warm_up()  # a manifest that does not fit its model: one line, as `serve` says it
                 source, target = SqliteStore(args.data_dir), SqliteStore(args.out)
                 try:
+                    source.check_intact()  # damage can end a read early, unsaid: the copy would miss what it hides
                     engine = InterestEngine(Config(), target, model.dimension,
                                             lambda texts, deadline=None: embed_sorted(model, texts),
                                             embedder_id=model.identity, vector_space=model.named_vector_space)

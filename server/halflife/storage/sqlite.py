@@ -1143,6 +1143,21 @@ class SqliteStore:
             if older != mark:
                 older.unlink(missing_ok=True)
 
+    def check_intact(self) -> None:
+        """Raises StoreDamagedError where SQLite's quick_check finds the file's
+        b-trees damaged: a page damaged on disk can end a range read early
+        without an error (a rowid raised by a flipped bit stopped a `halflife
+        reembed` copy there, 149 of 300 events, reported complete). Reads
+        every page: 0.3 s for a 227 MiB file in the page cache (100k events)."""
+        try:
+            problems = self._read(lambda conn: [row[0] for row in conn.execute("PRAGMA quick_check(5)")])
+        except StoreDamagedError as e:  # damage the check itself trips on
+            problems = [str(e)]
+        if problems != ["ok"]:
+            found = "; ".join(line for problem in problems for line in problem.splitlines()
+                              if line != "*** in database main ***")
+            raise StoreDamagedError(f"{self.path} is damaged ({found}): restore it from a backup")
+
     def checkpoint(self) -> None:
         """Checkpoints and truncates the WAL (on the writer thread)."""
         self._submit(lambda conn: None, after_commit=self._truncate_wal)
