@@ -737,7 +737,7 @@ def _add_reembed(commands: argparse._SubParsersAction) -> None:
         description="Copy a data directory's catalogue and event log into a new data directory, every item and "
         "event text embedded again by the model in --model-dir: a store keeps the vectors of the model it was "
         "built with, and a server refuses it with another one (docs/interest.md, Storage). The old "
-        "directory is only read, but opening it migrates a store of an older schema, as `serve` does; "
+        "store is only read, but opened as `serve` opens it: writable, and migrated from an older schema; "
         "events recorded in it after the copy starts are not copied, and an item or user change meanwhile fails "
         "the copy: stop what writes to it first.",
     )

@@ -510,7 +510,13 @@ class SqliteStore:
                     conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as e:  # a damaged file's names the way back in serve's line (`_start_refused`)
-            raise _store_error(e, f"cannot open {self.path}: ") from e
+            error = _store_error(e, f"cannot open {self.path}: ")
+            if (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF == sqlite3.SQLITE_READONLY:
+                # What to do, and that `reembed` must write its old store too: it read as only read (a review).
+                error = StoreUnavailableError(f"{error} (halflife writes a store even to read it, and its -wal and "
+                                              f"-shm beside it: give this user write access to the file and to "
+                                              f"{self.path.parent}, or copy the directory to where it has it)")
+            raise error from e
 
     def _refuse_foreign(self, conn: sqlite3.Connection) -> int:
         """The file's schema version; StoreError for a SQLite file of
