@@ -624,6 +624,22 @@ def test_a_store_file_it_may_not_write_is_refused_at_open(tmp_path):
         subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
+def test_a_store_that_cannot_open_on_a_full_disk_says_how_much_is_free(tmp_path, monkeypatch):
+    """The -shm's 32 KiB, which a full disk refuses, failed the start as "disk I/O error" alone."""
+    SqliteStore(tmp_path).close()
+
+    def full(conn):
+        error = sqlite3.OperationalError("disk I/O error")
+        error.sqlite_errorcode = 4874  # SQLITE_IOERR_SHMSIZE
+        raise error
+
+    monkeypatch.setattr(sqlite_mod, "_switch_to_wal", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, (1 << 30) - 4096, 4096))
+    with pytest.raises(StoreUnavailableError) as caught:
+        SqliteStore(tmp_path)
+    assert str(caught.value) == f"cannot open {tmp_path / DB_NAME}: disk I/O error (its disk has 4 KiB free)"
+
+
 def test_damaged_pages_are_store_damage_not_a_bug():
     error = sqlite3.DatabaseError("database disk image is malformed")
     error.sqlite_errorcode = sqlite3.SQLITE_CORRUPT

@@ -55,6 +55,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -511,11 +512,17 @@ class SqliteStore:
                 raise
         except sqlite3.Error as e:  # a damaged file's names the way back in serve's line (`_start_refused`)
             error = _store_error(e, f"cannot open {self.path}: ")
-            if (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF == sqlite3.SQLITE_READONLY:
+            primary = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+            if primary == sqlite3.SQLITE_READONLY:
                 # What to do, and that `reembed` must write its old store too: it read as only read (a review).
                 error = StoreUnavailableError(f"{error} (halflife writes a store even to read it, and its -wal and "
                                               f"-shm beside it: give this user write access to the file and to "
                                               f"{self.path.parent}, or copy the directory to where it has it)")
+            elif primary in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL):
+                # A full disk fails the -shm's 32 KiB as "disk I/O error", which named no cause (a review).
+                with contextlib.suppress(OSError):
+                    free = shutil.disk_usage(self.path.parent).free
+                    error = StoreUnavailableError(f"{error} (its disk has {free >> 10} KiB free)")
             raise error from e
 
     def _refuse_foreign(self, conn: sqlite3.Connection) -> int:
