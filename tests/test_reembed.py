@@ -437,3 +437,22 @@ def test_the_cli_says_in_one_line_that_a_manifest_does_not_fit_its_model(model_d
                  "--model-dir", str(edited)]) == 1
     assert "the model gives 384-d vectors, the manifest says 256" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_a_store_error_during_the_copy_names_both_stores(model_dir, tmp_path, monkeypatch, capsys):
+    """A full --out failed as "transaction aborted: database or disk is full", naming neither store (a review)."""
+    from halflife.cli import main
+    from halflife.embedding.engine import EmbeddingEngine
+    from halflife.storage.base import StoreUnavailableError
+
+    def full(self, *args, **kwargs):
+        raise StoreUnavailableError("transaction aborted: database or disk is full")
+
+    _store_of_another_model(tmp_path / "old", EmbeddingEngine.load(model_dir).dimension)
+    monkeypatch.setattr(SqliteStore, "record_events", full)  # the copy's writes; the old store is only read
+    assert main(["reembed", "--data-dir", str(tmp_path / "old"), "--out", str(tmp_path / "new"),
+                 "--model-dir", str(model_dir)]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "halflife reembed: error: transaction aborted: database or disk is full "
+        f"(copying {tmp_path / 'old'} into {tmp_path / 'new'}: what it wrote there is removed)")
+    assert not (tmp_path / "new").exists()

@@ -777,7 +777,7 @@ def _run_reembed(args: argparse.Namespace) -> int:
     from halflife.interest.engine import InterestEngine
     from halflife.interest.reembed import GivenVectorsError, SourceChangedError, reembed
     from halflife.progress import progress
-    from halflife.storage.base import StoreError
+    from halflife.storage.base import StoreError, StoreUnavailableError
     from halflife.storage.sqlite import DB_NAME, SqliteStore, sync_directory
 
     def fail(message: str) -> int:
@@ -830,6 +830,8 @@ def _run_reembed(args: argparse.Namespace) -> int:
                     source.close()
                     target.close()
                 unfinished.unlink()
+    except StoreUnavailableError as exc:  # "database or disk is full" named neither store (a review)
+        return fail(f"{exc} (copying {args.data_dir} into {args.out}: what it wrote there is removed)")
     except (ManifestError, StoreError, GivenVectorsError, SourceChangedError, OSError) as exc:
         return fail(str(exc))
     try:
