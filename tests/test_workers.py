@@ -454,6 +454,57 @@ def test_a_worker_that_could_only_fail_again_before_it_serves_stops_the_group(mo
     assert started == [] and alive.process.terminated
 
 
+def test_a_replacement_that_found_the_store_unavailable_for_now_is_started_again(monkeypatch, caplog):
+    """A replacement that met the store locked past SQLite's busy timeout
+    exited 1 "database is locked" and took the serving group down, where a
+    second try would have served (a review)."""
+    monkeypatch.setattr(workers_module, "POLL_SECONDS", 0)
+    budget = RestartBudget(limit=1)
+
+    def locked_out(restarts):
+        return FakeWorker(0, restarts, returncode=workers_module.EXIT_TEMPORARY, serving=False, replacement=True)
+
+    group = [locked_out(budget), FakeWorker(1, RestartBudget())]
+    started = []
+
+    def start(index, restarts, position):
+        started.append((index, restarts, position))
+        group[position] = locked_out(restarts)  # locked out again: its budget, not its status, stops the group
+
+    with caplog.at_level("ERROR", logger="halflife.workers"):
+        assert workers_module._supervise(group, [], start) == 1
+    assert started == [(0, budget, 0)] and group[1].process.terminated, caplog.text
+    assert "worker 0 exited with status 75; starting it again" in caplog.text
+    assert "exited with status 75 after 1 restarts within 300 s; stopping the others" in caplog.text
+
+
+def test_a_workers_start_refused_by_an_unavailable_store_exits_temporary(monkeypatch, tmp_path, capsys):
+    """What the parent reads to start it again; other refusals exit 1, and a
+    server of its own (no group) exits 1 for either."""
+    from halflife import cli
+    from halflife.api import server as server_module
+    from halflife.storage.base import StoreError, StoreUnavailableError
+
+    model = tmp_path / "model"
+    args = ["serve", "--port", "0", "--model-dir", str(model), "--data-dir", str(tmp_path / "data")]
+    for error, status in ((StoreUnavailableError("cannot open x: database is locked"), 75),
+                          (StoreError("cannot open x: not a halflife store"), 1)):
+        async def refused(config, parent_pid=None, ready_fd=None, error=error):
+            raise error
+
+        monkeypatch.setattr(server_module, "serve", refused)
+        assert cli.main([*args, "--worker-index", "0", "--parent-pid", str(os.getpid())]) == status
+        assert capsys.readouterr().err.endswith(f"[worker 0] halflife serve: error: {error}\n")
+    monkeypatch.setattr(cli, "_check_model", lambda args: None)
+    assert cli.main(args) == 1  # StoreError; and an unavailable store:
+
+    async def unavailable(config, parent_pid=None, ready_fd=None):
+        raise StoreUnavailableError("cannot open x: database is locked")
+
+    monkeypatch.setattr(server_module, "serve", unavailable)
+    assert cli.main(args) == 1 and "error: cannot open x: database is locked" in capsys.readouterr().err
+
+
 def test_a_restarted_worker_keeps_its_index_and_budget(monkeypatch):
     monkeypatch.setattr(workers_module, "POLL_SECONDS", 0)
     budget = RestartBudget(limit=2)

@@ -263,7 +263,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     from halflife.api.server import ServerConfig, ServingFailedError, claim_data_dir, serve
     from halflife.config import ConfigError, load_config
-    from halflife.storage.base import StoreError
+    from halflife.storage.base import StoreError, StoreUnavailableError
+    from halflife.workers import EXIT_TEMPORARY
 
     # A group's worker says which it is on its error lines too, as on its log lines.
     worker = "" if args.worker_index is None else f"[worker {args.worker_index}] "
@@ -318,7 +319,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(worker + _start_refused(exc, args.data_dir), file=sys.stderr)
         if lock is not None and new_data_dir:
             _remove_unused_data_dir(lock, args.data_dir)
-        return EXIT_FAILURE
+        # A group's worker that may start later says so: its parent starts a replacement again (workers.py).
+        return EXIT_TEMPORARY if worker and isinstance(exc, StoreUnavailableError) else EXIT_FAILURE
     finally:
         if lock is not None:
             lock.close()

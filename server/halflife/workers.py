@@ -15,8 +15,9 @@ Workers share the SQLite store and follow each other's writes
 once it serves. A worker that dies after that (a crash, an OOM kill) is
 started again, with the same index, while the others serve on, up to
 RESTART_LIMIT times within RESTART_WINDOW_S; so is such a replacement
-killed by a signal while it reloads (the OOM killer again). One that exits
-by itself before it served (a refused model, config or port), one killed
+killed by a signal while it reloads (the OOM killer again), or one that
+finds the store unavailable for now (EXIT_TEMPORARY). One that exits
+otherwise by itself before it served (a refused model, config or port), one killed
 while the group starts, or one that dies again once those restarts are
 spent, stops the group with exit status 1 instead, since starting it again
 would only fail again: a supervisor (systemd, Kubernetes) sees the failure
@@ -47,6 +48,10 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
 RESTART_LIMIT = 3  # restarts of one worker within RESTART_WINDOW_S; its next death stops the group
+# A worker's exit status for a start refused for now (EX_TEMPFAIL in sysexits.h): its store unavailable,
+# such as locked past SQLite's busy timeout by a long write. A replacement that exits so is started again,
+# within its restart budget, where any other refusal would only come again.
+EXIT_TEMPORARY = 75
 RESTART_WINDOW_S = 300.0
 
 
@@ -251,8 +256,10 @@ def _supervise(group: list[_Worker], requested: list[int], start) -> int:
             worker.close()
             # A replacement killed as it reloads says nothing against starting it (the OOM killer
             # struck again, at its peak memory): stopping its serving siblings for it took the whole
-            # group down (a review). One that exits by itself before it serves would only do so again.
-            restartable = worker.serving or (worker.replacement and status < 0)
+            # group down (a review). Nor does one whose store was unavailable for now (EXIT_TEMPORARY:
+            # locked for over 10 s, in a review). One that exits otherwise before it serves would only
+            # do so again.
+            restartable = worker.serving or (worker.replacement and (status < 0 or status == EXIT_TEMPORARY))
             if restartable and worker.restarts.take(time.monotonic()):
                 log.error("worker %d exited with status %s; starting it again", worker.index, status)
                 try:
