@@ -95,7 +95,10 @@ export interface ItemInput {
   attributes?: Record<string, string>;
   /** Publication time, for the optional freshness decay. */
   createTime?: Date;
-  /** Precomputed embedding of exactly `modelInfo().dimension` floats. */
+  /**
+   * Precomputed embedding of exactly `modelInfo().dimension` floats; only its direction is kept, so one with values
+   * float32 cannot hold is scaled to fit it.
+   */
   vector?: number[];
 }
 
@@ -286,13 +289,16 @@ function strings(name: string, values: readonly string[] | undefined): string[] 
 }
 
 /**
- * `values` for a float32 field: a finite number past float32's range failed as a Code.Internal ConnectError
- * from protobuf's encoder (a review). NaN and the infinities go on: the server names them in a BadRequest.
+ * `vector` as the wire's float32. The server keeps its direction alone (it L2-normalises it), so a finite vector
+ * that float32 cannot hold is scaled by its largest entry first, as the Python client does: an entry past ~3.4e38
+ * was refused here (a RangeError; before that protobuf's Code.Internal, a review), and one of entries all below
+ * ~1e-45 went out as zeros, refused as "all zeros" though the caller sent a direction. NaN and the infinities go
+ * on: the server names them in a BadRequest.
  */
-function float32s(name: string, values: number[]): number[] {
-  const at = values.findIndex((v) => Number.isFinite(v) && Math.abs(v) > FLOAT32_MAX);
-  if (at >= 0) throw new RangeError(`${name}[${at}] is past float32's range: ${values[at]}`);
-  return values;
+function wireVector(vector: number[]): number[] {
+  const largest = vector.reduce((max, v) => Math.max(max, Math.abs(v)), 0);
+  const unheld = largest > FLOAT32_MAX || vector.every((v) => Math.fround(v) === 0);
+  return Number.isFinite(largest) && largest > 0 && unheld ? vector.map((v) => v / largest) : vector;
 }
 
 const FLOAT32_MAX = 3.4028234663852886e38;
@@ -586,7 +592,7 @@ export class HalflifeClient {
             categories: strings("categories", i.categories),
             attributes: attributes(`items[${at}].attributes`, i.attributes),
             createTime: stamp("createTime", i.createTime),
-            vector: float32s(`items[${at}].vector`, i.vector ?? []),
+            vector: wireVector(i.vector ?? []),
           }),
         ),
       },
