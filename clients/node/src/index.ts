@@ -232,8 +232,8 @@ export interface FieldViolation {
   description: string;
 }
 
-function eventType(type: EventType | EventTypeName): EventType {
-  if (typeof type === "number") return type;
+function eventType(name: string, type: EventType | EventTypeName): EventType {
+  if (typeof type === "number") return int32(name, type);
   // Not the enum's reverse mapping: EventType["1"] is "VIEW", a string.
   const value = typeof type === "string" ? EventType[type.toUpperCase() as keyof typeof EventType] : undefined;
   if (typeof value !== "number") {
@@ -653,7 +653,7 @@ export class HalflifeClient {
           create(EventSchema, {
             eventId: text(`events[${at}].eventId`, e.eventId),
             userId: text(`events[${at}].userId`, e.userId),
-            type: eventType(e.type),
+            type: eventType(`events[${at}].type`, e.type),
             itemId: text(`events[${at}].itemId`, e.itemId, ""),
             text: text(`events[${at}].text`, e.text, ""),
             value: e.value,

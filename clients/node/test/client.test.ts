@@ -193,6 +193,11 @@ describe("HalflifeClient against a live server", () => {
     assert.equal((await client.getItems(["s"])).length, 1, "nothing was deleted");
     // Numbers an int32 does not hold, and the enum's reverse mapping ("1" -> "VIEW").
     for (const limit of [2 ** 31, 1.5, Number.NaN]) await assert.rejects(client.recommend("ana", { limit }), RangeError);
+    // An event type by a number no enum holds failed as protobuf's Code.Internal "invalid int32", "a server bug".
+    for (const type of [1.5, Number.NaN, 2 ** 31]) {
+      await assert.rejects(client.recordEvents([{ eventId: "n0", userId: "ana", type, itemId: "s" }]),
+        { name: "RangeError", message: `events[0].type must be a 32-bit whole number, not ${type}` });
+    }
     const byNumberName = { eventId: "n1", userId: "ana", type: "1" as "view", itemId: "s" };
     await assert.rejects(client.recordEvents([byNumberName]), TypeError);
     // "buy" said only that it was unknown, not which names are.
