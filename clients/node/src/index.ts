@@ -276,12 +276,12 @@ function attributes(name: string, value: Record<string, string> | undefined): Re
 }
 
 /**
- * `values` when it is an array of strings. A lone string is refused: JavaScript
+ * `values` when it is an array of strings (undefined or null: none). A lone string is refused: JavaScript
  * would take it for the list of its characters, and deleteItems("sku-1") deleted
  * the items "s", "k", "u", "-" and "1".
  */
 function strings(name: string, values: readonly string[] | undefined): string[] {
-  if (values === undefined) return [];
+  if (values == null) return [];
   if (!Array.isArray(values) || !values.every((v) => typeof v === "string")) {
     throw new TypeError(`${name} takes an array of strings, not ${JSON.stringify(values)}`);
   }
@@ -419,7 +419,7 @@ function deadline(timeoutMs: number): number | undefined {
 }
 
 function filter(options: FilterInput | undefined) {
-  return options === undefined ? undefined : create(ItemFilterSchema, {
+  return options == null ? undefined : create(ItemFilterSchema, {
     includeCategories: strings("filter.includeCategories", options.includeCategories),
     excludeCategories: strings("filter.excludeCategories", options.excludeCategories),
     excludeItemIds: strings("filter.excludeItemIds", options.excludeItemIds),
@@ -427,7 +427,7 @@ function filter(options: FilterInput | undefined) {
 }
 
 function stamp(name: string, date: Date | undefined): Timestamp | undefined {
-  if (date === undefined) return undefined;
+  if (date == null) return undefined; // null too, as the Python client's None: it was "not a valid Date"
   // An invalid Date failed as Connect's "The number NaN cannot be converted to a BigInt" (an audit).
   if (!(date instanceof Date) || Number.isNaN(date.getTime())) throw new RangeError(`${name} is not a valid Date`);
   return timestampFromDate(date);

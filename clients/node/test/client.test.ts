@@ -237,9 +237,15 @@ describe("HalflifeClient against a live server", () => {
     assert.equal((await client.listEvents("414")).events.length, 0, "nothing was recorded for user 414");
     // null where a field is optional is "not given", as the Python client's None (a review: it became a TypeError).
     const unset = null as unknown as undefined;
-    await client.upsertItems([{ id: "n1", text: unset, vector: Array(384).fill(0.05), attributes: unset }]);
-    await client.recordEvents([{ eventId: "n1", userId: "ana-null", type: "search", itemId: unset, text: "boots" }]);
-    await client.recommend("ana-null", { query: unset });
+    await client.upsertItems([{ id: "n1", text: unset, vector: Array(384).fill(0.05), attributes: unset,
+      categories: unset, createTime: unset }]);
+    // Dates, categories and a filter too: they were "eventTime is not a valid Date", a TypeError and
+    // "Cannot read properties of null (reading 'includeCategories')".
+    await client.recordEvents([{ eventId: "n1", userId: "ana-null", type: "search", itemId: unset, text: "boots",
+      eventTime: unset }]);
+    await client.recommend("ana-null", { query: unset, asOf: unset, filter: unset });
+    await client.profile("ana-null", { asOf: unset });
+    assert.equal((await client.listEvents("ana-null", { startTime: unset, endTime: unset })).events.length, 1);
     await client.listItems({ pageToken: unset });
     await client.deleteUser("ana-null");
     await client.deleteItems(["n1"]);
