@@ -253,6 +253,27 @@ function text(name: string, value: unknown, absent?: string): string {
   return value;
 }
 
+/**
+ * `value` when it is a boolean; undefined or null is false (not given). protobuf-es sends any truthy value as
+ * true: includeSeen "false" went out as true, and seen items were recommended.
+ */
+function flag(name: string, value: unknown): boolean {
+  if (value == null) return false;
+  if (typeof value !== "boolean") throw new TypeError(`${name} must be a boolean, not ${shown(value)}`);
+  return value;
+}
+
+/**
+ * `value` when it is a number (NaN goes on: the server names it); undefined or null is `absent`. protobuf-es
+ * wrote a double field through Number(): a value "4.5" went out as 4.5, "abc" as NaN, and a bigint failed as a
+ * Code.Internal ConnectError.
+ */
+function number(name: string, value: unknown, absent?: number): number | undefined {
+  if (value == null) return absent;
+  if (typeof value !== "number") throw new TypeError(`${name} must be a number, not ${shown(value)}`);
+  return value;
+}
+
 /** What `value` is, for an error: "undefined", "null", "number 414", "an array", "an object". */
 function shown(value: unknown): string {
   if (value == null) return String(value);
@@ -570,7 +591,7 @@ export class HalflifeClient {
     options: { truncate?: boolean; skipNormalize?: boolean } & CallInput = {},
   ): Promise<number[][]> {
     const response = await this.raw.embedding.embed(
-      { inputs: strings("texts", texts), truncate: options.truncate ?? false, skipNormalize: options.skipNormalize ?? false },
+      { inputs: strings("texts", texts), truncate: flag("truncate", options.truncate), skipNormalize: flag("skipNormalize", options.skipNormalize) },
       this.opts(options),
     );
     return response.embeddings.map((e) => Array.from(e.values));
@@ -609,7 +630,7 @@ export class HalflifeClient {
   /** Items by id, in the order of `ids` (NOT_FOUND when one is unknown). */
   async getItems(ids: string[], options: { includeVectors?: boolean } & CallInput = {}): Promise<StoredItem[]> {
     const response = await this.raw.catalog.getItems(
-      { ids: strings("ids", ids), includeVectors: options.includeVectors ?? false },
+      { ids: strings("ids", ids), includeVectors: flag("includeVectors", options.includeVectors) },
       this.opts(options),
     );
     return response.items.map(storedItem);
@@ -626,7 +647,7 @@ export class HalflifeClient {
       {
         pageSize: int32("pageSize", options.pageSize ?? 0),
         pageToken: text("pageToken", options.pageToken, ""),
-        includeVectors: options.includeVectors ?? false,
+        includeVectors: flag("includeVectors", options.includeVectors),
       },
       this.opts(options),
     );
@@ -656,7 +677,7 @@ export class HalflifeClient {
             type: eventType(`events[${at}].type`, e.type),
             itemId: text(`events[${at}].itemId`, e.itemId, ""),
             text: text(`events[${at}].text`, e.text, ""),
-            value: e.value,
+            value: number(`events[${at}].value`, e.value),
             eventTime: stamp("eventTime", e.eventTime),
           }),
         ),
@@ -691,7 +712,7 @@ export class HalflifeClient {
         userId: text("userId", userId),
         pageSize: int32("pageSize", options.pageSize ?? 0),
         pageToken: text("pageToken", options.pageToken, ""),
-        newestFirst: options.newestFirst ?? false,
+        newestFirst: flag("newestFirst", options.newestFirst),
         startTime: stamp("startTime", options.startTime),
         endTime: stamp("endTime", options.endTime),
       },
@@ -731,10 +752,10 @@ export class HalflifeClient {
         limit: int32("limit", options.limit ?? 10),
         asOfTime: stamp("asOf", options.asOf),
         filter: filter(options.filter),
-        includeSeen: options.includeSeen ?? false,
+        includeSeen: flag("includeSeen", options.includeSeen),
         query: text("query", options.query, ""),
-        explain: options.explain ?? false,
-        diversity: options.diversity ?? 0,
+        explain: flag("explain", options.explain),
+        diversity: number("diversity", options.diversity, 0),
       },
       this.opts(options),
     );

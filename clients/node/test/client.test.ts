@@ -227,6 +227,20 @@ describe("HalflifeClient against a live server", () => {
       await assert.rejects(client.recommend("ana", { query: wrong }), TypeError);
       await assert.rejects(client.listItems({ pageToken: wrong }), TypeError);
     }
+    // protobuf-es sent any truthy value as true and a double through Number(): includeSeen "false" recommended seen
+    // items, a value "4.5" was 4.5, and a bigint failed as Code.Internal.
+    const notFlag = "false" as unknown as boolean;
+    await assert.rejects(client.recommend("ana", { includeSeen: notFlag }),
+      { name: "TypeError", message: "includeSeen must be a boolean, not string false" });
+    await assert.rejects(client.recommend("ana", { explain: notFlag }), TypeError);
+    await assert.rejects(client.listEvents("ana", { newestFirst: notFlag }), TypeError);
+    await assert.rejects(client.listItems({ includeVectors: notFlag }), TypeError);
+    await assert.rejects(client.embed(["x"], { truncate: notFlag }), TypeError);
+    for (const [value, what] of [["4.5", "string 4.5"], [4n, "bigint 4"]] as const) {
+      await assert.rejects(client.recordEvents([{ eventId: "t2", userId: "ana", type: "rate", itemId: "s",
+        value: value as unknown as number }]), { name: "TypeError", message: `events[0].value must be a number, not ${what}` });
+    }
+    await assert.rejects(client.recommend("ana", { diversity: "0.5" as unknown as number }), TypeError);
     await assert.rejects(client.recommend(414 as unknown as string), { message: "userId must be a string, not number 414" });
     await assert.rejects(client.upsertItems([{ id: undefined as unknown as string, text: "x" }]),
       { message: "items[0].id must be a string, not undefined" });
