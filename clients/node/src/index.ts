@@ -303,9 +303,10 @@ function attributes(name: string, value: Record<string, string> | undefined): Re
  */
 function strings(name: string, values: readonly string[] | undefined): string[] {
   if (values == null) return [];
-  if (!Array.isArray(values) || !values.every((v) => typeof v === "string")) {
-    throw new TypeError(`${name} takes an array of strings, not ${JSON.stringify(values)}`);
-  }
+  if (!Array.isArray(values)) throw new TypeError(`${name} takes an array of strings, not ${shown(values)}`);
+  // Each named, as `text` names one (the whole array went into the message, and a bigint in it made that
+  // message "Do not know how to serialize a BigInt").
+  values.forEach((value, at) => text(`${name}[${at}]`, value));
   return [...values];
 }
 
@@ -610,7 +611,7 @@ export class HalflifeClient {
           create(ItemSchema, {
             id: text(`items[${at}].id`, i.id),
             text: text(`items[${at}].text`, i.text, ""),
-            categories: strings("categories", i.categories),
+            categories: strings(`items[${at}].categories`, i.categories),
             attributes: attributes(`items[${at}].attributes`, i.attributes),
             createTime: stamp("createTime", i.createTime),
             vector: wireVector(i.vector ?? []),

@@ -191,6 +191,11 @@ describe("HalflifeClient against a live server", () => {
     await assert.rejects(client.upsertItems([{ id: "x", text: "x", categories: lone }]), TypeError);
     await assert.rejects(client.recommend("ana", { filter: { includeCategories: lone } }), TypeError);
     assert.equal((await client.getItems(["s"])).length, 1, "nothing was deleted");
+    // The element is named: the whole array was the message, and a bigint in it "Do not know how to serialize a BigInt".
+    await assert.rejects(client.getItems(["s", 7n] as unknown as string[]), { name: "TypeError", message: "ids[1] must be a string, not bigint 7" });
+    await assert.rejects(client.upsertItems([{ id: "x", text: "x" }, { id: "y", text: "y", categories: ["a", 1] as unknown as string[] }]),
+      { message: "items[1].categories[1] must be a string, not number 1" });
+    await assert.rejects(client.deleteItems(lone), { message: "ids takes an array of strings, not string s" });
     // Numbers an int32 does not hold, and the enum's reverse mapping ("1" -> "VIEW").
     for (const limit of [2 ** 31, 1.5, Number.NaN]) await assert.rejects(client.recommend("ana", { limit }), RangeError);
     // An event type by a number no enum holds failed as protobuf's Code.Internal "invalid int32", "a server bug".
