@@ -480,7 +480,8 @@ export function fieldViolations(error: unknown): FieldViolation[] {
  * included where it names none: a URL is explicit, and "https://host" means
  * 443 (a TLS proxy, say). Throws a TypeError for an empty address, a bare IPv6
  * address (its last group would pass for a port: write "[::1]"), or anything
- * else that is no host[:port] or URL ("unix:/path": Connect takes URLs only),
+ * else that is no host[:port] or URL ("unix:/path": Connect takes URLs only;
+ * "localhost/x", which went to port 80),
  * and a RangeError for a port outside 1-65535.
  */
 export function serverUrl(address: string): string {
@@ -496,18 +497,26 @@ export function serverUrl(address: string): string {
   if (host === undefined || (port !== "" && !/^[+-]?[0-9]+$/.test(port))) throw notAnAddress(address);
   const number = port === "" ? DEFAULT_PORT : Number(port);
   if (!(number >= 1 && number <= 65535)) throw new RangeError(`port must be 1 to 65535, got ${port}`);
-  return checkedUrl(`http://${host}:${number}`, address);
+  return checkedUrl(`http://${host}:${number}`, address, true);
 }
 
 function notAnAddress(address: string): TypeError {
   return new TypeError(`address must be host[:port] or an http(s):// URL, got ${JSON.stringify(address)}`);
 }
 
-/** `url` when it parses (the host too: "a b:1" does not), as Connect takes it; URL.canParse needs Node 18.17. */
-function checkedUrl(url: string, address: string): string {
+/**
+ * `url` when it parses (the host too: "a b:1" does not), as Connect takes it; URL.canParse needs Node 18.17. From a
+ * host[:port] (`hostPort`), a URL of a host and a port alone: "localhost/x", "h?x", "h#x" and "h\x" parsed as a
+ * path, a query or a fragment after the host, and went to the "http://" URL's port, 80; "user@h" as a user.
+ */
+function checkedUrl(url: string, address: string, hostPort = false): string {
+  let parsed: URL;
   try {
-    new URL(url);
+    parsed = new URL(url);
   } catch {
+    throw notAnAddress(address);
+  }
+  if (hostPort && (parsed.pathname !== "/" || parsed.search || parsed.hash || parsed.username || parsed.password)) {
     throw notAnAddress(address);
   }
   return url;

@@ -418,6 +418,9 @@ describe("addresses", () => {
       ["2001:db8::1:50051", TypeError, 'address must be host[:port] or an http(s):// URL, got "2001:db8::1:50051"'],
       ["h:1:2", TypeError, 'address must be host[:port] or an http(s):// URL, got "h:1:2"'],
       [":50051", TypeError, 'address must be host[:port] or an http(s):// URL, got ":50051"'],
+      // A path, query, fragment or user after the host: the first four went to port 80, not serve's.
+      ...["localhost/x", "localhost/", "h?x", "h#x", "h\\x", "user@h", "user@h:80"].map((address): [string, ErrorConstructor, string] =>
+        [address, TypeError, `address must be host[:port] or an http(s):// URL, got ${JSON.stringify(address)}`]),
     ];
     for (const [address, type, message] of cases) {
       assert.throws(() => new HalflifeClient(address), (error: unknown) => {
