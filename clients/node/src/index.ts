@@ -250,8 +250,18 @@ function eventType(name: string, type: EventType | EventTypeName): EventType {
 function text(name: string, value: unknown, absent?: string): string {
   if (value == null && absent !== undefined) return absent;
   if (typeof value !== "string") throw new TypeError(`${name} must be a string, not ${shown(value)}`);
+  // UTF-8 holds no lone surrogate: protobuf-es wrote one as U+FFFD, so "ana\uD83D" and "ana\uDE00" were the same
+  // user (deleteUser of one deleted the other's events). The Python client refuses it too.
+  const lone = LONE_SURROGATE.exec(value);
+  if (lone) {
+    const code = lone[0].charCodeAt(0).toString(16).toUpperCase();
+    throw new TypeError(`${name} must be valid UTF-8 text, not a string with a lone surrogate (U+${code} at ${lone.index})`);
+  }
   return value;
 }
+
+// With the u flag a pair is one code point: \p{Cs} matches a surrogate only where it stands alone.
+const LONE_SURROGATE = /\p{Cs}/u;
 
 /**
  * `value` when it is a boolean; undefined or null is false (not given). protobuf-es sends any truthy value as
@@ -292,7 +302,10 @@ function attributes(name: string, value: Record<string, string> | undefined): Re
     const what = value instanceof Map ? "a Map" : shown(value);
     throw new TypeError(`${name} takes a plain object of strings, not ${what}`);
   }
-  for (const [key, item] of Object.entries(value)) text(`${name}[${JSON.stringify(key)}]`, item);
+  for (const [key, item] of Object.entries(value)) {
+    text(`${name} key ${JSON.stringify(key)}`, key);
+    text(`${name}[${JSON.stringify(key)}]`, item);
+  }
   return value;
 }
 

@@ -254,6 +254,16 @@ describe("HalflifeClient against a live server", () => {
     await assert.rejects(client.upsertItems([{ id: "a", text: "x", attributes: new Map([["k", "v"]]) as unknown as {} }]),
       { message: "items[0].attributes takes a plain object of strings, not a Map" });
     assert.equal((await client.listEvents("414")).events.length, 0, "nothing was recorded for user 414");
+    // A lone surrogate went out as U+FFFD: "ana\uD83D" and "ana\uDE00" were one user, and one item.
+    const unpaired = "ana\uD83D";
+    await assert.rejects(client.recordEvents([{ eventId: "l1", userId: unpaired, type: "view", itemId: "s" }]),
+      { name: "TypeError", message: "events[0].userId must be valid UTF-8 text, not a string with a lone surrogate (U+D83D at 3)" });
+    await assert.rejects(client.deleteUser("ana\uDE00"), TypeError);
+    await assert.rejects(client.getItems(["s", unpaired]), { message: "ids[1] must be valid UTF-8 text, not a string with a lone surrogate (U+D83D at 3)" });
+    await assert.rejects(client.upsertItems([{ id: "l", text: "x", attributes: { [unpaired]: "v" } }]), TypeError);
+    await client.upsertItems([{ id: "l", text: "a smile \uD83D\uDE00" }]);  // a pair is fine
+    assert.equal((await client.getItems(["l"]))[0].text, "a smile \uD83D\uDE00");
+    await client.deleteItems(["l"]);
     // null where a field is optional is "not given", as the Python client's None (a review: it became a TypeError).
     const unset = null as unknown as undefined;
     await client.upsertItems([{ id: "n1", text: unset, vector: Array(384).fill(0.05), attributes: unset,
