@@ -60,7 +60,8 @@ const HTTP2_WINDOW_BYTES = 65_535;
  * a blip, not a restart, which the caller retries), within the call's
  * deadline. Every Halflife call is safe to repeat; no other code is retried
  * (nor another call's `Aborted`), nor a cancel of the caller's own. As the
- * Python and Go clients do.
+ * Go client does; the Python client retries the same codes through gRPC's
+ * retry policy, whose waits are 0.1, 0.2 and 0.4 s, each within 20%.
  */
 export const RETRY_ATTEMPTS = 4;
 /** The List RPCs' largest page (`listItems`, `listEvents`). */
