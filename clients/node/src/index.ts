@@ -286,6 +286,18 @@ function number(name: string, value: unknown, absent?: number): number | undefin
 }
 
 /** What `value` is, for an error: "undefined", "null", "number 414", "an array", "an object". */
+/**
+ * `values` when it is an array of objects (the items or events of a call): an object alone failed as "items.map is
+ * not a function", and a null in it as "Cannot read properties of null (reading 'id')".
+ */
+function records<T>(name: string, values: readonly T[]): readonly T[] {
+  if (!Array.isArray(values)) throw new TypeError(`${name} takes an array, not ${shown(values)}`);
+  values.forEach((value, at) => {
+    if (value == null || typeof value !== "object") throw new TypeError(`${name}[${at}] must be an object, not ${shown(value)}`);
+  });
+  return values;
+}
+
 function shown(value: unknown): string {
   if (value == null) return String(value);
   if (typeof value !== "object") return `${typeof value} ${String(value)}`;
@@ -630,7 +642,7 @@ export class HalflifeClient {
   async upsertItems(items: ItemInput[], options: CallInput = {}): Promise<{ created: number; updated: number }> {
     const response = await this.raw.catalog.upsertItems(
       {
-        items: items.map((i, at) =>
+        items: records("items", items).map((i, at) =>
           create(ItemSchema, {
             id: text(`items[${at}].id`, i.id),
             text: text(`items[${at}].text`, i.text, ""),
@@ -694,7 +706,7 @@ export class HalflifeClient {
   ): Promise<{ accepted: number; duplicates: number }> {
     const response = await this.raw.interest.recordEvents(
       {
-        events: events.map((e, at) =>
+        events: records("events", events).map((e, at) =>
           create(EventSchema, {
             eventId: text(`events[${at}].eventId`, e.eventId),
             userId: text(`events[${at}].userId`, e.userId),
@@ -792,7 +804,7 @@ export class HalflifeClient {
     options: { limit?: number; filter?: FilterInput } & CallInput = {},
   ): Promise<ScoredItem[]> {
     // By value, not by key: `{itemId: undefined, text}` went out as an empty item id, both as the item alone.
-    if ((target.itemId === undefined) === (target.text === undefined)) {
+    if (target == null || (target.itemId === undefined) === (target.text === undefined)) {
       throw new TypeError("give exactly one of itemId and text");
     }
     const response = await this.raw.recommend.similarItems(

@@ -16,7 +16,9 @@ import {
   fieldViolations,
   interest,
   serverUrl,
+  type EventInput,
   type Interceptor,
+  type ItemInput,
 } from "../src/index.js";
 import { startServer, type LiveServer } from "./server.js";
 
@@ -196,6 +198,14 @@ describe("HalflifeClient against a live server", () => {
     await assert.rejects(client.upsertItems([{ id: "x", text: "x" }, { id: "y", text: "y", categories: ["a", 1] as unknown as string[] }]),
       { message: "items[1].categories[1] must be a string, not number 1" });
     await assert.rejects(client.deleteItems(lone), { message: "ids takes an array of strings, not string s" });
+    // An item or event alone, not in an array: "items.map is not a function"; a null in one, or for a target, a
+    // TypeError about reading its properties.
+    const alone = { id: "x", text: "x" } as unknown as ItemInput[];
+    await assert.rejects(client.upsertItems(alone), { name: "TypeError", message: "items takes an array, not an object" });
+    await assert.rejects(client.recordEvents([null] as unknown as EventInput[]),
+      { name: "TypeError", message: "events[0] must be an object, not null" });
+    await assert.rejects(client.similarItems(null as unknown as { itemId: string }),
+      { name: "TypeError", message: "give exactly one of itemId and text" });
     // Numbers an int32 does not hold, and the enum's reverse mapping ("1" -> "VIEW").
     for (const limit of [2 ** 31, 1.5, Number.NaN]) await assert.rejects(client.recommend("ana", { limit }), RangeError);
     // An event type by a number no enum holds failed as protobuf's Code.Internal "invalid int32", "a server bug".
