@@ -1,0 +1,43 @@
+"""The READMEs quote the committed benchmark results (bench/results/*.json):
+a re-run that replaced those files once left the quotes on the run before."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _results(name: str) -> dict:
+    return json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
+
+
+def _quoted(text: str, pattern: str) -> tuple[str, ...]:
+    match = re.search(pattern, " ".join(text.split()))  # across line breaks
+    assert match, pattern
+    return match.groups()
+
+
+def _same(quoted: str, value: float) -> bool:
+    """`value` rounded as the quote is (to its decimals) gives the quote."""
+    decimals = len(quoted.partition(".")[2])
+    return round(value, decimals) == float(quoted)
+
+
+def test_the_readmes_quote_the_committed_ranking_results():
+    ranking = _results("ranking")
+    sizes = [ranking["sizes"][n] for n in ("10000", "100000", "1000000")]
+    readme = (ROOT / "README.md").read_text()
+    trending = _quoted(readme, r"A user without events \(trending\) takes ([\d.]+) / ([\d.]+) / ([\d.]+) ms "
+                               r"in-process at 10k / 100k / 1M items in the committed run")
+    assert all(_same(q, s["engine"]["trending"]["median_s"] * 1e3) for q, s in zip(trending, sizes)), trending
+    no_events = _quoted(readme, r"and before any event, when every item ties at 0, ([\d.]+) / ([\d.]+) / ([\d.]+) ms")
+    assert all(_same(q, s["engine"]["trending_no_events"]["median_s"] * 1e3) for q, s in zip(no_events, sizes)), no_events
+    grpc = _quoted(readme, r"\(([\d.]+) / ([\d.]+) in the committed run on the (.+?),")
+    assert all(_same(q, s["grpc"]["recommend_p50_s"] * 1e3) for q, s in zip(grpc[:2], sizes)) and grpc[2] == ranking["machine"]["cpu"], grpc
+
+    bench = (ROOT / "bench" / "README.md").read_text()
+    ratio, machine = _quoted(bench, r"([\d.]+)x, p50 / \(engine \+ empty RPC\), in the committed results/ranking\.md, ([^,)]+)")
+    assert _same(ratio, sizes[0]["grpc"]["ratio_vs_engine"]) and machine == ranking["machine"]["cpu"], (ratio, machine)
