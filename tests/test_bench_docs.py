@@ -38,6 +38,13 @@ def test_the_readmes_quote_the_committed_ranking_results():
     grpc = _quoted(readme, r"\(([\d.]+) / ([\d.]+) in the committed run on the (.+?),")
     assert all(_same(q, s["grpc"]["recommend_p50_s"] * 1e3) for q, s in zip(grpc[:2], sizes)) and grpc[2] == ranking["machine"]["cpu"], grpc
 
+    ratio, faiss, gemv, core = _quoted(readme, r"\(([\d.]+) in the committed run, [\d-]+, where FAISS on one thread took "
+                                               r"([\d.]+) ms, NumPy GEMV on 2 ([\d.]+), and the core ([\d.]+);")
+    q = sizes[0]["per_query"]
+    assert (_same(ratio, q["ratio_multi"]) and _same(faiss, q["faiss_1"]["median_s"] * 1e3)
+            and _same(faiss, q["best_baseline_s"] * 1e3) and _same(gemv, q["numpy_2"]["median_s"] * 1e3)
+            and _same(core, q["core_multi"]["median_s"] * 1e3)), (ratio, faiss, gemv, core)
+
     bench = (ROOT / "bench" / "README.md").read_text()
     ratio, machine = _quoted(bench, r"([\d.]+)x, p50 / \(engine \+ empty RPC\), in the committed results/ranking\.md, ([^,)]+)")
     assert _same(ratio, sizes[0]["grpc"]["ratio_vs_engine"]) and machine == ranking["machine"]["cpu"], (ratio, machine)
