@@ -301,14 +301,16 @@ def engine_inprocess(X: np.ndarray, repeat: int, trace: bool, threads: int) -> d
     out = {name: summary(v) for name, v in (t | no_events).items()}
     out["traced_bytes_per_item"] = traced / n if traced is not None else None
     out["cooccurrence_pairs"] = len(engine._blend.cooccurrence)
-    # Arrays per item the engine holds for the catalogue and the blend, the catalogue's spare rows included.
-    cat = engine.catalog
-    out["array_bytes_per_item"] = (
-        cat._matrix.nbytes + cat._alive.nbytes + cat._create_times.nbytes + cat._created_seq.nbytes
-        + engine._blend.popularity.counts.nbytes + engine._blend.cooccurrence.item_counts().nbytes
-    ) / n
-    out["matrix_capacity_rows"] = int(cat._matrix.shape[0])
+    out["array_bytes_per_item"] = array_bytes(engine) / n
+    out["matrix_capacity_rows"] = int(engine.catalog._matrix.shape[0])
     return out
+
+
+def array_bytes(engine: InterestEngine) -> int:
+    """Bytes of the arrays the engine holds per item: every per-row array of
+    the catalogue, over its whole capacity, and the blend's per-item arrays."""
+    return (sum(array.nbytes for array, _ in engine.catalog._per_row_arrays())
+            + engine._blend.popularity.counts.nbytes + engine._blend.cooccurrence.item_counts().nbytes)
 
 
 def turnover(X: np.ndarray, rounds: int, share: float, threads: int) -> dict:
@@ -559,9 +561,9 @@ def write(results: dict) -> None:
         "round's empty-RPC p50, the cadence at which one caller's requests reach the server: a 10k catalogue "
         "(15 MB) leaves this shared machine's caches between such calls, which a tight loop never sees. "
         "gRPC at 1M was not run (loading 1M items through UpsertItems does not fit the 5-minute budget). "
-        "Memory: array bytes = item matrix + alive + create times (per allocated row, the matrix grows 1.5x) + "
-        "popularity + co-occurrence per-item arrays; traced = tracemalloc of CatalogIndex.upsert + blend resize "
-        "(ids, dicts, lists included); server RSS = growth of the server process while loading the items "
+        "Memory: array bytes = the catalogue's per-row arrays (vectors, alive, create times and sequences, "
+        "last rewrite; per allocated row, the matrix grows 1.5x) + popularity + co-occurrence per-item arrays; "
+        "traced = tracemalloc of CatalogIndex.upsert + blend resize (ids, dicts, lists included); server RSS = growth of the server process while loading the items "
         "(includes SQLite page cache and transient buffers). "
         f"Turnover: {TURNOVER_ITEMS:,} live items, each round {TURNOVER_SHARE:.0%} new (UpsertItems with vectors, "
         "20 events of 5 users on them) and as many of the oldest deleted, in-process over an in-memory store; "
