@@ -11,6 +11,7 @@ the server's GIL.
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -48,23 +49,27 @@ class ServerProcess:
                "--workers", str(self.workers), *self.args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                      env={**os.environ, **(self.env or {})})
+        # Its output is read on a thread of its own, for as long as it runs (so the pipe never blocks the
+        # server), and handed here until it serves: a server that hangs silently still times out.
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._drain, daemon=True).start()
         deadline = time.monotonic() + self.start_timeout
-        assert self.proc.stdout is not None
-        serving = 0
-        for line in self.proc.stdout:
-            self.log.append(line.rstrip())
+        serving, why = 0, f"not serving after {self.start_timeout:g} s"
+        while not self.target:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                why = "it exited"
+                break
             m = _SERVING.search(line)
             serving += bool(m)
             if m and serving == self.workers:  # every worker serves
                 self.target = f"{m.group(1)}:{m.group(2)}"
-                break
-            if time.monotonic() > deadline:
-                break
         if not self.target:
             self.stop()
-            raise RuntimeError("server did not start:\n" + "\n".join(self.log[-30:]))
-        # Keep draining its output so the pipe never blocks the server.
-        threading.Thread(target=self._drain, daemon=True).start()
+            raise RuntimeError(f"server did not start ({why}):\n" + "\n".join(self.log[-30:]))
         return self
 
     def _drain(self) -> None:
@@ -72,6 +77,9 @@ class ServerProcess:
         for line in self.proc.stdout:
             self.log.append(line.rstrip())
             del self.log[:-200]
+            if not self.target:
+                self._lines.put(line)
+        self._lines.put(None)
 
     def rss_bytes(self) -> int:
         """VmRSS of the server process (with --workers: the parent only), from /proc/PID/status."""
