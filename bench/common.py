@@ -65,6 +65,11 @@ def machine() -> dict:
     }
 
 
+def versions_line(m: dict) -> str:
+    """`machine()`'s package versions, as every result's markdown states them."""
+    return f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}."
+
+
 def timings(fn: Callable[[], object], *, repeat: int = 20, warmup: int = 2, min_seconds: float = 0.0,
             pause_s: float = 0.0) -> list[float]:
     """Wall times (s) of `repeat` calls after `warmup` untimed ones; keeps
@@ -101,7 +106,7 @@ def write_results(name: str, results: dict, table: str, notes: str = "") -> Path
     header = (
         f"# {name}{' (--quick: a smoke run, not for reading)' if results.get('quick') else ''}\n\n"
         f"{m['cpu']}, {m['usable_cores']} usable cores, Python {m['python']}, {m['date']}.\n"
-        f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}.\n\n"
+        f"{versions_line(m)}\n\n"
     )
     (RESULTS / f"{name}.md").write_text(header + table.rstrip() + "\n" + (f"\n{notes.rstrip()}\n" if notes else ""))
     return path

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 for path in (ROOT, ROOT / "clients" / "python", ROOT / "server"):
     sys.path.insert(0, str(path))
 
-from bench.common import machine  # noqa: E402
+from bench.common import machine, versions_line  # noqa: E402
 from halflife.embedding.engine import EmbeddingEngine  # noqa: E402
 from halflife.embedding.pooling import cosine_rows, l2_normalize  # noqa: E402
 from bench.server_process import ServerProcess  # noqa: E402  (not tests/: the GPU machine has no pytest)
@@ -193,7 +193,9 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     lines = [
         f"GPU: {results['gpu'] or 'none'}; CPU: {m['cpu']} ({m['usable_cores']} cores); "
-        f"onnxruntime {results['onnxruntime']} on {results['provider']}, variant {results['variant']}.",
+        f"onnxruntime {results['onnxruntime']} on {results['provider']}, variant {results['variant']}; "
+        f"Python {m['python']}, {m['date']}.",
+        versions_line(m),
     ]
     if results["note"]:
         lines.append(results["note"])
