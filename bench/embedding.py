@@ -199,7 +199,7 @@ def measure_grpc(server: ServerProcess, corpora: dict[str, list[str]], duration:
                     "sentences_per_s": ok * size / elapsed,
                     "p50_s": percentile_s(report, 50), "p90_s": percentile_s(report, 90),
                     "p99_s": percentile_s(report, 99),
-                    # CPU seconds per sentence (incl. warm-up calls), to see who eats the 2 cores
+                    # CPU seconds of each process over the point (incl. warm-up calls), to see who eats the 2 cores
                     "server_cpu_s": server_cpu, "client_cpu_s": client_cpu,
                 }
                 points.append(point)

@@ -271,8 +271,7 @@ def rebuild_costs(counts=(50, 500), repeat: int = 10) -> dict:
     with tempfile.TemporaryDirectory(prefix="halflife-bench-rebuild-") as d:
         store = SqliteStore(d)
         now = time.time()
-        # Items first: an engine over a store with events but no items fails
-        # to start (IndexError in InterestEngine._load; see the report).
+        # Items first: the events reference them, as a service's do.
         store.upsert_items([ItemRecord(f"i{j}", "", (), {}, None, v)
                             for j, v in enumerate(normalize(rng.standard_normal((max(counts), DIM))))])
         for n in counts:
