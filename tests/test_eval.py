@@ -398,6 +398,27 @@ def test_the_docs_show_the_committed_results_tables():
         (root / "bench" / "results" / "eval" / "tables.md").read_text())
 
 
+def test_the_tables_state_the_movielens_licence_terms(tmp_path):
+    """MovieLens's licence asks results from it to cite it, imply no
+    endorsement and stay non-commercial: the committed tables.md, results
+    from ml-latest-small, named none of it (a review)."""
+    from pathlib import Path
+
+    from halflife.eval.runner import data_source, write_tables
+
+    report = {"seconds": 1.0, "best_baseline_test": "popularity", "chosen_is_shipped_default": True,
+              "data": data_source(tmp_path / "data" / ".." / "ml-latest-small"),
+              "metrics": {split: {} for split in ("test", "loo", "test_all", "val")},
+              "ratio_vs_best_baseline": {"test": (1.0, 1.0, 1.0), "loo": (1.0, 1.0, 1.0)}}
+    write_tables(report, tmp_path)
+    committed = Path(__file__).resolve().parents[1] / "bench" / "results" / "eval" / "tables.md"
+    for tables in (tmp_path / "tables.md", committed):
+        data = next(line for line in tables.read_text().splitlines() if line.startswith("Data: "))
+        assert data.startswith("Data: ml-latest-small. MovieLens data from GroupLens Research"), data
+        for needed in ("non-commercial", "no endorsement", "F. Maxwell Harper and Joseph A. Konstan", "ACM TiiS 5(4), 2015"):
+            assert needed in data, (needed, data)
+
+
 def test_the_tuning_score_of_a_catalogue_of_ten_items_or_fewer():
     """np.argpartition(-score, 10) on 8 items: ValueError, kth out of bounds (a review)."""
     from halflife.eval.data import Query

@@ -43,6 +43,7 @@ class DatasetFormat:
     user_text_column: str = "text"
     value_range: tuple[float, float] = (-math.inf, math.inf)  # values outside it are refused
     where_to_get: str = ""  # said when the directory is missing
+    terms: str = ""  # the data's licence terms, stated with results derived from it (halflife eval's tables)
 
 
 MOVIELENS = DatasetFormat(
@@ -59,6 +60,12 @@ MOVIELENS = DatasetFormat(
     user_text_column="tag",
     value_range=(0.5, 5.0),  # stars, in half steps (the dataset's README)
     where_to_get="MovieLens releases are at https://grouplens.org/datasets/movielens/ (ml-latest-small.zip, unzipped)",
+    # What its README's licence asks of results from it: acknowledgement by this citation, no implied endorsement,
+    # non-commercial use.
+    terms="MovieLens data from GroupLens Research (University of Minnesota), used under the licence in its README: "
+          "non-commercial research use only, no endorsement by the University of Minnesota or GroupLens stated or "
+          "implied. Cite F. Maxwell Harper and Joseph A. Konstan, \"The MovieLens Datasets: History and Context\", "
+          "ACM TiiS 5(4), 2015, https://doi.org/10.1145/2827872.",
 )
 
 

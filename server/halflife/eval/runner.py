@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from halflife.config import DEFAULT_EVENT_TYPES, BlendConfig, Config, EventTypeConfig, ProfileConfig, api_event_type
-from halflife.datasets.interactions import DatasetError
+from halflife.datasets.interactions import MOVIELENS, DatasetError
 from halflife.embedding.manifest import load_manifest, verify_file
 from halflife.eval import baselines as B
 from halflife.eval.data import RATING, EvalData, Query, global_cut, leave_last_out, load_eval_data, seen_before, time_quantiles
@@ -505,6 +505,13 @@ def _checked_variants(model_dir: Path) -> tuple[str, str]:
     return variants[0].name, variants[1].name
 
 
+def data_source(data_dir: Path) -> dict:
+    """The report's data: its directory's name and the licence terms of
+    MovieLens (the format eval reads), which ask to be stated with results
+    derived from it: tables.md carried none (a review)."""
+    return {"directory": Path(os.path.abspath(data_dir)).name, "terms": MOVIELENS.terms}
+
+
 def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target: str | None = None,
         config_out: Path | None = None) -> dict:
     """Raises DatasetError for a bad dataset, ManifestError for a bad model
@@ -538,7 +545,8 @@ def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target:
     # int8 validated (docs/evaluation.md), and so is the gRPC row.
     vec = {v: embed_texts(data.item_texts, model_dir, v, cache_dir, "items") for v in (fp32, int8)}
     tags = {v: embed_texts(tag_texts, model_dir, v, cache_dir, "tags") for v in (fp32, int8)}
-    report: dict = {"split": {"q80": q80, "q90": q90, "val_users": len(val_q), "test_users": len(test_q),
+    report: dict = {"data": data_source(data_dir),
+                    "split": {"q80": q80, "q90": q90, "val_users": len(val_q), "test_users": len(test_q),
                               "test_users_incl_cold": len(test_all_q), "loo_users": len(loo_q)}}
 
     results: dict[str, dict[str, Result]] = {"test": {}, "test_all": {}, "loo": {}, "val": {}}
@@ -722,7 +730,8 @@ def write_tables(report: dict, out: Path) -> None:
         "val": "Validation period (global cut at q80; used for tuning)",
     }
     parts = [f"Run time: {report['seconds']:.0f} s. Best baseline on test: {report['best_baseline_test']}. "
-             f"Chosen config equals the shipped default: {report.get('chosen_is_shipped_default')}."]
+             f"Chosen config equals the shipped default: {report.get('chosen_is_shipped_default')}.",
+             "", f"Data: {report['data']['directory']}. {report['data']['terms']}".rstrip()]
     for split in ("test", "loo", "test_all", "val"):
         parts += ["", f"### {titles[split]}", "", _table(report["metrics"][split])]
     r = report["ratio_vs_best_baseline"]
