@@ -265,6 +265,28 @@ def test_run_rejects_bad_inputs_before_creating_outputs(eval_paths, monkeypatch)
     assert not eval_paths.out.exists() and not eval_paths.cache.exists()
 
 
+@pytest.mark.parametrize("when, ahead", [("-5", False), ("{future}", True)])
+def test_a_target_run_refuses_times_the_server_refuses_before_the_work(eval_paths, monkeypatch, when, ahead):
+    """A time before 1970 or over a day ahead, which the API refuses, ended a
+    --target run at its first RecordEvents: after the in-process work (35 s
+    for 3,000 ratings; minutes at full size), with the items upserted, so
+    the server refused the re-run as used (a review). In process, any date
+    does."""
+    from halflife.datasets.interactions import DatasetError
+    from halflife.eval import runner
+
+    monkeypatch.setattr(runner.RemoteBackend, "check", staticmethod(lambda target: None))
+    monkeypatch.setattr(runner.RemoteBackend, "check_users", staticmethod(lambda target, users: None))
+    with open(eval_paths.data / "ratings.csv", "a") as ratings:
+        ratings.write(f"1,2,4.0,{when.format(future=int(time.time()) + 2 * 86400)}\n")  # line 38
+    with pytest.raises(DatasetError, match=r"^ratings.csv line 38: timestamp '.+' is not a time from "
+                                           r"1970-01-01T00:00:00Z to " + ("2" if ahead else "")):
+        run_eval(eval_paths, target="127.0.0.1:1")
+    assert not eval_paths.out.exists()
+    with pytest.raises(WorkStarted):
+        run_eval(eval_paths)
+
+
 def test_run_checks_the_model_files_before_embedding(eval_paths, monkeypatch, model_dir, tmp_path):
     """A model directory without its int8 file was found out only after the
     fp32 vectors were embedded (~70 s of the real dataset's)."""

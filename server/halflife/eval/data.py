@@ -52,8 +52,9 @@ class EvalData:
         return dataclasses.replace(self, **{f: getattr(self, f)[keep] for f in ("users", "items", "values", "times", "kinds", "texts")})
 
 
-def load_eval_data(directory: str | Path, fmt: DatasetFormat = MOVIELENS) -> EvalData:
-    ds = load_dataset(directory, fmt)
+def load_eval_data(directory: str | Path, fmt: DatasetFormat = MOVIELENS, **window: float) -> EvalData:
+    """window: load_dataset's earliest and latest times, where not any a date can hold."""
+    ds = load_dataset(directory, fmt, **window)
     ids = [i.id for i in ds.items]
     row = {item_id: r for r, item_id in enumerate(ids)}
     r, x = ds.interactions, ds.texts
