@@ -304,3 +304,64 @@ func TestLargeResponses(t *testing.T) {
 		t.Fatalf("got %d items", len(got.Items))
 	}
 }
+
+// A Go string may hold any bytes; protobuf-go refuses to marshal one that is
+// not UTF-8, which gRPC reported INTERNAL ("string field contains invalid
+// UTF-8"), naming no field. Refused unsent, each such field named.
+func TestAStringThatIsNotUTF8IsRefusedNamingItsField(t *testing.T) {
+	c, tries := dialCounting(t, address)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, test := range []struct {
+		name    string
+		call    func() error
+		message string
+		want    []halflife.FieldViolation
+	}{
+		{"an event's user", func() error {
+			_, err := c.Interest.RecordEvents(ctx, &pb.RecordEventsRequest{Events: []*pb.Event{
+				{EventId: "go-utf8-1", UserId: "go-utf8-user", Type: pb.EventType_EVENT_TYPE_VIEW, ItemId: "x"},
+				{EventId: "go-utf8-2", UserId: "go-utf8-user\xff", Type: pb.EventType_EVENT_TYPE_VIEW, ItemId: "x"},
+			}})
+			return err
+		}, "halflife: events[1].user_id: must be valid UTF-8 text, not a string with the byte 0xff at 12",
+			[]halflife.FieldViolation{{"events[1].user_id", "must be valid UTF-8 text, not a string with the byte 0xff at 12"}}},
+		{"a text to embed", func() error {
+			_, err := c.Embed(ctx, []string{"fine", "caf\xc3"})
+			return err
+		}, "halflife: inputs[1]: must be valid UTF-8 text, not a string with the byte 0xc3 at 3",
+			[]halflife.FieldViolation{{"inputs[1]", "must be valid UTF-8 text, not a string with the byte 0xc3 at 3"}}},
+		{"an item's category and attributes", func() error {
+			_, err := c.Catalog.UpsertItems(ctx, &pb.UpsertItemsRequest{Items: []*pb.Item{{
+				Id: "go-utf8", Text: "fine", Categories: []string{"a", "\x80b"},
+				Attributes: map[string]string{"k\xfe": "v", "colour": "r\xe9d"},
+			}}})
+			return err
+		}, "halflife: items[0].categories[1]: must be valid UTF-8 text, not a string with the byte 0x80 at 0 (and 2 more)",
+			[]halflife.FieldViolation{
+				{"items[0].categories[1]", "must be valid UTF-8 text, not a string with the byte 0x80 at 0"},
+				{`items[0].attributes["colour"]`, "must be valid UTF-8 text, not a string with the byte 0xe9 at 1"},
+				{"items[0].attributes", "keys must be valid UTF-8 text, not a string with the byte 0xfe at 1"},
+			}},
+		{"a filter's item id", func() error {
+			_, err := c.Recommend.Recommend(ctx, &pb.RecommendRequest{UserId: "go-ana", Limit: 1,
+				Filter: &pb.ItemFilter{ExcludeItemIds: []string{"\xed\xa0\x80"}}}) // a surrogate, encoded
+			return err
+		}, "halflife: filter.exclude_item_ids[0]: must be valid UTF-8 text, not a string with the byte 0xed at 0",
+			[]halflife.FieldViolation{{"filter.exclude_item_ids[0]", "must be valid UTF-8 text, not a string with the byte 0xed at 0"}}},
+	} {
+		err := test.call()
+		got := halflife.FieldViolations(err)
+		if status.Code(err) != codes.InvalidArgument || status.Convert(err).Message() != test.message ||
+			fmt.Sprint(got) != fmt.Sprint(test.want) || *tries != 0 {
+			t.Errorf("%s: got %v, %+v after %d tries; want InvalidArgument %q, %+v, unsent",
+				test.name, err, got, *tries, test.message, test.want)
+		}
+	}
+	if v, err := c.Embed(ctx, []string{"U+FFFD itself is text: \uFFFD"}); err != nil || len(v) != 1 {
+		t.Errorf("a valid U+FFFD: %v", err)
+	}
+	if page, err := c.Interest.ListEvents(ctx, &pb.ListEventsRequest{UserId: "go-utf8-user"}); err != nil || len(page.Events) != 0 {
+		t.Errorf("events of a refused batch were stored: %v %v", page, err)
+	}
+}

@@ -26,10 +26,12 @@ import (
 	"fmt"
 	"math/rand"
 	"net/netip"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
@@ -38,6 +40,7 @@ import (
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/halflife/halflife/clients/go/halflifev1"
@@ -156,7 +159,9 @@ var grpcSchemes = map[string]bool{
 
 // Dial sets up a connection to address ("host:port"; a host alone gets
 // DefaultPort: see ServerTarget, whose error Dial returns before connecting),
-// with MaxMessageBytes both ways, DefaultTimeout and RetryAttempts. It does
+// with MaxMessageBytes both ways, DefaultTimeout and RetryAttempts, and
+// refuses unsent a request with a string that is not valid UTF-8
+// (INVALID_ARGUMENT, its FieldViolations naming the fields). It does
 // not wait for the server: gRPC connects in the background, and the first
 // call waits for it (within that call's deadline), unless grpc.WithBlock() is
 // among the options. Without options the connection is plaintext (h2c), as
@@ -178,7 +183,7 @@ func Dial(ctx context.Context, address string, opts ...grpc.DialOption) (*Client
 	}
 	defaults := []grpc.DialOption{
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageBytes), grpc.MaxCallSendMsgSize(MaxMessageBytes)),
-		grpc.WithChainUnaryInterceptor(deadlineAndRetries(DefaultTimeout)),
+		grpc.WithChainUnaryInterceptor(refuseInvalidUTF8, deadlineAndRetries(DefaultTimeout)),
 		// gRPC waits up to 120 s between reconnection attempts: calls to a server back up after a
 		// restart failed UNAVAILABLE at once, without trying, for as long as the wait had grown.
 		grpc.WithConnectParams(grpc.ConnectParams{
@@ -191,6 +196,87 @@ func Dial(ctx context.Context, address string, opts ...grpc.DialOption) (*Client
 		return nil, err
 	}
 	return NewClient(conn), nil
+}
+
+// refuseInvalidUTF8 fails a request that holds a string that is not valid
+// UTF-8, at any depth, INVALID_ARGUMENT with a google.rpc.BadRequest naming
+// each such field, unsent: protobuf-go refuses to marshal one (proto3's
+// strings are UTF-8), which gRPC reported INTERNAL ("grpc: error while
+// marshaling: string field contains invalid UTF-8"), naming no field. Go
+// strings hold any bytes; the Python and Node clients refuse such a string too.
+func refuseInvalidUTF8(ctx context.Context, method string, req, reply interface{}, cc *grpc.ClientConn,
+	invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	if m, ok := req.(proto.Message); ok {
+		if bad := invalidUTF8(m.ProtoReflect(), ""); len(bad) > 0 {
+			message := "halflife: " + bad[0].Field + ": " + bad[0].Description
+			if len(bad) > 1 {
+				message += fmt.Sprintf(" (and %d more)", len(bad)-1) // as the server words its own
+			}
+			s, err := status.New(codes.InvalidArgument, message).WithDetails(&errdetails.BadRequest{FieldViolations: bad})
+			if err != nil {
+				return status.Error(codes.InvalidArgument, message)
+			}
+			return s.Err()
+		}
+	}
+	return invoker(ctx, method, req, reply, cc, opts...)
+}
+
+// invalidUTF8 lists the strings of m that are not valid UTF-8, named as the
+// server names fields (prefix "events[0]." for an event of a request):
+// fields in their order in the .proto, map keys sorted.
+func invalidUTF8(m protoreflect.Message, prefix string) (bad []*errdetails.BadRequest_FieldViolation) {
+	check := func(field, value, what string) {
+		if utf8.ValidString(value) {
+			return
+		}
+		for i, r := range value {
+			if r == utf8.RuneError {
+				if _, size := utf8.DecodeRuneInString(value[i:]); size == 1 {
+					bad = append(bad, &errdetails.BadRequest_FieldViolation{Field: field, Description: fmt.Sprintf(
+						"%s valid UTF-8 text, not a string with the byte 0x%02x at %d", what, value[i], i)})
+					return
+				}
+			}
+		}
+	}
+	one := func(field string, fd protoreflect.FieldDescriptor, v protoreflect.Value, what string) {
+		switch fd.Kind() {
+		case protoreflect.StringKind:
+			check(field, v.String(), what)
+		case protoreflect.MessageKind, protoreflect.GroupKind:
+			bad = append(bad, invalidUTF8(v.Message(), field+".")...)
+		}
+	}
+	fields := m.Descriptor().Fields()
+	for i := 0; i < fields.Len(); i++ {
+		fd := fields.Get(i)
+		if !m.Has(fd) {
+			continue
+		}
+		name := prefix + string(fd.Name())
+		switch {
+		case fd.IsList():
+			list := m.Get(fd).List()
+			for j := 0; j < list.Len(); j++ {
+				one(fmt.Sprintf("%s[%d]", name, j), fd, list.Get(j), "must be")
+			}
+		case fd.IsMap():
+			entries := m.Get(fd).Map()
+			var keys []protoreflect.MapKey
+			entries.Range(func(k protoreflect.MapKey, _ protoreflect.Value) bool { keys = append(keys, k); return true })
+			sort.Slice(keys, func(a, b int) bool { return keys[a].String() < keys[b].String() })
+			for _, k := range keys {
+				if fd.MapKey().Kind() == protoreflect.StringKind {
+					check(name, k.String(), "keys must be")
+				}
+				one(fmt.Sprintf("%s[%q]", name, k.String()), fd.MapValue(), entries.Get(k), "must be")
+			}
+		default:
+			one(name, fd, m.Get(fd), "must be")
+		}
+	}
+	return bad
 }
 
 // deadlineAndRetries gives a call timeout (when above zero) if its context has
