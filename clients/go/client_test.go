@@ -365,3 +365,17 @@ func TestAStringThatIsNotUTF8IsRefusedNamingItsField(t *testing.T) {
 		t.Errorf("events of a refused batch were stored: %v %v", page, err)
 	}
 }
+
+// A nil request is the empty one, as EachItem and EachEvent take it: gRPC
+// failed it INTERNAL ("proto: Marshal called with nil"), which says a bug.
+func TestANilRequestIsTheEmptyOne(t *testing.T) {
+	c, ctx := connect(t)
+	info, err := c.Embedding.GetModelInfo(ctx, nil)
+	if err != nil || info.Dimension != 384 {
+		t.Fatalf("GetModelInfo(nil): %v %v", info, err)
+	}
+	_, err = c.Recommend.Recommend(ctx, nil)
+	if v := halflife.FieldViolations(err); status.Code(err) != codes.InvalidArgument || len(v) == 0 || v[0].Field != "user_id" {
+		t.Fatalf("Recommend(nil): got %v, %+v; want the server's InvalidArgument for an empty user_id", err, v)
+	}
+}

@@ -161,7 +161,8 @@ var grpcSchemes = map[string]bool{
 // DefaultPort: see ServerTarget, whose error Dial returns before connecting),
 // with MaxMessageBytes both ways, DefaultTimeout and RetryAttempts, and
 // refuses unsent a request with a string that is not valid UTF-8
-// (INVALID_ARGUMENT, its FieldViolations naming the fields). It does
+// (INVALID_ARGUMENT, its FieldViolations naming the fields); a nil request
+// is the empty one. It does
 // not wait for the server: gRPC connects in the background, and the first
 // call waits for it (within that call's deadline), unless grpc.WithBlock() is
 // among the options. Without options the connection is plaintext (h2c), as
@@ -183,7 +184,7 @@ func Dial(ctx context.Context, address string, opts ...grpc.DialOption) (*Client
 	}
 	defaults := []grpc.DialOption{
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageBytes), grpc.MaxCallSendMsgSize(MaxMessageBytes)),
-		grpc.WithChainUnaryInterceptor(refuseInvalidUTF8, deadlineAndRetries(DefaultTimeout)),
+		grpc.WithChainUnaryInterceptor(checkRequest, deadlineAndRetries(DefaultTimeout)),
 		// gRPC waits up to 120 s between reconnection attempts: calls to a server back up after a
 		// restart failed UNAVAILABLE at once, without trying, for as long as the wait had grown.
 		grpc.WithConnectParams(grpc.ConnectParams{
@@ -198,15 +199,20 @@ func Dial(ctx context.Context, address string, opts ...grpc.DialOption) (*Client
 	return NewClient(conn), nil
 }
 
-// refuseInvalidUTF8 fails a request that holds a string that is not valid
-// UTF-8, at any depth, INVALID_ARGUMENT with a google.rpc.BadRequest naming
-// each such field, unsent: protobuf-go refuses to marshal one (proto3's
-// strings are UTF-8), which gRPC reported INTERNAL ("grpc: error while
-// marshaling: string field contains invalid UTF-8"), naming no field. Go
-// strings hold any bytes; the Python and Node clients refuse such a string too.
-func refuseInvalidUTF8(ctx context.Context, method string, req, reply interface{}, cc *grpc.ClientConn,
+// checkRequest sends a nil request as the empty one, as EachItem and
+// EachEvent take nil (gRPC failed it INTERNAL, "proto: Marshal called with
+// nil"), and fails a request that holds a string that is not valid UTF-8, at
+// any depth, INVALID_ARGUMENT with a google.rpc.BadRequest naming each such
+// field, unsent: protobuf-go refuses to marshal one (proto3's strings are
+// UTF-8), which gRPC reported INTERNAL ("grpc: error while marshaling: string
+// field contains invalid UTF-8"), naming no field. Go strings hold any bytes;
+// the Python and Node clients refuse such a string too.
+func checkRequest(ctx context.Context, method string, req, reply interface{}, cc *grpc.ClientConn,
 	invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 	if m, ok := req.(proto.Message); ok {
+		if !m.ProtoReflect().IsValid() { // a nil pointer of the request's type
+			req = m.ProtoReflect().Type().New().Interface()
+		}
 		if bad := invalidUTF8(m.ProtoReflect(), ""); len(bad) > 0 {
 			message := "halflife: " + bad[0].Field + ": " + bad[0].Description
 			if len(bad) > 1 {
