@@ -203,29 +203,34 @@ func Dial(ctx context.Context, address string, opts ...grpc.DialOption) (*Client
 // EachEvent take nil (gRPC failed it INTERNAL, "proto: Marshal called with
 // nil"), and fails a request that holds a string that is not valid UTF-8, at
 // any depth, INVALID_ARGUMENT with a google.rpc.BadRequest naming each such
-// field, unsent: protobuf-go refuses to marshal one (proto3's strings are
-// UTF-8), which gRPC reported INTERNAL ("grpc: error while marshaling: string
-// field contains invalid UTF-8"), naming no field. Go strings hold any bytes;
-// the Python and Node clients refuse such a string too.
+// field: protobuf-go refuses to marshal one (proto3's strings are UTF-8), so
+// it is never sent, but gRPC reported that INTERNAL ("grpc: error while
+// marshaling: string field contains invalid UTF-8"), naming no field. The
+// strings are looked at only then, at no cost to the calls that marshal. Go
+// strings hold any bytes; the Python and Node clients refuse such a string too.
 func checkRequest(ctx context.Context, method string, req, reply interface{}, cc *grpc.ClientConn,
 	invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
-	if m, ok := req.(proto.Message); ok {
-		if !m.ProtoReflect().IsValid() { // a nil pointer of the request's type
-			req = m.ProtoReflect().Type().New().Interface()
-		}
-		if bad := invalidUTF8(m.ProtoReflect(), ""); len(bad) > 0 {
-			message := "halflife: " + bad[0].Field + ": " + bad[0].Description
-			if len(bad) > 1 {
-				message += fmt.Sprintf(" (and %d more)", len(bad)-1) // as the server words its own
-			}
-			s, err := status.New(codes.InvalidArgument, message).WithDetails(&errdetails.BadRequest{FieldViolations: bad})
-			if err != nil {
-				return status.Error(codes.InvalidArgument, message)
-			}
-			return s.Err()
-		}
+	m, ok := req.(proto.Message)
+	if ok && !m.ProtoReflect().IsValid() { // a nil pointer of the request's type
+		req = m.ProtoReflect().Type().New().Interface()
 	}
-	return invoker(ctx, method, req, reply, cc, opts...)
+	err := invoker(ctx, method, req, reply, cc, opts...)
+	if !ok || status.Code(err) != codes.Internal {
+		return err
+	}
+	bad := invalidUTF8(m.ProtoReflect(), "")
+	if len(bad) == 0 {
+		return err
+	}
+	message := "halflife: " + bad[0].Field + ": " + bad[0].Description
+	if len(bad) > 1 {
+		message += fmt.Sprintf(" (and %d more)", len(bad)-1) // as the server words its own
+	}
+	if s, detailed := status.New(codes.InvalidArgument, message).WithDetails(
+		&errdetails.BadRequest{FieldViolations: bad}); detailed == nil {
+		return s.Err()
+	}
+	return status.Error(codes.InvalidArgument, message)
 }
 
 // invalidUTF8 lists the strings of m that are not valid UTF-8, named as the
