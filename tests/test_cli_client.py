@@ -744,6 +744,14 @@ def test_server_target_gives_a_host_without_a_port_serves_port(target, expected)
     ("localhost::", "must be host:port (an IPv6 host in brackets), got 'localhost::'"),
     ("[::1]:80:", "must be host:port (an IPv6 host in brackets), got '[::1]:80:'"),
     ("::1:", "an IPv6 address goes in brackets: [::1]:port"),
+    # A path, query, user or space in the host: gRPC failed it UNAVAILABLE at the first call, after every retry.
+    ("localhost/x", "must be host:port, got 'localhost/x': a host holds no '/'"),
+    ("localhost/x:50051", "must be host:port, got 'localhost/x:50051': a host holds no '/'"),
+    ("user@h:5", "must be host:port, got 'user@h:5': a host holds no '@'"),
+    ("h?x", "must be host:port, got 'h?x': a host holds no '?'"),
+    ("h#x:1", "must be host:port, got 'h#x:1': a host holds no '#'"),
+    ("h\\x", "must be host:port, got 'h\\\\x': a host holds no '\\\\'"),
+    ("a b:1", "must be host:port, got 'a b:1': a host holds no ' '"),
 ])
 def test_server_target_refuses_what_grpc_would_wrap_or_misread(target, error):
     from halflife_client.client import server_target

@@ -31,6 +31,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode"
 	"unicode/utf8"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -116,6 +117,12 @@ func ServerTarget(address string) (string, error) {
 	// went on to gRPC, which failed them only at the first call (an audit).
 	if !scheme && (host == "" || host == "[]") {
 		return "", fmt.Errorf("halflife: no host: give host:port, got %q", address)
+	}
+	// A path, query, user or space after or in the host ("localhost/x", "user@h") went on to gRPC, which failed
+	// it only at the first call, UNAVAILABLE after every retry (a review; the Python and Node clients refuse it too).
+	if i := strings.IndexFunc(host, func(r rune) bool { return strings.ContainsRune(`/?#\@`, r) || unicode.IsSpace(r) }); !scheme && i >= 0 {
+		stray, _ := utf8.DecodeRuneInString(host[i:])
+		return "", fmt.Errorf("halflife: address must be host:port, got %q: a host holds no %q", address, stray)
 	}
 	// Before the default port is added: "h:1:" and "::1:" became "h:1:50051" and "::1:50051" (a review).
 	if !scheme && strings.Contains(host, ":") && !bracketed(host) {

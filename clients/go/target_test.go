@@ -77,6 +77,14 @@ func TestDialRefusesAnEmptyAddressAURLABadPortAndABareIPv6One(t *testing.T) {
 		"localhost::": `halflife: address must be host:port (an IPv6 host in brackets), got "localhost::"`,
 		"[::1]:80:":   `halflife: address must be host:port (an IPv6 host in brackets), got "[::1]:80:"`,
 		"::1:":        "halflife: an IPv6 address goes in brackets: [::1]:port",
+		// A path, query, user or space in the host: gRPC failed it UNAVAILABLE at the first call, after every retry.
+		"localhost/x":       `halflife: address must be host:port, got "localhost/x": a host holds no '/'`,
+		"localhost/x:50051": `halflife: address must be host:port, got "localhost/x:50051": a host holds no '/'`,
+		"user@h:5":          `halflife: address must be host:port, got "user@h:5": a host holds no '@'`,
+		"h?x":               `halflife: address must be host:port, got "h?x": a host holds no '?'`,
+		"h#x:1":             `halflife: address must be host:port, got "h#x:1": a host holds no '#'`,
+		`h\x`:               `halflife: address must be host:port, got "h\\x": a host holds no '\\'`,
+		"a b:1":             `halflife: address must be host:port, got "a b:1": a host holds no ' '`,
 	} {
 		c, err := halflife.Dial(context.Background(), address)
 		if c != nil || err == nil || err.Error() != want {

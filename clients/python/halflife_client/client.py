@@ -219,6 +219,9 @@ def to_timestamp(when: dt.datetime) -> timestamp_pb2.Timestamp:
     return stamp
 
 
+_NOT_IN_A_HOST = "/?#\\@"
+
+
 def server_target(target: str) -> str:
     """`target` as gRPC is to get it, for a `halflife serve`: a host with no
     port ("localhost", "10.0.0.7", "[::1]") or an empty one ("localhost:")
@@ -251,6 +254,10 @@ def server_target(target: str) -> str:
     # on to gRPC, which failed them only at the first call (an audit).
     if not scheme and host in ("", "[]"):
         raise ValueError(f"no host: give host:port, got {target!r}")
+    # A path, query, user or space after or in the host ("localhost/x", "user@h") went on to gRPC, which failed
+    # it only at the first call, UNAVAILABLE after every retry (a review; the Go and Node clients refuse it too).
+    if not scheme and (stray := next((c for c in host if c in _NOT_IN_A_HOST or c.isspace()), None)):
+        raise ValueError(f"must be host:port, got {target!r}: a host holds no {stray!r}")
     # Before the default port is added: "h:1:" and "::1:" became "h:1:50051" and "::1:50051" (a review).
     if not scheme and ":" in host and not _bracketed(host):
         raise ValueError(f"an IPv6 address goes in brackets: [{host}]:{port or 'port'}" if _bare_ipv6(host) else
