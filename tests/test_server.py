@@ -10,6 +10,8 @@ import os
 import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -1205,6 +1207,170 @@ def test_serve_refuses_a_request_past_its_bytes_in_hand(model_dir, tmp_path):
         assert "would pass the 0.381 MiB this server takes at once (serve --max-requests-mib)" in refused[0].details()
         assert [len(call.result().embeddings) for call, error in zip(calls, errors) if error is None] == [256]
 
+
+class _Connection(_AbortingContext):
+    """A call's context on the connection named `peer`, whose call ends when `end` runs its done callbacks."""
+
+    def __init__(self, peer: str):
+        self._peer, self._callbacks = peer, []
+
+    def peer(self) -> str:
+        return self._peer
+
+    def add_done_callback(self, callback) -> None:
+        self._callbacks.append(callback)
+
+    def end(self) -> None:
+        for callback in self._callbacks:
+            callback(self)
+
+
+def test_answers_a_connection_has_not_read_are_bounded_per_connection():
+    """One connection that read none of its answers held every one of them
+    until it closed (30 pages of 56 MB: 1.4 -> 6.5 GB, up to 35 minutes, a
+    review). Its answers count until their call is over: one past the bound
+    waits for room, and is dropped if none comes; the connection's further
+    calls are then refused until one is sent. A small answer and another
+    connection's are not held back."""
+    from halflife.api.server import UnreadAnswers
+
+    def answer(size: int) -> catalog_pb2.ListItemsResponse:
+        return catalog_pb2.ListItemsResponse(next_page_token="x" * (size - 3))  # tag and a 2-byte length
+
+    worked = []
+
+    async def handler(size, context):
+        worked.append(size)
+        return answer(size)
+
+    async def run() -> None:
+        answers = UnreadAnswers(max_bytes=3000, wait_s=0.5)
+        bounded = answers.wrap(handler)
+        stuck = [_Connection("ipv4:127.0.0.1:1001") for _ in range(7)]
+        assert await bounded(2000, stuck[0]) == answer(2000).SerializeToString()  # alone: past any bound, sent
+        assert len(await bounded(1024, stuck[2])) == 1024  # small (a write's counts): sent at once, and counted
+        began = time.monotonic()
+        first = asyncio.create_task(bounded(2000, stuck[1]))
+        await asyncio.sleep(0.25)
+        second_began = time.monotonic()
+        second = asyncio.create_task(bounded(1500, stuck[6]))
+        with pytest.raises(_Refused, match=r"answers of 0.00288 MiB wait for this connection's client to read them, "
+                                           r"none read in the last 0.5 s, and this server holds at most 0.00286 MiB "
+                                           r"for one connection: this call's answer of 0.00191 MiB, which would have "
+                                           r"passed it, was dropped; read the answers"):
+            await first
+        assert time.monotonic() - began >= 0.5
+        with pytest.raises(_Refused, match="answer of 0.00143 MiB, which would have passed it, was dropped"):
+            await second  # as the first gave up, not after its own 0.5 s
+        assert time.monotonic() - second_began < 0.45
+        with pytest.raises(_Refused, match="answers of 0.00288 MiB wait .* none read in the last 0.5 s, .*: this call "
+                                           "was refused"):
+            await bounded(10, stuck[3])  # before any work, however small
+        assert worked == [2000, 1024, 2000, 1500]  # the refused call did no work
+        assert len(await bounded(2000, _Connection("ipv4:127.0.0.1:1002"))) == 2000  # another connection
+        stuck[0].end()  # its answer sent: calls are taken again
+        assert answers.connections["ipv4:127.0.0.1:1001"].bytes == 1024
+        assert len(await bounded(1500, stuck[4])) == 1500
+        waiting = asyncio.create_task(bounded(2000, stuck[5]))  # 2524 + 2000: waits its turn
+        await asyncio.sleep(0.3)
+        stuck[2].end()  # 1500 + 2000: still no room, but the client reads: the wait starts again
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        stuck[4].end()
+        assert len(await waiting) == 2000
+        stuck[5].end()
+        assert {peer: unread.bytes for peer, unread in answers.connections.items()} == {"ipv4:127.0.0.1:1002": 2000}
+
+    asyncio.run(run())
+
+
+class _StuckClient:
+    """An HTTP/2 client that grants no flow-control window (its SETTINGS
+    say 0) but answers SETTINGS and PINGs, as a stuck reader does: its calls'
+    answers stay in the server until it closes."""
+
+    def __init__(self, address: str):
+        host, port = address.rsplit(":", 1)
+        self._socket = socket.create_connection((host, int(port)), timeout=30)
+        self._buffer, self._stream = b"", 1
+        self._socket.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + self._frame(4, 0, 0, struct.pack(">HI", 4, 0)))
+
+    @staticmethod
+    def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+        return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+    def call(self, path: str, request: bytes) -> int:
+        """Sends a unary call (headers as literals, no Huffman); returns its stream."""
+        stream, self._stream = self._stream, self._stream + 2
+        headers = b"".join(b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value for name, value in (
+            (b":method", b"POST"), (b":scheme", b"http"), (b":path", path.encode()), (b":authority", b"x"),
+            (b"content-type", b"application/grpc"), (b"te", b"trailers")))
+        self._socket.sendall(self._frame(1, 4, stream, headers) +
+                             self._frame(0, 1, stream, b"\x00" + struct.pack(">I", len(request)) + request))
+        return stream
+
+    def headers(self) -> tuple[int, bool, bytes]:
+        """The next HEADERS frame the server sends: its stream, whether it
+        ends it (trailers: the call is over), and its block (grpc writes its
+        message as a plain literal)."""
+        while True:
+            while len(self._buffer) < 9 or len(self._buffer) < 9 + int.from_bytes(self._buffer[:3], "big"):
+                received = self._socket.recv(65536)
+                assert received, "the server closed the connection"
+                self._buffer += received
+            size = int.from_bytes(self._buffer[:3], "big")
+            kind, flags = self._buffer[3], self._buffer[4]
+            stream = int.from_bytes(self._buffer[5:9], "big") & 0x7FFFFFFF
+            payload, self._buffer = self._buffer[9:9 + size], self._buffer[9 + size:]
+            if kind == 4 and not flags & 1:  # SETTINGS: acknowledged
+                self._socket.sendall(self._frame(4, 1, 0))
+            elif kind == 6 and not flags & 1:  # PING: answered, as a live client does
+                self._socket.sendall(self._frame(6, 1, 0, payload))
+            elif kind == 1:
+                return stream, bool(flags & 1), payload
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+def test_a_client_that_reads_no_answer_has_its_answers_dropped_and_others_are_served(model_dir, tmp_path,
+                                                                                     monkeypatch):
+    """The bound on unread answers reaches the server: a connection whose
+    client reads nothing holds one answer (~100 kB, past the bound alone);
+    its next one waits, then is dropped, RESOURCE_EXHAUSTED, and its further
+    calls are refused at once, while another connection is served; once it
+    closes, nothing is counted for it."""
+    import halflife.api.server as server_module
+
+    monkeypatch.setattr(server_module, "UNREAD_ANSWER_WAIT_S", 0.5)
+    config = ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path, max_unread_answer_bytes=50_000)
+    ids = [f"item-{i}" for i in range(64)]
+    vectors = np.random.default_rng(0).standard_normal((len(ids), 384)).astype(np.float32)
+    request = catalog_pb2.GetItemsRequest(ids=ids, include_vectors=True).SerializeToString()
+    get_items = "/halflife.v1.CatalogService/GetItems"
+    with ServerThread(config) as server, HalflifeClient(server.address) as client:
+        client.upsert_items([Item(id=i, vector=v) for i, v in zip(ids, vectors)])
+        stuck = _StuckClient(server.address)
+        try:
+            held = stuck.call(get_items, request)
+            assert stuck.headers()[:2] == (held, False)  # its answer's headers: the answer waits on the window
+            dropped = stuck.call(get_items, request)
+            stream, ended, trailers = stuck.headers()
+            assert (stream, ended) == (dropped, True)
+            assert b"none read in the last 0.5 s" in trailers and b"was dropped" in trailers, trailers
+            refused = {stuck.call(get_items, request) for _ in range(3)}
+            ends = [stuck.headers() for _ in refused]
+            assert {stream for stream, _, _ in ends} == refused and all(ended for _, ended, _ in ends)
+            for _, _, trailers in ends:
+                assert b"wait for this connection's client to read them" in trailers, trailers
+                assert b"for one connection: this call was refused" in trailers, trailers
+            assert len(client.get_items(ids, include_vectors=True)) == 64  # another connection
+        finally:
+            stuck.close()
+        deadline = time.monotonic() + 10
+        while server.server.unread_answers.connections:  # the closed connection's answer is let go of
+            assert time.monotonic() < deadline, server.server.unread_answers.connections
+            time.sleep(0.05)
 
 def test_open_streams_are_capped_and_unary_calls_go_on(model_dir, tmp_path, monkeypatch):
     """1,024 idle health Watch streams of one client took every slot of

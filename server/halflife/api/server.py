@@ -71,6 +71,8 @@ class ServerConfig:
     # its request (parsed, its texts as Python strings, rows for the store): 40 upserts of 48 MiB sent at
     # once took the server to 4.6 GiB, 2.7 GiB with this bound (docs/serving.md).
     max_requests_bytes: int = DEFAULT_MAX_REQUESTS_MIB * MiB
+    # Answers on one connection that its client has not read yet, in bytes on the wire (see UnreadAnswers).
+    max_unread_answer_bytes: int = 64 * MiB
     grace_seconds: float = 30.0  # in-flight RPCs get this long to finish on shutdown
     reuse_port: bool = False  # True only when several worker processes share the port
     follow_store: bool = False  # other processes write to the same store (workers)
@@ -211,6 +213,99 @@ class Admission:
         return None
 
 
+# An answer this small (every write's: counts) never waits for its connection's unread answers, nor is it
+# refused for them, only counted: 256 of them, a connection's most, are 256 KiB.
+SMALL_ANSWER_BYTES = 1024
+# How long an answer that would take its connection's unread answers past their bound waits for room.
+UNREAD_ANSWER_WAIT_S = 10.0
+
+
+class _Unread:
+    """One connection's answers that are not sent yet."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.sent = asyncio.Event()  # set, and replaced, as one of them is sent (wake)
+        self.stalled = False  # one waited in vain for room: further calls are refused until one is sent
+
+    def wake(self) -> None:
+        """Wakes the answers waiting for room."""
+        woken, self.sent = self.sent, asyncio.Event()
+        woken.set()
+
+
+class UnreadAnswers:
+    """Bounds, per connection, the answers its client has not read yet. grpc
+    sends a unary answer once its handler returned, and holds it (its bytes
+    and core's copy; the message too, before `wrap` serialized it) until
+    the client's HTTP/2 flow control takes it, which a stuck client that
+    still answers keepalive pings never does: 30 pages of ListItems with
+    vectors (56 MB each) asked for on one such connection took a server
+    from 1.4 to 6.5 GB until it closed, up to its 35 minutes (a review). An
+    answer counts from its handler's return until its call is over (sent,
+    or the connection gone: grpc.aio calls a call's done callbacks only
+    then). One that would take its connection past `max_bytes` waits for
+    the others to be sent (a client that reads, however slowly, only waits
+    its turn, as it would in grpc's buffers); when none is for `wait_s`, it
+    is dropped, its call RESOURCE_EXHAUSTED, and so are the others waiting
+    and the connection's further calls, before any work, until one is
+    sent. The connection's only answer, and a small one (a write's, whose
+    work is done), never wait. Other connections are served as before."""
+
+    def __init__(self, max_bytes: float, wait_s: float):
+        self.max_bytes = max_bytes
+        self.wait_s = wait_s
+        self.connections: dict[str, _Unread] = {}  # by context.peer() (one a connection), while any is unsent
+
+    def wrap(self, behavior: Callable) -> Callable:
+        """A unary handler `behavior` whose answer counts for its connection,
+        and which answers it serialized (register it with no serializer)."""
+        async def bounded(request, context):
+            peer = context.peer()
+            if (unread := self.connections.get(peer)) is not None and unread.stalled:
+                del request  # not held by the refusal's traceback (see Admission.wrap)
+                await context.abort_with_status(self._refusal(unread.bytes, "this call was refused"))
+            call = behavior(request, context)
+            del request  # held by the call alone
+            # Its bytes, as grpc would have made them (add_service): their length for free (ByteSize costs a
+            # serialization: 136 ms for a 56 MB page), and the message let go of at once.
+            answer = (await call).SerializeToString()
+            size = len(answer)
+            while True:  # the entry goes once its connection's answers are all sent: looked up after each wait
+                unread = self.connections.setdefault(peer, _Unread())
+                if size <= SMALL_ANSWER_BYTES or not unread.bytes or unread.bytes + size <= self.max_bytes:
+                    break
+                if unread.stalled:
+                    del answer
+                    await context.abort_with_status(self._refusal(
+                        unread.bytes, f"this call's answer of {size / MiB:.3g} MiB, which would have passed it, was "
+                                      "dropped"))
+                sent = unread.sent
+                try:
+                    await asyncio.wait_for(sent.wait(), self.wait_s)
+                except TimeoutError:
+                    if unread.sent is sent:  # none sent meanwhile: this one, and the others waiting, give up
+                        unread.stalled = True
+                        unread.wake()
+            unread.bytes += size
+            context.add_done_callback(lambda _: self._sent(peer, unread, size))
+            return answer
+        return bounded
+
+    def _sent(self, peer: str, unread: _Unread, size: int) -> None:
+        unread.bytes -= size
+        unread.stalled = False
+        unread.wake()
+        if not unread.bytes and self.connections.get(peer) is unread:  # gone already where its answers were empty
+            del self.connections[peer]
+
+    def _refusal(self, held: int, outcome: str) -> grpc.Status:
+        return resource_exhausted(
+            f"answers of {held / MiB:.3g} MiB wait for this connection's client to read them, none read in the last "
+            f"{self.wait_s:g} s, and this server holds at most {self.max_bytes / MiB:.3g} MiB for one connection: "
+            f"{outcome}; read the answers (a client stuck, or on a slow link?), then retry with backoff").to_status()
+
+
 def open_streams() -> Admission:
     return Admission(MAX_OPEN_STREAMS, "{open} streams are open (health Watch, reflection), the most this server "
                                        "keeps at once; close one, or poll with health Check")
@@ -223,7 +318,8 @@ def api_calls(limit: int, max_bytes: float = math.inf) -> Admission:
 
 def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer,
                 streams: Admission | None = None, calls: Admission | None = None,
-                metrics: Metrics | None = None, max_request_bytes: float = math.inf) -> None:
+                metrics: Metrics | None = None, max_request_bytes: float = math.inf,
+                answers: UnreadAnswers | None = None) -> None:
     """Registers `servicer` for `service` as the generated `add_*_to_server`
     does, but with a request parser that never raises: grpc.aio parses
     requests before a handler runs and would answer bytes that are not a
@@ -233,7 +329,8 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer,
     generated base class (synchronous, "not implemented") is left out, so
     grpc answers UNIMPLEMENTED without a traceback.
     `streams` counts the server-streaming methods' calls, `calls` the
-    unary ones, where given; `metrics` counts and times the unary calls,
+    unary ones, where given; `answers` bounds the unary calls' answers
+    unread on each connection; `metrics` counts and times the unary calls,
     outermost, so that admission's refusals and malformed bytes count too.
     A request over `max_request_bytes` is refused unparsed, INVALID_ARGUMENT."""
     handlers = {}
@@ -249,12 +346,15 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer,
         admission = streams if method.server_streaming else calls
         if admission is not None:
             checked = admission.wrap(checked)
+        serializer = response_class.SerializeToString
+        if answers is not None and kind == (False, False):  # before Admission: a refused call takes no slot
+            checked, serializer = answers.wrap(checked), None
         if metrics is not None and kind == (False, False):
             checked = metrics.counted(f"{service.name}/{method.name}", checked)
         handlers[method.name] = _METHOD_HANDLERS[kind](
             checked,
             request_deserializer=parse_leniently(request_class, max_request_bytes),
-            response_serializer=response_class.SerializeToString,
+            response_serializer=serializer,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
@@ -381,6 +481,7 @@ class HalflifeServer:
         self._health = ShutdownHealthServicer()
         self._calls: concurrent.futures.ThreadPoolExecutor | None = None  # the loop's default executor while serving
         self._servicers = [servicer(self.backend) for _, servicer in API_SERVICES]
+        self.unread_answers = UnreadAnswers(config.max_unread_answer_bytes, UNREAD_ANSWER_WAIT_S)
         self._stopping: asyncio.Event | None = None  # start's: set to stop the server from within
         self.failure: str | None = None  # why the server stopped itself (`_model_died`), for serve to exit with
         self._failing: asyncio.Task | None = None  # the health change a failure makes (the loop holds tasks weakly)
@@ -424,7 +525,7 @@ class HalflifeServer:
                                  maximum_concurrent_rpcs=OPEN_CALLS_BACKSTOP_FACTOR * config.max_concurrent_rpcs)
         streams, calls = open_streams(), api_calls(config.max_concurrent_rpcs, config.max_requests_bytes)
         for (service, _), servicer in zip(API_SERVICES, self._servicers):
-            add_service(server, service, servicer, streams, calls, self.metrics)
+            add_service(server, service, servicer, streams, calls, self.metrics, answers=self.unread_answers)
         add_service(server, HEALTH_SERVICE, self._health, streams, max_request_bytes=MAX_NAME_REQUEST_BYTES)
         add_service(server, REFLECTION_SERVICE, reflection_servicer(service_names()), streams,
                     max_request_bytes=MAX_NAME_REQUEST_BYTES)
