@@ -48,11 +48,11 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
 RESTART_LIMIT = 3  # restarts of one worker within RESTART_WINDOW_S; its next death stops the group
+RESTART_WINDOW_S = 300.0
 # A worker's exit status for a start refused for now (EX_TEMPFAIL in sysexits.h): its store unavailable,
 # such as locked past SQLite's busy timeout by a long write. A replacement that exits so is started again,
 # within its restart budget, where any other refusal would only come again.
 EXIT_TEMPORARY = 75
-RESTART_WINDOW_S = 300.0
 
 
 @contextlib.contextmanager
