@@ -962,6 +962,44 @@ def test_the_async_client_refuses_one_string_too():
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda c: c.upsert_items([Item(id="a"), {"id": "b"}]), "items[1] must be Item or halflife.v1.Item, not dict {'id': 'b'}"),
+    (lambda c: c.upsert_items([None]), "items[0] must be Item or halflife.v1.Item, not NoneType None"),
+    (lambda c: c.upsert_items(Item(id="a")), "items takes a list of Items or halflife.v1.Item messages, not one Item"),
+    (lambda c: c.upsert_items([Item(id="a", attributes=[("k", "v")])]),
+     "items[0]: Item 'a' attributes must be a dict of strings, not list [('k', 'v')]"),
+    (lambda c: c.upsert_items([Item(id="a"), Item(id=2)]), "items[1]: Item id must be a string, not int 2"),
+    (lambda c: c.record_events([Item(id="a")]), "events[0] must be Event or halflife.v1.Event, not Item"),
+    (lambda c: c.record_events(None), "events takes a list of Events or halflife.v1.Event messages, not NoneType None"),
+    (lambda c: c.recommend("u", item_filter={"include_categories": ["a"]}),
+     "item_filter must be Filter or halflife.v1.ItemFilter, not dict {'include_categories': ['a']}"),
+    (lambda c: c.similar_items(text="x", item_filter=[]), "item_filter must be Filter or halflife.v1.ItemFilter, not list"),
+], ids=["dict item", "None item", "one item", "attribute pairs", "second item's id", "item as event", "None events",
+        "dict filter", "list filter"])
+def test_what_is_no_item_event_or_filter_is_a_type_error_naming_where(call, message):
+    """A dict or None among items or events, or a dict as a filter, was an AttributeError ("'dict' object has no
+    attribute 'to_proto'"), an Event among items protobuf's "must be 10", one Item for the list "'Item' object is
+    not iterable", and an Item's error did not say which of 1,000 items it was (a review; the Node client names
+    items[i] so)."""
+    with HalflifeClient("127.0.0.1:1", timeout=1) as client:
+        with pytest.raises(TypeError) as refused:
+            call(client)
+    assert str(refused.value).startswith(message)
+
+
+def test_the_async_client_names_the_element_too():
+    import asyncio
+
+    from halflife_client import AsyncHalflifeClient
+
+    async def main():
+        async with AsyncHalflifeClient("127.0.0.1:1", timeout=1) as client:
+            with pytest.raises(TypeError, match=re.escape("events[1] must be Event or halflife.v1.Event, not dict")):
+                await client.record_events([Event("e", "u", 1), {"event_id": "f"}])
+
+    asyncio.run(main())
+
+
 def test_a_command_whose_server_is_not_running_asks_whether_it_is(capsys):
     """gRPC's "failed to connect to all addresses ... Connection refused"
     said nothing of what to do; a server's own UNAVAILABLE gets no hint."""

@@ -143,6 +143,9 @@ class Item:
         text = _unset_as_empty(self.text)
         _require_strings("Item", id=self.id, text=text)
         attributes = {} if self.attributes is None else self.attributes  # None: none, as for text (an AttributeError)
+        if not isinstance(attributes, Mapping):  # a list of pairs was an AttributeError (a review)
+            raise TypeError(f"Item {self.id!r} attributes must be a dict of strings, "
+                            f"not {type(attributes).__name__} {attributes!r}")
         for key, value in attributes.items():
             _require_strings(f"Item {self.id!r}", **{"attribute key": key, f"attribute {key!r}": value})
         categories = _strings("categories", () if self.categories is None else self.categories)
@@ -366,8 +369,32 @@ def _seconds(timeout: float | None) -> float | None:
     return timeout
 
 
-def _protos(values, message_type):
-    return [v if isinstance(v, message_type) else v.to_proto() for v in values]
+def _protos(name: str, values, message_type, value_type) -> list:
+    """`values` (`value_type`s or `message_type`s: Item or catalog_pb2.Item, ...) as messages, each refused
+    naming its place (items[3]); one of them alone, where a list goes, is a TypeError too. A dict, None or
+    another type in the list was an AttributeError ("'dict' object has no attribute 'to_proto'"), and a field
+    that to_proto refused did not say which element held it (a review)."""
+    kinds = f"{value_type.__name__}s or {message_type.DESCRIPTOR.full_name} messages"
+    if isinstance(values, (message_type, value_type)):
+        raise TypeError(f"{name} takes a list of {kinds}, not one {type(values).__name__}: put it in a list")
+    try:
+        values = iter(values)
+    except TypeError:
+        raise TypeError(f"{name} takes a list of {kinds}, not {type(values).__name__} {values!r}") from None
+    return [_proto(f"{name}[{i}]", v, message_type, value_type) for i, v in enumerate(values)]
+
+
+def _proto(label: str, value, message_type, value_type):
+    """`value` as a `message_type`, or the error of to_proto, which names a field, after `label`."""
+    if isinstance(value, message_type):
+        return value
+    if not isinstance(value, value_type):
+        raise TypeError(f"{label} must be {value_type.__name__} or {message_type.DESCRIPTOR.full_name}, "
+                        f"not {type(value).__name__} {value!r}")
+    try:
+        return value.to_proto()
+    except (TypeError, ValueError) as error:  # rebuilt as the base class, as _request's
+        raise (TypeError if isinstance(error, TypeError) else ValueError)(f"{label}: {error}") from None
 
 
 def _recommend_request(user_id, limit, as_of, include_seen, query, explain, diversity, item_filter):
@@ -376,7 +403,7 @@ def _recommend_request(user_id, limit, as_of, include_seen, query, explain, dive
     if as_of is not None:
         request.as_of_time.CopyFrom(to_timestamp(as_of))
     if item_filter is not None:
-        request.filter.CopyFrom(_protos([item_filter], recommend_pb2.ItemFilter)[0])
+        request.filter.CopyFrom(_proto("item_filter", item_filter, recommend_pb2.ItemFilter, Filter))
     return request
 
 
@@ -386,7 +413,7 @@ def _similar_request(item_id, text, limit, item_filter):
     target = {"item_id": item_id} if item_id is not None else {"text": text}
     request = _request(recommend_pb2.SimilarItemsRequest, limit=limit, **target)
     if item_filter is not None:
-        request.filter.CopyFrom(_protos([item_filter], recommend_pb2.ItemFilter)[0])
+        request.filter.CopyFrom(_proto("item_filter", item_filter, recommend_pb2.ItemFilter, Filter))
     return request
 
 
@@ -514,7 +541,7 @@ class HalflifeClient:
     def upsert_items(self, items: Sequence[Item | catalog_pb2.Item], *, timeout: float | None = None):
         """Creates or replaces items; returns (created, updated)."""
         response = self._catalog.UpsertItems(
-            _request(catalog_pb2.UpsertItemsRequest, items=_protos(items, catalog_pb2.Item)), timeout=_deadline(timeout, self.timeout)
+            _request(catalog_pb2.UpsertItemsRequest, items=_protos("items", items, catalog_pb2.Item, Item)), timeout=_deadline(timeout, self.timeout)
         )
         return response.created_count, response.updated_count
 
@@ -540,7 +567,7 @@ class HalflifeClient:
     def record_events(self, events: Sequence[Event | interest_pb2.Event], *, timeout: float | None = None):
         """Records events durably; returns (accepted, duplicates)."""
         response = self._interest.RecordEvents(
-            _request(interest_pb2.RecordEventsRequest, events=_protos(events, interest_pb2.Event)), timeout=_deadline(timeout, self.timeout)
+            _request(interest_pb2.RecordEventsRequest, events=_protos("events", events, interest_pb2.Event, Event)), timeout=_deadline(timeout, self.timeout)
         )
         return response.accepted_count, response.duplicate_count
 
@@ -633,7 +660,7 @@ class AsyncHalflifeClient:
     async def upsert_items(self, items: Sequence[Item | catalog_pb2.Item], *, timeout: float | None = None):
         """Creates or replaces items; returns (created, updated)."""
         response = await self._catalog.UpsertItems(
-            _request(catalog_pb2.UpsertItemsRequest, items=_protos(items, catalog_pb2.Item)), timeout=_deadline(timeout, self.timeout)
+            _request(catalog_pb2.UpsertItemsRequest, items=_protos("items", items, catalog_pb2.Item, Item)), timeout=_deadline(timeout, self.timeout)
         )
         return response.created_count, response.updated_count
 
@@ -657,7 +684,7 @@ class AsyncHalflifeClient:
     async def record_events(self, events: Sequence[Event | interest_pb2.Event], *, timeout: float | None = None):
         """Records events durably; returns (accepted, duplicates)."""
         response = await self._interest.RecordEvents(
-            _request(interest_pb2.RecordEventsRequest, events=_protos(events, interest_pb2.Event)), timeout=_deadline(timeout, self.timeout)
+            _request(interest_pb2.RecordEventsRequest, events=_protos("events", events, interest_pb2.Event, Event)), timeout=_deadline(timeout, self.timeout)
         )
         return response.accepted_count, response.duplicate_count
 
