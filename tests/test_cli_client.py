@@ -987,6 +987,52 @@ def test_what_is_no_item_event_or_filter_is_a_type_error_naming_where(call, mess
     assert str(refused.value).startswith(message)
 
 
+@pytest.mark.parametrize("call, kind, message", [
+    (lambda c: c.upsert_items([Item(id="a"), Item(id="b\udc80")]), ValueError,
+     "items[1]: id must be valid UTF-8 text, not 'b\\udc80' (surrogates not allowed)"),
+    (lambda c: c.upsert_items([Item(id="a", text="\ud83d")]), ValueError, "items[0]: text must be valid UTF-8 text"),
+    (lambda c: c.upsert_items([Item(id="a", categories=["x", "\ud800"])]), ValueError,
+     "items[0]: categories[1] must be valid UTF-8 text"),
+    (lambda c: c.upsert_items([Item(id="a", attributes={"k": "\ud800"})]), ValueError,
+     "items[0]: attributes['k'] must be valid UTF-8 text"),
+    (lambda c: c.upsert_items([Item(id="a", attributes={"\ud800": "v"})]), ValueError,
+     "items[0]: attributes key must be valid UTF-8 text, not '\\ud800'"),
+    (lambda c: c.upsert_items([Item(id="a", categories=["x", 1])]), TypeError,
+     "items[0]: categories[1] must be a string, not int 1"),
+    (lambda c: c.record_events([Event("e", "u", 1), Event("f", "\udfff", 1)]), ValueError,
+     "events[1]: user_id must be valid UTF-8 text"),
+    (lambda c: c.record_events([Event("e", "u", "view")]), ValueError,
+     "events[0]: type must be one of EventType's values, not str 'view'"),
+    (lambda c: c.record_events([Event("e", "u", 1.5)]), TypeError, "events[0]: type must be one of EventType's values"),
+    (lambda c: c.record_events([Event("e", "u", 2**31)]), ValueError, "events[0]: type must be one of EventType's"),
+    (lambda c: c.record_events([Event("e", "u", 6, value="4.5")]), TypeError,
+     "events[0]: value must be a number, not str '4.5'"),
+    (lambda c: c.record_events([Event("e", "u", 6, value=10**400)]), ValueError, "events[0]: value must be a number"),
+    (lambda c: c.recommend("u", item_filter=Filter(include_categories=["a", 1])), TypeError,
+     "item_filter: include_categories[1] must be a string, not int 1"),
+    (lambda c: c.similar_items(text="x", item_filter=Filter(exclude_item_ids=["\ud800"])), ValueError,
+     "item_filter: exclude_item_ids[0] must be valid UTF-8 text"),
+], ids=["id surrogate", "text surrogate", "category surrogate", "attribute surrogate", "attribute key surrogate",
+        "int category", "user surrogate", "type name", "float type", "type out of range", "str value", "huge value",
+        "int filter category", "filter id surrogate"])
+def test_an_item_event_or_filter_field_protobuf_refuses_is_named(call, kind, message):
+    """Item, Event and Filter built their messages outside _request: protobuf's UnicodeEncodeError ("'utf-8'
+    codec can't encode character '\\ud800' in position 1"), "bad argument type for built-in operation",
+    "unknown enum label", "Value out of range: 2147483648", "must be real number, not str" and an
+    OverflowError named no field (a review: the Node and Go clients name each)."""
+    with HalflifeClient("127.0.0.1:1", timeout=1) as client:
+        with pytest.raises(kind) as refused:
+            call(client)
+    assert type(refused.value) is kind and str(refused.value).startswith(message)
+
+
+def test_a_filters_none_is_no_list():
+    """Filter(include_categories=None) was "'NoneType' object is not iterable"; None is none, as Item's
+    categories and the Node client's null take it."""
+    none = Filter(include_categories=None, exclude_categories=None, exclude_item_ids=None).to_proto()
+    assert none == Filter().to_proto() and not none.ListFields()
+
+
 def test_the_async_client_names_the_element_too():
     import asyncio
 

@@ -149,7 +149,7 @@ class Item:
         for key, value in attributes.items():
             _require_strings(f"Item {self.id!r}", **{"attribute key": key, f"attribute {key!r}": value})
         categories = _strings("categories", () if self.categories is None else self.categories)
-        item = catalog_pb2.Item(id=self.id, text=text, categories=categories, attributes=dict(attributes))
+        item = _request(catalog_pb2.Item, id=self.id, text=text, categories=categories, attributes=dict(attributes))
         if self.create_time is not None:
             item.create_time.CopyFrom(to_timestamp(self.create_time))
         if self.vector is not None:
@@ -181,8 +181,10 @@ class Filter:
     exclude_item_ids: Sequence[str] = ()
 
     def to_proto(self) -> recommend_pb2.ItemFilter:
-        return recommend_pb2.ItemFilter(**{field.name: _strings(field.name, getattr(self, field.name))
-                                           for field in dataclasses.fields(self)})
+        # None is none, as Item's categories (it was "'NoneType' object is not iterable").
+        lists = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return _request(recommend_pb2.ItemFilter, **{name: _strings(name, () if values is None else values)
+                                                     for name, values in lists.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,9 +201,8 @@ class Event:
         # None for the optional strings is unset (""), as protobuf takes it: eval's text-less ratings pass it.
         item_id, text = _unset_as_empty(self.item_id), _unset_as_empty(self.text)
         _require_strings("Event", event_id=self.event_id, user_id=self.user_id, item_id=item_id, text=text)
-        event = interest_pb2.Event(event_id=self.event_id, user_id=self.user_id, type=self.type, item_id=item_id, text=text)
-        if self.value is not None:
-            event.value = self.value
+        event = _request(interest_pb2.Event, event_id=self.event_id, user_id=self.user_id, type=self.type,
+                         item_id=item_id, text=text, value=self.value)
         if self.event_time is not None:
             event.event_time.CopyFrom(to_timestamp(self.event_time))
         return event
@@ -328,6 +329,12 @@ _FIELD_KINDS = {FieldDescriptor.CPPTYPE_STRING: "a string", FieldDescriptor.CPPT
                 FieldDescriptor.CPPTYPE_BOOL: "a bool", FieldDescriptor.CPPTYPE_DOUBLE: "a number"}
 
 
+def _field_kind(field) -> str:
+    if field.enum_type is not None:
+        return f"one of {field.enum_type.name}'s values"
+    return _FIELD_KINDS.get(field.cpp_type, field.cpp_type)
+
+
 def _request(message_type, **fields):
     """message_type(**fields), or the TypeError or ValueError of the first
     field (or list element) protobuf refuses, named: its own errors ("bad
@@ -335,19 +342,25 @@ def _request(message_type, **fields):
     none (get_items([1]), recommend(1), limit=2**40: a review)."""
     try:
         return message_type(**fields)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError) as error:  # OverflowError: an int no double holds (value=10**400)
         refused = error
     for name, value in fields.items():
         field = message_type.DESCRIPTOR.fields_by_name[name]
-        kind = _FIELD_KINDS.get(field.cpp_type, field.cpp_type)
-        tried = [(f"{name}[{i}]", {name: [v]}, v) for i, v in enumerate(value)] if field.is_repeated else \
-            [(name, {name: value}, value)]
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:  # attributes: strings
+            field, tried = field.message_type.fields_by_name["value"], [
+                entry for k, v in value.items()
+                for entry in ((f"{name} key", {name: {k: ""}}, k), (f"{name}[{k!r}]", {name: {k: v}}, v))]
+        elif field.is_repeated:
+            tried = [(f"{name}[{i}]", {name: [v]}, v) for i, v in enumerate(value)]
+        else:
+            tried = [(name, {name: value}, value)]
+        kind = _field_kind(field)
         for label, one, v in tried:
             try:
                 message_type(**one)
             except UnicodeError as error:  # a lone surrogate, bytes that are no UTF-8: its own words
                 raise ValueError(f"{label} must be valid UTF-8 text, not {v!r} ({error.reason})") from None
-            except (TypeError, ValueError) as error:  # rebuilt as the base class: some take more arguments
+            except (TypeError, ValueError, OverflowError) as error:  # rebuilt as the base class: some take more arguments
                 kind_of_error = TypeError if isinstance(error, TypeError) else ValueError
                 raise kind_of_error(f"{label} must be {kind}, not {type(v).__name__} {v!r}") from None
     raise refused
