@@ -1033,6 +1033,18 @@ def test_a_filters_none_is_no_list():
     assert none == Filter().to_proto() and not none.ListFields()
 
 
+def test_embeds_normalize_is_checked_as_a_bool():
+    """normalize goes out negated, as skip_normalize, so protobuf never saw it: normalize="false" asked for
+    unit rows, and None (elsewhere "not given") for the raw ones (a review)."""
+    from halflife_client.client import _embed_request
+
+    with pytest.raises(TypeError, match=re.escape("normalize must be a bool, not str 'false'")):
+        HalflifeClient("127.0.0.1:1").embed(["x"], normalize="false")
+    assert not _embed_request(["x"], False, None).skip_normalize
+    assert _embed_request(["x"], False, np.bool_(False)).skip_normalize and _embed_request(["x"], False, 0).skip_normalize
+    assert not _embed_request(["x"], False, True).skip_normalize
+
+
 def test_the_async_client_names_the_element_too():
     import asyncio
 

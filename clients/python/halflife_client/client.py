@@ -442,7 +442,12 @@ def _model_info(response: embedding_pb2.GetModelInfoResponse) -> ModelInfo:
 
 
 def _embed_request(texts: Sequence[str], truncate: bool, normalize: bool) -> embedding_pb2.EmbedRequest:
-    return _request(embedding_pb2.EmbedRequest, inputs=_strings("embed()", texts), truncate=truncate, skip_normalize=not normalize)
+    # Checked here, not by protobuf, as it goes out negated: "false" was sent as normalize=True, and None (elsewhere
+    # "not given") as False (a review). What protobuf takes for a bool is taken; None is the default.
+    if normalize is not None and not isinstance(normalize, (numbers.Integral, np.bool_)):
+        raise TypeError(f"normalize must be a bool, not {type(normalize).__name__} {normalize!r}")
+    return _request(embedding_pb2.EmbedRequest, inputs=_strings("embed()", texts), truncate=truncate,
+                    skip_normalize=normalize is not None and not normalize)
 
 
 def _vectors(response: embedding_pb2.EmbedResponse) -> np.ndarray:
