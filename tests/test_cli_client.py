@@ -788,6 +788,27 @@ def test_an_items_vector_past_float32s_range_keeps_its_direction():
     assert np.isnan(Item(id="x", vector=[np.nan, 1e39]).to_proto().vector[0])
 
 
+@pytest.mark.parametrize("vector, kind, message", [
+    (np.ones((1, 384)), ValueError, "vector must be one sequence of numbers, not an array of shape (1, 384)"),
+    (np.float32(1.0), TypeError, "vector must be a sequence of numbers, not float32"),
+    ((v for v in [1.0, 2.0]), TypeError, "vector must be a sequence of numbers, not generator"),
+    (["0.5", "1"], TypeError, "vector[0] must be a real number, not str '0.5'"),
+    (np.ones(3, dtype=bool), TypeError, "vector[0] must be a real number, not bool True"),
+    (np.array([1 + 2j, 3]), TypeError, "vector[0] must be a real number, not complex (1+2j)"),
+    ([1.0, None], TypeError, "vector[1] must be a real number, not NoneType None"),
+], ids=["2-D", "0-d", "generator", "strings", "bools", "complex", "None"])
+def test_an_items_vector_that_is_no_row_of_real_numbers_is_refused(vector, kind, message):
+    """A 2-D array or a scalar failed as protobuf's "must be real number, not list" and "must assign iterable";
+    strings were parsed ("0.5" went out as 0.5), bools went as 1 and 0, complex numbers lost their imaginary part
+    (a ComplexWarning) and None went as NaN, which the server refused as "holds NaN or infinite values"."""
+    with pytest.raises(kind) as refused:
+        Item(id="x", vector=vector).to_proto()
+    assert type(refused.value) is kind and str(refused.value).startswith(message)
+    # What is a row of real numbers goes, in any dtype: ints, float16, an object array of Python numbers.
+    for fine in ([1, 2], np.array([1, 2], dtype=np.float16), np.array([1.0, 2], dtype=object), (0.5, 1.5)):
+        assert list(Item(id="x", vector=fine).to_proto().vector) == [float(v) for v in fine]
+
+
 def test_the_package_exports_the_names_the_readme_gives_it():
     """clients/python/README.md names these as halflife_client's; DEFAULT_PORT
     and server_target were only in halflife_client.client (an AttributeError)."""

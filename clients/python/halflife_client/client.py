@@ -162,8 +162,22 @@ def _wire_vector(vector) -> np.ndarray:
     (it L2-normalises it), so a finite vector that float32 cannot hold is
     scaled by its largest entry first: with an entry past ~3.4e38 it went out
     holding inf, with every entry below ~1e-45 as zeros, and was refused for
-    what it was not ("NaN or infinite values", "all zeros")."""
-    wide = np.asarray(vector, dtype=np.float64)
+    what it was not ("NaN or infinite values", "all zeros"). Anything but
+    one row of real numbers is refused, naming what (a review): a 2-D array
+    or a scalar failed as protobuf's "must be real number, not list" and
+    "must assign iterable", and strings ("0.5"), bools, complex numbers
+    (their imaginary part dropped, with a warning) and None (sent as NaN)
+    were cast to floats."""
+    given = np.asarray(vector)
+    if given.ndim == 0:  # a number, a generator, a dict
+        raise TypeError(f"vector must be a sequence of numbers, not {type(vector).__name__} {vector!r}")
+    if given.ndim > 1:
+        raise ValueError(f"vector must be one sequence of numbers, not an array of shape {given.shape}")
+    if given.dtype.kind not in "fiu":
+        for i, value in enumerate(given.tolist()):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"vector[{i}] must be a real number, not {type(value).__name__} {value!r}")
+    wide = given.astype(np.float64)
     with np.errstate(over="ignore"):
         out = wide.astype(np.float32)
     if np.isfinite(wide).all() and wide.any() and not (np.isfinite(out).all() and out.any()):
