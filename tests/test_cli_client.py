@@ -969,6 +969,24 @@ def test_one_string_where_the_client_takes_several_is_a_type_error(call):
             call(client)
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda client: client.embed({"sku-1": "Trail shoes"}), "embed() takes a sequence of strings, not dict"),
+    (lambda client: client.get_items(None), "ids takes a sequence of strings, not NoneType None"),
+    (lambda client: client.delete_items(7), "ids takes a sequence of strings, not int 7"),
+    (lambda client: client.upsert_items([Item(id="a", categories={"shoes": 1})]),
+     "items[0]: categories takes a sequence of strings, not dict"),
+    (lambda client: client.recommend("u", item_filter=Filter(exclude_item_ids=5)),
+     "item_filter: exclude_item_ids takes a sequence of strings, not int 5"),
+], ids=["embed dict", "None ids", "int ids", "dict categories", "int filter"])
+def test_a_dict_or_no_sequence_where_the_client_takes_several_strings_is_a_type_error(call, message):
+    """A dict went as its keys (embed({id: text}) embedded the ids, not the texts), and None or a number failed
+    as "'NoneType' object is not iterable", naming nothing (a review)."""
+    with HalflifeClient("127.0.0.1:1", timeout=1) as client:
+        with pytest.raises(TypeError) as refused:
+            call(client)
+    assert str(refused.value).startswith(message)
+
+
 def test_the_async_client_refuses_one_string_too():
     import asyncio
 

@@ -31,7 +31,7 @@ import ipaddress
 import json
 import numbers
 import re
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -335,6 +335,9 @@ def _strings(name: str, values: Sequence[str]) -> list[str]:
     items "s", "k", "u", "-" and "1")."""
     if isinstance(values, (str, bytes)):
         raise TypeError(f"{name} takes a sequence of strings, not one string: [{values!r}]?")
+    # A dict went as its keys (embed({id: text}) embedded the ids), None as "'NoneType' object is not iterable".
+    if isinstance(values, Mapping) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} takes a sequence of strings, not {type(values).__name__} {values!r}")
     return list(values)
 
 
