@@ -772,6 +772,17 @@ def test_an_item_takes_none_for_what_it_does_not_have():
         Item(id="x", attributes={"year": 1999}).to_proto()
 
 
+def test_an_item_or_filter_made_of_generators_sends_the_same_every_time():
+    """to_proto read a generator once: the same Item sent again (a resend after DEADLINE_EXCEEDED) went without
+    its categories, and the upsert replaced the stored item's; a Filter reused excluded nothing (a review)."""
+    from halflife_client import Item
+
+    item = Item(id="x", text="t", categories=(genre.lower() for genre in ["Drama", "War"]))
+    assert [list(item.to_proto().categories) for _ in range(2)] == [["drama", "war"]] * 2
+    reused = Filter(include_categories=iter(["a"]), exclude_item_ids=(i for i in ["b", "c"]))
+    assert reused.to_proto() == reused.to_proto() == Filter(include_categories=["a"], exclude_item_ids=["b", "c"]).to_proto()
+
+
 def test_an_items_vector_past_float32s_range_keeps_its_direction():
     """The wire's vector is float32 and the server keeps only a vector's direction. A float64 vector with an
     entry past float32's range went out with inf in it (the server: "holds NaN or infinite values", of finite

@@ -139,6 +139,9 @@ class Item:
     create_time: dt.datetime | None = None
     vector: Sequence[float] | np.ndarray | None = None
 
+    def __post_init__(self):
+        _keep_iterators(self, "categories")
+
     def to_proto(self) -> catalog_pb2.Item:
         text = _unset_as_empty(self.text)
         _require_strings("Item", id=self.id, text=text)
@@ -155,6 +158,15 @@ class Item:
         if self.vector is not None:
             item.vector.extend(_wire_vector(self.vector).tolist())
         return item
+
+
+def _keep_iterators(value, *fields: str) -> None:
+    """Each of `fields` that is an iterator (a generator) as a tuple of what it yields: to_proto read it once,
+    so the same Item or Filter sent again (a resend after DEADLINE_EXCEEDED) had none, and the upsert replaced
+    the item without its categories (a review)."""
+    for name in fields:
+        if isinstance(getattr(value, name), Iterator):
+            object.__setattr__(value, name, tuple(getattr(value, name)))  # frozen dataclasses
 
 
 def _wire_vector(vector) -> np.ndarray:
@@ -193,6 +205,9 @@ class Filter:
     include_categories: Sequence[str] = ()
     exclude_categories: Sequence[str] = ()
     exclude_item_ids: Sequence[str] = ()
+
+    def __post_init__(self):
+        _keep_iterators(self, *(field.name for field in dataclasses.fields(self)))
 
     def to_proto(self) -> recommend_pb2.ItemFilter:
         # None is none, as Item's categories (it was "'NoneType' object is not iterable").
