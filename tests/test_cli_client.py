@@ -1076,6 +1076,17 @@ def test_an_item_event_or_filter_field_protobuf_refuses_is_named(call, kind, mes
     assert type(refused.value) is kind and str(refused.value).startswith(message)
 
 
+def test_a_bool_where_a_number_goes_is_a_type_error():
+    """protobuf takes a bool for a double (not for an int): value=True was sent as a rating of 1 and
+    diversity=True as 1 (a review; the Node client refuses both)."""
+    with HalflifeClient("127.0.0.1:1", timeout=1) as client:
+        with pytest.raises(TypeError, match=re.escape("events[0]: value must be a number, not bool True")):
+            client.record_events([Event("e", "u", 6, item_id="i", value=True)])
+        with pytest.raises(TypeError, match=re.escape("diversity must be a number, not bool np.True_")):
+            client.recommend("u", diversity=np.bool_(True))
+    assert Event("e", "u", 6, value=np.float32(4.5)).to_proto().value == 4.5
+
+
 def test_a_filters_none_is_no_list():
     """Filter(include_categories=None) was "'NoneType' object is not iterable"; None is none, as Item's
     categories and the Node client's null take it."""

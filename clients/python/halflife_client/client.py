@@ -231,7 +231,7 @@ class Event:
         item_id, text = _unset_as_empty(self.item_id), _unset_as_empty(self.text)
         _require_strings("Event", event_id=self.event_id, user_id=self.user_id, item_id=item_id, text=text)
         event = _request(interest_pb2.Event, event_id=self.event_id, user_id=self.user_id, type=self.type,
-                         item_id=item_id, text=text, value=self.value)
+                         item_id=item_id, text=text, value=_not_bool("value", self.value))
         if self.event_time is not None:
             event.event_time.CopyFrom(to_timestamp(self.event_time))
         return event
@@ -344,6 +344,14 @@ def _require_strings(what: str, **fields) -> None:
             raise TypeError(f"{what} {name} must be a string, not {type(value).__name__} {value!r}")
 
 
+def _not_bool(name: str, value):
+    """`value`, a TypeError if it is a bool: protobuf takes one for a double, refused for an int, so
+    value=True was stored as a rating of 1 (a review; the Node client refuses it too)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__} {value!r}")
+    return value
+
+
 def _strings(name: str, values: Sequence[str]) -> list[str]:
     """`values` as a list; TypeError for one string, which would be taken
     for a sequence of its characters (delete_items("sku-1") deleted the
@@ -444,7 +452,7 @@ def _proto(label: str, value, message_type, value_type):
 
 def _recommend_request(user_id, limit, as_of, include_seen, query, explain, diversity, item_filter):
     request = _request(recommend_pb2.RecommendRequest, user_id=user_id, limit=limit, include_seen=include_seen,
-                       query=query, explain=explain, diversity=diversity)
+                       query=query, explain=explain, diversity=_not_bool("diversity", diversity))
     if as_of is not None:
         request.as_of_time.CopyFrom(to_timestamp(as_of))
     if item_filter is not None:
