@@ -752,6 +752,9 @@ def test_server_target_gives_a_host_without_a_port_serves_port(target, expected)
     ("h#x:1", "must be host:port, got 'h#x:1': a host holds no '#'"),
     ("h\\x", "must be host:port, got 'h\\\\x': a host holds no '\\\\'"),
     ("a b:1", "must be host:port, got 'a b:1': a host holds no ' '"),
+    ("h\x01:1", "must be host:port, got 'h\\x01:1': a target holds no '\\x01'"),
+    ("h\udcff:1", "must be host:port, got 'h\\udcff:1': a target holds no '\\udcff'"),
+    ("unix:/run/h\udcff.sock", "must be host:port, got 'unix:/run/h\\udcff.sock': a target holds no '\\udcff'"),
 ])
 def test_server_target_refuses_what_grpc_would_wrap_or_misread(target, error):
     from halflife_client.client import server_target

@@ -264,7 +264,8 @@ def server_target(target: str) -> str:
     port that is no number in 1..65535 (gRPC wraps one silently:
     127.0.0.1:99999 reaches port 34463), and an IPv6 address or a host with a
     colon out of brackets ("::1", "2001:db8::1:50051", "h:1:2": an IPv6
-    address's last group would pass for a port).
+    address's last group would pass for a port), and a target holding a
+    character that is not printable (a control, a surrogate).
     gRPC took a URL or "localhost:abc" for a host name and failed only at the
     first call, UNAVAILABLE ("Misformatted domain name", "Failed to parse
     port"). The CLI's --target and both clients take their target through
@@ -274,6 +275,11 @@ def server_target(target: str) -> str:
     target = target.strip()
     if not target:
         raise ValueError("must be host:port, got an empty string")
+    # A control character went on to gRPC ("Misformatted domain name" at the first call, after every retry), and
+    # a surrogate (a shell's byte that is no UTF-8, as Python holds it) was gRPC's UnicodeEncodeError, a traceback
+    # from the CLI's --target (a review).
+    if stray := next((c for c in target if not c.isprintable()), None):
+        raise ValueError(f"must be host:port, got {target!r}: a target holds no {stray!r}")
     if url := _URL_SCHEME.match(target):
         # Refused, not stripped: an https:// target would be called in plaintext all the same (TLS is credentials=).
         raise ValueError(f"give host:port, not a URL: drop the {url[0]}")
