@@ -100,6 +100,15 @@ func ServerTarget(address string) (string, error) {
 	if address == "" {
 		return "", errors.New("halflife: address must be host:port, got an empty string")
 	}
+	// A control character went on to gRPC, which failed it only at the first call ("Misformatted domain
+	// name"), after every retry; so did bytes that are no UTF-8. As the Python client refuses them (a review).
+	if !utf8.ValidString(address) {
+		return "", fmt.Errorf("halflife: address must be host:port, got %q: an address is UTF-8 text", address)
+	}
+	if i := strings.IndexFunc(address, func(r rune) bool { return !unicode.IsPrint(r) }); i >= 0 {
+		stray, _ := utf8.DecodeRuneInString(address[i:])
+		return "", fmt.Errorf("halflife: address must be host:port, got %q: an address holds no %q", address, stray)
+	}
 	if lower := strings.ToLower(address); strings.HasPrefix(lower, "http://") || strings.HasPrefix(lower, "https://") {
 		// Refused, not stripped: an https:// address would be dialled in plaintext all the same (TLS is a DialOption).
 		return "", fmt.Errorf("halflife: give host:port, not a URL: drop the %s", address[:strings.Index(address, "//")+2])

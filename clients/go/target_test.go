@@ -85,6 +85,9 @@ func TestDialRefusesAnEmptyAddressAURLABadPortAndABareIPv6One(t *testing.T) {
 		"h#x:1":             `halflife: address must be host:port, got "h#x:1": a host holds no '#'`,
 		`h\x`:               `halflife: address must be host:port, got "h\\x": a host holds no '\\'`,
 		"a b:1":             `halflife: address must be host:port, got "a b:1": a host holds no ' '`,
+		// A control character, or bytes that are no UTF-8: gRPC's "Misformatted domain name" at the first call.
+		"h\x01:1":              `halflife: address must be host:port, got "h\x01:1": an address holds no '\x01'`,
+		"unix:/run/h\xff.sock": `halflife: address must be host:port, got "unix:/run/h\xff.sock": an address is UTF-8 text`,
 	} {
 		c, err := halflife.Dial(context.Background(), address)
 		if c != nil || err == nil || err.Error() != want {
