@@ -1467,6 +1467,53 @@ def test_metrics_count_calls_by_method_and_status_and_report_the_model_and_catal
     assert samples["process_resident_memory_bytes{}"] > 50e6  # the model alone is ~30 MB of weights
 
 
+def test_metrics_count_an_error_answer_that_found_its_call_ended_as_the_call_ended():
+    """A handler busy as its client gave up answers an error that grpc can no
+    longer send (ExecuteBatchError): that call was counted UNKNOWN, a server
+    bug's code, where the client saw CANCELLED or DEADLINE_EXCEEDED (1-2 of
+    300 calls in a stress run of cancels, deadlines and a full queue)."""
+    from halflife.api.errors import invalid_argument, translate_errors
+    from halflife.api.metrics import Metrics
+    from halflife.api.server import add_service
+
+    class BusyThenRefuses(embedding_pb2_grpc.EmbeddingServiceServicer):
+        @translate_errors
+        async def Embed(self, request, context):
+            time.sleep(0.5)  # the event loop held as the client gives up: grpc cannot cancel the handler first
+            raise invalid_argument([("inputs", "refused")])
+
+    async def serve_and_call() -> dict[str, float]:
+        metrics, server = Metrics(), grpc.aio.server()
+        metrics_port = metrics.serve("127.0.0.1", 0)
+        add_service(server, pb.DESCRIPTOR.services_by_name["EmbeddingService"], BusyThenRefuses(), metrics=metrics)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+
+        def call() -> None:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                cancelled = stub(channel).Embed.future(pb.EmbedRequest(inputs=["x"]))
+                time.sleep(0.2)
+                cancelled.cancel()
+                time.sleep(0.6)  # its handler done: the next call's reaches its handler in time
+                with pytest.raises(grpc.RpcError) as late:
+                    stub(channel).Embed(pb.EmbedRequest(inputs=["x"]), timeout=0.2)
+                assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                time.sleep(0.6)  # both handlers done
+
+        try:
+            await asyncio.to_thread(call)
+            return scrape_metrics(metrics_port)
+        finally:
+            await server.stop(0)
+            await asyncio.to_thread(metrics.close)
+
+    samples = asyncio.run(serve_and_call())
+    assert {name: value for name, value in samples.items() if name.startswith("halflife_rpc_calls_total")} == {
+        "halflife_rpc_calls_total{code=CANCELLED,method=EmbeddingService/Embed}": 1,
+        "halflife_rpc_calls_total{code=DEADLINE_EXCEEDED,method=EmbeddingService/Embed}": 1,
+    }
+
+
 def test_metrics_are_off_unless_asked_for_and_a_worker_serves_its_own(live_server):
     from halflife.cli import _metrics_port, build_parser
 

@@ -1,4 +1,4 @@
-"""A call's deadline, for the threads that work for it."""
+"""A call's deadline, for the threads that work for it, and what an answer that came too late raises."""
 
 from __future__ import annotations
 
@@ -30,3 +30,12 @@ async def run_with_deadline(context: grpc.aio.ServicerContext, fn: Callable[...,
     except asyncio.CancelledError:
         deadline.cancelled = True
         raise
+
+
+def answer_came_too_late(error: BaseException) -> bool:
+    """Whether `error` is grpc.aio's failure to send a handler's answer (an
+    error status) because the call had ended in its core first: the client
+    cancelled, closed its channel or went away, or the deadline passed. A
+    batch that core refused outright ("Failed grpc_call_start_batch") is a
+    misuse, not this."""
+    return isinstance(error, grpc.aio.InternalError) and str(error).startswith('Failed "execute_batch"')

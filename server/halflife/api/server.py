@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from halflife.api.backend import Backend
+from halflife.api.calls import answer_came_too_late
 from halflife.api.catalog import CatalogServicer
 from halflife.api.embedding import EmbeddingServicer
 from halflife.api.errors import Received, parse_leniently, refuse_malformed, resource_exhausted
@@ -455,8 +456,7 @@ class EndedCallAnswers(logging.Filter):
     outright ("Failed grpc_call_start_batch": a misuse) keeps its ERROR."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, grpc.aio.InternalError) and str(error).startswith('Failed "execute_batch"'):
+        if record.exc_info and answer_came_too_late(record.exc_info[1]):
             log.debug("%s: the call ended before its answer was sent", record.getMessage())
             return False
         return True
