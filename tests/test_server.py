@@ -1471,7 +1471,9 @@ def test_metrics_count_an_error_answer_that_found_its_call_ended_as_the_call_end
     """A handler busy as its client gave up answers an error that grpc can no
     longer send (ExecuteBatchError): that call was counted UNKNOWN, a server
     bug's code, where the client saw CANCELLED or DEADLINE_EXCEEDED (1-2 of
-    300 calls in a stress run of cancels, deadlines and a full queue)."""
+    300 calls in a stress run of cancels, deadlines and a full queue). A
+    call that ends before the loop reads its request is not counted at all
+    (docs/serving.md#metrics)."""
     from halflife.api.errors import invalid_argument, translate_errors
     from halflife.api.metrics import Metrics
     from halflife.api.server import add_service
@@ -1493,6 +1495,9 @@ def test_metrics_count_an_error_answer_that_found_its_call_ended_as_the_call_end
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 cancelled = stub(channel).Embed.future(pb.EmbedRequest(inputs=["x"]))
                 time.sleep(0.2)
+                with pytest.raises(grpc.RpcError) as unseen:  # ended before the held loop read it: not counted
+                    stub(channel).Embed(pb.EmbedRequest(inputs=["x"]), timeout=0.1)
+                assert unseen.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                 cancelled.cancel()
                 time.sleep(0.6)  # its handler done: the next call's reaches its handler in time
                 with pytest.raises(grpc.RpcError) as late:
