@@ -19,8 +19,13 @@ def test_a_repeated_warning_is_logged_once_an_interval_with_the_count_held_back(
         warning.warning("store unavailable: %s", "disk full 5")
         now[0] += 61.0
         warning.warning("store unavailable: %s", "disk full 6")
+        now[0] += 10.0
+        warning.warning("store unavailable: %s", "disk full 7")  # held back ...
+        now[0] += 3600.0
+        warning.warning("store unavailable: %s", "disk full 8")  # ... and said to be an hour old, not 60 s
     assert [record.getMessage() for record in caplog.records] == [
         "store unavailable: disk full 0",
-        "store unavailable: disk full 5 (and 4 more like it in the last 60 s)",
+        "store unavailable: disk full 5 (and 4 more like it in the 80 s since the last)",
         "store unavailable: disk full 6",
+        "store unavailable: disk full 8 (and 1 more like it in the 3610 s since the last)",
     ]

@@ -18,7 +18,7 @@ class RepeatedWarning:
                  clock: Callable[[], float] = time.monotonic):
         self._log, self._interval, self._clock = logger, interval, clock
         self._lock = threading.Lock()
-        self._next = -float("inf")
+        self._next = -float("inf")  # the time the last line was logged, plus the interval
         self._held = 0
 
     def warning(self, message: str, *args) -> None:
@@ -27,7 +27,10 @@ class RepeatedWarning:
             if now < self._next:
                 self._held += 1
                 return
+            # Since the last line, not "in the last interval": those held back may be older (one held 10 s after
+            # a line and the next failure an hour later read as a failure in the last 60 s, an ongoing one).
+            since = now - (self._next - self._interval)
             held, self._held, self._next = self._held, 0, now + self._interval
         if held:
-            message += f" (and {held} more like it in the last {self._interval:.0f} s)"
+            message += f" (and {held} more like it in the {since:.0f} s since the last)"
         self._log.warning(message, *args)
