@@ -1465,6 +1465,27 @@ def test_metrics_count_calls_by_method_and_status_and_report_the_model_and_catal
     assert samples["halflife_embedding_tokenizing_inputs{}"] == samples["halflife_embedding_queued_inputs{}"] == 0
     assert samples["halflife_cached_profiles{}"] == 0
     assert samples["process_resident_memory_bytes{}"] > 50e6  # the model alone is ~30 MB of weights
+    assert_metrics_documented({name.partition("{")[0] for name in samples})
+
+
+def assert_metrics_documented(exposed: set[str]) -> None:
+    """Every series name a scrape showed is in docs/serving.md's table of
+    metrics (a histogram's _bucket, _count and _sum under its name;
+    process_* as one), and every one named there was shown."""
+    docs = (Path(__file__).parent.parent / "docs" / "serving.md").read_text()
+    rows = re.findall(r"^\| (`.+?) \| (.+) \|$", docs.split("## Metrics", 1)[1].split("\n## ", 1)[0], re.MULTILINE)
+    documented, histograms = set(), set()
+    for names, what in rows:
+        names = {name for name in re.findall(r"`(\w+)", names) if name != "process_"}
+        documented |= names
+        if what.startswith("histogram"):
+            histograms |= names
+    shown = set()
+    for name in exposed:
+        base = re.sub(r"_(bucket|count|sum)$", "", name)
+        if not name.startswith("process_"):
+            shown.add(base if base in histograms else name)
+    assert shown == documented, (sorted(shown - documented), sorted(documented - shown))
 
 
 def test_metrics_count_an_error_answer_that_found_its_call_ended_as_the_call_ended():
