@@ -234,10 +234,13 @@ def test_a_request_refused_by_admission_is_freed_at_once_not_by_the_garbage_coll
     assert (admission.open, admission.open_bytes) == (1, 60)
 
 
-def test_a_damaged_store_is_data_loss_not_internal():
-    """Its files damaged or deleted under the server: INTERNAL and a traceback a call before (an audit)."""
+def test_a_damaged_store_is_data_loss_not_internal(monkeypatch, caplog):
+    """Its files damaged or deleted under the server: INTERNAL and a traceback a call before (an audit); then
+    an ERROR line a call, every write failing until a restart (100 lines for 100 writes, a review): one a minute."""
     import asyncio
+    import logging
 
+    from halflife.api import errors
     from halflife.storage.base import StoreDamagedError
 
     class Servicer:
@@ -245,8 +248,13 @@ def test_a_damaged_store_is_data_loss_not_internal():
         async def Call(self, request, context):
             raise StoreDamagedError("var/data/halflife.sqlite3 or its -wal was deleted")
 
-    context = _Context()
-    with pytest.raises(grpc.aio.AbortError):
-        asyncio.run(Servicer().Call(_Request(), context))
-    assert context.status.code == grpc.StatusCode.DATA_LOSS
-    assert context.status.details == "the store is damaged: var/data/halflife.sqlite3 or its -wal was deleted"
+    monkeypatch.setattr(errors._store_damaged, "_next", -float("inf"))  # as if none logged yet in this process
+    with caplog.at_level(logging.DEBUG, logger=errors.log.name):
+        for _ in range(3):
+            context = _Context()
+            with pytest.raises(grpc.aio.AbortError):
+                asyncio.run(Servicer().Call(_Request(), context))
+            assert context.status.code == grpc.StatusCode.DATA_LOSS
+            assert context.status.details == "the store is damaged: var/data/halflife.sqlite3 or its -wal was deleted"
+    assert [(record.levelname, record.getMessage().rpartition(".<locals>.")[2]) for record in caplog.records] == [
+        ("ERROR", "Servicer.Call: store damaged: var/data/halflife.sqlite3 or its -wal was deleted")]

@@ -9,19 +9,20 @@ from typing import Callable
 
 
 class RepeatedWarning:
-    """A warning that may repeat for as long as a condition lasts (a full
-    disk fails every write): logged at most once per `interval` seconds,
-    the next one saying how many were held back meanwhile. A line per failed
-    write filled the log, on the same disk at times (an operations review)."""
+    """A warning (or an error, at `level`) that may repeat for as long as a
+    condition lasts (a full disk fails every write): logged at most once per
+    `interval` seconds, the next one saying how many were held back
+    meanwhile. A line per failed write filled the log, on the same disk at
+    times (an operations review)."""
 
     def __init__(self, logger: logging.Logger, interval: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic):
-        self._log, self._interval, self._clock = logger, interval, clock
+                 clock: Callable[[], float] = time.monotonic, level: int = logging.WARNING):
+        self._log, self._interval, self._clock, self._level = logger, interval, clock, level
         self._lock = threading.Lock()
         self._next = -float("inf")  # the time the last line was logged, plus the interval
         self._held = 0
 
-    def warning(self, message: str, *args) -> None:
+    def log(self, message: str, *args) -> None:
         now = self._clock()
         with self._lock:
             if now < self._next:
@@ -33,4 +34,4 @@ class RepeatedWarning:
             held, self._held, self._next = self._held, 0, now + self._interval
         if held:
             message += f" (and {held} more like it in the {since:.0f} s since the last)"
-        self._log.warning(message, *args)
+        self._log.log(self._level, message, *args)

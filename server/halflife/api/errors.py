@@ -28,6 +28,7 @@ from halflife.storage.base import StoreDamagedError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 _store_unavailable = RepeatedWarning(log)  # a full disk fails every write until it has room again
+_store_damaged = RepeatedWarning(log, level=logging.ERROR)  # its files deleted: every write fails until a restart
 
 FieldViolation = tuple[str, str]  # (field path, e.g. "inputs[3]", description)
 
@@ -246,11 +247,12 @@ def translate_errors(handler: Handler) -> Handler:
             status = unavailable(f"{error}; retry with backoff").to_status()
         except StoreUnavailableError as error:
             # The disk, not the caller or our code: one line in the log, no traceback, and not one a call.
-            _store_unavailable.warning("%s: store unavailable: %s", handler.__qualname__, error)
+            _store_unavailable.log("%s: store unavailable: %s", handler.__qualname__, error)
             status = unavailable(f"the store failed ({error}); retry with backoff").to_status()
         except StoreDamagedError as error:
             # Neither: its files are damaged or gone, and no retry helps (it was INTERNAL and a traceback a call).
-            log.error("%s: store damaged: %s", handler.__qualname__, error)
+            # Not a line a call either: files deleted under the server failed 100 writes with 100 ERRORs (a review).
+            _store_damaged.log("%s: store damaged: %s", handler.__qualname__, error)
             status = ApiError(grpc.StatusCode.DATA_LOSS, f"the store is damaged: {error}").to_status()
         except grpc.aio.AbortError:
             raise

@@ -1116,8 +1116,8 @@ class SqliteStore:
                 conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         except Exception as e:  # noqa: BLE001 - a failed try is retried, never the writer's end
             # Every TRUNCATE_RETRY_S while a disk stays full: not a line each time, nor called a reader's block.
-            _checkpoint_failures.warning("WAL checkpoint after an erasure failed (%s); retried every %.0f s until it "
-                                         "completes", e, TRUNCATE_RETRY_S)
+            _checkpoint_failures.log("WAL checkpoint after an erasure failed (%s); retried every %.0f s until it "
+                                     "completes", e, TRUNCATE_RETRY_S)
             busy = failed = True
         if busy:
             if not self._truncate_pending and not failed:
