@@ -131,7 +131,7 @@ def test_a_worker_that_dies_after_it_served_is_started_again(model_dir, tmp_path
     try:
         first, second = children(process.pid)
         os.kill(first, signal.SIGKILL)
-        index = log.wait_for(r"worker (\d) exited with status -9; starting it again").group(1)
+        index = log.wait_for(r"worker (\d) was killed by SIGKILL; starting it again").group(1)
         log.wait_for(rf"\[worker {index}\] .*serving on")
         workers = children(process.pid)
         assert second in workers and first not in workers and len(workers) == 2
@@ -264,7 +264,7 @@ def test_a_restarted_worker_serves_the_config_its_group_started_with(model_dir, 
     try:
         config.write_text("[ranking]\nmax_limit = 2\n")
         os.kill(children(process.pid)[0], signal.SIGKILL)
-        index = log.wait_for(r"worker (\d) exited with status -9; starting it again").group(1)
+        index = log.wait_for(r"worker (\d) was killed by SIGKILL; starting it again").group(1)
         log.wait_for(rf"\[worker {index}\] .*serving on")
         channels = [grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(CLIENTS)]
         for channel in channels:  # through both workers: limit 5 is within the group's max_limit
@@ -323,7 +323,7 @@ def test_a_restarted_worker_refuses_a_model_directory_changed_under_its_group(mo
         manifest["default_variants"]["CPUExecutionProvider"] = other
         (model / "manifest.json").write_text(json.dumps(manifest))
         os.kill(children(process.pid)[0], signal.SIGKILL)
-        log.wait_for(r"worker \d exited with status -9; starting it again")
+        log.wait_for(r"worker \d was killed by SIGKILL; starting it again")
         log.wait_for(r"changed since this worker's group started .*restart the group")
         log.wait_for(r"worker \d exited with status 1 before it served; stopping the others")
         assert wait_exit(process) == 1
@@ -373,12 +373,12 @@ def test_a_replacement_killed_while_it_reloads_is_started_again_and_its_siblings
     try:
         first, second = children(process.pid)
         os.kill(first, signal.SIGKILL)
-        index = log.wait_for(r"worker (\d) exited with status -9; starting it again").group(1)
+        index = log.wait_for(r"worker (\d) was killed by SIGKILL; starting it again").group(1)
         deadline = time.monotonic() + 60
         while not (new := set(children(process.pid)) - {first, second}) and time.monotonic() < deadline:
             time.sleep(0.01)
         os.kill(new.pop(), signal.SIGKILL)  # within milliseconds of its start: long before it serves
-        log.wait_for(rf"worker {index} exited with status -9; starting it again")
+        log.wait_for(rf"worker {index} was killed by SIGKILL; starting it again")
         log.wait_for(rf"\[worker {index}\] .*serving on")
         assert second in children(process.pid)
         process.send_signal(signal.SIGTERM)
@@ -437,7 +437,7 @@ def test_a_worker_whose_restarts_are_spent_stops_the_group(monkeypatch, caplog, 
         assert workers_module._supervise([dead, alive], [], lambda *args: started.append(args)) == 1
     assert started == [] and alive.process.terminated  # not started again; the other one stopped
     # Why: the budget, also for a replacement killed as it reloaded (it said "before it served").
-    assert "exited with status -9 after 1 restarts within 300 s; stopping the others" in caplog.text, caplog.text
+    assert "was killed by SIGKILL after 1 restarts within 300 s; stopping the others" in caplog.text, caplog.text
 
 
 @pytest.mark.parametrize("replacement, returncode", [(False, -9), (True, 1)])

@@ -241,6 +241,17 @@ def run_workers(serve_argv: Sequence[str], host: str, port: int, workers: int, t
             signal.signal(signum, handler)
 
 
+def _ended(status: int) -> str:
+    """How a worker ended, for the log: Popen's negative status is a signal, which "exited with status -9"
+    did not say (the OOM killer's SIGKILL, most often)."""
+    if status >= 0:
+        return f"exited with status {status}"
+    try:
+        return f"was killed by {signal.Signals(-status).name}"
+    except ValueError:
+        return f"was killed by signal {-status}"
+
+
 def _supervise(group: list[_Worker], requested: list[int], start) -> int:
     """Waits for the workers, starting again one that dies after it served;
     stops them all when one cannot be. `requested`: the signals forwarded to
@@ -261,7 +272,7 @@ def _supervise(group: list[_Worker], requested: list[int], start) -> int:
             # do so again.
             restartable = worker.serving or (worker.replacement and (status < 0 or status == EXIT_TEMPORARY))
             if restartable and worker.restarts.take(time.monotonic()):
-                log.error("worker %d exited with status %s; starting it again", worker.index, status)
+                log.error("worker %d %s; starting it again", worker.index, _ended(status))
                 try:
                     start(worker.index, worker.restarts, position)
                     continue
@@ -270,7 +281,7 @@ def _supervise(group: list[_Worker], requested: list[int], start) -> int:
             else:
                 why = "before it served" if not restartable else (
                     f"after {worker.restarts.limit} restarts within {worker.restarts.window_s:.0f} s")
-            log.error("worker %d exited with status %s %s; stopping the others", worker.index, status, why)
+            log.error("worker %d %s %s; stopping the others", worker.index, _ended(status), why)
             failed = True
             for other in group:
                 if other.process.poll() is None:
