@@ -476,6 +476,8 @@ def test_a_replacement_that_found_the_store_unavailable_for_now_is_started_again
     assert started == [(0, budget, 0)] and group[1].process.terminated, caplog.text
     assert "worker 0 exited with status 75; starting it again" in caplog.text
     assert "exited with status 75 after 1 restarts within 300 s; stopping the others" in caplog.text
+    # The last line says how each ended, a signal by name (it gave Popen's statuses, [75, -15]).
+    assert "workers ended: worker 0 exited with status 75, worker 1 was killed by SIGTERM" in caplog.text
 
 
 def test_a_workers_start_refused_by_an_unavailable_store_exits_temporary(monkeypatch, tmp_path, capsys):

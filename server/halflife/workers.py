@@ -298,7 +298,8 @@ def _supervise(group: list[_Worker], requested: list[int], start) -> int:
     # A worker the forwarded SIGTERM reached before it could handle it died of it: still a requested stop.
     stopped = {0, -signal.SIGTERM}
     if failed or any(status not in stopped for status in statuses):
-        log.error("workers exited with statuses %s", statuses)
+        log.error("workers ended: %s", ", ".join(f"worker {worker.index} {_ended(status)}"
+                                                  for worker, status in zip(group, statuses)))
         return 1
     log.info("all %d workers stopped", len(group))
     return 0
