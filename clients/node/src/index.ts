@@ -803,13 +803,15 @@ export class HalflifeClient {
     target: { itemId: string; text?: never } | { text: string; itemId?: never },
     options: { limit?: number; filter?: FilterInput } & CallInput = {},
   ): Promise<ScoredItem[]> {
-    // By value, not by key: `{itemId: undefined, text}` went out as an empty item id, both as the item alone.
-    if (target == null || (target.itemId === undefined) === (target.text === undefined)) {
+    // By value, not by key: `{itemId: undefined, text}` went out as an empty item id, both as the item alone. null
+    // is "not given" too, as for every optional field and the Python client's None: `{itemId, text: null}` was
+    // refused as two targets.
+    if (target == null || (target.itemId == null) === (target.text == null)) {
       throw new TypeError("give exactly one of itemId and text");
     }
     const response = await this.raw.recommend.similarItems(
       {
-        target: target.itemId !== undefined
+        target: target.itemId != null
           ? { case: "itemId", value: text("itemId", target.itemId) }
           : { case: "text", value: text("text", target.text) },
         limit: int32("limit", options.limit ?? 10),

@@ -152,6 +152,11 @@ describe("HalflifeClient against a live server", () => {
     // The target goes by value: an undefined itemId beside a text went out as an empty item id (a review).
     const lookup = (itemId: string | undefined, text: string) => client.similarItems({ itemId, text } as { text: string });
     assert.equal((await lookup(undefined, "crime fiction"))[0].itemId, "novel");
+    // null is "not given", as for every optional field (the Python client's None): it was a second target.
+    const nulled = (itemId: string | null, text: string | null) => client.similarItems({ itemId, text } as { text: string });
+    assert.equal((await nulled(null, "crime fiction"))[0].itemId, "novel");
+    assert.equal((await nulled("tent", null))[0].itemId, "stove");
+    await assert.rejects(nulled(null, null), /give exactly one of itemId and text/);
     await assert.rejects(lookup("tent", "crime fiction"), /give exactly one of itemId and text/);
     await assert.rejects(client.similarItems({} as { text: string }), /give exactly one of itemId and text/);
   });
