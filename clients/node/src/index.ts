@@ -285,7 +285,6 @@ function number(name: string, value: unknown, absent?: number): number | undefin
   return value;
 }
 
-/** What `value` is, for an error: "undefined", "null", "number 414", "an array", "an object". */
 /**
  * `values` when it is an array of objects (the items or events of a call): an object alone failed as "items.map is
  * not a function", and a null in it as "Cannot read properties of null (reading 'id')".
@@ -298,6 +297,7 @@ function records<T>(name: string, values: readonly T[]): readonly T[] {
   return values;
 }
 
+/** What `value` is, for an error: "undefined", "null", "number 414", "an array", "an object". */
 function shown(value: unknown): string {
   if (value == null) return String(value);
   if (typeof value !== "object") return `${typeof value} ${String(value)}`;
