@@ -1248,13 +1248,13 @@ def test_answers_a_connection_has_not_read_are_bounded_per_connection():
         bounded = answers.wrap(handler)
         stuck = [_Connection("ipv4:127.0.0.1:1001") for _ in range(7)]
         assert await bounded(2000, stuck[0]) == answer(2000).SerializeToString()  # alone: past any bound, sent
-        assert len(await bounded(1024, stuck[2])) == 1024  # small (a write's counts): sent at once, and counted
+        assert len(await bounded(900, stuck[2])) == 900  # small (a write's counts): sent at once, and counted
         began = time.monotonic()
         first = asyncio.create_task(bounded(2000, stuck[1]))
         await asyncio.sleep(0.25)
         second_began = time.monotonic()
         second = asyncio.create_task(bounded(1500, stuck[6]))
-        with pytest.raises(_Refused, match=r"answers of 0.00288 MiB wait for this connection's client to read them, "
+        with pytest.raises(_Refused, match=r"answers of 0.00277 MiB wait for this connection's client to read them, "
                                            r"none read in the last 0.5 s, and this server holds at most 0.00286 MiB "
                                            r"for one connection: this call's answer of 0.00191 MiB, which would have "
                                            r"passed it, was dropped; read the answers"):
@@ -1263,15 +1263,15 @@ def test_answers_a_connection_has_not_read_are_bounded_per_connection():
         with pytest.raises(_Refused, match="answer of 0.00143 MiB, which would have passed it, was dropped"):
             await second  # as the first gave up, not after its own 0.5 s
         assert time.monotonic() - second_began < 0.45
-        with pytest.raises(_Refused, match="answers of 0.00288 MiB wait .* none read in the last 0.5 s, .*: this call "
+        with pytest.raises(_Refused, match="answers of 0.00277 MiB wait .* none read in the last 0.5 s, .*: this call "
                                            "was refused"):
             await bounded(10, stuck[3])  # before any work, however small
-        assert worked == [2000, 1024, 2000, 1500]  # the refused call did no work
+        assert worked == [2000, 900, 2000, 1500]  # the refused call did no work
         assert len(await bounded(2000, _Connection("ipv4:127.0.0.1:1002"))) == 2000  # another connection
         stuck[0].end()  # its answer sent: calls are taken again
-        assert answers.connections["ipv4:127.0.0.1:1001"].bytes == 1024
+        assert answers.connections["ipv4:127.0.0.1:1001"].bytes == 900
         assert len(await bounded(1500, stuck[4])) == 1500
-        waiting = asyncio.create_task(bounded(2000, stuck[5]))  # 2524 + 2000: waits its turn
+        waiting = asyncio.create_task(bounded(2000, stuck[5]))  # 2400 + 2000: waits its turn
         await asyncio.sleep(0.3)
         stuck[2].end()  # 1500 + 2000: still no room, but the client reads: the wait starts again
         await asyncio.sleep(0.3)
@@ -1280,6 +1280,22 @@ def test_answers_a_connection_has_not_read_are_bounded_per_connection():
         assert len(await waiting) == 2000
         stuck[5].end()
         assert {peer: unread.bytes for peer, unread in answers.connections.items()} == {"ipv4:127.0.0.1:1002": 2000}
+        # A connection whose unread answers fill the bound: a call waits for room before any work (256 at once
+        # on a stuck connection each built its answer, held while it waited: a review), and works once one is sent.
+        full = [_Connection("ipv4:127.0.0.1:1003") for _ in range(3)]
+        await bounded(2000, full[0])
+        await bounded(1000, full[1])  # 3000: full
+        worked.clear()
+        later = asyncio.create_task(bounded(10, full[2]))
+        await asyncio.sleep(0.3)
+        assert worked == [] and not later.done()
+        full[0].end()
+        assert await later == answer(10).SerializeToString() and worked == [10]
+        room = 3000 - answers.connections["ipv4:127.0.0.1:1003"].bytes
+        await bounded(room, _Connection("ipv4:127.0.0.1:1003"))  # 3000, full again; none is sent: refused, no work
+        with pytest.raises(_Refused, match="answers of 0.00286 MiB wait .*: this call was refused"):
+            await bounded(10, _Connection("ipv4:127.0.0.1:1003"))
+        assert worked == [10, room]
 
     asyncio.run(run())
 
@@ -1337,9 +1353,9 @@ def test_a_client_that_reads_no_answer_has_its_answers_dropped_and_others_are_se
                                                                                      monkeypatch):
     """The bound on unread answers reaches the server: a connection whose
     client reads nothing holds one answer (~100 kB, past the bound alone);
-    its next one waits, then is dropped, RESOURCE_EXHAUSTED, and its further
-    calls are refused at once, while another connection is served; once it
-    closes, nothing is counted for it."""
+    its next call waits for room before any work, then is refused,
+    RESOURCE_EXHAUSTED, and its further calls at once, while another
+    connection is served; once it closes, nothing is counted for it."""
     import halflife.api.server as server_module
 
     monkeypatch.setattr(server_module, "UNREAD_ANSWER_WAIT_S", 0.5)
@@ -1354,10 +1370,10 @@ def test_a_client_that_reads_no_answer_has_its_answers_dropped_and_others_are_se
         try:
             held = stuck.call(get_items, request)
             assert stuck.headers()[:2] == (held, False)  # its answer's headers: the answer waits on the window
-            dropped = stuck.call(get_items, request)
+            waited = stuck.call(get_items, request)
             stream, ended, trailers = stuck.headers()
-            assert (stream, ended) == (dropped, True)
-            assert b"none read in the last 0.5 s" in trailers and b"was dropped" in trailers, trailers
+            assert (stream, ended) == (waited, True)
+            assert b"none read in the last 0.5 s" in trailers and b"this call was refused" in trailers, trailers
             refused = {stuck.call(get_items, request) for _ in range(3)}
             ends = [stuck.headers() for _ in refused]
             assert {stream for stream, _, _ in ends} == refused and all(ended for _, ended, _ in ends)

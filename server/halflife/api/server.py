@@ -250,8 +250,10 @@ class UnreadAnswers:
     its turn, as it would in grpc's buffers); when none is for `wait_s`, it
     is dropped, its call RESOURCE_EXHAUSTED, and so are the others waiting
     and the connection's further calls, before any work, until one is
-    sent. The connection's only answer, and a small one (a write's, whose
-    work is done), never wait. Other connections are served as before."""
+    sent. A call on a connection whose unread answers fill the bound waits
+    for room before its work. The connection's only answer, and a small
+    one (a write's, whose work is done), never wait once built. Other
+    connections are served as before."""
 
     def __init__(self, max_bytes: float, wait_s: float):
         self.max_bytes = max_bytes
@@ -263,35 +265,51 @@ class UnreadAnswers:
         and which answers it serialized (register it with no serializer)."""
         async def bounded(request, context):
             peer = context.peer()
+            # Before any work: refused on a stalled connection, and on one whose unread answers fill its bound
+            # it waits for room (256 calls at once on a stuck one each built its answer, held while it waited:
+            # a review).
             if (unread := self.connections.get(peer)) is not None and unread.stalled:
+                held = unread.bytes
+            else:
+                held = await self._room(peer, lambda unread: unread.bytes < self.max_bytes)
+            if held is not None:
                 del request  # not held by the refusal's traceback (see Admission.wrap)
-                await context.abort_with_status(self._refusal(unread.bytes, "this call was refused"))
+                await context.abort_with_status(self._refusal(held, "this call was refused"))
             call = behavior(request, context)
             del request  # held by the call alone
             # Its bytes, as grpc would have made them (add_service): their length for free (ByteSize costs a
             # serialization: 136 ms for a 56 MB page), and the message let go of at once.
             answer = (await call).SerializeToString()
             size = len(answer)
-            while True:  # the entry goes once its connection's answers are all sent: looked up after each wait
-                unread = self.connections.setdefault(peer, _Unread())
-                if size <= SMALL_ANSWER_BYTES or not unread.bytes or unread.bytes + size <= self.max_bytes:
-                    break
-                if unread.stalled:
-                    del answer
-                    await context.abort_with_status(self._refusal(
-                        unread.bytes, f"this call's answer of {size / MiB:.3g} MiB, which would have passed it, was "
-                                      "dropped"))
-                sent = unread.sent
-                try:
-                    await asyncio.wait_for(sent.wait(), self.wait_s)
-                except TimeoutError:
-                    if unread.sent is sent:  # none sent meanwhile: this one, and the others waiting, give up
-                        unread.stalled = True
-                        unread.wake()
+            if (held := await self._room(peer, lambda unread: size <= SMALL_ANSWER_BYTES or
+                                         unread.bytes + size <= self.max_bytes)) is not None:
+                del answer
+                await context.abort_with_status(self._refusal(
+                    held, f"this call's answer of {size / MiB:.3g} MiB, which would have passed it, was dropped"))
+            unread = self.connections.setdefault(peer, _Unread())
             unread.bytes += size
             context.add_done_callback(lambda _: self._sent(peer, unread, size))
             return answer
         return bounded
+
+    async def _room(self, peer: str, fits: Callable[[_Unread], bool]) -> int | None:
+        """Waits until `peer`'s unread answers are none, or `fits` them;
+        the bytes they hold once none has been sent for `wait_s` (this
+        waiter, and the others, give up: the connection is stalled), else
+        None."""
+        while True:  # the entry goes once its connection's answers are all sent: looked up after each wait
+            unread = self.connections.get(peer)
+            if unread is None or not unread.bytes or fits(unread):
+                return None
+            if unread.stalled:
+                return unread.bytes
+            sent = unread.sent
+            try:
+                await asyncio.wait_for(sent.wait(), self.wait_s)
+            except TimeoutError:
+                if unread.sent is sent:  # none sent meanwhile: this one, and the others waiting, give up
+                    unread.stalled = True
+                    unread.wake()
 
     def _sent(self, peer: str, unread: _Unread, size: int) -> None:
         unread.bytes -= size
