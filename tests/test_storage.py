@@ -617,9 +617,12 @@ def test_a_store_file_it_may_not_write_is_refused_at_open(tmp_path):
         pytest.skip("chattr +i is not available here (needs root and a file system that supports it)")
     try:
         # What to do, too: it said "attempt to write a readonly database" alone (an operations review).
-        with pytest.raises(StoreUnavailableError, match=r"attempt to write a readonly database \(halflife writes a "
-                           rf"store even to read it, .* write access to the file and to {re.escape(str(tmp_path))}, or copy"):
+        with pytest.raises(StoreError, match=r"attempt to write a readonly database \(halflife writes a "
+                           rf"store even to read it, .* write access to the file and to {re.escape(str(tmp_path))}, or copy"
+                           ) as refused:
             SqliteStore(tmp_path)
+        # Not "unavailable for now": a group's replacement worker was started again 3 times for it (a review).
+        assert type(refused.value) is StoreError
     finally:
         subprocess.run(["chattr", "-i", str(path)], check=True)
 

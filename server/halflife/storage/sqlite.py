@@ -515,9 +515,11 @@ class SqliteStore:
             primary = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
             if primary == sqlite3.SQLITE_READONLY:
                 # What to do, and that `reembed` must write its old store too: it read as only read (a review).
-                error = StoreUnavailableError(f"{error} (halflife writes a store even to read it, and its -wal and "
-                                              f"-shm beside it: give this user write access to the file and to "
-                                              f"{self.path.parent}, or copy the directory to where it has it)")
+                # A StoreError, not "unavailable for now": it lasts until someone changes it, so a group's
+                # replacement worker is not started again for it (workers.EXIT_TEMPORARY).
+                error = StoreError(f"{error} (halflife writes a store even to read it, and its -wal and -shm beside "
+                                   f"it: give this user write access to the file and to {self.path.parent}, or copy "
+                                   "the directory to where it has it)")
             elif primary in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL):
                 # A full disk fails the -shm's 32 KiB as "disk I/O error", which named no cause (a review).
                 with contextlib.suppress(OSError):
