@@ -268,11 +268,8 @@ class UnreadAnswers:
             # Before any work: refused on a stalled connection, and on one whose unread answers fill its bound
             # it waits for room (256 calls at once on a stuck one each built its answer, held while it waited:
             # a review).
-            if (unread := self.connections.get(peer)) is not None and unread.stalled:
-                held = unread.bytes
-            else:
-                held = await self._room(peer, lambda unread: unread.bytes < self.max_bytes)
-            if held is not None:
+            if (held := await self._room(peer, lambda unread: not unread.stalled and
+                                         unread.bytes < self.max_bytes)) is not None:
                 del request  # not held by the refusal's traceback (see Admission.wrap)
                 await context.abort_with_status(self._refusal(held, "this call was refused"))
             call = behavior(request, context)
