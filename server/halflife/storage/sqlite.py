@@ -389,16 +389,20 @@ def _switch_to_wal(conn: sqlite3.Connection) -> str:
             time.sleep(0.01)
 
 
+def _primary_code(e: sqlite3.Error) -> int | None:
+    """SQLite's primary result code of `e` (SQLITE_BUSY, ...): extended codes keep it in the low byte; errors of
+    the sqlite3 module itself (text that is not UTF-8 on a damaged page) carry no code."""
+    code = getattr(e, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
 def _store_error(e: BaseException, context: str = "") -> BaseException:
     """SQLite errors become StoreError (with the cause kept), those of the
     files or locks (disk full, I/O error, read-only, busy)
     StoreUnavailableError, those of a damaged file StoreDamagedError; others
     pass as they are."""
     if isinstance(e, sqlite3.Error):
-        # Extended codes keep the primary in the low byte; errors of the sqlite3 module itself (text that is not
-        # UTF-8 on a damaged page) carry no code.
-        code = getattr(e, "sqlite_errorcode", None)
-        primary = None if code is None else code & 0xFF
+        primary = _primary_code(e)
         kind = (StoreUnavailableError if primary in _UNAVAILABLE_CODES
                 else StoreDamagedError if primary in _DAMAGED_CODES else StoreError)
         err = kind(f"{context}{e}")
@@ -512,7 +516,7 @@ class SqliteStore:
                 raise
         except sqlite3.Error as e:  # a damaged file's names the way back in serve's line (`_start_refused`)
             error = _store_error(e, f"cannot open {self.path}: ")
-            primary = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+            primary = _primary_code(e)
             if primary == sqlite3.SQLITE_READONLY:
                 # What to do, and that `reembed` must write its old store too: it read as only read (a review).
                 # A StoreError, not "unavailable for now": it lasts until someone changes it, so a group's
