@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from halflife.api.validation import MAX_FUTURE_SECONDS, MAX_ITEMS_PER_REQUEST
+from halflife.api.validation import MAX_ITEMS_PER_REQUEST, event_time_window
 from halflife.datasets.interactions import MOVIELENS, load_dataset
 from halflife.progress import progress
 from halflife.texts import MAX_ID_BYTES
@@ -58,7 +58,7 @@ def load_movielens(directory: Path, target: str, batch_size: int = 500) -> dict[
     off MovieLens's 0.5-5 stars) stops it before anything is sent, naming
     the file and line; a server configured with a narrower rating scale
     (`[ratings]`) refuses those ratings' batch when it comes."""
-    dataset = load_dataset(directory, MOVIELENS, earliest=0.0, latest=time.time() + MAX_FUTURE_SECONDS)
+    dataset = load_dataset(directory, MOVIELENS, **event_time_window(time.time()))
     ratings, tags = dataset.interactions, dataset.texts
     # A 1970 title's create_time is 0.0: tested against None, not for truth.
     items = [Item(id=m.id, text=m.text, categories=m.categories,

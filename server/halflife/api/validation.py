@@ -98,6 +98,13 @@ class Violations:
         return seconds
 
 
+def event_time_window(now: float) -> dict[str, float]:
+    """The event times the API takes at `now` (from 1970 to a day ahead), as
+    load_dataset's `earliest` and `latest`: what a dataset sent to a server
+    is checked against before anything is sent."""
+    return {"earliest": 0.0, "latest": now + MAX_FUTURE_SECONDS}
+
+
 def stored_seconds(seconds: int, nanos: int) -> float:
     """A Timestamp's time as the server keeps it: float seconds."""
     return seconds + nanos / 1e9

@@ -531,9 +531,9 @@ def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target:
     window = {}
     if target:  # times its API refuses (before 1970, over a day ahead), as load-movielens: they stopped the run at
         # the first RecordEvents, after the in-process work, with the items upserted (a review)
-        from halflife.api.validation import MAX_FUTURE_SECONDS
+        from halflife.api.validation import event_time_window
 
-        window = {"earliest": 0.0, "latest": time.time() + MAX_FUTURE_SECONDS}
+        window = event_time_window(time.time())
     data = load_eval_data(data_dir, **window)
     if target:
         RemoteBackend.check_users(target, data.users)
