@@ -247,6 +247,18 @@ def test_a_ghz_command_line_runs_as_it_is(server, capsys):
     assert "give the target once" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, named", [
+    (("-m", '{"k": "v"}'), "-m/--metadata"),  # was "argument host: port must be 1 to 65535, got "v"}""
+    (("--name", "smoke"), "--name"),  # was "unrecognized arguments: --name 127.0.0.1:1": the target named
+    (("--skipTLS",), "--skipTLS"),
+])
+def test_ghz_flags_it_lacks_are_refused_by_name_not_read_as_the_target(capsys, flags, named):
+    with pytest.raises(SystemExit) as exit_:
+        main(["loadtest", "--call", HEALTH, *flags, CLOSED])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {named}: is ghz's, which halflife loadtest does not support" in err
+
+
 def test_enough_connections_for_the_servers_calls_per_connection(server, capsys):
     """Past the server's 256 calls on one connection, gRPC Python had the
     extra ones refused, reported Unavailable, where ghz queues them (an
