@@ -137,12 +137,21 @@ def test_nonsense_flag_values_are_refused(capsys, flags, named):
     ({"call": HEALTH, "rps": 10**400}, '"rps"'),  # a JSON integer too big for a float
     ({"call": HEALTH, "host": 5}, '"host"'),
     ({"call": HEALTH, "data": {"service": 5}}, '"data"'),
+    # The message's text where the message belongs: it had "no field named "{"" (a review).
+    ({"call": HEALTH, "data": '{"service": ""}'}, '"data" must be a JSON object or a non-empty array of objects, not a string'),
 ], ids=lambda v: repr(v)[:60])
 def test_wrong_ghz_configs_name_the_key_and_file(tmp_path, capsys, config, named):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"host": CLOSED, **config} if isinstance(config, dict) else config))
     err = refused(capsys, "--config", str(path))
     assert named in err and str(path) in err
+
+
+@pytest.mark.parametrize("data, kind", [('""', "a string"), ('"service"', "a string"), ("null", "null"), ("5", "a number")])
+def test_data_that_is_no_json_object_is_refused_as_such(capsys, data, kind):
+    """json_format read "" as an empty request, sent without a word, and a string as fields named by its characters."""
+    err = refused(capsys, "--call", HEALTH, "--target", CLOSED, "-d", data)
+    assert f"--data must be a JSON object or a non-empty array of objects, not {kind}" in err
 
 
 @pytest.mark.parametrize("suffix", [".toml", ".yaml"])

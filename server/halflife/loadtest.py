@@ -257,16 +257,29 @@ def _template(text: str, method) -> Callable[[int, str], str]:
     return render
 
 
+_MESSAGES_EXPECTED = "must be a JSON object or a non-empty array of objects"
+_JSON_KINDS = {str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null"}
+
+
 def _messages(data: str) -> list[str]:
     """The proto3 JSON texts in `data`: one message, or each element of an array of them."""
-    if not data.lstrip().startswith("["):
+    start = data.lstrip()[:1]
+    if start == "{":
         return [data]
+    if start != "[":
+        # json_format read "" as an empty message, and a string as fields named by its characters: a
+        # config's "data": "{\"user_id\": \"1\"}" (the message's text, not the message) had no field named "{".
+        try:
+            kind = _JSON_KINDS[type(json.loads(data))]
+        except (ValueError, RecursionError):
+            return [data]  # no JSON: json_format's parse says where
+        raise InvalidOption("data", f"{_MESSAGES_EXPECTED}, not {kind}")
     try:
         elements = json.loads(data)
     except (ValueError, RecursionError) as exc:
         raise InvalidOption("data", f"is not a JSON array: {exc}") from None
     if not elements or not all(isinstance(element, dict) for element in elements):
-        raise InvalidOption("data", "must be a JSON object or a non-empty array of objects")
+        raise InvalidOption("data", _MESSAGES_EXPECTED)
     return [json.dumps(element) for element in elements]
 
 
