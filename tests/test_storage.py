@@ -550,6 +550,8 @@ def test_a_store_built_with_a_model_of_another_size_stops_serve_in_one_line(mode
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert (f"halflife serve: error: the store holds {DIM}-dimensional vectors, where this model's have 384"
             in result.stderr.splitlines()[-1]), result.stderr
+    # The way to keep the data with this model, not only an empty directory (a config-change review).
+    assert "halflife reembed --data-dir OLD --out NEW --model-dir DIR" in result.stderr.splitlines()[-1]
 
 
 def test_the_store_records_the_vector_space_it_was_first_bound_to(tmp_path):
@@ -601,6 +603,7 @@ def test_a_store_built_with_another_model_of_the_same_size_stops_serve_and_anoth
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert ("the store's vectors come from sentence-transformers/all-MiniLM-L6-v2 (384-d)" in result.stderr
             and "this model is someone/fine-tuned (384-d)" in result.stderr.splitlines()[-1]), result.stderr
+    assert "halflife reembed --data-dir OLD --out NEW --model-dir DIR" in result.stderr.splitlines()[-1]
     variant = next(v["name"] for v in manifest["variants"] if v["name"] != manifest["default_variants"][CPU])
     with ServerThread(ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path / "data", variant=variant)):
         pass  # another variant of the same model: the same space

@@ -146,6 +146,10 @@ REBUILD_RETRY_S = 5.0
 # How long a batch waits, without the locks, for one this process committed before it to be applied by its own
 # thread (about to, unless that thread failed: then the batch reads it back from the log).
 APPLY_ORDER_WAIT_S = 0.5
+# The way out where a store's vectors come from another model (`_check_vectors`), which it said nothing of: a
+# new data directory alone looked like the only one, losing every item and event (a config-change review).
+REEMBED_HINT = ("empty, or this one's items and events copied for it by `halflife reembed --data-dir OLD --out NEW "
+                "--model-dir DIR` (docs/interest.md, Storage)")
 
 # (texts, the caller's deadline or None) -> (n, dim) float32 unit rows
 Embedder = Callable[[Sequence[str], Deadline | None], np.ndarray]
@@ -370,7 +374,7 @@ class InterestEngine:
         if stored not in (None, self.dim):
             raise StoreError(f"the store holds {stored}-dimensional vectors, where this model's have {self.dim}: "
                              "it was built with another model; serve it with that one, or give this model a "
-                             "data directory of its own")
+                             f"data directory of its own: {REEMBED_HINT}")
         if self._vector_space is None:
             return
         space, model = self._vector_space
@@ -378,7 +382,7 @@ class InterestEngine:
         if bound_space != space:
             raise StoreError(f"the store's vectors come from {bound_model} (vector space {bound_space[:12]}), and this "
                              f"model is {model} (vector space {space[:12]}): serve the store with its model, or give "
-                             "this one a data directory of its own")
+                             f"this one a data directory of its own: {REEMBED_HINT}")
 
     def _rebuild_blend(self) -> None:
         """The blend's indexes anew from every event up to the watermark. Lock held (or not yet shared)."""
