@@ -994,6 +994,24 @@ def test_a_rating_just_off_the_scale_says_what_it_was():
     assert violations.items[0][1].endswith("(the server's ratings.lowest and ratings.highest), got 5.0000001")
 
 
+def test_a_time_more_than_a_day_ahead_names_the_servers_clock():
+    """A server whose clock was set back two days told a client stamping
+    events (or an as_of_time) at its own, right, time that they were "more
+    than 24 hours in the future": the clock at fault went unnamed (a clock review)."""
+    now = 1_750_000_000.0  # 2025-06-15T15:06:40Z
+    expected = "is more than 24 hours ahead of the server's clock (2025-06-15T15:06:40Z)"
+    event = interest_pb2.Event(event_id="e", user_id="u", type=VIEW, item_id="i")
+    event.event_time.FromSeconds(int(now) + 2 * 86400)
+    violations = Violations()
+    assert _event_inputs([event], now, violations, RatingConfig()) == [None]
+    assert violations.items == [("events[0].event_time", expected)]
+    request = recommend_pb2.RecommendRequest(user_id="u", limit=1)
+    request.as_of_time.FromSeconds(int(now) + 86401)
+    violations = Violations()
+    violations.timestamp(request, "as_of_time", "as_of_time", now)
+    assert violations.items == [("as_of_time", expected)]
+
+
 @pytest.mark.parametrize("text", [" \t\n ", "\u200b\ufeff\u200d", "\x01\ue000\u0301\ufffd"])  # tokenizers drop them
 def test_blank_text_beside_an_item_is_no_text(text):
     """Whitespace or invisible characters alone are no text (without an item

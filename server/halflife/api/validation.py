@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from typing import Sized
 
@@ -94,8 +95,17 @@ class Violations:
         if now is not None and seconds < 0:
             self.add(field, "is before 1970-01-01")
         elif now is not None and seconds > now + MAX_FUTURE_SECONDS:
-            self.add(field, "is more than 24 hours in the future")
+            self.add(field, too_far_ahead(now))
         return seconds
+
+
+def too_far_ahead(now: float) -> str:
+    """The violation of a time more than MAX_FUTURE_SECONDS after `now`, the
+    server's clock, named: a server whose clock was set back told a client
+    stamping events at its own, right, time that they were "more than 24
+    hours in the future" (a clock review)."""
+    clock = dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return f"is more than 24 hours ahead of the server's clock ({clock})"
 
 
 def event_time_window(now: float) -> dict[str, float]:
