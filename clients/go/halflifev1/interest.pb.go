@@ -196,6 +196,7 @@ type Event struct {
 	Text string `protobuf:"bytes,5,opt,name=text,proto3" json:"text,omitempty"`
 	// Optional numeric value; required for EVENT_TYPE_RATE, whose rating it
 	// holds (on the server's scale: INVALID_ARGUMENT off it). Must be finite.
+	// Other types keep it (ListEvents returns it), but it does not weigh them.
 	Value *float64 `protobuf:"fixed64,6,opt,name=value,proto3,oneof" json:"value,omitempty"`
 	// When it happened. Unset: the time the server received it. Rejected when
 	// before 1970 or more than 24 hours ahead of the server's clock.
@@ -403,7 +404,8 @@ type GetProfileRequest struct {
 	// empty profile.
 	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
 	// The moment to describe the profile at; default now. Events after it are
-	// ignored, so a past time replays history exactly.
+	// ignored, so a past time replays the history of events exactly, over
+	// today's catalogue: events on items deleted since no longer count.
 	AsOfTime *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=as_of_time,json=asOfTime,proto3" json:"as_of_time,omitempty"`
 	// Representative items per interest, 0 to 20. 0 (the default) lists the
 	// server's `ranking.items_per_interest`, 3 unless configured.

@@ -166,7 +166,9 @@ type RecommendRequest struct {
 	// configured). Required: the default 0 is INVALID_ARGUMENT.
 	Limit int32 `protobuf:"varint,2,opt,name=limit,proto3" json:"limit,omitempty"`
 	// "Now" for the recommendation: events after it are ignored and decay is
-	// measured to it. Default: the server's clock. Use it to replay history.
+	// measured to it. Default: the server's clock. Use it to replay history,
+	// over today's catalogue: items deleted since are not returned, and items
+	// created since can be.
 	AsOfTime *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=as_of_time,json=asOfTime,proto3" json:"as_of_time,omitempty"`
 	// Which items may be returned; unset: any item.
 	Filter *ItemFilter `protobuf:"bytes,4,opt,name=filter,proto3" json:"filter,omitempty"`

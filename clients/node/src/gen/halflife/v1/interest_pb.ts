@@ -66,6 +66,7 @@ export type Event = Message<"halflife.v1.Event"> & {
   /**
    * Optional numeric value; required for EVENT_TYPE_RATE, whose rating it
    * holds (on the server's scale: INVALID_ARGUMENT off it). Must be finite.
+   * Other types keep it (ListEvents returns it), but it does not weigh them.
    *
    * @generated from field: optional double value = 6;
    */
@@ -155,7 +156,8 @@ export type GetProfileRequest = Message<"halflife.v1.GetProfileRequest"> & {
 
   /**
    * The moment to describe the profile at; default now. Events after it are
-   * ignored, so a past time replays history exactly.
+   * ignored, so a past time replays the history of events exactly, over
+   * today's catalogue: events on items deleted since no longer count.
    *
    * @generated from field: google.protobuf.Timestamp as_of_time = 2;
    */

@@ -80,7 +80,9 @@ export type RecommendRequest = Message<"halflife.v1.RecommendRequest"> & {
 
   /**
    * "Now" for the recommendation: events after it are ignored and decay is
-   * measured to it. Default: the server's clock. Use it to replay history.
+   * measured to it. Default: the server's clock. Use it to replay history,
+   * over today's catalogue: items deleted since are not returned, and items
+   * created since can be.
    *
    * @generated from field: google.protobuf.Timestamp as_of_time = 3;
    */
