@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -878,6 +879,41 @@ def _run_reembed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_vacuum(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "vacuum",
+        help="rewrite a stopped server's store with only its live rows (after erasures)",
+        description="Rewrite the store in --data-dir whole, with only its live rows. DeleteUser zeroes the rows it "
+        "deletes, but SQLite can keep old copies of moved entries in a page's unused space, where an erased user's "
+        "id can outlive the erasure in the file's bytes; this takes them, and the free pages, out "
+        "(docs/interest.md, Storage). The server must be stopped: the data directory is taken as `serve` takes it. "
+        "Needs the store's size free on its disk; an interruption leaves the store as it was.",
+    )
+    parser.add_argument("--data-dir", type=_path, default=DEFAULT_DATA_DIR,
+                        help=f"the data directory (default {DEFAULT_DATA_DIR})")
+    parser.set_defaults(run=_run_vacuum)
+
+
+def _run_vacuum(args: argparse.Namespace) -> int:
+    from halflife.api.server import claim_data_dir
+    from halflife.storage.base import StoreError
+    from halflife.storage.sqlite import DB_NAME, vacuum
+
+    if not (args.data_dir / DB_NAME).is_file():
+        print(f"halflife vacuum: error: {args.data_dir} holds no store ({DB_NAME})", file=sys.stderr)
+        return EXIT_FAILURE
+    started = time.monotonic()
+    try:
+        with sigterm_unwinds(), claim_data_dir(args.data_dir, f"pid {os.getpid()}, halflife vacuum"):
+            before, after = vacuum(args.data_dir)
+    except (StoreError, OSError) as exc:
+        print(f"halflife vacuum: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"vacuumed {args.data_dir / DB_NAME} in {time.monotonic() - started:.1f} s: {before / 2**20:.1f} MiB -> "
+          f"{after / 2**20:.1f} MiB, only its live rows")
+    return 0
+
+
 def _add_eval(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "eval",
@@ -932,6 +968,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loadtest(commands)
     _add_eval(commands)
     _add_reembed(commands)
+    _add_vacuum(commands)
     return parser
 
 

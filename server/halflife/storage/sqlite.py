@@ -37,7 +37,8 @@ and ``events_between``.
 
 Privacy: ``secure_delete=ON`` zeroes deleted content, and `delete_user`
 checkpoints and truncates the WAL after its commit, so the erased rows are not
-left in the database file's free pages nor in old WAL frames. Another
+left in the database file's free pages nor in old WAL frames (old copies of
+moved cells in a page's unused space can stay: `vacuum` takes them). Another
 process's read (a worker's pass over the log) blocks that checkpoint; the
 writer then tries again every TRUNCATE_RETRY_S until it completes, and once
 more at close (a process that stops first leaves it to the next automatic
@@ -450,6 +451,50 @@ def sync_directory(path: Path) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+VACUUM_SUFFIX = ".vacuum"  # DB_NAME + this: the copy `vacuum` writes, then swaps in
+
+
+def vacuum(data_dir: str | Path) -> tuple[int, int]:
+    """Rewrites the store in `data_dir` whole, with only its live rows: what
+    SQLite's secure_delete does not reach goes. A page rebalanced keeps in its
+    unused space the old copies of the cells it moved, so an erased user's id
+    (the index events(user_id, seq)) could outlive DeleteUser in the file's
+    bytes (a durability review: in 5 of 9 rounds). Freed pages go too: the
+    file shrinks. No other process may have the store open (the caller holds
+    the data directory's lock): the copy is written beside the file by
+    `VACUUM INTO` (needing its size free on that disk, and little memory),
+    made durable, then renamed over it, so an interruption leaves the store
+    as it was. Returns the file's size before and after, in bytes. Raises
+    StoreError (StoreDamagedError where the store is damaged)."""
+    path = Path(data_dir) / DB_NAME
+    copy = path.with_name(path.name + VACUUM_SUFFIX)
+    copy.unlink(missing_ok=True)  # an earlier run's, interrupted
+    store = SqliteStore(data_dir)  # migrated, its owed WAL truncations done, and closed: its WAL is then gone
+    try:
+        store.check_intact()
+    finally:
+        store.close()
+    before = path.stat().st_size
+    conn = _connect(path, readonly=False)  # VACUUM INTO writes, if only the copy: query_only refuses it
+    try:
+        conn.execute("VACUUM INTO ?", (str(copy),))
+    except sqlite3.Error as e:
+        copy.unlink(missing_ok=True)
+        raise _store_error(e, f"vacuum of {path} into {copy}: ") from e
+    finally:
+        conn.close()
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists() and wal.stat().st_size:  # SQLite would replay it onto the copy: another process has the store
+        copy.unlink()
+        raise StoreError(f"{path} is open in another process (its WAL holds commits): stop it, then vacuum")
+    with open(copy, "rb+") as written:
+        os.fsync(written.fileno())
+    os.replace(copy, path)
+    sync_directory(path.parent)
+    SqliteStore(data_dir).close()  # back in WAL mode, and opens as a store
+    return before, path.stat().st_size
+
 
 class SqliteStore:
     """`Store` on one SQLite file in WAL mode; see the module docstring."""
