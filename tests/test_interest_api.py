@@ -1852,6 +1852,43 @@ def test_calls_held_up_in_the_engine_leave_threads_for_the_others(server, client
         assert all(s.result(30).event_counts == [] for s in slow)
 
 
+def test_writes_waiting_for_the_embedding_model_leave_threads_for_the_others(server, client, monkeypatch):
+    """An upsert or a text event waits for the model in a call thread: 80
+    upserts of 4 long texts at once held all of them while the model worked
+    through its backlog, and a GetItems or a Recommend, which embed nothing,
+    waited up to 13.7 s for one (a review; 100 writes of search events: 11.4
+    s). Writes that embed run on threads of their own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batcher = server.server.backend.batcher
+    release = threading.Event()
+    forward = batcher._forward
+
+    def held_forward(ids):
+        assert release.wait(30)
+        return forward(ids)
+
+    monkeypatch.setattr(batcher, "_forward", held_forward)
+    writes = server.server.config.call_threads + 4
+    with ThreadPoolExecutor(writes) as callers:
+        try:
+            upserts = [callers.submit(client.upsert_items, [Item(id=f"held-{n}", text=f"an item held up, {n}")])
+                       for n in range(writes // 2)]
+            events = [callers.submit(client.record_events, [ev(f"held-{n}", "held-searcher", SEARCH, text=f"query {n}")])
+                      for n in range(writes - writes // 2)]
+            deadline = time.monotonic() + 30  # every thread the writes can have waits on the model
+            while batcher.queued_inputs < server.server.config.call_threads - 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert batcher.queued_inputs >= server.server.config.call_threads - 1
+            assert client.recommend("someone-else", 3, timeout=5).strategy == TRENDING
+            assert [item.id for item in client.get_items([CATALOG[0].id], timeout=5)] == [CATALOG[0].id]
+        finally:
+            release.set()
+        assert [u.result(60) for u in upserts] == [(1, 0)] * len(upserts)
+        assert [e.result(60) for e in events] == [(1, 0)] * len(events)
+    assert client.delete_items([f"held-{n}" for n in range(writes // 2)]) == writes // 2
+
+
 def test_client_interceptors_keep_the_clients_channel_options(server):
     """Auth metadata or TLS needed a channel of one's own, which dropped the
     client's options: replies over 4 MiB were refused and nothing retried (a

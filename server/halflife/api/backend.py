@@ -20,6 +20,8 @@ from halflife.interest.engine import InterestEngine
 # later piece waits for room at most this long (its caller's deadline first).
 EMBED_PIECES_PER_QUEUE = 4
 ROOM_WAIT_S = 10.0
+# Threads of the writes whose texts the model embeds (`Backend.embedding_writes`), as many as the call threads.
+EMBEDDING_WRITE_THREADS = 32
 
 
 class Backend:
@@ -31,12 +33,18 @@ class Backend:
         # Tokenization runs here, off the event loop (the tokenizers library
         # releases the GIL while it works).
         self.tokenize_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="halflife-tokenize")
+        # Writes that embed texts (upserts, text events) run here: on the call threads they held them all while
+        # the model worked through a backlog, and a GetItems behind 80 upserts waited 13.7 s for one (a review).
+        # A query's one text stays on the call threads, where the batcher lets it pass bulk work.
+        self.embedding_writes = concurrent.futures.ThreadPoolExecutor(EMBEDDING_WRITE_THREADS,
+                                                                      thread_name_prefix="halflife-embedding-write")
 
     def attach(self, embedding: EmbeddingEngine, batcher: DynamicBatcher, loop: asyncio.AbstractEventLoop) -> None:
         self.embedding, self.batcher, self._loop = embedding, batcher, loop
 
     def close(self) -> None:
         self.tokenize_pool.shutdown(wait=False)
+        self.embedding_writes.shutdown(wait=False)
 
     async def tokenize_off_loop(self, texts: list[str], truncate: bool, deadline: Deadline) -> TokenizedInputs:
         """embedding.tokenize on `tokenize_pool`, its texts counted against
@@ -59,6 +67,11 @@ class Backend:
         except asyncio.CancelledError:  # the client cancelled, or gRPC's deadline: tell the thread
             deadline.cancelled = True
             raise
+
+    def write_threads(self, embeds: bool) -> concurrent.futures.Executor | None:
+        """Where a write runs (`run_with_deadline`'s threads): on `embedding_writes`
+        where it has texts to embed, else on the call threads (None)."""
+        return self.embedding_writes if embeds else None
 
     def ready(self) -> Backend:
         if self.embedding is None or self.batcher is None or self.interest is None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import time
 from typing import Any, Callable
 
@@ -17,8 +19,10 @@ def deadline_of(context: grpc.aio.ServicerContext) -> Deadline:
     return Deadline(None if remaining is None else time.monotonic() + remaining)
 
 
-async def run_with_deadline(context: grpc.aio.ServicerContext, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """fn(*args, **kwargs, deadline=the call's Deadline) on a worker thread.
+async def run_with_deadline(context: grpc.aio.ServicerContext, fn: Callable[..., Any], *args: Any,
+                            threads: concurrent.futures.Executor | None = None, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs, deadline=the call's Deadline) on a worker thread
+    of `threads` (default: the loop's, the call threads).
 
     gRPC cancels the handler at the deadline or on the client's cancel, but
     not the thread it waits on: the Deadline, marked cancelled here, tells
@@ -26,7 +30,8 @@ async def run_with_deadline(context: grpc.aio.ServicerContext, fn: Callable[...,
     waits any more, so a write the caller gave up on is not stored later."""
     deadline = deadline_of(context)
     try:
-        return await asyncio.to_thread(fn, *args, **kwargs, deadline=deadline)
+        return await asyncio.get_running_loop().run_in_executor(
+            threads, functools.partial(fn, *args, **kwargs, deadline=deadline))
     except asyncio.CancelledError:
         deadline.cancelled = True
         raise

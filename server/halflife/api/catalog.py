@@ -95,7 +95,8 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                 seen.setdefault(item.id, i)
                 items.append(_item_input(item, f"items[{i}]", interest.dim, violations))
         violations.raise_if_any()
-        created, updated = await run_with_deadline(context, interest.upsert_items, items)
+        threads = self._backend.write_threads(embeds=any(item.vector is None for item in items))
+        created, updated = await run_with_deadline(context, interest.upsert_items, items, threads=threads)
         return catalog_pb2.UpsertItemsResponse(created_count=created, updated_count=updated)
 
     @translate_errors

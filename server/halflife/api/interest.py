@@ -184,7 +184,8 @@ class InterestServicer(interest_pb2_grpc.InterestServiceServicer):
             _check_repeats(events, request.events, violations)
         violations.raise_if_any()
         try:
-            accepted, duplicates = await run_with_deadline(context, interest.record_events, events)
+            threads = self._backend.write_threads(embeds=any(event.text is not None for event in events))
+            accepted, duplicates = await run_with_deadline(context, interest.record_events, events, threads=threads)
         except UnknownItemsError as error:
             raise not_found(
                 f"{len(error.missing)} events refer to unknown items; nothing was recorded",
