@@ -868,6 +868,24 @@ def test_a_key_error_of_a_bug_in_similar_items_is_internal_not_a_missing_item(se
     assert error.code() == grpc.StatusCode.INTERNAL and fields(error) == []
 
 
+def test_a_panic_in_a_library_is_internal_not_a_hung_call(server, client, monkeypatch):
+    """pyo3 raises a Rust panic (the tokenizers library's) as PanicException,
+    a BaseException: uncaught by the handler's Exception, the call hung until
+    its deadline, or for good without one (a review)."""
+    class Panic(BaseException):
+        pass
+
+    def panicking(*args, **kwargs):
+        raise Panic("called `Option::unwrap()` on a `None` value")
+
+    monkeypatch.setattr(server.server.interest, "_similar_items", panicking)
+    began = time.monotonic()
+    error = rpc_error(client.similar_items, item_id="scifi-0", limit=3, timeout=5)
+    assert error.code() == grpc.StatusCode.INTERNAL and time.monotonic() - began < 4
+    monkeypatch.undo()
+    assert ids(client.similar_items(item_id="scifi-0", limit=3))  # and it serves on
+
+
 # ================================================================ validation matrix
 
 NOW = dt.datetime.now(dt.timezone.utc)

@@ -254,9 +254,9 @@ def translate_errors(handler: Handler) -> Handler:
             # Not a line a call either: files deleted under the server failed 100 writes with 100 ERRORs (a review).
             _store_damaged.log("%s: store damaged: %s", handler.__qualname__, error)
             status = ApiError(grpc.StatusCode.DATA_LOSS, f"the store is damaged: {error}").to_status()
-        except grpc.aio.AbortError:
+        except (grpc.aio.AbortError, asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit):
             raise
-        except Exception:
+        except BaseException:  # a Rust panic comes as pyo3's PanicException, no Exception: the call hung (a review)
             log.exception("unexpected error in %s", handler.__qualname__)
             status = ApiError(grpc.StatusCode.INTERNAL, "internal error; see the server log").to_status()
         if at_deadline:
