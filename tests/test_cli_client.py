@@ -686,6 +686,25 @@ def test_the_log_level_is_read_in_any_case():
     assert build_parser().parse_args(["serve", "--log-level", "debug"]).log_level == "DEBUG"
 
 
+@pytest.mark.parametrize("argv", [
+    ["serve", "--model-id", "mine"],  # export's flag: it set serve's hidden --model-identity
+    ["serve", "--parent", "1"],  # --parent-pid: the server stopped at once, "orphaned"
+    ["serve", "--data", "var/x"],
+    ["recommend", "1", "--lim", "5"],
+])
+def test_flags_are_not_taken_abbreviated(argv):
+    """argparse took any prefix of a flag: `serve --model-id NAME`, as `export` spells it, reached serve's
+    internal --model-identity, and the server refused its own model as "changed since this worker's group
+    started". A usage error instead, as for any flag a command does not have."""
+    from halflife.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    result = halflife(*argv)
+    assert result.returncode == 2 and f"unrecognized arguments: {argv[-2]}" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("target, expected", [
     ("localhost", "localhost:50051"),
     ("10.0.0.7", "10.0.0.7:50051"),

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ctypes
 import datetime as dt
+import functools
 import importlib
 import json
 import logging
@@ -960,8 +961,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="halflife", description="Halflife: real-time interest recommendations.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Flags in full only: argparse took any prefix, and `serve --model-id NAME` (export's flag) set serve's
+    # internal --model-identity, whose server then refused its own model as changed since its group started.
+    parser_class = functools.partial(argparse.ArgumentParser, allow_abbrev=False)
+    parser = parser_class(prog="halflife", description="Halflife: real-time interest recommendations.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=parser_class)
     _add_export(commands)
     _add_serve(commands)
     _add_client_commands(commands)
