@@ -254,3 +254,15 @@ def test_a_config_saved_with_a_byte_order_mark_loads(tmp_path):
     path = tmp_path / "bom.toml"
     path.write_bytes(b"\xef\xbb\xbf[ranking]\nmax_limit = 7\n")
     assert load_config(path).ranking.max_limit == 7
+
+
+def test_serve_logs_the_settings_its_config_changes(tmp_path):
+    """Nothing said whether `--config` was read or which settings it changed (an onboarding review)."""
+    path = tmp_path / "mine.toml"
+    path.write_text('[profile]\nmode = "single"\nmax_interests = 8\n[event_types.view]\nweight = 2\n')
+    result = serve_with_config(path, tmp_path)
+    assert result.returncode == 1 and "manifest.json not found" in result.stderr  # the model, after the config
+    assert (f'settings from {path}: event_types.view.weight = 2.0; profile.mode = "single" (the rest default)'
+            in result.stderr), result.stderr  # max_interests = 8 is the default: not a change
+    path.write_text("")
+    assert f"settings from {path}: the defaults" in serve_with_config(path, tmp_path).stderr

@@ -264,7 +264,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     if _runtime_missing("serve"):
         return EXIT_FAILURE
     from halflife.api.server import ServerConfig, ServingFailedError, claim_data_dir, serve
-    from halflife.config import ConfigError, load_config
+    from halflife.config import ConfigError, changed_settings, load_config
     from halflife.storage.base import StoreError, StoreUnavailableError
     from halflife.workers import EXIT_TEMPORARY
 
@@ -278,6 +278,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s %(levelname)s {worker}%(name)s: %(message)s")
     # grpc's Cython layer logs a DEBUG line per call ("Loaded running loop"): most of a DEBUG log (a review).
     logging.getLogger("grpc._cython.cygrpc").setLevel(max(logging.INFO, logging.getLogger().level))
+    if args.config is not None and args.worker_index is None:  # a group's parent says it for its workers
+        # Nothing said whether, or which, settings were in effect.
+        changed = changed_settings(halflife_config)
+        logging.getLogger("halflife.config").info(
+            "settings from %s: %s", args.config, "; ".join(changed) + " (the rest default)" if changed else "the defaults")
     if args.metrics_port and args.port and args.metrics_port <= args.port < args.metrics_port + args.workers:
         # It failed as "cannot bind ... (in use by another process ...)", the other being itself (a review).
         print(f"halflife serve: error: argument --metrics-port: {args.port} is --port; metrics need a port of "

@@ -8,6 +8,7 @@ See docs/configuration.md for the meaning of each setting.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 from pathlib import Path
@@ -329,6 +330,23 @@ def parse_config(data: dict) -> Config:
     if blend.interest + blend.cooccurrence + blend.popularity == 0:  # a weighted mean of nothing
         raise ConfigError("blend: interest, cooccurrence and popularity must not all be 0")
     return Config(event_types=event_types, ratings=ratings, profile=profile, ranking=ranking, blend=blend)
+
+
+def changed_settings(config: Config) -> list[str]:
+    """`key = value` for each setting of `config` that is not its default, as a config file writes it."""
+
+    def flat(c: Config) -> dict[str, Any]:
+        settings = {f"event_types.{name}.{key}": value for name, types in c.event_types.items()
+                    for key, value in dataclasses.asdict(types).items()}
+        for section in dataclasses.fields(c):
+            if section.name != "event_types":
+                settings |= {f"{section.name}.{key}": value
+                             for key, value in dataclasses.asdict(getattr(c, section.name)).items()}
+        return settings
+
+    defaults = flat(Config())
+    return [f"{key} = {json.dumps(value) if isinstance(value, str) else value}"
+            for key, value in flat(config).items() if value != defaults[key]]
 
 
 def load_config(path: Path | None) -> Config:
