@@ -673,6 +673,18 @@ def _vocabulary_without_unknown_token(tmp_path, sources):
     return ["--model", str(model)], "tokenizer cannot encode"
 
 
+def _tokens_past_the_embeddings(tmp_path, sources):
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "added"
+    shutil.copytree(sources["bert"], model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.add_tokens(["[USER]", "[ITEM]"])  # without resizing the model's embeddings: ids 169 and 170
+    tokenizer.save_pretrained(model)
+    return ["--model", str(model)], (f"{model}'s tokenizer has 2 token(s) past the model's 169 embeddings (config.json "
+                                     "vocab_size): '[USER]' (id 169), '[ITEM]' (id 170); is it the model's own tokenizer?")
+
+
 def _garbled_tokenizer(tmp_path, sources):
     model = tmp_path / "garbled"
     shutil.copytree(sources["bert"], model)
@@ -709,6 +721,7 @@ ERROR_CASES = {
     "st-max-seq-length-below-specials": (_sentence_transformers_max_seq_length_below_the_special_tokens, (1,)),
     "st-default-prompt": (_sentence_transformers_default_prompt, (1,)),
     "no-unk-token": (_vocabulary_without_unknown_token, (1,)),
+    "tokens-past-the-embeddings": (_tokens_past_the_embeddings, (1,)),
 }
 
 
@@ -720,6 +733,18 @@ def test_cli_errors(case, tmp_path, sources, capsys):
     rc, out, err = run_cli(["export", *args, "--output", str(output)], capsys)
     assert_one_line_error(rc, err, out, code, message)
     assert not output.exists()
+
+
+@pytest.mark.parametrize("case", ["no-unk-token", "tokens-past-the-embeddings"])
+def test_a_tokenizer_the_model_cannot_be_served_with_is_refused_before_any_work(case, tmp_path, sources, capsys):
+    """Both were found by steps after the ONNX export: the first at writing
+    tokenizer.json, the second as a PyTorch IndexError traceback at validation
+    (a text holding such a token, served, failed its whole batch)."""
+    make, _ = ERROR_CASES[case]
+    args, message = make(tmp_path, sources)
+    rc, out, err = run_cli(["export", *args, "--output", str(tmp_path / "out")], capsys)
+    assert_one_line_error(rc, err, out, contains=message)
+    assert "[1/5]" not in err
 
 
 def test_cli_output_under_a_file(tmp_path, sources, capsys):

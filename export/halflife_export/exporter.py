@@ -248,6 +248,7 @@ def export_model(options: ExportOptions) -> Manifest:
         raise ExportError(f"--output {output} is a symbolic link; give the directory itself")
     _quiet_libraries()
     source = _resolve_source(options)
+    _check_tokenizer_serves(source)
     pooling = _choose_pooling(options.pooling, source)
     max_tokens = _resolve_max_input_tokens(options.max_input_tokens, source)
     if output.resolve() == source.path.resolve() or output.resolve() in source.path.resolve().parents:
@@ -781,6 +782,22 @@ def _write_tokenizer(source: _Source, staging: Path) -> str:
     (BERT's do_lower_case, RoBERTa's add_prefix_space, Llama's add_eos_token):
     copying tokenizer.json served a different tokenization than validation's."""
     target = staging / "tokenizer.json"
+    tokenizer = _source_tokenizer(source)  # which `_check_tokenizer_serves` took
+    shipped = source.path / "tokenizer.json"
+    if shipped.is_file() and _served_tokenizer(shipped.read_text()) == _served_tokenizer(tokenizer.backend_tokenizer.to_str()):
+        shutil.copy2(shipped, target)  # the same tokenizer: its bytes (and tokenizer_sha256) kept
+    else:
+        tokenizer.backend_tokenizer.save(str(target))
+    return target.name
+
+
+def _check_tokenizer_serves(source: _Source) -> None:
+    """Refuses, before any work, a tokenizer the model cannot be served with:
+    not a fast one; one that cannot encode the validation or calibration
+    texts (a WordPiece vocabulary without its unknown token); one with ids
+    past the model's embeddings (another model's tokenizer, or tokens added
+    without resizing them), which was a PyTorch traceback at validation, after
+    the whole export, and, served, failed the batch of any text holding one."""
     tokenizer = _source_tokenizer(source)
     if not tokenizer.is_fast:
         raise ExportError(f"{source.path} has no fast tokenizer (tokenizer.json) to serve with")
@@ -789,12 +806,13 @@ def _write_tokenizer(source: _Source, staging: Path) -> str:
             tokenizer.backend_tokenizer.encode(text)
         except Exception as exc:  # e.g. a WordPiece vocabulary without its unknown token
             raise ExportError(f"{source.path}'s tokenizer cannot encode {text[:40]!r}: {exc}") from None
-    shipped = source.path / "tokenizer.json"
-    if shipped.is_file() and _served_tokenizer(shipped.read_text()) == _served_tokenizer(tokenizer.backend_tokenizer.to_str()):
-        shutil.copy2(shipped, target)  # the same tokenizer: its bytes (and tokenizer_sha256) kept
-    else:
-        tokenizer.backend_tokenizer.save(str(target))
-    return target.name
+    embedded = getattr(source.config, "vocab_size", None)
+    if isinstance(embedded, int):
+        vocabulary = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True)
+        if past := sorted((id_, token) for token, id_ in vocabulary.items() if id_ >= embedded):
+            named = ", ".join(f"{token!r} (id {id_})" for id_, token in past[:3]) + (", ..." if len(past) > 3 else "")
+            raise ExportError(f"{source.path}'s tokenizer has {len(past)} token(s) past the model's {embedded} "
+                              f"embeddings (config.json vocab_size): {named}; is it the model's own tokenizer?")
 
 
 def _source_tokenizer(source: _Source):
