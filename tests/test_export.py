@@ -929,6 +929,25 @@ def test_validation_failure_refuses_and_writes_nothing(existing, tmp_path, sourc
         assert list(parent.iterdir()) == []  # no staging directory left behind
 
 
+def test_validation_failing_on_weights_the_checkpoint_lacks_says_so(tmp_path, sources, capsys):
+    """Saved under a wrapper's prefix, no weight loads: transformers initialises each load at random (its warning
+    silenced), and the export failed as if its numerics were off."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "prefixed"
+    shutil.copytree(sources["bert"], model)
+    weights = load_file(model / "model.safetensors")
+    save_file({f"encoder.{name}": value for name, value in weights.items()}, model / "model.safetensors",
+              metadata={"format": "pt"})
+    rc, out, err = run_cli(["export", "--model", str(model), "--output", str(tmp_path / "out")], capsys)
+    line = assert_one_line_error(rc, err, out, contains="validation failed for fp32-o2")
+    assert line.endswith(f"nothing written. The checkpoint in {model} lacks 37 of the model's weights "
+                         "(embeddings.LayerNorm.bias, embeddings.LayerNorm.weight, embeddings.position_embeddings.weight, "
+                         "...), which transformers initialises at random on each load: were they saved under other "
+                         "names (a wrapper's prefix)?")
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- publishing
 
 

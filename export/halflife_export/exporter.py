@@ -279,7 +279,8 @@ def export_model(options: ExportOptions) -> Manifest:
         failed = [v for v in manifest.variants if v.precision != "int8" and not v.validation.passed]
         if failed:
             names = ", ".join(f"{v.name} (min cosine {v.validation.min_cosine:.5f})" for v in failed)
-            raise ExportError(f"validation failed for {names}: below {FLOAT_MIN_COSINE} against PyTorch; nothing written")
+            raise ExportError(f"validation failed for {names}: below {FLOAT_MIN_COSINE} against PyTorch; nothing "
+                              f"written{_weights_not_loaded(source)}")
         (staging / MANIFEST_NAME).write_text(manifest.to_json())
         note = _publish(staging, output, options.force)
     if note:
@@ -992,6 +993,24 @@ def reference_embeddings(source_path: Path, sentences, pooling: str, max_tokens:
             hidden = model(**inputs).last_hidden_state.numpy()
             rows.append(pool(hidden, encoded["attention_mask"].numpy(), pooling)[0])
     return l2_normalize(np.stack(rows))
+
+
+def _weights_not_loaded(source: _Source) -> str:
+    """Where validation failed, the weights the checkpoint lacks, as ". ...",
+    else "": transformers initialises them at random anew on each load, so
+    the model the ONNX export ran and validation's reference differ (its
+    warning is silenced: a checkpoint saved under a wrapper's prefix failed
+    as if the export's numerics were off). The pooler, which the embeddings
+    do not use, is left out."""
+    from transformers import AutoModel
+
+    _, loading = AutoModel.from_pretrained(source.path, output_loading_info=True)
+    missing = sorted(key for key in loading["missing_keys"] if not key.startswith("pooler."))
+    if not missing:
+        return ""
+    return (f". The checkpoint in {source.path} lacks {len(missing)} of the model's weights "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), which transformers initialises at "
+            "random on each load: were they saved under other names (a wrapper's prefix)?")
 
 
 def _validate(draft: Manifest, source: _Source, staging: Path) -> Manifest:
