@@ -1181,6 +1181,37 @@ def test_publishing_refuses_an_output_written_meanwhile_and_keeps_a_model_it_cou
         _check_output(output, force=True)
 
 
+def test_a_bind_mount_of_the_same_file_system_is_a_mount_point_too(tmp_path, monkeypatch):
+    """os.path.ismount tells a mount point by its device: a directory bound onto another of the same file system
+    passed, and the export failed at its last step ("Device or resource busy")."""
+    import halflife_export.exporter as exporter
+    from halflife_export.exporter import ExportError, _check_output
+
+    output = tmp_path / "a volume"
+    output.mkdir()
+    mountinfo, escaped = tmp_path / "mountinfo", str(output).replace(" ", "\\040")  # as the kernel writes it
+    mountinfo.write_text("27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
+                         f"612 27 254:0 /srv/models {escaped} rw - ext4 /dev/vda rw\n")
+    assert not os.path.ismount(output)
+    monkeypatch.setattr(exporter, "MOUNTINFO", mountinfo)
+    with pytest.raises(ExportError, match="is a mount point; give a directory inside it"):
+        _check_output(output, force=False)
+    _check_output(output / "model", force=False)  # inside it
+
+
+@pytest.mark.skipif(not shutil.which("unshare") or os.geteuid() != 0, reason="binds a directory: needs root")
+def test_a_real_bind_mount_is_refused_before_any_work(tmp_path, sources):
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    export = [sys.executable, "-m", "halflife.cli", "export", "--model", str(sources["bert"]), "--output", str(volume)]
+    result = subprocess.run(["unshare", "-m", "sh", "-c", f'mount --bind "$0" "$0" && exec "$@"', volume, *export],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if "mount:" in result.stderr or "unshare:" in result.stderr:
+        pytest.skip(f"cannot bind a directory here: {result.stderr.strip()}")
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"halflife export: error: --output {volume} is a mount point; give a directory inside it"
+
+
 def test_a_full_disk_during_an_export_is_one_line(tmp_path, capsys, monkeypatch):
     import errno
 

@@ -16,6 +16,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import sys
@@ -581,7 +582,7 @@ def _check_output(output: Path, force: bool) -> None:
     here = Path.cwd()
     if output.resolve() == here or output.resolve() in here.parents:
         raise ExportError(f"--output {output} holds the working directory; it cannot be swapped out")
-    if os.path.ismount(output):  # the publishing renames cannot move a mount point (a volume): after all the work
+    if _is_mount_point(output):  # the publishing renames cannot move a mount point (a volume): after all the work
         raise ExportError(f"--output {output} is a mount point; give a directory inside it")
     if output.is_dir() and any(output.iterdir()):
         if not force:
@@ -594,6 +595,28 @@ def _check_output(output: Path, force: bool) -> None:
     except OSError as exc:
         raise ExportError(f"cannot write to {output.parent}: {exc.strerror or exc}") from None
     _remove_retired(output)
+
+
+# Every mount point of this process's namespace, one a line, its path the fifth field (Linux).
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def _is_mount_point(path: Path) -> bool:
+    """Whether `path` is a mount point. os.path.ismount tells one by its
+    device, and misses a directory bound onto another of the same file
+    system (`mount --bind`, fstab, systemd BindPaths=), whose export failed
+    at its last step ("Device or resource busy"): the kernel's list names
+    it, where there is one."""
+    if os.path.ismount(path):
+        return True
+    try:
+        mounts = MOUNTINFO.read_text()
+    except OSError:  # not Linux
+        return False
+    real = os.path.realpath(path)
+    # Spaces, tabs, newlines and backslashes in a path are octal escapes there (\040).
+    return any(re.sub(r"\\([0-7]{3})", lambda code: chr(int(code[1], 8)), fields[4]) == real
+               for fields in map(str.split, mounts.splitlines()) if len(fields) > 4)
 
 
 def _holds_model(directory: Path) -> bool:
