@@ -219,6 +219,19 @@ def test_int8_falls_back_to_the_whole_graph_when_smoothing_fails(tmp_path_factor
     assert EmbeddingEngine.load(out, variant="int8", provider="cpu").forward([np.array([1, 5, 2])]).shape == (1, 32)
 
 
+def test_a_model_type_without_o2_fusions_says_so_once_and_briefly(tmp_path_factory, caplog):
+    """optimum's refusal, whole, listed some 40 model types and asked for a pull request, once for each graph."""
+    from halflife_export.exporter import ExportOptions, export_model
+
+    out = tmp_path_factory.mktemp("plain") / "model"
+    manifest = export_model(ExportOptions(output=out, model=str(tiny_models.source("qwen2", tmp_path_factory)),
+                                          progress=lambda line: None))
+    assert [(v.name, v.optimization) for v in manifest.variants][:2] == [("fp32", "none"), ("fp16", "none")]
+    assert [r.getMessage() for r in caplog.records if "O2" in r.getMessage()] == [
+        "no O2 fusions for qwen2, so plain fp32 and fp16 graphs: ONNX Runtime doesn't support the graph optimization "
+        "of qwen2 yet"]
+
+
 # ---------------------------------------------------------------- the served path
 
 
