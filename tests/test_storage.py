@@ -988,6 +988,23 @@ def test_vacuum_rewrites_the_store_without_what_deletes_left_in_its_unused_space
         assert reopened._writer.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
+def test_vacuum_keeps_the_stores_mode_and_owner(tmp_path):
+    """SQLite created the vacuumed copy 0644 and its process's: a store kept
+    0600, the whole log of every user, became readable by every local user,
+    and one vacuumed by root (sudo) was then unwritable by its server."""
+    SqliteStore(tmp_path).close()
+    path = tmp_path / DB_NAME
+    os.chmod(path, 0o600)
+    owner = (12345, 23456) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+    os.chown(path, *owner)
+
+    sqlite_mod.vacuum(tmp_path)
+
+    status = path.stat()
+    assert (oct(status.st_mode & 0o777), status.st_uid, status.st_gid) == ("0o600", *owner)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DB_NAME]
+
+
 def test_the_vacuum_command_refuses_a_directory_in_use_or_without_a_store(tmp_path, capsys):
     from halflife.api.server import claim_data_dir
     from halflife.cli import main

@@ -58,6 +58,7 @@ import math
 import os
 import shutil
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -463,9 +464,9 @@ def vacuum(data_dir: str | Path) -> tuple[int, int]:
     bytes (a durability review: in 5 of 9 rounds). Freed pages go too: the
     file shrinks. No other process may have the store open (the caller holds
     the data directory's lock): the copy is written beside the file by
-    `VACUUM INTO` (needing its size free on that disk, and little memory),
-    made durable, then renamed over it, so an interruption leaves the store
-    as it was. Returns the file's size before and after, in bytes. Raises
+    `VACUUM INTO` (needing its size free on that disk, and little memory)
+    into a file of the store's mode and owner, made durable, then renamed
+    over it, so an interruption leaves the store as it was. Returns the file's size before and after, in bytes. Raises
     StoreError (StoreDamagedError where the store is damaged)."""
     path = Path(data_dir) / DB_NAME
     copy = path.with_name(path.name + VACUUM_SUFFIX)
@@ -476,9 +477,10 @@ def vacuum(data_dir: str | Path) -> tuple[int, int]:
     finally:
         store.close()
     before = path.stat().st_size
+    _create_like(copy, path)
     conn = _connect(path, readonly=False)  # VACUUM INTO writes, if only the copy: query_only refuses it
     try:
-        conn.execute("VACUUM INTO ?", (str(copy),))
+        conn.execute("VACUUM INTO ?", (str(copy),))  # into the empty file: it keeps the mode and owner given
     except sqlite3.Error as e:
         copy.unlink(missing_ok=True)
         raise _store_error(e, f"vacuum of {path} into {copy}: ") from e
@@ -494,6 +496,27 @@ def vacuum(data_dir: str | Path) -> tuple[int, int]:
     sync_directory(path.parent)
     SqliteStore(data_dir).close()  # back in WAL mode, and opens as a store
     return before, path.stat().st_size
+
+
+def _create_like(copy: Path, original: Path) -> None:
+    """Creates `copy` empty, with the mode and owner of the file `original`.
+    SQLite creates a file 0644 (less the umask), its process's:
+    a store kept 0600 became readable by every local user when vacuumed, and
+    one vacuumed by root unwritable by its server's user. Raises StoreError
+    (the copy removed) where the owner cannot be given."""
+    owner = original.stat()
+    fd = os.open(copy, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        os.fchmod(fd, stat.S_IMODE(owner.st_mode))
+        created = os.fstat(fd)
+        if (created.st_uid, created.st_gid) != (owner.st_uid, owner.st_gid):
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+    except OSError as e:
+        copy.unlink(missing_ok=True)
+        raise StoreError(f"cannot give {copy} the owner of {original} (uid {owner.st_uid}, gid {owner.st_gid}): "
+                         f"{e.strerror or e}; run vacuum as that user") from None
+    finally:
+        os.close(fd)
 
 
 class SqliteStore:
