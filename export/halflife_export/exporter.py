@@ -807,7 +807,7 @@ def _write_tokenizer(source: _Source, staging: Path) -> str:
     (BERT's do_lower_case, RoBERTa's add_prefix_space, Llama's add_eos_token):
     copying tokenizer.json served a different tokenization than validation's."""
     target = staging / "tokenizer.json"
-    tokenizer = _source_tokenizer(source)  # which `_check_tokenizer_serves` took
+    tokenizer = _source_tokenizer(source)  # loaded again, as `_check_tokenizer_serves` loaded it
     shipped = source.path / "tokenizer.json"
     if shipped.is_file() and _served_tokenizer(shipped.read_text()) == _served_tokenizer(tokenizer.backend_tokenizer.to_str()):
         shutil.copy2(shipped, target)  # the same tokenizer: its bytes (and tokenizer_sha256) kept

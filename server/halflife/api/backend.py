@@ -20,12 +20,10 @@ from halflife.interest.engine import InterestEngine
 # later piece waits for room at most this long (its caller's deadline first).
 EMBED_PIECES_PER_QUEUE = 4
 ROOM_WAIT_S = 10.0
-# Threads of the writes whose texts the model embeds (`Backend.embedding_writes`), as many as the call threads.
-EMBEDDING_WRITE_THREADS = 32
 
 
 class Backend:
-    def __init__(self) -> None:
+    def __init__(self, embedding_write_threads: int = 32) -> None:
         self.embedding: EmbeddingEngine | None = None
         self.batcher: DynamicBatcher | None = None
         self.interest: InterestEngine | None = None
@@ -36,7 +34,8 @@ class Backend:
         # Writes that embed texts (upserts, text events) run here: on the call threads they held them all while
         # the model worked through a backlog, and a GetItems behind 80 upserts waited 13.7 s for one (a review).
         # A query's one text stays on the call threads, where the batcher lets it pass bulk work.
-        self.embedding_writes = concurrent.futures.ThreadPoolExecutor(EMBEDDING_WRITE_THREADS,
+        # As many as the call threads (`ServerConfig.call_threads`).
+        self.embedding_writes = concurrent.futures.ThreadPoolExecutor(embedding_write_threads,
                                                                       thread_name_prefix="halflife-embedding-write")
 
     def attach(self, embedding: EmbeddingEngine, batcher: DynamicBatcher, loop: asyncio.AbstractEventLoop) -> None:

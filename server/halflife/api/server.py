@@ -490,7 +490,7 @@ class HalflifeServer:
         self.port: int | None = None
         self.metrics: Metrics | None = None  # config.metrics_port's, once started
         self.metrics_port: int | None = None  # where /metrics is served
-        self.backend = Backend()
+        self.backend = Backend(embedding_write_threads=config.call_threads)
         self.store: SqliteStore | None = None
         self._server: grpc.aio.Server | None = None
         self._health = ShutdownHealthServicer()

@@ -466,8 +466,9 @@ def vacuum(data_dir: str | Path) -> tuple[int, int]:
     the data directory's lock): the copy is written beside the file by
     `VACUUM INTO` (needing its size free on that disk, and little memory)
     into a file of the store's mode and owner, made durable, then renamed
-    over it, so an interruption leaves the store as it was. Returns the file's size before and after, in bytes. Raises
-    StoreError (StoreDamagedError where the store is damaged)."""
+    over it, so an interruption leaves the store as it was. Returns the
+    file's size before and after, in bytes. Raises StoreError
+    (StoreDamagedError where the store is damaged)."""
     path = Path(data_dir) / DB_NAME
     copy = path.with_name(path.name + VACUUM_SUFFIX)
     copy.unlink(missing_ok=True)  # an earlier run's, interrupted
