@@ -1005,6 +1005,20 @@ def test_vacuum_keeps_the_stores_mode_and_owner(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [DB_NAME]
 
 
+def test_vacuum_of_a_store_linked_from_elsewhere_rewrites_the_file_and_keeps_the_link(tmp_path):
+    """A store whose halflife.sqlite3 is a link to a file on another disk was
+    replaced by a file in the data directory, on its disk."""
+    elsewhere, data = tmp_path / "big-disk", tmp_path / "data"
+    elsewhere.mkdir()
+    data.mkdir()
+    (data / DB_NAME).symlink_to(elsewhere / "store.sqlite3")
+    with SqliteStore(data) as store:
+        store.record_events([event(f"e{k}") for k in range(30)])
+    sqlite_mod.vacuum(data)
+    assert (data / DB_NAME).is_symlink() and sorted(p.name for p in elsewhere.iterdir()) == ["store.sqlite3"]
+    with SqliteStore(data) as store:
+        assert store.event_count() == 30
+
 def test_the_vacuum_command_refuses_a_directory_in_use_or_without_a_store(tmp_path, capsys):
     from halflife.api.server import claim_data_dir
     from halflife.cli import main

@@ -469,7 +469,8 @@ def vacuum(data_dir: str | Path) -> tuple[int, int]:
     over it, so an interruption leaves the store as it was. Returns the
     file's size before and after, in bytes. Raises StoreError
     (StoreDamagedError where the store is damaged)."""
-    path = Path(data_dir) / DB_NAME
+    # The file itself where DB_NAME is a link to it (SQLite finds its WAL beside the file): the link stays.
+    path = (Path(data_dir) / DB_NAME).resolve()
     copy = path.with_name(path.name + VACUUM_SUFFIX)
     copy.unlink(missing_ok=True)  # an earlier run's, interrupted
     store = SqliteStore(data_dir)  # migrated, its owed WAL truncations done, and closed: its WAL is then gone
