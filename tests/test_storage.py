@@ -1019,6 +1019,51 @@ def test_vacuum_of_a_store_linked_from_elsewhere_rewrites_the_file_and_keeps_the
     with SqliteStore(data) as store:
         assert store.event_count() == 30
 
+def test_vacuum_refuses_a_store_another_process_has_open_even_with_its_wal_empty(tmp_path):
+    """A process with the store open (`reembed` reads its source without
+    the directory's lock) left commits in the WAL, which vacuum took as the
+    sign; but an erasure's owed WAL truncation, done by vacuum's own open,
+    emptied it: the file was renamed under that process, whose next reads
+    took the copy's pages from the WAL beside it ("the store is damaged")."""
+    with SqliteStore(tmp_path) as store:
+        store.upsert_items([item(f"i{k}") for k in range(20)])
+        store.record_events([event(f"e{k}", user_id=f"u{k % 7}", item_id=f"i{k % 20}") for k in range(3000)])
+    other = SqliteStore(tmp_path)
+    try:
+        before = [(e.event_id, e.item_id) for e in other.user_events("u3")]
+        (tmp_path / f"{DB_NAME}-erased-elsewhere-1").touch()  # a truncation owed: vacuum's open empties the WAL
+        with pytest.raises(StoreError, match="open in another process"):
+            sqlite_mod.vacuum(tmp_path)
+        assert [(e.event_id, e.item_id) for e in other.user_events("u3")] == before
+        assert other.event_count() == 3000
+        assert not (tmp_path / f"{DB_NAME}{sqlite_mod.VACUUM_SUFFIX}").exists()
+    finally:
+        other.close()
+    assert sqlite_mod.vacuum(tmp_path)  # once it is closed
+    with SqliteStore(tmp_path) as reopened:
+        assert reopened.event_count() == 3000 and reopened.item_count() == 20
+
+
+def test_a_vacuum_stopped_removes_its_copy_and_leaves_the_store_as_it_was(tmp_path, monkeypatch):
+    """SIGTERM or Ctrl-C after `VACUUM INTO` (a signal waits for it to
+    return) left the copy, the store's size, beside it until the next vacuum."""
+    from halflife.signals import SignalExit
+
+    with SqliteStore(tmp_path) as store:
+        store.record_events([event(f"e{k}", text=f"text {k}") for k in range(500)])
+
+    def stopped(fd):
+        raise SignalExit(signal.SIGTERM)
+
+    monkeypatch.setattr(sqlite_mod.os, "fsync", stopped)  # the copy's, before the rename
+    with pytest.raises(SignalExit):
+        sqlite_mod.vacuum(tmp_path)
+    monkeypatch.undo()
+    assert not (tmp_path / f"{DB_NAME}{sqlite_mod.VACUUM_SUFFIX}").exists()
+    with SqliteStore(tmp_path) as reopened:
+        reopened.check_intact()
+        assert reopened.event_count() == 500
+
 def test_the_vacuum_command_refuses_a_directory_in_use_or_without_a_store(tmp_path, capsys):
     from halflife.api.server import claim_data_dir
     from halflife.cli import main

@@ -453,6 +453,25 @@ def sync_directory(path: Path) -> None:
     finally:
         os.close(folder)
 
+def _hold_alone(conn: sqlite3.Connection, path: Path) -> None:
+    """Takes the file's exclusive lock on `conn` and keeps it until `conn`
+    closes, or raises StoreError where another connection has the file open:
+    one renamed under it (`reembed` reads its source without the directory's
+    lock) read the new file's pages through the WAL beside it ("the store is
+    damaged"). Leaving WAL mode takes the lock and checkpoints the WAL away:
+    SQLite would replay one left beside the new file onto it (a review)."""
+    try:
+        conn.execute("PRAGMA busy_timeout = 0")  # no other connection lets go of it
+        conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+        mode = conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0]
+    except sqlite3.Error as e:
+        if _primary_code(e) != sqlite3.SQLITE_BUSY:
+            raise _store_error(e, f"vacuum of {path}: ") from e
+        mode = None
+    if str(mode).lower() != "delete":
+        raise StoreError(f"{path} is open in another process: stop it, then vacuum")
+
+
 VACUUM_SUFFIX = ".vacuum"  # DB_NAME + this: the copy `vacuum` writes, then swaps in
 
 
@@ -463,7 +482,8 @@ def vacuum(data_dir: str | Path) -> tuple[int, int]:
     (the index events(user_id, seq)) could outlive DeleteUser in the file's
     bytes (a durability review: in 5 of 9 rounds). Freed pages go too: the
     file shrinks. No other process may have the store open (the caller holds
-    the data directory's lock): the copy is written beside the file by
+    the data directory's lock; one that has the file open all the same is
+    refused, see `_hold_alone`): the copy is written beside the file by
     `VACUUM INTO` (needing its size free on that disk, and little memory)
     into a file of the store's mode and owner, made durable, then renamed
     over it, so an interruption leaves the store as it was. Returns the
@@ -473,28 +493,29 @@ def vacuum(data_dir: str | Path) -> tuple[int, int]:
     path = (Path(data_dir) / DB_NAME).resolve()
     copy = path.with_name(path.name + VACUUM_SUFFIX)
     copy.unlink(missing_ok=True)  # an earlier run's, interrupted
-    store = SqliteStore(data_dir)  # migrated, its owed WAL truncations done, and closed: its WAL is then gone
+    store = SqliteStore(data_dir)  # migrated, its owed WAL truncations done
     try:
         store.check_intact()
     finally:
         store.close()
     before = path.stat().st_size
-    _create_like(copy, path)
     conn = _connect(path, readonly=False)  # VACUUM INTO writes, if only the copy: query_only refuses it
     try:
-        conn.execute("VACUUM INTO ?", (str(copy),))  # into the empty file: it keeps the mode and owner given
-    except sqlite3.Error as e:
+        _hold_alone(conn, path)
+        _create_like(copy, path)
+        try:
+            conn.execute("VACUUM INTO ?", (str(copy),))  # into the empty file: it keeps the mode and owner given
+        except sqlite3.Error as e:
+            raise _store_error(e, f"vacuum of {path} into {copy}: ") from e
+        with open(copy, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(copy, path)
+    except BaseException:
+        # Refused, failed or stopped (SIGTERM and Ctrl-C unwind): a copy of the store's size stayed beside it.
         copy.unlink(missing_ok=True)
-        raise _store_error(e, f"vacuum of {path} into {copy}: ") from e
+        raise
     finally:
         conn.close()
-    wal = path.with_name(path.name + "-wal")
-    if wal.exists() and wal.stat().st_size:  # SQLite would replay it onto the copy: another process has the store
-        copy.unlink()
-        raise StoreError(f"{path} is open in another process (its WAL holds commits): stop it, then vacuum")
-    with open(copy, "rb+") as written:
-        os.fsync(written.fileno())
-    os.replace(copy, path)
     sync_directory(path.parent)
     SqliteStore(data_dir).close()  # back in WAL mode, and opens as a store
     return before, path.stat().st_size
@@ -505,7 +526,7 @@ def _create_like(copy: Path, original: Path) -> None:
     SQLite creates a file 0644 (less the umask), its process's:
     a store kept 0600 became readable by every local user when vacuumed, and
     one vacuumed by root unwritable by its server's user. Raises StoreError
-    (the copy removed) where the owner cannot be given."""
+    where the owner cannot be given."""
     owner = original.stat()
     fd = os.open(copy, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     try:
@@ -513,8 +534,7 @@ def _create_like(copy: Path, original: Path) -> None:
         created = os.fstat(fd)
         if (created.st_uid, created.st_gid) != (owner.st_uid, owner.st_gid):
             os.fchown(fd, owner.st_uid, owner.st_gid)
-    except OSError as e:
-        copy.unlink(missing_ok=True)
+    except OSError as e:  # the caller removes the copy
         raise StoreError(f"cannot give {copy} the owner of {original} (uid {owner.st_uid}, gid {owner.st_gid}): "
                          f"{e.strerror or e}; run vacuum as that user") from None
     finally:
