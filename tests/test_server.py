@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -1014,6 +1015,28 @@ def test_a_second_signal_exits_at_once_unless_it_is_the_same_stop_delivered_twic
     else:
         assert process.returncode == 0, output
         assert "again" not in output and outcomes == ["answered"], (output, outcomes)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_repeat_within_the_window_after_a_quick_stop_still_exits_0(model_dir, tmp_path, signum):
+    """An idle server stops in ~10 ms, then the process exits for ~0.1 s
+    more, the event loop's handlers gone: a wrapper's second signal 20-150 ms
+    after the first, within the window it is the same stop in, ended the
+    process by the signal (status 143, or 130 for SIGINT) after its stop had
+    completed. A repeat every 10 ms through the window reaches that part."""
+    from halflife.signals import REPEAT_SIGNAL_WINDOW_S
+
+    process, _ = start_cli_server(model_dir, tmp_path / "data", drain=True)
+    try:
+        process.send_signal(signum)
+        until = time.monotonic() + REPEAT_SIGNAL_WINDOW_S - 0.1
+        while time.monotonic() < until and process.poll() is None:
+            time.sleep(0.01)
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signum)
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
 
 
 def test_cli_serve_refuses_a_missing_or_tampered_model(model_dir, tmp_path):
