@@ -187,6 +187,26 @@ def test_a_group_wide_signal_stops_the_workers_gracefully_and_a_second_one_to_th
         process.kill()
 
 
+def test_a_repeat_within_the_window_after_the_group_stopped_still_exits_0(model_dir, tmp_path):
+    """An idle group stops within ~0.3 s, then its parent takes a while more
+    to exit without its handlers: a wrapper's repeated SIGTERM, within the
+    window it is the same stop in, ended the parent by the signal after every
+    worker had stopped (as a single server's, tests/test_server.py)."""
+    process, _ = start_cli_server(model_dir, tmp_path / "data", workers=2, drain=True)
+    try:
+        process.send_signal(signal.SIGTERM)
+        until = time.monotonic() + REPEAT_SIGNAL_WINDOW_S - 0.05
+        while time.monotonic() < until and process.poll() is None:
+            time.sleep(0.01)
+            try:
+                process.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                break
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+
+
 def test_a_worker_listens_only_once_loaded(model_dir, tmp_path, monkeypatch):
     """The kernel spreads new connections over every listener on the port:
     a worker that listened while it (re)loaded answered its share UNAVAILABLE

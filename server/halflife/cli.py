@@ -293,7 +293,9 @@ def _run_serve(args: argparse.Namespace) -> int:
             print(f"halflife serve: error: argument --metrics-port: {args.workers} workers serve on "
                   f"{args.metrics_port} to {args.metrics_port + args.workers - 1}, past 65535", file=sys.stderr)
             return EXIT_USAGE
-        return _run_workers(args)
+        code = _run_workers(args)
+        _ignore_stop_signals()  # as a single server's below: the parent's exit, its workers ended
+        return code
     batching = BatchingConfig(max_batch_tokens=args.max_batch_tokens, max_queued_inputs=args.max_queued_inputs)
     config = ServerConfig(
         host=args.host,
