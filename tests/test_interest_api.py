@@ -1879,17 +1879,22 @@ def test_writes_waiting_for_the_embedding_model_leave_threads_for_the_others(ser
     from concurrent.futures import ThreadPoolExecutor
 
     batcher = server.server.backend.batcher
-    release = threading.Event()
+    entered, release = threading.Event(), threading.Event()
     forward = batcher._forward
 
     def held_forward(ids):
+        entered.set()
         assert release.wait(30)
         return forward(ids)
 
     monkeypatch.setattr(batcher, "_forward", held_forward)
     writes = server.server.config.call_threads + 4
-    with ThreadPoolExecutor(writes) as callers:
+    with ThreadPoolExecutor(writes + 1) as callers:
         try:
+            # The model held on one input first: the writes' inputs then all wait in the queue, counted, where a
+            # window taken from a burst of them held some uncounted (a loaded full run).
+            first = callers.submit(client.embed, ["the model is held on this"])
+            assert entered.wait(30)
             upserts = [callers.submit(client.upsert_items, [Item(id=f"held-{n}", text=f"an item held up, {n}")])
                        for n in range(writes // 2)]
             events = [callers.submit(client.record_events, [ev(f"held-{n}", "held-searcher", SEARCH, text=f"query {n}")])
@@ -1904,6 +1909,7 @@ def test_writes_waiting_for_the_embedding_model_leave_threads_for_the_others(ser
             release.set()
         assert [u.result(60) for u in upserts] == [(1, 0)] * len(upserts)
         assert [e.result(60) for e in events] == [(1, 0)] * len(events)
+        assert len(first.result(60)) == 1
     assert client.delete_items([f"held-{n}" for n in range(writes // 2)]) == writes // 2
 
 

@@ -672,11 +672,13 @@ def test_an_upsert_fits_pieces_in_beside_other_calls_queued(model_dir, tmp_path)
                           batching=BatchingConfig(max_batch_tokens=64, max_queued_inputs=8))
     with ServerThread(config) as server, HalflifeClient(server.address, timeout=30) as client, \
             concurrent.futures.ThreadPoolExecutor(3) as pool:
-        batcher, gate = server.server.backend.batcher, threading.Event()
+        batcher, gate, entered = server.server.backend.batcher, threading.Event(), threading.Event()
         forward = batcher._forward
-        batcher._forward = lambda ids: gate.wait(30) and forward(ids)  # the model thread held at its first batch
+        # The model thread held at its first batch; `queued` sent only then, or one window took both (a loaded run).
+        batcher._forward = lambda ids: (entered.set(), gate.wait(30))[1] and forward(ids)
         try:
             held = pool.submit(client.embed, ["taken into a window"] * 3)
+            assert entered.wait(30)
             queued = pool.submit(client.embed, ["queued behind it"] * 3)
             deadline = time.monotonic() + 30
             while batcher.queued_inputs < 3:
