@@ -474,9 +474,9 @@ type InterestLabel struct {
 	// The category, as given in `Item.categories`.
 	Label string `protobuf:"bytes,1,opt,name=label,proto3" json:"label,omitempty"`
 	// Cosine, above 0 (only such labels are listed) and at most 1, of the
-	// interest's direction with the category's, both taken from the catalogue
-	// mean (a category's direction: the mean of its items' vectors); labels
-	// are not embedded as words.
+	// interest's direction with the category's offset from the catalogue mean
+	// (the mean of its items' vectors less the catalogue's); labels are not
+	// embedded as words.
 	Similarity float32 `protobuf:"fixed32,2,opt,name=similarity,proto3" json:"similarity,omitempty"`
 }
 

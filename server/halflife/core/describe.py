@@ -30,25 +30,21 @@ def describe_clusters(
     n_labels: int = 5,
     n_items: int = 5,
     item_allowed=None,
-    label_origin=None,
     scan: Callable[[Callable[[np.ndarray], np.ndarray], np.ndarray], np.ndarray] | None = None,
 ) -> ClusterDescription:
     """Top-n labels and top-m items by cosine for each cluster.
 
     centroids: (K, d) (normalised here); labels: (L, d) and items: (N, d),
     both normalised; item_allowed: (N,) or (K, N) bool, e.g. to hide items the
-    user has already seen; label_origin: (d,) or None, subtracted from the
-    centroids before they meet the labels, for labels that are directions
-    from that origin (e.g. centred on the catalogue mean). scan(score,
-    items): scores the items' rows (N, d) -> (N, K), e.g. a RowBlocks over
-    several threads; default one product. One GEMM plus one argpartition for
+    user has already seen; scan(score, items): scores the items' rows
+    (N, d) -> (N, K), e.g. a RowBlocks over several threads; default one
+    product. One GEMM plus one argpartition for
     labels and, unless m = 0, for items: the items as (N, d) @ (d, K), which
     at 100k items and K = 5 took 25 ms on one thread (15 in row blocks on
     two) against 38 for (K, d) @ (d, N), a shape OpenBLAS runs slowly.
     """
     c = normalize(centroids)
-    to_labels = c if label_origin is None else normalize(np.asarray(centroids) - label_origin)
-    label_idx, label_sim = batch_top_k(clip_cosines(to_labels @ np.asarray(labels, dtype=np.float32).T), n_labels)
+    label_idx, label_sim = batch_top_k(clip_cosines(c @ np.asarray(labels, dtype=np.float32).T), n_labels)
     if n_items <= 0:
         empty = np.empty((c.shape[0], 0))
         return ClusterDescription(label_idx, label_sim, empty.astype(np.int64), empty.astype(np.float32))

@@ -194,9 +194,9 @@ export type InterestLabel = Message<"halflife.v1.InterestLabel"> & {
 
   /**
    * Cosine, above 0 (only such labels are listed) and at most 1, of the
-   * interest's direction with the category's, both taken from the catalogue
-   * mean (a category's direction: the mean of its items' vectors); labels
-   * are not embedded as words.
+   * interest's direction with the category's offset from the catalogue mean
+   * (the mean of its items' vectors less the catalogue's); labels are not
+   * embedded as words.
    *
    * @generated from field: float similarity = 2;
    */
