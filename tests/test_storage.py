@@ -3,6 +3,7 @@ events, durability across kill -9, erasure (down to the file's bytes), schema.""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -1042,6 +1043,32 @@ def test_vacuum_refuses_a_store_another_process_has_open_even_with_its_wal_empty
     assert sqlite_mod.vacuum(tmp_path)  # once it is closed
     with SqliteStore(tmp_path) as reopened:
         assert reopened.event_count() == 3000 and reopened.item_count() == 20
+
+
+def test_a_store_opened_while_vacuum_replaces_it_says_so(tmp_path, monkeypatch):
+    """An open that waits on vacuum's lock (`reembed` reading its source)
+    goes on in the file vacuum then renamed away, which SQLite refuses to
+    write (SQLITE_READONLY_DBMOVED): that read as a permissions problem,
+    "give this user write access to the file"."""
+    with SqliteStore(tmp_path) as store:
+        store.record_events([event(f"e{k}") for k in range(10)])
+    with contextlib.closing(sqlite3.connect(tmp_path / DB_NAME)) as conn:  # as vacuum's lock leaves the file
+        conn.execute("PRAGMA journal_mode = DELETE")
+    connect = sqlite_mod._connect
+
+    def replaced_meanwhile(path, *, readonly):
+        conn = connect(path, readonly=readonly)
+        shutil.copy(path, tmp_path / "copy")
+        os.replace(tmp_path / "copy", path)  # as vacuum's rename, once its lock let the open go on
+        return conn
+
+    monkeypatch.setattr(sqlite_mod, "_connect", replaced_meanwhile)
+    with pytest.raises(StoreUnavailableError, match="replaced while it was opened") as refused:
+        SqliteStore(tmp_path)
+    assert "write access" not in str(refused.value)
+    monkeypatch.undo()
+    with SqliteStore(tmp_path) as reopened:  # opened again, as the error says
+        assert reopened.event_count() == 10
 
 
 def test_a_vacuum_stopped_removes_its_copy_and_leaves_the_store_as_it_was(tmp_path, monkeypatch):

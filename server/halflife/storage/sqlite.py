@@ -607,7 +607,12 @@ class SqliteStore:
         except sqlite3.Error as e:  # a damaged file's names the way back in serve's line (`_start_refused`)
             error = _store_error(e, f"cannot open {self.path}: ")
             primary = _primary_code(e)
-            if primary == sqlite3.SQLITE_READONLY:
+            if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY_DBMOVED:
+                # An open that waited on `vacuum`'s lock reads the file renamed away, which SQLite will not
+                # write: said as a permissions problem, "give this user write access" (a review).
+                error = StoreUnavailableError(f"cannot open {self.path}: it was replaced while it was opened (as "
+                                              "`halflife vacuum` does): open it again")
+            elif primary == sqlite3.SQLITE_READONLY:
                 # What to do, and that `reembed` must write its old store too: it read as only read (a review).
                 # A StoreError, not "unavailable for now": it lasts until someone changes it, so a group's
                 # replacement worker is not started again for it (workers.EXIT_TEMPORARY).
