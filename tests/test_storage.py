@@ -1020,6 +1020,7 @@ def test_vacuum_of_a_store_linked_from_elsewhere_rewrites_the_file_and_keeps_the
     with SqliteStore(data) as store:
         assert store.event_count() == 30
 
+
 def test_vacuum_refuses_a_store_another_process_has_open_even_with_its_wal_empty(tmp_path):
     """A process with the store open (`reembed` reads its source without
     the directory's lock) left commits in the WAL, which vacuum took as the
@@ -1090,6 +1091,7 @@ def test_a_vacuum_stopped_removes_its_copy_and_leaves_the_store_as_it_was(tmp_pa
     with SqliteStore(tmp_path) as reopened:
         reopened.check_intact()
         assert reopened.event_count() == 500
+
 
 def test_the_vacuum_command_refuses_a_directory_in_use_or_without_a_store(tmp_path, capsys):
     from halflife.api.server import claim_data_dir

@@ -453,6 +453,7 @@ def sync_directory(path: Path) -> None:
     finally:
         os.close(folder)
 
+
 def _hold_alone(conn: sqlite3.Connection, path: Path) -> None:
     """Takes the file's exclusive lock on `conn` and keeps it until `conn`
     closes, or raises StoreError where another connection has the file open:
