@@ -345,8 +345,12 @@ def changed_settings(config: Config) -> list[str]:
         return settings
 
     defaults = flat(Config())
-    return [f"{key} = {json.dumps(value) if isinstance(value, str) else value}"
-            for key, value in flat(config).items() if value != defaults[key]]
+    return [f"{key} = {toml_value(value)}" for key, value in flat(config).items() if value != defaults[key]]
+
+
+def toml_value(value: str | float) -> str:
+    """A setting's value as a config file writes it: a string quoted, a number (`inf` too) as it is."""
+    return json.dumps(value) if isinstance(value, str) else str(value)
 
 
 def load_config(path: Path | None) -> Config:

@@ -25,7 +25,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from halflife.config import DEFAULT_EVENT_TYPES, BlendConfig, Config, EventTypeConfig, ProfileConfig, api_event_type
+from halflife.config import (DEFAULT_EVENT_TYPES, BlendConfig, Config, EventTypeConfig, ProfileConfig, api_event_type,
+                             toml_value)
 from halflife.datasets.interactions import MOVIELENS, DatasetError
 from halflife.embedding.manifest import load_manifest, verify_file
 from halflife.eval import baselines as B
@@ -659,7 +660,7 @@ def _config_toml(c: Config) -> str:
     for section in ("profile", "blend"):
         lines.append(f"[{section}]")
         for k, v in d[section].items():
-            lines.append(f"{k} = {json.dumps(v) if isinstance(v, str) else v}")
+            lines.append(f"{k} = {toml_value(v)}")
         lines.append("")
     return "\n".join(lines)
 
