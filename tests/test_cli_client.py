@@ -306,6 +306,14 @@ def test_load_movielens_checks_everything_before_it_sends_anything(tmp_path):
                                     "is not a time from 1970-01-01T00:00:00Z to "), result.stderr
 
 
+def test_a_load_the_server_stopped_says_that_running_it_again_is_safe(tmp_path):
+    """A load cut off by a server's restart ended with the failed call alone;
+    that a re-run resumes, storing nothing twice, went unsaid (a review)."""
+    result = halflife("load-movielens", str(write_movielens(tmp_path / "ok")), "--target", "127.0.0.1:1")
+    assert result.returncode == 1
+    assert result.stderr.startswith("halflife load-movielens: error: UNAVAILABLE: ")
+    assert result.stderr.rstrip().endswith("(run it again when the server answers: what is stored is not stored twice)")
+
 def test_movielens_event_ids_stay_valid_and_the_same_for_long_ids():
     from halflife.commands import _event_id
 

@@ -714,8 +714,8 @@ def _run_loadtest(args: argparse.Namespace) -> int:
 _FLAG_OF_FIELD = {"limit": "--limit", "as_of_time": "--as-of", "query": "--query"}
 
 
-def _rpc_failure(name: str, error: grpc.RpcError, target: str, context: str = "") -> int:
-    """Prints a failed call as one line (its status and details, or its field violations)."""
+def _rpc_failure(name: str, error: grpc.RpcError, target: str, context: str = "", then: str = "") -> int:
+    """Prints a failed call as one line (its status and details, or its field violations), `then` after it."""
     from halflife_client import field_violations
 
     flags = _FLAG_OF_FIELD if name in ("recommend", "profile", "events") else {}  # eval has no --limit
@@ -724,20 +724,20 @@ def _rpc_failure(name: str, error: grpc.RpcError, target: str, context: str = ""
     # gRPC's words when nothing answered at `target` (connection refused, no such socket), not a server's UNAVAILABLE.
     if error.code() == grpc.StatusCode.UNAVAILABLE and details.startswith("failed to connect to all addresses"):
         details += f"; is `halflife serve` running on {target}?"
-    print(f"halflife {name}: error: {context}{error.code().name}: {details}", file=sys.stderr)
+    print(f"halflife {name}: error: {context}{error.code().name}: {details}{then}", file=sys.stderr)
     return EXIT_FAILURE
 
 
-def _client_command(name: str, target: str, fn, *args) -> int:
+def _client_command(name: str, target: str, fn, *args, then: str = "") -> int:
     """Runs a client command of the server at `target`; gRPC, file, dataset and version errors become one line on
-    stderr."""
+    stderr (a failed call's followed by `then`)."""
     from halflife.datasets.interactions import DatasetError
     from halflife_client import ServerTooOldError
 
     try:
         fn(*args)
     except grpc.RpcError as error:
-        return _rpc_failure(name, error, target)
+        return _rpc_failure(name, error, target, then=then)
     except BrokenPipeError:  # stdout's reader left: not an error of the command (see main)
         raise
     except (OSError, KeyError, DatasetError, ServerTooOldError) as exc:
@@ -753,7 +753,9 @@ def _run_load(args: argparse.Namespace) -> int:
         totals = load_movielens(args.directory, args.target, args.batch_size)
         print(", ".join(f"{key.replace('_', ' ')}: {value}" for key, value in totals.items()))
 
-    return _client_command("load-movielens", args.target, run)
+    # A load a server's restart stopped did not say that running it again is safe (a clients review).
+    return _client_command("load-movielens", args.target, run,
+                           then=" (run it again when the server answers: what is stored is not stored twice)")
 
 
 def _run_recommend(args: argparse.Namespace) -> int:
