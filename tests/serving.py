@@ -137,6 +137,20 @@ def start_cli_server(
     pytest.fail("server did not start:\n" + "".join(lines))
 
 
+def signal_through_window(process: subprocess.Popen, signum: int, margin_s: float) -> int:
+    """Sends `signum`, then again every 10 ms until `margin_s` before the
+    end of the window in which a repeat is the same stop (or until the
+    process is gone); returns its exit status."""
+    from halflife.signals import REPEAT_SIGNAL_WINDOW_S
+
+    process.send_signal(signum)
+    until = time.monotonic() + REPEAT_SIGNAL_WINDOW_S - margin_s
+    while time.monotonic() < until and process.poll() is None:
+        time.sleep(0.01)
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signum)
+    return process.wait(timeout=60)
+
 def scrape_metrics(port: int) -> dict[str, float]:
     """The samples of a server's /metrics page on 127.0.0.1:`port`, as
     {'name{label=value,...}': value}, labels sorted."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from halflife.v1 import embedding_pb2 as pb
 from halflife.v1 import embedding_pb2_grpc
 from halflife_client import AsyncHalflifeClient, HalflifeClient, Item, field_violations
 from halflife_client.client import TRANSPORT_OPTIONS
-from tests.serving import ServerThread, repeat_min_cosine, scrape_metrics, start_cli_server
+from tests.serving import ServerThread, repeat_min_cosine, scrape_metrics, signal_through_window, start_cli_server
 
 SENTENCES = [
     "hi",
@@ -1026,17 +1025,9 @@ def test_a_repeat_within_the_window_after_a_quick_stop_still_exits_0(model_dir, 
     after the first, within the window it is the same stop in, ended the
     process by the signal (status 143, or 130 for SIGINT) after its stop had
     completed. A repeat every 10 ms through the window reaches that part."""
-    from halflife.signals import REPEAT_SIGNAL_WINDOW_S
-
     process, _ = start_cli_server(model_dir, tmp_path / "data", drain=True)
     try:
-        process.send_signal(signum)
-        until = time.monotonic() + REPEAT_SIGNAL_WINDOW_S - 0.1
-        while time.monotonic() < until and process.poll() is None:
-            time.sleep(0.01)
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signum)
-        assert process.wait(timeout=60) == 0
+        assert signal_through_window(process, signum, margin_s=0.1) == 0
     finally:
         process.kill()
 

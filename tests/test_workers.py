@@ -29,7 +29,7 @@ from halflife.signals import REPEAT_SIGNAL_WINDOW_S, StopSignals
 from halflife.workers import RestartBudget, reserve_port
 from halflife.v1 import embedding_pb2, embedding_pb2_grpc, interest_pb2, recommend_pb2
 from halflife_client import Event, HalflifeClient, Item
-from tests.serving import scrape_metrics, serve_once, start_cli_server
+from tests.serving import scrape_metrics, serve_once, signal_through_window, start_cli_server
 
 CLIENTS = 16  # connections; the kernel hashes each to a worker, so all land on one with p = 2 * 2**-16
 LIKE = interest_pb2.EVENT_TYPE_LIKE
@@ -194,15 +194,7 @@ def test_a_repeat_within_the_window_after_the_group_stopped_still_exits_0(model_
     worker had stopped (as a single server's, tests/test_server.py)."""
     process, _ = start_cli_server(model_dir, tmp_path / "data", workers=2, drain=True)
     try:
-        process.send_signal(signal.SIGTERM)
-        until = time.monotonic() + REPEAT_SIGNAL_WINDOW_S - 0.05
-        while time.monotonic() < until and process.poll() is None:
-            time.sleep(0.01)
-            try:
-                process.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                break
-        assert process.wait(timeout=60) == 0
+        assert signal_through_window(process, signal.SIGTERM, margin_s=0.05) == 0
     finally:
         process.kill()
 
