@@ -906,6 +906,11 @@ def test_a_snapshot_read_before_an_erasure_is_never_saved_after_it(store, tmp_pa
 
 # --------------------------------------------------------------------------- delete_user
 
+def store_bytes(directory) -> bytes:
+    """The store's files' bytes (database, WAL, shm, erasure marks), end to end."""
+    return b"".join(p.read_bytes() for p in directory.iterdir() if p.name.startswith(DB_NAME))
+
+
 def test_delete_user_erases_rows_vectors_and_bytes(store, tmp_path):
     marker = "zebra-privacy-marker-91723"
     user = "user-privacy-7f3a9c"
@@ -918,10 +923,7 @@ def test_delete_user_erases_rows_vectors_and_bytes(store, tmp_path):
     assert store.save_profile_snapshot(user, ProfileSnapshot(last.seq, "k", f"profile of {marker}".encode()))
     store.checkpoint()
 
-    def file_bytes() -> bytes:
-        return b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith(DB_NAME))
-
-    before = file_bytes()
+    before = store_bytes(tmp_path)
     assert marker.encode() in before and user.encode() in before and own.tobytes() in before
 
     assert store.delete_user(user) == 41
@@ -933,15 +935,11 @@ def test_delete_user_erases_rows_vectors_and_bytes(store, tmp_path):
     assert np.array_equal(store.get_items(["i1"])["i1"].vector, shared)
     assert count(tmp_path, "SELECT COUNT(DISTINCT user_id) FROM events") == 1 and store.event_count() == 20
 
-    after = file_bytes()  # db and -wal, as delete_user left them (it checkpoints itself)
+    after = store_bytes(tmp_path)  # db and -wal, as delete_user left them (it checkpoints itself)
     assert marker.encode() not in after
     assert user.encode() not in after
     assert own.tobytes() not in after
     assert store.delete_user(user) == 0
-
-
-def _store_bytes(directory) -> bytes:
-    return b"".join(p.read_bytes() for p in directory.iterdir() if p.name.startswith(DB_NAME))
 
 
 def test_vacuum_rewrites_the_store_without_what_deletes_left_in_its_unused_space(tmp_path):
@@ -972,13 +970,13 @@ def test_vacuum_rewrites_the_store_without_what_deletes_left_in_its_unused_space
     conn.execute("DELETE FROM events WHERE user_id = 'leaver'")
     conn.commit()
     conn.close()
-    assert marker.encode() in _store_bytes(tmp_path)
+    assert marker.encode() in store_bytes(tmp_path)
 
     before, after = sqlite_mod.vacuum(tmp_path)
 
     assert after < before  # the erasures' free pages went
     assert sorted(p.name for p in tmp_path.iterdir()) == [DB_NAME]  # no copy, no WAL left beside it
-    data = _store_bytes(tmp_path)
+    data = store_bytes(tmp_path)
     assert marker.encode() not in data
     assert [u for u in erased if u.encode() in data] == []
     with SqliteStore(tmp_path) as reopened:  # a store as before: schema, WAL, rows, the log's high-water mark
