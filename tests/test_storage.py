@@ -479,6 +479,57 @@ def test_files_deleted_under_the_store_refuse_writes_and_readers_create_none(tmp
         store.close()
 
 
+def in_thread(fn, *args, timeout: float = 10):
+    """fn(*args) on a daemon thread: its result, or its exception raised
+    here; AssertionError when it has not returned within `timeout` (a hung
+    call must fail the test, not hang the run)."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, fn(*args)))
+        except BaseException as e:  # noqa: BLE001 - raised again below
+            outcome.append((False, e))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert outcome, f"{getattr(fn, '__name__', fn)} did not return within {timeout} s"
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+def test_files_that_cannot_be_looked_at_refuse_writes_until_they_can(tmp_path, monkeypatch):
+    """A data directory made unreadable under a running server (chmod 000)
+    failed the writer's check of its files with a PermissionError, which
+    ended the writer thread: that write and every later one waited forever,
+    the permissions given back or not, while health said SERVING. Faked:
+    tests run as root, whom no permission stops."""
+    store = SqliteStore(tmp_path)
+    stat, denied = os.stat, [True]
+
+    def unreadable_directory(path, *args, **kwargs):
+        if denied[0] and Path(path).parent == tmp_path:
+            raise PermissionError(13, "Permission denied", str(path))
+        return stat(path, *args, **kwargs)
+
+    try:
+        assert len(store.record_events([event("before")])) == 1
+        monkeypatch.setattr(os, "stat", unreadable_directory)
+        with pytest.raises(StoreUnavailableError, match=rf"cannot check that {re.escape(str(store.path))} is still "
+                           r"the file the server opened \(\[Errno 13\] Permission denied: .*\); writes are refused"):
+            in_thread(store.record_events, [event("while")])
+        assert store.event_count() == 1  # reads go on
+        denied[0] = False
+        retried = in_thread(store.record_events, [event("while"), event("after")])
+        assert [e.event_id for e in retried] == ["while", "after"]
+    finally:
+        monkeypatch.undo()
+        store.close()
+
+
 @pytest.mark.parametrize("damage, named", [
     ("UPDATE items SET categories = 'not json'", "item 'i1': its categories or attributes are not the JSON stored"),
     ("UPDATE events SET type = 99", "an event of type 99, which this server does not know"),

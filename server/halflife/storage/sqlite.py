@@ -660,14 +660,22 @@ class SqliteStore:
         except FileNotFoundError:
             return None
 
-    def _files_problem(self) -> str | None:
-        """Why the writer must refuse: its files were deleted or replaced under
-        it. Writes still went into the deleted file (or a WAL SQLite no
-        longer reads), were acknowledged, and were gone at the next start."""
-        if self._identities() == self._files:
-            return None
-        return (f"{self.path} or its -wal was deleted or replaced while the server ran; writes are refused so that "
-                "none is acknowledged and lost: restore the files, or restart the server")
+    def _files_problem(self) -> tuple[type[StoreError], str] | None:
+        """Why the writer must refuse, as the error to raise and its message:
+        its files were deleted or replaced under it (writes still went into
+        the deleted file, or a WAL SQLite no longer reads, were acknowledged,
+        and were gone at the next start), or they cannot be looked at now."""
+        try:
+            if self._identities() == self._files:
+                return None
+        except OSError as e:
+            # The directory made unreadable, an I/O error: the OSError ended the writer thread, and every
+            # write after it waited forever, the permissions given back or not.
+            return StoreUnavailableError, (f"cannot check that {self.path} is still the file the server opened ({e}); "
+                                           "writes are refused until it can be")
+        return StoreDamagedError, (f"{self.path} or its -wal was deleted or replaced while the server ran; writes are "
+                                   "refused so that none is acknowledged and lost: restore the files, or restart the "
+                                   "server")
 
     # ------------------------------------------------------------------ writer
 
@@ -699,8 +707,9 @@ class SqliteStore:
             if self._truncate_pending and time.monotonic() >= self._truncate_due and not stop:
                 self._truncate_wal(conn)  # never raises: the jobs taken above must still run
             if jobs and (problem := self._files_problem()) is not None:
+                kind, message = problem
                 for job in jobs:
-                    job.future.set_exception(StoreDamagedError(problem))
+                    job.future.set_exception(kind(message))
             elif jobs:
                 try:
                     self._run_group(conn, jobs)
@@ -803,7 +812,8 @@ class SqliteStore:
             # Classified as every other SQLite error, so that the caller gets DATA_LOSS or UNAVAILABLE, not
             # INTERNAL and a traceback (a review deleted the file under a running server).
             if (problem := self._files_problem()) is not None:
-                raise StoreDamagedError(problem) from e
+                kind, message = problem
+                raise kind(message) from e
             raise _store_error(e, f"cannot open {self.path}: ") from e
         return conn
 
