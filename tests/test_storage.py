@@ -1277,6 +1277,34 @@ def test_an_erasure_that_committed_returns_its_count_whatever_its_truncation_rai
     store.close()
 
 
+def test_an_erasures_truncation_retried_out_of_file_descriptors_leaves_the_writer_running(tmp_path, monkeypatch):
+    """The retry listed the erasure marks before its try: out of file
+    descriptors (RLIMIT_NOFILE), the OSError ended the writer thread, and
+    every write after it waited forever, descriptors freed or not."""
+    import resource
+
+    monkeypatch.setattr(sqlite_mod, "TRUNCATE_RETRY_S", 0.05)
+    store, reader = SqliteStore(tmp_path), SqliteStore(tmp_path)
+    store.record_events([event(f"e{k}", user_id=f"u{k % 2}", vector=vec()) for k in range(20)])
+    passing = reader.iter_events(chunk=5)
+    next(passing)  # blocks the truncation: it is retried
+    assert store.delete_user("u1") == 10 and store._truncate_pending
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))  # no new descriptor for anyone in this process
+    try:
+        time.sleep(0.3)  # retries fail
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    passing.close()
+    assert [e.event_id for e in in_thread(store.record_events, [event("after", vector=vec())])] == ["after"]
+    deadline = time.monotonic() + 5
+    while list(tmp_path.glob(DB_NAME + sqlite_mod.ERASED_MARK + "*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not list(tmp_path.glob(DB_NAME + sqlite_mod.ERASED_MARK + "*"))  # the truncation completed
+    store.close()
+    reader.close()
+
+
 def test_a_store_that_owes_a_truncation_keeps_a_mark_whatever_other_stores_settle(tmp_path):
     """Another store's completed truncation removes the marks it found, and
     this one, still owing (pending) after a later blocked erasure, wrote no

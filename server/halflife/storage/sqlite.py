@@ -1218,9 +1218,11 @@ class SqliteStore:
         TRUNCATE_BUSY_MS for readers; if one blocks it, the writer tries
         again (see `_run_writer`), and leaves a mark on disk until one
         completes (`_mark_erased`). Never raises. Writer thread."""
-        owed = self._erased_marks()  # a completed truncation settles what was committed before it
         failed = False
         try:
+            # Listed in the try (out of file descriptors, it raised: the retry's OSError ended the writer thread,
+            # and every write after it waited forever). A completed truncation settles what was committed before it.
+            owed = self._erased_marks()
             conn.execute(f"PRAGMA busy_timeout = {TRUNCATE_BUSY_MS}")
             try:
                 busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
@@ -1240,7 +1242,8 @@ class SqliteStore:
             if self._truncate_pending:
                 log.info("WAL checkpoint after an erasure completed")
             for mark in owed:
-                mark.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # kept (a directory made read-only): the next open truncates again
+                    mark.unlink(missing_ok=True)
         self._truncate_pending = bool(busy)
         self._truncate_due = time.monotonic() + TRUNCATE_RETRY_S
 
@@ -1264,9 +1267,10 @@ class SqliteStore:
             log.warning("cannot mark the WAL truncation this erasure owes (%s): after a crash, the next erasure or "
                         "a clean stop does it", e)
             return
-        for older in self._erased_marks(f"{self.origin}-"):
-            if older != mark:
-                older.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # an older mark kept only costs the next open a truncation
+            for older in self._erased_marks(f"{self.origin}-"):
+                if older != mark:
+                    older.unlink(missing_ok=True)
 
     def check_intact(self) -> None:
         """Raises StoreDamagedError where SQLite's quick_check finds the file's
