@@ -688,14 +688,40 @@ def test_a_store_that_cannot_open_on_a_full_disk_says_how_much_is_free(tmp_path,
 
     def full(conn):
         error = sqlite3.OperationalError("disk I/O error")
-        error.sqlite_errorcode = 4874  # SQLITE_IOERR_SHMSIZE
+        error.sqlite_errorcode, error.sqlite_errorname = 4874, "SQLITE_IOERR_SHMSIZE"
         raise error
 
     monkeypatch.setattr(sqlite_mod, "_switch_to_wal", full)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, (1 << 30) - 4096, 4096))
     with pytest.raises(StoreUnavailableError) as caught:
         SqliteStore(tmp_path)
-    assert str(caught.value) == f"cannot open {tmp_path / DB_NAME}: disk I/O error (its disk has 4 KiB free)"
+    assert str(caught.value) == (f"cannot open {tmp_path / DB_NAME}: disk I/O error (SQLITE_IOERR_SHMSIZE on "
+                                 f"{tmp_path / DB_NAME}: its disk has 4 KiB free)")
+
+
+def test_a_write_past_a_file_size_limit_says_which_write_on_which_file_and_the_retry_succeeds(tmp_path):
+    """A real I/O error at the commit: the WAL may not grow (RLIMIT_FSIZE,
+    SIGXFSZ ignored, so the write fails with EFBIG as with a quota). Writes
+    failed with "transaction aborted: disk I/O error" alone, naming neither
+    the file, nor the operation, nor the disk's room (the open said the last)."""
+    import resource
+
+    store = SqliteStore(tmp_path)
+    store.record_events([event(f"e{k}", text="x" * 1000) for k in range(50)])
+    wal = os.path.getsize(str(store.path) + "-wal")
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (wal, hard))
+    try:
+        with pytest.raises(StoreUnavailableError, match=rf"disk I/O error \(SQLITE_IOERR_WRITE on "
+                           rf"{re.escape(str(store.path))}: its disk has \d+ KiB free\)$"):
+            store.record_events([event(f"f{k}", text="y" * 1000) for k in range(50)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert store.event_count() == 50 and store.existing_event_ids(["f0"]) == set()  # nothing of it stored
+    assert len(store.record_events([event(f"f{k}", text="y" * 1000) for k in range(50)])) == 50
+    store.close()
 
 
 def test_damaged_pages_are_store_damage_not_a_bug():

@@ -398,16 +398,33 @@ def _primary_code(e: sqlite3.Error) -> int | None:
     return None if code is None else code & 0xFF
 
 
-def _store_error(e: BaseException, context: str = "") -> BaseException:
+def _on_disk(e: BaseException, path: Path | None) -> str:
+    """For an I/O error or a full disk, what names it: SQLite's extended
+    code (which operation failed; the OS's errno is not exposed), the file
+    and how much its disk has free, as " (SQLITE_IOERR_SHMSIZE on PATH: its
+    disk has 0 KiB free)"; "" for other errors. A full disk fails the
+    -shm's growth as "disk I/O error", and a write past a size limit too:
+    said alone, that named neither the file nor the cause (a review)."""
+    if path is None or _primary_code(e) not in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL):
+        return ""
+    try:
+        free = f": its disk has {shutil.disk_usage(path.parent).free >> 10} KiB free"
+    except OSError:
+        free = ""
+    return f" ({getattr(e, 'sqlite_errorname', 'SQLITE_IOERR')} on {path}{free})"
+
+
+def _store_error(e: BaseException, context: str = "", path: Path | None = None) -> BaseException:
     """SQLite errors become StoreError (with the cause kept), those of the
     files or locks (disk full, I/O error, read-only, busy)
     StoreUnavailableError, those of a damaged file StoreDamagedError; others
-    pass as they are."""
+    pass as they are. `path`: the file the failed statement worked on, named
+    with a disk's failure (`_on_disk`)."""
     if isinstance(e, sqlite3.Error):
         primary = _primary_code(e)
         kind = (StoreUnavailableError if primary in _UNAVAILABLE_CODES
                 else StoreDamagedError if primary in _DAMAGED_CODES else StoreError)
-        err = kind(f"{context}{e}")
+        err = kind(f"{context}{e}{_on_disk(e, path)}")
         err.__cause__ = e
         return err
     return e
@@ -507,7 +524,7 @@ def vacuum(data_dir: str | Path) -> tuple[int, int]:
         try:
             conn.execute("VACUUM INTO ?", (str(copy),))  # into the empty file: it keeps the mode and owner given
         except sqlite3.Error as e:
-            raise _store_error(e, f"vacuum of {path} into {copy}: ") from e
+            raise _store_error(e, f"vacuum of {path} into {copy}: ", copy) from e
         with open(copy, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(copy, path)
@@ -606,7 +623,7 @@ class SqliteStore:
                     conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as e:  # a damaged file's names the way back in serve's line (`_start_refused`)
-            error = _store_error(e, f"cannot open {self.path}: ")
+            error = _store_error(e, f"cannot open {self.path}: ", self.path)
             primary = _primary_code(e)
             if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY_DBMOVED:
                 # An open that waited on `vacuum`'s lock reads the file renamed away, which SQLite will not
@@ -620,11 +637,6 @@ class SqliteStore:
                 error = StoreError(f"{error} (halflife writes a store even to read it, and its -wal and -shm beside "
                                    f"it: give this user write access to the file and to {self.path.parent}, or copy "
                                    "the directory to where it has it)")
-            elif primary in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL):
-                # A full disk fails the -shm's 32 KiB as "disk I/O error", which named no cause (a review).
-                with contextlib.suppress(OSError):
-                    free = shutil.disk_usage(self.path.parent).free
-                    error = StoreUnavailableError(f"{error} (its disk has {free >> 10} KiB free)")
             raise error from e
 
     def _refuse_foreign(self, conn: sqlite3.Connection) -> int:
@@ -722,7 +734,7 @@ class SqliteStore:
                         pass
                     for job in jobs:
                         if not job.future.done():
-                            job.future.set_exception(_store_error(e, "writer failed: "))
+                            job.future.set_exception(_store_error(e, "writer failed: ", self.path))
         if self._truncate_pending:  # a last try; past it, the next automatic checkpoint or last close does it
             self._truncate_wal(conn)
         conn.close()
@@ -733,7 +745,7 @@ class SqliteStore:
         def fail_done(exc: BaseException) -> None:
             # These jobs did nothing wrong: the transaction they shared failed.
             for job, _ in done:
-                job.future.set_exception(StoreUnavailableError(f"transaction aborted: {exc}"))
+                job.future.set_exception(StoreUnavailableError(f"transaction aborted: {exc}{_on_disk(exc, self.path)}"))
             done.clear()
 
         for n, job in enumerate(jobs):
@@ -747,12 +759,12 @@ class SqliteStore:
                         # job trying again waited out the busy timeout anew, 10 s more a job, the writer stuck.
                         fail_done(e)
                         for waiting in jobs[n:]:
-                            waiting.future.set_exception(_store_error(e))
+                            waiting.future.set_exception(_store_error(e, path=self.path))
                         return
                 conn.execute("SAVEPOINT job")
             except sqlite3.Error as e:
                 fail_done(e)
-                job.future.set_exception(_store_error(e))
+                job.future.set_exception(_store_error(e, path=self.path))
                 continue
             try:
                 if job.guard is not None:
@@ -767,7 +779,7 @@ class SqliteStore:
                     pass
                 if not conn.in_transaction:  # SQLite aborted the whole transaction (I/O error, full disk)
                     fail_done(e)
-                job.future.set_exception(_store_error(e))
+                job.future.set_exception(_store_error(e, path=self.path))
                 continue
             done.append((job, result))
         if not done:
@@ -814,7 +826,7 @@ class SqliteStore:
             if (problem := self._files_problem()) is not None:
                 kind, message = problem
                 raise kind(message) from e
-            raise _store_error(e, f"cannot open {self.path}: ") from e
+            raise _store_error(e, f"cannot open {self.path}: ", self.path) from e
         return conn
 
     def _release_reader(self, conn: sqlite3.Connection) -> None:
@@ -844,7 +856,7 @@ class SqliteStore:
         try:
             yield conn
         except sqlite3.Error as e:
-            raise _store_error(e) from e
+            raise _store_error(e, path=self.path) from e
         finally:
             self._release_reader(conn)
 
