@@ -682,6 +682,21 @@ def test_a_store_file_it_may_not_write_is_refused_at_open(tmp_path):
         subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
+@pytest.mark.parametrize("name", [DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm"])
+def test_a_directory_where_a_file_of_the_store_belongs_is_named(tmp_path, name):
+    """A container's volume mounted onto a file the host lacked makes such a
+    directory: the start failed as "unable to open database file", and for
+    the -shm as "attempt to write a readonly database ... give this user
+    write access", which it had."""
+    SqliteStore(tmp_path).close()
+    (tmp_path / name).unlink(missing_ok=True)
+    (tmp_path / name).mkdir()
+    with pytest.raises(StoreError) as refused:
+        SqliteStore(tmp_path)
+    assert str(refused.value) == (f"cannot open {tmp_path / DB_NAME}: {tmp_path / name} is a directory, where SQLite "
+                                  "keeps a file of the store: move it away")
+
+
 def test_a_store_that_cannot_open_on_a_full_disk_says_how_much_is_free(tmp_path, monkeypatch):
     """The -shm's 32 KiB, which a full disk refuses, failed the start as "disk I/O error" alone."""
     SqliteStore(tmp_path).close()

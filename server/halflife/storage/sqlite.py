@@ -577,6 +577,7 @@ class SqliteStore:
         self.job_count = 0  # write calls run by the writer
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._refuse_non_files()
             self._writer = _connect(self.path, readonly=False)
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"cannot open {self.path}: {e}") from e
@@ -638,6 +639,18 @@ class SqliteStore:
                                    f"it: give this user write access to the file and to {self.path.parent}, or copy "
                                    "the directory to where it has it)")
             raise error from e
+
+    def _refuse_non_files(self) -> None:
+        """StoreError where the database, its -wal or its -shm is a directory
+        (a container's volume mounted onto a file the host lacked makes one)
+        or something else than a file: SQLite said "unable to open database
+        file", and for the -shm "attempt to write a readonly database", whose
+        advice (write access) did not help."""
+        for path in (self.path, *(self.path.with_name(self.path.name + end) for end in ("-wal", "-shm"))):
+            if path.exists() and not path.is_file():
+                what = "a directory" if path.is_dir() else "not a regular file"
+                raise StoreError(f"cannot open {self.path}: {path} is {what}, where SQLite keeps a file of the store: "
+                                 "move it away")
 
     def _refuse_foreign(self, conn: sqlite3.Connection) -> int:
         """The file's schema version; StoreError for a SQLite file of
