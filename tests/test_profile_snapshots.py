@@ -313,6 +313,27 @@ def test_an_event_held_for_the_clock_before_an_applied_one_keeps_the_profile_out
     assert later.profile("u", as_of=T + HOUR).event_counts[LIKE] == engine.profile("u").event_counts[LIKE] + 1
 
 
+def test_a_store_that_keeps_failing_saves_logs_a_line_a_minute_not_one_a_save(caplog):
+    """With a full disk every save fails, and the profile it would have
+    spared is replayed at the next miss, which tries again: a WARNING line a
+    read of a heavy user (an audit: 30 reads, 30 lines)."""
+    from halflife.interest.snapshot_saver import SnapshotSaver
+    from halflife.storage.base import ProfileSnapshot, StoreUnavailableError
+
+    class FullDisk:
+        def save_profile_snapshot(self, user_id, snapshot):
+            raise StoreUnavailableError("database or disk is full")
+
+    saver = SnapshotSaver(FullDisk())
+    with caplog.at_level(logging.INFO, logger="halflife.interest.snapshot_saver"):
+        for n in range(20):
+            saver.submit(f"u{n}", ProfileSnapshot(1, "k", b""))
+            assert saver.wait(10)
+    lines = [r.getMessage() for r in caplog.records if "could not save" in r.getMessage()]
+    assert lines == [f"could not save the profile snapshot of {user_pseudonym('u0')}: database or disk is full"]
+    saver.close(10)
+
+
 def test_the_snapshot_saver_drops_what_does_not_fit_and_survives_a_failing_store(caplog):
     import threading
 

@@ -5,7 +5,8 @@ process's transaction on a shared file, for up to the busy timeout (10 s).
 The read whose replay made the snapshot must not wait with it: with the save
 in line, a miss took 3.1 s while another connection held the write lock for
 3 s, against 0.04 s. A snapshot is only a shortcut, so one that cannot be
-saved is dropped (logged), and so is one that finds `MAX_PENDING` waiting.
+saved is dropped (logged, at most a line a minute while the store keeps
+failing), and so is one that finds `MAX_PENDING` waiting.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import threading
 
 from halflife.interest.pseudonyms import user_pseudonym
+from halflife.logs import RepeatedWarning
 from halflife.storage.base import ProfileSnapshot, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,9 @@ class SnapshotSaver:
         self._closed = False
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None  # started by the first snapshot
+        # A full disk fails every save, and with snapshots unsaved each miss of a heavy user replays and tries
+        # again: a line a read (an audit: 30 reads, 30 warnings), on the full disk at times.
+        self._failures = RepeatedWarning(log)
 
     def submit(self, user_id: str, snapshot: ProfileSnapshot) -> None:
         """Queues the save and returns at once."""
@@ -76,7 +81,7 @@ class SnapshotSaver:
             try:  # the store refuses it if the user was erased since their events were read
                 self._store.save_profile_snapshot(user_id, snapshot)
             except StoreError as e:
-                log.warning("could not save the profile snapshot of %s: %s", user_pseudonym(user_id), e)
+                self._failures.log("could not save the profile snapshot of %s: %s", user_pseudonym(user_id), e)
             except Exception:  # a bug here must not end the thread and strand later saves
                 log.exception("saving the profile snapshot of %s failed", user_pseudonym(user_id))
             finally:
