@@ -8,6 +8,7 @@ import dataclasses
 import gc
 import hashlib
 import json
+import logging
 import math
 import re
 import os
@@ -1342,6 +1343,44 @@ def test_an_erasures_truncation_retried_out_of_file_descriptors_leaves_the_write
     while list(tmp_path.glob(DB_NAME + sqlite_mod.ERASED_MARK + "*")) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not list(tmp_path.glob(DB_NAME + sqlite_mod.ERASED_MARK + "*"))  # the truncation completed
+    store.close()
+    reader.close()
+
+
+def test_an_erasures_truncation_that_fails_on_the_disk_says_why_and_completes_once_it_can(tmp_path, monkeypatch,
+                                                                                          caplog):
+    """The checkpoint copies the WAL into the database file, which may not
+    grow here (RLIMIT_FSIZE, SIGXFSZ ignored: EFBIG, as a quota): the line
+    said "disk I/O error" alone, naming neither the file nor the cause."""
+    import resource
+
+    from halflife.logs import RepeatedWarning
+
+    monkeypatch.setattr(sqlite_mod, "TRUNCATE_RETRY_S", 0.05)
+    monkeypatch.setattr(sqlite_mod, "_checkpoint_failures", RepeatedWarning(sqlite_mod.log))  # none held back
+    store, reader = SqliteStore(tmp_path), SqliteStore(tmp_path)
+    store.record_events([event(f"e{k}", user_id=f"u{k % 2}", vector=vec(), text="x" * 1000) for k in range(40)])
+    passing = reader.iter_events(chunk=5)
+    next(passing)  # blocks the truncation after the commit
+    assert store.delete_user("u1") == 20 and store._truncate_pending
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (store.path.stat().st_size, hard))
+    try:
+        with caplog.at_level(logging.WARNING, logger="halflife.storage.sqlite"):
+            passing.close()
+            deadline = time.monotonic() + 5
+            while "checkpoint after an erasure failed" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert re.search(rf"checkpoint after an erasure failed \(disk I/O error \(SQLITE_IOERR_WRITE on "
+                     rf"{re.escape(str(store.path))}: its disk has \d+ KiB free\)\)", caplog.text), caplog.text
+    deadline = time.monotonic() + 5
+    while list(tmp_path.glob(DB_NAME + sqlite_mod.ERASED_MARK + "*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not list(tmp_path.glob(DB_NAME + sqlite_mod.ERASED_MARK + "*"))  # completed once the file could grow
     store.close()
     reader.close()
 

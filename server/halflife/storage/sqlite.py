@@ -1256,7 +1256,7 @@ class SqliteStore:
         except Exception as e:  # noqa: BLE001 - a failed try is retried, never the writer's end
             # Every TRUNCATE_RETRY_S while a disk stays full: not a line each time, nor called a reader's block.
             _checkpoint_failures.log("WAL checkpoint after an erasure failed (%s); retried every %.0f s until it "
-                                     "completes", e, TRUNCATE_RETRY_S)
+                                     "completes", _store_error(e, path=self.path), TRUNCATE_RETRY_S)
             busy = failed = True
         if busy:
             if not self._truncate_pending and not failed:
