@@ -740,6 +740,28 @@ def test_a_write_past_a_file_size_limit_says_which_write_on_which_file_and_the_r
     store.close()
 
 
+def test_a_reader_that_cannot_open_for_want_of_file_descriptors_says_so(tmp_path):
+    """Out of file descriptors (RLIMIT_NOFILE), a read that needed a new
+    connection failed as "cannot open PATH: unable to open database file",
+    sending an operator to a file that was fine (a server under load)."""
+    import resource
+
+    store = SqliteStore(tmp_path)
+    store.record_events([event("e")])
+    store._readers.clear()  # the next read opens a connection
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))
+    try:
+        with pytest.raises(StoreUnavailableError) as caught:
+            store.event_count()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert str(caught.value) == (f"cannot open {store.path}: unable to open database file "
+                                 "([Errno 24] Too many open files)")
+    assert store.event_count() == 1  # once it can
+    store.close()
+
+
 def test_damaged_pages_are_store_damage_not_a_bug():
     error = sqlite3.DatabaseError("database disk image is malformed")
     error.sqlite_errorcode = sqlite3.SQLITE_CORRUPT

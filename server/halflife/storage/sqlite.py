@@ -402,10 +402,23 @@ def _on_disk(e: BaseException, path: Path | None) -> str:
     """For an I/O error or a full disk, what names it: SQLite's extended
     code (which operation failed; the OS's errno is not exposed), the file
     and how much its disk has free, as " (SQLITE_IOERR_SHMSIZE on PATH: its
-    disk has 0 KiB free)"; "" for other errors. A full disk fails the
-    -shm's growth as "disk I/O error", and a write past a size limit too:
-    said alone, that named neither the file nor the cause (a review)."""
-    if path is None or _primary_code(e) not in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL):
+    disk has 0 KiB free)"; for a file SQLite could not open, why the OS
+    refuses to open files there, where it does; "" for other errors. A full disk
+    fails the -shm's growth as "disk I/O error", a write past a size limit
+    too, and a process out of file descriptors a new reader as "unable to
+    open database file": said alone, they named neither the file nor the
+    cause (a review)."""
+    primary = None if path is None else _primary_code(e)
+    if primary == sqlite3.SQLITE_CANTOPEN:
+        # SQLite keeps the errno to itself, so an open of our own asks the OS: of the directory, not the file,
+        # whose close would drop every POSIX lock this process holds on it (SQLite's locks: "How To Corrupt").
+        # Out of file descriptors, or without access to the directory, it fails as SQLite's open did.
+        try:
+            os.close(os.open(path.parent, os.O_RDONLY))
+        except OSError as refused:
+            return f" ([Errno {refused.errno}] {refused.strerror})"
+        return ""
+    if primary not in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL):
         return ""
     try:
         free = f": its disk has {shutil.disk_usage(path.parent).free >> 10} KiB free"
