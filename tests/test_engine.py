@@ -355,6 +355,33 @@ def test_a_failed_delete_user_changes_nothing_and_a_retry_takes_back_once(tmp_pa
     assert cold_list(open_engine(tmp_path)) == after  # taken back once, as a restart rebuilds it
 
 
+@pytest.mark.parametrize("write", ["delete", "upsert"])
+def test_a_catalogue_write_whose_read_back_failed_is_indexed_by_its_retry(tmp_path, write):
+    """The index is updated from a read after the commit. Out of file
+    descriptors, that read failed (UNAVAILABLE: retry), and a deleted item
+    stayed recommended; the retry deleted nothing and indexed nothing, so it
+    stayed until a restart."""
+    import resource
+
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text=f"item {n}") for n in range(4)])
+    engine.record_events([EventInput(f"a{n}", f"u{n}", LIKE, f"i{n % 4}", None, None, T - n) for n in range(8)])
+    change = ((lambda: engine.delete_items(["i0"])) if write == "delete"
+              else (lambda: engine.upsert_items([ItemInput(id="new", text="new item")])))
+    engine.store._readers.clear()  # the read after the commit opens a connection
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))
+    try:
+        with pytest.raises(StoreError, match="Too many open files"):
+            change()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    change()  # the retry UNAVAILABLE asks for
+    live = cold_list(engine)
+    engine.store.close()
+    assert live == cold_list(open_engine(tmp_path))
+
+
 def test_a_recreated_item_starts_without_its_namesakes_events(tmp_path):
     engine = open_engine(tmp_path)
     engine.upsert_items([ItemInput(id="x", text="old x"), ItemInput(id="y", text="y")])

@@ -742,7 +742,9 @@ class InterestEngine:
     def delete_items(self, ids: Sequence[str], deadline: Deadline | None = None) -> int:
         with self._catalog_write:
             deleted = self.store.delete_items(ids, _guard(deadline))
-            self._index_written(deleted)
+            # Every id asked for, not only those this call deleted: where the read after a commit failed (out of
+            # file descriptors), the items stayed recommended, and the retry, deleting nothing, left them so.
+            self._index_written(list(dict.fromkeys(ids)))
         return len(deleted)
 
     def _index_written(self, ids: Sequence[str]) -> None:
