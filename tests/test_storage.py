@@ -1341,13 +1341,18 @@ def test_an_erasure_that_committed_returns_its_count_whatever_its_truncation_rai
     store.close()
 
 
-def test_an_erasures_truncation_retried_out_of_file_descriptors_leaves_the_writer_running(tmp_path, monkeypatch):
+def test_an_erasures_truncation_retried_out_of_file_descriptors_leaves_the_writer_running(tmp_path, monkeypatch,
+                                                                                          caplog):
     """The retry listed the erasure marks before its try: out of file
     descriptors (RLIMIT_NOFILE), the OSError ended the writer thread, and
-    every write after it waited forever, descriptors freed or not."""
+    every write after it waited forever, descriptors freed or not. Each
+    retry's mark, which cannot be made then, was a warning line a retry."""
     import resource
 
+    from halflife.logs import RepeatedWarning
+
     monkeypatch.setattr(sqlite_mod, "TRUNCATE_RETRY_S", 0.05)
+    monkeypatch.setattr(sqlite_mod, "_mark_failures", RepeatedWarning(sqlite_mod.log))  # none held back
     store, reader = SqliteStore(tmp_path), SqliteStore(tmp_path)
     store.record_events([event(f"e{k}", user_id=f"u{k % 2}", vector=vec()) for k in range(20)])
     passing = reader.iter_events(chunk=5)
@@ -1356,9 +1361,11 @@ def test_an_erasures_truncation_retried_out_of_file_descriptors_leaves_the_write
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))  # no new descriptor for anyone in this process
     try:
-        time.sleep(0.3)  # retries fail
+        with caplog.at_level(logging.WARNING, logger="halflife.storage.sqlite"):
+            time.sleep(0.3)  # retries fail
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert caplog.text.count("cannot mark the WAL truncation") == 1, caplog.text
     passing.close()
     assert [e.event_id for e in in_thread(store.record_events, [event("after", vector=vec())])] == ["after"]
     deadline = time.monotonic() + 5

@@ -92,6 +92,7 @@ __all__ = ["DB_NAME", "MIGRATIONS", "SCHEMA_VERSION", "WRITER_PRAGMAS", "SqliteS
 
 log = logging.getLogger(__name__)
 _checkpoint_failures = RepeatedWarning(log)
+_mark_failures = RepeatedWarning(log)  # each retry of a truncation marks anew: a line a second while it fails
 
 DB_NAME = "halflife.sqlite3"
 BUSY_TIMEOUT_MS = 10_000
@@ -1302,8 +1303,8 @@ class SqliteStore:
             os.close(os.open(mark, os.O_CREAT | os.O_WRONLY, 0o600))
             sync_directory(self.path.parent)
         except OSError as e:
-            log.warning("cannot mark the WAL truncation this erasure owes (%s): after a crash, the next erasure or "
-                        "a clean stop does it", e)
+            _mark_failures.log("cannot mark the WAL truncation this erasure owes (%s): after a crash, the next "
+                               "erasure or a clean stop does it", e)
             return
         with contextlib.suppress(OSError):  # an older mark kept only costs the next open a truncation
             for older in self._erased_marks(f"{self.origin}-"):
