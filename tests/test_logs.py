@@ -1,11 +1,16 @@
 """RepeatedWarning: a warning that repeats while a condition lasts is logged
-at most once per interval, the next line counting those held back."""
+at most once per interval, the next line counting those held back.
+StderrInBackground: a log call never waits for stderr's reader."""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import threading
+import time
 
-from halflife.logs import RepeatedWarning
+from halflife.logs import RepeatedWarning, StderrInBackground
 
 
 def test_a_repeated_warning_is_logged_once_an_interval_with_the_count_held_back(caplog):
@@ -29,3 +34,32 @@ def test_a_repeated_warning_is_logged_once_an_interval_with_the_count_held_back(
         "store unavailable: disk full 6",
         "store unavailable: disk full 8 (and 1 more like it in the 3610 s since the last)",
     ]
+
+
+def test_log_lines_wait_for_a_stalled_stderr_on_a_thread_of_their_own_and_past_the_bound_are_counted():
+    """Written by the caller, a line blocked it once the pipe's reader stalled (64 KiB unread): on the
+    event loop, every call, health check and SIGTERM with it (a review)."""
+    read_end, write_end = os.pipe()
+    stderr = os.fdopen(write_end, "w")
+    handler = StderrInBackground(stderr, capacity=100)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = logging.Logger("halflife.test")
+    logger.addHandler(handler)
+    line = "x" * 1000
+    started = time.monotonic()
+    for n in range(300):  # 300 kB: some 5 pipes' worth, and 3 times the bound
+        logger.warning("%d %s", n, line)
+    assert time.monotonic() - started < 5  # seconds, where it blocked for good
+    assert not handler.flush(timeout=0.1)  # the reader still stalled: a flush gives up
+    with os.fdopen(read_end, "rb") as reader:  # the reader wakes
+        got: list[bytes] = []
+        reading = threading.Thread(target=lambda: got.extend(reader), daemon=True)
+        reading.start()
+        assert handler.flush(timeout=10)
+        stderr.close()
+        reading.join(10)
+    kept = [int(text.split()[1]) for text in got if text.endswith(line.encode() + b"\n")]
+    said = rb"WARNING (\d+) log lines dropped: stderr was not read as fast as they came\n"
+    dropped = [re.fullmatch(said, text) for text in got if not text.endswith(line.encode() + b"\n")]
+    assert kept == sorted(kept) and kept[0] == 0 and len(kept) >= 100  # in order; the bound's worth at least
+    assert dropped and all(dropped) and len(kept) + sum(int(m.group(1)) for m in dropped) == 300

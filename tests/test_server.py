@@ -914,6 +914,26 @@ def test_cli_serve_logs_and_finishes_in_flight_calls_on_sigterm(model_dir, tmp_p
     assert "batches of at most 1024 padded tokens" in process.start_log  # --max-batch-tokens reached the batcher
 
 
+def test_a_server_whose_log_nobody_reads_keeps_serving_and_stops(model_dir, tmp_path):
+    """A log line was written by the call that logged it: once stderr's reader stalled (a log collector
+    stuck; a pipe holds 64 KiB), the event loop blocked on a line, and every call, health check and
+    SIGTERM with it, for good (a review: the 524th malformed request at DEBUG, each a line)."""
+    process, address = start_cli_server(model_dir, tmp_path, extra_args=("--log-level", "DEBUG"))  # never read again
+    try:
+        with grpc.insecure_channel(address) as channel:
+            embed = channel.unary_unary("/halflife.v1.EmbeddingService/Embed")  # bytes as they are
+            for _ in range(2000):  # ~200 bytes of log each: 6 pipes' worth
+                with pytest.raises(grpc.RpcError) as refused:
+                    embed(b"\xff\xff\xff", timeout=10)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+
+
 def _serve_until_listening(model_dir: Path, data_dir: Path) -> tuple[subprocess.Popen, str]:
     """`halflife serve --port 0` in a subprocess, returned as soon as it
     listens (health NOT_SERVING: the model, store and catalogue still load)."""

@@ -44,6 +44,7 @@ from halflife.api.validation import MAX_EVENTS_PER_REQUEST, MAX_INPUTS_PER_REQUE
 from halflife.config import DEFAULT_DATA_DIR, DEFAULT_MAX_REQUESTS_MIB, DEFAULT_MODEL_DIR
 from halflife.embedding.batcher import BatchingConfig
 from halflife.embedding.manifest import ManifestError
+from halflife.logs import StderrInBackground
 from halflife.signals import sigterm_unwinds
 from halflife_client.client import DEFAULT_PORT, DEFAULT_TARGET
 
@@ -275,7 +276,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"{worker}halflife serve: error: config: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    logging.basicConfig(level=args.log_level, format=f"%(asctime)s %(levelname)s {worker}%(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s %(levelname)s {worker}%(name)s: %(message)s",
+                        handlers=[StderrInBackground()])
     # grpc's Cython layer logs a DEBUG line per call ("Loaded running loop"): most of a DEBUG log (a review).
     logging.getLogger("grpc._cython.cygrpc").setLevel(max(logging.INFO, logging.getLogger().level))
     if args.config is not None and args.worker_index is None:  # a group's parent says it for its workers
@@ -320,7 +322,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         if args.worker_index is None:  # a group's parent holds the data directory for its workers
             _check_model(args)  # a missing model (or variant) is refused before the data directory is made
             lock = claim_data_dir(args.data_dir)
-        run_event_loop(serve(config, parent_pid=args.parent_pid, ready_fd=args.ready_fd))
+        try:
+            run_event_loop(serve(config, parent_pid=args.parent_pid, ready_fd=args.ready_fd))
+        finally:
+            _flush_logs()  # its last lines ("stopped") before the error line printed below
         _ignore_stop_signals()
     except ServingFailedError as exc:
         print(f"{worker}halflife serve: error: {exc}", file=sys.stderr)
@@ -335,6 +340,12 @@ def _run_serve(args: argparse.Namespace) -> int:
         if lock is not None:
             lock.close()
     return 0
+
+
+def _flush_logs() -> None:
+    """Waits (briefly) for the log lines written in the background (StderrInBackground)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
 
 
 def _ignore_stop_signals() -> None:

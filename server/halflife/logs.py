@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
+import sys
 import threading
 import time
-from typing import Callable
+from typing import Callable, TextIO
+
+# Lines a log call may leave waiting for stderr (~150 bytes each): past them, lines are dropped, and counted.
+MAX_WAITING_LINES = 10_000
+# How long a flush (logging.shutdown's at exit, say) waits for the waiting lines to be written.
+FLUSH_WAIT_S = 2.0
 
 
 class RepeatedWarning:
@@ -35,3 +43,83 @@ class RepeatedWarning:
         if held:
             message += f" (and {held} more like it in the {since:.0f} s since the last)"
         self._log.log(self._level, message, *args)
+
+
+class StderrInBackground(logging.Handler):
+    """Writes log lines to stderr from a thread of its own: a log call only
+    formats its line and queues it. Written by the caller, a line blocked it
+    for as long as stderr's reader did not read (a pipe fills at 64 KiB), and
+    a line logged on the event loop stopped every call, health checks and
+    SIGTERM too, for good under a reader that had stalled (a review). Past
+    MAX_WAITING_LINES waiting, lines are dropped, and a line says how many.
+
+    Written to the stream's file descriptor, past Python's buffer: a thread
+    stuck inside a buffered write holds its lock, which Python's last flush
+    at exit would wait for."""
+
+    def __init__(self, stream: TextIO | None = None, capacity: int = MAX_WAITING_LINES):
+        super().__init__()
+        self._stream = sys.stderr if stream is None else stream
+        try:
+            self._fd: int | None = self._stream.fileno()
+        except (AttributeError, OSError, ValueError):  # a stream in memory (tests): written as it is
+            self._fd = None
+        self._encoding = getattr(self._stream, "encoding", None) or "utf-8"
+        self._capacity = capacity
+        self._lines: collections.deque[str] = collections.deque()
+        self._dropped = 0
+        self._writing = False
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None  # started by the first line
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        with self._changed:
+            if len(self._lines) >= self._capacity:
+                self._dropped += 1
+                return
+            self._lines.append(line)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._write_lines, name="halflife-log", daemon=True)
+                self._thread.start()
+            self._changed.notify_all()
+
+    def flush(self, timeout: float = FLUSH_WAIT_S) -> bool:
+        """Waits up to `timeout` seconds for the lines logged so far to be written; False if some still wait."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._lines and not self._writing, timeout)
+
+    def _write_lines(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._lines)
+                text = "".join(self._lines)
+                self._lines.clear()
+                dropped, self._dropped = self._dropped, 0
+                self._writing = True
+            if dropped:  # after the lines that were waiting: those dropped came once they filled the queue
+                text += self.format(logging.makeLogRecord({
+                    "name": __name__, "levelno": logging.WARNING, "levelname": "WARNING",
+                    "msg": "%d log lines dropped: stderr was not read as fast as they came", "args": (dropped,),
+                })) + "\n"
+            try:
+                self._write(text)
+            except (OSError, ValueError):  # stderr closed, or its reader gone: nowhere to say it
+                pass
+            finally:
+                with self._changed:
+                    self._writing = False
+                    self._changed.notify_all()
+
+    def _write(self, text: str) -> None:
+        if self._fd is None:
+            self._stream.write(text)
+            self._stream.flush()
+            return
+        data = memoryview(text.encode(self._encoding, errors="backslashreplace"))
+        while data:
+            data = data[os.write(self._fd, data):]
