@@ -895,6 +895,7 @@ def test_grpc_logs_only_a_failed_answer_of_an_ended_call_at_debug(caplog):
 
 def test_cli_serve_logs_and_finishes_in_flight_calls_on_sigterm(model_dir, tmp_path):
     process, address = start_cli_server(model_dir, tmp_path / "data", extra_args=("--max-batch-tokens", "1024"))
+    assert f"serving on {address}, data in {(tmp_path / 'data').resolve()}\n" in process.start_log
     try:
         with grpc.insecure_channel(address) as channel, concurrent.futures.ThreadPoolExecutor(1) as pool:
             grpc.channel_ready_future(channel).result(timeout=30)

@@ -778,7 +778,9 @@ async def serve(config: ServerConfig, parent_pid: int | None = None, ready_fd: i
             os.close(ready_fd)
     # Logged once the parent knows: a worker killed after this line is one that served, and is started again.
     if not stop.is_set():
-        log.info("serving on %s", host_port(config.host, port))
+        # The store it serves, as a path from /: nothing else named it once a start had no migration to log,
+        # and the default (var/data) is relative to a working directory a supervisor picks (a review).
+        log.info("serving on %s, data in %s", host_port(config.host, port), config.data_dir.resolve())
     await stop.wait()
     if watch is not None:
         watch.cancel()
