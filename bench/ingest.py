@@ -65,7 +65,8 @@ from halflife.storage.sqlite import MIGRATIONS, WRITER_PRAGMAS, SqliteStore, _in
 from halflife.v1 import interest_pb2, interest_pb2_grpc, recommend_pb2, recommend_pb2_grpc
 
 from bench.server_process import ServerProcess, upsert_vectors
-from bench.common import markdown_table, profile_miss, save_plot, summary, timings, write_results, zero_embedder
+from bench.common import (markdown_table, profile_miss, require, save_plot, summary, timings, write_results,
+                          zero_embedder)
 
 DIM = 384
 BATCH = 500
@@ -372,6 +373,7 @@ def catalogue_resync(target: str, rounds: int, items: int = 1000) -> dict:
 def run(quick: bool = False) -> dict:
     from halflife_client.client import HalflifeClient
 
+    require("threadpoolctl")  # section 5's, after minutes of gRPC runs
     rounds = 1 if quick else 2
     per_run = 10_000 if quick else 20_000
     prefill = 100_000 if quick else PREFILL

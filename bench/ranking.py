@@ -48,9 +48,11 @@ import time
 import tracemalloc
 from typing import Callable
 
+from bench.common import require  # noqa: E402
 
-import faiss
-import numpy as np
+require("faiss", "threadpoolctl")  # before faiss's import, which would not say how to get it
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
 
 from halflife.config import Config
 from halflife.core.ranking import RowBlocks, batch_search, cosine_scores, normalize, top_k

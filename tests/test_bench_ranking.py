@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("faiss")  # bench.ranking's baseline, in the bench extra only
+pytest.importorskip("faiss")  # bench.ranking's baseline, in the bench extra only (as is threadpoolctl)
+pytest.importorskip("threadpoolctl")
 
 from bench._memstore import MemoryStore  # noqa: E402
 from bench.common import zero_embedder  # noqa: E402
