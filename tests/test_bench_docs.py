@@ -48,3 +48,28 @@ def test_the_readmes_quote_the_committed_ranking_results():
     bench = (ROOT / "bench" / "README.md").read_text()
     ratio, machine = _quoted(bench, r"([\d.]+)x, p50 / \(engine \+ empty RPC\), in the committed results/ranking\.md, ([^,)]+)")
     assert _same(ratio, sizes[0]["grpc"]["ratio_vs_engine"]) and machine == ranking["machine"]["cpu"], (ratio, machine)
+
+
+
+def test_the_readme_quotes_the_committed_ingest_results():
+    """It gave the 4-stream ratio from empty as 0.29x, where the committed run's is 0.2848."""
+    ingest = _results("ingest")
+    growing, uuid4 = ingest["throughput_at_scale"]
+    assert (growing["event_ids"], uuid4["event_ids"]) == ("growing", "uuid4")
+    readme = (ROOT / "README.md").read_text()
+    # Each quote as (1 stream, 4 streams, raw SQLite) in thousands of events/s, then the two ratios.
+    one, four, raw, *ratios = _quoted(readme, r"RecordEvents takes ([\d.]+)k \(1 stream\) / ([\d.]+)k \(4 streams\) "
+                                              r"durable events/s into an empty store .*? against raw SQLite's bare "
+                                              r"inserts at ([\d.]+)k, .*?: ([\d.]+) / ([\d.]+)×")
+    quotes = [(ingest["throughput"], (one, four, raw, *ratios))]
+    raw, one, four, *ratios = _quoted(readme, r"raw SQLite falls to ([\d.]+)k and the server takes ([\d.]+)k / "
+                                              r"([\d.]+)k: ([\d.]+) / ([\d.]+)×")
+    quotes.append((growing, (one, four, raw, *ratios)))
+    raw, one, four, *ratios = _quoted(readme, r"random UUIDs as event ids .*? raw ([\d.]+)k, the server ([\d.]+)k / "
+                                              r"([\d.]+)k \(([\d.]+) / ([\d.]+)×")
+    quotes.append((uuid4, (one, four, raw, *ratios)))
+    for runs, quoted in quotes:
+        measured = [runs["grpc_1"]["events_per_s"] / 1e3, runs["grpc_4"]["events_per_s"] / 1e3,
+                    runs["raw_sqlite"]["events_per_s"] / 1e3, runs["grpc_1"]["ratio_vs_raw"],
+                    runs["grpc_4"]["ratio_vs_raw"]]
+        assert all(_same(q, v) for q, v in zip(quoted, measured)), (quoted, measured)
