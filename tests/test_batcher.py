@@ -231,6 +231,33 @@ def test_cancelled_and_expired_requests_are_dropped_before_compute():
     assert 2 not in seen and 3 not in seen
 
 
+def test_a_request_whose_deadline_passes_during_an_earlier_batch_of_its_window_is_dropped():
+    """The event loop cancels a call at its deadline, but in a flood it ran
+    up to 0.4 s late, and the batches run meanwhile computed the inputs of
+    callers already past their deadline."""
+    async def main():
+        model, batcher, busy = await busy_batcher(BatchingConfig(max_batch_tokens=4, max_batch_size=2))
+        expires = time.monotonic() + 0.5
+
+        def slow_first_batch(ids):  # the batch before the late request's ends after its deadline
+            if ids[0][0] == 2:
+                time.sleep(max(0.0, expires - time.monotonic()) + 0.05)
+            return model.forward(ids)
+
+        batcher._forward = slow_first_batch
+        first = asyncio.ensure_future(batcher.submit([tokens(2, 2)] * 2))  # a batch of its own
+        late = asyncio.ensure_future(batcher.submit([tokens(3, 2)], deadline=expires))  # the window's 2nd batch
+        await asyncio.sleep(0)  # both queued
+        model.gate.set()
+        await asyncio.gather(busy, first)
+        with pytest.raises(DeadlineExpiredError):
+            await late
+        await batcher.stop()
+        return model.batches
+
+    assert run(main()) == [[1], [2, 2]]
+
+
 def test_a_cancelled_request_frees_its_queue_place_at_once():
     # While the model is busy, callers that give up must not keep the queue
     # full: their retries were refused for a whole window's run.

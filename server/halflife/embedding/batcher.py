@@ -273,14 +273,20 @@ class DynamicBatcher:
                 self._post(self._on_death, exc)
 
     def _run_window(self, window: list[_Slice]) -> None:
-        """Runs the window's batches, posting each one's results; after a stop,
+        """Runs the window's batches, posting each one's results; before each,
+        drops the inputs of callers gone or past their deadline; after a stop,
         cancels the batches not yet run instead."""
         batches = self._plan(window)
         for n, batch in enumerate(batches):
             if self._stopping:
                 self._post(_cancel, [job for rest in batches[n:] for job, _ in rest])
                 return
-            batch = [(job, i) for job, i in batch if not job.future.done()]
+            # A caller's deadline can pass while the window's earlier batches run, and the event loop, which
+            # cancels the call, ran up to 0.4 s late in a flood: 55 of 5,035 inputs were computed for them.
+            now = time.monotonic()
+            if late := list(dict.fromkeys(job for job, _ in batch if _gone(job, now) and not job.future.done())):
+                self._post(_fail, late, DeadlineExpiredError("deadline passed while queued"))
+            batch = [(job, i) for job, i in batch if not _gone(job, now)]
             if not batch:
                 continue  # every caller in it went away: skip the compute
             started = time.perf_counter()
@@ -317,7 +323,7 @@ class DynamicBatcher:
         waiting: collections.deque[_Job] = collections.deque()
         expired: list[_Job] = []
         for job in self._jobs:
-            if job.future.done() or (job.deadline is not None and now >= job.deadline):
+            if _gone(job, now):
                 self._queued_inputs -= len(job.ids) - job.taken
                 if not job.future.done():
                     expired.append(job)
@@ -379,6 +385,11 @@ class DynamicBatcher:
         if current:
             batches.append(current)
         return batches
+
+
+def _gone(job: _Job, now: float) -> bool:
+    """Whether nobody waits for the job's vectors any more: its caller went away, or its deadline passed."""
+    return job.future.done() or (job.deadline is not None and now >= job.deadline)
 
 
 # Run on the event loop, posted by the model thread.
