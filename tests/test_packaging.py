@@ -84,6 +84,20 @@ def test_help_and_client_commands_need_no_model_runtime(tmp_path):
     assert load.stderr.startswith(f"halflife load-movielens: error: {tmp_path / 'nowhere'}: not a directory;")
 
 
+def test_vacuum_needs_no_model_runtime(tmp_path):
+    """It runs no model, but took the data directory through the server's
+    module, which imports onnxruntime: without a runtime it died in a
+    ModuleNotFoundError traceback, a missing store's one line too."""
+    from halflife.storage.sqlite import SqliteStore
+
+    missing = halflife_without(MODEL_STACK, "vacuum", "--data-dir", str(tmp_path / "nowhere"))
+    assert missing.returncode == 1 and missing.stderr.startswith("halflife vacuum: error: "), missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    SqliteStore(tmp_path / "data").close()
+    vacuumed = halflife_without(MODEL_STACK, "vacuum", "--data-dir", str(tmp_path / "data"))
+    assert vacuumed.returncode == 0 and vacuumed.stdout.startswith("vacuumed "), vacuumed.stderr
+
+
 def test_the_commands_that_run_the_model_name_the_extra_that_brings_its_runtime(tmp_path):
     """serve's line was never reached (see above); export blamed its own
     extra, and eval failed in a traceback once it came to embed."""

@@ -258,7 +258,7 @@ def test_a_report_that_cannot_be_written_is_one_line_and_the_copy_stays(model_di
 
 def test_the_cli_makes_its_unfinished_mark_durable_before_it_copies(model_dir, tmp_path, monkeypatch):
     """A mark lost in a power cut would let `serve` take a half copy (a durability review)."""
-    from halflife.api.server import UNFINISHED_COPY_MARK
+    from halflife.locks import UNFINISHED_COPY_MARK
     from halflife.cli import main
     from halflife.embedding.engine import EmbeddingEngine
     from halflife.storage import sqlite as sqlite_module
@@ -279,13 +279,13 @@ def test_the_cli_refuses_an_unfinished_copy_as_source_or_target_and_leaves_anoth
     """A half copy given as the source was copied as if whole, and the
     result, unmarked, served; a rerun into one said only "not empty"; and
     a claim another process won meanwhile had its files removed (a review)."""
-    from halflife.api import server as server_module
+    from halflife import locks
     from halflife.cli import main
 
     old_engine(tmp_path / "old").store.close()
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "halflife.sqlite3").write_bytes((tmp_path / "old" / "halflife.sqlite3").read_bytes())
-    (tmp_path / "half" / server_module.UNFINISHED_COPY_MARK).touch()
+    (tmp_path / "half" / locks.UNFINISHED_COPY_MARK).touch()
     args = ["reembed", "--model-dir", str(model_dir), "--data-dir"]
     assert main(args + [str(tmp_path / "half"), "--out", str(tmp_path / "new")]) == 1
     assert "holds a `halflife reembed` copy that has not finished (it is still running, or was killed)" in \
@@ -294,9 +294,7 @@ def test_the_cli_refuses_an_unfinished_copy_as_source_or_target_and_leaves_anoth
     assert main(args + [str(tmp_path / "old"), "--out", str(tmp_path / "half")]) == 1
     assert "did not finish (its process was killed): delete the directory" in capsys.readouterr().err
     # A copy still running there is not called killed: deleting its directory, as that says, lost it (a review).
-    from halflife.locks import hold_lock
-
-    with hold_lock(tmp_path / "half" / server_module.DATA_DIR_LOCK, "pid 7, halflife reembed copying into it"):
+    with locks.hold_lock(tmp_path / "half" / locks.DATA_DIR_LOCK, "pid 7, halflife reembed copying into it"):
         assert main(args + [str(tmp_path / "old"), "--out", str(tmp_path / "half")]) == 1
     assert "in use by another halflife process (pid 7, halflife reembed copying into it)" in capsys.readouterr().err
 
@@ -305,7 +303,7 @@ def test_the_cli_refuses_an_unfinished_copy_as_source_or_target_and_leaves_anoth
         (data_dir / "theirs").touch()
         raise OSError(f"{data_dir} is in use by another halflife process (pid 1)")
 
-    monkeypatch.setattr(server_module, "claim_data_dir", taken_meanwhile)
+    monkeypatch.setattr(locks, "claim_data_dir", taken_meanwhile)
     assert main(args + [str(tmp_path / "old"), "--out", str(tmp_path / "raced")]) == 1
     assert "in use by another halflife process" in capsys.readouterr().err
     assert (tmp_path / "raced" / "theirs").exists()
@@ -383,7 +381,7 @@ def test_the_cli_holds_the_copy_as_serve_holds_a_data_directory_and_a_copy_kille
     import sys
     import textwrap
 
-    from halflife.api.server import claim_data_dir
+    from halflife.locks import claim_data_dir
     from halflife.embedding.engine import EmbeddingEngine
 
     model = EmbeddingEngine.load(model_dir, variant="fp32-o2")
@@ -391,7 +389,7 @@ def test_the_cli_holds_the_copy_as_serve_holds_a_data_directory_and_a_copy_kille
     child = textwrap.dedent(f"""
         import os, sys
         from pathlib import Path
-        from halflife.api.server import claim_data_dir
+        from halflife.locks import claim_data_dir
         from halflife.cli import main
         from halflife.interest import reembed as module
         copy = module.reembed

@@ -1095,7 +1095,7 @@ def test_cli_serve_refuses_a_missing_or_tampered_model(model_dir, tmp_path):
 def test_a_data_dir_that_cannot_be_created_or_written_is_named_with_why(tmp_path):
     """Both were bare OSErrors ("[Errno 30] Read-only file system:
     'rodir/serve.lock'"), naming neither the flag's directory nor the step."""
-    from halflife.api.server import claim_data_dir
+    from halflife.locks import claim_data_dir
 
     with pytest.raises(OSError) as caught:
         claim_data_dir(Path("/proc/self/halflife-data"))

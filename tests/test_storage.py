@@ -1207,7 +1207,7 @@ def test_a_vacuum_stopped_removes_its_copy_and_leaves_the_store_as_it_was(tmp_pa
 
 
 def test_the_vacuum_command_refuses_a_directory_in_use_or_without_a_store(tmp_path, capsys):
-    from halflife.api.server import claim_data_dir
+    from halflife.locks import claim_data_dir
     from halflife.cli import main
 
     SqliteStore(tmp_path / "data").close()

@@ -23,8 +23,7 @@ import pytest
 
 import halflife.locks
 from halflife import workers as workers_module
-from halflife.api.server import claim_data_dir
-from halflife.locks import LockHeldError, hold_lock, remove_lock
+from halflife.locks import LockHeldError, claim_data_dir, hold_lock, remove_lock
 from halflife.signals import REPEAT_SIGNAL_WINDOW_S, StopSignals
 from halflife.workers import RestartBudget, reserve_port
 from halflife.v1 import embedding_pb2, embedding_pb2_grpc, interest_pb2, recommend_pb2

@@ -264,8 +264,9 @@ def _port(value: str) -> int:
 def _run_serve(args: argparse.Namespace) -> int:
     if _runtime_missing("serve"):
         return EXIT_FAILURE
-    from halflife.api.server import ServerConfig, ServingFailedError, claim_data_dir, serve
+    from halflife.api.server import ServerConfig, ServingFailedError, serve
     from halflife.config import ConfigError, changed_settings, load_config
+    from halflife.locks import claim_data_dir
     from halflife.storage.base import StoreError, StoreUnavailableError
     from halflife.workers import EXIT_TEMPORARY
 
@@ -364,8 +365,7 @@ def _remove_unused_data_dir(lock, data_dir: Path) -> None:
     """Removes the data directory a failed start made, if nothing but its
     lock (held: no other server uses it) went in: a bad flag (variant,
     provider, port) left an empty directory behind."""
-    from halflife.api.server import DATA_DIR_LOCK
-    from halflife.locks import remove_lock
+    from halflife.locks import DATA_DIR_LOCK, remove_lock
 
     try:
         if [p.name for p in data_dir.iterdir()] == [DATA_DIR_LOCK]:
@@ -392,9 +392,9 @@ def _metrics_port(args: argparse.Namespace) -> int | None:
 
 
 def _run_workers(args: argparse.Namespace) -> int:
-    from halflife.api.server import claim_data_dir
     from halflife.config import ConfigError
     from halflife.cpu import physical_cores
+    from halflife.locks import claim_data_dir
     from halflife.storage.base import StoreError
     from halflife.workers import run_workers, worker_threads
 
@@ -834,12 +834,12 @@ def _removed_unless_done(directory: Path, made: bool) -> Iterator[None]:
 def _run_reembed(args: argparse.Namespace) -> int:
     if _runtime_missing("reembed"):
         return EXIT_FAILURE
-    from halflife.api.server import UNFINISHED_COPY_MARK, claim_data_dir
     from halflife.config import Config
     from halflife.embedding.engine import EmbeddingEngine
     from halflife.embedding.offline import embed_sorted
     from halflife.interest.engine import InterestEngine
     from halflife.interest.reembed import GivenVectorsError, SourceChangedError, reembed
+    from halflife.locks import UNFINISHED_COPY_MARK, claim_data_dir
     from halflife.progress import progress
     from halflife.storage.base import StoreError, StoreUnavailableError
     from halflife.storage.sqlite import DB_NAME, SqliteStore, sync_directory
@@ -929,7 +929,7 @@ def _add_vacuum(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_vacuum(args: argparse.Namespace) -> int:
-    from halflife.api.server import claim_data_dir
+    from halflife.locks import claim_data_dir
     from halflife.storage.base import StoreError
     from halflife.storage.sqlite import DB_NAME, vacuum
 

@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import IO, Callable
+from typing import Callable
 
 import grpc
 from google.protobuf import message_factory
@@ -35,7 +35,6 @@ from halflife.embedding.batcher import BatchingConfig, DynamicBatcher
 from halflife.embedding.engine import EmbeddingEngine
 from halflife.embedding.manifest import ManifestError
 from halflife.interest.engine import InterestEngine
-from halflife.locks import LockHeldError, hold_lock
 from halflife.signals import STOP_SIGNALS, StopSignals
 from halflife.storage.sqlite import SqliteStore
 from halflife.texts import readable_character
@@ -671,43 +670,6 @@ class HalflifeServer:
         if self._calls is not None:
             self._calls.shutdown(wait=False)  # idle by now; its threads end
             self._calls = None
-
-
-DATA_DIR_LOCK = "serve.lock"
-# In a data directory `halflife reembed` is filling, until the copy is
-# complete: a copy killed half-way (SIGKILL, the OOM killer), which no
-# cleanup of its own reaches, is refused rather than served (a review).
-UNFINISHED_COPY_MARK = "reembed.unfinished"
-
-
-def claim_data_dir(data_dir: Path, holder: str = "") -> IO[str]:
-    """Takes `data_dir` for this process (a single server, or the parent of
-    `--workers`, which passes the file on to its workers) until the returned
-    file is closed or the processes holding it end. holder: what a refused
-    server is told holds it (default: this process's pid).
-
-    Only the workers of one group follow each other's writes; a second
-    independent server on the same files would answer from a stale memory
-    (items it never indexed, users erased elsewhere). Raises OSError naming
-    the holder."""
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise OSError(f"{data_dir} is not a directory") from None
-    except OSError as e:  # said as "[Errno 2] No such file or directory: '/proc/x'", naming neither (a review)
-        raise OSError(f"data directory {data_dir}: cannot create it ({e.strerror or e})") from None
-    try:
-        lock = hold_lock(data_dir / DATA_DIR_LOCK, holder)
-    except LockHeldError as held:
-        raise OSError(f"{data_dir} is in use by another halflife process ({held.holder}); "
-                      "one server or one --workers group per data directory") from None
-    except OSError as e:
-        raise OSError(f"data directory {data_dir}: cannot write in it ({e.strerror or e})") from None
-    if (data_dir / UNFINISHED_COPY_MARK).exists():
-        lock.close()
-        raise OSError(f"{data_dir} holds a `halflife reembed` copy that did not finish (its process was killed): "
-                      "delete the directory and run reembed again")
-    return lock
 
 
 def _bind_failure(host: str, port: int) -> str | None:
