@@ -259,8 +259,8 @@ class Store(Protocol):
     def item_count(self) -> int:
         """How many items are stored."""
 
-    def event_count(self, user_id: str | None = None, through_seq: int | None = None) -> int:
-        """How many events are stored (`user_id`'s only, where given; up to `through_seq`, where given)."""
+    def event_count(self, user_id: str | None = None) -> int:
+        """How many events are stored (`user_id`'s only, where given)."""
 
     def close(self) -> None: ...
 

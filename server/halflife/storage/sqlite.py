@@ -1349,8 +1349,8 @@ class SqliteStore:
     def item_count(self) -> int:
         return self._read(lambda c: c.execute("SELECT COUNT(*) FROM items").fetchone()[0])
 
-    def event_count(self, user_id: str | None = None, through_seq: int | None = None) -> int:
-        where, args = _events_in(0, through_seq, user_id)
+    def event_count(self, user_id: str | None = None) -> int:
+        where, args = _events_in(0, None, user_id)
         return self._read(lambda c: c.execute("SELECT COUNT(*) FROM events" + where, args).fetchone()[0])
 
     # ------------------------------------------------------------------ lifecycle
