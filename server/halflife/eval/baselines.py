@@ -1,8 +1,9 @@
 """Baselines in NumPy, all reading only events before the query time.
 
 `History` is the event prefix before t (ratings and texts), kept up to date
-by the runner as t moves forward, with a `Cooccurrence` index of every rated
-(user, item) pair. Each baseline maps (history, user, t) to (N,) scores.
+by the runner as t moves forward, with a dense item × item co-occurrence
+count `C` of every rated (user, item) pair. Each baseline maps (history,
+user, t) to (N,) scores.
 
 - popularity: ratings per item (all values: a rating is a consumption).
 - trending: the same, decayed with a 7-day half-life.
