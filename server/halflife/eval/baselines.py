@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from halflife.core.ranking import cosine_scores
-from halflife.eval.data import RATING, EvalData
+from halflife.eval.data import POSITIVE_MIN, RATING, EvalData
 
 DAY = 86400.0
 
@@ -29,10 +29,9 @@ DAY = 86400.0
 class History:
     """Events strictly before a moving time t (advance only)."""
 
-    def __init__(self, data: EvalData, vectors: np.ndarray, positive_min: float = 4.0):
+    def __init__(self, data: EvalData, vectors: np.ndarray):
         self.data = data
         self.vectors = vectors
-        self.positive_min = positive_min
         self.n = 0
         # Dense item × item co-occurrence (N² int32, 380 MB for ml-latest-small),
         # updated per new (user, item) pair: SAR's jaccard needs whole rows.
@@ -114,7 +113,7 @@ def _fallback(h: History, t: float, scores: np.ndarray) -> np.ndarray:
 
 def last_item(h: History, user: str, t: float) -> np.ndarray:
     items, values, _ = h.user_ratings(user)
-    liked = items[values >= h.positive_min]
+    liked = items[values >= POSITIVE_MIN]
     if liked.size == 0:
         return _fallback(h, t, np.zeros(h.data.n_items))
     return _fallback(h, t, cosine_scores(h.vectors[liked[-1]], h.vectors).astype(np.float64))
@@ -122,7 +121,7 @@ def last_item(h: History, user: str, t: float) -> np.ndarray:
 
 def static_profile(h: History, user: str, t: float) -> np.ndarray:
     items, values, _ = h.user_ratings(user)
-    liked = items[values >= h.positive_min]
+    liked = items[values >= POSITIVE_MIN]
     if liked.size == 0:
         return _fallback(h, t, np.zeros(h.data.n_items))
     return _fallback(h, t, cosine_scores(h.vectors[liked].astype(np.float64).sum(axis=0), h.vectors).astype(np.float64))
@@ -130,7 +129,7 @@ def static_profile(h: History, user: str, t: float) -> np.ndarray:
 
 def item_knn(h: History, user: str, t: float) -> np.ndarray:
     items, values, _ = h.user_ratings(user)
-    liked = np.unique(items[values >= h.positive_min])
+    liked = np.unique(items[values >= POSITIVE_MIN])
     return _fallback(h, t, h.similarity_scores(liked, np.ones(liked.size), "cosine"))
 
 

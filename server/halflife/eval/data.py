@@ -4,7 +4,7 @@ Events are ratings (value) and user-written texts (tags), merged and sorted
 by time. A *query point* is (user, t, relevant items): the method must rank
 the whole catalogue for that user at time t knowing only events strictly
 before t; relevant items are the user's positive ratings (value >=
-positive_min) at or after t in the target window, minus what they consumed
+`POSITIVE_MIN`) at or after t in the target window, minus what they consumed
 before t. Splits never look at the future: `events_before(t)` is the only
 view any method gets.
 
@@ -21,9 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from halflife.config import RatingConfig
 from halflife.datasets.interactions import MOVIELENS, DatasetFormat, load_dataset
 
 RATING, TEXT = 0, 1
+# A rating the user liked, in the targets and the baselines: what the server takes as positive by default.
+POSITIVE_MIN = RatingConfig.positive_min
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +91,12 @@ def seen_before(data: EvalData, user: str, t: float) -> np.ndarray:
     return seen
 
 
-def global_cut(data: EvalData, start: float, end: float, positive_min: float = 4.0, warm_only: bool = True) -> list[Query]:
+def global_cut(data: EvalData, start: float, end: float, warm_only: bool = True) -> list[Query]:
     """One query per user with a positive rating in [start, end), at t = start.
     warm_only: only users with at least one rating before start."""
     n0, n1 = data.before(start), data.before(end)
     window = slice(n0, n1)
-    positive = (data.kinds[window] == RATING) & (data.values[window] >= positive_min)
+    positive = (data.kinds[window] == RATING) & (data.values[window] >= POSITIVE_MIN)
     warm = set(data.users[:n0][data.kinds[:n0] == RATING].tolist())
     queries = []
     for user in sorted(set(data.users[window][positive].tolist())):
@@ -107,14 +110,13 @@ def global_cut(data: EvalData, start: float, end: float, positive_min: float = 4
     return queries
 
 
-def leave_last_out(data: EvalData, n: int = 5, positive_min: float = 4.0, min_history: int = 5, before: float = np.inf) -> list[Query]:
-    """Per user: their last n ratings (by time, among those before `before`)
-    held out, and any other at the first one's time t: a history holds what
-    came strictly before t, so a rating tied with t would be neither history
-    nor target (nor seen). Everything at or after t (their own and other
+def leave_last_out(data: EvalData, n: int = 5, min_history: int = 5) -> list[Query]:
+    """Per user: their last n ratings (by time) held out, and any other at
+    the first one's time t: a history holds what came strictly before t, so
+    a rating tied with t would be neither history nor target (nor seen). Everything at or after t (their own and other
     users') is unseen. Users with fewer than min_history earlier ratings, or
     no positive among the held-out ones, are skipped. Sorted by t."""
-    is_rating = (data.kinds == RATING) & (data.times < before)
+    is_rating = data.kinds == RATING
     queries = []
     for user in sorted(set(data.users[is_rating].tolist())):
         mine = np.flatnonzero(is_rating & (data.users == user))
@@ -126,7 +128,7 @@ def leave_last_out(data: EvalData, n: int = 5, positive_min: float = 4.0, min_hi
             continue
         if data.before(t) == 0 or not np.any(data.users[: data.before(t)] == user):
             continue
-        positive = held[data.values[held] >= positive_min]
+        positive = held[data.values[held] >= POSITIVE_MIN]
         seen = seen_before(data, user, t)
         relevant = np.unique(data.items[positive][~seen[data.items[positive]]])
         if relevant.size:
