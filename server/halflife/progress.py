@@ -1,4 +1,4 @@
-"""Progress for the long commands (load-movielens, eval). On a terminal, a
+"""Progress for the long commands (load-movielens, reembed, eval). On a terminal, a
 bar. Into a file or a CI log, where a bar's redraws are noise (carriage
 returns and, for nested bars, cursor-movement escape codes), a plain line
 every LINE_INTERVAL_S and one at the end; nothing for work done sooner (the
