@@ -38,10 +38,11 @@ class Violations:
         if self.items:
             raise invalid_argument(self.items)
 
-    def count(self, values: Sized, field: str, maximum: int, minimum: int = 1) -> bool:
+    def count(self, values: Sized, field: str, maximum: int) -> bool:
+        """Whether `values` holds 1 to `maximum` elements; adds the violation where not."""
         n = len(values)
-        if n < minimum:
-            self.add(field, f"must hold at least {minimum} element{'s' if minimum > 1 else ''}")
+        if n == 0:
+            self.add(field, "must hold at least 1 element")
             return False
         if n > maximum:
             self.add(field, f"holds {n} elements; at most {maximum} per request")
