@@ -2335,6 +2335,41 @@ def test_calls_go_on_during_an_erasure_and_it_ends_as_a_restart_would(tmp_path, 
     _assert_as_restarted(engine, tmp_path)
 
 
+def test_a_user_who_records_during_their_erasure_keeps_their_place_among_the_users_numbered_meanwhile(
+        tmp_path, monkeypatch):
+    """u's batch commits after the store's delete, then y's, both while the
+    erasure runs: u's events stay, and a restart (every other worker) numbers
+    u before y. u was numbered only as the erasure ended, after y, so with
+    max_co_users = 1 item a spoke through u live and y after a restart (a
+    race review)."""
+    from halflife.core import cooccurrence
+
+    monkeypatch.setattr(cooccurrence, "_MIN_MERGE", 1)
+
+    def parts(engine):
+        return {i.item_id: i.explanation.score_parts["cooccurrence"]
+                for i in engine.recommend("q", 3, as_of=T, explain=True).items}
+
+    engine = _engine_with_blend(tmp_path, max_co_users=1)
+    engine.upsert_items([ItemInput(id=i, text=f"thing {i}") for i in ("a", "b", "c", "d")])
+    engine.record_events([EventInput("q0", "q", LIKE, "a", None, None, T - 100),
+                          EventInput("u0", "u", LIKE, "d", None, None, T - 90)])
+
+    def meanwhile():
+        engine.record_events([EventInput("u1", "u", LIKE, "a", None, None, T - 50),
+                              EventInput("u2", "u", LIKE, "b", None, None, T - 49)])
+        engine.record_events([EventInput("y1", "y", LIKE, "a", None, None, T - 40),
+                              EventInput("y2", "y", LIKE, "c", None, None, T - 39)])
+
+    _during_the_erasure(engine, monkeypatch, meanwhile, "deleted")
+    assert engine.delete_user("u") == 1
+    live = parts(engine)
+    engine.store.close()
+    restarted = parts(_engine_with_blend(tmp_path, max_co_users=1))
+    assert restarted["c"] > 0 and restarted["b"] == 0.0  # y came last: a's newest user
+    assert live == restarted
+
+
 def test_an_erasure_of_the_user_during_anothers_waits_and_takes_nothing_back_twice(tmp_path, monkeypatch):
     engine = _users_u_and_v(tmp_path)
     from halflife import deadlines

@@ -278,6 +278,9 @@ class _Erasure:
     head: int  # the newest event seq then: of the user's events up to it, those counted are taken back
     blend: BlendIndexes  # the indexes it takes back from: others (a rebuild meanwhile) are rebuilt again
     done: threading.Event = dataclasses.field(default_factory=threading.Event)  # set when it ends, erased or not
+    # The seq of the user's first event in each batch applied meanwhile -> the user row `blend` numbered it
+    # with, in the log's order (`_number_users`): the user's row if the delete leaves that batch.
+    rows: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -969,6 +972,7 @@ class InterestEngine:
         if not stored:
             return
         if self._erasing:  # see _Erasure
+            self._number_users(stored)
             stored = [e for e in stored if e.user_id not in self._erasing]
             if not stored:
                 return
@@ -997,6 +1001,24 @@ class InterestEngine:
                 # Committed before a batch this profile already applied,
                 # and perhaps not read with it: rebuild from the log.
                 del self._users[event.user_id]
+
+    def _number_users(self, stored: Sequence[EventRecord]) -> None:
+        """Numbers the batch's users in its order, as `BlendIndexes.entries`
+        would, during an erasure: a user being erased gets a row reserved
+        for each batch (`_Erasure.rows`), theirs if the delete leaves it, so
+        they rank among the users who came meanwhile where a restart (and
+        every other worker) numbers them: numbered as the erasure ended, they
+        came after those, and co-occurrence's sample of an item's newest
+        users (`max_co_users`) differed (a race review). Lock held."""
+        numbered, counter, reserved = self._blend.user_rows, self._blend.next_user_row, set()
+        for event in stored:
+            user = event.user_id
+            if (erasure := self._erasing.get(user)) is None:
+                if user not in numbered:
+                    numbered[user] = next(counter)
+            elif user not in reserved and erasure.blend is self._blend:
+                reserved.add(user)
+                erasure.rows[event.seq] = next(counter)
 
     def delete_user(self, user_id: str, deadline: Deadline | None = None) -> int:
         """Erases the user's events for good and forgets their profile, their
@@ -1078,6 +1100,9 @@ class InterestEngine:
                                                         user_id=user_id):
                         passed_over = ~erasure.counted.applied_mask(chunk.seqs)
                         if passed_over.any():  # after the pairs went: under a new row (a review)
+                            first = int(chunk.seqs[passed_over][0])
+                            if not replaced and user_id not in self._blend.user_rows and first in erasure.rows:
+                                self._blend.user_rows[user_id] = erasure.rows[first]  # see _number_users
                             self._add_to_blend(*self._joined(chunk, passed_over))
                     self._start_cooccurrence_merge()
             except BaseException:
