@@ -52,6 +52,26 @@ def test_running_means_hold_for_a_bulk_upsert_that_repeats_ids_across_chunks(mon
     np.testing.assert_allclose(catalog.means(list(CATEGORIES)), [catalog.mean(c) for c in CATEGORIES], atol=1e-7)
 
 
+def test_a_category_no_live_item_has_leaves_nothing_behind_without_a_compaction():
+    """Found by a soak: an item re-tagged by upserts (no deletes, so no
+    compaction) kept every tag it ever had, an empty member set and a
+    running sum each."""
+    catalog = CatalogIndex(DIM)
+    vector = normalize(np.ones(DIM))
+    catalog.upsert([ItemRecord("other", "", ("kept",), {}, None, vector)])
+    for n in range(50):
+        catalog.upsert([ItemRecord("a", "", (f"tag-{n}", "kept"), {}, None, vector)])
+    catalog.upsert([ItemRecord("b", "", ("gone",), {}, None, vector)])
+    catalog.delete(["b"])
+    assert catalog.dead_rows == 1
+    assert set(catalog._category_rows) == set(catalog._category_sums) == {"tag-49", "kept"}
+    assert catalog.take_changed_categories() == {"tag-49", "kept"}  # names only for the labels' next refresh
+    assert catalog.all_categories == ["kept", "tag-49"]
+    np.testing.assert_allclose(catalog.mean("kept"), vector, atol=1e-7)
+    np.testing.assert_allclose(catalog.mean("tag-49"), vector, atol=1e-7)
+    assert not catalog.mean("tag-48").any()
+
+
 def test_category_masks_stay_right_and_their_cache_holds_only_live_categories_within_its_budget(monkeypatch):
     from halflife.interest import catalog as catalog_module
 

@@ -336,6 +336,7 @@ class InterestEngine:
         self._label_means = np.zeros((0, dim), dtype=np.float32)  # each label's items' mean
         self._label_vectors = np.zeros((0, dim), dtype=np.float32)
         self._labels_version = -1
+        self._label_categories = -1  # the catalogue's categories_version when _labels were listed
         # dtype -> (popularity counts, their version, the catalogue's, the relative popularity read from them)
         self._relative_popularity_cache: dict[type, tuple[object, ...]] = {}
         # What makes a blend built from the log before it stale: erasures (this
@@ -671,12 +672,13 @@ class InterestEngine:
         if self._labels_version != self.catalog.version:
             catalog = self.catalog
             changed = catalog.take_changed_categories()
-            if any((name in self._label_rows) != catalog.has_category(name) for name in changed):
+            if self._label_categories != catalog.categories_version:  # labels came or went
                 self._labels = catalog.all_categories
                 self._label_rows = {name: row for row, name in enumerate(self._labels)}
                 self._label_means = catalog.means(self._labels)
-            else:  # the same labels (one that came and went meanwhile has no row)
-                for name in changed & self._label_rows.keys():
+                self._label_categories = catalog.categories_version
+            else:  # the same labels
+                for name in changed:
                     self._label_means[self._label_rows[name]] = catalog.mean(name)
             # Means of unit vectors, so no tiny rows: `normalize`'s float64 pass is not needed. The catalogue
             # mean from running sums: O(dim), however large the catalogue.
