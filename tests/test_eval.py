@@ -450,3 +450,56 @@ def test_the_tuning_score_of_a_catalogue_of_ten_items_or_fewer():
     queries = [Query("u", 0.0, np.array([0])), Query("v", 0.0, np.array([7]))]
     value = _val_ndcg([{"interest": interest}] * 2, [np.zeros(8, dtype=bool)] * 2, queries, {"interest": 1.0}, 8)
     assert value == pytest.approx((1.0 + 1.0 / np.log2(9)) / 2)  # ranked 1st and 8th
+
+
+class _Bar:
+    """A stand-in for progress(): counts as tqdm does (an item when the next is asked for, or update())."""
+
+    def __init__(self, iterable=None, total=None, **kwargs):
+        self.iterable, self.total, self.n = iterable, total, 0
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.n += 1
+
+    def update(self, n=1):
+        self.n += n
+
+    def close(self):
+        pass
+
+
+def test_the_progress_bars_move_with_the_engine_work(tmp_path, monkeypatch):
+    """Into a log, a line every 30 s (docs/evaluation.md), but eval wrote
+    none for minutes: the engine's bar was listed, so it ran to its end
+    before the first ranking, and the validation search had none (11 silent
+    minutes of a loaded machine's 19-minute MovieLens run, a review)."""
+    from halflife.eval import runner
+    from halflife.eval.data import Query
+
+    bars = []
+    monkeypatch.setattr(runner, "progress", lambda *args, **kwargs: bars.append(_Bar(*args, **kwargs)) or bars[-1])
+
+    class Counting:  # a backend that notes the bar's count at each ranking
+        counts = []
+
+        def advance(self, t):
+            pass
+
+        def ranking(self, q):
+            self.counts.append(bars[-1].n)
+            return np.arange(6)
+
+    data = synthetic()
+    runner.evaluate_backend(Counting(), data, [Query(u, 15 * DAY, np.array([4])) for u in "abc"], "test")
+    assert Counting.counts == [0, 1, 2]
+
+    data, item_vectors, reviews, review_vectors = _grouped(n_users=12)
+    val = runner.EngineBackend(data, item_vectors, reviews, review_vectors, runner.PREVIOUS_DEFAULT, tmp_path / "val")
+    val.advance(60 * DAY)
+    bars.clear()
+    outcome = runner.tune(val, global_cut(data, 60 * DAY, math.inf), runner.PREVIOUS_DEFAULT)
+    val.close()
+    (bar,) = bars
+    assert bar.n == bar.total == len(outcome.trace) > 100

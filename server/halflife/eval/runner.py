@@ -21,7 +21,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -257,7 +257,7 @@ class _Tally:
         return Result({m: np.array(v) for m, v in self.per.items()}, self.tops)
 
 
-def _score_queries(data: EvalData, queries: list[Query], rank_fn: Callable[[Query, np.ndarray], np.ndarray]) -> Result:
+def _score_queries(data: EvalData, queries: Iterable[Query], rank_fn: Callable[[Query, np.ndarray], np.ndarray]) -> Result:
     tally = _Tally(data.n_items)
     for q in queries:
         seen = seen_before(data, q.user, q.t)
@@ -286,7 +286,8 @@ def evaluate_backend(backend, data: EvalData, queries: list[Query], desc: str) -
         backend.advance(q.t)
         return backend.ranking(q)
 
-    return _score_queries(data, list(progress(queries, desc=desc, unit="user", leave=False)), rank)
+    # The bar itself, not a list of it: listed, it ran to the end before the first ranking (a review).
+    return _score_queries(data, progress(queries, desc=desc, unit="user", leave=False), rank)
 
 
 # ------------------------------------------------------------------ the grid
@@ -392,6 +393,7 @@ def tune(val_backend: EngineBackend, queries: list[Query], base: Config) -> Grid
         value = _val_ndcg(merged, seen, queries, {"interest": choice["w_i"], "negative": choice["w_i"] * choice["beta"],
                                                    "cooccurrence": choice["w_c"], "popularity": choice["w_p"]}, n)
         trace.append({**choice, "val_ndcg10": value})
+        points.update()
         return value
 
     space = {
@@ -400,6 +402,9 @@ def tune(val_backend: EngineBackend, queries: list[Query], base: Config) -> Grid
         "w_c": [0.0, 0.25, 0.5, 1.0, 2.0, 4.0], "pop": pop_options, "w_p": [0.0, 0.05, 0.1, 0.25, 0.5, 1.0],
         "w_i": [0.0, 0.25, 0.5, 1.0],
     }
+    # Minutes at full size (each new profile setting or set of type weights re-reads the engine for every
+    # query) were silent: the bar counts the points scored, the extras and the curves once they are known.
+    points = progress(total=1 + 2 * sum(len(options) for options in space.values()), desc="validation grid", unit="point")
     best = {"profile": "hl=90", "fade": 0.0, "beta": 0.5, "cooc": "cosine/365", "w_c": 1.0, "pop": "30", "w_p": 0.1,
             "w_i": 1.0}
     best_value = score(best)
@@ -429,6 +434,7 @@ def tune(val_backend: EngineBackend, queries: list[Query], base: Config) -> Grid
     extras["review.half_life=7"] = with_types(winner, None, review=(winner.event_types["review"].weight, 7.0))
     extras["review.half_life=3650"] = with_types(winner, None, review=(winner.event_types["review"].weight, 3650.0))
     profiles.update(extras)
+    points.total += len(extras) + 2 * len(half_lives) + sum(len(options) for options in weight_options.values())
     for key in extras:
         value = score({**best, "profile": key})
         if value > best_value + 1e-9:
@@ -458,6 +464,7 @@ def tune(val_backend: EngineBackend, queries: list[Query], base: Config) -> Grid
         for name, options in weight_options.items()
     }
 
+    points.close()
     chosen = profiles[best["profile"]]
     sim, ah = best["cooc"].split("/")
     chosen = dataclasses.replace(
