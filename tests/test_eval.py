@@ -405,6 +405,31 @@ def test_the_search_scores_event_type_weights_as_the_engine_ranks_with_them(tmp_
     val.close()
 
 
+def test_the_search_scores_a_user_without_positive_interest_as_the_engine_ranks_them(tmp_path):
+    """A warm validation user whose history holds only low ratings gets
+    trending from the engine, whatever the blend's weights. The search
+    blended their signals instead (none: zeros), so at popularity weight 0 it
+    ranked them by a tie of zeros and chose, on that, settings the engine
+    scores lower than the search said (0.816 against 0.866 here, a review)."""
+    from halflife.eval.runner import PREVIOUS_DEFAULT, EngineBackend, evaluate_backend, tune
+
+    data, item_vectors, reviews, review_vectors = _grouped(n_users=12)
+    low_first = [("zz", 1, 1.0, 10 * DAY), ("zz", 2, 0.5, 20 * DAY), ("zz", 3, 5.0, 70 * DAY), ("zz", 4, 5.0, 71 * DAY)]
+    added = dict(zip(("users", "items", "values", "times"), zip(*low_first)), kinds=[RATING] * 4, texts=[""] * 4)
+    data = dataclasses.replace(data, **{f: np.append(getattr(data, f), v).astype(getattr(data, f).dtype)
+                                        for f, v in added.items()})
+    order = np.lexsort((np.arange(data.times.size), data.kinds, data.times))
+    data = dataclasses.replace(data, **{f: getattr(data, f)[order] for f in added})
+    queries = global_cut(data, 60 * DAY, math.inf)
+    assert "zz" in [q.user for q in queries]
+    val = EngineBackend(data, item_vectors, reviews, review_vectors, PREVIOUS_DEFAULT, tmp_path / "val")
+    val.advance(60 * DAY)
+    outcome = tune(val, queries, PREVIOUS_DEFAULT)
+    ranked = evaluate_backend(val.reopen(outcome.config), data, queries, "check").per_user["NDCG@10"].mean()
+    val.close()
+    assert outcome.val_ndcg == pytest.approx(ranked)
+
+
 def test_the_docs_show_the_committed_results_tables():
     """docs/evaluation.md quotes bench/results/eval/tables.md, which every
     eval run rewrites: a re-run once left the docs on the run before."""

@@ -384,14 +384,18 @@ def tune(val_backend: EngineBackend, queries: list[Query], base: Config) -> Grid
         config = dataclasses.replace(config, profile=dataclasses.replace(config.profile,
                                                                          negative_full_share=choice["fade"]))
         prof = profile_signals(f"{choice['profile']} fade={choice['fade']:g}", config)
+        # A user without positive interest at t (no signals) gets trending from the engine, whatever the weights:
+        # blended, they were scored by w_p · popularity, and at w_p = 0 by a tie of zeros (a review).
         merged = [
-            {"interest": p.get("interest", np.zeros(n, np.float32)),
+            {"interest": p["interest"],
              "negative": p.get("negative", np.zeros(n, np.float32)) / np.float32(base.profile.negative_weight or 1.0),
              "cooccurrence": c.get("cooccurrence", np.zeros(n, np.float32)), "popularity": o["popularity"]}
+            if p else {"trending": o["popularity"]}
             for p, c, o in zip(prof, *blend_signals(config, choice["cooc"], choice["pop"]))
         ]
         value = _val_ndcg(merged, seen, queries, {"interest": choice["w_i"], "negative": choice["w_i"] * choice["beta"],
-                                                   "cooccurrence": choice["w_c"], "popularity": choice["w_p"]}, n)
+                                                   "cooccurrence": choice["w_c"], "popularity": choice["w_p"],
+                                                   "trending": 1.0}, n)
         trace.append({**choice, "val_ndcg10": value})
         points.update()
         return value
