@@ -13,6 +13,8 @@ server's result limit).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 METRICS = ("HR@10", "NDCG@10", "Recall@20", "MRR")
@@ -88,10 +90,28 @@ def bootstrap_ci(per_user: np.ndarray, n_boot: int = 1000, seed: int = 0, level:
 
 
 def bootstrap_ratio_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95):
-    """(ratio, low, high) of mean(a)/mean(b) over the same users, paired resampling."""
+    """(ratio, low, high) of mean(a)/mean(b) over the same users, paired
+    resampling. Where mean(b) is 0 the ratio is inf (0 where mean(a) is 0
+    too), and a bound among those is inf: dividing by 1e-12 printed bounds
+    like 1.2e11 instead (a review, on a test period of 10 users)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, a.size, size=(n_boot, a.size))
-    ratios = a[idx].mean(axis=1) / np.maximum(b[idx].mean(axis=1), 1e-12)
+    ratios = np.sort(_ratio(a[idx].mean(axis=1), b[idx].mean(axis=1)))
     q = (1 - level) / 2
-    return float(a.mean() / max(b.mean(), 1e-12)), float(np.quantile(ratios, q)), float(np.quantile(ratios, 1 - q))
+    return float(_ratio(a.mean(), b.mean())), _quantile(ratios, q), _quantile(ratios, 1 - q)
+
+
+def _ratio(a, b):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(b > 0, a / b, np.where(a > 0, np.inf, 0.0))
+
+
+def _quantile(x: np.ndarray, p: float) -> float:
+    """np.quantile(x, p) of sorted x, inf where it reaches x's infinite
+    values (numpy's interpolation makes NaN of them)."""
+    h = (x.size - 1) * p
+    k = int(h)
+    if h == k or np.isinf(x[k]):
+        return float(x[k])
+    return math.inf if np.isinf(x[k + 1]) else float(np.quantile(x, p))
