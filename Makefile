@@ -40,11 +40,20 @@ model: $(MODEL_DIR)/manifest.json
 # Exported once, and again when the exporter changes, or the server's code it
 # validates through (tokenizer, engine, pooling, manifest); the manifest is
 # written last, so an interrupted export is redone. --force: this directory
-# is make's own (an export swaps the finished model in whole).
+# is make's own (an export swaps the finished model in whole), unless it holds
+# another model than the bundled one (its weights' sha256 in the manifest:
+# exporter.BUNDLED_WEIGHTS_SHA256): `make serve MODEL_DIR=` a model of one's
+# own replaced it with the bundled one once the sources were newer (a review).
+BUNDLED_WEIGHTS_SHA256 := 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
 EXPORT_SOURCES := export/halflife_export/*.py server/halflife/embedding/engine.py \
 	server/halflife/embedding/pooling.py server/halflife/embedding/manifest.py
 $(MODEL_DIR)/manifest.json: $(EXPORT_SOURCES) | $(BIN)/.installed
-	$(BIN)/halflife export --output $(MODEL_DIR) --force
+	@if [ -f $@ ] && ! grep -q '$(BUNDLED_WEIGHTS_SHA256)' $@; then \
+		echo "make: $(MODEL_DIR) holds another model than the bundled one: served as it is, not exported again"; \
+	else \
+		echo "$(BIN)/halflife export --output $(MODEL_DIR) --force"; \
+		$(BIN)/halflife export --output $(MODEL_DIR) --force; \
+	fi
 
 serve: install model
 	$(BIN)/halflife serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR) --model-dir $(MODEL_DIR) $(SERVE_ARGS)

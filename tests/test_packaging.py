@@ -121,3 +121,47 @@ def test_export_names_the_extra_of_a_missing_export_stack(tmp_path):
     assert result.stderr.strip() == ("halflife export: error: the export stack is not installed (torch); install it "
                                      "with `pip install 'halflife[export]'` (or `make install`)"), result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_make_exports_the_bundled_model_again_but_never_over_another_model(tmp_path):
+    """`make serve MODEL_DIR=var/models/mine` (README: the directory every
+    target serves) replaced an exported model of one's own with the bundled
+    one with --force once the export sources were newer than its manifest (a
+    `git pull`, or a model copied with its times kept): its server then
+    refused the store reembedded for it (a model-upgrade review)."""
+    import json
+    import os
+    import shutil
+    from pathlib import Path
+
+    import pytest
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    repo = Path(__file__).resolve().parents[1]
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / ".installed").touch()  # newer than pyproject.toml: nothing is installed
+    calls = tmp_path / "calls"
+    (bin_dir / "halflife").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "halflife").chmod(0o755)
+    bundled = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+    from halflife_export.exporter import BUNDLED_WEIGHTS_SHA256
+
+    assert bundled == BUNDLED_WEIGHTS_SHA256  # the Makefile's copy
+
+    def make_model(weights_sha256: str) -> subprocess.CompletedProcess:
+        model = tmp_path / weights_sha256[:8]
+        model.mkdir()
+        manifest = model / "manifest.json"
+        manifest.write_text(json.dumps({"source": {"weights_sha256": {"model.safetensors": weights_sha256}}}))
+        os.utime(manifest, (0, 0))  # older than the export sources
+        result = subprocess.run(["make", "-C", str(repo), "model", f"VENV={tmp_path / 'venv'}", f"MODEL_DIR={model}"],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    result = make_model("0" * 64)
+    assert not calls.exists() and "holds another model than the bundled one" in result.stdout, result.stdout
+    make_model(bundled)
+    assert calls.read_text() == f"export --output {tmp_path / bundled[:8]} --force\n"
