@@ -94,6 +94,9 @@ class MemoryStore:
         self.vectors_from = self.vectors_from or (space, model)
         return self.vectors_from
 
+    def bound_vectors(self) -> tuple[str, str] | None:
+        return self.vectors_from
+
     def vector_size(self) -> int | None:
         item = next(iter(self.items.values()), None)  # the benchmark's events are on its items
         return None if item is None else item.vector.shape[0]

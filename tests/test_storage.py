@@ -607,8 +607,36 @@ def test_a_store_built_with_a_model_of_another_size_stops_serve_in_one_line(mode
     assert "halflife reembed --data-dir OLD --out NEW --model-dir DIR" in result.stderr.splitlines()[-1]
 
 
+def test_a_store_of_another_size_names_the_model_it_came_from(tmp_path):
+    """A model change's store served with the new model said "it was built
+    with another model; serve it with that one", not which, where the store
+    records it: the one to roll back to (a model-upgrade review). A store from
+    before the record is still told by its size."""
+    from halflife.config import Config
+    from halflife.interest.engine import InterestEngine
+    from tests.fakes import fake_embed
+
+    def serve_with_another_model() -> None:
+        with SqliteStore(tmp_path) as store:
+            InterestEngine(Config(), store, 384, fake_embed, vector_space=("new-space", "new/model (384-d)"))
+
+    with SqliteStore(tmp_path) as store:
+        store.upsert_items([item("i1")])  # DIM-dimensional
+    with pytest.raises(StoreError, match=f"^the store holds {DIM}-dimensional vectors, where this model's have 384: "):
+        serve_with_another_model()
+    with SqliteStore(tmp_path) as store:
+        assert store.bound_vectors() is None  # the refusal bound nothing
+        store.bind_vectors("old-space", f"old/model ({DIM}-d)")
+    with pytest.raises(StoreError, match=rf"^the store's vectors come from old/model \({DIM}-d\) .*, and this model is "
+                       r"new/model \(384-d\) .*halflife reembed --data-dir OLD --out NEW"):
+        serve_with_another_model()
+    with SqliteStore(tmp_path) as store:
+        assert store.bound_vectors() == ("old-space", f"old/model ({DIM}-d)")
+
+
 def test_the_store_records_the_vector_space_it_was_first_bound_to(tmp_path):
     with SqliteStore(tmp_path) as store:
+        assert store.bound_vectors() is None
         assert store.bind_vectors("space-a", "model a (16-d)") == ("space-a", "model a (16-d)")
         assert store.bind_vectors("space-b", "model b (16-d)") == ("space-a", "model a (16-d)")
     with SqliteStore(tmp_path) as store:  # for good

@@ -372,16 +372,22 @@ class InterestEngine:
         items were ranked against the old one's, silently where the sizes
         matched, and a ValueError's traceback from the catalogue where they
         did not (reviews). A store from before the record is bound to the
-        model that serves it first, its size checked."""
+        model that serves it first, its size checked. A recorded model is
+        named whatever its size: "another model" left a model change's
+        operator to guess which one to roll back to (a model-upgrade review)."""
         stored = self.store.vector_size()
+        space, model = self._vector_space or (None, None)
         if stored not in (None, self.dim):
-            raise StoreError(f"the store holds {stored}-dimensional vectors, where this model's have {self.dim}: "
-                             "it was built with another model; serve it with that one, or give this model a "
-                             f"data directory of its own: {REEMBED_HINT}")
-        if self._vector_space is None:
+            recorded = self.store.bound_vectors()  # a store from before the record stays unbound
+            if recorded is None or space is None or recorded[0] == space:
+                raise StoreError(f"the store holds {stored}-dimensional vectors, where this model's have {self.dim}: "
+                                 "it was built with another model; serve it with that one, or give this model a "
+                                 f"data directory of its own: {REEMBED_HINT}")
+        elif space is None:
             return
-        space, model = self._vector_space
-        bound_space, bound_model = self.store.bind_vectors(space, model)
+        else:
+            recorded = self.store.bind_vectors(space, model)
+        bound_space, bound_model = recorded
         if bound_space != space:
             raise StoreError(f"the store's vectors come from {bound_model} (vector space {bound_space[:12]}), and this "
                              f"model is {model} (vector space {space[:12]}): serve the store with its model, or give "

@@ -252,6 +252,9 @@ class Store(Protocol):
         `EmbeddingEngine.vector_space`; `model` names it for people) unless
         one is recorded already, and returns the recorded (space, model)."""
 
+    def bound_vectors(self) -> tuple[str, str] | None:
+        """The recorded (space, model) of `bind_vectors`, None while none is."""
+
     def vector_size(self) -> int | None:
         """The length of the newest stored vector (every one has the length
         of the model that made it), or None while none is stored."""

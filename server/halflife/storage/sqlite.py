@@ -140,6 +140,12 @@ def _chunks(conn: sqlite3.Connection, seq: Sequence[Any], width: int = 1) -> Ite
         yield seq[i : i + n]
 
 
+def _bound_vectors(conn: sqlite3.Connection) -> tuple[str, str] | None:
+    """The (space, model) recorded in `meta` (Store.bind_vectors), None while none is."""
+    recorded = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('vector_space', 'vector_model')"))
+    return (recorded["vector_space"], recorded["vector_model"]) if recorded else None
+
+
 def _events_in(after_seq: int, through_seq: int | None, user_id: str | None) -> tuple[str, tuple]:
     """The WHERE clause ("" for none) and its arguments of the events with after_seq < seq
     <= through_seq (no upper bound where None), `user_id`'s only where given. Only the
@@ -1334,10 +1340,12 @@ class SqliteStore:
         def job(conn: sqlite3.Connection) -> tuple[str, str]:
             conn.executemany("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)",
                              [("vector_space", space), ("vector_model", model)])
-            recorded = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('vector_space', 'vector_model')"))
-            return recorded["vector_space"], recorded["vector_model"]
+            return _bound_vectors(conn)
 
         return self._submit(job)
+
+    def bound_vectors(self) -> tuple[str, str] | None:
+        return self._read(_bound_vectors)
 
     def vector_size(self) -> int | None:
         def read(conn: sqlite3.Connection) -> int | None:
