@@ -91,7 +91,8 @@ class MemoryStore:
         return len(self.by_user.pop(user_id, []))
 
     def bind_vectors(self, space: str, model: str) -> tuple[str, str]:
-        self.vectors_from = self.vectors_from or (space, model)
+        if self.vectors_from is None or self.vector_size() is None:  # as SqliteStore: an empty store is rebound
+            self.vectors_from = (space, model)
         return self.vectors_from
 
     def bound_vectors(self) -> tuple[str, str] | None:

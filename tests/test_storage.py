@@ -638,9 +638,37 @@ def test_the_store_records_the_vector_space_it_was_first_bound_to(tmp_path):
     with SqliteStore(tmp_path) as store:
         assert store.bound_vectors() is None
         assert store.bind_vectors("space-a", "model a (16-d)") == ("space-a", "model a (16-d)")
+        store.upsert_items([item("i1")])
         assert store.bind_vectors("space-b", "model b (16-d)") == ("space-a", "model a (16-d)")
     with SqliteStore(tmp_path) as store:  # for good
         assert store.bind_vectors("space-b", "model b (16-d)") == ("space-a", "model a (16-d)")
+
+
+def test_a_store_that_holds_no_vector_takes_the_model_that_serves_it(tmp_path):
+    """`make serve` started once on an empty var/data bound it to the bundled
+    model, and every other model was refused it, told to take "a data
+    directory of its own: empty" (a model-upgrade review). Nothing in a store
+    without vectors is in any model's space; one with a vector stays its
+    model's, its last vector deleted or not."""
+    from halflife.config import Config
+    from halflife.interest.engine import InterestEngine
+    from tests.fakes import fake_embed
+
+    def serve(model: str) -> None:
+        with SqliteStore(tmp_path) as store:
+            InterestEngine(Config(), store, DIM, fake_embed, vector_space=(f"{model}-space", f"{model} ({DIM}-d)"))
+
+    serve("bundled")
+    serve("mine")  # refused before
+    with SqliteStore(tmp_path) as store:
+        assert store.bound_vectors() == ("mine-space", f"mine ({DIM}-d)")
+        store.upsert_items([item("i1")])
+    with pytest.raises(StoreError, match=rf"^the store's vectors come from mine \({DIM}-d\) "):
+        serve("bundled")
+    with SqliteStore(tmp_path) as store:
+        store.delete_items(["i1"])
+        assert store.vector_size() is None
+    serve("bundled")
 
 
 def test_a_vector_space_is_named_by_the_weights_loaded_not_by_their_file_names(model_dir):
@@ -671,6 +699,7 @@ def test_a_store_built_with_another_model_of_the_same_size_stops_serve_and_anoth
 
     manifest = json.loads((model_dir / "manifest.json").read_text())
     with SqliteStore(tmp_path / "data") as store:
+        store.upsert_items([item("i1", vector=np.full(384, 384**-0.5, dtype=np.float32))])  # one held: bound for good
         store.bind_vectors(vector_space(load_manifest(model_dir)), f"{manifest['model_id']} (384-d)")
     other = tmp_path / "other-model"  # the same files, said to come from other weights
     other.mkdir()

@@ -250,7 +250,8 @@ class Store(Protocol):
     def bind_vectors(self, space: str, model: str) -> tuple[str, str]:
         """Records that the store's vectors live in `space` (a model's
         `EmbeddingEngine.vector_space`; `model` names it for people) unless
-        one is recorded already, and returns the recorded (space, model)."""
+        one is recorded already and the store holds a vector, and returns
+        the recorded (space, model)."""
 
     def bound_vectors(self) -> tuple[str, str] | None:
         """The recorded (space, model) of `bind_vectors`, None while none is."""

@@ -1338,7 +1338,12 @@ class SqliteStore:
 
     def bind_vectors(self, space: str, model: str) -> tuple[str, str]:
         def job(conn: sqlite3.Connection) -> tuple[str, str]:
-            conn.executemany("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)",
+            # A store that holds no vector (none written yet, or all deleted since) is in no model's space: an
+            # empty var/data that `make serve` once started with the bundled model refused every other, told to
+            # take "a data directory of its own: empty" (a model-upgrade review).
+            empty = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM vectors) AND NOT EXISTS "
+                                 "(SELECT 1 FROM profile_snapshots)").fetchone()[0]
+            conn.executemany(f"INSERT OR {'REPLACE' if empty else 'IGNORE'} INTO meta(key, value) VALUES (?, ?)",
                              [("vector_space", space), ("vector_model", model)])
             return _bound_vectors(conn)
 
