@@ -520,9 +520,11 @@ def test_delete_items_is_idempotent_and_deleted_items_are_never_recommended(clie
     assert not {"gone-1", "gone-2"} & set(ids(client.similar_items(item_id="romcom-0", limit=1000)))
     error = rpc_error(client.get_items, ["romcom-0", "gone-1"])
     assert error.code() == grpc.StatusCode.NOT_FOUND and fields(error) == ["ids[1]"]
-    # Recorded events keep their contribution; new ones on the item are refused.
-    profile = client.profile(user, as_of=T0)
+    # Recorded events keep their contribution, at a past as_of too (interest.proto's as_of_time), while
+    # the items that describe the profile are today's; new events on the item are refused.
+    profile = client.profile(user, as_of=T0, items_per_interest=20)
     assert sum(i.event_count for i in profile.interests) == 3
+    assert not {"gone-1", "gone-2"} & {t.item_id for i in profile.interests for t in i.top_items}
     error = rpc_error(client.record_events, [ev("del-late", user, LIKE, "gone-1", at=T0)])
     assert error.code() == grpc.StatusCode.NOT_FOUND and fields(error) == ["events[0].item_id"]
 

@@ -405,7 +405,9 @@ type GetProfileRequest struct {
 	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
 	// The moment to describe the profile at; default now. Events after it are
 	// ignored, so a past time replays the history of events exactly, over
-	// today's catalogue: events on items deleted since no longer count.
+	// today's catalogue: events on items deleted since still count (with the
+	// vectors they were recorded with), but `top_items` and `labels` come
+	// from the items that exist now.
 	AsOfTime *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=as_of_time,json=asOfTime,proto3" json:"as_of_time,omitempty"`
 	// Representative items per interest, 0 to 20. 0 (the default) lists the
 	// server's `ranking.items_per_interest`, 3 unless configured.

@@ -157,7 +157,9 @@ export type GetProfileRequest = Message<"halflife.v1.GetProfileRequest"> & {
   /**
    * The moment to describe the profile at; default now. Events after it are
    * ignored, so a past time replays the history of events exactly, over
-   * today's catalogue: events on items deleted since no longer count.
+   * today's catalogue: events on items deleted since still count (with the
+   * vectors they were recorded with), but `top_items` and `labels` come
+   * from the items that exist now.
    *
    * @generated from field: google.protobuf.Timestamp as_of_time = 2;
    */
