@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from halflife.core.decay import (
+    ES_KERNELS,
     SAFE_EXPONENT,
     EventTypes,
     add_events,
@@ -19,6 +20,7 @@ from halflife.core.decay import (
     kernel_sums,
     landmark_for,
     read_decayed,
+    relative_read_factors,
 )
 
 HOUR = 3600.0
@@ -77,6 +79,10 @@ def test_decay_rates_and_grouping():
         decay_rates([0.0])
     with pytest.raises(ValueError):
         decay_rates([np.nan])
+    assert decay_rates([0.5]).tolist() == [2 * np.log(2)]  # any positive half-life, below a second too
+    for bad in ([HOUR, 0.0], [np.nan, HOUR], [HOUR, -DAY]):  # any one non-positive half-life
+        with pytest.raises(ValueError):
+            decay_rates(bad)
 
 
 def _arrival_order(rng, times, mode):
@@ -162,6 +168,37 @@ def test_add_events_is_pure_and_late_events_keep_the_landmark():
     np.testing.assert_allclose(new, [[1.0 + 2.0**-400, 1.0]], rtol=1e-15)
 
 
+def test_an_empty_batch_changes_nothing():
+    rates = decay_rates([DAY])
+    sums = np.array([[1.0, 2.0]])
+    assert landmark_for(T0, [], rates.max()) == T0
+    assert np.isnan(landmark_for(float("nan"), np.zeros(0), rates.max()))
+    new, landmark = add_events(sums, T0, rates, [], [], [], np.zeros((0, 2)))
+    assert landmark == T0
+    np.testing.assert_array_equal(new, sums)
+
+
+def test_event_types_hold_float_arrays_and_reject_mismatched_lengths():
+    types = EventTypes([1, -2], [HOUR, np.inf], ("like", "skip"))  # plain lists, as a caller may pass
+    assert types.weights.dtype == np.float64 and types.weights.tolist() == [1.0, -2.0]
+    assert types.half_lives.dtype == np.float64 and types.half_lives.tolist() == [HOUR, np.inf]
+    with pytest.raises(ValueError, match="same length"):
+        EventTypes(np.array([1.0, 2.0]), np.array([HOUR]))
+    with pytest.raises(ValueError, match="names"):
+        EventTypes(np.array([1.0, 2.0]), np.array([HOUR, DAY]), ("like",))
+
+
+def test_relative_read_factors_are_zero_where_no_rate_holds_anything():
+    rates = decay_rates([HOUR, DAY])
+    none = np.zeros(2, dtype=bool)
+    np.testing.assert_array_equal(relative_read_factors(rates, T0, T0 + DAY, none), [0.0, 0.0])
+    np.testing.assert_array_equal(relative_read_factors(rates, float("nan"), T0, np.ones(2, dtype=bool)), [0.0, 0.0])
+    # The largest held factor reads 1, the others relative to it; a rate holding nothing reads 0.
+    got = relative_read_factors(rates, T0, T0 + DAY, np.array([True, True]))
+    np.testing.assert_allclose(got, [2.0**-24 / 0.5, 1.0], rtol=1e-12)
+    np.testing.assert_array_equal(relative_read_factors(rates, T0, T0 + DAY, np.array([True, False])), [1.0, 0.0])
+
+
 def test_infinite_half_life_is_a_plain_sum():
     rates = decay_rates([np.inf])
     rng = np.random.default_rng(5)
@@ -206,6 +243,14 @@ def test_es_kernels_hand_computed():
     np.testing.assert_allclose(es_linear(np.array([15.5, 9.25]), 0.0, 10.0, 3.0, 0.2), [0.0, 0.5], atol=1e-15)
 
 
+@pytest.mark.parametrize("kind", ["exp", "gauss", "linear"])
+def test_kernel_defaults_are_elasticsearchs_no_offset_and_half_weight_at_scale(kind):
+    times = np.array([0.0, 1.0, 10.0, -10.0])
+    np.testing.assert_allclose(ES_KERNELS[kind](times, 0.0, 10.0)[[0, 2, 3]], [1.0, 0.5, 0.5], rtol=1e-12)
+    np.testing.assert_allclose(es_kernel(kind, 0.0, 10.0)(times)[[0, 2, 3]], [1.0, 0.5, 0.5], rtol=1e-12)
+    assert ES_KERNELS[kind](times, 0.0, 10.0)[1] < 1.0  # no offset: it decays from the origin on
+
+
 def test_a_linear_kernel_of_infinite_scale_does_not_decay():
     """scale = inf (a half-life the config accepts) gave (inf - d)/inf: NaN, and no recommendations."""
     times = np.array([0.0, -1e6, -1e9])
@@ -213,7 +258,29 @@ def test_a_linear_kernel_of_infinite_scale_does_not_decay():
     assert es_linear(times, 0.0, 1e308, 0.0, 0.5).tolist() == [1.0, 1.0, 1.0]  # s overflows to inf
 
 
+@pytest.mark.parametrize("fn", [es_exp, es_gauss, es_linear])
+def test_each_kernel_checks_its_own_parameters(fn):
+    for scale, offset, decay in ((0.0, 0.0, 0.5), (1.0, -1.0, 0.5), (1.0, 0.0, 1.0), (1.0, 0.0, -0.1)):
+        with pytest.raises(ValueError):
+            fn(np.zeros(1), 0.0, scale, offset, decay)
+
+
+def test_a_kernel_decay_of_0_is_allowed_for_linear_only():
+    """docs/configuration.md: kernel_decay "above 0 for exp and gauss, 0 allowed for linear"."""
+    times = np.array([0.0, 5.0, 10.0, 20.0])
+    np.testing.assert_allclose(es_linear(times, 0.0, 10.0, 0.0, 0.0), [1.0, 0.5, 0.0, 0.0])
+    np.testing.assert_allclose(es_kernel("linear", 0.0, 10.0, 0.0, 0.0)(times), [1.0, 0.5, 0.0, 0.0])
+    for fn, kind in ((es_exp, "exp"), (es_gauss, "gauss")):
+        with pytest.raises(ValueError):
+            fn(times, 0.0, 10.0, 0.0, 0.0)
+        with pytest.raises(ValueError):
+            es_kernel(kind, 0.0, 10.0, 0.0, 0.0)
+
+
 def test_es_kernel_validation():
+    np.testing.assert_allclose(es_exp(np.array([0.5]), 0.0, 0.5), [0.5])  # any positive scale, below 1 too
+    with pytest.raises(ValueError):
+        es_kernel("exp", 0.0, 0.0)  # when bound, not at the first read
     with pytest.raises(ValueError):
         es_exp(np.zeros(1), 0.0, 0.0)
     with pytest.raises(ValueError):
