@@ -68,3 +68,14 @@ def test_past_max_held_everything_is_handed_out():
     times, ids = horizon.admit(0.0, np.array([-1.0, 8.0]), np.array([3, 4]))
     assert sorted(ids.tolist()) == [0, 1, 2, 3, 4] and len(horizon) == 0 and horizon.through == 8.0
     assert horizon.admit(0.0, np.array([7.5]), np.array([5]))[1].tolist() == [5]  # before `through`: at once
+
+
+def test_a_peek_shows_the_held_entries_due_by_then_and_leaves_them_held():
+    horizon = Horizon()
+    horizon.admit(0.0, np.array([5.0, 9.0, 7.0]), np.array([0, 1, 2]))  # all ahead of the clock: held
+    assert len(horizon) == 3 and horizon.peek(4.0) is None
+    assert horizon.peek(5.0)[1].tolist() == [0]  # stamped at the read's time: due
+    times, ids = horizon.peek(7.5)
+    assert sorted(zip(times.tolist(), ids.tolist())) == [(5.0, 0), (7.0, 2)]
+    assert len(horizon) == 3 and horizon.through == -np.inf  # nothing handed out
+    assert sorted(horizon.release(9.0)[1].tolist()) == [0, 1, 2]
