@@ -44,3 +44,15 @@ def test_describe_topic_clusters_finds_their_labels():
     assert labels_only.label_indices[:, 0].tolist() == [7, 2]
     assert labels_only.item_indices.shape == (2, 0) and labels_only.item_scores.shape == (2, 0)
     assert scored == []  # no item is scored when none is asked for
+
+
+def test_no_items_asked_gives_empty_item_columns_and_one_gives_the_nearest():
+    rng = np.random.default_rng(1)
+    centroids = rng.normal(size=(3, 8))
+    labels, items = normalize(rng.normal(size=(10, 8))), normalize(rng.normal(size=(50, 8)))
+    d = describe_clusters(centroids, labels, items, n_labels=2, n_items=0)
+    assert d.label_indices.shape == (3, 2)
+    assert d.item_indices.shape == (3, 0) and d.item_scores.shape == (3, 0)
+    assert d.item_indices.dtype == np.int64
+    one = describe_clusters(centroids, labels, items, n_labels=2, n_items=1)
+    assert one.item_indices[:, 0].tolist() == np.argmax(normalize(centroids) @ items.T, axis=1).tolist()
