@@ -101,6 +101,57 @@ def test_mismatched_event_types_are_rejected():
     other = EventTypes(np.array([1.0]), np.array([3 * DAY]))
     with pytest.raises(ValueError):
         ProfileState.empty(TYPES, 4).add(other, [0], [T0], np.ones((1, 4)))
+    with pytest.raises(ValueError):
+        MultiInterestState.empty(TYPES, 4).add(other, [0], [T0], np.ones((1, 4)))
+    with pytest.raises(ValueError):
+        MultiInterestState.empty(TYPES, 4, max_clusters=0)
+
+
+def test_a_profile_of_negative_events_only_has_no_positive_direction():
+    state = ProfileState.empty(TYPES, 2)
+    state.add(TYPES, [3, 4], [T0, T0 + 1], np.eye(2))
+    assert state.direction(T0 + DAY).tolist() == [0.0, 0.0] and state.strength(T0 + DAY) == 0.0
+    assert np.all(state.negative_direction(T0 + DAY) > 0)
+    likes = ProfileState.empty(TYPES, 2)
+    likes.add(TYPES, [1], [T0], np.eye(2)[:1])
+    assert likes.dim == 2 and likes.negative_direction(T0).tolist() == [0.0, 0.0]
+
+
+def test_a_batch_longer_than_one_product_and_weights_below_1_sum_exactly():
+    types = EventTypes.from_dict({"glance": (0.25, DAY), "like": (1.0, 7 * DAY), "skip": (-0.5, DAY)})
+    rng = np.random.default_rng(12)
+    n = 5000  # more events than one float64 product takes
+    type_ids, times, vecs = rng.integers(0, 3, n), T0 + rng.uniform(0, 30 * DAY, n), rng.normal(size=(n, 3))
+    state = ProfileState.empty(types, 3)
+    state.add(types, type_ids, times, vecs)
+    t = T0 + 31 * DAY
+    w = types.weights[type_ids] * np.exp2(-(t - times) / types.half_lives[type_ids])
+    assert _rel(state.vector(t), np.where(w > 0, w, 0) @ vecs) < 1e-9
+    assert _rel(state.negative_vector(t), np.where(w < 0, -w, 0) @ vecs) < 1e-9
+    assert state.negative_strength(t) == pytest.approx(-w[w < 0].sum(), rel=1e-9)
+
+
+def test_clusters_worth_nothing_go_and_the_live_ones_keep_their_sums():
+    """Two clusters of 1-minute events die at one re-base, beside a live one
+    of 1-day events after them: the dead ones go, the live one stays whole."""
+    types = EventTypes.from_dict({"glance": (1.0, 60.0), "like": (1.0, DAY)})
+    state = MultiInterestState.empty(types, 4, max_clusters=4, threshold=0.5)
+    state.add(types, [0, 0, 1], [T0, T0 + 1, T0 + 2], np.eye(4)[:3])
+    state.add(types, [1], [T0 + 20 * HOUR], np.eye(4)[3:])
+    assert state.n_clusters == 2 and state.counts.tolist() == [1, 1]
+    np.testing.assert_allclose(state.centroids(T0 + DAY), np.eye(4)[[2, 3]], atol=1e-6)
+
+
+def test_events_of_a_type_weighing_0_are_ignored():
+    types = EventTypes.from_dict({"view": (0.0, DAY), "like": (1.0, DAY)})
+    profile, interests = ProfileState.empty(types, 2), MultiInterestState.empty(types, 2)
+    for state in (profile, interests):
+        state.add(types, [0, 0], [T0, T0 + 1], np.eye(2))
+    assert profile.strength(T0 + 1) == 0.0 and profile.negative_strength(T0 + 1) == 0.0
+    assert interests.n_clusters == 0 and interests.counts.shape == (0,) and interests.last_time.shape == (0,)
+    assert interests.trend.shape == (0, 2)
+    interests.add(types, [1, 0], [T0 + 2, T0 + 3], [[1.0, 0.0], [1.0, 0.0]])  # a like, then a view of the same
+    assert interests.counts.tolist() == [1]
 
 
 def test_negative_feedback_pushes_down_items_near_disliked_ones():
@@ -242,6 +293,25 @@ def test_more_topics_than_k_merge():
     assert state.total_mass(t) == pytest.approx(np.exp2(-(t - times) / (14 * DAY)).sum(), rel=1e-10)
 
 
+def test_a_merged_interest_holds_both_counts_and_the_later_last_time():
+    state = MultiInterestState.empty(TYPES, 2, max_clusters=1, threshold=0.5)
+    state.add(TYPES, [0, 0], [T0 + HOUR, T0], np.eye(2))  # unlike events: the second one forces a merge
+    assert state.n_clusters == 1 and state.counts.tolist() == [2] and state.last_time.tolist() == [T0 + HOUR]
+
+
+def test_centroids_and_shares_read_every_rate_any_interest_holds():
+    """Each interest of its own event type (half-life): the centroids are
+    the directions of the decayed cluster vectors, the shares their
+    importances over their sum."""
+    state = MultiInterestState.empty(TYPES, 3, max_clusters=4, threshold=0.9)
+    state.add(TYPES, [0, 1, 2], [T0, T0 + HOUR, T0 + 2 * HOUR], np.eye(3) + 0.1)
+    assert state.n_clusters == 3
+    t = T0 + 5 * DAY
+    vectors = state.cluster_vectors(t)
+    np.testing.assert_allclose(state.centroids(t), vectors / np.linalg.norm(vectors, axis=1, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(state.shares(t), state.importances(t) / state.importances(t).sum(), rtol=1e-12)
+
+
 def test_shifted_interest_dominates_and_trends():
     rng = np.random.default_rng(5)
     dim = 32
@@ -271,6 +341,18 @@ def test_shifted_interest_dominates_and_trends():
     for mode in ("sum", "max"):
         s = interest_scores(items, state.centroids(t), imp, mode=mode)
         assert s[0] > s[1]
+
+
+@pytest.mark.parametrize("gap_days,label", [(3, "rising"), (2, "steady")])
+def test_trends_are_the_7_day_share_less_the_90_day_share(gap_days, label):
+    """docs/interest.md: rising when an interest's share of the 7-day mass
+    exceeds its 90-day share by 0.05, fading when below by 0.05."""
+    state = MultiInterestState.empty(TYPES, 2, max_clusters=4, threshold=0.5)
+    state.add(TYPES, [0, 0], [T0, T0 + gap_days * DAY], np.eye(2))  # two clicks, two interests
+    short, long = 2.0 ** (-gap_days / 7), 2.0 ** (-gap_days / 90)  # the first one's masses beside the second's
+    newer = 1 / (1 + short) - 1 / (1 + long)
+    np.testing.assert_allclose(state.trends(), [-newer, newer], rtol=1e-9)
+    assert 0.04 < newer < 0.07 and list(state.trend_labels()) == [{"rising": "fading"}.get(label, label), label]
 
 
 def test_decayed_sums_do_not_depend_on_arrival_order():
@@ -313,6 +395,25 @@ def test_backfill_over_years_with_fast_decay_still_clusters():
     assert np.all(np.isfinite(state.sums))
 
 
+@pytest.mark.parametrize("half_lives", [(HOUR, 365 * DAY), (365 * DAY, 3 * 365 * DAY)])
+def test_a_backfill_over_years_keeps_every_rate_and_trend_exact(half_lives):
+    """One batch over five years: the chunks re-base for the fastest rate,
+    of the event types' and the 7-day trend's, so no exponent overflows."""
+    types = EventTypes(np.array([1.0, 2.0]), np.array(half_lives))
+    rng = np.random.default_rng(8)
+    times = T0 + np.sort(rng.uniform(0, 5 * YEAR, 400))
+    type_ids, vecs = rng.integers(0, 2, 400), rng.normal(size=(400, 4))
+    state = MultiInterestState.empty(types, 4, max_clusters=3, threshold=0.3)
+    state.add(types, type_ids, times, vecs)
+    t = times.max() + DAY
+    w = types.weights[type_ids] * np.exp2(-(t - times) / types.half_lives[type_ids])
+    assert _rel(state.total_vector(t), w @ vecs) < 1e-9
+    trend = state.trend.sum(0) * np.exp(-state.trend_rates * (t - state.landmark))
+    want = [(types.weights[type_ids] * np.exp2(-(t - times) / h)).sum() for h in (7 * DAY, 90 * DAY)]
+    # To 1e-6: a cluster of hour-long events is dropped with its trend masses once its importance underflows.
+    np.testing.assert_allclose(trend, want, rtol=1e-6)
+
+
 def test_negative_events_are_ignored_by_interests():
     state = MultiInterestState.empty(TYPES, 4)
     state.add(TYPES, [3, 4], [T0, T0 + 1], np.eye(4)[:2])
@@ -320,6 +421,8 @@ def test_negative_events_are_ignored_by_interests():
     assert state.centroids(T0).shape == (0, 4)
     scores = interest_scores(np.eye(4, dtype=np.float32), state.centroids(T0), state.importances(T0))
     assert scores.tolist() == [0.0] * 4
+    assert state.trends().shape == (0,) and state.trend_labels().shape == (0,)
+    assert state.shares(T0).shape == (0,)
 
 
 def test_interest_state_arrays_roundtrip_and_nbytes():
@@ -356,8 +459,16 @@ def test_interest_scores_formulas():
     np.testing.assert_allclose(interest_scores(items, cent, imp, "sum"), cos @ share, atol=1e-5)
     max_scores = interest_scores(items, cent, imp, "max", alpha=0.5)
     np.testing.assert_allclose(max_scores, (cos * share**0.5).max(1), atol=1e-5)
+    # α = 1 unless asked: the best share-weighted cosine.
+    np.testing.assert_allclose(interest_scores(items, cent, imp, "max"), (cos * share).max(1), atol=1e-5)
+    # Interests that all weigh 0 score nothing, in either mode (no NaN).
+    for mode in ("sum", "max"):
+        assert interest_scores(items, cent, np.zeros(k), mode).tolist() == [0.0] * n
     with pytest.raises(ValueError):
         interest_scores(items, cent, imp, "mean")
+    for mode in ("sum", "max"):  # no interests: zeros
+        none = interest_scores(items, np.zeros((0, dim), np.float32), np.zeros(0), mode)
+        assert none.dtype == np.float32 and none.tolist() == [0.0] * n
 
 
 def test_a_cluster_worth_nothing_gives_its_slot_to_live_ones():
@@ -577,3 +688,24 @@ def test_an_event_so_late_its_worth_underflowed_still_counts_in_the_cluster_it_j
     np.testing.assert_array_equal(in_order.counts, click_late.counts)
     np.testing.assert_allclose(in_order.trend.sum(axis=0), click_late.trend.sum(axis=0), rtol=1e-12)
     np.testing.assert_array_equal(in_order.last_time, click_late.last_time)
+
+
+def test_late_events_worth_nothing_count_in_their_cluster_as_in_time_order_whatever_their_batch():
+    """Three clicks a day late, in one batch, of two clusters: each adds its
+    own trend masses and count to its own, and a cluster's last time stays
+    its newest event's."""
+    minute, day, t0 = 60.0, 86400.0, 1.7e9
+    types = EventTypes.from_dict({"click": (1.0, minute), "like": (3.0, 90 * day)})
+    v, u = [1.0, 0.0], [0.0, 1.0]
+    batches = {"likes": ([1, 1], [t0 + 1, t0 + 2], [v, u]), "later": ([1], [t0 + day], [u]),
+               "clicks": ([0, 0, 0], [t0, t0 + 0.05 * day, t0 + 0.1 * day], [v, u, v])}  # 20+ hours late
+    states = []
+    for order in (("likes", "clicks", "later"), ("likes", "later", "clicks")):
+        state = MultiInterestState.empty(types, 2, max_clusters=8, threshold=0.6)
+        for name in order:
+            state.add(types, *batches[name])
+        states.append(state)
+    in_order, late = states
+    assert late.counts.tolist() == in_order.counts.tolist() == [3, 3]
+    np.testing.assert_allclose(late.trend, in_order.trend, rtol=1e-12)
+    assert late.last_time.tolist() == in_order.last_time.tolist() == [t0 + 0.1 * day, t0 + day]
