@@ -86,3 +86,10 @@ def test_a_renumbered_log_counts_only_the_takings_back_it_kept():
     log.taken_back = 3  # however it came to count what it does not hold, a net with nothing to net resets it
     log.net()
     assert log.taken_back == 0 and len(log) == 1
+
+
+def test_an_empty_log_holds_no_entries():
+    log = EntryLog()
+    assert len(log) == 0 and [column.size for column in log.columns()] == [0, 0, 0]
+    log.append([], [], [])
+    assert log.chunks() == [] and log.newest == -np.inf

@@ -168,6 +168,9 @@ def test_decayed_counts_match_brute_force():
     counter.resize(60)
     assert counter.read(t).shape == (60,) and counter.read(t)[50:].sum() == 0
     assert DecayedCounts.empty(3, DAY).read(T0).tolist() == [0.0, 0.0, 0.0]
+    ones = DecayedCounts.empty(3, DAY)  # weights default to 1
+    ones.add([0, 2, 2], [T0, T0, T0 - DAY])
+    np.testing.assert_allclose(ones.read(T0), [1.0, 0.0, 1.5], rtol=1e-12)
 
 
 def test_clip_cosines():
@@ -195,6 +198,31 @@ def test_an_item_whose_every_event_was_taken_back_counts_exactly_zero():
     assert sums[0] == 0.0 and sums[1] == pytest.approx(0.2) and sums[2] == 0.0
     none = decayed_sum([], [], [], T0, DAY, 3)  # as its docstring says, even with no entries
     assert none.dtype == np.float64 and none.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_decayed_sums_and_counts_halve_every_half_life():
+    sums = decayed_sum([0, 1, 1], [T0 - DAY, T0, T0 - 2 * DAY], [1.0, 2.0, 1.0], T0, DAY, 3)
+    np.testing.assert_allclose(sums, [0.5, 2.25, 0.0], rtol=1e-12)
+    counter = DecayedCounts.empty(2, DAY)
+    versions = [counter.version]
+    counter.add([1], [T0])
+    versions.append(counter.version)
+    counter.resize(3)  # one more item
+    versions.append(counter.version)
+    np.testing.assert_allclose(counter.read(T0 + DAY), [0.0, 0.5, 0.0], rtol=1e-12)
+    counter.take([1, 2])
+    versions.append(counter.version)
+    assert counter.read(T0).tolist() == [1.0, 0.0] and len(set(versions)) == 4  # every change moves the version
+
+
+def test_top_k_and_batch_top_k_keep_float32_scores_float32_and_leave_nan_out_of_long_rows():
+    rng = np.random.default_rng(14)
+    scores = rng.normal(size=5000).astype(np.float32)
+    scores[rng.choice(5000, 5, replace=False)] = np.nan
+    for k in (1, 10, 50):
+        idx, got = top_k(scores, k)
+        assert got.dtype == np.float32 and idx.tolist() == _reference_top_k(scores, k, None)
+    assert batch_top_k(scores[None, :], 10)[1].dtype == np.float32
 
 
 def _reference_top_k(s, k, allowed, ties=False):
@@ -251,6 +279,22 @@ def test_top_k_and_batch_top_k_match_the_definition_with_ties_nan_inf_and_masks(
                 assert idx[row, :m].tolist() == want
     for name, found in narrowed.items():
         assert sum(near is not None for near in found) >= 20 or (chunk is None and name in ("_near_top", "_at_least_kth"))
+
+
+@pytest.mark.parametrize("positive", [100, 30])  # more than k above the floor, and fewer
+def test_top_k_of_a_long_tail_past_what_chunks_bound_leaves_masked_items_out(positive):
+    """A few positive scores in a long tail of zeros, k = 40, past half the
+    chunks (ranked among the scores above the floor, or every eligible one),
+    and a mask over some of the positive ones: no masked item comes back."""
+    rng = np.random.default_rng(13)
+    scores = np.zeros(1000, dtype=np.float32)
+    scores[rng.choice(1000, positive, replace=False)] = rng.random(positive).astype(np.float32) + 0.1
+    allowed = np.ones(1000, dtype=bool)
+    allowed[rng.choice(np.flatnonzero(scores), 5, replace=False)] = False
+    k = 40
+    idx, got = top_k(scores, k, allowed)
+    assert idx.tolist() == _reference_top_k(scores, k, allowed)
+    assert allowed[idx].all()
 
 
 def test_top_k_narrows_long_tails_of_equal_scores_and_narrow_filters_without_searching_every_score(monkeypatch):
@@ -348,13 +392,19 @@ def test_batch_search_in_item_tiles_answers_as_one_score_matrix():
     rng = np.random.default_rng(4)
     items = normalize(rng.standard_normal((300, 8)))
     queries = rng.standard_normal((6, 8))
-    cases = [(6 * 7, 5, 1.0), (6 * 7, 12, 0.9), (6 * 50, 10, 0.5), (10**9, 10, 0.9), (6 * 7, 400, 0.02)]
+    cases = [(6 * 7, 5, 1.0), (6 * 7, 12, 0.9), (6 * 50, 10, 0.5), (10**9, 10, 0.9), (6 * 7, 400, 0.02),
+             (6 * 7, 12, 0.02)]  # the last: many tiles, fewer eligible items than k
     for (max_block, k, share), threads in itertools.product(cases, (1, 2, 4, 8)):  # 8: more than the 6 queries
         allowed = rng.random(300) < share
         want_idx, want = batch_top_k(cosine_scores(queries, items), k, allowed)
         got_idx, got = batch_search(queries, items, k, allowed, max_block=max_block, threads=threads)
         np.testing.assert_allclose(got, want, atol=1e-6)
         np.testing.assert_array_equal(got_idx, want_idx)
+    # No mask: every item competes.
+    want_idx, want = batch_top_k(cosine_scores(queries, items), 5)
+    got_idx, got = batch_search(queries, items, 5, max_block=6 * 7)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_array_equal(got_idx, want_idx)
 
 
 def test_empty_edges_answer_empty_arrays():
