@@ -282,6 +282,47 @@ def test_sample_level_is_the_largest_common_cut_within_the_budget():
         if level > 1 or np.minimum(lengths, 1).sum() <= budget:
             assert np.minimum(lengths, level).sum() <= budget
         assert np.minimum(lengths, level + 1).sum() > budget
+    assert _level(np.array([1, 5]), 6) is None  # all fit exactly: no cut
+
+
+def test_a_merge_begins_only_when_enough_pairs_wait_and_none_is_in_flight():
+    c = Cooccurrence(4)
+    c.add([0, 0, 1], [0, 1, 2])
+    assert c.begin_merge() is None  # a few wait: reads scan them
+    users = np.arange(300)
+    c.add(users, users % 4)
+    merge = c.begin_merge()
+    assert merge is not None and c.begin_merge() is None  # one at a time
+    merge.build()
+    assert c.end_merge(merge) and len(c) == 302 and not c.merging  # user 0 held item 0 already
+    assert not c.end_merge(merge)  # no longer the one in flight
+    np.testing.assert_array_equal(c.item_counts(), [75, 76, 76, 75])
+
+
+def test_a_look_before_every_pair_holds_none_and_sparse_user_rows_score_as_dense_ones():
+    c = index()
+    c.add([0], [3], [50.0])
+    assert len(c.as_of(-1.0)) == 0 and c.as_of(-1.0).n_items == 4
+    # The same pairs with users numbered far apart (past 64 rows a co-user): the same scores.
+    far = Cooccurrence(4)
+    far.add(np.array(PAIRS[0]) * 10_000, PAIRS[1])
+    for kind in ("count", "jaccard", "cosine", "lift"):
+        np.testing.assert_allclose(cooccurrence_scores(far, [0, 3], [1.0, 2.0], kind),
+                                   cooccurrence_scores(index(), [0, 3], [1.0, 2.0], kind), rtol=1e-12)
+
+
+def test_an_index_built_from_pairs_holds_every_item_they_name():
+    c = Cooccurrence.from_pairs(2, [0, 1, 1], [0, 5, 1], [0.0, 1.0, 2.0])
+    assert c.n_items == 6 and c.item_counts().tolist() == [1, 1, 0, 0, 0, 1]
+    assert c.rows([5])[0].tolist() == [0, 1, 0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("kind", ["count", "jaccard", "cosine", "lift"])
+def test_an_index_without_pairs_scores_nothing(kind):
+    empty = Cooccurrence(5)
+    assert cooccurrence_scores(empty, [1, 2], [1.0, 1.0], kind).tolist() == [0.0] * 5
+    which, js, counts = empty.pair_counts([1, 2])
+    assert which.size == js.size == counts.size == 0
 
 
 def _sampled_reference(pairs, n_users: int, n_items: int, query, level: int):
