@@ -156,6 +156,36 @@ def test_the_watermark_marks_a_column_of_seqs_as_it_answers_each():
     assert mark.applied_mask(np.array([], dtype=np.int64)).tolist() == []
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_the_watermark_holds_exactly_the_batches_applied_in_any_order(seed):
+    """Batches (consecutive seqs) marked in a random order, with catch-ups
+    between: every step, exactly the applied seqs are `applied`, every seq up
+    to `through` among them, and after an add `through` is the end of the
+    applied run from the start and what lies above it are the applied runs,
+    each one range (adjacent batches joined)."""
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, 200), 40, replace=False))
+    batches = [(int(b[0]), int(b[-1])) for b in np.split(np.arange(1, 201), cuts)]
+    mark, applied = EventWatermark(0), np.zeros(202, dtype=bool)
+    applied[0] = True
+    for step, i in enumerate(rng.permutation(len(batches))):
+        first, last = batches[i]
+        if step % 7 == 6:  # a catch-up read of the log applied everything up to here
+            upto = int(rng.integers(mark.through, 201))
+            mark.advance(upto)
+            applied[: upto + 1] = True
+            assert mark.applied_mask(np.arange(202)).tolist() == applied.tolist()
+        if applied[first]:
+            continue
+        mark.add(first, last)
+        applied[first : last + 1] = True
+        assert mark.applied_mask(np.arange(202)).tolist() == applied.tolist()
+        assert mark.through == int(np.argmin(applied)) - 1
+        runs = np.flatnonzero(np.diff(applied[mark.through + 1 :].astype(np.int8)))  # starts and ends above
+        above = [(mark.through + 2 + a, mark.through + 1 + b) for a, b in zip(runs[::2], runs[1::2])]
+        assert mark._ahead == above
+
+
 def test_items_and_events_written_by_one_worker_are_seen_by_the_other(pair, tmp_path):
     a, b = pair
     a.upsert_items(items(f"i{n}" for n in range(12)))
