@@ -499,6 +499,35 @@ def test_the_blend_scored_in_row_blocks_is_the_sum_of_its_parts(interest):
     assert set(whole) == set(parts) and all(np.array_equal(whole[k], parts[k]) for k in parts)
 
 
+def test_a_blend_mixes_a_query_and_freshens_within_the_bounds_its_weights_set():
+    """Blend.mixed: (1 − w)·scores + w·query cosine, its bounds moved alike;
+    freshened: scores moved from [low, high] to [0, 1] (a blend of no
+    signals, low = high, counts as 1) times 2^log2_fresh; unit_max: a signal
+    over its maximum."""
+    from halflife.core.ranking import RowBlocks, normalize
+    from halflife.interest.blend import Blend, CatalogueScan, unit_max
+
+    assert unit_max(np.array([0.5, 0.25, 0.0])).tolist() == [1.0, 0.5, 0.0]
+    assert unit_max(np.zeros(2)).tolist() == [0.0, 0.0]
+    scores, query = np.array([0.5, -1.0, 2.0], np.float32), np.array([0.5, 0.0, -1.0], np.float32)
+    mixed = Blend(scores, lambda rows: {"interest": scores[rows]}, -1.0, 2.0).mixed("query", query, 0.25)
+    np.testing.assert_allclose(mixed.scores, 0.75 * scores + 0.25 * query, rtol=1e-6)
+    assert (mixed.low, mixed.high) == (0.75 * -1.0 - 0.25, 0.75 * 2.0 + 0.25)
+    parts = mixed.parts_at(np.array([0, 2]))
+    np.testing.assert_allclose(parts["interest"], [0.375, 1.5])
+    np.testing.assert_allclose(parts["query"], [0.125, -0.25])
+    items = normalize(np.random.default_rng(0).standard_normal((3, 4)))
+    nothing = CatalogueScan(items).blend(RowBlocks(1), {})
+    assert nothing.scores.tolist() == [0.0, 0.0, 0.0] and nothing.low == nothing.high == 0.0
+    fresh = nothing.freshened(np.array([0.0, -1.0, -3.0]))
+    assert fresh.reported(fresh.scores).tolist() == [1.0, 0.5, 0.125]
+    # A signal below 1 is divided by its maximum too: in [0, its weight].
+    small = CatalogueScan(items, later={"popularity": lambda: np.array([0.5, 0.25, 0.0])})
+    small = small.blend(RowBlocks(1), {"popularity": 0.2})
+    np.testing.assert_allclose(small.scores, [0.2, 0.1, 0.0], rtol=1e-6)
+    assert small.high == 0.2
+
+
 def test_explanations_are_read_before_a_compaction_can_move_their_rows(tmp_path, monkeypatch):
     """A compaction moves rows within the matrix that a call's scan read. The
     explanation's parts were read from it after the lock was let go: another
@@ -1808,6 +1837,37 @@ def _exactly_scored(rng) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     events = rng.choice([0.0, 0.25, 0.5], size=(n, 4)).astype(np.float32)
     weights = rng.choice([0.5, 1.0, 2.0], n)
     return items, events, weights, weights * np.maximum(items @ events.T, 0)
+
+
+def test_an_explanation_names_at_most_three_interests_and_events_numbered_as_the_profile_lists_them():
+    """docs/interest.md: an explanation names the interests an item matches
+    (numbered strongest first, as GetProfile lists them) and up to three
+    events that weigh most; a user without events (or a chunk without any) has none."""
+    from halflife.interest.explain import explanations, ranked_interests
+    from halflife.storage.base import EventRecord
+
+    assert ranked_interests(np.array([0.2, 0.5, 0.0, 0.3])).tolist() == [1, 3, 0]
+    item = np.full((1, 8), 8 ** -0.5, dtype=np.float32)  # every interest and event points towards it
+    centroids = (np.eye(8, dtype=np.float32) + 1) / np.sqrt(np.float32(12))
+    shares = np.arange(1, 9, dtype=np.float64)[::-1] / 36  # interest 0 the strongest
+    labels = [(f"label{c}",) for c in range(8)]
+    events = [EventRecord(f"e{n}", "u", 1, f"i{n}", None, None, 100.0 + n, centroids[n], seq=n) for n in range(6)]
+    weights = np.array([1.0, 6.0, 2.0, 5.0, 3.0, 4.0])
+    (one,) = explanations(item, {"interest": np.array([0.5])}, shares, centroids, labels,
+                          [([], np.zeros(0)), (events[:4], weights[:4]), (events[4:], weights[4:])])
+    assert [i.interest_id for i in one.interests] == [0, 1, 2] and one.interests[0].labels == ("label0",)
+    assert [e.event_id for e in one.events] == ["e1", "e3", "e5"]
+    assert one.score_parts == {"interest": 0.5}
+    (alone,) = explanations(item, {"interest": np.array([0.5])}, shares, centroids, labels, [])
+    assert alone.events == () and len(alone.interests) == 3
+    # Events both weighing and pointing towards the item above 0, a light one included; not one at 90°, nor
+    # one weighing 0 (a kernel past its reach).
+    axis = np.eye(8, dtype=np.float32)
+    light, across, spent = (EventRecord(f"e{n}", "u", 1, f"i{n}", None, None, 100.0, axis[n % 2], seq=n)
+                            for n in (0, 1, 2))
+    chunk = ([light, across, spent], np.array([0.5, 2.0, 0.0]))
+    (towards,) = explanations(axis[:1], {}, shares, centroids, labels, [chunk])
+    assert [(e.event_id, e.weight) for e in towards.events] == [("e0", 0.5)]
 
 
 def test_the_strongest_events_chunked_are_those_of_one_stable_sort():
