@@ -1032,6 +1032,43 @@ def test_a_time_more_than_a_day_ahead_names_the_servers_clock():
     assert violations.items == [("as_of_time", expected)]
 
 
+def test_a_timestamp_takes_timestamps_whole_range_and_nothing_past_it():
+    """0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z, as
+    google.protobuf.Timestamp defines it, where no clock applies (an item's
+    create_time may be 1931)."""
+    from halflife.api.validation import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
+
+    def read(seconds, nanos=0):
+        request = recommend_pb2.RecommendRequest(user_id="u", limit=1)
+        request.as_of_time.seconds, request.as_of_time.nanos = seconds, nanos
+        violations = Violations()
+        return violations.timestamp(request, "as_of_time", "as_of_time", None), violations.items
+
+    assert read(MIN_TIMESTAMP_SECONDS) == (-62_135_596_800.0, [])
+    assert read(MAX_TIMESTAMP_SECONDS, 999_999_999)[1] == []
+    for seconds in (MIN_TIMESTAMP_SECONDS - 1, MAX_TIMESTAMP_SECONDS + 1):
+        assert read(seconds) == (None, [("as_of_time", "is outside 0001-01-01 .. 9999-12-31")])
+    for nanos in (-1, 1_000_000_000):
+        assert read(0, nanos)[0] is None
+    assert read(0)[0] == 0.0 and read(0)[1] == []
+
+
+def test_each_check_says_whether_the_value_passed_and_records_what_did_not():
+    """The servicers go on to read a value only where its check passed."""
+    from halflife.api.validation import MAX_TIMESTAMP_SECONDS, event_time_window
+
+    v = Violations()
+    assert v.count([1, 2], "a", 2) and v.finite(1.5, "b") and v.text("x" * 32 * 1024, "c") and v.items == []
+    assert not v.count([], "d", 2) and not v.count([1, 2, 3], "e", 2)
+    assert not v.finite(float("nan"), "f") and not v.text("x" * (32 * 1024 + 1), "g")
+    assert [field for field, _ in v.items] == ["d", "e", "f", "g"]
+    assert event_time_window(1000.0) == {"earliest": 0.0, "latest": 1000.0 + 86400.0}
+    # Past Timestamp's last second only the last nanosecond is clamped to; within it, the time as it is.
+    assert to_pb_timestamp(MAX_TIMESTAMP_SECONDS + 0.5) == timestamp_pb2.Timestamp(seconds=MAX_TIMESTAMP_SECONDS,
+                                                                                 nanos=500_000_000)
+    assert to_pb_timestamp(MAX_TIMESTAMP_SECONDS + 1.0).nanos == 999_999_999
+
+
 @pytest.mark.parametrize("text", [" \t\n ", "\u200b\ufeff\u200d", "\x01\ue000\u0301\ufffd"])  # tokenizers drop them
 def test_blank_text_beside_an_item_is_no_text(text):
     """Whitespace or invisible characters alone are no text (without an item

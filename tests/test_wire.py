@@ -42,6 +42,9 @@ def _largest_upsert(text_bytes: int = 0) -> catalog_pb2.UpsertItemsRequest:
 
 
 def test_the_bounds_hold_the_largest_valid_requests():
+    # docs/api.md: batches of at most 1000 (256 for Embed), items of 64 categories and 64 attributes.
+    limits = (validation.MAX_ITEMS_PER_REQUEST, validation.MAX_EVENTS_PER_REQUEST, validation.MAX_INPUTS_PER_REQUEST)
+    assert limits + (catalog.MAX_CATEGORIES, catalog.MAX_ATTRIBUTES) == (1000, 1000, 256, 64, 64)
     for limit in (validation.MAX_ITEMS_PER_REQUEST, validation.MAX_EVENTS_PER_REQUEST, validation.MAX_INPUTS_PER_REQUEST,
                   catalog.MAX_CATEGORIES, catalog.MAX_ATTRIBUTES):
         assert limit <= MAX_LIST_LENGTH
