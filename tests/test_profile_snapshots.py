@@ -31,6 +31,15 @@ def small_snapshots(monkeypatch):
     monkeypatch.setattr(replay_module, "SNAPSHOT_EVENTS", 10)
 
 
+def test_the_thresholds_are_the_documented_ones(monkeypatch):
+    """docs/interest.md: a replay of 1,000 events or more and of at least
+    1/100 of the user's events saves a snapshot; a cached profile holds at
+    most 16 events for the clock. (The other tests here set their own.)"""
+    monkeypatch.undo()
+    assert (replay_module.SNAPSHOT_EVENTS, replay_module.SNAPSHOT_SHARE) == (1000, 100)
+    assert replay_module.MAX_HELD_EVENTS_PER_USER == 16
+
+
 def open_engine(path, config: Config = Config(), now: float = T) -> InterestEngine:
     return InterestEngine(config, SqliteStore(path), DIM, fake_embed, clock=lambda: now)
 

@@ -212,3 +212,30 @@ def test_an_explanation_read_in_chunks_picks_the_events_of_the_whole_log_ties_by
         top = ranked[: explain.EXPLAINED_EVENTS + 1]
         ties += sum(a[0] == b[0] > 0 and a[2].event_time > b[2].event_time for a, b in zip(top, top[1:]))
     assert ties  # something to compare: listed by seq, not by time
+
+
+def test_ratings_map_by_value_with_the_thresholds_inclusive_and_unknown_types_are_store_damage():
+    """docs/configuration.md: a rating >= ratings.positive_min (4) is "rate",
+    <= ratings.negative_max (2) "rate_low", between them "rate_mid"; a type
+    this server does not know, in any event of a batch, is a damaged store."""
+    from halflife.config import EVENT_TYPE_NAMES
+    from halflife.storage.base import StoreDamagedError
+
+    builder = replay_module.ProfileBuilder(Config(), DIM)
+    got = builder.internal_types(np.array([RATE] * 5 + [VIEW]), np.array([1.0, 2.0, 3.0, 4.0, 5.0, np.nan]))
+    assert [EVENT_TYPE_NAMES[i] for i in got] == ["rate_low", "rate_low", "rate_mid", "rate", "rate", "view"]
+    for unknown in (0, len(EVENT_TYPE_NAMES) + 1):
+        with pytest.raises(StoreDamagedError):
+            builder.internal_types(np.array([VIEW, unknown]), np.array([np.nan, np.nan]))
+
+
+def test_a_replay_counts_the_lowest_seq_it_held_and_the_highest_it_applied():
+    """What decides whether its snapshot may be taken: one held for the clock
+    below an applied event would be skipped by every replay after the snapshot."""
+    def event(seq: int, at: float, vector=np.ones(DIM, np.float32)) -> EventRecord:
+        return EventRecord(f"e{seq}", "u", VIEW, "i", None, None, at, vector, seq)
+
+    replayed = replay_module.Replayed()
+    replayed.count([event(3, T + HOUR), event(2, T), event(4, T + HOUR), event(0, T)], horizon=T)  # at it: applied
+    replayed.count([event(1, T + 2 * HOUR, None), event(5, T)], horizon=T)
+    assert (replayed.events, replayed.applied_through, replayed.first_held, replayed.damaged) == (6, 5, 1, True)
