@@ -16,8 +16,8 @@ waited 62 s behind 256 requests of 32 KiB of text each), a newer shorter one
 passes a waiting one only for a bounded number of windows, and the oldest
 request always progresses.
 
-Once batches have run, deadlines bound windows too, by the model's recent
-seconds per token: a window takes a request only if, behind what it holds
+Once well-filled batches have run, deadlines bound windows too, by the model's
+seconds per token in them (SPEED_SAMPLES): a window takes a request only if, behind what it holds
 already, the request would end by its deadline, and stops where a request in it
 would not (the oldest one's inputs go on alone when none would); and a request
 that could not end by its deadline even alone, at SPEED_SPREAD x that speed,
@@ -33,6 +33,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import math
 import threading
 import time
 from typing import Callable, Sequence
@@ -74,9 +75,17 @@ PASSING_SHARE = 1 / 64
 # How long the queue stays empty before the model thread calls `on_idle`
 # (e.g. to give back the model's memory), and again while it stays so.
 IDLE_AFTER_S = 1.0
-# The model's speed is measured over its recent batches: each one's seconds and
-# tokens count this much less with every later batch (a few batches' worth).
-SPEED_MEMORY = 0.7
+# The model's speed is the median seconds per token of its last SPEED_SAMPLES
+# well-filled batches (half a batch's tokens or inputs, at least): a small
+# batch costs more a token (a pass's fixed cost: 1.7x on CPU, far more on a
+# GPU), and with small ones in the estimate, a one-sentence stream made every
+# larger call look too slow to finish; a median, since one batch slowed by other
+# load would otherwise fail calls until later batches diluted it, and a stream
+# of small calls runs none that would. An estimate SPEED_FRESH_S old is dropped:
+# whatever made it wrong, deadlines then plan nothing until well-filled batches
+# measure again (both found by reviews, on a real server and in-process).
+SPEED_SAMPLES = 5
+SPEED_FRESH_S = 10.0
 # How far a window's time may stray from that speed either way: batch times vary
 # (padding, cache warmth, other load on the machine; small batches cost more a
 # token), so a request is failed early only if it could not finish even this many
@@ -164,9 +173,9 @@ class DynamicBatcher:
         self.batches_run = 0  # forward passes, for tests and metrics
         self.inputs_run = 0  # inputs in them
         self.forward_seconds = 0.0  # time in forward (failed passes too): its rate is the model's busy share
-        # Model thread only: the decayed sums behind _token_seconds (SPEED_MEMORY).
-        self._recent_seconds = 0.0
-        self._recent_tokens = 0.0
+        # Model thread only: seconds per token of the last well-filled batches, and when the last one ended.
+        self._token_rates: collections.deque[float] = collections.deque(maxlen=SPEED_SAMPLES)
+        self._rates_measured = -math.inf
 
     def start(self) -> None:
         """Starts the model thread, answering on the running loop. After a
@@ -330,8 +339,7 @@ class DynamicBatcher:
             finally:
                 took = time.perf_counter() - started
                 self.forward_seconds += took
-            self._recent_seconds = SPEED_MEMORY * self._recent_seconds + took
-            self._recent_tokens = SPEED_MEMORY * self._recent_tokens + sum(len(job.ids[i]) for job, i in batch)
+            self._measure(batch, took)
             self.batches_run += 1
             self.inputs_run += len(batch)
             self._post(_scatter, batch, vectors)
@@ -344,9 +352,21 @@ class DynamicBatcher:
         except RuntimeError:  # the loop closed meanwhile: nobody is waiting
             pass
 
-    def _token_seconds(self) -> float | None:
-        """The model's recent seconds per (unpadded) token; None before any batch ran."""
-        return self._recent_seconds / self._recent_tokens if self._recent_tokens else None
+    def _measure(self, batch: list[tuple[_Job, int]], seconds: float) -> None:
+        """Learns the model's speed from a batch that ran, if it was well filled (SPEED_SAMPLES)."""
+        lengths = [len(job.ids[i]) for job, i in batch]
+        config = self.config
+        if 2 * len(lengths) * max(lengths) >= config.max_batch_tokens or 2 * len(lengths) >= config.max_batch_size:
+            self._token_rates.append(seconds / max(sum(lengths), 1))
+            self._rates_measured = time.monotonic()
+
+    def _token_seconds(self, now: float) -> float | None:
+        """The model's seconds per (unpadded) token in well-filled batches: the
+        lower median of the last ones; None where no such batch ran in the
+        last SPEED_FRESH_S (SPEED_SAMPLES)."""
+        if not self._token_rates or now - self._rates_measured > SPEED_FRESH_S:
+            return None
+        return sorted(self._token_rates)[(len(self._token_rates) - 1) // 2]
 
     def _take_window(self, now: float) -> tuple[list[_Slice], list[_Job], list[_Job]]:
         """Takes a window of waiting inputs (see the module docstring): up to
@@ -360,7 +380,7 @@ class DynamicBatcher:
         deadline passed, and those that could not end by it even alone at
         SPEED_SPREAD x the model's speed (keeping one, were that all of them).
         Returns (window, jobs whose deadline passed, jobs behind). Lock held."""
-        token_seconds = self._token_seconds()
+        token_seconds = self._token_seconds(now)
         waiting: collections.deque[_Job] = collections.deque()
         expired: list[_Job] = []
         behind: list[_Job] = []
