@@ -100,6 +100,12 @@ def _engine_with_blend(path, **blend) -> InterestEngine:
                           SqliteStore(path), DIM, fake_embed, clock=lambda: T)
 
 
+def _cooccurrence_parts(engine: InterestEngine, user: str) -> dict[str, float]:
+    """Each item of `user`'s top 3 at T -> its score's co-occurrence part."""
+    return {i.item_id: i.explanation.score_parts["cooccurrence"]
+            for i in engine.recommend(user, 3, as_of=T, explain=True).items}
+
+
 @pytest.mark.parametrize("read", ["past", "held"])
 def test_trending_keeps_its_order_thousands_of_half_lives_after_the_events(tmp_path, read):
     """Popularity is divided by its maximum, so the time it is summed at
@@ -201,19 +207,15 @@ def test_a_restart_reads_the_same_newest_users_after_an_item_was_deleted(tmp_pat
 
     monkeypatch.setattr(cooccurrence, "_MIN_MERGE", 1)
 
-    def parts(engine):
-        return {i.item_id: i.explanation.score_parts["cooccurrence"]
-                for i in engine.recommend("u", 3, as_of=T, explain=True).items}
-
     engine = _engine_with_blend(tmp_path, max_co_users=1)
     engine.upsert_items([ItemInput(id=i, text=f"thing {i}") for i in ("a", "b", "c", "z")])
     for n, (user, item) in enumerate([("u", "a"), ("x", "z"), ("y", "a"), ("y", "c"), ("x", "a"), ("x", "b")]):
         engine.record_events([EventInput(f"e{n}", user, LIKE, item, None, None, T - 100 + n)])
     engine.delete_items(["z"])
-    live = parts(engine)
+    live = _cooccurrence_parts(engine, "u")
     assert live["c"] > 0 and live["b"] == 0.0  # y, the newest of a's users
     engine.store.close()
-    assert parts(_engine_with_blend(tmp_path, max_co_users=1)) == live
+    assert _cooccurrence_parts(_engine_with_blend(tmp_path, max_co_users=1), "u") == live
 
 
 def test_batches_applied_out_of_commit_order_sample_the_newest_users_as_a_restart_does(tmp_path):
@@ -247,13 +249,9 @@ def test_batches_applied_out_of_commit_order_sample_the_newest_users_as_a_restar
     x.join(10)
     assert y_applied.is_set() and not x.is_alive()
 
-    def parts(engine):
-        return {i.item_id: i.explanation.score_parts["cooccurrence"]
-                for i in engine.recommend("u", 3, as_of=T, explain=True).items}
-
-    live = parts(engine)
+    live = _cooccurrence_parts(engine, "u")
     engine.store.close()
-    restarted = parts(_engine_with_blend(tmp_path, max_co_users=1))
+    restarted = _cooccurrence_parts(_engine_with_blend(tmp_path, max_co_users=1), "u")
     assert restarted["c"] > 0 and restarted["b"] == 0.0  # y committed last: a's newest user
     assert live == restarted
 
@@ -2406,10 +2404,6 @@ def test_a_user_who_records_during_their_erasure_keeps_their_place_among_the_use
 
     monkeypatch.setattr(cooccurrence, "_MIN_MERGE", 1)
 
-    def parts(engine):
-        return {i.item_id: i.explanation.score_parts["cooccurrence"]
-                for i in engine.recommend("q", 3, as_of=T, explain=True).items}
-
     engine = _engine_with_blend(tmp_path, max_co_users=1)
     engine.upsert_items([ItemInput(id=i, text=f"thing {i}") for i in ("a", "b", "c", "d")])
     engine.record_events([EventInput("q0", "q", LIKE, "a", None, None, T - 100),
@@ -2423,9 +2417,9 @@ def test_a_user_who_records_during_their_erasure_keeps_their_place_among_the_use
 
     _during_the_erasure(engine, monkeypatch, meanwhile, "deleted")
     assert engine.delete_user("u") == 1
-    live = parts(engine)
+    live = _cooccurrence_parts(engine, "q")
     engine.store.close()
-    restarted = parts(_engine_with_blend(tmp_path, max_co_users=1))
+    restarted = _cooccurrence_parts(_engine_with_blend(tmp_path, max_co_users=1), "q")
     assert restarted["c"] > 0 and restarted["b"] == 0.0  # y came last: a's newest user
     assert live == restarted
 
