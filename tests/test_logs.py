@@ -63,3 +63,30 @@ def test_log_lines_wait_for_a_stalled_stderr_on_a_thread_of_their_own_and_past_t
     dropped = [re.fullmatch(said, text) for text in got if not text.endswith(line.encode() + b"\n")]
     assert kept == sorted(kept) and kept[0] == 0 and len(kept) >= 100  # in order; the bound's worth at least
     assert dropped and all(dropped) and len(kept) + sum(int(m.group(1)) for m in dropped) == 300
+
+
+def test_processes_sharing_stderr_never_tear_each_others_lines_once_the_pipe_fills():
+    """The workers of `--workers` share their parent's stderr: written many lines at a time, a write
+    past PIPE_BUF bytes was cut where the pipe filled and another's lines went in mid-line (a review:
+    129 of 9,000 lines torn behind a slow reader)."""
+    import fcntl
+
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)  # fills at once
+    handlers = [StderrInBackground(os.fdopen(os.dup(write_end), "w")) for _ in range(2)]
+    os.close(write_end)
+    for n, handler in enumerate(handlers):
+        handler.setFormatter(logging.Formatter(f"[worker {n}] %(message)s"))
+        logger = logging.Logger(f"halflife.test{n}")
+        logger.addHandler(handler)
+        for k in range(200):
+            logger.warning("%03d %s", k, str(n) * 300)
+    got = b""
+    with os.fdopen(read_end, "rb") as reader:
+        while len(got) < 2 * 200 * 316:
+            got += reader.read1(1000)
+    for handler in handlers:
+        assert handler.flush(timeout=10)
+    lines = got.decode().splitlines()
+    assert len(lines) == 400
+    assert [line for line in lines if not re.fullmatch(r"\[worker (\d)\] \d{3} \1{300}", line)] == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import select
 import sys
 import threading
 import time
@@ -55,7 +56,10 @@ class StderrInBackground(logging.Handler):
 
     Written to the stream's file descriptor, past Python's buffer: a thread
     stuck inside a buffered write holds its lock, which Python's last flush
-    at exit would wait for."""
+    at exit would wait for. In whole lines of at most PIPE_BUF bytes a
+    write, which a pipe never interleaves with another's: the workers of
+    `--workers` share their parent's stderr, and writes of many lines at
+    once tore lines mid-way into each other once the pipe filled."""
 
     def __init__(self, stream: TextIO | None = None, capacity: int = MAX_WAITING_LINES):
         super().__init__()
@@ -97,17 +101,17 @@ class StderrInBackground(logging.Handler):
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: self._lines)
-                text = "".join(self._lines)
+                lines = list(self._lines)
                 self._lines.clear()
                 dropped, self._dropped = self._dropped, 0
                 self._writing = True
             if dropped:  # after the lines that were waiting: those dropped came once they filled the queue
-                text += self.format(logging.makeLogRecord({
+                lines.append(self.format(logging.makeLogRecord({
                     "name": __name__, "levelno": logging.WARNING, "levelname": "WARNING",
                     "msg": "%d log lines dropped: stderr was not read as fast as they came", "args": (dropped,),
-                })) + "\n"
+                })) + "\n")
             try:
-                self._write(text)
+                self._write(lines)
             except (OSError, ValueError):  # stderr closed, or its reader gone: nowhere to say it
                 pass
             finally:
@@ -115,11 +119,24 @@ class StderrInBackground(logging.Handler):
                     self._writing = False
                     self._changed.notify_all()
 
-    def _write(self, text: str) -> None:
+    def _write(self, lines: list[str]) -> None:
         if self._fd is None:
-            self._stream.write(text)
+            self._stream.write("".join(lines))
             self._stream.flush()
             return
-        data = memoryview(text.encode(self._encoding, errors="backslashreplace"))
-        while data:
-            data = data[os.write(self._fd, data):]
+        chunk: list[bytes] = []
+        size = 0
+        for line in lines:
+            data = line.encode(self._encoding, errors="backslashreplace")
+            if chunk and size + len(data) > select.PIPE_BUF:
+                self._write_fd(b"".join(chunk))
+                chunk, size = [], 0
+            chunk.append(data)
+            size += len(data)
+        if chunk:
+            self._write_fd(b"".join(chunk))
+
+    def _write_fd(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
