@@ -281,21 +281,21 @@ def _run_serve(args: argparse.Namespace) -> int:
                         handlers=[StderrInBackground()])
     # grpc's Cython layer logs a DEBUG line per call ("Loaded running loop"): most of a DEBUG log (a review).
     logging.getLogger("grpc._cython.cygrpc").setLevel(max(logging.INFO, logging.getLogger().level))
-    if args.config is not None and args.worker_index is None:  # a group's parent says it for its workers
-        # Nothing said whether, or which, settings were in effect.
-        changed = changed_settings(halflife_config)
-        logging.getLogger("halflife.config").info(
-            "settings from %s: %s", args.config, "; ".join(changed) + " (the rest default)" if changed else "the defaults")
     if args.metrics_port and args.port and args.metrics_port <= args.port < args.metrics_port + args.workers:
         # It failed as "cannot bind ... (in use by another process ...)", the other being itself (a review).
         print(f"halflife serve: error: argument --metrics-port: {args.port} is --port; metrics need a port of "
               f"their own{' for each worker' if args.workers > 1 else ''}", file=sys.stderr)
         return EXIT_USAGE
+    if args.workers > 1 and args.metrics_port and args.metrics_port + args.workers - 1 > 65535:
+        print(f"halflife serve: error: argument --metrics-port: {args.workers} workers serve on "
+              f"{args.metrics_port} to {args.metrics_port + args.workers - 1}, past 65535", file=sys.stderr)
+        return EXIT_USAGE
+    if args.config is not None and args.worker_index is None:  # a group's parent says it for its workers
+        # Nothing said whether, or which, settings were in effect.
+        changed = changed_settings(halflife_config)
+        logging.getLogger("halflife.config").info(
+            "settings from %s: %s", args.config, "; ".join(changed) + " (the rest default)" if changed else "the defaults")
     if args.workers > 1:
-        if args.metrics_port and args.metrics_port + args.workers - 1 > 65535:
-            print(f"halflife serve: error: argument --metrics-port: {args.workers} workers serve on "
-                  f"{args.metrics_port} to {args.metrics_port + args.workers - 1}, past 65535", file=sys.stderr)
-            return EXIT_USAGE
         code = _run_workers(args)
         _ignore_stop_signals()  # as a single server's below: the parent's exit, its workers ended
         return code
@@ -320,13 +320,13 @@ def _run_serve(args: argparse.Namespace) -> int:
     new_data_dir = not args.data_dir.exists()
     lock = None
     try:
-        if args.worker_index is None:  # a group's parent holds the data directory for its workers
-            _check_model(args)  # a missing model (or variant) is refused before the data directory is made
-            lock = claim_data_dir(args.data_dir)
         try:
+            if args.worker_index is None:  # a group's parent holds the data directory for its workers
+                _check_model(args)  # a missing model (or variant) is refused before the data directory is made
+                lock = claim_data_dir(args.data_dir)
             run_event_loop(serve(config, parent_pid=args.parent_pid, ready_fd=args.ready_fd))
         finally:
-            _flush_logs()  # its last lines ("stopped") before the error line printed below
+            _flush_logs()  # the lines logged before ("settings from", "stopped"), then the error line printed below
         _ignore_stop_signals()
     except ServingFailedError as exc:
         print(f"{worker}halflife serve: error: {exc}", file=sys.stderr)
@@ -420,9 +420,11 @@ def _run_workers(args: argparse.Namespace) -> int:
                     _remove_unused_data_dir(lock, args.data_dir)
                 raise
     except ConfigError as exc:
+        _flush_logs()  # the lines logged before ("settings from"), then the error line
         print(f"halflife serve: error: config: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except (ManifestError, StoreError, OSError) as exc:
+        _flush_logs()
         print(_start_refused(exc, args.data_dir), file=sys.stderr)
         return EXIT_FAILURE
 
