@@ -709,3 +709,26 @@ def test_late_events_worth_nothing_count_in_their_cluster_as_in_time_order_whate
     assert late.counts.tolist() == in_order.counts.tolist() == [3, 3]
     np.testing.assert_allclose(late.trend, in_order.trend, rtol=1e-12)
     assert late.last_time.tolist() == in_order.last_time.tolist() == [t0 + 0.1 * day, t0 + day]
+
+
+def test_a_late_event_is_compared_with_clusters_read_at_the_newest_event_seen_in_every_batch():
+    """A late event meets each cluster read at the newest event already seen
+    (the class docstring), also after other late events of its batch: read at
+    its own time, a fast-decaying part of a cluster that has long faded would
+    still pull it in. Many late events go first, so it is read in a later
+    block of rows than they are."""
+    day = 86400.0
+    types = EventTypes.from_dict({"click": (3.0, 1 * day), "like": (1.0, 1000 * day)})
+    x, y, z = np.eye(3)
+    state = MultiInterestState.empty(types, 3, max_clusters=8, threshold=0.5)
+    # One interest: a like along x and a click mostly along y (cosine 0.6 with x): read then, its
+    # direction is 2.8x + 2.4y (cosine 0.65 with y); a month on, the click has faded to 2^-30: x.
+    state.add(types, [1, 0], [T0, T0 + 1], np.stack([x, 0.6 * x + 0.8 * y]))
+    state.add(types, [1], [T0 + 30 * day], z[None])  # the newest event: another interest
+    assert state.counts.tolist() == [2, 1]
+    n_late = 200
+    late_times = T0 + 2 + np.arange(n_late + 1, dtype=np.float64)
+    late = np.vstack([np.tile(z, (n_late, 1)), y])  # ... the last of them along y, 3 minutes after the click
+    state.add(types, np.ones(n_late + 1, dtype=np.int64), late_times, late)
+    # Read a month on, the first interest is x alone: y starts its own.
+    assert state.counts.tolist() == [2, 1 + n_late, 1]
