@@ -445,3 +445,69 @@ def test_normalize_computes_float16_input_in_float64():
     v = np.random.default_rng(3).normal(size=(8, 384)).astype(np.float16)
     exact = v.astype(np.float64) / np.linalg.norm(v.astype(np.float64), axis=1, keepdims=True)
     np.testing.assert_allclose(normalize(v), exact, atol=1e-6)
+
+
+def test_normalize_scales_a_tiny_row_with_a_zero_entry_by_its_largest_entry():
+    """A decayed sum of 1e-200 is a fine direction even where some entry is
+    0: the row is scaled by its largest entry, not its smallest, before it
+    is squared (a row scaled by its zero came back a 1e-188 vector)."""
+    np.testing.assert_allclose(normalize(np.array([3e-200, 0.0, -4e-200])), [0.6, 0.0, -0.8], rtol=1e-6)
+
+
+def test_row_blocks_of_one_thread_score_on_the_calling_thread():
+    """threads = 1: the caller's thread alone, no pool to hand blocks to."""
+    from halflife.core.ranking import RowBlocks
+
+    rng = np.random.default_rng(3)
+    items = normalize(rng.normal(size=(400, 8)))
+    q = rng.normal(size=8)
+    import threading
+
+    threads = set()
+
+    def score(rows):
+        threads.add(threading.get_ident())
+        return cosine_scores(q, rows)
+
+    np.testing.assert_array_equal(RowBlocks(1, min_rows=10)(score, items), cosine_scores(q, items))
+    assert threads == {threading.get_ident()}
+
+
+@pytest.mark.parametrize("k", [1, 10, 40])
+def test_top_k_of_a_long_row_of_mostly_minus_inf_returns_only_the_finite_scores(k):
+    """Items scored -inf (masked) are never returned, also where fewer than
+    k of a long row are finite (4096 scores: the chunk bounds apply)."""
+    s = np.full(4096, -np.inf, dtype=np.float32)
+    s[[7, 1000, 4000]] = [0.5, 0.9, 0.1]
+    idx, scores = top_k(s, k)
+    assert idx.tolist() == [1000, 7, 4000][:k]
+    np.testing.assert_array_equal(scores, np.float32([0.9, 0.5, 0.1])[:k])
+
+
+@pytest.mark.parametrize("n", [5, 4096])
+def test_top_k_of_only_nan_scores_is_empty(n):
+    """NaN scores are never returned: a row of nothing else answers none."""
+    idx, scores = top_k(np.full(n, np.nan), 3)
+    assert idx.shape == scores.shape == (0,)
+
+
+def test_batch_top_k_with_a_mask_per_row_over_long_rows_and_leaves_its_scores_alone():
+    """A (B, N) mask over rows long enough for the chunk bounds: each row
+    keeps its own allowed items; the scores passed in are not changed (the
+    masked copy is batch_top_k's own)."""
+    rng = np.random.default_rng(4)
+    b, n, k = 3, 4096, 5
+    s = rng.normal(size=(b, n)).astype(np.float32)
+    allowed = rng.random((b, n)) < 0.3
+    before = s.copy()
+    idx, scores = batch_top_k(s, k, allowed)
+    for row in range(b):
+        want_idx, want = top_k(s[row], k, allowed[row])
+        np.testing.assert_array_equal(idx[row], want_idx)
+        np.testing.assert_array_equal(scores[row], want)
+    np.testing.assert_array_equal(s, before)
+
+
+def test_batch_search_of_no_queries_answers_empty_rows():
+    idx, scores = batch_search(np.zeros((0, 4), np.float32), np.eye(4, dtype=np.float32), 2, threads=2)
+    assert idx.shape == scores.shape == (0, 2)
