@@ -511,3 +511,12 @@ def test_batch_top_k_with_a_mask_per_row_over_long_rows_and_leaves_its_scores_al
 def test_batch_search_of_no_queries_answers_empty_rows():
     idx, scores = batch_search(np.zeros((0, 4), np.float32), np.eye(4, dtype=np.float32), 2, threads=2)
     assert idx.shape == scores.shape == (0, 2)
+
+
+def test_batch_search_of_k_1_answers_each_querys_nearest_item():
+    rng = np.random.default_rng(5)
+    items, queries = normalize(rng.standard_normal((50, 8))), rng.standard_normal((4, 8))
+    idx, scores = batch_search(queries, items, 1)
+    want = cosine_scores(queries, items)
+    assert idx[:, 0].tolist() == want.argmax(axis=1).tolist()
+    np.testing.assert_allclose(scores[:, 0], want.max(axis=1), atol=1e-6)
