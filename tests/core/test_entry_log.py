@@ -93,3 +93,16 @@ def test_an_empty_log_holds_no_entries():
     assert len(log) == 0 and [column.size for column in log.columns()] == [0, 0, 0]
     log.append([], [], [])
     assert log.chunks() == [] and log.newest == -np.inf
+
+
+def test_net_drops_every_event_of_a_group_taken_back_as_often_as_it_happened():
+    """Two equal events (same row, time, weight) and two takings-back of them:
+    none is left. One event taken back twice cannot be paired: it stays, and
+    every sum stays what it was."""
+    log = EntryLog()
+    log.append([3, 3, 5, 7], [DAY, DAY, DAY, DAY], [2.0, 2.0, 1.0, 1.0])
+    log.append([3, 3, 7, 7], [DAY, DAY, DAY, DAY], [-2.0, -2.0, -1.0, -1.0])
+    before = decayed_sum(*log.columns(), 2 * DAY, DAY, 8)
+    log.net()
+    assert _sorted(*log.columns()) == [(5, DAY, 1.0), (7, DAY, -1.0), (7, DAY, -1.0), (7, DAY, 1.0)]
+    np.testing.assert_array_equal(decayed_sum(*log.columns(), 2 * DAY, DAY, 8), before)

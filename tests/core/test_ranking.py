@@ -520,3 +520,20 @@ def test_batch_search_of_k_1_answers_each_querys_nearest_item():
     want = cosine_scores(queries, items)
     assert idx[:, 0].tolist() == want.argmax(axis=1).tolist()
     np.testing.assert_allclose(scores[:, 0], want.max(axis=1), atol=1e-6)
+
+
+def test_top_k_searching_every_score_matches_the_definition_with_masked_ties(monkeypatch):
+    """The candidate path and its fallback, where none of top_k's narrowings
+    answers: a disallowed item tied with the k-th best is still left out."""
+    for name in ("_few_allowed", "_at_least_kth", "_above_floor"):
+        monkeypatch.setattr(ranking, name, lambda *a: None)
+    rng = np.random.default_rng(6)
+    for trial in range(200):
+        n = int(rng.integers(1, 80))
+        s = rng.integers(-3, 4, n).astype(np.float32)
+        s[rng.random(n) < 0.1] = -np.inf
+        allowed = None if trial % 4 == 0 else rng.random(n) < rng.choice([0.3, 0.9])
+        k = int(rng.integers(0, n + 3))
+        idx, scores = top_k(s, k, allowed)
+        assert idx.tolist() == _reference_top_k(s, k, allowed)
+        assert scores.shape == idx.shape
