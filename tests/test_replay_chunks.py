@@ -239,3 +239,100 @@ def test_a_replay_counts_the_lowest_seq_it_held_and_the_highest_it_applied():
     replayed.count([event(3, T + HOUR), event(2, T), event(4, T + HOUR), event(0, T)], horizon=T)  # at it: applied
     replayed.count([event(1, T + 2 * HOUR, None), event(5, T)], horizon=T)
     assert (replayed.events, replayed.applied_through, replayed.first_held, replayed.damaged) == (6, 5, 1, True)
+    replayed.count([event(7, T + 3 * HOUR)], horizon=T)  # a later chunk's held events are higher
+    assert replayed.first_held == 1
+
+
+def _views(n: int, first_seq: int = 1, vector=np.ones(DIM, np.float32)) -> list[EventRecord]:
+    return [EventRecord(f"e{s}", "u", VIEW, f"i{s % 7}", None, None, T + s, vector, s)
+            for s in range(first_seq, first_seq + n)]
+
+
+@pytest.mark.parametrize("earlier", [0, 99_000, 99_100])
+@pytest.mark.parametrize("n", [999, 1000])
+def test_a_replay_of_1000_events_and_a_hundredth_of_the_users_saves_a_snapshot(n, earlier):
+    """docs/interest.md: a replay of 1,000 events or more and of at least
+    1/100 of the user's events (those of the profile it started from
+    included) saves the profile it built."""
+    builder = replay_module.ProfileBuilder(Config(), DIM)
+    start = None
+    if earlier:
+        start, _ = builder.build([_views(1)], horizon=T + 1)
+        start.api_counts[VIEW] = earlier  # as if the snapshot it started from held that many
+    state, replayed = builder.build([_views(n, first_seq=2)], horizon=T + 2 * n, start=start)
+    total = n + earlier
+    saved = builder.snapshot_of(state, replayed)
+    assert (saved is not None) == (n >= 1000 and n >= total / 100)
+
+
+def test_events_read_back_without_a_vector_count_without_a_direction():
+    """A chunk of events whose stored vectors were all damaged (None): each
+    counts as an event seen, none adds a direction (storage.base.EventRecord)."""
+    builder = replay_module.ProfileBuilder(Config(), DIM)
+    state, replayed = builder.build([_views(3, vector=None)], horizon=T + 10)
+    assert state.api_counts[VIEW] == 3 and state.seen == {"i1", "i2", "i3"} and replayed.damaged
+    assert state.multi.n_clusters == 0 and state.newest_time == T + 3
+    assert builder.snapshot_of(state, replayed) is None
+
+
+def test_a_snapshot_newer_than_the_horizon_or_not_through_its_seq_is_not_thawed():
+    """docs/interest.md: a snapshot is not used where its newest event is
+    after the clock (a replay would hold it), nor where it does not cover
+    the seq it was saved through (damaged): the log is replayed instead."""
+    from halflife.storage.base import ProfileSnapshot
+    from halflife.interest.state import snapshot_bytes
+
+    builder = replay_module.ProfileBuilder(Config(), DIM)
+    state, _ = builder.build([_views(5)], horizon=T + 10)
+    snapshot = ProfileSnapshot(5, builder.snapshot_key, snapshot_bytes(state))
+    assert builder.thawed("u", snapshot, oldest_after=np.inf, horizon=T + 5) is not None
+    assert builder.thawed("u", snapshot, oldest_after=np.inf, horizon=T + 4) is None  # its newest is at T + 5
+    assert builder.thawed("u", snapshot._replace(through_seq=6), oldest_after=np.inf, horizon=T + 5) is None
+    assert builder.thawed("u", snapshot, oldest_after=T + 4, horizon=T + 5) is None  # a late event after it
+    assert builder.thawed("u", snapshot, oldest_after=T + 5, horizon=T + 5) is not None  # a tie: after it by seq
+
+
+def test_a_profile_is_stale_once_a_pending_event_is_older_than_its_newest_or_the_clock_reaches_the_log():
+    """ProfileBuilder.stale and needs_replay, at their edges: an event
+    stamped at the profile's newest time comes after it (ties go by seq), and
+    one stamped at the clock is due."""
+    builder, stale, needs_replay = (replay_module.ProfileBuilder(Config(), DIM), replay_module.ProfileBuilder.stale,
+                                    replay_module.ProfileBuilder.needs_replay)
+    state, _ = builder.build([_views(3)], horizon=T + 10)  # newest at T + 3
+    assert not stale(state, T + 100)
+    state.pending = _views(1, first_seq=9)  # at T + 9
+    state.pending[0] = state.pending[0]._replace(event_time=T + 3)
+    assert not stale(state, T + 100)
+    state.pending.insert(0, state.pending[0]._replace(event_time=T + 2, seq=8))  # one late, one not
+    assert stale(state, T + 100)
+    state.pending = []
+    assert not needs_replay(state, T + 3) and needs_replay(state, T + 2.5)
+    state.ahead = [_views(1, first_seq=20)[0]]  # held, at T + 20
+    assert needs_replay(state, T + 20) and not needs_replay(state, T + 19)
+    state.ahead = []
+    state.ahead_in_log = T + 50
+    assert stale(state, T + 50) and not stale(state, T + 49)
+    assert needs_replay(state, T + 50) and not needs_replay(state, T + 49)
+
+
+def test_a_batch_applies_the_events_stamped_up_to_the_horizon_and_holds_the_later_ones():
+    """extend: an event stamped at the horizon is applied, also in a batch
+    that holds later ones; every applied view (weight 1) is an affinity event."""
+    builder = replay_module.ProfileBuilder(Config(), DIM)
+    state, _ = builder.build([_views(4)], horizon=T + 3)  # at T + 1 .. T + 4
+    assert state.api_counts[VIEW] == 3 and [e.seq for e in state.ahead] == [4]
+    assert state.affinity_items == ["i1", "i2", "i3"] and state.newest_time == T + 3
+    from halflife.config import EventTypeConfig
+
+    unweighted = Config(event_types={**Config().event_types, "view": EventTypeConfig(0.0, 7.0)})
+    state, _ = replay_module.ProfileBuilder(unweighted, DIM).build([_views(4)], horizon=T + 3)
+    assert state.api_counts[VIEW] == 3 and state.affinity_items == []  # a type weighing 0 is no affinity event
+
+
+def test_no_snapshot_is_taken_of_a_long_replay_that_applied_nothing():
+    """1,000 events all stamped ahead of the clock (held, or waiting in the
+    log): a snapshot would claim events it never applied."""
+    builder = replay_module.ProfileBuilder(Config(), DIM)
+    state, replayed = builder.build([_views(1000)], horizon=T)
+    assert state.api_counts.total() == 0 and replayed.events == 1000
+    assert builder.snapshot_of(state, replayed) is None
