@@ -422,3 +422,54 @@ def test_a_sample_is_the_same_before_and_after_its_pairs_merge(monkeypatch):
     assert not c._waiting
     for s, scores in before.items():
         assert np.allclose(cooccurrence_scores(c.view(), query, a, s, max_co_users=12), scores), s
+
+
+def test_a_sampled_user_weighted_sum_without_a_column_weighs_each_item_1():
+    """user_weighted's column None is a factor of 1, sampled (`level`) as exact."""
+    rng = np.random.default_rng(3)
+    users, items = rng.integers(0, 40, 300), rng.integers(0, 12, 300)
+    c = Cooccurrence.from_pairs(12, users, items, np.zeros(users.size))
+    query, w = np.array([0, 3, 5]), np.array([1.0, 0.5, 2.0])
+    level = c.sample_level(query, 10)
+    assert level is not None
+    for diagonal in (True, False):
+        assert np.array_equal(c.user_weighted(query, w, diagonal=diagonal, level=level),
+                              c.user_weighted(query, w, np.ones_like, diagonal=diagonal, level=level))
+    assert np.array_equal(c.user_weighted(query, w, diagonal=False), c.user_weighted(query, w, np.ones_like, diagonal=False))
+
+
+def test_edges_of_an_index_of_one_pair_or_none_and_removals_of_nothing():
+    c = Cooccurrence.from_pairs(2, [0], [0], [0.0])
+    assert c.add([1], [1]) == 1 and len(c) == 2  # looked up among the one indexed pair
+    assert c.remove_items([]) == 0 and c.remove_items([-1]) == 0 and len(c) == 2
+    assert Cooccurrence.from_pairs(0, [], [], []).n_items == 0
+
+
+def test_a_sample_of_query_items_with_fewer_users_than_the_level_reads_them_all():
+    """Item 0 has 4 users, item 1 has 60: at a level of 10 item 0's sample is
+    its 4 users exactly (scale 1), item 1's its 10 newest (scale 6). Every
+    estimate as the dense reference; the scores, the query items' own
+    included, its sums kept within Σ_i w_i · min(d_i, d_j) per item j (see
+    `user_weighted`)."""
+    users = [0, 1, 2, 158] + list(range(100, 160)) + [0, 1, 150, 155, 159]  # 158 took both query items
+    items = [0] * 4 + [1] * 60 + [2, 3, 2, 3, 3]
+    c = Cooccurrence.from_pairs(4, users, items, np.zeros(len(users)))
+    query, a = np.array([0, 1]), np.array([1.0, 0.5])
+    level = c.sample_level(query, 14)
+    assert level == 10
+    estimate, d = _sampled_reference((np.array(users), np.array(items)), 160, 4, query, level)
+    which, js, counts = c.pair_counts(query, level)
+    got = np.zeros_like(estimate)
+    got[which, js] = counts
+    assert np.allclose(got, estimate)
+    off = estimate.copy()
+    off[np.arange(query.size), query] = 0.0
+    col = 1.0 / np.sqrt(np.maximum(d, 1.0))
+    x = np.zeros((160, 4))
+    x[users, items] = 1.0
+    scaled = np.array([d[i] / min(d[i], level) * x[np.flatnonzero(x[:, i])[-level:]].sum(axis=0) for i in query])
+    scaled[np.arange(query.size), query] = 0.0
+    w = a * col[query]
+    bound = w @ np.minimum(d[query][:, None], d[None, :])
+    want = np.minimum(w @ scaled, bound) * col
+    assert np.allclose(cooccurrence_scores(c, query, a, "cosine", 14), want) and want[0] > 0 and want[1] > 0
