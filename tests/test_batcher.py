@@ -702,6 +702,34 @@ def test_a_call_fails_at_once_only_if_it_could_not_end_by_its_deadline_even_on_a
     assert queued_inputs == 10  # the failed call's places are free
 
 
+def test_a_call_a_window_dropped_is_not_formatted_on_the_event_loop(monkeypatch):
+    """A call failed by a window (behind, or its deadline passed while
+    queued) is no longer queued when its caller cleans up: deque.remove then
+    raised ValueError with the job's repr, every token id of it, on the event
+    loop (0.2 s for 256 long texts; in-process under overload the loop stalled
+    0.6-0.9 s at a time and the model sat idle 55% of the run)."""
+    from halflife.embedding import batcher as batcher_module
+
+    formatted = []
+    monkeypatch.setattr(batcher_module._Job, "__repr__", lambda job: formatted.append(job) or "job")
+    now = time.monotonic()
+
+    async def main():
+        model, batcher, busy, calls = await _queue_with_speed(0.001, [
+            ([tokens(7, 10) for _ in range(10)], now + 0.06),  # behind
+            ([tokens(8, 10)], now),  # expires while queued
+            ([tokens(9, 10)], None)])
+        model.gate.set()
+        outcomes = await asyncio.gather(busy, *calls, return_exceptions=True)
+        await batcher.stop()
+        return outcomes, batcher.queued_inputs
+
+    outcomes, queued_inputs = run(main())
+    assert [type(outcome) for outcome in outcomes[1:3]] == [DeadlineExpiredError] * 2
+    assert "behind" in str(outcomes[1]) and "passed" in str(outcomes[2])
+    assert formatted == [] and queued_inputs == 0
+
+
 def test_a_stale_estimate_of_the_models_speed_fails_nothing():
     """Whatever made an estimate wrong, one SPEED_FRESH_S old plans nothing:
     the hopeless-looking call is taken, as before any batch ran."""
