@@ -844,6 +844,28 @@ def test_the_speed_is_learnt_from_well_filled_batches_and_one_slowed_batch_moves
     assert outcomes.count("ok") >= 8, outcomes  # the shared box may delay a few past 50 ms
 
 
+def test_the_speed_is_learnt_from_a_window_whose_batches_together_fill_half_a_batch():
+    """Texts of mixed lengths, and windows cut short by deadlines, run as
+    batches each under half a batch: counted batch by batch, none measured,
+    and a model 2x slower for 10 s kept its old speed (in-process, 64 callers
+    x 32 sentences at 1 s deadlines answered nothing for 9 s of it)."""
+    def forward(ids):
+        time.sleep(0.002 + 1e-5 * len(ids) * max(len(i) for i in ids))
+        return np.zeros((len(ids), DIM), np.float32)
+
+    async def main():
+        batcher = DynamicBatcher(forward, CONFIG)
+        batcher.start()
+        # Three batches (length ratio) of 250, 500 and 875 padded tokens: 1,625 together, over half of 2,048.
+        await batcher.submit([tokens(1, length) for length in (10, 20, 35) for _ in range(25)])
+        batches, speed = batcher.batches_run, batcher._token_seconds(time.monotonic())
+        await batcher.stop()
+        return batches, speed
+
+    batches, speed = run(main())
+    assert batches == 3 and speed is not None and 1e-5 <= speed < 1e-4
+
+
 def test_past_the_models_capacity_most_of_its_work_goes_to_calls_answered_in_time():
     """64 callers of 32 sentences with 1 s deadlines, on a model at 0.3 s a
     2,048-token batch, got none of 640 calls answered while it ran flat out

@@ -16,7 +16,7 @@ waited 62 s behind 256 requests of 32 KiB of text each), a newer shorter one
 passes a waiting one only for a bounded number of windows, and the oldest
 request always progresses.
 
-Once well-filled batches have run, deadlines bound windows too, by the model's
+Once well-filled windows have run, deadlines bound windows too, by the model's
 seconds per token in them (SPEED_SAMPLES): a window takes a request only if, behind what it holds
 already, the request would end by its deadline, and stops where a request in it
 would not (the oldest one's inputs go on alone when none would); and a request
@@ -76,13 +76,15 @@ PASSING_SHARE = 1 / 64
 # (e.g. to give back the model's memory), and again while it stays so.
 IDLE_AFTER_S = 1.0
 # The model's speed is the median seconds per token of its last SPEED_SAMPLES
-# well-filled batches (half a batch's tokens or inputs, at least): a small
-# batch costs more a token (a pass's fixed cost: 1.7x on CPU, far more on a
+# well-filled windows (whose batches held half a batch's tokens or inputs, at
+# least; by window, since mixed lengths and windows cut short by deadlines run
+# as batches each under half: counted batch by batch, a model 2x slower for 10 s
+# kept its old speed for most of them): a small batch costs more a token (a pass's fixed cost: 1.7x on CPU, far more on a
 # GPU), and with small ones in the estimate, a one-sentence stream made every
 # larger call look too slow to finish; a median, since one batch slowed by other
 # load would otherwise fail calls until later batches diluted it, and a stream
 # of small calls runs none that would. An estimate SPEED_FRESH_S old is dropped:
-# whatever made it wrong, deadlines then plan nothing until well-filled batches
+# whatever made it wrong, deadlines then plan nothing until well-filled windows
 # measure again (both found by reviews, on a real server and in-process).
 SPEED_SAMPLES = 5
 SPEED_FRESH_S = 10.0
@@ -133,6 +135,21 @@ class _Job:
 
 # A window's share of one request: its inputs job.order[start:stop].
 _Slice = tuple[_Job, int, int]
+
+
+@dataclasses.dataclass
+class _Work:
+    """What a window's batches that ran held, and their time in forward."""
+    inputs: int = 0
+    tokens: int = 0
+    padded: int = 0  # inputs x longest input, batch by batch
+    seconds: float = 0.0
+
+    def add(self, lengths: list[int], seconds: float) -> None:
+        self.inputs += len(lengths)
+        self.tokens += sum(lengths)
+        self.padded += len(lengths) * max(lengths)
+        self.seconds += seconds
 
 
 class DynamicBatcher:
@@ -316,6 +333,7 @@ class DynamicBatcher:
         drops the inputs of callers gone or past their deadline; after a stop,
         cancels the batches not yet run instead."""
         batches = self._plan(window)
+        ran = _Work()
         for n, batch in enumerate(batches):
             if self._stopping:
                 self._post(_cancel, [job for rest in batches[n:] for job, _ in rest])
@@ -339,10 +357,11 @@ class DynamicBatcher:
             finally:
                 took = time.perf_counter() - started
                 self.forward_seconds += took
-            self._measure(batch, took)
+            ran.add([len(job.ids[i]) for job, i in batch], took)
             self.batches_run += 1
             self.inputs_run += len(batch)
             self._post(_scatter, batch, vectors)
+        self._measure(ran)
 
     def _post(self, fn: Callable, *args) -> None:
         """Runs fn(*args) on the event loop."""
@@ -352,17 +371,16 @@ class DynamicBatcher:
         except RuntimeError:  # the loop closed meanwhile: nobody is waiting
             pass
 
-    def _measure(self, batch: list[tuple[_Job, int]], seconds: float) -> None:
-        """Learns the model's speed from a batch that ran, if it was well filled (SPEED_SAMPLES)."""
-        lengths = [len(job.ids[i]) for job, i in batch]
+    def _measure(self, ran: _Work) -> None:
+        """Learns the model's speed from a window's batches that ran, if they held half a batch at least (SPEED_SAMPLES)."""
         config = self.config
-        if 2 * len(lengths) * max(lengths) >= config.max_batch_tokens or 2 * len(lengths) >= config.max_batch_size:
-            self._token_rates.append(seconds / max(sum(lengths), 1))
+        if 2 * ran.padded >= config.max_batch_tokens or 2 * ran.inputs >= config.max_batch_size:
+            self._token_rates.append(ran.seconds / max(ran.tokens, 1))
             self._rates_measured = time.monotonic()
 
     def _token_seconds(self, now: float) -> float | None:
-        """The model's seconds per (unpadded) token in well-filled batches: the
-        lower median of the last ones; None where no such batch ran in the
+        """The model's seconds per (unpadded) token in well-filled windows: the
+        lower median of the last ones; None where no such window ran in the
         last SPEED_FRESH_S (SPEED_SAMPLES)."""
         if not self._token_rates or now - self._rates_measured > SPEED_FRESH_S:
             return None
