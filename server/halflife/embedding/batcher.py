@@ -79,8 +79,9 @@ IDLE_AFTER_S = 1.0
 # well-filled windows (whose batches held half a batch's tokens or inputs, at
 # least; by window, since mixed lengths and windows cut short by deadlines run
 # as batches each under half: counted batch by batch, a model 2x slower for 10 s
-# kept its old speed for most of them): a small batch costs more a token (a pass's fixed cost: 1.7x on CPU, far more on a
-# GPU), and with small ones in the estimate, a one-sentence stream made every
+# kept its old speed for most of them): a small batch costs more a token (a
+# pass's fixed cost: 1.7x on CPU, far more on a GPU), and with small ones in
+# the estimate, a one-sentence stream made every
 # larger call look too slow to finish; a median, since one batch slowed by other
 # load would otherwise fail calls until later batches diluted it, and a stream
 # of small calls runs none that would. An estimate SPEED_FRESH_S old is dropped:
@@ -372,7 +373,8 @@ class DynamicBatcher:
             pass
 
     def _measure(self, ran: _Work) -> None:
-        """Learns the model's speed from a window's batches that ran, if they held half a batch at least (SPEED_SAMPLES)."""
+        """Learns the model's speed from a window's batches that ran, if they
+        held half a batch at least (SPEED_SAMPLES)."""
         config = self.config
         if 2 * ran.padded >= config.max_batch_tokens or 2 * ran.inputs >= config.max_batch_size:
             self._token_rates.append(ran.seconds / max(ran.tokens, 1))
