@@ -249,7 +249,7 @@ def export_model(options: ExportOptions) -> Manifest:
         raise ExportError(f"--output {output} is a symbolic link; give the directory itself")
     _quiet_libraries()
     source = _resolve_source(options)
-    _check_tokenizer_serves(source)
+    tokenizer = _check_tokenizer_serves(source)
     pooling = _choose_pooling(options.pooling, source)
     max_tokens = _resolve_max_input_tokens(options.max_input_tokens, source)
     if output.resolve() == source.path.resolve() or output.resolve() in source.path.resolve().parents:
@@ -267,7 +267,7 @@ def export_model(options: ExportOptions) -> Manifest:
         staging.mkdir()
         raw = progress.run(f"exporting {source.model_id} to ONNX (opset {options.opset})", _export_raw, source, work, options.opset)
         variants = progress.run("optimising fp32 graph (O2) and converting to fp16", _float_variants, raw, source, staging)
-        tokenizer_file = progress.run("writing tokenizer.json", _write_tokenizer, source, staging)
+        tokenizer_file = progress.run("writing tokenizer.json", _write_tokenizer, source, tokenizer, staging)
         fp32_path, tokenizer_path = staging / variants[0][1], staging / tokenizer_file
         pad_token_id = _pad_token_id(source.config)
         variants += progress.run(
@@ -801,13 +801,12 @@ def _move_onnx(src: Path, dst: Path, copy: bool = False) -> None:
         raise ExportError(f"{src.name} uses external data (model over 2 GB), which is not supported yet")
 
 
-def _write_tokenizer(source: _Source, staging: Path) -> str:
-    """The tokenizer transformers (and sentence-transformers) build from the
-    directory, which tokenizer_config.json may change from tokenizer.json
+def _write_tokenizer(source: _Source, tokenizer, staging: Path) -> str:
+    """Writes `tokenizer`, the one transformers (and sentence-transformers)
+    build from the directory, which tokenizer_config.json may change from tokenizer.json
     (BERT's do_lower_case, RoBERTa's add_prefix_space, Llama's add_eos_token):
     copying tokenizer.json served a different tokenization than validation's."""
     target = staging / "tokenizer.json"
-    tokenizer = _source_tokenizer(source)  # loaded again, as `_check_tokenizer_serves` loaded it
     shipped = source.path / "tokenizer.json"
     if shipped.is_file() and _served_tokenizer(shipped.read_text()) == _served_tokenizer(tokenizer.backend_tokenizer.to_str()):
         shutil.copy2(shipped, target)  # the same tokenizer: its bytes (and tokenizer_sha256) kept
@@ -816,13 +815,14 @@ def _write_tokenizer(source: _Source, staging: Path) -> str:
     return target.name
 
 
-def _check_tokenizer_serves(source: _Source) -> None:
+def _check_tokenizer_serves(source: _Source):
     """Refuses, before any work, a tokenizer the model cannot be served with:
     not a fast one; one that cannot encode the validation or calibration
     texts (a WordPiece vocabulary without its unknown token); one with ids
     past the model's embeddings (another model's tokenizer, or tokens added
     without resizing them), which was a PyTorch traceback at validation, after
-    the whole export, and, served, failed the batch of any text holding one."""
+    the whole export, and, served, failed the batch of any text holding one.
+    Returns the tokenizer, for `_write_tokenizer`."""
     tokenizer = _source_tokenizer(source)
     if not tokenizer.is_fast:
         raise ExportError(f"{source.path} has no fast tokenizer (tokenizer.json) to serve with")
@@ -838,6 +838,7 @@ def _check_tokenizer_serves(source: _Source) -> None:
             named = ", ".join(f"{token!r} (id {id_})" for id_, token in past[:3]) + (", ..." if len(past) > 3 else "")
             raise ExportError(f"{source.path}'s tokenizer has {len(past)} token(s) past the model's {embedded} "
                               f"embeddings (config.json vocab_size): {named}; is it the model's own tokenizer?")
+    return tokenizer
 
 
 def _source_tokenizer(source: _Source):
