@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -113,3 +115,24 @@ def reads_fail_after_an_erasure(store, monkeypatch, meanwhile=lambda: None) -> N
         return deleted
 
     monkeypatch.setattr(store, "delete_user", delete_then_fail)
+
+
+@contextlib.contextmanager
+def process_limit(which: int, soft: int) -> Iterator[None]:
+    """Lowers this process's soft limit `which` (resource.RLIMIT_*) to `soft`
+    for the block, then gives it back. Under RLIMIT_FSIZE, SIGXFSZ is
+    ignored meanwhile, so that a write past it fails with EFBIG (as on a
+    quota) instead of ending the process. RLIMIT_NOFILE refuses a new
+    descriptor to every thread of the process: keep the block short."""
+    import resource
+    import signal
+
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN) if which == resource.RLIMIT_FSIZE else None
+    old, hard = resource.getrlimit(which)
+    resource.setrlimit(which, (soft, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(which, (old, hard))
+        if handler is not None:
+            signal.signal(signal.SIGXFSZ, handler)

@@ -16,7 +16,8 @@ from halflife.interest.engine import InterestEngine
 from halflife.interest.types import EventInput, ItemFilter, ItemInput, UnknownItemsError
 from halflife.storage.base import ItemRecord, StoreError
 from halflife.storage.sqlite import SqliteStore
-from tests.fakes import DIM, compact_catalogues_at, fake_embed, reads_fail_after_an_erasure, run_in_threads
+from tests.fakes import (DIM, compact_catalogues_at, fake_embed, process_limit, reads_fail_after_an_erasure,
+                         run_in_threads)
 
 DAY = 86400.0
 T = 1_700_000_000.0
@@ -367,13 +368,8 @@ def test_a_catalogue_write_whose_read_back_failed_is_indexed_by_its_retry(tmp_pa
     change = ((lambda: engine.delete_items(["i0"])) if write == "delete"
               else (lambda: engine.upsert_items([ItemInput(id="new", text="new item")])))
     engine.store._readers.clear()  # the read after the commit opens a connection
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))
-    try:
-        with pytest.raises(StoreError, match="Too many open files"):
-            change()
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with process_limit(resource.RLIMIT_NOFILE, 3), pytest.raises(StoreError, match="Too many open files"):
+        change()
     change()  # the retry UNAVAILABLE asks for
     live = cold_list(engine)
     engine.store.close()

@@ -31,7 +31,7 @@ from halflife.storage.base import (
     EventRecord, ItemRecord, ItemsChangedError, ProfileSnapshot, StoreDamagedError, StoreError, StoreUnavailableError,
 )
 from halflife.storage.sqlite import DB_NAME, SCHEMA_VERSION, SqliteStore
-from tests.fakes import full_disk, stored_history
+from tests.fakes import full_disk, process_limit, stored_history
 from tests.serving import serve_once
 
 DIM = 16
@@ -782,16 +782,10 @@ def test_a_write_past_a_file_size_limit_says_which_write_on_which_file_and_the_r
     store = SqliteStore(tmp_path)
     store.record_events([event(f"e{k}", text="x" * 1000) for k in range(50)])
     wal = os.path.getsize(str(store.path) + "-wal")
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (wal, hard))
-    try:
+    with process_limit(resource.RLIMIT_FSIZE, wal):
         with pytest.raises(StoreUnavailableError, match=rf"disk I/O error \(SQLITE_IOERR_WRITE on "
                            rf"{re.escape(str(store.path))}: its disk has \d+ KiB free\)$"):
             store.record_events([event(f"f{k}", text="y" * 1000) for k in range(50)])
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
     assert store.event_count() == 50 and store.existing_event_ids(["f0"]) == set()  # nothing of it stored
     assert len(store.record_events([event(f"f{k}", text="y" * 1000) for k in range(50)])) == 50
     store.close()
@@ -806,13 +800,8 @@ def test_a_reader_that_cannot_open_for_want_of_file_descriptors_says_so(tmp_path
     store = SqliteStore(tmp_path)
     store.record_events([event("e")])
     store._readers.clear()  # the next read opens a connection
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))
-    try:
-        with pytest.raises(StoreUnavailableError) as caught:
-            store.event_count()
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with process_limit(resource.RLIMIT_NOFILE, 3), pytest.raises(StoreUnavailableError) as caught:
+        store.event_count()
     assert str(caught.value) == (f"cannot open {store.path}: unable to open database file "
                                  "([Errno 24] Too many open files)")
     assert store.event_count() == 1  # once it can
@@ -1415,13 +1404,8 @@ def test_an_erasures_truncation_retried_out_of_file_descriptors_leaves_the_write
     passing = reader.iter_events(chunk=5)
     next(passing)  # blocks the truncation: it is retried
     assert store.delete_user("u1") == 10 and store._truncate_pending
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))  # no new descriptor for anyone in this process
-    try:
-        with caplog.at_level(logging.WARNING, logger="halflife.storage.sqlite"):
-            time.sleep(0.3)  # retries fail
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with process_limit(resource.RLIMIT_NOFILE, 3), caplog.at_level(logging.WARNING, logger="halflife.storage.sqlite"):
+        time.sleep(0.3)  # retries fail
     assert caplog.text.count("cannot mark the WAL truncation") == 1, caplog.text
     passing.close()
     assert [e.event_id for e in in_thread(store.record_events, [event("after", vector=vec())])] == ["after"]
@@ -1449,18 +1433,12 @@ def test_an_erasures_truncation_that_fails_on_the_disk_says_why_and_completes_on
     passing = reader.iter_events(chunk=5)
     next(passing)  # blocks the truncation after the commit
     assert store.delete_user("u1") == 20 and store._truncate_pending
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (store.path.stat().st_size, hard))
-    try:
-        with caplog.at_level(logging.WARNING, logger="halflife.storage.sqlite"):
-            passing.close()
-            deadline = time.monotonic() + 5
-            while "checkpoint after an erasure failed" not in caplog.text and time.monotonic() < deadline:
-                time.sleep(0.05)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
+    with (process_limit(resource.RLIMIT_FSIZE, store.path.stat().st_size),
+          caplog.at_level(logging.WARNING, logger="halflife.storage.sqlite")):
+        passing.close()
+        deadline = time.monotonic() + 5
+        while "checkpoint after an erasure failed" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
     assert re.search(rf"checkpoint after an erasure failed \(disk I/O error \(SQLITE_IOERR_WRITE on "
                      rf"{re.escape(str(store.path))}: its disk has \d+ KiB free\)\)", caplog.text), caplog.text
     deadline = time.monotonic() + 5
