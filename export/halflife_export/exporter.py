@@ -251,7 +251,7 @@ def export_model(options: ExportOptions) -> Manifest:
     source = _resolve_source(options)
     tokenizer = _check_tokenizer_serves(source)
     pooling = _choose_pooling(options.pooling, source)
-    max_tokens = _resolve_max_input_tokens(options.max_input_tokens, source)
+    max_tokens = _resolve_max_input_tokens(options.max_input_tokens, source, tokenizer)
     if output.resolve() == source.path.resolve() or output.resolve() in source.path.resolve().parents:
         raise ExportError(f"--output {output} would replace the source model itself; choose another directory")
     _check_output(output, options.force)
@@ -881,10 +881,10 @@ def _positions_after_padding(config) -> bool:
         hasattr(value, POSITIONS_AFTER_PADDING) for value in vars(module).values() if isinstance(value, type))
 
 
-def _resolve_max_input_tokens(requested: int | None, source: _Source) -> int:
+def _resolve_max_input_tokens(requested: int | None, source: _Source, tokenizer) -> int:
     if requested is None:
         # A config's limit of 1 was a PyTorch traceback at the last step, validation (a review).
-        return _with_room_for_text(_max_input_tokens(source), source,
+        return _with_room_for_text(_max_input_tokens(source), tokenizer,
                                    "the model's max input tokens (its max_seq_length or model_max_length)",
                                    "; pass --max-input-tokens")
     if requested < 1:
@@ -894,15 +894,14 @@ def _resolve_max_input_tokens(requested: int | None, source: _Source) -> int:
         raise ExportError(
             f"--max-input-tokens {requested} is more than {source.model_id} has positions for ({limit})"
         )
-    return _with_room_for_text(requested, source, "--max-input-tokens")
+    return _with_room_for_text(requested, tokenizer, "--max-input-tokens")
 
 
-def _with_room_for_text(limit: int, source: _Source, named: str, advice: str = "") -> int:
+def _with_room_for_text(limit: int, tokenizer, named: str, advice: str = "") -> int:
     """`limit`, where it leaves room for text beside the tokenizer's special
     tokens: a tokenizer cannot truncate below them, and validation then fed
     PyTorch more than the limit."""
-    # Before any work, where an unusable tokenizer is refused in one line (it was a traceback here: a review).
-    specials = len(_source_tokenizer(source)("")["input_ids"])
+    specials = len(tokenizer("")["input_ids"])
     if limit <= specials:
         raise ExportError(f"{named} {limit} leaves no room for text: the tokenizer adds {specials} "
                           f"special tokens to every input{advice}")
