@@ -304,6 +304,34 @@ def test_a_target_run_refuses_times_the_server_refuses_before_the_work(eval_path
         run_eval(eval_paths)
 
 
+def test_a_target_whose_rating_scale_leaves_out_the_datasets_ratings_is_refused_before_the_work(eval_paths, model_dir):
+    """A server whose [ratings] scale excludes a rating of the dataset
+    refused it at its first RecordEvents: after the in-process work (32 s
+    for 30 MovieLens users), with the items upserted, so the server refused
+    the re-run as used (a review). The probe stores nothing."""
+    from halflife.api.server import ServerConfig
+    from halflife.config import RatingConfig
+    from halflife.eval.runner import TargetError
+    from halflife_client import HalflifeClient
+    from tests.serving import ServerThread
+
+    ratings = eval_paths.data / "ratings.csv"
+    ratings.write_text(ratings.read_text().replace(",4.0,1003\n", ",0.5,1003\n"))
+    narrow = Config(ratings=RatingConfig(lowest=1.0))
+    with ServerThread(ServerConfig(port=0, model_dir=model_dir, data_dir=eval_paths.tmp / "narrow", halflife=narrow)) as server:
+        with pytest.raises(TargetError, match=rf"^--target {server.address} refuses the dataset's ratings "
+                                              r"\(events\[0\]\.value: must be a rating from 1 to 5 .*got 0\.5\); "
+                                              r"eval needs its \[ratings\] scale to hold 0\.5 to 4$"):
+            run_eval(eval_paths, target=server.address)
+        assert server.server.store.event_count() == 0
+    assert not eval_paths.out.exists()
+    with ServerThread(ServerConfig(port=0, model_dir=model_dir, data_dir=eval_paths.tmp / "default")) as server:
+        with pytest.raises(WorkStarted):  # the default scale, 0 to 5, holds them
+            run_eval(eval_paths, target=server.address)
+        with HalflifeClient(server.address) as client:
+            assert client.list_items().items == []
+
+
 def test_run_checks_the_model_files_before_embedding(eval_paths, monkeypatch, model_dir, tmp_path):
     """A model directory without its int8 file was found out only after the
     fp32 vectors were embedded (~70 s of the real dataset's)."""

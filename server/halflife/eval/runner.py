@@ -133,7 +133,8 @@ class EngineBackend:
 
 class TargetError(ValueError):
     """The --target server cannot take the evaluation: it holds items, or
-    events of the dataset's users, already, or lists fewer than RANKING_LIMIT items."""
+    events of the dataset's users, already, lists fewer than RANKING_LIMIT
+    items, or refuses the dataset's ratings."""
 
 
 # Users whose events a --target is probed for (GetProfile, ~1 ms each): all of
@@ -188,6 +189,32 @@ class RemoteBackend:
                 if client.profile(user).event_counts:
                     raise TargetError(f"--target {target} already holds events of the dataset's user {user!r}; "
                                         "eval needs a server on an empty --data-dir")
+
+    @staticmethod
+    def check_ratings(target: str, values: np.ndarray) -> None:
+        """TargetError when `target`'s rating scale (its config's [ratings])
+        leaves out the lowest or highest of the dataset's ratings `values`:
+        its first RecordEvents refused them, after the in-process work (a
+        review). Probed with a RecordEvents of those ratings of an item
+        that no catalogue holds, which stores nothing: NOT_FOUND once they pass."""
+        import grpc
+        from halflife_client import Event, HalflifeClient
+
+        if not values.size:
+            return
+        item = f"halflife-eval-probe-{uuid.uuid4()}"
+        probe = [Event(event_id=f"{item}-{n}", user_id=item, type=RATE, item_id=item, value=float(value))
+                 for n, value in enumerate((values.min(), values.max()))]
+        with HalflifeClient(target, timeout=REACHABLE_TIMEOUT_S) as client:
+            try:
+                client.record_events(probe)
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.NOT_FOUND:  # the ratings passed, the item did not
+                    return
+                if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                raise TargetError(f"--target {target} refuses the dataset's ratings ({error.details()}); eval needs "
+                                  f"its [ratings] scale to hold {values.min():g} to {values.max():g}") from None
 
     def __init__(self, data: EvalData, target: str):
         from halflife_client import HalflifeClient
@@ -549,6 +576,7 @@ def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target:
     data = load_eval_data(data_dir, **window)
     if target:
         RemoteBackend.check_users(target, data.users)
+        RemoteBackend.check_ratings(target, data.values[data.kinds == RATING])
     q80, q90 = time_quantiles(data, 0.8, 0.9)
     val_q = global_cut(data, q80, q90)
     test_q = global_cut(data, q90, math.inf)
