@@ -475,6 +475,28 @@ def test_the_search_scores_a_user_without_positive_interest_as_the_engine_ranks_
     assert outcome.val_ndcg == pytest.approx(ranked)
 
 
+def test_the_search_never_scores_a_blend_serve_refuses(tmp_path, monkeypatch):
+    """Weights of 0 for interest, co-occurrence and popularity at once are
+    a blend `serve` refuses (a weighted mean of nothing), but the search
+    scored one wherever it had reached w_c = w_p = 0, and would have chosen
+    it, and written it with --write-config, had it scored best. Here every
+    weight scores better lower."""
+    from halflife.config import config_from_text
+    from halflife.eval import runner
+
+    monkeypatch.setattr(runner, "_val_ndcg", lambda signals, seen, queries, weights, n_items: -sum(
+        weights[name] for name in ("interest", "cooccurrence", "popularity")))
+    data, item_vectors, reviews, review_vectors = _grouped(n_users=12)
+    val = runner.EngineBackend(data, item_vectors, reviews, review_vectors, runner.PREVIOUS_DEFAULT, tmp_path / "val")
+    val.advance(60 * DAY)
+    outcome = runner.tune(val, global_cut(data, 60 * DAY, math.inf), runner.PREVIOUS_DEFAULT)
+    val.close()
+    assert all(point["w_i"] + point["w_c"] + point["w_p"] > 0 for point in outcome.trace)
+    blend = outcome.config.blend
+    assert (blend.interest, blend.cooccurrence, blend.popularity) == (0.25, 0.0, 0.0)
+    assert config_from_text(runner._config_toml(outcome.config), tmp_path / "chosen.toml").blend == blend
+
+
 def test_the_docs_show_the_committed_results_tables():
     """docs/evaluation.md quotes bench/results/eval/tables.md, which every
     eval run rewrites: a re-run once left the docs on the run before."""

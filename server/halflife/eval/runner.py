@@ -443,6 +443,9 @@ def tune(val_backend: EngineBackend, queries: list[Query], base: Config) -> Grid
         for key, options in space.items():
             for option in options:
                 candidate = {**best, key: option}
+                if candidate["w_i"] + candidate["w_c"] + candidate["w_p"] == 0:  # a blend `serve` refuses
+                    points.total -= 1
+                    continue
                 value = score(candidate)
                 if value > best_value + 1e-9:
                     best, best_value = candidate, value
