@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -257,6 +258,33 @@ def test_run_rejects_an_output_directory_that_is_a_file(eval_paths, which, what)
     below = eval_paths.file / "x"
     with pytest.raises(NotADirectoryError, match=re.escape(f"{what} {below}: {eval_paths.file} is not a directory")):
         run_eval(eval_paths, **{which: below})
+
+
+def test_a_read_only_cache_that_holds_every_vector_needed_is_enough(eval_paths, monkeypatch):
+    """A read-only --cache-dir was refused even where it held every vector
+    the run reads (a review); one that lacks some is refused before the
+    work, since they would be embedded and written there."""
+    from halflife.eval import embeddings
+    from halflife.eval.data import load_eval_data
+
+    eval_paths.model.mkdir()
+    (eval_paths.model / "manifest.json").write_text("{}")  # what the cache's key hashes
+    cache = eval_paths.cache
+    cache.mkdir(parents=True)
+    texts = {"items": load_eval_data(eval_paths.data).item_texts, "tags": []}
+    for variant in ("fp32", "int8"):
+        for what in ("items", "tags"):
+            np.save(embeddings._cache_file(texts[what], eval_paths.model, variant, cache, what),
+                    np.ones((len(texts[what]), 4), np.float32))
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: not (mode & os.W_OK and Path(path) == cache)
+                        and access(path, mode, **kw))
+    with pytest.raises(WorkStarted):
+        run_eval(eval_paths)
+    embeddings._cache_file(texts["tags"], eval_paths.model, "int8", cache, "tags").unlink()
+    with pytest.raises(PermissionError, match=re.escape(f"cache directory {cache}: {cache} is not writable, and it "
+                                                        "lacks the tags' vectors (int8) this run would embed")):
+        run_eval(eval_paths)
 
 
 def test_run_rejects_an_unwritable_config_path_before_the_work(eval_paths):

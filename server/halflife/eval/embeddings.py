@@ -32,6 +32,15 @@ def manifest_hash(model_dir: Path) -> str:
     return hashlib.sha256((Path(model_dir) / "manifest.json").read_bytes()).hexdigest()[:16]
 
 
+def _cache_file(texts: Sequence[str], model_dir: Path, variant: str | None, cache_dir: Path, what: str) -> Path:
+    return Path(cache_dir) / f"{what}-{manifest_hash(model_dir)}-{variant or 'default'}-{_texts_hash(texts)}.npy"
+
+
+def is_cached(texts: Sequence[str], model_dir: Path, variant: str | None, cache_dir: Path, what: str = "texts") -> bool:
+    """Whether `embed_texts` finds the vectors in the cache, and so writes nothing there."""
+    return _cached(_cache_file(texts, model_dir, variant, cache_dir, what), len(texts)) is not None
+
+
 def embed_texts(
     texts: Sequence[str], model_dir: Path, variant: str | None, cache_dir: Path, what: str = "texts"
 ) -> np.ndarray:
@@ -39,12 +48,10 @@ def embed_texts(
     from halflife.embedding.engine import EmbeddingEngine
 
     model_dir = Path(model_dir)
-    key = f"{manifest_hash(model_dir)}-{variant or 'default'}-{_texts_hash(texts)}"
-    path = Path(cache_dir) / f"{what}-{key}.npy"
-    if path.is_file():
-        cached = _cached(path, len(texts))
-        if cached is not None:
-            return cached
+    path = _cache_file(texts, model_dir, variant, cache_dir, what)
+    cached = _cached(path, len(texts))
+    if cached is not None:
+        return cached
     engine = EmbeddingEngine.load(model_dir, variant=variant, provider="cpu")
     label = f"embedding {what} ({variant or 'default'})"
     out = embed_sorted(engine, texts, lambda starts: progress(starts, desc=label, unit="batch"))
@@ -56,8 +63,11 @@ def embed_texts(
 
 
 def _cached(path: Path, rows: int) -> np.ndarray | None:
-    """The vectors a cache file holds, or None (logged) when it is damaged:
-    a truncated file stopped the evaluation with a traceback (an audit)."""
+    """The vectors a cache file holds, or None when there is none or (logged)
+    it is damaged: a truncated file stopped the evaluation with a traceback
+    (an audit)."""
+    if not path.is_file():
+        return None
     try:
         vectors = np.load(path)
     except (OSError, ValueError, EOFError) as exc:

@@ -31,7 +31,7 @@ from halflife.datasets.interactions import MOVIELENS, DatasetError
 from halflife.embedding.manifest import load_manifest, verify_file
 from halflife.eval import baselines as B
 from halflife.eval.data import RATING, EvalData, Query, global_cut, leave_last_out, load_eval_data, seen_before, time_quantiles
-from halflife.eval.embeddings import embed_texts
+from halflife.eval.embeddings import embed_texts, is_cached
 from halflife.eval.metrics import METRICS, bootstrap_ci, bootstrap_ratio_ci, coverage, ndcg, query_metrics, ranking_from_scores, ranks_of
 from halflife.progress import progress
 
@@ -564,7 +564,11 @@ def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target:
     started = time.perf_counter()
     np.random.seed(SEED)
     _check_writable(out_dir, "output directory", directory=True)
-    _check_writable(cache_dir, "cache directory", directory=True)
+    try:
+        _check_writable(cache_dir, "cache directory", directory=True)
+        read_only_cache = None
+    except PermissionError as exc:  # enough where it holds every vector needed: checked once the texts are known
+        read_only_cache = exc
     if config_out:
         _check_writable(config_out, "config file", directory=False)
     if target:
@@ -590,6 +594,12 @@ def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target:
             raise DatasetError(f"{data_dir}: the {name} split holds no user (a user with history who rated an item "
                                "4 or more in it): the evaluation needs star ratings over time, as MovieLens's")
     tag_texts = sorted(set(data.texts[data.kinds != RATING].tolist()))
+    if read_only_cache:  # a read-only cache was refused even where it held every vector (a review)
+        for variant in (fp32, int8):
+            for what, texts in (("items", data.item_texts), ("tags", tag_texts)):
+                if not is_cached(texts, model_dir, variant, cache_dir, what):
+                    raise PermissionError(f"{read_only_cache}, and it lacks the {what}' vectors ({variant}) this "
+                                          "run would embed and write there")
     # Tuned and reported on the fp32 graph, the reference the defaults were
     # chosen on; the "int8 model" row is what a CPU server embeds with where
     # int8 validated (docs/evaluation.md), and so is the gRPC row.
