@@ -113,6 +113,20 @@ def test_leave_last_out_holds_out_the_ratings_tied_with_its_time():
     assert "b" not in [q.user for q in leave_last_out(data, n=1, min_history=3)]
 
 
+@pytest.mark.skipif(not MOVIELENS.is_dir(), reason=MOVIELENS_MISSING)
+def test_the_docs_count_the_ratings_tied_with_the_leave_last_5_query_times():
+    """docs/evaluation.md counted 224 ratings of 90 users, those of the
+    split before they were held out (542 users): its 544 hold 228 of 92."""
+    from halflife.eval.data import load_eval_data
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    found = re.search(r"the first of them, ([\d,]+) ratings of (\d+) of its users", re.sub(r"\s+", " ", docs))
+    data = load_eval_data(MOVIELENS)
+    is_rating = data.kinds == RATING
+    tied = [int(np.sum(is_rating & (data.users == q.user) & (data.times >= q.t))) - 5 for q in leave_last_out(data, 5)]
+    assert found and (int(found[1].replace(",", "")), int(found[2])) == (sum(tied), np.count_nonzero(tied))
+
+
 def test_a_backend_with_fewer_events_has_the_same_items_left_out_as_seen():
     """The "without tag-text events" variant holds only ratings; the items a
     user only tagged must still leave its lists, as they leave every other
