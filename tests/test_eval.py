@@ -374,6 +374,22 @@ def test_a_target_whose_rating_scale_leaves_out_the_datasets_ratings_is_refused_
             assert client.list_items().items == []
 
 
+def test_eval_without_its_extra_says_so_before_the_work(eval_paths, model_dir):
+    """matplotlib (the eval extra) was imported only to draw the plots: a run
+    without it did all of the work (minutes), then ended in a traceback with
+    results.json written and no tables.md nor --write-config (a review)."""
+    missing = eval_paths.tmp / "no-extra" / "matplotlib"
+    missing.mkdir(parents=True)
+    (missing / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'matplotlib'\", name='matplotlib')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(missing.parent), *sys.path])}
+    result = subprocess.run([sys.executable, "-m", "halflife.cli", "eval", "--data", str(eval_paths.data), "--model-dir",
+                             str(model_dir), "--out", str(eval_paths.out), "--cache-dir", str(eval_paths.cache)],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (1, "halflife eval: error: No module named 'matplotlib'; install the "
+                                                     "eval extra: pip install 'halflife[eval]'\n")
+    assert not eval_paths.out.exists() and not eval_paths.cache.exists()
+
+
 def test_run_checks_the_model_files_before_embedding(eval_paths, monkeypatch, model_dir, tmp_path):
     """A model directory without its int8 file was found out only after the
     fp32 vectors were embedded (~70 s of the real dataset's)."""

@@ -23,6 +23,9 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+# matplotlib (the eval extra) draws the plots: imported only there, its absence ended a run after all of the
+# work, in a traceback (a review); missing here, `halflife eval` says to install the extra before any.
+import matplotlib
 import numpy as np
 
 from halflife.config import (DEFAULT_EVENT_TYPES, BlendConfig, Config, EventTypeConfig, ProfileConfig, api_event_type,
@@ -741,8 +744,6 @@ def _interest_history(backend: EngineBackend, data: EvalData, until: float):
 
 
 def _plots(report: dict, interest: dict, out: Path) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
