@@ -963,7 +963,8 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--model-dir", type=_path, default=DEFAULT_MODEL_DIR,
                         help=f"exported model (default {DEFAULT_MODEL_DIR})")
     parser.add_argument("--out", type=_path, default=Path("bench/results/eval"),
-                        help="results.json and PNGs (default bench/results/eval: replaces the committed results)")
+                        help="results.json, tables.md and the PNGs (default bench/results/eval: replaces the committed "
+                             "results)")
     parser.add_argument("--cache-dir", type=_path, default=Path("var/eval-cache"),
                         help="cached item/tag vectors (default var/eval-cache)")
     parser.add_argument("--target", type=_address, default=None,
