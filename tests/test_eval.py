@@ -1,6 +1,7 @@
 """The evaluation harness: metrics by hand, no leakage, baselines on a known answer."""
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -63,6 +64,22 @@ def test_the_ratio_to_a_baseline_that_scores_0_in_a_resample_is_unbounded():
     means = np.random.default_rng(0).integers(0, 20, size=(1000, 20))
     ratios = a[means].mean(axis=1) / b[means].mean(axis=1)
     assert bootstrap_ratio_ci(a, b) == (a.mean() / b.mean(), *np.quantile(ratios, [0.025, 0.975]).tolist())
+
+
+def test_results_json_is_strict_json_with_an_unbounded_bound_as_null(tmp_path):
+    """An unbounded ratio bound was written as Infinity, which is not JSON:
+    Node's JSON.parse refused results.json of a small subset (a review)."""
+    from halflife.eval.runner import write_results
+
+    ratio = bootstrap_ratio_ci(np.array([0.5, 0.4, 0.0, 0.0]), np.array([0.0, 0.0, 0.2, 0.0]))
+    write_results({"ratio_vs_best_baseline": {"test": ratio}, "seconds": np.float64(1.5), "nan": float("nan")}, tmp_path)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    report = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
+    assert report == {"ratio_vs_best_baseline": {"test": [pytest.approx(ratio[0]), pytest.approx(ratio[1]), None]},
+                      "seconds": 1.5, "nan": None}
 
 
 def synthetic(n_items=6):

@@ -691,7 +691,7 @@ def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target:
         "half_life_curve": outcome.half_life_curve, "weight_curves": outcome.weight_curves,
     })
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no empty directory
-    (out_dir / "results.json").write_text(json.dumps(report, indent=1, default=float))
+    write_results(report, out_dir)
     _plots(report, interest_plot_data, out_dir)
     write_tables(report, out_dir)
     if config_out:
@@ -700,6 +700,24 @@ def run(data_dir: Path, model_dir: Path, out_dir: Path, cache_dir: Path, target:
     print(_table(summary["test"]))
     print(f"test NDCG@10 ratio vs {best_name}: {_fmt(ratios['test'])}; leave-last-5: {_fmt(ratios['loo'])}; {seconds:.0f} s")
     return report
+
+
+def write_results(report: dict, out: Path) -> None:
+    """results.json: the report, as strict JSON."""
+    (out / "results.json").write_text(json.dumps(_finite(report), indent=1, default=float, allow_nan=False))
+
+
+def _finite(value):
+    """`value` with every infinite or NaN float (a ratio's bound where the
+    baseline scored 0) as None: Python wrote them as Infinity, which is not
+    JSON, and Node's JSON.parse refused the file (a review)."""
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _config_dict(c: Config) -> dict:
