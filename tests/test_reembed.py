@@ -357,9 +357,9 @@ def test_the_cli_leaves_no_half_copy_behind(model_dir, tmp_path, capsys):
     old.upsert_items([ItemInput(id="mine", text="", vector=fake_embed(["x"])[0])])
     old.store.close()
     args = ["reembed", "--data-dir", str(tmp_path / "old"), "--model-dir", str(model_dir), "--out"]
-    assert main(args + [str(tmp_path / "new")]) == 1
+    assert main(args + [str(tmp_path / "new" / "a" / "b")]) == 1
     assert "error: items carry vectors given with them" in capsys.readouterr().err
-    assert not (tmp_path / "new").exists()
+    assert not (tmp_path / "new").exists()  # nor the parents it made for it
     (tmp_path / "empty").mkdir()
     assert main(args + [str(tmp_path / "empty")]) == 1
     assert list((tmp_path / "empty").iterdir()) == []

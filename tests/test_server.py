@@ -1069,12 +1069,13 @@ def test_cli_serve_refuses_a_missing_or_tampered_model(model_dir, tmp_path):
         handle.write(b"\0")
     result = subprocess.run(
         [sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(tampered),
-         "--data-dir", str(tmp_path / "data")],
+         "--data-dir", str(tmp_path / "var" / "data")],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 1
     assert "fails its checksum" in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "data").exists()  # a failed start leaves no empty data directory behind (an audit)
+    # A failed start leaves no empty data directory behind (an audit), nor the parents it made for it.
+    assert not (tmp_path / "var").exists()
     (tmp_path / "kept").mkdir()  # but one that was there stays
     result = subprocess.run(
         [sys.executable, "-m", "halflife.cli", "serve", "--port", "0", "--model-dir", str(tampered),

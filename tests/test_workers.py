@@ -565,7 +565,7 @@ def test_a_second_group_on_a_served_port_is_refused(model_dir, tmp_path):
     try:
         second = subprocess.run(
             [sys.executable, "-m", "halflife.cli", "serve", "--workers", "2", "--port", address.rsplit(":", 1)[1],
-             "--model-dir", str(model_dir), "--data-dir", str(tmp_path / "other")],
+             "--model-dir", str(model_dir), "--data-dir", str(tmp_path / "other" / "data")],
             capture_output=True, text=True, timeout=60,
         )
         assert second.returncode == 1

@@ -44,6 +44,7 @@ from halflife.api.validation import MAX_EVENTS_PER_REQUEST, MAX_INPUTS_PER_REQUE
 from halflife.config import DEFAULT_DATA_DIR, DEFAULT_MAX_REQUESTS_MIB, DEFAULT_MODEL_DIR
 from halflife.embedding.batcher import BatchingConfig
 from halflife.embedding.manifest import ManifestError
+from halflife.locks import missing_directories, remove_directories
 from halflife.logs import StderrInBackground
 from halflife.signals import sigterm_unwinds
 from halflife_client.client import DEFAULT_PORT, DEFAULT_TARGET
@@ -317,7 +318,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         metrics_port=_metrics_port(args),
         max_requests_bytes=args.max_requests_mib << 20,
     )
-    new_data_dir = not args.data_dir.exists()
+    made = missing_directories(args.data_dir)
     lock = None
     try:
         try:
@@ -333,8 +334,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     except (ManifestError, StoreError, OSError) as exc:
         print(worker + _start_refused(exc, args.data_dir), file=sys.stderr)
-        if lock is not None and new_data_dir:
-            _remove_unused_data_dir(lock, args.data_dir)
+        if lock is not None and made:
+            _remove_unused_data_dir(lock, made)
         # A group's worker that may start later says so: its parent starts a replacement again (workers.py).
         return EXIT_TEMPORARY if worker and isinstance(exc, StoreUnavailableError) else EXIT_FAILURE
     finally:
@@ -361,16 +362,18 @@ def _ignore_stop_signals() -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def _remove_unused_data_dir(lock, data_dir: Path) -> None:
-    """Removes the data directory a failed start made, if nothing but its
-    lock (held: no other server uses it) went in: a bad flag (variant,
-    provider, port) left an empty directory behind."""
+def _remove_unused_data_dir(lock, made: list[Path]) -> None:
+    """Removes the data directory a failed start made (`made`, with its
+    parents: `missing_directories`), if nothing but its lock (held: no other
+    server uses it) went in: a bad flag (variant, provider, port) left an
+    empty directory behind."""
     from halflife.locks import DATA_DIR_LOCK, remove_lock
 
+    data_dir = made[0]
     try:
         if [p.name for p in data_dir.iterdir()] == [DATA_DIR_LOCK]:
             remove_lock(lock, data_dir / DATA_DIR_LOCK)
-            data_dir.rmdir()
+            remove_directories(made)
     except OSError:
         pass  # left as it is: nothing of the user's is in it
 
@@ -398,7 +401,7 @@ def _run_workers(args: argparse.Namespace) -> int:
     from halflife.storage.base import StoreError
     from halflife.workers import run_workers, worker_threads
 
-    new_data_dir = not args.data_dir.exists()
+    made = missing_directories(args.data_dir)
     try:
         # A worker that dies is started again with these flags, maybe long after the others: it must
         # serve what they serve, not the files as they are by then (an audit edited the config, and a
@@ -416,8 +419,8 @@ def _run_workers(args: argparse.Namespace) -> int:
                     return run_workers([*serve_argv, *config_argv], args.host, args.port, args.workers, threads,
                                        keep_fds=(lock.fileno(),), prepare=lambda: _prepare_store(args.data_dir))
             except (OSError, ConfigError):
-                if new_data_dir:
-                    _remove_unused_data_dir(lock, args.data_dir)
+                if made:
+                    _remove_unused_data_dir(lock, made)
                 raise
     except ConfigError as exc:
         _flush_logs()  # the lines logged before ("settings from"), then the error line
@@ -818,18 +821,18 @@ def _add_reembed(commands: argparse._SubParsersAction) -> None:
 
 
 @contextlib.contextmanager
-def _removed_unless_done(directory: Path, made: bool) -> Iterator[None]:
-    """What was written into `directory` (empty or absent before: `made`)
-    goes again if the block fails or is interrupted: a half copy would
-    otherwise pass for a store, and block the next try."""
+def _removed_unless_done(directory: Path, made: list[Path]) -> Iterator[None]:
+    """What was written into `directory` (empty or absent before) goes again,
+    with the directories `made` for it (`missing_directories`), if the block
+    fails or is interrupted: a half copy would otherwise pass for a store, and
+    block the next try."""
     try:
         yield
     except BaseException:
         if directory.is_dir():
             for path in directory.iterdir():
                 path.unlink()
-            if made:
-                directory.rmdir()
+            remove_directories(made)
         raise
 
 
@@ -863,7 +866,7 @@ def _run_reembed(args: argparse.Namespace) -> int:
             return fail(str(exc))
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         return fail(f"{args.out} is not an empty directory: the copy goes into a data directory of its own")
-    made = not args.out.exists()
+    made = missing_directories(args.out)
     try:
         with sigterm_unwinds():
             # Held as `serve` holds it: a server started on the copy meanwhile answered from half of it. Taken
@@ -871,8 +874,7 @@ def _run_reembed(args: argparse.Namespace) -> int:
             try:
                 lock = claim_data_dir(args.out, f"pid {os.getpid()}, halflife reembed copying into it")
             except OSError:
-                if made and args.out.is_dir() and not any(args.out.iterdir()):
-                    args.out.rmdir()
+                remove_directories(made)  # those left empty: another process's claim keeps its own
                 raise
             with lock, _removed_unless_done(args.out, made):
                 unfinished = args.out / UNFINISHED_COPY_MARK

@@ -97,6 +97,29 @@ def claim_data_dir(data_dir: Path, holder: str = "") -> IO[str]:
     return lock
 
 
+def missing_directories(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist, deepest first: what
+    `claim_data_dir` makes, for a start or copy that fails to take away again
+    (`remove_directories`)."""
+    missing = []
+    for directory in (path, *path.parents):
+        if os.path.lexists(directory):
+            break
+        missing.append(directory)
+    return missing
+
+
+def remove_directories(directories: list[Path]) -> None:
+    """Removes `directories` (`missing_directories`, deepest first) while they
+    are empty: a failed `--out a/b/c` left the `a/b` it made behind. One that
+    another process put something in meanwhile stays, with those above it."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
 def _same_file(lock: IO[str], path: Path) -> bool:
     try:
         at_path = os.stat(path)
