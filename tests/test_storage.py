@@ -719,6 +719,34 @@ def test_a_store_built_with_another_model_of_the_same_size_stops_serve_and_anoth
         pass  # another variant of the same model: the same space
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("bound", [True, False])
+def test_a_start_refused_for_another_models_store_leaves_it_as_it_was(model_dir, tmp_path, workers, bound):
+    """It was opened first: migrated from an older schema (an older
+    halflife, the way back, then refused it) and its change feed pruned,
+    with --workers too (its parent prepares the store). A schema 7 store
+    bound to another model of the same size, and one of schema 6 of another
+    size, which only its size tells."""
+    data = tmp_path / "data"
+    with SqliteStore(data) as store:
+        size = 384 if bound else DIM
+        store.upsert_items([item(i, vector=np.full(size, size**-0.5, dtype=np.float32)) for i in ("i1", "i2")])
+        store.delete_items(["i2"])  # a feed row the start prunes
+        store.bind_vectors("other-space", "other/model (384-d)")
+    with contextlib.closing(sqlite3.connect(data / DB_NAME)) as conn:  # closed: its WAL checkpointed
+        conn.execute("ALTER TABLE changes DROP COLUMN vector_version")
+        if not bound:
+            conn.execute("DROP TABLE meta")
+        conn.execute(f"PRAGMA user_version = {7 if bound else 6}")
+        conn.commit()
+    before = (data / DB_NAME).read_bytes()
+    result = serve_once(model_dir, data, workers=workers, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    refusal = "the store's vectors come from other/model" if bound else f"the store holds {DIM}-dimensional vectors"
+    assert refusal in result.stderr.splitlines()[-1], result.stderr
+    assert (data / DB_NAME).read_bytes() == before
+
+
 def test_a_store_file_it_may_not_write_is_refused_at_open(tmp_path):
     """SQLite opens such a file (another owner's, an immutable one) read-only
     without a word: an up-to-date store passed its start, health said

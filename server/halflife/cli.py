@@ -417,7 +417,7 @@ def _run_workers(args: argparse.Namespace) -> int:
                 with _config_for_workers(args.config, args.data_dir) as config_argv:
                     threads = worker_threads(args.threads, args.workers, physical_cores())
                     return run_workers([*serve_argv, *config_argv], args.host, args.port, args.workers, threads,
-                                       keep_fds=(lock.fileno(),), prepare=lambda: _prepare_store(args.data_dir))
+                                       keep_fds=(lock.fileno(),), prepare=lambda: _prepare_store(args.data_dir, args.model_dir))
             except (OSError, ConfigError):
                 if made:
                     _remove_unused_data_dir(lock, made)
@@ -448,12 +448,18 @@ def _start_refused(exc: BaseException, data_dir: Path) -> str:
 WORKERS_CONFIG = "workers-config.toml"  # in the data directory, for a --workers group's life
 
 
-def _prepare_store(data_dir: Path) -> None:
+def _prepare_store(data_dir: Path, model_dir: Path) -> None:
     """Once, before any worker opens the store: its migrations, and the
     change feed pruned while no worker follows it (a restarted worker must
-    not: its siblings do)."""
-    from halflife.storage.sqlite import SqliteStore
+    not: its siblings do). Neither for a store the workers would refuse for
+    another model's vectors: a refused start changes nothing."""
+    from halflife.embedding.engine import named_vector_space
+    from halflife.embedding.manifest import load_manifest
+    from halflife.interest.engine import refuse_other_models_store
+    from halflife.storage.sqlite import SqliteStore, stored_vectors
 
+    manifest = load_manifest(model_dir)
+    refuse_other_models_store(*stored_vectors(data_dir), manifest.dimension, named_vector_space(manifest))
     with SqliteStore(data_dir) as store:
         store.prune_change_feed()
 

@@ -34,9 +34,9 @@ from halflife.config import DEFAULT_DATA_DIR, DEFAULT_MAX_REQUESTS_MIB, DEFAULT_
 from halflife.embedding.batcher import BatchingConfig, DynamicBatcher
 from halflife.embedding.engine import EmbeddingEngine
 from halflife.embedding.manifest import ManifestError
-from halflife.interest.engine import InterestEngine
+from halflife.interest.engine import InterestEngine, refuse_other_models_store
 from halflife.signals import STOP_SIGNALS, StopSignals
-from halflife.storage.sqlite import SqliteStore
+from halflife.storage.sqlite import SqliteStore, stored_vectors
 from halflife.texts import readable_character
 from halflife_client.client import MAX_STREAMS_PER_CONNECTION, host_port
 from halflife.v1 import catalog_pb2, embedding_pb2, interest_pb2, recommend_pb2
@@ -583,10 +583,13 @@ class HalflifeServer:
         try:
             # The table validation reads non-ASCII texts with (~0.2 s), alongside the model, not at a first call.
             await asyncio.gather(self._load_model(), asyncio.to_thread(readable_character))
+            embedding = self.backend.embedding
+            # Refused before the open migrates the store or the feed is pruned: a refused start changes nothing.
+            refuse_other_models_store(*await asyncio.to_thread(stored_vectors, config.data_dir), embedding.dimension,
+                                      embedding.named_vector_space)
             self.store = await asyncio.to_thread(SqliteStore, config.data_dir)
             if not config.follow_store:  # alone on the store (a workers group's parent prunes for its workers)
                 await asyncio.to_thread(self.store.prune_change_feed)
-            embedding = self.backend.embedding
             self.backend.interest = await asyncio.to_thread(
                 InterestEngine, config.halflife, self.store, embedding.dimension,
                 self.backend.embed_blocking, follow_store=config.follow_store, scan_threads=config.scan_threads,

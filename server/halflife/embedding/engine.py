@@ -343,6 +343,11 @@ def vector_space(manifest: Manifest) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+def named_vector_space(manifest: Manifest) -> tuple[str, str]:
+    """(vector_space, a name for people): what an InterestEngine binds its store to."""
+    return vector_space(manifest), f"{manifest.model_id} ({manifest.dimension}-d)"
+
+
 def served_identity(model_dir: Path | str, *, variant: str | None = None, provider: str = "auto") -> str:
     """The `identity` of the engine `EmbeddingEngine.load` would give for
     these arguments, from the manifest alone (checksums not verified, no
@@ -479,8 +484,8 @@ class EmbeddingEngine:
 
     @property
     def named_vector_space(self) -> tuple[str, str]:
-        """(vector_space, a name for people): what an InterestEngine binds its store to."""
-        return self.vector_space, f"{self.manifest.model_id} ({self.dimension}-d)"
+        """`named_vector_space` of its export."""
+        return named_vector_space(self.manifest)
 
     @property
     def max_input_tokens(self) -> int:

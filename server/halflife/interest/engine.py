@@ -151,6 +151,32 @@ APPLY_ORDER_WAIT_S = 0.5
 REEMBED_HINT = ("empty, or this one's items and events copied for it by `halflife reembed --data-dir OLD --out NEW "
                 "--model-dir DIR` (docs/interest.md, Storage)")
 
+
+def refuse_other_models_store(stored: int | None, recorded: tuple[str, str] | None, dim: int,
+                              space: tuple[str, str] | None) -> None:
+    """StoreError where a store of `stored`-dimensional vectors (None: it
+    holds none) whose vectors come from `recorded` (`Store.bound_vectors`;
+    None: not recorded) cannot serve a model of `dim`-d vectors in `space`
+    (EmbeddingEngine.named_vector_space; None: unchecked): its items and
+    events keep their vectors, so the new model's queries and items were
+    ranked against the old one's, silently where the sizes matched, and a
+    ValueError's traceback from the catalogue where they did not (reviews).
+    A store from before the record is told by its size. A recorded model is
+    named whatever its size: "another model" left a model change's operator
+    to guess which one to roll back to (a model-upgrade review). Pure: a
+    server checks what it reads of a store before opening it (which
+    migrates it, `stored_vectors`), then again as its engine binds it."""
+    if stored not in (None, dim) and (recorded is None or space is None or recorded[0] == space[0]):
+        raise StoreError(f"the store holds {stored}-dimensional vectors, where this model's have {dim}: "
+                         "it was built with another model; serve it with that one, or give this model a "
+                         f"data directory of its own: {REEMBED_HINT}")
+    if recorded is not None and space is not None and recorded[0] != space[0]:
+        (bound_space, bound_model), (space, model) = recorded, space
+        raise StoreError(f"the store's vectors come from {bound_model} (vector space {bound_space[:12]}), and this "
+                         f"model is {model} (vector space {space[:12]}): serve the store with its model, or give "
+                         f"this one a data directory of its own: {REEMBED_HINT}")
+
+
 # (texts, the caller's deadline or None) -> (n, dim) float32 unit rows
 Embedder = Callable[[Sequence[str], Deadline | None], np.ndarray]
 
@@ -367,31 +393,12 @@ class InterestEngine:
         )
 
     def _check_vectors(self) -> None:
-        """StoreError where the store's vectors come from another model: its
-        items and events keep their vectors, so the new model's queries and
-        items were ranked against the old one's, silently where the sizes
-        matched, and a ValueError's traceback from the catalogue where they
-        did not (reviews). A store from before the record is bound to the
-        model that serves it first, its size checked. A recorded model is
-        named whatever its size: "another model" left a model change's
-        operator to guess which one to roll back to (a model-upgrade review)."""
-        stored = self.store.vector_size()
-        space, model = self._vector_space or (None, None)
-        if stored not in (None, self.dim):
-            recorded = self.store.bound_vectors()  # a store from before the record stays unbound
-            if recorded is None or space is None or recorded[0] == space:
-                raise StoreError(f"the store holds {stored}-dimensional vectors, where this model's have {self.dim}: "
-                                 "it was built with another model; serve it with that one, or give this model a "
-                                 f"data directory of its own: {REEMBED_HINT}")
-        elif space is None:
-            return
-        else:
-            recorded = self.store.bind_vectors(space, model)
-        bound_space, bound_model = recorded
-        if bound_space != space:
-            raise StoreError(f"the store's vectors come from {bound_model} (vector space {bound_space[:12]}), and this "
-                             f"model is {model} (vector space {space[:12]}): serve the store with its model, or give "
-                             f"this one a data directory of its own: {REEMBED_HINT}")
+        """`refuse_other_models_store` for this engine's store, bound to this
+        model where it fits (a store from before the record included)."""
+        stored, space = self.store.vector_size(), self._vector_space
+        fits = stored in (None, self.dim) and space is not None
+        refuse_other_models_store(stored, self.store.bind_vectors(*space) if fits else self.store.bound_vectors(),
+                                  self.dim, space)
 
     def _rebuild_blend(self) -> None:
         """The blend's indexes anew from every event up to the watermark. Lock held (or not yet shared)."""

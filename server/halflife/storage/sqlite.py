@@ -146,6 +146,44 @@ def _bound_vectors(conn: sqlite3.Connection) -> tuple[str, str] | None:
     return (recorded["vector_space"], recorded["vector_model"]) if recorded else None
 
 
+def _holds_vectors(conn: sqlite3.Connection) -> bool:
+    """Whether the store is in a model's space for good: it holds a vector,
+    or a profile snapshot made of them (see `bind_vectors`)."""
+    return conn.execute("SELECT EXISTS (SELECT 1 FROM vectors) OR EXISTS "
+                        "(SELECT 1 FROM profile_snapshots)").fetchone()[0] == 1
+
+
+def _vector_size(conn: sqlite3.Connection) -> int | None:
+    row = conn.execute("SELECT length(data) FROM vectors ORDER BY id DESC LIMIT 1").fetchone()
+    return None if row is None else row[0] // 4  # float32
+
+
+def stored_vectors(data_dir: str | Path) -> tuple[int | None, tuple[str, str] | None]:
+    """The store's `vector_size()` and the model `bind_vectors` would keep
+    (None: none, or one the next model replaces), read without opening it as
+    a store, which migrates an older schema: a server refused the store for
+    another model's vectors had migrated it (an older halflife, the way back,
+    then refused it) and pruned its change feed. (None, None) where there is
+    no store or it cannot be read so: opening it says why."""
+    path = Path(data_dir) / DB_NAME
+    if not path.is_file():
+        return None, None
+    try:
+        conn = _connect(path, readonly=True)
+    except sqlite3.Error:
+        return None, None
+    try:
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "vectors" not in tables:
+            return None, None
+        # meta (schema 7) comes after profile_snapshots (5); a store without it records no model.
+        return _vector_size(conn), _bound_vectors(conn) if "meta" in tables and _holds_vectors(conn) else None
+    except sqlite3.Error:
+        return None, None
+    finally:
+        conn.close()
+
+
 def _events_in(after_seq: int, through_seq: int | None, user_id: str | None) -> tuple[str, tuple]:
     """The WHERE clause ("" for none) and its arguments of the events with after_seq < seq
     <= through_seq (no upper bound where None), `user_id`'s only where given. Only the
@@ -1341,8 +1379,7 @@ class SqliteStore:
             # A store that holds no vector (none written yet, or all deleted since) is in no model's space: an
             # empty var/data that `make serve` once started with the bundled model refused every other, told to
             # take "a data directory of its own: empty" (a model-upgrade review).
-            empty = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM vectors) AND NOT EXISTS "
-                                 "(SELECT 1 FROM profile_snapshots)").fetchone()[0]
+            empty = not _holds_vectors(conn)
             conn.executemany(f"INSERT OR {'REPLACE' if empty else 'IGNORE'} INTO meta(key, value) VALUES (?, ?)",
                              [("vector_space", space), ("vector_model", model)])
             return _bound_vectors(conn)
@@ -1353,11 +1390,7 @@ class SqliteStore:
         return self._read(_bound_vectors)
 
     def vector_size(self) -> int | None:
-        def read(conn: sqlite3.Connection) -> int | None:
-            row = conn.execute("SELECT length(data) FROM vectors ORDER BY id DESC LIMIT 1").fetchone()
-            return None if row is None else row[0] // 4  # float32
-
-        return self._read(read)
+        return self._read(_vector_size)
 
     def item_count(self) -> int:
         return self._read(lambda c: c.execute("SELECT COUNT(*) FROM items").fetchone()[0])
