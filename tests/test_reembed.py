@@ -184,12 +184,47 @@ def done_events(path, user_id: str) -> list[EventRecord]:
         store.close()
 
 
-def test_items_with_vectors_given_with_them_refuse_the_copy(tmp_path):
+def test_items_with_vectors_given_with_them_take_the_new_models_given_or_refuse_the_copy(tmp_path):
+    """Such an item stopped the copy whatever was done: the new model's
+    vectors for them can now be given, and an event on one takes it."""
     old = old_engine(tmp_path / "old")
     old.upsert_items([ItemInput(id="mine", text="", vector=fake_embed(["x"])[0]), ItemInput(id="t", text="text")])
+    old.record_events([event("e1", "u1", LIKE, "mine"), event("e2", "u1", REVIEW, "mine", text="great")])
     with pytest.raises(GivenVectorsError, match=r"^items carry vectors given with them, not embedded from their text \(1: 'mine'\)"):
-        reembed(old.store, new_engine(tmp_path / "new"))
+        reembed(old.store, new_engine(tmp_path / "refused"))
+    mine, text = np.arange(1, NEW_DIM + 1, dtype=np.float32), np.ones(NEW_DIM, np.float32)
+    target = new_engine(tmp_path / "new")
+    done = reembed(old.store, target, vectors={"mine": mine, "t": text, "gone": text})  # any item's, taken
+    assert (done.items, done.events, done.vectors_unused) == (2, 2, 1)
+    items = target.store.get_items(["mine", "t"])
+    np.testing.assert_allclose(items["mine"].vector, normalize(mine), atol=1e-6)
+    np.testing.assert_allclose(items["t"].vector, normalize(text), atol=1e-6)
+    assert items["mine"].embedded_by is None  # still given: a later upsert of its text alone embeds it
+    e1, e2 = target.store.user_events("u1")
+    np.testing.assert_allclose(e1.vector, normalize(mine), atol=1e-6)
+    np.testing.assert_allclose(e2.vector, normalize(normalize(mine) + new_embed(["great"])[0]), atol=1e-6)
     old.store.close()
+
+
+@pytest.mark.parametrize("line, why", [
+    ("{", "not UTF-8 JSON"),
+    ('{"id": "\xff"}', "not UTF-8 JSON"),
+    ('["mine", [1, 2, 3]]', r'not an object \{"id": "\.\.\.", "vector": \[numbers\]\}'),
+    ('{"id": 7, "vector": [1, 2, 3]}', 'not an object'),
+    ('{"id": "mine", "vector": [1, 2]}', "item 'mine' has 2 values; the model's dimension is 3"),
+    ('{"id": "mine", "vector": [1, NaN, 3]}', "item 'mine': its vector holds a value that is not a finite number"),
+    ('{"id": "mine", "vector": [1, "2", 3]}', "item 'mine': its vector holds a value that is not a finite number"),
+    ('{"id": "mine", "vector": [0, 0, 0.0]}', "item 'mine': its vector is all zeros, which has no direction"),
+    ('{"id": "t", "vector": [1, 2, 3]}', "item 't' again \\(first on line 1\\)"),
+])
+def test_an_item_vectors_file_is_refused_by_its_line(tmp_path, line, why):
+    path = tmp_path / "vectors.jsonl"
+    path.write_bytes(b'{"id": "t", "vector": [1, 2, 3.5]}\n\n' + line.encode("latin-1") + b"\n")
+    with pytest.raises(reembed_module.ItemVectorsFileError, match=f"^{re.escape(str(path))}, line 3: {why}"):
+        reembed_module.read_item_vectors(path, 3)
+    path.write_text('{"id": "t", "vector": [1, 2, 3.5]}\n')
+    (only,) = reembed_module.read_item_vectors(path, 3).items()
+    assert only[0] == "t" and only[1].tolist() == [1, 2, 3.5]
 
 
 def test_a_copy_goes_into_an_empty_store_only(old_store, tmp_path):
@@ -229,6 +264,41 @@ def test_the_cli_copies_a_store_into_one_the_new_model_serves(model_dir, tmp_pat
     assert store.bind_vectors("x", "y") == model.named_vector_space  # what `serve` with the model checks
     assert [e.event_id for e in store.user_events("ann")] == ["e1", "e2"]
     store.close()
+
+
+def test_the_cli_lists_items_with_given_vectors_and_takes_their_new_vectors_from_a_file(model_dir, tmp_path,
+                                                                                         capsys):
+    import json
+
+    from halflife.cli import main
+    from halflife.embedding.engine import EmbeddingEngine
+
+    dim = EmbeddingEngine.load(model_dir).dimension
+    _store_of_another_model(tmp_path / "old", dim)
+    old = InterestEngine(Config(), SqliteStore(tmp_path / "old"), dim, new_embed, clock=lambda: T)
+    old.upsert_items([ItemInput(id=f"v{n}", text="", vector=np.ones(dim, np.float32)) for n in range(4)])
+    old.record_events([event("e3", "ann", LIKE, "v0")])
+    old.store.close()
+    args = ["reembed", "--data-dir", str(tmp_path / "old"), "--out", str(tmp_path / "new"), "--model-dir",
+            str(model_dir)]
+    assert main(args) == 1
+    out, err = capsys.readouterr()
+    assert [json.loads(line) for line in out.splitlines()] == [{"id": f"v{n}"} for n in range(4)]
+    assert "(4: 'v0', 'v1', 'v2' and 1 more)" in err and "their ids are on stdout" in err and "--item-vectors" in err
+    assert not (tmp_path / "new").exists()
+    vectors = tmp_path / "vectors.jsonl"
+    vectors.write_text("".join(json.dumps({**json.loads(line), "vector": [n + 1.0] * dim}) + "\n"
+                               for n, line in enumerate(out.splitlines())))
+    assert main(args + ["--item-vectors", str(vectors)]) == 0
+    assert "copied 6 items and 3 events" in capsys.readouterr().out
+    with SqliteStore(tmp_path / "new") as store:
+        assert np.allclose(store.get_items(["v3"])["v3"].vector, dim**-0.5)
+        assert [e.event_id for e in store.user_events("ann")] == ["e1", "e2", "e3"]
+    vectors.write_text(json.dumps({"id": "v0", "vector": [1.0] * (dim - 1)}) + "\n")
+    assert main([*args[:4], str(tmp_path / "new2"), *args[5:], "--item-vectors", str(vectors)]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"halflife reembed: error: {vectors}, line 1: item 'v0' has {dim - 1} values; the model's dimension is {dim}")
+    assert not (tmp_path / "new2").exists()
 
 
 def test_a_report_that_cannot_be_written_is_one_line_and_the_copy_stays(model_dir, tmp_path, monkeypatch, capsys):
@@ -394,8 +464,8 @@ def test_the_cli_holds_the_copy_as_serve_holds_a_data_directory_and_a_copy_kille
         from halflife.interest import reembed as module
         copy = module.reembed
 
-        def killed(source, engine, progress):
-            copy(source, engine, progress)
+        def killed(*args, **kwargs):
+            copy(*args, **kwargs)
             try:
                 claim_data_dir(Path(sys.argv[2]))
             except OSError as e:

@@ -823,6 +823,11 @@ def _add_reembed(commands: argparse._SubParsersAction) -> None:
                         help=f"the new model, exported (default {DEFAULT_MODEL_DIR})")
     parser.add_argument("--variant", default=None,
                         help="ONNX variant from the manifest (default: the one `serve` would load on this machine)")
+    parser.add_argument("--item-vectors", type=_path, default=None, metavar="FILE",
+                        help='the new model\'s vectors of items, JSON lines {"id": "...", "vector": [...]}, taken '
+                        "instead of embedding their text: every item whose vector was given with it (UpsertItems) "
+                        "needs one; without them the copy is refused, their ids written to stdout as such lines, "
+                        "without the vectors")
     parser.set_defaults(run=_run_reembed)
 
 
@@ -849,7 +854,8 @@ def _run_reembed(args: argparse.Namespace) -> int:
     from halflife.embedding.engine import EmbeddingEngine
     from halflife.embedding.offline import embed_sorted
     from halflife.interest.engine import InterestEngine
-    from halflife.interest.reembed import GivenVectorsError, SourceChangedError, reembed
+    from halflife.interest.reembed import (GivenVectorsError, ItemVectorsFileError, SourceChangedError,
+                                           read_item_vectors, reembed)
     from halflife.locks import UNFINISHED_COPY_MARK, claim_data_dir
     from halflife.progress import progress
     from halflife.storage.base import StoreError, StoreUnavailableError
@@ -861,6 +867,8 @@ def _run_reembed(args: argparse.Namespace) -> int:
 
     if not (args.data_dir / DB_NAME).is_file():
         return fail(f"{args.data_dir} holds no store ({DB_NAME})")
+    if args.item_vectors is not None and not args.item_vectors.is_file():
+        return fail(f"argument --item-vectors: {args.item_vectors} is not a file")
     # A half copy as the source was copied as if whole, and the result, unmarked, served (a review).
     if (args.data_dir / UNFINISHED_COPY_MARK).exists():
         return fail(f"{args.data_dir} holds a `halflife reembed` copy that has not finished (it is still running, or "
@@ -892,6 +900,7 @@ def _run_reembed(args: argparse.Namespace) -> int:
                           "during the copy could leave it unmarked", file=sys.stderr)
                 model = EmbeddingEngine.load(args.model_dir, variant=args.variant)
                 model.warm_up()  # a manifest that does not fit its model: one line, as `serve` says it
+                vectors = {} if args.item_vectors is None else read_item_vectors(args.item_vectors, model.dimension)
                 source, target = SqliteStore(args.data_dir), SqliteStore(args.out)
                 try:
                     source.check_intact()  # damage can end a read early, unsaid: the copy would miss what it hides
@@ -899,14 +908,24 @@ def _run_reembed(args: argparse.Namespace) -> int:
                                             lambda texts, deadline=None: embed_sorted(model, texts),
                                             embedder_id=model.identity, vector_space=model.named_vector_space)
                     done = reembed(source, engine, lambda starts, what: progress(
-                        starts, desc=f"re-embedding {what}", unit="batch"))
+                        starts, desc=f"re-embedding {what}", unit="batch"), vectors=vectors)
                 finally:
                     source.close()
                     target.close()
                 unfinished.unlink()
     except StoreUnavailableError as exc:  # "database or disk is full" named neither store (a review)
         return fail(f"{exc} (copying {args.data_dir} into {args.out}: what it wrote there is removed)")
-    except (ManifestError, StoreError, GivenVectorsError, SourceChangedError, OSError) as exc:
+    except GivenVectorsError as exc:
+        try:  # the file to fill in for --item-vectors
+            sys.stdout.writelines(json.dumps({"id": item_id}) + "\n" for item_id in exc.item_ids)
+            sys.stdout.flush()
+        except OSError as error:
+            if isinstance(error, BrokenPipeError):
+                raise
+            return fail(f"{exc}; their ids could not be written: {error}")
+        return fail(f"{exc}; their ids are on stdout, one {{\"id\": ...}} a line: add each one's \"vector\" and give "
+                    "the file with --item-vectors")
+    except (ManifestError, StoreError, SourceChangedError, ItemVectorsFileError, OSError) as exc:
         return fail(str(exc))
     try:
         print(f"copied {done.items} items and {done.events} events (the log through seq {done.through_seq}) into "
@@ -916,6 +935,9 @@ def _run_reembed(args: argparse.Namespace) -> int:
                   f"{done.left_out} without text were left out: the new model has no vector for their items")
         if done.recorded_since:
             print(f"{done.recorded_since} events recorded in {args.data_dir} since the copy began are not in it")
+        if done.vectors_unused:
+            print(f"{done.vectors_unused} vectors of {args.item_vectors} are of items not in {args.data_dir}: "
+                  "not used")
     except OSError as exc:  # stdout full or gone: the copy is complete all the same (BrokenPipeError: see main)
         if isinstance(exc, BrokenPipeError):
             raise
