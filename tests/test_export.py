@@ -938,8 +938,7 @@ def test_validation_failure_refuses_and_writes_nothing(existing, tmp_path, sourc
         assert {p.name: p.read_bytes() for p in output.iterdir()} == before
         assert sorted(p.name for p in parent.iterdir()) == ["model"]
     else:
-        assert not output.exists()
-        assert list(parent.iterdir()) == []  # no staging directory left behind
+        assert not parent.exists()  # no staging directory left behind, nor the parent it made for --output
 
 
 def test_validation_failing_on_weights_the_checkpoint_lacks_says_so(tmp_path, sources, capsys):
@@ -1008,17 +1007,19 @@ def test_an_interrupted_swap_keeps_the_old_model_beside_the_output(put_back, tmp
 
 def test_sigterm_during_an_export_leaves_no_work_directory(tmp_path, sources):
     """As Ctrl-C: SIGTERM (timeout, a CI cancel, docker stop) left the work
-    directory, raw and half-built ONNX files, beside the output for good."""
+    directory, raw and half-built ONNX files, beside the output for good;
+    and the parent it made for --output stayed (an export into a new
+    models/ directory)."""
     import signal
 
-    output = tmp_path / "model"
+    output = tmp_path / "models" / "model"
     process = subprocess.Popen([sys.executable, "-m", "halflife.cli", "export", "--model", str(sources["bert"]),
                                 "--output", str(output)], cwd=REPO, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         for line in process.stderr:  # bounded: the export ends, and its stderr with it
             if line.startswith("[2/5]"):  # the work directory holds the raw ONNX export by now
-                assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".model.")], "no work directory"
+                assert [p.name for p in output.parent.iterdir() if p.name.startswith(".model.")], "no work directory"
                 process.send_signal(signal.SIGTERM)
                 break
         assert process.wait(120) == 128 + signal.SIGTERM

@@ -48,7 +48,7 @@ from halflife.embedding.manifest import (
     sha256_file,
 )
 from halflife.embedding.pooling import POOLING_MODES, cosine_rows, l2_normalize, pool
-from halflife.locks import hold_lock
+from halflife.locks import directories_removed_on_failure, hold_lock
 from halflife_export import smoothquant
 
 log = logging.getLogger(__name__)
@@ -254,36 +254,38 @@ def export_model(options: ExportOptions) -> Manifest:
     max_tokens = _resolve_max_input_tokens(options.max_input_tokens, source, tokenizer)
     if output.resolve() == source.path.resolve() or output.resolve() in source.path.resolve().parents:
         raise ExportError(f"--output {output} would replace the source model itself; choose another directory")
-    _check_output(output, options.force)
+    # _check_output makes --output's parents: a failed or interrupted export left those it made behind.
+    with directories_removed_on_failure(output.parent):
+        _check_output(output, options.force)
 
-    progress = _Progress(5, options.progress)
-    for note in (_pooling_override_note(options.pooling, pooling, source), _unnormalized_note(source)):
-        if note:
-            progress.sink(note)
-    for abandoned in _remove_abandoned_work_dirs(output):
-        progress.sink(f"note: removed {abandoned}, left by an export into {output} that was killed")
-    with _work_dir(output) as work:
-        staging = work / "model"
-        staging.mkdir()
-        raw = progress.run(f"exporting {source.model_id} to ONNX (opset {options.opset})", _export_raw, source, work, options.opset)
-        variants = progress.run("optimising fp32 graph (O2) and converting to fp16", _float_variants, raw, source, staging)
-        tokenizer_file = progress.run("writing tokenizer.json", _write_tokenizer, source, tokenizer, staging)
-        fp32_path, tokenizer_path = staging / variants[0][1], staging / tokenizer_file
-        pad_token_id = _pad_token_id(source.config)
-        variants += progress.run(
-            "quantising to int8 (SmoothQuant, dynamic per channel)",
-            _int8_variant, fp32_path, tokenizer_path, max_tokens, pad_token_id, work,
-        )
-        draft = _draft_manifest(source, options, pooling, max_tokens, variants, tokenizer_file, staging, raw)
-        manifest = progress.run("validating every variant against PyTorch", _validate, draft, source, staging)
-        _report(manifest, progress.sink)
-        failed = [v for v in manifest.variants if v.precision != "int8" and not v.validation.passed]
-        if failed:
-            names = ", ".join(f"{v.name} (min cosine {v.validation.min_cosine:.5f})" for v in failed)
-            raise ExportError(f"validation failed for {names}: below {FLOAT_MIN_COSINE} against PyTorch; nothing "
-                              f"written{_weights_not_loaded(source)}")
-        (staging / MANIFEST_NAME).write_text(manifest.to_json())
-        note = _publish(staging, output, options.force)
+        progress = _Progress(5, options.progress)
+        for note in (_pooling_override_note(options.pooling, pooling, source), _unnormalized_note(source)):
+            if note:
+                progress.sink(note)
+        for abandoned in _remove_abandoned_work_dirs(output):
+            progress.sink(f"note: removed {abandoned}, left by an export into {output} that was killed")
+        with _work_dir(output) as work:
+            staging = work / "model"
+            staging.mkdir()
+            raw = progress.run(f"exporting {source.model_id} to ONNX (opset {options.opset})", _export_raw, source, work, options.opset)
+            variants = progress.run("optimising fp32 graph (O2) and converting to fp16", _float_variants, raw, source, staging)
+            tokenizer_file = progress.run("writing tokenizer.json", _write_tokenizer, source, tokenizer, staging)
+            fp32_path, tokenizer_path = staging / variants[0][1], staging / tokenizer_file
+            pad_token_id = _pad_token_id(source.config)
+            variants += progress.run(
+                "quantising to int8 (SmoothQuant, dynamic per channel)",
+                _int8_variant, fp32_path, tokenizer_path, max_tokens, pad_token_id, work,
+            )
+            draft = _draft_manifest(source, options, pooling, max_tokens, variants, tokenizer_file, staging, raw)
+            manifest = progress.run("validating every variant against PyTorch", _validate, draft, source, staging)
+            _report(manifest, progress.sink)
+            failed = [v for v in manifest.variants if v.precision != "int8" and not v.validation.passed]
+            if failed:
+                names = ", ".join(f"{v.name} (min cosine {v.validation.min_cosine:.5f})" for v in failed)
+                raise ExportError(f"validation failed for {names}: below {FLOAT_MIN_COSINE} against PyTorch; nothing "
+                                  f"written{_weights_not_loaded(source)}")
+            (staging / MANIFEST_NAME).write_text(manifest.to_json())
+            note = _publish(staging, output, options.force)
     if note:
         progress.sink(note)
     progress.sink(f"wrote {output}")

@@ -6,10 +6,11 @@ without serving it (`vacuum`) need neither the model's runtime nor the API."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterator
 
 DATA_DIR_LOCK = "serve.lock"
 # In a data directory `halflife reembed` is filling, until the copy is
@@ -118,6 +119,18 @@ def remove_directories(directories: list[Path]) -> None:
             directory.rmdir()
         except OSError:
             return
+
+
+@contextlib.contextmanager
+def directories_removed_on_failure(path: Path) -> Iterator[None]:
+    """Removes the `missing_directories(path)` of the block's start, while
+    empty, if the block fails or is interrupted (for what makes `path`)."""
+    made = missing_directories(path)
+    try:
+        yield
+    except BaseException:
+        remove_directories(made)
+        raise
 
 
 def _same_file(lock: IO[str], path: Path) -> bool:
