@@ -747,6 +747,44 @@ def test_a_start_refused_for_another_models_store_leaves_it_as_it_was(model_dir,
     assert (data / DB_NAME).read_bytes() == before
 
 
+def test_ids_with_control_characters_stored_by_an_earlier_halflife_stay_readable_and_erasable(model_dir, tmp_path):
+    """Halflife before 2026-12-05 (5efd287) stored ids holding control
+    characters; after the upgrade every call naming such a user was
+    INVALID_ARGUMENT, DeleteUser too (their log and texts could not be
+    erased), and such an item, still recommended, could not be read or
+    deleted (an upgrade review: a store written at 1ba644a). New ones stay
+    refused."""
+    import grpc
+
+    from halflife.api.server import ServerConfig
+    from halflife.v1 import catalog_pb2, catalog_pb2_grpc, interest_pb2, interest_pb2_grpc
+    from tests.serving import ServerThread
+
+    user, item_id, unit = "tab\tuser", "new\nline", np.full(384, 384**-0.5, dtype=np.float32)
+    with SqliteStore(tmp_path / "data") as store:
+        store.upsert_items([item(item_id, vector=unit)])
+        store.record_events([event("e1", user, item_id=item_id, vector=unit),
+                             event("e2", "nul\0user", item_id=item_id, vector=unit)])
+    with ServerThread(ServerConfig(port=0, model_dir=model_dir, data_dir=tmp_path / "data")) as running:
+        with grpc.insecure_channel(running.address) as channel:
+            interest = interest_pb2_grpc.InterestServiceStub(channel)
+            catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
+            assert interest.GetProfile(interest_pb2.GetProfileRequest(user_id=user)).event_counts[0].count == 1
+            listed = interest.ListEvents(interest_pb2.ListEventsRequest(user_id=user)).events
+            assert [e.event_id for e in listed] == ["e1"]
+            assert interest.DeleteUser(interest_pb2.DeleteUserRequest(user_id=user)).deleted_event_count == 1
+            assert interest.DeleteUser(interest_pb2.DeleteUserRequest(user_id="nul\0user")).deleted_event_count == 1
+            assert [i.id for i in catalog.GetItems(catalog_pb2.GetItemsRequest(ids=[item_id])).items] == [item_id]
+            assert catalog.DeleteItems(catalog_pb2.DeleteItemsRequest(ids=[item_id])).deleted_count == 1
+            for refused in (lambda: catalog.GetItems(catalog_pb2.GetItemsRequest(ids=["a\0b"])),  # JSON cuts it
+                            lambda: interest.RecordEvents(interest_pb2.RecordEventsRequest(events=[interest_pb2.Event(
+                                event_id="e3", user_id=user, type=interest_pb2.EVENT_TYPE_SEARCH, text="x")]))):
+                with pytest.raises(grpc.RpcError) as error:
+                    refused()
+                assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "must not contain control characters" in error.value.details()
+
+
 def test_a_store_file_it_may_not_write_is_refused_at_open(tmp_path):
     """SQLite opens such a file (another owner's, an immutable one) read-only
     without a word: an up-to-date store passed its start, health said

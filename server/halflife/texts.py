@@ -18,6 +18,7 @@ MAX_TEXT_BYTES = 32 * 1024  # an item's or event's text, a query, an Embed input
 # client's bug, and NUL would be cut off by SQLite's JSON functions (3.40),
 # which the store looks ids up with, so "a\0b" would name item "a".
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+_CONTROL_CHARACTER_BUT_NUL = re.compile("[\x01-\x1f\x7f]")
 
 
 def name_problem(value: str, max_bytes: int = MAX_ID_BYTES) -> str | None:
@@ -30,6 +31,17 @@ def name_problem(value: str, max_bytes: int = MAX_ID_BYTES) -> str | None:
     if _CONTROL_CHARACTER.search(value):
         return "must not contain control characters (U+0000 to U+001F, U+007F)"
     return None
+
+
+def stored_name_problem(value: str, nul: bool) -> str | None:
+    """`name_problem` of an id a request only looks up (a user to read or
+    erase, an item to read or delete): control characters pass, since
+    halflife before 2026-12-05 (5efd287) stored ids with them, and an
+    upgrade left such users unreadable and unerasable, such items served
+    by Recommend but never deletable (an upgrade review). NUL passes where
+    `nul`: item ids are looked up through JSON, which cuts them there."""
+    passing = _CONTROL_CHARACTER if nul else _CONTROL_CHARACTER_BUT_NUL
+    return name_problem(passing.sub("_", value))  # one byte for one: the length counts as stored
 
 # Characters a tokenizer drops or cannot read as a word: controls (Cc), format
 # characters such as U+200B and U+FEFF (Cf), private use (Co), combining marks

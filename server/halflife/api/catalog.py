@@ -64,7 +64,7 @@ def _item_input(item: catalog_pb2.Item, field: str, dim: int, violations: Violat
 def _check_ids(ids, violations: Violations) -> None:
     if violations.count(ids, "ids", MAX_ITEMS_PER_REQUEST):
         for i, item_id in enumerate(ids):
-            violations.identifier(item_id, f"ids[{i}]")
+            violations.stored_item(item_id, f"ids[{i}]")
     violations.raise_if_any()
 
 

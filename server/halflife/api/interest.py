@@ -199,7 +199,7 @@ class InterestServicer(interest_pb2_grpc.InterestServiceServicer):
     async def GetProfile(self, request: interest_pb2.GetProfileRequest, context: grpc.aio.ServicerContext):
         interest = self._backend.ready().interest
         violations = Violations()
-        violations.identifier(request.user_id, "user_id")
+        violations.stored_user(request.user_id, "user_id")
         as_of = violations.timestamp(request, "as_of_time", "as_of_time", interest.now())
         if not 0 <= request.items_per_interest <= MAX_PER_INTEREST:
             violations.add("items_per_interest",
@@ -234,7 +234,7 @@ class InterestServicer(interest_pb2_grpc.InterestServiceServicer):
     async def DeleteUser(self, request: interest_pb2.DeleteUserRequest, context: grpc.aio.ServicerContext):
         interest = self._backend.ready().interest
         violations = Violations()
-        violations.identifier(request.user_id, "user_id")
+        violations.stored_user(request.user_id, "user_id")
         violations.raise_if_any()
         deleted = await run_with_deadline(context, interest.delete_user, request.user_id)
         return interest_pb2.DeleteUserResponse(deleted_event_count=deleted)
@@ -243,7 +243,7 @@ class InterestServicer(interest_pb2_grpc.InterestServiceServicer):
     async def ListEvents(self, request: interest_pb2.ListEventsRequest, context: grpc.aio.ServicerContext):
         interest = self._backend.ready().interest
         violations = Violations()
-        violations.identifier(request.user_id, "user_id")
+        violations.stored_user(request.user_id, "user_id")
         size = page_size(request.page_size, violations)
         after = _listed_after(token_position(request.page_token, violations, "ListEvents"), request, violations)
         # Any time a Timestamp holds: a range is a filter, not an event's time.

@@ -69,7 +69,7 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
     async def Recommend(self, request: recommend_pb2.RecommendRequest, context: grpc.aio.ServicerContext):
         interest = self._backend.ready().interest
         violations = Violations()
-        violations.identifier(request.user_id, "user_id")
+        violations.stored_user(request.user_id, "user_id")
         violations.limit(request.limit, "limit", interest.config.ranking.max_limit)
         as_of = violations.timestamp(request, "as_of_time", "as_of_time", interest.now())
         item_filter = _filter(request.filter, violations)
@@ -103,7 +103,7 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
             violations.add("item_id", "set item_id or text")
             violations.add("text", "set text or item_id")
         elif target == "item_id":
-            violations.identifier(request.item_id, "item_id")
+            violations.stored_item(request.item_id, "item_id")
         elif not request.text:
             violations.add("text", "must not be empty")
         elif blank(request.text):

@@ -9,7 +9,7 @@ from typing import Sized
 from google.protobuf import timestamp_pb2
 
 from halflife.api.errors import invalid_argument
-from halflife.texts import MAX_CATEGORY_BYTES, MAX_ID_BYTES, name_problem, text_size_problem
+from halflife.texts import MAX_CATEGORY_BYTES, MAX_ID_BYTES, name_problem, stored_name_problem, text_size_problem
 
 # What a text `halflife.texts.blank` refuses holds, for the message that refuses it.
 UNREADABLE = ("holds nothing the model reads (only whitespace, control, format, private-use or combining "
@@ -51,6 +51,16 @@ class Violations:
 
     def identifier(self, value: str, field: str) -> None:
         self._name(value, field, MAX_ID_BYTES)
+
+    def stored_user(self, value: str, field: str) -> None:
+        """A user id to look up: control characters pass (`stored_name_problem`)."""
+        if (problem := stored_name_problem(value, nul=True)) is not None:
+            self.add(field, problem)
+
+    def stored_item(self, value: str, field: str) -> None:
+        """An item id to look up: control characters but NUL pass (`stored_name_problem`)."""
+        if (problem := stored_name_problem(value, nul=False)) is not None:
+            self.add(field, problem)
 
     def category(self, value: str, field: str) -> None:
         self._name(value, field, MAX_CATEGORY_BYTES)
