@@ -32,7 +32,7 @@ from halflife.storage.base import (
 )
 from halflife.storage.sqlite import DB_NAME, SCHEMA_VERSION, SqliteStore
 from tests.fakes import full_disk, process_limit, stored_history
-from tests.serving import serve_once
+from tests.serving import serve_once, start_cli_server
 
 DIM = 16
 RNG = np.random.default_rng(1234)
@@ -783,6 +783,28 @@ def test_ids_with_control_characters_stored_by_an_earlier_halflife_stay_readable
                     refused()
                 assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert "must not contain control characters" in error.value.details()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_store_bound_by_an_earlier_halflife_serves_with_its_model(model_dir, tmp_path, workers):
+    """Until bed3b31 a vector space was named by every weights file, by name
+    and content: a store that halflife bound to this very model was refused
+    at start as another model's ("the store's vectors come from
+    sentence-transformers/all-MiniLM-L6-v2 (384-d) ..., and this model is
+    sentence-transformers/all-MiniLM-L6-v2 (384-d)"), told to reembed (an
+    upgrade review: a store written at d4c12ea). A --workers group's parent
+    checks it before its workers do."""
+    from halflife.embedding.manifest import load_manifest
+
+    m = load_manifest(model_dir)
+    parts = (repr(sorted(m.source["weights_sha256"].items())), m.tokenizer_sha256, m.pooling, str(m.normalize),
+             str(m.max_input_tokens), str(m.dimension))  # that halflife's vector_space, as it wrote it
+    with SqliteStore(tmp_path / "data") as store:
+        store.upsert_items([item("i1", vector=np.full(384, 384**-0.5, dtype=np.float32))])  # one held: bound for good
+        store.bind_vectors(hashlib.sha256("\n".join(parts).encode()).hexdigest(), f"{m.model_id} (384-d)")
+    process, _ = start_cli_server(model_dir, tmp_path / "data", workers=workers, drain=True)
+    process.terminate()  # the parent stops its workers
+    assert process.wait(timeout=60) == 0
 
 
 def test_a_store_file_it_may_not_write_is_refused_at_open(tmp_path):

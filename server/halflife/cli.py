@@ -453,13 +453,14 @@ def _prepare_store(data_dir: Path, model_dir: Path) -> None:
     change feed pruned while no worker follows it (a restarted worker must
     not: its siblings do). Neither for a store the workers would refuse for
     another model's vectors: a refused start changes nothing."""
-    from halflife.embedding.engine import named_vector_space
+    from halflife.embedding.engine import former_vector_spaces, named_vector_space
     from halflife.embedding.manifest import load_manifest
     from halflife.interest.engine import refuse_other_models_store
     from halflife.storage.sqlite import SqliteStore, stored_vectors
 
     manifest = load_manifest(model_dir)
-    refuse_other_models_store(*stored_vectors(data_dir), manifest.dimension, named_vector_space(manifest))
+    refuse_other_models_store(*stored_vectors(data_dir), manifest.dimension, named_vector_space(manifest),
+                              former_vector_spaces(manifest))
     with SqliteStore(data_dir) as store:
         store.prune_change_feed()
 

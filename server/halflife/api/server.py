@@ -586,7 +586,7 @@ class HalflifeServer:
             embedding = self.backend.embedding
             # Refused before the open migrates the store or the feed is pruned: a refused start changes nothing.
             refuse_other_models_store(*await asyncio.to_thread(stored_vectors, config.data_dir), embedding.dimension,
-                                      embedding.named_vector_space)
+                                      embedding.named_vector_space, embedding.former_vector_spaces)
             self.store = await asyncio.to_thread(SqliteStore, config.data_dir)
             if not config.follow_store:  # alone on the store (a workers group's parent prunes for its workers)
                 await asyncio.to_thread(self.store.prune_change_feed)
@@ -594,7 +594,7 @@ class HalflifeServer:
                 InterestEngine, config.halflife, self.store, embedding.dimension,
                 self.backend.embed_blocking, follow_store=config.follow_store, scan_threads=config.scan_threads,
                 embedder_id=embedding.identity,
-                vector_space=embedding.named_vector_space,
+                vector_space=embedding.named_vector_space, former_vector_spaces=embedding.former_vector_spaces,
             )
         except BaseException:
             await self.stop(grace=0)

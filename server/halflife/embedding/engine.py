@@ -332,14 +332,25 @@ def vector_space(manifest: Manifest) -> str:
     them: the source weights, the tokenizer, pooling, normalisation, the
     truncation length and the dimension (SHA-256). Another model, or the same
     one pooled otherwise, is another space; its variants are the same one."""
-    m = manifest
     # The weights by content, those transformers loads: safetensors where there are any (a directory may also
     # hold pytorch_model.bin or training_args.bin; named by file, the same weights beside them read as another
     # model, a review).
-    files = m.source.get("weights_sha256", {})
+    files = manifest.source.get("weights_sha256", {})
     loaded = {name: digest for name, digest in files.items() if name.endswith(".safetensors")} or files
-    parts = (repr(sorted(loaded.values())), m.tokenizer_sha256, m.pooling, str(m.normalize), str(m.max_input_tokens),
-             str(m.dimension))
+    return _space_name(repr(sorted(loaded.values())), manifest)
+
+
+def former_vector_spaces(manifest: Manifest) -> tuple[str, ...]:
+    """The names halflife gave `vector_space(manifest)` before, which the
+    stores it bound still record: until 2026-12-06 (bed3b31) every weights
+    file counted, by name and content. Their model serves them still; they
+    were refused as another model's, the way forward a reembed of every
+    item and event (an upgrade review)."""
+    return (_space_name(repr(sorted(manifest.source.get("weights_sha256", {}).items())), manifest),)
+
+
+def _space_name(weights: str, m: Manifest) -> str:
+    parts = (weights, m.tokenizer_sha256, m.pooling, str(m.normalize), str(m.max_input_tokens), str(m.dimension))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -481,6 +492,11 @@ class EmbeddingEngine:
     def vector_space(self) -> str:
         """Names the space its vectors live in (`vector_space`), shared by the export's variants."""
         return vector_space(self.manifest)
+
+    @property
+    def former_vector_spaces(self) -> tuple[str, ...]:
+        """What earlier halflifes named this space (`former_vector_spaces`): a store bound to one is this model's."""
+        return former_vector_spaces(self.manifest)
 
     @property
     def named_vector_space(self) -> tuple[str, str]:

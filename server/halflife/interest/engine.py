@@ -153,24 +153,27 @@ REEMBED_HINT = ("empty, or this one's items and events copied for it by `halflif
 
 
 def refuse_other_models_store(stored: int | None, recorded: tuple[str, str] | None, dim: int,
-                              space: tuple[str, str] | None) -> None:
+                              space: tuple[str, str] | None, former: Sequence[str] = ()) -> None:
     """StoreError where a store of `stored`-dimensional vectors (None: it
     holds none) whose vectors come from `recorded` (`Store.bound_vectors`;
     None: not recorded) cannot serve a model of `dim`-d vectors in `space`
-    (EmbeddingEngine.named_vector_space; None: unchecked): its items and
-    events keep their vectors, so the new model's queries and items were
-    ranked against the old one's, silently where the sizes matched, and a
-    ValueError's traceback from the catalogue where they did not (reviews).
+    (EmbeddingEngine.named_vector_space; None: unchecked), which earlier
+    halflifes named `former` (EmbeddingEngine.former_vector_spaces): its
+    items and events keep their vectors, so the new model's queries and
+    items were ranked against the old one's, silently where the sizes
+    matched, and a ValueError's traceback from the catalogue where they did
+    not (reviews).
     A store from before the record is told by its size. A recorded model is
     named whatever its size: "another model" left a model change's operator
     to guess which one to roll back to (a model-upgrade review). Pure: a
     server checks what it reads of a store before opening it (which
     migrates it, `stored_vectors`), then again as its engine binds it."""
-    if stored not in (None, dim) and (recorded is None or space is None or recorded[0] == space[0]):
+    same_space = recorded is not None and space is not None and (recorded[0] == space[0] or recorded[0] in former)
+    if stored not in (None, dim) and (recorded is None or space is None or same_space):
         raise StoreError(f"the store holds {stored}-dimensional vectors, where this model's have {dim}: "
                          "it was built with another model; serve it with that one, or give this model a "
                          f"data directory of its own: {REEMBED_HINT}")
-    if recorded is not None and space is not None and recorded[0] != space[0]:
+    if recorded is not None and space is not None and not same_space:
         (bound_space, bound_model), (space, model) = recorded, space
         raise StoreError(f"the store's vectors come from {bound_model} (vector space {bound_space[:12]}), and this "
                          f"model is {model} (vector space {space[:12]}): serve the store with its model, or give "
@@ -332,6 +335,7 @@ class InterestEngine:
         scan_threads: int | None = None,
         embedder_id: str | None = None,
         vector_space: tuple[str, str] | None = None,
+        former_vector_spaces: Sequence[str] = (),
     ):
         self.config = config
         self.store = store
@@ -342,6 +346,7 @@ class InterestEngine:
         self._embedder_id = embedder_id
         # (EmbeddingEngine.vector_space, a name for people): the store must hold that space's vectors. None: unchecked.
         self._vector_space = vector_space
+        self._former_vector_spaces = former_vector_spaces  # what earlier halflifes named that space
         self._clock = clock
         self._follow_store = follow_store  # other processes write to the store too
         self._blocks = RowBlocks(scan_threads or physical_cores())  # one call's passes over the catalogue
@@ -398,7 +403,7 @@ class InterestEngine:
         stored, space = self.store.vector_size(), self._vector_space
         fits = stored in (None, self.dim) and space is not None
         refuse_other_models_store(stored, self.store.bind_vectors(*space) if fits else self.store.bound_vectors(),
-                                  self.dim, space)
+                                  self.dim, space, self._former_vector_spaces)
 
     def _rebuild_blend(self) -> None:
         """The blend's indexes anew from every event up to the watermark. Lock held (or not yet shared)."""
