@@ -16,6 +16,13 @@ waited 62 s behind 256 requests of 32 KiB of text each), a newer shorter one
 passes a waiting one only for a bounded number of windows, and the oldest
 request always progresses.
 
+Priority requests (the server's own writes and queries, not Embed calls) are
+taken right after the oldest one's share, in the same order among themselves,
+until the window holds `PRIORITY_SHARE` of its tokens, and run first in it;
+the rest of the window goes to every request in the order above. So under a
+flood of others they wait for the window in progress, not for the whole
+queue, and never take more than that share of a window ahead of the others.
+
 Once well-filled windows have run, deadlines bound windows too, by the model's
 seconds per token in them (SPEED_SAMPLES): a window takes a request only if, behind what it holds
 already, the request would end by its deadline, and stops where a request in it
@@ -72,6 +79,12 @@ PADDING_SLACK = 4
 # behind 24 queued requests of 32 long texts a short call waited 12 s, not
 # 0.7 s, once they had waited 8 windows (a review's simulation).
 PASSING_SHARE = 1 / 64
+# How much of a window priority requests (submit's `priority`) may take ahead
+# of the others: under a flood of Embed calls (64 callers of 32 sentences, 10 s
+# deadlines) a write's texts waited for the whole queue, p50 4.2-6.0 s on 2
+# shared cores (0.5-0.7 s with it); the rest of each window keeps Embed calls going
+# however many priority ones queue (docs/embedding.md).
+PRIORITY_SHARE = 1 / 2
 # How long the queue stays empty before the model thread calls `on_idle`
 # (e.g. to give back the model's memory), and again while it stays so.
 IDLE_AFTER_S = 1.0
@@ -124,6 +137,7 @@ class _Job:
     # callers that went away: cancelling the awaiting task cancels it at once.
     future: asyncio.Future
     deadline: float | None  # time.monotonic() seconds; None: no deadline
+    priority: bool = False  # taken ahead of the others, up to PRIORITY_SHARE of a window
     arrived: int = 0  # how many windows had been taken when it was queued
     out: np.ndarray | None = None
     remaining: int = 0  # inputs whose vectors have not come back (event loop only)
@@ -255,10 +269,13 @@ class DynamicBatcher:
             raise QueueFullError(f"embedding queue full ({self._tokenizing} inputs being tokenized and "
                                  f"{self._queued_inputs} waiting, max {self.config.max_queued_inputs})")
 
-    async def submit(self, ids: Sequence[np.ndarray], deadline: float | None = None) -> np.ndarray:
+    async def submit(self, ids: Sequence[np.ndarray], deadline: float | None = None,
+                     priority: bool = False) -> np.ndarray:
         """Embeds the token-id arrays `ids`; returns (len(ids), dim) float32.
 
-        deadline: in `time.monotonic()` seconds. Raises QueueFullError at once
+        deadline: in `time.monotonic()` seconds. priority: windows take its
+        inputs ahead of those of requests without, up to PRIORITY_SHARE of
+        each (the module docstring). Raises QueueFullError at once
         when the queue is full (inputs being tokenized counted in),
         DeadlineExpiredError when the deadline passes first. Cancelling the
         caller drops its inputs before they are computed.
@@ -266,7 +283,7 @@ class DynamicBatcher:
         if not ids:
             raise ValueError("nothing to embed")
         job = _Job(ids=ids, future=asyncio.get_running_loop().create_future(), deadline=deadline,
-                   remaining=len(ids), tokens_left=sum(len(i) for i in ids))
+                   priority=priority, remaining=len(ids), tokens_left=sum(len(i) for i in ids))
         with self._work:
             job.arrived = self._windows_taken
             if self._stopping or self._thread is None:
@@ -391,10 +408,12 @@ class DynamicBatcher:
     def _take_window(self, now: float) -> tuple[list[_Slice], list[_Job], list[_Job]]:
         """Takes a window of waiting inputs (see the module docstring): up to
         one batch's tokens of the oldest job (a window's when it waits
-        alone), then the other jobs' inputs, the fewest tokens left (less
-        PASSING_SHARE of a window for each window waited) first, then more
-        of the oldest job, up to a window of tokens (each job taken from adds
-        at least one input), and, once the model's speed is known, only the
+        alone), then the priority jobs' until the window holds
+        PRIORITY_SHARE of its tokens, then the other jobs' inputs (the
+        priority ones' rest too), the fewest tokens left (less PASSING_SHARE
+        of a window for each window waited) first, then more of the oldest
+        job, up to a window of tokens (each job taken from adds at least one
+        input), and, once the model's speed is known, only the
         jobs that would end by their deadlines (the oldest one's share when
         none would). Drops the jobs whose caller went away, those whose
         deadline passed, and those that could not end by it even alone at
@@ -432,7 +451,9 @@ class DynamicBatcher:
         passing = budget * PASSING_SHARE
         others.sort(key=lambda job: job.tokens_left - passing * (taken_before - job.arrived))
         self._windows_taken += 1
-        shares = [(oldest, self.config.max_batch_tokens if others else budget), *((job, budget) for job in others)]
+        ahead = [(job, budget * PRIORITY_SHARE) for job in others if job.priority]
+        shares = [(oldest, self.config.max_batch_tokens if others else budget), *ahead,
+                  *((job, budget) for job in others)]
         if others:
             shares.append((oldest, budget))  # the room the others left
         window: list[_Slice] = []
@@ -465,8 +486,9 @@ class DynamicBatcher:
         for job, limit in shares:
             if tokens >= budget:
                 break
-            # Behind what the window holds already, a job that would end after its deadline waits for a later one.
-            if job.taken < len(job.ids) and tokens + job.tokens_left <= tokens_by(job.deadline):
+            # Behind what the window holds already, a job that would end after its deadline waits for a later one;
+            # a priority job past PRIORITY_SHARE waits for its place among the others.
+            if tokens < limit and job.taken < len(job.ids) and tokens + job.tokens_left <= tokens_by(job.deadline):
                 take(job, limit)
         if not window:  # by the estimate none would end in time: the oldest goes on all the same
             take(oldest, shares[0][1])
@@ -476,17 +498,19 @@ class DynamicBatcher:
     def _plan(self, window: list[_Slice]) -> list[list[tuple[_Job, int]]]:
         """Sorts the window's inputs by length and cuts them into batches whose
         padded size (inputs x longest input) fits the token budget and whose
-        longest input is at most `max_length_ratio` x its shortest (+ slack)."""
+        longest input is at most `max_length_ratio` x its shortest (+ slack).
+        Priority jobs' inputs go first, in batches of their own: else they
+        waited for half their window on average."""
         config = self.config
         items = [(len(job.ids[i]), job, i) for job, start, stop in window for i in job.order[start:stop]]
-        items.sort(key=lambda item: item[0])
+        items.sort(key=lambda item: (not item[1].priority, item[0]))
         batches: list[list[tuple[_Job, int]]] = []
         current: list[tuple[_Job, int]] = []
         longest_allowed = 0
         for length, job, i in items:
-            padded = (len(current) + 1) * max(length, 1)  # sorted: this input is the longest
+            padded = (len(current) + 1) * max(length, 1)  # sorted: this input is the longest of its class
             if current and (padded > config.max_batch_tokens or len(current) >= config.max_batch_size
-                            or length > longest_allowed):
+                            or length > longest_allowed or job.priority != current[0][0].priority):
                 batches.append(current)
                 current = []
             if not current:
