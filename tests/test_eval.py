@@ -109,7 +109,7 @@ def test_split_never_puts_the_future_into_a_profile():
     h.advance(t)
     items, _, times = h.user_ratings("b")
     assert items.tolist() == [0, 5] and (times < t).all()
-    assert h.C[1, 4] == 0 and h.C[4, 4] == 0  # b's and d's later co-ratings are unseen
+    assert h.cooccurrence(np.array([1, 4]))[:, 4].tolist() == [0, 0]  # b's and d's later co-ratings are unseen
     with pytest.raises(ValueError):
         h.advance(5 * DAY)
     # leave-last-out: each user's query time is their first held-out rating
@@ -221,6 +221,78 @@ def test_baselines_on_a_known_answer():
     # trending weighs recent events: c's items (days 4-6) beat a's item 1 (day 2)
     tr = B.trending(h, "b", t)
     assert tr[3] > tr[1]
+
+
+def _dense_similarity_scores(data: EvalData, t: float, items: np.ndarray, affinity: np.ndarray, kind: str) -> np.ndarray:
+    """The baselines' co-occurrence scores as they were computed before 2026-12-08, from a dense N × N count."""
+    C = np.zeros((data.n_items, data.n_items), dtype=np.int32)
+    mine: dict[str, list[int]] = {}
+    for n in range(data.before(t)):
+        u, i = data.users[n], int(data.items[n])
+        if data.kinds[n] != RATING or i in mine.setdefault(u, []):
+            continue
+        C[i, mine[u]] += 1
+        C[mine[u], i] += 1
+        C[i, i] += 1
+        mine[u].append(i)
+    if items.size == 0:
+        return np.zeros(data.n_items)
+    c = C[items].astype(np.float32)
+    c[np.arange(items.size), items] = 0.0
+    d = np.diag(C).astype(np.float32)
+    denom = d[items][:, None] + d[None, :] - c if kind == "jaccard" else np.sqrt(d[items][:, None] * d[None, :])
+    return (affinity.astype(np.float32) @ np.divide(c, denom, out=np.zeros_like(c), where=denom > 0)).astype(np.float64)
+
+
+def test_cooccurrence_scores_equal_the_dense_ones(monkeypatch):
+    """History counts co-occurrence rows on demand (a dense N × N count took
+    380 MB for ml-latest-small, 15-30 GB for ml-25m's items): the scores must
+    be the dense ones to the bit, in passes of a few rows (ROW_BUDGET), with
+    rows reused and evicted (ROW_CACHE), as t moves forward."""
+    monkeypatch.setattr(B, "ROW_BUDGET", 200)
+    monkeypatch.setattr(B, "ROW_CACHE", 4 * 30 * 8)  # 8 rows
+    rng = np.random.default_rng(7)
+    n_items, n = 30, 900
+    users = rng.choice([f"u{k}" for k in range(15)], n).astype(object)
+    items = np.minimum(rng.zipf(1.3, n) - 1, n_items - 1)  # popular items, repeated pairs
+    kinds = np.where(rng.random(n) < 0.15, 1, RATING)  # texts do not pair
+    values = np.where(kinds == RATING, rng.integers(1, 11, n) / 2.0, np.nan)
+    times = np.sort(rng.integers(0, 200, n)).astype(float) * DAY  # ties too
+    data = EvalData([f"i{i}" for i in range(n_items)], [""] * n_items, [()] * n_items, [None] * n_items,
+                    users, items, values, times, kinds, np.full(n, "", dtype=object))
+    h = B.History(data, np.eye(n_items, dtype=np.float32))
+    for t in (0.0, 3 * DAY, 40 * DAY, 40 * DAY, 120 * DAY, 201 * DAY):
+        h.advance(t)
+        for user in ("u0", "u3", "u9", "nobody"):
+            rated = np.unique(h.user_ratings(user)[0])
+            for picked in (rated, rated[::2], np.arange(n_items), np.array([], dtype=np.int64)):
+                affinity = rng.random(picked.size) * 5
+                for kind in ("cosine", "jaccard"):
+                    expected = _dense_similarity_scores(data, t, picked, affinity, kind)
+                    assert h.similarity_scores(picked, affinity, kind).tobytes() == expected.tobytes()
+        assert h.raters.tolist() == [len(set(users[:data.before(t)][(items[:data.before(t)] == i) &
+                                                  (kinds[:data.before(t)] == RATING)])) for i in range(n_items)]
+
+
+def test_history_holds_no_item_by_item_matrix():
+    """A dense N × N count needed 40 GB at 100k items (ml-32m has 87k) and
+    ended `halflife eval` in a MemoryError after loading: History's memory
+    grows with the events."""
+    import tracemalloc
+
+    n_items = 100_000
+    data = dataclasses.replace(synthetic(), item_ids=[f"i{i}" for i in range(n_items)],
+                               item_texts=[""] * n_items, item_categories=[()] * n_items, item_create_times=[None] * n_items)
+    tracemalloc.start()
+    try:
+        h = B.History(data, np.zeros((n_items, 1), dtype=np.float32))
+        h.advance(15 * DAY)
+        scores = B.sar(h, "b", 15 * DAY)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20
+    assert ranking_from_scores(scores, seen_before(data, "b", 15 * DAY))[0] == 1  # as at 6 items (known answer)
 
 
 # ------------------------------------------------ run(): paths checked before any work

@@ -1,9 +1,11 @@
 """Baselines in NumPy, all reading only events before the query time.
 
 `History` is the event prefix before t (ratings and texts), kept up to date
-by the runner as t moves forward, with a dense item × item co-occurrence
-count `C` of every rated (user, item) pair. Each baseline maps (history,
-user, t) to (N,) scores.
+by the runner as t moves forward, with the rated (user, item) pairs indexed
+by user and by item: co-occurrence rows are counted on demand, so memory
+grows with the events, not with N² (a dense N × N count took 380 MB for
+ml-latest-small, 15-30 GB for ml-25m's or ml-32m's items). Each baseline
+maps (history, user, t) to (N,) scores.
 
 - popularity: ratings per item (all values: a rating is a consumption).
 - trending: the same, decayed with a 7-day half-life.
@@ -20,10 +22,19 @@ from typing import Callable
 
 import numpy as np
 
+from halflife.core.cooccurrence import _spans
 from halflife.core.ranking import cosine_scores
 from halflife.eval.data import POSITIVE_MIN, RATING, EvalData
 
 DAY = 86400.0
+ROW_BUDGET = 1 << 23  # co-occurrence pairs (and counts) per pass of History._count_rows: ~64 MB of int64
+ROW_CACHE = 256 << 20  # bytes of co-occurrence rows History keeps for reuse at one t
+
+
+def _run_starts(rows: np.ndarray, n: int) -> np.ndarray:
+    """Where each of rows 0..n-1 starts in `rows` sorted (stably): (n,) int64."""
+    counts = np.bincount(rows, minlength=n)
+    return np.cumsum(counts) - counts
 
 
 class History:
@@ -33,36 +44,82 @@ class History:
         self.data = data
         self.vectors = vectors
         self.n = 0
-        # Dense item × item co-occurrence (N² int32, 380 MB for ml-latest-small),
-        # updated per new (user, item) pair: SAR's jaccard needs whole rows.
-        self.C = np.zeros((data.n_items, data.n_items), dtype=np.int32)
-        self._user_items: dict[str, list[int]] = {}
+        # Each distinct rated (user, item) pair, in the order of its first rating, indexed by item and by
+        # user (CSR, each run in that order): the pairs before t are the first `raters[i]` of item i's run
+        # and the first `rated[u]` of user u's.
+        rated = np.flatnonzero(data.kinds == RATING)
+        users, user_rows = np.unique(data.users[rated], return_inverse=True)
+        _, first = np.unique(user_rows.astype(np.int64) * data.n_items + data.items[rated], return_index=True)
+        first.sort()
+        self._pair_events = rated[first]
+        self._pair_users, self._pair_items = user_rows[first].astype(np.int64), data.items[rated][first]
+        self._item_users = self._pair_users[np.argsort(self._pair_items, kind="stable")]
+        self._user_items = self._pair_items[np.argsort(self._pair_users, kind="stable")]
+        self._item_start = _run_starts(self._pair_items, data.n_items)
+        self._user_start = _run_starts(self._pair_users, users.size)
+        self.raters = np.zeros(data.n_items, dtype=np.int64)  # C[i, i]: users who rated i before t
+        self._rated = np.zeros(users.size, dtype=np.int64)  # items each user rated before t
+        self._pairs = 0
+        self._rows: dict[int, np.ndarray] = {}  # item -> C[item, :] at the current pairs (see cooccurrence)
 
     def advance(self, t: float) -> None:
         n = self.data.before(t)
         if n < self.n:
             raise ValueError("History only moves forward")
-        d = self.data
-        rated = np.arange(self.n, n)[d.kinds[self.n : n] == RATING]
-        for u, i in zip(d.users[rated].tolist(), d.items[rated].tolist()):
-            mine = self._user_items.setdefault(u, [])
-            if i in mine:
-                continue
-            if mine:
-                self.C[i, mine] += 1
-                self.C[mine, i] += 1
-            self.C[i, i] += 1
-            mine.append(i)
-        self.n = n
+        pairs = int(np.searchsorted(self._pair_events, n))
+        self.raters += np.bincount(self._pair_items[self._pairs : pairs], minlength=self.raters.size)
+        self._rated += np.bincount(self._pair_users[self._pairs : pairs], minlength=self._rated.size)
+        if pairs != self._pairs:
+            self._rows.clear()
+        self.n, self._pairs = n, pairs
+
+    def cooccurrence(self, items: np.ndarray) -> np.ndarray:
+        """C[items, :] before t, C[i, j] = users who rated both i and j (C[i, i]
+        = raters[i]): (k, N) float32, exact counts. Rows counted since the
+        last new pair are reused (ROW_CACHE): the baselines of one query, and
+        a split's queries at one t, share most of theirs."""
+        rows = [self._rows.get(i) for i in items.tolist()]
+        missing = [k for k, row in enumerate(rows) if row is None]
+        if missing:
+            counted = self._count_rows(items[missing])
+            for k, row in zip(missing, counted):
+                rows[k] = row
+            capacity = ROW_CACHE // (4 * self.data.n_items)
+            if len(self._rows) + len(missing) > capacity:
+                self._rows.clear()
+            if len(missing) <= capacity:
+                self._rows.update(zip(items[missing].tolist(), counted))
+        return np.stack(rows) if rows else np.zeros((0, self.data.n_items), dtype=np.float32)
+
+    def _count_rows(self, items: np.ndarray) -> np.ndarray:
+        """C[items, :] counted from the items' users and their items, rows at a
+        time whose pairs (and counts, rows × N) fit ROW_BUDGET: bounded, however
+        many items a user rated. (k, N) float32."""
+        n_items = self.data.n_items
+        out = np.empty((items.size, n_items), dtype=np.float32)
+        which, at = _spans(self._item_start[items], self.raters[items])
+        co_users = self._item_users[at]
+        spent = np.cumsum(np.bincount(which, weights=self._rated[co_users], minlength=items.size) + n_items)
+        start = 0
+        while start < items.size:
+            before = spent[start - 1] if start else 0.0
+            stop = max(start + 1, int(np.searchsorted(spent, before + ROW_BUDGET, side="right")))
+            lo, hi = np.searchsorted(which, [start, stop])
+            lengths = self._rated[co_users[lo:hi]]
+            _, at = _spans(self._user_start[co_users[lo:hi]], lengths)
+            flat = self._user_items[at] + np.repeat((which[lo:hi] - start) * n_items, lengths)
+            out[start:stop] = np.bincount(flat, minlength=(stop - start) * n_items).reshape(stop - start, n_items)
+            start = stop
+        return out
 
     def similarity_scores(self, items: np.ndarray, affinity: np.ndarray, kind: str) -> np.ndarray:
-        """Σ_i affinity_i · sim(i, ·) from the dense matrix (diagonal left out),
-        the same definitions as halflife.core.cooccurrence. (N,) float64."""
+        """Σ_i affinity_i · sim(i, ·) (diagonal left out), the same definitions
+        as halflife.core.cooccurrence. (N,) float64."""
         if items.size == 0:
             return np.zeros(self.data.n_items)
-        c = self.C[items].astype(np.float32)
+        c = self.cooccurrence(items)
         c[np.arange(items.size), items] = 0.0
-        d = np.diag(self.C).astype(np.float32)
+        d = self.raters.astype(np.float32)
         if kind == "jaccard":
             denom = d[items][:, None] + d[None, :] - c
         else:  # cosine
