@@ -50,7 +50,7 @@ def _swap(keys: np.ndarray) -> np.ndarray:
     return ((keys & _LOW) << _ITEM_BITS) | (keys >> _ITEM_BITS)
 
 
-def _spans(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def spans(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flattens ranges [starts[k], starts[k] + lengths[k]): (k, index) for every
     index in them, as two (sum(lengths),) int64 arrays."""
     which = np.repeat(np.arange(starts.shape[0]), lengths)
@@ -88,7 +88,7 @@ def _ranges(ptr: np.ndarray, sorted_keys: np.ndarray, heads: np.ndarray) -> tupl
     """Every entry of `sorted_keys` whose high half is one of `heads` (beyond
     `ptr`: none), vectorized: (position of its head in `heads`, low half) as
     two (m,) int64 arrays."""
-    which, index = _spans(*_runs(ptr, heads))
+    which, index = spans(*_runs(ptr, heads))
     return which, sorted_keys[index] & _LOW
 
 
@@ -146,7 +146,7 @@ def _matches(values: np.ndarray, heads: np.ndarray) -> tuple[np.ndarray, np.ndar
     order = np.argsort(heads, kind="stable")
     ordered = heads[order]
     first = np.searchsorted(ordered, values, "left")
-    which, index = _spans(first, np.searchsorted(ordered, values, "right") - first)
+    which, index = spans(first, np.searchsorted(ordered, values, "right") - first)
     return which, order[index]
 
 
@@ -242,7 +242,7 @@ class _PairReads:
         starts, lengths = _runs(self._item_ptr, items)
         if level is not None:
             starts, lengths = starts + np.maximum(lengths - level, 0), np.minimum(lengths, level)
-        h, index = _spans(starts, lengths)
+        h, index = spans(starts, lengths)
         waiting_users, waiting_items = self._waiting_pairs()
         hit, where = _matches(waiting_items, items)
         h, users = np.concatenate([h, where]), np.concatenate([self._item_keys[index] & _LOW, waiting_users[hit]])

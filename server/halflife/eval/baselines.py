@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from halflife.core.cooccurrence import _spans
+from halflife.core.cooccurrence import spans
 from halflife.core.ranking import cosine_scores
 from halflife.eval.data import POSITIVE_MIN, RATING, EvalData
 
@@ -97,7 +97,7 @@ class History:
         many items a user rated. (k, N) float32."""
         n_items = self.data.n_items
         out = np.empty((items.size, n_items), dtype=np.float32)
-        which, at = _spans(self._item_start[items], self.raters[items])
+        which, at = spans(self._item_start[items], self.raters[items])
         co_users = self._item_users[at]
         spent = np.cumsum(np.bincount(which, weights=self._rated[co_users], minlength=items.size) + n_items)
         start = 0
@@ -106,7 +106,7 @@ class History:
             stop = max(start + 1, int(np.searchsorted(spent, before + ROW_BUDGET, side="right")))
             lo, hi = np.searchsorted(which, [start, stop])
             lengths = self._rated[co_users[lo:hi]]
-            _, at = _spans(self._user_start[co_users[lo:hi]], lengths)
+            _, at = spans(self._user_start[co_users[lo:hi]], lengths)
             flat = self._user_items[at] + np.repeat((which[lo:hi] - start) * n_items, lengths)
             out[start:stop] = np.bincount(flat, minlength=(stop - start) * n_items).reshape(stop - start, n_items)
             start = stop
