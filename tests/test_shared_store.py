@@ -489,9 +489,9 @@ def test_a_long_log_is_rebuilt_off_the_lock_after_an_erasure_elsewhere(pair, tmp
     """Another worker's erasure rebuilds the blend from the whole log: a long
     one off the lock, the indexes as they were answering meanwhile (2.2M
     events held every call up for 10-12 s), then swapped in with the events
-    applied since. This worker's own erasure and an item deleted and created
-    anew while it reads make it start again (or, its tries spent, rebuild
-    under the lock); both workers then answer as a restart does."""
+    applied since. This worker's own erasure while it reads makes it start
+    again (or, its tries spent, rebuild under the lock); both workers then
+    answer as a restart does."""
     from halflife.interest import engine as engine_module
 
     monkeypatch.setattr(engine_module, "BACKGROUND_REBUILD_EVENTS", 0)
@@ -531,6 +531,50 @@ def test_a_long_log_is_rebuilt_off_the_lock_after_an_erasure_elsewhere(pair, tmp
     rebuilt(a)
     users = ("cold", "u0", "u1", "u2", "u3")
     assert answers(b, users) == answers(a, users) == restarted(tmp_path, users)
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_items_deleted_while_the_blend_is_rebuilt_off_the_lock_leave_it_off_the_lock(pair, tmp_path, monkeypatch,
+                                                                                       compact):
+    """Items deleted, created anew and a compaction while the rebuild reads
+    the log are made in the rebuilt blend too, which is swapped in: each
+    started it again, so that a catalogue turning over (an item deleted a
+    second, 1M events) spent its tries and had it built under the lock,
+    every call held up for the whole pass (5 s)."""
+    from halflife.interest import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "BACKGROUND_REBUILD_EVENTS", 0)
+    monkeypatch.setattr(engine_module, "BACKGROUND_REBUILD_ATTEMPTS", 1)
+    if compact:
+        compact_catalogues_at(monkeypatch, dead_rows=2)
+    a, b = pair
+    a.upsert_items(items(f"i{n}" for n in range(8)))
+    a.record_events(likes("x", "u0", ["i0", "i1", "i2"]) + likes("y", "u1", ["i2", "i3", "i5"])
+                    + likes("z", "u2", ["i3", "i5", "i6"]))
+    answers(b)
+    release, build, builds = threading.Event(), b._built_blend, []
+
+    def held_build(*args):
+        builds.append(b._lock._is_owned())
+        if len(builds) == 1:
+            assert release.wait(30)
+        return build(*args)
+
+    monkeypatch.setattr(b, "_built_blend", held_build)
+    a.delete_user("u0")
+    b.catch_up()  # the rebuild starts, held
+    b.delete_items(["i3"])
+    a.delete_items(["i6"])
+    b.upsert_items(items(["i3", "i8"]))  # i3 anew
+    b.record_events(likes("p", "u1", ["i3", "i8"]) + likes("q", "u3", ["i5", "i8"]))
+    a.delete_items(["i1"])  # compacting: after the rows were renumbered
+    b.catch_up()
+    release.set()
+    rebuilt(b)
+    assert builds == [False]  # the one off the lock, swapped in
+    assert b.catalog.epoch == int(compact)
+    users = ("cold", "u0", "u1", "u2", "u3")
+    assert answers(b, users) == restarted(tmp_path, users)
 
 
 def test_events_applied_while_the_blend_is_rebuilt_off_the_lock_are_in_the_rebuilt_one(pair, tmp_path, monkeypatch):

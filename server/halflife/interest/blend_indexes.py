@@ -95,3 +95,29 @@ class BlendIndexes:
             log.append(rows, times, weights)
             if log.taken_back >= max(NET_LOG_MIN_TAKEN_BACK, NET_LOG_SHARE * len(log)):
                 log.net()  # erased events and their taking-back leave the log, as after a restart
+
+    def forget_held_pairs(self, drop) -> None:
+        """Held co-occurrence pairs whose (users, items) `drop` marks become
+        popularity-only entries, as Cooccurrence.remove_* forgets the indexed ones."""
+        self.ahead.map_held(lambda t, u, i, w: (t, np.where(drop(u, i), -1, u), i, w))
+
+    def drop_items(self, rows: np.ndarray) -> None:
+        """Forgets who consumed the items at catalogue `rows` (deleted, or
+        deleted and created anew under a new row)."""
+        self.cooccurrence.remove_items(rows)
+        self.forget_held_pairs(lambda users, items: np.isin(items, rows))
+
+    def renumber(self, new_row: np.ndarray) -> None:
+        """Item rows r become new_row[r] ((N,) ints, -1: dropped), as a
+        compacted catalogue (`CatalogIndex.compact`) numbers them."""
+        self.resize(new_row.size)  # a blend built for fewer rows (rows added since) takes their places first
+        size = int(np.count_nonzero(new_row >= 0))
+        self.cooccurrence = self.cooccurrence.renumbered(new_row, size)
+        self.popularity.take(np.flatnonzero(new_row >= 0))
+        self.popularity_log.renumber(new_row)
+
+        def renumber_held(times, users, items, weights):
+            gone = new_row[items] < 0  # these count for nothing now (fn must keep the lengths)
+            return times, np.where(gone, -1, users), np.maximum(new_row[items], 0), np.where(gone, 0, weights)
+
+        self.ahead.map_held(renumber_held)

@@ -137,8 +137,8 @@ STABLE_ROWS_ATTEMPTS = 2
 # events on that runs off the lock, the indexes as they were answering
 # meanwhile, and the rebuilt ones are swapped in with the events applied since.
 BACKGROUND_REBUILD_EVENTS = 100_000
-# Rebuilds off the lock that an erasure, a compaction or an item row dropped
-# meanwhile made stale, before one is built under the lock.
+# Rebuilds off the lock that an erasure meanwhile made stale, before one is built
+# under the lock (item rows dropped or renumbered meanwhile are made in it: `_change_rows`).
 BACKGROUND_REBUILD_ATTEMPTS = 3
 # A rebuild that raised (a read of the log failed), or an erasure's end, is
 # tried again at a call this long after: each try is a pass over the whole log.
@@ -370,10 +370,11 @@ class InterestEngine:
         self._label_categories = -1  # the catalogue's categories_version when _labels were listed
         # dtype -> (popularity counts, their version, the catalogue's, the relative popularity read from them)
         self._relative_popularity_cache: dict[type, tuple[object, ...]] = {}
-        # What makes a blend built from the log before it stale: erasures (this
-        # process's and others'), and item rows dropped from the index.
+        # What makes a blend built from the log before it stale: erasures (this process's and others').
         self._erasures = 0
-        self._rows_dropped = 0
+        # While a rebuild of the blend reads the log off the lock: the changes of item rows made to the blend
+        # since (BlendIndexes.drop_items, .renumber), which the rebuilt one takes too before it is swapped in.
+        self._row_changes: list[Callable[[BlendIndexes], None]] | None = None
         self._rebuilding = False  # a rebuild of the blend runs off the lock (_rebuild_in_background)
         self._rebuild_failed_at: float | None = None  # time.monotonic() when the last one raised (see REBUILD_RETRY_S)
         self._load()
@@ -477,7 +478,7 @@ class InterestEngine:
     def _rebuild_through(self, event_seq: int) -> bool:
         """Rebuilds the blend from the log through `event_seq` (the store's
         head), under the lock, or off it for a long log (a rebuild in flight
-        starts again: the caller changed `_rebuild_marks`). True when it was
+        starts again: the caller counted an erasure in `_erasures`). True when it was
         rebuilt here, the events through `event_seq` applied. Lock held."""
         if self._rebuilding or (event_seq >= BACKGROUND_REBUILD_EVENTS and self._start_background_rebuild()):
             return False  # the indexes answer, and take events, as they are until the rebuilt ones are in
@@ -500,26 +501,36 @@ class InterestEngine:
             return False
         return True
 
-    def _rebuild_marks(self) -> tuple[int, int, int]:
-        """What a blend built from the log must see unchanged to be swapped in. Lock held."""
-        return self._erasures, self._rows_dropped, self.catalog.epoch
+    def _change_rows(self, change: Callable[[BlendIndexes], None]) -> None:
+        """Applies a change of item rows to the blend, and to the one a rebuild
+        is building (once it is built, see `_rebuild_in_background`). Lock held."""
+        change(self._blend)
+        if self._row_changes is not None:
+            self._row_changes.append(change)
 
     def _rebuild_in_background(self) -> None:
         """Rebuilds the blend for another process's erasure without the lock:
         reads the log through the watermark against a copy of the catalogue's
-        rows, then, under the lock, adds the events applied since and swaps
-        it in, unless an erasure or a change of item rows came meanwhile
-        (then it starts again; after BACKGROUND_REBUILD_ATTEMPTS, it
-        rebuilds under the lock). Until then the indexes answer as they were,
-        the erased user's pairs and popularity still in them (their profile
-        is gone at once): 2.2M events held every other call up for 10-12 s."""
+        rows, then, under the lock, makes the changes of item rows made
+        meanwhile (items deleted, a compaction), adds the events applied
+        since and swaps it in, unless an erasure came meanwhile (then it
+        starts again; after BACKGROUND_REBUILD_ATTEMPTS, it rebuilds under
+        the lock). Until then the indexes answer as they were, the erased
+        user's pairs and popularity still in them (their profile is gone at
+        once): 2.2M events held every other call up for 10-12 s. A change of
+        rows started it again too, so that a catalogue turning over (an item
+        deleted a second, 1M events) had it built under the lock: 5 s."""
         try:
             for _ in range(BACKGROUND_REBUILD_ATTEMPTS):
                 with self._lock:
-                    through, rows, marks = self._events.through, self.catalog.frozen_rows(), self._rebuild_marks()
+                    through, rows, erasures = self._events.through, self.catalog.frozen_rows(), self._erasures
+                    self._row_changes = []
                 indexes = self._built_blend(through, rows)
                 with self._lock:
-                    if self._rebuild_marks() == marks:
+                    changes, self._row_changes = self._row_changes, None
+                    if self._erasures == erasures:
+                        for change in changes:
+                            change(indexes)
                         self._swap_in(indexes, through)
                         self._rebuilding = False
                         return
@@ -529,7 +540,7 @@ class InterestEngine:
                 self._rebuilding = False
         except BaseException:
             with self._lock:
-                self._rebuilding, self._rebuild_failed_at = False, time.monotonic()
+                self._rebuilding, self._rebuild_failed_at, self._row_changes = False, time.monotonic(), None
             log.exception("rebuilding the blend failed; a call tries again in %g s", REBUILD_RETRY_S)
 
     def _swap_in(self, indexes: BlendIndexes, through: int) -> None:
@@ -618,12 +629,6 @@ class InterestEngine:
             self._blend.apply(*due)
             self._start_cooccurrence_merge()
         return self._blend.ahead.peek(t)
-
-    def _forget_held_pairs(self, drop) -> None:
-        """Held co-occurrence pairs whose (users, items) `drop` marks become
-        popularity-only entries, as Cooccurrence.remove_* forgets the indexed
-        ones. Lock held."""
-        self._blend.ahead.map_held(lambda t, u, i, w: (t, np.where(drop(u, i), -1, u), i, w))
 
     def _popularity_at(self, t: float, dtype: type = np.float32) -> Later:
         """Decayed popularity at t of the live items, from events up to t
@@ -813,10 +818,8 @@ class InterestEngine:
             if row >= 0 and (item_id not in stored or stored[item_id].created_seq != self.catalog.created_seq[row])
         ]
         if stale:
-            self._rows_dropped += 1  # a blend being rebuilt may have joined events to their rows
             stale_rows = self.catalog.rows(stale)
-            self._blend.cooccurrence.remove_items(stale_rows)
-            self._forget_held_pairs(lambda users, items: np.isin(items, stale_rows))
+            self._change_rows(lambda blend: blend.drop_items(stale_rows))
             self.catalog.delete(stale)
         if stored:
             self.catalog.upsert(stored[i] for i in dict.fromkeys(ids) if i in stored)
@@ -830,15 +833,7 @@ class InterestEngine:
         log, and entries held for the clock. What a deleted item had goes, as
         after a restart. Lock held."""
         new_row = self.catalog.compact()
-        self._blend.cooccurrence = self._blend.cooccurrence.renumbered(new_row, self.catalog.size)
-        self._blend.popularity.take(np.flatnonzero(new_row >= 0))
-        self._blend.popularity_log.renumber(new_row)
-
-        def renumber_held(times, users, items, weights):
-            gone = new_row[items] < 0  # these count for nothing now (fn must keep the lengths)
-            return times, np.where(gone, -1, users), np.maximum(new_row[items], 0), np.where(gone, 0, weights)
-
-        self._blend.ahead.map_held(renumber_held)
+        self._change_rows(lambda blend: blend.renumber(new_row))
         self._resize_blend()
         log.info("catalogue compacted: %d live items, %d rows dropped", self.catalog.size,
                  new_row.size - self.catalog.size)
@@ -1100,7 +1095,7 @@ class InterestEngine:
                         row = self._blend.user_rows.pop(user_id, None)
                         if row is not None:
                             self._blend.cooccurrence.remove_user(row)
-                            self._forget_held_pairs(lambda users, items: users == row)
+                            self._blend.forget_held_pairs(lambda users, items: users == row)
                 self._users.pop(user_id, None)  # it missed the events passed over, if nothing else
                 for replay in self._replays.get(user_id, ()):
                     replay.erased = True
