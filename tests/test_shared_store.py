@@ -577,6 +577,43 @@ def test_items_deleted_while_the_blend_is_rebuilt_off_the_lock_leave_it_off_the_
     assert answers(b, users) == restarted(tmp_path, users)
 
 
+def test_erasures_elsewhere_while_the_blend_is_rebuilt_off_the_lock_leave_it_off_the_lock(pair, tmp_path, monkeypatch):
+    """Another worker's erasures while the rebuild reads: the rebuilt blend
+    (which may still hold their users, as the one it replaces does) is
+    swapped in and read again for them. Each started it again, so that
+    erasures one after another (one a second, 1M events) spent its tries and
+    had it built under the lock, every call held up for the whole pass (9.4 s)."""
+    from halflife.interest import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "BACKGROUND_REBUILD_EVENTS", 0)
+    monkeypatch.setattr(engine_module, "BACKGROUND_REBUILD_ATTEMPTS", 1)
+    a, b = pair
+    a.upsert_items(items(f"i{n}" for n in range(8)))
+    a.record_events(likes("x", "u0", ["i0", "i1", "i2"]) + likes("y", "u1", ["i2", "i3", "i5"])
+                    + likes("z", "u2", ["i3", "i5", "i6"]) + likes("w", "u3", ["i1", "i6"]))
+    answers(b)
+    release, build, builds = threading.Event(), b._built_blend, []
+
+    def held_build(*args):
+        builds.append(b._lock._is_owned())
+        if len(builds) == 1:
+            assert release.wait(30)
+        return build(*args)
+
+    monkeypatch.setattr(b, "_built_blend", held_build)
+    a.delete_user("u0")
+    b.catch_up()  # the rebuild starts, held
+    a.delete_user("u1")
+    b.catch_up()
+    a.delete_user("u2")
+    b.catch_up()
+    release.set()
+    rebuilt(b)
+    assert builds == [False, False]  # swapped in, then read again for the erasures meanwhile: off the lock
+    users = ("cold", "u0", "u1", "u2", "u3")
+    assert answers(b, users) == restarted(tmp_path, users)
+
+
 def test_events_applied_while_the_blend_is_rebuilt_off_the_lock_are_in_the_rebuilt_one(pair, tmp_path, monkeypatch):
     from halflife.interest import engine as engine_module
 

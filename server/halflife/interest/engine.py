@@ -137,8 +137,8 @@ STABLE_ROWS_ATTEMPTS = 2
 # events on that runs off the lock, the indexes as they were answering
 # meanwhile, and the rebuilt ones are swapped in with the events applied since.
 BACKGROUND_REBUILD_EVENTS = 100_000
-# Rebuilds off the lock that an erasure meanwhile made stale, before one is built
-# under the lock (item rows dropped or renumbered meanwhile are made in it: `_change_rows`).
+# Rebuilds off the lock that this process's erasure meanwhile made stale, before one is built under the
+# lock (others' erasures and item rows dropped or renumbered meanwhile do not: see `_rebuild_in_background`).
 BACKGROUND_REBUILD_ATTEMPTS = 3
 # A rebuild that raised (a read of the log failed), or an erasure's end, is
 # tried again at a call this long after: each try is a pass over the whole log.
@@ -370,8 +370,10 @@ class InterestEngine:
         self._label_categories = -1  # the catalogue's categories_version when _labels were listed
         # dtype -> (popularity counts, their version, the catalogue's, the relative popularity read from them)
         self._relative_popularity_cache: dict[type, tuple[object, ...]] = {}
-        # What makes a blend built from the log before it stale: erasures (this process's and others').
-        self._erasures = 0
+        # What makes a blend built from the log before them stale: this process's erasures, which it took
+        # back from the blend it had, and other processes', which only a blend built after them leaves out.
+        self._erasures_here = 0
+        self._erasures_elsewhere = 0
         # While a rebuild of the blend reads the log off the lock: the changes of item rows made to the blend
         # since (BlendIndexes.drop_items, .renumber), which the rebuilt one takes too before it is swapped in.
         self._row_changes: list[Callable[[BlendIndexes], None]] | None = None
@@ -469,7 +471,7 @@ class InterestEngine:
             return False
         self._rebuild_failed_at = None
         if erased:  # (a rebuild tried again has no profile to drop: they do not depend on the blend)
-            self._erasures += 1
+            self._erasures_elsewhere += 1
             self._users.clear()
             for replay in (r for replays in self._replays.values() for r in replays):
                 replay.erased = True
@@ -478,7 +480,7 @@ class InterestEngine:
     def _rebuild_through(self, event_seq: int) -> bool:
         """Rebuilds the blend from the log through `event_seq` (the store's
         head), under the lock, or off it for a long log (a rebuild in flight
-        starts again: the caller counted an erasure in `_erasures`). True when it was
+        sees the erasure the caller counted). True when it was
         rebuilt here, the events through `event_seq` applied. Lock held."""
         if self._rebuilding or (event_seq >= BACKGROUND_REBUILD_EVENTS and self._start_background_rebuild()):
             return False  # the indexes answer, and take events, as they are until the rebuilt ones are in
@@ -513,25 +515,34 @@ class InterestEngine:
         reads the log through the watermark against a copy of the catalogue's
         rows, then, under the lock, makes the changes of item rows made
         meanwhile (items deleted, a compaction), adds the events applied
-        since and swaps it in, unless an erasure came meanwhile (then it
-        starts again; after BACKGROUND_REBUILD_ATTEMPTS, it rebuilds under
-        the lock). Until then the indexes answer as they were, the erased
-        user's pairs and popularity still in them (their profile is gone at
-        once): 2.2M events held every other call up for 10-12 s. A change of
-        rows started it again too, so that a catalogue turning over (an item
-        deleted a second, 1M events) had it built under the lock: 5 s."""
+        since and swaps it in. Until then the indexes answer as they were,
+        the erased user's pairs and popularity still in them (their profile
+        is gone at once): 2.2M events held every other call up for 10-12 s.
+        Other processes' erasures meanwhile: it is swapped in all the same
+        (it may hold their users' events, as the one it replaces does), and
+        read again for them. One of this process's: it starts again (the
+        blend it replaces had that user taken back); after
+        BACKGROUND_REBUILD_ATTEMPTS of those, it rebuilds under the lock.
+        Each of those, and each change of rows, started it again: a catalogue
+        turning over (an item deleted a second, 1M events) or erasures one
+        after another had it built under the lock, every call held up 5-9 s."""
         try:
-            for _ in range(BACKGROUND_REBUILD_ATTEMPTS):
+            attempts = 0
+            while attempts < BACKGROUND_REBUILD_ATTEMPTS:
                 with self._lock:
-                    through, rows, erasures = self._events.through, self.catalog.frozen_rows(), self._erasures
+                    through, rows = self._events.through, self.catalog.frozen_rows()
+                    here, elsewhere = self._erasures_here, self._erasures_elsewhere
                     self._row_changes = []
                 indexes = self._built_blend(through, rows)
                 with self._lock:
                     changes, self._row_changes = self._row_changes, None
-                    if self._erasures == erasures:
-                        for change in changes:
-                            change(indexes)
-                        self._swap_in(indexes, through)
+                    if self._erasures_here != here:
+                        attempts += 1
+                        continue
+                    for change in changes:
+                        change(indexes)
+                    self._swap_in(indexes, through)
+                    if self._erasures_elsewhere == elsewhere:
                         self._rebuilding = False
                         return
             with self._lock:  # the same, held throughout
@@ -1086,7 +1097,7 @@ class InterestEngine:
                 # events: it is rebuilt again instead.
                 replaced = self._blend is not erasure.blend
                 if erased is not None:
-                    self._erasures += 1  # a blend being rebuilt from the log may have read the user's events
+                    self._erasures_here += 1  # a blend being rebuilt from the log may have read the user's events
                     if not replaced:
                         for chunk in erased:
                             counted = erasure.counted.applied_mask(chunk.seqs)
