@@ -541,6 +541,7 @@ def test_items_deleted_while_the_blend_is_rebuilt_off_the_lock_leave_it_off_the_
     started it again, so that a catalogue turning over (an item deleted a
     second, 1M events) spent its tries and had it built under the lock,
     every call held up for the whole pass (5 s)."""
+    from halflife.core.cooccurrence import Cooccurrence
     from halflife.interest import engine as engine_module
 
     monkeypatch.setattr(engine_module, "BACKGROUND_REBUILD_EVENTS", 0)
@@ -561,6 +562,14 @@ def test_items_deleted_while_the_blend_is_rebuilt_off_the_lock_leave_it_off_the_
         return build(*args)
 
     monkeypatch.setattr(b, "_built_blend", held_build)
+    remove, passes = Cooccurrence.remove_items, []
+
+    def counted(index, rows):
+        if index not in (a._blend.cooccurrence, b._blend.cooccurrence):  # the rebuilt one, before its swap
+            passes.append(rows)
+        return remove(index, rows)
+
+    monkeypatch.setattr(Cooccurrence, "remove_items", counted)
     a.delete_user("u0")
     b.catch_up()  # the rebuild starts, held
     b.delete_items(["i3"])
@@ -573,6 +582,7 @@ def test_items_deleted_while_the_blend_is_rebuilt_off_the_lock_leave_it_off_the_
     rebuilt(b)
     assert builds == [False]  # the one off the lock, swapped in
     assert b.catalog.epoch == int(compact)
+    assert len(passes) == 1 + compact  # the rows dropped between renumberings at once: each is a pass over every pair
     users = ("cold", "u0", "u1", "u2", "u3")
     assert answers(b, users) == restarted(tmp_path, users)
 

@@ -65,7 +65,7 @@ from halflife.core.ranking import (
 from halflife.cpu import physical_cores
 from halflife.deadlines import Deadline
 from halflife.interest.blend import Blend, CatalogueScan, Later, unit_max
-from halflife.interest.blend_indexes import BlendIndexes
+from halflife.interest.blend_indexes import BlendIndexes, RowChange
 from halflife.interest.catalog import CatalogIndex, CatalogRows
 from halflife.interest.snapshot_saver import SnapshotSaver
 from halflife.interest.explain import explanations, per_row, ranked_interests
@@ -375,8 +375,8 @@ class InterestEngine:
         self._erasures_here = 0
         self._erasures_elsewhere = 0
         # While a rebuild of the blend reads the log off the lock: the changes of item rows made to the blend
-        # since (BlendIndexes.drop_items, .renumber), which the rebuilt one takes too before it is swapped in.
-        self._row_changes: list[Callable[[BlendIndexes], None]] | None = None
+        # since, which the rebuilt one takes too before it is swapped in.
+        self._row_changes: list[RowChange] | None = None
         self._rebuilding = False  # a rebuild of the blend runs off the lock (_rebuild_in_background)
         self._rebuild_failed_at: float | None = None  # time.monotonic() when the last one raised (see REBUILD_RETRY_S)
         self._load()
@@ -503,10 +503,10 @@ class InterestEngine:
             return False
         return True
 
-    def _change_rows(self, change: Callable[[BlendIndexes], None]) -> None:
+    def _change_rows(self, change: RowChange) -> None:
         """Applies a change of item rows to the blend, and to the one a rebuild
         is building (once it is built, see `_rebuild_in_background`). Lock held."""
-        change(self._blend)
+        self._blend.change_rows([change])
         if self._row_changes is not None:
             self._row_changes.append(change)
 
@@ -539,8 +539,7 @@ class InterestEngine:
                     if self._erasures_here != here:
                         attempts += 1
                         continue
-                    for change in changes:
-                        change(indexes)
+                    indexes.change_rows(changes)
                     self._swap_in(indexes, through)
                     if self._erasures_elsewhere == elsewhere:
                         self._rebuilding = False
@@ -830,7 +829,7 @@ class InterestEngine:
         ]
         if stale:
             stale_rows = self.catalog.rows(stale)
-            self._change_rows(lambda blend: blend.drop_items(stale_rows))
+            self._change_rows(RowChange(dropped=stale_rows))
             self.catalog.delete(stale)
         if stored:
             self.catalog.upsert(stored[i] for i in dict.fromkeys(ids) if i in stored)
@@ -844,7 +843,7 @@ class InterestEngine:
         log, and entries held for the clock. What a deleted item had goes, as
         after a restart. Lock held."""
         new_row = self.catalog.compact()
-        self._change_rows(lambda blend: blend.renumber(new_row))
+        self._change_rows(RowChange(new_row=new_row))
         self._resize_blend()
         log.info("catalogue compacted: %d live items, %d rows dropped", self.catalog.size,
                  new_row.size - self.catalog.size)
