@@ -126,8 +126,8 @@ def test_serve_prunes_the_change_feed_at_start_single_or_before_its_workers(mode
     with start_server(model_dir, tmp_path / "single"):
         pass
     assert feed_rows(tmp_path / "single") == [f"d2-{n}" for n in range(4)]
-    churned_store(tmp_path / "workers")
-    _prepare_store(tmp_path / "workers")  # what the parent of `serve --workers` runs before starting them
+    churned_store(tmp_path / "workers", dim=384)
+    _prepare_store(tmp_path / "workers", model_dir)  # what the parent of `serve --workers` runs before starting them
     assert feed_rows(tmp_path / "workers") == [f"d2-{n}" for n in range(4)]
 
 
