@@ -215,6 +215,12 @@ def test_items_with_vectors_given_with_them_take_the_new_models_given_or_refuse_
     ('{"id": "mine", "vector": [1, NaN, 3]}', "item 'mine': its vector holds a value that is not a finite number"),
     ('{"id": "mine", "vector": [1, "2", 3]}', "item 'mine': its vector holds a value that is not a finite number"),
     ('{"id": "mine", "vector": [0, 0, 0.0]}', "item 'mine': its vector is all zeros, which has no direction"),
+    # As stored, in float32 (as UpsertItems checks one): these were stored as inf (NaN once normalised) and 0, and
+    # an integer past any float was a traceback.
+    ('{"id": "mine", "vector": [1, 1e39, 3]}', "item 'mine': its vector holds a value that is not a finite number"),
+    ('{"id": "mine", "vector": [1, 1' + "0" * 400 + ', 3]}', "item 'mine': its vector holds a value that is not a "
+                                                          "finite number"),
+    ('{"id": "mine", "vector": [1e-46, 0, -1e-46]}', "item 'mine': its vector is all zeros, which has no direction"),
     ('{"id": "t", "vector": [1, 2, 3]}', "item 't' again \\(first on line 1\\)"),
 ])
 def test_an_item_vectors_file_is_refused_by_its_line(tmp_path, line, why):

@@ -26,10 +26,10 @@ What the new model cannot make is left out or changed, and counted:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
-import math
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -86,11 +86,17 @@ def read_item_vectors(path: Path, dimension: int) -> dict[str, np.ndarray]:
                 raise refuse(f"item {item_id!r} again (first on line {lines[item_id]})")
             if len(values) != dimension:
                 raise refuse(f"item {item_id!r} has {len(values)} values; the model's dimension is {dimension}")
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-                raise refuse(f"item {item_id!r}: its vector holds a value that is not a finite number")
-            if not any(values):
+            # Checked as stored, in float32: 1e39 passed as a float and was stored as inf (NaN once
+            # normalised), 1e-46 as 0; an integer past any float was a traceback.
+            vector = None
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                with np.errstate(over="ignore"), contextlib.suppress(OverflowError):
+                    vector = np.array(values, dtype=np.float64).astype(np.float32)
+            if vector is None or not np.isfinite(vector).all():
+                raise refuse(f"item {item_id!r}: its vector holds a value that is not a finite number (as float32)")
+            if not vector.any():
                 raise refuse(f"item {item_id!r}: its vector is all zeros, which has no direction")
-            vectors[item_id], lines[item_id] = np.array(values, dtype=np.float32), number
+            vectors[item_id], lines[item_id] = vector, number
     return vectors
 
 
