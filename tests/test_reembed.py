@@ -442,6 +442,14 @@ def test_the_cli_leaves_no_half_copy_behind(model_dir, tmp_path, capsys):
     (tmp_path / "empty" / "x").write_text("")
     assert main(args + [str(tmp_path / "empty")]) == 1
     assert "is not an empty directory" in capsys.readouterr().err
+    # "new/.." names the directory it is in once `new` is made: the copy went into it, and the failed copy's
+    # cleanup removed the files it held (and the old store with them, from `--out OLD/new/..`).
+    assert main(args + [str(tmp_path / "empty" / "new" / "..")]) == 1
+    assert "is not an empty directory" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "empty").iterdir()] == ["x"]
+    old_files = sorted(p.name for p in (tmp_path / "old").iterdir())
+    assert main(args + [str(tmp_path / "old" / "new" / "..")]) == 1
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == old_files
     assert main(["reembed", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "new2")]) == 1
     assert "holds no store" in capsys.readouterr().err and not (tmp_path / "new2").exists()
 

@@ -879,7 +879,9 @@ def _run_reembed(args: argparse.Namespace) -> int:
             claim_data_dir(args.out).close()
         except OSError as exc:
             return fail(str(exc))
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+    # As named once made: "new/.." is the directory `new` goes in, whose files a failed copy removed (a review).
+    named = args.out.resolve()
+    if named.exists() and (not named.is_dir() or any(named.iterdir())):
         return fail(f"{args.out} is not an empty directory: the copy goes into a data directory of its own")
     made = missing_directories(args.out)
     try:
