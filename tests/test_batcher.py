@@ -489,6 +489,11 @@ def test_priority_requests_take_at_most_their_share_of_a_window():
     # And with more of them arriving before every window.
     priority = frozenset({"queued", "arrivals"})
     assert _windows_until_taken(CPU_LIKE_WINDOWS, writes, embed, writes[:8], priority=priority) == 1
+    # Shorter writes too: in the one order their rest went first, and an Embed call waited for every write queued
+    # before it (320 of 8 tokens: 11 windows), however few of each window the writes took ahead.
+    short_writes, embed = [[tokens(100 + r, 8)] for r in range(320)], [tokens(9, 8) for _ in range(4)]
+    assert _windows_until_taken(CPU_LIKE_WINDOWS, short_writes, embed, [], priority=frozenset({"queued"})) == 1
+    assert _windows_until_taken(CPU_LIKE_WINDOWS, short_writes, embed, short_writes[:40], priority=priority) == 1
 
 
 def test_a_priority_requests_inputs_run_first_in_their_window_in_batches_of_their_own():

@@ -19,9 +19,10 @@ request always progresses.
 Priority requests (the server's own writes and queries, not Embed calls) are
 taken right after the oldest one's share, in the same order among themselves,
 until the window holds `PRIORITY_SHARE` of its tokens, and run first in it;
-the rest of the window goes to every request in the order above. So under a
-flood of others they wait for the window in progress, not for the whole
-queue, and never take more than that share of a window ahead of the others.
+the rest of the window goes to the other requests in the order above, then
+to the priority ones' rest. So under a flood of others they wait for the
+window in progress, not for the whole queue, and never take more than that
+share of a window while others wait.
 
 Once well-filled windows have run, deadlines bound windows too, by the model's
 seconds per token in them (SPEED_SAMPLES): a window takes a request only if, behind what it holds
@@ -409,9 +410,9 @@ class DynamicBatcher:
         """Takes a window of waiting inputs (see the module docstring): up to
         one batch's tokens of the oldest job (a window's when it waits
         alone), then the priority jobs' until the window holds
-        PRIORITY_SHARE of its tokens, then the other jobs' inputs (the
-        priority ones' rest too), the fewest tokens left (less PASSING_SHARE
-        of a window for each window waited) first, then more of the oldest
+        PRIORITY_SHARE of its tokens, then the other jobs' inputs, the
+        fewest tokens left (less PASSING_SHARE of a window for each window
+        waited) first, then the priority ones' rest, then more of the oldest
         job, up to a window of tokens (each job taken from adds at least one
         input), and, once the model's speed is known, only the
         jobs that would end by their deadlines (the oldest one's share when
@@ -451,9 +452,12 @@ class DynamicBatcher:
         passing = budget * PASSING_SHARE
         others.sort(key=lambda job: job.tokens_left - passing * (taken_before - job.arrived))
         self._windows_taken += 1
-        ahead = [(job, budget * PRIORITY_SHARE) for job in others if job.priority]
-        shares = [(oldest, self.config.max_batch_tokens if others else budget), *ahead,
-                  *((job, budget) for job in others)]
+        # The rest of the window goes to the others first: in the one order, the priority jobs' rest came first
+        # wherever it was shorter, and an Embed call waited for every write queued before it (a catalogue load).
+        prioritised = [job for job in others if job.priority]
+        shares = [(oldest, self.config.max_batch_tokens if others else budget),
+                  *((job, budget * PRIORITY_SHARE) for job in prioritised),
+                  *((job, budget) for job in others if not job.priority), *((job, budget) for job in prioritised)]
         if others:
             shares.append((oldest, budget))  # the room the others left
         window: list[_Slice] = []
