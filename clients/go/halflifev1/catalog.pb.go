@@ -241,7 +241,9 @@ type DeleteItemsRequest struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// 1 to 1000 item ids, each following `Item.id`'s rules.
+	// 1 to 1000 item ids, each following `Item.id`'s rules, except that
+	// control characters other than U+0000 are taken, for ids an earlier
+	// halflife stored with them.
 	Ids []string `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
 }
 
@@ -340,7 +342,9 @@ type GetItemsRequest struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// 1 to 1000 item ids, each following `Item.id`'s rules.
+	// 1 to 1000 item ids, each following `Item.id`'s rules, except that
+	// control characters other than U+0000 are taken, for ids an earlier
+	// halflife stored with them.
 	Ids []string `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
 	// When true, each item's stored (normalised) vector is returned too.
 	IncludeVectors bool `protobuf:"varint,2,opt,name=include_vectors,json=includeVectors,proto3" json:"include_vectors,omitempty"`

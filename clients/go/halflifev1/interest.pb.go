@@ -400,8 +400,8 @@ type GetProfileRequest struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// The user (1 to 256 bytes, no control characters). Unknown users get an
-	// empty profile.
+	// The user (1 to 256 bytes; control characters are taken, for ids an
+	// earlier halflife stored with them). Unknown users get an empty profile.
 	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
 	// The moment to describe the profile at; default now. Events after it are
 	// ignored, so a past time replays the history of events exactly, over
@@ -872,7 +872,8 @@ type DeleteUserRequest struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// The user (1 to 256 bytes, no control characters).
+	// The user (1 to 256 bytes; control characters are taken, for ids an
+	// earlier halflife stored with them).
 	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
 }
 
@@ -973,7 +974,8 @@ type ListEventsRequest struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// The user (1 to 256 bytes, no control characters).
+	// The user (1 to 256 bytes; control characters are taken, for ids an
+	// earlier halflife stored with them).
 	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
 	// Most events in the page: 0 means 100, more than 1000 means 1000.
 	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`

@@ -159,8 +159,9 @@ type RecommendRequest struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// The user (1 to 256 bytes, no control characters). A user with no events
-	// is not an error: see STRATEGY_TRENDING.
+	// The user (1 to 256 bytes; control characters are taken, for ids an
+	// earlier halflife stored with them). A user with no events is not an
+	// error: see STRATEGY_TRENDING.
 	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
 	// How many items, 1 to the server's `ranking.max_limit` (1000 unless
 	// configured). Required: the default 0 is INVALID_ARGUMENT.
@@ -751,7 +752,8 @@ type isSimilarItemsRequest_Target interface {
 
 type SimilarItemsRequest_ItemId struct {
 	// A catalogue item (itself excluded from the results), by `Item.id`
-	// (1 to 256 bytes, no control characters).
+	// (1 to 256 bytes; control characters other than U+0000 are taken, for
+	// ids an earlier halflife stored with them).
 	ItemId string `protobuf:"bytes,1,opt,name=item_id,json=itemId,proto3,oneof"`
 }
 

@@ -139,7 +139,9 @@ export const UpsertItemsResponseSchema: GenMessage<UpsertItemsResponse> = /*@__P
  */
 export type DeleteItemsRequest = Message<"halflife.v1.DeleteItemsRequest"> & {
   /**
-   * 1 to 1000 item ids, each following `Item.id`'s rules.
+   * 1 to 1000 item ids, each following `Item.id`'s rules, except that
+   * control characters other than U+0000 are taken, for ids an earlier
+   * halflife stored with them.
    *
    * @generated from field: repeated string ids = 1;
    */
@@ -182,7 +184,9 @@ export const DeleteItemsResponseSchema: GenMessage<DeleteItemsResponse> = /*@__P
  */
 export type GetItemsRequest = Message<"halflife.v1.GetItemsRequest"> & {
   /**
-   * 1 to 1000 item ids, each following `Item.id`'s rules.
+   * 1 to 1000 item ids, each following `Item.id`'s rules, except that
+   * control characters other than U+0000 are taken, for ids an earlier
+   * halflife stored with them.
    *
    * @generated from field: repeated string ids = 1;
    */

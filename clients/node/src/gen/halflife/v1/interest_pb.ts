@@ -147,8 +147,8 @@ export const RecordEventsResponseSchema: GenMessage<RecordEventsResponse> = /*@_
  */
 export type GetProfileRequest = Message<"halflife.v1.GetProfileRequest"> & {
   /**
-   * The user (1 to 256 bytes, no control characters). Unknown users get an
-   * empty profile.
+   * The user (1 to 256 bytes; control characters are taken, for ids an
+   * earlier halflife stored with them). Unknown users get an empty profile.
    *
    * @generated from field: string user_id = 1;
    */
@@ -417,7 +417,8 @@ export const GetProfileResponseSchema: GenMessage<GetProfileResponse> = /*@__PUR
  */
 export type DeleteUserRequest = Message<"halflife.v1.DeleteUserRequest"> & {
   /**
-   * The user (1 to 256 bytes, no control characters).
+   * The user (1 to 256 bytes; control characters are taken, for ids an
+   * earlier halflife stored with them).
    *
    * @generated from field: string user_id = 1;
    */
@@ -462,7 +463,8 @@ export const DeleteUserResponseSchema: GenMessage<DeleteUserResponse> = /*@__PUR
  */
 export type ListEventsRequest = Message<"halflife.v1.ListEventsRequest"> & {
   /**
-   * The user (1 to 256 bytes, no control characters).
+   * The user (1 to 256 bytes; control characters are taken, for ids an
+   * earlier halflife stored with them).
    *
    * @generated from field: string user_id = 1;
    */

@@ -63,8 +63,9 @@ export const ItemFilterSchema: GenMessage<ItemFilter> = /*@__PURE__*/
  */
 export type RecommendRequest = Message<"halflife.v1.RecommendRequest"> & {
   /**
-   * The user (1 to 256 bytes, no control characters). A user with no events
-   * is not an error: see STRATEGY_TRENDING.
+   * The user (1 to 256 bytes; control characters are taken, for ids an
+   * earlier halflife stored with them). A user with no events is not an
+   * error: see STRATEGY_TRENDING.
    *
    * @generated from field: string user_id = 1;
    */
@@ -367,7 +368,8 @@ export type SimilarItemsRequest = Message<"halflife.v1.SimilarItemsRequest"> & {
   target: {
     /**
      * A catalogue item (itself excluded from the results), by `Item.id`
-     * (1 to 256 bytes, no control characters).
+     * (1 to 256 bytes; control characters other than U+0000 are taken, for
+     * ids an earlier halflife stored with them).
      *
      * @generated from field: string item_id = 1;
      */
