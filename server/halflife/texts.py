@@ -43,6 +43,7 @@ def stored_name_problem(value: str, nul: bool) -> str | None:
     passing = _CONTROL_CHARACTER if nul else _CONTROL_CHARACTER_BUT_NUL
     return name_problem(passing.sub("_", value))  # one byte for one: the length counts as stored
 
+
 # Characters a tokenizer drops or cannot read as a word: controls (Cc), format
 # characters such as U+200B and U+FEFF (Cf), private use (Co), combining marks
 # with nothing to combine with (Mn; accent-stripping models drop them), and the
