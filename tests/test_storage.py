@@ -30,7 +30,7 @@ from halflife.storage import sqlite as sqlite_mod
 from halflife.storage.base import (
     EventRecord, ItemRecord, ItemsChangedError, ProfileSnapshot, StoreDamagedError, StoreError, StoreUnavailableError,
 )
-from halflife.storage.sqlite import DB_NAME, SCHEMA_VERSION, SqliteStore
+from halflife.storage.sqlite import DB_NAME, SCHEMA_VERSION, SqliteStore, stored_vectors
 from tests.fakes import full_disk, process_limit, stored_history
 from tests.serving import serve_once, start_cli_server
 
@@ -143,6 +143,19 @@ def test_newer_schema_is_refused(tmp_path):
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(StoreError, match="newer"):
         SqliteStore(tmp_path)
+
+
+def test_a_newer_halflifes_store_of_another_model_is_refused_as_newer(tmp_path):
+    """A server reads a store's vectors before it opens it (`stored_vectors`):
+    one a newer halflife wrote, bound to another model, was refused as
+    another model's, where what it needs is a newer halflife."""
+    with SqliteStore(tmp_path) as store:
+        store.upsert_items([item("a", vector=np.ones(DIM, dtype=np.float32))])
+        store.bind_vectors("other-space", "other/model")
+    assert stored_vectors(tmp_path) == (DIM, ("other-space", "other/model"))
+    with raw(tmp_path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    assert stored_vectors(tmp_path) == (None, None)  # the open says why
 
 
 def test_failed_migration_leaves_the_file_untouched(tmp_path, monkeypatch):

@@ -164,7 +164,8 @@ def stored_vectors(data_dir: str | Path) -> tuple[int | None, tuple[str, str] | 
     a store, which migrates an older schema: a server refused the store for
     another model's vectors had migrated it (an older halflife, the way back,
     then refused it) and pruned its change feed. (None, None) where there is
-    no store or it cannot be read so: opening it says why."""
+    no store, it cannot be read so, or a newer halflife wrote it: opening it
+    says why."""
     path = Path(data_dir) / DB_NAME
     if not path.is_file():
         return None, None
@@ -174,7 +175,8 @@ def stored_vectors(data_dir: str | Path) -> tuple[int | None, tuple[str, str] | 
         return None, None
     try:
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "vectors" not in tables:
+        # A newer halflife's store: its open says to upgrade, not that its vectors are another model's.
+        if "vectors" not in tables or conn.execute("PRAGMA user_version").fetchone()[0] > SCHEMA_VERSION:
             return None, None
         # meta (schema 7) comes after profile_snapshots (5); a store without it records no model.
         return _vector_size(conn), _bound_vectors(conn) if "meta" in tables and _holds_vectors(conn) else None
