@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from typing import Callable, Iterator
 
@@ -292,14 +293,18 @@ def test_the_cli_lists_items_with_given_vectors_and_takes_their_new_vectors_from
     assert [json.loads(line) for line in out.splitlines()] == [{"id": f"v{n}"} for n in range(4)]
     assert "(4: 'v0', 'v1', 'v2' and 1 more)" in err and "their ids are on stdout" in err and "--item-vectors" in err
     assert not (tmp_path / "new").exists()
-    vectors = tmp_path / "vectors.jsonl"
-    vectors.write_text("".join(json.dumps({**json.loads(line), "vector": [n + 1.0] * dim}) + "\n"
-                               for n, line in enumerate(out.splitlines())))
-    assert main(args + ["--item-vectors", str(vectors)]) == 0
+    filled = "".join(json.dumps({**json.loads(line), "vector": [n + 1.0] * dim}) + "\n"
+                     for n, line in enumerate(out.splitlines()))
+    read_end, write_end = os.pipe()  # as `--item-vectors <(fill ids.jsonl)` gives it: refused as "not a file" once
+    with os.fdopen(read_end, "rb"), os.fdopen(write_end, "w") as pipe:
+        pipe.write(filled)  # within the pipe's buffer
+        pipe.close()
+        assert main(args + ["--item-vectors", f"/dev/fd/{read_end}"]) == 0
     assert "copied 6 items and 3 events" in capsys.readouterr().out
     with SqliteStore(tmp_path / "new") as store:
         assert np.allclose(store.get_items(["v3"])["v3"].vector, dim**-0.5)
         assert [e.event_id for e in store.user_events("ann")] == ["e1", "e2", "e3"]
+    vectors = tmp_path / "vectors.jsonl"
     vectors.write_text(json.dumps({"id": "v0", "vector": [1.0] * (dim - 1)}) + "\n")
     assert main([*args[:4], str(tmp_path / "new2"), *args[5:], "--item-vectors", str(vectors)]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (

@@ -868,8 +868,10 @@ def _run_reembed(args: argparse.Namespace) -> int:
 
     if not (args.data_dir / DB_NAME).is_file():
         return fail(f"{args.data_dir} holds no store ({DB_NAME})")
-    if args.item_vectors is not None and not args.item_vectors.is_file():
-        return fail(f"argument --item-vectors: {args.item_vectors} is not a file")
+    # Any readable path but a directory: read once, front to back, so a pipe (`<(...)`, /dev/stdin) serves too.
+    if args.item_vectors is not None and (args.item_vectors.is_dir() or not args.item_vectors.exists()):
+        return fail(f"argument --item-vectors: {args.item_vectors} is "
+                    f"{'a directory' if args.item_vectors.is_dir() else 'missing'}")
     # A half copy as the source was copied as if whole, and the result, unmarked, served (a review).
     if (args.data_dir / UNFINISHED_COPY_MARK).exists():
         return fail(f"{args.data_dir} holds a `halflife reembed` copy that has not finished (it is still running, or "
