@@ -533,6 +533,41 @@ def test_a_long_log_is_rebuilt_off_the_lock_after_an_erasure_elsewhere(pair, tmp
     assert answers(b, users) == answers(a, users) == restarted(tmp_path, users)
 
 
+def test_an_erasure_elsewhere_truncates_the_wal_while_a_rebuild_reads_the_log(pair, tmp_path, monkeypatch):
+    """A rebuild read the whole log in one statement, whose snapshot no
+    checkpoint could pass: at 5M events 30-50 s in which the WAL grew with
+    every write and another worker's erasure stayed in it (a scale review).
+    A read each chunk (5 events here): between two, the erasure's
+    truncation completes, and the rebuild still ends as a restart would."""
+    from halflife.interest import engine as engine_module
+    from halflife.storage import sqlite as sqlite_mod
+
+    monkeypatch.setattr(engine_module, "BACKGROUND_REBUILD_EVENTS", 0)
+    a, b = pair
+    a.upsert_items(items(f"i{n}" for n in range(8)))
+    for user in ("u0", "u1", "u2", "u3"):
+        a.record_events(likes(f"{user}-", user, [f"i{n}" for n in range(8)]))
+    answers(b)
+    read, owed = b.store.iter_events, []
+
+    def in_chunks_of_five(*args, **kwargs):
+        for n, chunk in enumerate(read(*args, **{**kwargs, "chunk": 5})):
+            yield chunk
+            if n == 0 and not owed:  # the rebuild's first chunk read: the other worker erases
+                a.delete_user("u1")
+                owed.append(list(tmp_path.glob(sqlite_mod.DB_NAME + sqlite_mod.ERASED_MARK + "*")))
+
+    monkeypatch.setattr(b.store, "iter_events", in_chunks_of_five)
+    a.delete_user("u0")
+    b.catch_up()  # starts b's rebuild off the lock
+    rebuilt(b)
+    assert owed == [[]] and not a.store._truncate_pending  # a's truncation was not held back by b's read
+    b.catch_up()  # b's rebuild for the erasure of u1
+    rebuilt(b)
+    users = ("cold", "u0", "u1", "u2", "u3")
+    assert answers(b, users) == restarted(tmp_path, users)
+
+
 @pytest.mark.parametrize("compact", [False, True])
 def test_items_deleted_while_the_blend_is_rebuilt_off_the_lock_leave_it_off_the_lock(pair, tmp_path, monkeypatch,
                                                                                        compact):

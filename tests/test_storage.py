@@ -1075,6 +1075,41 @@ def test_iter_events_chunks(store):
     assert store.event_count() == 25 and store.event_count("nobody") == 0
 
 
+def test_a_pass_over_the_log_or_the_catalogue_lets_checkpoints_through_between_its_chunks(tmp_path, monkeypatch):
+    """A pass read the whole log (or catalogue) in one statement, whose
+    snapshot no checkpoint could pass: a rebuild of the blend at 5M events
+    read for 30-50 s, the WAL grew with every write meanwhile and an
+    erasure's truncation waited (a scale review; see docs/serving.md,
+    "User erasure"). A read each chunk, from where the last one ended:
+    between two, a checkpoint goes through; every row comes once, in order."""
+    monkeypatch.setattr(sqlite_mod, "ITEMS_PER_READ", 400)
+    store, other = SqliteStore(tmp_path), SqliteStore(tmp_path)
+    store.upsert_items([item(f"i{k}") for k in range(1_200)])  # past a fetch (1,000 rows) of one statement
+    store.record_events([event(f"e{k}", user_id=f"u{k % 3}", vector=vec()) for k in range(25)])
+    checkpoint = sqlite3.connect(tmp_path / DB_NAME, isolation_level=None, timeout=0.05)
+    checkpoints = []
+
+    def write_and_checkpoint() -> None:  # between two chunks: a write elsewhere, then a truncation
+        other.record_events([event(f"w{len(checkpoints)}", vector=vec())])
+        checkpoints.append(checkpoint.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0])
+
+    seqs = []
+    for chunk in store.iter_events(chunk=10, through_seq=25):
+        seqs += chunk.seqs.tolist()
+        write_and_checkpoint()
+    ids = []
+    for n, record in enumerate(store.iter_items()):
+        ids.append(record.id)
+        if n % 500 == 0:
+            write_and_checkpoint()
+    assert seqs == list(range(1, 26)) and ids == [f"i{k}" for k in range(1_200)]
+    assert checkpoints == [0] * 6  # none busy
+    assert (tmp_path / (DB_NAME + "-wal")).stat().st_size == 0
+    checkpoint.close()
+    store.close()
+    other.close()
+
+
 def test_created_seq_marks_each_incarnation_of_an_item_id(store):
     store.upsert_items([item("a", vec())])
     assert store.get_items(["a"])["a"].created_seq == 0
@@ -1381,14 +1416,24 @@ def copies_on_disk(directory, marker: bytes) -> int:
     return copies
 
 
+def long_read(directory: Path) -> sqlite3.Connection:
+    """Another connection in the middle of a long read transaction (a
+    replay's read of a long log); close() ends it. No checkpoint passes it
+    meanwhile. (A pass of iter_events no longer holds one: a read each chunk.)"""
+    conn = sqlite3.connect(directory / DB_NAME, isolation_level=None)
+    conn.execute("BEGIN")
+    conn.execute("SELECT count(*) FROM events").fetchone()
+    return conn
+
+
 def test_an_erasure_blocked_by_another_process_reading_is_finished_when_the_read_ends(tmp_path):
-    """A second store on the directory (another worker) in the middle of a
-    pass over the log blocks the WAL truncation after DeleteUser: the erased
+    """Another process in the middle of a long read (a replay of a long log)
+    blocks the WAL truncation after DeleteUser: the erased
     texts stayed in the WAL until the next automatic checkpoint (up to 10,000
     pages later), and the erasure, and every write queued behind it, waited
     the 10 s busy timeout."""
     marker = b"erased-marker-5e1c"
-    writer, reader = SqliteStore(tmp_path), SqliteStore(tmp_path)
+    writer = SqliteStore(tmp_path)
     writer.record_events([event(f"o{k}", user_id=f"other{k % 7}", vector=vec()) for k in range(400)])
     writer.record_events([event(f"v{k}", user_id="victim", vector=vec(), text=f"{marker.decode()} {k}")
                           for k in range(5)])
@@ -1396,24 +1441,22 @@ def test_an_erasure_blocked_by_another_process_reading_is_finished_when_the_read
     def on_disk() -> int:
         return copies_on_disk(tmp_path, marker)
 
-    passing = reader.iter_events(chunk=50)
-    next(passing)  # the reader holds its snapshot
+    passing = long_read(tmp_path)  # the reader holds its snapshot
     began = time.monotonic()
     assert writer.delete_user("victim") == 5
     writer.record_events([event("after", user_id="other0", vector=vec())])
     assert time.monotonic() - began < 0.8 * sqlite_mod.BUSY_TIMEOUT_MS / 1000  # it did not wait out the busy timeout
-    list(passing)  # the pass ends
+    passing.close()  # the read ends
     deadline = time.monotonic() + 10 * sqlite_mod.TRUNCATE_RETRY_S
     while on_disk() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert on_disk() == 0
     writer.close()
-    reader.close()
 
 
 ERASE_THEN_DIE = textwrap.dedent(
     """
-    import os, signal, sys
+    import os, signal, sqlite3, sys
     import numpy as np
     from halflife.storage.base import EventRecord
     from halflife.storage.sqlite import SqliteStore
@@ -1424,8 +1467,9 @@ ERASE_THEN_DIE = textwrap.dedent(
     store.record_events([EventRecord(f"o{k}", f"other{k % 7}", 1, None, None, None, 1.0, vec()) for k in range(400)])
     store.record_events([EventRecord(f"v{k}", "victim", 1, None, sys.argv[2] + f" {k}", None, 1.0, vec())
                          for k in range(5)])
-    passing = store.iter_events(chunk=50)
-    next(passing)  # its own pass over the log holds the WAL, as a replay's read does
+    passing = sqlite3.connect(store.path, isolation_level=None)  # a read held, as a replay's of a long log
+    passing.execute("BEGIN")
+    passing.execute("SELECT count(*) FROM events").fetchone()
     assert store.delete_user("victim") == 5
     os.kill(os.getpid(), signal.SIGKILL)  # before the retry in memory could finish it
     """
@@ -1500,10 +1544,9 @@ def test_an_erasures_truncation_retried_out_of_file_descriptors_leaves_the_write
 
     monkeypatch.setattr(sqlite_mod, "TRUNCATE_RETRY_S", 0.05)
     monkeypatch.setattr(sqlite_mod, "_mark_failures", RepeatedWarning(sqlite_mod.log))  # none held back
-    store, reader = SqliteStore(tmp_path), SqliteStore(tmp_path)
+    store = SqliteStore(tmp_path)
     store.record_events([event(f"e{k}", user_id=f"u{k % 2}", vector=vec()) for k in range(20)])
-    passing = reader.iter_events(chunk=5)
-    next(passing)  # blocks the truncation: it is retried
+    passing = long_read(tmp_path)  # blocks the truncation: it is retried
     assert store.delete_user("u1") == 10 and store._truncate_pending
     with process_limit(resource.RLIMIT_NOFILE, 3), caplog.at_level(logging.WARNING, logger="halflife.storage.sqlite"):
         time.sleep(0.3)  # retries fail
@@ -1515,7 +1558,6 @@ def test_an_erasures_truncation_retried_out_of_file_descriptors_leaves_the_write
         time.sleep(0.05)
     assert not list(tmp_path.glob(DB_NAME + sqlite_mod.ERASED_MARK + "*"))  # the truncation completed
     store.close()
-    reader.close()
 
 
 def test_an_erasures_truncation_that_fails_on_the_disk_says_why_and_completes_once_it_can(tmp_path, monkeypatch,
@@ -1529,10 +1571,9 @@ def test_an_erasures_truncation_that_fails_on_the_disk_says_why_and_completes_on
 
     monkeypatch.setattr(sqlite_mod, "TRUNCATE_RETRY_S", 0.05)
     monkeypatch.setattr(sqlite_mod, "_checkpoint_failures", RepeatedWarning(sqlite_mod.log))  # none held back
-    store, reader = SqliteStore(tmp_path), SqliteStore(tmp_path)
+    store = SqliteStore(tmp_path)
     store.record_events([event(f"e{k}", user_id=f"u{k % 2}", vector=vec(), text="x" * 1000) for k in range(40)])
-    passing = reader.iter_events(chunk=5)
-    next(passing)  # blocks the truncation after the commit
+    passing = long_read(tmp_path)  # blocks the truncation after the commit
     assert store.delete_user("u1") == 20 and store._truncate_pending
     with (process_limit(resource.RLIMIT_FSIZE, store.path.stat().st_size),
           caplog.at_level(logging.WARNING, logger="halflife.storage.sqlite")):
@@ -1547,30 +1588,27 @@ def test_an_erasures_truncation_that_fails_on_the_disk_says_why_and_completes_on
         time.sleep(0.05)
     assert not list(tmp_path.glob(DB_NAME + sqlite_mod.ERASED_MARK + "*"))  # completed once the file could grow
     store.close()
-    reader.close()
 
 
 def test_a_store_that_owes_a_truncation_keeps_a_mark_whatever_other_stores_settle(tmp_path):
     """Another store's completed truncation removes the marks it found, and
     this one, still owing (pending) after a later blocked erasure, wrote no
     new one: a crash then lost that erasure's truncation (a review)."""
-    a, b, reader = SqliteStore(tmp_path), SqliteStore(tmp_path), SqliteStore(tmp_path)
+    a, b = SqliteStore(tmp_path), SqliteStore(tmp_path)
     a.record_events([event(f"o{k}", user_id=f"other{k % 7}", vector=vec()) for k in range(400)])
     for user in ("u1", "u2", "u3"):
         a.record_events([event(f"{user}-{k}", user_id=user, vector=vec(), text=f"{user} text") for k in range(5)])
     marks = lambda: list(tmp_path.glob(DB_NAME + sqlite_mod.ERASED_MARK + "*"))
 
-    passing = reader.iter_events(chunk=50)
-    next(passing)
+    passing = long_read(tmp_path)
     assert a.delete_user("u1") == 5 and len(marks()) == 1  # blocked: a owes it
     passing.close()
     assert b.delete_user("u3") == 5 and marks() == []  # b's completed truncation settled it
-    passing = reader.iter_events(chunk=50)
-    next(passing)
+    passing = long_read(tmp_path)
     assert a.delete_user("u2") == 5  # blocked again, while a still thinks itself owing
     assert len(marks()) == 1
     passing.close()
-    for store in (a, b, reader):
+    for store in (a, b):
         store.close()
     assert marks() == []  # a's last try at close completed
 

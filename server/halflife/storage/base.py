@@ -159,7 +159,10 @@ class Store(Protocol):
         """The items among `ids` that exist."""
 
     def iter_items(self) -> Iterator[ItemRecord]:
-        """Every item, for building the in-memory catalogue at start."""
+        """Every item, for building the in-memory catalogue at start; read
+        in parts, as iter_events, so that items changed meanwhile may come
+        as they were or as they are (a start catches up from the change
+        feed)."""
 
     def list_items(self, after_id: str, limit: int) -> tuple[list[ItemRecord], str | None]:
         """A page of the catalogue in order of id (by UTF-8 bytes): the first
@@ -222,7 +225,9 @@ class Store(Protocol):
         """All events (after `after_seq` and up to `through_seq`; `user_id`'s
         only, where given) in seq order, in chunks, without vectors: what
         rebuilding popularity and co-occurrence needs, and taking a user's
-        share of them back."""
+        share of them back. Each chunk may be read apart (a long pass must
+        not hold one snapshot: see SqliteStore): events erased meanwhile
+        may be in the chunks read before and not in those after."""
 
     def events_between(self, after_seq: int, through_seq: int,
                        vectors_of: Callable[[str], bool] | None = None) -> list[EventRecord]:

@@ -39,8 +39,11 @@ Privacy: ``secure_delete=ON`` zeroes deleted content, and `delete_user`
 checkpoints and truncates the WAL after its commit, so the erased rows are not
 left in the database file's free pages nor in old WAL frames (old copies of
 moved cells in a page's unused space can stay: `vacuum` takes them). Another
-process's read (a worker's pass over the log) blocks that checkpoint; the
-writer then tries again every TRUNCATE_RETRY_S until it completes, and once
+process's read transaction (a replay of a long log) blocks that checkpoint;
+passes over the whole log or catalogue (`iter_events`, `iter_items`: a
+start, a rebuild for an erasure elsewhere) read a chunk at a time, each in a
+read of its own, so they hold it back for a chunk at most. Blocked, the
+writer tries again every TRUNCATE_RETRY_S until it completes, and once
 more at close (a process that stops first leaves it to the next automatic
 checkpoint, or to the last connection's close). From before the erasure
 commits until a truncation completes, a file
@@ -106,6 +109,9 @@ _MAX_GROUP = 256  # jobs per group commit, bounds one transaction's size and lat
 _IN_CHUNK = 500  # rows or `IN (?, ...)` values per statement
 _FETCH_ROWS = 500  # rows per fetch of a long read, under the GC's threshold: see _column_chunks
 _MAX_SEQ = 2**63 - 1  # SQLite's largest integer: past every event's seq
+# Items per read transaction of `iter_items` (~15 MB of 384-d vectors): a read held for the whole catalogue
+# (6 s at 200k items, as a start indexes them) kept any checkpoint from passing it.
+ITEMS_PER_READ = 10_000
 RANGED_PAGE_SCAN = 10_000  # the most of a user's events one ListEvents page with a time range reads
 _VECTOR_DTYPE = np.dtype("<f4")
 # The writer connection's settings beyond durability. Once the log holds a few
@@ -336,7 +342,7 @@ def _intact(data: bytes, digest: bytes, vector_id: int, damaged: set[int], what:
 
 def _item_from(row: tuple, damaged: set[int]) -> ItemRecord | None:
     """An item from an `_ITEM_SELECT` row; None when its vector is damaged."""
-    id_, text, categories, attributes, create_time, data, created_seq, digest, vector_id, embedded_by = row
+    id_, text, categories, attributes, create_time, data, created_seq, digest, vector_id, embedded_by, _rowid = row
     if not _intact(data, digest, vector_id, damaged, f"item {id_!r}"):
         return None
     try:
@@ -357,7 +363,7 @@ def _item_from(row: tuple, damaged: set[int]) -> ItemRecord | None:
 
 
 _ITEM_SELECT = """SELECT i.id, i.text, i.categories, i.attributes, i.create_time, v.data, i.created_seq, v.hash, v.id,
-                         i.embedded_by
+                         i.embedded_by, i.rowid
                   FROM items i JOIN vectors v ON v.id = i.vector_id"""
 
 
@@ -1017,12 +1023,23 @@ class SqliteStore:
         return self._read(read)
 
     def iter_items(self) -> Iterator[ItemRecord]:
-        # The cursor closes with the block: one an exception kept alive (in its traceback) held the
-        # pooled reader's snapshot, and later reads on that reader missed newer commits (a review).
-        with self._reader() as conn, contextlib.closing(conn.execute(_ITEM_SELECT + " ORDER BY i.rowid")) as cur:
-            damaged: set[int] = set()
-            while rows := cur.fetchmany(1000):
-                yield from filter(None, (_item_from(row, damaged) for row in rows))
+        # A read transaction per ITEMS_PER_READ items, from the rowid the last one ended at: see iter_events.
+        # The items changed meanwhile are in the change feed, which a start catches up from (and reembed checks).
+        after = 0
+        damaged: set[int] = set()
+        while True:
+            # The cursor closes with the block: one an exception kept alive (in its traceback) held the
+            # pooled reader's snapshot, and later reads on that reader missed newer commits (a review).
+            with self._reader() as conn, contextlib.closing(conn.execute(
+                    _ITEM_SELECT + " WHERE i.rowid > ? ORDER BY i.rowid LIMIT ?", (after, ITEMS_PER_READ))) as cur:
+                rows = []
+                while more := cur.fetchmany(1000):
+                    rows.append([_item_from(row, damaged) for row in more])
+                    after = more[-1][-1]  # i.rowid, _ITEM_SELECT's last column
+            for items in rows:
+                yield from filter(None, items)
+            if sum(map(len, rows)) < ITEMS_PER_READ:
+                return
 
     # ------------------------------------------------------------------ events
 
@@ -1214,24 +1231,36 @@ class SqliteStore:
 
     def iter_events(self, chunk: int = 50_000, through_seq: int | None = None,
                     user_id: str | None = None, after_seq: int = 0) -> Iterator[EventColumns]:
-        where, args = _events_in(after_seq, through_seq, user_id)
-        select = "SELECT seq, type, item_id, user_id, value, event_time FROM events" + where
-        with self._reader() as conn, contextlib.closing(conn.execute(select + " ORDER BY seq", args)) as cur:
-            # closed with the block: see iter_items
-            for seqs, types, item_ids, user_ids, values, times in _column_chunks(cur, chunk):
-                try:
-                    columns = EventColumns(
-                        seqs=np.array(seqs, dtype=np.int64),
-                        types=np.array(types, dtype=np.int64),
-                        item_ids=item_ids,
-                        user_ids=user_ids,
-                        values=np.array([np.nan if v is None else v for v in values], dtype=np.float64),
-                        times=np.array(times, dtype=np.float64),
-                    )
-                except (TypeError, ValueError) as e:  # a row damaged on disk: it was a traceback at start
-                    raise StoreDamagedError(f"events {seqs[0]}..{seqs[-1]}: a type, value or time is not a number "
-                                            f"({e}): the store is damaged") from e
-                yield columns
+        # Each chunk in a read transaction of its own, from the seq the last one ended at (seqs only grow): one
+        # statement over the whole log kept its snapshot for the whole pass (a rebuild of the blend: 30-50 s at
+        # 5M events), and no checkpoint could pass it meanwhile, so the WAL grew with every write and an
+        # erasure's truncation waited for the pass to end (see the module's docstring).
+        select = "SELECT seq, type, item_id, user_id, value, event_time FROM events"
+        while True:
+            where, args = _events_in(after_seq, through_seq, user_id)
+            with self._reader() as conn, contextlib.closing(
+                    conn.execute(select + where + " ORDER BY seq LIMIT ?", (*args, chunk))) as cur:
+                # closed with the block: see iter_items
+                read = next(_column_chunks(cur, chunk), None)
+            if read is None:
+                return
+            seqs, types, item_ids, user_ids, values, times = read
+            try:
+                columns = EventColumns(
+                    seqs=np.array(seqs, dtype=np.int64),
+                    types=np.array(types, dtype=np.int64),
+                    item_ids=item_ids,
+                    user_ids=user_ids,
+                    values=np.array([np.nan if v is None else v for v in values], dtype=np.float64),
+                    times=np.array(times, dtype=np.float64),
+                )
+            except (TypeError, ValueError) as e:  # a row damaged on disk: it was a traceback at start
+                raise StoreDamagedError(f"events {seqs[0]}..{seqs[-1]}: a type, value or time is not a number "
+                                        f"({e}): the store is damaged") from e
+            yield columns
+            if len(seqs) < chunk:
+                return
+            after_seq = seqs[-1]
 
     def delete_user(self, user_id: str, guard: Guard | None = None) -> int:
         def job(conn: sqlite3.Connection) -> int:
