@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
+import re
 import threading
 import time
 
@@ -1432,6 +1434,31 @@ def test_a_start_sizes_the_catalogue_for_the_stored_items_at_once(tmp_path, monk
     assert len(engine.catalog) == 3000 and growths == []
     engine.upsert_items([ItemInput(id="one-more", text="after the start")])  # and it grows as before
     assert growths == [4500] and len(engine.catalog) == 3001
+
+
+def test_a_start_says_how_far_its_load_has_come(tmp_path, monkeypatch, caplog):
+    """A start at 5M events was 20-56 s of NOT_SERVING with no line between
+    the model's and "serving on": a slow start read as a hung one (a scale
+    review). Every PROGRESS_INTERVAL_S (0 here: at every chunk) a line for
+    the items, then the events, read so far of all."""
+    from halflife import logs
+
+    engine = open_engine(tmp_path)
+    engine.upsert_items([ItemInput(id=f"i{n}", text="", vector=np.eye(DIM, dtype=np.float32)[n % DIM])
+                         for n in range(2_500)])
+    engine.record_events([EventInput(f"e{n}", f"u{n % 7}", LIKE, f"i{n}", None, None, T - n) for n in range(30)])
+    engine.store.close()
+    monkeypatch.setattr(logs, "PROGRESS_INTERVAL_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="halflife.interest.engine"):
+        open_engine(tmp_path).store.close()
+    timed = r" in \S+ s( \((\d+%), \S+/s, ~\S+ s left\))?$"  # the times, rates and times left: the clock's
+    assert [re.sub(timed, r" \2", record.getMessage()).rstrip() for record in caplog.records] == [
+        "loading the store: 1000 of 2500 items 40%",
+        "loading the store: 2000 of 2500 items 80%",
+        "loading the store: 2500 of 2500 items 100%",
+        "loading the store: 30 of 30 events 100%",
+        "loaded 2500 items and popularity from 30 events",
+    ]
 
 
 def test_an_item_whose_vector_was_damaged_on_disk_is_left_out_at_load(tmp_path):

@@ -1,6 +1,7 @@
 """RepeatedWarning: a warning that repeats while a condition lasts is logged
 at most once per interval, the next line counting those held back.
-StderrInBackground: a log call never waits for stderr's reader."""
+StderrInBackground: a log call never waits for stderr's reader.
+Progress: a long pass says how far it has come."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import re
 import threading
 import time
 
-from halflife.logs import RepeatedWarning, StderrInBackground
+from halflife import logs
+from halflife.logs import Progress, RepeatedWarning, StderrInBackground
 
 
 def test_a_repeated_warning_is_logged_once_an_interval_with_the_count_held_back(caplog):
@@ -34,6 +36,31 @@ def test_a_repeated_warning_is_logged_once_an_interval_with_the_count_held_back(
         "store unavailable: disk full 6",
         "store unavailable: disk full 8 (and 1 more like it in the 3610 s since the last)",
     ]
+
+
+def test_a_long_pass_says_how_far_it_has_come_every_interval_and_a_short_one_nothing(caplog):
+    """A start at 5M events was 20-56 s of NOT_SERVING without a line: a
+    slow start read as a hung one (a scale review)."""
+    now = [100.0]
+    with caplog.at_level(logging.INFO, logger="halflife.test"):
+        progress = Progress(logging.getLogger("halflife.test"), "loading the store", 1_000, "events",
+                            clock=lambda: now[0])
+        for _ in range(10):  # 100 events a second
+            now[0] += 1.0
+            progress.advance(100)
+        short = Progress(logging.getLogger("halflife.test"), "short", 10, "items", clock=lambda: now[0])
+        now[0] += logs.PROGRESS_INTERVAL_S - 0.5
+        short.advance(10)
+        then = Progress(logging.getLogger("halflife.test"), "then", 10, "items", clock=lambda: now[0], following=short)
+        now[0] += 1.0  # 5.5 s since `short` began: due, though `then` began 1 s ago
+        then.advance(5)
+    assert [record.getMessage() for record in caplog.records] == [
+        "loading the store: 500 of 1000 events in 5 s (50%, 100/s, ~5 s left)",
+        "loading the store: 1000 of 1000 events in 10 s (100%, 100/s, ~0 s left)",
+        "then: 5 of 10 items in 1 s (50%, 5/s, ~1 s left)",
+    ]
+    assert progress.done == 1_000
+    assert list(short.counted(iter(range(2_500)), every=1_000)) == list(range(2_500)) and short.done == 2_510
 
 
 def test_log_lines_wait_for_a_stalled_stderr_on_a_thread_of_their_own_and_past_the_bound_are_counted():

@@ -84,6 +84,7 @@ from halflife.interest.types import (
     UserProfile,
 )
 from halflife.interest.watermark import EventWatermark
+from halflife.logs import Progress
 from halflife.storage.base import (
     EventColumns,
     EventRecord,
@@ -393,12 +394,12 @@ class InterestEngine:
         self._changes_seen = head.change_version
         self._events = EventWatermark(head.event_seq)
         self._check_vectors()
-        self.catalog.upsert(self.store.iter_items())
-        self._rebuild_blend()
-        log.info(
-            "loaded %d items and popularity from %d events in %.1f s",
-            len(self.catalog), self.store.event_count(), time.perf_counter() - started,
-        )
+        items = Progress(log, "loading the store", self.store.item_count(), "items")
+        self.catalog.upsert(items.counted(self.store.iter_items()))
+        events = Progress(log, "loading the store", self.store.event_count(), "events", following=items)
+        self._rebuild_blend(events)
+        log.info("loaded %d items and popularity from %d events in %.1f s", len(self.catalog), events.done,
+                 time.perf_counter() - started)
 
     def _check_vectors(self) -> None:
         """`refuse_other_models_store` for this engine's store, bound to this
@@ -408,13 +409,15 @@ class InterestEngine:
         refuse_other_models_store(stored, self.store.bind_vectors(*space) if fits else self.store.bound_vectors(),
                                   self.dim, space, self._former_vector_spaces)
 
-    def _rebuild_blend(self) -> None:
+    def _rebuild_blend(self, progress: Progress | None = None) -> None:
         """The blend's indexes anew from every event up to the watermark. Lock held (or not yet shared)."""
-        self._blend = self._built_blend(self._events.through, self.catalog)
+        self._blend = self._built_blend(self._events.through, self.catalog, progress)
 
-    def _built_blend(self, through: int, catalog: CatalogIndex | CatalogRows) -> BlendIndexes:
+    def _built_blend(self, through: int, catalog: CatalogIndex | CatalogRows,
+                     progress: Progress | None = None) -> BlendIndexes:
         """The blend's indexes (see BlendIndexes) from every event up to
-        `through`, joined to `catalog`'s rows; touches nothing of the engine's."""
+        `through`, joined to `catalog`'s rows, each chunk read counted in
+        `progress`; touches nothing of the engine's."""
         indexes = BlendIndexes.empty(catalog.size, self.config.blend.popularity_half_life_days * DAY)
         # The pairs in bulk, sorted once (Cooccurrence.from_pairs), not merged
         # into the index in ever larger passes: at start, and for each erasure
@@ -427,6 +430,8 @@ class InterestEngine:
             paired = users >= 0
             pairs.append((users[paired], items[paired], times[paired]))
             indexes.apply(times, np.full(times.size, -1), items, weights)  # popularity
+            if progress is not None:
+                progress.advance(chunk.seqs.size)
         if pairs:
             indexes.cooccurrence = Cooccurrence.from_pairs(catalog.size, *map(np.concatenate, zip(*pairs)))
         return indexes
@@ -533,7 +538,9 @@ class InterestEngine:
                     through, rows = self._events.through, self.catalog.frozen_rows()
                     here, elsewhere = self._erasures_here, self._erasures_elsewhere
                     self._row_changes = []
-                indexes = self._built_blend(through, rows)
+                indexes = self._built_blend(through, rows, Progress(
+                    log, "rebuilding popularity and co-occurrence after an erasure", self.store.event_count(),
+                    "events"))
                 with self._lock:
                     changes, self._row_changes = self._row_changes, None
                     if self._erasures_here != here:
