@@ -295,6 +295,145 @@ def test_history_holds_no_item_by_item_matrix():
     assert ranking_from_scores(scores, seen_before(data, "b", 15 * DAY))[0] == 1  # as at 6 items (known answer)
 
 
+# The splits and per-query helpers as they were before 2026-12-08, a scan of every event per user or query
+# (~9 s of leave_last_out on ml-latest-small, ~a week on ml-25m): the reference the indexed ones must equal.
+
+
+def _scanned_seen_before(data: EvalData, user: str, t: float) -> np.ndarray:
+    n = data.before(t)
+    seen = np.zeros(data.n_items, dtype=bool)
+    seen[data.items[:n][data.users[:n] == user]] = True
+    return seen
+
+
+def _scanned_global_cut(data: EvalData, start: float, end: float, warm_only: bool = True) -> list:
+    from halflife.eval.data import POSITIVE_MIN, Query
+
+    n0, n1 = data.before(start), data.before(end)
+    window = slice(n0, n1)
+    positive = (data.kinds[window] == RATING) & (data.values[window] >= POSITIVE_MIN)
+    warm = set(data.users[:n0][data.kinds[:n0] == RATING].tolist())
+    queries = []
+    for user in sorted(set(data.users[window][positive].tolist())):
+        if warm_only and user not in warm:
+            continue
+        mine = data.items[window][positive & (data.users[window] == user)]
+        seen = _scanned_seen_before(data, user, start)
+        relevant = np.unique(mine[~seen[mine]])
+        if relevant.size:
+            queries.append(Query(user, float(start), relevant))
+    return queries
+
+
+def _scanned_leave_last_out(data: EvalData, n: int = 5, min_history: int = 5) -> list:
+    from halflife.eval.data import POSITIVE_MIN, Query
+
+    is_rating = data.kinds == RATING
+    queries = []
+    for user in sorted(set(data.users[is_rating].tolist())):
+        mine = np.flatnonzero(is_rating & (data.users == user))
+        if mine.size < n + min_history:
+            continue
+        t = float(data.times[mine[-n]])
+        held = mine[data.times[mine] >= t]
+        if mine.size - held.size < min_history:
+            continue
+        if data.before(t) == 0 or not np.any(data.users[: data.before(t)] == user):
+            continue
+        positive = held[data.values[held] >= POSITIVE_MIN]
+        seen = _scanned_seen_before(data, user, t)
+        relevant = np.unique(data.items[positive][~seen[data.items[positive]]])
+        if relevant.size:
+            queries.append(Query(user, t, relevant))
+    return sorted(queries, key=lambda q: (q.t, q.user))
+
+
+def _scanned_user_ratings(data: EvalData, n: int, user: str):
+    mine = np.flatnonzero((data.users[:n] == user) & (data.kinds[:n] == RATING))
+    return data.items[mine], data.values[mine], data.times[mine]
+
+
+def _scanned_rating_counts(data: EvalData, n: int, t: float, half_life_days: float) -> np.ndarray:
+    rated = data.kinds[:n] == RATING
+    w = np.exp2(-(t - data.times[:n][rated]) / (half_life_days * DAY))
+    return np.bincount(data.items[:n][rated], weights=w, minlength=data.n_items)
+
+
+def _as_tuples(queries) -> list:
+    return [(q.user, q.t, q.relevant.dtype.str, q.relevant.tolist()) for q in queries]
+
+
+def _assert_splits_as_scanned(data: EvalData, times, loo_settings) -> None:
+    for start, end in zip(times, [*times[1:], math.inf]):
+        for warm_only in (True, False):
+            assert _as_tuples(global_cut(data, start, end, warm_only)) == _as_tuples(
+                _scanned_global_cut(data, start, end, warm_only))
+    for n, min_history in loo_settings:
+        queries = leave_last_out(data, n, min_history)
+        assert _as_tuples(queries) == _as_tuples(_scanned_leave_last_out(data, n, min_history))
+        for q in queries:
+            assert np.array_equal(seen_before(data, q.user, q.t), _scanned_seen_before(data, q.user, q.t))
+
+
+def _random_events(seed: int, n: int = 3000, n_users: int = 40, n_items: int = 60) -> EvalData:
+    rng = np.random.default_rng(seed)
+    users = rng.choice([f"u{k}" for k in range(n_users)], n, p=rng.dirichlet(np.ones(n_users) * 0.5)).astype(object)
+    kinds = np.where(rng.random(n) < 0.2, 1, RATING)  # texts: history, never targets
+    values = np.where(kinds == RATING, rng.integers(1, 11, n) / 2.0, np.nan)
+    times = rng.integers(0, 400, n).astype(float) * DAY  # many events in one second
+    order = np.lexsort((np.arange(n), kinds, times))
+    return EvalData([f"i{i}" for i in range(n_items)], [""] * n_items, [()] * n_items, [None] * n_items,
+                    users[order], rng.integers(0, n_items, n)[order], values[order], times[order], kinds[order],
+                    np.where(kinds == RATING, "", "a tag").astype(object)[order])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_indexed_splits_and_helpers_equal_the_scans_of_every_event(seed):
+    """Splits, seen items, a history's ratings and popularity come from an
+    index by user and counts kept as t moves: they must be what the scans of
+    every event per user and query gave, to the bit (ties in time, texts,
+    users with only texts or few ratings included)."""
+    data = _random_events(seed)
+    _assert_splits_as_scanned(data, [0.0, 100 * DAY, 250.5 * DAY, 399 * DAY],
+                              [(5, 5), (1, 1), (3, 0), (1, 0), (20, 10)])
+    h = B.History(data, np.eye(data.n_items, dtype=np.float32))
+    for t in (0.0, 3 * DAY, 100 * DAY, 100 * DAY, 250.5 * DAY, 500 * DAY):
+        h.advance(t)
+        n = data.before(t)
+        for user in ("u0", "u7", "u39", "nobody"):
+            assert all(np.array_equal(a, b) for a, b in zip(h.user_ratings(user), _scanned_user_ratings(data, n, user)))
+            assert seen_before(data, user, t).tolist() == _scanned_seen_before(data, user, t).tolist()
+        for half_life in (np.inf, 7.0):
+            assert h.rating_counts(t, half_life).tobytes() == _scanned_rating_counts(data, n, t, half_life).tobytes()
+
+
+@pytest.mark.skipif(not MOVIELENS.is_dir(), reason=MOVIELENS_MISSING)
+def test_the_indexed_splits_equal_the_scans_of_every_event_on_movielens():
+    from halflife.eval.data import load_eval_data, time_quantiles
+
+    data = load_eval_data(MOVIELENS)
+    _assert_splits_as_scanned(data, time_quantiles(data, 0.8, 0.9), [(5, 5)])
+
+
+def test_the_splits_take_no_scan_of_every_event_per_user():
+    """leave_last_out compared every event's user with each user's id: 9.3 s
+    for ml-latest-small's 610 users, ~a week for ml-25m's 162k. 20k users
+    and 200k events here: ~4 min so, about a second indexed."""
+    rng = np.random.default_rng(0)
+    n, n_users, n_items = 200_000, 20_000, 5_000
+    times = np.sort(rng.integers(0, 10**6, n)).astype(float) * 60
+    data = EvalData([f"i{i}" for i in range(n_items)], [""] * n_items, [()] * n_items, [None] * n_items,
+                    np.array([f"u{k}" for k in rng.integers(0, n_users, n)], dtype=object),
+                    rng.integers(0, n_items, n), rng.integers(1, 11, n) / 2.0, times, np.full(n, RATING),
+                    np.full(n, "", dtype=object))
+    started = time.perf_counter()
+    queries = leave_last_out(data, 5)
+    cuts = [global_cut(data, t, math.inf, warm_only=False) for t in np.quantile(times, [0.8, 0.9])]
+    seen = [seen_before(data, q.user, q.t) for q in queries]
+    assert len(queries) > 1000 and all(cuts) and len(seen) == len(queries)
+    assert time.perf_counter() - started < 20.0
+
+
 # ------------------------------------------------ run(): paths checked before any work
 
 

@@ -48,7 +48,7 @@ class History:
         # user (CSR, each run in that order): the pairs before t are the first `raters[i]` of item i's run
         # and the first `rated[u]` of user u's.
         rated = np.flatnonzero(data.kinds == RATING)
-        users, user_rows = np.unique(data.users[rated], return_inverse=True)
+        n_users, user_rows = len(data.by_user.code), data.by_user.codes[rated]
         _, first = np.unique(user_rows.astype(np.int64) * data.n_items + data.items[rated], return_index=True)
         first.sort()
         self._pair_events = rated[first]
@@ -56,10 +56,11 @@ class History:
         self._item_users = self._pair_users[np.argsort(self._pair_items, kind="stable")]
         self._user_items = self._pair_items[np.argsort(self._pair_users, kind="stable")]
         self._item_start = _run_starts(self._pair_items, data.n_items)
-        self._user_start = _run_starts(self._pair_users, users.size)
+        self._user_start = _run_starts(self._pair_users, n_users)
         self.raters = np.zeros(data.n_items, dtype=np.int64)  # C[i, i]: users who rated i before t
-        self._rated = np.zeros(users.size, dtype=np.int64)  # items each user rated before t
+        self._rated = np.zeros(n_users, dtype=np.int64)  # items each user rated before t
         self._pairs = 0
+        self._popularity = np.zeros(data.n_items)  # ratings per item before t (rating_counts)
         self._rows: dict[int, np.ndarray] = {}  # item -> C[item, :] at the current pairs (see cooccurrence)
 
     def advance(self, t: float) -> None:
@@ -68,6 +69,9 @@ class History:
             raise ValueError("History only moves forward")
         pairs = int(np.searchsorted(self._pair_events, n))
         self.raters += np.bincount(self._pair_items[self._pairs : pairs], minlength=self.raters.size)
+        rated = self.n + np.flatnonzero(self.data.kinds[self.n : n] == RATING)
+        if rated.size:  # a new array: one handed out before stays as it was
+            self._popularity = self._popularity + np.bincount(self.data.items[rated], minlength=self.data.n_items)
         self._rated += np.bincount(self._pair_users[self._pairs : pairs], minlength=self._rated.size)
         if pairs != self._pairs:
             self._rows.clear()
@@ -129,10 +133,14 @@ class History:
     def user_ratings(self, user: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(items, values, times) of the user's ratings before t, in time order."""
         d = self.data
-        mine = np.flatnonzero((d.users[: self.n] == user) & (d.kinds[: self.n] == RATING))
+        mine = d.user_events(user, self.n)
+        mine = mine[d.kinds[mine] == RATING]
         return d.items[mine], d.values[mine], d.times[mine]
 
     def rating_counts(self, t: float, half_life_days: float = np.inf) -> np.ndarray:
+        """Ratings per item before t, each weighing 2^(−age / half-life): (N,) float64."""
+        if half_life_days == np.inf:  # every weight 1: counted as t moves (per query t, the prefix was summed again)
+            return self._popularity
         key = (self.n, t, half_life_days)
         if getattr(self, "_counts_key", {}).get(half_life_days) == key:
             return self._counts[half_life_days]

@@ -748,11 +748,19 @@ def _table(summary: dict) -> str:
 def _interest_history(backend: EngineBackend, data: EvalData, until: float):
     """One real user's interests over time: the user with the most rating days before `until`."""
     e = backend.engine
+    index = data.by_user
     mask = (data.kinds == RATING) & (data.times < until)
-    users, counts = np.unique(data.users[mask], return_counts=True)
-    days = {u: len(np.unique((data.times[mask][data.users[mask] == u] // 86400))) for u in users[np.argsort(-counts)[:30]]}
+    per_code = np.bincount(index.codes[mask], minlength=len(index.code))
+    users = np.array(sorted(u for u, k in index.code.items() if per_code[k]), dtype=object)  # as np.unique lists them
+    counts = per_code[[index.code[u] for u in users]]
+
+    def rating_times(user: str) -> np.ndarray:
+        mine = data.user_events(user, data.before(until))
+        return data.times[mine[data.kinds[mine] == RATING]]
+
+    days = {u: len(np.unique(rating_times(u) // 86400)) for u in users[np.argsort(-counts)[:30]]}
     user = max(days, key=days.get)
-    times = data.times[mask][data.users[mask] == user]
+    times = rating_times(user)
     points = np.linspace(times.min() + 86400, min(times.max() + 180 * 86400, until), 24)
     series = []
     for t in points:
