@@ -484,6 +484,23 @@ def rebuilt(*engines: InterestEngine, timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
+def hold_first_build(monkeypatch, engine) -> tuple[threading.Event, threading.Event, list[bool]]:
+    """Holds the engine's first blend build until `release` is set (`started`
+    is set once it is held), and records, build by build, whether it ran
+    under the engine's lock: (started, release, builds)."""
+    started, release, build, builds = threading.Event(), threading.Event(), engine._built_blend, []
+
+    def held_build(*args):
+        builds.append(engine._lock._is_owned())
+        if len(builds) == 1:
+            started.set()
+            assert release.wait(30)
+        return build(*args)
+
+    monkeypatch.setattr(engine, "_built_blend", held_build)
+    return started, release, builds
+
+
 @pytest.mark.parametrize("attempts", [3, 1], ids=["started again", "then under the lock"])
 def test_a_long_log_is_rebuilt_off_the_lock_after_an_erasure_elsewhere(pair, tmp_path, monkeypatch, attempts):
     """Another worker's erasure rebuilds the blend from the whole log: a long
@@ -500,17 +517,7 @@ def test_a_long_log_is_rebuilt_off_the_lock_after_an_erasure_elsewhere(pair, tmp
     a.upsert_items(items(f"i{n}" for n in range(8)))
     a.record_events(likes("x", "u0", ["i0", "i1", "i2"]) + likes("y", "u1", ["i2", "i3"]) + likes("z", "u2", ["i5"]))
     answers(b)
-    started, release, build = threading.Event(), threading.Event(), b._built_blend
-    builds = []
-
-    def held_build(*args):
-        builds.append(b._lock._is_owned())  # built under the lock?
-        if len(builds) == 1:
-            started.set()
-            assert release.wait(30)
-        return build(*args)
-
-    monkeypatch.setattr(b, "_built_blend", held_build)
+    started, release, builds = hold_first_build(monkeypatch, b)
     a.delete_user("u0")
     answered = []
     reader = threading.Thread(target=lambda: answered.append(answers(b)))
@@ -588,15 +595,7 @@ def test_items_deleted_while_the_blend_is_rebuilt_off_the_lock_leave_it_off_the_
     a.record_events(likes("x", "u0", ["i0", "i1", "i2"]) + likes("y", "u1", ["i2", "i3", "i5"])
                     + likes("z", "u2", ["i3", "i5", "i6"]))
     answers(b)
-    release, build, builds = threading.Event(), b._built_blend, []
-
-    def held_build(*args):
-        builds.append(b._lock._is_owned())
-        if len(builds) == 1:
-            assert release.wait(30)
-        return build(*args)
-
-    monkeypatch.setattr(b, "_built_blend", held_build)
+    _, release, builds = hold_first_build(monkeypatch, b)
     remove, passes = Cooccurrence.remove_items, []
 
     def counted(index, rows):
@@ -637,15 +636,7 @@ def test_erasures_elsewhere_while_the_blend_is_rebuilt_off_the_lock_leave_it_off
     a.record_events(likes("x", "u0", ["i0", "i1", "i2"]) + likes("y", "u1", ["i2", "i3", "i5"])
                     + likes("z", "u2", ["i3", "i5", "i6"]) + likes("w", "u3", ["i1", "i6"]))
     answers(b)
-    release, build, builds = threading.Event(), b._built_blend, []
-
-    def held_build(*args):
-        builds.append(b._lock._is_owned())
-        if len(builds) == 1:
-            assert release.wait(30)
-        return build(*args)
-
-    monkeypatch.setattr(b, "_built_blend", held_build)
+    _, release, builds = hold_first_build(monkeypatch, b)
     a.delete_user("u0")
     b.catch_up()  # the rebuild starts, held
     a.delete_user("u1")
@@ -667,13 +658,7 @@ def test_events_applied_while_the_blend_is_rebuilt_off_the_lock_are_in_the_rebui
     a.upsert_items(items(f"i{n}" for n in range(8)))
     a.record_events(likes("x", "u0", ["i0", "i1"]) + likes("y", "u1", ["i2", "i3"]))
     answers(b)
-    release, build = threading.Event(), b._built_blend
-
-    def held_build(*args):
-        assert release.wait(30)
-        return build(*args)
-
-    monkeypatch.setattr(b, "_built_blend", held_build)
+    _, release, _ = hold_first_build(monkeypatch, b)
     a.delete_user("u0")
     b.catch_up()  # catches up: the rebuild starts, held
     a.record_events(likes("p", "u1", ["i4"]) + likes("t", "u4", ["i5", "i6"], hours_ago=-2))  # and after the clock
