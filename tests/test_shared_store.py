@@ -835,3 +835,120 @@ def test_an_item_changed_by_another_worker_while_an_event_embeds_is_read_again(t
     finally:
         a.store.close()
         b.store.close()
+
+
+def everything(engine: InterestEngine, users=("cold", "u0", "u1", "u2", "u3")) -> dict:
+    """`answers`, and the profiles' event counts, popularity by item id and a few items' nearest, at T."""
+    popularity = engine.popularity(T)
+    with engine._lock:
+        popular = sorted((engine.catalog.ids[r], round(float(p), 4)) for r, p in enumerate(popularity.tolist())
+                         if p > 0 and engine.catalog._alive[r])
+    return {
+        "answers": answers(engine, users), "popular": popular,
+        "profiles": {user: engine.profile(user, as_of=T).event_counts for user in users},
+        "similar": {i: [s.item_id for s in engine.similar_items(item_id=i, limit=5).items] for i in ("i0", "i1")
+                    if i in engine.catalog.row_of},
+    }
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["rebuilt under the lock", "rebuilt off it"])
+@pytest.mark.parametrize("seed", range(6))
+def test_writes_between_the_chunks_of_a_start_and_of_rebuilds_end_as_a_restart_would(tmp_path, monkeypatch, seed,
+                                                                                      background):
+    """Passes over the catalogue and the log read a chunk at a time, each
+    in a read of its own (3 items, 4 events here): between two, another
+    worker upserts items (same id, new text), deletes them and creates them
+    anew (a new rowid: read twice), erases users and records events, with
+    catalogues compacted every other delete; during a rebuild off the lock
+    this worker writes and catches up too. Once all have caught up, every
+    answer is a restart's."""
+    import random
+
+    from halflife.core import cooccurrence
+    from halflife.interest import engine as engine_module
+    from halflife.storage import sqlite as sqlite_module
+
+    monkeypatch.setattr(cooccurrence, "_MIN_MERGE", 2)
+    compact_catalogues_at(monkeypatch, dead_rows=2)
+    monkeypatch.setattr(sqlite_module, "ITEMS_PER_READ", 3)
+    if background:
+        monkeypatch.setattr(engine_module, "BACKGROUND_REBUILD_EVENTS", 0)
+    rng, ids, users = random.Random(seed), [f"i{n}" for n in range(20)], ["u0", "u1", "u2", "u3"]
+
+    def write(engine: InterestEngine, step: int) -> None:
+        k, item = rng.random(), rng.choice(ids)
+        if k < 0.15:
+            engine.upsert_items([ItemInput(id=item, text=f"text {step}")])
+        elif k < 0.3:
+            engine.delete_items([item])
+        elif k < 0.45:
+            engine.delete_items([item])
+            engine.upsert_items([ItemInput(id=item, text=f"again {step}")])
+        elif k < 0.55:
+            engine.delete_user(rng.choice(users))
+        else:
+            try:
+                engine.record_events([EventInput(f"e{step}-{n}", rng.choice(users), LIKE, rng.choice(ids), None, None,
+                                                 T - rng.random() * 3 * DAY) for n in range(3)])
+            except UnknownItemsError:  # deleted just now
+                pass
+
+    a = worker(tmp_path)
+    a.upsert_items(items(ids))
+    for step in range(30):
+        write(a, step)
+    steps, b, writing, busy = iter(range(100, 10_000)), [], threading.Lock(), threading.local()
+
+    def meanwhile() -> None:
+        if getattr(busy, "on", False) or not writing.acquire(blocking=False):
+            return
+        busy.on = True
+        try:
+            write(a, next(steps))
+            off_the_lock = threading.current_thread().name == "halflife-blend-rebuild" and not b[0]._lock._is_owned()
+            if off_the_lock and rng.random() < 0.6:  # b's rebuild reads the log: b writes or catches up meanwhile
+                if rng.random() < 0.5:
+                    b[0].catch_up()
+                else:
+                    write(b[0], next(steps))
+        finally:
+            busy.on = False
+            writing.release()
+
+    iter_items, iter_events = SqliteStore.iter_items, SqliteStore.iter_events
+
+    def items_in_parts(store, *args, **kwargs):
+        for item in iter_items(store, *args, **kwargs):
+            yield item
+            if store is not a.store:
+                meanwhile()
+
+    def events_in_parts(store, *args, **kwargs):
+        for chunk in iter_events(store, *args, **{**kwargs, "chunk": 4}):
+            yield chunk
+            if store is not a.store:
+                meanwhile()
+
+    monkeypatch.setattr(SqliteStore, "iter_items", items_in_parts)
+    monkeypatch.setattr(SqliteStore, "iter_events", events_in_parts)
+    b.append(worker(tmp_path))  # a start, read between writes
+    try:
+        for _ in range(6):
+            write(a, next(steps))
+            b[0].catch_up()  # its rebuild for a's erasure, read between writes
+            rebuilt(b[0])
+            write(b[0], next(steps))
+        with writing:
+            monkeypatch.setattr(SqliteStore, "iter_items", iter_items)
+            monkeypatch.setattr(SqliteStore, "iter_events", iter_events)
+        for engine in (a, b[0], a, b[0]):
+            engine.catch_up()
+            rebuilt(engine)
+        restart = worker(tmp_path, follow=False)
+        try:
+            assert everything(a) == everything(b[0]) == everything(restart)
+        finally:
+            restart.store.close()
+    finally:
+        a.store.close()
+        b[0].store.close()
