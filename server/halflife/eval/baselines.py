@@ -24,17 +24,11 @@ import numpy as np
 
 from halflife.core.cooccurrence import spans
 from halflife.core.ranking import cosine_scores
-from halflife.eval.data import POSITIVE_MIN, RATING, EvalData
+from halflife.eval.data import POSITIVE_MIN, RATING, EvalData, run_starts
 
 DAY = 86400.0
 ROW_BUDGET = 1 << 23  # co-occurrence pairs (and counts) per pass of History._count_rows: ~64 MB of int64
 ROW_CACHE = 256 << 20  # bytes of co-occurrence rows History keeps for reuse at one t
-
-
-def _run_starts(rows: np.ndarray, n: int) -> np.ndarray:
-    """Where each of rows 0..n-1 starts in `rows` sorted (stably): (n,) int64."""
-    counts = np.bincount(rows, minlength=n)
-    return np.cumsum(counts) - counts
 
 
 class History:
@@ -55,8 +49,8 @@ class History:
         self._pair_users, self._pair_items = user_rows[first].astype(np.int64), data.items[rated][first]
         self._item_users = self._pair_users[np.argsort(self._pair_items, kind="stable")]
         self._user_items = self._pair_items[np.argsort(self._pair_users, kind="stable")]
-        self._item_start = _run_starts(self._pair_items, data.n_items)
-        self._user_start = _run_starts(self._pair_users, n_users)
+        self._item_start = run_starts(self._pair_items, data.n_items)
+        self._user_start = run_starts(self._pair_users, n_users)
         self.raters = np.zeros(data.n_items, dtype=np.int64)  # C[i, i]: users who rated i before t
         self._rated = np.zeros(n_users, dtype=np.int64)  # items each user rated before t
         self._pairs = 0

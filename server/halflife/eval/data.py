@@ -30,6 +30,12 @@ RATING, TEXT = 0, 1
 POSITIVE_MIN = RatingConfig.positive_min
 
 
+def run_starts(rows: np.ndarray, n: int) -> np.ndarray:
+    """Where each of rows 0..n-1 starts in `rows` sorted (stably), and where
+    the last ends: (n + 1,) int64, row r's run at [starts[r], starts[r + 1])."""
+    return np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))])
+
+
 @dataclasses.dataclass(frozen=True)
 class UserIndex:
     code: dict[str, int]  # user -> a number, 0.. in the order of their first event
@@ -77,8 +83,7 @@ class EvalData:
         codes = np.fromiter((code.setdefault(u, len(code)) for u in self.users.tolist()), dtype=np.int64,
                             count=self.users.size)
         order = np.argsort(codes, kind="stable")
-        starts = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=len(code)))])
-        return UserIndex(code, codes, order, starts)
+        return UserIndex(code, codes, order, run_starts(codes, len(code)))
 
     def without_texts(self) -> "EvalData":
         keep = self.kinds == RATING
